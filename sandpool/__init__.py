@@ -1,0 +1,44 @@
+"""sandpool: pools of isolated local sandboxes with the cwsandbox Session API, on trio.
+
+This module only re-exports; the implementation lives in private modules.
+"""
+
+from ._config import ResourceOptions, SandboxDefaults, SandboxSpec, SandboxStatus
+from ._errors import (
+    AsyncFunctionError,
+    CWSandboxError,
+    FunctionError,
+    ProtocolError,
+    RemoteError,
+    SandboxDiedError,
+    SandboxError,
+    SandboxExecutionError,
+    SandboxFailedError,
+    SandboxFileError,
+    SandboxNotFoundError,
+    SandboxNotRunningError,
+    SandboxResourceExhaustedError,
+    SandboxTerminatedError,
+    SandboxTimeoutError,
+    SandboxUnavailableError,
+    SandpoolError,
+    SerializationError,
+)
+from ._opref import OperationCancelled, OperationRef, as_completed, gather, results, wait
+from ._process import Process, ProcessResult, StreamReader, StreamWriter
+from ._runtime._contract import Runtime
+from ._runtime._local import LocalRuntime
+from ._sandbox import Sandbox
+from ._session import Session
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncFunctionError", "CWSandboxError", "FunctionError", "LocalRuntime", "OperationCancelled",
+    "OperationRef", "Process", "ProcessResult", "ProtocolError", "RemoteError", "ResourceOptions",
+    "Runtime", "Sandbox", "SandboxDefaults", "SandboxDiedError", "SandboxError", "SandboxExecutionError",
+    "SandboxFailedError", "SandboxFileError", "SandboxNotFoundError", "SandboxNotRunningError",
+    "SandboxResourceExhaustedError", "SandboxSpec", "SandboxStatus", "SandboxTerminatedError",
+    "SandboxTimeoutError", "SandboxUnavailableError", "SandpoolError", "SerializationError", "Session",
+    "StreamReader", "StreamWriter", "__version__", "as_completed", "gather", "results", "wait",
+]

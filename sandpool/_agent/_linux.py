@@ -1,0 +1,134 @@
+"""Small Linux process helpers for the template and the agent (stdlib only, imported before fork).
+
+Everything degrades to a no-op where the kernel feature is missing, so the ``process`` level still
+works on other Unixes; leak-proofing then rests on the owner socket's EOF alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import signal
+import time
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+try:
+    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    _prctl = _libc.prctl
+except (OSError, AttributeError):  # not glibc/Linux
+    _prctl = None
+
+
+def set_parent_death_signal(sig: int) -> None:
+    """Ask the kernel to send ``sig`` to this process when its parent thread dies."""
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+
+def become_subreaper() -> None:
+    """Orphaned descendants are re-parented to this process, so it can always find and kill them."""
+    if _prctl is not None:
+        _prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def child_kill_on_parent_death() -> None:
+    """``preexec_fn`` for exec'd processes: die with the agent, in a session of their own."""
+    set_parent_death_signal(signal.SIGKILL)
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (needs /proc/PID/task/*/children; empty when unavailable)."""
+    found: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found.extend(int(c) for c in f.read().split())
+        except OSError:
+            continue
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Every descendant of ``pid``, parents before children."""
+    out: list[int] = []
+    todo = children(pid)
+    while todo:
+        child = todo.pop()
+        out.append(child)
+        todo.extend(children(child))
+    return out
+
+
+def kill_quietly(pid: int, sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` to ``pid``, ignoring a process that is already gone."""
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def killpg_quietly(pgid: int, sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` to the process group ``pgid``, ignoring one that is already gone."""
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def kill_descendants(pid: int, sig: int = signal.SIGKILL, rounds: int = 5, reap: bool = True) -> int:
+    """Kill every descendant of ``pid`` (repeating, since a dying tree may still fork); return how many.
+
+    ``reap`` also collects this process's own exited children; callers that must report each
+    child's exit themselves pass False.
+    """
+    total = 0
+    for _ in range(rounds):
+        pids = descendants(pid)
+        if not pids:
+            break
+        for child in pids:
+            kill_quietly(child, sig)
+        total += len(pids)
+        if reap:
+            reap_all()
+        else:
+            time.sleep(0.001)
+    return total
+
+
+def reap_all() -> list[tuple[int, int]]:
+    """Reap every exited child without blocking; return (pid, wait status) pairs."""
+    reaped = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return reaped
+        if pid == 0:
+            return reaped
+        reaped.append((pid, status))
+
+
+def exit_code(status: int) -> tuple[int, int | None]:
+    """(exit code, signal) from a wait status; a signal death is reported as 128+N, as shells do."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        return 128 + sig, sig
+    return os.waitstatus_to_exitcode(status), None
+
+
+def process_start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (field 22 of /proc/PID/stat), to tell reused pids apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]

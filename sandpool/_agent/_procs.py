@@ -1,0 +1,105 @@
+"""One exec'd process inside the agent: its pipes, its flow-control window and its exit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from . import _linux
+
+#: Output bytes the agent sends for one process before it waits for the client's credit.
+WINDOW_BYTES = 4 * 1024 * 1024
+#: After the process exits, how long to wait for pipes held open by its background children.
+LINGER_SECONDS = 1.0
+
+
+class ExecProcess:
+    """A process started for an ``exec`` frame (or the sandbox's main command, id 0)."""
+
+    def __init__(self, req_id: int, popen: subprocess.Popen, pidfd: int | None) -> None:
+        self.id = req_id
+        self.popen = popen
+        self.pid = popen.pid
+        self.pidfd = pidfd
+        self.readers: dict[int, int] = {}  # pipe fd -> 1 (stdout) or 2 (stderr)
+        if popen.stdout is not None:
+            self.readers[popen.stdout.fileno()] = 1
+        if popen.stderr is not None:
+            self.readers[popen.stderr.fileno()] = 2
+        self.stdin_fd = popen.stdin.fileno() if popen.stdin is not None else None
+        self.stdin_pending = bytearray()
+        self.stdin_eof = False
+        self.unacked = 0
+        self.paused = False
+        self.status: int | None = None  # wait status once exited
+        self.exited_at: float | None = None
+        for fd in (*self.readers, *([self.stdin_fd] if self.stdin_fd is not None else [])):
+            os.set_blocking(fd, False)
+
+    @property
+    def finished(self) -> bool:
+        """Exited and every output pipe drained (or abandoned after the linger time)."""
+        return self.status is not None and not self.readers
+
+    def close_reader(self, fd: int) -> None:
+        self.readers.pop(fd, None)
+        os.close(fd)
+
+    def close_stdin(self) -> None:
+        if self.stdin_fd is not None:
+            try:
+                os.close(self.stdin_fd)
+            except OSError:
+                pass
+            self.stdin_fd = None
+        self.stdin_pending.clear()
+
+    def flush_stdin(self) -> bool:
+        """Write what the pipe takes now; True while bytes are still pending."""
+        if self.stdin_fd is None:
+            return False
+        try:
+            while self.stdin_pending:
+                n = os.write(self.stdin_fd, self.stdin_pending)
+                del self.stdin_pending[:n]
+        except BlockingIOError:
+            return True
+        except OSError:  # the process closed its stdin or exited: drop what it will never read
+            self.close_stdin()
+            return False
+        if self.stdin_eof:
+            self.close_stdin()
+        return False
+
+    def signal(self, sig: int) -> None:
+        """Signal the whole process group (the process is a session leader)."""
+        if self.status is None:
+            _linux.killpg_quietly(self.pid, sig)
+
+    def close_all(self) -> None:
+        for fd in list(self.readers):
+            self.close_reader(fd)
+        self.close_stdin()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
+def spawn(req_id: int, argv: list[str], cwd: str, env: dict[str, str], stdin: bool, stdout=subprocess.PIPE) -> ExecProcess:
+    """Start ``argv`` in a new session that dies with the agent. OSError if it cannot start."""
+    popen = subprocess.Popen(
+        argv,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=subprocess.PIPE if stdout is subprocess.PIPE else subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=_linux.child_kill_on_parent_death,
+        close_fds=True,
+    )
+    try:
+        pidfd = os.pidfd_open(popen.pid)
+    except (AttributeError, OSError):
+        pidfd = None
+    return ExecProcess(req_id, popen, pidfd)

@@ -1,0 +1,325 @@
+"""The agent: the root of one sandbox's process tree. Small and dumb: it runs what it is told.
+
+It owns one socket to its owner (the client). It spawns exec'd processes and streams their output,
+feeds their stdin, delivers signals, reads and writes files, runs the main command, and enforces the
+sandbox's lifetime. When the owner's socket reaches EOF (the owner exited or was SIGKILLed), when
+its parent dies (parent-death signal, SIGTERM) or when told to stop, it kills its whole tree (it is
+a child subreaper, so orphans come back to it), removes the sandbox directory and exits.
+
+It never imports trio or grpc; cloudpickle is imported only when a call arrives.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import shutil
+import signal
+import socket
+import time
+
+from .. import _wire
+from . import _files, _linux, _procs
+from ._framesock import FrameSocket
+
+MAX_FILE_BYTES = _wire.MAX_FRAME_BYTES - 1024
+EXIT_GRACE_KILL_SECONDS = 2.0
+
+
+class _Stop(Exception):
+    """Raised inside the loop to leave it: ``reason`` goes into the farewell frame."""
+
+    def __init__(self, reason: str, grace: float = 0.0) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.grace = grace
+
+
+class Agent:
+    """One sandbox's agent. ``config`` comes from the runtime's spawn request."""
+
+    def __init__(self, sock: socket.socket, config: dict) -> None:
+        self.chan = FrameSocket(sock)
+        self.config = config
+        self.sandbox_dir: str = config["dir"]
+        self.root: str = config["root"]
+        self.cwd: str = config["cwd"]
+        self.env: dict[str, str] = config["env"]
+        self.procs: dict[int, _procs.ExecProcess] = {}
+        self.by_fd: dict[int, tuple[str, _procs.ExecProcess]] = {}
+        self.sel = selectors.DefaultSelector()
+        lifetime = config.get("lifetime")
+        self.deadline = time.monotonic() + lifetime if lifetime else None
+        self.main: _procs.ExecProcess | None = None
+
+    # -- setup -------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until stopped; always ends with the tree killed and the sandbox dir removed."""
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        reason, grace = "owner_gone", 0.0
+        try:
+            self.chan.send(_wire.hello(pid=os.getpid(), sandbox_id=self.config["sandbox_id"]))
+            self.sel.register(self.chan.sock, selectors.EVENT_READ, ("owner", None))
+            argv = self.config.get("argv")
+            if argv:
+                self._start_main(argv)
+            self._loop()
+        except _Stop as stop:
+            reason, grace = stop.reason, stop.grace
+        except OSError:  # the owner's socket broke mid-send: same as EOF
+            reason = "owner_gone"
+        finally:
+            self._shutdown(reason, grace)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        raise _Stop("parent_gone")
+
+    def _start_main(self, argv: list[str]) -> None:
+        log = os.open(os.path.join(self.sandbox_dir, "main.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            self.main = _procs.spawn(0, argv, self.cwd, self.env, stdin=False, stdout=log)
+        except OSError as exc:
+            self._send({"t": "main_exit", "code": 127, "message": f"cannot start {argv[0]!r}: {exc.strerror}"})
+            raise _Stop("main_exited") from None
+        finally:
+            os.close(log)
+        self._watch(self.main)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            timeout = self._next_timeout()
+            for key, events in self.sel.select(timeout):
+                role, proc = key.data
+                if role == "owner":
+                    self._read_owner()
+                elif role == "out":
+                    self._read_output(proc, key.fd)
+                elif role == "in":
+                    self._write_stdin(proc)
+                elif role == "exit":
+                    self._reap(proc)
+            self._housekeeping()
+
+    def _next_timeout(self) -> float | None:
+        now = time.monotonic()
+        waits = [p.exited_at + _procs.LINGER_SECONDS - now for p in self.procs.values() if p.exited_at and p.readers]
+        if self.deadline is not None:
+            waits.append(self.deadline - now)
+        if self.main is None and any(p.pidfd is None for p in self.procs.values()):
+            waits.append(0.05)  # no pidfd support: poll for exits
+        return max(0.0, min(waits)) if waits else None
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if self.deadline is not None and now >= self.deadline:
+            raise _Stop("max_lifetime", grace=0.0)
+        for proc in list(self.procs.values()):
+            if proc.status is None and proc.pidfd is None:
+                self._reap(proc)
+            if proc.exited_at and proc.readers and not proc.paused and now - proc.exited_at >= _procs.LINGER_SECONDS:
+                for fd in list(proc.readers):  # background children still hold the pipes: stop waiting
+                    self._unwatch(fd)
+                    proc.close_reader(fd)
+            self._maybe_finish(proc)
+
+    def _read_owner(self) -> None:
+        frames = self.chan.read_available()
+        if frames is None:
+            raise _Stop("owner_gone")
+        for frame in frames:
+            self._dispatch(frame)
+
+    def _dispatch(self, frame: dict) -> None:
+        kind = frame["t"]
+        handler = getattr(self, f"_on_{kind}", None)
+        if handler is None:
+            self._send({"t": "error", "id": frame.get("id", 0), "kind": "protocol",
+                        "message": f"the agent does not accept {kind!r} frames"})
+            return
+        handler(frame)
+
+    def _send(self, frame: dict) -> None:
+        self.chan.send(frame)
+
+    # -- exec --------------------------------------------------------------------------------
+
+    def _on_exec(self, frame: dict) -> None:
+        req_id, argv = frame["id"], frame["argv"]
+        env = {**self.env, **(frame.get("env") or {})}
+        cwd = self.cwd
+        try:
+            if frame.get("cwd"):
+                cwd = _files.confine(self.root, self.cwd, frame["cwd"])
+            proc = _procs.spawn(req_id, [str(a) for a in argv], cwd, env, stdin=bool(frame.get("stdin")))
+        except (OSError, _files.FileOpError) as exc:
+            code = 126 if isinstance(exc, PermissionError) else 127
+            message = getattr(exc, "strerror", None) or str(exc)
+            self._send({"t": "output", "id": req_id, "fd": 2,
+                        "data": f"sandpool: cannot run {argv[0] if argv else ''!r}: {message}\n".encode()})
+            self._send({"t": "exit", "id": req_id, "code": code})
+            return
+        self._send({"t": "started", "id": req_id, "pid": proc.pid})
+        self._watch(proc)
+
+    def _watch(self, proc: _procs.ExecProcess) -> None:
+        self.procs[proc.id] = proc
+        for fd in proc.readers:
+            self.sel.register(fd, selectors.EVENT_READ, ("out", proc))
+        if proc.pidfd is not None:
+            self.sel.register(proc.pidfd, selectors.EVENT_READ, ("exit", proc))
+
+    def _unwatch(self, fd: int) -> None:
+        try:
+            self.sel.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+
+    def _read_output(self, proc: _procs.ExecProcess, fd: int) -> None:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._unwatch(fd)
+            proc.close_reader(fd)
+            self._maybe_finish(proc)
+            return
+        self._send({"t": "output", "id": proc.id, "fd": proc.readers[fd], "data": data})
+        proc.unacked += len(data)
+        if proc.unacked >= _procs.WINDOW_BYTES and not proc.paused:
+            proc.paused = True
+            for reader in proc.readers:
+                self._unwatch(reader)
+
+    def _on_credit(self, frame: dict) -> None:
+        proc = self.procs.get(frame["id"])
+        if proc is None:
+            return
+        proc.unacked = max(0, proc.unacked - frame["n"])
+        if proc.paused and proc.unacked < _procs.WINDOW_BYTES:
+            proc.paused = False
+            for fd in proc.readers:
+                self.sel.register(fd, selectors.EVENT_READ, ("out", proc))
+
+    def _on_stdin(self, frame: dict) -> None:
+        proc = self.procs.get(frame["id"])
+        if proc is None or proc.stdin_fd is None:
+            return
+        proc.stdin_pending += frame["data"]
+        proc.stdin_eof = proc.stdin_eof or bool(frame.get("eof"))
+        self._write_stdin(proc)
+
+    def _write_stdin(self, proc: _procs.ExecProcess) -> None:
+        fd = proc.stdin_fd
+        pending = proc.flush_stdin()
+        if fd is None:
+            return
+        if pending:
+            if fd not in self.sel.get_map():
+                self.sel.register(fd, selectors.EVENT_WRITE, ("in", proc))
+        else:
+            self._unwatch(fd)
+
+    def _reap(self, proc: _procs.ExecProcess) -> None:
+        try:
+            pid, status = os.waitpid(proc.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = proc.pid, 0
+        if pid == 0:
+            return
+        proc.status = status
+        proc.exited_at = time.monotonic()
+        proc.popen.returncode = 0  # reaped here; keep Popen from waiting on a recycled pid
+        if proc.pidfd is not None:
+            self._unwatch(proc.pidfd)
+        if proc.stdin_fd is not None:
+            self._unwatch(proc.stdin_fd)
+            proc.close_stdin()
+        self._maybe_finish(proc)
+
+    def _maybe_finish(self, proc: _procs.ExecProcess) -> None:
+        if not proc.finished or self.procs.get(proc.id) is not proc:
+            return
+        del self.procs[proc.id]
+        proc.close_all()
+        code, sig = _linux.exit_code(proc.status)
+        if proc is self.main:
+            self._send({"t": "main_exit", "code": code, "signal": sig})
+            raise _Stop("main_exited", grace=1.0)
+        self._send({"t": "exit", "id": proc.id, "code": code, "signal": sig})
+
+    def _on_signal(self, frame: dict) -> None:
+        proc = self.procs.get(frame["id"])
+        if proc is not None:
+            proc.signal(frame["sig"])
+
+    def _on_cancel(self, frame: dict) -> None:
+        proc = self.procs.get(frame["id"])
+        if proc is not None:
+            proc.signal(signal.SIGKILL)
+
+    # -- files, liveness, stop ---------------------------------------------------------------
+
+    def _on_read_file(self, frame: dict) -> None:
+        try:
+            data = _files.read_file(self.root, self.cwd, frame["path"], MAX_FILE_BYTES)
+        except _files.FileOpError as exc:
+            self._send({"t": "error", "id": frame["id"], "kind": exc.reason, "message": str(exc), "path": frame["path"]})
+            return
+        self._send({"t": "result", "id": frame["id"], "data": data})
+
+    def _on_write_file(self, frame: dict) -> None:
+        try:
+            _files.write_file(self.root, self.cwd, frame["path"], frame["data"], frame.get("mode", 0o644))
+        except _files.FileOpError as exc:
+            self._send({"t": "error", "id": frame["id"], "kind": exc.reason, "message": str(exc), "path": frame["path"]})
+            return
+        self._send({"t": "result", "id": frame["id"]})
+
+    def _on_ping(self, frame: dict) -> None:
+        self._send({"t": "pong", "id": frame["id"]})
+
+    def _on_stop(self, frame: dict) -> None:
+        raise _Stop("stopped", grace=float(frame["grace"]))
+
+    def _on_hello(self, frame: dict) -> None:
+        _wire.check_hello(frame)
+
+    def _shutdown(self, reason: str, grace: float) -> None:
+        """Escalating teardown: SIGTERM every group, wait ``grace``, SIGKILL the whole tree."""
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for proc in self.procs.values():
+            proc.signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while any(p.status is None for p in self.procs.values()) and time.monotonic() < deadline:
+            for pid, status in _linux.reap_all():
+                for proc in self.procs.values():
+                    if proc.pid == pid:
+                        proc.status = status
+            time.sleep(0.01)
+        for proc in self.procs.values():
+            proc.signal(signal.SIGKILL)
+        _linux.kill_descendants(os.getpid())
+        main_status = self.main.status if self.main is not None else None
+        for proc in self.procs.values():
+            proc.close_all()
+        if reason != "owner_gone":
+            try:
+                farewell = {"t": "bye", "reason": reason}
+                if main_status is not None and reason != "main_exited":
+                    farewell["code"] = _linux.exit_code(main_status)[0]
+                self._send(farewell)
+            except OSError:
+                pass
+        shutil.rmtree(self.sandbox_dir, ignore_errors=True)
+        self.chan.close()
+
+
+def serve(sock: socket.socket, config: dict) -> None:
+    """Entry point in the freshly forked sandbox process."""
+    Agent(sock, config).run()

@@ -1,0 +1,202 @@
+"""The sandpool exception tree: one base class, few branches, stdlib only.
+
+The agent that runs inside sandboxes imports this module too, so it must never import trio,
+msgpack or anything outside the standard library.
+
+Every class takes a message plus keyword-only extras (declared in ``_extras``, defaulting to
+None) and keeps them as attributes. ``str(e)`` is the message. Exceptions pickle with their
+extras intact, because they cross the agent's wire and process boundaries.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AsyncFunctionError",
+    "CWSandboxError",
+    "FunctionError",
+    "ProtocolError",
+    "RemoteError",
+    "SandboxDiedError",
+    "SandboxError",
+    "SandboxExecutionError",
+    "SandboxFailedError",
+    "SandboxFileError",
+    "SandboxNotFoundError",
+    "SandboxNotRunningError",
+    "SandboxResourceExhaustedError",
+    "SandboxTerminatedError",
+    "SandboxTimeoutError",
+    "SandboxUnavailableError",
+    "SandpoolError",
+    "SerializationError",
+]
+
+
+def _rebuild(cls: type[SandpoolError], message: str, extras: dict[str, object]) -> SandpoolError:
+    """Unpickle helper: call the constructor again, so keyword-only extras survive."""
+    return cls(message, **extras)
+
+
+class SandpoolError(Exception):
+    """Base of every sandpool error (``CWSandboxError`` is the same class).
+
+    Args:
+        message: the human-readable text; ``str(e)`` returns it.
+        **extras: the keyword-only attributes the class declares (see ``extra_names()``);
+            each one not given is None. An undeclared name raises TypeError.
+    """
+
+    _extras: tuple[str, ...] = ()
+    _all_extras: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        names: dict[str, None] = {}
+        for klass in reversed(cls.__mro__):
+            names.update(dict.fromkeys(vars(klass).get("_extras", ())))
+        cls._all_extras = tuple(names)
+
+    def __init__(self, message: str = "", **extras: object) -> None:
+        super().__init__(message)
+        allowed = self._all_extras
+        unknown = [name for name in extras if name not in allowed]
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__} got unknown keyword argument {unknown[0]!r}; "
+                f"valid keywords: {', '.join(allowed) or '(none)'}"
+            )
+        for name in allowed:
+            setattr(self, name, extras.get(name))
+
+    @classmethod
+    def extra_names(cls) -> tuple[str, ...]:
+        """The keyword-only attributes of this class, base classes' first."""
+        return cls._all_extras
+
+    @property
+    def message(self) -> str:
+        """The message given to the constructor (what ``str(e)`` returns)."""
+        return str(self.args[0]) if self.args else ""
+
+    def extras(self) -> dict[str, object]:
+        """The keyword-only attributes and their current values."""
+        return {name: getattr(self, name, None) for name in self._all_extras}
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Rebuild through the constructor, not BaseException's cls(*args): a subclass that
+        # requires a keyword-only extra could not be called with the message alone. The third
+        # item keeps any other instance state, such as __notes__ from add_note().
+        extras = self.extras()
+        state = {k: v for k, v in self.__dict__.items() if k not in extras}
+        return (_rebuild, (type(self), self.message, extras), state or None)
+
+    def __repr__(self) -> str:
+        shown = [repr(self.message)]
+        shown += [f"{k}={v!r}" for k, v in self.extras().items() if v is not None]
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+
+CWSandboxError = SandpoolError
+"""cwsandbox's name for the base class; the same object, so either can be caught."""
+
+
+class ProtocolError(SandpoolError):
+    """A wire frame was malformed, of an unknown kind or out of order.
+
+    ``frame`` is the offending frame (or a repr-able summary of it), or None when nothing
+    could be decoded. This is a bug or a version mismatch between client and agent.
+    """
+
+    _extras = ("frame",)
+
+
+class SandboxError(SandpoolError):
+    """Base for failures of a sandbox operation; ``sandbox_id`` and a machine ``reason``."""
+
+    _extras = ("sandbox_id", "reason")
+
+
+class SandboxNotRunningError(SandboxError):
+    """The operation needs a running sandbox, and this one is stopped or not started."""
+
+
+class SandboxUnavailableError(SandboxNotRunningError):
+    """The runtime or transport that hosts the sandbox cannot be reached. Often transient."""
+
+
+class SandboxTimeoutError(SandboxError):
+    """A client-side wait (start, wait, exec deadline) ran out of time."""
+
+
+class SandboxTerminatedError(SandboxError):
+    """The sandbox was stopped (by this client or another) while it was being waited on."""
+
+
+class SandboxFailedError(SandboxError):
+    """The sandbox reached the FAILED state; ``status_reason`` says why when known."""
+
+    _extras = ("status_reason",)
+
+
+class SandboxNotFoundError(SandboxError):
+    """No sandbox has this ``sandbox_id`` (never existed, or already deleted)."""
+
+
+class SandboxExecutionError(SandboxError):
+    """A command failed: a non-zero exit with ``check=True``, or a broken exec stream.
+
+    ``exec_result`` is the ProcessResult when there is one; ``exception_type`` and
+    ``exception_message`` describe a failure reported by the sandbox side.
+    """
+
+    _extras = ("exec_result", "exception_type", "exception_message")
+
+
+class SandboxFileError(SandboxError):
+    """A file operation failed on ``filepath``.
+
+    ``reason`` is one of ``CWSANDBOX_FILE_NOT_FOUND``, ``CWSANDBOX_FILE_IS_DIRECTORY``,
+    ``CWSANDBOX_FILE_PERMISSION_DENIED``, ``CWSANDBOX_FILE_TOO_LARGE``,
+    ``CWSANDBOX_FILE_IO_FAILED`` or ``CWSANDBOX_FILE_OUTSIDE_SANDBOX``.
+    """
+
+    _extras = ("filepath",)
+
+
+class SandboxResourceExhaustedError(SandboxError):
+    """The machine (or runtime) lacks the cpu, memory, pids or gpus the sandbox asks for."""
+
+
+class SandboxDiedError(SandboxError):
+    """The sandbox's agent died underneath a call: an infrastructure failure, not user code.
+
+    ``exit_code`` or ``signal`` (a number, e.g. 9 for an OOM kill) says how it died. A call
+    that meets this error may be retried on a fresh sandbox; the dead one is never reused.
+    """
+
+    _extras = ("exit_code", "signal")
+
+
+class FunctionError(SandpoolError):
+    """Base for errors of remote functions (``@session.function``) themselves."""
+
+
+class AsyncFunctionError(FunctionError):
+    """``@session.function`` was applied to an ``async def``, which it does not support."""
+
+
+class SerializationError(FunctionError):
+    """A function, argument or result could not be pickled; ``obj_repr`` names the object."""
+
+    _extras = ("obj_repr",)
+
+
+class RemoteError(FunctionError):
+    """A remote function raised an exception whose class cannot be unpickled here.
+
+    Exceptions that do unpickle are re-raised as themselves; this box is the fallback.
+    ``type_name`` is the remote class's qualified name, ``remote_traceback`` the formatted
+    remote traceback, and ``sandbox_id`` where it ran. ``message`` is the message.
+    """
+
+    _extras = ("type_name", "remote_traceback", "sandbox_id")

@@ -1,0 +1,282 @@
+"""Exec'd processes as seen by the caller: Process, ProcessResult, StreamReader, StreamWriter."""
+
+from __future__ import annotations
+
+import codecs
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import trio
+
+from ._errors import SandboxExecutionError, SandboxTimeoutError
+from ._opref import OperationRef, TaskHost
+from ._output import OutputBuffer
+
+if TYPE_CHECKING:
+    from ._sandbox import Sandbox
+
+_KILL_WAIT_SECONDS = 5.0
+
+
+@dataclass
+class ProcessResult:
+    """The outcome of one exec. Text is the UTF-8 decoding (with replacement) of the joined bytes.
+
+    ``truncated`` is a sandpool extension: True when more output arrived than the sandbox's
+    ``max_output_bytes`` and the oldest bytes were dropped from this result.
+    """
+
+    stdout: str
+    stderr: str
+    returncode: int
+    stdout_bytes: bytes = b""
+    stderr_bytes: bytes = b""
+    command: list[str] = field(default_factory=list)
+    truncated: bool = False
+
+
+def _in_trio() -> bool:
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return False
+    return True
+
+
+class StreamReader:
+    """Live output of one stream as text chunks: ``for chunk in proc.stdout`` or ``async for``."""
+
+    def __init__(self, process: Process, buffer: OutputBuffer) -> None:
+        self._process = process
+        self._buffer = buffer
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._done = False
+
+    async def _next(self) -> str | None:
+        while not self._done:
+            chunk, credit = await self._buffer.next_chunk()
+            if credit:
+                await self._process._credit(credit)
+            if chunk is None:
+                self._done = True
+                tail = self._decoder.decode(b"", final=True)
+                return tail or None
+            text = self._decoder.decode(chunk)
+            if text:
+                return text
+        return None
+
+    def __aiter__(self) -> StreamReader:
+        return self
+
+    async def __anext__(self) -> str:
+        text = await self._next()
+        if text is None:
+            raise StopAsyncIteration
+        return text
+
+    def __iter__(self) -> StreamReader:
+        return self
+
+    def __next__(self) -> str:
+        if _in_trio():
+            raise RuntimeError("iterating a stream blocks; inside trio use 'async for chunk in proc.stdout'")
+        text = trio.from_thread.run(self._next, trio_token=self._process._loop.token)
+        if text is None:
+            raise StopIteration
+        return text
+
+
+class StreamWriter:
+    """The process's stdin. ``write``/``writeline``/``close`` return OperationRefs, applied in call order."""
+
+    def __init__(self, process: Process) -> None:
+        self._process = process
+        self._issued = 0
+        self._turn = 0
+        self._turn_changed = trio.Event()
+        self.closed = False
+
+    def write(self, data: bytes) -> OperationRef[None]:
+        """Queue ``data`` for the process's stdin."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"stdin data must be bytes, not {type(data).__name__}; use writeline() for text")
+        return self._submit(bytes(data), eof=False)
+
+    def writeline(self, line: str, encoding: str = "utf-8") -> OperationRef[None]:
+        return self._submit((line + "\n").encode(encoding), eof=False)
+
+    def close(self) -> OperationRef[None]:
+        """Send EOF. Idempotent."""
+        if self.closed:
+            return OperationRef.completed(None)
+        self.closed = True
+        return self._submit(b"", eof=True)
+
+    def _submit(self, data: bytes, eof: bool) -> OperationRef[None]:
+        if self.closed and not eof:
+            raise SandboxExecutionError("stdin is closed; data can no longer be written to this process")
+        seq = self._issued
+        self._issued += 1
+        return OperationRef.spawn(self._process._loop, self._send, seq, data, eof)
+
+    async def _send(self, seq: int, data: bytes, eof: bool) -> None:
+        while self._turn != seq:
+            await self._turn_changed.wait()
+        try:
+            await self._process._sent.wait()
+            if self._process._exit_code is not None:
+                raise SandboxExecutionError("the process has exited; its stdin is closed")
+            await self._process._sandbox._send({"t": "stdin", "id": self._process._req_id, "data": data, "eof": eof})
+        finally:
+            self._turn += 1
+            self._turn_changed.set()
+            self._turn_changed = trio.Event()
+
+
+class Process(OperationRef[ProcessResult]):
+    """A command running in a sandbox. Awaitable / ``.result()`` gives a :class:`ProcessResult`."""
+
+    def __init__(self, sandbox: Sandbox, argv: list[str], *, cwd: str | None, env: dict | None,
+                 timeout: float | None, check: bool, stdin: bool, cap: int) -> None:
+        super().__init__()
+        self._sandbox = sandbox
+        self._loop: TaskHost = sandbox._host
+        self._argv = argv
+        self._cwd, self._env, self._timeout, self._check = cwd, env, timeout, check
+        self._out = {1: OutputBuffer(cap), 2: OutputBuffer(cap)}
+        self.stdout = StreamReader(self, self._out[1])
+        self.stderr = StreamReader(self, self._out[2])
+        self.stdin: StreamWriter | None = StreamWriter(self) if stdin else None
+        self._req_id = 0
+        self._pid: int | None = None
+        self._sent = trio.Event()
+        self._exited = trio.Event()
+        self._exit_code: int | None = None
+        self._failure: BaseException | None = None
+
+    def __repr__(self) -> str:
+        state = "running" if self._exit_code is None else f"exited {self._exit_code}"
+        return f"<Process {self._argv!r} {state}>"
+
+    @property
+    def command(self) -> list[str]:
+        return list(self._argv)
+
+    @property
+    def returncode(self) -> int | None:
+        return self._exit_code
+
+    def poll(self) -> int | None:
+        """The exit code, or None while the process runs. Never blocks."""
+        return self._exit_code
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Block until the process exits; return its exit code."""
+        return self.result(timeout).returncode
+
+    def result(self, timeout: float | None = None) -> ProcessResult:
+        self._request_drain()
+        return super().result(timeout)
+
+    def __await__(self):
+        self._request_drain()
+        return super().__await__()
+
+    def _request_drain(self) -> None:
+        if self.done():
+            return
+        if self._loop.in_loop_thread():
+            self._drain()
+        else:
+            try:
+                self._loop.call_soon(self._drain)
+            except RuntimeError:  # the loop is gone; result() reports why
+                pass
+
+    # -- inside the loop ---------------------------------------------------------------------
+
+    def _drain(self) -> None:
+        """Someone wants the result: stop holding the producer back for a live reader."""
+        credit = sum(buffer.drain() for buffer in self._out.values())
+        if credit and self._req_id:
+            self._loop.nursery.start_soon(self._credit, credit)
+
+    async def _credit(self, n: int) -> None:
+        if self._exit_code is None and not self._exited.is_set():
+            try:
+                await self._sandbox._send({"t": "credit", "id": self._req_id, "n": n})
+            except Exception:  # the sandbox is gone; its exit handling reports that
+                pass
+
+    def _on_frame(self, frame: dict) -> int:
+        """Handle a frame for this process; return credit to acknowledge at once."""
+        kind = frame["t"]
+        if kind == "output":
+            return self._out[frame["fd"]].append(frame["data"])
+        if kind == "started":
+            self._pid = frame["pid"]
+        elif kind == "exit":
+            self._exit_code = frame["code"]
+            self._mark_exited()
+        return 0
+
+    def _on_sandbox_gone(self, error: BaseException) -> None:
+        if not self._exited.is_set():
+            self._failure = error
+            self._mark_exited()
+
+    def _mark_exited(self) -> None:
+        for buffer in self._out.values():
+            buffer.close()
+        self._exited.set()
+
+    async def _body(self) -> ProcessResult:
+        sandbox = self._sandbox
+        await sandbox._ensure_running()
+        self._req_id = sandbox._register(self)
+        try:
+            await sandbox._send({"t": "exec", "id": self._req_id, "argv": self._argv, "cwd": self._cwd,
+                                 "env": self._env, "stdin": self.stdin is not None})
+            self._sent.set()
+            with trio.move_on_after(self._timeout if self._timeout is not None else float("inf")):
+                await self._exited.wait()
+            if not self._exited.is_set():
+                await self._kill()
+                raise SandboxTimeoutError(
+                    f"command {self._argv!r} timed out after {self._timeout} s; its process tree was killed",
+                    sandbox_id=sandbox.sandbox_id,
+                )
+        finally:
+            if not self._exited.is_set():
+                await self._kill()
+            sandbox._unregister(self._req_id)
+        if self._failure is not None:
+            raise self._failure
+        result = self._result()
+        if self._check and result.returncode != 0:
+            raise SandboxExecutionError(
+                f"command {self._argv!r} failed with exit code {result.returncode}",
+                sandbox_id=sandbox.sandbox_id, exec_result=result,
+            )
+        return result
+
+    async def _kill(self) -> None:
+        """Kill the remote process tree (cancellation or timeout) and wait, bounded, for its exit."""
+        with trio.CancelScope(shield=True):
+            try:
+                await self._sandbox._send({"t": "cancel", "id": self._req_id})
+            except Exception:
+                return
+            self._drain()
+            with trio.move_on_after(_KILL_WAIT_SECONDS):
+                await self._exited.wait()
+
+    def _result(self) -> ProcessResult:
+        out, err = self._out[1].joined(), self._out[2].joined()
+        return ProcessResult(
+            stdout=out.decode("utf-8", "replace"), stderr=err.decode("utf-8", "replace"),
+            returncode=self._exit_code if self._exit_code is not None else -1,
+            stdout_bytes=out, stderr_bytes=err, command=list(self._argv),
+            truncated=bool(self._out[1].dropped or self._out[2].dropped),
+        )

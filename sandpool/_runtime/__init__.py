@@ -1,0 +1,1 @@
+"""Where sandboxes come from: the runtime contract and its implementations."""

@@ -1,0 +1,64 @@
+"""The runtime contract: where sandboxes come from. Every runtime (local, remote, engine) has it."""
+
+from __future__ import annotations
+
+import abc
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from .._channel import FrameChannel
+from .._config import SandboxSpec
+
+
+@dataclass
+class SandboxRecord:
+    """What a runtime knows about one sandbox. Mutated only inside the runtime's trio loop."""
+
+    sandbox_id: str
+    spec: SandboxSpec
+    isolation: str
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    agent_pid: int | None = None
+    channel: FrameChannel | None = None
+    #: set once the agent process is gone; ``exit_code``/``exit_signal`` then say how it ended
+    exited: trio.Event = field(default_factory=trio.Event)
+    exit_code: int | None = None
+    exit_signal: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class Runtime(abc.ABC):
+    """Creates, starts, stops, lists and attaches sandboxes. All methods run in one trio loop."""
+
+    name: str = "runtime"
+
+    @abc.abstractmethod
+    async def open(self, nursery: trio.Nursery) -> None:
+        """Acquire what the runtime needs (helper processes, connections); tasks go in ``nursery``."""
+
+    @abc.abstractmethod
+    def create(self, spec: SandboxSpec) -> SandboxRecord:
+        """Reserve a sandbox for ``spec`` (an id, its state); no process starts yet."""
+
+    @abc.abstractmethod
+    async def start(self, record: SandboxRecord) -> FrameChannel:
+        """Start the sandbox's agent and return its frame channel after the handshake."""
+
+    @abc.abstractmethod
+    async def stop(self, record: SandboxRecord, grace_seconds: float) -> None:
+        """Stop politely, wait ``grace_seconds``, then escalate until the sandbox is gone. Shielded."""
+
+    @abc.abstractmethod
+    def list(self) -> list[SandboxRecord]:
+        """Every sandbox this runtime knows, terminal ones included."""
+
+    async def attach(self, sandbox_id: str) -> FrameChannel:
+        """A frame channel to a sandbox started elsewhere; runtimes without sharing refuse."""
+        raise NotImplementedError(f"the {self.name} runtime cannot attach to sandboxes it did not start")
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Stop every sandbox and release the runtime. Idempotent and shielded."""

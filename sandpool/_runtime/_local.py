@@ -1,0 +1,238 @@
+"""LocalRuntime: sandboxes on this machine, forked by a pre-imported template process.
+
+Isolation level ``process``: each sandbox is an agent in its own session with a private root
+directory (its filesystem for file operations and its default working directory), a clean
+environment plus the spec's variables, and rlimits where ``resources.limits`` map onto them.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+
+import trio
+
+from .. import _wire
+from .._agent import _linux
+from .._channel import FrameChannel
+from .._config import SandboxSpec
+from .._errors import SandboxFailedError, SandboxUnavailableError
+from . import _statedir
+from ._contract import Runtime, SandboxRecord
+
+_BOOT = (
+    "import sys,types;"
+    "sys.path[:0]=sys.argv[4].split(chr(10));"
+    "m=types.ModuleType('sandpool');m.__path__=[sys.argv[3]];sys.modules['sandpool']=m;"
+    "from sandpool._agent.template import main;main(int(sys.argv[1]),sys.argv[2])"
+)
+_BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_KILL_WAIT_SECONDS = 3.0
+
+
+def sandbox_environment(spec: SandboxSpec, sandbox_id: str, root: str) -> dict[str, str]:
+    """The clean environment of a sandbox: a few basics, then the spec's variables."""
+    python_bin = os.path.dirname(sys.executable)
+    return {
+        "PATH": f"{python_bin}:{_BASE_PATH}",
+        "HOME": root,
+        "TMPDIR": os.path.join(root, "tmp"),
+        "LANG": "C.UTF-8",
+        "HOSTNAME": sandbox_id,
+        "SANDPOOL_SANDBOX_ID": sandbox_id,
+        "SANDPOOL_ROOT": root,
+        **dict(spec.environment_variables),
+    }
+
+
+def rlimits(spec: SandboxSpec) -> dict[str, int]:
+    """rlimits for the ``process`` level: memory limit -> RLIMIT_DATA, pids limit -> RLIMIT_NPROC."""
+    limits: dict[str, int] = {}
+    res = spec.resources
+    if res is not None:
+        if res.memory_limit:
+            limits["data"] = int(res.memory_limit)
+        if res.pids_limit:
+            limits["nproc"] = int(res.pids_limit)
+    return limits
+
+
+class LocalRuntime(Runtime):
+    """Sandboxes as local process trees. ``state_dir`` defaults to ``$SANDPOOL_STATE_DIR``."""
+
+    name = "local"
+
+    def __init__(self, state_dir: str | None = None) -> None:
+        self.state_dir = state_dir or _statedir.default_state_dir()
+        self.owner_dir: str | None = None
+        self._records: dict[str, SandboxRecord] = {}
+        self._by_pid: dict[int, SandboxRecord] = {}
+        self._spawns: dict[int, tuple[trio.Event, list[int]]] = {}
+        self._next_spawn = 0
+        self._control: trio.socket.SocketType | None = None
+        self._template: subprocess.Popen | None = None
+        self._send_lock = trio.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        live = sum(1 for r in self._records.values() if not r.exited.is_set())
+        return f"<LocalRuntime {self.state_dir} live={live}>"
+
+    async def open(self, nursery: trio.Nursery) -> None:
+        _statedir.sweep(self.state_dir)
+        self.owner_dir = _statedir.new_owner_dir(self.state_dir)
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        paths = "\n".join(p for p in sys.path if p)
+        try:
+            self._template = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _BOOT, str(child.fileno()), self.owner_dir, package_dir, paths],
+                pass_fds=[child.fileno()],
+                stdin=subprocess.DEVNULL,
+                env={"PATH": _BASE_PATH, "LANG": "C.UTF-8"},
+                close_fds=True,
+            )
+        finally:
+            child.close()
+        _statedir.record_template(self.owner_dir, self._template.pid)
+        self._control = trio.socket.from_stdlib_socket(parent)
+        hello = await self._control.recv(65536)
+        if not hello:
+            raise SandboxUnavailableError("the sandbox template process exited during start-up")
+        _wire.check_hello(_wire.decode_body(hello[_wire.HEADER_SIZE:]))
+        nursery.start_soon(self._read_control)
+
+    async def _read_control(self) -> None:
+        assert self._control is not None
+        while True:
+            try:
+                data = await self._control.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            frame = _wire.decode_body(data[_wire.HEADER_SIZE:])
+            if frame["t"] == "spawned":
+                event, box = self._spawns.pop(frame["id"])
+                box.append(frame["pid"])
+                event.set()
+            elif frame["t"] == "reaped":
+                record = self._by_pid.pop(frame["pid"], None)
+                if record is not None:
+                    record.exit_code, record.exit_signal = frame["code"], frame.get("signal")
+                    record.exited.set()
+        # the template is gone: every sandbox it forked is gone with it
+        for record in list(self._by_pid.values()):
+            record.exited.set()
+        self._by_pid.clear()
+        for event, _ in self._spawns.values():
+            event.set()
+
+    def create(self, spec: SandboxSpec) -> SandboxRecord:
+        sandbox_id = f"sb-{secrets.token_hex(4)}"
+        record = SandboxRecord(sandbox_id=sandbox_id, spec=spec, isolation="process")
+        self._records[sandbox_id] = record
+        return record
+
+    def _layout(self, record: SandboxRecord) -> dict:
+        assert self.owner_dir is not None
+        sandbox_dir = os.path.join(self.owner_dir, record.sandbox_id)
+        root = os.path.join(sandbox_dir, "root")
+        os.makedirs(os.path.join(root, "tmp"), exist_ok=True)
+        cwd = root
+        if record.spec.working_dir:
+            cwd = os.path.join(root, record.spec.working_dir.lstrip("/"))
+            os.makedirs(cwd, exist_ok=True)
+        record.extra.update(dir=sandbox_dir, root=root)
+        return {
+            "sandbox_id": record.sandbox_id,
+            "dir": sandbox_dir,
+            "root": root,
+            "cwd": cwd,
+            "env": sandbox_environment(record.spec, record.sandbox_id, root),
+            "argv": record.spec.argv(),
+            "rlimits": rlimits(record.spec),
+            "lifetime": record.spec.max_lifetime_seconds,
+        }
+
+    async def start(self, record: SandboxRecord) -> FrameChannel:
+        if self._control is None or self._closed:
+            raise SandboxUnavailableError("the local runtime is closed")
+        config = self._layout(record)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._next_spawn += 1
+            spawn_id = self._next_spawn
+            event, box = trio.Event(), []
+            self._spawns[spawn_id] = (event, box)
+            frame = _wire.encode({"t": "spawn", "id": spawn_id, "config": config})
+            async with self._send_lock:
+                await self._control.sendmsg(
+                    [frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [theirs.fileno()]))]
+                )
+        finally:
+            theirs.close()
+        await event.wait()
+        if not box:
+            ours.close()
+            raise SandboxUnavailableError("the sandbox template exited; the runtime cannot start sandboxes")
+        record.agent_pid = box[0]
+        self._by_pid[record.agent_pid] = record
+        channel = FrameChannel(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+        try:
+            await channel.handshake()
+        except SandboxUnavailableError as exc:
+            await channel.aclose()
+            raise SandboxFailedError(f"sandbox {record.sandbox_id} failed to start: {exc}",
+                                     sandbox_id=record.sandbox_id) from exc
+        record.channel = channel
+        return channel
+
+    async def stop(self, record: SandboxRecord, grace_seconds: float) -> None:
+        with trio.CancelScope(shield=True):
+            if record.agent_pid is None:
+                record.exited.set()
+                return
+            if record.channel is not None and not record.channel.closed:
+                try:
+                    await record.channel.send({"t": "stop", "grace": float(grace_seconds)})
+                except SandboxUnavailableError:
+                    pass
+            with trio.move_on_after(grace_seconds + _KILL_WAIT_SECONDS):
+                await record.exited.wait()
+            if not record.exited.is_set():  # escalate: the agent did not leave in time
+                _linux.kill_quietly(record.agent_pid, signal.SIGKILL)
+                with trio.move_on_after(_KILL_WAIT_SECONDS):
+                    await record.exited.wait()
+            if record.channel is not None:
+                await record.channel.aclose()
+
+    def list(self) -> list[SandboxRecord]:
+        return list(self._records.values())
+
+    def forget(self, sandbox_id: str) -> None:
+        self._records.pop(sandbox_id, None)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with trio.CancelScope(shield=True):
+            live = [r for r in self._records.values() if r.agent_pid is not None and not r.exited.is_set()]
+            async with trio.open_nursery() as nursery:
+                for record in live:
+                    nursery.start_soon(self.stop, record, 0.0)
+            if self._control is not None:
+                self._control.close()  # EOF: the template stops anything left and removes the owner dir
+            if self._template is not None:
+                with trio.move_on_after(_KILL_WAIT_SECONDS):
+                    while self._template.poll() is None:
+                        await trio.sleep(0.005)
+                if self._template.poll() is None:
+                    self._template.kill()
+                    self._template.wait()

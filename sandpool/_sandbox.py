@@ -1,0 +1,449 @@
+"""Sandbox: one isolated process tree with an agent at its root, owned by a Session."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from . import _lifecycle
+from ._config import SandboxDefaults, SandboxSpec, SandboxStatus, resolve_spec
+from ._errors import (
+    ProtocolError,
+    SandboxDiedError,
+    SandboxError,
+    SandboxFailedError,
+    SandboxFileError,
+    SandboxNotFoundError,
+    SandboxNotRunningError,
+    SandboxTerminatedError,
+    SandboxTimeoutError,
+    SandboxUnavailableError,
+)
+from ._opref import OperationRef, TaskHost
+from ._process import Process, _in_trio
+
+if TYPE_CHECKING:
+    from ._runtime._contract import SandboxRecord
+    from ._session import Session
+
+_EXIT_REPORT_SECONDS = 3.0
+#: Every sandbox of this process by id: what Sandbox.list / from_id search.
+_KNOWN: dict[str, Sandbox] = {}
+
+
+class _Reply:
+    """A pending request/response exchange (file operations, pings)."""
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.frame: dict | None = None
+        self.error: BaseException | None = None
+
+    def _on_frame(self, frame: dict) -> int:
+        self.frame = frame
+        self.event.set()
+        return 0
+
+    def _on_sandbox_gone(self, error: BaseException) -> None:
+        self.error = error
+        self.event.set()
+
+
+class Sandbox:
+    """A sandbox. Construction does no I/O; the first use (exec, files, wait, ``await``) starts it."""
+
+    def __init__(self, *, defaults: SandboxDefaults | None = None, _session: Session | None = None,
+                 _spec: SandboxSpec | None = None, **overrides: Any) -> None:
+        standalone = _session is None
+        if _session is None:
+            from ._session import default_session
+
+            _session = default_session()
+        self._session = _session
+        self._owners: set[Session] = set()  # sessions that stop this sandbox when they close
+        self._spec = _spec or resolve_spec(defaults if defaults is not None else _session.defaults, **overrides)
+        self._state = _lifecycle.Lifecycle()
+        self._record: SandboxRecord | None = None
+        self._requests: dict[int, Any] = {}
+        self._next_id = 0
+        self._started = trio.Event()  # start attempt finished (running or failed)
+        self._terminal = trio.Event()
+        self._start_ref: OperationRef[None] | None = None
+        self._stop_ref: OperationRef[None] | None = None
+        self.exec_stats = {"exec_count": 0}
+        if standalone:
+            _session._track(self)
+
+    # -- state, as properties (no I/O) -------------------------------------------------------
+
+    @property
+    def sandbox_id(self) -> str | None:
+        return self._record.sandbox_id if self._record else None
+
+    @property
+    def status(self) -> SandboxStatus | None:
+        return self._state.status
+
+    @property
+    def status_reason(self) -> str | None:
+        return self._state.reason
+
+    @property
+    def returncode(self) -> int | None:
+        return self._state.returncode
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        return tuple(self._spec.tags)
+
+    @property
+    def spec(self) -> SandboxSpec:
+        return self._spec
+
+    @property
+    def isolation(self) -> str | None:
+        return self._record.isolation if self._record else None
+
+    @property
+    def created_at(self) -> float | None:
+        return self._record.created_at if self._record else None
+
+    @property
+    def started_at(self) -> float | None:
+        return self._record.started_at if self._record else None
+
+    def __repr__(self) -> str:
+        status = self.status.value if self.status else "not_started"
+        tags = ",".join(self.tags)
+        procs = sum(1 for r in self._requests.values() if isinstance(r, Process))
+        level = f" isolation={self.isolation}" if self.isolation else ""
+        return (f"<Sandbox {self.sandbox_id or '(unstarted)'} {status} image={self._spec.container_image}"
+                f"{level} tags=({tags}) {procs} processes>")
+
+    @property
+    def _host(self) -> TaskHost:
+        return self._session._ensure_open()
+
+    def _spawn(self, async_fn, *args) -> OperationRef:
+        return OperationRef.spawn(self._host, async_fn, *args)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> OperationRef[None]:
+        """Start the sandbox (idempotent); resolves once it runs."""
+        if self._start_ref is None:
+            self._start_ref = self._spawn(self._start_async)
+        return self._start_ref
+
+    def wait(self, timeout: float | None = None) -> Sandbox:
+        """Block until the sandbox runs (starting it if needed); return self. Inside trio: ``await sb``."""
+        if _in_trio():
+            raise RuntimeError("Sandbox.wait() blocks; inside trio use 'await sandbox' instead")
+        self._spawn(self._wait_async, timeout).result()
+        return self
+
+    def __await__(self):
+        return self._spawn(self._wait_async, None).__await__()
+
+    def wait_until_complete(self, timeout: float | None = None) -> OperationRef[Sandbox]:
+        """Resolves when the sandbox reaches a terminal state."""
+        return self._spawn(self._wait_complete_async, timeout)
+
+    def stop(self, *, graceful_shutdown_seconds: float = 10.0, missing_ok: bool = False) -> OperationRef[None]:
+        """Stop: SIGTERM its processes, wait the grace period, then kill the tree. Resolves when terminal."""
+        if not (isinstance(graceful_shutdown_seconds, (int, float)) and math.isfinite(graceful_shutdown_seconds)
+                and graceful_shutdown_seconds >= 0):
+            raise ValueError(f"graceful_shutdown_seconds must be a number >= 0, got {graceful_shutdown_seconds!r}")
+        if self._stop_ref is None:
+            self._stop_ref = self._spawn(self._stop_async, float(graceful_shutdown_seconds))
+        return self._stop_ref
+
+    async def _start_async(self) -> None:
+        if self._state.phase != "new":
+            await self._started.wait()
+            return self._raise_if_not_running()
+        self._state = _lifecycle.advance(self._state, "start")
+        runtime = self._session._runtime
+        try:
+            self._record = runtime.create(self._spec)
+            _KNOWN[self._record.sandbox_id] = self
+            await runtime.start(self._record)
+            self._record.started_at = time.time()
+            self._state = _lifecycle.advance(self._state, "running")
+            self._host.nursery.start_soon(self._reader)
+        except BaseException as exc:
+            self._state = _lifecycle.advance(self._state, "failed", reason=f"failed to start: {exc}")
+            self._terminal.set()
+            raise
+        finally:
+            self._started.set()
+
+    def _raise_if_not_running(self) -> None:
+        state = self._state
+        if state.phase in ("running",):
+            return
+        if state.stop_requested or state.status == SandboxStatus.TERMINATED:
+            raise SandboxNotRunningError(f"sandbox {self.sandbox_id} has been stopped ({state.reason})",
+                                         sandbox_id=self.sandbox_id)
+        if state.status == SandboxStatus.COMPLETED:
+            raise SandboxNotRunningError(f"sandbox {self.sandbox_id} has completed ({state.reason})",
+                                         sandbox_id=self.sandbox_id)
+        raise SandboxFailedError(f"sandbox {self.sandbox_id} failed: {state.reason}",
+                                 sandbox_id=self.sandbox_id, status_reason=state.reason)
+
+    async def _ensure_running(self) -> None:
+        if self._state.phase == "running":
+            return
+        if self._state.phase == "new":
+            self.start()
+        await self._started.wait()
+        self._raise_if_not_running()
+
+    async def _wait_async(self, timeout: float | None) -> Sandbox:
+        limit = self._spec.request_timeout_seconds if timeout is None else timeout
+        with trio.move_on_after(limit):
+            if self._state.phase == "new":
+                self.start()
+            await self._started.wait()
+            if self._state.status == SandboxStatus.COMPLETED:
+                return self
+            if self._state.stop_requested:
+                raise SandboxTerminatedError(f"sandbox {self.sandbox_id} was stopped", sandbox_id=self.sandbox_id)
+            self._raise_if_not_running()
+            return self
+        raise SandboxTimeoutError(f"sandbox did not become ready within {limit} s", sandbox_id=self.sandbox_id)
+
+    async def _wait_complete_async(self, timeout: float | None) -> Sandbox:
+        with trio.fail_after(math.inf if timeout is None else timeout):
+            if self._state.phase == "new":
+                self.start()
+            await self._terminal.wait()
+        return self
+
+    async def _stop_async(self, grace: float) -> None:
+        if self._state.phase == "new":
+            self._state = _lifecycle.advance(self._state, "stop")
+            self._terminal.set()
+            self._started.set()
+        elif not self._state.terminal:
+            await self._started.wait()
+            self._state = _lifecycle.advance(self._state, "stop")
+            if self._record is not None:
+                await self._session._runtime.stop(self._record, grace)
+            with trio.CancelScope(shield=True), trio.move_on_after(_EXIT_REPORT_SECONDS):
+                await self._terminal.wait()
+        for owner in list(self._owners):
+            owner._forget(self)
+
+    # -- the connection ------------------------------------------------------------------------
+
+    def _register(self, handler: Any) -> int:
+        self._next_id += 1
+        self._requests[self._next_id] = handler
+        return self._next_id
+
+    def _unregister(self, req_id: int) -> None:
+        self._requests.pop(req_id, None)
+
+    async def _send(self, frame: dict) -> None:
+        channel = self._record.channel if self._record else None
+        if channel is None or channel.closed:
+            raise SandboxNotRunningError(f"sandbox {self.sandbox_id} is not running", sandbox_id=self.sandbox_id)
+        await channel.send(frame)
+
+    async def _reader(self) -> None:
+        """Route frames to their requests until the agent's connection ends, then settle the state."""
+        record = self._record
+        assert record is not None and record.channel is not None
+        farewell: dict | None = None
+        protocol_error: ProtocolError | None = None
+        try:
+            while True:
+                batch = await record.channel.receive_batch()
+                if batch is None:
+                    break
+                credits = []
+                for frame in batch:
+                    handler = self._requests.get(frame.get("id", 0)) if "id" in frame else None
+                    if handler is not None:
+                        credit = handler._on_frame(frame)
+                        if credit:
+                            credits.append({"t": "credit", "id": frame["id"], "n": credit})
+                    elif frame["t"] == "main_exit":
+                        self._state = _lifecycle.advance(self._state, "main_exit", code=frame["code"])
+                    elif frame["t"] == "bye":
+                        farewell = frame
+                if credits:
+                    try:
+                        await record.channel.send_many(credits)
+                    except SandboxUnavailableError:
+                        pass
+        except ProtocolError as exc:
+            protocol_error = exc
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._settle(record, farewell, protocol_error)
+
+    async def _settle(self, record: SandboxRecord, farewell: dict | None, protocol_error: ProtocolError | None) -> None:
+        if protocol_error is not None:
+            self._state = _lifecycle.advance(self._state, "failed", reason=f"protocol error: {protocol_error}")
+            await self._session._runtime.stop(record, 0.0)
+        with trio.move_on_after(_EXIT_REPORT_SECONDS):
+            await record.exited.wait()
+        if farewell is not None:
+            self._state = _lifecycle.advance(self._state, "farewell", reason=farewell.get("reason"),
+                                             code=farewell.get("code"))
+        self._state = _lifecycle.advance(self._state, "gone", code=record.exit_code, signal=record.exit_signal)
+        if record.channel is not None:
+            await record.channel.aclose()
+        error = self._gone_error()
+        for handler in list(self._requests.values()):
+            handler._on_sandbox_gone(error)
+        self._requests.clear()
+        self._terminal.set()
+
+    def _gone_error(self) -> SandboxError:
+        state = self._state
+        if state.stop_requested:
+            return SandboxNotRunningError(f"sandbox {self.sandbox_id} was stopped", sandbox_id=self.sandbox_id)
+        return SandboxDiedError(f"sandbox {self.sandbox_id} ended: {state.reason}", sandbox_id=self.sandbox_id,
+                                exit_code=self._record.exit_code if self._record else None,
+                                signal=self._record.exit_signal if self._record else None)
+
+    # -- data plane ------------------------------------------------------------------------------
+
+    def exec(self, command: Sequence[str], *, cwd: str | None = None, env: dict[str, str] | None = None,
+             timeout_seconds: float | None = None, check: bool = False, stdin: bool = False) -> Process:
+        """Run ``command`` (an argv list, no shell) in the sandbox; returns at once with a Process."""
+        if isinstance(command, (str, bytes)) or not command:
+            raise ValueError(f"command must be a non-empty list of strings such as ['echo', 'hi'], got {command!r}")
+        if cwd is not None and (not isinstance(cwd, str) or not cwd.startswith("/")):
+            raise ValueError(f"cwd must be an absolute path inside the sandbox such as '/work', got {cwd!r}")
+        if env is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise TypeError(f"env must map str to str, got {env!r}")
+        if timeout_seconds is None:
+            timeout_seconds = self._spec.request_timeout_seconds
+        if not (isinstance(timeout_seconds, (int, float)) and timeout_seconds > 0):
+            raise ValueError(f"timeout_seconds must be a number > 0, got {timeout_seconds!r}")
+        self.exec_stats["exec_count"] += 1
+        proc = Process(self, [str(c) for c in command], cwd=cwd, env=env, timeout=timeout_seconds,
+                       check=check, stdin=stdin, cap=self._spec.max_output_bytes)
+        return proc._launch(self._host, proc._body)
+
+    def read_file(self, filepath: str, *, timeout_seconds: float | None = None) -> OperationRef[bytes]:
+        """The contents of ``filepath`` inside the sandbox."""
+        _check_path(filepath)
+        return self._spawn(self._file_request, {"t": "read_file", "path": filepath}, timeout_seconds)
+
+    def write_file(self, filepath: str, contents: bytes, *, timeout_seconds: float | None = None) -> OperationRef[None]:
+        """Write ``contents`` to ``filepath`` inside the sandbox (parents created, replaced atomically)."""
+        _check_path(filepath)
+        if not isinstance(contents, (bytes, bytearray, memoryview)):
+            raise TypeError(f"contents must be bytes, not {type(contents).__name__}; encode text first")
+        return self._spawn(self._file_request, {"t": "write_file", "path": filepath, "data": bytes(contents)},
+                           timeout_seconds)
+
+    async def _request(self, frame: dict, timeout: float | None) -> dict:
+        await self._ensure_running()
+        reply = _Reply()
+        frame["id"] = self._register(reply)
+        try:
+            with trio.fail_after(self._spec.request_timeout_seconds if timeout is None else timeout):
+                await self._send(frame)
+                await reply.event.wait()
+        except trio.TooSlowError:
+            raise SandboxTimeoutError(f"{frame['t']} timed out", sandbox_id=self.sandbox_id) from None
+        finally:
+            self._unregister(frame["id"])
+        if reply.error is not None:
+            raise reply.error
+        assert reply.frame is not None
+        return reply.frame
+
+    async def _file_request(self, frame: dict, timeout: float | None) -> bytes | None:
+        path = frame["path"]
+        reply = await self._request(frame, timeout)
+        if reply["t"] == "error":
+            raise SandboxFileError(reply["message"], sandbox_id=self.sandbox_id, filepath=path, reason=reply["kind"])
+        return reply.get("data") if frame["t"] == "read_file" else None
+
+    # -- context managers ----------------------------------------------------------------------
+
+    def __enter__(self) -> Sandbox:
+        self.start().result()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        _finish_stop(self.stop(), exc is not None)
+
+    async def __aenter__(self) -> Sandbox:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                await self.stop()
+            except Exception:
+                if exc is None:
+                    raise
+
+    # -- construction and discovery --------------------------------------------------------------
+
+    @classmethod
+    def run(cls, *args: str, defaults: SandboxDefaults | None = None, **options: Any) -> Sandbox:
+        """Create and start a sandbox outside any session; ``args`` are the main command and its args.
+
+        It is stopped when its ``with`` block ends, or with this process, whatever ends it.
+        """
+        if args:
+            options["command"], options["args"] = args[0], list(args[1:])
+        sandbox = cls(defaults=defaults, **options)
+        ref = sandbox.start()
+        if not _in_trio():
+            ref.result()
+        return sandbox
+
+    @classmethod
+    def list(cls, *, tags: Sequence[str] | None = None, status: str | SandboxStatus | None = None,
+             show_terminated: bool = False) -> OperationRef[list[Sandbox]]:
+        """Sandboxes of this process carrying every tag in ``tags`` (non-terminal unless asked)."""
+        wanted = SandboxStatus.parse(status) if status is not None else None
+        if isinstance(tags, str):
+            raise TypeError(f"tags must be a list of strings, not a string; use tags=[{tags!r}]")
+        found = [sb for sb in list(_KNOWN.values()) if _matches(sb, tags or (), wanted, show_terminated)]
+        return OperationRef.completed(found)
+
+    @classmethod
+    def from_id(cls, sandbox_id: str) -> OperationRef[Sandbox]:
+        """The sandbox with this id; SandboxNotFoundError if this process has none."""
+        sandbox = _KNOWN.get(sandbox_id)
+        if sandbox is None:
+            return OperationRef.failed(SandboxNotFoundError(f"no sandbox {sandbox_id!r}", sandbox_id=sandbox_id))
+        return OperationRef.completed(sandbox)
+
+
+def _matches(sb: Sandbox, tags: Sequence[str], status: SandboxStatus | None, show_terminated: bool) -> bool:
+    if sb.status is None or not all(t in sb.tags for t in tags):
+        return False
+    if status is not None:
+        return sb.status == status
+    return show_terminated or not sb.status.is_terminal
+
+
+def _check_path(filepath: object) -> None:
+    if not isinstance(filepath, str) or not filepath:
+        raise ValueError(f"filepath must be a non-empty string such as '/tmp/data.txt', got {filepath!r}")
+
+
+def _finish_stop(ref: OperationRef, exception_in_flight: bool) -> None:
+    """Wait for a stop from a sync ``__exit__``; a failure never hides the exception already raised."""
+    try:
+        ref.result()
+    except Exception:
+        if not exception_in_flight:
+            raise
