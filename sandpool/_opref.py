@@ -352,7 +352,7 @@ def _call_soon(schedule: Callable[..., object], *args: object) -> None:
     """Wake an awaiter in its own loop, unless that loop has ended (then nobody waits any more)."""
     try:
         schedule(*args)
-    except (trio.RunFinishedError, RuntimeError):  # asyncio raises RuntimeError when closed
+    except RuntimeError:  # trio's RunFinishedError, or asyncio's "Event loop is closed"
         pass
 
 

@@ -4,11 +4,13 @@ Sync users get their operations run as tasks in the portal's root nursery and ho
 ``OperationRef``s. Use a portal as a ``with`` block: leaving it cancels whatever still runs,
 lets shielded cleanup finish, and joins the thread.
 
-``default_portal()`` is the process-wide portal. It is closed by an atexit hook, but only as a
+``default_portal()`` is the process-wide portal. An atexit hook closes it, but only as a
 courtesy: nothing may rely on atexit for correctness. On Linux a process killed by a signal
 (SIGKILL, or SIGTERM without a handler), one that calls ``os._exit`` (forked children,
-multiprocessing workers) or dies in the interpreter runs no atexit hooks. Whatever must be cleaned
-up belongs to a ``with`` block, and sandboxes notice the death of their owner on their own.
+multiprocessing workers) or one that crashes runs no atexit hooks, and the daemon thread then
+just stops, its tasks' cleanup unrun. (When the hooks do run, the daemon thread is still alive,
+so the close works.) Whatever must be cleaned up belongs to a ``with`` block, and sandboxes
+notice the death of their owner on their own.
 """
 
 from __future__ import annotations

@@ -1,0 +1,87 @@
+"""Testing aids: find what local sandboxes left behind (processes, directories).
+
+``leftovers(state_dir)`` inspects the machine, not sandpool's bookkeeping: a process counts as a
+sandbox process when its command line names the state directory (agents inherit their template's
+command line) or its environment carries ``SANDPOOL_ROOT`` under it (exec'd commands and their
+children). Live templates are not leftovers; their owner directories hold no sandbox directory.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+from ._agent import _linux
+from ._runtime._statedir import mounts_under
+
+
+@dataclass
+class Leftovers:
+    processes: list[tuple[int, str]] = field(default_factory=list)  # (pid, command line)
+    directories: list[str] = field(default_factory=list)
+    mounts: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.processes or self.directories or self.mounts)
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _live_templates(state_dir: str) -> dict[int, str]:
+    """pid -> owner dir of every template that still runs."""
+    found = {}
+    for name in os.listdir(state_dir) if os.path.isdir(state_dir) else ():
+        owner = os.path.join(state_dir, name)
+        text = _read(os.path.join(owner, "template")).split()
+        if len(text) == 2 and _linux.process_start_time(int(text[0])) == text[1].decode():
+            found[int(text[0])] = owner
+    return found
+
+
+def leftovers(state_dir: str) -> Leftovers:
+    """Everything of sandboxes under ``state_dir`` that still exists (templates excepted)."""
+    report = Leftovers()
+    templates = _live_templates(state_dir)
+    marker, env_marker = state_dir.encode(), b"SANDPOOL_ROOT=" + state_dir.encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in templates or int(entry) == os.getpid():
+            continue
+        cmdline = _read(f"/proc/{entry}/cmdline")
+        stat = _read(f"/proc/{entry}/stat")
+        if not cmdline or b") Z " in stat:  # kernel thread or zombie
+            continue
+        if marker in cmdline or env_marker in _read(f"/proc/{entry}/environ"):
+            report.processes.append((int(entry), cmdline.replace(b"\0", b" ").decode(errors="replace")[:200]))
+    if os.path.isdir(state_dir):
+        for name in os.listdir(state_dir):
+            owner = os.path.join(state_dir, name)
+            if owner not in templates.values():
+                report.directories.append(owner)
+                continue
+            report.directories.extend(os.path.join(owner, d) for d in os.listdir(owner) if d.startswith("sb-"))
+        report.mounts = mounts_under(state_dir)
+    return report
+
+
+def wait_for_no_leftovers(state_dir: str, timeout: float = 5.0) -> Leftovers:
+    """Poll until nothing is left (returns an empty report) or ``timeout`` passes (returns what is)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        report = leftovers(state_dir)
+        if not report or time.monotonic() >= deadline:
+            return report
+        time.sleep(0.05)
+
+
+def kill_leftovers(report: Leftovers) -> None:
+    """SIGKILL the processes of a report, so one leaking test does not break the next."""
+    for pid, _ in report.processes:
+        _linux.kill_quietly(pid, signal.SIGKILL)

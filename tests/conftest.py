@@ -1,0 +1,39 @@
+"""Shared fixtures. Every test runs with a leak check: at teardown no sandbox process or directory
+of the test run may remain (templates of still-open runtimes excepted)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+
+import pytest
+
+# Set before sandpool creates any runtime, so every sandbox of this run lives under one directory.
+STATE_DIR = tempfile.mkdtemp(prefix="sandpool-test-")
+os.environ["SANDPOOL_STATE_DIR"] = STATE_DIR
+
+from sandpool import testing  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = sys.executable
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """Fail the test if it left a sandbox process, directory or mount behind."""
+    yield
+    report = testing.wait_for_no_leftovers(STATE_DIR, timeout=5.0)
+    if report:
+        testing.kill_leftovers(report)
+        pytest.fail(f"test leaked: {report}")
+
+
+@pytest.fixture
+def state_dir() -> str:
+    return STATE_DIR
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(STATE_DIR, ignore_errors=True)
