@@ -138,7 +138,7 @@ class Session:
                 await self.close()
             except Exception as error:
                 close_error = error
-            await self._aexit_nursery()
+        await self._aexit_nursery()
         if close_error is not None:
             if exc is None:
                 raise close_error
@@ -146,11 +146,12 @@ class Session:
         return False
 
     async def _aexit_nursery(self) -> None:
+        """Release the runtime (shielded), then end the nursery; its remaining tasks are cancelled."""
         with trio.CancelScope(shield=True):
             if self._runtime_arg is None and self._runtime is not None:
                 await self._runtime.aclose()
-            self._host.nursery.cancel_scope.cancel()
-            await self._nursery_cm.__aexit__(None, None, None)
+        self._host.nursery.cancel_scope.cancel()
+        await self._nursery_cm.__aexit__(None, None, None)
 
     # -- sandboxes -----------------------------------------------------------------------------
 

@@ -34,11 +34,6 @@ def become_subreaper() -> None:
         _prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
-def child_kill_on_parent_death() -> None:
-    """``preexec_fn`` for exec'd processes: die with the agent, in a session of their own."""
-    set_parent_death_signal(signal.SIGKILL)
-
-
 def children(pid: int) -> list[int]:
     """Direct children of ``pid`` (needs /proc/PID/task/*/children; empty when unavailable)."""
     found: list[int] = []

@@ -86,7 +86,11 @@ class ExecProcess:
 
 
 def spawn(req_id: int, argv: list[str], cwd: str, env: dict[str, str], stdin: bool, stdout=subprocess.PIPE) -> ExecProcess:
-    """Start ``argv`` in a new session that dies with the agent. OSError if it cannot start."""
+    """Start ``argv`` in a session of its own. OSError if it cannot start.
+
+    No ``preexec_fn`` (it would cost ~1 ms per exec by forcing a full fork): if the agent is
+    killed, its children are re-parented to the template, a child subreaper, which kills them.
+    """
     popen = subprocess.Popen(
         argv,
         cwd=cwd,
@@ -95,7 +99,6 @@ def spawn(req_id: int, argv: list[str], cwd: str, env: dict[str, str], stdin: bo
         stdout=stdout,
         stderr=subprocess.PIPE if stdout is subprocess.PIPE else subprocess.STDOUT,
         start_new_session=True,
-        preexec_fn=_linux.child_kill_on_parent_death,
         close_fds=True,
     )
     try:

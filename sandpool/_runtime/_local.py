@@ -112,7 +112,7 @@ class LocalRuntime(Runtime):
         while True:
             try:
                 data = await self._control.recv(65536)
-            except OSError:
+            except (OSError, trio.ClosedResourceError):
                 data = b""
             if not data:
                 break

@@ -61,19 +61,24 @@ def mounts_under(path: str) -> list[str]:
     return found
 
 
-def processes_mentioning(text: str) -> list[int]:
-    """Pids whose command line contains ``text`` (agents inherit their template's command line)."""
+def processes_mentioning(path: str) -> list[int]:
+    """Pids of sandbox processes under ``path``: the command line names it (the template and the
+    agents it forked) or the environment's ``SANDPOOL_ROOT`` lies under it (exec'd commands)."""
     pids = []
-    needle = text.encode()
+    needle, env_needle = path.encode(), b"SANDPOOL_ROOT=" + path.encode()
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if needle in f.read():
-                    pids.append(int(entry))
+                found = needle in f.read()
+            if not found:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    found = env_needle in f.read()
         except OSError:
             continue
+        if found:
+            pids.append(int(entry))
     return pids
 
 
