@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from ._agent import _linux
-from ._runtime._statedir import mounts_under
+from ._runtime._statedir import mounts_under, processes_mentioning
 
 
 @dataclass
@@ -50,16 +50,11 @@ def leftovers(state_dir: str) -> Leftovers:
     """Everything of sandboxes under ``state_dir`` that still exists (templates excepted)."""
     report = Leftovers()
     templates = _live_templates(state_dir)
-    marker, env_marker = state_dir.encode(), b"SANDPOOL_ROOT=" + state_dir.encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) in templates or int(entry) == os.getpid():
+    for pid in processes_mentioning(state_dir):
+        if pid in templates or b") Z " in _read(f"/proc/{pid}/stat"):  # a template, or a zombie
             continue
-        cmdline = _read(f"/proc/{entry}/cmdline")
-        stat = _read(f"/proc/{entry}/stat")
-        if not cmdline or b") Z " in stat:  # kernel thread or zombie
-            continue
-        if marker in cmdline or env_marker in _read(f"/proc/{entry}/environ"):
-            report.processes.append((int(entry), cmdline.replace(b"\0", b" ").decode(errors="replace")[:200]))
+        cmdline = _read(f"/proc/{pid}/cmdline").replace(b"\0", b" ").decode(errors="replace")
+        report.processes.append((pid, cmdline[:200]))
     if os.path.isdir(state_dir):
         for name in os.listdir(state_dir):
             owner = os.path.join(state_dir, name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 
 _REASONS = {
     errno.ENOENT: "CWSANDBOX_FILE_NOT_FOUND",
@@ -53,7 +54,10 @@ def read_file(root: str, cwd: str, path: str, max_bytes: int) -> bytes:
     """Contents of ``path``; files above ``max_bytes`` are refused as too large."""
     host_path = confine(root, cwd, path)
     try:
-        size = os.stat(host_path).st_size
+        info = os.stat(host_path)
+        if stat.S_ISDIR(info.st_mode):
+            raise FileOpError(f"{path}: is a directory; read a file inside it", "CWSANDBOX_FILE_IS_DIRECTORY")
+        size = info.st_size
         if size > max_bytes:
             raise FileOpError(f"{path}: {size} bytes exceeds the {max_bytes}-byte limit", "CWSANDBOX_FILE_TOO_LARGE")
         with open(host_path, "rb") as f:
