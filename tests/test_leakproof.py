@@ -1,0 +1,77 @@
+"""Nothing outlives its owner: client SIGKILL, Ctrl-C, and stale state from dead owners."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+from sandpool import testing
+
+
+CLIENT = textwrap.dedent("""
+    import sys, time, sandpool
+    with sandpool.Session() as s:
+        sbs = [s.sandbox() for _ in range(5)]
+        procs = [sb.exec(["sh", "-c", "while :; do :; done & sleep 300"]) for sb in sbs]
+        for sb in sbs:
+            sb.wait()
+        time.sleep(0.3)
+        print("ready", flush=True)
+        time.sleep(300)
+""")
+
+
+def _start_client(state_dir: str) -> subprocess.Popen:
+    env = {**os.environ, "SANDPOOL_STATE_DIR": state_dir}
+    proc = subprocess.Popen([sys.executable, "-c", CLIENT], stdout=subprocess.PIPE, env=env, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def test_sigkilled_client_leaves_no_process(tmp_path):
+    """SIGKILL a client holding 5 busy sandboxes: 3 s later none of their processes exist."""
+    state_dir = str(tmp_path / "state")
+    client = _start_client(state_dir)
+    assert len(testing.leftovers(state_dir).processes) >= 10  # agents, shells, busy loops
+    client.kill()
+    client.wait()
+    time.sleep(3)
+    report = testing.leftovers(state_dir)
+    testing.kill_leftovers(report)
+    assert not report.processes, report
+    assert not report.directories, report
+
+
+def test_ctrl_c_of_a_sync_client_stops_its_sandboxes(tmp_path):
+    """SIGINT to a sync client raises KeyboardInterrupt, the session closes and nothing is left."""
+    state_dir = str(tmp_path / "state")
+    client = _start_client(state_dir)
+    client.send_signal(signal.SIGINT)
+    assert client.wait(timeout=20) != 0
+    report = testing.wait_for_no_leftovers(state_dir, timeout=5)
+    testing.kill_leftovers(report)
+    assert not report, report
+
+
+def test_stale_state_of_dead_owner_is_swept_on_next_start(tmp_path):
+    """An owner directory whose template is dead is removed by the next runtime start."""
+    import sandpool
+    import trio
+
+    state_dir = tmp_path / "state"
+    stale = state_dir / "o-999999-abcdef"
+    (stale / "sb-dead" / "root").mkdir(parents=True)
+    (stale / "template").write_text("999999 123\n")
+
+    async def main():
+        runtime = sandpool.LocalRuntime(state_dir=str(state_dir))
+        async with trio.open_nursery() as nursery:
+            await runtime.open(nursery)
+            assert not stale.exists()
+            await runtime.aclose()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert not any(state_dir.iterdir())

@@ -1,0 +1,270 @@
+"""The sync API against real local sandboxes: lifecycle, exec, streaming, stdin, files, errors."""
+
+import os
+import time
+
+import pytest
+
+import sandpool
+from sandpool import (
+    ResourceOptions,
+    Sandbox,
+    SandboxDefaults,
+    SandboxExecutionError,
+    SandboxFileError,
+    SandboxNotRunningError,
+    SandboxStatus,
+    SandboxTimeoutError,
+    Session,
+)
+
+
+@pytest.fixture
+def session():
+    with Session(SandboxDefaults(tags=("t",))) as s:
+        yield s
+
+
+def test_lazy_start_and_explicit_start_wait(session):
+    """session.sandbox() starts nothing; start() is idempotent; wait() returns the running sandbox."""
+    sb = session.sandbox()
+    assert sb.status is None and sb.sandbox_id is None
+    assert session.sandbox_count == 1
+    ref = sb.start()
+    assert sb.start() is ref
+    ref.result()
+    assert sb.wait() is sb
+    assert sb.status == SandboxStatus.RUNNING and sb.sandbox_id.startswith("sb-")
+    assert "running" in repr(sb) and "isolation=" in repr(sb)
+
+
+def test_first_exec_starts_a_lazy_sandbox(session):
+    """exec on an unstarted sandbox starts it, and the result carries stdout, stderr and the code."""
+    result = session.sandbox().exec(["sh", "-c", "echo out; echo err >&2; exit 3"]).result()
+    assert (result.stdout, result.stderr, result.returncode) == ("out\n", "err\n", 3)
+    assert result.command == ["sh", "-c", "echo out; echo err >&2; exit 3"]
+
+
+def test_check_raises_with_result_attached(session):
+    """check=True turns a non-zero exit into SandboxExecutionError carrying the ProcessResult."""
+    with pytest.raises(SandboxExecutionError) as info:
+        session.sandbox().exec(["sh", "-c", "echo nope >&2; exit 2"], check=True).result()
+    assert info.value.exec_result.returncode == 2 and info.value.exec_result.stderr == "nope\n"
+
+
+def test_missing_command_is_exit_127_with_message(session):
+    """A command that does not exist behaves like a shell: exit 127 and a message on stderr."""
+    result = session.sandbox().exec(["no-such-command-xyz"]).result()
+    assert result.returncode == 127 and "no-such-command-xyz" in result.stderr
+
+
+def test_timeout_kills_the_remote_process_tree(session):
+    """timeout_seconds raises SandboxTimeoutError and kills the process and its children."""
+    sb = session.sandbox()
+    marker = "/tmp/child-alive"
+    with pytest.raises(SandboxTimeoutError):
+        sb.exec(["sh", "-c", f"(sleep 1; touch $SANDPOOL_ROOT{marker}) & sleep 30"], timeout_seconds=0.3).result()
+    time.sleep(1.5)
+    with pytest.raises(SandboxFileError):
+        sb.read_file(marker).result()
+
+
+def test_streaming_stdout_as_it_happens(session):
+    """Iterating proc.stdout yields chunks while the process still runs."""
+    proc = session.sandbox().exec(["sh", "-c", "echo one; sleep 0.3; echo two"])
+    first = next(iter(proc.stdout))
+    assert first == "one\n" and proc.poll() is None
+    assert "".join(proc.stdout) == "two\n"
+    assert proc.wait() == 0 and proc.returncode == 0
+
+
+def test_stdin_write_and_close(session):
+    """stdin=True gives a writer whose bytes reach the process, in order, until close()."""
+    proc = session.sandbox().exec(["cat"], stdin=True)
+    refs = [proc.stdin.write(f"{i},".encode()) for i in range(50)]
+    proc.stdin.writeline("end")
+    proc.stdin.close().result()
+    sandpool.results(refs)
+    assert proc.result().stdout == "".join(f"{i}," for i in range(50)) + "end\n"
+
+
+def test_cancel_kills_the_remote_process(session):
+    """Process.cancel() kills the remote process; result() then raises OperationCancelled."""
+    sb = session.sandbox()
+    proc = sb.exec(["sh", "-c", "sleep 1; echo x > $SANDPOOL_ROOT/late"])
+    time.sleep(0.2)
+    assert proc.cancel()
+    with pytest.raises(sandpool.OperationCancelled):
+        proc.result()
+    time.sleep(1.2)
+    with pytest.raises(SandboxFileError):
+        sb.read_file("/late").result()
+
+
+def test_env_cwd_and_clean_environment(session):
+    """The sandbox has a clean environment plus its variables; exec adds env= and cwd= on top."""
+    sb = session.sandbox(environment_variables={"A": "1"}, working_dir="/work")
+    assert "SECRET_OF_HOST" not in sb.exec(["env"]).result().stdout
+    result = sb.exec(["sh", "-c", "echo $A$B; pwd"], env={"B": "2"}).result()
+    lines = result.stdout.split()
+    assert lines[0] == "12" and lines[1].endswith("/root/work")
+    sb.exec(["mkdir", "-p", "sub"]).result()
+    assert sb.exec(["pwd"], cwd="/work/sub").result().stdout.strip().endswith("/root/work/sub")
+
+
+def test_files_round_trip_and_confinement(session):
+    """write_file/read_file see the sandbox's own files; escaping paths and missing files fail clearly."""
+    sb = session.sandbox()
+    payload = os.urandom(3 * 1024 * 1024)
+    sb.write_file("/data/blob.bin", payload).result()
+    assert sb.read_file("/data/blob.bin").result() == payload
+    assert sb.exec(["cat", "data/blob.bin"]).result().stdout_bytes == payload
+    with pytest.raises(SandboxFileError) as info:
+        sb.read_file("/../../etc/passwd").result()
+    assert info.value.reason == "CWSANDBOX_FILE_OUTSIDE_SANDBOX"
+    with pytest.raises(SandboxFileError) as info:
+        sb.read_file("/nope").result()
+    assert info.value.reason == "CWSANDBOX_FILE_NOT_FOUND" and info.value.filepath == "/nope"
+    with pytest.raises(TypeError, match="encode text first"):
+        sb.write_file("/x", "text")
+
+
+def test_other_sandboxes_files_are_invisible(session):
+    """Two sandboxes have separate filesystems for file operations."""
+    a, b = session.sandbox(), session.sandbox()
+    a.write_file("/only-a", b"a").result()
+    with pytest.raises(SandboxFileError):
+        b.read_file("/only-a").result()
+
+
+def test_stop_then_use_raises_not_running(session):
+    """After stop(), the sandbox is TERMINATED with returncode 143 and refuses work."""
+    sb = session.sandbox()
+    sb.wait()
+    sb.stop(graceful_shutdown_seconds=1).result()
+    assert sb.status == SandboxStatus.TERMINATED and sb.returncode == 143
+    assert session.sandbox_count == 0
+    with pytest.raises(SandboxNotRunningError):
+        sb.exec(["true"]).result()
+
+
+def test_stop_of_never_started_sandbox(session):
+    """Stopping a sandbox that never started ends it without starting a process."""
+    sb = session.sandbox()
+    sb.stop().result()
+    assert sb.status == SandboxStatus.TERMINATED and sb.sandbox_id is None
+
+
+def test_main_command_exit_completes_or_fails_the_sandbox(session):
+    """A main command that exits ends the sandbox: 0 is COMPLETED, non-zero FAILED with its code."""
+    ok = session.sandbox(command="sh", args=["-c", "sleep 0.2"])
+    bad = session.sandbox(command="sh", args=["-c", "exit 4"])
+    ok.wait_until_complete(timeout=10).result()
+    bad.wait_until_complete(timeout=10).result()
+    assert ok.status == SandboxStatus.COMPLETED and ok.returncode == 0
+    assert bad.status == SandboxStatus.FAILED and bad.returncode == 4
+
+
+def test_command_without_args_means_no_args(session):
+    """command='sleep' with args=['30'] runs sleep 30; command alone gets no inherited args."""
+    sb = session.sandbox(command="sleep", args=["30"])
+    sb.wait()
+    assert sb.status == SandboxStatus.RUNNING
+    assert sb.spec.argv() == ["sleep", "30"]
+    assert session.sandbox(command="true").spec.argv() == ["true"]
+
+
+def test_max_lifetime_stops_the_sandbox_with_a_reason(session):
+    """max_lifetime_seconds ends the sandbox on time and says why."""
+    sb = session.sandbox(max_lifetime_seconds=0.5)
+    sb.wait()
+    sb.wait_until_complete(timeout=10).result()
+    assert sb.status == SandboxStatus.TERMINATED and "max_lifetime" in sb.status_reason
+
+
+def test_unknown_option_and_bad_arguments_name_the_fix(session):
+    """Misuse gets an error naming the field, the value and the fix."""
+    with pytest.raises(TypeError, match="tags"):
+        session.sandbox(tgas=["x"])
+    with pytest.raises(ValueError, match="non-empty list"):
+        session.sandbox().exec("echo hi")
+    with pytest.raises(ValueError, match="absolute path"):
+        session.sandbox().exec(["pwd"], cwd="relative")
+
+
+def test_output_nobody_reads_is_bounded_and_never_blocks(session):
+    """100 MB of output that nobody reads completes; the result keeps only the newest bytes."""
+    sb = session.sandbox(max_output_bytes=8 * 1024 * 1024)
+    proc = sb.exec(["sh", "-c", "head -c 100000000 /dev/zero; echo done >&2"])
+    result = proc.result(timeout=60)
+    assert result.returncode == 0 and result.stderr == "done\n"
+    assert result.truncated and len(result.stdout_bytes) <= 8 * 1024 * 1024
+
+
+def test_rlimit_from_memory_limit(session):
+    """resources.limits.memory becomes the sandbox's RLIMIT_DATA at the process level."""
+    sb = session.sandbox(resources=ResourceOptions(limits={"memory": "256Mi"}))
+    out = sb.exec(["python3", "-c", "import resource; print(resource.getrlimit(resource.RLIMIT_DATA)[0])"]).result()
+    assert out.stdout.strip() == str(256 * 1024 * 1024)
+
+
+def test_sandbox_run_standalone_context_manager():
+    """Sandbox.run() starts eagerly and its with-block stops it, with no session."""
+    with Sandbox.run("sleep", "30") as sb:
+        assert sb.status == SandboxStatus.RUNNING
+        assert sb.exec(["echo", "x"]).result().stdout == "x\n"
+    assert sb.status == SandboxStatus.TERMINATED
+
+
+def test_list_and_adopt(session):
+    """Sandbox.list(tags=) finds running sandboxes by tag; adopt makes a session stop them."""
+    sb = Sandbox.run(tags=["orphan-work"])
+    found = Sandbox.list(tags=["orphan-work"]).result()
+    assert sb in found
+    assert Sandbox.from_id(sb.sandbox_id).result() is sb
+    session.adopt(sb)
+    session.close().result()
+    assert sb.status == SandboxStatus.TERMINATED
+    assert sb not in Sandbox.list(tags=["orphan-work"]).result()
+    with pytest.raises(sandpool.SandboxNotFoundError):
+        Sandbox.from_id("sb-nope").result()
+
+
+def test_closed_session_refuses_new_sandboxes():
+    """After close, session.sandbox() raises an error naming the fix; close is idempotent."""
+    s = Session()
+    sb = s.sandbox()
+    sb.wait()
+    ref = s.close()
+    assert s.close() is ref
+    ref.result()
+    assert s.sandbox_count == 0 and sb.status == SandboxStatus.TERMINATED
+    with pytest.raises(sandpool.SandboxError, match="new Session"):
+        s.sandbox()
+
+
+def test_exception_inside_block_stops_everything_and_propagates_unchanged():
+    """An exception in the with-block stops every sandbox and reaches the caller as itself."""
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom) as info:
+        with Session() as s:
+            sbs = [s.sandbox() for _ in range(3)]
+            for sb in sbs:
+                sb.exec(["sleep", "30"])
+            sbs[0].wait()
+            raise Boom("x")
+    assert type(info.value) is Boom
+    assert all(sb.status is not None and sb.status.is_terminal for sb in sbs)
+
+
+def test_result_inside_trio_names_the_fix():
+    """Blocking .result() inside trio raises RuntimeError telling to use await."""
+    import trio
+
+    async def main():
+        with pytest.raises(RuntimeError, match="await"):
+            sandpool.OperationRef.completed(1).result()
+
+    trio.run(main)
