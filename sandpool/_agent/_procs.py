@@ -14,19 +14,19 @@ LINGER_SECONDS = 1.0
 
 
 class ExecProcess:
-    """A process started for an ``exec`` frame (or the sandbox's main command, id 0)."""
+    """A process started for an ``exec`` frame (or the sandbox's main command, id 0).
 
-    def __init__(self, req_id: int, popen: subprocess.Popen, pidfd: int | None) -> None:
+    It owns raw pipe fds (never file objects, whose finalizers would close a reused fd number).
+    """
+
+    def __init__(self, req_id: int, popen: subprocess.Popen, pidfd: int | None,
+                 readers: dict[int, int], stdin_fd: int | None) -> None:
         self.id = req_id
         self.popen = popen
         self.pid = popen.pid
         self.pidfd = pidfd
-        self.readers: dict[int, int] = {}  # pipe fd -> 1 (stdout) or 2 (stderr)
-        if popen.stdout is not None:
-            self.readers[popen.stdout.fileno()] = 1
-        if popen.stderr is not None:
-            self.readers[popen.stderr.fileno()] = 2
-        self.stdin_fd = popen.stdin.fileno() if popen.stdin is not None else None
+        self.readers = readers  # pipe fd -> 1 (stdout) or 2 (stderr)
+        self.stdin_fd = stdin_fd
         self.stdin_pending = bytearray()
         self.stdin_eof = False
         self.unacked = 0
@@ -85,24 +85,44 @@ class ExecProcess:
             self.pidfd = None
 
 
-def spawn(req_id: int, argv: list[str], cwd: str, env: dict[str, str], stdin: bool, stdout=subprocess.PIPE) -> ExecProcess:
+def spawn(req_id: int, argv: list[str], cwd: str, env: dict[str, str], stdin: bool,
+          output_fd: int | None = None) -> ExecProcess:
     """Start ``argv`` in a session of its own. OSError if it cannot start.
 
+    Output goes to pipes read by the agent, or to ``output_fd`` (stdout and stderr) when given.
     No ``preexec_fn`` (it would cost ~1 ms per exec by forcing a full fork): if the agent is
     killed, its children are re-parented to the template, a child subreaper, which kills them.
     """
-    popen = subprocess.Popen(
-        argv,
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-        stdout=stdout,
-        stderr=subprocess.PIPE if stdout is subprocess.PIPE else subprocess.STDOUT,
-        start_new_session=True,
-        close_fds=True,
-    )
+    ours: list[int] = []
+    theirs: list[int] = []
+    try:
+        if output_fd is None:
+            out_r, out_w = os.pipe()
+            err_r, err_w = os.pipe()
+            ours += [out_r, err_r]
+            theirs += [out_w, err_w]
+            readers = {out_r: 1, err_r: 2}
+        else:
+            out_w = err_w = output_fd
+            readers = {}
+        in_r = in_w = None
+        if stdin:
+            in_r, in_w = os.pipe()
+            ours.append(in_w)
+            theirs.append(in_r)
+        popen = subprocess.Popen(
+            argv, cwd=cwd, env=env, stdin=in_r if stdin else subprocess.DEVNULL, stdout=out_w, stderr=err_w,
+            start_new_session=True, close_fds=True,
+        )
+    except BaseException:
+        for fd in ours:
+            os.close(fd)
+        raise
+    finally:
+        for fd in theirs:
+            os.close(fd)
     try:
         pidfd = os.pidfd_open(popen.pid)
     except (AttributeError, OSError):
         pidfd = None
-    return ExecProcess(req_id, popen, pidfd)
+    return ExecProcess(req_id, popen, pidfd, readers, in_w)

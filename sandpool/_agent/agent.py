@@ -67,8 +67,12 @@ class Agent:
             self._loop()
         except _Stop as stop:
             reason, grace = stop.reason, stop.grace
-        except OSError:  # the owner's socket broke mid-send: same as EOF
+        except OSError as exc:  # the owner's socket broke mid-send: same as EOF
             reason = "owner_gone"
+            if os.environ.get("SANDPOOL_DEBUG"):
+                import traceback
+
+                traceback.print_exception(exc)
         finally:
             self._shutdown(reason, grace)
 
@@ -78,7 +82,7 @@ class Agent:
     def _start_main(self, argv: list[str]) -> None:
         log = os.open(os.path.join(self.sandbox_dir, "main.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            self.main = _procs.spawn(0, argv, self.cwd, self.env, stdin=False, stdout=log)
+            self.main = _procs.spawn(0, argv, self.cwd, self.env, stdin=False, output_fd=log)
         except OSError as exc:
             self._send({"t": "main_exit", "code": 127, "message": f"cannot start {argv[0]!r}: {exc.strerror}"})
             raise _Stop("main_exited") from None

@@ -96,6 +96,9 @@ class Template:
                 agent.serve(socket.socket(fileno=sock_fd), config)
             except BaseException:
                 code = 1
+                import traceback
+
+                traceback.print_exc()  # the owner's stderr: an agent crash is a sandpool bug
             finally:
                 os._exit(code)
         os.close(sock_fd)
