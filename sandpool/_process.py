@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import signal
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -174,6 +175,23 @@ class Process(OperationRef[ProcessResult]):
     def wait(self, timeout: float | None = None) -> int:
         """Block until the process exits; return its exit code."""
         return self.result(timeout).returncode
+
+    def send_signal(self, sig: int) -> OperationRef[None]:
+        """Deliver ``sig`` (e.g. ``signal.SIGINT``) to the process's whole process group."""
+        return OperationRef.spawn(self._loop, self._signal, int(sig))
+
+    def terminate(self) -> OperationRef[None]:
+        """Send SIGTERM."""
+        return self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> OperationRef[None]:
+        """Send SIGKILL."""
+        return self.send_signal(signal.SIGKILL)
+
+    async def _signal(self, sig: int) -> None:
+        await self._sent.wait()
+        if self._exit_code is None:
+            await self._sandbox._send({"t": "signal", "id": self._req_id, "sig": sig})
 
     def result(self, timeout: float | None = None) -> ProcessResult:
         self._request_drain()

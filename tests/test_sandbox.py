@@ -101,6 +101,20 @@ def test_cancel_kills_the_remote_process(session):
         sb.read_file("/late").result()
 
 
+def test_signals_reach_the_process(session):
+    """send_signal delivers a signal the process can handle; kill() ends it with 128+9."""
+    sb = session.sandbox()
+    proc = sb.exec(["sh", "-c", "trap 'echo got-int; exit 7' INT; echo ready; while :; do sleep 0.05; done"])
+    assert next(iter(proc.stdout)) == "ready\n"
+    proc.send_signal(2).result()
+    result = proc.result(timeout=10)
+    assert result.returncode == 7 and "got-int" in result.stdout
+    sleeper = sb.exec(["sleep", "30"])
+    time.sleep(0.1)
+    sleeper.kill().result()
+    assert sleeper.wait(timeout=10) == 137
+
+
 def test_env_cwd_and_clean_environment(session):
     """The sandbox has a clean environment plus its variables; exec adds env= and cwd= on top."""
     sb = session.sandbox(environment_variables={"A": "1"}, working_dir="/work")
