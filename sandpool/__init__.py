@@ -24,7 +24,8 @@ from ._errors import (
     SandpoolError,
     SerializationError,
 )
-from ._opref import OperationCancelled, OperationRef, as_completed, gather, results, wait
+from ._opref import OperationCancelled, OperationRef
+from ._waiting import as_completed, gather, results, wait
 from ._process import Process, ProcessResult, StreamReader, StreamWriter
 from ._runtime._contract import Runtime
 from ._runtime._local import LocalRuntime

@@ -3,7 +3,7 @@
 An operation runs as a task in some trio loop: the portal's thread for sync users, the caller's
 own loop for ``async with`` users. Its ``OperationRef`` blocks (``ref.result()`` from a thread not
 running trio) and is awaitable (``await ref`` from trio, in the same loop or another, or from
-asyncio). ``results``, ``wait`` and ``as_completed`` block on many refs; ``gather`` awaits them.
+asyncio). Helpers over many refs live in ``_waiting``.
 
 Spawning and awaiting are on the hot path (tens of thousands of ops/s): a ref costs no thread,
 and gets a threading.Event only when a thread actually blocks on it.
@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import queue
 import reprlib
 import threading
 import time
-from collections.abc import Awaitable, Callable, Generator, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterator
 from typing import Any, Generic, TypeVar
 
 import sniffio
@@ -25,7 +24,7 @@ import trio
 
 from ._errors import SandpoolError
 
-__all__ = ["OperationCancelled", "OperationRef", "TaskHost", "as_completed", "gather", "results", "wait"]
+__all__ = ["OperationCancelled", "OperationRef", "TaskHost", "check_not_in_trio"]
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -67,13 +66,6 @@ class TaskHost:
         except RuntimeError:  # not inside any trio run
             return False
 
-    def call_soon(self, fn: Callable[..., object], *args: object) -> None:
-        """Run the sync ``fn(*args)`` in the loop's thread soon; thread-safe. RuntimeError if the loop ended."""
-        try:
-            self.token.run_sync_soon(fn, *args)
-        except trio.RunFinishedError as exc:
-            raise RuntimeError("the sandpool event loop has ended") from exc
-
     def start_soon(self, async_fn: Callable[..., Awaitable[object]], *args: object,
                    on_refused: Callable[[Exception], None] | None = None) -> None:
         """Start ``async_fn(*args)`` in the nursery; thread-safe.
@@ -92,8 +84,16 @@ class TaskHost:
             except RuntimeError as exc:  # "Nursery is closed to new arrivals"
                 raise RuntimeError(_CLOSED) from exc
             return
+        self.call_soon(self._start_or_refuse, async_fn, args, on_refused)
+
+    def call_soon(self, fn: Callable[..., object], *args: object) -> None:
+        """Run ``fn(*args)`` soon in the loop's thread; thread-safe, returns at once.
+
+        ``fn`` must not raise (an exception escaping it would crash the loop).
+        Raises RuntimeError if the loop has finished.
+        """
         try:
-            self.token.run_sync_soon(self._start_or_refuse, async_fn, args, on_refused)
+            self.token.run_sync_soon(fn, *args)
         except trio.RunFinishedError:
             raise RuntimeError(_CLOSED) from None
 
@@ -239,8 +239,8 @@ class OperationRef(Generic[T]):
             scope.cancel()  # type: ignore[union-attr]
         else:
             try:
-                host.token.run_sync_soon(scope.cancel)  # type: ignore[union-attr]
-            except trio.RunFinishedError:  # the loop is gone, so the task has ended already
+                host.call_soon(scope.cancel)  # type: ignore[union-attr]
+            except RuntimeError:  # the loop is gone, so the task has ended already
                 pass
         return True
 
@@ -317,7 +317,7 @@ class OperationRef(Generic[T]):
         if self._host is not None and self._host.token is token:
             self.add_done_callback(lambda _ref: event.set())
         else:  # another loop (or none yet) will finish it: wake ours through its token
-            self.add_done_callback(lambda _ref: _call_soon(token.run_sync_soon, event.set))
+            self.add_done_callback(lambda _ref: _wake(token.run_sync_soon, event.set))
         try:
             await event.wait()
         except trio.Cancelled:
@@ -331,7 +331,7 @@ class OperationRef(Generic[T]):
         if self._state is _PENDING:
             loop = asyncio.get_running_loop()
             woken = loop.create_future()
-            self.add_done_callback(lambda _ref: _call_soon(loop.call_soon_threadsafe, _resolve, woken))
+            self.add_done_callback(lambda _ref: _wake(loop.call_soon_threadsafe, _resolve, woken))
             try:
                 await woken
             except asyncio.CancelledError:
@@ -348,7 +348,7 @@ class OperationRef(Generic[T]):
         return f"<{name} {state}>"
 
 
-def _call_soon(schedule: Callable[..., object], *args: object) -> None:
+def _wake(schedule: Callable[..., object], *args: object) -> None:
     """Wake an awaiter in its own loop, unless that loop has ended (then nobody waits any more)."""
     try:
         schedule(*args)
@@ -369,95 +369,3 @@ def _slices(deadline: float | None) -> Iterator[float]:
     """Wait lengths of at most _SLICE s until ``deadline`` passes (for ever if it is None)."""
     while deadline is None or (left := deadline - time.monotonic()) > 0:
         yield _SLICE if deadline is None else min(left, _SLICE)
-
-
-def _get(finished: queue.SimpleQueue[Any], deadline: float | None) -> Any:
-    for seconds in _slices(deadline):
-        try:
-            return finished.get(timeout=seconds)
-        except queue.Empty:
-            pass
-    raise TimeoutError
-
-
-def _finish_queue(refs: Sequence[OperationRef[Any]]) -> queue.SimpleQueue[OperationRef[Any]]:
-    """A queue that receives each ref when it finishes (at once for those already done)."""
-    finished: queue.SimpleQueue[OperationRef[Any]] = queue.SimpleQueue()
-    for ref in refs:
-        ref.add_done_callback(finished.put)
-    return finished
-
-
-def results(ref_or_refs: OperationRef[T] | Sequence[OperationRef[T]]) -> T | list[T]:
-    """Block for one ref's value, or for the list of values of a sequence of refs, in order.
-
-    The first exception in that order propagates; the other operations keep running.
-    RuntimeError inside trio, where blocking would hang the loop.
-    """
-    check_not_in_trio("sandpool.results()", "'await sandpool.gather(refs)'")
-    if isinstance(ref_or_refs, OperationRef):
-        return ref_or_refs.result()
-    return [ref.result() for ref in ref_or_refs]
-
-
-def wait(refs: Sequence[OperationRef[Any]], num_returns: int | None = None,
-         timeout: float | None = None) -> tuple[list[OperationRef[Any]], list[OperationRef[Any]]]:
-    """Block until ``num_returns`` of ``refs`` (None: all) are done, or ``timeout`` s pass.
-
-    Returns ``(done, pending)``, the original objects in their given order: ``done`` holds at
-    most ``num_returns`` finished refs and ``pending`` all the others (a few of which may have
-    finished meanwhile). A timeout is not an error: it returns what is done by then.
-    Raises ValueError if ``num_returns`` < 1, RuntimeError inside trio.
-    """
-    check_not_in_trio("sandpool.wait()", "'await sandpool.gather(refs)' or a trio nursery")
-    if num_returns is not None and num_returns < 1:
-        raise ValueError(f"`num_returns` must be at least 1, or None to wait for all; got {num_returns!r}")
-    refs = list(refs)
-    wanted = len(refs) if num_returns is None else min(num_returns, len(refs))
-    finished, deadline = _finish_queue(refs), _deadline(timeout)
-    try:
-        for _ in range(wanted):
-            _get(finished, deadline)
-    except TimeoutError:
-        pass
-    done = [ref for ref in refs if ref.done()][:wanted]
-    chosen = {id(ref) for ref in done}
-    return done, [ref for ref in refs if id(ref) not in chosen]
-
-
-def as_completed(refs: Sequence[OperationRef[T]], timeout: float | None = None) -> Iterator[OperationRef[T]]:
-    """Iterate over ``refs`` (the original objects) in the order they finish.
-
-    ``timeout`` s count from this call; once they pass, the next step raises TimeoutError.
-    RuntimeError inside trio, where blocking would hang the loop.
-    """
-    check_not_in_trio("sandpool.as_completed()", "'await ref' in a trio nursery")
-    refs = list(refs)
-    return _drain(_finish_queue(refs), len(refs), _deadline(timeout), timeout)
-
-
-def _drain(finished: queue.SimpleQueue[Any], total: int, deadline: float | None,
-           timeout: float | None) -> Iterator[Any]:
-    for count in range(total):
-        try:
-            yield _get(finished, deadline)
-        except TimeoutError:
-            raise TimeoutError(f"{total - count} of {total} operations did not finish within {timeout} s") from None
-
-
-async def gather(refs: Sequence[OperationRef[T]]) -> list[T]:
-    """Await every ref and return their values in order; from trio or asyncio.
-
-    The first exception in that order propagates; the other operations keep running. If the
-    awaiting task is cancelled, every operation of ``refs`` still running is cancelled too.
-    """
-    values: list[T] = []
-    try:
-        for ref in refs:
-            values.append(await ref)
-    except BaseException as exc:
-        if not isinstance(exc, Exception):  # the awaiter was cancelled, and so is its interest
-            for ref in refs:
-                ref.cancel()
-        raise
-    return values

@@ -268,7 +268,7 @@ class Sandbox:
                     break
                 credits = []
                 for frame in batch:
-                    handler = self._requests.get(frame.get("id", 0)) if "id" in frame else None
+                    handler = self._requests.get(frame.get("id"))
                     if handler is not None:
                         credit = handler._on_frame(frame)
                         if credit:

@@ -11,15 +11,8 @@ import pytest
 import trio
 
 from sandpool._errors import SandpoolError
-from sandpool._opref import (
-    OperationCancelled,
-    OperationRef,
-    TaskHost,
-    as_completed,
-    gather,
-    results,
-    wait,
-)
+from sandpool._opref import OperationCancelled, OperationRef, TaskHost
+from sandpool._waiting import as_completed, gather, results, wait
 from sandpool._portal import Portal
 
 
@@ -369,8 +362,17 @@ def test_repr_tells_the_state(portal):
     assert repr(OperationRef.failed(KeyError("k"))) == "<OperationRef failed KeyError>"
 
 
+def test_host_call_soon_runs_in_the_loop_thread(portal):
+    """TaskHost.call_soon() runs a sync function in the loop's thread, from any thread."""
+    ran_in = []
+    done = threading.Event()
+    portal.host.call_soon(lambda: (ran_in.append(threading.current_thread().name), done.set()))
+    assert done.wait(5)
+    assert ran_in == [portal.name]
+
+
 def test_spawn_into_a_finished_loop_raises_runtimeerror():
-    """Spawning into a host whose trio loop has finished raises RuntimeError saying it is closed."""
+    """Spawning into (or calling soon in) a host whose trio loop has finished raises RuntimeError saying it is closed."""
 
     async def main():
         async with trio.open_nursery() as nursery:
@@ -379,6 +381,8 @@ def test_spawn_into_a_finished_loop_raises_runtimeerror():
     host = trio.run(main)
     with pytest.raises(RuntimeError, match="closed"):
         OperationRef.spawn(host, echo, 1)
+    with pytest.raises(RuntimeError, match="closed"):
+        host.call_soon(print)
 
 
 def test_spawn_from_a_thread_into_a_closed_nursery_fails_the_ref():

@@ -16,7 +16,6 @@ import selectors
 import shutil
 import signal
 import socket
-import sys
 import time
 
 from .. import _wire
