@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ._errors import SandboxExecutionError, SandboxTimeoutError
-from ._opref import OperationRef, TaskHost
+from ._opref import OperationRef, TaskHost, check_not_in_trio
 from ._output import OutputBuffer
 
 if TYPE_CHECKING:
@@ -34,14 +34,6 @@ class ProcessResult:
     stderr_bytes: bytes = b""
     command: list[str] = field(default_factory=list)
     truncated: bool = False
-
-
-def _in_trio() -> bool:
-    try:
-        trio.lowlevel.current_task()
-    except RuntimeError:
-        return False
-    return True
 
 
 class StreamReader:
@@ -80,8 +72,7 @@ class StreamReader:
         return self
 
     def __next__(self) -> str:
-        if _in_trio():
-            raise RuntimeError("iterating a stream blocks; inside trio use 'async for chunk in proc.stdout'")
+        check_not_in_trio("iterating a stream", "'async for chunk in proc.stdout'")
         text = trio.from_thread.run(self._next, trio_token=self._process._loop.token)
         if text is None:
             raise StopIteration

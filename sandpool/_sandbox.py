@@ -23,8 +23,8 @@ from ._errors import (
     SandboxTimeoutError,
     SandboxUnavailableError,
 )
-from ._opref import OperationRef, TaskHost
-from ._process import Process, _in_trio
+from ._opref import OperationRef, TaskHost, check_not_in_trio
+from ._process import Process
 
 if TYPE_CHECKING:
     from ._runtime._contract import SandboxRecord
@@ -141,8 +141,7 @@ class Sandbox:
 
     def wait(self, timeout: float | None = None) -> Sandbox:
         """Block until the sandbox runs (starting it if needed); return self. Inside trio: ``await sb``."""
-        if _in_trio():
-            raise RuntimeError("Sandbox.wait() blocks; inside trio use 'await sandbox' instead")
+        check_not_in_trio("Sandbox.wait()", "'await sandbox'")
         self._spawn(self._wait_async, timeout).result()
         return self
 
@@ -404,7 +403,7 @@ class Sandbox:
             options["command"], options["args"] = args[0], list(args[1:])
         sandbox = cls(defaults=defaults, **options)
         ref = sandbox.start()
-        if not _in_trio():
+        if not trio.lowlevel.in_trio_run():
             ref.result()
         return sandbox
 

@@ -13,7 +13,6 @@ from ._config import SandboxDefaults, SandboxStatus, resolve_spec
 from ._errors import SandboxError
 from ._opref import OperationRef, TaskHost
 from ._portal import Portal, default_portal
-from ._process import _in_trio
 from ._runtime._contract import Runtime
 from ._runtime._local import LocalRuntime
 from ._sandbox import Sandbox
@@ -241,7 +240,7 @@ class Session:
 
 def _call_blocking(fn, *args):
     """Run a blocking call; from inside a trio loop, in a helper thread (a one-time, short wait)."""
-    if not _in_trio():
+    if not trio.lowlevel.in_trio_run():
         return fn(*args)
     box: list = []
 
