@@ -74,6 +74,8 @@ def advance(state: Lifecycle, event: str, **info: object) -> Lifecycle:
         code = info.get("code")
         if reason == "stopped" or state.stop_requested:
             return _terminal(state, SandboxStatus.TERMINATED, int(code) if code is not None else 143, "stopped")
+        if reason.startswith("protocol error"):
+            return _terminal(state, SandboxStatus.FAILED, code, reason)  # type: ignore[arg-type]
         return _terminal(state, SandboxStatus.TERMINATED, code, _REASONS.get(reason, reason))  # type: ignore[arg-type]
     elif event == "gone":
         code, sig = info.get("code"), info.get("signal")

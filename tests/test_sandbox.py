@@ -282,3 +282,19 @@ def test_result_inside_trio_names_the_fix():
             sandpool.OperationRef.completed(1).result()
 
     trio.run(main)
+
+
+def test_malformed_frame_fails_only_that_sandbox(session):
+    """Garbage on one sandbox's connection fails it with a protocol error; another carries on."""
+    victim, bystander = session.sandbox(), session.sandbox()
+    victim.wait()
+    bystander.wait()
+
+    async def send_garbage():
+        await victim._record.channel.send_bytes(b"\x00\x00\x00\x03\xc1\xc1\xc1")
+
+    sandpool.OperationRef.spawn(victim._host, send_garbage).result()
+    victim.wait_until_complete(timeout=10).result()
+    assert victim.status == SandboxStatus.FAILED and "protocol error" in victim.status_reason
+    assert "undecodable" in victim.status_reason
+    assert bystander.exec(["echo", "ok"]).result().stdout == "ok\n"

@@ -19,6 +19,7 @@ import socket
 import time
 
 from .. import _wire
+from .._errors import ProtocolError
 from . import _files, _linux, _procs
 from ._framesock import FrameSocket
 
@@ -130,7 +131,10 @@ class Agent:
             self._maybe_finish(proc)
 
     def _read_owner(self) -> None:
-        frames = self.chan.read_available()
+        try:
+            frames = self.chan.read_available()
+        except ProtocolError as exc:  # the stream can't be trusted past a bad frame: leave, saying why
+            raise _Stop(f"protocol error: {exc}") from None
         if frames is None:
             raise _Stop("owner_gone")
         for frame in frames:
