@@ -22,6 +22,7 @@ with Session(defaults=defaults) as session:
         resources=ResourceOptions(limits={"memory": "512Mi", "pids": 64}),  # replaces the default
         command="sleep",
         args=["infinity"],
+        isolation="process",  # for the rlimit shown below (the namespaces level uses a memory cgroup)
     )
 
     for name, sandbox in (("default", plain), ("override", tuned)):
