@@ -1,9 +1,12 @@
-"""Testing aids: find what local sandboxes left behind (processes, directories).
+"""Testing aids: find what local sandboxes left behind (processes, directories, mounts, cgroups).
 
 ``leftovers(state_dir)`` inspects the machine, not sandpool's bookkeeping: a process counts as a
 sandbox process when its command line names the state directory (agents inherit their template's
 command line) or its environment carries ``SANDPOOL_ROOT`` under it (exec'd commands and their
-children). Live templates are not leftovers; their owner directories hold no sandbox directory.
+children), or it is a member of one of the state directory's sandbox cgroups (the namespaces level,
+whose processes see only their own root). Live templates are not leftovers; their owner directories
+hold no sandbox directory. Sandbox cgroups and network namespaces of the state directory are
+leftovers too.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 
 from ._agent import _linux
+from ._isolation import cgroups as _cgroups
+from ._isolation import network as _network
 from ._runtime._statedir import mounts_under, processes_mentioning
 
 
@@ -22,9 +27,11 @@ class Leftovers:
     processes: list[tuple[int, str]] = field(default_factory=list)  # (pid, command line)
     directories: list[str] = field(default_factory=list)
     mounts: list[str] = field(default_factory=list)
+    cgroups: list[str] = field(default_factory=list)
+    netns: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.processes or self.directories or self.mounts)
+        return bool(self.processes or self.directories or self.mounts or self.cgroups or self.netns)
 
 
 def _read(path: str) -> bytes:
@@ -63,6 +70,13 @@ def leftovers(state_dir: str) -> Leftovers:
                 continue
             report.directories.extend(os.path.join(owner, d) for d in os.listdir(owner) if d.startswith("sb-"))
         report.mounts = mounts_under(state_dir)
+    report.cgroups = _cgroups.leftovers(state_dir)
+    known = {pid for pid, _ in report.processes}
+    for pid in _cgroups.members({"dirs": report.cgroups}):
+        if pid not in known and b") Z " not in _read(f"/proc/{pid}/stat"):
+            cmdline = _read(f"/proc/{pid}/cmdline").replace(b"\0", b" ").decode(errors="replace")
+            report.processes.append((pid, cmdline[:200]))
+    report.netns = _network.named_namespaces(state_dir)
     return report
 
 
@@ -77,6 +91,8 @@ def wait_for_no_leftovers(state_dir: str, timeout: float = 5.0) -> Leftovers:
 
 
 def kill_leftovers(report: Leftovers) -> None:
-    """SIGKILL the processes of a report, so one leaking test does not break the next."""
+    """SIGKILL the processes of a report and remove its cgroups, so one leaking test does not break the next."""
     for pid, _ in report.processes:
         _linux.kill_quietly(pid, signal.SIGKILL)
+    for path in report.cgroups:
+        _cgroups.remove_tree(path)

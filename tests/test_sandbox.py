@@ -121,14 +121,14 @@ def test_env_cwd_and_clean_environment(session):
     assert "SECRET_OF_HOST" not in sb.exec(["env"]).result().stdout
     result = sb.exec(["sh", "-c", "echo $A$B; pwd"], env={"B": "2"}).result()
     lines = result.stdout.split()
-    assert lines[0] == "12" and lines[1].endswith("/root/work")
+    assert lines[0] == "12" and lines[1].endswith("/work")  # namespaces: /work; process: <root>/work
     sb.exec(["mkdir", "-p", "sub"]).result()
-    assert sb.exec(["pwd"], cwd="/work/sub").result().stdout.strip().endswith("/root/work/sub")
+    assert sb.exec(["pwd"], cwd="/work/sub").result().stdout.strip().endswith("/work/sub")
 
 
 def test_files_round_trip_and_confinement(session):
     """write_file/read_file see the sandbox's own files; escaping paths and missing files fail clearly."""
-    sb = session.sandbox()
+    sb = session.sandbox(isolation="process")  # a root directory to escape (namespaces: '/..' is '/')
     payload = os.urandom(3 * 1024 * 1024)
     sb.write_file("/data/blob.bin", payload).result()
     assert sb.read_file("/data/blob.bin").result() == payload
@@ -217,7 +217,7 @@ def test_output_nobody_reads_is_bounded_and_never_blocks(session):
 
 def test_rlimit_from_memory_limit(session):
     """resources.limits.memory becomes the sandbox's RLIMIT_DATA at the process level."""
-    sb = session.sandbox(resources=ResourceOptions(limits={"memory": "256Mi"}))
+    sb = session.sandbox(resources=ResourceOptions(limits={"memory": "256Mi"}), isolation="process")
     out = sb.exec(["python3", "-c", "import resource; print(resource.getrlimit(resource.RLIMIT_DATA)[0])"]).result()
     assert out.stdout.strip() == str(256 * 1024 * 1024)
 

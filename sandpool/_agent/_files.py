@@ -37,7 +37,7 @@ def confine(root: str, cwd: str, path: str) -> str:
     base = root if path.startswith("/") else cwd
     candidate = os.path.realpath(os.path.join(base, path.lstrip("/") if path.startswith("/") else path))
     real_root = os.path.realpath(root)
-    if candidate != real_root and not candidate.startswith(real_root + os.sep):
+    if candidate != real_root and not candidate.startswith(real_root.rstrip(os.sep) + os.sep):  # root may be /
         raise FileOpError(
             f"path {path!r} resolves outside the sandbox's filesystem; use a path inside it",
             "CWSANDBOX_FILE_OUTSIDE_SANDBOX",

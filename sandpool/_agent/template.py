@@ -19,6 +19,7 @@ import socket
 import time
 
 from .. import _wire
+from .._isolation.sandbox import Supervisor, parent_pid
 from . import _linux, agent
 
 _RLIMITS = {"as": resource.RLIMIT_AS, "data": resource.RLIMIT_DATA, "nofile": resource.RLIMIT_NOFILE,
@@ -32,6 +33,7 @@ class Template:
         self.owner_dir = owner_dir
         self.agents: dict[int, str] = {}  # pid -> sandbox dir
         self.pid = os.getpid()
+        self.isolation = Supervisor()  # namespaces, cgroups and OOM watches of the agents
 
     def serve(self) -> None:
         _linux.become_subreaper()
@@ -42,6 +44,7 @@ class Template:
         signal.set_wakeup_fd(wfd)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         sel = selectors.DefaultSelector()
+        self.isolation.sel = sel
         sel.register(self.control, selectors.EVENT_READ, "control")
         sel.register(rfd, selectors.EVENT_READ, "chld")
         self.control.send(_wire.encode(_wire.hello(pid=os.getpid())))
@@ -52,6 +55,8 @@ class Template:
                         os.read(rfd, 4096)
                     except BlockingIOError:
                         pass
+                elif key.data != "control":
+                    self.isolation.fired(key.data)
                 elif not self._read_control():
                     self._shutdown_and_exit()
             self._reap()
@@ -74,19 +79,20 @@ class Template:
 
     def _spawn(self, frame: dict, sock_fd: int) -> None:
         config = frame["config"]
-        pid = os.fork()
+        pid = self.isolation.fork(config)
         if pid == 0:  # the sandbox's agent
             code = 0
             try:
                 os.setsid()
                 _linux.set_parent_death_signal(signal.SIGTERM)
-                if os.getppid() != self.pid:
+                if parent_pid() != self.pid:
                     os._exit(1)
                 _linux.become_subreaper()
                 signal.set_wakeup_fd(-1)
                 for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
                     signal.signal(sig, signal.SIG_DFL)
                 self.control.close()
+                self.isolation.enter(config)
                 for name, value in (config.get("rlimits") or {}).items():
                     resource.setrlimit(_RLIMITS[name], (value, value))
                 os.environ.clear()
@@ -110,10 +116,11 @@ class Template:
             if sandbox_dir is None:
                 continue  # an orphan re-parented here: already dead
             code, sig = _linux.exit_code(status)
+            extra = self.isolation.finish(pid)  # kill and remove its cgroup; did it run out of memory?
             self._kill_orphans()
             shutil.rmtree(sandbox_dir, ignore_errors=True)
             try:
-                self.control.send(_wire.encode({"t": "reaped", "pid": pid, "code": code, "signal": sig}))
+                self.control.send(_wire.encode({"t": "reaped", "pid": pid, "code": code, "signal": sig, **extra}))
             except OSError:
                 pass
 
@@ -134,6 +141,7 @@ class Template:
                 self.agents.pop(pid, None)
             time.sleep(0.005)
         _linux.kill_descendants(os.getpid())
+        self.isolation.finish_all()
         for sandbox_dir in self.agents.values():
             shutil.rmtree(sandbox_dir, ignore_errors=True)
         shutil.rmtree(self.owner_dir, ignore_errors=True)

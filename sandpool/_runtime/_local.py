@@ -22,6 +22,7 @@ from .._agent import _linux
 from .._channel import FrameChannel
 from .._config import SandboxSpec
 from .._errors import SandboxFailedError, SandboxUnavailableError
+from .._isolation.host import Isolation
 from . import _statedir
 from ._contract import Runtime, SandboxRecord
 
@@ -78,6 +79,7 @@ class LocalRuntime(Runtime):
         self._template: subprocess.Popen | None = None
         self._send_lock = trio.Lock()
         self._closed = False
+        self._isolation = Isolation(self.state_dir)  # levels, admission, cgroups
 
     def __repr__(self) -> str:
         live = sum(1 for r in self._records.values() if not r.exited.is_set())
@@ -125,9 +127,11 @@ class LocalRuntime(Runtime):
                 record = self._by_pid.pop(frame["pid"], None)
                 if record is not None:
                     record.exit_code, record.exit_signal = frame["code"], frame.get("signal")
+                    self._isolation.release(record, frame)
                     record.exited.set()
         # the template is gone: every sandbox it forked is gone with it
         for record in list(self._by_pid.values()):
+            self._isolation.release(record)
             record.exited.set()
         self._by_pid.clear()
         for event, _ in self._spawns.values():
@@ -135,7 +139,7 @@ class LocalRuntime(Runtime):
 
     def create(self, spec: SandboxSpec) -> SandboxRecord:
         sandbox_id = f"sb-{secrets.token_hex(4)}"
-        record = SandboxRecord(sandbox_id=sandbox_id, spec=spec, isolation="process")
+        record = SandboxRecord(sandbox_id=sandbox_id, spec=spec, isolation=self._isolation.level(spec))
         self._records[sandbox_id] = record
         return record
 
@@ -164,6 +168,7 @@ class LocalRuntime(Runtime):
         if self._control is None or self._closed:
             raise SandboxUnavailableError("the local runtime is closed")
         config = self._layout(record)
+        await self._isolation.prepare(record, config, self.owner_dir)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._next_spawn += 1
@@ -180,6 +185,7 @@ class LocalRuntime(Runtime):
         await event.wait()
         if not box:
             ours.close()
+            self._isolation.release(record)
             raise SandboxUnavailableError("the sandbox template exited; the runtime cannot start sandboxes")
         record.agent_pid = box[0]
         self._by_pid[record.agent_pid] = record
@@ -236,3 +242,4 @@ class LocalRuntime(Runtime):
                 if self._template.poll() is None:
                     self._template.kill()
                     self._template.wait()
+            self._isolation.close(self.owner_dir)

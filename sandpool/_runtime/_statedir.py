@@ -14,6 +14,7 @@ import signal
 import tempfile
 
 from .._agent import _linux
+from .._isolation import cgroups as _cgroups
 
 ENV_STATE_DIR = "SANDPOOL_STATE_DIR"
 
@@ -85,6 +86,7 @@ def processes_mentioning(path: str) -> list[int]:
 def sweep(state_dir: str) -> list[str]:
     """Kill and remove what dead owners left in ``state_dir``; return the directories removed."""
     removed = []
+    _cgroups.sweep(state_dir, _owner_alive)  # kills their processes too
     try:
         entries = os.listdir(state_dir)
     except FileNotFoundError:

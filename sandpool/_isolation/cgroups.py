@@ -1,0 +1,316 @@
+"""Per-sandbox cgroups on v1, v2 and hybrid hosts: create with limits, join, count OOM kills, kill, remove.
+
+Layout, in every hierarchy used: ``<mount>/sandpool/<state key>/<owner>/<sandbox id>``. The state key
+names the state directory (so a test run finds its own cgroups), the owner is the runtime's owner
+directory (so the sweep knows whose cgroups are stale). Limits go wherever the controller lives: the
+v2 tree when it has the controller, else the v1 hierarchy. The v2 tree, when mounted, also holds
+every sandbox for ``cgroup.kill``; without it, killing walks ``cgroup.procs``.
+
+A group travels in the spawn config as a dict: ``dirs`` (one per hierarchy), ``kill`` (its v2
+``cgroup.kill``), ``oom`` (the file counting OOM kills) and ``oom_event`` (v1: where to register an
+OOM eventfd).
+Stdlib only: the template joins, inspects and removes groups.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import signal
+import time
+from collections.abc import Callable
+
+ROOT_NAME = "sandpool"
+_V1_CONTROLLERS = ("memory", "cpu", "pids")
+_CPU_PERIOD_US = 100_000
+
+
+class Layout:
+    """Where each controller lives on this host: ``mode`` is "v1", "v2", "hybrid" or "none"."""
+
+    def __init__(self, v1: dict[str, str], v2: str | None, v2_controllers: set[str]) -> None:
+        self.v1 = v1  # controller -> mount point
+        self.v2 = v2
+        self.v2_controllers = v2_controllers
+        if v2 and v1:
+            self.mode = "hybrid"
+        else:
+            self.mode = "v2" if v2 else "v1" if v1 else "none"
+
+    def __repr__(self) -> str:
+        return f"<cgroups {self.mode} v1={sorted(self.v1)} v2={self.v2} v2_controllers={sorted(self.v2_controllers)}>"
+
+    def home(self, controller: str) -> str | None:
+        """The mount point that enforces ``controller`` (v2 first), or None."""
+        if self.v2 and controller in self.v2_controllers:
+            return self.v2
+        return self.v1.get(controller)
+
+    def mounts(self) -> list[str]:
+        """Every mount point a sandbox joins: the v2 tree and the v1 hierarchies of our controllers."""
+        found = [self.v2] if self.v2 else []
+        found += sorted({self.v1[c] for c in _V1_CONTROLLERS if c in self.v1 and self.home(c) == self.v1[c]})
+        return found
+
+
+def detect(mountinfo: str = "/proc/self/mountinfo") -> Layout:
+    """Read the cgroup mounts of this process's mount namespace."""
+    v1: dict[str, str] = {}
+    v2 = None
+    try:
+        with open(mountinfo) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields, rfields = left.split(), right.split()
+        if len(rfields) < 3:
+            continue
+        point = fields[4]
+        if rfields[0] == "cgroup2" and v2 is None:
+            v2 = point
+        elif rfields[0] == "cgroup":
+            for option in rfields[2].split(","):
+                if option in _V1_CONTROLLERS:
+                    v1.setdefault(option, point)
+    controllers: set[str] = set()
+    if v2:
+        try:
+            with open(os.path.join(v2, "cgroup.controllers")) as f:
+                controllers = set(f.read().split())
+        except OSError:
+            pass
+    return Layout(v1, v2, controllers)
+
+
+def state_key(state_dir: str) -> str:
+    """A short stable name for a state directory (cgroup names must not contain '/')."""
+    return "s" + hashlib.sha1(os.path.realpath(state_dir).encode()).hexdigest()[:12]
+
+
+def owner_dirs(layout: Layout, key: str, owner: str) -> list[str]:
+    return [os.path.join(mount, ROOT_NAME, key, owner) for mount in layout.mounts()]
+
+
+def plan(layout: Layout, key: str, owner: str, sandbox_id: str) -> dict:
+    """The group of one sandbox (nothing is created yet)."""
+    dirs = [os.path.join(d, sandbox_id) for d in owner_dirs(layout, key, owner)]
+    kill = os.path.join(layout.v2, ROOT_NAME, key, owner, sandbox_id, "cgroup.kill") if layout.v2 else None
+    memory = layout.home("memory")
+    oom = oom_event = None
+    if memory:
+        base = os.path.join(memory, ROOT_NAME, key, owner, sandbox_id)
+        oom = os.path.join(base, "memory.events" if memory == layout.v2 else "memory.oom_control")
+        if memory != layout.v2:
+            oom_event = os.path.join(base, "cgroup.event_control")
+    return {"dirs": dirs, "kill": kill, "oom": oom, "oom_event": oom_event, "layout": layout.mode}
+
+
+def limit_files(layout: Layout, group: dict, memory: int | None, cpu: float | None, pids: int | None) -> dict[str, str]:
+    """File -> value for the limits (memory bytes, cpu cores, process count); None means unlimited."""
+    files: dict[str, str] = {}
+
+    def at(controller: str, name: str) -> str | None:
+        home = layout.home(controller)
+        for d in group["dirs"]:
+            if home and d.startswith(home + "/"):
+                return os.path.join(d, name)
+        return None
+
+    v2 = lambda controller: layout.home(controller) == layout.v2  # noqa: E731
+    if memory and at("memory", "x"):
+        # On OOM the whole sandbox dies, as Kubernetes does on v2: v2 kills the group itself; on v1
+        # the kernel's killer is off and the template kills the group when the OOM eventfd fires.
+        if v2("memory"):
+            files[at("memory", "memory.max")] = str(memory)
+            files[at("memory", "memory.swap.max")] = "0"
+            files[at("memory", "memory.oom.group")] = "1"
+        else:
+            files[at("memory", "memory.limit_in_bytes")] = str(memory)
+            files[at("memory", "memory.memsw.limit_in_bytes")] = str(memory)
+            files[at("memory", "memory.oom_control")] = "1"
+    if cpu and at("cpu", "x"):
+        quota = max(1000, int(cpu * _CPU_PERIOD_US))
+        if v2("cpu"):
+            files[at("cpu", "cpu.max")] = f"{quota} {_CPU_PERIOD_US}"
+        else:
+            files[at("cpu", "cpu.cfs_period_us")] = str(_CPU_PERIOD_US)
+            files[at("cpu", "cpu.cfs_quota_us")] = str(quota)
+    if pids and at("pids", "x"):
+        files[at("pids", "pids.max")] = str(pids)
+    return files
+
+
+def create(layout: Layout, group: dict, limits: dict[str, str]) -> None:
+    """Make the group's directories (parents too) and write its limits. OSError if refused."""
+    for d in group["dirs"]:
+        if layout.v2 and d.startswith(layout.v2 + "/"):
+            _enable_v2_controllers(layout, os.path.dirname(d))
+        os.makedirs(d, exist_ok=True)
+    for path, value in limits.items():
+        try:
+            _write(path, value)
+        except FileNotFoundError:
+            if not path.endswith(("memsw.limit_in_bytes", "swap.max")):  # absent without swap accounting
+                raise
+
+
+def _enable_v2_controllers(layout: Layout, parent: str) -> None:
+    """Delegate our controllers down to ``parent`` (v2: a child only gets what its parent enables)."""
+    wanted = [c for c in _V1_CONTROLLERS if c in layout.v2_controllers]
+    path = layout.v2
+    for part in [""] + os.path.relpath(parent, layout.v2).split("/"):
+        path = os.path.join(path, part) if part else path
+        os.makedirs(path, exist_ok=True)
+        if wanted:
+            try:
+                _write(os.path.join(path, "cgroup.subtree_control"), " ".join("+" + c for c in wanted))
+            except OSError:
+                pass  # already enabled, or not ours to change: limits then fail loudly in create()
+
+
+def join(group: dict) -> None:
+    """Move the calling process into every hierarchy of the group (before unshare(CLONE_NEWCGROUP))."""
+    for d in group["dirs"]:
+        _write(os.path.join(d, "cgroup.procs"), "0")
+
+
+def oom_kills(group: dict) -> int:
+    """How many processes the kernel's OOM killer has killed in this group so far."""
+    if not group.get("oom"):
+        return 0
+    try:
+        with open(group["oom"]) as f:
+            return count_from(f.read())
+    except OSError:
+        return 0
+
+
+def count_from(text: str) -> int:
+    """The ``oom_kill N`` counter of a memory.oom_control (v1) or memory.events (v2) text."""
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == "oom_kill":
+            return int(value)
+    return 0
+
+
+def members(group: dict) -> list[int]:
+    pids: set[int] = set()
+    for d in group["dirs"]:
+        try:
+            with open(os.path.join(d, "cgroup.procs")) as f:
+                pids.update(int(p) for p in f.read().split())
+        except OSError:
+            continue
+    return sorted(pids)
+
+
+def kill(group: dict) -> None:
+    """SIGKILL every process of the group: ``cgroup.kill`` where it exists, else each member."""
+    if group.get("kill"):
+        try:
+            _write(group["kill"], "1")
+            return
+        except OSError:
+            pass
+    for _ in range(5):
+        pids = members(group)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(0.001)
+
+
+def remove(group: dict, timeout: float = 1.0) -> list[str]:
+    """Kill what is left, then remove the group's directories (retrying while the kernel still
+    tears down exiting tasks, which returns EBUSY). Returns the directories that remain."""
+    left = [d for d in group["dirs"] if os.path.isdir(d)]
+    if not left:
+        return []
+    kill(group)
+    deadline = time.monotonic() + timeout
+    while left:
+        for d in list(left):
+            try:
+                os.rmdir(d)
+                left.remove(d)
+            except FileNotFoundError:
+                left.remove(d)
+            except OSError as exc:
+                if exc.errno != errno.EBUSY:
+                    left.remove(d)
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.002)
+    return left
+
+
+def remove_tree(top: str, timeout: float = 1.0) -> list[str]:
+    """Remove ``top`` and every cgroup below it, deepest first, killing their processes first."""
+    if not os.path.isdir(top):
+        return []
+    left = []
+    for path, subdirs, _files in sorted(os.walk(top), key=lambda entry: -entry[0].count("/")):
+        group = {"dirs": [path], "kill": os.path.join(path, "cgroup.kill") if _is_v2(path) else None}
+        left += remove(group, timeout)
+    return left
+
+
+def sweep(state_dir: str, owner_alive: Callable[[str], bool]) -> list[str]:
+    """Kill and remove the cgroups of ``state_dir``'s dead owners; return the owner groups removed.
+
+    ``owner_alive(owner_dir)`` is the state dir's own liveness rule.
+    """
+    if os.geteuid() != 0:
+        return []
+    removed = []
+    key = state_key(state_dir)
+    for mount in detect().mounts():
+        top = os.path.join(mount, ROOT_NAME, key)
+        for owner in _subgroups(top):
+            if not owner_alive(os.path.join(state_dir, owner)):
+                remove_tree(os.path.join(top, owner))
+                removed.append(os.path.join(top, owner))
+        try:
+            os.rmdir(top)  # only when empty: other owners of this state dir may live
+        except OSError:
+            pass
+    return removed
+
+
+def leftovers(state_dir: str) -> list[str]:
+    """Sandbox cgroups of ``state_dir`` that still exist (any hierarchy)."""
+    found = []
+    key = state_key(state_dir)
+    for mount in detect().mounts():
+        top = os.path.join(mount, ROOT_NAME, key)
+        for owner in _subgroups(top):
+            found += [os.path.join(top, owner, sb) for sb in _subgroups(os.path.join(top, owner))]
+    return found
+
+
+def _subgroups(path: str) -> list[str]:
+    """Names of the child cgroups of ``path`` (its subdirectories; the rest are control files)."""
+    try:
+        return [e.name for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
+
+
+def _is_v2(path: str) -> bool:
+    return os.path.exists(os.path.join(path, "cgroup.kill"))
+
+
+def _write(path: str, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)

@@ -1,0 +1,228 @@
+"""The runtime's side of isolation (runs in its trio loop): choose the level, admit, build the config.
+
+``LocalRuntime`` calls ``level`` when it creates a record, ``prepare`` before it asks the template to
+spawn (admission by requests, then the level's part of the spawn config: network, image, cgroups,
+the namespaces plan, environment), ``release`` when the agent is reaped (or the spawn failed),
+and ``close`` when it closes (``cgroups.sweep`` runs with the state dir's sweep). The template does the rest (see ``sandbox``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+
+import trio
+
+from .._config import SandboxSpec
+from .._errors import SandboxFailedError, SandboxResourceExhaustedError
+from .._quantity import parse_memory
+from . import admission, cgroups, images, network, probe
+
+#: Size of the sandbox's tmpfs /tmp (and /run, /dev/shm) unless resources name "ephemeral-storage".
+DEFAULT_TMP_BYTES = 512 * 2**20
+#: pids.max of a namespaces sandbox that sets no pids limit: a fork bomb stops here.
+DEFAULT_PIDS_LIMIT = 1024
+#: How often a request that waits for capacity re-checks even without a release in this runtime.
+_ADMISSION_POLL_SECONDS = 0.25
+#: Home directories hidden on the host image (sandboxes get a fresh, empty /root).
+HOST_HOMES = ("/root", "/home")
+_BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+_ledger_lock = threading.Lock()
+_ledger: admission.Ledger | None = None
+
+
+def ledger() -> admission.Ledger:
+    """The process's admission ledger (created on first use, from this machine's capacity)."""
+    global _ledger
+    with _ledger_lock:
+        if _ledger is None:
+            _ledger = admission.Ledger(admission.machine_capacity())
+        return _ledger
+
+
+def reset_ledger() -> None:
+    """Forget the ledger, so the next use re-reads the capacity (tests change the gpu inventory)."""
+    global _ledger
+    with _ledger_lock:
+        _ledger = None
+
+
+class Isolation:
+    """Per-runtime isolation state: the cgroup layout, grants, and who waits for capacity."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.state_dir = state_dir
+        self.key = cgroups.state_key(state_dir)
+        self._layout: cgroups.Layout | None = None
+        self._released = trio.Event()
+
+    def __repr__(self) -> str:
+        return f"<Isolation auto={probe.best()} {self.layout!r} {ledger()!r}>"
+
+    @property
+    def layout(self) -> cgroups.Layout:
+        if self._layout is None:
+            self._layout = cgroups.detect()
+        return self._layout
+
+    # -- level -----------------------------------------------------------------------------
+
+    def level(self, spec: SandboxSpec) -> str:
+        """The level a sandbox of ``spec`` gets; SandboxFailedError if the asked one is unavailable."""
+        wanted = spec.isolation
+        if wanted == "auto":
+            return probe.best()
+        why = probe.unavailable(wanted)
+        if why:
+            raise SandboxFailedError(f"isolation={wanted!r} is not available here: {why}; use isolation='auto' "
+                                     f"for the strongest level this machine has", status_reason="IsolationUnavailable")
+        if wanted == "oci":
+            raise SandboxFailedError("isolation='oci' is not implemented yet; use isolation='namespaces'",
+                                     status_reason="IsolationUnavailable")
+        return wanted
+
+    # -- start -----------------------------------------------------------------------------
+
+    async def prepare(self, record, config: dict, owner_dir: str) -> None:
+        """Admit ``record`` (waiting for capacity) and add its level's part to the spawn ``config``.
+
+        Raises SandboxResourceExhaustedError when its requests can never fit, or did not fit within
+        ``request_timeout_seconds``; SandboxFailedError for an unknown image or network option.
+        """
+        try:
+            await self._prepare(record, config, owner_dir)
+        except BaseException:
+            self.release(record)
+            shutil.rmtree(config["dir"], ignore_errors=True)  # no agent, so no template to remove it
+            raise
+
+    async def _prepare(self, record, config: dict, owner_dir: str) -> None:
+        spec: SandboxSpec = record.spec
+        try:
+            mode = network.resolve(spec.network, record.isolation)
+            lower = images.resolve(spec.container_image)
+        except (ValueError, TypeError, images.ImageError) as exc:
+            raise SandboxFailedError(str(exc), sandbox_id=record.sandbox_id, status_reason="InvalidSpec") from exc
+        if record.isolation == "process" and lower != "/":
+            raise SandboxFailedError(
+                f"image {spec.container_image!r} needs isolation='namespaces' (the process level runs on the host "
+                f"image); use container_image='host' or set {images.ENV_FALLBACK}=host", status_reason="InvalidSpec")
+        grant = await self._admit(record)
+        config["isolation"] = record.isolation
+        config["env"].update(grant.environment())
+        record.extra["network"] = mode
+        if record.isolation == "namespaces":
+            self._namespaces_config(record, config, owner_dir, mode, lower)
+
+    async def _admit(self, record) -> admission.Grant:
+        request = admission.Request.of(record.spec.resources)
+        book = ledger()
+        book.check(request)
+        deadline = trio.current_time() + record.spec.request_timeout_seconds
+        while (grant := book.try_grant(record.sandbox_id, request)) is None:
+            if trio.current_time() >= deadline:
+                raise SandboxResourceExhaustedError(book.waiting_message(request, record.spec.request_timeout_seconds),
+                                                    sandbox_id=record.sandbox_id, reason="InsufficientResources")
+            with trio.move_on_after(min(_ADMISSION_POLL_SECONDS, max(0.0, deadline - trio.current_time()))):
+                await self._released.wait()
+        record.extra["grant"] = grant
+        return grant
+
+    def _namespaces_config(self, record, config: dict, owner_dir: str, mode: str, lower: str) -> None:
+        spec: SandboxSpec = record.spec
+        fs = os.path.join(config["dir"], "fs")
+        plan = {
+            "lower": lower, "upper": os.path.join(fs, "upper"), "work": os.path.join(fs, "work"),
+            "merged": os.path.join(fs, "merged"), "hostname": record.sandbox_id, "network": mode,
+            "tmp_bytes": _tmp_bytes(spec), "hide": _hidden(lower, self.state_dir),
+            "binds": _python_binds(lower),
+        }
+        for key in ("upper", "work", "merged"):
+            os.makedirs(plan[key], exist_ok=True)
+        home = "/root"
+        cwd = spec.working_dir or "/"  # an image's usual WORKDIR
+        plan["mkdirs"] = [home, cwd]
+        config["namespaces"] = plan
+        config["root"], config["cwd"] = "/", cwd
+        env = config["env"]
+        user_env = spec.environment_variables
+        defaults = {"HOME": home, "TMPDIR": "/tmp", "SANDPOOL_ROOT": "/"}
+        if lower != "/":
+            defaults["PATH"] = _BASE_PATH  # the image's programs, not the host's python first
+        env.update({k: v for k, v in defaults.items() if k not in user_env})
+        layout = self.layout
+        if os.geteuid() == 0 and layout.mode != "none":
+            group = cgroups.plan(layout, self.key, os.path.basename(owner_dir), record.sandbox_id)
+            res = spec.resources
+            limits = cgroups.limit_files(
+                layout, group, res.memory_limit if res else None, res.cpu_limit if res else None,
+                (res.pids_limit if res else None) or DEFAULT_PIDS_LIMIT)
+            try:
+                cgroups.create(layout, group, limits)
+            except OSError as exc:
+                cgroups.remove(group)
+                raise SandboxFailedError(f"cannot set up the cgroups of {record.sandbox_id}: {exc}",
+                                         sandbox_id=record.sandbox_id, status_reason="CgroupError") from exc
+            config["cgroups"] = group
+            config["rlimits"] = {}  # the cgroup limits memory and processes; rlimits would pre-empt OOM
+            record.extra["cgroups"] = group
+
+    # -- end -------------------------------------------------------------------------------
+
+    def release(self, record, reaped: dict | None = None) -> None:
+        """The agent is gone (``reaped`` is the template's frame) or never started (None)."""
+        if reaped is not None and reaped.get("oom_killed"):
+            record.extra["oom_killed"] = True
+        group = record.extra.pop("cgroups", None)
+        if group is not None and reaped is None:
+            cgroups.remove(group)  # never spawned: the template does not know this group
+        if record.extra.pop("grant", None) is not None and ledger().release(record.sandbox_id):
+            self._released.set()
+            self._released = trio.Event()
+
+    def close(self, owner_dir: str | None) -> None:
+        """Remove this owner's (now empty) cgroup directories."""
+        if owner_dir is None or os.geteuid() != 0:
+            return
+        for path in cgroups.owner_dirs(self.layout, self.key, os.path.basename(owner_dir)):
+            cgroups.remove_tree(path)
+
+
+def _tmp_bytes(spec: SandboxSpec) -> int:
+    limits = spec.resources.limits if spec.resources else None
+    if limits and "ephemeral-storage" in limits:
+        return parse_memory(limits["ephemeral-storage"])
+    return DEFAULT_TMP_BYTES
+
+
+def _hidden(lower: str, state_dir: str) -> list[list]:
+    """Directories to cover with an empty tmpfs: sandpool's state (other sandboxes' files) always;
+    on the host image also the home directories (keys, tokens), with a fresh writable /root."""
+    hidden = [[os.path.realpath(state_dir), False]]
+    if lower == "/":
+        hidden += [[home, home == "/root"] for home in HOST_HOMES]
+    return hidden
+
+
+def _python_binds(lower: str) -> list[list[str]]:
+    """The host interpreter's directories the agent needs, where the image does not show them:
+    everything on another image; on the host image only what lies under a hidden home."""
+    dirs = _python_dirs()
+    if lower == "/":
+        dirs = [d for d in dirs if any(d == h or d.startswith(h + "/") for h in HOST_HOMES)]
+    return [[d, d] for d in dirs]
+
+
+def _python_dirs() -> list[str]:
+    """Host directories the agent's interpreter needs inside another image (bound read-only)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    candidates = [sys.base_prefix, sys.prefix, package] + [p for p in sys.path if p and os.path.isdir(p)]
+    chosen: list[str] = []
+    for path in sorted({os.path.realpath(p) for p in candidates}, key=len):
+        if not any(path == c or path.startswith(c + "/") for c in chosen) and path != "/":
+            chosen.append(path)
+    return chosen
+

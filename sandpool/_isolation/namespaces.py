@@ -1,0 +1,146 @@
+"""The ``namespaces`` level, sandbox side: run in the forked agent before it serves.
+
+The template forks the agent into a new pid namespace (``fork_into_pid_namespace``), so the agent is
+PID 1 there and the template still reaps it directly. The agent then calls ``enter(plan)``: new
+mount, uts, ipc, cgroup and (unless the network is shared) net namespaces; an overlay root (lower =
+the image, upper and work dirs in the sandbox directory) made the root with pivot_root; a fresh
+``/proc`` (with its dangerous files read-only), read-only ``/sys``, a size-limited tmpfs ``/tmp`` and
+``/run``, a minimal ``/dev``; the hostname; ``lo`` up; then no_new_privs and a container's capability
+set. Every mount lives in the sandbox's own mount namespace, so nothing appears in the host's mount
+table and everything is unmounted by the kernel when the sandbox's last process exits.
+
+Stdlib only: the template imports this module.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from . import _sys
+
+#: What exec'd processes keep (Docker's default set minus MKNOD and NET_RAW): no mount, no module
+#: loading, no raw devices, no ptrace across the pid namespace boundary, no clock or sysctl changes.
+KEEP_CAPABILITIES = {
+    0,   # CHOWN
+    1,   # DAC_OVERRIDE
+    3,   # FOWNER
+    4,   # FSETID
+    5,   # KILL (only reaches processes of the sandbox's own pid namespace)
+    6,   # SETGID
+    7,   # SETUID
+    8,   # SETPCAP
+    10,  # NET_BIND_SERVICE
+    18,  # SYS_CHROOT
+    29,  # AUDIT_WRITE
+    31,  # SETFCAP
+}
+#: Inside ``/proc``: made read-only (root may otherwise write sysctls or trigger sysrq on the host).
+PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus")
+#: Character devices of the minimal ``/dev``: name -> (major, minor).
+DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
+DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",
+             "stderr": "/proc/self/fd/2", "ptmx": "pts/ptmx"}
+#: The agent's own directory inside the sandbox (the main command's log); on the /run tmpfs.
+AGENT_DIR = "/run/sandpool"
+
+_NOSUID_NODEV = _sys.MS_NOSUID | _sys.MS_NODEV
+
+
+def fork_into_pid_namespace(own_pid_ns_fd: int) -> int:
+    """``os.fork()`` whose child is PID 1 of a new pid namespace; the caller's own children stay put.
+
+    unshare(CLONE_NEWPID) only changes the namespace of children forked afterwards, so the caller
+    switches back (``setns`` to ``own_pid_ns_fd``) right after the fork. No second fork is needed,
+    and the returned pid is the child's host pid, a direct child of the caller.
+    """
+    _sys.unshare(_sys.CLONE_NEWPID)
+    pid = -1
+    try:
+        pid = os.fork()
+        return pid
+    finally:
+        if pid != 0:  # the parent, even when the fork failed
+            _sys.setns(own_pid_ns_fd, _sys.CLONE_NEWPID)
+
+
+def namespace_flags(network: str) -> int:
+    """``unshare`` flags for the agent (the pid namespace is made by the template's fork)."""
+    flags = _sys.CLONE_NEWNS | _sys.CLONE_NEWUTS | _sys.CLONE_NEWIPC | _sys.CLONE_NEWCGROUP
+    return flags | (_sys.CLONE_NEWNET if network == "none" else 0)
+
+
+def enter(plan: dict) -> None:
+    """Become the sandbox: namespaces, root filesystem, hostname, network, privileges. See module doc.
+
+    ``plan`` keys: ``lower`` (the image's root), ``upper``, ``work``, ``merged`` (dirs on the host),
+    ``hostname``, ``network`` ("none" or "host"), ``tmp_bytes`` (size of /tmp, /run and /dev/shm),
+    ``hide`` ([path, writable] pairs: directories of the image covered by an empty tmpfs),
+    ``binds`` ([source, target] read-only bind mounts, target inside the sandbox; made after the
+    hiding, so they may bring back part of a hidden directory), ``mkdirs`` (directories to create). Raises OSError naming the failed step.
+    """
+    merged = plan["merged"]
+    _sys.unshare(namespace_flags(plan["network"]))
+    _sys.mount(None, "/", None, _sys.MS_REC | _sys.MS_PRIVATE)  # nothing propagates to the host
+    _sys.mount("overlay", merged, "overlay", _sys.MS_NOSUID,
+               f"lowerdir={plan['lower']},upperdir={plan['upper']},workdir={plan['work']}")
+    size = plan["tmp_bytes"]
+    _mount_proc(_inside(merged, "/proc"))
+    _sys.mount("sysfs", _mkdir(merged, "/sys"), "sysfs", _sys.MS_RDONLY | _NOSUID_NODEV | _sys.MS_NOEXEC)
+    _make_dev(_mkdir(merged, "/dev"), size)
+    _sys.mount("tmpfs", _mkdir(merged, "/tmp"), "tmpfs", _NOSUID_NODEV, f"mode=1777,size={size}")
+    _sys.mount("tmpfs", _mkdir(merged, "/run"), "tmpfs", _NOSUID_NODEV, f"mode=755,size={size}")
+    os.makedirs(_inside(merged, AGENT_DIR), 0o700)
+    for path, writable in plan.get("hide") or ():
+        if os.path.isdir(_inside(merged, path)):
+            flags = _NOSUID_NODEV | (0 if writable else _sys.MS_RDONLY)
+            _sys.mount("tmpfs", _inside(merged, path), "tmpfs", flags, f"mode=755,size={size if writable else 4096}")
+    for source, target in plan.get("binds") or ():
+        path = _mkdir(merged, target)
+        _sys.mount(source, path, None, _sys.MS_BIND | _sys.MS_REC)
+        _sys.mount(None, path, None, _sys.MS_REMOUNT | _sys.MS_BIND | _sys.MS_RDONLY | _sys.MS_REC)
+    for path in plan.get("mkdirs") or ():
+        _mkdir(merged, path)
+    os.chdir(merged)
+    _sys.pivot_root(".", ".")  # stack the new root on the old one, then detach the old one
+    _sys.umount(".", _sys.MNT_DETACH)
+    os.chdir("/")
+    _sys.sethostname(plan["hostname"])
+    if plan["network"] == "none":
+        _sys.loopback_up()
+    _sys.no_new_privs()
+    _sys.limit_capabilities(KEEP_CAPABILITIES)
+
+
+def _inside(merged: str, path: str) -> str:
+    return os.path.join(merged, path.lstrip("/"))
+
+
+def _mkdir(merged: str, path: str) -> str:
+    full = _inside(merged, path)
+    os.makedirs(full, exist_ok=True)
+    return full
+
+
+def _mount_proc(path: str) -> None:
+    os.makedirs(path, exist_ok=True)
+    _sys.mount("proc", path, "proc", _NOSUID_NODEV | _sys.MS_NOEXEC)
+    for name in PROC_READ_ONLY:
+        target = os.path.join(path, name)
+        if os.path.exists(target):
+            _sys.mount(target, target, None, _sys.MS_BIND)
+            _sys.mount(None, target, None, _sys.MS_REMOUNT | _sys.MS_BIND | _sys.MS_RDONLY)
+
+
+def _make_dev(dev: str, size: int) -> None:
+    _sys.mount("tmpfs", dev, "tmpfs", _sys.MS_NOSUID | _sys.MS_NOEXEC, "mode=755,size=64k")
+    for name, (major, minor) in DEVICES.items():
+        os.mknod(os.path.join(dev, name), stat.S_IFCHR | 0o666, os.makedev(major, minor))
+        os.chmod(os.path.join(dev, name), 0o666)  # mknod obeys the umask
+    for name, target in DEV_LINKS.items():
+        os.symlink(target, os.path.join(dev, name))
+    os.mkdir(os.path.join(dev, "pts"))
+    _sys.mount("devpts", os.path.join(dev, "pts"), "devpts", _sys.MS_NOSUID | _sys.MS_NOEXEC,
+               "newinstance,ptmxmode=0666,mode=620")
+    os.mkdir(os.path.join(dev, "shm"))
+    _sys.mount("tmpfs", os.path.join(dev, "shm"), "tmpfs", _NOSUID_NODEV, f"mode=1777,size={size}")

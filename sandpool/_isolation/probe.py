@@ -1,0 +1,75 @@
+"""Which isolation levels this machine supports, probed once per process and cached.
+
+``process`` works everywhere. ``namespaces`` needs Linux, root (capabilities to mount and make every
+namespace type) and overlayfs; the probe forks a child that really unshares them all, so a container
+without CAP_SYS_ADMIN answers no. ``oci`` needs the namespaces level's prerequisites plus ``crun`` or
+``runc`` on PATH. ``auto`` is the strongest of process and namespaces (oci is opt-in).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import sys
+import warnings
+
+from . import _sys
+
+LEVELS = ("process", "namespaces", "oci")
+
+
+@functools.cache
+def unavailable(level: str) -> str | None:
+    """Why ``level`` cannot run here, or None when it can."""
+    if level == "process":
+        return None
+    if level not in LEVELS:
+        return f"unknown isolation level {level!r}"
+    if not sys.platform.startswith("linux") or not _sys.AVAILABLE:
+        return f"the {level} level needs Linux (this is {sys.platform})"
+    if os.geteuid() != 0:
+        return f"the {level} level needs root (uid {os.geteuid()}); run as root or use isolation='process'"
+    try:
+        with open("/proc/filesystems") as f:
+            if "overlay" not in f.read():
+                return "the kernel has no overlayfs (try 'modprobe overlay')"
+    except OSError:
+        return "/proc/filesystems is unreadable"
+    failure = _try_unshare()
+    if failure:
+        return failure
+    if level == "oci" and not oci_runtime():
+        return "no OCI runtime: install crun or runc (apt-get install crun runc)"
+    return None
+
+
+def best() -> str:
+    """What ``isolation="auto"`` means on this machine."""
+    return "namespaces" if unavailable("namespaces") is None else "process"
+
+
+def oci_runtime() -> str | None:
+    """Path of crun (preferred: faster) or runc, or None."""
+    return shutil.which("crun") or shutil.which("runc")
+
+
+def _try_unshare() -> str | None:
+    """Fork a child that makes every namespace the level uses; its exit status is the answer."""
+    flags = (_sys.CLONE_NEWNS | _sys.CLONE_NEWPID | _sys.CLONE_NEWUTS | _sys.CLONE_NEWIPC
+             | _sys.CLONE_NEWNET | _sys.CLONE_NEWCGROUP)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads: the child only unshares
+        pid = os.fork()
+    if pid == 0:
+        try:
+            _sys.unshare(flags)
+            code = 0
+        except OSError as exc:
+            code = min(exc.errno or 1, 255)
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code:
+        return f"unshare of pid/mount/net/uts/ipc/cgroup namespaces failed: {os.strerror(code)}"
+    return None
