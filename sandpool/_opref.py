@@ -263,17 +263,20 @@ class OperationRef(Generic[T]):
             the operation's own exception (the same object it raised);
             OperationCancelled: the operation was cancelled;
             TimeoutError: ``timeout`` passed first (the operation keeps running);
-            RuntimeError: called inside trio, where blocking would hang the loop.
+            RuntimeError: called inside trio on an unfinished operation, where blocking would hang
+                the loop (a finished one answers at once, anywhere).
         """
-        check_not_in_trio("OperationRef.result()", "'await ref'")
-        self._block(timeout)
+        if self._state is _PENDING:
+            check_not_in_trio("OperationRef.result()", "'await ref'")
+            self._block(timeout)
         return self._unwrap()
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """Block as ``result()`` does, then return the operation's exception, or None if it
         returned a value. Raises OperationCancelled, TimeoutError and RuntimeError as ``result()``."""
-        check_not_in_trio("OperationRef.exception()", "'await ref'")
-        self._block(timeout)
+        if self._state is _PENDING:
+            check_not_in_trio("OperationRef.exception()", "'await ref'")
+            self._block(timeout)
         if self._state is _CANCELLED:
             raise OperationCancelled("the operation was cancelled")
         return self._error

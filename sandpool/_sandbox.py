@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -31,8 +32,9 @@ if TYPE_CHECKING:
     from ._session import Session
 
 _EXIT_REPORT_SECONDS = 3.0
-#: Every sandbox of this process by id: what Sandbox.list / from_id search.
-_KNOWN: dict[str, Sandbox] = {}
+#: Every sandbox of this process by id: what Sandbox.list / from_id search. Weak: a live sandbox is
+#: held by its session (or its reader task), a forgotten finished one may go.
+_KNOWN: weakref.WeakValueDictionary[str, Sandbox] = weakref.WeakValueDictionary()
 
 
 class _Reply:
@@ -217,11 +219,16 @@ class Sandbox:
         raise SandboxTimeoutError(f"sandbox did not become ready within {limit} s", sandbox_id=self.sandbox_id)
 
     async def _wait_complete_async(self, timeout: float | None) -> Sandbox:
-        with trio.fail_after(math.inf if timeout is None else timeout):
+        with trio.move_on_after(math.inf if timeout is None else timeout):
             if self._state.phase == "new":
                 self.start()
             await self._terminal.wait()
-        return self
+            return self
+        raise SandboxTimeoutError(f"sandbox did not complete within {timeout} s", sandbox_id=self.sandbox_id)
+
+    def _as_waitable(self) -> OperationRef[Sandbox]:
+        """What ``sandpool.wait([sandbox])`` waits for: the sandbox running (starting it if needed)."""
+        return self._spawn(self._wait_async, None)
 
     async def _stop_async(self, grace: float) -> None:
         if self._state.phase == "new":
@@ -296,7 +303,8 @@ class Sandbox:
         if farewell is not None:
             self._state = _lifecycle.advance(self._state, "farewell", reason=farewell.get("reason"),
                                              code=farewell.get("code"))
-        self._state = _lifecycle.advance(self._state, "gone", code=record.exit_code, signal=record.exit_signal)
+        self._state = _lifecycle.advance(self._state, "gone", code=record.exit_code, signal=record.exit_signal,
+                                         oom_killed=record.extra.get("oom_killed", False))
         if record.channel is not None:
             await record.channel.aclose()
         error = self._gone_error()

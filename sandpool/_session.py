@@ -145,9 +145,12 @@ class Session:
         return False
 
     async def _aexit_nursery(self) -> None:
-        """Release the runtime (shielded), then end the nursery; its remaining tasks are cancelled."""
+        """Release the runtime (shielded), then end the nursery; its remaining tasks are cancelled.
+
+        The session opened the runtime in its nursery, so it closes it, a given ``runtime=`` too.
+        """
         with trio.CancelScope(shield=True):
-            if self._runtime_arg is None and self._runtime is not None:
+            if self._runtime is not None:
                 await self._runtime.aclose()
         self._host.nursery.cancel_scope.cancel()
         await self._nursery_cm.__aexit__(None, None, None)
@@ -279,15 +282,19 @@ async def _shared_runtime(portal: Portal) -> LocalRuntime:
 
 
 async def _keep_runtime(runtime: Runtime, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Hold ``runtime`` open until the portal closes; then close it (stopping what is left)."""
-    try:
-        async with trio.open_nursery() as nursery:
+    """Hold ``runtime`` open until the portal closes; then close it (stopping what is left).
+
+    The close runs inside the nursery, while the runtime's own tasks still run: they report the
+    sandboxes' exits that the close waits for.
+    """
+    async with trio.open_nursery() as nursery:
+        try:
             await runtime.open(nursery)
             task_status.started()
             await trio.sleep_forever()
-    finally:
-        with trio.CancelScope(shield=True):
-            await runtime.aclose()
+        finally:
+            with trio.CancelScope(shield=True):
+                await runtime.aclose()
 
 
 _DEFAULT: Session | None = None

@@ -47,6 +47,7 @@ def wait(refs: Sequence[OperationRef[Any]], num_returns: int | None = None,
          timeout: float | None = None) -> tuple[list[OperationRef[Any]], list[OperationRef[Any]]]:
     """Block until ``num_returns`` of ``refs`` (None: all) are done, or ``timeout`` s pass.
 
+    ``refs`` may also hold Sandbox objects, which count as done once running (as in cwsandbox).
     Returns ``(done, pending)``, the original objects in their given order: ``done`` holds at
     most ``num_returns`` finished refs and ``pending`` all the others (a few of which may have
     finished meanwhile). A timeout is not an error: it returns what is done by then.
@@ -55,17 +56,19 @@ def wait(refs: Sequence[OperationRef[Any]], num_returns: int | None = None,
     check_not_in_trio("sandpool.wait()", "'await sandpool.gather(refs)' or a trio nursery")
     if num_returns is not None and num_returns < 1:
         raise ValueError(f"`num_returns` must be at least 1, or None to wait for all; got {num_returns!r}")
-    refs = list(refs)
-    wanted = len(refs) if num_returns is None else min(num_returns, len(refs))
-    finished, deadline = _finish_queue(refs), _deadline(timeout)
+    items = list(refs)
+    # a Sandbox (or anything with _as_waitable) is waited for in its own sense: until it runs
+    waits = [item._as_waitable() if hasattr(item, "_as_waitable") else item for item in items]
+    wanted = len(waits) if num_returns is None else min(num_returns, len(waits))
+    finished, deadline = _finish_queue(waits), _deadline(timeout)
     try:
         for _ in range(wanted):
             _get(finished, deadline)
     except TimeoutError:
         pass
-    done = [ref for ref in refs if ref.done()][:wanted]
-    chosen = {id(ref) for ref in done}
-    return done, [ref for ref in refs if id(ref) not in chosen]
+    done = [item for item, ref in zip(items, waits) if ref.done()][:wanted]
+    chosen = {id(item) for item in done}
+    return done, [item for item in items if id(item) not in chosen]
 
 
 def as_completed(refs: Sequence[OperationRef[T]], timeout: float | None = None) -> Iterator[OperationRef[T]]:

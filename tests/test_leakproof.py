@@ -75,3 +75,60 @@ def test_stale_state_of_dead_owner_is_swept_on_next_start(tmp_path):
 
     trio.run(main)
     assert not any(state_dir.iterdir())
+
+
+def test_process_exit_with_a_running_standalone_sandbox_is_prompt_and_clean(tmp_path):
+    """A script that exits with a Sandbox.run() still running stops it at exit, without a long wait."""
+    state_dir = str(tmp_path / "state")
+    env = {**os.environ, "SANDPOOL_STATE_DIR": state_dir}
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import sandpool; sandpool.Sandbox.run('sleep', '300')"],
+                   env=env, check=True, timeout=30)
+    assert time.monotonic() - started < 4.0  # the runtime's exit reports must still be read at exit
+    report = testing.wait_for_no_leftovers(state_dir, timeout=5)
+    assert not report, report
+
+
+def test_terminal_ctrl_c_reaches_the_client_not_the_template(tmp_path):
+    """SIGINT to the client's whole process group: a client that catches it keeps working."""
+    state_dir = str(tmp_path / "state")
+    script = textwrap.dedent("""
+        import time, sandpool
+        with sandpool.Session() as s:
+            s.sandbox().wait()
+            try:
+                print("ready", flush=True)
+                time.sleep(30)
+            except KeyboardInterrupt:
+                pass
+            print(s.sandbox().exec(["echo", "still-works"]).result().stdout.strip(), flush=True)
+    """)
+    env = {**os.environ, "SANDPOOL_STATE_DIR": state_dir}
+    client = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env,
+                              start_new_session=True)
+    assert client.stdout.readline().strip() == "ready"
+    os.killpg(client.pid, signal.SIGINT)
+    assert client.stdout.readline().strip() == "still-works"
+    assert client.wait(timeout=20) == 0
+    report = testing.wait_for_no_leftovers(state_dir, timeout=5)
+    assert not report, report
+
+
+def test_a_dead_template_is_replaced_and_its_sandboxes_end(tmp_path):
+    """SIGKILL the template: its sandboxes end with a reason, and the next sandbox gets a new template."""
+    import trio
+
+    import sandpool
+
+    async def main():
+        async with sandpool.Session() as s:
+            old = s.sandbox()
+            await old
+            os.kill(s._runtime._template.pid, signal.SIGKILL)
+            with trio.fail_after(10):
+                await old.wait_until_complete()
+            assert old.status.is_terminal and old.status_reason
+            fresh = s.sandbox()
+            assert (await fresh.exec(["echo", "again"])).stdout == "again\n"
+
+    trio.run(main)

@@ -128,14 +128,18 @@ def test_cancel_before_launch_means_the_body_never_runs(portal):
     assert not ran.is_set()
 
 
-def test_result_inside_trio_raises_runtimeerror_naming_await():
-    """result() inside trio raises RuntimeError that says to use 'await ref'."""
+def test_result_inside_trio_raises_runtimeerror_naming_await(portal):
+    """result() of an unfinished op inside trio raises RuntimeError saying to use 'await ref';
+    a finished op's result() answers at once, anywhere."""
+    ref = portal.spawn(trio.sleep, 0.5)
 
     async def main():
         with pytest.raises(RuntimeError, match="await ref"):
-            OperationRef.completed(1).result()
+            ref.result()
+        assert OperationRef.completed(1).result() == 1
 
     trio.run(main)
+    ref.result()
 
 
 def test_blocking_helpers_inside_trio_raise_runtimeerror_naming_the_fix():

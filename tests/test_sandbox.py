@@ -273,15 +273,20 @@ def test_exception_inside_block_stops_everything_and_propagates_unchanged():
     assert all(sb.status is not None and sb.status.is_terminal for sb in sbs)
 
 
-def test_result_inside_trio_names_the_fix():
-    """Blocking .result() inside trio raises RuntimeError telling to use await."""
+def test_result_inside_trio_names_the_fix(session):
+    """Blocking .result() on an unfinished op inside trio raises RuntimeError telling to use await;
+    a finished op answers anywhere."""
     import trio
+
+    ref = session.sandbox().exec(["sleep", "0.5"])
 
     async def main():
         with pytest.raises(RuntimeError, match="await"):
-            sandpool.OperationRef.completed(1).result()
+            ref.result()
+        assert sandpool.OperationRef.completed(1).result() == 1
 
     trio.run(main)
+    ref.result()
 
 
 def test_malformed_frame_fails_only_that_sandbox(session):
@@ -298,3 +303,26 @@ def test_malformed_frame_fails_only_that_sandbox(session):
     assert victim.status == SandboxStatus.FAILED and "protocol error" in victim.status_reason
     assert "undecodable" in victim.status_reason
     assert bystander.exec(["echo", "ok"]).result().stdout == "ok\n"
+
+
+def test_wait_helpers_accept_sandboxes_and_time_out_clearly(session):
+    """sandpool.wait([sandbox]) waits until it runs; wait_until_complete's timeout is SandboxTimeoutError."""
+    sb = session.sandbox()
+    done, pending = sandpool.wait([sb], timeout=30)
+    assert done == [sb] and pending == [] and sb.status == SandboxStatus.RUNNING
+    with pytest.raises(SandboxTimeoutError, match="did not complete"):
+        sb.wait_until_complete(timeout=0.1).result()
+
+
+def test_session_list_and_from_id_inside_trio(session):
+    """session.list()/from_id() work when awaited inside trio."""
+    import trio
+
+    sb = session.sandbox(tags=["in-trio"])
+    sb.wait()
+
+    async def main():
+        return await session.list(tags=["in-trio"]), await session.from_id(sb.sandbox_id)
+
+    found, same = trio.run(main)
+    assert found == [sb] and same is sb

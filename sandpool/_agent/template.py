@@ -38,6 +38,7 @@ class Template:
     def serve(self) -> None:
         _linux.become_subreaper()
         signal.signal(signal.SIGTERM, lambda *_: self._shutdown_and_exit())
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the owner, which stops its sandboxes
         rfd, wfd = os.pipe()  # SIGCHLD wakes the selector through this pipe
         os.set_blocking(wfd, False)
         os.set_blocking(rfd, False)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import array
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+from typing import BinaryIO
 
 import trio
 
@@ -78,6 +80,8 @@ class LocalRuntime(Runtime):
         self._control: trio.socket.SocketType | None = None
         self._template: subprocess.Popen | None = None
         self._send_lock = trio.Lock()
+        self._template_lock = trio.Lock()
+        self._nursery: trio.Nursery | None = None
         self._closed = False
         self._isolation = Isolation(self.state_dir)  # levels, admission, cgroups
 
@@ -87,6 +91,11 @@ class LocalRuntime(Runtime):
 
     async def open(self, nursery: trio.Nursery) -> None:
         _statedir.sweep(self.state_dir)
+        self._nursery = nursery
+        await self._start_template()
+
+    async def _start_template(self) -> None:
+        """Start the template (again, if an earlier one died) and its control reader."""
         self.owner_dir = _statedir.new_owner_dir(self.state_dir)
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,22 +107,40 @@ class LocalRuntime(Runtime):
                 stdin=subprocess.DEVNULL,
                 env={"PATH": _BASE_PATH, "LANG": "C.UTF-8"},
                 close_fds=True,
+                start_new_session=True,  # a terminal's Ctrl-C is for the client, which then stops sandboxes
             )
         finally:
             child.close()
         _statedir.record_template(self.owner_dir, self._template.pid)
-        self._control = trio.socket.from_stdlib_socket(parent)
-        hello = await self._control.recv(65536)
+        self._control = control = trio.socket.from_stdlib_socket(parent)
+        hello = await control.recv(65536)
         if not hello:
             raise SandboxUnavailableError("the sandbox template process exited during start-up")
         _wire.check_hello(_wire.decode_body(hello[_wire.HEADER_SIZE:]))
-        nursery.start_soon(self._read_control)
+        self._nursery.start_soon(self._read_control, control, self._template, self.owner_dir)
 
-    async def _read_control(self) -> None:
-        assert self._control is not None
+    async def _ensure_template(self) -> None:
+        async with self._template_lock:
+            if self._template is not None and self._template.poll() is not None:
+                await self._start_template()
+
+    async def _read_control(self, control: trio.socket.SocketType, template: subprocess.Popen,
+                            owner_dir: str) -> None:
+        """Route the template's reports. Shielded: it must see every agent reaped while the runtime
+        closes; it ends when the template exits or ``aclose`` closes the socket. A template that
+        died without cleaning up (SIGKILL) leaves its owner directory: it is removed here."""
+        with trio.CancelScope(shield=True):
+            await self._read_reports(control)
+            with trio.move_on_after(_KILL_WAIT_SECONDS):
+                while template.poll() is None:
+                    await trio.sleep(0.01)
+            if template.poll() is not None and os.path.isdir(owner_dir):
+                _statedir.remove_owner_dir(owner_dir)
+
+    async def _read_reports(self, control: trio.socket.SocketType) -> None:
         while True:
             try:
-                data = await self._control.recv(65536)
+                data = await control.recv(65536)
             except (OSError, trio.ClosedResourceError):
                 data = b""
             if not data:
@@ -167,6 +194,7 @@ class LocalRuntime(Runtime):
     async def start(self, record: SandboxRecord) -> FrameChannel:
         if self._control is None or self._closed:
             raise SandboxUnavailableError("the local runtime is closed")
+        await self._ensure_template()
         config = self._layout(record)
         await self._isolation.prepare(record, config, self.owner_dir)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -180,6 +208,12 @@ class LocalRuntime(Runtime):
                 await self._control.sendmsg(
                     [frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [theirs.fileno()]))]
                 )
+        except OSError as exc:
+            self._spawns.pop(spawn_id, None)
+            ours.close()
+            self._isolation.release(record)
+            shutil.rmtree(config["dir"], ignore_errors=True)
+            raise SandboxUnavailableError(f"the sandbox template is unreachable ({exc}); try again") from exc
         finally:
             theirs.close()
         await event.wait()
@@ -220,6 +254,16 @@ class LocalRuntime(Runtime):
 
     def list(self) -> list[SandboxRecord]:
         return list(self._records.values())
+
+    def open_main_log(self, record: SandboxRecord) -> BinaryIO | None:
+        # The agent appends to <sandbox dir>/main.log and removes the directory when it ends; an open
+        # file keeps the contents readable. Created here if the agent has not opened it yet.
+        directory = record.extra.get("dir")
+        try:
+            fd = os.open(os.path.join(directory, "main.log"), os.O_RDONLY | os.O_CREAT, 0o600) if directory else -1
+        except OSError:  # the sandbox is gone already, and its log with it
+            return None
+        return os.fdopen(fd, "rb", buffering=0) if fd >= 0 else None
 
     def forget(self, sandbox_id: str) -> None:
         self._records.pop(sandbox_id, None)

@@ -93,12 +93,16 @@ def sweep(state_dir: str) -> list[str]:
         return removed
     for name in entries:
         path = os.path.join(state_dir, name)
-        if not name.startswith("o-") or _owner_alive(path):
-            continue
-        for pid in processes_mentioning(path):
-            _linux.kill_quietly(pid, signal.SIGKILL)
-        if mounts_under(path):
-            continue  # never delete under a mount; the isolation layer unmounts first
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
+        if name.startswith("o-") and not _owner_alive(path) and remove_owner_dir(path):
+            removed.append(path)
     return removed
+
+
+def remove_owner_dir(path: str) -> bool:
+    """Kill what still runs under a dead owner's directory and remove it; False if a mount stays."""
+    for pid in processes_mentioning(path):
+        _linux.kill_quietly(pid, signal.SIGKILL)
+    if mounts_under(path):
+        return False  # never delete under a mount; the isolation layer unmounts first
+    shutil.rmtree(path, ignore_errors=True)
+    return True
