@@ -4,6 +4,7 @@ This module only re-exports; the implementation lives in private modules.
 """
 
 from ._config import ResourceOptions, SandboxDefaults, SandboxSpec, SandboxStatus
+from ._function import RemoteFunction, Retries
 from ._errors import (
     AsyncFunctionError,
     CWSandboxError,
@@ -24,7 +25,9 @@ from ._errors import (
     SandpoolError,
     SerializationError,
 )
+from ._imap import ResultStream
 from ._opref import OperationCancelled, OperationRef
+from ._pool import PoolStatistics
 from ._waiting import as_completed, gather, results, wait
 from ._process import Process, ProcessResult, StreamReader, StreamWriter
 from ._runtime._contract import Runtime
@@ -36,7 +39,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncFunctionError", "CWSandboxError", "FunctionError", "LocalRuntime", "OperationCancelled",
-    "OperationRef", "Process", "ProcessResult", "ProtocolError", "RemoteError", "ResourceOptions",
+    "OperationRef", "PoolStatistics", "Process", "ProcessResult", "ProtocolError", "RemoteError", "RemoteFunction",
+    "ResourceOptions", "ResultStream", "Retries",
     "Runtime", "Sandbox", "SandboxDefaults", "SandboxDiedError", "SandboxError", "SandboxExecutionError",
     "SandboxFailedError", "SandboxFileError", "SandboxNotFoundError", "SandboxNotRunningError",
     "SandboxResourceExhaustedError", "SandboxSpec", "SandboxStatus", "SandboxTerminatedError",

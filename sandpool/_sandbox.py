@@ -261,6 +261,13 @@ class Sandbox:
             raise SandboxNotRunningError(f"sandbox {self.sandbox_id} is not running", sandbox_id=self.sandbox_id)
         await channel.send(frame)
 
+    async def _send_many(self, frames: list[dict]) -> None:
+        """Send several frames in one write (remote-function calls batch this way)."""
+        channel = self._record.channel if self._record else None
+        if channel is None or channel.closed:
+            raise SandboxNotRunningError(f"sandbox {self.sandbox_id} is not running", sandbox_id=self.sandbox_id)
+        await channel.send_many(frames)
+
     async def _reader(self) -> None:
         """Route frames to their requests until the agent's connection ends, then settle the state."""
         record = self._record

@@ -11,7 +11,9 @@ import trio
 
 from ._config import SandboxDefaults, SandboxStatus, resolve_spec
 from ._errors import SandboxError
+from ._function import Retries, function_decorator
 from ._opref import OperationRef, TaskHost
+from ._pool import Pool, PoolStatistics
 from ._portal import Portal, default_portal
 from ._runtime._contract import Runtime
 from ._runtime._local import LocalRuntime
@@ -59,11 +61,18 @@ class Session:
         self._finished: trio.Event | None = None
         self._nursery_cm: Any = None
         self._close_grace = CLOSE_GRACE_SECONDS
+        self._pools: dict[tuple, Pool] = {}  # remote functions' warm pools, by (spec, limit, reuse)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open" if self._host else "not_opened"
         running = sum(1 for sb in self._tracked.values() if sb.status == SandboxStatus.RUNNING)
-        return f"<Session {state} sandboxes={len(self._tracked)} running={running}>"
+        calls = ""
+        if self._pools:
+            s = self.statistics()
+            calls = (f" pool={s.sandboxes_idle} idle/{s.sandboxes_busy} busy/{s.sandboxes_starting} starting"
+                     f" calls={s.calls_queued} queued/{s.calls_running} running/{s.calls_done} done"
+                     f"/{s.calls_failed} failed")
+        return f"<Session {state} sandboxes={len(self._tracked)} running={running}{calls}>"
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -204,6 +213,32 @@ class Session:
             self.adopt(ref.result())
         return ref
 
+    # -- remote functions ------------------------------------------------------------------------
+
+    def function(self, fn: Any = None, /, *, retries: int | Retries | None = 0, timeout_seconds: float | None = None,
+                 max_concurrency: int | None = None, reuse: bool = True, **overrides: Any) -> Any:
+        """Decorate a plain function so that it runs in this session's sandboxes: a RemoteFunction.
+
+        Use as ``@session.function`` or ``@session.function(**options)``. ``overrides`` are sandbox
+        options on top of the session defaults (one warm pool per distinct result). ``retries``
+        (an int, or a Retries naming exception classes to retry too) covers sandboxes dying under
+        a call; ``timeout_seconds`` interrupts a call that runs longer; ``max_concurrency`` caps the
+        pool's sandboxes (default: the CPUs, divided by the spec's cpu request); ``reuse=False``
+        gives every call a fresh sandbox. Raises TypeError/ValueError for bad options, and
+        AsyncFunctionError for an ``async def``.
+        """
+        options = dict(overrides, retries=retries, timeout_seconds=timeout_seconds,
+                       max_concurrency=max_concurrency, reuse=reuse)
+        return function_decorator(self, fn, options)
+
+    def statistics(self) -> PoolStatistics:
+        """Remote-function pools at a glance: sandboxes starting/idle/busy, calls queued/running/
+        done/failed/cancelled/retried (summed over the session's pools; safe from any thread)."""
+        total = PoolStatistics()
+        for pool in list(self._pools.values()):
+            total = total + pool.statistics()
+        return total
+
     # -- closing -------------------------------------------------------------------------------
 
     def close(self) -> OperationRef[None]:
@@ -219,6 +254,8 @@ class Session:
 
     async def _close_async(self) -> None:
         self._closed = True
+        for pool in list(self._pools.values()):
+            pool.close()  # cancel every call first, so stopping sandboxes retries none of them
         sandboxes = list(self._tracked.values())
         self._tracked.clear()
         failures: list[Exception] = []

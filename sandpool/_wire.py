@@ -43,7 +43,8 @@ FRAME_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "signal": {"id": _INT, "sig": _INT},  # id 0 = the main command
     "read_file": {"id": _INT, "path": _STR},
     "write_file": {"id": _INT, "path": _STR, "data": _BYTES},  # opt: mode
-    "call": {"id": _INT, "fn": _BYTES, "args": _BYTES},  # opt: fn_key
+    # opt: fn_key (bytes; fn is b"" once the sandbox has the key), timeout (s)
+    "call": {"id": _INT, "fn": _BYTES, "args": _BYTES},
     "cancel": {"id": _INT},
     "ping": {"id": _INT},
     "stop": {"grace": _NUM},
@@ -51,8 +52,10 @@ FRAME_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "started": {"id": _INT, "pid": _INT},
     "output": {"id": _INT, "fd": _INT, "data": _BYTES},
     "exit": {"id": _INT, "code": _INT},  # opt: signal
-    "result": {"id": _INT},  # opt: data(bytes)
-    "error": {"id": _INT, "kind": _STR, "message": _STR},  # opt: path, data(bytes), traceback
+    "result": {"id": _INT},  # opt: data(bytes), us (a call's run time, microseconds)
+    # opt: path, data(bytes), traceback, type_name; code, signal (kind worker_died). Call error kinds:
+    # user, serialization, timeout, cancelled, lost, worker_died, protocol (see _agent/_calls.py)
+    "error": {"id": _INT, "kind": _STR, "message": _STR},
     "pong": {"id": _INT},
     "main_exit": {"code": _INT},  # opt: signal
     "bye": {"reason": _OPT_STR},  # opt: code (the main command's exit code)

@@ -20,7 +20,7 @@ import time
 
 from .. import _wire
 from .._errors import ProtocolError
-from . import _files, _linux, _procs
+from . import _calls, _files, _linux, _procs
 from ._framesock import FrameSocket
 
 MAX_FILE_BYTES = _wire.MAX_FRAME_BYTES - 1024
@@ -52,6 +52,7 @@ class Agent:
         lifetime = config.get("lifetime")
         self.deadline = time.monotonic() + lifetime if lifetime else None
         self.main: _procs.ExecProcess | None = None
+        self.calls = _calls.CallRelay(self._send, self.sel, config)
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -106,6 +107,8 @@ class Agent:
                     self._write_stdin(proc)
                 elif role == "exit":
                     self._reap(proc)
+                elif role == "call":
+                    self.calls.on_event(proc)
             self._housekeeping()
 
     def _next_timeout(self) -> float | None:
@@ -115,12 +118,16 @@ class Agent:
             waits.append(self.deadline - now)
         if self.main is None and any(p.pidfd is None for p in self.procs.values()):
             waits.append(0.05)  # no pidfd support: poll for exits
+        call_deadline = self.calls.next_deadline()
+        if call_deadline is not None:
+            waits.append(call_deadline - now)
         return max(0.0, min(waits)) if waits else None
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
         if self.deadline is not None and now >= self.deadline:
             raise _Stop("max_lifetime", grace=0.0)
+        self.calls.tick(now)
         for proc in list(self.procs.values()):
             if proc.status is None and proc.pidfd is None:
                 self._reap(proc)
@@ -266,7 +273,12 @@ class Agent:
         if proc is not None:
             proc.signal(frame["sig"])
 
+    def _on_call(self, frame: dict) -> None:
+        self.calls.submit(frame)
+
     def _on_cancel(self, frame: dict) -> None:
+        if self.calls.cancel(frame["id"]):
+            return
         proc = self.procs.get(frame["id"])
         if proc is not None:
             proc.signal(signal.SIGKILL)

@@ -1,0 +1,169 @@
+"""Remote functions, cancellation: it reaches the running call in the sandbox, however it comes.
+
+Each test calls ``write_later(path, secs)``, which sleeps and then writes a marker file, and checks
+afterwards (with a second function in the same sandbox, or on the host for isolation="process")
+that the marker was never written.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import cloudpickle
+import pytest
+import trio
+
+from sandpool import OperationCancelled, SandboxTimeoutError, Session
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+SLEEP = 0.6  # how long write_later sleeps before writing its marker
+LATER = SLEEP + 0.3  # after this long, a marker that was going to be written would be there
+
+
+def write_later(path, secs):
+    time.sleep(secs)
+    with open(path, "w") as f:
+        f.write("written")
+    return "wrote"
+
+
+def exists(path):
+    return os.path.exists(path)
+
+
+def stubborn_write_later(path, secs):
+    deadline = time.monotonic() + secs
+    while time.monotonic() < deadline:
+        try:
+            time.sleep(0.02)
+        except KeyboardInterrupt:
+            pass  # swallows the interruption: the agent kills the worker after a grace second
+    with open(path, "w") as f:
+        f.write("written")
+
+
+def one_sandbox(session, *fns, **options):
+    """The functions as RemoteFunctions sharing one sandbox (one pool of max_concurrency=1)."""
+    return [session.function(fn, max_concurrency=1, **options) for fn in fns]
+
+
+def test_cancelled_in_flight_call_never_writes_its_marker():
+    """ref.cancel() on a running call interrupts it in the sandbox: the marker never appears,
+    while an uncancelled call's marker does (so the check can see markers)."""
+    with Session() as s:
+        write, check = one_sandbox(s, write_later, exists)
+        assert write.remote("/tmp/control", 0).result() == "wrote" and check("/tmp/control")
+        ref = write.remote("/tmp/marker", SLEEP)
+        while s.statistics().calls_running == 0 or s.statistics().sandboxes_busy == 0:
+            time.sleep(0.01)
+        time.sleep(0.1)
+        assert ref.cancel()
+        with pytest.raises(OperationCancelled):
+            ref.result()
+        time.sleep(LATER)
+        assert check("/tmp/marker") is False
+        assert s.statistics().calls_cancelled == 1
+
+
+def test_leaving_a_trio_cancel_scope_interrupts_the_remote_call():
+    """A move_on_after around 'await f.remote(...)' interrupts the call in the sandbox."""
+    async def main():
+        async with Session() as s:
+            write, check = one_sandbox(s, write_later, exists)
+            await write.remote("/tmp/warm", 0)
+            with trio.move_on_after(0.2) as scope:
+                await write.remote("/tmp/marker", SLEEP)
+            assert scope.cancelled_caught
+            await trio.sleep(LATER)
+            assert await check.remote("/tmp/marker") is False
+    trio.run(main)
+
+
+def test_timeout_seconds_interrupts_before_the_marker():
+    """A call past timeout_seconds is interrupted in the sandbox; its marker never appears."""
+    with Session() as s:
+        (check,) = one_sandbox(s, exists)
+        (write,) = one_sandbox(s, write_later, timeout_seconds=0.2)
+        with pytest.raises(SandboxTimeoutError, match="did not finish within 0.2 s"):
+            write.remote("/tmp/marker", SLEEP).result()
+        time.sleep(LATER)
+        assert check.remote("/tmp/marker").result() is False
+
+
+def test_a_call_that_swallows_the_interrupt_is_killed_and_the_queue_survives():
+    """A cancelled call that ignores KeyboardInterrupt dies with its worker a grace second later;
+    the call queued behind it is resubmitted and runs."""
+    with Session() as s:
+        stubborn, write, check = one_sandbox(s, stubborn_write_later, write_later, exists)
+        assert check.remote("/").result()
+        ref = stubborn.remote("/tmp/marker", 2.5)
+        queued = write.remote("/tmp/after", 0)
+        time.sleep(0.3)
+        ref.cancel()
+        assert queued.result(timeout=5) == "wrote"
+        assert check.remote("/tmp/marker").result() is False
+        time.sleep(2.5)
+        assert check.remote("/tmp/marker").result() is False
+
+
+def test_leaving_the_session_stops_every_call(tmp_path):
+    """Leaving the session block cancels the calls still running; nothing of them runs afterwards
+    (the marker, written on the host with isolation='process', never appears)."""
+    marker = tmp_path / "marker"
+    with Session() as s:
+        (write,) = one_sandbox(s, write_later, isolation="process")
+        ref = write.remote(str(marker), SLEEP)
+        while s.statistics().sandboxes_busy == 0:
+            time.sleep(0.01)
+        queued = [write.remote(str(marker), 0) for _ in range(3)]
+    with pytest.raises(OperationCancelled):
+        ref.result()
+    assert all(r.done() for r in queued)
+    time.sleep(LATER)
+    assert not marker.exists()
+
+
+def test_first_error_of_imap_cancels_the_calls_in_flight():
+    """The first failure raised by imap cancels the other calls: their markers never appear."""
+    with Session() as s:
+        @s.function(max_concurrency=1)
+        def fail_or_write(i):
+            if i < 0:  # the check, in the same sandbox
+                return [os.path.exists(f"/tmp/marker{j}") for j in range(1, 6)]
+            if i == 0:
+                raise ValueError("first")
+            return write_later(f"/tmp/marker{i}", SLEEP)
+
+        with pytest.raises(ValueError, match="first"):
+            for _ in fail_or_write.imap(range(6)):
+                pass
+        time.sleep(LATER)
+        stats = s.statistics()  # counted in the session's loop thread, soon after the cancel
+        assert stats.calls_cancelled == 5 and stats.calls_failed == 1 and stats.calls_running == 0
+        assert fail_or_write.remote(-1).result() == [False] * 5
+
+
+def test_return_exceptions_yields_errors_and_goes_on():
+    """With return_exceptions=True every item gives a value or its exception, in order."""
+    with Session() as s:
+        @s.function
+        def inverse(x):
+            return 1 / x
+
+        out = list(inverse.imap([1, 0, 2], return_exceptions=True))
+        assert out[0] == 1.0 and isinstance(out[1], ZeroDivisionError) and out[2] == 0.5
+
+
+def test_cancelled_queued_calls_never_run():
+    """Calls cancelled while still queued (behind a busy sandbox) never start."""
+    with Session() as s:
+        write, check = one_sandbox(s, write_later, exists)
+        first = write.remote("/tmp/first", 0.3)
+        queued = [write.remote(f"/tmp/q{i}", 0) for i in range(5)]
+        for ref in queued:
+            ref.cancel()
+        assert first.result() == "wrote"
+        assert [check.remote(f"/tmp/q{i}").result() for i in range(5)] == [False] * 5
