@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from ._config import SandboxStatus
 
+#: Status reason of a sandbox killed for going over its memory limit (Kubernetes' word first).
+OOM_KILLED = "OOMKilled: the sandbox went over its memory limit and was killed"
 _REASONS = {
     "max_lifetime": "max_lifetime_seconds elapsed",
     "parent_gone": "the sandbox's template process exited",
@@ -49,7 +51,7 @@ def _describe_death(code: int | None, sig: int | None) -> str:
 
 def advance(state: Lifecycle, event: str, **info: object) -> Lifecycle:
     """The state after ``event``. Events: start, running, failed(reason), stop, main_exit(code),
-    farewell(reason, code), gone(code, signal)."""
+    farewell(reason, code), gone(code, signal, oom_killed)."""
     if state.terminal:
         return state
     if event == "start":
@@ -81,6 +83,8 @@ def advance(state: Lifecycle, event: str, **info: object) -> Lifecycle:
         code, sig = info.get("code"), info.get("signal")
         if state.stop_requested:
             return _terminal(state, SandboxStatus.TERMINATED, 137 if sig else 143, "stopped")
+        if info.get("oom_killed"):
+            return _terminal(state, SandboxStatus.FAILED, code, OOM_KILLED)  # type: ignore[arg-type]
         return _terminal(state, SandboxStatus.FAILED, code, _describe_death(code, sig))  # type: ignore[arg-type]
     else:
         raise ValueError(f"unknown lifecycle event {event!r}")
