@@ -7,6 +7,7 @@ from ._config import ResourceOptions, SandboxDefaults, SandboxSpec, SandboxStatu
 from ._function import RemoteFunction, Retries
 from ._errors import (
     AsyncFunctionError,
+    CWSandboxAuthenticationError,
     CWSandboxError,
     FunctionError,
     ProtocolError,
@@ -38,7 +39,8 @@ from ._session import Session
 __version__ = "0.1.0"
 
 __all__ = [
-    "AsyncFunctionError", "CWSandboxError", "FunctionError", "LocalRuntime", "OperationCancelled",
+    "AsyncFunctionError", "CWSandboxAuthenticationError", "CWSandboxError", "FunctionError", "LocalRuntime",
+    "OperationCancelled",
     "OperationRef", "PoolStatistics", "Process", "ProcessResult", "ProtocolError", "RemoteError", "RemoteFunction",
     "ResourceOptions", "ResultStream", "Retries",
     "Runtime", "Sandbox", "SandboxDefaults", "SandboxDiedError", "SandboxError", "SandboxExecutionError",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 __all__ = [
     "AsyncFunctionError",
+    "CWSandboxAuthenticationError",
     "CWSandboxError",
     "FunctionError",
     "ProtocolError",
@@ -108,6 +109,10 @@ class ProtocolError(SandpoolError):
     """
 
     _extras = ("frame",)
+
+
+class CWSandboxAuthenticationError(SandpoolError):
+    """A sandpool server refused the call: the token is missing or wrong (cwsandbox's name)."""
 
 
 class SandboxError(SandpoolError):

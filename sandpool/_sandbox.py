@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import _lifecycle
+from . import _lifecycle, _shared
 from ._config import SandboxDefaults, SandboxSpec, SandboxStatus, resolve_spec
 from ._errors import (
     ProtocolError,
@@ -58,13 +58,14 @@ class _Reply:
 class Sandbox:
     """A sandbox. Construction does no I/O; the first use (exec, files, wait, ``await``) starts it."""
 
-    def __init__(self, *, defaults: SandboxDefaults | None = None, _session: Session | None = None,
-                 _spec: SandboxSpec | None = None, **overrides: Any) -> None:
+    def __init__(self, *, defaults: SandboxDefaults | None = None, address: str | None = None,
+                 token: str | None = None, _session: Session | None = None, _spec: SandboxSpec | None = None,
+                 **overrides: Any) -> None:
         standalone = _session is None
         if _session is None:
             from ._session import default_session
 
-            _session = default_session()
+            _session = default_session(address=address, token=token)
         self._session = _session
         self._owners: set[Session] = set()  # sessions that stop this sandbox when they close
         self._spec = _spec or resolve_spec(defaults if defaults is not None else _session.defaults, **overrides)
@@ -84,7 +85,7 @@ class Sandbox:
 
     @property
     def sandbox_id(self) -> str | None:
-        return self._record.sandbox_id if self._record else None
+        return (self._record.sandbox_id or None) if self._record else None
 
     @property
     def status(self) -> SandboxStatus | None:
@@ -175,6 +176,7 @@ class Sandbox:
             await runtime.start(self._record)
             self._record.started_at = time.time()
             self._state = _lifecycle.advance(self._state, "running")
+            _KNOWN[self._record.sandbox_id] = self  # again: a remote runtime names it in start()
             self._host.nursery.start_soon(self._reader)
         except BaseException as exc:
             self._state = _lifecycle.advance(self._state, "failed", reason=f"failed to start: {exc}")
@@ -189,6 +191,8 @@ class Sandbox:
             return
         if state.stop_requested or state.status == SandboxStatus.TERMINATED:
             raise SandboxNotRunningError(f"sandbox {self.sandbox_id} has been stopped ({state.reason})",
+        if self._record is not None and self._record.extra.get("lost"):
+            raise self._gone_error()  # SandboxUnavailableError: its server is unreachable
                                          sandbox_id=self.sandbox_id)
         if state.status == SandboxStatus.COMPLETED:
             raise SandboxNotRunningError(f"sandbox {self.sandbox_id} has completed ({state.reason})",
@@ -200,6 +204,8 @@ class Sandbox:
         if self._state.phase == "running":
             return
         if self._state.phase == "new":
+            if self._record is not None and self._record.channel is None:
+                await _shared.attach(self)  # a handle found on a shared runtime: attach on first use
             self.start()
         await self._started.wait()
         self._raise_if_not_running()
@@ -242,6 +248,8 @@ class Sandbox:
                 await self._session._runtime.stop(self._record, grace)
             with trio.CancelScope(shield=True), trio.move_on_after(_EXIT_REPORT_SECONDS):
                 await self._terminal.wait()
+                if self._record.channel is None:  # a found handle never attached: no reader settles it
+                    _shared.settle_unattached(self)
         for owner in list(self._owners):
             owner._forget(self)
 
@@ -309,6 +317,8 @@ class Sandbox:
             await record.exited.wait()
         if farewell is not None:
             self._state = _lifecycle.advance(self._state, "farewell", reason=farewell.get("reason"),
+        if record.extra.get("lost"):  # the server became unreachable: its state is unknown here
+            self._state = _lifecycle.advance(self._state, "failed", reason=record.extra["lost"])
                                              code=farewell.get("code"))
         self._state = _lifecycle.advance(self._state, "gone", code=record.exit_code, signal=record.exit_signal,
                                          oom_killed=record.extra.get("oom_killed", False))
@@ -324,6 +334,9 @@ class Sandbox:
         state = self._state
         if state.stop_requested:
             return SandboxNotRunningError(f"sandbox {self.sandbox_id} was stopped", sandbox_id=self.sandbox_id)
+        if self._record is not None and self._record.extra.get("lost"):
+            return SandboxUnavailableError(f"sandbox {self.sandbox_id}: {self._record.extra['lost']}",
+                                           sandbox_id=self.sandbox_id)
         return SandboxDiedError(f"sandbox {self.sandbox_id} ended: {state.reason}", sandbox_id=self.sandbox_id,
                                 exit_code=self._record.exit_code if self._record else None,
                                 signal=self._record.exit_signal if self._record else None)
@@ -424,8 +437,10 @@ class Sandbox:
 
     @classmethod
     def list(cls, *, tags: Sequence[str] | None = None, status: str | SandboxStatus | None = None,
-             show_terminated: bool = False) -> OperationRef[list[Sandbox]]:
-        """Sandboxes of this process carrying every tag in ``tags`` (non-terminal unless asked)."""
+             show_terminated: bool = False, address: str | None = None,
+             token: str | None = None) -> OperationRef[list[Sandbox]]:
+        """Sandboxes carrying every tag in ``tags`` (non-terminal unless asked): this process's, or
+        with ``address`` (or ``$SANDPOOL_ADDRESS``) every one of that server's, whoever made them."""
         wanted = SandboxStatus.parse(status) if status is not None else None
         if isinstance(tags, str):
             raise TypeError(f"tags must be a list of strings, not a string; use tags=[{tags!r}]")
@@ -433,9 +448,15 @@ class Sandbox:
         return OperationRef.completed(found)
 
     @classmethod
-    def from_id(cls, sandbox_id: str) -> OperationRef[Sandbox]:
-        """The sandbox with this id; SandboxNotFoundError if this process has none."""
+    def from_id(cls, sandbox_id: str, *, address: str | None = None, token: str | None = None) -> OperationRef[Sandbox]:
+        """The sandbox with this id (on the server at ``address`` or ``$SANDPOOL_ADDRESS`` if set);
+        SandboxNotFoundError if there is none."""
+        if _shared.resolve_address(address):
+            return _shared.spawn_find(address, token, sandbox_id=sandbox_id)
         sandbox = _KNOWN.get(sandbox_id)
+        if _shared.resolve_address(address):
+            return _shared.spawn_find(address, token, tags=tuple(tags or ()),
+                                      status=wanted.value if wanted else None, show_terminated=show_terminated)
         if sandbox is None:
             return OperationRef.failed(SandboxNotFoundError(f"no sandbox {sandbox_id!r}", sandbox_id=sandbox_id))
         return OperationRef.completed(sandbox)

@@ -9,6 +9,7 @@ from typing import Any
 
 import trio
 
+from . import _shared
 from ._config import SandboxDefaults, SandboxStatus, resolve_spec
 from ._errors import SandboxError
 from ._function import Retries, function_decorator
@@ -46,9 +47,17 @@ class Session:
     """
 
     def __init__(self, defaults: SandboxDefaults | Mapping | None = None, *, runtime: Runtime | None = None,
-                 report_to: list[str] | None = None) -> None:
+                 address: str | None = None, token: str | None = None, report_to: list[str] | None = None) -> None:
         self.defaults = _coerce_defaults(defaults)
         self._runtime_arg = runtime
+        # a sandpool server's sandboxes (address=, or $SANDPOOL_ADDRESS): a runtime of our own
+        self._owned_runtime: Runtime | None = None
+        if runtime is not None and address is not None:
+            raise ValueError("pass runtime= or address=, not both; address= means RemoteRuntime(address, token)")
+        if runtime is None and _shared.resolve_address(address):
+            from ._runtime._remote import RemoteRuntime
+
+            self._owned_runtime = RemoteRuntime(_shared.resolve_address(address), token)
         self._runtime: Runtime | None = None
         self._host: TaskHost | None = None
         self._admin: TaskHost | None = None  # where close() runs: outside the session's own nursery
@@ -91,6 +100,10 @@ class Session:
 
     async def _open_in_portal(self) -> None:
         assert self._portal is not None
+        if self._owned_runtime is not None:  # opened and closed by the session's own task (_serve)
+            self._runtime, self._admin = self._owned_runtime, self._portal.host
+            await self._portal.host.nursery.start(self._serve)
+            return
         self._runtime = self._runtime_arg or await _shared_runtime(self._portal)
         if self._runtime_arg is not None:
             await self._portal.host.nursery.start(_keep_runtime, self._runtime_arg)
@@ -101,10 +114,21 @@ class Session:
         self._done, self._finished = trio.Event(), trio.Event()
         try:
             async with trio.open_nursery() as nursery:
+                if self._owned_runtime is not None:
+                    await self._owned_runtime.open(nursery)
                 self._host = TaskHost(nursery, trio.lowlevel.current_trio_token())
                 task_status.started()
-                await self._done.wait()
+                try:
+                    await self._done.wait()
+                finally:
+                    if self._owned_runtime is not None:
+                        with trio.CancelScope(shield=True):
+                            await self._owned_runtime.aclose()
                 nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            if self._host is None and len(group.exceptions) == 1:  # opening failed: raise that error itself
+                raise group.exceptions[0]  # noqa: B904 (its own cause, e.g. the gRPC error, is kept)
+            raise
         finally:
             self._finished.set()
 
@@ -128,7 +152,7 @@ class Session:
         self._nursery_cm = trio.open_nursery()
         nursery = await self._nursery_cm.__aenter__()
         self._host = self._admin = TaskHost(nursery, trio.lowlevel.current_trio_token())
-        self._runtime = self._runtime_arg or LocalRuntime()
+        self._runtime = self._runtime_arg or self._owned_runtime or LocalRuntime()
         try:
             await self._runtime.open(nursery)
         except BaseException:
@@ -200,6 +224,10 @@ class Session:
         if isinstance(tags, str):
             raise TypeError(f"tags must be a list of strings, not a string; use tags=[{tags!r}]")
         merged = self.defaults.merge_tags(tags or ())
+        if self._owned_runtime is not None:  # ask this session's server
+            wanted = SandboxStatus.parse(status).value if status is not None else None
+            return OperationRef.spawn(self._ensure_open(), self._find, adopt, dict(
+                tags=merged, status=wanted, show_terminated=show_terminated))
         found = Sandbox.list(tags=merged, status=status, show_terminated=show_terminated).result()
         if adopt:
             for sandbox in found:
@@ -208,10 +236,19 @@ class Session:
 
     def from_id(self, sandbox_id: str, *, adopt: bool = True) -> OperationRef[Sandbox]:
         """The sandbox with ``sandbox_id``, adopted by this session unless ``adopt=False``."""
+        if self._owned_runtime is not None:  # ask this session's server
+            return OperationRef.spawn(self._ensure_open(), self._find, adopt, dict(sandbox_id=sandbox_id))
         ref = Sandbox.from_id(sandbox_id)
         if adopt and ref.exception() is None:
             self.adopt(ref.result())
         return ref
+
+    async def _find(self, adopt: bool, query: dict) -> list[Sandbox] | Sandbox:
+        found = await _shared.find(self, **query)
+        if adopt:
+            for sandbox in found:
+                self.adopt(sandbox)
+        return found[0] if "sandbox_id" in query else found
 
     # -- remote functions ------------------------------------------------------------------------
 
@@ -334,14 +371,17 @@ async def _keep_runtime(runtime: Runtime, task_status=trio.TASK_STATUS_IGNORED) 
                 await runtime.aclose()
 
 
-_DEFAULT: Session | None = None
+_DEFAULTS: dict[tuple[str | None, str | None], Session] = {}
 _DEFAULT_LOCK = threading.Lock()
 
 
-def default_session() -> Session:
-    """The hidden session that owns standalone sandboxes (``Sandbox.run()``); ends with the process."""
-    global _DEFAULT
+def default_session(address: str | None = None, token: str | None = None) -> Session:
+    """The hidden session that owns standalone sandboxes (``Sandbox.run()``); ends with the process.
+
+    One per server address (``address``, else ``$SANDPOOL_ADDRESS``), and one for this machine."""
+    key = (_shared.resolve_address(address), token)
     with _DEFAULT_LOCK:
-        if _DEFAULT is None or _DEFAULT._closed:
-            _DEFAULT = Session()
-        return _DEFAULT
+        session = _DEFAULTS.get(key)
+        if session is None or session._closed or getattr(session._runtime, "lost", None):
+            session = _DEFAULTS[key] = Session(address=key[0], token=token)
+        return session

@@ -5,6 +5,7 @@ import pytest
 from sandpool import _errors
 from sandpool._errors import (
     AsyncFunctionError,
+    CWSandboxAuthenticationError,
     CWSandboxError,
     FunctionError,
     ProtocolError,
@@ -30,6 +31,7 @@ ALL_ERRORS = [
 
 PARENTS = {
     ProtocolError: SandpoolError,
+    CWSandboxAuthenticationError: SandpoolError,
     SandboxError: SandpoolError,
     SandboxNotRunningError: SandboxError,
     SandboxUnavailableError: SandboxNotRunningError,

@@ -28,12 +28,21 @@ class SandboxRecord:
     exit_code: int | None = None
     exit_signal: int | None = None
     extra: dict = field(default_factory=dict)
+    #: the state a shared runtime last reported (a status value, its reason, the return code);
+    #: local sandboxes keep their state in their Sandbox and leave these None
+    status: str | None = None
+    status_reason: str | None = None
+    returncode: int | None = None
 
 
 class Runtime(abc.ABC):
     """Creates, starts, stops, lists and attaches sandboxes. All methods run in one trio loop."""
 
     name: str = "runtime"
+    #: True when sandboxes live outside this process, so other processes can find and attach them
+    shared: bool = False
+    #: where the sandboxes live ("local", or a server address): handles match on it
+    endpoint: str = "local"
 
     @abc.abstractmethod
     async def open(self, nursery: trio.Nursery) -> None:
@@ -41,7 +50,8 @@ class Runtime(abc.ABC):
 
     @abc.abstractmethod
     def create(self, spec: SandboxSpec) -> SandboxRecord:
-        """Reserve a sandbox for ``spec`` (an id, its state); no process starts yet."""
+        """Reserve a sandbox for ``spec`` (an id, its state); no process starts yet. A remote
+        runtime leaves ``sandbox_id`` empty until ``start`` (its server names the sandbox)."""
 
     @abc.abstractmethod
     async def start(self, record: SandboxRecord) -> FrameChannel:
@@ -55,8 +65,17 @@ class Runtime(abc.ABC):
     def list(self) -> list[SandboxRecord]:
         """Every sandbox this runtime knows, terminal ones included."""
 
+    async def find(self, *, sandbox_id: str | None = None, tags: tuple[str, ...] = (), status: str | None = None,
+                   show_terminated: bool = False) -> list[SandboxRecord]:
+        """Sandboxes of a shared runtime: the one with ``sandbox_id`` (SandboxNotFoundError if none),
+        or those carrying every tag in ``tags`` with ``status`` (terminal ones only when asked for,
+        or when ``status`` is terminal). Records carry ``status``; a record already returned for an
+        id is returned again, updated. Runtimes that are not shared refuse."""
+        raise NotImplementedError(f"the {self.name} runtime does not share its sandboxes; search this process's")
+
     async def attach(self, sandbox_id: str) -> FrameChannel:
-        """A frame channel to a sandbox started elsewhere; runtimes without sharing refuse."""
+        """A frame channel to a sandbox started elsewhere (set as its record's ``channel``, for a
+        record that ``find`` returned); runtimes without sharing refuse."""
         raise NotImplementedError(f"the {self.name} runtime cannot attach to sandboxes it did not start")
 
     @abc.abstractmethod

@@ -1,0 +1,93 @@
+"""Who may call the server: the bind rule, the bearer token, and TLS credentials.
+
+- A server binds loopback unless told otherwise, and refuses to listen on any other address
+  without a token (anyone on the network could otherwise run commands).
+- With a token, every call must carry ``authorization: Bearer <token>``; a missing or wrong one
+  ends the call UNAUTHENTICATED before any handler runs, so nothing is created.
+- With ``--tls-cert``/``--tls-key``, the port speaks TLS only.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+
+import grpc
+
+from . import messages as m
+
+
+def split_listen(listen: str) -> tuple[str, str]:
+    """``(host, port)`` of ``host:port`` / ``[v6]:port``; ``("unix", path)`` for ``unix:/path``."""
+    if listen.startswith("unix:"):
+        return "unix", listen[len("unix:"):]
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--listen must be HOST:PORT (e.g. 127.0.0.1:{m.DEFAULT_PORT}) or unix:/path, "
+                         f"got {listen!r}")
+    return host.strip("[]"), port
+
+
+def is_loopback(listen: str) -> bool:
+    """True for unix sockets, localhost and loopback IPs; False for wildcards and anything else."""
+    host, _ = split_listen(listen)
+    if host in ("unix", "localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def check_bind(listen: str, token: str | None) -> None:
+    """ValueError naming the fix if ``listen`` is not loopback and no token protects it."""
+    if token is None and not is_loopback(listen):
+        raise ValueError(f"refusing to listen on {listen!r} without a token: anyone who reaches it could run "
+                         f"commands. Pass --token-file FILE (and --tls-cert/--tls-key so the token is not sent "
+                         f"in clear), or listen on 127.0.0.1")
+
+
+def read_token(path: str) -> str:
+    """The token in ``path`` (surrounding whitespace removed); ValueError if it is empty."""
+    with open(path, encoding="utf-8") as f:
+        token = f.read().strip()
+    if not token:
+        raise ValueError(f"the token file {path!r} is empty; put a long random string in it, "
+                         f"e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))' > {path}")
+    return token
+
+
+def server_credentials(cert_file: str, key_file: str) -> grpc.ServerCredentials:
+    with open(cert_file, "rb") as f:
+        cert = f.read()
+    with open(key_file, "rb") as f:
+        key = f.read()
+    return grpc.ssl_server_credentials([(key, cert)])
+
+
+def _deny(kind: str, message: str) -> grpc.RpcMethodHandler:
+    def abort(request, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    if kind == "unary_stream":
+        return grpc.unary_stream_rpc_method_handler(abort)
+    if kind == "stream_stream":
+        return grpc.stream_stream_rpc_method_handler(abort)
+    return grpc.unary_unary_rpc_method_handler(abort)
+
+
+class TokenInterceptor(grpc.ServerInterceptor):
+    """Refuses, UNAUTHENTICATED, every call whose bearer token is not ``token``."""
+
+    def __init__(self, token: str, kinds: dict[str, str]) -> None:
+        self._expected = f"Bearer {token}".encode()
+        self._kinds = kinds
+
+    def intercept_service(self, continuation, handler_call_details):
+        given = dict(handler_call_details.invocation_metadata or ()).get(m.META_TOKEN)
+        if isinstance(given, str) and hmac.compare_digest(given.encode(), self._expected):
+            return continuation(handler_call_details)
+        kind = self._kinds.get(handler_call_details.method, "unary_unary")
+        if given is None:
+            return _deny(kind, "this sandpool server requires a token; pass token= or set SANDPOOL_TOKEN")
+        return _deny(kind, "wrong token for this sandpool server; check token= or SANDPOOL_TOKEN")

@@ -1,0 +1,299 @@
+"""The control plane: the server's sandboxes, the leases of its clients, and the orphan grace rule.
+
+Everything here runs in the server's trio loop; gRPC handler threads call in through
+``trio.from_thread``. Request messages are plain dicts (``messages.py``); replies are "info" dicts.
+
+Ownership: a sandbox belongs to the lease of the client that created it. It is *held* while that
+lease is alive or while any client is attached to its data plane. A sandbox that nobody holds is
+orphaned; after ``orphan_grace`` seconds orphaned, the server stops it (reason "orphaned ...").
+``max_lifetime_seconds`` is enforced by the agent itself, held or not. Releasing a lease stops
+what it still owns, which is how a closing client's leftovers go.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from .. import _lifecycle
+from .._config import SandboxStatus
+from .._errors import SandboxNotFoundError, SandboxNotRunningError, SandboxUnavailableError
+from .._runtime._contract import Runtime, SandboxRecord
+from . import messages as m
+from .dataplane import Attachment, Hub
+from .journal import Journal
+
+log = logging.getLogger("sandpool.serve")
+
+EXIT_REPORT_SECONDS = 3.0
+SWEEP_SECONDS = 0.25
+SHUTDOWN_REASON = "the sandpool server shut down"
+
+
+@dataclass(eq=False)
+class Hosted:
+    """One sandbox of this server run."""
+
+    record: SandboxRecord
+    owner: str | None
+    state: _lifecycle.Lifecycle = field(default_factory=_lifecycle.Lifecycle)
+    hub: Hub | None = None
+    orphaned_since: float | None = None
+    stop_reason: str | None = None
+    ended_at: float | None = None
+    ended: trio.Event = field(default_factory=trio.Event)
+
+
+def decide_orphans(hosted: list[Hosted], live_leases: set[str], now: float, grace: float) -> list[Hosted]:
+    """Update each running sandbox's orphan clock; return those whose grace has run out. Pure."""
+    expired = []
+    for h in hosted:
+        if h.state.terminal or h.state.stop_requested:
+            continue
+        held = (h.owner is not None and h.owner in live_leases) or bool(h.hub and h.hub.attachments)
+        if held:
+            h.orphaned_since = None
+        elif h.orphaned_since is None:
+            h.orphaned_since = now
+        elif now - h.orphaned_since >= grace:
+            expired.append(h)
+    return expired
+
+
+class Fleet:
+    """The sandboxes of one server, on one LocalRuntime."""
+
+    def __init__(self, runtime: Runtime, journal: Journal, nursery: trio.Nursery, *, orphan_grace: float) -> None:
+        self.runtime = runtime
+        self.journal = journal
+        self.nursery = nursery
+        self.orphan_grace = orphan_grace
+        self.sandboxes: dict[str, Hosted] = {}
+        self.leases: dict[str, str] = {}  # live lease id -> peer
+        self.closing = False
+
+    def __repr__(self) -> str:
+        live = sum(1 for h in self.sandboxes.values() if not h.state.terminal)
+        return f"<Fleet live={live} leases={len(self.leases)} grace={self.orphan_grace:g}s>"
+
+    # -- leases ------------------------------------------------------------------------------
+
+    def open_lease(self, peer: str) -> str:
+        lease = f"lease-{secrets.token_hex(6)}"
+        self.leases[lease] = peer
+        return lease
+
+    def lease_lost(self, lease: str) -> None:
+        """The lease's stream ended without a release: its sandboxes' grace clock may start."""
+        self.leases.pop(lease, None)
+
+    async def rpc_release(self, request: dict, peer: str) -> dict:
+        lease = m.field(request, "lease", str)
+        self.leases.pop(lease, None)
+        stopped = []
+        if m.field(request, "stop", bool, False):
+            owned = [h for h in self.sandboxes.values() if h.owner == lease and not h.state.terminal]
+            async with trio.open_nursery() as nursery:
+                for h in owned:
+                    nursery.start_soon(self._stop, h, 0.0, None)
+            stopped = [h.record.sandbox_id for h in owned]
+        return {"stopped": stopped}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def rpc_create(self, request: dict, peer: str) -> dict:
+        if self.closing:
+            raise SandboxUnavailableError("the sandpool server is shutting down")
+        spec = m.spec_from_dict(m.field(request, "spec", dict))
+        lease = m.field(request, "lease", str, None)
+        record = self.runtime.create(spec)
+        hosted = Hosted(record, lease, _lifecycle.advance(_lifecycle.Lifecycle(), "start"))
+        self.sandboxes[record.sandbox_id] = hosted
+        self.journal.write(self._entry(hosted))
+        try:
+            with trio.CancelScope(shield=True):  # a started agent must end up watched, or stopped
+                channel = await self.runtime.start(record)
+        except Exception as exc:
+            hosted.state = _lifecycle.advance(hosted.state, "failed", reason=f"failed to start: {exc}")
+            self._ended(hosted)
+            raise
+        record.started_at = time.time()
+        hosted.state = _lifecycle.advance(hosted.state, "running")
+        hosted.hub = Hub(record.sandbox_id, channel, lambda frame: self._on_event(hosted, frame))
+        self.nursery.start_soon(self._watch, hosted)
+        self.journal.write(self._entry(hosted))
+        return self.info(hosted)
+
+    def _on_event(self, hosted: Hosted, frame: dict) -> dict:
+        """A frame for every client (main_exit, bye): track the state; a farewell of a sandbox the
+        server stopped on its own (orphaned, shutdown) carries the server's reason to clients."""
+        if frame["t"] == "main_exit":
+            hosted.state = _lifecycle.advance(hosted.state, "main_exit", code=frame["code"])
+        elif frame["t"] == "bye":
+            hosted.state = _lifecycle.advance(hosted.state, "farewell", reason=frame.get("reason"),
+                                              code=frame.get("code"))
+            if hosted.stop_reason:
+                frame = {**frame, "reason": hosted.stop_reason}
+        return frame
+
+    async def _watch(self, hosted: Hosted) -> None:
+        """Relay the sandbox's frames until its agent is gone, then settle and report its end."""
+        record = hosted.record
+        assert hosted.hub is not None
+        try:
+            await hosted.hub.run()
+        finally:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(EXIT_REPORT_SECONDS):
+                    await record.exited.wait()
+                if not record.exited.is_set():  # the agent left its socket but lives on: make sure
+                    await self.runtime.stop(record, 0.0)
+                hosted.state = _lifecycle.advance(hosted.state, "gone", code=record.exit_code,
+                                                  signal=record.exit_signal)
+                if record.channel is not None:
+                    await record.channel.aclose()
+                self._ended(hosted)
+                trailer = {m.TRAILER_CODE: "" if record.exit_code is None else str(record.exit_code),
+                           m.TRAILER_SIGNAL: "" if record.exit_signal is None else str(record.exit_signal),
+                           m.TRAILER_REASON: self._reason(hosted) or ""}
+                hosted.hub.finish(trailer)
+                forget = getattr(self.runtime, "forget", None)
+                if forget is not None:
+                    forget(record.sandbox_id)
+
+    def _ended(self, hosted: Hosted) -> None:
+        hosted.ended_at = time.time()
+        self.journal.write(self._entry(hosted))
+        hosted.ended.set()
+
+    async def _stop(self, hosted: Hosted, grace: float, reason: str | None) -> None:
+        if hosted.state.terminal:
+            return
+        if reason and not hosted.stop_reason:
+            hosted.stop_reason = reason
+        hosted.state = _lifecycle.advance(hosted.state, "stop")
+        with trio.CancelScope(shield=True):
+            await self.runtime.stop(hosted.record, grace)
+            with trio.move_on_after(EXIT_REPORT_SECONDS + 1):
+                await hosted.ended.wait()
+
+    async def rpc_stop(self, request: dict, peer: str) -> dict:
+        sandbox_id = m.field(request, "sandbox_id", str)
+        grace = m.field(request, "grace", (int, float), 10.0)
+        if not 0 <= grace < float("inf"):
+            raise ValueError(f"grace must be a number of seconds >= 0, got {grace!r}")
+        hosted = self.sandboxes.get(sandbox_id)
+        if hosted is None:
+            if sandbox_id in self.journal.history or m.field(request, "missing_ok", bool, False):
+                return self._history_info(sandbox_id)
+            raise SandboxNotFoundError(f"no sandbox {sandbox_id!r} on this server", sandbox_id=sandbox_id)
+        await self._stop(hosted, float(grace), None)
+        return self.info(hosted)
+
+    async def rpc_delete(self, request: dict, peer: str) -> dict:
+        reply = await self.rpc_stop({**request, "grace": request.get("grace", 0.0)}, peer)
+        self.sandboxes.pop(reply["sandbox_id"], None)
+        self.journal.forget(reply["sandbox_id"])
+        return reply
+
+    async def sweep_orphans(self) -> None:
+        """Stop sandboxes orphaned for longer than the grace period, forever."""
+        while True:
+            expired = decide_orphans(list(self.sandboxes.values()), set(self.leases), time.monotonic(),
+                                     self.orphan_grace)
+            for h in expired:
+                log.info("stopping %s: orphaned for %g s", h.record.sandbox_id, self.orphan_grace)
+                self.nursery.start_soon(self._stop, h, 0.0,
+                                        f"orphaned: no client held it for {self.orphan_grace:g} s")
+            await trio.sleep(SWEEP_SECONDS)
+
+    async def aclose(self) -> None:
+        """Graceful shutdown: refuse new sandboxes, stop every one (concurrently), close the journal."""
+        self.closing = True
+        with trio.CancelScope(shield=True):
+            async with trio.open_nursery() as nursery:
+                for h in list(self.sandboxes.values()):
+                    nursery.start_soon(self._stop, h, 0.0, SHUTDOWN_REASON)
+            self.journal.close()
+
+    # -- data plane --------------------------------------------------------------------------
+
+    async def attach(self, sandbox_id: str, inbound, outbound, peer: str) -> Attachment:
+        hosted = self.sandboxes.get(sandbox_id)
+        if hosted is None:
+            if sandbox_id in self.journal.history:
+                info = self._history_info(sandbox_id)
+                raise SandboxNotRunningError(f"sandbox {sandbox_id} has ended: {info['status_reason']}",
+                                             sandbox_id=sandbox_id)
+            raise SandboxNotFoundError(f"no sandbox {sandbox_id!r} on this server", sandbox_id=sandbox_id)
+        if hosted.hub is None:  # it never started
+            raise SandboxNotRunningError(f"sandbox {sandbox_id} is {hosted.state.status}: {self._reason(hosted)}",
+                                         sandbox_id=sandbox_id)
+        att = hosted.hub.attach(inbound, outbound, peer)
+        hosted.orphaned_since = None
+        self.nursery.start_soon(hosted.hub.serve, att)
+        return att
+
+    # -- queries -----------------------------------------------------------------------------
+
+    async def rpc_get(self, request: dict, peer: str) -> dict:
+        sandbox_id = m.field(request, "sandbox_id", str)
+        hosted = self.sandboxes.get(sandbox_id)
+        if hosted is not None:
+            return self.info(hosted)
+        if sandbox_id in self.journal.history:
+            return self._history_info(sandbox_id)
+        raise SandboxNotFoundError(f"no sandbox {sandbox_id!r} on this server", sandbox_id=sandbox_id)
+
+    async def rpc_list(self, request: dict, peer: str) -> dict:
+        tags = m.field(request, "tags", list, [])
+        status = m.field(request, "status", str, None)
+        wanted = SandboxStatus.parse(status) if status is not None else None
+        show_terminated = m.field(request, "show_terminated", bool, False) or bool(wanted and wanted.is_terminal)
+        infos = [self.info(h) for h in self.sandboxes.values()]
+        infos += [self._history_info(i) for i in self.journal.history if i not in self.sandboxes]
+        found = [i for i in infos if all(t in i["tags"] for t in tags)
+                 and (wanted is None or i["status"] == wanted.value)
+                 and (show_terminated or not SandboxStatus(i["status"]).is_terminal)]
+        found.sort(key=lambda i: i.get("created_at") or 0)
+        return {"sandboxes": found}
+
+    def _reason(self, hosted: Hosted) -> str | None:
+        if hosted.state.terminal and hosted.stop_reason:
+            return hosted.stop_reason
+        return hosted.state.reason
+
+    def info(self, hosted: Hosted) -> dict:
+        record, state = hosted.record, hosted.state
+        orphaned = None if hosted.orphaned_since is None else time.monotonic() - hosted.orphaned_since
+        return {
+            "sandbox_id": record.sandbox_id,
+            "status": (state.status or SandboxStatus.PENDING).value,
+            "status_reason": self._reason(hosted),
+            "returncode": state.returncode,
+            "tags": list(record.spec.tags),
+            "isolation": record.isolation,
+            "created_at": record.created_at,
+            "started_at": record.started_at,
+            "ended_at": hosted.ended_at,
+            "spec": m.spec_to_dict(record.spec),
+            "attached": len(hosted.hub.attachments) if hosted.hub else 0,
+            "orphaned_for": orphaned,
+        }
+
+    def _entry(self, hosted: Hosted) -> dict:
+        info = self.info(hosted)
+        return {k: info[k] for k in ("sandbox_id", "status", "status_reason", "returncode", "tags", "isolation",
+                                     "created_at", "started_at", "ended_at")}
+
+    def _history_info(self, sandbox_id: str) -> dict:
+        entry = self.journal.history.get(sandbox_id)
+        if entry is None:  # missing_ok on an id never seen
+            return {"sandbox_id": sandbox_id, "status": SandboxStatus.TERMINATED.value,
+                    "status_reason": "no such sandbox on this server", "returncode": None, "tags": []}
+        return {"returncode": None, "tags": [], "status_reason": None, "spec": None, "attached": 0,
+                "orphaned_for": None, **entry}

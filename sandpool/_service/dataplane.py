@@ -1,0 +1,173 @@
+"""The data plane: relays wire frames between one sandbox's agent and the clients attached to it.
+
+Each attached client is one gRPC stream whose directions are ThreadPipes (see ``server.py``).
+Frame ids are chosen by each client, so on the way in an attachment's ids move into a range of
+their own (``number << 32 | id``) and on the way out back again; frames without an id (the main
+command's exit, the farewell) go to every attachment. Id 0 (the main command) passes unchanged.
+
+Clients may send only the client kinds of the wire protocol, after a ``hello``; anything else,
+undecodable bytes or an oversized frame end that client's stream with INVALID_ARGUMENT and the
+reason, and nothing else. Output for a client that has gone is acknowledged here, so its
+processes run to the end instead of blocking on flow control.
+
+Backpressure: a client that reads slowly fills its pipe; the hub then waits, which stops reading
+this sandbox's agent (whose processes block like on a full pipe). Other sandboxes never wait.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from .. import _wire
+from .._channel import FrameChannel
+from .._errors import ProtocolError, SandboxUnavailableError
+from .._runtime._threadpipe import ThreadPipe
+
+ID_BITS = 32
+CLIENT_KINDS = frozenset({"exec", "stdin", "credit", "signal", "read_file", "write_file", "call", "cancel", "ping"})
+
+
+@dataclass(eq=False)
+class Attachment:
+    """One client stream attached to a sandbox."""
+
+    number: int
+    inbound: ThreadPipe  # client -> server, filled by the stream's request thread
+    outbound: ThreadPipe  # server -> client, emptied by the stream's response generator
+    peer: str = ""
+    #: set when the stream should end: ("ok", trailer dict) or ("error", (status name, message))
+    ending: tuple[str, object] | None = None
+    greeted: bool = False
+    done: trio.Event = field(default_factory=trio.Event)
+
+    def end(self, how: str, detail: object) -> None:
+        if self.ending is None:
+            self.ending = (how, detail)
+        self.outbound.close()
+        self.inbound.close()
+
+
+class Hub:
+    """Relays one sandbox's agent channel to any number of attached client streams."""
+
+    def __init__(self, sandbox_id: str, channel: FrameChannel, on_event: Callable[[dict], dict], *,
+                 max_frame_bytes: int = _wire.MAX_FRAME_BYTES) -> None:
+        self.sandbox_id = sandbox_id
+        self.channel = channel
+        self.on_event = on_event
+        self.attachments: dict[int, Attachment] = {}
+        self._next = 0
+        self._max_frame = max_frame_bytes
+        #: the frames every client gets (main_exit, bye), kept for clients that attach later
+        self.history: list[bytes] = []
+        self.finished = False
+        self.trailer: dict = {}
+
+    def __repr__(self) -> str:
+        return f"<Hub {self.sandbox_id} attached={len(self.attachments)}{' finished' if self.finished else ''}>"
+
+    def attach(self, inbound: ThreadPipe, outbound: ThreadPipe, peer: str = "") -> Attachment:
+        self._next += 1
+        attachment = Attachment(self._next, inbound, outbound, peer)
+        self.attachments[attachment.number] = attachment
+        return attachment
+
+    # -- client -> agent ---------------------------------------------------------------------
+
+    async def serve(self, att: Attachment) -> None:
+        """Forward one client's frames to the agent until it detaches or misbehaves."""
+        decoder = _wire.FrameBuffer(max_bytes=self._max_frame)
+        base = att.number << ID_BITS
+        try:
+            while True:
+                try:
+                    data = await att.inbound.receive()
+                except trio.BrokenResourceError:
+                    break
+                if not data:
+                    break
+                frames = []
+                for frame in decoder.feed(data):
+                    if not att.greeted:
+                        _wire.check_hello(frame)
+                        att.greeted = True
+                        hello = _wire.encode(_wire.hello(sandbox_id=self.sandbox_id))
+                        await att.outbound.send(b"".join([hello, *self.history]))
+                        if self.finished:  # attached after the end: it still learns how it ended
+                            att.end("ok", self.trailer)
+                            return
+                        continue
+                    kind = frame["t"]
+                    if kind not in CLIENT_KINDS:
+                        raise ProtocolError(f"clients may not send {kind!r} frames; stop a sandbox with the Stop call")
+                    frame_id = frame["id"]
+                    if not 0 <= frame_id < 1 << ID_BITS:
+                        raise ProtocolError(f"frame id {frame_id} is outside 0..2**32-1", frame={"t": kind})
+                    if frame_id:
+                        frame["id"] = base | frame_id
+                    frames.append(frame)
+                if frames:
+                    await self.channel.send_many(frames)
+        except ProtocolError as exc:
+            att.end("error", ("INVALID_ARGUMENT", f"malformed data-plane message: {exc}"))
+        except (SandboxUnavailableError, trio.BrokenResourceError):
+            pass  # the agent is gone or the client is: finish() or the stream's end reports it
+        finally:
+            self.attachments.pop(att.number, None)
+            att.end("ok", {})
+            att.done.set()
+
+    # -- agent -> clients --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Route the agent's frames to their attachments until the agent's connection ends."""
+        while True:
+            try:
+                batch = await self.channel.receive_batch()
+            except ProtocolError as exc:  # the agent's stream cannot be trusted past this
+                self.on_event({"t": "bye", "reason": f"protocol error: {exc}"})
+                return
+            if batch is None:
+                return
+            outgoing: dict[int, list[bytes]] = {}
+            credits = []
+            for frame in batch:
+                frame_id = frame.get("id") or 0
+                if frame_id:
+                    number, own_id = divmod(frame_id, 1 << ID_BITS)
+                    if number not in self.attachments:
+                        if frame["t"] == "output":  # nobody reads it any more: keep the process going
+                            credits.append({"t": "credit", "id": frame_id, "n": len(frame["data"])})
+                        continue
+                    frame["id"] = own_id
+                    outgoing.setdefault(number, []).append(_wire.encode(frame))
+                else:
+                    frame = self.on_event(frame)
+                    encoded = _wire.encode(frame)
+                    if len(self.history) < 16:
+                        self.history.append(encoded)
+                    for number, att in self.attachments.items():
+                        if att.greeted:  # the others get it from the history, after their hello
+                            outgoing.setdefault(number, []).append(encoded)
+            for number, chunks in outgoing.items():
+                att = self.attachments.get(number)
+                if att is not None:
+                    try:
+                        await att.outbound.send(b"".join(chunks))
+                    except trio.BrokenResourceError:
+                        pass  # that client went away meanwhile
+            if credits:
+                try:
+                    await self.channel.send_many(credits)
+                except SandboxUnavailableError:
+                    pass
+
+    def finish(self, trailer: dict) -> None:
+        """The sandbox ended: end every attached stream with ``trailer`` (its exit report)."""
+        self.finished, self.trailer = True, trailer
+        for att in list(self.attachments.values()):
+            if att.greeted:  # the others are answered, and ended, when their hello arrives
+                att.end("ok", trailer)

@@ -1,0 +1,111 @@
+"""Helpers for the service tests: a real ``sandpool serve`` subprocess on a loopback port.
+
+The server inherits SANDPOOL_STATE_DIR from the test run, so the autouse leak check sees its
+sandboxes too: a test passes only if the server stopped what the test made.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+PYTHON = sys.executable
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ServerProcess:
+    """``python -m sandpool serve --listen 127.0.0.1:0 ...``; ``address`` once it listens."""
+
+    def __init__(self, workdir: str, *args: str, token: str | None = None, grace: float = 30.0,
+                 record_file: str | None = None, listen: str = "127.0.0.1:0") -> None:
+        self.workdir = workdir
+        self.record_file = record_file or os.path.join(workdir, "record.jsonl")
+        self.token_file = None
+        if token is not None:
+            self.token_file = os.path.join(workdir, "token")
+            with open(self.token_file, "w") as f:
+                f.write(token + "\n")
+        self.argv = [PYTHON, "-m", "sandpool", "serve", "--listen", listen, "--record-file", self.record_file,
+                     "--orphan-grace-seconds", str(grace), *args]
+        if self.token_file:
+            self.argv += ["--token-file", self.token_file]
+        self.proc: subprocess.Popen | None = None
+        self.address: str | None = None
+        self.stderr_path = os.path.join(workdir, f"serve-{time.monotonic_ns()}.err")
+
+    def start(self, timeout: float = 20.0) -> ServerProcess:
+        env = {k: v for k, v in os.environ.items() if k not in ("SANDPOOL_ADDRESS", "SANDPOOL_TOKEN")}
+        env["GRPC_VERBOSITY"] = "ERROR"
+        self._err = open(self.stderr_path, "wb")  # noqa: SIM115 (closed in wait)
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=self._err, env=env, cwd=REPO)
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline().decode() if ready else ""
+        if "listening on" not in line:
+            self.kill()
+            raise RuntimeError(f"sandpool serve did not start: {line!r} {self.stderr()}")
+        self.address = line.split("listening on ", 1)[1].split()[0]
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stderr(self) -> str:
+        try:
+            with open(self.stderr_path, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        """SIGTERM (graceful) and wait; the exit status."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.wait(10)
+
+    def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.stdout:
+                self.proc.stdout.close()
+            self._err.close()
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.terminate()
+        finally:
+            self.kill()
+
+
+def run_client(code: str, *, env: dict | None = None, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh Python process (a separate client); its output as text."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, env=full_env, timeout=timeout,
+                          cwd=REPO)
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):
+    """Poll ``predicate`` until it returns something truthy (returned) or ``timeout`` passes (None)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return None

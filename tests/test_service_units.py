@@ -1,0 +1,240 @@
+"""The service's plain parts, without a server: thread pipes, the orphan rule, the journal, the bind
+and token rules, message encoding, and the one place gRPC errors are translated."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import grpc
+import pytest
+import trio
+
+import sandpool
+from sandpool import ResourceOptions, SandboxSpec
+from sandpool._lifecycle import Lifecycle, advance
+from sandpool._runtime._contract import SandboxRecord
+from sandpool._runtime._remote import parse_address, translate
+from sandpool._runtime._threadpipe import PipeStream, ThreadPipe
+from sandpool._service import auth
+from sandpool._service import messages as m
+from sandpool._service.control import Hosted, decide_orphans
+from sandpool._service.journal import RESTART_REASON, Journal
+
+# -- thread pipes --------------------------------------------------------------------------------
+
+
+def test_thread_to_trio_keeps_order_and_batches_what_is_queued():
+    """Chunks a thread puts arrive in order; a reader takes everything queued at once (one message)."""
+    async def main():
+        pipe = ThreadPipe(trio.lowlevel.current_trio_token(), message_bytes=1000)
+
+        def produce():
+            for i in range(100):
+                pipe.put_blocking(b"%03d," % i)
+            pipe.close()
+
+        await trio.to_thread.run_sync(produce)
+        received = []
+        while data := await pipe.receive():
+            received.append(data)
+        assert b"".join(received) == b"".join(b"%03d," % i for i in range(100))
+        assert len(received) == 1  # 400 bytes queued, one message of up to 1000
+    trio.run(main)
+
+
+def test_trio_to_thread_is_bounded_and_split_into_messages():
+    """A trio writer waits while the pipe is full; a thread reader takes at most one message each."""
+    async def main():
+        pipe = ThreadPipe(trio.lowlevel.current_trio_token(), limit=10, message_bytes=4)
+        got = []
+        reader = threading.Thread(target=lambda: got.extend(pipe.drain_iter()))
+        for i in range(5):
+            await pipe.send(b"abcdef")  # after the first, waits until the thread makes room
+            if i == 0:
+                reader.start()
+        pipe.close()
+        await trio.to_thread.run_sync(reader.join)
+        assert b"".join(got) == b"abcdef" * 5 and max(map(len, got)) <= 4
+    trio.run(main)
+
+
+def test_closing_with_an_error_breaks_the_trio_side_after_the_data():
+    """close(error): the reader first gets what was queued, then BrokenResourceError from the error."""
+    async def main():
+        pipe = ThreadPipe(trio.lowlevel.current_trio_token())
+        pipe.put_blocking(b"last words")
+        pipe.close(ConnectionError("server gone"))
+        assert await pipe.receive() == b"last words"
+        with pytest.raises(trio.BrokenResourceError, match="server gone"):
+            await pipe.receive()
+        with pytest.raises(trio.BrokenResourceError):
+            await pipe.send(b"x")
+        assert pipe.put_blocking(b"x") is False
+    trio.run(main)
+
+
+def test_pipe_stream_is_a_trio_stream_and_aclose_closes_both_ways():
+    """PipeStream carries bytes out and in, and aclose() closes both pipes and calls on_close once."""
+    async def main():
+        token = trio.lowlevel.current_trio_token()
+        inbound, outbound = ThreadPipe(token), ThreadPipe(token)
+        closed = []
+        stream = PipeStream(inbound, outbound, on_close=lambda: closed.append(1))
+        await stream.send_all(b"out")
+        assert outbound.get_blocking() == b"out"
+        inbound.put_blocking(b"in")
+        assert await stream.receive_some(10) == b"in"
+        await stream.aclose()
+        await stream.aclose()
+        assert inbound.closed and outbound.closed and closed == [1]
+        assert outbound.get_blocking() is None
+    trio.run(main)
+
+
+# -- the orphan rule -----------------------------------------------------------------------------
+
+
+def _hosted(owner: str | None, phase: str = "running") -> Hosted:
+    state = advance(advance(Lifecycle(), "start"), "running")
+    if phase == "terminal":
+        state = advance(state, "gone", code=0, signal=None)
+    return Hosted(SandboxRecord(sandbox_id=f"sb-{owner}", spec=SandboxSpec(), isolation="process"), owner, state)
+
+
+def test_orphan_clock_starts_when_nobody_holds_and_expires_after_the_grace():
+    """Held by a live lease: never orphaned. Lease gone: the clock starts, and after the grace it
+    expires; a terminal sandbox is ignored; holding again resets the clock."""
+    held, orphan, ended = _hosted("a"), _hosted("b"), _hosted("c", "terminal")
+    group = [held, orphan, ended]
+    assert decide_orphans(group, {"a"}, now=100.0, grace=5.0) == []
+    assert held.orphaned_since is None and orphan.orphaned_since == 100.0 and ended.orphaned_since is None
+    assert decide_orphans(group, {"a"}, now=104.9, grace=5.0) == []
+    assert decide_orphans(group, {"a"}, now=105.0, grace=5.0) == [orphan]
+    assert decide_orphans(group, {"a", "b"}, now=106.0, grace=5.0) == [] and orphan.orphaned_since is None
+
+
+# -- the journal ---------------------------------------------------------------------------------
+
+
+def test_journal_settles_what_an_earlier_run_left_running_and_compacts(tmp_path):
+    """Reopening: unfinished sandboxes become TERMINATED with the restart reason; ended ones keep
+    theirs; a torn line is skipped; deleted ones vanish; only the newest ``keep`` remain."""
+    path = tmp_path / "record.jsonl"
+    lines = [
+        {"sandbox_id": "sb-old", "status": "running", "tags": ["x"], "created_at": 1},
+        {"sandbox_id": "sb-done", "status": "running", "created_at": 2},
+        {"sandbox_id": "sb-done", "status": "completed", "status_reason": "the main command exited"},
+        {"sandbox_id": "sb-gone", "status": "running", "created_at": 3},
+        {"sandbox_id": "sb-gone", "deleted": True, "status": "terminated"},
+        {"sandbox_id": "sb-new", "status": "creating", "created_at": 4},
+    ]
+    path.write_text("".join(json.dumps(e) + "\n" for e in lines) + '{"sandbox_id": "sb-torn", "sta')
+    journal = Journal(str(path), keep=3)
+    assert sorted(journal.open()) == ["sb-new", "sb-old"]
+    assert journal.history["sb-old"]["status"] == "terminated"
+    assert journal.history["sb-old"]["status_reason"] == RESTART_REASON and journal.history["sb-old"]["tags"] == ["x"]
+    assert journal.history["sb-done"]["status"] == "completed"
+    assert set(journal.history) == {"sb-old", "sb-done", "sb-new"}
+    journal.write({"sandbox_id": "sb-4", "status": "running", "created_at": 5})
+    journal.close()
+    again = Journal(str(path), keep=3)
+    again.open()
+    again.close()
+    assert set(again.history) == {"sb-done", "sb-new", "sb-4"}  # compacted to the newest three
+
+
+# -- bind and token rules ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("listen, loopback", [
+    ("127.0.0.1:50051", True), ("localhost:1", True), ("[::1]:7", True), ("unix:/tmp/s.sock", True),
+    ("0.0.0.0:50051", False), ("[::]:1", False), ("10.1.2.3:1", False), ("myhost:1", False),
+])
+def test_loopback_detection(listen, loopback):
+    """Unix sockets, localhost and loopback IPs are local; wildcards, other IPs and names are not."""
+    assert auth.is_loopback(listen) is loopback
+
+
+def test_bind_rule_and_token_file_errors_name_the_fix(tmp_path):
+    """A non-loopback address without a token, a bad --listen and an empty token file are refused."""
+    with pytest.raises(ValueError, match="--token-file"):
+        auth.check_bind("0.0.0.0:1", None)
+    auth.check_bind("0.0.0.0:1", "t")
+    auth.check_bind("127.0.0.1:1", None)
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        auth.split_listen("nonsense")
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        auth.read_token(str(empty))
+
+
+# -- messages and errors -------------------------------------------------------------------------
+
+
+def test_spec_round_trips_through_msgpack():
+    """Every option survives spec -> dict -> msgpack -> spec; a network option that cannot travel is refused."""
+    spec = sandpool.SandboxSpec(command="sleep", args=("5",), tags=("a", "b"), environment_variables={"K": "v"},
+                                resources=ResourceOptions(limits={"memory": "256Mi"}), working_dir="/w",
+                                max_lifetime_seconds=30, network={"egress": ["x"]})
+    assert m.spec_from_dict(m.unpack(m.pack({"s": m.spec_to_dict(spec)}))["s"]) == spec
+    with pytest.raises(TypeError, match="cannot be sent"):
+        m.spec_to_dict(sandpool.SandboxSpec(network=object()))
+    with pytest.raises(sandpool.ProtocolError, match="undecodable reply"):
+        m.unpack(b"\xc1", "reply")
+    with pytest.raises(TypeError, match="'lease' must be"):
+        m.field({"lease": 3}, "lease", str)
+
+
+class _FakeRpcError(grpc.RpcError):
+    def __init__(self, code, details, trailer=()):
+        self._code, self._details, self._trailer = code, details, trailer
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+    def trailing_metadata(self):
+        return self._trailer
+
+
+@pytest.mark.parametrize("code, trailer, expected", [
+    (grpc.StatusCode.NOT_FOUND, ((m.META_ERROR, "SandboxNotFoundError"),), sandpool.SandboxNotFoundError),
+    (grpc.StatusCode.INVALID_ARGUMENT, ((m.META_ERROR, "ValueError"),), ValueError),
+    (grpc.StatusCode.FAILED_PRECONDITION, ((m.META_ERROR, "SandboxNotRunningError"),),
+     sandpool.SandboxNotRunningError),
+    (grpc.StatusCode.UNAUTHENTICATED, (), sandpool.CWSandboxAuthenticationError),
+    (grpc.StatusCode.UNAVAILABLE, (), sandpool.SandboxUnavailableError),
+    (grpc.StatusCode.CANCELLED, (), sandpool.SandboxUnavailableError),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, (), sandpool.SandboxResourceExhaustedError),
+    (grpc.StatusCode.INVALID_ARGUMENT, (), sandpool.ProtocolError),
+    (grpc.StatusCode.DEADLINE_EXCEEDED, (), sandpool.SandboxTimeoutError),
+    (grpc.StatusCode.INTERNAL, ((m.META_ERROR, "os.system"),), sandpool.SandboxUnavailableError),
+])
+def test_translate_maps_each_status_once(code, trailer, expected):
+    """The server's error name wins when it is a sandpool error, ValueError or TypeError; otherwise
+    the status code decides; nothing else from the trailer is trusted."""
+    error = translate(_FakeRpcError(code, "details here", trailer), "host:1", "sb-1")
+    assert type(error) is expected and "details here" in str(error)
+
+
+def test_parse_address():
+    """tls:// selects TLS; host:port and unix: paths are plaintext; an empty address is refused."""
+    assert parse_address("tls://h:1") == ("h:1", True)
+    assert parse_address("h:1") == ("h:1", False)
+    assert parse_address("unix:/tmp/s") == ("unix:/tmp/s", False)
+    with pytest.raises(ValueError, match="host:port"):
+        parse_address("")
+
+
+def test_unreachable_server_fails_fast_with_unavailable():
+    """A session for an address where nothing listens fails at open, in well under a few seconds."""
+    started = time.monotonic()
+    with pytest.raises(sandpool.SandboxUnavailableError, match="127.0.0.1:9"):
+        with sandpool.Session(address="127.0.0.1:9"):
+            pass
+    assert time.monotonic() - started < 5
