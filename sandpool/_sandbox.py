@@ -174,9 +174,9 @@ class Sandbox:
             self._record = runtime.create(self._spec)
             _KNOWN[self._record.sandbox_id] = self
             await runtime.start(self._record)
+            _KNOWN[self._record.sandbox_id] = self  # again: a remote runtime names it in start()
             self._record.started_at = time.time()
             self._state = _lifecycle.advance(self._state, "running")
-            _KNOWN[self._record.sandbox_id] = self  # again: a remote runtime names it in start()
             self._host.nursery.start_soon(self._reader)
         except BaseException as exc:
             self._state = _lifecycle.advance(self._state, "failed", reason=f"failed to start: {exc}")
@@ -189,10 +189,10 @@ class Sandbox:
         state = self._state
         if state.phase in ("running",):
             return
-        if state.stop_requested or state.status == SandboxStatus.TERMINATED:
-            raise SandboxNotRunningError(f"sandbox {self.sandbox_id} has been stopped ({state.reason})",
         if self._record is not None and self._record.extra.get("lost"):
             raise self._gone_error()  # SandboxUnavailableError: its server is unreachable
+        if state.stop_requested or state.status == SandboxStatus.TERMINATED:
+            raise SandboxNotRunningError(f"sandbox {self.sandbox_id} has been stopped ({state.reason})",
                                          sandbox_id=self.sandbox_id)
         if state.status == SandboxStatus.COMPLETED:
             raise SandboxNotRunningError(f"sandbox {self.sandbox_id} has completed ({state.reason})",
@@ -202,10 +202,10 @@ class Sandbox:
 
     async def _ensure_running(self) -> None:
         if self._state.phase == "running":
-            return
-        if self._state.phase == "new":
             if self._record is not None and self._record.channel is None:
                 await _shared.attach(self)  # a handle found on a shared runtime: attach on first use
+            return
+        if self._state.phase == "new":
             self.start()
         await self._started.wait()
         self._raise_if_not_running()
@@ -246,10 +246,10 @@ class Sandbox:
             self._state = _lifecycle.advance(self._state, "stop")
             if self._record is not None:
                 await self._session._runtime.stop(self._record, grace)
-            with trio.CancelScope(shield=True), trio.move_on_after(_EXIT_REPORT_SECONDS):
-                await self._terminal.wait()
                 if self._record.channel is None:  # a found handle never attached: no reader settles it
                     _shared.settle_unattached(self)
+            with trio.CancelScope(shield=True), trio.move_on_after(_EXIT_REPORT_SECONDS):
+                await self._terminal.wait()
         for owner in list(self._owners):
             owner._forget(self)
 
@@ -315,10 +315,10 @@ class Sandbox:
             await self._session._runtime.stop(record, 0.0)
         with trio.move_on_after(_EXIT_REPORT_SECONDS):
             await record.exited.wait()
-        if farewell is not None:
-            self._state = _lifecycle.advance(self._state, "farewell", reason=farewell.get("reason"),
         if record.extra.get("lost"):  # the server became unreachable: its state is unknown here
             self._state = _lifecycle.advance(self._state, "failed", reason=record.extra["lost"])
+        if farewell is not None:
+            self._state = _lifecycle.advance(self._state, "farewell", reason=farewell.get("reason"),
                                              code=farewell.get("code"))
         self._state = _lifecycle.advance(self._state, "gone", code=record.exit_code, signal=record.exit_signal,
                                          oom_killed=record.extra.get("oom_killed", False))
@@ -332,11 +332,11 @@ class Sandbox:
 
     def _gone_error(self) -> SandboxError:
         state = self._state
-        if state.stop_requested:
-            return SandboxNotRunningError(f"sandbox {self.sandbox_id} was stopped", sandbox_id=self.sandbox_id)
         if self._record is not None and self._record.extra.get("lost"):
             return SandboxUnavailableError(f"sandbox {self.sandbox_id}: {self._record.extra['lost']}",
                                            sandbox_id=self.sandbox_id)
+        if state.stop_requested:
+            return SandboxNotRunningError(f"sandbox {self.sandbox_id} was stopped", sandbox_id=self.sandbox_id)
         return SandboxDiedError(f"sandbox {self.sandbox_id} ended: {state.reason}", sandbox_id=self.sandbox_id,
                                 exit_code=self._record.exit_code if self._record else None,
                                 signal=self._record.exit_signal if self._record else None)
@@ -444,19 +444,20 @@ class Sandbox:
         wanted = SandboxStatus.parse(status) if status is not None else None
         if isinstance(tags, str):
             raise TypeError(f"tags must be a list of strings, not a string; use tags=[{tags!r}]")
+        if _shared.resolve_address(address):
+            return _shared.spawn_find(address, token, tags=tuple(tags or ()),
+                                      status=wanted.value if wanted else None, show_terminated=show_terminated)
         found = [sb for sb in list(_KNOWN.values()) if _matches(sb, tags or (), wanted, show_terminated)]
         return OperationRef.completed(found)
 
     @classmethod
-    def from_id(cls, sandbox_id: str, *, address: str | None = None, token: str | None = None) -> OperationRef[Sandbox]:
+    def from_id(cls, sandbox_id: str, *, address: str | None = None,
+                token: str | None = None) -> OperationRef[Sandbox]:
         """The sandbox with this id (on the server at ``address`` or ``$SANDPOOL_ADDRESS`` if set);
         SandboxNotFoundError if there is none."""
         if _shared.resolve_address(address):
             return _shared.spawn_find(address, token, sandbox_id=sandbox_id)
         sandbox = _KNOWN.get(sandbox_id)
-        if _shared.resolve_address(address):
-            return _shared.spawn_find(address, token, tags=tuple(tags or ()),
-                                      status=wanted.value if wanted else None, show_terminated=show_terminated)
         if sandbox is None:
             return OperationRef.failed(SandboxNotFoundError(f"no sandbox {sandbox_id!r}", sandbox_id=sandbox_id))
         return OperationRef.completed(sandbox)
