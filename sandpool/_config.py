@@ -260,9 +260,10 @@ class _SandboxOptions:
     resources: ResourceOptions | None = None
     working_dir: str | None = None
     max_lifetime_seconds: float | None = None  # None: lives until stopped
+    idle_timeout_seconds: float | None = None  # stopped after this long with nothing running; None: never
     request_timeout_seconds: float = 300.0
     isolation: str = "auto"  # one of ISOLATION_LEVELS
-    network: object = None  # accepted and kept, not interpreted yet
+    network: object = None  # "none", "host", a bool or NetworkOptions; None: "none" if it can be
     max_output_bytes: int = 64 * 1024 * 1024  # per exec stream, kept for results
 
     def __post_init__(self) -> None:
@@ -285,6 +286,8 @@ class _SandboxOptions:
         if self.max_lifetime_seconds is not None:
             put("max_lifetime_seconds",
                 _seconds("max_lifetime_seconds", self.max_lifetime_seconds, 3600))
+        if self.idle_timeout_seconds is not None:
+            put("idle_timeout_seconds", _seconds("idle_timeout_seconds", self.idle_timeout_seconds, 600))
         put("request_timeout_seconds",
             _seconds("request_timeout_seconds", self.request_timeout_seconds, 300.0))
         if self.isolation not in ISOLATION_LEVELS:

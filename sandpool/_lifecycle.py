@@ -17,6 +17,7 @@ from ._config import SandboxStatus
 OOM_KILLED = "OOMKilled: the sandbox went over its memory limit and was killed"
 _REASONS = {
     "max_lifetime": "max_lifetime_seconds elapsed",
+    "idle_timeout": "idle_timeout_seconds elapsed with nothing running",
     "parent_gone": "the sandbox's template process exited",
     "owner_gone": "the sandbox lost its owner",
 }

@@ -51,6 +51,9 @@ class Agent:
         self.sel = selectors.DefaultSelector()
         lifetime = config.get("lifetime")
         self.deadline = time.monotonic() + lifetime if lifetime else None
+        self.idle_timeout = config.get("idle_timeout")  # seconds with nothing running and no request
+        self.last_active = time.monotonic()
+        self.busy = False
         self.main: _procs.ExecProcess | None = None
         self.calls = _calls.CallRelay(self._send, self.sel, config)
 
@@ -116,6 +119,8 @@ class Agent:
         waits = [p.exited_at + _procs.LINGER_SECONDS - now for p in self.procs.values() if p.exited_at and p.readers]
         if self.deadline is not None:
             waits.append(self.deadline - now)
+        if self.idle_timeout:
+            waits.append(self.last_active + self.idle_timeout - now)
         if self.main is None and any(p.pidfd is None for p in self.procs.values()):
             waits.append(0.05)  # no pidfd support: poll for exits
         call_deadline = self.calls.next_deadline()
@@ -127,6 +132,12 @@ class Agent:
         now = time.monotonic()
         if self.deadline is not None and now >= self.deadline:
             raise _Stop("max_lifetime", grace=0.0)
+        busy = bool(self.procs or self.calls.queue or self.calls.handed)
+        if busy or self.busy:  # running, or just finished: idleness starts now
+            self.last_active = now
+        self.busy = busy
+        if not busy and self.idle_timeout and now - self.last_active >= self.idle_timeout:
+            raise _Stop("idle_timeout", grace=0.0)
         self.calls.tick(now)
         for proc in list(self.procs.values()):
             if proc.status is None and proc.pidfd is None:
@@ -144,6 +155,7 @@ class Agent:
             raise _Stop(f"protocol error: {exc}") from None
         if frames is None:
             raise _Stop("owner_gone")
+        self.last_active = time.monotonic()
         for frame in frames:
             self._dispatch(frame)
 

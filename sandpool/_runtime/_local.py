@@ -189,6 +189,7 @@ class LocalRuntime(Runtime):
             "argv": record.spec.argv(),
             "rlimits": rlimits(record.spec),
             "lifetime": record.spec.max_lifetime_seconds,
+            "idle_timeout": record.spec.idle_timeout_seconds,
         }
 
     async def start(self, record: SandboxRecord) -> FrameChannel:
