@@ -45,11 +45,17 @@ class StreamReader:
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._done = False
 
+    async def _next_bytes(self) -> bytes | None:
+        """The next chunk of output as the process wrote it (None at EOF), acknowledged as it is taken.
+        The text iterators decode these; byte-exact consumers (the cwsandbox service) read them as is."""
+        chunk, credit = await self._buffer.next_chunk()
+        if credit:
+            await self._process._credit(credit)
+        return chunk
+
     async def _next(self) -> str | None:
         while not self._done:
-            chunk, credit = await self._buffer.next_chunk()
-            if credit:
-                await self._process._credit(credit)
+            chunk = await self._next_bytes()
             if chunk is None:
                 self._done = True
                 tail = self._decoder.decode(b"", final=True)

@@ -28,6 +28,8 @@ from ._opref import OperationRef, TaskHost, check_not_in_trio
 from ._process import Process
 
 if TYPE_CHECKING:
+    from typing import BinaryIO
+
     from ._runtime._contract import SandboxRecord
     from ._session import Session
 
@@ -373,6 +375,11 @@ class Sandbox:
             raise TypeError(f"contents must be bytes, not {type(contents).__name__}; encode text first")
         return self._spawn(self._file_request, {"t": "write_file", "path": filepath, "data": bytes(contents)},
                            timeout_seconds)
+
+    def _open_main_log(self) -> BinaryIO | None:
+        """The main command's log from its runtime (readable after the sandbox ends while kept open),
+        or None. Internal: the cwsandbox service's StreamLogs reads it."""
+        return self._session._runtime.open_main_log(self._record) if self._record is not None else None
 
     async def _request(self, frame: dict, timeout: float | None) -> dict:
         await self._ensure_running()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import time
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import trio
 
@@ -72,6 +73,11 @@ class Runtime(abc.ABC):
         or when ``status`` is terminal). Records carry ``status``; a record already returned for an
         id is returned again, updated. Runtimes that are not shared refuse."""
         raise NotImplementedError(f"the {self.name} runtime does not share its sandboxes; search this process's")
+
+    def open_main_log(self, record: SandboxRecord) -> BinaryIO | None:
+        """The main command's output as written (stdout and stderr), readable from its start and for as long
+        as the caller keeps the file open, even after the sandbox is gone; None where the runtime has none."""
+        return None
 
     async def attach(self, sandbox_id: str) -> FrameChannel:
         """A frame channel to a sandbox started elsewhere (set as its record's ``channel``, for a

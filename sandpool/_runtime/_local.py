@@ -257,9 +257,12 @@ class LocalRuntime(Runtime):
         return list(self._records.values())
 
     def open_main_log(self, record: SandboxRecord) -> BinaryIO | None:
-        # The agent appends to <sandbox dir>/main.log and removes the directory when it ends; an open
-        # file keeps the contents readable. Created here if the agent has not opened it yet.
-        directory = record.extra.get("dir")
+        # The agent appends to main.log in its own directory and removes that directory when it ends; an
+        # open file keeps the contents readable. Created here if the agent has not opened it yet.
+        if record.isolation == "namespaces":  # its directory is /run/sandpool in the sandbox's own root
+            directory = f"/proc/{record.agent_pid}/root/run/sandpool" if record.agent_pid else None
+        else:
+            directory = record.extra.get("dir")
         try:
             fd = os.open(os.path.join(directory, "main.log"), os.O_RDONLY | os.O_CREAT, 0o600) if directory else -1
         except OSError:  # the sandbox is gone already, and its log with it
