@@ -1,0 +1,247 @@
+"""The trio side of the cwsandbox service: cwsandbox's RPCs carried out on the sandboxes of one Session.
+
+Every method runs in the server's trio loop (the gRPC threads reach it through ``_bridge``) and takes
+the request message and the call's remaining time in seconds (None: no deadline). CreateSandbox
+waits up to ``CREATE_WAIT_SECONDS`` for the sandbox to run, so the client's first poll usually finds
+it RUNNING; DeleteSandbox returns once the sandbox has ended, so the client's first poll after a stop
+finds it terminal. Both would otherwise cost the client a poll interval (0.2 s or more) each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import trio
+
+from .._status import SandboxStatus
+from . import _exec, _files, _logs
+from ._errors import RpcFailure, invalid, translate, unimplemented
+from ._proto import pb
+from ._registry import Entry, Registry
+from ._spec import PRIMARY_CONTAINER, mounted_files, sandbox_options
+from ._status import sandbox_message
+
+CREATE_WAIT_SECONDS = 1.0
+RETIRE_EVERY_SECONDS = 60.0
+PURGE_GRACE_SECONDS = 10.0
+_FILE_TIMEOUT_SECONDS = 60.0
+
+
+class CwsandboxBackend:
+    """cwsandbox's SandboxService over ``session``'s sandboxes. Made by ``open_backend``."""
+
+    def __init__(self, session, nursery: trio.Nursery) -> None:
+        self.session = session
+        self.nursery = nursery
+        self.token = trio.lowlevel.current_trio_token()
+        self.registry = Registry()
+
+    def __repr__(self) -> str:
+        return f"<CwsandboxBackend {self.registry!r}>"
+
+    # -- control plane -------------------------------------------------------------------------
+
+    async def create(self, request, timeout: float | None):
+        spec = request.sandbox.spec
+        fingerprint = spec.SerializeToString(deterministic=True)
+        entry = self.registry.replay(request.request_id, fingerprint)
+        if entry is None:
+            entry = await self._launch(spec, request.request_id, fingerprint)
+        else:
+            await entry.identified.wait()
+            if entry.failure is not None:
+                raise entry.failure
+        with trio.move_on_after(CREATE_WAIT_SECONDS):
+            await entry.started.wait()
+        return sandbox_message(entry)
+
+    async def _launch(self, spec, request_id: str, fingerprint: bytes) -> Entry:
+        try:
+            sandbox = self.session.sandbox(**sandbox_options(spec, self.session.defaults.isolation))
+        except (TypeError, ValueError) as exc:
+            raise invalid("sandbox.spec", str(exc)) from exc
+        entry = Entry(sandbox, spec, request_id, fingerprint)
+        self.registry.reserve(entry)
+        ref = sandbox.start()
+        ref.add_done_callback(lambda _ref: self._started(entry))
+        sandbox.wait_until_complete().add_done_callback(lambda _ref: self._ended(entry))
+        while sandbox.sandbox_id is None and not ref.done():  # the start task names it first thing
+            await trio.sleep(0)
+        if sandbox.sandbox_id is None:
+            try:
+                await ref
+            except Exception as exc:  # the runtime refused it (an isolation level or image it lacks...)
+                entry.failure = translate(exc)
+                if entry.failure.code == grpc.StatusCode.CANCELLED:  # not "stopped": it never existed
+                    entry.failure.code = grpc.StatusCode.FAILED_PRECONDITION
+            else:
+                entry.failure = RpcFailure(grpc.StatusCode.INTERNAL, "the sandbox started without an id")
+            self.registry.drop(entry)
+            entry.identified.set()
+            raise entry.failure
+        self.registry.add(entry)
+        entry.identified.set()
+        return entry
+
+    def _started(self, entry: Entry) -> None:
+        """The start finished (in the loop thread, before anything else runs): take the main log at
+        once, so a main command that ends within milliseconds still leaves it readable."""
+        if entry.sandbox.status != SandboxStatus.RUNNING:
+            entry.started.set()
+            return
+        entry.log = _logs.MainLog(entry.sandbox._open_main_log())
+        files = mounted_files(entry.spec)
+        if files:
+            entry.preparing = True
+            self.nursery.start_soon(self._mount_files, entry, files)
+        else:
+            entry.started.set()
+
+    async def _mount_files(self, entry: Entry, files: list[tuple[str, bytes]]) -> None:
+        """Write the spec's files before the sandbox is reported RUNNING; a failure fails the sandbox."""
+        try:
+            for path, content in files:
+                await _files.write_file(entry.sandbox, path, content, _FILE_TIMEOUT_SECONDS)
+        except Exception as exc:
+            entry.failure_reason = f"could not mount {path!r}: {translate(exc).message}"
+            await self._stop(entry, 0.0)
+        finally:
+            entry.preparing = False
+            entry.started.set()
+
+    def _ended(self, entry: Entry) -> None:
+        entry.ended_at = time.time()
+        if entry.log is not None:
+            entry.log.close()
+        entry.ended.set()
+        entry.started.set()
+
+    async def get(self, request, timeout: float | None):
+        return sandbox_message(self.registry.get(request.sandbox_id))
+
+    async def list(self, request, timeout: float | None):
+        page, token = self.registry.select(request)
+        return pb.ListSandboxesResponse(sandboxes=[sandbox_message(e) for e in page], next_page_token=token)
+
+    async def delete(self, request, timeout: float | None):
+        if request.snapshot_volumes:
+            raise unimplemented("snapshot_volumes (file-system snapshots)")
+        try:
+            entry = self.registry.get(request.sandbox_id)
+        except RpcFailure:
+            if request.allow_missing:
+                return pb.DeleteSandboxResponse()
+            raise
+        await self._stop(entry, float(max(0, request.grace_period_seconds)))
+        return pb.DeleteSandboxResponse(sandbox=sandbox_message(entry))
+
+    async def purge(self, request, timeout: float | None):
+        if not request.tags and not request.purge_all:
+            raise invalid("tags", "give tags to match, or purge_all=true to stop every sandbox")
+        targets = [e for e in self.registry.matching_tags(request.tags) if not e.status.is_terminal]
+        failed: list[str] = []
+        if not request.dry_run:
+            async def stop_one(entry: Entry) -> None:
+                try:
+                    await self._stop(entry, PURGE_GRACE_SECONDS)
+                except Exception:
+                    failed.append(entry.sandbox_id)
+
+            async with trio.open_nursery() as nursery:
+                for entry in targets:
+                    nursery.start_soon(stop_one, entry)
+        return pb.PurgeSandboxesResponse(purge_count=len(targets) - len(failed), failed_sandbox_ids=failed)
+
+    async def _stop(self, entry: Entry, grace: float) -> None:
+        """Stop (or join a stop already asked for) and wait until the sandbox has ended. Leaving early
+        (the caller gave up) does not interrupt the stop."""
+        ref = entry.sandbox.stop(graceful_shutdown_seconds=grace)
+        done = trio.Event()
+        ref.add_done_callback(lambda _ref: done.set())
+        await done.wait()
+        with trio.move_on_after(1.0):  # the end is reported a moment after the stop resolves
+            await entry.ended.wait()
+        await ref  # finished: returns or raises at once
+
+    # -- data plane ----------------------------------------------------------------------------
+
+    async def _ready(self, sandbox_id: str, container: str = "") -> Entry:
+        if container not in ("", PRIMARY_CONTAINER):
+            raise invalid("container", f"container {container!r} does not exist; local sandboxes have one "
+                                       f"container, {PRIMARY_CONTAINER!r}")
+        entry = self.registry.get(sandbox_id)
+        await entry.started.wait()
+        return entry
+
+    async def exec(self, request, timeout: float | None):
+        entry = await self._ready(request.sandbox_id)
+        return await _exec.exec_unary(entry.sandbox, request, timeout)
+
+    async def stream_exec(self, init, request_iterator, timeout: float | None, send: trio.MemorySendChannel):
+        entry = await self._ready(init.sandbox_id)
+        requests, receive = trio.open_memory_channel(16)
+        threading.Thread(target=_pump, args=(request_iterator, requests, self.token), daemon=True,
+                         name="cwsandbox-stdin").start()
+        async with receive:
+            await _exec.stream_exec(entry.sandbox, init, receive, send, timeout)
+
+    async def read_file(self, request, timeout: float | None):
+        entry = await self._ready(request.sandbox_id, request.container)
+        return pb.ReadFileResponse(content=await _files.read_file(entry.sandbox, request.path, timeout))
+
+    async def write_file(self, request, timeout: float | None):
+        entry = await self._ready(request.sandbox_id, request.container)
+        await _files.write_file(entry.sandbox, request.path, bytes(request.content), timeout)
+        return pb.WriteFileResponse()
+
+    async def stream_logs(self, request, send: trio.MemorySendChannel):
+        entry = await self._ready(request.sandbox_id, request.container)
+        await _logs.stream_logs(entry, request, send)
+
+    # -- housekeeping --------------------------------------------------------------------------
+
+    async def _retire(self) -> None:
+        """Forget ended sandboxes past their retention, so a long-running server stays small."""
+        while True:
+            await trio.sleep(RETIRE_EVERY_SECONDS)
+            for entry in self.registry.expired(time.time()):
+                self.registry.drop(entry)
+                entry.sandbox.stop()  # ended already: only releases it from the session
+
+    def _close(self) -> None:
+        for entry in self.registry.entries():
+            if entry.log is not None:
+                entry.log.close()
+
+
+def _pump(request_iterator, send: trio.MemorySendChannel, token: trio.lowlevel.TrioToken) -> None:
+    """In its own thread: hand a StreamExec call's later requests (stdin, close) to the trio side."""
+    try:
+        for request in request_iterator:
+            trio.from_thread.run(send.send, request, trio_token=token)
+    except Exception:  # the call or its command ended first (cancelled, closed channel, loop gone)
+        pass
+    finally:
+        with contextlib.suppress(trio.RunFinishedError):
+            trio.from_thread.run_sync(send.close, trio_token=token)
+
+
+@contextlib.asynccontextmanager
+async def open_backend(session) -> AsyncIterator[CwsandboxBackend]:
+    """A backend serving ``session``'s sandboxes while the block runs (call inside the server's trio loop).
+
+    The session owns the sandboxes: closing it stops them. Leaving the block ends the backend's own
+    tasks (streams still open end with UNAVAILABLE).
+    """
+    async with trio.open_nursery() as nursery:
+        backend = CwsandboxBackend(session, nursery)
+        nursery.start_soon(backend._retire)
+        try:
+            yield backend
+        finally:
+            nursery.cancel_scope.cancel()
+            backend._close()

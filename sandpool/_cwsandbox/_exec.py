@@ -1,0 +1,118 @@
+"""StreamExec and Exec on the trio side: a sandpool Process, its bytes forwarded as they come.
+
+StreamExec: ``ready`` as soon as the command is submitted (stdin written before the process starts is
+queued in order), ``output`` frames per stream with the bytes exactly as written, then ``exit``. The
+command's stdin is a pipe closed by ``close`` or by the end of the request stream (a client without
+stdin half-closes right after ``init``). Leaving early (the client cancelled, or its deadline passed)
+kills the command's process tree.
+"""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import trio
+
+from .. import _errors as sp
+from ._errors import RpcFailure, invalid, unimplemented
+from ._proto import pb, timestamp
+from ._spec import PRIMARY_CONTAINER
+
+STDOUT, STDERR = pb.ExecStreamOutput.STREAM_STDOUT, pb.ExecStreamOutput.STREAM_STDERR
+#: Output kept per stream by the unary Exec when the request sets no max_output_bytes.
+DEFAULT_MAX_OUTPUT_BYTES = 16 * 1024 * 1024
+
+
+def _command(command, container: str) -> list[str]:
+    if container not in ("", PRIMARY_CONTAINER):
+        raise invalid("container", f"container {container!r} does not exist; local sandboxes have one "
+                                   f"container, {PRIMARY_CONTAINER!r} (omit container to use it)")
+    if not command:
+        raise invalid("command", "command must not be empty; pass an argv list such as ['echo', 'hi']")
+    return list(command)
+
+
+async def stream_exec(sandbox, init, requests: trio.MemoryReceiveChannel, send: trio.MemorySendChannel,
+                      timeout: float | None) -> None:
+    """Run ``init.command``, feeding it the stdin of ``requests``; send its responses to ``send``."""
+    if init.tty:
+        raise unimplemented("an interactive TTY (Sandbox.shell, cwsandbox sh)")
+    proc = sandbox.exec(_command(init.command, init.container), env=dict(init.env) or None, stdin=True,
+                        timeout_seconds=timeout)
+    try:
+        await send.send(pb.ExecStreamResponse(ready=pb.ExecStreamReady(ready_time=timestamp(time.time()))))
+
+        async def forward(reader, stream: int) -> None:
+            while (chunk := await reader._next_bytes()) is not None:
+                await send.send(pb.ExecStreamResponse(output=pb.ExecStreamOutput(stream=stream, data=chunk)))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_feed_stdin, proc, requests)
+            await _drain(proc, forward)
+            nursery.cancel_scope.cancel()
+        result = await proc
+        await send.send(pb.ExecStreamResponse(exit=pb.ExecStreamExit(
+            exit_code=result.returncode, completed_time=timestamp(time.time()))))
+    finally:
+        if not proc.done():
+            proc.cancel()
+
+
+async def exec_unary(sandbox, request, timeout: float | None):
+    """Run ``request.command`` to the end; its ExecResponse with at most max_output_bytes per stream."""
+    limit = request.max_output_bytes if request.max_output_bytes > 0 else DEFAULT_MAX_OUTPUT_BYTES
+    proc = sandbox.exec(_command(request.command, request.container), env=dict(request.env) or None,
+                        timeout_seconds=timeout)
+    kept = {STDOUT: bytearray(), STDERR: bytearray()}
+    produced = {STDOUT: 0, STDERR: 0}
+
+    async def collect(reader, stream: int) -> None:
+        while (chunk := await reader._next_bytes()) is not None:
+            produced[stream] += len(chunk)
+            kept[stream] += chunk[:max(0, limit - len(kept[stream]))]
+
+    try:
+        await _drain(proc, collect)
+        result = await proc
+    finally:
+        if not proc.done():
+            proc.cancel()
+    return pb.ExecResponse(
+        stdout=bytes(kept[STDOUT]), stderr=bytes(kept[STDERR]), exit_code=result.returncode,
+        stdout_truncated=produced[STDOUT] > limit, stderr_truncated=produced[STDERR] > limit,
+        stdout_bytes_produced=produced[STDOUT], stderr_bytes_produced=produced[STDERR])
+
+
+async def _drain(proc, consume) -> None:
+    """Run ``consume(reader, stream)`` on stdout and stderr until both end. A process that fails without
+    exiting (its sandbox stopped, or it never started) ends them too: its streams would never close."""
+    done = trio.Event()
+    proc.add_done_callback(lambda _ref: done.set())
+    async with trio.open_nursery() as nursery:
+        async def readers() -> None:
+            async with trio.open_nursery() as streams:
+                streams.start_soon(consume, proc.stdout, STDOUT)
+                streams.start_soon(consume, proc.stderr, STDERR)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(readers)
+        await done.wait()
+        if proc.returncode is None:  # failed: nothing more will come
+            nursery.cancel_scope.cancel()
+
+
+async def _feed_stdin(proc, requests: trio.MemoryReceiveChannel) -> None:
+    """Write ``stdin`` requests to the process in order; close its stdin on ``close`` or at the end."""
+    try:
+        async for request in requests:
+            kind = request.WhichOneof("message")
+            if kind == "stdin":
+                await proc.stdin.write(request.stdin)
+            elif kind == "close":
+                break
+            elif kind == "init":
+                raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, "init may only be the first message")
+        await proc.stdin.close()
+    except sp.SandboxExecutionError:  # the process has exited; what was left for it is dropped
+        pass

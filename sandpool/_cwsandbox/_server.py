@@ -1,0 +1,108 @@
+"""The standalone server: ``python -m sandpool._cwsandbox --listen 127.0.0.1:PORT [--token-file F]``.
+
+One trio loop holds a sandpool Session (its sandboxes) and the backend; a sync ``grpc.server`` serves
+cwsandbox's SandboxService from it in worker threads. SIGTERM or Ctrl-C stops the server (in-flight
+calls get ``STOP_GRACE_SECONDS``), then every sandbox, then exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import signal
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import trio
+
+from .._config import ISOLATION_LEVELS, SandboxDefaults
+from .._session import Session
+from ._backend import open_backend
+from ._servicer import add_cwsandbox_servicer
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+#: Each open exec or log stream holds a worker thread for its duration; unary calls are short.
+DEFAULT_MAX_WORKERS = 256
+STOP_GRACE_SECONDS = 2.0
+MAX_MESSAGE_BYTES = 100 * 1024 * 1024  # the client's own limit
+SERVER_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+
+
+def is_loopback(listen: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost, unix sockets)."""
+    if listen.startswith("unix:"):
+        return True
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_token(path: str | None) -> str | None:
+    if path is None:
+        return None
+    with open(path) as f:
+        token = f.read().strip()
+    if not token:
+        raise SystemExit(f"the token file {path} is empty; put the API key clients must send in it")
+    return token
+
+
+async def serve(listen: str, token: str | None, *, isolation: str | None = None,
+                max_workers: int = DEFAULT_MAX_WORKERS, ready: Callable[[str], None] = print) -> None:
+    """Serve until SIGTERM or SIGINT; ``ready(address)`` is called once the port is bound."""
+    if token is None and not is_loopback(listen):
+        raise SystemExit(f"{listen} is reachable from other machines: give a token with --token-file F "
+                         f"(clients send it as CWSANDBOX_API_KEY), or listen on 127.0.0.1")
+    defaults = SandboxDefaults(isolation=isolation) if isolation else None
+    async with Session(defaults) as session, open_backend(session) as backend:
+        server = grpc.server(ThreadPoolExecutor(max_workers, thread_name_prefix="cwsandbox-rpc"),
+                             options=SERVER_OPTIONS)
+        add_cwsandbox_servicer(server, backend, token=token)
+        port = server.add_insecure_port(listen)
+        if not port:
+            raise SystemExit(f"cannot listen on {listen}")
+        address = listen if listen.startswith("unix:") else f"{listen.rsplit(':', 1)[0]}:{port}"
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            server.start()
+            try:
+                ready(address)
+                async for _ in signals:
+                    break
+            finally:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(lambda: server.stop(STOP_GRACE_SECONDS).wait())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m sandpool._cwsandbox",
+        description="Serve cwsandbox's own gRPC API from local sandpool sandboxes, so unmodified cwsandbox "
+                    "programs run here: export CWSANDBOX_BASE_URL=http://ADDRESS CWSANDBOX_API_KEY=TOKEN.")
+    parser.add_argument("--listen", default=DEFAULT_LISTEN, help=f"host:port to serve on (default "
+                        f"{DEFAULT_LISTEN}; port 0 picks a free one)")
+    parser.add_argument("--token-file", help="a file holding the API key clients must send (required off "
+                        "loopback; without it, any key is accepted)")
+    parser.add_argument("--isolation", choices=ISOLATION_LEVELS, help="isolation level of the sandboxes "
+                        "(default: auto, the strongest this machine supports)")
+    parser.add_argument("--max-workers", type=int, default=DEFAULT_MAX_WORKERS,
+                        help="server threads: the most exec and log streams open at once")
+    args = parser.parse_args(argv)
+
+    def ready(address: str) -> None:
+        print(f"sandpool serves the cwsandbox API on {address}; in the client's environment:\n"
+              f"  export CWSANDBOX_BASE_URL=http://{address} CWSANDBOX_API_KEY="
+              f"{'<your token>' if args.token_file else 'local'}", flush=True)
+
+    trio.run(lambda: serve(args.listen, read_token(args.token_file), isolation=args.isolation,
+                           max_workers=args.max_workers, ready=ready))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
