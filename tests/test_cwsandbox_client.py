@@ -495,6 +495,26 @@ def test_files_and_functions_at_the_process_level(process_server):
                 os.unlink(path)
 
 
+def test_a_sandbox_dying_under_a_command_is_an_in_band_error(process_server):
+    """When the sandbox dies mid-exec the stream ends with an in-band error: SandboxExecutionError with
+    reason SANDBOX_DIED; the sandbox is then FAILED, saying how it died."""
+    run(process_server, """
+        from cwsandbox import Sandbox, SandboxExecutionError, SandboxStatus
+        sb = Sandbox.run()
+        try:
+            sb.exec(["sh", "-c", "echo before; kill -9 $PPID; sleep 5"]).result()  # $PPID: the sandbox's agent
+        except SandboxExecutionError as exc:
+            assert exc.reason == "SANDBOX_DIED", exc
+        else:
+            raise AssertionError("the command outlived its sandbox")
+        try:
+            sb.wait_until_complete(timeout=30).result()
+        except Exception as exc:
+            assert "SIGKILL" in str(exc), exc
+        assert sb.status == SandboxStatus.FAILED, sb.status
+    """)
+
+
 def test_logs_follow_and_lifetime(server):
     """stream_logs(follow=True) streams the main command's output as it comes; timestamps=True prefixes
     each line; max_lifetime_seconds ends a sandbox on its own."""

@@ -69,8 +69,10 @@ class CwsandboxBackend:
         ref = sandbox.start()
         ref.add_done_callback(lambda _ref: self._started(entry))
         sandbox.wait_until_complete().add_done_callback(lambda _ref: self._ended(entry))
-        while sandbox.sandbox_id is None and not ref.done():  # the start task names it first thing
-            await trio.sleep(0)
+        with trio.move_on_after(CREATE_WAIT_SECONDS):
+            await entry.started.wait()
+        while sandbox.sandbox_id is None and not ref.done():  # a slow start: its runtime names it early
+            await trio.sleep(0.01)
         if sandbox.sandbox_id is None:
             try:
                 await ref

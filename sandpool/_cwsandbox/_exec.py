@@ -1,7 +1,8 @@
 """StreamExec and Exec on the trio side: a sandpool Process, its bytes forwarded as they come.
 
 StreamExec: ``ready`` as soon as the command is submitted (stdin written before the process starts is
-queued in order), ``output`` frames per stream with the bytes exactly as written, then ``exit``. The
+queued in order), ``output`` frames per stream with the bytes exactly as written, then ``exit`` (or an
+in-band ``error`` if the sandbox died under the command). The
 command's stdin is a pipe closed by ``close`` or by the end of the request stream (a client without
 stdin half-closes right after ``init``). Leaving early (the client cancelled, or its deadline passed)
 kills the command's process tree.
@@ -20,6 +21,10 @@ from ._proto import pb, timestamp
 from ._spec import PRIMARY_CONTAINER
 
 STDOUT, STDERR = pb.ExecStreamOutput.STREAM_STDOUT, pb.ExecStreamOutput.STREAM_STDERR
+#: The in-band error code of a command whose sandbox died under it (killed, out of memory): the client
+#: raises SandboxExecutionError with this reason. A sandbox stopped on purpose is CANCELLED instead
+#: (SandboxNotRunningError), a timeout DEADLINE_EXCEEDED (SandboxTimeoutError).
+SANDBOX_DIED = "SANDBOX_DIED"
 #: Output kept per stream by the unary Exec when the request sets no max_output_bytes.
 DEFAULT_MAX_OUTPUT_BYTES = 16 * 1024 * 1024
 
@@ -51,7 +56,11 @@ async def stream_exec(sandbox, init, requests: trio.MemoryReceiveChannel, send: 
             nursery.start_soon(_feed_stdin, proc, requests)
             await _drain(proc, forward)
             nursery.cancel_scope.cancel()
-        result = await proc
+        try:
+            result = await proc
+        except sp.SandboxDiedError as exc:  # the stream is up: say so in band (the client's SandboxExecutionError)
+            await send.send(pb.ExecStreamResponse(error=pb.ExecStreamError(message=str(exc), code=SANDBOX_DIED)))
+            return
         await send.send(pb.ExecStreamResponse(exit=pb.ExecStreamExit(
             exit_code=result.returncode, completed_time=timestamp(time.time()))))
     finally:
