@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 import trio
 
 from . import _serialize
+from ._bulk import BULK_BYTES
 from ._config import SandboxSpec, resolve_spec
 from ._errors import AsyncFunctionError, SandboxError, SerializationError
 from ._opref import OperationRef, check_not_in_trio
@@ -167,13 +168,13 @@ class RemoteFunction(Generic[P, R]):
         """A Call for ``ref``, its cancellation wired to the pool; None (and ``ref`` failed) if the
         arguments do not pickle."""
         try:
-            data = _serialize.dumps_args(args, kwargs, self.__qualname__)
+            data = _serialize.dumps_args(args, kwargs, self.__qualname__, BULK_BYTES)
         except SerializationError as exc:
             ref._set_error(exc)
             return None
         return self._make_call(pool, ref, data)
 
-    def _make_call(self, pool: Pool, ref: CallRef, data: bytes) -> Call:
+    def _make_call(self, pool: Pool, ref: CallRef, data: bytes | list[bytes]) -> Call:
         call = Call(self._get_payload(), data, ref, self._retries, self._timeout)
         host = ref._host
         ref._on_cancel = lambda: _in_loop(host, pool.cancel, call)
@@ -196,7 +197,7 @@ class RemoteFunction(Generic[P, R]):
         """
         pool = self._pool()
         self._get_payload()
-        data = _serialize.dumps_args(args, kwargs, self.__qualname__)
+        data = _serialize.dumps_args(args, kwargs, self.__qualname__, BULK_BYTES)
         ref = self._new_ref()
         self._submit(pool, [self._make_call(pool, ref, data)])
         return ref  # type: ignore[return-value]
@@ -235,7 +236,7 @@ class RemoteFunction(Generic[P, R]):
         def finished(call: Call) -> Callable[[OperationRef[Any]], None]:
             def on_done(_ref: OperationRef[Any]) -> None:
                 state["calls"] -= 1
-                state["bytes"] -= len(call.args)
+                state["bytes"] -= call.size
                 wake.set()
             return on_done
 
@@ -252,7 +253,7 @@ class RemoteFunction(Generic[P, R]):
             if call is None:
                 continue
             state["calls"] += 1
-            state["bytes"] += len(call.args)
+            state["bytes"] += call.size
             batch.append(call)
             ref.add_done_callback(finished(call))
         pool.submit(batch)

@@ -1,15 +1,16 @@
-"""The warm pool: which call goes to which sandbox (plain sync code), and the trio tasks that act.
+"""The warm pool: which call goes to which sandbox (plain sync code), and what follows each answer.
 
 One pool serves one sandbox spec (plus a concurrency limit and the reuse flag). Sandboxes start
 lazily, up to ``limit``, when calls wait and no idle or starting sandbox can take them; they stay
-warm for later calls. A sandbox holds up to ``depth`` calls at once (pipelining): one for calls of
-unknown length, more for short ones, so the agent hands its worker whole batches. Everything the
-pool decides runs in the session's trio thread, synchronously (``_schedule``); what it does with
-I/O (starting a sandbox, sending frames) runs in one task per sandbox.
+warm for later calls. A sandbox holds up to ``depth`` calls at once (pipelining): two for calls
+of unknown length, more for short ones, so its worker gets whole batches. Everything here runs in
+the session's trio thread, synchronously; the I/O (starting a sandbox, sending frames, reading a
+direct worker's answers) runs in one task per sandbox (``_slot``).
 
-Failures: a sandbox that dies is never reused. The call it was running (the oldest one sent, since
-a worker runs its calls in order) is an infrastructure failure, retried up to ``retries`` on
-another sandbox; calls queued behind it never started, so they are resubmitted without charge.
+Failures: a sandbox that dies is never reused. The call it was running (the oldest one sent, as a
+worker runs its calls in order) is an infrastructure failure, retried up to ``retries`` on another
+sandbox; calls queued behind it never started, so they are resubmitted without charge. The same
+holds when only the sandbox's worker process dies; the sandbox then gets a new worker.
 """
 
 from __future__ import annotations
@@ -17,32 +18,29 @@ from __future__ import annotations
 import collections
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import _opref, _serialize
-from ._errors import (
-    ProtocolError,
-    SandboxDiedError,
-    SandboxError,
-    SandboxNotRunningError,
-    SandboxTimeoutError,
-    SerializationError,
-)
-from ._opref import OperationRef
+from . import _bulk, _serialize, _slot
+from ._callref import Call, CallRef, Payload
+from ._errors import SandboxDiedError, SandboxError, SandboxTimeoutError, SerializationError
+from ._slot import Slot
 
 if TYPE_CHECKING:
     from ._config import SandboxSpec
-    from ._sandbox import Sandbox
     from ._session import Session
+
+__all__ = ["Call", "CallRef", "Payload", "Pool", "PoolStatistics"]
 
 #: Calls of known length are pipelined until a sandbox holds about this much work (seconds).
 PIPELINE_SECONDS = 0.002
 #: Most calls one sandbox holds at once, and most argument bytes (one call always fits).
 MAX_DEPTH = 256
 MAX_DEPTH_BYTES = 64 * 1024 * 1024
+#: Past a call's timeout, how long before the pool interrupts it itself (direct mode's backstop).
+TIMEOUT_GRACE_SECONDS = 1.0
 
 
 # -- decisions (plain data in, plain data out) --------------------------------------------------
@@ -82,88 +80,6 @@ def sandboxes_to_start(waiting: int, idle: int, starting: int, live: int, limit:
     return max(0, min(waiting - idle - starting, limit - live))
 
 
-# -- state ----------------------------------------------------------------------------------------
-
-
-class CallRef(OperationRef):
-    """The OperationRef of one remote call. No task per call: the pool finishes it directly, and
-    ``cancel()`` settles it at once and tells the pool, which interrupts the remote side."""
-
-    __slots__ = ("_on_cancel",)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._on_cancel: Any = None
-
-    def cancel(self) -> bool:
-        with _opref._lock:
-            if self._state is not _opref._PENDING:
-                return False
-            event, callbacks = self._settle(_opref._CANCELLED, None, None)
-        self._notify(event, callbacks)
-        if self._on_cancel is not None:
-            self._on_cancel()
-        return True
-
-    def _set_result(self, value: Any) -> None:
-        self._finish(_opref._DONE, value, None)
-
-    def _set_error(self, error: BaseException) -> None:
-        self._finish(_opref._FAILED, None, error)
-
-    def _set_cancelled(self) -> None:
-        self._finish(_opref._CANCELLED, None, None)
-
-
-@dataclass(eq=False)
-class Payload:
-    """A pickled function, shared by its calls; ``estimate`` tracks its duration (s, EWMA)."""
-
-    name: str
-    data: bytes
-    key: bytes
-    estimate: float | None = None
-
-    def observe(self, micros: int) -> None:
-        seconds = micros / 1e6
-        self.estimate = seconds if self.estimate is None else 0.8 * self.estimate + 0.2 * seconds
-
-
-@dataclass(eq=False)
-class Call:
-    payload: Payload
-    args: bytes
-    ref: CallRef
-    retries: Any  # a Retries: .max_retries, .retry_on(exc), .delay(attempt)
-    timeout: float | None = None
-    attempts: int = 0
-    slot: Slot | None = None
-    req_id: int = 0
-    sent: bool = False
-
-
-@dataclass(eq=False)
-class Slot:
-    """One sandbox of a pool and the calls it holds (by request id, in the order they were sent)."""
-
-    pool: Pool
-    sandbox: Sandbox
-    state: str = "starting"  # starting -> ready -> retiring/dead
-    inflight: dict[int, Call] = field(default_factory=dict)
-    held_bytes: int = 0
-    outbox: list[dict] = field(default_factory=list)
-    keys: set[bytes] = field(default_factory=set)
-    wake: trio.Event = field(default_factory=trio.Event)
-    served: int = 0
-
-    def _on_frame(self, frame: dict) -> int:  # the sandbox's reader routes our answers here
-        self.pool._on_answer(self, frame)
-        return 0
-
-    def _on_sandbox_gone(self, error: BaseException) -> None:
-        self.pool._on_gone(self, error)
-
-
 @dataclass(frozen=True)
 class PoolStatistics:
     """Counters of one pool, or of all pools of a session added up."""
@@ -191,7 +107,7 @@ class Pool:
         self.queue: collections.deque[Call] = collections.deque()
         self.slots: list[Slot] = []
         self.closed = False
-        self.counts = collections.Counter()  # done, failed, cancelled, retried
+        self.counts: collections.Counter[str] = collections.Counter()  # done, failed, cancelled, retried
         self.start_error: BaseException | None = None
 
     def __repr__(self) -> str:
@@ -204,15 +120,15 @@ class Pool:
         slots = list(self.slots)
         return PoolStatistics(
             sandboxes_starting=sum(s.state == "starting" for s in slots),
-            sandboxes_idle=sum(s.state == "ready" and not s.inflight for s in slots),
-            sandboxes_busy=sum(s.state == "ready" and bool(s.inflight) for s in slots),
+            sandboxes_idle=sum(s.state in ("ready", "reconnecting") and not s.inflight for s in slots),
+            sandboxes_busy=sum(s.state in ("ready", "reconnecting") and bool(s.inflight) for s in slots),
             calls_queued=sum(not c.ref.done() for c in list(self.queue)),
             calls_running=sum(len(s.inflight) for s in slots),
             calls_done=self.counts["done"], calls_failed=self.counts["failed"],
             calls_cancelled=self.counts["cancelled"], calls_retried=self.counts["retried"],
         )
 
-    # -- decisions ---------------------------------------------------------------------------
+    # -- placing calls -------------------------------------------------------------------------
 
     def submit(self, calls: Sequence[Call]) -> None:
         """Queue calls (loop thread) and schedule them."""
@@ -227,40 +143,50 @@ class Pool:
         if self.closed:
             return
         queue, ready = self.queue, [s for s in self.slots if s.state == "ready"]
-        starting = sum(s.state == "starting" for s in self.slots)
+        starting = sum(s.state in ("starting", "reconnecting") for s in self.slots)
         while queue:
             call = queue[0]
             if call.ref.done():
                 queue.popleft()
                 continue
             loads = [(len(s.inflight), s.held_bytes) for s in ready]
-            depth = pipeline_depth(call.payload.estimate, self.reuse)
-            index = choose_slot(loads, len(queue), starting, depth)
+            index = choose_slot(loads, len(queue), starting, pipeline_depth(call.payload.estimate, self.reuse))
             if index is None:
                 break
             self._assign(ready[index], queue.popleft())
         if not queue:
             return
-        idle = sum(not s.inflight for s in ready)
-        live = sum(s.state in ("starting", "ready") for s in self.slots)
-        for _ in range(sandboxes_to_start(len(queue), idle, starting, live, self.limit)):
-            self._start_slot()
-        if not self.slots and self.start_error is not None:  # nothing can run them: fail fast
+        if self.start_error is not None and not self.slots:  # nothing can run them: fail them
             error, self.start_error = self.start_error, None
             while queue:
                 self._fail(queue.popleft(), error)
+            return
+        idle = sum(not s.inflight for s in ready)
+        live = sum(s.state not in ("retiring", "dead") for s in self.slots)
+        for _ in range(sandboxes_to_start(len(queue), idle, starting, live, self.limit)):
+            self._start_slot()
 
     def _assign(self, slot: Slot, call: Call) -> None:
-        call.slot, call.sent = slot, False
+        call.slot, call.sent, call.timed_out = slot, False, False
         call.req_id = slot.sandbox._register(slot)
         slot.inflight[call.req_id] = call
-        slot.held_bytes += len(call.args)
+        slot.held_bytes += call.size
         payload = call.payload
         frame = {"t": "call", "id": call.req_id, "fn_key": payload.key, "args": call.args,
                  "fn": b"" if payload.key in slot.keys else payload.data}
         slot.keys.add(payload.key)
         if call.timeout is not None:
             frame["timeout"] = call.timeout
+            if slot.direct is not None:  # the agent does not see direct calls: watch it here
+                self.session._ensure_open().nursery.start_soon(self._watch_timeout, slot, call, call.req_id)
+        if slot.bulk_dir is not None:
+            frame["bulk"] = _bulk.SANDBOX_DIR  # a large result may come back as a file there
+            if call.size >= _bulk.BULK_BYTES:
+                path = _bulk.put_args(slot.bulk_dir, f".sandpool-a-{call.req_id}", call.args)
+                if path is not None:
+                    frame["args"], frame["args_path"] = b"", path
+        if isinstance(frame["args"], list):  # large, but no file: one frame after all
+            frame["args"] = b"".join(frame["args"])
         slot.outbox.append(frame)
         slot.wake.set()
 
@@ -268,19 +194,29 @@ class Pool:
         """The call's ref was cancelled (loop thread): interrupt it wherever it is."""
         self.counts["cancelled"] += 1
         slot = call.slot
-        if slot is None or call.req_id not in slot.inflight:
+        if slot is None or slot.inflight.get(call.req_id) is not call:
             return  # still queued: _schedule drops it
-        if not call.sent:
-            slot.outbox = [f for f in slot.outbox if f.get("id") != call.req_id]
+        if _slot.unsend(slot, call.req_id):
             self._release(slot, call)
             self._schedule()
-        else:  # answered by the agent with "cancelled" (or a late result), then released
-            slot.outbox.append({"t": "cancel", "id": call.req_id})
+        else:  # answered "cancelled" (or with a late result) by the sandbox, then released
+            slot.outbox.append(_slot.cancel_frame(slot, call.req_id))
             slot.wake.set()
+
+    async def _watch_timeout(self, slot: Slot, call: Call, req_id: int) -> None:
+        """Direct mode's backstop for a function that swallows its timeout: interrupt it."""
+        await trio.sleep(call.timeout + TIMEOUT_GRACE_SECONDS)  # type: ignore[operator]
+        while slot.inflight.get(req_id) is call and not call.ref.done():
+            if next(iter(slot.inflight.values())) is call:  # it is the one running: it overstayed
+                call.timed_out = True
+                slot.outbox.append(_slot.cancel_frame(slot, req_id))
+                slot.wake.set()
+                return
+            await trio.sleep(TIMEOUT_GRACE_SECONDS)
 
     def _release(self, slot: Slot, call: Call) -> None:
         slot.inflight.pop(call.req_id, None)
-        slot.held_bytes -= len(call.args)
+        slot.held_bytes -= call.size
         slot.sandbox._unregister(call.req_id)
 
     # -- answers and failures ----------------------------------------------------------------
@@ -290,18 +226,25 @@ class Pool:
         if call is None:
             return
         self._release(slot, call)
-        slot.served += 1
         if frame["t"] == "result":
             if "us" in frame:
                 call.payload.observe(frame["us"])
-            if not call.ref.done():
+            if call.ref.done():
+                if frame.get("path"):
+                    _bulk.discard(slot.bulk_dir, frame["path"])
+            else:
                 try:
-                    value = _serialize.loads_result(frame.get("data", b""), call.payload.name)
+                    if frame.get("path") and slot.bulk_dir:
+                        value = _bulk.take_result(slot.bulk_dir, frame["path"], call.payload.name)
+                    else:
+                        value = _serialize.loads_result(frame.get("data", b""), call.payload.name)
                 except SerializationError as exc:
                     self._fail(call, exc)
                 else:
                     self.counts["done"] += 1
                     call.ref._set_result(value)
+        elif call.timed_out and frame.get("kind") == "cancelled":
+            self._user_failure(call, self._timeout_error(call, slot))
         elif not call.ref.done():
             self._on_error(slot, call, frame)
         if not self.reuse and slot.state == "ready":
@@ -319,9 +262,7 @@ class Pool:
         elif kind == "user":
             self._user_failure(call, _serialize.remote_exception(frame, sandbox_id))
         elif kind == "timeout":
-            self._user_failure(call, SandboxTimeoutError(
-                f"call to {name!r} did not finish within {call.timeout} s; it was interrupted",
-                sandbox_id=sandbox_id))
+            self._user_failure(call, self._timeout_error(call, slot))
         elif kind == "cancelled":
             call.ref._set_cancelled()
         elif kind == "serialization":
@@ -329,6 +270,11 @@ class Pool:
         else:
             self._fail(call, SandboxError(f"call to {name!r} failed in sandbox {sandbox_id}: {frame['message']}",
                                           sandbox_id=sandbox_id, reason=kind))
+
+    @staticmethod
+    def _timeout_error(call: Call, slot: Slot) -> SandboxTimeoutError:
+        return SandboxTimeoutError(f"call to {call.payload.name!r} did not finish within {call.timeout} s; "
+                                   "it was interrupted", sandbox_id=slot.sandbox.sandbox_id)
 
     def _user_failure(self, call: Call, error: BaseException) -> None:
         if call.attempts < call.retries.max_retries and call.retries.retry_on(error):
@@ -362,6 +308,41 @@ class Pool:
         self.counts["failed"] += 1
         call.ref._set_error(error)
 
+    def _settle_lost(self, slot: Slot, error: SandboxDiedError | None, killed: bool) -> None:
+        """A slot's worker (or whole sandbox) is gone: settle what it held, in send order. The
+        oldest sent call was running: an infrastructure failure (``error``), unless the pool had
+        the worker killed; the others are resubmitted free."""
+        calls = list(slot.inflight.values())
+        for call in calls:
+            self._release(slot, call)
+        slot.outbox, slot.keys = [], set()
+        head = next((c for c in calls if c.sent), None)
+        for call in calls:
+            if call.ref.done():
+                continue
+            if self.closed:
+                call.ref._set_cancelled()
+            elif call.timed_out:
+                self._user_failure(call, self._timeout_error(call, slot))
+            elif call is head and error is not None and not killed:
+                self._infra_failure(call, error)
+            else:
+                self._requeue(call, charge=False)
+
+    def _worker_gone(self, slot: Slot, info: dict) -> None:
+        """A direct worker ended (its connection closed); the sandbox lives on and gets a new one."""
+        if slot.state in ("dead", "retiring"):
+            return
+        code, sig = info.get("code"), info.get("signal")
+        how = f"was killed by signal {sig}" if sig else f"exited with code {code}"
+        error = SandboxDiedError(f"the function's worker process {how} in sandbox {slot.sandbox.sandbox_id}",
+                                 sandbox_id=slot.sandbox.sandbox_id, exit_code=code, signal=sig)
+        self._settle_lost(slot, error, killed=bool(info.get("killed")))
+        slot.direct = slot.worker = None
+        slot.state = "reconnecting"
+        slot.wake.set()
+        self._schedule()
+
     def _on_gone(self, slot: Slot, error: BaseException) -> None:
         if slot.state == "dead":
             return  # called once per registered request
@@ -369,27 +350,17 @@ class Pool:
         if slot in self.slots:
             self.slots.remove(slot)
         slot.wake.set()
-        calls = list(slot.inflight.values())
-        for call in calls:
-            self._release(slot, call)
-        head = next((c for c in calls if c.sent), None)
-        for call in calls:
-            if call.ref.done():
-                continue
-            if self.closed:
-                call.ref._set_cancelled()
-            elif call is head and not retiring:
-                died = SandboxDiedError(
-                    f"call to {call.payload.name!r} failed: {error}", sandbox_id=slot.sandbox.sandbox_id,
-                    exit_code=getattr(error, "exit_code", None), signal=getattr(error, "signal", None))
-                self._infra_failure(call, died)
-            else:
-                self._requeue(call, charge=False)
+        died = None
+        if not retiring:
+            died = SandboxDiedError(f"sandbox {slot.sandbox.sandbox_id} died under the call: {error}",
+                                    sandbox_id=slot.sandbox.sandbox_id, exit_code=getattr(error, "exit_code", None),
+                                    signal=getattr(error, "signal", None))
+        self._settle_lost(slot, died, killed=False)
         if not self.closed:
             slot.sandbox.stop(graceful_shutdown_seconds=0)  # a dead sandbox is never reused
             self._schedule()
 
-    # -- actions ---------------------------------------------------------------------------------
+    # -- sandboxes -------------------------------------------------------------------------------
 
     def _start_slot(self) -> None:
         from ._sandbox import Sandbox
@@ -398,44 +369,27 @@ class Pool:
         self.session._track(sandbox)
         slot = Slot(self, sandbox)
         self.slots.append(slot)
-        self.session._ensure_open().nursery.start_soon(self._run_slot, slot)
+        host = self.session._ensure_open()
+        host.nursery.start_soon(_slot.run_slot, self, slot, host.nursery)
+
+    def _ready(self, slot: Slot) -> None:
+        if slot.state in ("starting", "reconnecting"):
+            slot.state = "ready"
+            self._schedule()
+
+    def _start_failed(self, slot: Slot, error: BaseException) -> None:
+        if slot in self.slots:
+            self.slots.remove(slot)
+        slot.state = "dead"
+        self.start_error = error
+        self._schedule()
 
     def _retire(self, slot: Slot) -> None:
         slot.state = "retiring"
         if slot in self.slots:
             self.slots.remove(slot)
+        slot.wake.set()
         slot.sandbox.stop(graceful_shutdown_seconds=0)
-
-    async def _run_slot(self, slot: Slot) -> None:
-        """Start the slot's sandbox, then send what the pool assigns it until it is gone."""
-        try:
-            await slot.sandbox._ensure_running()
-        except Exception as exc:  # it never ran: drop it; if no sandbox can start, fail the waiting calls
-            if slot in self.slots:
-                self.slots.remove(slot)
-            slot.state = "dead"
-            self.start_error = exc
-            self._schedule()
-            return
-        if slot.state != "starting" or self.closed:
-            return
-        slot.sandbox._register(slot)  # a request that is never answered: we hear of its death even when idle
-        slot.state = "ready"
-        self._schedule()
-        while slot.state != "dead":
-            await slot.wake.wait()
-            slot.wake = trio.Event()
-            frames, slot.outbox = slot.outbox, []
-            if not frames:
-                continue
-            try:
-                await slot.sandbox._send_many(frames)
-            except (SandboxNotRunningError, ProtocolError):
-                return  # the connection broke: the sandbox's reader reports its end to _on_gone
-            for frame in frames:
-                call = slot.inflight.get(frame["id"]) if frame["t"] == "call" else None
-                if call is not None:
-                    call.sent = True
 
     def close(self) -> None:
         """The session is closing: cancel every call; the session stops the sandboxes."""

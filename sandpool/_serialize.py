@@ -48,6 +48,33 @@ def dumps(obj: object) -> bytes:
     return buffer.getvalue()
 
 
+class _Parts:
+    """A pickler's file that keeps what it is given: large bytes objects arrive whole and are kept
+    by reference, not copied (mutable buffers are copied, so later changes cannot leak in)."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        if type(data) is not bytes:
+            data = bytes(data)
+        self.parts.append(data)
+        self.size += len(data)
+        return len(data)
+
+
+def dumps_parts(obj: object, join_below: int) -> bytes | list[bytes]:
+    """Pickle ``obj``: bytes when smaller than ``join_below``, else the list of parts (uncopied)."""
+    out = _Parts()
+    _Pickler(out, protocol=5).dump(obj)
+    if out.size < join_below:
+        return out.parts[0] if len(out.parts) == 1 else b"".join(out.parts)
+    return out.parts
+
+
 def loads(data: bytes) -> Any:
     return cloudpickle.loads(data)
 
@@ -99,10 +126,12 @@ def _function_culprit(fn: Callable[..., Any]) -> tuple[str | None, object]:
     return None, fn
 
 
-def dumps_args(args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> bytes:
-    """Pickle one call's ``(args, kwargs)``; SerializationError naming the argument at fault."""
+def dumps_args(args: tuple[Any, ...], kwargs: dict[str, Any], name: str,
+               join_below: int = 1 << 62) -> bytes | list[bytes]:
+    """Pickle one call's ``(args, kwargs)`` (see ``dumps_parts``); SerializationError naming the
+    argument at fault."""
     try:
-        return dumps((args, kwargs))
+        return dumps_parts((args, kwargs), join_below)
     except Exception as exc:
         labelled = [(f"argument {i}", a) for i, a in enumerate(args)]
         labelled += [(f"keyword argument {k!r}", v) for k, v in kwargs.items()]

@@ -45,7 +45,8 @@ FRAME_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "write_file": {"id": _INT, "path": _STR, "data": _BYTES},  # opt: mode
     # opt: fn_key (bytes; fn is b"" once the sandbox has the key), timeout (s)
     "call": {"id": _INT, "fn": _BYTES, "args": _BYTES},
-    "cancel": {"id": _INT},
+    "cancel": {"id": _INT},  # opt: call (True: a call sent straight to the worker, see _agent/_calls.py)
+    "worker": {"id": _INT, "listen": _STR},  # start the call worker, listening at this sandbox path
     "ping": {"id": _INT},
     "stop": {"grace": _NUM},
     # agent -> client
@@ -57,6 +58,7 @@ FRAME_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     # user, serialization, timeout, cancelled, lost, worker_died, protocol (see _agent/_calls.py)
     "error": {"id": _INT, "kind": _STR, "message": _STR},
     "pong": {"id": _INT},
+    "ack": {"id": _INT},  # worker -> agent: a cancelled call sent straight to the worker is answered
     "main_exit": {"code": _INT},  # opt: signal
     "bye": {"reason": _OPT_STR},  # opt: code (the main command's exit code)
     # runtime <-> template (local runtime only)

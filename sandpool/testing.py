@@ -4,8 +4,8 @@
 sandbox process when its command line names the state directory (agents inherit their template's
 command line) or its environment carries ``SANDPOOL_ROOT`` under it (exec'd commands and their
 children), or it is a member of one of the state directory's sandbox cgroups (the namespaces level,
-whose processes see only their own root). Live templates are not leftovers; their owner directories
-hold no sandbox directory. Sandbox cgroups and network namespaces of the state directory are
+whose processes see only their own root). Live templates (and their spare children) are not
+leftovers; their owner directories hold no sandbox directory. Sandbox cgroups and network namespaces of the state directory are
 leftovers too.
 """
 
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from ._agent import _linux
 from ._isolation import cgroups as _cgroups
 from ._isolation import network as _network
+from ._isolation.sandbox import SPARE_NAME
 from ._runtime._statedir import mounts_under, processes_mentioning
 
 
@@ -53,12 +54,21 @@ def _live_templates(state_dir: str) -> dict[int, str]:
     return found
 
 
+def _is_spare_of(pid: int, templates: dict[int, str]) -> bool:
+    stat = _read(f"/proc/{pid}/stat").decode(errors="replace")
+    comm, _, rest = stat.partition(" (")[2].rpartition(") ")
+    fields = rest.split()
+    return comm == SPARE_NAME and bool(fields) and int(fields[1]) in templates
+
+
 def leftovers(state_dir: str) -> Leftovers:
     """Everything of sandboxes under ``state_dir`` that still exists (templates excepted)."""
     report = Leftovers()
     templates = _live_templates(state_dir)
     for pid in processes_mentioning(state_dir):
         if pid in templates or b") Z " in _read(f"/proc/{pid}/stat"):  # a template, or a zombie
+            continue
+        if _is_spare_of(pid, templates):  # a live template's spare child: part of the template
             continue
         cmdline = _read(f"/proc/{pid}/cmdline").replace(b"\0", b" ").decode(errors="replace")
         report.processes.append((pid, cmdline[:200]))

@@ -11,7 +11,7 @@ import pytest
 
 from sandpool import Session
 from sandpool._pool import MAX_DEPTH, choose_slot, pipeline_depth, sandboxes_to_start
-from sandpool._sandbox import Sandbox
+from sandpool._channel import FrameChannel
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -95,13 +95,13 @@ def test_function_is_sent_once_per_sandbox_and_small_calls_are_batched(monkeypat
     """The pickled function travels with the first call to each sandbox only; when the queue is
     deep, many call frames go out in one write."""
     sent: list[list[dict]] = []
-    original = Sandbox._send_many
+    original = FrameChannel.send_many
 
     async def spy(self, frames):
         sent.append([f for f in frames if f["t"] == "call"])
         await original(self, frames)
 
-    monkeypatch.setattr(Sandbox, "_send_many", spy)
+    monkeypatch.setattr(FrameChannel, "send_many", spy)  # direct to the worker, or to the agent
     with Session() as s:
         @s.function(max_concurrency=1)
         def inc(x):

@@ -14,6 +14,12 @@ SIGKILLed: the cancelled calls are answered "cancelled", any other call it held 
 started or cut short through no fault of its own: the client resubmits it without counting a retry).
 A respawned worker gets each function's bytes again from the relay's cache.
 
+Direct mode (local sandboxes): a ``worker`` frame asks for a worker listening at a path in the
+sandbox (answered ``started``); the client connects there and sends calls straight to it. The agent
+then only forwards cancels (frames with ``call: True``) on the worker's socket, with SIGINT, and
+waits for the worker's ``ack`` of each; when the worker exits it answers the ``worker`` request
+with ``exit`` (``killed: True`` when it was killed for ignoring a cancel).
+
 Error kinds sent to the owner: ``user`` (the function raised; ``data`` is the pickled exception
 when it pickles, ``type_name`` and ``traceback`` always), ``serialization`` (arguments would not
 unpickle or the result would not pickle), ``timeout``, ``cancelled``, ``lost``, ``worker_died``
@@ -32,7 +38,7 @@ import time
 from collections.abc import Callable
 
 from .. import _wire
-from . import _linux, _worker
+from . import _files, _linux, _worker
 from ._framesock import FrameSocket
 
 #: How long a cancelled call may take to stop after SIGINT before its worker is SIGKILLed.
@@ -73,10 +79,20 @@ class CallRelay:
         self.kill_at: dict[int, float] = {}  # cancelled call held by the worker -> kill deadline
         self.timed_out: set[int] = set()
         self.head_since = 0.0  # when the oldest handed call became the one running
+        self.direct_id: int | None = None  # the ``worker`` request of a direct-mode worker
+
+    @property
+    def busy(self) -> bool:
+        """Calls queued or running, as far as the agent can tell: a direct-mode worker counts as
+        busy while it lives (its calls do not pass here)."""
+        return bool(self.queue or self.handed or self.direct_id is not None)
 
     # -- from the owner ----------------------------------------------------------------------
 
     def submit(self, frame: dict) -> None:
+        if self.direct_id is not None:
+            self._answer(frame["id"], "protocol", "this sandbox's worker takes calls directly, not through the agent")
+            return
         key = frame.get("fn_key") or b""
         if frame["fn"]:
             self.fns[key] = frame["fn"]
@@ -86,21 +102,57 @@ class CallRelay:
         self.queue[frame["id"]] = frame
         self.pump()
 
-    def cancel(self, call_id: int) -> bool:
-        """Cancel a call; False if ``call_id`` is no call of this relay (it may be an exec)."""
-        if self.queue.pop(call_id, None) is not None:
+    def start_direct(self, frame: dict) -> None:
+        """Fork a worker that listens at ``frame["listen"]`` (a sandbox path) for the client."""
+        if self.worker is not None and (self.handed or self.direct_id is not None):
+            self._answer(frame["id"], "protocol", "the sandbox's call worker is busy or taken")
+            return
+        if self.worker is not None:
+            self.kill()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            path = _files.confine(self._config["root"], self._config["cwd"], frame["listen"])
+            listener.bind(path)
+            os.chmod(path, 0o600)
+            listener.listen(1)
+        except (OSError, _files.FileOpError) as exc:
+            listener.close()
+            self._answer(frame["id"], "protocol", f"cannot listen at {frame['listen']!r}: {exc}")
+            return
+        self._spawn(listener)
+        listener.close()
+        self.direct_id = frame["id"]
+        self._send({"t": "started", "id": frame["id"], "pid": self.worker.pid})  # type: ignore[union-attr]
+
+    def cancel(self, frame: dict) -> bool:
+        """Cancel a call; False if the frame is no call's (it may be an exec's)."""
+        call_id = frame["id"]
+        if frame.get("call") and self.direct_id is not None:
+            self._interrupt(call_id)
+            return True
+        if call_id == self.direct_id:  # the client gives up on its direct worker
+            self.kill()
+            return True
+        frame = self.queue.pop(call_id, None)
+        if frame is not None:
+            self._discard_args(frame)
             self._answer(call_id, "cancelled", "cancelled before it started")
             return True
         if call_id not in self.handed:
             return False
-        if call_id not in self.kill_at and self.worker is not None:
-            self.kill_at[call_id] = time.monotonic() + CANCEL_GRACE_SECONDS
-            try:
-                self.worker.chan.send({"t": "cancel", "id": call_id})
-            except OSError:
-                pass  # the worker is dying; its exit answers the call
-            _linux.kill_quietly(self.worker.pid, signal.SIGINT)
+        self._interrupt(call_id)
         return True
+
+    def _interrupt(self, call_id: int) -> None:
+        """Tell the worker (cancel frame, then SIGINT); kill it if the call is not answered in time."""
+        if call_id in self.kill_at or self.worker is None:
+            return
+        self.kill_at[call_id] = time.monotonic() + CANCEL_GRACE_SECONDS
+        try:
+            self.worker.chan.send({"t": "cancel", "id": call_id})
+        except OSError:
+            pass  # the worker is dying; its exit event fails what it held
+        _linux.kill_quietly(self.worker.pid, signal.SIGINT)
 
     # -- the worker ------------------------------------------------------------------------------
 
@@ -129,14 +181,14 @@ class CallRelay:
         except OSError:
             pass  # it died: its exit event fails what it held
 
-    def _spawn(self) -> None:
+    def _spawn(self, listener: socket.socket | None = None) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pid = os.fork()
         if pid == 0:  # the worker: never returns
             code = 1
             try:
                 ours.close()
-                _worker.main(theirs, self._config)
+                _worker.main(theirs, self._config, listener)
                 code = 0
             finally:
                 os._exit(code)
@@ -163,6 +215,9 @@ class CallRelay:
             return
         for frame in frames:
             call_id = frame["id"]
+            if frame["t"] == "ack":  # direct mode: a cancelled call is answered
+                self.kill_at.pop(call_id, None)
+                continue
             was_head = self.handed and next(iter(self.handed)) == call_id
             if self.handed.pop(call_id, None) is None:
                 continue
@@ -195,8 +250,12 @@ class CallRelay:
             os.close(worker.pidfd)
         worker.chan.close()
         code, sig = _linux.exit_code(status)
+        if self.direct_id is not None:  # the client fails what it had sent; tell it how
+            self._send({"t": "exit", "id": self.direct_id, "code": code, "signal": sig, "killed": bool(self.kill_at)})
+            self.direct_id = None
         how = f"killed by signal {sig}" if sig else f"exited with code {code}"
         for index, call_id in enumerate(list(self.handed)):
+            self._discard_args(self.handed[call_id])  # the worker removes the files it read
             if call_id in self.kill_at:
                 self._answer(call_id, "cancelled", "cancelled; its worker was killed after ignoring SIGINT")
             elif call_id in self.timed_out:
@@ -256,6 +315,15 @@ class CallRelay:
         if self.worker is not None:
             _linux.killpg_quietly(self.worker.pid, signal.SIGKILL)
             _linux.kill_quietly(self.worker.pid, signal.SIGKILL)
+
+    def _discard_args(self, frame: dict) -> None:
+        """Remove the bulk argument file of a call that will not run here (see sandpool._bulk)."""
+        if frame.get("args_path"):
+            root = self._config.get("root") or "/"
+            try:
+                os.unlink(os.path.join(root, frame["args_path"].lstrip("/")))
+            except OSError:
+                pass
 
     def _answer(self, call_id: int, kind: str, message: str, **extra) -> None:
         self._send({"t": "error", "id": call_id, "kind": kind, "message": message, **extra})

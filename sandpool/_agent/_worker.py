@@ -1,9 +1,14 @@
 """The call worker: a process forked by the agent that runs cloudpickled functions, one at a time.
 
-It reads ``call`` and ``cancel`` frames from its socket to the agent and answers every call with
-one ``result`` or ``error`` frame (see ``_calls`` for the kinds). Answers of a batch are buffered
-and sent together, at most ``FLUSH_SECONDS`` late, so that thousands of tiny calls cost a handful
-of writes.
+It answers every ``call`` frame with one ``result`` or ``error`` frame (see ``_calls`` for the
+kinds). Answers of a batch are buffered and sent together, at most ``FLUSH_SECONDS`` late, so that
+thousands of tiny calls cost a handful of writes.
+
+Two ways to reach it. Relayed: calls come from the agent over the worker's socket to it, and the
+agent sees every answer. Direct (local sandboxes): the agent hands it a listening Unix socket in
+the sandbox's /tmp; the client connects there and calls go both ways without the agent, which only
+forwards ``cancel`` frames on the agent socket; the worker acknowledges each one there (``ack``)
+once that call is answered, so the agent knows when to stop waiting to kill it.
 
 Interruption is by signal, and only while user code runs: SIGINT (sent by the agent after a
 ``cancel`` frame) raises KeyboardInterrupt in the function if its call was cancelled, and SIGALRM
@@ -14,7 +19,9 @@ handlers only note the signal, so the worker's own bookkeeping is never cut in h
 from __future__ import annotations
 
 import collections
+import mmap
 import os
+import select
 import signal
 import socket
 import sys
@@ -26,6 +33,8 @@ from . import _linux
 
 #: Longest delay of an answer kept back to be sent with the next ones.
 FLUSH_SECONDS = 0.002
+#: A result pickle at least this large goes to a file when the call offers a ``bulk`` directory.
+BULK_BYTES = 512 * 1024
 
 
 class _Interrupted(KeyboardInterrupt):
@@ -36,28 +45,42 @@ class _TimedOut(BaseException):
     """Raised in user code when its call's ``timeout`` passes (not an Exception: hard to swallow)."""
 
 
-def main(sock: socket.socket, config: dict) -> None:
+def main(sock: socket.socket, config: dict, listener: socket.socket | None = None) -> None:
     """Entry point in the forked worker: detach from the agent's resources and serve."""
     os.setpgid(0, 0)  # its own group: a kill reaches whatever the function started
     _linux.set_parent_death_signal(signal.SIGKILL)
-    fd = sock.fileno()
-    os.closerange(3, fd)  # the owner socket, the agent's selector and exec pipes are not ours
-    os.closerange(fd + 1, os.sysconf("SC_OPEN_MAX"))
+    keep = sorted(s.fileno() for s in (sock, listener) if s is not None)
+    low = 3
+    for fd in keep:  # the owner socket, the agent's selector and exec pipes are not ours
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
     for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
     import cloudpickle  # pre-imported by the template, so this is a dictionary lookup
 
-    Worker(sock, cloudpickle).run()
+    client = None
+    if listener is not None:
+        client, _ = listener.accept()  # the first connection is the client's; then nobody else's
+        listener.close()
+    Worker(sock, cloudpickle, config.get("root") or "/", client).run()
 
 
 class Worker:
-    def __init__(self, sock: socket.socket, pickler) -> None:
-        self.sock = sock
+    def __init__(self, agent: socket.socket, pickler, root: str, client: socket.socket | None = None) -> None:
+        self.agent = agent  # to the agent: calls and answers when relayed; cancels and acks when direct
+        self.client = client
+        self.io = client or agent  # where calls come from and answers go
         self.buf = _wire.FrameBuffer()
+        self.agent_buf = _wire.FrameBuffer() if client is not None else self.buf
+        self.root = root  # where the sandbox's "/" is, seen from here ("/" when namespaced)
         self.pickler = pickler
         self.fns: dict[bytes, object] = {}
+        self.durations: dict[bytes, float] = {}  # fn_key -> its calls' typical duration (s, EWMA)
         self.pending: collections.deque[dict] = collections.deque()
         self.cancelled: set[int] = set()
+        self.to_ack: set[int] = set()  # direct: cancels the agent waits to see answered
+        self.answered: collections.deque[int] = collections.deque(maxlen=4096)  # recent call ids
         self.outbox: list[bytes] = []
         self.flushed_at = time.monotonic()
         self.current: int | None = None
@@ -70,19 +93,41 @@ class Worker:
         while True:
             if not self.pending:
                 self.flush()
-                data = self.sock.recv(1 << 20)
-                if not data:
+                if not self._wait_for_frames():
                     return
-                self._take(self.buf.feed(data))
                 continue
             if self.signalled:
                 self.signalled = False
                 self._drain()
-            self._run(self.pending.popleft())
-            if not self.pending or time.monotonic() - self.flushed_at >= FLUSH_SECONDS:
+                self._answer_cancelled_waiting()
+            frame = self.pending.popleft()
+            if self.outbox and (self.durations.get(frame.get("fn_key") or b"", 1.0) >= FLUSH_SECONDS
+                                or time.monotonic() - self.flushed_at >= FLUSH_SECONDS):
+                self.flush()  # answers never wait behind a call that may be long
+            self._run(frame)
+            if not self.pending:
                 self.flush()
 
     # -- frames --------------------------------------------------------------------------------
+
+    def _wait_for_frames(self) -> bool:
+        """Block until frames come (from the client, or cancels from the agent); False at EOF."""
+        if self.client is not None:
+            readable, _, _ = select.select([self.client, self.agent], [], [])
+            if self.agent in readable:
+                data = self.agent.recv(1 << 16)
+                if not data:
+                    return False
+                self._take(self.agent_buf.feed(data))
+                self._answer_cancelled_waiting()
+                self.flush()
+            if self.client not in readable:
+                return True
+        data = self.io.recv(1 << 20)
+        if not data:
+            return False
+        self._take(self.buf.feed(data))
+        return True
 
     def _take(self, frames: list[dict]) -> None:
         for frame in frames:
@@ -90,23 +135,56 @@ class Worker:
                 self.pending.append(frame)
             elif frame["t"] == "cancel":
                 self.cancelled.add(frame["id"])
+                if self.client is not None:
+                    self.to_ack.add(frame["id"])
 
     def _drain(self) -> None:
         """Take the frames already readable, without blocking."""
-        while True:
-            try:
-                data = self.sock.recv(1 << 20, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                return
-            if not data:
-                return
-            self._take(self.buf.feed(data))
+        for sock, buf in ((self.io, self.buf), (self.agent, self.agent_buf)) if self.client else ((self.io, self.buf),):
+            while True:
+                try:
+                    data = sock.recv(1 << 20, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    break
+                if not data:
+                    break
+                self._take(buf.feed(data))
 
     def _answer(self, frame: dict) -> None:
         self.outbox.append(_wire.encode(frame))
+        self.answered.append(frame["id"])
 
     def _error(self, call_id: int, kind: str, message: str, **extra: object) -> None:
         self._answer({"t": "error", "id": call_id, "kind": kind, "message": message, **extra})
+
+    def _answer_cancelled_waiting(self, queue: bool = True) -> list[bytes]:
+        """Answer cancelled calls that have not started; forget cancels of calls already answered.
+        Returns the encoded answers; ``queue=False`` leaves them out of the outbox (for the
+        signal handler, which sends them at once)."""
+        answers = []
+        if any(f["id"] in self.cancelled for f in self.pending):
+            keep = collections.deque()
+            for f in self.pending:
+                if f["id"] in self.cancelled:
+                    self.cancelled.discard(f["id"])
+                    frame = {"t": "error", "id": f["id"], "kind": "cancelled", "message": "cancelled before it started"}
+                    answers.append(_wire.encode(frame))
+                    self.answered.append(f["id"])
+                    if queue:
+                        self.outbox.append(answers[-1])
+                else:
+                    keep.append(f)
+            self.pending = keep
+        for call_id in [i for i in self.cancelled if i in self.answered]:
+            self.cancelled.discard(call_id)  # answered before the cancel came: nothing to stop
+        return answers
+
+    def _acks(self) -> bytes:
+        """Acks for every cancel the agent sent whose call is answered by now (direct mode)."""
+        done = [i for i in self.to_ack if i in self.answered]
+        for call_id in done:
+            self.to_ack.discard(call_id)
+        return b"".join(_wire.encode({"t": "ack", "id": i}) for i in done)
 
     def flush(self) -> None:
         for stream in (sys.stdout, sys.stderr):  # print() in user code must not wait for exit
@@ -116,7 +194,11 @@ class Worker:
                 pass
         if self.outbox:
             data, self.outbox = b"".join(self.outbox), []
-            self.sock.sendall(data)
+            self.io.sendall(data)
+        if self.to_ack:
+            acks = self._acks()
+            if acks:
+                self.agent.sendall(acks)
         self.flushed_at = time.monotonic()
 
     # -- one call --------------------------------------------------------------------------------
@@ -134,7 +216,10 @@ class Worker:
                 self.fns[key] = self.pickler.loads(frame["fn"])
             fn = self.fns[key]
             what = "arguments"
-            args, kwargs = self.pickler.loads(frame["args"])
+            if frame.get("args_path"):
+                args, kwargs = self._load_file(frame["args_path"])
+            else:
+                args, kwargs = self.pickler.loads(frame["args"])
         except BaseException as exc:  # noqa: BLE001 - any unpickling failure is reported, not fatal
             self._error(call_id, "serialization", f"the {what} could not be unpickled in the sandbox: "
                         f"{type(exc).__name__}: {exc}", traceback=_format(exc))
@@ -143,10 +228,13 @@ class Worker:
         started = time.perf_counter()
         self.current = call_id
         try:
-            if timeout:
-                signal.setitimer(signal.ITIMER_REAL, timeout)
-            self.in_user = True
+            self.in_user = True  # first: from here on the handlers interrupt this call
             try:
+                if timeout:
+                    signal.setitimer(signal.ITIMER_REAL, timeout)
+                if self.signalled:  # a SIGINT came while the worker was between calls
+                    self.signalled = False
+                    self._on_sigint(signal.SIGINT, None)
                 value = fn(*args, **kwargs)
             finally:
                 self.in_user = False
@@ -159,17 +247,40 @@ class Worker:
         except BaseException as exc:  # noqa: BLE001 - the user's exception travels back
             self._user_error(call_id, exc)
         else:
-            micros = int((time.perf_counter() - started) * 1e6)
+            seconds = time.perf_counter() - started
+            micros = int(seconds * 1e6)
+            last = self.durations.get(key)
+            self.durations[key] = seconds if last is None else 0.8 * last + 0.2 * seconds
+            spool = _Spool(self._host_path(frame["bulk"]) if frame.get("bulk") else None, call_id)
             try:
-                data = self.pickler.dumps(value, protocol=5)
+                self.pickler.Pickler(spool, protocol=5).dump(value)
+                answer = {"t": "result", "id": call_id, "us": micros}
+                if spool.fd is None:
+                    answer["data"] = b"".join(spool.chunks)
+                else:
+                    answer["path"] = f"{frame['bulk']}/{os.path.basename(spool.close())}"
             except BaseException as exc:  # noqa: BLE001
+                spool.discard()
                 self._error(call_id, "serialization", f"the result ({type(value).__module__}."
                             f"{type(value).__qualname__}) could not be pickled: {type(exc).__name__}: {exc}")
             else:
-                self._answer({"t": "result", "id": call_id, "data": data, "us": micros})
+                self._answer(answer)
         finally:
             self.current = None
             self.cancelled.discard(call_id)
+
+    def _host_path(self, sandbox_path: str) -> str:
+        return os.path.join(self.root, sandbox_path.lstrip("/"))
+
+    def _load_file(self, sandbox_path: str):
+        """Unpickle a bulk argument file through a read-only mapping, and remove it."""
+        fd = os.open(self._host_path(sandbox_path), os.O_RDONLY)
+        try:
+            os.unlink(self._host_path(sandbox_path))
+            with mmap.mmap(fd, os.fstat(fd).st_size, prot=mmap.PROT_READ) as mapped:
+                return self.pickler.loads(mapped)
+        finally:
+            os.close(fd)
 
     def _user_error(self, call_id: int, exc: BaseException) -> None:
         if exc.__traceback__ is not None:  # drop this module's own frame
@@ -193,21 +304,65 @@ class Worker:
             self.signalled = True  # the loop reads the cancel frames before the next call
             return
         self._drain()
-        waiting = [f for f in self.pending if f["id"] in self.cancelled]
-        if waiting:  # answer queued cancelled calls now, so the agent does not kill the running one
-            self.pending = collections.deque(f for f in self.pending if f["id"] not in self.cancelled)
-            answers = []
-            for f in waiting:
-                self.cancelled.discard(f["id"])
-                answers.append(_wire.encode({"t": "error", "id": f["id"], "kind": "cancelled",
-                                             "message": "cancelled before it started"}))
-            self.sock.sendall(b"".join(answers))  # not flush(): user code may be inside print()
+        answers = self._answer_cancelled_waiting(queue=False)
+        if answers:  # sent now, so the agent does not kill the running call (not flush(): the
+            self.io.sendall(b"".join(answers))  # user code may be inside print())
+            if self.to_ack:
+                self.agent.sendall(self._acks())
         if self.current in self.cancelled:
             raise _Interrupted()
 
     def _on_alarm(self, signum, frame) -> None:
         if self.in_user:
             raise _TimedOut()
+
+
+class _Spool:
+    """Where a result is pickled: memory, until it reaches BULK_BYTES in a call that offers a
+    ``bulk`` directory; from then on a file there (large buffers are written to it uncopied)."""
+
+    def __init__(self, directory: str | None, call_id: int) -> None:
+        self.directory, self.call_id = directory, call_id
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.fd: int | None = None
+        self.path = ""
+
+    def write(self, data) -> int:
+        n = len(data)
+        if self.fd is None:
+            if self.directory is None or self.size + n < BULK_BYTES:
+                self.chunks.append(bytes(data))
+                self.size += n
+                return n
+            try:
+                self.path = os.path.join(self.directory, f".sandpool-r-{os.getpid()}-{self.call_id}")
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            except OSError:  # no room or no directory: keep it in memory
+                self.directory = None
+                return self.write(data)
+            for chunk in self.chunks:
+                self._write_all(chunk)
+            self.chunks = []
+        self._write_all(data)
+        return n
+
+    def _write_all(self, data) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            view = view[os.write(self.fd, view):]  # type: ignore[arg-type]
+
+    def close(self) -> str:
+        os.close(self.fd)  # type: ignore[arg-type]
+        return self.path
+
+    def discard(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
 
 
 def _format(exc: BaseException) -> str:

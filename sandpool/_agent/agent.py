@@ -132,7 +132,7 @@ class Agent:
         now = time.monotonic()
         if self.deadline is not None and now >= self.deadline:
             raise _Stop("max_lifetime", grace=0.0)
-        busy = bool(self.procs or self.calls.queue or self.calls.handed)
+        busy = bool(self.procs or self.calls.busy)
         if busy or self.busy:  # running, or just finished: idleness starts now
             self.last_active = now
         self.busy = busy
@@ -288,8 +288,11 @@ class Agent:
     def _on_call(self, frame: dict) -> None:
         self.calls.submit(frame)
 
+    def _on_worker(self, frame: dict) -> None:
+        self.calls.start_direct(frame)
+
     def _on_cancel(self, frame: dict) -> None:
-        if self.calls.cancel(frame["id"]):
+        if self.calls.cancel(frame):
             return
         proc = self.procs.get(frame["id"])
         if proc is not None:

@@ -33,7 +33,7 @@ class Template:
         self.owner_dir = owner_dir
         self.agents: dict[int, str] = {}  # pid -> sandbox dir
         self.pid = os.getpid()
-        self.isolation = Supervisor()  # namespaces, cgroups and OOM watches of the agents
+        self.isolation = Supervisor(self._become_agent)  # namespaces, cgroups, OOM watches, spare children
 
     def serve(self) -> None:
         _linux.become_subreaper()
@@ -62,6 +62,7 @@ class Template:
                 elif not self._read_control():
                     self._shutdown_and_exit()
             self._reap()
+            self.isolation.refill()  # after the spawned reply: a spare for the next sandbox
 
     def _read_control(self) -> bool:
         try:
@@ -81,36 +82,40 @@ class Template:
 
     def _spawn(self, frame: dict, sock_fd: int) -> None:
         config = frame["config"]
-        pid = self.isolation.fork(config)
+        pid = self.isolation.fork(config, sock_fd)  # a new child, or a spare one made ahead of time
         if pid == 0:  # the sandbox's agent
-            code = 0
-            try:
-                os.setsid()
-                _linux.set_parent_death_signal(signal.SIGTERM)
-                if parent_pid() != self.pid:
-                    os._exit(1)
-                _linux.become_subreaper()
-                signal.set_wakeup_fd(-1)
-                for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
-                    signal.signal(sig, signal.SIG_DFL)
-                self.control.close()
-                self.isolation.enter(config)
-                for name, value in (config.get("rlimits") or {}).items():
-                    resource.setrlimit(_RLIMITS[name], (value, value))
-                os.environ.clear()
-                os.environ.update(config["env"])
-                os.chdir(config["cwd"])
-                agent.serve(socket.socket(fileno=sock_fd), config)
-            except BaseException:
-                code = 1
-                import traceback
-
-                traceback.print_exc()  # the owner's stderr: an agent crash is a sandpool bug
-            finally:
-                os._exit(code)
+            self._become_agent(config, sock_fd)
         os.close(sock_fd)
         self.agents[pid] = config["dir"]
         self.control.send(_wire.encode({"t": "spawned", "id": frame["id"], "pid": pid}))
+
+    def _become_agent(self, config: dict, sock_fd: int) -> None:
+        """In a child of the template: become the sandbox's agent. Never returns."""
+        code = 0
+        try:
+            os.setsid()
+            _linux.set_parent_death_signal(signal.SIGTERM)
+            if parent_pid() != self.pid:
+                os._exit(1)
+            _linux.become_subreaper()
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_DFL)
+            self.control.close()
+            self.isolation.enter(config)
+            for name, value in (config.get("rlimits") or {}).items():
+                resource.setrlimit(_RLIMITS[name], (value, value))
+            os.environ.clear()
+            os.environ.update(config["env"])
+            os.chdir(config["cwd"])
+            agent.serve(socket.socket(fileno=sock_fd), config)
+        except BaseException:
+            code = 1
+            import traceback
+
+            traceback.print_exc()  # the owner's stderr: an agent crash is a sandpool bug
+        finally:
+            os._exit(code)
 
     def _reap(self) -> None:
         for pid, status in _linux.reap_all():
@@ -129,7 +134,7 @@ class Template:
     def _kill_orphans(self) -> None:
         """Kill direct children that are not agents: descendants of a dead agent, re-parented here."""
         for child in _linux.children(os.getpid()):
-            if child not in self.agents:
+            if child not in self.agents and child not in self.isolation.spares:
                 _linux.kill_descendants(child, reap=False)
                 _linux.kill_quietly(child)
 

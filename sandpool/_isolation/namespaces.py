@@ -70,18 +70,32 @@ def namespace_flags(network: str) -> int:
     return flags | (_sys.CLONE_NEWNET if network == "none" else 0)
 
 
-def enter(plan: dict) -> None:
+def unshare_early(network: str) -> None:
+    """The part of ``enter`` that needs nothing of the sandbox: mount, uts, ipc and net namespaces,
+    private mounts, ``lo`` up. Spares do it ahead of time (the cgroup namespace waits for the join)."""
+    _sys.unshare(namespace_flags(network) & ~_sys.CLONE_NEWCGROUP)
+    _sys.mount(None, "/", None, _sys.MS_REC | _sys.MS_PRIVATE)  # nothing propagates to the host
+    if network == "none":
+        _sys.loopback_up()
+
+
+def enter(plan: dict, early: bool = False) -> None:
     """Become the sandbox: namespaces, root filesystem, hostname, network, privileges. See module doc.
 
     ``plan`` keys: ``lower`` (the image's root), ``upper``, ``work``, ``merged`` (dirs on the host),
     ``hostname``, ``network`` ("none" or "host"), ``tmp_bytes`` (size of /tmp, /run and /dev/shm),
     ``hide`` ([path, writable] pairs: directories of the image covered by an empty tmpfs),
     ``binds`` ([source, target] read-only bind mounts, target inside the sandbox; made after the
-    hiding, so they may bring back part of a hidden directory), ``mkdirs`` (directories to create). Raises OSError naming the failed step.
+    hiding, so they may bring back part of a hidden directory), ``mkdirs`` (directories to create).
+    ``early``: ``unshare_early`` ran already (in a spare), so only the cgroup namespace is left.
+    Raises OSError naming the failed step.
     """
     merged = plan["merged"]
-    _sys.unshare(namespace_flags(plan["network"]))
-    _sys.mount(None, "/", None, _sys.MS_REC | _sys.MS_PRIVATE)  # nothing propagates to the host
+    if early:
+        _sys.unshare(_sys.CLONE_NEWCGROUP)
+    else:
+        unshare_early(plan["network"])
+        _sys.unshare(_sys.CLONE_NEWCGROUP)
     _sys.mount("overlay", merged, "overlay", _sys.MS_NOSUID,
                f"lowerdir={plan['lower']},upperdir={plan['upper']},workdir={plan['work']}")
     size = plan["tmp_bytes"]
@@ -106,8 +120,6 @@ def enter(plan: dict) -> None:
     _sys.umount(".", _sys.MNT_DETACH)
     os.chdir("/")
     _sys.sethostname(plan["hostname"])
-    if plan["network"] == "none":
-        _sys.loopback_up()
     _sys.no_new_privs()
     _sys.limit_capabilities(KEEP_CAPABILITIES)
 

@@ -1,8 +1,14 @@
 """The template's side of isolation: fork each agent into its level, watch for OOM, clean up after it.
 
-``Supervisor.fork(config)`` replaces ``os.fork()`` in the template. For the ``namespaces`` level the
-child is PID 1 of a new pid namespace (the template still reaps it directly, by its host pid), and
-the child's ``enter(config)`` joins the sandbox's cgroups and enters its namespaces and root.
+``Supervisor.fork(config, sock_fd)`` replaces ``os.fork()`` in the template. For the ``namespaces``
+level the child is PID 1 of a new pid namespace (the template still reaps it directly, by its host
+pid), and the child's ``enter(config)`` joins the sandbox's cgroups and enters its namespaces and root.
+
+Spares: creating the pid and network namespaces and bringing ``lo`` up is a third of a namespaces
+sandbox's start. So once a network mode has been used, the template keeps one spare child per mode
+that has done exactly that, made while the template is idle (``refill``); the next sandbox of that
+mode is handed to it (its config pickled, its agent socket passed along) instead of forking. A spare
+is renamed ``sandpool-spare`` while it waits and dies with the template.
 
 Out of memory: on cgroup v2 ``memory.oom.group`` makes the kernel kill the whole sandbox at once; on
 v1 the sandbox's OOM killer is disabled and the template, woken by the cgroup's OOM eventfd, kills
@@ -16,33 +22,43 @@ Stdlib only: this runs in the template (``python -I -S``).
 from __future__ import annotations
 
 import os
+import pickle
+import select
 import selectors
+import signal
+import socket
+from collections.abc import Callable
 
-from . import cgroups, namespaces
+from . import _sys, cgroups, namespaces
 
 _PID_NS = "/proc/self/ns/pid"
+SPARE_NAME = "sandpool-spare"
 
 
 class Supervisor:
     """Per-template isolation state: which agent has which cgroup and OOM watch."""
 
-    def __init__(self, sel: selectors.BaseSelector | None = None) -> None:
+    def __init__(self, become_agent: Callable[[dict, int], None] | None = None,
+                 sel: selectors.BaseSelector | None = None) -> None:
+        self.become_agent = become_agent  # the template's child path, for spares: (config, sock_fd)
         self.sel = sel  # the template's selector, where OOM eventfds are registered
         self.groups: dict[int, dict] = {}  # agent pid -> its cgroup
         self.watches: dict[int, tuple[int, int]] = {}  # agent pid -> (eventfd, oom_control fd)
         self.oom_killed: set[int] = set()
+        self.spares: dict[int, tuple[str, socket.socket]] = {}  # pid -> (network mode, our socket end)
+        self.wanted: set[str] = set()  # network modes of namespaces sandboxes asked for so far
+        self.early = False  # in a spare: its namespaces exist already
         self._pid_ns_fd: int | None = None
 
-    def fork(self, config: dict) -> int:
-        """Fork the agent for ``config`` at its isolation level; returns 0 in the child."""
+    def fork(self, config: dict, sock_fd: int) -> int:
+        """Start the agent for ``config`` (its socket is ``sock_fd``) at its isolation level: hand it
+        to a spare or fork. Returns the agent's pid, or 0 in a forked child."""
         group = config.get("cgroups")
         watch = _watch_oom(group) if group else None
-        if config.get("namespaces"):
-            if self._pid_ns_fd is None:
-                self._pid_ns_fd = os.open(_PID_NS, os.O_RDONLY | os.O_CLOEXEC)
-            pid = namespaces.fork_into_pid_namespace(self._pid_ns_fd)
-        else:
-            pid = os.fork()
+        plan = config.get("namespaces")
+        pid = self._hand_to_spare(plan["network"], config, sock_fd) if plan else None
+        if pid is None:
+            pid = namespaces.fork_into_pid_namespace(self._pid_ns()) if plan else os.fork()
         if pid == 0:
             if watch:
                 os.close(watch[0])
@@ -57,18 +73,91 @@ class Supervisor:
         return pid
 
     def enter(self, config: dict) -> None:
-        """In the forked agent: close the template's watches, join cgroups, enter the namespaces."""
+        """In the agent: close the template's watches and spares, join cgroups, enter the namespaces."""
         for efd, ofd in self.watches.values():
             os.close(efd)
             os.close(ofd)
+        for _mode, sock in self.spares.values():
+            sock.close()
         if self._pid_ns_fd is not None:
             os.close(self._pid_ns_fd)
         if config.get("cgroups"):
             cgroups.join(config["cgroups"])
         plan = config.get("namespaces")
         if plan:
-            namespaces.enter(plan)
+            namespaces.enter(plan, early=self.early)
             config["dir"] = namespaces.AGENT_DIR
+
+    # -- spares ----------------------------------------------------------------------------
+
+    def refill(self) -> None:
+        """Template side, between requests: one live spare per network mode in use."""
+        for pid, (mode, sock) in list(self.spares.items()):
+            if select.select([sock], [], [], 0)[0]:  # EOF: the spare died
+                sock.close()
+                del self.spares[pid]
+        have = {mode for mode, _ in self.spares.values()}
+        for mode in sorted(self.wanted - have):
+            self._spawn_spare(mode)
+
+    def _pid_ns(self) -> int:
+        if self._pid_ns_fd is None:
+            self._pid_ns_fd = os.open(_PID_NS, os.O_RDONLY | os.O_CLOEXEC)
+        return self._pid_ns_fd
+
+    def _hand_to_spare(self, mode: str, config: dict, sock_fd: int) -> int | None:
+        self.wanted.add(mode)
+        for pid, (spare_mode, sock) in list(self.spares.items()):
+            if spare_mode != mode:
+                continue
+            del self.spares[pid]
+            try:
+                socket.send_fds(sock, [pickle.dumps(config)], [sock_fd])
+                return pid
+            except OSError:
+                continue  # it died; the template reaps it like any orphan
+            finally:
+                sock.close()
+        return None
+
+    def _spawn_spare(self, mode: str) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        template = os.getpid()
+        pid = namespaces.fork_into_pid_namespace(self._pid_ns())
+        if pid == 0:
+            ours.close()
+            self._be_spare(mode, theirs, template)
+        theirs.close()
+        self.spares[pid] = (mode, ours)
+
+    def _be_spare(self, mode: str, sock: socket.socket, template: int) -> None:
+        """In a spare: make the namespaces, wait for a sandbox, become its agent. Never returns."""
+        try:
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGCHLD, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_DFL)  # not the template's handlers
+            _sys.set_parent_death_signal(signal.SIGKILL)
+            if parent_pid() != template:
+                os._exit(0)
+            for _mode, other in self.spares.values():
+                other.close()
+            self.spares = {}
+            with open("/proc/self/comm") as f:
+                name = f.read().strip()
+            _sys.set_name(SPARE_NAME)
+            namespaces.unshare_early(mode)
+            self.early = True
+            data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 22, 1)
+            if not data or not fds:
+                os._exit(0)  # the template is gone
+            sock.close()
+            _sys.set_name(name)
+            config = pickle.loads(data)
+        except BaseException:
+            os._exit(1)
+        assert self.become_agent is not None
+        self.become_agent(config, fds[0])
+        os._exit(1)
 
     def fired(self, data: object) -> bool:
         """Handle a selector event registered by ``fork``; False if it is not ours."""
@@ -93,6 +182,9 @@ class Supervisor:
     def finish_all(self) -> None:
         for pid in list(self.groups):
             self.finish(pid)
+        for _mode, sock in self.spares.values():
+            sock.close()  # EOF: each spare exits
+        self.spares.clear()
 
     def _unwatch(self, pid: int) -> None:
         watch = self.watches.pop(pid, None)

@@ -1,0 +1,155 @@
+"""Start latency per isolation level, each beside its floor measured in the same run.
+
+    python benchmarks/bench_isolation.py [--quick] [--json PATH]     (as root, for the namespaces level)
+
+Measures, one sandbox at a time (``session.sandbox(...)`` then ``start()`` until RUNNING, then a stop
+that is not timed), and once more including the first ``exec(["true"])``:
+
+- process:      the process level; floor: ``subprocess.run(["true"])`` (a fork and exec).
+- namespaces:   the namespaces level on the host image (pid/mount/uts/ipc/cgroup/net namespaces,
+                overlay root, pivot_root, cgroups with the default pids limit); floor:
+                ``unshare --fork --pid --mount-proc --net --uts --ipc --cgroup --mount true``.
+- namespaces + limits: the same with memory, cpu and pids limits (three more cgroup files).
+- namespaces, debian:bookworm: another image as the overlay's lower layer (if it is in the store).
+
+Then 100 namespaces sandboxes started at once until all run and stopped at once (wall time; floor:
+100 such ``unshare ... true`` started at once and reaped). Target: namespaces within 1.5x of process.
+Latencies are nearest-rank p50/p99. Prints a Markdown table; JSON goes to
+``benchmarks/results/bench_isolation.json`` unless ``--json`` says otherwise (``-`` is stdout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+from sandpool import Session
+from sandpool._isolation import images, probe
+
+UNSHARE = ["unshare", "--fork", "--pid", "--mount-proc", "--net", "--uts", "--ipc", "--cgroup", "--mount", "true"]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1))))]
+
+
+def summary(samples_s: list[float]) -> dict:
+    ms = [s * 1000 for s in samples_s]
+    return {"p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99), "mean_ms": statistics.fmean(ms), "n": len(ms)}
+
+
+def timed(n: int, fn, warm: int = 3) -> list[float]:
+    for _ in range(warm):
+        fn()
+    out = []
+    for _ in range(n):
+        began = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - began)
+    return out
+
+
+def starts(session: Session, n: int, options: dict, first_exec: bool) -> list[float]:
+    samples = []
+    for i in range(n + 3):
+        sandbox = session.sandbox(**options)
+        began = time.perf_counter()
+        sandbox.start().result()
+        if first_exec:
+            sandbox.exec(["true"]).result()
+        elapsed = time.perf_counter() - began
+        sandbox.stop(graceful_shutdown_seconds=0).result()
+        if i >= 3:
+            samples.append(elapsed)
+    return samples
+
+
+def up_down(session: Session, count: int, options: dict) -> dict:
+    pool = [session.sandbox(**options) for _ in range(count)]
+    began = time.perf_counter()
+    for ref in [sandbox.start() for sandbox in pool]:
+        ref.result()
+    up = time.perf_counter()
+    for ref in [sandbox.stop(graceful_shutdown_seconds=0) for sandbox in pool]:
+        ref.result()
+    return {"start_s": up - began, "stop_s": time.perf_counter() - up, "total_s": time.perf_counter() - began}
+
+
+def floor_many(argv: list[str], count: int) -> float:
+    began = time.perf_counter()
+    for proc in [subprocess.Popen(argv) for _ in range(count)]:
+        proc.wait()
+    return time.perf_counter() - began
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few samples: a smoke run, not figures")
+    parser.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "bench_isolation.json"))
+    args = parser.parse_args()
+    n, reps, many = (5, 1, 20) if args.quick else (60, 3, 100)
+    why = probe.unavailable("namespaces")
+    has_unshare = shutil.which("unshare") is not None
+    levels = [("process", {"isolation": "process"}, ["true"])]
+    if why is None:
+        floor = UNSHARE if has_unshare else ["true"]
+        levels.append(("namespaces", {"isolation": "namespaces"}, floor))
+        levels.append(("namespaces + limits", {"isolation": "namespaces", "resources": {
+            "limits": {"memory": "512Mi", "cpu": "1", "pids": 256}}}, floor))
+        if images.find("debian:bookworm"):
+            levels.append(("namespaces, debian:bookworm", {"isolation": "namespaces",
+                                                          "container_image": "debian:bookworm"}, floor))
+    else:
+        print(f"namespaces level unavailable ({why}); measuring the process level only", file=sys.stderr)
+
+    record: dict = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                                "kernel": platform.release(), "load_before": os.getloadavg()}, "levels": {}}
+    with Session() as session:
+        for name, options, floor_argv in levels:
+            floor = summary(timed(n, lambda a=floor_argv: subprocess.run(a, check=True), warm=5))
+            record["levels"][name] = {
+                "start": summary(starts(session, n, options, first_exec=False)),
+                "start_exec": summary(starts(session, n, options, first_exec=True)),
+                "floor": floor, "floor_argv": " ".join(floor_argv)}
+        if why is None:
+            options = {"isolation": "namespaces"}
+            runs = [up_down(session, many, options) for _ in range(reps)]
+            floors = [floor_many(UNSHARE if has_unshare else ["true"], many) for _ in range(reps)]
+            record["many"] = {"count": many, "runs": runs, "start_s": statistics.median(r["start_s"] for r in runs),
+                              "stop_s": statistics.median(r["stop_s"] for r in runs),
+                              "floor_s": statistics.median(floors)}
+    record["machine"]["load_after"] = os.getloadavg()
+
+    base = record["levels"]["process"]
+    print("| level | start p50 | start p99 | start+exec p50 | floor | floor p50 | vs floor | vs process |")
+    print("|---|---:|---:|---:|---|---:|---:|---:|")
+    for name, figures in record["levels"].items():
+        start, both, floor = figures["start"], figures["start_exec"], figures["floor"]
+        print(f"| {name} | {start['p50_ms']:.2f} ms | {start['p99_ms']:.2f} ms | {both['p50_ms']:.2f} ms | "
+              f"`{figures['floor_argv'].split(' true')[0] or 'true'}` | {floor['p50_ms']:.2f} ms | "
+              f"{start['p50_ms'] / floor['p50_ms']:.2f}x | {start['p50_ms'] / base['start']['p50_ms']:.2f}x "
+              f"(with exec {both['p50_ms'] / base['start_exec']['p50_ms']:.2f}x) |")
+    if "many" in record:
+        m = record["many"]
+        print(f"\n{m['count']} namespaces sandboxes: all running in {m['start_s'] * 1000:.0f} ms, all stopped in "
+              f"{m['stop_s'] * 1000:.0f} ms; floor ({m['count']} unshare ... true at once): {m['floor_s'] * 1000:.0f} ms")
+    print(f"\nload average before {record['machine']['load_before']}, after {record['machine']['load_after']}")
+    if args.json == "-":
+        json.dump(record, sys.stdout, indent=1)
+    else:
+        os.makedirs(os.path.dirname(args.json), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""One sandbox of a pool: the trio tasks that start it, reach its call worker and carry the frames.
+
+A slot reaches its worker directly when it can (local sandboxes): it asks the agent for a worker
+listening in the sandbox's /tmp (a ``worker`` frame) and connects to it through the path where
+this process sees that directory (see ``_bulk.host_dir``), so calls skip the agent's relay: two
+socket hops instead of four. Cancels still go to the agent (``cancel`` with ``call: True``),
+which signals the worker and kills it if it does not answer in time. Otherwise (remote runtimes,
+or the connection failing) calls go through the agent, which relays them to its worker.
+
+The pool (``_pool``) decides; the slot's task only sends what the pool put in its outbox and
+feeds answers back to the pool.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from . import _bulk
+from ._channel import FrameChannel
+from ._errors import ProtocolError, SandboxError, SandboxNotRunningError
+
+if TYPE_CHECKING:
+    from ._callref import Call
+    from ._pool import Pool
+    from ._sandbox import Sandbox
+
+#: How long to wait for the agent to start a direct worker, and for its account of a worker's end.
+WORKER_START_SECONDS = 5.0
+WORKER_EXIT_SECONDS = 3.0
+
+
+@dataclass(eq=False)
+class Slot:
+    """One sandbox of a pool and the calls it holds (by request id, in the order they were sent)."""
+
+    pool: Pool
+    sandbox: Sandbox
+    state: str = "starting"  # starting -> ready <-> reconnecting; retiring/dead at the end
+    inflight: dict[int, Call] = field(default_factory=dict)
+    held_bytes: int = 0
+    outbox: list[dict] = field(default_factory=list)
+    keys: set[bytes] = field(default_factory=set)  # functions the sandbox's worker has
+    wake: trio.Event = field(default_factory=trio.Event)
+    bulk_dir: str | None = None  # where this process sees the sandbox's /tmp (see _bulk)
+    direct: FrameChannel | None = None  # the connection straight to the worker, if any
+    worker: _WorkerHandle | None = None
+
+    def _on_frame(self, frame: dict) -> int:  # the sandbox's reader routes relayed answers here
+        self.pool._on_answer(self, frame)
+        return 0
+
+    def _on_sandbox_gone(self, error: BaseException) -> None:
+        self.pool._on_gone(self, error)
+
+
+class _WorkerHandle:
+    """The pending ``worker`` request of a direct worker: answered ``started``, then ``exit``."""
+
+    def __init__(self) -> None:
+        self.started = trio.Event()
+        self.ok = False
+        self.exited = trio.Event()
+        self.exit: dict = {}
+
+    def _on_frame(self, frame: dict) -> int:
+        if frame["t"] == "started":
+            self.ok = True
+            self.started.set()
+        else:  # "exit", or an "error" refusing to start it
+            self.exit = frame
+            self.started.set()
+            self.exited.set()
+        return 0
+
+    def _on_sandbox_gone(self, error: BaseException) -> None:
+        self.started.set()
+        self.exited.set()
+
+
+async def run_slot(pool: Pool, slot: Slot, nursery: trio.Nursery) -> None:
+    """Start the slot's sandbox, reach its worker, then send what the pool assigns until the end."""
+    sandbox = slot.sandbox
+    try:
+        await sandbox._ensure_running()
+    except Exception as exc:  # it never ran: the pool drops it (and fails its calls if none can start)
+        pool._start_failed(slot, exc)
+        return
+    if slot.state != "starting" or pool.closed:
+        return
+    sandbox._register(slot)  # a request that is never answered: we hear of its death even when idle
+    slot.bulk_dir = _bulk.host_dir(sandbox)
+    await _connect(slot, nursery)
+    pool._ready(slot)
+    while slot.state not in ("dead", "retiring"):
+        await slot.wake.wait()
+        slot.wake = trio.Event()
+        if slot.state == "reconnecting":
+            await _connect(slot, nursery)
+            pool._ready(slot)
+            continue
+        frames, slot.outbox = slot.outbox, []
+        calls = [f for f in frames if f["t"] == "call"]
+        others = [f for f in frames if f["t"] != "call"]
+        try:
+            if calls:
+                await (slot.direct.send_many(calls) if slot.direct is not None else sandbox._send_many(calls))
+                for frame in calls:
+                    call = slot.inflight.get(frame["id"])
+                    if call is not None:
+                        call.sent = True
+            if others:  # cancels, always to the agent: sent only for calls already sent
+                await sandbox._send_many(others)
+        except (SandboxNotRunningError, ProtocolError):
+            # the worker's connection broke: its exit (or the sandbox's end) resubmits the calls;
+            # or the agent's connection broke: the sandbox's reader reports the end to the pool
+            continue
+
+
+async def _connect(slot: Slot, nursery: trio.Nursery) -> None:
+    """Start a direct worker and connect to it; on any failure, calls go through the agent."""
+    slot.direct = slot.worker = None
+    if slot.bulk_dir is None:
+        return
+    sandbox, handle = slot.sandbox, _WorkerHandle()
+    name = f".sandpool-worker-{secrets.token_hex(6)}"
+    req_id = sandbox._register(handle)
+    try:
+        await sandbox._send({"t": "worker", "id": req_id, "listen": f"{_bulk.SANDBOX_DIR}/{name}"})
+        with trio.move_on_after(WORKER_START_SECONDS):
+            await handle.started.wait()
+        if not handle.ok:
+            raise SandboxError(f"the agent did not start a direct worker: {handle.exit.get('message')}")
+        dirfd = os.open(slot.bulk_dir, os.O_PATH | os.O_DIRECTORY)
+        try:  # through /proc/self/fd: short enough for a socket address, wherever the sandbox is
+            stream = await trio.open_unix_socket(f"/proc/self/fd/{dirfd}/{name}")
+        finally:
+            os.close(dirfd)
+    except (OSError, SandboxError):
+        if handle.ok:  # started, but unreachable: stop it, so that the agent relays calls instead
+            try:
+                await sandbox._send({"t": "cancel", "id": req_id})
+            except SandboxError:
+                pass
+            with trio.move_on_after(WORKER_EXIT_SECONDS):
+                await handle.exited.wait()
+        sandbox._unregister(req_id)
+        return
+    slot.direct, slot.worker = FrameChannel(stream), handle
+    nursery.start_soon(_read_direct, slot, slot.direct, handle, req_id)
+
+
+async def _read_direct(slot: Slot, channel: FrameChannel, handle: _WorkerHandle, req_id: int) -> None:
+    """Feed the worker's answers to the pool; at its end, wait for the agent's account of it."""
+    pool = slot.pool
+    try:
+        while True:
+            batch = await channel.receive_batch()
+            if batch is None:
+                break
+            for frame in batch:
+                pool._on_answer(slot, frame)
+    except ProtocolError:
+        pass
+    finally:
+        with trio.CancelScope(shield=True):
+            await channel.aclose()
+    with trio.move_on_after(WORKER_EXIT_SECONDS):
+        await handle.exited.wait()
+    slot.sandbox._unregister(req_id)
+    if slot.worker is handle:
+        pool._worker_gone(slot, handle.exit)
+
+
+def unsend(slot: Slot, req_id: int) -> bool:
+    """Take a call's frame back out of the outbox (removing its bulk file); False if the sender
+    has it already (being sent counts as sent: the call must then be cancelled remotely)."""
+    for index, frame in enumerate(slot.outbox):
+        if frame.get("id") == req_id and frame["t"] == "call":
+            if frame.get("args_path"):
+                _bulk.discard(slot.bulk_dir, frame["args_path"])
+            del slot.outbox[index]
+            return True
+    return False
+
+
+def cancel_frame(slot: Slot, req_id: int) -> dict[str, Any]:
+    """The frame that cancels a sent call: to the agent, marked as a direct call if it went so."""
+    frame: dict[str, Any] = {"t": "cancel", "id": req_id}
+    if slot.direct is not None:
+        frame["call"] = True
+    return frame

@@ -1,0 +1,78 @@
+"""Remote functions through the agent's relay: what remote runtimes use, and the local fallback.
+
+Local sandboxes normally reach their call worker directly and move large values as files in the
+sandbox's /tmp. Here neither is possible (``_bulk.host_dir`` answers None), so every call, cancel,
+large argument and worker death goes through the agent, as it does for a sandbox on another host.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import cloudpickle
+import pytest
+
+from sandpool import OperationCancelled, SandboxDiedError, SandboxTimeoutError, Session, _bulk
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(autouse=True)
+def relay_only(monkeypatch):
+    monkeypatch.setattr(_bulk, "host_dir", lambda sandbox: None)
+
+
+def write_later(path, secs):
+    time.sleep(secs)
+    with open(path, "w") as f:
+        f.write("x")
+    return "wrote"
+
+
+def exists(path):
+    return os.path.exists(path)
+
+
+def test_calls_values_and_large_arguments_through_the_relay():
+    """Calls, batches and a 2 MB argument and result all travel in frames through the agent."""
+    with Session() as s:
+        @s.function(max_concurrency=1)
+        def echo(x):
+            return x
+
+        assert [r.result() for r in echo.map([(i,) for i in range(500)])] == list(range(500))
+        blob = os.urandom(2 * 1024 * 1024)
+        assert echo.remote(blob).result() == blob
+        pool = next(iter(s._pools.values()))
+        assert all(slot.direct is None for slot in pool.slots)
+
+
+def test_cancel_timeout_and_worker_death_through_the_relay():
+    """A cancelled call never writes its marker; a timeout interrupts; a dying worker is reported
+    with its exit code and replaced, and calls queued behind it still run."""
+    with Session() as s:
+        write = s.function(write_later, max_concurrency=1)
+        check = s.function(exists, max_concurrency=1)
+        slow = s.function(write_later, max_concurrency=1, timeout_seconds=0.2)
+
+        @s.function(max_concurrency=1)
+        def die():
+            os._exit(5)
+
+        ref = write.remote("/tmp/marker", 0.6)
+        time.sleep(0.2)
+        ref.cancel()
+        with pytest.raises(OperationCancelled):
+            ref.result()
+        with pytest.raises(SandboxTimeoutError):
+            slow.remote("/tmp/slow", 0.6).result()
+        time.sleep(0.6)
+        assert check.remote("/tmp/marker").result() is False
+        assert check.remote("/tmp/slow").result() is False
+        dying = die.remote()
+        behind = write.remote("/tmp/after", 0)
+        with pytest.raises(SandboxDiedError, match="exited with code 5"):
+            dying.result()
+        assert behind.result() == "wrote"
