@@ -136,3 +136,17 @@ def test_build_recipes_cover_debian_based_names_only():
     assert images.build_recipe("python:3.11-slim")[0] == "bookworm"
     assert images.build_recipe("python:3.12") is None
     assert images.build_recipe("ubuntu:22.04") is None
+
+
+def test_without_root_auto_is_the_process_level(monkeypatch):
+    """A non-root user gets the process level from 'auto', and the reason names root."""
+    from sandpool._isolation import probe
+
+    probe.unavailable.cache_clear()
+    monkeypatch.setattr(probe.os, "geteuid", lambda: 1000)
+    try:
+        assert "needs root" in probe.unavailable("namespaces") and probe.best() == "process"
+        assert probe.unavailable("process") is None
+    finally:
+        monkeypatch.undo()
+        probe.unavailable.cache_clear()
