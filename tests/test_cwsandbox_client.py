@@ -65,7 +65,8 @@ class Server:
             self.argv += ["--token-file", str(token_file)]
         self.stderr_path = tmp_path / "server.err"
         # An empty image store: every image name runs on the host, whatever this machine has built.
-        env = {**os.environ, "GRPC_VERBOSITY": "ERROR", "SANDPOOL_IMAGE_DIR": str(tmp_path / "images")}
+        env = {k: v for k, v in os.environ.items() if k not in ("SANDPOOL_ADDRESS", "SANDPOOL_TOKEN")}
+        env.update(GRPC_VERBOSITY="ERROR", SANDPOOL_IMAGE_DIR=str(tmp_path / "images"))
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=err, env=env, cwd=REPO)
         ready, _, _ = select.select([self.proc.stdout], [], [], 30)
@@ -372,6 +373,17 @@ def test_sandbox_run_standalone(server):
         else:
             raise AssertionError(f"a failed main command reported {bad.status}")
         assert bad.status == SandboxStatus.FAILED
+
+        with Sandbox.run(mounted_files=[{"mount_path": "/tmp/cfg/app.yaml", "file_content": b"a: 1\\n"}]) as sb:
+            assert sb.exec(["cat", "/tmp/cfg/app.yaml"]).result().stdout == "a: 1\\n"  # there before RUNNING
+            sb.exec(["rm", "-r", "/tmp/cfg"]).result()
+        unmountable = Sandbox.run(mounted_files=[{"mount_path": "/", "file_content": b"x"}])
+        try:
+            unmountable.wait(timeout=30)
+        except SandboxFailedError as exc:
+            assert "could not mount '/'" in exc.status_reason, exc.status_reason
+        else:
+            raise AssertionError(f"a file mounted on / left the sandbox {unmountable.status}")
     """)
 
 
@@ -705,3 +717,37 @@ def test_server_shutdown_stops_its_sandboxes(cwsandbox_client, tmp_path):
     finally:
         server.stop()
     assert server.proc.returncode == 0, server.stderr_path.read_text()
+
+
+def test_backed_by_a_sandpool_server_its_clients_see_the_sandboxes(cwsandbox_client, tmp_path):
+    """With --sandpool-address the sandboxes live on that sandpool server: sandpool's own CLI lists what
+    a cwsandbox client made, and stopping the cwsandbox side ends them there."""
+    sandpool_server = subprocess.Popen(
+        [PYTHON, "-m", "sandpool", "serve", "--listen", "127.0.0.1:0", "--record-file", str(tmp_path / "rec")],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO,
+        env={**os.environ, "GRPC_VERBOSITY": "ERROR", "SANDPOOL_IMAGE_DIR": str(tmp_path / "images")})
+    try:
+        ready, _, _ = select.select([sandpool_server.stdout], [], [], 30)
+        line = sandpool_server.stdout.readline().decode() if ready else ""
+        assert "listening on " in line, f"sandpool serve did not start: {line!r}"
+        address = line.split("listening on ", 1)[1].split()[0]
+        server = Server(tmp_path, "--sandpool-address", address)
+        try:
+            sandbox_id = run(server, """
+                from cwsandbox import Sandbox
+                sb = Sandbox.run(tags=["seen-by-sandpool"])
+                assert sb.exec(["echo", "hi"]).result().stdout == "hi\\n"
+                print(sb.sandbox_id)
+            """, leave_running=True).strip()
+            listed = subprocess.run([PYTHON, "-m", "sandpool", "ls", "--address", address, "--tag", "seen-by-sandpool"],
+                                    capture_output=True, text=True, cwd=REPO, timeout=60)
+            assert sandbox_id in listed.stdout and "running" in listed.stdout, listed
+            assert cli(server, "stop", sandbox_id).returncode == 0
+            assert_nothing_left(server)
+        finally:
+            server.stop()
+        assert server.proc.returncode == 0, server.stderr_path.read_text()
+    finally:
+        sandpool_server.send_signal(signal.SIGTERM)
+        sandpool_server.wait(30)
+        sandpool_server.stdout.close()

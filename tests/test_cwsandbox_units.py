@@ -126,6 +126,8 @@ def test_preparing_reports_creating_and_a_failed_preparation_reports_failed():
     entry.preparing = True
     assert entry.status == SandboxStatus.CREATING
     entry.preparing, entry.failure_reason = False, "could not mount '/x'"
+    entry.sandbox.status = SandboxStatus.TERMINATING
+    assert entry.status == SandboxStatus.CREATING
     entry.sandbox.status = SandboxStatus.TERMINATED
     assert (entry.status, entry.reason) == (SandboxStatus.FAILED, "could not mount '/x'")
 
@@ -231,6 +233,19 @@ def test_main_log_tail_since_and_partial_lines(tmp_path):
     assert log.start(tail_lines=2, since=None) == 1 and log.start(tail_lines=None, since=middle) == 2
     log.close()
     assert log.lines[-1][1] == b"four" and log.start(tail_lines=0, since=None) == 4
+
+
+def test_main_log_keeps_only_its_newest_bytes(tmp_path, monkeypatch):
+    """A log larger than KEEP_BYTES is read from its tail, at a line start, with older lines dropped."""
+    from sandpool._cwsandbox import _logs
+
+    monkeypatch.setattr(_logs, "KEEP_BYTES", 100)
+    path = tmp_path / "main.log"
+    path.write_bytes(b"".join(b"line %03d\n" % i for i in range(50)))  # 9 bytes a line
+    log = MainLog(open(path, "rb", buffering=0))
+    log.catch_up()
+    assert [line for _, line in log.lines] == [b"line %03d\n" % i for i in range(39, 50)]
+    assert log.first >= 1 and log.start(tail_lines=None, since=None) == log.first
 
 
 def test_logs_of_a_sandbox_with_none_are_empty():

@@ -110,7 +110,7 @@ class CwsandboxBackend:
                 await _files.write_file(entry.sandbox, path, content, _FILE_TIMEOUT_SECONDS)
         except Exception as exc:
             entry.failure_reason = f"could not mount {path!r}: {translate(exc).message}"
-            await self._stop(entry, 0.0)
+            entry.sandbox.stop(graceful_shutdown_seconds=0.0)  # its end reports the failure
         finally:
             entry.preparing = False
             entry.started.set()

@@ -8,6 +8,7 @@ memory when someone asks (and once more when the sandbox ends), at most ``KEEP_B
 from __future__ import annotations
 
 import datetime
+import os
 import time
 from typing import BinaryIO
 
@@ -35,7 +36,10 @@ class MainLog:
         return self.first + len(self.lines)
 
     def catch_up(self) -> None:
-        """Read whatever the main command wrote since the last call."""
+        """Read whatever the main command wrote since the last call (at most the newest KEEP_BYTES of it:
+        older lines would be dropped anyway, and reading them would stall the server's loop)."""
+        if self._file is not None:
+            self._skip_to_tail()
         while self._file is not None:
             data = self._file.read(_READ_BYTES)
             if not data:
@@ -48,6 +52,16 @@ class MainLog:
             while self._kept > KEEP_BYTES and self.lines:
                 self._kept -= len(self.lines.pop(0)[1])
                 self.first += 1
+
+    def _skip_to_tail(self) -> None:
+        size = os.fstat(self._file.fileno()).st_size
+        if size - self._file.tell() <= KEEP_BYTES:
+            return
+        self._file.seek(size - KEEP_BYTES)
+        self._file.readline()  # resume at the start of a line
+        self.first += len(self.lines) + 1  # at least one line was skipped; readers move past them all
+        self.lines.clear()
+        self.partial, self._kept = b"", 0
 
     def close(self) -> None:
         """Stop reading (the sandbox's output is complete); the lines read so far stay."""

@@ -51,12 +51,13 @@ class Entry:
 
     @property
     def status(self) -> SandboxStatus:
-        """sandpool's status, except: CREATING while preparing, FAILED once a failed preparation ended."""
+        """sandpool's status, except while preparing (CREATING) and after a failed preparation: CREATING
+        until the sandbox has ended, then FAILED, as a container that never came up."""
         status = self.sandbox.status or SandboxStatus.CREATING
+        if self.failure_reason is not None:
+            return SandboxStatus.FAILED if status.is_terminal else SandboxStatus.CREATING
         if self.preparing and status == SandboxStatus.RUNNING:
             return SandboxStatus.CREATING
-        if self.failure_reason is not None and status.is_terminal:
-            return SandboxStatus.FAILED
         return status
 
     @property

@@ -55,13 +55,19 @@ def read_token(path: str | None) -> str | None:
 
 
 async def serve(listen: str, token: str | None, *, isolation: str | None = None,
+                sandpool_address: str | None = None, sandpool_token: str | None = None,
                 max_workers: int = DEFAULT_MAX_WORKERS, ready: Callable[[str], None] = print) -> None:
-    """Serve until SIGTERM or SIGINT; ``ready(address)`` is called once the port is bound."""
+    """Serve until SIGTERM or SIGINT; ``ready(address)`` is called once the port is bound.
+
+    The sandboxes are this machine's (a LocalRuntime of the server's own), or with ``sandpool_address``
+    those of that ``sandpool serve`` server, where sandpool's clients see them too.
+    """
     if token is None and not is_loopback(listen):
         raise SystemExit(f"{listen} is reachable from other machines: give a token with --token-file F "
                          f"(clients send it as CWSANDBOX_API_KEY), or listen on 127.0.0.1")
     defaults = SandboxDefaults(isolation=isolation) if isolation else None
-    async with Session(defaults) as session, open_backend(session) as backend:
+    async with Session(defaults, address=sandpool_address, token=sandpool_token) as session, \
+            open_backend(session) as backend:
         server = grpc.server(ThreadPoolExecutor(max_workers, thread_name_prefix="cwsandbox-rpc"),
                              options=SERVER_OPTIONS)
         add_cwsandbox_servicer(server, backend, token=token)
@@ -91,6 +97,9 @@ def main(argv: list[str] | None = None) -> None:
                         "loopback; without it, any key is accepted)")
     parser.add_argument("--isolation", choices=ISOLATION_LEVELS, help="isolation level of the sandboxes "
                         "(default: auto, the strongest this machine supports)")
+    parser.add_argument("--sandpool-address", help="keep the sandboxes on this 'sandpool serve' server (HOST:PORT), "
+                        "so sandpool's own clients and 'sandpool ls' see them too (default: this machine's)")
+    parser.add_argument("--sandpool-token-file", help="the token of --sandpool-address, if it has one")
     parser.add_argument("--max-workers", type=int, default=DEFAULT_MAX_WORKERS,
                         help="server threads: the most exec and log streams open at once")
     args = parser.parse_args(argv)
@@ -101,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{'<your token>' if args.token_file else 'local'}", flush=True)
 
     trio.run(lambda: serve(args.listen, read_token(args.token_file), isolation=args.isolation,
+                           sandpool_address=args.sandpool_address,
+                           sandpool_token=read_token(args.sandpool_token_file),
                            max_workers=args.max_workers, ready=ready))
 
 
