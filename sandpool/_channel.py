@@ -66,8 +66,15 @@ class FrameChannel:
         return batch
 
     async def handshake(self, **extra: object) -> dict:
-        """Exchange hello frames; return the peer's. ProtocolError on a bad or missing hello."""
-        await self.send(_wire.hello(**extra))
+        """Exchange hello frames; return the peer's. ProtocolError on a bad or missing hello.
+
+        A peer that spoke and ended before our hello reached it (an agent whose main command finished
+        within milliseconds) is still heard: its hello, and what it said after, remain readable.
+        """
+        try:
+            await self.send(_wire.hello(**extra))
+        except SandboxUnavailableError:
+            pass  # if it said nothing either, the receive below reports the broken connection
         frame = await self.receive()
         if frame is None:
             raise SandboxUnavailableError("the sandbox closed its connection before the handshake")

@@ -261,3 +261,25 @@ def test_logs_of_a_sandbox_with_none_are_empty():
         return [item async for item in receive]
 
     assert trio.run(main) == []
+
+
+def test_handshake_hears_a_peer_that_already_ended():
+    """An agent whose main command ended within milliseconds may be gone before our hello reaches it;
+    its hello and its exit report are still read (the cwsandbox server saw ``Sandbox.run("echo", ...)``
+    fail to start under load without this)."""
+    import socket
+
+    from sandpool import _wire
+    from sandpool._channel import FrameChannel
+
+    async def main():
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        theirs.sendall(_wire.encode(_wire.hello(pid=1)) + _wire.encode({"t": "main_exit", "code": 0}))
+        theirs.close()
+        channel = FrameChannel(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+        hello = await channel.handshake()
+        after = await channel.receive()
+        await channel.aclose()
+        return hello["pid"], after, await channel.receive()
+
+    assert trio.run(main) == (1, {"t": "main_exit", "code": 0}, None)
