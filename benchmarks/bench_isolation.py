@@ -10,6 +10,7 @@ that is not timed), and once more including the first ``exec(["true"])``:
                 overlay root, pivot_root, cgroups with the default pids limit); floor:
                 ``unshare --fork --pid --mount-proc --net --uts --ipc --cgroup --mount true``.
 - namespaces + limits: the same with memory, cpu and pids limits (three more cgroup files).
+- oci (crun):   the same sandbox as an OCI bundle run by crun (a fresh interpreter as the agent).
 - namespaces, debian:bookworm: another image as the overlay's lower layer (if it is in the store).
 
 Then 100 namespaces sandboxes started at once until all run and stopped at once (wall time; floor:
@@ -104,6 +105,8 @@ def main() -> int:
         levels.append(("namespaces", {"isolation": "namespaces"}, floor))
         levels.append(("namespaces + limits", {"isolation": "namespaces", "resources": {
             "limits": {"memory": "512Mi", "cpu": "1", "pids": 256}}}, floor))
+        if probe.unavailable("oci") is None:
+            levels.append(("oci (crun)", {"isolation": "oci"}, floor))
         if images.find("debian:bookworm"):
             levels.append(("namespaces, debian:bookworm", {"isolation": "namespaces",
                                                           "container_image": "debian:bookworm"}, floor))

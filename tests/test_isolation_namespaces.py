@@ -145,9 +145,11 @@ def test_write_outside_the_root_through_dev_and_proc_fails(session):
     assert sh(sb, "mknod /tmp/disk b 254 0").returncode != 0
 
 
-def test_unavailable_level_fails_with_the_reason():
-    """isolation='oci' without an implementation (or runtime) fails at start, saying what to use."""
+def test_unavailable_level_fails_with_the_reason(monkeypatch):
+    """A level the machine lacks fails the start with the probe's reason and what to use instead."""
+    monkeypatch.setattr(probe, "unavailable", lambda level: "it needs root (uid 1000)" if level == "oci" else None)
     with Session() as session:
         sb = session.sandbox(isolation="oci")
-        with pytest.raises(SandboxFailedError, match="isolation='oci'"):
+        with pytest.raises(SandboxFailedError, match=r"isolation='oci' is not available here: it needs root"):
             sb.wait()
+        assert sb.status_reason and "isolation='auto'" in sb.status_reason

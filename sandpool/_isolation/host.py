@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import threading
+from collections.abc import Callable
 
 import trio
 
@@ -79,9 +80,6 @@ class Isolation:
         if why:
             raise SandboxFailedError(f"isolation={wanted!r} is not available here: {why}; use isolation='auto' "
                                      f"for the strongest level this machine has", status_reason="IsolationUnavailable")
-        if wanted == "oci":
-            raise SandboxFailedError("isolation='oci' is not implemented yet; use isolation='namespaces'",
-                                     status_reason="IsolationUnavailable")
         return wanted
 
     # -- start -----------------------------------------------------------------------------
@@ -114,8 +112,10 @@ class Isolation:
         config["isolation"] = record.isolation
         config["env"].update(grant.environment())
         record.extra["network"] = mode
-        if record.isolation == "namespaces":
+        if record.isolation in ("namespaces", "oci"):
             self._namespaces_config(record, config, owner_dir, mode, lower)
+        if record.isolation == "oci":
+            config["oci"] = config.pop("namespaces")  # the same plan, carried out by crun
 
     async def _admit(self, record) -> admission.Grant:
         request = admission.Request.of(record.spec.resources)
@@ -138,7 +138,7 @@ class Isolation:
             "lower": lower, "upper": os.path.join(fs, "upper"), "work": os.path.join(fs, "work"),
             "merged": os.path.join(fs, "merged"), "hostname": record.sandbox_id, "network": mode,
             "tmp_bytes": _tmp_bytes(spec), "hide": _hidden(lower, self.state_dir),
-            "binds": _python_binds(lower),
+            "binds": _python_binds(lower, self.state_dir),
         }
         for key in ("upper", "work", "merged"):
             os.makedirs(plan[key], exist_ok=True)
@@ -207,22 +207,27 @@ def _hidden(lower: str, state_dir: str) -> list[list]:
     return hidden
 
 
-def _python_binds(lower: str) -> list[list[str]]:
+def _python_binds(lower: str, state_dir: str) -> list[list[str]]:
     """The host interpreter's directories the agent needs, where the image does not show them:
-    everything on another image; on the host image only what lies under a hidden home."""
-    dirs = _python_dirs()
+    everything on another image; on the host image only what lies under a covered directory
+    (a hidden home, or /tmp and /run, which get fresh tmpfs mounts). Never a covered directory
+    itself, nor one holding the state directory: that would show other sandboxes' files again."""
+    covered = (*HOST_HOMES, "/tmp", "/run")
+    state = os.path.realpath(state_dir)
+    dirs = _python_dirs(lambda d: d in covered or (state + "/").startswith(d + "/"))
     if lower == "/":
-        dirs = [d for d in dirs if any(d == h or d.startswith(h + "/") for h in HOST_HOMES)]
+        dirs = [d for d in dirs if any(d.startswith(c + "/") for c in covered)]
     return [[d, d] for d in dirs]
 
 
-def _python_dirs() -> list[str]:
-    """Host directories the agent's interpreter needs inside another image (bound read-only)."""
+def _python_dirs(excluded: Callable[[str], bool]) -> list[str]:
+    """Host directories the agent's interpreter needs (its prefixes, sandpool, sys.path), without
+    the ``excluded`` ones and without any that lies inside another chosen one."""
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     candidates = [sys.base_prefix, sys.prefix, package] + [p for p in sys.path if p and os.path.isdir(p)]
     chosen: list[str] = []
     for path in sorted({os.path.realpath(p) for p in candidates}, key=len):
-        if not any(path == c or path.startswith(c + "/") for c in chosen) and path != "/":
+        if path != "/" and not excluded(path) and not any(path.startswith(c + "/") for c in chosen):
             chosen.append(path)
     return chosen
 

@@ -3,14 +3,13 @@
 ``process`` works everywhere. ``namespaces`` needs Linux, root (capabilities to mount and make every
 namespace type) and overlayfs; the probe forks a child that really unshares them all, so a container
 without CAP_SYS_ADMIN answers no. ``oci`` needs the namespaces level's prerequisites plus ``crun`` or
-``runc`` on PATH. ``auto`` is the strongest of process and namespaces (oci is opt-in).
+``crun`` on PATH. ``auto`` is the strongest of process and namespaces (oci is opt-in).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import shutil
 import sys
 import warnings
 
@@ -40,7 +39,7 @@ def unavailable(level: str) -> str | None:
     if failure:
         return failure
     if level == "oci" and not oci_runtime():
-        return "no OCI runtime: install crun or runc (apt-get install crun runc)"
+        return "no OCI runtime: install crun (apt-get install crun)"
     return None
 
 
@@ -50,8 +49,10 @@ def best() -> str:
 
 
 def oci_runtime() -> str | None:
-    """Path of crun (preferred: faster) or runc, or None."""
-    return shutil.which("crun") or shutil.which("runc")
+    """Path of crun, or None (runc is not wired up: crun is faster and needs no cgroup manager)."""
+    from .oci import runtime_binary
+
+    return runtime_binary()
 
 
 def _try_unshare() -> str | None:

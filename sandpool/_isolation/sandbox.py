@@ -29,7 +29,7 @@ import signal
 import socket
 from collections.abc import Callable
 
-from . import _sys, cgroups, namespaces
+from . import _sys, cgroups, namespaces, oci
 
 _PID_NS = "/proc/self/ns/pid"
 SPARE_NAME = "sandpool-spare"
@@ -48,6 +48,7 @@ class Supervisor:
         self.spares: dict[int, tuple[str, socket.socket]] = {}  # pid -> (network mode, our socket end)
         self.wanted: set[str] = set()  # network modes of namespaces sandboxes asked for so far
         self.early = False  # in a spare: its namespaces exist already
+        self.sock_fd = -1  # the agent socket of the last fork
         self._pid_ns_fd: int | None = None
 
     def fork(self, config: dict, sock_fd: int) -> int:
@@ -57,6 +58,7 @@ class Supervisor:
         watch = _watch_oom(group) if group else None
         plan = config.get("namespaces")
         pid = self._hand_to_spare(plan["network"], config, sock_fd) if plan else None
+        self.sock_fd = sock_fd  # the oci level's child passes it on to crun
         if pid is None:
             pid = namespaces.fork_into_pid_namespace(self._pid_ns()) if plan else os.fork()
         if pid == 0:
@@ -87,6 +89,8 @@ class Supervisor:
         if plan:
             namespaces.enter(plan, early=self.early)
             config["dir"] = namespaces.AGENT_DIR
+        if config.get("oci"):
+            oci.run(config, self.sock_fd)  # execs crun: the agent starts inside the container
 
     # -- spares ----------------------------------------------------------------------------
 
