@@ -31,31 +31,11 @@ import subprocess
 import sys
 import time
 
+from bench_core import latency as summary, timed, up_down  # same measuring helpers as the core benchmarks
 from sandpool import Session
 from sandpool._isolation import images, probe
 
 UNSHARE = ["unshare", "--fork", "--pid", "--mount-proc", "--net", "--uts", "--ipc", "--cgroup", "--mount", "true"]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1))))]
-
-
-def summary(samples_s: list[float]) -> dict:
-    ms = [s * 1000 for s in samples_s]
-    return {"p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99), "mean_ms": statistics.fmean(ms), "n": len(ms)}
-
-
-def timed(n: int, fn, warm: int = 3) -> list[float]:
-    for _ in range(warm):
-        fn()
-    out = []
-    for _ in range(n):
-        began = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - began)
-    return out
 
 
 def starts(session: Session, n: int, options: dict, first_exec: bool) -> list[float]:
@@ -71,17 +51,6 @@ def starts(session: Session, n: int, options: dict, first_exec: bool) -> list[fl
         if i >= 3:
             samples.append(elapsed)
     return samples
-
-
-def up_down(session: Session, count: int, options: dict) -> dict:
-    pool = [session.sandbox(**options) for _ in range(count)]
-    began = time.perf_counter()
-    for ref in [sandbox.start() for sandbox in pool]:
-        ref.result()
-    up = time.perf_counter()
-    for ref in [sandbox.stop(graceful_shutdown_seconds=0) for sandbox in pool]:
-        ref.result()
-    return {"start_s": up - began, "stop_s": time.perf_counter() - up, "total_s": time.perf_counter() - began}
 
 
 def floor_many(argv: list[str], count: int) -> float:
@@ -122,13 +91,12 @@ def main() -> int:
                 "start": summary(starts(session, n, options, first_exec=False)),
                 "start_exec": summary(starts(session, n, options, first_exec=True)),
                 "floor": floor, "floor_argv": " ".join(floor_argv)}
-        if why is None:
-            options = {"isolation": "namespaces"}
-            runs = [up_down(session, many, options) for _ in range(reps)]
-            floors = [floor_many(UNSHARE if has_unshare else ["true"], many) for _ in range(reps)]
-            record["many"] = {"count": many, "runs": runs, "start_s": statistics.median(r["start_s"] for r in runs),
-                              "stop_s": statistics.median(r["stop_s"] for r in runs),
-                              "floor_s": statistics.median(floors)}
+    if why is None:
+        with Session(defaults={"isolation": "namespaces"}) as session:
+            runs = [up_down(session, many) for _ in range(reps)]
+        floors = [floor_many(UNSHARE if has_unshare else ["true"], many) for _ in range(reps)]
+        record["many"] = {"count": many, "runs": runs, "start_s": statistics.median(r["start_s"] for r in runs),
+                          "stop_s": statistics.median(r["stop_s"] for r in runs), "floor_s": statistics.median(floors)}
     record["machine"]["load_after"] = os.getloadavg()
 
     base = record["levels"]["process"]
