@@ -16,11 +16,13 @@ class CallRef(OperationRef):
     """The OperationRef of one remote call. No task per call: the pool finishes it directly, and
     ``cancel()`` settles it at once and tells the pool, which interrupts the remote side."""
 
-    __slots__ = ("_on_cancel",)
+    __slots__ = ("_pool", "_rcall")
 
-    def __init__(self) -> None:
+    def __init__(self, host: Any) -> None:
         super().__init__()
-        self._on_cancel: Any = None
+        self._host = host  # the session's loop: awaiting from it needs no cross-thread wake-up
+        self._pool: Any = None  # set with _rcall once the call exists
+        self._rcall: Call | None = None
 
     def cancel(self) -> bool:
         with _opref._lock:
@@ -28,8 +30,15 @@ class CallRef(OperationRef):
                 return False
             event, callbacks = self._settle(_opref._CANCELLED, None, None)
         self._notify(event, callbacks)
-        if self._on_cancel is not None:
-            self._on_cancel()
+        if self._rcall is not None:  # interrupt it where it runs (in the loop's thread)
+            host, pool, call = self._host, self._pool, self._rcall
+            if host.in_loop_thread():
+                pool.cancel(call)
+            else:
+                try:
+                    host.call_soon(pool.cancel, call)
+                except RuntimeError:  # the loop has ended, and the call with it
+                    pass
         return True
 
     def _set_result(self, value: Any) -> None:

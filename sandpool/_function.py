@@ -160,9 +160,7 @@ class RemoteFunction(Generic[P, R]):
         return pool
 
     def _new_ref(self) -> CallRef:
-        ref: CallRef = CallRef()
-        ref._host = self._session._ensure_open()
-        return ref
+        return CallRef(self._session._ensure_open())
 
     def _call(self, pool: Pool, ref: CallRef, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call | None:
         """A Call for ``ref``, its cancellation wired to the pool; None (and ``ref`` failed) if the
@@ -175,9 +173,8 @@ class RemoteFunction(Generic[P, R]):
         return self._make_call(pool, ref, data)
 
     def _make_call(self, pool: Pool, ref: CallRef, data: bytes | list[bytes]) -> Call:
-        call = Call(self._get_payload(), data, ref, self._retries, self._timeout)
-        host = ref._host
-        ref._on_cancel = lambda: _in_loop(host, pool.cancel, call)
+        call = Call(self._payload or self._get_payload(), data, ref, self._retries, self._timeout)
+        ref._pool, ref._rcall = pool, call
         return call
 
     def _submit(self, pool: Pool, calls: list[Call]) -> None:
@@ -233,12 +230,10 @@ class RemoteFunction(Generic[P, R]):
         state = {"calls": 0, "bytes": 0}
         wake = trio.Event()
 
-        def finished(call: Call) -> Callable[[OperationRef[Any]], None]:
-            def on_done(_ref: OperationRef[Any]) -> None:
-                state["calls"] -= 1
-                state["bytes"] -= call.size
-                wake.set()
-            return on_done
+        def on_done(ref: OperationRef[Any]) -> None:
+            state["calls"] -= 1
+            state["bytes"] -= ref._rcall.size  # type: ignore[attr-defined]
+            wake.set()
 
         batch: list[Call] = []
         for ref, item in zip(refs, items):
@@ -255,7 +250,7 @@ class RemoteFunction(Generic[P, R]):
             state["calls"] += 1
             state["bytes"] += call.size
             batch.append(call)
-            ref.add_done_callback(finished(call))
+            ref.add_done_callback(on_done)
         pool.submit(batch)
 
     def imap(self, iterable: Iterable[Any], *, ordered: bool = True, max_in_flight: int | None = None,

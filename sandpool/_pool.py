@@ -140,7 +140,7 @@ class Pool:
         self._schedule()
 
     def _schedule(self) -> None:
-        if self.closed:
+        if self.closed or not self.queue:
             return
         queue, ready = self.queue, [s for s in self.slots if s.state == "ready"]
         starting = sum(s.state in ("starting", "reconnecting") for s in self.slots)
@@ -187,8 +187,7 @@ class Pool:
                     frame["args"], frame["args_path"] = b"", path
         if isinstance(frame["args"], list):  # large, but no file: one frame after all
             frame["args"] = b"".join(frame["args"])
-        slot.outbox.append(frame)
-        slot.wake.set()
+        _slot.send(slot, call, frame)
 
     def cancel(self, call: Call) -> None:
         """The call's ref was cancelled (loop thread): interrupt it wherever it is."""
@@ -221,7 +220,13 @@ class Pool:
 
     # -- answers and failures ----------------------------------------------------------------
 
-    def _on_answer(self, slot: Slot, frame: dict) -> None:
+    def _on_answers(self, slot: Slot, frames: list[dict]) -> None:
+        """A batch of answers from a direct worker: settle each, then schedule once."""
+        for frame in frames:
+            self._on_answer(slot, frame, schedule=False)
+        self._schedule()
+
+    def _on_answer(self, slot: Slot, frame: dict, schedule: bool = True) -> None:
         call = slot.inflight.get(frame["id"])
         if call is None:
             return
@@ -249,7 +254,8 @@ class Pool:
             self._on_error(slot, call, frame)
         if not self.reuse and slot.state == "ready":
             self._retire(slot)
-        self._schedule()
+        if schedule:
+            self._schedule()
 
     def _on_error(self, slot: Slot, call: Call, frame: dict) -> None:
         kind, sandbox_id, name = frame["kind"], slot.sandbox.sandbox_id, call.payload.name

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import linecache
+import pickle
 import re
 import reprlib
 import types
@@ -126,10 +127,16 @@ def _function_culprit(fn: Callable[..., Any]) -> tuple[str | None, object]:
     return None, fn
 
 
+#: Values that plain pickle writes exactly as cloudpickle would (no class or function by reference).
+_PLAIN = frozenset({int, float, str, bool, type(None), complex})
+
+
 def dumps_args(args: tuple[Any, ...], kwargs: dict[str, Any], name: str,
                join_below: int = 1 << 62) -> bytes | list[bytes]:
     """Pickle one call's ``(args, kwargs)`` (see ``dumps_parts``); SerializationError naming the
     argument at fault."""
+    if not kwargs and all(type(a) in _PLAIN for a in args):  # the common f(3): 10x cheaper
+        return pickle.dumps((args, kwargs), protocol=5)
     try:
         return dumps_parts((args, kwargs), join_below)
     except Exception as exc:

@@ -13,7 +13,6 @@ feeds answers back to the pool.
 
 from __future__ import annotations
 
-import os
 import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from . import _bulk
-from ._channel import FrameChannel
+from ._direct import DirectChannel
 from ._errors import ProtocolError, SandboxError, SandboxNotRunningError
 
 if TYPE_CHECKING:
@@ -47,7 +46,7 @@ class Slot:
     keys: set[bytes] = field(default_factory=set)  # functions the sandbox's worker has
     wake: trio.Event = field(default_factory=trio.Event)
     bulk_dir: str | None = None  # where this process sees the sandbox's /tmp (see _bulk)
-    direct: FrameChannel | None = None  # the connection straight to the worker, if any
+    direct: DirectChannel | None = None  # the connection straight to the worker, if any
     worker: _WorkerHandle | None = None
 
     def _on_frame(self, frame: dict) -> int:  # the sandbox's reader routes relayed answers here
@@ -107,8 +106,13 @@ async def run_slot(pool: Pool, slot: Slot, nursery: trio.Nursery) -> None:
         calls = [f for f in frames if f["t"] == "call"]
         others = [f for f in frames if f["t"] != "call"]
         try:
+            if calls and slot.direct is not None:
+                slot.direct.send_now(calls)
+            if slot.direct is not None:
+                await slot.direct.flush()
+            elif calls:
+                await sandbox._send_many(calls)
             if calls:
-                await (slot.direct.send_many(calls) if slot.direct is not None else sandbox._send_many(calls))
                 for frame in calls:
                     call = slot.inflight.get(frame["id"])
                     if call is not None:
@@ -135,11 +139,7 @@ async def _connect(slot: Slot, nursery: trio.Nursery) -> None:
             await handle.started.wait()
         if not handle.ok:
             raise SandboxError(f"the agent did not start a direct worker: {handle.exit.get('message')}")
-        dirfd = os.open(slot.bulk_dir, os.O_PATH | os.O_DIRECTORY)
-        try:  # through /proc/self/fd: short enough for a socket address, wherever the sandbox is
-            stream = await trio.open_unix_socket(f"/proc/self/fd/{dirfd}/{name}")
-        finally:
-            os.close(dirfd)
+        channel = await DirectChannel.connect(slot.bulk_dir, name)
     except (OSError, SandboxError):
         if handle.ok:  # started, but unreachable: stop it, so that the agent relays calls instead
             try:
@@ -150,11 +150,29 @@ async def _connect(slot: Slot, nursery: trio.Nursery) -> None:
                 await handle.exited.wait()
         sandbox._unregister(req_id)
         return
-    slot.direct, slot.worker = FrameChannel(stream), handle
-    nursery.start_soon(_read_direct, slot, slot.direct, handle, req_id)
+    slot.direct, slot.worker = channel, handle
+    nursery.start_soon(_read_direct, slot, channel, handle, req_id)
 
 
-async def _read_direct(slot: Slot, channel: FrameChannel, handle: _WorkerHandle, req_id: int) -> None:
+def send(slot: Slot, call: Call, frame: dict) -> None:
+    """Send a call's frame: at once when it is the slot's only call and the worker's connection is
+    idle (a lone call leaves in this very step of the loop), else through the slot's task, which
+    sends what accumulated in one write."""
+    direct = slot.direct
+    if direct is not None and direct.idle and not slot.outbox and len(slot.inflight) == 1:
+        try:
+            direct.send_now([frame])
+        except SandboxNotRunningError:
+            pass  # broken: the worker's end resubmits the call
+        call.sent = True
+        if not direct.idle:
+            slot.wake.set()  # the slot's task writes the rest
+        return
+    slot.outbox.append(frame)
+    slot.wake.set()
+
+
+async def _read_direct(slot: Slot, channel: DirectChannel, handle: _WorkerHandle, req_id: int) -> None:
     """Feed the worker's answers to the pool; at its end, wait for the agent's account of it."""
     pool = slot.pool
     try:
@@ -162,13 +180,11 @@ async def _read_direct(slot: Slot, channel: FrameChannel, handle: _WorkerHandle,
             batch = await channel.receive_batch()
             if batch is None:
                 break
-            for frame in batch:
-                pool._on_answer(slot, frame)
+            pool._on_answers(slot, batch)
     except ProtocolError:
         pass
     finally:
-        with trio.CancelScope(shield=True):
-            await channel.aclose()
+        channel.close()
     with trio.move_on_after(WORKER_EXIT_SECONDS):
         await handle.exited.wait()
     slot.sandbox._unregister(req_id)

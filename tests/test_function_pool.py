@@ -12,6 +12,7 @@ import pytest
 from sandpool import Session
 from sandpool._pool import MAX_DEPTH, choose_slot, pipeline_depth, sandboxes_to_start
 from sandpool._channel import FrameChannel
+from sandpool._direct import DirectChannel
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -95,13 +96,18 @@ def test_function_is_sent_once_per_sandbox_and_small_calls_are_batched(monkeypat
     """The pickled function travels with the first call to each sandbox only; when the queue is
     deep, many call frames go out in one write."""
     sent: list[list[dict]] = []
-    original = FrameChannel.send_many
+    to_agent, to_worker = FrameChannel.send_many, DirectChannel.send_now
 
-    async def spy(self, frames):
+    async def spy_agent(self, frames):
         sent.append([f for f in frames if f["t"] == "call"])
-        await original(self, frames)
+        await to_agent(self, frames)
 
-    monkeypatch.setattr(FrameChannel, "send_many", spy)  # direct to the worker, or to the agent
+    def spy_worker(self, frames):
+        sent.append([f for f in frames if f["t"] == "call"])
+        to_worker(self, frames)
+
+    monkeypatch.setattr(FrameChannel, "send_many", spy_agent)  # calls relayed by the agent
+    monkeypatch.setattr(DirectChannel, "send_now", spy_worker)  # calls straight to the worker
     with Session() as s:
         @s.function(max_concurrency=1)
         def inc(x):

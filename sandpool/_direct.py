@@ -1,0 +1,106 @@
+"""The connection straight to a sandbox's call worker: wire frames over a non-blocking Unix socket.
+
+Unlike FrameChannel it can send synchronously: ``send_now`` writes what the socket takes at once
+and keeps the rest for ``flush``, so a lone call leaves in the same step of the trio loop that
+scheduled it. One task reads (``receive_batch``); sends happen in the loop's thread only.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import trio
+
+from . import _wire
+from ._errors import SandboxNotRunningError
+
+
+class DirectChannel:
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self._decoder = _wire.FrameBuffer()
+        self._pending = bytearray()  # encoded frames the socket has not taken yet
+        self.closed = False
+
+    @classmethod
+    async def connect(cls, directory: str, name: str) -> DirectChannel:
+        """Connect to the socket ``name`` in ``directory`` (through /proc/self/fd, so the address
+        stays short wherever the directory is). OSError if nobody listens there."""
+        dirfd = os.open(directory, os.O_PATH | os.O_DIRECTORY)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            try:
+                sock.connect(f"/proc/self/fd/{dirfd}/{name}")
+            except BlockingIOError:  # the listener's backlog is full: wait until it accepts
+                await trio.lowlevel.wait_writable(sock)
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if error:
+                    raise OSError(error, os.strerror(error))
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            os.close(dirfd)
+        return cls(sock)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing waits to be written."""
+        return not self._pending
+
+    def send_now(self, frames: list[dict]) -> None:
+        """Queue frames and write what the socket takes now (never blocks; ``flush`` sends the rest)."""
+        if self.closed:
+            raise SandboxNotRunningError("the connection to the sandbox's call worker is closed")
+        data = b"".join(_wire.encode(f) for f in frames)
+        if self._pending:
+            self._pending += data
+            return
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self.closed = True
+            raise SandboxNotRunningError(f"the call worker's connection broke: {exc!r}") from exc
+        if sent < len(data):
+            self._pending += data[sent:]
+
+    async def flush(self) -> None:
+        """Write everything still queued (waiting while the worker does not read)."""
+        while self._pending and not self.closed:
+            await trio.lowlevel.wait_writable(self.sock)
+            try:
+                sent = self.sock.send(self._pending)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                self.closed = True
+                raise SandboxNotRunningError(f"the call worker's connection broke: {exc!r}") from exc
+            del self._pending[:sent]
+
+    async def receive_batch(self) -> list[dict] | None:
+        """The frames available now (at least one), or None at EOF. ProtocolError if malformed."""
+        while True:
+            try:
+                data = self.sock.recv(1 << 20)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.sock)
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                self.closed = True
+                return None
+            frames = self._decoder.feed(data)
+            if frames:
+                return frames
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            trio.lowlevel.notify_closing(self.sock)
+            self.sock.close()
+        self.closed = True
