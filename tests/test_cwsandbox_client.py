@@ -687,8 +687,9 @@ def test_list_filters_and_pages(server):
 
 
 def test_unary_exec_and_unsupported_features(server):
-    """Exec (unary) caps output and says so; templates, snapshots and direct connections are
-    UNIMPLEMENTED with a message; an unknown sandbox is NOT_FOUND with cwsandbox's reason."""
+    """Exec (unary) caps output and says so; a second container is INVALID_ARGUMENT; templates, direct
+    connections and TTYs are UNIMPLEMENTED with a message; an unknown sandbox is NOT_FOUND with
+    cwsandbox's reason."""
     sb = server.call("CreateSandbox", pb.CreateSandboxRequest(sandbox=pb.Sandbox(spec=_spec("unary"))), pb.Sandbox)
     reply = server.call("Exec", pb.ExecRequest(sandbox_id=sb.sandbox_id, command=["sh", "-c", "printf 0123456789"],
                                                max_output_bytes=4), pb.ExecResponse)
@@ -698,6 +699,16 @@ def test_unary_exec_and_unsupported_features(server):
         with pytest.raises(grpc.RpcError) as info:
             server.call(method, request, pb.Sandbox)
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED and "sandpool" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        server.call("Exec", pb.ExecRequest(sandbox_id=sb.sandbox_id, command=["true"], container="sidecar"),
+                    pb.ExecResponse)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "'main'" in info.value.details()
+    stream = server.channel.stream_stream(f"/{SERVICE}/StreamExec", request_serializer=pb.ExecStreamRequest.SerializeToString,
+                                          response_deserializer=pb.ExecStreamResponse.FromString)
+    tty = pb.ExecStreamRequest(init=pb.ExecStreamInit(sandbox_id=sb.sandbox_id, command=["bash"], tty=True))
+    with pytest.raises(grpc.RpcError) as info:
+        list(stream(iter([tty]), timeout=10))
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED and "TTY" in info.value.details()
     with pytest.raises(grpc.RpcError) as info:
         server.call("GetSandbox", pb.GetSandboxRequest(sandbox_id="sb-00000000"), pb.Sandbox)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND

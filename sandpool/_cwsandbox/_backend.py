@@ -171,7 +171,8 @@ class CwsandboxBackend:
 
     # -- data plane ----------------------------------------------------------------------------
 
-    async def _ready(self, sandbox_id: str, container: str = "") -> Entry:
+    async def _ready(self, sandbox_id: str, container: str) -> Entry:
+        """The entry of ``sandbox_id`` once it runs (or has failed to); checks the container named."""
         if container not in ("", PRIMARY_CONTAINER):
             raise invalid("container", f"container {container!r} does not exist; local sandboxes have one "
                                        f"container, {PRIMARY_CONTAINER!r}")
@@ -180,11 +181,11 @@ class CwsandboxBackend:
         return entry
 
     async def exec(self, request, timeout: float | None):
-        entry = await self._ready(request.sandbox_id)
+        entry = await self._ready(request.sandbox_id, request.container)
         return await _exec.exec_unary(entry.sandbox, request, timeout)
 
     async def stream_exec(self, init, request_iterator, timeout: float | None, send: trio.MemorySendChannel):
-        entry = await self._ready(init.sandbox_id)
+        entry = await self._ready(init.sandbox_id, init.container)
         requests, receive = trio.open_memory_channel(16)
         threading.Thread(target=_pump, args=(request_iterator, requests, self.token), daemon=True,
                          name="cwsandbox-stdin").start()

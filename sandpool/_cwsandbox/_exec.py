@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import time
 
-import grpc
 import trio
 
 from .. import _errors as sp
-from ._errors import RpcFailure, invalid, unimplemented
+from ._errors import invalid, unimplemented
 from ._proto import pb, timestamp
-from ._spec import PRIMARY_CONTAINER
 
 STDOUT, STDERR = pb.ExecStreamOutput.STREAM_STDOUT, pb.ExecStreamOutput.STREAM_STDERR
 #: The in-band error code of a command whose sandbox died under it (killed, out of memory): the client
@@ -29,10 +27,7 @@ SANDBOX_DIED = "SANDBOX_DIED"
 DEFAULT_MAX_OUTPUT_BYTES = 16 * 1024 * 1024
 
 
-def _command(command, container: str) -> list[str]:
-    if container not in ("", PRIMARY_CONTAINER):
-        raise invalid("container", f"container {container!r} does not exist; local sandboxes have one "
-                                   f"container, {PRIMARY_CONTAINER!r} (omit container to use it)")
+def _command(command) -> list[str]:
     if not command:
         raise invalid("command", "command must not be empty; pass an argv list such as ['echo', 'hi']")
     return list(command)
@@ -43,7 +38,7 @@ async def stream_exec(sandbox, init, requests: trio.MemoryReceiveChannel, send: 
     """Run ``init.command``, feeding it the stdin of ``requests``; send its responses to ``send``."""
     if init.tty:
         raise unimplemented("an interactive TTY (Sandbox.shell, cwsandbox sh)")
-    proc = sandbox.exec(_command(init.command, init.container), env=dict(init.env) or None, stdin=True,
+    proc = sandbox.exec(_command(init.command), env=dict(init.env) or None, stdin=True,
                         timeout_seconds=timeout)
     try:
         await send.send(pb.ExecStreamResponse(ready=pb.ExecStreamReady(ready_time=timestamp(time.time()))))
@@ -71,7 +66,7 @@ async def stream_exec(sandbox, init, requests: trio.MemoryReceiveChannel, send: 
 async def exec_unary(sandbox, request, timeout: float | None):
     """Run ``request.command`` to the end; its ExecResponse with at most max_output_bytes per stream."""
     limit = request.max_output_bytes if request.max_output_bytes > 0 else DEFAULT_MAX_OUTPUT_BYTES
-    proc = sandbox.exec(_command(request.command, request.container), env=dict(request.env) or None,
+    proc = sandbox.exec(_command(request.command), env=dict(request.env) or None,
                         timeout_seconds=timeout)
     kept = {STDOUT: bytearray(), STDERR: bytearray()}
     produced = {STDOUT: 0, STDERR: 0}
@@ -121,7 +116,7 @@ async def _feed_stdin(proc, requests: trio.MemoryReceiveChannel) -> None:
             elif kind == "close":
                 break
             elif kind == "init":
-                raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, "init may only be the first message")
+                raise invalid("init", "init may only be the first message of StreamExec")
         await proc.stdin.close()
     except sp.SandboxExecutionError:  # the process has exited; what was left for it is dropped
         pass

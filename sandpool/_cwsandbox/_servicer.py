@@ -9,8 +9,10 @@ ConnectSandbox that is exactly what makes the client fall back to this gateway.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
+from collections.abc import Iterator
 
 import grpc
 from google.protobuf import message_factory
@@ -87,9 +89,16 @@ class CwsandboxServicer:
         with self._serving(context, "StreamLogs"):
             yield from self.bridge.stream(context, self.backend.stream_logs, request)
 
-    def _serving(self, context: grpc.ServicerContext, name: str) -> _Serving:
+    @contextlib.contextmanager
+    def _serving(self, context: grpc.ServicerContext, name: str) -> Iterator[None]:
+        """Check the API key, then run the handler: any failure leaves as the client's gRPC status."""
         self._authenticate(context)
-        return _Serving(context, name)
+        try:
+            yield
+        except Exception as exc:
+            failure = translate(exc)
+            log.debug("%s failed: %s", name, failure)
+            _abort(context, failure)
 
     def _authenticate(self, context: grpc.ServicerContext) -> None:
         if self._expected is None:
@@ -103,32 +112,8 @@ class CwsandboxServicer:
                                        "to the token this sandpool server was started with"))
 
 
-class _Serving:
-    """Around a handler: any failure leaves as the client's gRPC status (logged at debug level)."""
-
-    def __init__(self, context: grpc.ServicerContext, name: str) -> None:
-        self.context, self.name = context, name
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc is None or isinstance(exc, GeneratorExit) or not isinstance(exc, Exception):
-            return False
-        if _is_abort(exc):
-            return False  # already aborted with a status
-        failure = translate(exc)
-        log.debug("%s failed: %s", self.name, failure)
-        _abort(self.context, failure)
-
-
-def _abort(context: grpc.ServicerContext, failure: RpcFailure):
-    context.abort_with_status(status_for(failure))
-
-
-def _is_abort(exc: BaseException) -> bool:
-    # grpc's abort raises a bare Exception after recording the status; it must propagate unchanged.
-    return type(exc) is Exception and not exc.args
+def _abort(context: grpc.ServicerContext, failure: RpcFailure) -> None:
+    context.abort_with_status(status_for(failure))  # raises, ending the handler
 
 
 def add_cwsandbox_servicer(server: grpc.Server, backend, *, token: str | None = None) -> None:

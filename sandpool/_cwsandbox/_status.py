@@ -41,9 +41,8 @@ def sandbox_message(entry) -> object:
                            ("end_time", entry.ended_at)):
         if seconds is not None:
             getattr(status, field).CopyFrom(timestamp(seconds))
-    exit_code = sandbox.returncode if current.is_terminal else None
     if current.is_terminal:
-        status.exit_code = exit_code if exit_code is not None else -1
+        status.exit_code = sandbox.returncode if sandbox.returncode is not None else -1
     if entry.spec.max_lifetime_seconds > 0:
         status.effective_max_lifetime_seconds = entry.spec.max_lifetime_seconds
     container = primary(entry.spec)
