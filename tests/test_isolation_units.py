@@ -152,16 +152,14 @@ def test_without_root_auto_is_the_process_level(monkeypatch):
         probe.unavailable.cache_clear()
 
 
-def test_interpreter_binds_never_reexpose_hidden_directories(monkeypatch, tmp_path):
+def test_interpreter_binds_never_reexpose_hidden_directories(tmp_path):
     """A script run from /tmp puts /tmp on sys.path: binding it would show the state dir again."""
-    import sys
-
     from sandpool._isolation import host
 
     project = os.path.realpath(tmp_path)  # a directory under /tmp
-    monkeypatch.setattr(sys, "path", ["/tmp", project, "/root", "/usr/lib"])
-    binds = [source for source, _ in host._python_binds("/", "/tmp/sandpool-0")]
+    path = ("/tmp", project, "/root", "/usr/lib")
+    binds = [source for source, _ in host._python_binds("/", "/tmp/sandpool-0", path)]
     assert "/tmp" not in binds and "/root" not in binds and project in binds
     assert "/usr/lib" not in binds  # visible on the host image anyway
-    other = [source for source, _ in host._python_binds("/srv/rootfs", "/var/state")]
+    other = [source for source, _ in host._python_binds("/srv/rootfs", "/var/state", path)]
     assert "/usr/lib" in other and "/tmp" not in other

@@ -33,7 +33,6 @@ MS_REC = 0x4000
 MS_PRIVATE = 0x40000
 MNT_DETACH = 0x2
 
-PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
@@ -96,10 +95,6 @@ def sethostname(name: str) -> None:
 def set_name(name: str) -> None:
     """The process's name (``comm``, 15 bytes), as ps shows it."""
     _libc.prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
-
-
-def set_parent_death_signal(sig: int) -> None:
-    _check(_libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0), "prctl(PDEATHSIG)")
 
 
 def no_new_privs() -> None:

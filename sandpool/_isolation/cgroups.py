@@ -110,37 +110,29 @@ def plan(layout: Layout, key: str, owner: str, sandbox_id: str) -> dict:
 
 def limit_files(layout: Layout, group: dict, memory: int | None, cpu: float | None, pids: int | None) -> dict[str, str]:
     """File -> value for the limits (memory bytes, cpu cores, process count); None means unlimited."""
-    files: dict[str, str] = {}
 
-    def at(controller: str, name: str) -> str | None:
+    def directory(controller: str) -> tuple[str | None, bool]:
+        """The group's directory in the hierarchy enforcing ``controller``, and whether that is v2."""
         home = layout.home(controller)
-        for d in group["dirs"]:
-            if home and d.startswith(home + "/"):
-                return os.path.join(d, name)
-        return None
+        found = next((d for d in group["dirs"] if home and d.startswith(home + "/")), None)
+        return found, home == layout.v2
 
-    v2 = lambda controller: layout.home(controller) == layout.v2  # noqa: E731
-    if memory and at("memory", "x"):
+    values: list[tuple[str | None, str, str]] = []  # (directory, file, value)
+    if memory:
         # On OOM the whole sandbox dies, as Kubernetes does on v2: v2 kills the group itself; on v1
         # the kernel's killer is off and the template kills the group when the OOM eventfd fires.
-        if v2("memory"):
-            files[at("memory", "memory.max")] = str(memory)
-            files[at("memory", "memory.swap.max")] = "0"
-            files[at("memory", "memory.oom.group")] = "1"
-        else:
-            files[at("memory", "memory.limit_in_bytes")] = str(memory)
-            files[at("memory", "memory.memsw.limit_in_bytes")] = str(memory)
-            files[at("memory", "memory.oom_control")] = "1"
-    if cpu and at("cpu", "x"):
+        d, v2 = directory("memory")
+        names = (("memory.max", "memory.swap.max", "memory.oom.group") if v2 else
+                 ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes", "memory.oom_control"))
+        values += zip([d] * 3, names, (str(memory), "0" if v2 else str(memory), "1"))
+    if cpu:
+        d, v2 = directory("cpu")
         quota = max(1000, int(cpu * _CPU_PERIOD_US))
-        if v2("cpu"):
-            files[at("cpu", "cpu.max")] = f"{quota} {_CPU_PERIOD_US}"
-        else:
-            files[at("cpu", "cpu.cfs_period_us")] = str(_CPU_PERIOD_US)
-            files[at("cpu", "cpu.cfs_quota_us")] = str(quota)
-    if pids and at("pids", "x"):
-        files[at("pids", "pids.max")] = str(pids)
-    return files
+        values += [(d, "cpu.max", f"{quota} {_CPU_PERIOD_US}")] if v2 else [
+            (d, "cpu.cfs_period_us", str(_CPU_PERIOD_US)), (d, "cpu.cfs_quota_us", str(quota))]
+    if pids:
+        values.append((directory("pids")[0], "pids.max", str(pids)))
+    return {os.path.join(d, name): value for d, name, value in values if d}
 
 
 def create(layout: Layout, group: dict, limits: dict[str, str]) -> None:

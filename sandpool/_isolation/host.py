@@ -2,12 +2,14 @@
 
 ``LocalRuntime`` calls ``level`` when it creates a record, ``prepare`` before it asks the template to
 spawn (admission by requests, then the level's part of the spawn config: network, image, cgroups,
-the namespaces plan, environment), ``release`` when the agent is reaped (or the spawn failed),
-and ``close`` when it closes (``cgroups.sweep`` runs with the state dir's sweep). The template does the rest (see ``sandbox``).
+the namespaces plan, environment), ``release`` when the agent is reaped (or the spawn failed), and
+``close`` when it closes. ``cgroups.sweep`` runs with the state dir's sweep; the template does the
+rest (see ``sandbox``).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sys
@@ -29,7 +31,6 @@ DEFAULT_PIDS_LIMIT = 1024
 _ADMISSION_POLL_SECONDS = 0.25
 #: Home directories hidden on the host image (sandboxes get a fresh, empty /root).
 HOST_HOMES = ("/root", "/home")
-_BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 _ledger_lock = threading.Lock()
 _ledger: admission.Ledger | None = None
@@ -111,7 +112,6 @@ class Isolation:
         grant = await self._admit(record)
         config["isolation"] = record.isolation
         config["env"].update(grant.environment())
-        record.extra["network"] = mode
         if record.isolation in ("namespaces", "oci"):
             self._namespaces_config(record, config, owner_dir, mode, lower)
         if record.isolation == "oci":
@@ -138,7 +138,7 @@ class Isolation:
             "lower": lower, "upper": os.path.join(fs, "upper"), "work": os.path.join(fs, "work"),
             "merged": os.path.join(fs, "merged"), "hostname": record.sandbox_id, "network": mode,
             "tmp_bytes": _tmp_bytes(spec), "hide": _hidden(lower, self.state_dir),
-            "binds": _python_binds(lower, self.state_dir),
+            "binds": _python_binds(lower, self.state_dir, tuple(sys.path)),
         }
         for key in ("upper", "work", "merged"):
             os.makedirs(plan[key], exist_ok=True)
@@ -151,6 +151,8 @@ class Isolation:
         user_env = spec.environment_variables
         defaults = {"HOME": home, "TMPDIR": "/tmp", "SANDPOOL_ROOT": "/"}
         if lower != "/":
+            from .._runtime._local import _BASE_PATH  # (imported here: _local imports this module)
+
             defaults["PATH"] = _BASE_PATH  # the image's programs, not the host's python first
         env.update({k: v for k, v in defaults.items() if k not in user_env})
         layout = self.layout
@@ -207,24 +209,25 @@ def _hidden(lower: str, state_dir: str) -> list[list]:
     return hidden
 
 
-def _python_binds(lower: str, state_dir: str) -> list[list[str]]:
+@functools.lru_cache(maxsize=16)  # per start otherwise: a realpath and a stat per sys.path entry
+def _python_binds(lower: str, state_dir: str, path: tuple[str, ...]) -> list[list[str]]:
     """The host interpreter's directories the agent needs, where the image does not show them:
     everything on another image; on the host image only what lies under a covered directory
     (a hidden home, or /tmp and /run, which get fresh tmpfs mounts). Never a covered directory
     itself, nor one holding the state directory: that would show other sandboxes' files again."""
     covered = (*HOST_HOMES, "/tmp", "/run")
     state = os.path.realpath(state_dir)
-    dirs = _python_dirs(lambda d: d in covered or (state + "/").startswith(d + "/"))
+    dirs = _python_dirs(path, lambda d: d in covered or (state + "/").startswith(d + "/"))
     if lower == "/":
         dirs = [d for d in dirs if any(d.startswith(c + "/") for c in covered)]
     return [[d, d] for d in dirs]
 
 
-def _python_dirs(excluded: Callable[[str], bool]) -> list[str]:
-    """Host directories the agent's interpreter needs (its prefixes, sandpool, sys.path), without
-    the ``excluded`` ones and without any that lies inside another chosen one."""
+def _python_dirs(path: tuple[str, ...], excluded: Callable[[str], bool]) -> list[str]:
+    """Host directories the agent's interpreter needs (its prefixes, sandpool, the ``path`` entries),
+    without the ``excluded`` ones and without any that lies inside another chosen one."""
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    candidates = [sys.base_prefix, sys.prefix, package] + [p for p in sys.path if p and os.path.isdir(p)]
+    candidates = [sys.base_prefix, sys.prefix, package] + [p for p in path if p and os.path.isdir(p)]
     chosen: list[str] = []
     for path in sorted({os.path.realpath(p) for p in candidates}, key=len):
         if path != "/" and not excluded(path) and not any(path.startswith(c + "/") for c in chosen):

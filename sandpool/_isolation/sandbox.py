@@ -29,6 +29,7 @@ import signal
 import socket
 from collections.abc import Callable
 
+from .._agent import _linux
 from . import _sys, cgroups, namespaces, oci
 
 _PID_NS = "/proc/self/ns/pid"
@@ -36,7 +37,7 @@ SPARE_NAME = "sandpool-spare"
 
 
 class Supervisor:
-    """Per-template isolation state: which agent has which cgroup and OOM watch."""
+    """Per-template isolation state: each agent's cgroup and OOM watch, and the spare children."""
 
     def __init__(self, become_agent: Callable[[dict, int], None] | None = None,
                  sel: selectors.BaseSelector | None = None) -> None:
@@ -140,7 +141,7 @@ class Supervisor:
             signal.set_wakeup_fd(-1)
             for sig in (signal.SIGCHLD, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_DFL)  # not the template's handlers
-            _sys.set_parent_death_signal(signal.SIGKILL)
+            _linux.set_parent_death_signal(signal.SIGKILL)
             if parent_pid() != template:
                 os._exit(0)
             for _mode, other in self.spares.values():
