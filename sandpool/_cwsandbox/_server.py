@@ -8,10 +8,11 @@ calls get ``STOP_GRACE_SECONDS``), then every sandbox, then exits.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -54,36 +55,45 @@ def read_token(path: str | None) -> str | None:
     return token
 
 
-async def serve(listen: str, token: str | None, *, isolation: str | None = None,
-                sandpool_address: str | None = None, sandpool_token: str | None = None,
-                max_workers: int = DEFAULT_MAX_WORKERS, ready: Callable[[str], None] = print) -> None:
-    """Serve until SIGTERM or SIGINT; ``ready(address)`` is called once the port is bound.
-
-    The sandboxes are this machine's (a LocalRuntime of the server's own), or with ``sandpool_address``
-    those of that ``sandpool serve`` server, where sandpool's clients see them too.
-    """
+@contextlib.asynccontextmanager
+async def open_cwsandbox_server(session, listen: str, *, token: str | None = None,
+                                max_workers: int = DEFAULT_MAX_WORKERS) -> AsyncIterator[str]:
+    """Serve cwsandbox's API for ``session``'s sandboxes on ``listen`` while the block runs; yields the
+    bound address. In-flight calls get ``STOP_GRACE_SECONDS`` when it ends. Call it in the trio loop
+    that holds ``session``; SystemExit if the address is unusable, or off loopback without a token."""
     if token is None and not is_loopback(listen):
         raise SystemExit(f"{listen} is reachable from other machines: give a token with --token-file F "
                          f"(clients send it as CWSANDBOX_API_KEY), or listen on 127.0.0.1")
-    defaults = SandboxDefaults(isolation=isolation) if isolation else None
-    async with Session(defaults, address=sandpool_address, token=sandpool_token) as session, \
-            open_backend(session) as backend:
+    async with open_backend(session) as backend:
         server = grpc.server(ThreadPoolExecutor(max_workers, thread_name_prefix="cwsandbox-rpc"),
                              options=SERVER_OPTIONS)
         add_cwsandbox_servicer(server, backend, token=token)
         port = server.add_insecure_port(listen)
         if not port:
             raise SystemExit(f"cannot listen on {listen}")
-        address = listen if listen.startswith("unix:") else f"{listen.rsplit(':', 1)[0]}:{port}"
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            server.start()
-            try:
-                ready(address)
-                async for _ in signals:
-                    break
-            finally:
-                with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(lambda: server.stop(STOP_GRACE_SECONDS).wait())
+        server.start()
+        try:
+            yield listen if listen.startswith("unix:") else f"{listen.rsplit(':', 1)[0]}:{port}"
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(lambda: server.stop(STOP_GRACE_SECONDS).wait())
+
+
+async def serve(listen: str, token: str | None, *, isolation: str | None = None,
+                sandpool_address: str | None = None, sandpool_token: str | None = None,
+                max_workers: int = DEFAULT_MAX_WORKERS, ready: Callable[[str], None] = print) -> None:
+    """Serve until SIGTERM or SIGINT, then stop every sandbox; ``ready(address)`` once the port is bound.
+
+    The sandboxes are this machine's (a LocalRuntime of the server's own), or with ``sandpool_address``
+    those of that ``sandpool serve`` server, where sandpool's clients see them too.
+    """
+    defaults = SandboxDefaults(isolation=isolation) if isolation else None
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with Session(defaults, address=sandpool_address, token=sandpool_token) as session, \
+                open_cwsandbox_server(session, listen, token=token, max_workers=max_workers) as address:
+            ready(address)
+            async for _ in signals:
+                break
 
 
 def main(argv: list[str] | None = None) -> None:
