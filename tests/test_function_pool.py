@@ -121,6 +121,24 @@ def test_function_is_sent_once_per_sandbox_and_small_calls_are_batched(monkeypat
     assert max(len(batch) for batch in sent) >= 50
 
 
+def test_calls_reach_the_worker_directly_and_large_values_leave_no_files():
+    """Local sandboxes get a direct connection to their worker; a large argument and result go as
+    files in the sandbox's /tmp, removed once read, and the worker's socket is gone from there."""
+    with Session() as s:
+        @s.function(max_concurrency=1)
+        def double(data):
+            return data * 2
+
+        @s.function(max_concurrency=1)
+        def leftovers():
+            return sorted(name for name in os.listdir("/tmp") if name.startswith(".sandpool"))
+
+        blob = os.urandom(1 << 20)
+        assert double.remote(blob).result() == blob * 2
+        assert leftovers.remote().result() == []
+        assert all(slot.direct is not None for pool in s._pools.values() for slot in pool.slots)
+
+
 @pytest.mark.slow
 def test_a_100_mb_argument_round_trips():
     """Arguments (and results) of 100 MB work."""

@@ -110,16 +110,22 @@ class CallRelay:
         if self.worker is not None:
             self.kill()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        dirfd = -1
         try:
             path = _files.confine(self._config["root"], self._config["cwd"], frame["listen"])
-            listener.bind(path)
+            dirfd = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY)
+            # through /proc/self/fd: a socket address has 108 bytes, a sandbox's path may have more
+            listener.bind(f"/proc/self/fd/{dirfd}/{os.path.basename(path)}")
             os.chmod(path, 0o600)
             listener.listen(1)
         except (OSError, _files.FileOpError) as exc:
             listener.close()
             self._answer(frame["id"], "protocol", f"cannot listen at {frame['listen']!r}: {exc}")
             return
-        self._spawn(listener)
+        finally:
+            if dirfd >= 0:
+                os.close(dirfd)
+        self._spawn((listener, path))
         listener.close()
         self.direct_id = frame["id"]
         self._send({"t": "started", "id": frame["id"], "pid": self.worker.pid})  # type: ignore[union-attr]
@@ -181,7 +187,7 @@ class CallRelay:
         except OSError:
             pass  # it died: its exit event fails what it held
 
-    def _spawn(self, listener: socket.socket | None = None) -> None:
+    def _spawn(self, listener: tuple[socket.socket, str] | None = None) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pid = os.fork()
         if pid == 0:  # the worker: never returns

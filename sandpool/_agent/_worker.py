@@ -45,11 +45,12 @@ class _TimedOut(BaseException):
     """Raised in user code when its call's ``timeout`` passes (not an Exception: hard to swallow)."""
 
 
-def main(sock: socket.socket, config: dict, listener: socket.socket | None = None) -> None:
-    """Entry point in the forked worker: detach from the agent's resources and serve."""
+def main(sock: socket.socket, config: dict, listener: tuple[socket.socket, str] | None = None) -> None:
+    """Entry point in the forked worker: detach from the agent's resources and serve. With a
+    ``listener`` (socket, path), the first connection to it is the client's (direct mode)."""
     os.setpgid(0, 0)  # its own group: a kill reaches whatever the function started
     _linux.set_parent_death_signal(signal.SIGKILL)
-    keep = sorted(s.fileno() for s in (sock, listener) if s is not None)
+    keep = sorted(s.fileno() for s in (sock, listener[0] if listener else None) if s is not None)
     low = 3
     for fd in keep:  # the owner socket, the agent's selector and exec pipes are not ours
         os.closerange(low, fd)
@@ -61,8 +62,12 @@ def main(sock: socket.socket, config: dict, listener: socket.socket | None = Non
 
     client = None
     if listener is not None:
-        client, _ = listener.accept()  # the first connection is the client's; then nobody else's
-        listener.close()
+        client, _ = listener[0].accept()  # the first connection is the client's; nobody else's
+        listener[0].close()
+        try:
+            os.unlink(listener[1])
+        except OSError:
+            pass
     Worker(sock, cloudpickle, config.get("root") or "/", client).run()
 
 
