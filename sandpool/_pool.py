@@ -39,8 +39,6 @@ PIPELINE_SECONDS = 0.002
 #: Most calls one sandbox holds at once, and most argument bytes (one call always fits).
 MAX_DEPTH = 256
 MAX_DEPTH_BYTES = 64 * 1024 * 1024
-#: Past a call's timeout, how long before the pool interrupts it itself (direct mode's backstop).
-TIMEOUT_GRACE_SECONDS = 1.0
 
 
 # -- decisions (plain data in, plain data out) --------------------------------------------------
@@ -178,7 +176,7 @@ class Pool:
         if call.timeout is not None:
             frame["timeout"] = call.timeout
             if slot.direct is not None:  # the agent does not see direct calls: watch it here
-                self.session._ensure_open().nursery.start_soon(self._watch_timeout, slot, call, call.req_id)
+                self.session._ensure_open().nursery.start_soon(_slot.watch_timeout, slot, call, call.req_id)
         if slot.bulk_dir is not None:
             frame["bulk"] = _bulk.SANDBOX_DIR  # a large result may come back as a file there
             if call.size >= _bulk.BULK_BYTES:
@@ -201,17 +199,6 @@ class Pool:
         else:  # answered "cancelled" (or with a late result) by the sandbox, then released
             slot.outbox.append(_slot.cancel_frame(slot, call.req_id))
             slot.wake.set()
-
-    async def _watch_timeout(self, slot: Slot, call: Call, req_id: int) -> None:
-        """Direct mode's backstop for a function that swallows its timeout: interrupt it."""
-        await trio.sleep(call.timeout + TIMEOUT_GRACE_SECONDS)  # type: ignore[operator]
-        while slot.inflight.get(req_id) is call and not call.ref.done():
-            if next(iter(slot.inflight.values())) is call:  # it is the one running: it overstayed
-                call.timed_out = True
-                slot.outbox.append(_slot.cancel_frame(slot, req_id))
-                slot.wake.set()
-                return
-            await trio.sleep(TIMEOUT_GRACE_SECONDS)
 
     def _release(self, slot: Slot, call: Call) -> None:
         slot.inflight.pop(call.req_id, None)

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 #: How long to wait for the agent to start a direct worker, and for its account of a worker's end.
 WORKER_START_SECONDS = 5.0
 WORKER_EXIT_SECONDS = 3.0
+#: Past a call's timeout, how long before the pool interrupts it itself (direct mode's backstop).
+TIMEOUT_GRACE_SECONDS = 1.0
 
 
 @dataclass(eq=False)
@@ -210,3 +212,16 @@ def cancel_frame(slot: Slot, req_id: int) -> dict[str, Any]:
     if slot.direct is not None:
         frame["call"] = True
     return frame
+
+
+async def watch_timeout(slot: Slot, call: Call, req_id: int) -> None:
+    """Direct mode's backstop for a function that swallows its timeout (the worker enforces it;
+    the agent, which does so for relayed calls, does not see direct ones): interrupt it."""
+    await trio.sleep(call.timeout + TIMEOUT_GRACE_SECONDS)  # type: ignore[operator]
+    while slot.inflight.get(req_id) is call and not call.ref.done():
+        if next(iter(slot.inflight.values())) is call:  # it is the one running: it overstayed
+            call.timed_out = True
+            slot.outbox.append(cancel_frame(slot, req_id))
+            slot.wake.set()
+            return
+        await trio.sleep(TIMEOUT_GRACE_SECONDS)
