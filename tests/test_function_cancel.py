@@ -82,6 +82,22 @@ def test_leaving_a_trio_cancel_scope_interrupts_the_remote_call():
     trio.run(main)
 
 
+def test_leaving_a_cancel_scope_during_async_for_cancels_the_stream():
+    """A move_on_after around 'async for' over starmap interrupts every call still in flight."""
+    async def main():
+        async with Session() as s:
+            write, check = one_sandbox(s, write_later, exists)
+            await write.remote("/tmp/warm", 0)
+            got = []
+            with trio.move_on_after(0.3):
+                async for value in write.starmap([(f"/tmp/m{i}", 0 if i == 0 else SLEEP) for i in range(4)]):
+                    got.append(value)
+            assert got == ["wrote"]
+            await trio.sleep(LATER)
+            assert [await check.remote(f"/tmp/m{i}") for i in range(4)] == [True, False, False, False]
+    trio.run(main)
+
+
 def test_timeout_seconds_interrupts_before_the_marker():
     """A call past timeout_seconds is interrupted in the sandbox; its marker never appears."""
     with Session() as s:
