@@ -3,7 +3,8 @@
     python benchmarks/bench_isolation.py [--quick] [--json PATH]     (as root, for the namespaces level)
 
 Measures, one sandbox at a time (``session.sandbox(...)`` then ``start()`` until RUNNING, then a stop
-that is not timed), and once more including the first ``exec(["true"])``:
+that is not timed), and once more including the first ``exec(["true"])``, taking the levels in turn
+(round-robin) so that load from elsewhere falls on all of them alike:
 
 - process:      the process level; floor: ``subprocess.run(["true"])`` (a fork and exec).
 - namespaces:   the namespaces level on the host image (pid/mount/uts/ipc/cgroup/net namespaces,
@@ -38,18 +39,27 @@ from sandpool._isolation import images, probe
 UNSHARE = ["unshare", "--fork", "--pid", "--mount-proc", "--net", "--uts", "--ipc", "--cgroup", "--mount", "true"]
 
 
-def starts(session: Session, n: int, options: dict, first_exec: bool) -> list[float]:
-    samples = []
-    for i in range(n + 3):
-        sandbox = session.sandbox(**options)
-        began = time.perf_counter()
-        sandbox.start().result()
-        if first_exec:
-            sandbox.exec(["true"]).result()
-        elapsed = time.perf_counter() - began
-        sandbox.stop(graceful_shutdown_seconds=0).result()
-        if i >= 3:
-            samples.append(elapsed)
+def one_start(session: Session, options: dict, first_exec: bool) -> float:
+    """Seconds from start() to RUNNING (and to the first exec's result); the stop is not timed."""
+    sandbox = session.sandbox(**options)
+    began = time.perf_counter()
+    sandbox.start().result()
+    if first_exec:
+        sandbox.exec(["true"]).result()
+    elapsed = time.perf_counter() - began
+    sandbox.stop(graceful_shutdown_seconds=0).result()
+    return elapsed
+
+
+def interleaved_starts(session: Session, n: int, levels: list) -> dict:
+    """Round-robin over the levels, so load that comes and goes hits every level alike."""
+    samples: dict = {name: {"start": [], "start_exec": []} for name, _options, _floor in levels}
+    for i in range(n + 3):  # the first 3 rounds warm up (the namespaces level's spares appear then)
+        for name, options, _floor in levels:
+            for kind, first_exec in (("start", False), ("start_exec", True)):
+                elapsed = one_start(session, options, first_exec)
+                if i >= 3:
+                    samples[name][kind].append(elapsed)
     return samples
 
 
@@ -85,12 +95,12 @@ def main() -> int:
     record: dict = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                                 "kernel": platform.release(), "load_before": os.getloadavg()}, "levels": {}}
     with Session() as session:
-        for name, options, floor_argv in levels:
-            floor = summary(timed(n, lambda a=floor_argv: subprocess.run(a, check=True), warm=5))
-            record["levels"][name] = {
-                "start": summary(starts(session, n, options, first_exec=False)),
-                "start_exec": summary(starts(session, n, options, first_exec=True)),
-                "floor": floor, "floor_argv": " ".join(floor_argv)}
+        samples = interleaved_starts(session, n, levels)
+    for name, _options, floor_argv in levels:
+        floor = summary(timed(n, lambda a=floor_argv: subprocess.run(a, check=True), warm=5))
+        record["levels"][name] = {"start": summary(samples[name]["start"]),
+                                  "start_exec": summary(samples[name]["start_exec"]),
+                                  "floor": floor, "floor_argv": " ".join(floor_argv)}
     if why is None:
         with Session(defaults={"isolation": "namespaces"}) as session:
             runs = [up_down(session, many) for _ in range(reps)]

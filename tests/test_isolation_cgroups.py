@@ -57,7 +57,7 @@ def test_cpu_quota_holds_a_busy_loop_to_its_share(session):
               "while time.monotonic() < end: pass\n"
               "print(os.times().user + os.times().system)")
     used = float(sb.exec(["python3", "-c", script]).result().stdout)
-    assert 0.1 < used < 0.4, used
+    assert 0.05 < used < 0.4, used  # unconstrained it would be ~0.8
 
 
 def test_a_fork_bomb_is_contained_by_pids_max(session):
