@@ -6,7 +6,8 @@ sandbox's lifetime. When the owner's socket reaches EOF (the owner exited or was
 its parent dies (parent-death signal, SIGTERM) or when told to stop, it kills its whole tree (it is
 a child subreaper, so orphans come back to it), removes the sandbox directory and exits.
 
-It never imports trio or grpc; cloudpickle is imported only when a call arrives.
+It never imports trio or grpc. Remote-function calls run in a worker process it forks (``_calls``),
+never in the agent itself; only that worker uses cloudpickle (pre-imported by the template).
 """
 
 from __future__ import annotations
