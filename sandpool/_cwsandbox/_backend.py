@@ -109,8 +109,9 @@ class CwsandboxBackend:
             for path, content in files:
                 await _files.write_file(entry.sandbox, path, content, _FILE_TIMEOUT_SECONDS)
         except Exception as exc:
-            entry.failure_reason = f"could not mount {path!r}: {translate(exc).message}"
-            entry.sandbox.stop(graceful_shutdown_seconds=0.0)  # its end reports the failure
+            if entry.sandbox.status == SandboxStatus.RUNNING:  # else it is being stopped: that is why
+                entry.failure_reason = f"could not mount {path!r}: {translate(exc).message}"
+                entry.sandbox.stop(graceful_shutdown_seconds=0.0)  # its end reports the failure
         finally:
             entry.preparing = False
             entry.started.set()
