@@ -318,7 +318,9 @@ class Pool:
             elif call.timed_out:
                 self._user_failure(call, self._timeout_error(call, slot))
             elif call is head and error is not None and not killed:
-                self._infra_failure(call, error)
+                self._infra_failure(call, SandboxDiedError(
+                    f"call to {call.payload.name!r} failed: {error}", sandbox_id=error.sandbox_id,
+                    exit_code=error.exit_code, signal=error.signal))
             else:
                 self._requeue(call, charge=False)
 
@@ -345,7 +347,7 @@ class Pool:
         slot.wake.set()
         died = None
         if not retiring:
-            died = SandboxDiedError(f"sandbox {slot.sandbox.sandbox_id} died under the call: {error}",
+            died = SandboxDiedError(str(error),
                                     sandbox_id=slot.sandbox.sandbox_id, exit_code=getattr(error, "exit_code", None),
                                     signal=getattr(error, "signal", None))
         self._settle_lost(slot, died, killed=False)
