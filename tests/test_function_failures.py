@@ -133,6 +133,26 @@ def test_dead_sandbox_without_retries_says_how_it_died_and_spares_queued_calls()
         assert s.statistics().calls_retried == 0
 
 
+def test_out_of_memory_sandbox_fails_the_call_and_is_replaced():
+    """A call that blows the sandbox's memory limit fails with SandboxDiedError (OOM, signal 9);
+    the next call runs on a fresh sandbox."""
+    with Session() as s:
+        @s.function(max_concurrency=1, resources={"memory": "64Mi"})
+        def hog(mb):
+            blocks = [bytearray(1 << 20) for _ in range(mb)]
+            return len(blocks)
+
+        assert hog.remote(4).result() == 4
+        try:
+            hog.remote(400).result(timeout=30)
+        except SandboxDiedError as exc:
+            assert exc.signal == signal.SIGKILL and "memory" in str(exc)
+        else:
+            pytest.skip("this machine does not enforce sandbox memory limits")
+        assert hog.remote(4).result() == 4
+        assert s.sandbox_count == 1
+
+
 def test_worker_process_death_is_an_infrastructure_failure():
     """A function that kills its own worker (os._exit) fails with SandboxDiedError carrying the
     exit code; retries re-run it; the sandbox goes on serving calls."""
