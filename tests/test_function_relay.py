@@ -2,7 +2,8 @@
 
 Local sandboxes normally reach their call worker directly and move large values as files in the
 sandbox's /tmp. Here neither is possible (``_bulk.host_dir`` answers None), so every call, cancel,
-large argument and worker death goes through the agent, as it does for a sandbox on another host.
+large argument and worker death goes through the agent, as it does for a sandbox on another host;
+the last test runs the same against a real ``sandpool serve`` server.
 """
 
 from __future__ import annotations
@@ -76,3 +77,28 @@ def test_cancel_timeout_and_worker_death_through_the_relay():
         with pytest.raises(SandboxDiedError, match="exited with code 5"):
             dying.result()
         assert behind.result() == "wrote"
+
+
+def test_remote_functions_through_a_sandpool_server(tmp_path):
+    """Against a ``sandpool serve`` server (sandboxes the client cannot reach directly), calls,
+    maps, remote exceptions, large values and cancellation all go through the relay."""
+    from service_helpers import ServerProcess
+
+    with ServerProcess(str(tmp_path)) as server, Session(address=server.address) as s:
+        write = s.function(write_later, max_concurrency=1)
+        check = s.function(exists, max_concurrency=1)
+
+        @s.function(max_concurrency=1)
+        def lookup(key):
+            return {"a": 1}[key]
+
+        assert [r.result() for r in lookup.map([("a",)] * 50)] == [1] * 50
+        with pytest.raises(KeyError):
+            lookup.remote("b").result()
+        blob = os.urandom(1 << 20)
+        assert s.function(bytes.upper, max_concurrency=1).remote(blob).result() == blob.upper()
+        ref = write.remote("/tmp/marker", 0.6)
+        time.sleep(0.2)
+        ref.cancel()
+        time.sleep(0.7)
+        assert check.remote("/tmp/marker").result() is False
