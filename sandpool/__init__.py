@@ -33,6 +33,7 @@ from ._waiting import as_completed, gather, results, wait
 from ._process import Process, ProcessResult, StreamReader, StreamWriter
 from ._runtime._contract import Runtime
 from ._runtime._local import LocalRuntime
+from ._runtime._slurm import SlurmRuntime
 from ._sandbox import Sandbox
 from ._session import Session
 
@@ -47,5 +48,6 @@ __all__ = [
     "SandboxFailedError", "SandboxFileError", "SandboxNotFoundError", "SandboxNotRunningError",
     "SandboxResourceExhaustedError", "SandboxSpec", "SandboxStatus", "SandboxTerminatedError",
     "SandboxTimeoutError", "SandboxUnavailableError", "SandpoolError", "SerializationError", "Session",
+    "SlurmRuntime",
     "StreamReader", "StreamWriter", "__version__", "as_completed", "gather", "results", "wait",
 ]

@@ -91,10 +91,14 @@ class Sandbox:
 
     @property
     def status(self) -> SandboxStatus | None:
+        if self._state.phase == "starting" and self._record is not None and self._record.status == "pending":
+            return SandboxStatus.PENDING  # waiting in an engine's queue (Slurm), as its runtime reports
         return self._state.status
 
     @property
     def status_reason(self) -> str | None:
+        if self._state.phase == "starting" and self._record is not None and self._record.status_reason:
+            return self._record.status_reason
         return self._state.reason
 
     @property
@@ -244,6 +248,8 @@ class Sandbox:
             self._terminal.set()
             self._started.set()
         elif not self._state.terminal:
+            if self._state.phase == "starting" and self._record is not None:
+                self._session._runtime.abandon_start(self._record)  # e.g. a job still in Slurm's queue
             await self._started.wait()
             self._state = _lifecycle.advance(self._state, "stop")
             if self._record is not None:
@@ -451,7 +457,7 @@ class Sandbox:
         wanted = SandboxStatus.parse(status) if status is not None else None
         if isinstance(tags, str):
             raise TypeError(f"tags must be a list of strings, not a string; use tags=[{tags!r}]")
-        if _shared.resolve_address(address):
+        if _shared.selects_shared(address):
             return _shared.spawn_find(address, token, tags=tuple(tags or ()),
                                       status=wanted.value if wanted else None, show_terminated=show_terminated)
         found = [sb for sb in list(_KNOWN.values()) if _matches(sb, tags or (), wanted, show_terminated)]
@@ -462,7 +468,7 @@ class Sandbox:
                 token: str | None = None) -> OperationRef[Sandbox]:
         """The sandbox with this id (on the server at ``address`` or ``$SANDPOOL_ADDRESS`` if set);
         SandboxNotFoundError if there is none."""
-        if _shared.resolve_address(address):
+        if _shared.selects_shared(address):
             return _shared.spawn_find(address, token, sandbox_id=sandbox_id)
         sandbox = _KNOWN.get(sandbox_id)
         if sandbox is None:

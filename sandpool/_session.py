@@ -58,6 +58,8 @@ class Session:
             from ._runtime._remote import RemoteRuntime
 
             self._owned_runtime = RemoteRuntime(_shared.resolve_address(address), token)
+        elif runtime is None:  # $SANDPOOL_RUNTIME=slurm: an engine runtime of our own
+            self._owned_runtime = _shared.engine_runtime()
         self._runtime: Runtime | None = None
         self._host: TaskHost | None = None
         self._admin: TaskHost | None = None  # where close() runs: outside the session's own nursery
@@ -224,7 +226,7 @@ class Session:
         if isinstance(tags, str):
             raise TypeError(f"tags must be a list of strings, not a string; use tags=[{tags!r}]")
         merged = self.defaults.merge_tags(tags or ())
-        if self._owned_runtime is not None:  # ask this session's server
+        if self._asks_runtime():  # ask this session's server or engine
             wanted = SandboxStatus.parse(status).value if status is not None else None
             return OperationRef.spawn(self._ensure_open(), self._find, adopt, dict(
                 tags=merged, status=wanted, show_terminated=show_terminated))
@@ -236,12 +238,18 @@ class Session:
 
     def from_id(self, sandbox_id: str, *, adopt: bool = True) -> OperationRef[Sandbox]:
         """The sandbox with ``sandbox_id``, adopted by this session unless ``adopt=False``."""
-        if self._owned_runtime is not None:  # ask this session's server
+        if self._asks_runtime():  # ask this session's server or engine
             return OperationRef.spawn(self._ensure_open(), self._find, adopt, dict(sandbox_id=sandbox_id))
         ref = Sandbox.from_id(sandbox_id)
         if adopt and ref.exception() is None:
             self.adopt(ref.result())
         return ref
+
+    def _asks_runtime(self) -> bool:
+        """True when the runtime shares its sandboxes (a server, an engine): lists and lookups go to it."""
+        if self._owned_runtime is not None:
+            return True
+        return self._runtime_arg is not None and self._runtime_arg.shared
 
     async def _find(self, adopt: bool, query: dict) -> list[Sandbox] | Sandbox:
         found = await _shared.find(self, **query)

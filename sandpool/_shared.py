@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from ._session import Session
 
 ENV_ADDRESS, ENV_TOKEN = "SANDPOOL_ADDRESS", "SANDPOOL_TOKEN"
+#: ``SANDPOOL_RUNTIME=slurm`` places sandboxes with Slurm (options: ``SANDPOOL_SLURM_*``); unset or "local": here.
+ENV_RUNTIME = "SANDPOOL_RUNTIME"
 
 
 def resolve_address(address: str | None) -> str | None:
@@ -32,6 +34,23 @@ def resolve_address(address: str | None) -> str | None:
     if address is not None and (not isinstance(address, str) or not address):
         raise ValueError(f"address must be 'host:port', 'tls://host:port' or 'unix:/path', got {address!r}")
     return address or os.environ.get(ENV_ADDRESS) or None
+
+
+def engine_runtime() -> Any:
+    """A new engine runtime named by ``$SANDPOOL_RUNTIME`` ("slurm"), or None ("local" or unset)."""
+    name = os.environ.get(ENV_RUNTIME, "").strip().lower()
+    if name in ("", "local"):
+        return None
+    if name == "slurm":
+        from ._runtime._slurm import SlurmRuntime
+
+        return SlurmRuntime.from_environment()
+    raise ValueError(f"{ENV_RUNTIME}={name!r} is not a runtime; use 'local' or 'slurm', or unset it")
+
+
+def selects_shared(address: str | None) -> bool:
+    """True when sandboxes are looked up on a shared runtime: a server address, or an engine runtime."""
+    return bool(resolve_address(address)) or os.environ.get(ENV_RUNTIME, "").strip().lower() not in ("", "local")
 
 
 def spawn_find(address: str | None, token: str | None, **query: Any) -> OperationRef:
@@ -62,6 +81,8 @@ def state_of(record: SandboxRecord) -> _lifecycle.Lifecycle:
                                     reason=record.status_reason)
     if status == SandboxStatus.TERMINATING:
         return _lifecycle.Lifecycle(phase="stopping", status=status, stop_requested=True)
+    if status in (SandboxStatus.PENDING, SandboxStatus.CREATING):  # queued by an engine: attaching waits for it
+        return _lifecycle.Lifecycle(phase="running", status=status, reason=record.status_reason)
     return _lifecycle.Lifecycle(phase="running", status=SandboxStatus.RUNNING, reason=record.status_reason)
 
 
@@ -104,6 +125,8 @@ async def attach(sandbox: Sandbox) -> None:
                                                      status=SandboxStatus.TERMINATED, reason=str(exc))
                 sandbox._terminal.set()
             raise
+        if sandbox._state.status in (SandboxStatus.PENDING, SandboxStatus.CREATING):
+            sandbox._state = dataclasses.replace(sandbox._state, status=SandboxStatus.RUNNING, reason=None)
         sandbox._host.nursery.start_soon(sandbox._reader)
 
 

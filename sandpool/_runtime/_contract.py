@@ -58,6 +58,10 @@ class Runtime(abc.ABC):
     async def start(self, record: SandboxRecord) -> FrameChannel:
         """Start the sandbox's agent and return its frame channel after the handshake."""
 
+    def abandon_start(self, record: SandboxRecord) -> None:
+        """The sandbox is being stopped while ``start`` still waits (an engine's queue): make that
+        ``start`` give up soon. Runtimes whose start never waits long ignore it."""
+
     @abc.abstractmethod
     async def stop(self, record: SandboxRecord, grace_seconds: float) -> None:
         """Stop politely, wait ``grace_seconds``, then escalate until the sandbox is gone. Shielded."""
