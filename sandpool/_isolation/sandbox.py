@@ -34,6 +34,8 @@ from . import _sys, cgroups, namespaces, oci
 
 _PID_NS = "/proc/self/ns/pid"
 SPARE_NAME = "sandpool-spare"
+#: Above a socket's send buffer (~200 KiB) a handoff fails anyway, and the sandbox is forked instead.
+_MAX_CONFIG_BYTES = 1 << 20
 
 
 class Supervisor:
@@ -152,7 +154,7 @@ class Supervisor:
             _sys.set_name(SPARE_NAME)
             namespaces.unshare_early(mode)
             self.early = True
-            data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 22, 1)
+            data, fds, _flags, _addr = socket.recv_fds(sock, _MAX_CONFIG_BYTES, 1)
             if not data or not fds:
                 os._exit(0)  # the template is gone
             sock.close()
