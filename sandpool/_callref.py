@@ -79,6 +79,7 @@ class Call:
     req_id: int = 0
     sent: bool = False
     timed_out: bool = False  # the pool interrupted it for its timeout (direct mode's backstop)
+    stealing: bool = False  # the pool asked for it back to run it on an idle sandbox
     size: int = 0
 
     def __post_init__(self) -> None:

@@ -16,7 +16,7 @@ holds when only the sandbox's worker process dies; the sandbox then gets a new w
 from __future__ import annotations
 
 import collections
-import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -26,57 +26,15 @@ import trio
 from . import _bulk, _serialize, _slot
 from ._callref import Call, CallRef, Payload
 from ._errors import SandboxDiedError, SandboxError, SandboxTimeoutError, SerializationError
+from ._poolplan import MAX_DEPTH, STEAL_AFTER_SECONDS, choose_slot, choose_steals, pipeline_depth, sandboxes_to_start
 from ._slot import Slot
 
 if TYPE_CHECKING:
     from ._config import SandboxSpec
     from ._session import Session
 
-__all__ = ["Call", "CallRef", "Payload", "Pool", "PoolStatistics"]
-
-#: Calls of known length are pipelined until a sandbox holds about this much work (seconds).
-PIPELINE_SECONDS = 0.002
-#: Most calls one sandbox holds at once, and most argument bytes (one call always fits).
-MAX_DEPTH = 256
-MAX_DEPTH_BYTES = 64 * 1024 * 1024
-
-
-# -- decisions (plain data in, plain data out) --------------------------------------------------
-
-
-def pipeline_depth(estimate: float | None, reuse: bool) -> int:
-    """How many calls one sandbox may hold, given the function's typical duration (s, or None)."""
-    if not reuse:
-        return 1
-    if estimate is None:
-        return 2
-    return max(2, min(MAX_DEPTH, math.ceil(PIPELINE_SECONDS / max(estimate, 1e-7))))
-
-
-def choose_slot(loads: Sequence[tuple[int, int] | None], waiting: int, starting: int, depth: int) -> int | None:
-    """Index of the ready sandbox for the next waiting call, or None to keep it waiting.
-
-    ``loads[i]`` is (calls, argument bytes) held by sandbox i, None while it is not ready. An idle
-    sandbox wins; else the least loaded one below ``depth``, but only when more calls wait than
-    the sandboxes still starting will take (so N long calls spread over N sandboxes).
-    """
-    best = None
-    for i, load in enumerate(loads):
-        if load is None or load[0] >= depth or (load[0] and load[1] >= MAX_DEPTH_BYTES):
-            continue
-        if best is None or load[0] < loads[best][0]:  # type: ignore[index]
-            best = i
-            if load[0] == 0:
-                break
-    if best is not None and loads[best][0] and waiting <= starting:  # type: ignore[index]
-        return None
-    return best
-
-
-def sandboxes_to_start(waiting: int, idle: int, starting: int, live: int, limit: int) -> int:
-    """How many sandboxes to start so that every waiting call has an idle or starting one."""
-    return max(0, min(waiting - idle - starting, limit - live))
-
+__all__ = ["MAX_DEPTH", "Call", "CallRef", "Payload", "Pool", "PoolStatistics", "choose_slot", "choose_steals",
+           "pipeline_depth", "sandboxes_to_start"]
 
 @dataclass(frozen=True)
 class PoolStatistics:
@@ -107,6 +65,7 @@ class Pool:
         self.closed = False
         self.counts: collections.Counter[str] = collections.Counter()  # done, failed, cancelled, retried
         self.start_error: BaseException | None = None
+        self.steal_timer = False  # a task will look for stalled sandboxes again soon
 
     def __repr__(self) -> str:
         s = self.statistics()
@@ -165,7 +124,9 @@ class Pool:
             self._start_slot()
 
     def _assign(self, slot: Slot, call: Call) -> None:
-        call.slot, call.sent, call.timed_out = slot, False, False
+        call.slot, call.sent, call.timed_out, call.stealing = slot, False, False, False
+        if not slot.inflight:
+            slot.progress_at = time.monotonic()
         call.req_id = slot.sandbox._register(slot)
         slot.inflight[call.req_id] = call
         slot.held_bytes += call.size
@@ -212,12 +173,14 @@ class Pool:
         for frame in frames:
             self._on_answer(slot, frame, schedule=False)
         self._schedule()
+        self._steal()
 
     def _on_answer(self, slot: Slot, frame: dict, schedule: bool = True) -> None:
         call = slot.inflight.get(frame["id"])
         if call is None:
             return
         self._release(slot, call)
+        slot.progress_at = time.monotonic()
         if frame["t"] == "result":
             if "us" in frame:
                 call.payload.observe(frame["us"])
@@ -243,6 +206,7 @@ class Pool:
             self._retire(slot)
         if schedule:
             self._schedule()
+            self._steal()
 
     def _on_error(self, slot: Slot, call: Call, frame: dict) -> None:
         kind, sandbox_id, name = frame["kind"], slot.sandbox.sandbox_id, call.payload.name
@@ -371,6 +335,31 @@ class Pool:
         if slot.state in ("starting", "reconnecting"):
             slot.state = "ready"
             self._schedule()
+            self._steal()
+
+    # -- work stealing ---------------------------------------------------------------------------
+
+    def _steal(self) -> None:
+        """With nothing queued and a sandbox idle, take back calls that wait behind a stalled one
+        (a call much longer than its function's usual); they come back "lost" and run here."""
+        if self.queue or self.closed or not self.reuse:
+            return
+        ready = [s for s in self.slots if s.state == "ready"]
+        views = [(not s.inflight, _waiting(s), s.progress_at) for s in ready]
+        for index, count in choose_steals(views, time.monotonic()).items():
+            victim = ready[index]
+            for call in [c for c in victim.inflight.values() if c.sent and not c.stealing][1:][-count:]:
+                call.stealing = True
+                victim.outbox.append(_slot.cancel_frame(victim, call.req_id, steal=True))
+            victim.wake.set()
+        if not self.steal_timer and any(idle for idle, _, _ in views) and any(w for _, w, _ in views):
+            self.steal_timer = True  # someone may stall later: look again then
+            self.session._ensure_open().nursery.start_soon(self._steal_later)
+
+    async def _steal_later(self) -> None:
+        await trio.sleep(STEAL_AFTER_SECONDS)
+        self.steal_timer = False
+        self._steal()
 
     def _start_failed(self, slot: Slot, error: BaseException) -> None:
         if slot in self.slots:
@@ -396,3 +385,8 @@ class Pool:
             for call in list(slot.inflight.values()):
                 call.ref._set_cancelled()
             slot.wake.set()
+
+
+def _waiting(slot: Slot) -> int:
+    """Calls sent to the slot that wait behind its running one, not already being taken back."""
+    return max(0, sum(1 for c in slot.inflight.values() if c.sent and not c.stealing) - 1)

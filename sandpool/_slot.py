@@ -50,6 +50,7 @@ class Slot:
     bulk_dir: str | None = None  # where this process sees the sandbox's /tmp (see _bulk)
     direct: DirectChannel | None = None  # the connection straight to the worker, if any
     worker: _WorkerHandle | None = None
+    progress_at: float = 0.0  # when it last answered, or took a call while idle (time.monotonic)
 
     def _on_frame(self, frame: dict) -> int:  # the sandbox's reader routes relayed answers here
         self.pool._on_answer(self, frame)
@@ -206,11 +207,14 @@ def unsend(slot: Slot, req_id: int) -> bool:
     return False
 
 
-def cancel_frame(slot: Slot, req_id: int) -> dict[str, Any]:
-    """The frame that cancels a sent call: to the agent, marked as a direct call if it went so."""
+def cancel_frame(slot: Slot, req_id: int, steal: bool = False) -> dict[str, Any]:
+    """The frame that cancels a sent call (or, with ``steal``, asks for it back if it has not
+    started): to the agent, marked as a direct call if it went so."""
     frame: dict[str, Any] = {"t": "cancel", "id": req_id}
     if slot.direct is not None:
         frame["call"] = True
+    if steal:
+        frame["steal"] = True
     return frame
 
 

@@ -45,7 +45,9 @@ FRAME_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "write_file": {"id": _INT, "path": _STR, "data": _BYTES},  # opt: mode
     # opt: fn_key (bytes; fn is b"" once the sandbox has the key), timeout (s)
     "call": {"id": _INT, "fn": _BYTES, "args": _BYTES},
-    "cancel": {"id": _INT},  # opt: call (True: a call sent straight to the worker, see _agent/_calls.py)
+    # opt: call (True: a call sent straight to the worker), steal (True: give it back only if it has
+    # not started, answered "lost"); see _agent/_calls.py
+    "cancel": {"id": _INT},
     "worker": {"id": _INT, "listen": _STR},  # start the call worker, listening at this sandbox path
     "ping": {"id": _INT},
     "stop": {"grace": _NUM},

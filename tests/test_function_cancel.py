@@ -19,7 +19,7 @@ from sandpool import OperationCancelled, SandboxTimeoutError, Session
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-SLEEP = 0.6  # how long write_later sleeps before writing its marker
+SLEEP = 1.0  # how long write_later sleeps before writing its marker
 LATER = SLEEP + 0.3  # after this long, a marker that was going to be written would be there
 
 
@@ -92,9 +92,9 @@ def test_leaving_a_cancel_scope_during_async_for_cancels_the_stream():
             with trio.move_on_after(0.3):
                 async for value in write.starmap([(f"/tmp/m{i}", 0 if i == 0 else SLEEP) for i in range(4)]):
                     got.append(value)
-            assert got == ["wrote"]
+            assert got in ([], ["wrote"])  # the quick first call, unless the machine is very busy
             await trio.sleep(LATER)
-            assert [await check.remote(f"/tmp/m{i}") for i in range(4)] == [True, False, False, False]
+            assert [await check.remote(f"/tmp/m{i}") for i in range(1, 4)] == [False, False, False]
     trio.run(main)
 
 

@@ -231,9 +231,9 @@ def test_timeout_interrupts_the_call_even_if_it_swallows_the_interrupt():
         start = time.monotonic()
         with pytest.raises(SandboxTimeoutError, match="0.2 s"):
             sleepy.remote().result()
-        assert time.monotonic() - start < 1.0
+        assert time.monotonic() - start < 3.0  # interrupted, not slept out (margin for a busy machine)
         start = time.monotonic()
         with pytest.raises(SandboxTimeoutError):
             stubborn.remote().result()
-        assert time.monotonic() - start < 3.0
+        assert time.monotonic() - start < 4.5  # killed after 0.2 s + two grace seconds
         assert ok.remote().result() == "ok"

@@ -10,7 +10,7 @@ import cloudpickle
 import pytest
 
 from sandpool import Session
-from sandpool._pool import MAX_DEPTH, choose_slot, pipeline_depth, sandboxes_to_start
+from sandpool._pool import MAX_DEPTH, choose_slot, choose_steals, pipeline_depth, sandboxes_to_start
 from sandpool._channel import FrameChannel
 from sandpool._direct import DirectChannel
 
@@ -52,6 +52,14 @@ def test_sandboxes_to_start_covers_waiting_calls_up_to_the_limit():
     assert sandboxes_to_start(waiting=5, idle=0, starting=0, live=6, limit=8) == 2
     assert sandboxes_to_start(waiting=1, idle=1, starting=0, live=1, limit=8) == 0
     assert sandboxes_to_start(waiting=100, idle=0, starting=0, live=8, limit=8) == 0
+
+
+def test_choose_steals_takes_half_of_what_waits_behind_a_stalled_sandbox():
+    """Only with an idle sandbox; only from sandboxes silent for STEAL_AFTER; half, rounded up."""
+    assert choose_steals([(True, 0, 0.0), (False, 5, 0.0)], now=1.0) == {1: 3}
+    assert choose_steals([(False, 0, 0.0), (False, 5, 0.0)], now=1.0) == {}  # nobody idle
+    assert choose_steals([(True, 0, 0.0), (False, 5, 0.995)], now=1.0) == {}  # answered just now
+    assert choose_steals([(True, 0, 0.0), (False, 1, 0.0), (False, 0, 0.0)], now=1.0) == {1: 1}
 
 
 # -- the pool at work ----------------------------------------------------------------------------------
@@ -137,6 +145,23 @@ def test_calls_reach_the_worker_directly_and_large_values_leave_no_files():
         assert double.remote(blob).result() == blob * 2
         assert leftovers.remote().result() == []
         assert all(slot.direct is not None for pool in s._pools.values() for slot in pool.slots)
+
+
+def test_an_idle_sandbox_takes_over_calls_stuck_behind_a_long_one():
+    """Work stealing: short calls pipelined behind an unexpectedly long one are taken back and run
+    on the idle sandbox, instead of waiting for it."""
+    with Session() as s:
+        @s.function(max_concurrency=2)
+        def nap(secs):
+            time.sleep(secs)
+            return secs
+
+        assert sum(r.result() for r in nap.map([(0,)] * 40)) == 0  # warm: the function looks short
+        began = time.monotonic()
+        finished = [(value, time.monotonic() - began) for value in nap.imap([2.0] + [0] * 30, ordered=False)]
+        quick = [at for value, at in finished if value == 0]
+        assert len(quick) == 30 and max(quick) < 1.0, finished
+        assert finished[-1][0] == 2.0
 
 
 @pytest.mark.slow

@@ -62,14 +62,14 @@ def test_cancel_timeout_and_worker_death_through_the_relay():
         def die():
             os._exit(5)
 
-        ref = write.remote("/tmp/marker", 0.6)
+        ref = write.remote("/tmp/marker", 1.0)
         time.sleep(0.2)
         ref.cancel()
         with pytest.raises(OperationCancelled):
             ref.result()
         with pytest.raises(SandboxTimeoutError):
-            slow.remote("/tmp/slow", 0.6).result()
-        time.sleep(0.6)
+            slow.remote("/tmp/slow", 1.0).result()
+        time.sleep(1.0)
         assert check.remote("/tmp/marker").result() is False
         assert check.remote("/tmp/slow").result() is False
         dying = die.remote()
@@ -77,6 +77,21 @@ def test_cancel_timeout_and_worker_death_through_the_relay():
         with pytest.raises(SandboxDiedError, match="exited with code 5"):
             dying.result()
         assert behind.result() == "wrote"
+
+
+def test_work_stealing_through_the_relay():
+    """Calls waiting behind a long one are given back by the agent (or its worker) and run on the
+    idle sandbox."""
+    with Session() as s:
+        @s.function(max_concurrency=2)
+        def nap(secs):
+            time.sleep(secs)
+            return secs
+
+        assert sum(r.result() for r in nap.map([(0,)] * 40)) == 0
+        began = time.monotonic()
+        finished = [(value, time.monotonic() - began) for value in nap.imap([2.0] + [0] * 30, ordered=False)]
+        assert max(at for value, at in finished if value == 0) < 1.0, finished
 
 
 def test_remote_functions_through_a_sandpool_server(tmp_path):
@@ -97,8 +112,8 @@ def test_remote_functions_through_a_sandpool_server(tmp_path):
             lookup.remote("b").result()
         blob = os.urandom(1 << 20)
         assert s.function(bytes.upper, max_concurrency=1).remote(blob).result() == blob.upper()
-        ref = write.remote("/tmp/marker", 0.6)
+        ref = write.remote("/tmp/marker", 1.0)
         time.sleep(0.2)
         ref.cancel()
-        time.sleep(0.7)
+        time.sleep(1.2)
         assert check.remote("/tmp/marker").result() is False

@@ -131,10 +131,11 @@ class CallRelay:
         self._send({"t": "started", "id": frame["id"], "pid": self.worker.pid})  # type: ignore[union-attr]
 
     def cancel(self, frame: dict) -> bool:
-        """Cancel a call; False if the frame is no call's (it may be an exec's)."""
-        call_id = frame["id"]
+        """Cancel a call; False if the frame is no call's (it may be an exec's). With ``steal``,
+        only a call that has not started is concerned: it is given back (answered "lost")."""
+        call_id, steal = frame["id"], bool(frame.get("steal"))
         if frame.get("call") and self.direct_id is not None:
-            self._interrupt(call_id)
+            self._interrupt(call_id, steal)
             return True
         if call_id == self.direct_id:  # the client gives up on its direct worker
             self.kill()
@@ -142,20 +143,27 @@ class CallRelay:
         frame = self.queue.pop(call_id, None)
         if frame is not None:
             self._discard_args(frame)
-            self._answer(call_id, "cancelled", "cancelled before it started")
+            if steal:
+                self._answer(call_id, "lost", "given back before it started")
+            else:
+                self._answer(call_id, "cancelled", "cancelled before it started")
             return True
         if call_id not in self.handed:
-            return False
-        self._interrupt(call_id)
+            return steal  # a steal of a call answered meanwhile: nothing to do
+        self._interrupt(call_id, steal)
         return True
 
-    def _interrupt(self, call_id: int) -> None:
-        """Tell the worker (cancel frame, then SIGINT); kill it if the call is not answered in time."""
-        if call_id in self.kill_at or self.worker is None:
+    def _interrupt(self, call_id: int, steal: bool = False) -> None:
+        """Tell the worker (cancel frame, then SIGINT). A cancel not answered in time kills the
+        worker; a steal never does (the worker gives the call back only if it has not started)."""
+        if self.worker is None:
             return
-        self.kill_at[call_id] = time.monotonic() + CANCEL_GRACE_SECONDS
+        if not steal:
+            if call_id in self.kill_at:
+                return
+            self.kill_at[call_id] = time.monotonic() + CANCEL_GRACE_SECONDS
         try:
-            self.worker.chan.send({"t": "cancel", "id": call_id})
+            self.worker.chan.send({"t": "cancel", "id": call_id, **({"steal": True} if steal else {})})
         except OSError:
             pass  # the worker is dying; its exit event fails what it held
         _linux.kill_quietly(self.worker.pid, signal.SIGINT)

@@ -84,6 +84,7 @@ class Worker:
         self.durations: dict[bytes, float] = {}  # fn_key -> its calls' typical duration (s, EWMA)
         self.pending: collections.deque[dict] = collections.deque()
         self.cancelled: set[int] = set()
+        self.steals: set[int] = set()  # calls to give back if they have not started (work stealing)
         self.to_ack: set[int] = set()  # direct: cancels the agent waits to see answered
         self.answered: collections.deque[int] = collections.deque(maxlen=4096)  # recent call ids
         self.outbox: list[bytes] = []
@@ -138,6 +139,8 @@ class Worker:
         for frame in frames:
             if frame["t"] == "call":
                 self.pending.append(frame)
+            elif frame["t"] == "cancel" and frame.get("steal"):
+                self.steals.add(frame["id"])
             elif frame["t"] == "cancel":
                 self.cancelled.add(frame["id"])
                 if self.client is not None:
@@ -163,16 +166,19 @@ class Worker:
         self._answer({"t": "error", "id": call_id, "kind": kind, "message": message, **extra})
 
     def _answer_cancelled_waiting(self, queue: bool = True) -> list[bytes]:
-        """Answer cancelled calls that have not started; forget cancels of calls already answered.
-        Returns the encoded answers; ``queue=False`` leaves them out of the outbox (for the
-        signal handler, which sends them at once)."""
+        """Answer cancelled calls that have not started, and give back stolen ones ("lost": the
+        client runs them elsewhere); forget cancels of calls already answered and steals of calls
+        that started. Returns the encoded answers; ``queue=False`` leaves them out of the outbox
+        (for the signal handler, which sends them at once)."""
         answers = []
-        if any(f["id"] in self.cancelled for f in self.pending):
+        if any(f["id"] in self.cancelled or f["id"] in self.steals for f in self.pending):
             keep = collections.deque()
             for f in self.pending:
-                if f["id"] in self.cancelled:
+                if f["id"] in self.cancelled or f["id"] in self.steals:
                     self.cancelled.discard(f["id"])
-                    frame = {"t": "error", "id": f["id"], "kind": "cancelled", "message": "cancelled before it started"}
+                    frame = ({"t": "error", "id": f["id"], "kind": "cancelled", "message": "cancelled before it started"}
+                             if f["id"] not in self.steals else
+                             {"t": "error", "id": f["id"], "kind": "lost", "message": "given back before it started"})
                     answers.append(_wire.encode(frame))
                     self.answered.append(f["id"])
                     if queue:
@@ -182,6 +188,7 @@ class Worker:
             self.pending = keep
         for call_id in [i for i in self.cancelled if i in self.answered]:
             self.cancelled.discard(call_id)  # answered before the cancel came: nothing to stop
+        self.steals.clear()  # the others run or ran already: they stay here
         return answers
 
     def _acks(self) -> bytes:
