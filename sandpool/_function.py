@@ -124,6 +124,7 @@ class RemoteFunction(Generic[P, R]):
         self._limit = max_concurrency or default_concurrency(self._spec)
         self._reuse = reuse
         self._payload: Payload | None = None
+        self._pool_cache: Pool | None = None
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -152,11 +153,14 @@ class RemoteFunction(Generic[P, R]):
         session = self._session
         if session._closed:
             raise SandboxError("this session is closed; open a new Session to call remote functions")
+        if self._pool_cache is not None:
+            return self._pool_cache
         key = (self._spec, self._limit, self._reuse)
         with _pools_lock:
             pool = session._pools.get(key)
             if pool is None:
                 pool = session._pools[key] = Pool(session, self._spec, self._limit, self._reuse)
+        self._pool_cache = pool
         return pool
 
     def _new_ref(self) -> CallRef:

@@ -342,8 +342,8 @@ class Pool:
     def _steal(self) -> None:
         """With nothing queued and a sandbox idle, take back calls that wait behind a stalled one
         (a call much longer than its function's usual); they come back "lost" and run here."""
-        if self.queue or self.closed or not self.reuse:
-            return
+        if self.queue or self.closed or not self.reuse or all(len(s.inflight) < 2 for s in self.slots):
+            return  # (the last test: nobody holds a call waiting behind another, the usual case)
         ready = [s for s in self.slots if s.state == "ready"]
         views = [(not s.inflight, _waiting(s), s.progress_at) for s in ready]
         for index, count in choose_steals(views, time.monotonic()).items():
