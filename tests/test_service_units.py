@@ -238,3 +238,32 @@ def test_unreachable_server_fails_fast_with_unavailable():
         with sandpool.Session(address="127.0.0.1:9"):
             pass
     assert time.monotonic() - started < 5
+
+
+def test_pacing_batches_a_busy_stream_but_not_a_lone_message():
+    """A message after a quiet gap leaves at once; writes that follow within the pace interval
+    wait for it and leave together, as one message."""
+    async def main():
+        pipe = ThreadPipe(trio.lowlevel.current_trio_token(), pace=0.05)
+        await pipe.send(b"lone")
+        started = time.monotonic()
+        assert await trio.to_thread.run_sync(pipe.get_blocking) == b"lone"
+        assert time.monotonic() - started < 0.04
+        got = []
+
+        async def take():
+            got.append(await trio.to_thread.run_sync(pipe.get_blocking))
+
+        async with trio.open_nursery() as nursery:
+            await pipe.send(b"0")
+            nursery.start_soon(take)  # finds "0" within the pace interval: waits for the rest
+            for i in (1, 2):
+                await trio.sleep(0.01)
+                await pipe.send(b"%d" % i)
+        assert got == [b"012"]
+        await trio.sleep(0.06)
+        await pipe.send(b"later")
+        started = time.monotonic()
+        assert await trio.to_thread.run_sync(pipe.get_blocking) == b"later"
+        assert time.monotonic() - started < 0.04
+    trio.run(main)

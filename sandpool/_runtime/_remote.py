@@ -29,7 +29,7 @@ from .._config import SandboxSpec
 from .._errors import SandboxNotFoundError, SandboxUnavailableError
 from .._service import messages as m
 from ._contract import Runtime, SandboxRecord
-from ._threadpipe import PipeStream, ThreadPipe
+from ._threadpipe import PACE_SECONDS, PipeStream, ThreadPipe
 
 ENV_ADDRESS, ENV_TOKEN, ENV_TLS_CA = "SANDPOOL_ADDRESS", "SANDPOOL_TOKEN", "SANDPOOL_TLS_CA"
 #: Deadlines of control calls, in seconds (Stop adds the grace period it was given).
@@ -288,7 +288,7 @@ class RemoteRuntime(Runtime):
         assert self._token is not None
         record.extra.pop("attach_error", None)
         inbound = ThreadPipe(self._token)
-        outbound = ThreadPipe(self._token, message_bytes=m.DATA_CHUNK_BYTES)
+        outbound = ThreadPipe(self._token, message_bytes=m.DATA_CHUNK_BYTES, pace=PACE_SECONDS)
         call = self._attach_call(outbound.drain_iter(), metadata=(*self._metadata, (m.META_SANDBOX, record.sandbox_id)))
         key = id(call)
         self._streams[key] = (call, inbound, outbound)

@@ -31,7 +31,7 @@ from .._errors import (
     SandboxUnavailableError,
 )
 from .._runtime._local import LocalRuntime
-from .._runtime._threadpipe import ThreadPipe
+from .._runtime._threadpipe import PACE_SECONDS, ThreadPipe
 from . import auth, journal
 from . import messages as m
 from .control import Fleet
@@ -155,7 +155,7 @@ class Service:
         if not sandbox_id:
             _abort(context, ValueError(f"an Attach call needs the {m.META_SANDBOX!r} metadata naming the sandbox"))
         inbound = ThreadPipe(self.token)
-        outbound = ThreadPipe(self.token, message_bytes=m.DATA_CHUNK_BYTES)
+        outbound = ThreadPipe(self.token, message_bytes=m.DATA_CHUNK_BYTES, pace=PACE_SECONDS)
         try:
             att = trio.from_thread.run(self.fleet.attach, sandbox_id, inbound, outbound, context.peer(),
                                        trio_token=self.token)
