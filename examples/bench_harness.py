@@ -30,8 +30,8 @@ def timed(argv):
 with Session(defaults=SandboxDefaults(tags=("examples", "bench"))) as session:
     run = session.function(timed, max_concurrency=SANDBOXES)
     refs = {name: run.map([(argv,)] * RUNS) for name, argv in COMMANDS.items()}
-    print(f"| command | runs | p50 ms | max ms | sandboxes | exit codes |")
-    print(f"|---|---:|---:|---:|---:|---|")
+    print("| command | runs | p50 ms | max ms | sandboxes | exit codes |")
+    print("|---|---:|---:|---:|---:|---|")
     for name, runs in refs.items():
         results = [ref.result() for ref in runs]
         ms = [r[0] for r in results]
