@@ -311,3 +311,19 @@ def test_progress_bar_with_tqdm(capsys):
         assert list(ident.imap(range(5), progress=True)) == list(range(5))
     err = capsys.readouterr().err
     assert "5/5" in err and "ident" in err
+
+
+def test_calling_after_the_session_closed_fails_clearly():
+    """A RemoteFunction outlives its session only as an object: calls then raise SandboxError
+    saying to open a new Session; .local() still works."""
+    with Session() as s:
+        @s.function
+        def ident(x):
+            return x
+
+        assert ident.remote(1).result() == 1
+    with pytest.raises(sandpool.SandboxError, match="open a new Session"):
+        ident.remote(1)
+    with pytest.raises(sandpool.SandboxError, match="open a new Session"):
+        ident.map([(1,)])
+    assert ident.local(2) == 2
