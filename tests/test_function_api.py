@@ -144,6 +144,9 @@ def test_numpy_arrays_round_trip():
         a = np.arange(12, dtype=np.float32).reshape(3, 4)
         out = scale.remote(a, 2).result()
         assert out.dtype == np.float32 and out.shape == (3, 4) and (out == a * 2).all()
+        big = np.arange(1_000_000, dtype=np.float64).reshape(1000, 1000)  # 8 MB: through files
+        out = scale.remote(big, 3).result()
+        assert out.shape == (1000, 1000) and (out == big * 3).all()
 
 
 def test_lambdas_closures_globals_and_module_imports():

@@ -347,7 +347,8 @@ class _Spool:
         self.path = ""
 
     def write(self, data) -> int:
-        n = len(data)
+        data = memoryview(data).cast("B")  # the pickler also hands over PickleBuffers (numpy arrays)
+        n = data.nbytes
         if self.fd is None:
             if self.directory is None or self.size + n < BULK_BYTES:
                 self.chunks.append(bytes(data))
