@@ -234,6 +234,8 @@ class Sandbox:
         with trio.move_on_after(math.inf if timeout is None else timeout):
             if self._state.phase == "new":
                 self.start()
+            elif self._state.phase == "running" and self._record is not None and self._record.channel is None:
+                await _shared.watch(self)  # a found handle learns of its end through the data plane
             await self._terminal.wait()
             return self
         raise SandboxTimeoutError(f"sandbox did not complete within {timeout} s", sandbox_id=self.sandbox_id)

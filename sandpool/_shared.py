@@ -130,6 +130,19 @@ async def attach(sandbox: Sandbox) -> None:
         sandbox._host.nursery.start_soon(sandbox._reader)
 
 
+async def watch(sandbox: Sandbox) -> None:
+    """Attach a found handle so that its end reaches it (waiting for completion); a sandbox that
+    ended meanwhile is marked so by ``attach``, and an unreachable server ends the handle."""
+    try:
+        await attach(sandbox)
+    except SandboxUnavailableError as exc:
+        sandbox._record.extra.setdefault("lost", str(exc))
+        sandbox._state = _lifecycle.advance(sandbox._state, "failed", reason=str(exc))
+        sandbox._terminal.set()
+    except (SandboxNotRunningError, SandboxNotFoundError):
+        pass  # attach() has marked it terminal
+
+
 def settle_unattached(sandbox: Sandbox) -> None:
     """A found handle that never attached was stopped: no reader will report its end, so do it here."""
     record = sandbox._record

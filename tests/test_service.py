@@ -99,3 +99,17 @@ def test_attaching_after_the_end_still_tells_how_it_ended(server):
         channel.close()
         again = Sandbox.from_id(sb.sandbox_id, address=server.address).result()
         assert again is sb
+
+
+def test_a_found_handle_can_wait_for_the_end(server):
+    """wait_until_complete on a handle found by another process returns when the sandbox ends,
+    with its status and exit code."""
+    with Session(address=server.address) as s:
+        sb = s.sandbox(command="sh", args=["-c", "sleep 0.5; exit 3"])
+        sb.wait()
+        result = run_client(
+            "import sys, sandpool\n"
+            f"h = sandpool.Sandbox.from_id({sb.sandbox_id!r}).result()\n"
+            "h.wait_until_complete(timeout=20).result()\n"
+            "print(h.status.value, h.returncode)\n", env={"SANDPOOL_ADDRESS": server.address})
+        assert result.stdout.split() == ["failed", "3"], result.stderr

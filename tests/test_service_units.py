@@ -267,3 +267,19 @@ def test_pacing_batches_a_busy_stream_but_not_a_lone_message():
         assert await trio.to_thread.run_sync(pipe.get_blocking) == b"later"
         assert time.monotonic() - started < 0.04
     trio.run(main)
+
+
+def test_journal_trim_keeps_unfinished_and_the_newest_ended(tmp_path):
+    """Past twice ``keep`` entries, trim drops the oldest ended sandboxes (never an unfinished one)
+    from memory and from the file."""
+    journal = Journal(str(tmp_path / "r.jsonl"), keep=2)
+    journal.open()
+    journal.write({"sandbox_id": "sb-live", "status": "running", "created_at": 0})
+    for i in range(5):
+        journal.write({"sandbox_id": f"sb-{i}", "status": "terminated", "created_at": i + 1})
+    journal.trim()
+    assert set(journal.history) == {"sb-live", "sb-3", "sb-4"}
+    journal.close()
+    again = Journal(str(tmp_path / "r.jsonl"), keep=2)
+    assert again.open() == ["sb-live"]
+    again.close()

@@ -31,6 +31,8 @@ log = logging.getLogger("sandpool.serve")
 
 EXIT_REPORT_SECONDS = 3.0
 SWEEP_SECONDS = 0.25
+#: Ended sandboxes kept in memory (with their hub, for late attachments); older ones live on in the journal.
+KEEP_ENDED = 1000
 SHUTDOWN_REASON = "the sandpool server shut down"
 
 
@@ -209,7 +211,17 @@ class Fleet:
                 log.info("stopping %s: orphaned for %g s", h.record.sandbox_id, self.orphan_grace)
                 self.nursery.start_soon(self._stop, h, 0.0,
                                         f"orphaned: no client held it for {self.orphan_grace:g} s")
+            self._prune()
             await trio.sleep(SWEEP_SECONDS)
+
+    def _prune(self) -> None:
+        """Forget the oldest ended sandboxes beyond KEEP_ENDED (the journal still answers for them)."""
+        ended = [h for h in self.sandboxes.values() if h.ended.is_set()]
+        if len(ended) > KEEP_ENDED:
+            ended.sort(key=lambda h: h.ended_at or 0)
+            for h in ended[:-KEEP_ENDED]:
+                del self.sandboxes[h.record.sandbox_id]
+        self.journal.trim()
 
     async def aclose(self) -> None:
         """Graceful shutdown: refuse new sandboxes, stop every one (concurrently), close the journal."""

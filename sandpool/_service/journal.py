@@ -81,6 +81,24 @@ class Journal:
             self._file.write(json.dumps(entry) + "\n")
             self._file.flush()
 
+    def trim(self) -> None:
+        """Keep every unfinished sandbox and the newest ``keep`` ended ones, in memory and on disk.
+        Cheap unless there are twice ``keep``: then the file is rewritten (so a long run stays small)."""
+        if len(self.history) <= 2 * self.keep:
+            return
+        ended = [e for e in self.history.values() if SandboxStatus(e.get("status", "unspecified")).is_terminal]
+        ended.sort(key=lambda e: e.get("created_at") or 0)
+        for entry in ended[:-self.keep]:
+            del self.history[entry["sandbox_id"]]
+        if self._file is not None:
+            self._file.close()
+            tmp = f"{self.path}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                for entry in self.history.values():
+                    f.write(json.dumps(entry) + "\n")
+            os.replace(tmp, self.path)
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
+
     def forget(self, sandbox_id: str) -> None:
         self.history.pop(sandbox_id, None)
         self.write({"sandbox_id": sandbox_id, "status": SandboxStatus.TERMINATED.value, "deleted": True})
