@@ -138,21 +138,26 @@ start() {
     echo "SLURM_CONF=$CONF"
 }
 
-stop_pid_file() {  # SIGTERM the pid in file $1, wait up to 5 s, then SIGKILL
-    local pid i
-    pid=$(pid_of "$1")
-    [ -n "$pid" ] || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 1 50); do
-        kill -0 "$pid" 2>/dev/null || { rm -f "$1"; return 0; }
+stop_pid_files() {  # SIGTERM the pids in files "$@" together, wait up to 10 s, then SIGKILL what is left
+    local f pid i left pids=()
+    for f in "$@"; do
+        pid=$(pid_of "$f")
+        [ -n "$pid" ] && pids+=("$pid") && kill -TERM "$pid" 2>/dev/null
+    done
+    for i in $(seq 1 100); do
+        left=()
+        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && left+=("$pid"); done
+        [ "${#left[@]}" = 0 ] && break
         sleep 0.1
     done
-    echo "slurm-cluster: pid $pid ($1) ignored SIGTERM; killing it" >&2
-    kill -KILL "$pid" 2>/dev/null || true
-    rm -f "$1"
+    for pid in "${left[@]}"; do
+        echo "slurm-cluster: pid $pid ignored SIGTERM for 10 s; killing it" >&2
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+    rm -f "$@"
 }
 
-step_pids() {  # pids of node $1's job steps (slurmstepd) and of every process of its jobs
+node_pids() {  # node $1's job processes (they carry its name) and its job steps (asks slurmctld)
     local n=$1 job
     grep -lzx "SLURMD_NODENAME=$n" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3 || true
     for job in $(SLURM_CONF=$CONF squeue -h -w "$n" -o %i 2>/dev/null || true); do
@@ -160,27 +165,38 @@ step_pids() {  # pids of node $1's job steps (slurmstepd) and of every process o
     done
 }
 
+our_stepds() {  # slurmstepd processes of this cluster (their slurmd passed them our SLURM_CONF)
+    local pid
+    for pid in $(pgrep -f '^slurmstepd: \[' || true); do
+        grep -qzx "SLURM_CONF=$CONF" "/proc/$pid/environ" 2>/dev/null && echo "$pid"
+    done
+    return 0
+}
+
 kill_node() {
     local n=$1 pid
     [ -f "$CONF" ] || die "no cluster config at $CONF"
     pid=$(pid_of "$DIR/run/slurmd-$n.pid")
     [ -n "$pid" ] && kill -KILL "$pid"
-    for pid in $(step_pids "$n" | sort -u); do
+    for pid in $(node_pids "$n" | sort -u); do
         kill -KILL "$pid" 2>/dev/null || true
     done
     rm -f "$DIR/run/slurmd-$n.pid"
 }
 
 stop() {
+    local i pid
     [ -f "$CONF" ] || return 0
-    # jobs first, so that no step outlives its node daemon
-    SLURM_CONF=$CONF scancel --full --quiet --partition=debug 2>/dev/null || true
-    for n in "${NODES[@]}"; do stop_pid_file "$DIR/run/slurmd-$n.pid"; done
-    stop_pid_file "$DIR/run/slurmctld.pid"
-    stop_pid_file "$DIR/munge-run/munged.pid"
-    for n in "${NODES[@]}"; do  # steps of a node whose daemon is gone
-        for pid in $(step_pids "$n" | sort -u); do kill -KILL "$pid" 2>/dev/null || true; done
-    done
+    if [ -n "$(pid_of "$DIR/run/slurmctld.pid")" ]; then  # jobs first, so that no step outlives its node
+        SLURM_CONF=$CONF scancel --quiet --partition=debug 2>/dev/null || true
+        for i in $(seq 1 50); do
+            [ -z "$(SLURM_CONF=$CONF squeue -h 2>/dev/null)" ] && break
+            sleep 0.1
+        done
+    fi
+    stop_pid_files "$DIR/run/slurmctld.pid" "$DIR"/run/slurmd-n[1-3].pid
+    stop_pid_files "$DIR/munge-run/munged.pid"
+    for pid in $(our_stepds); do kill -KILL "$pid" 2>/dev/null || true; done  # steps of a lost node
 }
 
 status() {

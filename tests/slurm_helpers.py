@@ -1,13 +1,16 @@
-"""Helpers for the Slurm tests: the throwaway 3-node cluster of ``scripts/slurm-cluster.sh``.
+"""Helpers for the Slurm tests: a throwaway 3-node cluster of ``scripts/slurm-cluster.sh``.
 
-``cluster()`` returns the cluster's SLURM_CONF, starting the cluster if it is not up (and then
-stopping it at the end of the test session), or skips the test with the reason when Slurm cannot be
-installed or started here. ``.ci/run`` starts it before the suite; a test run reuses it.
+``cluster()`` returns the SLURM_CONF of the cluster the tests use: the one named by
+``$SANDPOOL_SLURM_DIR`` when it is up (``.ci/run`` starts it before the suite and stops it after),
+else a private one for this test run (its own directory and ports, so concurrent runs on a shared
+machine do not meet), started on first use and stopped at the end of the module. Where Slurm
+cannot be installed or started, the tests skip with the reason.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import time
 
@@ -16,22 +19,40 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "slurm-cluster.sh")
 
-_state: dict = {}
+_state: dict = {"env": {}}
 
 
 def script(*args: str, timeout: float = 180.0) -> subprocess.CompletedProcess:
-    return subprocess.run([SCRIPT, *args], capture_output=True, text=True, timeout=timeout)
+    """Run the cluster script for the cluster in use (its directory and ports)."""
+    return subprocess.run([SCRIPT, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **_state["env"]})
+
+
+def _free_port_block(count: int = 4) -> int:
+    """A base port with ``count`` free ports from it (slurmctld, then one per node)."""
+    for base in range(17100 + (os.getpid() % 400) * 5, 30000, 5):
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free ports for a Slurm cluster")
 
 
 def cluster() -> str:
-    """The running cluster's SLURM_CONF (started on first use), or pytest.skip with why not."""
+    """The SLURM_CONF of the cluster to use (started on first use), or pytest.skip with why not."""
     if "conf" in _state:
         return _state["conf"]
     if "skip" in _state:
         pytest.skip(_state["skip"])
-    if script("status", timeout=30).returncode != 0:
+    if not (os.environ.get("SANDPOOL_SLURM_DIR") and script("status", timeout=30).returncode == 0):
+        _state["env"] = {"SANDPOOL_SLURM_DIR": f"/tmp/sandpool-slurm-test-{os.getpid()}",
+                         "SANDPOOL_SLURM_PORT": str(_free_port_block())}
         started = script("start")
         if started.returncode != 0:
+            script("stop")
             _state["skip"] = f"no Slurm cluster: {started.stderr.strip() or started.stdout.strip()}"
             pytest.skip(_state["skip"])
         _state["started_here"] = True
@@ -44,6 +65,8 @@ def cluster() -> str:
 def stop_if_started_here() -> None:
     if _state.pop("started_here", False):
         script("stop")
+        subprocess.run(["rm", "-rf", _state["env"]["SANDPOOL_SLURM_DIR"]])
+    _state.pop("conf", None)
 
 
 def jobs_of(owner: str) -> list[str]:
