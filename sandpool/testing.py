@@ -80,7 +80,10 @@ def leftovers(state_dir: str) -> Leftovers:
                 continue
             report.directories.extend(os.path.join(owner, d) for d in os.listdir(owner) if d.startswith("sb-"))
         report.mounts = mounts_under(state_dir)
-    report.cgroups = _cgroups.leftovers(state_dir)
+    live_owners = {os.path.basename(owner) for owner in templates.values()}
+    report.cgroups = [path for path in _cgroups.leftovers(state_dir)  # a live template's spares' are not
+                      if not (os.path.basename(path).startswith("spare-")
+                              and os.path.basename(os.path.dirname(path)) in live_owners)]
     known = {pid for pid, _ in report.processes}
     for pid in _cgroups.members({"dirs": report.cgroups}):
         if pid not in known and b") Z " not in _read(f"/proc/{pid}/stat"):

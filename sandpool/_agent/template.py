@@ -87,7 +87,8 @@ class Template:
             self._become_agent(config, sock_fd)
         os.close(sock_fd)
         self.agents[pid] = config["dir"]
-        self.control.send(_wire.encode({"t": "spawned", "id": frame["id"], "pid": pid}))
+        self.control.send(_wire.encode({"t": "spawned", "id": frame["id"], "pid": pid,
+                                        **self.isolation.spawned(pid)}))
 
     def _become_agent(self, config: dict, sock_fd: int) -> None:
         """In a child of the template: become the sandbox's agent. Never returns."""

@@ -168,7 +168,7 @@ class Isolation:
                 cgroups.remove(group)
                 raise SandboxFailedError(f"cannot set up the cgroups of {record.sandbox_id}: {exc}",
                                          sandbox_id=record.sandbox_id, status_reason="CgroupError") from exc
-            config["cgroups"] = group
+            config["cgroups"] = {**group, "limits": limits}  # a spare adopting the group writes them again
             config["rlimits"] = {}  # the cgroup limits memory and processes; rlimits would pre-empt OOM
             record.extra["cgroups"] = group
 
@@ -186,11 +186,9 @@ class Isolation:
             self._released = trio.Event()
 
     def close(self, owner_dir: str | None) -> None:
-        """Remove this owner's (now empty) cgroup directories."""
-        if owner_dir is None or os.geteuid() != 0:
-            return
-        for path in cgroups.owner_dirs(self.layout, self.key, os.path.basename(owner_dir)):
-            cgroups.remove_tree(path)
+        """Remove this owner's (by now empty) cgroup directories."""
+        if owner_dir is not None:
+            cgroups.remove_owner(owner_dir)
 
 
 def _tmp_bytes(spec: SandboxSpec) -> int:

@@ -70,16 +70,17 @@ def namespace_flags(network: str) -> int:
     return flags | (_sys.CLONE_NEWNET if network == "none" else 0)
 
 
-def unshare_early(network: str) -> None:
+def unshare_early(network: str, cgroup: bool = False) -> None:
     """The part of ``enter`` that needs nothing of the sandbox: mount, uts, ipc and net namespaces,
-    private mounts, ``lo`` up. Spares do it ahead of time (the cgroup namespace waits for the join)."""
-    _sys.unshare(namespace_flags(network) & ~_sys.CLONE_NEWCGROUP)
+    private mounts, ``lo`` up. Spares do it ahead of time; the cgroup namespace too (``cgroup``) when
+    the spare is already in the cgroup it will keep, else it waits for the join."""
+    _sys.unshare(namespace_flags(network) & ~(0 if cgroup else _sys.CLONE_NEWCGROUP))
     _sys.mount(None, "/", None, _sys.MS_REC | _sys.MS_PRIVATE)  # nothing propagates to the host
     if network == "none":
         _sys.loopback_up()
 
 
-def enter(plan: dict, early: bool = False) -> None:
+def enter(plan: dict, early: bool = False, cgroupns: bool = False) -> None:
     """Become the sandbox: namespaces, root filesystem, hostname, network, privileges. See module doc.
 
     ``plan`` keys: ``lower`` (the image's root), ``upper``, ``work``, ``merged`` (dirs on the host),
@@ -87,14 +88,13 @@ def enter(plan: dict, early: bool = False) -> None:
     ``hide`` ([path, writable] pairs: directories of the image covered by an empty tmpfs),
     ``binds`` ([source, target] read-only bind mounts, target inside the sandbox; made after the
     hiding, so they may bring back part of a hidden directory), ``mkdirs`` (directories to create).
-    ``early``: ``unshare_early`` ran already (in a spare), so only the cgroup namespace is left.
+    ``early``: ``unshare_early`` ran already (in a spare); ``cgroupns``: so did the cgroup namespace.
     Raises OSError naming the failed step.
     """
     merged = plan["merged"]
-    if early:
-        _sys.unshare(_sys.CLONE_NEWCGROUP)
-    else:
+    if not early:
         unshare_early(plan["network"])
+    if not cgroupns:
         _sys.unshare(_sys.CLONE_NEWCGROUP)
     _sys.mount("overlay", merged, "overlay", _sys.MS_NOSUID,
                f"lowerdir={plan['lower']},upperdir={plan['upper']},workdir={plan['work']}")

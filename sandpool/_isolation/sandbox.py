@@ -8,7 +8,10 @@ Spares: creating the pid and network namespaces and bringing ``lo`` up is a thir
 sandbox's start. So once a network mode has been used, the template keeps one spare child per mode
 that has done exactly that, made while the template is idle (``refill``); the next sandbox of that
 mode is handed to it (its config pickled, its agent socket passed along) instead of forking. A spare
-is renamed ``sandpool-spare`` while it waits and dies with the template.
+also waits in a cgroup of its own (``<owner>/spare-<n>``), which becomes the sandbox's at handoff
+(``cgroups.adopt``): moving a process between cgroups costs an RCU grace period (~8 ms here) whenever
+none happened for a while, and a spare pays it ahead of time. A spare is named ``sandpool-spare``
+while it waits and dies with the template.
 
 Out of memory: on cgroup v2 ``memory.oom.group`` makes the kernel kill the whole sandbox at once; on
 v1 the sandbox's OOM killer is disabled and the template, woken by the cgroup's OOM eventfd, kills
@@ -48,27 +51,32 @@ class Supervisor:
         self.groups: dict[int, dict] = {}  # agent pid -> its cgroup
         self.watches: dict[int, tuple[int, int]] = {}  # agent pid -> (eventfd, oom_control fd)
         self.oom_killed: set[int] = set()
-        self.spares: dict[int, tuple[str, socket.socket]] = {}  # pid -> (network mode, our socket end)
+        self.spares: dict[int, tuple[str, socket.socket, dict | None]] = {}  # pid -> (network mode,
+        #                                                          our socket end, its cgroup)
+        self.ready: set[int] = set()  # spares that said they are ready (joined, namespaces made)
         self.wanted: set[str] = set()  # network modes of namespaces sandboxes asked for so far
+        self.spare_parents: list[str] = []  # where spare cgroups go: the owner's dir in each hierarchy
+        self.adopted: dict[int, dict] = {}  # agent pid -> the spare cgroup it took over (for "spawned")
         self.early = False  # in a spare: its namespaces exist already
+        self.early_cgroupns = False  # ... and its cgroup namespace, rooted at the cgroup it keeps
+        self._spares_made = 0
         self.sock_fd = -1  # the agent socket of the last fork
         self._pid_ns_fd: int | None = None
 
     def fork(self, config: dict, sock_fd: int) -> int:
         """Start the agent for ``config`` (its socket is ``sock_fd``) at its isolation level: hand it
         to a spare or fork. Returns the agent's pid, or 0 in a forked child."""
-        group = config.get("cgroups")
-        watch = _watch_oom(group) if group else None
         plan = config.get("namespaces")
+        if config.get("cgroups"):
+            self.spare_parents = [os.path.dirname(d) for d in config["cgroups"]["dirs"]]
         pid = self._hand_to_spare(plan["network"], config, sock_fd) if plan else None
         self.sock_fd = sock_fd  # the oci level's child passes it on to crun
         if pid is None:
             pid = namespaces.fork_into_pid_namespace(self._pid_ns()) if plan else os.fork()
         if pid == 0:
-            if watch:
-                os.close(watch[0])
-                os.close(watch[1])
             return 0
+        group = config.get("cgroups")  # (a spare's, if it adopted one)
+        watch = _watch_oom(group) if group else None
         if group:
             self.groups[pid] = group
         if watch:
@@ -82,15 +90,15 @@ class Supervisor:
         for efd, ofd in self.watches.values():
             os.close(efd)
             os.close(ofd)
-        for _mode, sock in self.spares.values():
+        for _mode, sock, _group in self.spares.values():
             sock.close()
         if self._pid_ns_fd is not None:
             os.close(self._pid_ns_fd)
-        if config.get("cgroups"):
+        if config.get("cgroups") and not config.get("cgroups_joined"):
             cgroups.join(config["cgroups"])
         plan = config.get("namespaces")
         if plan:
-            namespaces.enter(plan, early=self.early)
+            namespaces.enter(plan, early=self.early, cgroupns=self.early_cgroupns)
             config["dir"] = namespaces.AGENT_DIR
         if config.get("oci"):
             oci.run(config, self.sock_fd)  # execs crun: the agent starts inside the container
@@ -99,11 +107,9 @@ class Supervisor:
 
     def refill(self) -> None:
         """Template side, between requests: one live spare per network mode in use."""
-        for pid, (mode, sock) in list(self.spares.items()):
-            if select.select([sock], [], [], 0)[0]:  # EOF: the spare died
-                sock.close()
-                del self.spares[pid]
-        have = {mode for mode, _ in self.spares.values()}
+        for pid in list(self.spares):
+            self._poll_spare(pid)
+        have = {mode for mode, _sock, _group in self.spares.values()}
         for mode in sorted(self.wanted - have):
             self._spawn_spare(mode)
 
@@ -112,32 +118,87 @@ class Supervisor:
             self._pid_ns_fd = os.open(_PID_NS, os.O_RDONLY | os.O_CLOEXEC)
         return self._pid_ns_fd
 
+    def _poll_spare(self, pid: int) -> None:
+        """Notice a spare's "ready" byte, or its death (EOF), without blocking."""
+        sock = self.spares[pid][1]
+        while select.select([sock], [], [], 0)[0]:
+            try:
+                data = sock.recv(1)
+            except OSError:
+                data = b""
+            if not data:
+                self._drop_spare(pid)
+                return
+            self.ready.add(pid)
+
     def _hand_to_spare(self, mode: str, config: dict, sock_fd: int) -> int | None:
         self.wanted.add(mode)
-        for pid, (spare_mode, sock) in list(self.spares.items()):
-            if spare_mode != mode:
+        for pid in list(self.spares):
+            self._poll_spare(pid)
+        for pid, (spare_mode, sock, group) in list(self.spares.items()):
+            if spare_mode != mode or pid not in self.ready:  # still making its namespaces: fork
+                continue
+            try:
+                if group is not None:  # the spare is in a cgroup of its own: make it the sandbox's
+                    config["cgroups"] = cgroups.adopt(group["dirs"], config["cgroups"]) \
+                        if config.get("cgroups") else group
+                    config["cgroups_joined"] = True
+                    self.adopted[pid] = config["cgroups"]
+                socket.send_fds(sock, [pickle.dumps(config)], [sock_fd])
+            except OSError:  # it died, or its cgroup could not be taken over: fork instead
+                self.adopted.pop(pid, None)
+                self._drop_spare(pid)
+                if config.pop("cgroups_joined", False) and config.get("cgroups"):
+                    group = config["cgroups"]
+                    cgroups.remove(group)
+                    cgroups.create(cgroups.detect(), group, group.get("limits") or {})
                 continue
             del self.spares[pid]
-            try:
-                socket.send_fds(sock, [pickle.dumps(config)], [sock_fd])
-                return pid
-            except OSError:
-                continue  # it died; the template reaps it like any orphan
-            finally:
-                sock.close()
+            self.ready.discard(pid)
+            sock.close()
+            return pid
         return None
 
+    def spawned(self, pid: int) -> dict:
+        """Extra fields of the ``spawned`` report: the cgroup the sandbox got, if it took a spare's."""
+        group = self.adopted.pop(pid, None)
+        return {"cgroups": group} if group else {}
+
     def _spawn_spare(self, mode: str) -> None:
+        group = self._spare_group()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         template = os.getpid()
         pid = namespaces.fork_into_pid_namespace(self._pid_ns())
         if pid == 0:
             ours.close()
-            self._be_spare(mode, theirs, template)
+            self._be_spare(mode, theirs, template, group)
         theirs.close()
-        self.spares[pid] = (mode, ours)
+        self.spares[pid] = (mode, ours, group)
 
-    def _be_spare(self, mode: str, sock: socket.socket, template: int) -> None:
+    def _spare_group(self) -> dict | None:
+        """A fresh cgroup for a spare, beside the sandboxes' (None before any sandbox had one)."""
+        if not self.spare_parents:
+            return None
+        self._spares_made += 1
+        parent = self.spare_parents[0]
+        key, owner = os.path.basename(os.path.dirname(parent)), os.path.basename(parent)
+        group = cgroups.plan(cgroups.detect(), key, owner, f"spare-{os.getpid()}-{self._spares_made}")
+        try:
+            for d in group["dirs"]:
+                os.mkdir(d)
+        except OSError:
+            cgroups.remove(group)
+            return None
+        return group
+
+    def _drop_spare(self, pid: int) -> None:
+        self.ready.discard(pid)
+        _mode, sock, group = self.spares.pop(pid)
+        sock.close()  # EOF: the spare exits
+        if group is not None:
+            cgroups.remove(group)
+
+    def _be_spare(self, mode: str, sock: socket.socket, template: int, group: dict | None) -> None:
         """In a spare: make the namespaces, wait for a sandbox, become its agent. Never returns."""
         try:
             signal.set_wakeup_fd(-1)
@@ -146,21 +207,29 @@ class Supervisor:
             _linux.set_parent_death_signal(signal.SIGKILL)
             if parent_pid() != template:
                 os._exit(0)
-            for _mode, other in self.spares.values():
+            for _mode, other, _group in self.spares.values():
                 other.close()
             self.spares = {}
             with open("/proc/self/comm") as f:
                 name = f.read().strip()
             _sys.set_name(SPARE_NAME)
-            namespaces.unshare_early(mode)
-            self.early = True
+            if group is not None:
+                cgroups.join(group)  # the slow part of a cgroup move, paid here, ahead of time
+            namespaces.unshare_early(mode, cgroup=group is not None)
+            self.early, self.early_cgroupns = True, group is not None
+            sock.send(b"r")  # ready: the template may now hand over a sandbox (and rename our cgroup)
             data, fds, _flags, _addr = socket.recv_fds(sock, _MAX_CONFIG_BYTES, 1)
             if not data or not fds:
                 os._exit(0)  # the template is gone
             sock.close()
             _sys.set_name(name)
             config = pickle.loads(data)
+            if group is not None and not config.get("cgroups_joined"):
+                raise RuntimeError("a spare with a cgroup was handed a sandbox that did not adopt it")
         except BaseException:
+            import traceback
+
+            traceback.print_exc()  # the owner's stderr, as for agents: a spare that fails is a sandpool bug
             os._exit(1)
         assert self.become_agent is not None
         self.become_agent(config, fds[0])
@@ -189,9 +258,8 @@ class Supervisor:
     def finish_all(self) -> None:
         for pid in list(self.groups):
             self.finish(pid)
-        for _mode, sock in self.spares.values():
-            sock.close()  # EOF: each spare exits
-        self.spares.clear()
+        for pid in list(self.spares):
+            self._drop_spare(pid)
 
     def _unwatch(self, pid: int) -> None:
         watch = self.watches.pop(pid, None)

@@ -149,6 +149,7 @@ class LocalRuntime(Runtime):
             if frame["t"] == "spawned":
                 event, box = self._spawns.pop(frame["id"])
                 box.append(frame["pid"])
+                box.append(frame.get("cgroups"))  # a spare's cgroup, if the sandbox took one over
                 event.set()
             elif frame["t"] == "reaped":
                 record = self._by_pid.pop(frame["pid"], None)
@@ -223,6 +224,8 @@ class LocalRuntime(Runtime):
             self._isolation.release(record)
             raise SandboxUnavailableError("the sandbox template exited; the runtime cannot start sandboxes")
         record.agent_pid = box[0]
+        if box[1] is not None:
+            record.extra["cgroups"] = box[1]
         self._by_pid[record.agent_pid] = record
         channel = FrameChannel(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
         try:

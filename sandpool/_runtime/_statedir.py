@@ -102,6 +102,7 @@ def remove_owner_dir(path: str) -> bool:
     """Kill what still runs under a dead owner's directory and remove it; False if a mount stays."""
     for pid in processes_mentioning(path):
         _linux.kill_quietly(pid, signal.SIGKILL)
+    _cgroups.remove_owner(path)
     if mounts_under(path):
         return False  # never delete under a mount; the isolation layer unmounts first
     shutil.rmtree(path, ignore_errors=True)
