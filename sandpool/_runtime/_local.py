@@ -3,6 +3,8 @@
 Isolation level ``process``: each sandbox is an agent in its own session with a private root
 directory (its filesystem for file operations and its default working directory), a clean
 environment plus the spec's variables, and rlimits where ``resources.limits`` map onto them.
+The ``namespaces`` and ``oci`` levels (and admission, network, images, cgroups) add their part to
+the spawn config through ``sandpool._isolation.host``; see docs/isolation.md.
 """
 
 from __future__ import annotations
