@@ -247,13 +247,12 @@ class SlurmRuntime(Runtime):
 
     def job(self, sandbox: object) -> dict:
         """Where Slurm put a sandbox (a Sandbox of this runtime, or its record): ``{"job_id", "node",
-        "state", "reason"}`` as last seen; {} before it was submitted."""
+        "state", "reason", "times"}`` as last seen ({} before it was submitted). ``times`` are Unix
+        times: ``submitted`` (sbatch), ``launched`` (the job's process started on its node),
+        ``ready`` (its server served the sandbox), ``connected`` (this client attached)."""
         record = getattr(sandbox, "_record", sandbox)
         p: Placement | None = record.extra.get("placement") if record is not None else None
-        if p is None:
-            return {}
-        return {"job_id": p.job_id, "node": p.node, "state": cli.base_state(p.job.state) if p.job else None,
-                "reason": p.job.reason if p.job else None}
+        return p.summary() if p is not None else {}
 
     # -- placing -------------------------------------------------------------------------------
 
@@ -266,6 +265,7 @@ class SlurmRuntime(Runtime):
         options = dict(key=key, owner=self.owner, job_dir=job_dir, command=command, partition=self.partition,
                        account=self.account, qos=self.qos, extra=self.sbatch_args)
         avoid = exclusions(self._suspects, time.monotonic())
+        submitted_at = time.time()
         with trio.CancelScope(shield=True):
             try:
                 try:
@@ -278,7 +278,8 @@ class SlurmRuntime(Runtime):
                 shutil.rmtree(job_dir, ignore_errors=True)
                 exc.sandbox_id = record.sandbox_id or None
                 raise
-            p = Placement(key=key, job_dir=job_dir, owned=True, job_id=out.strip().split(";")[0])
+            p = Placement(key=key, job_dir=job_dir, owned=True, job_id=out.strip().split(";")[0],
+                          submitted_at=submitted_at)
             self._register(record, p)
             await self._reap(f"+{p.job_id}")
         return p
@@ -337,7 +338,7 @@ class SlurmRuntime(Runtime):
         connected = sum(q.remote is not None and not q.ended for q in self._placements.values())
         limiter.total_tokens = max(limiter.total_tokens, 40 + 2 * connected)
         record.channel, record.isolation = channel, p.inner.isolation or "slurm"
-        record.started_at = record.started_at or time.time()
+        record.started_at = p.connected_at = time.time()
         record.status, record.status_reason = SandboxStatus.RUNNING.value, None
         record.extra["node"] = p.node
         self._nursery.start_soon(_slurm_live.watch_end, self, record, p)

@@ -24,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 from .._config import SandboxSpec, SandboxStatus
 from .._isolation import admission
@@ -72,6 +73,18 @@ def node_address(env: dict[str, str]) -> str:
         if field.startswith("NodeAddr="):
             return field.split("=", 1)[1]
     return os.uname().nodename
+
+
+def launched_at() -> float | None:
+    """When this process started (the job's batch step, which exec'd this), as a Unix time."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rpartition(")")[2].split()[19])  # since boot, in clock ticks
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -127,7 +140,8 @@ async def run_job(job_dir: str, env: dict[str, str]) -> int:
                     return 1
                 _write_json(address_file, {"address": bound, "sandbox_id": info["sandbox_id"],
                                            "node": env.get("SLURMD_NODENAME"), "job_id": env.get("SLURM_JOB_ID"),
-                                           "pid": os.getpid()})
+                                           "pid": os.getpid(), "launched_at": launched_at(),
+                                           "ready_at": time.time()})
                 nursery.start_soon(fleet.sweep_orphans)
                 hosted = fleet.sandboxes[info["sandbox_id"]]
                 async with trio.open_nursery() as waiting:

@@ -35,6 +35,8 @@ class Placement:
     gone: bool = False  # Slurm no longer knows the job
     running_since: float | None = None
     address: dict | None = None
+    submitted_at: float | None = None  # Unix times, for ``SlurmRuntime.job``
+    connected_at: float | None = None
     stopping: bool = False
     ended: bool = False
     remote: object = None  # the RemoteRuntime speaking to the job's server, once connected
@@ -50,6 +52,14 @@ class Placement:
         if self.address and self.address.get("node"):
             return self.address["node"]
         return self.job.nodes if self.job and self.job.nodes not in ("", "(null)") else None
+
+    def summary(self) -> dict:
+        """What ``SlurmRuntime.job`` reports (see there)."""
+        address = self.address or {}
+        times = {"submitted": self.submitted_at, "launched": address.get("launched_at"),
+                 "ready": address.get("ready_at"), "connected": self.connected_at}
+        return {"job_id": self.job_id, "node": self.node, "state": cli.base_state(self.job.state) if self.job else None,
+                "reason": self.job.reason if self.job else None, "times": times}
 
     def see(self, job: cli.Job | None) -> None:
         """Record what squeue says (None: the job is not listed) and wake whoever waits on it."""
