@@ -139,3 +139,27 @@ def test_stale_cgroups_of_a_dead_owner_are_swept_at_start(tmp_path):
     assert straggler.wait(timeout=5) == -9
     assert not any(os.path.exists(d) for d in group["dirs"])
     assert cgroups.leftovers(state_dir) == []
+
+
+def test_prune_removes_empty_groups_of_dead_owners_anywhere(tmp_path):
+    """Empty cgroups of a dead owner under any state dir's key go; a group with a process stays."""
+    import subprocess
+
+    key = cgroups.state_key(str(tmp_path / "gone-state-dir"))
+    empty = cgroups.plan(LAYOUT, key, "o-999998-dead01", "sb-empty")
+    busy = cgroups.plan(LAYOUT, key, "o-999998-dead01", "sb-busy")
+    cgroups.create(LAYOUT, empty, {})
+    cgroups.create(LAYOUT, busy, {})
+    sleeper = subprocess.Popen(["sh", "-c", f"echo $$ > {busy['dirs'][0]}/cgroup.procs; exec sleep 30"])
+    try:
+        time.sleep(0.2)
+        cgroups.prune()
+        assert not any(os.path.exists(d) for d in empty["dirs"])
+        assert os.path.isdir(busy["dirs"][0])  # never killed by a prune: not this state dir's to kill
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        for path in cgroups.owner_dirs(LAYOUT, key, "o-999998-dead01"):
+            cgroups.remove_tree(path)
+        cgroups.prune()
+    assert not any(os.path.exists(os.path.dirname(d)) for d in busy["dirs"])

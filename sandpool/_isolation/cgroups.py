@@ -307,7 +307,34 @@ def sweep(state_dir: str, owner_alive: Callable[[str], bool]) -> list[str]:
             os.rmdir(top)  # only when empty: other owners of this state dir may live
         except OSError:
             pass
+    prune()
     return removed
+
+
+def prune() -> None:
+    """Remove the *empty* cgroups of owners whose process is gone, under every state dir's key.
+
+    Another state dir's owners are not ours to kill (its own sweep does that), but a dead owner's
+    empty directories are garbage wherever they are: SIGKILLed runtimes and removed temporary state
+    dirs leave them. rmdir refuses a cgroup with processes, so nothing running is touched.
+    """
+    for mount in detect().mounts():
+        root = os.path.join(mount, ROOT_NAME)
+        for key in _subgroups(root):
+            for owner in _subgroups(os.path.join(root, key)):
+                pid = owner.split("-")[1] if owner.count("-") >= 2 else ""
+                if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                    _rmdir_tree(os.path.join(root, key, owner))
+            _rmdir_tree(os.path.join(root, key), below=False)
+
+
+def _rmdir_tree(top: str, below: bool = True) -> None:
+    """rmdir ``top`` (and, with ``below``, its subgroups first), leaving whatever is not empty."""
+    for path, _subdirs, _files in sorted(os.walk(top), key=lambda entry: -entry[0].count("/")) if below else [(top, 0, 0)]:
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass
 
 
 def remove_owner(owner_dir: str) -> None:
@@ -317,6 +344,7 @@ def remove_owner(owner_dir: str) -> None:
     key, owner = state_key(os.path.dirname(owner_dir)), os.path.basename(owner_dir)
     for path in owner_dirs(detect(), key, owner):
         remove_tree(path)
+        _rmdir_tree(os.path.dirname(path), below=False)  # the state dir's key, once no owner is left
 
 
 def leftovers(state_dir: str) -> list[str]:

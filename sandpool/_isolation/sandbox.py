@@ -260,6 +260,12 @@ class Supervisor:
             self.finish(pid)
         for pid in list(self.spares):
             self._drop_spare(pid)
+        for owner in self.spare_parents:  # the owner's own directories, and its key's once empty
+            for path in (owner, os.path.dirname(owner)):
+                try:
+                    os.rmdir(path)
+                except OSError:
+                    pass
 
     def _unwatch(self, pid: int) -> None:
         watch = self.watches.pop(pid, None)
