@@ -22,6 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                          "(default: ~/.local/state/sandpool/serve-<listen>.jsonl)")
     p.add_argument("--max-streams", type=int, default=512,
                    help="concurrent calls and attached sandboxes before new ones are refused (default 512)")
+    p.add_argument("--cwsandbox", metavar="HOST:PORT", dest="cwsandbox_listen",
+                   help="also serve cwsandbox's own gRPC API here, over the same sandboxes, for the unmodified "
+                        "cwsandbox client (CWSANDBOX_BASE_URL=http://HOST:PORT)")
     p.set_defaults(run=cmd_serve)
 
 
@@ -33,5 +36,5 @@ def cmd_serve(args: argparse.Namespace) -> int:
     token = auth.read_token(args.token_file) if args.token_file else None
     config = ServeConfig(listen=args.listen, token=token, tls_cert=args.tls_cert, tls_key=args.tls_key,
                          orphan_grace_seconds=args.orphan_grace_seconds, record_file=args.record_file,
-                         max_streams=args.max_streams)
+                         max_streams=args.max_streams, cwsandbox_listen=args.cwsandbox_listen)
     return serve(config)

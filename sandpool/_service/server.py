@@ -12,6 +12,8 @@ instead, its LocalRuntime's template sees its control socket close and kills eve
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import os
 import signal
@@ -61,6 +63,8 @@ class ServeConfig:
     orphan_grace_seconds: float = 60.0
     record_file: str | None = None
     max_streams: int = 512
+    #: also serve cwsandbox's own gRPC API (coreweave.sandbox.v1) on this address, same sandboxes
+    cwsandbox_listen: str | None = None
 
     def __post_init__(self) -> None:
         auth.check_bind(self.listen, self.token)
@@ -236,10 +240,11 @@ async def serve_async(config: ServeConfig, *, task_status=trio.TASK_STATUS_IGNOR
         print(f"sandpool serve: listening on {scheme}{bound} (pid {os.getpid()})", flush=True)
         task_status.started(bound)
         try:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for signum in signals:
-                    log.info("%s: stopping every sandbox", signal.Signals(signum).name)
-                    break
+            async with _cwsandbox_listener(config, bound):
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        log.info("%s: stopping every sandbox", signal.Signals(signum).name)
+                        break
         finally:
             with trio.CancelScope(shield=True):
                 await fleet.aclose()
@@ -247,6 +252,22 @@ async def serve_async(config: ServeConfig, *, task_status=trio.TASK_STATUS_IGNOR
                 await trio.to_thread.run_sync(lambda: server.stop(grace=1.0).wait(5.0))
                 await runtime.aclose()
             nursery.cancel_scope.cancel()
+
+
+@contextlib.asynccontextmanager
+async def _cwsandbox_listener(config: ServeConfig, bound: str):
+    """With ``--cwsandbox``: cwsandbox's API on its own listener, backed by a session of this very
+    server, so sandboxes made through either API are the same fleet (``sandpool ls`` shows both)."""
+    if config.cwsandbox_listen is None:
+        yield
+        return
+    from .._cwsandbox import open_cwsandbox_server
+    from .._session import Session
+
+    async with Session(address=bound, token=config.token) as session, \
+            open_cwsandbox_server(session, config.cwsandbox_listen, token=config.token) as address:
+        print(f"sandpool serve: cwsandbox API on {address}", flush=True)
+        yield
 
 
 def serve(config: ServeConfig) -> int:

@@ -1,0 +1,49 @@
+"""``sandpool serve --cwsandbox``: one server, two APIs, the same sandboxes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+from service_helpers import REPO, ServerProcess, run_client
+from test_cwsandbox_client import cwsandbox_client  # noqa: F401 (the fixture: installs the client)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_cwsandbox_client_sandbox_is_a_sandpool_sandbox(cwsandbox_client, tmp_path):  # noqa: F811
+    """What an unmodified cwsandbox program creates through --cwsandbox is listed, used and stopped
+    through sandpool's own API on the same server."""
+    port = _free_port()
+    with ServerProcess(str(tmp_path), "--cwsandbox", f"127.0.0.1:{port}") as server:
+        program = textwrap.dedent("""
+            import cwsandbox
+            sb = cwsandbox.Sandbox.run(tags=["from-cwsandbox"])
+            sb.wait()
+            print(sb.sandbox_id)
+        """)
+        env = {"CWSANDBOX_BASE_URL": f"http://127.0.0.1:{port}", "CWSANDBOX_API_KEY": "local",
+               "GRPC_VERBOSITY": "ERROR"}
+        path = tmp_path / "program.py"
+        path.write_text(program)
+        done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=60, cwd=REPO,
+                              env={**os.environ, **env})
+        assert done.returncode == 0, done.stderr
+        sandbox_id = done.stdout.strip().splitlines()[-1]
+        check = run_client(textwrap.dedent(f"""
+            import sandpool
+            found = sandpool.Sandbox.list(tags=["from-cwsandbox"], address={server.address!r}).result()
+            assert [sb.sandbox_id for sb in found] == [{sandbox_id!r}], found
+            sb = found[0]
+            print(sb.exec(["echo", "shared"]).result().stdout.strip())
+            sb.stop().result()
+        """))
+        assert check.returncode == 0, check.stderr
+        assert check.stdout.strip() == "shared"
