@@ -31,6 +31,7 @@ import time
 import trio
 
 import sandpool
+from _measure import latency, timed
 from sandpool import SandboxDefaults, Session
 
 MB = 1e6
@@ -38,29 +39,6 @@ TEMPLATE_MARK = "sandpool._agent.template"
 
 
 # ---------------------------------------------------------------- measuring
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile, q in [0, 100]."""
-    ordered = sorted(values)
-    return ordered[max(0, min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1))))]
-
-
-def latency(samples_s: list[float]) -> dict:
-    ms = [s * 1000 for s in samples_s]
-    return {"p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99), "mean_ms": statistics.fmean(ms),
-            "n": len(ms)}
-
-
-def timed(n: int, fn, warm: int = 3) -> list[float]:
-    for _ in range(warm):
-        fn()
-    out = []
-    for _ in range(n):
-        began = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - began)
-    return out
-
-
 def uss_bytes(pid: int) -> int | None:
     """Private (unshared) memory of ``pid``: Private_Clean + Private_Dirty, as psutil's USS."""
     try:
@@ -176,7 +154,7 @@ def idle_memory(session: Session, count: int) -> dict:
         ref.result()
     time.sleep(0.5)  # let them go idle
     templates = [pid for pid in children(os.getpid()) if TEMPLATE_MARK in cmdline(pid)]
-    agents = [pid for template in templates for pid in children(template)]
+    agents = [sandbox._record.agent_pid for sandbox in pool]  # not the template's pre-made spares
     usses = [u for u in map(uss_bytes, agents) if u is not None]
     template_uss = [u for u in map(uss_bytes, templates) if u is not None]
     for ref in [sandbox.stop(graceful_shutdown_seconds=0) for sandbox in pool]:
@@ -189,7 +167,7 @@ def idle_memory(session: Session, count: int) -> dict:
 
 # ---------------------------------------------------------------- sandpool, trio API
 async def trio_figures(n_start: int, n_exec: int) -> dict:
-    async with Session(defaults=SandboxDefaults(tags=("bench",))) as session:
+    async with Session(defaults=SandboxDefaults(tags=("bench",), isolation=ISOLATION)) as session:
         starts = []
         for i in range(n_start + 3):
             sandbox = session.sandbox()
@@ -246,19 +224,26 @@ def table(rows: list[dict], up: dict, up_floor: float, memory: dict, idle_floor:
     return "\n".join(lines)
 
 
+ISOLATION = "auto"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few samples: a smoke run, not figures")
+    parser.add_argument("--isolation", default="auto", choices=["auto", "process", "namespaces"],
+                        help="the sandboxes' isolation level (default: auto, namespaces as root)")
     parser.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                        "results", "bench_core.json"),
                         help="where to write the JSON record ('-' for stdout)")
     args = parser.parse_args()
+    global ISOLATION
+    ISOLATION = args.isolation
     n_py, n_true, n_start, n_exec, reps, idle_n = (5, 20, 10, 20, 1, 5) if args.quick else (40, 300, 200, 500, 3, 20)
     started = time.perf_counter()
     load_start = os.getloadavg()
 
     floors = {"python_S_pass": latency(floor_python_start(n_py)), "subprocess_true": latency(floor_true(n_true))}
-    with Session(defaults=SandboxDefaults(tags=("bench",))) as session:
+    with Session(defaults=SandboxDefaults(tags=("bench",), isolation=ISOLATION)) as session:
         warm = session.sandbox().wait()  # open the session and its runtime before timing anything
         warm.stop(graceful_shutdown_seconds=0).result()
         sync = {"start": latency(sync_start(session, n_start)), "exec": latency(sync_exec(session, n_exec))}

@@ -33,7 +33,8 @@ import subprocess
 import sys
 import time
 
-from bench_core import latency as summary, timed, up_down  # same measuring helpers as the core benchmarks
+from _measure import latency as summary, timed
+from bench_core import up_down
 from sandpool import Session
 from sandpool._isolation import images, probe
 

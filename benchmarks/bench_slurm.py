@@ -34,30 +34,10 @@ import tempfile
 import time
 
 import sandpool
+from _measure import latency, timed
 from sandpool import Session, SlurmRuntime
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "slurm-cluster.sh")
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1))))]
-
-
-def latency(samples_s: list[float]) -> dict:
-    ms = [s * 1000 for s in samples_s]
-    return {"p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99), "n": len(ms)}
-
-
-def timed(n: int, fn, warm: int = 5) -> list[float]:
-    for _ in range(warm):
-        fn()
-    out = []
-    for _ in range(n):
-        began = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - began)
-    return out
 
 
 def trivial(x):
