@@ -14,7 +14,7 @@ CLIENT = textwrap.dedent("""
     import sys, time, sandpool
     with sandpool.Session() as s:
         sbs = [s.sandbox() for _ in range(5)]
-        procs = [sb.exec(["sh", "-c", "while :; do :; done & sleep 300"]) for sb in sbs]
+        procs = [sb.exec(["sh", "-c", sys.argv[1]]) for sb in sbs]
         for sb in sbs:
             sb.wait()
         time.sleep(0.3)
@@ -23,9 +23,13 @@ CLIENT = textwrap.dedent("""
 """)
 
 
-def _start_client(state_dir: str) -> subprocess.Popen:
+BUSY = "while :; do :; done & sleep 300"  # a CPU-bound child and a sleeping parent in each sandbox
+IDLE = "sleep 300 & sleep 300"
+
+
+def _start_client(state_dir: str, work: str = BUSY) -> subprocess.Popen:
     env = {**os.environ, "SANDPOOL_STATE_DIR": state_dir}
-    proc = subprocess.Popen([sys.executable, "-c", CLIENT], stdout=subprocess.PIPE, env=env, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", CLIENT, work], stdout=subprocess.PIPE, env=env, text=True)
     assert proc.stdout.readline().strip() == "ready"
     return proc
 
@@ -47,9 +51,9 @@ def test_sigkilled_client_leaves_no_process(tmp_path):
 def test_ctrl_c_of_a_sync_client_stops_its_sandboxes(tmp_path):
     """SIGINT to a sync client raises KeyboardInterrupt, the session closes and nothing is left."""
     state_dir = str(tmp_path / "state")
-    client = _start_client(state_dir)
+    client = _start_client(state_dir, IDLE)  # idle work: five busy loops would starve a 2-core CI box
     client.send_signal(signal.SIGINT)
-    assert client.wait(timeout=20) != 0
+    assert client.wait(timeout=60) != 0
     report = testing.wait_for_no_leftovers(state_dir, timeout=5)
     testing.kill_leftovers(report)
     assert not report, report
