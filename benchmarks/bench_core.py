@@ -32,6 +32,7 @@ import trio
 
 import sandpool
 from _measure import latency, timed
+from sandpool._agent._linux import children
 from sandpool import SandboxDefaults, Session
 
 MB = 1e6
@@ -58,21 +59,6 @@ def uss_bytes(pid: int) -> int | None:
     except OSError:
         return None
     return total
-
-
-def children(pid: int) -> list[int]:
-    found: list[int] = []
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return found
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                found.extend(int(c) for c in f.read().split())
-        except OSError:
-            pass
-    return found
 
 
 def cmdline(pid: int) -> str:

@@ -103,7 +103,7 @@ async def run_job(job_dir: str, env: dict[str, str]) -> int:
     from .._service import messages as m
     from .._service.control import Fleet
     from .._service.journal import Journal
-    from .._service.server import ServeConfig, Service, build_server
+    from .._service.server import ServeConfig, Service, build_server, shut_down
     from ._local import LocalRuntime
 
     with open(os.path.join(job_dir, "token")) as f:
@@ -155,11 +155,7 @@ async def run_job(job_dir: str, env: dict[str, str]) -> int:
                     waiting.cancel_scope.cancel()
                 status = 1 if hosted.state.status == SandboxStatus.FAILED else 0
         finally:
-            with trio.CancelScope(shield=True):
-                await fleet.aclose()
-                service.end_leases()
-                await trio.to_thread.run_sync(lambda: server.stop(grace=1.0).wait(5.0))
-                await runtime.aclose()
+            await shut_down(fleet, service, server, runtime)
             nursery.cancel_scope.cancel()
     return status
 

@@ -246,12 +246,17 @@ async def serve_async(config: ServeConfig, *, task_status=trio.TASK_STATUS_IGNOR
                         log.info("%s: stopping every sandbox", signal.Signals(signum).name)
                         break
         finally:
-            with trio.CancelScope(shield=True):
-                await fleet.aclose()
-                service.end_leases()
-                await trio.to_thread.run_sync(lambda: server.stop(grace=1.0).wait(5.0))
-                await runtime.aclose()
+            await shut_down(fleet, service, server, runtime)
             nursery.cancel_scope.cancel()
+
+
+async def shut_down(fleet: Fleet, service: Service, server: grpc.Server, runtime: LocalRuntime) -> None:
+    """Stop a server's sandboxes, end its clients' leases, stop gRPC and release the runtime. Shielded."""
+    with trio.CancelScope(shield=True):
+        await fleet.aclose()
+        service.end_leases()
+        await trio.to_thread.run_sync(lambda: server.stop(grace=1.0).wait(5.0))
+        await runtime.aclose()
 
 
 @contextlib.asynccontextmanager
