@@ -10,8 +10,11 @@ import time
 from sandpool import testing
 
 
+# Each client first gets Python's usual Ctrl-C handler: started from a non-interactive shell's
+# background job (as a CI runner may be), it would inherit SIGINT ignored.
 CLIENT = textwrap.dedent("""
-    import sys, time, sandpool
+    import signal, sys, time, sandpool
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with sandpool.Session() as s:
         sbs = [s.sandbox() for _ in range(5)]
         procs = [sb.exec(["sh", "-c", sys.argv[1]]) for sb in sbs]
@@ -97,7 +100,8 @@ def test_terminal_ctrl_c_reaches_the_client_not_the_template(tmp_path):
     """SIGINT to the client's whole process group: a client that catches it keeps working."""
     state_dir = str(tmp_path / "state")
     script = textwrap.dedent("""
-        import time, sandpool
+        import signal, time, sandpool
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         with sandpool.Session() as s:
             s.sandbox().wait()
             try:

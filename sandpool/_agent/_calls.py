@@ -197,7 +197,12 @@ class CallRelay:
 
     def _spawn(self, listener: tuple[socket.socket, str] | None = None) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # A cancel's SIGINT may come before the worker has its handler: held until it does (the
+        # worker unblocks it), instead of killing it with SIGINT's default action.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         pid = os.fork()
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         if pid == 0:  # the worker: never returns
             code = 1
             try:

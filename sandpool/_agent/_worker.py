@@ -99,6 +99,7 @@ class Worker:
     def run(self) -> None:
         signal.signal(signal.SIGINT, self._on_sigint)
         signal.signal(signal.SIGALRM, self._on_alarm)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the agent across fork
         while True:
             if not self.pending:
                 self.flush()
