@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import sys
 import tempfile
 
@@ -20,14 +21,24 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
 
 
+def _host_dev_null_ok() -> bool:
+    return stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
 @pytest.fixture(autouse=True)
 def no_leaks():
-    """Fail the test if it left a sandbox process, directory or mount behind."""
+    """Fail the test if it left a sandbox process, directory or mount behind, or touched the host's
+    /dev (sandboxes build their own /dev; the host's must never change)."""
     yield
     report = testing.wait_for_no_leftovers(STATE_DIR, timeout=5.0)
     if report:
         testing.kill_leftovers(report)
         pytest.fail(f"test leaked: {report}")
+    if not _host_dev_null_ok():
+        os.unlink("/dev/null")
+        os.mknod("/dev/null", stat.S_IFCHR | 0o666, os.makedev(1, 3))  # so later tests still run
+        os.chmod("/dev/null", 0o666)
+        pytest.fail("the host's /dev/null stopped being a character device during this test")
 
 
 @pytest.fixture
