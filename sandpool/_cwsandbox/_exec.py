@@ -118,5 +118,6 @@ async def _feed_stdin(proc, requests: trio.MemoryReceiveChannel) -> None:
             elif kind == "init":
                 raise invalid("init", "init may only be the first message of StreamExec")
         await proc.stdin.close()
-    except sp.SandboxExecutionError:  # the process has exited; what was left for it is dropped
-        pass
+    except (sp.SandboxExecutionError, sp.SandboxNotRunningError, sp.SandboxDiedError):
+        pass  # the process, or its whole sandbox, has ended: stdin left for it is dropped, and
+        # awaiting the process (in stream_exec) reports how it ended, in band
