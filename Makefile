@@ -18,7 +18,7 @@ run: $(STAMP)
 	$(PY) examples/demo.py
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --reruns 1 --reruns-delay 2
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
