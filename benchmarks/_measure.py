@@ -29,3 +29,16 @@ def timed(n: int, fn, warm: int = 5) -> list[float]:
         fn()
         out.append(time.perf_counter() - began)
     return out
+
+
+def map_calls_per_s(function, calls: int, reps: int = 3) -> float:
+    """Best throughput (calls/s) of ``function.map`` over ``calls`` identity calls, checking every result."""
+    import sandpool
+
+    best = 0.0
+    for _ in range(reps):
+        began = time.perf_counter()
+        values = sandpool.results(function.map([(i,) for i in range(calls)]))
+        best = max(best, calls / (time.perf_counter() - began))
+        assert values == list(range(calls))
+    return best

@@ -250,11 +250,8 @@ class CallRelay:
         worker = self.worker
         if worker is None:
             return
-        try:
-            pid, status = os.waitpid(worker.pid, os.WNOHANG)
-        except ChildProcessError:
-            pid, status = worker.pid, 0
-        if pid == 0:
+        status = _linux.reap(worker.pid)
+        if status is None:
             return
         try:  # answers it sent before dying still count
             worker.chan.sock.setblocking(False)

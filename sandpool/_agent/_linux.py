@@ -98,6 +98,15 @@ def kill_descendants(pid: int, sig: int = signal.SIGKILL, rounds: int = 5, reap:
     return total
 
 
+def reap(pid: int) -> int | None:
+    """The wait status of child ``pid`` if it has exited (0 if it was already reaped), else None."""
+    try:
+        done, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return 0
+    return None if done == 0 else status
+
+
 def reap_all() -> list[tuple[int, int]]:
     """Reap every exited child without blocking; return (pid, wait status) pairs."""
     reaped = []

@@ -254,11 +254,8 @@ class Agent:
             self._unwatch(fd)
 
     def _reap(self, proc: _procs.ExecProcess) -> None:
-        try:
-            pid, status = os.waitpid(proc.pid, os.WNOHANG)
-        except ChildProcessError:
-            pid, status = proc.pid, 0
-        if pid == 0:
+        status = _linux.reap(proc.pid)
+        if status is None:
             return
         proc.status = status
         proc.exited_at = time.monotonic()
