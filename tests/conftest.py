@@ -46,5 +46,26 @@ def state_dir() -> str:
     return STATE_DIR
 
 
+#: The ordinary (non-root) user that tests run clients and sandboxes as; `.ci/run` creates it.
+TEST_USER = os.environ.get("SANDPOOL_TEST_USER", "sandpool-test")
+
+
+@pytest.fixture(scope="session")
+def unprivileged_user():
+    """``(name, uid, gid, home)`` of an ordinary user, made with useradd if this run is root and it
+    is missing. Skips only when the run is not root (then the run itself is unprivileged)."""
+    import pwd
+    import subprocess
+
+    try:
+        entry = pwd.getpwnam(TEST_USER)
+    except KeyError:
+        if os.geteuid() != 0:
+            pytest.skip("not root: cannot create the unprivileged test user")
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", TEST_USER], check=True)
+        entry = pwd.getpwnam(TEST_USER)
+    return entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(STATE_DIR, ignore_errors=True)
