@@ -152,14 +152,14 @@ def test_without_root_auto_is_the_process_level(monkeypatch):
         probe.unavailable.cache_clear()
 
 
-def test_interpreter_binds_never_reexpose_hidden_directories(tmp_path):
-    """A script run from /tmp puts /tmp on sys.path: binding it would show the state dir again."""
-    from sandpool._isolation import host
+def test_interpreter_binds_never_reexpose_hidden_directories():
+    """A client module under /tmp is bound by itself, never /tmp (that would show the state dir
+    again); the host image needs no bind of what it shows (/usr); another image gets it."""
+    from sandpool._isolation import hostview
 
-    project = os.path.realpath(tmp_path)  # a directory under /tmp
-    path = ("/tmp", project, "/root", "/usr/lib")
-    binds = [source for source, _ in host._python_binds("/", "/tmp/sandpool-0", path)]
-    assert "/tmp" not in binds and "/root" not in binds and project in binds
-    assert "/usr/lib" not in binds  # visible on the host image anyway
-    other = [source for source, _ in host._python_binds("/srv/rootfs", "/var/state", path)]
-    assert "/usr/lib" in other and "/tmp" not in other
+    dirs = ("/root/.pyenv/versions/3.11.7", "/usr/lib/python3")
+    sources = ("/tmp/project/helper.py", "/tmp/sandpool-0/o-1/x.py", "/tmp")
+    binds = [s for s, _ in hostview._binds(True, "/tmp/sandpool-0", "/var/lib/sandpool/images", dirs, sources)]
+    assert binds == ["/root/.pyenv/versions/3.11.7", "/tmp/project/helper.py"]
+    other = [s for s, _ in hostview._binds(False, "/tmp/sandpool-0", "/var/lib/sandpool/images", dirs, sources)]
+    assert other == ["/root/.pyenv/versions/3.11.7", "/usr/lib/python3", "/tmp/project/helper.py"]

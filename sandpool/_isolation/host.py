@@ -9,19 +9,16 @@ rest (see ``sandbox``).
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
-import sys
 import threading
-from collections.abc import Callable
 
 import trio
 
 from .._config import SandboxSpec
 from .._errors import SandboxFailedError, SandboxResourceExhaustedError
 from .._quantity import parse_memory
-from . import admission, cgroups, images, network, probe
+from . import admission, cgroups, hostview, images, network, probe
 
 #: Size of the sandbox's tmpfs /tmp (and /run, /dev/shm) unless resources name "ephemeral-storage".
 DEFAULT_TMP_BYTES = 512 * 2**20
@@ -29,8 +26,6 @@ DEFAULT_TMP_BYTES = 512 * 2**20
 DEFAULT_PIDS_LIMIT = 1024
 #: How often a request that waits for capacity re-checks even without a release in this runtime.
 _ADMISSION_POLL_SECONDS = 0.25
-#: Home directories hidden on the host image (sandboxes get a fresh, empty /root).
-HOST_HOMES = ("/root", "/home")
 
 _ledger_lock = threading.Lock()
 _ledger: admission.Ledger | None = None
@@ -134,12 +129,15 @@ class Isolation:
     def _namespaces_config(self, record, config: dict, owner_dir: str, mode: str, lower: str) -> None:
         spec: SandboxSpec = record.spec
         fs = os.path.join(config["dir"], "fs")
+        host_image = lower == "/"
         plan = {
             "lower": lower, "upper": os.path.join(fs, "upper"), "work": os.path.join(fs, "work"),
             "merged": os.path.join(fs, "merged"), "hostname": record.sandbox_id, "network": mode,
-            "tmp_bytes": _tmp_bytes(spec), "hide": _hidden(lower, self.state_dir),
-            "binds": _python_binds(lower, self.state_dir, tuple(sys.path)),
+            "tmp_bytes": _tmp_bytes(spec), "hide": _hidden(self.state_dir),
+            "binds": hostview.python_binds(host_image, self.state_dir, images.store_dir()),
         }
+        if host_image:
+            plan["view"] = hostview.host_view()
         for key in ("upper", "work", "merged"):
             os.makedirs(plan[key], exist_ok=True)
         home = "/root"
@@ -198,37 +196,8 @@ def _tmp_bytes(spec: SandboxSpec) -> int:
     return DEFAULT_TMP_BYTES
 
 
-def _hidden(lower: str, state_dir: str) -> list[list]:
-    """Directories to cover with an empty tmpfs: sandpool's state (other sandboxes' files) always;
-    on the host image also the home directories (keys, tokens), with a fresh writable /root."""
-    hidden = [[os.path.realpath(state_dir), False]]
-    if lower == "/":
-        hidden += [[home, home == "/root"] for home in HOST_HOMES]
-    return hidden
-
-
-@functools.lru_cache(maxsize=16)  # per start otherwise: a realpath and a stat per sys.path entry
-def _python_binds(lower: str, state_dir: str, path: tuple[str, ...]) -> list[list[str]]:
-    """The host interpreter's directories the agent needs, where the image does not show them:
-    everything on another image; on the host image only what lies under a covered directory
-    (a hidden home, or /tmp and /run, which get fresh tmpfs mounts). Never a covered directory
-    itself, nor one holding the state directory: that would show other sandboxes' files again."""
-    covered = (*HOST_HOMES, "/tmp", "/run")
-    state = os.path.realpath(state_dir)
-    dirs = _python_dirs(path, lambda d: d in covered or (state + "/").startswith(d + "/"))
-    if lower == "/":
-        dirs = [d for d in dirs if any(d.startswith(c + "/") for c in covered)]
-    return [[d, d] for d in dirs]
-
-
-def _python_dirs(path: tuple[str, ...], excluded: Callable[[str], bool]) -> list[str]:
-    """Host directories the agent's interpreter needs (its prefixes, sandpool, the ``path`` entries),
-    without the ``excluded`` ones and without any that lies inside another chosen one."""
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    candidates = [sys.base_prefix, sys.prefix, package] + [p for p in path if p and os.path.isdir(p)]
-    chosen: list[str] = []
-    for path in sorted({os.path.realpath(p) for p in candidates}, key=len):
-        if path != "/" and not excluded(path) and not any(path.startswith(c + "/") for c in chosen):
-            chosen.append(path)
-    return chosen
-
+def _hidden(state_dir: str) -> list[list]:
+    """Directories to cover with an empty read-only tmpfs where the image shows them: sandpool's
+    state (other sandboxes' files) and its image store. The host image shows neither unless they
+    lie in one of its system directories; other runtimes' state directories lie outside those."""
+    return [[os.path.realpath(state_dir), False], [os.path.realpath(images.store_dir()), False]]

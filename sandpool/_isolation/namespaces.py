@@ -2,11 +2,20 @@
 
 The template forks the agent into a new pid namespace (``fork_into_pid_namespace``), so the agent is
 PID 1 there and the template still reaps it directly. The agent then calls ``enter(plan)``: new
-mount, uts, ipc, cgroup and (unless the network is shared) net namespaces; an overlay root (lower =
-the image, upper and work dirs in the sandbox directory) made the root with pivot_root; a fresh
-``/proc`` (with its dangerous files read-only), read-only ``/sys``, a size-limited tmpfs ``/tmp`` and
-``/run``, a minimal ``/dev``; the hostname; ``lo`` up; then no_new_privs and a container's capability
-set. Every mount lives in the sandbox's own mount namespace, so nothing appears in the host's mount
+mount, uts, ipc, cgroup and (unless the network is shared) net namespaces; a root filesystem
+(``mount_root``) made the root with pivot_root; a fresh ``/proc`` (Docker's masked paths covered, its
+dangerous files read-only), read-only ``/sys`` (``/sys/firmware`` covered), a size-limited tmpfs
+``/tmp`` and ``/run``, a minimal ``/dev``; the hostname; ``lo`` up; then no_new_privs and a
+container's capability set.
+
+The root of an image is one overlay (lower = the image, upper and work dirs in the sandbox
+directory). The root of the host image is an allow-list, not the host's ``/``: a directory of the
+sandbox's own (``<upper>/root``) holding empty ``/root``, ``/home`` and ``/var/tmp``, with one
+overlay per system directory of the host (``/usr``, ``/etc``, ``/lib*``, ...; symlinks such as
+``/bin -> usr/bin`` copied as symlinks), so writes anywhere land in the sandbox's upper dir and
+nothing else of the host (``/work``, ``/srv``, ``/opt``, ``/var``, homes, other top-level
+directories, even ones made later) exists inside. Secrets of ``/etc`` are whited out by a small
+tmpfs layer above the host's ``/etc``, so they are absent, not just unreadable. Every mount lives in the sandbox's own mount namespace, so nothing appears in the host's mount
 table and everything is unmounted by the kernel when the sandbox's last process exits.
 
 Stdlib only: the template imports this module.
@@ -36,7 +45,12 @@ KEEP_CAPABILITIES = {
     31,  # SETFCAP
 }
 #: Inside ``/proc``: made read-only (root may otherwise write sysctls or trigger sysrq on the host).
-PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus")
+PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
+#: Docker's masked paths: files covered by /dev/null, directories by an empty read-only tmpfs.
+#: They leak host state (kernel memory, the host's keyrings, timers, devices) or reach firmware.
+MASKED_PATHS = ("/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/key-users",
+                "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug",
+                "/proc/scsi", "/sys/firmware")
 #: Character devices of the minimal ``/dev``: name -> (major, minor).
 DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
 DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",
@@ -84,10 +98,12 @@ def enter(plan: dict, early: bool = False, cgroupns: bool = False) -> None:
     """Become the sandbox: namespaces, root filesystem, hostname, network, privileges. See module doc.
 
     ``plan`` keys: ``lower`` (the image's root), ``upper``, ``work``, ``merged`` (dirs on the host),
+    ``view`` (the host image's allow-list, see ``mount_root``; absent for other images),
     ``hostname``, ``network`` ("none" or "host"), ``tmp_bytes`` (size of /tmp, /run and /dev/shm),
     ``hide`` ([path, writable] pairs: directories of the image covered by an empty tmpfs),
-    ``binds`` ([source, target] read-only bind mounts, target inside the sandbox; made after the
-    hiding, so they may bring back part of a hidden directory), ``mkdirs`` (directories to create).
+    ``binds`` ([source, target] read-only bind mounts of directories or files, target inside the
+    sandbox; made after the hiding and the tmpfs mounts, so they may bring back part of a hidden
+    directory), ``mkdirs`` (directories to create).
     ``early``: ``unshare_early`` ran already (in a spare); ``cgroupns``: so did the cgroup namespace.
     Raises OSError naming the failed step.
     """
@@ -96,11 +112,11 @@ def enter(plan: dict, early: bool = False, cgroupns: bool = False) -> None:
         unshare_early(plan["network"])
     if not cgroupns:
         _sys.unshare(_sys.CLONE_NEWCGROUP)
-    _sys.mount("overlay", merged, "overlay", _sys.MS_NOSUID,
-               f"lowerdir={plan['lower']},upperdir={plan['upper']},workdir={plan['work']}")
+    mount_root(plan)
     size = plan["tmp_bytes"]
-    _mount_proc(_inside(merged, "/proc"))
+    _mount_proc(merged)
     _sys.mount("sysfs", _mkdir(merged, "/sys"), "sysfs", _sys.MS_RDONLY | _NOSUID_NODEV | _sys.MS_NOEXEC)
+    _mask(merged, "/sys/")
     _make_dev(_mkdir(merged, "/dev"), size)
     _sys.mount("tmpfs", _mkdir(merged, "/tmp"), "tmpfs", _NOSUID_NODEV, f"mode=1777,size={size}")
     _sys.mount("tmpfs", _mkdir(merged, "/run"), "tmpfs", _NOSUID_NODEV, f"mode=755,size={size}")
@@ -110,7 +126,7 @@ def enter(plan: dict, early: bool = False, cgroupns: bool = False) -> None:
             flags = _NOSUID_NODEV | (0 if writable else _sys.MS_RDONLY)
             _sys.mount("tmpfs", _inside(merged, path), "tmpfs", flags, f"mode=755,size={size if writable else 4096}")
     for source, target in plan.get("binds") or ():
-        path = _mkdir(merged, target)
+        path = _mount_point(merged, target, os.path.isdir(source))
         _sys.mount(source, path, None, _sys.MS_BIND | _sys.MS_REC)
         _sys.mount(None, path, None, _sys.MS_REMOUNT | _sys.MS_BIND | _sys.MS_RDONLY | _sys.MS_REC)
     for path in plan.get("mkdirs") or ():
@@ -124,6 +140,49 @@ def enter(plan: dict, early: bool = False, cgroupns: bool = False) -> None:
     _sys.limit_capabilities(KEEP_CAPABILITIES)
 
 
+def mount_root(plan: dict) -> None:
+    """Mount the sandbox's root filesystem at ``plan["merged"]`` (the oci level calls this too).
+
+    Without ``plan["view"]``: one overlay, lower = ``plan["lower"]``. With it (the host image), the
+    root is ``<upper>/root``, a directory of the sandbox's own, and ``view`` says what it holds:
+    ``links`` ({name: target}: symlinks at the top, such as bin -> usr/bin), ``dirs`` ([path, mode]
+    pairs: empty directories), ``overlays`` (names of host top-level directories, each mounted as an
+    overlay with its upper and work dirs in ``<upper>/<name>`` and ``<work>/<name>``) and
+    ``whiteouts`` ({name: [relative paths]}: what of an overlaid directory is absent inside).
+    """
+    merged, upper, work = plan["merged"], plan["upper"], plan["work"]
+    view = plan.get("view")
+    if view is None:
+        _sys.mount("overlay", merged, "overlay", _sys.MS_NOSUID, f"lowerdir={plan['lower']},upperdir={upper},workdir={work}")
+        return
+    root = _mkdir(upper, "root")
+    _sys.mount(root, merged, None, _sys.MS_BIND)
+    _sys.mount(None, merged, None, _sys.MS_REMOUNT | _sys.MS_BIND | _sys.MS_NOSUID)
+    for name, target in view["links"].items():
+        os.symlink(target, _inside(merged, name))
+    for path, mode in view["dirs"]:
+        os.chmod(_mkdir(merged, path), mode)  # (makedirs obeys the umask)
+    for name in view["overlays"]:
+        lower = os.path.join(plan["lower"], name)
+        hidden = view["whiteouts"].get(name)
+        if hidden:
+            lower = f"{_whiteout_layer(_mkdir(work, name + '-hidden'), hidden)}:{lower}"
+        _sys.mount("overlay", _mkdir(merged, name), "overlay", _sys.MS_NOSUID,
+                   f"lowerdir={lower},upperdir={_mkdir(upper, name)},workdir={_mkdir(work, name)}")
+
+
+def _whiteout_layer(path: str, hidden: list[str]) -> str:
+    """A tmpfs at ``path`` holding an overlay whiteout (a 0/0 character device) for each of the
+    ``hidden`` relative paths: stacked above a lower layer, it makes them absent. A tmpfs, because
+    overlayfs refuses a layer that lies inside another layer (the host's directories)."""
+    _sys.mount("tmpfs", path, "tmpfs", _NOSUID_NODEV, "mode=755,size=64k")
+    for rel in hidden:
+        target = os.path.join(path, rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.mknod(target, stat.S_IFCHR, 0)
+    return path
+
+
 def _inside(merged: str, path: str) -> str:
     return os.path.join(merged, path.lstrip("/"))
 
@@ -134,9 +193,36 @@ def _mkdir(merged: str, path: str) -> str:
     return full
 
 
-def _mount_proc(path: str) -> None:
-    os.makedirs(path, exist_ok=True)
+def _mount_point(merged: str, path: str, directory: bool) -> str:
+    """``path`` inside ``merged``, made as a directory or as an empty file (for a file's bind)."""
+    full = _inside(merged, path)
+    if directory:
+        os.makedirs(full, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        os.close(os.open(full, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+    return full
+
+
+def _mask(merged: str, prefix: str) -> None:
+    """Cover the ``MASKED_PATHS`` under ``prefix`` that exist (inside ``merged``): a file with
+    /dev/null (the host's: /dev is not made yet), a directory with an empty read-only tmpfs."""
+    for masked in MASKED_PATHS:
+        full = _inside(merged, masked)
+        try:
+            is_dir = stat.S_ISDIR(os.lstat(full).st_mode) if masked.startswith(prefix) else None
+        except OSError:
+            continue
+        if is_dir:
+            _sys.mount("tmpfs", full, "tmpfs", _sys.MS_RDONLY | _NOSUID_NODEV | _sys.MS_NOEXEC, "mode=555,size=4k")
+        elif is_dir is not None:
+            _sys.mount("/dev/null", full, None, _sys.MS_BIND)
+
+
+def _mount_proc(merged: str) -> None:
+    path = _mkdir(merged, "/proc")
     _sys.mount("proc", path, "proc", _NOSUID_NODEV | _sys.MS_NOEXEC)
+    _mask(merged, "/proc/")
     for name in PROC_READ_ONLY:
         target = os.path.join(path, name)
         if os.path.exists(target):

@@ -57,7 +57,7 @@ def bundle_config(config: dict, plan: dict) -> dict:
     ]
     for path, writable in plan.get("hide") or ():
         under_tmpfs = any(path.startswith(d + "/") for d in ("/tmp", "/run"))  # hidden by those mounts already
-        if not under_tmpfs and os.path.isdir(os.path.join(plan["lower"], path.lstrip("/"))):
+        if not under_tmpfs and os.path.isdir(os.path.join(plan["merged"], path.lstrip("/"))):  # (mounted by now)
             mounts.append({"destination": path, "type": "tmpfs", "source": "tmpfs",
                            "options": ["nosuid", "nodev", "mode=755"] + ([f"size={size}"] if writable else ["ro", "size=4k"])})
     for source, target in plan.get("binds") or ():
@@ -77,7 +77,7 @@ def bundle_config(config: dict, plan: dict) -> dict:
         "mounts": mounts,
         "linux": {
             "namespaces": [{"type": k} for k in kinds],
-            "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug", "/sys/firmware"],
+            "maskedPaths": list(namespaces.MASKED_PATHS),
             "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
         },
     }
@@ -91,8 +91,7 @@ def run(config: dict, sock_fd: int) -> None:
     layout = cgroups.detect()
     if layout.mode == "hybrid" and layout.v2:
         _sys.umount(layout.v2)  # crun 1.8 refuses hybrid hosts; hidden in this namespace only
-    _sys.mount("overlay", plan["merged"], "overlay", _sys.MS_NOSUID,
-               f"lowerdir={plan['lower']},upperdir={plan['upper']},workdir={plan['work']}")
+    namespaces.mount_root(plan)  # the host image's allow-list, or the image's overlay
     for path in plan.get("mkdirs") or ():
         os.makedirs(os.path.join(plan["merged"], path.lstrip("/")), exist_ok=True)
     bundle = os.path.join(config["dir"], "bundle")
