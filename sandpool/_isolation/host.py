@@ -136,6 +136,7 @@ class Isolation:
             "tmp_bytes": _tmp_bytes(spec), "hide": _hidden(self.state_dir),
             "binds": hostview.python_binds(host_image, self.state_dir, images.store_dir()),
         }
+        plan["paths"] = hostview.client_paths(plan["binds"])
         if host_image:
             plan["view"] = hostview.host_view()
         for key in ("upper", "work", "merged"):

@@ -89,16 +89,21 @@ def interpreter_dirs() -> tuple[str, ...]:
     return tuple(chosen)
 
 
-_sources: dict[str, tuple[str, ...]] = {}  # top-level module name -> its files or package dirs
+_sources: dict[str, tuple[object, tuple[str, ...]]] = {}  # top-level name -> (module, its files or dirs)
 
 
 def client_sources() -> tuple[str, ...]:
     """Real paths of the client's own imported top-level modules (files, with their cached
-    bytecode) and packages (directories), outside the interpreter's directories. Cached per module
-    name: a start looks only at modules imported since the last one."""
-    for name in [n for n in list(sys.modules) if "." not in n and n not in _sources]:
-        _sources[name] = _module_sources(name, sys.modules.get(name))
-    return tuple(sorted({p for paths in _sources.values() for p in paths}))
+    bytecode) and packages (directories), outside the interpreter's directories. Cached per
+    module: a start looks only at modules imported (or replaced) since the last one, and forgets
+    removed ones."""
+    modules = sys.modules
+    for name in [n for n in _sources if modules.get(n) is not _sources[n][0]]:
+        del _sources[name]
+    for name in [n for n in list(modules) if "." not in n and n not in _sources]:
+        module = modules.get(name)
+        _sources[name] = (module, _module_sources(name, module))
+    return tuple(sorted({p for _module, paths in _sources.values() for p in paths}))
 
 
 def _module_sources(name: str, module) -> tuple[str, ...]:
@@ -117,6 +122,18 @@ def _module_sources(name: str, module) -> tuple[str, ...]:
         return ()
     keep = interpreter_dirs()
     return tuple(p for p in found if not _under(p, keep))
+
+
+def client_paths(binds: list[list[str]]) -> list[str]:
+    """The entries of ``sys.path`` (now) that hold a bound source: the agent's import path gets
+    those it lacks (it has the client's ``sys.path`` of when the runtime started)."""
+    targets = [target for _source, target in binds]
+    found = []
+    for entry in sys.path:
+        real = os.path.realpath(entry) if entry else ""
+        if real and real != "/" and any(t.startswith(real + "/") for t in targets) and real not in found:
+            found.append(real)
+    return found
 
 
 def python_binds(host_image: bool, state_dir: str, image_dir: str) -> list[list[str]]:

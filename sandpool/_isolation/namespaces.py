@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 
 from . import _sys
 
@@ -103,7 +104,8 @@ def enter(plan: dict, early: bool = False, cgroupns: bool = False) -> None:
     ``hide`` ([path, writable] pairs: directories of the image covered by an empty tmpfs),
     ``binds`` ([source, target] read-only bind mounts of directories or files, target inside the
     sandbox; made after the hiding and the tmpfs mounts, so they may bring back part of a hidden
-    directory), ``mkdirs`` (directories to create).
+    directory), ``mkdirs`` (directories to create), ``paths`` (directories the agent's ``sys.path``
+    gets at its end, where missing: where the client's modules lie).
     ``early``: ``unshare_early`` ran already (in a spare); ``cgroupns``: so did the cgroup namespace.
     Raises OSError naming the failed step.
     """
@@ -126,7 +128,11 @@ def enter(plan: dict, early: bool = False, cgroupns: bool = False) -> None:
             flags = _NOSUID_NODEV | (0 if writable else _sys.MS_RDONLY)
             _sys.mount("tmpfs", _inside(merged, path), "tmpfs", flags, f"mode=755,size={size if writable else 4096}")
     for source, target in plan.get("binds") or ():
-        path = _mount_point(merged, target, os.path.isdir(source))
+        try:
+            directory = stat.S_ISDIR(os.stat(source).st_mode)
+        except FileNotFoundError:  # a client's module deleted since the plan was made: not needed
+            continue
+        path = _mount_point(merged, target, directory)
         _sys.mount(source, path, None, _sys.MS_BIND | _sys.MS_REC)
         _sys.mount(None, path, None, _sys.MS_REMOUNT | _sys.MS_BIND | _sys.MS_RDONLY | _sys.MS_REC)
     for path in plan.get("mkdirs") or ():
@@ -136,6 +142,7 @@ def enter(plan: dict, early: bool = False, cgroupns: bool = False) -> None:
     _sys.umount(".", _sys.MNT_DETACH)
     os.chdir("/")
     _sys.sethostname(plan["hostname"])
+    sys.path.extend(p for p in plan.get("paths") or () if p not in sys.path)
     _sys.no_new_privs()
     _sys.limit_capabilities(KEEP_CAPABILITIES)
 

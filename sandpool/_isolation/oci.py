@@ -44,7 +44,9 @@ def bundle_config(config: dict, plan: dict) -> dict:
     caps = [f"CAP_{_CAP_NAMES[c]}" for c in sorted(namespaces.KEEP_CAPABILITIES)]
     inside = {k: config[k] for k in ("sandbox_id", "root", "cwd", "env", "argv", "lifetime", "idle_timeout")
               if k in config}
-    inside.update(dir=namespaces.AGENT_DIR, _paths=[p for p in sys.path if p], _package=_package_dir())
+    paths = [p for p in sys.path if p]
+    paths += [p for p in plan.get("paths") or () if p not in paths]  # where the client's modules lie
+    inside.update(dir=namespaces.AGENT_DIR, _paths=paths, _package=_package_dir())
     mounts = [
         {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
