@@ -3,7 +3,7 @@
 Two decisions, both plain data for the sandbox side (``namespaces.mount_root`` and ``enter``):
 
 - ``host_view()``: the ``host`` image is an allow-list of the host's system directories
-  (``SYSTEM_DIRS``), each an overlay, plus empty ``/root``, ``/home`` and ``/var/tmp``; the secrets of
+  (``SYSTEM_DIRS``, through an overlay) on a tmpfs with empty ``/root``, ``/home`` and ``/var/tmp``; the secrets of
   ``/etc`` (``ETC_SECRETS``, and ``ssh/ssh_host_*``) are whited out. Everything else of the host's
   ``/`` is absent: data directories (``/work``, ``/srv``, ``/opt``, ``/var``, ...), homes, the state
   directories of every runtime and the image store wherever they live outside the system
@@ -26,7 +26,7 @@ import site
 import sys
 import sysconfig
 
-#: Top-level entries of the host's ``/`` the host image shows (directories as overlays, symlinks
+#: Top-level entries of the host's ``/`` the host image shows (directories through an overlay, symlinks
 #: such as ``/bin -> usr/bin`` as the same symlinks); the others, where present, are absent.
 SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc")
 #: Paths under ``/etc`` the host image never shows: password and group hashes, sudo rules, PAM's
@@ -43,22 +43,22 @@ SKELETON_DIRS = (("root", 0o700), ("home", 0o755), ("var", 0o755), ("var/tmp", 0
 def host_view(root: str = "/") -> dict:
     """The ``view`` of ``namespaces.mount_root`` for the host image (``root`` is the host's /)."""
     links: dict[str, str] = {}
-    overlays: list[str] = []
+    shown: list[str] = []
     for name in SYSTEM_DIRS:
         path = os.path.join(root, name)
         if os.path.islink(path):
             links[name] = os.readlink(path)
         elif os.path.isdir(path):
-            overlays.append(name)
-    return {"links": links, "overlays": overlays, "dirs": [list(d) for d in SKELETON_DIRS],
-            "whiteouts": {"etc": list(ETC_SECRETS) + _ssh_host_keys(os.path.join(root, "etc", "ssh"))}}
+            shown.append(name)
+    secrets = [f"etc/{p}" for p in ETC_SECRETS + _ssh_host_keys(os.path.join(root, "etc", "ssh"))]
+    return {"links": links, "shown": shown, "dirs": [list(d) for d in SKELETON_DIRS], "whiteouts": secrets}
 
 
-def _ssh_host_keys(ssh_dir: str) -> list[str]:
+def _ssh_host_keys(ssh_dir: str) -> tuple[str, ...]:
     try:
-        return sorted(f"ssh/{n}" for n in os.listdir(ssh_dir) if n.startswith("ssh_host_"))
+        return tuple(sorted(f"ssh/{n}" for n in os.listdir(ssh_dir) if n.startswith("ssh_host_")))
     except OSError:
-        return []
+        return ()
 
 
 @functools.lru_cache(maxsize=1)

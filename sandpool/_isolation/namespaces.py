@@ -9,13 +9,13 @@ dangerous files read-only), read-only ``/sys`` (``/sys/firmware`` covered), a si
 container's capability set.
 
 The root of an image is one overlay (lower = the image, upper and work dirs in the sandbox
-directory). The root of the host image is an allow-list, not the host's ``/``: a directory of the
-sandbox's own (``<upper>/root``) holding empty ``/root``, ``/home`` and ``/var/tmp``, with one
-overlay per system directory of the host (``/usr``, ``/etc``, ``/lib*``, ...; symlinks such as
-``/bin -> usr/bin`` copied as symlinks), so writes anywhere land in the sandbox's upper dir and
-nothing else of the host (``/work``, ``/srv``, ``/opt``, ``/var``, homes, other top-level
-directories, even ones made later) exists inside. Secrets of ``/etc`` are whited out by a small
-tmpfs layer above the host's ``/etc``, so they are absent, not just unreadable. Every mount lives in the sandbox's own mount namespace, so nothing appears in the host's mount
+directory). The root of the host image is an allow-list, not the host's ``/``: a tmpfs of the
+sandbox's own holding empty ``/root``, ``/home`` and ``/var/tmp``, into which the host's system
+directories (``/usr``, ``/etc``, ``/lib*``, ...; symlinks such as ``/bin -> usr/bin`` copied as
+symlinks) are bound from one overlay of the host's ``/``, so writes there land in the sandbox's
+upper dir and nothing else of the host (``/work``, ``/srv``, ``/opt``, ``/var``, homes, other
+top-level directories, even ones made later) exists inside. Secrets of ``/etc`` are whited out by
+a small tmpfs layer in that overlay, so they are absent, not just unreadable. Every mount lives in the sandbox's own mount namespace, so nothing appears in the host's mount
 table and everything is unmounted by the kernel when the sandbox's last process exits.
 
 Stdlib only: the template imports this module.
@@ -151,37 +151,41 @@ def mount_root(plan: dict) -> None:
     """Mount the sandbox's root filesystem at ``plan["merged"]`` (the oci level calls this too).
 
     Without ``plan["view"]``: one overlay, lower = ``plan["lower"]``. With it (the host image), the
-    root is ``<upper>/root``, a directory of the sandbox's own, and ``view`` says what it holds:
-    ``links`` ({name: target}: symlinks at the top, such as bin -> usr/bin), ``dirs`` ([path, mode]
-    pairs: empty directories), ``overlays`` (names of host top-level directories, each mounted as an
-    overlay with its upper and work dirs in ``<upper>/<name>`` and ``<work>/<name>``) and
-    ``whiteouts`` ({name: [relative paths]}: what of an overlaid directory is absent inside).
+    root is a size-limited tmpfs (``tmp_bytes``), and ``view`` says what it holds: ``links``
+    ({name: target}: symlinks at the top, such as bin -> usr/bin), ``dirs`` ([path, mode] pairs:
+    empty directories), ``shown`` (names of top-level directories of ``lower``, bound in from one
+    overlay of ``lower`` whose upper and work dirs are the plan's, so writes there land in the
+    upper dir) and ``whiteouts`` (paths relative to ``lower`` that are absent in that overlay). The
+    overlay itself and its whiteout layer are unmounted from the root once bound: nothing but the
+    shown directories is reachable, however the host's ``/`` changes later.
     """
     merged, upper, work = plan["merged"], plan["upper"], plan["work"]
     view = plan.get("view")
     if view is None:
         _sys.mount("overlay", merged, "overlay", _sys.MS_NOSUID, f"lowerdir={plan['lower']},upperdir={upper},workdir={work}")
         return
-    root = _mkdir(upper, "root")
-    _sys.mount(root, merged, None, _sys.MS_BIND)
-    _sys.mount(None, merged, None, _sys.MS_REMOUNT | _sys.MS_BIND | _sys.MS_NOSUID)
+    _sys.mount("tmpfs", merged, "tmpfs", _NOSUID_NODEV, f"mode=755,size={plan['tmp_bytes']}")
     for name, target in view["links"].items():
         os.symlink(target, _inside(merged, name))
     for path, mode in view["dirs"]:
         os.chmod(_mkdir(merged, path), mode)  # (makedirs obeys the umask)
-    for name in view["overlays"]:
-        lower = os.path.join(plan["lower"], name)
-        hidden = view["whiteouts"].get(name)
-        if hidden:
-            lower = f"{_whiteout_layer(_mkdir(work, name + '-hidden'), hidden)}:{lower}"
-        _sys.mount("overlay", _mkdir(merged, name), "overlay", _sys.MS_NOSUID,
-                   f"lowerdir={lower},upperdir={_mkdir(upper, name)},workdir={_mkdir(work, name)}")
+    lower = plan["lower"]
+    staged = [_mkdir(merged, "/.host")]
+    if view["whiteouts"]:
+        staged.append(_whiteout_layer(_mkdir(merged, "/.hidden"), view["whiteouts"]))
+        lower = f"{staged[1]}:{lower}"
+    _sys.mount("overlay", staged[0], "overlay", _sys.MS_NOSUID, f"lowerdir={lower},upperdir={upper},workdir={work}")
+    for name in view["shown"]:
+        _sys.mount(os.path.join(staged[0], name), _mkdir(merged, name), None, _sys.MS_BIND)
+    for path in staged:  # the binds keep the overlay alive, and the overlay its layers
+        _sys.umount(path, _sys.MNT_DETACH)
+        os.rmdir(path)
 
 
 def _whiteout_layer(path: str, hidden: list[str]) -> str:
     """A tmpfs at ``path`` holding an overlay whiteout (a 0/0 character device) for each of the
     ``hidden`` relative paths: stacked above a lower layer, it makes them absent. A tmpfs, because
-    overlayfs refuses a layer that lies inside another layer (the host's directories)."""
+    overlayfs refuses a layer that lies inside another layer (the host's ``/``)."""
     _sys.mount("tmpfs", path, "tmpfs", _NOSUID_NODEV, "mode=755,size=64k")
     for rel in hidden:
         target = os.path.join(path, rel)
