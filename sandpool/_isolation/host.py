@@ -132,14 +132,15 @@ class Isolation:
         host_image = lower == "/"
         plan = {
             "lower": lower, "upper": os.path.join(fs, "upper"), "work": os.path.join(fs, "work"),
-            "merged": os.path.join(fs, "merged"), "hostname": record.sandbox_id, "network": mode,
+            "merged": os.path.join(fs, "merged"), "stage": os.path.join(fs, "stage"),
+            "hostname": record.sandbox_id, "network": mode,
             "tmp_bytes": _tmp_bytes(spec), "hide": _hidden(self.state_dir),
             "binds": hostview.python_binds(host_image, self.state_dir, images.store_dir()),
         }
         plan["paths"] = hostview.client_paths(plan["binds"])
         if host_image:
             plan["view"] = hostview.host_view()
-        for key in ("upper", "work", "merged"):
+        for key in ("upper", "work", "merged", "stage"):
             os.makedirs(plan[key], exist_ok=True)
         home = "/root"
         cwd = spec.working_dir or "/"  # an image's usual WORKDIR

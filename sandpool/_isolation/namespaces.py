@@ -98,7 +98,7 @@ def unshare_early(network: str, cgroup: bool = False) -> None:
 def enter(plan: dict, early: bool = False, cgroupns: bool = False) -> None:
     """Become the sandbox: namespaces, root filesystem, hostname, network, privileges. See module doc.
 
-    ``plan`` keys: ``lower`` (the image's root), ``upper``, ``work``, ``merged`` (dirs on the host),
+    ``plan`` keys: ``lower`` (the image's root), ``upper``, ``work``, ``merged``, ``stage`` (dirs on the host),
     ``view`` (the host image's allow-list, see ``mount_root``; absent for other images),
     ``hostname``, ``network`` ("none" or "host"), ``tmp_bytes`` (size of /tmp, /run and /dev/shm),
     ``hide`` ([path, writable] pairs: directories of the image covered by an empty tmpfs),
@@ -156,8 +156,9 @@ def mount_root(plan: dict) -> None:
     empty directories), ``shown`` (names of top-level directories of ``lower``, bound in from one
     overlay of ``lower`` whose upper and work dirs are the plan's, so writes there land in the
     upper dir) and ``whiteouts`` (paths relative to ``lower`` that are absent in that overlay). The
-    overlay itself and its whiteout layer are unmounted from the root once bound: nothing but the
-    shown directories is reachable, however the host's ``/`` changes later.
+    overlay itself and its whiteout layer are mounted under ``plan["stage"]``, a host directory
+    outside the new root, and go with the old root (no umount here: each costs an RCU grace
+    period). Nothing but the shown directories is reachable, however the host's ``/`` changes later.
     """
     merged, upper, work = plan["merged"], plan["upper"], plan["work"]
     view = plan.get("view")
@@ -169,24 +170,21 @@ def mount_root(plan: dict) -> None:
         os.symlink(target, _inside(merged, name))
     for path, mode in view["dirs"]:
         os.chmod(_mkdir(merged, path), mode)  # (makedirs obeys the umask)
+    stage = plan["stage"]  # a host directory: what is mounted there goes with the old root
+    _sys.mount("tmpfs", stage, "tmpfs", _NOSUID_NODEV, "mode=700,size=64k")
     lower = plan["lower"]
-    staged = [_mkdir(merged, "/.host")]
     if view["whiteouts"]:
-        staged.append(_whiteout_layer(_mkdir(merged, "/.hidden"), view["whiteouts"]))
-        lower = f"{staged[1]}:{lower}"
-    _sys.mount("overlay", staged[0], "overlay", _sys.MS_NOSUID, f"lowerdir={lower},upperdir={upper},workdir={work}")
+        lower = f"{_whiteout_layer(_mkdir(stage, 'hidden'), view['whiteouts'])}:{lower}"
+    host = _mkdir(stage, "host")
+    _sys.mount("overlay", host, "overlay", _sys.MS_NOSUID, f"lowerdir={lower},upperdir={upper},workdir={work}")
     for name in view["shown"]:
-        _sys.mount(os.path.join(staged[0], name), _mkdir(merged, name), None, _sys.MS_BIND)
-    for path in staged:  # the binds keep the overlay alive, and the overlay its layers
-        _sys.umount(path, _sys.MNT_DETACH)
-        os.rmdir(path)
+        _sys.mount(os.path.join(host, name), _mkdir(merged, name), None, _sys.MS_BIND)
 
 
 def _whiteout_layer(path: str, hidden: list[str]) -> str:
-    """A tmpfs at ``path`` holding an overlay whiteout (a 0/0 character device) for each of the
-    ``hidden`` relative paths: stacked above a lower layer, it makes them absent. A tmpfs, because
-    overlayfs refuses a layer that lies inside another layer (the host's ``/``)."""
-    _sys.mount("tmpfs", path, "tmpfs", _NOSUID_NODEV, "mode=755,size=64k")
+    """``path`` (on a tmpfs) filled with an overlay whiteout (a 0/0 character device) for each of
+    the ``hidden`` relative paths: stacked above a lower layer, it makes them absent. On a tmpfs,
+    because overlayfs refuses a layer that lies inside another layer (the host's ``/``)."""
     for rel in hidden:
         target = os.path.join(path, rel)
         os.makedirs(os.path.dirname(target), exist_ok=True)
