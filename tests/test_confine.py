@@ -14,10 +14,14 @@ def test_absolute_and_relative_paths_map_into_root(tmp_path):
     assert confine(root, cwd, "a/b") == os.path.join(cwd, "a", "b")
 
 
-@pytest.mark.parametrize("path", ["../../etc/passwd", "/../../etc/passwd", "link/passwd"])
+@pytest.mark.parametrize("path", ["../../etc/passwd", "/../../etc/passwd", "link/passwd", "up/up/etc/passwd",
+                                  "/d/../up/etc/passwd"])
 def test_escapes_are_refused(tmp_path, path):
-    """'..' and symlinks that leave the root are refused with a clear reason."""
+    """'..' and symlinks (absolute, or relative ones climbing out) that leave the root are refused
+    with a clear reason."""
     (tmp_path / "link").symlink_to("/etc")
+    (tmp_path / "up").symlink_to("..")
+    (tmp_path / "d").mkdir()
     with pytest.raises(FileOpError) as info:
         confine(str(tmp_path), str(tmp_path), path)
     assert info.value.reason == "CWSANDBOX_FILE_OUTSIDE_SANDBOX"
