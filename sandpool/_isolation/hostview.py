@@ -3,11 +3,11 @@
 Two decisions, both plain data for the sandbox side (``namespaces.mount_root`` and ``enter``):
 
 - ``host_view()``: the ``host`` image is an allow-list of the host's system directories
-  (``SYSTEM_DIRS``, through an overlay) on a tmpfs with empty ``/root``, ``/home`` and ``/var/tmp``; the secrets of
-  ``/etc`` (``ETC_SECRETS``, and ``ssh/ssh_host_*``) are whited out. Everything else of the host's
-  ``/`` is absent: data directories (``/work``, ``/srv``, ``/opt``, ``/var``, ...), homes, the state
-  directories of every runtime and the image store wherever they live outside the system
-  directories.
+  (``SYSTEM_DIRS``, through an overlay) on a tmpfs with empty ``/root``, ``/home`` and
+  ``/var/tmp``; the secrets of ``/etc`` (``ETC_SECRETS``, and ``ssh/ssh_host_*``) are whited out.
+  Everything else of the host's ``/`` is absent: data directories (``/work``, ``/srv``, ``/opt``,
+  ``/var``, ...), homes, the state directories of every runtime and the image store wherever they
+  live outside the system directories.
 - ``python_binds()``: what the agent's interpreter needs of the host, bound read-only at the same
   paths: the interpreter's prefixes (stdlib and site-packages), sandpool's own package, other
   site-packages directories on ``sys.path``, and the client's own modules (``client_sources``):
@@ -26,8 +26,8 @@ import site
 import sys
 import sysconfig
 
-#: Top-level entries of the host's ``/`` the host image shows (directories through an overlay, symlinks
-#: such as ``/bin -> usr/bin`` as the same symlinks); the others, where present, are absent.
+#: Top-level entries of the host's ``/`` the host image shows (directories through an overlay,
+#: symlinks such as ``/bin -> usr/bin`` as the same symlinks); the others, where present, are absent.
 SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc")
 #: Paths under ``/etc`` the host image never shows: password and group hashes, sudo rules, PAM's
 #: old passwords, TLS private keys, Kerberos keytabs, IPsec/PPP/WireGuard/NetworkManager secrets,

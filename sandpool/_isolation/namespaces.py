@@ -15,7 +15,9 @@ directories (``/usr``, ``/etc``, ``/lib*``, ...; symlinks such as ``/bin -> usr/
 symlinks) are bound from one overlay of the host's ``/``, so writes there land in the sandbox's
 upper dir and nothing else of the host (``/work``, ``/srv``, ``/opt``, ``/var``, homes, other
 top-level directories, even ones made later) exists inside. Secrets of ``/etc`` are whited out by
-a small tmpfs layer in that overlay, so they are absent, not just unreadable. Every mount lives in the sandbox's own mount namespace, so nothing appears in the host's mount
+a small tmpfs layer in that overlay, so they are absent, not just unreadable.
+
+Every mount lives in the sandbox's own mount namespace, so nothing appears in the host's mount
 table and everything is unmounted by the kernel when the sandbox's last process exits.
 
 Stdlib only: the template imports this module.
@@ -98,8 +100,8 @@ def unshare_early(network: str, cgroup: bool = False) -> None:
 def enter(plan: dict, early: bool = False, cgroupns: bool = False) -> None:
     """Become the sandbox: namespaces, root filesystem, hostname, network, privileges. See module doc.
 
-    ``plan`` keys: ``lower`` (the image's root), ``upper``, ``work``, ``merged``, ``stage`` (dirs on the host),
-    ``view`` (the host image's allow-list, see ``mount_root``; absent for other images),
+    ``plan`` keys: ``lower`` (the image's root), ``upper``, ``work``, ``merged``, ``stage`` (dirs on
+    the host), ``view`` (the host image's allow-list, see ``mount_root``; absent for other images),
     ``hostname``, ``network`` ("none" or "host"), ``tmp_bytes`` (size of /tmp, /run and /dev/shm),
     ``hide`` ([path, writable] pairs: directories of the image covered by an empty tmpfs),
     ``binds`` ([source, target] read-only bind mounts of directories or files, target inside the
@@ -163,7 +165,8 @@ def mount_root(plan: dict) -> None:
     merged, upper, work = plan["merged"], plan["upper"], plan["work"]
     view = plan.get("view")
     if view is None:
-        _sys.mount("overlay", merged, "overlay", _sys.MS_NOSUID, f"lowerdir={plan['lower']},upperdir={upper},workdir={work}")
+        _sys.mount("overlay", merged, "overlay", _sys.MS_NOSUID,
+                   f"lowerdir={plan['lower']},upperdir={upper},workdir={work}")
         return
     _sys.mount("tmpfs", merged, "tmpfs", _NOSUID_NODEV, f"mode=755,size={plan['tmp_bytes']}")
     for name, target in view["links"].items():
