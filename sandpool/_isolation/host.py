@@ -132,15 +132,15 @@ class Isolation:
         host_image = lower == "/"
         plan = {
             "lower": lower, "upper": os.path.join(fs, "upper"), "work": os.path.join(fs, "work"),
-            "merged": os.path.join(fs, "merged"), "stage": os.path.join(fs, "stage"),
-            "hostname": record.sandbox_id, "network": mode,
+            "merged": os.path.join(fs, "merged"), "hostname": record.sandbox_id, "network": mode,
+            "stage": config["root"],  # the process level's root dir: made already, unused at this level
             "tmp_bytes": _tmp_bytes(spec), "hide": _hidden(self.state_dir),
             "binds": hostview.python_binds(host_image, self.state_dir, images.store_dir()),
         }
         plan["paths"] = hostview.client_paths(plan["binds"])
         if host_image:
             plan["view"] = hostview.host_view()
-        for key in ("upper", "work", "merged", "stage"):
+        for key in ("upper", "work", "merged"):
             os.makedirs(plan[key], exist_ok=True)
         home = "/root"
         cwd = spec.working_dir or "/"  # an image's usual WORKDIR
@@ -202,4 +202,4 @@ def _hidden(state_dir: str) -> list[list]:
     """Directories to cover with an empty read-only tmpfs where the image shows them: sandpool's
     state (other sandboxes' files) and its image store. The host image shows neither unless they
     lie in one of its system directories; other runtimes' state directories lie outside those."""
-    return [[os.path.realpath(state_dir), False], [os.path.realpath(images.store_dir()), False]]
+    return [[hostview.realpath(state_dir), False], [hostview.realpath(images.store_dir()), False]]

@@ -40,8 +40,25 @@ ETC_SECRETS = ("shadow", "shadow-", "gshadow", "gshadow-", "sudoers", "sudoers.d
 SKELETON_DIRS = (("root", 0o700), ("home", 0o755), ("var", 0o755), ("var/tmp", 0o1777))
 
 
+#: ``os.path.realpath`` for the few paths asked per start (state dir, image store, sys.path
+#: entries): an lstat per path component otherwise.
+realpath = functools.lru_cache(maxsize=256)(os.path.realpath)
+
+
 def host_view(root: str = "/") -> dict:
-    """The ``view`` of ``namespaces.mount_root`` for the host image (``root`` is the host's /)."""
+    """The ``view`` of ``namespaces.mount_root`` for the host image (``root`` is the host's /),
+    made again when ``root`` or its ``etc/ssh`` changed (two stats per start)."""
+    key = []
+    for path in (root, os.path.join(root, "etc", "ssh")):
+        try:
+            key.append(os.stat(path).st_mtime_ns)
+        except OSError:
+            key.append(None)
+    return _host_view(root, tuple(key))
+
+
+@functools.lru_cache(maxsize=4)
+def _host_view(root: str, _mtimes: tuple) -> dict:
     links: dict[str, str] = {}
     shown: list[str] = []
     for name in SYSTEM_DIRS:
@@ -97,13 +114,22 @@ def client_sources() -> tuple[str, ...]:
     bytecode) and packages (directories), outside the interpreter's directories. Cached per
     module: a start looks only at modules imported (or replaced) since the last one, and forgets
     removed ones."""
-    modules = sys.modules
-    for name in [n for n in _sources if modules.get(n) is not _sources[n][0]]:
-        del _sources[name]
-    for name in [n for n in list(modules) if "." not in n and n not in _sources]:
-        module = modules.get(name)
-        _sources[name] = (module, _module_sources(name, module))
-    return tuple(sorted({p for _module, paths in _sources.values() for p in paths}))
+    tops = 0
+    for name, module in list(sys.modules.items()):
+        if "." not in name:
+            tops += 1
+            known = _sources.get(name)
+            if known is None or known[0] is not module:
+                _sources[name] = (module, _module_sources(name, module))
+    if len(_sources) != tops:  # some were removed from sys.modules
+        for name in [n for n in _sources if n not in sys.modules]:
+            del _sources[name]
+    return _paths_of(tuple(paths for _module, paths in _sources.values() if paths))
+
+
+@functools.lru_cache(maxsize=16)
+def _paths_of(groups: tuple[tuple[str, ...], ...]) -> tuple[str, ...]:
+    return tuple(sorted({p for paths in groups for p in paths}))
 
 
 def _module_sources(name: str, module) -> tuple[str, ...]:
@@ -130,7 +156,7 @@ def client_paths(binds: list[list[str]]) -> list[str]:
     targets = [target for _source, target in binds]
     found = []
     for entry in sys.path:
-        real = os.path.realpath(entry) if entry else ""
+        real = realpath(entry) if entry else ""
         if real and real != "/" and any(t.startswith(real + "/") for t in targets) and real not in found:
             found.append(real)
     return found
@@ -143,8 +169,7 @@ def python_binds(host_image: bool, state_dir: str, image_dir: str) -> list[list[
     that holds (or lies in) the state directory or the image store: those would show other
     sandboxes' files again; nor a top-level directory (``/tmp`` holds other runtimes' state).
     """
-    return _binds(host_image, os.path.realpath(state_dir), os.path.realpath(image_dir),
-                  interpreter_dirs(), client_sources())
+    return _binds(host_image, realpath(state_dir), realpath(image_dir), interpreter_dirs(), client_sources())
 
 
 @functools.lru_cache(maxsize=16)
