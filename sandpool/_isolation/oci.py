@@ -4,8 +4,8 @@ The template forks a child as for the ``process`` level; ``run(config, sock_fd)`
 joins the sandbox's cgroups (created by the runtime, as for ``namespaces``), makes a private mount
 namespace, mounts the overlay (lower = the image, upper/work in the sandbox dir), writes the bundle's
 ``config.json`` and execs ``crun run``, passing the agent's socket as fd 3. Inside, a fresh
-interpreter runs the agent as PID 1, in the namespaces, mounts and capability set of the namespaces
-level. crun's cgroup manager is off: the container stays in the cgroups the child joined, so limits,
+interpreter runs the agent as PID 1, in the namespaces, mounts, capability set and syscall filter of
+the namespaces level (``seccomp.oci_section``), with Docker's masked and read-only /proc paths. crun's cgroup manager is off: the container stays in the cgroups the child joined, so limits,
 OOM handling and the final ``cgroup.kill`` are the same as at the namespaces level. crun keeps its
 state under the sandbox dir (``--root``), so nothing is left in ``/run/crun``.
 
@@ -21,10 +21,16 @@ import os
 import shutil
 import sys
 
-from . import _sys, cgroups, namespaces
+from . import _sys, cgroups, namespaces, seccomp
 
 _CAP_NAMES = {0: "CHOWN", 1: "DAC_OVERRIDE", 3: "FOWNER", 4: "FSETID", 5: "KILL", 6: "SETGID", 7: "SETUID",
               8: "SETPCAP", 10: "NET_BIND_SERVICE", 18: "SYS_CHROOT", 29: "AUDIT_WRITE", 31: "SETFCAP"}
+#: Docker's defaults: files of /proc and /sys crun covers (/dev/null, or an empty read-only tmpfs for
+#: a directory), and those it makes read-only.
+MASKED_PATHS = ("/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
+                "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware",
+                "/sys/devices/virtual/powercap")
+READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 _BOOT = (
     "import sys,types,json,os,socket;"
     "c=json.loads(sys.argv[1]);sys.path[:0]=c.pop('_paths');"
@@ -77,8 +83,9 @@ def bundle_config(config: dict, plan: dict) -> dict:
         "mounts": mounts,
         "linux": {
             "namespaces": [{"type": k} for k in kinds],
-            "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug", "/sys/firmware"],
-            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
+            "maskedPaths": list(MASKED_PATHS),
+            "readonlyPaths": list(READONLY_PATHS),
+            "seccomp": seccomp.oci_section(),  # crun loads it just before it execs the agent
         },
     }
 
