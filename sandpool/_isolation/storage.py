@@ -21,6 +21,8 @@ from . import _sys
 #: machine's memory if that is less, so a few sandboxes writing all they may cannot exhaust the host.
 DEFAULT_MAX_BYTES = 2**30
 DEFAULT_MEMORY_SHARE = 10
+#: The smallest size: a tmpfs of size 0 would have no limit at all.
+MIN_BYTES = 2**20
 #: The trees beside the upper layer, bound onto their mount points; name -> mode.
 TREES = {"tmp": 0o1777, "run": 0o755, "shm": 0o1777}
 
@@ -36,9 +38,9 @@ def default_bytes() -> int:
 
 def size_bytes(ephemeral_limit: int | None, memory_limit: int | None) -> int:
     """The tmpfs size: the ``ephemeral-storage`` limit (or the default), at most the memory limit,
-    which the pages count against anyway."""
+    which the pages count against anyway, and at least ``MIN_BYTES``."""
     size = ephemeral_limit if ephemeral_limit is not None else default_bytes()
-    return min(size, memory_limit) if memory_limit else size
+    return max(MIN_BYTES, min(size, memory_limit) if memory_limit else size)
 
 
 def mount(plan: dict) -> None:

@@ -97,3 +97,11 @@ def test_default_limit_applies_when_unset(session):
     assert df_bytes(sb, "/")[0] == df_bytes(sb, "/tmp")[0] == storage.default_bytes() <= 2**30
     capped = session.sandbox(resources={"limits": {"memory": "96Mi"}})
     assert df_bytes(capped, "/")[0] == 96 << 20
+
+
+def test_a_zero_limit_is_not_unlimited(session):
+    """ephemeral-storage "0" (which a tmpfs would read as no limit) gives the 1 MiB minimum."""
+    sb = session.sandbox(resources={"limits": {"ephemeral-storage": "0"}})
+    assert df_bytes(sb, "/")[0] == storage.MIN_BYTES
+    assert "No space left" in sh(sb, "dd if=/dev/zero of=/f bs=1M count=4 2>&1").stdout
+    assert sh(sb, "rm /f; echo ok").stdout == "ok\n"
