@@ -15,11 +15,9 @@ import os
 
 import pytest
 
-from sandpool import Session
-from sandpool._isolation import probe, seccomp
+from sandpool._isolation import seccomp
 
 PYTHON = "/usr/bin/python3"  # the host image's own interpreter (stdlib ctypes is all the scripts use)
-LEVELS = ("namespaces", "oci")
 #: Run first in every attack script: ``sc(name, *args)`` makes the raw syscall and answers "OK" or
 #: the errno's name. Numbers come from the test process (libseccomp's table for this machine).
 PRELUDE = """
@@ -44,15 +42,11 @@ def numbers(*names: str) -> dict[str, int]:
     return {name: nr for name, nr in found.items() if nr >= 0}
 
 
-@pytest.fixture(params=LEVELS)
-def session(request):
-    why = probe.unavailable(request.param)
-    if why:
-        pytest.skip(f"{request.param} level unavailable: {why}")
+@pytest.fixture
+def session(contained):
     if not os.path.exists(PYTHON):
         pytest.skip(f"{PYTHON} is missing from the host image")
-    with Session(defaults={"isolation": request.param}) as s:
-        yield s
+    return contained
 
 
 def attack(sandbox, script: str, *names: str) -> list[str]:
