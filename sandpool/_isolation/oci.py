@@ -3,12 +3,13 @@
 The template forks a child as for the ``process`` level; ``run(config, sock_fd)`` then, in that child:
 joins the sandbox's cgroups (created by the runtime, as for ``namespaces``), makes a private mount
 namespace, mounts the sandbox's writable tmpfs and on it the overlay's upper/work dirs (``storage``)
-and the overlay (lower = the image), writes the bundle's
-``config.json`` and execs ``crun run``, passing the agent's socket as fd 3. Inside, a fresh
-interpreter runs the agent as PID 1, in the namespaces, mounts, capability set and syscall filter of
-the namespaces level (``seccomp.oci_section``), with Docker's masked and read-only /proc paths. crun's cgroup manager is off: the container stays in the cgroups the child joined, so limits,
-OOM handling and the final ``cgroup.kill`` are the same as at the namespaces level. crun keeps its
-state under the sandbox dir (``--root``), so nothing is left in ``/run/crun``.
+and the overlay (lower = the image), writes the bundle's ``config.json`` and execs ``crun run``,
+passing the agent's socket as fd 3. Inside, a fresh interpreter runs the agent as PID 1, in the
+namespaces, mounts, capability set and syscall filter of the namespaces level
+(``seccomp.oci_section``), with Docker's masked and read-only /proc paths. crun's cgroup manager is
+off: the container stays in the cgroups the child joined, so limits, OOM handling and the final
+``cgroup.kill`` are the same as at the namespaces level. crun keeps its state under the sandbox dir
+(``--root``), so nothing is left in ``/run/crun``.
 
 On a hybrid cgroup host crun 1.8 refuses to run ("cgroups in hybrid mode not supported"); the child
 hides the v2 mount inside its own mount namespace, which changes nothing for anyone else.
@@ -28,8 +29,8 @@ _CAP_NAMES = {0: "CHOWN", 1: "DAC_OVERRIDE", 3: "FOWNER", 4: "FSETID", 5: "KILL"
               8: "SETPCAP", 10: "NET_BIND_SERVICE", 18: "SYS_CHROOT", 29: "AUDIT_WRITE", 31: "SETFCAP"}
 #: Docker's defaults: files of /proc and /sys crun covers (/dev/null, or an empty read-only tmpfs for
 #: a directory), and those it makes read-only.
-MASKED_PATHS = ("/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
-                "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware",
+MASKED_PATHS = ("/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+                "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware",
                 "/sys/devices/virtual/powercap")
 READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 _BOOT = (

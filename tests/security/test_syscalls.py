@@ -15,7 +15,8 @@ import os
 
 import pytest
 
-from sandpool._isolation import seccomp
+from sandpool import SandboxFailedError, Session
+from sandpool._isolation import probe, seccomp
 
 PYTHON = "/usr/bin/python3"  # the host image's own interpreter (stdlib ctypes is all the scripts use)
 #: Run first in every attack script: ``sc(name, *args)`` makes the raw syscall and answers "OK" or
@@ -199,3 +200,22 @@ def test_oci_bundle_carries_the_same_rules():
     assert section["defaultAction"] == "SCMP_ACT_ALLOW"
     assert {rule["names"][0] for rule in section["syscalls"] if "args" in rule} == {"clone", "ioctl", "socket",
                                                                                     "personality"}
+
+
+def test_without_libseccomp_the_levels_refuse_to_start(monkeypatch):
+    """No libseccomp: namespaces and oci are unavailable, saying why (never run unfiltered), and
+    'auto' picks the process level."""
+    if probe.unavailable("namespaces"):
+        pytest.skip(f"namespaces level unavailable anyway: {probe.unavailable('namespaces')}")
+    monkeypatch.setattr(seccomp, "_library", lambda: None)
+    probe.unavailable.cache_clear()
+    try:
+        assert probe.best() == "process"
+        with Session() as session:
+            sb = session.sandbox(isolation="namespaces")
+            with pytest.raises(SandboxFailedError, match=r"libseccomp is not installed .*never run unfiltered"):
+                sb.wait()
+            with pytest.raises(OSError, match="libseccomp"):
+                seccomp.program.__wrapped__()
+    finally:
+        probe.unavailable.cache_clear()
