@@ -15,8 +15,8 @@ that is not timed), and once more including the first ``exec(["true"])``, taking
 - namespaces, debian:bookworm: another image as the overlay's lower layer (if it is in the store).
 
 With ``--against DIR`` (another checkout, e.g. the main branch), it measures only the namespaces
-level of this checkout and of DIR, in child processes taken in turn (3 runs, each ``n`` starts,
-starts with a first exec, and execs in a running sandbox): the cost of what this checkout adds, such
+level of this checkout and of DIR: two child processes, one per checkout, take each sample in turn
+(3 runs, each ``n`` starts, starts with a first exec, and execs in a running sandbox): the cost of what this checkout adds, such
 as the syscall filter and the tmpfs-backed writable layer. Target: at most 10% slower.
 
 Also the first two levels started one by one 100 ms apart (now and then, not in a burst). Then 100
@@ -81,35 +81,56 @@ def interleaved_starts(session: Session, n: int, levels: list) -> dict:
     return samples
 
 
-#: Run in a child with PYTHONPATH set to a checkout: p50s (ms) of the namespaces level, as JSON.
+#: Run in a child with PYTHONPATH set to a checkout: one timed sample (seconds) per line read from
+#: stdin ("start", "start_exec" or "exec"), so two checkouts' samples can be taken in turn.
 _AGAINST_CHILD = """
-import json, sys, time
+import sys, time
 import sandpool
-from _measure import latency, timed
 from bench_isolation import one_start
-n = int(sys.argv[1])
 with sandpool.Session(defaults={"isolation": "namespaces"}) as session:
     for _ in range(5):
         one_start(session, {}, True)
-    starts = [one_start(session, {}, False) for _ in range(n)]
-    both = [one_start(session, {}, True) for _ in range(n)]
     sandbox = session.sandbox()
-    execs = timed(n, lambda: sandbox.exec(["true"]).result())
-print(json.dumps({"package": sandpool.__file__, "start": latency(starts)["p50_ms"],
-                  "start_exec": latency(both)["p50_ms"], "exec": latency(execs)["p50_ms"]}))
+    sandbox.exec(["true"]).result()
+    print(sandpool.__file__, flush=True)
+    for line in sys.stdin:
+        if line.strip() == "exec":
+            began = time.perf_counter()
+            sandbox.exec(["true"]).result()
+            elapsed = time.perf_counter() - began
+        else:
+            elapsed = one_start(session, {}, line.strip() == "start_exec")
+        print(elapsed, flush=True)
 """
+_KINDS = ("start", "start_exec", "exec")
 
 
 def against(other: str, n: int, reps: int) -> dict:
-    """This checkout's namespaces level beside ``other``'s, in alternating child processes."""
+    """This checkout's namespaces level beside ``other``'s: per run, two child processes (one per
+    checkout) take each sample in turn, the order swapped every round, so load from elsewhere
+    falls on both alike. Returns per run and checkout the p50 (ms) of each kind."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bench_dir = os.path.dirname(os.path.abspath(__file__))
     runs: dict = {"this": [], "other": []}
     for _ in range(reps):
+        children = {}
         for key, root in (("this", here), ("other", other)):
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.path.dirname(os.path.abspath(__file__))])}
-            out = subprocess.run([sys.executable, "-c", _AGAINST_CHILD, str(n)], env=env, check=True, cwd="/",
-                                 capture_output=True, text=True).stdout
-            runs[key].append(json.loads(out.strip().splitlines()[-1]))
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, bench_dir])}
+            child = subprocess.Popen([sys.executable, "-c", _AGAINST_CHILD], env=env, cwd="/", text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            children[key] = (child, child.stdout.readline().strip())
+        samples = {key: {kind: [] for kind in _KINDS} for key in children}
+        for i in range(n):
+            for kind in _KINDS:
+                for key in (("this", "other") if i % 2 else ("other", "this")):
+                    child = children[key][0]
+                    child.stdin.write(kind + "\n")
+                    child.stdin.flush()
+                    samples[key][kind].append(float(child.stdout.readline()))
+        for key, (child, package) in children.items():
+            child.stdin.close()
+            child.wait()
+            runs[key].append({"package": package, **{k: summary(v)["p50_ms"] for k, v in samples[key].items()}})
     return runs
 
 
@@ -117,9 +138,9 @@ def print_against(runs: dict) -> None:
     print(f"| run | namespaces | this checkout p50 | {runs['other'][0]['package']} p50 | ratio |")
     print("|---|---|---:|---:|---:|")
     for i, (mine, theirs) in enumerate(zip(runs["this"], runs["other"]), 1):
-        for kind in ("start", "start_exec", "exec"):
+        for kind in _KINDS:
             print(f"| {i} | {kind} | {mine[kind]:.2f} ms | {theirs[kind]:.2f} ms | {mine[kind] / theirs[kind]:.2f}x |")
-    for kind in ("start", "start_exec", "exec"):
+    for kind in _KINDS:
         ratio = statistics.median(m[kind] / t[kind] for m, t in zip(runs["this"], runs["other"]))
         print(f"median ratio, {kind}: {ratio:.2f}x")
 
