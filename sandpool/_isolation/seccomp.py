@@ -110,12 +110,22 @@ class _ArgCmp(ctypes.Structure):
                 ("datum_b", ctypes.c_uint64)]
 
 
+def _load() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libseccomp.so.2", use_errno=True)
+    except OSError:
+        pass
+    name = ctypes.util.find_library("seccomp")  # a search (it runs ldconfig): only if the usual name fails
+    try:
+        return ctypes.CDLL(name, use_errno=True) if name else None
+    except OSError:
+        return None
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("seccomp") or "libseccomp.so.2"
-    try:
-        lib = ctypes.CDLL(name, use_errno=True)
-    except OSError:
+    lib = _load()
+    if lib is None:
         return None
     lib.seccomp_init.restype = ctypes.c_void_p
     lib.seccomp_init.argtypes = [ctypes.c_uint32]
@@ -154,7 +164,7 @@ def program() -> bytes:
         # a binary tree of syscall numbers, not a list: the kernel replays the filter for every
         # syscall number when it loads it (to cache the always-allowed ones), and calls that stay
         # uncached (clone, ioctl) walk fewer instructions
-        _check(lib.seccomp_attr_set(ctx, _FLTATR_CTL_OPTIMIZE, 2), "seccomp_attr_set(CTL_OPTIMIZE)")
+        lib.seccomp_attr_set(ctx, _FLTATR_CTL_OPTIMIZE, 2)  # libseccomp >= 2.5; a list before that
         for arch in _SUB_ARCHES:
             _check(lib.seccomp_arch_add(ctx, lib.seccomp_arch_resolve_name(arch.encode())), f"seccomp_arch_add({arch})")
         for name, err, cond in RULES:
