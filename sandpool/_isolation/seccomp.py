@@ -60,9 +60,9 @@ DENIED_IOCTLS = (0x5412, 0x541C)  # TIOCSTI, TIOCLINUX
 PERSONALITY_ALLOWED = (0x0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF)
 AF_VSOCK = 40  # host/VM sockets: a way out of the network namespace
 
-# libseccomp's comparison operators and actions
-_NE, _EQ, _MASKED_EQ = 1, 4, 7
-_OPS = {_NE: "SCMP_CMP_NE", _EQ: "SCMP_CMP_EQ", _MASKED_EQ: "SCMP_CMP_MASKED_EQ"}
+# libseccomp's comparison operator (the only one the rules use), actions and attributes
+_MASKED_EQ = 7
+_OPS = {_MASKED_EQ: "SCMP_CMP_MASKED_EQ"}
 _ACT_ALLOW = 0x7FFF0000
 _FLTATR_CTL_OPTIMIZE = 8
 _LOW32 = 0xFFFFFFFF
@@ -92,7 +92,8 @@ def _personality_rules() -> list[tuple[str, int, tuple[int, int, int, int]]]:
     reads it). Bit 31 is in no flag, so it tells the query (all ones) apart: a value with bit 31
     clear is denied when it has a bit other than PER_LINUX32 and UNAME26 set; a value with bit 31
     set is denied when any bit is clear."""
-    allowed_bits, top = 0x20008, 1 << 31
+    top = 1 << 31
+    allowed_bits = functools.reduce(int.__or__, (v for v in PERSONALITY_ALLOWED if not v & top))
     rules = [("personality", errno.EPERM, (0, _MASKED_EQ, (1 << b) | top, 1 << b))
              for b in range(31) if not (1 << b) & allowed_bits]
     rules += [("personality", errno.EPERM, (0, _MASKED_EQ, (1 << b) | top, top)) for b in range(31)]
