@@ -3,10 +3,10 @@
 The template forks the agent into a new pid namespace (``fork_into_pid_namespace``), so the agent is
 PID 1 there and the template still reaps it directly. The agent then calls ``enter(plan)``: new
 mount, uts, ipc, cgroup and (unless the network is shared) net namespaces; an overlay root (lower =
-the image, upper and work dirs in the sandbox directory) made the root with pivot_root; a fresh
-``/proc`` (with its dangerous files read-only), read-only ``/sys``, a size-limited tmpfs ``/tmp`` and
-``/run``, a minimal ``/dev``; the hostname; ``lo`` up; then no_new_privs and a container's capability
-set. Every mount lives in the sandbox's own mount namespace, so nothing appears in the host's mount
+the image, upper and work dirs on the sandbox's size-limited tmpfs, see ``storage``) made the root
+with pivot_root; a fresh ``/proc`` (with its dangerous files read-only), read-only ``/sys``, ``/tmp``,
+``/run`` and ``/dev/shm`` on that same tmpfs, a minimal ``/dev``; the hostname; ``lo`` up; then
+no_new_privs and a container's capability set. Every mount lives in the sandbox's own mount namespace, so nothing appears in the host's mount
 table and everything is unmounted by the kernel when the sandbox's last process exits.
 
 Stdlib only: the template imports this module.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import stat
 
-from . import _sys
+from . import _sys, storage
 
 #: What exec'd processes keep (Docker's default set minus MKNOD and NET_RAW): no mount, no module
 #: loading, no raw devices, no ptrace across the pid namespace boundary, no clock or sysctl changes.
@@ -84,7 +84,9 @@ def enter(plan: dict, early: bool = False, cgroupns: bool = False) -> None:
     """Become the sandbox: namespaces, root filesystem, hostname, network, privileges. See module doc.
 
     ``plan`` keys: ``lower`` (the image's root), ``upper``, ``work``, ``merged`` (dirs on the host),
-    ``hostname``, ``network`` ("none" or "host"), ``tmp_bytes`` (size of /tmp, /run and /dev/shm),
+    ``hostname``, ``network`` ("none" or "host"), ``scratch`` (the dir holding upper and work, where
+    ``storage`` mounts the sandbox's writable tmpfs), ``tmp_bytes`` (its size, shared by the upper
+    layer, /tmp, /run and /dev/shm),
     ``hide`` ([path, writable] pairs: directories of the image covered by an empty tmpfs),
     ``binds`` ([source, target] read-only bind mounts, target inside the sandbox; made after the
     hiding, so they may bring back part of a hidden directory), ``mkdirs`` (directories to create).
@@ -96,14 +98,15 @@ def enter(plan: dict, early: bool = False, cgroupns: bool = False) -> None:
         unshare_early(plan["network"])
     if not cgroupns:
         _sys.unshare(_sys.CLONE_NEWCGROUP)
+    storage.mount(plan)
     _sys.mount("overlay", merged, "overlay", _sys.MS_NOSUID,
                f"lowerdir={plan['lower']},upperdir={plan['upper']},workdir={plan['work']}")
     size = plan["tmp_bytes"]
     _mount_proc(_inside(merged, "/proc"))
     _sys.mount("sysfs", _mkdir(merged, "/sys"), "sysfs", _sys.MS_RDONLY | _NOSUID_NODEV | _sys.MS_NOEXEC)
-    _make_dev(_mkdir(merged, "/dev"), size)
-    _sys.mount("tmpfs", _mkdir(merged, "/tmp"), "tmpfs", _NOSUID_NODEV, f"mode=1777,size={size}")
-    _sys.mount("tmpfs", _mkdir(merged, "/run"), "tmpfs", _NOSUID_NODEV, f"mode=755,size={size}")
+    _make_dev(_mkdir(merged, "/dev"), plan)
+    for tree in ("tmp", "run"):
+        storage.bind(plan, tree, _mkdir(merged, "/" + tree))
     os.makedirs(_inside(merged, AGENT_DIR), 0o700)
     for path, writable in plan.get("hide") or ():
         if os.path.isdir(_inside(merged, path)):
@@ -144,7 +147,7 @@ def _mount_proc(path: str) -> None:
             _sys.mount(None, target, None, _sys.MS_REMOUNT | _sys.MS_BIND | _sys.MS_RDONLY)
 
 
-def _make_dev(dev: str, size: int) -> None:
+def _make_dev(dev: str, plan: dict) -> None:
     _sys.mount("tmpfs", dev, "tmpfs", _sys.MS_NOSUID | _sys.MS_NOEXEC, "mode=755,size=64k")
     for name, (major, minor) in DEVICES.items():
         os.mknod(os.path.join(dev, name), stat.S_IFCHR | 0o666, os.makedev(major, minor))
@@ -155,4 +158,4 @@ def _make_dev(dev: str, size: int) -> None:
     _sys.mount("devpts", os.path.join(dev, "pts"), "devpts", _sys.MS_NOSUID | _sys.MS_NOEXEC,
                "newinstance,ptmxmode=0666,mode=620")
     os.mkdir(os.path.join(dev, "shm"))
-    _sys.mount("tmpfs", os.path.join(dev, "shm"), "tmpfs", _NOSUID_NODEV, f"mode=1777,size={size}")
+    storage.bind(plan, "shm", os.path.join(dev, "shm"))
