@@ -14,6 +14,11 @@ that is not timed), and once more including the first ``exec(["true"])``, taking
 - oci (crun):   the same sandbox as an OCI bundle run by crun (a fresh interpreter as the agent).
 - namespaces, debian:bookworm: another image as the overlay's lower layer (if it is in the store).
 
+With ``--against DIR`` (another checkout, e.g. the main branch), it measures only the namespaces
+level of this checkout and of DIR: two child processes, one per checkout, take each sample in turn
+(3 runs, each ``n`` starts, starts with a first exec, and execs in a running sandbox): the cost of what this checkout adds, such
+as the syscall filter and the tmpfs-backed writable layer. Target: at most 10% slower.
+
 Also the first two levels started one by one 100 ms apart (now and then, not in a burst). Then 100
 namespaces sandboxes started at once until all run and stopped at once (wall time; floor:
 100 such ``unshare ... true`` started at once and reaped). Target: namespaces within 1.5x of process.
@@ -76,6 +81,102 @@ def interleaved_starts(session: Session, n: int, levels: list) -> dict:
     return samples
 
 
+#: Run in a child with PYTHONPATH set to a checkout: one timed sample (seconds) per line read from
+#: stdin ("start", "start_exec" or "exec"), so two checkouts' samples can be taken in turn.
+_AGAINST_CHILD = """
+import sys, time
+import sandpool
+from bench_isolation import one_start
+with sandpool.Session(defaults={"isolation": "namespaces"}) as session:
+    for _ in range(5):
+        one_start(session, {}, True)
+    sandbox = session.sandbox()
+    sandbox.exec(["true"]).result()
+    print(sandpool.__file__, flush=True)
+    for line in sys.stdin:
+        if line.strip() == "exec":
+            began = time.perf_counter()
+            sandbox.exec(["true"]).result()
+            elapsed = time.perf_counter() - began
+        else:
+            elapsed = one_start(session, {}, line.strip() == "start_exec")
+        print(elapsed, flush=True)
+"""
+_KINDS = ("start", "start_exec", "exec")
+
+
+def against(other: str, n: int, reps: int) -> dict:
+    """This checkout's namespaces level beside ``other``'s: per run, two child processes (one per
+    checkout) take each sample in turn, the order swapped every round, so load from elsewhere
+    falls on both alike. Returns per run and checkout the p50 (ms) of each kind."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bench_dir = os.path.dirname(os.path.abspath(__file__))
+    runs: dict = {"this": [], "other": []}
+    for _ in range(reps):
+        children = {}
+        for key, root in (("this", here), ("other", other)):
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, bench_dir])}
+            child = subprocess.Popen([sys.executable, "-c", _AGAINST_CHILD], env=env, cwd="/", text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            children[key] = (child, child.stdout.readline().strip())
+        samples = {key: {kind: [] for kind in _KINDS} for key in children}
+        for i in range(n):
+            for kind in _KINDS:
+                for key in (("this", "other") if i % 2 else ("other", "this")):
+                    child = children[key][0]
+                    child.stdin.write(kind + "\n")
+                    child.stdin.flush()
+                    samples[key][kind].append(float(child.stdout.readline()))
+        for key, (child, package) in children.items():
+            child.stdin.close()
+            child.wait()
+            runs[key].append({"package": package, **{k: summary(v)["p50_ms"] for k, v in samples[key].items()}})
+    return runs
+
+
+def print_against(runs: dict) -> None:
+    print(f"| run | namespaces | this checkout p50 | {runs['other'][0]['package']} p50 | ratio |")
+    print("|---|---|---:|---:|---:|")
+    for i, (mine, theirs) in enumerate(zip(runs["this"], runs["other"]), 1):
+        for kind in _KINDS:
+            print(f"| {i} | {kind} | {mine[kind]:.2f} ms | {theirs[kind]:.2f} ms | {mine[kind] / theirs[kind]:.2f}x |")
+    for kind in _KINDS:
+        ratio = statistics.median(m[kind] / t[kind] for m, t in zip(runs["this"], runs["other"]))
+        print(f"median ratio, {kind}: {ratio:.2f}x")
+
+
+def filter_cost(n: int, reps: int) -> dict:
+    """The syscall filter alone: p50 of ``subprocess.run(["true"])`` (fork, exec, wait; the agent's
+    exec path) in a child that loaded the filter and in one that did not, in turn, ``reps`` times;
+    plus the time to load the compiled filter, which every agent start pays."""
+    from sandpool._isolation import _sys, seccomp
+
+    program = seccomp.program()
+    runs: dict = {"filtered": [], "unfiltered": [], "load_us": []}
+    for _ in range(reps):
+        for key in ("unfiltered", "filtered"):
+            read, write = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.close(read)
+                began = time.perf_counter()
+                if key == "filtered":
+                    _sys.no_new_privs()
+                    _sys.seccomp_filter(program)
+                loaded = time.perf_counter() - began
+                p50 = summary(timed(n, lambda: subprocess.run(["true"], check=True)))["p50_ms"]
+                os.write(write, json.dumps([p50, loaded * 1e6]).encode())
+                os._exit(0)
+            os.close(write)
+            p50, loaded = json.loads(os.read(read, 1000))
+            os.close(read)
+            os.waitpid(pid, 0)
+            runs[key].append(p50)
+            if key == "filtered":
+                runs["load_us"].append(loaded)
+    return runs
+
+
 def floor_many(argv: list[str], count: int) -> float:
     began = time.perf_counter()
     for proc in [subprocess.Popen(argv) for _ in range(count)]:
@@ -87,8 +188,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few samples: a smoke run, not figures")
     parser.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "bench_isolation.json"))
+    parser.add_argument("--against", metavar="DIR", help="compare the namespaces level with another checkout")
     args = parser.parse_args()
     n, reps, many = (5, 1, 20) if args.quick else (60, 3, 100)
+    if args.against:
+        runs = against(os.path.abspath(args.against), n, 3)
+        print_against(runs)
+        runs["filter"] = cost = filter_cost(max(n, 100), 3)
+        print("\nthe filter alone, subprocess.run(['true']) p50: " + ", ".join(
+            f"{f:.2f} vs {u:.2f} ms ({f / u:.2f}x)" for f, u in zip(cost["filtered"], cost["unfiltered"]))
+            + "; loading it: " + ", ".join(f"{t:.0f} us" for t in cost["load_us"]))
+        if args.json != "-":
+            os.makedirs(os.path.dirname(args.json), exist_ok=True)
+            with open(args.json.replace(".json", "_against.json"), "w") as f:
+                json.dump(runs, f, indent=1)
+        return 0
     why = probe.unavailable("namespaces")
     has_unshare = shutil.which("unshare") is not None
     levels = [("process", {"isolation": "process"}, ["true"])]

@@ -18,10 +18,8 @@ import trio
 from .._config import SandboxSpec
 from .._errors import SandboxFailedError, SandboxResourceExhaustedError
 from .._quantity import parse_memory
-from . import admission, cgroups, hostview, images, network, probe
+from . import admission, cgroups, hostview, images, network, probe, storage
 
-#: Size of the sandbox's tmpfs /tmp (and /run, /dev/shm) unless resources name "ephemeral-storage".
-DEFAULT_TMP_BYTES = 512 * 2**20
 #: pids.max of a namespaces sandbox that sets no pids limit: a fork bomb stops here.
 DEFAULT_PIDS_LIMIT = 1024
 #: How often a request that waits for capacity re-checks even without a release in this runtime.
@@ -132,7 +130,7 @@ class Isolation:
         host_image = lower == "/"
         plan = {
             "lower": lower, "upper": os.path.join(fs, "upper"), "work": os.path.join(fs, "work"),
-            "merged": os.path.join(fs, "merged"), "hostname": record.sandbox_id, "network": mode,
+            "merged": os.path.join(fs, "merged"), "scratch": fs, "hostname": record.sandbox_id, "network": mode,
             "stage": config["root"],  # the process level's root dir: made already, unused at this level
             "tmp_bytes": _tmp_bytes(spec), "hide": _hidden(self.state_dir),
             "binds": hostview.python_binds(host_image, self.state_dir, images.store_dir()),
@@ -192,10 +190,10 @@ class Isolation:
 
 
 def _tmp_bytes(spec: SandboxSpec) -> int:
-    limits = spec.resources.limits if spec.resources else None
-    if limits and "ephemeral-storage" in limits:
-        return parse_memory(limits["ephemeral-storage"])
-    return DEFAULT_TMP_BYTES
+    """Size of the sandbox's writable storage (``storage``): upper layer, /tmp, /run, /dev/shm."""
+    res = spec.resources
+    limit = res.limits.get("ephemeral-storage") if res and res.limits else None
+    return storage.size_bytes(None if limit is None else parse_memory(limit), res.memory_limit if res else None)
 
 
 def _hidden(state_dir: str) -> list[list]:

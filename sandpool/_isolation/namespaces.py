@@ -4,13 +4,12 @@ The template forks the agent into a new pid namespace (``fork_into_pid_namespace
 PID 1 there and the template still reaps it directly. The agent then calls ``enter(plan)``: new
 mount, uts, ipc, cgroup and (unless the network is shared) net namespaces; a root filesystem
 (``mount_root``) made the root with pivot_root; a fresh ``/proc`` (Docker's masked paths covered, its
-dangerous files read-only), read-only ``/sys`` (``/sys/firmware`` covered), a size-limited tmpfs
-``/tmp`` and ``/run``, a minimal ``/dev``; the hostname; ``lo`` up; then no_new_privs and a
-container's capability set.
+dangerous files read-only), read-only ``/sys`` (``/sys/firmware`` covered), ``/tmp``, ``/run`` and
+``/dev/shm`` on the sandbox's size-limited tmpfs (see ``storage``), a minimal ``/dev``; the
+hostname; ``lo`` up; then no_new_privs and a container's capability set.
 
-The root of an image is one overlay (lower = the image, upper and work dirs in the sandbox
-directory). The root of the host image is an allow-list, not the host's ``/``: a tmpfs of the
-sandbox's own holding empty ``/root``, ``/home`` and ``/var/tmp``, into which the host's system
+The root of an image is one overlay (lower = the image, upper and work dirs on that tmpfs). The root of the host image is an allow-list, not the host's ``/``: a directory of
+that tmpfs holding empty ``/root``, ``/home`` and ``/var/tmp``, into which the host's system
 directories (``/usr``, ``/etc``, ``/lib*``, ...; symlinks such as ``/bin -> usr/bin`` copied as
 symlinks) are bound from one overlay of the host's ``/``, so writes there land in the sandbox's
 upper dir and nothing else of the host (``/work``, ``/srv``, ``/opt``, ``/var``, homes, other
@@ -29,7 +28,7 @@ import os
 import stat
 import sys
 
-from . import _sys
+from . import _sys, storage
 
 #: What exec'd processes keep (Docker's default set minus MKNOD and NET_RAW): no mount, no module
 #: loading, no raw devices, no ptrace across the pid namespace boundary, no clock or sysctl changes.
@@ -53,7 +52,7 @@ PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
 #: They leak host state (kernel memory, the host's keyrings, timers, devices) or reach firmware.
 MASKED_PATHS = ("/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/key-users",
                 "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug",
-                "/proc/scsi", "/sys/firmware")
+                "/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap")
 #: Character devices of the minimal ``/dev``: name -> (major, minor).
 DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
 DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",
@@ -102,7 +101,9 @@ def enter(plan: dict, early: bool = False, cgroupns: bool = False) -> None:
 
     ``plan`` keys: ``lower`` (the image's root), ``upper``, ``work``, ``merged``, ``stage`` (dirs on
     the host), ``view`` (the host image's allow-list, see ``mount_root``; absent for other images),
-    ``hostname``, ``network`` ("none" or "host"), ``tmp_bytes`` (size of /tmp, /run and /dev/shm),
+    ``hostname``, ``network`` ("none" or "host"), ``scratch`` (the dir holding upper and work, where
+    ``storage`` mounts the sandbox's writable tmpfs), ``tmp_bytes`` (its size, shared by the upper
+    layer, the host image's root, /tmp, /run and /dev/shm),
     ``hide`` ([path, writable] pairs: directories of the image covered by an empty tmpfs),
     ``binds`` ([source, target] read-only bind mounts of directories or files, target inside the
     sandbox; made after the hiding and the tmpfs mounts, so they may bring back part of a hidden
@@ -116,14 +117,15 @@ def enter(plan: dict, early: bool = False, cgroupns: bool = False) -> None:
         unshare_early(plan["network"])
     if not cgroupns:
         _sys.unshare(_sys.CLONE_NEWCGROUP)
+    storage.mount(plan)
     mount_root(plan)
     size = plan["tmp_bytes"]
     _mount_proc(merged)
     _sys.mount("sysfs", _mkdir(merged, "/sys"), "sysfs", _sys.MS_RDONLY | _NOSUID_NODEV | _sys.MS_NOEXEC)
     _mask(merged, "/sys/")
-    _make_dev(_mkdir(merged, "/dev"), size)
-    _sys.mount("tmpfs", _mkdir(merged, "/tmp"), "tmpfs", _NOSUID_NODEV, f"mode=1777,size={size}")
-    _sys.mount("tmpfs", _mkdir(merged, "/run"), "tmpfs", _NOSUID_NODEV, f"mode=755,size={size}")
+    _make_dev(_mkdir(merged, "/dev"), plan)
+    for tree in ("tmp", "run"):
+        storage.bind(plan, tree, _mkdir(merged, "/" + tree))
     os.makedirs(_inside(merged, AGENT_DIR), 0o700)
     for path, writable in plan.get("hide") or ():
         if os.path.isdir(_inside(merged, path)):
@@ -153,7 +155,8 @@ def mount_root(plan: dict) -> None:
     """Mount the sandbox's root filesystem at ``plan["merged"]`` (the oci level calls this too).
 
     Without ``plan["view"]``: one overlay, lower = ``plan["lower"]``. With it (the host image), the
-    root is a size-limited tmpfs (``tmp_bytes``), and ``view`` says what it holds: ``links``
+    root is the ``root`` tree of ``storage`` (on the sandbox's size-limited tmpfs), and ``view`` says
+    what it holds: ``links``
     ({name: target}: symlinks at the top, such as bin -> usr/bin), ``dirs`` ([path, mode] pairs:
     empty directories), ``shown`` (names of top-level directories of ``lower``, bound in from one
     overlay of ``lower`` whose upper and work dirs are the plan's, so writes there land in the
@@ -168,7 +171,7 @@ def mount_root(plan: dict) -> None:
         _sys.mount("overlay", merged, "overlay", _sys.MS_NOSUID,
                    f"lowerdir={plan['lower']},upperdir={upper},workdir={work}")
         return
-    _sys.mount("tmpfs", merged, "tmpfs", _NOSUID_NODEV, f"mode=755,size={plan['tmp_bytes']}")
+    storage.bind(plan, "root", merged)  # on the sandbox's writable tmpfs, with /tmp and the upper layer
     for name, target in view["links"].items():
         os.symlink(target, _inside(merged, name))
     for path, mode in view["dirs"]:
@@ -242,7 +245,7 @@ def _mount_proc(merged: str) -> None:
             _sys.mount(None, target, None, _sys.MS_REMOUNT | _sys.MS_BIND | _sys.MS_RDONLY)
 
 
-def _make_dev(dev: str, size: int) -> None:
+def _make_dev(dev: str, plan: dict) -> None:
     _sys.mount("tmpfs", dev, "tmpfs", _sys.MS_NOSUID | _sys.MS_NOEXEC, "mode=755,size=64k")
     for name, (major, minor) in DEVICES.items():
         os.mknod(os.path.join(dev, name), stat.S_IFCHR | 0o666, os.makedev(major, minor))
@@ -253,4 +256,4 @@ def _make_dev(dev: str, size: int) -> None:
     _sys.mount("devpts", os.path.join(dev, "pts"), "devpts", _sys.MS_NOSUID | _sys.MS_NOEXEC,
                "newinstance,ptmxmode=0666,mode=620")
     os.mkdir(os.path.join(dev, "shm"))
-    _sys.mount("tmpfs", os.path.join(dev, "shm"), "tmpfs", _NOSUID_NODEV, f"mode=1777,size={size}")
+    storage.bind(plan, "shm", os.path.join(dev, "shm"))

@@ -2,12 +2,14 @@
 
 The template forks a child as for the ``process`` level; ``run(config, sock_fd)`` then, in that child:
 joins the sandbox's cgroups (created by the runtime, as for ``namespaces``), makes a private mount
-namespace, mounts the overlay (lower = the image, upper/work in the sandbox dir), writes the bundle's
-``config.json`` and execs ``crun run``, passing the agent's socket as fd 3. Inside, a fresh
-interpreter runs the agent as PID 1, in the namespaces, mounts and capability set of the namespaces
-level. crun's cgroup manager is off: the container stays in the cgroups the child joined, so limits,
-OOM handling and the final ``cgroup.kill`` are the same as at the namespaces level. crun keeps its
-state under the sandbox dir (``--root``), so nothing is left in ``/run/crun``.
+namespace, mounts the sandbox's writable tmpfs and on it the overlay's upper/work dirs (``storage``)
+and the overlay (lower = the image), writes the bundle's ``config.json`` and execs ``crun run``,
+passing the agent's socket as fd 3. Inside, a fresh interpreter runs the agent as PID 1, in the
+namespaces, mounts, capability set and syscall filter of the namespaces level
+(``seccomp.oci_section``), with Docker's masked and read-only /proc paths. crun's cgroup manager is
+off: the container stays in the cgroups the child joined, so limits, OOM handling and the final
+``cgroup.kill`` are the same as at the namespaces level. crun keeps its state under the sandbox dir
+(``--root``), so nothing is left in ``/run/crun``.
 
 On a hybrid cgroup host crun 1.8 refuses to run ("cgroups in hybrid mode not supported"); the child
 hides the v2 mount inside its own mount namespace, which changes nothing for anyone else.
@@ -21,7 +23,7 @@ import os
 import shutil
 import sys
 
-from . import _sys, cgroups, namespaces
+from . import _sys, cgroups, namespaces, seccomp, storage
 
 _CAP_NAMES = {0: "CHOWN", 1: "DAC_OVERRIDE", 3: "FOWNER", 4: "FSETID", 5: "KILL", 6: "SETGID", 7: "SETUID",
               8: "SETPCAP", 10: "NET_BIND_SERVICE", 18: "SYS_CHROOT", 29: "AUDIT_WRITE", 31: "SETFCAP"}
@@ -52,10 +54,10 @@ def bundle_config(config: dict, plan: dict) -> dict:
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
         {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
          "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
-        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "nodev", "mode=1777", f"size={size}"]},
+        _tree_mount(plan, "shm", "/dev/shm"),
         {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
-        {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777", f"size={size}"]},
-        {"destination": "/run", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=755", f"size={size}"]},
+        _tree_mount(plan, "tmp", "/tmp"),
+        _tree_mount(plan, "run", "/run"),
     ]
     for path, writable in plan.get("hide") or ():
         under_tmpfs = any(path.startswith(d + "/") for d in ("/tmp", "/run"))  # hidden by those mounts already
@@ -80,7 +82,8 @@ def bundle_config(config: dict, plan: dict) -> dict:
         "linux": {
             "namespaces": [{"type": k} for k in kinds],
             "maskedPaths": list(namespaces.MASKED_PATHS),
-            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
+            "readonlyPaths": [f"/proc/{name}" for name in namespaces.PROC_READ_ONLY],
+            "seccomp": seccomp.oci_section(),  # crun loads it just before it execs the agent
         },
     }
 
@@ -93,6 +96,7 @@ def run(config: dict, sock_fd: int) -> None:
     layout = cgroups.detect()
     if layout.mode == "hybrid" and layout.v2:
         _sys.umount(layout.v2)  # crun 1.8 refuses hybrid hosts; hidden in this namespace only
+    storage.mount(plan)  # the writable tmpfs, under the overlay's upper layer and /tmp, /run, /dev/shm
     namespaces.mount_root(plan)  # the host image's allow-list, or the image's overlay
     for path in plan.get("mkdirs") or ():
         os.makedirs(os.path.join(plan["merged"], path.lstrip("/")), exist_ok=True)
@@ -106,6 +110,11 @@ def run(config: dict, sock_fd: int) -> None:
         raise OSError(2, "crun is not installed (apt-get install crun)")
     os.execv(crun, [crun, "--root", os.path.join(config["dir"], "crun"), "--cgroup-manager=disabled",
                     "run", "--preserve-fds", "1", "--bundle", bundle, config["sandbox_id"]])
+
+
+def _tree_mount(plan: dict, name: str, destination: str) -> dict:
+    return {"destination": destination, "type": "bind", "source": storage.tree(plan, name),
+            "options": ["rbind", "nosuid", "nodev"]}
 
 
 def _package_dir() -> str:

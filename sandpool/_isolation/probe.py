@@ -2,8 +2,8 @@
 
 ``process`` works everywhere. ``namespaces`` needs Linux, root (capabilities to mount and make every
 namespace type) and overlayfs; the probe forks a child that really unshares them all, so a container
-without CAP_SYS_ADMIN answers no. ``oci`` needs the namespaces level's prerequisites plus ``crun`` or
-``crun`` on PATH. ``auto`` is the strongest of process and namespaces (oci is opt-in).
+without CAP_SYS_ADMIN answers no. Both need libseccomp too: they never run without their syscall
+filter. ``oci`` needs the namespaces level's prerequisites plus ``crun`` on PATH. ``auto`` is the strongest of process and namespaces (oci is opt-in).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 import sys
 import warnings
 
-from . import _sys
+from . import _sys, seccomp
 
 LEVELS = ("process", "namespaces", "oci")
 
@@ -35,7 +35,7 @@ def unavailable(level: str) -> str | None:
                 return "the kernel has no overlayfs (try 'modprobe overlay')"
     except OSError:
         return "/proc/filesystems is unreadable"
-    failure = _try_unshare()
+    failure = _try_unshare() or seccomp.unavailable()
     if failure:
         return failure
     if level == "oci" and not oci_runtime():

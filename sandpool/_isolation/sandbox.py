@@ -2,7 +2,9 @@
 
 ``Supervisor.fork(config, sock_fd)`` replaces ``os.fork()`` in the template. For the ``namespaces``
 level the child is PID 1 of a new pid namespace (the template still reaps it directly, by its host
-pid), and the child's ``enter(config)`` joins the sandbox's cgroups and enters its namespaces and root.
+pid), and the child's ``enter(config)`` joins the sandbox's cgroups, enters its namespaces and root,
+and loads the syscall filter the template compiled once (``seccomp``), which everything the agent
+starts inherits.
 
 Spares: creating the pid and network namespaces and bringing ``lo`` up is a third of a namespaces
 sandbox's start. So once a network mode has been used, the template keeps one spare child per mode
@@ -33,7 +35,7 @@ import socket
 from collections.abc import Callable
 
 from .._agent import _linux
-from . import _sys, cgroups, namespaces, oci
+from . import _sys, cgroups, namespaces, oci, seccomp
 
 _PID_NS = "/proc/self/ns/pid"
 SPARE_NAME = "sandpool-spare"
@@ -69,6 +71,8 @@ class Supervisor:
         plan = config.get("namespaces")
         if config.get("cgroups"):
             self.spare_parents = [os.path.dirname(d) for d in config["cgroups"]["dirs"]]
+        if plan:
+            _compile_filter()  # here, once: each agent only loads it
         pid = self._hand_to_spare(plan["network"], config, sock_fd) if plan else None
         self.sock_fd = sock_fd  # the oci level's child passes it on to crun
         if pid is None:
@@ -99,6 +103,7 @@ class Supervisor:
         plan = config.get("namespaces")
         if plan:
             namespaces.enter(plan, early=self.early, cgroupns=self.early_cgroupns)
+            _sys.seccomp_filter(seccomp.program())  # last: the agent needs no denied call from here on
             config["dir"] = namespaces.AGENT_DIR
         if config.get("oci"):
             oci.run(config, self.sock_fd)  # execs crun: the agent starts inside the container
@@ -277,6 +282,15 @@ class Supervisor:
                 pass
             os.close(watch[0])
             os.close(watch[1])
+
+
+def _compile_filter() -> None:
+    """Compile the syscall filter in the template, before any fork; a failure is left to the agent,
+    which raises it when it loads the filter (the sandbox fails to start, the template lives on)."""
+    try:
+        seccomp.program()
+    except OSError:
+        pass
 
 
 def _watch_oom(group: dict) -> tuple[int, int] | None:

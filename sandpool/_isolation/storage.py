@@ -1,0 +1,67 @@
+"""A sandbox's writable storage: one size-limited tmpfs under the overlay's upper layer and /tmp,
+/run and /dev/shm, so ``ephemeral-storage`` bounds everything a sandbox can write, together.
+
+The tmpfs is mounted on the sandbox's ``fs`` directory inside the sandbox's own mount namespace
+(``mount``), before the overlay: its upper and work dirs live there, and /tmp, /run and /dev/shm
+are bind mounts of directories beside them (``bind``). Writing past the size fails with ENOSPC
+inside the sandbox (the file API reports ``CWSANDBOX_FILE_NO_SPACE``); deleting files frees the
+space again. Nothing lands on the host's disk, and the kernel frees it all when the sandbox's last
+process exits. Its pages are memory charged to the sandbox's memory cgroup (as a memory-backed
+``emptyDir`` in Kubernetes, or gVisor's memory-backed root overlay), so a memory limit caps the
+size too (``size_bytes``). Stdlib only: the template's children import this module.
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import _sys
+
+#: The default size when a sandbox names no ``ephemeral-storage`` limit: 1 GiB, or a tenth of the
+#: machine's memory if that is less, so a few sandboxes writing all they may cannot exhaust the host.
+DEFAULT_MAX_BYTES = 2**30
+DEFAULT_MEMORY_SHARE = 10
+#: The smallest size: a tmpfs of size 0 would have no limit at all.
+MIN_BYTES = 2**20
+#: The trees beside the upper layer, bound onto their mount points; name -> mode. ``root`` is the
+#: host image's root (``namespaces.mount_root``).
+TREES = {"tmp": 0o1777, "run": 0o755, "shm": 0o1777, "root": 0o755}
+
+
+def default_bytes() -> int:
+    """The ``ephemeral-storage`` of a sandbox that sets none (see ``DEFAULT_MAX_BYTES``)."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return DEFAULT_MAX_BYTES
+    return min(DEFAULT_MAX_BYTES, memory // DEFAULT_MEMORY_SHARE)
+
+
+def size_bytes(ephemeral_limit: int | None, memory_limit: int | None) -> int:
+    """The tmpfs size: the ``ephemeral-storage`` limit (or the default), at most the memory limit,
+    which the pages count against anyway, and at least ``MIN_BYTES``."""
+    size = ephemeral_limit if ephemeral_limit is not None else default_bytes()
+    return max(MIN_BYTES, min(size, memory_limit) if memory_limit else size)
+
+
+def mount(plan: dict) -> None:
+    """In the sandbox's mount namespace: the tmpfs on ``plan["scratch"]`` (size ``plan["tmp_bytes"]``)
+    and, on it, the overlay's ``upper``, ``work`` and ``merged`` dirs and the ``TREES``."""
+    scratch = plan["scratch"]
+    _sys.mount("tmpfs", scratch, "tmpfs", _sys.MS_NOSUID | _sys.MS_NODEV, f"mode=755,size={plan['tmp_bytes']}")
+    for key in ("upper", "work", "merged"):
+        os.mkdir(plan[key], 0o755)
+    for name, mode in TREES.items():
+        path = os.path.join(scratch, name)
+        os.mkdir(path)
+        os.chmod(path, mode)  # mkdir obeys the umask
+
+
+def tree(plan: dict, name: str) -> str:
+    """The host path (in the sandbox's mount namespace) of the tree ``name`` of ``TREES``."""
+    return os.path.join(plan["scratch"], name)
+
+
+def bind(plan: dict, name: str, target: str) -> None:
+    """Bind the tree ``name`` onto ``target`` (the mount keeps the tmpfs's nosuid and nodev)."""
+    _sys.mount(tree(plan, name), target, None, _sys.MS_BIND)
