@@ -1,7 +1,9 @@
 """Helpers for the service tests: a real ``sandpool serve`` subprocess on a loopback port.
 
 The server inherits SANDPOOL_STATE_DIR from the test run, so the autouse leak check sees its
-sandboxes too: a test passes only if the server stopped what the test made.
+sandboxes too: a test passes only if the server stopped what the test made. Its listener records
+(and the token a TCP listener makes) go to a run directory of this test run (SANDPOOL_RUN_DIR),
+where clients of the run find them as they would a real server's.
 """
 
 from __future__ import annotations
@@ -11,10 +13,15 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+
+from sandpool._service import endpoint
+from sandpool._service import messages as m
 
 PYTHON = sys.executable
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault(endpoint.ENV_RUN_DIR, tempfile.mkdtemp(prefix="sandpool-run-test-"))
 
 
 class ServerProcess:
@@ -25,6 +32,7 @@ class ServerProcess:
         self.workdir = workdir
         self.record_file = record_file or os.path.join(workdir, "record.jsonl")
         self.token_file = None
+        self.given_token = token
         if token is not None:
             self.token_file = os.path.join(workdir, "token")
             with open(self.token_file, "w") as f:
@@ -49,6 +57,16 @@ class ServerProcess:
             raise RuntimeError(f"sandpool serve did not start: {line!r} {self.stderr()}")
         self.address = line.split("listening on ", 1)[1].split()[0]
         return self
+
+    @property
+    def token(self) -> str | None:
+        """The server's token: the one it was given, else the one it made (from its listener record)."""
+        return self.given_token or endpoint.token_for(self.address)
+
+    @property
+    def metadata(self) -> tuple:
+        """gRPC metadata carrying the token, for tests that make raw calls."""
+        return ((m.META_TOKEN, f"Bearer {self.token}"),) if self.token else ()
 
     @property
     def pid(self) -> int:

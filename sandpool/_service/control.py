@@ -27,6 +27,7 @@ import trio
 
 from .. import _lifecycle
 from .._config import SandboxStatus
+from .._isolation import probe
 from .._errors import SandboxNotFoundError, SandboxNotRunningError, SandboxUnavailableError
 from .._runtime._contract import Runtime, SandboxRecord
 from . import messages as m
@@ -85,6 +86,8 @@ class Fleet:
         self.runtime = runtime
         self.policy = policy
         self.auto_level = auto_level
+        for level in probe.LEVELS:  # probed now, before gRPC's threads run: the probe forks, and a child
+            probe.unavailable(level)  # forked beside them can crash (seen: SIGSEGV), caching a wrong "no"
         self.journal = journal
         self.nursery = nursery
         self.orphan_grace = orphan_grace

@@ -72,7 +72,7 @@ class Listening:
             self.server.start()
         if self.record is None:
             self.record = endpoint.ListenerRecord(self.address).acquire()
-        self.record.write(token=self.token)
+        self.record.write(token=self.token if self.generated_token else None)  # --token-file's: the operator hands it out
         return self.address
 
     def _start_unix(self, path: str) -> None:
