@@ -25,10 +25,14 @@ os.environ.setdefault(endpoint.ENV_RUN_DIR, tempfile.mkdtemp(prefix="sandpool-ru
 
 
 class ServerProcess:
-    """``python -m sandpool serve --listen 127.0.0.1:0 ...``; ``address`` once it listens."""
+    """``python -m sandpool serve --listen 127.0.0.1:0 ...``; ``address`` once it listens.
+
+    ``listen=None`` gives the server its default (the unix socket in its run directory); ``env``
+    adds to its environment (e.g. its own SANDPOOL_RUN_DIR)."""
 
     def __init__(self, workdir: str, *args: str, token: str | None = None, grace: float = 30.0,
-                 record_file: str | None = None, listen: str = "127.0.0.1:0") -> None:
+                 record_file: str | None = None, listen: str | None = "127.0.0.1:0",
+                 env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
         self.record_file = record_file or os.path.join(workdir, "record.jsonl")
         self.token_file = None
@@ -37,8 +41,9 @@ class ServerProcess:
             self.token_file = os.path.join(workdir, "token")
             with open(self.token_file, "w") as f:
                 f.write(token + "\n")
-        self.argv = [PYTHON, "-m", "sandpool", "serve", "--listen", listen, "--record-file", self.record_file,
-                     "--orphan-grace-seconds", str(grace), *args]
+        self.argv = [PYTHON, "-m", "sandpool", "serve", *(["--listen", listen] if listen else []),
+                     "--record-file", self.record_file, "--orphan-grace-seconds", str(grace), *args]
+        self.extra_env = env or {}
         if self.token_file:
             self.argv += ["--token-file", self.token_file]
         self.proc: subprocess.Popen | None = None
@@ -48,6 +53,7 @@ class ServerProcess:
     def start(self, timeout: float = 20.0) -> ServerProcess:
         env = {k: v for k, v in os.environ.items() if k not in ("SANDPOOL_ADDRESS", "SANDPOOL_TOKEN")}
         env["GRPC_VERBOSITY"] = "ERROR"
+        env.update(self.extra_env)
         self._err = open(self.stderr_path, "wb")  # noqa: SIM115 (closed in wait)
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=self._err, env=env, cwd=REPO)
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
@@ -55,6 +61,7 @@ class ServerProcess:
         if "listening on" not in line:
             self.kill()
             raise RuntimeError(f"sandpool serve did not start: {line!r} {self.stderr()}")
+        self.first_line = line
         self.address = line.split("listening on ", 1)[1].split()[0]
         return self
 
