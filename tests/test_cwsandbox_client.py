@@ -720,7 +720,7 @@ def test_unary_exec_and_unsupported_features(server):
                                           response_deserializer=pb.ExecStreamResponse.FromString)
     tty = pb.ExecStreamRequest(init=pb.ExecStreamInit(sandbox_id=sb.sandbox_id, command=["bash"], tty=True))
     with pytest.raises(grpc.RpcError) as info:
-        list(stream(iter([tty]), timeout=10))
+        list(stream(iter([tty]), timeout=10, metadata=(("authorization", f"Bearer {server.token}"),)))
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED and "TTY" in info.value.details()
     with pytest.raises(grpc.RpcError) as info:
         server.call("GetSandbox", pb.GetSandboxRequest(sandbox_id="sb-00000000"), pb.Sandbox)
