@@ -37,7 +37,7 @@ from .._isolation import probe
 from . import auth, endpoint, journal, limits
 from . import messages as m
 from .control import Fleet
-from .listener import Listening, build_server
+from .listener import Listening, build_server  # noqa: F401 (build_server: also the Slurm job server's)
 from .policy import Policy, Refused
 
 log = logging.getLogger("sandpool.serve")

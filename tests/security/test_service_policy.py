@@ -21,8 +21,7 @@ import time
 import pytest
 from service_helpers import REPO, ServerProcess, wait_until
 
-import sandpool
-from sandpool import CWSandboxAuthenticationError, Sandbox, SandboxFailedError, Session
+from sandpool import Sandbox, SandboxFailedError, Session
 from sandpool._service import endpoint, limits
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the server under attack runs as root")
