@@ -57,7 +57,9 @@ class Hosted:
     stop_reason: str | None = None
     ended_at: float | None = None
     ended: trio.Event = field(default_factory=trio.Event)
-    spec_data: dict = field(default_factory=dict)  # the spec as plain data, made once (``info`` runs per List)
+    #: the spec as plain data, made once: whole (Create, Get, Stop) and as List shows it (bounded)
+    spec_data: dict = field(default_factory=dict)
+    spec_summary: dict = field(default_factory=dict)
 
 
 def decide_orphans(hosted: list[Hosted], live_leases: set[str], now: float, grace: float) -> list[Hosted]:
@@ -139,6 +141,7 @@ class Fleet:
         record = self.runtime.create(spec)
         hosted = Hosted(record, lease, _lifecycle.advance(_lifecycle.Lifecycle(), "start"),
                         spec_data=m.spec_to_dict(spec))
+        hosted.spec_summary = limits.summary(hosted.spec_data)
         self.sandboxes[record.sandbox_id] = hosted  # listed, and stopped by a shutdown, while it starts
         try:
             with trio.CancelScope(shield=True):  # a started agent must end up watched, or stopped
@@ -200,6 +203,7 @@ class Fleet:
 
     def _ended(self, hosted: Hosted) -> None:
         hosted.ended_at = time.time()
+        hosted.spec_data = hosted.spec_summary = {}  # an ended sandbox's spec is no use, and up to 1000 are kept
         self.journal.write(self._entry(hosted))
         hosted.ended.set()
 
@@ -298,7 +302,7 @@ class Fleet:
         status = m.field(request, "status", str, None)
         wanted = SandboxStatus.parse(status) if status is not None else None
         show_terminated = m.field(request, "show_terminated", bool, False) or bool(wanted and wanted.is_terminal)
-        infos = [self.info(h) for h in self.sandboxes.values()]
+        infos = [self.info(h, summary=True) for h in self.sandboxes.values()]
         infos += [self._history_info(i) for i in self.journal.history if i not in self.sandboxes]
         found = [i for i in infos if all(t in i["tags"] for t in tags)
                  and (wanted is None or i["status"] == wanted.value)
@@ -311,7 +315,8 @@ class Fleet:
             return hosted.stop_reason
         return hosted.state.reason
 
-    def info(self, hosted: Hosted) -> dict:
+    def info(self, hosted: Hosted, *, summary: bool = False) -> dict:
+        """What clients learn of a sandbox; with ``summary`` (List), its spec without its large fields."""
         record, state = hosted.record, hosted.state
         orphaned = None if hosted.orphaned_since is None else time.monotonic() - hosted.orphaned_since
         return {
@@ -324,7 +329,7 @@ class Fleet:
             "created_at": record.created_at,
             "started_at": record.started_at,
             "ended_at": hosted.ended_at,
-            "spec": hosted.spec_data,
+            "spec": hosted.spec_summary if summary else hosted.spec_data,
             "attached": len(hosted.hub.attachments) if hosted.hub else 0,
             "orphaned_for": orphaned,
         }

@@ -3,7 +3,8 @@
 A server keeps what clients send (specs in its fleet and journal, frames on their way to agents),
 so every size a client controls is bounded here: the bytes of a control-plane request, the
 entries and sizes of a spec's environment, arguments, tags and annotations, the fields of each
-data-plane frame. The checks run on plain decoded data (before ``SandboxSpec`` is built, so a huge
+data-plane frame, and what a List reply carries per sandbox (:func:`summary`; with at most 32
+tags of 128 bytes, a List of the 1000 ended and every live sandbox stays far below gRPC's 16 MiB). The checks run on plain decoded data (before ``SandboxSpec`` is built, so a huge
 request costs one length check, not a validation of every entry), and fail with ValueError or
 TypeError naming the field, the value or its size, the bound and the fix.
 
@@ -16,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import msgpack
+
 #: One encoded control-plane request (Create, Get, List, Stop, Delete, Release, Lease).
 MAX_REQUEST_BYTES = 1 << 20
 #: One argument, environment value, or name=value entry.
@@ -23,12 +26,16 @@ MAX_STRING_BYTES = 128 << 10
 #: Arguments of a command, entries of an environment.
 MAX_ARGS = 4096
 MAX_ENV_ENTRIES = 4096
-#: All arguments plus all environment entries of one command together.
+#: All arguments plus all environment entries of one exec'd command together.
 MAX_ARGV_ENV_BYTES = 1 << 20
-MAX_TAGS, MAX_TAG_BYTES = 64, 256
+#: ... and of a spec's main command and environment, which reach the sandbox in one spawn message.
+MAX_SPEC_ARGV_ENV_BYTES = 128 << 10
+MAX_TAGS, MAX_TAG_BYTES = 32, 128
 MAX_ANNOTATIONS, MAX_ANNOTATION_BYTES = 64, 4096
-#: A path (working directory, file path, image reference).
+#: A path (working directory, file path, image reference, a spec's command).
 MAX_PATH_BYTES = 4096
+#: A spec as List shows it: whole up to this size, else without environment, args and annotations.
+MAX_SUMMARY_BYTES = 8192
 #: A sandbox or lease id.
 MAX_ID_BYTES = 128
 
@@ -98,15 +105,16 @@ def mapping(field: str, value: object, *, count: int, each: int, env: bool = Fal
     return total
 
 
-def command_size(field: str, argv: object, env: object, *, env_optional: bool = True) -> None:
-    """An argument list and an environment within execve's bounds (see the module docstring)."""
+def command_size(field: str, argv: object, env: object, *, budget: int = MAX_ARGV_ENV_BYTES) -> None:
+    """An argument list and an environment within execve's bounds (see the module docstring), and
+    together within ``budget`` bytes."""
     total = strings(f"{field} argv" if field else "args", argv, count=MAX_ARGS, each=MAX_STRING_BYTES,
                     optional=True)
     total += mapping(f"{field} env" if field else "environment_variables", env, count=MAX_ENV_ENTRIES,
-                     each=MAX_STRING_BYTES, env=True, optional=env_optional)
-    if total > MAX_ARGV_ENV_BYTES:
-        raise ValueError(f"{field or 'the command'}: arguments and environment are {total} bytes together, "
-                         f"above the {MAX_ARGV_ENV_BYTES}-byte limit; pass large data as a file instead")
+                     each=MAX_STRING_BYTES, env=True, optional=True)
+    if total > budget:
+        raise ValueError(f"{field or 'the spec'}: arguments and environment are {total} bytes together, "
+                         f"above the {budget}-byte limit; pass large data as a file instead")
 
 
 def spec_dict(data: Mapping[str, Any]) -> None:
@@ -115,9 +123,17 @@ def spec_dict(data: Mapping[str, Any]) -> None:
         raise TypeError(f"request field 'spec' must be a map of sandbox options, got {type(data).__name__}")
     text("container_image", data.get("container_image"), MAX_PATH_BYTES, optional=True)
     text("working_dir", data.get("working_dir"), MAX_PATH_BYTES, optional=True)
-    text("command", data.get("command"), MAX_STRING_BYTES, optional=True)
+    text("command", data.get("command"), MAX_PATH_BYTES, optional=True)
     argv = data.get("args")
-    command_size("", argv, data.get("environment_variables"))
+    command_size("", argv, data.get("environment_variables"), budget=MAX_SPEC_ARGV_ENV_BYTES)
     strings("tags", data.get("tags"), count=MAX_TAGS, each=MAX_TAG_BYTES, optional=True)
     mapping("annotations", data.get("annotations"), count=MAX_ANNOTATIONS, each=MAX_ANNOTATION_BYTES,
             optional=True)
+
+
+def summary(spec_data: dict) -> dict:
+    """``spec_data`` as a List reply carries it: whole if small, else without its large fields, so a
+    List costs a bounded size per sandbox (Get still answers with the whole spec)."""
+    if len(msgpack.packb(spec_data, use_bin_type=True)) <= MAX_SUMMARY_BYTES:
+        return spec_data
+    return {k: v for k, v in spec_data.items() if k not in ("environment_variables", "args", "annotations")}

@@ -179,7 +179,7 @@ BAD_REQUESTS = [
     ("Create", m.pack({"spec": _spec(working_dir="/w\0")}), INVALID, "working_dir contains a NUL"),
     ("Create", m.pack({"spec": _spec(tags="one")}), INVALID, "tags must be a list"),
     ("Create", m.pack({"spec": _spec(tags=[1])}), INVALID, "tags[0] must be a str"),
-    ("Create", m.pack({"spec": _spec(tags=["t" * 300])}), INVALID, "above the 256-byte limit"),
+    ("Create", m.pack({"spec": _spec(tags=["t" * 300])}), INVALID, "above the 128-byte limit"),
     ("Create", m.pack({"spec": _spec(annotations={f"k{i}": "v" for i in range(100)})}), INVALID,
      "annotations has 100 entries"),
     ("Create", m.pack({"spec": _spec(), "lease": 5}), INVALID, "'lease' must be"),

@@ -18,11 +18,13 @@ import tempfile
 import textwrap
 import time
 
+import grpc
 import pytest
 from service_helpers import REPO, ServerProcess, wait_until
 
 from sandpool import Sandbox, SandboxFailedError, Session
 from sandpool._service import endpoint, limits
+from sandpool._service import messages as m
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the server under attack runs as root")
 
@@ -200,6 +202,26 @@ def test_a_huge_create_is_refused_and_keeps_nothing(tmp_path):
         assert list_after < 3 * list_before + 0.002, (list_before, list_after)  # poisoned, it was ~800x
         assert keeper.exec(["echo", "still"]).result(timeout=30).stdout == "still\n"
         assert s.sandbox().exec(["echo", "new"]).result(timeout=60).stdout == "new\n"
+
+
+def test_list_stays_small_whatever_the_specs(tmp_path):
+    """A sandbox whose spec is as large as the bounds allow (~120 KiB of environment) is listed with a
+    few KiB: many such sandboxes cannot push a List past gRPC's limit or slow it for everyone. Get still
+    answers with the whole spec."""
+    big_env = {f"V{i:04d}": "x" * 200 for i in range(600)}
+    with ServerProcess(str(tmp_path)) as srv, Session(address=srv.address) as s:
+        sb = s.sandbox(environment_variables=big_env, tags=["big"])
+        assert sb.exec(["sh", "-c", "echo $V0599 | wc -c"]).result(timeout=60).stdout.strip() == "201"
+        channel = grpc.insecure_channel(srv.address)
+        try:
+            listed = channel.unary_unary(m.path("List"))(m.pack({}), metadata=srv.metadata, timeout=30)
+            got = channel.unary_unary(m.path("Get"))(m.pack({"sandbox_id": sb.sandbox_id}), metadata=srv.metadata,
+                                                     timeout=30)
+        finally:
+            channel.close()
+        assert len(listed) < limits.MAX_SUMMARY_BYTES, len(listed)
+        assert m.unpack(listed)["sandboxes"][0]["spec"]["tags"] == ["big"]
+        assert m.unpack(got)["spec"]["environment_variables"] == big_env
 
 
 def test_two_servers_cannot_share_an_address_or_a_record(tmp_path, run_dir):
