@@ -10,7 +10,8 @@ with the reason. Nothing of a refused peer reaches a handler.
 
 Each connection is relayed by two threads (one per direction), which spend their time in
 ``recv``/``send`` with the GIL released; gRPC keeps one connection per client channel, so there
-are few. At most ``MAX_CONNECTIONS`` at once; more are closed at accept.
+are few. At most ``MAX_CONNECTIONS`` at once, of which at most ``MAX_REFUSED`` refused ones (so
+users who may not connect cannot crowd out those who may); more are closed at accept.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import threading
 log = logging.getLogger("sandpool.serve")
 
 MAX_CONNECTIONS = 1024
+MAX_REFUSED = 16
 _CHUNK = 256 * 1024
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -44,9 +46,10 @@ class PeerGate:
         self.inner_path = inner_path
         self.deny_path = deny_path
         self.allowed = allowed_uids
-        self.refused = 0  # connections refused so far (tests read it)
+        self._logged: set[int] = set()  # uids whose refusal was logged (once each: no log flooding)
         self._sock: socket.socket | None = None
         self._conns: set[socket.socket] = set()
+        self._refused_open: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._closed = False
 
@@ -59,9 +62,11 @@ class PeerGate:
             if stat.S_ISSOCK(os.lstat(self.public_path).st_mode):
                 os.unlink(self.public_path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.bind(self.public_path)  # born without write permission for others (umask 022), so unusable to
-        others = any(uid not in (0, os.geteuid()) for uid in self.allowed)  # them until chmod; the uid check
-        os.chmod(self.public_path, 0o666 if others else 0o600)  # below holds whatever the mode
+        # Born without write permission for others (umask 022), so unusable to them until the chmod;
+        # the uid check at accept holds whatever the mode.
+        sock.bind(self.public_path)
+        others = any(uid not in (0, os.geteuid()) for uid in self.allowed)
+        os.chmod(self.public_path, 0o666 if others else 0o600)
         sock.listen(128)
         self._sock = sock
         threading.Thread(target=self._accept, daemon=True, name="sandpool-gate").start()
@@ -75,14 +80,15 @@ class PeerGate:
                 return  # closed
             try:
                 uid = peer_uid(conn)
+                allowed = uid in self.allowed
                 with self._lock:
                     full = len(self._conns) >= 2 * MAX_CONNECTIONS
+                    full = full or (not allowed and len(self._refused_open) >= MAX_REFUSED)
                 if full or self._closed:
                     conn.close()
                     continue
-                allowed = uid in self.allowed
-                if not allowed:
-                    self.refused += 1
+                if not allowed and uid not in self._logged:
+                    self._logged.add(uid)
                     log.info("refused a connection from uid %d (allowed: %s)", uid, sorted(self.allowed))
                 upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
                 upstream.connect(self.inner_path if allowed else self.deny_path)
@@ -91,6 +97,8 @@ class PeerGate:
                 continue
             with self._lock:
                 self._conns.update((conn, upstream))
+                if not allowed:
+                    self._refused_open.add(conn)
             ends = [2]  # directions still running; the last one to end closes both sockets
             for src, dst in ((conn, upstream), (upstream, conn)):
                 threading.Thread(target=self._relay, args=(src, dst, ends), daemon=True,
@@ -110,8 +118,9 @@ class PeerGate:
             ends[0] -= 1
             last = ends[0] == 0
             if last:
-                self._conns.discard(src)
-                self._conns.discard(dst)
+                for sock in (src, dst):
+                    self._conns.discard(sock)
+                    self._refused_open.discard(sock)
         if last:
             src.close()
             dst.close()

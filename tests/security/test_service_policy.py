@@ -45,6 +45,28 @@ def as_user(user, code: str, *, env: dict | None = None, timeout: float = 60.0) 
     return subprocess.run(argv, capture_output=True, text=True, env=full_env, cwd="/", timeout=timeout)
 
 
+def hold_connections(user, path: str, count: int) -> subprocess.Popen:
+    """As ``user``, open ``count`` connections to the unix socket ``path`` and hold them until stdin
+    closes; returns once they are open."""
+    _name, uid, gid, _home = user
+    code = textwrap.dedent(f"""
+        import resource, socket, sys
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, {count} + 64), hard))
+        held = []
+        for _ in range({count}):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect({path!r})
+            held.append(s)
+        print("HELD", flush=True)
+        sys.stdin.read()
+    """)
+    proc = subprocess.Popen(["setpriv", f"--reuid={uid}", f"--regid={gid}", "--init-groups", "/usr/bin/python3", "-c",
+                             code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
+    assert proc.stdout.readline().strip() == "HELD"
+    return proc
+
+
 @pytest.fixture
 def run_dir():
     """A run directory under a parent every user may traverse (0711), as /run is: what keeps the
@@ -63,7 +85,8 @@ def _root_works(address: str) -> None:
 def test_another_user_cannot_use_the_default_unix_socket(unprivileged_user, run_dir, tmp_path):
     """A default root server listens on a 0600 socket in a 0700 directory, so an ordinary user cannot
     connect; with the modes loosened by hand, the uid check at accept still refuses it with a clear
-    PERMISSION_DENIED; gRPC's own socket is out of its reach. Root's client works throughout."""
+    PERMISSION_DENIED, and holding hundreds of connections does not crowd root out; gRPC's own socket
+    is out of its reach. Root's client works throughout."""
     with ServerProcess(str(tmp_path), listen=None, env={endpoint.ENV_RUN_DIR: run_dir}) as srv:
         socket_path = os.path.join(run_dir, endpoint.SOCKET_NAME)
         assert srv.address == f"unix:{socket_path}"
@@ -88,6 +111,13 @@ def test_another_user_cannot_use_the_default_unix_socket(unprivileged_user, run_
         assert "REFUSED CWSandboxAuthenticationError" in second.stdout, second
         assert "serves only uid(s) 0" in second.stdout and "--allow-uid" in second.stdout, second.stdout
         assert wait_until(lambda: "refused a connection from uid" in srv.stderr()), srv.stderr()
+
+        flood = hold_connections(unprivileged_user, socket_path, 1100)  # more than the gate's whole capacity
+        try:
+            _root_works(srv.address)
+        finally:
+            flood.stdin.close()
+            flood.wait(30)
 
         inner = [p for p in glob.glob("/tmp/sandpool-serve-*/grpc.sock") if os.stat(p).st_uid == 0]
         assert inner, "the server's own gRPC socket was not found"
