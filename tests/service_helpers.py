@@ -8,8 +8,10 @@ where clients of the run find them as they would a real server's.
 
 from __future__ import annotations
 
+import atexit
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +23,9 @@ from sandpool._service import messages as m
 
 PYTHON = sys.executable
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-os.environ.setdefault(endpoint.ENV_RUN_DIR, tempfile.mkdtemp(prefix="sandpool-run-test-"))
+if endpoint.ENV_RUN_DIR not in os.environ:  # one per test run, removed when the run ends
+    os.environ[endpoint.ENV_RUN_DIR] = tempfile.mkdtemp(prefix="sandpool-run-test-")
+    atexit.register(shutil.rmtree, os.environ[endpoint.ENV_RUN_DIR], True)
 
 
 class ServerProcess:
