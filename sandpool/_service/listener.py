@@ -79,7 +79,8 @@ class Listening:
         others = frozenset(self.config.allow_uids) - {0, os.geteuid()}
         if os.path.dirname(path) == endpoint.run_dir():  # the default place: made private here
             endpoint.private_dir(os.path.dirname(path), 0o711 if others else 0o700)
-        self._tmp = tempfile.mkdtemp(prefix="sandpool-serve-")  # 0700: gRPC's own sockets, for the gate only
+        _sweep_private_dirs()
+        self._tmp = tempfile.mkdtemp(prefix=f"{_PRIVATE_PREFIX}{os.getpid()}-")  # 0700: gRPC's sockets, for the gate
         inner, deny = os.path.join(self._tmp, "grpc.sock"), os.path.join(self._tmp, "deny.sock")
         self.server, _ = build_server(self.service, dataclasses.replace(self.config, listen=f"unix:{inner}",
                                                                         token=self.token))
@@ -106,6 +107,27 @@ class Listening:
             shutil.rmtree(self._tmp, ignore_errors=True)
         if self.record is not None:
             self.record.release()
+
+
+_PRIVATE_PREFIX = "sandpool-serve-"
+
+
+def _sweep_private_dirs() -> None:
+    """Remove the private socket directories of this user's servers that were killed (their pid is gone)."""
+    base = tempfile.gettempdir()
+    for name in os.listdir(base):
+        pid = name[len(_PRIVATE_PREFIX):].split("-", 1)[0]
+        if not name.startswith(_PRIVATE_PREFIX) or not pid.isdigit():
+            continue
+        path = os.path.join(base, name)
+        try:
+            if os.lstat(path).st_uid != os.geteuid():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def build_server(service, config) -> tuple[grpc.Server, str]:
