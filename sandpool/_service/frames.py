@@ -17,11 +17,11 @@ ID_BITS = 32
 CLIENT_KINDS = frozenset({"exec", "stdin", "credit", "signal", "read_file", "write_file", "call", "cancel", "ping"})
 #: kind -> {optional field: accepted types}
 _OPTIONAL: dict[str, dict[str, tuple[type, ...]]] = {
-    "exec": {"cwd": (str,), "env": (dict,), "stdin": (bool,), "timeout": (int, float)},
+    "exec": {"cwd": (str,), "env": (dict,), "stdin": (bool,)},
     "stdin": {"eof": (bool,)},
-    "write_file": {"mode": (int,)},
-    "read_file": {"max_bytes": (int,), "follow": (bool,), "any_type": (bool,)},
-    "call": {"fn_key": (bytes,), "timeout": (int, float), "args_path": (str,), "bulk": (str,)},
+    "write_file": {"mode": (int,), "special": (bool,)},
+    "read_file": {"special": (bool,)},
+    "call": {"fn_key": (bytes,), "timeout": (int, float), "args_path": (str,), "bulk": (str,), "pickle": (bool,)},
     "cancel": {"call": (bool,), "steal": (bool,)},
 }
 MAX_SIGNAL = 64
