@@ -52,6 +52,10 @@ def cwsandbox_client() -> str:
     return version
 
 
+#: "the key the server expects" (its token, or the one it made)
+SERVER_KEY = "<the server's key>"
+
+
 class Server:
     """``python -m sandpool._cwsandbox --listen 127.0.0.1:0 ...`` in a subprocess; ``address`` once it serves."""
 
@@ -75,10 +79,17 @@ class Server:
             self.stop()
             raise RuntimeError(f"the server did not start: {line!r} {self.stderr_path.read_text()}")
         self.address = line.split(" on ", 1)[1].split(";")[0].strip()
+        if token is None:  # the server made a key and wrote it 0600 to the file its export line names
+            export = self.proc.stdout.readline().decode()
+            with open(export.split("$(cat ", 1)[1].split(")", 1)[0]) as f:
+                self.token = f.read().strip()
         self.channel = grpc.insecure_channel(self.address)
 
-    def call(self, method: str, request, response_type, *, metadata=(), timeout: float = 10.0):
-        """One unary RPC of SandboxService, with sandpool's own copies of the message types."""
+    def call(self, method: str, request, response_type, *, metadata=None, timeout: float = 10.0):
+        """One unary RPC of SandboxService, with sandpool's own copies of the message types (and the
+        server's key, unless ``metadata`` says otherwise)."""
+        if metadata is None:
+            metadata = (("authorization", f"Bearer {self.token}"),)
         rpc = self.channel.unary_unary(f"/{SERVICE}/{method}", request_serializer=type(request).SerializeToString,
                                        response_deserializer=response_type.FromString)
         return rpc(request, metadata=metadata, timeout=timeout)
@@ -90,9 +101,11 @@ class Server:
                           metadata=(("authorization", f"Bearer {key}"),) if key else ())
         return [sb.sandbox_id for sb in reply.sandboxes]
 
-    def env(self, api_key: str | None = "local") -> dict[str, str]:
+    def env(self, api_key: str | None = SERVER_KEY) -> dict[str, str]:
         env = {**os.environ, "CWSANDBOX_BASE_URL": f"http://{self.address}", "GRPC_VERBOSITY": "ERROR"}
         env.pop("CWSANDBOX_API_KEY", None)
+        if api_key is SERVER_KEY:
+            api_key = self.token
         if api_key is not None:
             env["CWSANDBOX_API_KEY"] = api_key
         return env
@@ -131,7 +144,7 @@ def token_server(cwsandbox_client, tmp_path_factory):
     yield from _server(tmp_path_factory, token="s3cret-token")
 
 
-def run(server: Server, program: str, *, api_key: str | None = "local", leave_running: bool = False,
+def run(server: Server, program: str, *, api_key: str | None = SERVER_KEY, leave_running: bool = False,
         timeout: float = 60.0) -> str:
     """Run a cwsandbox program against ``server``; it must exit 0 and (unless ``leave_running``) leave
     no live sandbox. Its stdout."""
@@ -707,7 +720,7 @@ def test_unary_exec_and_unsupported_features(server):
                                           response_deserializer=pb.ExecStreamResponse.FromString)
     tty = pb.ExecStreamRequest(init=pb.ExecStreamInit(sandbox_id=sb.sandbox_id, command=["bash"], tty=True))
     with pytest.raises(grpc.RpcError) as info:
-        list(stream(iter([tty]), timeout=10))
+        list(stream(iter([tty]), timeout=10, metadata=(("authorization", f"Bearer {server.token}"),)))
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED and "TTY" in info.value.details()
     with pytest.raises(grpc.RpcError) as info:
         server.call("GetSandbox", pb.GetSandboxRequest(sandbox_id="sb-00000000"), pb.Sandbox)

@@ -8,7 +8,9 @@ import subprocess
 import sys
 import textwrap
 
-from service_helpers import REPO, ServerProcess, run_client
+from sandpool._service import endpoint
+
+from service_helpers import REPO, ServerProcess, run_client, wait_until
 from test_cwsandbox_client import cwsandbox_client  # noqa: F401 (the fixture: installs the client)
 
 
@@ -20,9 +22,12 @@ def _free_port() -> int:
 
 def test_a_cwsandbox_client_sandbox_is_a_sandpool_sandbox(cwsandbox_client, tmp_path):  # noqa: F811
     """What an unmodified cwsandbox program creates through --cwsandbox is listed, used and stopped
-    through sandpool's own API on the same server."""
+    through sandpool's own API on the same server. Its API key is the one the server made and wrote
+    to its listener record; without it, the program is refused."""
     port = _free_port()
     with ServerProcess(str(tmp_path), "--cwsandbox", f"127.0.0.1:{port}") as server:
+        api_key = wait_until(lambda: endpoint.token_for(f"127.0.0.1:{port}"), timeout=30)
+        assert api_key, "the cwsandbox listener wrote no token"
         program = textwrap.dedent("""
             import cwsandbox
             sb = cwsandbox.Sandbox.run(tags=["from-cwsandbox"])
@@ -33,6 +38,10 @@ def test_a_cwsandbox_client_sandbox_is_a_sandpool_sandbox(cwsandbox_client, tmp_
                "GRPC_VERBOSITY": "ERROR"}
         path = tmp_path / "program.py"
         path.write_text(program)
+        refused = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=60, cwd=REPO,
+                                 env={**os.environ, **env})
+        assert refused.returncode != 0 and "CWSANDBOX_API_KEY" in refused.stderr, refused.stderr
+        env["CWSANDBOX_API_KEY"] = api_key
         done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=60, cwd=REPO,
                               env={**os.environ, **env})
         assert done.returncode == 0, done.stderr

@@ -91,7 +91,7 @@ def test_attaching_after_the_end_still_tells_how_it_ended(server):
         assert sb.status == SandboxStatus.FAILED and sb.returncode == 4
         channel = grpc.insecure_channel(server.address)
         call = channel.stream_stream(m.path(m.ATTACH_METHOD))(
-            iter([_wire.encode(_wire.hello())]), metadata=((m.META_SANDBOX, sb.sandbox_id),))
+            iter([_wire.encode(_wire.hello())]), metadata=(*server.metadata, (m.META_SANDBOX, sb.sandbox_id)))
         buffer = _wire.FrameBuffer()
         frames = [f for message in call for f in buffer.feed(message)]
         assert [f["t"] for f in frames][:2] == ["hello", "main_exit"] and frames[1]["code"] == 4

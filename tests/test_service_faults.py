@@ -198,7 +198,7 @@ def test_malformed_and_oversized_messages_get_a_clear_error_and_others_are_serve
         ]
         for request, code, text in cases:
             with pytest.raises(grpc.RpcError) as info:
-                create(request, timeout=10)
+                create(request, timeout=10, metadata=srv.metadata)
             assert info.value.code() == code and text in info.value.details(), (text, info.value.details())
         attach = channel.stream_stream(m.path("Attach"))
         hello = _wire.encode(_wire.hello())
@@ -210,10 +210,10 @@ def test_malformed_and_oversized_messages_get_a_clear_error_and_others_are_serve
         ]
         for data, text in frames:
             with pytest.raises(grpc.RpcError) as info:
-                list(attach(iter([hello, data]), metadata=((m.META_SANDBOX, sb.sandbox_id),), timeout=10))
+                list(attach(iter([hello, data]), metadata=(*srv.metadata, (m.META_SANDBOX, sb.sandbox_id)), timeout=10))
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and text in info.value.details()
         with pytest.raises(grpc.RpcError) as info:
-            list(attach(iter([hello]), metadata=((m.META_SANDBOX, "sb-nope"),), timeout=10))
+            list(attach(iter([hello]), metadata=(*srv.metadata, (m.META_SANDBOX, "sb-nope")), timeout=10))
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
         channel.close()
         assert sb.exec(["echo", "still"]).result().stdout == "still\n"
@@ -236,7 +236,7 @@ def test_a_slow_reader_stalls_only_its_own_sandbox(tmp_path):
             while not release.wait(0.002):
                 yield _wire.encode({"t": "credit", "id": 1, "n": 1 << 20})
 
-        call = channel.stream_stream(m.path("Attach"))(requests(), metadata=((m.META_SANDBOX, slow.sandbox_id),))
+        call = channel.stream_stream(m.path("Attach"))(requests(), metadata=(*srv.metadata, (m.META_SANDBOX, slow.sandbox_id)))
         try:
             time.sleep(1.0)  # the flood fills every buffer between the agent and this unread stream
             started = time.monotonic()

@@ -1,9 +1,11 @@
 """The service's plain parts, without a server: thread pipes, the orphan rule, the journal, the bind
-and token rules, message encoding, and the one place gRPC errors are translated."""
+and token rules, message encoding, the one place gRPC errors are translated, the isolation floor,
+request bounds, frame checks and listener records."""
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -17,10 +19,12 @@ from sandpool._lifecycle import Lifecycle, advance
 from sandpool._runtime._contract import SandboxRecord
 from sandpool._runtime._remote import parse_address, translate
 from sandpool._runtime._threadpipe import PipeStream, ThreadPipe
-from sandpool._service import auth
+from sandpool._errors import ProtocolError
+from sandpool._service import auth, endpoint, frames, limits
 from sandpool._service import messages as m
 from sandpool._service.control import Hosted, decide_orphans
 from sandpool._service.journal import RESTART_REASON, Journal
+from sandpool._service.policy import Policy, Refused
 
 # -- thread pipes --------------------------------------------------------------------------------
 
@@ -283,3 +287,114 @@ def test_journal_trim_keeps_unfinished_and_the_newest_ended(tmp_path):
     again = Journal(str(tmp_path / "r.jsonl"), keep=2)
     assert again.open() == ["sb-live"]
     again.close()
+
+
+# -- the authorization floor, request bounds, frame checks, listener records ----------------------
+
+
+def test_the_default_floor_is_namespaces_for_root_and_process_otherwise():
+    """Root's default floor refuses process and host networking; an ordinary user's allows both."""
+    assert Policy.default(euid=0) == Policy("namespaces", False)
+    assert Policy.default(euid=1000) == Policy("process", True)
+    assert Policy.default("process", euid=0) == Policy("process", True)
+    assert Policy.default("namespaces", True, euid=0) == Policy("namespaces", True)
+    with pytest.raises(ValueError, match="--min-isolation must be one of"):
+        Policy("vm")
+
+
+def test_admit_pins_auto_and_refuses_below_the_floor():
+    """'auto' becomes the machine's level if it meets the floor; weaker levels, an 'auto' that means
+    a weaker level, and the host's network (unless allowed) are Refused naming the fix."""
+    policy = Policy("namespaces", False)
+    assert policy.admit(SandboxSpec(), lambda: "namespaces").isolation == "namespaces"
+    assert policy.admit(SandboxSpec(isolation="oci"), lambda: "namespaces").isolation == "oci"
+    with pytest.raises(Refused, match="isolation='process' is below this server's floor 'namespaces'"):
+        policy.admit(SandboxSpec(isolation="process"), lambda: "namespaces")
+    with pytest.raises(Refused, match="isolation='auto' means 'process' on this server"):
+        policy.admit(SandboxSpec(), lambda: "process")
+    with pytest.raises(Refused, match="--allow-host-network"):
+        policy.admit(SandboxSpec(network="host"), lambda: "namespaces")
+    assert Policy("namespaces", True).admit(SandboxSpec(network="host"), lambda: "namespaces").network == "host"
+
+
+def test_spec_bounds_name_the_field_and_the_bound():
+    """Counts, sizes and NUL bytes of a spec's strings are refused on the plain map."""
+    limits.spec_dict({"tags": ["a"], "environment_variables": {"A": "1"}, "command": "echo", "args": ["x"]})
+    cases = [
+        ({"environment_variables": {f"K{i}": "" for i in range(limits.MAX_ENV_ENTRIES + 1)}},
+         "environment_variables has 4097 entries, above the limit of 4096"),
+        ({"environment_variables": {"K": "x" * (limits.MAX_STRING_BYTES + 1)}}, "above the 131072-byte limit"),
+        ({"command": "sh", "args": ["x" * 100_000] * 2}, "above the 131072-byte limit"),
+        ({"tags": ["t"] * 33}, "tags has 33 entries"),
+        ({"command": "a\0b"}, "command contains a NUL byte"),
+        ({"working_dir": 5}, "working_dir must be a str"),
+    ]
+    for spec, text in cases:
+        with pytest.raises((TypeError, ValueError), match=text.replace("(", r"\(")):
+            limits.spec_dict(spec)
+    with pytest.raises(ValueError, match="Create request is 2097152 bytes"):
+        limits.request_bytes("Create request", 2 << 20)
+
+
+def test_frame_checks_pass_what_the_client_sends_and_refuse_the_rest():
+    """The frames sandpool's own client sends pass; a bad field is a ProtocolError naming it."""
+    good = [{"t": "exec", "id": 1, "argv": ["echo", "hi"], "cwd": None, "env": {"A": "1"}, "stdin": False},
+            {"t": "stdin", "id": 1, "data": b"x", "eof": True}, {"t": "credit", "id": 1, "n": 10},
+            {"t": "signal", "id": 0, "sig": 15}, {"t": "read_file", "id": 2, "path": "/etc/hostname"},
+            {"t": "write_file", "id": 3, "path": "x", "data": b""},
+            {"t": "call", "id": 4, "fn": b"", "args": b"", "fn_key": b"k", "timeout": 1.5},
+            {"t": "cancel", "id": 4, "steal": True}, {"t": "ping", "id": 5}]
+    for f in good:
+        assert frames.check(f) is f
+    with pytest.raises(ProtocolError, match="'exec' frame: exec env name 'A=B' is invalid"):
+        frames.check({"t": "exec", "id": 1, "argv": ["true"], "env": {"A=B": ""}})
+    with pytest.raises(ProtocolError, match="'stdin' must be bool or absent"):
+        frames.check({"t": "exec", "id": 1, "argv": ["true"], "stdin": 1})
+    with pytest.raises(ProtocolError, match="clients may not send 'bye'"):
+        frames.check({"t": "bye", "id": 0, "reason": None})
+
+
+def test_a_listener_record_is_held_by_one_server_and_found_only_while_held(tmp_path, monkeypatch):
+    """A second acquire fails naming the holder's pid; clients find the record (and a made token)
+    only while it is held; release removes it."""
+    monkeypatch.setenv(endpoint.ENV_RUN_DIR, str(tmp_path / "run"))
+    record = endpoint.ListenerRecord("127.0.0.1:5").acquire()
+    record.write(token="t0k")
+    assert endpoint.token_for("127.0.0.1:5") == "t0k"
+    with open(record.token_path) as f:
+        assert f.read().strip() == "t0k"
+    assert oct(os.stat(record.path).st_mode & 0o777) == "0o600"
+    with pytest.raises(OSError, match=f"another sandpool server \\(pid {os.getpid()}\\) holds the address"):
+        endpoint.ListenerRecord("127.0.0.1:5").acquire()
+    record.release()
+    assert endpoint.find("127.0.0.1:5") is None and not os.path.exists(record.token_path)
+    stale = endpoint.ListenerRecord("127.0.0.1:6").acquire()
+    stale.write(token="old")
+    os.close(stale._fd)  # the server died without releasing: its lock is gone, its file stays
+    assert endpoint.token_for("127.0.0.1:6") is None
+
+
+def test_a_journal_is_one_servers(tmp_path):
+    """A second server on the same record file stops naming the first; after close it may open."""
+    first = Journal(str(tmp_path / "rec.jsonl"))
+    first.open()
+    with pytest.raises(OSError, match="holds the record file"):
+        Journal(str(tmp_path / "rec.jsonl")).open()
+    first.close()
+    second = Journal(str(tmp_path / "rec.jsonl"))
+    second.open()
+    second.close()
+    assert Journal(None).open() == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a directory owned by another user")
+def test_a_run_directory_of_another_user_is_refused(tmp_path):
+    """A run directory someone else made (or a symlink) is not trusted."""
+    other = tmp_path / "other"
+    other.mkdir()
+    os.chown(other, 1, 1)
+    with pytest.raises(OSError, match="belongs to uid 1"):
+        endpoint.private_dir(str(other))
+    (tmp_path / "link").symlink_to(tmp_path)
+    with pytest.raises(OSError, match="not a directory"):
+        endpoint.private_dir(str(tmp_path / "link"))

@@ -1,8 +1,9 @@
 """``sandpool ls | get | exec | files | stop``: existing sandboxes of a sandpool server.
 
-The server is ``--address``, else ``$SANDPOOL_ADDRESS``, else the local default
-(``127.0.0.1:50051``, where a plain ``sandpool serve`` listens); the token is read from
-``--token-file``, else ``$SANDPOOL_TOKEN``. Like cwsandbox's CLI there is no create command:
+The server is ``--address``, else ``$SANDPOOL_ADDRESS``, else the local default (the unix socket
+``<run dir>/serve.sock`` where a plain ``sandpool serve`` of this user listens); the token is read
+from ``--token-file``, else ``$SANDPOOL_TOKEN``, else the listener record of a server of this user
+on that address (which a TCP listener without ``--token-file`` writes its token to). Like cwsandbox's CLI there is no create command:
 sandboxes come from programs; the CLI looks at them, runs commands in them and stops them.
 """
 
@@ -20,7 +21,8 @@ ENV_ADDRESS, ENV_TOKEN = "SANDPOOL_ADDRESS", "SANDPOOL_TOKEN"
 
 def _connection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="the server: HOST:PORT, tls://HOST:PORT or unix:/PATH "
-                                          "(default: $SANDPOOL_ADDRESS, else 127.0.0.1:50051)")
+                                          "(default: $SANDPOOL_ADDRESS, else this user's sandpool serve socket, "
+                                          "e.g. unix:/run/sandpool/serve.sock for root)")
     parser.add_argument("--token-file", help="file holding the server's token (default: $SANDPOOL_TOKEN)")
 
 
@@ -78,13 +80,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _target(args: argparse.Namespace) -> dict:
-    from .._service.messages import DEFAULT_ADDRESS
+    from .._service.endpoint import default_address
 
     token = None
     if args.token_file:
         with open(args.token_file, encoding="utf-8") as f:
             token = f.read().strip()
-    return {"address": args.address or os.environ.get(ENV_ADDRESS) or DEFAULT_ADDRESS,
+    return {"address": args.address or os.environ.get(ENV_ADDRESS) or default_address(),
             "token": token or os.environ.get(ENV_TOKEN)}
 
 

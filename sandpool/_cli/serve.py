@@ -9,22 +9,33 @@ import os
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the sandpool gRPC service",
                        description="Serve this machine's sandboxes over gRPC until SIGTERM or Ctrl-C, which stop "
-                                   "every sandbox. Binds loopback unless told otherwise; any other address needs "
-                                   "--token-file.")
-    p.add_argument("--listen", default="127.0.0.1:50051",
-                   help="HOST:PORT (port 0 picks a free one) or unix:/PATH (default: 127.0.0.1:50051)")
-    p.add_argument("--token-file", help="require this file's token from every client")
+                                   "every sandbox. Listens on a unix socket only this user (and root) may use, "
+                                   "unless told otherwise; TCP always needs a token (one is made if none is given), "
+                                   "and any address but loopback needs --token-file.")
+    p.add_argument("--listen", help="unix:/PATH or HOST:PORT (port 0 picks a free one); default: the unix socket "
+                                    "serve.sock in this user's run directory (/run/sandpool for root)")
+    p.add_argument("--token-file", help="require this file's token from every client (without it, a TCP listener "
+                                        "makes a token and writes it 0600 beside its listener record)")
     p.add_argument("--tls-cert", help="PEM certificate chain: serve TLS only (with --tls-key)")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--min-isolation", choices=("process", "namespaces", "oci"),
+                   help="the weakest isolation a client's sandbox may get; weaker requests are refused "
+                        "(default: namespaces when serving as root, process otherwise)")
+    p.add_argument("--allow-host-network", action=argparse.BooleanOptionalAction, default=None,
+                   help="let clients' sandboxes use the host's network (default: only when the floor is process)")
+    p.add_argument("--allow-uid", type=int, action="append", default=[], dest="allow_uids", metavar="UID",
+                   help="also let this user connect to the unix socket (repeatable; the socket becomes 0666 and its "
+                        "directory 0711, the uid check at accept still refuses everyone else)")
     p.add_argument("--orphan-grace-seconds", type=float, default=60.0,
                    help="how long a vanished client's sandboxes stay adoptable before they are stopped (default 60)")
     p.add_argument("--record-file", help="the on-disk record of sandboxes, kept across restarts "
-                                         "(default: ~/.local/state/sandpool/serve-<listen>.jsonl)")
+                                         "(default: ~/.local/state/sandpool/serve-<listen>.jsonl; none for port 0)")
     p.add_argument("--max-streams", type=int, default=512,
                    help="concurrent calls and attached sandboxes before new ones are refused (default 512)")
     p.add_argument("--cwsandbox", metavar="HOST:PORT", dest="cwsandbox_listen",
-                   help="also serve cwsandbox's own gRPC API here, over the same sandboxes, for the unmodified "
-                        "cwsandbox client (CWSANDBOX_BASE_URL=http://HOST:PORT)")
+                   help="also serve cwsandbox's own gRPC API here, over the same sandboxes and policy, for the "
+                        "unmodified cwsandbox client (CWSANDBOX_BASE_URL=http://HOST:PORT; its API key is "
+                        "--token-file's token, or one made and written 0600, as printed)")
     p.set_defaults(run=cmd_serve)
 
 
@@ -36,5 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     token = auth.read_token(args.token_file) if args.token_file else None
     config = ServeConfig(listen=args.listen, token=token, tls_cert=args.tls_cert, tls_key=args.tls_key,
                          orphan_grace_seconds=args.orphan_grace_seconds, record_file=args.record_file,
-                         max_streams=args.max_streams, cwsandbox_listen=args.cwsandbox_listen)
+                         max_streams=args.max_streams, cwsandbox_listen=args.cwsandbox_listen,
+                         min_isolation=args.min_isolation, allow_host_network=args.allow_host_network,
+                         allow_uids=tuple(args.allow_uids))
     return serve(config)

@@ -27,6 +27,7 @@ from .. import _errors
 from .._channel import FrameChannel
 from .._config import SandboxSpec
 from .._errors import SandboxNotFoundError, SandboxUnavailableError
+from .._service import endpoint
 from .._service import messages as m
 from ._contract import Runtime, SandboxRecord
 from ._threadpipe import PACE_SECONDS, PipeStream, ThreadPipe
@@ -91,7 +92,8 @@ def translate(error: grpc.RpcError, address: str, sandbox_id: str | None = None)
 class RemoteRuntime(Runtime):
     """Sandboxes of the server at ``address`` (``host:port``, ``tls://host:port``, ``unix:/path``).
 
-    ``token`` (default ``$SANDPOOL_TOKEN``) is sent with every call. For TLS, the server's
+    ``token`` (default ``$SANDPOOL_TOKEN``, else the token a server of this user made for this
+    address, from its listener record) is sent with every call. For TLS, the server's
     certificate is checked against ``tls_ca`` (a PEM file; default ``$SANDPOOL_TLS_CA``, else the
     system's roots).
     """
@@ -103,7 +105,7 @@ class RemoteRuntime(Runtime):
         self.address = address
         self.endpoint = address
         self._target, self._tls = parse_address(address)
-        token = token if token is not None else os.environ.get(ENV_TOKEN)
+        token = token if token is not None else os.environ.get(ENV_TOKEN) or endpoint.token_for(self._target)
         self._metadata: tuple[tuple[str, str], ...] = ((m.META_TOKEN, f"Bearer {token}"),) if token else ()
         self._tls_ca = tls_ca or os.environ.get(ENV_TLS_CA)
         self._channel: grpc.Channel | None = None

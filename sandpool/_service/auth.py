@@ -1,7 +1,9 @@
 """Who may call the server: the bind rule, the bearer token, and TLS credentials.
 
-- A server binds loopback unless told otherwise, and refuses to listen on any other address
-  without a token (anyone on the network could otherwise run commands).
+- A server listens on a unix socket unless told otherwise (only allowed users' connections get
+  through: ``peergate.py``). A TCP listener always has a token, loopback included: any local
+  process (a sandbox on the host's network too) can reach loopback. Without ``--token-file`` the
+  server makes one (``listener.py``); off loopback it refuses to start without ``--token-file``.
 - With a token, every call must carry ``authorization: Bearer <token>``; a missing or wrong one
   ends the call UNAUTHENTICATED before any handler runs, so nothing is created.
 - With ``--tls-cert``/``--tls-key``, the port speaks TLS only.
@@ -65,9 +67,9 @@ def server_credentials(cert_file: str, key_file: str) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials([(key, cert)])
 
 
-def _deny(kind: str, message: str) -> grpc.RpcMethodHandler:
+def _deny(kind: str, message: str, code: grpc.StatusCode = grpc.StatusCode.UNAUTHENTICATED) -> grpc.RpcMethodHandler:
     def abort(request, context):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        context.abort(code, message)
 
     if kind == "unary_stream":
         return grpc.unary_stream_rpc_method_handler(abort)
@@ -91,3 +93,15 @@ class TokenInterceptor(grpc.ServerInterceptor):
         if given is None:
             return _deny(kind, "this sandpool server requires a token; pass token= or set SANDPOOL_TOKEN")
         return _deny(kind, "wrong token for this sandpool server; check token= or SANDPOOL_TOKEN")
+
+
+class DenyAll(grpc.GenericRpcHandler):
+    """Answers every call PERMISSION_DENIED with ``message`` (the gate's refused peers land here)."""
+
+    def __init__(self, message: str, kinds: dict[str, str]) -> None:
+        self._message = message
+        self._kinds = kinds
+
+    def service(self, handler_call_details):
+        kind = self._kinds.get(handler_call_details.method, "unary_unary")
+        return _deny(kind, self._message, grpc.StatusCode.PERMISSION_DENIED)

@@ -8,6 +8,11 @@ lease is alive or while any client is attached to its data plane. A sandbox that
 orphaned; after ``orphan_grace`` seconds orphaned, the server stops it (reason "orphaned ...").
 ``max_lifetime_seconds`` is enforced by the agent itself, held or not. Releasing a lease stops
 what it still owns, which is how a closing client's leftovers go.
+
+Requests are checked against ``limits`` (sizes) and the server's ``Policy`` (the isolation floor,
+host networking) before the runtime sees them. A Create that fails keeps nothing: no sandbox in
+the fleet, no journal entry, no record in the runtime. Each sandbox's spec is turned into plain
+data once, at Create, so a List costs a dict per sandbox, whatever their specs hold.
 """
 
 from __future__ import annotations
@@ -15,17 +20,21 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
 
 from .. import _lifecycle
 from .._config import SandboxStatus
+from .._isolation import probe
 from .._errors import SandboxNotFoundError, SandboxNotRunningError, SandboxUnavailableError
 from .._runtime._contract import Runtime, SandboxRecord
 from . import messages as m
+from . import limits
 from .dataplane import Attachment, Hub
 from .journal import Journal
+from .policy import Policy
 
 log = logging.getLogger("sandpool.serve")
 
@@ -48,6 +57,9 @@ class Hosted:
     stop_reason: str | None = None
     ended_at: float | None = None
     ended: trio.Event = field(default_factory=trio.Event)
+    #: the spec as plain data, made once: whole (Create, Get, Stop) and as List shows it (bounded)
+    spec_data: dict = field(default_factory=dict)
+    spec_summary: dict = field(default_factory=dict)
 
 
 def decide_orphans(hosted: list[Hosted], live_leases: set[str], now: float, grace: float) -> list[Hosted]:
@@ -69,8 +81,15 @@ def decide_orphans(hosted: list[Hosted], live_leases: set[str], now: float, grac
 class Fleet:
     """The sandboxes of one server, on one LocalRuntime."""
 
-    def __init__(self, runtime: Runtime, journal: Journal, nursery: trio.Nursery, *, orphan_grace: float) -> None:
+    def __init__(self, runtime: Runtime, journal: Journal, nursery: trio.Nursery, *, orphan_grace: float,
+                 policy: Policy | None = None, auto_level: Callable[[], str] | None = None) -> None:
+        """``policy`` (None: none, for a server whose one client is its own user, like a Slurm job's)
+        is checked on every Create, with ``auto_level()`` saying what isolation "auto" means here."""
         self.runtime = runtime
+        self.policy = policy
+        self.auto_level = auto_level
+        for level in probe.LEVELS:  # probed now, before gRPC's threads run: the probe forks, and a child
+            probe.unavailable(level)  # forked beside them can crash (seen: SIGSEGV), caching a wrong "no"
         self.journal = journal
         self.nursery = nursery
         self.orphan_grace = orphan_grace
@@ -94,7 +113,7 @@ class Fleet:
         self.leases.pop(lease, None)
 
     async def rpc_release(self, request: dict, peer: str) -> dict:
-        lease = m.field(request, "lease", str)
+        lease = limits.identifier("lease", m.field(request, "lease", str))
         self.leases.pop(lease, None)
         stopped = []
         if m.field(request, "stop", bool, False):
@@ -110,18 +129,25 @@ class Fleet:
     async def rpc_create(self, request: dict, peer: str) -> dict:
         if self.closing:
             raise SandboxUnavailableError("the sandpool server is shutting down")
-        spec = m.spec_from_dict(m.field(request, "spec", dict))
+        spec_data = m.field(request, "spec", dict)
+        limits.spec_dict(spec_data)
+        spec = m.spec_from_dict(spec_data)
+        if self.policy is not None:
+            assert self.auto_level is not None
+            spec = self.policy.admit(spec, self.auto_level)
         lease = m.field(request, "lease", str, None)
+        if lease is not None:
+            limits.identifier("lease", lease)
         record = self.runtime.create(spec)
-        hosted = Hosted(record, lease, _lifecycle.advance(_lifecycle.Lifecycle(), "start"))
-        self.sandboxes[record.sandbox_id] = hosted
-        self.journal.write(self._entry(hosted))
+        hosted = Hosted(record, lease, _lifecycle.advance(_lifecycle.Lifecycle(), "start"),
+                        spec_data=m.spec_to_dict(spec))
+        hosted.spec_summary = limits.summary(hosted.spec_data)
+        self.sandboxes[record.sandbox_id] = hosted  # listed, and stopped by a shutdown, while it starts
         try:
             with trio.CancelScope(shield=True):  # a started agent must end up watched, or stopped
                 channel = await self.runtime.start(record)
-        except Exception as exc:
-            hosted.state = _lifecycle.advance(hosted.state, "failed", reason=f"failed to start: {exc}")
-            self._ended(hosted)
+        except BaseException:
+            self._discard(hosted)
             raise
         record.started_at = time.time()
         hosted.state = _lifecycle.advance(hosted.state, "running")
@@ -167,8 +193,17 @@ class Fleet:
                 if forget is not None:
                     forget(record.sandbox_id)
 
+    def _discard(self, hosted: Hosted) -> None:
+        """A sandbox that never started: forgotten everywhere (its client got the error instead of an id)."""
+        self.sandboxes.pop(hosted.record.sandbox_id, None)
+        forget = getattr(self.runtime, "forget", None)
+        if forget is not None:
+            forget(hosted.record.sandbox_id)
+        hosted.ended.set()
+
     def _ended(self, hosted: Hosted) -> None:
         hosted.ended_at = time.time()
+        hosted.spec_data = hosted.spec_summary = {}  # an ended sandbox's spec is no use, and up to 1000 are kept
         self.journal.write(self._entry(hosted))
         hosted.ended.set()
 
@@ -184,7 +219,7 @@ class Fleet:
                 await hosted.ended.wait()
 
     async def rpc_stop(self, request: dict, peer: str) -> dict:
-        sandbox_id = m.field(request, "sandbox_id", str)
+        sandbox_id = limits.identifier("sandbox_id", m.field(request, "sandbox_id", str))
         grace = m.field(request, "grace", (int, float), 10.0)
         if not 0 <= grace < float("inf"):
             raise ValueError(f"grace must be a number of seconds >= 0, got {grace!r}")
@@ -253,7 +288,7 @@ class Fleet:
     # -- queries -----------------------------------------------------------------------------
 
     async def rpc_get(self, request: dict, peer: str) -> dict:
-        sandbox_id = m.field(request, "sandbox_id", str)
+        sandbox_id = limits.identifier("sandbox_id", m.field(request, "sandbox_id", str))
         hosted = self.sandboxes.get(sandbox_id)
         if hosted is not None:
             return self.info(hosted)
@@ -263,10 +298,11 @@ class Fleet:
 
     async def rpc_list(self, request: dict, peer: str) -> dict:
         tags = m.field(request, "tags", list, [])
+        limits.strings("tags", tags, count=limits.MAX_TAGS, each=limits.MAX_TAG_BYTES)
         status = m.field(request, "status", str, None)
         wanted = SandboxStatus.parse(status) if status is not None else None
         show_terminated = m.field(request, "show_terminated", bool, False) or bool(wanted and wanted.is_terminal)
-        infos = [self.info(h) for h in self.sandboxes.values()]
+        infos = [self.info(h, summary=True) for h in self.sandboxes.values()]
         infos += [self._history_info(i) for i in self.journal.history if i not in self.sandboxes]
         found = [i for i in infos if all(t in i["tags"] for t in tags)
                  and (wanted is None or i["status"] == wanted.value)
@@ -279,7 +315,8 @@ class Fleet:
             return hosted.stop_reason
         return hosted.state.reason
 
-    def info(self, hosted: Hosted) -> dict:
+    def info(self, hosted: Hosted, *, summary: bool = False) -> dict:
+        """What clients learn of a sandbox; with ``summary`` (List), its spec without its large fields."""
         record, state = hosted.record, hosted.state
         orphaned = None if hosted.orphaned_since is None else time.monotonic() - hosted.orphaned_since
         return {
@@ -292,7 +329,7 @@ class Fleet:
             "created_at": record.created_at,
             "started_at": record.started_at,
             "ended_at": hosted.ended_at,
-            "spec": m.spec_to_dict(record.spec),
+            "spec": hosted.spec_summary if summary else hosted.spec_data,
             "attached": len(hosted.hub.attachments) if hosted.hub else 0,
             "orphaned_for": orphaned,
         }

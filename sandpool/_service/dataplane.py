@@ -5,9 +5,10 @@ Frame ids are chosen by each client, so on the way in an attachment's ids move i
 their own (``number << 32 | id``) and on the way out back again; frames without an id (the main
 command's exit, the farewell) go to every attachment. Id 0 (the main command) passes unchanged.
 
-Clients may send only the client kinds of the wire protocol, after a ``hello``; anything else,
-undecodable bytes or an oversized frame end that client's stream with INVALID_ARGUMENT and the
-reason, and nothing else. Output for a client that has gone is acknowledged here, so its
+Clients may send only the client kinds of the wire protocol, after a ``hello``, each checked by
+``frames.check`` (fields, NUL bytes, sizes); anything else, undecodable bytes or an oversized
+frame end that client's stream with INVALID_ARGUMENT and the reason, and nothing else: the agent
+never sees the bad frame, and the other clients carry on. Output for a client that has gone is acknowledged here, so its
 processes run to the end instead of blocking on flow control.
 
 Backpressure: a client that reads slowly fills its pipe; the hub then waits, which stops reading
@@ -16,6 +17,7 @@ this sandbox's agent (whose processes block like on a full pipe). Other sandboxe
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,9 +27,9 @@ from .. import _wire
 from .._channel import FrameChannel
 from .._errors import ProtocolError, SandboxUnavailableError
 from .._runtime._threadpipe import ThreadPipe
+from .frames import ID_BITS, check as check_frame
 
-ID_BITS = 32
-CLIENT_KINDS = frozenset({"exec", "stdin", "credit", "signal", "read_file", "write_file", "call", "cancel", "ping"})
+log = logging.getLogger("sandpool.serve")
 
 
 @dataclass(eq=False)
@@ -100,12 +102,7 @@ class Hub:
                             att.end("ok", self.trailer)
                             return
                         continue
-                    kind = frame["t"]
-                    if kind not in CLIENT_KINDS:
-                        raise ProtocolError(f"clients may not send {kind!r} frames; stop a sandbox with the Stop call")
-                    frame_id = frame["id"]
-                    if not 0 <= frame_id < 1 << ID_BITS:
-                        raise ProtocolError(f"frame id {frame_id} is outside 0..2**32-1", frame={"t": kind})
+                    frame_id = check_frame(frame)["id"]
                     if frame_id:
                         frame["id"] = base | frame_id
                     frames.append(frame)
@@ -115,6 +112,9 @@ class Hub:
             att.end("error", ("INVALID_ARGUMENT", f"malformed data-plane message: {exc}"))
         except (SandboxUnavailableError, trio.BrokenResourceError):
             pass  # the agent is gone or the client is: finish() or the stream's end reports it
+        except Exception as exc:  # a bug here must end this client's stream, not the server
+            log.error("relaying a client's frames to %s failed", self.sandbox_id, exc_info=exc)
+            att.end("error", ("INTERNAL", f"the server failed relaying this stream: {type(exc).__name__}: {exc}"))
         finally:
             self.attachments.pop(att.number, None)
             att.end("ok", {})

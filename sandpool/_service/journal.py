@@ -5,6 +5,11 @@ reason and return code). Opening the journal reads it back: every sandbox that w
 never recorded as ended died with the previous server process, so it becomes TERMINATED with the
 reason "the server ... exited while it ran". The file is then rewritten with the newest ``keep``
 sandboxes only, so it stays small. A torn last line (the server was killed mid-write) is skipped.
+
+A journal is one server's: opening it takes an exclusive ``flock`` on ``<path>.lock`` (held until
+``close()``), so a second server given the same file stops with an error instead of interleaving.
+A server on an ephemeral TCP port (``:0``) keeps its journal in memory unless given a file: its
+address changes every run, so no later run could answer for its sandboxes.
 """
 
 from __future__ import annotations
@@ -15,12 +20,16 @@ import re
 import time
 
 from .._config import SandboxStatus
+from .endpoint import hold_lock
 
 RESTART_REASON = "the sandpool server exited (killed or restarted) while the sandbox ran"
 
 
-def default_path(listen: str) -> str:
-    """``$XDG_STATE_HOME/sandpool/serve-<listen address>.jsonl`` (``~/.local/state`` by default)."""
+def default_path(listen: str) -> str | None:
+    """``$XDG_STATE_HOME/sandpool/serve-<listen address>.jsonl`` (``~/.local/state`` by default);
+    None (in memory) for an ephemeral port."""
+    if not listen.startswith("unix:") and listen.endswith(":0"):
+        return None
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", listen).strip("_")
     return os.path.join(base, "sandpool", f"serve-{safe}.jsonl")
@@ -29,18 +38,25 @@ def default_path(listen: str) -> str:
 class Journal:
     """Sandboxes of this and earlier server runs. ``history`` maps id -> the last entry of each."""
 
-    def __init__(self, path: str, *, keep: int = 1000) -> None:
+    def __init__(self, path: str | None, *, keep: int = 1000) -> None:
         self.path = path
         self.keep = keep
         self.history: dict[str, dict] = {}
         self._file = None
+        self._lock: int | None = None
 
     def __repr__(self) -> str:
         return f"<Journal {self.path} {len(self.history)} sandboxes>"
 
     def open(self) -> list[str]:
-        """Read earlier runs, settle their unfinished sandboxes, compact; return the ids settled."""
-        settled = []
+        """Take the journal's lock, read earlier runs, settle their unfinished sandboxes, compact; return
+        the ids settled. OSError naming the other server if one holds the journal."""
+        settled: list[str] = []
+        if self.path is None:
+            return settled
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700, exist_ok=True)
+        self._lock = hold_lock(f"{self.path}.lock", f"the record file {self.path}")
+        os.pwrite(self._lock, json.dumps({"pid": os.getpid()}).encode(), 0)
         try:
             with open(self.path, encoding="utf-8") as f:
                 for line in f:
@@ -64,7 +80,6 @@ class Journal:
                 settled.append(sandbox_id)
         newest = sorted(self.history.values(), key=lambda e: e.get("created_at") or 0)[-self.keep:]
         self.history = {e["sandbox_id"]: e for e in newest}
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700, exist_ok=True)
         tmp = f"{self.path}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             for entry in newest:
@@ -108,3 +123,6 @@ class Journal:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._lock is not None:
+            os.close(self._lock)  # the lock file stays: removing it would race a server taking it
+            self._lock = None

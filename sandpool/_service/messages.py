@@ -48,7 +48,6 @@ TRAILER_REASON = "sandpool-reason"
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 DATA_CHUNK_BYTES = 1024 * 1024
 DEFAULT_PORT = 50051
-DEFAULT_ADDRESS = f"127.0.0.1:{DEFAULT_PORT}"
 
 
 def path(method: str) -> str:

@@ -19,7 +19,6 @@ import os
 import signal
 import sys
 import threading
-from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
@@ -34,29 +33,25 @@ from .._errors import (
 )
 from .._runtime._local import LocalRuntime
 from .._runtime._threadpipe import PACE_SECONDS, ThreadPipe
-from . import auth, journal
+from .._isolation import probe
+from . import auth, endpoint, journal, limits
 from . import messages as m
 from .control import Fleet
+from .listener import Listening, build_server  # noqa: F401 (build_server: also the Slurm job server's)
+from .policy import Policy, Refused
 
 log = logging.getLogger("sandpool.serve")
 
-_SERVER_OPTIONS = [
-    ("grpc.max_receive_message_length", m.MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", m.MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 10_000),  # notice vanished client hosts (no RST) within ~15 s
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
-    ("grpc.http2.max_ping_strikes", 0),
-    ("grpc.so_reuseport", 0),
-]
-
-
 @dataclass(frozen=True)
 class ServeConfig:
-    """What ``sandpool serve`` was asked for. ``max_streams`` bounds concurrent calls and streams."""
+    """What ``sandpool serve`` was asked for. ``max_streams`` bounds concurrent calls and streams.
 
-    listen: str = m.DEFAULT_ADDRESS
+    ``listen`` None means the default unix socket (``endpoint.default_address()``). ``min_isolation``
+    and ``allow_host_network`` (None: the defaults for the server's user) make its ``Policy``;
+    ``allow_uids`` are the users besides the server's own (and root) that may use its unix socket.
+    """
+
+    listen: str | None = None
     token: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -65,16 +60,28 @@ class ServeConfig:
     max_streams: int = 512
     #: also serve cwsandbox's own gRPC API (coreweave.sandbox.v1) on this address, same sandboxes
     cwsandbox_listen: str | None = None
+    min_isolation: str | None = None
+    allow_host_network: bool | None = None
+    allow_uids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.listen is None:
+            object.__setattr__(self, "listen", endpoint.default_address())
         auth.check_bind(self.listen, self.token)
+        if self.allow_uids and not self.listen.startswith("unix:"):
+            raise ValueError("--allow-uid applies to unix sockets; a TCP listener admits whoever has its token")
+        self.policy()  # ValueError now for an unknown --min-isolation
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together; pass both, or neither for plaintext")
         if not self.orphan_grace_seconds >= 0:
             raise ValueError(f"--orphan-grace-seconds must be >= 0, got {self.orphan_grace_seconds!r}")
 
+    def policy(self) -> Policy:
+        return Policy.default(self.min_isolation, self.allow_host_network)
+
 
 _CODES = [
+    (Refused, grpc.StatusCode.PERMISSION_DENIED),
     (ProtocolError, grpc.StatusCode.INVALID_ARGUMENT),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
     (TypeError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -93,7 +100,8 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
         log.error("internal error in a call", exc_info=exc)
     if isinstance(exc, trio.RunFinishedError):
         exc = SandboxUnavailableError("the sandpool server is shutting down")
-    context.set_trailing_metadata(((m.META_ERROR, m.error_name(exc)),))
+    name = "CWSandboxAuthenticationError" if isinstance(exc, Refused) else m.error_name(exc)
+    context.set_trailing_metadata(((m.META_ERROR, name),))
     context.abort(code, str(exc) or type(exc).__name__)
 
 
@@ -124,6 +132,7 @@ class Service:
 
         def call(request: bytes, context: grpc.ServicerContext) -> bytes:
             try:
+                limits.request_bytes(f"{name} request", len(request))
                 message = m.unpack(request, f"{name} request")
                 reply = trio.from_thread.run(method, message, context.peer(), trio_token=self.token)
                 return m.pack(reply)
@@ -135,6 +144,7 @@ class Service:
     def lease(self, request: bytes, context: grpc.ServicerContext):
         """Name the caller's lease, then hold the stream open until the caller goes away."""
         try:
+            limits.request_bytes("Lease request", len(request))
             lease = trio.from_thread.run_sync(self.fleet.open_lease, context.peer(), trio_token=self.token)
         except Exception as exc:
             _abort(context, exc)
@@ -156,8 +166,12 @@ class Service:
     def attach(self, request_iterator, context: grpc.ServicerContext):
         """One sandbox's data plane: bytes of wire frames both ways (see ``dataplane.py``)."""
         sandbox_id = dict(context.invocation_metadata()).get(m.META_SANDBOX)
-        if not sandbox_id:
-            _abort(context, ValueError(f"an Attach call needs the {m.META_SANDBOX!r} metadata naming the sandbox"))
+        try:
+            if not sandbox_id:
+                raise ValueError(f"an Attach call needs the {m.META_SANDBOX!r} metadata naming the sandbox")
+            limits.identifier(f"the {m.META_SANDBOX!r} metadata", sandbox_id)
+        except (TypeError, ValueError) as exc:
+            _abort(context, exc)
         inbound = ThreadPipe(self.token)
         outbound = ThreadPipe(self.token, message_bytes=m.DATA_CHUNK_BYTES, pace=PACE_SECONDS)
         try:
@@ -200,78 +214,66 @@ def _pump_requests(request_iterator, inbound: ThreadPipe) -> None:
         inbound.close()
 
 
-def build_server(service: Service, config: ServeConfig) -> tuple[grpc.Server, str]:
-    """A started-ready gRPC server bound to ``config.listen``; returns it and the bound address."""
-    interceptors = [auth.TokenInterceptor(config.token, service.kinds())] if config.token else []
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_streams + 8, thread_name_prefix="sandpool-rpc"),
-        handlers=[service.handler()], interceptors=interceptors, options=_SERVER_OPTIONS,
-        maximum_concurrent_rpcs=config.max_streams,
-    )
-    try:
-        if config.tls_cert:
-            port = server.add_secure_port(config.listen, auth.server_credentials(config.tls_cert, config.tls_key))
-        else:
-            port = server.add_insecure_port(config.listen)
-    except RuntimeError as exc:
-        raise OSError(f"cannot listen on {config.listen!r}: {exc}") from None
-    if not port:
-        raise OSError(f"cannot listen on {config.listen!r} (address in use?)")
-    host, _ = auth.split_listen(config.listen)
-    bound = config.listen if host == "unix" else f"{'[' + host + ']' if ':' in host else host}:{port}"
-    return server, bound
-
-
 async def serve_async(config: ServeConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve until SIGTERM/SIGINT (or cancellation); then stop everything and return."""
     record = journal.Journal(config.record_file or journal.default_path(config.listen))
-    settled = record.open()
-    if settled:
-        log.info("%d sandbox(es) of an earlier run recorded as terminated", len(settled))
-    runtime = LocalRuntime()
-    async with trio.open_nursery() as nursery:
-        await runtime.open(nursery)
-        fleet = Fleet(runtime, record, nursery, orphan_grace=config.orphan_grace_seconds)
-        service = Service(fleet, trio.lowlevel.current_trio_token())
-        server, bound = build_server(service, config)
-        server.start()
-        nursery.start_soon(fleet.sweep_orphans)
-        scheme = "tls://" if config.tls_cert else ""
-        print(f"sandpool serve: listening on {scheme}{bound} (pid {os.getpid()})", flush=True)
-        task_status.started(bound)
-        try:
-            async with _cwsandbox_listener(config, bound):
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    async for signum in signals:
-                        log.info("%s: stopping every sandbox", signal.Signals(signum).name)
-                        break
-        finally:
-            await shut_down(fleet, service, server, runtime)
-            nursery.cancel_scope.cancel()
+    listening = Listening(config)
+    listening.reserve()  # before anything starts: a second server on this address stops here
+    try:
+        settled = record.open()
+        if settled:
+            log.info("%d sandbox(es) of an earlier run recorded as terminated", len(settled))
+        runtime = LocalRuntime()
+        async with trio.open_nursery() as nursery:
+            await runtime.open(nursery)
+            fleet = Fleet(runtime, record, nursery, orphan_grace=config.orphan_grace_seconds,
+                          policy=config.policy(), auto_level=probe.best)
+            service = Service(fleet, trio.lowlevel.current_trio_token())
+            try:
+                bound = listening.start(service)
+                nursery.start_soon(fleet.sweep_orphans)
+                scheme = "tls://" if config.tls_cert else ""
+                token_note = f"; token in {listening.record.token_path}" if listening.generated_token else ""
+                print(f"sandpool serve: listening on {scheme}{bound} (pid {os.getpid()}){token_note}", flush=True)
+                log.info("policy: %s", fleet.policy)
+                task_status.started(bound)
+                async with _cwsandbox_listener(config, bound, listening.token):
+                    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                        async for signum in signals:
+                            log.info("%s: stopping every sandbox", signal.Signals(signum).name)
+                            break
+            finally:
+                await shut_down(fleet, service, listening.server, runtime)
+                nursery.cancel_scope.cancel()
+    finally:
+        listening.close()
+        record.close()
 
 
-async def shut_down(fleet: Fleet, service: Service, server: grpc.Server, runtime: LocalRuntime) -> None:
+async def shut_down(fleet: Fleet, service: Service, server: grpc.Server | None, runtime: LocalRuntime) -> None:
     """Stop a server's sandboxes, end its clients' leases, stop gRPC and release the runtime. Shielded."""
     with trio.CancelScope(shield=True):
         await fleet.aclose()
         service.end_leases()
-        await trio.to_thread.run_sync(lambda: server.stop(grace=1.0).wait(5.0))
+        if server is not None:
+            await trio.to_thread.run_sync(lambda: server.stop(grace=1.0).wait(5.0))
         await runtime.aclose()
 
 
 @contextlib.asynccontextmanager
-async def _cwsandbox_listener(config: ServeConfig, bound: str):
+async def _cwsandbox_listener(config: ServeConfig, bound: str, token: str | None):
     """With ``--cwsandbox``: cwsandbox's API on its own listener, backed by a session of this very
-    server, so sandboxes made through either API are the same fleet (``sandpool ls`` shows both)."""
+    server, so sandboxes made through either API are the same fleet (``sandpool ls`` shows both),
+    and this server's policy applies to both. Its API key is this server's token, or one it makes."""
     if config.cwsandbox_listen is None:
         yield
         return
-    from .._cwsandbox import open_cwsandbox_server
+    from .._cwsandbox._server import open_published_server
     from .._session import Session
 
-    async with Session(address=bound, token=config.token) as session, \
-            open_cwsandbox_server(session, config.cwsandbox_listen, token=config.token) as address:
-        print(f"sandpool serve: cwsandbox API on {address}", flush=True)
+    async with Session(address=bound, token=token) as session, \
+            open_published_server(session, config.cwsandbox_listen, token=config.token) as (address, export):
+        print(f"sandpool serve: cwsandbox API on {address}; {export}", flush=True)
         yield
 
 
