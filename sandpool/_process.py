@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ._errors import SandboxExecutionError, SandboxTimeoutError
+from . import _wire
+from ._errors import ProtocolError, SandboxExecutionError, SandboxTimeoutError
 from ._opref import OperationRef, TaskHost, check_not_in_trio
 from ._output import OutputBuffer
 
@@ -17,6 +18,9 @@ if TYPE_CHECKING:
     from ._sandbox import Sandbox
 
 _KILL_WAIT_SECONDS = 5.0
+#: Output the agent may send for one process beyond what this side acknowledged: its window plus the
+#: one read that crosses it. More is a broken or hostile agent, and fails its sandbox.
+_MAX_OWED_BYTES = _wire.OUTPUT_WINDOW_BYTES + _wire.OUTPUT_CHUNK_BYTES
 
 
 @dataclass
@@ -37,7 +41,12 @@ class ProcessResult:
 
 
 class StreamReader:
-    """Live output of one stream as text chunks: ``for chunk in proc.stdout`` or ``async for``."""
+    """Live output of one stream as text chunks: ``for chunk in proc.stdout`` or ``async for``.
+
+    The stream ends when the process exits; if the process never ran to its end (its sandbox died or
+    was stopped, or the exec timed out or failed to start), reading past the last chunk raises that
+    error instead of ending quietly.
+    """
 
     def __init__(self, process: Process, buffer: OutputBuffer) -> None:
         self._process = process
@@ -51,6 +60,8 @@ class StreamReader:
         chunk, credit = await self._buffer.next_chunk()
         if credit:
             await self._process._credit(credit)
+        if chunk is None and self._process._failure is not None:
+            raise self._process._failure
         return chunk
 
     async def _next(self) -> str | None:
@@ -123,6 +134,8 @@ class StreamWriter:
             await self._turn_changed.wait()
         try:
             await self._process._sent.wait()
+            if self._process._failure is not None:
+                raise self._process._failure
             if self._process._exit_code is not None:
                 raise SandboxExecutionError("the process has exited; its stdin is closed")
             await self._process._sandbox._send({"t": "stdin", "id": self._process._req_id, "data": data, "eof": eof})
@@ -151,7 +164,8 @@ class Process(OperationRef[ProcessResult]):
         self._sent = trio.Event()
         self._exited = trio.Event()
         self._exit_code: int | None = None
-        self._failure: BaseException | None = None
+        self._failure: BaseException | None = None  # why it ended without an exit code
+        self._owed = 0  # output bytes received and not yet acknowledged to the agent
 
     def __repr__(self) -> str:
         state = "running" if self._exit_code is None else f"exited {self._exit_code}"
@@ -187,7 +201,7 @@ class Process(OperationRef[ProcessResult]):
 
     async def _signal(self, sig: int) -> None:
         await self._sent.wait()
-        if self._exit_code is None:
+        if self._exit_code is None and self._failure is None:
             await self._sandbox._send({"t": "signal", "id": self._req_id, "sig": sig})
 
     def result(self, timeout: float | None = None) -> ProcessResult:
@@ -218,6 +232,7 @@ class Process(OperationRef[ProcessResult]):
             self._loop.nursery.start_soon(self._credit, credit)
 
     async def _credit(self, n: int) -> None:
+        self._owed -= n  # before it is sent: the agent can only have heard of credit counted here
         if self._exit_code is None and not self._exited.is_set():
             try:
                 await self._sandbox._send({"t": "credit", "id": self._req_id, "n": n})
@@ -225,15 +240,31 @@ class Process(OperationRef[ProcessResult]):
                 pass
 
     def _on_frame(self, frame: dict) -> int:
-        """Handle a frame for this process; return credit to acknowledge at once."""
+        """Handle a frame for this process; return credit to acknowledge at once. ProtocolError for a
+        frame no agent may send for an exec (which fails the sandbox)."""
         kind = frame["t"]
+        if self._exited.is_set():
+            if kind == "output":  # late output of a process given up on (timeout): acknowledge, drop
+                return len(frame["data"])
+            return 0
         if kind == "output":
-            return self._out[frame["fd"]].append(frame["data"])
+            self._owed += len(frame["data"])
+            if self._owed > _MAX_OWED_BYTES:
+                raise ProtocolError(f"the agent sent {self._owed} bytes of output for {self._argv[0]!r} without "
+                                    f"waiting for credit (at most {_MAX_OWED_BYTES} are allowed)")
+            credit = self._out[frame["fd"]].append(frame["data"])
+            self._owed -= credit
+            return credit
         if kind == "started":
             self._pid = frame["pid"]
         elif kind == "exit":
             self._exit_code = frame["code"]
             self._mark_exited()
+        elif kind == "error":  # the agent refused the exec frame (only a broken client sends one it refuses)
+            self._failure = ProtocolError(f"the sandbox refused command {self._argv!r}: {frame['message']}")
+            self._mark_exited()
+        else:
+            raise ProtocolError(f"the agent answered an exec with a {kind!r} frame")
         return 0
 
     def _on_sandbox_gone(self, error: BaseException) -> None:
@@ -245,8 +276,19 @@ class Process(OperationRef[ProcessResult]):
         for buffer in self._out.values():
             buffer.close()
         self._exited.set()
+        self._sent.set()  # stdin writers and signals waiting for the exec to go out: it never will now
 
     async def _body(self) -> ProcessResult:
+        try:
+            return await self._execute()
+        except BaseException as exc:
+            if not self._exited.is_set():  # it never ran to its end: readers and writers end with why
+                self._failure = exc if isinstance(exc, Exception) else SandboxExecutionError(
+                    f"command {self._argv!r} was cancelled", sandbox_id=self._sandbox.sandbox_id)
+                self._mark_exited()
+            raise
+
+    async def _execute(self) -> ProcessResult:
         sandbox = self._sandbox
         await sandbox._ensure_running()
         self._req_id = sandbox._register(self)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import _lifecycle, _shared
+from . import _lifecycle, _shared, _wire
 from ._config import SandboxDefaults, SandboxSpec, SandboxStatus, resolve_spec
 from ._errors import (
     ProtocolError,
@@ -41,6 +41,8 @@ _KNOWN: weakref.WeakValueDictionary[str, Sandbox] = weakref.WeakValueDictionary(
 
 class _Reply:
     """A pending request/response exchange (file operations, pings)."""
+
+    ACCEPTS = frozenset({"result", "error", "pong"})  # what an agent may answer; anything else fails the sandbox
 
     def __init__(self) -> None:
         self.event = trio.Event()
@@ -192,19 +194,27 @@ class Sandbox:
             self._started.set()
 
     def _raise_if_not_running(self) -> None:
+        error = self._not_running_error()
+        if error is not None:
+            raise error
+
+    def _not_running_error(self) -> SandboxError | None:
+        """Why this sandbox cannot serve an operation now (None while it runs), with its reason."""
         state = self._state
         if state.phase in ("running",):
-            return
+            return None
         if self._record is not None and self._record.extra.get("lost"):
-            raise self._gone_error()  # SandboxUnavailableError: its server is unreachable
+            return self._gone_error()  # SandboxUnavailableError: its server is unreachable
         if state.stop_requested or state.status == SandboxStatus.TERMINATED:
-            raise SandboxNotRunningError(f"sandbox {self.sandbox_id} has been stopped ({state.reason})",
-                                         sandbox_id=self.sandbox_id)
+            return SandboxNotRunningError(f"sandbox {self.sandbox_id} has been stopped ({state.reason})",
+                                          sandbox_id=self.sandbox_id)
         if state.status == SandboxStatus.COMPLETED:
-            raise SandboxNotRunningError(f"sandbox {self.sandbox_id} has completed ({state.reason})",
-                                         sandbox_id=self.sandbox_id)
-        raise SandboxFailedError(f"sandbox {self.sandbox_id} failed: {state.reason}",
-                                 sandbox_id=self.sandbox_id, status_reason=state.reason)
+            return SandboxNotRunningError(f"sandbox {self.sandbox_id} has completed ({state.reason})",
+                                          sandbox_id=self.sandbox_id)
+        if state.phase == "stopping":
+            return SandboxNotRunningError(f"sandbox {self.sandbox_id} is stopping", sandbox_id=self.sandbox_id)
+        return SandboxFailedError(f"sandbox {self.sandbox_id} failed: {state.reason}",
+                                  sandbox_id=self.sandbox_id, status_reason=state.reason)
 
     async def _ensure_running(self) -> None:
         if self._state.phase == "running":
@@ -274,17 +284,20 @@ class Sandbox:
         self._requests.pop(req_id, None)
 
     async def _send(self, frame: dict) -> None:
-        channel = self._record.channel if self._record else None
-        if channel is None or channel.closed:
-            raise SandboxNotRunningError(f"sandbox {self.sandbox_id} is not running", sandbox_id=self.sandbox_id)
-        await channel.send(frame)
+        await self._open_channel().send(frame)
 
     async def _send_many(self, frames: list[dict]) -> None:
         """Send several frames in one write (remote-function calls batch this way)."""
+        await self._open_channel().send_many(frames)
+
+    def _open_channel(self) -> Any:
+        """The agent's channel, or the reason this sandbox no longer has one (SandboxNotRunningError,
+        or its failure with the reason)."""
         channel = self._record.channel if self._record else None
-        if channel is None or channel.closed:
-            raise SandboxNotRunningError(f"sandbox {self.sandbox_id} is not running", sandbox_id=self.sandbox_id)
-        await channel.send_many(frames)
+        if channel is None or channel.closed or self._state.terminal:
+            raise self._not_running_error() or SandboxNotRunningError(
+                f"sandbox {self.sandbox_id} is not running", sandbox_id=self.sandbox_id)
+        return channel
 
     async def _reader(self) -> None:
         """Route frames to their requests until the agent's connection ends, then settle the state."""
@@ -299,14 +312,10 @@ class Sandbox:
                     break
                 credits = []
                 for frame in batch:
-                    handler = self._requests.get(frame.get("id"))
-                    if handler is not None:
-                        credit = handler._on_frame(frame)
-                        if credit:
-                            credits.append({"t": "credit", "id": frame["id"], "n": credit})
-                    elif frame["t"] == "main_exit":
-                        self._state = _lifecycle.advance(self._state, "main_exit", code=frame["code"])
-                    elif frame["t"] == "bye":
+                    credit = self._route(frame)
+                    if credit:
+                        credits.append({"t": "credit", "id": frame["id"], "n": credit})
+                    if frame["t"] == "bye":
                         farewell = frame
                 if credits:
                     try:
@@ -318,6 +327,35 @@ class Sandbox:
         finally:
             with trio.CancelScope(shield=True):
                 await self._settle(record, farewell, protocol_error)
+
+    def _route(self, frame: dict) -> int:
+        """Hand one frame from the agent to its request; return credit to send. Nothing the agent
+        sends is trusted: a kind it may not send, an id never issued, a kind the request does not
+        take, or a frame its request cannot use raise ProtocolError, which fails this sandbox only."""
+        kind = frame["t"]
+        if kind not in _wire.FROM_AGENT:
+            raise ProtocolError(f"the agent sent a {kind!r} frame, which only a client sends", frame=_wire.summary(frame))
+        req_id = frame["id"] if "id" in _wire.FRAMES[kind] else None  # validated where the kind has one
+        if req_id is None:
+            if kind == "main_exit":
+                self._state = _lifecycle.advance(self._state, "main_exit", code=frame["code"])
+            return 0
+        if req_id > self._next_id:
+            raise ProtocolError(f"the agent sent a {kind!r} frame for request {req_id}, which this client never "
+                                "made", frame=_wire.summary(frame))
+        handler = self._requests.get(req_id)
+        if handler is None:  # a request already settled (a late answer after a timeout or cancel)
+            return 0
+        accepts = getattr(handler, "ACCEPTS", None)
+        if accepts is not None and kind not in accepts:
+            raise ProtocolError(f"the agent answered a request with a {kind!r} frame", frame=_wire.summary(frame))
+        try:
+            return handler._on_frame(frame)
+        except ProtocolError:
+            raise
+        except Exception as exc:  # the trust boundary: a frame its request cannot use fails only this sandbox
+            raise ProtocolError(f"the agent sent a {kind!r} frame this client cannot use: {exc!r}"[:2000],
+                                frame=_wire.summary(frame)) from exc
 
     async def _settle(self, record: SandboxRecord, farewell: dict | None, protocol_error: ProtocolError | None) -> None:
         if protocol_error is not None:
@@ -358,31 +396,49 @@ class Sandbox:
         """Run ``command`` (an argv list, no shell) in the sandbox; returns at once with a Process."""
         if isinstance(command, (str, bytes)) or not command:
             raise ValueError(f"command must be a non-empty list of strings such as ['echo', 'hi'], got {command!r}")
-        if cwd is not None and (not isinstance(cwd, str) or not cwd.startswith("/")):
-            raise ValueError(f"cwd must be an absolute path inside the sandbox such as '/work', got {cwd!r}")
-        if env is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-            raise TypeError(f"env must map str to str, got {env!r}")
+        argv = [str(c) for c in command]
+        _wire.check_field("exec", "argv", argv, "command")
+        if cwd is not None:
+            _wire.check_field("exec", "cwd", cwd, "cwd")
+            if not cwd.startswith("/"):
+                raise ValueError(f"cwd must be an absolute path inside the sandbox such as '/work', got {cwd!r}")
+        if env is not None:
+            _wire.check_field("exec", "env", env, "env")
         if timeout_seconds is None:
             timeout_seconds = self._spec.request_timeout_seconds
         if not (isinstance(timeout_seconds, (int, float)) and timeout_seconds > 0):
             raise ValueError(f"timeout_seconds must be a number > 0, got {timeout_seconds!r}")
         self.exec_stats["exec_count"] += 1
-        proc = Process(self, [str(c) for c in command], cwd=cwd, env=env, timeout=timeout_seconds,
+        proc = Process(self, argv, cwd=cwd, env=env, timeout=timeout_seconds,
                        check=check, stdin=stdin, cap=self._spec.max_output_bytes)
         return proc._launch(self._host, proc._body)
 
-    def read_file(self, filepath: str, *, timeout_seconds: float | None = None) -> OperationRef[bytes]:
-        """The contents of ``filepath`` inside the sandbox."""
+    def read_file(self, filepath: str, *, timeout_seconds: float | None = None,
+                  allow_special_files: bool = False) -> OperationRef[bytes]:
+        """The contents of ``filepath`` inside the sandbox, at most ``MAX_FILE_BYTES`` (more:
+        ``SandboxFileError`` ``CWSANDBOX_FILE_TOO_LARGE``). A FIFO, device or socket is refused
+        (``CWSANDBOX_FILE_NOT_REGULAR``) unless ``allow_special_files``: then it is read until its end
+        or the limit, however long that takes (a FIFO waits for its writer; the timeout still holds)."""
         _check_path(filepath)
-        return self._spawn(self._file_request, {"t": "read_file", "path": filepath}, timeout_seconds)
+        frame = {"t": "read_file", "path": filepath, **({"special": True} if allow_special_files else {})}
+        return self._spawn(self._file_request, frame, timeout_seconds)
 
-    def write_file(self, filepath: str, contents: bytes, *, timeout_seconds: float | None = None) -> OperationRef[None]:
-        """Write ``contents`` to ``filepath`` inside the sandbox (parents created, replaced atomically)."""
+    def write_file(self, filepath: str, contents: bytes, *, timeout_seconds: float | None = None,
+                   allow_special_files: bool = False) -> OperationRef[None]:
+        """Write ``contents`` (at most ``MAX_FILE_BYTES``) to ``filepath`` inside the sandbox (parents
+        created, replaced atomically). An existing FIFO, device or socket there is refused unless
+        ``allow_special_files``: then the bytes are written into it."""
         _check_path(filepath)
         if not isinstance(contents, (bytes, bytearray, memoryview)):
             raise TypeError(f"contents must be bytes, not {type(contents).__name__}; encode text first")
-        return self._spawn(self._file_request, {"t": "write_file", "path": filepath, "data": bytes(contents)},
-                           timeout_seconds)
+        size = memoryview(contents).nbytes
+        if size > _wire.MAX_FILE_BYTES:
+            return OperationRef.failed(SandboxFileError(
+                f"{filepath}: {size} bytes exceeds the {_wire.MAX_FILE_BYTES}-byte limit of one file operation; "
+                "write it in parts", sandbox_id=self.sandbox_id, filepath=filepath, reason="CWSANDBOX_FILE_TOO_LARGE"))
+        frame = {"t": "write_file", "path": filepath, "data": bytes(contents),
+                 **({"special": True} if allow_special_files else {})}
+        return self._spawn(self._file_request, frame, timeout_seconds)
 
     def _open_main_log(self) -> BinaryIO | None:
         """The main command's log from its runtime (readable after the sandbox ends while kept open),
@@ -409,6 +465,8 @@ class Sandbox:
     async def _file_request(self, frame: dict, timeout: float | None) -> bytes | None:
         path = frame["path"]
         reply = await self._request(frame, timeout)
+        if reply["t"] == "error" and reply["kind"] == "protocol":
+            raise ProtocolError(f"the sandbox refused {frame['t']} of {path!r}: {reply['message']}")
         if reply["t"] == "error":
             raise SandboxFileError(reply["message"], sandbox_id=self.sandbox_id, filepath=path, reason=reply["kind"])
         return reply.get("data") if frame["t"] == "read_file" else None
@@ -489,6 +547,7 @@ def _matches(sb: Sandbox, tags: Sequence[str], status: SandboxStatus | None, sho
 def _check_path(filepath: object) -> None:
     if not isinstance(filepath, str) or not filepath:
         raise ValueError(f"filepath must be a non-empty string such as '/tmp/data.txt', got {filepath!r}")
+    _wire.check_field("read_file", "path", filepath, "filepath")
 
 
 def _finish_stop(ref: OperationRef, exception_in_flight: bool) -> None:

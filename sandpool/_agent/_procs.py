@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 
+from .. import _wire
 from . import _linux
 
 #: Output bytes the agent sends for one process before it waits for the client's credit.
-WINDOW_BYTES = 4 * 1024 * 1024
+WINDOW_BYTES = _wire.OUTPUT_WINDOW_BYTES
 #: After the process exits, how long to wait for pipes held open by its background children.
 LINGER_SECONDS = 1.0
 
