@@ -93,14 +93,14 @@ def read_file(root: str, cwd: str, path: str, max_bytes: int, special: bool = Fa
             raise _not_regular(path, info.st_mode)
         if info.st_size > max_bytes:
             raise _too_large(path, info.st_size, max_bytes)
-        # O_NONBLOCK: opening a FIFO never waits for a writer; fstat then re-checks what was opened
-        fd = os.open(host_path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+        # Unasked, O_NONBLOCK: should the path become a FIFO meanwhile, opening it does not wait for a
+        # writer, and fstat refuses it. Asked, a FIFO's open waits for its writer (in a thread).
+        nonblock = 0 if special else os.O_NONBLOCK
+        fd = os.open(host_path, os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC | nonblock)
         try:
             mode = os.fstat(fd).st_mode
-            if not stat.S_ISREG(mode):
-                if not special:
-                    raise _not_regular(path, mode)
-                os.set_blocking(fd, True)
+            if not stat.S_ISREG(mode) and not special:
+                raise _not_regular(path, mode)
             return _read_at_most(fd, path, max_bytes)
         finally:
             os.close(fd)
