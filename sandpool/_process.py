@@ -322,7 +322,8 @@ class Process(OperationRef[ProcessResult]):
         """Kill the remote process tree (cancellation or timeout) and wait, bounded, for its exit."""
         with trio.CancelScope(shield=True):
             try:
-                await self._sandbox._send({"t": "cancel", "id": self._req_id})
+                with trio.fail_after(_KILL_WAIT_SECONDS):  # an agent that stops reading cannot hold us here
+                    await self._sandbox._send({"t": "cancel", "id": self._req_id})
             except Exception:
                 return
             self._drain()

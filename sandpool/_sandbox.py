@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from . import _lifecycle, _shared, _wire
+from ._routing import Requests
 from ._config import SandboxDefaults, SandboxSpec, SandboxStatus, resolve_spec
 from ._errors import (
     ProtocolError,
@@ -75,8 +76,7 @@ class Sandbox:
         self._spec = _spec or resolve_spec(defaults if defaults is not None else _session.defaults, **overrides)
         self._state = _lifecycle.Lifecycle()
         self._record: SandboxRecord | None = None
-        self._requests: dict[int, Any] = {}
-        self._next_id = 0
+        self._requests = Requests()
         self._started = trio.Event()  # start attempt finished (running or failed)
         self._terminal = trio.Event()
         self._start_ref: OperationRef[None] | None = None
@@ -130,7 +130,7 @@ class Sandbox:
     def __repr__(self) -> str:
         status = self.status.value if self.status else "not_started"
         tags = ",".join(self.tags)
-        procs = sum(1 for r in self._requests.values() if isinstance(r, Process))
+        procs = sum(1 for r in self._requests.handlers.values() if isinstance(r, Process))
         level = f" isolation={self.isolation}" if self.isolation else ""
         return (f"<Sandbox {self.sandbox_id or '(unstarted)'} {status} image={self._spec.container_image}"
                 f"{level} tags=({tags}) {procs} processes>")
@@ -276,12 +276,10 @@ class Sandbox:
     # -- the connection ------------------------------------------------------------------------
 
     def _register(self, handler: Any) -> int:
-        self._next_id += 1
-        self._requests[self._next_id] = handler
-        return self._next_id
+        return self._requests.register(handler)
 
     def _unregister(self, req_id: int) -> None:
-        self._requests.pop(req_id, None)
+        self._requests.unregister(req_id)
 
     async def _send(self, frame: dict) -> None:
         await self._open_channel().send(frame)
@@ -305,61 +303,30 @@ class Sandbox:
         assert record is not None and record.channel is not None
         farewell: dict | None = None
         protocol_error: ProtocolError | None = None
+        self._host.nursery.start_soon(self._requests.send_credits, record.channel.send_many)
         try:
             while True:
                 batch = await record.channel.receive_batch()
                 if batch is None:
                     break
-                credits = []
                 for frame in batch:
-                    credit = self._route(frame)
-                    if credit:
-                        credits.append({"t": "credit", "id": frame["id"], "n": credit})
-                    if frame["t"] == "bye":
-                        farewell = frame
-                if credits:
-                    try:
-                        await record.channel.send_many(credits)
-                    except SandboxUnavailableError:
-                        pass
+                    mine = self._requests.route(frame)
+                    if mine is None:
+                        continue
+                    if mine["t"] == "main_exit":
+                        self._state = _lifecycle.advance(self._state, "main_exit", code=mine["code"])
+                    elif mine["t"] == "bye":
+                        farewell = mine
         except ProtocolError as exc:
             protocol_error = exc
         finally:
             with trio.CancelScope(shield=True):
                 await self._settle(record, farewell, protocol_error)
 
-    def _route(self, frame: dict) -> int:
-        """Hand one frame from the agent to its request; return credit to send. Nothing the agent
-        sends is trusted: a kind it may not send, an id never issued, a kind the request does not
-        take, or a frame its request cannot use raise ProtocolError, which fails this sandbox only."""
-        kind = frame["t"]
-        if kind not in _wire.FROM_AGENT:
-            raise ProtocolError(f"the agent sent a {kind!r} frame, which only a client sends", frame=_wire.summary(frame))
-        req_id = frame["id"] if "id" in _wire.FRAMES[kind] else None  # validated where the kind has one
-        if req_id is None:
-            if kind == "main_exit":
-                self._state = _lifecycle.advance(self._state, "main_exit", code=frame["code"])
-            return 0
-        if req_id > self._next_id:
-            raise ProtocolError(f"the agent sent a {kind!r} frame for request {req_id}, which this client never "
-                                "made", frame=_wire.summary(frame))
-        handler = self._requests.get(req_id)
-        if handler is None:  # a request already settled (a late answer after a timeout or cancel)
-            return 0
-        accepts = getattr(handler, "ACCEPTS", None)
-        if accepts is not None and kind not in accepts:
-            raise ProtocolError(f"the agent answered a request with a {kind!r} frame", frame=_wire.summary(frame))
-        try:
-            return handler._on_frame(frame)
-        except ProtocolError:
-            raise
-        except Exception as exc:  # the trust boundary: a frame its request cannot use fails only this sandbox
-            raise ProtocolError(f"the agent sent a {kind!r} frame this client cannot use: {exc!r}"[:2000],
-                                frame=_wire.summary(frame)) from exc
-
     async def _settle(self, record: SandboxRecord, farewell: dict | None, protocol_error: ProtocolError | None) -> None:
-        if protocol_error is not None:
+        if protocol_error is not None:  # the stream is not to be trusted further: close it, then stop
             self._state = _lifecycle.advance(self._state, "failed", reason=f"protocol error: {protocol_error}")
+            await record.channel.aclose()
             await self._session._runtime.stop(record, 0.0)
         with trio.move_on_after(_EXIT_REPORT_SECONDS):
             await record.exited.wait()
@@ -372,10 +339,7 @@ class Sandbox:
                                          oom_killed=record.extra.get("oom_killed", False))
         if record.channel is not None:
             await record.channel.aclose()
-        error = self._gone_error()
-        for handler in list(self._requests.values()):
-            handler._on_sandbox_gone(error)
-        self._requests.clear()
+        self._requests.close(self._gone_error())
         self._terminal.set()
 
     def _gone_error(self) -> SandboxError:
