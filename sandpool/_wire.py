@@ -168,7 +168,7 @@ FRAMES: dict[str, dict[str, Field]] = {
     # fn is b"" once the sandbox has fn_key; timeout in seconds; args_path/bulk: see _bulk
     "call": {"id": _ID, "fn": Field(_BYTES), "args": Field(_BYTES), "fn_key": _opt(_BYTES),
              "timeout": _opt(_NUM + _NONE, _between(0, _MAX_GRACE_SECONDS)), "args_path": _opt(_STR, _path),
-             "bulk": _opt(_STR, _path)},
+             "bulk": _opt(_STR, _path), "pickle": _opt(_BOOL)},
     # call (True: a call sent straight to the worker), steal (True: give it back only if it has not
     # started, answered "lost"); see _agent/_calls.py
     "cancel": {"id": _ID, "call": _opt(_BOOL), "steal": _opt(_BOOL)},
@@ -183,7 +183,8 @@ FRAMES: dict[str, dict[str, Field]] = {
     # code, signal: kind worker_died. Call error kinds: user, serialization, timeout, cancelled, lost,
     # worker_died, protocol (see _agent/_calls.py); file operations: a CWSANDBOX_FILE_* reason
     "error": {"id": _ID, "kind": Field(_STR, check=_word), "message": Field(_STR),
-              "path": _opt(_STR), "data": _opt(_BYTES), "traceback": _opt(_STR), "type_name": _opt(_STR),
+              "path": _opt(_STR), "data": _opt(_BYTES), "exc": _opt(_BYTES), "traceback": _opt(_STR),
+              "type_name": _opt(_STR),
               "code": _opt(_INT + _NONE, _CODE), "signal": _SIGNAL},
     "pong": {"id": _ID},
     "ack": {"id": _ID},  # worker -> agent: a cancelled call sent straight to the worker is answered
