@@ -60,14 +60,14 @@ class StreamReader:
         chunk, credit = await self._buffer.next_chunk()
         if credit:
             await self._process._credit(credit)
-        if chunk is None and self._process._failure is not None:
-            raise self._process._failure
         return chunk
 
     async def _next(self) -> str | None:
         while not self._done:
             chunk = await self._next_bytes()
             if chunk is None:
+                if self._process._failure is not None:  # it never ran to its end: say why
+                    raise self._process._failure
                 self._done = True
                 tail = self._decoder.decode(b"", final=True)
                 return tail or None
