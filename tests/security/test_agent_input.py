@@ -207,6 +207,9 @@ def test_stdin_of_a_process_in_a_dead_sandbox_fails_at_once_with_its_reason(sess
     assert "killed by SIGKILL" in str(info.value)
     with pytest.raises(SandboxError):
         proc.result(timeout=30)
+    for late in (lambda: sb.exec(["true"]), lambda: sb.read_file("/tmp/x"), lambda: sb.write_file("/tmp/x", b"")):
+        with pytest.raises(SandboxError, match="killed by SIGKILL"):
+            late().result(timeout=30)
 
     stopped = session.sandbox()
     stopped.stop().result()
