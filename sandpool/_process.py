@@ -97,13 +97,20 @@ class StreamReader:
 
 
 class StreamWriter:
-    """The process's stdin. ``write``/``writeline``/``close`` return OperationRefs, applied in call order."""
+    """The process's stdin. ``write``/``writeline``/``close`` return OperationRefs, applied in call order.
+
+    Flow control: at most ``STDIN_WINDOW_BYTES`` are on their way (sent, not yet taken by the process,
+    as the agent reports with ``stdin_taken``); a write beyond that resolves once the process reads,
+    so a process that never reads its stdin holds a bounded amount of it, in the agent or here.
+    """
 
     def __init__(self, process: Process) -> None:
         self._process = process
         self._issued = 0
         self._turn = 0
         self._turn_changed = trio.Event()
+        self._in_flight = 0  # bytes sent and not reported taken
+        self._taken = trio.Event()
         self.closed = False
 
     def write(self, data: bytes) -> OperationRef[None]:
@@ -134,15 +141,34 @@ class StreamWriter:
             await self._turn_changed.wait()
         try:
             await self._process._sent.wait()
-            if self._process._failure is not None:
-                raise self._process._failure
-            if self._process._exit_code is not None:
-                raise SandboxExecutionError("the process has exited; its stdin is closed")
-            await self._process._sandbox._send({"t": "stdin", "id": self._process._req_id, "data": data, "eof": eof})
+            view = memoryview(data)
+            while True:
+                chunk, view = view[:_wire.STDIN_CHUNK_BYTES], view[_wire.STDIN_CHUNK_BYTES:]
+                while self._in_flight and self._in_flight + len(chunk) > _wire.STDIN_WINDOW_BYTES:
+                    self._check_open()
+                    await self._taken.wait()
+                self._check_open()
+                await self._process._sandbox._send({"t": "stdin", "id": self._process._req_id,
+                                                    "data": bytes(chunk), "eof": eof and not view})
+                self._in_flight += len(chunk)
+                if not view:
+                    return
         finally:
             self._turn += 1
             self._turn_changed.set()
             self._turn_changed = trio.Event()
+
+    def _check_open(self) -> None:
+        if self._process._failure is not None:
+            raise self._process._failure
+        if self._process._exit_code is not None:
+            raise SandboxExecutionError("the process has exited; its stdin is closed")
+
+    def _on_taken(self, n: int) -> None:
+        """The agent reports ``n`` more bytes taken by the process (or dropped when it closed stdin)."""
+        self._in_flight = max(0, self._in_flight - n)
+        self._taken.set()
+        self._taken = trio.Event()
 
 
 class Process(OperationRef[ProcessResult]):
@@ -257,6 +283,9 @@ class Process(OperationRef[ProcessResult]):
             return credit
         if kind == "started":
             self._pid = frame["pid"]
+        elif kind == "stdin_taken":
+            if self.stdin is not None:
+                self.stdin._on_taken(frame["n"])
         elif kind == "exit":
             self._exit_code = frame["code"]
             self._mark_exited()
@@ -277,6 +306,8 @@ class Process(OperationRef[ProcessResult]):
             buffer.close()
         self._exited.set()
         self._sent.set()  # stdin writers and signals waiting for the exec to go out: it never will now
+        if self.stdin is not None:
+            self.stdin._on_taken(0)  # writers waiting for the window: it will not open any more
 
     async def _body(self) -> ProcessResult:
         try:

@@ -31,6 +31,10 @@ MAX_FILE_BYTES = MAX_FRAME_BYTES - 1024
 #: the most it reads from a pipe at once: a client fails a sandbox whose agent sends more unacknowledged.
 OUTPUT_WINDOW_BYTES = 4 * 1024 * 1024
 OUTPUT_CHUNK_BYTES = 65536
+#: Stdin bytes a client sends for one process before the agent reports them taken (``stdin_taken``),
+#: in frames of at most ``STDIN_CHUNK_BYTES``: the agent holds no more for a process that does not read.
+STDIN_WINDOW_BYTES = 4 * 1024 * 1024
+STDIN_CHUNK_BYTES = 1024 * 1024
 #: Bounds on the parts of an ``exec`` (far above what a real command needs; the kernel refuses a
 #: command line and environment above ~2 MiB in total, which the agent reports as the exec failing).
 MAX_ARGS = 131072
@@ -178,6 +182,8 @@ FRAMES: dict[str, dict[str, Field]] = {
     # agent -> client
     "started": {"id": _ID, "pid": Field(_INT, check=_between(0, _MAX_CODE))},
     "output": {"id": _ID, "fd": Field(_INT, check=_between(1, 2)), "data": Field(_BYTES)},
+    # stdin bytes of process ``id`` written to its pipe (or dropped: it closed its stdin) since the last
+    "stdin_taken": {"id": _ID, "n": Field(_INT, check=_between(0, _MAX_ID))},
     "exit": {"id": _ID, "code": Field(_INT, check=_CODE), "signal": _SIGNAL, "killed": _opt(_BOOL)},
     "result": {"id": _ID, "data": _opt(_BYTES), "us": _opt(_INT, _between(0, _MAX_ID)), "path": _opt(_STR, _path)},
     # code, signal: kind worker_died. Call error kinds: user, serialization, timeout, cancelled, lost,
@@ -196,7 +202,8 @@ FRAMES: dict[str, dict[str, Field]] = {
     "reaped": {"pid": Field(_INT), "code": Field(_INT), "signal": _SIGNAL},
 }
 #: What a client accepts from an agent (and its call worker); anything else fails the sandbox.
-FROM_AGENT = frozenset({"hello", "started", "output", "exit", "result", "error", "pong", "main_exit", "bye"})
+FROM_AGENT = frozenset({"hello", "started", "output", "stdin_taken", "exit", "result", "error", "pong", "main_exit",
+                        "bye"})
 #: What an agent serves from its owner.
 TO_AGENT = frozenset({"hello", "exec", "stdin", "credit", "signal", "read_file", "write_file", "call", "cancel",
                       "worker", "ping", "stop"})

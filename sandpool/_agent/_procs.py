@@ -30,6 +30,7 @@ class ExecProcess:
         self.stdin_fd = stdin_fd
         self.stdin_pending = bytearray()
         self.stdin_eof = False
+        self.stdin_taken = 0  # stdin bytes written to the pipe (or dropped) and not yet reported to the client
         self.unacked = 0
         self.paused = False
         self.status: int | None = None  # wait status once exited
@@ -53,6 +54,7 @@ class ExecProcess:
             except OSError:
                 pass
             self.stdin_fd = None
+        self.stdin_taken += len(self.stdin_pending)
         self.stdin_pending.clear()
 
     def flush_stdin(self) -> bool:
@@ -63,6 +65,7 @@ class ExecProcess:
             while self.stdin_pending:
                 n = os.write(self.stdin_fd, self.stdin_pending)
                 del self.stdin_pending[:n]
+                self.stdin_taken += n
         except BlockingIOError:
             return True
         except OSError:  # the process closed its stdin or exited: drop what it will never read

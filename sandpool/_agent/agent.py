@@ -257,15 +257,28 @@ class Agent:
 
     def _on_stdin(self, frame: dict) -> None:
         proc = self.procs.get(frame["id"])
-        if proc is None or proc.stdin_fd is None:
+        if proc is None:
             return
-        proc.stdin_pending += frame["data"]
+        data = frame["data"]
+        if proc.stdin_fd is None:  # it closed its stdin: the bytes are dropped, and taken all the same
+            if data:
+                self._send({"t": "stdin_taken", "id": proc.id, "n": len(data)})
+            return
+        if len(proc.stdin_pending) + len(data) > _wire.STDIN_WINDOW_BYTES + _wire.STDIN_CHUNK_BYTES:
+            self._refuse(frame, f"{len(data)} bytes of stdin for a process that has not taken the "
+                                f"{len(proc.stdin_pending)} before them; wait for 'stdin_taken' (the window is "
+                                f"{_wire.STDIN_WINDOW_BYTES} bytes)")
+            return
+        proc.stdin_pending += data
         proc.stdin_eof = proc.stdin_eof or bool(frame.get("eof"))
         self._write_stdin(proc)
 
     def _write_stdin(self, proc: _procs.ExecProcess) -> None:
         fd = proc.stdin_fd
         pending = proc.flush_stdin()
+        if proc.stdin_taken:
+            self._send({"t": "stdin_taken", "id": proc.id, "n": proc.stdin_taken})
+            proc.stdin_taken = 0
         if fd is None:
             return
         if pending:

@@ -263,3 +263,43 @@ def test_file_operation_protocol_errors_are_not_file_errors(session):
         sb.read_file("")
     works(sb)
     assert issubclass(ProtocolError, sandpool.SandpoolError)
+
+
+def agent_rss(sb) -> int:
+    with open(f"/proc/{sb._record.agent_pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def test_stdin_for_a_process_that_never_reads_is_held_to_a_window(session):
+    """Writing 64 MiB to a process that never reads its stdin does not pile up in the agent: the write
+    waits once the window is full (the agent holds a few MiB), and ends when the process does."""
+    sb = session.sandbox().wait()
+    proc = sb.exec(["sleep", "600"], stdin=True)
+    before = agent_rss(sb)
+    write = proc.stdin.write(b"x" * (64 * 1024 * 1024))
+    with pytest.raises(TimeoutError):
+        write.result(timeout=3)  # a real clock is the point: it must still be waiting
+    assert agent_rss(sb) - before < 16 * 1024 * 1024
+    proc.kill().result(timeout=30)
+    with pytest.raises(SandboxError, match="exited"):
+        write.result(timeout=30)
+    works(sb)
+
+
+def test_stdin_flood_from_a_client_ignoring_the_window_is_refused(session):
+    """A broken client that sends more stdin than the window for a process that does not read gets a
+    protocol error for that process; the agent keeps a bounded amount and serves on."""
+    sb = session.sandbox().wait()
+    proc = sb.exec(["sleep", "600"], stdin=True)
+    before = agent_rss(sb)
+
+    async def flood():
+        await proc._sent.wait()
+        for _ in range(8):
+            await sb._send({"t": "stdin", "id": proc._req_id, "data": b"y" * (2 * 1024 * 1024)})
+
+    sandpool.OperationRef.spawn(sb._host, flood).result(timeout=30)
+    with pytest.raises(ProtocolError, match="wait for 'stdin_taken'"):
+        proc.result(timeout=30)
+    assert agent_rss(sb) - before < 16 * 1024 * 1024
+    works(sb)
