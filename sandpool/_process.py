@@ -214,7 +214,9 @@ class Process(OperationRef[ProcessResult]):
         return self.result(timeout).returncode
 
     def send_signal(self, sig: int) -> OperationRef[None]:
-        """Deliver ``sig`` (e.g. ``signal.SIGINT``) to the process's whole process group."""
+        """Deliver ``sig`` (e.g. ``signal.SIGINT``) to the process's whole process group. ValueError
+        for a number that is no signal (1 to 64)."""
+        _wire.check_field("signal", "sig", int(sig), "sig")
         return OperationRef.spawn(self._loop, self._signal, int(sig))
 
     def terminate(self) -> OperationRef[None]:

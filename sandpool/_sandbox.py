@@ -168,6 +168,7 @@ class Sandbox:
         if not (isinstance(graceful_shutdown_seconds, (int, float)) and math.isfinite(graceful_shutdown_seconds)
                 and graceful_shutdown_seconds >= 0):
             raise ValueError(f"graceful_shutdown_seconds must be a number >= 0, got {graceful_shutdown_seconds!r}")
+        _wire.check_field("stop", "grace", float(graceful_shutdown_seconds), "graceful_shutdown_seconds")
         if self._stop_ref is None:
             self._stop_ref = self._spawn(self._stop_async, float(graceful_shutdown_seconds))
         return self._stop_ref

@@ -303,3 +303,19 @@ def test_stdin_flood_from_a_client_ignoring_the_window_is_refused(session):
         proc.result(timeout=30)
     assert agent_rss(sb) - before < 16 * 1024 * 1024
     works(sb)
+
+
+def test_signal_numbers_and_grace_periods_out_of_range_are_refused_by_the_client(session):
+    """A signal that is no signal, or a grace period of years, is a ValueError at the call; the process
+    and the sandbox run on."""
+    sb = session.sandbox()
+    proc = sb.exec(["sleep", "600"])
+    for sig in (0, 65, 1 << 40):
+        with pytest.raises(ValueError, match="sig must be between 1 and 64"):
+            proc.send_signal(sig)
+    with pytest.raises(ValueError, match="graceful_shutdown_seconds must be between 0 and"):
+        sb.stop(graceful_shutdown_seconds=1e12)
+    assert proc.poll() is None
+    works(sb)
+    proc.kill().result(timeout=30)
+    assert proc.result(timeout=30).returncode != 0
