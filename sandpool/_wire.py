@@ -219,7 +219,9 @@ def _describe(frame: object) -> str:
 def summary(frame: object) -> object:
     """What a ProtocolError keeps of a bad frame: its kind and id, never its (maybe huge) payload."""
     if isinstance(frame, dict):
-        return {"t": frame.get("t"), "id": frame.get("id")}
+        kind, req_id = frame.get("t"), frame.get("id")
+        return {"t": kind if isinstance(kind, str) and len(kind) <= 64 else _short(kind),
+                "id": req_id if req_id is None or isinstance(req_id, int) else _short(req_id)}
     return _short(frame)
 
 
