@@ -288,7 +288,7 @@ def decode_body(body: bytes) -> dict:
     try:
         frame = msgpack.unpackb(body, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated types; translate them here once
-        raise ProtocolError(f"undecodable frame of {len(body)} bytes: {_short(str(exc))}",
+        raise ProtocolError(f"undecodable frame of {len(body)} bytes: {type(exc).__name__} {_short(str(exc))}",
                             frame=_short(body[:64])) from exc
     return validate(frame)
 

@@ -108,6 +108,27 @@ request("never")
 '''
 
 
+#: Code inside a sandbox taking its agent over, for real: stop the agent, steal its socket to the client
+#: (pidfd_getfd, as its own user may), speak garbage for it, let it run on.
+TAKEOVER = r'''
+import ctypes, os, signal, socket, sys
+agent = os.getppid()
+fds = [int(n) for n in os.listdir(f"/proc/{agent}/fd") if os.readlink(f"/proc/{agent}/fd/{n}").startswith("socket:")]
+libc = ctypes.CDLL(None, use_errno=True)
+pidfd = os.pidfd_open(agent)
+os.kill(agent, signal.SIGSTOP)
+try:
+    for fd in fds:
+        stolen = libc.syscall(438, pidfd, fd, 0)  # pidfd_getfd
+        if stolen < 0:
+            sys.exit(f"refused: pidfd_getfd: {os.strerror(ctypes.get_errno())}")
+        socket.socket(fileno=stolen).sendall(b"\x00\x00\x00\x03\xc1\xc1\xc1")
+finally:
+    os.kill(agent, signal.SIGCONT)
+print("took over", fds)
+'''
+
+
 def _attack(spec) -> str | None:
     return next((t.split(":", 1)[1] for t in spec.tags if t.startswith("hostile:")), None)
 
@@ -267,3 +288,23 @@ def test_pickled_result_or_exception_runs_no_code_in_the_client(session, marker,
     assert isinstance(info.value, (SandpoolError, ValueError)), repr(info.value)
     check()
     assert sandpool.SandpoolError
+
+
+@pytest.mark.parametrize("isolation", ["process", "namespaces"])
+def test_code_inside_a_sandbox_taking_its_agent_over_fails_only_that_sandbox(isolation):
+    """The real attack, no substitution: a command in the sandbox stops its agent, steals the agent's
+    socket and sends garbage for it. Either the isolation level refuses the theft (the sandbox serves
+    on), or the client fails that sandbox alone with a protocol error, at once; the bystander works."""
+    with Session(SandboxDefaults(isolation=isolation, tags=("takeover",))) as session:
+        check = bystander_running(session)
+        sb = session.sandbox()
+        sb.write_file("takeover.py", TAKEOVER.encode()).result(timeout=30)
+        started = time.monotonic()
+        try:
+            result = sb.exec([sys.executable, "takeover.py"]).result(timeout=60)
+        except SandpoolError:
+            fails_only_itself(sb, "undecodable frame", started)
+        else:
+            assert result.returncode != 0 and "refused" in result.stderr, result
+            assert sb.exec(["echo", "on"]).result(timeout=30).stdout == "on\n"
+        check()
