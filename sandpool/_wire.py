@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Callable
-from typing import Any, NamedTuple
 
 import msgpack
 
@@ -45,19 +44,20 @@ _MAX_ID = 2**63 - 1
 _MAX_CODE = 2**31 - 1
 _MAX_GRACE_SECONDS = 7 * 24 * 3600.0
 
-Check = Callable[[Any, str], "str | None"]
+Check = Callable[[object, str], "str | None"]
 
 
-class Field(NamedTuple):
+class Field:
     """One field of a frame kind: accepted types, whether it must be there, and a check of its value.
 
     ``check(value, label)`` returns None when the value is fine, else a sentence naming ``label``,
     the value and the fix. Fields a kind does not list are ignored (and never used).
     """
 
-    types: tuple[type, ...]
-    required: bool = True
-    check: Check | None = None
+    __slots__ = ("types", "required", "check")
+
+    def __init__(self, types: tuple[type, ...], required: bool = True, check: Check | None = None) -> None:
+        self.types, self.required, self.check = types, required, check
 
 
 def _short(value: object, limit: int = 60) -> str:
@@ -76,7 +76,7 @@ def _short(value: object, limit: int = 60) -> str:
 
 
 def _between(low: float, high: float) -> Check:
-    def check(value: Any, label: str) -> str | None:
+    def check(value: object, label: str) -> str | None:
         if isinstance(value, float) and not math.isfinite(value) or not low <= value <= high:
             return f"{label} must be between {low:g} and {high:g}, got {_short(value)}"
         return None
