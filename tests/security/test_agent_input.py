@@ -319,3 +319,25 @@ def test_signal_numbers_and_grace_periods_out_of_range_are_refused_by_the_client
     works(sb)
     proc.kill().result(timeout=30)
     assert proc.result(timeout=30).returncode != 0
+
+
+def test_cli_exec_on_a_stopped_sandbox_ends_at_once_with_its_reason(tmp_path):
+    """`sandpool exec ID -- echo hi` on a stopped sandbox of a server prints the sandbox's reason and
+    exits 1 at once (it used to wait for good); the server's other sandbox still runs commands."""
+    import subprocess
+    import sys
+
+    from service_helpers import REPO, ServerProcess
+
+    with ServerProcess(str(tmp_path), token="t") as server, \
+            Session(address=server.address, token="t", defaults={"tags": ["cli-dead"]}) as remote:
+        stopped, other = remote.sandbox(), remote.sandbox()
+        stopped.wait()
+        stopped.stop().result(timeout=60)
+        env = {**os.environ, "SANDPOOL_ADDRESS": server.address, "SANDPOOL_TOKEN": "t"}
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "sandpool", "exec", stopped.sandbox_id, "--", "echo", "hi"],
+                              capture_output=True, env=env, cwd=REPO, timeout=60)
+        assert done.returncode == 1 and b"has been stopped" in done.stderr and b"Traceback" not in done.stderr, done
+        assert time.monotonic() - started < 30
+        assert other.exec(["echo", "alive"]).result(timeout=30).stdout == "alive\n"
