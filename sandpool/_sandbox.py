@@ -434,7 +434,10 @@ class Sandbox:
             raise ProtocolError(f"the sandbox refused {frame['t']} of {path!r}: {reply['message']}")
         if reply["t"] == "error":
             raise SandboxFileError(reply["message"], sandbox_id=self.sandbox_id, filepath=path, reason=reply["kind"])
-        return reply.get("data") if frame["t"] == "read_file" else None
+        data = reply.get("data")
+        if reply["t"] != "result" or (frame["t"] == "read_file" and data is None):
+            raise ProtocolError(f"the sandbox answered {frame['t']} of {path!r} with {_wire.summary(reply)}")
+        return data if frame["t"] == "read_file" else None
 
     # -- context managers ----------------------------------------------------------------------
 

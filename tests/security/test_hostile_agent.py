@@ -71,6 +71,12 @@ if attack in ("pickle_result", "pickle_error"):
         send({"t": "error", "id": call["id"], "kind": "user", "message": "boom", "type_name": "builtins.ValueError",
               "traceback": "", "data": pickle.dumps(Bomb()), "exc": pickle.dumps(Bomb())})
     request("never")
+if attack == "file_answers":
+    read = request("read_file")
+    send({"t": "pong", "id": read["id"]})
+    read = request("read_file")
+    send({"t": "result", "id": read["id"]})
+    request("never")
 ex = request("exec")
 eid = ex["id"]
 if attack == "garbage":
@@ -308,3 +314,14 @@ def test_code_inside_a_sandbox_taking_its_agent_over_fails_only_that_sandbox(iso
             assert result.returncode != 0 and "refused" in result.stderr, result
             assert sb.exec(["echo", "on"]).result(timeout=30).stdout == "on\n"
         check()
+
+
+def test_wrong_answers_to_file_requests_are_protocol_errors(session):
+    """A read_file answered with a pong, or with a result carrying no data, raises ProtocolError for that
+    call, never hands the caller something that is not the file's bytes; the bystander carries on."""
+    check = bystander_running(session)
+    hostile = session.sandbox(tags=["hostile:file_answers"])
+    for _ in range(2):
+        with pytest.raises(sandpool.ProtocolError, match="answered read_file"):
+            hostile.read_file("/etc/hostname").result(timeout=30)
+    check()
