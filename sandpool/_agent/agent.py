@@ -6,6 +6,11 @@ sandbox's lifetime. When the owner's socket reaches EOF (the owner exited or was
 its parent dies (parent-death signal, SIGTERM) or when told to stop, it kills its whole tree (it is
 a child subreaper, so orphans come back to it), removes the sandbox directory and exits.
 
+Nothing its owner sends ends it or holds it up: a frame that breaks the wire schema (``_wire.FRAMES``),
+or a request that fails in an unforeseen way, is answered with a ``protocol`` error under its id
+while the agent serves on; file operations run in threads (``_files.FileWork``); output and stdin
+move in windows, so a process nobody reads, or one that never reads, holds a bounded amount.
+
 It never imports trio or grpc. Remote-function calls run in a worker process it forks (``_calls``),
 never in the agent itself; only that worker uses cloudpickle (pre-imported by the template).
 """
