@@ -13,7 +13,7 @@ import socket
 import trio
 
 from . import _wire
-from ._errors import SandboxNotRunningError
+from ._errors import ProtocolError, SandboxNotRunningError
 
 
 class DirectChannel:
@@ -96,6 +96,9 @@ class DirectChannel:
                 self.closed = True
                 return None
             frames = self._decoder.feed(data)
+            for frame in frames:  # the worker is inside the sandbox: it answers calls, and says nothing else
+                if frame["t"] not in ("result", "error"):
+                    raise ProtocolError(f"the call worker sent a {frame['t']!r} frame", frame=_wire.summary(frame))
             if frames:
                 return frames
 

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ._errors import SandboxExecutionError, SandboxTimeoutError
+from . import _wire
+from ._errors import ProtocolError, SandboxExecutionError, SandboxTimeoutError
 from ._opref import OperationRef, TaskHost, check_not_in_trio
 from ._output import OutputBuffer
 
@@ -17,6 +18,9 @@ if TYPE_CHECKING:
     from ._sandbox import Sandbox
 
 _KILL_WAIT_SECONDS = 5.0
+#: Output the agent may send for one process beyond what this side acknowledged: its window plus the
+#: one read that crosses it. More is a broken or hostile agent, and fails its sandbox.
+_MAX_OWED_BYTES = _wire.OUTPUT_WINDOW_BYTES + _wire.OUTPUT_CHUNK_BYTES
 
 
 @dataclass
@@ -37,7 +41,12 @@ class ProcessResult:
 
 
 class StreamReader:
-    """Live output of one stream as text chunks: ``for chunk in proc.stdout`` or ``async for``."""
+    """Live output of one stream as text chunks: ``for chunk in proc.stdout`` or ``async for``.
+
+    The stream ends when the process exits; if the process never ran to its end (its sandbox died or
+    was stopped, or the exec timed out or failed to start), reading past the last chunk raises that
+    error instead of ending quietly.
+    """
 
     def __init__(self, process: Process, buffer: OutputBuffer) -> None:
         self._process = process
@@ -57,6 +66,8 @@ class StreamReader:
         while not self._done:
             chunk = await self._next_bytes()
             if chunk is None:
+                if self._process._failure is not None:  # it never ran to its end: say why
+                    raise self._process._failure
                 self._done = True
                 tail = self._decoder.decode(b"", final=True)
                 return tail or None
@@ -86,13 +97,20 @@ class StreamReader:
 
 
 class StreamWriter:
-    """The process's stdin. ``write``/``writeline``/``close`` return OperationRefs, applied in call order."""
+    """The process's stdin. ``write``/``writeline``/``close`` return OperationRefs, applied in call order.
+
+    Flow control: at most ``STDIN_WINDOW_BYTES`` are on their way (sent, not yet taken by the process,
+    as the agent reports with ``stdin_taken``); a write beyond that resolves once the process reads,
+    so a process that never reads its stdin holds a bounded amount of it, in the agent or here.
+    """
 
     def __init__(self, process: Process) -> None:
         self._process = process
         self._issued = 0
         self._turn = 0
         self._turn_changed = trio.Event()
+        self._in_flight = 0  # bytes sent and not reported taken
+        self._taken = trio.Event()
         self.closed = False
 
     def write(self, data: bytes) -> OperationRef[None]:
@@ -123,13 +141,34 @@ class StreamWriter:
             await self._turn_changed.wait()
         try:
             await self._process._sent.wait()
-            if self._process._exit_code is not None:
-                raise SandboxExecutionError("the process has exited; its stdin is closed")
-            await self._process._sandbox._send({"t": "stdin", "id": self._process._req_id, "data": data, "eof": eof})
+            view = memoryview(data)
+            while True:
+                chunk, view = view[:_wire.STDIN_CHUNK_BYTES], view[_wire.STDIN_CHUNK_BYTES:]
+                while self._in_flight and self._in_flight + len(chunk) > _wire.STDIN_WINDOW_BYTES:
+                    self._check_open()
+                    await self._taken.wait()
+                self._check_open()
+                await self._process._sandbox._send({"t": "stdin", "id": self._process._req_id,
+                                                    "data": bytes(chunk), "eof": eof and not view})
+                self._in_flight += len(chunk)
+                if not view:
+                    return
         finally:
             self._turn += 1
             self._turn_changed.set()
             self._turn_changed = trio.Event()
+
+    def _check_open(self) -> None:
+        if self._process._failure is not None:
+            raise self._process._failure
+        if self._process._exit_code is not None:
+            raise SandboxExecutionError("the process has exited; its stdin is closed")
+
+    def _on_taken(self, n: int) -> None:
+        """The agent reports ``n`` more bytes taken by the process (or dropped when it closed stdin)."""
+        self._in_flight = max(0, self._in_flight - n)
+        self._taken.set()
+        self._taken = trio.Event()
 
 
 class Process(OperationRef[ProcessResult]):
@@ -151,7 +190,8 @@ class Process(OperationRef[ProcessResult]):
         self._sent = trio.Event()
         self._exited = trio.Event()
         self._exit_code: int | None = None
-        self._failure: BaseException | None = None
+        self._failure: BaseException | None = None  # why it ended without an exit code
+        self._owed = 0  # output bytes received and not yet acknowledged to the agent
 
     def __repr__(self) -> str:
         state = "running" if self._exit_code is None else f"exited {self._exit_code}"
@@ -174,7 +214,9 @@ class Process(OperationRef[ProcessResult]):
         return self.result(timeout).returncode
 
     def send_signal(self, sig: int) -> OperationRef[None]:
-        """Deliver ``sig`` (e.g. ``signal.SIGINT``) to the process's whole process group."""
+        """Deliver ``sig`` (e.g. ``signal.SIGINT``) to the process's whole process group. ValueError
+        for a number that is no signal (1 to 64)."""
+        _wire.check_field("signal", "sig", int(sig), "sig")
         return OperationRef.spawn(self._loop, self._signal, int(sig))
 
     def terminate(self) -> OperationRef[None]:
@@ -187,7 +229,7 @@ class Process(OperationRef[ProcessResult]):
 
     async def _signal(self, sig: int) -> None:
         await self._sent.wait()
-        if self._exit_code is None:
+        if self._exit_code is None and self._failure is None:
             await self._sandbox._send({"t": "signal", "id": self._req_id, "sig": sig})
 
     def result(self, timeout: float | None = None) -> ProcessResult:
@@ -218,6 +260,7 @@ class Process(OperationRef[ProcessResult]):
             self._loop.nursery.start_soon(self._credit, credit)
 
     async def _credit(self, n: int) -> None:
+        self._owed -= n  # before it is sent: the agent can only have heard of credit counted here
         if self._exit_code is None and not self._exited.is_set():
             try:
                 await self._sandbox._send({"t": "credit", "id": self._req_id, "n": n})
@@ -225,15 +268,34 @@ class Process(OperationRef[ProcessResult]):
                 pass
 
     def _on_frame(self, frame: dict) -> int:
-        """Handle a frame for this process; return credit to acknowledge at once."""
+        """Handle a frame for this process; return credit to acknowledge at once. ProtocolError for a
+        frame no agent may send for an exec (which fails the sandbox)."""
         kind = frame["t"]
+        if self._exited.is_set():
+            if kind == "output":  # late output of a process given up on (timeout): acknowledge, drop
+                return len(frame["data"])
+            return 0
         if kind == "output":
-            return self._out[frame["fd"]].append(frame["data"])
+            self._owed += len(frame["data"])
+            if self._owed > _MAX_OWED_BYTES:
+                raise ProtocolError(f"the agent sent {self._owed} bytes of output for {self._argv[0]!r} without "
+                                    f"waiting for credit (at most {_MAX_OWED_BYTES} are allowed)")
+            credit = self._out[frame["fd"]].append(frame["data"])
+            self._owed -= credit
+            return credit
         if kind == "started":
             self._pid = frame["pid"]
+        elif kind == "stdin_taken":
+            if self.stdin is not None:
+                self.stdin._on_taken(frame["n"])
         elif kind == "exit":
             self._exit_code = frame["code"]
             self._mark_exited()
+        elif kind == "error":  # the agent refused the exec frame (only a broken client sends one it refuses)
+            self._failure = ProtocolError(f"the sandbox refused command {self._argv!r}: {frame['message']}")
+            self._mark_exited()
+        else:
+            raise ProtocolError(f"the agent answered an exec with a {kind!r} frame")
         return 0
 
     def _on_sandbox_gone(self, error: BaseException) -> None:
@@ -245,8 +307,21 @@ class Process(OperationRef[ProcessResult]):
         for buffer in self._out.values():
             buffer.close()
         self._exited.set()
+        self._sent.set()  # stdin writers and signals waiting for the exec to go out: it never will now
+        if self.stdin is not None:
+            self.stdin._on_taken(0)  # writers waiting for the window: it will not open any more
 
     async def _body(self) -> ProcessResult:
+        try:
+            return await self._execute()
+        except BaseException as exc:
+            if not self._exited.is_set():  # it never ran to its end: readers and writers end with why
+                self._failure = exc if isinstance(exc, Exception) else SandboxExecutionError(
+                    f"command {self._argv!r} was cancelled", sandbox_id=self._sandbox.sandbox_id)
+                self._mark_exited()
+            raise
+
+    async def _execute(self) -> ProcessResult:
         sandbox = self._sandbox
         await sandbox._ensure_running()
         self._req_id = sandbox._register(self)
@@ -280,7 +355,8 @@ class Process(OperationRef[ProcessResult]):
         """Kill the remote process tree (cancellation or timeout) and wait, bounded, for its exit."""
         with trio.CancelScope(shield=True):
             try:
-                await self._sandbox._send({"t": "cancel", "id": self._req_id})
+                with trio.fail_after(_KILL_WAIT_SECONDS):  # an agent that stops reading cannot hold us here
+                    await self._sandbox._send({"t": "cancel", "id": self._req_id})
             except Exception:
                 return
             self._drain()

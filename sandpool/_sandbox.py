@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import _lifecycle, _shared
+from . import _lifecycle, _shared, _wire
+from ._routing import Requests
 from ._config import SandboxDefaults, SandboxSpec, SandboxStatus, resolve_spec
 from ._errors import (
     ProtocolError,
@@ -41,6 +42,8 @@ _KNOWN: weakref.WeakValueDictionary[str, Sandbox] = weakref.WeakValueDictionary(
 
 class _Reply:
     """A pending request/response exchange (file operations, pings)."""
+
+    ACCEPTS = frozenset({"result", "error", "pong"})  # what an agent may answer; anything else fails the sandbox
 
     def __init__(self) -> None:
         self.event = trio.Event()
@@ -73,8 +76,7 @@ class Sandbox:
         self._spec = _spec or resolve_spec(defaults if defaults is not None else _session.defaults, **overrides)
         self._state = _lifecycle.Lifecycle()
         self._record: SandboxRecord | None = None
-        self._requests: dict[int, Any] = {}
-        self._next_id = 0
+        self._requests = Requests()
         self._started = trio.Event()  # start attempt finished (running or failed)
         self._terminal = trio.Event()
         self._start_ref: OperationRef[None] | None = None
@@ -128,7 +130,7 @@ class Sandbox:
     def __repr__(self) -> str:
         status = self.status.value if self.status else "not_started"
         tags = ",".join(self.tags)
-        procs = sum(1 for r in self._requests.values() if isinstance(r, Process))
+        procs = sum(1 for r in self._requests.handlers.values() if isinstance(r, Process))
         level = f" isolation={self.isolation}" if self.isolation else ""
         return (f"<Sandbox {self.sandbox_id or '(unstarted)'} {status} image={self._spec.container_image}"
                 f"{level} tags=({tags}) {procs} processes>")
@@ -166,6 +168,7 @@ class Sandbox:
         if not (isinstance(graceful_shutdown_seconds, (int, float)) and math.isfinite(graceful_shutdown_seconds)
                 and graceful_shutdown_seconds >= 0):
             raise ValueError(f"graceful_shutdown_seconds must be a number >= 0, got {graceful_shutdown_seconds!r}")
+        _wire.check_field("stop", "grace", float(graceful_shutdown_seconds), "graceful_shutdown_seconds")
         if self._stop_ref is None:
             self._stop_ref = self._spawn(self._stop_async, float(graceful_shutdown_seconds))
         return self._stop_ref
@@ -192,19 +195,27 @@ class Sandbox:
             self._started.set()
 
     def _raise_if_not_running(self) -> None:
+        error = self._not_running_error()
+        if error is not None:
+            raise error
+
+    def _not_running_error(self) -> SandboxError | None:
+        """Why this sandbox cannot serve an operation now (None while it runs), with its reason."""
         state = self._state
         if state.phase in ("running",):
-            return
+            return None
         if self._record is not None and self._record.extra.get("lost"):
-            raise self._gone_error()  # SandboxUnavailableError: its server is unreachable
+            return self._gone_error()  # SandboxUnavailableError: its server is unreachable
         if state.stop_requested or state.status == SandboxStatus.TERMINATED:
-            raise SandboxNotRunningError(f"sandbox {self.sandbox_id} has been stopped ({state.reason})",
-                                         sandbox_id=self.sandbox_id)
+            return SandboxNotRunningError(f"sandbox {self.sandbox_id} has been stopped ({state.reason})",
+                                          sandbox_id=self.sandbox_id)
         if state.status == SandboxStatus.COMPLETED:
-            raise SandboxNotRunningError(f"sandbox {self.sandbox_id} has completed ({state.reason})",
-                                         sandbox_id=self.sandbox_id)
-        raise SandboxFailedError(f"sandbox {self.sandbox_id} failed: {state.reason}",
-                                 sandbox_id=self.sandbox_id, status_reason=state.reason)
+            return SandboxNotRunningError(f"sandbox {self.sandbox_id} has completed ({state.reason})",
+                                          sandbox_id=self.sandbox_id)
+        if state.phase == "stopping":
+            return SandboxNotRunningError(f"sandbox {self.sandbox_id} is stopping", sandbox_id=self.sandbox_id)
+        return SandboxFailedError(f"sandbox {self.sandbox_id} failed: {state.reason}",
+                                  sandbox_id=self.sandbox_id, status_reason=state.reason)
 
     async def _ensure_running(self) -> None:
         if self._state.phase == "running":
@@ -266,25 +277,26 @@ class Sandbox:
     # -- the connection ------------------------------------------------------------------------
 
     def _register(self, handler: Any) -> int:
-        self._next_id += 1
-        self._requests[self._next_id] = handler
-        return self._next_id
+        return self._requests.register(handler)
 
     def _unregister(self, req_id: int) -> None:
-        self._requests.pop(req_id, None)
+        self._requests.unregister(req_id)
 
     async def _send(self, frame: dict) -> None:
-        channel = self._record.channel if self._record else None
-        if channel is None or channel.closed:
-            raise SandboxNotRunningError(f"sandbox {self.sandbox_id} is not running", sandbox_id=self.sandbox_id)
-        await channel.send(frame)
+        await self._open_channel().send(frame)
 
     async def _send_many(self, frames: list[dict]) -> None:
         """Send several frames in one write (remote-function calls batch this way)."""
+        await self._open_channel().send_many(frames)
+
+    def _open_channel(self) -> Any:
+        """The agent's channel, or the reason this sandbox no longer has one (SandboxNotRunningError,
+        or its failure with the reason)."""
         channel = self._record.channel if self._record else None
-        if channel is None or channel.closed:
-            raise SandboxNotRunningError(f"sandbox {self.sandbox_id} is not running", sandbox_id=self.sandbox_id)
-        await channel.send_many(frames)
+        if channel is None or channel.closed or self._state.terminal:
+            raise self._not_running_error() or SandboxNotRunningError(
+                f"sandbox {self.sandbox_id} is not running", sandbox_id=self.sandbox_id)
+        return channel
 
     async def _reader(self) -> None:
         """Route frames to their requests until the agent's connection ends, then settle the state."""
@@ -292,27 +304,20 @@ class Sandbox:
         assert record is not None and record.channel is not None
         farewell: dict | None = None
         protocol_error: ProtocolError | None = None
+        self._host.nursery.start_soon(self._requests.send_credits, record.channel.send_many)
         try:
             while True:
                 batch = await record.channel.receive_batch()
                 if batch is None:
                     break
-                credits = []
                 for frame in batch:
-                    handler = self._requests.get(frame.get("id"))
-                    if handler is not None:
-                        credit = handler._on_frame(frame)
-                        if credit:
-                            credits.append({"t": "credit", "id": frame["id"], "n": credit})
-                    elif frame["t"] == "main_exit":
-                        self._state = _lifecycle.advance(self._state, "main_exit", code=frame["code"])
-                    elif frame["t"] == "bye":
-                        farewell = frame
-                if credits:
-                    try:
-                        await record.channel.send_many(credits)
-                    except SandboxUnavailableError:
-                        pass
+                    mine = self._requests.route(frame)
+                    if mine is None:
+                        continue
+                    if mine["t"] == "main_exit":
+                        self._state = _lifecycle.advance(self._state, "main_exit", code=mine["code"])
+                    elif mine["t"] == "bye":
+                        farewell = mine
         except ProtocolError as exc:
             protocol_error = exc
         finally:
@@ -320,8 +325,9 @@ class Sandbox:
                 await self._settle(record, farewell, protocol_error)
 
     async def _settle(self, record: SandboxRecord, farewell: dict | None, protocol_error: ProtocolError | None) -> None:
-        if protocol_error is not None:
+        if protocol_error is not None:  # the stream is not to be trusted further: close it, then stop
             self._state = _lifecycle.advance(self._state, "failed", reason=f"protocol error: {protocol_error}")
+            await record.channel.aclose()
             await self._session._runtime.stop(record, 0.0)
         with trio.move_on_after(_EXIT_REPORT_SECONDS):
             await record.exited.wait()
@@ -334,10 +340,7 @@ class Sandbox:
                                          oom_killed=record.extra.get("oom_killed", False))
         if record.channel is not None:
             await record.channel.aclose()
-        error = self._gone_error()
-        for handler in list(self._requests.values()):
-            handler._on_sandbox_gone(error)
-        self._requests.clear()
+        self._requests.close(self._gone_error())
         self._terminal.set()
 
     def _gone_error(self) -> SandboxError:
@@ -358,31 +361,49 @@ class Sandbox:
         """Run ``command`` (an argv list, no shell) in the sandbox; returns at once with a Process."""
         if isinstance(command, (str, bytes)) or not command:
             raise ValueError(f"command must be a non-empty list of strings such as ['echo', 'hi'], got {command!r}")
-        if cwd is not None and (not isinstance(cwd, str) or not cwd.startswith("/")):
-            raise ValueError(f"cwd must be an absolute path inside the sandbox such as '/work', got {cwd!r}")
-        if env is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-            raise TypeError(f"env must map str to str, got {env!r}")
+        argv = [str(c) for c in command]
+        _wire.check_field("exec", "argv", argv, "command")
+        if cwd is not None:
+            _wire.check_field("exec", "cwd", cwd, "cwd")
+            if not cwd.startswith("/"):
+                raise ValueError(f"cwd must be an absolute path inside the sandbox such as '/work', got {cwd!r}")
+        if env is not None:
+            _wire.check_field("exec", "env", env, "env")
         if timeout_seconds is None:
             timeout_seconds = self._spec.request_timeout_seconds
         if not (isinstance(timeout_seconds, (int, float)) and timeout_seconds > 0):
             raise ValueError(f"timeout_seconds must be a number > 0, got {timeout_seconds!r}")
         self.exec_stats["exec_count"] += 1
-        proc = Process(self, [str(c) for c in command], cwd=cwd, env=env, timeout=timeout_seconds,
+        proc = Process(self, argv, cwd=cwd, env=env, timeout=timeout_seconds,
                        check=check, stdin=stdin, cap=self._spec.max_output_bytes)
         return proc._launch(self._host, proc._body)
 
-    def read_file(self, filepath: str, *, timeout_seconds: float | None = None) -> OperationRef[bytes]:
-        """The contents of ``filepath`` inside the sandbox."""
+    def read_file(self, filepath: str, *, timeout_seconds: float | None = None,
+                  allow_special_files: bool = False) -> OperationRef[bytes]:
+        """The contents of ``filepath`` inside the sandbox, at most ``MAX_FILE_BYTES`` (more:
+        ``SandboxFileError`` ``CWSANDBOX_FILE_TOO_LARGE``). A FIFO, device or socket is refused
+        (``CWSANDBOX_FILE_NOT_REGULAR``) unless ``allow_special_files``: then it is read until its end
+        or the limit, however long that takes (a FIFO waits for its writer; the timeout still holds)."""
         _check_path(filepath)
-        return self._spawn(self._file_request, {"t": "read_file", "path": filepath}, timeout_seconds)
+        frame = {"t": "read_file", "path": filepath, **({"special": True} if allow_special_files else {})}
+        return self._spawn(self._file_request, frame, timeout_seconds)
 
-    def write_file(self, filepath: str, contents: bytes, *, timeout_seconds: float | None = None) -> OperationRef[None]:
-        """Write ``contents`` to ``filepath`` inside the sandbox (parents created, replaced atomically)."""
+    def write_file(self, filepath: str, contents: bytes, *, timeout_seconds: float | None = None,
+                   allow_special_files: bool = False) -> OperationRef[None]:
+        """Write ``contents`` (at most ``MAX_FILE_BYTES``) to ``filepath`` inside the sandbox (parents
+        created, replaced atomically). An existing FIFO, device or socket there is refused unless
+        ``allow_special_files``: then the bytes are written into it."""
         _check_path(filepath)
         if not isinstance(contents, (bytes, bytearray, memoryview)):
             raise TypeError(f"contents must be bytes, not {type(contents).__name__}; encode text first")
-        return self._spawn(self._file_request, {"t": "write_file", "path": filepath, "data": bytes(contents)},
-                           timeout_seconds)
+        size = memoryview(contents).nbytes
+        if size > _wire.MAX_FILE_BYTES:
+            return OperationRef.failed(SandboxFileError(
+                f"{filepath}: {size} bytes exceeds the {_wire.MAX_FILE_BYTES}-byte limit of one file operation; "
+                "write it in parts", sandbox_id=self.sandbox_id, filepath=filepath, reason="CWSANDBOX_FILE_TOO_LARGE"))
+        frame = {"t": "write_file", "path": filepath, "data": bytes(contents),
+                 **({"special": True} if allow_special_files else {})}
+        return self._spawn(self._file_request, frame, timeout_seconds)
 
     def _open_main_log(self) -> BinaryIO | None:
         """The main command's log from its runtime (readable after the sandbox ends while kept open),
@@ -409,9 +430,14 @@ class Sandbox:
     async def _file_request(self, frame: dict, timeout: float | None) -> bytes | None:
         path = frame["path"]
         reply = await self._request(frame, timeout)
+        if reply["t"] == "error" and reply["kind"] == "protocol":
+            raise ProtocolError(f"the sandbox refused {frame['t']} of {path!r}: {reply['message']}")
         if reply["t"] == "error":
             raise SandboxFileError(reply["message"], sandbox_id=self.sandbox_id, filepath=path, reason=reply["kind"])
-        return reply.get("data") if frame["t"] == "read_file" else None
+        data = reply.get("data")
+        if reply["t"] != "result" or (frame["t"] == "read_file" and data is None):
+            raise ProtocolError(f"the sandbox answered {frame['t']} of {path!r} with {_wire.summary(reply)}")
+        return data if frame["t"] == "read_file" else None
 
     # -- context managers ----------------------------------------------------------------------
 
@@ -489,6 +515,7 @@ def _matches(sb: Sandbox, tags: Sequence[str], status: SandboxStatus | None, sho
 def _check_path(filepath: object) -> None:
     if not isinstance(filepath, str) or not filepath:
         raise ValueError(f"filepath must be a non-empty string such as '/tmp/data.txt', got {filepath!r}")
+    _wire.check_field("read_file", "path", filepath, "filepath")
 
 
 def _finish_stop(ref: OperationRef, exception_in_flight: bool) -> None:

@@ -10,19 +10,25 @@ from .. import _wire
 class FrameSocket:
     """A stream socket speaking wire frames. ``send`` blocks; ``read_available`` never blocks long."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, *, lenient: bool = False) -> None:
         self.sock = sock
-        self._decoder = _wire.FrameBuffer()
+        self._decoder = _wire.FrameBuffer(lenient=lenient)  # lenient: bad frames come out as ProtocolErrors
+        self.broken = False  # a send failed: the peer is gone
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def send(self, frame: dict) -> None:
         """Send one frame; a vanished peer raises OSError (BrokenPipeError)."""
-        self.sock.sendall(_wire.encode(frame))
+        try:
+            self.sock.sendall(_wire.encode(frame))
+        except OSError:
+            self.broken = True
+            raise
 
-    def read_available(self) -> list[dict] | None:
-        """Read what is there now and return the whole frames; None once the peer closed."""
+    def read_available(self) -> list | None:
+        """Read what is there now and return the whole frames; None once the peer closed. Lenient,
+        a bad frame is a ProtocolError in the list; strict, it raises one."""
         try:
             data = self.sock.recv(1 << 20)
         except (BlockingIOError, InterruptedError):

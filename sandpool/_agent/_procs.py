@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 
+from .. import _wire
 from . import _linux
 
 #: Output bytes the agent sends for one process before it waits for the client's credit.
-WINDOW_BYTES = 4 * 1024 * 1024
+WINDOW_BYTES = _wire.OUTPUT_WINDOW_BYTES
 #: After the process exits, how long to wait for pipes held open by its background children.
 LINGER_SECONDS = 1.0
 
@@ -29,6 +30,7 @@ class ExecProcess:
         self.stdin_fd = stdin_fd
         self.stdin_pending = bytearray()
         self.stdin_eof = False
+        self.stdin_taken = 0  # stdin bytes written to the pipe (or dropped) and not yet reported to the client
         self.unacked = 0
         self.paused = False
         self.status: int | None = None  # wait status once exited
@@ -52,6 +54,7 @@ class ExecProcess:
             except OSError:
                 pass
             self.stdin_fd = None
+        self.stdin_taken += len(self.stdin_pending)
         self.stdin_pending.clear()
 
     def flush_stdin(self) -> bool:
@@ -62,6 +65,7 @@ class ExecProcess:
             while self.stdin_pending:
                 n = os.write(self.stdin_fd, self.stdin_pending)
                 del self.stdin_pending[:n]
+                self.stdin_taken += n
         except BlockingIOError:
             return True
         except OSError:  # the process closed its stdin or exited: drop what it will never read

@@ -6,6 +6,11 @@ sandbox's lifetime. When the owner's socket reaches EOF (the owner exited or was
 its parent dies (parent-death signal, SIGTERM) or when told to stop, it kills its whole tree (it is
 a child subreaper, so orphans come back to it), removes the sandbox directory and exits.
 
+Nothing its owner sends ends it or holds it up: a frame that breaks the wire schema (``_wire.FRAMES``),
+or a request that fails in an unforeseen way, is answered with a ``protocol`` error under its id
+while the agent serves on; file operations run in threads (``_files.FileWork``); output and stdin
+move in windows, so a process nobody reads, or one that never reads, holds a bounded amount.
+
 It never imports trio or grpc. Remote-function calls run in a worker process it forks (``_calls``),
 never in the agent itself; only that worker uses cloudpickle (pre-imported by the template).
 """
@@ -24,7 +29,7 @@ from .._errors import ProtocolError
 from . import _calls, _files, _linux, _procs
 from ._framesock import FrameSocket
 
-MAX_FILE_BYTES = _wire.MAX_FRAME_BYTES - 1024
+MAX_FILE_BYTES = _wire.MAX_FILE_BYTES
 EXIT_GRACE_KILL_SECONDS = 2.0
 
 
@@ -41,7 +46,7 @@ class Agent:
     """One sandbox's agent. ``config`` comes from the runtime's spawn request."""
 
     def __init__(self, sock: socket.socket, config: dict) -> None:
-        self.chan = FrameSocket(sock)
+        self.chan = FrameSocket(sock, lenient=True)  # a bad frame is answered, never the end of the agent
         self.config = config
         self.sandbox_dir: str = config["dir"]
         self.root: str = config["root"]
@@ -57,6 +62,7 @@ class Agent:
         self.busy = False
         self.main: _procs.ExecProcess | None = None
         self.calls = _calls.CallRelay(self._send, self.sel, config)
+        self.files = _files.FileWork()
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -67,6 +73,7 @@ class Agent:
         try:
             self.chan.send(_wire.hello(pid=os.getpid(), sandbox_id=self.config["sandbox_id"]))
             self.sel.register(self.chan.sock, selectors.EVENT_READ, ("owner", None))
+            self.sel.register(self.files.fileno(), selectors.EVENT_READ, ("files", None))
             argv = self.config.get("argv")
             if argv:
                 self._start_main(argv)
@@ -113,6 +120,9 @@ class Agent:
                     self._reap(proc)
                 elif role == "call":
                     self.calls.on_event(proc)
+                elif role == "files":
+                    for answer in self.files.collect():
+                        self._send(answer)
             self._housekeeping()
 
     def _next_timeout(self) -> float | None:
@@ -150,24 +160,38 @@ class Agent:
             self._maybe_finish(proc)
 
     def _read_owner(self) -> None:
-        try:
-            frames = self.chan.read_available()
-        except ProtocolError as exc:  # the stream can't be trusted past a bad frame: leave, saying why
-            raise _Stop(f"protocol error: {exc}") from None
+        frames = self.chan.read_available()
         if frames is None:
             raise _Stop("owner_gone")
         self.last_active = time.monotonic()
         for frame in frames:
-            self._dispatch(frame)
+            if isinstance(frame, ProtocolError):  # framing is length-prefixed: the next frame is whole
+                self._refuse(frame.frame, str(frame))
+            else:
+                self._dispatch(frame)
 
     def _dispatch(self, frame: dict) -> None:
+        """Serve one valid frame. Whatever it asks, the agent answers and goes on: a request that
+        fails in an unforeseen way gets an error answer (only a stop, or the owner gone, ends it)."""
         kind = frame["t"]
-        handler = getattr(self, f"_on_{kind}", None)
-        if handler is None:
-            self._send({"t": "error", "id": frame.get("id", 0), "kind": "protocol",
-                        "message": f"the agent does not accept {kind!r} frames"})
+        if kind not in _wire.TO_AGENT:
+            self._refuse(frame, f"the agent does not accept {kind!r} frames")
             return
-        handler(frame)
+        try:
+            getattr(self, f"_on_{kind}")(frame)
+        except _Stop:
+            raise
+        except Exception as exc:
+            if self.chan.broken:
+                raise
+            self._refuse(frame, f"the agent could not serve this {kind!r} frame: {exc!r}"[:2000])
+
+    def _refuse(self, frame: object, message: str) -> None:
+        """Answer a bad request with a ``protocol`` error under its id (0 when it has none)."""
+        req_id = frame.get("id") if isinstance(frame, dict) else None
+        if not isinstance(req_id, int) or isinstance(req_id, bool) or not 0 <= req_id < 2**63:
+            req_id = 0
+        self._send({"t": "error", "id": req_id, "kind": "protocol", "message": message})
 
     def _send(self, frame: dict) -> None:
         self.chan.send(frame)
@@ -206,8 +230,10 @@ class Agent:
             pass
 
     def _read_output(self, proc: _procs.ExecProcess, fd: int) -> None:
+        if proc.paused:  # its other pipe filled the window earlier in this round: the client allows no more
+            return
         try:
-            data = os.read(fd, 65536)
+            data = os.read(fd, _wire.OUTPUT_CHUNK_BYTES)
         except BlockingIOError:
             return
         except OSError:
@@ -236,15 +262,28 @@ class Agent:
 
     def _on_stdin(self, frame: dict) -> None:
         proc = self.procs.get(frame["id"])
-        if proc is None or proc.stdin_fd is None:
+        if proc is None:
             return
-        proc.stdin_pending += frame["data"]
+        data = frame["data"]
+        if proc.stdin_fd is None:  # it closed its stdin: the bytes are dropped, and taken all the same
+            if data:
+                self._send({"t": "stdin_taken", "id": proc.id, "n": len(data)})
+            return
+        if len(proc.stdin_pending) + len(data) > _wire.STDIN_WINDOW_BYTES + _wire.STDIN_CHUNK_BYTES:
+            self._refuse(frame, f"{len(data)} bytes of stdin for a process that has not taken the "
+                                f"{len(proc.stdin_pending)} before them; wait for 'stdin_taken' (the window is "
+                                f"{_wire.STDIN_WINDOW_BYTES} bytes)")
+            return
+        proc.stdin_pending += data
         proc.stdin_eof = proc.stdin_eof or bool(frame.get("eof"))
         self._write_stdin(proc)
 
     def _write_stdin(self, proc: _procs.ExecProcess) -> None:
         fd = proc.stdin_fd
         pending = proc.flush_stdin()
+        if proc.stdin_taken:
+            self._send({"t": "stdin_taken", "id": proc.id, "n": proc.stdin_taken})
+            proc.stdin_taken = 0
         if fd is None:
             return
         if pending:
@@ -299,20 +338,14 @@ class Agent:
     # -- files, liveness, stop ---------------------------------------------------------------
 
     def _on_read_file(self, frame: dict) -> None:
-        try:
-            data = _files.read_file(self.root, self.cwd, frame["path"], MAX_FILE_BYTES)
-        except _files.FileOpError as exc:
-            self._send({"t": "error", "id": frame["id"], "kind": exc.reason, "message": str(exc), "path": frame["path"]})
-            return
-        self._send({"t": "result", "id": frame["id"], "data": data})
+        root, cwd, path, special = self.root, self.cwd, frame["path"], bool(frame.get("special"))
+        self.files.submit(frame["id"], path, lambda: _files.read_file(root, cwd, path, MAX_FILE_BYTES, special))
 
     def _on_write_file(self, frame: dict) -> None:
-        try:
-            _files.write_file(self.root, self.cwd, frame["path"], frame["data"], frame.get("mode", 0o644))
-        except _files.FileOpError as exc:
-            self._send({"t": "error", "id": frame["id"], "kind": exc.reason, "message": str(exc), "path": frame["path"]})
-            return
-        self._send({"t": "result", "id": frame["id"]})
+        root, cwd, path, data = self.root, self.cwd, frame["path"], frame["data"]
+        mode, special = frame.get("mode", 0o644), bool(frame.get("special"))
+        self.files.submit(frame["id"], path, lambda: _files.write_file(root, cwd, path, data, mode, MAX_FILE_BYTES,
+                                                                        special))
 
     def _on_ping(self, frame: dict) -> None:
         self._send({"t": "pong", "id": frame["id"]})

@@ -166,7 +166,13 @@ def cmd_exec(args: argparse.Namespace) -> int:
             out.write(chunk)
             out.flush()
 
-    errors = threading.Thread(target=copy, args=(proc.stderr, sys.stderr), daemon=True)
+    def copy_errors() -> None:
+        try:
+            copy(proc.stderr, sys.stderr)
+        except Exception:  # the stream ended with the command's failure, which stdout's copy reports once
+            pass
+
+    errors = threading.Thread(target=copy_errors, daemon=True)
     errors.start()
     try:
         copy(proc.stdout, sys.stdout)

@@ -245,10 +245,11 @@ class LocalRuntime(Runtime):
                 record.exited.set()
                 return
             if record.channel is not None and not record.channel.closed:
-                try:
-                    await record.channel.send({"t": "stop", "grace": float(grace_seconds)})
-                except SandboxUnavailableError:
-                    pass
+                with trio.move_on_after(_KILL_WAIT_SECONDS):  # an agent that does not read is killed below
+                    try:
+                        await record.channel.send({"t": "stop", "grace": float(grace_seconds)})
+                    except SandboxUnavailableError:
+                        pass
             with trio.move_on_after(grace_seconds + _KILL_WAIT_SECONDS):
                 await record.exited.wait()
             if not record.exited.is_set():  # escalate: the agent did not leave in time
