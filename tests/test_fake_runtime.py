@@ -281,7 +281,7 @@ naming the reason. Both end TERMINATED."""
 def test_a_sandbox_dying_mid_exec_fails_the_exec_with_sandbox_died_error(how):
     """A sandbox that dies under a running command (a scripted command, ``FakeSandbox.kill()``,
     or ``die_after``) fails it with SandboxDiedError carrying SIGKILL, as a real OOM kill does,
-    and ends FAILED."""
+    and ends FAILED; later operations fail with SandboxFailedError."""
     runtime = FakeRuntime(execs={("crash",): FakeExec(delay=5, kill_sandbox=True)},
                           die_after=7 if how == "die_after" else None)
 
@@ -301,6 +301,8 @@ def test_a_sandbox_dying_mid_exec_fails_the_exec_with_sandbox_died_error(how):
             await sb.wait_until_complete()
             assert sb.status == SandboxStatus.FAILED
             assert "SIGKILL" in sb.status_reason
+            with pytest.raises(SandboxFailedError):  # a dead sandbox is never used again
+                await sb.exec(["true"])
 
     run_virtual(main)
 
