@@ -453,7 +453,9 @@ def test_call_timeout_cancellation_and_serialization_errors():
                 await unpicklable.remote()
             with pytest.raises(KeyError, match="missing"):
                 await fails.remote()
+            t1 = trio.current_time()
             assert await slow.remote(1) == 1
+            assert elapsed_since(t1) == 1.0  # the cancelled call no longer holds the only sandbox
         assert len(runtime.sandboxes) == 1
 
     run_virtual(main)

@@ -27,10 +27,6 @@ from ._fakescript import FakeCall, FakeCommand, FakeExec
 
 __all__ = ["FakeCall", "FakeCommand", "FakeExec", "FakeRuntime", "FakeSandbox"]
 
-#: After a stop's grace, how long the runtime waits for the agent before killing it (as LocalRuntime).
-KILL_WAIT_SECONDS = 3.0
-
-
 class _Script:
     """What every sandbox of one FakeRuntime does (read by its agents)."""
 
@@ -208,18 +204,18 @@ class FakeRuntime(Runtime):
             if box is None or box._agent is None:
                 record.exited.set()
                 return
-            if record.channel is not None and not record.channel.closed:
-                try:
-                    await record.channel.send({"t": "stop", "grace": float(grace_seconds)})
-                except SandboxUnavailableError:
-                    pass
-            with trio.move_on_after(grace_seconds + KILL_WAIT_SECONDS):
-                await record.exited.wait()
-            if not record.exited.is_set():  # escalate: the agent did not leave in time
+            # The fake agent always obeys: it leaves within the grace (its SIGKILL ends any process),
+            # so unlike LocalRuntime there is no agent to kill afterwards; one we cannot tell dies now.
+            channel = record.channel
+            try:
+                if channel is None or channel.closed:
+                    raise SandboxUnavailableError("no connection to tell it to stop")
+                await channel.send({"t": "stop", "grace": float(grace_seconds)})
+            except SandboxUnavailableError:
                 box._agent.die()
-                await record.exited.wait()
-            if record.channel is not None:
-                await record.channel.aclose()
+            await record.exited.wait()
+            if channel is not None:
+                await channel.aclose()
 
     def list(self) -> list[SandboxRecord]:
         return [box.record for box in self._boxes.values()]

@@ -62,7 +62,6 @@ class FakeAgent:
         self.calls_changed = trio.Event()
         self.fns: dict[bytes, Any] = {}
         self.running_call: tuple[int, trio.CancelScope] | None = None
-        self.cancelled_call: str | None = None
         self.serving = trio.CancelScope()
         self.ending: tuple[str, float] | None = None  # (reason, grace) once it leaves
         self.died: int | None = None  # the signal of a scripted death
@@ -110,7 +109,7 @@ class FakeAgent:
 
     def die(self, sig: int = signal.SIGKILL) -> None:
         """The sandbox dies at once: no farewell, its processes and calls cut short."""
-        if self.died is None and (self.ending is None or self.ending[0] != "died"):
+        if self.died is None and not self.box.record.exited.is_set():
             self.died = sig
             self.ending = ("died", 0.0)
             self.serving.cancel()
@@ -314,7 +313,6 @@ class FakeAgent:
             return True
         if self.running_call is not None and self.running_call[0] == call_id:
             if not steal:
-                self.cancelled_call = "cancelled"
                 self.running_call[1].cancel()
             return True
         return steal
@@ -327,7 +325,7 @@ class FakeAgent:
                 self.calls_changed = trio.Event()
             call_id, frame = self.calls.popitem(last=False)
             with trio.CancelScope() as scope:
-                self.running_call, self.cancelled_call = (call_id, scope), None
+                self.running_call = (call_id, scope)
                 try:
                     answer = await self._run_call(frame)
                 finally:
