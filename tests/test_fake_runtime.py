@@ -3,6 +3,7 @@ it under trio's virtual clock (every scripted delay and timeout passes at once i
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -25,6 +26,7 @@ from sandpool import (
     Session,
 )
 from sandpool._runtime._fake import FakeCall, FakeExec, FakeRuntime
+from sandpool._runtime._local import LocalRuntime
 
 
 def run_virtual(async_fn, *args):
@@ -459,3 +461,51 @@ def test_call_timeout_cancellation_and_serialization_errors():
         assert len(runtime.sandboxes) == 1
 
     run_virtual(main)
+
+
+# -- the fake against a real sandbox ----------------------------------------------------------------------
+
+
+async def _observe(runtime, kill) -> dict:
+    """What a client sees of a few commands, a file error, a signal, a death, a stop and a failing
+    main command. A file write's answer proves that the exec sent before it has started."""
+    seen = {}
+    async with Session(runtime=runtime) as session:
+        sb = session.sandbox()
+        echo = await sb.exec(["echo", "hi"])
+        missing = await sb.exec(["nosuchprog"])
+        seen["execs"] = (echo.stdout, echo.returncode, missing.stderr, missing.returncode)
+        with pytest.raises(SandboxFileError) as error:
+            await sb.read_file("/nope.txt")
+        seen["file"] = error.value.reason
+        proc = sb.exec(["sleep", "30"])
+        await proc.send_signal(signal.SIGTERM)
+        seen["signalled"] = (await proc).returncode
+        proc = sb.exec(["sleep", "30"])
+        await sb.write_file("/tmp/ready", b"")
+        kill(sb)
+        with pytest.raises(SandboxDiedError) as died:
+            await proc
+        await sb.wait_until_complete()
+        seen["died"] = (died.value.signal, died.value.exit_code, sb.status, sb.returncode, sb.status_reason)
+        stopped = session.sandbox()
+        proc = stopped.exec(["sleep", "30"])
+        await stopped.write_file("/tmp/ready", b"")
+        await stopped.stop(graceful_shutdown_seconds=1)
+        with pytest.raises(SandboxNotRunningError, match="was stopped"):
+            await proc
+        seen["stopped"] = (stopped.status, stopped.returncode, stopped.status_reason)
+        main = session.sandbox(command="sh", args=["-c", "exit 3"])
+        await main.wait_until_complete()
+        seen["main"] = (main.status, main.returncode, main.status_reason)
+    return seen
+
+
+def test_the_fake_and_a_real_local_sandbox_look_the_same_to_a_client():
+    """The same scenario on LocalRuntime (real processes) and on FakeRuntime gives the same
+    results, errors, statuses, return codes and reasons: the fake answers as the real agent does."""
+    fake = FakeRuntime(execs={("sh", "-c", "exit 3"): 3})
+    real = trio.run(_observe, LocalRuntime(), lambda sb: os.kill(sb._record.agent_pid, signal.SIGKILL))
+    faked = trio.run(_observe, fake, lambda sb: fake.sandbox(sb.sandbox_id).kill())
+    assert faked == real
+    assert real["died"][:2] == (signal.SIGKILL, 128 + signal.SIGKILL)

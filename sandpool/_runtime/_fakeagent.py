@@ -44,7 +44,7 @@ class _Proc:
         self.done = trio.Event()
 
     def signal(self, sig: int) -> None:
-        if self.done.is_set() or (sig == signal.SIGTERM and self.ignore_sigterm):
+        if sig == 0 or self.done.is_set() or (sig == signal.SIGTERM and self.ignore_sigterm):
             return
         self.killed_by = sig
         self.scope.cancel()
