@@ -354,13 +354,30 @@ def test_operations_finish_in_the_order_of_their_scripted_delays():
 def test_as_completed_orders_by_scripted_delays_in_a_sync_session():
     """``sandpool.as_completed`` (a blocking helper, so real time in the session's thread) yields
     execs in the order of their scripted delays (tens of milliseconds)."""
-    runtime = FakeRuntime(execs={("a",): FakeExec(delay=0.06), ("b",): FakeExec(delay=0.0), ("c",): FakeExec(delay=0.03)})
+    runtime = FakeRuntime(execs={("a",): FakeExec(delay=0.06), ("b",): FakeExec(delay=0.0),
+                                 ("c",): FakeExec(delay=0.03)})
     with Session(runtime=runtime) as session:
         sb = session.sandbox()
         sb.start().result()
         procs = [sb.exec([name]) for name in "abc"]
         order = [proc.command[0] for proc in sandpool.as_completed(procs, timeout=10)]
     assert order == ["b", "c", "a"]
+
+
+def test_a_sandbox_can_be_killed_from_the_test_thread_of_a_sync_session():
+    """``FakeSandbox.kill()`` from a thread other than the session's loop kills the sandbox there:
+    the running command fails with SandboxDiedError at once (no real waiting on its 30 s)."""
+    runtime = FakeRuntime()
+    with Session(runtime=runtime) as session:
+        sb = session.sandbox()
+        proc = sb.exec(["sleep", "30"])
+        sb.write_file("/tmp/ready", b"").result()  # answered: the exec sent before it has started
+        started = time.perf_counter()
+        runtime.sandbox(sb.sandbox_id).kill()
+        with pytest.raises(SandboxDiedError):
+            proc.result(timeout=10)
+        assert time.perf_counter() - started < 5
+        assert sb.wait_until_complete().result(timeout=10).status == SandboxStatus.FAILED
 
 
 # -- remote functions ------------------------------------------------------------------------------------

@@ -116,7 +116,10 @@ Handler = Callable[[FakeCommand], Union[Outcome, Awaitable[Outcome]]]
 Script = Union[FakeExec, int, Handler]
 
 
-def check_table(execs: Mapping[Any, Script] | Handler | None) -> tuple[dict[tuple[str, ...], Script], list, Handler | None]:
+Table = tuple[dict[tuple[str, ...], Script], list[tuple[str, Script]], Union[Handler, None]]
+
+
+def check_table(execs: Mapping[Any, Script] | Handler | None) -> Table:
     """Split the ``execs`` argument into exact argvs, glob patterns and a catch-all handler."""
     if execs is None:
         return {}, [], None
@@ -138,7 +141,7 @@ def check_table(execs: Mapping[Any, Script] | Handler | None) -> tuple[dict[tupl
     return exact, globs, None
 
 
-def find_script(table: tuple[dict, list, Handler | None], argv: list[str]) -> Script | None:
+def find_script(table: Table, argv: list[str]) -> Script | None:
     exact, globs, fallback = table
     if tuple(argv) in exact:
         return exact[tuple(argv)]
