@@ -353,9 +353,10 @@ def test_operations_finish_in_the_order_of_their_scripted_delays():
 
 def test_as_completed_orders_by_scripted_delays_in_a_sync_session():
     """``sandpool.as_completed`` (a blocking helper, so real time in the session's thread) yields
-    execs in the order of their scripted delays (tens of milliseconds)."""
-    runtime = FakeRuntime(execs={("a",): FakeExec(delay=0.06), ("b",): FakeExec(delay=0.0),
-                                 ("c",): FakeExec(delay=0.03)})
+    execs in the order of their scripted delays (a tenth of a second apart)."""
+    # 100 ms apart: far more than the few ms the test thread may take to issue the three execs
+    runtime = FakeRuntime(execs={("a",): FakeExec(delay=0.2), ("b",): FakeExec(delay=0.0),
+                                 ("c",): FakeExec(delay=0.1)})
     with Session(runtime=runtime) as session:
         sb = session.sandbox()
         sb.start().result()
