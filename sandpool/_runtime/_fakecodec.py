@@ -1,0 +1,73 @@
+"""How the fake agent reads a remote call and encodes its answer, exactly as the real call worker does.
+
+The client's frames go through a real cloudpickle round trip (so a test still catches a function
+or argument that does not pickle), and answers are encoded as ``sandpool._agent._worker`` encodes
+them. This is the one place to change when the worker's result encoding changes.
+"""
+
+from __future__ import annotations
+
+import pickle
+import traceback
+from typing import Any
+
+#: Results that plain pickle writes exactly as cloudpickle would (the worker's fast path).
+_PLAIN = frozenset({int, float, bool, type(None), complex})
+
+
+def load_call(frame: dict, fns: dict[bytes, Any]) -> tuple[Any, tuple, dict] | dict:
+    """``(fn, args, kwargs)`` of a ``call`` frame, or the ``error`` frame that answers it."""
+    import cloudpickle
+
+    key = frame.get("fn_key") or b""
+    what = "function"
+    try:
+        if frame["fn"]:
+            fns[key] = cloudpickle.loads(frame["fn"])
+        elif key not in fns:
+            return error(frame["id"], "protocol", "the agent has no function for this fn_key; send its bytes")
+        what = "arguments"
+        args, kwargs = cloudpickle.loads(frame["args"])
+    except BaseException as exc:  # noqa: BLE001 - any unpickling failure is reported, as the worker does
+        return error(frame["id"], "serialization", f"the {what} could not be unpickled in the sandbox: "
+                     f"{type(exc).__name__}: {exc}", traceback=_format(exc))
+    return fns[key], args, kwargs
+
+
+def result(call_id: int, value: Any, micros: int) -> dict:
+    """The ``result`` frame for a returned value, or a ``serialization`` error if it does not pickle."""
+    import cloudpickle
+
+    if type(value) in _PLAIN:
+        return {"t": "result", "id": call_id, "us": micros, "data": pickle.dumps(value, 5)}
+    try:
+        data = cloudpickle.dumps(value, protocol=5)
+    except BaseException as exc:  # noqa: BLE001
+        return error(call_id, "serialization", f"the result ({type(value).__module__}.{type(value).__qualname__}) "
+                     f"could not be pickled: {type(exc).__name__}: {exc}")
+    return {"t": "result", "id": call_id, "us": micros, "data": data}
+
+
+def user_error(call_id: int, exc: BaseException) -> dict:
+    """The ``error`` frame of kind "user" for an exception the function raised."""
+    import cloudpickle
+
+    cls = type(exc)
+    try:
+        message = str(exc)
+    except Exception:  # noqa: BLE001 - a broken __str__ must not lose the error
+        message = f"<{cls.__name__} with an unprintable message>"
+    extra: dict[str, object] = {"type_name": f"{cls.__module__}.{cls.__qualname__}", "traceback": _format(exc)}
+    try:
+        extra["data"] = cloudpickle.dumps(exc, protocol=5)
+    except BaseException:  # noqa: BLE001 - the caller gets a RemoteError with the text instead
+        pass
+    return error(call_id, "user", message, **extra)
+
+
+def error(call_id: int, kind: str, message: str, **extra: object) -> dict:
+    return {"t": "error", "id": call_id, "kind": kind, "message": message, **extra}
+
+
+def _format(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
