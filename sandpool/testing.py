@@ -21,6 +21,7 @@ from ._isolation import cgroups as _cgroups
 from ._isolation import network as _network
 from ._isolation.sandbox import SPARE_NAME
 from ._runtime._statedir import mounts_under, processes_mentioning
+from ._runtime._fake import FakeCall, FakeCommand, FakeExec, FakeRuntime, FakeSandbox  # noqa: F401  (public)
 
 
 @dataclass

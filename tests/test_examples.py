@@ -32,6 +32,7 @@ KEY_LINES = {
     "parallel_map.py": "primes below 50,000: 5,133",
     "pool.py": "distinct sandboxes: 5",
     "sandbox_count.py": "after close: 0",
+    "testing_with_fake_runtime.py": "3 tests passed on FakeRuntime",
     "standalone_run.py": "after the with block: terminated, returncode 143",
     "start_and_wait.py": "all running: True",
 }
