@@ -44,11 +44,9 @@ def test_sigkilled_client_leaves_no_process(tmp_path):
     assert len(testing.leftovers(state_dir).processes) >= 10  # agents, shells, busy loops
     client.kill()
     client.wait()
-    time.sleep(3)
-    report = testing.leftovers(state_dir)
-    testing.kill_leftovers(report)
-    assert not report.processes, report
-    assert not report.directories, report
+    report = testing.wait_for_no_leftovers(state_dir, timeout=3)
+    testing.kill_leftovers(report)  # (the report was taken first: cgroups are checked before this)
+    assert not report, report
 
 
 def test_ctrl_c_of_a_sync_client_stops_its_sandboxes(tmp_path):
@@ -58,7 +56,7 @@ def test_ctrl_c_of_a_sync_client_stops_its_sandboxes(tmp_path):
     client.send_signal(signal.SIGINT)
     assert client.wait(timeout=60) != 0
     report = testing.wait_for_no_leftovers(state_dir, timeout=5)
-    testing.kill_leftovers(report)
+    testing.kill_leftovers(report)  # (the report was taken first: cgroups are checked before this)
     assert not report, report
 
 
@@ -82,6 +80,7 @@ def test_stale_state_of_dead_owner_is_swept_on_next_start(tmp_path):
 
     trio.run(main)
     assert not any(state_dir.iterdir())
+    assert not testing.leftovers(str(state_dir)), "cgroups, processes or mounts of the run remain"
 
 
 def test_process_exit_with_a_running_standalone_sandbox_is_prompt_and_clean(tmp_path):
@@ -140,3 +139,76 @@ def test_a_dead_template_is_replaced_and_its_sandboxes_end(tmp_path):
             assert (await fresh.exec(["echo", "again"])).stdout == "again\n"
 
     trio.run(main)
+
+
+# -- the leak check itself: it must see what hides -----------------------------------------------
+
+HOLD = textwrap.dedent("""
+    import sys, sandpool
+    with sandpool.Session() as s:
+        s.sandbox().exec(["sh", "-c", "env -i setsid sleep 1000 >/dev/null 2>&1 &"]).result()
+        print("ready", flush=True)
+        sys.stdin.read()  # until the test closes our stdin
+""")
+
+
+def test_leak_check_sees_a_daemonised_process_and_a_runtime_left_open(tmp_path):
+    """A process that left its sandbox's session with a clean environment (``env -i setsid``) is
+    still found below its agent, and a live template counts unless its owner is kept."""
+    state_dir = str(tmp_path / "state")
+    client = subprocess.Popen([sys.executable, "-c", HOLD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              env={**os.environ, "SANDPOOL_STATE_DIR": state_dir}, text=True)
+    try:
+        assert client.stdout.readline().strip() == "ready"
+        report = testing.leftovers(state_dir)
+        assert any("sleep 1000" in cmd for _pid, cmd in report.processes), report
+        assert [os.path.dirname(owner) for _pid, owner in report.templates] == [state_dir], report
+        assert report.cgroups or os.geteuid() != 0, report  # its sandbox's (and the owner's) groups
+        kept = testing.leftovers(state_dir, keep_parents={client.pid})
+        assert not kept.templates and any("sleep 1000" in cmd for _pid, cmd in kept.processes), kept
+    finally:
+        client.stdin.close()
+        client.wait(timeout=30)
+    report = testing.wait_for_no_leftovers(state_dir, timeout=5)
+    assert not report, report
+
+
+def test_leak_check_sees_owner_cgroups_mounts_netns_and_links_without_a_template(tmp_path):
+    """What an owner without a template left outside its directory (its cgroup, a mount below the
+    state dir, a named network namespace, a link aliased to the state dir) is reported, and
+    kill_leftovers removes its cgroups."""
+    import pytest
+
+    from sandpool._isolation import cgroups, network
+
+    if os.geteuid() != 0:
+        pytest.skip("cgroups, mounts, namespaces and links are made by root")
+    state_dir = tmp_path / "state"
+    owner = f"o-{os.getpid()}-dead00"  # a live pid: other runs' prune of dead owners' empty groups skips it
+    root = state_dir / owner / "sb-gone" / "root"  # a sandbox root its dead owner left mounted
+    root.mkdir(parents=True)
+    key = cgroups.state_key(str(state_dir))
+    layout = cgroups.detect()
+    group = cgroups.plan(layout, key, owner, "sb-gone")
+    cgroups.create(layout, group, {})
+    owner_groups = {os.path.dirname(d) for d in group["dirs"]}
+    netns = f"{network.NETNS_PREFIX}{key}-t"
+    link = f"splk{os.getpid() % 100000}"
+    subprocess.run(["mount", "-t", "tmpfs", "leakcheck", str(root)], check=True)
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    subprocess.run(["ip", "link", "add", link, "type", "veth", "peer", "name", link + "p"], check=True)
+    try:
+        subprocess.run(["ip", "link", "set", link, "alias", f"{network.NETNS_PREFIX}{key}-veth"], check=True)
+        report = testing.leftovers(str(tmp_path / "elsewhere"), str(tmp_path))  # found below tmp_path, too
+        assert report == testing.leftovers(str(state_dir))
+        assert report.directories == [str(state_dir / owner)], report  # it has no template file
+        assert owner_groups <= set(report.cgroups), report  # owner level, with no template at all
+        assert report.mounts == [str(root)], report
+        assert report.netns == [os.path.join(network.NETNS_DIR, netns)], report
+        assert report.links == [link], report
+    finally:
+        subprocess.run(["umount", str(root)])
+        subprocess.run(["ip", "netns", "del", netns])
+        subprocess.run(["ip", "link", "del", link])
+        testing.kill_leftovers(testing.leftovers(str(state_dir)))
+    assert not testing.leftovers(str(state_dir)), "kill_leftovers left the cgroups"
