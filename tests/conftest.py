@@ -91,6 +91,42 @@ def unprivileged_user():
     return entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir
 
 
+@pytest.fixture(scope="session")
+def memory_limits_enforced() -> None:
+    """Skips, saying why, unless this machine can enforce a memory limit at all: a process in a
+    memory cgroup of its own (made here with raw writes, not sandpool's code, so it cannot share
+    sandpool's bugs) that allocates past the limit is killed. Where it is, a sandbox that outlives
+    its limit is sandpool's failure, never a skip."""
+    import subprocess
+
+    from sandpool._isolation import cgroups
+
+    layout = cgroups.detect()
+    home = layout.home("memory")
+    if os.geteuid() != 0 or home is None:
+        pytest.skip(f"no memory cgroup to enforce a limit with (euid {os.geteuid()}, {layout})")
+    group = os.path.join(home, f"sandpool-memory-probe-{os.getpid()}")
+    os.mkdir(group)
+    try:
+        v2 = home == layout.v2
+        limits = {"memory.max": "32M", "memory.swap.max": "0"} if v2 else {
+            "memory.limit_in_bytes": "32M", "memory.memsw.limit_in_bytes": "32M"}
+        for name, value in limits.items():
+            try:
+                with open(os.path.join(group, name), "w") as f:
+                    f.write(value)
+            except FileNotFoundError:  # no swap accounting: then swap must be off for the limit to bite
+                pass
+        hog = (f"import os; open('{group}/cgroup.procs', 'w').write(str(os.getpid())); "
+               "b = [bytearray(1 << 20) for _ in range(256)]")
+        done = subprocess.run([PYTHON, "-c", hog], capture_output=True, timeout=60)
+    finally:
+        cgroups.remove({"dirs": [group]})  # (retries while the kernel still tears the hog down)
+    if done.returncode != -9:
+        pytest.skip(f"this machine does not enforce memory limits: a process over a 32 MiB memory cgroup "
+                    f"limit ended with {done.returncode}, not SIGKILL ({done.stderr[-200:]!r})")
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Strict runs: a skip (other than an expected failure's, or a ``ci_may_skip`` test's) fails."""

@@ -212,3 +212,36 @@ def test_leak_check_sees_owner_cgroups_mounts_netns_and_links_without_a_template
         subprocess.run(["ip", "link", "del", link])
         testing.kill_leftovers(testing.leftovers(str(state_dir)))
     assert not testing.leftovers(str(state_dir)), "kill_leftovers left the cgroups"
+
+
+INNER_TESTS = textwrap.dedent("""
+    import os, pytest
+
+    @pytest.fixture(scope="session")
+    def leaves_an_owner_dir():
+        yield
+        os.mkdir(os.path.join(os.environ["SANDPOOL_STATE_DIR"], "o-1-leaked"))  # after every test's check
+
+    def test_skips(leaves_an_owner_dir):
+        pytest.skip("no widget here")
+
+    @pytest.mark.ci_may_skip("CI machines have no GPU")
+    def test_may_skip():
+        pytest.skip("no GPU")
+""")
+
+
+def test_strict_run_fails_a_skip_and_a_leak_found_at_the_end_of_the_session(tmp_path):
+    """Under SANDPOOL_TEST_STRICT=1 a plain skip fails (a ci_may_skip one does not), and what is
+    left once the last fixture ended fails the session."""
+    (tmp_path / "test_inner.py").write_text(INNER_TESTS)
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "SANDPOOL_TEST_STRICT": "1", "PYTHONPATH": tests_dir}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:randomly",
+                           "-p", "no:cacheprovider", "-c", str(tmp_path / "pytest.ini"), str(tmp_path)],
+                          capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "skipped under SANDPOOL_TEST_STRICT=1, where every requirement is installed: " in done.stdout
+    assert "1 failed, 1 skipped" in done.stdout, done.stdout
+    assert "LEAK at the end of the session" in done.stdout and "o-1-leaked" in done.stdout, done.stdout
