@@ -12,9 +12,10 @@ down (a test's ``tmp_path``). What it reports:
   (an agent whose template died) or whose environment's ``SANDPOOL_ROOT`` lies under one (an
   exec'd command whose agent died);
 - templates: live templates nobody keeps, that is a runtime left open. A template is kept when its
-  owner directory is in ``keep_owners`` (this process's shared runtime: ``shared_owner_dirs()``) or
-  its parent's pid is in ``keep_parents`` (a server that several tests share). A kept template's
-  spare children and spare cgroups are part of it; its sandboxes are not;
+  owner directory is in ``keep_owners`` (by default ``shared_owner_dirs()``: the runtime this
+  process's sync sessions share until it exits) or its parent's pid is in ``keep_parents`` (a
+  server that several tests share). A kept template's spare children and spare cgroups are part of
+  it; its sandboxes are not;
 - directories: sandbox directories, and owner directories without a live template;
 - cgroups: under every hierarchy's ``sandpool/<state key>/``, each owner group whose template is not
   kept (live or not), the sandbox groups of kept ones, and a state key's group with no owner left;
@@ -205,9 +206,10 @@ def _links(keys: set[str]) -> list[str]:
                   if _read(os.path.join(_NET_DIR, name, "ifalias")).decode(errors="replace").startswith(prefixes))
 
 
-def leftovers(state_dir: str, *more: str, keep_owners: Collection[str] = (),
+def leftovers(state_dir: str, *more: str, keep_owners: Collection[str] | None = None,
               keep_parents: Collection[int] = ()) -> Leftovers:
     """Everything of sandboxes under ``state_dir`` (and state dirs below ``more``) that still exists."""
+    keep_owners = shared_owner_dirs() if keep_owners is None else keep_owners
     state_dirs = _state_dirs(state_dir, more)
     run_dirs = [state_dir, *more]
     report = Leftovers()
@@ -262,7 +264,7 @@ def close_shared_runtime() -> None:
     _portal._close_default()
 
 
-def wait_for_no_leftovers(state_dir: str, *more: str, keep_owners: Collection[str] = (),
+def wait_for_no_leftovers(state_dir: str, *more: str, keep_owners: Collection[str] | None = None,
                           keep_parents: Collection[int] = (), timeout: float = 5.0) -> Leftovers:
     """Poll until nothing is left (returns an empty report) or ``timeout`` passes (returns what is)."""
     deadline = time.monotonic() + timeout

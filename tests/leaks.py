@@ -40,8 +40,7 @@ def check(what: str, *more: str, keep_servers: bool = True) -> None:
     starts clean. ``keep_servers``: keep the runtimes of servers started before the test body (by a
     fixture); False checks that no server is left at all."""
     parents = {pid for pid, started in _servers.items() if started < _test_started[0]} if keep_servers else set()
-    report = testing.wait_for_no_leftovers(STATE_DIR, *more, keep_owners=testing.shared_owner_dirs(),
-                                           keep_parents=parents, timeout=5.0)
+    report = testing.wait_for_no_leftovers(STATE_DIR, *more, keep_parents=parents, timeout=5.0)
     if report:
         testing.kill_leftovers(report)
         pytest.fail(f"{what} leaked: {report}", pytrace=False)
@@ -58,7 +57,7 @@ def _running(pid: int) -> bool:
 def session_leftovers(*more: str) -> testing.Leftovers:
     """At the end of the run: close the shared runtime, then nothing at all may be left."""
     testing.close_shared_runtime()
-    report = testing.wait_for_no_leftovers(STATE_DIR, *more, timeout=5.0)
+    report = testing.wait_for_no_leftovers(STATE_DIR, *more, keep_owners=(), timeout=5.0)
     report.processes += [(pid, "a server no test or fixture stopped") for pid in _servers if _running(pid)]
     if report:
         testing.kill_leftovers(report)
