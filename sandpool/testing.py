@@ -182,17 +182,32 @@ def _cgroup_leftovers(keys: set[str], kept_owners: set[str]) -> tuple[list[str],
 
 
 def _mounts(dirs: list[str]) -> list[str]:
-    """Mount points of the host's mount table at or below ``dirs``, or whose options name a path below one."""
-    reals = [os.path.realpath(d) for d in dirs]
-    found = []
+    """Mount points of the host's mount table that belong to ``dirs``: at or below one, bind mounts
+    of a path below one (wherever they are mounted), or whose options name such a path (overlays)."""
+    table = []  # (device, root inside its filesystem, mount point, the line)
     for line in _read("/proc/self/mountinfo").decode(errors="replace").splitlines():
         fields = line.split()
-        if len(fields) < 5:
-            continue
-        point = fields[4].replace("\\040", " ")
-        if any(point == d or point.startswith(d + "/") or (d + "/") in line for d in reals):
+        if len(fields) >= 5:
+            table.append((fields[2], _unescape(fields[3]), _unescape(fields[4]), line))
+    reals = [os.path.realpath(d) for d in dirs]
+    inside = []  # (device, path inside its filesystem) of each directory
+    for d in reals:
+        holders = [(point, dev, root) for dev, root, point, _line in table
+                   if point == "/" or d == point or d.startswith(point + "/")]
+        if holders:
+            point, dev, root = max(reversed(holders), key=lambda h: len(h[0]))  # the top mount there
+            inside.append((dev, os.path.normpath(root + "/" + d[len(point):])))
+    found = []
+    for dev, root, point, line in table:
+        if (any(point == d or point.startswith(d + "/") or (d + "/") in line for d in reals)
+                or any(dev == idev and (root == ipath or root.startswith(ipath + "/")) for idev, ipath in inside)):
             found.append(point)
     return found
+
+
+def _unescape(field: str) -> str:
+    """A mountinfo path: space, tab, newline and backslash are octal escapes there."""
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 
 
 def _links(keys: set[str]) -> list[str]:

@@ -177,6 +177,8 @@ def test_leak_check_sees_owner_cgroups_mounts_netns_and_links_without_a_template
     """What an owner without a template left outside its directory (its cgroup, a mount below the
     state dir, a named network namespace, a link aliased to the state dir) is reported, and
     kill_leftovers removes its cgroups."""
+    import tempfile
+
     import pytest
 
     from sandpool._isolation import cgroups, network
@@ -195,6 +197,8 @@ def test_leak_check_sees_owner_cgroups_mounts_netns_and_links_without_a_template
     netns = f"{network.NETNS_PREFIX}{key}-t"
     link = f"splk{os.getpid() % 100000}"
     subprocess.run(["mount", "-t", "tmpfs", "leakcheck", str(root)], check=True)
+    elsewhere = tempfile.mkdtemp(prefix="sandpool-leakcheck-")  # outside every directory of the run
+    subprocess.run(["mount", "--bind", str(state_dir / owner / "sb-gone"), elsewhere], check=True)
     subprocess.run(["ip", "netns", "add", netns], check=True)
     subprocess.run(["ip", "link", "add", link, "type", "veth", "peer", "name", link + "p"], check=True)
     try:
@@ -203,11 +207,13 @@ def test_leak_check_sees_owner_cgroups_mounts_netns_and_links_without_a_template
         assert report == testing.leftovers(str(state_dir))
         assert report.directories == [str(state_dir / owner)], report  # it has no template file
         assert owner_groups <= set(report.cgroups), report  # owner level, with no template at all
-        assert report.mounts == [str(root)], report
+        assert sorted(report.mounts) == sorted([str(root), elsewhere]), report  # a bind mount of it anywhere
         assert report.netns == [os.path.join(network.NETNS_DIR, netns)], report
         assert report.links == [link], report
     finally:
         subprocess.run(["umount", str(root)])
+        subprocess.run(["umount", elsewhere])
+        os.rmdir(elsewhere)
         subprocess.run(["ip", "netns", "del", netns])
         subprocess.run(["ip", "link", "del", link])
         testing.kill_leftovers(testing.leftovers(str(state_dir)))
