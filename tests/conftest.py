@@ -42,7 +42,7 @@ def pytest_configure(config):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_call(item):
-    leaks.test_body_starts()
+    leaks.body_starts()
 
 
 @pytest.fixture(scope="session", autouse=True)

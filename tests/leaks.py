@@ -5,7 +5,8 @@ Nothing of a sandbox may outlive its owner: ``check`` fails when ``sandpool.test
 finds anything of the run's state directory (and of the directories given, such as a test's
 ``tmp_path``). Two kinds of template are kept, because they deliberately outlive one test: this
 process's shared runtime (closed at the end of the session, then checked), and the runtimes of
-servers that fixtures keep across tests (``Spanning``: checked when the server stops).
+servers that fixtures keep across tests (checked when the server stops: ``server_stopped``, then
+``check``).
 """
 
 from __future__ import annotations
@@ -31,15 +32,16 @@ def server_stopped(pid: int) -> None:
     _servers.pop(pid, None)
 
 
-def test_body_starts() -> None:
+def body_starts() -> None:
+    """The running test's body starts now (conftest's pytest_runtest_call)."""
     _test_started[0] = time.monotonic()
 
 
-def check(what: str, *more: str, keep_servers: bool = True) -> None:
-    """pytest.fail if anything is left; what is left is then killed and removed, so the next test
-    starts clean. ``keep_servers``: keep the runtimes of servers started before the test body (by a
-    fixture); False checks that no server is left at all."""
-    parents = {pid for pid, started in _servers.items() if started < _test_started[0]} if keep_servers else set()
+def check(what: str, *more: str) -> None:
+    """pytest.fail if anything of the run (or of ``more``) is left; what is left is then killed and
+    removed, so the next test starts clean. Kept: the shared runtime, and the runtimes of servers
+    started before the test body (by fixtures that span tests)."""
+    parents = {pid for pid, started in _servers.items() if started < _test_started[0]}
     report = testing.wait_for_no_leftovers(STATE_DIR, *more, keep_parents=parents, timeout=5.0)
     if report:
         testing.kill_leftovers(report)
