@@ -146,7 +146,9 @@ def test_a_dead_template_is_replaced_and_its_sandboxes_end(tmp_path):
 HOLD = textwrap.dedent("""
     import sys, sandpool
     with sandpool.Session() as s:
-        s.sandbox().exec(["sh", "-c", "env -i setsid sleep 1000 >/dev/null 2>&1 &"]).result()
+        # the daemon says it left the exec's session (whose process group ends with the exec) on a fifo
+        s.sandbox().exec(["sh", "-c", "mkfifo /tmp/up && (env -i setsid sh -c 'echo up > /tmp/up; "
+                                      "exec sleep 1000' >/dev/null 2>&1 &) && read x < /tmp/up"]).result()
         print("ready", flush=True)
         sys.stdin.read()  # until the test closes our stdin
 """)
