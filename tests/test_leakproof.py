@@ -38,13 +38,14 @@ def _start_client(state_dir: str, work: str = BUSY) -> subprocess.Popen:
 
 
 def test_sigkilled_client_leaves_no_process(tmp_path):
-    """SIGKILL a client holding 5 busy sandboxes: 3 s later none of their processes exist."""
+    """SIGKILL a client holding 5 busy sandboxes: within seconds nothing of them exists (processes,
+    directories, cgroups, mounts)."""
     state_dir = str(tmp_path / "state")
     client = _start_client(state_dir)
     assert len(testing.leftovers(state_dir).processes) >= 10  # agents, shells, busy loops
     client.kill()
     client.wait()
-    report = testing.wait_for_no_leftovers(state_dir, timeout=3)
+    report = testing.wait_for_no_leftovers(state_dir, timeout=10)  # ~1 s is usual; 10 for a loaded machine
     testing.kill_leftovers(report)  # (the report was taken first: cgroups are checked before this)
     assert not report, report
 
