@@ -21,6 +21,8 @@ import time
 from sandpool._service import endpoint
 from sandpool._service import messages as m
 
+import leaks
+
 PYTHON = sys.executable
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if endpoint.ENV_RUN_DIR not in os.environ:  # one per test run, removed when the run ends
@@ -60,6 +62,7 @@ class ServerProcess:
         env.update(self.extra_env)
         self._err = open(self.stderr_path, "wb")  # noqa: SIM115 (closed in wait)
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=self._err, env=env, cwd=REPO)
+        leaks.server_started(self.proc.pid)
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         line = self.proc.stdout.readline().decode() if ready else ""
         if "listening on" not in line:
@@ -108,6 +111,8 @@ class ServerProcess:
         try:
             return self.proc.wait(timeout)
         finally:
+            if self.proc.poll() is not None:
+                leaks.server_stopped(self.proc.pid)
             if self.proc.stdout:
                 self.proc.stdout.close()
             self._err.close()
@@ -115,11 +120,15 @@ class ServerProcess:
     def __enter__(self) -> ServerProcess:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        """Stop the server (SIGTERM); unless the block raised, it must exit 0 and leave nothing."""
         try:
-            self.terminate()
+            code = self.terminate()
         finally:
             self.kill()
+        if exc_type is None:
+            assert code == 0, f"sandpool serve exited with {code}: {self.stderr()}"
+            leaks.check("sandpool serve, once stopped,")
 
 
 def run_client(code: str, *, env: dict | None = None, timeout: float = 60.0) -> subprocess.CompletedProcess:

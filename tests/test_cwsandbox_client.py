@@ -20,6 +20,7 @@ import time
 
 import grpc
 import pytest
+import leaks
 
 from sandpool._cwsandbox._proto import SERVICE, pb
 
@@ -73,6 +74,7 @@ class Server:
         env.update(GRPC_VERBOSITY="ERROR", SANDPOOL_IMAGE_DIR=str(tmp_path / "images"))
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=err, env=env, cwd=REPO)
+        leaks.server_started(self.proc.pid)
         ready, _, _ = select.select([self.proc.stdout], [], [], 30)
         line = self.proc.stdout.readline().decode() if ready else ""
         if " on " not in line:
@@ -119,6 +121,7 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         self.proc.stdout.close()
+        leaks.server_stopped(self.proc.pid)
 
 
 def _server(tmp_path_factory, *args: str, token: str | None = None):
@@ -126,6 +129,7 @@ def _server(tmp_path_factory, *args: str, token: str | None = None):
     yield server
     server.stop()
     assert server.proc.returncode == 0, server.stderr_path.read_text()
+    leaks.check("the cwsandbox server, once stopped,")
 
 
 @pytest.fixture(scope="module")
@@ -741,6 +745,7 @@ def test_server_shutdown_stops_its_sandboxes(cwsandbox_client, tmp_path):
     finally:
         server.stop()
     assert server.proc.returncode == 0, server.stderr_path.read_text()
+    leaks.check("the cwsandbox server, once stopped,")
 
 
 def test_backed_by_a_sandpool_server_its_clients_see_the_sandboxes(cwsandbox_client, tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import test_async
+import test_function_api
 import test_sandbox
 from service_helpers import ServerProcess
 
@@ -45,16 +46,11 @@ FUNCTION_TESTS = [
     "test_values_round_trip_exactly",
 ]
 
-for _module, _names in ((test_sandbox, SANDBOX_TESTS), (test_async, ASYNC_TESTS)):
+# A name missing from its module fails the import of this one: no test is dropped silently.
+for _module, _names in ((test_sandbox, SANDBOX_TESTS), (test_async, ASYNC_TESTS),
+                        (test_function_api, FUNCTION_TESTS)):
     for _name in _names:
         globals()[_name] = getattr(_module, _name)
-try:  # remote functions (issue 3) ride the same frames; run some of their tests when they exist
-    import test_function_api
-except ImportError:
-    test_function_api = None
-else:
-    for _name in FUNCTION_TESTS:
-        globals()[_name] = getattr(test_function_api, _name)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ import os
 from collections.abc import Mapping
 
 MODES = ("none", "host")
-#: Prefix of named network namespaces (``ip netns``) sandpool would create, then ``cgroups.state_key``.
+#: Prefix of named network namespaces (``ip netns``) sandpool would create, then ``cgroups.state_key``;
+#: host-side veths would carry it (then the key) as their alias, so leak checks find them.
 NETNS_PREFIX = "sandpool-"
 NETNS_DIR = "/run/netns"
 

@@ -1,0 +1,69 @@
+"""The test run's leak check, run after every test, when a server that spans tests stops, and once
+at the end of the session (``conftest.py`` wires it in).
+
+Nothing of a sandbox may outlive its owner: ``check`` fails when ``sandpool.testing.leftovers``
+finds anything of the run's state directory (and of the directories given, such as a test's
+``tmp_path``). Two kinds of template are kept, because they deliberately outlive one test: this
+process's shared runtime (closed at the end of the session, then checked), and the runtimes of
+servers that fixtures keep across tests (checked when the server stops: ``server_stopped``, then
+``check``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from sandpool import testing
+
+STATE_DIR = os.environ["SANDPOOL_STATE_DIR"]  # conftest.py sets it before anything imports sandpool
+_servers: dict[int, float] = {}  # pid of a server process -> when it started (time.monotonic())
+_test_started = [float("inf")]  # when the running test's body started: servers started before are fixtures'
+
+
+def server_started(pid: int) -> None:
+    """A server process started: its runtime may outlive the test if a fixture started it."""
+    _servers[pid] = time.monotonic()
+
+
+def server_stopped(pid: int) -> None:
+    _servers.pop(pid, None)
+
+
+def body_starts() -> None:
+    """The running test's body starts now (conftest's pytest_runtest_call)."""
+    _test_started[0] = time.monotonic()
+
+
+def check(what: str, *more: str) -> None:
+    """pytest.fail if anything of the run (or of ``more``) is left; what is left is then killed and
+    removed, so the next test starts clean. Kept: the shared runtime, and the runtimes of servers
+    started before the test body (by fixtures that span tests)."""
+    parents = {pid for pid, started in _servers.items() if started < _test_started[0]}
+    report = testing.wait_for_no_leftovers(STATE_DIR, *more, keep_parents=parents, timeout=5.0)
+    if report:
+        testing.kill_leftovers(report)
+        pytest.fail(f"{what} leaked: {report}", pytrace=False)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(") ")[2][:1] != "Z"
+    except OSError:
+        return False
+
+
+def session_leftovers(*more: str) -> testing.Leftovers:
+    """At the end of the run: close the shared runtime, then nothing at all may be left."""
+    try:
+        testing.close_shared_runtime()
+    except RuntimeError as exc:  # e.g. a test's trio.run was interrupted: its template is then reported
+        print(f"leak check: could not close the shared runtime: {exc}")
+    report = testing.wait_for_no_leftovers(STATE_DIR, *more, keep_owners=(), timeout=5.0)
+    report.processes += [(pid, "a server no test or fixture stopped") for pid in _servers if _running(pid)]
+    if report:
+        testing.kill_leftovers(report)
+    return report
