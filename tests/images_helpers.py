@@ -17,9 +17,11 @@ import socket
 import subprocess
 import tarfile
 import threading
-import time
 
-REGISTRY = shutil.which("docker-registry")
+import pytest
+
+REGISTRY = shutil.which("docker-registry") or next(
+    (p for p in ("/usr/bin/docker-registry", "/usr/sbin/docker-registry") if os.path.exists(p)), None)
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -91,9 +93,10 @@ class Registry:
             raise AssertionError(f"the registry on port {self.port} still accepts connections after stop")
 
     def requests(self, pattern: str) -> int:
-        """How many requests the registry logged whose line contains ``pattern``."""
+        """How many GETs by sandpool's client the registry logged whose line contains ``pattern``."""
         with open(self.log_path, "rb") as f:
-            return sum(1 for line in f if b"response completed" in line and pattern.encode() in line)
+            return sum(1 for line in f if b"response completed" in line and pattern.encode() in line
+                       and b"method=GET" in line and b"useragent=sandpool" in line)
 
 
 def _free_port() -> int:
@@ -259,10 +262,9 @@ class StallingProxy:
                     with self._lock:
                         self.sent += len(data)
                         over = self.sent > self.after
-                    if over:
+                    if over and not self.release.is_set():
                         self.stalled.set()
                         self.release.wait()
-                        return
                 dst.sendall(data)
         except OSError:
             pass
@@ -276,3 +278,57 @@ class StallingProxy:
         for s in self._sockets:
             with contextlib.suppress(OSError):
                 s.close()
+
+
+class Registries:
+    """The three servers of a test run, sharing one storage: ``plain`` (pushed to), ``auth`` (htpasswd)
+    and ``tls`` (a certificate from the test CA ``ca``)."""
+
+    def __init__(self, work: str) -> None:
+        storage = os.path.join(work, "storage")
+        self.servers: list[Registry] = []
+        self.plain = self._start(work, storage)
+        self.auth = self._start(work, storage, htpasswd=make_htpasswd(work))
+        self.ca, cert, key = make_tls(work)
+        self.tls = self._start(work, storage, tls=(cert, key))
+        self.push = Pusher(self.plain.host)
+
+    def _start(self, *args, **kwargs) -> Registry:
+        try:
+            server = Registry(*args, **kwargs)
+        except BaseException:
+            self.stop()
+            raise
+        self.servers.append(server)
+        return server
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+    def mirrors(self, **extra: str) -> str:
+        """A SANDPOOL_REGISTRY_MIRRORS value: test.local is the plain server, auth.local the auth one."""
+        pairs = {"test.local": self.plain.url, "auth.local": self.auth.url, **extra}
+        return ",".join(f"{k}={v}" for k, v in pairs.items())
+
+
+@pytest.fixture(scope="module")
+def registries(tmp_path_factory):
+    """A plain, an htpasswd and a TLS registry on loopback (stopped, and checked stopped, at teardown)."""
+    if REGISTRY is None:
+        pytest.skip("docker-registry is not installed (apt-get install docker-registry)")
+    servers = Registries(str(tmp_path_factory.mktemp("registry")))
+    yield servers
+    servers.stop()
+
+
+@pytest.fixture
+def image_env(registries, tmp_path, monkeypatch):
+    """An empty image store and the test mirrors, for this test only."""
+    store = tmp_path / "images"
+    monkeypatch.setenv("SANDPOOL_IMAGE_DIR", str(store))
+    monkeypatch.setenv("SANDPOOL_REGISTRY_MIRRORS", registries.mirrors())
+    monkeypatch.delenv("SANDPOOL_IMAGE_FALLBACK", raising=False)
+    monkeypatch.delenv("SANDPOOL_REGISTRY_CA", raising=False)
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+    return str(store)
