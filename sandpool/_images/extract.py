@@ -132,7 +132,7 @@ class _Unpacker:
         if not parts:
             return  # the layer's root itself
         leaf = parts[-1]
-        if member.isdev():
+        if member.ischr() or member.isblk():
             self.skipped_devices += 1
             return
         fd = self.parent(parts, member.name)
