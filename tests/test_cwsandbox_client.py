@@ -66,6 +66,7 @@ class Server:
         self.stderr_path = tmp_path / "server.err"
         # An empty image store: every image name runs on the host, whatever this machine has built.
         env = {k: v for k, v in os.environ.items() if k not in ("SANDPOOL_ADDRESS", "SANDPOOL_TOKEN")}
+        env["SANDPOOL_IMAGE_FALLBACK"] = "host"  # its specs name python:3.11; no registry is reachable here
         env.update(GRPC_VERBOSITY="ERROR", SANDPOOL_IMAGE_DIR=str(tmp_path / "images"))
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=err, env=env, cwd=REPO)

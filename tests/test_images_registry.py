@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from images_helpers import (LAYER_TAR, OCI_INDEX, PASSWORD, USER, StallingProxy, busybox_layer, config_blob,
+from images_helpers import (OCI_INDEX, PASSWORD, USER, StallingProxy, busybox_layer, config_blob,
                             image_env, registries, tar_layer)
 from sandpool import Session, SandboxStatus
 from sandpool._images import endpoints, manifest, pull, reference
@@ -206,7 +206,8 @@ def test_image_cli_pull_ls_inspect_rm_prune(busybox, image_env):
     assert [r["digest"] for r in listed if r["source"] == "registry"] == [busybox]
     info = json.loads(cli("inspect", "test.local/busybox:1").stdout)
     assert info["working_dir"] == "/work" and os.path.isdir(info["layer_dirs"][0])
-    assert json.loads(cli("rm", "test.local/busybox:1", "--output", "json").stdout) == {"removed": "test.local/busybox:1"}
+    removed = json.loads(cli("rm", "test.local/busybox:1", "--output", "json").stdout)
+    assert removed == {"removed": "test.local/busybox:1"}
     pruned = json.loads(cli("prune", "--output", "json").stdout)
     assert pruned["removed_layers"] == info["layers"] and pruned["freed_bytes"] > 0
     failed = subprocess.run([sys.executable, "-m", "sandpool", "image", "inspect", "test.local/busybox:1"], cwd=REPO,

@@ -49,7 +49,8 @@ def open_stream(path: str, compression: str) -> tuple[BinaryIO, subprocess.Popen
         decoder = shutil.which("zstd")
         if decoder is None:
             raise ImageError("this image has zstd-compressed layers (application/vnd.oci.image.layer.v1.tar+zstd), "
-                             "and no zstd decoder is available; install zstd (apt-get install zstd) or use Python 3.14+")
+                             "and no zstd decoder is available; install zstd (apt-get install zstd) or use "
+                             "Python 3.14+")
         proc = subprocess.Popen([decoder, "-dcq", path], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         return proc.stdout, proc  # type: ignore[return-value]
     raise ImageError(f"unknown layer compression {compression!r}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import io
 import json
 import socket
 import ssl
@@ -101,8 +102,6 @@ class Client:
                              f"corrupting data")
 
     def config(self, descriptor: manifest.Descriptor) -> bytes:
-        import io
-
         buffer = io.BytesIO()
         self.blob(descriptor.digest, descriptor.size, buffer, limit=MAX_CONFIG_BYTES)
         return buffer.getvalue()

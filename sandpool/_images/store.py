@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import shutil
-import time
 from collections.abc import Iterator
 
 from .errors import ImageError
@@ -209,6 +208,3 @@ def _unlink(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
 
-
-def now() -> float:
-    return time.time()
