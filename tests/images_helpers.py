@@ -332,3 +332,55 @@ def image_env(registries, tmp_path, monkeypatch):
     monkeypatch.delenv("SANDPOOL_REGISTRY_CA", raising=False)
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
     return str(store)
+
+
+class BearerFront:
+    """Docker Hub's way, in front of the plain registry: every API call needs ``Bearer <token>``, and
+    the 401's challenge names a token realm (here, this server's /token) that grants one anonymously.
+    ``asked`` holds the token requests' query strings."""
+
+    TOKEN = "anonymous-pull-token"
+
+    def __init__(self, target: str) -> None:
+        import http.server
+
+        front = self
+        self.asked: list[str] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                if self.path.startswith("/token?"):
+                    front.asked.append(self.path.split("?", 1)[1])
+                    return self._answer(200, {"Content-Type": "application/json"},
+                                        json.dumps({"token": front.TOKEN}).encode())
+                if self.headers.get("Authorization") != f"Bearer {front.TOKEN}":
+                    realm = f"http://127.0.0.1:{front.port}/token"
+                    return self._answer(401, {"WWW-Authenticate": f'Bearer realm="{realm}",service="test-registry"'},
+                                        b'{"errors":[{"code":"UNAUTHORIZED","message":"token needed"}]}')
+                host, port = target.rsplit(":", 1)
+                conn = http.client.HTTPConnection(host, int(port), timeout=30)
+                conn.request("GET", self.path, headers={"Accept": self.headers.get("Accept", "*/*")})
+                response = conn.getresponse()
+                keep = {k: v for k, v in response.getheaders() if k in ("Content-Type", "Docker-Content-Digest")}
+                self._answer(response.status, keep, response.read())
+                conn.close()
+
+            def _answer(self, status: int, headers: dict, body: bytes) -> None:
+                self.send_response(status)
+                for key, value in {**headers, "Content-Length": str(len(body))}.items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()

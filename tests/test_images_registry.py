@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from images_helpers import (OCI_INDEX, PASSWORD, USER, StallingProxy, busybox_layer, config_blob,
+from images_helpers import (OCI_INDEX, PASSWORD, USER, BearerFront, StallingProxy, busybox_layer, config_blob,
                             image_env, registries, tar_layer)
 from sandpool import Session, SandboxStatus
 from sandpool._images import endpoints, manifest, pull, reference
@@ -123,6 +123,19 @@ def test_auth_required_refused_and_accepted(busybox, registries, image_env, tmp_
     token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
     config.write_text(json.dumps({"auths": {f"http://{registries.auth.host}": {"auth": token}}}))
     assert pull.pull("auth.local/busybox:1", image_env).digest == busybox
+
+
+def test_the_anonymous_bearer_token_flow(busybox, registries, image_env, monkeypatch):
+    """A 401 with a Bearer challenge: the client asks the realm for a pull token for the repository
+    (anonymously), then pulls with it."""
+    front = BearerFront(registries.plain.host)
+    try:
+        monkeypatch.setenv("SANDPOOL_REGISTRY_MIRRORS", f"hub.local=http://127.0.0.1:{front.port}")
+        assert pull.pull("hub.local/busybox:1", image_env).digest == busybox
+        assert front.asked and "scope=repository%3Abusybox%3Apull" in front.asked[0]
+        assert "service=test-registry" in front.asked[0]
+    finally:
+        front.close()
 
 
 def test_tls_with_a_custom_ca(busybox, registries, image_env, monkeypatch):
