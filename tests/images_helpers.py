@@ -142,10 +142,12 @@ def busybox_layer() -> bytes:
     return tar_layer(entries)
 
 
-def config_blob(env: list[str] | None = None, workdir: str = "", arch: str = "amd64", layers: int = 1) -> bytes:
+def config_blob(env: list[str] | None = None, workdir: str = "", arch: str = "amd64", layers: int = 1,
+                diff_ids: list[str] | None = None) -> bytes:
+    """An image config; ``diff_ids`` (digests of the uncompressed layers) only matter to umoci."""
     return json.dumps({"architecture": arch, "os": "linux",
                        "config": {"Env": env or ["PATH=/bin"], "WorkingDir": workdir, "Cmd": ["sh"]},
-                       "rootfs": {"type": "layers", "diff_ids": ["sha256:" + "0" * 64] * layers}}).encode()
+                       "rootfs": {"type": "layers", "diff_ids": diff_ids or ["sha256:" + "0" * 64] * layers}}).encode()
 
 
 class Pusher:
