@@ -737,7 +737,8 @@ def test_backed_by_a_sandpool_server_its_clients_see_the_sandboxes(cwsandbox_cli
     sandpool_server = subprocess.Popen(
         [PYTHON, "-m", "sandpool", "serve", "--listen", "127.0.0.1:0", "--record-file", str(tmp_path / "rec")],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO,
-        env={**os.environ, "GRPC_VERBOSITY": "ERROR", "SANDPOOL_IMAGE_DIR": str(tmp_path / "images")})
+        env={**os.environ, "GRPC_VERBOSITY": "ERROR", "SANDPOOL_IMAGE_DIR": str(tmp_path / "images"),
+             "SANDPOOL_IMAGE_FALLBACK": "host"})
     try:
         ready, _, _ = select.select([sandpool_server.stdout], [], [], 30)
         line = sandpool_server.stdout.readline().decode() if ready else ""
