@@ -63,7 +63,8 @@ def test_spec_maps_onto_sandpool_options():
                           requests=pb.Resources(cpu="500m", memory="256Mi"),
                           limits=pb.Resources(cpu="1", memory="512Mi", gpu=pb.Gpu(count=1, type="A100"))))
     options = sandbox_options(spec)
-    assert options["container_image"] == "python:3.11" and (options["command"], options["args"]) == ("sleep", ["infinity"])
+    assert options["container_image"] == "python:3.11"
+    assert (options["command"], options["args"]) == ("sleep", ["infinity"])
     assert options["environment_variables"] == {"A": "1"} and options["working_dir"] == "/app"
     assert options["tags"] == ["a", "b"] and options["annotations"] == {"k": "v"}
     assert options["max_lifetime_seconds"] == 30
