@@ -127,9 +127,12 @@ class Client:
             body = _read_bounded(response, 64 * 1024, where, quiet=True)
             conn.close()
             if status in (301, 302, 303, 307, 308) and location:
+                scheme = urllib.parse.urlsplit(url).scheme
                 url = urllib.parse.urljoin(url, location)
-                if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
-                    raise ImageError(f"{where}: the registry redirected to {url!r}, which is not http(s)")
+                target = urllib.parse.urlsplit(url).scheme
+                if target not in ("http", "https") or (scheme == "https" and target == "http"):
+                    raise ImageError(f"{where}: the registry redirected to {url!r}; only http(s) redirects that "
+                                     f"keep https are followed")
                 continue
             if status == 401 and own and not tried_auth:
                 tried_auth = True
