@@ -27,6 +27,10 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 USER, PASSWORD = "tester", "s3cret-pass"
 
 
@@ -192,16 +196,18 @@ class Pusher:
         return digest(body)
 
     def image(self, repo: str, tag: str | None, layers: list[bytes], config: bytes,
-              layer_type: str = LAYER_GZIP) -> tuple[str, dict]:
-        """Push an image; (manifest digest, its descriptor for an index)."""
+              layer_type: str = LAYER_GZIP, docker: bool = False) -> tuple[str, dict]:
+        """Push an image (OCI, or Docker v2 schema 2 media types); (manifest digest, its index descriptor)."""
+        kind, config_type = (DOCKER_MANIFEST, DOCKER_CONFIG) if docker else (OCI_MANIFEST, OCI_CONFIG)
+        layer_type = DOCKER_LAYER if docker else layer_type
         descriptors = [{"mediaType": layer_type, "digest": self.blob(repo, layer), "size": len(layer)}
                        for layer in layers]
-        document = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-                    "config": {"mediaType": OCI_CONFIG, "digest": self.blob(repo, config), "size": len(config)},
+        document = {"schemaVersion": 2, "mediaType": kind,
+                    "config": {"mediaType": config_type, "digest": self.blob(repo, config), "size": len(config)},
                     "layers": descriptors}
         body = json.dumps(document).encode()
-        d = self.manifest(repo, tag or digest(body), document)
-        return d, {"mediaType": OCI_MANIFEST, "digest": d, "size": len(body)}
+        d = self.manifest(repo, tag or digest(body), document, kind)
+        return d, {"mediaType": kind, "digest": d, "size": len(body)}
 
 
 def make_tls(workdir: str) -> tuple[str, str, str]:

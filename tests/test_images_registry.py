@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from images_helpers import (OCI_INDEX, PASSWORD, USER, BearerFront, StallingProxy, busybox_layer, config_blob,
+from images_helpers import (DOCKER_LIST, OCI_INDEX, PASSWORD, USER, BearerFront, StallingProxy, busybox_layer, config_blob,
                             image_env, registries, tar_layer)
 from sandpool import Session, SandboxStatus
 from sandpool._images import endpoints, manifest, pull, reference
@@ -105,6 +105,55 @@ def test_an_index_gives_this_machines_platform(registries, image_env):
         assert f.read() == other
     with pytest.raises(ImageError, match=f"no image for this machine's platform linux/{ARCH}.*linux/{other}"):
         pull.pull("test.local/multi:other-only", image_env)
+
+
+def test_docker_media_types_pull_like_oci_ones(registries, image_env):
+    """A Docker manifest list of Docker v2 schema 2 manifests (what 'docker push' writes) pulls too."""
+    _, descriptor = registries.push.image("dockerish", None, [busybox_layer()], config_blob(["PATH=/bin", "D=1"]),
+                                          docker=True)
+    registries.push.manifest("dockerish", "1", {
+        "schemaVersion": 2, "mediaType": DOCKER_LIST,
+        "manifests": [{**descriptor, "platform": {"os": "linux", "architecture": ARCH}}]}, DOCKER_LIST)
+    record = pull.pull("test.local/dockerish:1", image_env)
+    assert record.digest == descriptor["digest"] and "D=1" in record.env
+
+
+def test_the_host_fallback_is_explicit_and_said(registries, image_env, monkeypatch, caplog):
+    """SANDPOOL_IMAGE_FALLBACK=host: a name the store lacks runs on the host, with a warning and no
+    pull; a stored image is still used as itself."""
+    from sandpool._isolation import images
+
+    monkeypatch.setenv("SANDPOOL_IMAGE_FALLBACK", "host")
+    registries.push.image("fallback", "1", [busybox_layer()], config_blob())
+    with caplog.at_level(logging.WARNING, logger="sandpool"):
+        assert images.resolve("test.local/fallback:1") == "/"
+    assert "using the host image instead of pulling it" in caplog.text
+    assert registries.plain.requests("/v2/fallback/") == 0
+    record = pull.pull("test.local/fallback:1", image_env)
+    assert images.resolve("test.local/fallback:1") == Store(image_env).layer_root(record.layers[0])
+
+
+def test_docker_config_credentials_are_found_by_host(tmp_path):
+    """~/.docker/config.json: Docker Hub under its v1 URL, other hosts with or without a scheme,
+    username/password entries; a broken auth value is an error naming the file."""
+    import base64
+
+    from sandpool._images import auth
+
+    path = tmp_path / "config.json"
+    hub = base64.b64encode(b"hubuser:hubpass").decode()
+    path.write_text(json.dumps({"auths": {"https://index.docker.io/v1/": {"auth": hub},
+                                          "ghcr.io": {"username": "g", "password": "p"},
+                                          "bad.example": {"auth": "bm9jb2xvbg=="}}}))
+    assert auth.from_docker_config("docker.io", path=str(path)) == ("hubuser", "hubpass")
+    assert auth.from_docker_config("ghcr.io", path=str(path)) == ("g", "p")
+    assert auth.from_docker_config("quay.io", path=str(path)) is None
+    with pytest.raises(ImageError, match="config.json.*not base64 of 'user:password'"):
+        auth.from_docker_config("bad.example", path=str(path))
+    assert auth.challenge('Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
+                          'scope="repository:library/python:pull"') == ("bearer", {
+                              "realm": "https://auth.docker.io/token", "service": "registry.docker.io",
+                              "scope": "repository:library/python:pull"})
 
 
 def test_auth_required_refused_and_accepted(busybox, registries, image_env, tmp_path):
