@@ -133,6 +133,19 @@ def test_the_host_fallback_is_explicit_and_said(registries, image_env, monkeypat
     assert images.resolve("test.local/fallback:1") == Store(image_env).layer_root(record.layers[0])
 
 
+def test_the_process_level_says_once_that_it_is_the_last_resort(monkeypatch, caplog):
+    """When 'auto' can only have the process level, one warning says so and why; not at every start."""
+    monkeypatch.setattr(probe, "unavailable", lambda level: "no namespaces in this test")
+    probe._last_resort.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="sandpool"):
+            assert probe.best() == probe.best() == "process"
+        said = [r for r in caplog.records if "last resort" in r.getMessage()]
+        assert len(said) == 1 and "no namespaces in this test" in said[0].getMessage()
+    finally:
+        probe._last_resort.cache_clear()
+
+
 def test_docker_config_credentials_are_found_by_host(tmp_path):
     """~/.docker/config.json: Docker Hub under its v1 URL, other hosts with or without a scheme,
     username/password entries; a broken auth value is an error naming the file."""
