@@ -13,8 +13,8 @@ import threading
 
 import pytest
 
-from images_helpers import (DOCKER_LIST, OCI_INDEX, PASSWORD, USER, BearerFront, StallingProxy, busybox_layer, config_blob,
-                            image_env, registries, tar_layer)
+from images_helpers import (DOCKER_LIST, OCI_INDEX, PASSWORD, USER, BearerFront, StallingProxy, busybox_layer,
+                            config_blob, image_env, registries, tar_layer)
 from sandpool import Session, SandboxStatus
 from sandpool._images import endpoints, manifest, pull, reference
 from sandpool._images.errors import ImageError
