@@ -133,6 +133,16 @@ def test_the_host_fallback_is_explicit_and_said(registries, image_env, monkeypat
     assert images.resolve("test.local/fallback:1") == Store(image_env).layer_root(record.layers[0])
 
 
+def test_the_process_level_refuses_a_registry_image_without_pulling_it(registries, image_env):
+    """At the process level (the host's files) an image cannot be used: a clear error, no download."""
+    from sandpool import SandboxFailedError
+
+    with Session() as session:
+        with pytest.raises(SandboxFailedError, match="needs isolation='namespaces'"):
+            session.sandbox(container_image="test.local/never:1", isolation="process").wait()
+    assert registries.plain.requests("/v2/never/") == 0
+
+
 def test_the_process_level_says_once_that_it_is_the_last_resort(monkeypatch, caplog):
     """When 'auto' can only have the process level, one warning says so and why; not at every start."""
     monkeypatch.setattr(probe, "unavailable", lambda level: "no namespaces in this test")

@@ -101,7 +101,7 @@ class Isolation:
         try:
             mode = network.resolve(spec.network, record.isolation)
             lower = images.resolve(spec.container_image, fetch=False)
-            if lower is None:  # a registry image to pull first, in a thread (the sandbox stays 'creating')
+            if lower is None and record.isolation != "process":  # a registry image to pull first, in a thread
                 lower = await trio.to_thread.run_sync(images.resolve, spec.container_image, abandon_on_cancel=True)
         except (ValueError, TypeError, images.ImageError) as exc:
             raise SandboxFailedError(str(exc), sandbox_id=record.sandbox_id, status_reason="InvalidSpec") from exc
