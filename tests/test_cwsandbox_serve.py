@@ -21,8 +21,8 @@ def _free_port() -> int:
 def test_a_cwsandbox_client_sandbox_is_a_sandpool_sandbox(cwsandbox_client, tmp_path, monkeypatch):  # noqa: F811
     """What an unmodified cwsandbox program creates through --cwsandbox is listed, used and stopped
     through sandpool's own API on the same server."""
-    monkeypatch.setenv("SANDPOOL_IMAGE_FALLBACK", "host")  # cwsandbox's default image, python:3.11: no registry here
     port = _free_port()
+    monkeypatch.setenv("SANDPOOL_IMAGE_FALLBACK", "host")  # cwsandbox's default image, python:3.11: no registry here
     with ServerProcess(str(tmp_path), "--cwsandbox", f"127.0.0.1:{port}") as server:
         program = textwrap.dedent("""
             import cwsandbox
