@@ -71,6 +71,7 @@ class Server:
         self.stderr_path = tmp_path / "server.err"
         # An empty image store: every image name runs on the host, whatever this machine has built.
         env = {k: v for k, v in os.environ.items() if k not in ("SANDPOOL_ADDRESS", "SANDPOOL_TOKEN")}
+        env["SANDPOOL_IMAGE_FALLBACK"] = "host"  # its specs name python:3.11; no registry is reachable here
         env.update(GRPC_VERBOSITY="ERROR", SANDPOOL_IMAGE_DIR=str(tmp_path / "images"))
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=err, env=env, cwd=REPO)
@@ -754,7 +755,8 @@ def test_backed_by_a_sandpool_server_its_clients_see_the_sandboxes(cwsandbox_cli
     sandpool_server = subprocess.Popen(
         [PYTHON, "-m", "sandpool", "serve", "--listen", "127.0.0.1:0", "--record-file", str(tmp_path / "rec")],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO,
-        env={**os.environ, "GRPC_VERBOSITY": "ERROR", "SANDPOOL_IMAGE_DIR": str(tmp_path / "images")})
+        env={**os.environ, "GRPC_VERBOSITY": "ERROR", "SANDPOOL_IMAGE_DIR": str(tmp_path / "images"),
+             "SANDPOOL_IMAGE_FALLBACK": "host"})
     try:
         ready, _, _ = select.select([sandpool_server.stdout], [], [], 30)
         line = sandpool_server.stdout.readline().decode() if ready else ""

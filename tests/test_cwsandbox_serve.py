@@ -20,11 +20,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_a_cwsandbox_client_sandbox_is_a_sandpool_sandbox(cwsandbox_client, tmp_path):  # noqa: F811
+def test_a_cwsandbox_client_sandbox_is_a_sandpool_sandbox(cwsandbox_client, tmp_path, monkeypatch):  # noqa: F811
     """What an unmodified cwsandbox program creates through --cwsandbox is listed, used and stopped
     through sandpool's own API on the same server. Its API key is the one the server made and wrote
     to its listener record; without it, the program is refused."""
     port = _free_port()
+    monkeypatch.setenv("SANDPOOL_IMAGE_FALLBACK", "host")  # cwsandbox's default image, python:3.11: no registry here
     with ServerProcess(str(tmp_path), "--cwsandbox", f"127.0.0.1:{port}") as server:
         api_key = wait_until(lambda: endpoint.token_for(f"127.0.0.1:{port}"), timeout=30)
         assert api_key, "the cwsandbox listener wrote no token"

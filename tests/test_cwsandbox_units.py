@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib.metadata
-import json
 import time
 import types
 import zlib
@@ -57,15 +56,15 @@ def _container(**fields):
                           containers=[pb.Container(name="main", **fields)])
 
 
-def test_spec_maps_onto_sandpool_options(tmp_path, monkeypatch):
+def test_spec_maps_onto_sandpool_options():
     """Image, command, args, env, working dir, resources, tags, annotations and lifetime map over."""
-    monkeypatch.setenv("SANDPOOL_IMAGE_DIR", str(tmp_path))  # an empty store: the image is the host's
     spec = _container(image="python:3.11", command="sleep", args=["infinity"], working_dir="/app",
                       environment_variables={"A": "1"}, resource_requirements=pb.ResourceRequirements(
                           requests=pb.Resources(cpu="500m", memory="256Mi"),
                           limits=pb.Resources(cpu="1", memory="512Mi", gpu=pb.Gpu(count=1, type="A100"))))
     options = sandbox_options(spec)
-    assert options["container_image"] == "host" and (options["command"], options["args"]) == ("sleep", ["infinity"])
+    assert options["container_image"] == "python:3.11"
+    assert (options["command"], options["args"]) == ("sleep", ["infinity"])
     assert options["environment_variables"] == {"A": "1"} and options["working_dir"] == "/app"
     assert options["tags"] == ["a", "b"] and options["annotations"] == {"k": "v"}
     assert options["max_lifetime_seconds"] == 30
@@ -76,17 +75,10 @@ def test_spec_maps_onto_sandpool_options(tmp_path, monkeypatch):
     assert sandbox_options(_container(args=["python", "-V"]))["command"] == "python"  # args alone: argv
 
 
-def test_images_run_from_the_local_store_or_on_the_host(tmp_path, monkeypatch):
-    """An image sandpool's store has is used where the level can; any other name (cwsandbox's default
-    python:3.11 included) and every name at the process level run on the host image."""
-    monkeypatch.setenv("SANDPOOL_IMAGE_DIR", str(tmp_path))
-    assert local_image("python:3.11", "namespaces") == local_image("", "namespaces") == "host"
-    stored = tmp_path / "python_3.11"
-    (stored / "rootfs").mkdir(parents=True)
-    (stored / "image.json").write_text(json.dumps({"name": "python:3.11", "source": "test", "created": 0.0,
-                                                   "size_bytes": 0, "python": "3.11"}))
-    assert local_image("python:3.11", "namespaces") == "python:3.11"
-    assert local_image("python:3.11", "process") == local_image("ghcr.io/x/y:1", "namespaces") == "host"
+def test_images_are_pulled_like_any_other_never_mapped_to_the_host():
+    """A cwsandbox image name stays that name (the runtime pulls it); only an empty name is the host."""
+    assert local_image("python:3.11") == "python:3.11" and local_image("ghcr.io/x/y:1") == "ghcr.io/x/y:1"
+    assert local_image("") == "host"
 
 
 def test_multiple_containers_are_refused_clearly():

@@ -53,8 +53,9 @@ def test_an_imported_rootfs_is_the_sandboxs_root(tmp_path, store):
     assert not os.path.exists(os.path.join(images.find("tiny:1", store).rootfs, "etc", "added"))
 
 
-def test_an_unknown_image_fails_saying_how_to_build_or_import_it(store):
-    """No registry here: the start fails with the commands that would provide the image."""
+def test_an_unknown_image_fails_saying_how_to_build_or_import_it(store, monkeypatch):
+    """No registry reachable: the start fails with the commands that would provide the image."""
+    monkeypatch.setenv("SANDPOOL_REGISTRY_MIRRORS", "docker.io=http://127.0.0.1:9")  # nothing listens there
     with Session(defaults={"isolation": "namespaces"}) as session:
         with pytest.raises(SandboxFailedError, match=r"image build python:3\.11.*image import") as info:
             session.sandbox(container_image="python:3.11").wait()

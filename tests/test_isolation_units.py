@@ -85,9 +85,11 @@ def test_lifecycle_marks_an_oom_kill_failed_with_oomkilled():
 
 
 def test_unknown_image_says_how_to_get_it(tmp_path, monkeypatch):
-    """An unknown name is an error naming the build and import commands and the fallback."""
+    """An image no registry gives is an error naming the build and import commands and the fallback."""
     monkeypatch.setenv(images.ENV_IMAGE_DIR, str(tmp_path))
     monkeypatch.delenv(images.ENV_FALLBACK, raising=False)
+    dead = "http://127.0.0.1:9"  # nothing listens: the pull fails at once, and no real registry is asked
+    monkeypatch.setenv("SANDPOOL_REGISTRY_MIRRORS", f"docker.io={dead},registry.example={dead}")
     with pytest.raises(images.ImageError) as info:
         images.resolve("python:3.11")
     message = str(info.value)

@@ -1,23 +1,43 @@
-"""``sandpool image ls | import | build | rm``: the local image store (see ``sandpool._isolation.images``)."""
+"""``sandpool image pull | ls | inspect | rm | prune | import | build``: the local image store (see
+``sandpool._isolation.images``; registry images live in its layer store, ``sandpool._images``)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import shutil
 import sys
+import threading
 import time
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    image = sub.add_parser("image", help="list, import, build or remove local sandbox images",
+    image = sub.add_parser("image", help="pull, list, inspect, remove or prune local sandbox images",
                            description="Images are root filesystems for the namespaces level. 'host' (the host's "
-                                       "own /) is built in; others are imported from a rootfs tarball or built "
-                                       "from Debian packages.")
+                                       "own /) is built in; others are pulled from container registries (Docker "
+                                       "Hub by default; mirrors in $SANDPOOL_REGISTRY_MIRRORS), imported from a "
+                                       "rootfs tarball or built from Debian packages.")
     image.add_argument("--store", help="the image store (default: $SANDPOOL_IMAGE_DIR, else /var/lib/sandpool/images "
                                        "for root)")
     isub = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")
+    p = isub.add_parser("pull", help="pull an image from its registry (python:3.11, ghcr.io/org/app:1, ...)")
+    p.add_argument("name")
+    p.add_argument("--platform", help="OS/ARCH[/VARIANT] to pick from a multi-platform image (default: this machine)")
+    p.add_argument("--username", help="registry user (default: ~/.docker/config.json, else anonymous)")
+    p.add_argument("--password-stdin", action="store_true", help="read the registry password from stdin")
+    _output(p)
+    p.set_defaults(run=cmd_pull)
     p = isub.add_parser("ls", help="list the images")
+    _output(p)
     p.set_defaults(run=cmd_ls)
+    p = isub.add_parser("inspect", help="show an image's reference, digest, layers and config")
+    p.add_argument("name")
+    _output(p, default="json")
+    p.set_defaults(run=cmd_inspect)
+    p = isub.add_parser("prune", help="remove layers no pulled image uses, and leftovers of interrupted pulls")
+    _output(p)
+    p.set_defaults(run=cmd_prune)
     p = isub.add_parser("import", help="import a rootfs tarball (e.g. from 'docker export') as NAME")
     p.add_argument("name")
     p.add_argument("tarball")
@@ -28,9 +48,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rebuild", action="store_true", help="build again even if the image exists")
     p.add_argument("--mirror", help="Debian mirror (default: http://deb.debian.org/debian)")
     p.set_defaults(run=cmd_build)
-    p = isub.add_parser("rm", help="remove an image")
+    p = isub.add_parser("rm", help="remove an image (a pulled image's layers stay until 'prune')")
     p.add_argument("name")
+    _output(p)
     p.set_defaults(run=cmd_rm)
+
+
+def _output(parser: argparse.ArgumentParser, default: str = "table") -> None:
+    parser.add_argument("-o", "--output", choices=("table", "json"), default=default)
 
 
 def _fail(exc: Exception) -> int:
@@ -38,13 +63,96 @@ def _fail(exc: Exception) -> int:
     return 1
 
 
-def cmd_ls(args: argparse.Namespace) -> int:
+def _base(args: argparse.Namespace) -> str:
     from .._isolation import images
 
-    print(f"{'NAME':<24} {'SIZE':>12}  {'PYTHON':<12} SOURCE")
-    print(f"{'host':<24} {'-':>12}  {'host':<12} built in: the host's / (home directories hidden)")
-    for image in images.list_images(args.store):
-        print(image.describe())
+    return args.store or images.store_dir()
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from .._images import pull
+
+    credentials = None
+    if args.password_stdin:
+        if not args.username:
+            return _fail(ValueError("--password-stdin needs --username"))
+        credentials = (args.username, sys.stdin.readline().rstrip("\n"))
+    platform = None
+    if args.platform:
+        parts = args.platform.split("/")
+        if len(parts) not in (2, 3) or not all(parts):
+            return _fail(ValueError(f"--platform {args.platform!r}: use OS/ARCH or OS/ARCH/VARIANT, e.g. linux/arm64"))
+        platform = (parts[0], parts[1], parts[2] if len(parts) == 3 else None)
+    bars = PullProgress(sys.stderr)
+    started = time.monotonic()
+    try:
+        record = pull.pull(args.name, _base(args), credentials=credentials, progress=bars, platform=platform)
+    except pull.ImageError as exc:
+        bars.finish()
+        return _fail(exc)
+    bars.finish()
+    if args.output == "json":
+        print(json.dumps(record.to_json(), indent=2))
+    else:
+        print(f"{record.reference}: {record.digest}, {len(record.layers)} layers, "
+              f"{record.size_bytes / 2**20:.1f} MiB, in {time.monotonic() - started:.1f} s")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from .._images.store import Store
+    from .._isolation import images
+
+    built = images.list_images(args.store)
+    pulled = Store(_base(args)).records()
+    if args.output == "json":
+        rows = [{"name": "host", "source": "built in", "size_bytes": None}]
+        rows += [{"name": i.name, "source": i.source, "size_bytes": i.size_bytes, "python": i.python} for i in built]
+        rows += [{"name": r.reference, "source": "registry", "size_bytes": r.size_bytes, "digest": r.digest,
+                  "layers": len(r.layers)} for r in pulled]
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'NAME':<40} {'SIZE':>12}  SOURCE")
+    print(f"{'host':<40} {'-':>12}  built in: the host's / (home directories hidden)")
+    for image in built:
+        print(f"{image.name:<40} {image.size_bytes / 2**20:8.0f} MiB  {image.source}")
+    for record in pulled:
+        print(f"{record.reference:<40} {record.size_bytes / 2**20:8.0f} MiB  registry {record.digest[:19]} "
+              f"({len(record.layers)} layers)")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .._images import pull
+    from .._images.store import Store
+    from .._isolation import images
+
+    base = _base(args)
+    record = pull.find(args.name, base)
+    if record is not None:
+        info = {**record.to_json(), "layer_dirs": [Store(base).layer_root(d) for d in record.layers]}
+    elif (image := images.find(args.name, args.store)) is not None:
+        info = dataclasses.asdict(image)
+    else:
+        return _fail(images.ImageError(f"no image {args.name!r} in {base}; pull it first "
+                                       f"('sandpool image pull {args.name}')"))
+    if args.output == "json":
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key + ':':<14} {value}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .._images.store import Store
+
+    removed = Store(_base(args)).prune()
+    freed = sum(size for _, size in removed)
+    if args.output == "json":
+        print(json.dumps({"removed_layers": [d for d, _ in removed], "freed_bytes": freed}, indent=2))
+    else:
+        print(f"removed {len(removed)} unused layers, {freed / 2**20:.1f} MiB")
     return 0
 
 
@@ -78,13 +186,18 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
+    from .._images import reference
+    from .._images.store import Store
     from .._isolation import images
 
     try:
-        images.remove(args.name, args.store)
+        if images.find(args.name, args.store) is not None:
+            images.remove(args.name, args.store)
+        elif not Store(_base(args)).remove(str(reference.parse(args.name))):
+            raise images.ImageError(f"no image {args.name!r} in {_base(args)} ('sandpool image ls' lists them)")
     except images.ImageError as exc:
         return _fail(exc)
-    print(f"removed {args.name}")
+    print(json.dumps({"removed": args.name}) if args.output == "json" else f"removed {args.name}")
     return 0
 
 
@@ -126,3 +239,62 @@ class Progress:
         if self.shown:
             self.stream.write("\n")
             self.shown = False
+
+
+class PullProgress:
+    """A pull's layers as bars on a terminal (redrawn in place), or plain lines otherwise: each layer
+    when it starts, at every quarter, and when it is stored. Called from the pull's threads."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.lock = threading.Lock()
+        self.layers: dict[str, list] = {}  # digest -> [size, done bytes, state, quarter shown]
+        self.drawn = 0
+
+    def layer(self, digest: str, size: int, cached: bool) -> None:
+        with self.lock:
+            self.layers[digest] = [size, size if cached else 0, "cached" if cached else "waiting", 0]
+            self._show(digest)
+
+    def advance(self, digest: str, nbytes: int) -> None:
+        with self.lock:
+            entry = self.layers[digest]
+            entry[1] += nbytes
+            entry[2] = "downloading"
+            quarter = 4 * entry[1] // max(entry[0], 1)
+            if self.tty or quarter > entry[3]:
+                entry[3] = quarter
+                self._show(digest)
+
+    def unpacking(self, digest: str) -> None:
+        with self.lock:
+            self.layers[digest][2] = "unpacking"
+            self._show(digest)
+
+    def done(self, digest: str) -> None:
+        with self.lock:
+            entry = self.layers[digest]
+            if entry[2] != "cached":
+                entry[1], entry[2] = entry[0], "done"
+                self._show(digest)
+
+    def _line(self, digest: str) -> str:
+        size, got, state, _ = self.layers[digest]
+        fraction = got / size if size else 1.0
+        bar = "#" * int(fraction * 30)
+        return f"{digest[7:19]} [{bar:<30}] {got / 2**20:7.1f}/{size / 2**20:.1f} MiB {state}"
+
+    def _show(self, digest: str) -> None:
+        if not self.tty:
+            print(self._line(digest), file=self.stream, flush=True)
+            return
+        if self.drawn:
+            self.stream.write(f"\x1b[{self.drawn}A")
+        for key in self.layers:
+            self.stream.write("\r" + self._line(key) + "\x1b[K\n")
+        self.drawn = len(self.layers)
+        self.stream.flush()
+
+    def finish(self) -> None:
+        self.stream.flush()

@@ -1,6 +1,6 @@
 """A cwsandbox ``SandboxSpec`` as sandpool sandbox options.
 
-Mapped: the container's image (to a local image), command and args, environment, working dir,
+Mapped: the container's image (pulled like any other; see ``local_image``), command and args, environment, working dir,
 resources, files; the spec's tags, annotations and max lifetime. Everything else (volumes, services,
 network, secrets, runtime class, security context, placement) has no local meaning yet: it is accepted,
 ignored, and echoed back unchanged because the server keeps the request's spec as it came.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import grpc
 
-from .._isolation import images, probe
 from ._errors import RpcFailure, invalid
 
 HOST_IMAGE = "host"
@@ -20,18 +19,11 @@ MAX_OUTPUT_BYTES = 33 * 1024 * 1024
 PRIMARY_CONTAINER = "main"
 
 
-def local_image(name: str, isolation: str = "auto") -> str:
-    """The sandpool image for a cwsandbox image name at an isolation level: the name itself when sandpool's
-    local image store has it and the level can use images, else the host image (so ``python:3.11``,
-    cwsandbox's default, runs on this machine's Python)."""
-    if not name or name == HOST_IMAGE:
-        return HOST_IMAGE
-    if (probe.best() if isolation == "auto" else isolation) == "process":  # runs every sandbox on the host's files
-        return HOST_IMAGE
-    try:
-        return name if images.find(name) is not None else HOST_IMAGE
-    except (OSError, ValueError):  # an unreadable store, a name it cannot hold
-        return HOST_IMAGE
+def local_image(name: str) -> str:
+    """The sandpool image for a cwsandbox image name: the name itself (pulled from its registry when
+    the store lacks it, like any other sandbox's image), or the host image for an empty name. Nothing
+    is mapped to the host silently: ``SANDPOOL_IMAGE_FALLBACK=host`` is the explicit, warned opt-in."""
+    return name or HOST_IMAGE
 
 
 def primary(spec) -> object | None:
@@ -80,7 +72,7 @@ def sandbox_options(spec, isolation: str = "auto") -> dict:
     container = primary(spec)
     if container is None:
         return options
-    options["container_image"] = local_image(container.image, isolation)
+    options["container_image"] = local_image(container.image)
     command, args = container.command or None, list(container.args)
     if command is None and args:  # args alone would go to the image's entrypoint; locally args[0] is it
         command, args = args[0], args[1:]

@@ -95,7 +95,9 @@ class Isolation:
         spec: SandboxSpec = record.spec
         try:
             mode = network.resolve(spec.network, record.isolation)
-            lower = images.resolve(spec.container_image)
+            lower = images.resolve(spec.container_image, fetch=False)
+            if lower is None and record.isolation != "process":  # a registry image to pull first, in a thread
+                lower = await trio.to_thread.run_sync(images.resolve, spec.container_image, abandon_on_cancel=True)
         except (ValueError, TypeError, images.ImageError) as exc:
             raise SandboxFailedError(str(exc), sandbox_id=record.sandbox_id, status_reason="InvalidSpec") from exc
         if record.isolation == "process" and lower != "/":
@@ -141,7 +143,8 @@ class Isolation:
         for key in ("upper", "work", "merged"):
             os.makedirs(plan[key], exist_ok=True)
         home = "/root"
-        cwd = spec.working_dir or "/"  # an image's usual WORKDIR
+        image_env, image_cwd = images.settings(spec.container_image)  # a pulled image's Env and WorkingDir
+        cwd = spec.working_dir or image_cwd or "/"
         plan["mkdirs"] = [home, cwd]
         config["namespaces"] = plan
         config["root"], config["cwd"] = "/", cwd
@@ -152,6 +155,7 @@ class Isolation:
             from .._runtime._local import _BASE_PATH  # (imported here: _local imports this module)
 
             defaults["PATH"] = _BASE_PATH  # the image's programs, not the host's python first
+        defaults.update(pair.split("=", 1) for pair in image_env)  # under the spec's environment_variables
         env.update({k: v for k, v in defaults.items() if k not in user_env})
         layout = self.layout
         if os.geteuid() == 0 and layout.mode != "none":

@@ -3,9 +3,10 @@
 ``"host"`` is built in: the host's own ``/`` (nothing to download). Other names are directories of
 the store, ``<store>/<slug>/rootfs`` plus ``image.json``, made by ``import_tarball`` (any rootfs
 tarball, e.g. the output of ``docker export``) or ``build`` (Debian-based names, by debootstrap from
-the Debian mirror; cached). No container registry is reachable here, so an unknown name is an error
-that says how to build or import it, unless ``SANDPOOL_IMAGE_FALLBACK=host`` maps it to the host
-image (with a warning) so code written for the cloud runs locally unchanged.
+the Debian mirror; cached). Any other name is a registry reference, pulled on first use into the
+content-addressed layer store (``sandpool._images``; its layers are the overlay's lower layers).
+``SANDPOOL_IMAGE_FALLBACK=host`` is the explicit opt-out: an image not stored yet then runs on the
+host image instead of being pulled, with a warning.
 
 The store is ``$SANDPOOL_IMAGE_DIR``, else ``/var/lib/sandpool/images`` for root and
 ``~/.local/share/sandpool/images`` for other users. Stdlib only.
@@ -24,6 +25,8 @@ import subprocess
 import time
 from collections.abc import Callable
 
+from .._images.errors import ImageError  # one error class for built, imported and pulled images
+
 log = logging.getLogger("sandpool")
 
 HOST = "host"
@@ -36,8 +39,6 @@ PYTHON_SUITES = {"3.9": "bullseye", "3.11": "bookworm", "3.13": "trixie"}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@-]*")
 
 
-class ImageError(Exception):
-    """An image name that cannot be used, built or imported; the message says what to do."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,19 +108,44 @@ def how_to_get(name: str) -> str:
     return "; ".join(ways) + f", or set {ENV_FALLBACK}=host to run it on the host image"
 
 
-def resolve(name: str, store: str | None = None) -> str:
-    """The lower directory for image ``name``: '/' for host, else the stored rootfs. ImageError if unknown."""
+def resolve(name: str, store: str | None = None, fetch: bool = True) -> str | None:
+    """The overlay lower directories of image ``name`` (':'-separated, top first): '/' for host, a
+    built or imported rootfs, else the layers of a registry image, pulled now if the store lacks it
+    (blocking: call it from a thread), or None then if not ``fetch``. ImageError saying what to do
+    when it cannot be had."""
     if name == HOST:
         return "/"
     image = find(name, store)
     if image is not None:
         return image.rootfs
-    if os.environ.get(ENV_FALLBACK) == HOST:
-        log.warning("image %r is not in the local store; using the host image (%s=host)", name, ENV_FALLBACK)
+    from .._images import pull, store as layers
+
+    base = store or store_dir()
+    record = pull.find(name, base)
+    if record is None and os.environ.get(ENV_FALLBACK) == HOST:
+        log.warning("image %r is not in the local store; using the host image instead of pulling it (%s=host)",
+                    name, ENV_FALLBACK)
         return "/"
-    known = ", ".join(i.name for i in list_images(store)) or "none"
-    raise ImageError(f"image {name!r} is not in the local image store {store or store_dir()} (images there: "
-                     f"{known}; no container registry is reachable). To use it, {how_to_get(name)}")
+    if record is None or not all(layers.Store(base).has_layer(d) for d in record.layers):
+        if not fetch:
+            return None
+        try:
+            record = pull.pull(name, base, refresh=False)
+        except ImageError as exc:
+            raise ImageError(f"{exc}. To use {name!r} otherwise, {how_to_get(name)}") from None
+    return layers.Store(base).lowerdir(record)
+
+
+def settings(name: str, store: str | None = None) -> tuple[list[str], str]:
+    """(Env as K=V strings, WorkingDir) of a pulled registry image; ([], '') for any other image."""
+    if name == HOST:
+        return [], ""
+    from .._images import pull
+
+    record = pull.find(name, store or store_dir())
+    if record is None:
+        return [], ""
+    return [pair for pair in record.env if not pair.startswith("SANDPOOL_")], record.working_dir
 
 
 def build_recipe(name: str) -> tuple[str, list[str]] | None:

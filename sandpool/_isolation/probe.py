@@ -9,6 +9,7 @@ filter. ``oci`` needs the namespaces level's prerequisites plus ``crun`` on PATH
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 import warnings
@@ -44,8 +45,19 @@ def unavailable(level: str) -> str | None:
 
 
 def best() -> str:
-    """What ``isolation="auto"`` means on this machine."""
-    return "namespaces" if unavailable("namespaces") is None else "process"
+    """What ``isolation="auto"`` means on this machine (the process level says once that it is the last resort)."""
+    why = unavailable("namespaces")
+    if why is None:
+        return "namespaces"
+    _last_resort(why)
+    return "process"
+
+
+@functools.cache
+def _last_resort(why: str) -> None:
+    logging.getLogger("sandpool").warning(
+        "isolation='auto' fell back to the process level, the last resort: sandboxes share the host's files "
+        "and network and cannot use images (the namespaces level is unavailable: %s)", why)
 
 
 def oci_runtime() -> str | None:
