@@ -22,6 +22,8 @@ from sandpool import SandboxFileError, Session, testing
 from sandpool._isolation import _sys, hostview, probe
 from sandpool._runtime._local import LocalRuntime
 
+import leaks
+
 pytestmark = pytest.mark.skipif(probe.unavailable("namespaces") is not None,
                                 reason=f"namespaces level unavailable: {probe.unavailable('namespaces')}")
 
@@ -148,6 +150,7 @@ def test_state_directory_outside_tmp_is_invisible(host_dir):
             still_works(own, mine)
             still_works(other, theirs)
     finally:
+        leaks.close_runtime(runtime)
         assert not testing.wait_for_no_leftovers(state, timeout=5.0)
 
 

@@ -31,6 +31,8 @@ from sandpool import (
 from sandpool._channel import FrameChannel
 from sandpool._runtime._local import LocalRuntime
 
+import leaks
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 #: The hostile driver: speaks for a taken-over agent. argv: ATTACK, socket fd, marker path.
@@ -192,8 +194,12 @@ def marker(tmp_path):
 
 @pytest.fixture
 def session(marker):
-    with Session(SandboxDefaults(tags=("hostile-test",)), runtime=HostileRuntime(marker)) as s:
-        yield s
+    runtime = HostileRuntime(marker)
+    try:
+        with Session(SandboxDefaults(tags=("hostile-test",)), runtime=runtime) as s:
+            yield s
+    finally:
+        leaks.close_runtime(runtime)
 
 
 def bystander_running(session):
