@@ -5,17 +5,18 @@ can reach the sandbox's ``/tmp`` (its tmpfs, through ``/proc/<agent pid>/root/tm
 sandboxes, or the sandbox's root directory for ``process`` ones), an argument pickle of
 ``BULK_BYTES`` or more is written there and the call frame names it (``args_path``); the frame
 also offers the directory for the result (``bulk``), which the worker uses for a large result and
-names in its answer (``path``). The reader of a file unlinks it. Anything that fails falls back to
+names in its answer (``path``). The reader of a file unlinks it. The client trusts nothing in that
+directory: it writes only new files there and reads result files as plain bytes (see ``take_result``). Anything that fails falls back to
 frames, so remote runtimes (which expose no such directory) simply never use it.
 """
 
 from __future__ import annotations
 
-import mmap
 import os
+import stat
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from . import _serialize
 from ._errors import SerializationError
 
 if TYPE_CHECKING:
@@ -60,27 +61,49 @@ def put_args(directory: str, name: str, data: bytes | list[bytes]) -> str | None
     return f"{SANDBOX_DIR}/{name}"
 
 
-def take_result(directory: str, sandbox_path: str, name: str) -> Any:
-    """Unpickle (and remove) a result file the worker named; SerializationError if it will not load."""
-    path = os.path.join(directory, os.path.basename(sandbox_path))
-    try:
-        return load_file(path, _serialize.loads)
-    except OSError as exc:
-        raise SerializationError(f"the result of {name!r} could not be read from {sandbox_path}: "
-                                            f"{exc}") from exc
-    except Exception as exc:
-        raise SerializationError(f"the result of {name!r} could not be unpickled here "
-                                            f"({type(exc).__name__}: {exc})") from exc
+#: Largest result file read back (a bigger one fails its call with SerializationError).
+MAX_RESULT_BYTES = 4 * 1024 * 1024 * 1024
+_RESULT_PREFIX = ".sandpool-r-"
 
 
-def load_file(path: str, loads: Any) -> Any:
-    """``loads`` the file's contents through a read-only mapping (no extra copy), then unlink it."""
-    fd = os.open(path, os.O_RDONLY)
+def take_result(directory: str, sandbox_path: str, name: str, decode: Callable[[bytearray], Any]) -> Any:
+    """Read (and remove) a result file the worker named, and ``decode`` its contents.
+
+    The sandbox controls that directory, so the file is opened without following links, must be
+    a regular file no larger than ``MAX_RESULT_BYTES``, and is read into memory (a mapping of a
+    file the sandbox can truncate would fault here). SerializationError for any of that.
+    """
+    base = os.path.basename(sandbox_path)
+    if not base.startswith(_RESULT_PREFIX):
+        raise SerializationError(f"the result of {name!r} names {sandbox_path!r}, not a result file")
+    path = os.path.join(directory, base)
     try:
-        os.unlink(path)
-        size = os.fstat(fd).st_size
-        with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mapped:
-            return loads(mapped)
+        data = read_file(path, MAX_RESULT_BYTES)
+    except (OSError, ValueError) as exc:
+        raise SerializationError(f"the result of {name!r} could not be read from {sandbox_path}: {exc}") from exc
+    finally:
+        _unlink(path)
+    return decode(data)
+
+
+def read_file(path: str, max_bytes: int) -> bytearray:
+    """The contents of the regular file at ``path`` (not a link, FIFO or device); ValueError if it
+    is none or holds more than ``max_bytes``."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file")
+        if info.st_size > max_bytes:
+            raise ValueError(f"{info.st_size} bytes, above the limit of {max_bytes}")
+        data = bytearray(info.st_size)
+        view, got = memoryview(data), 0
+        while got < len(data):
+            n = os.readv(fd, [view[got:]])
+            if n == 0:
+                raise ValueError(f"the file shrank to {got} bytes while being read")
+            got += n
+        return data
     finally:
         os.close(fd)
 

@@ -1,0 +1,346 @@
+"""Plain data across the trust boundary: the codec of remote functions' results and exceptions.
+
+A sandbox's results and exceptions come back in this format, never as a pickle, so that nothing a
+sandbox sends can run code in the client: decoding only ever builds plain values. Both sides import
+this module (the call worker to encode, the client to decode); it needs only the stdlib and
+msgpack, and numpy only when an array is actually met (``sys.modules`` on the encoding side, where
+an array's presence proves numpy is loaded; a lazy import on the decoding side).
+
+Plain data is, by exact type: None, bool, int (any size), float, complex, str, bytes (bytearray
+and memoryview come back as bytes), list, tuple, dict (keys of these types), set, frozenset, and
+numpy arrays and scalars of any dtype without Python objects (as dtype, shape and raw buffer).
+Subclasses (an IntEnum, a namedtuple, an OrderedDict) are not plain: ``NotPlain`` names the type.
+
+The payload is msgpack; what msgpack lacks travels as extension types whose data is again a
+payload (tuple, set, frozenset, an int beyond 64 bits, complex, an array). An array of at least
+``OOB_BYTES`` goes out of band: the payload then starts with the byte 0xC1 (never the first byte
+of msgpack), a 4-byte length of the msgpack head, the head, and the arrays' raw bytes, which the
+encoder hands over uncopied (``encode_parts``) so a large result can be written straight to a file.
+
+Decoding is bounded: nesting (``MAX_DEPTH`` levels of extension types, msgpack's own stack for
+lists and maps), integer sizes, array ranks and sizes (checked against the bytes present); every
+inconsistency is ``Malformed``, a ValueError naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+import threading
+from typing import Any
+
+import msgpack
+
+__all__ = ["MAX_DEPTH", "OOB_BYTES", "PLAIN_TYPES", "Malformed", "NeedsNumpy", "NotPlain", "decode", "describe_exception",
+           "encode", "encode_parts"]
+
+#: Deepest nesting of tuples, sets, big ints and arrays (lists and dicts nest up to msgpack's 512).
+MAX_DEPTH = 100
+#: Arrays at least this large travel out of band (uncopied by the encoder).
+OOB_BYTES = 64 * 1024
+#: Largest int, in bytes of two's complement (8 MiB of digits).
+MAX_INT_BYTES = 1 << 20
+#: Highest rank of an array (numpy's own limit is 64).
+MAX_NDIM = 64
+
+#: What counts as plain data, for messages.
+PLAIN_TYPES = "None, bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset, numpy arrays"
+#: Largest plain description of an exception; past it, its args and attributes are left out.
+MAX_EXCEPTION_BYTES = 1024 * 1024
+
+_TUPLE, _SET, _FROZENSET, _BIGINT, _COMPLEX, _ARRAY, _OOB_ARRAY = range(1, 8)
+_OOB_MARK = 0xC1
+_HEAD_LEN = struct.Struct(">BI")
+_COMPLEX_PAIR = struct.Struct("<dd")
+_NATIVE = frozenset({type(None), bool, int, float, str, bytes})
+
+
+class NotPlain(TypeError):
+    """A value is not plain data (encoding side); the message names its type."""
+
+
+class Malformed(ValueError):
+    """A payload does not decode as plain data (decoding side); the message says what is wrong."""
+
+
+class NeedsNumpy(Malformed):
+    """The payload holds a numpy array, and numpy cannot be imported on this side."""
+
+
+def _type_name(obj: object) -> str:
+    cls = type(obj)
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+class _Encoder:
+    """Packs one value at a time; its packers (one per nesting level) are kept for the next value,
+    as making a msgpack Packer costs more than packing a small value."""
+
+    __slots__ = ("buffers", "size", "depth", "packers")
+
+    def __init__(self) -> None:
+        self.buffers: list[memoryview] = []
+        self.size = 0  # bytes of out-of-band buffers so far
+        self.depth = 0
+        self.packers: list[msgpack.Packer] = []
+
+    def pack(self, obj: object) -> bytes:
+        depth, packers = self.depth, self.packers
+        if depth > MAX_DEPTH:
+            raise NotPlain(f"plain data nests at most {MAX_DEPTH} tuples, sets or arrays deep")
+        if depth == len(packers):
+            packers.append(msgpack.Packer(default=self.default, strict_types=True, use_bin_type=True))
+        self.depth = depth + 1
+        try:
+            return packers[depth].pack(obj)
+        except BaseException as exc:
+            packers[depth].reset()
+            if isinstance(exc, ValueError):  # msgpack's nesting limit (512 lists or dicts), a str with surrogates
+                raise NotPlain(f"not encodable as plain data: {type(exc).__name__}: {exc}") from exc
+            raise
+        finally:
+            self.depth = depth
+
+    def default(self, obj: Any) -> msgpack.ExtType:
+        cls = type(obj)
+        if cls is tuple:
+            return msgpack.ExtType(_TUPLE, self.pack(list(obj)))
+        if cls is set or cls is frozenset:
+            return msgpack.ExtType(_SET if cls is set else _FROZENSET, self.pack(list(obj)))
+        if cls is int:  # beyond msgpack's 64 bits
+            data = obj.to_bytes((obj.bit_length() + 8) // 8, "little", signed=True)
+            if len(data) > MAX_INT_BYTES:
+                raise NotPlain(f"int of {len(data)} bytes is above the {MAX_INT_BYTES}-byte limit of plain data")
+            return msgpack.ExtType(_BIGINT, data)
+        if cls is complex:
+            return msgpack.ExtType(_COMPLEX, _COMPLEX_PAIR.pack(obj.real, obj.imag))
+        np = sys.modules.get("numpy")
+        if np is not None and (cls is np.ndarray or isinstance(obj, np.generic)):
+            return self._array(obj, np)
+        raise NotPlain(f"{_type_name(obj)} object is not plain data")
+
+    def _array(self, obj: Any, np: Any) -> msgpack.ExtType:
+        scalar = isinstance(obj, np.generic)
+        array = np.asarray(obj) if scalar else obj
+        dtype = array.dtype
+        if dtype.hasobject:
+            raise NotPlain(f"numpy {'scalar' if scalar else 'array'} of dtype {dtype} holds Python objects, "
+                           "which are not plain data")
+        if array.flags.c_contiguous:
+            order = "C"
+        elif array.flags.f_contiguous:
+            order = "F"
+        else:
+            array, order = np.ascontiguousarray(array), "C"
+        raw = array.reshape(-1, order=order).view(np.uint8)  # a view: both orders are contiguous
+        described = dtype.str if dtype.fields is None else dtype.descr
+        head = [described, list(array.shape), order, scalar]
+        if raw.nbytes >= OOB_BYTES:
+            view = memoryview(raw)
+            head.append(self.size)
+            head.append(raw.nbytes)
+            self.buffers.append(view)
+            self.size += raw.nbytes
+            return msgpack.ExtType(_OOB_ARRAY, self.pack(head))
+        head.append(raw.tobytes())
+        return msgpack.ExtType(_ARRAY, self.pack(head))
+
+
+_packer = msgpack.Packer(use_bin_type=True)  # for native values only: no callback, so never re-entered
+
+
+_shared_encoder = _Encoder()
+_shared_lock = threading.Lock()  # held while the shared encoder is in use; a busy one is not waited for
+
+
+def encode_parts(value: object) -> list[Any]:
+    """Encode ``value`` as a list of bytes-like parts to write in order (arrays' buffers uncopied).
+
+    Raises NotPlain naming the first value that is not plain data.
+    """
+    if type(value) in _NATIVE and (type(value) not in (str, bytes) or len(value) < OOB_BYTES):  # type: ignore[arg-type]
+        try:  # the common small result (large ones would leave the shared packer's buffer grown)
+            return [_packer.pack(value)]
+        except (OverflowError, ValueError):
+            _packer.reset()  # an int beyond 64 bits, a str with surrogates: the general path says so
+    shared = _shared_lock.acquire(blocking=False)
+    encoder, head = _shared_encoder if shared else _Encoder(), b""
+    try:
+        head = encoder.pack(value)
+        buffers = encoder.buffers
+    finally:
+        if shared:
+            encoder.buffers, encoder.size = [], 0
+            if len(head) >= OOB_BYTES:
+                encoder.packers.clear()  # their buffers grew: let them go
+            _shared_lock.release()
+    if not buffers:
+        return [head]
+    return [_HEAD_LEN.pack(_OOB_MARK, len(head)), head, *buffers]
+
+
+def encode(value: object) -> bytes:
+    """``encode_parts`` joined into one bytes object."""
+    parts = encode_parts(value)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+class _Decoder:
+    __slots__ = ("area", "area_start", "depth", "writable")
+
+    def __init__(self, data: Any, area_start: int) -> None:
+        self.area = data  # the whole payload; out-of-band arrays lie past area_start
+        self.area_start = area_start
+        self.depth = 0  # the top level
+        self.writable = type(data) is bytearray  # arrays may then view it instead of copying
+
+    def unpack(self, data: bytes) -> Any:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise Malformed(f"nested deeper than {MAX_DEPTH} levels")
+        try:
+            return msgpack.unpackb(data, ext_hook=self.ext, raw=False, strict_map_key=False)
+        finally:
+            self.depth -= 1
+
+    def ext(self, code: int, data: bytes) -> Any:
+        if code == _TUPLE:
+            return tuple(self._list(data, "tuple"))
+        if code == _SET:
+            return set(self._list(data, "set"))
+        if code == _FROZENSET:
+            return frozenset(self._list(data, "frozenset"))
+        if code == _BIGINT:
+            if len(data) > MAX_INT_BYTES:
+                raise Malformed(f"int of {len(data)} bytes is above the {MAX_INT_BYTES}-byte limit")
+            return int.from_bytes(data, "little", signed=True)
+        if code == _COMPLEX:
+            if len(data) != _COMPLEX_PAIR.size:
+                raise Malformed(f"complex of {len(data)} bytes, expected {_COMPLEX_PAIR.size}")
+            return complex(*_COMPLEX_PAIR.unpack(data))
+        if code in (_ARRAY, _OOB_ARRAY):
+            return self._array(data, code == _OOB_ARRAY)
+        raise Malformed(f"unknown extension type {code}")
+
+    def _list(self, data: bytes, what: str) -> list:
+        items = self.unpack(data)
+        if type(items) is not list:
+            raise Malformed(f"{what} payload is a {type(items).__name__}, not a list")
+        return items
+
+    def _array(self, data: bytes, oob: bool) -> Any:
+        head = self._list(data, "array")
+        if len(head) != (6 if oob else 5):
+            raise Malformed(f"array header has {len(head)} fields")
+        described, shape, order, scalar = head[:4]
+        if type(shape) is not list or len(shape) > MAX_NDIM or any(type(n) is not int or n < 0 for n in shape):
+            raise Malformed(f"array shape {shape!r} is not a list of at most {MAX_NDIM} sizes >= 0")
+        if order not in ("C", "F") or type(scalar) is not bool or (scalar and shape):
+            raise Malformed(f"array order {order!r} or scalar flag {scalar!r} is invalid")
+        if type(described) is not str and not _is_descr(described):
+            raise Malformed(f"array dtype {described!r} is neither a type string nor a field list")
+        try:
+            import numpy as np
+        except ImportError:
+            raise NeedsNumpy("the result holds a numpy array, and numpy cannot be imported here; "
+                             "install numpy on this side") from None
+        dtype = np.dtype(described)
+        if dtype.hasobject:
+            raise Malformed(f"array dtype {dtype} holds Python objects")
+        count = 1
+        for n in shape:
+            count *= n
+        nbytes = count * dtype.itemsize
+        if oob:
+            start, length = head[4], head[5]
+            if type(start) is not int or type(length) is not int or start < 0 or length != nbytes \
+                    or self.area_start + start + length > len(self.area):
+                raise Malformed(f"out-of-band array of {length!r} bytes at {start!r} does not fit its "
+                                f"{len(self.area) - self.area_start}-byte area, or its shape and dtype")
+            begin = self.area_start + start
+            raw: Any = memoryview(self.area)[begin:begin + length]
+            if not self.writable:
+                raw = bytearray(raw)
+        else:
+            raw = head[4]
+            if type(raw) is not bytes or len(raw) != nbytes:
+                raise Malformed(f"array of shape {shape} and dtype {dtype} needs {nbytes} bytes, "
+                                f"has {len(raw) if type(raw) is bytes else type(raw).__name__}")
+            raw = bytearray(raw)  # writable, as an unpickled array would be
+        array = np.frombuffer(raw, dtype=dtype, count=count) if count else np.empty(0, dtype=dtype)
+        array = array.reshape(shape, order=order)
+        return array[()] if scalar else array
+
+
+def _is_descr(described: object) -> bool:
+    """A structured dtype's ``descr``: a list of (name, format[, shape]) tuples (formats nest)."""
+    if type(described) is not list:
+        return False
+    for field in described:
+        if type(field) is not tuple or not 2 <= len(field) <= 3:
+            return False
+        name, fmt = field[0], field[1]
+        if not (type(name) is str or (type(name) is tuple and all(type(n) is str for n in name))):
+            return False
+        if not (type(fmt) is str or _is_descr(fmt)):
+            return False
+        if len(field) == 3 and not (type(field[2]) is tuple and all(type(n) is int and n >= 0 for n in field[2])):
+            return False
+    return True
+
+
+def decode(data: Any) -> Any:
+    """Decode a payload (bytes, or a bytearray whose arrays may be viewed rather than copied).
+
+    Builds plain values only: no class is looked up and no code runs. Raises Malformed (a
+    ValueError) for anything that is not a payload of ``encode``, NeedsNumpy for an array when
+    numpy is missing here.
+    """
+    try:
+        if data[:1] != b"\xc1":
+            decoder = _Decoder(data, len(data))
+            return msgpack.unpackb(data, ext_hook=decoder.ext, raw=False, strict_map_key=False)
+        view = memoryview(data)
+        if len(view) < _HEAD_LEN.size:
+            raise Malformed(f"a {len(view)}-byte payload with an out-of-band mark")
+        _, head_len = _HEAD_LEN.unpack(view[:_HEAD_LEN.size])
+        area_start = _HEAD_LEN.size + head_len
+        if area_start > len(view):
+            raise Malformed(f"head of {head_len} bytes runs past the {len(view)}-byte payload")
+        decoder = _Decoder(data, area_start)
+        return msgpack.unpackb(view[_HEAD_LEN.size:area_start], ext_hook=decoder.ext, raw=False,
+                               strict_map_key=False)
+    except Malformed:
+        raise
+    except Exception as exc:  # msgpack and numpy raise many unrelated types; all mean "malformed" here
+        raise Malformed(f"{type(exc).__name__}: {exc}") from exc
+
+
+def describe_exception(exc: BaseException) -> bytes:
+    """An exception as a plain payload: a map of its class's ``module`` and ``qualname``, and, as
+    far as they are plain data, its ``args`` (a tuple; absent if any is not plain), ``notes``
+    (from ``add_note``) and ``attrs`` (its ``__dict__``, each entry that is plain)."""
+    cls = type(exc)
+    info: dict[str, object] = {"module": str(cls.__module__), "qualname": str(cls.__qualname__)}
+    try:
+        args = tuple(exc.args)
+        encode(args)
+        info["args"] = args
+    except Exception:  # noqa: BLE001 - not plain: the client falls back to a RemoteError
+        pass
+    notes = getattr(exc, "__notes__", None)
+    if type(notes) is list and all(type(n) is str for n in notes):
+        info["notes"] = notes
+    attrs = {}
+    for key, value in list(getattr(exc, "__dict__", {}).items()):
+        if type(key) is str and not key.startswith("__"):
+            try:
+                encode(value)
+            except Exception:  # noqa: BLE001 - one attribute that is not plain is left out
+                continue
+            attrs[key] = value
+    info["attrs"] = attrs
+    data = encode(info)
+    if len(data) > MAX_EXCEPTION_BYTES:
+        data = encode({"module": info["module"], "qualname": info["qualname"]})
+    return data
