@@ -1,7 +1,8 @@
 """The call worker: a process forked by the agent that runs cloudpickled functions, one at a time.
 
 It answers every ``call`` frame with one ``result`` or ``error`` frame (see ``_calls`` for the
-kinds). Answers of a batch are buffered and sent together, at most ``FLUSH_SECONDS`` late, so that
+kinds). Results and exceptions leave as plain data (``_plain``): a result that is not plain data
+fails its call here, unless the call frame says ``pickle`` (the caller's opt-in). Answers of a batch are buffered and sent together, at most ``FLUSH_SECONDS`` late, so that
 thousands of tiny calls cost a handful of writes.
 
 Two ways to reach it. Relayed: calls come from the agent over the worker's socket to it, and the
@@ -33,7 +34,7 @@ from . import _linux, _plain
 
 #: Longest delay of an answer kept back to be sent with the next ones.
 FLUSH_SECONDS = 0.002
-#: A result pickle at least this large goes to a file when the call offers a ``bulk`` directory.
+#: A result at least this large goes to a file when the call offers a ``bulk`` directory.
 BULK_BYTES = 512 * 1024
 #: Longest message and traceback text of a user's exception sent back (longer ones are clipped).
 MAX_MESSAGE_CHARS = 64 * 1024
