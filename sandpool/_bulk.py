@@ -42,12 +42,21 @@ def host_dir(sandbox: Sandbox) -> str | None:
     return path if os.access(path, os.W_OK | os.X_OK) else None
 
 
+def _open_dir(directory: str) -> int:
+    """An O_PATH descriptor of the sandbox's /tmp: its last component is the sandbox's to change,
+    so it must not be a link (one to an absolute path would lead to this host's own directories)."""
+    return os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
 def put_args(directory: str, name: str, data: bytes | list[bytes]) -> str | None:
-    """Write an argument pickle (bytes, or its parts) as ``name`` in the sandbox's /tmp; its
-    sandbox path, or None if it could not be written."""
-    path = os.path.join(directory, name)
+    """Write an argument pickle (bytes, or its parts) as a new file ``name`` in the sandbox's /tmp;
+    its sandbox path, or None if it could not be written."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        dir_fd = _open_dir(directory)
+    except OSError:
+        return None
+    try:
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
         try:
             for part in [data] if isinstance(data, bytes) else data:
                 view = memoryview(part)
@@ -55,9 +64,11 @@ def put_args(directory: str, name: str, data: bytes | list[bytes]) -> str | None
                     view = view[os.write(fd, view):]
         finally:
             os.close(fd)
-    except OSError:  # full, or gone: the frame carries it instead
-        _unlink(path)
+    except OSError:  # full, gone, or the name taken: the frame carries it instead
+        _unlink(dir_fd, name)
         return None
+    finally:
+        os.close(dir_fd)
     return f"{SANDBOX_DIR}/{name}"
 
 
@@ -69,27 +80,29 @@ _RESULT_PREFIX = ".sandpool-r-"
 def take_result(directory: str, sandbox_path: str, name: str, decode: Callable[[bytearray], Any]) -> Any:
     """Read (and remove) a result file the worker named, and ``decode`` its contents.
 
-    The sandbox controls that directory, so the file is opened without following links, must be
-    a regular file no larger than ``MAX_RESULT_BYTES``, and is read into memory (a mapping of a
-    file the sandbox can truncate would fault here). SerializationError for any of that.
+    The sandbox controls that directory, so neither it nor the file may be a link, the file must
+    be a regular one no larger than ``MAX_RESULT_BYTES``, and it is read into memory (a mapping of
+    a file the sandbox can truncate would fault here). SerializationError for any of that.
     """
     base = os.path.basename(sandbox_path)
     if not base.startswith(_RESULT_PREFIX):
         raise SerializationError(f"the result of {name!r} names {sandbox_path!r}, not a result file")
-    path = os.path.join(directory, base)
     try:
-        data = read_file(path, MAX_RESULT_BYTES)
+        dir_fd = _open_dir(directory)
+        try:
+            data = read_file(base, MAX_RESULT_BYTES, dir_fd)
+        finally:
+            _unlink(dir_fd, base)
+            os.close(dir_fd)
     except (OSError, ValueError) as exc:
         raise SerializationError(f"the result of {name!r} could not be read from {sandbox_path}: {exc}") from exc
-    finally:
-        _unlink(path)
     return decode(data)
 
 
-def read_file(path: str, max_bytes: int) -> bytearray:
+def read_file(path: str, max_bytes: int, dir_fd: int | None = None) -> bytearray:
     """The contents of the regular file at ``path`` (not a link, FIFO or device); ValueError if it
     is none or holds more than ``max_bytes``."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
@@ -111,11 +124,18 @@ def read_file(path: str, max_bytes: int) -> bytearray:
 def discard(directory: str | None, sandbox_path: str) -> None:
     """Remove a bulk file nobody will read (its call was cancelled or failed)."""
     if directory:
-        _unlink(os.path.join(directory, os.path.basename(sandbox_path)))
+        try:
+            dir_fd = _open_dir(directory)
+        except OSError:
+            return
+        try:
+            _unlink(dir_fd, os.path.basename(sandbox_path))
+        finally:
+            os.close(dir_fd)
 
 
-def _unlink(path: str) -> None:
+def _unlink(dir_fd: int, name: str) -> None:
     try:
-        os.unlink(path)
+        os.unlink(name, dir_fd=dir_fd)
     except OSError:
         pass
