@@ -18,7 +18,7 @@ import sys
 import cloudpickle
 import pytest
 
-from sandpool import RemoteError, SandboxExecutionError, SerializationError, Session
+from sandpool import RemoteError, SandboxExecutionError, SerializationError, Session, _bulk
 from sandpool._serialize import RemoteTraceback
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -68,8 +68,12 @@ def forge(answer: dict) -> None:
     worker.io.sendall(struct.pack(">I", len(body)) + body)
 
 
-@pytest.fixture
-def session():
+@pytest.fixture(params=["direct", "relay"])
+def session(request, monkeypatch):
+    """A session whose calls reach the worker directly (local sandboxes), or through the agent's
+    relay, as for sandboxes of a `sandpool serve` server or Slurm (no bulk directory then)."""
+    if request.param == "relay":
+        monkeypatch.setattr(_bulk, "host_dir", lambda sandbox: None)
     with Session() as s:
         yield s
 
