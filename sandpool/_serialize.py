@@ -291,7 +291,7 @@ def _rebuild(data: bytes, sandbox_id: str | None, type_name: str, message: str) 
         exc = cls(*info["args"])
     except Exception:  # it does not take its own args back: the description is all there is
         return None
-    if type(exc) is not cls:
+    if not isinstance(exc, cls):
         return None
     attrs, notes = info.get("attrs"), info.get("notes")
     state = getattr(exc, "__dict__", None)
@@ -345,6 +345,9 @@ def _as_execution_error(exc: Exception, sandbox_id: str | None, type_name: str, 
         dual = _make_dual(type(exc), exc.args, dict(getattr(exc, "__dict__", {})))
     except Exception:  # a class that cannot be subclassed or made without __init__: keep its own type
         return exc
+    if isinstance(exc, OSError):  # kept in slots, not in args or __dict__
+        for name in ("errno", "strerror", "filename", "filename2"):
+            setattr(dual, name, getattr(exc, name))
     extras = {"sandbox_id": sandbox_id, "reason": None, "exec_result": None,
               "exception_type": type_name, "exception_message": message}
     for name, value in extras.items():

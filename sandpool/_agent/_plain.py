@@ -324,6 +324,8 @@ def describe_exception(exc: BaseException) -> bytes:
     info: dict[str, object] = {"module": str(cls.__module__), "qualname": str(cls.__qualname__)}
     try:
         args = tuple(exc.args)
+        if isinstance(exc, OSError) and exc.filename is not None:  # file names are not in its args
+            args = (exc.errno, exc.strerror, exc.filename, None, exc.filename2)
         encode(args)
         info["args"] = args
     except Exception:  # noqa: BLE001 - not plain: the client falls back to a RemoteError

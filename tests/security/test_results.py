@@ -212,6 +212,8 @@ def test_exception_is_its_own_type_and_a_sandbox_execution_error(session):
     def fail(kind):
         if kind == "value":
             raise ValueError("bad value")
+        if kind == "file":
+            open("/nonexistent-dir/data.txt")
         error = Rejected(404, "no such page")
         error.add_note("while fetching")
         raise error
@@ -224,6 +226,9 @@ def test_exception_is_its_own_type_and_a_sandbox_execution_error(session):
         assert caught.exception_type == "builtins.ValueError" and caught.sandbox_id.startswith("sb-")
     with pytest.raises(ValueError):
         fail.remote("value").result(timeout=60)
+    with pytest.raises(FileNotFoundError) as missing:
+        fail.remote("file").result(timeout=60)
+    assert missing.value.filename == "/nonexistent-dir/data.txt" and "No such file" in str(missing.value)
     with pytest.raises(Rejected) as info:
         fail.remote("rejected").result(timeout=60)
     error = info.value
