@@ -2,8 +2,9 @@
 
 It answers every ``call`` frame with one ``result`` or ``error`` frame (see ``_calls`` for the
 kinds). Results and exceptions leave as plain data (``_plain``): a result that is not plain data
-fails its call here, unless the call frame says ``pickle`` (the caller's opt-in). Answers of a batch are buffered and sent together, at most ``FLUSH_SECONDS`` late, so that
-thousands of tiny calls cost a handful of writes.
+fails its call here, unless the call frame says ``pickle`` (the caller's opt-in). Answers of a
+batch are buffered and sent together, at most ``FLUSH_SECONDS`` late, so that thousands of tiny
+calls cost a handful of writes.
 
 Two ways to reach it. Relayed: calls come from the agent over the worker's socket to it, and the
 agent sees every answer. Direct (local sandboxes): the agent hands it a listening Unix socket in
@@ -332,8 +333,11 @@ class Worker:
             message = str(exc)
         except Exception:  # noqa: BLE001 - a broken __str__ must not lose the error
             message = f"<{cls.__name__} with an unprintable message>"
-        extra: dict[str, object] = {"type_name": _qualified(cls), "traceback": _clip(_format(exc), MAX_TRACEBACK_CHARS),
-                                    "exc": _plain.describe_exception(exc)}
+        extra: dict[str, object] = {"type_name": _qualified(cls), "traceback": _clip(_format(exc), MAX_TRACEBACK_CHARS)}
+        try:
+            extra["exc"] = _plain.describe_exception(exc)
+        except BaseException:  # noqa: BLE001 - user code (a property, a __dict__) failed: a RemoteError then
+            pass
         if pickled:
             try:
                 extra["data"] = self.pickler.dumps(exc, protocol=5)
@@ -399,11 +403,13 @@ class _Spool:
 
     def close(self) -> str:
         os.close(self.fd)  # type: ignore[arg-type]
+        self.fd = -1  # closed; discard() still removes the file
         return self.path
 
     def discard(self) -> None:
         if self.fd is not None:
-            os.close(self.fd)
+            if self.fd >= 0:
+                os.close(self.fd)
             try:
                 os.unlink(self.path)
             except OSError:
