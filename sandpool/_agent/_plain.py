@@ -11,15 +11,20 @@ and memoryview come back as bytes), list, tuple, dict (keys of these types), set
 numpy arrays and scalars of any dtype without Python objects (as dtype, shape and raw buffer).
 Subclasses (an IntEnum, a namedtuple, an OrderedDict) are not plain: ``NotPlain`` names the type.
 
-The payload is msgpack; what msgpack lacks travels as extension types whose data is again a
-payload (tuple, set, frozenset, an int beyond 64 bits, complex, an array). An array of at least
-``OOB_BYTES`` goes out of band: the payload then starts with the byte 0xC1 (never the first byte
-of msgpack), a 4-byte length of the msgpack head, the head, and the arrays' raw bytes, which the
-encoder hands over uncopied (``encode_parts``) so a large result can be written straight to a file.
+The payload is one msgpack value, packed and parsed by msgpack's C code in one pass. What msgpack
+lacks is a msgpack array whose first item is a marker (an empty extension value): a tuple is
+``[TUPLE, *items]``, likewise sets, frozensets and arrays (``[ARRAY, dtype, shape, order,
+scalar, bytes]``); an int beyond 64 bits and a complex are extension values of their own. An array
+of at least ``OOB_BYTES`` goes out of band: the payload then starts with the byte 0xC1 (never the
+first byte of msgpack), a 4-byte length of the msgpack head, the head, and the arrays' raw bytes,
+which the encoder hands over uncopied (``encode_parts``) so a large result can be written straight
+to a file.
 
-Decoding is bounded: nesting (``MAX_DEPTH`` levels of extension types, msgpack's own stack for
-lists and maps), integer sizes, array ranks and sizes (checked against the bytes present); every
-inconsistency is ``Malformed``, a ValueError naming what is wrong.
+Decoding is bounded: nesting (about 1000 levels, msgpack's own limits on both sides),
+integer sizes, array ranks and sizes (checked against the bytes present), and the number of
+containers (one per ``CONTAINER_BYTES`` of a large payload), so a decoded value takes at most
+about 32 times its payload's size in memory. A marker anywhere but first in an array, and every
+other inconsistency, is ``Malformed``, a ValueError naming what is wrong.
 """
 
 from __future__ import annotations
@@ -31,28 +36,34 @@ from typing import Any
 
 import msgpack
 
-__all__ = ["MAX_DEPTH", "OOB_BYTES", "PLAIN_TYPES", "Malformed", "NeedsNumpy", "NotPlain", "decode", "describe_exception",
+__all__ = ["OOB_BYTES", "PLAIN_TYPES", "Malformed", "NeedsNumpy", "NotPlain", "decode", "describe_exception",
            "encode", "encode_parts"]
 
-#: Deepest nesting of tuples, sets, big ints and arrays (lists and dicts nest up to msgpack's 512).
-MAX_DEPTH = 100
 #: Arrays at least this large travel out of band (uncopied by the encoder).
 OOB_BYTES = 64 * 1024
 #: Largest int, in bytes of two's complement (8 MiB of digits).
 MAX_INT_BYTES = 1 << 20
 #: Highest rank of an array (numpy's own limit is 64).
 MAX_NDIM = 64
+#: A payload larger than this may hold at most one list, dict, tuple or set per CONTAINER_BYTES.
+COUNT_ABOVE_BYTES = 1024 * 1024
+CONTAINER_BYTES = 2
 
 #: What counts as plain data, for messages.
 PLAIN_TYPES = "None, bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset, numpy arrays"
 #: Largest plain description of an exception; past it, its args and attributes are left out.
 MAX_EXCEPTION_BYTES = 1024 * 1024
 
-_TUPLE, _SET, _FROZENSET, _BIGINT, _COMPLEX, _ARRAY, _OOB_ARRAY = range(1, 8)
+# extension codes: markers (empty data) first in an array, then values of their own
+_TUPLE, _SET, _FROZENSET, _ARRAY, _OOB_ARRAY, _BIGINT, _COMPLEX = range(1, 8)
+_MARKERS = {code: msgpack.ExtType(code, b"") for code in (_TUPLE, _SET, _FROZENSET, _ARRAY, _OOB_ARRAY)}
 _OOB_MARK = 0xC1
 _HEAD_LEN = struct.Struct(">BI")
 _COMPLEX_PAIR = struct.Struct("<dd")
 _NATIVE = frozenset({type(None), bool, int, float, str, bytes})
+#: First bytes of msgpack values that hold no array, map or extension value (msgpack's spec).
+_SCALAR_FIRST = bytes(int(b <= 0x7F or 0xA0 <= b <= 0xBF or b >= 0xE0 or b in (0xC0, 0xC2, 0xC3)
+                          or 0xC4 <= b <= 0xC6 or 0xCA <= b <= 0xD3 or 0xD9 <= b <= 0xDB) for b in range(256))
 
 
 class NotPlain(TypeError):
@@ -73,40 +84,33 @@ def _type_name(obj: object) -> str:
 
 
 class _Encoder:
-    """Packs one value at a time; its packers (one per nesting level) are kept for the next value,
-    as making a msgpack Packer costs more than packing a small value."""
+    """Packs one value at a time with one msgpack Packer, kept for the next value (making a Packer
+    costs more than packing a small value). ``buffers`` collects the out-of-band arrays."""
 
-    __slots__ = ("buffers", "size", "depth", "packers")
+    __slots__ = ("buffers", "size", "packer")
 
     def __init__(self) -> None:
         self.buffers: list[memoryview] = []
         self.size = 0  # bytes of out-of-band buffers so far
-        self.depth = 0
-        self.packers: list[msgpack.Packer] = []
+        self.packer = msgpack.Packer(default=self.default, strict_types=True, use_bin_type=True)
 
     def pack(self, obj: object) -> bytes:
-        depth, packers = self.depth, self.packers
-        if depth > MAX_DEPTH:
-            raise NotPlain(f"plain data nests at most {MAX_DEPTH} tuples, sets or arrays deep")
-        if depth == len(packers):
-            packers.append(msgpack.Packer(default=self.default, strict_types=True, use_bin_type=True))
-        self.depth = depth + 1
         try:
-            return packers[depth].pack(obj)
+            return self.packer.pack(obj)
         except BaseException as exc:
-            packers[depth].reset()
-            if isinstance(exc, ValueError):  # msgpack's nesting limit (512 lists or dicts), a str with surrogates
-                raise NotPlain(f"not encodable as plain data: {type(exc).__name__}: {exc}") from exc
+            self.packer.reset()
+            if isinstance(exc, ValueError):  # msgpack's nesting limit, a str with surrogates
+                what = "nested too deep (about 1000 levels at most)" if "recursion" in str(exc) else \
+                    f"{type(exc).__name__}: {exc}"
+                raise NotPlain(f"not encodable as plain data: {what}") from exc
             raise
-        finally:
-            self.depth = depth
 
-    def default(self, obj: Any) -> msgpack.ExtType:
+    def default(self, obj: Any) -> Any:
         cls = type(obj)
         if cls is tuple:
-            return msgpack.ExtType(_TUPLE, self.pack(list(obj)))
+            return [_MARKERS[_TUPLE], *obj]
         if cls is set or cls is frozenset:
-            return msgpack.ExtType(_SET if cls is set else _FROZENSET, self.pack(list(obj)))
+            return [_MARKERS[_SET if cls is set else _FROZENSET], *obj]
         if cls is int:  # beyond msgpack's 64 bits
             data = obj.to_bytes((obj.bit_length() + 8) // 8, "little", signed=True)
             if len(data) > MAX_INT_BYTES:
@@ -119,7 +123,7 @@ class _Encoder:
             return self._array(obj, np)
         raise NotPlain(f"{_type_name(obj)} object is not plain data")
 
-    def _array(self, obj: Any, np: Any) -> msgpack.ExtType:
+    def _array(self, obj: Any, np: Any) -> list:
         scalar = isinstance(obj, np.generic)
         array = np.asarray(obj) if scalar else obj
         dtype = array.dtype
@@ -136,19 +140,13 @@ class _Encoder:
         described = dtype.str if dtype.fields is None else dtype.descr
         head = [described, list(array.shape), order, scalar]
         if raw.nbytes >= OOB_BYTES:
-            view = memoryview(raw)
-            head.append(self.size)
-            head.append(raw.nbytes)
-            self.buffers.append(view)
+            self.buffers.append(memoryview(raw))
             self.size += raw.nbytes
-            return msgpack.ExtType(_OOB_ARRAY, self.pack(head))
-        head.append(raw.tobytes())
-        return msgpack.ExtType(_ARRAY, self.pack(head))
+            return [_MARKERS[_OOB_ARRAY], *head, self.size - raw.nbytes, raw.nbytes]
+        return [_MARKERS[_ARRAY], *head, raw.tobytes()]
 
 
 _packer = msgpack.Packer(use_bin_type=True)  # for native values only: no callback, so never re-entered
-
-
 _shared_encoder = _Encoder()
 _shared_lock = threading.Lock()  # held while the shared encoder is in use; a busy one is not waited for
 
@@ -171,8 +169,8 @@ def encode_parts(value: object) -> list[Any]:
     finally:
         if shared:
             encoder.buffers, encoder.size = [], 0
-            if len(head) >= OOB_BYTES:
-                encoder.packers.clear()  # their buffers grew: let them go
+            if len(head) >= OOB_BYTES:  # its buffer grew: let it go
+                encoder.packer = msgpack.Packer(default=encoder.default, strict_types=True, use_bin_type=True)
             _shared_lock.release()
     if not buffers:
         return [head]
@@ -185,31 +183,54 @@ def encode(value: object) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
+class _Marker:
+    """What a marker decodes to until its array is converted; one left over means malformed."""
+
+    __slots__ = ("code",)
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+
+_DECODED_MARKERS = {code: _Marker(code) for code in _MARKERS}
+
+
 class _Decoder:
-    __slots__ = ("area", "area_start", "depth", "writable")
+    """Decodes one payload: ``ext`` and ``array`` are msgpack's hooks. Markers are counted as they
+    are met and as their arrays are converted, so a stray one is caught at the end. A large payload
+    also has a budget of containers: an empty list is one byte of msgpack but some 60 bytes of
+    Python, so a hostile payload of empty lists would otherwise take 60 times its size."""
+
+    __slots__ = ("area", "area_start", "writable", "budget", "markers")
 
     def __init__(self, data: Any, area_start: int) -> None:
         self.area = data  # the whole payload; out-of-band arrays lie past area_start
         self.area_start = area_start
-        self.depth = 0  # the top level
         self.writable = type(data) is bytearray  # arrays may then view it instead of copying
+        # small payloads cannot take much memory: no budget to keep
+        self.budget = area_start // CONTAINER_BYTES + 1024 if area_start > COUNT_ABOVE_BYTES else None
+        self.markers = 0  # met and not yet converted
 
-    def unpack(self, data: bytes) -> Any:
-        self.depth += 1
-        if self.depth > MAX_DEPTH:
-            raise Malformed(f"nested deeper than {MAX_DEPTH} levels")
-        try:
-            return msgpack.unpackb(data, ext_hook=self.ext, raw=False, strict_map_key=False)
-        finally:
-            self.depth -= 1
+    def run(self, head: Any) -> Any:
+        if self.budget is None:
+            value = msgpack.unpackb(head, ext_hook=self.ext, list_hook=self.array, raw=False, strict_map_key=False)
+        else:
+            value = msgpack.unpackb(head, ext_hook=self.ext, list_hook=self.array, object_hook=self.counted,
+                                    raw=False, strict_map_key=False)
+        if self.markers:
+            raise Malformed("a marker outside the first place of an array")
+        return value
+
+    def counted(self, container: Any) -> Any:
+        self.budget -= 1  # type: ignore[operator]
+        if self.budget < 0:  # type: ignore[operator]
+            raise Malformed(f"more than one container per {CONTAINER_BYTES} bytes of payload")
+        return container
 
     def ext(self, code: int, data: bytes) -> Any:
-        if code == _TUPLE:
-            return tuple(self._list(data, "tuple"))
-        if code == _SET:
-            return set(self._list(data, "set"))
-        if code == _FROZENSET:
-            return frozenset(self._list(data, "frozenset"))
+        if code in _DECODED_MARKERS and not data:
+            self.markers += 1
+            return _DECODED_MARKERS[code]
         if code == _BIGINT:
             if len(data) > MAX_INT_BYTES:
                 raise Malformed(f"int of {len(data)} bytes is above the {MAX_INT_BYTES}-byte limit")
@@ -218,21 +239,27 @@ class _Decoder:
             if len(data) != _COMPLEX_PAIR.size:
                 raise Malformed(f"complex of {len(data)} bytes, expected {_COMPLEX_PAIR.size}")
             return complex(*_COMPLEX_PAIR.unpack(data))
-        if code in (_ARRAY, _OOB_ARRAY):
-            return self._array(data, code == _OOB_ARRAY)
-        raise Malformed(f"unknown extension type {code}")
+        raise Malformed(f"unknown extension type {code} of {len(data)} bytes")
 
-    def _list(self, data: bytes, what: str) -> list:
-        items = self.unpack(data)
-        if type(items) is not list:
-            raise Malformed(f"{what} payload is a {type(items).__name__}, not a list")
-        return items
+    def array(self, items: list) -> Any:
+        if self.budget is not None:
+            self.counted(items)
+        if not items or type(items[0]) is not _Marker:
+            return items
+        self.markers -= 1
+        code = items[0].code
+        if code == _TUPLE:
+            return tuple(items[1:])
+        if code == _SET:
+            return set(items[1:])
+        if code == _FROZENSET:
+            return frozenset(items[1:])
+        return self._ndarray(items, code == _OOB_ARRAY)
 
-    def _array(self, data: bytes, oob: bool) -> Any:
-        head = self._list(data, "array")
-        if len(head) != (6 if oob else 5):
-            raise Malformed(f"array header has {len(head)} fields")
-        described, shape, order, scalar = head[:4]
+    def _ndarray(self, items: list, oob: bool) -> Any:
+        if len(items) != (7 if oob else 6):
+            raise Malformed(f"array header has {len(items) - 1} fields")
+        described, shape, order, scalar = items[1:5]
         if type(shape) is not list or len(shape) > MAX_NDIM or any(type(n) is not int or n < 0 for n in shape):
             raise Malformed(f"array shape {shape!r} is not a list of at most {MAX_NDIM} sizes >= 0")
         if order not in ("C", "F") or type(scalar) is not bool or (scalar and shape):
@@ -252,7 +279,7 @@ class _Decoder:
             count *= n
         nbytes = count * dtype.itemsize
         if oob:
-            start, length = head[4], head[5]
+            start, length = items[5], items[6]
             if type(start) is not int or type(length) is not int or start < 0 or length != nbytes \
                     or self.area_start + start + length > len(self.area):
                 raise Malformed(f"out-of-band array of {length!r} bytes at {start!r} does not fit its "
@@ -262,7 +289,7 @@ class _Decoder:
             if not self.writable:
                 raw = bytearray(raw)
         else:
-            raw = head[4]
+            raw = items[5]
             if type(raw) is not bytes or len(raw) != nbytes:
                 raise Malformed(f"array of shape {shape} and dtype {dtype} needs {nbytes} bytes, "
                                 f"has {len(raw) if type(raw) is bytes else type(raw).__name__}")
@@ -297,9 +324,11 @@ def decode(data: Any) -> Any:
     numpy is missing here.
     """
     try:
-        if data[:1] != b"\xc1":
-            decoder = _Decoder(data, len(data))
-            return msgpack.unpackb(data, ext_hook=decoder.ext, raw=False, strict_map_key=False)
+        first = data[:1]
+        if first and _SCALAR_FIRST[first[0]]:  # None, a bool, number, str or bytes: nothing to hook
+            return msgpack.unpackb(data, raw=False)
+        if first != b"\xc1":
+            return _Decoder(data, len(data)).run(data)
         view = memoryview(data)
         if len(view) < _HEAD_LEN.size:
             raise Malformed(f"a {len(view)}-byte payload with an out-of-band mark")
@@ -307,9 +336,7 @@ def decode(data: Any) -> Any:
         area_start = _HEAD_LEN.size + head_len
         if area_start > len(view):
             raise Malformed(f"head of {head_len} bytes runs past the {len(view)}-byte payload")
-        decoder = _Decoder(data, area_start)
-        return msgpack.unpackb(view[_HEAD_LEN.size:area_start], ext_hook=decoder.ext, raw=False,
-                               strict_map_key=False)
+        return _Decoder(data, area_start).run(view[_HEAD_LEN.size:area_start])
     except Malformed:
         raise
     except Exception as exc:  # msgpack and numpy raise many unrelated types; all mean "malformed" here

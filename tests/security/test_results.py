@@ -313,3 +313,47 @@ def test_unsafe_pickle_results_brings_back_a_dataclass(session):
         read_plain.remote("t1").result(timeout=60)
     assert [r.result(timeout=60) for r in read.map([("a",), ("b",)])] == [Reading("a", [1.5, 2.5]),
                                                                           Reading("b", [1.5, 2.5])]
+
+
+def _ext(code: int, data: bytes = b"") -> object:
+    import msgpack
+
+    return msgpack.ExtType(code, data)
+
+
+@pytest.mark.parametrize("payload, words", [
+    (pickle.dumps(Evil("/nonexistent/marker")), "ExtraData|extra data|incomplete|Malformed|unknown"),
+    (b"\xc1\x00\x00\x00\x10abc", "runs past"),
+    ("marker-late", "marker outside the first place"),
+    ("marker-alone", "marker outside the first place"),
+    ("unknown-ext", "unknown extension type 9"),
+    ("object-dtype", "holds Python objects"),
+    ("short-array", "needs 8 bytes"),
+    ("oob-outside", "does not fit"),
+    ("empty-list-bomb", "more than one container"),
+    (b"\x91" * 5000 + b"\xc0", "StackError"),
+])
+def test_decoder_refuses_malformed_payloads(payload, words):
+    """The client's decoder turns every malformed or hostile payload into Malformed (a ValueError)
+    naming the problem: misplaced markers, unknown types, object dtypes, arrays that do not fit
+    their bytes, a payload of empty lists that would take 60 times its size, nesting past msgpack's
+    stack. It never builds anything but plain values."""
+    import msgpack
+
+    from sandpool._agent import _plain
+
+    built = {
+        "marker-late": [1, _ext(1)],
+        "marker-alone": {"a": _ext(2)},
+        "unknown-ext": _ext(9, b"x"),
+        "object-dtype": [_ext(4), "O", [1], "C", False, b"\0" * 8],
+        "short-array": [_ext(4), "<f8", [1], "C", False, b"123"],
+        "oob-outside": [_ext(5), "<f8", [1], "C", False, 0, 8],
+    }
+    if payload == "empty-list-bomb":
+        payload = b"\xdd" + (3_000_000).to_bytes(4, "big") + b"\x90" * 3_000_000
+    elif isinstance(payload, str):
+        payload = msgpack.packb(built[payload], use_bin_type=True)
+    with pytest.raises(_plain.Malformed, match=words):
+        _plain.decode(payload)
+    assert _plain.decode(_plain.encode([(1, 2), {3}])) == [(1, 2), {3}]
