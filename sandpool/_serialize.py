@@ -19,9 +19,11 @@ from __future__ import annotations
 import hashlib
 import io
 import linecache
+import os
 import pickle
 import re
 import reprlib
+import stat
 import sys
 import threading
 import types
@@ -205,19 +207,41 @@ class RemoteTraceback(Exception):
 _FRAME_LINE = re.compile(r'^(\s*)File "([^"]+)", line (\d+), in ')
 
 
+#: Source lines are filled in only from regular ``.py`` files up to this size, for this many entries.
+MAX_SOURCE_BYTES = 4 * 1024 * 1024
+MAX_FILLED_ENTRIES = 200
+
+
+def _is_source_file(path: str) -> bool:
+    """A file the traceback text may name for its source: the text comes from the sandbox, so a
+    FIFO (reading it would block here), a device (``/dev/zero`` would fill memory) or a non-Python
+    file is never read."""
+    if not path.endswith(".py"):
+        return False
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_size <= MAX_SOURCE_BYTES
+
+
 def _fill_source_lines(text: str) -> str:
     """Add the source line under each traceback entry that lacks one, read from this side's files
     (the sandbox has its own root, so it often cannot see the caller's source)."""
     lines = text.splitlines()
     out = []
+    filled = 0
     for i, line in enumerate(lines):
         out.append(line)
         match = _FRAME_LINE.match(line)
-        if match is None:
+        if match is None or filled >= MAX_FILLED_ENTRIES:
             continue
         following = lines[i + 1] if i + 1 < len(lines) else ""
         if following.startswith(match[1] + "  ") and not _FRAME_LINE.match(following):
             continue  # the remote side had the source
+        filled += 1
+        if not _is_source_file(match[2]):
+            continue
         source = linecache.getline(match[2], int(match[3])).strip()
         if source:
             out.append(f"{match[1]}  {source}")

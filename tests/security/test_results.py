@@ -165,6 +165,25 @@ def test_forged_exception_pickle_and_names_are_not_trusted(session, tmp_path, mo
     still_works(session)
 
 
+def test_forged_traceback_naming_a_fifo_or_device_is_not_read(session, tmp_path):
+    """Source lines of a remote traceback are filled in from this side's files: a forged traceback
+    naming a FIFO here (reading it would block the client) or /dev/zero (reading it would fill the
+    client's memory) is shown as it came, without reading them."""
+    fifo = tmp_path / "blocks.py"
+    os.mkfifo(fifo)
+
+    @session.function
+    def attack(paths):
+        lines = "".join(f'  File "{p}", line 1, in attack\n' for p in paths)
+        forge({"t": "error", "kind": "user", "message": "forged", "type_name": "x.Forged",
+               "traceback": f"Traceback (most recent call last):\n{lines}x.Forged: forged\n"})
+
+    with pytest.raises(RemoteError) as info:
+        attack.remote([str(fifo), "/dev/zero"]).result(timeout=60)
+    assert str(fifo) in info.value.remote_traceback and "/dev/zero" in info.value.remote_traceback
+    still_works(session)
+
+
 def test_forged_result_files_that_are_links_or_fifos_are_refused(session, tmp_path):
     """A result "file" that is a symlink to a host file, or a FIFO, in the sandbox's /tmp: the
     client refuses it (no link followed, no read that blocks) and fails that call only."""
