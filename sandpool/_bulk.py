@@ -77,12 +77,13 @@ MAX_RESULT_BYTES = 4 * 1024 * 1024 * 1024
 _RESULT_PREFIX = ".sandpool-r-"
 
 
-def take_result(directory: str, sandbox_path: str, name: str, decode: Callable[[bytearray], Any]) -> Any:
-    """Read (and remove) a result file the worker named, and ``decode`` its contents.
+def take_result(directory: str, sandbox_path: str, name: str, decode: Callable[[int, int], Any]) -> Any:
+    """Open (and remove) a result file the worker named, and ``decode(fd, size)`` it.
 
     The sandbox controls that directory, so neither it nor the file may be a link, the file must
-    be a regular one no larger than ``MAX_RESULT_BYTES``, and it is read into memory (a mapping of
-    a file the sandbox can truncate would fault here). SerializationError for any of that.
+    be a regular one no larger than ``MAX_RESULT_BYTES``, and ``decode`` reads it rather than
+    mapping it (a mapping of a file the sandbox can truncate would fault here).
+    SerializationError for any of that.
     """
     base = os.path.basename(sandbox_path)
     if not base.startswith(_RESULT_PREFIX):
@@ -90,35 +91,21 @@ def take_result(directory: str, sandbox_path: str, name: str, decode: Callable[[
     try:
         dir_fd = _open_dir(directory)
         try:
-            data = read_file(base, MAX_RESULT_BYTES, dir_fd)
+            fd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
         finally:
             _unlink(dir_fd, base)
             os.close(dir_fd)
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise ValueError("not a regular file")
+            if info.st_size > MAX_RESULT_BYTES:
+                raise ValueError(f"{info.st_size} bytes, above the limit of {MAX_RESULT_BYTES}")
+            return decode(fd, info.st_size)
+        finally:
+            os.close(fd)
     except (OSError, ValueError) as exc:
         raise SerializationError(f"the result of {name!r} could not be read from {sandbox_path}: {exc}") from exc
-    return decode(data)
-
-
-def read_file(path: str, max_bytes: int, dir_fd: int | None = None) -> bytearray:
-    """The contents of the regular file at ``path`` (not a link, FIFO or device); ValueError if it
-    is none or holds more than ``max_bytes``."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError("not a regular file")
-        if info.st_size > max_bytes:
-            raise ValueError(f"{info.st_size} bytes, above the limit of {max_bytes}")
-        data = bytearray(info.st_size)
-        view, got = memoryview(data), 0
-        while got < len(data):
-            n = os.readv(fd, [view[got:]])
-            if n == 0:
-                raise ValueError(f"the file shrank to {got} bytes while being read")
-            got += n
-        return data
-    finally:
-        os.close(fd)
 
 
 def discard(directory: str | None, sandbox_path: str) -> None:

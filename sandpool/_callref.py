@@ -66,6 +66,10 @@ class Payload:
         """A result of this function from its bytes (SerializationError if they do not decode)."""
         return _serialize.loads_result(data, self.name, self.pickled)
 
+    def decode_file(self, fd: int, size: int) -> Any:
+        """A result of this function from a file (SerializationError, or OSError if unreadable)."""
+        return _serialize.loads_result_file(fd, size, self.name, self.pickled)
+
     def observe(self, micros: int) -> None:
         seconds = micros / 1e6
         self.estimate = seconds if self.estimate is None else 0.8 * self.estimate + 0.2 * seconds

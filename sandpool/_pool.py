@@ -192,7 +192,7 @@ class Pool:
             else:
                 try:
                     if isinstance(frame.get("path"), str) and slot.bulk_dir:
-                        value = _bulk.take_result(slot.bulk_dir, frame["path"], call.payload.name, call.payload.decode)
+                        value = _bulk.take_result(slot.bulk_dir, frame["path"], call.payload.name, call.payload.decode_file)
                     else:
                         value = call.payload.decode(frame.get("data", b""))
                 except SerializationError as exc:

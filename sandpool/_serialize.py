@@ -166,11 +166,9 @@ def dumps_args(args: tuple[Any, ...], kwargs: dict[str, Any], name: str,
 
 
 def loads_result(data: Any, name: str, pickled: bool = False) -> Any:
-    """Decode a result: plain data, or (``pickled``: the function opted in) a cloudpickle.
-
-    ``data`` is bytes (from a frame) or a bytearray (a file's contents). SerializationError for
-    anything that does not decode; nothing else of the session is affected.
-    """
+    """Decode a result from its bytes: plain data, or (``pickled``: the function opted in) a
+    cloudpickle. SerializationError for anything that does not decode; nothing else of the session
+    is affected."""
     if pickled:
         try:
             return loads(data)
@@ -179,8 +177,27 @@ def loads_result(data: Any, name: str, pickled: bool = False) -> Any:
                 f"the result of {name!r} could not be unpickled here ({type(exc).__name__}: {exc}); "
                 "return plain data or instances of classes importable on this side",
             ) from exc
+    return _plain_result(_plain.decode, data, name)
+
+
+def loads_result_file(fd: int, size: int, name: str, pickled: bool = False) -> Any:
+    """``loads_result`` for a result held by a regular file of ``size`` bytes (OSError if it
+    cannot be read)."""
+    if pickled:
+        data = bytearray(size)
+        view = memoryview(data)
+        while view:
+            n = os.readv(fd, [view])
+            if n == 0:
+                raise SerializationError(f"the result file of {name!r} is shorter than {size} bytes")
+            view = view[n:]
+        return loads_result(data, name, pickled)
+    return _plain_result(_plain.decode_file, (fd, size), name)
+
+
+def _plain_result(decode: Callable[..., Any], source: Any, name: str) -> Any:
     try:
-        return _plain.decode(data)
+        return decode(*source) if isinstance(source, tuple) else decode(source)
     except _plain.NeedsNumpy as exc:
         raise SerializationError(f"the result of {name!r} could not be rebuilt here: {exc}") from exc
     except _plain.Malformed as exc:

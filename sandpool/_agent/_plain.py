@@ -15,10 +15,10 @@ The payload is one msgpack value, packed and parsed by msgpack's C code in one p
 lacks is a msgpack array whose first item is a marker (an empty extension value): a tuple is
 ``[TUPLE, *items]``, likewise sets, frozensets and arrays (``[ARRAY, dtype, shape, order,
 scalar, bytes]``); an int beyond 64 bits and a complex are extension values of their own. An array
-of at least ``OOB_BYTES`` goes out of band: the payload then starts with the byte 0xC1 (never the
-first byte of msgpack), a 4-byte length of the msgpack head, the head, and the arrays' raw bytes,
-which the encoder hands over uncopied (``encode_parts``) so a large result can be written straight
-to a file.
+of at least ``OOB_BYTES``, and a result that is one large blob of bytes, go out of band: the
+payload then starts with the byte 0xC1 (never the first byte of msgpack), a 4-byte length of the
+msgpack head, the head, and the raw bytes, which the encoder hands over uncopied
+(``encode_parts``) and ``decode_file`` reads straight into the objects that hold them.
 
 Decoding is bounded: nesting (about 1000 levels, msgpack's own limits on both sides),
 integer sizes, array ranks and sizes (checked against the bytes present), and the number of
@@ -29,6 +29,7 @@ other inconsistency, is ``Malformed``, a ValueError naming what is wrong.
 
 from __future__ import annotations
 
+import os
 import struct
 import sys
 import threading
@@ -36,8 +37,8 @@ from typing import Any
 
 import msgpack
 
-__all__ = ["OOB_BYTES", "PLAIN_TYPES", "Malformed", "NeedsNumpy", "NotPlain", "decode", "describe_exception",
-           "encode", "encode_parts"]
+__all__ = ["OOB_BYTES", "PLAIN_TYPES", "Malformed", "NeedsNumpy", "NotPlain", "decode", "decode_file",
+           "describe_exception", "encode", "encode_parts"]
 
 #: Arrays at least this large travel out of band (uncopied by the encoder).
 OOB_BYTES = 64 * 1024
@@ -55,8 +56,8 @@ PLAIN_TYPES = "None, bool, int, float, complex, str, bytes, list, tuple, dict, s
 MAX_EXCEPTION_BYTES = 1024 * 1024
 
 # extension codes: markers (empty data) first in an array, then values of their own
-_TUPLE, _SET, _FROZENSET, _ARRAY, _OOB_ARRAY, _BIGINT, _COMPLEX = range(1, 8)
-_MARKERS = {code: msgpack.ExtType(code, b"") for code in (_TUPLE, _SET, _FROZENSET, _ARRAY, _OOB_ARRAY)}
+_TUPLE, _SET, _FROZENSET, _ARRAY, _OOB_ARRAY, _OOB_BYTES, _BIGINT, _COMPLEX = range(1, 9)
+_MARKERS = {code: msgpack.ExtType(code, b"") for code in (_TUPLE, _SET, _FROZENSET, _ARRAY, _OOB_ARRAY, _OOB_BYTES)}
 _OOB_MARK = 0xC1
 _HEAD_LEN = struct.Struct(">BI")
 _COMPLEX_PAIR = struct.Struct("<dd")
@@ -156,7 +157,11 @@ def encode_parts(value: object) -> list[Any]:
 
     Raises NotPlain naming the first value that is not plain data.
     """
-    if type(value) in _NATIVE and (type(value) not in (str, bytes) or len(value) < OOB_BYTES):  # type: ignore[arg-type]
+    if type(value) in (bytes, bytearray, memoryview) and len(value) >= OOB_BYTES:  # type: ignore[arg-type]
+        buffer = memoryview(value).cast("B")  # a large blob: out of band, uncopied
+        head = msgpack.packb([_MARKERS[_OOB_BYTES], 0, buffer.nbytes])
+        return [_HEAD_LEN.pack(_OOB_MARK, len(head)), head, buffer]
+    if type(value) in _NATIVE and (type(value) is not str or len(value) < OOB_BYTES):  # type: ignore[arg-type]
         try:  # the common small result (large ones would leave the shared packer's buffer grown)
             return [_packer.pack(value)]
         except (OverflowError, ValueError):
@@ -201,15 +206,50 @@ class _Decoder:
     also has a budget of containers: an empty list is one byte of msgpack but some 60 bytes of
     Python, so a hostile payload of empty lists would otherwise take 60 times its size."""
 
-    __slots__ = ("area", "area_start", "writable", "budget", "markers")
+    __slots__ = ("area", "area_start", "area_size", "fd", "budget", "markers")
 
-    def __init__(self, data: Any, area_start: int) -> None:
-        self.area = data  # the whole payload; out-of-band arrays lie past area_start
-        self.area_start = area_start
-        self.writable = type(data) is bytearray  # arrays may then view it instead of copying
+    def __init__(self, data: Any, area_start: int, area_size: int, fd: int | None = None) -> None:
+        self.area = data  # the whole payload in memory (out-of-band data lies past area_start), or
+        self.fd = fd  # the file that holds it, read straight into each out-of-band value
+        self.area_start, self.area_size = area_start, area_size
         # small payloads cannot take much memory: no budget to keep
         self.budget = area_start // CONTAINER_BYTES + 1024 if area_start > COUNT_ABOVE_BYTES else None
         self.markers = 0  # met and not yet converted
+
+    def _check_range(self, start: object, length: object, what: str) -> None:
+        if type(start) is not int or type(length) is not int or start < 0 or length < 0 \
+                or start + length > self.area_size:
+            raise Malformed(f"out-of-band {what} of {length!r} bytes at {start!r} does not fit the "
+                            f"{self.area_size}-byte area")
+
+    def _read_into(self, target: memoryview, start: int) -> None:
+        """Fill ``target`` from the out-of-band area at ``start`` (copied once)."""
+        if self.fd is None:
+            begin = self.area_start + start
+            target[:] = memoryview(self.area)[begin:begin + target.nbytes]
+            return
+        offset = self.area_start + start
+        while target.nbytes:
+            n = os.preadv(self.fd, [target], offset)
+            if n == 0:
+                raise Malformed("the payload's file is shorter than its head announces")
+            target, offset = target[n:], offset + n
+
+    def _oob_bytes(self, items: list) -> bytes:
+        if len(items) != 3:
+            raise Malformed(f"out-of-band bytes header has {len(items) - 1} fields")
+        start, length = items[1], items[2]
+        self._check_range(start, length, "bytes")
+        if self.fd is None:
+            begin = self.area_start + start
+            return bytes(memoryview(self.area)[begin:begin + length])
+        if length <= 1 << 30:  # one read straight into the result (a tmpfs file reads whole)
+            data = os.pread(self.fd, length, self.area_start + start)
+            if len(data) == length:
+                return data
+        buffer = bytearray(length)
+        self._read_into(memoryview(buffer), start)
+        return bytes(buffer)
 
     def run(self, head: Any) -> Any:
         if self.budget is None:
@@ -254,6 +294,8 @@ class _Decoder:
             return set(items[1:])
         if code == _FROZENSET:
             return frozenset(items[1:])
+        if code == _OOB_BYTES:
+            return self._oob_bytes(items)
         return self._ndarray(items, code == _OOB_ARRAY)
 
     def _ndarray(self, items: list, oob: bool) -> Any:
@@ -280,21 +322,19 @@ class _Decoder:
         nbytes = count * dtype.itemsize
         if oob:
             start, length = items[5], items[6]
-            if type(start) is not int or type(length) is not int or start < 0 or length != nbytes \
-                    or self.area_start + start + length > len(self.area):
-                raise Malformed(f"out-of-band array of {length!r} bytes at {start!r} does not fit its "
-                                f"{len(self.area) - self.area_start}-byte area, or its shape and dtype")
-            begin = self.area_start + start
-            raw: Any = memoryview(self.area)[begin:begin + length]
-            if not self.writable:
-                raw = bytearray(raw)
+            self._check_range(start, length, "array")
+            if length != nbytes:
+                raise Malformed(f"out-of-band array of {length} bytes, but its shape {shape} and dtype {dtype} "
+                                f"need {nbytes}")
+            array = np.empty(count, dtype=dtype)
+            self._read_into(memoryview(array.view(np.uint8)), start)  # type: ignore[arg-type]
         else:
             raw = items[5]
             if type(raw) is not bytes or len(raw) != nbytes:
                 raise Malformed(f"array of shape {shape} and dtype {dtype} needs {nbytes} bytes, "
                                 f"has {len(raw) if type(raw) is bytes else type(raw).__name__}")
-            raw = bytearray(raw)  # writable, as an unpickled array would be
-        array = np.frombuffer(raw, dtype=dtype, count=count) if count else np.empty(0, dtype=dtype)
+            # writable, as an unpickled array would be
+            array = np.frombuffer(bytearray(raw), dtype=dtype, count=count) if count else np.empty(0, dtype=dtype)
         array = array.reshape(shape, order=order)
         return array[()] if scalar else array
 
@@ -317,7 +357,7 @@ def _is_descr(described: object) -> bool:
 
 
 def decode(data: Any) -> Any:
-    """Decode a payload (bytes, or a bytearray whose arrays may be viewed rather than copied).
+    """Decode a payload held in memory (bytes or a bytearray).
 
     Builds plain values only: no class is looked up and no code runs. Raises Malformed (a
     ValueError) for anything that is not a payload of ``encode``, NeedsNumpy for an array when
@@ -328,19 +368,46 @@ def decode(data: Any) -> Any:
         if first and _SCALAR_FIRST[first[0]]:  # None, a bool, number, str or bytes: nothing to hook
             return msgpack.unpackb(data, raw=False)
         if first != b"\xc1":
-            return _Decoder(data, len(data)).run(data)
+            return _Decoder(data, len(data), 0).run(data)
         view = memoryview(data)
-        if len(view) < _HEAD_LEN.size:
-            raise Malformed(f"a {len(view)}-byte payload with an out-of-band mark")
-        _, head_len = _HEAD_LEN.unpack(view[:_HEAD_LEN.size])
+        head_len = _head_length(view[:_HEAD_LEN.size], len(view))
         area_start = _HEAD_LEN.size + head_len
-        if area_start > len(view):
-            raise Malformed(f"head of {head_len} bytes runs past the {len(view)}-byte payload")
-        return _Decoder(data, area_start).run(view[_HEAD_LEN.size:area_start])
+        return _Decoder(data, area_start, len(view) - area_start).run(view[_HEAD_LEN.size:area_start])
     except Malformed:
         raise
     except Exception as exc:  # msgpack and numpy raise many unrelated types; all mean "malformed" here
         raise Malformed(f"{type(exc).__name__}: {exc}") from exc
+
+
+def decode_file(fd: int, size: int) -> Any:
+    """Decode the payload held by the ``size`` bytes of the regular file ``fd``; out-of-band values
+    are read straight into the objects that hold them (one copy, no mapping the file's writer could
+    truncate under us). Raises as ``decode`` does, and OSError when the file cannot be read."""
+    try:
+        mark = os.pread(fd, _HEAD_LEN.size, 0)
+        if mark[:1] != b"\xc1":
+            data = bytearray(size)
+            _Decoder(None, 0, size, fd)._read_into(memoryview(data), 0)
+            return decode(data)
+        head_len = _head_length(mark, size)
+        head = os.pread(fd, head_len, _HEAD_LEN.size)
+        if len(head) != head_len:
+            raise Malformed("the payload's file is shorter than its head")
+        area_start = _HEAD_LEN.size + head_len
+        return _Decoder(None, area_start, size - area_start, fd).run(head)
+    except (Malformed, OSError):
+        raise
+    except Exception as exc:  # as in decode
+        raise Malformed(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _head_length(mark: Any, size: int) -> int:
+    if len(mark) < _HEAD_LEN.size:
+        raise Malformed(f"a {size}-byte payload with an out-of-band mark")
+    _, head_len = _HEAD_LEN.unpack(mark[:_HEAD_LEN.size])
+    if _HEAD_LEN.size + head_len > size:
+        raise Malformed(f"head of {head_len} bytes runs past the {size}-byte payload")
+    return head_len
 
 
 def describe_exception(exc: BaseException) -> bytes:
