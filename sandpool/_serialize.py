@@ -305,16 +305,18 @@ def remote_exception(frame: dict, sandbox_id: str | None, pickled: bool = False)
 
 def _find_class(module: object, qualname: object) -> type | None:
     """The class ``module.qualname`` if its module is loaded already: dictionary lookups only, so
-    no module is imported and no ``__getattr__`` runs."""
+    no module is imported and no ``__getattr__`` (of a module or a metaclass) runs."""
     if not isinstance(module, str) or not isinstance(qualname, str):
         return None
     obj: object = sys.modules.get(module)
     for part in qualname.split("."):
-        namespace = getattr(obj, "__dict__", None) if isinstance(obj, (types.ModuleType, type)) else None
-        if not isinstance(namespace, (dict, types.MappingProxyType)):
+        if not issubclass(type(obj), (types.ModuleType, type)):  # type(), not isinstance(): no __class__ runs
+            return None
+        namespace = object.__getattribute__(obj, "__dict__")
+        if type(namespace) not in (dict, types.MappingProxyType):
             return None
         obj = namespace.get(part)
-    return obj if isinstance(obj, type) else None
+    return obj if issubclass(type(obj), type) else None  # type: ignore[return-value]
 
 
 def _rebuild(data: bytes, sandbox_id: str | None, type_name: str, message: str) -> Exception | None:
