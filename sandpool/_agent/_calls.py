@@ -211,6 +211,10 @@ class CallRelay:
                 ours.close()
                 _worker.main(theirs, self._config, listener)
                 code = 0
+            except BaseException:  # a bug of the worker's own: say where (os._exit would lose it)
+                import traceback
+
+                traceback.print_exc()
             finally:
                 os._exit(code)
         theirs.close()

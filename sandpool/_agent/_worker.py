@@ -112,6 +112,7 @@ class Worker:
                 self.signalled = False
                 self._drain()
                 self._answer_cancelled_waiting()
+                continue  # the cancels or steals may have taken every pending call
             frame = self.pending.popleft()
             if self.outbox and (self.durations.get(frame.get("fn_key") or b"", 1.0) >= FLUSH_SECONDS
                                 or time.monotonic() - self.flushed_at >= FLUSH_SECONDS):
