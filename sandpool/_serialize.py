@@ -177,7 +177,10 @@ def loads_result(data: Any, name: str, pickled: bool = False) -> Any:
                 f"the result of {name!r} could not be unpickled here ({type(exc).__name__}: {exc}); "
                 "return plain data or instances of classes importable on this side",
             ) from exc
-    return _plain_result(_plain.decode, data, name)
+    try:
+        return _plain.decode(data)
+    except _plain.Malformed as exc:
+        raise _decode_error(exc, name) from exc
 
 
 def loads_result_file(fd: int, size: int, name: str, pickled: bool = False) -> Any:
@@ -192,18 +195,17 @@ def loads_result_file(fd: int, size: int, name: str, pickled: bool = False) -> A
                 raise SerializationError(f"the result file of {name!r} is shorter than {size} bytes")
             view = view[n:]
         return loads_result(data, name, pickled)
-    return _plain_result(_plain.decode_file, (fd, size), name)
-
-
-def _plain_result(decode: Callable[..., Any], source: Any, name: str) -> Any:
     try:
-        return decode(*source) if isinstance(source, tuple) else decode(source)
-    except _plain.NeedsNumpy as exc:
-        raise SerializationError(f"the result of {name!r} could not be rebuilt here: {exc}") from exc
+        return _plain.decode_file(fd, size)
     except _plain.Malformed as exc:
-        raise SerializationError(
-            f"the result of {name!r} is not valid plain data ({exc}); the sandbox sent a malformed answer",
-        ) from exc
+        raise _decode_error(exc, name) from exc
+
+
+def _decode_error(exc: _plain.Malformed, name: str) -> SerializationError:
+    if isinstance(exc, _plain.NeedsNumpy):
+        return SerializationError(f"the result of {name!r} could not be rebuilt here: {exc}")
+    return SerializationError(
+        f"the result of {name!r} is not valid plain data ({exc}); the sandbox sent a malformed answer")
 
 
 class RemoteTraceback(Exception):

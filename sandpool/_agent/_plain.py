@@ -61,7 +61,7 @@ _MARKERS = {code: msgpack.ExtType(code, b"") for code in (_TUPLE, _SET, _FROZENS
 _OOB_MARK = 0xC1
 _HEAD_LEN = struct.Struct(">BI")
 _COMPLEX_PAIR = struct.Struct("<dd")
-_NATIVE = frozenset({type(None), bool, int, float, str, bytes})
+_SCALARS = frozenset({type(None), bool, int, float})
 #: First bytes of msgpack values that hold no array, map or extension value (msgpack's spec).
 _SCALAR_FIRST = bytes(int(b <= 0x7F or 0xA0 <= b <= 0xBF or b >= 0xE0 or b in (0xC0, 0xC2, 0xC3)
                           or 0xC4 <= b <= 0xC6 or 0xCA <= b <= 0xD3 or 0xD9 <= b <= 0xDB) for b in range(256))
@@ -157,15 +157,16 @@ def encode_parts(value: object) -> list[Any]:
 
     Raises NotPlain naming the first value that is not plain data.
     """
-    if type(value) in (bytes, bytearray, memoryview) and len(value) >= OOB_BYTES:  # type: ignore[arg-type]
-        buffer = memoryview(value).cast("B")  # a large blob: out of band, uncopied
-        head = msgpack.packb([_MARKERS[_OOB_BYTES], 0, buffer.nbytes])
-        return [_HEAD_LEN.pack(_OOB_MARK, len(head)), head, buffer]
-    if type(value) in _NATIVE and (type(value) is not str or len(value) < OOB_BYTES):  # type: ignore[arg-type]
+    cls = type(value)
+    if cls in _SCALARS or ((cls is str or cls is bytes) and len(value) < OOB_BYTES):  # type: ignore[arg-type]
         try:  # the common small result (large ones would leave the shared packer's buffer grown)
             return [_packer.pack(value)]
         except (OverflowError, ValueError):
             _packer.reset()  # an int beyond 64 bits, a str with surrogates: the general path says so
+    elif (cls is bytes or cls is bytearray or cls is memoryview) and len(value) >= OOB_BYTES:  # type: ignore[arg-type]
+        buffer = memoryview(value).cast("B")  # a large blob: out of band, uncopied
+        head = msgpack.packb([_MARKERS[_OOB_BYTES], 0, buffer.nbytes])
+        return [_HEAD_LEN.pack(_OOB_MARK, len(head)), head, buffer]
     shared = _shared_lock.acquire(blocking=False)
     encoder, head = _shared_encoder if shared else _Encoder(), b""
     try:
@@ -364,10 +365,9 @@ def decode(data: Any) -> Any:
     numpy is missing here.
     """
     try:
-        first = data[:1]
-        if first and _SCALAR_FIRST[first[0]]:  # None, a bool, number, str or bytes: nothing to hook
+        if data and _SCALAR_FIRST[data[0]]:  # None, a bool, number, str or bytes: nothing to hook
             return msgpack.unpackb(data, raw=False)
-        if first != b"\xc1":
+        if data[:1] != b"\xc1":
             return _Decoder(data, len(data), 0).run(data)
         view = memoryview(data)
         head_len = _head_length(view[:_HEAD_LEN.size], len(view))
