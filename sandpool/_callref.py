@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import _opref
+from . import _opref, _serialize
 from ._opref import OperationRef
 
 if TYPE_CHECKING:
@@ -53,12 +53,22 @@ class CallRef(OperationRef):
 
 @dataclass(eq=False)
 class Payload:
-    """A pickled function, shared by its calls; ``estimate`` tracks its duration (s, EWMA)."""
+    """A pickled function, shared by its calls; ``estimate`` tracks its duration (s, EWMA).
+    ``pickled``: its results and exceptions come back as cloudpickles (``unsafe_pickle_results``)."""
 
     name: str
     data: bytes
     key: bytes
     estimate: float | None = None
+    pickled: bool = False
+
+    def decode(self, data: Any) -> Any:
+        """A result of this function from its bytes (SerializationError if they do not decode)."""
+        return _serialize.loads_result(data, self.name, self.pickled)
+
+    def decode_file(self, fd: int, size: int) -> Any:
+        """A result of this function from a file (SerializationError, or OSError if unreadable)."""
+        return _serialize.loads_result_file(fd, size, self.name, self.pickled)
 
     def observe(self, micros: int) -> None:
         seconds = micros / 1e6

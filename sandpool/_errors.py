@@ -196,12 +196,14 @@ class SerializationError(FunctionError):
     _extras = ("obj_repr",)
 
 
-class RemoteError(FunctionError):
-    """A remote function raised an exception whose class cannot be unpickled here.
+class RemoteError(FunctionError, SandboxExecutionError):
+    """A remote function raised an exception that cannot be rebuilt here as its own type.
 
-    Exceptions that do unpickle are re-raised as themselves; this box is the fallback.
-    ``type_name`` is the remote class's qualified name, ``remote_traceback`` the formatted
-    remote traceback, and ``sandbox_id`` where it ran. ``message`` is the message.
+    Exceptions whose class is loaded here and takes their plain-data arguments are raised as
+    themselves (and as SandboxExecutionError too); this box is the fallback, and is also a
+    SandboxExecutionError, as in cwsandbox. ``type_name`` (also ``exception_type``) is the remote
+    class's qualified name, ``remote_traceback`` the formatted remote traceback, ``sandbox_id``
+    where it ran, and ``exception_message`` the remote message.
     """
 
     _extras = ("type_name", "remote_traceback", "sandbox_id")

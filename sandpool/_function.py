@@ -1,8 +1,10 @@
 """RemoteFunction: a plain function run on a warm pool of sandboxes (``@session.function``).
 
-The function is cloudpickled once, on first use, and sent once to each sandbox; arguments and
-results are cloudpickled per call. Calls go to the session's pool for the function's sandbox spec
-(see ``_pool``); each returns a ``CallRef`` (an OperationRef) at once.
+The function is cloudpickled once, on first use, and sent once to each sandbox; arguments are
+cloudpickled per call. Results and exceptions come back as plain data (see ``_serialize``), or as
+cloudpickles for a function made with ``unsafe_pickle_results=True``. Calls go to the session's
+pool for the function's sandbox spec (see ``_pool``); each returns a ``CallRef`` (an
+OperationRef) at once.
 """
 
 from __future__ import annotations
@@ -103,11 +105,17 @@ class RemoteFunction(Generic[P, R]):
     trio it raises RuntimeError (use ``await f.remote(...)``). Pickled (for example as a global of
     another remote function), a RemoteFunction becomes its plain function, so calls between remote
     functions run locally in the sandbox.
+
+    Results must be plain data (None, bool, int, float, complex, str, bytes, list, tuple, dict,
+    set, frozenset, numpy arrays): any other result fails its call with SerializationError, raised
+    in the sandbox, so nothing the sandbox makes is unpickled here. ``unsafe_pickle_results=True``
+    lifts that for code you trust: results and exceptions then come back as cloudpickles, and
+    unpickling them runs whatever code they name, in this process.
     """
 
     def __init__(self, fn: Callable[P, R], session: Session, *, retries: int | Retries | None = 0,
                  timeout_seconds: float | None = None, max_concurrency: int | None = None,
-                 reuse: bool = True, **overrides: Any) -> None:
+                 reuse: bool = True, unsafe_pickle_results: bool = False, **overrides: Any) -> None:
         if not callable(fn):
             raise TypeError(f"@session.function needs a function, got {type(fn).__name__} {fn!r}")
         plain = inspect.unwrap(fn)
@@ -115,7 +123,8 @@ class RemoteFunction(Generic[P, R]):
             raise AsyncFunctionError(
                 f"{getattr(fn, '__qualname__', fn)!r} is an async function; remote functions must be "
                 "plain 'def' functions (run async code inside with trio.run or asyncio.run)")
-        self._retries = _check_options(retries, timeout_seconds, max_concurrency, reuse)
+        self._retries = _check_options(retries, timeout_seconds, max_concurrency, reuse, unsafe_pickle_results)
+        self._pickled = unsafe_pickle_results
         functools.update_wrapper(self, fn)
         self._fn = fn
         self._session = session
@@ -146,7 +155,7 @@ class RemoteFunction(Generic[P, R]):
             with self._lock:
                 if self._payload is None:
                     data = _serialize.dumps_function(self._fn, self.__qualname__)
-                    self._payload = Payload(self.__qualname__, data, _serialize.fn_key(data))
+                    self._payload = Payload(self.__qualname__, data, _serialize.fn_key(data), pickled=self._pickled)
         return self._payload
 
     def _pool(self) -> Pool:
@@ -291,7 +300,8 @@ class RemoteFunction(Generic[P, R]):
         return self.remote(*args, **kwargs).result()
 
 
-def _check_options(retries: Any, timeout_seconds: Any, max_concurrency: Any, reuse: Any) -> Retries:
+def _check_options(retries: Any, timeout_seconds: Any, max_concurrency: Any, reuse: Any,
+                   unsafe_pickle_results: Any = False) -> Retries:
     """Validate the call options of ``@session.function``; return the retries as a Retries."""
     if timeout_seconds is not None and (isinstance(timeout_seconds, bool) or not isinstance(
             timeout_seconds, (int, float)) or not 0 < timeout_seconds < math.inf):
@@ -303,6 +313,8 @@ def _check_options(retries: Any, timeout_seconds: Any, max_concurrency: Any, reu
                          "use e.g. max_concurrency=8, or None for one sandbox per CPU")
     if not isinstance(reuse, bool):
         raise TypeError(f"reuse must be True or False, got {reuse!r}")
+    if not isinstance(unsafe_pickle_results, bool):
+        raise TypeError(f"unsafe_pickle_results must be True or False, got {unsafe_pickle_results!r}")
     return Retries.coerce(retries)
 
 
@@ -322,9 +334,10 @@ def function_decorator(session: Session, fn: Callable[..., Any] | None, options:
     if fn is not None:
         return RemoteFunction(fn, session, **options)
     # Check every option now, so a typo fails at the decorator line, not at the first call.
-    _check_options(*(options.get(k) for k in _CALL_OPTIONS[:3]), options.get("reuse", True))
+    _check_options(*(options.get(k) for k in _CALL_OPTIONS[:3]), options.get("reuse", True),
+                   options.get("unsafe_pickle_results", False))
     resolve_spec(session.defaults, **{k: v for k, v in options.items() if k not in _CALL_OPTIONS})
     return lambda f: RemoteFunction(f, session, **options)
 
 
-_CALL_OPTIONS = ("retries", "timeout_seconds", "max_concurrency", "reuse")
+_CALL_OPTIONS = ("retries", "timeout_seconds", "max_concurrency", "reuse", "unsafe_pickle_results")

@@ -134,6 +134,8 @@ class Pool:
         frame = {"t": "call", "id": call.req_id, "fn_key": payload.key, "args": call.args,
                  "fn": b"" if payload.key in slot.keys else payload.data}
         slot.keys.add(payload.key)
+        if payload.pickled:  # the function's owner trusts it: results may come back pickled
+            frame["pickle"] = True
         if call.timeout is not None:
             frame["timeout"] = call.timeout
             if slot.direct is not None:  # the agent does not see direct calls: watch it here
@@ -189,10 +191,10 @@ class Pool:
                     _bulk.discard(slot.bulk_dir, frame["path"])
             else:
                 try:
-                    if frame.get("path") and slot.bulk_dir:
-                        value = _bulk.take_result(slot.bulk_dir, frame["path"], call.payload.name)
+                    if isinstance(frame.get("path"), str) and slot.bulk_dir:
+                        value = _bulk.take_result(slot.bulk_dir, frame["path"], call.payload.name, call.payload.decode_file)
                     else:
-                        value = _serialize.loads_result(frame.get("data", b""), call.payload.name)
+                        value = call.payload.decode(frame.get("data", b""))
                 except SerializationError as exc:
                     self._fail(call, exc)
                 else:
@@ -217,7 +219,7 @@ class Pool:
                 f"call to {name!r} failed: {frame['message']} in sandbox {sandbox_id}",
                 sandbox_id=sandbox_id, exit_code=frame.get("code"), signal=frame.get("signal")))
         elif kind == "user":
-            self._user_failure(call, _serialize.remote_exception(frame, sandbox_id))
+            self._user_failure(call, _serialize.remote_exception(frame, sandbox_id, call.payload.pickled))
         elif kind == "timeout":
             self._user_failure(call, self._timeout_error(call, slot))
         elif kind == "cancelled":

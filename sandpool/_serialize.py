@@ -1,13 +1,17 @@
-"""Pickling for remote functions, on the caller's side: one place for every serialization concern.
+"""Serialization for remote functions, on the caller's side: one place for every such concern.
 
-Functions, arguments and results travel as cloudpickle (protocol 5). Functions keep their source
+Going in, functions and arguments travel as cloudpickle (protocol 5). Functions keep their source
 file name (cloudpickle replaces it with "<dynamic-code>"), so remote tracebacks show real files
 and lines. A value that will not pickle raises SerializationError naming the culprit (the argument,
 or the global or closure variable of the function) before anything is sent.
 
-A remote exception comes back as itself, with the remote traceback attached as ``__cause__`` (a
-``RemoteTraceback``, as concurrent.futures does), or as RemoteError when its class cannot be
-unpickled here.
+Coming back, nothing a sandbox sends is unpickled (unless the function opted in with
+``unsafe_pickle_results=True``): results are plain data (``_agent._plain``), and a remote exception
+is rebuilt from plain data as the user's own type when that class is already loaded here, is an
+Exception and takes the plain arguments; it is then also a SandboxExecutionError (a cached
+subclass of both, as Ray does). Otherwise it is a RemoteError with the type's name, the message and
+the traceback text. Either way the remote traceback is attached as ``__cause__`` (a
+``RemoteTraceback``, as concurrent.futures does).
 """
 
 from __future__ import annotations
@@ -15,9 +19,13 @@ from __future__ import annotations
 import hashlib
 import io
 import linecache
+import os
 import pickle
 import re
 import reprlib
+import stat
+import sys
+import threading
 import types
 from collections import ChainMap
 from collections.abc import Callable
@@ -26,7 +34,8 @@ from typing import Any
 import cloudpickle
 from cloudpickle import cloudpickle as _cp
 
-from ._errors import RemoteError, SerializationError
+from ._agent import _plain
+from ._errors import RemoteError, SandboxExecutionError, SerializationError
 
 _DYNAMIC = "<dynamic-code>"
 _repr = reprlib.Repr()
@@ -156,15 +165,47 @@ def dumps_args(args: tuple[Any, ...], kwargs: dict[str, Any], name: str,
         ) from exc
 
 
-def loads_result(data: bytes, name: str) -> Any:
-    """Unpickle a result; SerializationError if its class cannot be found here."""
+def loads_result(data: Any, name: str, pickled: bool = False) -> Any:
+    """Decode a result from its bytes: plain data, or (``pickled``: the function opted in) a
+    cloudpickle. SerializationError for anything that does not decode; nothing else of the session
+    is affected."""
+    if pickled:
+        try:
+            return loads(data)
+        except Exception as exc:
+            raise SerializationError(
+                f"the result of {name!r} could not be unpickled here ({type(exc).__name__}: {exc}); "
+                "return plain data or instances of classes importable on this side",
+            ) from exc
     try:
-        return loads(data)
-    except Exception as exc:
-        raise SerializationError(
-            f"the result of {name!r} could not be unpickled here ({type(exc).__name__}: {exc}); "
-            "return plain data or instances of classes importable on this side",
-        ) from exc
+        return _plain.decode(data)
+    except _plain.Malformed as exc:
+        raise _decode_error(exc, name) from exc
+
+
+def loads_result_file(fd: int, size: int, name: str, pickled: bool = False) -> Any:
+    """``loads_result`` for a result held by a regular file of ``size`` bytes (OSError if it
+    cannot be read)."""
+    if pickled:
+        data = bytearray(size)
+        view = memoryview(data)
+        while view:
+            n = os.readv(fd, [view])
+            if n == 0:
+                raise SerializationError(f"the result file of {name!r} is shorter than {size} bytes")
+            view = view[n:]
+        return loads_result(data, name, pickled)
+    try:
+        return _plain.decode_file(fd, size)
+    except _plain.Malformed as exc:
+        raise _decode_error(exc, name) from exc
+
+
+def _decode_error(exc: _plain.Malformed, name: str) -> SerializationError:
+    if isinstance(exc, _plain.NeedsNumpy):
+        return SerializationError(f"the result of {name!r} could not be rebuilt here: {exc}")
+    return SerializationError(
+        f"the result of {name!r} is not valid plain data ({exc}); the sandbox sent a malformed answer")
 
 
 class RemoteTraceback(Exception):
@@ -185,41 +226,175 @@ class RemoteTraceback(Exception):
 _FRAME_LINE = re.compile(r'^(\s*)File "([^"]+)", line (\d+), in ')
 
 
+#: Source lines are filled in only from regular ``.py`` files up to this size, for this many entries.
+MAX_SOURCE_BYTES = 4 * 1024 * 1024
+MAX_FILLED_ENTRIES = 200
+
+
+def _is_source_file(path: str) -> bool:
+    """A file the traceback text may name for its source: the text comes from the sandbox, so a
+    FIFO (reading it would block here), a device (``/dev/zero`` would fill memory) or a non-Python
+    file is never read."""
+    if not path.endswith(".py"):
+        return False
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_size <= MAX_SOURCE_BYTES
+
+
 def _fill_source_lines(text: str) -> str:
     """Add the source line under each traceback entry that lacks one, read from this side's files
     (the sandbox has its own root, so it often cannot see the caller's source)."""
     lines = text.splitlines()
     out = []
+    filled = 0
     for i, line in enumerate(lines):
         out.append(line)
         match = _FRAME_LINE.match(line)
-        if match is None:
+        if match is None or filled >= MAX_FILLED_ENTRIES:
             continue
         following = lines[i + 1] if i + 1 < len(lines) else ""
         if following.startswith(match[1] + "  ") and not _FRAME_LINE.match(following):
             continue  # the remote side had the source
+        filled += 1
+        if not _is_source_file(match[2]):
+            continue
         source = linecache.getline(match[2], int(match[3])).strip()
         if source:
             out.append(f"{match[1]}  {source}")
     return "\n".join(out) + ("\n" if text.endswith("\n") else "")
 
 
-def remote_exception(frame: dict, sandbox_id: str | None) -> Exception:
+#: Longest remote message and traceback text kept (a sandbox's own limits are lower).
+MAX_TEXT_CHARS = 2 * 1024 * 1024
+
+
+def _text(frame: dict, key: str) -> str:
+    value = frame.get(key)
+    if not isinstance(value, str):
+        return ""
+    return value if len(value) <= MAX_TEXT_CHARS else value[:MAX_TEXT_CHARS] + "... [clipped]"
+
+
+def remote_exception(frame: dict, sandbox_id: str | None, pickled: bool = False) -> Exception:
     """The user's exception from an ``error`` frame of kind "user", its remote traceback attached.
 
-    An exception that does not unpickle here, or is no Exception (SystemExit, a KeyboardInterrupt
-    raised by the function itself), becomes RemoteError: re-raising those here would end the caller.
+    Rebuilt from the frame's plain description (``exc``), or unpickled from ``data`` when
+    ``pickled`` (the function opted in). An exception that cannot be rebuilt here, or is no
+    Exception (SystemExit, a KeyboardInterrupt raised by the function itself), becomes RemoteError:
+    re-raising those here would end the caller.
     """
-    text = _fill_source_lines(frame.get("traceback") or "")
-    exc: object = None
-    if frame.get("data") is not None:
+    text = _fill_source_lines(_text(frame, "traceback"))
+    message, type_name = _text(frame, "message"), _text(frame, "type_name") or "Exception"
+    exc: Exception | None = None
+    if pickled and isinstance(frame.get("data"), bytes):
         try:
-            exc = loads(frame["data"])
+            loaded = loads(frame["data"])
         except Exception:
-            exc = None
-    if not isinstance(exc, Exception):
-        type_name = frame.get("type_name") or "Exception"
-        exc = RemoteError(f"{type_name}: {frame['message']}", type_name=type_name, remote_traceback=text,
-                          sandbox_id=sandbox_id)
+            loaded = None
+        if isinstance(loaded, Exception):
+            exc = _as_execution_error(loaded, sandbox_id, type_name, message)
+    if exc is None and isinstance(frame.get("exc"), bytes):
+        exc = _rebuild(frame["exc"], sandbox_id, type_name, message)
+    if exc is None:
+        exc = RemoteError(f"{type_name}: {message}", type_name=type_name, remote_traceback=text,
+                          sandbox_id=sandbox_id, exception_type=type_name, exception_message=message)
     exc.__cause__ = RemoteTraceback(text, sandbox_id)
     return exc
+
+
+def _find_class(module: object, qualname: object) -> type | None:
+    """The class ``module.qualname`` if its module is loaded already: dictionary lookups only, so
+    no module is imported and no ``__getattr__`` (of a module or a metaclass) runs."""
+    if not isinstance(module, str) or not isinstance(qualname, str):
+        return None
+    obj: object = sys.modules.get(module)
+    for part in qualname.split("."):
+        if not issubclass(type(obj), (types.ModuleType, type)):  # type(), not isinstance(): no __class__ runs
+            return None
+        namespace = object.__getattribute__(obj, "__dict__")
+        if type(namespace) not in (dict, types.MappingProxyType):
+            return None
+        obj = namespace.get(part)
+    return obj if issubclass(type(obj), type) else None  # type: ignore[return-value]
+
+
+def _rebuild(data: bytes, sandbox_id: str | None, type_name: str, message: str) -> Exception | None:
+    """The user's exception from its plain description, or None if it cannot be rebuilt here."""
+    try:
+        info = _plain.decode(data)
+    except _plain.Malformed:
+        return None
+    if type(info) is not dict or type(info.get("args")) is not tuple:
+        return None
+    cls = _find_class(info.get("module"), info.get("qualname"))
+    if cls is None or not issubclass(cls, Exception):
+        return None
+    try:
+        exc = cls(*info["args"])
+    except Exception:  # it does not take its own args back: the description is all there is
+        return None
+    if not isinstance(exc, cls):
+        return None
+    attrs, notes = info.get("attrs"), info.get("notes")
+    state = getattr(exc, "__dict__", None)
+    if type(attrs) is dict and isinstance(state, dict):
+        state.update((k, v) for k, v in attrs.items() if type(k) is str and not k.startswith("__"))
+    if type(notes) is list and all(type(n) is str for n in notes) and isinstance(state, dict):
+        state["__notes__"] = notes
+    return _as_execution_error(exc, sandbox_id, type_name, message)
+
+
+_dual_classes: dict[type, type] = {}
+_dual_lock = threading.Lock()
+
+
+def _dual_class(cls: type[Exception]) -> type[Exception]:
+    """The subclass of both ``cls`` and SandboxExecutionError, made once per class. It looks like
+    ``cls`` in tracebacks and reprs, and pickles as itself (rebuilt through this function)."""
+    dual = _dual_classes.get(cls)
+    if dual is None:
+        with _dual_lock:
+            dual = _dual_classes.get(cls)
+            if dual is None:
+                namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                             "__str__": cls.__str__, "__repr__": cls.__repr__,
+                             "__reduce__": _reduce_dual, "__doc__": cls.__doc__}
+                dual = _dual_classes[cls] = type(cls.__name__, (cls, SandboxExecutionError), namespace)
+    return dual
+
+
+def _reduce_dual(exc: BaseException) -> tuple[Any, ...]:
+    base = type(exc).__mro__[1]
+    return _make_dual, (base, exc.args, dict(getattr(exc, "__dict__", {})))
+
+
+def _make_dual(cls: type[Exception], args: tuple[Any, ...], state: dict[str, Any]) -> Exception:
+    """An instance of ``_dual_class(cls)`` with these args and attributes, without running any
+    ``__init__`` (the values come from an instance that was built already)."""
+    dual = _dual_class(cls)
+    exc = dual.__new__(dual, *args)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
+
+
+def _as_execution_error(exc: Exception, sandbox_id: str | None, type_name: str, message: str) -> Exception:
+    """``exc`` made also a SandboxExecutionError (cwsandbox's habit), with that class's attributes
+    where the user's own do not take the names. ``exc`` itself when that cannot be done."""
+    if isinstance(exc, SandboxExecutionError):
+        return exc
+    try:
+        dual = _make_dual(type(exc), exc.args, dict(getattr(exc, "__dict__", {})))
+    except Exception:  # a class that cannot be subclassed or made without __init__: keep its own type
+        return exc
+    if isinstance(exc, OSError):  # kept in slots, not in args or __dict__
+        for name in ("errno", "strerror", "filename", "filename2"):
+            setattr(dual, name, getattr(exc, name))
+    extras = {"sandbox_id": sandbox_id, "reason": None, "exec_result": None,
+              "exception_type": type_name, "exception_message": message}
+    for name, value in extras.items():
+        dual.__dict__.setdefault(name, value)
+    return dual

@@ -46,7 +46,7 @@ PARENTS = {
     FunctionError: SandpoolError,
     AsyncFunctionError: FunctionError,
     SerializationError: FunctionError,
-    RemoteError: FunctionError,
+    RemoteError: (FunctionError, SandboxExecutionError),
 }
 
 EXTRAS = {
@@ -60,7 +60,8 @@ EXTRAS = {
     SandboxFileError: ("sandbox_id", "reason", "filepath"),
     SandboxDiedError: ("sandbox_id", "reason", "exit_code", "signal"),
     SerializationError: ("obj_repr",),
-    RemoteError: ("type_name", "remote_traceback", "sandbox_id"),
+    RemoteError: ("sandbox_id", "reason", "exec_result", "exception_type", "exception_message",
+                  "type_name", "remote_traceback"),
 }
 
 
@@ -77,7 +78,8 @@ def test_all_lists_every_exception_class():
 @pytest.mark.parametrize("cls", list(PARENTS), ids=lambda c: c.__name__)
 def test_hierarchy(cls):
     """Each class has exactly the documented direct parent and is a SandpoolError."""
-    assert cls.__bases__ == (PARENTS[cls],)
+    parents = PARENTS[cls]
+    assert cls.__bases__ == (parents if isinstance(parents, tuple) else (parents,))
     assert issubclass(cls, SandpoolError)
 
 

@@ -121,16 +121,39 @@ def test_async_api_inside_trio():
 
 
 def test_values_round_trip_exactly():
-    """Tuples stay tuples; namedtuples, sets, custom classes, bytes, nested data and kwargs survive."""
+    """Plain results come back exactly: tuples stay tuples, sets, frozensets, big ints, complex,
+    bytes, nested data and non-str dict keys survive."""
     with Session() as s:
         @s.function
         def echo(*args, **kwargs):
             return args, kwargs
 
-        values = ((1, 2), Point(1, 2), {1, 2}, Box([1, {"a": (3,)}]), b"\x00\xff", None, 1.5, 2 ** 100)
+        values = ((1, 2), {1, 2}, frozenset({(1, "a")}), [1, {"a": (3,)}], b"\x00\xff", None, 1.5, 2 ** 100,
+                  -2 ** 100, 1 - 2j, True, "\u00e9", {(1, 2): [None], 3: {"x"}})
+        args, kwargs = echo.remote(*values, key=(3, 4)).result()
+        assert args == values and type(args[0]) is tuple and type(args[2]) is frozenset
+        assert kwargs == {"key": (3, 4)}
+
+
+def test_objects_round_trip_with_unsafe_pickle_results():
+    """With unsafe_pickle_results=True, namedtuples and custom classes come back as themselves;
+    without it, such a result fails its call with SerializationError naming the type and the option."""
+    with Session() as s:
+        @s.function(unsafe_pickle_results=True)
+        def echo(*args, **kwargs):
+            return args, kwargs
+
+        values = (Point(1, 2), Box([1, {"a": (3,)}]))
         args, kwargs = echo.remote(*values, key=Point(3, 4)).result()
-        assert args == values and type(args[0]) is tuple and type(args[1]) is Point
+        assert args == values and type(args[0]) is Point
         assert kwargs == {"key": Point(3, 4)}
+
+        @s.function
+        def point():
+            return Point(1, 2)
+
+        with pytest.raises(SerializationError, match="Point.*unsafe_pickle_results=True"):
+            point.remote().result()
 
 
 def test_numpy_arrays_round_trip():

@@ -183,3 +183,31 @@ def test_cancelled_queued_calls_never_run():
             ref.cancel()
         assert first.result() == "wrote"
         assert [check.remote(f"/tmp/q{i}").result() for i in range(5)] == [False] * 5
+
+
+def test_worker_survives_a_steal_that_takes_every_pending_call():
+    """A steal (cancel with ``steal``) noticed between calls that gives back every call the worker
+    still held leaves it with nothing to run: it answers them "lost" and keeps serving (it once
+    died popping an empty queue, failing the pool's next call with SandboxDiedError)."""
+    import signal
+    import socket
+
+    from sandpool import _wire
+    from sandpool._agent._worker import Worker
+
+    ours, theirs = socket.socketpair()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGALRM)}
+    try:
+        worker = Worker(theirs, cloudpickle, "/")
+        worker.pending.append({"t": "call", "id": 7, "fn": b"", "args": b""})
+        worker.steals.add(7)
+        worker.signalled = True  # as the agent's SIGINT after the steal frame leaves it
+        ours.shutdown(socket.SHUT_WR)  # then no more frames: the worker returns at EOF
+        worker.run()
+        answers = _wire.FrameBuffer().feed(ours.recv(1 << 16))
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        ours.close()
+        theirs.close()
+    assert [(a["t"], a["id"], a["kind"]) for a in answers] == [("error", 7, "lost")]

@@ -54,9 +54,10 @@ def test_remote_key_error_is_caught_as_key_error_with_the_remote_frame():
         assert "KeyError: 'zzz'" in cause.traceback and cause.sandbox_id in str(cause)
 
 
-def test_unrebuildable_or_unpicklable_exceptions_become_remote_error():
-    """An exception whose class cannot be rebuilt here, one that does not pickle, and SystemExit
-    arrive as RemoteError with type name, message and traceback."""
+def test_unrebuildable_exceptions_become_remote_error():
+    """An exception whose class cannot be rebuilt from its args here, and SystemExit, arrive as
+    RemoteError with type name, message and traceback; an exception holding an attribute that is
+    not plain data (a lock) comes back as itself, without that attribute."""
     with Session() as s:
         @s.function
         def raise_needs_two():
@@ -76,21 +77,29 @@ def test_unrebuildable_or_unpicklable_exceptions_become_remote_error():
             raise_needs_two.remote().result()
         assert info.value.type_name.endswith("NeedsTwo") and "first" in str(info.value)
         assert "raise NeedsTwo" in info.value.remote_traceback and info.value.sandbox_id
-        with pytest.raises(RemoteError, match="ValueError: holds a lock"):
+        with pytest.raises(ValueError, match="holds a lock") as lock_info:
             raise_with_lock.remote().result()
+        assert not hasattr(lock_info.value, "lock")
         with pytest.raises(RemoteError, match="SystemExit: 3"):
             exits.remote().result()
 
 
 def test_unpicklable_result_is_a_serialization_error():
-    """A result that cannot be pickled in the sandbox raises SerializationError naming its type."""
+    """A result that is not plain data fails in the sandbox with SerializationError naming its type
+    and the opt-in; with the opt-in, one that cannot be pickled names its type too."""
     with Session() as s:
         @s.function
         def make_lock():
             return threading.Lock()
 
-        with pytest.raises(SerializationError, match=r"result \(_thread.lock\) could not be pickled"):
+        @s.function(unsafe_pickle_results=True)
+        def make_lock_pickled():
+            return threading.Lock()
+
+        with pytest.raises(SerializationError, match=r"result \(_thread.lock\) is not plain data.*unsafe_pickle"):
             make_lock.remote().result()
+        with pytest.raises(SerializationError, match=r"result \(_thread.lock\) could not be pickled"):
+            make_lock_pickled.remote().result()
 
 
 def test_sigkilled_sandbox_is_retried_on_a_fresh_one_and_replaced():

@@ -20,10 +20,12 @@ then only forwards cancels (frames with ``call: True``) on the worker's socket, 
 waits for the worker's ``ack`` of each; when the worker exits it answers the ``worker`` request
 with ``exit`` (``killed: True`` when it was killed for ignoring a cancel).
 
-Error kinds sent to the owner: ``user`` (the function raised; ``data`` is the pickled exception
-when it pickles, ``type_name`` and ``traceback`` always), ``serialization`` (arguments would not
-unpickle or the result would not pickle), ``timeout``, ``cancelled``, ``lost``, ``worker_died``
-(``code``/``signal``: the worker died under the call, an infrastructure failure), ``protocol``.
+Results are plain data (``_plain``), or a cloudpickle when the call frame says ``pickle`` (the
+caller opted in). Error kinds sent to the owner: ``user`` (the function raised; ``exc`` is its
+plain description, ``type_name`` and ``traceback`` always, ``data`` its pickle only with
+``pickle``), ``serialization`` (arguments would not unpickle, or the result is not plain data or
+would not pickle), ``timeout``, ``cancelled``, ``lost``, ``worker_died`` (``code``/``signal``: the
+worker died under the call, an infrastructure failure), ``protocol``.
 
 Never imports trio; cloudpickle is imported in the worker only (the template pre-imports it).
 """
@@ -209,6 +211,10 @@ class CallRelay:
                 ours.close()
                 _worker.main(theirs, self._config, listener)
                 code = 0
+            except BaseException:  # a bug of the worker's own: say where (os._exit would lose it)
+                import traceback
+
+                traceback.print_exc()
             finally:
                 os._exit(code)
         theirs.close()

@@ -1,8 +1,10 @@
 """The call worker: a process forked by the agent that runs cloudpickled functions, one at a time.
 
 It answers every ``call`` frame with one ``result`` or ``error`` frame (see ``_calls`` for the
-kinds). Answers of a batch are buffered and sent together, at most ``FLUSH_SECONDS`` late, so that
-thousands of tiny calls cost a handful of writes.
+kinds). Results and exceptions leave as plain data (``_plain``): a result that is not plain data
+fails its call here, unless the call frame says ``pickle`` (the caller's opt-in). Answers of a
+batch are buffered and sent together, at most ``FLUSH_SECONDS`` late, so that thousands of tiny
+calls cost a handful of writes.
 
 Two ways to reach it. Relayed: calls come from the agent over the worker's socket to it, and the
 agent sees every answer. Direct (local sandboxes): the agent hands it a listening Unix socket in
@@ -21,7 +23,6 @@ from __future__ import annotations
 import collections
 import mmap
 import os
-import pickle
 import select
 import signal
 import socket
@@ -30,14 +31,15 @@ import time
 import traceback
 
 from .. import _wire
-from . import _linux
+from . import _linux, _plain
 
 #: Longest delay of an answer kept back to be sent with the next ones.
 FLUSH_SECONDS = 0.002
-#: A result pickle at least this large goes to a file when the call offers a ``bulk`` directory.
+#: A result at least this large goes to a file when the call offers a ``bulk`` directory.
 BULK_BYTES = 512 * 1024
-#: Results that plain pickle writes exactly as cloudpickle would, and small: the fast path.
-_PLAIN = frozenset({int, float, bool, type(None), complex})
+#: Longest message and traceback text of a user's exception sent back (longer ones are clipped).
+MAX_MESSAGE_CHARS = 64 * 1024
+MAX_TRACEBACK_CHARS = 1024 * 1024
 
 
 class _Interrupted(KeyboardInterrupt):
@@ -110,6 +112,7 @@ class Worker:
                 self.signalled = False
                 self._drain()
                 self._answer_cancelled_waiting()
+                continue  # the cancels or steals may have taken every pending call
             frame = self.pending.popleft()
             if self.outbox and (self.durations.get(frame.get("fn_key") or b"", 1.0) >= FLUSH_SECONDS
                                 or time.monotonic() - self.flushed_at >= FLUSH_SECONDS):
@@ -261,32 +264,52 @@ class Worker:
         except _TimedOut:
             self._error(call_id, "timeout", f"the call did not finish within {timeout} s")
         except BaseException as exc:  # noqa: BLE001 - the user's exception travels back
-            self._user_error(call_id, exc)
+            self._user_error(call_id, exc, bool(frame.get("pickle")))
         else:
             seconds = time.perf_counter() - started
             micros = int(seconds * 1e6)
             last = self.durations.get(key)
             self.durations[key] = seconds if last is None else 0.8 * last + 0.2 * seconds
-            if type(value) in _PLAIN:  # the common tiny result: skip the spool and cloudpickle
-                self._answer({"t": "result", "id": call_id, "us": micros, "data": pickle.dumps(value, 5)})
-                return
-            spool = _Spool(self._host_path(frame["bulk"]) if frame.get("bulk") else None, call_id)
-            try:
-                self.pickler.Pickler(spool, protocol=5).dump(value)
-                answer = {"t": "result", "id": call_id, "us": micros}
-                if spool.fd is None:
-                    answer["data"] = b"".join(spool.chunks)
-                else:
-                    answer["path"] = f"{frame['bulk']}/{os.path.basename(spool.close())}"
-            except BaseException as exc:  # noqa: BLE001
-                spool.discard()
-                self._error(call_id, "serialization", f"the result ({type(value).__module__}."
-                            f"{type(value).__qualname__}) could not be pickled: {type(exc).__name__}: {exc}")
-            else:
-                self._answer(answer)
+            self._result(frame, value, micros)
         finally:
             self.current = None
             self.cancelled.discard(call_id)
+
+    def _result(self, frame: dict, value: object, micros: int) -> None:
+        """Answer a call with its value: plain data (see ``_plain``), or a cloudpickle when the
+        caller trusts the function (``pickle`` in the frame). A non-plain value fails the call here,
+        so nothing but plain data leaves the sandbox unasked."""
+        call_id, pickled = frame["id"], bool(frame.get("pickle"))
+        answer: dict[str, object] = {"t": "result", "id": call_id, "us": micros}
+        spool = None
+        try:
+            if not pickled:
+                parts = _plain.encode_parts(value)
+                if len(parts) == 1 and len(parts[0]) < BULK_BYTES:  # the common small result
+                    answer["data"] = parts[0]
+                    self._answer(answer)
+                    return
+            spool = _Spool(self._host_path(frame["bulk"]) if frame.get("bulk") else None, call_id)
+            if pickled:
+                self.pickler.Pickler(spool, protocol=5).dump(value)
+            else:
+                for part in parts:
+                    spool.write(part)
+            if spool.fd is None:
+                answer["data"] = b"".join(spool.chunks)
+            else:
+                answer["path"] = f"{frame['bulk']}/{os.path.basename(spool.close())}"
+            self._answer(answer)
+        except _plain.NotPlain as exc:
+            self._error(call_id, "serialization", f"the result ({_qualified(type(value))}) is not plain data: {exc}; "
+                        f"return plain data ({_plain.PLAIN_TYPES}), or pass unsafe_pickle_results=True to "
+                        "@session.function(...) to receive any object, for code you trust")
+        except BaseException as exc:  # noqa: BLE001 - a result that will not travel fails its call only
+            if spool is not None:
+                spool.discard()
+            how = "pickled" if pickled else "sent"
+            self._error(call_id, "serialization", f"the result ({_qualified(type(value))}) could not be {how}: "
+                        f"{type(exc).__name__}: {exc}")
 
     def _host_path(self, sandbox_path: str) -> str:
         return os.path.join(self.root, sandbox_path.lstrip("/"))
@@ -301,7 +324,9 @@ class Worker:
         finally:
             os.close(fd)
 
-    def _user_error(self, call_id: int, exc: BaseException) -> None:
+    def _user_error(self, call_id: int, exc: BaseException, pickled: bool) -> None:
+        """Answer with the user's exception as plain data (``exc``: its class's name, its args and
+        attributes as far as they are plain), plus its pickle (``data``) when the caller trusts it."""
         if exc.__traceback__ is not None:  # drop this module's own frame
             exc.__traceback__ = exc.__traceback__.tb_next
         cls = type(exc)
@@ -309,12 +334,17 @@ class Worker:
             message = str(exc)
         except Exception:  # noqa: BLE001 - a broken __str__ must not lose the error
             message = f"<{cls.__name__} with an unprintable message>"
-        extra: dict[str, object] = {"type_name": f"{cls.__module__}.{cls.__qualname__}", "traceback": _format(exc)}
+        extra: dict[str, object] = {"type_name": _qualified(cls), "traceback": _clip(_format(exc), MAX_TRACEBACK_CHARS)}
         try:
-            extra["data"] = self.pickler.dumps(exc, protocol=5)
-        except BaseException:  # noqa: BLE001 - the caller gets a RemoteError with the text instead
+            extra["exc"] = _plain.describe_exception(exc)
+        except BaseException:  # noqa: BLE001 - user code (a property, a __dict__) failed: a RemoteError then
             pass
-        self._error(call_id, "user", message, **extra)
+        if pickled:
+            try:
+                extra["data"] = self.pickler.dumps(exc, protocol=5)
+            except BaseException:  # noqa: BLE001 - the caller rebuilds it from the plain data instead
+                pass
+        self._error(call_id, "user", _clip(message, MAX_MESSAGE_CHARS), **extra)
 
     # -- signals ---------------------------------------------------------------------------------
 
@@ -374,15 +404,25 @@ class _Spool:
 
     def close(self) -> str:
         os.close(self.fd)  # type: ignore[arg-type]
+        self.fd = -1  # closed; discard() still removes the file
         return self.path
 
     def discard(self) -> None:
         if self.fd is not None:
-            os.close(self.fd)
+            if self.fd >= 0:
+                os.close(self.fd)
             try:
                 os.unlink(self.path)
             except OSError:
                 pass
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... [{len(text) - limit} more characters]"
 
 
 def _format(exc: BaseException) -> str:
