@@ -348,7 +348,7 @@ class FakeAgent:
             if plan is not None and not isinstance(plan, FakeCall):
                 raise TypeError(f"the calls hook must return a FakeCall or None, got {plan!r}")
         except Exception as exc:  # a broken hook fails its call, where the test sees it
-            return _fakecodec.user_error(frame["id"], exc)
+            return _fakecodec.user_error(frame["id"], exc, bool(frame.get("pickle")))
         plan = plan or FakeCall()
         timeout = frame.get("timeout")
         started = trio.current_time()
@@ -367,8 +367,9 @@ class FakeAgent:
         except BaseException as exc:  # noqa: BLE001 - the user's exception travels back
             if exc.__traceback__ is not None:  # drop this module's own frame, as the worker does
                 exc.__traceback__ = exc.__traceback__.tb_next
-            return _fakecodec.user_error(frame["id"], exc)
-        return _fakecodec.result(frame["id"], value, int((trio.current_time() - started) * 1e6))
+            return _fakecodec.user_error(frame["id"], exc, bool(frame.get("pickle")))
+        return _fakecodec.result(frame["id"], value, int((trio.current_time() - started) * 1e6),
+                                 bool(frame.get("pickle")))
 
     # -- files, liveness, stop -----------------------------------------------------------------------
 

@@ -7,13 +7,10 @@ them. This is the one place to change when the worker's result encoding changes.
 
 from __future__ import annotations
 
-import pickle
 import traceback
 from typing import Any
 
-#: Results that plain pickle writes exactly as cloudpickle would (the worker's fast path).
-_PLAIN = frozenset({int, float, bool, type(None), complex})
-
+from .._agent import _plain
 
 def load_call(frame: dict, fns: dict[bytes, Any]) -> tuple[Any, tuple, dict] | dict:
     """``(fn, args, kwargs)`` of a ``call`` frame, or the ``error`` frame that answers it."""
@@ -34,22 +31,26 @@ def load_call(frame: dict, fns: dict[bytes, Any]) -> tuple[Any, tuple, dict] | d
     return fns[key], args, kwargs
 
 
-def result(call_id: int, value: Any, micros: int) -> dict:
-    """The ``result`` frame for a returned value, or a ``serialization`` error if it does not pickle."""
+def result(call_id: int, value: Any, micros: int, pickled: bool = False) -> dict:
+    """The ``result`` frame for a returned value: plain data (``_plain``), or a cloudpickle when the
+    function opted in (``pickled``); a ``serialization`` error if it cannot travel."""
     import cloudpickle
 
-    if type(value) in _PLAIN:
-        return {"t": "result", "id": call_id, "us": micros, "data": pickle.dumps(value, 5)}
     try:
-        data = cloudpickle.dumps(value, protocol=5)
+        data = cloudpickle.dumps(value, protocol=5) if pickled else _plain.encode(value)
+    except _plain.NotPlain as exc:
+        return error(call_id, "serialization", f"the result ({_qualified(type(value))}) is not plain data: {exc}; "
+                     f"return plain data ({_plain.PLAIN_TYPES}), or pass unsafe_pickle_results=True to "
+                     "@session.function(...) to receive any object, for code you trust")
     except BaseException as exc:  # noqa: BLE001
-        return error(call_id, "serialization", f"the result ({type(value).__module__}.{type(value).__qualname__}) "
-                     f"could not be pickled: {type(exc).__name__}: {exc}")
+        return error(call_id, "serialization", f"the result ({_qualified(type(value))}) could not be sent: "
+                     f"{type(exc).__name__}: {exc}")
     return {"t": "result", "id": call_id, "us": micros, "data": data}
 
 
-def user_error(call_id: int, exc: BaseException) -> dict:
-    """The ``error`` frame of kind "user" for an exception the function raised."""
+def user_error(call_id: int, exc: BaseException, pickled: bool = False) -> dict:
+    """The ``error`` frame of kind "user" for an exception the function raised: plain data
+    (``exc``), plus its pickle when the function opted in."""
     import cloudpickle
 
     cls = type(exc)
@@ -57,16 +58,25 @@ def user_error(call_id: int, exc: BaseException) -> dict:
         message = str(exc)
     except Exception:  # noqa: BLE001 - a broken __str__ must not lose the error
         message = f"<{cls.__name__} with an unprintable message>"
-    extra: dict[str, object] = {"type_name": f"{cls.__module__}.{cls.__qualname__}", "traceback": _format(exc)}
+    extra: dict[str, object] = {"type_name": _qualified(cls), "traceback": _format(exc)}
     try:
-        extra["data"] = cloudpickle.dumps(exc, protocol=5)
+        extra["exc"] = _plain.describe_exception(exc)
     except BaseException:  # noqa: BLE001 - the caller gets a RemoteError with the text instead
         pass
+    if pickled:
+        try:
+            extra["data"] = cloudpickle.dumps(exc, protocol=5)
+        except BaseException:  # noqa: BLE001
+            pass
     return error(call_id, "user", message, **extra)
 
 
 def error(call_id: int, kind: str, message: str, **extra: object) -> dict:
     return {"t": "error", "id": call_id, "kind": kind, "message": message, **extra}
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _format(exc: BaseException) -> str:
