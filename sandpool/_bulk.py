@@ -42,7 +42,7 @@ def host_dir(sandbox: Sandbox) -> str | None:
     return path if os.access(path, os.W_OK | os.X_OK) else None
 
 
-def _open_dir(directory: str) -> int:
+def open_dir(directory: str) -> int:
     """An O_PATH descriptor of the sandbox's /tmp: its last component is the sandbox's to change,
     so it must not be a link (one to an absolute path would lead to this host's own directories)."""
     return os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -52,7 +52,7 @@ def put_args(directory: str, name: str, data: bytes | list[bytes]) -> str | None
     """Write an argument pickle (bytes, or its parts) as a new file ``name`` in the sandbox's /tmp;
     its sandbox path, or None if it could not be written."""
     try:
-        dir_fd = _open_dir(directory)
+        dir_fd = open_dir(directory)
     except OSError:
         return None
     try:
@@ -89,7 +89,7 @@ def take_result(directory: str, sandbox_path: str, name: str, decode: Callable[[
     if not base.startswith(_RESULT_PREFIX):
         raise SerializationError(f"the result of {name!r} names {sandbox_path!r}, not a result file")
     try:
-        dir_fd = _open_dir(directory)
+        dir_fd = open_dir(directory)
         try:
             fd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
         finally:
@@ -112,7 +112,7 @@ def discard(directory: str | None, sandbox_path: str) -> None:
     """Remove a bulk file nobody will read (its call was cancelled or failed)."""
     if directory:
         try:
-            dir_fd = _open_dir(directory)
+            dir_fd = open_dir(directory)
         except OSError:
             return
         try:

@@ -7,12 +7,14 @@ scheduled it. One task reads (``receive_batch``); sends happen in the loop's thr
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
+import stat
 
 import trio
 
-from . import _wire
+from . import _bulk, _wire
 from ._errors import ProtocolError, SandboxNotRunningError
 
 
@@ -27,10 +29,14 @@ class DirectChannel:
     @classmethod
     async def connect(cls, directory: str, name: str) -> DirectChannel:
         """Connect to the socket ``name`` in ``directory`` (through /proc/self/fd, so the address
-        stays short wherever the directory is). OSError if nobody listens there."""
-        dirfd = os.open(directory, os.O_PATH | os.O_DIRECTORY)
+        stays short wherever the directory is). OSError if nobody listens there. The directory is
+        the sandbox's /tmp, so the sandbox may have replaced it or the socket with a link to this
+        host's own sockets: neither may be a link, and ``name`` must be a socket."""
+        dirfd = _bulk.open_dir(directory)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            if not stat.S_ISSOCK(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode):
+                raise OSError(errno.EINVAL, f"{name!r} in the sandbox's {directory!r} is not a socket")
             sock.setblocking(False)
             try:
                 sock.connect(f"/proc/self/fd/{dirfd}/{name}")
