@@ -10,6 +10,7 @@ the spawn config through ``sandpool._isolation.host``; see docs/isolation.md.
 from __future__ import annotations
 
 import array
+import logging
 import os
 import secrets
 import shutil
@@ -36,6 +37,7 @@ _BOOT = (
     "m=types.ModuleType('sandpool');m.__path__=[sys.argv[3]];sys.modules['sandpool']=m;"
     "from sandpool._agent.template import main;main(int(sys.argv[1]),sys.argv[2])"
 )
+_log = logging.getLogger("sandpool")
 _BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _KILL_WAIT_SECONDS = 3.0
 
@@ -106,7 +108,9 @@ class LocalRuntime(Runtime):
             self._template = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", _BOOT, str(child.fileno()), self.owner_dir, package_dir, paths],
                 pass_fds=[child.fileno()],
-                stdin=subprocess.DEVNULL,
+                # Never the client's own stdout/stderr: code in a sandbox can open its agent's
+                # descriptors (/proc/1/fd/1) and would write into (or truncate) the client's files.
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                 env={"PATH": _BASE_PATH, "LANG": "C.UTF-8"},
                 close_fds=True,
                 start_new_session=True,  # a terminal's Ctrl-C is for the client, which then stops sandboxes
@@ -120,6 +124,7 @@ class LocalRuntime(Runtime):
             raise SandboxUnavailableError("the sandbox template process exited during start-up")
         _wire.check_hello(_wire.decode_body(hello[_wire.HEADER_SIZE:]))
         self._nursery.start_soon(self._read_control, control, self._template, self.owner_dir)
+        self._nursery.start_soon(_forward_stderr, self._template)
 
     async def _ensure_template(self) -> None:
         async with self._template_lock:
@@ -297,3 +302,28 @@ class LocalRuntime(Runtime):
                     self._template.kill()
                     self._template.wait()
             self._isolation.close(self.owner_dir)
+
+
+#: What one template (its agents and workers included) may write to the client's log, in all.
+STDERR_FORWARD_BYTES = 1 << 20
+
+
+async def _forward_stderr(template: subprocess.Popen) -> None:
+    """Copy what the template, its agents and their call workers write to stderr (tracebacks of
+    crashes) into the ``sandpool`` logger, line by line, at most ``STDERR_FORWARD_BYTES``: a sandbox
+    that reaches its agent's stderr can add lines to the client's log, nothing more."""
+    stream = trio.lowlevel.FdStream(os.dup(template.stderr.fileno()))
+    template.stderr.close()
+    budget, pending = STDERR_FORWARD_BYTES, b""
+    async with stream:
+        while chunk := await stream.receive_some(65536):
+            if budget <= 0:
+                continue  # keep draining, so a writer never blocks on a full pipe
+            chunk = chunk[:budget]
+            budget -= len(chunk)
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                _log.warning("sandbox template %d: %s", template.pid, line[:2000].decode(errors="replace"))
+            if budget <= 0:
+                _log.warning("sandbox template %d: more output on stderr, not shown", template.pid)
+
