@@ -65,8 +65,10 @@ def test_exec_streams_output_and_exits_with_the_remote_code(server, sandbox):
     """exec ID -- CMD prints stdout and stderr as they come and exits with the command's exit code."""
     result = sandpool_cli(server, "exec", sandbox.sandbox_id, "--", "sh", "-c", "echo out; echo err >&2; exit 7")
     assert (result.returncode, result.stdout, result.stderr) == (7, b"out\n", b"err\n")
-    workdir = sandpool_cli(server, "exec", "--cwd", "/", sandbox.sandbox_id, "--", "ls", "-a")
-    assert workdir.returncode == 0 and b"." in workdir.stdout
+    home = sandpool_cli(server, "exec", sandbox.sandbox_id, "--", "pwd")
+    workdir = sandpool_cli(server, "exec", "--cwd", "/tmp", sandbox.sandbox_id, "--", "pwd")
+    assert home.returncode == 0 and home.stdout != b"/tmp\n"  # so the next line proves --cwd moved it
+    assert (workdir.returncode, workdir.stdout) == (0, b"/tmp\n"), workdir.stderr
     usage = sandpool_cli(server, "exec", sandbox.sandbox_id)
     assert usage.returncode == 2 and b"no command given" in usage.stderr
 

@@ -613,28 +613,37 @@ def test_api_key_is_checked_when_the_server_has_a_token(token_server):
 
 
 def test_exec_timeout_kills_the_command(server):
-    """A command that outlives timeout_seconds raises SandboxTimeoutError, and its process is gone."""
+    """A command that outlives timeout_seconds raises SandboxTimeoutError, and its process is gone
+    while the sandbox lives on (a process of the same sandbox that did not time out is still seen)."""
     marker = f"{time.monotonic_ns() % 10**6}.5"
     run(server, f"""
+        import os
         from cwsandbox import Sandbox, SandboxTimeoutError
+
+        def running(command):
+            found = []
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    with open(f"/proc/{{pid}}/cmdline", "rb") as f:
+                        found.append(f.read().replace(b"\\0", b" ").decode().strip())
+                except OSError:
+                    pass
+            return command in found
+
         with Sandbox.run() as sb:
+            witness = sb.exec(["sh", "-c", "echo up; exec sleep {marker}1"])
+            assert next(iter(witness.stdout)) == "up\\n"
+            assert running("sleep {marker}1"), "the scan does not see this sandbox's processes"
             try:
                 sb.exec(["sleep", "{marker}"], timeout_seconds=0.5).result()
             except SandboxTimeoutError:
                 pass
             else:
                 raise AssertionError("no timeout")
+            assert not running("sleep {marker}"), "the timed-out command outlived its timeout"
+            assert running("sleep {marker}1")
             assert sb.exec(["echo", "after"]).result().stdout == "after\\n"
     """)
-    assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and _cmdline(pid) == f"sleep {marker}"]
-
-
-def _cmdline(pid: str) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode().strip()
-    except OSError:
-        return ""
 
 
 def _spec(*tags: str, command: str = "sleep", args: tuple[str, ...] = ("infinity",)):

@@ -10,6 +10,7 @@ import collections
 import itertools
 import math
 import sys
+import time
 
 import cloudpickle
 import pytest
@@ -296,10 +297,16 @@ def test_statistics_and_repr_show_the_pool():
         assert stats.sandboxes_idle + stats.sandboxes_busy <= 2 and stats.sandboxes_idle >= 1
         assert "calls=0 queued/0 running/20 done/0 failed" in repr(s)
         assert "idle" in repr(s)
-        ref = ident.remote(1)
-        if ref.cancel():
-            with pytest.raises(OperationCancelled):
-                ref.result()
+
+        @s.function(max_concurrency=2)
+        def nap(seconds):
+            time.sleep(seconds)
+
+        ref = nap.remote(600)
+        assert ref.cancel() is True  # a 600 s call cannot have finished: the cancel must take
+        with pytest.raises(OperationCancelled):
+            ref.result()
+        assert ref.cancel() is False  # and once settled, there is nothing left to cancel
 
 
 def test_progress_bar_with_tqdm(capsys):

@@ -173,7 +173,7 @@ def test_sigterm_stops_every_sandbox_and_exits_zero(tmp_path):
             assert srv.terminate(timeout=20) == 0
             assert time.monotonic() - started < 10
             for sb, proc in zip(sandboxes, procs):
-                with pytest.raises(Exception):
+                with pytest.raises(SandboxDiedError, match="the sandpool server shut down"):
                     proc.result(timeout=10)
                 sb.wait_until_complete(timeout=10).result()
                 assert sb.status == SandboxStatus.TERMINATED and "shut down" in sb.status_reason
