@@ -81,6 +81,7 @@ class Hub:
         """Forward one client's frames to the agent until it detaches or misbehaves."""
         decoder = _wire.FrameBuffer(max_bytes=self._max_frame)
         base = att.number << ID_BITS
+        agent_gone = False
         try:
             while True:
                 try:
@@ -113,11 +114,14 @@ class Hub:
                     await self.channel.send_many(frames)
         except ProtocolError as exc:
             att.end("error", ("INVALID_ARGUMENT", f"malformed data-plane message: {exc}"))
-        except (SandboxUnavailableError, trio.BrokenResourceError):
-            pass  # the agent is gone or the client is: finish() or the stream's end reports it
+        except SandboxUnavailableError:
+            agent_gone = True  # finish() ends this stream with the exit report, which comes next
+        except trio.BrokenResourceError:
+            pass  # the client is gone: the stream's end reports it
         finally:
-            self.attachments.pop(att.number, None)
-            att.end("ok", {})
+            if not (agent_gone and not self.finished):  # ended now, the stream would miss that report
+                self.attachments.pop(att.number, None)
+                att.end("ok", {})
             att.done.set()
 
     # -- agent -> clients --------------------------------------------------------------------
