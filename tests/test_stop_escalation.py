@@ -8,6 +8,7 @@ import os
 import time
 
 import pytest
+from proc_helpers import running
 from service_helpers import wait_until
 
 from sandpool import SandboxNotRunningError, SandboxStatus, SandboxTerminatedError, Session
@@ -21,20 +22,6 @@ LEVELS = [pytest.param(level, marks=pytest.mark.skipif(probe.unavailable(level) 
 IGNORES_TERM = ("import pathlib, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
                 "pathlib.Path('ready').touch(); time.sleep(600)")
 OBEYS_TERM = "import pathlib, time; pathlib.Path('ready').touch(); time.sleep(600)"
-
-
-def running(argv: list[str]) -> list[int]:
-    """Host pids whose command line is exactly ``argv``."""
-    wanted = b"\0".join(a.encode() for a in argv) + b"\0"
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if f.read() == wanted:
-                    found.append(int(pid))
-        except OSError:
-            pass
-    return found
 
 
 def ready(sb) -> bool:
