@@ -109,7 +109,8 @@ def test_waiting_on_refs_refuses_a_negative_or_nan_timeout(sb, seconds):
     done.result()
     for op in (lambda: running.result(timeout=seconds), lambda: running.exception(timeout=seconds),
                lambda: running.wait(timeout=seconds), lambda: done.result(timeout=seconds),
-               lambda: sandpool.wait([running], timeout=seconds), lambda: list(sandpool.as_completed([running], seconds))):
+               lambda: sandpool.wait([running], timeout=seconds),
+               lambda: list(sandpool.as_completed([running], seconds))):
         with pytest.raises(ValueError, match=r"timeout must be a number of seconds >= 0 or None, got .*timeout=30"):
             op()
     assert not running.done()

@@ -128,7 +128,7 @@ def judge_start(p: Placement, now: float, agent_seconds: float, dead_nodes: tupl
         return "wait", ""
     if state in cli.ACTIVE:
         if p.node in dead_nodes:
-            return "retry", f"{cli.describe(p.job)} on node {p.node}, which stopped answering, before its sandbox started"
+            return "retry", f"{cli.describe(p.job)}, but node {p.node} stopped answering before its sandbox started"
         if p.running_since is not None and now - p.running_since > agent_seconds:
             return "retry", f"{cli.describe(p.job)}, but its sandpool server did not report within {agent_seconds:g} s"
         return "wait", ""
