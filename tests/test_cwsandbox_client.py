@@ -621,6 +621,7 @@ def test_exec_timeout_kills_the_command(server):
     marker = f"{time.monotonic_ns() % 10**6}.5"
     run(server, f"""
         import os
+        import time
         from cwsandbox import Sandbox, SandboxTimeoutError
 
         def running(command):
@@ -643,6 +644,9 @@ def test_exec_timeout_kills_the_command(server):
                 pass
             else:
                 raise AssertionError("no timeout")
+            deadline = time.monotonic() + 10  # its kill follows the error within milliseconds
+            while running("sleep {marker}") and time.monotonic() < deadline:
+                time.sleep(0.01)
             assert not running("sleep {marker}"), "the timed-out command outlived its timeout"
             assert running("sleep {marker}1")
             assert sb.exec(["echo", "after"]).result().stdout == "after\\n"
