@@ -156,7 +156,7 @@ def test_an_idle_sandbox_takes_over_calls_stuck_behind_a_long_one():
             return secs
 
         assert sum(r.result() for r in nap.map([(0,)] * 40)) == 0  # warm: the function looks short
-        assert_quick_calls_are_stolen(nap)
+        assert_quick_calls_are_stolen(s, nap)
 
 
 @pytest.mark.slow

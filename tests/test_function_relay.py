@@ -92,7 +92,7 @@ def test_work_stealing_through_the_relay():
             return secs
 
         assert sum(r.result() for r in nap.map([(0,)] * 40)) == 0
-        assert_quick_calls_are_stolen(nap)
+        assert_quick_calls_are_stolen(s, nap)
 
 
 def test_remote_functions_through_a_sandpool_server(tmp_path):
