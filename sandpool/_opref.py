@@ -263,9 +263,11 @@ class OperationRef(Generic[T]):
             the operation's own exception (the same object it raised);
             OperationCancelled: the operation was cancelled;
             TimeoutError: ``timeout`` passed first (the operation keeps running);
+            ValueError: ``timeout`` is negative, NaN or not a number;
             RuntimeError: called inside trio on an unfinished operation, where blocking would hang
                 the loop (a finished one answers at once, anywhere).
         """
+        _check_timeout(timeout)  # even when done: a bad value is a bug either way
         if self._state is _PENDING:
             check_not_in_trio("OperationRef.result()", "'await ref'")
             self._block(timeout)
@@ -274,6 +276,7 @@ class OperationRef(Generic[T]):
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """Block as ``result()`` does, then return the operation's exception, or None if it
         returned a value. Raises OperationCancelled, TimeoutError and RuntimeError as ``result()``."""
+        _check_timeout(timeout)
         if self._state is _PENDING:
             check_not_in_trio("OperationRef.exception()", "'await ref'")
             self._block(timeout)
@@ -364,7 +367,16 @@ def _resolve(future: Any) -> None:
         future.set_result(None)
 
 
+def _check_timeout(timeout: float | None) -> None:
+    """A wait's ``timeout``: None (no limit) or seconds >= 0 (0 only looks); anything else is a bug."""
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not timeout >= 0):  # NaN is not >= 0 either
+        raise ValueError(f"timeout must be a number of seconds >= 0 or None, got {timeout!r}; "
+                         f"use e.g. timeout=30 (0 only looks, None waits for ever)")
+
+
 def _deadline(timeout: float | None) -> float | None:
+    _check_timeout(timeout)
     return None if timeout is None else time.monotonic() + timeout
 
 

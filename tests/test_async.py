@@ -34,10 +34,15 @@ def test_leaving_a_cancel_scope_kills_the_remote_command():
     async def main():
         async with Session() as s:
             sb = s.sandbox()
-            with trio.move_on_after(0.3):
-                await sb.exec(["sh", "-c", "sleep 1; echo x > $SANDPOOL_ROOT/late"])
-            await trio.sleep(1.2)
-            with pytest.raises(sandpool.SandboxFileError):
+            proc = sb.exec(["sh", "-c", "echo $$; sleep 600; echo x > $SANDPOOL_ROOT/late"])
+            pid = (await proc.stdout.__anext__()).strip()  # it runs (no clock decides when to cancel)
+            with trio.move_on_after(0) as scope:
+                await proc
+            assert scope.cancelled_caught
+            with trio.fail_after(30):  # a bound for a hang: the kill takes milliseconds
+                while (await sb.exec(["test", "-e", f"/proc/{pid}"])).returncode == 0:
+                    await trio.sleep(0.01)
+            with pytest.raises(sandpool.SandboxFileError):  # and it is gone before it could write
                 await sb.read_file("/late")
     trio.run(main)
 

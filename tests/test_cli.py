@@ -65,8 +65,11 @@ def test_exec_streams_output_and_exits_with_the_remote_code(server, sandbox):
     """exec ID -- CMD prints stdout and stderr as they come and exits with the command's exit code."""
     result = sandpool_cli(server, "exec", sandbox.sandbox_id, "--", "sh", "-c", "echo out; echo err >&2; exit 7")
     assert (result.returncode, result.stdout, result.stderr) == (7, b"out\n", b"err\n")
-    workdir = sandpool_cli(server, "exec", "--cwd", "/", sandbox.sandbox_id, "--", "ls", "-a")
-    assert workdir.returncode == 0 and b"." in workdir.stdout
+    home = sandpool_cli(server, "exec", sandbox.sandbox_id, "--", "pwd")
+    workdir = sandpool_cli(server, "exec", "--cwd", "/tmp", sandbox.sandbox_id, "--", "pwd")
+    # "/tmp" inside a namespaced sandbox; "<its root>/tmp" at the process level, where pwd sees the host
+    assert workdir.returncode == 0 and workdir.stdout.endswith(b"/tmp\n"), (workdir.stdout, workdir.stderr)
+    assert home.returncode == 0 and home.stdout != workdir.stdout  # --cwd, not the default, put it there
     usage = sandpool_cli(server, "exec", sandbox.sandbox_id)
     assert usage.returncode == 2 and b"no command given" in usage.stderr
 

@@ -10,6 +10,7 @@ import collections
 import itertools
 import math
 import sys
+import time
 
 import cloudpickle
 import pytest
@@ -81,12 +82,15 @@ def test_imap_and_starmap_sync_ordered_and_unordered():
         @s.function
         def slow_square(x):
             import time
-            time.sleep(0.05 if x == 0 else 0)
+            # 1 is slower than those after it (order must hold anyway); 0 so slow that others overtake it
+            time.sleep(600 if x == 0 else 0.05 if x == 1 else 0)
             return x * x
 
-        assert list(slow_square.imap(range(20))) == [x * x for x in range(20)]
-        assert list(slow_square.imap(iter([0, 3]), ordered=False)) == [9, 0]  # two warm sandboxes
-        assert sorted(slow_square.imap(range(20), ordered=False, max_in_flight=4)) == [x * x for x in range(20)]
+        assert list(slow_square.imap(range(1, 20))) == [x * x for x in range(1, 20)]
+        stream = slow_square.imap(iter([0, 3]), ordered=False)  # two warm sandboxes
+        assert next(stream) == 9
+        stream.close()  # cancels the 600 s call still running
+        assert sorted(slow_square.imap(range(1, 20), ordered=False, max_in_flight=4)) == [x * x for x in range(1, 20)]
 
         @s.function
         def mul(a, b):
@@ -319,10 +323,16 @@ def test_statistics_and_repr_show_the_pool():
         assert stats.sandboxes_idle + stats.sandboxes_busy <= 2 and stats.sandboxes_idle >= 1
         assert "calls=0 queued/0 running/20 done/0 failed" in repr(s)
         assert "idle" in repr(s)
-        ref = ident.remote(1)
-        if ref.cancel():
-            with pytest.raises(OperationCancelled):
-                ref.result()
+
+        @s.function(max_concurrency=2)
+        def nap(seconds):
+            time.sleep(seconds)
+
+        ref = nap.remote(600)
+        assert ref.cancel() is True  # a 600 s call cannot have finished: the cancel must take
+        with pytest.raises(OperationCancelled):
+            ref.result()
+        assert ref.cancel() is False  # and once settled, there is nothing left to cancel
 
 
 def test_progress_bar_with_tqdm(capsys):

@@ -2,7 +2,9 @@
 
 Each test calls ``write_later(path, secs)``, which sleeps and then writes a marker file, and checks
 afterwards (with a second function in the same sandbox, or on the host for isolation="process")
-that the marker was never written.
+that the marker was never written. No clock decides: the sleep is far longer than any cancel takes,
+and the check runs in the same sandbox's one worker, which takes one call at a time, so it runs only
+once the cancelled call has left it (had the cancel failed, the check would wait for the marker).
 """
 
 from __future__ import annotations
@@ -14,16 +16,18 @@ import time
 import cloudpickle
 import pytest
 import trio
+from service_helpers import wait_until
 
-from sandpool import OperationCancelled, SandboxTimeoutError, Session
+from sandpool import OperationCancelled, SandboxTimeoutError, Session, testing
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-SLEEP = 1.0  # how long write_later sleeps before writing its marker
-LATER = SLEEP + 0.3  # after this long, a marker that was going to be written would be there
+SLEEP = 600.0  # how long write_later sleeps before writing its marker: no cancel takes this long
 
 
 def write_later(path, secs):
+    with open(f"{path}.started", "w"):
+        pass
     time.sleep(secs)
     with open(path, "w") as f:
         f.write("written")
@@ -34,7 +38,13 @@ def exists(path):
     return os.path.exists(path)
 
 
+def where():
+    return os.environ["SANDPOOL_SANDBOX_ID"]
+
+
 def stubborn_write_later(path, secs):
+    with open(f"{path}.started", "w"):
+        pass
     deadline = time.monotonic() + secs
     while time.monotonic() < deadline:
         try:
@@ -54,18 +64,17 @@ def test_cancelled_in_flight_call_never_writes_its_marker():
     """ref.cancel() on a running call interrupts it in the sandbox: the marker never appears,
     while an uncancelled call's marker does (so the check can see markers)."""
     with Session() as s:
-        write, check = one_sandbox(s, write_later, exists)
+        write, check, sandbox = one_sandbox(s, write_later, exists, where)
         assert write.remote("/tmp/control", 0).result() == "wrote" and check("/tmp/control")
+        first = sandbox.remote().result()
         ref = write.remote("/tmp/marker", SLEEP)
-        while s.statistics().calls_running == 0 or s.statistics().sandboxes_busy == 0:
-            time.sleep(0.01)
-        time.sleep(0.1)
+        assert wait_until(lambda: s.statistics().calls_running == 1 and s.statistics().sandboxes_busy == 1)
         assert ref.cancel()
         with pytest.raises(OperationCancelled):
             ref.result()
-        time.sleep(LATER)
         assert check("/tmp/marker") is False
-        assert s.statistics().calls_cancelled == 1
+        assert sandbox.remote().result() == first  # the check looked in the sandbox the call ran in
+        assert wait_until(lambda: s.statistics().calls_cancelled == 1), s.statistics()
 
 
 def test_leaving_a_trio_cancel_scope_interrupts_the_remote_call():
@@ -77,7 +86,7 @@ def test_leaving_a_trio_cancel_scope_interrupts_the_remote_call():
             with trio.move_on_after(0.2) as scope:
                 await write.remote("/tmp/marker", SLEEP)
             assert scope.cancelled_caught
-            await trio.sleep(LATER)
+            assert await check.remote("/tmp/marker.started") is True  # it did run, in this sandbox
             assert await check.remote("/tmp/marker") is False
     trio.run(main)
 
@@ -93,7 +102,6 @@ def test_leaving_a_cancel_scope_during_async_for_cancels_the_stream():
                 async for value in write.starmap([(f"/tmp/m{i}", 0 if i == 0 else SLEEP) for i in range(4)]):
                     got.append(value)
             assert got in ([], ["wrote"])  # the quick first call, unless the machine is very busy
-            await trio.sleep(LATER)
             assert [await check.remote(f"/tmp/m{i}") for i in range(1, 4)] == [False, False, False]
     trio.run(main)
 
@@ -105,40 +113,39 @@ def test_timeout_seconds_interrupts_before_the_marker():
         (write,) = one_sandbox(s, write_later, timeout_seconds=0.2)
         with pytest.raises(SandboxTimeoutError, match="did not finish within 0.2 s"):
             write.remote("/tmp/marker", SLEEP).result()
-        time.sleep(LATER)
+        assert check.remote("/tmp/marker.started").result() is True  # the same sandbox, where it ran
         assert check.remote("/tmp/marker").result() is False
 
 
-def test_a_call_that_swallows_the_interrupt_is_killed_and_the_queue_survives():
+def test_a_call_that_swallows_the_interrupt_is_killed_and_the_queue_survives(tmp_path):
     """A cancelled call that ignores KeyboardInterrupt dies with its worker a grace second later;
-    the call queued behind it is resubmitted and runs."""
+    the call queued behind it is resubmitted and runs (isolation='process': the host sees the
+    call start, so the cancel surely meets it running)."""
+    marker = str(tmp_path / "marker")
     with Session() as s:
-        stubborn, write, check = one_sandbox(s, stubborn_write_later, write_later, exists)
+        stubborn, write, check = one_sandbox(s, stubborn_write_later, write_later, exists, isolation="process")
         assert check.remote("/").result()
-        ref = stubborn.remote("/tmp/marker", 2.5)
-        queued = write.remote("/tmp/after", 0)
-        time.sleep(0.3)
-        ref.cancel()
-        assert queued.result(timeout=5) == "wrote"
-        assert check.remote("/tmp/marker").result() is False
-        time.sleep(2.5)
-        assert check.remote("/tmp/marker").result() is False
+        ref = stubborn.remote(marker, SLEEP)
+        queued = write.remote(str(tmp_path / "after"), 0)
+        assert wait_until(lambda: os.path.exists(f"{marker}.started"))
+        assert ref.cancel()
+        assert queued.result(timeout=30) == "wrote"  # its worker was killed: nothing of it runs now
+        assert check.remote(marker).result() is False and not os.path.exists(marker)
 
 
-def test_leaving_the_session_stops_every_call(tmp_path):
+def test_leaving_the_session_stops_every_call(tmp_path, state_dir):
     """Leaving the session block cancels the calls still running; nothing of them runs afterwards
     (the marker, written on the host with isolation='process', never appears)."""
     marker = tmp_path / "marker"
     with Session() as s:
         (write,) = one_sandbox(s, write_later, isolation="process")
         ref = write.remote(str(marker), SLEEP)
-        while s.statistics().sandboxes_busy == 0:
-            time.sleep(0.01)
+        assert wait_until(lambda: os.path.exists(f"{marker}.started"))
         queued = [write.remote(str(marker), 0) for _ in range(3)]
     with pytest.raises(OperationCancelled):
         ref.result()
     assert all(r.done() for r in queued)
-    time.sleep(LATER)
+    assert testing.wait_for_no_leftovers(state_dir, timeout=10).processes == []  # nothing left to write it
     assert not marker.exists()
 
 
@@ -156,9 +163,9 @@ def test_first_error_of_imap_cancels_the_calls_in_flight():
         with pytest.raises(ValueError, match="first"):
             for _ in fail_or_write.imap(range(6)):
                 pass
-        time.sleep(LATER)
-        stats = s.statistics()  # counted in the session's loop thread, soon after the cancel
-        assert stats.calls_cancelled == 5 and stats.calls_failed == 1 and stats.calls_running == 0
+        # counted in the session's loop thread, soon after the cancel
+        assert wait_until(lambda: s.statistics().calls_cancelled == 5 and s.statistics().calls_running == 0)
+        assert s.statistics().calls_failed == 1
         assert fail_or_write.remote(-1).result() == [False] * 5
 
 

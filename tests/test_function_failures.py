@@ -26,7 +26,7 @@ class NeedsTwo(Exception):
 
 def running_agent_pid(session: Session) -> int:
     """The agent pid of the sandbox holding a sent call (polls until one does)."""
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30  # a bound for a hang: a call is sent within milliseconds
     while time.monotonic() < deadline:
         for pool in list(session._pools.values()):
             for slot in list(pool.slots):
@@ -107,14 +107,15 @@ def test_sigkilled_sandbox_is_retried_on_a_fresh_one_and_replaced():
     one is stopped and never used again."""
     with Session() as s:
         @s.function(retries=1, max_concurrency=1)
-        def where(secs):
-            time.sleep(secs)
+        def where(secs, in_sandbox=None):
+            if os.environ["SANDPOOL_SANDBOX_ID"] == in_sandbox:  # the retry elsewhere returns at once
+                time.sleep(secs)
             return os.environ["SANDPOOL_SANDBOX_ID"]
 
         first = where.remote(0).result()
-        ref = where.remote(1.0)
+        ref = where.remote(600, first)  # still running when the kill lands, however slow the machine
         os.kill(running_agent_pid(s), signal.SIGKILL)
-        second = ref.result(timeout=10)
+        second = ref.result(timeout=30)
         assert second != first
         assert where.remote(0).result() == second
         stats = s.statistics()
@@ -132,13 +133,13 @@ def test_dead_sandbox_without_retries_says_how_it_died_and_spares_queued_calls()
             return tag
 
         assert nap.remote(0, "warm").result() == "warm"
-        victim = nap.remote(1.0, "victim")
+        victim = nap.remote(600, "victim")  # still running when the kill lands, however slow the machine
         behind = [nap.remote(0, f"b{i}") for i in range(3)]
         os.kill(running_agent_pid(s), signal.SIGKILL)
         with pytest.raises(SandboxDiedError, match="SIGKILL.*retries=N") as info:
-            victim.result(timeout=10)
+            victim.result(timeout=30)
         assert info.value.signal == signal.SIGKILL and info.value.sandbox_id
-        assert [r.result(timeout=10) for r in behind] == ["b0", "b1", "b2"]
+        assert [r.result(timeout=30) for r in behind] == ["b0", "b1", "b2"]
         assert s.statistics().calls_retried == 0
 
 
@@ -219,11 +220,11 @@ def test_timeout_interrupts_the_call_even_if_it_swallows_the_interrupt():
     with Session() as s:
         @s.function(max_concurrency=1, timeout_seconds=0.2)
         def sleepy():
-            time.sleep(5)
+            time.sleep(120)
 
         @s.function(max_concurrency=1, timeout_seconds=0.2)
         def stubborn():
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
                 try:
                     time.sleep(0.05)
@@ -237,9 +238,9 @@ def test_timeout_interrupts_the_call_even_if_it_swallows_the_interrupt():
         start = time.monotonic()
         with pytest.raises(SandboxTimeoutError, match="0.2 s"):
             sleepy.remote().result()
-        assert time.monotonic() - start < 3.0  # interrupted, not slept out (margin for a busy machine)
+        assert time.monotonic() - start < 60  # interrupted, not slept out (its sleep is 120 s)
         start = time.monotonic()
         with pytest.raises(SandboxTimeoutError):
             stubborn.remote().result()
-        assert time.monotonic() - start < 4.5  # killed after 0.2 s + two grace seconds
+        assert time.monotonic() - start < 60  # killed after 0.2 s + a grace second, not after 120 s
         assert ok.remote().result() == "ok"

@@ -8,6 +8,8 @@ import time
 
 import cloudpickle
 import pytest
+from pool_helpers import assert_quick_calls_are_stolen
+from service_helpers import wait_until
 
 from sandpool import Session
 from sandpool._pool import MAX_DEPTH, choose_slot, choose_steals, pipeline_depth, sandboxes_to_start
@@ -84,10 +86,7 @@ def test_reuse_false_gives_every_call_a_fresh_sandbox():
         fresh = s.function(sandbox_id, reuse=False, max_concurrency=2)
         ids = [r.result() for r in fresh.map([()] * 4)]
         assert len(set(ids)) == 4
-        deadline = time.monotonic() + 5
-        while s.sandbox_count and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert s.sandbox_count == 0
+        assert wait_until(lambda: s.sandbox_count == 0, timeout=30), s.sandbox_count  # each stopped after its call
 
 
 def test_one_warm_pool_per_sandbox_spec():
@@ -157,13 +156,7 @@ def test_an_idle_sandbox_takes_over_calls_stuck_behind_a_long_one():
             return secs
 
         assert sum(r.result() for r in nap.map([(0,)] * 40)) == 0  # warm: the function looks short
-        began = time.monotonic()
-        finished = [(value, time.monotonic() - began) for value in nap.imap([2.0] + [0] * 30, ordered=False)]
-        quick = [at for value, at in finished if value == 0]
-        # a call already handed to the busy worker in the same batch as the long one cannot be taken
-        # back; without stealing about half of them (those queued on the busy sandbox) would wait
-        assert len(quick) == 30 and sum(at < 1.0 for at in quick) >= 27, finished
-        assert finished[-1][0] == 2.0
+        assert_quick_calls_are_stolen(s, nap)
 
 
 @pytest.mark.slow

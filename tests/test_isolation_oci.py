@@ -1,5 +1,6 @@
 """The oci level: the same sandbox, images and limits as the namespaces level, run by crun."""
 
+import glob
 import os
 
 import pytest
@@ -49,10 +50,15 @@ def test_memory_limit_kills_the_container_as_oomkilled(session):
     assert sb.status == SandboxStatus.FAILED
 
 
-def test_crun_leaves_no_state_behind(session):
-    """crun's state lives in the sandbox dir: after stop, /run/crun has no entry for it."""
+def test_crun_leaves_no_state_behind(session, state_dir):
+    """crun's state lives in the sandbox dir (its own --root): there while the container runs, gone
+    after stop, and never in /run/crun."""
     sb = session.sandbox()
     sb.wait()
     sandbox_id = sb.sandbox_id
+    own_root = glob.glob(os.path.join(state_dir, "*", sandbox_id, "crun", sandbox_id))
+    assert len(own_root) == 1 and os.listdir(own_root[0]), own_root  # crun keeps its state here
+    assert not os.path.exists(f"/run/crun/{sandbox_id}")
     sb.stop(graceful_shutdown_seconds=0).result()
+    assert not os.path.exists(own_root[0])
     assert not os.path.exists(f"/run/crun/{sandbox_id}")

@@ -9,6 +9,7 @@ import threading
 
 import pytest
 import trio
+import trio.testing
 
 from sandpool._errors import SandpoolError
 from sandpool._opref import OperationCancelled, OperationRef, TaskHost
@@ -124,14 +125,14 @@ def test_cancel_before_launch_means_the_body_never_runs(portal):
     assert ref._launch(portal.host, body) is ref
     with pytest.raises(OperationCancelled):
         ref.result(timeout=1)
-    portal.run(trio.sleep, 0.01)
+    portal.run(trio.testing.wait_all_tasks_blocked)  # the loop did all it had to: no body ran
     assert not ran.is_set()
 
 
 def test_result_inside_trio_raises_runtimeerror_naming_await(portal):
     """result() of an unfinished op inside trio raises RuntimeError saying to use 'await ref';
     a finished op's result() answers at once, anywhere."""
-    ref = portal.spawn(trio.sleep, 0.5)
+    ref = portal.spawn(trio.sleep_forever)  # unfinished however slowly main() comes
 
     async def main():
         with pytest.raises(RuntimeError, match="await ref"):
@@ -139,7 +140,9 @@ def test_result_inside_trio_raises_runtimeerror_naming_await(portal):
         assert OperationRef.completed(1).result() == 1
 
     trio.run(main)
-    ref.result()
+    assert ref.cancel() is True
+    with pytest.raises(OperationCancelled):
+        ref.result(timeout=5)
 
 
 def test_blocking_helpers_inside_trio_raise_runtimeerror_naming_the_fix():
@@ -248,7 +251,7 @@ def test_done_callbacks_run_once_in_order_in_the_loop_thread(portal):
     assert calls == [(name, ref, portal.name) for name in ("a", "b", "c")]
     ref.add_done_callback(lambda r: calls.append(("late", r, threading.current_thread().name)))
     assert calls[3:] == [("late", ref, threading.current_thread().name)]
-    portal.run(trio.sleep, 0.01)
+    portal.run(trio.testing.wait_all_tasks_blocked)  # nothing more is scheduled to call one again
     assert len(calls) == 4
 
 

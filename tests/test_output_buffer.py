@@ -1,6 +1,7 @@
 """Exec output buffering: bounded retention, live reading, flow-control credit."""
 
 import trio
+import trio.testing
 
 from sandpool._output import OutputBuffer
 
@@ -27,10 +28,10 @@ def test_live_reader_credits_on_consumption_and_never_loses_unread_chunks():
                         return
                     got.append((chunk, credit))
             n.start_soon(read)
-            await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()  # the reader waits for output
             assert buf.append(b"1234") == 0
             assert buf.append(b"5678") == 0
-            await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()  # and has taken what there was
             buf.close()
         assert got == [(b"1234", 4), (b"5678", 4)]
     trio.run(reader_flow)

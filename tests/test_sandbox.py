@@ -1,9 +1,10 @@
 """The sync API against real local sandboxes: lifecycle, exec, streaming, stdin, files, errors."""
 
 import os
-import time
 
 import pytest
+from proc_helpers import running
+from service_helpers import wait_until
 
 import sandpool
 from sandpool import (
@@ -61,11 +62,13 @@ def test_missing_command_is_exit_127_with_message(session):
 def test_timeout_kills_the_remote_process_tree(session):
     """timeout_seconds raises SandboxTimeoutError and kills the process and its children."""
     sb = session.sandbox()
-    marker = "/tmp/child-alive"
+    marker, child = "/tmp/child-alive", f"{600 + os.getpid() % 100_000}.25"
+    script = f"(touch $SANDPOOL_ROOT/tmp/child-started; sleep {child}; touch $SANDPOOL_ROOT{marker}) & sleep 30"
     with pytest.raises(SandboxTimeoutError):
-        sb.exec(["sh", "-c", f"(sleep 1; touch $SANDPOOL_ROOT{marker}) & sleep 30"], timeout_seconds=0.3).result()
-    time.sleep(1.5)
-    with pytest.raises(SandboxFileError):
+        sb.exec(["sh", "-c", script], timeout_seconds=2).result()
+    assert sb.read_file("/tmp/child-started").result() == b""  # the child ran before the timeout
+    assert wait_until(lambda: not running(["sleep", child])), "the timed-out command's child lives on"
+    with pytest.raises(SandboxFileError):  # and it is gone before it could write
         sb.read_file(marker).result()
 
 
@@ -91,13 +94,13 @@ def test_stdin_write_and_close(session):
 def test_cancel_kills_the_remote_process(session):
     """Process.cancel() kills the remote process; result() then raises OperationCancelled."""
     sb = session.sandbox()
-    proc = sb.exec(["sh", "-c", "sleep 1; echo x > $SANDPOOL_ROOT/late"])
-    time.sleep(0.2)
+    proc = sb.exec(["sh", "-c", "echo $$; sleep 600; echo x > $SANDPOOL_ROOT/late"])
+    pid = next(iter(proc.stdout)).strip()  # it runs
     assert proc.cancel()
     with pytest.raises(sandpool.OperationCancelled):
         proc.result()
-    time.sleep(1.2)
-    with pytest.raises(SandboxFileError):
+    assert wait_until(lambda: sb.exec(["test", "-e", f"/proc/{pid}"]).result().returncode != 0)
+    with pytest.raises(SandboxFileError):  # and it is gone before it could write
         sb.read_file("/late").result()
 
 
@@ -110,8 +113,7 @@ def test_signals_reach_the_process(session):
     result = proc.result(timeout=10)
     assert result.returncode == 7 and "got-int" in result.stdout
     sleeper = sb.exec(["sleep", "30"])
-    time.sleep(0.1)
-    sleeper.kill().result()
+    sleeper.kill().result()  # sent after the exec, so the agent has started the process by then
     assert sleeper.wait(timeout=10) == 137
 
 

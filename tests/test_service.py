@@ -105,11 +105,14 @@ def test_a_found_handle_can_wait_for_the_end(server):
     """wait_until_complete on a handle found by another process returns when the sandbox ends,
     with its status and exit code."""
     with Session(address=server.address) as s:
-        sb = s.sandbox(command="sh", args=["-c", "sleep 0.5; exit 3"])
+        # it ends once the other client, holding its handle, says so (not after a guessed 0.5 s)
+        sb = s.sandbox(command="sh", args=["-c", "while [ ! -e /tmp/go ]; do sleep 0.02; done; exit 3"])
         sb.wait()
         result = run_client(
             "import sys, sandpool\n"
             f"h = sandpool.Sandbox.from_id({sb.sandbox_id!r}).result()\n"
+            "assert h.status.value == 'running', h.status\n"
+            "h.write_file('/tmp/go', b'').result()\n"
             "h.wait_until_complete(timeout=20).result()\n"
             "print(h.status.value, h.returncode)\n", env={"SANDPOOL_ADDRESS": server.address})
         assert result.stdout.split() == ["failed", "3"], result.stderr

@@ -18,6 +18,7 @@ from sandpool import ResourceOptions, SandboxSpec
 from sandpool._lifecycle import Lifecycle, advance
 from sandpool._runtime._contract import SandboxRecord
 from sandpool._runtime._remote import parse_address, translate
+from sandpool._runtime import _threadpipe
 from sandpool._runtime._threadpipe import PipeStream, ThreadPipe
 from sandpool._errors import ProtocolError
 from sandpool._service import auth, endpoint, frames, limits
@@ -244,32 +245,55 @@ def test_unreachable_server_fails_fast_with_unavailable():
     assert time.monotonic() - started < 5
 
 
-def test_pacing_batches_a_busy_stream_but_not_a_lone_message():
-    """A message after a quiet gap leaves at once; writes that follow within the pace interval
-    wait for it and leave together, as one message."""
+class _PacedClock:
+    """A stand-in for the ``time`` module in ``_threadpipe``: virtual monotonic seconds, and a
+    ``sleep`` that records the pause and holds the taking thread until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.pauses: list[float] = []
+        self.sleeping, self.gate = threading.Event(), threading.Event()
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.pauses.append(seconds)
+        self.sleeping.set()
+        assert self.gate.wait(30)
+        self.now += seconds
+
+
+def test_pacing_batches_a_busy_stream_but_not_a_lone_message(monkeypatch):
+    """A message after a quiet gap leaves at once; one that follows the last take within the pace
+    interval waits out the rest of it, and the writes made meanwhile leave with it as one message
+    (virtual time: the decision is tested, not the machine's speed)."""
+    clock = _PacedClock()
+    monkeypatch.setattr(_threadpipe, "time", clock)
+
     async def main():
         pipe = ThreadPipe(trio.lowlevel.current_trio_token(), pace=0.05)
         await pipe.send(b"lone")
-        started = time.monotonic()
         assert await trio.to_thread.run_sync(pipe.get_blocking) == b"lone"
-        assert time.monotonic() - started < 0.04
-        got = []
-
-        async def take():
-            got.append(await trio.to_thread.run_sync(pipe.get_blocking))
-
+        assert clock.pauses == []  # no wait after a quiet gap
+        clock.now += 0.01
+        await pipe.send(b"0")
         async with trio.open_nursery() as nursery:
-            await pipe.send(b"0")
-            nursery.start_soon(take)  # finds "0" within the pace interval: waits for the rest
+            got = []
+
+            async def take():
+                got.append(await trio.to_thread.run_sync(pipe.get_blocking))
+
+            nursery.start_soon(take)  # finds "0" 10 ms after the last take: waits the other 40 ms
+            await trio.to_thread.run_sync(clock.sleeping.wait)
             for i in (1, 2):
-                await trio.sleep(0.01)
                 await pipe.send(b"%d" % i)
-        assert got == [b"012"]
-        await trio.sleep(0.06)
+            clock.gate.set()
+        assert got == [b"012"] and clock.pauses == [pytest.approx(0.04)]
+        clock.now += 0.06
         await pipe.send(b"later")
-        started = time.monotonic()
         assert await trio.to_thread.run_sync(pipe.get_blocking) == b"later"
-        assert time.monotonic() - started < 0.04
+        assert clock.pauses == [pytest.approx(0.04)]  # a quiet gap again: no new pause
     trio.run(main)
 
 

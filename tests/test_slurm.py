@@ -15,6 +15,7 @@ import cloudpickle
 import pytest
 import slurm_helpers as sh
 import trio
+from service_helpers import wait_until
 
 from sandpool import (
     SandboxDefaults,
@@ -102,8 +103,8 @@ def test_exec_streams_files_and_another_client_finds_adopts_and_stops(runtime, c
                                text=True, env=env, timeout=60)
         assert other.stdout.splitlines() == [f"['{sb.sandbox_id}'] True running", "'from slurm'", "terminated"], \
             other.stderr
-        ended = sb.wait_until_complete(timeout=15).result()
-        assert ended.status in (SandboxStatus.TERMINATED, SandboxStatus.FAILED), ended.status_reason
+        ended = sb.wait_until_complete(timeout=15).result()  # a client's stop is a clean end, not a loss
+        assert (ended.status, ended.status_reason) == (SandboxStatus.TERMINATED, "stopped"), ended.status_reason
     assert sh.jobs_of(runtime.owner) == []
 
 
@@ -130,12 +131,11 @@ def test_a_sandbox_waits_pending_while_the_cluster_is_full_then_runs(runtime):
             sb.start().result()
         waiting = session.sandbox(resources={"cpu": 1})
         waiting.start()
-        deadline = time.monotonic() + 10
-        while waiting.status != SandboxStatus.PENDING and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(1.5)  # and it stays pending
-        assert waiting.status == SandboxStatus.PENDING, (waiting.status, waiting.status_reason)
-        assert "PENDING" in waiting.status_reason and waiting.sandbox_id.startswith("slurm-")
+        # Slurm holds it for want of resources (every cpu is taken): it cannot start until one stops
+        assert wait_until(lambda: waiting.status == SandboxStatus.PENDING
+                          and "PENDING (Resources)" in (waiting.status_reason or ""), timeout=30), \
+            (waiting.status, waiting.status_reason)
+        assert waiting.sandbox_id.startswith("slurm-")
         assert [sb.sandbox_id for sb in session.list(status="pending").result()] == [waiting.sandbox_id]
         full[0].stop().result()
         waiting.start().result(timeout=20)
@@ -163,8 +163,7 @@ def test_a_node_dying_mid_map_fails_its_sandboxes_and_the_map_completes_elsewher
         with Session(runtime=runtime, defaults=SandboxDefaults(tags=(tag,))) as session:
             where = session.function(max_concurrency=6, resources={"cpu": 2}, retries=3)(_slow_where)
             refs = where.map([(i,) for i in range(300)])
-            while session.statistics().calls_done < 30:
-                time.sleep(0.02)
+            assert wait_until(lambda: session.statistics().calls_done >= 30, timeout=60)
             assert sh.script("kill-node", "n2").returncode == 0
             killed_at = time.monotonic()
             results = [r.result() for r in refs]
@@ -172,13 +171,19 @@ def test_a_node_dying_mid_map_fails_its_sandboxes_and_the_map_completes_elsewher
             assert [i for i, _ in results] == list(range(300))
             assert {"n1", "n3"} <= {node for _, node in results}
             ours = session.list(tags=[tag], show_terminated=True).result()
-            dead = [sb for sb in ours if runtime.job(sb)["node"] == "n2"]
+            # the sandboxes that ran on n2 (one still starting there was placed again elsewhere)
+            dead = [sb for sb in ours if runtime.job(sb)["node"] == "n2" and runtime.job(sb)["times"]["connected"]]
             assert dead and all(sb.status == SandboxStatus.FAILED for sb in dead), dead
             assert all("n2" in sb.status_reason for sb in dead), [sb.status_reason for sb in dead]
+            assert not [sb for sb in ours if runtime.job(sb)["node"] == "n2" and not sb.status.is_terminal]
             assert session.statistics().calls_retried >= 1
     finally:
         sh.script("start-node", "n2")
     assert sh.wait_no_jobs(runtime.owner, timeout=30) == []
+    # The power cut left n2's sandbox state (its template was SIGKILLed with everything else):
+    # the node's next start sweeps it (all three nodes share this host's state directory).
+    with Session() as local:
+        assert local.sandbox().exec(["true"]).result().returncode == 0
 
 
 def _slow_where(i):
@@ -196,14 +201,15 @@ def test_a_silent_server_is_lost_by_its_heartbeat(runtime):
         sb = session.sandbox()
         sb.start().result()
         pid = sb._record.extra["placement"].address["pid"]
-        proc = sb.exec(["sleep", "30"])
-        time.sleep(0.3)
+        proc = sb.exec(["sh", "-c", "echo go; exec sleep 30"])
+        assert next(iter(proc.stdout)) == "go\n"  # the exec reached the server before it froze
         os.kill(pid, signal.SIGSTOP)
         started = time.monotonic()
         try:
             with pytest.raises(SandboxUnavailableError, match="did not answer"):
                 proc.result()
-            assert time.monotonic() - started < runtime.lost_after_seconds + 2 * runtime.heartbeat_seconds + 3
+            # the heartbeat's real clock is the point: lost_after plus a beat, and slack for a loaded machine
+            assert time.monotonic() - started < runtime.lost_after_seconds + 2 * runtime.heartbeat_seconds + 5
             assert sb.status == SandboxStatus.FAILED and "did not answer" in sb.status_reason
         finally:
             os.kill(pid, signal.SIGCONT)

@@ -86,6 +86,9 @@ def test_judge_start_places_waits_retries_or_fails(tmp_path):
     verdict, why = place.judge_start(_placement(tmp_path, "RUNNING", running_since=0.0), 61, 60)
     assert verdict == "retry" and "did not report within 60 s" in why
     assert place.judge_start(_placement(tmp_path, "NODE_FAIL"), 0, 60)[0] == "retry"
+    verdict, why = place.judge_start(_placement(tmp_path, "RUNNING", running_since=0.0), 1, 60, ("n2",))
+    assert verdict == "retry" and "but node n2 stopped answering" in why  # no minute's wait on a dead node
+    assert place.judge_start(_placement(tmp_path, "RUNNING", running_since=0.0), 1, 60, ("n1",))[0] == "wait"
     assert place.judge_start(_placement(tmp_path, None, gone=True), 0, 60)[0] == "retry"
     (tmp_path / "job.log").write_text("Traceback...\nModuleNotFoundError: No module named 'sandpool'\n")
     verdict, why = place.judge_start(_placement(tmp_path, "FAILED"), 0, 60)

@@ -31,6 +31,9 @@ from ._framesock import FrameSocket
 
 MAX_FILE_BYTES = _wire.MAX_FILE_BYTES
 EXIT_GRACE_KILL_SECONDS = 2.0
+#: After SIGKILL, how long the agent waits to record its processes' exits (one stuck in the kernel
+#: must not hold up the teardown).
+_KILLED_REAP_SECONDS = 1.0
 
 
 class _Stop(Exception):
@@ -356,20 +359,24 @@ class Agent:
     def _on_hello(self, frame: dict) -> None:
         _wire.check_hello(frame)
 
-    def _shutdown(self, reason: str, grace: float) -> None:
-        """Escalating teardown: SIGTERM every group, wait ``grace``, SIGKILL the whole tree."""
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        for proc in self.procs.values():
-            proc.signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
+    def _collect_exits(self, deadline: float) -> None:
+        """Record the wait status of each exec'd process (and the main one) that ends before ``deadline``."""
         while any(p.status is None for p in self.procs.values()) and time.monotonic() < deadline:
             for pid, status in _linux.reap_all():
                 for proc in self.procs.values():
                     if proc.pid == pid:
                         proc.status = status
             time.sleep(0.01)
+
+    def _shutdown(self, reason: str, grace: float) -> None:
+        """Escalating teardown: SIGTERM every group, wait ``grace``, SIGKILL the whole tree."""
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for proc in self.procs.values():
+            proc.signal(signal.SIGTERM)
+        self._collect_exits(time.monotonic() + grace)
         for proc in self.procs.values():
             proc.signal(signal.SIGKILL)
+        self._collect_exits(time.monotonic() + _KILLED_REAP_SECONDS)  # else the sweep below reaps them unrecorded
         _linux.kill_descendants(os.getpid())
         main_status = self.main.status if self.main is not None else None
         for proc in self.procs.values():

@@ -174,7 +174,7 @@ class SlurmRuntime(Runtime):
             except BaseException:
                 await self._release([p])
                 raise
-            await self._release([p])
+            await self._release([p], wait=p.node not in exclusions(self._suspects, time.monotonic()))
             if verdict in ("fail", "never"):
                 record.status, record.status_reason = SandboxStatus.FAILED.value, reason
                 if verdict == "never":
@@ -312,7 +312,8 @@ class SlurmRuntime(Runtime):
         while True:
             if record.extra.get("abandoned") or self._closed:
                 return "fail", "stopped while it waited for Slurm to place it"
-            verdict, reason = judge_start(p, time.monotonic(), self.agent_start_seconds)
+            now = time.monotonic()
+            verdict, reason = judge_start(p, now, self.agent_start_seconds, exclusions(self._suspects, now))
             if p.job is not None:
                 waiting = cli.base_state(p.job.state) in cli.WAITING
                 record.status = (SandboxStatus.PENDING if waiting else SandboxStatus.CREATING).value

@@ -4,7 +4,8 @@ Three signals, each in its own task of the runtime's nursery:
 
 - the data plane: when a job's stream ends, :func:`watch_end` decides whether the sandbox ended
   by itself (its main command, an OOM kill) or was lost (its server vanished, or Slurm ended the
-  job: the server then shuts down, or Slurm's signal reaches the sandbox's processes directly);
+  job: the server then shuts down, or Slurm's signal reaches the sandbox's processes directly, or
+  the stream ends with no exit report at all; every one of these orders means the same);
 - the heartbeat: :func:`heartbeat` asks each job's server for its sandbox every
   ``heartbeat_seconds``; no answer for ``lost_after_seconds`` is a lost node (it hangs, or its
   network is gone, where no connection reset ever arrives);
@@ -44,7 +45,7 @@ async def watch_end(rt: SlurmRuntime, record: SandboxRecord, p: Placement) -> No
     await inner.exited.wait()
     record.exit_code, record.exit_signal = inner.exit_code, inner.exit_signal
     if not p.stopping:
-        reason = end_reason(p, inner.status_reason in _ENVIRONMENT_ENDS, inner.extra.get("lost"))
+        reason = end_reason(p, server_ended(inner), inner.extra.get("lost"))
         if reason:
             lose(rt, record, p, reason, suspect=bool(inner.extra.get("lost")))
     if not record.extra.get("lost"):
@@ -55,6 +56,14 @@ async def watch_end(rt: SlurmRuntime, record: SandboxRecord, p: Placement) -> No
     record.exited.set()
     if not p.stopping:  # it ended by itself or was lost: nobody will stop it, so release its job now
         await rt._release([p], wait=False)
+
+
+def server_ended(inner: SandboxRecord) -> bool:
+    """Whether the job's side ended the sandbox's stream because the job itself was ending: its
+    server shut down (it says so), Slurm's signal reached the sandbox's processes first (they say
+    so), or the server closed the stream without any exit report (it went away mid-shutdown; which of
+    these a client sees depends only on which process handled Slurm's SIGTERM first)."""
+    return inner.status_reason in _ENVIRONMENT_ENDS or bool(inner.extra.get("detached"))
 
 
 async def heartbeat(rt: SlurmRuntime, record: SandboxRecord, p: Placement) -> None:

@@ -100,15 +100,16 @@ class Placement:
         return " | ".join(line for line in text.splitlines()[-lines:] if line.strip())
 
 
-def judge_start(p: Placement, now: float, agent_seconds: float) -> tuple[str, str]:
+def judge_start(p: Placement, now: float, agent_seconds: float, dead_nodes: tuple[str, ...] = ()) -> tuple[str, str]:
     """Where a starting placement stands: ``("placed"|"wait"|"retry"|"fail"|"never", reason)``.
 
     placed: the job's server reported its address. fail: the sandbox cannot start (its server
     reported an error, or the job failed on its own). never: Slurm keeps the job queued for a reason
     that waiting does not clear (it asks more than the partition allows). retry: the cluster lost
     the job before it reported (node failure, launch failure, preemption, or a server that never
-    answered within ``agent_seconds`` of the job running); a fresh job may succeed elsewhere.
-    wait: otherwise.
+    answered within ``agent_seconds`` of the job running, or a job running on one of ``dead_nodes``,
+    nodes whose sandboxes just went silent: Slurm may take a minute to notice, the job will never
+    report); a fresh job may succeed elsewhere. wait: otherwise.
     """
     address = p.read_address()
     if address is not None:
@@ -126,6 +127,8 @@ def judge_start(p: Placement, now: float, agent_seconds: float) -> tuple[str, st
                              f"lower its resources (cpu, memory, gpu, time) or choose another partition")
         return "wait", ""
     if state in cli.ACTIVE:
+        if p.node in dead_nodes:
+            return "retry", f"{cli.describe(p.job)}, but node {p.node} stopped answering before its sandbox started"
         if p.running_since is not None and now - p.running_since > agent_seconds:
             return "retry", f"{cli.describe(p.job)}, but its sandpool server did not report within {agent_seconds:g} s"
         return "wait", ""

@@ -83,6 +83,7 @@ class Hub:
         """Forward one client's frames to the agent until it detaches or misbehaves."""
         decoder = _wire.FrameBuffer(max_bytes=self._max_frame)
         base = att.number << ID_BITS
+        agent_gone = False
         try:
             while True:
                 try:
@@ -110,14 +111,17 @@ class Hub:
                     await self.channel.send_many(frames)
         except ProtocolError as exc:
             att.end("error", ("INVALID_ARGUMENT", f"malformed data-plane message: {exc}"))
-        except (SandboxUnavailableError, trio.BrokenResourceError):
-            pass  # the agent is gone or the client is: finish() or the stream's end reports it
+        except SandboxUnavailableError:
+            agent_gone = True  # finish() ends this stream with the exit report, which comes next
+        except trio.BrokenResourceError:
+            pass  # the client is gone: the stream's end reports it
         except Exception as exc:  # a bug here must end this client's stream, not the server
             log.error("relaying a client's frames to %s failed", self.sandbox_id, exc_info=exc)
             att.end("error", ("INTERNAL", f"the server failed relaying this stream: {type(exc).__name__}: {exc}"))
         finally:
-            self.attachments.pop(att.number, None)
-            att.end("ok", {})
+            if not (agent_gone and not self.finished):  # ended now, the stream would miss that report
+                self.attachments.pop(att.number, None)
+                att.end("ok", {})
             att.done.set()
 
     # -- agent -> clients --------------------------------------------------------------------
