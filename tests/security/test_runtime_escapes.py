@@ -1,0 +1,98 @@
+"""The escape classes of runc's CVEs, tried from inside a sandbox: overwriting the host binary that
+runs the agent through ``/proc/<pid>/exe`` (CVE-2019-5736), and descriptors or working directories
+that lead outside the sandbox's root (CVE-2024-21626). Each test also checks that the sandbox and a
+fresh one keep working."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+
+import pytest
+
+#: Run inside the sandbox: every descriptor and working directory of every process it can see,
+#: with what it points at, and whether that is the same file as the path it names inside the root.
+SURVEY = r"""
+import json, os, stat
+out = []
+for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+    links = [("cwd", f"/proc/{pid}/cwd"), ("root", f"/proc/{pid}/root")]
+    try:
+        links += [(f"fd{n}", f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")]
+    except OSError:
+        continue
+    for name, link in links:
+        try:
+            target, real = os.readlink(link), os.stat(link)
+        except OSError:
+            continue
+        if not target.startswith("/") or not stat.S_ISDIR(real.st_mode) and not stat.S_ISREG(real.st_mode):
+            continue  # pipes, sockets, anon inodes, devices: nothing to walk out through
+        try:
+            here = os.stat(target)
+            same = (here.st_dev, here.st_ino) == (real.st_dev, real.st_ino)
+        except OSError:
+            same = False
+        out.append([pid, name, target, same])
+print(json.dumps(out))
+"""
+
+
+def _sh(sb, script: str):
+    return sb.exec(["sh", "-c", script]).result()
+
+
+def _still_works(session, sb) -> None:
+    assert _sh(sb, "echo alive").stdout == "alive\n"
+    assert _sh(session.sandbox(), "echo alive").stdout == "alive\n"
+
+
+def _digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_the_host_binary_behind_proc_exe_cannot_be_overwritten(contained):
+    """The agent and every process run the host's interpreter (bound read-only): opening it for
+    writing through /proc/1/exe or /proc/self/exe fails, and the host's file is unchanged."""
+    real = os.path.realpath(sys.executable)
+    before = _digest(real)
+    sb = contained.sandbox()
+    attack = ("import os, sys\n"
+              "for path in ('/proc/1/exe', '/proc/self/exe'):\n"
+              "    try:\n"
+              "        fd = os.open(path, os.O_WRONLY)\n"
+              "    except OSError as exc:\n"
+              "        print(path, 'refused', exc.errno)\n"
+              "    else:\n"
+              "        os.write(fd, b'#!/bin/sh\\necho pwned\\n'); print(path, 'WRITTEN')\n")
+    result = sb.exec([sys.executable, "-c", attack]).result()
+    assert result.returncode == 0, result.stderr
+    assert "WRITTEN" not in result.stdout and result.stdout.count("refused") == 2, result.stdout
+    assert _digest(real) == before
+    _still_works(contained, sb)
+
+
+def test_no_descriptor_or_working_directory_leads_outside_the_root(contained):
+    """Every file and directory that any process of the sandbox (the agent, a command, a remote
+    function's worker) holds open or works in is the file of that name inside the sandbox: none is
+    a host directory the process could climb out through."""
+    sb = contained.sandbox()
+
+    @contained.function()
+    def worker_holds_nothing():
+        return sorted(os.listdir("/proc/self/fd"))
+
+    worker_holds_nothing.remote().result()  # a call worker is running while the survey looks
+    result = sb.exec([sys.executable, "-c", SURVEY]).result()
+    assert result.returncode == 0, result.stderr
+    entries = json.loads(result.stdout)
+    assert any(name == "cwd" and pid == "1" for pid, name, _, _ in entries)  # the agent was surveyed
+    outside = [entry for entry in entries if not entry[3]]
+    assert outside == []
+    climbed = _sh(sb, "for p in /proc/[0-9]*; do for fd in $p/fd/* $p/cwd; do "
+                      "[ -d \"$fd\" ] && (cd \"$fd/../../../..\" && ls -a); done; done | sort -u")
+    assert climbed.stdout == _sh(sb, "ls -a / | sort -u").stdout  # every climb ends at the sandbox's own root
+    _still_works(contained, sb)
