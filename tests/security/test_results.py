@@ -184,9 +184,18 @@ def test_forged_traceback_naming_a_fifo_or_device_is_not_read(session, tmp_path)
     still_works(session)
 
 
-def test_forged_result_files_that_are_links_or_fifos_are_refused(session, tmp_path):
+@pytest.fixture
+def direct_session():
+    """A session of local sandboxes, whose results may come as files (the relay mode has none)."""
+    with Session() as s:
+        yield s
+
+
+def test_forged_result_files_that_are_links_or_fifos_are_refused(direct_session, tmp_path):
     """A result "file" that is a symlink to a host file, or a FIFO, in the sandbox's /tmp: the
     client refuses it (no link followed, no read that blocks) and fails that call only."""
+    session = direct_session
+
     @session.function
     def attack(kind):
         path = f"/tmp/.sandpool-r-forged-{kind}"
@@ -202,8 +211,7 @@ def test_forged_result_files_that_are_links_or_fifos_are_refused(session, tmp_pa
 
     probe.remote().result(timeout=60)
     slot = next(slot for pool in session._pools.values() for slot in pool.slots)
-    if slot.bulk_dir is None:
-        pytest.skip("this runtime offers no result files (no bulk directory)")
+    assert slot.bulk_dir is not None  # local sandboxes offer result files
     for kind, words in (("link", "could not be read"), ("fifo", "not a regular file")):
         with pytest.raises(SerializationError, match=words):
             attack.remote(kind).result(timeout=60)
