@@ -112,11 +112,34 @@ def enter(plan: dict, early: bool = False, cgroupns: bool = False) -> None:
     ``early``: ``unshare_early`` ran already (in a spare); ``cgroupns``: so did the cgroup namespace.
     Raises OSError naming the failed step.
     """
-    merged = plan["merged"]
     if not early:
         unshare_early(plan["network"])
     if not cgroupns:
         _sys.unshare(_sys.CLONE_NEWCGROUP)
+    build_root(plan)
+    finish(plan)
+
+
+def root_key(plan: dict) -> str:
+    """What of ``plan`` the root ``build_root`` makes depends on, other than where its scratch
+    directory lies: two plans with the same key get the same root."""
+    return repr([plan.get(k) for k in ("network", "lower", "view", "tmp_bytes", "hide", "binds")])
+
+
+def relocated(plan: dict, scratch: str) -> dict:
+    """``plan`` with its scratch tree (upper, work, merged, stage) in the directory ``scratch``: a
+    spare builds a root there before it knows its sandbox's directory (see ``build_root``)."""
+    moved = {key: os.path.join(scratch, key) for key in ("upper", "work", "merged", "stage")}
+    return {**plan, "scratch": scratch, **moved}
+
+
+def build_root(plan: dict) -> None:
+    """The part of ``enter`` that depends only on what ``root_key`` names: the writable storage,
+    the root filesystem and its mounts, then pivot_root into it. A spare does this ahead of time
+    for the plan its template saw last (``relocated`` to a directory of its own), so the host's
+    root is detached from it before it is handed a sandbox. Nothing of ``plan`` but those keys
+    and the scratch tree is read; afterwards nothing of the host is reachable."""
+    merged = plan["merged"]
     storage.mount(plan)
     mount_root(plan)
     size = plan["tmp_bytes"]
@@ -139,12 +162,17 @@ def enter(plan: dict, early: bool = False, cgroupns: bool = False) -> None:
         path = _mount_point(merged, target, directory)
         _sys.mount(source, path, None, _sys.MS_BIND | _sys.MS_REC)
         _sys.mount(None, path, None, _sys.MS_REMOUNT | _sys.MS_BIND | _sys.MS_RDONLY | _sys.MS_REC)
-    for path in plan.get("mkdirs") or ():
-        _mkdir(merged, path)
     os.chdir(merged)
     _sys.pivot_root(".", ".")  # stack the new root on the old one, then detach the old one
-    _sys.umount(".", _sys.MNT_DETACH)
+    _sys.umount(".", _sys.MNT_DETACH)  # (waits for an RCU grace period: ~0.5-2 ms)
     os.chdir("/")
+
+
+def finish(plan: dict) -> None:
+    """Inside the root ``build_root`` made: the sandbox's own directories (home, working
+    directory), hostname and import path, then no_new_privs and a container's capability set."""
+    for path in plan.get("mkdirs") or ():
+        os.makedirs(path, exist_ok=True)  # inside the root: a symlink of the image stays inside too
     _sys.sethostname(plan["hostname"])
     sys.path.extend(p for p in plan.get("paths") or () if p not in sys.path)
     _sys.no_new_privs()
@@ -176,7 +204,8 @@ def mount_root(plan: dict) -> None:
         os.symlink(target, _inside(merged, name))
     for path, mode in view["dirs"]:
         os.chmod(_mkdir(merged, path), mode)  # (makedirs obeys the umask)
-    stage = plan["stage"]  # a host directory: what is mounted there goes with the old root
+    stage = plan["stage"]  # outside the new root: what is mounted there goes with the old root
+    os.makedirs(stage, exist_ok=True)
     _sys.mount("tmpfs", stage, "tmpfs", _NOSUID_NODEV, "mode=700,size=64k")
     lower = plan["lower"]
     if view["whiteouts"]:

@@ -47,20 +47,23 @@ class Supervisor:
     """Per-template isolation state: each agent's cgroup and OOM watch, and the spare children."""
 
     def __init__(self, become_agent: Callable[[dict, int], None] | None = None,
-                 sel: selectors.BaseSelector | None = None) -> None:
+                 sel: selectors.BaseSelector | None = None, spare_dir: str | None = None) -> None:
         self.become_agent = become_agent  # the template's child path, for spares: (config, sock_fd)
         self.sel = sel  # the template's selector, where OOM eventfds are registered
+        self.spare_dir = spare_dir  # a host directory that lives as long as the template (its owner dir)
         self.groups: dict[int, dict] = {}  # agent pid -> its cgroup
         self.watches: dict[int, tuple[int, int]] = {}  # agent pid -> (eventfd, oom_control fd)
         self.oom_killed: set[int] = set()
-        self.spares: dict[int, tuple[str, socket.socket, dict | None]] = {}  # pid -> (network mode,
-        #                                                          our socket end, its cgroup)
+        self.spares: dict[int, tuple[str, socket.socket, dict | None, str | None]] = {}  # pid -> (network
+        #                         mode, our socket end, its cgroup, the root_key of the root it built)
         self.ready: set[int] = set()  # spares that said they are ready (joined, namespaces made)
-        self.wanted: set[str] = set()  # network modes of namespaces sandboxes asked for so far
+        self.wanted: dict[str, dict] = {}  # network mode -> the last plan of a namespaces sandbox in it
+        self.unbuildable: set[str] = set()  # root keys a spare failed to build a root for
         self.spare_parents: list[str] = []  # where spare cgroups go: the owner's dir in each hierarchy
         self.adopted: dict[int, dict] = {}  # agent pid -> the spare cgroup it took over (for "spawned")
         self.early = False  # in a spare: its namespaces exist already
         self.early_cgroupns = False  # ... and its cgroup namespace, rooted at the cgroup it keeps
+        self.built: str | None = None  # ... and its root, for plans of this root_key
         self._spares_made = 0
         self.sock_fd = -1  # the agent socket of the last fork
         self._pid_ns_fd: int | None = None
@@ -73,7 +76,7 @@ class Supervisor:
             self.spare_parents = [os.path.dirname(d) for d in config["cgroups"]["dirs"]]
         if plan:
             _compile_filter()  # here, once: each agent only loads it
-        pid = self._hand_to_spare(plan["network"], config, sock_fd) if plan else None
+        pid = self._hand_to_spare(plan, config, sock_fd) if plan else None
         self.sock_fd = sock_fd  # the oci level's child passes it on to crun
         if pid is None:
             pid = namespaces.fork_into_pid_namespace(self._pid_ns()) if plan else os.fork()
@@ -94,7 +97,7 @@ class Supervisor:
         for efd, ofd in self.watches.values():
             os.close(efd)
             os.close(ofd)
-        for _mode, sock, _group in self.spares.values():
+        for _mode, sock, _group, _key in self.spares.values():
             sock.close()
         if self._pid_ns_fd is not None:
             os.close(self._pid_ns_fd)
@@ -102,7 +105,10 @@ class Supervisor:
             cgroups.join(config["cgroups"])
         plan = config.get("namespaces")
         if plan:
-            namespaces.enter(plan, early=self.early, cgroupns=self.early_cgroupns)
+            if self.built is not None:
+                namespaces.finish(plan)  # the rest was done ahead of time (_be_spare)
+            else:
+                namespaces.enter(plan, early=self.early, cgroupns=self.early_cgroupns)
             _sys.seccomp_filter(seccomp.program())  # last: the agent needs no denied call from here on
             config["dir"] = namespaces.AGENT_DIR
         if config.get("oci"):
@@ -114,8 +120,8 @@ class Supervisor:
         """Template side, between requests: one live spare per network mode in use."""
         for pid in list(self.spares):
             self._poll_spare(pid)
-        have = {mode for mode, _sock, _group in self.spares.values()}
-        for mode in sorted(self.wanted - have):
+        have = {mode for mode, _sock, _group, _key in self.spares.values()}
+        for mode in sorted(set(self.wanted) - have):
             self._spawn_spare(mode)
 
     def _pid_ns(self) -> int:
@@ -132,16 +138,23 @@ class Supervisor:
             except OSError:
                 data = b""
             if not data:
+                key = self.spares[pid][3]
+                if pid not in self.ready and key is not None:
+                    self.unbuildable.add(key)  # it failed to build that root: the next spare will not try
                 self._drop_spare(pid)
                 return
             self.ready.add(pid)
 
-    def _hand_to_spare(self, mode: str, config: dict, sock_fd: int) -> int | None:
-        self.wanted.add(mode)
+    def _hand_to_spare(self, plan: dict, config: dict, sock_fd: int) -> int | None:
+        mode = plan["network"]
+        self.wanted[mode] = plan
         for pid in list(self.spares):
             self._poll_spare(pid)
-        for pid, (spare_mode, sock, group) in list(self.spares.items()):
+        for pid, (spare_mode, sock, group, key) in list(self.spares.items()):
             if spare_mode != mode or pid not in self.ready:  # still making its namespaces: fork
+                continue
+            if key is not None and key != namespaces.root_key(plan):  # its root is another's: a new
+                self._drop_spare(pid)  # spare, built for this plan, will come with the next refill
                 continue
             try:
                 if group is not None:  # the spare is in a cgroup of its own: make it the sandbox's
@@ -171,14 +184,20 @@ class Supervisor:
 
     def _spawn_spare(self, mode: str) -> None:
         group = self._spare_group()
+        plan = self.wanted.get(mode)
+        # a root built ahead of time needs the cgroup namespace made early (so the cgroup joined
+        # early), and a directory outside every sandbox's for its scratch tree
+        key = namespaces.root_key(plan) if plan and group is not None and self.spare_dir else None
+        if key in self.unbuildable:
+            key = None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         template = os.getpid()
         pid = namespaces.fork_into_pid_namespace(self._pid_ns())
         if pid == 0:
             ours.close()
-            self._be_spare(mode, theirs, template, group)
+            self._be_spare(mode, theirs, template, group, plan if key else None)
         theirs.close()
-        self.spares[pid] = (mode, ours, group)
+        self.spares[pid] = (mode, ours, group, key)
 
     def _spare_group(self) -> dict | None:
         """A fresh cgroup for a spare, beside the sandboxes' (None before any sandbox had one)."""
@@ -198,13 +217,15 @@ class Supervisor:
 
     def _drop_spare(self, pid: int) -> None:
         self.ready.discard(pid)
-        _mode, sock, group = self.spares.pop(pid)
+        _mode, sock, group, _key = self.spares.pop(pid)
         sock.close()  # EOF: the spare exits
         if group is not None:
             cgroups.remove(group)
 
-    def _be_spare(self, mode: str, sock: socket.socket, template: int, group: dict | None) -> None:
-        """In a spare: make the namespaces, wait for a sandbox, become its agent. Never returns."""
+    def _be_spare(self, mode: str, sock: socket.socket, template: int, group: dict | None,
+                  plan: dict | None) -> None:
+        """In a spare: make the namespaces (and, given the ``plan`` its template saw last, the root
+        for plans of its ``root_key``), wait for a sandbox, become its agent. Never returns."""
         try:
             signal.set_wakeup_fd(-1)
             for sig in (signal.SIGCHLD, signal.SIGTERM):
@@ -212,7 +233,7 @@ class Supervisor:
             _linux.set_parent_death_signal(signal.SIGKILL)
             if parent_pid() != template:
                 os._exit(0)
-            for _mode, other, _group in self.spares.values():
+            for _mode, other, _group, _key in self.spares.values():
                 other.close()
             self.spares = {}
             with open("/proc/self/comm") as f:
@@ -222,6 +243,9 @@ class Supervisor:
                 cgroups.join(group)  # the slow part of a cgroup move, paid here, ahead of time
             namespaces.unshare_early(mode, cgroup=group is not None)
             self.early, self.early_cgroupns = True, group is not None
+            if plan is not None:
+                _build_root(plan, self.spare_dir)
+                self.built = namespaces.root_key(plan)
             sock.send(b"r")  # ready: the template may now hand over a sandbox (and rename our cgroup)
             data, fds, _flags, _addr = socket.recv_fds(sock, _MAX_CONFIG_BYTES, 1)
             if not data or not fds:
@@ -231,6 +255,8 @@ class Supervisor:
             config = pickle.loads(data)
             if group is not None and not config.get("cgroups_joined"):
                 raise RuntimeError("a spare with a cgroup was handed a sandbox that did not adopt it")
+            if self.built is not None and namespaces.root_key(config["namespaces"]) != self.built:
+                raise RuntimeError("a spare was handed a sandbox whose root is not the one it built")
         except BaseException:
             import traceback
 
@@ -291,6 +317,17 @@ def _compile_filter() -> None:
         seccomp.program()
     except OSError:
         pass
+
+
+def _build_root(plan: dict, spare_dir: str) -> None:
+    """In a spare, before it is handed a sandbox: the root for plans like ``plan`` (the namespaces
+    level's ``build_root``), its scratch tree on a tmpfs over the template's own directory, which
+    is there as long as any spare. A spare that cannot build it exits (the sandbox that follows is
+    forked, and reports the error)."""
+    try:
+        namespaces.build_root(namespaces.relocated(plan, spare_dir))
+    except OSError:
+        os._exit(3)
 
 
 def _watch_oom(group: dict) -> tuple[int, int] | None:
