@@ -108,10 +108,12 @@ _KINDS = ("start", "start_exec", "exec")
 def against(other: str, n: int, reps: int) -> dict:
     """This checkout's namespaces level beside ``other``'s: per run, two child processes (one per
     checkout) take each sample in turn, the order swapped every round, so load from elsewhere
-    falls on both alike. Returns per run and checkout the p50 (ms) of each kind."""
+    falls on both alike, and the floor (``UNSHARE``) once per round between them. Returns per run
+    and checkout the p50 (ms) of each kind, and per run the floor's p50 (ms)."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     bench_dir = os.path.dirname(os.path.abspath(__file__))
-    runs: dict = {"this": [], "other": []}
+    runs: dict = {"this": [], "other": [], "floor": []}
+    floor_argv = UNSHARE if shutil.which("unshare") else ["true"]
     for _ in range(reps):
         children = {}
         for key, root in (("this", here), ("other", other)):
@@ -120,7 +122,9 @@ def against(other: str, n: int, reps: int) -> dict:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             children[key] = (child, child.stdout.readline().strip())
         samples = {key: {kind: [] for kind in _KINDS} for key in children}
+        floor = []
         for i in range(n):
+            floor.extend(timed(1, lambda: subprocess.run(floor_argv, check=True), warm=0))
             for kind in _KINDS:
                 for key in (("this", "other") if i % 2 else ("other", "this")):
                     child = children[key][0]
@@ -131,15 +135,18 @@ def against(other: str, n: int, reps: int) -> dict:
             child.stdin.close()
             child.wait()
             runs[key].append({"package": package, **{k: summary(v)["p50_ms"] for k, v in samples[key].items()}})
+        runs["floor"].append(summary(floor)["p50_ms"])
     return runs
 
 
 def print_against(runs: dict) -> None:
-    print(f"| run | namespaces | this checkout p50 | {runs['other'][0]['package']} p50 | ratio |")
-    print("|---|---|---:|---:|---:|")
-    for i, (mine, theirs) in enumerate(zip(runs["this"], runs["other"]), 1):
+    print(f"| run | namespaces | this checkout p50 | {runs['other'][0]['package']} p50 | ratio | floor p50 "
+          "| this / floor | other / floor |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for i, (mine, theirs, floor) in enumerate(zip(runs["this"], runs["other"], runs["floor"]), 1):
         for kind in _KINDS:
-            print(f"| {i} | {kind} | {mine[kind]:.2f} ms | {theirs[kind]:.2f} ms | {mine[kind] / theirs[kind]:.2f}x |")
+            print(f"| {i} | {kind} | {mine[kind]:.2f} ms | {theirs[kind]:.2f} ms | {mine[kind] / theirs[kind]:.2f}x | "
+                  f"{floor:.2f} ms | {mine[kind] / floor:.2f}x | {theirs[kind] / floor:.2f}x |")
     for kind in _KINDS:
         ratio = statistics.median(m[kind] / t[kind] for m, t in zip(runs["this"], runs["other"]))
         print(f"median ratio, {kind}: {ratio:.2f}x")

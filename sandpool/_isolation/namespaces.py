@@ -8,13 +8,18 @@ dangerous files read-only), read-only ``/sys`` (``/sys/firmware`` covered), ``/t
 ``/dev/shm`` on the sandbox's size-limited tmpfs (see ``storage``), a minimal ``/dev``; the
 hostname; ``lo`` up; then no_new_privs and a container's capability set.
 
-The root of an image is one overlay (lower = the image, upper and work dirs on that tmpfs). The root of the host image is an allow-list, not the host's ``/``: a directory of
-that tmpfs holding empty ``/root``, ``/home`` and ``/var/tmp``, into which the host's system
-directories (``/usr``, ``/etc``, ``/lib*``, ...; symlinks such as ``/bin -> usr/bin`` copied as
-symlinks) are bound from one overlay of the host's ``/``, so writes there land in the sandbox's
-upper dir and nothing else of the host (``/work``, ``/srv``, ``/opt``, ``/var``, homes, other
-top-level directories, even ones made later) exists inside. Secrets of ``/etc`` are whited out by
+The root of an image is one overlay (lower = the image, upper and work dirs on that tmpfs). The
+root of the host image is an allow-list, not the host's ``/``: a directory of that tmpfs holding
+empty ``/root``, ``/home`` and ``/var/tmp``, into which the host's system directories (``/usr``,
+``/etc``, ``/lib*``, ...; symlinks such as ``/bin -> usr/bin`` copied as symlinks) are bound
+from one overlay of the host's ``/``, so writes there land in the sandbox's upper dir and nothing
+else of the host (``/work``, ``/srv``, ``/opt``, ``/var``, homes, other top-level directories, even
+ones made later) exists inside. Secrets of ``/etc`` are whited out by
 a small tmpfs layer in that overlay, so they are absent, not just unreadable.
+
+``enter`` is ``build_root`` (everything up to the pivot_root, and the old root's detach) then
+``finish`` (what is the sandbox's own: home and working directory, hostname, privileges); a spare
+runs ``build_root`` ahead of time (see ``sandbox``).
 
 Every mount lives in the sandbox's own mount namespace, so nothing appears in the host's mount
 table and everything is unmounted by the kernel when the sandbox's last process exits.
@@ -189,7 +194,7 @@ def mount_root(plan: dict) -> None:
     empty directories), ``shown`` (names of top-level directories of ``lower``, bound in from one
     overlay of ``lower`` whose upper and work dirs are the plan's, so writes there land in the
     upper dir) and ``whiteouts`` (paths relative to ``lower`` that are absent in that overlay). The
-    overlay itself and its whiteout layer are mounted under ``plan["stage"]``, a host directory
+    overlay itself and its whiteout layer are mounted under ``plan["stage"]``, a directory
     outside the new root, and go with the old root (no umount here: each costs an RCU grace
     period). Nothing but the shown directories is reachable, however the host's ``/`` changes later.
     """

@@ -12,7 +12,10 @@ that has done exactly that, made while the template is idle (``refill``); the ne
 mode is handed to it (its config pickled, its agent socket passed along) instead of forking. A spare
 also waits in a cgroup of its own (``<owner>/spare-<n>``), which becomes the sandbox's at handoff
 (``cgroups.adopt``): moving a process between cgroups costs an RCU grace period (~8 ms here) whenever
-none happened for a while, and a spare pays it ahead of time. A spare is named ``sandpool-spare``
+none happened for a while, and a spare pays it ahead of time. A spare in a cgroup also builds the
+root of the mode's last plan (``namespaces.build_root``, its scratch tree over the template's own
+directory) and pivots into it, so a handoff leaves only ``namespaces.finish`` and the filter; it
+is handed only sandboxes whose plan has that ``root_key``. A spare is named ``sandpool-spare``
 while it waits and dies with the template.
 
 Out of memory: on cgroup v2 ``memory.oom.group`` makes the kernel kill the whole sandbox at once; on
