@@ -77,3 +77,22 @@ def test_spare_built_for_another_size_is_not_handed_a_sandbox():
         sandbox = session.sandbox()
         assert tmp_bytes(sandbox) == size != 16 * 2**20
         sandbox.stop(graceful_shutdown_seconds=0).result()
+
+
+def test_sandboxes_of_two_roots_in_turn_both_get_prebuilt_roots():
+    """Spares keep roots for the last few plans: started in turn, a default sandbox and one with a
+    small ephemeral-storage each come to get a prebuilt root of their own size."""
+    small = {"resources": {"limits": {"ephemeral-storage": "16Mi"}}}
+    with Session(defaults={"isolation": "namespaces"}) as session:
+        for _ in range(_MAX_STARTS):
+            prebuilt = []
+            for options in ({}, small):
+                sandbox = session.sandbox(**options)
+                sandbox.start().result()
+                prebuilt.append(sandbox.sandbox_id not in upper_dir(sandbox))
+                if options:
+                    assert tmp_bytes(sandbox) == 16 * 2**20
+                sandbox.stop(graceful_shutdown_seconds=0).result()
+            if all(prebuilt):
+                return
+        pytest.fail(f"sandboxes of two sizes started in turn never both got prebuilt roots in {_MAX_STARTS} rounds")

@@ -42,6 +42,8 @@ from . import _sys, cgroups, namespaces, oci, seccomp
 
 _PID_NS = "/proc/self/ns/pid"
 SPARE_NAME = "sandpool-spare"
+#: Per network mode, spares keep roots built for this many of the plans (root_key) asked for last.
+ROOTS_PER_MODE = 3
 #: Above a socket's send buffer (~200 KiB) a handoff fails anyway, and the sandbox is forked instead.
 _MAX_CONFIG_BYTES = 1 << 20
 
@@ -60,7 +62,8 @@ class Supervisor:
         self.spares: dict[int, tuple[str, socket.socket, dict | None, str | None]] = {}  # pid -> (network
         #                         mode, our socket end, its cgroup, the root_key of the root it built)
         self.ready: set[int] = set()  # spares that said they are ready (joined, namespaces made)
-        self.wanted: dict[str, dict] = {}  # network mode -> the last plan of a namespaces sandbox in it
+        self.wanted: dict[str, dict[str, dict]] = {}  # network mode -> {root_key: plan}, the last
+        #                                                  ROOTS_PER_MODE roots asked for, oldest first
         self.unbuildable: set[str] = set()  # root keys a spare failed to build a root for
         self.spare_parents: list[str] = []  # where spare cgroups go: the owner's dir in each hierarchy
         self.adopted: dict[int, dict] = {}  # agent pid -> the spare cgroup it took over (for "spawned")
@@ -120,12 +123,22 @@ class Supervisor:
     # -- spares ----------------------------------------------------------------------------
 
     def refill(self) -> None:
-        """Template side, between requests: one live spare per network mode in use."""
+        """Template side, between requests: per network mode in use, one spare with a root built for
+        each of the last ``ROOTS_PER_MODE`` roots asked for (newest first), and one without (for any
+        other plan); spares built for roots no longer among those are dropped."""
         for pid in list(self.spares):
             self._poll_spare(pid)
-        have = {mode for mode, _sock, _group, _key in self.spares.values()}
-        for mode in sorted(set(self.wanted) - have):
-            self._spawn_spare(mode)
+        for pid, (mode, _sock, _group, key) in list(self.spares.items()):
+            if key is not None and key not in self.wanted.get(mode, {}):
+                self._drop_spare(pid)
+        have = {(mode, key) for mode, _sock, _group, key in self.spares.values()}
+        buildable = bool(self.spare_dir and self.spare_parents)  # (a built root needs an early cgroup)
+        for mode in sorted(self.wanted):
+            roots = [(key, plan) for key, plan in reversed(self.wanted[mode].items())
+                     if buildable and key not in self.unbuildable]
+            for key, plan in roots[:1] + [(None, None)] + roots[1:]:
+                if (mode, key) not in have:
+                    self._spawn_spare(mode, key, plan)
 
     def _pid_ns(self) -> int:
         if self._pid_ns_fd is None:
@@ -149,16 +162,21 @@ class Supervisor:
             self.ready.add(pid)
 
     def _hand_to_spare(self, plan: dict, config: dict, sock_fd: int) -> int | None:
-        mode = plan["network"]
-        self.wanted[mode] = plan
+        """The pid of the ready spare that took the sandbox (one whose root was built for this plan's
+        ``root_key`` if there is one, else one without a root), or None (fork instead)."""
+        mode, root = plan["network"], namespaces.root_key(plan)
+        roots = self.wanted.setdefault(mode, {})
+        roots.pop(root, None)
+        roots[root] = plan
+        while len(roots) > ROOTS_PER_MODE:
+            del roots[next(iter(roots))]
         for pid in list(self.spares):
             self._poll_spare(pid)
-        for pid, (spare_mode, sock, group, key) in list(self.spares.items()):
-            if spare_mode != mode or pid not in self.ready:  # still making its namespaces: fork
-                continue
-            if key is not None and key != namespaces.root_key(plan):  # its root is another's: a new
-                self._drop_spare(pid)  # spare, built for this plan, will come with the next refill
-                continue
+        fits = [pid for pid, (m, _sock, _group, key) in self.spares.items()
+                if m == mode and pid in self.ready and key in (root, None)]
+        fits.sort(key=lambda pid: self.spares[pid][3] is None)  # a built root first
+        for pid in fits:
+            _mode, sock, group, _key = self.spares[pid]
             try:
                 if group is not None:  # the spare is in a cgroup of its own: make it the sandbox's
                     config["cgroups"] = cgroups.adopt(group["dirs"], config["cgroups"]) \
@@ -185,20 +203,18 @@ class Supervisor:
         group = self.adopted.pop(pid, None)
         return {"cgroups": group} if group else {}
 
-    def _spawn_spare(self, mode: str) -> None:
+    def _spawn_spare(self, mode: str, key: str | None, plan: dict | None) -> None:
+        """A spare for ``mode``; with ``plan`` (whose root_key is ``key``), one that builds its root."""
         group = self._spare_group()
-        plan = self.wanted.get(mode)
-        # a root built ahead of time needs the cgroup namespace made early (so the cgroup joined
-        # early), and a directory outside every sandbox's for its scratch tree
-        key = namespaces.root_key(plan) if plan and group is not None and self.spare_dir else None
-        if key in self.unbuildable:
-            key = None
+        if plan is not None and group is None:  # a built root needs the cgroup namespace made early
+            self.unbuildable.add(key)
+            return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         template = os.getpid()
         pid = namespaces.fork_into_pid_namespace(self._pid_ns())
         if pid == 0:
             ours.close()
-            self._be_spare(mode, theirs, template, group, plan if key else None)
+            self._be_spare(mode, theirs, template, group, plan)
         theirs.close()
         self.spares[pid] = (mode, ours, group, key)
 
