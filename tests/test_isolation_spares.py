@@ -2,6 +2,10 @@
 asked for (its own size, hostname, working directory, empty storage), and a spare built for other
 plans is never handed a sandbox."""
 
+import importlib
+import os
+import sys
+
 import pytest
 
 from sandpool import Session
@@ -96,3 +100,26 @@ def test_sandboxes_of_two_roots_in_turn_both_get_prebuilt_roots():
             if all(prebuilt):
                 return
         pytest.fail(f"sandboxes of two sizes started in turn never both got prebuilt roots in {_MAX_STARTS} rounds")
+
+
+def test_client_module_saved_again_is_seen_by_the_next_sandbox(tmp_path, monkeypatch):
+    """A client module file bound into prebuilt roots, then saved again by rename (as editors do):
+    the next sandbox sees the new file, not the one the spare bound before."""
+    module = tmp_path / "startcost_probe_mod.py"
+    module.write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "startcost_probe_mod", raising=False)
+    importlib.import_module("startcost_probe_mod")
+    try:
+        with Session(defaults={"isolation": "namespaces"}) as session:
+            first = prebuilt_sandbox(session)
+            assert sh(first, f"cat {module}") == "VALUE = 1\n"
+            first.stop(graceful_shutdown_seconds=0).result()
+            fresh = tmp_path / "new.py"
+            fresh.write_text("VALUE = 2\n")
+            os.replace(fresh, module)
+            sandbox = session.sandbox()
+            assert sh(sandbox, f"cat {module}") == "VALUE = 2\n"
+            sandbox.stop(graceful_shutdown_seconds=0).result()
+    finally:
+        sys.modules.pop("startcost_probe_mod", None)

@@ -35,7 +35,9 @@ import select
 import selectors
 import signal
 import socket
+import stat
 from collections.abc import Callable
+from typing import NamedTuple
 
 from .._agent import _linux
 from . import _sys, cgroups, namespaces, oci, seccomp
@@ -46,6 +48,14 @@ SPARE_NAME = "sandpool-spare"
 ROOTS_PER_MODE = 3
 #: Above a socket's send buffer (~200 KiB) a handoff fails anyway, and the sandbox is forked instead.
 _MAX_CONFIG_BYTES = 1 << 20
+
+
+class _Spare(NamedTuple):
+    mode: str  # its network mode
+    sock: socket.socket  # our end of the socket it waits on
+    group: dict | None  # the cgroup it waits in
+    root: str | None  # the root_key of the root it builds, or None
+    stamps: tuple = ()  # (inode, mtime) of the files that root binds, when it was asked for
 
 
 class Supervisor:
@@ -59,8 +69,7 @@ class Supervisor:
         self.groups: dict[int, dict] = {}  # agent pid -> its cgroup
         self.watches: dict[int, tuple[int, int]] = {}  # agent pid -> (eventfd, oom_control fd)
         self.oom_killed: set[int] = set()
-        self.spares: dict[int, tuple[str, socket.socket, dict | None, str | None]] = {}  # pid -> (network
-        #                         mode, our socket end, its cgroup, the root_key of the root it built)
+        self.spares: dict[int, _Spare] = {}  # pid -> the spare
         self.ready: set[int] = set()  # spares that said they are ready (joined, namespaces made)
         self.wanted: dict[str, dict[str, dict]] = {}  # network mode -> {root_key: plan}, the last
         #                                                  ROOTS_PER_MODE roots asked for, oldest first
@@ -103,8 +112,8 @@ class Supervisor:
         for efd, ofd in self.watches.values():
             os.close(efd)
             os.close(ofd)
-        for _mode, sock, _group, _key in self.spares.values():
-            sock.close()
+        for spare in self.spares.values():
+            spare.sock.close()
         if self._pid_ns_fd is not None:
             os.close(self._pid_ns_fd)
         if config.get("cgroups") and not config.get("cgroups_joined"):
@@ -128,10 +137,10 @@ class Supervisor:
         other plan); spares built for roots no longer among those are dropped."""
         for pid in list(self.spares):
             self._poll_spare(pid)
-        for pid, (mode, _sock, _group, key) in list(self.spares.items()):
-            if key is not None and key not in self.wanted.get(mode, {}):
+        for pid, spare in list(self.spares.items()):
+            if spare.root is not None and spare.root not in self.wanted.get(spare.mode, {}):
                 self._drop_spare(pid)
-        have = {(mode, key) for mode, _sock, _group, key in self.spares.values()}
+        have = {(spare.mode, spare.root) for spare in self.spares.values()}
         buildable = bool(self.spare_dir and self.spare_parents)  # (a built root needs an early cgroup)
         for mode in sorted(self.wanted):
             roots = [(key, plan) for key, plan in reversed(self.wanted[mode].items())
@@ -147,16 +156,16 @@ class Supervisor:
 
     def _poll_spare(self, pid: int) -> None:
         """Notice a spare's "ready" byte, or its death (EOF), without blocking."""
-        sock = self.spares[pid][1]
+        sock = self.spares[pid].sock
         while select.select([sock], [], [], 0)[0]:
             try:
                 data = sock.recv(1)
             except OSError:
                 data = b""
             if not data:
-                key = self.spares[pid][3]
-                if pid not in self.ready and key is not None:
-                    self.unbuildable.add(key)  # it failed to build that root: the next spare will not try
+                root = self.spares[pid].root
+                if pid not in self.ready and root is not None:
+                    self.unbuildable.add(root)  # it failed to build that root: the next spare will not try
                 self._drop_spare(pid)
                 return
             self.ready.add(pid)
@@ -172,11 +181,14 @@ class Supervisor:
             del roots[next(iter(roots))]
         for pid in list(self.spares):
             self._poll_spare(pid)
-        fits = [pid for pid, (m, _sock, _group, key) in self.spares.items()
-                if m == mode and pid in self.ready and key in (root, None)]
-        fits.sort(key=lambda pid: self.spares[pid][3] is None)  # a built root first
+        fits = [pid for pid, spare in self.spares.items()
+                if spare.mode == mode and pid in self.ready and spare.root in (root, None)]
+        fits.sort(key=lambda pid: self.spares[pid].root is None)  # a built root first
         for pid in fits:
-            _mode, sock, group, _key = self.spares[pid]
+            sock, group = self.spares[pid].sock, self.spares[pid].group
+            if self.spares[pid].root is not None and self.spares[pid].stamps != _file_stamps(plan):
+                self._drop_spare(pid)  # a file it binds was replaced since: the next spare binds the new one
+                continue
             try:
                 if group is not None:  # the spare is in a cgroup of its own: make it the sandbox's
                     config["cgroups"] = cgroups.adopt(group["dirs"], config["cgroups"]) \
@@ -216,7 +228,7 @@ class Supervisor:
             ours.close()
             self._be_spare(mode, theirs, template, group, plan)
         theirs.close()
-        self.spares[pid] = (mode, ours, group, key)
+        self.spares[pid] = _Spare(mode, ours, group, key, _file_stamps(plan) if plan else ())
 
     def _spare_group(self) -> dict | None:
         """A fresh cgroup for a spare, beside the sandboxes' (None before any sandbox had one)."""
@@ -236,10 +248,10 @@ class Supervisor:
 
     def _drop_spare(self, pid: int) -> None:
         self.ready.discard(pid)
-        _mode, sock, group, _key = self.spares.pop(pid)
-        sock.close()  # EOF: the spare exits
-        if group is not None:
-            cgroups.remove(group)
+        spare = self.spares.pop(pid)
+        spare.sock.close()  # EOF: the spare exits
+        if spare.group is not None:
+            cgroups.remove(spare.group)
 
     def _be_spare(self, mode: str, sock: socket.socket, template: int, group: dict | None,
                   plan: dict | None) -> None:
@@ -252,8 +264,8 @@ class Supervisor:
             _linux.set_parent_death_signal(signal.SIGKILL)
             if parent_pid() != template:
                 os._exit(0)
-            for _mode, other, _group, _key in self.spares.values():
-                other.close()
+            for other in self.spares.values():
+                other.sock.close()
             self.spares = {}
             with open("/proc/self/comm") as f:
                 name = f.read().strip()
@@ -336,6 +348,21 @@ def _compile_filter() -> None:
         seccomp.program()
     except OSError:
         pass
+
+
+def _file_stamps(plan: dict) -> tuple:
+    """(inode, mtime) of each file (not directory) ``plan`` binds: a bind shows the file it was made
+    of, so a root built before a client's module was saved again (by rename) must not be used."""
+    stamps = []
+    for source, _target in plan.get("binds") or ():
+        try:
+            info = os.stat(source)
+        except OSError:
+            stamps.append(None)
+            continue
+        if not stat.S_ISDIR(info.st_mode):
+            stamps.append((info.st_ino, info.st_mtime_ns))
+    return tuple(stamps)
 
 
 def _build_root(plan: dict, spare_dir: str) -> None:
