@@ -154,34 +154,58 @@ def print_against(runs: dict) -> None:
 
 def filter_cost(n: int, reps: int) -> dict:
     """The syscall filter alone: p50 of ``subprocess.run(["true"])`` (fork, exec, wait; the agent's
-    exec path) in a child that loaded the filter and in one that did not, in turn, ``reps`` times;
-    plus the time to load the compiled filter, which every agent start pays."""
+    exec path) in a child that loaded the filter and in one that did not, taking each sample in
+    turn (so load from elsewhere falls on both alike), ``reps`` times; plus the time to load the
+    compiled filter, which every agent start pays."""
     from sandpool._isolation import _sys, seccomp
 
     program = seccomp.program()
     runs: dict = {"filtered": [], "unfiltered": [], "load_us": []}
     for _ in range(reps):
+        children: dict = {}
         for key in ("unfiltered", "filtered"):
-            read, write = os.pipe()
-            pid = os.fork()
-            if pid == 0:
-                os.close(read)
-                began = time.perf_counter()
-                if key == "filtered":
-                    _sys.no_new_privs()
-                    _sys.seccomp_filter(program)
-                loaded = time.perf_counter() - began
-                p50 = summary(timed(n, lambda: subprocess.run(["true"], check=True)))["p50_ms"]
-                os.write(write, json.dumps([p50, loaded * 1e6]).encode())
-                os._exit(0)
-            os.close(write)
-            p50, loaded = json.loads(os.read(read, 1000))
-            os.close(read)
+            children[key] = _sampler(key == "filtered", program, _sys, [fd for c in children.values() for fd in c[:2]])
+        samples: dict = {key: [] for key in children}
+        for i in range(n + 5):  # the first 5 warm up
+            for key in (("unfiltered", "filtered") if i % 2 else ("filtered", "unfiltered")):
+                ask, answer, _pid, _loaded = children[key]
+                os.write(ask, b"s")
+                elapsed = float(os.read(answer, 100))
+                if i >= 5:
+                    samples[key].append(elapsed)
+        for key, (ask, answer, pid, loaded) in children.items():
+            os.close(ask)
+            os.close(answer)
             os.waitpid(pid, 0)
-            runs[key].append(p50)
+            runs[key].append(summary(samples[key])["p50_ms"])
             if key == "filtered":
                 runs["load_us"].append(loaded)
     return runs
+
+
+def _sampler(filtered: bool, program: bytes, _sys, others: list[int]) -> tuple[int, int, int, float]:
+    """A child that loads the filter (if ``filtered``), then times one ``subprocess.run(["true"])``
+    per byte it reads, until EOF. Returns (fd to ask, fd to read its answers, its pid, load time in
+    us). ``others``: the parent's ends of earlier samplers' pipes, closed in this one."""
+    ask_r, ask_w = os.pipe()
+    ans_r, ans_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        for fd in (ask_w, ans_r, *others):
+            os.close(fd)
+        began = time.perf_counter()
+        if filtered:
+            _sys.no_new_privs()
+            _sys.seccomp_filter(program)
+        os.write(ans_w, repr((time.perf_counter() - began) * 1e6).encode())
+        while os.read(ask_r, 1):
+            began = time.perf_counter()
+            subprocess.run(["true"], check=True)
+            os.write(ans_w, repr(time.perf_counter() - began).encode())
+        os._exit(0)
+    os.close(ask_r)
+    os.close(ans_w)
+    return ask_w, ans_r, pid, float(os.read(ans_r, 100))
 
 
 def floor_many(argv: list[str], count: int) -> float:
