@@ -16,8 +16,10 @@ that is not timed), and once more including the first ``exec(["true"])``, taking
 
 With ``--against DIR`` (another checkout, e.g. the main branch), it measures only the namespaces
 level of this checkout and of DIR: two child processes, one per checkout, take each sample in turn
-(3 runs, each ``n`` starts, starts with a first exec, and execs in a running sandbox): the cost of what this checkout adds, such
-as the syscall filter and the tmpfs-backed writable layer. Target: at most 10% slower.
+(3 runs, each ``n`` starts, starts with a first exec, and execs in a running sandbox, with the
+``unshare`` floor once per round, so each ratio stands beside a floor of the same run): the cost of
+what this checkout adds, such as the syscall filter and the tmpfs-backed writable layer. Target: at
+most 10% slower.
 
 Also the first two levels started one by one 100 ms apart (now and then, not in a burst). Then 100
 namespaces sandboxes started at once until all run and stopped at once (wall time; floor:

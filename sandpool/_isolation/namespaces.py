@@ -14,8 +14,8 @@ empty ``/root``, ``/home`` and ``/var/tmp``, into which the host's system direct
 ``/etc``, ``/lib*``, ...; symlinks such as ``/bin -> usr/bin`` copied as symlinks) are bound
 from one overlay of the host's ``/``, so writes there land in the sandbox's upper dir and nothing
 else of the host (``/work``, ``/srv``, ``/opt``, ``/var``, homes, other top-level directories, even
-ones made later) exists inside. Secrets of ``/etc`` are whited out by
-a small tmpfs layer in that overlay, so they are absent, not just unreadable.
+ones made later) exists inside. Secrets of ``/etc`` are whited out by a small tmpfs layer in that
+overlay, so they are absent, not just unreadable.
 
 ``enter`` is ``build_root`` (everything up to the pivot_root, and the old root's detach) then
 ``finish`` (what is the sandbox's own: home and working directory, hostname, privileges); a spare
@@ -141,7 +141,7 @@ def relocated(plan: dict, scratch: str) -> dict:
 def build_root(plan: dict) -> None:
     """The part of ``enter`` that depends only on what ``root_key`` names: the writable storage,
     the root filesystem and its mounts, then pivot_root into it. A spare does this ahead of time
-    for the plan its template saw last (``relocated`` to a directory of its own), so the host's
+    for a plan its template saw lately (``relocated`` to a directory of its own), so the host's
     root is detached from it before it is handed a sandbox. Nothing of ``plan`` but those keys
     and the scratch tree is read; afterwards nothing of the host is reachable."""
     merged = plan["merged"]

@@ -12,11 +12,12 @@ that has done exactly that, made while the template is idle (``refill``); the ne
 mode is handed to it (its config pickled, its agent socket passed along) instead of forking. A spare
 also waits in a cgroup of its own (``<owner>/spare-<n>``), which becomes the sandbox's at handoff
 (``cgroups.adopt``): moving a process between cgroups costs an RCU grace period (~8 ms here) whenever
-none happened for a while, and a spare pays it ahead of time. A spare in a cgroup also builds the
-root of the mode's last plan (``namespaces.build_root``, its scratch tree over the template's own
-directory) and pivots into it, so a handoff leaves only ``namespaces.finish`` and the filter; it
-is handed only sandboxes whose plan has that ``root_key``. A spare is named ``sandpool-spare``
-while it waits and dies with the template.
+none happened for a while, and a spare pays it ahead of time. Spares also build roots: for each of
+the last ``ROOTS_PER_MODE`` roots asked for in a mode (``namespaces.root_key``), a spare builds
+that root (``namespaces.build_root``, its scratch tree over the template's own directory) and
+pivots into it, so a handoff leaves only ``namespaces.finish`` and the filter; it is handed only
+sandboxes whose plan has that key. One spare per mode builds none and takes any other plan. A
+spare is named ``sandpool-spare`` while it waits and dies with the template.
 
 Out of memory: on cgroup v2 ``memory.oom.group`` makes the kernel kill the whole sandbox at once; on
 v1 the sandbox's OOM killer is disabled and the template, woken by the cgroup's OOM eventfd, kills
@@ -262,8 +263,8 @@ class Supervisor:
 
     def _be_spare(self, mode: str, sock: socket.socket, template: int, group: dict | None,
                   plan: dict | None) -> None:
-        """In a spare: make the namespaces (and, given the ``plan`` its template saw last, the root
-        for plans of its ``root_key``), wait for a sandbox, become its agent. Never returns."""
+        """In a spare: make the namespaces (and, given a ``plan``, the root for plans of its
+        ``root_key``), wait for a sandbox, become its agent. Never returns."""
         try:
             signal.set_wakeup_fd(-1)
             for sig in (signal.SIGCHLD, signal.SIGTERM):
@@ -376,8 +377,8 @@ def _build_root(plan: dict, spare_dir: str) -> None:
     """In a spare, before it is handed a sandbox: the root for plans like ``plan`` (the namespaces
     level's ``build_root``), its scratch tree on a tmpfs over the template's own directory, which
     is there as long as any spare. Built at a lower CPU priority: it runs beside the sandbox that
-    took the spare before, which is starting. A spare that cannot build it exits (the sandbox that follows is
-    forked, and reports the error)."""
+    took the spare before, which is starting. A spare that cannot build it exits (the sandbox that
+    follows takes a spare without a root or is forked, and reports the error)."""
     niceness = os.getpriority(os.PRIO_PROCESS, 0)
     try:
         os.setpriority(os.PRIO_PROCESS, 0, min(19, niceness + BUILD_NICENESS))
