@@ -16,8 +16,10 @@ that is not timed), and once more including the first ``exec(["true"])``, taking
 
 With ``--against DIR`` (another checkout, e.g. the main branch), it measures only the namespaces
 level of this checkout and of DIR: two child processes, one per checkout, take each sample in turn
-(3 runs, each ``n`` starts, starts with a first exec, and execs in a running sandbox): the cost of what this checkout adds, such
-as the syscall filter and the tmpfs-backed writable layer. Target: at most 10% slower.
+(3 runs, each ``n`` starts, starts with a first exec, and execs in a running sandbox, with the
+``unshare`` floor once per round, so each ratio stands beside a floor of the same run): the cost of
+what this checkout adds, such as the syscall filter and the tmpfs-backed writable layer. Target: at
+most 10% slower.
 
 Also the first two levels started one by one 100 ms apart (now and then, not in a burst). Then 100
 namespaces sandboxes started at once until all run and stopped at once (wall time; floor:
@@ -29,6 +31,7 @@ Latencies are nearest-rank p50/p99. Prints a Markdown table; JSON goes to
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -108,10 +111,12 @@ _KINDS = ("start", "start_exec", "exec")
 def against(other: str, n: int, reps: int) -> dict:
     """This checkout's namespaces level beside ``other``'s: per run, two child processes (one per
     checkout) take each sample in turn, the order swapped every round, so load from elsewhere
-    falls on both alike. Returns per run and checkout the p50 (ms) of each kind."""
+    falls on both alike, and the floor (``UNSHARE``) once per round between them. Returns per run
+    and checkout the p50 (ms) of each kind, and per run the floor's p50 (ms)."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     bench_dir = os.path.dirname(os.path.abspath(__file__))
-    runs: dict = {"this": [], "other": []}
+    runs: dict = {"this": [], "other": [], "floor": []}
+    floor_argv = UNSHARE if shutil.which("unshare") else ["true"]
     for _ in range(reps):
         children = {}
         for key, root in (("this", here), ("other", other)):
@@ -120,7 +125,9 @@ def against(other: str, n: int, reps: int) -> dict:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             children[key] = (child, child.stdout.readline().strip())
         samples = {key: {kind: [] for kind in _KINDS} for key in children}
+        floor = []
         for i in range(n):
+            floor.extend(timed(1, lambda: subprocess.run(floor_argv, check=True), warm=0))
             for kind in _KINDS:
                 for key in (("this", "other") if i % 2 else ("other", "this")):
                     child = children[key][0]
@@ -131,15 +138,18 @@ def against(other: str, n: int, reps: int) -> dict:
             child.stdin.close()
             child.wait()
             runs[key].append({"package": package, **{k: summary(v)["p50_ms"] for k, v in samples[key].items()}})
+        runs["floor"].append(summary(floor)["p50_ms"])
     return runs
 
 
 def print_against(runs: dict) -> None:
-    print(f"| run | namespaces | this checkout p50 | {runs['other'][0]['package']} p50 | ratio |")
-    print("|---|---|---:|---:|---:|")
-    for i, (mine, theirs) in enumerate(zip(runs["this"], runs["other"]), 1):
+    print(f"| run | namespaces | this checkout p50 | {runs['other'][0]['package']} p50 | ratio | floor p50 "
+          "| this / floor | other / floor |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for i, (mine, theirs, floor) in enumerate(zip(runs["this"], runs["other"], runs["floor"]), 1):
         for kind in _KINDS:
-            print(f"| {i} | {kind} | {mine[kind]:.2f} ms | {theirs[kind]:.2f} ms | {mine[kind] / theirs[kind]:.2f}x |")
+            print(f"| {i} | {kind} | {mine[kind]:.2f} ms | {theirs[kind]:.2f} ms | {mine[kind] / theirs[kind]:.2f}x | "
+                  f"{floor:.2f} ms | {mine[kind] / floor:.2f}x | {theirs[kind] / floor:.2f}x |")
     for kind in _KINDS:
         ratio = statistics.median(m[kind] / t[kind] for m, t in zip(runs["this"], runs["other"]))
         print(f"median ratio, {kind}: {ratio:.2f}x")
@@ -147,34 +157,62 @@ def print_against(runs: dict) -> None:
 
 def filter_cost(n: int, reps: int) -> dict:
     """The syscall filter alone: p50 of ``subprocess.run(["true"])`` (fork, exec, wait; the agent's
-    exec path) in a child that loaded the filter and in one that did not, in turn, ``reps`` times;
-    plus the time to load the compiled filter, which every agent start pays."""
+    exec path) in a child that loaded the filter and in one that did not, taking each sample in
+    turn (so load from elsewhere falls on both alike), ``reps`` times; plus the time to load the
+    compiled filter, which every agent start pays."""
     from sandpool._isolation import _sys, seccomp
 
     program = seccomp.program()
+    # one ctypes buffer of the program's size made here first, so that the children's load time is
+    # the load's own, as an agent's is (~0.3 ms, timed there); in a bare forked child the first
+    # such buffer adds ~0.8 ms
+    ctypes.create_string_buffer(program, len(program))
     runs: dict = {"filtered": [], "unfiltered": [], "load_us": []}
     for _ in range(reps):
+        children: dict = {}
         for key in ("unfiltered", "filtered"):
-            read, write = os.pipe()
-            pid = os.fork()
-            if pid == 0:
-                os.close(read)
-                began = time.perf_counter()
-                if key == "filtered":
-                    _sys.no_new_privs()
-                    _sys.seccomp_filter(program)
-                loaded = time.perf_counter() - began
-                p50 = summary(timed(n, lambda: subprocess.run(["true"], check=True)))["p50_ms"]
-                os.write(write, json.dumps([p50, loaded * 1e6]).encode())
-                os._exit(0)
-            os.close(write)
-            p50, loaded = json.loads(os.read(read, 1000))
-            os.close(read)
+            children[key] = _sampler(key == "filtered", program, _sys, [fd for c in children.values() for fd in c[:2]])
+        samples: dict = {key: [] for key in children}
+        for i in range(n + 5):  # the first 5 warm up
+            for key in (("unfiltered", "filtered") if i % 2 else ("filtered", "unfiltered")):
+                ask, answer, _pid, _loaded = children[key]
+                os.write(ask, b"s")
+                elapsed = float(os.read(answer, 100))
+                if i >= 5:
+                    samples[key].append(elapsed)
+        for key, (ask, answer, pid, loaded) in children.items():
+            os.close(ask)
+            os.close(answer)
             os.waitpid(pid, 0)
-            runs[key].append(p50)
+            runs[key].append(summary(samples[key])["p50_ms"])
             if key == "filtered":
                 runs["load_us"].append(loaded)
     return runs
+
+
+def _sampler(filtered: bool, program: bytes, _sys, others: list[int]) -> tuple[int, int, int, float]:
+    """A child that loads the filter (if ``filtered``), then times one ``subprocess.run(["true"])``
+    per byte it reads, until EOF. Returns (fd to ask, fd to read its answers, its pid, load time in
+    us). ``others``: the parent's ends of earlier samplers' pipes, closed in this one."""
+    ask_r, ask_w = os.pipe()
+    ans_r, ans_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        for fd in (ask_w, ans_r, *others):
+            os.close(fd)
+        _sys.no_new_privs()  # (both: the agent has it already)
+        began = time.perf_counter()
+        if filtered:
+            _sys.seccomp_filter(program)
+        os.write(ans_w, repr((time.perf_counter() - began) * 1e6).encode())
+        while os.read(ask_r, 1):
+            began = time.perf_counter()
+            subprocess.run(["true"], check=True)
+            os.write(ans_w, repr(time.perf_counter() - began).encode())
+        os._exit(0)
+    os.close(ask_r)
+    os.close(ans_w)
+    return ask_w, ans_r, pid, float(os.read(ans_r, 100))
 
 
 def floor_many(argv: list[str], count: int) -> float:

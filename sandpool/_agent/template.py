@@ -33,7 +33,8 @@ class Template:
         self.owner_dir = owner_dir
         self.agents: dict[int, str] = {}  # pid -> sandbox dir
         self.pid = os.getpid()
-        self.isolation = Supervisor(self._become_agent)  # namespaces, cgroups, OOM watches, spare children
+        # namespaces, cgroups, OOM watches, spare children (their roots' scratch over owner_dir)
+        self.isolation = Supervisor(self._become_agent, spare_dir=owner_dir)
 
     def serve(self) -> None:
         _linux.become_subreaper()
@@ -96,7 +97,8 @@ class Template:
         try:
             os.setsid()
             _linux.set_parent_death_signal(signal.SIGTERM)
-            if parent_pid() != self.pid:
+            # (a spare checked before it left the host's /proc, its parent-death signal armed since)
+            if self.isolation.built is None and parent_pid() != self.pid:
                 os._exit(1)
             _linux.become_subreaper()
             signal.set_wakeup_fd(-1)

@@ -8,13 +8,18 @@ dangerous files read-only), read-only ``/sys`` (``/sys/firmware`` covered), ``/t
 ``/dev/shm`` on the sandbox's size-limited tmpfs (see ``storage``), a minimal ``/dev``; the
 hostname; ``lo`` up; then no_new_privs and a container's capability set.
 
-The root of an image is one overlay (lower = the image, upper and work dirs on that tmpfs). The root of the host image is an allow-list, not the host's ``/``: a directory of
-that tmpfs holding empty ``/root``, ``/home`` and ``/var/tmp``, into which the host's system
-directories (``/usr``, ``/etc``, ``/lib*``, ...; symlinks such as ``/bin -> usr/bin`` copied as
-symlinks) are bound from one overlay of the host's ``/``, so writes there land in the sandbox's
-upper dir and nothing else of the host (``/work``, ``/srv``, ``/opt``, ``/var``, homes, other
-top-level directories, even ones made later) exists inside. Secrets of ``/etc`` are whited out by
-a small tmpfs layer in that overlay, so they are absent, not just unreadable.
+The root of an image is one overlay (lower = the image, upper and work dirs on that tmpfs). The
+root of the host image is an allow-list, not the host's ``/``: a directory of that tmpfs holding
+empty ``/root``, ``/home`` and ``/var/tmp``, into which the host's system directories (``/usr``,
+``/etc``, ``/lib*``, ...; symlinks such as ``/bin -> usr/bin`` copied as symlinks) are bound
+from one overlay of the host's ``/``, so writes there land in the sandbox's upper dir and nothing
+else of the host (``/work``, ``/srv``, ``/opt``, ``/var``, homes, other top-level directories, even
+ones made later) exists inside. Secrets of ``/etc`` are whited out by a small tmpfs layer in that
+overlay, so they are absent, not just unreadable.
+
+``enter`` is ``build_root`` (everything up to the pivot_root, and the old root's detach) then
+``finish`` (what is the sandbox's own: home and working directory, hostname, privileges); a spare
+runs ``build_root`` ahead of time (see ``sandbox``).
 
 Every mount lives in the sandbox's own mount namespace, so nothing appears in the host's mount
 table and everything is unmounted by the kernel when the sandbox's last process exits.
@@ -112,11 +117,34 @@ def enter(plan: dict, early: bool = False, cgroupns: bool = False) -> None:
     ``early``: ``unshare_early`` ran already (in a spare); ``cgroupns``: so did the cgroup namespace.
     Raises OSError naming the failed step.
     """
-    merged = plan["merged"]
     if not early:
         unshare_early(plan["network"])
     if not cgroupns:
         _sys.unshare(_sys.CLONE_NEWCGROUP)
+    build_root(plan)
+    finish(plan)
+
+
+def root_key(plan: dict) -> str:
+    """What of ``plan`` the root ``build_root`` makes depends on, other than where its scratch
+    directory lies: two plans with the same key get the same root."""
+    return repr([plan.get(k) for k in ("network", "lower", "view", "tmp_bytes", "hide", "binds")])
+
+
+def relocated(plan: dict, scratch: str) -> dict:
+    """``plan`` with its scratch tree (upper, work, merged, stage) in the directory ``scratch``: a
+    spare builds a root there before it knows its sandbox's directory (see ``build_root``)."""
+    moved = {key: os.path.join(scratch, key) for key in ("upper", "work", "merged", "stage")}
+    return {**plan, "scratch": scratch, **moved}
+
+
+def build_root(plan: dict) -> None:
+    """The part of ``enter`` that depends only on what ``root_key`` names: the writable storage,
+    the root filesystem and its mounts, then pivot_root into it. A spare does this ahead of time
+    for a plan its template saw lately (``relocated`` to a directory of its own), so the host's
+    root is detached from it before it is handed a sandbox. Nothing of ``plan`` but those keys
+    and the scratch tree is read; afterwards nothing of the host is reachable."""
+    merged = plan["merged"]
     storage.mount(plan)
     mount_root(plan)
     size = plan["tmp_bytes"]
@@ -139,12 +167,17 @@ def enter(plan: dict, early: bool = False, cgroupns: bool = False) -> None:
         path = _mount_point(merged, target, directory)
         _sys.mount(source, path, None, _sys.MS_BIND | _sys.MS_REC)
         _sys.mount(None, path, None, _sys.MS_REMOUNT | _sys.MS_BIND | _sys.MS_RDONLY | _sys.MS_REC)
-    for path in plan.get("mkdirs") or ():
-        _mkdir(merged, path)
     os.chdir(merged)
     _sys.pivot_root(".", ".")  # stack the new root on the old one, then detach the old one
-    _sys.umount(".", _sys.MNT_DETACH)
+    _sys.umount(".", _sys.MNT_DETACH)  # (waits for an RCU grace period: ~0.5-2 ms)
     os.chdir("/")
+
+
+def finish(plan: dict) -> None:
+    """Inside the root ``build_root`` made: the sandbox's own directories (home, working
+    directory), hostname and import path, then no_new_privs and a container's capability set."""
+    for path in plan.get("mkdirs") or ():
+        os.makedirs(path, exist_ok=True)  # inside the root: a symlink of the image stays inside too
     _sys.sethostname(plan["hostname"])
     sys.path.extend(p for p in plan.get("paths") or () if p not in sys.path)
     _sys.no_new_privs()
@@ -161,7 +194,7 @@ def mount_root(plan: dict) -> None:
     empty directories), ``shown`` (names of top-level directories of ``lower``, bound in from one
     overlay of ``lower`` whose upper and work dirs are the plan's, so writes there land in the
     upper dir) and ``whiteouts`` (paths relative to ``lower`` that are absent in that overlay). The
-    overlay itself and its whiteout layer are mounted under ``plan["stage"]``, a host directory
+    overlay itself and its whiteout layer are mounted under ``plan["stage"]``, a directory
     outside the new root, and go with the old root (no umount here: each costs an RCU grace
     period). Nothing but the shown directories is reachable, however the host's ``/`` changes later.
     """
@@ -176,7 +209,8 @@ def mount_root(plan: dict) -> None:
         os.symlink(target, _inside(merged, name))
     for path, mode in view["dirs"]:
         os.chmod(_mkdir(merged, path), mode)  # (makedirs obeys the umask)
-    stage = plan["stage"]  # a host directory: what is mounted there goes with the old root
+    stage = plan["stage"]  # outside the new root: what is mounted there goes with the old root
+    os.makedirs(stage, exist_ok=True)
     _sys.mount("tmpfs", stage, "tmpfs", _NOSUID_NODEV, "mode=700,size=64k")
     lower = plan["lower"]
     if view["whiteouts"]:

@@ -12,8 +12,12 @@ that has done exactly that, made while the template is idle (``refill``); the ne
 mode is handed to it (its config pickled, its agent socket passed along) instead of forking. A spare
 also waits in a cgroup of its own (``<owner>/spare-<n>``), which becomes the sandbox's at handoff
 (``cgroups.adopt``): moving a process between cgroups costs an RCU grace period (~8 ms here) whenever
-none happened for a while, and a spare pays it ahead of time. A spare is named ``sandpool-spare``
-while it waits and dies with the template.
+none happened for a while, and a spare pays it ahead of time. Spares also build roots: for each of
+the last ``ROOTS_PER_MODE`` roots asked for in a mode (``namespaces.root_key``), a spare builds
+that root (``namespaces.build_root``, its scratch tree over the template's own directory) and
+pivots into it, so a handoff leaves only ``namespaces.finish`` and the filter; it is handed only
+sandboxes whose plan has that key. One spare per mode builds none and takes any other plan. A
+spare is named ``sandpool-spare`` while it waits and dies with the template.
 
 Out of memory: on cgroup v2 ``memory.oom.group`` makes the kernel kill the whole sandbox at once; on
 v1 the sandbox's OOM killer is disabled and the template, woken by the cgroup's OOM eventfd, kills
@@ -26,41 +30,61 @@ Stdlib only: this runs in the template (``python -I -S``).
 
 from __future__ import annotations
 
+import collections
 import os
 import pickle
 import select
 import selectors
 import signal
 import socket
+import stat
 from collections.abc import Callable
+from typing import NamedTuple
 
 from .._agent import _linux
 from . import _sys, cgroups, namespaces, oci, seccomp
 
 _PID_NS = "/proc/self/ns/pid"
 SPARE_NAME = "sandpool-spare"
+#: Per network mode, spares keep roots built for this many of the plans (root_key) asked for last.
+ROOTS_PER_MODE = 3
+#: Spares with the newest root: one is ready while the next builds (~3-7 ms), for starts in a row.
+NEWEST_ROOT_SPARES = 2
+#: Added to a spare's nice value while it builds a root (then set back).
+BUILD_NICENESS = 10
 #: Above a socket's send buffer (~200 KiB) a handoff fails anyway, and the sandbox is forked instead.
 _MAX_CONFIG_BYTES = 1 << 20
+
+
+class _Spare(NamedTuple):
+    mode: str  # its network mode
+    sock: socket.socket  # our end of the socket it waits on
+    group: dict | None  # the cgroup it waits in
+    root: str | None  # the root_key of the root it builds, or None
+    stamps: tuple = ()  # (inode, mtime) of the files that root binds, when it was asked for
 
 
 class Supervisor:
     """Per-template isolation state: each agent's cgroup and OOM watch, and the spare children."""
 
     def __init__(self, become_agent: Callable[[dict, int], None] | None = None,
-                 sel: selectors.BaseSelector | None = None) -> None:
+                 sel: selectors.BaseSelector | None = None, spare_dir: str | None = None) -> None:
         self.become_agent = become_agent  # the template's child path, for spares: (config, sock_fd)
         self.sel = sel  # the template's selector, where OOM eventfds are registered
+        self.spare_dir = spare_dir  # a host directory that lives as long as the template (its owner dir)
         self.groups: dict[int, dict] = {}  # agent pid -> its cgroup
         self.watches: dict[int, tuple[int, int]] = {}  # agent pid -> (eventfd, oom_control fd)
         self.oom_killed: set[int] = set()
-        self.spares: dict[int, tuple[str, socket.socket, dict | None]] = {}  # pid -> (network mode,
-        #                                                          our socket end, its cgroup)
+        self.spares: dict[int, _Spare] = {}  # pid -> the spare
         self.ready: set[int] = set()  # spares that said they are ready (joined, namespaces made)
-        self.wanted: set[str] = set()  # network modes of namespaces sandboxes asked for so far
+        self.wanted: dict[str, dict[str, dict]] = {}  # network mode -> {root_key: plan}, the last
+        #                                                  ROOTS_PER_MODE roots asked for, oldest first
+        self.unbuildable: set[str] = set()  # root keys a spare failed to build a root for
         self.spare_parents: list[str] = []  # where spare cgroups go: the owner's dir in each hierarchy
         self.adopted: dict[int, dict] = {}  # agent pid -> the spare cgroup it took over (for "spawned")
         self.early = False  # in a spare: its namespaces exist already
         self.early_cgroupns = False  # ... and its cgroup namespace, rooted at the cgroup it keeps
+        self.built: str | None = None  # ... and its root, for plans of this root_key
         self._spares_made = 0
         self.sock_fd = -1  # the agent socket of the last fork
         self._pid_ns_fd: int | None = None
@@ -73,7 +97,7 @@ class Supervisor:
             self.spare_parents = [os.path.dirname(d) for d in config["cgroups"]["dirs"]]
         if plan:
             _compile_filter()  # here, once: each agent only loads it
-        pid = self._hand_to_spare(plan["network"], config, sock_fd) if plan else None
+        pid = self._hand_to_spare(plan, config, sock_fd) if plan else None
         self.sock_fd = sock_fd  # the oci level's child passes it on to crun
         if pid is None:
             pid = namespaces.fork_into_pid_namespace(self._pid_ns()) if plan else os.fork()
@@ -94,15 +118,18 @@ class Supervisor:
         for efd, ofd in self.watches.values():
             os.close(efd)
             os.close(ofd)
-        for _mode, sock, _group in self.spares.values():
-            sock.close()
+        for spare in self.spares.values():
+            spare.sock.close()
         if self._pid_ns_fd is not None:
             os.close(self._pid_ns_fd)
         if config.get("cgroups") and not config.get("cgroups_joined"):
             cgroups.join(config["cgroups"])
         plan = config.get("namespaces")
         if plan:
-            namespaces.enter(plan, early=self.early, cgroupns=self.early_cgroupns)
+            if self.built is not None:
+                namespaces.finish(plan)  # the rest was done ahead of time (_be_spare)
+            else:
+                namespaces.enter(plan, early=self.early, cgroupns=self.early_cgroupns)
             _sys.seccomp_filter(seccomp.program())  # last: the agent needs no denied call from here on
             config["dir"] = namespaces.AGENT_DIR
         if config.get("oci"):
@@ -111,12 +138,24 @@ class Supervisor:
     # -- spares ----------------------------------------------------------------------------
 
     def refill(self) -> None:
-        """Template side, between requests: one live spare per network mode in use."""
+        """Template side, between requests: per network mode in use, spares with a root built for
+        each of the last ``ROOTS_PER_MODE`` roots asked for (``NEWEST_ROOT_SPARES`` for the newest,
+        first), and one without (for any other plan); spares built for roots no longer among those
+        are dropped."""
         for pid in list(self.spares):
             self._poll_spare(pid)
-        have = {mode for mode, _sock, _group in self.spares.values()}
-        for mode in sorted(self.wanted - have):
-            self._spawn_spare(mode)
+        for pid, spare in list(self.spares.items()):
+            if spare.root is not None and spare.root not in self.wanted.get(spare.mode, {}):
+                self._drop_spare(pid)
+        have = collections.Counter((spare.mode, spare.root) for spare in self.spares.values())
+        buildable = bool(self.spare_dir and self.spare_parents)  # (a built root needs an early cgroup)
+        for mode in sorted(self.wanted):
+            roots = [(key, plan) for key, plan in reversed(self.wanted[mode].items())
+                     if buildable and key not in self.unbuildable]
+            newest = [(key, plan, NEWEST_ROOT_SPARES) for key, plan in roots[:1]]
+            for key, plan, count in newest + [(None, None, 1)] + [(k, p, 1) for k, p in roots[1:]]:
+                for _ in range(count - have[mode, key]):
+                    self._spawn_spare(mode, key, plan)
 
     def _pid_ns(self) -> int:
         if self._pid_ns_fd is None:
@@ -125,23 +164,38 @@ class Supervisor:
 
     def _poll_spare(self, pid: int) -> None:
         """Notice a spare's "ready" byte, or its death (EOF), without blocking."""
-        sock = self.spares[pid][1]
+        sock = self.spares[pid].sock
         while select.select([sock], [], [], 0)[0]:
             try:
                 data = sock.recv(1)
             except OSError:
                 data = b""
             if not data:
+                root = self.spares[pid].root
+                if pid not in self.ready and root is not None:
+                    self.unbuildable.add(root)  # it failed to build that root: the next spare will not try
                 self._drop_spare(pid)
                 return
             self.ready.add(pid)
 
-    def _hand_to_spare(self, mode: str, config: dict, sock_fd: int) -> int | None:
-        self.wanted.add(mode)
+    def _hand_to_spare(self, plan: dict, config: dict, sock_fd: int) -> int | None:
+        """The pid of the ready spare that took the sandbox (one whose root was built for this plan's
+        ``root_key`` if there is one, else one without a root), or None (fork instead)."""
+        mode, root = plan["network"], namespaces.root_key(plan)
+        roots = self.wanted.setdefault(mode, {})
+        roots.pop(root, None)
+        roots[root] = plan
+        while len(roots) > ROOTS_PER_MODE:
+            del roots[next(iter(roots))]
         for pid in list(self.spares):
             self._poll_spare(pid)
-        for pid, (spare_mode, sock, group) in list(self.spares.items()):
-            if spare_mode != mode or pid not in self.ready:  # still making its namespaces: fork
+        fits = [pid for pid, spare in self.spares.items()
+                if spare.mode == mode and pid in self.ready and spare.root in (root, None)]
+        fits.sort(key=lambda pid: self.spares[pid].root is None)  # a built root first
+        for pid in fits:
+            sock, group = self.spares[pid].sock, self.spares[pid].group
+            if self.spares[pid].root is not None and self.spares[pid].stamps != _file_stamps(plan):
+                self._drop_spare(pid)  # a file it binds was replaced since: the next spare binds the new one
                 continue
             try:
                 if group is not None:  # the spare is in a cgroup of its own: make it the sandbox's
@@ -169,16 +223,20 @@ class Supervisor:
         group = self.adopted.pop(pid, None)
         return {"cgroups": group} if group else {}
 
-    def _spawn_spare(self, mode: str) -> None:
+    def _spawn_spare(self, mode: str, key: str | None, plan: dict | None) -> None:
+        """A spare for ``mode``; with ``plan`` (whose root_key is ``key``), one that builds its root."""
         group = self._spare_group()
+        if plan is not None and group is None:  # a built root needs the cgroup namespace made early
+            self.unbuildable.add(key)
+            return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         template = os.getpid()
         pid = namespaces.fork_into_pid_namespace(self._pid_ns())
         if pid == 0:
             ours.close()
-            self._be_spare(mode, theirs, template, group)
+            self._be_spare(mode, theirs, template, group, plan)
         theirs.close()
-        self.spares[pid] = (mode, ours, group)
+        self.spares[pid] = _Spare(mode, ours, group, key, _file_stamps(plan) if plan else ())
 
     def _spare_group(self) -> dict | None:
         """A fresh cgroup for a spare, beside the sandboxes' (None before any sandbox had one)."""
@@ -198,13 +256,15 @@ class Supervisor:
 
     def _drop_spare(self, pid: int) -> None:
         self.ready.discard(pid)
-        _mode, sock, group = self.spares.pop(pid)
-        sock.close()  # EOF: the spare exits
-        if group is not None:
-            cgroups.remove(group)
+        spare = self.spares.pop(pid)
+        spare.sock.close()  # EOF: the spare exits
+        if spare.group is not None:
+            cgroups.remove(spare.group)
 
-    def _be_spare(self, mode: str, sock: socket.socket, template: int, group: dict | None) -> None:
-        """In a spare: make the namespaces, wait for a sandbox, become its agent. Never returns."""
+    def _be_spare(self, mode: str, sock: socket.socket, template: int, group: dict | None,
+                  plan: dict | None) -> None:
+        """In a spare: make the namespaces (and, given a ``plan``, the root for plans of its
+        ``root_key``), wait for a sandbox, become its agent. Never returns."""
         try:
             signal.set_wakeup_fd(-1)
             for sig in (signal.SIGCHLD, signal.SIGTERM):
@@ -212,8 +272,8 @@ class Supervisor:
             _linux.set_parent_death_signal(signal.SIGKILL)
             if parent_pid() != template:
                 os._exit(0)
-            for _mode, other, _group in self.spares.values():
-                other.close()
+            for other in self.spares.values():
+                other.sock.close()
             self.spares = {}
             with open("/proc/self/comm") as f:
                 name = f.read().strip()
@@ -222,6 +282,9 @@ class Supervisor:
                 cgroups.join(group)  # the slow part of a cgroup move, paid here, ahead of time
             namespaces.unshare_early(mode, cgroup=group is not None)
             self.early, self.early_cgroupns = True, group is not None
+            if plan is not None:
+                _build_root(plan, self.spare_dir)
+                self.built = namespaces.root_key(plan)
             sock.send(b"r")  # ready: the template may now hand over a sandbox (and rename our cgroup)
             data, fds, _flags, _addr = socket.recv_fds(sock, _MAX_CONFIG_BYTES, 1)
             if not data or not fds:
@@ -231,6 +294,8 @@ class Supervisor:
             config = pickle.loads(data)
             if group is not None and not config.get("cgroups_joined"):
                 raise RuntimeError("a spare with a cgroup was handed a sandbox that did not adopt it")
+            if self.built is not None and namespaces.root_key(config["namespaces"]) != self.built:
+                raise RuntimeError("a spare was handed a sandbox whose root is not the one it built")
         except BaseException:
             import traceback
 
@@ -291,6 +356,36 @@ def _compile_filter() -> None:
         seccomp.program()
     except OSError:
         pass
+
+
+def _file_stamps(plan: dict) -> tuple:
+    """(inode, mtime) of each file (not directory) ``plan`` binds: a bind shows the file it was made
+    of, so a root built before a client's module was saved again (by rename) must not be used."""
+    stamps = []
+    for source, _target in plan.get("binds") or ():
+        try:
+            info = os.stat(source)
+        except OSError:
+            stamps.append(None)
+            continue
+        if not stat.S_ISDIR(info.st_mode):
+            stamps.append((info.st_ino, info.st_mtime_ns))
+    return tuple(stamps)
+
+
+def _build_root(plan: dict, spare_dir: str) -> None:
+    """In a spare, before it is handed a sandbox: the root for plans like ``plan`` (the namespaces
+    level's ``build_root``), its scratch tree on a tmpfs over the template's own directory, which
+    is there as long as any spare. Built at a lower CPU priority: it runs beside the sandbox that
+    took the spare before, which is starting. A spare that cannot build it exits (the sandbox that
+    follows takes a spare without a root or is forked, and reports the error)."""
+    niceness = os.getpriority(os.PRIO_PROCESS, 0)
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, min(19, niceness + BUILD_NICENESS))
+        namespaces.build_root(namespaces.relocated(plan, spare_dir))
+        os.setpriority(os.PRIO_PROCESS, 0, niceness)  # (root may raise it again) the agent's, as forked
+    except OSError:
+        os._exit(3)
 
 
 def _watch_oom(group: dict) -> tuple[int, int] | None:
