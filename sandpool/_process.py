@@ -11,6 +11,7 @@ import trio
 
 from . import _wire
 from ._errors import ProtocolError, SandboxExecutionError, SandboxTimeoutError
+from ._hosts import call_in
 from ._opref import OperationRef, TaskHost, check_not_in_trio
 from ._output import OutputBuffer
 
@@ -41,7 +42,8 @@ class ProcessResult:
 
 
 class StreamReader:
-    """Live output of one stream as text chunks: ``for chunk in proc.stdout`` or ``async for``.
+    """Live output of one stream as text chunks: ``for chunk in proc.stdout``, or ``async for`` (trio
+    or asyncio; cancelling the iterating task stops the read, not the process).
 
     The stream ends when the process exits; if the process never ran to its end (its sandbox died or
     was stopped, or the exec timed out or failed to start), reading past the last chunk raises that
@@ -80,7 +82,8 @@ class StreamReader:
         return self
 
     async def __anext__(self) -> str:
-        text = await self._next()
+        # The buffer lives in the sandbox's loop: read there, awaited from this trio or asyncio task.
+        text = await call_in(self._process._loop, self._next)
         if text is None:
             raise StopAsyncIteration
         return text

@@ -25,6 +25,7 @@ from ._errors import (
     SandboxTimeoutError,
     SandboxUnavailableError,
 )
+from ._hosts import current_host, settle, to_thread
 from ._opref import OperationRef, TaskHost, check_not_in_trio
 from ._process import Process
 
@@ -449,16 +450,23 @@ class Sandbox:
         _finish_stop(self.stop(), exc is not None)
 
     async def __aenter__(self) -> Sandbox:
-        await self.start()
+        if self._session._host is None:  # a standalone sandbox's session opens without blocking the loop
+            await to_thread(self._session._ensure_open)
+        try:
+            await self.start()
+        except BaseException:
+            await settle(self.stop())
+            raise
         return self
 
     async def __aexit__(self, exc_type, exc, tb) -> None:
-        with trio.CancelScope(shield=True):
-            try:
-                await self.stop()
-            except Exception:
-                if exc is None:
-                    raise
+        """Stop the sandbox and wait until it is stopped, whatever the host's cancellation does
+        meanwhile; a failure to stop never hides the block's own exception."""
+        try:
+            await settle(self.stop())
+        except Exception:
+            if exc is None:
+                raise
 
     # -- construction and discovery --------------------------------------------------------------
 
@@ -466,14 +474,17 @@ class Sandbox:
     def run(cls, *args: str, defaults: SandboxDefaults | None = None, **options: Any) -> Sandbox:
         """Create and start a sandbox outside any session; ``args`` are the main command and its args.
 
-        It is stopped when its ``with`` block ends, or with this process, whatever ends it.
+        From sync code it returns once the sandbox runs. Inside trio or asyncio it returns at once,
+        and ``async with`` (or ``await sb``) waits until it runs. It is stopped when its ``with`` block
+        ends, or with this process, whatever ends it.
         """
         if args:
             options["command"], options["args"] = args[0], list(args[1:])
         sandbox = cls(defaults=defaults, **options)
-        ref = sandbox.start()
-        if not trio.lowlevel.in_trio_run():
-            ref.result()
+        if current_host() == "sync":
+            sandbox.start().result()
+        elif sandbox._session._host is not None:  # never block a trio or asyncio loop to open one
+            sandbox.start()
         return sandbox
 
     @classmethod
