@@ -12,7 +12,7 @@ import trio
 from . import _wire
 from ._errors import ProtocolError, SandboxExecutionError, SandboxTimeoutError
 from ._hosts import call_in
-from ._opref import OperationRef, TaskHost, check_not_in_trio
+from ._opref import OperationCancelled, OperationRef, TaskHost, check_not_in_trio
 from ._output import OutputBuffer
 
 if TYPE_CHECKING:
@@ -195,6 +195,9 @@ class Process(OperationRef[ProcessResult]):
         self._exit_code: int | None = None
         self._failure: BaseException | None = None  # why it ended without an exit code
         self._owed = 0  # output bytes received and not yet acknowledged to the agent
+        # An exec cancelled before its task ran, or refused by a closing session, never runs _body:
+        # its streams must end all the same, or a reader would wait for ever.
+        self.add_done_callback(Process._end_streams)
 
     def __repr__(self) -> str:
         state = "running" if self._exit_code is None else f"exited {self._exit_code}"
@@ -304,6 +307,16 @@ class Process(OperationRef[ProcessResult]):
     def _on_sandbox_gone(self, error: BaseException) -> None:
         if not self._exited.is_set():
             self._failure = error
+            self._mark_exited()
+
+    def _end_streams(self) -> None:
+        if not self._exited.is_set():
+            try:
+                error = self.exception()  # done: it answers at once
+            except OperationCancelled:
+                error = None
+            self._failure = error or SandboxExecutionError(
+                f"command {self._argv!r} was cancelled before it ran", sandbox_id=self._sandbox.sandbox_id)
             self._mark_exited()
 
     def _mark_exited(self) -> None:
