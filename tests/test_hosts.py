@@ -1,0 +1,412 @@
+"""The public API under its three hosts: each scenario runs as sync code, inside trio and inside asyncio.
+
+A scenario is one ``async def body(h)``. ``h`` is the host: under trio and asyncio, ``h.wait(ref)``
+is ``await ref``, ``h.lines(stream)`` is ``async for`` and ``h.session()`` is ``async with Session``;
+under sync it is ``ref.result()``, ``for`` and ``with``, and the body runs to its end without ever
+suspending (``_SyncHost.run`` checks that), so the sync API is what it exercises. Some scenarios also
+run against a sandpool server (the remote runtime).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import pytest
+import trio
+
+import sandpool
+from sandpool import OperationCancelled, Sandbox, SandboxNotRunningError, SandboxStatus, Session
+
+from service_helpers import ServerProcess
+
+PID_AND_SLEEP = ["sh", "-c", "echo $$; exec sleep 1000"]
+
+
+class _Awaited:
+    """A sync value dressed as an awaitable that never suspends (what sync scenarios await)."""
+
+    def __init__(self, fn, *args) -> None:
+        self.fn, self.args = fn, args
+
+    def __await__(self):
+        return self.fn(*self.args)
+        yield  # makes this a generator: the body above runs when awaited, without suspending
+
+
+class _SyncCM:
+    """``async with`` over a sync ``with`` block, for sync scenarios."""
+
+    def __init__(self, cm) -> None:
+        self.cm = cm
+
+    async def __aenter__(self):
+        return self.cm.__enter__()
+
+    async def __aexit__(self, *exc):
+        return self.cm.__exit__(*exc)
+
+
+class _SyncHost:
+    name = "sync"
+
+    def run(self, body):
+        coro = body(self)
+        try:
+            coro.send(None)
+        except StopIteration as stop:
+            return stop.value
+        coro.close()
+        raise AssertionError("a sync scenario suspended: it awaited a real awaitable instead of h.*")
+
+    def wait(self, ref):
+        return _Awaited(ref.result)
+
+    def lines(self, stream):
+        return _Awaited(list, stream)
+
+    def session(self, **kw):
+        return _SyncCM(Session(**kw))
+
+    def run_sandbox(self, *args, **kw):
+        return _SyncCM(Sandbox.run(*args, **kw))
+
+    def enter(self, sandbox):
+        return _SyncCM(sandbox)
+
+    def close(self, session):
+        return _Awaited(session.close().result)
+
+    def cancel_while_waiting(self, ref):
+        """The sync host gives up on an operation by cancelling its ref."""
+        return _Awaited(ref.cancel)
+
+    def wait_with_timeout(self, ref, seconds):
+        """Sync: ``result(timeout=)`` raises TimeoutError and leaves the operation running; cancel it."""
+        def wait():
+            try:
+                ref.result(timeout=seconds)
+            except TimeoutError:
+                ref.cancel()
+                raise
+        return _Awaited(wait)
+
+
+class _AsyncHost:
+    """What trio and asyncio share: the async forms themselves."""
+
+    async def wait(self, ref):
+        return await ref
+
+    async def lines(self, stream):
+        return [chunk async for chunk in stream]
+
+    def session(self, **kw):
+        return Session(**kw)
+
+    def run_sandbox(self, *args, **kw):
+        return Sandbox.run(*args, **kw)
+
+    def enter(self, sandbox):
+        return sandbox
+
+    async def close(self, session):
+        return await session.close()
+
+
+class _TrioHost(_AsyncHost):
+    name = "trio"
+
+    def run(self, body):
+        return trio.run(body, self)
+
+    async def cancel_while_waiting(self, ref):
+        """A trio task awaiting ``ref`` has its cancel scope cancelled."""
+        async def waiter(task_status=trio.TASK_STATUS_IGNORED):
+            with trio.CancelScope() as scope:
+                task_status.started(scope)
+                await ref
+            assert scope.cancelled_caught
+
+        async with trio.open_nursery() as nursery:
+            scope = await nursery.start(waiter)
+            scope.cancel()
+
+    async def wait_with_timeout(self, ref, seconds):
+        with trio.fail_after(seconds):
+            await ref
+
+
+class _AsyncioHost(_AsyncHost):
+    name = "asyncio"
+
+    def run(self, body):
+        return asyncio.run(body(self))
+
+    async def cancel_while_waiting(self, ref):
+        """An asyncio task awaiting ``ref`` is cancelled."""
+        async def waiter():
+            await ref
+
+        task = asyncio.create_task(waiter())
+        await asyncio.sleep(0)  # one turn of the loop: the task is now awaiting ref
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    async def wait_with_timeout(self, ref, seconds):
+        async with asyncio.timeout(seconds):
+            await ref
+
+
+HOSTS = {"sync": _SyncHost(), "trio": _TrioHost(), "asyncio": _AsyncioHost()}
+
+
+@pytest.fixture(params=list(HOSTS))
+def host(request):
+    return HOSTS[request.param]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with ServerProcess(str(tmp_path_factory.mktemp("serve")), grace=30.0) as srv:
+        yield srv
+
+
+@pytest.fixture(params=["local", "remote"])
+def where(request):
+    """Session options for the local runtime, or for a sandpool server's (started on first use)."""
+    if request.param == "local":
+        return {}
+    return {"address": request.getfixturevalue("server").address}
+
+
+async def _pid_of(h, proc) -> int:
+    """The pid a ``PID_AND_SLEEP`` process printed first (reading stops at its first line)."""
+    chunks = []
+    stream = proc.stdout
+    if h.name == "sync":
+        for chunk in stream:
+            chunks.append(chunk)
+            if "\n" in chunk:
+                break
+    else:
+        async for chunk in stream:
+            chunks.append(chunk)
+            if "\n" in chunk:
+                break
+    return int("".join(chunks).split()[0])
+
+
+async def _assert_gone(h, sb, pid: int) -> None:
+    """No process ``pid`` is left inside ``sb`` (not even a zombie)."""
+    probe = await h.wait(sb.exec(["sh", "-c", f"test -e /proc/{pid} && cat /proc/{pid}/stat; echo checked"]))
+    assert probe.stdout == "checked\n", f"process {pid} is still there: {probe.stdout!r}"
+
+
+def test_exec_streaming_stdin_and_files(host, where):
+    """In 'async with Session' (or 'with'): exec, output streamed in order, stdin, files; the
+    session's end stops its sandbox."""
+    async def body(h):
+        async with h.session(**where) as s:
+            sb = s.sandbox()
+            assert (await h.wait(sb.exec(["echo", "hi"]))).stdout == "hi\n"
+            proc = sb.exec(["sh", "-c", "for i in 1 2 3; do echo line-$i; done; echo err >&2"])
+            assert "".join(await h.lines(proc.stdout)) == "line-1\nline-2\nline-3\n"
+            assert "".join(await h.lines(proc.stderr)) == "err\n"
+            assert (await h.wait(proc)).returncode == 0
+            cat = sb.exec(["cat"], stdin=True)
+            await h.wait(cat.stdin.write(b"to stdin "))
+            await h.wait(cat.stdin.writeline("and a line"))
+            await h.wait(cat.stdin.close())
+            assert (await h.wait(cat)).stdout == "to stdin and a line\n"
+            await h.wait(sb.write_file("/data/f.txt", b"payload"))
+            assert await h.wait(sb.read_file("/data/f.txt")) == b"payload"
+            kept = sb
+        assert kept.status == SandboxStatus.TERMINATED
+        return h.name
+    assert host.run(body) == host.name
+
+
+def test_body_exception_propagates_unchanged_and_sandbox_stops(host):
+    """The block's own exception leaves 'async with Sandbox.run()' / 'async with sandbox' /
+    'async with Session' as itself, and each sandbox is stopped by then."""
+    seen = []
+
+    async def body(h):
+        error = KeyError("from the body")
+        with pytest.raises(KeyError) as caught:
+            async with h.run_sandbox() as sb:
+                seen.append(sb)
+                assert (await h.wait(sb.exec(["echo", "standalone"]))).stdout == "standalone\n"
+                raise error
+        assert caught.value is error and caught.value.__context__ is None
+        with pytest.raises(KeyError) as caught:
+            async with h.session() as s:
+                async with h.enter(s.sandbox()) as sb:
+                    seen.append(sb)
+                    assert sb.status == SandboxStatus.RUNNING
+                    raise error
+        assert caught.value is error
+        with pytest.raises(ValueError):
+            async with h.session() as s:
+                sb = s.sandbox()
+                seen.append(sb)
+                await h.wait(sb.exec(["true"]))
+                raise ValueError("body")
+    host.run(body)
+    assert [sb.status for sb in seen] == [SandboxStatus.TERMINATED] * 3
+
+
+def test_cancellation_from_the_host_kills_the_remote_command(host, where):
+    """Giving up on an exec the host's way (trio cancel scope, asyncio task.cancel, ref.cancel)
+    cancels it: the ref ends cancelled and its process tree is gone from the sandbox."""
+    async def body(h):
+        async with h.session(**where) as s:
+            sb = s.sandbox()
+            proc = sb.exec(PID_AND_SLEEP)
+            pid = await _pid_of(h, proc)
+            await h.cancel_while_waiting(proc)
+            with pytest.raises(OperationCancelled):
+                await h.wait(proc)  # until its cleanup (the kill) is done
+            await _assert_gone(h, sb, pid)
+            assert (await h.wait(sb.exec(["echo", "still serving"]))).stdout == "still serving\n"
+    host.run(body)
+
+
+def test_timeout_from_the_host_kills_the_remote_command(host):
+    """A host timeout around an exec (trio.fail_after, asyncio.timeout, result(timeout=)) raises
+    the host's timeout error, and the command is killed in the sandbox."""
+    async def body(h):
+        async with h.session() as s:
+            sb = s.sandbox()
+            proc = sb.exec(PID_AND_SLEEP)
+            pid = await _pid_of(h, proc)
+            with pytest.raises((TimeoutError, trio.TooSlowError)):
+                await h.wait_with_timeout(proc, 0.2)
+            with pytest.raises(OperationCancelled):
+                await h.wait(proc)
+            await _assert_gone(h, sb, pid)
+    host.run(body)
+
+
+def test_output_of_an_exec_on_a_stopped_sandbox_ends_with_its_error(host):
+    """stdout of an exec on a stopped sandbox ends at once with the sandbox's error, and so does
+    awaiting the exec; nothing waits for ever."""
+    async def body(h):
+        async with h.session() as s:
+            sb = s.sandbox()
+            await h.wait(sb.start())
+            await h.wait(sb.stop())
+            proc = sb.exec(["echo", "hi"])
+            with pytest.raises(SandboxNotRunningError, match="stopped"):
+                await h.lines(proc.stdout)
+            with pytest.raises(SandboxNotRunningError):
+                await h.wait(proc)
+    host.run(body)
+
+
+def test_await_session_close_stops_every_sandbox(host):
+    """``await session.close()`` (``.result()`` in sync code) stops every sandbox of the session."""
+    async def body(h):
+        session = h.session()
+        async with session as s:
+            boxes = [s.sandbox() for _ in range(2)]
+            for sb in boxes:
+                await h.wait(sb.start())
+            await h.close(s)
+            assert [sb.status for sb in boxes] == [SandboxStatus.TERMINATED] * 2
+    host.run(body)
+
+
+@pytest.mark.parametrize("library", ["trio", "asyncio"])
+def test_async_iteration_over_a_sandbox_of_a_sync_session(library):
+    """trio or asyncio code iterates over the output of a sandbox owned by a sync Session (whose
+    loop is another thread's), and over a standalone Sandbox.run()'s: no crash, all output."""
+    with Session() as s:
+        sb = s.sandbox()
+
+        async def main():
+            proc = sb.exec(["sh", "-c", "echo one; echo two"])
+            got = [chunk async for chunk in proc.stdout]
+            async with Sandbox.run() as standalone:
+                more = [chunk async for chunk in standalone.exec(["echo", "three"]).stdout]
+            return "".join(got + more), standalone.status
+
+        text, status = trio.run(main) if library == "trio" else asyncio.run(main())
+        assert text == "one\ntwo\nthree\n" and status == SandboxStatus.TERMINATED
+        assert (sb.exec(["echo", "after"]).result().stdout) == "after\n"  # the session's loop lives on
+
+
+def test_blocking_result_inside_asyncio_blocks_the_loop_but_works():
+    """cwsandbox's habit: ``.result()`` and sync ``for`` inside a running asyncio loop block that
+    loop until done (the work runs in sandpool's own thread), and never deadlock."""
+    async def main():
+        async with Session() as s:
+            sb = s.sandbox()
+            assert sb.exec(["echo", "blocking"]).result().stdout == "blocking\n"
+            assert list(sb.exec(["echo", "iterated"]).stdout) == ["iterated\n"]
+            sb.wait()
+            return sb
+    assert asyncio.run(main()).status == SandboxStatus.TERMINATED
+
+
+def test_asyncio_cancellation_during_session_exit_still_stops_sandboxes():
+    """An asyncio task cancelled while its 'async with Session' is closing finishes the close
+    before it ends cancelled: no sandbox is left running."""
+    boxes = []
+
+    async def body():
+        async with Session() as s:
+            sb = s.sandbox()
+            boxes.append(sb)
+            proc = sb.exec(["sh", "-c", "trap '' TERM; echo ready; exec sleep 1000"])
+            await anext(aiter(proc.stdout))
+            asyncio.current_task().cancel()  # lands in the exit, which waits for the stop
+
+    async def main():
+        with pytest.raises(asyncio.CancelledError):
+            await body()
+
+    asyncio.run(main())
+    assert boxes[0].status == SandboxStatus.TERMINATED
+
+
+def test_awaiting_outside_trio_and_asyncio_names_the_fix():
+    """Awaiting a ref from a coroutine driven by neither trio nor asyncio says what works."""
+    with Session() as s:
+        ref = s.sandbox().exec(["true"])
+
+        async def drive():
+            await ref
+
+        coro = drive()
+        with pytest.raises(RuntimeError, match="trio or asyncio"):
+            coro.send(None)
+        ref.result()
+
+
+def test_signal_to_a_running_command_from_asyncio():
+    """proc.send_signal()/terminate() are awaitable from asyncio and reach the command."""
+    async def main():
+        async with Session() as s:
+            proc = s.sandbox().exec(["sh", "-c", "echo ready; exec sleep 1000"])
+            await anext(aiter(proc.stdout))
+            await proc.send_signal(signal.SIGTERM)
+            return (await proc).returncode
+    assert asyncio.run(main()) in (-signal.SIGTERM, 128 + signal.SIGTERM)
+
+
+
+def test_output_of_an_exec_cancelled_before_it_ran_ends():
+    """An exec cancelled before its task ran ends its streams with why, instead of leaving a reader
+    waiting for ever."""
+    with Session() as s:
+        sb = s.sandbox()
+        sb.wait()
+        proc = sb.exec(["echo", "never"])
+        proc.cancel()  # queued behind the exec's start: its body never runs
+        with pytest.raises(sandpool.SandboxExecutionError, match="cancelled before it ran"):
+            list(proc.stdout)
+        with pytest.raises(OperationCancelled):
+            proc.result()
