@@ -25,7 +25,7 @@ from ._errors import (
     SandboxTimeoutError,
     SandboxUnavailableError,
 )
-from ._hosts import current_host, settle, to_thread
+from ._blocks import SandboxBlocks
 from ._opref import OperationRef, TaskHost, check_not_in_trio
 from ._process import Process
 
@@ -61,7 +61,7 @@ class _Reply:
         self.event.set()
 
 
-class Sandbox:
+class Sandbox(SandboxBlocks):
     """A sandbox. Construction does no I/O; the first use (exec, files, wait, ``await``) starts it."""
 
     def __init__(self, *, defaults: SandboxDefaults | None = None, address: str | None = None,
@@ -440,52 +440,7 @@ class Sandbox:
             raise ProtocolError(f"the sandbox answered {frame['t']} of {path!r} with {_wire.summary(reply)}")
         return data if frame["t"] == "read_file" else None
 
-    # -- context managers ----------------------------------------------------------------------
-
-    def __enter__(self) -> Sandbox:
-        self.start().result()
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        _finish_stop(self.stop(), exc is not None)
-
-    async def __aenter__(self) -> Sandbox:
-        if self._session._host is None:  # a standalone sandbox's session opens without blocking the loop
-            await to_thread(self._session._ensure_open)
-        try:
-            await self.start()
-        except BaseException:
-            await settle(self.stop())
-            raise
-        return self
-
-    async def __aexit__(self, exc_type, exc, tb) -> None:
-        """Stop the sandbox and wait until it is stopped, whatever the host's cancellation does
-        meanwhile; a failure to stop never hides the block's own exception."""
-        try:
-            await settle(self.stop())
-        except Exception:
-            if exc is None:
-                raise
-
     # -- construction and discovery --------------------------------------------------------------
-
-    @classmethod
-    def run(cls, *args: str, defaults: SandboxDefaults | None = None, **options: Any) -> Sandbox:
-        """Create and start a sandbox outside any session; ``args`` are the main command and its args.
-
-        From sync code it returns once the sandbox runs. Inside trio or asyncio it returns at once,
-        and ``async with`` (or ``await sb``) waits until it runs. It is stopped when its ``with`` block
-        ends, or with this process, whatever ends it.
-        """
-        if args:
-            options["command"], options["args"] = args[0], list(args[1:])
-        sandbox = cls(defaults=defaults, **options)
-        if current_host() == "sync":
-            sandbox.start().result()
-        elif sandbox._session._host is not None:  # never block a trio or asyncio loop to open one
-            sandbox.start()
-        return sandbox
 
     @classmethod
     def list(cls, *, tags: Sequence[str] | None = None, status: str | SandboxStatus | None = None,
@@ -528,11 +483,3 @@ def _check_path(filepath: object) -> None:
         raise ValueError(f"filepath must be a non-empty string such as '/tmp/data.txt', got {filepath!r}")
     _wire.check_field("read_file", "path", filepath, "filepath")
 
-
-def _finish_stop(ref: OperationRef, exception_in_flight: bool) -> None:
-    """Wait for a stop from a sync ``__exit__``; a failure never hides the exception already raised."""
-    try:
-        ref.result()
-    except Exception:
-        if not exception_in_flight:
-            raise

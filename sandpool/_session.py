@@ -89,6 +89,10 @@ class Session:
 
     # -- opening -------------------------------------------------------------------------------
 
+    def _portal_gone(self) -> bool:
+        """True when the portal this session opened in has closed (its loop no longer runs anything)."""
+        return self._portal is not None and self._portal.closed
+
     def _ensure_open(self) -> TaskHost:
         """The session's task host, opening the session in the background thread on first use."""
         if self._host is not None:
@@ -415,6 +419,6 @@ def default_session(address: str | None = None, token: str | None = None) -> Ses
     key = (_shared.resolve_address(address), token)
     with _DEFAULT_LOCK:
         session = _DEFAULTS.get(key)
-        if session is None or session._closed or getattr(session._runtime, "lost", None):
+        if session is None or session._closed or getattr(session._runtime, "lost", None) or session._portal_gone():
             session = _DEFAULTS[key] = Session(address=key[0], token=token)
         return session

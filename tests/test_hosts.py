@@ -10,7 +10,10 @@ run against a sandpool server (the remote runtime).
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import trio
@@ -401,12 +404,27 @@ def test_signal_to_a_running_command_from_asyncio():
 def test_output_of_an_exec_cancelled_before_it_ran_ends():
     """An exec cancelled before its task ran ends its streams with why, instead of leaving a reader
     waiting for ever."""
-    with Session() as s:
+    async def main():
+        async with Session() as s:
+            sb = s.sandbox()
+            await sb
+            proc = sb.exec(["echo", "never"])
+            proc.cancel()  # in the same loop, before the exec's task first ran: its body never runs
+            with pytest.raises(sandpool.SandboxExecutionError, match="cancelled before it ran"):
+                [chunk async for chunk in proc.stdout]
+            with pytest.raises(OperationCancelled):
+                await proc
+    trio.run(main)
+
+
+def test_cli_exec_on_a_terminated_sandbox_fails_at_once(server):
+    """``sandpool exec <terminated-id> -- echo hi`` says the sandbox was stopped and exits 1, at once."""
+    with Session(address=server.address) as s:
         sb = s.sandbox()
         sb.wait()
-        proc = sb.exec(["echo", "never"])
-        proc.cancel()  # queued behind the exec's start: its body never runs
-        with pytest.raises(sandpool.SandboxExecutionError, match="cancelled before it ran"):
-            list(proc.stdout)
-        with pytest.raises(OperationCancelled):
-            proc.result()
+        sb.stop().result()
+    env = {k: v for k, v in os.environ.items() if k not in ("SANDPOOL_ADDRESS", "SANDPOOL_TOKEN")}
+    result = subprocess.run([sys.executable, "-m", "sandpool", "exec", "--address", server.address, sb.sandbox_id,
+                             "--", "echo", "hi"], capture_output=True, text=True, timeout=60, env=env)
+    assert (result.returncode, result.stdout) == (1, ""), result.stderr
+    assert f"sandbox {sb.sandbox_id} has been stopped" in result.stderr
