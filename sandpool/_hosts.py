@@ -17,6 +17,7 @@ cancellation; ``settle`` waits for a cleanup that the caller's cancellation must
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -67,13 +68,14 @@ class HostEvent:
     Raises RuntimeError when made outside a trio task and outside a running asyncio loop.
     """
 
-    __slots__ = ("_event", "_token", "_loop", "_future")
+    __slots__ = ("_event", "_token", "_thread", "_loop", "_future")
 
     def __init__(self) -> None:
         host = current_host()
         if host == "trio":
             self._event: trio.Event | None = trio.Event()
             self._token = trio.lowlevel.current_trio_token()
+            self._thread = threading.get_ident()  # a set() from this thread runs inside this loop
         elif host == "asyncio":
             self._event = None
             self._loop = sys.modules["asyncio"].get_running_loop()
@@ -86,12 +88,9 @@ class HostEvent:
         """Wake the waiter; thread-safe, idempotent, never raises (a waiter whose loop ended is gone)."""
         event = self._event
         if event is not None:
-            try:
-                if trio.lowlevel.current_trio_token() is self._token:
-                    event.set()
-                    return
-            except RuntimeError:  # not in any trio run: this is another thread
-                pass
+            if threading.get_ident() == self._thread:
+                event.set()
+                return
             try:
                 self._token.run_sync_soon(event.set)
             except trio.RunFinishedError:
