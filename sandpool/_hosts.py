@@ -47,18 +47,28 @@ def current_host() -> Host:
     return "sync"
 
 
-async def call_in(host: TaskHost, async_fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+async def call_in(host: TaskHost, async_fn: Callable[..., Awaitable[T]], *args: Any,
+                  abandoned: Callable[[OperationRef[T]], None] | None = None) -> T:
     """``await async_fn(*args)`` in ``host``'s trio loop, awaited from the calling trio or asyncio task.
 
     From a trio task of that very loop it is a plain call. From anywhere else (another trio loop, or
     asyncio) it runs as an operation of ``host``: cancelling the caller cancels it there (its cleanup
-    runs in ``host``), and its exception is raised in the caller as itself.
+    runs in ``host``), and its exception is raised in the caller as itself. If the caller gave up
+    while the operation could still finish with a value (it had passed its last checkpoint),
+    ``abandoned(ref)`` is called with its ref once it ends, in ``host``'s loop: a reader keeps the
+    item it took that way, for the next call.
     """
     if host.in_loop_thread() and current_host() == "trio":
         return await async_fn(*args)
     from ._opref import OperationRef
 
-    return await OperationRef.spawn(host, async_fn, *args)
+    ref = OperationRef.spawn(host, async_fn, *args)
+    try:
+        return await ref
+    except BaseException:
+        if abandoned is not None:
+            ref.add_done_callback(abandoned)
+        raise
 
 
 class HostEvent:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import collections
 import signal
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -55,16 +56,19 @@ class StreamReader:
         self._buffer = buffer
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._done = False
+        self._unread: collections.deque[str | None] = collections.deque()  # taken for an awaiter that gave up
 
     async def _next_bytes(self) -> bytes | None:
         """The next chunk of output as the process wrote it (None at EOF), acknowledged as it is taken.
         The text iterators decode these; byte-exact consumers (the cwsandbox service) read them as is."""
         chunk, credit = await self._buffer.next_chunk()
-        if credit:
-            await self._process._credit(credit)
+        if credit:  # sent by a task of its own: no checkpoint may come between taking a chunk and returning it
+            self._process._loop.nursery.start_soon(self._process._credit, credit)
         return chunk
 
     async def _next(self) -> str | None:
+        if self._unread:
+            return self._unread.popleft()
         while not self._done:
             chunk = await self._next_bytes()
             if chunk is None:
@@ -83,10 +87,18 @@ class StreamReader:
 
     async def __anext__(self) -> str:
         # The buffer lives in the sandbox's loop: read there, awaited from this trio or asyncio task.
-        text = await call_in(self._process._loop, self._next)
+        text = await call_in(self._process._loop, self._next, abandoned=self._keep_unread)
         if text is None:
             raise StopAsyncIteration
         return text
+
+    def _keep_unread(self, ref: OperationRef[str | None]) -> None:
+        # A done callback, in the sandbox's loop (where _next runs too).
+        try:
+            if ref.exception() is None:
+                self._unread.append(ref.result())
+        except OperationCancelled:  # cancelled while it waited: it took nothing
+            pass
 
     def __iter__(self) -> StreamReader:
         return self

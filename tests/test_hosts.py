@@ -428,3 +428,32 @@ def test_cli_exec_on_a_terminated_sandbox_fails_at_once(server):
                              "--", "echo", "hi"], capture_output=True, text=True, timeout=60, env=env)
     assert (result.returncode, result.stdout) == (1, ""), result.stderr
     assert f"sandbox {sb.sandbox_id} has been stopped" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["trio", "asyncio"])
+def test_a_timeout_during_async_for_stops_the_read_not_the_process(name):
+    """A host timeout around one step of ``async for`` ends that step only: the command lives on,
+    and reading on later yields the rest of its output, nothing lost or doubled."""
+    h = HOSTS[name]
+
+    async def body(h):
+        async with h.session() as s:
+            proc = s.sandbox().exec(["sh", "-c", "echo first; read go; echo second-$go"], stdin=True)
+            reader = aiter(proc.stdout)
+            assert await anext(reader) == "first\n"
+            with pytest.raises((TimeoutError, trio.TooSlowError)):
+                await h.wait_with_timeout(_Step(reader), 0.2)  # nothing comes until stdin is written
+            await h.wait(proc.stdin.writeline("now"))
+            assert [chunk async for chunk in reader] == ["second-now\n"]
+            assert (await h.wait(proc)).stdout == "first\nsecond-now\n"
+    h.run(body)
+
+
+class _Step:
+    """One step of an async iterator as an awaitable (what the hosts' timeouts wrap)."""
+
+    def __init__(self, iterator) -> None:
+        self.iterator = iterator
+
+    def __await__(self):
+        return anext(self.iterator).__await__()
