@@ -457,3 +457,35 @@ class _Step:
 
     def __await__(self):
         return anext(self.iterator).__await__()
+
+
+def test_asyncio_loop_stays_free_while_an_exec_is_awaited():
+    """While one asyncio task awaits an exec, the loop runs the others: here the very task that
+    feeds the command its stdin, which the first one's result needs."""
+    async def main():
+        async with Session() as s:
+            cat = s.sandbox().exec(["cat"], stdin=True)
+
+            async def feed():
+                await cat.stdin.write(b"fed by another task")
+                await cat.stdin.close()
+
+            async with asyncio.timeout(60):  # a blocked loop would never get to feed()
+                result, _ = await asyncio.gather(cat, feed())
+            return result.stdout
+    assert asyncio.run(main()) == "fed by another task"
+
+
+def test_asyncio_wait_for_cancels_the_exec_and_kills_it():
+    """``asyncio.wait_for`` on an exec that outlives it raises TimeoutError and kills the command."""
+    async def main():
+        async with Session() as s:
+            sb = s.sandbox()
+            proc = sb.exec(PID_AND_SLEEP)
+            pid = await _pid_of(HOSTS["asyncio"], proc)
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(proc, 0.2)
+            with pytest.raises(OperationCancelled):
+                await proc
+            await _assert_gone(HOSTS["asyncio"], sb, pid)
+    asyncio.run(main())
