@@ -129,15 +129,24 @@ class HostEvent:
             with trio.CancelScope(shield=True):  # trio's cancellation is a state: it lands at the next checkpoint
                 await self._event.wait()
             return
-        asyncio = sys.modules["asyncio"]
-        held: BaseException | None = None
-        while not self._future.done():
-            try:
-                await asyncio.shield(self._future)
-            except asyncio.CancelledError as exc:
-                held = exc
-        if held is not None:
-            raise held
+        await _shielded(self._future)
+
+
+async def _shielded(future: Any) -> Any:
+    """Await an asyncio future to its end, holding back the awaiting task's cancellation meanwhile;
+    a cancellation that arrived is raised then (asyncio delivers one only once: it must not be lost)."""
+    asyncio = sys.modules["asyncio"]
+    held: BaseException | None = None
+    while not future.done():
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError as exc:
+            if future.cancelled():  # the future itself was cancelled, not the awaiting task
+                raise
+            held = exc
+    if held is not None:
+        raise held
+    return future.result()
 
 
 async def checkpoint() -> None:
@@ -165,9 +174,11 @@ async def settle(ref: OperationRef[T]) -> T:
 
 async def to_thread(fn: Callable[..., T], *args: Any) -> T:
     """Run a short blocking ``fn(*args)`` (opening a session: starting the portal and its runtime)
-    in a worker thread, awaited from trio or asyncio, so that the caller's loop keeps running."""
+    in a worker thread, awaited from trio or asyncio, so that the caller's loop keeps running.
+
+    Under both hosts a cancellation waits for ``fn`` to return (what it opened must be known, to be
+    closed), then is raised."""
     if current_host() == "trio":
         return await trio.to_thread.run_sync(fn, *args)
-    import asyncio
-
-    return await asyncio.to_thread(fn, *args)
+    loop = sys.modules["asyncio"].get_running_loop()
+    return await _shielded(loop.run_in_executor(None, fn, *args))  # type: ignore[no-any-return]

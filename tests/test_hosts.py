@@ -489,3 +489,27 @@ def test_asyncio_wait_for_cancels_the_exec_and_kills_it():
                 await proc
             await _assert_gone(HOSTS["asyncio"], sb, pid)
     asyncio.run(main())
+
+
+def test_asyncio_cancellation_while_a_session_opens_closes_it():
+    """An asyncio task cancelled while 'async with Session' opens never runs the body, and the
+    session it was opening is closed by the time the cancellation arrives."""
+    session = Session()
+    ran = []
+
+    async def enter():
+        async with session:
+            ran.append(True)
+
+    async def main():
+        task = asyncio.create_task(enter())
+        await asyncio.sleep(0)  # one turn: the task is opening the session in a worker thread
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert ran == [] and "closed" in repr(session)
+    assert session._finished is None or session._finished.is_set()  # nothing of it runs on in the portal
+    with pytest.raises(sandpool.SandboxError, match="session is closed"):
+        session.sandbox()
