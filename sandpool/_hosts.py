@@ -33,9 +33,8 @@ Host = Literal["trio", "asyncio", "sync"]
 
 
 def current_host() -> Host:
-    """Who calls: ``"trio"`` inside a trio task, ``"asyncio"`` with an asyncio loop running in this
-    thread, else ``"sync"``. (A run_sync_soon callback in a trio thread is sync: it may not block,
-    and it is no task either.)"""
+    """Who calls: ``"trio"`` inside a trio task (trio's run_sync_soon callbacks count, as they run
+    in a system task), ``"asyncio"`` with an asyncio loop running in this thread, else ``"sync"``."""
     try:
         trio.lowlevel.current_task()
         return "trio"
