@@ -62,8 +62,8 @@ class StreamReader:
         """The next chunk of output as the process wrote it (None at EOF), acknowledged as it is taken.
         The text iterators decode these; byte-exact consumers (the cwsandbox service) read them as is."""
         chunk, credit = await self._buffer.next_chunk()
-        if credit:  # sent by a task of its own: no checkpoint may come between taking a chunk and returning it
-            self._process._loop.nursery.start_soon(self._process._credit, credit)
+        if credit:
+            self._process._send_credit(credit)
         return chunk
 
     async def _next(self) -> str | None:
@@ -275,7 +275,15 @@ class Process(OperationRef[ProcessResult]):
         """Someone wants the result: stop holding the producer back for a live reader."""
         credit = sum(buffer.drain() for buffer in self._out.values())
         if credit and self._req_id:
-            self._loop.nursery.start_soon(self._credit, credit)
+            self._send_credit(credit)
+
+    def _send_credit(self, n: int) -> None:
+        """Acknowledge ``n`` output bytes by a task of its own: a reader must not meet a checkpoint
+        between taking a chunk and returning it (a cancellation there would lose the chunk)."""
+        try:
+            self._loop.nursery.start_soon(self._credit, n)
+        except RuntimeError:  # the session's nursery is closing: nothing reads on
+            pass
 
     async def _credit(self, n: int) -> None:
         self._owed -= n  # before it is sent: the agent can only have heard of credit counted here
