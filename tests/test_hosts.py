@@ -137,11 +137,11 @@ def test_cancellation_from_the_host_kills_the_remote_command(host, where):
     host.run(body)
 
 
-def test_timeout_from_the_host_kills_the_remote_command(host):
+def test_timeout_from_the_host_kills_the_remote_command(host, where):
     """A host timeout around an exec (trio.fail_after, asyncio.timeout, result(timeout=)) raises
     the host's timeout error, and the command is killed in the sandbox."""
     async def body(h):
-        async with h.session() as s:
+        async with h.session(**where) as s:
             sb = s.sandbox()
             proc = sb.exec(PID_AND_SLEEP)
             pid = await _pid_of(h, proc)
@@ -153,11 +153,11 @@ def test_timeout_from_the_host_kills_the_remote_command(host):
     host.run(body)
 
 
-def test_output_of_an_exec_on_a_stopped_sandbox_ends_with_its_error(host):
+def test_output_of_an_exec_on_a_stopped_sandbox_ends_with_its_error(host, where):
     """stdout of an exec on a stopped sandbox ends at once with the sandbox's error, and so does
     awaiting the exec; nothing waits for ever."""
     async def body(h):
-        async with h.session() as s:
+        async with h.session(**where) as s:
             sb = s.sandbox()
             await h.wait(sb.start())
             await h.wait(sb.stop())
