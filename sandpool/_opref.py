@@ -1,9 +1,10 @@
 """OperationRef: one handle for an operation that runs as a trio task, usable from any thread.
 
-An operation runs as a task in some trio loop: the portal's thread for sync users, the caller's
-own loop for ``async with`` users. Its ``OperationRef`` blocks (``ref.result()`` from a thread not
-running trio) and is awaitable (``await ref`` from trio, in the same loop or another, or from
-asyncio). Helpers over many refs live in ``_waiting``.
+An operation runs as a task in some trio loop: the portal's thread for sync and asyncio users, the
+caller's own loop for trio ``async with`` users. Its ``OperationRef`` blocks (``ref.result()`` from
+a thread not running trio, an asyncio loop's thread included: it then blocks that loop) and is
+awaitable (``await ref`` from trio, in the same loop or another, or from asyncio; see ``_hosts``).
+Helpers over many refs live in ``_waiting``.
 
 Spawning and awaiting are on the hot path (tens of thousands of ops/s): a ref costs no thread,
 and gets a threading.Event only when a thread actually blocks on it.
@@ -19,10 +20,10 @@ import time
 from collections.abc import Awaitable, Callable, Generator, Iterator
 from typing import Any, Generic, TypeVar
 
-import sniffio
 import trio
 
 from ._errors import SandpoolError
+from ._hosts import HostEvent, current_host
 
 __all__ = ["OperationCancelled", "OperationRef", "TaskHost", "check_not_in_trio"]
 
@@ -308,41 +309,20 @@ class OperationRef(Generic[T]):
         Cancelling the awaiting task cancels the operation too (the awaiter owns its interest),
         and re-raises the cancellation at once; the operation's cleanup goes on in its host.
         """
-        library = sniffio.current_async_library()
-        if library == "trio":
-            return self._await_trio().__await__()
-        if library == "asyncio":
-            return self._await_asyncio().__await__()
-        raise RuntimeError(f"OperationRef cannot be awaited under {library}; use trio or asyncio")
+        return self._await().__await__()
 
-    async def _await_trio(self) -> T:
+    async def _await(self) -> T:
         if self._state is not _PENDING:
-            await trio.lowlevel.checkpoint()
+            if current_host() == "trio":
+                await trio.lowlevel.checkpoint()
             return self._unwrap()
-        event, token = trio.Event(), trio.lowlevel.current_trio_token()
-        if self._host is not None and self._host.token is token:
-            self.add_done_callback(lambda _ref: event.set())
-        else:  # another loop (or none yet) will finish it: wake ours through its token
-            self.add_done_callback(lambda _ref: _wake(token.run_sync_soon, event.set))
+        finished = HostEvent()  # RuntimeError outside trio and asyncio
+        self.add_done_callback(lambda _ref: finished.set())
         try:
-            await event.wait()
-        except trio.Cancelled:
+            await finished.wait()
+        except BaseException:  # trio.Cancelled, asyncio.CancelledError, KeyboardInterrupt: given up on
             self.cancel()
             raise
-        return self._unwrap()
-
-    async def _await_asyncio(self) -> T:
-        import asyncio  # only asyncio callers get here, and they have imported it already
-
-        if self._state is _PENDING:
-            loop = asyncio.get_running_loop()
-            woken = loop.create_future()
-            self.add_done_callback(lambda _ref: _wake(loop.call_soon_threadsafe, _resolve, woken))
-            try:
-                await woken
-            except asyncio.CancelledError:
-                self.cancel()
-                raise
         return self._unwrap()
 
     def __repr__(self) -> str:
@@ -352,19 +332,6 @@ class OperationRef(Generic[T]):
         if state is _FAILED:
             return f"<{name} failed {type(self._error).__name__}>"
         return f"<{name} {state}>"
-
-
-def _wake(schedule: Callable[..., object], *args: object) -> None:
-    """Wake an awaiter in its own loop, unless that loop has ended (then nobody waits any more)."""
-    try:
-        schedule(*args)
-    except RuntimeError:  # trio's RunFinishedError, or asyncio's "Event loop is closed"
-        pass
-
-
-def _resolve(future: Any) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 def _check_timeout(timeout: float | None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import collections
 import signal
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -11,7 +12,8 @@ import trio
 
 from . import _wire
 from ._errors import ProtocolError, SandboxExecutionError, SandboxTimeoutError
-from ._opref import OperationRef, TaskHost, check_not_in_trio
+from ._hosts import call_in
+from ._opref import OperationCancelled, OperationRef, TaskHost, check_not_in_trio
 from ._output import OutputBuffer
 
 if TYPE_CHECKING:
@@ -41,7 +43,8 @@ class ProcessResult:
 
 
 class StreamReader:
-    """Live output of one stream as text chunks: ``for chunk in proc.stdout`` or ``async for``.
+    """Live output of one stream as text chunks: ``for chunk in proc.stdout``, or ``async for`` (trio
+    or asyncio; cancelling the iterating task stops the read, not the process).
 
     The stream ends when the process exits; if the process never ran to its end (its sandbox died or
     was stopped, or the exec timed out or failed to start), reading past the last chunk raises that
@@ -53,16 +56,19 @@ class StreamReader:
         self._buffer = buffer
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._done = False
+        self._unread: collections.deque[str | None] = collections.deque()  # taken for an awaiter that gave up
 
     async def _next_bytes(self) -> bytes | None:
         """The next chunk of output as the process wrote it (None at EOF), acknowledged as it is taken.
         The text iterators decode these; byte-exact consumers (the cwsandbox service) read them as is."""
         chunk, credit = await self._buffer.next_chunk()
         if credit:
-            await self._process._credit(credit)
+            self._process._send_credit(credit)
         return chunk
 
     async def _next(self) -> str | None:
+        if self._unread:
+            return self._unread.popleft()
         while not self._done:
             chunk = await self._next_bytes()
             if chunk is None:
@@ -80,10 +86,19 @@ class StreamReader:
         return self
 
     async def __anext__(self) -> str:
-        text = await self._next()
+        # The buffer lives in the sandbox's loop: read there, awaited from this trio or asyncio task.
+        text = await call_in(self._process._loop, self._next, abandoned=self._keep_unread)
         if text is None:
             raise StopAsyncIteration
         return text
+
+    def _keep_unread(self, ref: OperationRef[str | None]) -> None:
+        # A done callback, in the sandbox's loop (where _next runs too).
+        try:
+            if ref.exception() is None:
+                self._unread.append(ref.result())
+        except OperationCancelled:  # cancelled while it waited: it took nothing
+            pass
 
     def __iter__(self) -> StreamReader:
         return self
@@ -192,6 +207,9 @@ class Process(OperationRef[ProcessResult]):
         self._exit_code: int | None = None
         self._failure: BaseException | None = None  # why it ended without an exit code
         self._owed = 0  # output bytes received and not yet acknowledged to the agent
+        # An exec cancelled before its task ran, or refused by a closing session, never runs _body:
+        # its streams must end all the same, or a reader would wait for ever.
+        self.add_done_callback(Process._end_streams)
 
     def __repr__(self) -> str:
         state = "running" if self._exit_code is None else f"exited {self._exit_code}"
@@ -257,7 +275,15 @@ class Process(OperationRef[ProcessResult]):
         """Someone wants the result: stop holding the producer back for a live reader."""
         credit = sum(buffer.drain() for buffer in self._out.values())
         if credit and self._req_id:
-            self._loop.nursery.start_soon(self._credit, credit)
+            self._send_credit(credit)
+
+    def _send_credit(self, n: int) -> None:
+        """Acknowledge ``n`` output bytes by a task of its own: a reader must not meet a checkpoint
+        between taking a chunk and returning it (a cancellation there would lose the chunk)."""
+        try:
+            self._loop.nursery.start_soon(self._credit, n)
+        except RuntimeError:  # the session's nursery is closing: nothing reads on
+            pass
 
     async def _credit(self, n: int) -> None:
         self._owed -= n  # before it is sent: the agent can only have heard of credit counted here
@@ -301,6 +327,16 @@ class Process(OperationRef[ProcessResult]):
     def _on_sandbox_gone(self, error: BaseException) -> None:
         if not self._exited.is_set():
             self._failure = error
+            self._mark_exited()
+
+    def _end_streams(self) -> None:
+        if not self._exited.is_set():
+            try:
+                error = self.exception()  # done: it answers at once
+            except OperationCancelled:
+                error = None
+            self._failure = error or SandboxExecutionError(
+                f"command {self._argv!r} was cancelled before it ran", sandbox_id=self._sandbox.sandbox_id)
             self._mark_exited()
 
     def _mark_exited(self) -> None:

@@ -25,6 +25,7 @@ from ._errors import (
     SandboxTimeoutError,
     SandboxUnavailableError,
 )
+from ._blocks import SandboxBlocks
 from ._opref import OperationRef, TaskHost, check_not_in_trio
 from ._process import Process
 
@@ -60,7 +61,7 @@ class _Reply:
         self.event.set()
 
 
-class Sandbox:
+class Sandbox(SandboxBlocks):
     """A sandbox. Construction does no I/O; the first use (exec, files, wait, ``await``) starts it."""
 
     def __init__(self, *, defaults: SandboxDefaults | None = None, address: str | None = None,
@@ -439,42 +440,7 @@ class Sandbox:
             raise ProtocolError(f"the sandbox answered {frame['t']} of {path!r} with {_wire.summary(reply)}")
         return data if frame["t"] == "read_file" else None
 
-    # -- context managers ----------------------------------------------------------------------
-
-    def __enter__(self) -> Sandbox:
-        self.start().result()
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        _finish_stop(self.stop(), exc is not None)
-
-    async def __aenter__(self) -> Sandbox:
-        await self.start()
-        return self
-
-    async def __aexit__(self, exc_type, exc, tb) -> None:
-        with trio.CancelScope(shield=True):
-            try:
-                await self.stop()
-            except Exception:
-                if exc is None:
-                    raise
-
     # -- construction and discovery --------------------------------------------------------------
-
-    @classmethod
-    def run(cls, *args: str, defaults: SandboxDefaults | None = None, **options: Any) -> Sandbox:
-        """Create and start a sandbox outside any session; ``args`` are the main command and its args.
-
-        It is stopped when its ``with`` block ends, or with this process, whatever ends it.
-        """
-        if args:
-            options["command"], options["args"] = args[0], list(args[1:])
-        sandbox = cls(defaults=defaults, **options)
-        ref = sandbox.start()
-        if not trio.lowlevel.in_trio_run():
-            ref.result()
-        return sandbox
 
     @classmethod
     def list(cls, *, tags: Sequence[str] | None = None, status: str | SandboxStatus | None = None,
@@ -517,11 +483,3 @@ def _check_path(filepath: object) -> None:
         raise ValueError(f"filepath must be a non-empty string such as '/tmp/data.txt', got {filepath!r}")
     _wire.check_field("read_file", "path", filepath, "filepath")
 
-
-def _finish_stop(ref: OperationRef, exception_in_flight: bool) -> None:
-    """Wait for a stop from a sync ``__exit__``; a failure never hides the exception already raised."""
-    try:
-        ref.result()
-    except Exception:
-        if not exception_in_flight:
-            raise

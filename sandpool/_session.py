@@ -13,6 +13,7 @@ from . import _shared
 from ._config import SandboxDefaults, SandboxStatus, resolve_spec
 from ._errors import SandboxError
 from ._function import Retries, function_decorator
+from ._hosts import current_host, settle, to_thread
 from ._opref import OperationRef, TaskHost
 from ._pool import Pool, PoolStatistics
 from ._portal import Portal, default_portal
@@ -38,12 +39,13 @@ def _coerce_defaults(defaults: SandboxDefaults | Mapping | None) -> SandboxDefau
 
 
 class Session:
-    """Owns sandboxes: ``with Session(defaults=...) as s`` (sync) or ``async with`` (inside trio).
+    """Owns sandboxes: ``with Session(defaults=...) as s`` (sync) or ``async with`` (trio or asyncio).
 
-    Sync sessions run in the process's background trio thread; ``async with`` sessions run in the
-    caller's trio loop, as a nursery of the calling task. Either way, closing the session (leaving
-    the block normally, by an exception or Ctrl-C) stops all of its sandboxes concurrently and
-    cancels everything still running in them; the block's own exception propagates unchanged.
+    Sync sessions, and ``async with`` sessions under asyncio, run in the process's background trio
+    thread (the portal); ``async with`` sessions under trio run in the caller's trio loop, as a
+    nursery of the calling task. Either way, closing the session (leaving the block normally, by an
+    exception, a cancellation or Ctrl-C) stops all of its sandboxes concurrently and cancels
+    everything still running in them; the block's own exception propagates unchanged.
     """
 
     def __init__(self, defaults: SandboxDefaults | Mapping | None = None, *, runtime: Runtime | None = None,
@@ -86,6 +88,10 @@ class Session:
         return f"<Session {state} sandboxes={len(self._tracked)} running={running}{calls}>"
 
     # -- opening -------------------------------------------------------------------------------
+
+    def _portal_gone(self) -> bool:
+        """True when the portal this session opened in has closed (its loop no longer runs anything)."""
+        return self._portal is not None and self._portal.closed
 
     def _ensure_open(self) -> TaskHost:
         """The session's task host, opening the session in the background thread on first use."""
@@ -151,6 +157,13 @@ class Session:
     async def __aenter__(self) -> Session:
         if self._host is not None or self._closed:
             raise RuntimeError("this Session is already open or closed; use 'async with Session(...)' once")
+        if current_host() != "trio":  # asyncio: the session runs in the portal's loop, as a sync one does
+            try:
+                await to_thread(self._ensure_open)
+            except BaseException:  # cancelled or failed while opening: close what opened
+                await settle(self.close())
+                raise
+            return self
         self._nursery_cm = trio.open_nursery()
         nursery = await self._nursery_cm.__aenter__()
         self._host = self._admin = TaskHost(nursery, trio.lowlevel.current_trio_token())
@@ -162,8 +175,24 @@ class Session:
             raise
         return self
 
-    @trio.lowlevel.enable_ki_protection
     async def __aexit__(self, exc_type, exc, tb) -> bool:
+        if self._nursery_cm is None:  # opened in the portal (asyncio): close there
+            return await self._aexit_portal(exc)
+        return await self._aexit_trio(exc)
+
+    async def _aexit_portal(self, exc: BaseException | None) -> bool:
+        if exc is not None:
+            self._close_grace = ERROR_CLOSE_GRACE_SECONDS
+        try:
+            await settle(self.close())
+        except Exception:
+            if exc is None:
+                raise
+            log.warning("closing the session after %r also failed", exc, exc_info=True)
+        return False
+
+    @trio.lowlevel.enable_ki_protection
+    async def _aexit_trio(self, exc: BaseException | None) -> bool:
         if exc is not None:
             self._close_grace = ERROR_CLOSE_GRACE_SECONDS
         close_error = None
@@ -390,6 +419,6 @@ def default_session(address: str | None = None, token: str | None = None) -> Ses
     key = (_shared.resolve_address(address), token)
     with _DEFAULT_LOCK:
         session = _DEFAULTS.get(key)
-        if session is None or session._closed or getattr(session._runtime, "lost", None):
+        if session is None or session._closed or getattr(session._runtime, "lost", None) or session._portal_gone():
             session = _DEFAULTS[key] = Session(address=key[0], token=token)
         return session

@@ -16,10 +16,21 @@ import pytest
 from sandpool import testing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLES = sorted(glob.glob(os.path.join(REPO, "examples", "*.py")))
+EXAMPLES = sorted(glob.glob(os.path.join(REPO, "examples", "*.py"))
+                  + glob.glob(os.path.join(REPO, "examples", "async", "*.py")))
+
+
+def _name(path: str) -> str:
+    """The example's path under examples/: 'basic_usage.py', 'async/readme_quickstart.py'."""
+    return os.path.relpath(path, os.path.join(REPO, "examples"))
+
 
 #: A line (or part of one) each example must print; a new example must add its own here.
 KEY_LINES = {
+    "async/cancel_and_timeout.py": "task cancelled; the sandbox still serves: yes",
+    "async/readme_quickstart.py": "2 + 2 = 4",
+    "async/remote_functions.py": "cubes: [0, 1, 8, 27, 64, 125]",
+    "async/session_gather.py": "after the block: terminated, sandbox_count=0",
     "adopt_sandboxes.py": "late ones after that session closed: ['terminated', 'terminated']",
     "async_basic_usage.py": "after the block: terminated, sandbox_count=0",
     "basic_usage.py": "hello from a sandbox",
@@ -40,10 +51,10 @@ KEY_LINES = {
 
 def test_every_example_has_a_key_line():
     """Each script in examples/ is listed in KEY_LINES, and each entry names an existing script."""
-    assert sorted(KEY_LINES) == sorted(os.path.basename(path) for path in EXAMPLES)
+    assert sorted(KEY_LINES) == sorted(_name(path) for path in EXAMPLES)
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=os.path.basename)
+@pytest.mark.parametrize("path", EXAMPLES, ids=_name)
 def test_example_runs_and_leaves_nothing(path, state_dir):
     """The example exits 0, prints its key line and nothing on stderr, and leaves no sandbox
     process or directory behind."""
@@ -51,7 +62,7 @@ def test_example_runs_and_leaves_nothing(path, state_dir):
     proc = subprocess.run([sys.executable, path], capture_output=True, text=True, timeout=60, cwd=REPO)
     output = f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
     assert proc.returncode == 0, output
-    assert KEY_LINES[os.path.basename(path)] in proc.stdout, output
+    assert KEY_LINES[_name(path)] in proc.stdout, output
     assert proc.stderr == "", output
     report = testing.wait_for_no_leftovers(state_dir, timeout=5.0)
-    assert not report, f"{os.path.basename(path)} left {report}\n{output}"
+    assert not report, f"{_name(path)} left {report}\n{output}"

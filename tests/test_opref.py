@@ -404,3 +404,53 @@ def test_spawn_from_a_thread_into_a_closed_nursery_fails_the_ref():
 
     trio.run(main)
 
+
+
+def test_current_host_tells_sync_trio_and_asyncio_apart():
+    """One place decides who calls: a trio task, an asyncio coroutine, or sync code (a worker
+    thread of either loop is sync too)."""
+    from sandpool._hosts import current_host
+
+    async def in_trio():
+        return current_host(), await trio.to_thread.run_sync(current_host)
+
+    async def in_asyncio():
+        return current_host(), await asyncio.to_thread(current_host)
+
+    assert current_host() == "sync"
+    assert trio.run(in_trio) == ("trio", "sync")
+    assert asyncio.run(in_asyncio()) == ("asyncio", "sync")
+
+
+def test_settle_under_asyncio_holds_the_cancellation_until_the_ref_ends(portal):
+    """settle(ref) (what the exits of async with use) never cancels ref; a cancellation of the
+    waiting asyncio task is raised once ref has ended."""
+    from sandpool._hosts import settle
+
+    release = threading.Event()
+    ref = portal.spawn(trio.to_thread.run_sync, release.wait)
+
+    async def main():
+        task = asyncio.create_task(settle(ref))
+        await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.sleep(0)
+        assert not task.done() and not ref.done()
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return ref.result()
+
+    assert asyncio.run(main()) is True
+
+
+def test_asyncio_awaiter_gets_the_operations_own_exception(portal):
+    """A failure in the trio loop is raised in the awaiting asyncio task as the very object."""
+    error = KeyError("trio side")
+
+    async def main():
+        with pytest.raises(KeyError) as caught:
+            await portal.spawn(raise_, error)
+        return caught.value
+
+    assert asyncio.run(main()) is error
