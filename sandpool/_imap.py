@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import trio
 
+from ._hosts import HostEvent, checkpoint
 from ._opref import OperationRef, check_not_in_trio
 
 if TYPE_CHECKING:
@@ -198,7 +199,7 @@ class ResultStream(Generic[R]):
 
     async def aclose(self) -> None:
         self.close()
-        await trio.lowlevel.checkpoint()
+        await checkpoint()
 
     def __enter__(self) -> ResultStream[R]:
         return self
@@ -244,30 +245,17 @@ class _Events:
             waiter()
 
     async def wait(self, ready: Any) -> None:
-        """Wait until ``ready()`` is true (checked after each finished call)."""
+        """Wait until ``ready()`` is true (checked after each finished call); from trio or asyncio."""
         while not ready():
-            event, token = trio.Event(), trio.lowlevel.current_trio_token()
-            self.waiter = lambda: _wake(token, event.set)
+            event = HostEvent()
+            self.waiter = event.set
             try:
                 if ready():
                     break
                 await event.wait()
             finally:
                 self.waiter = None
-        await trio.lowlevel.checkpoint()
-
-
-def _wake(token: trio.lowlevel.TrioToken, fn: Any) -> None:
-    try:
-        if trio.lowlevel.current_trio_token() is token:
-            fn()
-            return
-    except RuntimeError:  # called from a thread that runs no trio loop
-        pass
-    try:
-        token.run_sync_soon(fn)
-    except trio.RunFinishedError:
-        pass
+        await checkpoint()
 
 
 def _length(source: object) -> int | None:

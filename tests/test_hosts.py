@@ -363,3 +363,21 @@ def test_asyncio_cancellation_while_a_session_opens_closes_it():
     assert session._finished is None or session._finished.is_set()  # nothing of it runs on in the portal
     with pytest.raises(sandpool.SandboxError, match="session is closed"):
         session.sandbox()
+
+
+def test_imap_async_for_under_asyncio_and_trio():
+    """``async for`` over ``f.imap`` (ordered) and ``f.imap(ordered=False)`` works under asyncio as
+    under trio: every result arrives, in input order when ordered."""
+    async def body():
+        async with Session() as s:
+            @s.function()
+            def square(x):
+                return x * x
+
+            ordered = [r async for r in square.imap(range(20))]
+            unordered = sorted([r async for r in square.imap(range(20), ordered=False)])
+            return ordered, unordered
+
+    expected = [i * i for i in range(20)]
+    assert asyncio.run(body()) == (expected, expected)
+    assert trio.run(body) == (expected, expected)
