@@ -167,9 +167,11 @@ FRAMES: dict[str, dict[str, Field]] = {
     "stdin": {"id": _ID, "data": Field(_BYTES), "eof": _opt(_BOOL)},
     "credit": {"id": _ID, "n": Field(_INT, check=_between(0, _MAX_ID))},
     "signal": {"id": _ID, "sig": Field(_INT, check=_between(1, MAX_SIGNAL))},  # id 0 = the main command
-    "read_file": {"id": _ID, "path": _PATH, "special": _opt(_BOOL)},  # special: FIFOs, devices (see _files)
+    # offset (+ length for reads): one chunk of a streamed file (see _agent/_files.read_range, write_at)
+    "read_file": {"id": _ID, "path": _PATH, "special": _opt(_BOOL), "offset": _opt(_INT, _between(0, _MAX_ID)),
+                  "length": _opt(_INT, _between(1, MAX_FILE_BYTES))},  # special: FIFOs, devices (see _files)
     "write_file": {"id": _ID, "path": _PATH, "data": Field(_BYTES), "mode": _opt(_INT, _between(0, 0o7777)),
-                   "special": _opt(_BOOL)},
+                   "special": _opt(_BOOL), "offset": _opt(_INT, _between(0, _MAX_ID))},
     # fn is b"" once the sandbox has fn_key; timeout in seconds; args_path/bulk: see _bulk
     "call": {"id": _ID, "fn": Field(_BYTES), "args": Field(_BYTES), "fn_key": _opt(_BYTES),
              "timeout": _opt(_NUM + _NONE, _between(0, _MAX_GRACE_SECONDS)), "args_path": _opt(_STR, _path),

@@ -23,7 +23,7 @@ def test_idle_timeout_stops_a_sandbox_nobody_uses(session):
     sb = session.sandbox(idle_timeout_seconds=0.3)
     sb.wait()
     started = time.monotonic()
-    sb.wait_until_complete(timeout=10).result()
+    sb.wait_until_complete(timeout=10, raise_on_termination=False).result()
     assert 0.25 < time.monotonic() - started < 3
     assert sb.status == SandboxStatus.TERMINATED and sb.status_reason == "idle_timeout_seconds elapsed with nothing running"
 
@@ -37,7 +37,7 @@ def test_running_work_and_requests_keep_a_sandbox_alive(session):
         time.sleep(0.2)
         sb.read_file("/probe").result()
     assert sb.status == SandboxStatus.RUNNING
-    sb.wait_until_complete(timeout=10).result()
+    sb.wait_until_complete(timeout=10, raise_on_termination=False).result()
     assert sb.status_reason.startswith("idle_timeout_seconds")
 
 
@@ -45,7 +45,7 @@ def test_max_lifetime_ends_a_busy_sandbox(session):
     """max_lifetime_seconds ends the sandbox even while it works, with its own reason."""
     sb = session.sandbox(max_lifetime_seconds=0.5)
     sb.exec(["sleep", "30"])
-    sb.wait_until_complete(timeout=10).result()
+    sb.wait_until_complete(timeout=10, raise_on_termination=False).result()
     assert sb.status == SandboxStatus.TERMINATED and sb.status_reason == "max_lifetime_seconds elapsed"
 
 

@@ -339,11 +339,19 @@ class Agent:
 
     def _on_read_file(self, frame: dict) -> None:
         root, cwd, path, special = self.root, self.cwd, frame["path"], bool(frame.get("special"))
+        if "offset" in frame:  # one chunk of a streamed read
+            offset, length = frame["offset"], frame.get("length", MAX_FILE_BYTES)
+            self.files.submit(frame["id"], path, lambda: _files.read_range(root, cwd, path, offset, length))
+            return
         self.files.submit(frame["id"], path, lambda: _files.read_file(root, cwd, path, MAX_FILE_BYTES, special))
 
     def _on_write_file(self, frame: dict) -> None:
         root, cwd, path, data = self.root, self.cwd, frame["path"], frame["data"]
         mode, special = frame.get("mode", 0o644), bool(frame.get("special"))
+        if "offset" in frame:  # one chunk of a streamed write
+            offset = frame["offset"]
+            self.files.submit(frame["id"], path, lambda: _files.write_at(root, cwd, path, data, offset, mode))
+            return
         self.files.submit(frame["id"], path, lambda: _files.write_file(root, cwd, path, data, mode, MAX_FILE_BYTES,
                                                                         special))
 
