@@ -57,6 +57,10 @@ class WandbAuth:
     entity: str | None = None
     project: str | None = None
 
+    def resolve_auth(self, *, base_url: str) -> AuthHeaders:
+        """No headers: a local runtime has no account (the W&B key is never read)."""
+        return AuthHeaders(headers={}, strategy=AuthStrategy.WANDB.value)
+
 
 AuthConfig = AuthStrategy | AuthProvider | AuthHeaders
 

@@ -22,7 +22,7 @@ from ._errors import (
 
 __all__ = [
     "CWSandboxValidationError", "DiscoveryError", "DiscoveryValidationError", "FieldViolation",
-    "NotSupportedLocallyError", "RunnerNotFoundError", "SandboxCommandTimeoutError",
+    "NotSupportedLocallyError", "ProfileNotFoundError", "RunnerNotFoundError", "SandboxCommandTimeoutError",
     "SandboxRequestTimeoutError", "SandboxSnapshotError", "SandboxStreamBackpressureError",
     "SandboxStreamTruncatedError", "SandboxTerminalStateUnavailableError", "SandboxValidationError",
     "SnapshotBackendThrottledError", "SnapshotBucketMismatchError", "SnapshotBucketProvisioningError",
@@ -204,3 +204,9 @@ class RunnerNotFoundError(DiscoveryError):
     """No runner has this ``runner_id``."""
 
     _extras = ("runner_id",)
+
+
+class ProfileNotFoundError(DiscoveryError):
+    """No runner profile has this ``profile_name`` (cwsandbox defines it without exporting it)."""
+
+    _extras = ("profile_name", "runner_id")

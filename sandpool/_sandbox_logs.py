@@ -37,14 +37,15 @@ _MAX_MARKS = 4096
 class LogBook:
     """One sandbox's main log: the open file and when sandpool first saw each part of it."""
 
-    def __init__(self, file: BinaryIO) -> None:
-        self._fd = file.fileno()
-        self._file = file  # kept open: the agent removes the log with its directory when it ends
+    def __init__(self, file: BinaryIO | None) -> None:
+        # Kept open: the agent removes the log with its directory when it ends. None: an empty log
+        # (the main command ended, and its log went, before the start was even reported).
+        self._file = file
         self.seen = 0  # bytes already stamped
         self.marks: list[tuple[int, float]] = []  # (offset, time first read); offsets increase
 
     def size(self) -> int:
-        size = os.fstat(self._fd).st_size
+        size = os.fstat(self._file.fileno()).st_size if self._file is not None else 0
         if size > self.seen:
             if len(self.marks) >= _MAX_MARKS:
                 self.marks = self.marks[::2]  # coarser, still bounded; stamps stay monotonic
@@ -53,7 +54,7 @@ class LogBook:
         return size
 
     def read(self, offset: int, length: int) -> bytes:
-        return os.pread(self._fd, length, offset)
+        return os.pread(self._file.fileno(), length, offset) if self._file is not None else b""
 
     def stamp(self, offset: int) -> float:
         """When the byte at ``offset`` was first read (the latest mark at or before it)."""
@@ -90,7 +91,8 @@ class LogBook:
         return 0
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def check_container(container: str | None) -> None:
@@ -174,7 +176,7 @@ class LogsMixin:
             if book is None:
                 raise NotSupportedLocallyError(
                     f"sandbox {self.sandbox_id}: its runtime keeps no main-command log to stream (only the "
-                    f"local runtime does, so far)", sandbox_id=self.sandbox_id, feature="stream_logs")
+                    f"local runtime does, so far)", feature="stream_logs")
             async for line in _lines(self, book, follow, tail_lines, since, timestamps):
                 yield line
 

@@ -23,6 +23,7 @@ from ._cwtypes import ContainerStatus
 from ._errors import SandboxExecutionError, SandboxFailedError, SandboxNotFoundError, SandboxNotRunningError
 from ._errors_cw import STATE_ISSUE, NotSupportedLocallyError, SnapshotNotSupportedError
 from ._opref import OperationRef
+from ._runtime._contract import Runtime
 from ._sandbox_logs import LogBook
 
 if TYPE_CHECKING:
@@ -206,9 +207,10 @@ class SurfaceMixin:
     def _keep_main_log(self: Sandbox) -> None:
         """Open the main command's log now, while the sandbox runs, so it stays readable after."""
         file = self._open_main_log()
-        if file is not None:
-            self._log_book = LogBook(file)
-            weakref.finalize(self, self._log_book.close)
+        if file is None and type(self._session._runtime).open_main_log is Runtime.open_main_log:
+            return  # this runtime keeps no logs
+        self._log_book = LogBook(file)  # None: its log went with a main command that ended within ms
+        weakref.finalize(self, self._log_book.close)
 
     async def _mount_files(self: Sandbox) -> None:
         """Write the spec's ``mounted_files`` before the start resolves; a failure stops the sandbox
