@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from . import _lifecycle
 from ._config import SandboxStatus
 from ._cwextra import LOCAL_RUNNER_ID
 from ._cwtypes import ContainerStatus
@@ -221,7 +222,8 @@ class SurfaceMixin:
             try:
                 await self._file_request(frame, _MOUNT_TIMEOUT_SECONDS)
             except Exception as exc:
+                reason = f"could not write mounted file {path!r}: {exc}"
+                self._state = _lifecycle.advance(self._state, "failed", reason=reason)  # before the agent's farewell
                 with trio.CancelScope(shield=True):
                     await self._session._runtime.stop(self._record, 0.0)
-                raise SandboxFailedError(f"could not write mounted file {path!r}: {exc}", sandbox_id=self.sandbox_id,
-                                         status_reason="MountFailed") from exc
+                raise SandboxFailedError(reason, sandbox_id=self.sandbox_id, status_reason=reason) from exc
