@@ -25,7 +25,8 @@ from ._errors import SandboxExecutionError, SandboxFailedError, SandboxNotFoundE
 from ._errors_cw import STATE_ISSUE, NotSupportedLocallyError, SnapshotNotSupportedError
 from ._opref import OperationRef
 from ._runtime._contract import Runtime
-from ._sandbox_logs import LogBook
+from ._sandbox_logs import LogBook, check_container
+from ._terminal import TerminalSession, open_shell
 
 if TYPE_CHECKING:
     from ._sandbox import Sandbox
@@ -170,6 +171,16 @@ class SurfaceMixin:
         """Raises NotSupportedLocallyError: compose files are not run locally."""
         raise NotSupportedLocallyError("compose files are not supported locally; run one sandbox per service",
                                        feature="run_from_file")
+
+    # -- an interactive terminal ----------------------------------------------------------------
+
+    def shell(self: Sandbox, command: list[str] | None = None, *, width: int | None = None,
+              height: int | None = None, container: str | None = None) -> TerminalSession:
+        """Run ``command`` (default ``["/bin/bash"]``) on a pseudo-terminal of ``width`` x ``height``
+        (default 80 x 24): a TerminalSession with ``output``, ``stdin`` and ``resize``. Starts the
+        sandbox if needed; no timeout. ValueError for a bad command or size."""
+        check_container(container)
+        return open_shell(self, command, width, height)
 
     # -- by id, and sessions -----------------------------------------------------------------
 
