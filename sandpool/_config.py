@@ -31,6 +31,10 @@ CLOUD_ONLY_OPTIONS = frozenset({
 """cwsandbox's options beyond the local core: each is a field, whose local meaning (an effect, none,
 or NotSupportedLocallyError) ``_options_cw.normalise`` decides; docs/differences.md lists them."""
 
+#: The options ``session.function(...)`` takes beside the sandbox's: offered when a misspelt option
+#: is close to one of them (``retires=3``), since those reach ``resolve_spec`` as unknown names.
+FUNCTION_OPTIONS = ("retries", "timeout_seconds", "max_concurrency", "reuse")
+
 ISOLATION_LEVELS = ("auto", "process", "namespaces", "oci")
 """Values of ``isolation``; "auto" picks the strongest level the machine supports."""
 
@@ -403,8 +407,10 @@ def _reject_unknown(names: Mapping[str, Any], what: str, plural: str) -> None:
     """Raise TypeError for the first name that is not an option."""
     for name in names:
         if name not in _OPTIONS:
-            raise TypeError(f"unknown {what} {name!r}{_suggest(str(name), list(_OPTIONS))} "
-                            f"Valid {plural}: {', '.join(_OPTIONS)}")
+            hint = _suggest(str(name), list(_OPTIONS))
+            if hint == "." and (close := difflib.get_close_matches(str(name), FUNCTION_OPTIONS, n=1)):
+                hint = f"; did you mean {close[0]!r} (an option of session.function)?"
+            raise TypeError(f"unknown {what} {name!r}{hint} Valid {plural}: {', '.join(_OPTIONS)}")
 
 
 def resolve_spec(defaults: SandboxDefaults | Mapping[str, Any] | None = None, /,

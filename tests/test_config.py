@@ -418,3 +418,14 @@ def test_config_module_imports_only_the_stdlib():
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0
     }
     assert roots <= set(sys.stdlib_module_names) | {"__future__"}
+
+
+def test_a_misspelt_function_option_suggests_the_right_one():
+    """session.function(retires=3) reaches the option check as an unknown name: it names 'retries'."""
+    import sandpool
+
+    with sandpool.Session() as session:
+        with pytest.raises(TypeError, match=r"'retires'; did you mean 'retries' \(an option of session.function\)"):
+            session.function(retires=3)
+        with pytest.raises(TypeError, match="did you mean 'container_image'"):
+            session.function(container_imge="host")
