@@ -8,25 +8,11 @@ import pty
 import subprocess
 import sys
 
-import pytest
-from service_helpers import REPO, ServerProcess
+from service_helpers import REPO
+from test_cli import sandbox, server  # noqa: F401  (test_cli's server and sandbox fixtures)
 
 import sandpool
-from sandpool import SandboxStatus, Session
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with ServerProcess(str(tmp_path_factory.mktemp("serve")), token="cli-token") as srv:
-        yield srv
-
-
-@pytest.fixture
-def sandbox(server):
-    with Session(address=server.address, token="cli-token") as s:
-        sb = s.sandbox()
-        sb.wait()
-        yield sb
+from sandpool import SandboxStatus
 
 
 def _env(address: str) -> dict:
