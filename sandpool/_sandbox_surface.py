@@ -57,7 +57,7 @@ class ExecStats:
         except BaseException:  # cancelled
             error = SandboxExecutionError("cancelled")
         if error is None:
-            self.count("exec_completed_ok" if proc.result().returncode == 0 else "exec_completed_nonzero")
+            self.count("exec_completed_ok" if getattr(proc, "returncode", None) == 0 else "exec_completed_nonzero")
         elif isinstance(error, SandboxExecutionError) and error.exec_result is not None:
             self.count("exec_completed_nonzero")
         else:
