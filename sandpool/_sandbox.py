@@ -177,11 +177,7 @@ class Sandbox(SurfaceMixin, LogsMixin, StreamFilesMixin):
 
         ``snapshot_on_stop=True`` raises SnapshotNotSupportedError (snapshots: issue 16);
         ``wait_for_ready`` and ``request_id`` are accepted for cwsandbox and have no local effect."""
-        if snapshot_on_stop:
-            from ._errors_cw import STATE_ISSUE, SnapshotNotSupportedError
-
-            raise SnapshotNotSupportedError(f"stop(snapshot_on_stop=True) is not supported locally yet ({STATE_ISSUE}); "
-                                            "stop without it", sandbox_id=self.sandbox_id, feature="snapshot_on_stop")
+        self._refuse_snapshot(snapshot_on_stop)
         if not (isinstance(graceful_shutdown_seconds, (int, float)) and math.isfinite(graceful_shutdown_seconds)
                 and graceful_shutdown_seconds >= 0):
             raise ValueError(f"graceful_shutdown_seconds must be a number >= 0, got {graceful_shutdown_seconds!r}")
@@ -267,12 +263,7 @@ class Sandbox(SurfaceMixin, LogsMixin, StreamFilesMixin):
             elif self._state.phase == "running" and self._record is not None and self._record.channel is None:
                 await _shared.watch(self)  # a found handle learns of its end through the data plane
             await self._terminal.wait()
-            if self._state.status == SandboxStatus.FAILED:
-                raise SandboxFailedError(f"sandbox {self.sandbox_id} failed: {self._state.reason}",
-                                         sandbox_id=self.sandbox_id, status_reason=self._state.reason)
-            if raise_on_termination and self._state.status == SandboxStatus.TERMINATED:
-                raise SandboxTerminatedError(f"sandbox {self.sandbox_id} was stopped ({self._state.reason})",
-                                             sandbox_id=self.sandbox_id)
+            self._raise_if_ended_badly(raise_on_termination)
             return self
         raise SandboxTimeoutError(f"sandbox did not complete within {timeout} s", sandbox_id=self.sandbox_id)
 

@@ -187,5 +187,5 @@ class LogsMixin:
             self.start()
         await self._started.wait()
         if self._record is None:
-            raise SandboxNotRunningError(f"sandbox was stopped before it started; it has no logs",
+            raise SandboxNotRunningError("sandbox was stopped before it started; it has no logs",
                                          sandbox_id=self.sandbox_id)

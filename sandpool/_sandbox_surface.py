@@ -21,7 +21,13 @@ from . import _lifecycle
 from ._config import SandboxStatus
 from ._cwextra import LOCAL_RUNNER_ID
 from ._cwtypes import ContainerStatus
-from ._errors import SandboxExecutionError, SandboxFailedError, SandboxNotFoundError, SandboxNotRunningError
+from ._errors import (
+    SandboxExecutionError,
+    SandboxFailedError,
+    SandboxNotFoundError,
+    SandboxNotRunningError,
+    SandboxTerminatedError,
+)
 from ._errors_cw import STATE_ISSUE, NotSupportedLocallyError, SnapshotNotSupportedError
 from ._opref import OperationRef
 from ._runtime._contract import Runtime
@@ -97,6 +103,21 @@ class SurfaceMixin:
     def exec_stats(self: Sandbox) -> dict[str, int]:
         """``exec_count``, ``exec_completed_ok``, ``exec_completed_nonzero``, ``exec_failures`` (a copy)."""
         return self._exec_stats.snapshot()
+
+    def _raise_if_ended_badly(self: Sandbox, raise_on_termination: bool) -> None:
+        """cwsandbox's wait_until_complete: a FAILED sandbox raises, and a TERMINATED one unless told not to."""
+        state = self._state
+        if state.status == SandboxStatus.FAILED:
+            raise SandboxFailedError(f"sandbox {self.sandbox_id} failed: {state.reason}", sandbox_id=self.sandbox_id,
+                                     status_reason=state.reason)
+        if raise_on_termination and state.status == SandboxStatus.TERMINATED:
+            raise SandboxTerminatedError(f"sandbox {self.sandbox_id} was stopped ({state.reason})",
+                                         sandbox_id=self.sandbox_id)
+
+    def _refuse_snapshot(self: Sandbox, snapshot_on_stop: bool) -> None:
+        if snapshot_on_stop:
+            raise SnapshotNotSupportedError(f"stop(snapshot_on_stop=True) is not supported locally yet ({STATE_ISSUE}); "
+                                            "stop without it", sandbox_id=self.sandbox_id, feature="snapshot_on_stop")
 
     # -- what a cloud sandbox reports ----------------------------------------------------------------
 
