@@ -210,11 +210,19 @@ class SurfaceMixin:
                address: str | None = None, token: str | None = None, **cloud: Any) -> OperationRef[None]:
         """Stop the sandbox with this id, without a handle (``from_id`` then ``stop``). Resolves when
         it has ended; SandboxNotFoundError when there is none, unless ``missing_ok``."""
+        from . import _shared
         from ._session import default_session
 
         unknown = set(cloud) - {"base_url", "auth"}
         if unknown:
             raise TypeError(f"Sandbox.delete() got unexpected keyword {sorted(unknown)[0]!r}")
+        if not _shared.selects_shared(address):  # this process's sandboxes: found (or not) at once
+            found = cls.from_id(sandbox_id)  # type: ignore[attr-defined]
+            error = found.exception()
+            if error is None:
+                return found.result().stop(missing_ok=missing_ok)
+            return OperationRef.completed(None) if missing_ok and isinstance(error, SandboxNotFoundError) \
+                else OperationRef.failed(error)
 
         async def delete() -> None:
             try:
