@@ -105,16 +105,15 @@ def _runtime_class(value: object) -> str:
 
 
 def _network(value: object, frozen: Callable[[dict], Any]) -> object:
-    """NetworkOptions (or its dict) in plain form; ingress rules are refused until issue 16."""
-    if isinstance(value, Mapping) and set(value) <= {"deny_egress", "deny_ingress", "egress", "ingress"}:
-        value = t.NetworkOptions(**value)
-    if isinstance(value, t.NetworkOptions):
-        if value.ingress:
-            raise NotSupportedLocallyError(f"network ingress rules are not supported locally yet ({STATE_ISSUE}); "
-                                           f"drop ingress=..., a local sandbox accepts no connections from "
-                                           f"outside unless network='host'", feature="network.ingress")
+    """NetworkOptions in plain form; ingress rules (in any form) are refused until issue 16."""
+    ingress = value.get("ingress") if isinstance(value, Mapping) else getattr(value, "ingress", None)
+    if ingress:
+        raise NotSupportedLocallyError(f"network ingress rules are not supported locally yet ({STATE_ISSUE}); "
+                                       f"drop ingress=..., a local sandbox accepts no connections from "
+                                       f"outside unless network='host'", feature="network.ingress")
+    if isinstance(value, t.NetworkOptions):  # plain, so that it can travel to a sandpool server
         return _plain(value, frozen)
-    return value
+    return value  # other forms are interpreted (or refused) when the sandbox starts: _isolation.network
 
 
 def _mounted_files(value: object, frozen: Callable[[dict], Any]) -> tuple:
