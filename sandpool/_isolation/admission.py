@@ -1,8 +1,9 @@
 """Admission by requests: never start more sandboxes than the machine has cpus, memory and gpus for.
 
-Plain sync decisions over plain data (the runtime does the waiting). A request that can never fit
-(4 cpus on a 2-cpu machine, a gpu where there is none) is refused at once; one that fits the machine
-but not what is free now waits. Sandboxes without requests take nothing. GPUs are device indices:
+Plain sync decisions over plain data (the runtime does the waiting). cpu and memory requests above
+the whole machine (4 cpus on a 2-cpu machine) are scaled down to it with one warning, or refused
+with ``$SANDPOOL_STRICT_RESOURCES=1``; a gpu where there is none is refused at once; a request that
+fits the machine but not what is free now waits. Sandboxes without requests take nothing. GPUs are device indices:
 a grant names which ones, and the sandbox sees them as ``CUDA_VISIBLE_DEVICES``.
 
 The gpu inventory is ``$SANDPOOL_FAKE_GPUS`` when set (a count, "4", or indices, "0,2"), else what
