@@ -8,11 +8,12 @@ import pty
 import subprocess
 import sys
 
+import pytest
 from service_helpers import REPO
 from test_cli import sandbox, server  # noqa: F401  (test_cli's server and sandbox fixtures)
 
 import sandpool
-from sandpool import SandboxStatus
+from sandpool import SandboxStatus, Session
 
 
 def _env(address: str) -> dict:
@@ -82,3 +83,13 @@ def test_sh_without_a_terminal_says_so(server, sandbox):
     """sh with stdin not a terminal is refused with the alternative named."""
     result = cli(server, "sh", sandbox.sandbox_id)
     assert result.returncode == 2 and b"needs a terminal" in result.stderr
+
+
+def test_get_reports_runtime_class_and_placement(server):
+    """get shows the runtime class and placement a sandbox asked for, beside the isolation it got."""
+    with Session(address=server.address, token="cli-token") as s:
+        with pytest.warns(UserWarning, match="runtime_class='gvisor-cli'"):
+            sb = s.sandbox(runtime_class="gvisor-cli", placement_mode="cks")
+        sb.wait()
+        info = json.loads(cli(server, "get", sb.sandbox_id, "-o", "json").stdout)
+    assert (info["runtime_class"], info["placement_mode"]) == ("gvisor-cli", "cks") and info["isolation"]

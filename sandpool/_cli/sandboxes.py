@@ -109,6 +109,8 @@ def describe(sandbox) -> dict:
         "returncode": sandbox.returncode,
         "tags": list(sandbox.tags),
         "isolation": sandbox.isolation,
+        "runtime_class": sandbox.spec.runtime_class,  # asked for, not honoured: isolation is what it got
+        "placement_mode": sandbox.spec.placement_mode,
         "created_at": sandbox.created_at,
         "started_at": sandbox.started_at,
         "orphaned_for": record.extra.get("orphaned_for") if record else None,
