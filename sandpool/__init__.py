@@ -4,6 +4,67 @@ This module only re-exports; the implementation lives in private modules.
 """
 
 from ._config import ResourceOptions, SandboxDefaults, SandboxSpec, SandboxStatus
+from ._cwextra import (
+    AuthConfig,
+    AuthHeaders,
+    AuthProvider,
+    AuthStrategy,
+    PvcVolumeSource,
+    Runner,
+    RunnerResources,
+    Volume,
+    VolumeLocality,
+    VolumeState,
+    WandbAuth,
+    disable_signal_handlers,
+    format_bytes,
+    format_cpu,
+    get_runner,
+    list_runners,
+    set_auth_mode,
+)
+from ._cwtypes import (
+    CidrBlock,
+    Container,
+    ContainerStatus,
+    DataPlaneMode,
+    EgressRule,
+    Endpoint,
+    EndpointAuth,
+    EndpointKind,
+    EndpointShareToken,
+    FileSystemSnapshot,
+    FileSystemSnapshotBucketConfig,
+    FileSystemSnapshotBucketMode,
+    FileSystemSnapshotOptions,
+    FileSystemSnapshotStatus,
+    FileSystemSnapshotTrigger,
+    HttpsEndpointStatus,
+    ImagePullCredentials,
+    IngressRule,
+    NetworkOptions,
+    ObjectStorageAccess,
+    ObjectStoragePermission,
+    PlacementMode,
+    PlacementSpillover,
+    PortRange,
+    RegisteredVolumeOptions,
+    SandboxControl,
+    SandboxFileType,
+    ScratchVolumeOptions,
+    Secret,
+    SecurityContext,
+    SelectorBlock,
+    Service,
+    ServiceProtocol,
+    ServiceVisibility,
+    StorageMedium,
+    TenantScope,
+    TlsPassthroughEndpointStatus,
+    VolumeMount,
+)
+from ._errors_cw import *  # noqa: F403  (cwsandbox's remaining exception classes)
+from ._errors_cw import __all__ as _cloud_errors
 from ._function import RemoteFunction, Retries
 from ._errors import (
     AsyncFunctionError,
@@ -19,6 +80,7 @@ from ._errors import (
     SandboxFileError,
     SandboxNotFoundError,
     SandboxNotRunningError,
+    SandboxProtocolError,
     SandboxResourceExhaustedError,
     SandboxTerminatedError,
     SandboxTimeoutError,
@@ -36,6 +98,10 @@ from ._runtime._local import LocalRuntime
 from ._runtime._slurm import SlurmRuntime
 from ._sandbox import Sandbox
 from ._session import Session
+from ._terminal import TerminalResult, TerminalSession
+
+Waitable = Sandbox | OperationRef | Process | TerminalSession
+"""What ``wait`` and ``results`` accept (cwsandbox's alias)."""
 
 __version__ = "0.1.0"
 
@@ -50,4 +116,17 @@ __all__ = [
     "SandboxTimeoutError", "SandboxUnavailableError", "SandpoolError", "SerializationError", "Session",
     "SlurmRuntime",
     "StreamReader", "StreamWriter", "__version__", "as_completed", "gather", "results", "wait",
+    # cwsandbox's option types and helpers (_cwtypes, _cwextra), and the terminal
+    "AuthConfig", "AuthHeaders", "AuthProvider", "AuthStrategy", "CidrBlock", "Container", "ContainerStatus",
+    "DataPlaneMode", "EgressRule", "Endpoint", "EndpointAuth", "EndpointKind", "EndpointShareToken",
+    "FileSystemSnapshot", "FileSystemSnapshotBucketConfig", "FileSystemSnapshotBucketMode",
+    "FileSystemSnapshotOptions", "FileSystemSnapshotStatus", "FileSystemSnapshotTrigger", "HttpsEndpointStatus",
+    "ImagePullCredentials", "IngressRule", "NetworkOptions", "ObjectStorageAccess", "ObjectStoragePermission",
+    "PlacementMode", "PlacementSpillover", "PortRange", "PvcVolumeSource", "RegisteredVolumeOptions", "Runner",
+    "RunnerResources", "SandboxControl", "SandboxFileType", "ScratchVolumeOptions", "Secret", "SecurityContext",
+    "SelectorBlock", "Service", "ServiceProtocol", "ServiceVisibility", "StorageMedium", "TenantScope",
+    "TerminalResult", "TerminalSession", "TlsPassthroughEndpointStatus", "Volume", "VolumeLocality",
+    "VolumeMount", "VolumeState", "WandbAuth", "Waitable", "disable_signal_handlers", "format_bytes",
+    "format_cpu", "get_runner", "list_runners", "set_auth_mode",
+    "SandboxProtocolError", *_cloud_errors,
 ]

@@ -9,13 +9,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._cli import image, sandboxes, serve
+from ._cli import image, sandboxes, serve, terminal
 
-REGISTRARS = [serve.register, sandboxes.register, image.register]
+REGISTRARS = [serve.register, sandboxes.register, terminal.register, image.register]
+#: Printed under the error when no server answered: what to do about it.
+NO_SERVER_HINT = ("hint: no sandpool server answered; start one with 'sandpool serve' (it listens on this user's "
+                  "socket), or point --address / $SANDPOOL_ADDRESS at a running one")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="sandpool", description="Pools of sandboxes: serve them, look at them.")
+    parser.add_argument("--version", action="version", version=f"sandpool {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in REGISTRARS:
         register(sub)
@@ -24,12 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ._errors import SandpoolError
+    from ._errors import SandboxUnavailableError, SandpoolError
 
     try:
         return args.run(args)
     except (SandpoolError, ValueError, OSError) as exc:
         print(f"Error: {exc}", file=sys.stderr)
+        if isinstance(exc, SandboxUnavailableError) and args.command != "serve":
+            print(NO_SERVER_HINT, file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

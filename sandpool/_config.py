@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Self
 
+from . import _options_cw
 from ._quantity import parse_cpu, parse_memory, parse_pids
 from ._status import SandboxStatus
 
@@ -25,8 +26,14 @@ CLOUD_ONLY_OPTIONS = frozenset({
     "poll_retry_budget_seconds", "poll_rpc_timeout_seconds", "create_retry_budget_seconds",
     "temp_dir", "runtime_class", "security_context", "services", "volumes", "secrets",
     "object_storage_access", "file_system_snapshot", "containers", "image_pull_credentials",
+    "mounted_files", "template_id",
 })
-"""cwsandbox options with no local meaning: accepted wherever options are, and ignored."""
+"""cwsandbox's options beyond the local core: each is a field, whose local meaning (an effect, none,
+or NotSupportedLocallyError) ``_options_cw.normalise`` decides; docs/differences.md lists them."""
+
+#: The options ``session.function(...)`` takes beside the sandbox's: offered when a misspelt option
+#: is close to one of them (``retires=3``), since those reach ``resolve_spec`` as unknown names.
+FUNCTION_OPTIONS = ("retries", "timeout_seconds", "max_concurrency", "reuse")
 
 ISOLATION_LEVELS = ("auto", "process", "namespaces", "oci")
 """Values of ``isolation``; "auto" picks the strongest level the machine supports."""
@@ -265,10 +272,37 @@ class _SandboxOptions:
     isolation: str = "auto"  # one of ISOLATION_LEVELS
     network: object = None  # "none", "host", a bool or NetworkOptions; None: "none" if it can be
     max_output_bytes: int = 64 * 1024 * 1024  # per exec stream, kept for results
+    # cwsandbox's cloud options (CLOUD_ONLY_OPTIONS), in the plain form _options_cw.normalise gives.
+    # Local effect: secrets (environment variables, resolved by resolve_spec), mounted_files (written
+    # before start() resolves), runtime_class/placement_mode (reported). The others: see _options_cw.
+    secrets: tuple[Mapping[str, str], ...] | None = None
+    mounted_files: tuple[Mapping[str, Any], ...] | None = None
+    runtime_class: str | None = None
+    placement_mode: str | None = None
+    placement_spillover: str | None = None
+    runner_ids: tuple[str, ...] | None = None
+    data_plane_mode: str | None = None
+    base_url: str | None = None
+    auth: object = None  # checked for type, then not kept (no local meaning, and a credential)
+    create_retry_budget_seconds: float | None = None
+    poll_retry_budget_seconds: float | None = None
+    poll_rpc_timeout_seconds: float | None = None
+    temp_dir: str | None = None
+    security_context: Mapping[str, Any] | None = None
+    object_storage_access: Mapping[str, Any] | None = None
+    image_pull_credentials: Mapping[str, Any] | None = None
+    services: tuple[Any, ...] | None = None
+    volumes: tuple[Any, ...] | None = None
+    file_system_snapshot: object = None
+    containers: tuple[Any, ...] | None = None
+    template_id: str | None = None
 
     def __post_init__(self) -> None:
         def put(name: str, value: object) -> None:  # normalise a field of a frozen instance
             object.__setattr__(self, name, value)
+
+        for name in (*CLOUD_ONLY_OPTIONS, "network"):
+            put(name, _options_cw.normalise(name, getattr(self, name), _FrozenDict))
 
         _text("container_image", self.container_image, "host", optional=False)
         _text("command", self.command, "python")
@@ -303,8 +337,8 @@ class _SandboxOptions:
     def from_dict(cls, mapping: Mapping[str, Any]) -> Self:
         """Build from a mapping of field names (a dict, or an OmegaConf DictConfig).
 
-        Keys in CLOUD_ONLY_OPTIONS are ignored, and None for a field whose default is not None
-        means the default. Raises TypeError for any other key, naming the closest field.
+        None for a field whose default is not None means the default. Raises TypeError for an
+        unknown key, naming the closest field.
         """
         if not isinstance(mapping, Mapping):
             raise TypeError(f"{cls.__name__}.from_dict needs a mapping, got "
@@ -316,11 +350,10 @@ class _SandboxOptions:
     def with_overrides(self, **overrides: Any) -> Self:
         """Return a copy with these fields replaced whole (no merging of tags or dicts).
 
-        Cloud-only options are ignored; other unknown names raise TypeError.
+        Unknown names raise TypeError.
         """
         _reject_unknown(overrides, "sandbox option", "options")
-        return dataclasses.replace(
-            self, **{k: v for k, v in overrides.items() if k not in CLOUD_ONLY_OPTIONS})
+        return dataclasses.replace(self, **overrides)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -371,11 +404,13 @@ _OPTIONS = {f.name: f for f in dataclasses.fields(_SandboxOptions)}
 
 
 def _reject_unknown(names: Mapping[str, Any], what: str, plural: str) -> None:
-    """Raise TypeError for the first name that is neither an option nor cloud-only."""
+    """Raise TypeError for the first name that is not an option."""
     for name in names:
-        if name not in _OPTIONS and name not in CLOUD_ONLY_OPTIONS:
-            raise TypeError(f"unknown {what} {name!r}{_suggest(str(name), list(_OPTIONS))} "
-                            f"Valid {plural}: {', '.join(_OPTIONS)}")
+        if name not in _OPTIONS:
+            hint = _suggest(str(name), list(_OPTIONS))
+            if hint == "." and (close := difflib.get_close_matches(str(name), FUNCTION_OPTIONS, n=1)):
+                hint = f"; did you mean {close[0]!r} (an option of session.function)?"
+            raise TypeError(f"unknown {what} {name!r}{hint} Valid {plural}: {', '.join(_OPTIONS)}")
 
 
 def resolve_spec(defaults: SandboxDefaults | Mapping[str, Any] | None = None, /,
@@ -386,8 +421,11 @@ def resolve_spec(defaults: SandboxDefaults | Mapping[str, Any] | None = None, /,
     for ``SandboxDefaults()``. An override of None means "not given". Rules (cwsandbox's, with
     one fix): tags are the defaults' then the overrides', duplicates kept; environment_variables
     and annotations are dict-merged, the override winning; a falsy container_image keeps the
-    default; every other option is replaced whole. The fix: ``command`` without ``args`` runs
-    with no args (cwsandbox would inherit the default args). Cloud-only options are ignored.
+    default; secrets are the defaults' then the overrides', one per env_var (two different ones
+    for one variable raise ValueError), and their values (read here, in the client, see
+    ``_options_cw.secret_values``) join environment_variables; every other option is replaced
+    whole. The fix: ``command`` without ``args`` runs with no args (cwsandbox would inherit the
+    default args). What the cloud options mean locally: ``CLOUD_ONLY_OPTIONS``.
 
     Raises TypeError for an unknown option (naming the closest valid one) or a wrong type,
     ValueError for an invalid value.
@@ -403,4 +441,13 @@ def resolve_spec(defaults: SandboxDefaults | Mapping[str, Any] | None = None, /,
     merged["annotations"] = defaults.merge_annotations(overrides.get("annotations"))
     if overrides.get("command") is not None and overrides.get("args") is None:
         merged["args"] = None  # the fix: cwsandbox keeps the default args here
+    secrets = _options_cw.merge_secrets(
+        defaults.secrets, _options_cw.normalise("secrets", overrides.get("secrets"), _FrozenDict))
+    if secrets:
+        values = _options_cw.secret_values(secrets)
+        clash = sorted(values.keys() & merged["environment_variables"].keys())
+        if clash:
+            raise ValueError(f"{clash[0]} is set both by environment_variables and by a secret; drop one")
+        merged["environment_variables"] = {**merged["environment_variables"], **values}
+    merged["secrets"] = secrets or None
     return SandboxSpec(**merged)

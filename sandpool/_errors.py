@@ -30,6 +30,7 @@ __all__ = [
     "SandboxUnavailableError",
     "SandpoolError",
     "SerializationError",
+    "SandboxProtocolError",
 ]
 
 
@@ -44,11 +45,14 @@ class SandpoolError(Exception):
     Args:
         message: the human-readable text; ``str(e)`` returns it.
         **extras: the keyword-only attributes the class declares (see ``extra_names()``);
-            each one not given is None. An undeclared name raises TypeError.
+            each one not given is None. An undeclared name raises TypeError. Every class has
+            cwsandbox's three: ``reason`` (a machine-readable cause such as
+            ``CWSANDBOX_FILE_NOT_FOUND``), ``metadata`` (a dict of str, empty when not given)
+            and ``retry_delay`` (a ``datetime.timedelta`` hint, or None).
     """
 
-    _extras: tuple[str, ...] = ()
-    _all_extras: tuple[str, ...] = ()
+    _extras: tuple[str, ...] = ("reason", "metadata", "retry_delay")
+    _all_extras: tuple[str, ...] = _extras
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -68,6 +72,7 @@ class SandpoolError(Exception):
             )
         for name in allowed:
             setattr(self, name, extras.get(name))
+        self.metadata = dict(self.metadata or {})  # type: ignore[call-overload]
 
     @classmethod
     def extra_names(cls) -> tuple[str, ...]:
@@ -93,7 +98,7 @@ class SandpoolError(Exception):
 
     def __repr__(self) -> str:
         shown = [repr(self.message)]
-        shown += [f"{k}={v!r}" for k, v in self.extras().items() if v is not None]
+        shown += [f"{k}={v!r}" for k, v in self.extras().items() if v is not None and v != {} and v != ()]
         return f"{type(self).__name__}({', '.join(shown)})"
 
 
@@ -101,7 +106,17 @@ CWSandboxError = SandpoolError
 """cwsandbox's name for the base class; the same object, so either can be caught."""
 
 
-class ProtocolError(SandpoolError):
+class SandboxError(SandpoolError):
+    """Base for failures of a sandbox operation; ``sandbox_id`` says which sandbox."""
+
+    _extras = ("sandbox_id",)
+
+
+class SandboxProtocolError(SandboxError):
+    """An answer could not be decoded (cwsandbox's name); sandpool raises its ProtocolError."""
+
+
+class ProtocolError(SandboxProtocolError):
     """A wire frame was malformed, of an unknown kind or out of order.
 
     ``frame`` is the offending frame (or a repr-able summary of it), or None when nothing
@@ -113,12 +128,6 @@ class ProtocolError(SandpoolError):
 
 class CWSandboxAuthenticationError(SandpoolError):
     """A sandpool server refused the call: the token is missing or wrong (cwsandbox's name)."""
-
-
-class SandboxError(SandpoolError):
-    """Base for failures of a sandbox operation; ``sandbox_id`` and a machine ``reason``."""
-
-    _extras = ("sandbox_id", "reason")
 
 
 class SandboxNotRunningError(SandboxError):

@@ -189,6 +189,9 @@ class StreamWriter:
 class Process(OperationRef[ProcessResult]):
     """A command running in a sandbox. Awaitable / ``.result()`` gives a :class:`ProcessResult`."""
 
+    #: Extra fields of its exec frame (a terminal's "tty"; see _terminal).
+    _exec_extra: dict = {}
+
     def __init__(self, sandbox: Sandbox, argv: list[str], *, cwd: str | None, env: dict | None,
                  timeout: float | None, check: bool, stdin: bool, cap: int) -> None:
         super().__init__()
@@ -363,7 +366,7 @@ class Process(OperationRef[ProcessResult]):
         self._req_id = sandbox._register(self)
         try:
             await sandbox._send({"t": "exec", "id": self._req_id, "argv": self._argv, "cwd": self._cwd,
-                                 "env": self._env, "stdin": self.stdin is not None})
+                                 "env": self._env, "stdin": self.stdin is not None, **self._exec_extra})
             self._sent.set()
             with trio.move_on_after(self._timeout if self._timeout is not None else float("inf")):
                 await self._exited.wait()

@@ -28,6 +28,9 @@ from ._errors import (
 from ._blocks import SandboxBlocks
 from ._opref import OperationRef, TaskHost, check_not_in_trio
 from ._process import Process
+from ._sandbox_logs import LogsMixin
+from ._sandbox_stream_files import StreamFilesMixin
+from ._sandbox_surface import ExecStats, SurfaceMixin
 
 if TYPE_CHECKING:
     from typing import BinaryIO
@@ -61,7 +64,7 @@ class _Reply:
         self.event.set()
 
 
-class Sandbox(SandboxBlocks):
+class Sandbox(SandboxBlocks, SurfaceMixin, LogsMixin, StreamFilesMixin):
     """A sandbox. Construction does no I/O; the first use (exec, files, wait, ``await``) starts it."""
 
     def __init__(self, *, defaults: SandboxDefaults | None = None, address: str | None = None,
@@ -82,7 +85,7 @@ class Sandbox(SandboxBlocks):
         self._terminal = trio.Event()
         self._start_ref: OperationRef[None] | None = None
         self._stop_ref: OperationRef[None] | None = None
-        self.exec_stats = {"exec_count": 0}
+        self._exec_stats = ExecStats()
         if standalone:
             _session._track(self)
 
@@ -160,12 +163,22 @@ class Sandbox(SandboxBlocks):
     def __await__(self):
         return self._spawn(self._wait_async, None).__await__()
 
-    def wait_until_complete(self, timeout: float | None = None) -> OperationRef[Sandbox]:
-        """Resolves when the sandbox reaches a terminal state."""
-        return self._spawn(self._wait_complete_async, timeout)
+    def wait_until_complete(self, timeout: float | None = None, *,
+                            raise_on_termination: bool = True) -> OperationRef[Sandbox]:
+        """Resolves (to the sandbox) when it reaches a terminal state, starting it if needed. As in
+        cwsandbox, a FAILED sandbox raises SandboxFailedError (with ``status_reason``) and, unless
+        ``raise_on_termination=False``, a stopped one SandboxTerminatedError; SandboxTimeoutError
+        after ``timeout`` seconds (None: no limit)."""
+        return self._spawn(self._wait_complete_async, timeout, raise_on_termination)
 
-    def stop(self, *, graceful_shutdown_seconds: float = 10.0, missing_ok: bool = False) -> OperationRef[None]:
-        """Stop: SIGTERM its processes, wait the grace period, then kill the tree. Resolves when terminal."""
+    def stop(self, *, graceful_shutdown_seconds: float = 10.0, missing_ok: bool = False,
+             snapshot_on_stop: bool = False, wait_for_ready: bool = True,
+             request_id: str | None = None) -> OperationRef[None]:
+        """Stop: SIGTERM its processes, wait the grace period, then kill the tree. Resolves when terminal.
+
+        ``snapshot_on_stop=True`` raises SnapshotNotSupportedError (snapshots: issue 16);
+        ``wait_for_ready`` and ``request_id`` are accepted for cwsandbox and have no local effect."""
+        self._refuse_snapshot(snapshot_on_stop)
         if not (isinstance(graceful_shutdown_seconds, (int, float)) and math.isfinite(graceful_shutdown_seconds)
                 and graceful_shutdown_seconds >= 0):
             raise ValueError(f"graceful_shutdown_seconds must be a number >= 0, got {graceful_shutdown_seconds!r}")
@@ -188,6 +201,8 @@ class Sandbox(SandboxBlocks):
             self._record.started_at = time.time()
             self._state = _lifecycle.advance(self._state, "running")
             self._host.nursery.start_soon(self._reader)
+            self._keep_main_log()
+            await self._mount_files()
         except BaseException as exc:
             self._state = _lifecycle.advance(self._state, "failed", reason=f"failed to start: {exc}")
             self._terminal.set()
@@ -242,13 +257,14 @@ class Sandbox(SandboxBlocks):
             return self
         raise SandboxTimeoutError(f"sandbox did not become ready within {limit} s", sandbox_id=self.sandbox_id)
 
-    async def _wait_complete_async(self, timeout: float | None) -> Sandbox:
+    async def _wait_complete_async(self, timeout: float | None, raise_on_termination: bool = True) -> Sandbox:
         with trio.move_on_after(math.inf if timeout is None else timeout):
             if self._state.phase == "new":
                 self.start()
             elif self._state.phase == "running" and self._record is not None and self._record.channel is None:
                 await _shared.watch(self)  # a found handle learns of its end through the data plane
             await self._terminal.wait()
+            self._raise_if_ended_badly(raise_on_termination)
             return self
         raise SandboxTimeoutError(f"sandbox did not complete within {timeout} s", sandbox_id=self.sandbox_id)
 
@@ -374,10 +390,12 @@ class Sandbox(SandboxBlocks):
             timeout_seconds = self._spec.request_timeout_seconds
         if not (isinstance(timeout_seconds, (int, float)) and timeout_seconds > 0):
             raise ValueError(f"timeout_seconds must be a number > 0, got {timeout_seconds!r}")
-        self.exec_stats["exec_count"] += 1
+        self._exec_stats.count("exec_count")
         proc = Process(self, argv, cwd=cwd, env=env, timeout=timeout_seconds,
                        check=check, stdin=stdin, cap=self._spec.max_output_bytes)
-        return proc._launch(self._host, proc._body)
+        proc._launch(self._host, proc._body)
+        proc.add_done_callback(self._exec_stats.outcome)
+        return proc
 
     def read_file(self, filepath: str, *, timeout_seconds: float | None = None,
                   allow_special_files: bool = False) -> OperationRef[bytes]:

@@ -85,6 +85,13 @@ def _between(low: float, high: float) -> Check:
     return check
 
 
+def _winsize(value: list, label: str) -> str | None:
+    """A terminal's ``[cols, rows]``: an exec on a pseudo-terminal of that size."""
+    if len(value) != 2 or not all(type(v) is int and 1 <= v <= 65535 for v in value):
+        return f"{label} must be [cols, rows], two ints from 1 to 65535, got {_short(value)}"
+    return None
+
+
 def _word(value: str, label: str) -> str | None:
     if not 0 < len(value) <= 64:
         return f"{label} must be a word of 1 to 64 characters, got {_short(value)}"
@@ -163,13 +170,17 @@ FRAMES: dict[str, dict[str, Field]] = {
     "hello": {"version": Field(_INT), "pid": _opt(_INT), "sandbox_id": _opt(_STR)},
     # client -> agent
     "exec": {"id": _ID, "argv": Field(_LIST, check=_argv), "cwd": _opt(_STR + _NONE, _path),
-             "env": _opt(_MAP + _NONE, _env), "stdin": _opt(_BOOL)},
+             "env": _opt(_MAP + _NONE, _env), "stdin": _opt(_BOOL), "tty": _opt(_LIST, _winsize)},
+    "resize": {"id": _ID, "cols": Field(_INT, check=_between(1, 65535)),  # a tty exec's window
+               "rows": Field(_INT, check=_between(1, 65535))},
     "stdin": {"id": _ID, "data": Field(_BYTES), "eof": _opt(_BOOL)},
     "credit": {"id": _ID, "n": Field(_INT, check=_between(0, _MAX_ID))},
     "signal": {"id": _ID, "sig": Field(_INT, check=_between(1, MAX_SIGNAL))},  # id 0 = the main command
-    "read_file": {"id": _ID, "path": _PATH, "special": _opt(_BOOL)},  # special: FIFOs, devices (see _files)
+    # offset (+ length for reads): one chunk of a streamed file (see _agent/_files.read_range, write_at)
+    "read_file": {"id": _ID, "path": _PATH, "special": _opt(_BOOL), "offset": _opt(_INT, _between(0, _MAX_ID)),
+                  "length": _opt(_INT, _between(1, MAX_FILE_BYTES))},  # special: FIFOs, devices (see _files)
     "write_file": {"id": _ID, "path": _PATH, "data": Field(_BYTES), "mode": _opt(_INT, _between(0, 0o7777)),
-                   "special": _opt(_BOOL)},
+                   "special": _opt(_BOOL), "offset": _opt(_INT, _between(0, _MAX_ID))},
     # fn is b"" once the sandbox has fn_key; timeout in seconds; args_path/bulk: see _bulk
     "call": {"id": _ID, "fn": Field(_BYTES), "args": Field(_BYTES), "fn_key": _opt(_BYTES),
              "timeout": _opt(_NUM + _NONE, _between(0, _MAX_GRACE_SECONDS)), "args_path": _opt(_STR, _path),
@@ -206,8 +217,8 @@ FRAMES: dict[str, dict[str, Field]] = {
 FROM_AGENT = frozenset({"hello", "started", "output", "stdin_taken", "exit", "result", "error", "pong", "main_exit",
                         "bye"})
 #: What an agent serves from its owner.
-TO_AGENT = frozenset({"hello", "exec", "stdin", "credit", "signal", "read_file", "write_file", "call", "cancel",
-                      "worker", "ping", "stop"})
+TO_AGENT = frozenset({"hello", "exec", "stdin", "credit", "signal", "resize", "read_file", "write_file", "call",
+                      "cancel", "worker", "ping", "stop"})
 
 
 def _describe(frame: object) -> str:

@@ -95,7 +95,7 @@ def test_stop_and_missing_ok(server, sandbox):
     """stop ends the sandbox for its owner too; --missing-ok makes an unknown id a success."""
     result = sandpool_cli(server, "stop", sandbox.sandbox_id, "--graceful-shutdown-seconds", "1")
     assert result.returncode == 0 and result.stdout.decode() == f"Stopped {sandbox.sandbox_id}: terminated\n"
-    sandbox.wait_until_complete(timeout=10).result()
+    sandbox.wait_until_complete(timeout=10, raise_on_termination=False).result()
     assert sandbox.status == SandboxStatus.TERMINATED
     assert sandpool_cli(server, "stop", "sb-00000000").returncode == 1
     assert sandpool_cli(server, "stop", "sb-00000000", "--missing-ok").returncode == 0

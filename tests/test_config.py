@@ -286,11 +286,14 @@ def test_from_dict_rejects_unknown_key_with_suggestion():
         SandboxDefaults.from_dict({"profile_ids": ["p"]})
 
 
-def test_from_dict_ignores_cloud_only_options():
-    """Every cloud-only cwsandbox key is accepted by from_dict and has no effect."""
-    cloud = {key: object() for key in CLOUD_ONLY_OPTIONS}
-    assert SandboxDefaults.from_dict({**cloud, "tags": ["a"]}) == SandboxDefaults(tags=("a",))
+def test_from_dict_checks_cloud_only_options():
+    """Cloud-only cwsandbox keys are fields of the defaults: a wrong value is refused, not dropped."""
     assert "base_url" in CLOUD_ONLY_OPTIONS and "image_pull_credentials" in CLOUD_ONLY_OPTIONS
+    d = SandboxDefaults.from_dict({"base_url": "https://api", "temp_dir": "/tmp", "tags": ["a"]})
+    assert (d.base_url, d.temp_dir, d.tags) == ("https://api", "/tmp", ("a",))
+    for key in CLOUD_ONLY_OPTIONS:
+        with pytest.raises((TypeError, ValueError, NotImplementedError)):
+            SandboxDefaults.from_dict({key: object()})
 
 
 # --- resolve_spec -------------------------------------------------------------------------
@@ -363,10 +366,12 @@ def test_resolve_rejects_unknown_override_with_suggestion():
         resolve_spec(None, tgas=["x"])
 
 
-def test_resolve_ignores_cloud_only_overrides():
-    """Cloud-only cwsandbox options are accepted as overrides and ignored."""
+def test_resolve_keeps_cloud_only_overrides_without_other_effect():
+    """Cloud-only options without local effect are kept on the spec; the local options are unchanged."""
     spec = resolve_spec(None, runner_ids=["r1"], secrets=[], base_url="https://api", tags=["a"])
-    assert spec == resolve_spec(None, tags=["a"])
+    plain = resolve_spec(None, tags=["a"])
+    assert (spec.runner_ids, spec.base_url, spec.secrets) == (("r1",), "https://api", None)
+    assert dataclasses.replace(spec, runner_ids=None, base_url=None) == plain
 
 
 def test_resolve_accepts_mapping_defaults():
@@ -413,3 +418,14 @@ def test_config_module_imports_only_the_stdlib():
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0
     }
     assert roots <= set(sys.stdlib_module_names) | {"__future__"}
+
+
+def test_a_misspelt_function_option_suggests_the_right_one():
+    """session.function(retires=3) reaches the option check as an unknown name: it names 'retries'."""
+    import sandpool
+
+    with sandpool.Session() as session:
+        with pytest.raises(TypeError, match=r"'retires'; did you mean 'retries' \(an option of session.function\)"):
+            session.function(retires=3)
+        with pytest.raises(TypeError, match="did you mean 'container_image'"):
+            session.function(container_imge="host")

@@ -17,6 +17,7 @@ from sandpool._errors import (
     SandboxFileError,
     SandboxNotFoundError,
     SandboxNotRunningError,
+    SandboxProtocolError,
     SandboxResourceExhaustedError,
     SandboxTerminatedError,
     SandboxTimeoutError,
@@ -30,7 +31,8 @@ ALL_ERRORS = [
 ]
 
 PARENTS = {
-    ProtocolError: SandpoolError,
+    SandboxProtocolError: SandboxError,
+    ProtocolError: SandboxProtocolError,
     CWSandboxAuthenticationError: SandpoolError,
     SandboxError: SandpoolError,
     SandboxNotRunningError: SandboxError,
@@ -49,18 +51,19 @@ PARENTS = {
     RemoteError: (FunctionError, SandboxExecutionError),
 }
 
+BASE = ("reason", "metadata", "retry_delay")  # cwsandbox's three, on every class
 EXTRAS = {
-    SandpoolError: (),
-    ProtocolError: ("frame",),
-    SandboxError: ("sandbox_id", "reason"),
-    SandboxFailedError: ("sandbox_id", "reason", "status_reason"),
+    SandpoolError: BASE,
+    ProtocolError: (*BASE, "sandbox_id", "frame"),
+    SandboxError: (*BASE, "sandbox_id"),
+    SandboxFailedError: (*BASE, "sandbox_id", "status_reason"),
     SandboxExecutionError: (
-        "sandbox_id", "reason", "exec_result", "exception_type", "exception_message",
+        *BASE, "sandbox_id", "exec_result", "exception_type", "exception_message",
     ),
-    SandboxFileError: ("sandbox_id", "reason", "filepath"),
-    SandboxDiedError: ("sandbox_id", "reason", "exit_code", "signal"),
-    SerializationError: ("obj_repr",),
-    RemoteError: ("sandbox_id", "reason", "exec_result", "exception_type", "exception_message",
+    SandboxFileError: (*BASE, "sandbox_id", "filepath"),
+    SandboxDiedError: (*BASE, "sandbox_id", "exit_code", "signal"),
+    SerializationError: (*BASE, "obj_repr"),
+    RemoteError: (*BASE, "sandbox_id", "exec_result", "exception_type", "exception_message",
                   "type_name", "remote_traceback"),
 }
 
@@ -98,12 +101,13 @@ def test_cwsandbox_alias_is_the_base_class():
 
 @pytest.mark.parametrize("cls", ALL_ERRORS, ids=lambda c: c.__name__)
 def test_extras_default_to_none_and_str_is_the_message(cls):
-    """Every declared extra defaults to None, and str(e) is exactly the message."""
+    """Every declared extra defaults to None (metadata to {}), and str(e) is exactly the message."""
     exc = cls("something broke")
     assert str(exc) == "something broke"
     assert exc.message == "something broke"
     assert cls.extra_names() == EXTRAS[next(k for k in cls.__mro__ if k in EXTRAS)]
-    assert all(getattr(exc, name) is None for name in cls.extra_names())
+    assert all(getattr(exc, name) is None for name in cls.extra_names() if name != "metadata")
+    assert exc.metadata == {}
 
 
 def test_extras_are_kept_as_attributes():
@@ -122,7 +126,7 @@ def test_extras_are_kept_as_attributes():
 
 def test_unknown_extra_is_a_type_error_listing_the_valid_ones():
     """An undeclared keyword raises TypeError naming it and the valid keywords."""
-    with pytest.raises(TypeError, match=r"'filepth'.*sandbox_id, reason, filepath"):
+    with pytest.raises(TypeError, match=r"'filepth'.*reason, metadata, retry_delay, sandbox_id, filepath"):
         SandboxFileError("x", filepth="/x")
 
 
@@ -141,7 +145,7 @@ def test_repr_shows_the_set_extras():
 @pytest.mark.parametrize("cls", ALL_ERRORS, ids=lambda c: c.__name__)
 def test_pickle_round_trip_keeps_type_message_and_extras(cls):
     """Every class survives pickle with its type, message and every extra intact."""
-    extras = {name: f"value of {name}" for name in cls.extra_names()}
+    extras = {name: {"k": "v"} if name == "metadata" else f"value of {name}" for name in cls.extra_names()}
     exc = cls("the message", **extras)
     copy = pickle.loads(pickle.dumps(exc))
     assert type(copy) is cls

@@ -265,7 +265,7 @@ naming the reason. Both end TERMINATED."""
             idle = session.sandbox(idle_timeout_seconds=60)
             t0 = trio.current_time()
             await idle.exec(["sleep", "200"])
-            await idle.wait_until_complete()
+            await idle.wait_until_complete(raise_on_termination=False)
             assert elapsed_since(t0) == 260.0
             assert idle.status == SandboxStatus.TERMINATED
             assert "idle_timeout" in idle.status_reason
@@ -300,7 +300,8 @@ def test_a_sandbox_dying_mid_exec_fails_the_exec_with_sandbox_died_error(how):
                 await proc
             assert died.value.signal == signal.SIGKILL
             assert elapsed_since(t0) == {"kill_sandbox": 5.0, "kill": 3.0, "die_after": 7.0}[how]
-            await sb.wait_until_complete()
+            with pytest.raises(SandboxFailedError):
+                await sb.wait_until_complete()
             assert sb.status == SandboxStatus.FAILED
             assert "SIGKILL" in sb.status_reason
             with pytest.raises(SandboxFailedError):  # a dead sandbox is never used again
@@ -321,7 +322,8 @@ def test_wait_until_complete_follows_the_main_command():
             await good.wait_until_complete()
             assert elapsed_since(t0) == 300.0
             assert (good.status, good.returncode) == (SandboxStatus.COMPLETED, 0)
-            await bad.wait_until_complete()
+            with pytest.raises(SandboxFailedError):
+                await bad.wait_until_complete()
             assert (bad.status, bad.returncode) == (SandboxStatus.FAILED, 3)
         assert bytes(runtime.sandbox(good.sandbox_id).main_log) == b"done"
 
@@ -378,7 +380,9 @@ def test_a_sandbox_can_be_killed_from_the_test_thread_of_a_sync_session():
         with pytest.raises(SandboxDiedError):
             proc.result(timeout=10)
         assert time.perf_counter() - started < 5
-        assert sb.wait_until_complete().result(timeout=10).status == SandboxStatus.FAILED
+        with pytest.raises(SandboxFailedError):
+            sb.wait_until_complete().result(timeout=10)
+        assert sb.status == SandboxStatus.FAILED
 
 
 # -- remote functions ------------------------------------------------------------------------------------
@@ -504,7 +508,8 @@ async def _observe(runtime, kill) -> dict:
         kill(sb)
         with pytest.raises(SandboxDiedError) as died:
             await proc
-        await sb.wait_until_complete()
+        with pytest.raises(SandboxFailedError):
+            await sb.wait_until_complete()
         seen["died"] = (died.value.signal, died.value.exit_code, sb.status, sb.returncode, sb.status_reason)
         stopped = session.sandbox()
         proc = stopped.exec(["sleep", "30"])
@@ -514,7 +519,8 @@ async def _observe(runtime, kill) -> dict:
             await proc
         seen["stopped"] = (stopped.status, stopped.returncode, stopped.status_reason)
         main = session.sandbox(command="sh", args=["-c", "exit 3"])
-        await main.wait_until_complete()
+        with pytest.raises(SandboxFailedError):
+            await main.wait_until_complete()
         seen["main"] = (main.status, main.returncode, main.status_reason)
     return seen
 

@@ -43,8 +43,10 @@ def test_ledger_hands_out_distinct_gpu_indices():
     assert book.try_grant("c", Request(gpus=2)).gpus == (0, 1)
 
 
-def test_requests_that_can_never_fit_are_refused_at_once():
-    """4 cpus on a smaller machine, or a gpu where there is none: an error that names both sides."""
+def test_requests_that_can_never_fit_are_refused_at_once(monkeypatch):
+    """In strict mode 4 cpus on a smaller machine, and always a gpu where there is none: an error
+    that names both sides."""
+    monkeypatch.setenv(admission.ENV_STRICT_RESOURCES, "1")
     book = Ledger(Capacity(cpu=2, memory=1 << 30, gpus=()))
     with pytest.raises(SandboxResourceExhaustedError, match="4 cpus but the machine has 2"):
         book.try_grant("a", Request(cpu=4))
@@ -60,8 +62,9 @@ def test_gpu_inventory_from_the_fake_variable(monkeypatch):
     assert admission.gpu_inventory() == (1, 3)
 
 
-def test_a_sandbox_asking_for_more_cpus_than_the_machine_fails_clearly():
-    """resources cpu=1000 never starts: SandboxResourceExhaustedError, at once, no waiting."""
+def test_a_sandbox_asking_for_more_cpus_than_the_machine_fails_clearly(monkeypatch):
+    """In strict mode resources cpu=1000 never starts: SandboxResourceExhaustedError, at once."""
+    monkeypatch.setenv(admission.ENV_STRICT_RESOURCES, "1")
     with Session() as session:
         sb = session.sandbox(resources={"cpu": "1000"})
         started = time.monotonic()

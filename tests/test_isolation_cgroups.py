@@ -5,7 +5,7 @@ import os
 import pytest
 from service_helpers import wait_until
 
-from sandpool import SandboxDiedError, SandboxStatus, Session
+from sandpool import SandboxDiedError, SandboxFailedError, SandboxStatus, Session
 from sandpool._isolation import cgroups, probe
 
 pytestmark = pytest.mark.skipif(probe.unavailable("namespaces") is not None,
@@ -36,7 +36,8 @@ def test_a_memory_bomb_fails_the_sandbox_with_oomkilled(session, memory_limits_e
     proc = sb.exec(["python3", "-c", "b = [bytearray(1 << 20) for _ in range(1000)]; print('survived')"])
     with pytest.raises(SandboxDiedError, match="OOMKilled"):
         proc.result(timeout=30)
-    sb.wait_until_complete(timeout=10).result()
+    with pytest.raises(SandboxFailedError):
+        sb.wait_until_complete(timeout=10).result()
     assert sb.status == SandboxStatus.FAILED and sb.status_reason.startswith("OOMKilled")
 
 

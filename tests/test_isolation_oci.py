@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from sandpool import SandboxDiedError, SandboxStatus, Session
+from sandpool import SandboxDiedError, SandboxFailedError, SandboxStatus, Session
 from sandpool._isolation import probe
 
 pytestmark = pytest.mark.skipif(probe.unavailable("oci") is not None,
@@ -46,7 +46,8 @@ def test_memory_limit_kills_the_container_as_oomkilled(session):
     proc = sb.exec(["python3", "-c", "b = [bytearray(1 << 20) for _ in range(1000)]"])
     with pytest.raises(SandboxDiedError, match="OOMKilled"):
         proc.result(timeout=30)
-    sb.wait_until_complete(timeout=10).result()
+    with pytest.raises(SandboxFailedError):
+        sb.wait_until_complete(timeout=10).result()
     assert sb.status == SandboxStatus.FAILED
 
 

@@ -12,6 +12,7 @@ from sandpool import (
     Sandbox,
     SandboxDefaults,
     SandboxExecutionError,
+    SandboxFailedError,
     SandboxFileError,
     SandboxNotRunningError,
     SandboxStatus,
@@ -176,7 +177,8 @@ def test_main_command_exit_completes_or_fails_the_sandbox(session):
     ok = session.sandbox(command="sh", args=["-c", "sleep 0.2"])
     bad = session.sandbox(command="sh", args=["-c", "exit 4"])
     ok.wait_until_complete(timeout=10).result()
-    bad.wait_until_complete(timeout=10).result()
+    with pytest.raises(SandboxFailedError):  # as in cwsandbox: a failed sandbox raises
+        bad.wait_until_complete(timeout=10).result()
     assert ok.status == SandboxStatus.COMPLETED and ok.returncode == 0
     assert bad.status == SandboxStatus.FAILED and bad.returncode == 4
 
@@ -194,7 +196,7 @@ def test_max_lifetime_stops_the_sandbox_with_a_reason(session):
     """max_lifetime_seconds ends the sandbox on time and says why."""
     sb = session.sandbox(max_lifetime_seconds=0.5)
     sb.wait()
-    sb.wait_until_complete(timeout=10).result()
+    sb.wait_until_complete(timeout=10, raise_on_termination=False).result()
     assert sb.status == SandboxStatus.TERMINATED and "max_lifetime" in sb.status_reason
 
 

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from service_helpers import ServerProcess, run_client
 
-from sandpool import Sandbox, SandboxStatus, Session, _wire
+from sandpool import Sandbox, SandboxFailedError, SandboxStatus, Session, _wire
 from sandpool._service import messages as m
 
 
@@ -78,7 +78,7 @@ def test_found_handles_attach_on_first_use(server):
             "h.stop(graceful_shutdown_seconds=1).result()\n"
             "print(h.status.value)\n", env={"SANDPOOL_ADDRESS": server.address})
         assert result.stdout.split() == ["running", "True", "hi", "True", "terminated"], result.stderr
-        sb.wait_until_complete(timeout=10).result()
+        sb.wait_until_complete(timeout=10, raise_on_termination=False).result()
         assert sb.status == SandboxStatus.TERMINATED and sb.returncode == 143
 
 
@@ -87,7 +87,8 @@ def test_attaching_after_the_end_still_tells_how_it_ended(server):
     exit and the farewell, then the stream ends OK with the agent's exit report."""
     with Session(address=server.address) as s:
         sb = s.sandbox(command="sh", args=["-c", "exit 4"])
-        sb.wait_until_complete(timeout=10).result()
+        with pytest.raises(SandboxFailedError):
+            sb.wait_until_complete(timeout=10).result()
         assert sb.status == SandboxStatus.FAILED and sb.returncode == 4
         channel = grpc.insecure_channel(server.address)
         call = channel.stream_stream(m.path(m.ATTACH_METHOD))(
@@ -113,6 +114,6 @@ def test_a_found_handle_can_wait_for_the_end(server):
             f"h = sandpool.Sandbox.from_id({sb.sandbox_id!r}).result()\n"
             "assert h.status.value == 'running', h.status\n"
             "h.write_file('/tmp/go', b'').result()\n"
-            "h.wait_until_complete(timeout=20).result()\n"
+            "try:\n    h.wait_until_complete(timeout=20).result()\nexcept sandpool.SandboxFailedError:\n    pass\n"
             "print(h.status.value, h.returncode)\n", env={"SANDPOOL_ADDRESS": server.address})
         assert result.stdout.split() == ["failed", "3"], result.stderr

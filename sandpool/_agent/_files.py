@@ -167,6 +167,49 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def read_range(root: str, cwd: str, path: str, offset: int, length: int) -> bytes:
+    """Up to ``length`` bytes of regular file ``path`` at ``offset`` (b"" at its end): one chunk of
+    a streamed read, so no size limit applies to the file."""
+    host_path = confine(root, cwd, path)
+    try:
+        fd = os.open(host_path, os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode):
+                raise FileOpError(f"{path}: is a directory; read a file inside it", "CWSANDBOX_FILE_IS_DIRECTORY")
+            if not stat.S_ISREG(mode):
+                raise _not_regular(path, mode)
+            return os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise _translate(exc, path) from None
+
+
+def write_at(root: str, cwd: str, path: str, data: bytes, offset: int, mode: int = 0o644) -> None:
+    """Write ``data`` at ``offset`` of regular file ``path``: one chunk of a streamed write. Offset 0
+    creates the file (and its parent directories) or truncates it; a later chunk needs it to exist."""
+    host_path = confine(root, cwd, path)
+    try:
+        flags = os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK
+        if offset == 0:
+            os.makedirs(os.path.dirname(host_path), exist_ok=True)
+            flags |= os.O_CREAT | os.O_TRUNC
+        fd = os.open(host_path, flags, mode)
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise _not_regular(path, info.st_mode)
+            view = memoryview(data)
+            while view:
+                written = os.pwrite(fd, view, offset)
+                view, offset = view[written:], offset + written
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise _translate(exc, path) from None
+
+
 class FileWork:
     """File operations off the agent's loop: each runs in a thread of its own (at most
     ``MAX_THREADS`` at once, the rest wait their turn), so a slow disk, a FIFO read on request or a

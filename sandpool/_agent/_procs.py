@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import struct
 import subprocess
+import termios
 
 from .. import _wire
 from . import _linux
@@ -87,6 +90,40 @@ class ExecProcess:
         if self.pidfd is not None:
             os.close(self.pidfd)
             self.pidfd = None
+
+
+def set_window(fd: int, cols: int, rows: int) -> None:
+    """Set the size of the terminal whose master is ``fd`` (its foreground group gets SIGWINCH)."""
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _take_terminal() -> None:
+    # In the child, after setsid (start_new_session): make the pty on fd 0 its controlling
+    # terminal, so job control, ^C and SIGWINCH reach the foreground process group.
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def spawn_tty(req_id: int, argv: list[str], cwd: str, env: dict[str, str], cols: int, rows: int) -> ExecProcess:
+    """Start ``argv`` on a new pseudo-terminal of ``cols`` x ``rows``: its stdin, stdout and stderr
+    are the terminal, whose output comes back as stdout (fd 1) and whose input is the stdin pipe.
+    Costs a full fork (a ``preexec_fn``), which only interactive terminals pay. OSError if it cannot start."""
+    master, slave = os.openpty()
+    try:
+        set_window(master, cols, rows)
+        popen = subprocess.Popen(argv, cwd=cwd, env={"TERM": "xterm-256color", **env}, stdin=slave,
+                                 stdout=slave, stderr=slave, start_new_session=True, close_fds=True,
+                                 preexec_fn=_take_terminal)
+        writer = os.dup(master)
+    except BaseException:
+        os.close(master)
+        raise
+    finally:
+        os.close(slave)
+    try:
+        pidfd = os.pidfd_open(popen.pid)
+    except (AttributeError, OSError):
+        pidfd = None
+    return ExecProcess(req_id, popen, pidfd, {master: 1}, writer)
 
 
 def spawn(req_id: int, argv: list[str], cwd: str, env: dict[str, str], stdin: bool,

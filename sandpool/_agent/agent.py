@@ -208,7 +208,10 @@ class Agent:
         try:
             if frame.get("cwd"):
                 cwd = _files.confine(self.root, self.cwd, frame["cwd"])
-            proc = _procs.spawn(req_id, [str(a) for a in argv], cwd, env, stdin=bool(frame.get("stdin")))
+            if frame.get("tty"):  # an interactive terminal (Sandbox.shell)
+                proc = _procs.spawn_tty(req_id, [str(a) for a in argv], cwd, env, *frame["tty"])
+            else:
+                proc = _procs.spawn(req_id, [str(a) for a in argv], cwd, env, stdin=bool(frame.get("stdin")))
         except (OSError, _files.FileOpError) as exc:
             code = 126 if isinstance(exc, PermissionError) else 127
             message = getattr(exc, "strerror", None) or str(exc)
@@ -262,6 +265,14 @@ class Agent:
             proc.paused = False
             for fd in proc.readers:
                 self.sel.register(fd, selectors.EVENT_READ, ("out", proc))
+
+    def _on_resize(self, frame: dict) -> None:
+        proc = self.procs.get(frame["id"])
+        if proc is not None and proc.stdin_fd is not None and proc.status is None:
+            try:
+                _procs.set_window(proc.stdin_fd, frame["cols"], frame["rows"])
+            except OSError:
+                pass  # not a terminal (a plain exec), or it is closing: nothing to resize
 
     def _on_stdin(self, frame: dict) -> None:
         proc = self.procs.get(frame["id"])
@@ -342,11 +353,19 @@ class Agent:
 
     def _on_read_file(self, frame: dict) -> None:
         root, cwd, path, special = self.root, self.cwd, frame["path"], bool(frame.get("special"))
+        if "offset" in frame:  # one chunk of a streamed read
+            offset, length = frame["offset"], frame.get("length", MAX_FILE_BYTES)
+            self.files.submit(frame["id"], path, lambda: _files.read_range(root, cwd, path, offset, length))
+            return
         self.files.submit(frame["id"], path, lambda: _files.read_file(root, cwd, path, MAX_FILE_BYTES, special))
 
     def _on_write_file(self, frame: dict) -> None:
         root, cwd, path, data = self.root, self.cwd, frame["path"], frame["data"]
         mode, special = frame.get("mode", 0o644), bool(frame.get("special"))
+        if "offset" in frame:  # one chunk of a streamed write
+            offset = frame["offset"]
+            self.files.submit(frame["id"], path, lambda: _files.write_at(root, cwd, path, data, offset, mode))
+            return
         self.files.submit(frame["id"], path, lambda: _files.write_file(root, cwd, path, data, mode, MAX_FILE_BYTES,
                                                                         special))
 

@@ -1,8 +1,9 @@
 """Admission by requests: never start more sandboxes than the machine has cpus, memory and gpus for.
 
-Plain sync decisions over plain data (the runtime does the waiting). A request that can never fit
-(4 cpus on a 2-cpu machine, a gpu where there is none) is refused at once; one that fits the machine
-but not what is free now waits. Sandboxes without requests take nothing. GPUs are device indices:
+Plain sync decisions over plain data (the runtime does the waiting). cpu and memory requests above
+the whole machine (4 cpus on a 2-cpu machine) are scaled down to it with one warning, or refused
+with ``$SANDPOOL_STRICT_RESOURCES=1``; a gpu where there is none is refused at once; a request that
+fits the machine but not what is free now waits. Sandboxes without requests take nothing. GPUs are device indices:
 a grant names which ones, and the sandbox sees them as ``CUDA_VISIBLE_DEVICES``.
 
 The gpu inventory is ``$SANDPOOL_FAKE_GPUS`` when set (a count, "4", or indices, "0,2"), else what
@@ -15,10 +16,14 @@ import dataclasses
 import os
 import shutil
 import subprocess
+import warnings
 
 from .._errors import SandboxResourceExhaustedError
 
 ENV_FAKE_GPUS = "SANDPOOL_FAKE_GPUS"
+#: "1": a cpu or memory request larger than the machine is refused instead of scaled down to it.
+ENV_STRICT_RESOURCES = "SANDPOOL_STRICT_RESOURCES"
+_warned: set[tuple[float, int]] = set()  # requests already warned about being scaled down (once each)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,19 +117,27 @@ class Ledger:
         return (f"<Ledger cpu={cpu:g}/{self.capacity.cpu:g} memory={_gib(memory)}/{_gib(self.capacity.memory)} "
                 f"gpus={len(gpus)}/{len(self.capacity.gpus)} sandboxes={len(self.grants)}>")
 
+    def used(self) -> tuple[float, int, set[int]]:
+        """Cores, bytes and gpu indices granted now."""
+        return self._used()
+
     def _used(self) -> tuple[float, int, set[int]]:
         cpu = sum(g.request.cpu for g in self.grants.values())
         memory = sum(g.request.memory for g in self.grants.values())
         gpus = {i for g in self.grants.values() for i in g.gpus}
         return cpu, memory, gpus
 
-    def check(self, request: Request) -> None:
-        """Raise SandboxResourceExhaustedError when ``request`` exceeds the whole machine."""
+    def check(self, request: Request) -> Request:
+        """The request as it is admitted: cpu and memory above the whole machine scaled down to it
+        (one warning per distinct request), unless ``$SANDPOOL_STRICT_RESOURCES=1``. Raises
+        SandboxResourceExhaustedError for gpus the machine lacks, and in strict mode for the rest."""
         cap = self.capacity
         problems = []
-        if request.cpu > cap.cpu:
+        strict = os.environ.get(ENV_STRICT_RESOURCES, "") == "1"
+        big_cpu, big_memory = request.cpu > cap.cpu, bool(cap.memory) and request.memory > cap.memory
+        if strict and big_cpu:
             problems.append(f"{request.cpu:g} cpus but the machine has {cap.cpu:g}")
-        if cap.memory and request.memory > cap.memory:
+        if strict and big_memory:
             problems.append(f"{_gib(request.memory)} of memory but the machine has {_gib(cap.memory)}")
         if request.gpus > len(cap.gpus):
             have = f"{len(cap.gpus)}" if cap.gpus else f"none (set {ENV_FAKE_GPUS}=N to fake some for tests)"
@@ -132,12 +145,31 @@ class Ledger:
         if problems:
             raise SandboxResourceExhaustedError(
                 "the sandbox can never start here: it requests " + "; ".join(problems)
-                + "; lower resources (requests default to the limits) or use a bigger machine",
+                + "; lower resources (requests default to the limits) or use a bigger machine"
+                + (f" (or unset {ENV_STRICT_RESOURCES} to scale cpu and memory down)" if strict else ""),
                 reason="InsufficientResources")
+        if big_cpu or big_memory:
+            return self._scaled(request, big_cpu, big_memory)
+        return request
+
+    def _scaled(self, request: Request, big_cpu: bool, big_memory: bool) -> Request:
+        cap = self.capacity
+        fitted = dataclasses.replace(request, cpu=min(request.cpu, cap.cpu),
+                                     memory=min(request.memory, cap.memory) if cap.memory else request.memory)
+        if (request.cpu, request.memory) not in _warned:
+            _warned.add((request.cpu, request.memory))
+            asked = ", ".join(x for x in (f"{request.cpu:g} cpus" if big_cpu else "",
+                                          f"{_gib(request.memory)} of memory" if big_memory else "") if x)
+            warnings.warn(f"a sandbox requests {asked} but this machine has {cap.cpu:g} cpus and "
+                          f"{_gib(cap.memory)}; it runs scaled down to {fitted.cpu:g} cpus and "
+                          f"{_gib(fitted.memory)} (set {ENV_STRICT_RESOURCES}=1 to refuse instead)",
+                          UserWarning, stacklevel=2)
+        return fitted
 
     def try_grant(self, key: str, request: Request) -> Grant | None:
-        """Reserve ``request`` for ``key`` if it fits what is free now; None means wait and retry."""
-        self.check(request)
+        """Reserve ``request`` for ``key`` if it fits what is free now (scaled by ``check``); None
+        means wait and retry."""
+        request = self.check(request)
         if not request:
             grant = Grant(request)
             self.grants[key] = grant

@@ -14,7 +14,8 @@ from .._errors import ProtocolError
 from . import limits
 
 ID_BITS = 32
-CLIENT_KINDS = frozenset({"exec", "stdin", "credit", "signal", "read_file", "write_file", "call", "cancel", "ping"})
+CLIENT_KINDS = frozenset({"exec", "stdin", "credit", "signal", "resize", "read_file", "write_file", "call", "cancel",
+                          "ping"})
 #: kind -> {optional field: accepted types}
 _OPTIONAL: dict[str, dict[str, tuple[type, ...]]] = {
     "exec": {"cwd": (str,), "env": (dict,), "stdin": (bool,)},

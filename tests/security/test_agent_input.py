@@ -18,6 +18,7 @@ from sandpool import (
     ProtocolError,
     SandboxDefaults,
     SandboxError,
+    SandboxFailedError,
     SandboxFileError,
     SandboxNotRunningError,
     SandboxStatus,
@@ -199,7 +200,8 @@ def test_stdin_of_a_process_in_a_dead_sandbox_fails_at_once_with_its_reason(sess
     proc = sb.exec(["cat"], stdin=True)
     proc.stdin.write(b"first\n").result(timeout=30)
     os.kill(sb._record.agent_pid, signal.SIGKILL)
-    sb.wait_until_complete(timeout=30).result()
+    with pytest.raises(SandboxFailedError):
+        sb.wait_until_complete(timeout=30).result()
     assert sb.status == SandboxStatus.FAILED
     started = time.monotonic()
     with pytest.raises(SandboxError) as info:

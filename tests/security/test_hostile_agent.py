@@ -23,6 +23,7 @@ import trio
 import sandpool
 from sandpool import (
     SandboxDefaults,
+    SandboxFailedError,
     SandboxStatus,
     SandboxTimeoutError,
     SandpoolError,
@@ -217,7 +218,8 @@ def bystander_running(session):
 
 
 def fails_only_itself(sb, words: str, started: float) -> None:
-    sb.wait_until_complete(timeout=60).result()
+    with pytest.raises(SandboxFailedError):
+        sb.wait_until_complete(timeout=60).result()
     assert sb.status == SandboxStatus.FAILED, sb.status
     assert "protocol error" in sb.status_reason and words in sb.status_reason, sb.status_reason
     assert time.monotonic() - started < 30
