@@ -218,3 +218,65 @@ def test_worker_survives_a_steal_that_takes_every_pending_call():
         ours.close()
         theirs.close()
     assert [(a["t"], a["id"], a["kind"]) for a in answers] == [("error", 7, "lost")]
+
+
+
+def wait_readable(fd, secs):
+    import select
+
+    return bool(select.select([fd], [], [], secs)[0])
+
+
+def test_a_direct_worker_gives_back_a_call_whose_steal_came_before_the_call_was_read():
+    """Direct mode: a steal comes on the agent's socket, its call on the client's; a worker slow to
+    wake reads the steal first (it once forgot it then: the pool's stall under load, calls marked
+    for stealing, never given back, waiting out the long call ahead of them). Call 1 waits (up to
+    30 s) for the test's reader to see call 2 given back: True only if it came back meanwhile."""
+    import signal
+    import socket
+    import threading
+
+    from sandpool import _wire
+    from sandpool._agent import _plain
+    from sandpool._agent._worker import Worker
+
+    client, client_theirs = socket.socketpair()
+    agent, agent_theirs = socket.socketpair()
+    given_back_r, given_back_w = os.pipe()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGALRM)}
+    answers: list[dict] = []
+
+    def read_answers():  # the client: note the answers, then end the worker (EOF) once both came
+        buf = _wire.FrameBuffer()
+        while len(answers) < 2:
+            data = client.recv(1 << 16)
+            if not data:
+                return
+            for frame in buf.feed(data):
+                answers.append(frame)
+                if frame["id"] == 2:
+                    os.write(given_back_w, b"x")
+        client.shutdown(socket.SHUT_WR)
+
+    def call(call_id, fn, secs):
+        return _wire.encode({"t": "call", "id": call_id, "fn_key": b"w", "fn": fn,
+                             "args": cloudpickle.dumps(((given_back_r, secs), {}))})
+
+    reader = threading.Thread(target=read_answers)
+    try:
+        agent.sendall(_wire.encode({"t": "cancel", "id": 2, "call": True, "steal": True}))
+        client.sendall(call(1, cloudpickle.dumps(wait_readable), 30.0) + call(2, b"", 0.0))
+        worker = Worker(agent_theirs, cloudpickle, "/", client_theirs)
+        worker.signalled = True  # as the agent's SIGINT after the steal frame leaves it
+        reader.start()
+        worker.run()  # returns at the client's EOF
+        reader.join()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        for sock in (client, client_theirs, agent, agent_theirs):
+            sock.close()
+        os.close(given_back_r)
+        os.close(given_back_w)
+    assert [(a["t"], a["id"], a.get("kind")) for a in answers] == [("error", 2, "lost"), ("result", 1, None)]
+    assert _plain.decode(answers[1]["data"]) is True
