@@ -77,6 +77,23 @@ def test_cancelled_in_flight_call_never_writes_its_marker():
         assert wait_until(lambda: s.statistics().calls_cancelled == 1), s.statistics()
 
 
+
+def test_a_cancel_reaches_a_call_while_a_large_call_behind_it_waits_to_be_sent():
+    """A call queued behind a running one whose frame the worker's connection cannot take (its
+    worker reads no calls while one runs) does not hold up the cancel of the running call: the
+    cancel goes to the agent at once, the worker is interrupted, then reads and runs the next call
+    (the cancel once waited for that frame to be written, so for the running call to end)."""
+    with Session() as s:
+        write, size = one_sandbox(s, write_later, len)
+        first = write.remote("/tmp/first", SLEEP)
+        assert wait_until(lambda: s.statistics().calls_running == 1)
+        behind = size.remote(b"x" * 400_000)  # inline (below the file threshold), above the socket's buffer
+        assert wait_until(lambda: s.statistics().calls_running == 2)
+        assert first.cancel()
+        assert behind.result(timeout=30) == 400_000
+        with pytest.raises(OperationCancelled):
+            first.result()
+
 def test_leaving_a_trio_cancel_scope_interrupts_the_remote_call():
     """A move_on_after around 'await f.remote(...)' interrupts the call in the sandbox."""
     async def main():
