@@ -3,10 +3,14 @@
 Unlike FrameChannel it can send synchronously: ``send_now`` writes what the socket takes at once
 and keeps the rest for ``flush``, so a lone call leaves in the same step of the trio loop that
 scheduled it. One task reads (``receive_batch``); sends happen in the loop's thread only.
+
+The worker reads no calls while one of its calls runs, so what it has not taken may wait here for
+as long: a frame not begun yet can be taken back (``take_back``), to run elsewhere or not at all.
 """
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import socket
@@ -24,6 +28,7 @@ class DirectChannel:
         self.sock = sock
         self._decoder = _wire.FrameBuffer()
         self._pending = bytearray()  # encoded frames the socket has not taken yet
+        self._frames: collections.deque[list[int]] = collections.deque()  # [id, size, unsent] of each, in order
         self.closed = False
 
     @classmethod
@@ -54,26 +59,58 @@ class DirectChannel:
 
     @property
     def idle(self) -> bool:
-        """Nothing waits to be written."""
-        return not self._pending
+        """Nothing waits to be written (or nothing will be: the connection is closed)."""
+        return not self._pending or self.closed
 
     def send_now(self, frames: list[dict]) -> None:
         """Queue frames and write what the socket takes now (never blocks; ``flush`` sends the rest)."""
         if self.closed:
             raise SandboxNotRunningError("the connection to the sandbox's call worker is closed")
-        data = b"".join(_wire.encode(f) for f in frames)
-        if self._pending:
-            self._pending += data
-            return
-        try:
-            sent = self.sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            self.closed = True
-            raise SandboxNotRunningError(f"the call worker's connection broke: {exc!r}") from exc
+        encoded = [_wire.encode(f) for f in frames]
+        data = b"".join(encoded)
+        sent = 0
+        if not self._pending:
+            try:
+                sent = self.sock.send(data)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                self.closed = True
+                raise SandboxNotRunningError(f"the call worker's connection broke: {exc!r}") from exc
         if sent < len(data):
             self._pending += data[sent:]
+            for frame, chunk in zip(frames, encoded):  # the ones not wholly sent, for take_back
+                if sent < len(chunk):
+                    self._frames.append([frame["id"], len(chunk), len(chunk) - sent])
+                sent = max(0, sent - len(chunk))
+
+    def held(self) -> set[int]:
+        """The ids of the frames of which some waits here to be sent (none once closed)."""
+        return set() if self.closed else {fid for fid, _, _ in self._frames}
+
+    def take_back(self, frame_id: int) -> bool:
+        """Remove the frame ``frame_id`` if none of it was sent yet; False if it was, or is unknown,
+        or the connection is closed (the worker's end then settles its calls)."""
+        if self.closed:
+            return False
+        offset = 0
+        for index, (fid, size, unsent) in enumerate(self._frames):
+            if fid == frame_id and unsent == size:
+                del self._pending[offset:offset + size]
+                del self._frames[index]
+                return True
+            offset += unsent
+        return False
+
+    def _sent(self, count: int) -> None:
+        del self._pending[:count]
+        while count and self._frames:
+            head = self._frames[0]
+            taken = min(count, head[2])
+            head[2] -= taken
+            count -= taken
+            if not head[2]:
+                self._frames.popleft()
 
     async def flush(self) -> None:
         """Write everything still queued (waiting while the worker does not read)."""
@@ -86,7 +123,7 @@ class DirectChannel:
             except OSError as exc:
                 self.closed = True
                 raise SandboxNotRunningError(f"the call worker's connection broke: {exc!r}") from exc
-            del self._pending[:sent]
+            self._sent(sent)
 
     async def receive_batch(self) -> list[dict] | None:
         """The frames available now (at least one), or None at EOF. ProtocolError if malformed."""

@@ -143,7 +143,7 @@ class Pool:
         if slot.bulk_dir is not None:
             frame["bulk"] = _bulk.SANDBOX_DIR  # a large result may come back as a file there
             if call.size >= _bulk.BULK_BYTES:
-                path = _bulk.put_args(slot.bulk_dir, f".sandpool-a-{call.req_id}", call.args)
+                path = _bulk.put_args(slot.bulk_dir, _slot.args_file(call.req_id), call.args)
                 if path is not None:
                     frame["args"], frame["args_path"] = b"", path
         if isinstance(frame["args"], list):  # large, but no file: one frame after all
@@ -343,17 +343,27 @@ class Pool:
 
     def _steal(self) -> None:
         """With nothing queued and a sandbox idle, take back calls that wait behind a stalled one
-        (a call much longer than its function's usual); they come back "lost" and run here."""
+        (a call much longer than its function's usual): those still here at once, those sent by
+        asking the sandbox, which gives them back ("lost") if they have not started; they run on
+        the idle sandbox."""
         if self.queue or self.closed or not self.reuse or all(len(s.inflight) < 2 for s in self.slots):
             return  # (the last test: nobody holds a call waiting behind another, the usual case)
         ready = [s for s in self.slots if s.state == "ready"]
         views = [(not s.inflight, _waiting(s), s.progress_at) for s in ready]
+        taken = False
         for index, count in choose_steals(views, time.monotonic()).items():
             victim = ready[index]
-            for call in [c for c in victim.inflight.values() if c.sent and not c.stealing][1:][-count:]:
-                call.stealing = True
-                victim.outbox.append(_slot.cancel_frame(victim, call.req_id, steal=True))
+            for call in [c for c in victim.inflight.values() if not c.stealing][1:][-count:]:
+                if _slot.unsend(victim, call.req_id):  # still here (the worker may not read for long)
+                    self._release(victim, call)
+                    self._requeue(call, charge=False)
+                    taken = True
+                elif _slot.left(victim, call.req_id):  # the worker gives it back if it has not started
+                    call.stealing = True
+                    victim.outbox.append(_slot.cancel_frame(victim, call.req_id, steal=True))
             victim.wake.set()
+        if taken:
+            self._schedule()
         if not self.steal_timer and any(idle for idle, _, _ in views) and any(w for _, w, _ in views):
             self.steal_timer = True  # someone may stall later: look again then
             self.session._ensure_open().nursery.start_soon(self._steal_later)
@@ -390,5 +400,5 @@ class Pool:
 
 
 def _waiting(slot: Slot) -> int:
-    """Calls sent to the slot that wait behind its running one, not already being taken back."""
-    return max(0, sum(1 for c in slot.inflight.values() if c.sent and not c.stealing) - 1)
+    """Calls the slot holds behind its running one, not already being taken back."""
+    return max(0, sum(1 for c in slot.inflight.values() if not c.stealing) - 1)

@@ -50,6 +50,7 @@ class Slot:
     bulk_dir: str | None = None  # where this process sees the sandbox's /tmp (see _bulk)
     direct: DirectChannel | None = None  # the connection straight to the worker, if any
     worker: _WorkerHandle | None = None
+    leaving: list[int] = field(default_factory=list)  # direct: calls handed to the connection, not all sent
     progress_at: float = 0.0  # when it last answered, or took a call while idle (time.monotonic)
 
     def _on_frame(self, frame: dict) -> int:  # the sandbox's reader routes relayed answers here
@@ -99,7 +100,8 @@ async def run_slot(pool: Pool, slot: Slot, nursery: trio.Nursery) -> None:
     await _connect(slot, nursery)
     pool._ready(slot)
     while slot.state not in ("dead", "retiring"):
-        await slot.wake.wait()
+        if not slot.outbox and (slot.direct is None or slot.direct.idle):
+            await slot.wake.wait()
         slot.wake = trio.Event()
         if slot.state == "reconnecting":
             await _connect(slot, nursery)
@@ -107,25 +109,75 @@ async def run_slot(pool: Pool, slot: Slot, nursery: trio.Nursery) -> None:
             continue
         frames, slot.outbox = slot.outbox, []
         calls = [f for f in frames if f["t"] == "call"]
-        others = [f for f in frames if f["t"] != "call"]
+        others = [f for f in frames if f["t"] != "call"]  # cancels and steals, always to the agent
         try:
-            if calls and slot.direct is not None:
-                slot.direct.send_now(calls)
             if slot.direct is not None:
-                await slot.direct.flush()
-            elif calls:
-                await sandbox._send_many(calls)
+                await _send_direct(slot, slot.direct, calls, others)
+                continue
             if calls:
-                for frame in calls:
-                    call = slot.inflight.get(frame["id"])
-                    if call is not None:
-                        call.sent = True
-            if others:  # cancels, always to the agent: sent only for calls already sent
+                await sandbox._send_many(calls)
+                _mark_sent(slot, [f["id"] for f in calls])
+            if others:  # after their calls, on the same connection
                 await sandbox._send_many(others)
         except (SandboxNotRunningError, ProtocolError):
             # the worker's connection broke: its exit (or the sandbox's end) resubmits the calls;
             # or the agent's connection broke: the sandbox's reader reports the end to the pool
             continue
+
+
+async def _send_direct(slot: Slot, direct: DirectChannel, calls: list[dict], others: list[dict]) -> None:
+    """Hand calls to the worker's connection, send the cancels and steals of calls that left, and
+    write until the connection is drained or the pool wakes the slot again.
+
+    The worker reads no calls while one of its calls runs, so the writing may wait that long; a
+    cancel or steal to send then may be what lets the worker read again (its SIGINT handler does).
+    A cancel of a call that has not wholly left waits in the outbox: the agent would kill the
+    worker for not answering a cancel of a call it cannot read yet."""
+    if calls:
+        direct.send_now(calls)
+        slot.leaving += [f["id"] for f in calls]
+    ready = [f for f in others if left(slot, f["id"])]
+    if len(ready) < len(others):
+        slot.outbox[:0] = [f for f in others if not left(slot, f["id"])]
+    if ready:
+        await slot.sandbox._send_many(ready)
+    if not direct.idle:
+        error = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_when_set, slot.wake, nursery.cancel_scope)
+            try:
+                await direct.flush()
+            except SandboxNotRunningError as exc:  # raised below, not as an exception group
+                error = exc
+            nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
+    held = direct.held()
+    _mark_sent(slot, [i for i in slot.leaving if i not in held])
+    slot.leaving = [i for i in slot.leaving if i in held]
+
+
+async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
+def _mark_sent(slot: Slot, req_ids: list[int]) -> None:
+    for req_id in req_ids:
+        call = slot.inflight.get(req_id)
+        if call is not None:
+            call.sent = True
+
+
+def left(slot: Slot, req_id: int) -> bool:
+    """Whether the frame of the slot's call ``req_id`` has wholly left for its worker (or the call
+    is over): sent, or, direct, in neither the outbox nor the part of the connection not sent yet
+    (the slot's task hands the connection what it takes from the outbox in the same step)."""
+    call = slot.inflight.get(req_id)
+    if call is None or call.sent:
+        return True
+    return (slot.direct is not None and req_id not in slot.direct.held()
+            and all(f.get("id") != req_id for f in slot.outbox if f["t"] == "call"))
 
 
 async def _connect(slot: Slot, nursery: trio.Nursery) -> None:
@@ -195,15 +247,24 @@ async def _read_direct(slot: Slot, channel: DirectChannel, handle: _WorkerHandle
         pool._worker_gone(slot, handle.exit)
 
 
+def args_file(req_id: int) -> str:
+    """The name of the file in the sandbox's /tmp that carries a large argument of call ``req_id``."""
+    return f".sandpool-a-{req_id}"
+
+
 def unsend(slot: Slot, req_id: int) -> bool:
-    """Take a call's frame back out of the outbox (removing its bulk file); False if the sender
-    has it already (being sent counts as sent: the call must then be cancelled remotely)."""
+    """Take a call's frame back, out of the outbox or out of what the worker's connection has not
+    begun to send (removing its bulk file); False if any of it left (the call must then be
+    cancelled remotely)."""
     for index, frame in enumerate(slot.outbox):
         if frame.get("id") == req_id and frame["t"] == "call":
             if frame.get("args_path"):
                 _bulk.discard(slot.bulk_dir, frame["args_path"])
             del slot.outbox[index]
             return True
+    if slot.direct is not None and slot.direct.take_back(req_id):
+        _bulk.discard(slot.bulk_dir, args_file(req_id))  # if it had one
+        return True
     return False
 
 

@@ -8,15 +8,16 @@ import time
 from service_helpers import wait_until
 
 
-def assert_quick_calls_are_stolen(session, nap) -> None:
-    """Run ``nap(600)`` and thirty ``nap(0)`` on a warm two-sandbox pool: the short calls pipelined
-    behind the long one must be taken back and run on the idle sandbox while the long one still runs.
+def assert_quick_calls_are_stolen(session, nap, *extra) -> None:
+    """Run ``nap(600)`` and thirty ``nap(0, *extra)`` on a warm two-sandbox pool: the short calls
+    pipelined behind the long one must be taken back and run on the idle sandbox while the long one
+    still runs.
 
     A call already handed to the busy worker in the same batch as the long one cannot be taken back
     (a few at most); without stealing about half of them would wait out the long call's 600 s. No
     clock decides: only whether they ran while it still runs (the 60 s bound is for a hang).
     """
-    long, *quick = nap.map([(600,)] + [(0,)] * 30)
+    long, *quick = nap.map([(600,)] + [(0, *extra)] * 30)
     assert wait_until(lambda: sum(r.done() for r in quick) >= 27, timeout=60), (
         [r.done() for r in quick], pool_state(session))
     assert not long.done()

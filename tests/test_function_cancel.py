@@ -77,6 +77,23 @@ def test_cancelled_in_flight_call_never_writes_its_marker():
         assert wait_until(lambda: s.statistics().calls_cancelled == 1), s.statistics()
 
 
+
+def test_a_cancel_reaches_a_call_while_a_large_call_behind_it_waits_to_be_sent():
+    """A call queued behind a running one whose frame the worker's connection cannot take (its
+    worker reads no calls while one runs) does not hold up the cancel of the running call: the
+    cancel goes to the agent at once, the worker is interrupted, then reads and runs the next call
+    (the cancel once waited for that frame to be written, so for the running call to end)."""
+    with Session() as s:
+        write, size = one_sandbox(s, write_later, len)
+        first = write.remote("/tmp/first", SLEEP)
+        assert wait_until(lambda: s.statistics().calls_running == 1)
+        behind = size.remote(b"x" * 400_000)  # inline (below the file threshold), above the socket's buffer
+        assert wait_until(lambda: s.statistics().calls_running == 2)
+        assert first.cancel()
+        assert behind.result(timeout=30) == 400_000
+        with pytest.raises(OperationCancelled):
+            first.result()
+
 def test_leaving_a_trio_cancel_scope_interrupts_the_remote_call():
     """A move_on_after around 'await f.remote(...)' interrupts the call in the sandbox."""
     async def main():
@@ -218,3 +235,130 @@ def test_worker_survives_a_steal_that_takes_every_pending_call():
         ours.close()
         theirs.close()
     assert [(a["t"], a["id"], a["kind"]) for a in answers] == [("error", 7, "lost")]
+
+
+
+
+def wait_readable(fd, secs):
+    import select
+
+    return bool(select.select([fd], [], [], secs)[0])
+
+
+def send_then_interrupt_self(client_fd, calls, agent_fd, steals, given_back_fd, secs):
+    import signal
+
+    os.write(client_fd, calls)
+    os.write(agent_fd, steals)
+    signal.raise_signal(signal.SIGINT)  # as the agent does after its steal frames
+    return wait_readable(given_back_fd, secs)
+
+
+def _call(call_id, fn, *args):
+    from sandpool import _wire
+
+    return _wire.encode({"t": "call", "id": call_id, "fn_key": fn.__name__.encode(),
+                         "fn": cloudpickle.dumps(fn), "args": cloudpickle.dumps((args, {}))})
+
+
+def _steals(*call_ids):
+    from sandpool import _wire
+
+    return b"".join(_wire.encode({"t": "cancel", "id": i, "call": True, "steal": True}) for i in call_ids)
+
+
+def _serve_direct(prepare, count, given_back):
+    """Run a direct-mode call worker in this thread after ``prepare(worker, client, agent)`` (the
+    test's ends of its two sockets) until ``count`` answers came; a thread reads them and writes to
+    the pipe ``given_back`` once every call answered "lost" so far is all it will get back. Returns
+    (type, id, kind, data) of each answer, in order."""
+    import signal
+    import socket
+    import threading
+
+    from sandpool import _wire
+    from sandpool._agent._worker import Worker
+
+    client, client_theirs = socket.socketpair()
+    agent, agent_theirs = socket.socketpair()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGALRM)}
+    answers: list[dict] = []
+
+    def read_answers(buf=_wire.FrameBuffer()):
+        while len(answers) < count and (data := client.recv(1 << 16)):
+            answers.extend(buf.feed(data))
+            if sum(a.get("kind") == "lost" for a in answers) == count - 1:
+                os.write(given_back, b"x")
+        client.shutdown(socket.SHUT_WR)  # the worker returns at this EOF
+
+    reader = threading.Thread(target=read_answers)
+    try:
+        worker = Worker(agent_theirs, cloudpickle, "/", client_theirs)
+        prepare(worker, client, agent)
+        reader.start()
+        worker.run()
+        reader.join()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        for sock in (client, client_theirs, agent, agent_theirs):
+            sock.close()
+    return [(a["t"], a["id"], a.get("kind"), a.get("data")) for a in answers]
+
+
+def test_a_direct_worker_gives_back_a_call_whose_steal_came_before_the_call_was_read():
+    """Direct mode: a steal comes on the agent's socket, its call on the client's; a worker slow to
+    wake reads the steal first (it once forgot it then: calls marked for stealing, never given
+    back, waited out the long call ahead of them). Call 1 waits (up to 30 s) until call 2 is given
+    back: it returns True only if that happened while it ran."""
+    from sandpool._agent import _plain
+
+    given_back_r, given_back_w = os.pipe()
+
+    def prepare(worker, client, agent):
+        agent.sendall(_steals(2))
+        client.sendall(_call(1, wait_readable, given_back_r, 30.0) + _call(2, wait_readable, given_back_r, 0))
+        worker.signalled = True  # as the agent's SIGINT after the steal frame leaves it
+
+    try:
+        answers = _serve_direct(prepare, 2, given_back_w)
+    finally:
+        os.close(given_back_r)
+        os.close(given_back_w)
+    assert answers == [("error", 2, "lost", None), ("result", 1, None, _plain.encode(True))]
+
+
+def test_a_sigint_during_the_steal_handler_loses_no_steal():
+    """A second SIGINT (one comes per stolen call) arriving while the handler of the first has read
+    the new calls but not yet decoded them is served after it, not inside it (run inside, it once
+    took the steals before those calls, forgot them, and the calls stayed behind the running one).
+    Call 1 sends calls 2 and 3 and their steals, signals itself as the agent does, then waits
+    (up to 30 s) until both are given back."""
+    import signal
+
+    from sandpool._agent import _plain
+
+    given_back_r, given_back_w = os.pipe()
+    nested = []
+
+    def prepare(worker, client, agent):
+        feed = worker.buf.feed
+
+        def feed_after_a_second_sigint(data):  # the calls are read, not yet decoded
+            if worker.in_user and not nested:
+                nested.append(True)
+                worker._on_sigint(signal.SIGINT, None)
+            return feed(data)
+
+        worker.buf.feed = feed_after_a_second_sigint
+        calls = _call(2, wait_readable, given_back_r, 0) + _call(3, wait_readable, given_back_r, 0)
+        client.sendall(_call(1, send_then_interrupt_self, client.fileno(), calls, agent.fileno(), _steals(3, 2),
+                             given_back_r, 30.0))
+
+    try:
+        answers = _serve_direct(prepare, 3, given_back_w)
+    finally:
+        os.close(given_back_r)
+        os.close(given_back_w)
+    assert nested, "the second SIGINT was never injected"
+    assert answers == [("error", 2, "lost", None), ("error", 3, "lost", None), ("result", 1, None, _plain.encode(True))]

@@ -159,6 +159,21 @@ def test_an_idle_sandbox_takes_over_calls_stuck_behind_a_long_one():
         assert_quick_calls_are_stolen(s, nap)
 
 
+def test_an_idle_sandbox_takes_over_large_calls_whose_frames_wait_behind_a_long_one():
+    """Work stealing when the calls behind the long one are large (inline, 100 kB each): the stalled
+    worker reads no calls while one runs, so its connection holds what its socket cannot take;
+    those not begun are taken back at once, the others by asking the worker (they were once never
+    taken back: a call counted as sent only once all of them were written)."""
+    with Session() as s:
+        @s.function(max_concurrency=2)
+        def nap(secs, blob=b""):
+            time.sleep(secs)
+            return secs
+
+        assert sum(r.result() for r in nap.map([(0,)] * 40)) == 0  # warm: the function looks short
+        assert_quick_calls_are_stolen(s, nap, b"x" * 100_000)
+
+
 @pytest.mark.slow
 def test_a_100_mb_argument_round_trips():
     """Arguments (and results) of 100 MB work."""

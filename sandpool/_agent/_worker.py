@@ -13,9 +13,14 @@ forwards ``cancel`` frames on the agent socket; the worker acknowledges each one
 once that call is answered, so the agent knows when to stop waiting to kill it.
 
 Interruption is by signal, and only while user code runs: SIGINT (sent by the agent after a
-``cancel`` frame) raises KeyboardInterrupt in the function if its call was cancelled, and SIGALRM
-(armed from the call's ``timeout``) raises the private ``_TimedOut``. Outside user code the
-handlers only note the signal, so the worker's own bookkeeping is never cut in half.
+``cancel`` frame) makes the worker read its frames, answer cancelled calls and give back stolen
+ones that wait, and raises KeyboardInterrupt in the function if its own call was cancelled; SIGALRM
+(armed from the call's ``timeout``) raises the private ``_TimedOut``. Outside user code, and while
+the SIGINT handler itself runs, the handlers only note the signal, so the worker's own bookkeeping
+is never cut in half.
+
+A steal (``cancel`` with ``steal``) is kept until its call is read, started or answered: in direct
+mode it comes on the agent's socket and may be read before its call, still unread on the client's.
 """
 
 from __future__ import annotations
@@ -97,6 +102,8 @@ class Worker:
         self.current: int | None = None
         self.in_user = False
         self.signalled = False
+        self.handling = False  # inside the SIGINT handler's reading and answering
+        self.alarmed = False  # the call's timeout passed while the SIGINT handler ran
 
     def run(self) -> None:
         signal.signal(signal.SIGINT, self._on_sigint)
@@ -112,6 +119,7 @@ class Worker:
                 self.signalled = False
                 self._drain()
                 self._answer_cancelled_waiting()
+                self._send_outbox()  # given back now, not after the next call (it may be long)
                 continue  # the cancels or steals may have taken every pending call
             frame = self.pending.popleft()
             if self.outbox and (self.durations.get(frame.get("fn_key") or b"", 1.0) >= FLUSH_SECONDS
@@ -124,27 +132,30 @@ class Worker:
     # -- frames --------------------------------------------------------------------------------
 
     def _wait_for_frames(self) -> bool:
-        """Block until frames come (from the client, or cancels from the agent); False at EOF."""
-        if self.client is not None:
-            readable, _, _ = select.select([self.client, self.agent], [], [])
-            if self.agent in readable:
-                data = self.agent.recv(1 << 16)
-                if not data:
-                    return False
-                self._take(self.agent_buf.feed(data))
-                self._answer_cancelled_waiting()
-                self.flush()
-            if self.client not in readable:
-                return True
-        data = self.io.recv(1 << 20)
-        if not data:
-            return False
-        self._take(self.buf.feed(data))
+        """Block until frames come (from the client, or cancels from the agent), take every
+        readable one and answer the cancels and steals of calls not started; False at EOF."""
+        if self.client is None:
+            readable = [(self.io, self.buf)]
+        else:
+            ready, _, _ = select.select([self.client, self.agent], [], [])
+            readable = [(sock, buf) for sock, buf in ((self.client, self.buf), (self.agent, self.agent_buf))
+                        if sock in ready]
+        for sock, buf in readable:
+            data = sock.recv(1 << 20)
+            if not data:
+                return False
+            self._take(buf.feed(data))
+        self._answer_cancelled_waiting()
+        if self.outbox or self.to_ack:
+            self.flush()
         return True
 
     def _take(self, frames: list[dict]) -> None:
         for frame in frames:
-            if frame["t"] == "call":
+            if frame["t"] == "call" and frame["id"] in self.steals:  # its steal came first (direct)
+                self.steals.discard(frame["id"])
+                self._give_up(frame, "lost", "given back before it started")
+            elif frame["t"] == "call":
                 self.pending.append(frame)
             elif frame["t"] == "cancel" and frame.get("steal"):
                 self.steals.add(frame["id"])
@@ -172,31 +183,39 @@ class Worker:
     def _error(self, call_id: int, kind: str, message: str, **extra: object) -> None:
         self._answer({"t": "error", "id": call_id, "kind": kind, "message": message, **extra})
 
-    def _answer_cancelled_waiting(self, queue: bool = True) -> list[bytes]:
-        """Answer cancelled calls that have not started, and give back stolen ones ("lost": the
-        client runs them elsewhere); forget cancels of calls already answered and steals of calls
-        that started. Returns the encoded answers; ``queue=False`` leaves them out of the outbox
-        (for the signal handler, which sends them at once)."""
-        answers = []
+    def _answer_cancelled_waiting(self) -> None:
+        """Answer (in the outbox) cancelled calls that have not started, and give back stolen ones
+        ("lost": the client runs them elsewhere); forget cancels of calls already answered and
+        steals of calls that started. A steal of a call not read yet stays, for ``_take``."""
+        if not (self.cancelled or self.steals):
+            return
         if any(f["id"] in self.cancelled or f["id"] in self.steals for f in self.pending):
             keep = collections.deque()
             for f in self.pending:
-                if f["id"] in self.cancelled or f["id"] in self.steals:
+                if f["id"] in self.steals:
+                    self.steals.discard(f["id"])
                     self.cancelled.discard(f["id"])
-                    frame = ({"t": "error", "id": f["id"], "kind": "cancelled", "message": "cancelled before it started"}
-                             if f["id"] not in self.steals else
-                             {"t": "error", "id": f["id"], "kind": "lost", "message": "given back before it started"})
-                    answers.append(_wire.encode(frame))
-                    self.answered.append(f["id"])
-                    if queue:
-                        self.outbox.append(answers[-1])
+                    self._give_up(f, "lost", "given back before it started")
+                elif f["id"] in self.cancelled:
+                    self.cancelled.discard(f["id"])
+                    self._give_up(f, "cancelled", "cancelled before it started")
                 else:
                     keep.append(f)
             self.pending = keep
-        for call_id in [i for i in self.cancelled if i in self.answered]:
-            self.cancelled.discard(call_id)  # answered before the cancel came: nothing to stop
-        self.steals.clear()  # the others run or ran already: they stay here
-        return answers
+        if self.cancelled or self.steals:
+            answered = set(self.answered)
+            self.cancelled -= answered  # answered before the cancel came: nothing to stop
+            self.steals -= answered
+            self.steals.discard(self.current)  # it runs: it stays here
+
+    def _give_up(self, frame: dict, kind: str, message: str) -> None:
+        """Answer a call that will not run here, and remove its argument file (see sandpool._bulk)."""
+        if frame.get("args_path"):
+            try:
+                os.unlink(self._host_path(frame["args_path"]))
+            except OSError:
+                pass
+        self._error(frame["id"], kind, message)
 
     def _acks(self) -> bytes:
         """Acks for every cancel the agent sent whose call is answered by now (direct mode)."""
@@ -211,6 +230,11 @@ class Worker:
                 stream.flush()
             except (OSError, ValueError, AttributeError):
                 pass
+        self._send_outbox()
+        self.flushed_at = time.monotonic()
+
+    def _send_outbox(self) -> None:
+        """Send the answers kept back, and the acks due (not the user's stdout: see _on_sigint)."""
         if self.outbox:
             data, self.outbox = b"".join(self.outbox), []
             self.io.sendall(data)
@@ -218,7 +242,6 @@ class Worker:
             acks = self._acks()
             if acks:
                 self.agent.sendall(acks)
-        self.flushed_at = time.monotonic()
 
     # -- one call --------------------------------------------------------------------------------
 
@@ -226,8 +249,9 @@ class Worker:
         call_id = frame["id"]
         if call_id in self.cancelled:
             self.cancelled.discard(call_id)
-            self._error(call_id, "cancelled", "cancelled before it started")
+            self._give_up(frame, "cancelled", "cancelled before it started")
             return
+        self.steals.discard(call_id)  # it starts: a steal from now on leaves it here
         key = frame.get("fn_key") or b""
         what = "function"
         try:
@@ -246,6 +270,7 @@ class Worker:
         timeout = frame.get("timeout")
         started = time.perf_counter()
         self.current = call_id
+        self.alarmed = False
         try:
             self.in_user = True  # first: from here on the handlers interrupt this call
             try:
@@ -349,20 +374,33 @@ class Worker:
     # -- signals ---------------------------------------------------------------------------------
 
     def _on_sigint(self, signum, frame) -> None:
-        if not self.in_user:
-            self.signalled = True  # the loop reads the cancel frames before the next call
+        """Read the frames, answer what they cancel or steal among the calls waiting (sent now,
+        with any answer kept back, so the agent does not kill the running call and stolen calls
+        run elsewhere at once; not flush(): the user code may be inside print()), then interrupt
+        the running call if it was cancelled. A SIGINT during this only has it read again."""
+        if not self.in_user or self.handling:
+            self.signalled = True  # the loop (or the handler running) reads the frames
             return
-        self._drain()
-        answers = self._answer_cancelled_waiting(queue=False)
-        if answers:  # sent now, so the agent does not kill the running call (not flush(): the
-            self.io.sendall(b"".join(answers))  # user code may be inside print())
-            if self.to_ack:
-                self.agent.sendall(self._acks())
+        while True:
+            self.handling, self.signalled = True, False
+            try:
+                self._drain()
+                self._answer_cancelled_waiting()
+                self._send_outbox()
+            finally:
+                self.handling = False
+            if not self.signalled:
+                break
+        if self.alarmed:
+            self.alarmed = False
+            raise _TimedOut()
         if self.current in self.cancelled:
             raise _Interrupted()
 
     def _on_alarm(self, signum, frame) -> None:
-        if self.in_user:
+        if self.in_user and self.handling:
+            self.alarmed = True  # raised once the SIGINT handler is done with the frames
+        elif self.in_user:
             raise _TimedOut()
 
 
