@@ -157,6 +157,7 @@ class Sandbox(SandboxBlocks, SurfaceMixin, LogsMixin, StreamFilesMixin):
     def wait(self, timeout: float | None = None) -> Sandbox:
         """Block until the sandbox runs (starting it if needed); return self. Inside trio: ``await sb``."""
         check_not_in_trio("Sandbox.wait()", "'await sandbox'")
+        _check_seconds(timeout, "timeout")
         self._spawn(self._wait_async, timeout).result()
         return self
 
@@ -169,6 +170,7 @@ class Sandbox(SandboxBlocks, SurfaceMixin, LogsMixin, StreamFilesMixin):
         cwsandbox, a FAILED sandbox raises SandboxFailedError (with ``status_reason``) and, unless
         ``raise_on_termination=False``, a stopped one SandboxTerminatedError; SandboxTimeoutError
         after ``timeout`` seconds (None: no limit)."""
+        _check_seconds(timeout, "timeout")
         return self._spawn(self._wait_complete_async, timeout, raise_on_termination)
 
     def stop(self, *, graceful_shutdown_seconds: float = 10.0, missing_ok: bool = False,
@@ -179,9 +181,12 @@ class Sandbox(SandboxBlocks, SurfaceMixin, LogsMixin, StreamFilesMixin):
         ``snapshot_on_stop=True`` raises SnapshotNotSupportedError (snapshots: issue 16);
         ``wait_for_ready`` and ``request_id`` are accepted for cwsandbox and have no local effect."""
         self._refuse_snapshot(snapshot_on_stop)
-        if not (isinstance(graceful_shutdown_seconds, (int, float)) and math.isfinite(graceful_shutdown_seconds)
-                and graceful_shutdown_seconds >= 0):
-            raise ValueError(f"graceful_shutdown_seconds must be a number >= 0, got {graceful_shutdown_seconds!r}")
+        if not isinstance(missing_ok, bool):
+            raise TypeError(f"missing_ok must be True or False, got {missing_ok!r}")
+        grace = graceful_shutdown_seconds
+        if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not (math.isfinite(grace) and grace >= 0):
+            raise ValueError(f"graceful_shutdown_seconds must be a number >= 0, got {grace!r}; "
+                             "use e.g. graceful_shutdown_seconds=10 (seconds)")
         _wire.check_field("stop", "grace", float(graceful_shutdown_seconds), "graceful_shutdown_seconds")
         if self._stop_ref is None:
             self._stop_ref = self._spawn(self._stop_async, float(graceful_shutdown_seconds))
@@ -388,8 +393,7 @@ class Sandbox(SandboxBlocks, SurfaceMixin, LogsMixin, StreamFilesMixin):
             _wire.check_field("exec", "env", env, "env")
         if timeout_seconds is None:
             timeout_seconds = self._spec.request_timeout_seconds
-        if not (isinstance(timeout_seconds, (int, float)) and timeout_seconds > 0):
-            raise ValueError(f"timeout_seconds must be a number > 0, got {timeout_seconds!r}")
+        _check_seconds(timeout_seconds, "timeout_seconds")
         self._exec_stats.count("exec_count")
         proc = Process(self, argv, cwd=cwd, env=env, timeout=timeout_seconds,
                        check=check, stdin=stdin, cap=self._spec.max_output_bytes)
@@ -404,6 +408,7 @@ class Sandbox(SandboxBlocks, SurfaceMixin, LogsMixin, StreamFilesMixin):
         (``CWSANDBOX_FILE_NOT_REGULAR``) unless ``allow_special_files``: then it is read until its end
         or the limit, however long that takes (a FIFO waits for its writer; the timeout still holds)."""
         _check_path(filepath)
+        _check_seconds(timeout_seconds, "timeout_seconds")
         frame = {"t": "read_file", "path": filepath, **({"special": True} if allow_special_files else {})}
         return self._spawn(self._file_request, frame, timeout_seconds)
 
@@ -413,6 +418,7 @@ class Sandbox(SandboxBlocks, SurfaceMixin, LogsMixin, StreamFilesMixin):
         created, replaced atomically). An existing FIFO, device or socket there is refused unless
         ``allow_special_files``: then the bytes are written into it."""
         _check_path(filepath)
+        _check_seconds(timeout_seconds, "timeout_seconds")
         if not isinstance(contents, (bytes, bytearray, memoryview)):
             raise TypeError(f"contents must be bytes, not {type(contents).__name__}; encode text first")
         size = memoryview(contents).nbytes
@@ -494,6 +500,12 @@ def _matches(sb: Sandbox, tags: Sequence[str], status: SandboxStatus | None, sho
     if status is not None:
         return sb.status == status
     return show_terminated or not sb.status.is_terminal
+
+
+def _check_seconds(value: object, name: str) -> None:
+    """``value`` must be None or a number of seconds > 0 (inf: no limit)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+        raise ValueError(f"{name} must be a number > 0, got {value!r}; use e.g. {name}=30 (seconds)")
 
 
 def _check_path(filepath: object) -> None:

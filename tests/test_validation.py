@@ -41,12 +41,9 @@ def test_stop_refuses_a_bad_grace_and_leaves_the_sandbox_running(sb, grace):
     still_works(sb)
 
 
-@pytest.mark.xfail(strict=True, reason="bug, sandpool/_sandbox.py (another helper's file this round): "
-                   "Sandbox.stop() takes graceful_shutdown_seconds=True as 1 s and any missing_ok")
 @pytest.mark.parametrize("arguments", [{"graceful_shutdown_seconds": True}, {"missing_ok": "yes"}])
-def test_stop_refuses_booleans_for_seconds_and_non_booleans_for_missing_ok(session, arguments):
+def test_stop_refuses_booleans_for_seconds_and_non_booleans_for_missing_ok(sb, arguments):
     """True is not a number of seconds; missing_ok is a bool."""
-    sb = session.sandbox()
     with pytest.raises((ValueError, TypeError)):
         sb.stop(**arguments)
     still_works(sb)
@@ -64,9 +61,6 @@ def test_exec_refuses_a_non_positive_timeout(sb, seconds):
     still_works(sb)
 
 
-@pytest.mark.xfail(strict=True, reason="bug, sandpool/_sandbox.py (another helper's file this round): "
-                   "read_file/write_file pass timeout_seconds to trio unchecked (0 times out at once, "
-                   "-1 and NaN raise trio's own message, '5' a TypeError from a comparison)")
 @pytest.mark.parametrize("seconds", [0, -1, math.nan, "5"])
 def test_file_ops_refuse_a_non_positive_timeout(sb, seconds):
     """read_file/write_file(timeout_seconds=) as exec: a number > 0, refused with the name."""
@@ -77,9 +71,6 @@ def test_file_ops_refuse_a_non_positive_timeout(sb, seconds):
     still_works(sb)
 
 
-@pytest.mark.xfail(strict=True, reason="bug, sandpool/_sandbox.py (another helper's file this round): "
-                   "Sandbox.wait()/wait_until_complete() hand a negative or NaN timeout to trio, whose "
-                   "message names neither the argument nor a fix")
 @pytest.mark.parametrize("seconds", [-1, math.nan])
 def test_sandbox_waits_refuse_a_negative_timeout(sb, seconds):
     for op in (lambda: sb.wait(timeout=seconds), lambda: sb.wait_until_complete(timeout=seconds).result()):
