@@ -1,0 +1,97 @@
+"""The client's side of the same-host fast plane (see ``fastpath.py``): redeem an offer for a socket,
+and read it as a trio Stream whose end is the Attach call's end.
+
+The offer comes from the server, so it is checked like anything a server sends: a path of bounded
+size and a ticket of the right length, nothing else used.
+"""
+
+from __future__ import annotations
+
+import os
+
+import trio
+
+from .._errors import ProtocolError
+from .._runtime._threadpipe import ThreadPipe
+from . import fastpath, limits
+
+#: Seconds to connect and be admitted before the client falls back to gRPC.
+ADMIT_SECONDS = 5.0
+ENV_DATA_PLANE = "SANDPOOL_DATA_PLANE"
+
+
+def wanted(advert: object) -> bool:
+    """True if a lease reply's ``fast`` advert names this very machine (and the fast plane is not
+    turned off with ``SANDPOOL_DATA_PLANE=grpc``)."""
+    if os.environ.get(ENV_DATA_PLANE, "auto") == "grpc":
+        return False
+    host = advert.get("host") if isinstance(advert, dict) else None
+    return isinstance(host, str) and bool(host) and host == fastpath.host_id()
+
+
+def check_offer(offer: dict) -> tuple[str, bytes]:
+    """``(path, ticket)`` of an offer; ProtocolError naming what is wrong."""
+    path, ticket = offer.get("path"), offer.get("ticket")
+    if (not isinstance(path, str) or not path.startswith("/") or "\x00" in path
+            or len(path.encode(errors="replace")) > limits.MAX_PATH_BYTES):
+        raise ProtocolError(f"the server's fast-plane offer has no usable socket path: {limits._short(path)}")
+    if not isinstance(ticket, bytes) or len(ticket) != fastpath.TICKET_BYTES:
+        raise ProtocolError(f"the server's fast-plane ticket must be {fastpath.TICKET_BYTES} bytes")
+    return path, ticket
+
+
+async def redeem(offer: dict) -> trio.SocketStream:
+    """Connect to the offered socket and show the ticket. OSError if the socket cannot be reached
+    or the server does not admit this process (the caller then uses gRPC); ProtocolError for a bad offer."""
+    path, ticket = check_offer(offer)
+    stream = None
+    with trio.move_on_after(ADMIT_SECONDS):
+        stream = await trio.open_unix_socket(path)
+        try:
+            await stream.send_all(ticket)
+            if await stream.receive_some(1) == fastpath.ACK:
+                return stream
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            await stream.aclose()
+            raise OSError(f"the fast socket {path} closed: {exc}") from exc
+    if stream is not None:
+        await stream.aclose()
+    raise OSError(f"the server did not admit this process to its fast socket {path}")
+
+
+class FastStream(trio.abc.Stream):
+    """A trio Stream over the fast socket. Its EOF comes only after the Attach call ended (``control``:
+    the pipe the call's messages go to, closed with the call's error if it failed), so a reader
+    sees the attachment's end exactly as over gRPC."""
+
+    def __init__(self, stream: trio.SocketStream, control: ThreadPipe, on_close=None) -> None:
+        self._stream = stream
+        self._control = control
+        self._on_close = on_close
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            await self._stream.send_all(data)
+        except (trio.ClosedResourceError, OSError) as exc:
+            raise trio.BrokenResourceError(str(exc)) from exc
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        try:
+            data = await self._stream.receive_some(max_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            data = b""
+        if data:
+            return data
+        while await self._control.receive():  # the call's end: b"", or its error raised
+            pass
+        return b""
+
+    async def aclose(self) -> None:
+        self._control.close()
+        await self._stream.aclose()
+        if self._on_close is not None:
+            on_close, self._on_close = self._on_close, None
+            on_close()

@@ -1,0 +1,220 @@
+"""The same-host data plane: a client on the server's machine moves its wire frames over a unix socket.
+
+gRPC costs a same-host client two thread handoffs and an HTTP/2 frame each way per message. So a
+client that shares the server's machine (its lease reply names the machine's boot id) asks, when
+it attaches, for the fast plane (``META_DATA_PLANE``). The Attach call is then authorized exactly
+as any other (the token, the peer gate, NotFound for a sandbox that is not there), and its first
+and only message is an *offer*: the path of the server's fast socket and a one-time ticket
+(``TICKET_BYTES`` random bytes, good for ``TICKET_SECONDS`` and for this attachment only). The
+client connects to that socket and sends the ticket; the server answers ``ACK`` and from then on
+the socket carries the attachment's wire frames both ways, through the same ``Hub.serve`` as a
+gRPC stream (hello first, ``frames.check`` on every frame, malformed data ends only this client).
+
+The Attach call stays open beside the socket, as the attachment's control: it ends when the
+attachment ends, with the same trailer (exit report) or status (INVALID_ARGUMENT and the reason)
+a gRPC data plane would end with; the server closes the socket at the same moment. Either side
+going away (socket or call) ends both.
+
+Who may connect: the socket lies in a 0700 directory of the server's user and is 0600, so only
+that user and root reach it; the server also checks the peer's uid (``SO_PEERCRED``) against the
+same two, and a connection without a valid ticket is closed without a word. Clients of other
+users (``--allow-uid``) and of other machines keep gRPC.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+
+import trio
+
+from .peergate import peer_uid
+
+log = logging.getLogger("sandpool.serve")
+
+TICKET_BYTES = 32
+TICKET_SECONDS = 10.0
+ACK = b"\x01"
+SOCKET_NAME = "fast.sock"
+#: connections that have not shown a ticket yet, at most (more are closed at accept)
+MAX_PENDING = 64
+#: the same prefix as the listener's private directories, so a killed server's are swept alike
+PRIVATE_PREFIX = "sandpool-serve-"
+
+
+def host_id() -> str:
+    """This machine's identity for the fast plane: its boot id (same kernel, same machine)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+class FastEnd:
+    """One attachment's transport over the fast socket: ``Hub.serve`` and ``Hub.run`` use it as
+    they use a gRPC stream's ThreadPipes (``receive``/``send``/``close``). Until the client shows
+    its ticket, ``receive`` waits (at most ``TICKET_SECONDS``, then it is the end)."""
+
+    def __init__(self, token: trio.lowlevel.TrioToken) -> None:
+        self._token = token
+        self._stream: trio.SocketStream | None = None
+        self._connected = trio.Event()
+        self._send_lock = trio.Lock()
+        self._on_close: list = []
+        self.closed = False
+        #: set once the attachment ended: the Attach call's thread then sends the trailer
+        self.ended = threading.Event()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "connected" if self._stream is not None else "waiting for its ticket"
+        return f"<FastEnd {state}>"
+
+    def connect(self, stream: trio.SocketStream) -> bool:
+        """Give the end its socket (the ticket matched); False if it ended meanwhile."""
+        if self.closed:
+            return False
+        self._stream = stream
+        self._connected.set()
+        return True
+
+    async def receive(self) -> bytes:
+        """The next bytes from the client; b"" once the socket or the attachment ended."""
+        if self._stream is None:
+            with trio.move_on_after(TICKET_SECONDS):
+                await self._connected.wait()
+            if self._stream is None:  # never redeemed, or ended first
+                self.close()
+                return b""
+        try:
+            return await self._stream.receive_some(1 << 20)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return b""
+
+    async def send(self, data: bytes) -> None:
+        """Send ``data`` to the client; BrokenResourceError once it is gone (as a ThreadPipe's)."""
+        if self._stream is None or self.closed:
+            raise trio.BrokenResourceError("the client's fast socket is not open")
+        async with self._send_lock:  # the hello and the relayed frames come from two tasks
+            try:
+                await self._stream.send_all(data)
+            except (trio.ClosedResourceError, OSError) as exc:
+                raise trio.BrokenResourceError(str(exc)) from exc
+
+    def on_close(self, callback) -> None:
+        self._on_close.append(callback)
+
+    def close(self) -> None:
+        """End it (idempotent, in the trio thread): the socket closes, the Attach call ends."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._stream is not None:
+            self._stream.socket.close()  # wakes a task blocked on it with ClosedResourceError
+        self._connected.set()
+        for callback in self._on_close:
+            callback()
+        self.ended.set()
+
+    def close_from_thread(self) -> None:
+        """``close()`` from a gRPC thread (the Attach call ended: the client cancelled or went away)."""
+        try:
+            self._token.run_sync_soon(self.close)
+        except trio.RunFinishedError:
+            self.ended.set()
+
+
+class FastPlane:
+    """The server's fast socket: hands out tickets, admits the connections that bring one."""
+
+    def __init__(self, token: trio.lowlevel.TrioToken) -> None:
+        self._token = token
+        self._dir = tempfile.mkdtemp(prefix=f"{PRIVATE_PREFIX}{os.getpid()}-fast-")  # 0700
+        self.path = os.path.join(self._dir, SOCKET_NAME)
+        self.host = host_id()
+        self.allowed = frozenset({0, os.geteuid()})
+        self._tickets: dict[bytes, FastEnd] = {}
+        self._lock = threading.Lock()  # offers come from gRPC threads
+        self._pending = 0
+        self._logged: set[int] = set()
+        self._listener: trio.socket.SocketType | None = None
+
+    def __repr__(self) -> str:
+        return f"<FastPlane {self.path} tickets={len(self._tickets)}>"
+
+    def advert(self) -> dict:
+        """What a lease reply tells clients: where the fast plane is served (machine)."""
+        return {"host": self.host}
+
+    def offer(self, end: FastEnd) -> dict:
+        """A ticket for ``end`` (from any thread): the Attach call's first message."""
+        ticket = secrets.token_bytes(TICKET_BYTES)
+        key = hashlib.sha256(ticket).digest()  # looked up by digest: no timing hint about the ticket
+        with self._lock:
+            self._tickets[key] = end
+        end.on_close(lambda: self._forget(key))
+        return {"path": self.path, "ticket": ticket}
+
+    def _forget(self, key: bytes) -> None:
+        with self._lock:
+            self._tickets.pop(key, None)
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Listen and admit connections until cancelled; then remove the socket's directory."""
+        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        try:
+            await listener.bind(self.path)
+            os.chmod(self.path, 0o600)
+            listener.listen(128)
+            task_status.started()
+            async with trio.open_nursery() as nursery:
+                while True:
+                    conn, _ = await listener.accept()
+                    if self._pending >= MAX_PENDING:
+                        conn.close()
+                        continue
+                    self._pending += 1
+                    nursery.start_soon(self._admit, conn)
+        finally:
+            listener.close()
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    async def _admit(self, conn: trio.socket.SocketType) -> None:
+        stream = trio.SocketStream(conn)
+        try:
+            end = None
+            try:
+                uid = peer_uid(conn)
+            except OSError:
+                uid = -1
+            if uid not in self.allowed:
+                if uid not in self._logged:
+                    self._logged.add(uid)
+                    log.info("refused a fast data-plane connection from uid %d", uid)
+            else:
+                ticket = b""
+                with trio.move_on_after(TICKET_SECONDS):
+                    while len(ticket) < TICKET_BYTES:
+                        chunk = await stream.receive_some(TICKET_BYTES - len(ticket))
+                        if not chunk:
+                            break
+                        ticket += chunk
+                if len(ticket) == TICKET_BYTES:
+                    with self._lock:
+                        end = self._tickets.pop(hashlib.sha256(ticket).digest(), None)
+            if end is not None:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    await stream.send_all(ACK)
+                    if end.connect(stream):
+                        return
+            conn.close()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            conn.close()
+        finally:
+            self._pending -= 1
