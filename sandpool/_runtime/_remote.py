@@ -18,6 +18,7 @@ gRPC errors become sandpool errors in :func:`translate`, and only there.
 from __future__ import annotations
 
 import builtins
+import functools
 import os
 
 import grpc
@@ -308,6 +309,7 @@ class RemoteRuntime(Runtime):
                 return channel
         channel = await self._open(record, fast=False)
         record.extra["data_plane"] = "grpc"
+        record.extra.pop("connect_worker", None)
         return channel
 
     async def _open(self, record: SandboxRecord, *, fast: bool) -> FrameChannel:
@@ -370,6 +372,8 @@ class RemoteRuntime(Runtime):
             record.extra.pop("detached", None)
             record.exited = trio.Event()
             raise _NoFastPlane(str(exc)) from exc
+        # calls go straight to the sandbox's call worker, through the server (``_slot._connect``)
+        record.extra["connect_worker"] = functools.partial(fastclient.open_worker_line, offer)
         return fastclient.FastStream(sock, inbound, on_close=close_call)
 
     async def _pump(self, record: SandboxRecord, call, inbound: ThreadPipe, key: int, pumped: trio.Event) -> None:

@@ -8,6 +8,7 @@ size and a ticket of the right length, nothing else used.
 from __future__ import annotations
 
 import os
+import socket
 
 import trio
 
@@ -29,26 +30,27 @@ def wanted(advert: object) -> bool:
     return isinstance(host, str) and bool(host) and host == fastpath.host_id()
 
 
-def check_offer(offer: dict) -> tuple[str, bytes]:
-    """``(path, ticket)`` of an offer; ProtocolError naming what is wrong."""
-    path, ticket = offer.get("path"), offer.get("ticket")
+def check_offer(offer: dict) -> tuple[str, bytes, bytes]:
+    """``(path, ticket, key)`` of an offer; ProtocolError naming what is wrong."""
+    path, ticket, key = offer.get("path"), offer.get("ticket"), offer.get("key")
     if (not isinstance(path, str) or not path.startswith("/") or "\x00" in path
             or len(path.encode(errors="replace")) > limits.MAX_PATH_BYTES):
         raise ProtocolError(f"the server's fast-plane offer has no usable socket path: {limits._short(path)}")
-    if not isinstance(ticket, bytes) or len(ticket) != fastpath.TICKET_BYTES:
-        raise ProtocolError(f"the server's fast-plane ticket must be {fastpath.TICKET_BYTES} bytes")
-    return path, ticket
+    for secret in (ticket, key):
+        if not isinstance(secret, bytes) or len(secret) != fastpath.TICKET_BYTES:
+            raise ProtocolError(f"the server's fast-plane ticket and key must be {fastpath.TICKET_BYTES} bytes")
+    return path, ticket, key
 
 
 async def redeem(offer: dict) -> trio.SocketStream:
     """Connect to the offered socket and show the ticket. OSError if the socket cannot be reached
     or the server does not admit this process (the caller then uses gRPC); ProtocolError for a bad offer."""
-    path, ticket = check_offer(offer)
+    path, ticket, _key = check_offer(offer)
     stream = None
     with trio.move_on_after(ADMIT_SECONDS):
         stream = await trio.open_unix_socket(path)
         try:
-            await stream.send_all(ticket)
+            await stream.send_all(fastpath.ATTACH + ticket)
             if await stream.receive_some(1) == fastpath.ACK:
                 return stream
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -57,6 +59,40 @@ async def redeem(offer: dict) -> trio.SocketStream:
     if stream is not None:
         await stream.aclose()
     raise OSError(f"the server did not admit this process to its fast socket {path}")
+
+
+async def open_worker_line(offer: dict, name: str) -> socket.socket:
+    """A non-blocking socket to the sandbox's call worker ``name``, relayed by the server (see
+    ``workerlink.py``), for a ``DirectChannel``. OSError if the server does not open it."""
+    path, _ticket, key = check_offer(offer)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.setblocking(False)
+        with trio.fail_after(ADMIT_SECONDS):
+            try:
+                sock.connect(path)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if error:
+                    raise OSError(error, os.strerror(error))
+            encoded = name.encode()
+            sock.sendall(fastpath.WORKER + key + bytes([len(encoded)]) + encoded)  # small: the buffer takes it
+            while True:
+                try:
+                    reply = sock.recv(1)
+                    break
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(sock)
+        if reply != fastpath.ACK:
+            raise OSError(f"the server did not open a line to the call worker {name}")
+    except trio.TooSlowError:
+        sock.close()
+        raise OSError(f"the server did not open a line to the call worker {name} in time") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class FastStream(trio.abc.Stream):

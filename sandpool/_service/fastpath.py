@@ -10,6 +10,10 @@ client connects to that socket and sends the ticket; the server answers ``ACK`` 
 the socket carries the attachment's wire frames both ways, through the same ``Hub.serve`` as a
 gRPC stream (hello first, ``frames.check`` on every frame, malformed data ends only this client).
 
+The offer also holds a *key*, good while the attachment lasts, for the direct line to the sandbox's
+call worker that a client opens like a local one does (see ``workerlink.py``): a connection that
+sends ``WORKER``, the key and the worker's socket name.
+
 The Attach call stays open beside the socket, as the attachment's control: it ends when the
 attachment ends, with the same trailer (exit report) or status (INVALID_ARGUMENT and the reason)
 a gRPC data plane would end with; the server closes the socket at the same moment. Either side
@@ -34,6 +38,9 @@ import threading
 
 import trio
 
+from .. import _bulk
+from .._errors import ProtocolError
+from . import workerlink
 from .peergate import peer_uid
 
 log = logging.getLogger("sandpool.serve")
@@ -41,6 +48,8 @@ log = logging.getLogger("sandpool.serve")
 TICKET_BYTES = 32
 TICKET_SECONDS = 10.0
 ACK = b"\x01"
+#: the first byte of a connection: it redeems an attachment's ticket, or opens a worker line
+ATTACH, WORKER = b"A", b"W"
 SOCKET_NAME = "fast.sock"
 #: connections that have not shown a ticket yet, at most (more are closed at accept)
 MAX_PENDING = 64
@@ -69,6 +78,10 @@ class FastEnd:
         self._send_lock = trio.Lock()
         self._on_close: list = []
         self.closed = False
+        #: (the sandbox's /tmp as the server sees it, its agent's pid, the attachment's number), for
+        #: worker lines; None when the sandbox's /tmp is out of reach (then calls go through the agent)
+        self.worker_target: tuple[str, int, int] | None = None
+        self._links: set[trio.CancelScope] = set()
         #: set once the attachment ended: the Attach call's thread then sends the trailer
         self.ended = threading.Event()
 
@@ -110,6 +123,28 @@ class FastEnd:
     def on_close(self, callback) -> None:
         self._on_close.append(callback)
 
+    async def run_worker_line(self, client: trio.SocketStream, name: str) -> None:
+        """Connect to this attachment's sandbox's worker ``name`` and relay (``workerlink``) until
+        either side ends, or this attachment does. Without a worker to reach, closes ``client``."""
+        if self.closed or self.worker_target is None:
+            await client.aclose()
+            return
+        directory, agent_pid, number = self.worker_target
+        with trio.CancelScope() as scope:
+            self._links.add(scope)
+            try:
+                try:
+                    with trio.fail_after(TICKET_SECONDS):
+                        worker = await workerlink.connect_worker(directory, name, agent_pid)
+                    await client.send_all(ACK)
+                except (OSError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
+                        ProtocolError):
+                    await client.aclose()
+                    return
+                await workerlink.relay(client, worker, number)
+            finally:
+                self._links.discard(scope)
+
     def close(self) -> None:
         """End it (idempotent, in the trio thread): the socket closes, the Attach call ends."""
         if self.closed:
@@ -118,6 +153,8 @@ class FastEnd:
         if self._stream is not None:
             self._stream.socket.close()  # wakes a task blocked on it with ClosedResourceError
         self._connected.set()
+        for scope in self._links:
+            scope.cancel()
         for callback in self._on_close:
             callback()
         self.ended.set()
@@ -130,6 +167,16 @@ class FastEnd:
             self.ended.set()
 
 
+async def attach(fleet, sandbox_id: str, end: FastEnd, peer: str):
+    """``fleet.attach`` with ``end`` as both directions; the end learns where its worker lines go."""
+    att = await fleet.attach(sandbox_id, end, end, peer)
+    record = fleet.sandboxes[sandbox_id].record
+    directory = _bulk.record_dir(record)
+    if directory is not None:
+        end.worker_target = (directory, record.agent_pid, att.number)
+    return att
+
+
 class FastPlane:
     """The server's fast socket: hands out tickets, admits the connections that bring one."""
 
@@ -139,7 +186,8 @@ class FastPlane:
         self.path = os.path.join(self._dir, SOCKET_NAME)
         self.host = host_id()
         self.allowed = frozenset({0, os.geteuid()})
-        self._tickets: dict[bytes, FastEnd] = {}
+        self._tickets: dict[bytes, FastEnd] = {}  # sha256(ticket) -> the end it opens, once
+        self._keys: dict[bytes, FastEnd] = {}  # sha256(key) -> the end whose worker lines it opens
         self._lock = threading.Lock()  # offers come from gRPC threads
         self._pending = 0
         self._logged: set[int] = set()
@@ -154,16 +202,20 @@ class FastPlane:
 
     def offer(self, end: FastEnd) -> dict:
         """A ticket for ``end`` (from any thread): the Attach call's first message."""
-        ticket = secrets.token_bytes(TICKET_BYTES)
-        key = hashlib.sha256(ticket).digest()  # looked up by digest: no timing hint about the ticket
+        ticket, key = secrets.token_bytes(TICKET_BYTES), secrets.token_bytes(TICKET_BYTES)
+        # looked up by digest: no timing hint about either secret
+        ticket_digest, key_digest = hashlib.sha256(ticket).digest(), hashlib.sha256(key).digest()
         with self._lock:
-            self._tickets[key] = end
-        end.on_close(lambda: self._forget(key))
-        return {"path": self.path, "ticket": ticket}
+            self._tickets[ticket_digest] = end
+            self._keys[key_digest] = end
+        end.on_close(lambda: self._forget(ticket_digest, key_digest))
+        return {"path": self.path, "ticket": ticket, "key": key}
 
-    def _forget(self, key: bytes) -> None:
+    def _forget(self, *digests: bytes) -> None:
         with self._lock:
-            self._tickets.pop(key, None)
+            for digest in digests:
+                self._tickets.pop(digest, None)
+                self._keys.pop(digest, None)
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Listen and admit connections until cancelled; then remove the socket's directory."""
@@ -186,9 +238,16 @@ class FastPlane:
             shutil.rmtree(self._dir, ignore_errors=True)
 
     async def _admit(self, conn: trio.socket.SocketType) -> None:
+        """Admit one connection (or close it without a word): the peer's uid, then its ticket or key."""
         stream = trio.SocketStream(conn)
+        pending = [True]
+
+        def settled() -> None:  # admitted or refused: it no longer counts against MAX_PENDING
+            if pending[0]:
+                pending[0] = False
+                self._pending -= 1
+
         try:
-            end = None
             try:
                 uid = peer_uid(conn)
             except OSError:
@@ -197,24 +256,38 @@ class FastPlane:
                 if uid not in self._logged:
                     self._logged.add(uid)
                     log.info("refused a fast data-plane connection from uid %d", uid)
+                return
+            end = None
+            with trio.move_on_after(TICKET_SECONDS):
+                head = await _read_exactly(stream, 1 + TICKET_BYTES)
+                kind, digest = head[:1], hashlib.sha256(head[1:]).digest()
+                if kind == WORKER:
+                    name = (await _read_exactly(stream, (await _read_exactly(stream, 1))[0])).decode("ascii", "replace")
+                with self._lock:
+                    end = self._tickets.pop(digest, None) if kind == ATTACH else self._keys.get(digest)
+            if end is None:
+                return
+            settled()
+            if kind == ATTACH:
+                await stream.send_all(ACK)
+                if end.connect(stream):
+                    conn = None  # the attachment owns it now
             else:
-                ticket = b""
-                with trio.move_on_after(TICKET_SECONDS):
-                    while len(ticket) < TICKET_BYTES:
-                        chunk = await stream.receive_some(TICKET_BYTES - len(ticket))
-                        if not chunk:
-                            break
-                        ticket += chunk
-                if len(ticket) == TICKET_BYTES:
-                    with self._lock:
-                        end = self._tickets.pop(hashlib.sha256(ticket).digest(), None)
-            if end is not None:
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    await stream.send_all(ACK)
-                    if end.connect(stream):
-                        return
-            conn.close()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            conn.close()
+                conn = None  # the line owns it
+                await end.run_worker_line(stream, name)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, EOFError):
+            pass
         finally:
-            self._pending -= 1
+            settled()
+            if conn is not None:
+                conn.close()
+
+
+async def _read_exactly(stream: trio.SocketStream, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = await stream.receive_some(size - len(data))
+        if not chunk:
+            raise EOFError("the peer closed before it said enough")
+        data += chunk
+    return data

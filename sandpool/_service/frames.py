@@ -10,11 +10,16 @@ kind, the field and the fix; the hub ends that client's stream with it, and only
 
 from __future__ import annotations
 
+import re
+
 from .._errors import ProtocolError
 from . import limits
 
 ID_BITS = 32
-CLIENT_KINDS = frozenset({"exec", "stdin", "credit", "signal", "read_file", "write_file", "call", "cancel", "ping"})
+CLIENT_KINDS = frozenset({"exec", "stdin", "credit", "signal", "read_file", "write_file", "call", "cancel", "ping",
+                          "worker"})
+#: where a ``worker`` frame may have the agent listen: the sandbox's /tmp, a name of this form
+WORKER_LISTEN = re.compile(r"/tmp/\.sandpool-worker-[0-9a-f]{1,32}")
 #: kind -> {optional field: accepted types}
 _OPTIONAL: dict[str, dict[str, tuple[type, ...]]] = {
     "exec": {"cwd": (str,), "env": (dict,), "stdin": (bool,)},
@@ -88,4 +93,10 @@ def _call(frame: dict) -> None:
         raise ValueError(f"timeout {timeout!r} must be a finite number of seconds > 0")
 
 
-_FIELDS = {"call": _call, "exec": _exec, "read_file": _path, "write_file": _path, "signal": _signal, "credit": _credit}
+def _worker(frame: dict) -> None:
+    if not WORKER_LISTEN.fullmatch(frame["listen"]):
+        raise ValueError(f"listen {limits._short(frame['listen'])} must be /tmp/.sandpool-worker-<hex>, "
+                         f"the only place a client's call worker listens")
+
+
+_FIELDS = {"worker": _worker, "call": _call, "exec": _exec, "read_file": _path, "write_file": _path, "signal": _signal, "credit": _credit}

@@ -37,6 +37,7 @@ from .._isolation import probe
 from . import auth, endpoint, journal, limits
 from . import messages as m
 from .control import Fleet
+from . import fastpath
 from .fastpath import FastEnd, FastPlane
 from .listener import Listening, build_server  # noqa: F401 (build_server: also the Slurm job server's)
 from .policy import Policy, Refused
@@ -206,7 +207,7 @@ class Service:
         assert self.fastplane is not None
         end = FastEnd(self.token)
         try:
-            att = trio.from_thread.run(self.fleet.attach, sandbox_id, end, end, context.peer(),
+            att = trio.from_thread.run(fastpath.attach, self.fleet, sandbox_id, end, context.peer(),
                                        trio_token=self.token)
         except Exception as exc:
             _abort(context, exc)
