@@ -2,8 +2,10 @@
 
     python benchmarks/bench_service.py [--quick] [--json PATH]
 
-Starts a real server subprocess on a loopback port, then measures each operation twice, with a
-local Session and with ``Session(address=...)``, in the same process and run:
+Starts a real server subprocess on a loopback port (also serving cwsandbox's API), then measures
+each operation with a local Session, with ``Session(address=...)`` (a same-host client: the fast
+data plane, see ``sandpool/_service/fastpath.py``) and with ``SANDPOOL_DATA_PLANE=grpc`` (the gRPC
+data plane, what clients on other hosts get), in the same process and run:
 
 - exec round trip:  ``sb.exec(["true"]).result()`` one after another in a running sandbox (p50/p99).
 - call round trip:  ``f.remote(i).result()`` of a trivial remote function, one after another.
@@ -12,6 +14,11 @@ local Session and with ``Session(address=...)``, in the same process and run:
 - file op throughput: N concurrent ``read_file`` of a tiny file in one sandbox (trivial agent
                     round trips, pipelined on one data-plane stream), ops/s.
 
+- cwsandbox exec round trip: ``sb.exec(["true"]).result()`` through the published cwsandbox
+                    client (a subprocess) against the server's ``--cwsandbox`` listener; its ratio
+                    is taken against the local sandpool exec of the same run (target <= 1.5x).
+
+Targets: remote (fast plane) calls/s >= 0.5x local, remote exec p50 <= 1.3x local.
 Latencies are p50/p99 (nearest rank). Prints a Markdown table with remote/local ratios and writes
 every figure as JSON (default ``benchmarks/results/bench_service.json``).
 """
@@ -34,17 +41,60 @@ from _measure import latency, map_calls_per_s, timed
 from sandpool import Session
 
 
-def start_server(workdir: str) -> tuple[subprocess.Popen, str]:
-    argv = [sys.executable, "-m", "sandpool", "serve", "--listen", "127.0.0.1:0",
+def start_server(workdir: str) -> tuple[subprocess.Popen, str, dict]:
+    """The server, its address, and the environment of a cwsandbox client of its --cwsandbox listener."""
+    argv = [sys.executable, "-m", "sandpool", "serve", "--listen", "127.0.0.1:0", "--cwsandbox", "127.0.0.1:0",
             "--record-file", os.path.join(workdir, "record.jsonl")]
     env = {k: v for k, v in os.environ.items() if k not in ("SANDPOOL_ADDRESS", "SANDPOOL_TOKEN")}
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, env=env)
-    ready, _, _ = select.select([proc.stdout], [], [], 30)
-    line = proc.stdout.readline().decode() if ready else ""
-    if "listening on" not in line:
+    # the cwsandbox client names an image; with an empty image store it runs on the host's, as
+    # the local sandboxes it is compared with do
+    server_env = {**env, "SANDPOOL_IMAGE_FALLBACK": "host", "SANDPOOL_IMAGE_DIR": os.path.join(workdir, "images")}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, env=server_env)
+    lines = []
+    for _ in range(2):
+        ready, _, _ = select.select([proc.stdout], [], [], 30)
+        lines.append(proc.stdout.readline().decode() if ready else "")
+    if "listening on" not in lines[0] or "cwsandbox API on" not in lines[1]:
         proc.kill()
-        sys.exit(f"the server did not start: {line!r}")
-    return proc, line.split("listening on ", 1)[1].split()[0]
+        sys.exit(f"the server did not start: {lines!r}")
+    address = lines[0].split("listening on ", 1)[1].split()[0]
+    cw_address = lines[1].split("cwsandbox API on ", 1)[1].split(";")[0]
+    token_file = lines[1].split("$(cat ", 1)[1].split(")")[0]
+    with open(token_file) as f:
+        key = f.read().strip()
+    cw_env = {**env, "CWSANDBOX_BASE_URL": f"http://{cw_address}", "CWSANDBOX_API_KEY": key,
+              "GRPC_VERBOSITY": "ERROR"}
+    return proc, address, cw_env
+
+
+CWSANDBOX_CLIENT = """
+import json, sys, time
+import cwsandbox
+n = int(sys.argv[1])
+with cwsandbox.Session(defaults=cwsandbox.SandboxDefaults(container_image="python:3.11")) as session:
+    sb = session.sandbox()
+    for _ in range(5):
+        sb.exec(["true"]).result()
+    samples = []
+    for _ in range(n):
+        began = time.perf_counter()
+        sb.exec(["true"]).result()
+        samples.append(time.perf_counter() - began)
+print(json.dumps(samples))
+"""
+
+
+def measure_cwsandbox(env: dict, n: int) -> dict | None:
+    """exec round trips through the published cwsandbox client, or None if it is not installed."""
+    try:
+        import cwsandbox  # noqa: F401
+    except ImportError:
+        return None
+    done = subprocess.run([sys.executable, "-c", CWSANDBOX_CLIENT, str(n)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    if done.returncode != 0:
+        sys.exit(f"the cwsandbox client failed: {done.stderr[-2000:]}")
+    return {"exec_rtt": latency(json.loads(done.stdout.strip().splitlines()[-1]))}
 
 
 def trivial(x):
@@ -79,12 +129,22 @@ def main() -> None:
     args = parser.parse_args()
     n = 50 if args.quick else 200
     workdir = tempfile.mkdtemp(prefix="sandpool-bench-service-")
-    server, address = start_server(workdir)
+    server, address, cw_env = start_server(workdir)
     try:
         with Session() as local:
             figures = {"local": measure(local, n)}
         with Session(address=address) as remote:
             figures["remote"] = measure(remote, n)
+            figures["remote"]["data_plane"] = repr(remote._owned_runtime)
+        os.environ["SANDPOOL_DATA_PLANE"] = "grpc"  # what a client on another host gets
+        try:
+            with Session(address=address) as remote:
+                figures["grpc"] = measure(remote, n)
+        finally:
+            del os.environ["SANDPOOL_DATA_PLANE"]
+        cw = measure_cwsandbox(cw_env, n)
+        if cw is not None:
+            figures["cwsandbox"] = cw
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(30)
@@ -93,16 +153,26 @@ def main() -> None:
             ("trivial calls/s (map, 2 sandboxes)", "calls_per_s", None),
             ("read_file ops/s (one sandbox, pipelined)", "file_ops_per_s", None)]
     print(f"\nsandpool service benchmark ({platform.node()}, {os.cpu_count()} cpus, n={n})\n")
-    print("| measure | local | remote | remote/local |\n|---|---|---|---|")
+    print("| measure | local | remote (same host) | remote/local | gRPC (other hosts) | gRPC/local |\n"
+          "|---|---|---|---|---|---|")
     ratios = {}
     for label, key, sub in rows:
         if key not in figures["local"]:
             continue
-        local, remote = figures["local"][key], figures["remote"][key]
+        local, remote, grpc_ = figures["local"][key], figures["remote"][key], figures["grpc"][key]
         if sub:
-            local, remote = local[sub], remote[sub]
+            local, remote, grpc_ = local[sub], remote[sub], grpc_[sub]
         ratios[label] = remote / local
-        print(f"| {label} | {local:.2f} | {remote:.2f} | {remote / local:.2f} |")
+        ratios[f"{label} gRPC"] = grpc_ / local
+        print(f"| {label} | {local:.2f} | {remote:.2f} | {remote / local:.2f} | {grpc_:.2f} | {grpc_ / local:.2f} |")
+    if "cwsandbox" in figures:
+        print("\n| measure | sandpool local | cwsandbox client | cwsandbox/local |\n|---|---|---|---|")
+        for sub in ("p50_ms", "p99_ms"):
+            local, cw = figures["local"]["exec_rtt"][sub], figures["cwsandbox"]["exec_rtt"][sub]
+            label = f"exec round trip {sub[:3]} (ms)"
+            ratios[f"cwsandbox {label}"] = cw / local
+            print(f"| {label} | {local:.2f} | {cw:.2f} | {cw / local:.2f} |")
+    print(f"\nsame-host client: {figures['remote']['data_plane']}")
     figures["ratios"] = ratios
     figures["machine"] = {"node": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()}
     os.makedirs(os.path.dirname(args.json), exist_ok=True)

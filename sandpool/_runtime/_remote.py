@@ -121,13 +121,14 @@ class RemoteRuntime(Runtime):
         #: whether attachments take the same-host fast socket (``_service/fastpath.py``); why not, if refused
         self.fast = False
         self.fast_refused: str | None = None
+        self.worker_lines = 0  # direct lines to call workers opened through the fast plane
         self._closed = False
 
     def __repr__(self) -> str:
         attached = len(self._streams)
         state = "closed" if self._closed else f"lost ({self.lost})" if self.lost else "open"
         plane = "unix" if self.fast else "grpc"
-        return f"<RemoteRuntime {self.address} {state} lease={self._lease} attached={attached} data_plane={plane}>"
+        return f"<RemoteRuntime {self.address} {state} lease={self._lease} attached={attached} data_plane={plane} worker_lines={self.worker_lines}>"
 
     # -- connection ------------------------------------------------------------------------
 
@@ -373,8 +374,13 @@ class RemoteRuntime(Runtime):
             record.exited = trio.Event()
             raise _NoFastPlane(str(exc)) from exc
         # calls go straight to the sandbox's call worker, through the server (``_slot._connect``)
-        record.extra["connect_worker"] = functools.partial(fastclient.open_worker_line, offer)
+        record.extra["connect_worker"] = functools.partial(self._worker_line, offer)
         return fastclient.FastStream(sock, inbound, on_close=close_call)
+
+    async def _worker_line(self, offer: dict, name: str):
+        sock = await fastclient.open_worker_line(offer, name)
+        self.worker_lines += 1
+        return sock
 
     async def _pump(self, record: SandboxRecord, call, inbound: ThreadPipe, key: int, pumped: trio.Event) -> None:
         """Move response messages into ``inbound`` (in a thread) until the stream ends; then say how."""
