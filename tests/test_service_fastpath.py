@@ -31,11 +31,13 @@ def divide(a, b):
     return a / b
 
 
-def block_until_interrupted():
+def block_or_answer(block):
     import time
 
-    time.sleep(120)
-    return "not interrupted"
+    if block:
+        time.sleep(120)
+        return "not interrupted"
+    return "answered"
 
 
 @pytest.fixture(scope="module")
@@ -104,15 +106,16 @@ def test_cancelling_a_running_call_interrupts_it(server, monkeypatch, plane):
     sandbox is answered at once, not after the 120 s the first one would take)."""
     use_plane(monkeypatch, plane)
     with Session(address=server.address) as s:
-        blocker = s.function(max_concurrency=1)(block_until_interrupted)
-        ref = blocker.remote()
+        f = s.function(max_concurrency=1)(block_or_answer)  # one sandbox: the next call waits for the first
+        assert f.remote(False).result() == "answered"
+        ref = f.remote(True)
         assert wait_until(lambda: s.statistics().calls_running == 1 and s.statistics().sandboxes_busy == 1)
         assert ref.cancel()
         with pytest.raises(OperationCancelled):
             ref.result(timeout=30)
-        f = s.function(max_concurrency=1)(divide)
-        assert f.remote(1, 2).result(timeout=30) == 0.5
-        assert planes_used(s) == {plane}
+        assert f.remote(False).result(timeout=30) == "answered"
+        assert s.statistics().calls_cancelled == 1 and len(s._runtime.list()) == 1
+        assert planes_used(s) == {plane} and (s._runtime.worker_lines == 1) == (plane == "unix")
 
 
 DYING_CLIENT = """

@@ -78,9 +78,9 @@ class FastEnd:
         self._send_lock = trio.Lock()
         self._on_close: list = []
         self.closed = False
-        #: (the sandbox's /tmp as the server sees it, its agent's pid, the attachment's number), for
-        #: worker lines; None when the sandbox's /tmp is out of reach (then calls go through the agent)
-        self.worker_target: tuple[str, int, int] | None = None
+        #: (the sandbox's /tmp as the server sees it, its agent's pid, the Attachment), for worker
+        #: lines; None when the sandbox's /tmp is out of reach (then calls go through the agent)
+        self.worker_target: tuple[str, int, object] | None = None
         self._links: set[trio.CancelScope] = set()
         #: set once the attachment ended: the Attach call's thread then sends the trailer
         self.ended = threading.Event()
@@ -129,7 +129,7 @@ class FastEnd:
         if self.closed or self.worker_target is None:
             await client.aclose()
             return
-        directory, agent_pid, number = self.worker_target
+        directory, agent_pid, attachment = self.worker_target
         with trio.CancelScope() as scope:
             self._links.add(scope)
             try:
@@ -141,9 +141,11 @@ class FastEnd:
                         ProtocolError):
                     await client.aclose()
                     return
-                await workerlink.relay(client, worker, number)
+                attachment.direct_line = True
+                await workerlink.relay(client, worker)
             finally:
                 self._links.discard(scope)
+                attachment.direct_line = False
 
     def close(self) -> None:
         """End it (idempotent, in the trio thread): the socket closes, the Attach call ends."""
@@ -173,7 +175,7 @@ async def attach(fleet, sandbox_id: str, end: FastEnd, peer: str):
     record = fleet.sandboxes[sandbox_id].record
     directory = _bulk.record_dir(record)
     if directory is not None:
-        end.worker_target = (directory, record.agent_pid, att.number)
+        end.worker_target = (directory, record.agent_pid, att)
     return att
 
 

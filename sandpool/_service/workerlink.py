@@ -6,11 +6,12 @@ through the server: it asks the agent for a worker (a ``worker`` frame on its at
 local client does), then opens a second connection to the fast socket naming that worker, and the
 server connects to the worker's socket and relays, frame by frame:
 
-- client -> worker: only ``call`` frames, each through ``frames.check``; ids move into the
-  attachment's range (``number << 32 | id``), as on the attachment itself, so the client's
-  cancels (which go through the agent, and the hub) name the same calls the worker holds;
-- worker -> client: only ``result`` and ``error`` frames whose id is in that range, back to the
-  client's own ids; anything else from the worker ends the link.
+- client -> worker: only ``call`` frames, each through ``frames.check``, forwarded byte for byte
+  once whole and checked. Their ids stay the client's own: a sandbox has one direct worker, and
+  it serves this line only (it accepts one connection), so no other client's ids meet them there.
+  The client's cancels of these calls (``cancel`` with ``call``, through its attachment and the
+  agent) keep their ids too (``Hub.serve``, for an attachment with a line), and name the same calls;
+- worker -> client: as it comes (the client checks it, as it checks a local worker's answers).
 
 A bad frame from the client ends this link only (the client's calls then go through the agent).
 The worker's socket is reached through an ``O_NOFOLLOW`` descriptor of the sandbox's ``/tmp``, and
@@ -28,10 +29,9 @@ import trio
 
 from .. import _wire
 from .._errors import ProtocolError
-from .frames import ID_BITS, WORKER_LISTEN, check as check_frame
+from .frames import WORKER_LISTEN, check as check_frame
 from .peergate import _CRED
 
-_TO_CLIENT = frozenset({"result", "error"})
 
 
 def check_name(name: str) -> str:
@@ -65,44 +65,37 @@ async def connect_worker(directory: str, name: str, agent_pid: int) -> trio.Sock
     return trio.SocketStream(sock)
 
 
-async def relay(client: trio.SocketStream, worker: trio.SocketStream, base: int,
+async def relay(client: trio.SocketStream, worker: trio.SocketStream,
                 max_frame_bytes: int = _wire.MAX_FRAME_BYTES) -> None:
-    """Relay calls and answers between ``client`` and ``worker`` until either ends or misbehaves;
-    then close both."""
+    """Relay calls and answers between ``client`` and ``worker`` until either ends or the client
+    sends something else than a valid call; then close both."""
     async with client, worker, trio.open_nursery() as nursery:
-        nursery.start_soon(_calls, client, worker, base << ID_BITS, max_frame_bytes, nursery.cancel_scope)
-        nursery.start_soon(_answers, worker, client, base, max_frame_bytes, nursery.cancel_scope)
+        nursery.start_soon(_calls, client, worker, max_frame_bytes, nursery.cancel_scope)
+        nursery.start_soon(_answers, worker, client, nursery.cancel_scope)
 
 
-async def _calls(src: trio.SocketStream, dst: trio.SocketStream, offset: int, max_bytes: int,
-                 done: trio.CancelScope) -> None:
+async def _calls(src: trio.SocketStream, dst: trio.SocketStream, max_bytes: int, done: trio.CancelScope) -> None:
+    """Forward the bytes of whole frames once each is checked (a call, valid): the bytes as sent."""
     decoder = _wire.FrameBuffer(max_bytes=max_bytes)
+    held = bytearray()
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError, OSError):
         while data := await src.receive_some(1 << 20):
-            out = []
+            held += data
             for frame in decoder.feed(data):
                 if frame["t"] != "call":
                     raise ProtocolError(f"only 'call' frames go to a call worker, not {frame['t']!r}")
                 check_frame(frame)
-                frame["id"] |= offset
-                out.append(_wire.encode(frame, max_bytes=max_bytes))
-            if out:
-                await dst.send_all(b"".join(out))
+            whole = len(held) - decoder.pending
+            if whole:
+                await dst.send_all(held[:whole])
+                del held[:whole]
     done.cancel()
 
 
-async def _answers(src: trio.SocketStream, dst: trio.SocketStream, base: int, max_bytes: int,
-                   done: trio.CancelScope) -> None:
-    decoder = _wire.FrameBuffer(max_bytes=max_bytes)
-    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError, OSError):
+async def _answers(src: trio.SocketStream, dst: trio.SocketStream, done: trio.CancelScope) -> None:
+    """The worker's answers go to the client as they are: the client checks them (as it checks a local
+    worker's), and they concern its own calls only."""
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         while data := await src.receive_some(1 << 20):
-            out = []
-            for frame in decoder.feed(data):
-                number, own_id = divmod(frame.get("id") or 0, 1 << ID_BITS)
-                if frame["t"] not in _TO_CLIENT or number != base:
-                    raise ProtocolError(f"the call worker sent a {frame['t']!r} frame for id {frame.get('id')}")
-                frame["id"] = own_id
-                out.append(_wire.encode(frame, max_bytes=max_bytes))
-            if out:
-                await dst.send_all(b"".join(out))
+            await dst.send_all(data)
     done.cancel()
