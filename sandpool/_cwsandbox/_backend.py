@@ -10,9 +10,10 @@ finds it terminal. Both would otherwise cost the client a poll interval (0.2 s o
 from __future__ import annotations
 
 import contextlib
-import threading
+import math
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 
 import grpc
 import trio
@@ -39,6 +40,7 @@ class CwsandboxBackend:
         self.nursery = nursery
         self.token = trio.lowlevel.current_trio_token()
         self.registry = Registry()
+        self._pumps = trio.CapacityLimiter(math.inf)  # one per open StreamExec: never wait for another
 
     def __repr__(self) -> str:
         return f"<CwsandboxBackend {self.registry!r}>"
@@ -188,8 +190,10 @@ class CwsandboxBackend:
     async def stream_exec(self, init, request_iterator, timeout: float | None, send: trio.MemorySendChannel):
         entry = await self._ready(init.sandbox_id, init.container)
         requests, receive = trio.open_memory_channel(16)
-        threading.Thread(target=_pump, args=(request_iterator, requests, self.token), daemon=True,
-                         name="cwsandbox-stdin").start()
+        # a thread of trio's cache (no thread start per exec); abandoned when the exec ends first: it
+        # ends with the RPC, whose request iterator then stops
+        self.nursery.start_soon(partial(trio.to_thread.run_sync, _pump, request_iterator, requests,
+                                        abandon_on_cancel=True, limiter=self._pumps))
         async with receive:
             await _exec.stream_exec(entry.sandbox, init, receive, send, timeout)
 
@@ -222,16 +226,16 @@ class CwsandboxBackend:
                 entry.log.close()
 
 
-def _pump(request_iterator, send: trio.MemorySendChannel, token: trio.lowlevel.TrioToken) -> None:
-    """In its own thread: hand a StreamExec call's later requests (stdin, close) to the trio side."""
+def _pump(request_iterator, send: trio.MemorySendChannel) -> None:
+    """In a worker thread: hand a StreamExec call's later requests (stdin, close) to the trio side."""
     try:
         for request in request_iterator:
-            trio.from_thread.run(send.send, request, trio_token=token)
+            trio.from_thread.run(send.send, request)
     except Exception:  # the call or its command ended first (cancelled, closed channel, loop gone)
         pass
     finally:
         with contextlib.suppress(trio.RunFinishedError):
-            trio.from_thread.run_sync(send.close, trio_token=token)
+            trio.from_thread.run_sync(send.close)
 
 
 @contextlib.asynccontextmanager
