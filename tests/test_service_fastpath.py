@@ -289,7 +289,8 @@ def test_a_worker_line_carries_only_calls(server):
         sock, answer = redeem(offer["path"], offer["ticket"])
         assert answer == fastpath.ACK
         name = b".sandpool-worker-abc123"
-        sock.sendall(_wire.encode(_wire.hello()) + _wire.encode({"t": "worker", "id": 5, "listen": f"/tmp/{name.decode()}"}))
+        worker = {"t": "worker", "id": 5, "listen": f"/tmp/{name.decode()}"}
+        sock.sendall(_wire.encode(_wire.hello()) + _wire.encode(worker))
         read_until(sock, "started")
         line, answer = redeem(offer["path"], offer["key"] + bytes([len(name)]) + name, fastpath.WORKER)
         assert answer == fastpath.ACK

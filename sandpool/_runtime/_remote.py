@@ -128,7 +128,8 @@ class RemoteRuntime(Runtime):
         attached = len(self._streams)
         state = "closed" if self._closed else f"lost ({self.lost})" if self.lost else "open"
         plane = "unix" if self.fast else "grpc"
-        return f"<RemoteRuntime {self.address} {state} lease={self._lease} attached={attached} data_plane={plane} worker_lines={self.worker_lines}>"
+        return (f"<RemoteRuntime {self.address} {state} lease={self._lease} attached={attached} data_plane={plane} "
+                f"worker_lines={self.worker_lines}>")
 
     # -- connection ------------------------------------------------------------------------
 

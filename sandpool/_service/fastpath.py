@@ -169,14 +169,15 @@ class FastEnd:
             self.ended.set()
 
 
-async def attach(fleet, sandbox_id: str, end: FastEnd, peer: str):
-    """``fleet.attach`` with ``end`` as both directions; the end learns where its worker lines go."""
+async def attach(fleet, plane: FastPlane, sandbox_id: str, end: FastEnd, peer: str):
+    """``fleet.attach`` with ``end`` as both directions, and the offer that redeems it: (attachment,
+    offer). In the trio thread, as everything that touches tickets."""
     att = await fleet.attach(sandbox_id, end, end, peer)
     record = fleet.sandboxes[sandbox_id].record
     directory = _bulk.record_dir(record)
     if directory is not None:
         end.worker_target = (directory, record.agent_pid, att)
-    return att
+    return att, plane.offer(end)
 
 
 class FastPlane:
@@ -190,7 +191,6 @@ class FastPlane:
         self.allowed = frozenset({0, os.geteuid()})
         self._tickets: dict[bytes, FastEnd] = {}  # sha256(ticket) -> the end it opens, once
         self._keys: dict[bytes, FastEnd] = {}  # sha256(key) -> the end whose worker lines it opens
-        self._lock = threading.Lock()  # offers come from gRPC threads
         self._pending = 0
         self._logged: set[int] = set()
         self._listener: trio.socket.SocketType | None = None
@@ -203,21 +203,19 @@ class FastPlane:
         return {"host": self.host}
 
     def offer(self, end: FastEnd) -> dict:
-        """A ticket for ``end`` (from any thread): the Attach call's first message."""
+        """A ticket and a key for ``end``: the Attach call's first message."""
         ticket, key = secrets.token_bytes(TICKET_BYTES), secrets.token_bytes(TICKET_BYTES)
         # looked up by digest: no timing hint about either secret
         ticket_digest, key_digest = hashlib.sha256(ticket).digest(), hashlib.sha256(key).digest()
-        with self._lock:
-            self._tickets[ticket_digest] = end
-            self._keys[key_digest] = end
+        self._tickets[ticket_digest] = end
+        self._keys[key_digest] = end
         end.on_close(lambda: self._forget(ticket_digest, key_digest))
         return {"path": self.path, "ticket": ticket, "key": key}
 
     def _forget(self, *digests: bytes) -> None:
-        with self._lock:
-            for digest in digests:
-                self._tickets.pop(digest, None)
-                self._keys.pop(digest, None)
+        for digest in digests:
+            self._tickets.pop(digest, None)
+            self._keys.pop(digest, None)
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Listen and admit connections until cancelled; then remove the socket's directory."""
@@ -265,8 +263,7 @@ class FastPlane:
                 kind, digest = head[:1], hashlib.sha256(head[1:]).digest()
                 if kind == WORKER:
                     name = (await _read_exactly(stream, (await _read_exactly(stream, 1))[0])).decode("ascii", "replace")
-                with self._lock:
-                    end = self._tickets.pop(digest, None) if kind == ATTACH else self._keys.get(digest)
+                end = self._tickets.pop(digest, None) if kind == ATTACH else self._keys.get(digest)
             if end is None:
                 return
             settled()

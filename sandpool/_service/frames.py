@@ -99,4 +99,5 @@ def _worker(frame: dict) -> None:
                          f"the only place a client's call worker listens")
 
 
-_FIELDS = {"worker": _worker, "call": _call, "exec": _exec, "read_file": _path, "write_file": _path, "signal": _signal, "credit": _credit}
+_FIELDS = {"call": _call, "exec": _exec, "read_file": _path, "write_file": _path, "signal": _signal, "credit": _credit,
+           "worker": _worker}

@@ -207,13 +207,13 @@ class Service:
         assert self.fastplane is not None
         end = FastEnd(self.token)
         try:
-            att = trio.from_thread.run(fastpath.attach, self.fleet, sandbox_id, end, context.peer(),
-                                       trio_token=self.token)
+            att, offer = trio.from_thread.run(fastpath.attach, self.fleet, self.fastplane, sandbox_id, end,
+                                              context.peer(), trio_token=self.token)
         except Exception as exc:
             _abort(context, exc)
         if not context.add_callback(end.close_from_thread):  # the call ended already
             end.close_from_thread()
-        yield m.pack(self.fastplane.offer(end))
+        yield m.pack(offer)
         end.ended.wait()
         _end_stream(context, att)
 
