@@ -14,7 +14,8 @@ import trio
 
 from .._errors import ProtocolError
 from .._runtime._threadpipe import ThreadPipe
-from . import fastpath, limits
+from . import fastpath, limits, rawsocket
+from .rawsocket import RawSocketStream
 
 #: Seconds to connect and be admitted before the client falls back to gRPC.
 ADMIT_SECONDS = 5.0
@@ -42,42 +43,29 @@ def check_offer(offer: dict) -> tuple[str, bytes, bytes]:
     return path, ticket, key
 
 
-async def redeem(offer: dict) -> trio.SocketStream:
+async def redeem(offer: dict) -> RawSocketStream:
     """Connect to the offered socket and show the ticket. OSError if the socket cannot be reached
     or the server does not admit this process (the caller then uses gRPC); ProtocolError for a bad offer."""
     path, ticket, _key = check_offer(offer)
-    stream = None
-    with trio.move_on_after(ADMIT_SECONDS):
-        stream = await trio.open_unix_socket(path)
-        try:
-            await stream.send_all(fastpath.ATTACH + ticket)
-            if await stream.receive_some(1) == fastpath.ACK:
-                return stream
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            await stream.aclose()
-            raise OSError(f"the fast socket {path} closed: {exc}") from exc
-    if stream is not None:
-        await stream.aclose()
-    raise OSError(f"the server did not admit this process to its fast socket {path}")
+    return RawSocketStream(await _admitted(path, fastpath.ATTACH + ticket, "its fast socket"))
 
 
 async def open_worker_line(offer: dict, name: str) -> socket.socket:
     """A non-blocking socket to the sandbox's call worker ``name``, relayed by the server (see
     ``workerlink.py``), for a ``DirectChannel``. OSError if the server does not open it."""
     path, _ticket, key = check_offer(offer)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    encoded = name.encode()
+    return await _admitted(path, fastpath.WORKER + key + bytes([len(encoded)]) + encoded,
+                           f"a line to the call worker {name}")
+
+
+async def _admitted(path: str, request: bytes, what: str) -> socket.socket:
+    """A socket to the fast plane at ``path`` that sent ``request`` and was admitted (ACK)."""
+    sock = None
     try:
-        sock.setblocking(False)
         with trio.fail_after(ADMIT_SECONDS):
-            try:
-                sock.connect(path)
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(sock)
-                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if error:
-                    raise OSError(error, os.strerror(error))
-            encoded = name.encode()
-            sock.sendall(fastpath.WORKER + key + bytes([len(encoded)]) + encoded)  # small: the buffer takes it
+            sock = await rawsocket.connect_unix(path)
+            sock.sendall(request)  # small: the socket's buffer takes it at once
             while True:
                 try:
                     reply = sock.recv(1)
@@ -85,12 +73,14 @@ async def open_worker_line(offer: dict, name: str) -> socket.socket:
                 except BlockingIOError:
                     await trio.lowlevel.wait_readable(sock)
         if reply != fastpath.ACK:
-            raise OSError(f"the server did not open a line to the call worker {name}")
+            raise OSError(f"the server did not admit this process to {what} ({path})")
     except trio.TooSlowError:
-        sock.close()
-        raise OSError(f"the server did not open a line to the call worker {name} in time") from None
+        if sock is not None:
+            sock.close()
+        raise OSError(f"the server did not admit this process to {what} ({path}) in time") from None
     except BaseException:
-        sock.close()
+        if sock is not None:
+            sock.close()
         raise
     return sock
 
@@ -100,25 +90,19 @@ class FastStream(trio.abc.Stream):
     the pipe the call's messages go to, closed with the call's error if it failed), so a reader
     sees the attachment's end exactly as over gRPC."""
 
-    def __init__(self, stream: trio.SocketStream, control: ThreadPipe, on_close=None) -> None:
+    def __init__(self, stream: RawSocketStream, control: ThreadPipe, on_close=None) -> None:
         self._stream = stream
         self._control = control
         self._on_close = on_close
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        try:
-            await self._stream.send_all(data)
-        except (trio.ClosedResourceError, OSError) as exc:
-            raise trio.BrokenResourceError(str(exc)) from exc
+        await self._stream.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        try:
-            data = await self._stream.receive_some(max_bytes)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            data = b""
+        data = await self._stream.receive_some(max_bytes)
         if data:
             return data
         while await self._control.receive():  # the call's end: b"", or its error raised

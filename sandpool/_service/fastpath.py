@@ -33,6 +33,7 @@ import logging
 import os
 import secrets
 import shutil
+import socket
 import tempfile
 import threading
 
@@ -42,6 +43,7 @@ from .. import _bulk
 from .._errors import ProtocolError
 from . import workerlink
 from .peergate import peer_uid
+from .rawsocket import RawSocketStream
 
 log = logging.getLogger("sandpool.serve")
 
@@ -73,9 +75,8 @@ class FastEnd:
 
     def __init__(self, token: trio.lowlevel.TrioToken) -> None:
         self._token = token
-        self._stream: trio.SocketStream | None = None
+        self._stream: RawSocketStream | None = None
         self._connected = trio.Event()
-        self._send_lock = trio.Lock()
         self._on_close: list = []
         self.closed = False
         #: (the sandbox's /tmp as the server sees it, its agent's pid, the Attachment), for worker
@@ -89,7 +90,7 @@ class FastEnd:
         state = "closed" if self.closed else "connected" if self._stream is not None else "waiting for its ticket"
         return f"<FastEnd {state}>"
 
-    def connect(self, stream: trio.SocketStream) -> bool:
+    def connect(self, stream: RawSocketStream) -> bool:
         """Give the end its socket (the ticket matched); False if it ended meanwhile."""
         if self.closed:
             return False
@@ -105,25 +106,18 @@ class FastEnd:
             if self._stream is None:  # never redeemed, or ended first
                 self.close()
                 return b""
-        try:
-            return await self._stream.receive_some(1 << 20)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            return b""
+        return await self._stream.receive_some(1 << 20)
 
     async def send(self, data: bytes) -> None:
         """Send ``data`` to the client; BrokenResourceError once it is gone (as a ThreadPipe's)."""
         if self._stream is None or self.closed:
             raise trio.BrokenResourceError("the client's fast socket is not open")
-        async with self._send_lock:  # the hello and the relayed frames come from two tasks
-            try:
-                await self._stream.send_all(data)
-            except (trio.ClosedResourceError, OSError) as exc:
-                raise trio.BrokenResourceError(str(exc)) from exc
+        await self._stream.send_all(data)  # whole, even when the hello and relayed frames meet
 
     def on_close(self, callback) -> None:
         self._on_close.append(callback)
 
-    async def run_worker_line(self, client: trio.SocketStream, name: str) -> None:
+    async def run_worker_line(self, client: RawSocketStream, name: str) -> None:
         """Connect to this attachment's sandbox's worker ``name`` and relay (``workerlink``) until
         either side ends, or this attachment does. Without a worker to reach, closes ``client``."""
         if self.closed or self.worker_target is None:
@@ -153,7 +147,7 @@ class FastEnd:
             return
         self.closed = True
         if self._stream is not None:
-            self._stream.socket.close()  # wakes a task blocked on it with ClosedResourceError
+            self._stream.close()  # wakes a task waiting on it
         self._connected.set()
         for scope in self._links:
             scope.cancel()
@@ -239,7 +233,8 @@ class FastPlane:
 
     async def _admit(self, conn: trio.socket.SocketType) -> None:
         """Admit one connection (or close it without a word): the peer's uid, then its ticket or key."""
-        stream = trio.SocketStream(conn)
+        stream = RawSocketStream(socket.socket(fileno=conn.detach()))
+        owned = False  # by an attachment or a worker line, once admitted
         pending = [True]
 
         def settled() -> None:  # admitted or refused: it no longer counts against MAX_PENDING
@@ -249,7 +244,7 @@ class FastPlane:
 
         try:
             try:
-                uid = peer_uid(conn)
+                uid = peer_uid(stream.socket)
             except OSError:
                 uid = -1
             if uid not in self.allowed:
@@ -262,27 +257,27 @@ class FastPlane:
                 head = await _read_exactly(stream, 1 + TICKET_BYTES)
                 kind, digest = head[:1], hashlib.sha256(head[1:]).digest()
                 if kind == WORKER:
-                    name = (await _read_exactly(stream, (await _read_exactly(stream, 1))[0])).decode("ascii", "replace")
+                    size = (await _read_exactly(stream, 1))[0]
+                    name = (await _read_exactly(stream, size)).decode("ascii", "replace")
                 end = self._tickets.pop(digest, None) if kind == ATTACH else self._keys.get(digest)
             if end is None:
                 return
             settled()
             if kind == ATTACH:
                 await stream.send_all(ACK)
-                if end.connect(stream):
-                    conn = None  # the attachment owns it now
+                owned = end.connect(stream)
             else:
-                conn = None  # the line owns it
+                owned = True
                 await end.run_worker_line(stream, name)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, EOFError):
             pass
         finally:
             settled()
-            if conn is not None:
-                conn.close()
+            if not owned:
+                stream.close()
 
 
-async def _read_exactly(stream: trio.SocketStream, size: int) -> bytes:
+async def _read_exactly(stream: RawSocketStream, size: int) -> bytes:
     data = b""
     while len(data) < size:
         chunk = await stream.receive_some(size - len(data))

@@ -65,7 +65,7 @@ async def connect_worker(directory: str, name: str, agent_pid: int) -> trio.Sock
     return trio.SocketStream(sock)
 
 
-async def relay(client: trio.SocketStream, worker: trio.SocketStream,
+async def relay(client: trio.abc.Stream, worker: trio.abc.Stream,
                 max_frame_bytes: int = _wire.MAX_FRAME_BYTES) -> None:
     """Relay calls and answers between ``client`` and ``worker`` until either ends or the client
     sends something else than a valid call; then close both."""
@@ -74,7 +74,7 @@ async def relay(client: trio.SocketStream, worker: trio.SocketStream,
         nursery.start_soon(_answers, worker, client, nursery.cancel_scope)
 
 
-async def _calls(src: trio.SocketStream, dst: trio.SocketStream, max_bytes: int, done: trio.CancelScope) -> None:
+async def _calls(src: trio.abc.Stream, dst: trio.abc.Stream, max_bytes: int, done: trio.CancelScope) -> None:
     """Forward the bytes of whole frames once each is checked (a call, valid): the bytes as sent."""
     decoder = _wire.FrameBuffer(max_bytes=max_bytes)
     held = bytearray()
@@ -92,7 +92,7 @@ async def _calls(src: trio.SocketStream, dst: trio.SocketStream, max_bytes: int,
     done.cancel()
 
 
-async def _answers(src: trio.SocketStream, dst: trio.SocketStream, done: trio.CancelScope) -> None:
+async def _answers(src: trio.abc.Stream, dst: trio.abc.Stream, done: trio.CancelScope) -> None:
     """The worker's answers go to the client as they are: the client checks them (as it checks a local
     worker's), and they concern its own calls only."""
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
