@@ -122,7 +122,8 @@ DYING_CLIENT = """
 import sys, sandpool
 s = sandpool.Session(address=sys.argv[1])
 sb = s.sandbox(tags=["fastpath-dies"])
-sleeper = sb.exec(["sleep", "60"])
+sleeper = sb.exec(["sh", "-c", "echo running; sleep 60"])
+assert next(iter(sleeper.stdout)) == "running\\n"
 f = s.function(max_concurrency=1, tags=["fastpath-dies"])(lambda: __import__("time").sleep(60))
 ref = f.remote()
 while s.statistics().calls_running == 0:
