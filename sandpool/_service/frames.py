@@ -5,8 +5,9 @@ fields. This adds what a client may not send an agent through a shared server: o
 kinds, ids in the client's own 32-bit range, optional fields of the right types, no NUL bytes in
 arguments, environment, working directory or paths, environment names without ``=``, sizes within
 ``limits``, signal numbers and credits in range, and a ``worker`` (a direct call worker, for a
-same-host client: ``workerlink.py``) only at ``/tmp/.sandpool-worker-<hex>``. A frame that fails is a ProtocolError naming the
-kind, the field and the fix; the hub ends that client's stream with it, and only that stream.
+same-host client: ``workerlink.py``) only at ``/tmp/.sandpool-worker-<hex>``. A frame that fails
+is a ProtocolError naming the kind, the field and the fix; the hub ends that client's stream with
+it, and only that stream.
 """
 
 from __future__ import annotations
