@@ -30,7 +30,11 @@ SANDBOX_DIR = "/tmp"
 
 def host_dir(sandbox: Sandbox) -> str | None:
     """Where this process sees the sandbox's ``/tmp``, or None (remote, or not reachable)."""
-    record = sandbox._record
+    return record_dir(sandbox._record)
+
+
+def record_dir(record) -> str | None:
+    """``host_dir`` of a runtime's record of a sandbox (None: no record, or not reachable)."""
     if record is None or not record.agent_pid:
         return None
     if record.isolation == "namespaces":

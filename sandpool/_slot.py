@@ -183,7 +183,9 @@ def left(slot: Slot, req_id: int) -> bool:
 async def _connect(slot: Slot, nursery: trio.Nursery) -> None:
     """Start a direct worker and connect to it; on any failure, calls go through the agent."""
     slot.direct = slot.worker = None
-    if slot.bulk_dir is None:
+    record = slot.sandbox._record
+    line = record.extra.get("connect_worker") if record is not None else None  # a same-host server's
+    if slot.bulk_dir is None and line is None:
         return
     sandbox, handle = slot.sandbox, _WorkerHandle()
     name = f".sandpool-worker-{secrets.token_hex(6)}"
@@ -194,7 +196,8 @@ async def _connect(slot: Slot, nursery: trio.Nursery) -> None:
             await handle.started.wait()
         if not handle.ok:
             raise SandboxError(f"the agent did not start a direct worker: {handle.exit.get('message')}")
-        channel = await DirectChannel.connect(slot.bulk_dir, name)
+        channel = (await DirectChannel.connect(slot.bulk_dir, name) if slot.bulk_dir is not None
+                   else DirectChannel(await line(name)))
     except (OSError, SandboxError):
         if handle.ok:  # started, but unreachable: stop it, so that the agent relays calls instead
             try:

@@ -10,9 +10,9 @@ finds it terminal. Both would otherwise cost the client a poll interval (0.2 s o
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import trio
@@ -26,6 +26,9 @@ from ._spec import PRIMARY_CONTAINER, mounted_files, sandbox_options
 from ._status import sandbox_message
 
 CREATE_WAIT_SECONDS = 1.0
+#: most StreamExec calls whose stdin is forwarded at once (a gRPC server gives each open stream a
+#: worker thread: the standalone server has 256)
+MAX_STREAMS = 4096
 RETIRE_EVERY_SECONDS = 60.0
 PURGE_GRACE_SECONDS = 10.0
 _FILE_TIMEOUT_SECONDS = 60.0
@@ -39,6 +42,8 @@ class CwsandboxBackend:
         self.nursery = nursery
         self.token = trio.lowlevel.current_trio_token()
         self.registry = Registry()
+        #: one thread per open StreamExec forwards its stdin: never one waiting for another's to end
+        self.pumps = ThreadPoolExecutor(MAX_STREAMS, thread_name_prefix="cwsandbox-stdin")
 
     def __repr__(self) -> str:
         return f"<CwsandboxBackend {self.registry!r}>"
@@ -188,8 +193,9 @@ class CwsandboxBackend:
     async def stream_exec(self, init, request_iterator, timeout: float | None, send: trio.MemorySendChannel):
         entry = await self._ready(init.sandbox_id, init.container)
         requests, receive = trio.open_memory_channel(16)
-        threading.Thread(target=_pump, args=(request_iterator, requests, self.token), daemon=True,
-                         name="cwsandbox-stdin").start()
+        # a pooled thread (no thread start per exec, and no trip through the loop to hand it the job);
+        # it ends with the RPC, whose request iterator then stops
+        self.pumps.submit(_pump, request_iterator, requests, self.token)
         async with receive:
             await _exec.stream_exec(entry.sandbox, init, receive, send, timeout)
 
@@ -223,7 +229,7 @@ class CwsandboxBackend:
 
 
 def _pump(request_iterator, send: trio.MemorySendChannel, token: trio.lowlevel.TrioToken) -> None:
-    """In its own thread: hand a StreamExec call's later requests (stdin, close) to the trio side."""
+    """In a pooled thread: hand a StreamExec call's later requests (stdin, close) to the trio side."""
     try:
         for request in request_iterator:
             trio.from_thread.run(send.send, request, trio_token=token)
@@ -231,7 +237,7 @@ def _pump(request_iterator, send: trio.MemorySendChannel, token: trio.lowlevel.T
         pass
     finally:
         with contextlib.suppress(trio.RunFinishedError):
-            trio.from_thread.run_sync(send.close, trio_token=token)
+            token.run_sync_soon(send.close)  # the end of stdin: nothing to wait for
 
 
 @contextlib.asynccontextmanager
@@ -249,3 +255,4 @@ async def open_backend(session) -> AsyncIterator[CwsandboxBackend]:
         finally:
             nursery.cancel_scope.cancel()
             backend._close()
+            backend.pumps.shutdown(wait=False)  # their RPCs have ended, or end with the server

@@ -1,13 +1,17 @@
 """Calls from gRPC's server threads into the backend's trio loop, each tied to the life of its RPC.
 
 A unary call runs as ``trio.from_thread.run``; a streaming call runs its producer as a task of the
-backend's nursery and hands its messages to the server thread in batches through a bounded channel
-(so a slow client slows the producer down, not the server's memory). When the RPC ends early (the
+backend's nursery (started with ``run_sync_soon``: the server thread does not wait for that) and
+hands its messages to the server thread through an :class:`Outbox`, a bounded queue whose thread
+side blocks on a condition and whose trio side waits only when it is full (so a slow client slows
+the producer down, not the server's memory). A message costs no round trip through the trio loop:
+an exec's few messages (ready, output, exit) used to cost one each. When the RPC ends early (the
 client cancelled, its deadline passed, it went away), the call's cancel scope is cancelled.
 """
 
 from __future__ import annotations
 
+import collections
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 
@@ -80,54 +84,89 @@ class Bridge:
         """Run ``async_fn(*args, send)`` in the backend's nursery; yield what it sends, then raise what it
         raised (a server closing under it is UNAVAILABLE)."""
         rpc = RpcScope(context, self.token)
-        failure: list[BaseException] = []
+        outbox = Outbox(self.token)
 
-        def open_channel():
-            send, receive = trio.open_memory_channel(STREAM_BUFFER)
-
-            async def produce() -> None:
-                async with send:
-                    try:
-                        with rpc.open():
-                            await async_fn(*args, send)
-                    except BaseException as exc:  # reported to the client by the server thread
-                        if not isinstance(exc, Exception):  # cancelled from outside: the server is closing
-                            failure.append(_shutting_down())
-                            raise
-                        failure.append(exc)
-
-            self.nursery.start_soon(produce)
-            return receive
-
-        try:
-            receive = trio.from_thread.run_sync(open_channel, trio_token=self.token)
-        except (trio.RunFinishedError, RuntimeError):  # the loop or the nursery is closed
-            raise _shutting_down() from None
-        try:
-            while batch := self._next_batch(receive):
-                yield from batch
-        finally:
+        async def produce() -> None:
             try:
-                trio.from_thread.run_sync(receive.close, trio_token=self.token)
-            except trio.RunFinishedError:
-                pass
-        if failure:
-            raise failure[0]
+                with rpc.open():
+                    await async_fn(*args, outbox)
+            except BaseException as exc:  # reported to the client by the server thread
+                if not isinstance(exc, Exception):  # cancelled from outside: the server is closing
+                    outbox.close(_shutting_down())
+                    raise
+                outbox.close(exc)
+            else:
+                outbox.close()
 
-    def _next_batch(self, receive: trio.MemoryReceiveChannel) -> list:
-        async def next_batch() -> list:
+        def start() -> None:  # in the trio loop
             try:
-                batch = [await receive.receive()]
-            except trio.EndOfChannel:
-                return []
-            while len(batch) < _BATCH:
-                try:
-                    batch.append(receive.receive_nowait())
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-            return batch
+                self.nursery.start_soon(produce)
+            except RuntimeError:  # the nursery is closed
+                outbox.close(_shutting_down())
 
         try:
-            return trio.from_thread.run(next_batch, trio_token=self.token)
+            self.token.run_sync_soon(start)
         except trio.RunFinishedError:
             raise _shutting_down() from None
+        try:
+            while batch := outbox.get_batch():
+                yield from batch
+        finally:
+            outbox.close()  # a producer still sending learns that nobody reads any more
+        if outbox.failure is not None:
+            raise outbox.failure
+
+
+class Outbox:
+    """Messages from a trio producer to one server thread. ``send`` (trio) waits while ``STREAM_BUFFER``
+    are queued; ``get_batch`` (thread) takes up to ``_BATCH`` at once, [] at the end. ``close(failure)``
+    ends it from either side; ``send`` then raises BrokenResourceError."""
+
+    def __init__(self, token: trio.lowlevel.TrioToken) -> None:
+        self._token = token
+        self._cond = threading.Condition()
+        self._queue: collections.deque = collections.deque()
+        self._closed = False
+        self._room: trio.Event | None = None  # the producer waits on it while the queue is full
+        self.failure: BaseException | None = None
+
+    async def send(self, message) -> None:
+        while True:
+            with self._cond:
+                if self._closed:
+                    raise trio.BrokenResourceError("the stream's reader has gone")
+                if len(self._queue) < STREAM_BUFFER:
+                    self._queue.append(message)
+                    self._cond.notify()
+                    break
+                room = self._room = self._room or trio.Event()
+            await room.wait()
+        await trio.lowlevel.checkpoint()
+
+    def close(self, failure: BaseException | None = None) -> None:
+        with self._cond:
+            if not self._closed:
+                self._closed, self.failure = True, failure
+            self._cond.notify_all()
+            room, self._room = self._room, None
+        if room is not None:
+            self._wake(room)
+
+    def get_batch(self) -> list:
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            batch = [self._queue.popleft() for _ in range(min(_BATCH, len(self._queue)))]
+            room, self._room = self._room, None
+        if room is not None:
+            self._wake(room)
+        return batch
+
+    def _wake(self, event: trio.Event) -> None:
+        if trio.lowlevel.in_trio_run() and trio.lowlevel.current_trio_token() is self._token:
+            event.set()
+            return
+        try:
+            self._token.run_sync_soon(event.set)
+        except trio.RunFinishedError:
+            pass

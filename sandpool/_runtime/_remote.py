@@ -18,6 +18,7 @@ gRPC errors become sandpool errors in :func:`translate`, and only there.
 from __future__ import annotations
 
 import builtins
+import functools
 import os
 
 import grpc
@@ -27,7 +28,7 @@ from .. import _errors
 from .._channel import FrameChannel
 from .._config import SandboxSpec
 from .._errors import SandboxNotFoundError, SandboxUnavailableError
-from .._service import endpoint
+from .._service import endpoint, fastclient
 from .._service import messages as m
 from ._contract import Runtime, SandboxRecord
 from ._threadpipe import PACE_SECONDS, PipeStream, ThreadPipe
@@ -117,12 +118,18 @@ class RemoteRuntime(Runtime):
         self._nursery: trio.Nursery | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self.lost: str | None = None  # why the server became unreachable, once it did
+        #: whether attachments take the same-host fast socket (``_service/fastpath.py``); why not, if refused
+        self.fast = False
+        self.fast_refused: str | None = None
+        self.worker_lines = 0  # direct lines to call workers opened through the fast plane
         self._closed = False
 
     def __repr__(self) -> str:
         attached = len(self._streams)
         state = "closed" if self._closed else f"lost ({self.lost})" if self.lost else "open"
-        return f"<RemoteRuntime {self.address} {state} lease={self._lease} attached={attached}>"
+        plane = "unix" if self.fast else "grpc"
+        return (f"<RemoteRuntime {self.address} {state} lease={self._lease} attached={attached} data_plane={plane} "
+                f"worker_lines={self.worker_lines}>")
 
     # -- connection ------------------------------------------------------------------------
 
@@ -151,7 +158,9 @@ class RemoteRuntime(Runtime):
             self._lease_call.cancel()
             self._channel.close()
             raise
-        self._lease = m.unpack(first, "Lease reply")["lease"]
+        reply = m.unpack(first, "Lease reply")
+        self._lease = reply["lease"]
+        self.fast = fastclient.wanted(reply.get("fast"))
         nursery.start_soon(self._hold_lease)
 
     async def _hold_lease(self) -> None:
@@ -283,25 +292,61 @@ class RemoteRuntime(Runtime):
     # -- data plane --------------------------------------------------------------------------
 
     async def _attach(self, record: SandboxRecord) -> FrameChannel:
-        """Open the sandbox's data-plane stream and shake hands over it; set ``record.channel``."""
+        """Open the sandbox's data plane and shake hands over it; set ``record.channel``.
+
+        Same host (the lease named this machine): the fast socket, else (refused, unreachable) gRPC
+        from then on; another host: a gRPC stream."""
         if self._closed or self._nursery is None:
             raise SandboxUnavailableError(f"the remote runtime for {self.address} is closed",
                                           sandbox_id=record.sandbox_id)
-        assert self._token is not None
         record.extra.pop("attach_error", None)
+        if self.fast:
+            try:
+                channel = await self._open(record, fast=True)
+            except _NoFastPlane as exc:
+                self.fast = False
+                self.fast_refused = str(exc)
+            else:
+                record.extra["data_plane"] = "unix"
+                return channel
+        channel = await self._open(record, fast=False)
+        record.extra["data_plane"] = "grpc"
+        record.extra.pop("connect_worker", None)
+        return channel
+
+    async def _open(self, record: SandboxRecord, *, fast: bool) -> FrameChannel:
+        assert self._token is not None and self._nursery is not None
         inbound = ThreadPipe(self._token)
         outbound = ThreadPipe(self._token, message_bytes=m.DATA_CHUNK_BYTES, pace=PACE_SECONDS)
-        call = self._attach_call(outbound.drain_iter(), metadata=(*self._metadata, (m.META_SANDBOX, record.sandbox_id)))
+        metadata = (*self._metadata, (m.META_SANDBOX, record.sandbox_id))
+        if fast:
+            metadata += ((m.META_DATA_PLANE, m.DATA_PLANE_FAST),)
+        call = self._attach_call(outbound.drain_iter(), metadata=metadata)
         key = id(call)
         self._streams[key] = (call, inbound, outbound)
         record.exited = trio.Event() if record.exited.is_set() else record.exited
-        stream = PipeStream(inbound, outbound, on_close=call.cancel)
-        channel = FrameChannel(stream)
-        self._nursery.start_soon(self._pump, record, call, inbound, key)
+        pumped = trio.Event()
+        self._nursery.start_soon(self._pump, record, call, inbound, key, pumped)
+
+        def close_call() -> None:
+            outbound.close()
+            call.cancel()
+
+        channel = None
         try:
+            stream: trio.abc.Stream = PipeStream(inbound, outbound, on_close=call.cancel)
+            if fast:
+                stream = await self._redeem(record, inbound, close_call, pumped)
+            channel = FrameChannel(stream)
             await channel.handshake(sandbox_id=record.sandbox_id)
+        except _NoFastPlane:
+            raise
         except BaseException as exc:
-            await channel.aclose()
+            if channel is not None:
+                await channel.aclose()
+            else:
+                inbound.close()
+                close_call()
             failure = record.extra.get("attach_error")
             if failure is not None and not isinstance(exc, trio.Cancelled):
                 raise failure from exc
@@ -309,7 +354,36 @@ class RemoteRuntime(Runtime):
         record.channel = channel
         return channel
 
-    async def _pump(self, record: SandboxRecord, call, inbound: ThreadPipe, key: int) -> None:
+    async def _redeem(self, record: SandboxRecord, inbound: ThreadPipe, close_call, pumped: trio.Event):
+        """The fast socket for an Attach call that asked for it: its offer, redeemed. _NoFastPlane
+        (with the call ended and forgotten) if this process cannot use it."""
+        try:
+            first = await inbound.receive()
+        except trio.BrokenResourceError:
+            first = b""
+        if not first:  # the attach failed (no such sandbox, ...): the pump has the error
+            raise SandboxUnavailableError("the server ended the data plane before its offer",
+                                          sandbox_id=record.sandbox_id)
+        offer = m.unpack(first, "fast-plane offer")
+        try:
+            sock = await fastclient.redeem(offer)
+        except OSError as exc:
+            inbound.close()  # the pump reports a detach, which is forgotten here
+            close_call()
+            await pumped.wait()
+            record.extra.pop("detached", None)
+            record.exited = trio.Event()
+            raise _NoFastPlane(str(exc)) from exc
+        # calls go straight to the sandbox's call worker, through the server (``_slot._connect``)
+        record.extra["connect_worker"] = functools.partial(self._worker_line, offer)
+        return fastclient.FastStream(sock, inbound, on_close=close_call)
+
+    async def _worker_line(self, offer: dict, name: str):
+        sock = await fastclient.open_worker_line(offer, name)
+        self.worker_lines += 1
+        return sock
+
+    async def _pump(self, record: SandboxRecord, call, inbound: ThreadPipe, key: int, pumped: trio.Event) -> None:
         """Move response messages into ``inbound`` (in a thread) until the stream ends; then say how."""
 
         def read() -> tuple[str, object]:
@@ -338,6 +412,7 @@ class RemoteRuntime(Runtime):
             self._streams.pop(key, None)
             record.exited.set()
             inbound.close(error)
+            pumped.set()
 
     @staticmethod
     def _exit_report(record: SandboxRecord, trailer: dict) -> None:
@@ -358,6 +433,10 @@ class RemoteRuntime(Runtime):
         record.status, record.status_reason = info.get("status"), info.get("status_reason")
         record.returncode = info.get("returncode")
         record.extra["orphaned_for"] = info.get("orphaned_for")
+
+
+class _NoFastPlane(Exception):
+    """This process cannot use the server's fast socket (another user, another mount namespace)."""
 
 
 def _spec_or_tags(info: dict) -> SandboxSpec:

@@ -43,6 +43,9 @@ class Attachment:
     #: set when the stream should end: ("ok", trailer dict) or ("error", (status name, message))
     ending: tuple[str, object] | None = None
     greeted: bool = False
+    #: while the client has a line straight to the sandbox's call worker (``workerlink.py``): its
+    #: cancels of direct calls keep their ids, which are the ids the worker holds
+    direct_line: bool = False
     done: trio.Event = field(default_factory=trio.Event)
 
     def end(self, how: str, detail: object) -> None:
@@ -104,7 +107,7 @@ class Hub:
                             return
                         continue
                     frame_id = check_frame(frame)["id"]
-                    if frame_id:
+                    if frame_id and not (att.direct_line and frame["t"] == "cancel" and frame.get("call")):
                         frame["id"] = base | frame_id
                     frames.append(frame)
                 if frames:

@@ -4,18 +4,24 @@
 fields. This adds what a client may not send an agent through a shared server: only the client
 kinds, ids in the client's own 32-bit range, optional fields of the right types, no NUL bytes in
 arguments, environment, working directory or paths, environment names without ``=``, sizes within
-``limits``, signal numbers and credits in range. A frame that fails is a ProtocolError naming the
-kind, the field and the fix; the hub ends that client's stream with it, and only that stream.
+``limits``, signal numbers and credits in range, and a ``worker`` (a direct call worker, for a
+same-host client: ``workerlink.py``) only at ``/tmp/.sandpool-worker-<hex>``. A frame that fails
+is a ProtocolError naming the kind, the field and the fix; the hub ends that client's stream with
+it, and only that stream.
 """
 
 from __future__ import annotations
+
+import re
 
 from .._errors import ProtocolError
 from . import limits
 
 ID_BITS = 32
 CLIENT_KINDS = frozenset({"exec", "stdin", "credit", "signal", "resize", "read_file", "write_file", "call", "cancel",
-                          "ping"})
+                          "ping", "worker"})
+#: where a ``worker`` frame may have the agent listen: the sandbox's /tmp, a name of this form
+WORKER_LISTEN = re.compile(r"/tmp/\.sandpool-worker-[0-9a-f]{1,32}")
 #: kind -> {optional field: accepted types}
 _OPTIONAL: dict[str, dict[str, tuple[type, ...]]] = {
     "exec": {"cwd": (str,), "env": (dict,), "stdin": (bool,)},
@@ -89,4 +95,11 @@ def _call(frame: dict) -> None:
         raise ValueError(f"timeout {timeout!r} must be a finite number of seconds > 0")
 
 
-_FIELDS = {"call": _call, "exec": _exec, "read_file": _path, "write_file": _path, "signal": _signal, "credit": _credit}
+def _worker(frame: dict) -> None:
+    if not WORKER_LISTEN.fullmatch(frame["listen"]):
+        raise ValueError(f"listen {limits._short(frame['listen'])} must be /tmp/.sandpool-worker-<hex>, "
+                         f"the only place a client's call worker listens")
+
+
+_FIELDS = {"call": _call, "exec": _exec, "read_file": _path, "write_file": _path, "signal": _signal, "credit": _credit,
+           "worker": _worker}

@@ -37,6 +37,8 @@ from .._isolation import probe
 from . import auth, endpoint, journal, limits
 from . import messages as m
 from .control import Fleet
+from . import fastpath
+from .fastpath import FastEnd, FastPlane
 from .listener import Listening, build_server  # noqa: F401 (build_server: also the Slurm job server's)
 from .policy import Policy, Refused
 
@@ -108,9 +110,10 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
 class Service:
     """The gRPC methods; each handler thread calls into the trio loop that owns ``fleet``."""
 
-    def __init__(self, fleet: Fleet, token: trio.lowlevel.TrioToken) -> None:
+    def __init__(self, fleet: Fleet, token: trio.lowlevel.TrioToken, fastplane: FastPlane | None = None) -> None:
         self.fleet = fleet
         self.token = token
+        self.fastplane = fastplane
         self._leases: set[threading.Event] = set()
         self._lock = threading.Lock()
 
@@ -153,7 +156,10 @@ class Service:
         with self._lock:
             self._leases.add(ended)
         try:
-            yield m.pack({"lease": lease})
+            reply = {"lease": lease}
+            if self.fastplane is not None:
+                reply["fast"] = self.fastplane.advert()
+            yield m.pack(reply)
             ended.wait()
         finally:
             with self._lock:
@@ -164,14 +170,19 @@ class Service:
                 pass
 
     def attach(self, request_iterator, context: grpc.ServicerContext):
-        """One sandbox's data plane: bytes of wire frames both ways (see ``dataplane.py``)."""
-        sandbox_id = dict(context.invocation_metadata()).get(m.META_SANDBOX)
+        """One sandbox's data plane: bytes of wire frames both ways (see ``dataplane.py``), or, for a
+        same-host client that asks, an offer of the fast socket (see ``fastpath.py``)."""
+        metadata = dict(context.invocation_metadata())
+        sandbox_id = metadata.get(m.META_SANDBOX)
         try:
             if not sandbox_id:
                 raise ValueError(f"an Attach call needs the {m.META_SANDBOX!r} metadata naming the sandbox")
             limits.identifier(f"the {m.META_SANDBOX!r} metadata", sandbox_id)
         except (TypeError, ValueError) as exc:
             _abort(context, exc)
+        if metadata.get(m.META_DATA_PLANE) == m.DATA_PLANE_FAST and self.fastplane is not None:
+            yield from self._attach_fast(sandbox_id, context)
+            return
         inbound = ThreadPipe(self.token)
         outbound = ThreadPipe(self.token, message_bytes=m.DATA_CHUNK_BYTES, pace=PACE_SECONDS)
         try:
@@ -189,18 +200,38 @@ class Service:
                          name=f"sandpool-attach-{sandbox_id}").start()
         while (chunk := outbound.get_blocking()) is not None:
             yield chunk
-        how, detail = att.ending or ("ok", {})
-        if how == "error":
-            code_name, message = detail
-            context.set_trailing_metadata(((m.META_ERROR, "ProtocolError"),))
-            context.abort(getattr(grpc.StatusCode, code_name), message)
-        context.set_trailing_metadata(tuple((k, str(v)) for k, v in dict(detail).items()))
+        _end_stream(context, att)
+
+    def _attach_fast(self, sandbox_id: str, context: grpc.ServicerContext):
+        """The Attach call of a fast-plane attachment: the offer, then the attachment's end."""
+        assert self.fastplane is not None
+        end = FastEnd(self.token)
+        try:
+            att, offer = trio.from_thread.run(fastpath.attach, self.fleet, self.fastplane, sandbox_id, end,
+                                              context.peer(), trio_token=self.token)
+        except Exception as exc:
+            _abort(context, exc)
+        if not context.add_callback(end.close_from_thread):  # the call ended already
+            end.close_from_thread()
+        yield m.pack(offer)
+        end.ended.wait()
+        _end_stream(context, att)
 
     def end_leases(self) -> None:
         """Server shutdown: end every lease stream (clients then know the server is going)."""
         with self._lock:
             for ended in self._leases:
                 ended.set()
+
+
+def _end_stream(context: grpc.ServicerContext, att) -> None:
+    """End an Attach call as its attachment ended: the exit report, or the error that ended it."""
+    how, detail = att.ending or ("ok", {})
+    if how == "error":
+        code_name, message = detail
+        context.set_trailing_metadata(((m.META_ERROR, "ProtocolError"),))
+        context.abort(getattr(grpc.StatusCode, code_name), message)
+    context.set_trailing_metadata(tuple((k, str(v)) for k, v in dict(detail).items()))
 
 
 def _pump_requests(request_iterator, inbound: ThreadPipe) -> None:
@@ -228,7 +259,10 @@ async def serve_async(config: ServeConfig, *, task_status=trio.TASK_STATUS_IGNOR
             await runtime.open(nursery)
             fleet = Fleet(runtime, record, nursery, orphan_grace=config.orphan_grace_seconds,
                           policy=config.policy(), auto_level=probe.best)
-            service = Service(fleet, trio.lowlevel.current_trio_token())
+            token = trio.lowlevel.current_trio_token()
+            fastplane = FastPlane(token)
+            await nursery.start(fastplane.serve)
+            service = Service(fleet, token, fastplane)
             try:
                 bound = listening.start(service)
                 nursery.start_soon(fleet.sweep_orphans)

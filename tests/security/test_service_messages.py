@@ -98,7 +98,7 @@ BAD_FRAMES = {
     "cancel call not bool": (frame("cancel", id=1, call="yes"), "'call' must be bool"),
     "ping id not int": (frame("ping", id=None), "'id' must be int"),
     "stop (not a client kind)": (frame("stop", grace=0.0), "clients may not send 'stop'"),
-    "worker (not a client kind)": (frame("worker", id=1, listen="/tmp/w"), "clients may not send 'worker'"),
+    "worker listening elsewhere": (frame("worker", id=1, listen="/tmp/w"), "/tmp/.sandpool-worker-<hex>"),
     "spawn (not a client kind)": (frame("spawn", id=1, config={}), "clients may not send 'spawn'"),
     "a second hello": (_wire.encode(_wire.hello()), "clients may not send 'hello'"),
     "unknown kind": (frame("format_disk", id=1), "unknown frame kind"),
