@@ -38,7 +38,9 @@ def test_a_terminal_has_a_size_a_tty_and_resizes(sandbox):
 def test_ctrl_c_interrupts_the_foreground_command(sandbox):
     """^C on the terminal interrupts what runs in it (it is the controlling terminal), and the
     sandbox keeps working."""
-    term = sandbox.shell(["sh", "-c", "echo ready; sleep 30; echo never"])
+    # The command itself says ready, once its own SIGINT handling is in place: a shell's "echo ready;
+    # sleep 30" has a window between the two where dash swallows a SIGINT and runs the sleep anyway.
+    term = sandbox.shell(["python3", "-c", "import time; print('ready', flush=True); time.sleep(30); print('never')"])
     seen = _read_until(iter(term.output), b"ready")
     term.stdin.write(b"\x03").result()
     assert term.wait(timeout=30) != 0
