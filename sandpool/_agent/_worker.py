@@ -137,9 +137,12 @@ class Worker:
         if self.client is None:
             readable = [(self.io, self.buf)]
         else:
-            ready, _, _ = select.select([self.client, self.agent], [], [])
+            poller = select.poll()  # (not select(): its fds must be < 1024, and a busy host's are not)
+            poller.register(self.client, select.POLLIN)
+            poller.register(self.agent, select.POLLIN)
+            ready = {fd for fd, _ in poller.poll()}
             readable = [(sock, buf) for sock, buf in ((self.client, self.buf), (self.agent, self.agent_buf))
-                        if sock in ready]
+                        if sock.fileno() in ready]
         for sock, buf in readable:
             data = sock.recv(1 << 20)
             if not data:
