@@ -10,6 +10,8 @@ For each N, in a fresh process (its own client, template and state dir), one ses
 - memory:    private memory (USS: Private_Clean + Private_Dirty, from /proc/PID/smaps_rollup via
              psutil) of each sandbox's agent, median and max;
 - down:      stop all N at once (no grace), wall time;
+- CPU:       per sandbox, the client's and the template's CPU time during "up", and each agent's
+             CPU over its whole life (setup, the execs, exit; counted when the template reaps it);
 - leftovers: ``sandpool.testing.wait_for_no_leftovers`` on the state dir after that process exits.
 
 Targets (issue 15, item 6): N=1000 up in <= 5 s, an exec in each in <= 2 s, all stopped in <= 3 s,
@@ -35,6 +37,7 @@ from sandpool import SandboxDefaults, Session
 from sandpool.testing import kill_leftovers, wait_for_no_leftovers
 
 MIB = 1 << 20
+TEMPLATE_MARK = "sandpool._agent.template"
 TARGETS = {"up_s": 5.0, "exec_s": 2.0, "down_s": 3.0, "uss_max_mib": 3.0, "per_start_ratio": 1.5}
 
 
@@ -47,6 +50,12 @@ def uss(pid: int) -> int | None:
         return None
 
 
+def cpu_seconds(client, template) -> tuple[float, float, float]:
+    """CPU time so far of the client, the template, and the template's reaped children (agents)."""
+    a, b = client.cpu_times(), template.cpu_times()
+    return a.user + a.system, b.user + b.system, b.children_user + b.children_system
+
+
 def wait_all(refs: list) -> None:
     for ref in refs:
         ref.result()
@@ -54,13 +63,24 @@ def wait_all(refs: list) -> None:
 
 def one_scale(n: int) -> dict:
     """In this process (its shared runtime's state dir is $SANDPOOL_STATE_DIR): the figures for N."""
+    import psutil
+
     row: dict = {"n": n}
     with Session(defaults=SandboxDefaults(tags=("bench-scale",), isolation="namespaces")) as session:
+        warm = session.sandbox()  # the runtime and its template up before the clock starts
+        warm.exec(["true"]).result()
+        warm.stop(graceful_shutdown_seconds=0).result()
+        client = psutil.Process()
+        template = next(p for p in client.children() if TEMPLATE_MARK in " ".join(p.cmdline()))
         pool = [session.sandbox() for _ in range(n)]
+        cpu0 = cpu_seconds(client, template)
         began = time.perf_counter()
         wait_all([sandbox.start() for sandbox in pool])
         wait_all([sandbox.exec(["true"]) for sandbox in pool])
         row["up_s"] = time.perf_counter() - began
+        cpu1 = cpu_seconds(client, template)
+        row["up_client_cpu_ms_each"] = (cpu1[0] - cpu0[0]) / n * 1000
+        row["up_template_cpu_ms_each"] = (cpu1[1] - cpu0[1]) / n * 1000
         row["per_start_ms"] = row["up_s"] / n * 1000
 
         began = time.perf_counter()
@@ -78,6 +98,8 @@ def one_scale(n: int) -> dict:
         began = time.perf_counter()
         wait_all([sandbox.stop(graceful_shutdown_seconds=0) for sandbox in pool])
         row["down_s"] = time.perf_counter() - began
+        cpu2 = cpu_seconds(client, template)  # (the agents' CPU reaches the template's children at reaping)
+        row["agent_cpu_ms_each"] = (cpu2[2] - cpu1[2]) / n * 1000
     return row
 
 
@@ -117,11 +139,12 @@ def main() -> None:
         row["per_start_vs_smallest_n"] = row["per_start_ms"] / floor["per_start_ms"] if floor else None
 
     print(f"| N | up (start + 1 exec each) s | per sandbox ms | x per sandbox at N={floor['n']} | exec in each s "
-          "| stop all s | USS median MiB | USS max MiB | leftovers |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+          "| stop all s | USS median MiB | USS max MiB | CPU ms each: client / template / agent | leftovers |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in rows:
         print(f"| {r['n']} | {r['up_s']:.2f} | {r['per_start_ms']:.2f} | {r['per_start_vs_smallest_n']:.2f}x "
               f"| {r['exec_s']:.2f} | {r['down_s']:.2f} | {r['uss_median_mib']:.2f} | {r['uss_max_mib']:.2f} "
+              f"| {r['up_client_cpu_ms_each']:.1f} / {r['up_template_cpu_ms_each']:.1f} / {r['agent_cpu_ms_each']:.1f} "
               f"| {r['leftovers'] or 'none'} |")
     print(f"\ntargets at N=1000: up <= {TARGETS['up_s']} s, exec <= {TARGETS['exec_s']} s, stop <= "
           f"{TARGETS['down_s']} s, USS <= {TARGETS['uss_max_mib']} MiB, per sandbox <= "
