@@ -1,6 +1,6 @@
 """Scale on one host: N concurrent sandboxes at the default (namespaces, as root) level.
 
-    python benchmarks/bench_scale.py [--n 100,500,1000] [--json PATH]     (as root)
+    python benchmarks/bench_scale.py [--n 100,500,1000] [--isolation LEVEL] [--json PATH]     (as root)
 
 For each N, in a fresh process (its own client, template and state dir), one session:
 
@@ -61,12 +61,12 @@ def wait_all(refs: list) -> None:
         ref.result()
 
 
-def one_scale(n: int) -> dict:
+def one_scale(n: int, isolation: str) -> dict:
     """In this process (its shared runtime's state dir is $SANDPOOL_STATE_DIR): the figures for N."""
     import psutil
 
     row: dict = {"n": n}
-    with Session(defaults=SandboxDefaults(tags=("bench-scale",), isolation="namespaces")) as session:
+    with Session(defaults=SandboxDefaults(tags=("bench-scale",), isolation=isolation)) as session:
         warm = session.sandbox()  # the runtime and its template up before the clock starts
         warm.exec(["true"]).result()
         warm.stop(graceful_shutdown_seconds=0).result()
@@ -103,11 +103,12 @@ def one_scale(n: int) -> dict:
     return row
 
 
-def run_scale(n: int) -> dict:
+def run_scale(n: int, isolation: str) -> dict:
     """One N in a fresh process with a state dir of its own; then what is left of it (nothing, we hope)."""
     state_dir = tempfile.mkdtemp(prefix="sandpool-scale-")
     env = {**os.environ, "SANDPOOL_STATE_DIR": state_dir}
-    done = subprocess.run([sys.executable, __file__, "--one", str(n)], env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, __file__, "--one", str(n), "--isolation", isolation], env=env,
+                          capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"N={n} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
     row = json.loads(done.stdout.strip().splitlines()[-1])
@@ -122,16 +123,17 @@ def run_scale(n: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", default="100,500,1000", help="comma-separated numbers of sandboxes")
+    parser.add_argument("--isolation", default="namespaces", help="the level (namespaces: the default as root)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # (internal: one N, JSON row on stdout)
     parser.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "bench_scale.json"))
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one_scale(args.one)))
+        print(json.dumps(one_scale(args.one, args.isolation)))
         return
     counts = [int(x) for x in args.n.split(",") if x]
     rows = []
     for n in counts:
-        row = run_scale(n)
+        row = run_scale(n, args.isolation)
         rows.append(row)
         print(f"# N={n}: {json.dumps(row)}", file=sys.stderr)
     floor = next((r for r in rows if r["n"] == min(counts)), None)
@@ -149,7 +151,8 @@ def main() -> None:
     print(f"\ntargets at N=1000: up <= {TARGETS['up_s']} s, exec <= {TARGETS['exec_s']} s, stop <= "
           f"{TARGETS['down_s']} s, USS <= {TARGETS['uss_max_mib']} MiB, per sandbox <= "
           f"{TARGETS['per_start_ratio']}x N=100. load average now: {os.getloadavg()[0]:.1f}")
-    out = {"host": {"cpus": os.cpu_count(), "kernel": platform.release(), "loadavg": os.getloadavg()},
+    out = {"isolation": args.isolation,
+           "host": {"cpus": os.cpu_count(), "kernel": platform.release(), "loadavg": os.getloadavg()},
            "targets": TARGETS, "rows": rows}
     text = json.dumps(out, indent=2)
     if args.json == "-":
