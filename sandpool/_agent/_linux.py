@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import resource
 import signal
 import time
 
@@ -136,3 +137,21 @@ def process_start_time(pid: int) -> str | None:
     except OSError:
         return None
     return stat.rsplit(")", 1)[1].split()[19]
+
+
+_first_soft_nofile: int | None = None
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit (where allowed; else leave it) and
+    return the soft limit it had before the first call, for children that should get it back."""
+    global _first_soft_nofile
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if _first_soft_nofile is None:
+        _first_soft_nofile = soft
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+    return _first_soft_nofile

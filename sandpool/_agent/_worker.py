@@ -86,6 +86,9 @@ class Worker:
         self.agent = agent  # to the agent: calls and answers when relayed; cancels and acks when direct
         self.client = client
         self.io = client or agent  # where calls come from and answers go
+        self.poller = select.poll()  # direct: waits on both (not select(): it fails on fds >= 1024)
+        for sock in (client, agent) if client is not None else ():
+            self.poller.register(sock, select.POLLIN)
         self.buf = _wire.FrameBuffer()
         self.agent_buf = _wire.FrameBuffer() if client is not None else self.buf
         self.root = root  # where the sandbox's "/" is, seen from here ("/" when namespaced)
@@ -137,9 +140,9 @@ class Worker:
         if self.client is None:
             readable = [(self.io, self.buf)]
         else:
-            ready, _, _ = select.select([self.client, self.agent], [], [])
+            ready = {fd for fd, _ in self.poller.poll()}
             readable = [(sock, buf) for sock, buf in ((self.client, self.buf), (self.agent, self.agent_buf))
-                        if sock in ready]
+                        if sock.fileno() in ready]
         for sock, buf in readable:
             data = sock.recv(1 << 20)
             if not data:

@@ -28,8 +28,9 @@ _SHUTDOWN_WAIT_SECONDS = 3.0
 
 
 class Template:
-    def __init__(self, control: socket.socket, owner_dir: str) -> None:
+    def __init__(self, control: socket.socket, owner_dir: str, sandbox_nofile: int) -> None:
         self.control = control
+        self.sandbox_nofile = sandbox_nofile  # the soft fd limit given back to each agent (and its user code)
         self.owner_dir = owner_dir
         self.agents: dict[int, str] = {}  # pid -> sandbox dir
         self.pid = os.getpid()
@@ -106,6 +107,8 @@ class Template:
                 signal.signal(sig, signal.SIG_DFL)
             self.control.close()
             self.isolation.enter(config)
+            _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(self.sandbox_nofile, hard), hard))
             for name, value in (config.get("rlimits") or {}).items():
                 resource.setrlimit(_RLIMITS[name], (value, value))
             os.environ.clear()
@@ -169,4 +172,8 @@ def _preimport() -> None:
 def main(control_fd: int, owner_dir: str) -> None:
     """Entry point, called by the bootstrap line the runtime passes to ``python -c``."""
     control = socket.socket(fileno=control_fd)
-    Template(control, owner_dir).serve()
+    # two fds per sandbox here (its socket, its cgroup's OOM watch) and more per spare: raise the soft
+    # limit; sandboxes get back the one the client had before it raised its own (or ours, unset)
+    inherited = _linux.raise_fd_limit()
+    sandbox_nofile = int(os.environ.get("SANDPOOL_SANDBOX_NOFILE") or inherited)
+    Template(control, owner_dir, sandbox_nofile).serve()

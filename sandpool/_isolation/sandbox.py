@@ -165,7 +165,9 @@ class Supervisor:
     def _poll_spare(self, pid: int) -> None:
         """Notice a spare's "ready" byte, or its death (EOF), without blocking."""
         sock = self.spares[pid].sock
-        while select.select([sock], [], [], 0)[0]:
+        poller = select.poll()  # (select() fails on fds >= 1024: a template with ~1,000 sandboxes has them)
+        poller.register(sock, select.POLLIN)
+        while poller.poll(0):
             try:
                 data = sock.recv(1)
             except OSError:

@@ -40,6 +40,7 @@ _BOOT = (
 _log = logging.getLogger("sandpool")
 _BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _KILL_WAIT_SECONDS = 3.0
+_SANDBOX_NOFILE = "SANDPOOL_SANDBOX_NOFILE"  # the soft fd limit sandboxes get (the client's, before raising)
 
 
 def sandbox_environment(spec: SandboxSpec, sandbox_id: str, root: str) -> dict[str, str]:
@@ -94,6 +95,8 @@ class LocalRuntime(Runtime):
         return f"<LocalRuntime {self.state_dir} live={live}>"
 
     async def open(self, nursery: trio.Nursery) -> None:
+        # one socket per sandbox here: 1,000 sandboxes need more than the usual soft limit of 1,024
+        self._sandbox_nofile = _linux.raise_fd_limit()
         _statedir.sweep(self.state_dir)
         self._nursery = nursery
         await self._start_template()
@@ -111,7 +114,7 @@ class LocalRuntime(Runtime):
                 # Never the client's own stdout/stderr: code in a sandbox can open its agent's
                 # descriptors (/proc/1/fd/1) and would write into (or truncate) the client's files.
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                env={"PATH": _BASE_PATH, "LANG": "C.UTF-8"},
+                env={"PATH": _BASE_PATH, "LANG": "C.UTF-8", _SANDBOX_NOFILE: str(self._sandbox_nofile)},
                 close_fds=True,
                 start_new_session=True,  # a terminal's Ctrl-C is for the client, which then stops sandboxes
             )

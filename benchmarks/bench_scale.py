@@ -1,0 +1,167 @@
+"""Scale on one host: N concurrent sandboxes at the default (namespaces, as root) level.
+
+    python benchmarks/bench_scale.py [--n 100,500,1000] [--isolation LEVEL] [--json PATH]     (as root)
+
+For each N, in a fresh process (its own client, template and state dir), one session:
+
+- up:        start N sandboxes at once and run one ``exec(["true"])`` in each (proof that they run),
+             wall time until every result is in;
+- exec:      one more ``exec(["true"])`` in each of the N, all at once, wall time;
+- memory:    private memory (USS: Private_Clean + Private_Dirty, from /proc/PID/smaps_rollup via
+             psutil) of each sandbox's agent, median and max;
+- down:      stop all N at once (no grace), wall time;
+- CPU:       per sandbox, the client's and the template's CPU time during "up", and each agent's
+             CPU over its whole life (setup, the execs, exit; counted when the template reaps it);
+- leftovers: ``sandpool.testing.wait_for_no_leftovers`` on the state dir after that process exits.
+
+Targets (issue 15, item 6): N=1000 up in <= 5 s, an exec in each in <= 2 s, all stopped in <= 3 s,
+<= 3 MiB private memory per sandbox, and the per-sandbox start cost (up / N) at N=1000 within 1.5x
+of N=100 (the floor, from the same run). Prints a Markdown table; JSON goes to
+``benchmarks/results/bench_scale.json`` unless ``--json`` says otherwise (``-`` is stdout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from sandpool import SandboxDefaults, Session
+from sandpool.testing import kill_leftovers, wait_for_no_leftovers
+
+MIB = 1 << 20
+TEMPLATE_MARK = "sandpool._agent.template"
+TARGETS = {"up_s": 5.0, "exec_s": 2.0, "down_s": 3.0, "uss_max_mib": 3.0, "per_start_ratio": 1.5}
+
+
+def uss(pid: int) -> int | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).memory_full_info().uss
+    except psutil.Error:
+        return None
+
+
+def cpu_seconds(client, template) -> tuple[float, float, float]:
+    """CPU time so far of the client, the template, and the template's reaped children (agents)."""
+    a, b = client.cpu_times(), template.cpu_times()
+    return a.user + a.system, b.user + b.system, b.children_user + b.children_system
+
+
+def wait_all(refs: list) -> None:
+    for ref in refs:
+        ref.result()
+
+
+def one_scale(n: int, isolation: str) -> dict:
+    """In this process (its shared runtime's state dir is $SANDPOOL_STATE_DIR): the figures for N."""
+    import psutil
+
+    row: dict = {"n": n}
+    with Session(defaults=SandboxDefaults(tags=("bench-scale",), isolation=isolation)) as session:
+        warm = session.sandbox()  # the runtime and its template up before the clock starts
+        warm.exec(["true"]).result()
+        warm.stop(graceful_shutdown_seconds=0).result()
+        client = psutil.Process()
+        template = next(p for p in client.children() if TEMPLATE_MARK in " ".join(p.cmdline()))
+        pool = [session.sandbox() for _ in range(n)]
+        cpu0 = cpu_seconds(client, template)
+        began = time.perf_counter()
+        wait_all([sandbox.start() for sandbox in pool])
+        wait_all([sandbox.exec(["true"]) for sandbox in pool])
+        row["up_s"] = time.perf_counter() - began
+        cpu1 = cpu_seconds(client, template)
+        row["up_client_cpu_ms_each"] = (cpu1[0] - cpu0[0]) / n * 1000
+        row["up_template_cpu_ms_each"] = (cpu1[1] - cpu0[1]) / n * 1000
+        row["per_start_ms"] = row["up_s"] / n * 1000
+
+        began = time.perf_counter()
+        codes = [ref.result().returncode for ref in [sandbox.exec(["true"]) for sandbox in pool]]
+        row["exec_s"] = time.perf_counter() - began
+        if any(codes):
+            raise RuntimeError(f"{sum(1 for c in codes if c)} of {n} execs of true failed")
+
+        usses = [u for u in (uss(sandbox._record.agent_pid) for sandbox in pool) if u is not None]
+        if len(usses) != n:
+            raise RuntimeError(f"found {len(usses)} agent processes for {n} running sandboxes")
+        row["uss_median_mib"] = statistics.median(usses) / MIB
+        row["uss_max_mib"] = max(usses) / MIB
+
+        began = time.perf_counter()
+        wait_all([sandbox.stop(graceful_shutdown_seconds=0) for sandbox in pool])
+        row["down_s"] = time.perf_counter() - began
+        cpu2 = cpu_seconds(client, template)  # (the agents' CPU reaches the template's children at reaping)
+        row["agent_cpu_ms_each"] = (cpu2[2] - cpu1[2]) / n * 1000
+    return row
+
+
+def run_scale(n: int, isolation: str) -> dict:
+    """One N in a fresh process with a state dir of its own; then what is left of it (nothing, we hope)."""
+    state_dir = tempfile.mkdtemp(prefix="sandpool-scale-")
+    env = {**os.environ, "SANDPOOL_STATE_DIR": state_dir}
+    done = subprocess.run([sys.executable, __file__, "--one", str(n), "--isolation", isolation], env=env,
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"N={n} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    report = wait_for_no_leftovers(state_dir, timeout=10.0)
+    row["leftovers"] = str(report) if report else ""
+    if report:
+        kill_leftovers(report)
+    shutil.rmtree(state_dir, ignore_errors=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", default="100,500,1000", help="comma-separated numbers of sandboxes")
+    parser.add_argument("--isolation", default="namespaces", help="the level (namespaces: the default as root)")
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # (internal: one N, JSON row on stdout)
+    parser.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "bench_scale.json"))
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one_scale(args.one, args.isolation)))
+        return
+    counts = [int(x) for x in args.n.split(",") if x]
+    rows = []
+    for n in counts:
+        row = run_scale(n, args.isolation)
+        rows.append(row)
+        print(f"# N={n}: {json.dumps(row)}", file=sys.stderr)
+    floor = next((r for r in rows if r["n"] == min(counts)), None)
+    for row in rows:
+        row["per_start_vs_smallest_n"] = row["per_start_ms"] / floor["per_start_ms"] if floor else None
+
+    print(f"| N | up (start + 1 exec each) s | per sandbox ms | x per sandbox at N={floor['n']} | exec in each s "
+          "| stop all s | USS median MiB | USS max MiB | CPU ms each: client / template / agent | leftovers |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    for r in rows:
+        print(f"| {r['n']} | {r['up_s']:.2f} | {r['per_start_ms']:.2f} | {r['per_start_vs_smallest_n']:.2f}x "
+              f"| {r['exec_s']:.2f} | {r['down_s']:.2f} | {r['uss_median_mib']:.2f} | {r['uss_max_mib']:.2f} "
+              f"| {r['up_client_cpu_ms_each']:.1f} / {r['up_template_cpu_ms_each']:.1f} / {r['agent_cpu_ms_each']:.1f} "
+              f"| {r['leftovers'] or 'none'} |")
+    print(f"\ntargets at N=1000: up <= {TARGETS['up_s']} s, exec <= {TARGETS['exec_s']} s, stop <= "
+          f"{TARGETS['down_s']} s, USS <= {TARGETS['uss_max_mib']} MiB, per sandbox <= "
+          f"{TARGETS['per_start_ratio']}x N=100. load average now: {os.getloadavg()[0]:.1f}")
+    out = {"isolation": args.isolation,
+           "host": {"cpus": os.cpu_count(), "kernel": platform.release(), "loadavg": os.getloadavg()},
+           "targets": TARGETS, "rows": rows}
+    text = json.dumps(out, indent=2)
+    if args.json == "-":
+        print(text)
+    else:
+        os.makedirs(os.path.dirname(args.json), exist_ok=True)
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
