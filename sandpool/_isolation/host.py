@@ -103,13 +103,13 @@ class Isolation:
         try:
             mode = network.resolve(spec.network, record.isolation)
             lower = images.resolve(spec.container_image, fetch=False)
+            if record.isolation in ("namespaces", "oci") and probe.rootless() and lower != "/":
+                raise SandboxFailedError(_registry_refused(spec.container_image), sandbox_id=record.sandbox_id,
+                                         status_reason="InvalidSpec")  # (before any pull)
             if lower is None and record.isolation != "process":  # a registry image to pull first, in a thread
                 lower = await trio.to_thread.run_sync(images.resolve, spec.container_image, abandon_on_cancel=True)
         except (ValueError, TypeError, images.ImageError) as exc:
             raise SandboxFailedError(str(exc), sandbox_id=record.sandbox_id, status_reason="InvalidSpec") from exc
-        if record.isolation in ("namespaces", "oci") and probe.rootless() and lower != "/":
-            raise SandboxFailedError(_registry_refused(spec.container_image), sandbox_id=record.sandbox_id,
-                                     status_reason="InvalidSpec")
         if record.isolation == "process" and lower != "/":
             raise SandboxFailedError(
                 f"image {spec.container_image!r} needs isolation='namespaces' (the process level runs on the host "
