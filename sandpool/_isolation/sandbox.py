@@ -42,6 +42,7 @@ import selectors
 import signal
 import socket
 import stat
+import time
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -58,6 +59,8 @@ NEWEST_ROOT_SPARES = 2
 BUILD_NICENESS = 10
 #: Above a socket's send buffer (~200 KiB) a handoff fails anyway, and the sandbox is forked instead.
 _MAX_CONFIG_BYTES = 1 << 20
+#: Rootless: how long a new child waits to be re-parented to the template (it takes microseconds).
+_REPARENT_SECONDS = 2.0
 
 
 class _Spare(NamedTuple):
@@ -167,9 +170,15 @@ class Supervisor:
                     self._spawn_spare(mode, key, plan)
 
     def _fork_pid_ns(self) -> int:
-        if self.outside is not None:
-            return namespaces.fork_into_pid_namespace_rootless()
-        return namespaces.fork_into_pid_namespace(self._pid_ns())
+        if self.outside is None:
+            return namespaces.fork_into_pid_namespace(self._pid_ns())
+        template = os.getpid()
+        pid = namespaces.fork_into_pid_namespace_rootless()
+        if pid == 0:  # the middle child is gone; wait (briefly) until its exit made us the template's child
+            deadline = time.monotonic() + _REPARENT_SECONDS
+            while parent_pid() != template and time.monotonic() < deadline:
+                time.sleep(0.0001)  # (past the deadline the template is gone: the parent check exits)
+        return pid
 
     def _pid_ns(self) -> int:
         if self._pid_ns_fd is None:
