@@ -18,9 +18,10 @@ import textwrap
 
 import pytest
 
+from sandpool._isolation import probe
 from sandpool.testing import leftovers
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the test makes a client run as another user")
+_AS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="the test makes a client run as another user")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SITE = sysconfig.get_paths()["purelib"]
@@ -63,6 +64,7 @@ def user_state(unprivileged_user):
     shutil.rmtree(parent, ignore_errors=True)
 
 
+@_AS_ROOT
 def test_rootless_client_gets_the_namespaces_level(unprivileged_user, user_state):
     """Everything the namespaces level gives root, checked inside a sandbox of an ordinary user's
     client; then nothing of it is left."""
@@ -92,6 +94,8 @@ def test_rootless_client_gets_the_namespaces_level(unprivileged_user, user_state
                 except (OSError, ValueError):
                     pass
             seen["owners"] = owners
+            with Sandbox.run(resources={"limits": {"memory": "64Mi"}}) as small:  # an rlimit, not a cgroup
+                seen["memory"] = small.exec(["python3", "-c", "b = bytearray(200 << 20)"]).result().stderr
             with Sandbox.run(isolation="process") as plain:  # same runtime, same (user-namespaced) template
                 seen["process_uid"] = plain.exec(["id", "-u"]).result().stdout.strip()
         with open(marker) as f:
@@ -110,12 +114,14 @@ def test_rootless_client_gets_the_namespaces_level(unprivileged_user, user_state
     assert devices == ["lo"], seen["links"]
     assert seen["status"].split() == ["Seccomp:", "2"]
     assert seen["unshare"] != 0
+    assert "MemoryError" in seen["memory"]
     assert seen["process_uid"] == str(uid)  # the process level is the user again, not root of the template's namespace
     assert any("cpu limit" in w and "not enforced" in w for w in seen.get("warnings", [])), seen
     found = leftovers(user_state)
     assert not found, found
 
 
+@_AS_ROOT
 def test_rootless_registry_image_is_refused_naming_the_fix(unprivileged_user, user_state):
     """A registry image cannot be unpacked rootless: the start fails at once (no pull), saying what to do."""
     seen = _run_as(unprivileged_user, user_state, """
@@ -132,3 +138,18 @@ def test_rootless_registry_image_is_refused_naming_the_fix(unprivileged_user, us
     assert seen["after"] == 0
     found = leftovers(user_state)
     assert not found, found
+
+
+def test_the_process_level_as_last_resort_says_so_once(monkeypatch, caplog):
+    """When ``auto`` falls back to the process level, one warning says so and why, however often
+    the level is chosen."""
+    why = "uid 1000 cannot make a user namespace (test)"
+    monkeypatch.setattr(probe, "unavailable", lambda level: why)
+    probe._last_resort.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="sandpool"):
+            assert [probe.best() for _ in range(3)] == ["process"] * 3
+    finally:
+        probe._last_resort.cache_clear()
+    said = [r.getMessage() for r in caplog.records if "last resort" in r.getMessage()]
+    assert len(said) == 1 and why in said[0]
