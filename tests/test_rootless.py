@@ -96,6 +96,9 @@ def test_rootless_client_gets_the_namespaces_level(unprivileged_user, user_state
             seen["owners"] = owners
             with Sandbox.run(resources={"limits": {"memory": "64Mi"}}) as small:  # an rlimit, not a cgroup
                 seen["memory"] = small.exec(["python3", "-c", "b = bytearray(200 << 20)"]).result().stderr
+            with Sandbox.run(network="host") as net:  # /sys is then the host's, bound read-only
+                r = net.exec(["sh", "-c", "cat /proc/net/dev; touch /sys/x"]).result()
+                seen["host_net"] = [r.stdout, r.stderr]
             with Sandbox.run(isolation="process") as plain:  # same runtime, same (user-namespaced) template
                 seen["process_uid"] = plain.exec(["id", "-u"]).result().stdout.strip()
         with open(marker) as f:
@@ -115,6 +118,8 @@ def test_rootless_client_gets_the_namespaces_level(unprivileged_user, user_state
     assert seen["status"].split() == ["Seccomp:", "2"]
     assert seen["unshare"] != 0
     assert "MemoryError" in seen["memory"]
+    host_links, sys_error = seen["host_net"]
+    assert len(host_links.splitlines()) > 3 and "Read-only file system" in sys_error, seen["host_net"]
     assert seen["process_uid"] == str(uid)  # the process level is the user again, not root of the template's namespace
     assert any("cpu limit" in w and "not enforced" in w for w in seen.get("warnings", [])), seen
     found = leftovers(user_state)
