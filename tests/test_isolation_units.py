@@ -140,14 +140,15 @@ def test_build_recipes_cover_debian_based_names_only():
     assert images.build_recipe("ubuntu:22.04") is None
 
 
-def test_without_root_auto_is_the_process_level(monkeypatch):
-    """A non-root user gets the process level from 'auto', and the reason names root."""
+def test_without_root_oci_is_unavailable(monkeypatch):
+    """A non-root user cannot have the oci level, and the reason names root (the namespaces level
+    it gets rootless: tests/test_rootless.py)."""
     from sandpool._isolation import probe
 
     probe.unavailable.cache_clear()
     monkeypatch.setattr(probe.os, "geteuid", lambda: 1000)
     try:
-        assert "needs root" in probe.unavailable("namespaces") and probe.best() == "process"
+        assert "needs root" in probe.unavailable("oci")
         assert probe.unavailable("process") is None
     finally:
         monkeypatch.undo()

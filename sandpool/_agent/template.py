@@ -6,6 +6,9 @@ and every agent that exits is reported as ``reaped``. The template is a child su
 agent is SIGKILLed, its orphaned descendants come back here and are killed, and the agent's
 sandbox directory is removed. When the control socket reaches EOF (the owner is gone, however it
 died) the template stops every agent and removes the owner directory.
+
+Rootless: the template of an ordinary user first enters a user namespace in which it is root
+(``_isolation.userns``), when the runtime says so, and forks everything there.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import socket
 import time
 
 from .. import _wire
+from .._isolation import userns
 from .._isolation.sandbox import Supervisor, parent_pid
 from . import _linux, agent
 
@@ -28,14 +32,15 @@ _SHUTDOWN_WAIT_SECONDS = 3.0
 
 
 class Template:
-    def __init__(self, control: socket.socket, owner_dir: str, sandbox_nofile: int) -> None:
+    def __init__(self, control: socket.socket, owner_dir: str, sandbox_nofile: int,
+                 outside: tuple[int, int] | None = None) -> None:
         self.control = control
         self.sandbox_nofile = sandbox_nofile  # the soft fd limit given back to each agent (and its user code)
         self.owner_dir = owner_dir
         self.agents: dict[int, str] = {}  # pid -> sandbox dir
         self.pid = os.getpid()
         # namespaces, cgroups, OOM watches, spare children (their roots' scratch over owner_dir)
-        self.isolation = Supervisor(self._become_agent, spare_dir=owner_dir)
+        self.isolation = Supervisor(self._become_agent, spare_dir=owner_dir, outside=outside)
 
     def serve(self) -> None:
         _linux.become_subreaper()
@@ -176,4 +181,5 @@ def main(control_fd: int, owner_dir: str) -> None:
     # limit; sandboxes get back the one the client had before it raised its own (or ours, unset)
     inherited = _linux.raise_fd_limit()
     sandbox_nofile = int(os.environ.get("SANDPOOL_SANDBOX_NOFILE") or inherited)
-    Template(control, owner_dir, sandbox_nofile).serve()
+    outside = userns.enter() if os.environ.get(userns.ENV) == "1" else None  # rootless: see userns
+    Template(control, owner_dir, sandbox_nofile, outside).serve()

@@ -5,10 +5,17 @@ spawn (admission by requests, then the level's part of the spawn config: network
 the namespaces plan, environment), ``release`` when the agent is reaped (or the spawn failed), and
 ``close`` when it closes. ``cgroups.sweep`` runs with the state dir's sweep; the template does the
 rest (see ``sandbox``).
+
+Rootless (an ordinary user's namespaces level, see ``userns``): no cgroups (this machine delegates
+no cgroup v2 controller to a user), so the ``process`` level's rlimits stand in where they can
+(memory limit -> RLIMIT_DATA, pids limit -> RLIMIT_NPROC), and what nothing enforces (``cpu``) is
+named once in a warning; only the ``host`` image (see ``_registry_refused``).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import shutil
 import threading
@@ -96,6 +103,9 @@ class Isolation:
         try:
             mode = network.resolve(spec.network, record.isolation)
             lower = images.resolve(spec.container_image, fetch=False)
+            if record.isolation in ("namespaces", "oci") and probe.rootless() and lower != "/":
+                raise SandboxFailedError(_registry_refused(spec.container_image), sandbox_id=record.sandbox_id,
+                                         status_reason="InvalidSpec")  # (before any pull)
             if lower is None and record.isolation != "process":  # a registry image to pull first, in a thread
                 lower = await trio.to_thread.run_sync(images.resolve, spec.container_image, abandon_on_cancel=True)
         except (ValueError, TypeError, images.ImageError) as exc:
@@ -138,6 +148,8 @@ class Isolation:
             "binds": hostview.python_binds(host_image, self.state_dir, images.store_dir()),
         }
         plan["paths"] = hostview.client_paths(plan["binds"])
+        if probe.rootless():
+            plan["rootless"] = True
         if host_image:
             plan["view"] = hostview.host_view()
         for key in ("upper", "work", "merged"):
@@ -173,6 +185,8 @@ class Isolation:
             config["cgroups"] = {**group, "limits": limits}  # a spare adopting the group writes them again
             config["rlimits"] = {}  # the cgroup limits memory and processes; rlimits would pre-empt OOM
             record.extra["cgroups"] = group
+        elif spec.resources is not None and spec.resources.cpu_limit:
+            _not_enforced("cpu", "no cgroup here" if os.geteuid() == 0 else "rootless, with no delegated cgroup")
 
     # -- end -------------------------------------------------------------------------------
 
@@ -191,6 +205,20 @@ class Isolation:
         """Remove this owner's (by now empty) cgroup directories."""
         if owner_dir is not None:
             cgroups.remove_owner(owner_dir)
+
+
+@functools.cache
+def _not_enforced(resource: str, why: str) -> None:
+    """Say once per process that a requested ``resource`` limit is not enforced, and why."""
+    logging.getLogger("sandpool").warning(
+        "the %s limit of sandboxes is not enforced at the namespaces level here (%s); memory and pids "
+        "limits are enforced as rlimits", resource, why)
+
+
+def _registry_refused(image: str) -> str:
+    return (f"image {image!r} cannot run rootless (uid {os.geteuid()}): unpacking a registry image's layers "
+            f"needs overlay whiteouts and ownership an ordinary user cannot make; use container_image='host', "
+            f"or run as root")
 
 
 def _tmp_bytes(spec: SandboxSpec) -> int:

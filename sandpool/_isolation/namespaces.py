@@ -24,6 +24,13 @@ runs ``build_root`` ahead of time (see ``sandbox``).
 Every mount lives in the sandbox's own mount namespace, so nothing appears in the host's mount
 table and everything is unmounted by the kernel when the sandbox's last process exits.
 
+Rootless (``plan["rootless"]``: the template runs in a user namespace, see ``userns``), the
+kernel refuses two of these steps, and they are done another way: ``/dev``'s device nodes are bind
+mounts of the host's (mknod of a device is not allowed in a user namespace), and with the host's
+network ``/sys`` is a read-only bind of the host's (a fresh sysfs needs a network namespace of the
+sandbox's own user namespace). A read-only remount keeps the mount's other flags, which a user
+namespace may not clear.
+
 Stdlib only: the template imports this module.
 """
 
@@ -83,6 +90,44 @@ def fork_into_pid_namespace(own_pid_ns_fd: int) -> int:
     finally:
         if pid != 0:  # the parent, even when the fork failed
             _sys.setns(own_pid_ns_fd, _sys.CLONE_NEWPID)
+
+
+def fork_into_pid_namespace_rootless() -> int:
+    """``fork_into_pid_namespace`` for a template in a user namespace, which may not ``setns`` back
+    to its own pid namespace (the host's, not its user namespace's): a short-lived middle child
+    makes the new pid namespace and forks PID 1 of it, reports that pid and exits. The template is
+    a subreaper, so the new child becomes its direct child; the child waits for that (the middle
+    child's exit) before it goes on, so its parent-death signal and parent checks see the template.
+    """
+    reader, writer = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        code = 1
+        try:
+            os.close(reader)
+            gone_r, gone_w = os.pipe()  # EOF for the new child when this middle child is gone
+            _sys.unshare(_sys.CLONE_NEWPID)
+            pid = os.fork()
+            if pid == 0:
+                os.close(writer)
+                os.close(gone_w)
+                os.read(gone_r, 1)
+                os.close(gone_r)
+                return 0
+            os.write(writer, pid.to_bytes(4, "little"))
+            code = 0
+        except BaseException:
+            pass
+        os._exit(code)
+    os.close(writer)
+    try:
+        data = os.read(reader, 4)
+    finally:
+        os.close(reader)
+        os.waitpid(middle, 0)
+    if len(data) != 4:
+        raise OSError(1, "fork into a new pid namespace (rootless) failed")
+    return int.from_bytes(data, "little")
 
 
 def namespace_flags(network: str) -> int:
@@ -149,7 +194,7 @@ def build_root(plan: dict) -> None:
     mount_root(plan)
     size = plan["tmp_bytes"]
     _mount_proc(merged)
-    _sys.mount("sysfs", _mkdir(merged, "/sys"), "sysfs", _sys.MS_RDONLY | _NOSUID_NODEV | _sys.MS_NOEXEC)
+    _mount_sys(_mkdir(merged, "/sys"), plan)
     _mask(merged, "/sys/")
     _make_dev(_mkdir(merged, "/dev"), plan)
     for tree in ("tmp", "run"):
@@ -166,7 +211,7 @@ def build_root(plan: dict) -> None:
             continue
         path = _mount_point(merged, target, directory)
         _sys.mount(source, path, None, _sys.MS_BIND | _sys.MS_REC)
-        _sys.mount(None, path, None, _sys.MS_REMOUNT | _sys.MS_BIND | _sys.MS_RDONLY | _sys.MS_REC)
+        _read_only(path)
     os.chdir(merged)
     _sys.pivot_root(".", ".")  # stack the new root on the old one, then detach the old one
     _sys.umount(".", _sys.MNT_DETACH)  # (waits for an RCU grace period: ~0.5-2 ms)
@@ -213,12 +258,36 @@ def mount_root(plan: dict) -> None:
     os.makedirs(stage, exist_ok=True)
     _sys.mount("tmpfs", stage, "tmpfs", _NOSUID_NODEV, "mode=700,size=64k")
     lower = plan["lower"]
+    if plan.get("rootless"):
+        _mount_shown_rootless(plan, view, stage)
+        return
     if view["whiteouts"]:
         lower = f"{_whiteout_layer(_mkdir(stage, 'hidden'), view['whiteouts'])}:{lower}"
     host = _mkdir(stage, "host")
     _sys.mount("overlay", host, "overlay", _sys.MS_NOSUID, f"lowerdir={lower},upperdir={upper},workdir={work}")
     for name in view["shown"]:
         _sys.mount(os.path.join(host, name), _mkdir(merged, name), None, _sys.MS_BIND)
+
+
+def _mount_shown_rootless(plan: dict, view: dict, stage: str) -> None:
+    """Rootless, the host's ``/`` cannot be an overlay's lower layer (its submounts are locked in a
+    user namespace, and overlayfs refuses a layer it cannot clone whole), so each shown directory is
+    an overlay of its own: lower = that directory (under its part of the whiteout layer), upper and
+    work = its subdirectory of the plan's, so writes land where the single overlay puts them. A
+    shown directory with submounts of its own cannot be a layer either; it is bound read-only."""
+    merged, upper, work, lower = plan["merged"], plan["upper"], plan["work"], plan["lower"]
+    for name in view["shown"]:
+        layers = os.path.join(lower, name)
+        hidden = [rel.split("/", 1)[1] for rel in view["whiteouts"] if rel.startswith(name + "/")]
+        if hidden:
+            layers = f"{_whiteout_layer(_mkdir(stage, 'hidden-' + name), hidden)}:{layers}"
+        target = _mkdir(merged, name)
+        try:
+            _sys.mount("overlay", target, "overlay", _sys.MS_NOSUID,
+                       f"lowerdir={layers},upperdir={_mkdir(upper, name)},workdir={_mkdir(work, name)}")
+        except OSError:
+            _sys.mount(os.path.join(lower, name), target, None, _sys.MS_BIND | _sys.MS_REC)
+            _read_only(target)
 
 
 def _whiteout_layer(path: str, hidden: list[str]) -> str:
@@ -276,14 +345,39 @@ def _mount_proc(merged: str) -> None:
         target = os.path.join(path, name)
         if os.path.exists(target):
             _sys.mount(target, target, None, _sys.MS_BIND)
-            _sys.mount(None, target, None, _sys.MS_REMOUNT | _sys.MS_BIND | _sys.MS_RDONLY)
+            _read_only(target)
+
+
+#: Mount flags a remount must repeat (statvfs's ST_* bits have the MS_* values): in a user
+#: namespace the kernel refuses to clear them on a mount it inherited.
+_KEPT_FLAGS = _NOSUID_NODEV | _sys.MS_NOEXEC | 0x400 | 0x800 | 0x1000  # noatime, nodiratime, relatime
+
+
+def _read_only(path: str) -> None:
+    """Remount the bind mount at ``path`` read-only, its other flags kept."""
+    kept = os.statvfs(path).f_flag & _KEPT_FLAGS
+    _sys.mount(None, path, None, _sys.MS_REMOUNT | _sys.MS_BIND | _sys.MS_RDONLY | kept)
+
+
+def _mount_sys(path: str, plan: dict) -> None:
+    """A fresh read-only sysfs; rootless with the host's network, a read-only bind of the host's."""
+    if not (plan.get("rootless") and plan["network"] != "none"):
+        _sys.mount("sysfs", path, "sysfs", _sys.MS_RDONLY | _NOSUID_NODEV | _sys.MS_NOEXEC)
+        return
+    _sys.mount("/sys", path, None, _sys.MS_BIND | _sys.MS_REC)
+    _read_only(path)
 
 
 def _make_dev(dev: str, plan: dict) -> None:
     _sys.mount("tmpfs", dev, "tmpfs", _sys.MS_NOSUID | _sys.MS_NOEXEC, "mode=755,size=64k")
     for name, (major, minor) in DEVICES.items():
-        os.mknod(os.path.join(dev, name), stat.S_IFCHR | 0o666, os.makedev(major, minor))
-        os.chmod(os.path.join(dev, name), 0o666)  # mknod obeys the umask
+        node = os.path.join(dev, name)
+        if plan.get("rootless"):  # the host's node, bound onto an empty file
+            os.close(os.open(node, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666))
+            _sys.mount(os.path.join("/dev", name), node, None, _sys.MS_BIND)
+            continue
+        os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(major, minor))
+        os.chmod(node, 0o666)  # mknod obeys the umask
     for name, target in DEV_LINKS.items():
         os.symlink(target, os.path.join(dev, name))
     os.mkdir(os.path.join(dev, "pts"))

@@ -62,7 +62,7 @@ def resolve(value: object, level: str) -> str:
         mode = _from_options(fields)
     if mode == "none" and level == "process":
         raise ValueError("network='none' needs a network namespace, which the process level does not have; "
-                         "use isolation='namespaces' (root) or network='host'")
+                         "use isolation='namespaces' (as root or rootless) or network='host'")
     return mode
 
 

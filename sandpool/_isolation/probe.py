@@ -1,9 +1,11 @@
 """Which isolation levels this machine supports, probed once per process and cached.
 
-``process`` works everywhere. ``namespaces`` needs Linux, root (capabilities to mount and make every
-namespace type) and overlayfs; the probe forks a child that really unshares them all, so a container
-without CAP_SYS_ADMIN answers no. Both need libseccomp too: they never run without their syscall
-filter. ``oci`` needs the namespaces level's prerequisites plus ``crun`` on PATH. ``auto`` is the strongest of process and namespaces (oci is opt-in).
+``process`` works everywhere. ``namespaces`` needs Linux and overlayfs, and either root
+(capabilities to mount and make every namespace type) or, for an ordinary user, unprivileged user
+namespaces (rootless, see ``userns``); the probe forks a child that really unshares them all (as an
+ordinary user: in a user namespace it made first), so a container without CAP_SYS_ADMIN, or a
+kernel that forbids unprivileged user namespaces, answers no, and says why. Both need libseccomp too: they never run without their syscall
+filter. ``oci`` needs the namespaces level's prerequisites, root, and ``crun`` on PATH. ``auto`` is the strongest of process and namespaces (oci is opt-in).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 import sys
 import warnings
 
-from . import _sys, seccomp
+from . import _sys, seccomp, userns
 
 LEVELS = ("process", "namespaces", "oci")
 
@@ -28,8 +30,8 @@ def unavailable(level: str) -> str | None:
         return f"unknown isolation level {level!r}"
     if not sys.platform.startswith("linux") or not _sys.AVAILABLE:
         return f"the {level} level needs Linux (this is {sys.platform})"
-    if os.geteuid() != 0:
-        return f"the {level} level needs root (uid {os.geteuid()}); run as root or use isolation='process'"
+    if level == "oci" and os.geteuid() != 0:
+        return f"the oci level needs root (uid {os.geteuid()}); use isolation='namespaces' (rootless) instead"
     try:
         with open("/proc/filesystems") as f:
             if "overlay" not in f.read():
@@ -67,8 +69,15 @@ def oci_runtime() -> str | None:
     return runtime_binary()
 
 
+def rootless() -> bool:
+    """Whether this process's sandboxes run in a user namespace (see ``userns``): not root."""
+    return os.geteuid() != 0
+
+
 def _try_unshare() -> str | None:
-    """Fork a child that makes every namespace the level uses; its exit status is the answer."""
+    """Fork a child that makes every namespace the level uses (as an ordinary user, inside a user
+    namespace it makes first, as the template does); its exit status is the answer."""
+    user = rootless()
     flags = (_sys.CLONE_NEWNS | _sys.CLONE_NEWPID | _sys.CLONE_NEWUTS | _sys.CLONE_NEWIPC
              | _sys.CLONE_NEWNET | _sys.CLONE_NEWCGROUP)
     with warnings.catch_warnings():
@@ -76,13 +85,22 @@ def _try_unshare() -> str | None:
         pid = os.fork()
     if pid == 0:
         try:
+            step = 1
+            if user:
+                userns.enter()
+            step = 2
             _sys.unshare(flags)
             code = 0
         except OSError as exc:
-            code = min(exc.errno or 1, 255)
+            code = min(exc.errno or 1, 127) | (128 if step == 1 else 0)
         os._exit(code)
     _, status = os.waitpid(pid, 0)
     code = os.waitstatus_to_exitcode(status)
+    if code >= 128:
+        return (f"uid {os.geteuid()} cannot make a user namespace ({os.strerror(code - 128)}): unprivileged "
+                f"user namespaces are off (sysctl kernel.unprivileged_userns_clone=1, user.max_user_namespaces "
+                f"> 0, or an AppArmor/SELinux policy that allows them), or run as root")
     if code:
-        return f"unshare of pid/mount/net/uts/ipc/cgroup namespaces failed: {os.strerror(code)}"
+        inside = " in a user namespace" if user else ""
+        return f"unshare of pid/mount/net/uts/ipc/cgroup namespaces{inside} failed: {os.strerror(code)}"
     return None

@@ -25,6 +25,10 @@ the whole sandbox itself. Either way no process of the sandbox (the agent includ
 report half a story, and the ``reaped`` frame says ``oom_killed``. ``finish(pid)`` runs after an
 agent is reaped: it kills what is left of the cgroup (the last step of teardown) and removes it.
 
+Rootless (the template in a user namespace, ``outside`` its user's ids; see ``userns``): there are
+no cgroups, so spares make the cgroup namespace early and may build roots without one, and an agent
+of the ``process`` level leaves the template's user namespace for a nested one before it serves.
+
 Stdlib only: this runs in the template (``python -I -S``).
 """
 
@@ -38,11 +42,12 @@ import selectors
 import signal
 import socket
 import stat
+import time
 from collections.abc import Callable
 from typing import NamedTuple
 
 from .._agent import _linux
-from . import _sys, cgroups, namespaces, oci, seccomp
+from . import _sys, cgroups, namespaces, oci, seccomp, userns
 
 _PID_NS = "/proc/self/ns/pid"
 SPARE_NAME = "sandpool-spare"
@@ -54,6 +59,8 @@ NEWEST_ROOT_SPARES = 2
 BUILD_NICENESS = 10
 #: Above a socket's send buffer (~200 KiB) a handoff fails anyway, and the sandbox is forked instead.
 _MAX_CONFIG_BYTES = 1 << 20
+#: Rootless: how long a new child waits to be re-parented to the template (it takes microseconds).
+_REPARENT_SECONDS = 2.0
 
 
 class _Spare(NamedTuple):
@@ -68,10 +75,12 @@ class Supervisor:
     """Per-template isolation state: each agent's cgroup and OOM watch, and the spare children."""
 
     def __init__(self, become_agent: Callable[[dict, int], None] | None = None,
-                 sel: selectors.BaseSelector | None = None, spare_dir: str | None = None) -> None:
+                 sel: selectors.BaseSelector | None = None, spare_dir: str | None = None,
+                 outside: tuple[int, int] | None = None) -> None:
         self.become_agent = become_agent  # the template's child path, for spares: (config, sock_fd)
         self.sel = sel  # the template's selector, where OOM eventfds are registered
         self.spare_dir = spare_dir  # a host directory that lives as long as the template (its owner dir)
+        self.outside = outside  # rootless: the user's (uid, gid) outside the template's user namespace
         self.groups: dict[int, dict] = {}  # agent pid -> its cgroup
         self.watches: dict[int, tuple[int, int]] = {}  # agent pid -> (eventfd, oom_control fd)
         self.oom_killed: set[int] = set()
@@ -100,7 +109,7 @@ class Supervisor:
         pid = self._hand_to_spare(plan, config, sock_fd) if plan else None
         self.sock_fd = sock_fd  # the oci level's child passes it on to crun
         if pid is None:
-            pid = namespaces.fork_into_pid_namespace(self._pid_ns()) if plan else os.fork()
+            pid = self._fork_pid_ns() if plan else os.fork()
         if pid == 0:
             return 0
         group = config.get("cgroups")  # (a spare's, if it adopted one)
@@ -132,6 +141,8 @@ class Supervisor:
                 namespaces.enter(plan, early=self.early, cgroupns=self.early_cgroupns)
             _sys.seccomp_filter(seccomp.program())  # last: the agent needs no denied call from here on
             config["dir"] = namespaces.AGENT_DIR
+        elif self.outside is not None and not config.get("oci"):
+            userns.leave(self.outside)  # the process level: no capability over the template's namespaces
         if config.get("oci"):
             oci.run(config, self.sock_fd)  # execs crun: the agent starts inside the container
 
@@ -148,7 +159,8 @@ class Supervisor:
             if spare.root is not None and spare.root not in self.wanted.get(spare.mode, {}):
                 self._drop_spare(pid)
         have = collections.Counter((spare.mode, spare.root) for spare in self.spares.values())
-        buildable = bool(self.spare_dir and self.spare_parents)  # (a built root needs an early cgroup)
+        # (a built root needs its cgroup namespace made early: in the cgroup it keeps, or with none at all)
+        buildable = bool(self.spare_dir and (self.spare_parents or self.outside is not None))
         for mode in sorted(self.wanted):
             roots = [(key, plan) for key, plan in reversed(self.wanted[mode].items())
                      if buildable and key not in self.unbuildable]
@@ -156,6 +168,17 @@ class Supervisor:
             for key, plan, count in newest + [(None, None, 1)] + [(k, p, 1) for k, p in roots[1:]]:
                 for _ in range(count - have[mode, key]):
                     self._spawn_spare(mode, key, plan)
+
+    def _fork_pid_ns(self) -> int:
+        if self.outside is None:
+            return namespaces.fork_into_pid_namespace(self._pid_ns())
+        template = os.getpid()
+        pid = namespaces.fork_into_pid_namespace_rootless()
+        if pid == 0:  # the middle child is gone; wait (briefly) until its exit made us the template's child
+            deadline = time.monotonic() + _REPARENT_SECONDS
+            while parent_pid() != template and time.monotonic() < deadline:
+                time.sleep(0.0001)  # (past the deadline the template is gone: the parent check exits)
+        return pid
 
     def _pid_ns(self) -> int:
         if self._pid_ns_fd is None:
@@ -228,12 +251,12 @@ class Supervisor:
     def _spawn_spare(self, mode: str, key: str | None, plan: dict | None) -> None:
         """A spare for ``mode``; with ``plan`` (whose root_key is ``key``), one that builds its root."""
         group = self._spare_group()
-        if plan is not None and group is None:  # a built root needs the cgroup namespace made early
+        if plan is not None and group is None and self.outside is None:  # a built root needs the cgroup namespace made early
             self.unbuildable.add(key)
             return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         template = os.getpid()
-        pid = namespaces.fork_into_pid_namespace(self._pid_ns())
+        pid = self._fork_pid_ns()
         if pid == 0:
             ours.close()
             self._be_spare(mode, theirs, template, group, plan)
@@ -282,8 +305,9 @@ class Supervisor:
             _sys.set_name(SPARE_NAME)
             if group is not None:
                 cgroups.join(group)  # the slow part of a cgroup move, paid here, ahead of time
-            namespaces.unshare_early(mode, cgroup=group is not None)
-            self.early, self.early_cgroupns = True, group is not None
+            early_cgroupns = group is not None or self.outside is not None  # (rootless: no cgroup to join)
+            namespaces.unshare_early(mode, cgroup=early_cgroupns)
+            self.early, self.early_cgroupns = True, early_cgroupns
             if plan is not None:
                 _build_root(plan, self.spare_dir)
                 self.built = namespaces.root_key(plan)

@@ -27,6 +27,7 @@ from .._agent import _linux
 from .._channel import FrameChannel
 from .._config import SandboxSpec
 from .._errors import SandboxFailedError, SandboxUnavailableError
+from .._isolation import probe, userns
 from .._isolation.host import Isolation
 from . import _statedir
 from ._contract import Runtime, SandboxRecord
@@ -114,7 +115,8 @@ class LocalRuntime(Runtime):
                 # Never the client's own stdout/stderr: code in a sandbox can open its agent's
                 # descriptors (/proc/1/fd/1) and would write into (or truncate) the client's files.
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                env={"PATH": _BASE_PATH, "LANG": "C.UTF-8", _SANDBOX_NOFILE: str(self._sandbox_nofile)},
+                env={"PATH": _BASE_PATH, "LANG": "C.UTF-8", _SANDBOX_NOFILE: str(self._sandbox_nofile),
+                     **_rootless_env()},
                 close_fds=True,
                 start_new_session=True,  # a terminal's Ctrl-C is for the client, which then stops sandboxes
             )
@@ -309,6 +311,13 @@ class LocalRuntime(Runtime):
 
 #: What one template (its agents and workers included) may write to the client's log, in all.
 STDERR_FORWARD_BYTES = 1 << 20
+
+
+def _rootless_env() -> dict[str, str]:
+    """An ordinary user's template enters a user namespace when the namespaces level works for it."""
+    if probe.rootless() and probe.unavailable("namespaces") is None:
+        return {userns.ENV: "1"}
+    return {}
 
 
 async def _forward_stderr(template: subprocess.Popen) -> None:
