@@ -20,6 +20,7 @@ from __future__ import annotations
 import builtins
 import functools
 import os
+from collections.abc import AsyncIterator
 
 import grpc
 import trio
@@ -148,6 +149,7 @@ class RemoteRuntime(Runtime):
         for method in m.UNARY_METHODS:
             self._unary[method] = self._channel.unary_unary(m.path(method))
         self._attach_call = self._channel.stream_stream(m.path(m.ATTACH_METHOD))
+        self._logs_call = self._channel.unary_stream(m.path(m.LOGS_METHOD))
         self._lease_call = self._channel.unary_stream(m.path(m.LEASE_METHOD))(m.pack({}), metadata=self._metadata)
         try:
             first = await trio.to_thread.run_sync(next, self._lease_call, abandon_on_cancel=True)
@@ -260,6 +262,28 @@ class RemoteRuntime(Runtime):
                 self._update(record, info)
             found.append(record)
         return found
+
+    async def main_log_lines(self, record: SandboxRecord, *, follow: bool, tail_lines: int | None,
+                             since: float | None, timestamps: bool) -> AsyncIterator[str]:
+        """The server's ``Logs`` stream of the sandbox's main log; leaving early cancels the call."""
+        if self._closed or self._channel is None:
+            raise SandboxUnavailableError(f"the remote runtime for {self.address} is closed",
+                                          sandbox_id=record.sandbox_id)
+        request = {"sandbox_id": record.sandbox_id, "follow": follow, "tail_lines": tail_lines, "since": since,
+                   "timestamps": timestamps}
+        call = self._logs_call(m.pack(request), metadata=self._metadata)
+        try:
+            while True:
+                try:
+                    message = await trio.to_thread.run_sync(next, call, None, abandon_on_cancel=True)
+                except grpc.RpcError as exc:
+                    raise translate(exc, self.address, record.sandbox_id) from exc
+                if message is None:
+                    return
+                for line in m.field(m.unpack(message, "Logs reply"), "lines", list):
+                    yield line
+        finally:
+            call.cancel()
 
     async def attach(self, sandbox_id: str) -> FrameChannel:
         record = self._records.get(sandbox_id)
