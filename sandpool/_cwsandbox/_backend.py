@@ -42,6 +42,7 @@ class CwsandboxBackend:
         self.nursery = nursery
         self.token = trio.lowlevel.current_trio_token()
         self.registry = Registry()
+        self.log_sessions = _logs.LogSessions()
         #: one thread per open StreamExec forwards its stdin: never one waiting for another's to end
         self.pumps = ThreadPoolExecutor(MAX_STREAMS, thread_name_prefix="cwsandbox-stdin")
 
@@ -210,7 +211,7 @@ class CwsandboxBackend:
 
     async def stream_logs(self, request, send: trio.MemorySendChannel):
         entry = await self._ready(request.sandbox_id, request.container)
-        await _logs.stream_logs(entry, request, send)
+        await _logs.stream_logs(entry, request, send, self.log_sessions)
 
     # -- housekeeping --------------------------------------------------------------------------
 
