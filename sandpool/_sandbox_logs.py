@@ -24,7 +24,7 @@ from ._errors import SandboxNotRunningError
 if TYPE_CHECKING:
     from ._sandbox import Sandbox
 
-__all__ = ["LogBook", "LogsMixin", "MAX_LINE_BYTES", "check_container", "log_lines", "check_log_options"]
+__all__ = ["LogBook", "LogsMixin", "MAX_LINE_BYTES", "check_container", "log_lines", "log_pieces", "check_log_options"]
 
 #: A longer line is streamed in pieces of this size (cwsandbox's log-line buffer).
 MAX_LINE_BYTES = 1 << 20
@@ -120,11 +120,26 @@ def _when(stamp: float) -> str:
 async def log_lines(ended: trio.Event, book: LogBook, follow: bool, tail: int | None, since: float | None,
                     timestamps: bool) -> AsyncIterator[str]:
     """The lines of ``book`` asked for; with ``follow``, new ones too until ``ended`` is set and all
-    is read. Also what a sandpool server streams (``_service/control.py``)."""
+    is read."""
+    async for line, _ in log_pieces(ended, book, follow, tail, since, timestamps):
+        yield line
+
+
+async def log_pieces(ended: trio.Event, book: LogBook, follow: bool, tail: int | None, since: float | None,
+                     timestamps: bool, offset: int | None = None) -> AsyncIterator[tuple[str, int]]:
+    """``log_lines``, each with the byte offset of the log just after it; ``offset`` (a value of
+    those, or any byte offset up to the log's size) starts there instead of at ``since``/``tail``.
+    What a sandpool server streams (``_service/control.py``), offsets letting a client resume."""
     end = book.size()
-    at = 0 if since is None else book.offset_since(since)
-    if tail is not None:
-        at = max(at, book.offset_of_tail(tail, end))
+    if offset is not None:
+        if offset > end:
+            raise ValueError(f"offset {offset} is past the end of the log ({end} bytes); resume from an "
+                             f"offset the stream gave")
+        at = offset
+    else:
+        at = 0 if since is None else book.offset_since(since)
+        if tail is not None:
+            at = max(at, book.offset_of_tail(tail, end))
     pending = b""
     while True:
         end = book.size()
@@ -139,7 +154,7 @@ async def log_lines(ended: trio.Event, book: LogBook, follow: bool, tail: int | 
                 cut = cut + 1 if cut >= 0 else MAX_LINE_BYTES
                 line, pending = pending[:cut], pending[cut:]
                 text = line.decode("utf-8", "replace")
-                yield f"{_when(book.stamp(start))} {text}" if timestamps else text
+                yield (f"{_when(book.stamp(start))} {text}" if timestamps else text), start + cut
                 start += cut
             await trio.lowlevel.checkpoint()
         if ended.is_set() and book.size() == at:
@@ -149,7 +164,8 @@ async def log_lines(ended: trio.Event, book: LogBook, follow: bool, tail: int | 
         with trio.move_on_after(FOLLOW_POLL_SECONDS):
             await ended.wait()
     if pending:
-        yield (f"{_when(book.stamp(at - len(pending)))} " if timestamps else "") + pending.decode("utf-8", "replace")
+        text = pending.decode("utf-8", "replace")
+        yield (f"{_when(book.stamp(at - len(pending)))} {text}" if timestamps else text), at
 
 
 class LogsMixin:

@@ -5,10 +5,7 @@ published client through a loopback relay whose connections the test cuts mid-st
 
 from __future__ import annotations
 
-import socket
 import subprocess
-import sys
-import threading
 import time
 
 import grpc
@@ -16,6 +13,7 @@ import pytest
 
 from sandpool._cwsandbox._proto import SERVICE, pb
 
+from relay_helpers import Relay
 from test_cwsandbox_client import PYTHON, REPO, Server, _server, _spec, assert_nothing_left, run  # noqa: F401
 from test_cwsandbox_client import cwsandbox_client  # noqa: F401 (a fixture)
 
@@ -78,64 +76,12 @@ def test_an_unknown_session_is_refused_in_band(server):
         server.call("DeleteSandbox", pb.DeleteSandboxRequest(sandbox_id=sandbox_id), pb.DeleteSandboxResponse)
 
 
-class Relay:
-    """A loopback TCP relay to ``target``; ``cut()`` breaks every connection open at that moment."""
-
-    def __init__(self, target: str) -> None:
-        host, port = target.rsplit(":", 1)
-        self.target = (host, int(port))
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        self.accepted = 0
-        self._open: list[socket.socket] = []
-        self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            with self._lock:
-                self.accepted += 1
-                self._open += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        for s in (source, sink):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def cut(self) -> None:
-        with self._lock:
-            broken, self._open = self._open, []
-        for s in broken:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self.listener.close()
-        self.cut()
-
-
 FOLLOW_ACROSS_A_CUT = """
 import sys
 from cwsandbox import Sandbox
 
-sb = Sandbox.run("sh", "-c", "echo one; read go < /dev/null; while [ ! -e /tmp/go ]; do sleep 0.05; done; "
+GO = sys.argv[1]  # a name of this run: wherever the sandbox's /tmp is, no earlier run left it
+sb = Sandbox.run("sh", "-c", f"echo one; while [ ! -e {GO} ]; do sleep 0.05; done; rm -f {GO}; "
                  "for i in 2 3 4; do echo line$i; done")
 sb.wait()
 print(sb.sandbox_id, flush=True)
@@ -158,13 +104,14 @@ def test_the_published_client_resumes_a_follow_stream_across_a_cut_connection(se
     program = tmp_path / "follow.py"
     program.write_text(FOLLOW_ACROSS_A_CUT)
     env = {**server.env(), "CWSANDBOX_BASE_URL": f"http://{relay.address}"}
-    client = subprocess.Popen([PYTHON, str(program)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    go = f"/tmp/cwsandbox-logs-go-{time.monotonic_ns()}"
+    client = subprocess.Popen([PYTHON, str(program), go], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
     try:
         sandbox_id = client.stdout.readline().strip()
         assert client.stdout.readline() == "first\n", client.stderr.read()
         relay.cut()
-        server.call("WriteFile", pb.WriteFileRequest(sandbox_id=sandbox_id, path="/tmp/go", content=b""),
+        server.call("WriteFile", pb.WriteFileRequest(sandbox_id=sandbox_id, path=go, content=b""),
                     pb.WriteFileResponse)
         client.stdin.write("\n")
         client.stdin.flush()

@@ -14,6 +14,7 @@ from sandpool import Sandbox, SandboxNotFoundError, Session
 from sandpool._sandbox_logs import MAX_LINE_BYTES
 from sandpool._service import messages as m
 
+from relay_helpers import Relay
 from service_helpers import ServerProcess
 
 TOKEN = "logs-s3cret"
@@ -143,3 +144,37 @@ def test_cli_logs_tail_and_follow(server, session):
             follow.communicate()
     bad = subprocess.run([*cli, "--tail", "-3"], capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode == 2 and "--tail" in bad.stderr
+
+
+def test_offsets_let_a_stream_resume_exactly_where_it_broke(server, session):
+    """Each Logs reply names the byte offset after its lines; a request from such an offset gets exactly
+    the rest (since and tail then do not apply); one past the log's end is refused naming the field."""
+    sb = _finished(session, "for i in 1 2 3; do echo line$i; done")
+    [reply] = _raw_logs(server, {"sandbox_id": sb.sandbox_id, "tail_lines": 3})
+    assert reply == {"lines": ["line1\n", "line2\n", "line3\n"], "offset": 18}
+    assert _raw_logs(server, {"sandbox_id": sb.sandbox_id, "offset": 6, "tail_lines": 0}) == [
+        {"lines": ["line2\n", "line3\n"], "offset": 18}]
+    assert _raw_logs(server, {"sandbox_id": sb.sandbox_id, "offset": 18}) == []
+    with pytest.raises(grpc.RpcError) as info:
+        _raw_logs(server, {"sandbox_id": sb.sandbox_id, "offset": 19})
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "offset" in info.value.details()
+
+
+def test_a_follow_stream_survives_a_cut_connection(server):
+    """Every connection of a client cut mid-follow: its stream resumes from its offset over a new one,
+    each line arriving once, and ends with the sandbox."""
+    relay = Relay(server.address)
+    try:
+        with Session(address=relay.address, token=TOKEN) as cut_off:
+            sb = cut_off.sandbox(command="sh", args=["-c", f"echo one; {WAIT_FOR.format('go')}; echo two; echo three"])
+            stream = sb.stream_logs(follow=True)
+            assert next(stream) == "one\n"
+            accepted = relay.accepted
+            relay.cut()
+            direct = Sandbox.from_id(sb.sandbox_id, address=server.address, token=TOKEN).result()
+            direct.write_file("/go", b"").result()
+            assert list(stream) == ["two\n", "three\n"]
+            assert relay.accepted > accepted
+            direct.wait_until_complete(timeout=30, raise_on_termination=False).result()
+    finally:
+        relay.close()

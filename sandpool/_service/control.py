@@ -30,7 +30,7 @@ from .._config import SandboxStatus
 from .._isolation import probe
 from .._errors import SandboxNotFoundError, SandboxNotRunningError, SandboxUnavailableError
 from .._runtime._contract import Runtime, SandboxRecord
-from .._sandbox_logs import LogBook, log_lines
+from .._sandbox_logs import LogBook, log_pieces
 from . import messages as m
 from . import limits
 from .dataplane import Attachment, Hub
@@ -295,17 +295,21 @@ class Fleet:
         self.nursery.start_soon(hosted.hub.serve, att)
         return att
 
-    def log_lines(self, request: dict):
-        """The lines a Logs request asks for (an async iterator), or the error for a sandbox whose log
-        this server does not have: never known (NotFound) or ended long ago (NotRunning)."""
-        sandbox_id, follow, tail, since, timestamps = limits.log_request(request)
+    def log_pieces(self, request: dict):
+        """The lines a Logs request asks for, each with the offset after it (an async iterator), or the
+        error for a sandbox whose log this server does not have: never known (NotFound) or ended long
+        ago (NotRunning)."""
+        sandbox_id, follow, tail, since, timestamps, offset = limits.log_request(request)
         hosted = self.sandboxes.get(sandbox_id)
         if hosted is None:
             if sandbox_id in self.journal.history:
                 raise SandboxNotRunningError(f"sandbox {sandbox_id} ended long ago; this server no longer keeps "
                                              f"its log", sandbox_id=sandbox_id)
             raise SandboxNotFoundError(f"no sandbox {sandbox_id!r} on this server", sandbox_id=sandbox_id)
-        return log_lines(hosted.ended, hosted.log or LogBook(None), follow, tail, since, timestamps)
+        book = hosted.log or LogBook(None)
+        if offset is not None and offset > book.size():
+            raise ValueError(f"offset {offset} is past the end of the log of {sandbox_id} ({book.size()} bytes)")
+        return log_pieces(hosted.ended, book, follow, tail, since, timestamps, offset)
 
     # -- queries -----------------------------------------------------------------------------
 

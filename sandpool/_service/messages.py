@@ -12,8 +12,11 @@ on ``Attach``, whose messages are raw bytes carrying whole or partial wire frame
 - ``Lease {}`` -> stream of ``{lease}``: the first message names the caller's lease, then the
   stream stays open while the client lives; its end (client exit, crash, lost host) starts the
   orphan grace period of the sandboxes the lease owns. ``Release {lease, stop}`` ends it cleanly.
-- ``Logs {sandbox_id, follow, tail_lines, since, timestamps}`` -> stream of ``{lines: [str]}``: the
-  main command's log, as ``Sandbox.stream_logs`` yields it (``since``: seconds since the epoch).
+- ``Logs {sandbox_id, follow, tail_lines, since, timestamps, offset}`` -> stream of ``{lines: [str],
+  offset}``: the main command's log, as ``Sandbox.stream_logs`` yields it (``since``: seconds since
+  the epoch). Each reply's ``offset`` is the log's byte offset after its last line; a request with
+  ``offset`` starts there (``since`` and ``tail_lines`` then do not apply), which is how a client
+  resumes a stream that broke.
   Without ``follow`` it ends once what was written is sent; with it, once the sandbox has ended
   and all is sent. Each message carries at most ``LOG_BATCH_BYTES`` of lines (plus one line).
 - ``Attach`` (bidi; metadata ``sandpool-sandbox``): the sandbox's data plane. The client sends a

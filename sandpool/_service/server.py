@@ -191,14 +191,14 @@ class Service:
             ended()
         try:
             while batch := trio.from_thread.run(_log_batch, receive, trio_token=self.token):
-                yield m.pack({"lines": batch})
+                yield m.pack({"lines": [line for line, _ in batch], "offset": batch[-1][1]})
         except Exception as exc:
             _abort(context, exc)
         finally:
             ended()
 
     async def _start_logs(self, message: dict):
-        lines = self.fleet.log_lines(message)
+        pieces = self.fleet.log_pieces(message)
         send, receive = trio.open_memory_channel(_LOG_BUFFER)
         scope = trio.CancelScope()
 
@@ -206,8 +206,8 @@ class Service:
             with scope:
                 async with send:
                     try:
-                        async for line in lines:
-                            await send.send(line)
+                        async for piece in pieces:
+                            await send.send(piece)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         pass  # the call's end closed the other side
                     except Exception:  # the stream ends short; the server and its other calls go on
@@ -274,19 +274,20 @@ class Service:
 _LOG_BUFFER = 16  # lines between a Logs call's reader and its gRPC thread (each at most 1 MiB)
 
 
-async def _log_batch(receive: trio.MemoryReceiveChannel) -> list[str]:
-    """The next lines of a Logs call (at least one, up to ``LOG_BATCH_BYTES``); [] once all are sent."""
+async def _log_batch(receive: trio.MemoryReceiveChannel) -> list[tuple[str, int]]:
+    """The next (line, offset after it) of a Logs call (at least one, up to ``LOG_BATCH_BYTES`` of
+    lines); [] once all are sent."""
     try:
         batch = [await receive.receive()]
     except trio.EndOfChannel:
         return []
-    size = len(batch[0])
+    size = len(batch[0][0])
     while size < m.LOG_BATCH_BYTES:
         try:
             batch.append(receive.receive_nowait())
         except (trio.WouldBlock, trio.EndOfChannel):
             break
-        size += len(batch[-1])
+        size += len(batch[-1][0])
     return batch
 
 
