@@ -89,6 +89,14 @@ class LogBook:
             at = start
         return 0
 
+    def reopen(self) -> BinaryIO | None:
+        """The log as a new file of its own (its own offset), readable while open like this one; None
+        for an empty log or a released one. For a second reader in the same process (the cwsandbox
+        listener of ``sandpool serve --cwsandbox``)."""
+        if self._file is None:
+            return None
+        return open(f"/proc/self/fd/{self._file.fileno()}", "rb", buffering=0)  # noqa: SIM115 (the caller's)
+
     def close(self) -> None:
         """Release the file; a reader still going then sees no more (its stream ends with the sandbox)."""
         if self._file is not None:

@@ -5,6 +5,7 @@ published client through a loopback relay whose connections the test cuts mid-st
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 
@@ -164,3 +165,37 @@ def test_exec_stdin_timeout_kills_a_command_waiting_for_input(server):
             echo.stdin.close().result()
             assert echo.result().stdout == "still fed\\n"
     """)
+
+
+def test_serve_cwsandbox_streams_the_fleets_own_logs(cwsandbox_client, tmp_path, monkeypatch):  # noqa: F811
+    """Behind ``sandpool serve --cwsandbox`` (the listener's sandboxes live on the server's fleet) the
+    published client's stream_logs reads the main log the server keeps: whole, tail and follow, and
+    sandpool's own client sees the same lines."""
+    import socket
+
+    from sandpool import Sandbox
+    from sandpool._service import endpoint
+    from service_helpers import ServerProcess, wait_until
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("SANDPOOL_IMAGE_FALLBACK", "host")
+    with ServerProcess(str(tmp_path), "--cwsandbox", f"127.0.0.1:{port}") as srv:
+        api_key = wait_until(lambda: endpoint.token_for(f"127.0.0.1:{port}"), timeout=30)
+        program = tmp_path / "logs.py"
+        program.write_text(
+            "from cwsandbox import Sandbox\n"
+            "sb = Sandbox.run('sh', '-c', 'for i in 1 2 3; do echo line$i; done; sleep 0.3; echo last')\n"
+            "sb.wait()\n"
+            "followed = list(sb.stream_logs(follow=True))\n"
+            "assert followed == ['line1\\n', 'line2\\n', 'line3\\n', 'last\\n'], followed\n"
+            "assert list(sb.stream_logs(tail_lines=2)) == ['line3\\n', 'last\\n']\n"
+            "print(sb.sandbox_id)\n")
+        env = {**os.environ, "CWSANDBOX_BASE_URL": f"http://127.0.0.1:{port}", "CWSANDBOX_API_KEY": api_key,
+               "GRPC_VERBOSITY": "ERROR"}
+        done = subprocess.run([PYTHON, str(program)], capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+        assert done.returncode == 0, done.stderr
+        sandbox_id = done.stdout.strip().splitlines()[-1]
+        found = Sandbox.from_id(sandbox_id, address=srv.address).result()
+        assert list(found.stream_logs(tail_lines=1)) == ["last\n"]

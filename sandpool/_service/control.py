@@ -22,6 +22,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import trio
 
@@ -294,6 +295,11 @@ class Fleet:
         hosted.orphaned_since = None
         self.nursery.start_soon(hosted.hub.serve, att)
         return att
+
+    def open_log(self, sandbox_id: str) -> BinaryIO | None:
+        """A file of its own on a sandbox's main log (see ``LogBook.reopen``), or None."""
+        hosted = self.sandboxes.get(sandbox_id)
+        return hosted.log.reopen() if hosted is not None and hosted.log is not None else None
 
     def log_pieces(self, request: dict):
         """The lines a Logs request asks for, each with the offset after it (an async iterator), or the

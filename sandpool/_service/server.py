@@ -338,7 +338,7 @@ async def serve_async(config: ServeConfig, *, task_status=trio.TASK_STATUS_IGNOR
                 print(f"sandpool serve: listening on {scheme}{bound} (pid {os.getpid()}){token_note}", flush=True)
                 log.info("policy: %s", fleet.policy)
                 task_status.started(bound)
-                async with _cwsandbox_listener(config, bound, listening.token):
+                async with _cwsandbox_listener(config, bound, listening.token, fleet.open_log):
                     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                         async for signum in signals:
                             log.info("%s: stopping every sandbox", signal.Signals(signum).name)
@@ -362,10 +362,11 @@ async def shut_down(fleet: Fleet, service: Service, server: grpc.Server | None, 
 
 
 @contextlib.asynccontextmanager
-async def _cwsandbox_listener(config: ServeConfig, bound: str, token: str | None):
+async def _cwsandbox_listener(config: ServeConfig, bound: str, token: str | None, open_log):
     """With ``--cwsandbox``: cwsandbox's API on its own listener, backed by a session of this very
     server, so sandboxes made through either API are the same fleet (``sandpool ls`` shows both),
-    and this server's policy applies to both. Its API key is this server's token, or one it makes."""
+    and this server's policy applies to both. Its API key is this server's token, or one it makes.
+    Its StreamLogs reads the fleet's own main logs (``open_log``)."""
     if config.cwsandbox_listen is None:
         yield
         return
@@ -373,7 +374,8 @@ async def _cwsandbox_listener(config: ServeConfig, bound: str, token: str | None
     from .._session import Session
 
     async with Session(address=bound, token=token) as session, \
-            open_published_server(session, config.cwsandbox_listen, token=config.token) as (address, export):
+            open_published_server(session, config.cwsandbox_listen, token=config.token,
+                                  open_log=open_log) as (address, export):
         print(f"sandpool serve: cwsandbox API on {address}; {export}", flush=True)
         yield
 
