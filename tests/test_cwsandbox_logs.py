@@ -9,7 +9,6 @@ import os
 import subprocess
 import time
 
-import grpc
 import pytest
 
 from sandpool._cwsandbox._proto import SERVICE, pb

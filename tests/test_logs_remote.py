@@ -1,7 +1,6 @@
 """Sandbox.stream_logs through ``sandpool serve``: the server's Logs stream, as locally, bounded,
 behind the server's token; and ``sandpool logs`` on top of it."""
 
-import datetime
 import os
 import re
 import subprocess
@@ -16,9 +15,10 @@ from sandpool._service import messages as m
 
 from relay_helpers import Relay
 from service_helpers import ServerProcess
+from test_sandbox_logs import WAIT_FOR, _finished
+from test_sandbox_logs import test_follow_streams_until_the_sandbox_ends_and_since_time_filters as follow_as_locally
 
 TOKEN = "logs-s3cret"
-WAIT_FOR = 'while [ ! -e "$SANDPOOL_ROOT/{0}" ] && [ ! -e /{0} ]; do sleep 0.01; done'
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +31,6 @@ def server(tmp_path_factory):
 def session(server):
     with Session(address=server.address, token=TOKEN) as s:
         yield s
-
-
-def _finished(session, script):
-    sb = session.sandbox(command="sh", args=["-c", f"{WAIT_FOR.format('go')}; {script}"])
-    sb.write_file("/go", b"").result()
-    sb.wait_until_complete(timeout=30, raise_on_termination=False).result()
-    return sb
 
 
 def _raw_logs(server, request: dict, token: str = TOKEN) -> list[dict]:
@@ -65,15 +58,9 @@ def test_whole_log_tail_and_timestamps_of_a_finished_sandbox(server, session):
 
 
 def test_follow_sees_new_lines_then_ends_with_the_sandbox_and_since_time_filters(session):
-    """follow yields each line as the main command writes it and ends when the sandbox ends."""
-    sb = session.sandbox(command="sh", args=["-c", f"echo first; {WAIT_FOR.format('go')}; echo second"])
-    stream = sb.stream_logs(follow=True)
-    assert next(stream) == "first\n"
-    cut = datetime.datetime.now(datetime.timezone.utc)
-    sb.write_file("/go", b"").result()
-    assert list(stream) == ["second\n"]
-    assert list(sb.stream_logs(since_time=cut)) == ["second\n"]
-    assert list(sb.stream_logs(follow=True)) == ["first\n", "second\n"]  # ended: follow ends at once
+    """follow yields each line as the main command writes it and ends when the sandbox ends; since_time
+    filters: the local test, run against the server."""
+    follow_as_locally(session)
 
 
 def test_leaving_a_follow_stream_early_disturbs_nothing(session):
