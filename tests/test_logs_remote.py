@@ -43,6 +43,11 @@ def _raw_logs(server, request: dict, token: str = TOKEN) -> list[dict]:
         channel.close()
 
 
+def _joined(replies: list[dict]) -> tuple[list[str], int]:
+    """The lines of a Logs stream's replies (however the server batched them) and its last offset."""
+    return [line for reply in replies for line in reply["lines"]], replies[-1]["offset"]
+
+
 def test_whole_log_tail_and_timestamps_of_a_finished_sandbox(server, session):
     """The server keeps an ended sandbox's log: all of it, the tail, with timestamps, as locally."""
     sb = _finished(session, "echo one; echo two >&2; for i in $(seq 1 100); do echo line$i; done; printf end")
@@ -137,10 +142,10 @@ def test_offsets_let_a_stream_resume_exactly_where_it_broke(server, session):
     """Each Logs reply names the byte offset after its lines; a request from such an offset gets exactly
     the rest (since and tail then do not apply); one past the log's end is refused naming the field."""
     sb = _finished(session, "for i in 1 2 3; do echo line$i; done")
-    [reply] = _raw_logs(server, {"sandbox_id": sb.sandbox_id, "tail_lines": 3})
-    assert reply == {"lines": ["line1\n", "line2\n", "line3\n"], "offset": 18}
-    assert _raw_logs(server, {"sandbox_id": sb.sandbox_id, "offset": 6, "tail_lines": 0}) == [
-        {"lines": ["line2\n", "line3\n"], "offset": 18}]
+    assert _joined(_raw_logs(server, {"sandbox_id": sb.sandbox_id, "tail_lines": 3})) == (
+        ["line1\n", "line2\n", "line3\n"], 18)
+    assert _joined(_raw_logs(server, {"sandbox_id": sb.sandbox_id, "offset": 6, "tail_lines": 0})) == (
+        ["line2\n", "line3\n"], 18)
     assert _raw_logs(server, {"sandbox_id": sb.sandbox_id, "offset": 18}) == []
     with pytest.raises(grpc.RpcError) as info:
         _raw_logs(server, {"sandbox_id": sb.sandbox_id, "offset": 19})
