@@ -20,12 +20,11 @@ import trio
 
 from ._chunkstream import ChunkStream
 from ._errors import SandboxNotRunningError
-from ._errors_cw import NotSupportedLocallyError
 
 if TYPE_CHECKING:
     from ._sandbox import Sandbox
 
-__all__ = ["LogBook", "LogsMixin", "MAX_LINE_BYTES", "check_container"]
+__all__ = ["LogBook", "LogsMixin", "MAX_LINE_BYTES", "check_container", "log_lines", "log_pieces", "check_log_options"]
 
 #: A longer line is streamed in pieces of this size (cwsandbox's log-line buffer).
 MAX_LINE_BYTES = 1 << 20
@@ -90,9 +89,19 @@ class LogBook:
             at = start
         return 0
 
+    def reopen(self) -> BinaryIO | None:
+        """The log as a new file of its own (its own offset), readable while open like this one; None
+        for an empty log or a released one. For a second reader in the same process (the cwsandbox
+        listener of ``sandpool serve --cwsandbox``)."""
+        if self._file is None:
+            return None
+        return open(f"/proc/self/fd/{self._file.fileno()}", "rb", buffering=0)  # noqa: SIM115 (the caller's)
+
     def close(self) -> None:
+        """Release the file; a reader still going then sees no more (its stream ends with the sandbox)."""
         if self._file is not None:
             self._file.close()
+            self._file = None
 
 
 def check_container(container: str | None) -> None:
@@ -101,17 +110,44 @@ def check_container(container: str | None) -> None:
         raise ValueError(f"container={container!r}: a local sandbox has one container; leave it out")
 
 
+def check_log_options(tail_lines: object, since_time: object) -> None:
+    """ValueError naming the option for a bad ``tail_lines`` or ``since_time``."""
+    if tail_lines is not None and (isinstance(tail_lines, bool) or not isinstance(tail_lines, int)
+                                   or tail_lines < 0):
+        raise ValueError(f"tail_lines must be an int >= 0 or None, got {tail_lines!r}")
+    if since_time is not None and (not isinstance(since_time, datetime.datetime) or since_time.tzinfo is None):
+        raise ValueError(f"since_time must be a timezone-aware datetime, got {since_time!r}; use e.g. "
+                         f"datetime.now(timezone.utc) - timedelta(minutes=5)")
+
+
 def _when(stamp: float) -> str:
     text = datetime.datetime.fromtimestamp(stamp, datetime.UTC).isoformat(timespec="microseconds")
     return text.replace("+00:00", "Z")
 
 
-async def _lines(sandbox: Sandbox, book: LogBook, follow: bool, tail: int | None, since: float | None,
-                 timestamps: bool) -> AsyncIterator[str]:
+async def log_lines(ended: trio.Event, book: LogBook, follow: bool, tail: int | None, since: float | None,
+                    timestamps: bool) -> AsyncIterator[str]:
+    """The lines of ``book`` asked for; with ``follow``, new ones too until ``ended`` is set and all
+    is read."""
+    async for line, _ in log_pieces(ended, book, follow, tail, since, timestamps):
+        yield line
+
+
+async def log_pieces(ended: trio.Event, book: LogBook, follow: bool, tail: int | None, since: float | None,
+                     timestamps: bool, offset: int | None = None) -> AsyncIterator[tuple[str, int]]:
+    """``log_lines``, each with the byte offset of the log just after it; ``offset`` (a value of
+    those, or any byte offset up to the log's size) starts there instead of at ``since``/``tail``.
+    What a sandpool server streams (``_service/control.py``), offsets letting a client resume."""
     end = book.size()
-    at = 0 if since is None else book.offset_since(since)
-    if tail is not None:
-        at = max(at, book.offset_of_tail(tail, end))
+    if offset is not None:
+        if offset > end:
+            raise ValueError(f"offset {offset} is past the end of the log ({end} bytes); resume from an "
+                             f"offset the stream gave")
+        at = offset
+    else:
+        at = 0 if since is None else book.offset_since(since)
+        if tail is not None:
+            at = max(at, book.offset_of_tail(tail, end))
     pending = b""
     while True:
         end = book.size()
@@ -126,17 +162,18 @@ async def _lines(sandbox: Sandbox, book: LogBook, follow: bool, tail: int | None
                 cut = cut + 1 if cut >= 0 else MAX_LINE_BYTES
                 line, pending = pending[:cut], pending[cut:]
                 text = line.decode("utf-8", "replace")
-                yield f"{_when(book.stamp(start))} {text}" if timestamps else text
+                yield (f"{_when(book.stamp(start))} {text}" if timestamps else text), start + cut
                 start += cut
             await trio.lowlevel.checkpoint()
-        if sandbox._terminal.is_set() and book.size() == at:
+        if ended.is_set() and book.size() == at:
             break
         if not follow:
             break
         with trio.move_on_after(FOLLOW_POLL_SECONDS):
-            await sandbox._terminal.wait()
+            await ended.wait()
     if pending:
-        yield (f"{_when(book.stamp(at - len(pending)))} " if timestamps else "") + pending.decode("utf-8", "replace")
+        text = pending.decode("utf-8", "replace")
+        yield (f"{_when(book.stamp(at - len(pending)))} {text}" if timestamps else text), at
 
 
 class LogsMixin:
@@ -153,31 +190,29 @@ class LogsMixin:
             tail_lines: only the last N lines (as of the call).
             since_time: only output sandpool first read at or after this time (tz-aware).
             timestamps: prefix each line with that time in ISO 8601 UTC and a space.
-            timeout_seconds: accepted for cwsandbox; reading a local file does not wait on a server.
+            timeout_seconds: accepted for cwsandbox; a local log does not wait on a server, and a
+                sandpool server's stream (follow or not) ends when the log is read or the sandbox ends.
             container: must be None or "main" (a local sandbox has one process tree).
 
         Starts the sandbox if needed. Readable after the sandbox ended, while this handle lives.
+        A sandbox of a sandpool server streams its log from the server (``Runtime.main_log_lines``).
         Raises ValueError for bad arguments; NotSupportedLocallyError when the sandbox's runtime
-        keeps no log (a sandpool server or Slurm: not yet); SandboxNotRunningError if the sandbox
-        was stopped before it started.
+        keeps no log (Slurm, so far); SandboxNotRunningError if the sandbox was stopped before it
+        started (or, on a server, ended so long ago that the server no longer keeps it).
         """
-        if tail_lines is not None and (isinstance(tail_lines, bool) or not isinstance(tail_lines, int)
-                                       or tail_lines < 0):
-            raise ValueError(f"tail_lines must be an int >= 0 or None, got {tail_lines!r}")
-        if since_time is not None and (not isinstance(since_time, datetime.datetime) or since_time.tzinfo is None):
-            raise ValueError(f"since_time must be a timezone-aware datetime, got {since_time!r}; use e.g. "
-                             f"datetime.now(timezone.utc) - timedelta(minutes=5)")
+        check_log_options(tail_lines, since_time)
         check_container(container)
         since = since_time.timestamp() if since_time is not None else None
 
         async def produce() -> AsyncIterator[str]:
             await self._ensure_started_for_logs()
             book = self._log_book
-            if book is None:
-                raise NotSupportedLocallyError(
-                    f"sandbox {self.sandbox_id}: its runtime keeps no main-command log to stream (only the "
-                    f"local runtime does, so far)", feature="stream_logs")
-            async for line in _lines(self, book, follow, tail_lines, since, timestamps):
+            if book is not None:
+                lines = log_lines(self._terminal, book, follow, tail_lines, since, timestamps)
+            else:
+                lines = self._session._runtime.main_log_lines(self._record, follow=follow, tail_lines=tail_lines,
+                                                              since=since, timestamps=timestamps)
+            async for line in lines:
                 yield line
 
         return ChunkStream(lambda: self._host, produce, "sandbox logs")

@@ -242,14 +242,14 @@ def test_main_log_keeps_only_its_newest_bytes(tmp_path, monkeypatch):
 
 def test_logs_of_a_sandbox_with_none_are_empty():
     """A sandbox whose runtime has no main log streams nothing, and ends."""
-    from sandpool._cwsandbox._logs import stream_logs
+    from sandpool._cwsandbox._logs import LogSessions, stream_logs
 
     async def main():
         send, receive = trio.open_memory_channel(10)
         entry = types.SimpleNamespace(log=None, ended=trio.Event())
         entry.ended.set()
         async with send:
-            await stream_logs(entry, pb.StreamLogsRequest(follow=True), send)
+            await stream_logs(entry, pb.StreamLogsRequest(follow=True), send, LogSessions())
         return [item async for item in receive]
 
     assert trio.run(main) == []

@@ -1,4 +1,4 @@
-"""``sandpool ls | get | exec | files | stop``: existing sandboxes of a sandpool server.
+"""``sandpool ls | get | exec | logs | files | stop``: existing sandboxes of a sandpool server.
 
 The server is ``--address``, else ``$SANDPOOL_ADDRESS``, else the local default (the unix socket
 ``<run dir>/serve.sock`` where a plain ``sandpool serve`` of this user listens); the token is read
@@ -57,6 +57,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     _connection(p)
     p.set_defaults(run=cmd_exec)
 
+    p = sub.add_parser("logs", help="print a sandbox's main-command output (stdout and stderr)")
+    p.add_argument("sandbox_id")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new output until the sandbox ends")
+    p.add_argument("-n", "--tail", type=_count, metavar="N", help="only the last N lines")
+    p.add_argument("--timestamps", action="store_true", help="prefix each line with when it was written (UTC)")
+    _connection(p)
+    p.set_defaults(run=cmd_logs)
+
     files = sub.add_parser("files", help="read or write a file in a sandbox")
     fsub = files.add_subparsers(dest="files_command", required=True)
     p = fsub.add_parser("read", help="copy a sandbox file to stdout or --output")
@@ -80,6 +88,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-q", "--quiet", action="store_true")
     _connection(p)
     p.set_defaults(run=cmd_stop)
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
+    return int(text)
 
 
 def _target(args: argparse.Namespace) -> dict:
@@ -191,6 +205,19 @@ def cmd_exec(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         proc.cancel()
         return 130
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from .. import Sandbox
+
+    sandbox = Sandbox.from_id(args.sandbox_id, **_target(args)).result()
+    try:
+        for line in sandbox.stream_logs(follow=args.follow, tail_lines=args.tail, timestamps=args.timestamps):
+            sys.stdout.write(line)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        return 130
+    return 0
 
 
 def cmd_files_read(args: argparse.Namespace) -> int:

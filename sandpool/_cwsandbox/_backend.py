@@ -37,11 +37,13 @@ _FILE_TIMEOUT_SECONDS = 60.0
 class CwsandboxBackend:
     """cwsandbox's SandboxService over ``session``'s sandboxes. Made by ``open_backend``."""
 
-    def __init__(self, session, nursery: trio.Nursery) -> None:
+    def __init__(self, session, nursery: trio.Nursery, open_log=None) -> None:
         self.session = session
+        self.open_log = open_log
         self.nursery = nursery
         self.token = trio.lowlevel.current_trio_token()
         self.registry = Registry()
+        self.log_sessions = _logs.LogSessions()
         #: one thread per open StreamExec forwards its stdin: never one waiting for another's to end
         self.pumps = ThreadPoolExecutor(MAX_STREAMS, thread_name_prefix="cwsandbox-stdin")
 
@@ -100,7 +102,10 @@ class CwsandboxBackend:
         if entry.sandbox.status != SandboxStatus.RUNNING:
             entry.started.set()
             return
-        entry.log = _logs.MainLog(entry.sandbox._open_main_log())
+        file = entry.sandbox._open_main_log()
+        if file is None and self.open_log is not None:
+            file = self.open_log(entry.sandbox.sandbox_id)
+        entry.log = _logs.MainLog(file)
         files = mounted_files(entry.spec)
         if files:
             entry.preparing = True
@@ -210,7 +215,7 @@ class CwsandboxBackend:
 
     async def stream_logs(self, request, send: trio.MemorySendChannel):
         entry = await self._ready(request.sandbox_id, request.container)
-        await _logs.stream_logs(entry, request, send)
+        await _logs.stream_logs(entry, request, send, self.log_sessions)
 
     # -- housekeeping --------------------------------------------------------------------------
 
@@ -241,14 +246,15 @@ def _pump(request_iterator, send: trio.MemorySendChannel, token: trio.lowlevel.T
 
 
 @contextlib.asynccontextmanager
-async def open_backend(session) -> AsyncIterator[CwsandboxBackend]:
+async def open_backend(session, open_log=None) -> AsyncIterator[CwsandboxBackend]:
     """A backend serving ``session``'s sandboxes while the block runs (call inside the server's trio loop).
+    ``open_log(sandbox_id)``, if given, opens a sandbox's main log when its runtime keeps none here.
 
     The session owns the sandboxes: closing it stops them. Leaving the block ends the backend's own
     tasks (streams still open end with UNAVAILABLE).
     """
     async with trio.open_nursery() as nursery:
-        backend = CwsandboxBackend(session, nursery)
+        backend = CwsandboxBackend(session, nursery, open_log)
         nursery.start_soon(backend._retire)
         try:
             yield backend

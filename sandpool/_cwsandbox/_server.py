@@ -63,15 +63,16 @@ def read_token(path: str | None) -> str | None:
 
 @contextlib.asynccontextmanager
 async def open_cwsandbox_server(session, listen: str, *, token: str | None = None,
-                                max_workers: int = DEFAULT_MAX_WORKERS) -> AsyncIterator[str]:
+                                max_workers: int = DEFAULT_MAX_WORKERS, open_log=None) -> AsyncIterator[str]:
     """Serve cwsandbox's API for ``session``'s sandboxes on ``listen`` while the block runs; yields the
     bound address. Clients must send ``token`` as their API key. In-flight calls get
     ``STOP_GRACE_SECONDS`` when it ends. Call it in the trio loop that holds ``session``; ValueError
-    without a token, SystemExit if the address is unusable."""
+    without a token, SystemExit if the address is unusable. ``open_log(sandbox_id)`` (a file or None):
+    where main logs come from when the session's runtime keeps none (``sandpool serve --cwsandbox``)."""
     if not token:
         raise ValueError("cwsandbox's API needs a token on every listener, loopback included (any local process "
                          "can reach loopback); pass token=, or use open_published_server, which makes one")
-    async with open_backend(session) as backend:
+    async with open_backend(session, open_log) as backend:
         server = grpc.server(ThreadPoolExecutor(max_workers, thread_name_prefix="cwsandbox-rpc"),
                              options=SERVER_OPTIONS)
         add_cwsandbox_servicer(server, backend, token=token)
@@ -88,7 +89,8 @@ async def open_cwsandbox_server(session, listen: str, *, token: str | None = Non
 
 @contextlib.asynccontextmanager
 async def open_published_server(session, listen: str, *, token: str | None = None,
-                                max_workers: int = DEFAULT_MAX_WORKERS) -> AsyncIterator[tuple[str, str]]:
+                                max_workers: int = DEFAULT_MAX_WORKERS,
+                                open_log=None) -> AsyncIterator[tuple[str, str]]:
     """:func:`open_cwsandbox_server` with a listener record: yields the bound address and the shell line
     that points a client at it. Without ``token`` (from ``--token-file``), one is made and written 0600 to
     the record's token file. SystemExit off loopback without a token, or if the address is held."""
@@ -98,7 +100,8 @@ async def open_published_server(session, listen: str, *, token: str | None = Non
     from .._service.endpoint import ListenerRecord
 
     key = token or secrets.token_urlsafe(32)
-    async with open_cwsandbox_server(session, listen, token=key, max_workers=max_workers) as address:
+    async with open_cwsandbox_server(session, listen, token=key, max_workers=max_workers,
+                                     open_log=open_log) as address:
         try:
             record = ListenerRecord(address).acquire()
         except OSError as exc:

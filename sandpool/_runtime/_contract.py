@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import AsyncIterator
 import time
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -82,6 +83,15 @@ class Runtime(abc.ABC):
         """The main command's output as written (stdout and stderr), readable from its start and for as long
         as the caller keeps the file open, even after the sandbox is gone; None where the runtime has none."""
         return None
+
+    def main_log_lines(self, record: SandboxRecord, *, follow: bool, tail_lines: int | None, since: float | None,
+                       timestamps: bool) -> AsyncIterator[str]:
+        """The main command's log as ``stream_logs`` yields it, for a runtime whose log lives elsewhere
+        (``open_main_log`` gave None): a sandpool server's. Others refuse with NotSupportedLocallyError."""
+        from .._errors_cw import NotSupportedLocallyError
+
+        raise NotSupportedLocallyError(f"sandbox {record.sandbox_id}: the {self.name} runtime keeps no "
+                                       f"main-command log to stream", feature="stream_logs")
 
     async def attach(self, sandbox_id: str) -> FrameChannel:
         """A frame channel to a sandbox started elsewhere (set as its record's ``channel``, for a

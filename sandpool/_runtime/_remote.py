@@ -20,6 +20,7 @@ from __future__ import annotations
 import builtins
 import functools
 import os
+from collections.abc import AsyncIterator
 
 import grpc
 import trio
@@ -37,6 +38,9 @@ ENV_ADDRESS, ENV_TOKEN, ENV_TLS_CA = "SANDPOOL_ADDRESS", "SANDPOOL_TOKEN", "SAND
 #: Deadlines of control calls, in seconds (Stop adds the grace period it was given).
 CALL_SECONDS = 60.0
 EXIT_REPORT_SECONDS = 3.0
+#: A broken Logs stream is resumed this many times in a row, after 0.5, 1, 2 s (cwsandbox's figures).
+LOG_RESUME_ATTEMPTS = 3
+LOG_RESUME_BACKOFF_SECONDS = 0.5
 
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", m.MAX_MESSAGE_BYTES),
@@ -148,6 +152,7 @@ class RemoteRuntime(Runtime):
         for method in m.UNARY_METHODS:
             self._unary[method] = self._channel.unary_unary(m.path(method))
         self._attach_call = self._channel.stream_stream(m.path(m.ATTACH_METHOD))
+        self._logs_call = self._channel.unary_stream(m.path(m.LOGS_METHOD))
         self._lease_call = self._channel.unary_stream(m.path(m.LEASE_METHOD))(m.pack({}), metadata=self._metadata)
         try:
             first = await trio.to_thread.run_sync(next, self._lease_call, abandon_on_cancel=True)
@@ -260,6 +265,44 @@ class RemoteRuntime(Runtime):
                 self._update(record, info)
             found.append(record)
         return found
+
+    async def main_log_lines(self, record: SandboxRecord, *, follow: bool, tail_lines: int | None,
+                             since: float | None, timestamps: bool) -> AsyncIterator[str]:
+        """The server's ``Logs`` stream of the sandbox's main log; leaving early cancels the call. A
+        stream that breaks (the server unreachable for a moment) is resumed from the offset after the
+        last line received, at most ``LOG_RESUME_ATTEMPTS`` times in a row."""
+        request = {"sandbox_id": record.sandbox_id, "follow": follow, "tail_lines": tail_lines, "since": since,
+                   "timestamps": timestamps}
+        failures = 0
+        while True:
+            try:
+                async for reply in self._logs_stream(request, record.sandbox_id):
+                    failures = 0
+                    request = {**request, "offset": m.field(reply, "offset", int)}
+                    for line in m.field(reply, "lines", list):
+                        yield line
+                return
+            except SandboxUnavailableError:
+                failures += 1
+                if failures > LOG_RESUME_ATTEMPTS or self._closed:
+                    raise
+                await trio.sleep(min(LOG_RESUME_BACKOFF_SECONDS * 2 ** (failures - 1), 4.0))
+
+    async def _logs_stream(self, request: dict, sandbox_id: str) -> AsyncIterator[dict]:
+        if self._closed or self._channel is None:
+            raise SandboxUnavailableError(f"the remote runtime for {self.address} is closed", sandbox_id=sandbox_id)
+        call = self._logs_call(m.pack(request), metadata=self._metadata)
+        try:
+            while True:
+                try:
+                    message = await trio.to_thread.run_sync(next, call, None, abandon_on_cancel=True)
+                except grpc.RpcError as exc:
+                    raise translate(exc, self.address, sandbox_id) from exc
+                if message is None:
+                    return
+                yield m.unpack(message, "Logs reply")
+        finally:
+            call.cancel()
 
     async def attach(self, sandbox_id: str) -> FrameChannel:
         record = self._records.get(sandbox_id)

@@ -22,6 +22,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import trio
 
@@ -30,6 +31,7 @@ from .._config import SandboxStatus
 from .._isolation import probe
 from .._errors import SandboxNotFoundError, SandboxNotRunningError, SandboxUnavailableError
 from .._runtime._contract import Runtime, SandboxRecord
+from .._sandbox_logs import LogBook, log_pieces
 from . import messages as m
 from . import limits
 from .dataplane import Attachment, Hub
@@ -60,6 +62,8 @@ class Hosted:
     #: the spec as plain data, made once: whole (Create, Get, Stop) and as List shows it (bounded)
     spec_data: dict = field(default_factory=dict)
     spec_summary: dict = field(default_factory=dict)
+    #: the main command's log, opened at the start and kept (readable after the end) while this is
+    log: LogBook | None = None
 
 
 def decide_orphans(hosted: list[Hosted], live_leases: set[str], now: float, grace: float) -> list[Hosted]:
@@ -150,6 +154,7 @@ class Fleet:
             self._discard(hosted)
             raise
         record.started_at = time.time()
+        hosted.log = LogBook(self.runtime.open_main_log(record))
         hosted.state = _lifecycle.advance(hosted.state, "running")
         hosted.hub = Hub(record.sandbox_id, channel, lambda frame: self._on_event(hosted, frame))
         self.nursery.start_soon(self._watch, hosted)
@@ -196,6 +201,7 @@ class Fleet:
     def _discard(self, hosted: Hosted) -> None:
         """A sandbox that never started: forgotten everywhere (its client got the error instead of an id)."""
         self.sandboxes.pop(hosted.record.sandbox_id, None)
+        _close_log(hosted)
         forget = getattr(self.runtime, "forget", None)
         if forget is not None:
             forget(hosted.record.sandbox_id)
@@ -233,7 +239,9 @@ class Fleet:
 
     async def rpc_delete(self, request: dict, peer: str) -> dict:
         reply = await self.rpc_stop({**request, "grace": request.get("grace", 0.0)}, peer)
-        self.sandboxes.pop(reply["sandbox_id"], None)
+        deleted = self.sandboxes.pop(reply["sandbox_id"], None)
+        if deleted is not None:
+            _close_log(deleted)
         self.journal.forget(reply["sandbox_id"])
         return reply
 
@@ -256,6 +264,7 @@ class Fleet:
             ended.sort(key=lambda h: h.ended_at or 0)
             for h in ended[:-KEEP_ENDED]:
                 del self.sandboxes[h.record.sandbox_id]
+                _close_log(h)
         self.journal.trim()
 
     async def aclose(self) -> None:
@@ -266,6 +275,8 @@ class Fleet:
                 for h in list(self.sandboxes.values()):
                     nursery.start_soon(self._stop, h, 0.0, SHUTDOWN_REASON)
             self.journal.close()
+            for h in self.sandboxes.values():
+                _close_log(h)
 
     # -- data plane --------------------------------------------------------------------------
 
@@ -284,6 +295,27 @@ class Fleet:
         hosted.orphaned_since = None
         self.nursery.start_soon(hosted.hub.serve, att)
         return att
+
+    def open_log(self, sandbox_id: str) -> BinaryIO | None:
+        """A file of its own on a sandbox's main log (see ``LogBook.reopen``), or None."""
+        hosted = self.sandboxes.get(sandbox_id)
+        return hosted.log.reopen() if hosted is not None and hosted.log is not None else None
+
+    def log_pieces(self, request: dict):
+        """The lines a Logs request asks for, each with the offset after it (an async iterator), or the
+        error for a sandbox whose log this server does not have: never known (NotFound) or ended long
+        ago (NotRunning)."""
+        sandbox_id, follow, tail, since, timestamps, offset = limits.log_request(request)
+        hosted = self.sandboxes.get(sandbox_id)
+        if hosted is None:
+            if sandbox_id in self.journal.history:
+                raise SandboxNotRunningError(f"sandbox {sandbox_id} ended long ago; this server no longer keeps "
+                                             f"its log", sandbox_id=sandbox_id)
+            raise SandboxNotFoundError(f"no sandbox {sandbox_id!r} on this server", sandbox_id=sandbox_id)
+        book = hosted.log or LogBook(None)
+        if offset is not None and offset > book.size():
+            raise ValueError(f"offset {offset} is past the end of the log of {sandbox_id} ({book.size()} bytes)")
+        return log_pieces(hosted.ended, book, follow, tail, since, timestamps, offset)
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -346,3 +378,8 @@ class Fleet:
                     "status_reason": "no such sandbox on this server", "returncode": None, "tags": []}
         return {"returncode": None, "tags": [], "status_reason": None, "spec": None, "attached": 0,
                 "orphaned_for": None, **entry}
+
+
+def _close_log(hosted: Hosted) -> None:
+    if hosted.log is not None:
+        hosted.log.close()

@@ -19,7 +19,9 @@ from typing import Any
 
 import msgpack
 
-#: One encoded control-plane request (Create, Get, List, Stop, Delete, Release, Lease).
+from . import messages as m
+
+#: One encoded control-plane request (Create, Get, List, Stop, Delete, Release, Lease, Logs).
 MAX_REQUEST_BYTES = 1 << 20
 #: One argument, environment value, or name=value entry.
 MAX_STRING_BYTES = 128 << 10
@@ -52,6 +54,23 @@ def request_bytes(what: str, size: int) -> None:
                          f"for a control request; send fewer or smaller environment variables, arguments, "
                          f"tags or annotations (limits: {MAX_ENV_ENTRIES} environment entries, {MAX_ARGS} "
                          f"arguments, {MAX_ARGV_ENV_BYTES} bytes of both together)")
+
+
+def log_request(request: Mapping[str, Any]) -> tuple[str, bool, int | None, float | None, bool, int | None]:
+    """A Logs request's ``(sandbox_id, follow, tail_lines, since, timestamps, offset)``, checked: TypeError
+    or ValueError naming the field, for a wrong type, a negative count or offset, a non-finite ``since``."""
+    sandbox_id = identifier("sandbox_id", m.field(request, "sandbox_id", str))
+    tail = m.field(request, "tail_lines", int, None)
+    if tail is not None and not 0 <= tail < 1 << 31:
+        raise ValueError(f"tail_lines must be an int from 0 to 2**31-1 (or left out for all), got {tail!r}")
+    since = m.field(request, "since", (int, float), None)
+    if since is not None and not -1e12 < since < 1e12:
+        raise ValueError(f"since must be seconds since the epoch (a finite number), got {since!r}")
+    offset = m.field(request, "offset", int, None)
+    if offset is not None and not 0 <= offset < 1 << 63:
+        raise ValueError(f"offset must be a byte offset >= 0 that a Logs reply gave (or left out), got {offset!r}")
+    return (sandbox_id, m.field(request, "follow", bool, False), tail,
+            None if since is None else float(since), m.field(request, "timestamps", bool, False), offset)
 
 
 def text(field: str, value: object, bound: int, *, optional: bool = False) -> int:

@@ -12,6 +12,13 @@ on ``Attach``, whose messages are raw bytes carrying whole or partial wire frame
 - ``Lease {}`` -> stream of ``{lease}``: the first message names the caller's lease, then the
   stream stays open while the client lives; its end (client exit, crash, lost host) starts the
   orphan grace period of the sandboxes the lease owns. ``Release {lease, stop}`` ends it cleanly.
+- ``Logs {sandbox_id, follow, tail_lines, since, timestamps, offset}`` -> stream of ``{lines: [str],
+  offset}``: the main command's log, as ``Sandbox.stream_logs`` yields it (``since``: seconds since
+  the epoch). Each reply's ``offset`` is the log's byte offset after its last line; a request with
+  ``offset`` starts there (``since`` and ``tail_lines`` then do not apply), which is how a client
+  resumes a stream that broke.
+  Without ``follow`` it ends once what was written is sent; with it, once the sandbox has ended
+  and all is sent. Each message carries at most ``LOG_BATCH_BYTES`` of lines (plus one line).
 - ``Attach`` (bidi; metadata ``sandpool-sandbox``): the sandbox's data plane. The client sends a
   ``hello`` frame first and gets one back; then frames flow both ways, batched. When the sandbox
   ends, the stream ends OK with trailing metadata giving the agent's exit code or signal.
@@ -35,6 +42,7 @@ SERVICE = "sandpool.v1.Sandpool"
 UNARY_METHODS = ("Create", "Get", "List", "Stop", "Delete", "Release")
 LEASE_METHOD = "Lease"
 ATTACH_METHOD = "Attach"
+LOGS_METHOD = "Logs"
 
 META_TOKEN = "authorization"  # value: "Bearer <token>"
 META_SANDBOX = "sandpool-sandbox"
@@ -50,6 +58,8 @@ TRAILER_REASON = "sandpool-reason"
 #: wire frames of any size (up to the wire's own limit) still pass.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 DATA_CHUNK_BYTES = 1024 * 1024
+#: Lines of one Logs message: up to this many bytes, plus the line that crossed it (<= 1 MiB).
+LOG_BATCH_BYTES = 256 * 1024
 DEFAULT_PORT = 50051
 
 

@@ -121,6 +121,7 @@ class Service:
         methods = {name: grpc.unary_unary_rpc_method_handler(self._unary(name)) for name in m.UNARY_METHODS}
         methods[m.LEASE_METHOD] = grpc.unary_stream_rpc_method_handler(self.lease)
         methods[m.ATTACH_METHOD] = grpc.stream_stream_rpc_method_handler(self.attach)
+        methods[m.LOGS_METHOD] = grpc.unary_stream_rpc_method_handler(self.logs)
         return grpc.method_handlers_generic_handler(m.SERVICE, methods)
 
     @staticmethod
@@ -128,6 +129,7 @@ class Service:
         kinds = {m.path(name): "unary_unary" for name in m.UNARY_METHODS}
         kinds[m.path(m.LEASE_METHOD)] = "unary_stream"
         kinds[m.path(m.ATTACH_METHOD)] = "stream_stream"
+        kinds[m.path(m.LOGS_METHOD)] = "unary_stream"
         return kinds
 
     def _unary(self, name: str):
@@ -168,6 +170,51 @@ class Service:
                 self.token.run_sync_soon(self.fleet.lease_lost, lease)
             except trio.RunFinishedError:
                 pass
+
+    def logs(self, request: bytes, context: grpc.ServicerContext):
+        """A sandbox's main log (``Fleet.log_lines``), read in the trio loop by a task that stops when
+        the call ends, handed over through a small bounded channel, sent in batches of lines."""
+        try:
+            limits.request_bytes("Logs request", len(request))
+            message = m.unpack(request, "Logs request")
+            receive, scope = trio.from_thread.run(self._start_logs, message, trio_token=self.token)
+        except Exception as exc:
+            _abort(context, exc)
+
+        def ended() -> None:
+            try:
+                self.token.run_sync_soon(scope.cancel)
+            except trio.RunFinishedError:
+                pass
+
+        if not context.add_callback(ended):
+            ended()
+        try:
+            while batch := trio.from_thread.run(_log_batch, receive, trio_token=self.token):
+                yield m.pack({"lines": [line for line, _ in batch], "offset": batch[-1][1]})
+        except Exception as exc:
+            _abort(context, exc)
+        finally:
+            ended()
+
+    async def _start_logs(self, message: dict):
+        pieces = self.fleet.log_pieces(message)
+        send, receive = trio.open_memory_channel(_LOG_BUFFER)
+        scope = trio.CancelScope()
+
+        async def produce() -> None:
+            with scope:
+                async with send:
+                    try:
+                        async for piece in pieces:
+                            await send.send(piece)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass  # the call's end closed the other side
+                    except Exception:  # the stream ends short; the server and its other calls go on
+                        log.exception("reading the main log of %s", message.get("sandbox_id"))
+
+        self.fleet.nursery.start_soon(produce)
+        return receive, scope
 
     def attach(self, request_iterator, context: grpc.ServicerContext):
         """One sandbox's data plane: bytes of wire frames both ways (see ``dataplane.py``), or, for a
@@ -224,6 +271,26 @@ class Service:
                 ended.set()
 
 
+_LOG_BUFFER = 16  # lines between a Logs call's reader and its gRPC thread (each at most 1 MiB)
+
+
+async def _log_batch(receive: trio.MemoryReceiveChannel) -> list[tuple[str, int]]:
+    """The next (line, offset after it) of a Logs call (at least one, up to ``LOG_BATCH_BYTES`` of
+    lines); [] once all are sent."""
+    try:
+        batch = [await receive.receive()]
+    except trio.EndOfChannel:
+        return []
+    size = len(batch[0][0])
+    while size < m.LOG_BATCH_BYTES:
+        try:
+            batch.append(receive.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            break
+        size += len(batch[-1][0])
+    return batch
+
+
 def _end_stream(context: grpc.ServicerContext, att) -> None:
     """End an Attach call as its attachment ended: the exit report, or the error that ended it."""
     how, detail = att.ending or ("ok", {})
@@ -271,7 +338,7 @@ async def serve_async(config: ServeConfig, *, task_status=trio.TASK_STATUS_IGNOR
                 print(f"sandpool serve: listening on {scheme}{bound} (pid {os.getpid()}){token_note}", flush=True)
                 log.info("policy: %s", fleet.policy)
                 task_status.started(bound)
-                async with _cwsandbox_listener(config, bound, listening.token):
+                async with _cwsandbox_listener(config, bound, listening.token, fleet.open_log):
                     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                         async for signum in signals:
                             log.info("%s: stopping every sandbox", signal.Signals(signum).name)
@@ -295,10 +362,11 @@ async def shut_down(fleet: Fleet, service: Service, server: grpc.Server | None, 
 
 
 @contextlib.asynccontextmanager
-async def _cwsandbox_listener(config: ServeConfig, bound: str, token: str | None):
+async def _cwsandbox_listener(config: ServeConfig, bound: str, token: str | None, open_log):
     """With ``--cwsandbox``: cwsandbox's API on its own listener, backed by a session of this very
     server, so sandboxes made through either API are the same fleet (``sandpool ls`` shows both),
-    and this server's policy applies to both. Its API key is this server's token, or one it makes."""
+    and this server's policy applies to both. Its API key is this server's token, or one it makes.
+    Its StreamLogs reads the fleet's own main logs (``open_log``)."""
     if config.cwsandbox_listen is None:
         yield
         return
@@ -306,7 +374,8 @@ async def _cwsandbox_listener(config: ServeConfig, bound: str, token: str | None
     from .._session import Session
 
     async with Session(address=bound, token=token) as session, \
-            open_published_server(session, config.cwsandbox_listen, token=config.token) as (address, export):
+            open_published_server(session, config.cwsandbox_listen, token=config.token,
+                                  open_log=open_log) as (address, export):
         print(f"sandpool serve: cwsandbox API on {address}; {export}", flush=True)
         yield
 
