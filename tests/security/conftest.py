@@ -8,8 +8,8 @@ from sandpool import Session
 from sandpool._isolation import probe
 
 
-#: Why the ``oci`` level's attack tests need root: crun runs rootful here (an ordinary user is refused
-#: ``oci``, and its registry images need whiteouts and ownership only root can make).
+#: Why the ``oci`` level's attack tests need root: sandpool runs crun rootful, and refuses an ordinary
+#: user the ``oci`` level (it gets ``namespaces`` through a user namespace instead).
 OCI_NEEDS_ROOT = "the oci level runs only as root (an ordinary user gets namespaces, rootless)"
 
 
