@@ -7,6 +7,10 @@ end of the session, which fails if anything is left.
 
 ``SANDPOOL_TEST_STRICT=1`` (set by ``.ci/run``, which installs every requirement of the suite): a
 skipped test is a failure, unless it is marked ``ci_may_skip(reason)``.
+
+``needs_root(reason)``: the test means something only when run as root (e.g. the ``oci`` level, or a
+root server attacked by an ordinary user); run as an ordinary user it skips, saying the reason. The
+ordinary user's CI run (``.ci/run``) deselects these with ``-m "not needs_root"``.
 """
 
 from __future__ import annotations
@@ -38,6 +42,18 @@ def _host_dev_null_ok() -> bool:
 def pytest_configure(config):
     config.addinivalue_line("markers", "ci_may_skip(reason): this test may skip even in CI "
                             "(SANDPOOL_TEST_STRICT=1); the reason says why CI cannot run it")
+    config.addinivalue_line("markers", "needs_root(reason): this test needs root (the reason says why); "
+                            "run as an ordinary user it skips")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    marker = item.get_closest_marker("needs_root")
+    if marker is not None:
+        if not marker.args:
+            raise pytest.UsageError(f"{item.nodeid}: needs_root takes a reason: needs_root('why')")
+        if os.geteuid() != 0:
+            pytest.skip(f"needs root: {marker.args[0]}")
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -122,9 +122,13 @@ request("never")
 TAKEOVER = r'''
 import ctypes, os, signal, socket, sys
 agent = os.getppid()
-fds = [int(n) for n in os.listdir(f"/proc/{agent}/fd") if os.readlink(f"/proc/{agent}/fd/{n}").startswith("socket:")]
+try:  # rootless, the agent lives in the template's user namespace: even its fd list is refused
+    fds = [int(n) for n in os.listdir(f"/proc/{agent}/fd")
+           if os.readlink(f"/proc/{agent}/fd/{n}").startswith("socket:")]
+    pidfd = os.pidfd_open(agent)
+except PermissionError as e:
+    sys.exit(f"refused: {e}")
 libc = ctypes.CDLL(None, use_errno=True)
-pidfd = os.pidfd_open(agent)
 os.kill(agent, signal.SIGSTOP)
 try:
     for fd in fds:
@@ -308,7 +312,8 @@ def test_pickled_result_or_exception_runs_no_code_in_the_client(session, marker,
 def test_code_inside_a_sandbox_taking_its_agent_over_fails_only_that_sandbox(isolation):
     """The real attack, no substitution: a command in the sandbox stops its agent, steals the agent's
     socket and sends garbage for it. Either the isolation level refuses the theft (the sandbox serves
-    on), or the client fails that sandbox alone with a protocol error, at once; the bystander works."""
+    on; rootless, already reading the agent's /proc/<pid>/fd is refused), or the client fails that
+    sandbox alone with a protocol error, at once; the bystander works."""
     with Session(SandboxDefaults(isolation=isolation, tags=("takeover",))) as session:
         check = bystander_running(session)
         sb = session.sandbox()

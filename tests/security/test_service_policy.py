@@ -26,7 +26,8 @@ from sandpool import Sandbox, SandboxFailedError, Session
 from sandpool._service import endpoint, limits
 from sandpool._service import messages as m
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the server under attack runs as root")
+pytestmark = pytest.mark.needs_root("the server under attack runs as root, as deployed; the attacker is "
+                                     "the ordinary user, run through setpriv, which only root can do")
 
 #: The attacker's interpreter: this one if the user may run it, else the system's, on the same packages.
 SITE = sysconfig.get_paths()["purelib"]
