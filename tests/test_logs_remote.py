@@ -128,7 +128,10 @@ def test_cli_logs_tail_and_follow(server, session):
         tail = subprocess.run([*cli, "--tail", "2"], capture_output=True, text=True, env=env, timeout=60)
         assert (tail.returncode, tail.stdout) == (0, "4\n5\n"), tail.stderr
         sb.write_file("/go", b"").result()
-        out, err = follow.communicate(timeout=60)
+        follow.wait(timeout=60)
+        # through the same buffered reader as readline() above: communicate() reads the raw pipe and
+        # would miss lines that readline() already buffered when they arrived in one burst
+        out, err = follow.stdout.read(), follow.stderr.read()
         assert follow.returncode == 0 and out == "2\n3\n4\n5\ndone\n", err
     finally:
         if follow.poll() is None:
