@@ -32,11 +32,11 @@ import trio
 
 import sandpool
 from _measure import latency, timed
-from sandpool._agent._linux import children
+from _sandpool_agent.linux import children
 from sandpool import SandboxDefaults, Session
 
 MB = 1e6
-TEMPLATE_MARK = "sandpool._agent.template"
+TEMPLATE_MARK = "_sandpool_agent.template"
 
 
 # ---------------------------------------------------------------- measuring

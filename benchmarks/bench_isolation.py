@@ -160,7 +160,7 @@ def filter_cost(n: int, reps: int) -> dict:
     exec path) in a child that loaded the filter and in one that did not, taking each sample in
     turn (so load from elsewhere falls on both alike), ``reps`` times; plus the time to load the
     compiled filter, which every agent start pays."""
-    from sandpool._isolation import _sys, seccomp
+    from _sandpool_agent.confine import _sys, seccomp
 
     program = seccomp.program()
     # one ctypes buffer of the program's size made here first, so that the children's load time is

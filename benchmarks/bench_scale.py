@@ -37,7 +37,7 @@ from sandpool import SandboxDefaults, Session
 from sandpool.testing import kill_leftovers, wait_for_no_leftovers
 
 MIB = 1 << 20
-TEMPLATE_MARK = "sandpool._agent.template"
+TEMPLATE_MARK = "_sandpool_agent.template"
 TARGETS = {"up_s": 5.0, "exec_s": 2.0, "down_s": 3.0, "uss_max_mib": 3.0, "per_start_ratio": 1.5}
 
 

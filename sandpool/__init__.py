@@ -65,7 +65,7 @@ from ._cwtypes import (
 )
 from ._errors_cw import *  # noqa: F403  (cwsandbox's remaining exception classes)
 from ._errors_cw import __all__ as _cloud_errors
-from ._function import RemoteFunction, Retries
+from ._functions.function import RemoteFunction, Retries
 from ._errors import (
     AsyncFunctionError,
     CWSandboxAuthenticationError,
@@ -88,17 +88,17 @@ from ._errors import (
     SandpoolError,
     SerializationError,
 )
-from ._imap import ResultStream
-from ._opref import OperationCancelled, OperationRef
-from ._pool import PoolStatistics
-from ._waiting import as_completed, gather, results, wait
-from ._process import Process, ProcessResult, StreamReader, StreamWriter
-from ._runtime._contract import Runtime
-from ._runtime._local import LocalRuntime
-from ._runtime._slurm import SlurmRuntime
-from ._sandbox import Sandbox
-from ._session import Session
-from ._terminal import TerminalResult, TerminalSession
+from ._functions.imap import ResultStream
+from ._core.opref import OperationCancelled, OperationRef
+from ._functions.pool import PoolStatistics
+from ._core.waiting import as_completed, gather, results, wait
+from ._session.process import Process, ProcessResult, StreamReader, StreamWriter
+from ._runtime.contract import Runtime
+from ._runtime.local import LocalRuntime
+from ._runtime.slurm.runtime import SlurmRuntime
+from ._session.sandbox import Sandbox
+from ._session.session import Session
+from ._session.terminal import TerminalResult, TerminalSession
 
 Waitable = Sandbox | OperationRef | Process | TerminalSession
 """What ``wait`` and ``results`` accept (cwsandbox's alias)."""

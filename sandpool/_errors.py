@@ -1,7 +1,7 @@
 """The sandpool exception tree: one base class, few branches, stdlib only.
 
-The agent that runs inside sandboxes imports this module too, so it must never import trio,
-msgpack or anything outside the standard library.
+The root (``SandpoolError``) and the branch to ``ProtocolError`` live with the sandbox side in
+``_sandpool_agent.errors``, which owns the wire format; this module builds the rest on them.
 
 Every class takes a message plus keyword-only extras (declared in ``_extras``, defaulting to
 None) and keeps them as attributes. ``str(e)`` is the message. Exceptions pickle with their
@@ -34,96 +34,7 @@ __all__ = [
 ]
 
 
-def _rebuild(cls: type[SandpoolError], message: str, extras: dict[str, object]) -> SandpoolError:
-    """Unpickle helper: call the constructor again, so keyword-only extras survive."""
-    return cls(message, **extras)
-
-
-class SandpoolError(Exception):
-    """Base of every sandpool error (``CWSandboxError`` is the same class).
-
-    Args:
-        message: the human-readable text; ``str(e)`` returns it.
-        **extras: the keyword-only attributes the class declares (see ``extra_names()``);
-            each one not given is None. An undeclared name raises TypeError. Every class has
-            cwsandbox's three: ``reason`` (a machine-readable cause such as
-            ``CWSANDBOX_FILE_NOT_FOUND``), ``metadata`` (a dict of str, empty when not given)
-            and ``retry_delay`` (a ``datetime.timedelta`` hint, or None).
-    """
-
-    _extras: tuple[str, ...] = ("reason", "metadata", "retry_delay")
-    _all_extras: tuple[str, ...] = _extras
-
-    def __init_subclass__(cls, **kwargs: object) -> None:
-        super().__init_subclass__(**kwargs)
-        names: dict[str, None] = {}
-        for klass in reversed(cls.__mro__):
-            names.update(dict.fromkeys(vars(klass).get("_extras", ())))
-        cls._all_extras = tuple(names)
-
-    def __init__(self, message: str = "", **extras: object) -> None:
-        super().__init__(message)
-        allowed = self._all_extras
-        unknown = [name for name in extras if name not in allowed]
-        if unknown:
-            raise TypeError(
-                f"{type(self).__name__} got unknown keyword argument {unknown[0]!r}; "
-                f"valid keywords: {', '.join(allowed) or '(none)'}"
-            )
-        for name in allowed:
-            setattr(self, name, extras.get(name))
-        self.metadata = dict(self.metadata or {})  # type: ignore[call-overload]
-
-    @classmethod
-    def extra_names(cls) -> tuple[str, ...]:
-        """The keyword-only attributes of this class, base classes' first."""
-        return cls._all_extras
-
-    @property
-    def message(self) -> str:
-        """The message given to the constructor (what ``str(e)`` returns)."""
-        return str(self.args[0]) if self.args else ""
-
-    def extras(self) -> dict[str, object]:
-        """The keyword-only attributes and their current values."""
-        return {name: getattr(self, name, None) for name in self._all_extras}
-
-    def __reduce__(self) -> tuple[object, ...]:
-        # Rebuild through the constructor, not BaseException's cls(*args): a subclass that
-        # requires a keyword-only extra could not be called with the message alone. The third
-        # item keeps any other instance state, such as __notes__ from add_note().
-        extras = self.extras()
-        state = {k: v for k, v in self.__dict__.items() if k not in extras}
-        return (_rebuild, (type(self), self.message, extras), state or None)
-
-    def __repr__(self) -> str:
-        shown = [repr(self.message)]
-        shown += [f"{k}={v!r}" for k, v in self.extras().items() if v is not None and v != {} and v != ()]
-        return f"{type(self).__name__}({', '.join(shown)})"
-
-
-CWSandboxError = SandpoolError
-"""cwsandbox's name for the base class; the same object, so either can be caught."""
-
-
-class SandboxError(SandpoolError):
-    """Base for failures of a sandbox operation; ``sandbox_id`` says which sandbox."""
-
-    _extras = ("sandbox_id",)
-
-
-class SandboxProtocolError(SandboxError):
-    """An answer could not be decoded (cwsandbox's name); sandpool raises its ProtocolError."""
-
-
-class ProtocolError(SandboxProtocolError):
-    """A wire frame was malformed, of an unknown kind or out of order.
-
-    ``frame`` is the offending frame (or a repr-able summary of it), or None when nothing
-    could be decoded. This is a bug or a version mismatch between client and agent.
-    """
-
-    _extras = ("frame",)
+from _sandpool_agent.errors import CWSandboxError, ProtocolError, SandboxError, SandboxProtocolError, SandpoolError
 
 
 class CWSandboxAuthenticationError(SandpoolError):

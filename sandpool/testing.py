@@ -34,15 +34,15 @@ import time
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
-from ._agent import _linux
-from ._isolation import cgroups as _cgroups
+from _sandpool_agent import linux as _linux
+from _sandpool_agent.confine import cgroups as _cgroups
 from ._isolation import network as _network
-from ._isolation.sandbox import SPARE_NAME
-from ._runtime import _statedir
+from _sandpool_agent.confine.supervisor import SPARE_NAME
+from ._runtime import statedir as _statedir
 
 _NET_DIR = "/sys/class/net"
 _CHUNK = 1 << 16
-from ._runtime._fake import FakeCall, FakeCommand, FakeExec, FakeRuntime, FakeSandbox  # noqa: F401  (public)
+from ._runtime.fake.runtime import FakeCall, FakeCommand, FakeExec, FakeRuntime, FakeSandbox  # noqa: F401  (public)
 
 
 @dataclass
@@ -268,14 +268,14 @@ def leftovers(state_dir: str, *more: str, keep_owners: Collection[str] | None = 
 def shared_owner_dirs() -> list[str]:
     """Owner directories of this process's shared runtime: the LocalRuntime its sync sessions share,
     open until the process's default portal closes (``close_shared_runtime``). Checks keep them."""
-    from . import _session
+    from ._session import session as _session
 
     return [runtime.owner_dir for runtime, _started in _session._SHARED.values() if runtime.owner_dir]
 
 
 def close_shared_runtime() -> None:
     """Close this process's default portal, and with it the shared runtime, as exit would."""
-    from . import _portal
+    from ._core import portal as _portal
 
     _portal._close_default()
 

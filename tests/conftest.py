@@ -115,7 +115,7 @@ def memory_limits_enforced() -> None:
     its limit is sandpool's failure, never a skip."""
     import subprocess
 
-    from sandpool._isolation import cgroups
+    from _sandpool_agent.confine import cgroups
 
     layout = cgroups.detect()
     home = layout.home("memory")

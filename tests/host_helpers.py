@@ -1,4 +1,4 @@
-"""The three hosts of tests/test_hosts.py: one scenario body, run as sync code, in trio or in asyncio.
+"""The three hosts of tests/core/test_hosts.py: one scenario body, run as sync code, in trio or in asyncio.
 
 A scenario is one ``async def body(h)``. Under trio and asyncio, ``h.wait(ref)`` is ``await ref``,
 ``h.lines(stream)`` is ``async for`` and ``h.session()`` is ``async with Session``; under sync it is

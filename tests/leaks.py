@@ -52,7 +52,7 @@ def close_runtime(runtime) -> None:
     """Close a runtime that a sync ``Session(runtime=...)`` was given: such a session leaves it open
     (for the next session) until the process's background loop ends, which the leak check would
     rightly report as a runtime left open."""
-    from sandpool._portal import default_portal
+    from sandpool._core.portal import default_portal
 
     default_portal().run(runtime.aclose)
 

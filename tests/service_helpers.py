@@ -18,8 +18,8 @@ import sys
 import tempfile
 import time
 
-from sandpool._service import endpoint
-from sandpool._service import messages as m
+from sandpool._grpc import endpoint
+from sandpool._grpc import messages as m
 
 import leaks
 

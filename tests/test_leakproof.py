@@ -186,7 +186,8 @@ def test_leak_check_sees_owner_cgroups_mounts_netns_and_links_without_a_template
 
     import pytest
 
-    from sandpool._isolation import cgroups, network
+    from _sandpool_agent.confine import cgroups
+    from sandpool._isolation import network
 
     if os.geteuid() != 0:
         pytest.skip("cgroups, mounts, namespaces and links are made by root")

@@ -97,7 +97,7 @@ def _count(text: str) -> int:
 
 
 def _target(args: argparse.Namespace) -> dict:
-    from .._service.endpoint import default_address
+    from .._grpc.endpoint import default_address
 
     token = None
     if args.token_file:

@@ -6,7 +6,7 @@ calls get ``STOP_GRACE_SECONDS``), then every sandbox, then exits.
 
 Every listener has an API key, loopback included (any local process, a sandbox on the host's
 network too, can reach loopback). Without ``--token-file`` the server makes one and writes it,
-mode 0600, to its listener record's token file (``sandpool._service.endpoint``), whose path it
+mode 0600, to its listener record's token file (``sandpool._grpc.endpoint``), whose path it
 prints in the ``export`` line; the token itself is never printed.
 """
 
@@ -25,7 +25,7 @@ import grpc
 import trio
 
 from .._config import ISOLATION_LEVELS, SandboxDefaults
-from .._session import Session
+from .._session.session import Session
 from ._backend import open_backend
 from ._servicer import add_cwsandbox_servicer
 
@@ -97,7 +97,7 @@ async def open_published_server(session, listen: str, *, token: str | None = Non
     if token is None and not is_loopback(listen):
         raise SystemExit(f"{listen} is reachable from other machines: give a token with --token-file F "
                          f"(clients send it as CWSANDBOX_API_KEY), or listen on 127.0.0.1")
-    from .._service.endpoint import ListenerRecord
+    from .._grpc.endpoint import ListenerRecord
 
     key = token or secrets.token_urlsafe(32)
     async with open_cwsandbox_server(session, listen, token=key, max_workers=max_workers,

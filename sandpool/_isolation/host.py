@@ -25,7 +25,8 @@ import trio
 from .._config import SandboxSpec
 from .._errors import SandboxFailedError, SandboxResourceExhaustedError
 from .._quantity import parse_memory
-from . import admission, cgroups, hostview, images, network, probe, storage
+from . import admission, hostview, images, network, probe
+from _sandpool_agent.confine import cgroups, storage
 
 #: pids.max of a namespaces sandbox that sets no pids limit: a fork bomb stops here.
 DEFAULT_PIDS_LIMIT = 1024
@@ -164,7 +165,7 @@ class Isolation:
         user_env = spec.environment_variables
         defaults = {"HOME": home, "TMPDIR": "/tmp", "SANDPOOL_ROOT": "/"}
         if lower != "/":
-            from .._runtime._local import _BASE_PATH  # (imported here: _local imports this module)
+            from .._runtime.local import _BASE_PATH  # (imported here: _local imports this module)
 
             defaults["PATH"] = _BASE_PATH  # the image's programs, not the host's python first
         defaults.update(pair.split("=", 1) for pair in image_env)  # under the spec's environment_variables

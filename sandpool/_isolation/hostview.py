@@ -26,6 +26,8 @@ import site
 import sys
 import sysconfig
 
+import _sandpool_agent
+
 #: Top-level entries of the host's ``/`` the host image shows (directories through an overlay,
 #: symlinks such as ``/bin -> usr/bin`` as the same symlinks); the others, where present, are absent.
 SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc")
@@ -91,14 +93,16 @@ def _under(path: str, dirs) -> bool:
 
 @functools.lru_cache(maxsize=1)
 def interpreter_dirs() -> tuple[str, ...]:
-    """The interpreter's prefixes, sandpool's package and every site-packages directory on sys.path."""
+    """The interpreter's prefixes, sandpool's and the sandbox side's packages and every site-packages
+    directory on sys.path."""
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    agent_package = os.path.dirname(os.path.abspath(_sandpool_agent.__file__))
     sites = set(sysconfig.get_paths().get(k, "") for k in ("purelib", "platlib"))
     if sys.flags.no_site == 0:
         sites.update(site.getsitepackages())
         sites.add(site.getusersitepackages())
     on_path = [p for p in sys.path if p in sites or os.path.basename(p) in ("site-packages", "dist-packages")]
-    candidates = [sys.base_prefix, sys.prefix, sys.exec_prefix, package] + on_path
+    candidates = [sys.base_prefix, sys.prefix, sys.exec_prefix, package, agent_package] + on_path
     chosen: list[str] = []
     for path in sorted({os.path.realpath(p) for p in candidates if p and os.path.isdir(p)}, key=len):
         if path != "/" and not _under(path, chosen):

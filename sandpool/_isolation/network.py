@@ -85,7 +85,7 @@ def named_namespaces(state_dir: str) -> list[str]:
     The levels here name none (a sandbox's netns lives and dies with its processes), so this finds
     only what a future veth/bridge setup, or a crashed one, would leave in ``/run/netns``.
     """
-    from .cgroups import state_key
+    from _sandpool_agent.confine.cgroups import state_key
 
     prefix = NETNS_PREFIX + state_key(state_dir)
     try:

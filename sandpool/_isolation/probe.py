@@ -16,7 +16,7 @@ import os
 import sys
 import warnings
 
-from . import _sys, seccomp, userns
+from _sandpool_agent.confine import _sys, seccomp, userns
 
 LEVELS = ("process", "namespaces", "oci")
 
@@ -64,7 +64,7 @@ def _last_resort(why: str) -> None:
 
 def oci_runtime() -> str | None:
     """Path of crun, or None (runc is not wired up: crun is faster and needs no cgroup manager)."""
-    from .oci import runtime_binary
+    from _sandpool_agent.confine.oci import runtime_binary
 
     return runtime_binary()
 

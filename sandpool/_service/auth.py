@@ -16,7 +16,7 @@ import ipaddress
 
 import grpc
 
-from . import messages as m
+from .._grpc import messages as m
 
 
 def split_listen(listen: str) -> tuple[str, str]:

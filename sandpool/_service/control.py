@@ -26,13 +26,13 @@ from typing import BinaryIO
 
 import trio
 
-from .. import _lifecycle
+from .._core import lifecycle as _lifecycle
 from .._config import SandboxStatus
 from .._isolation import probe
 from .._errors import SandboxNotFoundError, SandboxNotRunningError, SandboxUnavailableError
-from .._runtime._contract import Runtime, SandboxRecord
-from .._sandbox_logs import LogBook, log_pieces
-from . import messages as m
+from .._runtime.contract import Runtime, SandboxRecord
+from .._session.logs import LogBook, log_pieces
+from .._grpc import messages as m
 from . import limits
 from .dataplane import Attachment, Hub
 from .journal import Journal

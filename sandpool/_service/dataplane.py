@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .. import _wire
-from .._channel import FrameChannel
+from _sandpool_agent import wire as _wire
+from .._core.channel import FrameChannel
 from .._errors import ProtocolError, SandboxUnavailableError
-from .._runtime._threadpipe import ThreadPipe
-from .frames import ID_BITS, check as check_frame
+from .._grpc.threadpipe import ThreadPipe
+from .._grpc.frames import ID_BITS, check as check_frame
 
 log = logging.getLogger("sandpool.serve")
 

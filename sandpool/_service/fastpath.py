@@ -39,11 +39,11 @@ import threading
 
 import trio
 
-from .. import _bulk
+from .._functions import bulk as _bulk
 from .._errors import ProtocolError
 from . import workerlink
 from .peergate import peer_uid
-from .rawsocket import RawSocketStream
+from .._grpc.rawsocket import RawSocketStream
 
 log = logging.getLogger("sandpool.serve")
 

@@ -20,7 +20,7 @@ import re
 import time
 
 from .._config import SandboxStatus
-from .endpoint import hold_lock
+from .._grpc.endpoint import hold_lock
 
 RESTART_REASON = "the sandpool server exited (killed or restarted) while the sandbox ran"
 

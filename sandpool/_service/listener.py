@@ -17,8 +17,9 @@ from concurrent import futures
 
 import grpc
 
-from . import auth, endpoint
-from . import messages as m
+from . import auth
+from .._grpc import endpoint
+from .._grpc import messages as m
 from .peergate import PeerGate
 
 _SERVER_OPTIONS = [

@@ -31,11 +31,12 @@ from .._errors import (
     SandboxResourceExhaustedError,
     SandboxUnavailableError,
 )
-from .._runtime._local import LocalRuntime
-from .._runtime._threadpipe import PACE_SECONDS, ThreadPipe
+from .._runtime.local import LocalRuntime
+from .._grpc.threadpipe import PACE_SECONDS, ThreadPipe
 from .._isolation import probe
-from . import auth, endpoint, journal, limits
-from . import messages as m
+from . import auth, journal, limits
+from .._grpc import endpoint
+from .._grpc import messages as m
 from .control import Fleet
 from . import fastpath
 from .fastpath import FastEnd, FastPlane
@@ -371,7 +372,7 @@ async def _cwsandbox_listener(config: ServeConfig, bound: str, token: str | None
         yield
         return
     from .._cwsandbox._server import open_published_server
-    from .._session import Session
+    from .._session.session import Session
 
     async with Session(address=bound, token=token) as session, \
             open_published_server(session, config.cwsandbox_listen, token=config.token,

@@ -27,9 +27,9 @@ import socket
 
 import trio
 
-from .. import _wire
+from _sandpool_agent import wire as _wire
 from .._errors import ProtocolError
-from .frames import WORKER_LISTEN, check as check_frame
+from .._grpc.frames import WORKER_LISTEN, check as check_frame
 from .peergate import _CRED
 
 

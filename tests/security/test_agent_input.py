@@ -14,18 +14,8 @@ import time
 import pytest
 
 import sandpool
-from sandpool import (
-    ProtocolError,
-    SandboxDefaults,
-    SandboxError,
-    SandboxFailedError,
-    SandboxFileError,
-    SandboxNotRunningError,
-    SandboxStatus,
-    SandboxTimeoutError,
-    Session,
-    _wire,
-)
+from sandpool import ProtocolError, SandboxDefaults, SandboxError, SandboxFailedError, SandboxFileError, SandboxNotRunningError, SandboxStatus, SandboxTimeoutError, Session
+from _sandpool_agent import wire as _wire
 
 NOT_REGULAR = "CWSANDBOX_FILE_NOT_REGULAR"
 

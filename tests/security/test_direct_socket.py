@@ -10,7 +10,7 @@ import socket
 import pytest
 import trio
 
-from sandpool._direct import DirectChannel
+from sandpool._functions.direct import DirectChannel
 
 
 @pytest.fixture

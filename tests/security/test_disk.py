@@ -10,7 +10,7 @@ import os
 import pytest
 
 from sandpool import SandboxFileError
-from sandpool._isolation import storage
+from _sandpool_agent.confine import storage
 
 LIMIT_MIB = 32
 

@@ -20,8 +20,9 @@ import tempfile
 import pytest
 
 from sandpool import SandboxFileError, Session, testing
-from sandpool._isolation import _sys, hostview, probe
-from sandpool._runtime._local import LocalRuntime
+from _sandpool_agent.confine import _sys
+from sandpool._isolation import hostview, probe
+from sandpool._runtime.local import LocalRuntime
 
 import leaks
 

@@ -29,8 +29,8 @@ from sandpool import (
     SandpoolError,
     Session,
 )
-from sandpool._channel import FrameChannel
-from sandpool._runtime._local import LocalRuntime
+from sandpool._core.channel import FrameChannel
+from sandpool._runtime.local import LocalRuntime
 
 import leaks
 
@@ -39,7 +39,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 #: The hostile driver: speaks for a taken-over agent. argv: ATTACK, socket fd, marker path.
 DRIVER = r'''
 import os, pickle, socket, sys, time
-from sandpool import _wire
+from _sandpool_agent import wire as _wire
 
 attack, sock, marker = sys.argv[1], socket.socket(fileno=int(sys.argv[2])), sys.argv[3]
 buf, queue = _wire.FrameBuffer(), []

@@ -18,8 +18,9 @@ import sys
 import cloudpickle
 import pytest
 
-from sandpool import RemoteError, SandboxExecutionError, SerializationError, Session, _bulk
-from sandpool._serialize import RemoteTraceback
+from sandpool import RemoteError, SandboxExecutionError, SerializationError, Session
+from sandpool._functions import bulk as _bulk
+from sandpool._functions.serialize import RemoteTraceback
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -142,7 +143,7 @@ def test_forged_exception_pickle_and_names_are_not_trusted(session, tmp_path, mo
     (tmp_path / "sandpool_bait_module.py").write_text(
         f"open({str(marker)!r}, 'w').close()\nclass BaitError(Exception):\n    pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    from sandpool._agent import _plain
+    from _sandpool_agent import plain as _plain
 
     cases = [
         {"data": cloudpickle.dumps(EvilError(str(marker))), "type_name": "x.EvilError"},
@@ -367,7 +368,7 @@ def test_decoder_refuses_malformed_payloads(payload, words):
     stack. It never builds anything but plain values."""
     import msgpack
 
-    from sandpool._agent import _plain
+    from _sandpool_agent import plain as _plain
 
     built = {
         "marker-late": [1, _ext(1)],

@@ -17,9 +17,10 @@ import grpc
 import pytest
 from service_helpers import ServerProcess
 
-from sandpool import Session, _wire
+from sandpool import Session
+from _sandpool_agent import wire as _wire
 from sandpool._service import limits
-from sandpool._service import messages as m
+from sandpool._grpc import messages as m
 
 INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
 NUL = "a\0b"

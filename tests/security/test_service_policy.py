@@ -23,8 +23,9 @@ import pytest
 from service_helpers import REPO, ServerProcess, wait_until
 
 from sandpool import Sandbox, SandboxFailedError, Session
-from sandpool._service import endpoint, limits
-from sandpool._service import messages as m
+from sandpool._grpc import endpoint
+from sandpool._service import limits
+from sandpool._grpc import messages as m
 
 pytestmark = pytest.mark.needs_root("the server under attack runs as root, as deployed; the attacker is "
                                      "the ordinary user, run through setpriv, which only root can do")

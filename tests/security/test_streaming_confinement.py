@@ -48,8 +48,9 @@ def test_streamed_write_through_a_symlink_cannot_touch_the_host(contained, tmp_p
 def test_forged_terminal_and_chunk_frames_are_refused_at_the_boundary(contained):
     """Frames a client cannot build through the API (a resize for a process that does not exist, a
     zero-sized terminal, a negative offset, a zero length) are refused or ignored; nothing else changes."""
-    from sandpool import ProtocolError, _wire
-    from sandpool._opref import OperationRef
+    from sandpool import ProtocolError
+    from _sandpool_agent import wire as _wire
+    from sandpool._core.opref import OperationRef
 
     for frame in ({"t": "exec", "id": 1, "argv": ["true"], "tty": [0, 24]},
                   {"t": "read_file", "id": 1, "path": "/x", "offset": -1},

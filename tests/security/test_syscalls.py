@@ -17,7 +17,8 @@ import platform
 import pytest
 
 from sandpool import SandboxFailedError, Session
-from sandpool._isolation import probe, seccomp
+from sandpool._isolation import probe
+from _sandpool_agent.confine import seccomp
 
 PYTHON = "/usr/bin/python3"  # the host image's own interpreter (stdlib ctypes is all the scripts use)
 #: Run first in every attack script: ``sc(name, *args)`` makes the raw syscall and answers "OK" or

@@ -1,0 +1,440 @@
+"""The template's side of isolation: fork each agent into its level, watch for OOM, clean up after it.
+
+``Supervisor.fork(config, sock_fd)`` replaces ``os.fork()`` in the template. For the ``namespaces``
+level the child is PID 1 of a new pid namespace (the template still reaps it directly, by its host
+pid), and the child's ``enter(config)`` joins the sandbox's cgroups, enters its namespaces and root,
+and loads the syscall filter the template compiled once (``seccomp``), which everything the agent
+starts inherits.
+
+Spares: creating the pid and network namespaces and bringing ``lo`` up is a third of a namespaces
+sandbox's start. So once a network mode has been used, the template keeps one spare child per mode
+that has done exactly that, made while the template is idle (``refill``); the next sandbox of that
+mode is handed to it (its config pickled, its agent socket passed along) instead of forking. A spare
+also waits in a cgroup of its own (``<owner>/spare-<n>``), which becomes the sandbox's at handoff
+(``cgroups.adopt``): moving a process between cgroups costs an RCU grace period (~8 ms here) whenever
+none happened for a while, and a spare pays it ahead of time. Spares also build roots: for each of
+the last ``ROOTS_PER_MODE`` roots asked for in a mode (``namespaces.root_key``), a spare builds
+that root (``namespaces.build_root``, its scratch tree over the template's own directory) and
+pivots into it, so a handoff leaves only ``namespaces.finish`` and the filter; it is handed only
+sandboxes whose plan has that key. One spare per mode builds none and takes any other plan. A
+spare is named ``sandpool-spare`` while it waits and dies with the template.
+
+Out of memory: on cgroup v2 ``memory.oom.group`` makes the kernel kill the whole sandbox at once; on
+v1 the sandbox's OOM killer is disabled and the template, woken by the cgroup's OOM eventfd, kills
+the whole sandbox itself. Either way no process of the sandbox (the agent included) lives on to
+report half a story, and the ``reaped`` frame says ``oom_killed``. ``finish(pid)`` runs after an
+agent is reaped: it kills what is left of the cgroup (the last step of teardown) and removes it.
+
+Rootless (the template in a user namespace, ``outside`` its user's ids; see ``userns``): there are
+no cgroups, so spares make the cgroup namespace early and may build roots without one, and an agent
+of the ``process`` level leaves the template's user namespace for a nested one before it serves.
+
+Stdlib only: this runs in the template (``python -I -S``).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+import select
+import selectors
+import signal
+import socket
+import stat
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+from .. import linux as _linux
+from . import _sys, cgroups, namespaces, oci, seccomp, userns
+
+_PID_NS = "/proc/self/ns/pid"
+SPARE_NAME = "sandpool-spare"
+#: Per network mode, spares keep roots built for this many of the plans (root_key) asked for last.
+ROOTS_PER_MODE = 3
+#: Spares with the newest root: one is ready while the next builds (~3-7 ms), for starts in a row.
+NEWEST_ROOT_SPARES = 2
+#: Added to a spare's nice value while it builds a root (then set back).
+BUILD_NICENESS = 10
+#: Above a socket's send buffer (~200 KiB) a handoff fails anyway, and the sandbox is forked instead.
+_MAX_CONFIG_BYTES = 1 << 20
+#: Rootless: how long a new child waits to be re-parented to the template (it takes microseconds).
+_REPARENT_SECONDS = 2.0
+
+
+class _Spare(NamedTuple):
+    mode: str  # its network mode
+    sock: socket.socket  # our end of the socket it waits on
+    group: dict | None  # the cgroup it waits in
+    root: str | None  # the root_key of the root it builds, or None
+    stamps: tuple = ()  # (inode, mtime) of the files that root binds, when it was asked for
+
+
+class Supervisor:
+    """Per-template isolation state: each agent's cgroup and OOM watch, and the spare children."""
+
+    def __init__(self, become_agent: Callable[[dict, int], None] | None = None,
+                 sel: selectors.BaseSelector | None = None, spare_dir: str | None = None,
+                 outside: tuple[int, int] | None = None) -> None:
+        self.become_agent = become_agent  # the template's child path, for spares: (config, sock_fd)
+        self.sel = sel  # the template's selector, where OOM eventfds are registered
+        self.spare_dir = spare_dir  # a host directory that lives as long as the template (its owner dir)
+        self.outside = outside  # rootless: the user's (uid, gid) outside the template's user namespace
+        self.groups: dict[int, dict] = {}  # agent pid -> its cgroup
+        self.watches: dict[int, tuple[int, int]] = {}  # agent pid -> (eventfd, oom_control fd)
+        self.oom_killed: set[int] = set()
+        self.spares: dict[int, _Spare] = {}  # pid -> the spare
+        self.ready: set[int] = set()  # spares that said they are ready (joined, namespaces made)
+        self.wanted: dict[str, dict[str, dict]] = {}  # network mode -> {root_key: plan}, the last
+        #                                                  ROOTS_PER_MODE roots asked for, oldest first
+        self.unbuildable: set[str] = set()  # root keys a spare failed to build a root for
+        self.spare_parents: list[str] = []  # where spare cgroups go: the owner's dir in each hierarchy
+        self.adopted: dict[int, dict] = {}  # agent pid -> the spare cgroup it took over (for "spawned")
+        self.early = False  # in a spare: its namespaces exist already
+        self.early_cgroupns = False  # ... and its cgroup namespace, rooted at the cgroup it keeps
+        self.built: str | None = None  # ... and its root, for plans of this root_key
+        self._spares_made = 0
+        self.sock_fd = -1  # the agent socket of the last fork
+        self._pid_ns_fd: int | None = None
+
+    def fork(self, config: dict, sock_fd: int) -> int:
+        """Start the agent for ``config`` (its socket is ``sock_fd``) at its isolation level: hand it
+        to a spare or fork. Returns the agent's pid, or 0 in a forked child."""
+        plan = config.get("namespaces")
+        if config.get("cgroups"):
+            self.spare_parents = [os.path.dirname(d) for d in config["cgroups"]["dirs"]]
+        if plan:
+            _compile_filter()  # here, once: each agent only loads it
+        pid = self._hand_to_spare(plan, config, sock_fd) if plan else None
+        self.sock_fd = sock_fd  # the oci level's child passes it on to crun
+        if pid is None:
+            pid = self._fork_pid_ns() if plan else os.fork()
+        if pid == 0:
+            return 0
+        group = config.get("cgroups")  # (a spare's, if it adopted one)
+        watch = _watch_oom(group) if group else None
+        if group:
+            self.groups[pid] = group
+        if watch:
+            self.watches[pid] = watch
+            if self.sel is not None:
+                self.sel.register(watch[0], selectors.EVENT_READ, ("oom", pid))
+        return pid
+
+    def enter(self, config: dict) -> None:
+        """In the agent: close the template's watches and spares, join cgroups, enter the namespaces."""
+        for efd, ofd in self.watches.values():
+            os.close(efd)
+            os.close(ofd)
+        for spare in self.spares.values():
+            spare.sock.close()
+        if self._pid_ns_fd is not None:
+            os.close(self._pid_ns_fd)
+        if config.get("cgroups") and not config.get("cgroups_joined"):
+            cgroups.join(config["cgroups"])
+        plan = config.get("namespaces")
+        if plan:
+            if self.built is not None:
+                namespaces.finish(plan)  # the rest was done ahead of time (_be_spare)
+            else:
+                namespaces.enter(plan, early=self.early, cgroupns=self.early_cgroupns)
+            _sys.seccomp_filter(seccomp.program())  # last: the agent needs no denied call from here on
+            config["dir"] = namespaces.AGENT_DIR
+        elif self.outside is not None and not config.get("oci"):
+            userns.leave(self.outside)  # the process level: no capability over the template's namespaces
+        if config.get("oci"):
+            oci.run(config, self.sock_fd)  # execs crun: the agent starts inside the container
+
+    # -- spares ----------------------------------------------------------------------------
+
+    def refill(self) -> None:
+        """Template side, between requests: per network mode in use, spares with a root built for
+        each of the last ``ROOTS_PER_MODE`` roots asked for (``NEWEST_ROOT_SPARES`` for the newest,
+        first), and one without (for any other plan); spares built for roots no longer among those
+        are dropped."""
+        for pid in list(self.spares):
+            self._poll_spare(pid)
+        for pid, spare in list(self.spares.items()):
+            if spare.root is not None and spare.root not in self.wanted.get(spare.mode, {}):
+                self._drop_spare(pid)
+        have = collections.Counter((spare.mode, spare.root) for spare in self.spares.values())
+        # (a built root needs its cgroup namespace made early: in the cgroup it keeps, or with none at all)
+        buildable = bool(self.spare_dir and (self.spare_parents or self.outside is not None))
+        for mode in sorted(self.wanted):
+            roots = [(key, plan) for key, plan in reversed(self.wanted[mode].items())
+                     if buildable and key not in self.unbuildable]
+            newest = [(key, plan, NEWEST_ROOT_SPARES) for key, plan in roots[:1]]
+            for key, plan, count in newest + [(None, None, 1)] + [(k, p, 1) for k, p in roots[1:]]:
+                for _ in range(count - have[mode, key]):
+                    self._spawn_spare(mode, key, plan)
+
+    def _fork_pid_ns(self) -> int:
+        if self.outside is None:
+            return namespaces.fork_into_pid_namespace(self._pid_ns())
+        template = os.getpid()
+        pid = namespaces.fork_into_pid_namespace_rootless()
+        if pid == 0:  # the middle child is gone; wait (briefly) until its exit made us the template's child
+            deadline = time.monotonic() + _REPARENT_SECONDS
+            while parent_pid() != template and time.monotonic() < deadline:
+                time.sleep(0.0001)  # (past the deadline the template is gone: the parent check exits)
+        return pid
+
+    def _pid_ns(self) -> int:
+        if self._pid_ns_fd is None:
+            self._pid_ns_fd = os.open(_PID_NS, os.O_RDONLY | os.O_CLOEXEC)
+        return self._pid_ns_fd
+
+    def _poll_spare(self, pid: int) -> None:
+        """Notice a spare's "ready" byte, or its death (EOF), without blocking."""
+        sock = self.spares[pid].sock
+        poller = select.poll()  # (select() fails on fds >= 1024: a template with ~1,000 sandboxes has them)
+        poller.register(sock, select.POLLIN)
+        while poller.poll(0):
+            try:
+                data = sock.recv(1)
+            except OSError:
+                data = b""
+            if not data:
+                root = self.spares[pid].root
+                if pid not in self.ready and root is not None:
+                    self.unbuildable.add(root)  # it failed to build that root: the next spare will not try
+                self._drop_spare(pid)
+                return
+            self.ready.add(pid)
+
+    def _hand_to_spare(self, plan: dict, config: dict, sock_fd: int) -> int | None:
+        """The pid of the ready spare that took the sandbox (one whose root was built for this plan's
+        ``root_key`` if there is one, else one without a root), or None (fork instead)."""
+        mode, root = plan["network"], namespaces.root_key(plan)
+        roots = self.wanted.setdefault(mode, {})
+        roots.pop(root, None)
+        roots[root] = plan
+        while len(roots) > ROOTS_PER_MODE:
+            del roots[next(iter(roots))]
+        for pid in list(self.spares):
+            self._poll_spare(pid)
+        fits = [pid for pid, spare in self.spares.items()
+                if spare.mode == mode and pid in self.ready and spare.root in (root, None)]
+        fits.sort(key=lambda pid: self.spares[pid].root is None)  # a built root first
+        for pid in fits:
+            sock, group = self.spares[pid].sock, self.spares[pid].group
+            if self.spares[pid].root is not None and self.spares[pid].stamps != _file_stamps(plan):
+                self._drop_spare(pid)  # a file it binds was replaced since: the next spare binds the new one
+                continue
+            try:
+                if group is not None:  # the spare is in a cgroup of its own: make it the sandbox's
+                    config["cgroups"] = cgroups.adopt(group["dirs"], config["cgroups"]) \
+                        if config.get("cgroups") else group
+                    config["cgroups_joined"] = True
+                    self.adopted[pid] = config["cgroups"]
+                socket.send_fds(sock, [pickle.dumps(config)], [sock_fd])
+            except OSError:  # it died, or its cgroup could not be taken over: fork instead
+                self.adopted.pop(pid, None)
+                self._drop_spare(pid)
+                if config.pop("cgroups_joined", False) and config.get("cgroups"):
+                    group = config["cgroups"]
+                    cgroups.remove(group)
+                    cgroups.create(cgroups.detect(), group, group.get("limits") or {})
+                continue
+            del self.spares[pid]
+            self.ready.discard(pid)
+            sock.close()
+            return pid
+        return None
+
+    def spawned(self, pid: int) -> dict:
+        """Extra fields of the ``spawned`` report: the cgroup the sandbox got, if it took a spare's."""
+        group = self.adopted.pop(pid, None)
+        return {"cgroups": group} if group else {}
+
+    def _spawn_spare(self, mode: str, key: str | None, plan: dict | None) -> None:
+        """A spare for ``mode``; with ``plan`` (whose root_key is ``key``), one that builds its root."""
+        group = self._spare_group()
+        if plan is not None and group is None and self.outside is None:  # a built root needs the cgroup namespace made early
+            self.unbuildable.add(key)
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        template = os.getpid()
+        pid = self._fork_pid_ns()
+        if pid == 0:
+            ours.close()
+            self._be_spare(mode, theirs, template, group, plan)
+        theirs.close()
+        self.spares[pid] = _Spare(mode, ours, group, key, _file_stamps(plan) if plan else ())
+
+    def _spare_group(self) -> dict | None:
+        """A fresh cgroup for a spare, beside the sandboxes' (None before any sandbox had one)."""
+        if not self.spare_parents:
+            return None
+        self._spares_made += 1
+        parent = self.spare_parents[0]
+        key, owner = os.path.basename(os.path.dirname(parent)), os.path.basename(parent)
+        group = cgroups.plan(cgroups.detect(), key, owner, f"spare-{os.getpid()}-{self._spares_made}")
+        try:
+            for d in group["dirs"]:
+                os.mkdir(d)
+        except OSError:
+            cgroups.remove(group)
+            return None
+        return group
+
+    def _drop_spare(self, pid: int) -> None:
+        self.ready.discard(pid)
+        spare = self.spares.pop(pid)
+        spare.sock.close()  # EOF: the spare exits
+        if spare.group is not None:
+            cgroups.remove(spare.group)
+
+    def _be_spare(self, mode: str, sock: socket.socket, template: int, group: dict | None,
+                  plan: dict | None) -> None:
+        """In a spare: make the namespaces (and, given a ``plan``, the root for plans of its
+        ``root_key``), wait for a sandbox, become its agent. Never returns."""
+        try:
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGCHLD, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_DFL)  # not the template's handlers
+            _linux.set_parent_death_signal(signal.SIGKILL)
+            if parent_pid() != template:
+                os._exit(0)
+            for other in self.spares.values():
+                other.sock.close()
+            self.spares = {}
+            with open("/proc/self/comm") as f:
+                name = f.read().strip()
+            _sys.set_name(SPARE_NAME)
+            if group is not None:
+                cgroups.join(group)  # the slow part of a cgroup move, paid here, ahead of time
+            early_cgroupns = group is not None or self.outside is not None  # (rootless: no cgroup to join)
+            namespaces.unshare_early(mode, cgroup=early_cgroupns)
+            self.early, self.early_cgroupns = True, early_cgroupns
+            if plan is not None:
+                _build_root(plan, self.spare_dir)
+                self.built = namespaces.root_key(plan)
+            sock.send(b"r")  # ready: the template may now hand over a sandbox (and rename our cgroup)
+            data, fds, _flags, _addr = socket.recv_fds(sock, _MAX_CONFIG_BYTES, 1)
+            if not data or not fds:
+                os._exit(0)  # the template is gone
+            sock.close()
+            _sys.set_name(name)
+            config = pickle.loads(data)
+            if group is not None and not config.get("cgroups_joined"):
+                raise RuntimeError("a spare with a cgroup was handed a sandbox that did not adopt it")
+            if self.built is not None and namespaces.root_key(config["namespaces"]) != self.built:
+                raise RuntimeError("a spare was handed a sandbox whose root is not the one it built")
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()  # the owner's stderr, as for agents: a spare that fails is a sandpool bug
+            os._exit(1)
+        assert self.become_agent is not None
+        self.become_agent(config, fds[0])
+        os._exit(1)
+
+    def fired(self, data: object) -> bool:
+        """Handle a selector event registered by ``fork``; False if it is not ours."""
+        if not (isinstance(data, tuple) and data[0] == "oom"):
+            return False
+        pid = data[1]
+        self._unwatch(pid)
+        self.oom_killed.add(pid)
+        cgroups.kill(self.groups.get(pid) or {"dirs": []})
+        return True
+
+    def finish(self, pid: int) -> dict:
+        """After agent ``pid`` is reaped: kill and remove its cgroup; extra fields for ``reaped``."""
+        self._unwatch(pid)
+        group = self.groups.pop(pid, None)
+        oom = pid in self.oom_killed or (group is not None and cgroups.oom_kills(group) > 0)
+        self.oom_killed.discard(pid)
+        if group is not None:
+            cgroups.remove(group)
+        return {"oom_killed": True} if oom else {}
+
+    def finish_all(self) -> None:
+        for pid in list(self.groups):
+            self.finish(pid)
+        for pid in list(self.spares):
+            self._drop_spare(pid)
+        for owner in self.spare_parents:  # the owner's own directories, and its key's once empty
+            for path in (owner, os.path.dirname(owner)):
+                try:
+                    os.rmdir(path)
+                except OSError:
+                    pass
+
+    def _unwatch(self, pid: int) -> None:
+        watch = self.watches.pop(pid, None)
+        if watch:
+            try:
+                if self.sel is not None:
+                    self.sel.unregister(watch[0])
+            except (KeyError, ValueError):
+                pass
+            os.close(watch[0])
+            os.close(watch[1])
+
+
+def _compile_filter() -> None:
+    """Compile the syscall filter in the template, before any fork; a failure is left to the agent,
+    which raises it when it loads the filter (the sandbox fails to start, the template lives on)."""
+    try:
+        seccomp.program()
+    except OSError:
+        pass
+
+
+def _file_stamps(plan: dict) -> tuple:
+    """(inode, mtime) of each file (not directory) ``plan`` binds: a bind shows the file it was made
+    of, so a root built before a client's module was saved again (by rename) must not be used."""
+    stamps = []
+    for source, _target in plan.get("binds") or ():
+        try:
+            info = os.stat(source)
+        except OSError:
+            stamps.append(None)
+            continue
+        if not stat.S_ISDIR(info.st_mode):
+            stamps.append((info.st_ino, info.st_mtime_ns))
+    return tuple(stamps)
+
+
+def _build_root(plan: dict, spare_dir: str) -> None:
+    """In a spare, before it is handed a sandbox: the root for plans like ``plan`` (the namespaces
+    level's ``build_root``), its scratch tree on a tmpfs over the template's own directory, which
+    is there as long as any spare. Built at a lower CPU priority: it runs beside the sandbox that
+    took the spare before, which is starting. A spare that cannot build it exits (the sandbox that
+    follows takes a spare without a root or is forked, and reports the error)."""
+    niceness = os.getpriority(os.PRIO_PROCESS, 0)
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, min(19, niceness + BUILD_NICENESS))
+        namespaces.build_root(namespaces.relocated(plan, spare_dir))
+        os.setpriority(os.PRIO_PROCESS, 0, niceness)  # (root may raise it again) the agent's, as forked
+    except OSError:
+        os._exit(3)
+
+
+def _watch_oom(group: dict) -> tuple[int, int] | None:
+    """v1 only: an eventfd the kernel signals when the group hits its memory limit."""
+    control = group.get("oom_event")
+    if not control:
+        return None
+    efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    ofd = os.open(group["oom"], os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with open(control, "w") as f:
+            f.write(f"{efd} {ofd}")
+    except OSError:
+        os.close(efd)
+        os.close(ofd)
+        return None
+    return efd, ofd
+
+
+def parent_pid() -> int:
+    """The parent's pid as the host sees it (``getppid()`` is 0 for PID 1 of a new pid namespace)."""
+    ppid = os.getppid()
+    if ppid:
+        return ppid
+    with open("/proc/self/stat") as f:  # still the host's /proc: the agent has not entered its root yet
+        return int(f.read().rsplit(")", 1)[1].split()[1])

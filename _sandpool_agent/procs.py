@@ -1,0 +1,169 @@
+"""One exec'd process inside the agent: its pipes, its flow-control window and its exit."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import subprocess
+import termios
+
+from . import wire as _wire
+from . import linux as _linux
+
+#: Output bytes the agent sends for one process before it waits for the client's credit.
+WINDOW_BYTES = _wire.OUTPUT_WINDOW_BYTES
+#: After the process exits, how long to wait for pipes held open by its background children.
+LINGER_SECONDS = 1.0
+
+
+class ExecProcess:
+    """A process started for an ``exec`` frame (or the sandbox's main command, id 0).
+
+    It owns raw pipe fds (never file objects, whose finalizers would close a reused fd number).
+    """
+
+    def __init__(self, req_id: int, popen: subprocess.Popen, pidfd: int | None,
+                 readers: dict[int, int], stdin_fd: int | None) -> None:
+        self.id = req_id
+        self.popen = popen
+        self.pid = popen.pid
+        self.pidfd = pidfd
+        self.readers = readers  # pipe fd -> 1 (stdout) or 2 (stderr)
+        self.stdin_fd = stdin_fd
+        self.stdin_pending = bytearray()
+        self.stdin_eof = False
+        self.stdin_taken = 0  # stdin bytes written to the pipe (or dropped) and not yet reported to the client
+        self.unacked = 0
+        self.paused = False
+        self.status: int | None = None  # wait status once exited
+        self.exited_at: float | None = None
+        for fd in (*self.readers, *([self.stdin_fd] if self.stdin_fd is not None else [])):
+            os.set_blocking(fd, False)
+
+    @property
+    def finished(self) -> bool:
+        """Exited and every output pipe drained (or abandoned after the linger time)."""
+        return self.status is not None and not self.readers
+
+    def close_reader(self, fd: int) -> None:
+        self.readers.pop(fd, None)
+        os.close(fd)
+
+    def close_stdin(self) -> None:
+        if self.stdin_fd is not None:
+            try:
+                os.close(self.stdin_fd)
+            except OSError:
+                pass
+            self.stdin_fd = None
+        self.stdin_taken += len(self.stdin_pending)
+        self.stdin_pending.clear()
+
+    def flush_stdin(self) -> bool:
+        """Write what the pipe takes now; True while bytes are still pending."""
+        if self.stdin_fd is None:
+            return False
+        try:
+            while self.stdin_pending:
+                n = os.write(self.stdin_fd, self.stdin_pending)
+                del self.stdin_pending[:n]
+                self.stdin_taken += n
+        except BlockingIOError:
+            return True
+        except OSError:  # the process closed its stdin or exited: drop what it will never read
+            self.close_stdin()
+            return False
+        if self.stdin_eof:
+            self.close_stdin()
+        return False
+
+    def signal(self, sig: int) -> None:
+        """Signal the whole process group (the process is a session leader)."""
+        if self.status is None:
+            _linux.killpg_quietly(self.pid, sig)
+
+    def close_all(self) -> None:
+        for fd in list(self.readers):
+            self.close_reader(fd)
+        self.close_stdin()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
+def set_window(fd: int, cols: int, rows: int) -> None:
+    """Set the size of the terminal whose master is ``fd`` (its foreground group gets SIGWINCH)."""
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _take_terminal() -> None:
+    # In the child, after setsid (start_new_session): make the pty on fd 0 its controlling
+    # terminal, so job control, ^C and SIGWINCH reach the foreground process group.
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def spawn_tty(req_id: int, argv: list[str], cwd: str, env: dict[str, str], cols: int, rows: int) -> ExecProcess:
+    """Start ``argv`` on a new pseudo-terminal of ``cols`` x ``rows``: its stdin, stdout and stderr
+    are the terminal, whose output comes back as stdout (fd 1) and whose input is the stdin pipe.
+    Costs a full fork (a ``preexec_fn``), which only interactive terminals pay. OSError if it cannot start."""
+    master, slave = os.openpty()
+    try:
+        set_window(master, cols, rows)
+        popen = subprocess.Popen(argv, cwd=cwd, env={"TERM": "xterm-256color", **env}, stdin=slave,
+                                 stdout=slave, stderr=slave, start_new_session=True, close_fds=True,
+                                 preexec_fn=_take_terminal)
+        writer = os.dup(master)
+    except BaseException:
+        os.close(master)
+        raise
+    finally:
+        os.close(slave)
+    try:
+        pidfd = os.pidfd_open(popen.pid)
+    except (AttributeError, OSError):
+        pidfd = None
+    return ExecProcess(req_id, popen, pidfd, {master: 1}, writer)
+
+
+def spawn(req_id: int, argv: list[str], cwd: str, env: dict[str, str], stdin: bool,
+          output_fd: int | None = None) -> ExecProcess:
+    """Start ``argv`` in a session of its own. OSError if it cannot start.
+
+    Output goes to pipes read by the agent, or to ``output_fd`` (stdout and stderr) when given.
+    No ``preexec_fn`` (it would cost ~1 ms per exec by forcing a full fork): if the agent is
+    killed, its children are re-parented to the template, a child subreaper, which kills them.
+    """
+    ours: list[int] = []
+    theirs: list[int] = []
+    try:
+        if output_fd is None:
+            out_r, out_w = os.pipe()
+            err_r, err_w = os.pipe()
+            ours += [out_r, err_r]
+            theirs += [out_w, err_w]
+            readers = {out_r: 1, err_r: 2}
+        else:
+            out_w = err_w = output_fd
+            readers = {}
+        in_r = in_w = None
+        if stdin:
+            in_r, in_w = os.pipe()
+            ours.append(in_w)
+            theirs.append(in_r)
+        popen = subprocess.Popen(
+            argv, cwd=cwd, env=env, stdin=in_r if stdin else subprocess.DEVNULL, stdout=out_w, stderr=err_w,
+            start_new_session=True, close_fds=True,
+        )
+    except BaseException:
+        for fd in ours:
+            os.close(fd)
+        raise
+    finally:
+        for fd in theirs:
+            os.close(fd)
+    try:
+        pidfd = os.pidfd_open(popen.pid)
+    except (AttributeError, OSError):
+        pidfd = None
+    return ExecProcess(req_id, popen, pidfd, readers, in_w)

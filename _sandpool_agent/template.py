@@ -1,0 +1,185 @@
+"""The template: a pre-imported process that forks sandbox agents in well under a millisecond.
+
+The runtime starts one template per owner and talks to it over a SOCK_SEQPACKET control socket:
+``spawn`` frames (with the agent's socket attached as SCM_RIGHTS) are answered by ``spawned``,
+and every agent that exits is reported as ``reaped``. The template is a child subreaper: when an
+agent is SIGKILLed, its orphaned descendants come back here and are killed, and the agent's
+sandbox directory is removed. When the control socket reaches EOF (the owner is gone, however it
+died) the template stops every agent and removes the owner directory.
+
+Rootless: the template of an ordinary user first enters a user namespace in which it is root
+(``_isolation.userns``), when the runtime says so, and forks everything there.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import selectors
+import shutil
+import signal
+import socket
+import time
+
+from . import wire as _wire
+from .confine import userns
+from .confine.supervisor import Supervisor, parent_pid
+from . import linux as _linux, agent
+
+_RLIMITS = {"as": resource.RLIMIT_AS, "data": resource.RLIMIT_DATA, "nofile": resource.RLIMIT_NOFILE,
+            "nproc": resource.RLIMIT_NPROC, "fsize": resource.RLIMIT_FSIZE, "cpu": resource.RLIMIT_CPU}
+_SHUTDOWN_WAIT_SECONDS = 3.0
+
+
+class Template:
+    def __init__(self, control: socket.socket, owner_dir: str, sandbox_nofile: int,
+                 outside: tuple[int, int] | None = None) -> None:
+        self.control = control
+        self.sandbox_nofile = sandbox_nofile  # the soft fd limit given back to each agent (and its user code)
+        self.owner_dir = owner_dir
+        self.agents: dict[int, str] = {}  # pid -> sandbox dir
+        self.pid = os.getpid()
+        # namespaces, cgroups, OOM watches, spare children (their roots' scratch over owner_dir)
+        self.isolation = Supervisor(self._become_agent, spare_dir=owner_dir, outside=outside)
+
+    def serve(self) -> None:
+        _linux.become_subreaper()
+        signal.signal(signal.SIGTERM, lambda *_: self._shutdown_and_exit())
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the owner, which stops its sandboxes
+        rfd, wfd = os.pipe()  # SIGCHLD wakes the selector through this pipe
+        os.set_blocking(wfd, False)
+        os.set_blocking(rfd, False)
+        signal.set_wakeup_fd(wfd)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        sel = selectors.DefaultSelector()
+        self.isolation.sel = sel
+        sel.register(self.control, selectors.EVENT_READ, "control")
+        sel.register(rfd, selectors.EVENT_READ, "chld")
+        self.control.send(_wire.encode(_wire.hello(pid=os.getpid())))
+        _preimport()  # after the hello: the owner goes on while this ~13 ms import runs
+        while True:
+            for key, _ in sel.select(1.0):
+                if key.data == "chld":
+                    try:
+                        os.read(rfd, 4096)
+                    except BlockingIOError:
+                        pass
+                elif key.data != "control":
+                    self.isolation.fired(key.data)
+                elif not self._read_control():
+                    self._shutdown_and_exit()
+            self._reap()
+            self.isolation.refill()  # after the spawned reply: a spare for the next sandbox
+
+    def _read_control(self) -> bool:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(self.control, _wire.MAX_FRAME_BYTES, 4)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+        if not data:
+            return False
+        frame = _wire.decode_body(data[_wire.HEADER_SIZE:])
+        if frame["t"] == "spawn" and fds:
+            self._spawn(frame, fds[0])
+        for fd in fds[1:]:
+            os.close(fd)
+        return True
+
+    def _spawn(self, frame: dict, sock_fd: int) -> None:
+        config = frame["config"]
+        pid = self.isolation.fork(config, sock_fd)  # a new child, or a spare one made ahead of time
+        if pid == 0:  # the sandbox's agent
+            self._become_agent(config, sock_fd)
+        os.close(sock_fd)
+        self.agents[pid] = config["dir"]
+        self.control.send(_wire.encode({"t": "spawned", "id": frame["id"], "pid": pid,
+                                        **self.isolation.spawned(pid)}))
+
+    def _become_agent(self, config: dict, sock_fd: int) -> None:
+        """In a child of the template: become the sandbox's agent. Never returns."""
+        code = 0
+        try:
+            os.setsid()
+            _linux.set_parent_death_signal(signal.SIGTERM)
+            # (a spare checked before it left the host's /proc, its parent-death signal armed since)
+            if self.isolation.built is None and parent_pid() != self.pid:
+                os._exit(1)
+            _linux.become_subreaper()
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_DFL)
+            self.control.close()
+            self.isolation.enter(config)
+            _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(self.sandbox_nofile, hard), hard))
+            for name, value in (config.get("rlimits") or {}).items():
+                resource.setrlimit(_RLIMITS[name], (value, value))
+            os.environ.clear()
+            os.environ.update(config["env"])
+            os.chdir(config["cwd"])
+            agent.serve(socket.socket(fileno=sock_fd), config)
+        except BaseException:
+            code = 1
+            import traceback
+
+            traceback.print_exc()  # the owner's stderr: an agent crash is a sandpool bug
+        finally:
+            os._exit(code)
+
+    def _reap(self) -> None:
+        for pid, status in _linux.reap_all():
+            sandbox_dir = self.agents.pop(pid, None)
+            if sandbox_dir is None:
+                continue  # an orphan re-parented here: already dead
+            code, sig = _linux.exit_code(status)
+            extra = self.isolation.finish(pid)  # kill and remove its cgroup; did it run out of memory?
+            self._kill_orphans()
+            shutil.rmtree(sandbox_dir, ignore_errors=True)
+            try:
+                self.control.send(_wire.encode({"t": "reaped", "pid": pid, "code": code, "signal": sig, **extra}))
+            except OSError:
+                pass
+
+    def _kill_orphans(self) -> None:
+        """Kill direct children that are not agents: descendants of a dead agent, re-parented here."""
+        for child in _linux.children(os.getpid()):
+            if child not in self.agents and child not in self.isolation.spares:
+                _linux.kill_descendants(child, reap=False)
+                _linux.kill_quietly(child)
+
+    def _shutdown_and_exit(self) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for pid in self.agents:
+            _linux.kill_quietly(pid, signal.SIGTERM)
+        deadline = time.monotonic() + _SHUTDOWN_WAIT_SECONDS
+        while self.agents and time.monotonic() < deadline:
+            for pid, _ in _linux.reap_all():
+                self.agents.pop(pid, None)
+            time.sleep(0.005)
+        _linux.kill_descendants(os.getpid())
+        self.isolation.finish_all()
+        for sandbox_dir in self.agents.values():
+            shutil.rmtree(sandbox_dir, ignore_errors=True)
+        shutil.rmtree(self.owner_dir, ignore_errors=True)
+        os._exit(0)
+
+
+def _preimport() -> None:
+    """Import cloudpickle once here, so that every forked agent's call worker has it for free."""
+    try:
+        import cloudpickle  # noqa: F401
+    except ImportError:  # the worker will report it when a call arrives
+        pass
+
+
+def main(control_fd: int, owner_dir: str) -> None:
+    """Entry point, called by the bootstrap line the runtime passes to ``python -c``."""
+    control = socket.socket(fileno=control_fd)
+    # two fds per sandbox here (its socket, its cgroup's OOM watch) and more per spare: raise the soft
+    # limit; sandboxes get back the one the client had before it raised its own (or ours, unset)
+    inherited = _linux.raise_fd_limit()
+    sandbox_nofile = int(os.environ.get("SANDPOOL_SANDBOX_NOFILE") or inherited)
+    outside = userns.enter() if os.environ.get(userns.ENV) == "1" else None  # rootless: see userns
+    Template(control, owner_dir, sandbox_nofile, outside).serve()

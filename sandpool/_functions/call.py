@@ -1,0 +1,97 @@
+"""One remote call as the pool holds it: its ref, its pickled function and arguments, its attempts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .._core import opref as _opref
+from . import serialize as _serialize
+from .._core.opref import OperationRef
+
+if TYPE_CHECKING:
+    from .slot import Slot
+
+
+class CallRef(OperationRef):
+    """The OperationRef of one remote call. No task per call: the pool finishes it directly, and
+    ``cancel()`` settles it at once and tells the pool, which interrupts the remote side."""
+
+    __slots__ = ("_pool", "_rcall")
+
+    def __init__(self, host: Any) -> None:
+        super().__init__()
+        self._host = host  # the session's loop: awaiting from it needs no cross-thread wake-up
+        self._pool: Any = None  # set with _rcall once the call exists
+        self._rcall: Call | None = None
+
+    def cancel(self) -> bool:
+        with _opref._lock:
+            if self._state is not _opref._PENDING:
+                return False
+            event, callbacks = self._settle(_opref._CANCELLED, None, None)
+        self._notify(event, callbacks)
+        if self._rcall is not None:  # interrupt it where it runs (in the loop's thread)
+            host, pool, call = self._host, self._pool, self._rcall
+            if host.in_loop_thread():
+                pool.cancel(call)
+            else:
+                try:
+                    host.call_soon(pool.cancel, call)
+                except RuntimeError:  # the loop has ended, and the call with it
+                    pass
+        return True
+
+    def _set_result(self, value: Any) -> None:
+        self._finish(_opref._DONE, value, None)
+
+    def _set_error(self, error: BaseException) -> None:
+        self._finish(_opref._FAILED, None, error)
+
+    def _set_cancelled(self) -> None:
+        self._finish(_opref._CANCELLED, None, None)
+
+
+@dataclass(eq=False)
+class Payload:
+    """A pickled function, shared by its calls; ``estimate`` tracks its duration (s, EWMA).
+    ``pickled``: its results and exceptions come back as cloudpickles (``unsafe_pickle_results``)."""
+
+    name: str
+    data: bytes
+    key: bytes
+    estimate: float | None = None
+    pickled: bool = False
+
+    def decode(self, data: Any) -> Any:
+        """A result of this function from its bytes (SerializationError if they do not decode)."""
+        return _serialize.loads_result(data, self.name, self.pickled)
+
+    def decode_file(self, fd: int, size: int) -> Any:
+        """A result of this function from a file (SerializationError, or OSError if unreadable)."""
+        return _serialize.loads_result_file(fd, size, self.name, self.pickled)
+
+    def observe(self, micros: int) -> None:
+        seconds = micros / 1e6
+        self.estimate = seconds if self.estimate is None else 0.8 * self.estimate + 0.2 * seconds
+
+
+@dataclass(eq=False)
+class Call:
+    """A call and where it is: queued (``slot`` None), or held by a slot under ``req_id``."""
+
+    payload: Payload
+    args: bytes | list[bytes]  # a list of parts when large (see _serialize.dumps_parts)
+    ref: CallRef
+    retries: Any  # a Retries: .max_retries, .retry_on(exc), .delay(attempt)
+    timeout: float | None = None
+    attempts: int = 0
+    slot: Slot | None = None
+    req_id: int = 0
+    sent: bool = False
+    timed_out: bool = False  # the pool interrupted it for its timeout (direct mode's backstop)
+    stealing: bool = False  # the pool asked for it back to run it on an idle sandbox
+    size: int = 0
+
+    def __post_init__(self) -> None:
+        self.size = len(self.args) if isinstance(self.args, bytes) else sum(map(len, self.args))

@@ -1,0 +1,153 @@
+"""The connection straight to a sandbox's call worker: wire frames over a non-blocking Unix socket.
+
+Unlike FrameChannel it can send synchronously: ``send_now`` writes what the socket takes at once
+and keeps the rest for ``flush``, so a lone call leaves in the same step of the trio loop that
+scheduled it. One task reads (``receive_batch``); sends happen in the loop's thread only.
+
+The worker reads no calls while one of its calls runs, so what it has not taken may wait here for
+as long: a frame not begun yet can be taken back (``take_back``), to run elsewhere or not at all.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import os
+import socket
+import stat
+
+import trio
+
+from . import bulk as _bulk
+from _sandpool_agent import wire as _wire
+from .._errors import ProtocolError, SandboxNotRunningError
+
+
+class DirectChannel:
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self._decoder = _wire.FrameBuffer()
+        self._pending = bytearray()  # encoded frames the socket has not taken yet
+        self._frames: collections.deque[list[int]] = collections.deque()  # [id, size, unsent] of each, in order
+        self.closed = False
+
+    @classmethod
+    async def connect(cls, directory: str, name: str) -> DirectChannel:
+        """Connect to the socket ``name`` in ``directory`` (through /proc/self/fd, so the address
+        stays short wherever the directory is). OSError if nobody listens there. The directory is
+        the sandbox's /tmp, so the sandbox may have replaced it or the socket with a link to this
+        host's own sockets: neither may be a link, and ``name`` must be a socket."""
+        dirfd = _bulk.open_dir(directory)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            if not stat.S_ISSOCK(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode):
+                raise OSError(errno.EINVAL, f"{name!r} in the sandbox's {directory!r} is not a socket")
+            sock.setblocking(False)
+            try:
+                sock.connect(f"/proc/self/fd/{dirfd}/{name}")
+            except BlockingIOError:  # the listener's backlog is full: wait until it accepts
+                await trio.lowlevel.wait_writable(sock)
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if error:
+                    raise OSError(error, os.strerror(error))
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            os.close(dirfd)
+        return cls(sock)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing waits to be written (or nothing will be: the connection is closed)."""
+        return not self._pending or self.closed
+
+    def send_now(self, frames: list[dict]) -> None:
+        """Queue frames and write what the socket takes now (never blocks; ``flush`` sends the rest)."""
+        if self.closed:
+            raise SandboxNotRunningError("the connection to the sandbox's call worker is closed")
+        encoded = [_wire.encode(f) for f in frames]
+        data = b"".join(encoded)
+        sent = 0
+        if not self._pending:
+            try:
+                sent = self.sock.send(data)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                self.closed = True
+                raise SandboxNotRunningError(f"the call worker's connection broke: {exc!r}") from exc
+        if sent < len(data):
+            self._pending += data[sent:]
+            for frame, chunk in zip(frames, encoded):  # the ones not wholly sent, for take_back
+                if sent < len(chunk):
+                    self._frames.append([frame["id"], len(chunk), len(chunk) - sent])
+                sent = max(0, sent - len(chunk))
+
+    def held(self) -> set[int]:
+        """The ids of the frames of which some waits here to be sent (none once closed)."""
+        return set() if self.closed else {fid for fid, _, _ in self._frames}
+
+    def take_back(self, frame_id: int) -> bool:
+        """Remove the frame ``frame_id`` if none of it was sent yet; False if it was, or is unknown,
+        or the connection is closed (the worker's end then settles its calls)."""
+        if self.closed:
+            return False
+        offset = 0
+        for index, (fid, size, unsent) in enumerate(self._frames):
+            if fid == frame_id and unsent == size:
+                del self._pending[offset:offset + size]
+                del self._frames[index]
+                return True
+            offset += unsent
+        return False
+
+    def _sent(self, count: int) -> None:
+        del self._pending[:count]
+        while count and self._frames:
+            head = self._frames[0]
+            taken = min(count, head[2])
+            head[2] -= taken
+            count -= taken
+            if not head[2]:
+                self._frames.popleft()
+
+    async def flush(self) -> None:
+        """Write everything still queued (waiting while the worker does not read)."""
+        while self._pending and not self.closed:
+            await trio.lowlevel.wait_writable(self.sock)
+            try:
+                sent = self.sock.send(self._pending)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                self.closed = True
+                raise SandboxNotRunningError(f"the call worker's connection broke: {exc!r}") from exc
+            self._sent(sent)
+
+    async def receive_batch(self) -> list[dict] | None:
+        """The frames available now (at least one), or None at EOF. ProtocolError if malformed."""
+        while True:
+            try:
+                data = self.sock.recv(1 << 20)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.sock)
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                self.closed = True
+                return None
+            frames = self._decoder.feed(data)
+            for frame in frames:  # the worker is inside the sandbox: it answers calls, and says nothing else
+                if frame["t"] not in ("result", "error"):
+                    raise ProtocolError(f"the call worker sent a {frame['t']!r} frame", frame=_wire.summary(frame))
+            if frames:
+                return frames
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            trio.lowlevel.notify_closing(self.sock)
+            self.sock.close()
+        self.closed = True

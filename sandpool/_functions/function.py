@@ -1,0 +1,343 @@
+"""RemoteFunction: a plain function run on a warm pool of sandboxes (``@session.function``).
+
+The function is cloudpickled once, on first use, and sent once to each sandbox; arguments are
+cloudpickled per call. Results and exceptions come back as plain data (see ``_serialize``), or as
+cloudpickles for a function made with ``unsafe_pickle_results=True``. Calls go to the session's
+pool for the function's sandbox spec (see ``_pool``); each returns a ``CallRef`` (an
+OperationRef) at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import operator
+import os
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+
+import trio
+
+from . import serialize as _serialize
+from .bulk import BULK_BYTES
+from .._config import SandboxSpec, resolve_spec
+from .._errors import AsyncFunctionError, SandboxError, SerializationError
+from .._core.opref import OperationRef, check_not_in_trio
+from .pool import MAX_DEPTH, Call, CallRef, Payload, Pool
+
+if TYPE_CHECKING:
+    from .imap import ResultStream
+    from .._session.session import Session
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: Argument bytes one map or stream keeps in flight at most (at least one call always goes).
+MAX_IN_FLIGHT_BYTES = 256 * 1024 * 1024
+_pools_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Retries:
+    """How often a call is retried, and on which of the function's own exceptions.
+
+    A sandbox (or its worker process) dying under a call is always retryable, up to
+    ``max_retries`` times, on a fresh sandbox and at once. The function's own exceptions are
+    retried only when they are instances of a class in ``on`` (none by default), after
+    ``initial_delay * backoff_coefficient ** (n - 1)`` seconds (at most ``max_delay``) before
+    retry n. ``retries=3`` means ``Retries(3)``.
+    """
+
+    max_retries: int
+    on: tuple[type[BaseException], ...] = ()
+    backoff_coefficient: float = 2.0
+    initial_delay: float = 0.1
+    max_delay: float = 10.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
+            raise ValueError(f"max_retries must be an int >= 0, got {self.max_retries!r}; use e.g. Retries(3)")
+        on = (self.on,) if isinstance(self.on, type) else tuple(self.on)
+        if not all(isinstance(t, type) and issubclass(t, BaseException) for t in on):
+            raise TypeError(f"on must be exception classes, got {self.on!r}; use e.g. on=(ConnectionError,)")
+        object.__setattr__(self, "on", on)
+        for name in ("backoff_coefficient", "initial_delay", "max_delay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+    @classmethod
+    def coerce(cls, value: int | Retries | None) -> Retries:
+        """``Retries`` from an int (infrastructure retries only), a Retries, or None (no retries)."""
+        if value is None:
+            return cls(0)
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return cls(value)
+        raise TypeError(f"retries must be an int or a Retries, got {type(value).__name__} {value!r}; "
+                        "use e.g. retries=3 or retries=Retries(3, on=(ConnectionError,))")
+
+    def retry_on(self, error: BaseException) -> bool:
+        return isinstance(error, self.on)
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before retry number ``attempt`` (1-based) of a user exception."""
+        return min(self.initial_delay * self.backoff_coefficient ** (attempt - 1), self.max_delay)
+
+
+def default_concurrency(spec: SandboxSpec) -> int:
+    """How many sandboxes a pool may run: the CPUs, divided by the spec's cpu request if any."""
+    cpus = os.cpu_count() or 1
+    request = spec.resources.cpu_request if spec.resources is not None else None
+    return max(1, math.floor(cpus / request)) if request else cpus
+
+
+class RemoteFunction(Generic[P, R]):
+    """A function whose calls run in sandboxes. Made by ``@session.function(...)``.
+
+    ``f.remote(*args, **kwargs)`` returns an OperationRef; ``f.map(items)`` a list of them;
+    ``f.imap``/``f.starmap`` stream results with bounded work in flight; ``f.local(...)`` runs the
+    plain function here. Calling ``f(*args)`` is ``f.remote(*args).result()``: it blocks, so inside
+    trio it raises RuntimeError (use ``await f.remote(...)``). Pickled (for example as a global of
+    another remote function), a RemoteFunction becomes its plain function, so calls between remote
+    functions run locally in the sandbox.
+
+    Results must be plain data (None, bool, int, float, complex, str, bytes, list, tuple, dict,
+    set, frozenset, numpy arrays): any other result fails its call with SerializationError, raised
+    in the sandbox, so nothing the sandbox makes is unpickled here. ``unsafe_pickle_results=True``
+    lifts that for code you trust: results and exceptions then come back as cloudpickles, and
+    unpickling them runs whatever code they name, in this process.
+    """
+
+    def __init__(self, fn: Callable[P, R], session: Session, *, retries: int | Retries | None = 0,
+                 timeout_seconds: float | None = None, max_concurrency: int | None = None,
+                 reuse: bool = True, unsafe_pickle_results: bool = False, **overrides: Any) -> None:
+        if not callable(fn):
+            raise TypeError(f"@session.function needs a function, got {type(fn).__name__} {fn!r}")
+        plain = inspect.unwrap(fn)
+        if inspect.iscoroutinefunction(plain) or inspect.isasyncgenfunction(plain):
+            raise AsyncFunctionError(
+                f"{getattr(fn, '__qualname__', fn)!r} is an async function; remote functions must be "
+                "plain 'def' functions (run async code inside with trio.run or asyncio.run)")
+        self._retries = _check_options(retries, timeout_seconds, max_concurrency, reuse, unsafe_pickle_results)
+        self._pickled = unsafe_pickle_results
+        functools.update_wrapper(self, fn)
+        self._fn = fn
+        self._session = session
+        self._spec = resolve_spec(session.defaults, **overrides)
+        self._timeout = None if timeout_seconds is None else float(timeout_seconds)
+        self._limit = max_concurrency or default_concurrency(self._spec)
+        self._reuse = reuse
+        self._payload: Payload | None = None
+        self._pool_cache: Pool | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return (f"<RemoteFunction {self.__qualname__} image={self._spec.container_image} "
+                f"max_concurrency={self._limit} reuse={self._reuse}>")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return operator.itemgetter(0), ((self._fn,),)  # unpickles as the plain function
+
+    @property
+    def max_concurrency(self) -> int:
+        return self._limit
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _get_payload(self) -> Payload:
+        """The pickled function, made on first use (SerializationError if it does not pickle)."""
+        if self._payload is None:
+            with self._lock:
+                if self._payload is None:
+                    data = _serialize.dumps_function(self._fn, self.__qualname__)
+                    self._payload = Payload(self.__qualname__, data, _serialize.fn_key(data), pickled=self._pickled)
+        return self._payload
+
+    def _pool(self) -> Pool:
+        session = self._session
+        if session._closed:
+            raise SandboxError("this session is closed; open a new Session to call remote functions")
+        if self._pool_cache is not None:
+            return self._pool_cache
+        key = (self._spec, self._limit, self._reuse)
+        with _pools_lock:
+            pool = session._pools.get(key)
+            if pool is None:
+                pool = session._pools[key] = Pool(session, self._spec, self._limit, self._reuse)
+        self._pool_cache = pool
+        return pool
+
+    def _new_ref(self) -> CallRef:
+        return CallRef(self._session._ensure_open())
+
+    def _call(self, pool: Pool, ref: CallRef, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call | None:
+        """A Call for ``ref``, its cancellation wired to the pool; None (and ``ref`` failed) if the
+        arguments do not pickle."""
+        try:
+            data = _serialize.dumps_args(args, kwargs, self.__qualname__, BULK_BYTES)
+        except SerializationError as exc:
+            ref._set_error(exc)
+            return None
+        return self._make_call(pool, ref, data)
+
+    def _make_call(self, pool: Pool, ref: CallRef, data: bytes | list[bytes]) -> Call:
+        call = Call(self._payload or self._get_payload(), data, ref, self._retries, self._timeout)
+        ref._pool, ref._rcall = pool, call
+        return call
+
+    def _submit(self, pool: Pool, calls: list[Call]) -> None:
+        if calls:
+            _in_loop(self._session._ensure_open(), pool.submit, calls)
+
+    # -- the API -------------------------------------------------------------------------------
+
+    def remote(self, *args: P.args, **kwargs: P.kwargs) -> OperationRef[R]:
+        """Run one call in the pool; returns its OperationRef at once.
+
+        Raises SerializationError (naming the culprit) before anything is sent if the function or
+        an argument does not pickle. The ref raises the function's own exception (its remote
+        traceback as ``__cause__``), SandboxDiedError if its sandbox died (after ``retries``),
+        SandboxTimeoutError after ``timeout_seconds``, OperationCancelled if cancelled.
+        ``ref.cancel()``, and leaving a cancel scope while awaiting it, interrupt the running call.
+        """
+        pool = self._pool()
+        self._get_payload()
+        data = _serialize.dumps_args(args, kwargs, self.__qualname__, BULK_BYTES)
+        ref = self._new_ref()
+        self._submit(pool, [self._make_call(pool, ref, data)])
+        return ref  # type: ignore[return-value]
+
+    def map(self, items: Iterable[tuple[Any, ...]], *, progress: bool = False) -> list[OperationRef[R]]:
+        """One call per item, each item a tuple of positional arguments; returns the refs in order.
+
+        Submission is bounded: calls enter the pool as earlier ones finish, so a long list never
+        floods memory or the sandboxes; arguments are pickled as they go (an item that does not
+        pickle fails its own ref with SerializationError). Each ref is independent: a failure does
+        not cancel the others (``imap``/``starmap`` stop at the first error). ``progress=True``
+        shows a progress bar (needs tqdm).
+        """
+        items = list(items)
+        for item in items:
+            if not isinstance(item, (tuple, list)):
+                raise TypeError(f"each item of {self.__qualname__}.map() is a tuple of positional arguments, "
+                                f"got {type(item).__name__} {item!r}; use .map([(x,) for x in xs]) or .imap(xs)")
+        pool = self._pool()
+        self._get_payload()
+        refs = [self._new_ref() for _ in items]
+        if progress:
+            from .imap import progress_for_refs
+
+            progress_for_refs(refs, self.__qualname__)
+        if refs:
+            self._session._ensure_open().start_soon(self._feed, pool, refs, items)
+        return refs  # type: ignore[return-value]
+
+    async def _feed(self, pool: Pool, refs: list[CallRef], items: list[tuple[Any, ...]]) -> None:
+        """Submit a map's calls while fewer than its bound are unfinished (runs in the loop)."""
+        bound = max(64, 2 * self._limit * MAX_DEPTH)
+        state = {"calls": 0, "bytes": 0}
+        wake = trio.Event()
+
+        def on_done(ref: OperationRef[Any]) -> None:
+            state["calls"] -= 1
+            state["bytes"] -= ref._rcall.size  # type: ignore[attr-defined]
+            wake.set()
+
+        batch: list[Call] = []
+        for ref, item in zip(refs, items):
+            while state["calls"] >= bound or (state["calls"] and state["bytes"] >= MAX_IN_FLIGHT_BYTES):
+                pool.submit(batch)
+                batch = []
+                await wake.wait()
+                wake = trio.Event()
+            if ref.done() or pool.closed:
+                continue
+            call = self._call(pool, ref, tuple(item), {})
+            if call is None:
+                continue
+            state["calls"] += 1
+            state["bytes"] += call.size
+            batch.append(call)
+            ref.add_done_callback(on_done)
+        pool.submit(batch)
+
+    def imap(self, iterable: Iterable[Any], *, ordered: bool = True, max_in_flight: int | None = None,
+             return_exceptions: bool = False, progress: bool = False) -> ResultStream[R]:
+        """Stream ``f(x)`` for each x of ``iterable`` (sync or async iterable), pulled lazily.
+
+        At most ``max_in_flight`` calls run or wait at once (default: 8 per sandbox, at least 32).
+        Iterate with ``for`` (sync code) or ``async for`` (inside trio). Results come in input order,
+        or as they finish with ``ordered=False``. The first failure is raised and cancels the calls
+        still in flight, unless ``return_exceptions=True`` (then exceptions are yielded as values).
+        Stopping early (break, close(), leaving a cancel scope) cancels what is in flight.
+        """
+        from .imap import ResultStream
+
+        return ResultStream(self, iterable, star=False, ordered=ordered, max_in_flight=max_in_flight,
+                            return_exceptions=return_exceptions, progress=progress)
+
+    def starmap(self, iterable: Iterable[Any], *, ordered: bool = True, max_in_flight: int | None = None,
+                return_exceptions: bool = False, progress: bool = False) -> ResultStream[R]:
+        """``imap`` for argument tuples: each item is unpacked as ``f(*item)``."""
+        from .imap import ResultStream
+
+        return ResultStream(self, iterable, star=True, ordered=ordered, max_in_flight=max_in_flight,
+                            return_exceptions=return_exceptions, progress=progress)
+
+    def local(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Call the plain function here, in this process."""
+        return self._fn(*args, **kwargs)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """``f.remote(*args, **kwargs).result()``: run in a sandbox and wait (not inside trio)."""
+        check_not_in_trio(f"calling remote function {self.__qualname__}()",
+                          f"'await {self.__name__}.remote(...)'")
+        return self.remote(*args, **kwargs).result()
+
+
+def _check_options(retries: Any, timeout_seconds: Any, max_concurrency: Any, reuse: Any,
+                   unsafe_pickle_results: Any = False) -> Retries:
+    """Validate the call options of ``@session.function``; return the retries as a Retries."""
+    if timeout_seconds is not None and (isinstance(timeout_seconds, bool) or not isinstance(
+            timeout_seconds, (int, float)) or not 0 < timeout_seconds < math.inf):
+        raise ValueError(f"timeout_seconds must be a number of seconds > 0 or None, got {timeout_seconds!r}; "
+                         "use e.g. timeout_seconds=60")
+    if max_concurrency is not None and (isinstance(max_concurrency, bool) or not isinstance(
+            max_concurrency, int) or max_concurrency < 1):
+        raise ValueError(f"max_concurrency must be an int >= 1 or None, got {max_concurrency!r}; "
+                         "use e.g. max_concurrency=8, or None for one sandbox per CPU")
+    if not isinstance(reuse, bool):
+        raise TypeError(f"reuse must be True or False, got {reuse!r}")
+    if not isinstance(unsafe_pickle_results, bool):
+        raise TypeError(f"unsafe_pickle_results must be True or False, got {unsafe_pickle_results!r}")
+    return Retries.coerce(retries)
+
+
+def _in_loop(host: Any, fn: Callable[..., Any], *args: Any) -> None:
+    """Run ``fn(*args)`` in the host's loop thread: now if this is it, else soon (thread-safe)."""
+    if host.in_loop_thread():
+        fn(*args)
+    else:
+        try:
+            host.call_soon(fn, *args)
+        except RuntimeError:  # the loop has ended: the session closed and cancelled everything
+            pass
+
+
+def function_decorator(session: Session, fn: Callable[..., Any] | None, options: dict[str, Any]) -> Any:
+    """``@session.function`` and ``@session.function(...)``: the decorator, or its result."""
+    if fn is not None:
+        return RemoteFunction(fn, session, **options)
+    # Check every option now, so a typo fails at the decorator line, not at the first call.
+    _check_options(*(options.get(k) for k in _CALL_OPTIONS[:3]), options.get("reuse", True),
+                   options.get("unsafe_pickle_results", False))
+    resolve_spec(session.defaults, **{k: v for k, v in options.items() if k not in _CALL_OPTIONS})
+    return lambda f: RemoteFunction(f, session, **options)
+
+
+_CALL_OPTIONS = ("retries", "timeout_seconds", "max_concurrency", "reuse", "unsafe_pickle_results")

@@ -1,0 +1,404 @@
+"""The warm pool: which call goes to which sandbox (plain sync code), and what follows each answer.
+
+One pool serves one sandbox spec (plus a concurrency limit and the reuse flag). Sandboxes start
+lazily, up to ``limit``, when calls wait and no idle or starting sandbox can take them; they stay
+warm for later calls. A sandbox holds up to ``depth`` calls at once (pipelining): two for calls
+of unknown length, more for short ones, so its worker gets whole batches. Everything here runs in
+the session's trio thread, synchronously; the I/O (starting a sandbox, sending frames, reading a
+direct worker's answers) runs in one task per sandbox (``_slot``).
+
+Failures: a sandbox that dies is never reused. The call it was running (the oldest one sent, as a
+worker runs its calls in order) is an infrastructure failure, retried up to ``retries`` on another
+sandbox; calls queued behind it never started, so they are resubmitted without charge. The same
+holds when only the sandbox's worker process dies; the sandbox then gets a new worker.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+from . import bulk as _bulk, serialize as _serialize, slot as _slot
+from .call import Call, CallRef, Payload
+from .._errors import SandboxDiedError, SandboxError, SandboxTimeoutError, SerializationError
+from .plan import MAX_DEPTH, STEAL_AFTER_SECONDS, choose_slot, choose_steals, pipeline_depth, sandboxes_to_start
+from .slot import Slot
+
+if TYPE_CHECKING:
+    from .._config import SandboxSpec
+    from .._session.session import Session
+
+__all__ = ["MAX_DEPTH", "Call", "CallRef", "Payload", "Pool", "PoolStatistics", "choose_slot", "choose_steals",
+           "pipeline_depth", "sandboxes_to_start"]
+
+@dataclass(frozen=True)
+class PoolStatistics:
+    """Counters of one pool, or of all pools of a session added up."""
+
+    sandboxes_starting: int = 0
+    sandboxes_idle: int = 0
+    sandboxes_busy: int = 0
+    calls_queued: int = 0
+    calls_running: int = 0
+    calls_done: int = 0
+    calls_failed: int = 0
+    calls_cancelled: int = 0
+    calls_retried: int = 0
+
+    def __add__(self, other: PoolStatistics) -> PoolStatistics:
+        return PoolStatistics(*(a + b for a, b in zip(self.__dict__.values(), other.__dict__.values())))
+
+
+class Pool:
+    """The warm sandboxes of one spec and the calls waiting for them. Used in the loop thread only,
+    except ``statistics()`` and ``repr``, which read counters."""
+
+    def __init__(self, session: Session, spec: SandboxSpec, limit: int, reuse: bool) -> None:
+        self.session, self.spec, self.limit, self.reuse = session, spec, limit, reuse
+        self.queue: collections.deque[Call] = collections.deque()
+        self.slots: list[Slot] = []
+        self.closed = False
+        self.counts: collections.Counter[str] = collections.Counter()  # done, failed, cancelled, retried
+        self.start_error: BaseException | None = None
+        self.steal_timer = False  # a task will look for stalled sandboxes again soon
+
+    def __repr__(self) -> str:
+        s = self.statistics()
+        return (f"<Pool image={self.spec.container_image} limit={self.limit} reuse={self.reuse} "
+                f"sandboxes={s.sandboxes_idle} idle/{s.sandboxes_busy} busy/{s.sandboxes_starting} starting "
+                f"calls={s.calls_queued} queued/{s.calls_running} running/{s.calls_done} done/{s.calls_failed} failed>")
+
+    def statistics(self) -> PoolStatistics:
+        slots = list(self.slots)
+        return PoolStatistics(
+            sandboxes_starting=sum(s.state == "starting" for s in slots),
+            sandboxes_idle=sum(s.state in ("ready", "reconnecting") and not s.inflight for s in slots),
+            sandboxes_busy=sum(s.state in ("ready", "reconnecting") and bool(s.inflight) for s in slots),
+            calls_queued=sum(not c.ref.done() for c in list(self.queue)),
+            calls_running=sum(len(s.inflight) for s in slots),
+            calls_done=self.counts["done"], calls_failed=self.counts["failed"],
+            calls_cancelled=self.counts["cancelled"], calls_retried=self.counts["retried"],
+        )
+
+    # -- placing calls -------------------------------------------------------------------------
+
+    def submit(self, calls: Sequence[Call]) -> None:
+        """Queue calls (loop thread) and schedule them."""
+        for call in calls:
+            if self.closed:
+                call.ref._set_cancelled()
+            elif not call.ref.done():
+                self.queue.append(call)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self.closed or not self.queue:
+            return
+        queue, ready = self.queue, [s for s in self.slots if s.state == "ready"]
+        starting = sum(s.state in ("starting", "reconnecting") for s in self.slots)
+        while queue:
+            call = queue[0]
+            if call.ref.done():
+                queue.popleft()
+                continue
+            loads = [(len(s.inflight), s.held_bytes) for s in ready]
+            index = choose_slot(loads, len(queue), starting, pipeline_depth(call.payload.estimate, self.reuse))
+            if index is None:
+                break
+            self._assign(ready[index], queue.popleft())
+        if not queue:
+            return
+        if self.start_error is not None and not self.slots:  # nothing can run them: fail them
+            error, self.start_error = self.start_error, None
+            while queue:
+                self._fail(queue.popleft(), error)
+            return
+        idle = sum(not s.inflight for s in ready)
+        live = sum(s.state not in ("retiring", "dead") for s in self.slots)
+        for _ in range(sandboxes_to_start(len(queue), idle, starting, live, self.limit)):
+            self._start_slot()
+
+    def _assign(self, slot: Slot, call: Call) -> None:
+        call.slot, call.sent, call.timed_out, call.stealing = slot, False, False, False
+        if not slot.inflight:
+            slot.progress_at = time.monotonic()
+        call.req_id = slot.sandbox._register(slot)
+        slot.inflight[call.req_id] = call
+        slot.held_bytes += call.size
+        payload = call.payload
+        frame = {"t": "call", "id": call.req_id, "fn_key": payload.key, "args": call.args,
+                 "fn": b"" if payload.key in slot.keys else payload.data}
+        slot.keys.add(payload.key)
+        if payload.pickled:  # the function's owner trusts it: results may come back pickled
+            frame["pickle"] = True
+        if call.timeout is not None:
+            frame["timeout"] = call.timeout
+            if slot.direct is not None:  # the agent does not see direct calls: watch it here
+                self.session._ensure_open().nursery.start_soon(_slot.watch_timeout, slot, call, call.req_id)
+        if slot.bulk_dir is not None:
+            frame["bulk"] = _bulk.SANDBOX_DIR  # a large result may come back as a file there
+            if call.size >= _bulk.BULK_BYTES:
+                path = _bulk.put_args(slot.bulk_dir, _slot.args_file(call.req_id), call.args)
+                if path is not None:
+                    frame["args"], frame["args_path"] = b"", path
+        if isinstance(frame["args"], list):  # large, but no file: one frame after all
+            frame["args"] = b"".join(frame["args"])
+        _slot.send(slot, call, frame)
+
+    def cancel(self, call: Call) -> None:
+        """The call's ref was cancelled (loop thread): interrupt it wherever it is."""
+        self.counts["cancelled"] += 1
+        slot = call.slot
+        if slot is None or slot.inflight.get(call.req_id) is not call:
+            return  # still queued: _schedule drops it
+        if _slot.unsend(slot, call.req_id):
+            self._release(slot, call)
+            self._schedule()
+        else:  # answered "cancelled" (or with a late result) by the sandbox, then released
+            slot.outbox.append(_slot.cancel_frame(slot, call.req_id))
+            slot.wake.set()
+
+    def _release(self, slot: Slot, call: Call) -> None:
+        slot.inflight.pop(call.req_id, None)
+        slot.held_bytes -= call.size
+        slot.sandbox._unregister(call.req_id)
+
+    # -- answers and failures ----------------------------------------------------------------
+
+    def _on_answers(self, slot: Slot, frames: list[dict]) -> None:
+        """A batch of answers from a direct worker: settle each, then schedule once."""
+        for frame in frames:
+            self._on_answer(slot, frame, schedule=False)
+        self._schedule()
+        self._steal()
+
+    def _on_answer(self, slot: Slot, frame: dict, schedule: bool = True) -> None:
+        call = slot.inflight.get(frame["id"])
+        if call is None:
+            return
+        self._release(slot, call)
+        slot.progress_at = time.monotonic()
+        if frame["t"] == "result":
+            if "us" in frame:
+                call.payload.observe(frame["us"])
+            if call.ref.done():
+                if frame.get("path"):
+                    _bulk.discard(slot.bulk_dir, frame["path"])
+            else:
+                try:
+                    if isinstance(frame.get("path"), str) and slot.bulk_dir:
+                        value = _bulk.take_result(slot.bulk_dir, frame["path"], call.payload.name, call.payload.decode_file)
+                    else:
+                        value = call.payload.decode(frame.get("data", b""))
+                except SerializationError as exc:
+                    self._fail(call, exc)
+                else:
+                    self.counts["done"] += 1
+                    call.ref._set_result(value)
+        elif call.timed_out and frame.get("kind") == "cancelled":
+            self._user_failure(call, self._timeout_error(call, slot))
+        elif not call.ref.done():
+            self._on_error(slot, call, frame)
+        if not self.reuse and slot.state == "ready":
+            self._retire(slot)
+        if schedule:
+            self._schedule()
+            self._steal()
+
+    def _on_error(self, slot: Slot, call: Call, frame: dict) -> None:
+        kind, sandbox_id, name = frame["kind"], slot.sandbox.sandbox_id, call.payload.name
+        if kind == "lost":
+            self._requeue(call, charge=False)
+        elif kind == "worker_died":
+            self._infra_failure(call, SandboxDiedError(
+                f"call to {name!r} failed: {frame['message']} in sandbox {sandbox_id}",
+                sandbox_id=sandbox_id, exit_code=frame.get("code"), signal=frame.get("signal")))
+        elif kind == "user":
+            self._user_failure(call, _serialize.remote_exception(frame, sandbox_id, call.payload.pickled))
+        elif kind == "timeout":
+            self._user_failure(call, self._timeout_error(call, slot))
+        elif kind == "cancelled":
+            call.ref._set_cancelled()
+        elif kind == "serialization":
+            self._fail(call, SerializationError(f"call to {name!r}: {frame['message']}"))
+        else:
+            self._fail(call, SandboxError(f"call to {name!r} failed in sandbox {sandbox_id}: {frame['message']}",
+                                          sandbox_id=sandbox_id, reason=kind))
+
+    @staticmethod
+    def _timeout_error(call: Call, slot: Slot) -> SandboxTimeoutError:
+        return SandboxTimeoutError(f"call to {call.payload.name!r} did not finish within {call.timeout} s; "
+                                   "it was interrupted", sandbox_id=slot.sandbox.sandbox_id)
+
+    def _user_failure(self, call: Call, error: BaseException) -> None:
+        if call.attempts < call.retries.max_retries and call.retries.retry_on(error):
+            self._requeue(call, charge=True, delay=call.retries.delay(call.attempts + 1))
+        else:
+            self._fail(call, error)
+
+    def _infra_failure(self, call: Call, error: SandboxDiedError) -> None:
+        if call.attempts < call.retries.max_retries:
+            self._requeue(call, charge=True)
+            return
+        if not call.retries.max_retries:
+            error.args = (f"{error.args[0]}; pass retries=N to retry it on a fresh sandbox",)
+        self._fail(call, error)
+
+    def _requeue(self, call: Call, *, charge: bool, delay: float = 0.0) -> None:
+        call.slot, call.sent = None, False
+        if charge:
+            call.attempts += 1
+            self.counts["retried"] += 1
+        if delay > 0:
+            self.session._ensure_open().nursery.start_soon(self._requeue_later, call, delay)
+        else:
+            self.queue.appendleft(call)
+
+    async def _requeue_later(self, call: Call, delay: float) -> None:
+        await trio.sleep(delay)
+        self.submit([call])
+
+    def _fail(self, call: Call, error: BaseException) -> None:
+        self.counts["failed"] += 1
+        call.ref._set_error(error)
+
+    def _settle_lost(self, slot: Slot, error: SandboxDiedError | None, killed: bool) -> None:
+        """A slot's worker (or whole sandbox) is gone: settle what it held, in send order. The
+        oldest sent call was running: an infrastructure failure (``error``), unless the pool had
+        the worker killed; the others are resubmitted free."""
+        calls = list(slot.inflight.values())
+        for call in calls:
+            self._release(slot, call)
+        slot.outbox, slot.keys = [], set()
+        head = next((c for c in calls if c.sent), None)
+        for call in calls:
+            if call.ref.done():
+                continue
+            if self.closed:
+                call.ref._set_cancelled()
+            elif call.timed_out:
+                self._user_failure(call, self._timeout_error(call, slot))
+            elif call is head and error is not None and not killed:
+                self._infra_failure(call, SandboxDiedError(
+                    f"call to {call.payload.name!r} failed: {error}", sandbox_id=error.sandbox_id,
+                    exit_code=error.exit_code, signal=error.signal))
+            else:
+                self._requeue(call, charge=False)
+
+    def _worker_gone(self, slot: Slot, info: dict) -> None:
+        """A direct worker ended (its connection closed); the sandbox lives on and gets a new one."""
+        if slot.state in ("dead", "retiring"):
+            return
+        code, sig = info.get("code"), info.get("signal")
+        how = f"was killed by signal {sig}" if sig else f"exited with code {code}"
+        error = SandboxDiedError(f"the function's worker process {how} in sandbox {slot.sandbox.sandbox_id}",
+                                 sandbox_id=slot.sandbox.sandbox_id, exit_code=code, signal=sig)
+        self._settle_lost(slot, error, killed=bool(info.get("killed")))
+        slot.direct = slot.worker = None
+        slot.state = "reconnecting"
+        slot.wake.set()
+        self._schedule()
+
+    def _on_gone(self, slot: Slot, error: BaseException) -> None:
+        if slot.state == "dead":
+            return  # called once per registered request
+        retiring, slot.state = slot.state == "retiring", "dead"
+        if slot in self.slots:
+            self.slots.remove(slot)
+        slot.wake.set()
+        died = None
+        if not retiring:
+            died = SandboxDiedError(str(error),
+                                    sandbox_id=slot.sandbox.sandbox_id, exit_code=getattr(error, "exit_code", None),
+                                    signal=getattr(error, "signal", None))
+        self._settle_lost(slot, died, killed=False)
+        if not self.closed:
+            slot.sandbox.stop(graceful_shutdown_seconds=0)  # a dead sandbox is never reused
+            self._schedule()
+
+    # -- sandboxes -------------------------------------------------------------------------------
+
+    def _start_slot(self) -> None:
+        from .._session.sandbox import Sandbox
+
+        sandbox = Sandbox(_session=self.session, _spec=self.spec)
+        self.session._track(sandbox)
+        slot = Slot(self, sandbox)
+        self.slots.append(slot)
+        host = self.session._ensure_open()
+        host.nursery.start_soon(_slot.run_slot, self, slot, host.nursery)
+
+    def _ready(self, slot: Slot) -> None:
+        if slot.state in ("starting", "reconnecting"):
+            slot.state = "ready"
+            self._schedule()
+            self._steal()
+
+    # -- work stealing ---------------------------------------------------------------------------
+
+    def _steal(self) -> None:
+        """With nothing queued and a sandbox idle, take back calls that wait behind a stalled one
+        (a call much longer than its function's usual): those still here at once, those sent by
+        asking the sandbox, which gives them back ("lost") if they have not started; they run on
+        the idle sandbox."""
+        if self.queue or self.closed or not self.reuse or all(len(s.inflight) < 2 for s in self.slots):
+            return  # (the last test: nobody holds a call waiting behind another, the usual case)
+        ready = [s for s in self.slots if s.state == "ready"]
+        views = [(not s.inflight, _waiting(s), s.progress_at) for s in ready]
+        taken = False
+        for index, count in choose_steals(views, time.monotonic()).items():
+            victim = ready[index]
+            for call in [c for c in victim.inflight.values() if not c.stealing][1:][-count:]:
+                if _slot.unsend(victim, call.req_id):  # still here (the worker may not read for long)
+                    self._release(victim, call)
+                    self._requeue(call, charge=False)
+                    taken = True
+                elif _slot.left(victim, call.req_id):  # the worker gives it back if it has not started
+                    call.stealing = True
+                    victim.outbox.append(_slot.cancel_frame(victim, call.req_id, steal=True))
+            victim.wake.set()
+        if taken:
+            self._schedule()
+        if not self.steal_timer and any(idle for idle, _, _ in views) and any(w for _, w, _ in views):
+            self.steal_timer = True  # someone may stall later: look again then
+            self.session._ensure_open().nursery.start_soon(self._steal_later)
+
+    async def _steal_later(self) -> None:
+        await trio.sleep(STEAL_AFTER_SECONDS)
+        self.steal_timer = False
+        self._steal()
+
+    def _start_failed(self, slot: Slot, error: BaseException) -> None:
+        if slot in self.slots:
+            self.slots.remove(slot)
+        slot.state = "dead"
+        self.start_error = error
+        self._schedule()
+
+    def _retire(self, slot: Slot) -> None:
+        slot.state = "retiring"
+        if slot in self.slots:
+            self.slots.remove(slot)
+        slot.wake.set()
+        slot.sandbox.stop(graceful_shutdown_seconds=0)
+
+    def close(self) -> None:
+        """The session is closing: cancel every call; the session stops the sandboxes."""
+        self.closed = True
+        for call in list(self.queue):
+            call.ref._set_cancelled()
+        self.queue.clear()
+        for slot in list(self.slots):
+            for call in list(slot.inflight.values()):
+                call.ref._set_cancelled()
+            slot.wake.set()
+
+
+def _waiting(slot: Slot) -> int:
+    """Calls the slot holds behind its running one, not already being taken back."""
+    return max(0, sum(1 for c in slot.inflight.values() if not c.stealing) - 1)

@@ -1,0 +1,141 @@
+"""The sandpool service protocol: method names, msgpack messages, metadata keys, error names.
+
+Shared by the server (``sandpool._service``) and its client (``sandpool._runtime.remote``). It
+imports neither, only config, errors and msgpack, so a client never loads the server.
+
+Methods (service ``sandpool.v1.Sandpool``; every request and response is one msgpack map, except
+on ``Attach``, whose messages are raw bytes carrying whole or partial wire frames):
+
+- ``Create {spec, lease}`` -> info: create and start a sandbox owned by the caller's lease.
+- ``Get {sandbox_id}`` -> info; ``List {tags, status, show_terminated}`` -> ``{sandboxes: [info]}``.
+- ``Stop {sandbox_id, grace, missing_ok}`` -> info once terminal; ``Delete`` also forgets it.
+- ``Lease {}`` -> stream of ``{lease}``: the first message names the caller's lease, then the
+  stream stays open while the client lives; its end (client exit, crash, lost host) starts the
+  orphan grace period of the sandboxes the lease owns. ``Release {lease, stop}`` ends it cleanly.
+- ``Logs {sandbox_id, follow, tail_lines, since, timestamps, offset}`` -> stream of ``{lines: [str],
+  offset}``: the main command's log, as ``Sandbox.stream_logs`` yields it (``since``: seconds since
+  the epoch). Each reply's ``offset`` is the log's byte offset after its last line; a request with
+  ``offset`` starts there (``since`` and ``tail_lines`` then do not apply), which is how a client
+  resumes a stream that broke.
+  Without ``follow`` it ends once what was written is sent; with it, once the sandbox has ended
+  and all is sent. Each message carries at most ``LOG_BATCH_BYTES`` of lines (plus one line).
+- ``Attach`` (bidi; metadata ``sandpool-sandbox``): the sandbox's data plane. The client sends a
+  ``hello`` frame first and gets one back; then frames flow both ways, batched. When the sandbox
+  ends, the stream ends OK with trailing metadata giving the agent's exit code or signal.
+
+Errors are gRPC status codes plus trailing metadata ``sandpool-error`` naming the exception class
+(a sandpool error, ValueError or TypeError) that the client raises again with the same message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import msgpack
+
+from .._config import SandboxSpec
+from .._errors import ProtocolError
+
+SERVICE = "sandpool.v1.Sandpool"
+UNARY_METHODS = ("Create", "Get", "List", "Stop", "Delete", "Release")
+LEASE_METHOD = "Lease"
+ATTACH_METHOD = "Attach"
+LOGS_METHOD = "Logs"
+
+META_TOKEN = "authorization"  # value: "Bearer <token>"
+META_SANDBOX = "sandpool-sandbox"
+META_ERROR = "sandpool-error"
+#: on an Attach call: ``DATA_PLANE_FAST`` asks for the same-host fast socket (see ``fastpath.py``)
+META_DATA_PLANE = "sandpool-data-plane"
+DATA_PLANE_FAST = "unix"
+TRAILER_CODE = "sandpool-exit-code"
+TRAILER_SIGNAL = "sandpool-exit-signal"
+TRAILER_REASON = "sandpool-reason"
+
+#: Largest gRPC message either side accepts; data-plane messages are cut to DATA_CHUNK_BYTES, so
+#: wire frames of any size (up to the wire's own limit) still pass.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+DATA_CHUNK_BYTES = 1024 * 1024
+#: Lines of one Logs message: up to this many bytes, plus the line that crossed it (<= 1 MiB).
+LOG_BATCH_BYTES = 256 * 1024
+DEFAULT_PORT = 50051
+
+
+def path(method: str) -> str:
+    """The gRPC path of ``method``."""
+    return f"/{SERVICE}/{method}"
+
+
+def pack(message: Mapping[str, Any]) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def unpack(data: bytes, what: str = "message") -> dict:
+    """Decode one msgpack map; ProtocolError naming ``what`` if it is not one."""
+    try:
+        message = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types; translated here once
+        raise ProtocolError(f"undecodable {what} of {len(data)} bytes: {exc}") from exc
+    if not isinstance(message, dict):
+        raise ProtocolError(f"{what} must be a msgpack map, got {type(message).__name__}")
+    return message
+
+
+def field(message: Mapping[str, Any], name: str, types: type | tuple[type, ...], default: Any = ...) -> Any:
+    """``message[name]`` checked against ``types``; TypeError naming the field and the fix."""
+    if name not in message or message[name] is None:
+        if default is ...:
+            raise TypeError(f"request field {name!r} is missing; send it as {types}")
+        return default
+    value = message[name]
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in _as_tuple(types)):
+        raise TypeError(f"request field {name!r} must be {types}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
+    return types if isinstance(types, tuple) else (types,)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def spec_to_dict(spec: SandboxSpec) -> dict[str, Any]:
+    """A spec as plain msgpack-able data; TypeError if ``network`` holds something else."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(spec):
+        value = getattr(spec, f.name)
+        if f.name == "resources" and value is not None:
+            value = value.to_dict()
+        out[f.name] = _plain(value)
+    try:
+        msgpack.packb(out["network"], use_bin_type=True)
+    except TypeError:
+        raise TypeError(f"network={spec.network!r} cannot be sent to a sandpool server; "
+                        f"use plain dicts, lists, strings and numbers") from None
+    return out
+
+
+def spec_from_dict(data: Mapping[str, Any]) -> SandboxSpec:
+    """The spec a client sent. TypeError/ValueError (from the spec's own checks) if invalid."""
+    if not isinstance(data, Mapping):
+        raise TypeError(f"request field 'spec' must be a map of sandbox options, got {type(data).__name__}")
+    return SandboxSpec.from_dict(data)
+
+
+ERROR_NAMES = ("ValueError", "TypeError")
+
+
+def error_name(exc: BaseException) -> str:
+    """The name the client raises again: the class of a sandpool error, ValueError or TypeError."""
+    name = type(exc).__name__
+    if isinstance(exc, (ValueError, TypeError)) and type(exc).__module__ == "builtins":
+        return name
+    return name if type(exc).__module__ == "sandpool._errors" else "SandboxError"

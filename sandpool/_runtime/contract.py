@@ -1,0 +1,103 @@
+"""The runtime contract: where sandboxes come from. Every runtime (local, remote, engine) has it."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+import time
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+import trio
+
+from .._core.channel import FrameChannel
+from .._config import SandboxSpec
+
+
+@dataclass
+class SandboxRecord:
+    """What a runtime knows about one sandbox. Mutated only inside the runtime's trio loop."""
+
+    sandbox_id: str
+    spec: SandboxSpec
+    isolation: str
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    agent_pid: int | None = None
+    channel: FrameChannel | None = None
+    #: set once the agent process is gone; ``exit_code``/``exit_signal`` then say how it ended
+    exited: trio.Event = field(default_factory=trio.Event)
+    exit_code: int | None = None
+    exit_signal: int | None = None
+    extra: dict = field(default_factory=dict)
+    #: the state a shared runtime last reported (a status value, its reason, the return code);
+    #: local sandboxes keep their state in their Sandbox and leave these None
+    status: str | None = None
+    status_reason: str | None = None
+    returncode: int | None = None
+
+
+class Runtime(abc.ABC):
+    """Creates, starts, stops, lists and attaches sandboxes. All methods run in one trio loop."""
+
+    name: str = "runtime"
+    #: True when sandboxes live outside this process, so other processes can find and attach them
+    shared: bool = False
+    #: where the sandboxes live ("local", or a server address): handles match on it
+    endpoint: str = "local"
+
+    @abc.abstractmethod
+    async def open(self, nursery: trio.Nursery) -> None:
+        """Acquire what the runtime needs (helper processes, connections); tasks go in ``nursery``."""
+
+    @abc.abstractmethod
+    def create(self, spec: SandboxSpec) -> SandboxRecord:
+        """Reserve a sandbox for ``spec`` (an id, its state); no process starts yet. A remote
+        runtime leaves ``sandbox_id`` empty until ``start`` (its server names the sandbox)."""
+
+    @abc.abstractmethod
+    async def start(self, record: SandboxRecord) -> FrameChannel:
+        """Start the sandbox's agent and return its frame channel after the handshake."""
+
+    def abandon_start(self, record: SandboxRecord) -> None:
+        """The sandbox is being stopped while ``start`` still waits (an engine's queue): make that
+        ``start`` give up soon. Runtimes whose start never waits long ignore it."""
+
+    @abc.abstractmethod
+    async def stop(self, record: SandboxRecord, grace_seconds: float) -> None:
+        """Stop politely, wait ``grace_seconds``, then escalate until the sandbox is gone. Shielded."""
+
+    @abc.abstractmethod
+    def list(self) -> list[SandboxRecord]:
+        """Every sandbox this runtime knows, terminal ones included."""
+
+    async def find(self, *, sandbox_id: str | None = None, tags: tuple[str, ...] = (), status: str | None = None,
+                   show_terminated: bool = False) -> list[SandboxRecord]:
+        """Sandboxes of a shared runtime: the one with ``sandbox_id`` (SandboxNotFoundError if none),
+        or those carrying every tag in ``tags`` with ``status`` (terminal ones only when asked for,
+        or when ``status`` is terminal). Records carry ``status``; a record already returned for an
+        id is returned again, updated. Runtimes that are not shared refuse."""
+        raise NotImplementedError(f"the {self.name} runtime does not share its sandboxes; search this process's")
+
+    def open_main_log(self, record: SandboxRecord) -> BinaryIO | None:
+        """The main command's output as written (stdout and stderr), readable from its start and for as long
+        as the caller keeps the file open, even after the sandbox is gone; None where the runtime has none."""
+        return None
+
+    def main_log_lines(self, record: SandboxRecord, *, follow: bool, tail_lines: int | None, since: float | None,
+                       timestamps: bool) -> AsyncIterator[str]:
+        """The main command's log as ``stream_logs`` yields it, for a runtime whose log lives elsewhere
+        (``open_main_log`` gave None): a sandpool server's. Others refuse with NotSupportedLocallyError."""
+        from .._errors_cw import NotSupportedLocallyError
+
+        raise NotSupportedLocallyError(f"sandbox {record.sandbox_id}: the {self.name} runtime keeps no "
+                                       f"main-command log to stream", feature="stream_logs")
+
+    async def attach(self, sandbox_id: str) -> FrameChannel:
+        """A frame channel to a sandbox started elsewhere (set as its record's ``channel``, for a
+        record that ``find`` returned); runtimes without sharing refuse."""
+        raise NotImplementedError(f"the {self.name} runtime cannot attach to sandboxes it did not start")
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Stop every sandbox and release the runtime. Idempotent and shielded."""

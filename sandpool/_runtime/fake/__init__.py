@@ -1,0 +1,1 @@
+"""The public in-memory runtime (``sandpool.testing.FakeRuntime``) and its scripted agent."""

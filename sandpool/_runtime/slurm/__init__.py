@@ -1,0 +1,1 @@
+"""Sandboxes as Slurm jobs: submission, placement, liveness and the sbatch/squeue front."""

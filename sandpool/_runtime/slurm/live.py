@@ -1,0 +1,119 @@
+"""Liveness of Slurm-placed sandboxes: the heartbeat, the squeue poll, and telling why one ended.
+
+Three signals, each in its own task of the runtime's nursery:
+
+- the data plane: when a job's stream ends, :func:`watch_end` decides whether the sandbox ended
+  by itself (its main command, an OOM kill) or was lost (its server vanished, or Slurm ended the
+  job: the server then shuts down, or Slurm's signal reaches the sandbox's processes directly, or
+  the stream ends with no exit report at all; every one of these orders means the same);
+- the heartbeat: :func:`heartbeat` asks each job's server for its sandbox every
+  ``heartbeat_seconds``; no answer for ``lost_after_seconds`` is a lost node (it hangs, or its
+  network is gone, where no connection reset ever arrives);
+- Slurm: :func:`poll` runs one ``squeue`` for every watched job; a running sandbox whose job left
+  the RUNNING state was ended by Slurm (scancel, time limit, preemption, node failure).
+
+A lost sandbox's reader ends (its Sandbox fails with the reason, calls retry elsewhere), its job is
+cancelled, and a node that went silent is left out of new placements for a while.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import trio
+
+from ..._core import lifecycle as _lifecycle
+from ..._config import SandboxStatus
+from ..._errors import SandboxUnavailableError, SandpoolError
+from ..._service.control import SHUTDOWN_REASON
+from . import cli
+from .place import SUSPECT_SECONDS, Placement, end_reason, ended_by_slurm
+
+if TYPE_CHECKING:
+    from ..contract import SandboxRecord
+    from .runtime import SlurmRuntime
+
+#: How a sandbox's server reports an end that Slurm caused: it shut down, or the sandbox's processes
+#: were signalled directly (the job's whole process tree gets Slurm's SIGTERM).
+_ENVIRONMENT_ENDS = (SHUTDOWN_REASON, _lifecycle._REASONS["parent_gone"])
+
+
+async def watch_end(rt: SlurmRuntime, record: SandboxRecord, p: Placement) -> None:
+    """When the job's data plane ends, say why (ended by itself, or lost) and release the job."""
+    inner = p.inner
+    await inner.exited.wait()
+    record.exit_code, record.exit_signal = inner.exit_code, inner.exit_signal
+    if not p.stopping:
+        reason = end_reason(p, server_ended(inner), inner.extra.get("lost"))
+        if reason:
+            lose(rt, record, p, reason, suspect=bool(inner.extra.get("lost")))
+    if not record.extra.get("lost"):
+        ended_well = inner.exit_code in (0, None) and not inner.exit_signal
+        record.status = (SandboxStatus.TERMINATED if p.stopping else SandboxStatus.COMPLETED if ended_well
+                         else SandboxStatus.FAILED).value
+        record.status_reason = inner.status_reason
+    record.exited.set()
+    if not p.stopping:  # it ended by itself or was lost: nobody will stop it, so release its job now
+        await rt._release([p], wait=False)
+
+
+def server_ended(inner: SandboxRecord) -> bool:
+    """Whether the job's side ended the sandbox's stream because the job itself was ending: its
+    server shut down (it says so), Slurm's signal reached the sandbox's processes first (they say
+    so), or the server closed the stream without any exit report (it went away mid-shutdown; which of
+    these a client sees depends only on which process handled Slurm's SIGTERM first)."""
+    return inner.status_reason in _ENVIRONMENT_ENDS or bool(inner.extra.get("detached"))
+
+
+async def heartbeat(rt: SlurmRuntime, record: SandboxRecord, p: Placement) -> None:
+    """Ask the job's server for its sandbox every ``heartbeat_seconds``; silence is a lost node."""
+    last_ok = time.monotonic()
+    while not (p.inner.exited.is_set() or p.stopping or record.extra.get("lost")):
+        await trio.sleep(rt.heartbeat_seconds)
+        with trio.move_on_after(rt.lost_after_seconds):
+            try:
+                await p.remote.find(sandbox_id=p.address["sandbox_id"])
+                last_ok = time.monotonic()
+            except SandboxUnavailableError:
+                pass
+            except SandpoolError:  # the server answered (it no longer has the sandbox): it is alive
+                last_ok = time.monotonic()
+        if time.monotonic() - last_ok >= rt.lost_after_seconds and not p.inner.exited.is_set():
+            lose(rt, record, p, f"slurm job {p.job_id} on node {p.node}: its sandpool server did not answer "
+                                f"for {rt.lost_after_seconds:g} s (node down or unreachable)", suspect=True)
+
+
+def lose(rt: SlurmRuntime, record: SandboxRecord, p: Placement, reason: str, *, suspect: bool) -> None:
+    """Mark a connected sandbox lost: its reader ends, its job is cancelled, a silent node avoided."""
+    if p.stopping or record.extra.get("lost"):
+        return
+    record.extra["lost"] = reason
+    record.status, record.status_reason = SandboxStatus.FAILED.value, reason
+    if suspect and p.node:
+        rt._suspects[p.node] = time.monotonic() + SUSPECT_SECONDS
+    assert rt._nursery is not None
+    if record.channel is not None and not record.channel.closed:
+        rt._nursery.start_soon(record.channel.aclose)  # the sandbox's reader sees the end
+    rt._nursery.start_soon(rt._cancel, [p])
+
+
+async def poll(rt: SlurmRuntime) -> None:
+    """One ``squeue`` for every watched job, every ``poll_seconds`` (sooner when asked)."""
+    while True:
+        watched = [p for p in rt._placements.values() if not p.ended and not p.gone]
+        if watched:
+            try:
+                jobs = {j.job_id: j for j in await rt._squeue([p.job_id for p in watched])}
+            except SandboxUnavailableError:
+                jobs = None  # slurmctld does not answer: the heartbeat still watches the nodes
+            for p in watched if jobs is not None else ():
+                p.see(jobs.get(p.job_id))
+                record = rt._records[p.sandbox_id]
+                state = cli.base_state(p.job.state) if p.job else "GONE"
+                connected = record.channel is not None and p.inner is not None and not p.inner.exited.is_set()
+                if connected and not p.stopping and (p.gone or state not in cli.ACTIVE | cli.WAITING):
+                    lose(rt, record, p, ended_by_slurm(p), suspect=state in ("NODE_FAIL", "BOOT_FAIL"))
+        rt._poll_now = trio.Event()
+        with trio.move_on_after(rt.poll_seconds):
+            await rt._poll_now.wait()

@@ -1,0 +1,73 @@
+"""A sandbox as a block: ``with`` / ``async with`` (trio or asyncio) starts it on entry and stops it
+on exit, and ``Sandbox.run()`` makes a standalone one. The same contract under every host: the
+block's own exception leaves it unchanged, and the sandbox is stopped by the time it has left."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .._core.hosts import current_host, settle, to_thread
+
+if TYPE_CHECKING:
+    from .._config import SandboxDefaults
+    from .._core.opref import OperationRef
+    from .sandbox import Sandbox
+
+
+class SandboxBlocks:
+    """The ``with`` forms of ``Sandbox`` (a base class of it: it uses its start, stop and session)."""
+
+    def __enter__(self: Sandbox) -> Sandbox:  # type: ignore[misc]
+        self.start().result()
+        return self
+
+    def __exit__(self: Sandbox, exc_type, exc, tb) -> None:  # type: ignore[misc]
+        _finish_stop(self.stop(), exc is not None)
+
+    async def __aenter__(self: Sandbox) -> Sandbox:  # type: ignore[misc]
+        """Wait until the sandbox runs (starting it, and opening a standalone one's session in a
+        worker thread so the caller's loop keeps running). A failed or cancelled start stops it."""
+        if self._session._host is None:
+            await to_thread(self._session._ensure_open)
+        try:
+            await self.start()
+        except BaseException:
+            await settle(self.stop())
+            raise
+        return self
+
+    async def __aexit__(self: Sandbox, exc_type, exc, tb) -> None:  # type: ignore[misc]
+        """Stop the sandbox and wait until it is stopped, whatever the host's cancellation does
+        meanwhile; a failure to stop never hides the block's own exception."""
+        try:
+            await settle(self.stop())
+        except Exception:
+            if exc is None:
+                raise
+
+    @classmethod
+    def run(cls, *args: str, defaults: SandboxDefaults | None = None, **options: Any) -> Sandbox:
+        """Create and start a sandbox outside any session; ``args`` are the main command and its args.
+
+        From sync code it returns once the sandbox runs. Inside trio or asyncio it returns at once
+        (never blocking the loop to open the process's background session), and ``async with`` (or
+        ``await sb``) waits until it runs. It is stopped when its ``with`` block ends, or with this
+        process, whatever ends it.
+        """
+        if args:
+            options["command"], options["args"] = args[0], list(args[1:])
+        sandbox: Sandbox = cls(defaults=defaults, **options)  # type: ignore[call-arg]
+        if current_host() == "sync":
+            sandbox.start().result()
+        elif sandbox._session._host is not None:
+            sandbox.start()
+        return sandbox
+
+
+def _finish_stop(ref: OperationRef[None], exception_in_flight: bool) -> None:
+    """Wait for a stop from a sync ``__exit__``; a failure never hides the exception already raised."""
+    try:
+        ref.result()
+    except Exception:
+        if not exception_in_flight:
+            raise

@@ -1,0 +1,424 @@
+"""Session: a nursery of sandboxes. Leaving it, however that happens, stops every one of them."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import trio
+
+from . import shared as _shared
+from .._config import SandboxDefaults, SandboxStatus, resolve_spec
+from .._errors import SandboxError
+from .._functions.function import Retries, function_decorator
+from .._core.hosts import current_host, settle, to_thread
+from .._core.opref import OperationRef, TaskHost
+from .._functions.pool import Pool, PoolStatistics
+from .._core.portal import Portal, default_portal
+from .._runtime.contract import Runtime
+from .._runtime.local import LocalRuntime
+from .sandbox import Sandbox
+
+log = logging.getLogger("sandpool")
+
+#: Grace given to sandboxes when a session closes normally, and when it closes because of an error.
+CLOSE_GRACE_SECONDS = 10.0
+ERROR_CLOSE_GRACE_SECONDS = 2.0
+
+
+def _coerce_defaults(defaults: SandboxDefaults | Mapping | None) -> SandboxDefaults:
+    if defaults is None:
+        return SandboxDefaults()
+    if isinstance(defaults, SandboxDefaults):
+        return defaults
+    if isinstance(defaults, Mapping):
+        return SandboxDefaults.from_dict(defaults)
+    raise TypeError(f"defaults must be a SandboxDefaults or a mapping, not {type(defaults).__name__}")
+
+
+class Session:
+    """Owns sandboxes: ``with Session(defaults=...) as s`` (sync) or ``async with`` (trio or asyncio).
+
+    Sync sessions, and ``async with`` sessions under asyncio, run in the process's background trio
+    thread (the portal); ``async with`` sessions under trio run in the caller's trio loop, as a
+    nursery of the calling task. Either way, closing the session (leaving the block normally, by an
+    exception, a cancellation or Ctrl-C) stops all of its sandboxes concurrently and cancels
+    everything still running in them; the block's own exception propagates unchanged.
+    """
+
+    def __init__(self, defaults: SandboxDefaults | Mapping | None = None, *, runtime: Runtime | None = None,
+                 address: str | None = None, token: str | None = None, report_to: list[str] | None = None) -> None:
+        self.defaults = _coerce_defaults(defaults)
+        self._runtime_arg = runtime
+        # a sandpool server's sandboxes (address=, or $SANDPOOL_ADDRESS): a runtime of our own
+        self._owned_runtime: Runtime | None = None
+        if runtime is not None and address is not None:
+            raise ValueError("pass runtime= or address=, not both; address= means RemoteRuntime(address, token)")
+        if runtime is None and _shared.resolve_address(address):
+            from .._runtime.remote import RemoteRuntime
+
+            self._owned_runtime = RemoteRuntime(_shared.resolve_address(address), token)
+        elif runtime is None:  # $SANDPOOL_RUNTIME=slurm: an engine runtime of our own
+            self._owned_runtime = _shared.engine_runtime()
+        self._runtime: Runtime | None = None
+        self._host: TaskHost | None = None
+        self._admin: TaskHost | None = None  # where close() runs: outside the session's own nursery
+        self._portal: Portal | None = None
+        self._tracked: dict[int, Sandbox] = {}
+        self._closed = False
+        self._close_ref: OperationRef[None] | None = None
+        self._open_lock = threading.Lock()
+        self._done: trio.Event | None = None
+        self._finished: trio.Event | None = None
+        self._nursery_cm: Any = None
+        self._close_grace = CLOSE_GRACE_SECONDS
+        self._pools: dict[tuple, Pool] = {}  # remote functions' warm pools, by (spec, limit, reuse)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open" if self._host else "not_opened"
+        running = sum(1 for sb in self._tracked.values() if sb.status == SandboxStatus.RUNNING)
+        calls = ""
+        if self._pools:
+            s = self.statistics()
+            calls = (f" pool={s.sandboxes_idle} idle/{s.sandboxes_busy} busy/{s.sandboxes_starting} starting"
+                     f" calls={s.calls_queued} queued/{s.calls_running} running/{s.calls_done} done"
+                     f"/{s.calls_failed} failed")
+        return f"<Session {state} sandboxes={len(self._tracked)} running={running}{calls}>"
+
+    # -- opening -------------------------------------------------------------------------------
+
+    def _portal_gone(self) -> bool:
+        """True when the portal this session opened in has closed (its loop no longer runs anything)."""
+        return self._portal is not None and self._portal.closed
+
+    def _ensure_open(self) -> TaskHost:
+        """The session's task host, opening the session in the background thread on first use."""
+        if self._host is not None:
+            return self._host
+        if self._closed:
+            raise SandboxError("this session is closed; open a new Session to create sandboxes")
+        with self._open_lock:
+            if self._host is None:
+                self._portal = default_portal()
+                _call_blocking(self._portal.run, self._open_in_portal)
+        assert self._host is not None
+        return self._host
+
+    async def _open_in_portal(self) -> None:
+        assert self._portal is not None
+        if self._owned_runtime is not None:  # opened and closed by the session's own task (_serve)
+            self._runtime, self._admin = self._owned_runtime, self._portal.host
+            await self._portal.host.nursery.start(self._serve)
+            return
+        self._runtime = self._runtime_arg or await _shared_runtime(self._portal)
+        if self._runtime_arg is not None:
+            await self._portal.host.nursery.start(_keep_runtime, self._runtime_arg)
+        self._admin = self._portal.host
+        await self._portal.host.nursery.start(self._serve)
+
+    async def _serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self._done, self._finished = trio.Event(), trio.Event()
+        try:
+            async with trio.open_nursery() as nursery:
+                if self._owned_runtime is not None:
+                    await self._owned_runtime.open(nursery)
+                self._host = TaskHost(nursery, trio.lowlevel.current_trio_token())
+                task_status.started()
+                try:
+                    await self._done.wait()
+                finally:
+                    if self._owned_runtime is not None:
+                        with trio.CancelScope(shield=True):
+                            await self._owned_runtime.aclose()
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            if self._host is None and len(group.exceptions) == 1:  # opening failed: raise that error itself
+                raise group.exceptions[0]  # noqa: B904 (its own cause, e.g. the gRPC error, is kept)
+            raise
+        finally:
+            self._finished.set()
+
+    def __enter__(self) -> Session:
+        self._ensure_open()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None:
+            self._close_grace = ERROR_CLOSE_GRACE_SECONDS
+        try:
+            self.close().result()
+        except Exception:
+            if exc is None:
+                raise
+            log.warning("closing the session after %r also failed", exc, exc_info=True)
+
+    async def __aenter__(self) -> Session:
+        if self._host is not None or self._closed:
+            raise RuntimeError("this Session is already open or closed; use 'async with Session(...)' once")
+        if current_host() != "trio":  # asyncio: the session runs in the portal's loop, as a sync one does
+            try:
+                await to_thread(self._ensure_open)
+            except BaseException:  # cancelled or failed while opening: close what opened
+                await settle(self.close())
+                raise
+            return self
+        self._nursery_cm = trio.open_nursery()
+        nursery = await self._nursery_cm.__aenter__()
+        self._host = self._admin = TaskHost(nursery, trio.lowlevel.current_trio_token())
+        self._runtime = self._runtime_arg or self._owned_runtime or LocalRuntime()
+        try:
+            await self._runtime.open(nursery)
+        except BaseException:
+            await self._aexit_nursery()
+            raise
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> bool:
+        if self._nursery_cm is None:  # opened in the portal (asyncio): close there
+            return await self._aexit_portal(exc)
+        return await self._aexit_trio(exc)
+
+    async def _aexit_portal(self, exc: BaseException | None) -> bool:
+        if exc is not None:
+            self._close_grace = ERROR_CLOSE_GRACE_SECONDS
+        try:
+            await settle(self.close())
+        except Exception:
+            if exc is None:
+                raise
+            log.warning("closing the session after %r also failed", exc, exc_info=True)
+        return False
+
+    @trio.lowlevel.enable_ki_protection
+    async def _aexit_trio(self, exc: BaseException | None) -> bool:
+        if exc is not None:
+            self._close_grace = ERROR_CLOSE_GRACE_SECONDS
+        close_error = None
+        with trio.CancelScope(shield=True):
+            try:
+                await self.close()
+            except Exception as error:
+                close_error = error
+        await self._aexit_nursery()
+        if close_error is not None:
+            if exc is None:
+                raise close_error
+            log.warning("closing the session after %r also failed", exc, exc_info=close_error)
+        return False
+
+    async def _aexit_nursery(self) -> None:
+        """Release the runtime (shielded), then end the nursery; its remaining tasks are cancelled.
+
+        The session opened the runtime in its nursery, so it closes it, a given ``runtime=`` too.
+        """
+        with trio.CancelScope(shield=True):
+            if self._runtime is not None:
+                await self._runtime.aclose()
+        self._host.nursery.cancel_scope.cancel()
+        await self._nursery_cm.__aexit__(None, None, None)
+
+    # -- sandboxes -----------------------------------------------------------------------------
+
+    @property
+    def sandbox_count(self) -> int:
+        """How many sandboxes this session tracks (and will stop when it closes)."""
+        return len(self._tracked)
+
+    def sandbox(self, **overrides: Any) -> Sandbox:
+        """A new, not yet started sandbox from the session defaults plus ``overrides``. No I/O."""
+        if self._closed:
+            raise SandboxError("this session is closed; open a new Session to create sandboxes")
+        sandbox = Sandbox(_session=self, _spec=resolve_spec(self.defaults, **overrides))
+        self._track(sandbox)
+        return sandbox
+
+    def adopt(self, sandbox: Sandbox) -> None:
+        """Make this session responsible for stopping ``sandbox`` when it closes."""
+        if self._closed:
+            raise SandboxError("this session is closed; it cannot adopt sandboxes")
+        if sandbox.sandbox_id is None:
+            raise ValueError("only a started sandbox (with a sandbox_id) can be adopted; start it first")
+        self._track(sandbox)
+
+    def _track(self, sandbox: Sandbox) -> None:
+        self._tracked[id(sandbox)] = sandbox
+        sandbox._owners.add(self)
+
+    def _forget(self, sandbox: Sandbox) -> None:
+        self._tracked.pop(id(sandbox), None)
+
+    def list(self, *, tags: Sequence[str] | None = None, status: str | SandboxStatus | None = None,
+             show_terminated: bool = False, adopt: bool = False) -> OperationRef[list[Sandbox]]:
+        """Sandboxes carrying the session's default tags plus ``tags``; ``adopt=True`` tracks them."""
+        if isinstance(tags, str):
+            raise TypeError(f"tags must be a list of strings, not a string; use tags=[{tags!r}]")
+        merged = self.defaults.merge_tags(tags or ())
+        if self._asks_runtime():  # ask this session's server or engine
+            wanted = SandboxStatus.parse(status).value if status is not None else None
+            return OperationRef.spawn(self._ensure_open(), self._find, adopt, dict(
+                tags=merged, status=wanted, show_terminated=show_terminated))
+        found = Sandbox.list(tags=merged, status=status, show_terminated=show_terminated).result()
+        if adopt:
+            for sandbox in found:
+                self.adopt(sandbox)
+        return OperationRef.completed(found)
+
+    def from_id(self, sandbox_id: str, *, adopt: bool = True) -> OperationRef[Sandbox]:
+        """The sandbox with ``sandbox_id``, adopted by this session unless ``adopt=False``."""
+        if self._asks_runtime():  # ask this session's server or engine
+            return OperationRef.spawn(self._ensure_open(), self._find, adopt, dict(sandbox_id=sandbox_id))
+        ref = Sandbox.from_id(sandbox_id)
+        if adopt and ref.exception() is None:
+            self.adopt(ref.result())
+        return ref
+
+    def _asks_runtime(self) -> bool:
+        """True when the runtime shares its sandboxes (a server, an engine): lists and lookups go to it."""
+        if self._owned_runtime is not None:
+            return True
+        return self._runtime_arg is not None and self._runtime_arg.shared
+
+    async def _find(self, adopt: bool, query: dict) -> list[Sandbox] | Sandbox:
+        found = await _shared.find(self, **query)
+        if adopt:
+            for sandbox in found:
+                self.adopt(sandbox)
+        return found[0] if "sandbox_id" in query else found
+
+    # -- remote functions ------------------------------------------------------------------------
+
+    def function(self, fn: Any = None, /, *, retries: int | Retries | None = 0, timeout_seconds: float | None = None,
+                 max_concurrency: int | None = None, reuse: bool = True, **overrides: Any) -> Any:
+        """Decorate a plain function so that it runs in this session's sandboxes: a RemoteFunction.
+
+        Use as ``@session.function`` or ``@session.function(**options)``. ``overrides`` are sandbox
+        options on top of the session defaults (one warm pool per distinct result). ``retries``
+        (an int, or a Retries naming exception classes to retry too) covers sandboxes dying under
+        a call; ``timeout_seconds`` interrupts a call that runs longer; ``max_concurrency`` caps the
+        pool's sandboxes (default: the CPUs, divided by the spec's cpu request); ``reuse=False``
+        gives every call a fresh sandbox. Raises TypeError/ValueError for bad options, and
+        AsyncFunctionError for an ``async def``.
+        """
+        options = dict(overrides, retries=retries, timeout_seconds=timeout_seconds,
+                       max_concurrency=max_concurrency, reuse=reuse)
+        return function_decorator(self, fn, options)
+
+    def statistics(self) -> PoolStatistics:
+        """Remote-function pools at a glance: sandboxes starting/idle/busy, calls queued/running/
+        done/failed/cancelled/retried (summed over the session's pools; safe from any thread)."""
+        total = PoolStatistics()
+        for pool in list(self._pools.values()):
+            total = total + pool.statistics()
+        return total
+
+    # -- closing -------------------------------------------------------------------------------
+
+    def close(self) -> OperationRef[None]:
+        """Stop every tracked sandbox concurrently and end the session. Idempotent."""
+        if self._close_ref is None:
+            if self._host is None:
+                self._closed = True
+                self._close_ref = OperationRef.completed(None)
+            else:
+                assert self._admin is not None
+                self._close_ref = OperationRef.spawn(self._admin, self._close_async)
+        return self._close_ref
+
+    async def _close_async(self) -> None:
+        self._closed = True
+        for pool in list(self._pools.values()):
+            pool.close()  # cancel every call first, so stopping sandboxes retries none of them
+        sandboxes = list(self._tracked.values())
+        self._tracked.clear()
+        failures: list[Exception] = []
+
+        async def stop_one(sandbox: Sandbox) -> None:
+            try:
+                await sandbox.stop(graceful_shutdown_seconds=self._close_grace)
+            except Exception as exc:
+                failures.append(exc)
+
+        with trio.CancelScope(shield=True):
+            async with trio.open_nursery() as nursery:
+                for sandbox in sandboxes:
+                    nursery.start_soon(stop_one, sandbox)
+            if self._done is not None:  # sync session: end its nursery and wait until it is empty
+                self._done.set()
+                await self._finished.wait()
+        if failures:
+            raise SandboxError(f"Failed to stop {len(failures)} sandbox(es). Some sandboxes may still be running.") \
+                from ExceptionGroup("sandbox stop failures", failures)
+
+
+def _call_blocking(fn, *args):
+    """Run a blocking call; from inside a trio loop, in a helper thread (a one-time, short wait)."""
+    if not trio.lowlevel.in_trio_run():
+        return fn(*args)
+    box: list = []
+
+    def target() -> None:
+        try:
+            box.append((True, fn(*args)))
+        except BaseException as exc:  # handed to the caller below
+            box.append((False, exc))
+
+    thread = threading.Thread(target=target, name="sandpool-open")
+    thread.start()
+    thread.join()
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+_SHARED: dict[int, tuple[LocalRuntime, trio.Event]] = {}
+
+
+async def _shared_runtime(portal: Portal) -> LocalRuntime:
+    """The portal's LocalRuntime (one template for all its sync sessions), started on first use."""
+    entry = _SHARED.get(id(portal))
+    if entry is None:
+        entry = _SHARED[id(portal)] = (LocalRuntime(), trio.Event())
+        try:
+            await portal.host.nursery.start(_keep_runtime, entry[0])
+        except BaseException:
+            del _SHARED[id(portal)]
+            raise
+        finally:
+            entry[1].set()
+    await entry[1].wait()
+    return entry[0]
+
+
+async def _keep_runtime(runtime: Runtime, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Hold ``runtime`` open until the portal closes; then close it (stopping what is left).
+
+    The close runs inside the nursery, while the runtime's own tasks still run: they report the
+    sandboxes' exits that the close waits for.
+    """
+    async with trio.open_nursery() as nursery:
+        try:
+            await runtime.open(nursery)
+            task_status.started()
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await runtime.aclose()
+
+
+_DEFAULTS: dict[tuple[str | None, str | None], Session] = {}
+_DEFAULT_LOCK = threading.Lock()
+
+
+def default_session(address: str | None = None, token: str | None = None) -> Session:
+    """The hidden session that owns standalone sandboxes (``Sandbox.run()``); ends with the process.
+
+    One per server address (``address``, else ``$SANDPOOL_ADDRESS``), and one for this machine."""
+    key = (_shared.resolve_address(address), token)
+    with _DEFAULT_LOCK:
+        session = _DEFAULTS.get(key)
+        if session is None or session._closed or getattr(session._runtime, "lost", None) or session._portal_gone():
+            session = _DEFAULTS[key] = Session(address=key[0], token=token)
+        return session
