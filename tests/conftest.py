@@ -29,6 +29,15 @@ os.environ["SANDPOOL_STATE_DIR"] = STATE_DIR
 
 import leaks  # noqa: E402
 
+# The tests mirror the package's layout, one folder a layer. Some rerun another layer's scenarios
+# (the service contract runs the session and function suites against a server), so every folder's
+# modules import by their plain names, as the helpers beside this file do.
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+sys.path[1:1] = [os.path.join(_TESTS, d) for d in sorted(os.listdir(_TESTS))
+                 if os.path.isfile(os.path.join(_TESTS, d, "__init__.py")) is False
+                 and d not in ("__pycache__",) and os.path.isdir(os.path.join(_TESTS, d))
+                 and any(f.startswith("test_") for f in os.listdir(os.path.join(_TESTS, d)))]
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
 STRICT = os.environ.get("SANDPOOL_TEST_STRICT") == "1"
