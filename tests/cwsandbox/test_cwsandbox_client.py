@@ -655,6 +655,9 @@ def test_exec_timeout_kills_the_command(server):
         with Sandbox.run() as sb:
             witness = sb.exec(["sh", "-c", "echo up; exec sleep {marker}1"])
             assert next(iter(witness.stdout)) == "up\\n"
+            deadline = time.monotonic() + 10  # "up" comes just before the shell execs sleep
+            while not running("sleep {marker}1") and time.monotonic() < deadline:
+                time.sleep(0.01)
             assert running("sleep {marker}1"), "the scan does not see this sandbox's processes"
             try:
                 sb.exec(["sleep", "{marker}"], timeout_seconds=0.5).result()
