@@ -38,6 +38,15 @@ def digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def diff_id(layer: bytes) -> str:
+    """The digest of a layer's uncompressed tar (gzip, zstd or plain)."""
+    if layer[:2] == b"\x1f\x8b":
+        return digest(gzip.decompress(layer))
+    if layer[:4] == b"\x28\xb5\x2f\xfd":
+        return digest(subprocess.run(["zstd", "-dcq"], input=layer, capture_output=True, check=True).stdout)
+    return digest(layer)
+
+
 class Registry:
     """A ``docker-registry serve`` process on 127.0.0.1:<free port>; ``stop`` ends it and checks it ended."""
 
@@ -113,14 +122,15 @@ def _free_port() -> int:
 
 
 def tar_layer(entries: list[tuple], gz: bool = True) -> bytes:
-    """A layer from (name, kind, payload[, mode]) entries: kind 'file' (bytes), 'dir', 'symlink'
-    (target), 'hardlink' (target), 'char' (None)."""
+    """A layer from (name, kind, payload[, mode[, (uid, gid)]]) entries: kind 'file' (bytes), 'dir',
+    'symlink' (target), 'hardlink' (target), 'char' (None)."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for entry in entries:
             name, kind, payload = entry[:3]
             info = tarfile.TarInfo(name)
             info.mode = entry[3] if len(entry) > 3 else (0o755 if kind == "dir" else 0o644)
+            info.uid, info.gid = entry[4] if len(entry) > 4 else (0, 0)
             info.mtime = 1_700_000_000
             if kind == "file":
                 info.size = len(payload)
@@ -146,9 +156,47 @@ def busybox_layer() -> bytes:
     return tar_layer(entries)
 
 
+#: The host's interpreter, what a python:3.11-like test image carries: the binary, the libraries it
+#: links, and its standard library (less tests, GUI and build tools).
+PYTHON_BINARY = "/usr/bin/python3.11"
+PYTHON_STDLIB = "/usr/lib/python3.11"
+_STDLIB_SKIPPED = {"test", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "pydoc_data", "__pycache__",
+                   "config-3.11-x86_64-linux-gnu", "unittest", "distutils"}
+
+
+def python_layer() -> bytes:
+    """A layer holding a python at /usr/local/bin/python (as the official python images have it):
+    Debian's python3.11, the shared libraries ``ldd`` names for it, and its standard library."""
+    libraries = []
+    done = subprocess.run(["ldd", PYTHON_BINARY], capture_output=True, text=True, check=True)
+    for line in done.stdout.splitlines():
+        path = line.split("=>")[-1].split("(")[0].strip()
+        if path.startswith("/"):
+            libraries.append(path)
+    buffer = io.BytesIO()
+
+    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        parts = info.name.split("/")
+        if _STDLIB_SKIPPED.intersection(parts):
+            return None
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        return info
+
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in [PYTHON_BINARY, *libraries]:
+            tar.add(os.path.realpath(path), arcname=path.lstrip("/"), filter=keep)
+        tar.add(PYTHON_STDLIB, arcname=PYTHON_STDLIB.lstrip("/"), filter=keep)
+        link = tarfile.TarInfo("usr/local/bin/python")
+        link.type, link.linkname = tarfile.SYMTYPE, PYTHON_BINARY
+        tar.addfile(link)
+    return gzip.compress(buffer.getvalue(), compresslevel=1, mtime=0)
+
+
 def config_blob(env: list[str] | None = None, workdir: str = "", arch: str = "amd64", layers: int = 1,
                 diff_ids: list[str] | None = None) -> bytes:
-    """An image config; ``diff_ids`` (digests of the uncompressed layers) only matter to umoci."""
+    """An image config; its ``diff_ids`` (digests of the uncompressed layers) are placeholders that
+    ``Pusher.image`` replaces with the true ones unless told to keep them."""
     return json.dumps({"architecture": arch, "os": "linux",
                        "config": {"Env": env or ["PATH=/bin"], "WorkingDir": workdir, "Cmd": ["sh"]},
                        "rootfs": {"type": "layers", "diff_ids": diff_ids or ["sha256:" + "0" * 64] * layers}}).encode()
@@ -196,8 +244,13 @@ class Pusher:
         return digest(body)
 
     def image(self, repo: str, tag: str | None, layers: list[bytes], config: bytes,
-              layer_type: str = LAYER_GZIP, docker: bool = False) -> tuple[str, dict]:
-        """Push an image (OCI, or Docker v2 schema 2 media types); (manifest digest, its index descriptor)."""
+              layer_type: str = LAYER_GZIP, docker: bool = False, keep_diff_ids: bool = False) -> tuple[str, dict]:
+        """Push an image (OCI, or Docker v2 schema 2 media types); (manifest digest, its index descriptor).
+        The config's ``rootfs.diff_ids`` are set to the layers' true ones unless ``keep_diff_ids``."""
+        if not keep_diff_ids:
+            data = json.loads(config)
+            data["rootfs"] = {"type": "layers", "diff_ids": [diff_id(layer) for layer in layers]}
+            config = json.dumps(data).encode()
         kind, config_type = (DOCKER_MANIFEST, DOCKER_CONFIG) if docker else (OCI_MANIFEST, OCI_CONFIG)
         layer_type = DOCKER_LAYER if docker else layer_type
         descriptors = [{"mediaType": layer_type, "digest": self.blob(repo, layer), "size": len(layer)}

@@ -245,9 +245,10 @@ def mount_root(plan: dict) -> None:
     """
     merged, upper, work = plan["merged"], plan["upper"], plan["work"]
     view = plan.get("view")
-    if view is None:
+    if view is None:  # (rootless: the layers' opaque dirs carry user.overlay.* xattrs, see _images.rootless)
+        extra = ",userxattr" if plan.get("rootless") else ""
         _sys.mount("overlay", merged, "overlay", _sys.MS_NOSUID,
-                   f"lowerdir={plan['lower']},upperdir={upper},workdir={work}")
+                   f"lowerdir={plan['lower']},upperdir={upper},workdir={work}{extra}")
         return
     storage.bind(plan, "root", merged)  # on the sandbox's writable tmpfs, with /tmp and the upper layer
     for name, target in view["links"].items():

@@ -4,6 +4,8 @@ an overlay of unpacked layers shows what the image means."""
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import os
 import shutil
 import stat
@@ -100,8 +102,21 @@ def test_plain_and_zstd_layers_unpack(tmp_path):
     subprocess.run(["zstd", "-q", str(raw), "-o", str(tmp_path / "z.tar.zst")], check=True)
     dest = tmp_path / "zdest"
     dest.mkdir()
-    extract.extract(str(tmp_path / "z.tar.zst"), "zstd", str(dest))
+    _, diff_id = extract.extract(str(tmp_path / "z.tar.zst"), "zstd", str(dest))
     assert (dest / "z").read_bytes() == b"zz"
+    assert diff_id == "sha256:" + hashlib.sha256(raw.read_bytes()).hexdigest()
+
+
+def test_the_diff_id_is_the_digest_of_the_whole_uncompressed_tar(tmp_path):
+    """What ``extract`` returns as the diff_id is the sha256 of every byte of the uncompressed tar,
+    its trailing blocks included (what an image config's rootfs.diff_ids names)."""
+    layer = tar_layer([("a", "file", b"a" * 5000), ("d", "dir", None)])
+    blob = tmp_path / "l.tar.gz"
+    blob.write_bytes(layer)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    size, diff_id = extract.extract(str(blob), "gzip", str(dest))
+    assert size == 5000 and diff_id == "sha256:" + hashlib.sha256(gzip.decompress(layer)).hexdigest()
 
 
 def test_a_broken_archive_is_an_image_error(tmp_path):
