@@ -39,6 +39,7 @@ def main() -> None:
     extract = _images_package()
     try:
         if request["op"] == "extract":
+            extract.MAX_LAYER_BYTES = int(request["max_bytes"])  # the client's bound
             size, diff_id = extract.extract(request["blob"], request["compression"], request["dest"], rootless=True)
             answer = {"size": size, "diff_id": diff_id}
         else:

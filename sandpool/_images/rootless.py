@@ -44,7 +44,10 @@ def variant() -> str:
 
 def extract(blob: str, compression: str, dest: str) -> tuple[int, str]:
     """``extract.extract`` in a user namespace mapped as the template's; (bytes, diff_id)."""
-    answer = _run({"op": "extract", "blob": blob, "compression": compression, "dest": dest})
+    from . import extract as unpacker
+
+    answer = _run({"op": "extract", "blob": blob, "compression": compression, "dest": dest,
+                   "max_bytes": unpacker.MAX_LAYER_BYTES})
     return int(answer["size"]), str(answer["diff_id"])
 
 

@@ -37,7 +37,7 @@ def busybox(registries):
 
 
 def layer_dirs(store: str) -> list[str]:
-    return sorted(os.listdir(os.path.join(store, ".oci", "layers", "sha256")))
+    return sorted(os.listdir(Store(store).path("layers", "sha256")))
 
 
 def test_references_parse_like_docker():
