@@ -152,7 +152,8 @@ def busybox_layer() -> bytes:
     entries = [("bin", "dir", None), ("bin/busybox", "file", binary, 0o755), ("tmp", "dir", None, 0o1777),
                ("etc", "dir", None), ("etc/passwd", "file", b"root:x:0:0:root:/root:/bin/sh\n")]
     entries += [(f"bin/{applet}", "symlink", "busybox")
-                for applet in ("sh", "cat", "ls", "echo", "pwd", "env", "id", "test", "mkdir", "rm", "sleep")]
+                for applet in ("sh", "cat", "ls", "echo", "pwd", "env", "id", "test", "mkdir", "rm", "sleep", "head",
+                              "df")]
     return tar_layer(entries)
 
 
