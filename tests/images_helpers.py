@@ -368,6 +368,10 @@ class Registries:
         for server in self.servers:
             server.stop()
 
+    def hub_mirrors(self) -> str:
+        """``mirrors`` with Docker Hub's names served by the plain server too (``python:3.11``)."""
+        return self.mirrors(**{"docker.io": self.plain.url})
+
     def mirrors(self, **extra: str) -> str:
         """A SANDPOOL_REGISTRY_MIRRORS value: test.local is the plain server, auth.local the auth one."""
         pairs = {"test.local": self.plain.url, "auth.local": self.auth.url, **extra}
@@ -446,3 +450,32 @@ class BearerFront:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join()
+
+
+#: The app layer of the python:3.11-like test image: files of another owner, a whiteout, an opaque
+#: directory, a setuid bit and a device node.
+_APP = [("etc", "dir", None), ("etc/.wh.motd", "file", b""), ("opt", "dir", None), ("opt/old", "dir", None),
+        ("opt/old/.wh..wh..opq", "file", b""), ("opt/old/new", "file", b"new"),
+        ("home", "dir", None), ("home/app", "dir", None, 0o700, (1000, 1000)),
+        ("home/app/data", "file", b"app's", 0o600, (1000, 1000)), ("usr/local/bin/suid", "file", b"#!/bin/sh\n", 0o4755),
+        ("opt/evil", "char", None)]
+_BASE_EXTRA = [("etc/motd", "file", b"from the base"), ("opt", "dir", None), ("opt/old", "dir", None),
+               ("opt/old/file", "file", b"hidden by the opaque dir")]
+PYTHON_IMAGE = "python:3.11"
+
+
+@pytest.fixture(scope="module")
+def python_image(registries):
+    """``python:3.11`` (Docker Hub's name) on the plain test registry as ``library/python:3.11``, to
+    be pulled through ``SANDPOOL_REGISTRY_MIRRORS=docker.io=<it>`` (``registries.hub_mirrors()``):
+    a busybox base, a python layer (at /usr/local/bin/python, as the official image has it) and an
+    app layer (``_APP``); Env and WorkingDir as in the official image, WorkingDir /srv/app."""
+    base = tar_layer([("bin", "dir", None), ("bin/busybox", "file", open("/bin/busybox", "rb").read(), 0o755),
+                      ("tmp", "dir", None, 0o1777), ("etc", "dir", None),
+                      ("etc/passwd", "file", b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n")]
+                     + [(f"bin/{a}", "symlink", "busybox") for a in ("sh", "cat", "ls", "stat", "chown", "touch", "id")]
+                     + _BASE_EXTRA)
+    registries.push.image("library/python", "3.11", [base, python_layer(), tar_layer(_APP)],
+                          config_blob(["PATH=/usr/local/bin:/usr/bin:/bin", "LANG=C.UTF-8", "PYTHON_VERSION=3.11"],
+                                      "/srv/app", layers=3))
+    return PYTHON_IMAGE

@@ -19,11 +19,11 @@ import textwrap
 import pytest
 
 from _sandpool_agent.confine import userns
-from images_helpers import config_blob, python_layer, registries, tar_layer
+from images_helpers import python_image, registries
 from sandpool._isolation import probe
 from sandpool.testing import leftovers
 
-__all__ = ["registries"]  # a fixture
+__all__ = ["python_image", "registries"]  # fixtures
 
 _AS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="the test makes a client run as another user")
 
@@ -131,36 +131,11 @@ def test_rootless_client_gets_the_namespaces_level(unprivileged_user, user_state
     assert not found, found
 
 
-#: The app layer of the python:3.11-like test image: files of another owner, a whiteout, an opaque
-#: directory, a setuid bit and a device node.
-_APP = [("etc", "dir", None), ("etc/.wh.motd", "file", b""), ("opt", "dir", None), ("opt/old", "dir", None),
-        ("opt/old/.wh..wh..opq", "file", b""), ("opt/old/new", "file", b"new"),
-        ("home", "dir", None), ("home/app", "dir", None, 0o700, (1000, 1000)),
-        ("home/app/data", "file", b"app's", 0o600, (1000, 1000)), ("usr/local/bin/suid", "file", b"#!/bin/sh\n", 0o4755),
-        ("opt/evil", "char", None)]
-_BASE_EXTRA = [("etc/motd", "file", b"from the base"), ("opt", "dir", None), ("opt/old", "dir", None),
-               ("opt/old/file", "file", b"hidden by the opaque dir")]
-
-
-@pytest.fixture(scope="module")
-def python_image(registries):
-    """test.local/python:3.11-like: a busybox base, a python layer (at /usr/local/bin/python, as the
-    official image has it) and the app layer; Env and WorkingDir as in the official image."""
-    base = tar_layer([("bin", "dir", None), ("bin/busybox", "file", open("/bin/busybox", "rb").read(), 0o755),
-                      ("tmp", "dir", None, 0o1777), ("etc", "dir", None),
-                      ("etc/passwd", "file", b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n")]
-                     + [(f"bin/{a}", "symlink", "busybox") for a in ("sh", "cat", "ls", "stat", "chown", "touch", "id")]
-                     + _BASE_EXTRA)
-    registries.push.image("python", "3.11-like", [base, python_layer(), tar_layer(_APP)],
-                          config_blob(["PATH=/usr/local/bin:/usr/bin:/bin", "LANG=C.UTF-8", "PYTHON_VERSION=3.11"],
-                                      "/srv/app", layers=3))
-    return "test.local/python:3.11-like"
-
-
 @_AS_ROOT
 @pytest.mark.parametrize("ids", ["ranges", "single"])
 def test_rootless_registry_image_runs_with_its_own_files(unprivileged_user, user_state, registries, python_image, ids):
-    """An ordinary user pulls a python:3.11-like image into its own store (under XDG_CACHE_HOME) and
+    """An ordinary user pulls python:3.11 (a python:3.11-like image, through a docker.io mirror) into
+    its own store (under XDG_CACHE_HOME) and
     runs it at the namespaces level: the image's python runs a file written with write_file, the
     layers' whiteout and opaque dir hold, setuid bits and device nodes are gone; with subordinate
     ranges (newuidmap) a file of uid 1000 keeps its owner (100999 on the host) and chown works,
@@ -169,7 +144,7 @@ def test_rootless_registry_image_runs_with_its_own_files(unprivileged_user, user
     if ids == "ranges" and userns.ranges(unprivileged_user[1], unprivileged_user[2]) is None:
         pytest.skip("the user has no subordinate ranges or newuidmap is missing (apt-get install uidmap)")
     cache = os.path.join(os.path.dirname(user_state), "cache")
-    extra = {"XDG_CACHE_HOME": cache, "SANDPOOL_REGISTRY_MIRRORS": registries.mirrors(),
+    extra = {"XDG_CACHE_HOME": cache, "SANDPOOL_REGISTRY_MIRRORS": registries.hub_mirrors(),
              **({"SANDPOOL_SUBIDS": "0"} if ids == "single" else {})}
     seen = _run_as(unprivileged_user, user_state, f"""
         from sandpool._images import pull, store as layers
@@ -187,11 +162,11 @@ def test_rootless_registry_image_runs_with_its_own_files(unprivileged_user, user
             seen["whiteout"] = [sh("cat /etc/motd"), sh("ls /opt/old"), sh("ls /opt")]
             seen["chown"] = sb.exec(["sh", "-c", "touch /tmp/f && chown 1000:1000 /tmp/f"]).result().returncode
         store = layers.Store(seen["store"])
-        record = store.record({python_image!r})
+        record = pull.find({python_image!r}, seen["store"])
         app = store.layer_root(record.layers[-1])
         seen["host"] = [os.stat(os.path.join(app, "home/app")).st_uid, os.stat(app).st_uid]
         seen["base"] = store.base
-        store.remove({python_image!r})
+        store.remove(record.reference)
         seen["pruned"] = len(store.prune())
         seen["left"] = os.listdir(store.path("layers", "sha256")) + os.listdir(store.path("tmp"))
     """, extra)
