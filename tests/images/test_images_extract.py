@@ -13,6 +13,7 @@ import subprocess
 
 import pytest
 
+from _sandpool_agent.confine import storage
 from images_helpers import tar_layer
 from sandpool._images import extract
 from sandpool._images.errors import ImageError
@@ -47,17 +48,39 @@ def test_an_overlay_of_layers_means_what_the_image_says(tmp_path):
     """Mounted as overlay lower layers, a whiteout deletes a lower file and an opaque directory hides
     a lower directory's entries (what a sandbox of the image sees)."""
     bottom = unpack(tmp_path, [("a", "dir", None), ("a/old", "file", b"1"), ("b", "dir", None),
-                               ("b/one", "file", b"1"), ("b/two", "file", b"2")], "bottom")
+                               ("b/one", "file", b"1"), ("b/two", "file", b"2"), ("d", "file", b"file"),
+                               ("e", "dir", None), ("e/in", "file", b"1"), ("own", "file", b"o", 0o640, (1000, 7)),
+                               ("link", "symlink", "/etc/passwd")], "bottom")
     top = unpack(tmp_path, [("a", "dir", None), ("a/.wh.old", "file", b""), ("a/new", "file", b"n"),
-                            ("b", "dir", None), ("b/.wh..wh..opq", "file", b""), ("b/three", "file", b"3")], "top")
+                            ("b", "dir", None), ("b/.wh..wh..opq", "file", b""), ("b/three", "file", b"3"),
+                            ("d", "dir", None, 0o711), ("d/x", "file", b"x"), ("e", "file", b"now a file"),
+                            ("c", "symlink", "a/new")], "top")
     merged = tmp_path / "merged"
     merged.mkdir()
     subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={top}:{bottom}", str(merged)], check=True)
     try:
         assert sorted(os.listdir(merged / "a")) == ["new"]
         assert sorted(os.listdir(merged / "b")) == ["three"]
+        seen = _listing(merged)
     finally:
         subprocess.run(["umount", str(merged)], check=True)
+    copied = tmp_path / "copied"  # the rootless fallback where overlayfs is refused: the same tree
+    copied.mkdir()
+    storage.copy_layers(f"{top}:{bottom}", str(copied))
+    assert _listing(copied) == seen
+
+
+def _listing(root) -> dict:
+    """Every entry under ``root``: its type, mode, owner and content (or link target)."""
+    found = {}
+    for path, dirs, files in os.walk(root):
+        for name in dirs + files:
+            full = os.path.join(path, name)
+            st = os.lstat(full)
+            body = os.readlink(full) if stat.S_ISLNK(st.st_mode) else \
+                open(full, "rb").read() if stat.S_ISREG(st.st_mode) else None
+            found[os.path.relpath(full, root)] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, body)
+    return found
 
 
 def test_hard_links_inside_the_layer_share_one_inode(tmp_path):
