@@ -34,6 +34,16 @@ DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 USER, PASSWORD = "tester", "s3cret-pass"
 
 
+def walk_tree(root, describe) -> dict:
+    """``{path: describe(path, lstat)}`` for every entry under ``root`` (not ``root`` itself)."""
+    found = {}
+    for path, dirs, files in os.walk(root):
+        for name in dirs + files:
+            full = os.path.join(path, name)
+            found[full] = describe(full, os.lstat(full))
+    return found
+
+
 def digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 

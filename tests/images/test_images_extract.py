@@ -14,7 +14,7 @@ import subprocess
 import pytest
 
 from _sandpool_agent.confine import storage
-from images_helpers import tar_layer
+from images_helpers import tar_layer, walk_tree
 from sandpool._images import extract
 from sandpool._images.errors import ImageError
 
@@ -71,16 +71,13 @@ def test_an_overlay_of_layers_means_what_the_image_says(tmp_path):
 
 
 def _listing(root) -> dict:
-    """Every entry under ``root``: its type, mode, owner and content (or link target)."""
-    found = {}
-    for path, dirs, files in os.walk(root):
-        for name in dirs + files:
-            full = os.path.join(path, name)
-            st = os.lstat(full)
-            body = os.readlink(full) if stat.S_ISLNK(st.st_mode) else \
-                open(full, "rb").read() if stat.S_ISREG(st.st_mode) else None
-            found[os.path.relpath(full, root)] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, body)
-    return found
+    """Every entry under ``root`` (relative): its type, mode, owner and content (or link target)."""
+    def describe(full, st):
+        body = os.readlink(full) if stat.S_ISLNK(st.st_mode) else \
+            open(full, "rb").read() if stat.S_ISREG(st.st_mode) else None
+        return stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, body
+
+    return {os.path.relpath(k, root): v for k, v in walk_tree(root, describe).items()}
 
 
 def test_hard_links_inside_the_layer_share_one_inode(tmp_path):

@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from images_helpers import LAYER_TAR, busybox_layer, config_blob, image_env, registries, tar_layer
+from images_helpers import LAYER_TAR, busybox_layer, config_blob, image_env, registries, tar_layer, walk_tree
 from sandpool import Session
 from sandpool._images import extract, pull
 from sandpool._images.errors import ImageError
@@ -31,13 +31,7 @@ def outside(tmp_path):
 
 
 def tree(path) -> dict:
-    found = {}
-    for root, dirs, files in os.walk(path):
-        for name in dirs + files:
-            full = os.path.join(root, name)
-            st = os.lstat(full)
-            found[full] = (st.st_mode, st.st_size, st.st_nlink, st.st_mtime_ns)
-    return found
+    return walk_tree(path, lambda _full, st: (st.st_mode, st.st_size, st.st_nlink, st.st_mtime_ns))
 
 
 def attack(registries, store, name, entries, match, outside):
