@@ -467,7 +467,8 @@ class BearerFront:
 _APP = [("etc", "dir", None), ("etc/.wh.motd", "file", b""), ("opt", "dir", None), ("opt/old", "dir", None),
         ("opt/old/.wh..wh..opq", "file", b""), ("opt/old/new", "file", b"new"),
         ("home", "dir", None), ("home/app", "dir", None, 0o700, (1000, 1000)),
-        ("home/app/data", "file", b"app's", 0o600, (1000, 1000)), ("usr/local/bin/suid", "file", b"#!/bin/sh\n", 0o4755),
+        ("home/app/data", "file", b"app's", 0o600, (1000, 1000)),
+        ("usr/local/bin/suid", "file", b"#!/bin/sh\n", 0o4755),
         ("opt/evil", "char", None)]
 _BASE_EXTRA = [("etc/motd", "file", b"from the base"), ("opt", "dir", None), ("opt/old", "dir", None),
                ("opt/old/file", "file", b"hidden by the opaque dir")]

@@ -155,7 +155,8 @@ def test_rootless_registry_image_runs_with_its_own_files(unprivileged_user, user
             def sh(script):
                 r = sb.exec(["sh", "-c", script]).result()
                 return r.stdout + r.stderr
-            sb.write_file("/tmp/script.py", b"import sys, os; print(sys.executable, os.getcwd(), os.environ['PYTHON_VERSION'])")
+            script = b"import sys, os; print(sys.executable, os.getcwd(), os.environ['PYTHON_VERSION'])"
+            sb.write_file("/tmp/script.py", script).result()
             seen["script"] = sb.exec(["python", "/tmp/script.py"]).result().stdout.strip()
             seen["isolation"] = sb.isolation
             seen["owners"] = sh("stat -c '%u %g %a' /home/app /home/app/data /usr/local/bin/suid")

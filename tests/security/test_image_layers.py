@@ -1,7 +1,8 @@
-"""Attacks through image layers, pulled from a real registry: paths with '..', a symlink (absolute
-or relative) written through, a hard link out of the layer, a whiteout of '..', a tampered blob, an
-oversized layer, a layer whose content is not what the config's diff_ids say. Each pull is refused, nothing is written outside the layer store, and the store
-(and a sandbox of a good image) keeps working afterwards."""
+"""Attacks through image layers, pulled from a real registry: paths with '..', a symlink (absolute or
+relative) written through, a hard link out of the layer, a whiteout of '..', a tampered blob, an
+oversized layer, a layer whose content is not what the config's diff_ids say. Each pull is refused,
+nothing is written outside the layer store, and the store (and a sandbox of a good image) keeps
+working afterwards."""
 
 from __future__ import annotations
 
