@@ -135,12 +135,12 @@ def test_rootless_client_gets_the_namespaces_level(unprivileged_user, user_state
 @pytest.mark.parametrize("ids", ["ranges", "single"])
 def test_rootless_registry_image_runs_with_its_own_files(unprivileged_user, user_state, registries, python_image, ids):
     """An ordinary user pulls python:3.11 (a python:3.11-like image, through a docker.io mirror) into
-    its own store (under XDG_CACHE_HOME) and
-    runs it at the namespaces level: the image's python runs a file written with write_file, the
-    layers' whiteout and opaque dir hold, setuid bits and device nodes are gone; with subordinate
-    ranges (newuidmap) a file of uid 1000 keeps its owner (100999 on the host) and chown works,
-    with the single-id map everything is the user's (0 inside). Then rm and prune remove every
-    layer (files of subordinate ids included) and nothing is left."""
+    its own store (under XDG_CACHE_HOME) and runs it at the namespaces level: the image's python
+    runs a file written with write_file, the layers' whiteout and opaque dir hold, setuid bits and
+    device nodes are gone; with subordinate ranges (newuidmap) a file of uid 1000 keeps its owner
+    (the first subordinate uid + 999 on the host) and chown works, with the single-id map everything
+    is the user's (0 inside). Then rm and prune remove every layer (files of subordinate ids
+    included) and nothing is left."""
     if ids == "ranges" and userns.ranges(unprivileged_user[1], unprivileged_user[2]) is None:
         pytest.skip("the user has no subordinate ranges or newuidmap is missing (apt-get install uidmap)")
     cache = os.path.join(os.path.dirname(user_state), "cache")
