@@ -214,6 +214,9 @@ def main() -> int:
                        "start_ratio": start_ratio})
     finally:
         registry.stop()
+        images = os.path.join(work, "images")
+        if os.path.isdir(images):  # (a rootless store's files of subordinate ids: removed through the store)
+            Store(images).remove_trees([Store(images).base])
         shutil.rmtree(work, ignore_errors=True)
     return 0
 
