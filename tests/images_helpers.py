@@ -34,8 +34,27 @@ DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 USER, PASSWORD = "tester", "s3cret-pass"
 
 
+def walk_tree(root, describe) -> dict:
+    """``{path: describe(path, lstat)}`` for every entry under ``root`` (not ``root`` itself)."""
+    found = {}
+    for path, dirs, files in os.walk(root):
+        for name in dirs + files:
+            full = os.path.join(path, name)
+            found[full] = describe(full, os.lstat(full))
+    return found
+
+
 def digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def diff_id(layer: bytes) -> str:
+    """The digest of a layer's uncompressed tar (gzip, zstd or plain)."""
+    if layer[:2] == b"\x1f\x8b":
+        return digest(gzip.decompress(layer))
+    if layer[:4] == b"\x28\xb5\x2f\xfd":
+        return digest(subprocess.run(["zstd", "-dcq"], input=layer, capture_output=True, check=True).stdout)
+    return digest(layer)
 
 
 class Registry:
@@ -113,14 +132,15 @@ def _free_port() -> int:
 
 
 def tar_layer(entries: list[tuple], gz: bool = True) -> bytes:
-    """A layer from (name, kind, payload[, mode]) entries: kind 'file' (bytes), 'dir', 'symlink'
-    (target), 'hardlink' (target), 'char' (None)."""
+    """A layer from (name, kind, payload[, mode[, (uid, gid)]]) entries: kind 'file' (bytes), 'dir',
+    'symlink' (target), 'hardlink' (target), 'char' (None)."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for entry in entries:
             name, kind, payload = entry[:3]
             info = tarfile.TarInfo(name)
             info.mode = entry[3] if len(entry) > 3 else (0o755 if kind == "dir" else 0o644)
+            info.uid, info.gid = entry[4] if len(entry) > 4 else (0, 0)
             info.mtime = 1_700_000_000
             if kind == "file":
                 info.size = len(payload)
@@ -142,13 +162,52 @@ def busybox_layer() -> bytes:
     entries = [("bin", "dir", None), ("bin/busybox", "file", binary, 0o755), ("tmp", "dir", None, 0o1777),
                ("etc", "dir", None), ("etc/passwd", "file", b"root:x:0:0:root:/root:/bin/sh\n")]
     entries += [(f"bin/{applet}", "symlink", "busybox")
-                for applet in ("sh", "cat", "ls", "echo", "pwd", "env", "id", "test", "mkdir", "rm", "sleep")]
+                for applet in ("sh", "cat", "ls", "echo", "pwd", "env", "id", "test", "mkdir", "rm", "sleep", "head",
+                              "df")]
     return tar_layer(entries)
+
+
+#: The host's interpreter, what a python:3.11-like test image carries: the binary, the libraries it
+#: links, and its standard library (less tests, GUI and build tools).
+PYTHON_BINARY = "/usr/bin/python3.11"
+PYTHON_STDLIB = "/usr/lib/python3.11"
+_STDLIB_SKIPPED = {"test", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "pydoc_data", "__pycache__",
+                   "config-3.11-x86_64-linux-gnu", "unittest", "distutils"}
+
+
+def python_layer() -> bytes:
+    """A layer holding a python at /usr/local/bin/python (as the official python images have it):
+    Debian's python3.11, the shared libraries ``ldd`` names for it, and its standard library."""
+    libraries = []
+    done = subprocess.run(["ldd", PYTHON_BINARY], capture_output=True, text=True, check=True)
+    for line in done.stdout.splitlines():
+        path = line.split("=>")[-1].split("(")[0].strip()
+        if path.startswith("/"):
+            libraries.append(path)
+    buffer = io.BytesIO()
+
+    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        parts = info.name.split("/")
+        if _STDLIB_SKIPPED.intersection(parts):
+            return None
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        return info
+
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in [PYTHON_BINARY, *libraries]:
+            tar.add(os.path.realpath(path), arcname=path.lstrip("/"), filter=keep)
+        tar.add(PYTHON_STDLIB, arcname=PYTHON_STDLIB.lstrip("/"), filter=keep)
+        link = tarfile.TarInfo("usr/local/bin/python")
+        link.type, link.linkname = tarfile.SYMTYPE, PYTHON_BINARY
+        tar.addfile(link)
+    return gzip.compress(buffer.getvalue(), compresslevel=1, mtime=0)
 
 
 def config_blob(env: list[str] | None = None, workdir: str = "", arch: str = "amd64", layers: int = 1,
                 diff_ids: list[str] | None = None) -> bytes:
-    """An image config; ``diff_ids`` (digests of the uncompressed layers) only matter to umoci."""
+    """An image config; its ``diff_ids`` (digests of the uncompressed layers) are placeholders that
+    ``Pusher.image`` replaces with the true ones unless told to keep them."""
     return json.dumps({"architecture": arch, "os": "linux",
                        "config": {"Env": env or ["PATH=/bin"], "WorkingDir": workdir, "Cmd": ["sh"]},
                        "rootfs": {"type": "layers", "diff_ids": diff_ids or ["sha256:" + "0" * 64] * layers}}).encode()
@@ -196,8 +255,13 @@ class Pusher:
         return digest(body)
 
     def image(self, repo: str, tag: str | None, layers: list[bytes], config: bytes,
-              layer_type: str = LAYER_GZIP, docker: bool = False) -> tuple[str, dict]:
-        """Push an image (OCI, or Docker v2 schema 2 media types); (manifest digest, its index descriptor)."""
+              layer_type: str = LAYER_GZIP, docker: bool = False, keep_diff_ids: bool = False) -> tuple[str, dict]:
+        """Push an image (OCI, or Docker v2 schema 2 media types); (manifest digest, its index descriptor).
+        The config's ``rootfs.diff_ids`` are set to the layers' true ones unless ``keep_diff_ids``."""
+        if not keep_diff_ids:
+            data = json.loads(config)
+            data["rootfs"] = {"type": "layers", "diff_ids": [diff_id(layer) for layer in layers]}
+            config = json.dumps(data).encode()
         kind, config_type = (DOCKER_MANIFEST, DOCKER_CONFIG) if docker else (OCI_MANIFEST, OCI_CONFIG)
         layer_type = DOCKER_LAYER if docker else layer_type
         descriptors = [{"mediaType": layer_type, "digest": self.blob(repo, layer), "size": len(layer)}
@@ -314,6 +378,10 @@ class Registries:
         for server in self.servers:
             server.stop()
 
+    def hub_mirrors(self) -> str:
+        """``mirrors`` with Docker Hub's names served by the plain server too (``python:3.11``)."""
+        return self.mirrors(**{"docker.io": self.plain.url})
+
     def mirrors(self, **extra: str) -> str:
         """A SANDPOOL_REGISTRY_MIRRORS value: test.local is the plain server, auth.local the auth one."""
         pairs = {"test.local": self.plain.url, "auth.local": self.auth.url, **extra}
@@ -392,3 +460,33 @@ class BearerFront:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join()
+
+
+#: The app layer of the python:3.11-like test image: files of another owner, a whiteout, an opaque
+#: directory, a setuid bit and a device node.
+_APP = [("etc", "dir", None), ("etc/.wh.motd", "file", b""), ("opt", "dir", None), ("opt/old", "dir", None),
+        ("opt/old/.wh..wh..opq", "file", b""), ("opt/old/new", "file", b"new"),
+        ("home", "dir", None), ("home/app", "dir", None, 0o700, (1000, 1000)),
+        ("home/app/data", "file", b"app's", 0o600, (1000, 1000)),
+        ("usr/local/bin/suid", "file", b"#!/bin/sh\n", 0o4755),
+        ("opt/evil", "char", None)]
+_BASE_EXTRA = [("etc/motd", "file", b"from the base"), ("opt", "dir", None), ("opt/old", "dir", None),
+               ("opt/old/file", "file", b"hidden by the opaque dir")]
+PYTHON_IMAGE = "python:3.11"
+
+
+@pytest.fixture(scope="module")
+def python_image(registries):
+    """``python:3.11`` (Docker Hub's name) on the plain test registry as ``library/python:3.11``, to
+    be pulled through ``SANDPOOL_REGISTRY_MIRRORS=docker.io=<it>`` (``registries.hub_mirrors()``):
+    a busybox base, a python layer (at /usr/local/bin/python, as the official image has it) and an
+    app layer (``_APP``); Env and WorkingDir as in the official image, WorkingDir /srv/app."""
+    base = tar_layer([("bin", "dir", None), ("bin/busybox", "file", open("/bin/busybox", "rb").read(), 0o755),
+                      ("tmp", "dir", None, 0o1777), ("etc", "dir", None),
+                      ("etc/passwd", "file", b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n")]
+                     + [(f"bin/{a}", "symlink", "busybox") for a in ("sh", "cat", "ls", "stat", "chown", "touch", "id")]
+                     + _BASE_EXTRA)
+    registries.push.image("library/python", "3.11", [base, python_layer(), tar_layer(_APP)],
+                          config_blob(["PATH=/usr/local/bin:/usr/bin:/bin", "LANG=C.UTF-8", "PYTHON_VERSION=3.11"],
+                                      "/srv/app", layers=3))
+    return PYTHON_IMAGE

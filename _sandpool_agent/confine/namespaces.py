@@ -245,9 +245,17 @@ def mount_root(plan: dict) -> None:
     """
     merged, upper, work = plan["merged"], plan["upper"], plan["work"]
     view = plan.get("view")
-    if view is None:
-        _sys.mount("overlay", merged, "overlay", _sys.MS_NOSUID,
-                   f"lowerdir={plan['lower']},upperdir={upper},workdir={work}")
+    if view is None:  # (rootless: the layers' opaque dirs carry user.overlay.* xattrs, see _images.rootless)
+        extra = ",userxattr" if plan.get("rootless") else ""
+        try:
+            _sys.mount("overlay", merged, "overlay", _sys.MS_NOSUID,
+                       f"lowerdir={plan['lower']},upperdir={upper},workdir={work}{extra}")
+        except OSError as exc:
+            if not plan.get("rootless"):
+                raise
+            print(f"sandpool: {exc}; copying the image's layers instead (Linux < 5.11?)", file=sys.stderr)
+            storage.copy_layers(plan["lower"], storage.tree(plan, "root"))
+            storage.bind(plan, "root", merged)
         return
     storage.bind(plan, "root", merged)  # on the sandbox's writable tmpfs, with /tmp and the upper layer
     for name, target in view["links"].items():

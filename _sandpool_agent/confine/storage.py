@@ -9,11 +9,17 @@ space again. Nothing lands on the host's disk, and the kernel frees it all when 
 process exits. Its pages are memory charged to the sandbox's memory cgroup (as a memory-backed
 ``emptyDir`` in Kubernetes, or gVisor's memory-backed root overlay), so a memory limit caps the
 size too (``size_bytes``). Stdlib only: the template's children import this module.
+
+``copy_layers`` is the rootless root of an image where the kernel refuses overlayfs in a user
+namespace (before Linux 5.11): the image's layers merged by copying into the ``root`` tree.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import stat
 
 from . import _sys
 
@@ -65,3 +71,72 @@ def tree(plan: dict, name: str) -> str:
 def bind(plan: dict, name: str, target: str) -> None:
     """Bind the tree ``name`` onto ``target`` (the mount keeps the tmpfs's nosuid and nodev)."""
     _sys.mount(tree(plan, name), target, None, _sys.MS_BIND)
+
+
+#: The xattrs that mark an overlayfs directory opaque (a rootless store's, root's).
+OPAQUE_XATTRS = ("user.overlay.opaque", "trusted.overlay.opaque")
+
+
+def copy_layers(lowerdir: str, dest: str) -> None:
+    """Merge overlayfs lower layers (``lowerdir``: ``top:...:bottom``) into the directory ``dest``
+    by copying them, bottom first, so it shows what the overlay would: a 0/0 character device (a
+    whiteout) removes what lower layers put at its name, an opaque directory hides their entries.
+    Owners, modes and times are copied; hard links become separate files. Nothing is followed:
+    symlinks are copied as symlinks."""
+    for layer in reversed(lowerdir.split(":")):
+        _merge(layer, dest)
+
+
+def _merge(source: str, dest: str) -> None:
+    with os.scandir(source) as entries:
+        for entry in entries:
+            target = os.path.join(dest, entry.name)
+            info = entry.stat(follow_symlinks=False)
+            if stat.S_ISCHR(info.st_mode) and info.st_rdev == 0:
+                _remove(target)
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                if _opaque(entry.path) or not (os.path.isdir(target) and not os.path.islink(target)):
+                    _remove(target)
+                    os.mkdir(target, 0o700)
+                _merge(entry.path, target)
+            elif stat.S_ISLNK(info.st_mode):
+                _remove(target)
+                os.symlink(os.readlink(entry.path), target)
+            elif stat.S_ISREG(info.st_mode):
+                _remove(target)
+                shutil.copyfile(entry.path, target, follow_symlinks=False)
+            elif stat.S_ISFIFO(info.st_mode):
+                _remove(target)
+                os.mkfifo(target)
+            else:
+                continue  # (layers hold no other devices: extraction skips them)
+            _copy_owner(target, info)
+
+
+def _opaque(path: str) -> bool:
+    for name in OPAQUE_XATTRS:
+        try:
+            if os.getxattr(path, name, follow_symlinks=False) == b"y":
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+def _copy_owner(path: str, info: os.stat_result) -> None:
+    try:
+        os.chown(path, info.st_uid, info.st_gid, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # (an id the namespace does not map: ours stays)
+            raise
+    if not stat.S_ISLNK(info.st_mode):
+        os.chmod(path, stat.S_IMODE(info.st_mode))
+    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns), follow_symlinks=False)

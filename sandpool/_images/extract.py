@@ -3,21 +3,30 @@
 Every entry is placed by walking its parent directories one component at a time with
 ``O_NOFOLLOW | O_DIRECTORY`` directory descriptors: a symlink met on the way (whatever it points at)
 refuses the layer, and ``..`` components refuse it too, so nothing lands outside the layer.
-Whiteouts become overlayfs whiteouts (``.wh.NAME``: a 0/0 character device; ``.wh..wh..opq``: the
-``trusted.overlay.opaque`` xattr), which needs root. Hard links may only point at a regular file
-this same layer wrote before. Device nodes are skipped. Setuid and setgid bits are dropped: inside a
-sandbox ``no_new_privileges`` and the ``nosuid`` overlay make them inert, and outside the layer store
-they would be a setuid file of an untrusted image on the host. Owners are kept when root unpacks.
+Whiteouts become overlayfs whiteouts (``.wh.NAME``: a 0/0 character device, which the kernel lets
+anyone make; ``.wh..wh..opq``: the ``trusted.overlay.opaque`` xattr as root, ``user.overlay.opaque``
+for a rootless store, whose overlay is mounted with ``userxattr``). Hard links may only point at a
+regular file this same layer wrote before. Device nodes are skipped. Setuid and setgid bits are
+dropped: inside a sandbox ``no_new_privileges`` and the ``nosuid`` overlay make them inert, and
+outside the layer store they would be a setuid file of an untrusted image on the host. Owners are
+kept when the unpacker is root (of the host, or of a user namespace: ``rootless``); an owner the
+namespace does not map stays the unpacker's (0 inside).
+
+The uncompressed stream is hashed as it is read: ``extract`` returns its digest, the layer's
+``diff_id``, which the caller checks against the image config's ``rootfs.diff_ids``.
 """
 
 from __future__ import annotations
 
 import errno
+import gzip
+import hashlib
 import os
 import shutil
 import stat
 import subprocess
 import tarfile
+import zlib
 from typing import BinaryIO
 
 from .errors import ImageError
@@ -25,6 +34,8 @@ from .errors import ImageError
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
+#: Where overlayfs mounted with ``userxattr`` (in a user namespace) looks for it.
+USER_OPAQUE_XATTR = "user.overlay.opaque"
 MAX_ENTRIES = 2_000_000
 #: Bytes one layer may unpack to (a bound on a decompression bomb), overridable for huge images.
 MAX_LAYER_BYTES = int(os.environ.get("SANDPOOL_IMAGE_MAX_LAYER_BYTES", str(64 * 2**30)))
@@ -37,8 +48,10 @@ class Refused(ImageError):
 
 def open_stream(path: str, compression: str) -> tuple[BinaryIO, subprocess.Popen | None]:
     """The uncompressed tar stream of a downloaded layer (and the decoder process for zstd, if any)."""
-    if compression in ("none", "gzip"):
+    if compression == "none":
         return open(path, "rb"), None
+    if compression == "gzip":
+        return gzip.open(path, "rb"), None  # type: ignore[return-value]
     if compression == "zstd":
         try:
             from compression import zstd  # type: ignore[import-not-found]  # Python 3.14+
@@ -56,19 +69,40 @@ def open_stream(path: str, compression: str) -> tuple[BinaryIO, subprocess.Popen
     raise ImageError(f"unknown layer compression {compression!r}")
 
 
-def extract(path: str, compression: str, dest: str) -> int:
-    """Unpack the layer at ``path`` into the empty directory ``dest``; the bytes written.
+class _Hashing:
+    """A read-only stream that hashes what is read through it (the layer's diff_id)."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw = raw
+        self.hash = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.hash.update(data)
+        return data
+
+    def drain(self) -> str:
+        """Read to the end (the tar's trailing blocks count too); the digest of all of it."""
+        while self.read(1 << 20):
+            pass
+        return "sha256:" + self.hash.hexdigest()
+
+
+def extract(path: str, compression: str, dest: str, rootless: bool = False) -> tuple[int, str]:
+    """Unpack the layer at ``path`` into the empty directory ``dest``; (bytes written, the digest of
+    the uncompressed tar: its diff_id). ``rootless``: for an overlay mounted with ``userxattr``.
 
     Raises Refused for an unsafe entry and ImageError for a broken archive; ``dest`` is then partly
     filled, and the caller removes it.
     """
     stream, decoder = open_stream(path, compression)
-    mode = "r|gz" if compression == "gzip" else "r|"
+    hashing = _Hashing(stream)
     root = os.open(dest, _DIR_FLAGS)
     try:
-        with tarfile.open(fileobj=stream, mode=mode) as archive:
-            return _Unpacker(root, archive).run()
-    except (tarfile.TarError, EOFError, OSError) as exc:
+        with tarfile.open(fileobj=hashing, mode="r|") as archive:  # type: ignore[call-overload]
+            written = _Unpacker(root, archive, rootless).run()
+        return written, hashing.drain()
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         if isinstance(exc, ImageError):
             raise
         raise ImageError(f"the layer is not a valid tar archive ({exc})") from None
@@ -91,8 +125,9 @@ def split(name: str) -> list[str]:
 
 
 class _Unpacker:
-    def __init__(self, root: int, archive: tarfile.TarFile) -> None:
+    def __init__(self, root: int, archive: tarfile.TarFile, rootless: bool = False) -> None:
         self.root = root
+        self.opaque_xattr = USER_OPAQUE_XATTR if rootless else OPAQUE_XATTR
         self.archive = archive
         self.files: set[tuple[str, ...]] = set()  # regular files this layer wrote (hard link targets)
         self.written = 0
@@ -166,10 +201,11 @@ class _Unpacker:
 
     def opaque(self, fd: int, name: str) -> None:
         try:
-            os.setxattr(fd, OPAQUE_XATTR, b"y")
+            os.setxattr(fd, self.opaque_xattr, b"y")
         except OSError as exc:
-            raise ImageError(f"cannot mark {name!r} opaque ({exc}); unpacking image layers with whiteouts needs "
-                             f"root") from None
+            raise ImageError(f"cannot mark {name!r} opaque ({exc}): the layer store's file system must keep "
+                             f"{self.opaque_xattr} xattrs; put the store (SANDPOOL_IMAGE_DIR) on ext4, xfs or "
+                             f"btrfs") from None
 
     def whiteout(self, fd: int, target: str, parts: list[str], name: str) -> None:
         if not target or target in (".", ".."):
@@ -178,8 +214,8 @@ class _Unpacker:
         try:
             os.mknod(target, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=fd)
         except OSError as exc:
-            raise ImageError(f"cannot write the whiteout {name!r} ({exc}); unpacking image layers with whiteouts "
-                             f"needs root") from None
+            raise ImageError(f"cannot write the whiteout {name!r} ({exc}); overlayfs whiteouts (0/0 character "
+                             f"devices) need Linux 5.8 or later without root, and a store not mounted nodev") from None
 
     def place(self, fd: int, leaf: str, parts: list[str], member: tarfile.TarInfo) -> None:
         mode = member.mode & 0o1777  # setuid and setgid dropped (see the module doc)
@@ -197,7 +233,7 @@ class _Unpacker:
         elif member.issym():
             os.symlink(member.linkname, leaf, dir_fd=fd)
             if self.as_root:
-                os.chown(leaf, member.uid, member.gid, dir_fd=fd, follow_symlinks=False)
+                _chown(lambda uid, gid: os.chown(leaf, uid, gid, dir_fd=fd, follow_symlinks=False), member)
         elif member.islnk():
             self.hardlink(fd, leaf, parts, member)
         elif member.isfifo():
@@ -240,5 +276,14 @@ class _Unpacker:
 
     def own(self, node: int, member: tarfile.TarInfo, mode: int) -> None:
         if self.as_root:
-            os.fchown(node, member.uid, member.gid)
+            _chown(lambda uid, gid: os.fchown(node, uid, gid), member)
         os.fchmod(node, mode)
+
+
+def _chown(change, member: tarfile.TarInfo) -> None:
+    """Give the entry its owner; in a user namespace that does not map it (EINVAL), keep ours."""
+    try:
+        change(member.uid, member.gid)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise

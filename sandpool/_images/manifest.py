@@ -125,3 +125,20 @@ def runtime_config(config_blob: bytes, where: str) -> dict:
     workdir = conf.get("WorkingDir") if isinstance(conf.get("WorkingDir"), str) else ""
     return {"env": env, "working_dir": workdir, "cmd": conf.get("Cmd"), "entrypoint": conf.get("Entrypoint"),
             "architecture": data.get("architecture"), "os": data.get("os"), "created": data.get("created")}
+
+
+def diff_ids(config_blob: bytes, where: str, count: int) -> list[str]:
+    """The config's ``rootfs.diff_ids`` (digests of the uncompressed layers, bottom first), one per
+    layer of the manifest; ImageError when they are missing or do not match the layers in number."""
+    try:
+        rootfs = json.loads(config_blob).get("rootfs")
+    except (ValueError, AttributeError):
+        rootfs = None
+    found = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(found, list) or not all(isinstance(d, str) and DIGEST.fullmatch(d) for d in found):
+        raise ImageError(f"{where}: the image config has no valid rootfs.diff_ids, so its layers cannot be "
+                         f"verified; rebuild or re-push the image with a standard tool")
+    if len(found) != count:
+        raise ImageError(f"{where}: the image config lists {len(found)} rootfs.diff_ids for the manifest's {count} "
+                         f"layers; the image is inconsistent, re-push it")
+    return found

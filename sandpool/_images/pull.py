@@ -8,10 +8,9 @@ import concurrent.futures
 import hashlib
 import logging
 import os
-import shutil
 import time
 
-from . import extract, manifest, reference
+from . import manifest, reference
 from .errors import ImageError
 from .registry import Client
 from .store import ImageRecord, Store
@@ -76,12 +75,15 @@ def _pull(ref, name: str, store: Store, credentials, progress: Progress, platfor
     config_descriptor, layers = manifest.layers(document, where)
     if not layers:
         raise ImageError(f"{where}: the image has no layers; sandpool needs at least one to build a root")
-    settings = manifest.runtime_config(client.config(config_descriptor), where)
+    config_blob = client.config(config_descriptor)
+    settings = manifest.runtime_config(config_blob, where)
+    expected = dict(zip(layers, manifest.diff_ids(config_blob, where, len(layers))))
     for layer in layers:
         progress.layer(layer.digest, layer.size, store.has_layer(layer.digest))
     fetched = 0
     with concurrent.futures.ThreadPoolExecutor(PARALLEL_LAYERS, thread_name_prefix="sandpool-pull") as pool:
-        futures = [pool.submit(_layer, client, store, layer, progress) for layer in dict.fromkeys(layers)]
+        futures = [pool.submit(_layer, client, store, layer, expected[layer], progress)
+                   for layer in dict.fromkeys(layers)]
         for future in futures:
             fetched += future.result()
     sizes = tuple(store.unpacked_size(layer.digest) for layer in layers)
@@ -92,10 +94,15 @@ def _pull(ref, name: str, store: Store, credentials, progress: Progress, platfor
     return record, fetched
 
 
-def _layer(client: Client, store: Store, layer: manifest.Descriptor, progress: Progress) -> int:
-    """Fetch and unpack ``layer`` unless the store has it; the bytes downloaded."""
+def _layer(client: Client, store: Store, layer: manifest.Descriptor, diff_id: str, progress: Progress) -> int:
+    """Fetch and unpack ``layer`` unless the store has it; the bytes downloaded. Its uncompressed
+    digest must be ``diff_id`` (the config's); a layer that is not is removed before any image
+    record names it."""
     with store.lock("layer-" + layer.digest.replace(":", "-")):
         if store.has_layer(layer.digest):
+            stored = store.diff_id(layer.digest)
+            if stored is not None and stored != diff_id:
+                raise _mismatch(client, layer, diff_id, stored)
             progress.done(layer.digest)
             return 0
         blob = store.temp(layer.digest, "blob")
@@ -106,17 +113,22 @@ def _layer(client: Client, store: Store, layer: manifest.Descriptor, progress: P
             progress.unpacking(layer.digest)
             os.makedirs(os.path.join(unpacked, "root"), mode=0o755)
             try:
-                size = extract.extract(blob, manifest.LAYERS[layer.media_type], os.path.join(unpacked, "root"))
+                size, got = store.unpack(blob, manifest.LAYERS[layer.media_type], os.path.join(unpacked, "root"))
             except ImageError as exc:
                 raise ImageError(f"{client.ref}: layer {layer.digest}: {exc}") from None
+            if got != diff_id:
+                raise _mismatch(client, layer, diff_id, got)
             store.commit_layer(layer.digest, unpacked, {"digest": layer.digest, "media_type": layer.media_type,
-                                                        "compressed": layer.size, "size": size})
+                                                        "compressed": layer.size, "size": size, "diff_id": got})
         finally:
-            shutil.rmtree(unpacked, ignore_errors=True)
-            if os.path.exists(blob):
-                os.unlink(blob)
+            store.remove_trees([unpacked, blob])
         progress.done(layer.digest)
         return layer.size
+
+
+def _mismatch(client: Client, layer: manifest.Descriptor, expected: str, got: str) -> ImageError:
+    return ImageError(f"{client.ref}: layer {layer.digest} unpacks to {got}, but the image config's rootfs.diff_ids "
+                      f"says {expected}; the image is corrupt or forged, refusing it (nothing of it is kept)")
 
 
 def find(name: str, base: str) -> ImageRecord | None:

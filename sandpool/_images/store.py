@@ -6,6 +6,9 @@ however many images use it; a directory appears there only complete, by rename),
 WorkingDir), ``tmp/`` (downloads and unpacks in progress, swept by the next pull of the same layer) and
 ``locks/`` (``fcntl`` locks: one per layer and one per reference, so concurrent pulls of one image
 fetch it once; pulls hold ``store.lock`` shared, ``prune`` exclusive).
+
+An ordinary user's tree is ``.oci-rootless[-<id ranges>]/`` instead, one per id map, unpacked and
+removed in a user namespace (see ``rootless``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import shutil
 from collections.abc import Iterator
 
+from . import rootless
 from .errors import ImageError
 
 OCI_DIR = ".oci"
@@ -52,7 +56,8 @@ class ImageRecord:
 
 class Store:
     def __init__(self, base: str) -> None:
-        self.base = os.path.join(base, OCI_DIR)
+        self.rootless = rootless.active()
+        self.base = os.path.join(base, OCI_DIR + rootless.variant())
 
     def __repr__(self) -> str:
         return f"<Store {self.base}>"
@@ -82,9 +87,31 @@ class Store:
         Call with the layer's lock held: any older path of the same digest is a killed pull's leftover.
         """
         hexdigest = digest.partition(":")[2]
-        for stale in glob.glob(self.path("tmp", f"{hexdigest}.{kind}.*")):
-            shutil.rmtree(stale, ignore_errors=True) if os.path.isdir(stale) else _unlink(stale)
+        self.remove_trees(glob.glob(self.path("tmp", f"{hexdigest}.{kind}.*")))
         return self.path("tmp", f"{hexdigest}.{kind}.{os.getpid()}")
+
+    def remove_trees(self, paths: list[str]) -> None:
+        """Remove files and trees of the store (a rootless store's from inside its user namespace,
+        where the files of subordinate ids are removable)."""
+        paths = [p for p in paths if os.path.lexists(p)]
+        if self.rootless and any(os.path.isdir(p) for p in paths):
+            rootless.remove(*paths)
+            return
+        for path in paths:
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else _unlink(path)
+
+    def unpack(self, blob: str, compression: str, dest: str) -> tuple[int, str]:
+        """Unpack a downloaded layer into the empty ``dest`` (see ``extract``); (bytes, diff_id)."""
+        if self.rootless:
+            return rootless.extract(blob, compression, dest)
+        from . import extract
+
+        return extract.extract(blob, compression, dest)
+
+    def diff_id(self, digest: str) -> str | None:
+        """The diff_id recorded for the stored layer ``digest`` (None for layers stored before)."""
+        found = _layer_meta(self.layer_dir(digest)).get("diff_id")
+        return found if isinstance(found, str) else None
 
     def unpacked_size(self, digest: str) -> int:
         """Bytes the stored layer ``digest`` unpacked to (0 if unknown)."""
@@ -170,15 +197,14 @@ class Store:
         removed = []
         with self.lock("store"):
             used = {d for r in self.records() for d in r.layers}
+            unused = []
             for path in glob.glob(self.path("layers", "*", "*")):
                 algorithm, hexdigest = os.path.basename(os.path.dirname(path)), os.path.basename(path)
                 digest = f"{algorithm}:{hexdigest}"
                 if digest not in used:
-                    size = _layer_size(path)
-                    shutil.rmtree(path, ignore_errors=True)
-                    removed.append((digest, size))
-            for stale in glob.glob(self.path("tmp", "*")):
-                shutil.rmtree(stale, ignore_errors=True) if os.path.isdir(stale) else _unlink(stale)
+                    removed.append((digest, _layer_size(path)))
+                    unused.append(path)
+            self.remove_trees(unused + glob.glob(self.path("tmp", "*")))
             for lock in glob.glob(self.path("locks", "*.lock")):
                 if not lock.endswith("/store.lock"):
                     _unlink(lock)
@@ -196,11 +222,19 @@ def _record(data: object) -> ImageRecord | None:
         return None
 
 
-def _layer_size(path: str) -> int:
+def _layer_meta(path: str) -> dict:
     try:
         with open(os.path.join(path, "layer.json")) as f:
-            return int(json.load(f).get("size", 0))
-    except (OSError, ValueError, TypeError):
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _layer_size(path: str) -> int:
+    try:
+        return int(_layer_meta(path).get("size", 0))
+    except (ValueError, TypeError):
         return 0
 
 

@@ -9,7 +9,7 @@ rest (see ``sandbox``).
 Rootless (an ordinary user's namespaces level, see ``userns``): no cgroups (this machine delegates
 no cgroup v2 controller to a user), so the ``process`` level's rlimits stand in where they can
 (memory limit -> RLIMIT_DATA, pids limit -> RLIMIT_NPROC), and what nothing enforces (``cpu``) is
-named once in a warning; only the ``host`` image (see ``_registry_refused``).
+named once in a warning. Registry images work rootless too (``sandpool._images.rootless``).
 """
 
 from __future__ import annotations
@@ -104,9 +104,6 @@ class Isolation:
         try:
             mode = network.resolve(spec.network, record.isolation)
             lower = images.resolve(spec.container_image, fetch=False)
-            if record.isolation in ("namespaces", "oci") and probe.rootless() and lower != "/":
-                raise SandboxFailedError(_registry_refused(spec.container_image), sandbox_id=record.sandbox_id,
-                                         status_reason="InvalidSpec")  # (before any pull)
             if lower is None and record.isolation != "process":  # a registry image to pull first, in a thread
                 lower = await trio.to_thread.run_sync(images.resolve, spec.container_image, abandon_on_cancel=True)
         except (ValueError, TypeError, images.ImageError) as exc:
@@ -214,12 +211,6 @@ def _not_enforced(resource: str, why: str) -> None:
     logging.getLogger("sandpool").warning(
         "the %s limit of sandboxes is not enforced at the namespaces level here (%s); memory and pids "
         "limits are enforced as rlimits", resource, why)
-
-
-def _registry_refused(image: str) -> str:
-    return (f"image {image!r} cannot run rootless (uid {os.geteuid()}): unpacking a registry image's layers "
-            f"needs overlay whiteouts and ownership an ordinary user cannot make; use container_image='host', "
-            f"or run as root")
 
 
 def _tmp_bytes(spec: SandboxSpec) -> int:

@@ -9,7 +9,8 @@ content-addressed layer store (``sandpool._images``; its layers are the overlay'
 host image instead of being pulled, with a warning.
 
 The store is ``$SANDPOOL_IMAGE_DIR``, else ``/var/lib/sandpool/images`` for root and
-``~/.local/share/sandpool/images`` for other users. Stdlib only.
+``$XDG_CACHE_HOME/sandpool/images`` (``~/.cache/sandpool/images``) for other users, whose layers
+are unpacked in a user namespace (``sandpool._images.rootless``). Stdlib only.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def store_dir() -> str:
         return explicit
     if os.geteuid() == 0:
         return "/var/lib/sandpool/images"
-    return os.path.join(os.path.expanduser("~"), ".local", "share", "sandpool", "images")
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "sandpool", "images")
 
 
 def _check_name(name: str) -> None:

@@ -317,7 +317,7 @@ STDERR_FORWARD_BYTES = 1 << 20
 def _rootless_env() -> dict[str, str]:
     """An ordinary user's template enters a user namespace when the namespaces level works for it."""
     if probe.rootless() and probe.unavailable("namespaces") is None:
-        return {userns.ENV: "1"}
+        return {userns.ENV: "1", **{k: os.environ[k] for k in (userns.ENV_SUBIDS,) if k in os.environ}}
     return {}
 
 

@@ -4,6 +4,8 @@ an overlay of unpacked layers shows what the image means."""
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import os
 import shutil
 import stat
@@ -11,7 +13,8 @@ import subprocess
 
 import pytest
 
-from images_helpers import tar_layer
+from _sandpool_agent.confine import storage
+from images_helpers import tar_layer, walk_tree
 from sandpool._images import extract
 from sandpool._images.errors import ImageError
 
@@ -45,17 +48,36 @@ def test_an_overlay_of_layers_means_what_the_image_says(tmp_path):
     """Mounted as overlay lower layers, a whiteout deletes a lower file and an opaque directory hides
     a lower directory's entries (what a sandbox of the image sees)."""
     bottom = unpack(tmp_path, [("a", "dir", None), ("a/old", "file", b"1"), ("b", "dir", None),
-                               ("b/one", "file", b"1"), ("b/two", "file", b"2")], "bottom")
+                               ("b/one", "file", b"1"), ("b/two", "file", b"2"), ("d", "file", b"file"),
+                               ("e", "dir", None), ("e/in", "file", b"1"), ("own", "file", b"o", 0o640, (1000, 7)),
+                               ("link", "symlink", "/etc/passwd")], "bottom")
     top = unpack(tmp_path, [("a", "dir", None), ("a/.wh.old", "file", b""), ("a/new", "file", b"n"),
-                            ("b", "dir", None), ("b/.wh..wh..opq", "file", b""), ("b/three", "file", b"3")], "top")
+                            ("b", "dir", None), ("b/.wh..wh..opq", "file", b""), ("b/three", "file", b"3"),
+                            ("d", "dir", None, 0o711), ("d/x", "file", b"x"), ("e", "file", b"now a file"),
+                            ("c", "symlink", "a/new")], "top")
     merged = tmp_path / "merged"
     merged.mkdir()
     subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={top}:{bottom}", str(merged)], check=True)
     try:
         assert sorted(os.listdir(merged / "a")) == ["new"]
         assert sorted(os.listdir(merged / "b")) == ["three"]
+        seen = _listing(merged)
     finally:
         subprocess.run(["umount", str(merged)], check=True)
+    copied = tmp_path / "copied"  # the rootless fallback where overlayfs is refused: the same tree
+    copied.mkdir()
+    storage.copy_layers(f"{top}:{bottom}", str(copied))
+    assert _listing(copied) == seen
+
+
+def _listing(root) -> dict:
+    """Every entry under ``root`` (relative): its type, mode, owner and content (or link target)."""
+    def describe(full, st):
+        body = os.readlink(full) if stat.S_ISLNK(st.st_mode) else \
+            open(full, "rb").read() if stat.S_ISREG(st.st_mode) else None
+        return stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, body
+
+    return {os.path.relpath(k, root): v for k, v in walk_tree(root, describe).items()}
 
 
 def test_hard_links_inside_the_layer_share_one_inode(tmp_path):
@@ -100,8 +122,21 @@ def test_plain_and_zstd_layers_unpack(tmp_path):
     subprocess.run(["zstd", "-q", str(raw), "-o", str(tmp_path / "z.tar.zst")], check=True)
     dest = tmp_path / "zdest"
     dest.mkdir()
-    extract.extract(str(tmp_path / "z.tar.zst"), "zstd", str(dest))
+    _, diff_id = extract.extract(str(tmp_path / "z.tar.zst"), "zstd", str(dest))
     assert (dest / "z").read_bytes() == b"zz"
+    assert diff_id == "sha256:" + hashlib.sha256(raw.read_bytes()).hexdigest()
+
+
+def test_the_diff_id_is_the_digest_of_the_whole_uncompressed_tar(tmp_path):
+    """What ``extract`` returns as the diff_id is the sha256 of every byte of the uncompressed tar,
+    its trailing blocks included (what an image config's rootfs.diff_ids names)."""
+    layer = tar_layer([("a", "file", b"a" * 5000), ("d", "dir", None)])
+    blob = tmp_path / "l.tar.gz"
+    blob.write_bytes(layer)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    size, diff_id = extract.extract(str(blob), "gzip", str(dest))
+    assert size == 5000 and diff_id == "sha256:" + hashlib.sha256(gzip.decompress(layer)).hexdigest()
 
 
 def test_a_broken_archive_is_an_image_error(tmp_path):

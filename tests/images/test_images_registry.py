@@ -37,7 +37,7 @@ def busybox(registries):
 
 
 def layer_dirs(store: str) -> list[str]:
-    return sorted(os.listdir(os.path.join(store, ".oci", "layers", "sha256")))
+    return sorted(os.listdir(Store(store).path("layers", "sha256")))
 
 
 def test_references_parse_like_docker():
@@ -195,6 +195,48 @@ def test_auth_required_refused_and_accepted(busybox, registries, image_env, tmp_
     token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
     config.write_text(json.dumps({"auths": {f"http://{registries.auth.host}": {"auth": token}}}))
     assert pull.pull("auth.local/busybox:1", image_env).digest == busybox
+
+
+def _fake_helper(directory, name: str, body: str) -> None:
+    """``docker-credential-<name>``: a shell script that logs its argument and stdin, then runs ``body``."""
+    script = directory / f"docker-credential-{name}"
+    script.write_text(f"#!/bin/sh\necho \"$1 $(cat)\" >> {directory}/asked\n{body}\n")
+    script.chmod(0o755)
+
+
+def test_credential_helpers_from_the_docker_config(busybox, registries, image_env, tmp_path, monkeypatch):
+    """credHelpers (per host) and credsStore: ``docker-credential-<name> get`` is asked with the
+    server's name on stdin and its Username/Secret pull from the htpasswd registry; a helper
+    with no entry falls through to the registry's refusal, a missing or failing helper is an error
+    naming it and the fix, and the secret is never in an error."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    answer = json.dumps({"ServerURL": "x", "Username": USER, "Secret": PASSWORD})
+    _fake_helper(bin_dir, "sandpooltest", f"echo '{answer}'")
+    _fake_helper(bin_dir, "empty", "echo 'credentials not found in native keychain'; exit 1")
+    _fake_helper(bin_dir, "broken", "echo 'the keychain is locked' >&2; exit 3")
+    config = tmp_path / "docker" / "config.json"
+    config.parent.mkdir()
+    host = registries.auth.host
+    config.write_text(json.dumps({"credHelpers": {host: "sandpooltest"}}))
+    assert pull.pull("auth.local/busybox:1", image_env).digest == busybox
+    assert (bin_dir / "asked").read_text().split() == ["get", host]
+    Store(image_env).remove("auth.local/busybox:1")
+    config.write_text(json.dumps({"credsStore": "sandpooltest", "auths": {host: {}}}))
+    assert pull.pull("auth.local/busybox:1", image_env).digest == busybox
+    Store(image_env).remove("auth.local/busybox:1")
+    config.write_text(json.dumps({"credsStore": "empty"}))
+    with pytest.raises(ImageError, match="needs credentials"):
+        pull.pull("auth.local/busybox:1", image_env)
+    config.write_text(json.dumps({"credHelpers": {host: "broken"}}))
+    with pytest.raises(ImageError, match=r"docker-credential-broken failed .*exit 3: the keychain is locked"):
+        pull.pull("auth.local/busybox:1", image_env)
+    config.write_text(json.dumps({"credHelpers": {host: "absent"}}))
+    with pytest.raises(ImageError, match="docker-credential-absent is not on PATH; install it, or remove it") as err:
+        pull.pull("auth.local/busybox:1", image_env)
+    assert PASSWORD not in str(err.value)
+    assert Store(image_env).record("auth.local/busybox:1") is None
 
 
 def test_the_anonymous_bearer_token_flow(busybox, registries, image_env, monkeypatch):

@@ -18,8 +18,12 @@ import textwrap
 
 import pytest
 
+from _sandpool_agent.confine import userns
+from images_helpers import python_image, registries
 from sandpool._isolation import probe
 from sandpool.testing import leftovers
+
+__all__ = ["python_image", "registries"]  # fixtures
 
 _AS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="the test makes a client run as another user")
 
@@ -43,10 +47,11 @@ with open(marker, "w") as f:
 """
 
 
-def _run_as(user, state_dir: str, body: str) -> dict:
+def _run_as(user, state_dir: str, body: str, extra_env: dict | None = None) -> dict:
     _name, uid, gid, home = user
     code = textwrap.dedent(_CLIENT) + textwrap.dedent(body) + "\nprint('RESULT' + json.dumps(seen))\n"
-    env = {"PATH": "/usr/bin:/bin", "HOME": home, "PYTHONPATH": f"{REPO}:{SITE}", "SANDPOOL_STATE_DIR": state_dir}
+    env = {"PATH": "/usr/bin:/bin", "HOME": home, "PYTHONPATH": f"{REPO}:{SITE}", "SANDPOOL_STATE_DIR": state_dir,
+           **(extra_env or {})}
     argv = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--init-groups", "/usr/bin/python3", "-c", code]
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd="/", timeout=120)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
@@ -127,20 +132,62 @@ def test_rootless_client_gets_the_namespaces_level(unprivileged_user, user_state
 
 
 @_AS_ROOT
-def test_rootless_registry_image_is_refused_naming_the_fix(unprivileged_user, user_state):
-    """A registry image cannot be unpacked rootless: the start fails at once (no pull), saying what to do."""
-    seen = _run_as(unprivileged_user, user_state, """
-        try:
-            with Sandbox.run(container_image="python:3.11"):
-                seen["started"] = True
-        except SandboxFailedError as exc:
-            seen["error"] = str(exc)
-        with Sandbox.run() as sb:  # the runtime goes on
-            seen["after"] = sb.exec(["true"]).result().returncode
-    """)
-    assert "started" not in seen
-    assert "cannot run rootless" in seen["error"] and "container_image='host'" in seen["error"]
-    assert seen["after"] == 0
+@pytest.mark.parametrize("ids", ["ranges", "single"])
+def test_rootless_registry_image_runs_with_its_own_files(unprivileged_user, user_state, registries, python_image, ids):
+    """An ordinary user pulls python:3.11 (a python:3.11-like image, through a docker.io mirror) into
+    its own store (under XDG_CACHE_HOME) and runs it at the namespaces level: the image's python
+    runs a file written with write_file, the layers' whiteout and opaque dir hold, setuid bits and
+    device nodes are gone; with subordinate ranges (newuidmap) a file of uid 1000 keeps its owner
+    (the first subordinate uid + 999 on the host) and chown works, with the single-id map everything
+    is the user's (0 inside). Then rm and prune remove every layer (files of subordinate ids
+    included) and nothing is left."""
+    if ids == "ranges" and userns.ranges(unprivileged_user[1], unprivileged_user[2]) is None:
+        pytest.skip("the user has no subordinate ranges or newuidmap is missing (apt-get install uidmap)")
+    cache = os.path.join(os.path.dirname(user_state), "cache")
+    extra = {"XDG_CACHE_HOME": cache, "SANDPOOL_REGISTRY_MIRRORS": registries.hub_mirrors(),
+             **({"SANDPOOL_SUBIDS": "0"} if ids == "single" else {})}
+    seen = _run_as(unprivileged_user, user_state, f"""
+        from sandpool._images import pull, store as layers
+        from sandpool._isolation import images
+        seen["store"] = images.store_dir()
+        with Session(defaults={{"isolation": "namespaces"}}) as session:
+            sb = session.sandbox(container_image={python_image!r})
+            def sh(script):
+                r = sb.exec(["sh", "-c", script]).result()
+                return r.stdout + r.stderr
+            script = b"import sys, os; print(sys.executable, os.getcwd(), os.environ['PYTHON_VERSION'])"
+            sb.write_file("/tmp/script.py", script).result()
+            seen["script"] = sb.exec(["python", "/tmp/script.py"]).result().stdout.strip()
+            seen["isolation"] = sb.isolation
+            seen["owners"] = sh("stat -c '%u %g %a' /home/app /home/app/data /usr/local/bin/suid")
+            seen["whiteout"] = [sh("cat /etc/motd"), sh("ls /opt/old"), sh("ls /opt")]
+            seen["chown"] = sb.exec(["sh", "-c", "touch /tmp/f && chown 1000:1000 /tmp/f"]).result().returncode
+        store = layers.Store(seen["store"])
+        record = pull.find({python_image!r}, seen["store"])
+        app = store.layer_root(record.layers[-1])
+        seen["host"] = [os.stat(os.path.join(app, "home/app")).st_uid, os.stat(app).st_uid]
+        seen["base"] = store.base
+        store.remove(record.reference)
+        seen["pruned"] = len(store.prune())
+        seen["left"] = os.listdir(store.path("layers", "sha256")) + os.listdir(store.path("tmp"))
+    """, extra)
+    uid = unprivileged_user[1]
+    assert seen["store"] == os.path.join(cache, "sandpool", "images")
+    assert seen["isolation"] == "namespaces"
+    assert seen["script"] == "/usr/local/bin/python /srv/app 3.11", seen
+    motd, old, opt = seen["whiteout"]
+    assert "No such file" in motd and old.split() == ["new"] and opt.split() == ["old"], seen  # no device node
+    owners = [line.split() for line in seen["owners"].strip().splitlines()]
+    if ids == "ranges":
+        start = userns.ranges(uid, unprivileged_user[2]).uid[0]
+        assert owners == [["1000", "1000", "700"], ["1000", "1000", "600"], ["0", "0", "755"]], seen
+        assert seen["host"] == [start + 999, uid] and seen["chown"] == 0, seen
+        assert seen["base"].endswith(".oci-rootless-" + userns.ranges(uid, unprivileged_user[2]).key())
+    else:
+        assert owners == [["0", "0", "700"], ["0", "0", "600"], ["0", "0", "755"]], seen
+        assert seen["host"] == [uid, uid] and seen["chown"] != 0, seen
+        assert seen["base"].endswith(".oci-rootless")
+    assert seen["pruned"] == 3 and seen["left"] == [], seen
     found = leftovers(user_state)
     assert not found, found
 

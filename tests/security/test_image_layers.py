@@ -1,7 +1,8 @@
-"""Attacks through image layers, pulled from a real registry: paths with '..', a symlink (absolute
-or relative) written through, a hard link out of the layer, a whiteout of '..', a tampered blob, an
-oversized layer. Each pull is refused, nothing is written outside the layer store, and the store
-(and a sandbox of a good image) keeps working afterwards."""
+"""Attacks through image layers, pulled from a real registry: paths with '..', a symlink (absolute or
+relative) written through, a hard link out of the layer, a whiteout of '..', a tampered blob, an
+oversized layer, a layer whose content is not what the config's diff_ids say. Each pull is refused,
+nothing is written outside the layer store, and the store (and a sandbox of a good image) keeps
+working afterwards."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import os
 
 import pytest
 
-from images_helpers import LAYER_TAR, busybox_layer, config_blob, image_env, registries, tar_layer
+from images_helpers import LAYER_TAR, busybox_layer, config_blob, image_env, registries, tar_layer, walk_tree
 from sandpool import Session
 from sandpool._images import extract, pull
 from sandpool._images.errors import ImageError
@@ -31,13 +32,7 @@ def outside(tmp_path):
 
 
 def tree(path) -> dict:
-    found = {}
-    for root, dirs, files in os.walk(path):
-        for name in dirs + files:
-            full = os.path.join(root, name)
-            st = os.lstat(full)
-            found[full] = (st.st_mode, st.st_size, st.st_nlink, st.st_mtime_ns)
-    return found
+    return walk_tree(path, lambda _full, st: (st.st_mode, st.st_size, st.st_nlink, st.st_mtime_ns))
 
 
 def attack(registries, store, name, entries, match, outside):
@@ -59,12 +54,12 @@ def attack(registries, store, name, entries, match, outside):
 
 
 def still_works(registries, store):
-    """After an attack: a good image pulls, and (where namespaces work, as root: an ordinary user's
-    sandboxes run on the host image only) a sandbox of it runs."""
+    """After an attack: a good image pulls, and (where namespaces work, as root or rootless) a
+    sandbox of it runs."""
     registries.push.image("good", "1", [busybox_layer()], config_blob(["PATH=/bin"]))
     pull.pull("test.local/good:1", store)
     assert Store(store).record("test.local/good:1") is not None
-    if probe.unavailable("namespaces") is None and os.geteuid() == 0:
+    if probe.unavailable("namespaces") is None:
         with Session(defaults={"isolation": "namespaces"}) as session:
             assert session.sandbox(container_image="test.local/good:1").exec(["echo", "ok"]).result().stdout == "ok\n"
 
@@ -135,4 +130,29 @@ def test_an_oversized_layer_is_refused(registries, image_env, outside, monkeypat
     monkeypatch.setattr(extract, "MAX_LAYER_BYTES", 1 << 20)
     attack(registries, image_env, "bomb", [("zeros", "file", bytes(2 << 20))], "more than", outside)
     monkeypatch.setattr(extract, "MAX_LAYER_BYTES", bound)
+    still_works(registries, image_env)
+
+
+def test_a_layer_that_is_not_its_diff_id_is_refused(registries, image_env, outside):
+    """A layer whose uncompressed content differs from what the image config's rootfs.diff_ids says
+    (a forged config, or a layer swapped under a consistent manifest): the pull fails naming the
+    layer, the half-unpacked layer is removed, no record is written; and an image that names a
+    stored layer with a wrong diff_id is refused too, leaving the good image that stored it intact."""
+    layer = tar_layer([("bin", "dir", None), ("bin/tool", "file", b"what the registry serves", 0o755)])
+    claimed = "sha256:" + hashlib.sha256(b"some other tar").hexdigest()
+    registries.push.image("forged", "1", [layer], config_blob(diff_ids=[claimed]), keep_diff_ids=True)
+    before = tree(outside)
+    s = Store(image_env)
+    with pytest.raises(ImageError, match=rf"layer sha256:{hashlib.sha256(layer).hexdigest()} unpacks to sha256:"
+                                         rf"[0-9a-f]{{64}}, but the image config's rootfs.diff_ids says {claimed}"):
+        pull.pull("test.local/forged:1", image_env)
+    assert not s.has_layer("sha256:" + hashlib.sha256(layer).hexdigest())
+    assert s.record("test.local/forged:1") is None and os.listdir(s.path("tmp")) == []
+    assert tree(outside) == before
+    registries.push.image("honest", "1", [layer], config_blob())  # the same layer, its true diff_id
+    honest = pull.pull("test.local/honest:1", image_env)
+    with pytest.raises(ImageError, match="rootfs.diff_ids says"):
+        pull.pull("test.local/forged:1", image_env)
+    assert s.record("test.local/forged:1") is None and s.record("test.local/honest:1") == honest
+    assert s.has_layer(honest.layers[0])
     still_works(registries, image_env)
