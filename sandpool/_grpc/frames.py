@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 
 from .._errors import ProtocolError
-from .._service import limits
+from . import limits
 
 ID_BITS = 32
 CLIENT_KINDS = frozenset({"exec", "stdin", "credit", "signal", "resize", "read_file", "write_file", "call", "cancel",

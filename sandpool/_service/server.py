@@ -34,7 +34,8 @@ from .._errors import (
 from .._runtime.local import LocalRuntime
 from .._grpc.threadpipe import PACE_SECONDS, ThreadPipe
 from .._isolation import probe
-from . import auth, journal, limits
+from . import auth, journal
+from .._grpc import limits
 from .._grpc import endpoint
 from .._grpc import messages as m
 from .control import Fleet

@@ -21,7 +21,8 @@ from sandpool._runtime.remote import parse_address, translate
 from sandpool._grpc import threadpipe as _threadpipe
 from sandpool._grpc.threadpipe import PipeStream, ThreadPipe
 from sandpool._errors import ProtocolError
-from sandpool._service import auth, limits
+from sandpool._grpc import limits
+from sandpool._service import auth
 from sandpool._grpc import endpoint, frames
 from sandpool._grpc import messages as m
 from sandpool._service.control import Hosted, decide_orphans

@@ -19,7 +19,7 @@ from typing import Any
 
 import msgpack
 
-from .._grpc import messages as m
+from . import messages as m
 
 #: One encoded control-plane request (Create, Get, List, Stop, Delete, Release, Lease, Logs).
 MAX_REQUEST_BYTES = 1 << 20
