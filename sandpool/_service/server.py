@@ -13,13 +13,16 @@ instead, its LocalRuntime's template sees its control socket close and kills eve
 from __future__ import annotations
 
 import contextlib
-
+import functools
 import logging
 import os
 import signal
 import sys
 import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import grpc
 import trio
@@ -41,10 +44,13 @@ from .._grpc import messages as m
 from .control import Fleet
 from . import fastpath
 from .fastpath import FastEnd, FastPlane
-from .listener import Listening, build_server  # noqa: F401 (build_server: also the Slurm job server's)
+from .listener import Listening
 from .policy import Policy, Refused
 
 log = logging.getLogger("sandpool.serve")
+
+#: ``also(address, token, open_log)`` of :func:`serve_async`: another API served beside this one
+AlsoServe = Callable[[str, "str | None", Callable[[str], "BinaryIO | None"]], AbstractAsyncContextManager]
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -62,8 +68,6 @@ class ServeConfig:
     orphan_grace_seconds: float = 60.0
     record_file: str | None = None
     max_streams: int = 512
-    #: also serve cwsandbox's own gRPC API (coreweave.sandbox.v1) on this address, same sandboxes
-    cwsandbox_listen: str | None = None
     min_isolation: str | None = None
     allow_host_network: bool | None = None
     allow_uids: tuple[int, ...] = ()
@@ -314,43 +318,78 @@ def _pump_requests(request_iterator, inbound: ThreadPipe) -> None:
         inbound.close()
 
 
-async def serve_async(config: ServeConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve until SIGTERM/SIGINT (or cancellation); then stop everything and return."""
-    record = journal.Journal(config.record_file or journal.default_path(config.listen))
-    listening = Listening(config)
-    listening.reserve()  # before anything starts: a second server on this address stops here
+@dataclass(frozen=True)
+class Running:
+    """A server that :func:`open_server` started: its fleet, its gRPC service and the address it is bound to."""
+
+    fleet: Fleet
+    service: Service
+    bound: str
+
+
+@contextlib.asynccontextmanager
+async def open_server(config: ServeConfig, listening: Listening, record: journal.Journal, *,
+                      policy: Policy | None, fast_plane: bool) -> AsyncIterator[Running]:
+    """The bootstrap of every sandpool server (``sandpool serve``, a Slurm job's): a LocalRuntime and
+    the Fleet on it (checking ``policy``, if any), the gRPC service (with the same-host fast plane if
+    ``fast_plane``) bound by ``listening``, and the orphan sweep; yields them running.
+
+    However the block ends, :func:`shut_down` runs (every sandbox stopped, leases ended, gRPC
+    stopped, the runtime released), then ``listening`` and ``record`` (opened by the caller) close.
+    """
     try:
-        settled = record.open()
-        if settled:
-            log.info("%d sandbox(es) of an earlier run recorded as terminated", len(settled))
         runtime = LocalRuntime()
         async with trio.open_nursery() as nursery:
             await runtime.open(nursery)
-            fleet = Fleet(runtime, record, nursery, orphan_grace=config.orphan_grace_seconds,
-                          policy=config.policy(), auto_level=probe.best)
+            fleet = Fleet(runtime, record, nursery, orphan_grace=config.orphan_grace_seconds, policy=policy,
+                          auto_level=probe.best if policy is not None else None)
             token = trio.lowlevel.current_trio_token()
-            fastplane = FastPlane(token)
-            await nursery.start(fastplane.serve)
+            fastplane = None
+            if fast_plane:
+                fastplane = FastPlane(token)
+                await nursery.start(fastplane.serve)
             service = Service(fleet, token, fastplane)
             try:
                 bound = listening.start(service)
                 nursery.start_soon(fleet.sweep_orphans)
-                scheme = "tls://" if config.tls_cert else ""
-                token_note = f"; token in {listening.record.token_path}" if listening.generated_token else ""
-                print(f"sandpool serve: listening on {scheme}{bound} (pid {os.getpid()}){token_note}", flush=True)
-                log.info("policy: %s", fleet.policy)
-                task_status.started(bound)
-                async with _cwsandbox_listener(config, bound, listening.token, fleet.open_log):
-                    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                        async for signum in signals:
-                            log.info("%s: stopping every sandbox", signal.Signals(signum).name)
-                            break
+                yield Running(fleet, service, bound)
             finally:
                 await shut_down(fleet, service, listening.server, runtime)
                 nursery.cancel_scope.cancel()
     finally:
         listening.close()
         record.close()
+
+
+async def serve_async(config: ServeConfig, *, also: AlsoServe | None = None,
+                      task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve until SIGTERM/SIGINT (or cancellation); then stop everything and return.
+
+    ``also(address, token, open_log)``, if given, is an async context manager held open while the
+    server runs: another API over the same fleet (the CLI's ``--cwsandbox``), reaching this server
+    at ``address`` with ``token``, and reading main logs with ``open_log(sandbox_id)``."""
+    record = journal.Journal(config.record_file or journal.default_path(config.listen))
+    listening = Listening(config)
+    listening.reserve()  # before anything starts: a second server on this address stops here
+    try:
+        settled = record.open()
+    except BaseException:
+        listening.close()
+        record.close()
+        raise
+    if settled:
+        log.info("%d sandbox(es) of an earlier run recorded as terminated", len(settled))
+    async with open_server(config, listening, record, policy=config.policy(), fast_plane=True) as server:
+        scheme = "tls://" if config.tls_cert else ""
+        token_note = f"; token in {listening.record.token_path}" if listening.generated_token else ""
+        print(f"sandpool serve: listening on {scheme}{server.bound} (pid {os.getpid()}){token_note}", flush=True)
+        log.info("policy: %s", server.fleet.policy)
+        task_status.started(server.bound)
+        async with also(server.bound, listening.token, server.fleet.open_log) if also else _nothing():
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info("%s: stopping every sandbox", signal.Signals(signum).name)
+                    break
 
 
 async def shut_down(fleet: Fleet, service: Service, server: grpc.Server | None, runtime: LocalRuntime) -> None:
@@ -364,28 +403,15 @@ async def shut_down(fleet: Fleet, service: Service, server: grpc.Server | None, 
 
 
 @contextlib.asynccontextmanager
-async def _cwsandbox_listener(config: ServeConfig, bound: str, token: str | None, open_log):
-    """With ``--cwsandbox``: cwsandbox's API on its own listener, backed by a session of this very
-    server, so sandboxes made through either API are the same fleet (``sandpool ls`` shows both),
-    and this server's policy applies to both. Its API key is this server's token, or one it makes.
-    Its StreamLogs reads the fleet's own main logs (``open_log``)."""
-    if config.cwsandbox_listen is None:
-        yield
-        return
-    from .._cwsandbox._server import open_published_server
-    from .._session.session import Session
-
-    async with Session(address=bound, token=token) as session, \
-            open_published_server(session, config.cwsandbox_listen, token=config.token,
-                                  open_log=open_log) as (address, export):
-        print(f"sandpool serve: cwsandbox API on {address}; {export}", flush=True)
-        yield
+async def _nothing() -> AsyncIterator[None]:
+    yield
 
 
-def serve(config: ServeConfig) -> int:
-    """Run the server in this process until it is told to stop; the exit status."""
+def serve(config: ServeConfig, *, also: AlsoServe | None = None) -> int:
+    """Run the server in this process until it is told to stop; the exit status. ``also``: see
+    :func:`serve_async`."""
     logging.basicConfig(level=logging.INFO, format="sandpool serve: %(message)s", stream=sys.stderr)
-    trio.run(serve_async, config)
+    trio.run(functools.partial(serve_async, config, also=also))
     sys.stdout.flush()
     sys.stderr.flush()
     # gRPC's pool threads are not daemons; one still blocked must not keep a stopped server alive
