@@ -28,6 +28,8 @@ from .._quantity import parse_memory
 from . import admission, hostview, images, network, probe
 from _sandpool_agent.confine import cgroups, storage
 
+#: The PATH of a sandbox's commands without the client's python first (an image's programs come first).
+BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: pids.max of a namespaces sandbox that sets no pids limit: a fork bomb stops here.
 DEFAULT_PIDS_LIMIT = 1024
 #: How often a request that waits for capacity re-checks even without a release in this runtime.
@@ -165,9 +167,8 @@ class Isolation:
         user_env = spec.environment_variables
         defaults = {"HOME": home, "TMPDIR": "/tmp", "SANDPOOL_ROOT": "/"}
         if lower != "/":
-            from .._runtime.local import _BASE_PATH  # (imported here: _local imports this module)
 
-            defaults["PATH"] = _BASE_PATH  # the image's programs, not the host's python first
+            defaults["PATH"] = BASE_PATH  # the image's programs, not the host's python first
         defaults.update(pair.split("=", 1) for pair in image_env)  # under the spec's environment_variables
         env.update({k: v for k, v in defaults.items() if k not in user_env})
         layout = self.layout
