@@ -1,9 +1,10 @@
 """``sandpool serve``: the gRPC server around a Fleet, and the process's main loop.
 
 gRPC's sync server runs handlers in a thread pool; each handler calls into the server's trio loop
-(``trio.from_thread``), where the Fleet and its LocalRuntime live. A data-plane stream uses two
-threads: the pool thread yields response messages from a ThreadPipe, and a helper thread moves
-request messages into another. Exceptions become gRPC statuses in :func:`_abort`, and only there.
+through the bridge (``_grpc/bridge.py``), where the Fleet and its LocalRuntime live. A data-plane
+stream uses two threads: the pool thread yields response messages from a ThreadPipe, and a helper
+thread moves request messages into another. Exceptions become gRPC statuses in :func:`_abort`, and
+only there.
 
 SIGTERM or SIGINT shut down gracefully: no new sandboxes, every sandbox stopped, every stream
 ended with its sandbox's exit report, the journal closed, then exit 0. If the server is killed
@@ -35,6 +36,7 @@ from .._errors import (
     SandboxUnavailableError,
 )
 from .._runtime.local import LocalRuntime
+from .._grpc.bridge import RpcEnded, ServerBridge
 from .._grpc.threadpipe import PACE_SECONDS, ThreadPipe
 from .._isolation import probe
 from . import auth, journal
@@ -97,7 +99,7 @@ _CODES = [
     (SandboxResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (SandboxUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (SandboxNotRunningError, grpc.StatusCode.FAILED_PRECONDITION),
-    (trio.RunFinishedError, grpc.StatusCode.UNAVAILABLE),
+    (RpcEnded, grpc.StatusCode.CANCELLED),
 ]
 
 
@@ -106,8 +108,6 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     code = next((c for cls, c in _CODES if isinstance(exc, cls)), grpc.StatusCode.INTERNAL)
     if code == grpc.StatusCode.INTERNAL:
         log.error("internal error in a call", exc_info=exc)
-    if isinstance(exc, trio.RunFinishedError):
-        exc = SandboxUnavailableError("the sandpool server is shutting down")
     name = "CWSandboxAuthenticationError" if isinstance(exc, Refused) else m.error_name(exc)
     context.set_trailing_metadata(((m.META_ERROR, name),))
     context.abort(code, str(exc) or type(exc).__name__)
@@ -119,6 +119,7 @@ class Service:
     def __init__(self, fleet: Fleet, token: trio.lowlevel.TrioToken, fastplane: FastPlane | None = None) -> None:
         self.fleet = fleet
         self.token = token
+        self.bridge = ServerBridge(token, fleet.nursery)
         self.fastplane = fastplane
         self._leases: set[threading.Event] = set()
         self._lock = threading.Lock()
@@ -145,8 +146,7 @@ class Service:
             try:
                 limits.request_bytes(f"{name} request", len(request))
                 message = m.unpack(request, f"{name} request")
-                reply = trio.from_thread.run(method, message, context.peer(), trio_token=self.token)
-                return m.pack(reply)
+                return m.pack(self.bridge.run(context, method, message, context.peer()))
             except Exception as exc:
                 _abort(context, exc)
 
@@ -156,7 +156,7 @@ class Service:
         """Name the caller's lease, then hold the stream open until the caller goes away."""
         try:
             limits.request_bytes("Lease request", len(request))
-            lease = trio.from_thread.run_sync(self.fleet.open_lease, context.peer(), trio_token=self.token)
+            lease = self.bridge.run_sync(self.fleet.open_lease, context.peer())
         except Exception as exc:
             _abort(context, exc)
         ended = threading.Event()
@@ -172,55 +172,29 @@ class Service:
         finally:
             with self._lock:
                 self._leases.discard(ended)
-            try:
-                self.token.run_sync_soon(self.fleet.lease_lost, lease)
-            except trio.RunFinishedError:
-                pass
+            self.bridge.soon(self.fleet.lease_lost, lease)
 
     def logs(self, request: bytes, context: grpc.ServicerContext):
-        """A sandbox's main log (``Fleet.log_lines``), read in the trio loop by a task that stops when
-        the call ends, handed over through a small bounded channel, sent in batches of lines."""
+        """A sandbox's main log (``Fleet.log_pieces``), read in the trio loop by a task that stops when
+        the call ends, handed over through a small bounded outbox, sent in messages of lines."""
         try:
             limits.request_bytes("Logs request", len(request))
             message = m.unpack(request, "Logs request")
-            receive, scope = trio.from_thread.run(self._start_logs, message, trio_token=self.token)
+            for batch in self.bridge.stream(context, self._read_log, message, buffer=_LOG_BUFFER):
+                for reply in _log_replies(batch):
+                    yield m.pack(reply)
         except Exception as exc:
             _abort(context, exc)
 
-        def ended() -> None:
-            try:
-                self.token.run_sync_soon(scope.cancel)
-            except trio.RunFinishedError:
-                pass
-
-        if not context.add_callback(ended):
-            ended()
+    async def _read_log(self, message: dict, outbox) -> None:
+        pieces = self.fleet.log_pieces(message)  # its error (NotFound, ...) is the call's
         try:
-            while batch := trio.from_thread.run(_log_batch, receive, trio_token=self.token):
-                yield m.pack({"lines": [line for line, _ in batch], "offset": batch[-1][1]})
-        except Exception as exc:
-            _abort(context, exc)
-        finally:
-            ended()
-
-    async def _start_logs(self, message: dict):
-        pieces = self.fleet.log_pieces(message)
-        send, receive = trio.open_memory_channel(_LOG_BUFFER)
-        scope = trio.CancelScope()
-
-        async def produce() -> None:
-            with scope:
-                async with send:
-                    try:
-                        async for piece in pieces:
-                            await send.send(piece)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        pass  # the call's end closed the other side
-                    except Exception:  # the stream ends short; the server and its other calls go on
-                        log.exception("reading the main log of %s", message.get("sandbox_id"))
-
-        self.fleet.nursery.start_soon(produce)
-        return receive, scope
+            async for piece in pieces:
+                await outbox.send(piece)
+        except trio.BrokenResourceError:
+            pass  # the call ended: nobody reads any more
+        except Exception:  # the stream ends short; the server and its other calls go on
+            log.exception("reading the main log of %s", message.get("sandbox_id"))
 
     def attach(self, request_iterator, context: grpc.ServicerContext):
         """One sandbox's data plane: bytes of wire frames both ways (see ``dataplane.py``), or, for a
@@ -236,11 +210,10 @@ class Service:
         if metadata.get(m.META_DATA_PLANE) == m.DATA_PLANE_FAST and self.fastplane is not None:
             yield from self._attach_fast(sandbox_id, context)
             return
-        inbound = ThreadPipe(self.token)
-        outbound = ThreadPipe(self.token, message_bytes=m.DATA_CHUNK_BYTES, pace=PACE_SECONDS)
+        inbound = ThreadPipe()
+        outbound = ThreadPipe(message_bytes=m.DATA_CHUNK_BYTES, pace=PACE_SECONDS)
         try:
-            att = trio.from_thread.run(self.fleet.attach, sandbox_id, inbound, outbound, context.peer(),
-                                       trio_token=self.token)
+            att = self.bridge.run(context, self.fleet.attach, sandbox_id, inbound, outbound, context.peer())
         except Exception as exc:
             _abort(context, exc)
 
@@ -249,8 +222,7 @@ class Service:
             outbound.close()
 
         context.add_callback(closed)
-        threading.Thread(target=_pump_requests, args=(request_iterator, inbound), daemon=True,
-                         name=f"sandpool-attach-{sandbox_id}").start()
+        self.bridge.pump(request_iterator, inbound, f"sandpool-attach-{sandbox_id}")
         while (chunk := outbound.get_blocking()) is not None:
             yield chunk
         _end_stream(context, att)
@@ -260,8 +232,8 @@ class Service:
         assert self.fastplane is not None
         end = FastEnd(self.token)
         try:
-            att, offer = trio.from_thread.run(fastpath.attach, self.fleet, self.fastplane, sandbox_id, end,
-                                              context.peer(), trio_token=self.token)
+            att, offer = self.bridge.run(context, fastpath.attach, self.fleet, self.fastplane, sandbox_id, end,
+                                         context.peer())
         except Exception as exc:
             _abort(context, exc)
         if not context.add_callback(end.close_from_thread):  # the call ended already
@@ -280,21 +252,18 @@ class Service:
 _LOG_BUFFER = 16  # lines between a Logs call's reader and its gRPC thread (each at most 1 MiB)
 
 
-async def _log_batch(receive: trio.MemoryReceiveChannel) -> list[tuple[str, int]]:
-    """The next (line, offset after it) of a Logs call (at least one, up to ``LOG_BATCH_BYTES`` of
-    lines); [] once all are sent."""
-    try:
-        batch = [await receive.receive()]
-    except trio.EndOfChannel:
-        return []
-    size = len(batch[0][0])
-    while size < m.LOG_BATCH_BYTES:
-        try:
-            batch.append(receive.receive_nowait())
-        except (trio.WouldBlock, trio.EndOfChannel):
-            break
-        size += len(batch[-1][0])
-    return batch
+def _log_replies(batch: list[tuple[str, int]]):
+    """The Logs replies for a batch of (line, offset after it): lines up to ``LOG_BATCH_BYTES`` each
+    (a longer line alone), with the offset after their last."""
+    lines, size = [], 0
+    for line, offset in batch:
+        lines.append(line)
+        size += len(line)
+        if size >= m.LOG_BATCH_BYTES:
+            yield {"lines": lines, "offset": offset}
+            lines, size = [], 0
+    if lines:
+        yield {"lines": lines, "offset": batch[-1][1]}
 
 
 def _end_stream(context: grpc.ServicerContext, att) -> None:
@@ -305,17 +274,6 @@ def _end_stream(context: grpc.ServicerContext, att) -> None:
         context.set_trailing_metadata(((m.META_ERROR, "ProtocolError"),))
         context.abort(getattr(grpc.StatusCode, code_name), message)
     context.set_trailing_metadata(tuple((k, str(v)) for k, v in dict(detail).items()))
-
-
-def _pump_requests(request_iterator, inbound: ThreadPipe) -> None:
-    try:
-        for message in request_iterator:
-            if not inbound.put_blocking(message):
-                return
-    except Exception:  # the client went away; the stream's own status says how
-        pass
-    finally:
-        inbound.close()
 
 
 @dataclass(frozen=True)
