@@ -220,7 +220,7 @@ class CwsandboxBackend:
 
     # -- housekeeping --------------------------------------------------------------------------
 
-    async def _retire(self) -> None:
+    async def retire(self) -> None:
         """Forget ended sandboxes past their retention, so a long-running server stays small."""
         while True:
             await trio.sleep(RETIRE_EVERY_SECONDS)
@@ -228,7 +228,8 @@ class CwsandboxBackend:
                 self.registry.drop(entry)
                 entry.sandbox.stop()  # ended already: only releases it from the session
 
-    def _close(self) -> None:
+    def close_logs(self) -> None:
+        """Close the main logs the backend opened for StreamLogs (the backend is ending)."""
         for entry in self.registry.entries():
             if entry.log is not None:
                 entry.log.close()
@@ -244,10 +245,10 @@ async def open_backend(session, open_log=None) -> AsyncIterator[CwsandboxBackend
     """
     async with trio.open_nursery() as nursery:
         backend = CwsandboxBackend(session, nursery, open_log)
-        nursery.start_soon(backend._retire)
+        nursery.start_soon(backend.retire)
         try:
             yield backend
         finally:
             nursery.cancel_scope.cancel()
-            backend._close()
+            backend.close_logs()
             backend.pumps.shutdown(wait=False)  # their RPCs have ended, or end with the server

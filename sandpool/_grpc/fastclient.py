@@ -37,7 +37,7 @@ def check_offer(offer: dict) -> tuple[str, bytes, bytes]:
     path, ticket, key = offer.get("path"), offer.get("ticket"), offer.get("key")
     if (not isinstance(path, str) or not path.startswith("/") or "\x00" in path
             or len(path.encode(errors="replace")) > limits.MAX_PATH_BYTES):
-        raise ProtocolError(f"the server's fast-plane offer has no usable socket path: {limits._short(path)}")
+        raise ProtocolError(f"the server's fast-plane offer has no usable socket path: {limits.short(path)}")
     for secret in (ticket, key):
         if not isinstance(secret, bytes) or len(secret) != fastplane.TICKET_BYTES:
             raise ProtocolError(f"the server's fast-plane ticket and key must be {fastplane.TICKET_BYTES} bytes")

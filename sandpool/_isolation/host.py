@@ -48,6 +48,13 @@ def ledger() -> admission.Ledger:
         return _ledger
 
 
+def use_ledger(book: admission.Ledger) -> None:
+    """Make ``book`` the process's ledger (a Slurm job's: what Slurm allocated on the node, no more)."""
+    global _ledger
+    with _ledger_lock:
+        _ledger = book
+
+
 def reset_ledger() -> None:
     """Forget the ledger, so the next use re-reads the capacity (tests change the gpu inventory)."""
     global _ledger

@@ -113,8 +113,8 @@ async def run_job(job_dir: str, env: dict[str, str]) -> int:
     # the client's import path, where it exists here (a shared file system): the sandbox's template
     # inherits it, so functions pickled by reference to the client's modules unpickle on the node
     sys.path += [p for p in job.get("sys_path", ()) if p not in sys.path and os.path.isdir(p)]
-    with host._ledger_lock:  # the node-local admission ledger holds what Slurm allocated, no more
-        host._ledger = admission.Ledger(allocation(env, admission.machine_capacity()))
+    # the node-local admission ledger holds what Slurm allocated, no more
+    host.use_ledger(admission.Ledger(allocation(env, admission.machine_capacity())))
     address_file = os.path.join(job_dir, "address.json")
     config = ServeConfig(listen=f"{node_address(env)}:0", token=token,
                          orphan_grace_seconds=float(job.get("orphan_grace_seconds", 30.0)),
