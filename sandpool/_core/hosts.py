@@ -104,6 +104,16 @@ class HostEvent:
             raise RuntimeError("sandpool's async API runs under trio or asyncio; call it from a task of either, "
                                "or use the blocking forms (ref.result(), 'for', 'with') from sync code")
 
+    @classmethod
+    def for_trio(cls) -> HostEvent:
+        """A HostEvent of the calling trio task, made without asking which host calls (the caller knows
+        it is trio: the thread pipes' and the gRPC bridge's waits, where this is on every wait)."""
+        self = cls.__new__(cls)
+        self._event = trio.Event()
+        self._token = trio.lowlevel.current_trio_token()
+        self._thread = threading.get_ident()
+        return self
+
     def set(self) -> None:
         """Wake the waiter; thread-safe, idempotent, never raises (a waiter whose loop ended is gone)."""
         event = self._event

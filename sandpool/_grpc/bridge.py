@@ -215,7 +215,7 @@ class Outbox:
                     self._queue.append(message)
                     self._cond.notify()
                     break
-                room = self._room = self._room or HostEvent()
+                room = self._room = self._room or HostEvent.for_trio()
             await room.wait()
         await trio.lowlevel.checkpoint()
 
@@ -244,7 +244,7 @@ class Outbox:
 async def result_of(future: grpc.Future) -> Any:
     """The result of a unary call's ``future`` (or its RpcError raised), awaited without blocking the
     loop; cancelling the awaiting task cancels the call."""
-    done = HostEvent()
+    done = HostEvent.for_trio()
     future.add_done_callback(lambda _future: done.set())  # in a gRPC thread, or here if done already
     try:
         await done.wait()

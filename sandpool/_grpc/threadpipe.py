@@ -150,7 +150,7 @@ class ThreadPipe:
                     self._size += len(data)
                     self._cond.notify_all()
                     break
-                waiter = self._trio_waiter = self._trio_waiter or HostEvent()
+                waiter = self._trio_waiter = self._trio_waiter or HostEvent.for_trio()
             await waiter.wait()
         await trio.lowlevel.checkpoint()
 
@@ -169,7 +169,7 @@ class ThreadPipe:
                         raise trio.BrokenResourceError(str(self.error)) from self.error
                     data = b""
                     break
-                waiter = self._trio_waiter = self._trio_waiter or HostEvent()
+                waiter = self._trio_waiter = self._trio_waiter or HostEvent.for_trio()
             await waiter.wait()
         await trio.lowlevel.checkpoint()
         return data
