@@ -82,14 +82,12 @@ class CwsandboxServicer:
             first = next(request_iterator, None)
             if first is None or first.WhichOneof("message") != "init":
                 raise invalid("init", "the first message of StreamExec must be init")
-            for batch in self.bridge.stream(context, self.backend.stream_exec, first.init, request_iterator,
-                                            context.time_remaining()):
-                yield from batch
+            yield from _flat(self.bridge.stream(context, self.backend.stream_exec, first.init, request_iterator,
+                                                context.time_remaining()))
 
     def _stream_logs(self, request, context):
         with self._serving(context, "StreamLogs"):
-            for batch in self.bridge.stream(context, self.backend.stream_logs, request):
-                yield from batch
+            yield from _flat(self.bridge.stream(context, self.backend.stream_logs, request))
 
     @contextlib.contextmanager
     def _serving(self, context: grpc.ServicerContext, name: str) -> Iterator[None]:
@@ -112,6 +110,13 @@ class CwsandboxServicer:
         if not hmac.compare_digest(sent.encode(), self._expected):
             _abort(context, RpcFailure(grpc.StatusCode.UNAUTHENTICATED, "invalid API key; set CWSANDBOX_API_KEY "
                                        "to the token this sandpool server was started with"))
+
+
+def _flat(batches: Iterator[list]) -> Iterator:
+    """The messages of a bridged stream's batches; closing this closes the stream (its producer stops)."""
+    with contextlib.closing(batches):
+        for batch in batches:
+            yield from batch
 
 
 def _abort(context: grpc.ServicerContext, failure: RpcFailure) -> None:

@@ -180,9 +180,11 @@ class Service:
         try:
             limits.request_bytes("Logs request", len(request))
             message = m.unpack(request, "Logs request")
-            for batch in self.bridge.stream(context, self._read_log, message, buffer=_LOG_BUFFER):
-                for reply in _log_replies(batch):
-                    yield m.pack(reply)
+            with contextlib.closing(self.bridge.stream(context, self._read_log, message,
+                                                       buffer=_LOG_BUFFER)) as batches:
+                for batch in batches:
+                    for reply in _log_replies(batch):
+                        yield m.pack(reply)
         except Exception as exc:
             _abort(context, exc)
 
