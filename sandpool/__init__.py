@@ -19,10 +19,9 @@ from ._cwextra import (
     disable_signal_handlers,
     format_bytes,
     format_cpu,
-    get_runner,
-    list_runners,
     set_auth_mode,
 )
+from ._isolation.runners import get_runner, list_runners
 from ._cwtypes import (
     CidrBlock,
     Container,

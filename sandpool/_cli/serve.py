@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 
 
@@ -47,7 +48,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     token = auth.read_token(args.token_file) if args.token_file else None
     config = ServeConfig(listen=args.listen, token=token, tls_cert=args.tls_cert, tls_key=args.tls_key,
                          orphan_grace_seconds=args.orphan_grace_seconds, record_file=args.record_file,
-                         max_streams=args.max_streams, cwsandbox_listen=args.cwsandbox_listen,
-                         min_isolation=args.min_isolation, allow_host_network=args.allow_host_network,
-                         allow_uids=tuple(args.allow_uids))
-    return serve(config)
+                         max_streams=args.max_streams, min_isolation=args.min_isolation,
+                         allow_host_network=args.allow_host_network, allow_uids=tuple(args.allow_uids))
+    also = _cwsandbox_listener(args.cwsandbox_listen, token) if args.cwsandbox_listen else None
+    return serve(config, also=also)
+
+
+def _cwsandbox_listener(listen: str, api_key: str | None):
+    """``--cwsandbox``: cwsandbox's API on its own listener, backed by a session of the very server
+    it runs beside, so sandboxes made through either API are the same fleet (``sandpool ls`` shows
+    both), and that server's policy applies to both. Its API key is ``api_key`` (``--token-file``'s),
+    or one it makes. Its StreamLogs reads the fleet's own main logs (``open_log``)."""
+
+    @contextlib.asynccontextmanager
+    async def serve_too(address: str, token: str | None, open_log):
+        from .._cwsandbox._server import open_published_server
+        from .._session.session import Session
+
+        async with Session(address=address, token=token) as session, \
+                open_published_server(session, listen, token=api_key, open_log=open_log) as (bound, export):
+            print(f"sandpool serve: cwsandbox API on {bound}; {export}", flush=True)
+            yield
+
+    return serve_too

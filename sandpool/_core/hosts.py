@@ -19,17 +19,30 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import trio
-
-if TYPE_CHECKING:
-    from .opref import OperationRef, TaskHost
 
 __all__ = ["Host", "HostEvent", "call_in", "checkpoint", "current_host", "settle", "to_thread"]
 
 T = TypeVar("T")
 Host = Literal["trio", "asyncio", "sync"]
+
+
+class Operation(Protocol[T]):
+    """What ``call_in`` and ``settle`` use of an operation (``opref.OperationRef``, which imports this module)."""
+
+    def done(self) -> bool: ...
+    def result(self) -> T: ...
+    def add_done_callback(self, fn: Callable[[Operation[T]], None]) -> None: ...
+    def __await__(self) -> Any: ...
+
+
+class Spawner(Protocol):
+    """What ``call_in`` uses of a task host (``opref.TaskHost``)."""
+
+    def in_loop_thread(self) -> bool: ...
+    def spawn(self, async_fn: Callable[..., Awaitable[T]], *args: Any) -> Operation[T]: ...
 
 
 def current_host() -> Host:
@@ -46,8 +59,8 @@ def current_host() -> Host:
     return "sync"
 
 
-async def call_in(host: TaskHost, async_fn: Callable[..., Awaitable[T]], *args: Any,
-                  abandoned: Callable[[OperationRef[T]], None] | None = None) -> T:
+async def call_in(host: Spawner, async_fn: Callable[..., Awaitable[T]], *args: Any,
+                  abandoned: Callable[[Operation[T]], None] | None = None) -> T:
     """``await async_fn(*args)`` in ``host``'s trio loop, awaited from the calling trio or asyncio task.
 
     From a trio task of that very loop it is a plain call. From anywhere else (another trio loop, or
@@ -59,9 +72,7 @@ async def call_in(host: TaskHost, async_fn: Callable[..., Awaitable[T]], *args: 
     """
     if host.in_loop_thread() and current_host() == "trio":
         return await async_fn(*args)
-    from .opref import OperationRef
-
-    ref = OperationRef.spawn(host, async_fn, *args)
+    ref = host.spawn(async_fn, *args)
     try:
         return await ref
     except BaseException:
@@ -92,6 +103,16 @@ class HostEvent:
         else:
             raise RuntimeError("sandpool's async API runs under trio or asyncio; call it from a task of either, "
                                "or use the blocking forms (ref.result(), 'for', 'with') from sync code")
+
+    @classmethod
+    def for_trio(cls) -> HostEvent:
+        """A HostEvent of the calling trio task, made without asking which host calls (the caller knows
+        it is trio: the thread pipes' and the gRPC bridge's waits, where this is on every wait)."""
+        self = cls.__new__(cls)
+        self._event = trio.Event()
+        self._token = trio.lowlevel.current_trio_token()
+        self._thread = threading.get_ident()
+        return self
 
     def set(self) -> None:
         """Wake the waiter; thread-safe, idempotent, never raises (a waiter whose loop ended is gone)."""
@@ -156,7 +177,7 @@ async def checkpoint() -> None:
         await sys.modules["asyncio"].sleep(0)
 
 
-async def settle(ref: OperationRef[T]) -> T:
+async def settle(ref: Operation[T]) -> T:
     """Wait for ``ref`` (a cleanup: a stop, a close) from trio or asyncio, whatever the caller's
     cancellation does meanwhile, then return or raise as ``ref.result()`` does.
 

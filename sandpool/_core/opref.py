@@ -87,6 +87,10 @@ class TaskHost:
             return
         self.call_soon(self._start_or_refuse, async_fn, args, on_refused)
 
+    def spawn(self, async_fn: Callable[..., Awaitable[T]], *args: object) -> OperationRef[T]:
+        """``OperationRef.spawn(self, async_fn, *args)``: an operation started here."""
+        return OperationRef.spawn(self, async_fn, *args)
+
     def call_soon(self, fn: Callable[..., object], *args: object) -> None:
         """Run ``fn(*args)`` soon in the loop's thread; thread-safe, returns at once.
 

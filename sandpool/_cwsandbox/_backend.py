@@ -1,6 +1,6 @@
 """The trio side of the cwsandbox service: cwsandbox's RPCs carried out on the sandboxes of one Session.
 
-Every method runs in the server's trio loop (the gRPC threads reach it through ``_bridge``) and takes
+Every method runs in the server's trio loop (the gRPC threads reach it through ``_grpc.bridge``) and takes
 the request message and the call's remaining time in seconds (None: no deadline). CreateSandbox
 waits up to ``CREATE_WAIT_SECONDS`` for the sandbox to run, so the client's first poll usually finds
 it RUNNING; DeleteSandbox returns once the sandbox has ended, so the client's first poll after a stop
@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import trio
 
+from .._grpc.bridge import deliver
 from .._status import SandboxStatus
 from . import _exec, _files, _logs
 from ._errors import RpcFailure, invalid, translate, unimplemented
@@ -200,7 +201,7 @@ class CwsandboxBackend:
         requests, receive = trio.open_memory_channel(16)
         # a pooled thread (no thread start per exec, and no trip through the loop to hand it the job);
         # it ends with the RPC, whose request iterator then stops
-        self.pumps.submit(_pump, request_iterator, requests, self.token)
+        self.pumps.submit(deliver, request_iterator, requests, self.token)
         async with receive:
             await _exec.stream_exec(entry.sandbox, init, receive, send, timeout)
 
@@ -219,7 +220,7 @@ class CwsandboxBackend:
 
     # -- housekeeping --------------------------------------------------------------------------
 
-    async def _retire(self) -> None:
+    async def retire(self) -> None:
         """Forget ended sandboxes past their retention, so a long-running server stays small."""
         while True:
             await trio.sleep(RETIRE_EVERY_SECONDS)
@@ -227,22 +228,11 @@ class CwsandboxBackend:
                 self.registry.drop(entry)
                 entry.sandbox.stop()  # ended already: only releases it from the session
 
-    def _close(self) -> None:
+    def close_logs(self) -> None:
+        """Close the main logs the backend opened for StreamLogs (the backend is ending)."""
         for entry in self.registry.entries():
             if entry.log is not None:
                 entry.log.close()
-
-
-def _pump(request_iterator, send: trio.MemorySendChannel, token: trio.lowlevel.TrioToken) -> None:
-    """In a pooled thread: hand a StreamExec call's later requests (stdin, close) to the trio side."""
-    try:
-        for request in request_iterator:
-            trio.from_thread.run(send.send, request, trio_token=token)
-    except Exception:  # the call or its command ended first (cancelled, closed channel, loop gone)
-        pass
-    finally:
-        with contextlib.suppress(trio.RunFinishedError):
-            token.run_sync_soon(send.close)  # the end of stdin: nothing to wait for
 
 
 @contextlib.asynccontextmanager
@@ -255,10 +245,10 @@ async def open_backend(session, open_log=None) -> AsyncIterator[CwsandboxBackend
     """
     async with trio.open_nursery() as nursery:
         backend = CwsandboxBackend(session, nursery, open_log)
-        nursery.start_soon(backend._retire)
+        nursery.start_soon(backend.retire)
         try:
             yield backend
         finally:
             nursery.cancel_scope.cancel()
-            backend._close()
+            backend.close_logs()
             backend.pumps.shutdown(wait=False)  # their RPCs have ended, or end with the server

@@ -15,6 +15,7 @@ import grpc
 import trio
 
 from .. import _errors as sp
+from .._grpc.bridge import RpcEnded
 from ._proto import rpc
 
 log = logging.getLogger("sandpool.cwsandbox")
@@ -112,6 +113,8 @@ def translate(exc: BaseException) -> RpcFailure:
         return RpcFailure(grpc.StatusCode.UNAVAILABLE, "the sandpool server is shutting down", BACKEND_UNAVAILABLE)
     if isinstance(exc, RpcFailure):
         return exc
+    if isinstance(exc, RpcEnded):
+        return RpcFailure(grpc.StatusCode.CANCELLED, str(exc))
     message = str(exc) or type(exc).__name__
     sandbox_id = getattr(exc, "sandbox_id", None)
     if isinstance(exc, sp.SandboxNotFoundError):

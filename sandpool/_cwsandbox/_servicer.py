@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import grpc
 from google.protobuf import message_factory
 
-from ._bridge import Bridge
+from .._grpc.bridge import ServerBridge
 from ._errors import RpcFailure, invalid, status_for, translate, unimplemented
 from ._proto import SERVICE, SERVICE_DESCRIPTOR
 
@@ -41,7 +41,7 @@ class CwsandboxServicer:
 
     def __init__(self, backend, token: str | None = None) -> None:
         self.backend = backend
-        self.bridge = Bridge(backend.token, backend.nursery)
+        self.bridge = ServerBridge(backend.token, backend.nursery)
         self._expected = f"Bearer {token}".encode() if token else None
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
@@ -65,7 +65,7 @@ class CwsandboxServicer:
 
             def unary(request, context):
                 with self._serving(context, name):
-                    return self.bridge.call(context, backend_method, request, context.time_remaining())
+                    return self.bridge.run(context, backend_method, request, context.time_remaining())
             return unary
         if name == "StreamExec":
             return self._stream_exec
@@ -82,12 +82,12 @@ class CwsandboxServicer:
             first = next(request_iterator, None)
             if first is None or first.WhichOneof("message") != "init":
                 raise invalid("init", "the first message of StreamExec must be init")
-            yield from self.bridge.stream(context, self.backend.stream_exec, first.init, request_iterator,
-                                          context.time_remaining())
+            yield from _flat(self.bridge.stream(context, self.backend.stream_exec, first.init, request_iterator,
+                                                context.time_remaining()))
 
     def _stream_logs(self, request, context):
         with self._serving(context, "StreamLogs"):
-            yield from self.bridge.stream(context, self.backend.stream_logs, request)
+            yield from _flat(self.bridge.stream(context, self.backend.stream_logs, request))
 
     @contextlib.contextmanager
     def _serving(self, context: grpc.ServicerContext, name: str) -> Iterator[None]:
@@ -110,6 +110,13 @@ class CwsandboxServicer:
         if not hmac.compare_digest(sent.encode(), self._expected):
             _abort(context, RpcFailure(grpc.StatusCode.UNAUTHENTICATED, "invalid API key; set CWSANDBOX_API_KEY "
                                        "to the token this sandpool server was started with"))
+
+
+def _flat(batches: Iterator[list]) -> Iterator:
+    """The messages of a bridged stream's batches; closing this closes the stream (its producer stops)."""
+    with contextlib.closing(batches):
+        for batch in batches:
+            yield from batch
 
 
 def _abort(context: grpc.ServicerContext, failure: RpcFailure) -> None:

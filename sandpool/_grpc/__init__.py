@@ -1,2 +1,3 @@
-"""What a runtime's client and the service share: the message codec, frame checks, the endpoint
-file, the raw-socket fast path and the thread pipe that bridges grpcio's threads and trio."""
+"""What a runtime's client and the service share, below both: the message codec and its bounds
+(``messages``, ``limits``), frame checks, the endpoint file, the fast plane's handshake and raw
+socket, and the bridge between grpcio's threads and trio."""

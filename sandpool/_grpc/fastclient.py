@@ -1,4 +1,4 @@
-"""The client's side of the same-host fast plane (see ``fastpath.py``): redeem an offer for a socket,
+"""The client's side of the same-host fast plane (see ``_service/fastpath.py``; the handshake: ``fastplane.py``): redeem an offer for a socket,
 and read it as a trio Stream whose end is the Attach call's end.
 
 The offer comes from the server, so it is checked like anything a server sends: a path of bounded
@@ -14,7 +14,7 @@ import trio
 
 from .._errors import ProtocolError
 from .threadpipe import ThreadPipe
-from .._service import fastpath, limits
+from . import fastplane, limits
 from . import rawsocket
 from .rawsocket import RawSocketStream
 
@@ -29,7 +29,7 @@ def wanted(advert: object) -> bool:
     if os.environ.get(ENV_DATA_PLANE, "auto") == "grpc":
         return False
     host = advert.get("host") if isinstance(advert, dict) else None
-    return isinstance(host, str) and bool(host) and host == fastpath.host_id()
+    return isinstance(host, str) and bool(host) and host == fastplane.host_id()
 
 
 def check_offer(offer: dict) -> tuple[str, bytes, bytes]:
@@ -37,10 +37,10 @@ def check_offer(offer: dict) -> tuple[str, bytes, bytes]:
     path, ticket, key = offer.get("path"), offer.get("ticket"), offer.get("key")
     if (not isinstance(path, str) or not path.startswith("/") or "\x00" in path
             or len(path.encode(errors="replace")) > limits.MAX_PATH_BYTES):
-        raise ProtocolError(f"the server's fast-plane offer has no usable socket path: {limits._short(path)}")
+        raise ProtocolError(f"the server's fast-plane offer has no usable socket path: {limits.short(path)}")
     for secret in (ticket, key):
-        if not isinstance(secret, bytes) or len(secret) != fastpath.TICKET_BYTES:
-            raise ProtocolError(f"the server's fast-plane ticket and key must be {fastpath.TICKET_BYTES} bytes")
+        if not isinstance(secret, bytes) or len(secret) != fastplane.TICKET_BYTES:
+            raise ProtocolError(f"the server's fast-plane ticket and key must be {fastplane.TICKET_BYTES} bytes")
     return path, ticket, key
 
 
@@ -48,7 +48,7 @@ async def redeem(offer: dict) -> RawSocketStream:
     """Connect to the offered socket and show the ticket. OSError if the socket cannot be reached
     or the server does not admit this process (the caller then uses gRPC); ProtocolError for a bad offer."""
     path, ticket, _key = check_offer(offer)
-    return RawSocketStream(await _admitted(path, fastpath.ATTACH + ticket, "its fast socket"))
+    return RawSocketStream(await _admitted(path, fastplane.ATTACH + ticket, "its fast socket"))
 
 
 async def open_worker_line(offer: dict, name: str) -> socket.socket:
@@ -56,7 +56,7 @@ async def open_worker_line(offer: dict, name: str) -> socket.socket:
     ``workerlink.py``), for a ``DirectChannel``. OSError if the server does not open it."""
     path, _ticket, key = check_offer(offer)
     encoded = name.encode()
-    return await _admitted(path, fastpath.WORKER + key + bytes([len(encoded)]) + encoded,
+    return await _admitted(path, fastplane.WORKER + key + bytes([len(encoded)]) + encoded,
                            f"a line to the call worker {name}")
 
 
@@ -73,7 +73,7 @@ async def _admitted(path: str, request: bytes, what: str) -> socket.socket:
                     break
                 except BlockingIOError:
                     await trio.lowlevel.wait_readable(sock)
-        if reply != fastpath.ACK:
+        if reply != fastplane.ACK:
             raise OSError(f"the server did not admit this process to {what} ({path})")
     except trio.TooSlowError:
         if sock is not None:

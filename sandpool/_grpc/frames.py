@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 
 from .._errors import ProtocolError
-from .._service import limits
+from . import limits
 
 ID_BITS = 32
 CLIENT_KINDS = frozenset({"exec", "stdin", "credit", "signal", "resize", "read_file", "write_file", "call", "cancel",
@@ -49,7 +49,7 @@ def check(frame: dict) -> dict:
         if value is not None and (not isinstance(value, types) or (bool not in types and isinstance(value, bool))):
             want = " or ".join(t.__name__ for t in types)
             raise ProtocolError(f"{kind!r} frame field {name!r} must be {want} or absent, got "
-                                f"{type(value).__name__} {limits._short(value)}", frame={"t": kind, "id": frame_id})
+                                f"{type(value).__name__} {limits.short(value)}", frame={"t": kind, "id": frame_id})
     try:
         _FIELDS.get(kind, _nothing)(frame)
     except (TypeError, ValueError) as exc:
@@ -97,7 +97,7 @@ def _call(frame: dict) -> None:
 
 def _worker(frame: dict) -> None:
     if not WORKER_LISTEN.fullmatch(frame["listen"]):
-        raise ValueError(f"listen {limits._short(frame['listen'])} must be /tmp/.sandpool-worker-<hex>, "
+        raise ValueError(f"listen {limits.short(frame['listen'])} must be /tmp/.sandpool-worker-<hex>, "
                          f"the only place a client's call worker listens")
 
 

@@ -53,6 +53,8 @@ DATA_PLANE_FAST = "unix"
 TRAILER_CODE = "sandpool-exit-code"
 TRAILER_SIGNAL = "sandpool-exit-signal"
 TRAILER_REASON = "sandpool-reason"
+#: the ``TRAILER_REASON`` of a sandbox the server stopped because it shut down (clients tell it apart)
+SHUTDOWN_REASON = "the sandpool server shut down"
 
 #: Largest gRPC message either side accepts; data-plane messages are cut to DATA_CHUNK_BYTES, so
 #: wire frames of any size (up to the wire's own limit) still pass.

@@ -8,8 +8,8 @@ once, up to a message size, so many small frames cross a thread boundary, and th
 message: this is where batching happens. :class:`PipeStream` pairs two pipes into a trio Stream so
 ``FrameChannel`` runs over gRPC unchanged.
 
-Wake-ups cost one ``run_sync_soon`` towards trio and one condition notify towards a thread, and
-only when the other side is actually waiting.
+Wake-ups cost one ``run_sync_soon`` towards trio (a ``HostEvent``) and one condition notify towards
+a thread, and only when the other side is actually waiting.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import threading
 import time
 
 import trio
+
+from .._core.hosts import HostEvent
 
 #: Bytes a pipe holds before writers wait (a single larger chunk is still accepted whole).
 DEFAULT_LIMIT = 8 * 1024 * 1024
@@ -41,9 +43,7 @@ class ThreadPipe:
     reader raise ``error`` (wrapped in BrokenResourceError on the trio side) once drained.
     """
 
-    def __init__(self, token: trio.lowlevel.TrioToken, *, limit: int = DEFAULT_LIMIT,
-                 message_bytes: int = DEFAULT_MESSAGE, pace: float = 0.0) -> None:
-        self._token = token
+    def __init__(self, *, limit: int = DEFAULT_LIMIT, message_bytes: int = DEFAULT_MESSAGE, pace: float = 0.0) -> None:
         self._cond = threading.Condition()
         self._chunks: collections.deque[bytes] = collections.deque()
         self._size = 0
@@ -53,7 +53,7 @@ class ThreadPipe:
         self._last_take = 0.0
         self._closed = False
         self.error: BaseException | None = None
-        self._trio_waiter: trio.Event | None = None
+        self._trio_waiter: HostEvent | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -65,7 +65,7 @@ class ThreadPipe:
 
     # -- shared, under the lock ------------------------------------------------------------
 
-    def _changed(self) -> trio.Event | None:
+    def _changed(self) -> HostEvent | None:
         """Wake waiting threads now; return the trio waiter to wake after the lock is released."""
         self._cond.notify_all()
         event, self._trio_waiter = self._trio_waiter, None
@@ -86,13 +86,6 @@ class ThreadPipe:
         self._size -= taken
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
-    def _wake_from_thread(self, event: trio.Event | None) -> None:
-        if event is not None:
-            try:
-                self._token.run_sync_soon(event.set)
-            except trio.RunFinishedError:  # the loop is gone: nobody is waiting any more
-                pass
-
     def close(self, error: BaseException | None = None) -> None:
         """End the pipe (idempotent; the first error given is kept). Callable from any thread."""
         with self._cond:
@@ -101,10 +94,7 @@ class ThreadPipe:
                 self.error = error
             event = self._changed()
         if event is not None:
-            if trio.lowlevel.in_trio_run() and trio.lowlevel.current_trio_token() is self._token:
-                event.set()
-            else:
-                self._wake_from_thread(event)
+            event.set()
 
     # -- thread side -------------------------------------------------------------------------
 
@@ -119,7 +109,8 @@ class ThreadPipe:
                 self._chunks.append(data)
                 self._size += len(data)
             event = self._changed()
-        self._wake_from_thread(event)
+        if event is not None:
+            event.set()
         return True
 
     def get_blocking(self) -> bytes | None:
@@ -137,7 +128,8 @@ class ThreadPipe:
             data = self._take(self._message)
             self._last_take = time.monotonic()
             event = self._changed()
-        self._wake_from_thread(event)
+        if event is not None:
+            event.set()
         return data
 
     def drain_iter(self):
@@ -158,7 +150,7 @@ class ThreadPipe:
                     self._size += len(data)
                     self._cond.notify_all()
                     break
-                waiter = self._trio_waiter = self._trio_waiter or trio.Event()
+                waiter = self._trio_waiter = self._trio_waiter or HostEvent.for_trio()
             await waiter.wait()
         await trio.lowlevel.checkpoint()
 
@@ -177,7 +169,7 @@ class ThreadPipe:
                         raise trio.BrokenResourceError(str(self.error)) from self.error
                     data = b""
                     break
-                waiter = self._trio_waiter = self._trio_waiter or trio.Event()
+                waiter = self._trio_waiter = self._trio_waiter or HostEvent.for_trio()
             await waiter.wait()
         await trio.lowlevel.checkpoint()
         return data

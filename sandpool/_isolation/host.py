@@ -28,6 +28,8 @@ from .._quantity import parse_memory
 from . import admission, hostview, images, network, probe
 from _sandpool_agent.confine import cgroups, storage
 
+#: The PATH of a sandbox's commands without the client's python first (an image's programs come first).
+BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: pids.max of a namespaces sandbox that sets no pids limit: a fork bomb stops here.
 DEFAULT_PIDS_LIMIT = 1024
 #: How often a request that waits for capacity re-checks even without a release in this runtime.
@@ -44,6 +46,13 @@ def ledger() -> admission.Ledger:
         if _ledger is None:
             _ledger = admission.Ledger(admission.machine_capacity())
         return _ledger
+
+
+def use_ledger(book: admission.Ledger) -> None:
+    """Make ``book`` the process's ledger (a Slurm job's: what Slurm allocated on the node, no more)."""
+    global _ledger
+    with _ledger_lock:
+        _ledger = book
 
 
 def reset_ledger() -> None:
@@ -162,9 +171,8 @@ class Isolation:
         user_env = spec.environment_variables
         defaults = {"HOME": home, "TMPDIR": "/tmp", "SANDPOOL_ROOT": "/"}
         if lower != "/":
-            from .._runtime.local import _BASE_PATH  # (imported here: _local imports this module)
 
-            defaults["PATH"] = _BASE_PATH  # the image's programs, not the host's python first
+            defaults["PATH"] = BASE_PATH  # the image's programs, not the host's python first
         defaults.update(pair.split("=", 1) for pair in image_env)  # under the spec's environment_variables
         env.update({k: v for k, v in defaults.items() if k not in user_env})
         layout = self.layout

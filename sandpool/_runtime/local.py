@@ -30,7 +30,7 @@ from .._errors import SandboxFailedError, SandboxUnavailableError
 from .._isolation import probe
 import _sandpool_agent
 from _sandpool_agent.confine import userns
-from .._isolation.host import Isolation
+from .._isolation.host import BASE_PATH, Isolation
 from . import statedir as _statedir
 from .contract import Runtime, SandboxRecord
 
@@ -40,7 +40,6 @@ _BOOT = (
     "from _sandpool_agent.template import main;main(int(sys.argv[1]),sys.argv[2])"
 )
 _log = logging.getLogger("sandpool")
-_BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _KILL_WAIT_SECONDS = 3.0
 _SANDBOX_NOFILE = "SANDPOOL_SANDBOX_NOFILE"  # the soft fd limit sandboxes get (the client's, before raising)
 
@@ -49,7 +48,7 @@ def sandbox_environment(spec: SandboxSpec, sandbox_id: str, root: str) -> dict[s
     """The clean environment of a sandbox: a few basics, then the spec's variables."""
     python_bin = os.path.dirname(sys.executable)
     return {
-        "PATH": f"{python_bin}:{_BASE_PATH}",
+        "PATH": f"{python_bin}:{BASE_PATH}",
         "HOME": root,
         "TMPDIR": os.path.join(root, "tmp"),
         "LANG": "C.UTF-8",
@@ -116,7 +115,7 @@ class LocalRuntime(Runtime):
                 # Never the client's own stdout/stderr: code in a sandbox can open its agent's
                 # descriptors (/proc/1/fd/1) and would write into (or truncate) the client's files.
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                env={"PATH": _BASE_PATH, "LANG": "C.UTF-8", _SANDBOX_NOFILE: str(self._sandbox_nofile),
+                env={"PATH": BASE_PATH, "LANG": "C.UTF-8", _SANDBOX_NOFILE: str(self._sandbox_nofile),
                      **_rootless_env()},
                 close_fds=True,
                 start_new_session=True,  # a terminal's Ctrl-C is for the client, which then stops sandboxes

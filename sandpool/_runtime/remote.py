@@ -1,10 +1,11 @@
 """RemoteRuntime: the sandboxes of a ``sandpool serve`` server, reached over gRPC from trio.
 
-gRPC's asyncio API cannot run inside trio, so this uses the sync API without blocking the loop:
-unary calls are gRPC futures whose completion wakes the trio task (cancelling the task cancels
-the call); each sandbox's data plane is one bidirectional stream whose two directions are
-:class:`ThreadPipe` s (gRPC pulls the request pipe in its own thread, a worker thread pulls
-responses), wrapped as a trio Stream so :class:`FrameChannel` runs over it unchanged. Frames are
+gRPC's asyncio API cannot run inside trio, so this uses the sync API without blocking the loop,
+through the bridge (``_grpc/bridge.py``): unary calls are gRPC futures whose completion wakes the
+trio task (cancelling the task cancels the call); each sandbox's data plane is one bidirectional
+stream whose two directions are :class:`ThreadPipe` s (gRPC pulls the request pipe in its own
+thread, a worker thread pulls responses), wrapped as a trio Stream so :class:`FrameChannel` runs
+over it unchanged. Frames are
 batched: whatever is queued when gRPC asks for the next message travels as one message.
 
 Ownership: opening the runtime takes a *lease* from the server, a stream held open while this
@@ -29,7 +30,7 @@ from .. import _errors
 from .._core.channel import FrameChannel
 from .._config import SandboxSpec
 from .._errors import SandboxNotFoundError, SandboxUnavailableError
-from .._grpc import endpoint, fastclient
+from .._grpc import bridge, endpoint, fastclient
 from .._grpc import messages as m
 from .contract import Runtime, SandboxRecord
 from .._grpc.threadpipe import PACE_SECONDS, PipeStream, ThreadPipe
@@ -120,7 +121,6 @@ class RemoteRuntime(Runtime):
         self._records: dict[str, SandboxRecord] = {}
         self._streams: dict[int, tuple[object, ThreadPipe, ThreadPipe]] = {}
         self._nursery: trio.Nursery | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
         self.lost: str | None = None  # why the server became unreachable, once it did
         #: whether attachments take the same-host fast socket (``_service/fastpath.py``); why not, if refused
         self.fast = False
@@ -147,7 +147,7 @@ class RemoteRuntime(Runtime):
         return grpc.secure_channel(self._target, grpc.ssl_channel_credentials(roots), options=_CHANNEL_OPTIONS)
 
     async def open(self, nursery: trio.Nursery) -> None:
-        self._nursery, self._token = nursery, trio.lowlevel.current_trio_token()
+        self._nursery = nursery
         self._channel = self._make_channel()
         for method in m.UNARY_METHODS:
             self._unary[method] = self._channel.unary_unary(m.path(method))
@@ -155,7 +155,7 @@ class RemoteRuntime(Runtime):
         self._logs_call = self._channel.unary_stream(m.path(m.LOGS_METHOD))
         self._lease_call = self._channel.unary_stream(m.path(m.LEASE_METHOD))(m.pack({}), metadata=self._metadata)
         try:
-            first = await trio.to_thread.run_sync(next, self._lease_call, abandon_on_cancel=True)
+            first = await bridge.next_message(self._lease_call)
         except grpc.RpcError as exc:
             self._channel.close()
             raise translate(exc, self.address) from exc
@@ -180,7 +180,7 @@ class RemoteRuntime(Runtime):
             except grpc.RpcError as exc:
                 return f"{exc.code().name}: {exc.details()}"
 
-        reason = await trio.to_thread.run_sync(drain, abandon_on_cancel=True)
+        reason = await bridge.in_thread(drain)
         if not self._closed:
             self.lost = f"lost the sandpool server at {self.address}: {reason}"
 
@@ -190,23 +190,8 @@ class RemoteRuntime(Runtime):
         if self._closed or self._channel is None:
             raise SandboxUnavailableError(f"the remote runtime for {self.address} is closed", sandbox_id=sandbox_id)
         future = self._unary[method].future(m.pack(request), timeout=timeout, metadata=self._metadata)
-        done = trio.Event()
-        token = trio.lowlevel.current_trio_token()
-
-        def wake(_future: object) -> None:  # in a gRPC thread, or here if already done
-            try:
-                token.run_sync_soon(done.set)
-            except trio.RunFinishedError:
-                pass
-
-        future.add_done_callback(wake)
         try:
-            await done.wait()
-        except BaseException:
-            future.cancel()
-            raise
-        try:
-            reply = future.result()
+            reply = await bridge.result_of(future)
         except grpc.RpcError as exc:
             raise translate(exc, self.address, sandbox_id) from exc
         return m.unpack(reply, f"{method} reply")
@@ -295,7 +280,7 @@ class RemoteRuntime(Runtime):
         try:
             while True:
                 try:
-                    message = await trio.to_thread.run_sync(next, call, None, abandon_on_cancel=True)
+                    message = await bridge.next_message(call)
                 except grpc.RpcError as exc:
                     raise translate(exc, self.address, sandbox_id) from exc
                 if message is None:
@@ -358,9 +343,9 @@ class RemoteRuntime(Runtime):
         return channel
 
     async def _open(self, record: SandboxRecord, *, fast: bool) -> FrameChannel:
-        assert self._token is not None and self._nursery is not None
-        inbound = ThreadPipe(self._token)
-        outbound = ThreadPipe(self._token, message_bytes=m.DATA_CHUNK_BYTES, pace=PACE_SECONDS)
+        assert self._nursery is not None
+        inbound = ThreadPipe()
+        outbound = ThreadPipe(message_bytes=m.DATA_CHUNK_BYTES, pace=PACE_SECONDS)
         metadata = (*self._metadata, (m.META_SANDBOX, record.sandbox_id))
         if fast:
             metadata += ((m.META_DATA_PLANE, m.DATA_PLANE_FAST),)
@@ -428,20 +413,9 @@ class RemoteRuntime(Runtime):
 
     async def _pump(self, record: SandboxRecord, call, inbound: ThreadPipe, key: int, pumped: trio.Event) -> None:
         """Move response messages into ``inbound`` (in a thread) until the stream ends; then say how."""
-
-        def read() -> tuple[str, object]:
-            try:
-                for message in call:
-                    if not inbound.put_blocking(message):
-                        call.cancel()
-                        break
-                return "ended", dict(call.trailing_metadata() or ())
-            except grpc.RpcError as exc:
-                return "failed", exc
-
         error = None
         try:
-            outcome, detail = await trio.to_thread.run_sync(read, abandon_on_cancel=True)
+            outcome, detail = await bridge.pump_responses(call, inbound)
             if outcome == "ended":
                 self._exit_report(record, detail)  # type: ignore[arg-type]
             elif inbound.closed:  # we closed the stream ourselves: detached, not lost

@@ -33,7 +33,7 @@ from .._errors import SandboxNotFoundError, SandboxNotRunningError, SandboxUnava
 from .._runtime.contract import Runtime, SandboxRecord
 from .._session.logs import LogBook, log_pieces
 from .._grpc import messages as m
-from . import limits
+from .._grpc import limits
 from .dataplane import Attachment, Hub
 from .journal import Journal
 from .policy import Policy
@@ -44,7 +44,6 @@ EXIT_REPORT_SECONDS = 3.0
 SWEEP_SECONDS = 0.25
 #: Ended sandboxes kept in memory (with their hub, for late attachments); older ones live on in the journal.
 KEEP_ENDED = 1000
-SHUTDOWN_REASON = "the sandpool server shut down"
 
 
 @dataclass(eq=False)
@@ -273,7 +272,7 @@ class Fleet:
         with trio.CancelScope(shield=True):
             async with trio.open_nursery() as nursery:
                 for h in list(self.sandboxes.values()):
-                    nursery.start_soon(self._stop, h, 0.0, SHUTDOWN_REASON)
+                    nursery.start_soon(self._stop, h, 0.0, m.SHUTDOWN_REASON)
             self.journal.close()
             for h in self.sandboxes.values():
                 _close_log(h)

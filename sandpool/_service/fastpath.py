@@ -43,29 +43,17 @@ from .._functions import bulk as _bulk
 from .._errors import ProtocolError
 from . import workerlink
 from .peergate import peer_uid
+from .._grpc.fastplane import ACK, ATTACH, TICKET_BYTES, WORKER, host_id
 from .._grpc.rawsocket import RawSocketStream
 
 log = logging.getLogger("sandpool.serve")
 
-TICKET_BYTES = 32
 TICKET_SECONDS = 10.0
-ACK = b"\x01"
-#: the first byte of a connection: it redeems an attachment's ticket, or opens a worker line
-ATTACH, WORKER = b"A", b"W"
 SOCKET_NAME = "fast.sock"
 #: connections that have not shown a ticket yet, at most (more are closed at accept)
 MAX_PENDING = 64
 #: the same prefix as the listener's private directories, so a killed server's are swept alike
 PRIVATE_PREFIX = "sandpool-serve-"
-
-
-def host_id() -> str:
-    """This machine's identity for the fast plane: its boot id (same kernel, same machine)."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 class FastEnd:

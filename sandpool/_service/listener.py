@@ -35,10 +35,13 @@ _SERVER_OPTIONS = [
 
 
 class Listening:
-    """The listener of one ``sandpool serve`` (see the module docstring)."""
+    """The listener of one ``sandpool serve`` (see the module docstring). Without ``publish`` (a
+    Slurm job's server, whose client learns its address from the job's directory) no listener record
+    is written."""
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, *, publish: bool = True) -> None:
         self.service = None
+        self.publish = publish
         self.config = config
         self.listen: str = config.listen
         host, port = auth.split_listen(self.listen)
@@ -58,7 +61,7 @@ class Listening:
 
     def reserve(self) -> None:
         """Take the listener's record (OSError naming the server that holds it)."""
-        if self._fixed:
+        if self._fixed and self.publish:
             self.record = endpoint.ListenerRecord(self.listen).acquire()
 
     def start(self, service) -> str:
@@ -71,6 +74,8 @@ class Listening:
         else:
             self.server, self.address = build_server(self.service, dataclasses.replace(self.config, token=self.token))
             self.server.start()
+        if not self.publish:
+            return self.address
         if self.record is None:
             self.record = endpoint.ListenerRecord(self.address).acquire()
         self.record.write(token=self.token if self.generated_token else None)  # --token-file's: the operator hands it out

@@ -1,9 +1,10 @@
 """``sandpool serve``: the gRPC server around a Fleet, and the process's main loop.
 
 gRPC's sync server runs handlers in a thread pool; each handler calls into the server's trio loop
-(``trio.from_thread``), where the Fleet and its LocalRuntime live. A data-plane stream uses two
-threads: the pool thread yields response messages from a ThreadPipe, and a helper thread moves
-request messages into another. Exceptions become gRPC statuses in :func:`_abort`, and only there.
+through the bridge (``_grpc/bridge.py``), where the Fleet and its LocalRuntime live. A data-plane
+stream uses two threads: the pool thread yields response messages from a ThreadPipe, and a helper
+thread moves request messages into another. Exceptions become gRPC statuses in :func:`_abort`, and
+only there.
 
 SIGTERM or SIGINT shut down gracefully: no new sandboxes, every sandbox stopped, every stream
 ended with its sandbox's exit report, the journal closed, then exit 0. If the server is killed
@@ -13,13 +14,16 @@ instead, its LocalRuntime's template sees its control socket close and kills eve
 from __future__ import annotations
 
 import contextlib
-
+import functools
 import logging
 import os
 import signal
 import sys
 import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import grpc
 import trio
@@ -32,18 +36,23 @@ from .._errors import (
     SandboxUnavailableError,
 )
 from .._runtime.local import LocalRuntime
+from .._grpc.bridge import RpcEnded, ServerBridge
 from .._grpc.threadpipe import PACE_SECONDS, ThreadPipe
 from .._isolation import probe
-from . import auth, journal, limits
+from . import auth, journal
+from .._grpc import limits
 from .._grpc import endpoint
 from .._grpc import messages as m
 from .control import Fleet
 from . import fastpath
 from .fastpath import FastEnd, FastPlane
-from .listener import Listening, build_server  # noqa: F401 (build_server: also the Slurm job server's)
+from .listener import Listening
 from .policy import Policy, Refused
 
 log = logging.getLogger("sandpool.serve")
+
+#: ``also(address, token, open_log)`` of :func:`serve_async`: another API served beside this one
+AlsoServe = Callable[[str, "str | None", Callable[[str], "BinaryIO | None"]], AbstractAsyncContextManager]
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -61,8 +70,6 @@ class ServeConfig:
     orphan_grace_seconds: float = 60.0
     record_file: str | None = None
     max_streams: int = 512
-    #: also serve cwsandbox's own gRPC API (coreweave.sandbox.v1) on this address, same sandboxes
-    cwsandbox_listen: str | None = None
     min_isolation: str | None = None
     allow_host_network: bool | None = None
     allow_uids: tuple[int, ...] = ()
@@ -92,7 +99,7 @@ _CODES = [
     (SandboxResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (SandboxUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (SandboxNotRunningError, grpc.StatusCode.FAILED_PRECONDITION),
-    (trio.RunFinishedError, grpc.StatusCode.UNAVAILABLE),
+    (RpcEnded, grpc.StatusCode.CANCELLED),
 ]
 
 
@@ -101,8 +108,6 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     code = next((c for cls, c in _CODES if isinstance(exc, cls)), grpc.StatusCode.INTERNAL)
     if code == grpc.StatusCode.INTERNAL:
         log.error("internal error in a call", exc_info=exc)
-    if isinstance(exc, trio.RunFinishedError):
-        exc = SandboxUnavailableError("the sandpool server is shutting down")
     name = "CWSandboxAuthenticationError" if isinstance(exc, Refused) else m.error_name(exc)
     context.set_trailing_metadata(((m.META_ERROR, name),))
     context.abort(code, str(exc) or type(exc).__name__)
@@ -114,6 +119,7 @@ class Service:
     def __init__(self, fleet: Fleet, token: trio.lowlevel.TrioToken, fastplane: FastPlane | None = None) -> None:
         self.fleet = fleet
         self.token = token
+        self.bridge = ServerBridge(token, fleet.nursery)
         self.fastplane = fastplane
         self._leases: set[threading.Event] = set()
         self._lock = threading.Lock()
@@ -140,8 +146,7 @@ class Service:
             try:
                 limits.request_bytes(f"{name} request", len(request))
                 message = m.unpack(request, f"{name} request")
-                reply = trio.from_thread.run(method, message, context.peer(), trio_token=self.token)
-                return m.pack(reply)
+                return m.pack(self.bridge.run(context, method, message, context.peer()))
             except Exception as exc:
                 _abort(context, exc)
 
@@ -151,7 +156,7 @@ class Service:
         """Name the caller's lease, then hold the stream open until the caller goes away."""
         try:
             limits.request_bytes("Lease request", len(request))
-            lease = trio.from_thread.run_sync(self.fleet.open_lease, context.peer(), trio_token=self.token)
+            lease = self.bridge.run_sync(self.fleet.open_lease, context.peer())
         except Exception as exc:
             _abort(context, exc)
         ended = threading.Event()
@@ -167,55 +172,31 @@ class Service:
         finally:
             with self._lock:
                 self._leases.discard(ended)
-            try:
-                self.token.run_sync_soon(self.fleet.lease_lost, lease)
-            except trio.RunFinishedError:
-                pass
+            self.bridge.soon(self.fleet.lease_lost, lease)
 
     def logs(self, request: bytes, context: grpc.ServicerContext):
-        """A sandbox's main log (``Fleet.log_lines``), read in the trio loop by a task that stops when
-        the call ends, handed over through a small bounded channel, sent in batches of lines."""
+        """A sandbox's main log (``Fleet.log_pieces``), read in the trio loop by a task that stops when
+        the call ends, handed over through a small bounded outbox, sent in messages of lines."""
         try:
             limits.request_bytes("Logs request", len(request))
             message = m.unpack(request, "Logs request")
-            receive, scope = trio.from_thread.run(self._start_logs, message, trio_token=self.token)
+            with contextlib.closing(self.bridge.stream(context, self._read_log, message,
+                                                       buffer=_LOG_BUFFER)) as batches:
+                for batch in batches:
+                    for reply in _log_replies(batch):
+                        yield m.pack(reply)
         except Exception as exc:
             _abort(context, exc)
 
-        def ended() -> None:
-            try:
-                self.token.run_sync_soon(scope.cancel)
-            except trio.RunFinishedError:
-                pass
-
-        if not context.add_callback(ended):
-            ended()
+    async def _read_log(self, message: dict, outbox) -> None:
+        pieces = self.fleet.log_pieces(message)  # its error (NotFound, ...) is the call's
         try:
-            while batch := trio.from_thread.run(_log_batch, receive, trio_token=self.token):
-                yield m.pack({"lines": [line for line, _ in batch], "offset": batch[-1][1]})
-        except Exception as exc:
-            _abort(context, exc)
-        finally:
-            ended()
-
-    async def _start_logs(self, message: dict):
-        pieces = self.fleet.log_pieces(message)
-        send, receive = trio.open_memory_channel(_LOG_BUFFER)
-        scope = trio.CancelScope()
-
-        async def produce() -> None:
-            with scope:
-                async with send:
-                    try:
-                        async for piece in pieces:
-                            await send.send(piece)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        pass  # the call's end closed the other side
-                    except Exception:  # the stream ends short; the server and its other calls go on
-                        log.exception("reading the main log of %s", message.get("sandbox_id"))
-
-        self.fleet.nursery.start_soon(produce)
-        return receive, scope
+            async for piece in pieces:
+                await outbox.send(piece)
+        except trio.BrokenResourceError:
+            pass  # the call ended: nobody reads any more
+        except Exception:  # the stream ends short; the server and its other calls go on
+            log.exception("reading the main log of %s", message.get("sandbox_id"))
 
     def attach(self, request_iterator, context: grpc.ServicerContext):
         """One sandbox's data plane: bytes of wire frames both ways (see ``dataplane.py``), or, for a
@@ -231,11 +212,10 @@ class Service:
         if metadata.get(m.META_DATA_PLANE) == m.DATA_PLANE_FAST and self.fastplane is not None:
             yield from self._attach_fast(sandbox_id, context)
             return
-        inbound = ThreadPipe(self.token)
-        outbound = ThreadPipe(self.token, message_bytes=m.DATA_CHUNK_BYTES, pace=PACE_SECONDS)
+        inbound = ThreadPipe()
+        outbound = ThreadPipe(message_bytes=m.DATA_CHUNK_BYTES, pace=PACE_SECONDS)
         try:
-            att = trio.from_thread.run(self.fleet.attach, sandbox_id, inbound, outbound, context.peer(),
-                                       trio_token=self.token)
+            att = self.bridge.run(context, self.fleet.attach, sandbox_id, inbound, outbound, context.peer())
         except Exception as exc:
             _abort(context, exc)
 
@@ -244,8 +224,7 @@ class Service:
             outbound.close()
 
         context.add_callback(closed)
-        threading.Thread(target=_pump_requests, args=(request_iterator, inbound), daemon=True,
-                         name=f"sandpool-attach-{sandbox_id}").start()
+        self.bridge.pump(request_iterator, inbound, f"sandpool-attach-{sandbox_id}")
         while (chunk := outbound.get_blocking()) is not None:
             yield chunk
         _end_stream(context, att)
@@ -255,8 +234,8 @@ class Service:
         assert self.fastplane is not None
         end = FastEnd(self.token)
         try:
-            att, offer = trio.from_thread.run(fastpath.attach, self.fleet, self.fastplane, sandbox_id, end,
-                                              context.peer(), trio_token=self.token)
+            att, offer = self.bridge.run(context, fastpath.attach, self.fleet, self.fastplane, sandbox_id, end,
+                                         context.peer())
         except Exception as exc:
             _abort(context, exc)
         if not context.add_callback(end.close_from_thread):  # the call ended already
@@ -275,21 +254,18 @@ class Service:
 _LOG_BUFFER = 16  # lines between a Logs call's reader and its gRPC thread (each at most 1 MiB)
 
 
-async def _log_batch(receive: trio.MemoryReceiveChannel) -> list[tuple[str, int]]:
-    """The next (line, offset after it) of a Logs call (at least one, up to ``LOG_BATCH_BYTES`` of
-    lines); [] once all are sent."""
-    try:
-        batch = [await receive.receive()]
-    except trio.EndOfChannel:
-        return []
-    size = len(batch[0][0])
-    while size < m.LOG_BATCH_BYTES:
-        try:
-            batch.append(receive.receive_nowait())
-        except (trio.WouldBlock, trio.EndOfChannel):
-            break
-        size += len(batch[-1][0])
-    return batch
+def _log_replies(batch: list[tuple[str, int]]):
+    """The Logs replies for a batch of (line, offset after it): lines up to ``LOG_BATCH_BYTES`` each
+    (a longer line alone), with the offset after their last."""
+    lines, size = [], 0
+    for line, offset in batch:
+        lines.append(line)
+        size += len(line)
+        if size >= m.LOG_BATCH_BYTES:
+            yield {"lines": lines, "offset": offset}
+            lines, size = [], 0
+    if lines:
+        yield {"lines": lines, "offset": batch[-1][1]}
 
 
 def _end_stream(context: grpc.ServicerContext, att) -> None:
@@ -302,54 +278,78 @@ def _end_stream(context: grpc.ServicerContext, att) -> None:
     context.set_trailing_metadata(tuple((k, str(v)) for k, v in dict(detail).items()))
 
 
-def _pump_requests(request_iterator, inbound: ThreadPipe) -> None:
-    try:
-        for message in request_iterator:
-            if not inbound.put_blocking(message):
-                return
-    except Exception:  # the client went away; the stream's own status says how
-        pass
-    finally:
-        inbound.close()
+@dataclass(frozen=True)
+class Running:
+    """A server that :func:`open_server` started: its fleet, its gRPC service and the address it is bound to."""
+
+    fleet: Fleet
+    service: Service
+    bound: str
 
 
-async def serve_async(config: ServeConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve until SIGTERM/SIGINT (or cancellation); then stop everything and return."""
-    record = journal.Journal(config.record_file or journal.default_path(config.listen))
-    listening = Listening(config)
-    listening.reserve()  # before anything starts: a second server on this address stops here
+@contextlib.asynccontextmanager
+async def open_server(config: ServeConfig, listening: Listening, record: journal.Journal, *,
+                      policy: Policy | None, fast_plane: bool) -> AsyncIterator[Running]:
+    """The bootstrap of every sandpool server (``sandpool serve``, a Slurm job's): a LocalRuntime and
+    the Fleet on it (checking ``policy``, if any), the gRPC service (with the same-host fast plane if
+    ``fast_plane``) bound by ``listening``, and the orphan sweep; yields them running.
+
+    However the block ends, :func:`shut_down` runs (every sandbox stopped, leases ended, gRPC
+    stopped, the runtime released), then ``listening`` and ``record`` (opened by the caller) close.
+    """
     try:
-        settled = record.open()
-        if settled:
-            log.info("%d sandbox(es) of an earlier run recorded as terminated", len(settled))
         runtime = LocalRuntime()
         async with trio.open_nursery() as nursery:
             await runtime.open(nursery)
-            fleet = Fleet(runtime, record, nursery, orphan_grace=config.orphan_grace_seconds,
-                          policy=config.policy(), auto_level=probe.best)
+            fleet = Fleet(runtime, record, nursery, orphan_grace=config.orphan_grace_seconds, policy=policy,
+                          auto_level=probe.best if policy is not None else None)
             token = trio.lowlevel.current_trio_token()
-            fastplane = FastPlane(token)
-            await nursery.start(fastplane.serve)
+            fastplane = None
+            if fast_plane:
+                fastplane = FastPlane(token)
+                await nursery.start(fastplane.serve)
             service = Service(fleet, token, fastplane)
             try:
                 bound = listening.start(service)
                 nursery.start_soon(fleet.sweep_orphans)
-                scheme = "tls://" if config.tls_cert else ""
-                token_note = f"; token in {listening.record.token_path}" if listening.generated_token else ""
-                print(f"sandpool serve: listening on {scheme}{bound} (pid {os.getpid()}){token_note}", flush=True)
-                log.info("policy: %s", fleet.policy)
-                task_status.started(bound)
-                async with _cwsandbox_listener(config, bound, listening.token, fleet.open_log):
-                    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                        async for signum in signals:
-                            log.info("%s: stopping every sandbox", signal.Signals(signum).name)
-                            break
+                yield Running(fleet, service, bound)
             finally:
                 await shut_down(fleet, service, listening.server, runtime)
                 nursery.cancel_scope.cancel()
     finally:
         listening.close()
         record.close()
+
+
+async def serve_async(config: ServeConfig, *, also: AlsoServe | None = None,
+                      task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve until SIGTERM/SIGINT (or cancellation); then stop everything and return.
+
+    ``also(address, token, open_log)``, if given, is an async context manager held open while the
+    server runs: another API over the same fleet (the CLI's ``--cwsandbox``), reaching this server
+    at ``address`` with ``token``, and reading main logs with ``open_log(sandbox_id)``."""
+    record = journal.Journal(config.record_file or journal.default_path(config.listen))
+    listening = Listening(config)
+    listening.reserve()  # before anything starts: a second server on this address stops here
+    try:
+        settled = record.open()
+    except BaseException:
+        listening.close()
+        record.close()
+        raise
+    if settled:
+        log.info("%d sandbox(es) of an earlier run recorded as terminated", len(settled))
+    async with open_server(config, listening, record, policy=config.policy(), fast_plane=True) as server:
+        scheme = "tls://" if config.tls_cert else ""
+        token_note = f"; token in {listening.record.token_path}" if listening.generated_token else ""
+        print(f"sandpool serve: listening on {scheme}{server.bound} (pid {os.getpid()}){token_note}", flush=True)
+        log.info("policy: %s", server.fleet.policy)
+        task_status.started(server.bound)
+        async with also(server.bound, listening.token, server.fleet.open_log) if also else _nothing():
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info("%s: stopping every sandbox", signal.Signals(signum).name)
+                    break
 
 
 async def shut_down(fleet: Fleet, service: Service, server: grpc.Server | None, runtime: LocalRuntime) -> None:
@@ -363,28 +363,15 @@ async def shut_down(fleet: Fleet, service: Service, server: grpc.Server | None, 
 
 
 @contextlib.asynccontextmanager
-async def _cwsandbox_listener(config: ServeConfig, bound: str, token: str | None, open_log):
-    """With ``--cwsandbox``: cwsandbox's API on its own listener, backed by a session of this very
-    server, so sandboxes made through either API are the same fleet (``sandpool ls`` shows both),
-    and this server's policy applies to both. Its API key is this server's token, or one it makes.
-    Its StreamLogs reads the fleet's own main logs (``open_log``)."""
-    if config.cwsandbox_listen is None:
-        yield
-        return
-    from .._cwsandbox._server import open_published_server
-    from .._session.session import Session
-
-    async with Session(address=bound, token=token) as session, \
-            open_published_server(session, config.cwsandbox_listen, token=config.token,
-                                  open_log=open_log) as (address, export):
-        print(f"sandpool serve: cwsandbox API on {address}; {export}", flush=True)
-        yield
+async def _nothing() -> AsyncIterator[None]:
+    yield
 
 
-def serve(config: ServeConfig) -> int:
-    """Run the server in this process until it is told to stop; the exit status."""
+def serve(config: ServeConfig, *, also: AlsoServe | None = None) -> int:
+    """Run the server in this process until it is told to stop; the exit status. ``also``: see
+    :func:`serve_async`."""
     logging.basicConfig(level=logging.INFO, format="sandpool serve: %(message)s", stream=sys.stderr)
-    trio.run(serve_async, config)
+    trio.run(functools.partial(serve_async, config, also=also))
     sys.stdout.flush()
     sys.stderr.flush()
     # gRPC's pool threads are not daemons; one still blocked must not keep a stopped server alive

@@ -101,10 +101,9 @@ async def run_job(job_dir: str, env: dict[str, str]) -> int:
 
     from .._isolation import host
     from .._grpc import messages as m
-    from .control import Fleet
     from .journal import Journal
-    from .server import ServeConfig, Service, build_server, shut_down
-    from .._runtime.local import LocalRuntime
+    from .listener import Listening
+    from .server import ServeConfig, open_server
 
     with open(os.path.join(job_dir, "token")) as f:
         token = f.read().strip()
@@ -114,49 +113,40 @@ async def run_job(job_dir: str, env: dict[str, str]) -> int:
     # the client's import path, where it exists here (a shared file system): the sandbox's template
     # inherits it, so functions pickled by reference to the client's modules unpickle on the node
     sys.path += [p for p in job.get("sys_path", ()) if p not in sys.path and os.path.isdir(p)]
-    with host._ledger_lock:  # the node-local admission ledger holds what Slurm allocated, no more
-        host._ledger = admission.Ledger(allocation(env, admission.machine_capacity()))
+    # the node-local admission ledger holds what Slurm allocated, no more
+    host.use_ledger(admission.Ledger(allocation(env, admission.machine_capacity())))
     address_file = os.path.join(job_dir, "address.json")
     config = ServeConfig(listen=f"{node_address(env)}:0", token=token,
                          orphan_grace_seconds=float(job.get("orphan_grace_seconds", 30.0)),
                          record_file=os.path.join(job_dir, "journal.jsonl"))
     journal = Journal(config.record_file)
     journal.open()
-    runtime = LocalRuntime()
     status = 0
-    async with trio.open_nursery() as nursery:
-        await runtime.open(nursery)
-        fleet = Fleet(runtime, journal, nursery, orphan_grace=config.orphan_grace_seconds)
-        service = Service(fleet, trio.lowlevel.current_trio_token())
-        server, bound = build_server(service, config)
-        server.start()
-        try:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                try:
-                    info = await fleet.rpc_create({"spec": m.spec_to_dict(spec)}, "slurm")
-                except Exception as exc:  # the client reads why, and fails the start with it
-                    _write_json(address_file, {"error": f"{type(exc).__name__}: {exc}", "node": env.get(
-                        "SLURMD_NODENAME")})
-                    return 1
-                _write_json(address_file, {"address": bound, "sandbox_id": info["sandbox_id"],
-                                           "node": env.get("SLURMD_NODENAME"), "job_id": env.get("SLURM_JOB_ID"),
-                                           "pid": os.getpid(), "launched_at": launched_at(),
-                                           "ready_at": time.time()})
-                nursery.start_soon(fleet.sweep_orphans)
-                hosted = fleet.sandboxes[info["sandbox_id"]]
-                async with trio.open_nursery() as waiting:
-                    async def on_signal() -> None:
-                        async for signum in signals:
-                            log.info("%s: stopping the sandbox", signal.Signals(signum).name)
-                            waiting.cancel_scope.cancel()
+    async with open_server(config, Listening(config, publish=False), journal, policy=None,
+                           fast_plane=False) as server:
+        fleet = server.fleet
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            try:
+                info = await fleet.rpc_create({"spec": m.spec_to_dict(spec)}, "slurm")
+            except Exception as exc:  # the client reads why, and fails the start with it
+                _write_json(address_file, {"error": f"{type(exc).__name__}: {exc}", "node": env.get(
+                    "SLURMD_NODENAME")})
+                return 1
+            _write_json(address_file, {"address": server.bound, "sandbox_id": info["sandbox_id"],
+                                       "node": env.get("SLURMD_NODENAME"), "job_id": env.get("SLURM_JOB_ID"),
+                                       "pid": os.getpid(), "launched_at": launched_at(),
+                                       "ready_at": time.time()})
+            hosted = fleet.sandboxes[info["sandbox_id"]]
+            async with trio.open_nursery() as waiting:
+                async def on_signal() -> None:
+                    async for signum in signals:
+                        log.info("%s: stopping the sandbox", signal.Signals(signum).name)
+                        waiting.cancel_scope.cancel()
 
-                    waiting.start_soon(on_signal)
-                    await hosted.ended.wait()
-                    waiting.cancel_scope.cancel()
-                status = 1 if hosted.state.status == SandboxStatus.FAILED else 0
-        finally:
-            await shut_down(fleet, service, server, runtime)
-            nursery.cancel_scope.cancel()
+                waiting.start_soon(on_signal)
+                await hosted.ended.wait()
+                waiting.cancel_scope.cancel()
+            status = 1 if hosted.state.status == SandboxStatus.FAILED else 0
     return status
 
 

@@ -19,7 +19,7 @@ from service_helpers import ServerProcess
 
 from sandpool import Session
 from _sandpool_agent import wire as _wire
-from sandpool._service import limits
+from sandpool._grpc import limits
 from sandpool._grpc import messages as m
 
 INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND

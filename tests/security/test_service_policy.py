@@ -24,7 +24,7 @@ from service_helpers import REPO, ServerProcess, wait_until
 
 from sandpool import Sandbox, SandboxFailedError, Session
 from sandpool._grpc import endpoint
-from sandpool._service import limits
+from sandpool._grpc import limits
 from sandpool._grpc import messages as m
 
 pytestmark = pytest.mark.needs_root("the server under attack runs as root, as deployed; the attacker is "

@@ -21,7 +21,8 @@ from sandpool._runtime.remote import parse_address, translate
 from sandpool._grpc import threadpipe as _threadpipe
 from sandpool._grpc.threadpipe import PipeStream, ThreadPipe
 from sandpool._errors import ProtocolError
-from sandpool._service import auth, limits
+from sandpool._grpc import limits
+from sandpool._service import auth
 from sandpool._grpc import endpoint, frames
 from sandpool._grpc import messages as m
 from sandpool._service.control import Hosted, decide_orphans
@@ -34,7 +35,7 @@ from sandpool._service.policy import Policy, Refused
 def test_thread_to_trio_keeps_order_and_batches_what_is_queued():
     """Chunks a thread puts arrive in order; a reader takes everything queued at once (one message)."""
     async def main():
-        pipe = ThreadPipe(trio.lowlevel.current_trio_token(), message_bytes=1000)
+        pipe = ThreadPipe(message_bytes=1000)
 
         def produce():
             for i in range(100):
@@ -53,7 +54,7 @@ def test_thread_to_trio_keeps_order_and_batches_what_is_queued():
 def test_trio_to_thread_is_bounded_and_split_into_messages():
     """A trio writer waits while the pipe is full; a thread reader takes at most one message each."""
     async def main():
-        pipe = ThreadPipe(trio.lowlevel.current_trio_token(), limit=10, message_bytes=4)
+        pipe = ThreadPipe(limit=10, message_bytes=4)
         got = []
         reader = threading.Thread(target=lambda: got.extend(pipe.drain_iter()))
         for i in range(5):
@@ -69,7 +70,7 @@ def test_trio_to_thread_is_bounded_and_split_into_messages():
 def test_closing_with_an_error_breaks_the_trio_side_after_the_data():
     """close(error): the reader first gets what was queued, then BrokenResourceError from the error."""
     async def main():
-        pipe = ThreadPipe(trio.lowlevel.current_trio_token())
+        pipe = ThreadPipe()
         pipe.put_blocking(b"last words")
         pipe.close(ConnectionError("server gone"))
         assert await pipe.receive() == b"last words"
@@ -84,8 +85,7 @@ def test_closing_with_an_error_breaks_the_trio_side_after_the_data():
 def test_pipe_stream_is_a_trio_stream_and_aclose_closes_both_ways():
     """PipeStream carries bytes out and in, and aclose() closes both pipes and calls on_close once."""
     async def main():
-        token = trio.lowlevel.current_trio_token()
-        inbound, outbound = ThreadPipe(token), ThreadPipe(token)
+        inbound, outbound = ThreadPipe(), ThreadPipe()
         closed = []
         stream = PipeStream(inbound, outbound, on_close=lambda: closed.append(1))
         await stream.send_all(b"out")
@@ -273,7 +273,7 @@ def test_pacing_batches_a_busy_stream_but_not_a_lone_message(monkeypatch):
     monkeypatch.setattr(_threadpipe, "time", clock)
 
     async def main():
-        pipe = ThreadPipe(trio.lowlevel.current_trio_token(), pace=0.05)
+        pipe = ThreadPipe(pace=0.05)
         await pipe.send(b"lone")
         assert await trio.to_thread.run_sync(pipe.get_blocking) == b"lone"
         assert clock.pauses == []  # no wait after a quiet gap

@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import math
 import signal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -24,10 +24,24 @@ from . import codec as _fakecodec, script as _fakescript
 from .script import FakeCall, FakeCommand, FakeExec
 
 if TYPE_CHECKING:
-    from .runtime import FakeSandbox
+    from ..contract import SandboxRecord
 
 #: The fake pid of exec'd processes starts here (the agent itself is ``FAKE_PID``).
 FAKE_PID = 1
+
+
+class Box(Protocol):
+    """What an agent reads and records of its sandbox (``runtime.FakeSandbox``, which builds agents)."""
+
+    record: SandboxRecord
+    script: Any  # the runtime's script: ``execs`` (a checked table), ``calls``, ``die_after``
+    cwd: str
+    env: dict[str, str]
+    files: dict[str, bytes]
+    execs: list[list[str]]
+    calls: list[str]
+    escalated: list[list[str]]
+    main_log: bytearray
 
 
 class _Proc:
@@ -53,7 +67,7 @@ class _Proc:
 class FakeAgent:
     """Serves one fake sandbox's frames until it is stopped, its main command ends, or it dies."""
 
-    def __init__(self, box: FakeSandbox, stream: trio.abc.Stream) -> None:
+    def __init__(self, box: Box, stream: trio.abc.Stream) -> None:
         self.box = box
         self.script = box.script
         self.chan = FrameChannel(stream)

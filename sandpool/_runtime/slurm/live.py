@@ -26,7 +26,7 @@ import trio
 from ..._core import lifecycle as _lifecycle
 from ..._config import SandboxStatus
 from ..._errors import SandboxUnavailableError, SandpoolError
-from ..._service.control import SHUTDOWN_REASON
+from ..._grpc.messages import SHUTDOWN_REASON
 from . import cli
 from .place import SUSPECT_SECONDS, Placement, end_reason, ended_by_slurm
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import msgpack
 
-from .._grpc import messages as m
+from . import messages as m
 
 #: One encoded control-plane request (Create, Get, List, Stop, Delete, Release, Lease, Logs).
 MAX_REQUEST_BYTES = 1 << 20
@@ -42,7 +42,8 @@ MAX_SUMMARY_BYTES = 8192
 MAX_ID_BYTES = 128
 
 
-def _short(value: object, limit: int = 60) -> str:
+def short(value: object, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a client's value quoted in an error message."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
 
@@ -78,12 +79,12 @@ def text(field: str, value: object, bound: int, *, optional: bool = False) -> in
     if value is None and optional:
         return 0
     if not isinstance(value, str):
-        raise TypeError(f"{field} must be a str, got {type(value).__name__} {_short(value)}")
+        raise TypeError(f"{field} must be a str, got {type(value).__name__} {short(value)}")
     size = len(value.encode("utf-8", "surrogatepass"))
     if size > bound:
         raise ValueError(f"{field} is {size} bytes, above the {bound}-byte limit; shorten it")
     if "\0" in value:
-        raise ValueError(f"{field} contains a NUL byte: {_short(value)}; remove it (no program can receive it)")
+        raise ValueError(f"{field} contains a NUL byte: {short(value)}; remove it (no program can receive it)")
     return size
 
 
@@ -98,7 +99,7 @@ def strings(field: str, value: object, *, count: int, each: int, optional: bool 
     if value is None and optional:
         return 0
     if not isinstance(value, (list, tuple)):
-        raise TypeError(f"{field} must be a list of str, got {type(value).__name__} {_short(value)}")
+        raise TypeError(f"{field} must be a list of str, got {type(value).__name__} {short(value)}")
     if len(value) > count:
         raise ValueError(f"{field} has {len(value)} entries, above the limit of {count}; send fewer")
     return sum(text(f"{field}[{i}]", item, each) for i, item in enumerate(value))
@@ -110,16 +111,16 @@ def mapping(field: str, value: object, *, count: int, each: int, env: bool = Fal
     if value is None and optional:
         return 0
     if not isinstance(value, Mapping):
-        raise TypeError(f"{field} must be a map of str to str, got {type(value).__name__} {_short(value)}")
+        raise TypeError(f"{field} must be a map of str to str, got {type(value).__name__} {short(value)}")
     if len(value) > count:
         raise ValueError(f"{field} has {len(value)} entries, above the limit of {count}; send fewer")
     total = 0
     for key, item in value.items():
-        size = text(f"{field} name", key, each) + text(f"{field}[{_short(key, 30)}]", item, each) + 1
+        size = text(f"{field} name", key, each) + text(f"{field}[{short(key, 30)}]", item, each) + 1
         if size > each:
-            raise ValueError(f"{field} entry {_short(key, 30)} is {size} bytes, above the {each}-byte limit")
+            raise ValueError(f"{field} entry {short(key, 30)} is {size} bytes, above the {each}-byte limit")
         if env and (not key or "=" in key):
-            raise ValueError(f"{field} name {_short(key)} is invalid: names must be non-empty and without '='")
+            raise ValueError(f"{field} name {short(key)} is invalid: names must be non-empty and without '='")
         total += size
     return total
 
