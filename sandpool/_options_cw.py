@@ -105,12 +105,7 @@ def _runtime_class(value: object) -> str:
 
 
 def _network(value: object, frozen: Callable[[dict], Any]) -> object:
-    """NetworkOptions in plain form; ingress rules (in any form) are refused until issue 16."""
-    ingress = value.get("ingress") if isinstance(value, Mapping) else getattr(value, "ingress", None)
-    if ingress:
-        raise NotSupportedLocallyError(f"network ingress rules are not supported locally yet ({STATE_ISSUE}); "
-                                       f"drop ingress=..., a local sandbox accepts no connections from "
-                                       f"outside unless network='host'", feature="network.ingress")
+    """NetworkOptions in plain form (the rules' local meaning: _isolation.network, docs/network.md)."""
     if isinstance(value, t.NetworkOptions):  # plain, so that it can travel to a sandpool server
         return _plain(value, frozen)
     return value  # other forms are interpreted (or refused) when the sandbox starts: _isolation.network

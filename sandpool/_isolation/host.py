@@ -25,7 +25,7 @@ import trio
 from .._config import SandboxSpec
 from .._errors import SandboxFailedError, SandboxResourceExhaustedError
 from .._quantity import parse_memory
-from . import admission, hostview, images, network, probe
+from . import admission, bridge, hostview, images, network, probe
 from _sandpool_agent.confine import cgroups, storage
 
 #: pids.max of a namespaces sandbox that sets no pids limit: a fork bomb stops here.
@@ -120,6 +120,8 @@ class Isolation:
         config["env"].update(grant.environment())
         if record.isolation in ("namespaces", "oci"):
             self._namespaces_config(record, config, owner_dir, mode, lower)
+            if mode == "bridge":
+                await bridge.prepare(record, config, config["namespaces"], self.key, owner_dir)
         if record.isolation == "oci":
             config["oci"] = config.pop("namespaces")  # the same plan, carried out by crun
 
@@ -189,12 +191,17 @@ class Isolation:
         elif spec.resources is not None and spec.resources.cpu_limit:
             _not_enforced("cpu", "no cgroup here" if os.geteuid() == 0 else "rootless, with no delegated cgroup")
 
+    def started(self, record, nursery: trio.Nursery) -> None:
+        """The agent answered its handshake (it is in its namespaces): the bridge network's part."""
+        bridge.started(record, nursery)
+
     # -- end -------------------------------------------------------------------------------
 
     def release(self, record, reaped: dict | None = None) -> None:
         """The agent is gone (``reaped`` is the template's frame) or never started (None)."""
         if reaped is not None and reaped.get("oom_killed"):
             record.extra["oom_killed"] = True
+        bridge.release(record, spawned=reaped is not None)
         group = record.extra.pop("cgroups", None)
         if group is not None and reaped is None:
             cgroups.remove(group)  # never spawned: the template does not know this group

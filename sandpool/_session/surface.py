@@ -167,8 +167,16 @@ class SurfaceMixin:
     service_urls: tuple[Any, ...] = ()
     service_endpoints: tuple[Any, ...] = ()
     service_addresses: tuple[Any, ...] = ()
-    exposed_ports: tuple[Any, ...] = ()
-    dns_egress_names: tuple[str, ...] = ()
+
+    @property
+    def exposed_ports(self: Sandbox) -> tuple[tuple[int, str], ...]:
+        """(sandbox port, "127.0.0.1:host port") of a bridge sandbox's exposed ports (docs/network.md)."""
+        return tuple(self._record.extra.get("exposed_ports", ())) if self._record is not None else ()
+
+    @property
+    def dns_egress_names(self: Sandbox) -> tuple[str, ...]:
+        """The DNS names of its egress rules (resolved once, at its start)."""
+        return tuple(self._record.extra.get("dns_egress_names", ())) if self._record is not None else ()
     effective_egress = None
     effective_ingress = None
 

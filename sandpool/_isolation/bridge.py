@@ -1,0 +1,109 @@
+"""The runtime's side of the ``bridge`` network (runs in its trio loop): set up before the spawn,
+hand over after the handshake, take down when the agent is gone; sweep what dead owners left.
+
+``prepare`` resolves the rules' DNS names (once, now: later changes of the name are not followed),
+makes the namespace, veth and nft chains (``netns.make``, in a thread) and opens the exposed ports'
+listeners; it adds to the spawn config the namespace's path (the agent joins it) and the nft
+teardown script (the template runs it when it reaps the agent, so the rules go with the sandbox
+even after a SIGKILL of the client). ``started`` lets go of the namespace (the agent holds it) and
+starts relaying the exposed ports. ``release`` stops the relays, and when the agent never ran
+removes the chains itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+
+import trio
+
+from .._errors import SandboxFailedError
+from . import netns, network, nft, probe
+from .ports import Forwarder
+
+
+def tag(key: str, owner_dir: str, sandbox_id: str) -> str:
+    """The name of a sandbox's chains: its state key, owner directory and id (sweeps parse it)."""
+    return f"{key}-{os.path.basename(owner_dir)}-{sandbox_id}"
+
+
+async def prepare(record, config: dict, plan: dict, key: str, owner_dir: str) -> None:
+    """Set up ``record``'s bridge network; SandboxFailedError (status reason ``NetworkError``) if
+    it cannot be, saying why."""
+    sandbox_id = record.sandbox_id
+    if probe.rootless():
+        raise SandboxFailedError(
+            "network 'bridge' needs root here: for an ordinary user it would go through a user-mode "
+            "network stack (Debian packages slirp4netns or passt), which sandpool does not drive yet; "
+            "use network='none' or 'host'", sandbox_id=sandbox_id, status_reason="NetworkError")
+    try:
+        rules = network.policy(record.spec.network)
+        rules = await trio.to_thread.run_sync(_resolve_names, rules)
+        servers = netns.nameservers()
+        lease = await trio.to_thread.run_sync(netns.make, tag(key, owner_dir, sandbox_id), rules, servers)
+    except (OSError, ValueError) as exc:
+        raise SandboxFailedError(f"cannot set up the bridge network of {sandbox_id}: {exc}", sandbox_id=sandbox_id,
+                                 status_reason="NetworkError") from exc
+    record.extra["bridge"] = lease
+    record.extra["dns_egress_names"] = rules.dns_names
+    plan["netns"] = lease.path
+    config["net_teardown"] = lease.teardown
+    if servers and os.path.exists("/etc/resolv.conf"):
+        plan["binds"] = [*plan["binds"], [os.path.realpath("/etc/resolv.conf"), "/etc/resolv.conf"]]
+    config["env"].setdefault("SANDPOOL_SANDBOX_ADDRESS", lease.address)
+    if rules.expose:
+        forwarder = Forwarder(lease.address, rules.expose)
+        record.extra["forwarder"] = forwarder
+        try:
+            await forwarder.open()
+        except OSError as exc:
+            raise SandboxFailedError(f"cannot open the exposed ports of {sandbox_id}: {exc}", sandbox_id=sandbox_id,
+                                     status_reason="NetworkError") from exc
+        record.extra["exposed_ports"] = forwarder.mapped
+
+
+def started(record, nursery: trio.Nursery) -> None:
+    """The agent joined the namespace (its handshake came): let go of it, relay the exposed ports."""
+    lease = record.extra.get("bridge")
+    if lease is not None:
+        lease.close_fd()
+    forwarder = record.extra.get("forwarder")
+    if forwarder is not None:
+        nursery.start_soon(forwarder.serve)
+
+
+def release(record, spawned: bool) -> None:
+    """The agent is gone (``spawned``: the template removed the chains) or never started."""
+    forwarder = record.extra.pop("forwarder", None)
+    if forwarder is not None:
+        forwarder.close()
+    lease = record.extra.pop("bridge", None)
+    if lease is not None:
+        lease.close_fd()
+        if not spawned:
+            netns.nft_teardown_quietly(lease.teardown)
+
+
+def sweep(state_dir: str, alive) -> list[str]:
+    """Remove the nft chains of ``state_dir``'s dead owners (``alive(owner dir path)``)."""
+    from _sandpool_agent.confine.cgroups import state_key
+
+    return nft.sweep(state_key(state_dir), lambda owner: alive(os.path.join(state_dir, owner)))
+
+
+def _resolve_names(rules: network.Policy) -> network.Policy:
+    """``rules`` with each DNS name's IPv4 addresses (resolved now, once) as the rule's networks."""
+    if not rules.dns_names:
+        return rules
+    egress = []
+    for rule in rules.egress or ():
+        if rule.dns_name:
+            try:
+                infos = socket.getaddrinfo(rule.dns_name, None, socket.AF_INET, socket.SOCK_STREAM)
+            except OSError as exc:
+                raise ValueError(f"egress dns_name {rule.dns_name!r} does not resolve ({exc}); names are "
+                                 f"resolved once, when the sandbox starts") from exc
+            rule = dataclasses.replace(rule, nets=tuple(sorted({f"{i[4][0]}/32" for i in infos})))
+        egress.append(rule)
+    return dataclasses.replace(rules, egress=tuple(egress))
