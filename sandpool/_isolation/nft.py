@@ -150,12 +150,12 @@ def sweep(key: str, alive: Callable[[str], bool]) -> list[str]:
         owner = tag[len(key) + 1:].rsplit("-sb-", 1)[0]
         if alive(owner):
             continue
-        _remove_chains(tag)
+        remove_chains(tag)
         removed.append(tag)
     return removed
 
 
-def _remove_chains(tag: str) -> None:
+def remove_chains(tag: str) -> None:
     """Delete a tag's chains, with whatever map entries still point at them."""
     t = f"{FAMILY} {TABLE}"
     try:

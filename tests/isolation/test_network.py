@@ -1,0 +1,222 @@
+"""The bridge network: a namespace of its own with a veth, NAT, nft rules and exposed ports.
+
+Traffic goes only to loopback, to sandboxes' addresses, or to a network namespace the test makes
+itself (``peer``); every request is one bounded connect.
+"""
+
+import ipaddress
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import trio
+
+from sandpool import SandboxFailedError, Session, testing
+from sandpool._isolation import netns, network, nft, probe
+from sandpool._runtime.local import LocalRuntime
+
+pytestmark = pytest.mark.skipif(probe.unavailable("namespaces") is not None or os.geteuid() != 0,
+                                reason="the bridge network needs the namespaces level as root")
+
+#: Inside a sandbox: connect to argv[1]:argv[2] once (3 s at most), print ok / refused / the error.
+CONNECT = textwrap.dedent("""
+    import socket, sys
+    try:
+        c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
+        c.sendall(b"ping"); print("ok", c.recv(100).decode())
+    except ConnectionRefusedError:
+        print("refused")
+    except OSError as exc:
+        print("error", type(exc).__name__, exc.strerror)
+""")
+#: Inside a sandbox: serve one echo-with-prefix per connection on port argv[1], forever.
+SERVE = textwrap.dedent("""
+    import socket, sys
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(); print("ready", flush=True)
+    while True:
+        c, _ = s.accept(); c.sendall(b"from-sandbox:" + c.recv(100)); c.close()
+""")
+
+
+@pytest.fixture
+def session():
+    with Session(defaults={"isolation": "namespaces"}) as s:
+        yield s
+
+
+def connect(sb, host: str, port: int) -> str:
+    return sb.exec(["python3", "-c", CONNECT, host, str(port)]).result().stdout.strip()
+
+
+def serve(sb, port: int):
+    proc = sb.exec(["python3", "-c", SERVE, str(port)])
+    assert next(iter(proc.stdout)).strip() == "ready"
+    return proc
+
+
+def address(sb) -> str:
+    return sb.exec(["sh", "-c", "ip -4 -o addr show eth0"]).result().stdout.split()[3].split("/")[0]
+
+
+def host_connect(hostport: str) -> bytes:
+    host, port = hostport.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as c:
+        c.settimeout(5)
+        c.sendall(b"host")
+        return c.recv(100)
+
+
+@pytest.fixture
+def peer():
+    """A network namespace the test makes, with a veth to the host and a TCP server on port 7070
+    that answers "from-peer:<what it got>": (its address, the port)."""
+    name, link = f"sptest-{secrets.token_hex(3)}", f"spt{secrets.token_hex(3)}"
+    sub = secrets.randbelow(60) * 4
+    host_addr, peer_addr = f"10.214.{sub}.1", f"10.214.{sub}.2"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    server = None
+    try:
+        subprocess.run(["ip", "-b", "-"], text=True, check=True, input=(
+            f"link add {link} type veth peer name eth0 netns {name}\n"
+            f"addr add {host_addr}/30 dev {link}\nlink set {link} up\n"))
+        subprocess.run(["ip", "-n", name, "-b", "-"], text=True, check=True, input=(
+            f"link set lo up\naddr add {peer_addr}/30 dev eth0\nlink set eth0 up\n"))
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", name, sys.executable, "-c", SERVE.replace("from-sandbox", "from-peer"), "7070"],
+            stdout=subprocess.PIPE, text=True)
+        assert server.stdout.readline().strip() == "ready"
+        yield peer_addr, 7070
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        subprocess.run(["ip", "netns", "del", name], check=False)  # (the veth goes with it)
+
+
+def test_bridge_sandbox_has_its_own_interface_address_and_route(session):
+    """network='bridge': eth0 with an address of sandpool's range, a default route via the host end,
+    only lo and eth0 in /sys/class/net, and the host's resolver in /etc/resolv.conf."""
+    sb = session.sandbox(network="bridge")
+    out = sb.exec(["sh", "-c", "ls /sys/class/net; ip route show default; cat /etc/resolv.conf"]).result().stdout
+    assert out.split()[:2] == ["eth0", "lo"]
+    mine = ipaddress.IPv4Address(address(sb))
+    gateway = ipaddress.IPv4Address(out.split("default via ")[1].split()[0])
+    assert mine in network.sandbox_range() and gateway == mine - 1
+    assert any(line.startswith("nameserver") for line in out.splitlines()) == bool(netns.nameservers())
+
+
+def test_server_reached_from_host_through_exposed_port_and_refused_from_another_sandbox(session):
+    """An ingress port maps to 127.0.0.1:<host port> (sb.exposed_ports): the host reaches the
+    sandbox's server there; a second sandbox connecting to the first's address is refused."""
+    server = session.sandbox(network={"ingress": [{"cidr": "192.0.2.99/32", "ports": [{"port": 8000}]}]})
+    serve(server, 8000)
+    [(port, hostport)] = server.exposed_ports
+    assert port == 8000 and hostport.startswith("127.0.0.1:")
+    assert host_connect(hostport) == b"from-sandbox:host"
+    other = session.sandbox(network="bridge")
+    assert connect(other, address(server), 8000) == "refused"
+    assert host_connect(hostport) == b"from-sandbox:host"  # still serving
+
+
+def test_an_ingress_rule_lets_other_sandboxes_in(session):
+    """An ingress rule naming sandpool's range (or tenant) admits the other sandboxes on its port."""
+    server = session.sandbox(network={"ingress": [{"tenant": "same_user", "ports": [{"port": 8001}]}]})
+    serve(server, 8001)
+    other = session.sandbox(network="bridge")
+    assert connect(other, address(server), 8001) == "ok from-sandbox:ping"
+
+
+def test_egress_to_a_test_made_namespace_allowed_and_refused_by_rules(session, peer):
+    """Egress rules name a CIDR and ports: the peer's port is reached when a rule allows it, refused
+    when the rule names another port or another network; with no rules all egress goes (NAT)."""
+    addr, port = peer
+    allowed = session.sandbox(network={"egress": [{"cidr": f"{addr}/32", "ports": [{"port": port}]}]})
+    wrong_port = session.sandbox(network={"egress": [{"cidr": f"{addr}/32", "ports": [{"port": port + 1}]}]})
+    wrong_net = session.sandbox(network={"egress": [{"cidr": "192.0.2.128/25"}]})
+    open_ = session.sandbox(network="bridge")
+    assert connect(allowed, addr, port) == "ok from-peer:ping"
+    assert connect(wrong_port, addr, port) == "refused"
+    assert connect(wrong_net, addr, port) == "refused"
+    assert connect(open_, addr, port) == "ok from-peer:ping"
+    assert connect(allowed, addr, port) == "ok from-peer:ping"  # the refusals changed nothing
+
+
+def test_deny_egress_with_ingress_refuses_every_connection_out(session, peer):
+    """deny_egress=True with an ingress rule: a bridge sandbox that serves but reaches nothing."""
+    addr, port = peer
+    sb = session.sandbox(network={"deny_egress": True, "ingress": [{"any": True, "ports": [{"port": 8002}]}]})
+    assert connect(sb, addr, port) == "refused"
+    serve(sb, 8002)
+    assert host_connect(sb.exposed_ports[0][1]) == b"from-sandbox:host"
+
+
+def test_chains_and_veth_go_with_the_sandbox(session):
+    """Stopping a bridge sandbox removes its three nft chains and its veth."""
+    sb = session.sandbox(network="bridge")
+    sb.wait()
+    tag = f"-{sb.sandbox_id}"
+    assert len([c for c in nft.sandbox_chains() if c.endswith(tag)]) == 3
+    sb.stop().result()
+    assert not [c for c in nft.sandbox_chains() if c.endswith(tag)]
+    # (the kernel destroys a namespace, and the veth with it, in a work queue: shortly after)
+    assert not testing.wait_for_no_leftovers(os.environ["SANDPOOL_STATE_DIR"], timeout=5).links
+
+
+CLIENT = textwrap.dedent("""
+    import sys, time, sandpool
+    with sandpool.Session(defaults={"isolation": "namespaces"}) as s:
+        sbs = [s.sandbox(network={"ingress": [{"any": True, "ports": [{"port": 9000}]}]}) for _ in range(3)]
+        for sb in sbs:
+            sb.wait()
+        print("ready", flush=True)
+        time.sleep(300)
+""")
+
+
+def test_nothing_left_after_sigkill_of_the_client(tmp_path):
+    """SIGKILL a client with 3 bridge sandboxes: their veths, nft chains and processes all go."""
+    state_dir = str(tmp_path / "state")
+    client = subprocess.Popen([sys.executable, "-c", CLIENT], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "SANDPOOL_STATE_DIR": state_dir})
+    assert client.stdout.readline().strip() == "ready"
+    before = testing.leftovers(state_dir)
+    assert len(before.links) == 3 and len(before.nft) == 9
+    client.send_signal(signal.SIGKILL)
+    client.wait()
+    report = testing.wait_for_no_leftovers(state_dir, timeout=10)
+    testing.kill_leftovers(report)
+    assert not report, report
+
+
+def test_chains_of_a_dead_owner_are_swept_on_the_next_start(tmp_path):
+    """Chains whose owner directory's template is dead (a template SIGKILLed) go when a runtime opens."""
+    state_dir = str(tmp_path / "state")
+    from _sandpool_agent.confine.cgroups import state_key
+
+    tag = f"{state_key(state_dir)}-o-999999-abcdef-sb-dead0001"
+    netns.ensure_base()
+    nft.run(nft.sandbox_script(tag, "spn0", network.Policy()))
+    assert len(testing.leftovers(state_dir).nft) == 3
+    trio.run(_open_and_close, state_dir)
+    assert not testing.leftovers(state_dir).nft
+
+
+async def _open_and_close(state_dir: str) -> None:
+    runtime = LocalRuntime(state_dir)
+    async with trio.open_nursery() as nursery:
+        await runtime.open(nursery)  # (sweeps)
+        await runtime.aclose()
+
+
+def test_bridge_rules_without_local_meaning_fail_the_start_clearly(session):
+    """A selector rule has no local meaning: the start fails naming it; a bad CIDR names the fix."""
+    with pytest.raises(SandboxFailedError, match="selector"):
+        session.sandbox(network={"egress": [{"selector": {"pod_labels": {"a": "b"}}}]}).wait()
+    with pytest.raises(SandboxFailedError, match="not a CIDR"):
+        session.sandbox(network={"egress": [{"cidr": "10.0.0.300/8"}]}).wait()
