@@ -98,7 +98,10 @@ def _slot(net: ipaddress.IPv4Network, index: int) -> tuple[str, str]:
 
 
 def make(tag: str, policy: network.Policy, nameservers: list[str]) -> Lease:
-    """Make a sandbox's namespace, veth, addresses and nft chains; BridgeError saying what failed."""
+    """Make a sandbox's namespace, veth, addresses and nft chains; BridgeError saying what failed.
+
+    The nft chains are loaded while the namespace and veth are made (they name the interface, which
+    need not exist yet): two of the three processes this runs overlap."""
     ensure_base()
     net = network.sandbox_range()
     slots = net.num_addresses // 4
@@ -107,17 +110,25 @@ def make(tag: str, policy: network.Policy, nameservers: list[str]) -> Lease:
         index = random.randrange(1, slots)
         iface = f"{nft.IFACE_PREFIX}{index}"
         gateway, address = _slot(net, index)
+        teardown = nft.teardown_script(tag, iface)
+        rules = nft.start(nft.sandbox_script(tag, iface, policy, nameservers))
         fd, last = _inside(iface, gateway, address)
+        try:
+            nft.finish(rules)
+        except OSError as exc:  # e.g. a stale map entry of that interface: another index
+            last = f"nft: {exc}"
+            if fd >= 0:
+                os.close(fd)
+            continue
         if fd >= 0:
             break
+        nft_teardown_quietly(teardown)  # (an interface name in use: another index)
     else:
         raise BridgeError(1, f"cannot make a veth for a bridge sandbox: {last}")
-    teardown = nft.teardown_script(tag, iface)
     try:
         _ip(f"addr add {gateway}/30 dev {iface}\nlink set {iface} alias {network.NETNS_PREFIX}{tag}\n"
             f"link set {iface} up\n")
         _write(f"/proc/sys/net/ipv6/conf/{iface}/disable_ipv6", "1")
-        nft.run(nft.sandbox_script(tag, iface, policy, nameservers))
     except OSError as exc:
         os.close(fd)  # the namespace goes, and both ends of the veth with it
         nft_teardown_quietly(teardown)

@@ -45,6 +45,29 @@ def run(script: str) -> None:
         raise NftError(done.returncode, done.stderr.decode(errors="replace").strip())
 
 
+def start(script: str) -> subprocess.Popen:
+    """``run`` in the background: returns the process, for ``finish``."""
+    try:
+        proc = subprocess.Popen(["nft", "-f", "-"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+    except FileNotFoundError:
+        raise NftError(2, "nft is not installed (Debian package nftables)") from None
+    proc.stdin.write(script.encode())
+    proc.stdin.close()
+    return proc
+
+
+def finish(proc: subprocess.Popen) -> None:
+    """Wait for a ``start``ed script; NftError with nft's message if it failed."""
+    try:
+        err = proc.stderr.read()
+        code = proc.wait(timeout=30)
+    finally:
+        proc.stderr.close()
+    if code:
+        raise NftError(code, err.decode(errors="replace").strip())
+
+
 def base_script(sandbox_range: str) -> str:
     """The table, its maps and base chains, (re)made whole: safe to apply again at any time (the
     base chains are flushed and refilled in the same transaction; sandboxes' chains are kept)."""
