@@ -19,7 +19,7 @@ import socket
 import trio
 
 from .._errors import SandboxFailedError
-from . import netns, network, nft, probe
+from . import netns, network, nft, probe, services
 from .ports import Forwarder
 
 
@@ -38,10 +38,11 @@ async def prepare(record, config: dict, plan: dict, key: str, owner_dir: str) ->
             "network stack (Debian packages slirp4netns or passt), which sandpool does not drive yet; "
             "use network='none' or 'host'", sandbox_id=sandbox_id, status_reason="NetworkError")
     try:
-        rules = network.policy(record.spec.network)
+        rules = network.policy(record.spec.network, record.spec.services)
         rules = await trio.to_thread.run_sync(_resolve_names, rules)
         servers = netns.nameservers()
-        lease = await trio.to_thread.run_sync(netns.make, tag(key, owner_dir, sandbox_id), rules, servers)
+        mark = nft.owner_mark(key, os.path.basename(owner_dir))
+        lease = await trio.to_thread.run_sync(netns.make, tag(key, owner_dir, sandbox_id), rules, servers, mark)
     except (OSError, ValueError) as exc:
         raise SandboxFailedError(f"cannot set up the bridge network of {sandbox_id}: {exc}", sandbox_id=sandbox_id,
                                  status_reason="NetworkError") from exc
@@ -52,6 +53,7 @@ async def prepare(record, config: dict, plan: dict, key: str, owner_dir: str) ->
     if servers and os.path.exists("/etc/resolv.conf"):
         plan["binds"] = [*plan["binds"], [os.path.realpath("/etc/resolv.conf"), "/etc/resolv.conf"]]
     config["env"].setdefault("SANDPOOL_SANDBOX_ADDRESS", lease.address)
+    mapped: dict[int, str] = {}
     if rules.expose:
         forwarder = Forwarder(lease.address, rules.expose)
         record.extra["forwarder"] = forwarder
@@ -60,7 +62,8 @@ async def prepare(record, config: dict, plan: dict, key: str, owner_dir: str) ->
         except OSError as exc:
             raise SandboxFailedError(f"cannot open the exposed ports of {sandbox_id}: {exc}", sandbox_id=sandbox_id,
                                      status_reason="NetworkError") from exc
-        record.extra["exposed_ports"] = forwarder.mapped
+        mapped = dict(forwarder.mapped)
+    record.extra.update(services.surfaces(rules.services, mapped, lease.address))
 
 
 def started(record, nursery: trio.Nursery) -> None:

@@ -102,7 +102,7 @@ class Isolation:
     async def _prepare(self, record, config: dict, owner_dir: str) -> None:
         spec: SandboxSpec = record.spec
         try:
-            mode = network.resolve(spec.network, record.isolation)
+            mode = network.resolve(spec.network, record.isolation, spec.services)
             lower = images.resolve(spec.container_image, fetch=False)
             if record.isolation in ("namespaces", "oci") and probe.rootless() and lower != "/":
                 raise SandboxFailedError(_registry_refused(spec.container_image), sandbox_id=record.sandbox_id,

@@ -97,7 +97,7 @@ def _slot(net: ipaddress.IPv4Network, index: int) -> tuple[str, str]:
     return str(ipaddress.IPv4Address(base + 1)), str(ipaddress.IPv4Address(base + 2))
 
 
-def make(tag: str, policy: network.Policy, nameservers: list[str]) -> Lease:
+def make(tag: str, policy: network.Policy, nameservers: list[str], mark: int = 1) -> Lease:
     """Make a sandbox's namespace, veth, addresses and nft chains; BridgeError saying what failed.
 
     The nft chains are loaded while the namespace and veth are made (they name the interface, which
@@ -111,7 +111,7 @@ def make(tag: str, policy: network.Policy, nameservers: list[str]) -> Lease:
         iface = f"{nft.IFACE_PREFIX}{index}"
         gateway, address = _slot(net, index)
         teardown = nft.teardown_script(tag, iface)
-        rules = nft.start(nft.sandbox_script(tag, iface, policy, nameservers))
+        rules = nft.start(nft.sandbox_script(tag, iface, policy, nameservers, mark))
         fd, last = _inside(iface, gateway, address)
         try:
             nft.finish(rules)

@@ -50,9 +50,17 @@ def _rule_is_any(rule: object) -> bool:
                                                                        "ports"))
 
 
-def resolve(value: object, level: str) -> str:
-    """"none", "host" or "bridge" for the ``network`` option at isolation ``level``; ValueError
-    (naming the fix) if it cannot map there."""
+def resolve(value: object, level: str, services: object = None) -> str:
+    """"none", "host" or "bridge" for the ``network`` option (and ``services``) at isolation
+    ``level``; ValueError (naming the fix) if it cannot map there. Services need a bridge: with no
+    network option they make one (that reaches nothing: egress denied); with "none" or "host" they
+    are refused."""
+    if services:
+        mode = "bridge" if value is None else resolve(value, level)
+        if mode != "bridge":
+            raise ValueError(f"services need a network of the sandbox's own, not network={mode!r}; drop "
+                             f"network (no egress then) or use network='bridge' or NetworkOptions rules")
+        value = "bridge"
     if value is None:
         return "host" if level == "process" else "none"
     if isinstance(value, bool):
@@ -101,6 +109,7 @@ class Rule:
     excepts: tuple[str, ...] = ()
     ports: tuple[tuple[str, int, int], ...] = ()
     dns_name: str | None = None  # an egress rule naming a host: its addresses fill ``nets`` at start
+    peers: bool = False  # ingress only from the bridge sandboxes of the same client (private services)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,18 +122,23 @@ class Policy:
     ingress: tuple[Rule, ...] = ()
     #: tcp ports of the sandbox mapped to a port on the host's 127.0.0.1 (exposed ports)
     expose: tuple[int, ...] = ()
+    services: tuple = ()  # services.Port of each service
 
     @property
     def dns_names(self) -> tuple[str, ...]:
         return tuple(r.dns_name for r in self.egress or () if r.dns_name)
 
 
-def policy(value: object) -> Policy:
+def policy(value: object, services: object = None) -> Policy:
     """The bridge rules of the ``network`` option (a mode string or bool means: egress anywhere, no
-    ingress). Raises ValueError naming the rule and the fix for what has no local meaning."""
+    ingress; None with services: no egress) and of ``services`` (see ``services``). Raises
+    ValueError naming the rule and the fix for what has no local meaning."""
+    from . import services as _services
+
+    ports = _services.parse(services)
     fields = _fields(value) if not isinstance(value, (str, bool)) and value is not None else None
     if fields is None:
-        return Policy()
+        fields = {"deny_egress": value is None and bool(ports)}
     egress: tuple[Rule, ...] | None = None
     if fields.get("deny_egress"):
         egress = ()
@@ -133,11 +147,12 @@ def policy(value: object) -> Policy:
     ingress = () if fields.get("deny_ingress") else tuple(
         _rule(r, f"ingress[{i}]", egress=False) for i, r in enumerate(fields.get("ingress") or ()))
     expose = sorted({port for rule in ingress for proto, first, last in rule.ports if proto == "tcp"
-                     for port in range(first, last + 1)})
+                     for port in range(first, last + 1)} | {p.port for p in ports if p.public})
+    ingress += tuple(Rule(ports=((p.protocol, p.port, p.port),), peers=True) for p in ports if not p.public)
     if len(expose) > MAX_EXPOSED:
         raise ValueError(f"network ingress rules expose {len(expose)} tcp ports; at most {MAX_EXPOSED} are "
                          f"mapped to the host: name single ports or short ranges")
-    return Policy(egress=egress, ingress=ingress, expose=tuple(expose))
+    return Policy(egress=egress, ingress=ingress, expose=tuple(expose), services=ports)
 
 
 #: At most this many tcp ports of one sandbox are mapped to host ports.

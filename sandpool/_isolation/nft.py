@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import zlib
 from collections.abc import Callable, Iterable
 
 from .network import Policy, Rule
@@ -82,6 +83,7 @@ def base_script(sandbox_range: str) -> str:
         f"add rule {t} forward ct state established,related accept",
         f"add rule {t} forward iifname vmap @egress",
         f"add rule {t} forward oifname vmap @ingress",
+        f'add rule {t} forward iifname "{IFACE_PREFIX}*" meta mark set 0',  # (an owner's mark: ours only)
         f"add rule {t} input ct state established,related accept",
         f"add rule {t} input iifname vmap @tohost",
         f'add rule {t} postrouting ip saddr {sandbox_range} oifname != "{IFACE_PREFIX}*" masquerade',
@@ -93,8 +95,16 @@ def chain_name(kind: str, tag: str) -> str:
     return f"{KINDS[kind]}-{tag}"
 
 
-def sandbox_script(tag: str, iface: str, policy: Policy, nameservers: Iterable[str] = ()) -> str:
-    """Chains and map entries of one sandbox (its host-side interface ``iface``)."""
+def owner_mark(key: str, owner: str) -> int:
+    """The packet mark of one client runtime's bridge sandboxes (``key``: state key, ``owner``: its
+    owner directory's name): set by a sender's egress chain, admitted by a private service's
+    ingress chain, cleared before the packet leaves the forward chain. Never 0."""
+    return zlib.crc32(f"{key}/{owner}".encode()) or 1
+
+
+def sandbox_script(tag: str, iface: str, policy: Policy, nameservers: Iterable[str] = (), mark: int = 1) -> str:
+    """Chains and map entries of one sandbox (its host-side interface ``iface``; ``mark``: its
+    owner's ``owner_mark``)."""
     t = f"{FAMILY} {TABLE}"
     lines = []
     nameservers = list(nameservers)
@@ -102,13 +112,14 @@ def sandbox_script(tag: str, iface: str, policy: Policy, nameservers: Iterable[s
         chain = chain_name(kind, tag)
         lines.append(f"add chain {t} {chain}")
         if kind == "egress":
+            lines.append(f"add rule {t} {chain} meta mark set {mark:#x}")
             if policy.egress != () and nameservers:  # DNS to the host's resolvers, unless all egress is denied
                 ns = ", ".join(nameservers)
                 lines += [f"add rule {t} {chain} ip daddr {{ {ns} }} {p} dport 53 return" for p in ("udp", "tcp")]
             rules = [Rule()] if policy.egress is None else policy.egress
             lines += [f"add rule {t} {chain} {m} return" for r in rules for m in _matches(r, "daddr")]
         elif kind == "ingress":
-            lines += [f"add rule {t} {chain} {m} return" for r in policy.ingress for m in _matches(r, "saddr")]
+            lines += [f"add rule {t} {chain} {m} return" for r in policy.ingress for m in _matches(r, "saddr", mark)]
         else:  # to the host itself: only rules naming its addresses explicitly, never "any"
             lines += [f"add rule {t} {chain} {m} return" for r in policy.egress or () if r.nets
                       for m in _matches(r, "daddr")]
@@ -126,9 +137,9 @@ def teardown_script(tag: str, iface: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _matches(rule: Rule, field: str) -> list[str]:
-    """nft match expressions for ``rule`` (one per protocol of its ports; "" matches everything)."""
-    where = []
+def _matches(rule: Rule, field: str, mark: int = 0) -> list[str]:
+    """nft match expressions for ``rule`` (one per protocol of its ports)."""
+    where = [f"meta mark {mark:#x}"] if rule.peers else []
     if rule.nets:
         where.append(f"ip {field} {{ {', '.join(rule.nets)} }}")
     if rule.excepts:

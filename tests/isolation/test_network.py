@@ -112,12 +112,13 @@ def test_bridge_sandbox_has_its_own_interface_address_and_route(session):
 
 
 def test_server_reached_from_host_through_exposed_port_and_refused_from_another_sandbox(session):
-    """An ingress port maps to 127.0.0.1:<host port> (sb.exposed_ports): the host reaches the
-    sandbox's server there; a second sandbox connecting to the first's address is refused."""
+    """An ingress port maps to 127.0.0.1:<host port> (sb.service_urls, sb.exposed_ports): the host
+    reaches the sandbox's server there; a second sandbox connecting to the first's address is refused."""
     server = session.sandbox(network={"ingress": [{"cidr": "192.0.2.99/32", "ports": [{"port": 8000}]}]})
     serve(server, 8000)
-    [(port, hostport)] = server.exposed_ports
-    assert port == 8000 and hostport.startswith("127.0.0.1:")
+    [(port, name, url)] = server.service_urls
+    assert (port, name) == (8000, "") and server.exposed_ports == ((8000, ""),) and url.startswith("tcp://127.0.0.1:")
+    hostport = url.removeprefix("tcp://")
     assert host_connect(hostport) == b"from-sandbox:host"
     other = session.sandbox(network="bridge")
     assert connect(other, address(server), 8000) == "refused"
@@ -153,7 +154,7 @@ def test_deny_egress_with_ingress_refuses_every_connection_out(session, peer):
     sb = session.sandbox(network={"deny_egress": True, "ingress": [{"any": True, "ports": [{"port": 8002}]}]})
     assert connect(sb, addr, port) == "refused"
     serve(sb, 8002)
-    assert host_connect(sb.exposed_ports[0][1]) == b"from-sandbox:host"
+    assert host_connect(sb.service_urls[0][2].removeprefix("tcp://")) == b"from-sandbox:host"
 
 
 def test_chains_and_veth_go_with_the_sandbox(session):
@@ -220,3 +221,54 @@ def test_bridge_rules_without_local_meaning_fail_the_start_clearly(session):
         session.sandbox(network={"egress": [{"selector": {"pod_labels": {"a": "b"}}}]}).wait()
     with pytest.raises(SandboxFailedError, match="not a CIDR"):
         session.sandbox(network={"egress": [{"cidr": "10.0.0.300/8"}]}).wait()
+
+
+def test_public_and_private_services(session, peer):
+    """services=[...]: a public service is mapped to the host's 127.0.0.1 (service_urls, and an
+    HTTPS endpoint's url is plain http locally); a private one is reachable from the same client's
+    other sandboxes at the sandbox's address, and from no other client's; both are in exposed_ports."""
+    sb = session.sandbox(services=[{"port": 8100, "name": "web", "visibility": "public",
+                                    "endpoint": {"kind": "https"}},
+                                   {"port": 8101, "name": "db", "visibility": "private"}])
+    serve(sb, 8100)
+    serve(sb, 8101)
+    assert sb.exposed_ports == ((8100, "web"), (8101, "db"))
+    urls = {name: url for _port, name, url in sb.service_urls}
+    assert urls["web"].startswith("http://127.0.0.1:") and sb.service_endpoints[0].url == urls["web"]
+    assert urls["db"] == f"tcp://{address(sb)}:8101"
+    assert host_connect(urls["web"].removeprefix("http://")) == b"from-sandbox:host"
+    neighbour = session.sandbox(network="bridge")
+    assert connect(neighbour, address(sb), 8101) == "ok from-sandbox:ping"  # the same client: private ok
+    assert connect(neighbour, address(sb), 8100) == "refused"  # public means the host's mapped port
+    assert connect(sb, *peer) == "refused"  # services alone: no egress
+
+
+def test_a_private_service_is_refused_to_another_clients_sandbox(session, tmp_path):
+    """Another client (its own runtime, so its own owner) cannot reach a private service."""
+    sb = session.sandbox(services=[{"port": 8102, "visibility": "private"}])
+    serve(sb, 8102)
+    other = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sandpool
+            with sandpool.Session(defaults={{"isolation": "namespaces"}}) as s:
+                sb = s.sandbox(network="bridge")
+                print(sb.exec(["python3", "-c", {CONNECT!r}, {address(sb)!r}, "8102"]).result().stdout.strip())
+        """)], capture_output=True, text=True, timeout=60, env={**os.environ, "SANDPOOL_STATE_DIR": str(tmp_path / "st")})
+    assert other.stdout.strip() == "refused", other.stderr[-2000:]
+    assert connect(session.sandbox(network="bridge"), address(sb), 8102) == "ok from-sandbox:ping"
+
+
+def test_services_refused_as_cwsandbox_refuses_them(session):
+    """An endpoint on a private service (cwsandbox's rule), a share token, a public udp service and
+    services on network='host' are refused, naming the fix."""
+    from sandpool import Service
+
+    with pytest.raises(ValueError, match="endpoint needs visibility='public'"):
+        session.sandbox(services=[{"port": 1, "visibility": "private", "endpoint": {"kind": "https"}}])
+    with pytest.raises(ValueError, match="share-token"):
+        session.sandbox(services=[Service(port=1, visibility="public",
+                                          endpoint={"kind": "https", "auth": "share_token"})])
+    with pytest.raises(ValueError, match="only tcp ports are mapped"):
+        session.sandbox(services=[{"port": 53, "protocol": "udp", "visibility": "public"}])
+    with pytest.raises(SandboxFailedError, match="services need a network"):
+        session.sandbox(network="host", services=[{"port": 80, "visibility": "public"}]).wait()

@@ -122,7 +122,7 @@ def test_a_neighbour_cannot_reach_a_sandbox_server_nor_its_host_port(session):
     """)])
     assert next(iter(proc.stdout)).strip() == "ready"
     addr = sh(server, "ip -4 -o addr show eth0").stdout.split()[3].split("/")[0]
-    host_port = int(server.exposed_ports[0][1].rsplit(":", 1)[1])
+    host_port = int(server.service_urls[0][2].rsplit(":", 1)[1])
     attacker = session.sandbox(network="bridge")
     for host, port in ((addr, 8080), (addr, 22), (gateway(attacker), host_port), ("127.0.0.1", host_port)):
         assert connect(attacker, host, port) == "refused", (host, port)
