@@ -19,7 +19,7 @@ import socket
 import trio
 
 from .._errors import SandboxFailedError
-from . import netns, network, nft, probe, services
+from . import netns, network, nft, probe, services, slirp
 from .ports import Forwarder
 
 
@@ -33,10 +33,8 @@ async def prepare(record, config: dict, plan: dict, key: str, owner_dir: str) ->
     it cannot be, saying why."""
     sandbox_id = record.sandbox_id
     if probe.rootless():
-        raise SandboxFailedError(
-            "network 'bridge' needs root here: for an ordinary user it would go through a user-mode "
-            "network stack (Debian packages slirp4netns or passt), which sandpool does not drive yet; "
-            "use network='none' or 'host'", sandbox_id=sandbox_id, status_reason="NetworkError")
+        _prepare_rootless(record, plan, config)
+        return
     try:
         rules = network.policy(record.spec.network, record.spec.services)
         rules = await trio.to_thread.run_sync(_resolve_names, rules)
@@ -66,8 +64,41 @@ async def prepare(record, config: dict, plan: dict, key: str, owner_dir: str) ->
     record.extra.update(services.surfaces(rules.services, mapped, lease.address))
 
 
-def started(record, nursery: trio.Nursery) -> None:
-    """The agent joined the namespace (its handshake came): let go of it, relay the exposed ports."""
+def _prepare_rootless(record, plan: dict, config: dict) -> None:
+    """An ordinary user's bridge: the sandbox makes its namespace as a ``none`` one does (so spares
+    serve it), and ``started`` gives it egress through slirp4netns. Rules need root (nftables)."""
+    rules = network.policy(record.spec.network, record.spec.services)
+    if rules != network.Policy():
+        raise SandboxFailedError(
+            f"network rules, exposed ports and services need root (nftables and a veth on the host); an "
+            f"ordinary user's bridge sandbox gets plain egress through slirp4netns: use network='bridge' "
+            f"without rules, or run as root", sandbox_id=record.sandbox_id, status_reason="NetworkError")
+    binary = slirp.find()
+    if binary is None:
+        raise SandboxFailedError(
+            f"network 'bridge' for an ordinary user needs a user-mode network stack: install {slirp.PACKAGES}, "
+            f"or use network='none' or 'host'", sandbox_id=record.sandbox_id, status_reason="NetworkError")
+    if not os.access(slirp.TUN, os.R_OK | os.W_OK):
+        raise SandboxFailedError(
+            f"network 'bridge' for an ordinary user needs {slirp.TUN}, which uid {os.geteuid()} cannot open "
+            f"(Debian makes it mode 0666; here it is {slirp.tun_mode()}): ask root for 'chmod 0666 {slirp.TUN}', "
+            f"or use network='none' or 'host'", sandbox_id=record.sandbox_id, status_reason="NetworkError")
+    plan["network"] = "none"  # its own namespace with lo; tap0 comes from slirp4netns
+    record.extra["slirp"] = slirp.Slirp(binary, 0, os.path.join(config["dir"], "slirp.sock"))
+
+
+async def started(record, nursery: trio.Nursery) -> None:
+    """The agent is in its namespaces (its handshake came): let go of the namespace and relay the
+    exposed ports, or (rootless) start slirp4netns; SandboxFailedError if that fails."""
+    user_mode = record.extra.get("slirp")
+    if user_mode is not None:
+        user_mode.pid = record.agent_pid
+        try:
+            await trio.to_thread.run_sync(user_mode.start)
+        except OSError as exc:
+            await record.channel.aclose()  # the agent sees EOF and ends
+            raise SandboxFailedError(f"cannot give {record.sandbox_id} its network: {exc}",
+                                     sandbox_id=record.sandbox_id, status_reason="NetworkError") from exc
     lease = record.extra.get("bridge")
     if lease is not None:
         lease.close_fd()
@@ -81,6 +112,9 @@ def release(record, spawned: bool) -> None:
     forwarder = record.extra.pop("forwarder", None)
     if forwarder is not None:
         forwarder.close()
+    user_mode = record.extra.pop("slirp", None)
+    if user_mode is not None:
+        user_mode.close()
     lease = record.extra.pop("bridge", None)
     if lease is not None:
         lease.close_fd()

@@ -191,9 +191,9 @@ class Isolation:
         elif spec.resources is not None and spec.resources.cpu_limit:
             _not_enforced("cpu", "no cgroup here" if os.geteuid() == 0 else "rootless, with no delegated cgroup")
 
-    def started(self, record, nursery: trio.Nursery) -> None:
+    async def started(self, record, nursery: trio.Nursery) -> None:
         """The agent answered its handshake (it is in its namespaces): the bridge network's part."""
-        bridge.started(record, nursery)
+        await bridge.started(record, nursery)
 
     # -- end -------------------------------------------------------------------------------
 

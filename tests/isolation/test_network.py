@@ -6,6 +6,9 @@ itself (``peer``); every request is one bounded connect.
 
 import ipaddress
 import os
+import pathlib
+import shutil
+import tempfile
 import secrets
 import signal
 import socket
@@ -272,3 +275,51 @@ def test_services_refused_as_cwsandbox_refuses_them(session):
         session.sandbox(services=[{"port": 53, "protocol": "udp", "visibility": "public"}])
     with pytest.raises(SandboxFailedError, match="services need a network"):
         session.sandbox(network="host", services=[{"port": 80, "visibility": "public"}]).wait()
+
+
+ROOTLESS_CLIENT = textwrap.dedent("""
+    import sys, sandpool
+    with sandpool.Session() as s:
+        sb = s.sandbox(network="bridge")
+        try:
+            sb.wait()
+        except sandpool.SandboxFailedError as exc:
+            print("failed", exc)
+            sys.exit(0)
+        print(sb.isolation, sb.exec(["ls", "/sys/class/net"]).result().stdout.split())
+        print(sb.exec(["python3", "-c", sys.argv[1], sys.argv[2], sys.argv[3]]).result().stdout.strip())
+""")
+
+
+@pytest.fixture
+def user_dir(unprivileged_user):
+    """A directory under /tmp that the user owns (pytest's own are root's, 0700); removed afterwards."""
+    path = tempfile.mkdtemp(prefix="sandpool-netns-", dir="/tmp")
+    os.chown(path, unprivileged_user[1], unprivileged_user[2])
+    yield pathlib.Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_rootless_bridge_gets_egress_through_slirp4netns_or_says_why_not(unprivileged_user, user_dir, peer):
+    """An ordinary user's bridge sandbox reaches the test's namespace through slirp4netns (tap0);
+    where the user cannot open /dev/net/tun the start fails naming it and the fix. Nothing is left."""
+    from sandpool._isolation import slirp
+
+    _name, uid, gid, home = unprivileged_user
+    state = user_dir
+    site = __import__("sysconfig").get_paths()["purelib"]
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run(
+        ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--init-groups", "/usr/bin/python3", "-c", ROOTLESS_CLIENT,
+         CONNECT, *map(str, peer)], capture_output=True, text=True, timeout=120, cwd="/",
+        env={"PATH": "/usr/bin:/bin", "HOME": home, "PYTHONPATH": f"{repo}:{site}",
+             "SANDPOOL_STATE_DIR": str(state / "state")})
+    out = done.stdout.splitlines()
+    assert done.returncode == 0 and out, done.stderr[-3000:]
+    if slirp.tun_mode() == "0o666":
+        assert out == ["namespaces ['lo', 'tap0']", "ok from-peer:ping"], done.stdout
+    else:
+        assert out[0].startswith("failed") and "/dev/net/tun" in out[0] and "chmod 0666" in out[0], out
+    report = testing.wait_for_no_leftovers(str(state / "state"), timeout=10)
+    testing.kill_leftovers(report)
+    assert not report, report
