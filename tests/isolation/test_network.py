@@ -7,64 +7,25 @@ itself (``peer``); every request is one bounded connect.
 import ipaddress
 import os
 import pathlib
-import shutil
-import tempfile
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
 import trio
 
 from sandpool import SandboxFailedError, Session, testing
-from sandpool._isolation import netns, network, nft, probe
+from sandpool._isolation import netns, network, nft
 from sandpool._runtime.local import LocalRuntime
 
-pytestmark = pytest.mark.skipif(probe.unavailable("namespaces") is not None or os.geteuid() != 0,
-                                reason="the bridge network needs the namespaces level as root")
+from network_helpers import CONNECT, NEEDS_BRIDGE, SERVE, address, connect, serve, session  # noqa: F401  (session: a fixture)
 
-#: Inside a sandbox: connect to argv[1]:argv[2] once (3 s at most), print ok / refused / the error.
-CONNECT = textwrap.dedent("""
-    import socket, sys
-    try:
-        c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
-        c.sendall(b"ping"); print("ok", c.recv(100).decode())
-    except ConnectionRefusedError:
-        print("refused")
-    except OSError as exc:
-        print("error", type(exc).__name__, exc.strerror)
-""")
-#: Inside a sandbox: serve one echo-with-prefix per connection on port argv[1], forever.
-SERVE = textwrap.dedent("""
-    import socket, sys
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(); print("ready", flush=True)
-    while True:
-        c, _ = s.accept(); c.sendall(b"from-sandbox:" + c.recv(100)); c.close()
-""")
-
-
-@pytest.fixture
-def session():
-    with Session(defaults={"isolation": "namespaces"}) as s:
-        yield s
-
-
-def connect(sb, host: str, port: int) -> str:
-    return sb.exec(["python3", "-c", CONNECT, host, str(port)]).result().stdout.strip()
-
-
-def serve(sb, port: int):
-    proc = sb.exec(["python3", "-c", SERVE, str(port)])
-    assert next(iter(proc.stdout)).strip() == "ready"
-    return proc
-
-
-def address(sb) -> str:
-    return sb.exec(["sh", "-c", "ip -4 -o addr show eth0"]).result().stdout.split()[3].split("/")[0]
+pytestmark = NEEDS_BRIDGE
 
 
 def host_connect(hostport: str) -> bytes:

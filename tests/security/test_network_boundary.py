@@ -2,44 +2,20 @@
 sandbox, and its neighbours, still work. Traffic goes only to loopback and sandpool's own addresses.
 """
 
-import os
 import socket
 import subprocess
 import textwrap
 import threading
 
-import pytest
+from sandpool._isolation import network, nft
 
-from sandpool import Session
-from sandpool._isolation import network, nft, probe
+from network_helpers import NEEDS_BRIDGE, connect, session  # noqa: F401  (session: a fixture)
 
-pytestmark = pytest.mark.skipif(probe.unavailable("namespaces") is not None or os.geteuid() != 0,
-                                reason="the bridge network needs the namespaces level as root")
-
-CONNECT = textwrap.dedent("""
-    import socket, sys
-    try:
-        c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
-        c.sendall(b"ping"); print("ok", c.recv(100).decode())
-    except ConnectionRefusedError:
-        print("refused")
-    except OSError as exc:
-        print("error", type(exc).__name__, exc.strerror)
-""")
-
-
-@pytest.fixture
-def session():
-    with Session(defaults={"isolation": "namespaces"}) as s:
-        yield s
+pytestmark = NEEDS_BRIDGE
 
 
 def sh(sb, script: str):
     return sb.exec(["sh", "-c", script]).result()
-
-
-def connect(sb, host: str, port: int) -> str:
-    return sb.exec(["python3", "-c", CONNECT, host, str(port)]).result().stdout.strip()
 
 
 def gateway(sb) -> str:
