@@ -2,10 +2,10 @@
 it in a thread).
 
 ``make`` creates the namespace in the calling thread (unshare of CLONE_NEWNET affects only that
-thread), and from there, with one ``ip -b`` batch: ``lo`` up, a veth pair whose sandbox end is
+thread), and from there (rtnetlink, ``rtnl``): ``lo`` up, a veth pair whose sandbox end is
 ``eth0`` and whose host end ``spn<N>`` is created straight in the host's namespace (the kernel's
-unique interface names allocate N across every process on the host: a name in use fails the batch
-and another N is tried), ``eth0``'s address (``.2`` of a /30 of sandpool's range chosen by N) and
+unique interface names allocate N across every process on the host: a name in use fails the
+creation and another N is tried), ``eth0``'s address (``.2`` of a /30 of sandpool's range chosen by N) and
 the default route via the host end (``.1``); IPv6 off on both ends. The thread then returns to the
 host's namespace, holding the new one by a descriptor, gives the host end its address, alias
 (``sandpool-<tag>``, what leak checks look for) and the nft chains (``nft``). The agent joins the
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from _sandpool_agent.confine import _sys
 
-from . import network, nft
+from . import network, nft, rtnl
 
 #: How many interface indices are tried before giving up (a collision is rare: indices are random).
 _ATTEMPTS = 16
@@ -126,8 +126,10 @@ def make(tag: str, policy: network.Policy, nameservers: list[str], mark: int = 1
     else:
         raise BridgeError(1, f"cannot make a veth for a bridge sandbox: {last}")
     try:
-        _ip(f"addr add {gateway}/30 dev {iface}\nlink set {iface} alias {network.NETNS_PREFIX}{tag}\n"
-            f"link set {iface} up\n")
+        with rtnl.Netlink() as link:
+            end = rtnl.index(iface)
+            link.address(end, gateway, 30)
+            link.up(end, alias=f"{network.NETNS_PREFIX}{tag}")
         _write(f"/proc/sys/net/ipv6/conf/{iface}/disable_ipv6", "1")
     except OSError as exc:
         os.close(fd)  # the namespace goes, and both ends of the veth with it
@@ -155,8 +157,13 @@ def _inside(iface: str, gateway: str, address: str) -> tuple[int, str]:
             fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
             _write("/proc/sys/net/ipv6/conf/all/disable_ipv6", "1")
             _write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1")
-            _ip(f"link set lo up\nlink add eth0 type veth peer name {iface} netns /proc/{os.getpid()}/fd/{host}\n"
-                f"addr add {address}/30 dev eth0\nlink set eth0 up\nroute add default via {gateway}\n")
+            with rtnl.Netlink() as link:  # (a netlink socket talks to the namespace it was opened in)
+                link.up(rtnl.index("lo"))
+                link.veth("eth0", iface, host)
+                eth0 = rtnl.index("eth0")
+                link.address(eth0, address, 30)
+                link.up(eth0)
+                link.default_route(eth0, gateway)
         finally:
             _sys.setns(host, _sys.CLONE_NEWNET)
     except OSError as exc:
@@ -166,12 +173,6 @@ def _inside(iface: str, gateway: str, address: str) -> tuple[int, str]:
     finally:
         os.close(host)
     return fd, ""
-
-
-def _ip(batch: str) -> None:
-    done = subprocess.run(["ip", "-b", "-"], input=batch, capture_output=True, text=True, timeout=30)
-    if done.returncode:
-        raise OSError(done.returncode, f"ip: {done.stderr.strip()}")
 
 
 def _write(path: str, value: str) -> None:
