@@ -8,7 +8,8 @@ this module decides what each one becomes locally:
 - ``NOT_YET``: giving one (non-empty) raises ``NotSupportedLocallyError`` naming the issue.
 - ``runtime_class`` and ``placement_mode``: validated, kept and reported; a runtime class is
   not honoured locally, so the first use of each value warns, naming the isolation level used.
-- ``secrets``, ``mounted_files`` and ``network`` have a local meaning (see ``secret_values``).
+- ``secrets``, ``mounted_files``, ``network`` and ``services`` have a local meaning (see
+  ``secret_values``; the network's and services': docs/network.md).
 
 Values are normalised to plain, hashable data (frozen dicts, tuples, strings) so that a spec keys a
 pool and crosses the wire to a sandpool server. Stdlib only.
@@ -50,7 +51,6 @@ NO_LOCAL_MEANING: dict[str, str] = {
 NOT_YET: dict[str, str] = {
     "volumes": STATE_ISSUE,
     "file_system_snapshot": STATE_ISSUE,
-    "services": STATE_ISSUE,
     "containers": "not planned: a local sandbox is one process tree",
     "template_id": "not planned: there is no template store",
 }
@@ -105,15 +105,22 @@ def _runtime_class(value: object) -> str:
 
 
 def _network(value: object, frozen: Callable[[dict], Any]) -> object:
-    """NetworkOptions in plain form; ingress rules (in any form) are refused until issue 16."""
-    ingress = value.get("ingress") if isinstance(value, Mapping) else getattr(value, "ingress", None)
-    if ingress:
-        raise NotSupportedLocallyError(f"network ingress rules are not supported locally yet ({STATE_ISSUE}); "
-                                       f"drop ingress=..., a local sandbox accepts no connections from "
-                                       f"outside unless network='host'", feature="network.ingress")
+    """NetworkOptions in plain form (the rules' local meaning: _isolation.network, docs/network.md)."""
     if isinstance(value, t.NetworkOptions):  # plain, so that it can travel to a sandpool server
         return _plain(value, frozen)
     return value  # other forms are interpreted (or refused) when the sandbox starts: _isolation.network
+
+
+def _services(value: object, frozen: Callable[[dict], Any]) -> tuple:
+    """Services in plain form, checked as a bridge sandbox will use them (_isolation.services)."""
+    from ._isolation import services
+
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
+        raise TypeError(f"services must be a list of Service, got {type(value).__name__} {value!r}; use e.g. "
+                        f"services=[Service(port=8080, visibility='public')]")
+    plain = tuple(_plain(t.coerce(t.Service, s, f"services[{i}]"), frozen) for i, s in enumerate(value))
+    services.parse(plain)
+    return plain
 
 
 def _mounted_files(value: object, frozen: Callable[[dict], Any]) -> tuple:
@@ -187,6 +194,8 @@ def normalise(name: str, value: object, frozen: Callable[[dict], Any]) -> object
             return _plain(t.coerce(t.ImagePullCredentials, value, name), frozen)
         case "network":
             return _network(value, frozen)
+        case "services":
+            return _services(value, frozen)
         case "mounted_files":
             return _mounted_files(value, frozen)
         case "secrets":

@@ -22,7 +22,10 @@ down (a test's ``tmp_path``). What it reports:
 - mounts: host mounts at or below one of the directories, or whose options name a path below one
   (an overlay's upper directory);
 - netns and links: named network namespaces (``/run/netns``) and host network links whose alias
-  starts with ``sandpool-<state key>`` (the naming ``_isolation.network`` reserves).
+  starts with ``sandpool-<state key>`` (the naming ``_isolation.network`` reserves: a bridge
+  sandbox's veth);
+- nft: chains of sandpool's nftables table (``_isolation.nft``) whose tag starts with a state key,
+  i.e. a bridge sandbox's rules.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from dataclasses import dataclass, field
 from _sandpool_agent import linux as _linux
 from _sandpool_agent.confine import cgroups as _cgroups
 from ._isolation import network as _network
+from ._isolation import nft as _nft
 from _sandpool_agent.confine.supervisor import SPARE_NAME
 from ._runtime import statedir as _statedir
 
@@ -54,10 +58,11 @@ class Leftovers:
     cgroups: list[str] = field(default_factory=list)
     netns: list[str] = field(default_factory=list)
     links: list[str] = field(default_factory=list)
+    nft: list[str] = field(default_factory=list)  # chains of sandpool's nft table
 
     def __bool__(self) -> bool:
         return any((self.processes, self.templates, self.directories, self.mounts, self.cgroups, self.netns,
-                    self.links))
+                    self.links, self.nft))
 
 
 def _read(path: str) -> bytes:
@@ -262,6 +267,8 @@ def leftovers(state_dir: str, *more: str, keep_owners: Collection[str] | None = 
     report.mounts = _mounts(run_dirs)
     report.netns = sorted({ns for d in state_dirs for ns in _network.named_namespaces(d)})
     report.links = _links(keys)
+    chains = _nft.sandbox_chains()
+    report.nft = [c for c in chains if any(c[2:].startswith(key + "-") for key in keys)]
     return report
 
 
@@ -298,6 +305,8 @@ def kill_leftovers(report: Leftovers) -> None:
         _linux.kill_quietly(pid, signal.SIGKILL)
     for path in report.cgroups:
         _cgroups.remove_tree(path)
+    for tag in sorted({chain[2:] for chain in report.nft}):
+        _nft.remove_chains(tag)
     owners = [d for d in report.directories if os.path.basename(d).startswith("o-")]
     for owner in owners + [owner for _pid, owner in report.templates]:
         _statedir.remove_owner_dir(owner)

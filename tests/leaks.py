@@ -3,7 +3,8 @@ at the end of the session (``conftest.py`` wires it in).
 
 Nothing of a sandbox may outlive its owner: ``check`` fails when ``sandpool.testing.leftovers``
 finds anything of the run's state directory (and of the directories given, such as a test's
-``tmp_path``). Two kinds of template are kept, because they deliberately outlive one test: this
+``tmp_path``): processes, directories, mounts, cgroups, and a bridge sandbox's veth and nftables
+chains. Two kinds of template are kept, because they deliberately outlive one test: this
 process's shared runtime (closed at the end of the session, then checked), and the runtimes of
 servers that fixtures keep across tests (checked when the server stops: ``server_stopped``, then
 ``check``).

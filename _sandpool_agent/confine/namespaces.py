@@ -40,7 +40,7 @@ import os
 import stat
 import sys
 
-from . import _sys, storage
+from . import _sys, netsetup, storage
 
 #: What exec'd processes keep (Docker's default set minus MKNOD and NET_RAW): no mount, no module
 #: loading, no raw devices, no ptrace across the pid namespace boundary, no clock or sysctl changes.
@@ -164,6 +164,7 @@ def enter(plan: dict, early: bool = False, cgroupns: bool = False) -> None:
     """
     if not early:
         unshare_early(plan["network"])
+    netsetup.join(plan)  # the bridge mode's namespace, made by the client (before /sys is mounted)
     if not cgroupns:
         _sys.unshare(_sys.CLONE_NEWCGROUP)
     build_root(plan)

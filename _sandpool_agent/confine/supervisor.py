@@ -47,7 +47,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from .. import linux as _linux
-from . import _sys, cgroups, namespaces, oci, seccomp, userns
+from . import _sys, cgroups, namespaces, netsetup, oci, seccomp, userns
 
 _PID_NS = "/proc/self/ns/pid"
 SPARE_NAME = "sandpool-spare"
@@ -84,6 +84,7 @@ class Supervisor:
         self.groups: dict[int, dict] = {}  # agent pid -> its cgroup
         self.watches: dict[int, tuple[int, int]] = {}  # agent pid -> (eventfd, oom_control fd)
         self.oom_killed: set[int] = set()
+        self.net_teardowns: dict[int, str] = {}  # agent pid -> nft script removing its bridge chains
         self.spares: dict[int, _Spare] = {}  # pid -> the spare
         self.ready: set[int] = set()  # spares that said they are ready (joined, namespaces made)
         self.wanted: dict[str, dict[str, dict]] = {}  # network mode -> {root_key: plan}, the last
@@ -106,7 +107,8 @@ class Supervisor:
             self.spare_parents = [os.path.dirname(d) for d in config["cgroups"]["dirs"]]
         if plan:
             _compile_filter()  # here, once: each agent only loads it
-        pid = self._hand_to_spare(plan, config, sock_fd) if plan else None
+        # (a bridge sandbox joins the namespace its client made before its root: no spare fits it)
+        pid = self._hand_to_spare(plan, config, sock_fd) if plan and not plan.get("netns") else None
         self.sock_fd = sock_fd  # the oci level's child passes it on to crun
         if pid is None:
             pid = self._fork_pid_ns() if plan else os.fork()
@@ -116,6 +118,8 @@ class Supervisor:
         watch = _watch_oom(group) if group else None
         if group:
             self.groups[pid] = group
+        if config.get("net_teardown"):
+            self.net_teardowns[pid] = config["net_teardown"]
         if watch:
             self.watches[pid] = watch
             if self.sel is not None:
@@ -349,10 +353,11 @@ class Supervisor:
         self.oom_killed.discard(pid)
         if group is not None:
             cgroups.remove(group)
+        netsetup.teardown(self.net_teardowns.pop(pid, None))
         return {"oom_killed": True} if oom else {}
 
     def finish_all(self) -> None:
-        for pid in list(self.groups):
+        for pid in set(self.groups) | set(self.net_teardowns):
             self.finish(pid)
         for pid in list(self.spares):
             self._drop_spare(pid)

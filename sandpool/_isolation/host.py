@@ -25,7 +25,7 @@ import trio
 from .._config import SandboxSpec
 from .._errors import SandboxFailedError, SandboxResourceExhaustedError
 from .._quantity import parse_memory
-from . import admission, hostview, images, network, probe
+from . import admission, bridge, hostview, images, network, probe
 from _sandpool_agent.confine import cgroups, storage
 
 #: The PATH of a sandbox's commands without the client's python first (an image's programs come first).
@@ -111,7 +111,7 @@ class Isolation:
     async def _prepare(self, record, config: dict, owner_dir: str) -> None:
         spec: SandboxSpec = record.spec
         try:
-            mode = network.resolve(spec.network, record.isolation)
+            mode = network.resolve(spec.network, record.isolation, spec.services)
             lower = images.resolve(spec.container_image, fetch=False)
             if lower is None and record.isolation != "process":  # a registry image to pull first, in a thread
                 lower = await trio.to_thread.run_sync(images.resolve, spec.container_image, abandon_on_cancel=True)
@@ -126,6 +126,8 @@ class Isolation:
         config["env"].update(grant.environment())
         if record.isolation in ("namespaces", "oci"):
             self._namespaces_config(record, config, owner_dir, mode, lower)
+            if mode == "bridge":
+                await bridge.prepare(record, config, config["namespaces"], self.key, owner_dir)
         if record.isolation == "oci":
             config["oci"] = config.pop("namespaces")  # the same plan, carried out by crun
 
@@ -194,12 +196,17 @@ class Isolation:
         elif spec.resources is not None and spec.resources.cpu_limit:
             _not_enforced("cpu", "no cgroup here" if os.geteuid() == 0 else "rootless, with no delegated cgroup")
 
+    async def started(self, record, nursery: trio.Nursery) -> None:
+        """The agent answered its handshake (it is in its namespaces): the bridge network's part."""
+        await bridge.started(record, nursery)
+
     # -- end -------------------------------------------------------------------------------
 
     def release(self, record, reaped: dict | None = None) -> None:
         """The agent is gone (``reaped`` is the template's frame) or never started (None)."""
         if reaped is not None and reaped.get("oom_killed"):
             record.extra["oom_killed"] = True
+        bridge.release(record, spawned=reaped is not None)
         group = record.extra.pop("cgroups", None)
         if group is not None and reaped is None:
             cgroups.remove(group)  # never spawned: the template does not know this group

@@ -247,6 +247,7 @@ class LocalRuntime(Runtime):
             raise SandboxFailedError(f"sandbox {record.sandbox_id} failed to start: {exc}",
                                      sandbox_id=record.sandbox_id) from exc
         record.channel = channel
+        await self._isolation.started(record, self._nursery)
         return channel
 
     async def stop(self, record: SandboxRecord, grace_seconds: float) -> None:

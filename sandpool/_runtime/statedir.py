@@ -16,6 +16,8 @@ import tempfile
 from _sandpool_agent import linux as _linux
 from _sandpool_agent.confine import cgroups as _cgroups
 
+from .._isolation import bridge as _bridge
+
 ENV_STATE_DIR = "SANDPOOL_STATE_DIR"
 
 
@@ -87,6 +89,7 @@ def sweep(state_dir: str) -> list[str]:
     """Kill and remove what dead owners left in ``state_dir``; return the directories removed."""
     removed = []
     _cgroups.sweep(state_dir, _owner_alive)  # kills their processes too
+    _bridge.sweep(state_dir, _owner_alive)  # their bridge sandboxes' nft chains
     try:
         entries = os.listdir(state_dir)
     except FileNotFoundError:

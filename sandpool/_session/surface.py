@@ -164,11 +164,35 @@ class SurfaceMixin:
     endpoint_share_token = None
     file_system_snapshot_id = None
     attached_volume_ids: tuple[str, ...] = ()
-    service_urls: tuple[Any, ...] = ()
-    service_endpoints: tuple[Any, ...] = ()
-    service_addresses: tuple[Any, ...] = ()
-    exposed_ports: tuple[Any, ...] = ()
-    dns_egress_names: tuple[str, ...] = ()
+
+    def _network_report(self: Sandbox, name: str) -> tuple:
+        return tuple(self._record.extra.get(name, ())) if self._record is not None else ()
+
+    @property
+    def exposed_ports(self: Sandbox) -> tuple[tuple[int, str], ...]:
+        """(port, service name) of a bridge sandbox's services and exposed ingress ports (docs/network.md)."""
+        return self._network_report("exposed_ports")
+
+    @property
+    def service_urls(self: Sandbox) -> tuple[tuple[int, str, str], ...]:
+        """(port, name, url): ``tcp://127.0.0.1:N`` (``http://`` for an HTTPS endpoint) where the host
+        reaches a public service or exposed port, ``tcp://<sandbox address>:port`` for a private one."""
+        return self._network_report("service_urls")
+
+    @property
+    def service_endpoints(self: Sandbox) -> tuple[Any, ...]:
+        """HttpsEndpointStatus of the public services with an HTTPS endpoint (plain HTTP locally)."""
+        return self._network_report("service_endpoints")
+
+    @property
+    def service_addresses(self: Sandbox) -> tuple[Any, ...]:
+        """TlsPassthroughEndpointStatus (``address`` = 127.0.0.1:N) of TLS passthrough services."""
+        return self._network_report("service_addresses")
+
+    @property
+    def dns_egress_names(self: Sandbox) -> tuple[str, ...]:
+        """The DNS names of its egress rules (resolved once, at its start)."""
+        return self._network_report("dns_egress_names")
     effective_egress = None
     effective_ingress = None
 

@@ -157,10 +157,10 @@ def test_options_not_yet_supported_raise_clearly(option):
     assert info.value.feature == option
 
 
-def test_network_ingress_rules_raise_until_issue_16():
-    """An ingress rule is refused with the issue named; deny_egress still works."""
-    with pytest.raises(sandpool.NotSupportedLocallyError, match="issue 16"):
-        sandpool.SandboxDefaults(network=sandpool.NetworkOptions(ingress=[sandpool.IngressRule(any=True)]))
+def test_network_ingress_rules_are_kept_in_plain_form():
+    """An ingress rule is accepted (a bridge network, docs/network.md) in plain form; deny_egress too."""
+    defaults = sandpool.SandboxDefaults(network=sandpool.NetworkOptions(ingress=[sandpool.IngressRule(any=True)]))
+    assert defaults.network["ingress"][0]["any"] is True
     assert sandpool.SandboxDefaults(network=sandpool.NetworkOptions(deny_egress=True)).network["deny_egress"]
 
 

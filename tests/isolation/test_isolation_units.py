@@ -27,12 +27,38 @@ def test_cwsandbox_network_options_map_where_they_can():
     assert network.resolve(NetworkOptions(deny_egress=True), "namespaces") == "none"
     assert network.resolve(NetworkOptions(), "namespaces") == "host"
     assert network.resolve({"egress": [{"any": True}]}, "namespaces") == "host"
-    with pytest.raises(ValueError, match="no local equivalent"):
-        network.resolve({"egress": [{"dns_name": "pypi.org"}]}, "namespaces")
+    assert network.resolve({"egress": [{"dns_name": "pypi.org"}]}, "namespaces") == "bridge"
+    assert network.resolve({"ingress": [{"any": True, "ports": [80]}]}, "namespaces") == "bridge"
+    with pytest.raises(ValueError, match="no local meaning"):
+        network.resolve({"egress": [{"selector": {"pod_labels": {}}}]}, "namespaces")
     with pytest.raises(ValueError, match="needs a network namespace"):
         network.resolve("none", "process")
-    with pytest.raises(ValueError, match="'none'.*'host'"):
-        network.resolve("bridge", "namespaces")
+    with pytest.raises(ValueError, match="'none'.*'host'.*'bridge'"):
+        network.resolve("nat", "namespaces")
+
+
+def test_bridge_rules_compile_to_nft_matches():
+    """Rules become plain data (CIDRs, except-CIDRs, port ranges per protocol, DNS names with 443 by
+    default) and then nft matches; tenant means sandpool's range; tcp ingress ports are exposed."""
+    from sandpool._isolation import nft
+
+    rules = network.policy({"egress": [{"cidr": {"cidr": "10.1.0.0/16", "except_cidrs": ["10.1.2.0/24"]},
+                                        "ports": [{"port": 80}, {"port": 8000, "end_port": 8010},
+                                                  {"port": 53, "protocol": "udp"}]},
+                                       {"dns_name": "example.org"}],
+                            "ingress": [{"tenant": "same_user", "ports": [{"port": 9000}]}]})
+    first, named = rules.egress
+    assert first.ports == (("tcp", 80, 80), ("tcp", 8000, 8010), ("udp", 53, 53))
+    assert named.dns_name == "example.org" and named.ports == (("tcp", 443, 443),)
+    assert rules.ingress[0].nets == (str(network.sandbox_range()),) and rules.expose == (9000,)
+    assert nft._matches(first, "daddr") == ["ip daddr { 10.1.0.0/16 } ip daddr != { 10.1.2.0/24 } "
+                                            "tcp dport { 80, 8000-8010 }",
+                                            "ip daddr { 10.1.0.0/16 } ip daddr != { 10.1.2.0/24 } udp dport { 53 }"]
+    assert network.policy({"deny_egress": True, "ingress": [{"any": True}]}).egress == ()
+    with pytest.raises(ValueError, match="IPv6"):
+        network.policy({"egress": [{"cidr": "fd00::/8"}]})
+    with pytest.raises(ValueError, match="at most 64"):
+        network.policy({"ingress": [{"any": True, "ports": [{"port": 1000, "end_port": 2000}]}]})
 
 
 def fake_layout(tmp_path, kind: str) -> cgroups.Layout:
