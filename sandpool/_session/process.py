@@ -5,8 +5,9 @@ from __future__ import annotations
 import codecs
 import collections
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 import trio
 
@@ -16,13 +17,23 @@ from .._core.hosts import call_in
 from .._core.opref import OperationCancelled, OperationRef, TaskHost, check_not_in_trio
 from .._core.output import OutputBuffer
 
-if TYPE_CHECKING:
-    from .sandbox import Sandbox
-
 _KILL_WAIT_SECONDS = 5.0
 #: Output the agent may send for one process beyond what this side acknowledged: its window plus the
 #: one read that crosses it. More is a broken or hostile agent, and fails its sandbox.
 _MAX_OWED_BYTES = _wire.OUTPUT_WINDOW_BYTES + _wire.OUTPUT_CHUNK_BYTES
+
+
+@dataclass(frozen=True)
+class SandboxLink:
+    """What a process uses of its sandbox, handed to it by the sandbox: the loop its operations run
+    in, the sandbox's id, and the agent's connection (a process never reaches into the sandbox)."""
+
+    host: Callable[[], TaskHost]
+    sandbox_id: Callable[[], str | None]
+    ensure_running: Callable[[], Awaitable[None]]
+    register: Callable[[Any], int]
+    unregister: Callable[[int], None]
+    send: Callable[[dict], Awaitable[None]]
 
 
 @dataclass
@@ -42,6 +53,14 @@ class ProcessResult:
     truncated: bool = False
 
 
+async def _take(buffer: OutputBuffer, credit: Callable[[int], None]) -> bytes | None:
+    """The next chunk of ``buffer`` (None at EOF), its bytes acknowledged through ``credit``."""
+    chunk, owed = await buffer.next_chunk()
+    if owed:
+        credit(owed)
+    return chunk
+
+
 class StreamReader:
     """Live output of one stream as text chunks: ``for chunk in proc.stdout``, or ``async for`` (trio
     or asyncio; cancelling the iterating task stops the read, not the process).
@@ -51,9 +70,12 @@ class StreamReader:
     error instead of ending quietly.
     """
 
-    def __init__(self, process: Process, buffer: OutputBuffer) -> None:
-        self._process = process
+    def __init__(self, loop: TaskHost, buffer: OutputBuffer, credit: Callable[[int], None],
+                 failure: Callable[[], BaseException | None]) -> None:
+        self._loop = loop
         self._buffer = buffer
+        self._credit = credit  # acknowledges bytes taken to the agent
+        self._failure = failure  # why the process never ran to its end, once it is known
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._done = False
         self._unread: collections.deque[str | None] = collections.deque()  # taken for an awaiter that gave up
@@ -61,10 +83,7 @@ class StreamReader:
     async def _next_bytes(self) -> bytes | None:
         """The next chunk of output as the process wrote it (None at EOF), acknowledged as it is taken.
         The text iterators decode these; byte-exact consumers (the cwsandbox service) read them as is."""
-        chunk, credit = await self._buffer.next_chunk()
-        if credit:
-            self._process._send_credit(credit)
-        return chunk
+        return await _take(self._buffer, self._credit)
 
     async def _next(self) -> str | None:
         if self._unread:
@@ -72,8 +91,9 @@ class StreamReader:
         while not self._done:
             chunk = await self._next_bytes()
             if chunk is None:
-                if self._process._failure is not None:  # it never ran to its end: say why
-                    raise self._process._failure
+                failure = self._failure()
+                if failure is not None:  # it never ran to its end: say why
+                    raise failure
                 self._done = True
                 tail = self._decoder.decode(b"", final=True)
                 return tail or None
@@ -87,7 +107,7 @@ class StreamReader:
 
     async def __anext__(self) -> str:
         # The buffer lives in the sandbox's loop: read there, awaited from this trio or asyncio task.
-        text = await call_in(self._process._loop, self._next, abandoned=self._keep_unread)
+        text = await call_in(self._loop, self._next, abandoned=self._keep_unread)
         if text is None:
             raise StopAsyncIteration
         return text
@@ -105,7 +125,7 @@ class StreamReader:
 
     def __next__(self) -> str:
         check_not_in_trio("iterating a stream", "'async for chunk in proc.stdout'")
-        text = trio.from_thread.run(self._next, trio_token=self._process._loop.token)
+        text = trio.from_thread.run(self._next, trio_token=self._loop.token)
         if text is None:
             raise StopIteration
         return text
@@ -119,13 +139,12 @@ class StreamWriter:
     so a process that never reads its stdin holds a bounded amount of it, in the agent or here.
     """
 
-    def __init__(self, process: Process) -> None:
-        self._process = process
+    def __init__(self, loop: TaskHost, window: StdinWindow) -> None:
+        self._loop = loop
+        self._window = window
         self._issued = 0
         self._turn = 0
         self._turn_changed = trio.Event()
-        self._in_flight = 0  # bytes sent and not reported taken
-        self._taken = trio.Event()
         self.closed = False
 
     def write(self, data: bytes) -> OperationRef[None]:
@@ -149,23 +168,17 @@ class StreamWriter:
             raise SandboxExecutionError("stdin is closed; data can no longer be written to this process")
         seq = self._issued
         self._issued += 1
-        return OperationRef.spawn(self._process._loop, self._send, seq, data, eof)
+        return OperationRef.spawn(self._loop, self._send, seq, data, eof)
 
     async def _send(self, seq: int, data: bytes, eof: bool) -> None:
         while self._turn != seq:
             await self._turn_changed.wait()
         try:
-            await self._process._sent.wait()
+            await self._window.sent.wait()
             view = memoryview(data)
             while True:
                 chunk, view = view[:_wire.STDIN_CHUNK_BYTES], view[_wire.STDIN_CHUNK_BYTES:]
-                while self._in_flight and self._in_flight + len(chunk) > _wire.STDIN_WINDOW_BYTES:
-                    self._check_open()
-                    await self._taken.wait()
-                self._check_open()
-                await self._process._sandbox._send({"t": "stdin", "id": self._process._req_id,
-                                                    "data": bytes(chunk), "eof": eof and not view})
-                self._in_flight += len(chunk)
+                await self._window.put(bytes(chunk), eof and not view)
                 if not view:
                     return
         finally:
@@ -173,13 +186,29 @@ class StreamWriter:
             self._turn_changed.set()
             self._turn_changed = trio.Event()
 
-    def _check_open(self) -> None:
-        if self._process._failure is not None:
-            raise self._process._failure
-        if self._process._exit_code is not None:
-            raise SandboxExecutionError("the process has exited; its stdin is closed")
 
-    def _on_taken(self, n: int) -> None:
+
+class StdinWindow:
+    """Flow control of one process's stdin: at most ``STDIN_WINDOW_BYTES`` on their way. The process
+    owns it, reports what the agent took (``taken``), and gives it the way to send a chunk."""
+
+    def __init__(self, send: Callable[[bytes, bool], Awaitable[None]], check_open: Callable[[], None]) -> None:
+        self._send = send
+        self._check_open = check_open  # raises once the process can take no more input
+        self.sent = trio.Event()  # the exec frame went out (or never will)
+        self._in_flight = 0  # bytes sent and not reported taken
+        self._taken = trio.Event()
+
+    async def put(self, chunk: bytes, eof: bool) -> None:
+        """Send ``chunk`` once the window has room for it."""
+        while self._in_flight and self._in_flight + len(chunk) > _wire.STDIN_WINDOW_BYTES:
+            self._check_open()
+            await self._taken.wait()
+        self._check_open()
+        await self._send(chunk, eof)
+        self._in_flight += len(chunk)
+
+    def taken(self, n: int) -> None:
         """The agent reports ``n`` more bytes taken by the process (or dropped when it closed stdin)."""
         self._in_flight = max(0, self._in_flight - n)
         self._taken.set()
@@ -189,30 +218,48 @@ class StreamWriter:
 class Process(OperationRef[ProcessResult]):
     """A command running in a sandbox. Awaitable / ``.result()`` gives a :class:`ProcessResult`."""
 
-    #: Extra fields of its exec frame (a terminal's "tty"; see _terminal).
-    _exec_extra: dict = {}
-
-    def __init__(self, sandbox: Sandbox, argv: list[str], *, cwd: str | None, env: dict | None,
-                 timeout: float | None, check: bool, stdin: bool, cap: int) -> None:
+    def __init__(self, link: SandboxLink, argv: list[str], *, cwd: str | None, env: dict | None,
+                 timeout: float | None, check: bool, stdin: bool, cap: int, exec_extra: dict | None = None) -> None:
+        """Make the process and start its task in the sandbox's loop; ``exec_extra`` adds fields to
+        its exec frame (a terminal's "tty")."""
         super().__init__()
-        self._sandbox = sandbox
-        self._loop: TaskHost = sandbox._host
+        self._link = link
+        self._loop: TaskHost = link.host()
         self._argv = argv
         self._cwd, self._env, self._timeout, self._check = cwd, env, timeout, check
+        self._exec_extra = exec_extra or {}
         self._out = {1: OutputBuffer(cap), 2: OutputBuffer(cap)}
-        self.stdout = StreamReader(self, self._out[1])
-        self.stderr = StreamReader(self, self._out[2])
-        self.stdin: StreamWriter | None = StreamWriter(self) if stdin else None
+        self.stdout = StreamReader(self._loop, self._out[1], self._send_credit, self._failure_now)
+        self.stderr = StreamReader(self._loop, self._out[2], self._send_credit, self._failure_now)
+        self._window = StdinWindow(self._send_stdin, self._check_stdin_open)
+        self.stdin: StreamWriter | None = StreamWriter(self._loop, self._window) if stdin else None
         self._req_id = 0
         self._pid: int | None = None
-        self._sent = trio.Event()
+        self._sent = self._window.sent
         self._exited = trio.Event()
         self._exit_code: int | None = None
         self._failure: BaseException | None = None  # why it ended without an exit code
         self._owed = 0  # output bytes received and not yet acknowledged to the agent
         # An exec cancelled before its task ran, or refused by a closing session, never runs _body:
         # its streams must end all the same, or a reader would wait for ever.
-        self.add_done_callback(Process._end_streams)
+        self.add_done_callback(type(self)._end_streams)
+        self._launch(self._loop, self._body)
+
+    async def _next_output(self) -> bytes | None:
+        """The next raw chunk of stdout (None at EOF), acknowledged as it is taken."""
+        return await _take(self._out[1], self._send_credit)
+
+    def _failure_now(self) -> BaseException | None:
+        return self._failure
+
+    def _check_stdin_open(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+        if self._exit_code is not None:
+            raise SandboxExecutionError("the process has exited; its stdin is closed")
+
+    async def _send_stdin(self, chunk: bytes, eof: bool) -> None:
+        await self._link.send({"t": "stdin", "id": self._req_id, "data": chunk, "eof": eof})
 
     def __repr__(self) -> str:
         state = "running" if self._exit_code is None else f"exited {self._exit_code}"
@@ -251,7 +298,7 @@ class Process(OperationRef[ProcessResult]):
     async def _signal(self, sig: int) -> None:
         await self._sent.wait()
         if self._exit_code is None and self._failure is None:
-            await self._sandbox._send({"t": "signal", "id": self._req_id, "sig": sig})
+            await self._link.send({"t": "signal", "id": self._req_id, "sig": sig})
 
     def result(self, timeout: float | None = None) -> ProcessResult:
         self._request_drain()
@@ -292,7 +339,7 @@ class Process(OperationRef[ProcessResult]):
         self._owed -= n  # before it is sent: the agent can only have heard of credit counted here
         if self._exit_code is None and not self._exited.is_set():
             try:
-                await self._sandbox._send({"t": "credit", "id": self._req_id, "n": n})
+                await self._link.send({"t": "credit", "id": self._req_id, "n": n})
             except Exception:  # the sandbox is gone; its exit handling reports that
                 pass
 
@@ -315,8 +362,7 @@ class Process(OperationRef[ProcessResult]):
         if kind == "started":
             self._pid = frame["pid"]
         elif kind == "stdin_taken":
-            if self.stdin is not None:
-                self.stdin._on_taken(frame["n"])
+            self._window.taken(frame["n"])
         elif kind == "exit":
             self._exit_code = frame["code"]
             self._mark_exited()
@@ -339,7 +385,7 @@ class Process(OperationRef[ProcessResult]):
             except OperationCancelled:
                 error = None
             self._failure = error or SandboxExecutionError(
-                f"command {self._argv!r} was cancelled before it ran", sandbox_id=self._sandbox.sandbox_id)
+                f"command {self._argv!r} was cancelled before it ran", sandbox_id=self._link.sandbox_id())
             self._mark_exited()
 
     def _mark_exited(self) -> None:
@@ -347,8 +393,7 @@ class Process(OperationRef[ProcessResult]):
             buffer.close()
         self._exited.set()
         self._sent.set()  # stdin writers and signals waiting for the exec to go out: it never will now
-        if self.stdin is not None:
-            self.stdin._on_taken(0)  # writers waiting for the window: it will not open any more
+        self._window.taken(0)  # writers waiting for the window: it will not open any more
 
     async def _body(self) -> ProcessResult:
         try:
@@ -356,16 +401,16 @@ class Process(OperationRef[ProcessResult]):
         except BaseException as exc:
             if not self._exited.is_set():  # it never ran to its end: readers and writers end with why
                 self._failure = exc if isinstance(exc, Exception) else SandboxExecutionError(
-                    f"command {self._argv!r} was cancelled", sandbox_id=self._sandbox.sandbox_id)
+                    f"command {self._argv!r} was cancelled", sandbox_id=self._link.sandbox_id())
                 self._mark_exited()
             raise
 
     async def _execute(self) -> ProcessResult:
-        sandbox = self._sandbox
-        await sandbox._ensure_running()
-        self._req_id = sandbox._register(self)
+        link = self._link
+        await link.ensure_running()
+        self._req_id = link.register(self)
         try:
-            await sandbox._send({"t": "exec", "id": self._req_id, "argv": self._argv, "cwd": self._cwd,
+            await link.send({"t": "exec", "id": self._req_id, "argv": self._argv, "cwd": self._cwd,
                                  "env": self._env, "stdin": self.stdin is not None, **self._exec_extra})
             self._sent.set()
             with trio.move_on_after(self._timeout if self._timeout is not None else float("inf")):
@@ -374,19 +419,19 @@ class Process(OperationRef[ProcessResult]):
                 await self._kill()
                 raise SandboxTimeoutError(
                     f"command {self._argv!r} timed out after {self._timeout} s; its process tree was killed",
-                    sandbox_id=sandbox.sandbox_id,
+                    sandbox_id=link.sandbox_id(),
                 )
         finally:
             if not self._exited.is_set():
                 await self._kill()
-            sandbox._unregister(self._req_id)
+            link.unregister(self._req_id)
         if self._failure is not None:
             raise self._failure
         result = self._result()
         if self._check and result.returncode != 0:
             raise SandboxExecutionError(
                 f"command {self._argv!r} failed with exit code {result.returncode}",
-                sandbox_id=sandbox.sandbox_id, exec_result=result,
+                sandbox_id=link.sandbox_id(), exec_result=result,
             )
         return result
 
@@ -395,7 +440,7 @@ class Process(OperationRef[ProcessResult]):
         with trio.CancelScope(shield=True):
             try:
                 with trio.fail_after(_KILL_WAIT_SECONDS):  # an agent that stops reading cannot hold us here
-                    await self._sandbox._send({"t": "cancel", "id": self._req_id})
+                    await self._link.send({"t": "cancel", "id": self._req_id})
             except Exception:
                 return
             self._drain()

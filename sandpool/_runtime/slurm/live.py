@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ..._core import lifecycle as _lifecycle
+from ..._core import lifecycle
 from ..._config import SandboxStatus
 from ..._errors import SandboxUnavailableError, SandpoolError
 from ..._service.control import SHUTDOWN_REASON
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 #: How a sandbox's server reports an end that Slurm caused: it shut down, or the sandbox's processes
 #: were signalled directly (the job's whole process tree gets Slurm's SIGTERM).
-_ENVIRONMENT_ENDS = (SHUTDOWN_REASON, _lifecycle._REASONS["parent_gone"])
+_ENVIRONMENT_ENDS = (SHUTDOWN_REASON, lifecycle.reason_for("parent_gone"))
 
 
 async def watch_end(rt: SlurmRuntime, record: SandboxRecord, p: Placement) -> None:
@@ -45,10 +45,10 @@ async def watch_end(rt: SlurmRuntime, record: SandboxRecord, p: Placement) -> No
     await inner.exited.wait()
     record.exit_code, record.exit_signal = inner.exit_code, inner.exit_signal
     if not p.stopping:
-        reason = end_reason(p, server_ended(inner), inner.extra.get("lost"))
+        reason = end_reason(p, server_ended(inner), inner.lost)
         if reason:
-            lose(rt, record, p, reason, suspect=bool(inner.extra.get("lost")))
-    if not record.extra.get("lost"):
+            lose(rt, record, p, reason, suspect=bool(inner.lost))
+    if not record.lost:
         ended_well = inner.exit_code in (0, None) and not inner.exit_signal
         record.status = (SandboxStatus.TERMINATED if p.stopping else SandboxStatus.COMPLETED if ended_well
                          else SandboxStatus.FAILED).value
@@ -63,13 +63,13 @@ def server_ended(inner: SandboxRecord) -> bool:
     server shut down (it says so), Slurm's signal reached the sandbox's processes first (they say
     so), or the server closed the stream without any exit report (it went away mid-shutdown; which of
     these a client sees depends only on which process handled Slurm's SIGTERM first)."""
-    return inner.status_reason in _ENVIRONMENT_ENDS or bool(inner.extra.get("detached"))
+    return inner.status_reason in _ENVIRONMENT_ENDS or inner.detached
 
 
 async def heartbeat(rt: SlurmRuntime, record: SandboxRecord, p: Placement) -> None:
     """Ask the job's server for its sandbox every ``heartbeat_seconds``; silence is a lost node."""
     last_ok = time.monotonic()
-    while not (p.inner.exited.is_set() or p.stopping or record.extra.get("lost")):
+    while not (p.inner.exited.is_set() or p.stopping or record.lost):
         await trio.sleep(rt.heartbeat_seconds)
         with trio.move_on_after(rt.lost_after_seconds):
             try:
@@ -86,9 +86,9 @@ async def heartbeat(rt: SlurmRuntime, record: SandboxRecord, p: Placement) -> No
 
 def lose(rt: SlurmRuntime, record: SandboxRecord, p: Placement, reason: str, *, suspect: bool) -> None:
     """Mark a connected sandbox lost: its reader ends, its job is cancelled, a silent node avoided."""
-    if p.stopping or record.extra.get("lost"):
+    if p.stopping or record.lost:
         return
-    record.extra["lost"] = reason
+    record.lost = reason
     record.status, record.status_reason = SandboxStatus.FAILED.value, reason
     if suspect and p.node:
         rt._suspects[p.node] = time.monotonic() + SUSPECT_SECONDS

@@ -142,7 +142,7 @@ class SlurmRuntime(Runtime):
             live = [(self._records[sid], p) for sid, p in self._placements.items() if p.owned and not p.ended]
             async with trio.open_nursery() as nursery:  # connected ones stop politely, at once
                 for record, p in live:
-                    if p.inner is not None and not p.inner.exited.is_set() and not record.extra.get("lost"):
+                    if p.inner is not None and not p.inner.exited.is_set() and not record.lost:
                         nursery.start_soon(p.remote.stop, p.inner, 0.0)
             await self._release([p for _, p in live])  # one scancel for all, then one wait
             for record, _ in live:
@@ -197,10 +197,10 @@ class SlurmRuntime(Runtime):
             if p is not None:
                 p.stopping = True
                 inner = p.inner
-                if inner is not None and not inner.exited.is_set() and not record.extra.get("lost"):
+                if inner is not None and not inner.exited.is_set() and not record.lost:
                     with trio.move_on_after(grace_seconds + STOP_SLACK_SECONDS):
                         await p.remote.stop(inner, grace_seconds)
-                await self._release([p], wait=not record.extra.get("lost"))  # a lost node's job: Slurm ends it
+                await self._release([p], wait=not record.lost)  # a lost node's job: Slurm ends it
             record.exited.set()
 
     def list(self) -> list[SandboxRecord]:
@@ -303,7 +303,7 @@ class SlurmRuntime(Runtime):
             self._register(record, p)
         p = record.extra["placement"]
         p.see(job)
-        if record.channel is None and not p.ended and not record.extra.get("lost"):
+        if record.channel is None and not p.ended and not record.lost:
             record.status = cli.sandbox_status(job.state, p.read_address() is not None).value
             record.status_reason = cli.describe(job)
 
