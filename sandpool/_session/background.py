@@ -56,8 +56,12 @@ class Shelf:
             try:
                 await self._portal.host.nursery.start(_keep, held)
             except BaseException as exc:
-                held.error = exc
+                # opening failed: raise that error itself, not the keeper's nursery group around it
+                single = isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1
+                held.error = exc.exceptions[0] if single else exc  # type: ignore[union-attr]
                 self._forget(held)
+                if single:
+                    raise held.error from None
                 raise
             finally:
                 held.ready.set()
