@@ -46,10 +46,15 @@ class Shelf:
     def runtimes(self) -> list[Runtime]:
         return [held.runtime for held in self._held.values()]
 
-    async def hold(self, runtime: Runtime | None) -> Runtime:
-        """``runtime`` (None: the shared LocalRuntime) opened, and counted as used once more."""
+    def choose(self, runtime: Runtime | None) -> Runtime:
+        """The runtime ``hold(runtime)`` would open now (None: the shared LocalRuntime), not opened."""
         if runtime is None:
             runtime = self._local = self._local or LocalRuntime()
+        return runtime
+
+    async def hold(self, runtime: Runtime | None) -> Runtime:
+        """``runtime`` (None: the shared LocalRuntime) opened, and counted as used once more."""
+        runtime = self.choose(runtime)
         held = self._held.get(id(runtime))
         if held is None:
             held = self._held[id(runtime)] = _Held(runtime)

@@ -8,7 +8,7 @@ host and runtime as it opens; sandboxes use only these public members, never the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -22,9 +22,11 @@ __all__ = ["SandboxHome"]
 class SandboxHome:
     """Where a session's sandboxes run, what makes them, and which ones it stops when it closes."""
 
-    def __init__(self, defaults: SandboxDefaults, open_host: Callable[[], TaskHost]) -> None:
+    def __init__(self, defaults: SandboxDefaults, open_host: Callable[[], TaskHost],
+                 hold_runtime: Callable[[], Awaitable[None]]) -> None:
         self.defaults = defaults
         self._open_host = open_host
+        self._hold_runtime = hold_runtime
         #: the session's task host once it is open (set by the session)
         self.task_host: TaskHost | None = None
         #: the session's runtime once it is open (set by the session)
@@ -40,6 +42,12 @@ class SandboxHome:
     def host(self) -> TaskHost:
         """The session's task host, opening the session (in the background thread) on first use."""
         return self.task_host if self.task_host is not None else self._open_host()
+
+    async def ready(self) -> Runtime:
+        """The runtime, opened: a sync session opens its runtime when its first sandbox needs it."""
+        await self._hold_runtime()
+        assert self.runtime is not None
+        return self.runtime
 
     def track(self, sandbox: Any) -> None:
         self.tracked[id(sandbox)] = sandbox

@@ -201,8 +201,8 @@ class Sandbox(SandboxBlocks, SurfaceMixin, LogsMixin, StreamFilesMixin, AgentCon
             await self._started.wait()
             return self._raise_if_not_running()
         self._advance(Event.START)
-        runtime = self._runtime
         try:
+            runtime = await self._home.ready()
             self._record = runtime.create(self._spec)
             KNOWN[self._record.sandbox_id] = self
             await runtime.start(self._record)

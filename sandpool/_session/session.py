@@ -66,11 +66,12 @@ class Session:
             self._owned_runtime = RemoteRuntime(_shared.resolve_address(address), token)
         elif runtime is None:  # $SANDPOOL_RUNTIME=slurm: an engine runtime of our own
             self._owned_runtime = _shared.engine_runtime()
-        self._home = SandboxHome(self.defaults, self._ensure_open)  # what its sandboxes see of it
+        self._home = SandboxHome(self.defaults, self._ensure_open, self._hold_runtime)  # what its sandboxes see of it
         self._admin: TaskHost | None = None  # where close() runs: outside the session's own nursery
         self._portal: Portal | None = None
         self._lease: background.Lease | None = None  # its share of the background portal (sync sessions)
         self._held: Runtime | None = None  # the runtime it holds on the lease's shelf
+        self._hold_lock = trio.Lock()
         self._closed = False
         self._close_ref: OperationRef[None] | None = None
         self._open_lock = threading.Lock()
@@ -130,13 +131,27 @@ class Session:
             self._home.runtime = self._owned_runtime
             await self._portal.host.nursery.start(self._serve)
             return
-        self._held = self._home.runtime = await self._lease.shelf.hold(self._runtime_arg)
+        # the runtime it will use; opened (held) when the first sandbox needs it, so a session
+        # that never starts one costs no template
+        self._home.runtime = self._lease.shelf.choose(self._runtime_arg)
+        if self._runtime_arg is not None:  # the caller's runtime opens now: a bad one fails the open
+            await self._hold_runtime()
         try:
             await self._portal.host.nursery.start(self._serve)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._release_runtime()
             raise
+
+    async def _hold_runtime(self) -> None:
+        """Hold the runtime open on the shelf (once); sessions that hold their runtime already: nothing."""
+        if self._lease is None or self._held is not None or self._owned_runtime is not None:
+            return
+        async with self._hold_lock:
+            if self._held is None:
+                if self._closed:
+                    raise SandboxError("this session is closed; open a new Session to create sandboxes")
+                self._held = self._home.runtime = await self._lease.shelf.hold(self._runtime_arg)
 
     async def _release_runtime(self) -> None:
         """Give back the runtime held on the shelf; the last session using it closes it."""
@@ -312,6 +327,7 @@ class Session:
         return self._runtime_arg is not None and self._runtime_arg.shared
 
     async def _find(self, adopt: bool, query: dict) -> list[Sandbox] | Sandbox:
+        await self._home.ready()
         found = await Sandbox._find(self._home, **query)
         if adopt:
             for sandbox in found:

@@ -82,8 +82,7 @@ class FoundHandles:
     @classmethod
     async def _find(cls, home: SandboxHome, **query: Any) -> list[Sandbox]:
         """Handles for the sandboxes ``home``'s runtime finds (see ``Runtime.find``)."""
-        assert home.runtime is not None
-        records = await home.runtime.find(**query)
+        records = await (await home.ready()).find(**query)
         return [cls._handle_for(home, record) for record in records]
 
     @classmethod
