@@ -14,7 +14,6 @@ import os
 import weakref
 from typing import TYPE_CHECKING, Any
 
-import trio
 
 from .._config import SandboxStatus
 from .._core.lifecycle import Event
