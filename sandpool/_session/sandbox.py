@@ -48,6 +48,7 @@ class Sandbox(SandboxBlocks, SurfaceMixin, LogsMixin, StreamFilesMixin, AgentCon
     def __init__(self, *, defaults: SandboxDefaults | None = None, address: str | None = None,
                  token: str | None = None, _session: Session | None = None, _home: SandboxHome | None = None,
                  _spec: SandboxSpec | None = None, **overrides: Any) -> None:
+        standalone = _home is None and _session is None
         if _home is None:
             if _session is None:  # standalone: owned by the hidden session (stopped at exit at the latest)
                 from .default import default_session
@@ -69,7 +70,8 @@ class Sandbox(SandboxBlocks, SurfaceMixin, LogsMixin, StreamFilesMixin, AgentCon
         self._link = SandboxLink(host=_home.host, sandbox_id=lambda: self.sandbox_id,
                                  ensure_running=self._ensure_running, register=self._register,
                                  unregister=self._unregister, send=self._send)
-        self._belong_to(_home)
+        if standalone:  # a session's own sandboxes are tracked by the session (found handles: on adopt)
+            self._belong_to(_home)
 
     def _opened(self) -> bool:
         """True once its session runs (so starting it never blocks to open the session)."""

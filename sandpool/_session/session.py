@@ -282,7 +282,9 @@ class Session:
         """A new, not yet started sandbox from the session defaults plus ``overrides``. No I/O."""
         if self._closed:
             raise SandboxError("this session is closed; open a new Session to create sandboxes")
-        return Sandbox(_home=self._home, _spec=resolve_spec(self.defaults, **overrides))
+        sandbox = Sandbox(_home=self._home, _spec=resolve_spec(self.defaults, **overrides))
+        self._track(sandbox)
+        return sandbox
 
     def adopt(self, sandbox: Sandbox) -> None:
         """Make this session responsible for stopping ``sandbox`` when it closes."""
