@@ -5,11 +5,14 @@ Sync sessions (and ``async with`` sessions under asyncio) run in a trio loop of 
 default :class:`LocalRuntime`, a template process each time, so open sessions share them: the first
 to open starts the portal (:func:`lease`) and, inside it, each runtime (:meth:`Shelf.hold`); the last
 to close stops the runtime (:meth:`Shelf.release`) and then the portal (:meth:`Lease.release`).
-Once every session has closed, nothing of sandpool runs in the background.
+Once every session has closed, nothing of sandpool runs in the background. A session never closed
+(no ``with``) keeps them until exit, when an atexit hook closes the portal as a courtesy (its
+runtimes stop what is left); nothing relies on it: sandboxes notice their owner's death.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 
@@ -19,7 +22,7 @@ from .._core.portal import Portal
 from .._runtime.contract import Runtime
 from .._runtime.local import LocalRuntime
 
-__all__ = ["Lease", "Shelf", "lease", "owner_dirs"]
+__all__ = ["Lease", "Shelf", "call_blocking", "lease", "owner_dirs"]
 
 
 class _Held:
@@ -149,6 +152,9 @@ class _Registry:
 
     def take(self) -> Lease:
         with self.lock:
+            if not _AT_EXIT:
+                atexit.register(_close_at_exit)
+                _AT_EXIT.append(True)
             if self.portal is None or self.portal.closed:
                 portal = Portal("sandpool-session-portal")
                 portal.start()
@@ -169,11 +175,40 @@ class _Registry:
 
 
 _REGISTRY = _Registry()
+_AT_EXIT: list[bool] = []
+
+
+def _close_at_exit() -> None:
+    with _REGISTRY.lock:
+        portal = _REGISTRY.portal
+    if portal is not None:
+        portal.close()
 
 
 def lease() -> Lease:
     """A share of the background portal, started if no session holds it. Release it when done."""
     return _REGISTRY.take()
+
+
+def call_blocking(fn, *args):
+    """Run a blocking call; from inside a trio loop, in a helper thread (a one-time, short wait)."""
+    if not trio.lowlevel.in_trio_run():
+        return fn(*args)
+    box: list = []
+
+    def target() -> None:
+        try:
+            box.append((True, fn(*args)))
+        except BaseException as exc:  # handed to the caller below
+            box.append((False, exc))
+
+    thread = threading.Thread(target=target, name="sandpool-open")
+    thread.start()
+    thread.join()
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
 
 
 def owner_dirs() -> list[str]:

@@ -18,12 +18,10 @@ from .._errors import (
     SandboxError,
     SandboxFailedError,
     SandboxFileError,
-    SandboxNotFoundError,
     SandboxNotRunningError,
     SandboxTerminatedError,
     SandboxTimeoutError,
 )
-from . import shared as _shared
 from .blocks import SandboxBlocks
 from .connection import AgentConnection
 from .logs import LogsMixin
@@ -357,43 +355,6 @@ class Sandbox(SandboxBlocks, SurfaceMixin, LogsMixin, StreamFilesMixin, AgentCon
         """The main command's log from its runtime (readable after the sandbox ends while kept open),
         or None. Internal: the cwsandbox service's StreamLogs reads it."""
         return self._runtime.open_main_log(self._record) if self._record is not None else None
-
-    # -- construction and discovery --------------------------------------------------------------
-
-    @classmethod
-    def list(cls, *, tags: Sequence[str] | None = None, status: str | SandboxStatus | None = None,
-             show_terminated: bool = False, address: str | None = None,
-             token: str | None = None) -> OperationRef[list[Sandbox]]:
-        """Sandboxes carrying every tag in ``tags`` (non-terminal unless asked): this process's, or
-        with ``address`` (or ``$SANDPOOL_ADDRESS``) every one of that server's, whoever made them."""
-        wanted = SandboxStatus.parse(status) if status is not None else None
-        if isinstance(tags, str):
-            raise TypeError(f"tags must be a list of strings, not a string; use tags=[{tags!r}]")
-        if _shared.selects_shared(address):
-            return _shared.spawn_find(address, token, tags=tuple(tags or ()),
-                                      status=wanted.value if wanted else None, show_terminated=show_terminated)
-        found = [sb for sb in list(KNOWN.values()) if _matches(sb, tags or (), wanted, show_terminated)]
-        return OperationRef.completed(found)
-
-    @classmethod
-    def from_id(cls, sandbox_id: str, *, address: str | None = None,
-                token: str | None = None) -> OperationRef[Sandbox]:
-        """The sandbox with this id (on the server at ``address`` or ``$SANDPOOL_ADDRESS`` if set);
-        SandboxNotFoundError if there is none."""
-        if _shared.selects_shared(address):
-            return _shared.spawn_find(address, token, sandbox_id=sandbox_id)
-        sandbox = KNOWN.get(sandbox_id)
-        if sandbox is None:
-            return OperationRef.failed(SandboxNotFoundError(f"no sandbox {sandbox_id!r}", sandbox_id=sandbox_id))
-        return OperationRef.completed(sandbox)
-
-
-def _matches(sb: Sandbox, tags: Sequence[str], status: SandboxStatus | None, show_terminated: bool) -> bool:
-    if sb.status is None or not all(t in sb.tags for t in tags):
-        return False
-    if status is not None:
-        return sb.status == status
-    return show_terminated or not sb.status.is_terminal
 
 
 def _check_seconds(value: object, name: str) -> None:

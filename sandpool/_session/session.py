@@ -117,7 +117,7 @@ class Session:
                 self._lease = background.lease()
                 self._portal = self._lease.portal
                 try:
-                    _call_blocking(self._portal.run, self._open_in_portal)
+                    background.call_blocking(self._portal.run, self._open_in_portal)
                 except BaseException:
                     self._leave_background()
                     raise
@@ -402,24 +402,3 @@ class Session:
         if failures:
             raise SandboxError(f"Failed to stop {len(failures)} sandbox(es). Some sandboxes may still be running.") \
                 from ExceptionGroup("sandbox stop failures", failures)
-
-
-def _call_blocking(fn, *args):
-    """Run a blocking call; from inside a trio loop, in a helper thread (a one-time, short wait)."""
-    if not trio.lowlevel.in_trio_run():
-        return fn(*args)
-    box: list = []
-
-    def target() -> None:
-        try:
-            box.append((True, fn(*args)))
-        except BaseException as exc:  # handed to the caller below
-            box.append((False, exc))
-
-    thread = threading.Thread(target=target, name="sandpool-open")
-    thread.start()
-    thread.join()
-    ok, value = box[0]
-    if not ok:
-        raise value
-    return value

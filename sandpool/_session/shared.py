@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 
@@ -76,7 +77,35 @@ def news_of(record: SandboxRecord) -> dict[str, Any]:
 
 
 class FoundHandles:
-    """Sandbox's part for sandboxes found on a shared runtime (a base class of ``Sandbox``)."""
+    """Sandbox's part for finding sandboxes, and for handles of those found on a shared runtime (a
+    base class of ``Sandbox``)."""
+
+    @classmethod
+    def list(cls, *, tags: Sequence[str] | None = None, status: str | SandboxStatus | None = None,
+             show_terminated: bool = False, address: str | None = None,
+             token: str | None = None) -> OperationRef[list[Sandbox]]:
+        """Sandboxes carrying every tag in ``tags`` (non-terminal unless asked): this process's, or
+        with ``address`` (or ``$SANDPOOL_ADDRESS``) every one of that server's, whoever made them."""
+        wanted = SandboxStatus.parse(status) if status is not None else None
+        if isinstance(tags, str):
+            raise TypeError(f"tags must be a list of strings, not a string; use tags=[{tags!r}]")
+        if selects_shared(address):
+            return spawn_find(address, token, tags=tuple(tags or ()),
+                              status=wanted.value if wanted else None, show_terminated=show_terminated)
+        found = [sb for sb in list(KNOWN.values()) if _matches(sb, tags or (), wanted, show_terminated)]
+        return OperationRef.completed(found)
+
+    @classmethod
+    def from_id(cls, sandbox_id: str, *, address: str | None = None,
+                token: str | None = None) -> OperationRef[Sandbox]:
+        """The sandbox with this id (on the server at ``address`` or ``$SANDPOOL_ADDRESS`` if set);
+        SandboxNotFoundError if there is none."""
+        if selects_shared(address):
+            return spawn_find(address, token, sandbox_id=sandbox_id)
+        sandbox = KNOWN.get(sandbox_id)
+        if sandbox is None:
+            return OperationRef.failed(SandboxNotFoundError(f"no sandbox {sandbox_id!r}", sandbox_id=sandbox_id))
+        return OperationRef.completed(sandbox)
 
     @classmethod
     async def _find(cls, home: SandboxHome, **query: Any) -> list[Sandbox]:
@@ -146,3 +175,11 @@ class FoundHandles:
         record = self._record
         assert record is not None
         self._advance(Event.GONE, settle=True, code=record.exit_code, signal=record.exit_signal)
+
+
+def _matches(sb: Sandbox, tags: Sequence[str], status: SandboxStatus | None, show_terminated: bool) -> bool:
+    if sb.status is None or not all(t in sb.tags for t in tags):
+        return False
+    if status is not None:
+        return sb.status == status
+    return show_terminated or not sb.status.is_terminal
