@@ -106,3 +106,17 @@ def test_the_hidden_session_of_sandbox_run_is_closed_by_close_all(quiet_backgrou
     testing.close_shared_runtime()
     assert sb.status.is_terminal
     assert portal_threads() == [] and templates() == []
+
+
+def test_an_asyncio_session_leaves_no_thread_and_no_template_behind(quiet_background):
+    """Under asyncio the session runs in the background portal as a sync one does, and gives it back
+    the same way when its ``async with`` block ends."""
+    import asyncio
+
+    async def main() -> None:
+        async with Session() as s:
+            assert (await s.sandbox().exec(["true"])).returncode == 0
+            assert len(portal_threads()) == 1 and len(templates()) == 1
+
+    asyncio.run(main())
+    assert portal_threads() == [] and templates() == []
