@@ -273,18 +273,19 @@ def leftovers(state_dir: str, *more: str, keep_owners: Collection[str] | None = 
 
 
 def shared_owner_dirs() -> list[str]:
-    """Owner directories of this process's shared runtime: the LocalRuntime its sync sessions share,
-    open until the process's default portal closes (``close_shared_runtime``). Checks keep them."""
-    from ._session import session as _session
+    """Owner directories of the runtimes open sync sessions share now (the last session to close
+    closes them; the hidden session of ``Sandbox.run()`` holds one until exit). Checks keep them."""
+    from ._session import background
 
-    return [runtime.owner_dir for runtime, _started in _session._SHARED.values() if runtime.owner_dir]
+    return background.owner_dirs()
 
 
 def close_shared_runtime() -> None:
-    """Close this process's default portal, and with it the shared runtime, as exit would."""
-    from ._core import portal as _portal
+    """Close this process's hidden default sessions, as exit would; with the last open session, the
+    shared runtime and background thread close too."""
+    from ._session import default
 
-    _portal._close_default()
+    default.close_all()
 
 
 def wait_for_no_leftovers(state_dir: str, *more: str, keep_owners: Collection[str] | None = None,

@@ -127,7 +127,7 @@ def describe(sandbox) -> dict:
         "placement_mode": sandbox.spec.placement_mode,
         "created_at": sandbox.created_at,
         "started_at": sandbox.started_at,
-        "orphaned_for": record.extra.get("orphaned_for") if record else None,
+        "orphaned_for": record.orphaned_for if record else None,
     }
 
 

@@ -1,17 +1,21 @@
 """A sandbox's lifecycle as plain data: one frozen state and one pure transition function.
 
-Phases: ``new`` (nothing started) -> ``starting`` -> ``running`` -> ``stopping`` -> ``terminal``.
-Nothing leaves ``terminal``; late or stale events are ignored, so the trio code can report every
-event it sees without checking order first.
+Phases (:class:`Phase`): NEW (nothing started) -> STARTING -> RUNNING -> STOPPING -> TERMINAL.
+Events (:class:`Event`) are what the trio code observes; :func:`advance` is the only way from one
+state to the next. Nothing leaves TERMINAL; late or stale events are ignored, so the trio code can
+report every event it sees without checking order first.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import signal as _signal
 from dataclasses import dataclass
 
 from .._config import SandboxStatus
+
+__all__ = ["OOM_KILLED", "Event", "Lifecycle", "Phase", "advance", "found", "reason_for"]
 
 #: Status reason of a sandbox killed for going over its memory limit (Kubernetes' word first).
 OOM_KILLED = "OOMKilled: the sandbox went over its memory limit and was killed"
@@ -23,9 +27,37 @@ _REASONS = {
 }
 
 
+def reason_for(farewell: str) -> str:
+    """The status reason a sandbox ended by the agent's ``farewell`` reason (e.g. "parent_gone") gets."""
+    return _REASONS.get(farewell, farewell)
+
+
+class Phase(enum.Enum):
+    NEW = "new"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    TERMINAL = "terminal"
+
+
+class Event(enum.Enum):
+    """What happened to a sandbox; the keyword data each event carries is listed with it."""
+
+    START = "start"
+    RUNNING = "running"
+    FAILED = "failed"  # reason
+    STOP = "stop"
+    MAIN_EXIT = "main_exit"  # code
+    FAREWELL = "farewell"  # reason, code
+    GONE = "gone"  # code, signal, oom_killed
+    ATTACHED = "attached"  # a found handle reached its sandbox's data plane: a queued one now runs
+    ENDED = "ended"  # reason: a shared runtime says the sandbox has ended (it was stopped meanwhile)
+    REPORTED = "reported"  # status, returncode, reason: a shared runtime's news of a sandbox it found
+
+
 @dataclass(frozen=True)
 class Lifecycle:
-    phase: str = "new"
+    phase: Phase = Phase.NEW
     status: SandboxStatus | None = None
     returncode: int | None = None
     reason: str | None = None
@@ -33,11 +65,23 @@ class Lifecycle:
 
     @property
     def terminal(self) -> bool:
-        return self.phase == "terminal"
+        return self.phase is Phase.TERMINAL
+
+
+def found(status: SandboxStatus, *, returncode: int | None = None, reason: str | None = None) -> Lifecycle:
+    """The state of a sandbox found on a shared runtime, which reported ``status``: its handle
+    starts there, not at NEW (a queued one counts as running: attaching waits for it)."""
+    if status.is_terminal:
+        return Lifecycle(phase=Phase.TERMINAL, status=status, returncode=returncode, reason=reason)
+    if status == SandboxStatus.TERMINATING:
+        return Lifecycle(phase=Phase.STOPPING, status=status, stop_requested=True)
+    if status in (SandboxStatus.PENDING, SandboxStatus.CREATING):
+        return Lifecycle(phase=Phase.RUNNING, status=status, reason=reason)
+    return Lifecycle(phase=Phase.RUNNING, status=SandboxStatus.RUNNING, reason=reason)
 
 
 def _terminal(state: Lifecycle, status: SandboxStatus, returncode: int | None, reason: str | None) -> Lifecycle:
-    return dataclasses.replace(state, phase="terminal", status=status, returncode=returncode, reason=reason)
+    return dataclasses.replace(state, phase=Phase.TERMINAL, status=status, returncode=returncode, reason=reason)
 
 
 def _describe_death(code: int | None, sig: int | None) -> str:
@@ -50,43 +94,60 @@ def _describe_death(code: int | None, sig: int | None) -> str:
     return f"the sandbox's agent exited with code {code}"
 
 
-def advance(state: Lifecycle, event: str, **info: object) -> Lifecycle:
-    """The state after ``event``. Events: start, running, failed(reason), stop, main_exit(code),
-    farewell(reason, code), gone(code, signal, oom_killed)."""
+def _event(event: Event | str) -> Event:
+    if isinstance(event, Event):
+        return event
+    try:
+        return Event(event)  # a name as the agent's frames and older callers spell it
+    except ValueError:
+        raise ValueError(f"unknown lifecycle event {event!r}; use one of sandpool._core.lifecycle.Event: "
+                         f"{', '.join(e.value for e in Event)}") from None
+
+
+def advance(state: Lifecycle, event: Event | str, **info: object) -> Lifecycle:
+    """The state after ``event`` (an :class:`Event`; its value as a string is accepted too).
+    Data: FAILED(reason), MAIN_EXIT(code), FAREWELL(reason, code), GONE(code, signal, oom_killed)."""
+    event = _event(event)
+    if event is Event.REPORTED:  # the runtime's word replaces the state; a terminal one stays terminal
+        news = found(info["status"], returncode=info.get("returncode"), reason=info.get("reason"))  # type: ignore[arg-type]
+        return state if state.terminal and not news.terminal else news
     if state.terminal:
         return state
-    if event == "start":
-        if state.phase == "new":
-            return dataclasses.replace(state, phase="starting", status=SandboxStatus.CREATING)
-    elif event == "running":
-        if state.phase == "starting":
-            return dataclasses.replace(state, phase="running", status=SandboxStatus.RUNNING)
-    elif event == "failed":
+    if event is Event.START:
+        if state.phase is Phase.NEW:
+            return dataclasses.replace(state, phase=Phase.STARTING, status=SandboxStatus.CREATING)
+    elif event is Event.RUNNING:
+        if state.phase is Phase.STARTING:
+            return dataclasses.replace(state, phase=Phase.RUNNING, status=SandboxStatus.RUNNING)
+    elif event is Event.ATTACHED:
+        if state.phase is Phase.RUNNING and state.status in (SandboxStatus.PENDING, SandboxStatus.CREATING):
+            return dataclasses.replace(state, status=SandboxStatus.RUNNING, reason=None)
+    elif event is Event.ENDED:
+        return _terminal(state, SandboxStatus.TERMINATED, state.returncode, str(info.get("reason")))
+    elif event is Event.FAILED:
         return _terminal(state, SandboxStatus.FAILED, None, str(info.get("reason")))
-    elif event == "stop":
-        if state.phase == "new":
+    elif event is Event.STOP:
+        if state.phase is Phase.NEW:
             return _terminal(state, SandboxStatus.TERMINATED, None, "stopped before it started")
-        return dataclasses.replace(state, phase="stopping", status=SandboxStatus.TERMINATING, stop_requested=True)
-    elif event == "main_exit":
+        return dataclasses.replace(state, phase=Phase.STOPPING, status=SandboxStatus.TERMINATING, stop_requested=True)
+    elif event is Event.MAIN_EXIT:
         code = int(info["code"])  # type: ignore[arg-type]
         if code == 0:
             return _terminal(state, SandboxStatus.COMPLETED, 0, "the main command exited")
         return _terminal(state, SandboxStatus.FAILED, code, f"the main command exited with code {code}")
-    elif event == "farewell":
+    elif event is Event.FAREWELL:
         reason = str(info.get("reason"))
         code = info.get("code")
         if reason == "stopped" or state.stop_requested:
             return _terminal(state, SandboxStatus.TERMINATED, int(code) if code is not None else 143, "stopped")
         if reason.startswith("protocol error"):
             return _terminal(state, SandboxStatus.FAILED, code, reason)  # type: ignore[arg-type]
-        return _terminal(state, SandboxStatus.TERMINATED, code, _REASONS.get(reason, reason))  # type: ignore[arg-type]
-    elif event == "gone":
+        return _terminal(state, SandboxStatus.TERMINATED, code, reason_for(reason))  # type: ignore[arg-type]
+    elif event is Event.GONE:
         code, sig = info.get("code"), info.get("signal")
         if state.stop_requested:
             return _terminal(state, SandboxStatus.TERMINATED, 137 if sig else 143, "stopped")
         if info.get("oom_killed"):
             return _terminal(state, SandboxStatus.FAILED, code, OOM_KILLED)  # type: ignore[arg-type]
         return _terminal(state, SandboxStatus.FAILED, code, _describe_death(code, sig))  # type: ignore[arg-type]
-    else:
-        raise ValueError(f"unknown lifecycle event {event!r}")
     return state

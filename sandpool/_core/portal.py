@@ -1,23 +1,15 @@
 """Portal: a trio loop in one daemon thread, the single bridge from sync code into trio.
 
 Sync users get their operations run as tasks in the portal's root nursery and hold them as
-``OperationRef``s. Use a portal as a ``with`` block: leaving it cancels whatever still runs,
-lets shielded cleanup finish, and joins the thread.
-
-``default_portal()`` is the process-wide portal. An atexit hook closes it, but only as a
-courtesy: nothing may rely on atexit for correctness. On Linux a process killed by a signal
-(SIGKILL, or SIGTERM without a handler), one that calls ``os._exit`` (forked children,
-multiprocessing workers) or one that crashes runs no atexit hooks, and the daemon thread then
-just stops, its tasks' cleanup unrun. (When the hooks do run, the daemon thread is still alive,
-so the close works.) Whatever must be cleaned up belongs to a ``with`` block, and sandboxes
-notice the death of their owner on their own.
+``OperationRef``s. Use a portal as a ``with`` block (or give it an owner that closes it): leaving
+it cancels whatever still runs, lets shielded cleanup finish, and joins the thread. There is no
+process-wide portal: sync sessions share one through a reference-counted lease
+(``sandpool._session.background``), and the last session to close stops it.
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
-import os
 import threading
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -27,7 +19,7 @@ import trio
 
 from .opref import OperationRef, TaskHost, check_not_in_trio
 
-__all__ = ["Portal", "default_portal"]
+__all__ = ["Portal"]
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -125,6 +117,17 @@ class Portal:
             ref.cancel()  # the caller gave up on its call: stop it (a no-op if it had ended)
             raise
 
+    def request_close(self) -> None:
+        """Ask the loop to cancel everything and end, without waiting; callable from any thread,
+        the portal's own tasks included. Idempotent; ``close()`` afterwards joins the thread."""
+        with self._lock:
+            self._closed = True
+        if self._host is not None and self._stop is not None:
+            try:
+                self._host.token.run_sync_soon(self._stop.set)
+            except trio.RunFinishedError:  # the loop has ended already
+                pass
+
     def close(self, timeout: float = 10.0) -> None:
         """Cancel every task still running, let their shielded cleanup finish, join the thread.
 
@@ -142,11 +145,7 @@ class Portal:
         if thread is None:
             return
         self._ready.wait(timeout)
-        if self._host is not None and self._stop is not None:
-            try:
-                self._host.token.run_sync_soon(self._stop.set)
-            except trio.RunFinishedError:  # the loop has ended already
-                pass
+        self.request_close()
         thread.join(timeout)
         if thread.is_alive():
             logger.warning("portal %r: tasks still running %s s after cancellation; "
@@ -168,41 +167,3 @@ class Portal:
         else:
             state = "running"
         return f"<Portal {self.name!r} {state}>"
-
-
-_default: Portal | None = None
-_default_lock = threading.Lock()
-_atexit_registered = False
-
-
-def default_portal() -> Portal:
-    """The process-wide portal, started on the first call (and again if it was closed since).
-
-    An atexit hook, registered on the first start, closes it as a courtesy; see the module docstring.
-    """
-    global _default, _atexit_registered
-    with _default_lock:
-        if _default is None or _default.closed:
-            portal = Portal("sandpool-default-portal")
-            portal.start()
-            _default = portal
-            if not _atexit_registered:
-                atexit.register(_close_default)
-                _atexit_registered = True
-        return _default
-
-
-def _close_default() -> None:
-    with _default_lock:
-        portal = _default
-    if portal is not None:
-        portal.close()
-
-
-def _forget_default_after_fork() -> None:
-    # A forked child has no portal thread, and the lock may have been held at the fork.
-    global _default, _default_lock
-    _default, _default_lock = None, threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_default_after_fork)

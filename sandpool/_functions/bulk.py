@@ -39,8 +39,8 @@ def record_dir(record) -> str | None:
         return None
     if record.isolation == "namespaces":
         path = f"/proc/{record.agent_pid}/root{SANDBOX_DIR}"
-    elif record.isolation == "process" and record.extra.get("root"):
-        path = os.path.join(record.extra["root"], SANDBOX_DIR.lstrip("/"))
+    elif record.isolation == "process" and record.root:
+        path = os.path.join(record.root, SANDBOX_DIR.lstrip("/"))
     else:
         return None
     return path if os.access(path, os.W_OK | os.X_OK) else None

@@ -184,7 +184,7 @@ async def _connect(slot: Slot, nursery: trio.Nursery) -> None:
     """Start a direct worker and connect to it; on any failure, calls go through the agent."""
     slot.direct = slot.worker = None
     record = slot.sandbox._record
-    line = record.extra.get("connect_worker") if record is not None else None  # a same-host server's
+    line = record.connect_worker if record is not None else None  # a same-host server's
     if slot.bulk_dir is None and line is None:
         return
     sandbox, handle = slot.sandbox, _WorkerHandle()

@@ -205,7 +205,7 @@ class Isolation:
     def release(self, record, reaped: dict | None = None) -> None:
         """The agent is gone (``reaped`` is the template's frame) or never started (None)."""
         if reaped is not None and reaped.get("oom_killed"):
-            record.extra["oom_killed"] = True
+            record.oom_killed = True
         bridge.release(record, spawned=reaped is not None)
         group = record.extra.pop("cgroups", None)
         if group is not None and reaped is None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 import time
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import trio
 
@@ -29,6 +29,19 @@ class SandboxRecord:
     exited: trio.Event = field(default_factory=trio.Event)
     exit_code: int | None = None
     exit_signal: int | None = None
+    #: why its runtime lost contact with it (server unreachable, node or job gone); its state is then unknown
+    lost: str | None = None
+    #: the kernel killed it for going over its memory limit
+    oom_killed: bool = False
+    #: its server closed the data plane without an exit report (it detached, or went away mid-shutdown)
+    detached: bool = False
+    #: seconds its server has kept it without an owner (a server's listing), or None
+    orphaned_for: float | None = None
+    #: the sandbox's root directory on this host (process isolation), for direct file access
+    root: str | None = None
+    #: a same-host server's way to open a direct worker line to it (its remote-function fast path)
+    connect_worker: Callable[..., Any] | None = None
+    #: a runtime's own notes about the sandbox, read only by the runtime that wrote them
     extra: dict = field(default_factory=dict)
     #: the state a shared runtime last reported (a status value, its reason, the return code);
     #: local sandboxes keep their state in their Sandbox and leave these None

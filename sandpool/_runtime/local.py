@@ -192,7 +192,7 @@ class LocalRuntime(Runtime):
         if record.spec.working_dir:
             cwd = os.path.join(root, record.spec.working_dir.lstrip("/"))
             os.makedirs(cwd, exist_ok=True)
-        record.extra.update(dir=sandbox_dir, root=root)
+        record.extra["dir"], record.root = sandbox_dir, root
         return {
             "sandbox_id": record.sandbox_id,
             "dir": sandbox_dir,

@@ -210,7 +210,7 @@ class RemoteRuntime(Runtime):
             self._records[record.sandbox_id] = record
             return await self._attach(record)
         except SandboxUnavailableError as exc:
-            record.extra.setdefault("lost", str(exc))  # the sandbox reports this, not "failed to start"
+            record.lost = record.lost or str(exc)  # the sandbox reports this, not "failed to start"
             raise
 
     async def stop(self, record: SandboxRecord, grace_seconds: float) -> None:
@@ -222,7 +222,7 @@ class RemoteRuntime(Runtime):
                                             timeout=grace_seconds + CALL_SECONDS, sandbox_id=record.sandbox_id)
                     self._update(record, info)
                 except SandboxUnavailableError as exc:
-                    record.extra.setdefault("lost", str(exc))
+                    record.lost = record.lost or str(exc)
                 if record.channel is not None:
                     with trio.move_on_after(EXIT_REPORT_SECONDS):  # the stream ends with the exit report
                         await record.exited.wait()
@@ -339,7 +339,7 @@ class RemoteRuntime(Runtime):
                 return channel
         channel = await self._open(record, fast=False)
         record.extra["data_plane"] = "grpc"
-        record.extra.pop("connect_worker", None)
+        record.connect_worker = None
         return channel
 
     async def _open(self, record: SandboxRecord, *, fast: bool) -> FrameChannel:
@@ -399,11 +399,11 @@ class RemoteRuntime(Runtime):
             inbound.close()  # the pump reports a detach, which is forgotten here
             close_call()
             await pumped.wait()
-            record.extra.pop("detached", None)
+            record.detached = False
             record.exited = trio.Event()
             raise _NoFastPlane(str(exc)) from exc
         # calls go straight to the sandbox's call worker, through the server (``_slot._connect``)
-        record.extra["connect_worker"] = functools.partial(self._worker_line, offer)
+        record.connect_worker = functools.partial(self._worker_line, offer)
         return fastclient.FastStream(sock, inbound, on_close=close_call)
 
     async def _worker_line(self, offer: dict, name: str):
@@ -419,11 +419,11 @@ class RemoteRuntime(Runtime):
             if outcome == "ended":
                 self._exit_report(record, detail)  # type: ignore[arg-type]
             elif inbound.closed:  # we closed the stream ourselves: detached, not lost
-                record.extra["detached"] = True
+                record.detached = True
             else:
                 error = translate(detail, self.address, record.sandbox_id)  # type: ignore[arg-type]
                 if isinstance(error, SandboxUnavailableError):
-                    record.extra["lost"] = str(error)
+                    record.lost = str(error)
                 record.extra["attach_error"] = error
         finally:
             self._streams.pop(key, None)
@@ -439,7 +439,7 @@ class RemoteRuntime(Runtime):
             record.exit_signal = int(sig) if sig not in (None, "") else None
             record.status_reason = trailer.get(m.TRAILER_REASON) or record.status_reason
         else:
-            record.extra["detached"] = True
+            record.detached = True
 
     @staticmethod
     def _update(record: SandboxRecord, info: dict) -> None:
@@ -449,7 +449,7 @@ class RemoteRuntime(Runtime):
         record.started_at = info.get("started_at") or record.started_at
         record.status, record.status_reason = info.get("status"), info.get("status_reason")
         record.returncode = info.get("returncode")
-        record.extra["orphaned_for"] = info.get("orphaned_for")
+        record.orphaned_for = info.get("orphaned_for")
 
 
 class _NoFastPlane(Exception):

@@ -27,8 +27,8 @@ class SandboxBlocks:
     async def __aenter__(self: Sandbox) -> Sandbox:  # type: ignore[misc]
         """Wait until the sandbox runs (starting it, and opening a standalone one's session in a
         worker thread so the caller's loop keeps running). A failed or cancelled start stops it."""
-        if self._session._host is None:
-            await to_thread(self._session._ensure_open)
+        if not self._home.opened:
+            await to_thread(self._home.host)
         try:
             await self.start()
         except BaseException:
@@ -59,7 +59,7 @@ class SandboxBlocks:
         sandbox: Sandbox = cls(defaults=defaults, **options)  # type: ignore[call-arg]
         if current_host() == "sync":
             sandbox.start().result()
-        elif sandbox._session._host is not None:
+        elif sandbox._opened():
             sandbox.start()
         return sandbox
 

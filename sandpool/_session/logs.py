@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import trio
 
 from .._core.chunkstream import ChunkStream
+from .._core.lifecycle import Phase
 from .._errors import SandboxNotRunningError
 
 if TYPE_CHECKING:
@@ -210,7 +211,7 @@ class LogsMixin:
             if book is not None:
                 lines = log_lines(self._terminal, book, follow, tail_lines, since, timestamps)
             else:
-                lines = self._session._runtime.main_log_lines(self._record, follow=follow, tail_lines=tail_lines,
+                lines = self._runtime.main_log_lines(self._record, follow=follow, tail_lines=tail_lines,
                                                               since=since, timestamps=timestamps)
             async for line in lines:
                 yield line
@@ -218,7 +219,7 @@ class LogsMixin:
         return ChunkStream(lambda: self._host, produce, "sandbox logs")
 
     async def _ensure_started_for_logs(self: Sandbox) -> None:
-        if self._state.phase == "new":
+        if self._state.phase is Phase.NEW:
             self.start()
         await self._started.wait()
         if self._record is None:

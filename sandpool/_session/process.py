@@ -1,28 +1,39 @@
-"""Exec'd processes as seen by the caller: Process, ProcessResult, StreamReader, StreamWriter."""
+"""Exec'd processes as seen by the caller: Process and ProcessResult (its streams: ``streams``)."""
 
 from __future__ import annotations
 
-import codecs
-import collections
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 import trio
 
 from _sandpool_agent import wire as _wire
-from .._errors import ProtocolError, SandboxExecutionError, SandboxTimeoutError
-from .._core.hosts import call_in
-from .._core.opref import OperationCancelled, OperationRef, TaskHost, check_not_in_trio
+from .._core.opref import OperationCancelled, OperationRef, TaskHost
 from .._core.output import OutputBuffer
+from .._errors import ProtocolError, SandboxExecutionError, SandboxTimeoutError
+from .streams import StdinWindow, StreamReader, StreamWriter, take
 
-if TYPE_CHECKING:
-    from .sandbox import Sandbox
+__all__ = ["Process", "ProcessResult", "SandboxLink", "StreamReader", "StreamWriter"]
 
 _KILL_WAIT_SECONDS = 5.0
 #: Output the agent may send for one process beyond what this side acknowledged: its window plus the
 #: one read that crosses it. More is a broken or hostile agent, and fails its sandbox.
 _MAX_OWED_BYTES = _wire.OUTPUT_WINDOW_BYTES + _wire.OUTPUT_CHUNK_BYTES
+
+
+@dataclass(frozen=True)
+class SandboxLink:
+    """What a process uses of its sandbox, handed to it by the sandbox: the loop its operations run
+    in, the sandbox's id, and the agent's connection (a process never reaches into the sandbox)."""
+
+    host: Callable[[], TaskHost]
+    sandbox_id: Callable[[], str | None]
+    ensure_running: Callable[[], Awaitable[None]]
+    register: Callable[[Any], int]
+    unregister: Callable[[int], None]
+    send: Callable[[dict], Awaitable[None]]
 
 
 @dataclass
@@ -42,177 +53,51 @@ class ProcessResult:
     truncated: bool = False
 
 
-class StreamReader:
-    """Live output of one stream as text chunks: ``for chunk in proc.stdout``, or ``async for`` (trio
-    or asyncio; cancelling the iterating task stops the read, not the process).
-
-    The stream ends when the process exits; if the process never ran to its end (its sandbox died or
-    was stopped, or the exec timed out or failed to start), reading past the last chunk raises that
-    error instead of ending quietly.
-    """
-
-    def __init__(self, process: Process, buffer: OutputBuffer) -> None:
-        self._process = process
-        self._buffer = buffer
-        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        self._done = False
-        self._unread: collections.deque[str | None] = collections.deque()  # taken for an awaiter that gave up
-
-    async def _next_bytes(self) -> bytes | None:
-        """The next chunk of output as the process wrote it (None at EOF), acknowledged as it is taken.
-        The text iterators decode these; byte-exact consumers (the cwsandbox service) read them as is."""
-        chunk, credit = await self._buffer.next_chunk()
-        if credit:
-            self._process._send_credit(credit)
-        return chunk
-
-    async def _next(self) -> str | None:
-        if self._unread:
-            return self._unread.popleft()
-        while not self._done:
-            chunk = await self._next_bytes()
-            if chunk is None:
-                if self._process._failure is not None:  # it never ran to its end: say why
-                    raise self._process._failure
-                self._done = True
-                tail = self._decoder.decode(b"", final=True)
-                return tail or None
-            text = self._decoder.decode(chunk)
-            if text:
-                return text
-        return None
-
-    def __aiter__(self) -> StreamReader:
-        return self
-
-    async def __anext__(self) -> str:
-        # The buffer lives in the sandbox's loop: read there, awaited from this trio or asyncio task.
-        text = await call_in(self._process._loop, self._next, abandoned=self._keep_unread)
-        if text is None:
-            raise StopAsyncIteration
-        return text
-
-    def _keep_unread(self, ref: OperationRef[str | None]) -> None:
-        # A done callback, in the sandbox's loop (where _next runs too).
-        try:
-            if ref.exception() is None:
-                self._unread.append(ref.result())
-        except OperationCancelled:  # cancelled while it waited: it took nothing
-            pass
-
-    def __iter__(self) -> StreamReader:
-        return self
-
-    def __next__(self) -> str:
-        check_not_in_trio("iterating a stream", "'async for chunk in proc.stdout'")
-        text = trio.from_thread.run(self._next, trio_token=self._process._loop.token)
-        if text is None:
-            raise StopIteration
-        return text
-
-
-class StreamWriter:
-    """The process's stdin. ``write``/``writeline``/``close`` return OperationRefs, applied in call order.
-
-    Flow control: at most ``STDIN_WINDOW_BYTES`` are on their way (sent, not yet taken by the process,
-    as the agent reports with ``stdin_taken``); a write beyond that resolves once the process reads,
-    so a process that never reads its stdin holds a bounded amount of it, in the agent or here.
-    """
-
-    def __init__(self, process: Process) -> None:
-        self._process = process
-        self._issued = 0
-        self._turn = 0
-        self._turn_changed = trio.Event()
-        self._in_flight = 0  # bytes sent and not reported taken
-        self._taken = trio.Event()
-        self.closed = False
-
-    def write(self, data: bytes) -> OperationRef[None]:
-        """Queue ``data`` for the process's stdin."""
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise TypeError(f"stdin data must be bytes, not {type(data).__name__}; use writeline() for text")
-        return self._submit(bytes(data), eof=False)
-
-    def writeline(self, line: str, encoding: str = "utf-8") -> OperationRef[None]:
-        return self._submit((line + "\n").encode(encoding), eof=False)
-
-    def close(self) -> OperationRef[None]:
-        """Send EOF. Idempotent."""
-        if self.closed:
-            return OperationRef.completed(None)
-        self.closed = True
-        return self._submit(b"", eof=True)
-
-    def _submit(self, data: bytes, eof: bool) -> OperationRef[None]:
-        if self.closed and not eof:
-            raise SandboxExecutionError("stdin is closed; data can no longer be written to this process")
-        seq = self._issued
-        self._issued += 1
-        return OperationRef.spawn(self._process._loop, self._send, seq, data, eof)
-
-    async def _send(self, seq: int, data: bytes, eof: bool) -> None:
-        while self._turn != seq:
-            await self._turn_changed.wait()
-        try:
-            await self._process._sent.wait()
-            view = memoryview(data)
-            while True:
-                chunk, view = view[:_wire.STDIN_CHUNK_BYTES], view[_wire.STDIN_CHUNK_BYTES:]
-                while self._in_flight and self._in_flight + len(chunk) > _wire.STDIN_WINDOW_BYTES:
-                    self._check_open()
-                    await self._taken.wait()
-                self._check_open()
-                await self._process._sandbox._send({"t": "stdin", "id": self._process._req_id,
-                                                    "data": bytes(chunk), "eof": eof and not view})
-                self._in_flight += len(chunk)
-                if not view:
-                    return
-        finally:
-            self._turn += 1
-            self._turn_changed.set()
-            self._turn_changed = trio.Event()
-
-    def _check_open(self) -> None:
-        if self._process._failure is not None:
-            raise self._process._failure
-        if self._process._exit_code is not None:
-            raise SandboxExecutionError("the process has exited; its stdin is closed")
-
-    def _on_taken(self, n: int) -> None:
-        """The agent reports ``n`` more bytes taken by the process (or dropped when it closed stdin)."""
-        self._in_flight = max(0, self._in_flight - n)
-        self._taken.set()
-        self._taken = trio.Event()
-
-
 class Process(OperationRef[ProcessResult]):
     """A command running in a sandbox. Awaitable / ``.result()`` gives a :class:`ProcessResult`."""
 
-    #: Extra fields of its exec frame (a terminal's "tty"; see _terminal).
-    _exec_extra: dict = {}
-
-    def __init__(self, sandbox: Sandbox, argv: list[str], *, cwd: str | None, env: dict | None,
-                 timeout: float | None, check: bool, stdin: bool, cap: int) -> None:
+    def __init__(self, link: SandboxLink, argv: list[str], *, cwd: str | None, env: dict | None,
+                 timeout: float | None, check: bool, stdin: bool, cap: int, exec_extra: dict | None = None) -> None:
+        """Make the process and start its task in the sandbox's loop; ``exec_extra`` adds fields to
+        its exec frame (a terminal's "tty")."""
         super().__init__()
-        self._sandbox = sandbox
-        self._loop: TaskHost = sandbox._host
+        self._link = link
+        self._loop: TaskHost = link.host()
         self._argv = argv
         self._cwd, self._env, self._timeout, self._check = cwd, env, timeout, check
+        self._exec_extra = exec_extra or {}
         self._out = {1: OutputBuffer(cap), 2: OutputBuffer(cap)}
-        self.stdout = StreamReader(self, self._out[1])
-        self.stderr = StreamReader(self, self._out[2])
-        self.stdin: StreamWriter | None = StreamWriter(self) if stdin else None
+        self.stdout = StreamReader(self._loop, self._out[1], self._send_credit, self._failure_now)
+        self.stderr = StreamReader(self._loop, self._out[2], self._send_credit, self._failure_now)
+        self._window = StdinWindow(self._send_stdin, self._check_stdin_open)
+        self.stdin: StreamWriter | None = StreamWriter(self._loop, self._window) if stdin else None
         self._req_id = 0
         self._pid: int | None = None
-        self._sent = trio.Event()
+        self._sent = self._window.sent
         self._exited = trio.Event()
         self._exit_code: int | None = None
         self._failure: BaseException | None = None  # why it ended without an exit code
         self._owed = 0  # output bytes received and not yet acknowledged to the agent
         # An exec cancelled before its task ran, or refused by a closing session, never runs _body:
         # its streams must end all the same, or a reader would wait for ever.
-        self.add_done_callback(Process._end_streams)
+        self.add_done_callback(type(self)._end_streams)
+        self._launch(self._loop, self._body)
+
+    async def _next_output(self) -> bytes | None:
+        """The next raw chunk of stdout (None at EOF), acknowledged as it is taken."""
+        return await take(self._out[1], self._send_credit)
+
+    def _failure_now(self) -> BaseException | None:
+        return self._failure
+
+    def _check_stdin_open(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+        if self._exit_code is not None:
+            raise SandboxExecutionError("the process has exited; its stdin is closed")
+
+    async def _send_stdin(self, chunk: bytes, eof: bool) -> None:
+        await self._link.send({"t": "stdin", "id": self._req_id, "data": chunk, "eof": eof})
 
     def __repr__(self) -> str:
         state = "running" if self._exit_code is None else f"exited {self._exit_code}"
@@ -251,7 +136,7 @@ class Process(OperationRef[ProcessResult]):
     async def _signal(self, sig: int) -> None:
         await self._sent.wait()
         if self._exit_code is None and self._failure is None:
-            await self._sandbox._send({"t": "signal", "id": self._req_id, "sig": sig})
+            await self._link.send({"t": "signal", "id": self._req_id, "sig": sig})
 
     def result(self, timeout: float | None = None) -> ProcessResult:
         self._request_drain()
@@ -292,7 +177,7 @@ class Process(OperationRef[ProcessResult]):
         self._owed -= n  # before it is sent: the agent can only have heard of credit counted here
         if self._exit_code is None and not self._exited.is_set():
             try:
-                await self._sandbox._send({"t": "credit", "id": self._req_id, "n": n})
+                await self._link.send({"t": "credit", "id": self._req_id, "n": n})
             except Exception:  # the sandbox is gone; its exit handling reports that
                 pass
 
@@ -315,8 +200,7 @@ class Process(OperationRef[ProcessResult]):
         if kind == "started":
             self._pid = frame["pid"]
         elif kind == "stdin_taken":
-            if self.stdin is not None:
-                self.stdin._on_taken(frame["n"])
+            self._window.taken(frame["n"])
         elif kind == "exit":
             self._exit_code = frame["code"]
             self._mark_exited()
@@ -339,7 +223,7 @@ class Process(OperationRef[ProcessResult]):
             except OperationCancelled:
                 error = None
             self._failure = error or SandboxExecutionError(
-                f"command {self._argv!r} was cancelled before it ran", sandbox_id=self._sandbox.sandbox_id)
+                f"command {self._argv!r} was cancelled before it ran", sandbox_id=self._link.sandbox_id())
             self._mark_exited()
 
     def _mark_exited(self) -> None:
@@ -347,8 +231,7 @@ class Process(OperationRef[ProcessResult]):
             buffer.close()
         self._exited.set()
         self._sent.set()  # stdin writers and signals waiting for the exec to go out: it never will now
-        if self.stdin is not None:
-            self.stdin._on_taken(0)  # writers waiting for the window: it will not open any more
+        self._window.taken(0)  # writers waiting for the window: it will not open any more
 
     async def _body(self) -> ProcessResult:
         try:
@@ -356,16 +239,16 @@ class Process(OperationRef[ProcessResult]):
         except BaseException as exc:
             if not self._exited.is_set():  # it never ran to its end: readers and writers end with why
                 self._failure = exc if isinstance(exc, Exception) else SandboxExecutionError(
-                    f"command {self._argv!r} was cancelled", sandbox_id=self._sandbox.sandbox_id)
+                    f"command {self._argv!r} was cancelled", sandbox_id=self._link.sandbox_id())
                 self._mark_exited()
             raise
 
     async def _execute(self) -> ProcessResult:
-        sandbox = self._sandbox
-        await sandbox._ensure_running()
-        self._req_id = sandbox._register(self)
+        link = self._link
+        await link.ensure_running()
+        self._req_id = link.register(self)
         try:
-            await sandbox._send({"t": "exec", "id": self._req_id, "argv": self._argv, "cwd": self._cwd,
+            await link.send({"t": "exec", "id": self._req_id, "argv": self._argv, "cwd": self._cwd,
                                  "env": self._env, "stdin": self.stdin is not None, **self._exec_extra})
             self._sent.set()
             with trio.move_on_after(self._timeout if self._timeout is not None else float("inf")):
@@ -374,19 +257,19 @@ class Process(OperationRef[ProcessResult]):
                 await self._kill()
                 raise SandboxTimeoutError(
                     f"command {self._argv!r} timed out after {self._timeout} s; its process tree was killed",
-                    sandbox_id=sandbox.sandbox_id,
+                    sandbox_id=link.sandbox_id(),
                 )
         finally:
             if not self._exited.is_set():
                 await self._kill()
-            sandbox._unregister(self._req_id)
+            link.unregister(self._req_id)
         if self._failure is not None:
             raise self._failure
         result = self._result()
         if self._check and result.returncode != 0:
             raise SandboxExecutionError(
                 f"command {self._argv!r} failed with exit code {result.returncode}",
-                sandbox_id=sandbox.sandbox_id, exec_result=result,
+                sandbox_id=link.sandbox_id(), exec_result=result,
             )
         return result
 
@@ -395,7 +278,7 @@ class Process(OperationRef[ProcessResult]):
         with trio.CancelScope(shield=True):
             try:
                 with trio.fail_after(_KILL_WAIT_SECONDS):  # an agent that stops reading cannot hold us here
-                    await self._sandbox._send({"t": "cancel", "id": self._req_id})
+                    await self._link.send({"t": "cancel", "id": self._req_id})
             except Exception:
                 return
             self._drain()

@@ -16,9 +16,11 @@ from .._functions.function import Retries, function_decorator
 from .._core.hosts import current_host, settle, to_thread
 from .._core.opref import OperationRef, TaskHost
 from .._functions.pool import Pool, PoolStatistics
-from .._core.portal import Portal, default_portal
+from .._core.portal import Portal
 from .._runtime.contract import Runtime
 from .._runtime.local import LocalRuntime
+from . import background
+from .home import SandboxHome
 from .sandbox import Sandbox
 
 log = logging.getLogger("sandpool")
@@ -41,9 +43,11 @@ def _coerce_defaults(defaults: SandboxDefaults | Mapping | None) -> SandboxDefau
 class Session:
     """Owns sandboxes: ``with Session(defaults=...) as s`` (sync) or ``async with`` (trio or asyncio).
 
-    Sync sessions, and ``async with`` sessions under asyncio, run in the process's background trio
-    thread (the portal); ``async with`` sessions under trio run in the caller's trio loop, as a
-    nursery of the calling task. Either way, closing the session (leaving the block normally, by an
+    Sync sessions, and ``async with`` sessions under asyncio, run in a background trio thread (a
+    portal) that the sessions open at the time share with the default LocalRuntime: the last one
+    to close stops both. ``async with`` sessions under trio run in the caller's trio loop, as a
+    nursery of the calling task. A ``runtime=`` passed in is opened by the session and closed when
+    it closes (sessions open at the same time share it: the last one closes it). Either way, closing the session (leaving the block normally, by an
     exception, a cancellation or Ctrl-C) stops all of its sandboxes concurrently and cancels
     everything still running in them; the block's own exception propagates unchanged.
     """
@@ -62,11 +66,12 @@ class Session:
             self._owned_runtime = RemoteRuntime(_shared.resolve_address(address), token)
         elif runtime is None:  # $SANDPOOL_RUNTIME=slurm: an engine runtime of our own
             self._owned_runtime = _shared.engine_runtime()
-        self._runtime: Runtime | None = None
-        self._host: TaskHost | None = None
+        self._home = SandboxHome(self.defaults, self._ensure_open, self._hold_runtime)  # what its sandboxes see of it
         self._admin: TaskHost | None = None  # where close() runs: outside the session's own nursery
         self._portal: Portal | None = None
-        self._tracked: dict[int, Sandbox] = {}
+        self._lease: background.Lease | None = None  # its share of the background portal (sync sessions)
+        self._held: Runtime | None = None  # the runtime it holds on the lease's shelf
+        self._hold_lock = trio.Lock()
         self._closed = False
         self._close_ref: OperationRef[None] | None = None
         self._open_lock = threading.Lock()
@@ -87,11 +92,19 @@ class Session:
                      f"/{s.calls_failed} failed")
         return f"<Session {state} sandboxes={len(self._tracked)} running={running}{calls}>"
 
+    # its task host, runtime and tracked sandboxes live in its home, where its sandboxes read them
+    _host = property(lambda self: self._home.task_host)
+    _runtime = property(lambda self: self._home.runtime)
+    _tracked = property(lambda self: self._home.tracked)
+
     # -- opening -------------------------------------------------------------------------------
 
-    def _portal_gone(self) -> bool:
-        """True when the portal this session opened in has closed (its loop no longer runs anything)."""
-        return self._portal is not None and self._portal.closed
+    def _reusable(self) -> bool:
+        """True while this (default) session can take more sandboxes: not closed, its portal still
+        running and its server not lost."""
+        if self._closed or getattr(self._runtime, "lost", None):
+            return False
+        return self._portal is None or not self._portal.closed
 
     def _ensure_open(self) -> TaskHost:
         """The session's task host, opening the session in the background thread on first use."""
@@ -101,22 +114,56 @@ class Session:
             raise SandboxError("this session is closed; open a new Session to create sandboxes")
         with self._open_lock:
             if self._host is None:
-                self._portal = default_portal()
-                _call_blocking(self._portal.run, self._open_in_portal)
+                self._lease = background.lease()
+                self._portal = self._lease.portal
+                try:
+                    background.call_blocking(self._portal.run, self._open_in_portal)
+                except BaseException:
+                    self._leave_background()
+                    raise
         assert self._host is not None
         return self._host
 
     async def _open_in_portal(self) -> None:
-        assert self._portal is not None
+        assert self._portal is not None and self._lease is not None
+        self._admin = self._portal.host
         if self._owned_runtime is not None:  # opened and closed by the session's own task (_serve)
-            self._runtime, self._admin = self._owned_runtime, self._portal.host
+            self._home.runtime = self._owned_runtime
             await self._portal.host.nursery.start(self._serve)
             return
-        self._runtime = self._runtime_arg or await _shared_runtime(self._portal)
-        if self._runtime_arg is not None:
-            await self._portal.host.nursery.start(_keep_runtime, self._runtime_arg)
-        self._admin = self._portal.host
-        await self._portal.host.nursery.start(self._serve)
+        # the runtime it will use; opened (held) when the first sandbox needs it, so a session
+        # that never starts one costs no template
+        self._home.runtime = self._lease.shelf.choose(self._runtime_arg)
+        if self._runtime_arg is not None:  # the caller's runtime opens now: a bad one fails the open
+            await self._hold_runtime()
+        try:
+            await self._portal.host.nursery.start(self._serve)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._release_runtime()
+            raise
+
+    async def _hold_runtime(self) -> None:
+        """Hold the runtime open on the shelf (once); sessions that hold their runtime already: nothing."""
+        if self._lease is None or self._held is not None or self._owned_runtime is not None:
+            return
+        async with self._hold_lock:
+            if self._held is None:
+                if self._closed:
+                    raise SandboxError("this session is closed; open a new Session to create sandboxes")
+                self._held = self._home.runtime = await self._lease.shelf.hold(self._runtime_arg)
+
+    async def _release_runtime(self) -> None:
+        """Give back the runtime held on the shelf; the last session using it closes it."""
+        held, self._held = self._held, None
+        if held is not None and self._lease is not None:
+            await self._lease.shelf.release(held)
+
+    def _leave_background(self) -> None:
+        """Give back the share of the background portal; the last session's stops it (joining its
+        thread when called outside trio)."""
+        if self._lease is not None:
+            self._lease.release()
 
     async def _serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self._done, self._finished = trio.Event(), trio.Event()
@@ -124,7 +171,7 @@ class Session:
             async with trio.open_nursery() as nursery:
                 if self._owned_runtime is not None:
                     await self._owned_runtime.open(nursery)
-                self._host = TaskHost(nursery, trio.lowlevel.current_trio_token())
+                self._home.task_host = TaskHost(nursery, trio.lowlevel.current_trio_token())
                 task_status.started()
                 try:
                     await self._done.wait()
@@ -153,6 +200,8 @@ class Session:
             if exc is None:
                 raise
             log.warning("closing the session after %r also failed", exc, exc_info=True)
+        finally:
+            self._leave_background()
 
     async def __aenter__(self) -> Session:
         if self._host is not None or self._closed:
@@ -166,8 +215,8 @@ class Session:
             return self
         self._nursery_cm = trio.open_nursery()
         nursery = await self._nursery_cm.__aenter__()
-        self._host = self._admin = TaskHost(nursery, trio.lowlevel.current_trio_token())
-        self._runtime = self._runtime_arg or self._owned_runtime or LocalRuntime()
+        self._home.task_host = self._admin = TaskHost(nursery, trio.lowlevel.current_trio_token())
+        self._home.runtime = self._runtime_arg or self._owned_runtime or LocalRuntime()
         try:
             await self._runtime.open(nursery)
         except BaseException:
@@ -189,6 +238,8 @@ class Session:
             if exc is None:
                 raise
             log.warning("closing the session after %r also failed", exc, exc_info=True)
+        finally:
+            await to_thread(self._leave_background)
         return False
 
     @trio.lowlevel.enable_ki_protection
@@ -211,7 +262,8 @@ class Session:
     async def _aexit_nursery(self) -> None:
         """Release the runtime (shielded), then end the nursery; its remaining tasks are cancelled.
 
-        The session opened the runtime in its nursery, so it closes it, a given ``runtime=`` too.
+        The session opened the runtime in its nursery, so it closes it, a given ``runtime=`` too
+        (as a sync session does once no other session uses it).
         """
         with trio.CancelScope(shield=True):
             if self._runtime is not None:
@@ -230,7 +282,7 @@ class Session:
         """A new, not yet started sandbox from the session defaults plus ``overrides``. No I/O."""
         if self._closed:
             raise SandboxError("this session is closed; open a new Session to create sandboxes")
-        sandbox = Sandbox(_session=self, _spec=resolve_spec(self.defaults, **overrides))
+        sandbox = Sandbox(_home=self._home, _spec=resolve_spec(self.defaults, **overrides))
         self._track(sandbox)
         return sandbox
 
@@ -243,11 +295,7 @@ class Session:
         self._track(sandbox)
 
     def _track(self, sandbox: Sandbox) -> None:
-        self._tracked[id(sandbox)] = sandbox
-        sandbox._owners.add(self)
-
-    def _forget(self, sandbox: Sandbox) -> None:
-        self._tracked.pop(id(sandbox), None)
+        sandbox._belong_to(self._home)
 
     def list(self, *, tags: Sequence[str] | None = None, status: str | SandboxStatus | None = None,
              show_terminated: bool = False, adopt: bool = False) -> OperationRef[list[Sandbox]]:
@@ -281,7 +329,8 @@ class Session:
         return self._runtime_arg is not None and self._runtime_arg.shared
 
     async def _find(self, adopt: bool, query: dict) -> list[Sandbox] | Sandbox:
-        found = await _shared.find(self, **query)
+        await self._home.ready()
+        found = await Sandbox._find(self._home, **query)
         if adopt:
             for sandbox in found:
                 self.adopt(sandbox)
@@ -324,6 +373,8 @@ class Session:
             else:
                 assert self._admin is not None
                 self._close_ref = OperationRef.spawn(self._admin, self._close_async)
+                # a close() without the with block still gives the background portal back
+                self._close_ref.add_done_callback(lambda _ref: self._leave_background())
         return self._close_ref
 
     async def _close_async(self) -> None:
@@ -347,78 +398,7 @@ class Session:
             if self._done is not None:  # sync session: end its nursery and wait until it is empty
                 self._done.set()
                 await self._finished.wait()
+            await self._release_runtime()
         if failures:
             raise SandboxError(f"Failed to stop {len(failures)} sandbox(es). Some sandboxes may still be running.") \
                 from ExceptionGroup("sandbox stop failures", failures)
-
-
-def _call_blocking(fn, *args):
-    """Run a blocking call; from inside a trio loop, in a helper thread (a one-time, short wait)."""
-    if not trio.lowlevel.in_trio_run():
-        return fn(*args)
-    box: list = []
-
-    def target() -> None:
-        try:
-            box.append((True, fn(*args)))
-        except BaseException as exc:  # handed to the caller below
-            box.append((False, exc))
-
-    thread = threading.Thread(target=target, name="sandpool-open")
-    thread.start()
-    thread.join()
-    ok, value = box[0]
-    if not ok:
-        raise value
-    return value
-
-
-_SHARED: dict[int, tuple[LocalRuntime, trio.Event]] = {}
-
-
-async def _shared_runtime(portal: Portal) -> LocalRuntime:
-    """The portal's LocalRuntime (one template for all its sync sessions), started on first use."""
-    entry = _SHARED.get(id(portal))
-    if entry is None:
-        entry = _SHARED[id(portal)] = (LocalRuntime(), trio.Event())
-        try:
-            await portal.host.nursery.start(_keep_runtime, entry[0])
-        except BaseException:
-            del _SHARED[id(portal)]
-            raise
-        finally:
-            entry[1].set()
-    await entry[1].wait()
-    return entry[0]
-
-
-async def _keep_runtime(runtime: Runtime, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Hold ``runtime`` open until the portal closes; then close it (stopping what is left).
-
-    The close runs inside the nursery, while the runtime's own tasks still run: they report the
-    sandboxes' exits that the close waits for.
-    """
-    async with trio.open_nursery() as nursery:
-        try:
-            await runtime.open(nursery)
-            task_status.started()
-            await trio.sleep_forever()
-        finally:
-            with trio.CancelScope(shield=True):
-                await runtime.aclose()
-
-
-_DEFAULTS: dict[tuple[str | None, str | None], Session] = {}
-_DEFAULT_LOCK = threading.Lock()
-
-
-def default_session(address: str | None = None, token: str | None = None) -> Session:
-    """The hidden session that owns standalone sandboxes (``Sandbox.run()``); ends with the process.
-
-    One per server address (``address``, else ``$SANDPOOL_ADDRESS``), and one for this machine."""
-    key = (_shared.resolve_address(address), token)
-    with _DEFAULT_LOCK:
-        session = _DEFAULTS.get(key)
-        if session is None or session._closed or getattr(session._runtime, "lost", None) or session._portal_gone():
-            session = _DEFAULTS[key] = Session(address=key[0], token=token)
-        return session

@@ -1,28 +1,30 @@
-"""Sandboxes on a shared runtime (a ``sandpool serve`` server): finding them, and their handles.
+"""Sandboxes on a shared runtime (a ``sandpool serve`` server, an engine): finding them, and their handles.
 
 A handle built from a server's record knows the sandbox's state but holds no connection; it
 attaches to the sandbox's data plane on first use (exec, files, calls). Handles are per process:
 finding a sandbox this process already holds (created or found through any session on the same
-server) returns that same object. Local sandboxes are found in this process (``_sandbox._KNOWN``).
+server) returns that same object. Local sandboxes are found in this process (``KNOWN``).
+The handles' own part is :class:`FoundHandles`, a base class of ``Sandbox``: it changes only
+the sandbox's own state, through its lifecycle's transition function.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
+import weakref
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import trio
 
-from .._core import lifecycle as _lifecycle
 from .._config import SandboxStatus
-from .._errors import SandboxNotFoundError, SandboxNotRunningError, SandboxUnavailableError
+from .._core.lifecycle import Event
 from .._core.opref import OperationRef
+from .._errors import SandboxNotFoundError, SandboxNotRunningError, SandboxUnavailableError
 
 if TYPE_CHECKING:
     from .._runtime.contract import SandboxRecord
+    from .home import SandboxHome
     from .sandbox import Sandbox
-    from .session import Session
 
 ENV_ADDRESS, ENV_TOKEN = "SANDPOOL_ADDRESS", "SANDPOOL_TOKEN"
 #: ``SANDPOOL_RUNTIME=slurm`` places sandboxes with Slurm (options: ``SANDPOOL_SLURM_*``); unset or "local": here.
@@ -53,98 +55,131 @@ def selects_shared(address: str | None) -> bool:
     return bool(resolve_address(address)) or os.environ.get(ENV_RUNTIME, "").strip().lower() not in ("", "local")
 
 
+#: Every sandbox of this process by id: what Sandbox.list / from_id search. Weak: a live sandbox is
+#: held by its session (or its reader task), a forgotten finished one may go.
+KNOWN: weakref.WeakValueDictionary[str, Sandbox] = weakref.WeakValueDictionary()
+
+
 def spawn_find(address: str | None, token: str | None, **query: Any) -> OperationRef:
-    """Run ``find`` in the hidden session for ``address``; one handle if ``sandbox_id`` was asked."""
-    from .session import default_session
+    """Ask the hidden session for ``address`` (it adopts nothing): one handle if ``sandbox_id`` was asked."""
+    from .default import default_session
 
     session = default_session(address=address, token=token)
-    host = session._ensure_open()
-
-    async def run() -> Any:
-        found = await find(session, **query)
-        return found[0] if "sandbox_id" in query else found
-
-    return OperationRef.spawn(host, run)
+    if "sandbox_id" in query:
+        return session.from_id(query["sandbox_id"], adopt=False)
+    return session.list(adopt=False, **query)
 
 
-async def find(session: Session, **query: Any) -> list[Sandbox]:
-    """Handles for the sandboxes ``session``'s runtime finds (see ``Runtime.find``)."""
-    records = await session._runtime.find(**query)
-    return [handle_for(session, record) for record in records]
+def news_of(record: SandboxRecord) -> dict[str, Any]:
+    """A server-reported state as the data of a REPORTED lifecycle event."""
+    return dict(status=SandboxStatus.parse(record.status or "unspecified"), returncode=record.returncode,
+                reason=record.status_reason)
 
 
-def state_of(record: SandboxRecord) -> _lifecycle.Lifecycle:
-    """The lifecycle a server-reported status stands for."""
-    status = SandboxStatus.parse(record.status or "unspecified")
-    if status.is_terminal:
-        return _lifecycle.Lifecycle(phase="terminal", status=status, returncode=record.returncode,
-                                    reason=record.status_reason)
-    if status == SandboxStatus.TERMINATING:
-        return _lifecycle.Lifecycle(phase="stopping", status=status, stop_requested=True)
-    if status in (SandboxStatus.PENDING, SandboxStatus.CREATING):  # queued by an engine: attaching waits for it
-        return _lifecycle.Lifecycle(phase="running", status=status, reason=record.status_reason)
-    return _lifecycle.Lifecycle(phase="running", status=SandboxStatus.RUNNING, reason=record.status_reason)
+class FoundHandles:
+    """Sandbox's part for finding sandboxes, and for handles of those found on a shared runtime (a
+    base class of ``Sandbox``)."""
 
+    @classmethod
+    def list(cls, *, tags: Sequence[str] | None = None, status: str | SandboxStatus | None = None,
+             show_terminated: bool = False, address: str | None = None,
+             token: str | None = None) -> OperationRef[list[Sandbox]]:
+        """Sandboxes carrying every tag in ``tags`` (non-terminal unless asked): this process's, or
+        with ``address`` (or ``$SANDPOOL_ADDRESS``) every one of that server's, whoever made them."""
+        wanted = SandboxStatus.parse(status) if status is not None else None
+        if isinstance(tags, str):
+            raise TypeError(f"tags must be a list of strings, not a string; use tags=[{tags!r}]")
+        if selects_shared(address):
+            return spawn_find(address, token, tags=tuple(tags or ()),
+                              status=wanted.value if wanted else None, show_terminated=show_terminated)
+        found = [sb for sb in list(KNOWN.values()) if _matches(sb, tags or (), wanted, show_terminated)]
+        return OperationRef.completed(found)
 
-def handle_for(session: Session, record: SandboxRecord) -> Sandbox:
-    """This process's handle for ``record``'s sandbox: the one it already holds, or a new one."""
-    from .sandbox import _KNOWN, Sandbox
+    @classmethod
+    def from_id(cls, sandbox_id: str, *, address: str | None = None,
+                token: str | None = None) -> OperationRef[Sandbox]:
+        """The sandbox with this id (on the server at ``address`` or ``$SANDPOOL_ADDRESS`` if set);
+        SandboxNotFoundError if there is none."""
+        if selects_shared(address):
+            return spawn_find(address, token, sandbox_id=sandbox_id)
+        sandbox = KNOWN.get(sandbox_id)
+        if sandbox is None:
+            return OperationRef.failed(SandboxNotFoundError(f"no sandbox {sandbox_id!r}", sandbox_id=sandbox_id))
+        return OperationRef.completed(sandbox)
 
-    known = _KNOWN.get(record.sandbox_id)
-    if known is not None and getattr(known._session._runtime, "endpoint", None) == session._runtime.endpoint:
-        stale = known._state.terminal and not SandboxStatus.parse(record.status or "unspecified").is_terminal
-        if not stale:
-            if known._record is record and record.channel is None:  # unattached: the server's news is all it has
-                known._state = state_of(record)
-                if known._state.terminal:
-                    known._terminal.set()
+    @classmethod
+    async def _find(cls, home: SandboxHome, **query: Any) -> list[Sandbox]:
+        """Handles for the sandboxes ``home``'s runtime finds (see ``Runtime.find``)."""
+        records = await (await home.ready()).find(**query)
+        return [cls._handle_for(home, record) for record in records]
+
+    @classmethod
+    def _handle_for(cls, home: SandboxHome, record: SandboxRecord) -> Sandbox:
+        """This process's handle for ``record``'s sandbox: the one it already holds, or a new one."""
+        known = KNOWN.get(record.sandbox_id)
+        if known is not None and known._hear(home, record):
             return known
-    sandbox = Sandbox(_session=session, _spec=record.spec)
-    sandbox._record = record
-    sandbox._state = state_of(record)
-    sandbox._start_ref = OperationRef.completed(None)
-    sandbox._started.set()
-    if sandbox._state.terminal:
-        sandbox._terminal.set()
-    _KNOWN[record.sandbox_id] = sandbox
-    return sandbox
+        sandbox = cls(_home=home, _spec=record.spec)  # type: ignore[call-arg]
+        sandbox._found(record)
+        KNOWN[record.sandbox_id] = sandbox
+        return sandbox
 
+    def _found(self: Sandbox, record: SandboxRecord) -> None:
+        """Start as a handle of a sandbox that already exists, in the state its server reported."""
+        self._record = record
+        self._start_ref = OperationRef.completed(None)
+        self._started.set()
+        self._advance(Event.REPORTED, settle=True, **news_of(record))
 
-async def attach(sandbox: Sandbox) -> None:
-    """Connect a found handle to its sandbox's data plane (once) and start its reader."""
-    lock = sandbox.__dict__.setdefault("_attach_lock", trio.Lock())
-    async with lock:
-        record = sandbox._record
-        if record.channel is not None:
-            return
+    def _hear(self: Sandbox, home: SandboxHome, record: SandboxRecord) -> bool:
+        """Whether this handle stands for ``record`` (from ``home``'s runtime): a terminal handle of a
+        sandbox the server reports alive is stale. An unattached handle takes the server's news."""
+        if self._home.endpoint() != home.endpoint():
+            return False
+        if self._state.terminal and not SandboxStatus.parse(record.status or "unspecified").is_terminal:
+            return False
+        if self._record is record and record.channel is None:  # unattached: the server's news is all it has
+            self._advance(Event.REPORTED, settle=True, **news_of(record))
+        return True
+
+    async def _attach(self: Sandbox) -> None:
+        """Connect a found handle to its sandbox's data plane (once) and start its reader."""
+        async with self._attach_lock:
+            record = self._record
+            assert record is not None
+            if record.channel is not None:
+                return
+            try:
+                await self._runtime.attach(record.sandbox_id)
+            except (SandboxNotRunningError, SandboxNotFoundError) as exc:
+                if not isinstance(exc, SandboxUnavailableError):  # it ended meanwhile; the server said so
+                    self._advance(Event.ENDED, settle=True, reason=str(exc))
+                raise
+            self._advance(Event.ATTACHED)
+            self._host.nursery.start_soon(self._reader)
+
+    async def _watch(self: Sandbox) -> None:
+        """Attach a found handle so that its end reaches it (waiting for completion); a sandbox that
+        ended meanwhile is marked so by ``_attach``, and an unreachable server ends the handle."""
         try:
-            await sandbox._session._runtime.attach(record.sandbox_id)
-        except (SandboxNotRunningError, SandboxNotFoundError) as exc:
-            if not isinstance(exc, SandboxUnavailableError):  # it ended meanwhile; the server said so
-                sandbox._state = dataclasses.replace(sandbox._state, phase="terminal",
-                                                     status=SandboxStatus.TERMINATED, reason=str(exc))
-                sandbox._terminal.set()
-            raise
-        if sandbox._state.status in (SandboxStatus.PENDING, SandboxStatus.CREATING):
-            sandbox._state = dataclasses.replace(sandbox._state, status=SandboxStatus.RUNNING, reason=None)
-        sandbox._host.nursery.start_soon(sandbox._reader)
+            await self._attach()
+        except SandboxUnavailableError as exc:
+            assert self._record is not None
+            self._record.lost = self._record.lost or str(exc)
+            self._advance(Event.FAILED, settle=True, reason=str(exc))
+        except (SandboxNotRunningError, SandboxNotFoundError):
+            pass  # _attach() has marked it terminal
+
+    def _settle_unattached(self: Sandbox) -> None:
+        """A found handle that never attached was stopped: no reader will report its end, so do it here."""
+        record = self._record
+        assert record is not None
+        self._advance(Event.GONE, settle=True, code=record.exit_code, signal=record.exit_signal)
 
 
-async def watch(sandbox: Sandbox) -> None:
-    """Attach a found handle so that its end reaches it (waiting for completion); a sandbox that
-    ended meanwhile is marked so by ``attach``, and an unreachable server ends the handle."""
-    try:
-        await attach(sandbox)
-    except SandboxUnavailableError as exc:
-        sandbox._record.extra.setdefault("lost", str(exc))
-        sandbox._state = _lifecycle.advance(sandbox._state, "failed", reason=str(exc))
-        sandbox._terminal.set()
-    except (SandboxNotRunningError, SandboxNotFoundError):
-        pass  # attach() has marked it terminal
-
-
-def settle_unattached(sandbox: Sandbox) -> None:
-    """A found handle that never attached was stopped: no reader will report its end, so do it here."""
-    record = sandbox._record
-    sandbox._state = _lifecycle.advance(sandbox._state, "gone", code=record.exit_code, signal=record.exit_signal)
-    sandbox._terminal.set()
+def _matches(sb: Sandbox, tags: Sequence[str], status: SandboxStatus | None, show_terminated: bool) -> bool:
+    if sb.status is None or not all(t in sb.tags for t in tags):
+        return False
+    if status is not None:
+        return sb.status == status
+    return show_terminated or not sb.status.is_terminal

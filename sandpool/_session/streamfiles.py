@@ -58,9 +58,9 @@ class StreamFilesMixin:
         ``timeout_seconds`` bounds each chunk's request (default: request_timeout_seconds).
         Raises (while iterating) SandboxFileError as ``read_file`` does; a FIFO or device is refused.
         """
-        from .sandbox import _check_path
+        from .sandbox import check_path
 
-        _check_path(filepath)
+        check_path(filepath)
         check_container(container)
 
         async def produce() -> AsyncIterator[bytes]:
@@ -87,9 +87,9 @@ class StreamFilesMixin:
         Raises TypeError for a chunk that is not bytes (the file then holds what came before it),
         SandboxFileError as ``write_file`` does.
         """
-        from .sandbox import _check_path
+        from .sandbox import check_path
 
-        _check_path(filepath)
+        check_path(filepath)
         check_container(container)
         if isinstance(source, (bytes, bytearray, memoryview)):
             chunks: AsyncIterable[Any] = _pull_sync([bytes(source)])

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .._core import lifecycle as _lifecycle
+from .._core.lifecycle import Event
 from .._config import SandboxStatus
 from .._cwextra import LOCAL_RUNNER_ID
 from .._cwtypes import ContainerStatus
@@ -225,7 +225,7 @@ class SurfaceMixin:
         (default 80 x 24): a TerminalSession with ``output``, ``stdin`` and ``resize``. Starts the
         sandbox if needed; no timeout. ValueError for a bad command or size."""
         check_container(container)
-        return open_shell(self, command, width, height)
+        return open_shell(self._link, command, width, height)
 
     # -- by id, and sessions -----------------------------------------------------------------
 
@@ -235,7 +235,7 @@ class SurfaceMixin:
         """Stop the sandbox with this id, without a handle (``from_id`` then ``stop``). Resolves when
         it has ended; SandboxNotFoundError when there is none, unless ``missing_ok``."""
         from . import shared as _shared
-        from .session import default_session
+        from .default import default_host
 
         unknown = set(cloud) - {"base_url", "auth"}
         if unknown:
@@ -258,7 +258,7 @@ class SurfaceMixin:
             with trio.fail_after(timeout_seconds) if timeout_seconds else contextlib.nullcontext():
                 await sandbox.stop(missing_ok=missing_ok)
 
-        return OperationRef.spawn(default_session(address=address, token=token)._ensure_open(), delete)
+        return OperationRef.spawn(default_host(address, token), delete)
 
     @classmethod
     def session(cls, defaults: Any = None, *, auth: Any = None, **options: Any) -> Session:
@@ -272,7 +272,7 @@ class SurfaceMixin:
     def _keep_main_log(self: Sandbox) -> None:
         """Open the main command's log now, while the sandbox runs, so it stays readable after."""
         file = self._open_main_log()
-        if file is None and type(self._session._runtime).open_main_log is Runtime.open_main_log:
+        if file is None and type(self._runtime).open_main_log is Runtime.open_main_log:
             return  # this runtime keeps no logs
         self._log_book = LogBook(file)  # None: its log went with a main command that ended within ms
         weakref.finalize(self, self._log_book.close)
@@ -287,7 +287,7 @@ class SurfaceMixin:
                 await self._file_request(frame, _MOUNT_TIMEOUT_SECONDS)
             except Exception as exc:
                 reason = f"could not write mounted file {path!r}: {exc}"
-                self._state = _lifecycle.advance(self._state, "failed", reason=reason)  # before the agent's farewell
+                self._advance(Event.FAILED, reason=reason)  # before the agent's farewell
                 with trio.CancelScope(shield=True):
-                    await self._session._runtime.stop(self._record, 0.0)
+                    await self._runtime.stop(self._record, 0.0)
                 raise SandboxFailedError(reason, sandbox_id=self.sandbox_id, status_reason=reason) from exc

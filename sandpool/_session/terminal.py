@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
 
 from _sandpool_agent import wire as _wire
 from .._core.chunkstream import ChunkStream
 from .._core.opref import OperationRef
-from .process import Process, StreamWriter
-
-if TYPE_CHECKING:
-    from .sandbox import Sandbox
+from .process import Process, SandboxLink, StreamWriter
 
 __all__ = ["TerminalResult", "TerminalSession", "open_shell"]
 
@@ -37,19 +33,26 @@ class TerminalResult:
 
 
 class _TtyProcess(Process):
-    """A Process whose exec frame asks for a pseudo-terminal of ``size`` (cols, rows)."""
+    """A Process whose exec frame asks for a pseudo-terminal of ``size`` (cols, rows); it also
+    resizes the terminal and yields its raw output, for its TerminalSession."""
 
-    def __init__(self, sandbox: Sandbox, argv: list[str], size: tuple[int, int]) -> None:
-        super().__init__(sandbox, argv, cwd=None, env=None, timeout=None, check=False, stdin=True, cap=KEEP_BYTES)
-        self._exec_extra = {"tty": list(size)}
+    def __init__(self, link: SandboxLink, argv: list[str], size: tuple[int, int]) -> None:
+        super().__init__(link, argv, cwd=None, env=None, timeout=None, check=False, stdin=True, cap=KEEP_BYTES,
+                         exec_extra={"tty": list(size)})
+
+    def resize(self, cols: int, rows: int) -> OperationRef[None]:
+        return OperationRef.spawn(self._loop, self._resize, cols, rows)
 
     async def _resize(self, cols: int, rows: int) -> None:
         await self._sent.wait()
         if self._exit_code is None and self._failure is None:
-            await self._sandbox._send({"t": "resize", "id": self._req_id, "cols": cols, "rows": rows})
+            await self._link.send({"t": "resize", "id": self._req_id, "cols": cols, "rows": rows})
+
+    def output(self) -> ChunkStream[bytes]:
+        return ChunkStream(self._link.host, self._output, "terminal output")
 
     async def _output(self) -> AsyncIterator[bytes]:
-        while (chunk := await self.stdout._next_bytes()) is not None:
+        while (chunk := await self._next_output()) is not None:
             yield chunk
         if self._failure is not None:  # it never ran to its end: say why
             raise self._failure
@@ -66,13 +69,12 @@ class TerminalSession(OperationRef[TerminalResult]):
     """A command on a pseudo-terminal. ``output`` (bytes), ``stdin``, ``resize(w, h)``; awaitable, or
     ``.result()`` / ``.wait()``, for its TerminalResult. ``cancel()`` kills the command."""
 
-    def __init__(self, sandbox: Sandbox, command: list[str], width: int | None, height: int | None) -> None:
+    def __init__(self, link: SandboxLink, command: list[str], width: int | None, height: int | None) -> None:
         super().__init__()
-        self._proc = _TtyProcess(sandbox, command, _size(width, height))
-        self._proc._launch(sandbox._host, self._proc._body)
-        self.output: ChunkStream[bytes] = ChunkStream(lambda: sandbox._host, self._proc._output, "terminal output")
+        self._proc = _TtyProcess(link, command, _size(width, height))
+        self.output: ChunkStream[bytes] = self._proc.output()
         self.stdin: StreamWriter = self._proc.stdin  # type: ignore[assignment]
-        self._launch(sandbox._host, self._body)
+        self._launch(link.host(), self._body)
 
     def __repr__(self) -> str:
         state = "running" if self.returncode is None else f"exited {self.returncode}"
@@ -97,7 +99,7 @@ class TerminalSession(OperationRef[TerminalResult]):
     def resize(self, width: int, height: int) -> OperationRef[None]:
         """Set the terminal's size in columns and rows (the command gets SIGWINCH)."""
         cols, rows = _size(width, height)
-        return OperationRef.spawn(self._proc._loop, self._proc._resize, cols, rows)
+        return self._proc.resize(cols, rows)
 
     def wait(self, timeout: float | None = None) -> int:
         """Block until the command exits; return its exit code."""
@@ -108,11 +110,11 @@ class TerminalSession(OperationRef[TerminalResult]):
         return super().cancel()
 
 
-def open_shell(sandbox: Sandbox, command: list[str] | None, width: int | None, height: int | None) -> TerminalSession:
+def open_shell(link: SandboxLink, command: list[str] | None, width: int | None, height: int | None) -> TerminalSession:
     """``Sandbox.shell``: check the command, then start it (the sandbox starts if needed)."""
     argv = ["/bin/bash"] if command is None else command
     if isinstance(argv, (str, bytes)) or not argv:
         raise ValueError(f"command must be a non-empty list of strings such as ['/bin/sh'], got {command!r}")
     argv = [str(a) for a in argv]
     _wire.check_field("exec", "argv", argv, "command")
-    return TerminalSession(sandbox, argv, width, height)
+    return TerminalSession(link, argv, width, height)

@@ -1,5 +1,7 @@
 """The sandbox lifecycle as a pure state machine."""
 
+import pytest
+
 from sandpool import SandboxStatus
 from sandpool._core.lifecycle import Lifecycle, advance
 
@@ -7,7 +9,7 @@ from sandpool._core.lifecycle import Lifecycle, advance
 def run(*events):
     state = Lifecycle()
     for event in events:
-        name, info = (event, {}) if isinstance(event, str) else event
+        name, info = event if isinstance(event, tuple) else (event, {})
         state = advance(state, name, **info)
     return state
 
@@ -51,3 +53,38 @@ def test_lifetime_farewell_reason():
     """A sandbox ended by max_lifetime_seconds says so."""
     state = run("start", "running", ("farewell", {"reason": "max_lifetime"}))
     assert state.status == SandboxStatus.TERMINATED and "max_lifetime_seconds" in state.reason
+
+
+def test_events_and_phases_are_enums_and_a_misspelt_event_is_refused():
+    """Events are an Enum (their values as strings are accepted too); an unknown name raises
+    ValueError naming the valid events; phases are an Enum, so a comparison with a string never matches."""
+    from sandpool._core.lifecycle import Event, Phase
+
+    assert run(Event.START).phase is Phase.STARTING
+    assert run("start").phase is Phase.STARTING
+    with pytest.raises(ValueError, match="unknown lifecycle event 'strat'.*start"):
+        advance(Lifecycle(), "strat")
+    assert Lifecycle().phase is Phase.NEW and Lifecycle().phase != "new"
+
+
+def test_a_found_sandbox_starts_from_its_runtimes_report():
+    """REPORTED sets the state a shared runtime reported: queued counts as running (attaching waits),
+    and ATTACHED then makes it RUNNING; a terminal report ends it; a live report never revives a
+    terminal state."""
+    from sandpool._core.lifecycle import Event, Phase
+
+    queued = advance(Lifecycle(), Event.REPORTED, status=SandboxStatus.PENDING, returncode=None, reason="queued")
+    assert (queued.phase, queued.status) == (Phase.RUNNING, SandboxStatus.PENDING)
+    assert advance(queued, Event.ATTACHED).status == SandboxStatus.RUNNING
+    done = advance(queued, Event.REPORTED, status=SandboxStatus.COMPLETED, returncode=0, reason="done")
+    assert done.terminal and done.returncode == 0
+    assert advance(done, Event.REPORTED, status=SandboxStatus.RUNNING) is done
+
+
+def test_ended_keeps_the_return_code_and_names_the_reason():
+    """ENDED (a shared runtime says the sandbox has ended) is TERMINATED with the given reason."""
+    from sandpool._core.lifecycle import Event
+
+    running = run("start", "running")
+    ended = advance(running, Event.ENDED, reason="not running")
+    assert ended.terminal and ended.status == SandboxStatus.TERMINATED and ended.reason == "not running"

@@ -1,4 +1,4 @@
-"""Contract tests for Portal and default_portal, with real threads and a real trio loop."""
+"""Contract tests for Portal, with real threads and a real trio loop."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from sandpool._core.opref import OperationCancelled
-from sandpool._core.portal import Portal, default_portal
+from sandpool._core.portal import Portal
 
 
 def threads_named(name):
@@ -126,12 +126,18 @@ def test_close_from_inside_the_portal_raises_runtimeerror():
             portal.run(close_self)
 
 
-def test_default_portal_is_a_running_singleton():
-    """default_portal() returns the same running portal every time, and a new one after it is closed."""
-    portal = default_portal()
-    assert default_portal() is portal
-    assert portal.run(add, 20, 22) == 42
-    portal.close()
-    replacement = default_portal()
-    assert replacement is not portal
-    assert replacement.run(add, 1, 1) == 2
+def test_request_close_from_the_portals_own_task_ends_the_thread():
+    """request_close() may be called from a task of the portal itself (where close() refuses): the
+    loop ends on its own, and a later close() joins the thread; the portal then refuses work."""
+    portal = Portal("test-portal-request-close")
+    portal.start()
+
+    async def close_soon():
+        portal.request_close()
+
+    portal.spawn(close_soon)
+    portal.close(timeout=10)
+    assert not any(t.name == "test-portal-request-close" for t in threading.enumerate())
+    with pytest.raises(RuntimeError, match="closed"):
+        portal.spawn(add, 1, 1)
+

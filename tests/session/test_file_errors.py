@@ -57,7 +57,7 @@ def test_permission_denied_on_a_file_the_kernel_will_not_replace():
     with Session(defaults={"isolation": "process"}) as s:
         sb = s.sandbox()
         sb.write_file("/data/locked", b"v1").result()
-        host_file = os.path.join(sb._record.extra["root"], "data", "locked")
+        host_file = os.path.join(sb._record.root, "data", "locked")
         with immutable(host_file):
             error = refused(lambda: sb.write_file("/data/locked", b"v2"))
             assert error.reason == "CWSANDBOX_FILE_PERMISSION_DENIED" and "/data/locked" in str(error), error

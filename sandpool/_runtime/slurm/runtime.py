@@ -97,7 +97,9 @@ class SlurmRuntime(Runtime):
         self._nursery: trio.Nursery | None = None
         self._reaper: trio.Process | None = None
         self._reaper_lock = trio.Lock()
-        self._poll_now = trio.Event()
+        self._live = _slurm_live.Liveness(self, records=self._records, placements=self._placements,
+                                          suspects=self._suspects, squeue=self._squeue, cancel=self._cancel,
+                                          release=self._release)
         self._closed = False
 
     @classmethod
@@ -126,7 +128,7 @@ class SlurmRuntime(Runtime):
         self._reaper = await trio.lowlevel.open_process(
             [sys.executable, "-S", "-c", _REAPER], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, start_new_session=True)  # a terminal's Ctrl-C must not take it with us
-        nursery.start_soon(_slurm_live.poll, self)
+        self._live.start(nursery)
         try:  # dead clients' job directories
             live = {job.key for job in await self._squeue(None) if job.key}
             for path in stale_dirs(self.spool_dir, live, time.time()):
@@ -142,7 +144,7 @@ class SlurmRuntime(Runtime):
             live = [(self._records[sid], p) for sid, p in self._placements.items() if p.owned and not p.ended]
             async with trio.open_nursery() as nursery:  # connected ones stop politely, at once
                 for record, p in live:
-                    if p.inner is not None and not p.inner.exited.is_set() and not record.extra.get("lost"):
+                    if p.inner is not None and not p.inner.exited.is_set() and not record.lost:
                         nursery.start_soon(p.remote.stop, p.inner, 0.0)
             await self._release([p for _, p in live])  # one scancel for all, then one wait
             for record, _ in live:
@@ -197,10 +199,10 @@ class SlurmRuntime(Runtime):
             if p is not None:
                 p.stopping = True
                 inner = p.inner
-                if inner is not None and not inner.exited.is_set() and not record.extra.get("lost"):
+                if inner is not None and not inner.exited.is_set() and not record.lost:
                     with trio.move_on_after(grace_seconds + STOP_SLACK_SECONDS):
                         await p.remote.stop(inner, grace_seconds)
-                await self._release([p], wait=not record.extra.get("lost"))  # a lost node's job: Slurm ends it
+                await self._release([p], wait=not record.lost)  # a lost node's job: Slurm ends it
             record.exited.set()
 
     def list(self) -> list[SandboxRecord]:
@@ -290,7 +292,7 @@ class SlurmRuntime(Runtime):
         record.status, record.status_reason = SandboxStatus.PENDING.value, f"slurm job {p.job_id}: submitted"
         self._records[p.sandbox_id] = record
         self._placements[p.sandbox_id] = p
-        self._poll_now.set()
+        self._live.poke()
 
     def _adopt_job(self, job: cli.Job) -> None:
         """A record for a sandpool job found in the queue (or the one already held), updated."""
@@ -303,7 +305,7 @@ class SlurmRuntime(Runtime):
             self._register(record, p)
         p = record.extra["placement"]
         p.see(job)
-        if record.channel is None and not p.ended and not record.extra.get("lost"):
+        if record.channel is None and not p.ended and not record.lost:
             record.status = cli.sandbox_status(job.state, p.read_address() is not None).value
             record.status_reason = cli.describe(job)
 
@@ -342,8 +344,7 @@ class SlurmRuntime(Runtime):
         record.started_at = p.connected_at = time.time()
         record.status, record.status_reason = SandboxStatus.RUNNING.value, None
         record.extra["node"] = p.node
-        self._nursery.start_soon(_slurm_live.watch_end, self, record, p)
-        self._nursery.start_soon(_slurm_live.heartbeat, self, record, p)
+        self._live.watch(record, p)
         return channel
 
     async def _squeue(self, job_ids: list[str] | None) -> list[cli.Job]:
@@ -361,7 +362,7 @@ class SlurmRuntime(Runtime):
                 await cli.run(["scancel", *ids], check=False)
             except SandboxUnavailableError:
                 pass  # the reaper, or each job's own orphan grace, ends them
-            self._poll_now.set()
+            self._live.poke()
 
     async def _release(self, placements: list[Placement], *, wait: bool = True) -> None:
         """Cancel the jobs, wait (bounded) until Slurm is done with them, close their connections and

@@ -1,0 +1,163 @@
+"""A sandbox's connection to its agent: requests, the frame reader, and how the end is settled.
+
+:class:`AgentConnection` is a base class of ``Sandbox``: the reader routes the agent's frames to
+the requests registered with it (processes, calls, file operations) and, when the connection
+ends, settles the sandbox's state through its lifecycle's transition function.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from _sandpool_agent import wire as _wire
+from .._core.lifecycle import Event
+from .._errors import (
+    ProtocolError,
+    SandboxDiedError,
+    SandboxError,
+    SandboxFileError,
+    SandboxNotRunningError,
+    SandboxTimeoutError,
+    SandboxUnavailableError,
+)
+
+if TYPE_CHECKING:
+    from .._runtime.contract import SandboxRecord
+    from .sandbox import Sandbox
+
+__all__ = ["AgentConnection"]
+
+_EXIT_REPORT_SECONDS = 3.0
+
+
+class _Reply:
+    """A pending request/response exchange (file operations, pings)."""
+
+    ACCEPTS = frozenset({"result", "error", "pong"})  # what an agent may answer; anything else fails the sandbox
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.frame: dict | None = None
+        self.error: BaseException | None = None
+
+    def _on_frame(self, frame: dict) -> int:
+        self.frame = frame
+        self.event.set()
+        return 0
+
+    def _on_sandbox_gone(self, error: BaseException) -> None:
+        self.error = error
+        self.event.set()
+
+
+class AgentConnection:
+    """Sandbox's side of the agent's connection (a base class of ``Sandbox``)."""
+
+    def _register(self: Sandbox, handler: Any) -> int:
+        return self._requests.register(handler)
+
+    def _unregister(self: Sandbox, req_id: int) -> None:
+        self._requests.unregister(req_id)
+
+    async def _send(self: Sandbox, frame: dict) -> None:
+        await self._open_channel().send(frame)
+
+    async def _send_many(self: Sandbox, frames: list[dict]) -> None:
+        """Send several frames in one write (remote-function calls batch this way)."""
+        await self._open_channel().send_many(frames)
+
+    def _open_channel(self: Sandbox) -> Any:
+        """The agent's channel, or the reason this sandbox no longer has one (SandboxNotRunningError,
+        or its failure with the reason)."""
+        channel = self._record.channel if self._record else None
+        if channel is None or channel.closed or self._state.terminal:
+            raise self._not_running_error() or SandboxNotRunningError(
+                f"sandbox {self.sandbox_id} is not running", sandbox_id=self.sandbox_id)
+        return channel
+
+    async def _reader(self: Sandbox) -> None:
+        """Route frames to their requests until the agent's connection ends, then settle the state."""
+        record = self._record
+        assert record is not None and record.channel is not None
+        farewell: dict | None = None
+        protocol_error: ProtocolError | None = None
+        self._host.nursery.start_soon(self._requests.send_credits, record.channel.send_many)
+        try:
+            while True:
+                batch = await record.channel.receive_batch()
+                if batch is None:
+                    break
+                for frame in batch:
+                    mine = self._requests.route(frame)
+                    if mine is None:
+                        continue
+                    if mine["t"] == "main_exit":
+                        self._advance(Event.MAIN_EXIT, code=mine["code"])
+                    elif mine["t"] == "bye":
+                        farewell = mine
+        except ProtocolError as exc:
+            protocol_error = exc
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._settle(record, farewell, protocol_error)
+
+    async def _settle(self: Sandbox, record: SandboxRecord, farewell: dict | None,
+                      protocol_error: ProtocolError | None) -> None:
+        if protocol_error is not None:  # the stream is not to be trusted further: close it, then stop
+            self._advance(Event.FAILED, reason=f"protocol error: {protocol_error}")
+            assert record.channel is not None
+            await record.channel.aclose()
+            await self._runtime.stop(record, 0.0)
+        with trio.move_on_after(_EXIT_REPORT_SECONDS):
+            await record.exited.wait()
+        if record.lost:  # the server became unreachable: its state is unknown here
+            self._advance(Event.FAILED, reason=record.lost)
+        if farewell is not None:
+            self._advance(Event.FAREWELL, reason=farewell.get("reason"), code=farewell.get("code"))
+        self._advance(Event.GONE, code=record.exit_code, signal=record.exit_signal, oom_killed=record.oom_killed)
+        if record.channel is not None:
+            await record.channel.aclose()
+        self._requests.close(self._gone_error())
+        self._terminal.set()
+
+    def _gone_error(self: Sandbox) -> SandboxError:
+        state = self._state
+        if self._record is not None and self._record.lost:
+            return SandboxUnavailableError(f"sandbox {self.sandbox_id}: {self._record.lost}",
+                                           sandbox_id=self.sandbox_id)
+        if state.stop_requested:
+            return SandboxNotRunningError(f"sandbox {self.sandbox_id} was stopped", sandbox_id=self.sandbox_id)
+        return SandboxDiedError(f"sandbox {self.sandbox_id} ended: {state.reason}", sandbox_id=self.sandbox_id,
+                                exit_code=self._record.exit_code if self._record else None,
+                                signal=self._record.exit_signal if self._record else None)
+
+    async def _request(self: Sandbox, frame: dict, timeout: float | None) -> dict:
+        await self._ensure_running()
+        reply = _Reply()
+        frame["id"] = self._register(reply)
+        try:
+            with trio.fail_after(self._spec.request_timeout_seconds if timeout is None else timeout):
+                await self._send(frame)
+                await reply.event.wait()
+        except trio.TooSlowError:
+            raise SandboxTimeoutError(f"{frame['t']} timed out", sandbox_id=self.sandbox_id) from None
+        finally:
+            self._unregister(frame["id"])
+        if reply.error is not None:
+            raise reply.error
+        assert reply.frame is not None
+        return reply.frame
+
+    async def _file_request(self: Sandbox, frame: dict, timeout: float | None) -> bytes | None:
+        path = frame["path"]
+        reply = await self._request(frame, timeout)
+        if reply["t"] == "error" and reply["kind"] == "protocol":
+            raise ProtocolError(f"the sandbox refused {frame['t']} of {path!r}: {reply['message']}")
+        if reply["t"] == "error":
+            raise SandboxFileError(reply["message"], sandbox_id=self.sandbox_id, filepath=path, reason=reply["kind"])
+        data = reply.get("data")
+        if reply["t"] != "result" or (frame["t"] == "read_file" and data is None):
+            raise ProtocolError(f"the sandbox answered {frame['t']} of {path!r} with {_wire.summary(reply)}")
+        return data if frame["t"] == "read_file" else None
