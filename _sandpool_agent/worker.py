@@ -212,7 +212,16 @@ class Worker:
             self.steals.discard(self.current)  # it runs: it stays here
 
     def _give_up(self, frame: dict, kind: str, message: str) -> None:
-        """Answer a call that will not run here, and remove its argument file (see sandpool._functions.bulk)."""
+        """Answer a call that will not run here, and remove its argument file (see sandpool._functions.bulk).
+
+        A function that came with the call is kept all the same: the client counts it as sent to
+        this worker and sends its next calls without it."""
+        key = frame.get("fn_key") or b""
+        if frame.get("fn") and key not in self.fns:
+            try:
+                self.fns[key] = self.pickler.loads(frame["fn"])
+            except BaseException:  # noqa: BLE001 - the next call of it reports the failure
+                pass
         if frame.get("args_path"):
             try:
                 os.unlink(self._host_path(frame["args_path"]))
@@ -250,12 +259,12 @@ class Worker:
 
     def _run(self, frame: dict) -> None:
         call_id = frame["id"]
+        key = frame.get("fn_key") or b""
         if call_id in self.cancelled:
             self.cancelled.discard(call_id)
             self._give_up(frame, "cancelled", "cancelled before it started")
             return
         self.steals.discard(call_id)  # it starts: a steal from now on leaves it here
-        key = frame.get("fn_key") or b""
         what = "function"
         try:
             if frame["fn"]:

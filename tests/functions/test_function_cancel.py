@@ -362,3 +362,38 @@ def test_a_sigint_during_the_steal_handler_loses_no_steal():
         os.close(given_back_w)
     assert nested, "the second SIGINT was never injected"
     assert answers == [("error", 2, "lost", None), ("error", 3, "lost", None), ("result", 1, None, _plain.encode(True))]
+
+
+def add_one(x):
+    return x + 1
+
+
+def test_a_cancelled_call_that_carried_its_function_leaves_it_for_the_next_call():
+    """The client counts a function as sent with the first call that carries it and sends the next
+    calls of it without one; when that first call is cancelled (or stolen) before it starts, the
+    worker keeps the function all the same, so the next call runs (it once failed with
+    "the function could not be unpickled in the sandbox: KeyError" under load)."""
+    import signal
+    import socket
+
+    from _sandpool_agent import wire as _wire
+    from _sandpool_agent.worker import Worker
+
+    key = b"add_one"
+    ours, theirs = socket.socketpair()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGALRM)}
+    try:
+        worker = Worker(theirs, cloudpickle, "/")
+        worker.pending.append({"t": "call", "id": 7, "fn_key": key, "fn": cloudpickle.dumps(add_one),
+                               "args": cloudpickle.dumps(((1,), {}))})
+        worker.pending.append({"t": "call", "id": 8, "fn_key": key, "fn": b"", "args": cloudpickle.dumps(((41,), {}))})
+        worker.cancelled.add(7)
+        ours.shutdown(socket.SHUT_WR)
+        worker.run()
+        answers = _wire.FrameBuffer().feed(ours.recv(1 << 16))
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        ours.close()
+        theirs.close()
+    assert [(a["t"], a["id"], a.get("kind")) for a in answers] == [("error", 7, "cancelled"), ("result", 8, None)]
