@@ -112,8 +112,8 @@ def _network(value: object, frozen: Callable[[dict], Any]) -> object:
 
 
 def _services(value: object, frozen: Callable[[dict], Any]) -> tuple:
-    """Services in plain form, checked as a bridge sandbox will use them (_isolation.services)."""
-    from ._isolation import services
+    """Services in plain form, checked as a bridge sandbox will use them (_services)."""
+    from . import _services as services
 
     if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
         raise TypeError(f"services must be a list of Service, got {type(value).__name__} {value!r}; use e.g. "

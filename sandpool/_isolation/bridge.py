@@ -19,7 +19,8 @@ import socket
 import trio
 
 from .._errors import SandboxFailedError
-from . import netns, network, nft, probe, services, slirp
+from .. import _services as services
+from . import netns, network, nft, probe, slirp
 from .ports import Forwarder
 
 

@@ -133,7 +133,7 @@ def policy(value: object, services: object = None) -> Policy:
     """The bridge rules of the ``network`` option (a mode string or bool means: egress anywhere, no
     ingress; None with services: no egress) and of ``services`` (see ``services``). Raises
     ValueError naming the rule and the fix for what has no local meaning."""
-    from . import services as _services
+    from .. import _services
 
     ports = _services.parse(services)
     fields = _fields(value) if not isinstance(value, (str, bool)) and value is not None else None

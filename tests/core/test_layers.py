@@ -44,9 +44,7 @@ LAZY_EDGES = {
 # into _session, and circles whose modules all lie in those two packages (the pool still builds
 # Sandboxes; the session module still builds pools).
 KNOWN_TANGLE = ("sandpool._functions", "sandpool._session")
-# KNOWN EXCEPTION, to delete with the rework of slurm/live.py (it reads the runtime's private state,
-# and names the runtime's class for that under TYPE_CHECKING): live.py -> runtime.py closes a circle.
-KNOWN_EDGES = {("sandpool._runtime.slurm.live", "sandpool._runtime.slurm.runtime")}
+KNOWN_EDGES: set[tuple[str, str]] = set()
 
 
 def _modules() -> dict[str, tuple[pathlib.Path, bool]]:

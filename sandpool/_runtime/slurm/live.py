@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
@@ -37,7 +37,14 @@ from .place import SUSPECT_SECONDS, Placement, end_reason, ended_by_slurm
 
 if TYPE_CHECKING:
     from ..contract import SandboxRecord
-    from .runtime import SlurmRuntime
+
+
+class Timings(Protocol):
+    """What the watch reads of its runtime's settings (a SlurmRuntime)."""
+
+    heartbeat_seconds: float
+    lost_after_seconds: float
+    poll_seconds: float
 
 #: How a sandbox's server reports an end that Slurm caused: it shut down, or the sandbox's processes
 #: were signalled directly (the job's whole process tree gets Slurm's SIGTERM).
@@ -47,7 +54,7 @@ _ENVIRONMENT_ENDS = (SHUTDOWN_REASON, lifecycle.reason_for("parent_gone"))
 class Liveness:
     """The liveness watch of one SlurmRuntime's sandboxes (see the module doc)."""
 
-    def __init__(self, rt: SlurmRuntime, *, records: dict[str, SandboxRecord], placements: dict[str, Placement],
+    def __init__(self, rt: Timings, *, records: dict[str, SandboxRecord], placements: dict[str, Placement],
                  suspects: dict[str, float], squeue: Callable[[list[str] | None], Awaitable[list[cli.Job]]],
                  cancel: Callable[[list[Placement]], Awaitable[None]],
                  release: Callable[..., Awaitable[None]]) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
-from .._cwtypes import EndpointAuth, EndpointKind, HttpsEndpointStatus, TlsPassthroughEndpointStatus
+from ._cwtypes import EndpointAuth, EndpointKind, HttpsEndpointStatus, TlsPassthroughEndpointStatus
 
 
 @dataclasses.dataclass(frozen=True)
