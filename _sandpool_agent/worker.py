@@ -37,6 +37,7 @@ import traceback
 
 from . import wire as _wire
 from . import linux as _linux, plain as _plain
+from . import actors as _actors  # loaded before any call: actor calls name its functions
 
 #: Longest delay of an answer kept back to be sent with the next ones.
 FLUSH_SECONDS = 0.002
@@ -109,6 +110,7 @@ class Worker:
         self.alarmed = False  # the call's timeout passed while the SIGINT handler ran
 
     def run(self) -> None:
+        _actors.serve(self._send_agent, self._read_agent)
         signal.signal(signal.SIGINT, self._on_sigint)
         signal.signal(signal.SIGALRM, self._on_alarm)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the agent across fork
@@ -160,6 +162,8 @@ class Worker:
                 self._give_up(frame, "lost", "given back before it started")
             elif frame["t"] == "call":
                 self.pending.append(frame)
+            elif frame["t"] == "told":  # the answer to an actor call the user's code made
+                _actors.told(frame)
             elif frame["t"] == "cancel" and frame.get("steal"):
                 self.steals.add(frame["id"])
             elif frame["t"] == "cancel":
@@ -178,6 +182,26 @@ class Worker:
                 if not data:
                     break
                 self._take(buf.feed(data))
+
+    def _send_agent(self, frame: dict) -> None:
+        """Send a frame to the agent (an actor call's ``ask``, relayed to the client)."""
+        self.agent.sendall(_wire.encode(frame))
+
+    def _read_agent(self, timeout: float) -> bool:
+        """Take the frames the agent sent within ``timeout`` seconds (``told`` answers among them);
+        False once it is gone. Polls: a SIGINT handler may read them first."""
+        poller = select.poll()  # not select(): it fails on fds >= 1024
+        poller.register(self.agent, select.POLLIN)
+        if not poller.poll(timeout * 1000):
+            return True
+        try:
+            data = self.agent.recv(1 << 20, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return True
+        if not data:
+            return False
+        self._take(self.agent_buf.feed(data))
+        return True
 
     def _answer(self, frame: dict) -> None:
         self.outbox.append(_wire.encode(frame))

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .._core import lifecycle as _lifecycle
+from .._functions import actor_asks as _actor_asks
 from . import shared as _shared
 from _sandpool_agent import wire as _wire
 from .._core.routing import Requests
@@ -342,6 +343,8 @@ class Sandbox(SandboxBlocks, SurfaceMixin, LogsMixin, StreamFilesMixin):
                         self._state = _lifecycle.advance(self._state, "main_exit", code=mine["code"])
                     elif mine["t"] == "bye":
                         farewell = mine
+                    elif mine["t"] == "ask":  # user code inside calls an actor (a handle it was given)
+                        _actor_asks.on_ask(self._session, self, mine)
         except ProtocolError as exc:
             protocol_error = exc
         finally:

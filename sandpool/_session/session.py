@@ -12,6 +12,7 @@ import trio
 from . import shared as _shared
 from .._config import SandboxDefaults, SandboxStatus, resolve_spec
 from .._errors import SandboxError
+from .._functions import actor as _actor
 from .._functions.function import Retries, function_decorator
 from .._core.hosts import current_host, settle, to_thread
 from .._core.opref import OperationRef, TaskHost
@@ -304,6 +305,16 @@ class Session:
         options = dict(overrides, retries=retries, timeout_seconds=timeout_seconds,
                        max_concurrency=max_concurrency, reuse=reuse)
         return function_decorator(self, fn, options)
+
+    def cls(self, cls: Any = None, /, **options: Any) -> Any:
+        """Decorate a class so that its instances live in sandboxes (actors): an ActorClass.
+        ``@session.cls`` or ``@session.cls(name=, max_restarts=, retries=, unsafe_pickle_results=,
+        **sandbox_options)``; see docs/actors.md."""
+        return _actor.cls_decorator(self, cls, options)
+
+    def get_actor(self, name: str) -> Any:
+        """The live actor of this session named ``name`` (ValueError if there is none)."""
+        return _actor.get_actor(self, name)
 
     def statistics(self) -> PoolStatistics:
         """Remote-function pools at a glance: sandboxes starting/idle/busy, calls queued/running/
