@@ -154,6 +154,12 @@ class ActorHandle:
         return self._link.name
 
     @property
+    def sandbox_id(self) -> str | None:
+        """The id of the sandbox the actor runs in now (None while it starts or restarts)."""
+        sandbox = self._link.sandbox
+        return sandbox.sandbox_id if sandbox is not None else None
+
+    @property
     def alive(self) -> bool:
         """False once the actor is dead for good (killed, or died with no restart left)."""
         return self._link.phase is not Phase.DEAD
@@ -171,6 +177,7 @@ class ActorHandle:
                 call.args = _serialize.dumps_args((self._actor_id, method, *values), named, label, BULK_BYTES)
                 link.flush()
 
+            ref.add_done_callback(lambda _: in_loop(host, link.flush))  # failed or cancelled: the next go
             _refs.when_resolved(host, ref, args, kwargs, ready)
             return ref
         call = ActorCall(label, _serialize.dumps_args((self._actor_id, method, *args), kwargs, label, BULK_BYTES), ref)

@@ -139,7 +139,7 @@ class ActorLink:
             return
         sandbox, frames = self.sandbox, []
         assert sandbox is not None
-        while self.queue and self.queue[0].args is not None:
+        while self.queue and (self.queue[0].args is not None or self.queue[0].ref.done()):
             call = self.queue.popleft()
             if call.ref.done():
                 continue
