@@ -110,7 +110,7 @@ class Worker:
         self.alarmed = False  # the call's timeout passed while the SIGINT handler ran
 
     def run(self) -> None:
-        _actors.serve(self._send_agent, self._read_agent)
+        _actors.serve(self._send_agent, self._read_agent, self._call_input)
         signal.signal(signal.SIGINT, self._on_sigint)
         signal.signal(signal.SIGALRM, self._on_alarm)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the agent across fork
@@ -202,6 +202,11 @@ class Worker:
             return False
         self._take(self.agent_buf.feed(data))
         return True
+
+    def _call_input(self) -> tuple[int, bool]:
+        """Where the next call comes from (a file descriptor), and whether one waits already (an
+        actor running calls at once lets it in instead of waiting)."""
+        return self.io.fileno(), bool(self.pending)
 
     def _answer(self, frame: dict) -> None:
         self.outbox.append(_wire.encode(frame))

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 from . import actor_asks as _asks, actor_refs as _refs, serialize as _serialize
 from .actor_link import ActorCall, ActorCallRef, ActorLink, Phase, in_loop
-from .bulk import BULK_BYTES
 from .function import Retries
 from .._config import resolve_spec
 from .._core.opref import OperationRef, check_not_in_trio
@@ -59,10 +58,9 @@ class _Options:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{field} must be an int >= 0, got {value!r}; use e.g. {field}=2")
         if self.max_concurrency is not None and (isinstance(self.max_concurrency, bool) or not isinstance(
-                self.max_concurrency, int) or self.max_concurrency != 1):
-            raise ValueError(f"max_concurrency must be 1 or None, got {self.max_concurrency!r}: an actor runs "
-                             "its calls one at a time, async methods included (use several actors to run "
-                             "calls at once)")
+                self.max_concurrency, int) or self.max_concurrency < 1):
+            raise ValueError(f"max_concurrency must be an int >= 1 or None, got {self.max_concurrency!r}; use "
+                             "e.g. max_concurrency=8 for an actor whose async methods may run at once")
         if not isinstance(self.unsafe_pickle_results, bool):
             raise TypeError(f"unsafe_pickle_results must be True or False, got {self.unsafe_pickle_results!r}")
 
@@ -95,10 +93,11 @@ class ActorClass:
                         f"{self.__name__}.remote(...) to start an actor")
 
     def options(self, *, name: str | None = None, max_restarts: int | None = None, retries: int | None = None,
-                unsafe_pickle_results: bool | None = None) -> ActorClass:
+                max_concurrency: int | None = None, unsafe_pickle_results: bool | None = None) -> ActorClass:
         """This class with other options for the actors it starts (``name`` makes a named actor,
         found with ``session.get_actor(name)``)."""
         changes = {k: v for k, v in dict(name=name, max_restarts=max_restarts, retries=retries,
+                                         max_concurrency=max_concurrency,
                                          unsafe_pickle_results=unsafe_pickle_results).items() if v is not None}
         return ActorClass(self._cls, self._session, self._overrides, dataclasses.replace(self._options, **changes))
 
@@ -115,9 +114,9 @@ class ActorClass:
             raise SandboxError("this session is closed; open a new Session to start actors")
         actor_id = secrets.token_hex(8)
         data = _serialize.dumps_args((actor_id, self._cls, args, kwargs, self._enter), {}, f"{self.__qualname__}()")
-        link = ActorLink(session, self._overrides, self.__qualname__, data, name=options.name,
+        link = ActorLink(session, self._overrides, self.__qualname__, actor_id, data, name=options.name,
                          max_restarts=options.max_restarts, retries=options.retries,
-                         pickled=options.unsafe_pickle_results)
+                         pickled=options.unsafe_pickle_results, concurrency=options.max_concurrency or 1)
         host = session._ensure_open()
         handle = ActorHandle(link, actor_id, self.__qualname__, self._methods, host)
         _registry(session).add(handle)
@@ -174,13 +173,13 @@ class ActorHandle:
             in_loop(host, link.submit, call)
 
             def ready(values: tuple[Any, ...], named: dict[str, Any]) -> None:
-                call.args = _serialize.dumps_args((self._actor_id, method, *values), named, label, BULK_BYTES)
+                call.args = _serialize.dumps_args((self._actor_id, method, *values), named, label)
                 link.flush()
 
             ref.add_done_callback(lambda _: in_loop(host, link.flush))  # failed or cancelled: the next go
             _refs.when_resolved(host, ref, args, kwargs, ready)
             return ref
-        call = ActorCall(label, _serialize.dumps_args((self._actor_id, method, *args), kwargs, label, BULK_BYTES), ref)
+        call = ActorCall(label, _serialize.dumps_args((self._actor_id, method, *args), kwargs, label), ref)
         ref._link, ref._acall = link, call
         in_loop(host, link.submit, call)
         return ref

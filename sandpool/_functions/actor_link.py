@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import pickle
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -37,8 +38,13 @@ if TYPE_CHECKING:
 
 _INVOKE = _serialize.dumps(_agent_actors.invoke)  # by reference: the worker has the module
 _INVOKE_KEY = _serialize.fn_key(_INVOKE)
+_INVOKE_MANY = _serialize.dumps(_agent_actors.invoke_many)
+_INVOKE_MANY_KEY = _serialize.fn_key(_INVOKE_MANY)
 _CONSTRUCT = _serialize.dumps(_agent_actors.construct)
 _CONSTRUCT_KEY = _serialize.fn_key(_CONSTRUCT)
+#: An actor running calls at once through the agent's relay reports every so often (s): the agent
+#: hands the worker no next step while one runs, so the step cannot see that calls wait.
+POLL_SECONDS = 0.005
 _GONE = f"{_agent_actors.ActorGone.__module__}.{_agent_actors.ActorGone.__qualname__}"
 
 
@@ -92,14 +98,24 @@ class ActorCall:
     construct: bool = False
     attempts: int = 0
     req_id: int = 0
+    ticket: int = 0  # its number among the calls an actor runs at once
+    members: list[ActorCall] | None = None  # the calls a step starts (max_concurrency above 1)
+
+    def calls(self) -> list[ActorCall]:
+        """The user's calls this frame carries: itself, or those a step starts."""
+        return self.members if self.members is not None else [self]
 
 
 class ActorLink:
     """The loop-side state of one actor: its sandbox, its phase and its calls in order."""
 
-    def __init__(self, session: Session, overrides: dict[str, Any], label: str, construct_args: bytes,
-                 *, name: str | None, max_restarts: int, retries: int, pickled: bool) -> None:
+    def __init__(self, session: Session, overrides: dict[str, Any], label: str, actor_id: str, construct_args: bytes,
+                 *, name: str | None, max_restarts: int, retries: int, pickled: bool, concurrency: int = 1) -> None:
         self.session, self.overrides, self.label, self.name = session, overrides, label, name
+        self.actor_id, self.concurrency = actor_id, concurrency
+        self.running: dict[int, ActorCall] = {}  # concurrency above 1: calls started there, by ticket
+        self.cancels: list[int] = []  # tickets of running calls to cancel with the next step
+        self.tickets = 0
         self.construct_args = construct_args
         self.max_restarts, self.retries, self.pickled = max_restarts, retries, pickled
         self.restarts = 0
@@ -139,13 +155,11 @@ class ActorLink:
             return
         sandbox, frames = self.sandbox, []
         assert sandbox is not None
-        while self.queue and (self.queue[0].args is not None or self.queue[0].ref.done()):
-            call = self.queue.popleft()
-            if call.ref.done():
-                continue
+        for call in self._ready_calls():
             call.req_id = sandbox._register(self.incarnation)
             self.inflight[call.req_id] = call
-            fn, key = (_CONSTRUCT, _CONSTRUCT_KEY) if call.construct else (_INVOKE, _INVOKE_KEY)
+            fn, key = ((_CONSTRUCT, _CONSTRUCT_KEY) if call.construct else (_INVOKE, _INVOKE_KEY)
+                       if call.members is None else (_INVOKE_MANY, _INVOKE_MANY_KEY))
             frame = {"t": "call", "id": call.req_id, "fn_key": key, "args": call.args,
                      "fn": b"" if key in self.keys else fn}
             self.keys.add(key)
@@ -163,8 +177,51 @@ class ActorLink:
             self.outbox += frames
             self.wake.set()
 
+    def _ready_calls(self) -> list[ActorCall]:
+        """The queued calls to send now, in order, up to the first whose arguments wait. An actor
+        running calls at once (``concurrency`` above 1) sends them as steps (``_step``)."""
+        queue, out = self.queue, []
+        if self.concurrency > 1 and not (queue and queue[0].construct):
+            return self._step()
+        while queue and (queue[0].args is not None or queue[0].ref.done()):
+            call = queue.popleft()
+            if not call.ref.done():
+                out.append(call)
+                if call.construct and self.concurrency > 1:
+                    break
+        return out
+
+    def _step(self) -> list[ActorCall]:
+        """The next step of an actor running calls at once, if one is due: the ready calls that
+        fit under ``concurrency`` (started at once there) and the cancels of running ones; or, when
+        calls run and no step is out, a step that only waits for one of them to end."""
+        if any(c.construct for c in self.inflight.values()):
+            return []
+        new: list[ActorCall] = []
+        queue = self.queue
+        while queue and (queue[0].args is not None or queue[0].ref.done()) and \
+                len(self.running) + len(new) < self.concurrency:
+            call = queue.popleft()
+            if not call.ref.done():
+                self.tickets += 1
+                call.ticket = self.tickets
+                new.append(call)
+        if not new and not self.cancels and (self.inflight or not self.running):
+            return []
+        for call in new:
+            self.running[call.ticket] = call
+        cancels, self.cancels = self.cancels, []
+        poll = None if self.direct is not None else POLL_SECONDS  # the agent relays one step at a time
+        data = pickle.dumps(((self.actor_id, [(c.ticket, c.args) for c in new], cancels, self.pickled, poll), {}),
+                            protocol=5)
+        return [ActorCall(f"{self.label} (step)", data, ActorCallRef(None), members=new)]
+
     def cancel(self, call: ActorCall) -> None:
         """The call's ref was cancelled: drop it if it has not left, else interrupt it there."""
+        if self.running.get(call.ticket) is call:  # running at once with others: cancel its task
+            self.cancels.append(call.ticket)
+            self.flush()
+            return
         if call.req_id not in self.inflight or self.sandbox is None:
             self.flush()  # it may have held back the calls behind it
             return
@@ -242,16 +299,54 @@ class ActorLink:
         if frame["t"] == "result":
             self._release(call)
             if call.construct or call.ref.done():
+                if self.concurrency > 1:
+                    self.flush()  # the first step
                 return 0
             try:
                 value = _serialize.loads_result(frame.get("data", b""), call.label, self.pickled)
             except SerializationError as exc:
-                call.ref._set_error(exc)
+                self._fail(call, exc)
             else:
-                call.ref._set_result(value)
-            return 0
-        self._on_error(call, frame)
+                if call.members is not None:
+                    self._settle_step(value)
+                else:
+                    call.ref._set_result(value)
+        else:
+            self._on_error(call, frame)
+        if self.concurrency > 1:
+            self.flush()  # the next step
         return 0
+
+    def _settle_step(self, outcomes: Any) -> None:
+        """Settle the calls a step reports ended: ``[(ticket, ok, value or error fields), ...]``."""
+        if not (type(outcomes) is list and all(type(o) is tuple and len(o) == 3 and type(o[0]) is int
+                                               and type(o[1]) is bool for o in outcomes)):
+            error = SerializationError(f"the answer of a step of actor {self.label} is malformed; the sandbox "
+                                       "sent something else than (ticket, ok, value) outcomes")
+            for call in self.running.values():
+                call.ref._set_error(error)
+            self.running.clear()
+            return
+        sandbox_id = self.sandbox.sandbox_id if self.sandbox else None
+        for ticket, ok, value in outcomes:
+            call = self.running.pop(ticket, None)
+            if call is None or call.ref.done():
+                continue
+            fields = value if type(value) is dict else {}
+            if ok:
+                call.ref._set_result(value)
+            elif fields.get("kind") == "serialization":
+                call.ref._set_error(SerializationError(f"call to {call.label!r}: {fields.get('message')}"))
+            elif fields.get("kind") == "cancelled":
+                call.ref._set_cancelled()
+            else:
+                call.ref._set_error(_serialize.remote_exception(fields, sandbox_id, False))
+
+    def _fail(self, call: ActorCall, error: BaseException) -> None:
+        for member in call.calls():
+            if call.members is not None:
+                self.running.pop(member.ticket, None)
+            member.ref._set_error(error)
 
     def _on_error(self, call: ActorCall, frame: dict) -> None:
         kind, sandbox_id = frame["kind"], self.sandbox.sandbox_id if self.sandbox else None
@@ -265,7 +360,9 @@ class ActorLink:
         if kind == "user":
             error: BaseException = _serialize.remote_exception(frame, sandbox_id, self.pickled)
         elif kind == "cancelled":
-            call.ref._set_cancelled()
+            for member in call.calls():
+                self.running.pop(member.ticket, None)
+                member.ref._set_cancelled()
             return
         elif kind == "serialization":
             error = SerializationError(f"call to {call.label!r}: {frame['message']}")
@@ -276,7 +373,7 @@ class ActorLink:
             self._end(ActorDiedError(f"actor {self.label} died: its constructor raised {error!r}",
                                      sandbox_id=sandbox_id, actor_name=self.name), restart=False, cause=error)
         else:
-            call.ref._set_error(error)
+            self._fail(call, error)
 
     def _on_sandbox_gone(self, error: BaseException) -> None:
         """The current sandbox ended."""
@@ -301,8 +398,11 @@ class ActorLink:
         closing = self.session._closed
         restart = restart and not closing and self.restarts < self.max_restarts
         unsent = {f["id"] for f in self.outbox if f["t"] == "call"} | (self.direct.held() if self.direct else set())
-        sent = [c for c in self.inflight.values() if not c.construct and c.req_id not in unsent]
-        waiting = [c for c in self.inflight.values() if c.req_id in unsent and not c.construct] + list(self.queue)
+        waiting = [m for c in self.inflight.values() if c.req_id in unsent and not c.construct
+                   for m in c.calls()] + list(self.queue)
+        sent = [m for c in self.inflight.values() if not c.construct and c.req_id not in unsent for m in c.calls()]
+        sent += [c for c in self.running.values() if c not in sent and c not in waiting]
+        self.running, self.cancels = {}, []
         for call in list(self.inflight.values()):
             self._release(call)
         self.outbox, self.queue = [], collections.deque()

@@ -331,13 +331,71 @@ def test_method_errors_results_and_async_methods(session):
     assert counter.aincr(5) == 5 and counter.incr() == 6
 
 
+class Mailbox:
+    """An async actor whose calls need each other: ``get`` waits for a ``put``."""
+
+    def __init__(self):
+        self.queue, self.active = None, 0
+
+    def _queue(self):
+        import asyncio
+
+        if self.queue is None:  # made in the actor's event loop
+            self.queue = asyncio.Queue()
+        return self.queue
+
+    async def get(self):
+        return await self._queue().get()
+
+    async def put(self, item):
+        self._queue().put_nowait(item)
+        return item
+
+    async def hold(self):
+        import asyncio
+
+        self.active += 1
+        try:
+            await asyncio.Event().wait()  # until cancelled
+        finally:
+            self.active -= 1
+
+    async def probe(self):
+        return self.active
+
+    def plain(self):
+        return "plain"
+
+
+def test_max_concurrency_runs_async_calls_at_once(session):
+    """With max_concurrency=4, a get() waiting for a put() made after it does not block the put
+    (run one at a time, it would wait forever); values and errors come back per call."""
+    box = session.cls(Mailbox, max_concurrency=4).remote()
+    waiting = [box.get.remote() for _ in range(3)]
+    assert [box.put(i) for i in range(3)] == [0, 1, 2]
+    assert sorted(r.result(timeout=60) for r in waiting) == [0, 1, 2]
+    assert box.plain() == "plain"
+
+
+def test_max_concurrency_caps_the_calls_running_at_once(session):
+    """With max_concurrency=2 and two calls holding, a third waits until one is cancelled (it
+    then sees one call active, not two); cancelling a running call leaves the actor working."""
+    box = session.cls(Mailbox, max_concurrency=2).remote()
+    first, second = box.hold.remote(), box.hold.remote()
+    probe = box.probe.remote()
+    first.cancel()
+    assert probe.result(timeout=60) == 1
+    second.cancel()
+    assert box.probe() == 0
+
+
 def test_bad_options_and_misuse_fail_at_the_call_site(session):
     """Bad options, calling the class itself, an unknown method and a bad kill argument raise
     clear errors at once."""
     with pytest.raises(ValueError, match="max_restarts"):
         session.cls(Counter, max_restarts=-1)
     with pytest.raises(ValueError, match="max_concurrency"):
-        session.cls(Counter, max_concurrency=4)
+        session.cls(Counter, max_concurrency=0)
     with pytest.raises(ValueError, match="retries only calls"):
         session.cls(Counter, retries=sandpool.Retries(2, on=(KeyError,)))
     with pytest.raises(TypeError):
