@@ -95,6 +95,7 @@ class Worker:
         self.root = root  # where the sandbox's "/" is, seen from here ("/" when namespaced)
         self.pickler = pickler
         self.fns: dict[bytes, object] = {}
+        self.unloaded: dict[bytes, bytes] = {}  # fn_key -> bytes that came with a call that never ran
         self.durations: dict[bytes, float] = {}  # fn_key -> its calls' typical duration (s, EWMA)
         self.pending: collections.deque[dict] = collections.deque()
         self.cancelled: set[int] = set()
@@ -247,6 +248,8 @@ class Worker:
                 os.unlink(self._host_path(frame["args_path"]))
             except OSError:
                 pass
+        if frame.get("fn"):  # the client sends later calls of this function without its bytes
+            self.unloaded[frame.get("fn_key") or b""] = frame["fn"]
         self._error(frame["id"], kind, message)
 
     def _acks(self) -> bytes:
@@ -287,8 +290,8 @@ class Worker:
         key = frame.get("fn_key") or b""
         what = "function"
         try:
-            if frame["fn"]:
-                self.fns[key] = self.pickler.loads(frame["fn"])
+            if frame["fn"] or (key not in self.fns and key in self.unloaded):
+                self.fns[key] = self.pickler.loads(frame["fn"] or self.unloaded.pop(key))
             fn = self.fns[key]
             what = "arguments"
             if frame.get("args_path"):

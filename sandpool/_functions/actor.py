@@ -18,8 +18,9 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from . import actor_asks as _asks, actor_refs as _refs, serialize as _serialize
-from .actor_link import ActorCall, ActorCallRef, ActorLink, Phase, in_loop
-from .function import Retries
+from .actor_link import ActorCall, ActorLink, Phase
+from .call import CallRef
+from .function import Retries, _in_loop as in_loop
 from .._config import resolve_spec
 from .._core.opref import OperationRef, check_not_in_trio
 from .._errors import SandboxError
@@ -163,13 +164,13 @@ class ActorHandle:
         """False once the actor is dead for good (killed, or died with no restart left)."""
         return self._link.phase is not Phase.DEAD
 
-    def _call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ActorCallRef:
+    def _call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CallRef:
         link, host = self._link, self._host
         label = f"{self._label}.{method}"
-        ref = ActorCallRef(host)
+        ref = CallRef(host)
         if _refs.has_refs(args, kwargs):  # other calls' results: in their place once they are in
             call = ActorCall(label, None, ref)
-            ref._link, ref._acall = link, call
+            ref._pool, ref._rcall = link, call
             in_loop(host, link.submit, call)
 
             def ready(values: tuple[Any, ...], named: dict[str, Any]) -> None:
@@ -180,7 +181,7 @@ class ActorHandle:
             _refs.when_resolved(host, ref, args, kwargs, ready)
             return ref
         call = ActorCall(label, _serialize.dumps_args((self._actor_id, method, *args), kwargs, label), ref)
-        ref._link, ref._acall = link, call
+        ref._pool, ref._rcall = link, call
         in_loop(host, link.submit, call)
         return ref
 

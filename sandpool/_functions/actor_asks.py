@@ -88,7 +88,10 @@ def _tell(host: Any, sandbox: Sandbox, seq: int, *, data: bytes | None = None, e
         frame["type_name"], frame["message"] = error[0], error[1][:65536]
     else:
         frame["data"] = data
-    host.start_soon(_send, sandbox, frame)
+    try:
+        host.start_soon(_send, sandbox, frame)
+    except RuntimeError:  # the session is closing: nobody waits for the answer
+        pass
 
 
 async def _send(sandbox: Sandbox, frame: dict) -> None:

@@ -12,7 +12,7 @@ constructor raising makes the actor dead. The calls it had not answered fail wit
 stops the old sandbox, starts a new one, constructs the instance again (its state is lost) and
 sends it the later calls. Closing the session cancels what is pending.
 
-Everything here runs in the loop's thread; ``ActorCallRef.cancel`` and the handles hop there.
+Everything here runs in the loop's thread; a call's ``CallRef.cancel`` and the handles hop there.
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ import trio
 from _sandpool_agent import actors as _agent_actors
 from . import actor_direct as _direct, serialize as _serialize
 from .direct import DirectChannel
-from .._core import opref as _opref
-from .._core.opref import OperationRef
+from .call import CallRef
 from .._errors import ActorDiedError, SandboxError, SandboxNotRunningError, SerializationError
 
 if TYPE_CHECKING:
@@ -55,38 +54,6 @@ class Phase(enum.Enum):
     DEAD = "dead"  # killed, or died with no restart left: every call fails at once
 
 
-class ActorCallRef(OperationRef):
-    """The OperationRef of one actor call; ``cancel()`` settles it at once and tells the actor,
-    which drops the call if it has not left, else interrupts it in the sandbox."""
-
-    __slots__ = ("_link", "_acall")
-
-    def __init__(self, host: Any) -> None:
-        super().__init__()
-        self._host = host
-        self._link: ActorLink | None = None
-        self._acall: ActorCall | None = None
-
-    def cancel(self) -> bool:
-        with _opref._lock:
-            if self._state is not _opref._PENDING:
-                return False
-            event, callbacks = self._settle(_opref._CANCELLED, None, None)
-        self._notify(event, callbacks)
-        if self._link is not None and self._acall is not None:
-            in_loop(self._host, self._link.cancel, self._acall)
-        return True
-
-    def _set_result(self, value: Any) -> None:
-        self._finish(_opref._DONE, value, None)
-
-    def _set_error(self, error: BaseException) -> None:
-        self._finish(_opref._FAILED, None, error)
-
-    def _set_cancelled(self) -> None:
-        self._finish(_opref._CANCELLED, None, None)
-
-
 @dataclass(eq=False)
 class ActorCall:
     """One call to an actor: a method's (or the constructor's) pickled arguments, None while
@@ -94,7 +61,7 @@ class ActorCall:
 
     label: str  # "Counter.incr", for messages
     args: bytes | None
-    ref: ActorCallRef
+    ref: CallRef  # its pool is the actor's link: cancel() calls link.cancel(call)
     construct: bool = False
     attempts: int = 0
     req_id: int = 0
@@ -214,7 +181,7 @@ class ActorLink:
         poll = None if self.direct is not None else POLL_SECONDS  # the agent relays one step at a time
         data = pickle.dumps(((self.actor_id, [(c.ticket, c.args) for c in new], cancels, self.pickled, poll), {}),
                             protocol=5)
-        return [ActorCall(f"{self.label} (step)", data, ActorCallRef(None), members=new)]
+        return [ActorCall(f"{self.label} (step)", data, CallRef(None), members=new)]
 
     def cancel(self, call: ActorCall) -> None:
         """The call's ref was cancelled: drop it if it has not left, else interrupt it there."""
@@ -245,7 +212,15 @@ class ActorLink:
 
     async def run(self) -> None:
         """Start the sandbox, construct the instance and send calls; again after each death while
-        restarts are left. Runs as a task of the session."""
+        restarts are left. Runs as a task of the session: a failure of its own (the session
+        closing under it, a bug) ends this actor, never the session."""
+        try:
+            await self._run()
+        except Exception as exc:
+            self._end(ActorDiedError(f"actor {self.label} ended: {exc!r}", actor_name=self.name),
+                      restart=False, cause=exc)
+
+    async def _run(self) -> None:
         while self.phase is not Phase.DEAD:
             sandbox = self.sandbox = self.session.sandbox(**self.overrides)
             self.keys = set()
@@ -266,7 +241,7 @@ class ActorLink:
             if self.incarnation is not incarnation:  # killed or dead meanwhile
                 continue
             self.direct = direct
-            self.queue.appendleft(ActorCall(f"{self.label}()", self.construct_args, ActorCallRef(None), construct=True))
+            self.queue.appendleft(ActorCall(f"{self.label}()", self.construct_args, CallRef(None), construct=True))
             self.phase = Phase.READY
             self.flush()
             await self._send_until_dead(sandbox)
@@ -475,16 +450,3 @@ def _how(info: dict) -> str:
 async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
     await event.wait()
     scope.cancel()
-
-
-def in_loop(host: Any, fn: Any, *args: Any) -> None:
-    """Run ``fn(*args)`` in the host's loop thread: now if this is it, else soon (thread-safe)."""
-    if host.in_loop_thread():
-        fn(*args)
-    else:
-        try:
-            host.call_soon(fn, *args)
-        except RuntimeError:  # the loop has ended: the session closed and cancelled everything
-            pass
-
-
