@@ -263,10 +263,10 @@ class ActorLink:
                         nursery.start_soon(_cancel_when_set, self.wake, nursery.cancel_scope)
                         await direct.flush()
                         nursery.cancel_scope.cancel()
-            except SandboxError:  # it is ending: its reader tells us (_on_sandbox_gone)
+            except SandboxError:  # it is ending: its reader tells us (sandbox_gone)
                 await self.wake.wait()
 
-    def _on_frame(self, frame: dict) -> int:
+    def on_answer(self, frame: dict) -> int:
         """An answer from the current sandbox (routed here by request id)."""
         call = self.inflight.get(frame["id"])
         if call is None:
@@ -287,7 +287,7 @@ class ActorLink:
                 else:
                     call.ref._set_result(value)
         else:
-            self._on_error(call, frame)
+            self.on_error(call, frame)
         if self.concurrency > 1:
             self.flush()  # the next step
         return 0
@@ -323,7 +323,8 @@ class ActorLink:
                 self.running.pop(member.ticket, None)
             member.ref._set_error(error)
 
-    def _on_error(self, call: ActorCall, frame: dict) -> None:
+    def on_error(self, call: ActorCall | None, frame: dict) -> None:
+        """An ``error`` answer (or, with no call, the worker's end): the call's, or the actor's death."""
         kind, sandbox_id = frame["kind"], self.sandbox.sandbox_id if self.sandbox else None
         if kind in ("worker_died", "lost") or (kind == "user" and frame.get("type_name") == _GONE):
             self._end(ActorDiedError(
@@ -350,7 +351,7 @@ class ActorLink:
         else:
             self._fail(call, error)
 
-    def _on_sandbox_gone(self, error: BaseException) -> None:
+    def sandbox_gone(self, error: BaseException) -> None:
         """The current sandbox ended."""
         if self.phase in (Phase.DEAD, Phase.RESTARTING) or self.sandbox is None:
             return
@@ -422,7 +423,7 @@ class _Incarnation:
         self.link, self.sandbox = link, sandbox
 
     def _on_frame(self, frame: dict) -> int:
-        return self.link._on_frame(frame) if self.link.incarnation is self else 0
+        return self.link.on_answer(frame) if self.link.incarnation is self else 0
 
     def on_answers(self, frames: list[dict]) -> None:
         for frame in frames:
@@ -430,12 +431,12 @@ class _Incarnation:
 
     def _on_sandbox_gone(self, error: BaseException) -> None:
         if self.link.incarnation is self:
-            self.link._on_sandbox_gone(error)
+            self.link.sandbox_gone(error)
 
     def on_worker_end(self, info: dict) -> None:
         """The direct worker's connection closed (it died, or broke the protocol)."""
         if self.link.incarnation is self:
-            self.link._on_error(None, {"kind": "worker_died", "message": _how(info), "code": info.get("code"),
+            self.link.on_error(None, {"kind": "worker_died", "message": _how(info), "code": info.get("code"),
                                        "signal": info.get("signal")})
 
 
