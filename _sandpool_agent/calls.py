@@ -239,12 +239,12 @@ class CallRelay:
             self._unwatch(worker.chan.sock)
             return
         for frame in frames:
-            call_id = frame.get("id")
+            call_id = frame["id"]
             if frame["t"] == "ack":  # direct mode: a cancelled call is answered
                 self.kill_at.pop(call_id, None)
                 continue
             if frame["t"] == "ask":  # user code calls an actor through the client (see actors.py)
-                self._send(frame)
+                self._send({**frame, "id": self.direct_id if self.direct_id is not None else frame["id"]})
                 continue
             was_head = self.handed and next(iter(self.handed)) == call_id
             if self.handed.pop(call_id, None) is None:

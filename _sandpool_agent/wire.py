@@ -198,7 +198,7 @@ FRAMES: dict[str, dict[str, Field]] = {
     "ping": {"id": _ID},
     # the answer to a worker's ``ask`` (an actor call made inside the sandbox, see _agent/actors.py):
     # data (plain data, the result) or type_name and message (the error)
-    "told": {"seq": Field(_INT, check=_between(1, _MAX_ID)), "data": _opt(_BYTES), "type_name": _opt(_STR),
+    "told": {"id": _ID, "seq": Field(_INT, check=_between(1, _MAX_ID)), "data": _opt(_BYTES), "type_name": _opt(_STR),
              "message": _opt(_STR)},
     "stop": {"grace": Field(_NUM, check=_between(0, _MAX_GRACE_SECONDS))},
     # agent -> client
@@ -216,8 +216,9 @@ FRAMES: dict[str, dict[str, Field]] = {
               "code": _opt(_INT + _NONE, _CODE), "signal": _SIGNAL},
     "pong": {"id": _ID},
     # worker -> agent -> client: call a method of the actor whose handle has this token; args is
-    # plain data, (args tuple, kwargs dict); answered with ``told`` under the same seq
-    "ask": {"seq": Field(_INT, check=_between(1, _MAX_ID)), "token": Field(_BYTES, check=_token),
+    # plain data, (args tuple, kwargs dict); answered with ``told`` under the same seq. id: a
+    # request of the client's in that sandbox (the running call, or its direct worker), for routing
+    "ask": {"id": _ID, "seq": Field(_INT, check=_between(1, _MAX_ID)), "token": Field(_BYTES, check=_token),
             "method": Field(_STR, check=_word), "args": Field(_BYTES)},
     "ack": {"id": _ID},  # worker -> agent: a cancelled call sent straight to the worker is answered
     "main_exit": {"code": Field(_INT, check=_CODE), "signal": _SIGNAL, "message": _opt(_STR)},

@@ -185,8 +185,9 @@ class Worker:
                 self._take(buf.feed(data))
 
     def _send_agent(self, frame: dict) -> None:
-        """Send a frame to the agent (an actor call's ``ask``, relayed to the client)."""
-        self.agent.sendall(_wire.encode(frame))
+        """Send a frame to the agent (an actor call's ``ask``, relayed to the client), under the
+        running call's id (the agent puts its direct worker's there in direct mode)."""
+        self.agent.sendall(_wire.encode({**frame, "id": self.current or 0}))
 
     def _read_agent(self, timeout: float) -> bool:
         """Take the frames the agent sent within ``timeout`` seconds (``told`` answers among them);

@@ -39,51 +39,51 @@ def on_ask(session: Any, sandbox: Sandbox, frame: dict) -> None:
     when done. Runs in the session's loop (the sandbox's reader)."""
     from .actor import by_token
 
-    seq, host = frame["seq"], session._ensure_open()
+    seq, req_id, host = frame["seq"], frame["id"], session._ensure_open()
     handle = by_token(session, frame["token"])
     if handle is None:
-        _tell(host, sandbox, seq, error=("LookupError", "no live actor of this session has that handle "
+        _tell(host, sandbox, req_id, seq, error=("LookupError", "no live actor of this session has that handle "
                                                   "(it was killed, or died with no restart left)"))
         return
     method = frame["method"]
     if method not in handle._methods:
-        _tell(host, sandbox, seq, error=("AttributeError", f"actor {handle._label} has no method {method!r}"))
+        _tell(host, sandbox, req_id, seq, error=("AttributeError", f"actor {handle._label} has no method {method!r}"))
         return
     try:
         value = _plain.decode(frame["args"])
     except _plain.Malformed as exc:
-        _tell(host, sandbox, seq, error=("TypeError", f"the arguments are not valid plain data: {exc}"))
+        _tell(host, sandbox, req_id, seq, error=("TypeError", f"the arguments are not valid plain data: {exc}"))
         return
     if not (type(value) is tuple and len(value) == 2 and type(value[0]) is tuple and type(value[1]) is dict
             and all(type(k) is str for k in value[1])):
-        _tell(host, sandbox, seq, error=("TypeError", "the arguments must be (args tuple, kwargs dict with str keys)"))
+        _tell(host, sandbox, req_id, seq, error=("TypeError", "the arguments must be (args tuple, kwargs dict with str keys)"))
         return
     if _pending.get(sandbox, 0) >= MAX_PENDING_ASKS:
-        _tell(host, sandbox, seq, error=("RuntimeError", f"more than {MAX_PENDING_ASKS} actor calls of this sandbox "
+        _tell(host, sandbox, req_id, seq, error=("RuntimeError", f"more than {MAX_PENDING_ASKS} actor calls of this sandbox "
                                                    "wait already; wait for some results first"))
         return
     _pending[sandbox] = _pending.get(sandbox, 0) + 1
     ref = handle._call(method, value[0], value[1])
-    ref.add_done_callback(lambda done: _answer(host, sandbox, seq, done))
+    ref.add_done_callback(lambda done: _answer(host, sandbox, req_id, seq, done))
 
 
-def _answer(host: Any, sandbox: Sandbox, seq: int, ref: Any) -> None:
+def _answer(host: Any, sandbox: Sandbox, req_id: int, seq: int, ref: Any) -> None:
     _pending[sandbox] = _pending.get(sandbox, 1) - 1
     try:
         value = ref.result()
     except BaseException as exc:  # the call's failure, as the asker's error
-        _tell(host, sandbox, seq, error=(f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc)))
+        _tell(host, sandbox, req_id, seq, error=(f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc)))
         return
     try:
         data = _plain.encode(value)
     except _plain.NotPlain as exc:  # an actor with unsafe_pickle_results returned an object
-        _tell(host, sandbox, seq, error=("SerializationError", f"the result is not plain data: {exc}"))
+        _tell(host, sandbox, req_id, seq, error=("SerializationError", f"the result is not plain data: {exc}"))
         return
-    _tell(host, sandbox, seq, data=data)
+    _tell(host, sandbox, req_id, seq, data=data)
 
 
-def _tell(host: Any, sandbox: Sandbox, seq: int, *, data: bytes | None = None, error: tuple[str, str] | None = None) -> None:
-    frame: dict[str, Any] = {"t": "told", "seq": seq}
+def _tell(host: Any, sandbox: Sandbox, req_id: int, seq: int, *, data: bytes | None = None, error: tuple[str, str] | None = None) -> None:
+    frame: dict[str, Any] = {"t": "told", "id": req_id, "seq": seq}
     if error is not None:
         frame["type_name"], frame["message"] = error[0], error[1][:65536]
     else:

@@ -438,3 +438,25 @@ def test_actors_inside_trio():
                 counter.incr()
 
     trio.run(main)
+
+
+def test_actors_through_sandpool_serve(tmp_path, monkeypatch):
+    """Through a `sandpool serve` server: an actor's calls, a handle used inside a remote
+    function (its calls routed back through the server to this client), a concurrent actor."""
+    from service_helpers import ServerProcess
+
+    with ServerProcess(str(tmp_path / "serve"), "--min-isolation", "process") as server:
+        monkeypatch.setenv("SANDPOOL_ADDRESS", server.address)
+        with Session() as s:
+            assert s._runtime.name == "remote"
+            counter = s.cls(Counter).remote()
+            assert counter.incr() == 1
+
+            @s.function
+            def bump(handle):
+                return handle.incr(2)
+
+            assert bump.remote(counter).result(timeout=60) == 3
+            box = s.cls(Mailbox, max_concurrency=2).remote()
+            waiting = box.get.remote()
+            assert box.put(7) == 7 and waiting.result(timeout=60) == 7

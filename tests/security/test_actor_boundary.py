@@ -48,7 +48,7 @@ def forge_ask(token: bytes, method: str, args: bytes, seq: int = 10**6) -> objec
     from _sandpool_agent import actors
 
     worker = next(o for o in gc.get_objects() if type(o).__name__ == "Worker" and hasattr(o, "outbox"))
-    body = msgpack.packb({"t": "ask", "seq": seq, "token": token, "method": method, "args": args},
+    body = msgpack.packb({"t": "ask", "id": worker.current, "seq": seq, "token": token, "method": method, "args": args},
                          use_bin_type=True)
     worker.agent.sendall(struct.pack(">I", len(body)) + body)
     try:
