@@ -445,7 +445,7 @@ def test_actors_through_sandpool_serve(tmp_path, monkeypatch):
     function (its calls routed back through the server to this client), a concurrent actor."""
     from service_helpers import ServerProcess
 
-    with ServerProcess(str(tmp_path / "serve"), "--min-isolation", "process") as server:
+    with ServerProcess(str(tmp_path), "--min-isolation", "process") as server:
         monkeypatch.setenv("SANDPOOL_ADDRESS", server.address)
         with Session() as s:
             assert s._runtime.name == "remote"
