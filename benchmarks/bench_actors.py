@@ -5,7 +5,8 @@ parent runs it ``--runs`` times (default 3) and prints each run and the medians.
 
 - actor round trip: 2,000 sequential ``handle.inc(x)`` (sync) after 200 warm-up calls, p50/p99,
   and the same as ``await handle.inc.remote(x)`` inside trio;
-- function round trip: the same with ``inc(x)`` of ``@session.function`` in the same run;
+- function round trip: the same with ``inc(x)`` of ``@session.function`` in the same run, in
+  blocks of 100 interleaved with the actor's (a busy moment of the machine falls on both);
 - ordered calls/s: 20,000 ``handle.inc.remote(i)`` on one actor, every result checked in order;
 - 100 MB by reference: ``size.remote(make.remote())`` against fetching ``make.remote()`` here
   and passing the value (both travel through this client: see docs/actors.md).
@@ -36,15 +37,20 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[max(0, min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1))))]
 
 
-def _rtt(call) -> dict:
-    for i in range(WARM):
-        call(i)
-    samples = []
-    for i in range(ROUND_TRIPS):
-        began = time.perf_counter()
-        call(i)
-        samples.append(time.perf_counter() - began)
-    return {"p50_us": _pct(samples, 50) * 1e6, "p99_us": _pct(samples, 99) * 1e6}
+def _rtt_pair(calls: dict) -> dict:
+    """Round trips of each of ``calls`` (name -> call(i)), measured in interleaved blocks of 100 so
+    that a busy moment of the machine falls on both alike; p50/p99 in us per name."""
+    for call in calls.values():
+        for i in range(WARM):
+            call(i)
+    samples: dict = {name: [] for name in calls}
+    for _ in range(ROUND_TRIPS // 100):
+        for name, call in calls.items():
+            for i in range(100):
+                began = time.perf_counter()
+                call(i)
+                samples[name].append(time.perf_counter() - began)
+    return {name: {"p50_us": _pct(v, 50) * 1e6, "p99_us": _pct(v, 99) * 1e6} for name, v in samples.items()}
 
 
 class Inc:
@@ -74,8 +80,7 @@ def one_run() -> dict:
             return len(value)
 
         actor = session.cls(Inc).remote()
-        out["actor_sync"] = _rtt(lambda i: actor.inc(i))
-        out["function_sync"] = _rtt(lambda i: inc(i))
+        out.update(_rtt_pair({"actor_sync": actor.inc, "function_sync": inc}))
         began = time.perf_counter()
         refs = [actor.inc.remote(i) for i in range(ORDERED_CALLS)]
         values = [r.result() for r in refs]
@@ -93,15 +98,19 @@ def one_run() -> dict:
         async with sandpool.Session() as s:
             handle = s.cls(Inc).remote()
             fn = s.function(max_concurrency=1)(lambda x: x + 1)
-            for key, call in (("actor_trio", handle.inc.remote), ("function_trio", fn.remote)):
+            calls = {"actor_trio": handle.inc.remote, "function_trio": fn.remote}
+            for call in calls.values():
                 for i in range(WARM):
                     await call(i)
-                samples = []
-                for i in range(ROUND_TRIPS):
-                    began = time.perf_counter()
-                    await call(i)
-                    samples.append(time.perf_counter() - began)
-                out[key] = {"p50_us": _pct(samples, 50) * 1e6, "p99_us": _pct(samples, 99) * 1e6}
+            samples: dict = {name: [] for name in calls}
+            for _ in range(ROUND_TRIPS // 100):
+                for name, call in calls.items():
+                    for i in range(100):
+                        began = time.perf_counter()
+                        await call(i)
+                        samples[name].append(time.perf_counter() - began)
+            for name, values in samples.items():
+                out[name] = {"p50_us": _pct(values, 50) * 1e6, "p99_us": _pct(values, 99) * 1e6}
 
     trio.run(in_trio)
     return out
