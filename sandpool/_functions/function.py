@@ -209,8 +209,12 @@ class RemoteFunction(Generic[P, R]):
         self._get_payload()
         if _refs.has_refs(args, kwargs):  # other calls' results: sent once they are in
             ref = self._new_ref()
-            _refs.when_resolved(self._session._ensure_open(), ref, args, kwargs, lambda a, k: self._submit(pool, [self._make_call(
-                pool, ref, _serialize.dumps_args(a, k, self.__qualname__, BULK_BYTES))]))
+
+            def send(values: tuple[Any, ...], named: dict[str, Any]) -> None:
+                data = _serialize.dumps_args(values, named, self.__qualname__, BULK_BYTES)
+                self._submit(pool, [self._make_call(pool, ref, data)])
+
+            _refs.when_resolved(self._session._ensure_open(), ref, args, kwargs, send)
             return ref  # type: ignore[return-value]
         data = _serialize.dumps_args(args, kwargs, self.__qualname__, BULK_BYTES)
         ref = self._new_ref()
