@@ -308,7 +308,7 @@ class Session:
 
     def cls(self, cls: Any = None, /, **options: Any) -> Any:
         """Decorate a class so that its instances live in sandboxes (actors): an ActorClass.
-        ``@session.cls`` or ``@session.cls(name=, max_restarts=, retries=, unsafe_pickle_results=,
+        ``@session.cls`` or ``@session.cls(name=, max_restarts=, retries=, max_concurrency=, unsafe_pickle_results=,
         **sandbox_options)``; see docs/actors.md."""
         return _actor.cls_decorator(self, cls, options)
 
