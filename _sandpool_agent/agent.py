@@ -339,6 +339,9 @@ class Agent:
     def _on_call(self, frame: dict) -> None:
         self.calls.submit(frame)
 
+    def _on_told(self, frame: dict) -> None:
+        self.calls.tell(frame)
+
     def _on_worker(self, frame: dict) -> None:
         self.calls.start_direct(frame)
 

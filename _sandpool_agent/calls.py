@@ -243,6 +243,9 @@ class CallRelay:
             if frame["t"] == "ack":  # direct mode: a cancelled call is answered
                 self.kill_at.pop(call_id, None)
                 continue
+            if frame["t"] == "ask":  # user code calls an actor through the client (see actors.py)
+                self._send({**frame, "id": self.direct_id if self.direct_id is not None else frame["id"]})
+                continue
             was_head = self.handed and next(iter(self.handed)) == call_id
             if self.handed.pop(call_id, None) is None:
                 continue
@@ -290,6 +293,14 @@ class CallRelay:
         self.kill_at.clear()
         self.timed_out.clear()
         self.pump()
+
+    def tell(self, frame: dict) -> None:
+        """The client's answer to a worker's ``ask``: to the worker, if it still lives."""
+        if self.worker is not None:
+            try:
+                self.worker.chan.send(frame)
+            except OSError:
+                pass  # it died: its exit event says so
 
     def _unwatch(self, fd) -> None:
         try:

@@ -98,6 +98,12 @@ def _word(value: str, label: str) -> str | None:
     return None
 
 
+def _token(value: bytes, label: str) -> str | None:
+    if len(value) != 16:
+        return f"{label} must be 16 bytes (an actor handle's token), got {len(value)}"
+    return None
+
+
 def _text(value: str, label: str) -> str | None:
     if "\x00" in value:
         return (f"{label} contains a NUL byte ({_short(value)}); remove it: the operating system ends "
@@ -190,6 +196,10 @@ FRAMES: dict[str, dict[str, Field]] = {
     "cancel": {"id": _ID, "call": _opt(_BOOL), "steal": _opt(_BOOL)},
     "worker": {"id": _ID, "listen": _PATH},  # start the call worker, listening at this sandbox path
     "ping": {"id": _ID},
+    # the answer to a worker's ``ask`` (an actor call made inside the sandbox, see _agent/actors.py):
+    # data (plain data, the result) or type_name and message (the error)
+    "told": {"id": _ID, "seq": Field(_INT, check=_between(1, _MAX_ID)), "data": _opt(_BYTES), "type_name": _opt(_STR),
+             "message": _opt(_STR)},
     "stop": {"grace": Field(_NUM, check=_between(0, _MAX_GRACE_SECONDS))},
     # agent -> client
     "started": {"id": _ID, "pid": Field(_INT, check=_between(0, _MAX_CODE))},
@@ -205,6 +215,11 @@ FRAMES: dict[str, dict[str, Field]] = {
               "type_name": _opt(_STR),
               "code": _opt(_INT + _NONE, _CODE), "signal": _SIGNAL},
     "pong": {"id": _ID},
+    # worker -> agent -> client: call a method of the actor whose handle has this token; args is
+    # plain data, (args tuple, kwargs dict); answered with ``told`` under the same seq. id: a
+    # request of the client's in that sandbox (the running call, or its direct worker), for routing
+    "ask": {"id": _ID, "seq": Field(_INT, check=_between(1, _MAX_ID)), "token": Field(_BYTES, check=_token),
+            "method": Field(_STR, check=_word), "args": Field(_BYTES)},
     "ack": {"id": _ID},  # worker -> agent: a cancelled call sent straight to the worker is answered
     "main_exit": {"code": Field(_INT, check=_CODE), "signal": _SIGNAL, "message": _opt(_STR)},
     "bye": {"reason": Field(_STR + _NONE), "code": _opt(_INT + _NONE, _CODE)},  # code: the main command's
@@ -215,10 +230,10 @@ FRAMES: dict[str, dict[str, Field]] = {
 }
 #: What a client accepts from an agent (and its call worker); anything else fails the sandbox.
 FROM_AGENT = frozenset({"hello", "started", "output", "stdin_taken", "exit", "result", "error", "pong", "main_exit",
-                        "bye"})
+                        "bye", "ask"})
 #: What an agent serves from its owner.
 TO_AGENT = frozenset({"hello", "exec", "stdin", "credit", "signal", "resize", "read_file", "write_file", "call",
-                      "cancel", "worker", "ping", "stop"})
+                      "cancel", "worker", "ping", "stop", "told"})
 
 
 def _describe(frame: object) -> str:

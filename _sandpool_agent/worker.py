@@ -37,6 +37,7 @@ import traceback
 
 from . import wire as _wire
 from . import linux as _linux, plain as _plain
+from . import actors as _actors  # loaded before any call: actor calls name its functions
 
 #: Longest delay of an answer kept back to be sent with the next ones.
 FLUSH_SECONDS = 0.002
@@ -94,6 +95,7 @@ class Worker:
         self.root = root  # where the sandbox's "/" is, seen from here ("/" when namespaced)
         self.pickler = pickler
         self.fns: dict[bytes, object] = {}
+        self.unloaded: dict[bytes, bytes] = {}  # fn_key -> bytes that came with a call that never ran
         self.durations: dict[bytes, float] = {}  # fn_key -> its calls' typical duration (s, EWMA)
         self.pending: collections.deque[dict] = collections.deque()
         self.cancelled: set[int] = set()
@@ -109,6 +111,7 @@ class Worker:
         self.alarmed = False  # the call's timeout passed while the SIGINT handler ran
 
     def run(self) -> None:
+        _actors.serve(self._send_agent, self._read_agent, self._call_input)
         signal.signal(signal.SIGINT, self._on_sigint)
         signal.signal(signal.SIGALRM, self._on_alarm)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the agent across fork
@@ -160,6 +163,8 @@ class Worker:
                 self._give_up(frame, "lost", "given back before it started")
             elif frame["t"] == "call":
                 self.pending.append(frame)
+            elif frame["t"] == "told":  # the answer to an actor call the user's code made
+                _actors.told(frame)
             elif frame["t"] == "cancel" and frame.get("steal"):
                 self.steals.add(frame["id"])
             elif frame["t"] == "cancel":
@@ -178,6 +183,32 @@ class Worker:
                 if not data:
                     break
                 self._take(buf.feed(data))
+
+    def _send_agent(self, frame: dict) -> None:
+        """Send a frame to the agent (an actor call's ``ask``, relayed to the client), under the
+        running call's id (the agent puts its direct worker's there in direct mode)."""
+        self.agent.sendall(_wire.encode({**frame, "id": self.current or 0}))
+
+    def _read_agent(self, timeout: float) -> bool:
+        """Take the frames the agent sent within ``timeout`` seconds (``told`` answers among them);
+        False once it is gone. Polls: a SIGINT handler may read them first."""
+        poller = select.poll()  # not select(): it fails on fds >= 1024
+        poller.register(self.agent, select.POLLIN)
+        if not poller.poll(timeout * 1000):
+            return True
+        try:
+            data = self.agent.recv(1 << 20, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return True
+        if not data:
+            return False
+        self._take(self.agent_buf.feed(data))
+        return True
+
+    def _call_input(self) -> tuple[int, bool]:
+        """Where the next call comes from (a file descriptor), and whether one waits already (an
+        actor running calls at once lets it in instead of waiting)."""
+        return self.io.fileno(), bool(self.pending)
 
     def _answer(self, frame: dict) -> None:
         self.outbox.append(_wire.encode(frame))
@@ -214,19 +245,15 @@ class Worker:
     def _give_up(self, frame: dict, kind: str, message: str) -> None:
         """Answer a call that will not run here, and remove its argument file (see sandpool._functions.bulk).
 
-        A function that came with the call is kept all the same: the client counts it as sent to
-        this worker and sends its next calls without it."""
-        key = frame.get("fn_key") or b""
-        if frame.get("fn") and key not in self.fns:
-            try:
-                self.fns[key] = self.pickler.loads(frame["fn"])
-            except BaseException:  # noqa: BLE001 - the next call of it reports the failure
-                pass
+        A function that came with the call is kept all the same (unpickled when a call first needs
+        it): the client counts it as sent to this worker and sends its next calls without it."""
         if frame.get("args_path"):
             try:
                 os.unlink(self._host_path(frame["args_path"]))
             except OSError:
                 pass
+        if frame.get("fn"):  # the client sends later calls of this function without its bytes
+            self.unloaded[frame.get("fn_key") or b""] = frame["fn"]
         self._error(frame["id"], kind, message)
 
     def _acks(self) -> bytes:
@@ -267,8 +294,8 @@ class Worker:
         self.steals.discard(call_id)  # it starts: a steal from now on leaves it here
         what = "function"
         try:
-            if frame["fn"]:
-                self.fns[key] = self.pickler.loads(frame["fn"])
+            if frame["fn"] or (key not in self.fns and key in self.unloaded):
+                self.fns[key] = self.pickler.loads(frame["fn"] or self.unloaded.pop(key))
             fn = self.fns[key]
             what = "arguments"
             if frame.get("args_path"):

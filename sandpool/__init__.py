@@ -65,7 +65,9 @@ from ._cwtypes import (
 from ._errors_cw import *  # noqa: F403  (cwsandbox's remaining exception classes)
 from ._errors_cw import __all__ as _cloud_errors
 from ._functions.function import RemoteFunction, Retries
+from ._functions.actor import ActorClass, ActorHandle, enter, kill
 from ._errors import (
+    ActorDiedError,
     AsyncFunctionError,
     CWSandboxAuthenticationError,
     CWSandboxError,
@@ -105,6 +107,7 @@ Waitable = Sandbox | OperationRef | Process | TerminalSession
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActorClass", "ActorDiedError", "ActorHandle", "enter", "kill",
     "AsyncFunctionError", "CWSandboxAuthenticationError", "CWSandboxError", "FunctionError", "LocalRuntime",
     "OperationCancelled",
     "OperationRef", "PoolStatistics", "Process", "ProcessResult", "ProtocolError", "RemoteError", "RemoteFunction",

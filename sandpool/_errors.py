@@ -11,6 +11,7 @@ extras intact, because they cross the agent's wire and process boundaries.
 from __future__ import annotations
 
 __all__ = [
+    "ActorDiedError",
     "AsyncFunctionError",
     "CWSandboxAuthenticationError",
     "CWSandboxError",
@@ -100,6 +101,16 @@ class SandboxDiedError(SandboxError):
     """
 
     _extras = ("exit_code", "signal")
+
+
+class ActorDiedError(SandboxDiedError):
+    """An actor is gone: its sandbox (or worker process) died, its constructor raised, it was
+    killed, or its session closed. Raised by the calls it had not answered and by later calls
+    (unless ``max_restarts`` brought it back: later calls then go to the new instance).
+    ``actor_name`` is its name (None for an unnamed actor); ``__cause__`` the death's own error.
+    """
+
+    _extras = ("actor_name",)
 
 
 class FunctionError(SandpoolError):

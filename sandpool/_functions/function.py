@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 import trio
 
-from . import serialize as _serialize
+from . import actor_refs as _refs, serialize as _serialize
 from .bulk import BULK_BYTES
 from .._config import SandboxSpec, resolve_spec
 from .._errors import AsyncFunctionError, SandboxError, SerializationError
@@ -207,6 +207,15 @@ class RemoteFunction(Generic[P, R]):
         """
         pool = self._pool()
         self._get_payload()
+        if _refs.has_refs(args, kwargs):  # other calls' results: sent once they are in
+            ref = self._new_ref()
+
+            def send(values: tuple[Any, ...], named: dict[str, Any]) -> None:
+                data = _serialize.dumps_args(values, named, self.__qualname__, BULK_BYTES)
+                self._submit(pool, [self._make_call(pool, ref, data)])
+
+            _refs.when_resolved(self._session._ensure_open(), ref, args, kwargs, send)
+            return ref  # type: ignore[return-value]
         data = _serialize.dumps_args(args, kwargs, self.__qualname__, BULK_BYTES)
         ref = self._new_ref()
         self._submit(pool, [self._make_call(pool, ref, data)])

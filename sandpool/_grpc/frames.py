@@ -19,7 +19,7 @@ from . import limits
 
 ID_BITS = 32
 CLIENT_KINDS = frozenset({"exec", "stdin", "credit", "signal", "resize", "read_file", "write_file", "call", "cancel",
-                          "ping", "worker"})
+                          "ping", "worker", "told"})
 #: where a ``worker`` frame may have the agent listen: the sandbox's /tmp, a name of this form
 WORKER_LISTEN = re.compile(r"/tmp/\.sandpool-worker-[0-9a-f]{1,32}")
 #: kind -> {optional field: accepted types}

@@ -97,6 +97,8 @@ class AgentConnection:
                         self._advance(Event.MAIN_EXIT, code=mine["code"])
                     elif mine["t"] == "bye":
                         farewell = mine
+                    elif mine["t"] == "ask" and self._home.on_ask is not None:  # code inside calls an actor
+                        self._home.on_ask(self, mine)
         except ProtocolError as exc:
             protocol_error = exc
         finally:

@@ -23,10 +23,13 @@ class SandboxHome:
     """Where a session's sandboxes run, what makes them, and which ones it stops when it closes."""
 
     def __init__(self, defaults: SandboxDefaults, open_host: Callable[[], TaskHost],
-                 hold_runtime: Callable[[], Awaitable[None]]) -> None:
+                 hold_runtime: Callable[[], Awaitable[None]],
+                 on_ask: Callable[[Any, dict], None] | None = None) -> None:
         self.defaults = defaults
         self._open_host = open_host
         self._hold_runtime = hold_runtime
+        #: what answers a sandbox's ``ask`` (code inside calls an actor through a handle it was given)
+        self.on_ask = on_ask
         #: the session's task host once it is open (set by the session)
         self.task_host: TaskHost | None = None
         #: the session's runtime once it is open (set by the session)

@@ -12,6 +12,8 @@ import trio
 from . import shared as _shared
 from .._config import SandboxDefaults, SandboxStatus, resolve_spec
 from .._errors import SandboxError
+from .._functions import actor as _actor
+from .._functions import actor_asks as _actor_asks
 from .._functions.function import Retries, function_decorator
 from .._core.hosts import current_host, settle, to_thread
 from .._core.opref import OperationRef, TaskHost
@@ -66,7 +68,8 @@ class Session:
             self._owned_runtime = RemoteRuntime(_shared.resolve_address(address), token)
         elif runtime is None:  # $SANDPOOL_RUNTIME=slurm: an engine runtime of our own
             self._owned_runtime = _shared.engine_runtime()
-        self._home = SandboxHome(self.defaults, self._ensure_open, self._hold_runtime)  # what its sandboxes see of it
+        self._home = SandboxHome(self.defaults, self._ensure_open, self._hold_runtime,  # what its sandboxes see of it
+                                 on_ask=lambda sandbox, frame: _actor_asks.on_ask(self, sandbox, frame))
         self._admin: TaskHost | None = None  # where close() runs: outside the session's own nursery
         self._portal: Portal | None = None
         self._lease: background.Lease | None = None  # its share of the background portal (sync sessions)
@@ -353,6 +356,16 @@ class Session:
         options = dict(overrides, retries=retries, timeout_seconds=timeout_seconds,
                        max_concurrency=max_concurrency, reuse=reuse)
         return function_decorator(self, fn, options)
+
+    def cls(self, cls: Any = None, /, **options: Any) -> Any:
+        """Decorate a class so that its instances live in sandboxes (actors): an ActorClass.
+        ``@session.cls`` or ``@session.cls(name=, max_restarts=, retries=, max_concurrency=, unsafe_pickle_results=,
+        **sandbox_options)``; see docs/actors.md."""
+        return _actor.cls_decorator(self, cls, options)
+
+    def get_actor(self, name: str) -> Any:
+        """The live actor of this session named ``name`` (ValueError if there is none)."""
+        return _actor.get_actor(self, name)
 
     def statistics(self) -> PoolStatistics:
         """Remote-function pools at a glance: sandboxes starting/idle/busy, calls queued/running/

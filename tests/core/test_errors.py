@@ -4,6 +4,7 @@ import pytest
 
 from sandpool import _errors
 from sandpool._errors import (
+    ActorDiedError,
     AsyncFunctionError,
     CWSandboxAuthenticationError,
     CWSandboxError,
@@ -45,6 +46,7 @@ PARENTS = {
     SandboxFileError: SandboxError,
     SandboxResourceExhaustedError: SandboxError,
     SandboxDiedError: SandboxError,
+    ActorDiedError: SandboxDiedError,
     FunctionError: SandpoolError,
     AsyncFunctionError: FunctionError,
     SerializationError: FunctionError,
@@ -62,6 +64,7 @@ EXTRAS = {
     ),
     SandboxFileError: (*BASE, "sandbox_id", "filepath"),
     SandboxDiedError: (*BASE, "sandbox_id", "exit_code", "signal"),
+    ActorDiedError: (*BASE, "sandbox_id", "exit_code", "signal", "actor_name"),
     SerializationError: (*BASE, "obj_repr"),
     RemoteError: (*BASE, "sandbox_id", "exec_result", "exception_type", "exception_message",
                   "type_name", "remote_traceback"),
