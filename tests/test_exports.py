@@ -9,6 +9,7 @@ import sandpool
 
 #: What sandpool exports beyond cwsandbox's ``__all__``.
 SANDPOOL_OWN = {
+    "ActorClass", "ActorDiedError", "ActorHandle", "enter", "kill",  # actors (docs/actors.md)
     "LocalRuntime", "NotSupportedLocallyError", "OperationCancelled", "PoolStatistics",
     "ProfileNotFoundError", "ProtocolError", "RemoteError", "ResultStream", "Retries", "Runtime",
     "SandboxDiedError", "SandboxSpec", "SandpoolError", "SerializationError", "SlurmRuntime",
