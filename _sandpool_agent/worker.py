@@ -94,6 +94,7 @@ class Worker:
         self.root = root  # where the sandbox's "/" is, seen from here ("/" when namespaced)
         self.pickler = pickler
         self.fns: dict[bytes, object] = {}
+        self.unloaded: dict[bytes, bytes] = {}  # fn_key -> pickle that came with a call that never ran
         self.durations: dict[bytes, float] = {}  # fn_key -> its calls' typical duration (s, EWMA)
         self.pending: collections.deque[dict] = collections.deque()
         self.cancelled: set[int] = set()
@@ -212,7 +213,11 @@ class Worker:
             self.steals.discard(self.current)  # it runs: it stays here
 
     def _give_up(self, frame: dict, kind: str, message: str) -> None:
-        """Answer a call that will not run here, and remove its argument file (see sandpool._functions.bulk)."""
+        """Answer a call that will not run here, and remove its argument file (see sandpool._functions.bulk).
+        The function's pickle it carried is kept: its sender counts it as delivered, and sends the
+        function's next calls without it."""
+        if frame.get("fn"):
+            self.unloaded[frame.get("fn_key") or b""] = frame["fn"]
         if frame.get("args_path"):
             try:
                 os.unlink(self._host_path(frame["args_path"]))
@@ -258,8 +263,9 @@ class Worker:
         key = frame.get("fn_key") or b""
         what = "function"
         try:
-            if frame["fn"]:
-                self.fns[key] = self.pickler.loads(frame["fn"])
+            if frame["fn"] or (key not in self.fns and key in self.unloaded):
+                self.fns[key] = self.pickler.loads(frame["fn"] or self.unloaded[key])
+                self.unloaded.pop(key, None)
             fn = self.fns[key]
             what = "arguments"
             if frame.get("args_path"):
