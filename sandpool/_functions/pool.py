@@ -32,13 +32,16 @@ from . import bulk as _bulk, serialize as _serialize, slot as _slot
 from .call import Call, CallRef, Payload
 from .._errors import SandboxDiedError, SandboxError, SandboxTimeoutError, SerializationError
 from .plan import MAX_DEPTH, STEAL_AFTER_SECONDS, choose_slot, choose_steals, pipeline_depth, sandboxes_to_start
-from .slot import PoolSandbox, Slot, TaskStarter
+from .slot import PoolSandbox, Slot, SlotState, TaskStarter
 
 if TYPE_CHECKING:
     from .._config import SandboxSpec
 
 __all__ = ["MAX_DEPTH", "Call", "CallRef", "Payload", "Pool", "PoolSandbox", "PoolStatistics", "TaskStarter",
            "choose_slot", "choose_steals", "pipeline_depth", "sandboxes_to_start"]
+
+_SERVING = (SlotState.READY, SlotState.RECONNECTING)  # counted as idle or busy
+
 
 @dataclass(frozen=True)
 class PoolStatistics:
@@ -86,9 +89,9 @@ class Pool:
     def statistics(self) -> PoolStatistics:
         slots = list(self.slots)
         return PoolStatistics(
-            sandboxes_starting=sum(s.state == "starting" for s in slots),
-            sandboxes_idle=sum(s.state in ("ready", "reconnecting") and not s.inflight for s in slots),
-            sandboxes_busy=sum(s.state in ("ready", "reconnecting") and bool(s.inflight) for s in slots),
+            sandboxes_starting=sum(s.state is SlotState.STARTING for s in slots),
+            sandboxes_idle=sum(s.state in _SERVING and not s.inflight for s in slots),
+            sandboxes_busy=sum(s.state in _SERVING and bool(s.inflight) for s in slots),
             calls_queued=sum(not c.ref.done() for c in list(self.queue)),
             calls_running=sum(len(s.inflight) for s in slots),
             calls_done=self.counts["done"], calls_failed=self.counts["failed"],
@@ -109,8 +112,8 @@ class Pool:
     def _schedule(self) -> None:
         if self.closed or not self.queue:
             return
-        queue, ready = self.queue, [s for s in self.slots if s.state == "ready"]
-        starting = sum(s.state in ("starting", "reconnecting") for s in self.slots)
+        queue, ready = self.queue, [s for s in self.slots if s.state is SlotState.READY]
+        starting = sum(s.state in (SlotState.STARTING, SlotState.RECONNECTING) for s in self.slots)
         while queue:
             call = queue[0]
             if call.ref.done():
@@ -129,7 +132,7 @@ class Pool:
                 self._fail(queue.popleft(), error)
             return
         idle = sum(not s.inflight for s in ready)
-        live = sum(s.state not in ("retiring", "dead") for s in self.slots)
+        live = sum(s.state not in (SlotState.RETIRING, SlotState.DEAD) for s in self.slots)
         for _ in range(sandboxes_to_start(len(queue), idle, starting, live, self.limit)):
             self._start_slot()
 
@@ -220,7 +223,7 @@ class Pool:
             self._user_failure(call, self._timeout_error(call, slot))
         elif not call.ref.done():
             self._on_error(slot, call, frame)
-        if not self.reuse and slot.state == "ready":
+        if not self.reuse and slot.state is SlotState.READY:
             self._retire(slot)
 
     def _on_error(self, slot: Slot, call: Call, frame: dict) -> None:
@@ -305,7 +308,7 @@ class Pool:
 
     def worker_lost(self, slot: Slot, info: dict) -> None:
         """A direct worker ended (its connection closed); the sandbox lives on and gets a new one."""
-        if slot.state in ("dead", "retiring"):
+        if slot.state in (SlotState.DEAD, SlotState.RETIRING):
             return
         code, sig = info.get("code"), info.get("signal")
         how = f"was killed by signal {sig}" if sig else f"exited with code {code}"
@@ -313,15 +316,15 @@ class Pool:
                                  sandbox_id=slot.sandbox.sandbox_id, exit_code=code, signal=sig)
         self._settle_lost(slot, error, killed=bool(info.get("killed")))
         slot.direct = slot.worker = None
-        slot.state = "reconnecting"
+        slot.state = SlotState.RECONNECTING
         slot.wake.set()
         self._schedule()
 
     def slot_lost(self, slot: Slot, error: BaseException) -> None:
         """The slot's sandbox ended (told once per request it had registered)."""
-        if slot.state == "dead":
+        if slot.state is SlotState.DEAD:
             return  # called once per registered request
-        retiring, slot.state = slot.state == "retiring", "dead"
+        retiring, slot.state = slot.state is SlotState.RETIRING, SlotState.DEAD
         if slot in self.slots:
             self.slots.remove(slot)
         slot.wake.set()
@@ -344,8 +347,8 @@ class Pool:
 
     def slot_ready(self, slot: Slot) -> None:
         """The slot's sandbox runs and its worker is reachable (again): it takes calls."""
-        if slot.state in ("starting", "reconnecting"):
-            slot.state = "ready"
+        if slot.state in (SlotState.STARTING, SlotState.RECONNECTING):
+            slot.state = SlotState.READY
             self._schedule()
             self._steal()
 
@@ -358,7 +361,7 @@ class Pool:
         the idle sandbox."""
         if self.queue or self.closed or not self.reuse or all(len(s.inflight) < 2 for s in self.slots):
             return  # (the last test: nobody holds a call waiting behind another, the usual case)
-        ready = [s for s in self.slots if s.state == "ready"]
+        ready = [s for s in self.slots if s.state is SlotState.READY]
         views = [(not s.inflight, _waiting(s), s.progress_at) for s in ready]
         taken = False
         for index, count in choose_steals(views, trio.current_time()).items():
@@ -387,12 +390,12 @@ class Pool:
         """The slot's sandbox could not be made or started: drop it (its calls wait for another)."""
         if slot in self.slots:
             self.slots.remove(slot)
-        slot.state = "dead"
+        slot.state = SlotState.DEAD
         self.start_error = error
         self._schedule()
 
     def _retire(self, slot: Slot) -> None:
-        slot.state = "retiring"
+        slot.state = SlotState.RETIRING
         if slot in self.slots:
             self.slots.remove(slot)
         slot.wake.set()

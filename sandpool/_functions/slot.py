@@ -15,6 +15,7 @@ test's), so nothing here knows the session's Sandbox class.
 
 from __future__ import annotations
 
+import enum
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -35,6 +36,20 @@ WORKER_START_SECONDS = 5.0
 WORKER_EXIT_SECONDS = 3.0
 #: Past a call's timeout, how long before the pool interrupts it itself (direct mode's backstop).
 TIMEOUT_GRACE_SECONDS = 1.0
+
+
+class SlotState(enum.Enum):
+    """Where a slot is: STARTING -> READY <-> RECONNECTING (its direct worker is being replaced);
+    RETIRING (no more calls: ``reuse=False``) or DEAD (its sandbox ended or never started) at the end."""
+
+    STARTING = "starting"
+    READY = "ready"
+    RECONNECTING = "reconnecting"
+    RETIRING = "retiring"
+    DEAD = "dead"
+
+    def __repr__(self) -> str:
+        return self.value
 
 
 class PoolSandbox(Protocol):
@@ -100,7 +115,7 @@ class Slot:
 
     events: SlotEvents
     sandbox: PoolSandbox | None = None
-    state: str = "starting"  # starting -> ready <-> reconnecting; retiring/dead at the end
+    state: SlotState = SlotState.STARTING
     inflight: dict[int, Call] = field(default_factory=dict)
     held_bytes: int = 0
     outbox: list[dict] = field(default_factory=list)
@@ -153,17 +168,17 @@ async def run_slot(slot: Slot, factory: Callable[[SandboxSpec], Awaitable[PoolSa
     except Exception as exc:  # it never ran: the pool drops it (and fails its calls if none can start)
         events.slot_failed(slot, exc)
         return
-    if slot.state != "starting" or events.closed:
+    if slot.state is not SlotState.STARTING or events.closed:
         return
     sandbox.register(slot)  # a request that is never answered: we hear of its death even when idle
     slot.bulk_dir = sandbox.bulk_dir
     await _connect(slot, tasks)
     events.slot_ready(slot)
-    while slot.state not in ("dead", "retiring"):
+    while slot.state not in (SlotState.DEAD, SlotState.RETIRING):
         if not slot.outbox and (slot.direct is None or slot.direct.idle):
             await slot.wake.wait()
         slot.wake = trio.Event()
-        if slot.state == "reconnecting":
+        if slot.state is SlotState.RECONNECTING:
             await _connect(slot, tasks)
             events.slot_ready(slot)
             continue
