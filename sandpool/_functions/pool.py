@@ -40,7 +40,13 @@ if TYPE_CHECKING:
 __all__ = ["MAX_DEPTH", "Call", "CallRef", "Payload", "Pool", "PoolSandbox", "PoolStatistics", "TaskStarter",
            "choose_slot", "choose_steals", "pipeline_depth", "sandboxes_to_start"]
 
-_SERVING = (SlotState.READY, SlotState.RECONNECTING)  # counted as idle or busy
+# The states as module constants: the scheduler compares them per answer, and a global is cheaper
+# to read than an enum's member.
+_STARTING, _READY, _RECONNECTING = SlotState.STARTING, SlotState.READY, SlotState.RECONNECTING
+_RETIRING, _DEAD = SlotState.RETIRING, SlotState.DEAD
+_SERVING = (_READY, _RECONNECTING)  # counted as idle or busy
+_COMING = (_STARTING, _RECONNECTING)  # will take calls soon
+_ENDED = (_RETIRING, _DEAD)
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,7 @@ class Pool:
         self.counts: collections.Counter[str] = collections.Counter()  # done, failed, cancelled, retried
         self.start_error: BaseException | None = None
         self.steal_timer = False  # a task will look for stalled sandboxes again soon
+        self._clock: trio.abc.Clock | None = None  # the loop's (trio.current_time, without its lookups)
 
     def __repr__(self) -> str:
         s = self.statistics()
@@ -89,7 +96,7 @@ class Pool:
     def statistics(self) -> PoolStatistics:
         slots = list(self.slots)
         return PoolStatistics(
-            sandboxes_starting=sum(s.state is SlotState.STARTING for s in slots),
+            sandboxes_starting=sum(s.state is _STARTING for s in slots),
             sandboxes_idle=sum(s.state in _SERVING and not s.inflight for s in slots),
             sandboxes_busy=sum(s.state in _SERVING and bool(s.inflight) for s in slots),
             calls_queued=sum(not c.ref.done() for c in list(self.queue)),
@@ -97,6 +104,13 @@ class Pool:
             calls_done=self.counts["done"], calls_failed=self.counts["failed"],
             calls_cancelled=self.counts["cancelled"], calls_retried=self.counts["retried"],
         )
+
+    def _now(self) -> float:
+        """trio's time, in the loop thread (a MockClock's, under one)."""
+        clock = self._clock
+        if clock is None:
+            clock = self._clock = trio.lowlevel.current_clock()
+        return clock.current_time()
 
     # -- placing calls -------------------------------------------------------------------------
 
@@ -112,8 +126,8 @@ class Pool:
     def _schedule(self) -> None:
         if self.closed or not self.queue:
             return
-        queue, ready = self.queue, [s for s in self.slots if s.state is SlotState.READY]
-        starting = sum(s.state in (SlotState.STARTING, SlotState.RECONNECTING) for s in self.slots)
+        queue, ready = self.queue, [s for s in self.slots if s.state is _READY]
+        starting = sum(s.state in _COMING for s in self.slots)
         while queue:
             call = queue[0]
             if call.ref.done():
@@ -132,14 +146,14 @@ class Pool:
                 self._fail(queue.popleft(), error)
             return
         idle = sum(not s.inflight for s in ready)
-        live = sum(s.state not in (SlotState.RETIRING, SlotState.DEAD) for s in self.slots)
+        live = sum(s.state not in _ENDED for s in self.slots)
         for _ in range(sandboxes_to_start(len(queue), idle, starting, live, self.limit)):
             self._start_slot()
 
     def _assign(self, slot: Slot, call: Call) -> None:
         call.slot, call.sent, call.timed_out, call.stealing = slot, False, False, False
         if not slot.inflight:
-            slot.progress_at = trio.current_time()
+            slot.progress_at = self._now()
         call.req_id = slot.sandbox.register(slot)
         slot.inflight[call.req_id] = call
         slot.held_bytes += call.size
@@ -201,7 +215,7 @@ class Pool:
         if call is None:
             return
         self._release(slot, call)
-        slot.progress_at = trio.current_time()
+        slot.progress_at = self._now()
         if frame["t"] == "result":
             if "us" in frame:
                 call.payload.observe(frame["us"])
@@ -223,7 +237,7 @@ class Pool:
             self._user_failure(call, self._timeout_error(call, slot))
         elif not call.ref.done():
             self._on_error(slot, call, frame)
-        if not self.reuse and slot.state is SlotState.READY:
+        if not self.reuse and slot.state is _READY:
             self._retire(slot)
 
     def _on_error(self, slot: Slot, call: Call, frame: dict) -> None:
@@ -308,7 +322,7 @@ class Pool:
 
     def worker_lost(self, slot: Slot, info: dict) -> None:
         """A direct worker ended (its connection closed); the sandbox lives on and gets a new one."""
-        if slot.state in (SlotState.DEAD, SlotState.RETIRING):
+        if slot.state in _ENDED:
             return
         code, sig = info.get("code"), info.get("signal")
         how = f"was killed by signal {sig}" if sig else f"exited with code {code}"
@@ -316,15 +330,15 @@ class Pool:
                                  sandbox_id=slot.sandbox.sandbox_id, exit_code=code, signal=sig)
         self._settle_lost(slot, error, killed=bool(info.get("killed")))
         slot.direct = slot.worker = None
-        slot.state = SlotState.RECONNECTING
+        slot.state = _RECONNECTING
         slot.wake.set()
         self._schedule()
 
     def slot_lost(self, slot: Slot, error: BaseException) -> None:
         """The slot's sandbox ended (told once per request it had registered)."""
-        if slot.state is SlotState.DEAD:
+        if slot.state is _DEAD:
             return  # called once per registered request
-        retiring, slot.state = slot.state is SlotState.RETIRING, SlotState.DEAD
+        retiring, slot.state = slot.state is _RETIRING, _DEAD
         if slot in self.slots:
             self.slots.remove(slot)
         slot.wake.set()
@@ -347,8 +361,8 @@ class Pool:
 
     def slot_ready(self, slot: Slot) -> None:
         """The slot's sandbox runs and its worker is reachable (again): it takes calls."""
-        if slot.state in (SlotState.STARTING, SlotState.RECONNECTING):
-            slot.state = SlotState.READY
+        if slot.state in _COMING:
+            slot.state = _READY
             self._schedule()
             self._steal()
 
@@ -361,10 +375,10 @@ class Pool:
         the idle sandbox."""
         if self.queue or self.closed or not self.reuse or all(len(s.inflight) < 2 for s in self.slots):
             return  # (the last test: nobody holds a call waiting behind another, the usual case)
-        ready = [s for s in self.slots if s.state is SlotState.READY]
+        ready = [s for s in self.slots if s.state is _READY]
         views = [(not s.inflight, _waiting(s), s.progress_at) for s in ready]
         taken = False
-        for index, count in choose_steals(views, trio.current_time()).items():
+        for index, count in choose_steals(views, self._now()).items():
             victim = ready[index]
             for call in [c for c in victim.inflight.values() if not c.stealing][1:][-count:]:
                 if _slot.unsend(victim, call.req_id):  # still here (the worker may not read for long)
@@ -390,12 +404,12 @@ class Pool:
         """The slot's sandbox could not be made or started: drop it (its calls wait for another)."""
         if slot in self.slots:
             self.slots.remove(slot)
-        slot.state = SlotState.DEAD
+        slot.state = _DEAD
         self.start_error = error
         self._schedule()
 
     def _retire(self, slot: Slot) -> None:
-        slot.state = SlotState.RETIRING
+        slot.state = _RETIRING
         if slot in self.slots:
             self.slots.remove(slot)
         slot.wake.set()
