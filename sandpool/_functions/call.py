@@ -22,12 +22,8 @@ class CallRef(OperationRef):
     def __init__(self, loop: Any) -> None:
         super().__init__()
         self.loop = loop  # the session's TaskHost: where the pool runs
-        self.pool: Any = None  # the pool and the Call, set by ``attach`` once the call exists
+        self.pool: Any = None  # the pool that holds the Call, once the call exists: cancel() tells it
         self.call: Call | None = None
-
-    def attach(self, pool: Any, call: Call) -> None:
-        """Name the pool that holds ``call``, so that ``cancel()`` can interrupt it there."""
-        self.pool, self.call = pool, call
 
     def cancel(self) -> bool:
         if not super().cancel():  # never launched as a task: this settles it, cancelled

@@ -25,7 +25,7 @@ import trio
 from . import serialize as _serialize
 from .bulk import BULK_BYTES
 from .._config import SandboxSpec, resolve_spec
-from .._errors import AsyncFunctionError, SandboxError, SerializationError
+from .._errors import AsyncFunctionError, SerializationError
 from .._core.opref import OperationRef, check_not_in_trio
 from .pool import MAX_DEPTH, Call, CallRef, Payload, Pool
 
@@ -262,6 +262,7 @@ class Caller:
         self.limit, self.reuse, self.retries, self.timeout, self.pickled = limit, reuse, retries, timeout, pickled
         self._payload: Payload | None = None
         self._pool: Pool | None = None
+        self._loop: Any = None  # the session's TaskHost, once known (it never changes)
         self._lock = threading.Lock()
 
     def payload(self) -> Payload:
@@ -274,19 +275,22 @@ class Caller:
         return self._payload
 
     def pool(self) -> Pool:
-        """The function's warm pool; SandboxError once the session has closed."""
-        if self.host.closed:
-            raise SandboxError("this session is closed; open a new Session to call remote functions")
-        if self._pool is None:
-            self._pool = self.host.pool_for(self.spec, self.limit, self.reuse)
-        return self._pool
+        """The function's warm pool; SandboxError once the session has closed (its pools close
+        with it, so a closed pool sends the question to the host)."""
+        pool = self._pool
+        if pool is None or pool.closed:
+            pool = self._pool = self.host.pool_for(self.spec, self.limit, self.reuse)
+        return pool
 
     def loop(self) -> Any:
-        """The session's TaskHost."""
-        return self.host.loop()
+        """The session's TaskHost (opening the session on first use)."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = self.host.loop()
+        return loop
 
     def new_ref(self) -> CallRef:
-        return CallRef(self.host.loop())
+        return CallRef(self._loop or self.loop())
 
     def call(self, pool: Pool, ref: CallRef, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call | None:
         """A Call for ``ref``, its cancellation wired to the pool; None (and ``ref`` failed) if the
@@ -300,13 +304,13 @@ class Caller:
 
     def make_call(self, pool: Pool, ref: CallRef, data: bytes | list[bytes]) -> Call:
         call = Call(self._payload or self.payload(), data, ref, self.retries, self.timeout)
-        ref.attach(pool, call)
+        ref.pool, ref.call = pool, call  # what ref.cancel() interrupts
         return call
 
     def submit(self, pool: Pool, calls: list[Call]) -> None:
         """Queue ``calls`` in the pool, from any thread."""
         if calls:
-            _in_loop(self.host.loop(), pool.submit, calls)
+            _in_loop(self._loop or self.loop(), pool.submit, calls)
 
 
 def _check_options(retries: Any, timeout_seconds: Any, max_concurrency: Any, reuse: Any,

@@ -29,10 +29,6 @@ class FunctionHost(Protocol):
     @property
     def defaults(self) -> SandboxDefaults: ...
 
-    @property
-    def closed(self) -> bool:
-        """True once the session closed (or began to)."""
-
     def pool_for(self, spec: SandboxSpec, limit: int, reuse: bool) -> Pool:
         """The warm pool for this spec, limit and reuse flag; SandboxError once the session closed."""
 
@@ -63,10 +59,6 @@ class Pools:
     @property
     def defaults(self) -> SandboxDefaults:
         return self._defaults
-
-    @property
-    def closed(self) -> bool:
-        return self._closed()
 
     def loop(self) -> TaskHost:
         return self._loop()

@@ -85,7 +85,7 @@ class Pool:
         self.counts: collections.Counter[str] = collections.Counter()  # done, failed, cancelled, retried
         self.start_error: BaseException | None = None
         self.steal_timer = False  # a task will look for stalled sandboxes again soon
-        self._clock: trio.abc.Clock | None = None  # the loop's (trio.current_time, without its lookups)
+        self._time: Callable[[], float] | None = None  # the loop clock's: trio.current_time() minus lookups
 
     def __repr__(self) -> str:
         s = self.statistics()
@@ -107,10 +107,9 @@ class Pool:
 
     def _now(self) -> float:
         """trio's time, in the loop thread (a MockClock's, under one)."""
-        clock = self._clock
-        if clock is None:
-            clock = self._clock = trio.lowlevel.current_clock()
-        return clock.current_time()
+        if self._time is None:
+            self._time = trio.lowlevel.current_clock().current_time
+        return self._time()
 
     # -- placing calls -------------------------------------------------------------------------
 
@@ -153,7 +152,7 @@ class Pool:
     def _assign(self, slot: Slot, call: Call) -> None:
         call.slot, call.sent, call.timed_out, call.stealing = slot, False, False, False
         if not slot.inflight:
-            slot.progress_at = self._now()
+            slot.progress_at = (self._time or self._now)()
         call.req_id = slot.sandbox.register(slot)
         slot.inflight[call.req_id] = call
         slot.held_bytes += call.size
@@ -215,7 +214,7 @@ class Pool:
         if call is None:
             return
         self._release(slot, call)
-        slot.progress_at = self._now()
+        slot.progress_at = (self._time or self._now)()
         if frame["t"] == "result":
             if "us" in frame:
                 call.payload.observe(frame["us"])
