@@ -156,7 +156,7 @@ def sandpool_pids(session):
     groups = []
     for pool in session._pools.values():
         for slot in pool.slots:
-            agent = slot.sandbox._record.agent_pid
+            agent = slot.sandbox.sandbox._record.agent_pid
             groups.append([agent] + [c.pid for c in psutil.Process(agent).children()])
     return groups
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 
 from service_helpers import wait_until
 
@@ -27,12 +26,13 @@ def assert_quick_calls_are_stolen(session, nap, *extra) -> None:
 
 def pool_state(session) -> list[dict]:
     """What each pool of ``session`` holds, and its sandboxes' processes, for a failure's message:
-    per slot its state, whether it is direct, seconds since it last answered, its calls as (sent,
+    per slot its state, whether it is direct, when it last answered (trio time), its calls as (sent,
     being stolen), and the agent's process tree with signal masks."""
     return [{"queue": len(pool.queue), "steal_timer": pool.steal_timer,
-             "slots": [(slot.state, slot.direct is not None, round(time.monotonic() - slot.progress_at, 3),
+             "slots": [(slot.state, slot.direct is not None, round(slot.progress_at, 3),
                         [(c.sent, c.stealing) for c in slot.inflight.values()],
-                        _process_tree(slot.sandbox._record.agent_pid)) for slot in pool.slots]}
+                        _process_tree(slot.sandbox and slot.sandbox.sandbox._record.agent_pid))
+                       for slot in pool.slots]}
             for pool in session._pools.values()]
 
 

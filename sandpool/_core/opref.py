@@ -195,6 +195,16 @@ class OperationRef(Generic[T]):
     def _refused(self, exc: Exception) -> None:
         self._finish(_FAILED, None, exc)
 
+    # Settling without a task, for subclasses whose operation is carried out elsewhere (remote calls).
+    def _set_result(self, value: T) -> None:
+        self._finish(_DONE, value, None)
+
+    def _set_error(self, error: BaseException) -> None:
+        self._finish(_FAILED, None, error)
+
+    def _set_cancelled(self) -> None:
+        self._finish(_CANCELLED, None, None)
+
     def _finish(self, state: str, value: Any, error: BaseException | None) -> None:
         with _lock:
             event, callbacks = self._settle(state, value, error)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from .._errors import SerializationError
 
 if TYPE_CHECKING:
-    from .._session.sandbox import Sandbox
+    from .._runtime.contract import SandboxRecord
 
 #: Pickles at least this large go through a file instead of the frame.
 BULK_BYTES = 512 * 1024
@@ -28,13 +28,9 @@ BULK_BYTES = 512 * 1024
 SANDBOX_DIR = "/tmp"
 
 
-def host_dir(sandbox: Sandbox) -> str | None:
-    """Where this process sees the sandbox's ``/tmp``, or None (remote, or not reachable)."""
-    return record_dir(sandbox._record)
-
-
-def record_dir(record) -> str | None:
-    """``host_dir`` of a runtime's record of a sandbox (None: no record, or not reachable)."""
+def host_dir(record: SandboxRecord | None) -> str | None:
+    """Where this process sees the ``/tmp`` of the sandbox a runtime's record describes, or None
+    (no record, a remote sandbox, or not reachable)."""
     if record is None or not record.agent_pid:
         return None
     if record.isolation == "namespaces":
@@ -44,6 +40,9 @@ def record_dir(record) -> str | None:
     else:
         return None
     return path if os.access(path, os.W_OK | os.X_OK) else None
+
+
+record_dir = host_dir  # the service's name for it
 
 
 def open_dir(directory: str) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .._core import opref as _opref
 from . import serialize as _serialize
 from .._core.opref import OperationRef
 
@@ -14,42 +13,43 @@ if TYPE_CHECKING:
 
 
 class CallRef(OperationRef):
-    """The OperationRef of one remote call. No task per call: the pool finishes it directly, and
+    """The OperationRef of one remote call. No task per call: the pool settles it directly
+    (``set_result``/``set_error``/``set_cancelled``, as an executor settles its futures), and
     ``cancel()`` settles it at once and tells the pool, which interrupts the remote side."""
 
-    __slots__ = ("_pool", "_rcall")
+    __slots__ = ("loop", "pool", "call")
 
-    def __init__(self, host: Any) -> None:
+    def __init__(self, loop: Any) -> None:
         super().__init__()
-        self._host = host  # the session's loop: awaiting from it needs no cross-thread wake-up
-        self._pool: Any = None  # set with _rcall once the call exists
-        self._rcall: Call | None = None
+        self.loop = loop  # the session's TaskHost: where the pool runs
+        self.pool: Any = None  # the pool that holds the Call, once the call exists: cancel() tells it
+        self.call: Call | None = None
 
     def cancel(self) -> bool:
-        with _opref._lock:
-            if self._state is not _opref._PENDING:
-                return False
-            event, callbacks = self._settle(_opref._CANCELLED, None, None)
-        self._notify(event, callbacks)
-        if self._rcall is not None:  # interrupt it where it runs (in the loop's thread)
-            host, pool, call = self._host, self._pool, self._rcall
-            if host.in_loop_thread():
+        if not super().cancel():  # never launched as a task: this settles it, cancelled
+            return False
+        if self.call is not None:  # interrupt it where it runs (in the loop's thread)
+            loop, pool, call = self.loop, self.pool, self.call
+            if loop.in_loop_thread():
                 pool.cancel(call)
             else:
                 try:
-                    host.call_soon(pool.cancel, call)
+                    loop.call_soon(pool.cancel, call)
                 except RuntimeError:  # the loop has ended, and the call with it
                     pass
         return True
 
-    def _set_result(self, value: Any) -> None:
-        self._finish(_opref._DONE, value, None)
+    def set_result(self, value: Any) -> None:
+        """Finish with ``value`` (no effect on a finished ref). For the pool."""
+        self._set_result(value)
 
-    def _set_error(self, error: BaseException) -> None:
-        self._finish(_opref._FAILED, None, error)
+    def set_error(self, error: BaseException) -> None:
+        """Fail with ``error`` (no effect on a finished ref). For the pool."""
+        self._set_error(error)
 
-    def _set_cancelled(self) -> None:
-        self._finish(_opref._CANCELLED, None, None)
+    def set_cancelled(self) -> None:
+        """Finish cancelled, without telling the pool (no effect on a finished ref). For the pool."""
+        self._set_cancelled()
 
 
 @dataclass(eq=False)

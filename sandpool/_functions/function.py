@@ -1,10 +1,11 @@
 """RemoteFunction: a plain function run on a warm pool of sandboxes (``@session.function``).
 
 The function is cloudpickled once, on first use, and sent once to each sandbox; arguments are
-cloudpickled per call. Results and exceptions come back as plain data (see ``_serialize``), or as
+cloudpickled per call. Results and exceptions come back as plain data (see ``serialize``), or as
 cloudpickles for a function made with ``unsafe_pickle_results=True``. Calls go to the session's
-pool for the function's sandbox spec (see ``_pool``); each returns a ``CallRef`` (an
-OperationRef) at once.
+pool for the function's sandbox spec (see ``pool``); each returns a ``CallRef`` (an
+OperationRef) at once. The session is reached only through ``FunctionHost`` (see ``host``), and
+the plumbing that turns arguments into submitted calls is a ``Caller``, which streams share.
 """
 
 from __future__ import annotations
@@ -24,20 +25,19 @@ import trio
 from . import actor_refs as _refs, serialize as _serialize
 from .bulk import BULK_BYTES
 from .._config import SandboxSpec, resolve_spec
-from .._errors import AsyncFunctionError, SandboxError, SerializationError
+from .._errors import AsyncFunctionError, SerializationError
 from .._core.opref import OperationRef, check_not_in_trio
 from .pool import MAX_DEPTH, Call, CallRef, Payload, Pool
 
 if TYPE_CHECKING:
+    from .host import FunctionHost
     from .imap import ResultStream
-    from .._session.session import Session
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 #: Argument bytes one map or stream keeps in flight at most (at least one call always goes).
 MAX_IN_FLIGHT_BYTES = 256 * 1024 * 1024
-_pools_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ class RemoteFunction(Generic[P, R]):
     unpickling them runs whatever code they name, in this process.
     """
 
-    def __init__(self, fn: Callable[P, R], session: Session, *, retries: int | Retries | None = 0,
+    def __init__(self, fn: Callable[P, R], host: FunctionHost, *, retries: int | Retries | None = 0,
                  timeout_seconds: float | None = None, max_concurrency: int | None = None,
                  reuse: bool = True, unsafe_pickle_results: bool = False, **overrides: Any) -> None:
         if not callable(fn):
@@ -123,76 +123,25 @@ class RemoteFunction(Generic[P, R]):
             raise AsyncFunctionError(
                 f"{getattr(fn, '__qualname__', fn)!r} is an async function; remote functions must be "
                 "plain 'def' functions (run async code inside with trio.run or asyncio.run)")
-        self._retries = _check_options(retries, timeout_seconds, max_concurrency, reuse, unsafe_pickle_results)
-        self._pickled = unsafe_pickle_results
+        checked = _check_options(retries, timeout_seconds, max_concurrency, reuse, unsafe_pickle_results)
         functools.update_wrapper(self, fn)
         self._fn = fn
-        self._session = session
-        self._spec = resolve_spec(session.defaults, **overrides)
-        self._timeout = None if timeout_seconds is None else float(timeout_seconds)
-        self._limit = max_concurrency or default_concurrency(self._spec)
-        self._reuse = reuse
-        self._payload: Payload | None = None
-        self._pool_cache: Pool | None = None
-        self._lock = threading.Lock()
+        spec = resolve_spec(host.defaults, **overrides)
+        self._calls = Caller(fn, self.__qualname__, host, spec, limit=max_concurrency or default_concurrency(spec),
+                             reuse=reuse, retries=checked, pickled=unsafe_pickle_results,
+                             timeout=None if timeout_seconds is None else float(timeout_seconds))
 
     def __repr__(self) -> str:
-        return (f"<RemoteFunction {self.__qualname__} image={self._spec.container_image} "
-                f"max_concurrency={self._limit} reuse={self._reuse}>")
+        calls = self._calls
+        return (f"<RemoteFunction {self.__qualname__} image={calls.spec.container_image} "
+                f"max_concurrency={calls.limit} reuse={calls.reuse}>")
 
     def __reduce__(self) -> tuple[Any, ...]:
         return operator.itemgetter(0), ((self._fn,),)  # unpickles as the plain function
 
     @property
     def max_concurrency(self) -> int:
-        return self._limit
-
-    # -- plumbing ----------------------------------------------------------------------------
-
-    def _get_payload(self) -> Payload:
-        """The pickled function, made on first use (SerializationError if it does not pickle)."""
-        if self._payload is None:
-            with self._lock:
-                if self._payload is None:
-                    data = _serialize.dumps_function(self._fn, self.__qualname__)
-                    self._payload = Payload(self.__qualname__, data, _serialize.fn_key(data), pickled=self._pickled)
-        return self._payload
-
-    def _pool(self) -> Pool:
-        session = self._session
-        if session._closed:
-            raise SandboxError("this session is closed; open a new Session to call remote functions")
-        if self._pool_cache is not None:
-            return self._pool_cache
-        key = (self._spec, self._limit, self._reuse)
-        with _pools_lock:
-            pool = session._pools.get(key)
-            if pool is None:
-                pool = session._pools[key] = Pool(session, self._spec, self._limit, self._reuse)
-        self._pool_cache = pool
-        return pool
-
-    def _new_ref(self) -> CallRef:
-        return CallRef(self._session._ensure_open())
-
-    def _call(self, pool: Pool, ref: CallRef, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call | None:
-        """A Call for ``ref``, its cancellation wired to the pool; None (and ``ref`` failed) if the
-        arguments do not pickle."""
-        try:
-            data = _serialize.dumps_args(args, kwargs, self.__qualname__, BULK_BYTES)
-        except SerializationError as exc:
-            ref._set_error(exc)
-            return None
-        return self._make_call(pool, ref, data)
-
-    def _make_call(self, pool: Pool, ref: CallRef, data: bytes | list[bytes]) -> Call:
-        call = Call(self._payload or self._get_payload(), data, ref, self._retries, self._timeout)
-        ref._pool, ref._rcall = pool, call
-        return call
-
-    def _submit(self, pool: Pool, calls: list[Call]) -> None:
-        if calls:
-            _in_loop(self._session._ensure_open(), pool.submit, calls)
+        return self._calls.limit
 
     # -- the API -------------------------------------------------------------------------------
 
@@ -205,20 +154,21 @@ class RemoteFunction(Generic[P, R]):
         SandboxTimeoutError after ``timeout_seconds``, OperationCancelled if cancelled.
         ``ref.cancel()``, and leaving a cancel scope while awaiting it, interrupt the running call.
         """
-        pool = self._pool()
-        self._get_payload()
+        calls = self._calls
+        pool = calls.pool()
+        calls.payload()
         if _refs.has_refs(args, kwargs):  # other calls' results: sent once they are in
-            ref = self._new_ref()
+            ref = calls.new_ref()
 
             def send(values: tuple[Any, ...], named: dict[str, Any]) -> None:
                 data = _serialize.dumps_args(values, named, self.__qualname__, BULK_BYTES)
-                self._submit(pool, [self._make_call(pool, ref, data)])
+                calls.submit(pool, [calls.make_call(pool, ref, data)])
 
-            _refs.when_resolved(self._session._ensure_open(), ref, args, kwargs, send)
+            _refs.when_resolved(calls.loop(), ref, args, kwargs, send)
             return ref  # type: ignore[return-value]
         data = _serialize.dumps_args(args, kwargs, self.__qualname__, BULK_BYTES)
-        ref = self._new_ref()
-        self._submit(pool, [self._make_call(pool, ref, data)])
+        ref = calls.new_ref()
+        calls.submit(pool, [calls.make_call(pool, ref, data)])
         return ref  # type: ignore[return-value]
 
     def map(self, items: Iterable[tuple[Any, ...]], *, progress: bool = False) -> list[OperationRef[R]]:
@@ -235,26 +185,28 @@ class RemoteFunction(Generic[P, R]):
             if not isinstance(item, (tuple, list)):
                 raise TypeError(f"each item of {self.__qualname__}.map() is a tuple of positional arguments, "
                                 f"got {type(item).__name__} {item!r}; use .map([(x,) for x in xs]) or .imap(xs)")
-        pool = self._pool()
-        self._get_payload()
-        refs = [self._new_ref() for _ in items]
+        calls = self._calls
+        pool = calls.pool()
+        calls.payload()
+        refs = [calls.new_ref() for _ in items]
         if progress:
             from .imap import progress_for_refs
 
             progress_for_refs(refs, self.__qualname__)
         if refs:
-            self._session._ensure_open().start_soon(self._feed, pool, refs, items)
+            calls.loop().start_soon(self._feed, pool, refs, items)
         return refs  # type: ignore[return-value]
 
     async def _feed(self, pool: Pool, refs: list[CallRef], items: list[tuple[Any, ...]]) -> None:
         """Submit a map's calls while fewer than its bound are unfinished (runs in the loop)."""
-        bound = max(64, 2 * self._limit * MAX_DEPTH)
+        calls = self._calls
+        bound = max(64, 2 * calls.limit * MAX_DEPTH)
         state = {"calls": 0, "bytes": 0}
         wake = trio.Event()
 
-        def on_done(ref: OperationRef[Any]) -> None:
+        def on_done(ref: CallRef) -> None:
             state["calls"] -= 1
-            state["bytes"] -= ref._rcall.size  # type: ignore[attr-defined]
+            state["bytes"] -= ref.call.size  # type: ignore[union-attr]
             wake.set()
 
         batch: list[Call] = []
@@ -266,7 +218,7 @@ class RemoteFunction(Generic[P, R]):
                 wake = trio.Event()
             if ref.done() or pool.closed:
                 continue
-            call = self._call(pool, ref, tuple(item), {})
+            call = calls.call(pool, ref, tuple(item), {})
             if call is None:
                 continue
             state["calls"] += 1
@@ -287,7 +239,7 @@ class RemoteFunction(Generic[P, R]):
         """
         from .imap import ResultStream
 
-        return ResultStream(self, iterable, star=False, ordered=ordered, max_in_flight=max_in_flight,
+        return ResultStream(self._calls, iterable, star=False, ordered=ordered, max_in_flight=max_in_flight,
                             return_exceptions=return_exceptions, progress=progress)
 
     def starmap(self, iterable: Iterable[Any], *, ordered: bool = True, max_in_flight: int | None = None,
@@ -295,7 +247,7 @@ class RemoteFunction(Generic[P, R]):
         """``imap`` for argument tuples: each item is unpacked as ``f(*item)``."""
         from .imap import ResultStream
 
-        return ResultStream(self, iterable, star=True, ordered=ordered, max_in_flight=max_in_flight,
+        return ResultStream(self._calls, iterable, star=True, ordered=ordered, max_in_flight=max_in_flight,
                             return_exceptions=return_exceptions, progress=progress)
 
     def local(self, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -307,6 +259,67 @@ class RemoteFunction(Generic[P, R]):
         check_not_in_trio(f"calling remote function {self.__qualname__}()",
                           f"'await {self.__name__}.remote(...)'")
         return self.remote(*args, **kwargs).result()
+
+
+class Caller:
+    """A remote function's plumbing, shared with its streams: its pool (from the host), its pickled
+    function, new refs, and calls made from arguments and submitted in the loop's thread."""
+
+    def __init__(self, fn: Callable[..., Any], name: str, host: FunctionHost, spec: SandboxSpec, *, limit: int,
+                 reuse: bool, retries: Retries, timeout: float | None, pickled: bool) -> None:
+        self.fn, self.name, self.host, self.spec = fn, name, host, spec
+        self.limit, self.reuse, self.retries, self.timeout, self.pickled = limit, reuse, retries, timeout, pickled
+        self._payload: Payload | None = None
+        self._pool: Pool | None = None
+        self._loop: Any = None  # the session's TaskHost, once known (it never changes)
+        self._lock = threading.Lock()
+
+    def payload(self) -> Payload:
+        """The pickled function, made on first use (SerializationError if it does not pickle)."""
+        if self._payload is None:
+            with self._lock:
+                if self._payload is None:
+                    data = _serialize.dumps_function(self.fn, self.name)
+                    self._payload = Payload(self.name, data, _serialize.fn_key(data), pickled=self.pickled)
+        return self._payload
+
+    def pool(self) -> Pool:
+        """The function's warm pool; SandboxError once the session has closed (its pools close
+        with it, so a closed pool sends the question to the host)."""
+        pool = self._pool
+        if pool is None or pool.closed:
+            pool = self._pool = self.host.pool_for(self.spec, self.limit, self.reuse)
+        return pool
+
+    def loop(self) -> Any:
+        """The session's TaskHost (opening the session on first use)."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = self.host.loop()
+        return loop
+
+    def new_ref(self) -> CallRef:
+        return CallRef(self._loop or self.loop())
+
+    def call(self, pool: Pool, ref: CallRef, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call | None:
+        """A Call for ``ref``, its cancellation wired to the pool; None (and ``ref`` failed) if the
+        arguments do not pickle."""
+        try:
+            data = _serialize.dumps_args(args, kwargs, self.name, BULK_BYTES)
+        except SerializationError as exc:
+            ref.set_error(exc)
+            return None
+        return self.make_call(pool, ref, data)
+
+    def make_call(self, pool: Pool, ref: CallRef, data: bytes | list[bytes]) -> Call:
+        call = Call(self._payload or self.payload(), data, ref, self.retries, self.timeout)
+        ref.pool, ref.call = pool, call  # what ref.cancel() interrupts
+        return call
+
+    def submit(self, pool: Pool, calls: list[Call]) -> None:
+        """Queue ``calls`` in the pool, from any thread."""
+        if calls:
+            _in_loop(self._loop or self.loop(), pool.submit, calls)
 
 
 def _check_options(retries: Any, timeout_seconds: Any, max_concurrency: Any, reuse: Any,
@@ -338,15 +351,15 @@ def _in_loop(host: Any, fn: Callable[..., Any], *args: Any) -> None:
             pass
 
 
-def function_decorator(session: Session, fn: Callable[..., Any] | None, options: dict[str, Any]) -> Any:
+def function_decorator(host: FunctionHost, fn: Callable[..., Any] | None, options: dict[str, Any]) -> Any:
     """``@session.function`` and ``@session.function(...)``: the decorator, or its result."""
     if fn is not None:
-        return RemoteFunction(fn, session, **options)
+        return RemoteFunction(fn, host, **options)
     # Check every option now, so a typo fails at the decorator line, not at the first call.
     _check_options(*(options.get(k) for k in _CALL_OPTIONS[:3]), options.get("reuse", True),
                    options.get("unsafe_pickle_results", False))
-    resolve_spec(session.defaults, **{k: v for k, v in options.items() if k not in _CALL_OPTIONS})
-    return lambda f: RemoteFunction(f, session, **options)
+    resolve_spec(host.defaults, **{k: v for k, v in options.items() if k not in _CALL_OPTIONS})
+    return lambda f: RemoteFunction(f, host, **options)
 
 
 _CALL_OPTIONS = ("retries", "timeout_seconds", "max_concurrency", "reuse", "unsafe_pickle_results")

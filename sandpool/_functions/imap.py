@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import trio
 
 from .._core.hosts import HostEvent, checkpoint
-from .._core.opref import OperationRef, check_not_in_trio
+from .._core.opref import OperationCancelled, OperationRef, check_not_in_trio
 
 if TYPE_CHECKING:
-    from .function import RemoteFunction
+    from .function import Caller
     from .pool import CallRef
 
 R = TypeVar("R")
@@ -30,33 +30,33 @@ R = TypeVar("R")
 class ResultStream(Generic[R]):
     """Results of ``f.imap``/``f.starmap``. ``pulled`` counts the inputs taken from the source."""
 
-    def __init__(self, fn: RemoteFunction[..., R], source: Iterable[Any], *, star: bool, ordered: bool,
+    def __init__(self, calls: Caller, source: Iterable[Any], *, star: bool, ordered: bool,
                  max_in_flight: int | None, return_exceptions: bool, progress: bool) -> None:
         if max_in_flight is not None and (isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int)
                                           or max_in_flight < 1):
             raise ValueError(f"max_in_flight must be an int >= 1 or None, got {max_in_flight!r}")
         if not (hasattr(source, "__iter__") or hasattr(source, "__aiter__")):
-            raise TypeError(f"{fn.__qualname__}.{'starmap' if star else 'imap'}() needs an iterable, "
+            raise TypeError(f"{calls.name}.{'starmap' if star else 'imap'}() needs an iterable, "
                             f"got {type(source).__name__} {source!r}")
-        self._fn = fn
-        self._pool = fn._pool()
-        fn._get_payload()  # an unpicklable function fails here, before any input is pulled
+        self._calls = calls
+        self._pool = calls.pool()
+        calls.payload()  # an unpicklable function fails here, before any input is pulled
         self._source = source
         self._iter: Any = None
         self._star = star
         self._ordered = ordered
-        self._limit = max_in_flight or max(32, 8 * fn.max_concurrency)
+        self._limit = max_in_flight or max(32, 8 * calls.limit)
         self._return_exceptions = return_exceptions
         self._window: collections.deque[CallRef] = collections.deque()  # submitted, not yet yielded
         self._events = _Events(keep=not ordered)  # what the refs' done callbacks see: never the stream itself
         self._exhausted = False
         self._closed = False
         self.pulled = 0
-        self._bar = _progress_bar(fn.__qualname__, _length(source)) if progress else None
+        self._bar = _progress_bar(calls.name, _length(source)) if progress else None
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "exhausted" if self._exhausted else "open"
-        return f"<ResultStream of {self._fn.__qualname__} {state} pulled={self.pulled} in_flight={len(self._window)}>"
+        return f"<ResultStream of {self._calls.name} {state} pulled={self.pulled} in_flight={len(self._window)}>"
 
     # -- filling the window ----------------------------------------------------------------------
 
@@ -65,23 +65,23 @@ class ResultStream(Generic[R]):
 
     def _take(self, items: list[Any]) -> None:
         """Turn pulled inputs into calls and submit them in one go."""
-        fn, calls = self._fn, []
+        maker, calls = self._calls, []
         for item in items:
-            ref = fn._new_ref()
+            ref = maker.new_ref()
             if self._star:
                 if not isinstance(item, (tuple, list)):
-                    ref._set_error(TypeError(f"each item of {fn.__qualname__}.starmap() is a tuple of arguments, "
-                                             f"got {type(item).__name__} {item!r}; use imap() for single values"))
+                    ref.set_error(TypeError(f"each item of {maker.name}.starmap() is a tuple of arguments, "
+                                            f"got {type(item).__name__} {item!r}; use imap() for single values"))
                     call = None
                 else:
-                    call = fn._call(self._pool, ref, tuple(item), {})
+                    call = maker.call(self._pool, ref, tuple(item), {})
             else:
-                call = fn._call(self._pool, ref, (item,), {})
+                call = maker.call(self._pool, ref, (item,), {})
             if call is not None:
                 calls.append(call)
             self._window.append(ref)
             ref.add_done_callback(self._events.on_done)
-        fn._submit(self._pool, calls)
+        maker.submit(self._pool, calls)
 
     def _fill_sync(self) -> None:
         if not self._wants_more():
@@ -121,7 +121,7 @@ class ResultStream(Generic[R]):
     def _unwrap(self, ref: OperationRef[R]) -> Any:
         """The finished ref's value; its exception is yielded (return_exceptions) or closes the stream."""
         try:
-            value = ref._unwrap()
+            value = ref.result()  # finished: answers at once
         except Exception as exc:
             if not self._return_exceptions:
                 self.close()
@@ -151,7 +151,7 @@ class ResultStream(Generic[R]):
                 raise StopIteration
             if self._ordered:
                 ref = self._window[0]
-                ref._block(None)
+                _block(ref)
             else:
                 ref = self._events.get()
             self._pop(ref)
@@ -256,6 +256,14 @@ class _Events:
             finally:
                 self.waiter = None
         await checkpoint()
+
+
+def _block(ref: OperationRef[Any]) -> None:
+    """Block this thread until ``ref`` finishes, however it ends."""
+    try:
+        ref.exception()
+    except OperationCancelled:
+        pass
 
 
 def _length(source: object) -> int | None:

@@ -5,7 +5,13 @@ lazily, up to ``limit``, when calls wait and no idle or starting sandbox can tak
 warm for later calls. A sandbox holds up to ``depth`` calls at once (pipelining): two for calls
 of unknown length, more for short ones, so its worker gets whole batches. Everything here runs in
 the session's trio thread, synchronously; the I/O (starting a sandbox, sending frames, reading a
-direct worker's answers) runs in one task per sandbox (``_slot``).
+direct worker's answers) runs in one task per sandbox (``slot``), which reports back through the
+pool's ``SlotEvents`` methods (``slot_ready``, ``slot_failed``, ``slot_lost``, ``worker_lost``,
+``call_answered``, ``calls_answered``).
+
+The pool needs no session: it gets a task host (``start_soon``: the session's TaskHost, or a trio
+nursery) and a sandbox factory (makes and starts a sandbox for the spec, as a ``PoolSandbox``).
+Its timing (work stealing) reads trio's clock, so a test drives it with ``trio.testing.MockClock``.
 
 Failures: a sandbox that dies is never reused. The call it was running (the oldest one sent, as a
 worker runs its calls in order) is an infrastructure failure, retried up to ``retries`` on another
@@ -16,8 +22,7 @@ holds when only the sandbox's worker process dies; the sandbox then gets a new w
 from __future__ import annotations
 
 import collections
-import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,14 +32,22 @@ from . import bulk as _bulk, serialize as _serialize, slot as _slot
 from .call import Call, CallRef, Payload
 from .._errors import SandboxDiedError, SandboxError, SandboxTimeoutError, SerializationError
 from .plan import MAX_DEPTH, STEAL_AFTER_SECONDS, choose_slot, choose_steals, pipeline_depth, sandboxes_to_start
-from .slot import Slot
+from .slot import PoolSandbox, Slot, SlotState, TaskStarter
 
 if TYPE_CHECKING:
     from .._config import SandboxSpec
-    from .._session.session import Session
 
-__all__ = ["MAX_DEPTH", "Call", "CallRef", "Payload", "Pool", "PoolStatistics", "choose_slot", "choose_steals",
-           "pipeline_depth", "sandboxes_to_start"]
+__all__ = ["MAX_DEPTH", "Call", "CallRef", "Payload", "Pool", "PoolSandbox", "PoolStatistics", "TaskStarter",
+           "choose_slot", "choose_steals", "pipeline_depth", "sandboxes_to_start"]
+
+# The states as module constants: the scheduler compares them per answer, and a global is cheaper
+# to read than an enum's member.
+_STARTING, _READY, _RECONNECTING = SlotState.STARTING, SlotState.READY, SlotState.RECONNECTING
+_RETIRING, _DEAD = SlotState.RETIRING, SlotState.DEAD
+_SERVING = (_READY, _RECONNECTING)  # counted as idle or busy
+_COMING = (_STARTING, _RECONNECTING)  # will take calls soon
+_ENDED = (_RETIRING, _DEAD)
+
 
 @dataclass(frozen=True)
 class PoolStatistics:
@@ -56,16 +69,23 @@ class PoolStatistics:
 
 class Pool:
     """The warm sandboxes of one spec and the calls waiting for them. Used in the loop thread only,
-    except ``statistics()`` and ``repr``, which read counters."""
+    except ``statistics()`` and ``repr``, which read counters.
 
-    def __init__(self, session: Session, spec: SandboxSpec, limit: int, reuse: bool) -> None:
-        self.session, self.spec, self.limit, self.reuse = session, spec, limit, reuse
+    ``tasks`` runs the pool's background tasks (one per sandbox, timers); ``factory(spec)`` makes
+    and starts one sandbox, raising if it cannot (its owner stops it when the owner closes).
+    """
+
+    def __init__(self, tasks: TaskStarter, factory: Callable[[SandboxSpec], Awaitable[PoolSandbox]],
+                 spec: SandboxSpec, limit: int, reuse: bool) -> None:
+        self.tasks, self.factory = tasks, factory
+        self.spec, self.limit, self.reuse = spec, limit, reuse
         self.queue: collections.deque[Call] = collections.deque()
         self.slots: list[Slot] = []
         self.closed = False
         self.counts: collections.Counter[str] = collections.Counter()  # done, failed, cancelled, retried
         self.start_error: BaseException | None = None
         self.steal_timer = False  # a task will look for stalled sandboxes again soon
+        self._time: Callable[[], float] | None = None  # the loop clock's: trio.current_time() minus lookups
 
     def __repr__(self) -> str:
         s = self.statistics()
@@ -76,14 +96,20 @@ class Pool:
     def statistics(self) -> PoolStatistics:
         slots = list(self.slots)
         return PoolStatistics(
-            sandboxes_starting=sum(s.state == "starting" for s in slots),
-            sandboxes_idle=sum(s.state in ("ready", "reconnecting") and not s.inflight for s in slots),
-            sandboxes_busy=sum(s.state in ("ready", "reconnecting") and bool(s.inflight) for s in slots),
+            sandboxes_starting=sum(s.state is _STARTING for s in slots),
+            sandboxes_idle=sum(s.state in _SERVING and not s.inflight for s in slots),
+            sandboxes_busy=sum(s.state in _SERVING and bool(s.inflight) for s in slots),
             calls_queued=sum(not c.ref.done() for c in list(self.queue)),
             calls_running=sum(len(s.inflight) for s in slots),
             calls_done=self.counts["done"], calls_failed=self.counts["failed"],
             calls_cancelled=self.counts["cancelled"], calls_retried=self.counts["retried"],
         )
+
+    def _now(self) -> float:
+        """trio's time, in the loop thread (a MockClock's, under one)."""
+        if self._time is None:
+            self._time = trio.lowlevel.current_clock().current_time
+        return self._time()
 
     # -- placing calls -------------------------------------------------------------------------
 
@@ -91,7 +117,7 @@ class Pool:
         """Queue calls (loop thread) and schedule them."""
         for call in calls:
             if self.closed:
-                call.ref._set_cancelled()
+                call.ref.set_cancelled()
             elif not call.ref.done():
                 self.queue.append(call)
         self._schedule()
@@ -99,8 +125,8 @@ class Pool:
     def _schedule(self) -> None:
         if self.closed or not self.queue:
             return
-        queue, ready = self.queue, [s for s in self.slots if s.state == "ready"]
-        starting = sum(s.state in ("starting", "reconnecting") for s in self.slots)
+        queue, ready = self.queue, [s for s in self.slots if s.state is _READY]
+        starting = sum(s.state in _COMING for s in self.slots)
         while queue:
             call = queue[0]
             if call.ref.done():
@@ -119,15 +145,15 @@ class Pool:
                 self._fail(queue.popleft(), error)
             return
         idle = sum(not s.inflight for s in ready)
-        live = sum(s.state not in ("retiring", "dead") for s in self.slots)
+        live = sum(s.state not in _ENDED for s in self.slots)
         for _ in range(sandboxes_to_start(len(queue), idle, starting, live, self.limit)):
             self._start_slot()
 
     def _assign(self, slot: Slot, call: Call) -> None:
         call.slot, call.sent, call.timed_out, call.stealing = slot, False, False, False
         if not slot.inflight:
-            slot.progress_at = time.monotonic()
-        call.req_id = slot.sandbox._register(slot)
+            slot.progress_at = (self._time or self._now)()
+        call.req_id = slot.sandbox.register(slot)
         slot.inflight[call.req_id] = call
         slot.held_bytes += call.size
         payload = call.payload
@@ -139,7 +165,7 @@ class Pool:
         if call.timeout is not None:
             frame["timeout"] = call.timeout
             if slot.direct is not None:  # the agent does not see direct calls: watch it here
-                self.session._ensure_open().nursery.start_soon(_slot.watch_timeout, slot, call, call.req_id)
+                self.tasks.start_soon(_slot.watch_timeout, slot, call, call.req_id)
         if slot.bulk_dir is not None:
             frame["bulk"] = _bulk.SANDBOX_DIR  # a large result may come back as a file there
             if call.size >= _bulk.BULK_BYTES:
@@ -166,23 +192,29 @@ class Pool:
     def _release(self, slot: Slot, call: Call) -> None:
         slot.inflight.pop(call.req_id, None)
         slot.held_bytes -= call.size
-        slot.sandbox._unregister(call.req_id)
+        slot.sandbox.unregister(call.req_id)
 
-    # -- answers and failures ----------------------------------------------------------------
+    # -- answers and failures (SlotEvents) ---------------------------------------------------
 
-    def _on_answers(self, slot: Slot, frames: list[dict]) -> None:
+    def calls_answered(self, slot: Slot, frames: list[dict]) -> None:
         """A batch of answers from a direct worker: settle each, then schedule once."""
         for frame in frames:
-            self._on_answer(slot, frame, schedule=False)
+            self._answer(slot, frame)
         self._schedule()
         self._steal()
 
-    def _on_answer(self, slot: Slot, frame: dict, schedule: bool = True) -> None:
+    def call_answered(self, slot: Slot, frame: dict) -> None:
+        """One answer (a result or an error frame) to a call ``slot`` holds."""
+        self._answer(slot, frame)
+        self._schedule()
+        self._steal()
+
+    def _answer(self, slot: Slot, frame: dict) -> None:
         call = slot.inflight.get(frame["id"])
         if call is None:
             return
         self._release(slot, call)
-        slot.progress_at = time.monotonic()
+        slot.progress_at = (self._time or self._now)()
         if frame["t"] == "result":
             if "us" in frame:
                 call.payload.observe(frame["us"])
@@ -199,16 +231,13 @@ class Pool:
                     self._fail(call, exc)
                 else:
                     self.counts["done"] += 1
-                    call.ref._set_result(value)
+                    call.ref.set_result(value)
         elif call.timed_out and frame.get("kind") == "cancelled":
             self._user_failure(call, self._timeout_error(call, slot))
         elif not call.ref.done():
             self._on_error(slot, call, frame)
-        if not self.reuse and slot.state == "ready":
+        if not self.reuse and slot.state is _READY:
             self._retire(slot)
-        if schedule:
-            self._schedule()
-            self._steal()
 
     def _on_error(self, slot: Slot, call: Call, frame: dict) -> None:
         kind, sandbox_id, name = frame["kind"], slot.sandbox.sandbox_id, call.payload.name
@@ -223,7 +252,7 @@ class Pool:
         elif kind == "timeout":
             self._user_failure(call, self._timeout_error(call, slot))
         elif kind == "cancelled":
-            call.ref._set_cancelled()
+            call.ref.set_cancelled()
         elif kind == "serialization":
             self._fail(call, SerializationError(f"call to {name!r}: {frame['message']}"))
         else:
@@ -255,7 +284,7 @@ class Pool:
             call.attempts += 1
             self.counts["retried"] += 1
         if delay > 0:
-            self.session._ensure_open().nursery.start_soon(self._requeue_later, call, delay)
+            self.tasks.start_soon(self._requeue_later, call, delay)
         else:
             self.queue.appendleft(call)
 
@@ -265,7 +294,7 @@ class Pool:
 
     def _fail(self, call: Call, error: BaseException) -> None:
         self.counts["failed"] += 1
-        call.ref._set_error(error)
+        call.ref.set_error(error)
 
     def _settle_lost(self, slot: Slot, error: SandboxDiedError | None, killed: bool) -> None:
         """A slot's worker (or whole sandbox) is gone: settle what it held, in send order. The
@@ -280,7 +309,7 @@ class Pool:
             if call.ref.done():
                 continue
             if self.closed:
-                call.ref._set_cancelled()
+                call.ref.set_cancelled()
             elif call.timed_out:
                 self._user_failure(call, self._timeout_error(call, slot))
             elif call is head and error is not None and not killed:
@@ -290,9 +319,9 @@ class Pool:
             else:
                 self._requeue(call, charge=False)
 
-    def _worker_gone(self, slot: Slot, info: dict) -> None:
+    def worker_lost(self, slot: Slot, info: dict) -> None:
         """A direct worker ended (its connection closed); the sandbox lives on and gets a new one."""
-        if slot.state in ("dead", "retiring"):
+        if slot.state in _ENDED:
             return
         code, sig = info.get("code"), info.get("signal")
         how = f"was killed by signal {sig}" if sig else f"exited with code {code}"
@@ -300,14 +329,15 @@ class Pool:
                                  sandbox_id=slot.sandbox.sandbox_id, exit_code=code, signal=sig)
         self._settle_lost(slot, error, killed=bool(info.get("killed")))
         slot.direct = slot.worker = None
-        slot.state = "reconnecting"
+        slot.state = _RECONNECTING
         slot.wake.set()
         self._schedule()
 
-    def _on_gone(self, slot: Slot, error: BaseException) -> None:
-        if slot.state == "dead":
+    def slot_lost(self, slot: Slot, error: BaseException) -> None:
+        """The slot's sandbox ended (told once per request it had registered)."""
+        if slot.state is _DEAD:
             return  # called once per registered request
-        retiring, slot.state = slot.state == "retiring", "dead"
+        retiring, slot.state = slot.state is _RETIRING, _DEAD
         if slot in self.slots:
             self.slots.remove(slot)
         slot.wake.set()
@@ -324,18 +354,14 @@ class Pool:
     # -- sandboxes -------------------------------------------------------------------------------
 
     def _start_slot(self) -> None:
-        from .._session.sandbox import Sandbox
-
-        sandbox = Sandbox(_session=self.session, _spec=self.spec)
-        self.session._track(sandbox)
-        slot = Slot(self, sandbox)
+        slot = Slot(self)
         self.slots.append(slot)
-        host = self.session._ensure_open()
-        host.nursery.start_soon(_slot.run_slot, self, slot, host.nursery)
+        self.tasks.start_soon(_slot.run_slot, slot, self.factory, self.spec, self.tasks)
 
-    def _ready(self, slot: Slot) -> None:
-        if slot.state in ("starting", "reconnecting"):
-            slot.state = "ready"
+    def slot_ready(self, slot: Slot) -> None:
+        """The slot's sandbox runs and its worker is reachable (again): it takes calls."""
+        if slot.state in _COMING:
+            slot.state = _READY
             self._schedule()
             self._steal()
 
@@ -348,10 +374,10 @@ class Pool:
         the idle sandbox."""
         if self.queue or self.closed or not self.reuse or all(len(s.inflight) < 2 for s in self.slots):
             return  # (the last test: nobody holds a call waiting behind another, the usual case)
-        ready = [s for s in self.slots if s.state == "ready"]
+        ready = [s for s in self.slots if s.state is _READY]
         views = [(not s.inflight, _waiting(s), s.progress_at) for s in ready]
         taken = False
-        for index, count in choose_steals(views, time.monotonic()).items():
+        for index, count in choose_steals(views, self._now()).items():
             victim = ready[index]
             for call in [c for c in victim.inflight.values() if not c.stealing][1:][-count:]:
                 if _slot.unsend(victim, call.req_id):  # still here (the worker may not read for long)
@@ -366,22 +392,23 @@ class Pool:
             self._schedule()
         if not self.steal_timer and any(idle for idle, _, _ in views) and any(w for _, w, _ in views):
             self.steal_timer = True  # someone may stall later: look again then
-            self.session._ensure_open().nursery.start_soon(self._steal_later)
+            self.tasks.start_soon(self._steal_later)
 
     async def _steal_later(self) -> None:
         await trio.sleep(STEAL_AFTER_SECONDS)
         self.steal_timer = False
         self._steal()
 
-    def _start_failed(self, slot: Slot, error: BaseException) -> None:
+    def slot_failed(self, slot: Slot, error: BaseException) -> None:
+        """The slot's sandbox could not be made or started: drop it (its calls wait for another)."""
         if slot in self.slots:
             self.slots.remove(slot)
-        slot.state = "dead"
+        slot.state = _DEAD
         self.start_error = error
         self._schedule()
 
     def _retire(self, slot: Slot) -> None:
-        slot.state = "retiring"
+        slot.state = _RETIRING
         if slot in self.slots:
             self.slots.remove(slot)
         slot.wake.set()
@@ -391,11 +418,11 @@ class Pool:
         """The session is closing: cancel every call; the session stops the sandboxes."""
         self.closed = True
         for call in list(self.queue):
-            call.ref._set_cancelled()
+            call.ref.set_cancelled()
         self.queue.clear()
         for slot in list(self.slots):
             for call in list(slot.inflight.values()):
-                call.ref._set_cancelled()
+                call.ref.set_cancelled()
             slot.wake.set()
 
 

@@ -16,6 +16,7 @@ the traceback text. Either way the remote traceback is attached as ``__cause__``
 
 from __future__ import annotations
 
+import dis
 import hashlib
 import io
 import linecache
@@ -32,7 +33,6 @@ from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
-from cloudpickle import cloudpickle as _cp
 
 from _sandpool_agent import plain as _plain
 from .._errors import RemoteError, SandboxExecutionError, SerializationError
@@ -42,8 +42,12 @@ _repr = reprlib.Repr()
 _repr.maxstring = _repr.maxother = 80
 
 
+#: cloudpickle's own reducer of code objects, from its public dispatch table.
+_CLOUD_CODE_REDUCE = cloudpickle.Pickler.dispatch_table[types.CodeType]
+
+
 def _code_reduce(code: types.CodeType) -> tuple[Any, ...]:
-    rebuild, args = _cp._code_reduce(code)
+    rebuild, args = _CLOUD_CODE_REDUCE(code)
     return rebuild, tuple(code.co_filename if a == _DYNAMIC else a for a in args)
 
 
@@ -122,10 +126,7 @@ def _function_culprit(fn: Callable[..., Any]) -> tuple[str | None, object]:
         except ValueError:  # an empty cell
             continue
     fn_globals = getattr(fn, "__globals__", {})
-    try:
-        names = _cp._extract_code_globals(code)
-    except Exception:  # a private helper of cloudpickle: fall back to the flat name list
-        names = code.co_names
+    names = _code_globals(code)
     candidates += [(f"global {name!r}", fn_globals[name]) for name in names if name in fn_globals]
     candidates += [(f"default argument {i}", value) for i, value in enumerate(fn.__defaults__ or ())]
     for label, value in candidates:
@@ -134,6 +135,18 @@ def _function_culprit(fn: Callable[..., Any]) -> tuple[str | None, object]:
         except Exception:
             return label, value
     return None, fn
+
+
+_GLOBAL_OPS = frozenset({"LOAD_GLOBAL", "STORE_GLOBAL", "DELETE_GLOBAL"})
+
+
+def _code_globals(code: types.CodeType) -> dict[str, None]:
+    """The global names ``code`` and the functions nested in it use, in order of first use."""
+    names = {ins.argval: None for ins in dis.get_instructions(code) if ins.opname in _GLOBAL_OPS}
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names.update(_code_globals(const))
+    return names
 
 
 #: Values that plain pickle writes exactly as cloudpickle would (no class or function by reference).

@@ -2,20 +2,24 @@
 
 A slot reaches its worker directly when it can (local sandboxes): it asks the agent for a worker
 listening in the sandbox's /tmp (a ``worker`` frame) and connects to it through the path where
-this process sees that directory (see ``_bulk.host_dir``), so calls skip the agent's relay: two
+this process sees that directory (the sandbox's ``bulk_dir``), so calls skip the agent's relay: two
 socket hops instead of four. Cancels still go to the agent (``cancel`` with ``call: True``),
 which signals the worker and kills it if it does not answer in time. Otherwise (remote runtimes,
 or the connection failing) calls go through the agent, which relays them to its worker.
 
-The pool (``_pool``) decides; the slot's task only sends what the pool put in its outbox and
-feeds answers back to the pool.
+The pool (``pool``) decides; the slot's task only sends what the pool put in its outbox and
+tells the pool what happened through ``SlotEvents``, a protocol the pool implements. The slot sees
+its sandbox as a ``PoolSandbox``: what a sandbox factory returns (the session's sandboxes, or a
+test's), so nothing here knows the session's Sandbox class.
 """
 
 from __future__ import annotations
 
+import enum
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -25,8 +29,7 @@ from .._errors import ProtocolError, SandboxError, SandboxNotRunningError
 
 if TYPE_CHECKING:
     from .call import Call
-    from .pool import Pool
-    from .._session.sandbox import Sandbox
+    from .._config import SandboxSpec
 
 #: How long to wait for the agent to start a direct worker, and for its account of a worker's end.
 WORKER_START_SECONDS = 5.0
@@ -35,13 +38,84 @@ WORKER_EXIT_SECONDS = 3.0
 TIMEOUT_GRACE_SECONDS = 1.0
 
 
+class SlotState(enum.Enum):
+    """Where a slot is: STARTING -> READY <-> RECONNECTING (its direct worker is being replaced);
+    RETIRING (no more calls: ``reuse=False``) or DEAD (its sandbox ended or never started) at the end."""
+
+    STARTING = "starting"
+    READY = "ready"
+    RECONNECTING = "reconnecting"
+    RETIRING = "retiring"
+    DEAD = "dead"
+
+    def __repr__(self) -> str:
+        return self.value
+
+
+class PoolSandbox(Protocol):
+    """A started sandbox as a pool uses it: request ids routed to handlers, frames to its agent."""
+
+    @property
+    def sandbox_id(self) -> str | None: ...
+
+    #: Where this process sees the sandbox's /tmp (see ``bulk``), or None (remote, unreachable).
+    bulk_dir: str | None
+    #: A same-host server's way to connect to a worker by socket name, or None.
+    connect_worker: Callable[[str], Awaitable[Any]] | None
+
+    def register(self, handler: Any) -> int:
+        """A new request id whose frames go to ``handler`` (``_on_frame``/``_on_sandbox_gone``)."""
+
+    def unregister(self, req_id: int) -> None: ...
+
+    async def send(self, frame: dict) -> None:
+        """Send one frame to the agent; SandboxNotRunningError (or why it failed) once it is gone."""
+
+    async def send_many(self, frames: list[dict]) -> None:
+        """Send frames in one write; raises as ``send``."""
+
+    def stop(self, *, graceful_shutdown_seconds: float) -> Any:
+        """Begin stopping the sandbox (returns at once)."""
+
+
+class TaskStarter(Protocol):
+    """Where a pool's tasks run: a trio nursery, or a TaskHost."""
+
+    def start_soon(self, async_fn: Callable[..., Awaitable[Any]], *args: Any) -> None: ...
+
+
+class SlotEvents(Protocol):
+    """What a slot tells its pool (the pool implements it); all called in the loop's thread."""
+
+    closed: bool
+
+    def slot_ready(self, slot: Slot) -> None:
+        """The sandbox runs and a worker is reachable: the slot takes calls (again)."""
+
+    def slot_failed(self, slot: Slot, error: BaseException) -> None:
+        """The sandbox could not be made or started."""
+
+    def slot_lost(self, slot: Slot, error: BaseException) -> None:
+        """The sandbox ended (once per request the slot had registered)."""
+
+    def worker_lost(self, slot: Slot, info: dict) -> None:
+        """The direct worker ended (the agent's ``exit`` frame); the sandbox lives on."""
+
+    def call_answered(self, slot: Slot, frame: dict) -> None:
+        """A ``result`` or ``error`` frame for one of the slot's calls."""
+
+    def calls_answered(self, slot: Slot, frames: list[dict]) -> None:
+        """A batch of answers from the direct worker."""
+
+
 @dataclass(eq=False)
 class Slot:
-    """One sandbox of a pool and the calls it holds (by request id, in the order they were sent)."""
+    """One sandbox of a pool and the calls it holds (by request id, in the order they were sent).
+    ``sandbox`` is None until the factory has started it."""
 
-    pool: Pool
-    sandbox: Sandbox
-    state: str = "starting"  # starting -> ready <-> reconnecting; retiring/dead at the end
+    events: SlotEvents
+    sandbox: PoolSandbox | None = None
+    state: SlotState = SlotState.STARTING
     inflight: dict[int, Call] = field(default_factory=dict)
     held_bytes: int = 0
     outbox: list[dict] = field(default_factory=list)
@@ -51,14 +125,14 @@ class Slot:
     direct: DirectChannel | None = None  # the connection straight to the worker, if any
     worker: _WorkerHandle | None = None
     leaving: list[int] = field(default_factory=list)  # direct: calls handed to the connection, not all sent
-    progress_at: float = 0.0  # when it last answered, or took a call while idle (time.monotonic)
+    progress_at: float = 0.0  # when it last answered, or took a call while idle (trio.current_time)
 
     def _on_frame(self, frame: dict) -> int:  # the sandbox's reader routes relayed answers here
-        self.pool._on_answer(self, frame)
+        self.events.call_answered(self, frame)
         return 0
 
     def _on_sandbox_gone(self, error: BaseException) -> None:
-        self.pool._on_gone(self, error)
+        self.events.slot_lost(self, error)
 
 
 class _WorkerHandle:
@@ -85,27 +159,28 @@ class _WorkerHandle:
         self.exited.set()
 
 
-async def run_slot(pool: Pool, slot: Slot, nursery: trio.Nursery) -> None:
+async def run_slot(slot: Slot, factory: Callable[[SandboxSpec], Awaitable[PoolSandbox]], spec: SandboxSpec,
+                   tasks: TaskStarter) -> None:
     """Start the slot's sandbox, reach its worker, then send what the pool assigns until the end."""
-    sandbox = slot.sandbox
+    events = slot.events
     try:
-        await sandbox._ensure_running()
+        sandbox = slot.sandbox = await factory(spec)
     except Exception as exc:  # it never ran: the pool drops it (and fails its calls if none can start)
-        pool._start_failed(slot, exc)
+        events.slot_failed(slot, exc)
         return
-    if slot.state != "starting" or pool.closed:
+    if slot.state is not SlotState.STARTING or events.closed:
         return
-    sandbox._register(slot)  # a request that is never answered: we hear of its death even when idle
-    slot.bulk_dir = _bulk.host_dir(sandbox)
-    await _connect(slot, nursery)
-    pool._ready(slot)
-    while slot.state not in ("dead", "retiring"):
+    sandbox.register(slot)  # a request that is never answered: we hear of its death even when idle
+    slot.bulk_dir = sandbox.bulk_dir
+    await _connect(slot, tasks)
+    events.slot_ready(slot)
+    while slot.state not in (SlotState.DEAD, SlotState.RETIRING):
         if not slot.outbox and (slot.direct is None or slot.direct.idle):
             await slot.wake.wait()
         slot.wake = trio.Event()
-        if slot.state == "reconnecting":
-            await _connect(slot, nursery)
-            pool._ready(slot)
+        if slot.state is SlotState.RECONNECTING:
+            await _connect(slot, tasks)
+            events.slot_ready(slot)
             continue
         frames, slot.outbox = slot.outbox, []
         calls = [f for f in frames if f["t"] == "call"]
@@ -115,10 +190,10 @@ async def run_slot(pool: Pool, slot: Slot, nursery: trio.Nursery) -> None:
                 await _send_direct(slot, slot.direct, calls, others)
                 continue
             if calls:
-                await sandbox._send_many(calls)
+                await sandbox.send_many(calls)
                 _mark_sent(slot, [f["id"] for f in calls])
             if others:  # after their calls, on the same connection
-                await sandbox._send_many(others)
+                await sandbox.send_many(others)
         except (SandboxNotRunningError, ProtocolError):
             # the worker's connection broke: its exit (or the sandbox's end) resubmits the calls;
             # or the agent's connection broke: the sandbox's reader reports the end to the pool
@@ -140,7 +215,7 @@ async def _send_direct(slot: Slot, direct: DirectChannel, calls: list[dict], oth
     if len(ready) < len(others):
         slot.outbox[:0] = [f for f in others if not left(slot, f["id"])]
     if ready:
-        await slot.sandbox._send_many(ready)
+        await slot.sandbox.send_many(ready)
     if not direct.idle:
         error = None
         async with trio.open_nursery() as nursery:
@@ -180,18 +255,17 @@ def left(slot: Slot, req_id: int) -> bool:
             and all(f.get("id") != req_id for f in slot.outbox if f["t"] == "call"))
 
 
-async def _connect(slot: Slot, nursery: trio.Nursery) -> None:
+async def _connect(slot: Slot, tasks: TaskStarter) -> None:
     """Start a direct worker and connect to it; on any failure, calls go through the agent."""
     slot.direct = slot.worker = None
-    record = slot.sandbox._record
-    line = record.connect_worker if record is not None else None  # a same-host server's
+    sandbox, handle = slot.sandbox, _WorkerHandle()
+    line = sandbox.connect_worker  # a same-host server's
     if slot.bulk_dir is None and line is None:
         return
-    sandbox, handle = slot.sandbox, _WorkerHandle()
     name = f".sandpool-worker-{secrets.token_hex(6)}"
-    req_id = sandbox._register(handle)
+    req_id = sandbox.register(handle)
     try:
-        await sandbox._send({"t": "worker", "id": req_id, "listen": f"{_bulk.SANDBOX_DIR}/{name}"})
+        await sandbox.send({"t": "worker", "id": req_id, "listen": f"{_bulk.SANDBOX_DIR}/{name}"})
         with trio.move_on_after(WORKER_START_SECONDS):
             await handle.started.wait()
         if not handle.ok:
@@ -201,15 +275,15 @@ async def _connect(slot: Slot, nursery: trio.Nursery) -> None:
     except (OSError, SandboxError):
         if handle.ok:  # started, but unreachable: stop it, so that the agent relays calls instead
             try:
-                await sandbox._send({"t": "cancel", "id": req_id})
+                await sandbox.send({"t": "cancel", "id": req_id})
             except SandboxError:
                 pass
             with trio.move_on_after(WORKER_EXIT_SECONDS):
                 await handle.exited.wait()
-        sandbox._unregister(req_id)
+        sandbox.unregister(req_id)
         return
     slot.direct, slot.worker = channel, handle
-    nursery.start_soon(_read_direct, slot, channel, handle, req_id)
+    tasks.start_soon(_read_direct, slot, channel, handle, req_id)
 
 
 def send(slot: Slot, call: Call, frame: dict) -> None:
@@ -232,22 +306,22 @@ def send(slot: Slot, call: Call, frame: dict) -> None:
 
 async def _read_direct(slot: Slot, channel: DirectChannel, handle: _WorkerHandle, req_id: int) -> None:
     """Feed the worker's answers to the pool; at its end, wait for the agent's account of it."""
-    pool = slot.pool
+    events = slot.events
     try:
         while True:
             batch = await channel.receive_batch()
             if batch is None:
                 break
-            pool._on_answers(slot, batch)
+            events.calls_answered(slot, batch)
     except ProtocolError:
         pass
     finally:
         channel.close()
     with trio.move_on_after(WORKER_EXIT_SECONDS):
         await handle.exited.wait()
-    slot.sandbox._unregister(req_id)
+    slot.sandbox.unregister(req_id)
     if slot.worker is handle:
-        pool._worker_gone(slot, handle.exit)
+        events.worker_lost(slot, handle.exit)
 
 
 def args_file(req_id: int) -> str:

@@ -15,6 +15,7 @@ from .._errors import SandboxError
 from .._functions import actor as _actor
 from .._functions import actor_asks as _actor_asks
 from .._functions.function import Retries, function_decorator
+from .._functions.host import Pools
 from .._core.hosts import current_host, settle, to_thread
 from .._core.opref import OperationRef, TaskHost
 from .._functions.pool import Pool, PoolStatistics
@@ -23,6 +24,7 @@ from .._runtime.contract import Runtime
 from .._runtime.local import LocalRuntime
 from . import background
 from .home import SandboxHome
+from .poolsandbox import PoolMember
 from .sandbox import Sandbox
 
 log = logging.getLogger("sandpool")
@@ -82,7 +84,9 @@ class Session:
         self._finished: trio.Event | None = None
         self._nursery_cm: Any = None
         self._close_grace = CLOSE_GRACE_SECONDS
-        self._pools: dict[tuple, Pool] = {}  # remote functions' warm pools, by (spec, limit, reuse)
+        # remote functions' warm pools, by (spec, limit, reuse): they start sandboxes through the factory
+        self._functions = Pools(self.defaults, self._ensure_open, self._start_pool_sandbox, lambda: self._closed)
+        self._pools = self._functions.pools
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open" if self._host else "not_opened"
@@ -355,7 +359,16 @@ class Session:
         """
         options = dict(overrides, retries=retries, timeout_seconds=timeout_seconds,
                        max_concurrency=max_concurrency, reuse=reuse)
-        return function_decorator(self, fn, options)
+        return function_decorator(self._functions, fn, options)
+
+    async def _start_pool_sandbox(self, spec: Any) -> PoolMember:
+        """The pools' sandbox factory: a sandbox of this session (stopped when it closes), started."""
+        if self._closed:
+            raise SandboxError("this session is closed; open a new Session to create sandboxes")
+        sandbox = Sandbox(_home=self._home, _spec=spec)
+        self._track(sandbox)
+        await sandbox._ensure_running()
+        return PoolMember(sandbox)
 
     def cls(self, cls: Any = None, /, **options: Any) -> Any:
         """Decorate a class so that its instances live in sandboxes (actors): an ActorClass.
@@ -370,10 +383,7 @@ class Session:
     def statistics(self) -> PoolStatistics:
         """Remote-function pools at a glance: sandboxes starting/idle/busy, calls queued/running/
         done/failed/cancelled/retried (summed over the session's pools; safe from any thread)."""
-        total = PoolStatistics()
-        for pool in list(self._pools.values()):
-            total = total + pool.statistics()
-        return total
+        return self._functions.statistics()
 
     # -- closing -------------------------------------------------------------------------------
 
@@ -392,8 +402,7 @@ class Session:
 
     async def _close_async(self) -> None:
         self._closed = True
-        for pool in list(self._pools.values()):
-            pool.close()  # cancel every call first, so stopping sandboxes retries none of them
+        self._functions.close()  # cancel every call first, so stopping sandboxes retries none of them
         sandboxes = list(self._tracked.values())
         self._tracked.clear()
         failures: list[Exception] = []

@@ -197,6 +197,25 @@ def test_return_exceptions_yields_errors_and_goes_on():
         assert out[0] == 1.0 and isinstance(out[1], ZeroDivisionError) and out[2] == 0.5
 
 
+def test_a_first_call_cancelled_before_it_started_leaves_its_function_with_the_worker():
+    """A function's first call carries its pickle; cancelled while it waits in the worker behind a
+    running call, it never runs, yet the worker keeps the function: the next call of it, sent
+    without the pickle, runs (the worker once dropped the pickle with the call, and that call
+    failed with SerializationError naming an unknown fn_key)."""
+    with Session() as s:
+        write, check = one_sandbox(s, write_later, exists)
+        running = write.remote("/tmp/running", SLEEP)
+        first = check.remote("/tmp/running")  # check's first call: its frame carries the pickle
+        assert wait_until(lambda: [c.sent for pool in s._pools.values() for slot in pool.slots
+                                   for c in slot.inflight.values()] == [True, True]), s.statistics()
+        assert first.cancel()
+        with pytest.raises(OperationCancelled):
+            first.result()
+        assert running.cancel()
+        assert check.remote("/tmp/running").result(timeout=30) is False
+        assert s.statistics().sandboxes_idle == 1  # the same sandbox served it
+
+
 def test_cancelled_queued_calls_never_run():
     """Calls cancelled while still queued (behind a busy sandbox) never start."""
     with Session() as s:

@@ -31,7 +31,7 @@ def running_agent_pid(session: Session) -> int:
         for pool in list(session._pools.values()):
             for slot in list(pool.slots):
                 if any(call.sent for call in slot.inflight.values()):
-                    return slot.sandbox._record.agent_pid
+                    return slot.sandbox.sandbox._record.agent_pid
         time.sleep(0.01)
     raise AssertionError("no call was sent")
 
