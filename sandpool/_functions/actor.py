@@ -170,7 +170,7 @@ class ActorHandle:
         ref = CallRef(host)
         if _refs.has_refs(args, kwargs):  # other calls' results: in their place once they are in
             call = ActorCall(label, None, ref)
-            ref._pool, ref._rcall = link, call
+            ref.pool, ref.call = link, call
             in_loop(host, link.submit, call)
 
             def ready(values: tuple[Any, ...], named: dict[str, Any]) -> None:
@@ -181,7 +181,7 @@ class ActorHandle:
             _refs.when_resolved(host, ref, args, kwargs, ready)
             return ref
         call = ActorCall(label, _serialize.dumps_args((self._actor_id, method, *args), kwargs, label), ref)
-        ref._pool, ref._rcall = link, call
+        ref.pool, ref.call = link, call
         in_loop(host, link.submit, call)
         return ref
 

@@ -53,7 +53,7 @@ async def connect(sandbox: Sandbox, nursery: trio.Nursery, on_answers: Callable[
     """Start a direct worker in ``sandbox`` and connect to it; None when that cannot be done
     (a remote runtime, or any failure): calls then go through the agent. A task of ``nursery``
     reads the answers into ``on_answers``, and calls ``on_end(exit_frame)`` once the worker ended."""
-    directory = _bulk.host_dir(sandbox)
+    directory = _bulk.host_dir(sandbox._record)
     if directory is None:
         return None
     name = f".sandpool-actor-{secrets.token_hex(6)}"

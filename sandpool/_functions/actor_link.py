@@ -110,7 +110,7 @@ class ActorLink:
         if call.ref.done():
             return
         if self.phase is Phase.DEAD:
-            call.ref._set_error(self._died_error(f"call to {call.label!r}"))
+            call.ref.set_error(self._died_error(f"call to {call.label!r}"))
             return
         self.queue.append(call)
         self.flush()
@@ -285,7 +285,7 @@ class ActorLink:
                 if call.members is not None:
                     self._settle_step(value)
                 else:
-                    call.ref._set_result(value)
+                    call.ref.set_result(value)
         else:
             self.on_error(call, frame)
         if self.concurrency > 1:
@@ -299,7 +299,7 @@ class ActorLink:
             error = SerializationError(f"the answer of a step of actor {self.label} is malformed; the sandbox "
                                        "sent something else than (ticket, ok, value) outcomes")
             for call in self.running.values():
-                call.ref._set_error(error)
+                call.ref.set_error(error)
             self.running.clear()
             return
         sandbox_id = self.sandbox.sandbox_id if self.sandbox else None
@@ -309,19 +309,19 @@ class ActorLink:
                 continue
             fields = value if type(value) is dict else {}
             if ok:
-                call.ref._set_result(value)
+                call.ref.set_result(value)
             elif fields.get("kind") == "serialization":
-                call.ref._set_error(SerializationError(f"call to {call.label!r}: {fields.get('message')}"))
+                call.ref.set_error(SerializationError(f"call to {call.label!r}: {fields.get('message')}"))
             elif fields.get("kind") == "cancelled":
-                call.ref._set_cancelled()
+                call.ref.set_cancelled()
             else:
-                call.ref._set_error(_serialize.remote_exception(fields, sandbox_id, False))
+                call.ref.set_error(_serialize.remote_exception(fields, sandbox_id, False))
 
     def _fail(self, call: ActorCall, error: BaseException) -> None:
         for member in call.calls():
             if call.members is not None:
                 self.running.pop(member.ticket, None)
-            member.ref._set_error(error)
+            member.ref.set_error(error)
 
     def on_error(self, call: ActorCall | None, frame: dict) -> None:
         """An ``error`` answer (or, with no call, the worker's end): the call's, or the actor's death."""
@@ -338,7 +338,7 @@ class ActorLink:
         elif kind == "cancelled":
             for member in call.calls():
                 self.running.pop(member.ticket, None)
-                member.ref._set_cancelled()
+                member.ref.set_cancelled()
             return
         elif kind == "serialization":
             error = SerializationError(f"call to {call.label!r}: {frame['message']}")
@@ -388,12 +388,12 @@ class ActorLink:
             if call.ref.done():
                 continue
             if closing:
-                call.ref._set_cancelled()
+                call.ref.set_cancelled()
             elif restart and (call in waiting or call.attempts < self.retries):
                 call.attempts += call not in waiting
                 self.queue.append(call)  # to the new instance, in the same order
             else:
-                call.ref._set_error(self._died_error(f"call to {call.label!r}"))
+                call.ref.set_error(self._died_error(f"call to {call.label!r}"))
         if self.sandbox is not None and not closing:  # a closing session stops it itself
             self.sandbox.stop(graceful_shutdown_seconds=0)
         self.incarnation, self.direct = None, None

@@ -28,7 +28,7 @@ def when_resolved(host: Any, ref: Any, args: tuple[Any, ...], kwargs: dict[str, 
                   then: Callable[[tuple[Any, ...], dict[str, Any]], None]) -> None:
     """Once every OperationRef among ``args`` and ``kwargs`` has its value, call ``then(args,
     kwargs)`` with the values in place, in the host's loop. ``ref`` (the call's own, with
-    ``_set_error``/``_set_cancelled``) takes a dependency's error, its cancellation, or the error
+    ``set_error``/``set_cancelled``) takes a dependency's error, its cancellation, or the error
     ``then`` raises; nothing is called once ``ref`` is done (cancelled meanwhile). Thread-safe."""
     host.start_soon(_resolve, ref, args, kwargs, then)
 
@@ -39,20 +39,20 @@ async def _resolve(ref: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
         values = [await _value(a) for a in args]
         named = {k: await _value(v) for k, v in kwargs.items()}
     except OperationCancelled:
-        ref._set_cancelled()
+        ref.set_cancelled()
         return
     except trio.Cancelled:  # the session is closing
-        ref._set_cancelled()
+        ref.set_cancelled()
         raise
     except Exception as exc:  # the dependency's own error is the call's
-        ref._set_error(exc)
+        ref.set_error(exc)
         return
     if ref.done():
         return
     try:
         then(tuple(values), named)
     except Exception as exc:  # its arguments do not pickle: this call fails, nothing else
-        ref._set_error(exc)
+        ref.set_error(exc)
 
 
 async def _value(arg: Any) -> Any:
