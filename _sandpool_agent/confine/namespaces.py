@@ -40,7 +40,7 @@ import os
 import stat
 import sys
 
-from . import _sys, storage
+from . import _sys, storage, volumes
 
 #: What exec'd processes keep (Docker's default set minus MKNOD and NET_RAW): no mount, no module
 #: loading, no raw devices, no ptrace across the pid namespace boundary, no clock or sysctl changes.
@@ -173,7 +173,7 @@ def enter(plan: dict, early: bool = False, cgroupns: bool = False) -> None:
 def root_key(plan: dict) -> str:
     """What of ``plan`` the root ``build_root`` makes depends on, other than where its scratch
     directory lies: two plans with the same key get the same root."""
-    return repr([plan.get(k) for k in ("network", "lower", "view", "tmp_bytes", "hide", "binds")])
+    return repr([plan.get(k) for k in ("network", "lower", "view", "tmp_bytes", "hide", "binds", "snapshot", "volumes")])
 
 
 def relocated(plan: dict, scratch: str) -> dict:
@@ -191,6 +191,7 @@ def build_root(plan: dict) -> None:
     and the scratch tree is read; afterwards nothing of the host is reachable."""
     merged = plan["merged"]
     storage.mount(plan)
+    storage.hold(plan)
     mount_root(plan)
     size = plan["tmp_bytes"]
     _mount_proc(merged)
@@ -212,6 +213,7 @@ def build_root(plan: dict) -> None:
         path = _mount_point(merged, target, directory)
         _sys.mount(source, path, None, _sys.MS_BIND | _sys.MS_REC)
         _read_only(path)
+    volumes.mount(plan.get("volumes") or (), merged)
     os.chdir(merged)
     _sys.pivot_root(".", ".")  # stack the new root on the old one, then detach the old one
     _sys.umount(".", _sys.MNT_DETACH)  # (waits for an RCU grace period: ~0.5-2 ms)
@@ -245,11 +247,18 @@ def mount_root(plan: dict) -> None:
     """
     merged, upper, work = plan["merged"], plan["upper"], plan["work"]
     view = plan.get("view")
+    snap = plan.get("snapshot")  # {"upper": lowerdirs, "root": lowerdirs}: a snapshot's layers, top first
+    if snap:
+        storage.hold_locks(snap["locks"])
     if view is None:
-        _sys.mount("overlay", merged, "overlay", _sys.MS_NOSUID,
-                   f"lowerdir={plan['lower']},upperdir={upper},workdir={work}")
+        lower = f"{snap['upper']}:{plan['lower']}" if snap else plan["lower"]
+        _sys.mount("overlay", merged, "overlay", _sys.MS_NOSUID, f"lowerdir={lower},upperdir={upper},workdir={work}")
         return
-    storage.bind(plan, "root", merged)  # on the sandbox's writable tmpfs, with /tmp and the upper layer
+    if snap:  # the root tree over the snapshot's, writes still on the sandbox's tmpfs
+        _sys.mount("overlay", merged, "overlay", _sys.MS_NOSUID, f"lowerdir={snap['root']},upperdir="
+                   f"{storage.tree(plan, 'root')},workdir={_mkdir(plan['scratch'], 'rootwork')}")
+    else:
+        storage.bind(plan, "root", merged)  # on the sandbox's writable tmpfs, with /tmp and the upper layer
     for name, target in view["links"].items():
         os.symlink(target, _inside(merged, name))
     for path, mode in view["dirs"]:
@@ -263,6 +272,9 @@ def mount_root(plan: dict) -> None:
         return
     if view["whiteouts"]:
         lower = f"{_whiteout_layer(_mkdir(stage, 'hidden'), view['whiteouts'])}:{lower}"
+    if snap:  # the host's / may not share an overlay with a layer stored on it: stack on a read-only one
+        _sys.mount("overlay", _mkdir(stage, "base"), "overlay", _sys.MS_NOSUID | _sys.MS_RDONLY, f"lowerdir={lower}")
+        lower = f"{snap['upper']}:{os.path.join(stage, 'base')}"
     host = _mkdir(stage, "host")
     _sys.mount("overlay", host, "overlay", _sys.MS_NOSUID, f"lowerdir={lower},upperdir={upper},workdir={work}")
     for name in view["shown"]:

@@ -26,6 +26,9 @@ MIN_BYTES = 2**20
 #: The trees beside the upper layer, bound onto their mount points; name -> mode. ``root`` is the
 #: host image's root (``namespaces.mount_root``).
 TREES = {"tmp": 0o1777, "run": 0o755, "shm": 0o1777, "root": 0o755}
+#: The agent keeps the tmpfs open at this descriptor (``hold``): after pivot_root no path leads to
+#: its upper layer, and the client reads it through ``/proc/<agent>/fd/SCRATCH_FD`` for a snapshot.
+SCRATCH_FD = 1000
 
 
 def default_bytes() -> int:
@@ -55,6 +58,25 @@ def mount(plan: dict) -> None:
         path = os.path.join(scratch, name)
         os.mkdir(path)
         os.chmod(path, mode)  # mkdir obeys the umask
+
+
+def hold(plan: dict) -> None:
+    """Keep the tmpfs mounted on ``plan["scratch"]`` open (O_PATH, close-on-exec) at ``SCRATCH_FD``."""
+    fd = os.open(plan["scratch"], os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    if fd != SCRATCH_FD:
+        os.dup2(fd, SCRATCH_FD, inheritable=False)
+        os.close(fd)
+
+
+def hold_locks(paths: list) -> None:
+    """Hold each lock file of ``paths`` shared for the sandbox's life (the layers of a snapshot it
+    runs on: the snapshot store removes a layer only when it can lock it exclusively). Inherited
+    across exec on purpose: at the oci level crun holds them."""
+    import fcntl
+
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_SH)
 
 
 def tree(plan: dict, name: str) -> str:

@@ -1,0 +1,205 @@
+"""Snapshots and volumes, runtime side: add them to a sandbox's plan at start, capture a running one.
+
+``apply(record, config, state_dir)`` runs after ``Isolation.prepare`` made the spawn config: it adds
+the volumes' mounts, and for ``restore_from_snapshot_id`` the snapshot's layers (``plan["snapshot"]``:
+lower dirs stacked over the image's, and the lock files the agent holds shared while it runs on
+them; see ``_sandpool_agent.confine.namespaces.mount_root``). A snapshot's layers were written by a
+sandbox, so before any start every path the root's construction walks on the host side (mount
+points, the host image's directories and links, binds, volumes) is checked to be no symlink in them.
+
+``capture(record, trigger)`` (blocking; call it in a thread) copies the sandbox's writable layers
+into the snapshot store (``sandpool._images.snapshots``) while its cgroup is frozen, so every
+process of it stands still during the copy: the agent keeps its writable tmpfs open at
+``storage.SCRATCH_FD``, and the client (root) reads ``/proc/<agent>/fd/<n>/upper`` (and ``root``,
+the host image's root tree). Without a cgroup freezer (no cgroup v2 here) the copy runs beside the
+sandbox: each file is read whole, but files written during the copy may be seen at different moments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import time
+
+from .._errors import SandboxFailedError
+from .._errors_cw import SandboxSnapshotError, SnapshotNotSupportedError
+from .._images import snapshots as store_mod
+from .._images import treecopy
+from . import images, probe, volumes
+from _sandpool_agent.confine import namespaces, storage
+
+#: How long capture waits for the kernel to report the cgroup frozen.
+FREEZE_WAIT_SECONDS = 2.0
+_SNAPSHOT_LEVELS = ("namespaces", "oci")
+
+
+def store() -> store_mod.SnapshotStore:
+    return store_mod.SnapshotStore(images.store_dir())
+
+
+def apply(record, config: dict, state_dir: str) -> None:
+    """Add ``record``'s volumes and snapshot to its spawn ``config``; SandboxFailedError if they cannot be."""
+    spec = record.spec
+    plan = config.get("namespaces") or config.get("oci")
+    try:
+        mounts = volumes.entries(spec.volumes, state_dir)
+        if mounts and record.isolation != "namespaces":
+            raise ValueError(f"volumes need isolation='namespaces' (this sandbox runs at {record.isolation!r})")
+        if plan is not None:
+            plan["volumes"] = mounts
+            record.extra["snapshot_base"] = {"image": spec.container_image, "lower": plan["lower"], "layers": [],
+                                             "links": sorted((plan.get("view") or {}).get("links") or ())}
+        if spec.restore_from_snapshot_id:
+            _restore(record, plan, spec.restore_from_snapshot_id)
+    except (ValueError, store_mod.SnapshotNotFound) as exc:
+        raise SandboxFailedError(str(exc), sandbox_id=record.sandbox_id, status_reason="InvalidSpec") from exc
+
+
+def _restore(record, plan: dict | None, snapshot_id: str) -> None:
+    if plan is None or probe.rootless():
+        raise ValueError(f"restore_from_snapshot_id needs isolation='namespaces' or 'oci' as root (this sandbox "
+                         f"runs at {record.isolation!r}{', rootless' if probe.rootless() else ''})")
+    snaps = store()
+    snap = snaps.get(snapshot_id)
+    if snap.image != record.spec.container_image:
+        raise ValueError(f"snapshot {snapshot_id} was taken of image {snap.image!r}; start it with "
+                         f"container_image={snap.image!r} (this sandbox asks for {record.spec.container_image!r})")
+    missing = [d for d in snap.layers if not snaps.has_layer(d)]
+    if missing:
+        raise ValueError(f"snapshot {snapshot_id} lacks its layer {missing[0]} (removed from {snaps.base}); "
+                         f"take the snapshot again")
+    if not plan.get("view"):
+        plan["lower"] = snap.base_lower  # the image's layers it was taken on, even if the tag moved since
+    parts = {part: ":".join(snaps.layer_part(d, part) for d in snap.layers) for part in ("upper", "root")}
+    plan["snapshot"] = {**parts, "locks": [snaps.lock_path(d) for d in snap.layers]}
+    _check_no_symlinks(plan, snap, snaps)
+    record.extra["snapshot_base"].update(layers=list(snap.layers), lower=plan["lower"])
+
+
+def _walked_paths(plan: dict) -> set[str]:
+    """Paths of the root that its construction resolves on the host side, before the pivot_root."""
+    paths = {"/proc", "/sys", "/dev", "/tmp", "/run", namespaces.AGENT_DIR}
+    paths.update(path for path, _ in plan.get("hide") or ())
+    paths.update(target for _, target in plan.get("binds") or ())
+    paths.update(entry["target"] for entry in plan.get("volumes") or ())
+    view = plan.get("view") or {}
+    paths.update("/" + name for name in view.get("links") or ())
+    paths.update("/" + name for name in view.get("shown") or ())
+    paths.update(path for path, _ in view.get("dirs") or ())
+    return paths
+
+
+def _check_no_symlinks(plan: dict, snap: store_mod.SnapshotRecord, snaps: store_mod.SnapshotStore) -> None:
+    parts = ("upper", "root") if plan.get("view") else ("upper",)
+    for path in sorted(_walked_paths(plan)):
+        names = [n for n in path.split("/") if n]
+        for digest in snap.layers:
+            for part in parts:
+                here = snaps.layer_part(digest, part)
+                for name in names:
+                    here = os.path.join(here, name)
+                    try:
+                        mode = os.lstat(here).st_mode
+                    except OSError:
+                        break
+                    if stat.S_ISLNK(mode):
+                        raise ValueError(f"snapshot {snap.snapshot_id} has a symlink at "
+                                         f"{here[len(snaps.layer_part(digest, part)):]}, where a sandbox's root "
+                                         f"needs a directory of its own; it cannot be restored")
+
+
+# -- capture ------------------------------------------------------------------------------------
+
+
+def refusal(record) -> str | None:
+    """Why ``record`` cannot be snapshotted, or None."""
+    if record.isolation not in _SNAPSHOT_LEVELS:
+        return (f"sandbox {record.sandbox_id} runs at isolation={record.isolation!r}, which has no writable "
+                f"layer of its own to capture; start it with isolation='namespaces' to snapshot it")
+    if probe.rootless():
+        return "snapshots need root: a rootless sandbox's layers cannot hold the overlay's whiteouts"
+    if "snapshot_base" not in record.extra:
+        return f"sandbox {record.sandbox_id} has no writable layer to capture"
+    return None
+
+
+def capture(record, trigger: str = "manual") -> store_mod.SnapshotRecord:
+    """Copy ``record``'s writable layers into the store (its cgroup frozen meanwhile); the record.
+    SnapshotNotSupportedError for a sandbox that has none, SandboxSnapshotError if the copy fails."""
+    why = refusal(record)
+    if why:
+        raise SnapshotNotSupportedError(why, sandbox_id=record.sandbox_id, feature="snapshot")
+    base = record.extra["snapshot_base"]
+    snaps = store()
+    work = snaps.new_work_dir()
+    started = time.perf_counter()
+    try:
+        source = _source(record)
+        os.mkdir(work, 0o700)
+        copied = treecopy.Copied()
+        with _frozen(record.extra.get("cgroups")):
+            treecopy.copy_tree(os.path.join(source, "upper"), os.path.join(work, "upper"), copied=copied)
+            if base["links"] or record.spec.container_image == images.HOST:
+                treecopy.copy_tree(os.path.join(source, "root"), os.path.join(work, "root"),
+                                   skip_top=frozenset(base["links"]), copied=copied)
+            else:
+                os.mkdir(os.path.join(work, "root"), 0o700)
+        digest = copied.hash.hexdigest()
+        snaps.commit_layer(digest, work, copied.bytes)
+    except OSError as exc:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+        raise SandboxSnapshotError(f"could not snapshot sandbox {record.sandbox_id}: {exc}",
+                                   sandbox_id=record.sandbox_id) from exc
+    snap = store_mod.SnapshotRecord(
+        snapshot_id=store_mod.new_id(), layers=(digest, *base["layers"]), image=base["image"],
+        base_lower=base["lower"], view=bool(base["links"]) or record.spec.container_image == images.HOST,
+        source_sandbox_id=record.sandbox_id, trigger=trigger, created=time.time(), size_bytes=copied.bytes,
+        seconds=time.perf_counter() - started)
+    snaps.save(snap)
+    return snap
+
+
+def _source(record) -> str:
+    """Where the client reads the sandbox's writable tmpfs: the agent's descriptor (namespaces), or
+    the mount in crun's mount namespace (oci)."""
+    pid = record.agent_pid
+    if pid is None or record.exited.is_set():
+        raise OSError(3, "the sandbox is not running")
+    if record.isolation == "oci":
+        return f"/proc/{pid}/root{record.extra['dir']}/fs"
+    return f"/proc/{pid}/fd/{storage.SCRATCH_FD}"
+
+
+@contextlib.contextmanager
+def _frozen(group: dict | None):
+    """Freeze the cgroup v2 ``group`` (every process of the sandbox) for the block, if there is one."""
+    freeze = os.path.join(os.path.dirname(group["kill"]), "cgroup.freeze") if group and group.get("kill") else None
+    if freeze is None or not os.path.exists(freeze):
+        yield
+        return
+    _write(freeze, "1")
+    try:
+        _wait_frozen(os.path.join(os.path.dirname(freeze), "cgroup.events"))
+        yield
+    finally:
+        _write(freeze, "0")
+
+
+def _wait_frozen(events: str) -> None:
+    deadline = time.monotonic() + FREEZE_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        try:
+            with open(events) as f:
+                if "frozen 1" in f.read():
+                    return
+        except OSError:
+            return
+        time.sleep(0.0005)
+
+
+def _write(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
