@@ -15,6 +15,7 @@ content, in name order: two identical trees get the same digest (the store keeps
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -102,22 +103,49 @@ def _record(copied: Copied, path: str, kind: str, info: os.stat_result) -> None:
 
 
 def _copy_file(sfd: int, dfd: int, name: str, copied: Copied) -> None:
+    """Copy the data of ``name``, holes kept as holes: a sparse file the sandbox made (``truncate -s
+    1T``) takes only its written blocks on the host's disk, as it did in the sandbox's tmpfs."""
     src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sfd)
     try:
         dst = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
         try:
-            content = hashlib.sha256()
-            while chunk := os.read(src, CHUNK):
-                content.update(chunk)
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(dst, view):]
-                copied.bytes += len(chunk)
+            size = os.fstat(src).st_size
+            content = hashlib.sha256(str(size).encode())
+            for start, end in _data_segments(src, size):
+                offset = start
+                while offset < end:
+                    chunk = os.pread(src, min(CHUNK, end - offset), offset)
+                    if not chunk:
+                        break  # (truncated meanwhile: an unfrozen sandbox)
+                    content.update(offset.to_bytes(8, "little"))
+                    content.update(chunk)
+                    written = 0
+                    while written < len(chunk):
+                        written += os.pwrite(dst, memoryview(chunk)[written:], offset + written)
+                    offset += len(chunk)
+                    copied.bytes += len(chunk)
+            os.ftruncate(dst, size)
             copied.hash.update(content.digest())
         finally:
             os.close(dst)
     finally:
         os.close(src)
+
+
+def _data_segments(fd: int, size: int):
+    """(start, end) of each data region of ``fd`` (SEEK_DATA/SEEK_HOLE; the whole file if unsupported)."""
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after offset: the rest is a hole
+                return
+            yield offset, size
+            return
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        yield start, min(end, size)
+        offset = end
 
 
 def _finish(dfd: int, name: str | None, info: os.stat_result) -> None:

@@ -141,6 +141,7 @@ def capture(record, trigger: str = "manual") -> store_mod.SnapshotRecord:
         with _frozen(record.extra.get("cgroups")):
             treecopy.copy_tree(os.path.join(source, "upper"), os.path.join(work, "upper"), copied=copied)
             if base["links"] or record.spec.container_image == images.HOST:
+                copied.hash.update(b"\0root tree\0")
                 treecopy.copy_tree(os.path.join(source, "root"), os.path.join(work, "root"),
                                    skip_top=frozenset(base["links"]), copied=copied)
             else:
