@@ -24,7 +24,6 @@ import os
 import re
 import secrets
 import shutil
-import time
 
 from .errors import ImageError
 
@@ -174,11 +173,15 @@ class SnapshotStore:
                 if free:
                     shutil.rmtree(path, ignore_errors=True)
                     removed.append(digest)
+        self.sweep()
+        return removed
+
+    def sweep(self) -> None:
+        """Remove copies in progress whose process is gone (a client killed during a snapshot)."""
         for stale in glob.glob(self.path("tmp", "*")):
             pid = os.path.basename(stale).split("-", 1)[0]
             if not pid.isdigit() or not os.path.exists(f"/proc/{pid}"):
                 shutil.rmtree(stale, ignore_errors=True)
-        return removed
 
     def layer_size(self, digest: str) -> int:
         try:
@@ -223,7 +226,3 @@ def _record(data: object) -> SnapshotRecord | None:
     if not ID_PATTERN.fullmatch(str(record.snapshot_id)) or not all(_HEX.fullmatch(str(d)) for d in record.layers):
         return None
     return dataclasses.replace(record, layers=tuple(record.layers))
-
-
-def now() -> float:
-    return time.time()

@@ -101,6 +101,7 @@ class LocalRuntime(Runtime):
         # one socket per sandbox here: 1,000 sandboxes need more than the usual soft limit of 1,024
         self._sandbox_nofile = _linux.raise_fd_limit()
         _statedir.sweep(self.state_dir)
+        _snapshots.store().sweep()  # copies of snapshots a killed client left
         self._nursery = nursery
         await self._start_template()
 
