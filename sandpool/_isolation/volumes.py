@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import time
 
 from .._options_volumes import check_name
@@ -84,6 +85,7 @@ def entries(volumes: tuple | None, state_dir: str) -> list[dict]:
             if not os.path.isdir(source):
                 raise ValueError(f"{field}: volume {vol['volume']!r} does not exist; make it with "
                                  f"'sandpool volume create {vol['volume']}'")
+            _check_sub_path(source, vol["sub_path"], field)
             entry.update(source=source, sub=vol["sub_path"])
         else:
             entry.update(source=_checked_bind(vol["host_path"], field, state_dir), sub="")
@@ -105,6 +107,23 @@ def _checked_bind(host: str, field: str, state_dir: str) -> str:
             raise ValueError(f"{field}: host_path {host!r} holds or lies in sandpool's own state ({own}: "
                              f"other sandboxes' files); bind a directory of your own data")
     return host
+
+
+def _check_sub_path(source: str, sub: str, field: str) -> None:
+    """Each component of ``sub`` below ``source`` is a directory, not a symlink (a sandbox sharing the
+    volume may have made one to lead the mount elsewhere). The agent walks it again without following
+    symlinks when it mounts, so a swap after this check fails the start too."""
+    here = source
+    for name in (n for n in sub.split("/") if n):
+        here = os.path.join(here, name)
+        try:
+            mode = os.lstat(here).st_mode
+        except FileNotFoundError:
+            raise ValueError(f"{field}: sub_path {sub!r} does not exist in the volume; make the directory "
+                             f"first") from None
+        if not stat.S_ISDIR(mode):
+            raise ValueError(f"{field}: sub_path {sub!r} reaches {name!r}, a symlink or a file, not a directory; "
+                             f"a volume's sub_path must be a directory of the volume itself")
 
 
 def _size(path: str) -> int:
