@@ -238,3 +238,19 @@ def test_cli_lists_and_removes_snapshots(session, image_dir):
     assert json.loads(cli("ls", "-o", "json").stdout) == []
     bad = cli("rm", "../../etc")
     assert bad.returncode == 1 and "snap-" in bad.stderr
+
+
+@pytest.mark.needs_root("the oci level runs only as root")
+def test_oci_level_snapshots_and_restores(image_dir):
+    """At the oci level a snapshot is read through crun's mount namespace; its restores are isolated."""
+    why = probe.unavailable("oci")
+    if why:
+        pytest.skip(f"oci level unavailable: {why}")
+    with Session(defaults=SandboxDefaults(isolation="oci")) as s:
+        src = s.sandbox()
+        sh(src, "echo oci > /root/o; rm -f /etc/motd")
+        snapshot_id = src.snapshot().result()
+        a, b = s.sandbox(restore_from_snapshot_id=snapshot_id), s.sandbox(restore_from_snapshot_id=snapshot_id)
+        assert sh(a, "cat /root/o; test ! -e /etc/motd && echo gone") == "oci\ngone\n"
+        sh(a, "echo a > /root/o")
+        assert sh(b, "cat /root/o") == "oci\n" and sh(src, "cat /root/o") == "oci\n"
