@@ -39,9 +39,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps(found, indent=1))
         return 0
-    print(f"{'NAME':<32} {'SIZE':>10}")
+    print(f"{'NAME':<32} PATH")
     for v in found:
-        print(f"{v['name']:<32} {v['size_bytes'] / 2**20:8.1f}Mi")
+        print(f"{v['name']:<32} {v['path']}")
     return 0
 
 

@@ -45,7 +45,7 @@ def create(name: str) -> str:
 
 
 def listing() -> list[dict]:
-    """Every named volume: name, created, size_bytes (of its files)."""
+    """Every named volume: name, created, path (of its data directory)."""
     try:
         names = sorted(os.listdir(store_dir()))
     except FileNotFoundError:
@@ -58,7 +58,7 @@ def listing() -> list[dict]:
                 meta = json.load(f)
         except (OSError, ValueError):
             continue
-        out.append({"name": name, "created": meta.get("created"), "size_bytes": _size(os.path.join(path, "data"))})
+        out.append({"name": name, "created": meta.get("created"), "path": os.path.join(path, "data")})
     return out
 
 
@@ -124,14 +124,3 @@ def _check_sub_path(source: str, sub: str, field: str) -> None:
         if not stat.S_ISDIR(mode):
             raise ValueError(f"{field}: sub_path {sub!r} reaches {name!r}, a symlink or a file, not a directory; "
                              f"a volume's sub_path must be a directory of the volume itself")
-
-
-def _size(path: str) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:
-                pass
-    return total
