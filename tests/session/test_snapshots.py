@@ -254,3 +254,47 @@ def test_oci_level_snapshots_and_restores(image_dir):
         assert sh(a, "cat /root/o; test ! -e /etc/motd && echo gone") == "oci\ngone\n"
         sh(a, "echo a > /root/o")
         assert sh(b, "cat /root/o") == "oci\n" and sh(src, "cat /root/o") == "oci\n"
+
+
+KILLED_CLIENT = """
+import sys, time, sandpool
+from sandpool import ScratchVolumeOptions
+with sandpool.Session(defaults={"isolation": "namespaces"}) as s:
+    src = s.sandbox(volumes=[ScratchVolumeOptions(name="s", mount_path="/scratch", size="4Mi")])
+    src.exec(["sh", "-c", "echo x > /root/x; echo y > /scratch/y"]).result()
+    copy = s.sandbox(restore_from_snapshot_id=src.snapshot().result(),
+                     volumes=[ScratchVolumeOptions(name="s", mount_path="/scratch", size="4Mi")])
+    copy.exec(["true"]).result()
+    print("ready", flush=True)
+    time.sleep(300)
+"""
+
+
+def test_a_sigkilled_client_leaves_nothing_of_snapshots_or_volumes(image_dir, tmp_path):
+    """SIGKILL a client running a restored sandbox with a scratch volume: nothing of either is left
+    (processes, mounts, directories), the layer's lock is free again (prune can remove it once its
+    snapshot is deleted), and a copy a killed client left in the store goes when a runtime opens."""
+    import signal
+
+    from sandpool import testing
+
+    state_dir = str(tmp_path / "state")
+    env = {**os.environ, "SANDPOOL_STATE_DIR": state_dir, "SANDPOOL_IMAGE_DIR": str(image_dir)}
+    client = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert client.stdout.readline().strip() == "ready"
+    finally:
+        client.kill()
+        client.wait()
+    assert client.returncode == -signal.SIGKILL
+    report = testing.wait_for_no_leftovers(state_dir, timeout=10)
+    assert not report, report
+    (snapshot,) = store().records()
+    stale = os.path.join(store().base, "tmp", f"{client.pid}-abandoned")
+    os.makedirs(os.path.join(stale, "upper"))
+    Sandbox.delete_snapshot(snapshot.snapshot_id).result()
+    assert os.listdir(os.path.join(store().base, "layers")) == []
+    opened = subprocess.run([sys.executable, "-c", "import sandpool\nwith sandpool.Session() as s:\n"
+                             "    s.sandbox().exec(['true']).result()"], env=env, timeout=60)
+    assert opened.returncode == 0 and not os.path.exists(stale)
+    assert not testing.wait_for_no_leftovers(state_dir, timeout=10)
