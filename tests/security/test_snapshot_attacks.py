@@ -171,3 +171,21 @@ def test_the_store_refuses_forged_records(tmp_path):
         snaps.get("snap-0123456789abcdef")
     with pytest.raises(ValueError, match="64 hex"):
         snaps.layer_part("../../etc", "upper")
+
+
+@pytest.mark.needs_root("the server runs as root, as deployed")
+def test_a_server_binds_no_host_directory_for_a_client(tmp_path):
+    """A client of 'sandpool serve' asking for a host bind (here of /etc, read-write) is refused with
+    permission denied; the server's scratch volumes still work for it."""
+    from service_helpers import ServerProcess
+
+    from sandpool import ScratchVolumeOptions
+
+    if probe.unavailable("namespaces"):
+        pytest.skip("the server's sandboxes need the namespaces level")
+    with ServerProcess(str(tmp_path)) as srv, Session(address=srv.address) as s:
+        attack = s.sandbox(volumes=[{"host_path": "/etc", "mount_path": "/hostetc", "read_only": False}])
+        with pytest.raises(Exception, match="permission denied.*host_path"):
+            attack.wait()
+        ok = s.sandbox(volumes=[ScratchVolumeOptions(name="s", mount_path="/scratch", size="1Mi")])
+        assert run(ok, "echo fine > /scratch/f && cat /scratch/f").stdout == "fine\n"
