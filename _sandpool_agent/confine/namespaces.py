@@ -248,8 +248,6 @@ def mount_root(plan: dict) -> None:
     merged, upper, work = plan["merged"], plan["upper"], plan["work"]
     view = plan.get("view")
     snap = plan.get("snapshot")  # {"upper": lowerdirs, "root": lowerdirs}: a snapshot's layers, top first
-    if snap:
-        storage.hold_locks(snap["locks"])
     if view is None:
         lower = f"{snap['upper']}:{plan['lower']}" if snap else plan["lower"]
         _sys.mount("overlay", merged, "overlay", _sys.MS_NOSUID, f"lowerdir={lower},upperdir={upper},workdir={work}")

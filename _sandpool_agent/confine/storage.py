@@ -13,6 +13,7 @@ size too (``size_bytes``). Stdlib only: the template's children import this modu
 
 from __future__ import annotations
 
+import fcntl
 import os
 
 from . import _sys
@@ -26,8 +27,9 @@ MIN_BYTES = 2**20
 #: The trees beside the upper layer, bound onto their mount points; name -> mode. ``root`` is the
 #: host image's root (``namespaces.mount_root``).
 TREES = {"tmp": 0o1777, "run": 0o755, "shm": 0o1777, "root": 0o755}
-#: The agent keeps the tmpfs open at this descriptor (``hold``): after pivot_root no path leads to
-#: its upper layer, and the client reads it through ``/proc/<agent>/fd/SCRATCH_FD`` for a snapshot.
+#: The agent keeps the tmpfs open at this descriptor or the next free one (``hold``): after
+#: pivot_root no path leads to its upper layer, and the client reads it through
+#: ``/proc/<agent>/fd/<n>`` for a snapshot. 1000 keeps within a process's first descriptor table.
 SCRATCH_FD = 1000
 
 
@@ -61,22 +63,13 @@ def mount(plan: dict) -> None:
 
 
 def hold(plan: dict) -> None:
-    """Keep the tmpfs mounted on ``plan["scratch"]`` open (O_PATH, close-on-exec) at ``SCRATCH_FD``."""
+    """Keep the tmpfs mounted on ``plan["scratch"]`` open (O_PATH, close-on-exec) at the lowest free
+    descriptor from ``SCRATCH_FD`` on: 1000 unless a template with that many open took it (then the
+    client looks further up, for the O_PATH directory holding ``upper`` and ``work``)."""
     fd = os.open(plan["scratch"], os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    if fd != SCRATCH_FD:
-        os.dup2(fd, SCRATCH_FD, inheritable=False)
+    if fd < SCRATCH_FD:
+        fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, SCRATCH_FD)
         os.close(fd)
-
-
-def hold_locks(paths: list) -> None:
-    """Hold each lock file of ``paths`` shared for the sandbox's life (the layers of a snapshot it
-    runs on: the snapshot store removes a layer only when it can lock it exclusively). Inherited
-    across exec on purpose: at the oci level crun holds them."""
-    import fcntl
-
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        fcntl.flock(fd, fcntl.LOCK_SH)
 
 
 def tree(plan: dict, name: str) -> str:

@@ -5,9 +5,10 @@ Under ``<image store>/.oci/snapshots/`` (mode 0700: what sandboxes wrote, on the
 the sandbox's overlay upper layer, and ``root``, the host image's root tree; it appears there only
 complete, by rename), ``records/<id>.json`` (one per snapshot id: its layers top first, the image
 it was taken of, the base layers under them, the sandbox it came from, sizes) and ``tmp/`` (copies
-in progress, swept by ``prune``). ``locks/<hex>.lock`` is held shared by every sandbox running on
-a layer (its agent holds it), so ``delete`` removes a layer only when no record names it and no
-sandbox runs on it; a later ``delete`` or ``prune`` removes what was busy.
+in progress, swept by ``prune``). ``locks/<hex>.lock`` is held shared for every sandbox running on
+a layer (by its runtime, in the client: never by the agent, whose descriptors the sandbox could
+reopen), so ``delete`` removes a layer only when no record names it and no sandbox runs on it; a
+later ``delete`` or ``prune`` removes what was busy.
 
 A restore stacks the snapshot's layers over the image's lower layers, under a new upper layer of
 its own: N restores store the snapshot once. Stdlib only.

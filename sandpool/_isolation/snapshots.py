@@ -18,6 +18,7 @@ sandbox: each file is read whole, but files written during the copy may be seen 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import stat
 import time
@@ -53,6 +54,7 @@ def apply(record, config: dict, state_dir: str) -> None:
         if spec.restore_from_snapshot_id:
             _restore(record, plan, spec.restore_from_snapshot_id)
     except (ValueError, store_mod.SnapshotNotFound) as exc:
+        release(record.extra.pop("snapshot_locks", []))
         raise SandboxFailedError(str(exc), sandbox_id=record.sandbox_id, status_reason="InvalidSpec") from exc
 
 
@@ -65,16 +67,44 @@ def _restore(record, plan: dict | None, snapshot_id: str) -> None:
     if snap.image != record.spec.container_image:
         raise ValueError(f"snapshot {snapshot_id} was taken of image {snap.image!r}; start it with "
                          f"container_image={snap.image!r} (this sandbox asks for {record.spec.container_image!r})")
-    missing = [d for d in snap.layers if not snaps.has_layer(d)]
-    if missing:
-        raise ValueError(f"snapshot {snapshot_id} lacks its layer {missing[0]} (removed from {snaps.base}); "
-                         f"take the snapshot again")
     if not plan.get("view"):
         plan["lower"] = snap.base_lower  # the image's layers it was taken on, even if the tag moved since
     parts = {part: ":".join(snaps.layer_part(d, part) for d in snap.layers) for part in ("upper", "root")}
-    plan["snapshot"] = {**parts, "locks": [snaps.lock_path(d) for d in snap.layers]}
+    record.extra["snapshot_locks"] = _lock_shared([snaps.lock_path(d) for d in snap.layers])
+    missing = [d for d in snap.layers if not snaps.has_layer(d)]  # (with the locks held: nothing removes them now)
+    if missing:
+        raise ValueError(f"snapshot {snapshot_id} lacks its layer {missing[0]} (removed from {snaps.base}); "
+                         f"take the snapshot again")
+    plan["snapshot"] = parts
     _check_no_symlinks(plan, snap, snaps)
     record.extra["snapshot_base"].update(layers=list(snap.layers), lower=plan["lower"])
+
+
+def _lock_shared(paths: list[str]) -> list[int]:
+    """Descriptors holding each lock file shared: while they are open, no ``prune`` removes the layer.
+    The runtime holds them (never the agent, whose descriptors the sandbox's root can reopen)."""
+    fds = []
+    try:
+        for path in paths:
+            fds.append(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            fcntl.flock(fds[-1], fcntl.LOCK_SH)
+    except BaseException:
+        release(fds)
+        raise
+    return fds
+
+
+def release(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+async def hold_until_exit(record) -> None:
+    """Keep ``record``'s snapshot layers locked until its agent is gone (or the runtime closes)."""
+    try:
+        await record.exited.wait()
+    finally:
+        release(record.extra.pop("snapshot_locks", []))
 
 
 def _walked_paths(plan: dict) -> set[str]:
@@ -171,7 +201,21 @@ def _source(record) -> str:
         raise OSError(3, "the sandbox is not running")
     if record.isolation == "oci":
         return f"/proc/{pid}/root{record.extra['dir']}/fs"
-    return f"/proc/{pid}/fd/{storage.SCRATCH_FD}"
+    fds = sorted(int(n) for n in os.listdir(f"/proc/{pid}/fd") if int(n) >= storage.SCRATCH_FD)
+    for fd in fds:  # SCRATCH_FD, unless it was taken when the agent started (see storage.hold)
+        path = f"/proc/{pid}/fd/{fd}"
+        if _is_o_path(pid, fd) and os.path.isdir(f"{path}/upper") and os.path.isdir(f"{path}/work"):
+            return path
+    raise OSError(2, "the agent holds no writable storage to read")
+
+
+def _is_o_path(pid: int, fd: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+            flags = next(line for line in f if line.startswith("flags:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(int(flags.split()[1], 8) & os.O_PATH)
 
 
 @contextlib.contextmanager

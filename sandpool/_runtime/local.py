@@ -220,6 +220,8 @@ class LocalRuntime(Runtime):
             self._isolation.release(record)
             shutil.rmtree(config["dir"], ignore_errors=True)
             raise
+        if record.extra.get("snapshot_locks"):
+            self._nursery.start_soon(_snapshots.hold_until_exit, record)  # its layers stay while it runs
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._next_spawn += 1
