@@ -27,6 +27,7 @@ from .._errors import SandboxFailedError
 from .._errors_cw import SandboxSnapshotError, SnapshotNotSupportedError
 from .._images import snapshots as store_mod
 from .._images import treecopy
+from .._images.store import MAX_LOWERDIR
 from . import images, probe, volumes
 from _sandpool_agent.confine import namespaces, storage
 
@@ -75,6 +76,10 @@ def _restore(record, plan: dict | None, snapshot_id: str) -> None:
     if missing:
         raise ValueError(f"snapshot {snapshot_id} lacks its layer {missing[0]} (removed from {snaps.base}); "
                          f"take the snapshot again")
+    if len(parts["upper"]) + len(plan["lower"]) > MAX_LOWERDIR:
+        raise ValueError(f"snapshot {snapshot_id}'s {len(snap.layers)} layers (a chain of restores) and its image's "
+                         f"do not fit one overlay mount ({MAX_LOWERDIR} bytes of paths); restore an earlier snapshot, "
+                         f"or use a shorter SANDPOOL_IMAGE_DIR")
     plan["snapshot"] = parts
     _check_no_symlinks(plan, snap, snaps)
     record.extra["snapshot_base"].update(layers=list(snap.layers), lower=plan["lower"])

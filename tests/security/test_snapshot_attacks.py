@@ -18,6 +18,7 @@ from sandpool import (
     SandboxDefaults,
     SandboxFailedError,
     Session,
+    SnapshotNotSupportedError,
 )
 from sandpool._images.snapshots import SnapshotStore
 from sandpool._isolation import probe, volumes
@@ -195,3 +196,6 @@ def test_a_server_binds_no_host_directory_for_a_client(tmp_path):
             attack.wait()
         ok = s.sandbox(volumes=[ScratchVolumeOptions(name="s", mount_path="/scratch", size="1Mi")])
         assert run(ok, "echo fine > /scratch/f && cat /scratch/f").stdout == "fine\n"
+        with pytest.raises(SnapshotNotSupportedError, match="takes no snapshots"):
+            ok.snapshot().result()  # not built for a server's sandboxes: refused, never half-done
+        assert run(ok, "cat /scratch/f").stdout == "fine\n"
