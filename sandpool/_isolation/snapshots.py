@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import stat
 import time
 
@@ -51,6 +52,7 @@ def apply(record, config: dict, state_dir: str) -> None:
         if plan is not None:
             plan["volumes"] = mounts
             record.extra["snapshot_base"] = {"image": spec.container_image, "lower": plan["lower"], "layers": [],
+                                             "view": bool(plan.get("view")),
                                              "links": sorted((plan.get("view") or {}).get("links") or ())}
         if spec.restore_from_snapshot_id:
             _restore(record, plan, spec.restore_from_snapshot_id)
@@ -175,26 +177,27 @@ def capture(record, trigger: str = "manual") -> store_mod.SnapshotRecord:
         copied = treecopy.Copied()
         with _frozen(record.extra.get("cgroups")):
             treecopy.copy_tree(os.path.join(source, "upper"), os.path.join(work, "upper"), copied=copied)
-            if base["links"] or record.spec.container_image == images.HOST:
+            if base["view"]:  # the host image: its root tree is written too
                 copied.hash.update(b"\0root tree\0")
                 treecopy.copy_tree(os.path.join(source, "root"), os.path.join(work, "root"),
                                    skip_top=frozenset(base["links"]), copied=copied)
             else:
                 os.mkdir(os.path.join(work, "root"), 0o700)
         digest = copied.hash.hexdigest()
-        snaps.commit_layer(digest, work, copied.bytes)
+        locks = _lock_shared([snaps.lock_path(digest)])  # until a record names it: no prune takes it meanwhile
     except OSError as exc:
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
         raise SandboxSnapshotError(f"could not snapshot sandbox {record.sandbox_id}: {exc}",
                                    sandbox_id=record.sandbox_id) from exc
-    snap = store_mod.SnapshotRecord(
-        snapshot_id=store_mod.new_id(), layers=(digest, *base["layers"]), image=base["image"],
-        base_lower=base["lower"], view=bool(base["links"]) or record.spec.container_image == images.HOST,
-        source_sandbox_id=record.sandbox_id, trigger=trigger, created=time.time(), size_bytes=copied.bytes,
-        seconds=time.perf_counter() - started)
-    snaps.save(snap)
+    try:
+        snaps.commit_layer(digest, work, copied.bytes)
+        snap = store_mod.SnapshotRecord(
+            snapshot_id=store_mod.new_id(), layers=(digest, *base["layers"]), image=base["image"],
+            base_lower=base["lower"], view=base["view"], source_sandbox_id=record.sandbox_id, trigger=trigger,
+            created=time.time(), size_bytes=copied.bytes, seconds=time.perf_counter() - started)
+        snaps.save(snap)
+    finally:
+        release(locks)
     return snap
 
 
