@@ -229,6 +229,7 @@ def finish(plan: dict) -> None:
     sys.path.extend(p for p in plan.get("paths") or () if p not in sys.path)
     _sys.no_new_privs()
     _sys.limit_capabilities(KEEP_CAPABILITIES)
+    storage.keep()  # the writable tmpfs, for snapshots, in a process the sandbox cannot look into
 
 
 def mount_root(plan: dict) -> None:

@@ -13,8 +13,8 @@ size too (``size_bytes``). Stdlib only: the template's children import this modu
 
 from __future__ import annotations
 
-import fcntl
 import os
+import signal
 
 from . import _sys
 
@@ -27,10 +27,10 @@ MIN_BYTES = 2**20
 #: The trees beside the upper layer, bound onto their mount points; name -> mode. ``root`` is the
 #: host image's root (``namespaces.mount_root``).
 TREES = {"tmp": 0o1777, "run": 0o755, "shm": 0o1777, "root": 0o755}
-#: The agent keeps the tmpfs open at this descriptor or the next free one (``hold``): after
-#: pivot_root no path leads to its upper layer, and the client reads it through
-#: ``/proc/<agent>/fd/<n>`` for a snapshot. 1000 keeps within a process's first descriptor table.
-SCRATCH_FD = 1000
+#: The process that keeps a sandbox's writable tmpfs open (``keep``), as ``ps`` names it.
+KEEPER_NAME = "sandpool-keeper"
+_PR_SET_DUMPABLE = 4
+_held: list[int] = []  # the descriptor ``hold`` opened, until ``keep`` hands it to the keeper
 
 
 def default_bytes() -> int:
@@ -63,13 +63,38 @@ def mount(plan: dict) -> None:
 
 
 def hold(plan: dict) -> None:
-    """Keep the tmpfs mounted on ``plan["scratch"]`` open (O_PATH, close-on-exec) at the lowest free
-    descriptor from ``SCRATCH_FD`` on: 1000 unless a template with that many open took it (then the
-    client looks further up, for the O_PATH directory holding ``upper`` and ``work``)."""
-    fd = os.open(plan["scratch"], os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    if fd < SCRATCH_FD:
-        fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, SCRATCH_FD)
-        os.close(fd)
+    """Before the pivot_root (after which no path leads to it): open the tmpfs on ``plan["scratch"]``
+    (O_PATH), for ``keep``. Not rootless: there the detached mounts stay locked to their parents, so
+    the old root could be climbed back to through it."""
+    if not plan.get("rootless"):
+        _held.append(os.open(plan["scratch"], os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+
+
+def keep() -> None:
+    """At the end of the sandbox's setup (capabilities dropped): fork the keeper, a child that holds
+    what ``hold`` opened and nothing else, and sleeps until the sandbox ends. It is not dumpable, so
+    the sandbox's processes cannot open its descriptors (that needs CAP_SYS_PTRACE), while the
+    client, root, reads the upper layer through ``/proc/<keeper>/fd/<n>`` for a snapshot. The agent
+    keeps no copy: its own descriptors are open to the sandbox's root."""
+    if not _held:
+        return
+    fd = _held.pop()
+    ready_r, ready_w = os.pipe()
+    if os.fork() == 0:
+        try:
+            _sys.set_name(KEEPER_NAME)
+            _sys._libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+            os.write(ready_w, b"k")
+            os.closerange(0, fd)
+            os.closerange(fd + 1, os.sysconf("SC_OPEN_MAX"))
+            while True:
+                signal.pause()  # until the sandbox's end kills it (SIGTERM or SIGKILL)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    os.read(ready_r, 1)  # named and sealed before anything of the sandbox runs (EOF if it failed)
+    os.close(ready_r)
+    os.close(fd)
 
 
 def tree(plan: dict, name: str) -> str:

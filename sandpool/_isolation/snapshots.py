@@ -9,9 +9,9 @@ points, the host image's directories and links, binds, volumes) is checked to be
 
 ``capture(record, trigger)`` (blocking; call it in a thread) copies the sandbox's writable layers
 into the snapshot store (``sandpool._images.snapshots``) while its cgroup is frozen, so every
-process of it stands still during the copy: the agent keeps its writable tmpfs open at
-``storage.SCRATCH_FD``, and the client (root) reads ``/proc/<agent>/fd/<n>/upper`` (and ``root``,
-the host image's root tree). Without a cgroup freezer (no cgroup v2 here) the copy runs beside the
+process of it stands still during the copy: a keeper process of the sandbox holds its writable
+tmpfs open (``storage.keep``; not dumpable, so only the client, root, can look into it), and the
+client reads ``/proc/<keeper>/fd/<n>/upper`` (and ``root``, the host image's root tree). Without a cgroup freezer (no cgroup v2 here) the copy runs beside the
 sandbox: each file is read whole, but files written during the copy may be seen at different moments.
 """
 
@@ -209,15 +209,30 @@ def _source(record) -> str:
         raise OSError(3, "the sandbox is not running")
     if record.isolation == "oci":
         return f"/proc/{pid}/root{record.extra['dir']}/fs"
-    fds = sorted(int(n) for n in os.listdir(f"/proc/{pid}/fd") if int(n) >= storage.SCRATCH_FD)
-    for fd in fds:  # SCRATCH_FD, unless it was taken when the agent started (see storage.hold)
-        path = f"/proc/{pid}/fd/{fd}"
-        if _is_o_path(pid, fd) and os.path.isdir(f"{path}/upper") and os.path.isdir(f"{path}/work"):
-            return path
-    raise OSError(2, "the agent holds no writable storage to read")
+    for keeper in _children(pid):  # the agent's child that holds the tmpfs (storage.keep)
+        try:
+            with open(f"/proc/{keeper}/comm") as f:
+                if f.read().strip() != storage.KEEPER_NAME:
+                    continue
+            fds = os.listdir(f"/proc/{keeper}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            path = f"/proc/{keeper}/fd/{fd}"
+            if _is_o_path(keeper, fd) and os.path.isdir(f"{path}/upper") and os.path.isdir(f"{path}/work"):
+                return path
+    raise OSError(2, "the sandbox's keeper of its writable storage is gone (killed from inside?)")
 
 
-def _is_o_path(pid: int, fd: int) -> bool:
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def _is_o_path(pid: int, fd: str) -> bool:
     try:
         with open(f"/proc/{pid}/fdinfo/{fd}") as f:
             flags = next(line for line in f if line.startswith("flags:"))
