@@ -191,7 +191,7 @@ def build_root(plan: dict) -> None:
     and the scratch tree is read; afterwards nothing of the host is reachable."""
     merged = plan["merged"]
     storage.mount(plan)
-    storage.hold(plan)
+    storage.hold(plan)  # the writable tmpfs, for snapshots, in a process the sandbox cannot look into
     mount_root(plan)
     size = plan["tmp_bytes"]
     _mount_proc(merged)
@@ -229,7 +229,6 @@ def finish(plan: dict) -> None:
     sys.path.extend(p for p in plan.get("paths") or () if p not in sys.path)
     _sys.no_new_privs()
     _sys.limit_capabilities(KEEP_CAPABILITIES)
-    storage.keep()  # the writable tmpfs, for snapshots, in a process the sandbox cannot look into
 
 
 def mount_root(plan: dict) -> None:

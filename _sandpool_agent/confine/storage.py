@@ -27,10 +27,9 @@ MIN_BYTES = 2**20
 #: The trees beside the upper layer, bound onto their mount points; name -> mode. ``root`` is the
 #: host image's root (``namespaces.mount_root``).
 TREES = {"tmp": 0o1777, "run": 0o755, "shm": 0o1777, "root": 0o755}
-#: The process that keeps a sandbox's writable tmpfs open (``keep``), as ``ps`` names it.
+#: The process that keeps a sandbox's writable tmpfs open (``hold``), as ``ps`` names it.
 KEEPER_NAME = "sandpool-keeper"
 _PR_SET_DUMPABLE = 4
-_held: list[int] = []  # the descriptor ``hold`` opened, until ``keep`` hands it to the keeper
 
 
 def default_bytes() -> int:
@@ -63,38 +62,41 @@ def mount(plan: dict) -> None:
 
 
 def hold(plan: dict) -> None:
-    """Before the pivot_root (after which no path leads to it): open the tmpfs on ``plan["scratch"]``
-    (O_PATH), for ``keep``. Not rootless: there the detached mounts stay locked to their parents, so
-    the old root could be climbed back to through it."""
-    if not plan.get("rootless"):
-        _held.append(os.open(plan["scratch"], os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
-
-
-def keep() -> None:
-    """At the end of the sandbox's setup (capabilities dropped): fork the keeper, a child that holds
-    what ``hold`` opened and nothing else, and sleeps until the sandbox ends. It is not dumpable, so
-    the sandbox's processes cannot open its descriptors (that needs CAP_SYS_PTRACE), while the
-    client, root, reads the upper layer through ``/proc/<keeper>/fd/<n>`` for a snapshot. The agent
-    keeps no copy: its own descriptors are open to the sandbox's root."""
-    if not _held:
+    """Before the pivot_root (after which no path leads to it): fork the keeper, a child that holds
+    the tmpfs on ``plan["scratch"]`` open (O_PATH) and nothing else, and sleeps until the sandbox
+    ends. It is born not dumpable (set in the parent around the fork, so no step is unsealed), so
+    the sandbox's processes cannot follow its descriptors (that needs CAP_SYS_PTRACE); the client,
+    root, reads the upper layer through ``/proc/<keeper>/fd/<n>`` for a snapshot. The agent keeps no
+    copy: its own descriptors are open to the sandbox's root. A spare forks it ahead of time, off
+    the start's path. Not rootless: there the detached mounts stay locked to their parents, so the
+    old root could be climbed back to through the descriptor."""
+    if plan.get("rootless"):
         return
-    fd = _held.pop()
-    ready_r, ready_w = os.pipe()
-    if os.fork() == 0:
-        try:
-            _sys.set_name(KEEPER_NAME)
-            _sys._libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
-            os.write(ready_w, b"k")
-            os.closerange(0, fd)
-            os.closerange(fd + 1, os.sysconf("SC_OPEN_MAX"))
-            while True:
-                signal.pause()  # until the sandbox's end kills it (SIGTERM or SIGKILL)
-        finally:
-            os._exit(0)
-    os.close(ready_w)
-    os.read(ready_r, 1)  # named and sealed before anything of the sandbox runs (EOF if it failed)
-    os.close(ready_r)
-    os.close(fd)
+    fd = os.open(plan["scratch"], os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    with open("/proc/self/comm") as f:
+        name = f.read().strip()
+    _sys.set_name(KEEPER_NAME)
+    _sys._libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            _be_keeper(fd)
+    finally:
+        _sys._libc.prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)
+        _sys.set_name(name)
+        os.close(fd)
+
+
+def _be_keeper(fd: int) -> None:
+    try:
+        os.closerange(0, fd)
+        os.closerange(fd + 1, os.sysconf("SC_OPEN_MAX"))
+        _sys.no_new_privs()
+        _sys.limit_capabilities(set())
+        while True:
+            signal.pause()  # until the sandbox's end kills it (SIGTERM or SIGKILL)
+    finally:
+        os._exit(0)
 
 
 def tree(plan: dict, name: str) -> str:

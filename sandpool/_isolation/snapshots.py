@@ -10,7 +10,7 @@ points, the host image's directories and links, binds, volumes) is checked to be
 ``capture(record, trigger)`` (blocking; call it in a thread) copies the sandbox's writable layers
 into the snapshot store (``sandpool._images.snapshots``) while its cgroup is frozen, so every
 process of it stands still during the copy: a keeper process of the sandbox holds its writable
-tmpfs open (``storage.keep``; not dumpable, so only the client, root, can look into it), and the
+tmpfs open (``storage.hold``; not dumpable, so only the client, root, can look into it), and the
 client reads ``/proc/<keeper>/fd/<n>/upper`` (and ``root``, the host image's root tree). Without a cgroup freezer (no cgroup v2 here) the copy runs beside the
 sandbox: each file is read whole, but files written during the copy may be seen at different moments.
 """
@@ -187,7 +187,8 @@ def capture(record, trigger: str = "manual") -> store_mod.SnapshotRecord:
         locks = _lock_shared([snaps.lock_path(digest)])  # until a record names it: no prune takes it meanwhile
     except OSError as exc:
         shutil.rmtree(work, ignore_errors=True)
-        raise SandboxSnapshotError(f"could not snapshot sandbox {record.sandbox_id}: {exc}",
+        why = exc if _keeper(record.agent_pid) else _KEEPER_GONE
+        raise SandboxSnapshotError(f"could not snapshot sandbox {record.sandbox_id}: {why}",
                                    sandbox_id=record.sandbox_id) from exc
     try:
         snaps.commit_layer(digest, work, copied.bytes)
@@ -209,27 +210,33 @@ def _source(record) -> str:
         raise OSError(3, "the sandbox is not running")
     if record.isolation == "oci":
         return f"/proc/{pid}/root{record.extra['dir']}/fs"
-    for keeper in _children(pid):  # the agent's child that holds the tmpfs (storage.keep)
+    keeper = _keeper(pid)
+    for fd in os.listdir(f"/proc/{keeper}/fd") if keeper else ():
+        path = f"/proc/{keeper}/fd/{fd}"
+        if _is_o_path(keeper, fd) and os.path.isdir(f"{path}/upper") and os.path.isdir(f"{path}/work"):
+            return path
+    raise OSError(2, _KEEPER_GONE)
+
+
+_KEEPER_GONE = "the sandbox's keeper of its writable storage is gone (killed from inside?)"
+
+
+def _keeper(agent: int | None) -> int | None:
+    """The live child of ``agent`` that holds the sandbox's writable tmpfs (``storage.hold``)."""
+    try:
+        with open(f"/proc/{agent}/task/{agent}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except (OSError, TypeError):
+        return None
+    for child in children:
         try:
-            with open(f"/proc/{keeper}/comm") as f:
-                if f.read().strip() != storage.KEEPER_NAME:
-                    continue
-            fds = os.listdir(f"/proc/{keeper}/fd")
+            with open(f"/proc/{child}/stat") as f:
+                comm, _, rest = f.read().partition(" (")[2].rpartition(") ")
         except OSError:
             continue
-        for fd in fds:
-            path = f"/proc/{keeper}/fd/{fd}"
-            if _is_o_path(keeper, fd) and os.path.isdir(f"{path}/upper") and os.path.isdir(f"{path}/work"):
-                return path
-    raise OSError(2, "the sandbox's keeper of its writable storage is gone (killed from inside?)")
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(c) for c in f.read().split()]
-    except OSError:
-        return []
+        if comm == storage.KEEPER_NAME and rest[:1] != "Z":
+            return child
+    return None
 
 
 def _is_o_path(pid: int, fd: str) -> bool:

@@ -164,7 +164,10 @@ def test_the_keeper_of_the_writable_layer_cannot_be_looked_into(session):
         assert "ermission denied" in result.stderr or what.startswith("readlink"), (what, result)
     links = run(sb, "for f in /proc/1/fd/*; do readlink $f; done").stdout.split()
     assert not [link for link in links if link.startswith("/") and "null" not in link], links
-    assert run(sb, f"kill -9 {keeper[0]}").returncode == 0
+    gone = (f"kill -9 {keeper[0]}; for i in $(seq 1000); do "
+            f"[ -e /proc/{keeper[0]} ] && [ \"$(cut -d' ' -f3 /proc/{keeper[0]}/stat)\" != Z ] || exit 0; "
+            f"sleep 0.01; done; exit 1")  # (bounded: until the kill has taken effect)
+    assert run(sb, gone).returncode == 0
     with pytest.raises(SandboxSnapshotError, match="keeper"):
         sb.snapshot().result()
     assert run(sb, "echo still").stdout == "still\n"
