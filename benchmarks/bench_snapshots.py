@@ -6,7 +6,8 @@ Per run, in an image store of its own (a temporary ``SANDPOOL_IMAGE_DIR``):
 
 - snapshot vs changed bytes: a sandbox writes 1, 10, 50 and 200 MB of random data into its root,
   then ``sb.snapshot()`` is timed (freeze, copy into the store with hashing, unfreeze, record).
-  Floor: ``cp -a`` of a file of the same size from a tmpfs (/dev/shm) to the same disk.
+  Floor: ``cp -a`` of a file of the same size from a tmpfs (/dev/shm) to the same disk. Each side
+  starts after an ``os.sync()``, so neither pays for the other's dirty pages.
 - 20 restores vs 20 fresh: 20 sandboxes from one snapshot (of 50 MB) started at once, until each
   answered a first ``exec(["true"])``, beside 20 fresh host-image sandboxes the same way (target:
   restores <= 2x fresh).
@@ -49,6 +50,7 @@ def _floor_copy(mb: int, disk_dir: str) -> float:
         with open(os.path.join(src, "data"), "wb") as f:
             f.write(os.urandom(mb * 2**20))
         dst = os.path.join(disk_dir, f"floor-{mb}")
+        os.sync()
         seconds = _timed(lambda: subprocess.run(["cp", "-a", src, dst], check=True))
         shutil.rmtree(dst)
         return seconds
@@ -75,7 +77,9 @@ def one_run(work: str) -> dict:
         for mb in SIZES_MB:
             sb = session.sandbox()
             _write(sb, mb)
+            os.sync()  # each copy starts with no dirty pages of the one before (both sides)
             out["snapshot_s"][mb] = _timed(lambda: sb.snapshot().result())
+            os.sync()
             out["floor_copy_s"][mb] = _floor_copy(mb, work)
             sb.stop(graceful_shutdown_seconds=0).result()
         src = session.sandbox()

@@ -107,29 +107,45 @@ def _copy_file(sfd: int, dfd: int, name: str, copied: Copied) -> None:
     1T``) takes only its written blocks on the host's disk, as it did in the sandbox's tmpfs."""
     src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sfd)
     try:
-        dst = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+        dst = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
         try:
             size = os.fstat(src).st_size
             content = hashlib.sha256(str(size).encode())
             for start, end in _data_segments(src, size):
-                offset = start
-                while offset < end:
-                    chunk = os.pread(src, min(CHUNK, end - offset), offset)
-                    if not chunk:
-                        break  # (truncated meanwhile: an unfrozen sandbox)
-                    content.update(offset.to_bytes(8, "little"))
-                    content.update(chunk)
-                    written = 0
-                    while written < len(chunk):
-                        written += os.pwrite(dst, memoryview(chunk)[written:], offset + written)
-                    offset += len(chunk)
-                    copied.bytes += len(chunk)
+                content.update(start.to_bytes(8, "little"))
+                _send_range(src, dst, start, end)
+                copied.bytes += _hash_range(dst, start, end, content)  # the copy: what is stored is what is named
             os.ftruncate(dst, size)
             copied.hash.update(content.digest())
         finally:
             os.close(dst)
     finally:
         os.close(src)
+
+
+def _hash_range(fd: int, start: int, end: int, content) -> int:
+    """Feed bytes ``start``..``end`` of ``fd`` to ``content``; how many there were."""
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
+    offset = start
+    while offset < end:
+        got = os.preadv(fd, [view[:min(CHUNK, end - offset)]], offset)
+        if not got:
+            break  # (truncated meanwhile: an unfrozen sandbox)
+        content.update(view[:got])
+        offset += got
+    return offset - start
+
+
+def _send_range(src: int, dst: int, start: int, end: int) -> None:
+    """Copy bytes ``start``..``end`` of ``src`` to the same place in ``dst``, in the kernel."""
+    os.lseek(dst, start, os.SEEK_SET)
+    offset = start
+    while offset < end:
+        sent = os.sendfile(dst, src, offset, end - offset)
+        if not sent:
+            break
+        offset += sent
 
 
 def _data_segments(fd: int, size: int):
