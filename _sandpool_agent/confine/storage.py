@@ -13,6 +13,7 @@ size too (``size_bytes``). Stdlib only: the template's children import this modu
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 
@@ -76,15 +77,19 @@ def hold(plan: dict) -> None:
     with open("/proc/self/comm") as f:
         name = f.read().strip()
     _sys.set_name(KEEPER_NAME)
-    _sys._libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+    _set_dumpable(False)
     try:
         pid = os.fork()
         if pid == 0:
             _be_keeper(fd)
     finally:
-        _sys._libc.prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)
+        _set_dumpable(True)
         _sys.set_name(name)
         os.close(fd)
+
+
+def _set_dumpable(flag: bool) -> None:
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, int(flag), 0, 0, 0)
 
 
 def _be_keeper(fd: int) -> None:
