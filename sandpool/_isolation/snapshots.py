@@ -56,7 +56,7 @@ def apply(record, config: dict, state_dir: str) -> None:
                                              "links": sorted((plan.get("view") or {}).get("links") or ())}
         if spec.restore_from_snapshot_id:
             _restore(record, plan, spec.restore_from_snapshot_id)
-    except (ValueError, store_mod.SnapshotNotFound) as exc:
+    except (ValueError, OSError, store_mod.SnapshotNotFound) as exc:
         release(record.extra.pop("snapshot_locks", []))
         raise SandboxFailedError(str(exc), sandbox_id=record.sandbox_id, status_reason="InvalidSpec") from exc
 
@@ -169,9 +169,10 @@ def capture(record, trigger: str = "manual") -> store_mod.SnapshotRecord:
         raise SnapshotNotSupportedError(why, sandbox_id=record.sandbox_id, feature="snapshot")
     base = record.extra["snapshot_base"]
     snaps = store()
-    work = snaps.new_work_dir()
     started = time.perf_counter()
+    work = ""
     try:
+        work = snaps.new_work_dir()
         source = _source(record)
         os.mkdir(work, 0o700)
         copied = treecopy.Copied()
@@ -186,7 +187,8 @@ def capture(record, trigger: str = "manual") -> store_mod.SnapshotRecord:
         digest = copied.hash.hexdigest()
         locks = _lock_shared([snaps.lock_path(digest)])  # until a record names it: no prune takes it meanwhile
     except OSError as exc:
-        shutil.rmtree(work, ignore_errors=True)
+        if work:
+            shutil.rmtree(work, ignore_errors=True)
         why = exc if _keeper(record.agent_pid) else _KEEPER_GONE
         raise SandboxSnapshotError(f"could not snapshot sandbox {record.sandbox_id}: {why}",
                                    sandbox_id=record.sandbox_id) from exc
