@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Self
 
 from . import _options_cw
+from ._images import snapshots as _snapshots
 from ._quantity import parse_cpu, parse_memory, parse_pids
 from ._status import SandboxStatus
 
@@ -296,6 +297,7 @@ class _SandboxOptions:
     file_system_snapshot: object = None
     containers: tuple[Any, ...] | None = None
     template_id: str | None = None
+    restore_from_snapshot_id: str | None = None  # start from a snapshot (cwsandbox: file_system_snapshot_id)
 
     def __post_init__(self) -> None:
         def put(name: str, value: object) -> None:  # normalise a field of a frozen instance
@@ -322,6 +324,8 @@ class _SandboxOptions:
                 _seconds("max_lifetime_seconds", self.max_lifetime_seconds, 3600))
         if self.idle_timeout_seconds is not None:
             put("idle_timeout_seconds", _seconds("idle_timeout_seconds", self.idle_timeout_seconds, 600))
+        if self.restore_from_snapshot_id is not None:
+            _snapshots.check_id(self.restore_from_snapshot_id, "restore_from_snapshot_id")
         put("request_timeout_seconds",
             _seconds("request_timeout_seconds", self.request_timeout_seconds, 300.0))
         if self.isolation not in ISOLATION_LEVELS:
@@ -431,6 +435,8 @@ def resolve_spec(defaults: SandboxDefaults | Mapping[str, Any] | None = None, /,
     ValueError for an invalid value.
     """
     defaults = SandboxDefaults.coerce(defaults)
+    if "file_system_snapshot_id" in overrides:  # cwsandbox's name for it
+        overrides["restore_from_snapshot_id"] = overrides.pop("file_system_snapshot_id")
     _reject_unknown(overrides, "sandbox option", "options")
     merged = {name: getattr(defaults, name) for name in _OPTIONS}
     merged.update((k, v) for k, v in overrides.items() if k in _OPTIONS and v is not None)

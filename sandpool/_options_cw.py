@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from . import _cwtypes as t
+from . import _options_volumes
 from ._errors_cw import STATE_ISSUE, NotSupportedLocallyError
 
 __all__ = ["NOT_YET", "NO_LOCAL_MEANING", "SECRETS_FILE_ENV", "normalise", "secret_values"]
@@ -49,8 +50,7 @@ NO_LOCAL_MEANING: dict[str, str] = {
 """Options accepted, validated and kept on the spec, with no local effect (and why)."""
 
 NOT_YET: dict[str, str] = {
-    "volumes": STATE_ISSUE,
-    "file_system_snapshot": STATE_ISSUE,
+    "file_system_snapshot": "a snapshot holds the whole filesystem locally: pass restore_from_snapshot_id=",
     "containers": "not planned: a local sandbox is one process tree",
     "template_id": "not planned: there is no template store",
 }
@@ -200,6 +200,8 @@ def normalise(name: str, value: object, frozen: Callable[[dict], Any]) -> object
             return _mounted_files(value, frozen)
         case "secrets":
             return _secrets(value, frozen)
+        case "volumes":
+            return _options_volumes.normalise(value, frozen)
     raise AssertionError(f"no rule for option {name!r}")
 
 

@@ -40,7 +40,7 @@ import os
 import stat
 import sys
 
-from . import _sys, netsetup, storage
+from . import _sys, netsetup, storage, volumes
 
 #: What exec'd processes keep (Docker's default set minus MKNOD and NET_RAW): no mount, no module
 #: loading, no raw devices, no ptrace across the pid namespace boundary, no clock or sysctl changes.
@@ -174,7 +174,7 @@ def enter(plan: dict, early: bool = False, cgroupns: bool = False) -> None:
 def root_key(plan: dict) -> str:
     """What of ``plan`` the root ``build_root`` makes depends on, other than where its scratch
     directory lies: two plans with the same key get the same root."""
-    return repr([plan.get(k) for k in ("network", "lower", "view", "tmp_bytes", "hide", "binds")])
+    return repr([plan.get(k) for k in ("network", "lower", "view", "tmp_bytes", "hide", "binds", "snapshot", "volumes")])
 
 
 def relocated(plan: dict, scratch: str) -> dict:
@@ -192,6 +192,7 @@ def build_root(plan: dict) -> None:
     and the scratch tree is read; afterwards nothing of the host is reachable."""
     merged = plan["merged"]
     storage.mount(plan)
+    storage.hold(plan)  # the writable tmpfs, for snapshots, in a process the sandbox cannot look into
     mount_root(plan)
     size = plan["tmp_bytes"]
     _mount_proc(merged)
@@ -213,6 +214,7 @@ def build_root(plan: dict) -> None:
         path = _mount_point(merged, target, directory)
         _sys.mount(source, path, None, _sys.MS_BIND | _sys.MS_REC)
         _read_only(path)
+    volumes.mount(plan.get("volumes") or (), merged)
     os.chdir(merged)
     _sys.pivot_root(".", ".")  # stack the new root on the old one, then detach the old one
     _sys.umount(".", _sys.MNT_DETACH)  # (waits for an RCU grace period: ~0.5-2 ms)
@@ -246,19 +248,25 @@ def mount_root(plan: dict) -> None:
     """
     merged, upper, work = plan["merged"], plan["upper"], plan["work"]
     view = plan.get("view")
+    snap = plan.get("snapshot")  # {"upper": lowerdirs, "root": lowerdirs}: a snapshot's layers, top first
     if view is None:  # (rootless: the layers' opaque dirs carry user.overlay.* xattrs, see _images.rootless)
+        lower = f"{snap['upper']}:{plan['lower']}" if snap else plan["lower"]
         extra = ",userxattr" if plan.get("rootless") else ""
         try:
             _sys.mount("overlay", merged, "overlay", _sys.MS_NOSUID,
-                       f"lowerdir={plan['lower']},upperdir={upper},workdir={work}{extra}")
+                       f"lowerdir={lower},upperdir={upper},workdir={work}{extra}")
         except OSError as exc:
             if not plan.get("rootless"):
                 raise
             print(f"sandpool: {exc}; copying the image's layers instead (Linux < 5.11?)", file=sys.stderr)
-            storage.copy_layers(plan["lower"], storage.tree(plan, "root"))
+            storage.copy_layers(lower, storage.tree(plan, "root"))
             storage.bind(plan, "root", merged)
         return
-    storage.bind(plan, "root", merged)  # on the sandbox's writable tmpfs, with /tmp and the upper layer
+    if snap:  # the root tree over the snapshot's, writes still on the sandbox's tmpfs
+        _sys.mount("overlay", merged, "overlay", _sys.MS_NOSUID, f"lowerdir={snap['root']},upperdir="
+                   f"{storage.tree(plan, 'root')},workdir={_mkdir(plan['scratch'], 'rootwork')}")
+    else:
+        storage.bind(plan, "root", merged)  # on the sandbox's writable tmpfs, with /tmp and the upper layer
     for name, target in view["links"].items():
         os.symlink(target, _inside(merged, name))
     for path, mode in view["dirs"]:
@@ -272,6 +280,9 @@ def mount_root(plan: dict) -> None:
         return
     if view["whiteouts"]:
         lower = f"{_whiteout_layer(_mkdir(stage, 'hidden'), view['whiteouts'])}:{lower}"
+    if snap:  # the host's / may not share an overlay with a layer stored on it: stack on a read-only one
+        _sys.mount("overlay", _mkdir(stage, "base"), "overlay", _sys.MS_NOSUID | _sys.MS_RDONLY, f"lowerdir={lower}")
+        lower = f"{snap['upper']}:{os.path.join(stage, 'base')}"
     host = _mkdir(stage, "host")
     _sys.mount("overlay", host, "overlay", _sys.MS_NOSUID, f"lowerdir={lower},upperdir={upper},workdir={work}")
     for name in view["shown"]:

@@ -16,9 +16,11 @@ namespace (before Linux 5.11): the image's layers merged by copying into the ``r
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import shutil
+import signal
 import stat
 
 from . import _sys
@@ -32,6 +34,9 @@ MIN_BYTES = 2**20
 #: The trees beside the upper layer, bound onto their mount points; name -> mode. ``root`` is the
 #: host image's root (``namespaces.mount_root``).
 TREES = {"tmp": 0o1777, "run": 0o755, "shm": 0o1777, "root": 0o755}
+#: The process that keeps a sandbox's writable tmpfs open (``hold``), as ``ps`` names it.
+KEEPER_NAME = "sandpool-keeper"
+_PR_SET_DUMPABLE = 4
 
 
 def default_bytes() -> int:
@@ -61,6 +66,48 @@ def mount(plan: dict) -> None:
         path = os.path.join(scratch, name)
         os.mkdir(path)
         os.chmod(path, mode)  # mkdir obeys the umask
+
+
+def hold(plan: dict) -> None:
+    """Before the pivot_root (after which no path leads to it): fork the keeper, a child that holds
+    the tmpfs on ``plan["scratch"]`` open (O_PATH) and nothing else, and sleeps until the sandbox
+    ends. It is born not dumpable (set in the parent around the fork, so no step is unsealed), so
+    the sandbox's processes cannot follow its descriptors (that needs CAP_SYS_PTRACE); the client,
+    root, reads the upper layer through ``/proc/<keeper>/fd/<n>`` for a snapshot. The agent keeps no
+    copy: its own descriptors are open to the sandbox's root. A spare forks it ahead of time, off
+    the start's path. Not rootless: there the detached mounts stay locked to their parents, so the
+    old root could be climbed back to through the descriptor."""
+    if plan.get("rootless"):
+        return
+    fd = os.open(plan["scratch"], os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    with open("/proc/self/comm") as f:
+        name = f.read().strip()
+    _sys.set_name(KEEPER_NAME)
+    _set_dumpable(False)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            _be_keeper(fd)
+    finally:
+        _set_dumpable(True)
+        _sys.set_name(name)
+        os.close(fd)
+
+
+def _set_dumpable(flag: bool) -> None:
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, int(flag), 0, 0, 0)
+
+
+def _be_keeper(fd: int) -> None:
+    try:
+        os.closerange(0, fd)
+        os.closerange(fd + 1, os.sysconf("SC_OPEN_MAX"))
+        _sys.no_new_privs()
+        _sys.limit_capabilities(set())
+        while True:
+            signal.pause()  # until the sandbox's end kills it (SIGTERM or SIGKILL)
+    finally:
+        os._exit(0)
 
 
 def tree(plan: dict, name: str) -> str:

@@ -106,6 +106,15 @@ class Runtime(abc.ABC):
         raise NotSupportedLocallyError(f"sandbox {record.sandbox_id}: the {self.name} runtime keeps no "
                                        f"main-command log to stream", feature="stream_logs")
 
+    async def snapshot(self, record: SandboxRecord, trigger: str = "manual"):
+        """Capture the running sandbox's filesystem; the snapshot's record (``_images.snapshots``).
+        Runtimes without snapshots refuse with SnapshotNotSupportedError."""
+        from .._errors_cw import SnapshotNotSupportedError
+
+        raise SnapshotNotSupportedError(f"sandbox {record.sandbox_id}: the {self.name} runtime takes no snapshots; "
+                                        f"use a local session (snapshots of a sandpool server's sandboxes are not "
+                                        f"built yet)", sandbox_id=record.sandbox_id, feature="snapshot")
+
     async def attach(self, sandbox_id: str) -> FrameChannel:
         """A frame channel to a sandbox started elsewhere (set as its record's ``channel``, for a
         record that ``find`` returned); runtimes without sharing refuse."""

@@ -31,6 +31,7 @@ from .._isolation import probe
 import _sandpool_agent
 from _sandpool_agent.confine import userns
 from .._isolation.host import BASE_PATH, Isolation
+from .._isolation import snapshots as _snapshots
 from . import statedir as _statedir
 from .contract import Runtime, SandboxRecord
 
@@ -99,6 +100,7 @@ class LocalRuntime(Runtime):
         # one socket per sandbox here: 1,000 sandboxes need more than the usual soft limit of 1,024
         self._sandbox_nofile = _linux.raise_fd_limit()
         _statedir.sweep(self.state_dir)
+        _snapshots.store().sweep()  # copies of snapshots a killed client left
         self._nursery = nursery
         await self._start_template()
 
@@ -211,6 +213,14 @@ class LocalRuntime(Runtime):
         await self._ensure_template()
         config = self._layout(record)
         await self._isolation.prepare(record, config, self.owner_dir)
+        try:
+            _snapshots.apply(record, config, self.state_dir)  # volumes, and the layers of a snapshot to start from
+        except BaseException:
+            self._isolation.release(record)
+            shutil.rmtree(config["dir"], ignore_errors=True)
+            raise
+        if record.extra.get("snapshot_locks"):
+            self._nursery.start_soon(_snapshots.hold_until_exit, record)  # its layers stay while it runs
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._next_spawn += 1
@@ -272,6 +282,9 @@ class LocalRuntime(Runtime):
 
     def list(self) -> list[SandboxRecord]:
         return list(self._records.values())
+
+    async def snapshot(self, record: SandboxRecord, trigger: str = "manual"):
+        return await trio.to_thread.run_sync(_snapshots.capture, record, trigger)
 
     def open_main_log(self, record: SandboxRecord) -> BinaryIO | None:
         # The agent appends to main.log in its own directory and removes that directory when it ends; an

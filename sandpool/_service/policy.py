@@ -75,4 +75,8 @@ class Policy:
             raise Refused(f"permission denied: network={spec.network!r} gives the sandbox the host's network, which "
                           f"this server's policy refuses; use network='none' (the server's operator can allow it "
                           f"with --allow-host-network)")
+        if any(volume["kind"] == "bind" for volume in spec.volumes or ()):
+            raise Refused("permission denied: a volume with host_path binds a directory of the server's machine, "
+                          "which a server never does for a client; use a named volume ('sandpool volume create' on "
+                          "the server) or a scratch volume")
         return spec if spec.isolation == level else spec.with_overrides(isolation=level)

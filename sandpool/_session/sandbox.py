@@ -29,6 +29,7 @@ from .process import Process, SandboxLink
 from .shared import KNOWN, FoundHandles
 from .streamfiles import StreamFilesMixin
 from .surface import ExecStats, SurfaceMixin
+from .snapshots import SnapshotsMixin
 
 if TYPE_CHECKING:
     from typing import BinaryIO
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 _EXIT_REPORT_SECONDS = 3.0
 
 
-class Sandbox(SandboxBlocks, SurfaceMixin, LogsMixin, StreamFilesMixin, AgentConnection, FoundHandles):
+class Sandbox(SandboxBlocks, SnapshotsMixin, SurfaceMixin, LogsMixin, StreamFilesMixin, AgentConnection, FoundHandles):
     """A sandbox. Construction does no I/O; the first use (exec, files, wait, ``await``) starts it."""
 
     def __init__(self, *, defaults: SandboxDefaults | None = None, address: str | None = None,
@@ -182,9 +183,8 @@ class Sandbox(SandboxBlocks, SurfaceMixin, LogsMixin, StreamFilesMixin, AgentCon
              request_id: str | None = None) -> OperationRef[None]:
         """Stop: SIGTERM its processes, wait the grace period, then kill the tree. Resolves when terminal.
 
-        ``snapshot_on_stop=True`` raises SnapshotNotSupportedError (snapshots: issue 16);
+        ``snapshot_on_stop=True`` snapshots it first (``file_system_snapshot_id``, see ``snapshots``);
         ``wait_for_ready`` and ``request_id`` are accepted for cwsandbox and have no local effect."""
-        self._refuse_snapshot(snapshot_on_stop)
         if not isinstance(missing_ok, bool):
             raise TypeError(f"missing_ok must be True or False, got {missing_ok!r}")
         grace = graceful_shutdown_seconds
@@ -192,6 +192,8 @@ class Sandbox(SandboxBlocks, SurfaceMixin, LogsMixin, StreamFilesMixin, AgentCon
             raise ValueError(f"graceful_shutdown_seconds must be a number >= 0, got {grace!r}; "
                              "use e.g. graceful_shutdown_seconds=10 (seconds)")
         _wire.check_field("stop", "grace", float(graceful_shutdown_seconds), "graceful_shutdown_seconds")
+        if snapshot_on_stop:
+            return self._stop_with_snapshot(float(graceful_shutdown_seconds))
         if self._stop_ref is None:
             self._stop_ref = self._spawn(self._stop_async, float(graceful_shutdown_seconds))
         return self._stop_ref

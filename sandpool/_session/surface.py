@@ -3,8 +3,8 @@
 - ``get_status()``, ``exec_stats``, ``Sandbox.delete(id)``, ``Sandbox.session(...)``;
 - what a cloud sandbox reports (runner, services, volumes, effective runtime class, ...), answered
   for a local sandbox (one runner, ``"local"``; no services or volumes);
-- the snapshot methods and ``run_from_template``/``run_from_file``, which raise
-  ``NotSupportedLocallyError`` (snapshots come with issue 16);
+- the snapshot bucket methods and ``run_from_template``/``run_from_file``, which raise
+  ``NotSupportedLocallyError`` (snapshots themselves: ``snapshots``);
 - ``mounted_files``, written before ``start()`` resolves, and the main log kept open at start.
 """
 
@@ -114,11 +114,6 @@ class SurfaceMixin:
             raise SandboxTerminatedError(f"sandbox {self.sandbox_id} was stopped ({state.reason})",
                                          sandbox_id=self.sandbox_id)
 
-    def _refuse_snapshot(self: Sandbox, snapshot_on_stop: bool) -> None:
-        if snapshot_on_stop:
-            raise SnapshotNotSupportedError(f"stop(snapshot_on_stop=True) is not supported locally yet ({STATE_ISSUE}); "
-                                            "stop without it", sandbox_id=self.sandbox_id, feature="snapshot_on_stop")
-
     # -- what a cloud sandbox reports ----------------------------------------------------------------
 
     @property
@@ -162,7 +157,6 @@ class SurfaceMixin:
 
     control = None
     endpoint_share_token = None
-    file_system_snapshot_id = None
     attached_volume_ids: tuple[str, ...] = ()
 
     def _network_report(self: Sandbox, name: str) -> tuple:
@@ -196,12 +190,8 @@ class SurfaceMixin:
     effective_egress = None
     effective_ingress = None
 
-    # -- snapshots and other creates: not yet --------------------------------------------------------
+    # -- snapshot buckets and other creates: not yet --------------------------------------------------------
 
-    snapshot = _not_yet("snapshot")
-    get_snapshot = staticmethod(_not_yet("get_snapshot"))
-    list_snapshots = staticmethod(_not_yet("list_snapshots"))
-    delete_snapshot = staticmethod(_not_yet("delete_snapshot"))
     get_snapshot_bucket_config = staticmethod(_not_yet("get_snapshot_bucket_config"))
     set_snapshot_bucket_config = staticmethod(_not_yet("set_snapshot_bucket_config"))
 

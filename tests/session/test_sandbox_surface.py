@@ -74,17 +74,18 @@ def test_delete_by_id_and_missing_ok(session):
     assert Sandbox.delete("sb-00000000", missing_ok=True).result() is None
 
 
-def test_stop_with_snapshot_is_refused_and_the_sandbox_keeps_running(session):
-    """snapshot_on_stop=True raises SnapshotNotSupportedError (a NotImplementedError) and stops nothing."""
-    sb = session.sandbox()
-    sb.wait()
-    with pytest.raises(SnapshotNotSupportedError, match="issue 16"):
-        sb.stop(snapshot_on_stop=True)
-    with pytest.raises(NotImplementedError):
-        sb.snapshot()
-    assert sb.exec(["echo", "ok"]).result().stdout == "ok\n"
-    sb.stop(wait_for_ready=False, request_id="r-1").result()
-    assert sb.status == SandboxStatus.TERMINATED
+def test_snapshots_at_the_process_level_are_refused_and_stop_still_stops():
+    """At the process level sb.snapshot() raises SnapshotNotSupportedError (a NotImplementedError) and
+    leaves the sandbox running; stop(snapshot_on_stop=True) stops it and then raises the same."""
+    with Session(defaults={"isolation": "process"}) as s:
+        sb = s.sandbox()
+        sb.wait()
+        with pytest.raises(NotImplementedError):
+            sb.snapshot().result()
+        assert sb.exec(["echo", "ok"]).result().stdout == "ok\n"
+        with pytest.raises(SnapshotNotSupportedError, match="isolation='namespaces'"):
+            sb.stop(snapshot_on_stop=True, wait_for_ready=False, request_id="r-1").result()
+        assert sb.status == SandboxStatus.TERMINATED and sb.file_system_snapshot_id is None
 
 
 def test_mounted_files_exist_before_start_resolves(session):

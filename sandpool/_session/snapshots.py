@@ -1,0 +1,151 @@
+"""Snapshots and forks of a sandbox (mixed into ``Sandbox``), and cwsandbox's snapshot management.
+
+``sb.snapshot()`` captures the sandbox's whole writable filesystem while it runs (its processes
+frozen during the copy) and resolves to a snapshot id; ``session.sandbox(restore_from_snapshot_id=id)``
+(cwsandbox: ``file_system_snapshot_id=``) starts sandboxes on it, each with a copy-on-write layer of
+its own; ``sb.fork(n)`` is one snapshot and ``n`` such starts with the same spec and tags;
+``stop(snapshot_on_stop=True)`` snapshots before it stops and fills ``file_system_snapshot_id``.
+``Sandbox.get_snapshot/list_snapshots/delete_snapshot`` read and change the local snapshot store.
+What is captured, and where it is kept: docs/snapshots.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .._core.lifecycle import Phase
+from .._core.opref import OperationRef
+from .._cwtypes import FileSystemSnapshot, FileSystemSnapshotStatus, FileSystemSnapshotTrigger
+from .._errors_cw import SnapshotNotFoundError, SnapshotOnStopConflictError
+from .._images import snapshots as _store
+
+if TYPE_CHECKING:
+    from .sandbox import Sandbox
+
+__all__ = ["SnapshotsMixin"]
+
+#: At most this many sandboxes from one fork() call.
+MAX_FORKS = 1000
+_CLOUD_ONLY = {"base_url", "auth", "timeout_seconds"}
+
+
+class SnapshotsMixin:
+    """``snapshot``, ``fork``, snapshot-on-stop and the snapshot store's class methods (module doc)."""
+
+    _fss_id: str | None = None
+
+    @property
+    def file_system_snapshot_id(self) -> str | None:
+        """The snapshot ``stop(snapshot_on_stop=True)`` took, once it has."""
+        return self._fss_id
+
+    def snapshot(self: Sandbox, *, wait_for_ready: bool = True, request_id: str | None = None,
+                 retry_budget_seconds: float | None = None) -> OperationRef[str]:
+        """Capture the sandbox's writable filesystem now (starting it if needed); resolves to the
+        snapshot id once it is stored (ready). SnapshotNotSupportedError at the ``process`` level or
+        on a runtime without snapshots; ``wait_for_ready``, ``request_id`` and
+        ``retry_budget_seconds`` are cwsandbox's and have no local effect."""
+        return self._spawn(self._snapshot_async, "manual")
+
+    async def _snapshot_async(self: Sandbox, trigger: str) -> str:
+        await self._ensure_running()
+        snap = await self._runtime.snapshot(self._record, trigger)
+        return snap.snapshot_id
+
+    def fork(self: Sandbox, n: int = 1) -> OperationRef[list[Sandbox]]:
+        """``n`` new running sandboxes with this one's filesystem as it is now, its spec and tags:
+        one snapshot, then ``n`` starts from it at once. They belong to this sandbox's session.
+        If one fails to start, the others are stopped and its error raised."""
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_FORKS:
+            raise ValueError(f"fork(n) needs an int n from 1 to {MAX_FORKS}, got {n!r}; e.g. sb.fork(4)")
+        return self._spawn(self._fork_async, n)
+
+    async def _fork_async(self: Sandbox, n: int) -> list[Sandbox]:
+        snapshot_id = await self._snapshot_async("manual")
+        spec = dataclasses.replace(self._spec, restore_from_snapshot_id=snapshot_id)
+        forks = [type(self)(_home=self._home, _spec=spec) for _ in range(n)]
+        for child in forks:
+            child._belong_to(self._home)
+        try:
+            async with trio.open_nursery() as nursery:
+                for child in forks:
+                    nursery.start_soon(child._start_async)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                async with trio.open_nursery() as nursery:
+                    for child in forks:
+                        nursery.start_soon(child._stop_async, 0.0)
+            raise
+        return forks
+
+    def _stop_with_snapshot(self: Sandbox, grace: float) -> OperationRef[None]:
+        """``stop(snapshot_on_stop=True)``: snapshot (if it runs), then stop, even if the snapshot failed."""
+        if self._stop_ref is not None:
+            raise SnapshotOnStopConflictError(f"sandbox {self.sandbox_id} is already stopping without a snapshot; "
+                                              f"call stop(snapshot_on_stop=True) first", sandbox_id=self.sandbox_id)
+        self._stop_ref = self._spawn(self._snapshot_then_stop, grace)
+        return self._stop_ref
+
+    async def _snapshot_then_stop(self: Sandbox, grace: float) -> None:
+        try:
+            if self._state.phase is Phase.RUNNING:
+                self._fss_id = await self._snapshot_async("on_delete")
+        finally:
+            await self._stop_async(grace)
+
+    # -- the store (class-level, as in cwsandbox) ----------------------------------------------
+
+    @staticmethod
+    def get_snapshot(fss_id: str, **cloud: Any) -> OperationRef[FileSystemSnapshot]:
+        """The snapshot ``fss_id`` (SnapshotNotFoundError if there is none; ValueError if malformed)."""
+        _check_cloud(cloud, "get_snapshot")
+        _store.check_id(fss_id, "fss_id")
+        try:
+            return OperationRef.completed(_describe(_local_store().get(fss_id)))
+        except _store.SnapshotNotFound as exc:
+            return OperationRef.failed(SnapshotNotFoundError(str(exc), file_system_snapshot_id=fss_id))
+
+    @staticmethod
+    def list_snapshots(*, source_sandbox_id: str | None = None, status: Any = None,
+                       **cloud: Any) -> OperationRef[list[FileSystemSnapshot]]:
+        """Every stored snapshot, oldest first; only those of ``source_sandbox_id`` / ``status`` if given."""
+        _check_cloud(cloud, "list_snapshots")
+        wanted = None if status is None else FileSystemSnapshotStatus(status)
+        found = [_describe(r) for r in _local_store().records()
+                 if source_sandbox_id in (None, r.source_sandbox_id)]
+        return OperationRef.completed([s for s in found if wanted in (None, s.status)])
+
+    @staticmethod
+    def delete_snapshot(fss_id: str, *, missing_ok: bool = False, **cloud: Any) -> OperationRef[None]:
+        """Delete snapshot ``fss_id``; its layers go once no snapshot names them and no sandbox runs on
+        them. SnapshotNotFoundError if there is none, unless ``missing_ok``."""
+        _check_cloud(cloud, "delete_snapshot")
+        _store.check_id(fss_id, "fss_id")
+        if _local_store().delete(fss_id) or missing_ok:
+            return OperationRef.completed(None)
+        return OperationRef.failed(SnapshotNotFoundError(f"snapshot {fss_id!r} does not exist; list them with "
+                                                         f"Sandbox.list_snapshots()", file_system_snapshot_id=fss_id))
+
+
+def _local_store() -> _store.SnapshotStore:
+    from .._isolation.snapshots import store
+
+    return store()
+
+
+def _check_cloud(cloud: dict, what: str) -> None:
+    unknown = set(cloud) - _CLOUD_ONLY
+    if unknown:
+        raise TypeError(f"Sandbox.{what}() got an unexpected keyword {sorted(unknown)[0]!r}")
+
+
+def _describe(record: _store.SnapshotRecord) -> FileSystemSnapshot:
+    created = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+    trigger = FileSystemSnapshotTrigger.ON_DELETE if record.trigger == "on_delete" else FileSystemSnapshotTrigger.MANUAL
+    return FileSystemSnapshot(file_system_snapshot_id=record.snapshot_id, status=FileSystemSnapshotStatus.READY,
+                              size_bytes=record.size_bytes, source_sandbox_id=record.source_sandbox_id,
+                              trigger=trigger, created_at=created, updated_at=created, completed_at=created)
