@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Self
 
 from . import _options_cw
-from ._images import snapshots as _snapshots
+from ._ids import check_snapshot_id
 from ._quantity import parse_cpu, parse_memory, parse_pids
 from ._status import SandboxStatus
 
@@ -325,7 +325,7 @@ class _SandboxOptions:
         if self.idle_timeout_seconds is not None:
             put("idle_timeout_seconds", _seconds("idle_timeout_seconds", self.idle_timeout_seconds, 600))
         if self.restore_from_snapshot_id is not None:
-            _snapshots.check_id(self.restore_from_snapshot_id, "restore_from_snapshot_id")
+            check_snapshot_id(self.restore_from_snapshot_id, "restore_from_snapshot_id")
         put("request_timeout_seconds",
             _seconds("request_timeout_seconds", self.request_timeout_seconds, 300.0))
         if self.isolation not in ISOLATION_LEVELS:

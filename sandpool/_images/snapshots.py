@@ -26,24 +26,15 @@ import re
 import secrets
 import shutil
 
+from .._ids import SNAPSHOT_ID as ID_PATTERN, check_snapshot_id as check_id
 from .errors import ImageError
 
 SNAPSHOTS_DIR = os.path.join(".oci", "snapshots")
-#: What a snapshot id looks like (``new_id``); ids given by a caller must match it.
-ID_PATTERN = re.compile(r"snap-[0-9a-f]{16}")
 _HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class SnapshotNotFound(ImageError):
     """No snapshot has this id (never taken, or deleted)."""
-
-
-def check_id(value: object, field: str = "snapshot id") -> str:
-    """``value`` if it is a well-formed snapshot id, else ValueError naming it and the form."""
-    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
-        raise ValueError(f"{field} must look like 'snap-' and 16 hex digits (as sb.snapshot() returns), got "
-                         f"{value!r}; list the stored ones with 'sandpool snapshots ls'")
-    return value
 
 
 @dataclasses.dataclass(frozen=True)
