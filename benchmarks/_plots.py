@@ -19,6 +19,14 @@ def _colors(figure: dict) -> dict:
     return out
 
 
+def _label(ax, xlabel: str, ylabel: str, title: str, legend_size: int = 8) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=legend_size)
+    ax.grid(alpha=0.3)
+
+
 def _save(fig, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -54,11 +62,7 @@ def lines_by_x(figure: dict, path: str, title: str, xlabel: str, ylabel: str, lo
                 linestyle="-" if name in figure["sandpool"] else "--")
     if log_x:
         ax.set_xscale("log", base=2)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    _label(ax, xlabel, ylabel, title)
     _save(fig, path)
 
 
@@ -68,27 +72,20 @@ def scale(figure: dict, path: str) -> None:
     rows, beside = figure["sandpool"]["rows"], figure["beside"]
     ns = [r["n"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    left.plot(ns, [r["up_s"] for r in rows], marker="o", color=SANDPOOL_COLORS[0], label="sandpool: N up (start + exec)")
+    left.plot(ns, [r["up_s"] for r in rows], marker="o", color=SANDPOOL_COLORS[0],
+              label="sandpool: N up (start + exec)")
     left.plot(ns, [r["exec_s"] for r in rows], marker="o", color=SANDPOOL_COLORS[1], label="sandpool: an exec in each")
     left.plot(ns, [r["down_s"] for r in rows], marker="o", color=SANDPOOL_COLORS[2], label="sandpool: all stopped")
     floor = beside["N x python -S -c pass at once (s)"]
     left.plot([int(n) for n in floor], list(floor.values()), marker="s", linestyle="--", color=PEER_COLORS[0],
               label="floor: N x python -S -c pass at once")
-    left.set_xlabel("N sandboxes")
-    left.set_ylabel("wall time (s)")
-    left.set_title("start, exec, stop vs N")
-    left.legend(fontsize=8)
-    left.grid(alpha=0.3)
+    _label(left, "N sandboxes", "wall time (s)", "start, exec, stop vs N")
     right.plot(ns, [r["uss_median_mib"] for r in rows], marker="o", color=SANDPOOL_COLORS[0], label="sandpool: median")
     right.plot(ns, [r["uss_max_mib"] for r in rows], marker="o", color=SANDPOOL_COLORS[1], label="sandpool: max")
     for i, (name, mib) in enumerate(beside["idle worker USS (MiB)"].items()):
         right.axhline(mib, linestyle="--", color=PEER_COLORS[i % len(PEER_COLORS)], label=name)
     right.set_ylim(bottom=0)
-    right.set_xlabel("N sandboxes")
-    right.set_ylabel("private memory (USS) per sandbox or worker, MiB")
-    right.set_title("memory per sandbox vs N")
-    right.legend(fontsize=7)
-    right.grid(alpha=0.3)
+    _label(right, "N sandboxes", "private memory (USS) per sandbox or worker, MiB", "memory per sandbox vs N", 7)
     _save(fig, path)
 
 
@@ -127,15 +124,8 @@ def map_curve(curves: dict, path: str) -> None:
         samples = curve["rss_samples"] or [(w["t_s"], w["rss_mb"]) for w in windows]
         right.plot([t for t, _ in samples], [mb for _, mb in samples], linestyle=style, color=palette[api],
                    label=labels[api])
-    left.set_xlabel("calls done")
-    left.set_ylabel(f"calls/s over each window of {next(iter(curves.values()))['window']:,} calls")
     left.set_ylim(bottom=0)
-    left.set_title("rate per window")
-    left.legend(fontsize=8)
-    left.grid(alpha=0.3)
-    right.set_xlabel("seconds since the map began")
-    right.set_ylabel("client RSS growth (MB)")
-    right.set_title("client memory")
-    right.legend(fontsize=8)
-    right.grid(alpha=0.3)
+    _label(left, "calls done", f"calls/s over each window of {next(iter(curves.values()))['window']:,} calls",
+           "rate per window")
+    _label(right, "seconds since the map began", "client RSS growth (MB)", "client memory")
     _save(fig, path)

@@ -117,7 +117,8 @@ def execs(args) -> dict:
     return {
         "exec_latency": figure("exec(['true']) in a running sandbox", "floor", "ms", exec_ours,
                                {"subprocess.run(['true'])": _pcts(floor_true)},
-                               {f"{k} / subprocess.run p50": v["p50"] / floor_true["p50_ms"] for k, v in exec_ours.items()},
+                               {f"{k} / subprocess.run p50": v["p50"] / floor_true["p50_ms"]
+                                for k, v in exec_ours.items()},
                                floor=floor_true, sync=sync_exec, trio=asyn["exec"]),
         "start_latency": figure("A sandbox from start() to RUNNING", "floor", "ms", start_ours,
                                 {"python -S -c pass": _pcts(floor_py)},
@@ -214,10 +215,11 @@ def markdown_table(fig: dict, name: str) -> list[str]:
     if name == "scale":
         floor = fig["beside"]["N x python -S -c pass at once (s)"]
         lines = ["| N | up (start + exec) s | N x `python -S -c pass` s | per sandbox ms | exec in each s "
-                 "| stop all s | USS median MiB | USS max MiB | leftovers |", "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                 "| stop all s | USS median MiB | USS max MiB | leftovers |", "|---:" * 8 + "|---|"]
         for r in fig["sandpool"]["rows"]:
             lines.append(f"| {r['n']} | {r['up_s']:.2f} | {floor[str(r['n'])]:.2f} | {r['per_start_ms']:.2f} "
-                         f"| {r['exec_s']:.2f} | {r['down_s']:.2f} | {r['uss_median_mib']:.2f} | {r['uss_max_mib']:.2f} "
+                         f"| {r['exec_s']:.2f} | {r['down_s']:.2f} | {r['uss_median_mib']:.2f} "
+                         f"| {r['uss_max_mib']:.2f} "
                          f"| {r['leftovers'] or 'none'} |")
         idle = ", ".join(f"{k} {v:.1f} MiB" for k, v in fig["beside"]["idle worker USS (MiB)"].items())
         return lines + ["", f"Private memory (USS) beside: {idle}."]
@@ -229,16 +231,18 @@ def markdown_table(fig: dict, name: str) -> list[str]:
     lines = ["| | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for label, values in series.items():
         bold = "**" if label in fig["sandpool"] else ""
-        lines.append(f"| {bold}{label}{bold} | " + " | ".join(_cell(values[c]) if c in values else "-" for c in columns) + " |")
+        cells = [_cell(values[c]) if c in values else "-" for c in columns]
+        lines.append(f"| {bold}{label}{bold} | " + " | ".join(cells) + " |")
     return lines
 
 
 def write_markdown(record: dict, out: str) -> str:
     m = record["machine"]
+    quick = " (--quick: a smoke run, not figures to quote)" if record["quick"] else ""
     lines = ["# sandpool beside its peers: one run", "",
              f"Python {m['python']}, {m['cpus']} cpus, kernel {m['kernel']}; load average {m['loadavg_start']:.1f} "
              f"before, {m['loadavg_end']:.1f} after; {record['wall_s']:.0f} s; "
-             f"`{' '.join(record['argv'])}`{' (--quick: a smoke run, not figures to quote)' if record['quick'] else ''}.",
+             f"`{' '.join(record['argv'])}`{quick}.",
              "", "Every figure sets sandpool (bold rows, blue in the charts) beside its peers or its floor, "
              "measured in the same run on the same machine: read the ratios, not the absolute times. "
              "Raw data: `report.json`, and `NAME.json` beside each chart.", ""]
@@ -250,7 +254,7 @@ def write_markdown(record: dict, out: str) -> str:
         lines += markdown_table(fig, name) + [""]
         if fig["ratios"]:
             lines += ["| ratio (same run) | value |", "|---|---:|"]
-            lines += [f"| {k} | {v:.2f} |" if abs(v) < 1000 else f"| {k} | {v:,.0f} |" for k, v in fig["ratios"].items()]
+            lines += [f"| {k} | {v:.2f} |" if abs(v) < 100 else f"| {k} | {v:,.0f} |" for k, v in fig["ratios"].items()]
             lines.append("")
     path = os.path.join(out, "REPORT.md")
     with open(path, "w") as f:
@@ -285,6 +289,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--window", type=int, help="calls per window of the map curve (default 50,000; quick 10,000)")
     args = p.parse_args(argv)
     q = args.quick
+    for flag in ("reps", "service_n", "calls", "window"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     args.only = [s for s in args.only.split(",") if s]
     if bad := [s for s in args.only if s not in SECTIONS]:
         p.error(f"--only: unknown section(s) {bad}; choose from {','.join(SECTIONS)}")
@@ -320,7 +327,8 @@ def main(argv: list[str] | None = None) -> None:
                                 "not installed here (`pip install ray` adds it to the next run)") + ".")
     figures: dict = {}
     peer_uss: dict = {}  # the peers' idle worker memory, drawn beside the scale figure's
-    run = {"calls": calls, "exec": execs, "scale": lambda a: scale(a, peer_uss), "remote": remote, "map_curve": map_curve}
+    run = {"calls": calls, "exec": execs, "scale": lambda a: scale(a, peer_uss), "remote": remote,
+           "map_curve": map_curve}
     for section in args.only:
         print(f"report: {section} ...", file=sys.stderr, flush=True)
         got = run[section](args)
