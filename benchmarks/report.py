@@ -102,7 +102,8 @@ def calls(args) -> dict:
 
 def execs(args) -> dict:
     """exec_latency and start_latency: bench_core's sync and trio measures beside its floors."""
-    n_true, n_exec, n_py, n_start = (100, 200, 10, 30) if args.quick else (300, 1000, 40, 200)
+    n_exec = args.exec_n  # and fewer of the rest: a start costs about 10 execs, a floor sample 1
+    n_true, n_start, n_py = min(300, n_exec), max(5, n_exec // 5), max(5, n_exec // 25)
     floor_true = latency(bench_core.floor_true(n_true))
     floor_py = latency(bench_core.floor_python_start(n_py))
     with Session(defaults=SandboxDefaults(tags=("bench",))) as session:
@@ -284,12 +285,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scale-n", type=_ints, help="numbers of sandboxes (default 10,50,100,200; quick 10,50,100)")
     p.add_argument("--scale-1000", action="store_true", help="add N=500 and N=1000 to the scale figure")
     p.add_argument("--isolation", default="namespaces", help="the scale figure's isolation level")
+    p.add_argument("--exec-n", type=int, help="execs timed in a sandbox (default 1000; quick 200); "
+                   "starts: a fifth of that")
     p.add_argument("--service-n", type=int, help="samples per latency through the server (default 200; quick 30)")
     p.add_argument("--calls", type=int, help="calls in the map curve (default 1,000,000; quick 100,000)")
     p.add_argument("--window", type=int, help="calls per window of the map curve (default 50,000; quick 10,000)")
     args = p.parse_args(argv)
     q = args.quick
-    for flag in ("reps", "service_n", "calls", "window"):
+    for flag in ("reps", "exec_n", "service_n", "calls", "window"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     args.only = [s for s in args.only.split(",") if s]
@@ -305,6 +308,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.scale_n = args.scale_n or ((10, 50, 100) if q else (10, 50, 100, 200))
     if args.scale_1000:
         args.scale_n = tuple(sorted(set(args.scale_n) | {500, 1000}))
+    args.exec_n = args.exec_n or (200 if q else 1000)
     args.service_n = args.service_n or (30 if q else 200)
     args.calls = args.calls or (100_000 if q else 1_000_000)
     args.window = args.window or min(args.calls, 10_000 if q else 50_000)
@@ -329,9 +333,12 @@ def main(argv: list[str] | None = None) -> None:
     peer_uss: dict = {}  # the peers' idle worker memory, drawn beside the scale figure's
     run = {"calls": calls, "exec": execs, "scale": lambda a: scale(a, peer_uss), "remote": remote,
            "map_curve": map_curve}
+    section_s = {}
     for section in args.only:
         print(f"report: {section} ...", file=sys.stderr, flush=True)
+        t = time.perf_counter()
         got = run[section](args)
+        section_s[section] = round(time.perf_counter() - t, 1)
         peer_uss.update(got.pop("_idle_uss", {}))
         figures.update(got)
     for name, fig in figures.items():
@@ -340,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
               "argv": ["report.py"] + (sys.argv[1:] if argv is None else argv), "notes": notes,
               "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "kernel": platform.release(),
                           "loadavg_start": load, "loadavg_end": os.getloadavg()[0]},
-              "wall_s": time.perf_counter() - began, "figures": figures}
+              "wall_s": time.perf_counter() - began, "section_s": section_s, "figures": figures}
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump(record, f, indent=1)
     print(f"report: {write_markdown(record, args.out)} ({record['wall_s']:.0f} s)")

@@ -12,7 +12,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPORT = os.path.join(REPO, "benchmarks", "report.py")
 FIGURES = {"call_latency", "throughput", "exec_latency", "start_latency", "scale", "remote", "map_curve"}
-TINY = ["--quick", "--peers", "ppe,sandpool", "--reps", "1", "--conc", "1,2", "--scale-n", "2,4",
+TINY = ["--quick", "--peers", "ppe,sandpool", "--reps", "1", "--conc", "1,2", "--scale-n", "2,4", "--exec-n", "30",
         "--service-n", "5", "--calls", "3000", "--window", "1000"]
 
 
