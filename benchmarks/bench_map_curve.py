@@ -7,7 +7,9 @@ Each curve runs in a fresh process (so its memory is its own), on 2 warm workers
 results in order as they come:
 
 - ``map``:     ``f.map(((i,) for i in range(calls)))``, then each ref's ``result()`` in turn;
-- ``imap``:    ``f.imap(range(calls))``, sandpool's streaming map (bounded work in flight);
+- ``imap``:    ``f.imap(range(calls))``, sandpool's streaming map (bounded work in flight: by
+               default 8 calls per sandbox, at least 32);
+- ``imap_1024``: the same with ``max_in_flight=1024``, the bound ``map`` keeps on 2 sandboxes;
 - ``mp_imap``: the peer, ``multiprocessing.Pool(2).imap(f, range(calls), chunksize=1)`` (fork).
 
 For every window of ``--window`` calls: calls/s over that window and the client's RSS at its end
@@ -16,6 +18,8 @@ rate shows as each window within a few tens of percent of the median window (the
 compare with the peer's spread in the same run); flat memory as the RSS growth per call after the
 first window (bytes per call, a least-squares slope) near zero. Prints a table; JSON (default
 ``benchmarks/results/bench_map_curve.json``) holds every window and sample; ``--png`` draws them.
+``--trace K`` runs one ``map`` under tracemalloc instead (slower) and prints the K source lines
+holding the most memory when the last result is in: where the growth per call comes from.
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-APIS = ("map", "imap", "mp_imap")
-LABELS = {"map": "sandpool f.map", "imap": "sandpool f.imap", "mp_imap": "mp.Pool.imap (peer)"}
+APIS = ("map", "imap", "imap_1024", "mp_imap")
+LABELS = {"map": "sandpool f.map", "imap": "sandpool f.imap", "imap_1024": "sandpool f.imap, 1024 in flight",
+          "mp_imap": "mp.Pool.imap (peer)"}
 
 
 def inc(x):
@@ -74,7 +79,8 @@ def consume(results, calls: int, window: int, began: float, sampler: RssSampler)
             raise AssertionError(f"call {i - 1} returned {value!r}")
         if i % window == 0 or i == calls:
             now = time.perf_counter()
-            rows.append({"calls": i, "t_s": now - began, "rate": (i - (rows[-1]["calls"] if rows else 0)) / (now - last),
+            done_before = rows[-1]["calls"] if rows else 0
+            rows.append({"calls": i, "t_s": now - began, "rate": (i - done_before) / (now - last),
                          "rss_mb": sampler.now_mb()})
             last = now
     return rows
@@ -101,8 +107,33 @@ def one_curve(api: str, calls: int, window: int) -> dict:
                 return (ref.result() for ref in refs)
         else:
             def run():
-                return f.imap(range(calls))
+                return f.imap(range(calls), max_in_flight=1024 if api == "imap_1024" else None)
         return _timed(api, calls, window, run, psutil)
+
+
+def trace_map(calls: int, top: int) -> str:
+    """One ``f.map`` of ``calls`` under tracemalloc: the ``top`` source lines that hold the most
+    memory allocated since the map began, taken when its last result is in (refs still held)."""
+    import tracemalloc
+
+    import sandpool
+
+    with sandpool.Session() as session:
+        f = session.function(max_concurrency=2)(inc)
+        sandpool.results(f.map([(i,) for i in range(2000)]))
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.take_snapshot()
+        refs = f.map((i,) for i in range(calls))
+        assert [ref.result() for ref in refs][-1] == calls
+        after = tracemalloc.take_snapshot()
+        tracemalloc.stop()
+        lines = [f"{calls:,} calls through f.map, memory held when the last result is in:"]
+        for stat in after.compare_to(before, "lineno")[:top]:
+            frame = stat.traceback[0]
+            lines.append(f"  {stat.size_diff / calls:7.1f} B/call  {stat.count_diff:>9,} blocks  "
+                         f"{os.path.relpath(frame.filename)}:{frame.lineno}")
+        return "\n".join(lines)
 
 
 def _timed(api: str, calls: int, window: int, start, psutil) -> dict:
@@ -159,11 +190,15 @@ def main() -> None:
     parser.add_argument("--one", choices=APIS, help=argparse.SUPPRESS)  # (internal: one curve, JSON on stdout)
     parser.add_argument("--json", default=os.path.join(HERE, "results", "bench_map_curve.json"))
     parser.add_argument("--png", help="also draw the curves to this PNG (needs matplotlib)")
+    parser.add_argument("--trace", type=int, metavar="K", help="instead: where one map's memory goes (top K lines)")
     args = parser.parse_args()
     if args.calls < 1 or args.window < 1:
         parser.error(f"--calls and --window must be >= 1, got {args.calls} and {args.window}")
     if args.one:
         print(json.dumps(one_curve(args.one, args.calls, args.window)))
+        return
+    if args.trace:
+        print(trace_map(args.calls, args.trace))
         return
     curves = run_curves(args.calls, args.window, [a for a in args.apis.split(",") if a])
     print(table(curves))
@@ -173,7 +208,7 @@ def main() -> None:
     if args.png:
         import _plots
 
-        _plots.map_curve(curves, args.png)
+        _plots.map_curve(curves, args.png, LABELS)
     print(f"JSON: {args.json}")
 
 

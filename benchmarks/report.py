@@ -21,7 +21,8 @@ or its floor measured in the same run, so a busy machine shows in both:
                  fast data plane, the gRPC plane and the cwsandbox client) beside a local Session
                  (bench_service.py);
 - map_curve:     the rate per window and the client's RSS over a million-call ``f.map`` (and
-                 ``f.imap``) beside ``multiprocessing.Pool.imap`` (bench_map_curve.py).
+                 ``f.imap``, by default and with map's bound in flight) beside
+                 ``multiprocessing.Pool.imap`` (bench_map_curve.py).
 
 ``--quick`` (under 3 minutes on 2 cpus) takes smaller counts: a smoke run, not figures to quote.
 """
@@ -199,7 +200,8 @@ def draw(name: str, fig: dict, out: str) -> str:
     elif name == "remote":
         _plots.remote_vs_local(fig, path)
     else:
-        _plots.map_curve({c["api"]: c for c in {**fig["sandpool"], **fig["beside"]}.values()}, path)
+        _plots.map_curve({c["api"]: c for c in {**fig["sandpool"], **fig["beside"]}.values()}, path,
+                         bench_map_curve.LABELS)
     with open(os.path.join(out, f"{name}.json"), "w") as f:
         json.dump(fig, f, indent=1)
     return os.path.basename(path)
