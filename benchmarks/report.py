@@ -101,19 +101,26 @@ def calls(args) -> dict:
     }
 
 
-def execs(args) -> dict:
-    """exec_latency and start_latency: bench_core's sync and trio measures beside its floors."""
-    n_exec = args.exec_n  # and fewer of the rest: a start costs about 10 execs, a floor sample 1
-    n_true, n_start, n_py = min(300, n_exec), max(5, n_exec // 5), max(5, n_exec // 25)
-    floor_true = latency(bench_core.floor_true(n_true))
-    floor_py = latency(bench_core.floor_python_start(n_py))
-    with Session(defaults=SandboxDefaults(tags=("bench",))) as session:
-        session.sandbox().wait().stop(graceful_shutdown_seconds=0).result()  # the runtime up before timing
-        sync_exec = latency(bench_core.sync_exec(session, n_exec))
-        sync_start = latency(bench_core.sync_start(session, n_start))
+def execs(args, rounds: int = 5) -> dict:
+    """exec_latency and start_latency: bench_core's sync and trio measures beside its floors, taken
+    a fifth at a time in turn (so load that comes and goes weighs on sandpool and floor alike)."""
     import trio
 
-    asyn = {k: latency(v) for k, v in trio.run(bench_core.trio_figures, n_start, n_exec).items()}
+    n_exec = args.exec_n // rounds  # and fewer of the rest: a start costs about 10 execs, a floor sample 1
+    n_true, n_start, n_py = min(60, n_exec), max(1, n_exec // 5), max(1, n_exec // 25)
+    raw: dict = {k: [] for k in ("floor_true", "floor_py", "sync_exec", "sync_start", "exec", "start")}
+    with Session(defaults=SandboxDefaults(tags=("bench",))) as session:
+        session.sandbox().wait().stop(graceful_shutdown_seconds=0).result()  # the runtime up before timing
+        for _ in range(rounds):
+            raw["floor_true"] += bench_core.floor_true(n_true)
+            raw["floor_py"] += bench_core.floor_python_start(n_py)
+            raw["sync_exec"] += bench_core.sync_exec(session, n_exec)
+            raw["sync_start"] += bench_core.sync_start(session, n_start)
+            for key, samples in trio.run(bench_core.trio_figures, n_start, n_exec).items():
+                raw[key] += samples
+    floor_true, floor_py, sync_exec, sync_start = (latency(raw[k]) for k in ("floor_true", "floor_py", "sync_exec",
+                                                                             "sync_start"))
+    asyn = {k: latency(raw[k]) for k in ("exec", "start")}
     exec_ours = {"exec (sync)": _pcts(sync_exec), "exec (trio)": _pcts(asyn["exec"])}
     start_ours = {"start (sync)": _pcts(sync_start), "start (trio)": _pcts(asyn["start"])}
     return {
