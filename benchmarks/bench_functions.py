@@ -1,6 +1,7 @@
 """Remote functions against the process pools a user would otherwise pick, measured in one run.
 
-    python benchmarks/bench_functions.py [--reps 3] [--only sandpool,ppe] [--quick] [--conc 1,2,4,8] [--json out.json]
+    python benchmarks/bench_functions.py [--reps 3] [--only sandpool,ppe] [--quick] [--conc 1,2,4,8]
+                                         [--json out.json]
 
 Each peer runs in a fresh child process (this script with ``--peer NAME``), which prints one JSON
 line; the parent prints a table, the ratios the issue targets, and the whole record as JSON.
@@ -36,7 +37,6 @@ sys.path.insert(1, os.path.dirname(HERE))
 import _fn_tasks as T  # noqa: E402
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Sizes:
     """How much each measure does: latency calls, warm-up calls, map calls, sleep tasks, echo bytes,
@@ -61,7 +61,8 @@ LABELS = {"mp_pool": "mp.Pool (fork)", "ppe": "ProcessPoolExecutor (fork)", "lok
 RAY_REFERENCE = {"cold8_ms": 3835, "rtt_p50_us": 1684, "rtt_p99_us": 3800, "map20k_tps": 1531,
                  "conc_s": 2.654, "payload_ms": 14.3, "uss_mb": 42.3}
 METRICS = [("cold8_ms", "cold start, 8 workers (ms)"), ("rtt_p50_us", "round trip p50 (us)"),
-           ("rtt_p90_us", "round trip p90 (us)"), ("rtt_p99_us", "round trip p99 (us)"), ("map20k_tps", "map, 1 call per task (calls/s)"),
+           ("rtt_p90_us", "round trip p90 (us)"), ("rtt_p99_us", "round trip p99 (us)"),
+           ("map20k_tps", "map, 1 call per task (calls/s)"),
            ("conc_s", "N x 50 ms on 8 workers (s)"), ("payload_ms", "bytes echo (ms)"),
            ("uss_mb", "private MB per idle worker")]
 
