@@ -324,6 +324,23 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _shown(argv: list[str]) -> list[str]:
+    """The arguments as the report shows them: the output folder relative to this one (or DIR),
+    so that no path of the machine it ran on ends up in the report."""
+    def folder(path: str) -> str:
+        rel = os.path.relpath(os.path.abspath(path), HERE)
+        return "DIR" if rel.startswith("..") else rel
+
+    shown: list[str] = []
+    for arg in argv:
+        if shown and shown[-1] == "--out":
+            arg = folder(arg)
+        elif arg.startswith("--out="):
+            arg = "--out=" + folder(arg.split("=", 1)[1])
+        shown.append(arg)
+    return shown
+
+
 def _has(module: str) -> bool:
     import importlib.util
 
@@ -353,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, fig in figures.items():
         fig["png"] = draw(name, fig, args.out)
     record = {"bench": "report", "sandpool": sandpool.__version__, "quick": args.quick,
-              "argv": ["report.py"] + (sys.argv[1:] if argv is None else argv), "notes": notes,
+              "argv": ["report.py"] + _shown(sys.argv[1:] if argv is None else argv), "notes": notes,
               "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "kernel": platform.release(),
                           "loadavg_start": load, "loadavg_end": os.getloadavg()[0]},
               "wall_s": time.perf_counter() - began, "section_s": section_s, "figures": figures}
