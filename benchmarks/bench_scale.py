@@ -113,7 +113,7 @@ def run_scale(n: int, isolation: str) -> dict:
         raise RuntimeError(f"N={n} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
     row = json.loads(done.stdout.strip().splitlines()[-1])
     report = wait_for_no_leftovers(state_dir, timeout=10.0)
-    row["leftovers"] = str(report) if report else ""
+    row["leftovers"] = str(report).replace(state_dir, "$SANDPOOL_STATE_DIR") if report else ""
     if report:
         kill_leftovers(report)
     shutil.rmtree(state_dir, ignore_errors=True)

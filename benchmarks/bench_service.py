@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -161,12 +162,9 @@ def measure(clients: dict, n: int, rounds: int = 10) -> dict:
     return figures
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
-    parser.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "bench_service.json"))
-    args = parser.parse_args()
-    n = 50 if args.quick else 200
+def run(n: int, rounds: int = 10) -> dict:
+    """A server subprocess, then every measure (``n`` samples of each latency, ``n * 100`` calls and
+    ``n * 10`` file ops per throughput figure) from each client; the figures by client."""
     workdir = tempfile.mkdtemp(prefix="sandpool-bench-service-")
     server, address, cw_env = start_server(workdir)
     try:
@@ -184,7 +182,7 @@ def main() -> None:
             except ImportError:
                 pass
             try:
-                figures = measure(clients, n)
+                figures = measure(clients, n, rounds)
             finally:
                 if "cwsandbox" in clients:
                     clients["cwsandbox"].close()
@@ -193,6 +191,17 @@ def main() -> None:
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(30)
+        shutil.rmtree(workdir, ignore_errors=True)
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "bench_service.json"))
+    args = parser.parse_args()
+    n = 50 if args.quick else 200
+    figures = run(n)
     rows = [("exec round trip p50 (ms)", "exec_rtt", "p50_ms"), ("exec round trip p99 (ms)", "exec_rtt", "p99_ms"),
             ("call round trip p50 (ms)", "call_rtt", "p50_ms"), ("call round trip p99 (ms)", "call_rtt", "p99_ms"),
             ("trivial calls/s (map, 2 sandboxes)", "calls_per_s", None),
