@@ -204,9 +204,9 @@ class RemoteFunction(Generic[P, R]):
         state = {"calls": 0, "bytes": 0}
         wake = trio.Event()
 
-        def on_done(ref: CallRef) -> None:
+        def on_done(size: int, ref: CallRef) -> None:
             state["calls"] -= 1
-            state["bytes"] -= ref.call.size  # type: ignore[union-attr]
+            state["bytes"] -= size
             wake.set()
 
         batch: list[Call] = []
@@ -224,7 +224,7 @@ class RemoteFunction(Generic[P, R]):
             state["calls"] += 1
             state["bytes"] += call.size
             batch.append(call)
-            ref.add_done_callback(on_done)
+            ref.add_done_callback(functools.partial(on_done, call.size))
         pool.submit(batch)
 
     def imap(self, iterable: Iterable[Any], *, ordered: bool = True, max_in_flight: int | None = None,
