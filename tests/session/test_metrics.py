@@ -6,11 +6,12 @@ from __future__ import annotations
 import sys
 
 import cloudpickle
-import pytest
 from cwsandbox._types import ExecOutcome
 from cwsandbox._wandb import WandbReporter
 
-from sandpool import SandboxExecutionError, SandboxTimeoutError, Session
+from exec_helpers import run_four_outcomes
+
+from sandpool import Session
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -27,12 +28,7 @@ def test_metrics_count_what_the_sessions_sandboxes_did_as_cwsandbox_names_it():
         assert session.get_metrics()["cwsandbox/sandboxes_created"] == 0
         sb = session.sandbox(resources={"cpu": "250m", "memory": "64Mi"})
         session.sandbox()  # created, never started: counted, as cwsandbox counts it
-        sb.exec(["true"]).result()
-        sb.exec(["false"]).result()
-        with pytest.raises(SandboxExecutionError):
-            sb.exec(["false"], check=True).result()
-        with pytest.raises(SandboxTimeoutError):
-            sb.exec(["sleep", "30"], timeout_seconds=0.2).result()
+        run_four_outcomes(sb)
         metrics = session.get_metrics()
 
     reporter = WandbReporter()  # cwsandbox's own, fed the same events
