@@ -6,6 +6,8 @@ this module decides what each one becomes locally:
 - ``NO_LOCAL_MEANING``: validated and kept on the spec (in plain form), with no local effect;
   docs/differences.md lists the same names (a test compares them).
 - ``NOT_YET``: giving one (non-empty) raises ``NotSupportedLocallyError`` naming the issue.
+- ``runner_ids``: pins the sandbox to runners; this machine is the one runner ``"local"`` (a Slurm
+  runtime's runners are its nodes): another id raises RunnerNotFoundError when the sandbox starts.
 - ``runtime_class`` and ``placement_mode``: validated, kept and reported; a runtime class is
   not honoured locally, so the first use of each value warns, naming the isolation level used.
 - ``secrets``, ``mounted_files``, ``network`` and ``services`` have a local meaning (see
@@ -42,7 +44,6 @@ NO_LOCAL_MEANING: dict[str, str] = {
     "temp_dir": "remote functions travel over the wire, not through files",
     "data_plane_mode": "a local sandbox has one channel",
     "placement_spillover": "there is one place to run: this machine",
-    "runner_ids": "there is one runner, 'local' (sandpool.list_runners())",
     "security_context": "the isolation level decides users, capabilities and seccomp (docs/isolation.md)",
     "object_storage_access": "no object store",
     "image_pull_credentials": "images are pulled anonymously (docs/images.md)",

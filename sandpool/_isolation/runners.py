@@ -60,3 +60,14 @@ def get_runner(runner_id: str, *, organization_id: str = "", auth: Any = None) -
         raise RunnerNotFoundError(f"no runner {runner_id!r}; locally the one runner is {LOCAL_RUNNER_ID!r}",
                                   runner_id=runner_id)
     return _local_runner(include_resources=True)
+
+
+def check_pinning(runner_ids: tuple[str, ...] | None, known: tuple[str, ...] | list[str], where: str) -> None:
+    """Refuse ``runner_ids`` that name a runner ``known`` does not hold: RunnerNotFoundError naming
+    the first unknown id and the known runners (``where`` says whose). None or () pins nothing."""
+    for runner_id in runner_ids or ():
+        if runner_id not in known:
+            raise RunnerNotFoundError(
+                f"runner_ids={list(runner_ids or ())!r}: no runner {runner_id!r} {where}; the runners are "
+                f"{sorted(known)!r} (sandpool.list_runners()); pin to one of them or leave runner_ids out",
+                runner_id=runner_id)

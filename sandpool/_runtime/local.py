@@ -32,6 +32,8 @@ import _sandpool_agent
 from _sandpool_agent.confine import userns
 from .._isolation.host import BASE_PATH, Isolation
 from .._isolation import snapshots as _snapshots
+from .._isolation.runners import check_pinning
+from .._cwextra import LOCAL_RUNNER_ID
 from . import statedir as _statedir
 from .contract import Runtime, SandboxRecord
 
@@ -180,6 +182,7 @@ class LocalRuntime(Runtime):
             event.set()
 
     def create(self, spec: SandboxSpec) -> SandboxRecord:
+        check_pinning(spec.runner_ids, (LOCAL_RUNNER_ID,), "on this machine")  # its one runner
         sandbox_id = f"sb-{secrets.token_hex(4)}"
         record = SandboxRecord(sandbox_id=sandbox_id, spec=spec, isolation=self._isolation.level(spec))
         self._records[sandbox_id] = record

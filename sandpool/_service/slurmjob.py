@@ -54,9 +54,10 @@ def allocation(env: dict[str, str], machine: admission.Capacity) -> admission.Ca
 
 
 def sandbox_spec(spec: SandboxSpec, env: dict[str, str]) -> SandboxSpec:
-    """The spec with the job's identity added to its environment (Slurm's values win)."""
+    """The spec with the job's identity added to its environment (Slurm's values win), unpinned:
+    its ``runner_ids`` named Slurm nodes, and Slurm placed it on one of them."""
     slurm = {k: env[k] for k in SLURM_VARIABLES if env.get(k)}
-    return spec.with_overrides(environment_variables={**spec.environment_variables, **slurm})
+    return spec.with_overrides(environment_variables={**spec.environment_variables, **slurm}, runner_ids=None)
 
 
 def node_address(env: dict[str, str]) -> str:

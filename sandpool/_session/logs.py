@@ -196,10 +196,11 @@ class LogsMixin:
             container: must be None or "main" (a local sandbox has one process tree).
 
         Starts the sandbox if needed. Readable after the sandbox ended, while this handle lives.
-        A sandbox of a sandpool server streams its log from the server (``Runtime.main_log_lines``).
+        A sandbox of a sandpool server streams its log from the server (``Runtime.main_log_lines``),
+        a Slurm sandbox from its job's server while the job runs.
         Raises ValueError for bad arguments; NotSupportedLocallyError when the sandbox's runtime
-        keeps no log (Slurm, so far); SandboxNotRunningError if the sandbox was stopped before it
-        started (or, on a server, ended so long ago that the server no longer keeps it).
+        keeps no log; SandboxNotRunningError if the sandbox was stopped before it started (or, on
+        a server, ended so long ago that the server no longer keeps it; on Slurm, its job ended).
         """
         check_log_options(tail_lines, since_time)
         check_container(container)

@@ -24,6 +24,7 @@ from .._runtime.contract import Runtime
 from .._runtime.local import LocalRuntime
 from . import background
 from .home import SandboxHome
+from .metrics import SessionMetrics
 from .poolsandbox import PoolMember
 from .sandbox import Sandbox
 
@@ -87,6 +88,7 @@ class Session:
         # remote functions' warm pools, by (spec, limit, reuse): they start sandboxes through the factory
         self._functions = Pools(self.defaults, self._ensure_open, self._start_pool_sandbox, lambda: self._closed)
         self._pools = self._functions.pools
+        self._metrics = SessionMetrics(enabled=report_to is None or len(report_to) > 0)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open" if self._host else "not_opened"
@@ -291,6 +293,7 @@ class Session:
             raise SandboxError("this session is closed; open a new Session to create sandboxes")
         sandbox = Sandbox(_home=self._home, _spec=resolve_spec(self.defaults, **overrides))
         self._track(sandbox)
+        self._metrics.add(sandbox)
         return sandbox
 
     def adopt(self, sandbox: Sandbox) -> None:
@@ -367,6 +370,7 @@ class Session:
             raise SandboxError("this session is closed; open a new Session to create sandboxes")
         sandbox = Sandbox(_home=self._home, _spec=spec)
         self._track(sandbox)
+        self._metrics.add(sandbox)
         await sandbox._ensure_running()
         return PoolMember(sandbox)
 
@@ -384,6 +388,30 @@ class Session:
         """Remote-function pools at a glance: sandboxes starting/idle/busy, calls queued/running/
         done/failed/cancelled/retried (summed over the session's pools; safe from any thread)."""
         return self._functions.statistics()
+
+    def get_metrics(self) -> dict[str, Any]:
+        """What this session's sandboxes and pools did, as cwsandbox's ``get_metrics`` names it:
+        ``cwsandbox/sandboxes_created``, ``executions``, ``exec_completed_ok``/``_nonzero``,
+        ``exec_failures``, rates, startup seconds and execs per sandbox (each only once it has a
+        value, as there), plus ``sandpool/sandboxes_<status>``, ``sandpool/calls_*`` (remote
+        functions) and ``sandpool/cpu_reserved``/``memory_reserved_bytes`` (the requests of its running
+        sandboxes). {} with ``Session(report_to=[])``. Safe from any thread; no I/O."""
+        return self._metrics.get(self.statistics())
+
+    def log_metrics(self, step: int | None = None, *, reset: bool = True) -> bool:
+        """Log ``get_metrics()`` to the active Weights & Biases run, if wandb is installed and a run
+        is active (``step``: its step); True if logged. ``reset`` then starts the counts afresh."""
+        try:
+            import wandb  # type: ignore[import-not-found]
+        except ImportError:
+            return False
+        metrics = self.get_metrics()
+        if getattr(wandb, "run", None) is None or not metrics:
+            return False
+        wandb.run.log(metrics, **({} if step is None else {"step": step}))
+        if reset:
+            self._metrics.reset()
+        return True
 
     # -- closing -------------------------------------------------------------------------------
 

@@ -19,8 +19,6 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "differences.md"
 
 #: Public members of cwsandbox classes that sandpool lacks, and why. Anything else missing fails.
 KNOWN_GAPS = {
-    ("Session", "get_metrics"): "W&B metrics: no local meaning (docs/differences.md, Not provided)",
-    ("Session", "log_metrics"): "W&B metrics: no local meaning (docs/differences.md, Not provided)",
     ("StreamReader", "close"): "exec streams end with their process; _process.py is the asyncio host's",
     ("StreamWriter", "QUEUE_SIZE"): "flow control is by window (STDIN_WINDOW_BYTES), not a queue size",
     ("StreamWriter", "closed"): "an instance attribute in sandpool, so not in dir() of the class",

@@ -18,6 +18,8 @@ import trio
 from service_helpers import wait_until
 
 from sandpool import (
+    RunnerNotFoundError,
+    SandboxDiedError,
     SandboxDefaults,
     SandboxFailedError,
     SandboxResourceExhaustedError,
@@ -312,3 +314,37 @@ def test_repr_shows_the_runtime_state(runtime):
         assert "running=1" in repr(runtime)
     assert "terminated=1" in repr(runtime)
 
+
+
+def test_stream_logs_follows_a_slurm_sandbox_through_its_job_server(runtime):
+    """``stream_logs(follow=True)`` of a Slurm sandbox streams its main command's output from the
+    job's server as it is written, and ends when the command ends; ``tail_lines`` and a second
+    reader see the same log, and the sandbox ends cleanly (its job leaves the queue)."""
+    script = "echo one; echo two; read go < /tmp/go; echo three"  # 'three' only once we let it
+    with Session(runtime=runtime) as session:
+        sb = session.sandbox(command="sh", args=["-c", f"mkfifo /tmp/go 2>/dev/null; {script}"])
+        follow = iter(sb.stream_logs(follow=True))
+        assert [next(follow), next(follow)] == ["one\n", "two\n"]  # streamed while the command still runs
+        assert list(sb.stream_logs(tail_lines=1)) == ["two\n"]
+        trigger = sb.exec(["sh", "-c", "echo go > /tmp/go"])
+        assert list(follow) == ["three\n"]  # the stream ends with the command
+        ended = sb.wait_until_complete(timeout=30).result()
+        assert ended.status == SandboxStatus.COMPLETED
+        # the trigger's own exit races the sandbox's end (the command exits as soon as it is written)
+        assert trigger.exception(timeout=30) is None or isinstance(trigger.exception(), SandboxDiedError)
+    assert sh.wait_no_jobs(runtime.owner) == []
+
+
+def test_runner_ids_pin_a_sandbox_to_slurm_nodes(runtime):
+    """A Slurm runtime's runners are its nodes: ``runner_ids=["n2"]`` places the sandbox on n2 (and
+    ``["n1", "n3"]`` on one of those); a name that is no node raises RunnerNotFoundError naming
+    the nodes, submits no job, and the session keeps placing sandboxes."""
+    probe = ["sh", "-c", "echo $SLURMD_NODENAME"]
+    with Session(runtime=runtime) as session:
+        assert session.sandbox(runner_ids=["n2"]).exec(probe).result().stdout.strip() == "n2"
+        assert session.sandbox(runner_ids=["n1", "n3"]).exec(probe).result().stdout.strip() in ("n1", "n3")
+        lost = session.sandbox(runner_ids=["local"])
+        with pytest.raises(RunnerNotFoundError, match=r"no runner 'local'.*\['n1', 'n2', 'n3'\]") as info:
+            lost.start().result()
+        assert info.value.runner_id == "local" and lost.status == SandboxStatus.FAILED
+        assert session.sandbox().exec(probe).result().stdout.strip() in ("n1", "n2", "n3")

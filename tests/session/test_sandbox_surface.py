@@ -1,17 +1,16 @@
 """cwsandbox's remaining Sandbox methods with their local meaning, on real sandboxes."""
 
 import pytest
+from exec_helpers import FOUR_OUTCOMES, run_four_outcomes
 
 import sandpool
 from sandpool import (
     Sandbox,
-    SandboxExecutionError,
     SandboxFailedError,
     SandboxNotFoundError,
     SandboxNotRunningError,
     SandboxStatus,
     SandboxTerminatedError,
-    SandboxTimeoutError,
     Session,
     SnapshotNotSupportedError,
 )
@@ -35,14 +34,8 @@ def test_get_status_needs_a_started_sandbox(session):
 def test_exec_stats_counts_four_outcomes(session):
     """exec_count, ok, nonzero (checked or not) and failures (a timeout) are counted once each."""
     sb = session.sandbox()
-    sb.exec(["true"]).result()
-    sb.exec(["false"]).result()
-    with pytest.raises(SandboxExecutionError):
-        sb.exec(["false"], check=True).result()
-    with pytest.raises(SandboxTimeoutError):
-        sb.exec(["sleep", "30"], timeout_seconds=0.2).result()
-    assert sb.exec_stats == {"exec_count": 4, "exec_completed_ok": 1, "exec_completed_nonzero": 2,
-                             "exec_failures": 1}
+    run_four_outcomes(sb)
+    assert sb.exec_stats == FOUR_OUTCOMES
     assert "exec_stats" in dir(Sandbox)
 
 

@@ -130,6 +130,11 @@ def _shell_quote(word: str) -> str:
     return "'" + word.replace("'", "'\"'\"'") + "'"
 
 
+def sinfo_nodes_argv(partition: str | None) -> list[str]:
+    """``sinfo`` listing the names of a partition's nodes (all partitions' for None), one a line."""
+    return ["sinfo", "--noheader", "--Node", "--format=%N", *([f"--partition={partition}"] if partition else [])]
+
+
 def squeue_argv(job_ids: list[str] | None = None) -> list[str]:
     """``squeue`` for these jobs (any state Slurm still remembers), or for this user's sandpool jobs."""
     argv = ["squeue", "--noheader", f"--format={SQUEUE_FORMAT}", "--states=all"]

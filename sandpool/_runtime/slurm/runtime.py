@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 
 import trio
 
@@ -39,6 +40,7 @@ from ..._grpc import messages as m
 from . import cli
 from . import live as _slurm_live
 from ..contract import Runtime, SandboxRecord
+from ..._isolation.runners import check_pinning
 from .place import SUSPECT_SECONDS, Placement, exclusions, judge_start, new_job_dir, stale_dirs
 
 ENV = {"partition": "SANDPOOL_SLURM_PARTITION", "account": "SANDPOOL_SLURM_ACCOUNT", "qos": "SANDPOOL_SLURM_QOS",
@@ -247,6 +249,20 @@ class SlurmRuntime(Runtime):
             raise SandboxNotRunningError(f"sandbox {sandbox_id} is not running: {reason}", sandbox_id=sandbox_id)
         return await self._connect(record, p)
 
+    async def main_log_lines(self, record: SandboxRecord, *, follow: bool, tail_lines: int | None,
+                             since: float | None, timestamps: bool) -> AsyncIterator[str]:
+        """The main command's log, streamed by the job's server (its ``Logs`` call, resumed after a
+        broken stream as from any sandpool server). The server goes with the job: once the job has
+        ended, its log is gone (SandboxNotRunningError), as is a follow stream cut by Slurm."""
+        p: Placement | None = record.extra.get("placement")
+        if p is None or p.remote is None or p.inner is None or p.ended:
+            raise SandboxNotRunningError(f"sandbox {record.sandbox_id} has no log to stream: its Slurm job "
+                                         f"{'has ended' if p is not None and p.ended else 'is not connected'}",
+                                         sandbox_id=record.sandbox_id)
+        async for line in p.remote.main_log_lines(p.inner, follow=follow, tail_lines=tail_lines, since=since,
+                                                  timestamps=timestamps):
+            yield line
+
     def job(self, sandbox: object) -> dict:
         """Where Slurm put a sandbox (a Sandbox of this runtime, or its record): ``{"job_id", "node",
         "state", "reason", "times"}`` as last seen ({} before it was submitted). ``times`` are Unix
@@ -260,22 +276,24 @@ class SlurmRuntime(Runtime):
 
     async def _submit(self, record: SandboxRecord) -> Placement:
         """Write the job's directory and ``sbatch`` it (shielded: a job we submit, we know)."""
+        unpinned = await self._unpinned_nodes(record.spec.runner_ids)
         key, job_dir = new_job_dir(self.spool_dir, {
             "spec": m.spec_to_dict(record.spec), "orphan_grace_seconds": self.orphan_grace_seconds,
             "sys_path": [p for p in sys.path if p]})  # so functions pickled by reference import there
         command = [self.python, "-m", "sandpool._service.slurmjob", job_dir]
         options = dict(key=key, owner=self.owner, job_dir=job_dir, command=command, partition=self.partition,
                        account=self.account, qos=self.qos, extra=self.sbatch_args)
-        avoid = exclusions(self._suspects, time.monotonic())
+        avoid = tuple(sorted({*exclusions(self._suspects, time.monotonic()), *unpinned}))
         submitted_at = time.time()
         with trio.CancelScope(shield=True):
             try:
                 try:
                     out = await cli.run(cli.sbatch_argv(record.spec, exclude=avoid, **options))
                 except SandboxResourceExhaustedError:
-                    if not avoid:
+                    if avoid == unpinned:
                         raise
-                    out = await cli.run(cli.sbatch_argv(record.spec, **options))  # only the avoided nodes fit
+                    # only the avoided nodes fit
+                    out = await cli.run(cli.sbatch_argv(record.spec, exclude=unpinned, **options))
             except SandpoolError as exc:
                 shutil.rmtree(job_dir, ignore_errors=True)
                 exc.sandbox_id = record.sandbox_id or None
@@ -285,6 +303,23 @@ class SlurmRuntime(Runtime):
             self._register(record, p)
             await self._reap(f"+{p.job_id}")
         return p
+
+    async def _unpinned_nodes(self, runner_ids: tuple[str, ...] | None) -> tuple[str, ...]:
+        """The partition's nodes that ``runner_ids`` (node names: a Slurm runtime's runners) leave
+        out, for ``--exclude`` (Slurm's ``--nodelist`` would ask for all of them at once); () when
+        nothing is pinned. RunnerNotFoundError for a name that is not a node of the partition."""
+        if not runner_ids:
+            return ()
+        nodes = await self._nodes()
+        check_pinning(runner_ids, nodes, f"in the Slurm partition {self.partition or '(default)'}")
+        return tuple(sorted(set(nodes) - set(runner_ids)))
+
+    async def _nodes(self) -> list[str]:
+        """The nodes of the runtime's partition (``sinfo``)."""
+        code, out, err = await cli.query(cli.sinfo_nodes_argv(self.partition))
+        if code != 0:
+            raise SandboxUnavailableError(f"sinfo failed: {' '.join(err.split())}")
+        return sorted(set(out.split()))
 
     def _register(self, record: SandboxRecord, p: Placement) -> None:
         record.sandbox_id = p.sandbox_id
