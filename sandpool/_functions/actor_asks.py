@@ -96,6 +96,6 @@ def _tell(host: Any, sandbox: Sandbox, req_id: int, seq: int, *, data: bytes | N
 
 async def _send(sandbox: Sandbox, frame: dict) -> None:
     try:
-        await sandbox._send(frame)
+        await sandbox.link.send(frame)
     except SandboxError:  # the asking sandbox is gone: nobody waits for the answer
         pass
