@@ -295,8 +295,10 @@ def test_calls_wait_in_order_behind_a_call_whose_argument_is_pending(session):
         time.sleep(0.3)  # the value comes late: the call made after must still run second
         return 10
 
-    first = counter.incr.remote(slow_ten.remote(), caller="first")
+    ten = slow_ten.remote()
+    first = counter.incr.remote(ten, caller="first")
     second = counter.incr.remote(1, caller="second")
+    assert not ten.done(), "the argument came before the second call was made: nothing was held back"
     assert (first.result(timeout=60), second.result(timeout=60)) == (10, 11)
     assert counter.history() == ["first", "second"]
 
