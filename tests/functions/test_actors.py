@@ -18,6 +18,7 @@ import trio
 import sandpool
 from sandpool import ActorDiedError, OperationCancelled, SerializationError, Session
 from sandpool._functions import bulk as _bulk
+from sandpool._functions.actor import state_of
 from service_helpers import wait_until
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -104,7 +105,7 @@ def session(request, monkeypatch):
 
 
 def agent_pid(handle) -> int:
-    return handle._link.sandbox._record.agent_pid
+    return state_of(handle).link.sandbox.link.record().agent_pid
 
 
 def test_counter_increments_in_order_under_eight_concurrent_callers(session):
