@@ -212,32 +212,34 @@ class RemoteHandle:
 
     def __getattr__(self, name: str) -> RemoteMethod:
         if name in self._methods:
-            return RemoteMethod(self, name)
+            return RemoteMethod(self._token, self._label, name)
         raise AttributeError(f"actor {self._label} has no method {name!r}; its methods: {list(self._methods)}")
 
 
 class RemoteMethod:
-    __slots__ = ("_handle", "_name")
+    """``handle.method`` inside a sandbox: the actor's token and label, and the method's name."""
 
-    def __init__(self, handle: RemoteHandle, name: str) -> None:
-        self._handle, self._name = handle, name
+    __slots__ = ("_token", "_label", "_name")
+
+    def __init__(self, token: bytes, label: str, name: str) -> None:
+        self._token, self._label, self._name = token, label, name
 
     def remote(self, *args: object, **kwargs: object) -> AskRef:
         """Send the call now; ``.result()`` of the returned ref waits for its answer."""
         from . import plain as _plain
 
         if _channel is None:
-            raise RuntimeError(f"actor {self._handle._label}: a handle unpickled outside a sandbox's call "
+            raise RuntimeError(f"actor {self._label}: a handle unpickled outside a sandbox's call "
                                "cannot call the actor; use the handle the client made")
         try:
             data = _plain.encode((args, kwargs))
         except _plain.NotPlain as exc:
-            raise TypeError(f"the arguments of {self._handle._label}.{self._name}() called inside a sandbox "
+            raise TypeError(f"the arguments of {self._label}.{self._name}() called inside a sandbox "
                             f"must be plain data: {exc}") from None
         _next_seq[0] += 1
         seq = _next_seq[0]
-        _channel[0]({"t": "ask", "seq": seq, "token": self._handle._token, "method": self._name, "args": data})
-        return AskRef(seq, f"{self._handle._label}.{self._name}")
+        _channel[0]({"t": "ask", "seq": seq, "token": self._token, "method": self._name, "args": data})
+        return AskRef(seq, f"{self._label}.{self._name}")
 
     def __call__(self, *args: object, **kwargs: object) -> object:
         return self.remote(*args, **kwargs).result()

@@ -10,9 +10,13 @@ import shutil
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from . import Subcommands
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: Subcommands) -> None:
     image = sub.add_parser("image", help="pull, list, inspect, remove or prune local sandbox images",
                            description="Images are root filesystems for the namespaces level. 'host' (the host's "
                                        "own /) is built in; others are pulled from container registries (Docker "

@@ -15,6 +15,10 @@ import json
 import os
 import sys
 import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from . import Subcommands
 
 ENV_ADDRESS, ENV_TOKEN = "SANDPOOL_ADDRESS", "SANDPOOL_TOKEN"
 
@@ -30,7 +34,7 @@ def _output(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", choices=("table", "json"), default="table")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: Subcommands) -> None:
     p = sub.add_parser("ls", help="list sandboxes")
     p.add_argument("-t", "--tag", action="append", default=[], help="only sandboxes with this tag (repeatable)")
     p.add_argument("-s", "--status", help="only sandboxes in this status (lowercase, e.g. running)")
@@ -115,7 +119,7 @@ def _when(timestamp: float | None) -> str:
 
 def describe(sandbox) -> dict:
     """The fields ``ls``/``get`` show, as plain data."""
-    record = sandbox._record
+    record = sandbox.link.record()
     return {
         "sandbox_id": sandbox.sandbox_id,
         "status": sandbox.status.value if sandbox.status else None,

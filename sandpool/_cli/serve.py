@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from . import Subcommands
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: Subcommands) -> None:
     p = sub.add_parser("serve", help="run the sandpool gRPC service",
                        description="Serve this machine's sandboxes over gRPC until SIGTERM or Ctrl-C, which stop "
                                    "every sandbox. Listens on a unix socket only this user (and root) may use, "

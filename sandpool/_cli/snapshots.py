@@ -6,9 +6,13 @@ import argparse
 import json
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from . import Subcommands
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: Subcommands) -> None:
     snaps = sub.add_parser("snapshots", help="list or remove sandbox filesystem snapshots",
                            description="Snapshots taken with sb.snapshot(), sb.fork() or stop(snapshot_on_stop=True); "
                                        "they live beside the image store ($SANDPOOL_IMAGE_DIR).")

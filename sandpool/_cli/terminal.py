@@ -13,11 +13,15 @@ import shlex
 import signal
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from .sandboxes import _connection, _target
 
+if TYPE_CHECKING:
+    from . import Subcommands
 
-def register(sub: argparse._SubParsersAction) -> None:
+
+def register(sub: Subcommands) -> None:
     p = sub.add_parser("sh", help="open an interactive terminal in a sandbox")
     p.add_argument("sandbox_id")
     p.add_argument("--cmd", default="/bin/bash", help="the command to run, shell-split (default: /bin/bash)")

@@ -6,9 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from . import Subcommands
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: Subcommands) -> None:
     vol = sub.add_parser("volume", help="create, list or remove named local volumes",
                          description="A named volume is a directory of the volume store ($SANDPOOL_VOLUME_DIR) that "
                                      "sandboxes mount with RegisteredVolumeOptions(name=..., volume_id=NAME, "

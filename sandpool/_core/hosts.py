@@ -54,8 +54,12 @@ def current_host() -> Host:
     except RuntimeError:
         pass
     asyncio = sys.modules.get("asyncio")  # nobody runs an asyncio loop without having imported it
-    if asyncio is not None and asyncio._get_running_loop() is not None:
-        return "asyncio"
+    if asyncio is not None:
+        try:
+            asyncio.get_running_loop()
+            return "asyncio"
+        except RuntimeError:
+            pass
     return "sync"
 
 

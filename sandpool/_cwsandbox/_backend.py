@@ -103,7 +103,7 @@ class CwsandboxBackend:
         if entry.sandbox.status != SandboxStatus.RUNNING:
             entry.started.set()
             return
-        file = entry.sandbox._open_main_log()
+        file = entry.sandbox.link.open_main_log()
         if file is None and self.open_log is not None:
             file = self.open_log(entry.sandbox.sandbox_id)
         entry.log = _logs.MainLog(file)

@@ -120,53 +120,26 @@ class ActorClass:
                          pickled=options.unsafe_pickle_results, concurrency=options.max_concurrency or 1)
         host = session._ensure_open()
         handle = ActorHandle(link, actor_id, self.__qualname__, self._methods, host)
-        _registry(session).add(handle)
+        _registry(session).add(handle, state_of(handle))
         host.start_soon(link.run)
         return handle
 
 
-class ActorHandle:
-    """A running actor: ``handle.method.remote(...)`` (an OperationRef) or ``handle.method(...)``
-    (waits). Calls run one at a time, in the order they were made. A handle is a value: passed to
-    a remote function or another actor, it reaches this same actor there (through this client)."""
+class HandleState:
+    """An actor handle's own state, and how its calls are made. Kept apart from the handle, whose
+    attribute namespace is its actor's methods (``handle.step``); sandpool reaches it through
+    :func:`state_of`."""
 
-    __slots__ = ("_link", "_actor_id", "_label", "_methods", "_host", "_token", "__weakref__")
+    __slots__ = ("link", "actor_id", "label", "methods", "host", "token")
 
     def __init__(self, link: ActorLink, actor_id: str, label: str, methods: frozenset[str], host: Any) -> None:
-        self._link, self._actor_id, self._label, self._methods, self._host = link, actor_id, label, methods, host
-        self._token = secrets.token_bytes(16)  # what a sandbox holding this handle names it by
+        self.link, self.actor_id, self.label, self.methods, self.host = link, actor_id, label, methods, host
+        self.token = secrets.token_bytes(16)  # what a sandbox holding this handle names it by
 
-    def __repr__(self) -> str:
-        link = self._link
-        name = f" name={link.name!r}" if link.name else ""
-        return f"<ActorHandle {self._label}{name} {link.phase.value} restarts={link.restarts}>"
-
-    def __getattr__(self, name: str) -> ActorMethod:
-        if name in self._methods:
-            return ActorMethod(self, name)
-        raise AttributeError(f"actor {self._label} has no method {name!r}; its methods: {sorted(self._methods)}")
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return _asks.reduce_handle(self)
-
-    @property
-    def name(self) -> str | None:
-        return self._link.name
-
-    @property
-    def sandbox_id(self) -> str | None:
-        """The id of the sandbox the actor runs in now (None while it starts or restarts)."""
-        sandbox = self._link.sandbox
-        return sandbox.sandbox_id if sandbox is not None else None
-
-    @property
-    def alive(self) -> bool:
-        """False once the actor is dead for good (killed, or died with no restart left)."""
-        return self._link.phase is not Phase.DEAD
-
-    def _call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CallRef:
-        link, host = self._link, self._host
-        label = f"{self._label}.{method}"
+    def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CallRef:
+        """Call ``method`` in the actor, after the calls made before; its CallRef."""
+        link, host = self.link, self.host
+        label = f"{self.label}.{method}"
         ref = CallRef(host)
         if _refs.has_refs(args, kwargs):  # other calls' results: in their place once they are in
             call = ActorCall(label, None, ref)
@@ -174,28 +147,74 @@ class ActorHandle:
             in_loop(host, link.submit, call)
 
             def ready(values: tuple[Any, ...], named: dict[str, Any]) -> None:
-                call.args = _serialize.dumps_args((self._actor_id, method, *values), named, label)
+                call.args = _serialize.dumps_args((self.actor_id, method, *values), named, label)
                 link.flush()
 
             ref.add_done_callback(lambda _: in_loop(host, link.flush))  # failed or cancelled: the next go
             _refs.when_resolved(host, ref, args, kwargs, ready)
             return ref
-        call = ActorCall(label, _serialize.dumps_args((self._actor_id, method, *args), kwargs, label), ref)
+        call = ActorCall(label, _serialize.dumps_args((self.actor_id, method, *args), kwargs, label), ref)
         ref.pool, ref.call = link, call
         in_loop(host, link.submit, call)
         return ref
 
 
+class ActorHandle:
+    """A running actor: ``handle.method.remote(...)`` (an OperationRef) or ``handle.method(...)``
+    (waits). Calls run one at a time, in the order they were made. A handle is a value: passed to
+    a remote function or another actor, it reaches this same actor there (through this client)."""
+
+    __slots__ = ("_state", "__weakref__")
+
+    def __init__(self, link: ActorLink, actor_id: str, label: str, methods: frozenset[str], host: Any) -> None:
+        self._state = HandleState(link, actor_id, label, methods, host)
+
+    def __repr__(self) -> str:
+        state = self._state
+        link = state.link
+        name = f" name={link.name!r}" if link.name else ""
+        return f"<ActorHandle {state.label}{name} {link.phase.value} restarts={link.restarts}>"
+
+    def __getattr__(self, name: str) -> ActorMethod:
+        state = self._state
+        if name in state.methods:
+            return ActorMethod(state, name)
+        raise AttributeError(f"actor {state.label} has no method {name!r}; its methods: {sorted(state.methods)}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _asks.reduce_handle(self._state)
+
+    @property
+    def name(self) -> str | None:
+        return self._state.link.name
+
+    @property
+    def sandbox_id(self) -> str | None:
+        """The id of the sandbox the actor runs in now (None while it starts or restarts)."""
+        sandbox = self._state.link.sandbox
+        return sandbox.sandbox_id if sandbox is not None else None
+
+    @property
+    def alive(self) -> bool:
+        """False once the actor is dead for good (killed, or died with no restart left)."""
+        return self._state.link.phase is not Phase.DEAD
+
+
+def state_of(handle: ActorHandle) -> HandleState:
+    """``handle``'s state (its link, label, methods, token, and how its calls are made)."""
+    return handle._state
+
+
 class ActorMethod:
     """``handle.method``: ``.remote(...)`` returns an OperationRef, calling it waits."""
 
-    __slots__ = ("_handle", "_name")
+    __slots__ = ("_state", "_name")
 
-    def __init__(self, handle: ActorHandle, name: str) -> None:
-        self._handle, self._name = handle, name
+    def __init__(self, state: HandleState, name: str) -> None:
+        self._state, self._name = state, name
 
     def __repr__(self) -> str:
-        return f"<ActorMethod {self._handle._label}.{self._name}>"
+        return f"<ActorMethod {self._state.label}.{self._name}>"
 
     def remote(self, *args: Any, **kwargs: Any) -> OperationRef[Any]:
         """Run the method in the actor, after the calls made before; returns its OperationRef.
@@ -204,10 +223,10 @@ class ActorMethod:
         own exception, ActorDiedError if the actor died before answering, SerializationError for a
         result that is not plain data.
         """
-        return self._handle._call(self._name, args, kwargs)
+        return self._state.call(self._name, args, kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        check_not_in_trio(f"calling actor method {self._handle._label}.{self._name}()",
+        check_not_in_trio(f"calling actor method {self._state.label}.{self._name}()",
                           f"'await handle.{self._name}.remote(...)'")
         return self.remote(*args, **kwargs).result()
 
@@ -217,33 +236,35 @@ def kill(handle: ActorHandle) -> None:
     is free again. No restart follows. Returns at once; a dead actor is left as it is."""
     if not isinstance(handle, ActorHandle):
         raise TypeError(f"kill() takes an ActorHandle, got {type(handle).__name__} {handle!r}")
-    in_loop(handle._host, handle._link.kill)
+    state = state_of(handle)
+    in_loop(state.host, state.link.kill)
 
 
 class _Registry:
-    """A session's actors: by name (live ones), and by token (for sandboxes holding handles)."""
+    """A session's actors: handles by name (live ones), and their states by token (for sandboxes
+    holding handles)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.names: dict[str, ActorHandle] = {}
-        self.tokens: dict[bytes, ActorHandle] = {}
+        self.tokens: dict[bytes, HandleState] = {}
 
-    def add(self, handle: ActorHandle) -> None:
-        name = handle._link.name
+    def add(self, handle: ActorHandle, state: HandleState) -> None:
+        name = state.link.name
         with self.lock:
             if name is not None:
                 if name in self.names:
                     raise ValueError(f"an actor named {name!r} runs in this session already; get it with "
                                      f"session.get_actor({name!r}), or kill it first")
                 self.names[name] = handle
-            self.tokens[handle._token] = handle
-        handle._link.on_dead.append(lambda link: self.remove(handle))
+            self.tokens[state.token] = state
+        state.link.on_dead.append(lambda link: self.remove(handle, state))
 
-    def remove(self, handle: ActorHandle) -> None:
+    def remove(self, handle: ActorHandle, state: HandleState) -> None:
         with self.lock:
-            if self.names.get(handle._link.name or "") is handle:
-                del self.names[handle._link.name or ""]
-            self.tokens.pop(handle._token, None)
+            if self.names.get(state.link.name or "") is handle:
+                del self.names[state.link.name or ""]
+            self.tokens.pop(state.token, None)
 
     def get(self, name: str) -> ActorHandle:
         with self.lock:
@@ -266,8 +287,8 @@ def _registry(session: Session) -> _Registry:
         return registry
 
 
-def by_token(session: Session, token: bytes) -> ActorHandle | None:
-    """The session's live actor that a sandbox names by ``token``, or None."""
+def by_token(session: Session, token: bytes) -> HandleState | None:
+    """The state of the session's live actor that a sandbox names by ``token``, or None."""
     registry = _registries.get(session)
     return None if registry is None else registry.tokens.get(token)
 

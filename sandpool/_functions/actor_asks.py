@@ -29,9 +29,9 @@ MAX_PENDING_ASKS = 4096
 _pending: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
 
-def reduce_handle(handle: Any) -> tuple[Any, ...]:
-    """What a handle pickles as: the sandbox side's handle, naming the actor by its token."""
-    return _agent_actors.RemoteHandle, (handle._token, handle._label, tuple(sorted(handle._methods)))
+def reduce_handle(state: Any) -> tuple[Any, ...]:
+    """What a handle (of ``state``) pickles as: the sandbox side's handle, naming the actor by its token."""
+    return _agent_actors.RemoteHandle, (state.token, state.label, tuple(sorted(state.methods)))
 
 
 def on_ask(session: Any, sandbox: Sandbox, frame: dict) -> None:
@@ -40,14 +40,14 @@ def on_ask(session: Any, sandbox: Sandbox, frame: dict) -> None:
     from .actor import by_token
 
     seq, req_id, host = frame["seq"], frame["id"], session._ensure_open()
-    handle = by_token(session, frame["token"])
-    if handle is None:
+    actor = by_token(session, frame["token"])
+    if actor is None:
         _tell(host, sandbox, req_id, seq, error=("LookupError", "no live actor of this session has that handle "
                                                   "(it was killed, or died with no restart left)"))
         return
     method = frame["method"]
-    if method not in handle._methods:
-        _tell(host, sandbox, req_id, seq, error=("AttributeError", f"actor {handle._label} has no method {method!r}"))
+    if method not in actor.methods:
+        _tell(host, sandbox, req_id, seq, error=("AttributeError", f"actor {actor.label} has no method {method!r}"))
         return
     try:
         value = _plain.decode(frame["args"])
@@ -63,7 +63,7 @@ def on_ask(session: Any, sandbox: Sandbox, frame: dict) -> None:
                                                    "wait already; wait for some results first"))
         return
     _pending[sandbox] = _pending.get(sandbox, 0) + 1
-    ref = handle._call(method, value[0], value[1])
+    ref = actor.call(method, value[0], value[1])
     ref.add_done_callback(lambda done: _answer(host, sandbox, req_id, seq, done))
 
 
@@ -96,6 +96,6 @@ def _tell(host: Any, sandbox: Sandbox, req_id: int, seq: int, *, data: bytes | N
 
 async def _send(sandbox: Sandbox, frame: dict) -> None:
     try:
-        await sandbox._send(frame)
+        await sandbox.link.send(frame)
     except SandboxError:  # the asking sandbox is gone: nobody waits for the answer
         pass

@@ -53,14 +53,15 @@ async def connect(sandbox: Sandbox, nursery: trio.Nursery, on_answers: Callable[
     """Start a direct worker in ``sandbox`` and connect to it; None when that cannot be done
     (a remote runtime, or any failure): calls then go through the agent. A task of ``nursery``
     reads the answers into ``on_answers``, and calls ``on_end(exit_frame)`` once the worker ended."""
-    directory = _bulk.host_dir(sandbox._record)
+    link = sandbox.link
+    directory = _bulk.host_dir(link.record())
     if directory is None:
         return None
     name = f".sandpool-actor-{secrets.token_hex(6)}"
     request = _WorkerRequest()
-    req_id = sandbox._register(request)
+    req_id = link.register(request)
     try:
-        await sandbox._send({"t": "worker", "id": req_id, "listen": f"{_bulk.SANDBOX_DIR}/{name}"})
+        await link.send({"t": "worker", "id": req_id, "listen": f"{_bulk.SANDBOX_DIR}/{name}"})
         with trio.move_on_after(START_SECONDS):
             await request.started.wait()
         if not request.ok:
@@ -69,12 +70,12 @@ async def connect(sandbox: Sandbox, nursery: trio.Nursery, on_answers: Callable[
     except (OSError, SandboxError):
         if request.ok:  # started but unreachable: stop it, the agent relays calls instead
             try:
-                await sandbox._send({"t": "cancel", "id": req_id})
+                await link.send({"t": "cancel", "id": req_id})
             except SandboxError:
                 pass
             with trio.move_on_after(EXIT_SECONDS):
                 await request.exited.wait()
-        sandbox._unregister(req_id)
+        link.unregister(req_id)
         return None
     nursery.start_soon(_read, sandbox, channel, request, req_id, on_answers, on_end)
     return channel
@@ -94,5 +95,5 @@ async def _read(sandbox: Sandbox, channel: DirectChannel, request: _WorkerReques
         channel.close()
     with trio.move_on_after(EXIT_SECONDS):
         await request.exited.wait()
-    sandbox._unregister(req_id)
+    sandbox.link.unregister(req_id)
     on_end(request.exit)

@@ -123,7 +123,7 @@ class ActorLink:
         sandbox, frames = self.sandbox, []
         assert sandbox is not None
         for call in self._ready_calls():
-            call.req_id = sandbox._register(self.incarnation)
+            call.req_id = sandbox.link.register(self.incarnation)
             self.inflight[call.req_id] = call
             fn, key = ((_CONSTRUCT, _CONSTRUCT_KEY) if call.construct else (_INVOKE, _INVOKE_KEY)
                        if call.members is None else (_INVOKE_MANY, _INVOKE_MANY_KEY))
@@ -225,7 +225,7 @@ class ActorLink:
             sandbox = self.sandbox = self.session.sandbox(**self.overrides)
             self.keys = set()
             try:
-                await sandbox._ensure_running()
+                await sandbox.link.ensure_running()
             except Exception as exc:
                 self._end(ActorDiedError(f"actor {self.label}: its sandbox did not start: {exc}",
                                          actor_name=self.name), restart=False, cause=exc)
@@ -234,7 +234,7 @@ class ActorLink:
                 sandbox.stop(graceful_shutdown_seconds=0)
                 return
             incarnation = _Incarnation(self, sandbox)
-            sandbox._register(incarnation)  # never answered: we hear of the sandbox's end even when idle
+            sandbox.link.register(incarnation)  # never answered: we hear of the sandbox's end even when idle
             self.incarnation = incarnation
             nursery = self.session._ensure_open().nursery
             direct = await _direct.connect(sandbox, nursery, incarnation.on_answers, incarnation.on_worker_end)
@@ -257,7 +257,7 @@ class ActorLink:
             frames, self.outbox = self.outbox, []
             try:
                 if frames:
-                    await sandbox._send_many(frames)
+                    await sandbox.link.send_many(frames)
                 if direct is not None and not direct.idle:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(_cancel_when_set, self.wake, nursery.cancel_scope)
@@ -363,7 +363,7 @@ class ActorLink:
     def _release(self, call: ActorCall) -> None:
         self.inflight.pop(call.req_id, None)
         if self.sandbox is not None:
-            self.sandbox._unregister(call.req_id)
+            self.sandbox.link.unregister(call.req_id)
 
     def _end(self, death: ActorDiedError, *, restart: bool, cause: BaseException | None = None) -> None:
         """This incarnation is over: settle its calls, stop its sandbox, restart if allowed."""

@@ -22,12 +22,13 @@ class PoolMember:
 
     def __init__(self, sandbox: Sandbox) -> None:
         self.sandbox = sandbox
-        record = sandbox._record
+        link = sandbox.link
+        record = link.record()
         self.bulk_dir = _bulk.host_dir(record)
         self.connect_worker: Any = record.connect_worker if record is not None else None
-        # the sandbox's own connection methods, bound once: a pool calls them per remote call
-        self.register, self.unregister = sandbox._register, sandbox._unregister
-        self.send, self.send_many = sandbox._send, sandbox._send_many
+        # the sandbox's connection methods, bound once: a pool calls them per remote call
+        self.register, self.unregister = link.register, link.unregister
+        self.send, self.send_many = link.send, link.send_many
 
     def __repr__(self) -> str:
         return f"<PoolMember {self.sandbox!r}>"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -41,6 +42,18 @@ if TYPE_CHECKING:
 _EXIT_REPORT_SECONDS = 3.0
 
 
+@dataclass(frozen=True)
+class AgentLink(SandboxLink):
+    """A sandbox's connection as the package's request makers use it (processes, pool slots,
+    actors, the cwsandbox service): a process's link, plus frames sent in one write, the runtime's
+    record of the sandbox (where a direct worker is reached) and its main command's log. Handed out
+    by ``Sandbox.link``; no user API."""
+
+    send_many: Callable[[list[dict]], Awaitable[None]]
+    record: Callable[[], SandboxRecord | None]
+    open_main_log: Callable[[], BinaryIO | None]
+
+
 class Sandbox(SandboxBlocks, SnapshotsMixin, SurfaceMixin, LogsMixin, StreamFilesMixin, AgentConnection, FoundHandles):
     """A sandbox. Construction does no I/O; the first use (exec, files, wait, ``await``) starts it."""
 
@@ -66,9 +79,10 @@ class Sandbox(SandboxBlocks, SnapshotsMixin, SurfaceMixin, LogsMixin, StreamFile
         self._start_ref: OperationRef[None] | None = None
         self._stop_ref: OperationRef[None] | None = None
         self._exec_stats = ExecStats()
-        self._link = SandboxLink(host=_home.host, sandbox_id=lambda: self.sandbox_id,
-                                 ensure_running=self._ensure_running, register=self._register,
-                                 unregister=self._unregister, send=self._send)
+        self._link = AgentLink(host=_home.host, sandbox_id=lambda: self.sandbox_id,
+                               ensure_running=self._ensure_running, register=self._register,
+                               unregister=self._unregister, send=self._send, send_many=self._send_many,
+                               record=lambda: self._record, open_main_log=self._open_main_log)
         if standalone:  # a session's own sandboxes are tracked by the session (found handles: on adopt)
             self._belong_to(_home)
 
@@ -137,6 +151,13 @@ class Sandbox(SandboxBlocks, SnapshotsMixin, SurfaceMixin, LogsMixin, StreamFile
         level = f" isolation={self.isolation}" if self.isolation else ""
         return (f"<Sandbox {self.sandbox_id or '(unstarted)'} {status} image={self._spec.container_image}"
                 f"{level} tags=({tags}) {procs} processes>")
+
+    @property
+    def link(self) -> AgentLink:
+        """Its agent's connection, for sandpool's own request makers (pool slots, actors, the CLI's
+        record fields, the cwsandbox service's logs); not a user API: use exec, the file methods and
+        remote functions."""
+        return self._link
 
     @property
     def _host(self) -> TaskHost:
@@ -355,7 +376,7 @@ class Sandbox(SandboxBlocks, SnapshotsMixin, SurfaceMixin, LogsMixin, StreamFile
 
     def _open_main_log(self) -> BinaryIO | None:
         """The main command's log from its runtime (readable after the sandbox ends while kept open),
-        or None. Internal: the cwsandbox service's StreamLogs reads it."""
+        or None. Internal: the cwsandbox service's StreamLogs reads it (``link.open_main_log``)."""
         return self._runtime.open_main_log(self._record) if self._record is not None else None
 
 

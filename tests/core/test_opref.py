@@ -211,8 +211,7 @@ def test_cancelling_the_awaiter_in_the_same_loop_cancels_the_operation():
         async with trio.open_nursery() as nursery:
             host = TaskHost(nursery, trio.lowlevel.current_trio_token())
             ref = OperationRef.spawn(host, sleep_until_cancelled, started, saw_cancel)
-            while not started.is_set():
-                await trio.sleep(0.001)
+            await trio.to_thread.run_sync(started.wait)
             with trio.move_on_after(0.05):
                 await ref
             with pytest.raises(OperationCancelled):

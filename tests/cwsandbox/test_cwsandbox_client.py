@@ -21,6 +21,7 @@ import time
 import grpc
 import pytest
 import leaks
+from service_helpers import wait_until
 
 from sandpool._cwsandbox._proto import SERVICE, pb
 
@@ -170,10 +171,8 @@ def cli(server: Server, *args: str, timeout: float = 60.0) -> subprocess.Complet
 
 
 def assert_nothing_left(server: Server) -> None:
-    deadline = time.monotonic() + 15  # a bound for a hang: a sandbox ends within milliseconds of its block
-    while (live := server.live()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert live == [], f"sandboxes left running: {live}"
+    # 15 s: a bound for a hang; a sandbox ends within milliseconds of its block
+    assert wait_until(lambda: not server.live(), timeout=15), f"sandboxes left running: {server.live()}"
 
 
 # -- the Session guide, example by example ---------------------------------------------------------

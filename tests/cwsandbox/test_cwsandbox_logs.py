@@ -14,6 +14,7 @@ import pytest
 from sandpool._cwsandbox._proto import SERVICE, pb
 
 from relay_helpers import Relay
+from service_helpers import wait_until
 from test_cwsandbox_client import PYTHON, REPO, Server, _server, _spec, assert_nothing_left, run  # noqa: F401
 from test_cwsandbox_client import cwsandbox_client  # noqa: F401 (a fixture)
 
@@ -32,12 +33,11 @@ def _logs(server: Server, request) -> list:
 def _finished(server: Server, script: str) -> str:
     created = server.call("CreateSandbox", pb.CreateSandboxRequest(sandbox=pb.Sandbox(
         spec=_spec("logs-resume", command="sh", args=("-c", script)))), pb.Sandbox)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    def finished() -> bool:
         got = server.call("GetSandbox", pb.GetSandboxRequest(sandbox_id=created.sandbox_id), pb.Sandbox)
-        if got.status.state != pb.State.Value("STATE_RUNNING"):
-            break
-        time.sleep(0.05)
+        return got.status.state != pb.State.Value("STATE_RUNNING")
+
+    assert wait_until(finished, timeout=30), "the sandbox's main command did not end"
     return created.sandbox_id
 
 

@@ -18,6 +18,7 @@ import trio
 import sandpool
 from sandpool import ActorDiedError, OperationCancelled, SerializationError, Session
 from sandpool._functions import bulk as _bulk
+from sandpool._functions.actor import state_of
 from service_helpers import wait_until
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -104,7 +105,7 @@ def session(request, monkeypatch):
 
 
 def agent_pid(handle) -> int:
-    return handle._link.sandbox._record.agent_pid
+    return state_of(handle).link.sandbox.link.record().agent_pid
 
 
 def test_counter_increments_in_order_under_eight_concurrent_callers(session):
@@ -295,8 +296,10 @@ def test_calls_wait_in_order_behind_a_call_whose_argument_is_pending(session):
         time.sleep(0.3)  # the value comes late: the call made after must still run second
         return 10
 
-    first = counter.incr.remote(slow_ten.remote(), caller="first")
+    ten = slow_ten.remote()
+    first = counter.incr.remote(ten, caller="first")
     second = counter.incr.remote(1, caller="second")
+    assert not ten.done(), "the argument came before the second call was made: nothing was held back"
     assert (first.result(timeout=60), second.result(timeout=60)) == (10, 11)
     assert counter.history() == ["first", "second"]
 

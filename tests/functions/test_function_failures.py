@@ -11,6 +11,8 @@ import time
 import cloudpickle
 import pytest
 
+from service_helpers import wait_until
+
 from sandpool import RemoteError, Retries, SandboxDiedError, SandboxTimeoutError, SerializationError, Session
 from sandpool._functions.serialize import RemoteTraceback
 
@@ -26,14 +28,16 @@ class NeedsTwo(Exception):
 
 def running_agent_pid(session: Session) -> int:
     """The agent pid of the sandbox holding a sent call (polls until one does)."""
-    deadline = time.monotonic() + 30  # a bound for a hang: a call is sent within milliseconds
-    while time.monotonic() < deadline:
+    def sent_in() -> int | None:
         for pool in list(session._pools.values()):
             for slot in list(pool.slots):
                 if any(call.sent for call in slot.inflight.values()):
-                    return slot.sandbox.sandbox._record.agent_pid
-        time.sleep(0.01)
-    raise AssertionError("no call was sent")
+                    return slot.sandbox.sandbox.link.record().agent_pid
+        return None
+
+    pid = wait_until(sent_in, timeout=30)  # a bound for a hang: a call is sent within milliseconds
+    assert pid, "no call was sent"
+    return pid
 
 
 def test_remote_key_error_is_caught_as_key_error_with_the_remote_frame():

@@ -35,7 +35,7 @@ class _Script:
         if calls is not None and not callable(calls):
             raise TypeError(f"calls must be a function (name, args, kwargs) -> FakeCall | None, got {calls!r}")
         self.calls = calls
-        self.die_after = None if die_after is None else _fakescript._check_delay("die_after", die_after)
+        self.die_after = None if die_after is None else _fakescript.check_delay("die_after", die_after)
 
 
 class FakeSandbox:
@@ -44,7 +44,8 @@ class FakeSandbox:
     functions it ran (``calls``), the commands its stop had to SIGKILL (``escalated``), and
     ``kill()`` to make it die now."""
 
-    def __init__(self, runtime: FakeRuntime, record: SandboxRecord, script: _Script, files: dict[str, bytes]) -> None:
+    def __init__(self, in_loop: Callable[..., None], record: SandboxRecord, script: _Script,
+                 files: dict[str, bytes]) -> None:
         spec = record.spec
         self.record = record
         self.script = script
@@ -55,7 +56,7 @@ class FakeSandbox:
         self.main_log = bytearray()  # what the main command wrote (stdout and stderr)
         self.cwd = _fakescript.normalize("/", spec.working_dir or "/")
         self.env = {"SANDPOOL_SANDBOX_ID": record.sandbox_id, **dict(spec.environment_variables or {})}
-        self._runtime = runtime
+        self._in_loop = in_loop  # its runtime's: runs a function in the runtime's trio loop
         self._agent: FakeAgent | None = None
 
     def __repr__(self) -> str:
@@ -74,12 +75,27 @@ class FakeSandbox:
     def alive(self) -> bool:
         return self._agent is not None and not self.record.exited.is_set()
 
+    @property
+    def started(self) -> bool:
+        """True once its runtime connected it (its agent runs, or ran)."""
+        return self._agent is not None
+
+    def connect(self, stream: Any) -> FakeAgent:
+        """Its agent, speaking over ``stream`` (its runtime runs ``agent.run`` as a task)."""
+        self._agent = FakeAgent(self, stream)
+        return self._agent
+
+    def die_now(self) -> None:
+        """Die at once, in the runtime's loop (its runtime's stop, when it cannot tell it to stop)."""
+        if self._agent is not None:
+            self._agent.die()
+
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Make the sandbox die now (as an OOM kill would): its connection ends without a farewell,
         its processes and calls fail with SandboxDiedError. From any thread; nothing if it ended."""
         agent = self._agent
         if agent is not None:
-            self._runtime._in_loop(agent.die, int(sig))
+            self._in_loop(agent.die, int(sig))
 
 
 class FakeRuntime(Runtime):
@@ -112,7 +128,7 @@ class FakeRuntime(Runtime):
                  die_after: float | None = None) -> None:
         self._script = _Script(execs, calls, die_after)
         self._files = _fakescript.seed_files(files)
-        self._start_delay = _fakescript._check_delay("start_delay", start_delay)
+        self._start_delay = _fakescript.check_delay("start_delay", start_delay)
         if not callable(fail_starts) and (isinstance(fail_starts, bool) or not isinstance(fail_starts, int)
                                           or fail_starts < 0):
             raise ValueError(f"fail_starts must be an int >= 0 or a function (spec, attempt) -> bool, "
@@ -174,7 +190,7 @@ class FakeRuntime(Runtime):
     def create(self, spec: SandboxSpec) -> SandboxRecord:
         self._check_open()
         record = SandboxRecord(sandbox_id=f"fake-{len(self._boxes) + 1}", spec=spec, isolation="fake")
-        self._boxes[record.sandbox_id] = FakeSandbox(self, record, self._script, dict(self._files))
+        self._boxes[record.sandbox_id] = FakeSandbox(self._in_loop, record, self._script, dict(self._files))
         return record
 
     async def start(self, record: SandboxRecord) -> FrameChannel:
@@ -190,9 +206,9 @@ class FakeRuntime(Runtime):
                                      f"(FakeRuntime fail_starts, start {attempt})", sandbox_id=record.sandbox_id)
         box = self._boxes[record.sandbox_id]
         ours, theirs = trio.testing.memory_stream_pair()
-        box._agent = FakeAgent(box, theirs)
+        agent = box.connect(theirs)
         assert self._nursery is not None
-        self._nursery.start_soon(box._agent.run)
+        self._nursery.start_soon(agent.run)
         channel = FrameChannel(ours)
         await channel.handshake()
         record.channel = channel
@@ -201,7 +217,7 @@ class FakeRuntime(Runtime):
     async def stop(self, record: SandboxRecord, grace_seconds: float) -> None:
         with trio.CancelScope(shield=True):
             box = self._boxes.get(record.sandbox_id)
-            if box is None or box._agent is None:
+            if box is None or not box.started:
                 record.exited.set()
                 return
             # The fake agent always obeys: it leaves within the grace (its SIGKILL ends any process),
@@ -212,7 +228,7 @@ class FakeRuntime(Runtime):
                     raise SandboxUnavailableError("no connection to tell it to stop")
                 await channel.send({"t": "stop", "grace": float(grace_seconds)})
             except SandboxUnavailableError:
-                box._agent.die()
+                box.die_now()
             await record.exited.wait()
             if channel is not None:
                 await channel.aclose()

@@ -31,7 +31,7 @@ def _as_bytes(name: str, value: str | bytes) -> bytes:
     raise TypeError(f"{name} must be str or bytes, got {type(value).__name__} {value!r}")
 
 
-def _check_delay(name: str, value: object) -> float:
+def check_delay(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
         raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
     return float(value)
@@ -61,12 +61,12 @@ class FakeExec:
         object.__setattr__(self, "stderr", _as_bytes("stderr", self.stderr))
         if isinstance(self.exit_code, bool) or not isinstance(self.exit_code, int) or not 0 <= self.exit_code <= 255:
             raise ValueError(f"exit_code must be an int from 0 to 255, got {self.exit_code!r}")
-        object.__setattr__(self, "delay", _check_delay("delay", self.delay))
+        object.__setattr__(self, "delay", check_delay("delay", self.delay))
         chunks = []
         for chunk in self.chunks:
             if not (isinstance(chunk, tuple) and len(chunk) == 2):
                 raise TypeError(f"each chunk is a (delay, text) pair such as (0.5, 'line\\n'), got {chunk!r}")
-            chunks.append((_check_delay("a chunk's delay", chunk[0]), _as_bytes("a chunk's text", chunk[1])))
+            chunks.append((check_delay("a chunk's delay", chunk[0]), _as_bytes("a chunk's text", chunk[1])))
         object.__setattr__(self, "chunks", tuple(chunks))
 
 
@@ -84,7 +84,7 @@ class FakeCall:
     kill_sandbox: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "delay", _check_delay("delay", self.delay))
+        object.__setattr__(self, "delay", check_delay("delay", self.delay))
 
 
 class FakeCommand:
