@@ -22,7 +22,7 @@ from .._core.portal import Portal
 from .._runtime.contract import Runtime
 from .._runtime.local import LocalRuntime
 
-__all__ = ["Lease", "Shelf", "call_blocking", "lease", "owner_dirs"]
+__all__ = ["Lease", "Shelf", "call_blocking", "lease", "owner_dirs", "register_exit_hook"]
 
 
 class _Held:
@@ -152,9 +152,7 @@ class _Registry:
 
     def take(self) -> Lease:
         with self.lock:
-            if not _AT_EXIT:
-                atexit.register(_close_at_exit)
-                _AT_EXIT.append(True)
+            register_exit_hook()
             if self.portal is None or self.portal.closed:
                 portal = Portal("sandpool-session-portal")
                 portal.start()
@@ -176,6 +174,15 @@ class _Registry:
 
 _REGISTRY = _Registry()
 _AT_EXIT: list[bool] = []
+
+
+def register_exit_hook() -> None:
+    """Register the exit hook that closes the portal (once). atexit runs hooks last-registered
+    first, so a hook that still needs the portal at exit (the default sessions' close) registers
+    after calling this."""
+    if not _AT_EXIT:
+        atexit.register(_close_at_exit)
+        _AT_EXIT.append(True)
 
 
 def _close_at_exit() -> None:

@@ -16,6 +16,7 @@ import os
 import threading
 
 from .._core.opref import TaskHost
+from . import background
 from . import shared as _shared
 from .session import Session
 
@@ -35,6 +36,7 @@ def default_session(address: str | None = None, token: str | None = None) -> Ses
         if session is None or not session._reusable():
             session = _SESSIONS[key] = Session(address=key[0], token=token)
         if not _ATEXIT[0]:
+            background.register_exit_hook()  # first, so that close_all runs before it at exit
             atexit.register(close_all)
             _ATEXIT[0] = True
         return session
