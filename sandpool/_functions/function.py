@@ -113,6 +113,9 @@ class RemoteFunction(Generic[P, R]):
     unpickling them runs whatever code they name, in this process.
     """
 
+    __name__: str  # copied from the function by functools.update_wrapper
+    __qualname__: str
+
     def __init__(self, fn: Callable[P, R], host: FunctionHost, *, retries: int | Retries | None = 0,
                  timeout_seconds: float | None = None, max_concurrency: int | None = None,
                  reuse: bool = True, unsafe_pickle_results: bool = False, **overrides: Any) -> None:
@@ -165,11 +168,11 @@ class RemoteFunction(Generic[P, R]):
                 calls.submit(pool, [calls.make_call(pool, ref, data)])
 
             _refs.when_resolved(calls.loop(), ref, args, kwargs, send)
-            return ref  # type: ignore[return-value]
+            return ref
         data = _serialize.dumps_args(args, kwargs, self.__qualname__, BULK_BYTES)
         ref = calls.new_ref()
         calls.submit(pool, [calls.make_call(pool, ref, data)])
-        return ref  # type: ignore[return-value]
+        return ref
 
     def map(self, items: Iterable[tuple[Any, ...]], *, progress: bool = False) -> list[OperationRef[R]]:
         """One call per item, each item a tuple of positional arguments; returns the refs in order.
@@ -356,7 +359,7 @@ def function_decorator(host: FunctionHost, fn: Callable[..., Any] | None, option
     if fn is not None:
         return RemoteFunction(fn, host, **options)
     # Check every option now, so a typo fails at the decorator line, not at the first call.
-    _check_options(*(options.get(k) for k in _CALL_OPTIONS[:3]), options.get("reuse", True),
+    _check_options(*(options.get(k) for k in _CALL_OPTIONS[:3]), options.get("reuse", True),  # type: ignore[call-arg]
                    options.get("unsafe_pickle_results", False))
     resolve_spec(host.defaults, **{k: v for k, v in options.items() if k not in _CALL_OPTIONS})
     return lambda f: RemoteFunction(f, host, **options)

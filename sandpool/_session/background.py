@@ -15,12 +15,16 @@ from __future__ import annotations
 import atexit
 import os
 import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import trio
 
 from .._core.portal import Portal
 from .._runtime.contract import Runtime
 from .._runtime.local import LocalRuntime
+
+T = TypeVar("T")
 
 __all__ = ["Lease", "Shelf", "call_blocking", "lease", "owner_dirs"]
 
@@ -190,11 +194,11 @@ def lease() -> Lease:
     return _REGISTRY.take()
 
 
-def call_blocking(fn, *args):
+def call_blocking(fn: Callable[..., T], *args: object) -> T:
     """Run a blocking call; from inside a trio loop, in a helper thread (a one-time, short wait)."""
     if not trio.lowlevel.in_trio_run():
         return fn(*args)
-    box: list = []
+    box: list[tuple[bool, Any]] = []
 
     def target() -> None:
         try:
@@ -208,7 +212,7 @@ def call_blocking(fn, *args):
     ok, value = box[0]
     if not ok:
         raise value
-    return value
+    return value  # type: ignore[no-any-return]
 
 
 def owner_dirs() -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -148,7 +148,7 @@ class Sandbox(SandboxBlocks, SnapshotsMixin, SurfaceMixin, LogsMixin, StreamFile
         assert runtime is not None, "a sandbox's runtime is used only once its session is open"
         return runtime
 
-    def _spawn(self, async_fn, *args) -> OperationRef:
+    def _spawn(self, async_fn: Callable[..., Awaitable[Any]], *args: object) -> OperationRef[Any]:
         return OperationRef.spawn(self._host, async_fn, *args)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -166,7 +166,7 @@ class Sandbox(SandboxBlocks, SnapshotsMixin, SurfaceMixin, LogsMixin, StreamFile
         self._spawn(self._wait_async, timeout).result()
         return self
 
-    def __await__(self):
+    def __await__(self) -> Generator[Any, None, Sandbox]:
         return self._spawn(self._wait_async, None).__await__()
 
     def wait_until_complete(self, timeout: float | None = None, *,
