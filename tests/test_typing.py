@@ -1,6 +1,6 @@
-"""sandpool is typed: it ships py.typed, user programs type-check under ``mypy --strict`` with the
-signatures of their remote functions kept, deliberate type errors are reported, and a listed set
-of the package's own public modules stays clean under ``mypy --strict``.
+"""sandpool is typed: it ships py.typed, user programs type-check under ``mypy --strict`` (and
+pyright's strict mode) with the signatures of their remote functions kept, deliberate type errors
+are reported, and a listed set of the package's own public modules stays clean under ``mypy --strict``.
 
 mypy checks the user programs against sandpool as installed (a ``build_py`` of this checkout put
 on the path as site-packages), so what is tested is what a user's type checker sees: the package's
@@ -10,6 +10,7 @@ own annotations behind its py.typed marker, with errors inside the package not r
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import shutil
@@ -74,6 +75,13 @@ def _copy(paths, dest):
     return sorted(os.path.basename(p) for p in paths)
 
 
+def _marked_errors():
+    """{(line number, mypy error code)} of the lines of the negative file marked ``# E: code``."""
+    with open(NEGATIVE) as f:
+        return {(number, match.group(1)) for number, line in enumerate(f, 1)
+                if (match := re.search(r"# E: ([a-z-]+)$", line))}
+
+
 def test_package_data_ships_py_typed(installed):
     """Both packages carry a py.typed marker as installed."""
     for package in ("sandpool", "_sandpool_agent"):
@@ -105,12 +113,7 @@ def test_without_py_typed_mypy_sees_no_types(installed, tmp_path):
 def test_negative_file_reports_each_deliberate_error(installed, tmp_path):
     """Each line of the negative file marked ``# E: code`` (a wrong argument type to a remote
     function, a ProcessResult used as a str, ...) is reported with that code, and nothing else."""
-    expected = set()
-    with open(NEGATIVE) as f:
-        for number, line in enumerate(f, 1):
-            match = re.search(r"# E: ([a-z-]+)$", line)
-            if match:
-                expected.add((number, match.group(1)))
+    expected = _marked_errors()
     assert len(expected) >= 5
     names = _copy([NEGATIVE], tmp_path)
     code, output = _mypy(names, installed, tmp_path)
@@ -125,6 +128,33 @@ def test_public_modules_pass_mypy_strict():
     import are read for their types, their own errors not reported: they are not listed yet)."""
     code, output = _mypy(STRICT_MODULES, REPO, REPO, "--follow-imports=silent")
     assert (code, output) == (0, ""), output
+
+
+def _pyright(paths, site, cwd, mode):
+    """Run pyright (``mode``: "strict" or "basic") on ``paths`` from ``cwd``, sandpool found in
+    ``site`` only (pyright asks the interpreter for its sys.path); (exit code, output)."""
+    with open(os.path.join(cwd, "pyrightconfig.json"), "w") as f:
+        json.dump({"typeCheckingMode": mode}, f)
+    env = dict(os.environ, PYTHONPATH=site)
+    proc = subprocess.run([sys.executable, "-m", "pyright", "--pythonpath", sys.executable, *paths],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_typed_examples_pass_pyright_strict(installed, tmp_path):
+    """pyright (strict) agrees: no error in the typed examples ..."""
+    code, output = _pyright(_copy(EXAMPLES, tmp_path), installed, tmp_path, "strict")
+    assert code == 0 and "0 errors" in output, output
+
+
+def test_pyright_reports_the_deliberate_errors(installed, tmp_path):
+    """... and an error on each marked line of the negative file, and on no other line (in basic
+    mode: strict mode adds follow-on errors about the unknown types the errors leave)."""
+    expected = {number for number, _code in _marked_errors()}
+    code, output = _pyright(_copy([NEGATIVE], tmp_path), installed, tmp_path, "basic")
+    reported = {int(m.group(1)) for m in re.finditer(r"wrong_types\.py:(\d+):\d+ - error", output)}
+    assert code == 1, output
+    assert reported == expected, output
 
 
 @pytest.mark.parametrize("name", sorted(KEY_LINES))
