@@ -62,7 +62,7 @@ def _mypy(paths, site, cwd, *extra):
     """Run mypy --strict on ``paths`` from ``cwd`` with ``site`` as the only place sandpool is
     found (mypy asks the interpreter for its sys.path, PYTHONPATH included); (exit code, output)."""
     env = dict(os.environ, PYTHONPATH=site)
-    proc = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--show-error-codes",
+    proc = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-incremental", f"--cache-dir={os.devnull}", "--show-error-codes",
                            "--no-error-summary", *extra, *paths],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     return proc.returncode, proc.stdout + proc.stderr
