@@ -27,18 +27,25 @@ EXAMPLES = sorted(glob.glob(os.path.join(TYPED, "*.py")))
 NEGATIVE = os.path.join(TYPED, "negative", "wrong_types.py")
 
 #: The package's modules that ``mypy --strict`` must find clean (the public surface a user's
-#: checker reads: the re-exports, Session, Sandbox, Process and streams, remote functions, refs).
+#: checker reads: the re-exports, Session, Sandbox, Process and streams, remote functions and
+#: their result streams, refs, the exceptions, the Runtime contract).
 STRICT_MODULES = [
+    "_sandpool_agent/errors.py",
     "sandpool/__init__.py",
     "sandpool/_core/hosts.py",
     "sandpool/_core/opref.py",
     "sandpool/_core/waiting.py",
+    "sandpool/_errors.py",
+    "sandpool/_errors_cw.py",
     "sandpool/_functions/function.py",
+    "sandpool/_functions/imap.py",
+    "sandpool/_runtime/contract.py",
     "sandpool/_session/blocks.py",
     "sandpool/_session/process.py",
     "sandpool/_session/sandbox.py",
     "sandpool/_session/session.py",
     "sandpool/_session/streams.py",
+    "sandpool/exceptions.py",
 ]
 
 #: The line each typed example prints last.

@@ -16,7 +16,7 @@ import math
 import operator
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
@@ -230,8 +230,9 @@ class RemoteFunction(Generic[P, R]):
             ref.add_done_callback(on_done)
         pool.submit(batch)
 
-    def imap(self, iterable: Iterable[Any], *, ordered: bool = True, max_in_flight: int | None = None,
-             return_exceptions: bool = False, progress: bool = False) -> ResultStream[R]:
+    def imap(self, iterable: Iterable[Any] | AsyncIterable[Any], *, ordered: bool = True,
+             max_in_flight: int | None = None, return_exceptions: bool = False,
+             progress: bool = False) -> ResultStream[R]:
         """Stream ``f(x)`` for each x of ``iterable`` (sync or async iterable), pulled lazily.
 
         At most ``max_in_flight`` calls run or wait at once (default: 8 per sandbox, at least 32).
@@ -245,8 +246,9 @@ class RemoteFunction(Generic[P, R]):
         return ResultStream(self._calls, iterable, star=False, ordered=ordered, max_in_flight=max_in_flight,
                             return_exceptions=return_exceptions, progress=progress)
 
-    def starmap(self, iterable: Iterable[Any], *, ordered: bool = True, max_in_flight: int | None = None,
-                return_exceptions: bool = False, progress: bool = False) -> ResultStream[R]:
+    def starmap(self, iterable: Iterable[Any] | AsyncIterable[Any], *, ordered: bool = True,
+                max_in_flight: int | None = None, return_exceptions: bool = False,
+                progress: bool = False) -> ResultStream[R]:
         """``imap`` for argument tuples: each item is unpacked as ``f(*item)``."""
         from .imap import ResultStream
 
