@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, assert_type
 
+import sandpool
 from sandpool import (ActorClass, ActorHandle, OperationRef, Process, ProcessResult, RemoteFunction, ResultStream,
                       Sandbox, SandboxDefaults, Session)
 
@@ -23,6 +24,10 @@ def greet(name: str, *, punctuation: str = "!") -> str:
 class Counter:
     def __init__(self, start: int) -> None:
         self.value = start
+
+    @sandpool.enter
+    def warm(self) -> None:
+        self.value += 0
 
     def add(self, n: int) -> int:
         self.value += n
@@ -67,6 +72,7 @@ def main() -> None:
         assert_type(shout.local("here"), str)
 
         # Actors keep their class's name, not its methods' signatures: calls give OperationRef[Any].
+        # The call form, not '@session.cls' on the class: mypy ignores what a class decorator returns.
         counters = session.cls(Counter)
         assert_type(counters, ActorClass)
         counter = counters.remote(10)
