@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Awaitable, Callable, Generator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -32,6 +32,7 @@ from .surface import ExecStats, SurfaceMixin
 from .snapshots import SnapshotsMixin
 
 if TYPE_CHECKING:
+    from collections.abc import Generator
     from typing import BinaryIO
 
     from .._runtime.contract import Runtime, SandboxRecord
