@@ -24,8 +24,6 @@ from .._core.portal import Portal
 from .._runtime.contract import Runtime
 from .._runtime.local import LocalRuntime
 
-T = TypeVar("T")
-
 __all__ = ["Lease", "Shelf", "call_blocking", "lease", "owner_dirs"]
 
 
@@ -192,6 +190,9 @@ def _close_at_exit() -> None:
 def lease() -> Lease:
     """A share of the background portal, started if no session holds it. Release it when done."""
     return _REGISTRY.take()
+
+
+T = TypeVar("T")
 
 
 def call_blocking(fn: Callable[..., T], *args: object) -> T:
