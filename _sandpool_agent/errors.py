@@ -11,6 +11,11 @@ extras intact, because they cross the agent's wire and process boundaries.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from datetime import timedelta
+
 __all__ = ["CWSandboxError", "ProtocolError", "SandboxError", "SandboxProtocolError", "SandpoolError"]
 
 
@@ -33,6 +38,9 @@ class SandpoolError(Exception):
 
     _extras: tuple[str, ...] = ("reason", "metadata", "retry_delay")
     _all_extras: tuple[str, ...] = _extras
+    reason: str | None  # cwsandbox's three extras, set in __init__ (declared for type checkers)
+    metadata: dict[str, str]
+    retry_delay: timedelta | None
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -52,7 +60,7 @@ class SandpoolError(Exception):
             )
         for name in allowed:
             setattr(self, name, extras.get(name))
-        self.metadata = dict(self.metadata or {})  # type: ignore[call-overload]
+        self.metadata = dict(self.metadata or {})
 
     @classmethod
     def extra_names(cls) -> tuple[str, ...]:
@@ -89,7 +97,7 @@ CWSandboxError = SandpoolError
 class SandboxError(SandpoolError):
     """Base for failures of a sandbox operation; ``sandbox_id`` says which sandbox."""
 
-    _extras = ("sandbox_id",)
+    _extras: tuple[str, ...] = ("sandbox_id",)
 
 
 class SandboxProtocolError(SandboxError):
@@ -103,4 +111,4 @@ class ProtocolError(SandboxProtocolError):
     could be decoded. This is a bug or a version mismatch between client and agent.
     """
 
-    _extras = ("frame",)
+    _extras: tuple[str, ...] = ("frame",)

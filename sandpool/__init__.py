@@ -101,7 +101,7 @@ from ._session.sandbox import Sandbox
 from ._session.session import Session
 from ._session.terminal import TerminalResult, TerminalSession
 
-Waitable = Sandbox | OperationRef | Process | TerminalSession
+Waitable = Sandbox | OperationRef | Process | TerminalSession  # type: ignore[type-arg]  # isinstance works with it
 """What ``wait`` and ``results`` accept (cwsandbox's alias)."""
 
 __version__ = "0.1.0"

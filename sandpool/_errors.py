@@ -61,7 +61,7 @@ class SandboxTerminatedError(SandboxError):
 class SandboxFailedError(SandboxError):
     """The sandbox reached the FAILED state; ``status_reason`` says why when known."""
 
-    _extras = ("status_reason",)
+    _extras: tuple[str, ...] = ("status_reason",)
 
 
 class SandboxNotFoundError(SandboxError):
@@ -75,7 +75,7 @@ class SandboxExecutionError(SandboxError):
     ``exception_message`` describe a failure reported by the sandbox side.
     """
 
-    _extras = ("exec_result", "exception_type", "exception_message")
+    _extras: tuple[str, ...] = ("exec_result", "exception_type", "exception_message")
 
 
 class SandboxFileError(SandboxError):
@@ -86,7 +86,7 @@ class SandboxFileError(SandboxError):
     ``CWSANDBOX_FILE_IO_FAILED`` or ``CWSANDBOX_FILE_OUTSIDE_SANDBOX``.
     """
 
-    _extras = ("filepath",)
+    _extras: tuple[str, ...] = ("filepath",)
 
 
 class SandboxResourceExhaustedError(SandboxError):
@@ -100,7 +100,7 @@ class SandboxDiedError(SandboxError):
     that meets this error may be retried on a fresh sandbox; the dead one is never reused.
     """
 
-    _extras = ("exit_code", "signal")
+    _extras: tuple[str, ...] = ("exit_code", "signal")
 
 
 class ActorDiedError(SandboxDiedError):
@@ -110,7 +110,7 @@ class ActorDiedError(SandboxDiedError):
     ``actor_name`` is its name (None for an unnamed actor); ``__cause__`` the death's own error.
     """
 
-    _extras = ("actor_name",)
+    _extras: tuple[str, ...] = ("actor_name",)
 
 
 class FunctionError(SandpoolError):
@@ -124,7 +124,7 @@ class AsyncFunctionError(FunctionError):
 class SerializationError(FunctionError):
     """A function, argument or result could not be pickled; ``obj_repr`` names the object."""
 
-    _extras = ("obj_repr",)
+    _extras: tuple[str, ...] = ("obj_repr",)
 
 
 class RemoteError(FunctionError, SandboxExecutionError):
@@ -137,4 +137,4 @@ class RemoteError(FunctionError, SandboxExecutionError):
     where it ran, and ``exception_message`` the remote message.
     """
 
-    _extras = ("type_name", "remote_traceback", "sandbox_id")
+    _extras: tuple[str, ...] = ("type_name", "remote_traceback", "sandbox_id")

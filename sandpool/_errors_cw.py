@@ -53,13 +53,13 @@ class NotSupportedLocallyError(SandpoolError, NotImplementedError):
     caller asked for is dropped silently. Also a NotImplementedError.
     """
 
-    _extras = ("feature",)
+    _extras: tuple[str, ...] = ("feature",)
 
 
 class CWSandboxValidationError(SandpoolError):
     """A request was refused field by field; ``field_violations`` is a tuple of FieldViolation."""
 
-    _extras = ("field_violations",)
+    _extras: tuple[str, ...] = ("field_violations",)
 
     def __init__(self, message: str = "", **extras: object) -> None:
         super().__init__(message, **extras)
@@ -81,13 +81,13 @@ class SandboxCommandTimeoutError(SandboxTimeoutError):
 class SandboxStreamBackpressureError(SandboxExecutionError):
     """The stream was ended because its reader fell behind; ``stream_code`` says so."""
 
-    _extras = ("stream_code",)
+    _extras: tuple[str, ...] = ("stream_code",)
 
 
 class SandboxStreamTruncatedError(SandboxExecutionError):
     """Output was lost in transit (or a log line was too long); ``stream_code`` says so."""
 
-    _extras = ("stream_code",)
+    _extras: tuple[str, ...] = ("stream_code",)
 
 
 class SandboxTerminalStateUnavailableError(SandboxError):
@@ -97,7 +97,7 @@ class SandboxTerminalStateUnavailableError(SandboxError):
 class SandboxSnapshotError(SandboxError):
     """A file-system snapshot failed; ``file_system_snapshot_id`` when one is known."""
 
-    _extras = ("file_system_snapshot_id",)
+    _extras: tuple[str, ...] = ("file_system_snapshot_id",)
 
 
 class SnapshotNotFoundError(SandboxSnapshotError):
@@ -143,7 +143,7 @@ class SnapshotWaitTimeoutError(SandboxTimeoutError, SandboxSnapshotError):
 class VolumeError(SandboxError):
     """A registered volume failed; ``volume_id`` when one is known."""
 
-    _extras = ("volume_id",)
+    _extras: tuple[str, ...] = ("volume_id",)
 
 
 class VolumeNotFoundError(VolumeError):
@@ -189,7 +189,7 @@ class VolumeRunnerUnavailableError(VolumeError, SandboxUnavailableError):
 class VolumeWaitTimeoutError(SandboxTimeoutError):
     """A volume did not become READY in time; ``volume_id``."""
 
-    _extras = ("volume_id",)
+    _extras: tuple[str, ...] = ("volume_id",)
 
 
 class DiscoveryError(SandpoolError):
@@ -203,10 +203,10 @@ class DiscoveryValidationError(DiscoveryError, CWSandboxValidationError):
 class RunnerNotFoundError(DiscoveryError):
     """No runner has this ``runner_id``."""
 
-    _extras = ("runner_id",)
+    _extras: tuple[str, ...] = ("runner_id",)
 
 
 class ProfileNotFoundError(DiscoveryError):
     """No runner profile has this ``profile_name`` (cwsandbox defines it without exporting it)."""
 
-    _extras = ("profile_name", "runner_id")
+    _extras: tuple[str, ...] = ("profile_name", "runner_id")

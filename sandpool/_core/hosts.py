@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from typing import Any, Literal, Protocol, TypeVar
 
 import trio
@@ -34,8 +34,9 @@ class Operation(Protocol[T]):
 
     def done(self) -> bool: ...
     def result(self) -> T: ...
+    def exception(self) -> BaseException | None: ...
     def add_done_callback(self, fn: Callable[[Operation[T]], None]) -> None: ...
-    def __await__(self) -> Any: ...
+    def __await__(self) -> Generator[Any, None, T]: ...
 
 
 class Spawner(Protocol):

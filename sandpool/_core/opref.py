@@ -18,7 +18,7 @@ import reprlib
 import threading
 import time
 from collections.abc import Awaitable, Callable, Generator, Iterator
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Self, TypeVar
 
 import trio
 
@@ -133,7 +133,7 @@ class OperationRef(Generic[T]):
         self._error: BaseException | None = None
         self._host: TaskHost | None = None
         self._scope: trio.CancelScope | None = None
-        self._callbacks: list[Callable[[OperationRef[T]], None]] | None = None
+        self._callbacks: list[Callable[[Any], None]] | None = None  # each takes this ref
         self._event: threading.Event | None = None  # made only when a thread blocks on us
 
     @classmethod
@@ -226,7 +226,7 @@ class OperationRef(Generic[T]):
         for fn in callbacks or ():
             self._call(fn)
 
-    def _call(self, fn: Callable[[OperationRef[T]], None]) -> None:
+    def _call(self, fn: Callable[[Self], None]) -> None:
         try:
             fn(self)
         except Exception:
@@ -259,7 +259,7 @@ class OperationRef(Generic[T]):
                 pass
         return True
 
-    def add_done_callback(self, fn: Callable[[OperationRef[T]], None]) -> None:
+    def add_done_callback(self, fn: Callable[[Self], None]) -> None:
         """Call ``fn(ref)`` once, in the loop's thread, when the operation finishes (at once, in
         this thread, if it has). Callbacks run in the order added; their exceptions are logged."""
         with _lock:

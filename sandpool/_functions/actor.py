@@ -15,7 +15,8 @@ import inspect
 import secrets
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import actor_asks as _asks, actor_refs as _refs, serialize as _serialize
 from .actor_link import ActorCall, ActorLink, Phase
@@ -31,7 +32,10 @@ if TYPE_CHECKING:
 _ENTER = "__sandpool_enter__"
 
 
-def enter(fn: Any) -> Any:
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def enter(fn: F) -> F:
     """Mark a method of an actor class as a setup hook: run once, in the sandbox, right after
     the instance is constructed (and again after each restart), before any other call. A hook
     that raises makes the actor dead (``ActorDiedError``, the hook's exception as cause)."""

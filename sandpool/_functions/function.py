@@ -16,7 +16,7 @@ import math
 import operator
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
@@ -113,6 +113,9 @@ class RemoteFunction(Generic[P, R]):
     unpickling them runs whatever code they name, in this process.
     """
 
+    __name__: str  # copied from the function by functools.update_wrapper
+    __qualname__: str
+
     def __init__(self, fn: Callable[P, R], host: FunctionHost, *, retries: int | Retries | None = 0,
                  timeout_seconds: float | None = None, max_concurrency: int | None = None,
                  reuse: bool = True, unsafe_pickle_results: bool = False, **overrides: Any) -> None:
@@ -165,11 +168,11 @@ class RemoteFunction(Generic[P, R]):
                 calls.submit(pool, [calls.make_call(pool, ref, data)])
 
             _refs.when_resolved(calls.loop(), ref, args, kwargs, send)
-            return ref  # type: ignore[return-value]
+            return ref
         data = _serialize.dumps_args(args, kwargs, self.__qualname__, BULK_BYTES)
         ref = calls.new_ref()
         calls.submit(pool, [calls.make_call(pool, ref, data)])
-        return ref  # type: ignore[return-value]
+        return ref
 
     def map(self, items: Iterable[tuple[Any, ...]], *, progress: bool = False) -> list[OperationRef[R]]:
         """One call per item, each item a tuple of positional arguments; returns the refs in order.
@@ -227,8 +230,9 @@ class RemoteFunction(Generic[P, R]):
             ref.add_done_callback(functools.partial(on_done, call.size))
         pool.submit(batch)
 
-    def imap(self, iterable: Iterable[Any], *, ordered: bool = True, max_in_flight: int | None = None,
-             return_exceptions: bool = False, progress: bool = False) -> ResultStream[R]:
+    def imap(self, iterable: Iterable[Any] | AsyncIterable[Any], *, ordered: bool = True,
+             max_in_flight: int | None = None, return_exceptions: bool = False,
+             progress: bool = False) -> ResultStream[R]:
         """Stream ``f(x)`` for each x of ``iterable`` (sync or async iterable), pulled lazily.
 
         At most ``max_in_flight`` calls run or wait at once (default: 8 per sandbox, at least 32).
@@ -242,8 +246,9 @@ class RemoteFunction(Generic[P, R]):
         return ResultStream(self._calls, iterable, star=False, ordered=ordered, max_in_flight=max_in_flight,
                             return_exceptions=return_exceptions, progress=progress)
 
-    def starmap(self, iterable: Iterable[Any], *, ordered: bool = True, max_in_flight: int | None = None,
-                return_exceptions: bool = False, progress: bool = False) -> ResultStream[R]:
+    def starmap(self, iterable: Iterable[Any] | AsyncIterable[Any], *, ordered: bool = True,
+                max_in_flight: int | None = None, return_exceptions: bool = False,
+                progress: bool = False) -> ResultStream[R]:
         """``imap`` for argument tuples: each item is unpacked as ``f(*item)``."""
         from .imap import ResultStream
 
@@ -356,7 +361,7 @@ def function_decorator(host: FunctionHost, fn: Callable[..., Any] | None, option
     if fn is not None:
         return RemoteFunction(fn, host, **options)
     # Check every option now, so a typo fails at the decorator line, not at the first call.
-    _check_options(*(options.get(k) for k in _CALL_OPTIONS[:3]), options.get("reuse", True),
+    _check_options(*(options.get(k) for k in _CALL_OPTIONS[:3]), options.get("reuse", True),  # type: ignore[call-arg]
                    options.get("unsafe_pickle_results", False))
     resolve_spec(host.defaults, **{k: v for k, v in options.items() if k not in _CALL_OPTIONS})
     return lambda f: RemoteFunction(f, host, **options)

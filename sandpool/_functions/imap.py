@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import queue
 import sys
-from collections.abc import Iterable
+from collections.abc import AsyncIterable, Iterable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import trio
@@ -30,7 +30,7 @@ R = TypeVar("R")
 class ResultStream(Generic[R]):
     """Results of ``f.imap``/``f.starmap``. ``pulled`` counts the inputs taken from the source."""
 
-    def __init__(self, calls: Caller, source: Iterable[Any], *, star: bool, ordered: bool,
+    def __init__(self, calls: Caller, source: Iterable[Any] | AsyncIterable[Any], *, star: bool, ordered: bool,
                  max_in_flight: int | None, return_exceptions: bool, progress: bool) -> None:
         if max_in_flight is not None and (isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int)
                                           or max_in_flight < 1):
@@ -41,7 +41,7 @@ class ResultStream(Generic[R]):
         self._calls = calls
         self._pool = calls.pool()
         calls.payload()  # an unpicklable function fails here, before any input is pulled
-        self._source = source
+        self._source: Any = source  # sync or async: which one is asked with hasattr
         self._iter: Any = None
         self._star = star
         self._ordered = ordered
@@ -88,7 +88,7 @@ class ResultStream(Generic[R]):
             return
         if self._iter is None:
             self._iter = iter(self._source)
-        items = []
+        items: list[Any] = []
         while len(self._window) + len(items) < self._limit:
             try:
                 items.append(next(self._iter))
@@ -103,7 +103,7 @@ class ResultStream(Generic[R]):
             return
         if self._iter is None:
             self._iter = aiter(self._source) if hasattr(self._source, "__aiter__") else iter(self._source)
-        items = []
+        items: list[Any] = []
         while len(self._window) + len(items) < self._limit:
             try:
                 if hasattr(self._iter, "__anext__"):
@@ -118,10 +118,10 @@ class ResultStream(Generic[R]):
 
     # -- taking results --------------------------------------------------------------------------
 
-    def _unwrap(self, ref: OperationRef[R]) -> Any:
+    def _unwrap(self, ref: OperationRef[R]) -> R:
         """The finished ref's value; its exception is yielded (return_exceptions) or closes the stream."""
         try:
-            value = ref.result()  # finished: answers at once
+            value: Any = ref.result()  # finished: answers at once
         except Exception as exc:
             if not self._return_exceptions:
                 self.close()
@@ -129,7 +129,7 @@ class ResultStream(Generic[R]):
             value = exc
         if self._bar is not None:
             self._bar.update(1)
-        return value
+        return value  # type: ignore[no-any-return]  # an exception, with return_exceptions=True
 
     def _pop(self, ref: CallRef) -> None:
         if self._ordered:
@@ -276,7 +276,7 @@ def _length(source: object) -> int | None:
 def _progress_bar(name: str, total: int | None) -> Any:
     """A tqdm bar, or None (with one line of advice) when tqdm is not installed."""
     try:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # type: ignore[import-untyped, unused-ignore]
     except ImportError:
         print("sandpool: progress=True needs tqdm ('pip install sandpool[progress]'); "
               "running without a progress bar", file=sys.stderr)

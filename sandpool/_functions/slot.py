@@ -68,10 +68,11 @@ class PoolSandbox(Protocol):
 
     def unregister(self, req_id: int) -> None: ...
 
-    async def send(self, frame: dict) -> None:
+    # Awaitable, not async def: a member may hand out its connection's bound send functions.
+    def send(self, frame: dict[str, Any]) -> Awaitable[None]:
         """Send one frame to the agent; SandboxNotRunningError (or why it failed) once it is gone."""
 
-    async def send_many(self, frames: list[dict]) -> None:
+    def send_many(self, frames: list[dict[str, Any]]) -> Awaitable[None]:
         """Send frames in one write; raises as ``send``."""
 
     def stop(self, *, graceful_shutdown_seconds: float) -> Any:

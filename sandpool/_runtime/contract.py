@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import builtins
 from collections.abc import AsyncIterator, Callable
 import time
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ class SandboxRecord:
     #: a same-host server's way to open a direct worker line to it (its remote-function fast path)
     connect_worker: Callable[..., Any] | None = None
     #: a runtime's own notes about the sandbox, read only by the runtime that wrote them
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
     #: the state a shared runtime last reported (a status value, its reason, the return code);
     #: local sandboxes keep their state in their Sandbox and leave these None
     status: str | None = None
@@ -85,7 +86,7 @@ class Runtime(abc.ABC):
         """Every sandbox this runtime knows, terminal ones included."""
 
     async def find(self, *, sandbox_id: str | None = None, tags: tuple[str, ...] = (), status: str | None = None,
-                   show_terminated: bool = False) -> list[SandboxRecord]:
+                   show_terminated: bool = False) -> builtins.list[SandboxRecord]:
         """Sandboxes of a shared runtime: the one with ``sandbox_id`` (SandboxNotFoundError if none),
         or those carrying every tag in ``tags`` with ``status`` (terminal ones only when asked for,
         or when ``status`` is terminal). Records carry ``status``; a record already returned for an
@@ -106,7 +107,7 @@ class Runtime(abc.ABC):
         raise NotSupportedLocallyError(f"sandbox {record.sandbox_id}: the {self.name} runtime keeps no "
                                        f"main-command log to stream", feature="stream_logs")
 
-    async def snapshot(self, record: SandboxRecord, trigger: str = "manual"):
+    async def snapshot(self, record: SandboxRecord, trigger: str = "manual") -> Any:
         """Capture the running sandbox's filesystem; the snapshot's record (``_images.snapshots``).
         Runtimes without snapshots refuse with SnapshotNotSupportedError."""
         from .._errors_cw import SnapshotNotSupportedError

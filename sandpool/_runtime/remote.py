@@ -233,7 +233,7 @@ class RemoteRuntime(Runtime):
         return list(self._records.values())
 
     async def find(self, *, sandbox_id: str | None = None, tags: tuple[str, ...] = (), status: str | None = None,
-                   show_terminated: bool = False) -> list[SandboxRecord]:
+                   show_terminated: bool = False) -> builtins.list[SandboxRecord]:
         if sandbox_id is not None:
             infos = [await self._call("Get", {"sandbox_id": sandbox_id}, sandbox_id=sandbox_id)]
         else:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import atexit
 import os
 import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import trio
 
@@ -197,11 +199,14 @@ def lease() -> Lease:
     return _REGISTRY.take()
 
 
-def call_blocking(fn, *args):
+T = TypeVar("T")
+
+
+def call_blocking(fn: Callable[..., T], *args: object) -> T:
     """Run a blocking call; from inside a trio loop, in a helper thread (a one-time, short wait)."""
     if not trio.lowlevel.in_trio_run():
         return fn(*args)
-    box: list = []
+    box: list[tuple[bool, Any]] = []
 
     def target() -> None:
         try:
@@ -215,7 +220,7 @@ def call_blocking(fn, *args):
     ok, value = box[0]
     if not ok:
         raise value
-    return value
+    return value  # type: ignore[no-any-return]
 
 
 def owner_dirs() -> list[str]:

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 from .._core.hosts import current_host, settle, to_thread
 
 if TYPE_CHECKING:
+    from types import TracebackType
+
     from .._config import SandboxDefaults
     from .._core.opref import OperationRef
     from .sandbox import Sandbox
@@ -21,7 +23,8 @@ class SandboxBlocks:
         self.start().result()
         return self
 
-    def __exit__(self: Sandbox, exc_type, exc, tb) -> None:  # type: ignore[misc]
+    def __exit__(self: Sandbox, exc_type: type[BaseException] | None,  # type: ignore[misc]
+                 exc: BaseException | None, tb: TracebackType | None) -> None:
         _finish_stop(self.stop(), exc is not None)
 
     async def __aenter__(self: Sandbox) -> Sandbox:  # type: ignore[misc]
@@ -36,7 +39,8 @@ class SandboxBlocks:
             raise
         return self
 
-    async def __aexit__(self: Sandbox, exc_type, exc, tb) -> None:  # type: ignore[misc]
+    async def __aexit__(self: Sandbox, exc_type: type[BaseException] | None,  # type: ignore[misc]
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
         """Stop the sandbox and wait until it is stopped, whatever the host's cancellation does
         meanwhile; a failure to stop never hides the block's own exception."""
         try:
@@ -56,7 +60,7 @@ class SandboxBlocks:
         """
         if args:
             options["command"], options["args"] = args[0], list(args[1:])
-        sandbox: Sandbox = cls(defaults=defaults, **options)  # type: ignore[call-arg]
+        sandbox: Sandbox = cls(defaults=defaults, **options)  # type: ignore[call-arg, assignment]
         if current_host() == "sync":
             sandbox.start().result()
         elif sandbox._opened():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +33,7 @@ class SandboxLink:
     ensure_running: Callable[[], Awaitable[None]]
     register: Callable[[Any], int]
     unregister: Callable[[int], None]
-    send: Callable[[dict], Awaitable[None]]
+    send: Callable[[dict[str, Any]], Awaitable[None]]
 
 
 @dataclass
@@ -56,8 +56,8 @@ class ProcessResult:
 class Process(OperationRef[ProcessResult]):
     """A command running in a sandbox. Awaitable / ``.result()`` gives a :class:`ProcessResult`."""
 
-    def __init__(self, link: SandboxLink, argv: list[str], *, cwd: str | None, env: dict | None,
-                 timeout: float | None, check: bool, stdin: bool, cap: int, exec_extra: dict | None = None) -> None:
+    def __init__(self, link: SandboxLink, argv: list[str], *, cwd: str | None, env: dict[str, str] | None,
+                 timeout: float | None, check: bool, stdin: bool, cap: int, exec_extra: dict[str, Any] | None = None) -> None:
         """Make the process and start its task in the sandbox's loop; ``exec_extra`` adds fields to
         its exec frame (a terminal's "tty")."""
         super().__init__()
@@ -142,7 +142,7 @@ class Process(OperationRef[ProcessResult]):
         self._request_drain()
         return super().result(timeout)
 
-    def __await__(self):
+    def __await__(self) -> Generator[Any, None, ProcessResult]:
         self._request_drain()
         return super().__await__()
 
@@ -181,7 +181,7 @@ class Process(OperationRef[ProcessResult]):
             except Exception:  # the sandbox is gone; its exit handling reports that
                 pass
 
-    def _on_frame(self, frame: dict) -> int:
+    def _on_frame(self, frame: dict[str, Any]) -> int:
         """Handle a frame for this process; return credit to acknowledge at once. ProtocolError for a
         frame no agent may send for an exec (which fails the sandbox)."""
         kind = frame["t"]

@@ -33,6 +33,7 @@ from .surface import ExecStats, SurfaceMixin
 from .snapshots import SnapshotsMixin
 
 if TYPE_CHECKING:
+    from collections.abc import Generator
     from typing import BinaryIO
 
     from .._runtime.contract import Runtime, SandboxRecord
@@ -49,7 +50,7 @@ class AgentLink(SandboxLink):
     record of the sandbox (where a direct worker is reached) and its main command's log. Handed out
     by ``Sandbox.link``; no user API."""
 
-    send_many: Callable[[list[dict]], Awaitable[None]]
+    send_many: Callable[[list[dict[str, Any]]], Awaitable[None]]
     record: Callable[[], SandboxRecord | None]
     open_main_log: Callable[[], BinaryIO | None]
 
@@ -169,7 +170,7 @@ class Sandbox(SandboxBlocks, SnapshotsMixin, SurfaceMixin, LogsMixin, StreamFile
         assert runtime is not None, "a sandbox's runtime is used only once its session is open"
         return runtime
 
-    def _spawn(self, async_fn, *args) -> OperationRef:
+    def _spawn(self, async_fn: Callable[..., Awaitable[Any]], *args: object) -> OperationRef[Any]:
         return OperationRef.spawn(self._host, async_fn, *args)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -187,7 +188,7 @@ class Sandbox(SandboxBlocks, SnapshotsMixin, SurfaceMixin, LogsMixin, StreamFile
         self._spawn(self._wait_async, timeout).result()
         return self
 
-    def __await__(self):
+    def __await__(self) -> Generator[Any, None, Sandbox]:
         return self._spawn(self._wait_async, None).__await__()
 
     def wait_until_complete(self, timeout: float | None = None, *,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, ParamSpec, TypeVar, overload
 
 import trio
 
@@ -14,7 +15,7 @@ from .._config import SandboxDefaults, SandboxStatus, resolve_spec
 from .._errors import SandboxError
 from .._functions import actor as _actor
 from .._functions import actor_asks as _actor_asks
-from .._functions.function import Retries, function_decorator
+from .._functions.function import RemoteFunction, Retries, function_decorator
 from .._functions.host import Pools
 from .._core.hosts import current_host, settle, to_thread
 from .._core.opref import OperationRef, TaskHost
@@ -30,12 +31,15 @@ from .sandbox import Sandbox
 
 log = logging.getLogger("sandpool")
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
 #: Grace given to sandboxes when a session closes normally, and when it closes because of an error.
 CLOSE_GRACE_SECONDS = 10.0
 ERROR_CLOSE_GRACE_SECONDS = 2.0
 
 
-def _coerce_defaults(defaults: SandboxDefaults | Mapping | None) -> SandboxDefaults:
+def _coerce_defaults(defaults: SandboxDefaults | Mapping[str, Any] | None) -> SandboxDefaults:
     if defaults is None:
         return SandboxDefaults()
     if isinstance(defaults, SandboxDefaults):
@@ -57,7 +61,7 @@ class Session:
     everything still running in them; the block's own exception propagates unchanged.
     """
 
-    def __init__(self, defaults: SandboxDefaults | Mapping | None = None, *, runtime: Runtime | None = None,
+    def __init__(self, defaults: SandboxDefaults | Mapping[str, Any] | None = None, *, runtime: Runtime | None = None,
                  address: str | None = None, token: str | None = None, report_to: list[str] | None = None) -> None:
         self.defaults = _coerce_defaults(defaults)
         self._runtime_arg = runtime
@@ -68,7 +72,7 @@ class Session:
         if runtime is None and _shared.resolve_address(address):
             from .._runtime.remote import RemoteRuntime
 
-            self._owned_runtime = RemoteRuntime(_shared.resolve_address(address), token)
+            self._owned_runtime = RemoteRuntime(_shared.resolve_address(address), token)  # type: ignore[arg-type]
         elif runtime is None:  # $SANDPOOL_RUNTIME=slurm: an engine runtime of our own
             self._owned_runtime = _shared.engine_runtime()
         self._home = SandboxHome(self.defaults, self._ensure_open, self._hold_runtime,  # what its sandboxes see of it
@@ -102,7 +106,9 @@ class Session:
         return f"<Session {state} sandboxes={len(self._tracked)} running={running}{calls}>"
 
     # its task host, runtime and tracked sandboxes live in its home, where its sandboxes read them
-    _host = property(lambda self: self._home.task_host)
+    @property
+    def _host(self) -> TaskHost | None:
+        return self._home.task_host
     _runtime = property(lambda self: self._home.runtime)
     _tracked = property(lambda self: self._home.tracked)
 
@@ -174,7 +180,7 @@ class Session:
         if self._lease is not None:
             self._lease.release()
 
-    async def _serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def _serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._done, self._finished = trio.Event(), trio.Event()
         try:
             async with trio.open_nursery() as nursery:
@@ -200,7 +206,8 @@ class Session:
         self._ensure_open()
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if exc is not None:
             self._close_grace = ERROR_CLOSE_GRACE_SECONDS
         try:
@@ -233,7 +240,8 @@ class Session:
             raise
         return self
 
-    async def __aexit__(self, exc_type, exc, tb) -> bool:
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> bool:
         if self._nursery_cm is None:  # opened in the portal (asyncio): close there
             return await self._aexit_portal(exc)
         return await self._aexit_trio(exc)
@@ -277,7 +285,7 @@ class Session:
         with trio.CancelScope(shield=True):
             if self._runtime is not None:
                 await self._runtime.aclose()
-        self._host.nursery.cancel_scope.cancel()
+        self._host.nursery.cancel_scope.cancel()  # type: ignore[union-attr]  # open: _aenter_trio set it
         await self._nursery_cm.__aexit__(None, None, None)
 
     # -- sandboxes -----------------------------------------------------------------------------
@@ -338,7 +346,7 @@ class Session:
             return True
         return self._runtime_arg is not None and self._runtime_arg.shared
 
-    async def _find(self, adopt: bool, query: dict) -> list[Sandbox] | Sandbox:
+    async def _find(self, adopt: bool, query: dict[str, Any]) -> Any:  # a list, or one sandbox by id
         await self._home.ready()
         found = await Sandbox._find(self._home, **query)
         if adopt:
@@ -348,8 +356,20 @@ class Session:
 
     # -- remote functions ------------------------------------------------------------------------
 
-    def function(self, fn: Any = None, /, *, retries: int | Retries | None = 0, timeout_seconds: float | None = None,
-                 max_concurrency: int | None = None, reuse: bool = True, **overrides: Any) -> Any:
+    # The overloads keep the decorated function's signature for type checkers: RemoteFunction[P, R].
+    @overload
+    def function(self, fn: Callable[P, R], /, *, retries: int | Retries | None = ...,
+                 timeout_seconds: float | None = ..., max_concurrency: int | None = ..., reuse: bool = ...,
+                 **overrides: Any) -> RemoteFunction[P, R]: ...
+
+    @overload
+    def function(self, fn: None = ..., /, *, retries: int | Retries | None = ...,
+                 timeout_seconds: float | None = ..., max_concurrency: int | None = ..., reuse: bool = ...,
+                 **overrides: Any) -> Callable[[Callable[P, R]], RemoteFunction[P, R]]: ...
+
+    def function(self, fn: Callable[..., Any] | None = None, /, *, retries: int | Retries | None = 0,
+                 timeout_seconds: float | None = None, max_concurrency: int | None = None, reuse: bool = True,
+                 **overrides: Any) -> Any:
         """Decorate a plain function so that it runs in this session's sandboxes: a RemoteFunction.
 
         Use as ``@session.function`` or ``@session.function(**options)``. ``overrides`` are sandbox
@@ -374,13 +394,19 @@ class Session:
         await sandbox._ensure_running()
         return PoolMember(sandbox)
 
-    def cls(self, cls: Any = None, /, **options: Any) -> Any:
+    @overload
+    def cls(self, cls: type, /, **options: Any) -> _actor.ActorClass: ...
+
+    @overload
+    def cls(self, cls: None = ..., /, **options: Any) -> Callable[[type], _actor.ActorClass]: ...
+
+    def cls(self, cls: type | None = None, /, **options: Any) -> Any:
         """Decorate a class so that its instances live in sandboxes (actors): an ActorClass.
         ``@session.cls`` or ``@session.cls(name=, max_restarts=, retries=, max_concurrency=, unsafe_pickle_results=,
         **sandbox_options)``; see docs/actors.md."""
         return _actor.cls_decorator(self, cls, options)
 
-    def get_actor(self, name: str) -> Any:
+    def get_actor(self, name: str) -> _actor.ActorHandle:
         """The live actor of this session named ``name`` (ValueError if there is none)."""
         return _actor.get_actor(self, name)
 
@@ -447,7 +473,7 @@ class Session:
                     nursery.start_soon(stop_one, sandbox)
             if self._done is not None:  # sync session: end its nursery and wait until it is empty
                 self._done.set()
-                await self._finished.wait()
+                await self._finished.wait()  # type: ignore[union-attr]  # set with _done
             await self._release_runtime()
         if failures:
             raise SandboxError(f"Failed to stop {len(failures)} sandbox(es). Some sandboxes may still be running.") \

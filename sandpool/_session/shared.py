@@ -10,6 +10,7 @@ the sandbox's own state, through its lifecycle's transition function.
 
 from __future__ import annotations
 
+import builtins
 import os
 import weakref
 from collections.abc import Sequence
@@ -80,6 +81,9 @@ class FoundHandles:
     """Sandbox's part for finding sandboxes, and for handles of those found on a shared runtime (a
     base class of ``Sandbox``)."""
 
+    _record: SandboxRecord | None  # Sandbox's own (declared here for the type checker)
+    _start_ref: OperationRef[None] | None
+
     @classmethod
     def list(cls, *, tags: Sequence[str] | None = None, status: str | SandboxStatus | None = None,
              show_terminated: bool = False, address: str | None = None,
@@ -108,7 +112,7 @@ class FoundHandles:
         return OperationRef.completed(sandbox)
 
     @classmethod
-    async def _find(cls, home: SandboxHome, **query: Any) -> list[Sandbox]:
+    async def _find(cls, home: SandboxHome, **query: Any) -> builtins.list[Sandbox]:  # list: the method above
         """Handles for the sandboxes ``home``'s runtime finds (see ``Runtime.find``)."""
         records = await (await home.ready()).find(**query)
         return [cls._handle_for(home, record) for record in records]

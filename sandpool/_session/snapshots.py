@@ -37,6 +37,7 @@ class SnapshotsMixin:
     """``snapshot``, ``fork``, snapshot-on-stop and the snapshot store's class methods (module doc)."""
 
     _fss_id: str | None = None
+    _stop_ref: OperationRef[None] | None  # Sandbox's own (declared here for the type checker)
 
     @property
     def file_system_snapshot_id(self) -> str | None:

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from _sandpool_agent import wire as _wire
-from .._core.hosts import call_in
+from .._core.hosts import Operation, call_in
 from .._core.opref import OperationCancelled, OperationRef, TaskHost, check_not_in_trio
 from .._core.output import OutputBuffer
 from .._errors import SandboxExecutionError
@@ -77,7 +77,7 @@ class StreamReader:
             raise StopAsyncIteration
         return text
 
-    def _keep_unread(self, ref: OperationRef[str | None]) -> None:
+    def _keep_unread(self, ref: Operation[str | None]) -> None:
         # A done callback, in the sandbox's loop (where _next runs too).
         try:
             if ref.exception() is None:

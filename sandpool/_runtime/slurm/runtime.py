@@ -20,6 +20,7 @@ whole submit host vanishes, each job's server stops once no client held it for t
 
 from __future__ import annotations
 
+import builtins
 import os
 import secrets
 import shlex
@@ -211,7 +212,7 @@ class SlurmRuntime(Runtime):
         return list(self._records.values())
 
     async def find(self, *, sandbox_id: str | None = None, tags: tuple[str, ...] = (), status: str | None = None,
-                   show_terminated: bool = False) -> list[SandboxRecord]:
+                   show_terminated: bool = False) -> builtins.list[SandboxRecord]:
         if sandbox_id is not None:
             job_id = sandbox_id.removeprefix("slurm-")
             if not job_id.isdigit():
@@ -382,7 +383,7 @@ class SlurmRuntime(Runtime):
         self._live.watch(record, p)
         return channel
 
-    async def _squeue(self, job_ids: list[str] | None) -> list[cli.Job]:
+    async def _squeue(self, job_ids: builtins.list[str] | None) -> builtins.list[cli.Job]:
         code, out, err = await cli.query(cli.squeue_argv(job_ids))
         if code != 0 and "Invalid job id" not in err:
             raise SandboxUnavailableError(f"squeue failed: {' '.join(err.split())}")
@@ -390,7 +391,7 @@ class SlurmRuntime(Runtime):
 
     # -- releasing -----------------------------------------------------------------------------
 
-    async def _cancel(self, placements: list[Placement]) -> None:
+    async def _cancel(self, placements: builtins.list[Placement]) -> None:
         ids = [p.job_id for p in placements if p.job_id and not p.gone]
         if ids:
             try:
@@ -399,7 +400,7 @@ class SlurmRuntime(Runtime):
                 pass  # the reaper, or each job's own orphan grace, ends them
             self._live.poke()
 
-    async def _release(self, placements: list[Placement], *, wait: bool = True) -> None:
+    async def _release(self, placements: builtins.list[Placement], *, wait: bool = True) -> None:
         """Cancel the jobs, wait (bounded) until Slurm is done with them, close their connections and
         tidy up. Shielded; asks squeue itself, as the poll task may be gone (closing)."""
         with trio.CancelScope(shield=True):
