@@ -7,11 +7,13 @@ import subprocess
 import textwrap
 import threading
 
-from sandpool._isolation import network, nft
-
+import pytest
 from network_helpers import NEEDS_BRIDGE, connect, session  # noqa: F401  (session: a fixture)
 
-pytestmark = NEEDS_BRIDGE
+from sandpool._isolation import network, nft
+
+pytestmark = [NEEDS_BRIDGE, pytest.mark.needs_root("the bridge network's veths and nftables rules need root; "
+                                                "rootless sandboxes get plain egress only (slirp4netns)")]
 
 
 def sh(sb, script: str):

@@ -25,6 +25,9 @@ from sandpool._images.snapshots import SnapshotStore
 from sandpool._isolation import probe, volumes
 from sandpool._isolation.snapshots import store
 
+pytestmark = pytest.mark.needs_root("snapshots and volumes need the namespaces level as root (rootless sandboxes refuse "
+                                    "snapshots: they have no keeper of their writable layer)")
+
 
 @pytest.fixture
 def session(tmp_path, monkeypatch):
