@@ -16,6 +16,7 @@ unpickled here (its arguments are plain data, re-pickled here for the actor).
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from _sandpool_agent import actors as _agent_actors, plain as _plain
@@ -34,11 +35,10 @@ def reduce_handle(state: Any) -> tuple[Any, ...]:
     return _agent_actors.RemoteHandle, (state.token, state.label, tuple(sorted(state.methods)))
 
 
-def on_ask(session: Any, sandbox: Sandbox, frame: dict) -> None:
-    """An ``ask`` frame from ``sandbox`` (validated by the wire schema): call the actor, answer
-    when done. Runs in the session's loop (the sandbox's reader)."""
-    from .actor import by_token
-
+def on_ask(session: Any, sandbox: Sandbox, frame: dict, by_token: Callable[[Any, bytes], Any]) -> None:
+    """An ``ask`` frame from ``sandbox`` (validated by the wire schema): call the actor that
+    ``by_token(session, token)`` finds (``actor.by_token``), answer when done. Runs in the
+    session's loop (the sandbox's reader)."""
     seq, req_id, host = frame["seq"], frame["id"], session._ensure_open()
     actor = by_token(session, frame["token"])
     if actor is None:

@@ -28,7 +28,7 @@ from .connection import AgentConnection
 from .logs import LogsMixin
 from .process import Process, SandboxLink
 from .shared import KNOWN, FoundHandles
-from .streamfiles import StreamFilesMixin
+from .streamfiles import StreamFilesMixin, check_path
 from .surface import ExecStats, SurfaceMixin
 from .snapshots import SnapshotsMixin
 
@@ -58,15 +58,22 @@ class AgentLink(SandboxLink):
 class Sandbox(SandboxBlocks, SnapshotsMixin, SurfaceMixin, LogsMixin, StreamFilesMixin, AgentConnection, FoundHandles):
     """A sandbox. Construction does no I/O; the first use (exec, files, wait, ``await``) starts it."""
 
+    @staticmethod
+    def _hidden() -> Any:
+        """The module of the hidden sessions behind ``Sandbox()``, ``Sandbox.run()``, ``list``,
+        ``from_id`` and ``delete`` without a session. The one import that runs up the session
+        layer, lazily: the session module builds Sandboxes (tests/core/test_layers.py LAZY_EDGES)."""
+        from . import default
+
+        return default
+
     def __init__(self, *, defaults: SandboxDefaults | None = None, address: str | None = None,
                  token: str | None = None, _session: Session | None = None, _home: SandboxHome | None = None,
                  _spec: SandboxSpec | None = None, **overrides: Any) -> None:
         standalone = _home is None and _session is None
         if _home is None:
             if _session is None:  # standalone: owned by the hidden session (stopped at exit at the latest)
-                from .default import default_session
-
-                _session = default_session(address=address, token=token)
+                _session = self._hidden().default_session(address=address, token=token)
             _home = _session._home
         self._home = _home  # its session as it sees it: task host, runtime, who stops it
         self._homes: set[SandboxHome] = set()  # the sessions that stop this sandbox when they close
@@ -387,8 +394,4 @@ def _check_seconds(value: object, name: str) -> None:
         raise ValueError(f"{name} must be a number > 0, got {value!r}; use e.g. {name}=30 (seconds)")
 
 
-def check_path(filepath: object) -> None:
-    if not isinstance(filepath, str) or not filepath:
-        raise ValueError(f"filepath must be a non-empty string such as '/tmp/data.txt', got {filepath!r}")
-    _wire.check_field("read_file", "path", filepath, "filepath")
 

@@ -76,7 +76,7 @@ class Session:
         elif runtime is None:  # $SANDPOOL_RUNTIME=slurm: an engine runtime of our own
             self._owned_runtime = _shared.engine_runtime()
         self._home = SandboxHome(self.defaults, self._ensure_open, self._hold_runtime,  # what its sandboxes see of it
-                                 on_ask=lambda sandbox, frame: _actor_asks.on_ask(self, sandbox, frame))
+                                 on_ask=lambda sandbox, frame: _actor_asks.on_ask(self, sandbox, frame, _actor.by_token))
         self._admin: TaskHost | None = None  # where close() runs: outside the session's own nursery
         self._portal: Portal | None = None
         self._lease: background.Lease | None = None  # its share of the background portal (sync sessions)

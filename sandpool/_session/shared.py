@@ -61,11 +61,10 @@ def selects_shared(address: str | None) -> bool:
 KNOWN: weakref.WeakValueDictionary[str, Sandbox] = weakref.WeakValueDictionary()
 
 
-def spawn_find(address: str | None, token: str | None, **query: Any) -> OperationRef:
-    """Ask the hidden session for ``address`` (it adopts nothing): one handle if ``sandbox_id`` was asked."""
-    from .default import default_session
-
-    session = default_session(address=address, token=token)
+def spawn_find(hidden: Any, address: str | None, token: str | None, **query: Any) -> OperationRef:
+    """Ask the hidden session for ``address`` (it adopts nothing; ``hidden`` is Sandbox._hidden()):
+    one handle if ``sandbox_id`` was asked."""
+    session = hidden.default_session(address=address, token=token)
     if "sandbox_id" in query:
         return session.from_id(query["sandbox_id"], adopt=False)
     return session.list(adopt=False, **query)
@@ -94,7 +93,7 @@ class FoundHandles:
         if isinstance(tags, str):
             raise TypeError(f"tags must be a list of strings, not a string; use tags=[{tags!r}]")
         if selects_shared(address):
-            return spawn_find(address, token, tags=tuple(tags or ()),
+            return spawn_find(cls._hidden(), address, token, tags=tuple(tags or ()),
                               status=wanted.value if wanted else None, show_terminated=show_terminated)
         found = [sb for sb in list(KNOWN.values()) if _matches(sb, tags or (), wanted, show_terminated)]
         return OperationRef.completed(found)
@@ -105,7 +104,7 @@ class FoundHandles:
         """The sandbox with this id (on the server at ``address`` or ``$SANDPOOL_ADDRESS`` if set);
         SandboxNotFoundError if there is none."""
         if selects_shared(address):
-            return spawn_find(address, token, sandbox_id=sandbox_id)
+            return spawn_find(cls._hidden(), address, token, sandbox_id=sandbox_id)
         sandbox = KNOWN.get(sandbox_id)
         if sandbox is None:
             return OperationRef.failed(SandboxNotFoundError(f"no sandbox {sandbox_id!r}", sandbox_id=sandbox_id))

@@ -58,8 +58,6 @@ class StreamFilesMixin:
         ``timeout_seconds`` bounds each chunk's request (default: request_timeout_seconds).
         Raises (while iterating) SandboxFileError as ``read_file`` does; a FIFO or device is refused.
         """
-        from .sandbox import check_path
-
         check_path(filepath)
         check_container(container)
 
@@ -87,8 +85,6 @@ class StreamFilesMixin:
         Raises TypeError for a chunk that is not bytes (the file then holds what came before it),
         SandboxFileError as ``write_file`` does.
         """
-        from .sandbox import check_path
-
         check_path(filepath)
         check_container(container)
         if isinstance(source, (bytes, bytearray, memoryview)):
@@ -122,3 +118,9 @@ class StreamFilesMixin:
 
 
 assert CHUNK_BYTES <= _wire.MAX_FILE_BYTES
+
+
+def check_path(filepath: object) -> None:
+    if not isinstance(filepath, str) or not filepath:
+        raise ValueError(f"filepath must be a non-empty string such as '/tmp/data.txt', got {filepath!r}")
+    _wire.check_field("read_file", "path", filepath, "filepath")

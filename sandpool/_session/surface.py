@@ -225,7 +225,6 @@ class SurfaceMixin:
         """Stop the sandbox with this id, without a handle (``from_id`` then ``stop``). Resolves when
         it has ended; SandboxNotFoundError when there is none, unless ``missing_ok``."""
         from . import shared as _shared
-        from .default import default_host
 
         unknown = set(cloud) - {"base_url", "auth"}
         if unknown:
@@ -248,14 +247,12 @@ class SurfaceMixin:
             with trio.fail_after(timeout_seconds) if timeout_seconds else contextlib.nullcontext():
                 await sandbox.stop(missing_ok=missing_ok)
 
-        return OperationRef.spawn(default_host(address, token), delete)
+        return OperationRef.spawn(cls._hidden().default_host(address, token), delete)  # type: ignore[attr-defined]
 
     @classmethod
     def session(cls, defaults: Any = None, *, auth: Any = None, **options: Any) -> Session:
         """A new Session (cwsandbox's alias): ``with Sandbox.session(defaults) as s: ...``."""
-        from .session import Session
-
-        return Session(defaults, **options)  # auth: no local meaning
+        return cls._hidden().Session(defaults, **options)  # type: ignore[attr-defined, no-any-return]  # auth: no local meaning
 
     # -- start-time work (called by Sandbox._start_async) ---------------------------------------------
 

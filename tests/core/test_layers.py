@@ -1,8 +1,9 @@
 """The import graph of sandpool: no circles, and every import points down the layers.
 
-Parsed, not imported: every ``import`` of every module counts, at module level, under
-``TYPE_CHECKING`` and inside functions alike (a lazy import only hides a circle, it does not
-break it). The one allowed exception is ``LAZY_EDGES`` below, each with its reason.
+Parsed, not imported: every ``import`` that runs counts, at module level and inside functions
+alike (a lazy import only hides a circle, it does not break it). The one allowed exception is
+``LAZY_EDGES`` below, with its reason. Imports under ``if TYPE_CHECKING:`` do not count: they load
+nothing and only name types for annotations (a mixin's ``self: Sandbox``, an actor's ``Session``).
 """
 
 from __future__ import annotations
@@ -35,16 +36,12 @@ PUBLIC = {"sandpool", "sandpool.exceptions", "sandpool.testing"}
 
 #: Lazy imports that close a circle on purpose (importer, imported): why each must stay.
 LAZY_EDGES = {
-    # cwsandbox's public ``Sandbox(...)`` constructor, called outside any session, opens the default
-    # session; the session module builds Sandboxes, so the sandbox module reaches it lazily.
-    ("sandpool._session.sandbox", "sandpool._session.session"): "Sandbox() needs a default session",
+    # cwsandbox's public ``Sandbox(...)`` constructor (and Sandbox.run/list/from_id/delete/session),
+    # called outside any session, needs the hidden default session; the session module builds
+    # Sandboxes, so the sandbox module reaches the default sessions' module lazily (Sandbox._hidden).
+    ("sandpool._session.sandbox", "sandpool._session.default"): "Sandbox() needs a default session",
 }
 
-# KNOWN EXCEPTION, to delete once the session/functions redesign merges: imports from _functions up
-# into _session, and circles whose modules all lie in those two packages (the pool still builds
-# Sandboxes; the session module still builds pools).
-KNOWN_TANGLE = ("sandpool._functions", "sandpool._session")
-KNOWN_EDGES: set[tuple[str, str]] = set()
 
 
 def _modules() -> dict[str, tuple[pathlib.Path, bool]]:
@@ -61,7 +58,12 @@ def _modules() -> dict[str, tuple[pathlib.Path, bool]]:
 def _imports(name: str, path: pathlib.Path, is_package: bool, modules) -> set[tuple[str, int]]:
     """The sandpool modules ``name`` imports, each with the line of the import."""
     out = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    typing_only = {id(inner) for node in ast.walk(tree) if isinstance(node, ast.If) and _is_type_checking(node.test)
+                   for stmt in node.body for inner in ast.walk(stmt)}
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -80,6 +82,11 @@ def _imports(name: str, path: pathlib.Path, is_package: bool, modules) -> set[tu
             if target and target != name:
                 out.add((target, node.lineno))
     return out
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def _graph() -> dict[str, dict[str, int]]:
@@ -156,10 +163,9 @@ def _describe(component: list[str], graph) -> str:
 def test_no_import_circles():
     """No module imports, even lazily, a module that imports it back; except the documented edges."""
     graph = _graph()
-    for importer, imported in {*LAZY_EDGES, *KNOWN_EDGES}:  # KNOWN_EDGES: a KNOWN EXCEPTION
+    for importer, imported in LAZY_EDGES:
         graph.get(importer, {}).pop(imported, None)
-    circles = [c for c in _cycles(graph)
-               if not all(m.startswith(KNOWN_TANGLE) for m in c)]  # KNOWN EXCEPTION (see KNOWN_TANGLE)
+    circles = _cycles(graph)
     assert not circles, "import circles (break them: move what both need into the lower module):\n" + \
         "\n".join(_describe(c, graph) for c in circles)
 
@@ -172,8 +178,6 @@ def test_imports_point_down_the_layers():
         for imported, line in targets.items():
             their_rank, their_package = _layer(imported)
             if their_package == package:
-                continue
-            if (package, their_package) == KNOWN_TANGLE:  # KNOWN EXCEPTION (see KNOWN_TANGLE)
                 continue
             if their_rank >= rank:
                 wrong.append(f"{importer} (line {line}) imports {imported}: {package} may not import {their_package}")
