@@ -24,6 +24,8 @@ from . import bulk as _bulk
 from _sandpool_agent import wire as _wire
 from .._errors import ProtocolError, SandboxNotRunningError
 
+_READ_BYTES = 1 << 20
+
 
 class DirectChannel:
     def __init__(self, sock: socket.socket) -> None:
@@ -34,6 +36,7 @@ class DirectChannel:
         self._frames: collections.deque[list[int]] = collections.deque()  # [id, size, unsent] of each, in order
         self.closed = False
         self._lock = threading.Lock()  # send_now (any thread) against close (the loop's)
+        self._drained = False  # the last read took less than it asked for: the socket is empty
 
     @classmethod
     async def connect(cls, directory: str, name: str) -> DirectChannel:
@@ -136,8 +139,11 @@ class DirectChannel:
     async def receive_batch(self) -> list[dict] | None:
         """The frames available now (at least one), or None at EOF. ProtocolError if malformed."""
         while True:
+            if self._drained:  # the last read emptied the socket: wait, rather than read in vain
+                self._drained = False
+                await trio.lowlevel.wait_readable(self.sock)
             try:
-                data = self.sock.recv(1 << 20)
+                data = self.sock.recv(_READ_BYTES)
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(self.sock)
                 continue
@@ -146,6 +152,7 @@ class DirectChannel:
             if not data:
                 self.closed = True
                 return None
+            self._drained = len(data) < _READ_BYTES
             frames = self._decoder.feed(data)
             for frame in frames:  # the worker is inside the sandbox: it answers calls, and says nothing else
                 if frame["t"] not in ("result", "error"):
