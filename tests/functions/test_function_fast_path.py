@@ -30,17 +30,10 @@ def fail(key):
     return {}[key]
 
 
-def write_later(path, secs):
-    with open(f"{path}.started", "w"):
-        pass
-    time.sleep(secs)
-    with open(path, "w") as f:
-        f.write("written")
-    return "wrote"
-
-
-def exists(path):
-    return os.path.exists(path)
+def block():
+    """Wait far longer than any cancel takes (interrupted by the cancel's SIGINT)."""
+    time.sleep(SLEEP)
+    return "woke"
 
 
 def die_once(path):
@@ -99,31 +92,31 @@ def test_errors_are_the_users_own_with_the_remote_traceback(fast):
 
 
 def test_cancel_interrupts_a_fast_path_call_in_the_sandbox(fast):
-    """ref.cancel() on a running fast-path call interrupts it: OperationCancelled, no marker, and
-    the sandbox takes calls again."""
+    """ref.cancel() on a running fast-path call interrupts it: OperationCancelled, and the
+    sandbox's one worker (which takes one call at a time) answers the next call, so the cancelled
+    one has left it (had the cancel failed, the next call would wait SLEEP seconds)."""
     with Session() as s:
-        write = s.function(write_later, max_concurrency=1)
-        check = s.function(exists, max_concurrency=1)
-        assert write.remote("/tmp/warm", 0).result() == "wrote"
+        hold = s.function(block, max_concurrency=1)
+        f = s.function(inc, max_concurrency=1)
+        assert f.remote(0).result() == 1
         placed = fast[True]
-        ref = write.remote("/tmp/marker", SLEEP)
+        ref = hold.remote()
         assert fast[True] == placed + 1
         assert wait_until(lambda: s.statistics().calls_running == 1)
         assert ref.cancel()
         with pytest.raises(OperationCancelled):
             ref.result()
-        # the sandbox's one worker takes the check only once the cancelled call has left it
-        assert check.remote("/tmp/marker").result(timeout=60) is False
+        assert f.remote(1).result(timeout=60) == 2
         assert wait_until(lambda: s.statistics().calls_cancelled == 1), s.statistics()
 
 
 def test_a_busy_sandbox_sends_the_call_through_the_loop_in_order(fast):
     """With its one sandbox busy, a sync call is left to the loop; calls behind it keep their order."""
     with Session() as s:
-        write = s.function(write_later, max_concurrency=1)
+        hold = s.function(block, max_concurrency=1)
         f = s.function(inc, max_concurrency=1)
-        write.remote("/tmp/warm", 0).result()
-        running = write.remote("/tmp/marker", SLEEP)
+        f.remote(0).result()
+        running = hold.remote()
         refuses = fast[False]
         behind = [f.remote(i) for i in range(5)]
         assert fast[False] == refuses + 5
