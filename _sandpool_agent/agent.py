@@ -34,6 +34,9 @@ EXIT_GRACE_KILL_SECONDS = 2.0
 #: After SIGKILL, how long the agent waits to record its processes' exits (one stuck in the kernel
 #: must not hold up the teardown).
 _KILLED_REAP_SECONDS = 1.0
+#: How long an exec's ``started`` frame may wait to leave with its first output or its exit: a short
+#: command's whole answer then takes one write and wakes the client once.
+STARTED_DELAY_SECONDS = 0.002
 
 
 class _Stop(Exception):
@@ -64,6 +67,8 @@ class Agent:
         self.last_active = time.monotonic()
         self.busy = False
         self.main: _procs.ExecProcess | None = None
+        self.outbox: list[dict] = []  # frames for the owner, written once per round of the loop
+        self.starting: dict[int, tuple[float, dict]] = {}  # exec id -> (send by, its "started" frame)
         self.calls = _calls.CallRelay(self._send, self.sel, config)
         self.files = _files.FileWork()
 
@@ -127,6 +132,7 @@ class Agent:
                     for answer in self.files.collect():
                         self._send(answer)
             self._housekeeping()
+            self._flush()
 
     def _next_timeout(self) -> float | None:
         now = time.monotonic()
@@ -137,6 +143,8 @@ class Agent:
             waits.append(self.last_active + self.idle_timeout - now)
         if self.main is None and any(p.pidfd is None for p in self.procs.values()):
             waits.append(0.05)  # no pidfd support: poll for exits
+        if self.starting:
+            waits.append(min(by for by, _ in self.starting.values()) - now)
         call_deadline = self.calls.next_deadline()
         if call_deadline is not None:
             waits.append(call_deadline - now)
@@ -153,6 +161,8 @@ class Agent:
         if not busy and self.idle_timeout and now - self.last_active >= self.idle_timeout:
             raise _Stop("idle_timeout", grace=0.0)
         self.calls.tick(now)
+        for req_id in [i for i, (by, _) in self.starting.items() if by <= now]:
+            self.outbox.append(self.starting.pop(req_id)[1])
         for proc in list(self.procs.values()):
             if proc.status is None and proc.pidfd is None:
                 self._reap(proc)
@@ -197,7 +207,23 @@ class Agent:
         self._send({"t": "error", "id": req_id, "kind": "protocol", "message": message})
 
     def _send(self, frame: dict) -> None:
-        self.chan.send(frame)
+        """Queue a frame for the owner (written at the end of this round); a process's first frame
+        takes its pending ``started`` frame along, ahead of it."""
+        if self.starting:
+            start = self.starting.pop(frame.get("id"), None)
+            if start is not None:
+                self.outbox.append(start[1])
+        self.outbox.append(frame)
+
+    def _flush(self) -> None:
+        """Write the queued frames in one go; OSError (the owner is gone) ends the loop."""
+        if self.outbox:
+            frames, self.outbox = self.outbox, []
+            try:
+                self.chan.sock.sendall(b"".join([_wire.encode(f) for f in frames]))
+            except OSError:
+                self.chan.broken = True
+                raise
 
     # -- exec --------------------------------------------------------------------------------
 
@@ -219,7 +245,7 @@ class Agent:
                         "data": f"sandpool: cannot run {argv[0] if argv else ''!r}: {message}\n".encode()})
             self._send({"t": "exit", "id": req_id, "code": code})
             return
-        self._send({"t": "started", "id": req_id, "pid": proc.pid})
+        self.starting[req_id] = (time.monotonic() + STARTED_DELAY_SECONDS, {"t": "started", "id": req_id, "pid": proc.pid})
         self._watch(proc)
 
     def _watch(self, proc: _procs.ExecProcess) -> None:
@@ -393,6 +419,12 @@ class Agent:
     def _shutdown(self, reason: str, grace: float) -> None:
         """Escalating teardown: SIGTERM every group, wait ``grace``, SIGKILL the whole tree."""
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        self.outbox[:0] = [start for _, start in self.starting.values()]
+        self.starting.clear()
+        try:
+            self._flush()  # what the loop had queued (a main_exit, say) goes out before anything else
+        except OSError:
+            self.outbox.clear()
         for proc in self.procs.values():
             proc.signal(signal.SIGTERM)
         self._collect_exits(time.monotonic() + grace)
@@ -409,6 +441,7 @@ class Agent:
                 if main_status is not None and reason != "main_exited":
                     farewell["code"] = _linux.exit_code(main_status)[0]
                 self._send(farewell)
+                self._flush()
             except OSError:
                 pass
         shutil.rmtree(self.sandbox_dir, ignore_errors=True)

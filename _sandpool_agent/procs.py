@@ -126,6 +126,15 @@ def spawn_tty(req_id: int, argv: list[str], cwd: str, env: dict[str, str], cols:
     return ExecProcess(req_id, popen, pidfd, {master: 1}, writer)
 
 
+_devnull: list[int] = []  # /dev/null opened once (in the agent, after its root is set up), for stdin
+
+
+def _dev_null() -> int:
+    if not _devnull:
+        _devnull.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+    return _devnull[0]
+
+
 def spawn(req_id: int, argv: list[str], cwd: str, env: dict[str, str], stdin: bool,
           output_fd: int | None = None) -> ExecProcess:
     """Start ``argv`` in a session of its own. OSError if it cannot start.
@@ -152,7 +161,7 @@ def spawn(req_id: int, argv: list[str], cwd: str, env: dict[str, str], stdin: bo
             ours.append(in_w)
             theirs.append(in_r)
         popen = subprocess.Popen(
-            argv, cwd=cwd, env=env, stdin=in_r if stdin else subprocess.DEVNULL, stdout=out_w, stderr=err_w,
+            argv, cwd=cwd, env=env, stdin=in_r if stdin else _dev_null(), stdout=out_w, stderr=err_w,
             start_new_session=True, close_fds=True,
         )
     except BaseException:

@@ -13,6 +13,7 @@ missing credit breaks its window and fails.
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Protocol
 
 import trio
@@ -38,11 +39,15 @@ class Requests:
         self._credits: dict[int, int] = {}
         self._credit_wake = trio.Event()
         self._closed = False
+        self._lock = threading.Lock()  # a pool's sync callers register direct calls from their threads
 
     def register(self, handler: Handler) -> int:
-        self.last_id += 1
-        self.handlers[self.last_id] = handler
-        return self.last_id
+        """A new request id routed to ``handler``; thread-safe."""
+        with self._lock:
+            self.last_id += 1
+            req_id = self.last_id
+        self.handlers[req_id] = handler
+        return req_id
 
     def unregister(self, req_id: int) -> None:
         self.handlers.pop(req_id, None)

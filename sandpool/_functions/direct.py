@@ -2,7 +2,8 @@
 
 Unlike FrameChannel it can send synchronously: ``send_now`` writes what the socket takes at once
 and keeps the rest for ``flush``, so a lone call leaves in the same step of the trio loop that
-scheduled it. One task reads (``receive_batch``); sends happen in the loop's thread only.
+scheduled it. One task reads (``receive_batch``); ``send_now`` may also be called from a sync
+caller's own thread (under its pool's lock), so it and ``close`` hold a lock of their own.
 
 The worker reads no calls while one of its calls runs, so what it has not taken may wait here for
 as long: a frame not begun yet can be taken back (``take_back``), to run elsewhere or not at all.
@@ -15,12 +16,15 @@ import errno
 import os
 import socket
 import stat
+import threading
 
 import trio
 
 from . import bulk as _bulk
 from _sandpool_agent import wire as _wire
 from .._errors import ProtocolError, SandboxNotRunningError
+
+_READ_BYTES = 1 << 20
 
 
 class DirectChannel:
@@ -31,6 +35,8 @@ class DirectChannel:
         self._pending = bytearray()  # encoded frames the socket has not taken yet
         self._frames: collections.deque[list[int]] = collections.deque()  # [id, size, unsent] of each, in order
         self.closed = False
+        self._lock = threading.Lock()  # send_now (any thread) against close (the loop's)
+        self._drained = False  # the last read took less than it asked for: the socket is empty
 
     @classmethod
     async def connect(cls, directory: str, name: str) -> DirectChannel:
@@ -65,6 +71,10 @@ class DirectChannel:
 
     def send_now(self, frames: list[dict]) -> None:
         """Queue frames and write what the socket takes now (never blocks; ``flush`` sends the rest)."""
+        with self._lock:
+            self._send_now(frames)
+
+    def _send_now(self, frames: list[dict]) -> None:
         if self.closed:
             raise SandboxNotRunningError("the connection to the sandbox's call worker is closed")
         encoded = [_wire.encode(f) for f in frames]
@@ -129,8 +139,11 @@ class DirectChannel:
     async def receive_batch(self) -> list[dict] | None:
         """The frames available now (at least one), or None at EOF. ProtocolError if malformed."""
         while True:
+            if self._drained:  # the last read emptied the socket: wait, rather than read in vain
+                self._drained = False
+                await trio.lowlevel.wait_readable(self.sock)
             try:
-                data = self.sock.recv(1 << 20)
+                data = self.sock.recv(_READ_BYTES)
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(self.sock)
                 continue
@@ -139,6 +152,7 @@ class DirectChannel:
             if not data:
                 self.closed = True
                 return None
+            self._drained = len(data) < _READ_BYTES
             frames = self._decoder.feed(data)
             for frame in frames:  # the worker is inside the sandbox: it answers calls, and says nothing else
                 if frame["t"] not in ("result", "error"):
@@ -147,7 +161,9 @@ class DirectChannel:
                 return frames
 
     def close(self) -> None:
-        if self.sock.fileno() >= 0:
-            trio.lowlevel.notify_closing(self.sock)
-            self.sock.close()
-        self.closed = True
+        """Close the socket (in the loop's thread)."""
+        with self._lock:
+            self.closed = True
+            if self.sock.fileno() >= 0:
+                trio.lowlevel.notify_closing(self.sock)
+                self.sock.close()

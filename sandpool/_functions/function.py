@@ -324,7 +324,11 @@ class Caller:
     def submit(self, pool: Pool, calls: list[Call]) -> None:
         """Queue ``calls`` in the pool, from any thread."""
         if calls:
-            _in_loop(self._loop or self.loop(), pool.submit, calls)
+            loop = self._loop or self.loop()
+            if loop.in_loop_thread():
+                pool.submit(calls)
+            else:  # a sync caller: a lone call may go straight to an idle worker from this thread
+                pool.submit_from_thread(calls, loop)
 
 
 def _check_options(retries: Any, timeout_seconds: Any, max_concurrency: Any, reuse: Any,

@@ -17,12 +17,20 @@ Failures: a sandbox that dies is never reused. The call it was running (the olde
 worker runs its calls in order) is an infrastructure failure, retried up to ``retries`` on another
 sandbox; calls queued behind it never started, so they are resubmitted without charge. The same
 holds when only the sandbox's worker process dies; the sandbox then gets a new worker.
+
+Sync callers skip the loop's thread (``submit_from_thread``): a lone call that finds an idle sandbox
+with a direct worker, and nothing queued or on its way before it, is written to the worker's socket
+from the caller's own thread, so its round trip wakes the loop once (for the answer), not twice.
+Every entry point of the pool therefore holds ``lock`` (reentrant: a ref's callbacks may submit).
 """
 
 from __future__ import annotations
 
 import collections
+import functools
+import threading
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -47,6 +55,16 @@ _RETIRING, _DEAD = SlotState.RETIRING, SlotState.DEAD
 _SERVING = (_READY, _RECONNECTING)  # counted as idle or busy
 _COMING = (_STARTING, _RECONNECTING)  # will take calls soon
 _ENDED = (_RETIRING, _DEAD)
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _locked(method: _F) -> _F:
+    """Run a pool method under the pool's lock (a sync caller's thread may be placing a call)."""
+    @functools.wraps(method)
+    def run(self: Pool, *args: Any) -> Any:
+        with self.lock:
+            return method(self, *args)
+    return run  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -86,6 +104,8 @@ class Pool:
         self.start_error: BaseException | None = None
         self.steal_timer = False  # a task will look for stalled sandboxes again soon
         self._time: Callable[[], float] | None = None  # the loop clock's: trio.current_time() minus lookups
+        self.lock = threading.RLock()
+        self._in_transit = 0  # batches submitted from other threads, not yet queued in the loop's
 
     def __repr__(self) -> str:
         s = self.statistics()
@@ -113,6 +133,42 @@ class Pool:
 
     # -- placing calls -------------------------------------------------------------------------
 
+    def submit_from_thread(self, calls: Sequence[Call], loop: Any) -> None:
+        """Submit calls from a thread other than the loop's (``loop``: the session's TaskHost). A lone
+        call goes to an idle sandbox's worker at once when nothing waits before it; otherwise the
+        calls are queued in the loop's thread, in the order submitted. Nothing happens if the loop
+        has ended (the session closed, which cancelled every call)."""
+        with self.lock:
+            if len(calls) == 1 and self._send_now(calls[0], loop):
+                return
+            self._in_transit += 1
+        try:
+            loop.call_soon(self._arrive, calls)
+        except RuntimeError:
+            with self.lock:
+                self._in_transit -= 1
+
+    def _send_now(self, call: Call, loop: Any) -> bool:
+        """Place ``call`` from a sync caller's thread, with the lock held: only where the loop would
+        place it the same way at once (an idle ready slot with a direct worker, nothing queued or
+        on its way, no timeout to watch, small arguments), so the outcome is the slow path's."""
+        if (self.closed or self.queue or self._in_transit or self._time is None or call.timeout is not None
+                or not isinstance(call.args, bytes) or call.size >= _bulk.BULK_BYTES or call.ref.done()):
+            return False
+        for slot in self.slots:
+            direct = slot.direct
+            if (slot.state is _READY and direct is not None and not direct.closed and direct.idle
+                    and not slot.inflight and not slot.outbox):
+                self._assign(slot, call, functools.partial(_wake_in_loop, loop, slot))
+                return True
+        return False
+
+    @_locked
+    def _arrive(self, calls: Sequence[Call]) -> None:
+        self._in_transit -= 1
+        self.submit(calls)
+
+    @_locked
     def submit(self, calls: Sequence[Call]) -> None:
         """Queue calls (loop thread) and schedule them."""
         for call in calls:
@@ -149,7 +205,7 @@ class Pool:
         for _ in range(sandboxes_to_start(len(queue), idle, starting, live, self.limit)):
             self._start_slot()
 
-    def _assign(self, slot: Slot, call: Call) -> None:
+    def _assign(self, slot: Slot, call: Call, wake: Callable[[], None] | None = None) -> None:
         call.slot, call.sent, call.timed_out, call.stealing = slot, False, False, False
         if not slot.inflight:
             slot.progress_at = (self._time or self._now)()
@@ -174,8 +230,9 @@ class Pool:
                     frame["args"], frame["args_path"] = b"", path
         if isinstance(frame["args"], list):  # large, but no file: one frame after all
             frame["args"] = b"".join(frame["args"])
-        _slot.send(slot, call, frame)
+        _slot.send(slot, call, frame, wake)
 
+    @_locked
     def cancel(self, call: Call) -> None:
         """The call's ref was cancelled (loop thread): interrupt it wherever it is."""
         self.counts["cancelled"] += 1
@@ -196,6 +253,7 @@ class Pool:
 
     # -- answers and failures (SlotEvents) ---------------------------------------------------
 
+    @_locked
     def calls_answered(self, slot: Slot, frames: list[dict]) -> None:
         """A batch of answers from a direct worker: settle each, then schedule once."""
         for frame in frames:
@@ -203,6 +261,7 @@ class Pool:
         self._schedule()
         self._steal()
 
+    @_locked
     def call_answered(self, slot: Slot, frame: dict) -> None:
         """One answer (a result or an error frame) to a call ``slot`` holds."""
         self._answer(slot, frame)
@@ -319,6 +378,7 @@ class Pool:
             else:
                 self._requeue(call, charge=False)
 
+    @_locked
     def worker_lost(self, slot: Slot, info: dict) -> None:
         """A direct worker ended (its connection closed); the sandbox lives on and gets a new one."""
         if slot.state in _ENDED:
@@ -333,6 +393,7 @@ class Pool:
         slot.wake.set()
         self._schedule()
 
+    @_locked
     def slot_lost(self, slot: Slot, error: BaseException) -> None:
         """The slot's sandbox ended (told once per request it had registered)."""
         if slot.state is _DEAD:
@@ -358,6 +419,7 @@ class Pool:
         self.slots.append(slot)
         self.tasks.start_soon(_slot.run_slot, slot, self.factory, self.spec, self.tasks)
 
+    @_locked
     def slot_ready(self, slot: Slot) -> None:
         """The slot's sandbox runs and its worker is reachable (again): it takes calls."""
         if slot.state in _COMING:
@@ -396,9 +458,11 @@ class Pool:
 
     async def _steal_later(self) -> None:
         await trio.sleep(STEAL_AFTER_SECONDS)
-        self.steal_timer = False
-        self._steal()
+        with self.lock:
+            self.steal_timer = False
+            self._steal()
 
+    @_locked
     def slot_failed(self, slot: Slot, error: BaseException) -> None:
         """The slot's sandbox could not be made or started: drop it (its calls wait for another)."""
         if slot in self.slots:
@@ -414,6 +478,7 @@ class Pool:
         slot.wake.set()
         slot.sandbox.stop(graceful_shutdown_seconds=0)
 
+    @_locked
     def close(self) -> None:
         """The session is closing: cancel every call; the session stops the sandboxes."""
         self.closed = True
@@ -424,6 +489,14 @@ class Pool:
             for call in list(slot.inflight.values()):
                 call.ref.set_cancelled()
             slot.wake.set()
+
+
+def _wake_in_loop(loop: Any, slot: Slot) -> None:
+    """Wake a slot's task from another thread (its trio.Event is the loop's alone)."""
+    try:
+        loop.call_soon(slot.wake.set)
+    except RuntimeError:  # the loop has ended, and the slot's task with it
+        pass
 
 
 def _waiting(slot: Slot) -> int:

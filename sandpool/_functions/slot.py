@@ -287,10 +287,11 @@ async def _connect(slot: Slot, tasks: TaskStarter) -> None:
     tasks.start_soon(_read_direct, slot, channel, handle, req_id)
 
 
-def send(slot: Slot, call: Call, frame: dict) -> None:
+def send(slot: Slot, call: Call, frame: dict, wake: Callable[[], None] | None = None) -> None:
     """Send a call's frame: at once when it is the slot's only call and the worker's connection is
     idle (a lone call leaves in this very step of the loop), else through the slot's task, which
-    sends what accumulated in one write."""
+    sends what accumulated in one write. ``wake`` wakes that task (default ``slot.wake.set``, in the
+    loop's thread; a sync caller's thread passes a thread-safe one)."""
     direct = slot.direct
     if direct is not None and direct.idle and not slot.outbox and len(slot.inflight) == 1:
         try:
@@ -299,10 +300,10 @@ def send(slot: Slot, call: Call, frame: dict) -> None:
             pass  # broken: the worker's end resubmits the call
         call.sent = True
         if not direct.idle:
-            slot.wake.set()  # the slot's task writes the rest
+            (wake or slot.wake.set)()  # the slot's task writes the rest
         return
     slot.outbox.append(frame)
-    slot.wake.set()
+    (wake or slot.wake.set)()
 
 
 async def _read_direct(slot: Slot, channel: DirectChannel, handle: _WorkerHandle, req_id: int) -> None:

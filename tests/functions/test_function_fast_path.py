@@ -1,0 +1,145 @@
+"""Remote functions, the sync fast path: a lone call from a sync thread to an idle warm sandbox is
+written to its worker from the caller's own thread. Each test checks that the fast path took the
+call (a spy on the pool) and that the outcome is the loop's path's: the same results, errors,
+cancellation, retries and cleanup (the autouse leak check runs after each test)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import cloudpickle
+import pytest
+import trio
+from service_helpers import wait_until
+
+from sandpool import OperationCancelled, SandboxDiedError, Session
+from sandpool._functions import pool as _pool
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+SLEEP = 600.0  # no cancel takes this long
+
+
+def inc(x):
+    return x + 1
+
+
+def fail(key):
+    return {}[key]
+
+
+def block():
+    """Wait far longer than any cancel takes (interrupted by the cancel's SIGINT)."""
+    time.sleep(SLEEP)
+    return "woke"
+
+
+def die_once(path):
+    """Kill this worker the first time (a marker says it happened), answer the second time."""
+    if not os.path.exists(path):
+        open(path, "w").close()
+        os._exit(3)
+    return "survived"
+
+
+@pytest.fixture
+def fast(monkeypatch):
+    """How many calls the fast path placed (True) or left to the loop (False)."""
+    taken = {True: 0, False: 0}
+    original = _pool.Pool._send_now
+
+    def spy(self, call, loop):
+        placed = original(self, call, loop)
+        taken[placed] += 1
+        return placed
+
+    monkeypatch.setattr(_pool.Pool, "_send_now", spy)
+    return taken
+
+
+def test_results_are_the_loops_results(fast):
+    """Sequential sync calls go the fast path and return what the same calls return from trio."""
+    with Session() as s:
+        f = s.function(inc, max_concurrency=1)
+        f.remote(0).result()  # the first call starts the sandbox: the loop places it
+        got = [f.remote(i).result() for i in range(50)]
+        assert fast[True] >= 50
+        assert got == [i + 1 for i in range(50)]
+
+    async def main():
+        async with Session() as s:
+            f = s.function(inc, max_concurrency=1)
+            return [await f.remote(i) for i in range(50)]
+
+    before = fast[True]
+    assert trio.run(main) == got
+    assert fast[True] == before  # from trio the loop places every call
+
+
+def test_errors_are_the_users_own_with_the_remote_traceback(fast):
+    """A fast-path call's exception is the user's KeyError with its remote traceback, as via the loop."""
+    with Session() as s:
+        f, g = s.function(fail, max_concurrency=1), s.function(inc, max_concurrency=1)
+        g.remote(0).result()
+        placed = fast[True]
+        with pytest.raises(KeyError) as info:
+            f.remote("missing").result()
+        assert fast[True] == placed + 1
+        assert "missing" in str(info.value.__cause__)
+        assert g.remote(1).result() == 2  # the sandbox keeps working
+
+
+def test_cancel_interrupts_a_fast_path_call_in_the_sandbox(fast):
+    """ref.cancel() on a running fast-path call interrupts it: OperationCancelled, and the
+    sandbox's one worker (which takes one call at a time) answers the next call, so the cancelled
+    one has left it (had the cancel failed, the next call would wait SLEEP seconds)."""
+    with Session() as s:
+        hold = s.function(block, max_concurrency=1)
+        f = s.function(inc, max_concurrency=1)
+        assert f.remote(0).result() == 1
+        placed = fast[True]
+        ref = hold.remote()
+        assert fast[True] == placed + 1
+        assert wait_until(lambda: s.statistics().calls_running == 1)
+        assert ref.cancel()
+        with pytest.raises(OperationCancelled):
+            ref.result()
+        assert f.remote(1).result(timeout=60) == 2
+        assert wait_until(lambda: s.statistics().calls_cancelled == 1), s.statistics()
+
+
+def test_a_busy_sandbox_sends_the_call_through_the_loop_in_order(fast):
+    """With its one sandbox busy, a sync call is left to the loop; calls behind it keep their order."""
+    with Session() as s:
+        hold = s.function(block, max_concurrency=1)
+        f = s.function(inc, max_concurrency=1)
+        f.remote(0).result()
+        running = hold.remote()
+        refuses = fast[False]
+        behind = [f.remote(i) for i in range(5)]
+        assert fast[False] == refuses + 5
+        finished = []
+        for ref in behind:
+            ref.add_done_callback(lambda r: finished.append(r.result()))
+        assert running.cancel()
+        assert [r.result(timeout=60) for r in behind] == [1, 2, 3, 4, 5]
+        assert finished == [1, 2, 3, 4, 5]  # they ran in the order submitted
+
+
+def test_a_worker_dying_under_a_fast_path_call_is_retried(fast, tmp_path):
+    """A fast-path call whose worker dies is an infrastructure failure: retried on a new worker
+    with retries=1, SandboxDiedError without."""
+    with Session() as s:
+        f = s.function(die_once, max_concurrency=1, retries=1)
+        g = s.function(inc, max_concurrency=1, retries=1)
+        g.remote(0).result()
+        placed = fast[True]
+        assert f.remote("/tmp/died").result(timeout=60) == "survived"
+        assert fast[True] == placed + 1
+        strict = s.function(die_once, max_concurrency=1)
+        with pytest.raises(SandboxDiedError):
+            strict.remote("/tmp/died2").result(timeout=60)
+        assert fast[True] == placed + 2
+        assert g.remote(1).result(timeout=60) == 2
