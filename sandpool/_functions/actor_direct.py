@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from . import bulk as _bulk
-from .direct import DirectChannel
+from .direct import DirectChannel, WorkerRequest
 from .._errors import ProtocolError, SandboxError
 
 if TYPE_CHECKING:
@@ -23,29 +23,6 @@ if TYPE_CHECKING:
 #: How long to wait for the agent to start the worker, and for its account of the worker's end.
 START_SECONDS = 5.0
 EXIT_SECONDS = 3.0
-
-
-class _WorkerRequest:
-    """The ``worker`` request: answered ``started``, then ``exit`` when the worker ends."""
-
-    def __init__(self) -> None:
-        self.started = trio.Event()
-        self.exited = trio.Event()
-        self.ok = False
-        self.exit: dict = {}
-
-    def _on_frame(self, frame: dict) -> int:
-        if frame["t"] == "started":
-            self.ok = True
-        else:  # "exit", or an "error" refusing to start it
-            self.exit = frame
-            self.exited.set()
-        self.started.set()
-        return 0
-
-    def _on_sandbox_gone(self, error: BaseException) -> None:
-        self.started.set()
-        self.exited.set()
 
 
 async def connect(sandbox: Sandbox, nursery: trio.Nursery, on_answers: Callable[[list[dict]], None],
@@ -58,7 +35,7 @@ async def connect(sandbox: Sandbox, nursery: trio.Nursery, on_answers: Callable[
     if directory is None:
         return None
     name = f".sandpool-actor-{secrets.token_hex(6)}"
-    request = _WorkerRequest()
+    request = WorkerRequest()
     req_id = link.register(request)
     try:
         await link.send({"t": "worker", "id": req_id, "listen": f"{_bulk.SANDBOX_DIR}/{name}"})
@@ -81,7 +58,7 @@ async def connect(sandbox: Sandbox, nursery: trio.Nursery, on_answers: Callable[
     return channel
 
 
-async def _read(sandbox: Sandbox, channel: DirectChannel, request: _WorkerRequest, req_id: int,
+async def _read(sandbox: Sandbox, channel: DirectChannel, request: WorkerRequest, req_id: int,
                 on_answers: Callable[[list[dict]], None], on_end: Callable[[dict], None]) -> None:
     try:
         while True:

@@ -27,6 +27,31 @@ from .._errors import ProtocolError, SandboxNotRunningError
 _READ_BYTES = 1 << 20
 
 
+class WorkerRequest:
+    """The pending ``worker`` request that starts a direct worker (a pool slot's or an actor's):
+    answered ``started``, then ``exit`` when the worker ends (or an ``error`` refusing to start it)."""
+
+    def __init__(self) -> None:
+        self.started = trio.Event()
+        self.ok = False
+        self.exited = trio.Event()
+        self.exit: dict = {}
+
+    def _on_frame(self, frame: dict) -> int:
+        if frame["t"] == "started":
+            self.ok = True
+            self.started.set()
+        else:  # "exit", or an "error" refusing to start it
+            self.exit = frame
+            self.started.set()
+            self.exited.set()
+        return 0
+
+    def _on_sandbox_gone(self, error: BaseException) -> None:
+        self.started.set()
+        self.exited.set()
+
+
 class DirectChannel:
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)

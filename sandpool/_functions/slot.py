@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 from . import bulk as _bulk
-from .direct import DirectChannel
+from .direct import DirectChannel, WorkerRequest
 from .._errors import ProtocolError, SandboxError, SandboxNotRunningError
 
 if TYPE_CHECKING:
@@ -124,7 +124,7 @@ class Slot:
     wake: trio.Event = field(default_factory=trio.Event)
     bulk_dir: str | None = None  # where this process sees the sandbox's /tmp (see _bulk)
     direct: DirectChannel | None = None  # the connection straight to the worker, if any
-    worker: _WorkerHandle | None = None
+    worker: WorkerRequest | None = None
     leaving: list[int] = field(default_factory=list)  # direct: calls handed to the connection, not all sent
     progress_at: float = 0.0  # when it last answered, or took a call while idle (trio.current_time)
 
@@ -134,30 +134,6 @@ class Slot:
 
     def _on_sandbox_gone(self, error: BaseException) -> None:
         self.events.slot_lost(self, error)
-
-
-class _WorkerHandle:
-    """The pending ``worker`` request of a direct worker: answered ``started``, then ``exit``."""
-
-    def __init__(self) -> None:
-        self.started = trio.Event()
-        self.ok = False
-        self.exited = trio.Event()
-        self.exit: dict = {}
-
-    def _on_frame(self, frame: dict) -> int:
-        if frame["t"] == "started":
-            self.ok = True
-            self.started.set()
-        else:  # "exit", or an "error" refusing to start it
-            self.exit = frame
-            self.started.set()
-            self.exited.set()
-        return 0
-
-    def _on_sandbox_gone(self, error: BaseException) -> None:
-        self.started.set()
-        self.exited.set()
 
 
 async def run_slot(slot: Slot, factory: Callable[[SandboxSpec], Awaitable[PoolSandbox]], spec: SandboxSpec,
@@ -259,7 +235,7 @@ def left(slot: Slot, req_id: int) -> bool:
 async def _connect(slot: Slot, tasks: TaskStarter) -> None:
     """Start a direct worker and connect to it; on any failure, calls go through the agent."""
     slot.direct = slot.worker = None
-    sandbox, handle = slot.sandbox, _WorkerHandle()
+    sandbox, handle = slot.sandbox, WorkerRequest()
     line = sandbox.connect_worker  # a same-host server's
     if slot.bulk_dir is None and line is None:
         return
@@ -306,7 +282,7 @@ def send(slot: Slot, call: Call, frame: dict, wake: Callable[[], None] | None = 
     (wake or slot.wake.set)()
 
 
-async def _read_direct(slot: Slot, channel: DirectChannel, handle: _WorkerHandle, req_id: int) -> None:
+async def _read_direct(slot: Slot, channel: DirectChannel, handle: WorkerRequest, req_id: int) -> None:
     """Feed the worker's answers to the pool; at its end, wait for the agent's account of it."""
     events = slot.events
     try:
