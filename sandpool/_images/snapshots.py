@@ -28,6 +28,7 @@ import shutil
 
 from .._ids import SNAPSHOT_ID as ID_PATTERN, check_snapshot_id as check_id
 from .errors import ImageError
+from .store import read_records
 
 SNAPSHOTS_DIR = os.path.join(".oci", "snapshots")
 _HEX = re.compile(r"[0-9a-f]{64}")
@@ -133,16 +134,7 @@ class SnapshotStore:
         return record
 
     def records(self) -> list[SnapshotRecord]:
-        found = []
-        for path in glob.glob(self.path("records", "*.json")):
-            try:
-                with open(path) as f:
-                    record = _record(json.load(f))
-            except (OSError, ValueError):
-                continue
-            if record is not None:
-                found.append(record)
-        return sorted(found, key=lambda r: r.created)
+        return sorted(read_records(self.path("records", "*.json"), _record), key=lambda r: r.created)
 
     def delete(self, snapshot_id: str) -> bool:
         """Remove the record (False if there was none) and the layers nothing uses any more."""

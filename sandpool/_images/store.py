@@ -21,10 +21,13 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 from . import rootless
 from .errors import ImageError
+
+T = TypeVar("T")
 
 OCI_DIR = ".oci"
 #: Bytes of overlayfs mount options (one page); the lowerdir list must fit with upper and work.
@@ -154,16 +157,7 @@ class Store:
         return _record(data)
 
     def records(self) -> list[ImageRecord]:
-        found = []
-        for path in sorted(glob.glob(self.path("images", "*.json"))):
-            try:
-                with open(path) as f:
-                    record = _record(json.load(f))
-            except (OSError, ValueError):
-                continue
-            if record is not None:
-                found.append(record)
-        return sorted(found, key=lambda r: r.reference)
+        return sorted(read_records(self.path("images", "*.json"), _record), key=lambda r: r.reference)
 
     def save(self, record: ImageRecord) -> None:
         path = self._record_path(record.reference)
@@ -242,3 +236,17 @@ def _unlink(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
 
+
+def read_records(pattern: str, parse: Callable[[object], T | None]) -> list[T]:
+    """The records in the JSON files matching ``pattern`` that ``parse`` accepts; unreadable or
+    malformed files are skipped (a store's records are written by rename, a reader never sees half)."""
+    found = []
+    for path in sorted(glob.glob(pattern)):
+        try:
+            with open(path) as f:
+                record = parse(json.load(f))
+        except (OSError, ValueError):
+            continue
+        if record is not None:
+            found.append(record)
+    return found
