@@ -232,6 +232,18 @@ def test_worker_survives_a_steal_that_takes_every_pending_call():
     """A steal (cancel with ``steal``) noticed between calls that gives back every call the worker
     still held leaves it with nothing to run: it answers them "lost" and keeps serving (it once
     died popping an empty queue, failing the pool's next call with SandboxDiedError)."""
+    def prepare(worker):
+        worker.pending.append({"t": "call", "id": 7, "fn": b"", "args": b""})
+        worker.steals.add(7)
+        worker.signalled = True  # as the agent's SIGINT after the steal frame leaves it
+
+    answers = _answers_of_worker(prepare)
+    assert [(a["t"], a["id"], a["kind"]) for a in answers] == [("error", 7, "lost")]
+
+
+def _answers_of_worker(prepare):
+    """Run a call worker in this thread over a socket pair after ``prepare(worker)``, with no more
+    frames to read (it returns at EOF); the frames it answered. Signal handlers are put back."""
     import signal
     import socket
 
@@ -242,18 +254,15 @@ def test_worker_survives_a_steal_that_takes_every_pending_call():
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGALRM)}
     try:
         worker = Worker(theirs, cloudpickle, "/")
-        worker.pending.append({"t": "call", "id": 7, "fn": b"", "args": b""})
-        worker.steals.add(7)
-        worker.signalled = True  # as the agent's SIGINT after the steal frame leaves it
+        prepare(worker)
         ours.shutdown(socket.SHUT_WR)  # then no more frames: the worker returns at EOF
         worker.run()
-        answers = _wire.FrameBuffer().feed(ours.recv(1 << 16))
+        return _wire.FrameBuffer().feed(ours.recv(1 << 16))
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         ours.close()
         theirs.close()
-    assert [(a["t"], a["id"], a["kind"]) for a in answers] == [("error", 7, "lost")]
 
 
 
@@ -392,27 +401,13 @@ def test_a_cancelled_call_that_carried_its_function_leaves_it_for_the_next_call(
     calls of it without one; when that first call is cancelled (or stolen) before it starts, the
     worker keeps the function all the same, so the next call runs (it once failed with
     "the function could not be unpickled in the sandbox: KeyError" under load)."""
-    import signal
-    import socket
-
-    from _sandpool_agent import wire as _wire
-    from _sandpool_agent.worker import Worker
-
     key = b"add_one"
-    ours, theirs = socket.socketpair()
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGALRM)}
-    try:
-        worker = Worker(theirs, cloudpickle, "/")
+
+    def prepare(worker):
         worker.pending.append({"t": "call", "id": 7, "fn_key": key, "fn": cloudpickle.dumps(add_one),
                                "args": cloudpickle.dumps(((1,), {}))})
         worker.pending.append({"t": "call", "id": 8, "fn_key": key, "fn": b"", "args": cloudpickle.dumps(((41,), {}))})
         worker.cancelled.add(7)
-        ours.shutdown(socket.SHUT_WR)
-        worker.run()
-        answers = _wire.FrameBuffer().feed(ours.recv(1 << 16))
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-        ours.close()
-        theirs.close()
+
+    answers = _answers_of_worker(prepare)
     assert [(a["t"], a["id"], a.get("kind")) for a in answers] == [("error", 7, "cancelled"), ("result", 8, None)]
