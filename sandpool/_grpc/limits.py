@@ -151,7 +151,7 @@ def spec_dict(data: Mapping[str, Any]) -> None:
             optional=True)
 
 
-def summary(spec_data: dict) -> dict:
+def summary(spec_data: dict[str, Any]) -> dict[str, Any]:
     """``spec_data`` as a List reply carries it: whole if small, else without its large fields, so a
     List costs a bounded size per sandbox (Get still answers with the whole spec)."""
     if len(msgpack.packb(spec_data, use_bin_type=True)) <= MAX_SUMMARY_BYTES:
