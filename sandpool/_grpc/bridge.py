@@ -27,7 +27,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import threading
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -123,7 +123,7 @@ class ServerBridge:
             pass
 
     def stream(self, context: grpc.ServicerContext, async_fn: Callable[..., Awaitable[Any]], *args: Any,
-               buffer: int = STREAM_BUFFER) -> Iterator[list[Any]]:
+               buffer: int = STREAM_BUFFER) -> Generator[list[Any], None, None]:
         """Run ``async_fn(*args, outbox)`` in the nursery, cancelled if the RPC ends first; yield what
         it sends through ``await outbox.send(message)``, in batches (lists) of what is queued, then
         raise what it raised (the loop closing under it: ``shutting_down()``). At most ``buffer`` messages

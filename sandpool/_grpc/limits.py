@@ -91,7 +91,8 @@ def text(field: str, value: object, bound: int, *, optional: bool = False) -> in
 def identifier(field: str, value: object) -> str:
     """A sandbox or lease id: a short str without NUL."""
     text(field, value, MAX_ID_BYTES)
-    return value  # type: ignore[return-value]
+    assert isinstance(value, str)  # text() raised otherwise
+    return value
 
 
 def strings(field: str, value: object, *, count: int, each: int, optional: bool = False) -> int:
