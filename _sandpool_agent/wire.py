@@ -350,7 +350,7 @@ class FrameBuffer:
         self._lenient = lenient
         self._skip = 0  # bytes of an oversized frame still to discard
 
-    def feed(self, data: bytes) -> list:
+    def feed(self, data: bytes | bytearray) -> list:
         """Append ``data`` and return every frame now complete, in order (dicts; in lenient mode
         also ProtocolErrors standing for bad frames)."""
         if self._skip:

@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     from ._errors import SandboxUnavailableError, SandpoolError
 
     try:
-        return args.run(args)
+        code: int = args.run(args)  # the subcommand's function (set_defaults(run=...))
+        return code
     except (SandpoolError, ValueError, OSError) as exc:
         print(f"Error: {exc}", file=sys.stderr)
         if isinstance(exc, SandboxUnavailableError) and args.command != "serve":

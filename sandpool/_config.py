@@ -348,8 +348,9 @@ class _SandboxOptions:
             raise TypeError(f"{cls.__name__}.from_dict needs a mapping, got "
                             f"{type(mapping).__name__} {mapping!r}; use e.g. {{'tags': ['x']}}")
         _reject_unknown(mapping, f"{cls.__name__} key", "fields")
-        return cls(**{k: v for k, v in mapping.items()
-                      if k in _OPTIONS and (v is not None or _OPTIONS[k].default is None)})
+        fields: dict[str, Any] = {k: v for k, v in mapping.items()
+                                  if k in _OPTIONS and (v is not None or _OPTIONS[k].default is None)}
+        return cls(**fields)
 
     def with_overrides(self, **overrides: Any) -> Self:
         """Return a copy with these fields replaced whole (no merging of tags or dicts).

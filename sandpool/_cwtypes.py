@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, Self
 
 __all__ = [
     "CidrBlock", "Container", "ContainerStatus", "DataPlaneMode", "EgressRule", "Endpoint",
@@ -32,13 +32,24 @@ class _Choice(enum.StrEnum):
     """A StrEnum whose constructor names the valid values when given a wrong one."""
 
     @classmethod
+    def parse(cls, value: object) -> Self:
+        """``value`` (a member, or its value in any case) as a member; ValueError naming the valid ones."""
+        if not isinstance(value, str):
+            raise cls._invalid(value)
+        return cls(value)
+
+    @classmethod
     def _missing_(cls, value: object) -> Any:
         if isinstance(value, str):
             for member in cls:
                 if member.value == value.lower():
                     return member
-        raise ValueError(f"{value!r} is not a valid {cls.__name__}; use one of "
-                         f"{', '.join(repr(m.value) for m in cls)}")
+        raise cls._invalid(value)
+
+    @classmethod
+    def _invalid(cls, value: object) -> ValueError:
+        return ValueError(f"{value!r} is not a valid {cls.__name__}; use one of "
+                          f"{', '.join(repr(m.value) for m in cls)}")
 
 
 class PlacementMode(_Choice):
@@ -139,7 +150,7 @@ def coerce(cls: type, value: object, field: str) -> Any:
         return value
     if issubclass(cls, enum.Enum):
         return cls(value)
-    if isinstance(value, Mapping):
+    if isinstance(value, Mapping) and dataclasses.is_dataclass(cls):
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(value) - names)
         if unknown:
@@ -149,13 +160,13 @@ def coerce(cls: type, value: object, field: str) -> Any:
                     f"{type(value).__name__} {value!r}")
 
 
-def _tuple_of(cls: type, value: object, field: str) -> tuple | None:
+def _tuple_of(cls: type, value: object, field: str) -> tuple[Any, ...] | None:
     """A list of ``cls`` (or their dict forms) as a tuple; None stays None."""
     if value is None:
         return None
-    if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__iter__"):
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
         raise TypeError(f"{field} must be a list of {cls.__name__}, got {type(value).__name__} {value!r}")
-    return tuple(coerce(cls, item, f"{field}[{i}]") for i, item in enumerate(value))  # type: ignore[union-attr]
+    return tuple(coerce(cls, item, f"{field}[{i}]") for i, item in enumerate(value))
 
 
 def _put(obj: object, name: str, value: object) -> None:
@@ -169,10 +180,7 @@ def _exactly_one(obj: object, names: tuple[str, ...], what: str) -> None:
                          f"{', '.join(given) or 'none'}")
 
 
-_frozen = dataclasses.dataclass(frozen=True, kw_only=True)
-
-
-@_frozen
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class PortRange:
     """A port, or ``port``..``end_port``; ``protocol`` is a ServiceProtocol."""
 
@@ -188,7 +196,7 @@ class PortRange:
         _put(self, "protocol", coerce(ServiceProtocol, self.protocol, "PortRange.protocol"))
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class CidrBlock:
     """An address block, minus ``except_cidrs``."""
 
@@ -199,7 +207,7 @@ class CidrBlock:
         _put(self, "except_cidrs", tuple(self.except_cidrs))
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class SelectorBlock:
     """Peers chosen by Kubernetes labels (no local meaning)."""
 
@@ -207,7 +215,7 @@ class SelectorBlock:
     namespace_labels: Mapping[str, str] | None = None
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class EgressRule:
     """Where a sandbox may connect: exactly one of dns_name, cidr, tenant, any, selector."""
 
@@ -225,7 +233,7 @@ class EgressRule:
         _put(self, "ports", _tuple_of(PortRange, self.ports, "EgressRule.ports"))
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class IngressRule:
     """Who may connect to a sandbox: exactly one of cidr, tenant, any."""
 
@@ -240,7 +248,7 @@ class IngressRule:
         _put(self, "ports", _tuple_of(PortRange, self.ports, "IngressRule.ports"))
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class NetworkOptions:
     """A sandbox's network policy. Locally: ``deny_egress=True`` is no network, an ``any`` egress
     rule (or none) the host's network; other egress rules and any ingress rule are refused."""
@@ -257,7 +265,7 @@ class NetworkOptions:
             raise ValueError("NetworkOptions: deny_egress=True cannot be combined with egress rules; drop one")
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Endpoint:
     """A public endpoint of a Service (no local meaning yet)."""
 
@@ -270,7 +278,7 @@ class Endpoint:
         _put(self, "auth", coerce(EndpointAuth, self.auth, "Endpoint.auth"))
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Service:
     """A port the sandbox serves (no local meaning yet: issue 16)."""
 
@@ -304,7 +312,7 @@ class EndpointShareToken:
         return {"X-Sandbox-Share-Token": self._value}
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class HttpsEndpointStatus:
     port: int
     name: str
@@ -314,7 +322,7 @@ class HttpsEndpointStatus:
     request_timeout_seconds: float | None
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TlsPassthroughEndpointStatus:
     port: int
     name: str
@@ -322,7 +330,7 @@ class TlsPassthroughEndpointStatus:
     address: str
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Secret:
     """A secret injected as the environment variable ``env_var`` (default: ``name``).
 
@@ -349,7 +357,7 @@ class Secret:
         _put(self, "env_var", env_var)
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class SecurityContext:
     """Who the container runs as and with what privileges (no local meaning)."""
 
@@ -368,7 +376,7 @@ class SecurityContext:
                 _put(self, name, tuple(getattr(self, name)))
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ImagePullCredentials:
     """Registry credentials from a secret store (no local meaning)."""
 
@@ -378,7 +386,7 @@ class ImagePullCredentials:
     field: str = ""
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ObjectStorageAccess:
     """Object-storage buckets the sandbox may use (no local meaning)."""
 
@@ -392,7 +400,7 @@ class ObjectStorageAccess:
                                         "ObjectStorageAccess.permission"))
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class VolumeMount:
     volume: str
     mount_path: str
@@ -400,7 +408,7 @@ class VolumeMount:
     sub_path: str | None = None
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ScratchVolumeOptions:
     """A scratch volume (locally: issue 16)."""
 
@@ -416,7 +424,7 @@ class ScratchVolumeOptions:
         _put(self, "medium", coerce(StorageMedium, self.medium, "ScratchVolumeOptions.medium"))
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RegisteredVolumeOptions:
     """A registered volume mounted into the sandbox (locally: issue 16)."""
 
@@ -427,7 +435,7 @@ class RegisteredVolumeOptions:
     read_only: bool = False
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class FileSystemSnapshotOptions:
     """One scratch volume that can be snapshotted (locally: issue 16)."""
 
@@ -441,7 +449,7 @@ class FileSystemSnapshotOptions:
                                     restore_from_snapshot_id=self.file_system_snapshot_id)
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class FileSystemSnapshot:
     file_system_snapshot_id: str
     status: FileSystemSnapshotStatus
@@ -457,7 +465,7 @@ class FileSystemSnapshot:
     completed_at: Any = None
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class FileSystemSnapshotBucketConfig:
     mode: FileSystemSnapshotBucketMode = FileSystemSnapshotBucketMode.UNSPECIFIED
     bucket_name: str = ""
@@ -465,7 +473,7 @@ class FileSystemSnapshotBucketConfig:
     effective_bucket_name: str = ""
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Container:
     """One container of a multi-container sandbox (not supported locally: one process tree)."""
 
@@ -483,7 +491,7 @@ class Container:
     primary: bool = False
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ContainerStatus:
     """The state of one container; locally a sandbox has one, named "main"."""
 

@@ -27,7 +27,7 @@ import os
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 from . import _cwtypes as t
 from . import _options_volumes
@@ -62,7 +62,7 @@ _K8S_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
 _warned_runtime_classes: set[str] = set()
 
 
-def _plain(value: Any, frozen: Callable[[dict], Any]) -> Any:
+def _plain(value: Any, frozen: Callable[[dict[str, Any]], Any]) -> Any:
     """A value object as plain hashable data: dataclasses and mappings as frozen dicts, lists as tuples."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
@@ -105,14 +105,14 @@ def _runtime_class(value: object) -> str:
     return value
 
 
-def _network(value: object, frozen: Callable[[dict], Any]) -> object:
+def _network(value: object, frozen: Callable[[dict[str, Any]], Any]) -> object:
     """NetworkOptions in plain form (the rules' local meaning: _isolation.network, docs/network.md)."""
     if isinstance(value, t.NetworkOptions):  # plain, so that it can travel to a sandpool server
         return _plain(value, frozen)
     return value  # other forms are interpreted (or refused) when the sandbox starts: _isolation.network
 
 
-def _services(value: object, frozen: Callable[[dict], Any]) -> tuple:
+def _services(value: object, frozen: Callable[[dict[str, Any]], Any]) -> tuple[Any, ...]:
     """Services in plain form, checked as a bridge sandbox will use them (_services)."""
     from . import _services as services
 
@@ -124,7 +124,7 @@ def _services(value: object, frozen: Callable[[dict], Any]) -> tuple:
     return plain
 
 
-def _mounted_files(value: object, frozen: Callable[[dict], Any]) -> tuple:
+def _mounted_files(value: object, frozen: Callable[[dict[str, Any]], Any]) -> tuple[Any, ...]:
     """``[{"mount_path": p, "file_content": b}]`` or ``{p: b}`` as a tuple of frozen dicts (bytes)."""
     items = list(value.items()) if isinstance(value, Mapping) else None
     if items is None:
@@ -149,14 +149,19 @@ def _mounted_files(value: object, frozen: Callable[[dict], Any]) -> tuple:
     return tuple(out)
 
 
-def _secrets(value: object, frozen: Callable[[dict], Any]) -> tuple:
+def _secrets(value: object, frozen: Callable[[dict[str, Any]], Any]) -> tuple[Mapping[str, Any], ...]:
     if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
         raise TypeError(f"secrets must be a list of Secret, got {type(value).__name__} {value!r}; use e.g. "
                         f"secrets=[Secret(store='env', name='API_KEY')]")
     return tuple(_plain(t.coerce(t.Secret, s, f"secrets[{i}]"), frozen) for i, s in enumerate(value))
 
 
-def normalise(name: str, value: object, frozen: Callable[[dict], Any]) -> object:
+@overload
+def normalise(name: Literal["secrets"], value: object,
+              frozen: Callable[[dict[str, Any]], Any]) -> tuple[Mapping[str, Any], ...] | None: ...
+@overload
+def normalise(name: str, value: object, frozen: Callable[[dict[str, Any]], Any]) -> object: ...
+def normalise(name: str, value: object, frozen: Callable[[dict[str, Any]], Any]) -> object:
     """The spec's form of cloud option ``name`` (None stays None); raises for a bad or unsupported value."""
     if value is None:
         return None
@@ -174,11 +179,11 @@ def normalise(name: str, value: object, frozen: Callable[[dict], Any]) -> object
         case "create_retry_budget_seconds" | "poll_retry_budget_seconds" | "poll_rpc_timeout_seconds":
             return _number(name, value)
         case "data_plane_mode":
-            return t.DataPlaneMode(value).value
+            return t.DataPlaneMode.parse(value).value
         case "placement_spillover":
-            return t.PlacementSpillover(value).value
+            return t.PlacementSpillover.parse(value).value
         case "placement_mode":
-            return t.PlacementMode(value).value
+            return t.PlacementMode.parse(value).value
         case "runtime_class":
             return _runtime_class(value)
         case "runner_ids":
@@ -206,9 +211,10 @@ def normalise(name: str, value: object, frozen: Callable[[dict], Any]) -> object
     raise AssertionError(f"no rule for option {name!r}")
 
 
-def merge_secrets(first: Sequence[Mapping] | None, second: Sequence[Mapping] | None) -> tuple:
+def merge_secrets(first: Sequence[Mapping[str, Any]] | None,
+                  second: Sequence[Mapping[str, Any]] | None) -> tuple[Mapping[str, Any], ...]:
     """Defaults' secrets then explicit ones, one per env_var; ValueError when two differ for one."""
-    out: dict[str, Mapping] = {}
+    out: dict[str, Mapping[str, Any]] = {}
     for secret in (*(first or ()), *(second or ())):
         known = out.get(secret["env_var"])
         if known is not None and known != secret:
@@ -218,7 +224,7 @@ def merge_secrets(first: Sequence[Mapping] | None, second: Sequence[Mapping] | N
     return tuple(out.values())
 
 
-def secret_values(secrets: Sequence[Mapping]) -> dict[str, str]:
+def secret_values(secrets: Sequence[Mapping[str, Any]]) -> dict[str, str]:
     """The environment variables the secrets set, read in the client (never in a sandbox or server).
 
     ``store="env"``: the client's environment variable ``name``. Any other store: the JSON file
@@ -227,7 +233,7 @@ def secret_values(secrets: Sequence[Mapping]) -> dict[str, str]:
     found raises ValueError naming it and where it was looked for.
     """
     values: dict[str, str] = {}
-    book: dict | None = None
+    book: dict[str, Any] | None = None
     for secret in secrets:
         store, name, field = secret["store"], secret["name"], secret["field"]
         if store == "env":
@@ -253,7 +259,7 @@ def _secrets_path() -> str:
     return os.environ.get(SECRETS_FILE_ENV) or os.path.expanduser("~/.config/sandpool/secrets.json")
 
 
-def _secrets_file() -> dict:
+def _secrets_file() -> dict[str, Any]:
     path = _secrets_path()
     try:
         with open(path, encoding="utf-8") as f:

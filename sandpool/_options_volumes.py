@@ -42,7 +42,7 @@ def check_name(value: object, field: str = "volume name") -> str:
     return value
 
 
-def normalise(value: object, frozen: Callable[[dict], Any]) -> tuple | None:
+def normalise(value: object, frozen: Callable[[dict[str, Any]], Any]) -> tuple[Any, ...] | None:
     """``volumes=`` as a tuple of frozen dicts (see the module doc); None for an empty list.
     TypeError or ValueError naming the entry, the value and the fix."""
     if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
@@ -53,7 +53,7 @@ def normalise(value: object, frozen: Callable[[dict], Any]) -> tuple | None:
     return tuple(out) or None
 
 
-def _entry(item: object, field: str) -> dict:
+def _entry(item: object, field: str) -> dict[str, Any]:
     if isinstance(item, Mapping) and item.get("kind") in ("scratch", "named", "bind"):
         return dict(item)  # already plain (a spec that crossed the wire)
     if isinstance(item, Mapping) and "host_path" in item:
@@ -86,7 +86,7 @@ def _entry(item: object, field: str) -> dict:
                     f"volume's name) or a dict with host_path and mount_path, got {type(item).__name__} {item!r}")
 
 
-def _bind(item: Mapping, field: str) -> dict:
+def _bind(item: Mapping[str, Any], field: str) -> dict[str, Any]:
     host = item["host_path"]
     if not isinstance(host, str) or not host.startswith("/") or "\0" in host or os.path.normpath(host) != host \
             or any(part in (".", "..") for part in host.split("/")):
@@ -124,7 +124,7 @@ def _flag(value: object, field: str) -> bool:
     return value
 
 
-def _check_targets(entries: list) -> None:
+def _check_targets(entries: list[Any]) -> None:
     paths = sorted(e["mount_path"] for e in entries)
     for a, b in zip(paths, paths[1:]):
         if b == a or b.startswith(a + "/"):

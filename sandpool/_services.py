@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from ._cwtypes import EndpointAuth, EndpointKind, HttpsEndpointStatus, TlsPassthroughEndpointStatus
 
@@ -38,12 +39,13 @@ class Port:
         return self.visibility == "public"
 
 
-def _get(item: object, key: str) -> object:
+def _get(item: object, key: str) -> Any:
+    """Field ``key`` of a service (a Service or its dict form, as the user gave it: checked below)."""
     value = item.get(key) if isinstance(item, Mapping) else getattr(item, key, None)
     return getattr(value, "value", value)
 
 
-def parse(services: Sequence | None) -> tuple[Port, ...]:
+def parse(services: Sequence[object] | None) -> tuple[Port, ...]:
     """The ``services`` option as Ports; ValueError naming the service and the fix."""
     out: dict[tuple[int, str], Port] = {}
     for i, service in enumerate(services or ()):
@@ -75,7 +77,7 @@ def parse(services: Sequence | None) -> tuple[Port, ...]:
     return tuple(out.values())
 
 
-def surfaces(ports: tuple[Port, ...], mapped: Mapping[int, str], address: str) -> dict:
+def surfaces(ports: tuple[Port, ...], mapped: Mapping[int, str], address: str) -> dict[str, Any]:
     """What the sandbox reports: ``exposed_ports``, ``service_urls``, ``service_endpoints`` and
     ``service_addresses`` (cwsandbox's shapes), from its services, the host addresses its public
     ports are mapped to (``{port: "127.0.0.1:N"}``) and its own address. Ports mapped by ingress

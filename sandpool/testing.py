@@ -34,7 +34,7 @@ import functools
 import os
 import signal
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from _sandpool_agent import linux as _linux
@@ -188,7 +188,7 @@ def _cgroup_leftovers(keys: set[str], kept_owners: set[str]) -> tuple[list[str],
     return report, members
 
 
-def _spares_keeper(stat: tuple, templates: dict) -> bool:
+def _spares_keeper(stat: tuple[str, str, int, str], templates: Mapping[int, str]) -> bool:
     """A keeper of the writable storage a spare built ahead of time (``storage.hold``)."""
     parent = _stat(stat[2]) if stat[0] == KEEPER_NAME else None
     return parent is not None and parent[0] == SPARE_NAME and parent[2] in templates

@@ -10,7 +10,10 @@ import shutil
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
+
+from .._images import pull
+from .._images.errors import ImageError
 
 if TYPE_CHECKING:
     from . import Subcommands
@@ -74,8 +77,6 @@ def _base(args: argparse.Namespace) -> str:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from .._images import pull
-
     credentials = None
     if args.password_stdin:
         if not args.username:
@@ -91,7 +92,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         record = pull.pull(args.name, _base(args), credentials=credentials, progress=bars, platform=platform)
-    except pull.ImageError as exc:
+    except ImageError as exc:
         bars.finish()
         return _fail(exc)
     bars.finish()
@@ -110,7 +111,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     built = images.list_images(args.store)
     pulled = Store(_base(args)).records()
     if args.output == "json":
-        rows = [{"name": "host", "source": "built in", "size_bytes": None}]
+        rows: list[dict[str, object]] = [{"name": "host", "source": "built in", "size_bytes": None}]
         rows += [{"name": i.name, "source": i.source, "size_bytes": i.size_bytes, "python": i.python} for i in built]
         rows += [{"name": r.reference, "source": "registry", "size_bytes": r.size_bytes, "digest": r.digest,
                   "layers": len(r.layers)} for r in pulled]
@@ -138,7 +139,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     elif (image := images.find(args.name, args.store)) is not None:
         info = dataclasses.asdict(image)
     else:
-        return _fail(images.ImageError(f"no image {args.name!r} in {base}; pull it first "
+        return _fail(ImageError(f"no image {args.name!r} in {base}; pull it first "
                                        f"('sandpool image pull {args.name}')"))
     if args.output == "json":
         print(json.dumps(info, indent=2))
@@ -166,7 +167,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         image = images.import_tarball(args.name, args.tarball, args.store, replace=args.replace)
-    except images.ImageError as exc:
+    except ImageError as exc:
         return _fail(exc)
     print(f"imported {image.name} ({image.size_bytes / 2**20:.0f} MiB) in {time.monotonic() - started:.1f} s")
     return 0
@@ -180,7 +181,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     try:
         cached = None if args.rebuild else images.find(args.name, args.store)
         image = cached or images.build(args.name, args.store, progress=progress, rebuild=args.rebuild, **options)
-    except images.ImageError as exc:
+    except ImageError as exc:
         progress.done()
         return _fail(exc)
     progress.done()
@@ -198,8 +199,8 @@ def cmd_rm(args: argparse.Namespace) -> int:
         if images.find(args.name, args.store) is not None:
             images.remove(args.name, args.store)
         elif not Store(_base(args)).remove(str(reference.parse(args.name))):
-            raise images.ImageError(f"no image {args.name!r} in {_base(args)} ('sandpool image ls' lists them)")
-    except images.ImageError as exc:
+            raise ImageError(f"no image {args.name!r} in {_base(args)} ('sandpool image ls' lists them)")
+    except ImageError as exc:
         return _fail(exc)
     print(json.dumps({"removed": args.name}) if args.output == "json" else f"removed {args.name}")
     return 0
@@ -213,7 +214,7 @@ PHASES = {"Retrieving": "downloading", "Validating": "downloading", "Extracting"
 class Progress:
     """debootstrap's status lines as one updating line on a terminal, one line per phase otherwise."""
 
-    def __init__(self, stream) -> None:
+    def __init__(self, stream: TextIO) -> None:
         self.stream = stream
         self.tty = stream.isatty()
         self.started = time.monotonic()
@@ -245,49 +246,60 @@ class Progress:
             self.shown = False
 
 
-class PullProgress:
+@dataclasses.dataclass
+class _Bar:
+    """One layer's bar: its size, the bytes downloaded, its state, and the last quarter shown."""
+
+    size: int
+    got: int
+    state: str
+    quarter: int = 0
+
+
+class PullProgress(pull.Progress):
     """A pull's layers as bars on a terminal (redrawn in place), or plain lines otherwise: each layer
     when it starts, at every quarter, and when it is stored. Called from the pull's threads."""
 
-    def __init__(self, stream) -> None:
+    def __init__(self, stream: TextIO) -> None:
         self.stream = stream
         self.tty = stream.isatty()
         self.lock = threading.Lock()
-        self.layers: dict[str, list] = {}  # digest -> [size, done bytes, state, quarter shown]
+        self.layers: dict[str, _Bar] = {}  # by digest
         self.drawn = 0
 
     def layer(self, digest: str, size: int, cached: bool) -> None:
         with self.lock:
-            self.layers[digest] = [size, size if cached else 0, "cached" if cached else "waiting", 0]
+            self.layers[digest] = _Bar(size, size if cached else 0, "cached" if cached else "waiting")
             self._show(digest)
 
     def advance(self, digest: str, nbytes: int) -> None:
         with self.lock:
-            entry = self.layers[digest]
-            entry[1] += nbytes
-            entry[2] = "downloading"
-            quarter = 4 * entry[1] // max(entry[0], 1)
-            if self.tty or quarter > entry[3]:
-                entry[3] = quarter
+            bar = self.layers[digest]
+            bar.got += nbytes
+            bar.state = "downloading"
+            quarter = 4 * bar.got // max(bar.size, 1)
+            if self.tty or quarter > bar.quarter:
+                bar.quarter = quarter
                 self._show(digest)
 
     def unpacking(self, digest: str) -> None:
         with self.lock:
-            self.layers[digest][2] = "unpacking"
+            self.layers[digest].state = "unpacking"
             self._show(digest)
 
     def done(self, digest: str) -> None:
         with self.lock:
-            entry = self.layers[digest]
-            if entry[2] != "cached":
-                entry[1], entry[2] = entry[0], "done"
+            bar = self.layers[digest]
+            if bar.state != "cached":
+                bar.got, bar.state = bar.size, "done"
                 self._show(digest)
 
     def _line(self, digest: str) -> str:
-        size, got, state, _ = self.layers[digest]
+        bar = self.layers[digest]
+        size, got, state = bar.size, bar.got, bar.state
         fraction = got / size if size else 1.0
-        bar = "#" * int(fraction * 30)
-        return f"{digest[7:19]} [{bar:<30}] {got / 2**20:7.1f}/{size / 2**20:.1f} MiB {state}"
+        filled = "#" * int(fraction * 30)
+        return f"{digest[7:19]} [{filled:<30}] {got / 2**20:7.1f}/{size / 2**20:.1f} MiB {state}"
 
     def _show(self, digest: str) -> None:
         if not self.tty:

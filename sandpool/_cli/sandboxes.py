@@ -15,9 +15,11 @@ import json
 import os
 import sys
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
+    from .._session.sandbox import Sandbox
     from . import Subcommands
 
 ENV_ADDRESS, ENV_TOKEN = "SANDPOOL_ADDRESS", "SANDPOOL_TOKEN"
@@ -100,7 +102,7 @@ def _count(text: str) -> int:
     return int(text)
 
 
-def _target(args: argparse.Namespace) -> dict:
+def _target(args: argparse.Namespace) -> dict[str, str | None]:
     from .._grpc.endpoint import default_address
 
     token = None
@@ -117,7 +119,7 @@ def _when(timestamp: float | None) -> str:
     return datetime.datetime.fromtimestamp(timestamp).isoformat(sep=" ", timespec="seconds")
 
 
-def describe(sandbox) -> dict:
+def describe(sandbox: Sandbox) -> dict[str, Any]:
     """The fields ``ls``/``get`` show, as plain data."""
     record = sandbox.link.record()
     return {
@@ -189,7 +191,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
                           "truncated": result.truncated, "command": result.command}))
         return result.returncode
 
-    def copy(reader, out) -> None:
+    def copy(reader: Iterable[str], out: TextIO) -> None:
         for chunk in reader:
             out.write(chunk)
             out.flush()

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, BinaryIO
 
 if TYPE_CHECKING:
+    from .._service.server import AlsoServe
     from . import Subcommands
 
 
@@ -58,14 +60,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(config, also=also)
 
 
-def _cwsandbox_listener(listen: str, api_key: str | None):
+def _cwsandbox_listener(listen: str, api_key: str | None) -> AlsoServe:
     """``--cwsandbox``: cwsandbox's API on its own listener, backed by a session of the very server
     it runs beside, so sandboxes made through either API are the same fleet (``sandpool ls`` shows
     both), and that server's policy applies to both. Its API key is ``api_key`` (``--token-file``'s),
     or one it makes. Its StreamLogs reads the fleet's own main logs (``open_log``)."""
 
     @contextlib.asynccontextmanager
-    async def serve_too(address: str, token: str | None, open_log):
+    async def serve_too(address: str, token: str | None,
+                        open_log: Callable[[str], BinaryIO | None]) -> AsyncIterator[None]:
         from .._cwsandbox._server import open_published_server
         from .._session.session import Session
 

@@ -9,6 +9,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from .._images.snapshots import SnapshotStore
     from . import Subcommands
 
 
@@ -27,7 +28,7 @@ def register(sub: Subcommands) -> None:
     p.set_defaults(run=cmd_prune)
 
 
-def _store():
+def _store() -> SnapshotStore:
     from .._isolation.snapshots import store
 
     return store()
@@ -47,7 +48,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    from .._images.snapshots import check_id
+    from .._ids import check_snapshot_id as check_id
 
     store, code = _store(), 0
     for snapshot_id in args.ids:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from .sandboxes import _connection, _target
 
 if TYPE_CHECKING:
+    from .._session.terminal import TerminalSession
     from . import Subcommands
 
 
@@ -60,9 +61,10 @@ def cmd_sh(args: argparse.Namespace) -> int:
         return 2
     command = shlex.split(args.cmd)
     sandbox = Sandbox.from_id(args.sandbox_id, **_target(args)).result()
-    term = sandbox.shell(command, **_size(fd))
+    width, height = _size(fd)
+    term = sandbox.shell(command, width=width, height=height)
     saved = termios.tcgetattr(fd)
-    previous = signal.signal(signal.SIGWINCH, lambda *_: term.resize(**_size(fd)))
+    previous = signal.signal(signal.SIGWINCH, lambda *_: term.resize(*_size(fd)))
     tty.setraw(fd)
     threading.Thread(target=_forward_keys, args=(fd, term), daemon=True).start()
     try:
@@ -77,13 +79,13 @@ def cmd_sh(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGWINCH, previous)
 
 
-def _size(fd: int) -> dict[str, int]:
-    """This terminal's size (80 x 24 for one that reports none, as a fresh pty does)."""
+def _size(fd: int) -> tuple[int, int]:
+    """This terminal's (width, height) (80 x 24 for one that reports none, as a fresh pty does)."""
     cols, rows = os.get_terminal_size(fd)
-    return {"width": cols or 80, "height": rows or 24}
+    return cols or 80, rows or 24
 
 
-def _forward_keys(fd: int, term) -> None:
+def _forward_keys(fd: int, term: TerminalSession) -> None:
     """Copy keystrokes to the sandbox's terminal until this terminal closes or the session ends."""
     try:
         while (data := os.read(fd, 4096)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+from typing import Any
 
 import trio
 
@@ -20,16 +21,16 @@ class FrameChannel:
     def __init__(self, stream: trio.abc.Stream, *, max_frame_bytes: int = _wire.MAX_FRAME_BYTES) -> None:
         self._stream = stream
         self._decoder = _wire.FrameBuffer(max_bytes=max_frame_bytes)
-        self._ready: collections.deque[dict] = collections.deque()
+        self._ready: collections.deque[dict[str, Any]] = collections.deque()
         self._send_lock = trio.Lock()
         self._max = max_frame_bytes
         self.closed = False
 
-    async def send(self, frame: dict) -> None:
+    async def send(self, frame: dict[str, Any]) -> None:
         """Send one frame. Raises ProtocolError if it is too large, SandboxUnavailableError if the peer is gone."""
         await self.send_bytes(_wire.encode(frame, max_bytes=self._max))
 
-    async def send_many(self, frames: list[dict]) -> None:
+    async def send_many(self, frames: list[dict[str, Any]]) -> None:
         """Send several frames in one write (batching for small frames)."""
         await self.send_bytes(b"".join(_wire.encode(f, max_bytes=self._max) for f in frames))
 
@@ -43,7 +44,7 @@ class FrameChannel:
                 self.closed = True
                 raise SandboxUnavailableError(f"the sandbox's connection broke: {exc!r}") from exc
 
-    async def receive(self) -> dict | None:
+    async def receive(self) -> dict[str, Any] | None:
         """The next frame, or None at EOF. A malformed frame raises ProtocolError."""
         while not self._ready:
             try:
@@ -56,7 +57,7 @@ class FrameChannel:
             self._ready.extend(self._decoder.feed(data))
         return self._ready.popleft()
 
-    async def receive_batch(self) -> list[dict] | None:
+    async def receive_batch(self) -> list[dict[str, Any]] | None:
         """Every frame available now (at least one), or None at EOF."""
         first = await self.receive()
         if first is None:
@@ -65,7 +66,7 @@ class FrameChannel:
         self._ready.clear()
         return batch
 
-    async def handshake(self, **extra: object) -> dict:
+    async def handshake(self, **extra: object) -> dict[str, Any]:
         """Exchange hello frames; return the peer's. ProtocolError on a bad or missing hello.
 
         A peer that spoke and ended before our hello reached it (an agent whose main command finished

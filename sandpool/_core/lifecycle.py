@@ -94,6 +94,20 @@ def _describe_death(code: int | None, sig: int | None) -> str:
     return f"the sandbox's agent exited with code {code}"
 
 
+def _code(value: object) -> int | None:
+    """An exit code or signal number of an event's data (the agent's frames carry validated ints)."""
+    if value is None or isinstance(value, int):
+        return value
+    raise TypeError(f"a lifecycle event's code must be an int or None, got {value!r}")
+
+
+def _reported(info: dict[str, object]) -> Lifecycle:
+    status, returncode, reason = info["status"], info.get("returncode"), info.get("reason")
+    if not isinstance(status, SandboxStatus):
+        raise TypeError(f"a REPORTED lifecycle event needs status=SandboxStatus, got {status!r}")
+    return found(status, returncode=_code(returncode), reason=None if reason is None else str(reason))
+
+
 def _event(event: Event | str) -> Event:
     if isinstance(event, Event):
         return event
@@ -109,7 +123,7 @@ def advance(state: Lifecycle, event: Event | str, **info: object) -> Lifecycle:
     Data: FAILED(reason), MAIN_EXIT(code), FAREWELL(reason, code), GONE(code, signal, oom_killed)."""
     event = _event(event)
     if event is Event.REPORTED:  # the runtime's word replaces the state; a terminal one stays terminal
-        news = found(info["status"], returncode=info.get("returncode"), reason=info.get("reason"))  # type: ignore[arg-type]
+        news = _reported(info)
         return state if state.terminal and not news.terminal else news
     if state.terminal:
         return state
@@ -131,23 +145,23 @@ def advance(state: Lifecycle, event: Event | str, **info: object) -> Lifecycle:
             return _terminal(state, SandboxStatus.TERMINATED, None, "stopped before it started")
         return dataclasses.replace(state, phase=Phase.STOPPING, status=SandboxStatus.TERMINATING, stop_requested=True)
     elif event is Event.MAIN_EXIT:
-        code = int(info["code"])  # type: ignore[arg-type]
+        code = _code(info["code"])
         if code == 0:
             return _terminal(state, SandboxStatus.COMPLETED, 0, "the main command exited")
         return _terminal(state, SandboxStatus.FAILED, code, f"the main command exited with code {code}")
     elif event is Event.FAREWELL:
         reason = str(info.get("reason"))
-        code = info.get("code")
+        code = _code(info.get("code"))
         if reason == "stopped" or state.stop_requested:
-            return _terminal(state, SandboxStatus.TERMINATED, int(code) if code is not None else 143, "stopped")
+            return _terminal(state, SandboxStatus.TERMINATED, code if code is not None else 143, "stopped")
         if reason.startswith("protocol error"):
-            return _terminal(state, SandboxStatus.FAILED, code, reason)  # type: ignore[arg-type]
-        return _terminal(state, SandboxStatus.TERMINATED, code, reason_for(reason))  # type: ignore[arg-type]
+            return _terminal(state, SandboxStatus.FAILED, code, reason)
+        return _terminal(state, SandboxStatus.TERMINATED, code, reason_for(reason))
     elif event is Event.GONE:
-        code, sig = info.get("code"), info.get("signal")
+        code, sig = _code(info.get("code")), _code(info.get("signal"))
         if state.stop_requested:
             return _terminal(state, SandboxStatus.TERMINATED, 137 if sig else 143, "stopped")
         if info.get("oom_killed"):
-            return _terminal(state, SandboxStatus.FAILED, code, OOM_KILLED)  # type: ignore[arg-type]
-        return _terminal(state, SandboxStatus.FAILED, code, _describe_death(code, sig))  # type: ignore[arg-type]
+            return _terminal(state, SandboxStatus.FAILED, code, OOM_KILLED)
+        return _terminal(state, SandboxStatus.FAILED, code, _describe_death(code, sig))
     return state

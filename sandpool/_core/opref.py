@@ -177,6 +177,7 @@ class OperationRef(Generic[T]):
         if scope.cancel_called:  # cancelled while its start was queued: never run the body
             self._finish(_CANCELLED, None, None)
             return
+        value: T | None = None
         try:
             with scope:
                 value = await async_fn(*args)
@@ -363,5 +364,7 @@ def _deadline(timeout: float | None) -> float | None:
 
 def _slices(deadline: float | None) -> Iterator[float]:
     """Wait lengths of at most _SLICE s until ``deadline`` passes (for ever if it is None)."""
-    while deadline is None or (left := deadline - time.monotonic()) > 0:
-        yield _SLICE if deadline is None else min(left, _SLICE)
+    while deadline is None:
+        yield _SLICE
+    while (left := deadline - time.monotonic()) > 0:
+        yield min(left, _SLICE)

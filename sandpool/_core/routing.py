@@ -25,7 +25,7 @@ from .._errors import ProtocolError, SandboxError
 class Handler(Protocol):
     """A pending request: told of each frame for it, and of the sandbox's end."""
 
-    def _on_frame(self, frame: dict) -> int: ...  # returns output credit to acknowledge
+    def _on_frame(self, frame: dict[str, Any]) -> int: ...  # returns output credit to acknowledge
 
     def _on_sandbox_gone(self, error: BaseException) -> None: ...
 
@@ -52,7 +52,7 @@ class Requests:
     def unregister(self, req_id: int) -> None:
         self.handlers.pop(req_id, None)
 
-    def route(self, frame: dict) -> dict | None:
+    def route(self, frame: dict[str, Any]) -> dict[str, Any] | None:
         """Hand a frame with an id to its request (credit is queued for ``send_credits``). Returns
         the frame when it is addressed to the sandbox (no id: its main command's exit, farewell)."""
         kind = frame["t"]

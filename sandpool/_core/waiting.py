@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import queue
 from collections.abc import Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 
 from .opref import OperationRef, _deadline, _slices, check_not_in_trio
@@ -21,6 +21,17 @@ def _get(finished: queue.SimpleQueue[Any], deadline: float | None) -> Any:
         except queue.Empty:
             pass
     raise TimeoutError
+
+
+@runtime_checkable
+class AsWaitable(Protocol):
+    """What ``wait`` takes besides refs (a Sandbox): the ref that it waits for in its stead."""
+
+    def _as_waitable(self) -> OperationRef[Any]: ...
+
+
+#: What ``wait`` takes and hands back: refs, or Sandbox objects (each kind as given).
+W = TypeVar("W", bound="OperationRef[Any] | AsWaitable")
 
 
 def _finish_queue(refs: Sequence[OperationRef[Any]]) -> queue.SimpleQueue[OperationRef[Any]]:
@@ -43,8 +54,8 @@ def results(ref_or_refs: OperationRef[T] | Sequence[OperationRef[T]]) -> T | lis
     return [ref.result() for ref in ref_or_refs]
 
 
-def wait(refs: Sequence[OperationRef[Any]], num_returns: int | None = None,
-         timeout: float | None = None) -> tuple[list[OperationRef[Any]], list[OperationRef[Any]]]:
+def wait(refs: Sequence[W], num_returns: int | None = None,
+         timeout: float | None = None) -> tuple[list[W], list[W]]:
     """Block until ``num_returns`` of ``refs`` (None: all) are done, or ``timeout`` s pass.
 
     ``refs`` may also hold Sandbox objects, which count as done once running (as in cwsandbox).
@@ -58,7 +69,7 @@ def wait(refs: Sequence[OperationRef[Any]], num_returns: int | None = None,
         raise ValueError(f"`num_returns` must be at least 1, or None to wait for all; got {num_returns!r}")
     items = list(refs)
     # a Sandbox (or anything with _as_waitable) is waited for in its own sense: until it runs
-    waits = [item._as_waitable() if hasattr(item, "_as_waitable") else item for item in items]
+    waits = [item._as_waitable() if isinstance(item, AsWaitable) else item for item in items]
     wanted = len(waits) if num_returns is None else min(num_returns, len(waits))
     finished, deadline = _finish_queue(waits), _deadline(timeout)
     try:

@@ -27,8 +27,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import threading
-from collections.abc import Awaitable, Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator
+from typing import Any, TypeVar
 
 import grpc
 import trio
@@ -46,6 +46,9 @@ BATCH = 64
 def shutting_down() -> SandboxUnavailableError:
     """The error of a call whose server loop is gone or going."""
     return SandboxUnavailableError("the sandpool server is shutting down")
+
+
+T = TypeVar("T")
 
 
 class RpcEnded(Exception):
@@ -90,12 +93,12 @@ class ServerBridge:
         self.token = token
         self.nursery = nursery
 
-    def run(self, context: grpc.ServicerContext, async_fn: Callable[..., Awaitable], *args: Any) -> Any:
+    def run(self, context: grpc.ServicerContext, async_fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         """``await async_fn(*args)`` in the loop, cancelled if the RPC ends first; its result, or its
         exception raised here (RpcEnded if cancelled so, ``shutting_down()`` if the loop is gone)."""
         rpc = RpcScope(context, self.token)
 
-        async def run():
+        async def run() -> Any:
             with rpc.open():
                 return await async_fn(*args)
             raise RpcEnded("the call ended before its result")
@@ -119,8 +122,8 @@ class ServerBridge:
         except trio.RunFinishedError:
             pass
 
-    def stream(self, context: grpc.ServicerContext, async_fn: Callable[..., Awaitable], *args: Any,
-               buffer: int = STREAM_BUFFER) -> Iterator[list]:
+    def stream(self, context: grpc.ServicerContext, async_fn: Callable[..., Awaitable[Any]], *args: Any,
+               buffer: int = STREAM_BUFFER) -> Generator[list[Any], None, None]:
         """Run ``async_fn(*args, outbox)`` in the nursery, cancelled if the RPC ends first; yield what
         it sends through ``await outbox.send(message)``, in batches (lists) of what is queued, then
         raise what it raised (the loop closing under it: ``shutting_down()``). At most ``buffer`` messages
@@ -176,7 +179,7 @@ class ServerBridge:
         threading.Thread(target=pump, daemon=True, name=name).start()
 
 
-def deliver(requests: Iterable, send: trio.MemorySendChannel, token: trio.lowlevel.TrioToken) -> None:
+def deliver(requests: Iterable[Any], send: trio.MemorySendChannel[Any], token: trio.lowlevel.TrioToken) -> None:
     """In a (pooled) thread: hand a request stream's messages, one by one, to ``send`` in the loop of
     ``token`` (waiting while it is full); close ``send`` at the end, or once the call, the reader or
     the loop is gone (the reader then sees the end of the requests)."""
@@ -198,7 +201,7 @@ class Outbox:
     def __init__(self, limit: int = STREAM_BUFFER) -> None:
         self._limit = limit
         self._cond = threading.Condition()
-        self._queue: collections.deque = collections.deque()
+        self._queue: collections.deque[Any] = collections.deque()
         self._closed = False
         self._room: HostEvent | None = None  # the producer waits on it while the queue is full
         self.failure: BaseException | None = None
@@ -228,7 +231,7 @@ class Outbox:
         if room is not None:
             room.set()
 
-    def get_batch(self) -> list:
+    def get_batch(self) -> list[Any]:
         with self._cond:
             while not self._queue and not self._closed:
                 self._cond.wait()
@@ -254,13 +257,13 @@ async def result_of(future: grpc.Future) -> Any:
     return future.result()
 
 
-async def next_message(iterator: Iterator, default: Any = None) -> Any:
+async def next_message(iterator: Iterator[Any], default: Any = None) -> Any:
     """The next message of a response stream (``default`` at its end), pulled in a worker thread;
     a cancelled task leaves the thread behind, to end when the caller cancels the call."""
     return await trio.to_thread.run_sync(next, iterator, default, abandon_on_cancel=True)
 
 
-async def in_thread(fn: Callable[[], Any]) -> Any:
+async def in_thread(fn: Callable[[], T]) -> T:
     """``fn()``, a blocking wait on a call (draining it), in a worker thread that a cancelled task
     leaves behind (it ends when the call is cancelled)."""
     return await trio.to_thread.run_sync(fn, abandon_on_cancel=True)

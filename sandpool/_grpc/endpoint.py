@@ -24,6 +24,7 @@ import re
 import stat
 import tempfile
 import time
+from typing import Any
 
 ENV_RUN_DIR = "SANDPOOL_RUN_DIR"
 SOCKET_NAME = "serve.sock"
@@ -129,7 +130,7 @@ def hold_lock(path: str, what: str) -> int:
     return fd
 
 
-def _read(fd: int) -> dict:
+def _read(fd: int) -> dict[str, Any]:
     try:
         data = json.loads(os.pread(fd, 1 << 16, 0) or b"{}")
     except (OSError, ValueError):
@@ -137,7 +138,7 @@ def _read(fd: int) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def find(address: str) -> dict | None:
+def find(address: str) -> dict[str, Any] | None:
     """The live record of ``address`` (this user's), or None if no live server holds one."""
     try:
         fd = os.open(_record_path(address), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
+from typing import Any
 
 import trio
 
@@ -32,26 +34,26 @@ def wanted(advert: object) -> bool:
     return isinstance(host, str) and bool(host) and host == fastplane.host_id()
 
 
-def check_offer(offer: dict) -> tuple[str, bytes, bytes]:
+def check_offer(offer: dict[str, Any]) -> tuple[str, bytes, bytes]:
     """``(path, ticket, key)`` of an offer; ProtocolError naming what is wrong."""
     path, ticket, key = offer.get("path"), offer.get("ticket"), offer.get("key")
     if (not isinstance(path, str) or not path.startswith("/") or "\x00" in path
             or len(path.encode(errors="replace")) > limits.MAX_PATH_BYTES):
         raise ProtocolError(f"the server's fast-plane offer has no usable socket path: {limits.short(path)}")
-    for secret in (ticket, key):
-        if not isinstance(secret, bytes) or len(secret) != fastplane.TICKET_BYTES:
-            raise ProtocolError(f"the server's fast-plane ticket and key must be {fastplane.TICKET_BYTES} bytes")
+    if not (isinstance(ticket, bytes) and len(ticket) == fastplane.TICKET_BYTES
+            and isinstance(key, bytes) and len(key) == fastplane.TICKET_BYTES):
+        raise ProtocolError(f"the server's fast-plane ticket and key must be {fastplane.TICKET_BYTES} bytes")
     return path, ticket, key
 
 
-async def redeem(offer: dict) -> RawSocketStream:
+async def redeem(offer: dict[str, Any]) -> RawSocketStream:
     """Connect to the offered socket and show the ticket. OSError if the socket cannot be reached
     or the server does not admit this process (the caller then uses gRPC); ProtocolError for a bad offer."""
     path, ticket, _key = check_offer(offer)
     return RawSocketStream(await _admitted(path, fastplane.ATTACH + ticket, "its fast socket"))
 
 
-async def open_worker_line(offer: dict, name: str) -> socket.socket:
+async def open_worker_line(offer: dict[str, Any], name: str) -> socket.socket:
     """A non-blocking socket to the sandbox's call worker ``name``, relayed by the server (see
     ``workerlink.py``), for a ``DirectChannel``. OSError if the server does not open it."""
     path, _ticket, key = check_offer(offer)
@@ -91,7 +93,8 @@ class FastStream(trio.abc.Stream):
     the pipe the call's messages go to, closed with the call's error if it failed), so a reader
     sees the attachment's end exactly as over gRPC."""
 
-    def __init__(self, stream: RawSocketStream, control: ThreadPipe, on_close=None) -> None:
+    def __init__(self, stream: RawSocketStream, control: ThreadPipe,
+                 on_close: Callable[[], object] | None = None) -> None:
         self._stream = stream
         self._control = control
         self._on_close = on_close

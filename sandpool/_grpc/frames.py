@@ -13,6 +13,7 @@ it, and only that stream.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from .._errors import ProtocolError
 from . import limits
@@ -35,7 +36,7 @@ MAX_SIGNAL = 64
 MAX_CREDIT = 1 << 31
 
 
-def check(frame: dict) -> dict:
+def check(frame: dict[str, Any]) -> dict[str, Any]:
     """``frame`` if a client may send it on; ProtocolError naming what is wrong otherwise."""
     kind = frame["t"]
     if kind not in CLIENT_KINDS:
@@ -57,18 +58,18 @@ def check(frame: dict) -> dict:
     return frame
 
 
-def _nothing(frame: dict) -> None:
+def _nothing(frame: dict[str, Any]) -> None:
     pass
 
 
-def _exec(frame: dict) -> None:
+def _exec(frame: dict[str, Any]) -> None:
     if not frame["argv"]:
         raise ValueError("argv is empty; send the command and its arguments, e.g. ['echo', 'hi']")
     limits.command_size("exec", frame["argv"], frame.get("env"))
     limits.text("exec cwd", frame.get("cwd"), limits.MAX_PATH_BYTES, optional=True)
 
 
-def _path(frame: dict) -> None:
+def _path(frame: dict[str, Any]) -> None:
     limits.text(f"{frame['t']} path", frame["path"], limits.MAX_PATH_BYTES)
     if not frame["path"]:
         raise ValueError("path is empty; send an absolute path or one relative to the working directory")
@@ -77,17 +78,17 @@ def _path(frame: dict) -> None:
         raise ValueError(f"mode {mode!r} is not a file mode; send e.g. 0o644")
 
 
-def _signal(frame: dict) -> None:
+def _signal(frame: dict[str, Any]) -> None:
     if not 1 <= frame["sig"] <= MAX_SIGNAL:
         raise ValueError(f"sig {frame['sig']} is not a signal number; send 1..{MAX_SIGNAL}")
 
 
-def _credit(frame: dict) -> None:
+def _credit(frame: dict[str, Any]) -> None:
     if not 0 <= frame["n"] < MAX_CREDIT:
         raise ValueError(f"n {frame['n']} is outside 0..2**31-1")
 
 
-def _call(frame: dict) -> None:
+def _call(frame: dict[str, Any]) -> None:
     for name in ("args_path", "bulk"):
         limits.text(f"call {name}", frame.get(name), limits.MAX_PATH_BYTES, optional=True)
     timeout = frame.get("timeout")
@@ -95,7 +96,7 @@ def _call(frame: dict) -> None:
         raise ValueError(f"timeout {timeout!r} must be a finite number of seconds > 0")
 
 
-def _worker(frame: dict) -> None:
+def _worker(frame: dict[str, Any]) -> None:
     if not WORKER_LISTEN.fullmatch(frame["listen"]):
         raise ValueError(f"listen {limits.short(frame['listen'])} must be /tmp/.sandpool-worker-<hex>, "
                          f"the only place a client's call worker listens")

@@ -91,7 +91,8 @@ def text(field: str, value: object, bound: int, *, optional: bool = False) -> in
 def identifier(field: str, value: object) -> str:
     """A sandbox or lease id: a short str without NUL."""
     text(field, value, MAX_ID_BYTES)
-    return value  # type: ignore[return-value]
+    assert isinstance(value, str)  # text() raised otherwise
+    return value
 
 
 def strings(field: str, value: object, *, count: int, each: int, optional: bool = False) -> int:
@@ -151,7 +152,7 @@ def spec_dict(data: Mapping[str, Any]) -> None:
             optional=True)
 
 
-def summary(spec_data: dict) -> dict:
+def summary(spec_data: dict[str, Any]) -> dict[str, Any]:
     """``spec_data`` as a List reply carries it: whole if small, else without its large fields, so a
     List costs a bounded size per sandbox (Get still answers with the whole spec)."""
     if len(msgpack.packb(spec_data, use_bin_type=True)) <= MAX_SUMMARY_BYTES:

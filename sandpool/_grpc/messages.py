@@ -71,10 +71,11 @@ def path(method: str) -> str:
 
 
 def pack(message: Mapping[str, Any]) -> bytes:
-    return msgpack.packb(message, use_bin_type=True)
+    packed: bytes = msgpack.packb(message, use_bin_type=True)
+    return packed
 
 
-def unpack(data: bytes, what: str = "message") -> dict:
+def unpack(data: bytes, what: str = "message") -> dict[str, Any]:
     """Decode one msgpack map; ProtocolError naming ``what`` if it is not one."""
     try:
         message = msgpack.unpackb(data, raw=False, strict_map_key=False)

@@ -18,6 +18,7 @@ import collections
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
 
 import trio
 
@@ -132,7 +133,7 @@ class ThreadPipe:
             event.set()
         return data
 
-    def drain_iter(self):
+    def drain_iter(self) -> Iterator[bytes]:
         """A blocking iterator of messages until the pipe ends: a gRPC request iterator."""
         while (data := self.get_blocking()) is not None:
             yield data
@@ -178,7 +179,8 @@ class ThreadPipe:
 class PipeStream(trio.abc.Stream):
     """A trio Stream over two ThreadPipes: bytes in from ``inbound``, out to ``outbound``."""
 
-    def __init__(self, inbound: ThreadPipe, outbound: ThreadPipe, on_close=None) -> None:
+    def __init__(self, inbound: ThreadPipe, outbound: ThreadPipe,
+                 on_close: Callable[[], object] | None = None) -> None:
         self.inbound, self.outbound = inbound, outbound
         self._on_close = on_close
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 
@@ -67,8 +69,9 @@ def server_credentials(cert_file: str, key_file: str) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials([(key, cert)])
 
 
-def _deny(kind: str, message: str, code: grpc.StatusCode = grpc.StatusCode.UNAUTHENTICATED) -> grpc.RpcMethodHandler:
-    def abort(request, context):
+def _deny(kind: str, message: str,
+          code: grpc.StatusCode = grpc.StatusCode.UNAUTHENTICATED) -> grpc.RpcMethodHandler[Any, Any]:
+    def abort(request: object, context: grpc.ServicerContext) -> None:
         context.abort(code, message)
 
     if kind == "unary_stream":
@@ -85,7 +88,9 @@ class TokenInterceptor(grpc.ServerInterceptor):
         self._expected = f"Bearer {token}".encode()
         self._kinds = kinds
 
-    def intercept_service(self, continuation, handler_call_details):
+    def intercept_service(
+            self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+            handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
         given = dict(handler_call_details.invocation_metadata or ()).get(m.META_TOKEN)
         if isinstance(given, str) and hmac.compare_digest(given.encode(), self._expected):
             return continuation(handler_call_details)
@@ -102,6 +107,6 @@ class DenyAll(grpc.GenericRpcHandler):
         self._message = message
         self._kinds = kinds
 
-    def service(self, handler_call_details):
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
         kind = self._kinds.get(handler_call_details.method, "unary_unary")
         return _deny(kind, self._message, grpc.StatusCode.PERMISSION_DENIED)

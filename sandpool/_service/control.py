@@ -20,13 +20,14 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import trio
 
 from .._core import lifecycle as _lifecycle
+from .._core.channel import FrameChannel
 from .._config import SandboxStatus
 from .._isolation import probe
 from .._errors import SandboxNotFoundError, SandboxNotRunningError, SandboxUnavailableError
@@ -34,7 +35,7 @@ from .._runtime.contract import Runtime, SandboxRecord
 from .._session.logs import LogBook, log_pieces
 from .._grpc import messages as m
 from .._grpc import limits
-from .dataplane import Attachment, Hub
+from .dataplane import Attachment, Hub, Pipe
 from .journal import Journal
 from .policy import Policy
 
@@ -59,8 +60,8 @@ class Hosted:
     ended_at: float | None = None
     ended: trio.Event = field(default_factory=trio.Event)
     #: the spec as plain data, made once: whole (Create, Get, Stop) and as List shows it (bounded)
-    spec_data: dict = field(default_factory=dict)
-    spec_summary: dict = field(default_factory=dict)
+    spec_data: dict[str, Any] = field(default_factory=dict[str, Any])
+    spec_summary: dict[str, Any] = field(default_factory=dict[str, Any])
     #: the main command's log, opened at the start and kept (readable after the end) while this is
     log: LogBook | None = None
 
@@ -115,7 +116,7 @@ class Fleet:
         """The lease's stream ended without a release: its sandboxes' grace clock may start."""
         self.leases.pop(lease, None)
 
-    async def rpc_release(self, request: dict, peer: str) -> dict:
+    async def rpc_release(self, request: dict[str, Any], peer: str) -> dict[str, Any]:
         lease = limits.identifier("lease", m.field(request, "lease", str))
         self.leases.pop(lease, None)
         stopped = []
@@ -129,7 +130,7 @@ class Fleet:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def rpc_create(self, request: dict, peer: str) -> dict:
+    async def rpc_create(self, request: dict[str, Any], peer: str) -> dict[str, Any]:
         if self.closing:
             raise SandboxUnavailableError("the sandpool server is shutting down")
         spec_data = m.field(request, "spec", dict)
@@ -146,12 +147,14 @@ class Fleet:
                         spec_data=m.spec_to_dict(spec))
         hosted.spec_summary = limits.summary(hosted.spec_data)
         self.sandboxes[record.sandbox_id] = hosted  # listed, and stopped by a shutdown, while it starts
+        channel: FrameChannel | None = None
         try:
             with trio.CancelScope(shield=True):  # a started agent must end up watched, or stopped
                 channel = await self.runtime.start(record)
         except BaseException:
             self._discard(hosted)
             raise
+        assert channel is not None  # a shielded scope nobody cancels lets no exception go
         record.started_at = time.time()
         hosted.log = LogBook(self.runtime.open_main_log(record))
         hosted.state = _lifecycle.advance(hosted.state, "running")
@@ -160,7 +163,7 @@ class Fleet:
         self.journal.write(self._entry(hosted))
         return self.info(hosted)
 
-    def _on_event(self, hosted: Hosted, frame: dict) -> dict:
+    def _on_event(self, hosted: Hosted, frame: dict[str, Any]) -> dict[str, Any]:
         """A frame for every client (main_exit, bye): track the state; a farewell of a sandbox the
         server stopped on its own (orphaned, shutdown) carries the server's reason to clients."""
         if frame["t"] == "main_exit":
@@ -223,7 +226,7 @@ class Fleet:
             with trio.move_on_after(EXIT_REPORT_SECONDS + 1):
                 await hosted.ended.wait()
 
-    async def rpc_stop(self, request: dict, peer: str) -> dict:
+    async def rpc_stop(self, request: dict[str, Any], peer: str) -> dict[str, Any]:
         sandbox_id = limits.identifier("sandbox_id", m.field(request, "sandbox_id", str))
         grace = m.field(request, "grace", (int, float), 10.0)
         if not 0 <= grace < float("inf"):
@@ -236,7 +239,7 @@ class Fleet:
         await self._stop(hosted, float(grace), None)
         return self.info(hosted)
 
-    async def rpc_delete(self, request: dict, peer: str) -> dict:
+    async def rpc_delete(self, request: dict[str, Any], peer: str) -> dict[str, Any]:
         reply = await self.rpc_stop({**request, "grace": request.get("grace", 0.0)}, peer)
         deleted = self.sandboxes.pop(reply["sandbox_id"], None)
         if deleted is not None:
@@ -279,7 +282,7 @@ class Fleet:
 
     # -- data plane --------------------------------------------------------------------------
 
-    async def attach(self, sandbox_id: str, inbound, outbound, peer: str) -> Attachment:
+    async def attach(self, sandbox_id: str, inbound: Pipe, outbound: Pipe, peer: str) -> Attachment:
         hosted = self.sandboxes.get(sandbox_id)
         if hosted is None:
             if sandbox_id in self.journal.history:
@@ -300,7 +303,7 @@ class Fleet:
         hosted = self.sandboxes.get(sandbox_id)
         return hosted.log.reopen() if hosted is not None and hosted.log is not None else None
 
-    def log_pieces(self, request: dict):
+    def log_pieces(self, request: dict[str, Any]) -> AsyncIterator[tuple[str, int]]:
         """The lines a Logs request asks for, each with the offset after it (an async iterator), or the
         error for a sandbox whose log this server does not have: never known (NotFound) or ended long
         ago (NotRunning)."""
@@ -318,7 +321,7 @@ class Fleet:
 
     # -- queries -----------------------------------------------------------------------------
 
-    async def rpc_get(self, request: dict, peer: str) -> dict:
+    async def rpc_get(self, request: dict[str, Any], peer: str) -> dict[str, Any]:
         sandbox_id = limits.identifier("sandbox_id", m.field(request, "sandbox_id", str))
         hosted = self.sandboxes.get(sandbox_id)
         if hosted is not None:
@@ -327,7 +330,7 @@ class Fleet:
             return self._history_info(sandbox_id)
         raise SandboxNotFoundError(f"no sandbox {sandbox_id!r} on this server", sandbox_id=sandbox_id)
 
-    async def rpc_list(self, request: dict, peer: str) -> dict:
+    async def rpc_list(self, request: dict[str, Any], peer: str) -> dict[str, Any]:
         tags = m.field(request, "tags", list, [])
         limits.strings("tags", tags, count=limits.MAX_TAGS, each=limits.MAX_TAG_BYTES)
         status = m.field(request, "status", str, None)
@@ -346,7 +349,7 @@ class Fleet:
             return hosted.stop_reason
         return hosted.state.reason
 
-    def info(self, hosted: Hosted, *, summary: bool = False) -> dict:
+    def info(self, hosted: Hosted, *, summary: bool = False) -> dict[str, Any]:
         """What clients learn of a sandbox; with ``summary`` (List), its spec without its large fields."""
         record, state = hosted.record, hosted.state
         orphaned = None if hosted.orphaned_since is None else time.monotonic() - hosted.orphaned_since
@@ -365,12 +368,12 @@ class Fleet:
             "orphaned_for": orphaned,
         }
 
-    def _entry(self, hosted: Hosted) -> dict:
+    def _entry(self, hosted: Hosted) -> dict[str, Any]:
         info = self.info(hosted)
         return {k: info[k] for k in ("sandbox_id", "status", "status_reason", "returncode", "tags", "isolation",
                                      "created_at", "started_at", "ended_at")}
 
-    def _history_info(self, sandbox_id: str) -> dict:
+    def _history_info(self, sandbox_id: str) -> dict[str, Any]:
         entry = self.journal.history.get(sandbox_id)
         if entry is None:  # missing_ok on an id never seen
             return {"sandbox_id": sandbox_id, "status": SandboxStatus.TERMINATED.value,

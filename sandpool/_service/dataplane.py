@@ -18,8 +18,9 @@ this sandbox's agent (whose processes block like on a full pipe). Other sandboxe
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import trio
 
@@ -32,25 +33,42 @@ from .._grpc.frames import ID_BITS, check as check_frame
 log = logging.getLogger("sandpool.serve")
 
 
+class Pipe(Protocol):
+    """One direction of an attached stream: a gRPC stream's ThreadPipe, or a fast socket's FastEnd."""
+
+    async def receive(self) -> bytes: ...
+    async def send(self, data: bytes) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How an attached stream ends: with ``trailer`` (the exit report, as trailing metadata), or with
+    ``error``, a (gRPC status name, message) pair."""
+
+    trailer: Mapping[str, object] = field(default_factory=dict)
+    error: tuple[str, str] | None = None
+
+
 @dataclass(eq=False)
 class Attachment:
     """One client stream attached to a sandbox."""
 
     number: int
-    inbound: ThreadPipe  # client -> server, filled by the stream's request thread
-    outbound: ThreadPipe  # server -> client, emptied by the stream's response generator
+    inbound: Pipe  # client -> server, filled by the stream's request thread
+    outbound: Pipe  # server -> client, emptied by the stream's response generator
     peer: str = ""
-    #: set when the stream should end: ("ok", trailer dict) or ("error", (status name, message))
-    ending: tuple[str, object] | None = None
+    #: set when the stream should end
+    ending: Ending | None = None
     greeted: bool = False
     #: while the client has a line straight to the sandbox's call worker (``workerlink.py``): its
     #: cancels of direct calls keep their ids, which are the ids the worker holds
     direct_line: bool = False
     done: trio.Event = field(default_factory=trio.Event)
 
-    def end(self, how: str, detail: object) -> None:
+    def end(self, ending: Ending) -> None:
         if self.ending is None:
-            self.ending = (how, detail)
+            self.ending = ending
         self.outbound.close()
         self.inbound.close()
 
@@ -58,7 +76,7 @@ class Attachment:
 class Hub:
     """Relays one sandbox's agent channel to any number of attached client streams."""
 
-    def __init__(self, sandbox_id: str, channel: FrameChannel, on_event: Callable[[dict], dict], *,
+    def __init__(self, sandbox_id: str, channel: FrameChannel, on_event: Callable[[dict[str, Any]], dict[str, Any]], *,
                  max_frame_bytes: int = _wire.MAX_FRAME_BYTES) -> None:
         self.sandbox_id = sandbox_id
         self.channel = channel
@@ -69,12 +87,12 @@ class Hub:
         #: the frames every client gets (main_exit, bye), kept for clients that attach later
         self.history: list[bytes] = []
         self.finished = False
-        self.trailer: dict = {}
+        self.trailer: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return f"<Hub {self.sandbox_id} attached={len(self.attachments)}{' finished' if self.finished else ''}>"
 
-    def attach(self, inbound: ThreadPipe, outbound: ThreadPipe, peer: str = "") -> Attachment:
+    def attach(self, inbound: Pipe, outbound: Pipe, peer: str = "") -> Attachment:
         self._next += 1
         attachment = Attachment(self._next, inbound, outbound, peer)
         self.attachments[attachment.number] = attachment
@@ -103,7 +121,7 @@ class Hub:
                         hello = _wire.encode(_wire.hello(sandbox_id=self.sandbox_id))
                         await att.outbound.send(b"".join([hello, *self.history]))
                         if self.finished:  # attached after the end: it still learns how it ended
-                            att.end("ok", self.trailer)
+                            att.end(Ending(self.trailer))
                             return
                         continue
                     frame_id = check_frame(frame)["id"]
@@ -113,18 +131,19 @@ class Hub:
                 if frames:
                     await self.channel.send_many(frames)
         except ProtocolError as exc:
-            att.end("error", ("INVALID_ARGUMENT", f"malformed data-plane message: {exc}"))
+            att.end(Ending(error=("INVALID_ARGUMENT", f"malformed data-plane message: {exc}")))
         except SandboxUnavailableError:
             agent_gone = True  # finish() ends this stream with the exit report, which comes next
         except trio.BrokenResourceError:
             pass  # the client is gone: the stream's end reports it
         except Exception as exc:  # a bug here must end this client's stream, not the server
             log.error("relaying a client's frames to %s failed", self.sandbox_id, exc_info=exc)
-            att.end("error", ("INTERNAL", f"the server failed relaying this stream: {type(exc).__name__}: {exc}"))
+            att.end(Ending(error=("INTERNAL",
+                                  f"the server failed relaying this stream: {type(exc).__name__}: {exc}")))
         finally:
             if not (agent_gone and not self.finished):  # ended now, the stream would miss that report
                 self.attachments.pop(att.number, None)
-                att.end("ok", {})
+                att.end(Ending())
             att.done.set()
 
     # -- agent -> clients --------------------------------------------------------------------
@@ -160,10 +179,10 @@ class Hub:
                         if att.greeted:  # the others get it from the history, after their hello
                             outgoing.setdefault(number, []).append(encoded)
             for number, chunks in outgoing.items():
-                att = self.attachments.get(number)
-                if att is not None:
+                receiver = self.attachments.get(number)
+                if receiver is not None:
                     try:
-                        await att.outbound.send(b"".join(chunks))
+                        await receiver.outbound.send(b"".join(chunks))
                     except trio.BrokenResourceError:
                         pass  # that client went away meanwhile
             if credits:
@@ -172,9 +191,9 @@ class Hub:
                 except SandboxUnavailableError:
                     pass
 
-    def finish(self, trailer: dict) -> None:
+    def finish(self, trailer: dict[str, Any]) -> None:
         """The sandbox ended: end every attached stream with ``trailer`` (its exit report)."""
         self.finished, self.trailer = True, trailer
         for att in list(self.attachments.values()):
             if att.greeted:  # the others are answered, and ended, when their hello arrives
-                att.end("ok", trailer)
+                att.end(Ending(trailer))

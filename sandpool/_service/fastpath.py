@@ -36,6 +36,8 @@ import shutil
 import socket
 import tempfile
 import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -45,6 +47,10 @@ from . import workerlink
 from .peergate import peer_uid
 from .._grpc.fastplane import ACK, ATTACH, TICKET_BYTES, WORKER, host_id
 from .._grpc.rawsocket import RawSocketStream
+from .dataplane import Attachment
+
+if TYPE_CHECKING:
+    from .control import Fleet
 
 log = logging.getLogger("sandpool.serve")
 
@@ -65,11 +71,11 @@ class FastEnd:
         self._token = token
         self._stream: RawSocketStream | None = None
         self._connected = trio.Event()
-        self._on_close: list = []
+        self._on_close: list[Callable[[], None]] = []
         self.closed = False
         #: (the sandbox's /tmp as the server sees it, its agent's pid, the Attachment), for worker
         #: lines; None when the sandbox's /tmp is out of reach (then calls go through the agent)
-        self.worker_target: tuple[str, int, object] | None = None
+        self.worker_target: tuple[str, int, Attachment] | None = None
         self._links: set[trio.CancelScope] = set()
         #: set once the attachment ended: the Attach call's thread then sends the trailer
         self.ended = threading.Event()
@@ -102,7 +108,7 @@ class FastEnd:
             raise trio.BrokenResourceError("the client's fast socket is not open")
         await self._stream.send_all(data)  # whole, even when the hello and relayed frames meet
 
-    def on_close(self, callback) -> None:
+    def on_close(self, callback: Callable[[], None]) -> None:
         self._on_close.append(callback)
 
     async def run_worker_line(self, client: RawSocketStream, name: str) -> None:
@@ -151,13 +157,14 @@ class FastEnd:
             self.ended.set()
 
 
-async def attach(fleet, plane: FastPlane, sandbox_id: str, end: FastEnd, peer: str):
+async def attach(fleet: Fleet, plane: FastPlane, sandbox_id: str, end: FastEnd,
+                 peer: str) -> tuple[Attachment, dict[str, Any]]:
     """``fleet.attach`` with ``end`` as both directions, and the offer that redeems it: (attachment,
     offer). In the trio thread, as everything that touches tickets."""
     att = await fleet.attach(sandbox_id, end, end, peer)
     record = fleet.sandboxes[sandbox_id].record
     directory = _bulk.record_dir(record)
-    if directory is not None:
+    if directory is not None and record.agent_pid is not None:
         end.worker_target = (directory, record.agent_pid, att)
     return att, plane.offer(end)
 
@@ -180,11 +187,11 @@ class FastPlane:
     def __repr__(self) -> str:
         return f"<FastPlane {self.path} tickets={len(self._tickets)}>"
 
-    def advert(self) -> dict:
+    def advert(self) -> dict[str, Any]:
         """What a lease reply tells clients: where the fast plane is served (machine)."""
         return {"host": self.host}
 
-    def offer(self, end: FastEnd) -> dict:
+    def offer(self, end: FastEnd) -> dict[str, Any]:
         """A ticket and a key for ``end``: the Attach call's first message."""
         ticket, key = secrets.token_bytes(TICKET_BYTES), secrets.token_bytes(TICKET_BYTES)
         # looked up by digest: no timing hint about either secret
@@ -199,7 +206,7 @@ class FastPlane:
             self._tickets.pop(digest, None)
             self._keys.pop(digest, None)
 
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen and admit connections until cancelled; then remove the socket's directory."""
         listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
         try:
@@ -240,7 +247,7 @@ class FastPlane:
                     self._logged.add(uid)
                     log.info("refused a fast data-plane connection from uid %d", uid)
                 return
-            end = None
+            end, kind, name = None, b"", ""
             with trio.move_on_after(TICKET_SECONDS):
                 head = await _read_exactly(stream, 1 + TICKET_BYTES)
                 kind, digest = head[:1], hashlib.sha256(head[1:]).digest()

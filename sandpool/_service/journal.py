@@ -18,6 +18,7 @@ import json
 import os
 import re
 import time
+from typing import Any, TextIO
 
 from .._config import SandboxStatus
 from .._grpc.endpoint import hold_lock
@@ -41,8 +42,8 @@ class Journal:
     def __init__(self, path: str | None, *, keep: int = 1000) -> None:
         self.path = path
         self.keep = keep
-        self.history: dict[str, dict] = {}
-        self._file = None
+        self.history: dict[str, dict[str, Any]] = {}
+        self._file: TextIO | None = None
         self._lock: int | None = None
 
     def __repr__(self) -> str:
@@ -88,7 +89,7 @@ class Journal:
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
         return settled
 
-    def write(self, entry: dict) -> None:
+    def write(self, entry: dict[str, Any]) -> None:
         """Record one event (a created or an ended sandbox); merged into ``history``."""
         sandbox_id = entry["sandbox_id"]
         self.history[sandbox_id] = {**self.history.get(sandbox_id, {}), **entry}
@@ -105,7 +106,7 @@ class Journal:
         ended.sort(key=lambda e: e.get("created_at") or 0)
         for entry in ended[:-self.keep]:
             del self.history[entry["sandbox_id"]]
-        if self._file is not None:
+        if self._file is not None and self.path is not None:
             self._file.close()
             tmp = f"{self.path}.tmp"
             with open(tmp, "w", encoding="utf-8") as f:

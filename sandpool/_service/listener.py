@@ -14,6 +14,7 @@ import secrets
 import shutil
 import tempfile
 from concurrent import futures
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 
@@ -21,6 +22,16 @@ from . import auth
 from .._grpc import endpoint
 from .._grpc import messages as m
 from .peergate import PeerGate
+
+if TYPE_CHECKING:
+    from .server import ServeConfig
+
+
+class Served(Protocol):
+    """What a listener serves (``server.Service``): its gRPC handler, and each method's kind."""
+
+    def handler(self) -> grpc.GenericRpcHandler: ...
+    def kinds(self) -> dict[str, str]: ...
 
 _SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", m.MAX_MESSAGE_BYTES),
@@ -39,11 +50,11 @@ class Listening:
     Slurm job's server, whose client learns its address from the job's directory) no listener record
     is written."""
 
-    def __init__(self, config, *, publish: bool = True) -> None:
-        self.service = None
+    def __init__(self, config: ServeConfig, *, publish: bool = True) -> None:
+        self.service: Served | None = None
         self.publish = publish
         self.config = config
-        self.listen: str = config.listen
+        self.listen = config.listen_on
         host, port = auth.split_listen(self.listen)
         self.unix_path = port if host == "unix" else None
         self.token: str | None = config.token
@@ -64,44 +75,45 @@ class Listening:
         if self._fixed and self.publish:
             self.record = endpoint.ListenerRecord(self.listen).acquire()
 
-    def start(self, service) -> str:
+    def start(self, service: Served) -> str:
         """Bind ``service`` and serve it; the address clients use."""
         self.service = service
         if self.unix_path is None and self.token is None:
             self.token, self.generated_token = secrets.token_urlsafe(32), True
         if self.unix_path is not None:
-            self._start_unix(self.unix_path)
+            address = self._start_unix(service, self.unix_path)
         else:
-            self.server, self.address = build_server(self.service, dataclasses.replace(self.config, token=self.token))
+            self.server, address = build_server(service, dataclasses.replace(self.config, token=self.token))
             self.server.start()
+        self.address = address
         if not self.publish:
-            return self.address
+            return address
         if self.record is None:
-            self.record = endpoint.ListenerRecord(self.address).acquire()
+            self.record = endpoint.ListenerRecord(address).acquire()
         self.record.write(token=self.token if self.generated_token else None)  # --token-file's: the operator hands it out
-        return self.address
+        return address
 
-    def _start_unix(self, path: str) -> None:
+    def _start_unix(self, service: Served, path: str) -> str:
         others = frozenset(self.config.allow_uids) - {0, os.geteuid()}
         if os.path.dirname(path) == endpoint.run_dir():  # the default place: made private here
             endpoint.private_dir(os.path.dirname(path), 0o711 if others else 0o700)
         _sweep_private_dirs()
         self._tmp = tempfile.mkdtemp(prefix=f"{_PRIVATE_PREFIX}{os.getpid()}-")  # 0700: gRPC's sockets, for the gate
         inner, deny = os.path.join(self._tmp, "grpc.sock"), os.path.join(self._tmp, "deny.sock")
-        self.server, _ = build_server(self.service, dataclasses.replace(self.config, listen=f"unix:{inner}",
+        self.server, _ = build_server(service, dataclasses.replace(self.config, listen=f"unix:{inner}",
                                                                         token=self.token))
         allowed = frozenset({0, os.geteuid(), *self.config.allow_uids})
         self._deny = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="sandpool-deny"),
                                  handlers=[auth.DenyAll(
                                      f"this sandpool server serves only uid(s) {', '.join(map(str, sorted(allowed)))}"
-                                     f"; its operator can allow yours with --allow-uid", self.service.kinds())],
+                                     f"; its operator can allow yours with --allow-uid", service.kinds())],
                                  maximum_concurrent_rpcs=16)
         self._deny.add_insecure_port(f"unix:{deny}")
         self.server.start()
         self._deny.start()
         self._gate = PeerGate(path, inner, deny, allowed)
         self._gate.start()
-        self.address = f"unix:{path}"
+        return f"unix:{path}"
 
     def close(self) -> None:
         """Remove the gate, the private sockets and the record (the gRPC server is stopped by then)."""
@@ -136,24 +148,26 @@ def _sweep_private_dirs() -> None:
             continue
 
 
-def build_server(service, config) -> tuple[grpc.Server, str]:
+def build_server(service: Served, config: ServeConfig) -> tuple[grpc.Server, str]:
     """A gRPC server for ``service`` bound to ``config.listen`` (requiring ``config.token`` if set),
     not started yet; it and the bound address."""
-    interceptors = [auth.TokenInterceptor(config.token, service.kinds())] if config.token else []
+    interceptors: list[grpc.ServerInterceptor] = (
+        [auth.TokenInterceptor(config.token, service.kinds())] if config.token else [])
+    listen = config.listen_on
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_streams + 8, thread_name_prefix="sandpool-rpc"),
         handlers=[service.handler()], interceptors=interceptors, options=_SERVER_OPTIONS,
         maximum_concurrent_rpcs=config.max_streams,
     )
     try:
-        if config.tls_cert:
-            port = server.add_secure_port(config.listen, auth.server_credentials(config.tls_cert, config.tls_key))
+        if config.tls_cert and config.tls_key:  # ServeConfig has both or neither
+            port = server.add_secure_port(listen, auth.server_credentials(config.tls_cert, config.tls_key))
         else:
-            port = server.add_insecure_port(config.listen)
+            port = server.add_insecure_port(listen)
     except RuntimeError as exc:
-        raise OSError(f"cannot listen on {config.listen!r}: {exc}") from None
+        raise OSError(f"cannot listen on {listen!r}: {exc}") from None
     if not port:
-        raise OSError(f"cannot listen on {config.listen!r} (address in use?)")
-    host, _ = auth.split_listen(config.listen)
-    bound = config.listen if host == "unix" else f"{'[' + host + ']' if ':' in host else host}:{port}"
+        raise OSError(f"cannot listen on {listen!r} (address in use?)")
+    host, _ = auth.split_listen(listen)
+    bound = listen if host == "unix" else f"{'[' + host + ']' if ':' in host else host}:{port}"
     return server, bound

@@ -34,6 +34,7 @@ _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 def peer_uid(conn: socket.socket) -> int:
     """The uid of the process at the other end of a connected unix socket."""
+    uid: int
     _pid, uid, _gid = _CRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
     return uid
 

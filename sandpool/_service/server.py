@@ -20,10 +20,10 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO, NoReturn
 
 import grpc
 import trio
@@ -36,7 +36,7 @@ from .._errors import (
     SandboxUnavailableError,
 )
 from .._runtime.local import LocalRuntime
-from .._grpc.bridge import RpcEnded, ServerBridge
+from .._grpc.bridge import Outbox, RpcEnded, ServerBridge
 from .._grpc.threadpipe import PACE_SECONDS, ThreadPipe
 from .._isolation import probe
 from . import auth, journal
@@ -44,6 +44,7 @@ from .._grpc import limits
 from .._grpc import endpoint
 from .._grpc import messages as m
 from .control import Fleet
+from .dataplane import Attachment, Ending
 from . import fastpath
 from .fastpath import FastEnd, FastPlane
 from .listener import Listening
@@ -52,7 +53,7 @@ from .policy import Policy, Refused
 log = logging.getLogger("sandpool.serve")
 
 #: ``also(address, token, open_log)`` of :func:`serve_async`: another API served beside this one
-AlsoServe = Callable[[str, "str | None", Callable[[str], "BinaryIO | None"]], AbstractAsyncContextManager]
+AlsoServe = Callable[[str, "str | None", Callable[[str], "BinaryIO | None"]], AbstractAsyncContextManager[None]]
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -77,14 +78,20 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.listen is None:
             object.__setattr__(self, "listen", endpoint.default_address())
-        auth.check_bind(self.listen, self.token)
-        if self.allow_uids and not self.listen.startswith("unix:"):
+        auth.check_bind(self.listen_on, self.token)
+        if self.allow_uids and not self.listen_on.startswith("unix:"):
             raise ValueError("--allow-uid applies to unix sockets; a TCP listener admits whoever has its token")
         self.policy()  # ValueError now for an unknown --min-isolation
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together; pass both, or neither for plaintext")
         if not self.orphan_grace_seconds >= 0:
             raise ValueError(f"--orphan-grace-seconds must be >= 0, got {self.orphan_grace_seconds!r}")
+
+    @property
+    def listen_on(self) -> str:
+        """``listen`` as resolved: the default unix socket when it was None."""
+        assert self.listen is not None  # __post_init__ resolved it
+        return self.listen
 
     def policy(self) -> Policy:
         return Policy.default(self.min_isolation, self.allow_host_network)
@@ -103,7 +110,7 @@ _CODES = [
 ]
 
 
-def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+def _abort(context: grpc.ServicerContext, exc: BaseException) -> NoReturn:
     """End the call with the status for ``exc``; the client raises the same class again."""
     code = next((c for cls, c in _CODES if isinstance(exc, cls)), grpc.StatusCode.INTERNAL)
     if code == grpc.StatusCode.INTERNAL:
@@ -111,6 +118,7 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     name = "CWSandboxAuthenticationError" if isinstance(exc, Refused) else m.error_name(exc)
     context.set_trailing_metadata(((m.META_ERROR, name),))
     context.abort(code, str(exc) or type(exc).__name__)
+    raise AssertionError("unreachable: context.abort raises")
 
 
 class Service:
@@ -139,7 +147,7 @@ class Service:
         kinds[m.path(m.LOGS_METHOD)] = "unary_stream"
         return kinds
 
-    def _unary(self, name: str):
+    def _unary(self, name: str) -> Callable[[bytes, grpc.ServicerContext], bytes]:
         method = getattr(self.fleet, f"rpc_{name.lower()}")
 
         def call(request: bytes, context: grpc.ServicerContext) -> bytes:
@@ -152,7 +160,7 @@ class Service:
 
         return call
 
-    def lease(self, request: bytes, context: grpc.ServicerContext):
+    def lease(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         """Name the caller's lease, then hold the stream open until the caller goes away."""
         try:
             limits.request_bytes("Lease request", len(request))
@@ -174,7 +182,7 @@ class Service:
                 self._leases.discard(ended)
             self.bridge.soon(self.fleet.lease_lost, lease)
 
-    def logs(self, request: bytes, context: grpc.ServicerContext):
+    def logs(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         """A sandbox's main log (``Fleet.log_pieces``), read in the trio loop by a task that stops when
         the call ends, handed over through a small bounded outbox, sent in messages of lines."""
         try:
@@ -188,7 +196,7 @@ class Service:
         except Exception as exc:
             _abort(context, exc)
 
-    async def _read_log(self, message: dict, outbox) -> None:
+    async def _read_log(self, message: dict[str, Any], outbox: Outbox) -> None:
         pieces = self.fleet.log_pieces(message)  # its error (NotFound, ...) is the call's
         try:
             async for piece in pieces:
@@ -198,15 +206,15 @@ class Service:
         except Exception:  # the stream ends short; the server and its other calls go on
             log.exception("reading the main log of %s", message.get("sandbox_id"))
 
-    def attach(self, request_iterator, context: grpc.ServicerContext):
+    def attach(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         """One sandbox's data plane: bytes of wire frames both ways (see ``dataplane.py``), or, for a
         same-host client that asks, an offer of the fast socket (see ``fastpath.py``)."""
         metadata = dict(context.invocation_metadata())
-        sandbox_id = metadata.get(m.META_SANDBOX)
+        given = metadata.get(m.META_SANDBOX)
         try:
-            if not sandbox_id:
+            if not given:
                 raise ValueError(f"an Attach call needs the {m.META_SANDBOX!r} metadata naming the sandbox")
-            limits.identifier(f"the {m.META_SANDBOX!r} metadata", sandbox_id)
+            sandbox_id = limits.identifier(f"the {m.META_SANDBOX!r} metadata", given)
         except (TypeError, ValueError) as exc:
             _abort(context, exc)
         if metadata.get(m.META_DATA_PLANE) == m.DATA_PLANE_FAST and self.fastplane is not None:
@@ -229,7 +237,7 @@ class Service:
             yield chunk
         _end_stream(context, att)
 
-    def _attach_fast(self, sandbox_id: str, context: grpc.ServicerContext):
+    def _attach_fast(self, sandbox_id: str, context: grpc.ServicerContext) -> Iterator[bytes]:
         """The Attach call of a fast-plane attachment: the offer, then the attachment's end."""
         assert self.fastplane is not None
         end = FastEnd(self.token)
@@ -254,10 +262,11 @@ class Service:
 _LOG_BUFFER = 16  # lines between a Logs call's reader and its gRPC thread (each at most 1 MiB)
 
 
-def _log_replies(batch: list[tuple[str, int]]):
+def _log_replies(batch: list[tuple[str, int]]) -> Iterator[dict[str, Any]]:
     """The Logs replies for a batch of (line, offset after it): lines up to ``LOG_BATCH_BYTES`` each
     (a longer line alone), with the offset after their last."""
-    lines, size = [], 0
+    lines: list[str] = []
+    size = 0
     for line, offset in batch:
         lines.append(line)
         size += len(line)
@@ -268,14 +277,14 @@ def _log_replies(batch: list[tuple[str, int]]):
         yield {"lines": lines, "offset": batch[-1][1]}
 
 
-def _end_stream(context: grpc.ServicerContext, att) -> None:
+def _end_stream(context: grpc.ServicerContext, att: Attachment) -> None:
     """End an Attach call as its attachment ended: the exit report, or the error that ended it."""
-    how, detail = att.ending or ("ok", {})
-    if how == "error":
-        code_name, message = detail
+    ending = att.ending or Ending()
+    if ending.error is not None:
+        code_name, message = ending.error
         context.set_trailing_metadata(((m.META_ERROR, "ProtocolError"),))
         context.abort(getattr(grpc.StatusCode, code_name), message)
-    context.set_trailing_metadata(tuple((k, str(v)) for k, v in dict(detail).items()))
+    context.set_trailing_metadata(tuple((k, str(v)) for k, v in ending.trailer.items()))
 
 
 @dataclass(frozen=True)
@@ -322,13 +331,13 @@ async def open_server(config: ServeConfig, listening: Listening, record: journal
 
 
 async def serve_async(config: ServeConfig, *, also: AlsoServe | None = None,
-                      task_status=trio.TASK_STATUS_IGNORED) -> None:
+                      task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until SIGTERM/SIGINT (or cancellation); then stop everything and return.
 
     ``also(address, token, open_log)``, if given, is an async context manager held open while the
     server runs: another API over the same fleet (the CLI's ``--cwsandbox``), reaching this server
     at ``address`` with ``token``, and reading main logs with ``open_log(sandbox_id)``."""
-    record = journal.Journal(config.record_file or journal.default_path(config.listen))
+    record = journal.Journal(config.record_file or journal.default_path(config.listen_on))
     listening = Listening(config)
     listening.reserve()  # before anything starts: a second server on this address stops here
     try:
@@ -341,7 +350,8 @@ async def serve_async(config: ServeConfig, *, also: AlsoServe | None = None,
         log.info("%d sandbox(es) of an earlier run recorded as terminated", len(settled))
     async with open_server(config, listening, record, policy=config.policy(), fast_plane=True) as server:
         scheme = "tls://" if config.tls_cert else ""
-        token_note = f"; token in {listening.record.token_path}" if listening.generated_token else ""
+        token_note = (f"; token in {listening.record.token_path}"
+                      if listening.generated_token and listening.record is not None else "")
         print(f"sandpool serve: listening on {scheme}{server.bound} (pid {os.getpid()}){token_note}", flush=True)
         log.info("policy: %s", server.fleet.policy)
         task_status.started(server.bound)

@@ -41,7 +41,8 @@ def check_name(name: str) -> str:
     return name
 
 
-def _peer_pid(sock: socket.socket) -> int:
+def _peer_pid(sock: trio.socket.SocketType) -> int:
+    pid: int
     pid, _uid, _gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
     return pid
 
