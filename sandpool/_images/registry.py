@@ -29,6 +29,8 @@ MAX_MANIFEST_BYTES = 4 * 2**20
 MAX_CONFIG_BYTES = 8 * 2**20
 MAX_TOKEN_BYTES = 1 * 2**20
 MAX_REDIRECTS = 5
+#: A response and its connection (for the caller to close).
+_Answer = tuple[http.client.HTTPResponse, http.client.HTTPConnection]
 CHUNK = 1 << 20
 
 
@@ -109,7 +111,7 @@ class Client:
 
     # -- HTTP ------------------------------------------------------------------------------
 
-    def _get(self, path: str, headers: dict[str, str], where: str) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
+    def _get(self, path: str, headers: dict[str, str], where: str) -> _Answer:
         """A 200 response (and its connection, for the caller to close), following redirects and auth."""
         url = urllib.parse.urlunsplit((self.endpoint.scheme, self.endpoint.netloc, path, "", ""))
         tried_auth = False
@@ -166,7 +168,7 @@ class Client:
                               f"({endpoints.ENV_MIRRORS})")
         return ImageError(f"{where}: the registry answered HTTP {status}{detail}")
 
-    def _request(self, url: str, headers: dict[str, str], where: str) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
+    def _request(self, url: str, headers: dict[str, str], where: str) -> _Answer:
         parts = urllib.parse.urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
         if not parts.hostname:
