@@ -98,6 +98,7 @@ class SandboxError(SandpoolError):
     """Base for failures of a sandbox operation; ``sandbox_id`` says which sandbox."""
 
     _extras: tuple[str, ...] = ("sandbox_id",)
+    sandbox_id: str | None  # set in __init__ (declared for type checkers)
 
 
 class SandboxProtocolError(SandboxError):

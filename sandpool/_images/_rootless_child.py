@@ -11,12 +11,15 @@ import json
 import os
 import shutil
 import sys
+import types
 
 
-def _images_package():
+def _images_package() -> types.ModuleType:
     here = os.path.dirname(os.path.abspath(__file__))
     spec = importlib.util.spec_from_file_location("_sandpool_images", os.path.join(here, "__init__.py"),
                                                   submodule_search_locations=[here])
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load the images package from {here}")
     package = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = package
     spec.loader.exec_module(package)
@@ -39,7 +42,7 @@ def main() -> None:
     extract = _images_package()
     try:
         if request["op"] == "extract":
-            extract.MAX_LAYER_BYTES = int(request["max_bytes"])  # the client's bound
+            setattr(extract, "MAX_LAYER_BYTES", int(request["max_bytes"]))  # the client's bound
             size, diff_id = extract.extract(request["blob"], request["compression"], request["dest"], rootless=True)
             answer = {"size": size, "diff_id": diff_id}
         else:

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+from typing import Any
 
 from .errors import ImageError
 
@@ -63,7 +64,7 @@ def from_docker_config(*hosts: str, path: str | None = None) -> tuple[str, str] 
             found = _from_helper(store, key, path)
             if found:
                 return found
-    by_host = {}
+    by_host: dict[str, object] = {}
     for key, entry in auths.items():
         host = re.sub(r"^https?://", "", key).split("/", 1)[0]
         by_host.setdefault(host, entry)
@@ -79,7 +80,7 @@ def from_docker_config(*hosts: str, path: str | None = None) -> tuple[str, str] 
     return None
 
 
-def _entry(entry: dict, path: str, key: str) -> tuple[str, str] | None:
+def _entry(entry: dict[str, Any], path: str, key: str) -> tuple[str, str] | None:
     if entry.get("username") and entry.get("password"):
         return str(entry["username"]), str(entry["password"])
     if entry.get("auth"):

@@ -28,6 +28,7 @@ import subprocess
 import tarfile
 import zlib
 from typing import BinaryIO
+from collections.abc import Callable
 
 from .errors import ImageError
 
@@ -46,7 +47,7 @@ class Refused(ImageError):
     """A layer entry that would escape the layer (or is otherwise unsafe); the whole layer is refused."""
 
 
-def open_stream(path: str, compression: str) -> tuple[BinaryIO, subprocess.Popen | None]:
+def open_stream(path: str, compression: str) -> tuple[BinaryIO, subprocess.Popen[bytes] | None]:
     """The uncompressed tar stream of a downloaded layer (and the decoder process for zstd, if any)."""
     if compression == "none":
         return open(path, "rb"), None
@@ -280,7 +281,7 @@ class _Unpacker:
         os.fchmod(node, mode)
 
 
-def _chown(change, member: tarfile.TarInfo) -> None:
+def _chown(change: Callable[[int, int], None], member: tarfile.TarInfo) -> None:
     """Give the entry its owner; in a user namespace that does not map it (EINVAL), keep ours."""
     try:
         change(member.uid, member.gid)

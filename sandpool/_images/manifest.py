@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+from typing import Any
 
 from .errors import ImageError
 from .reference import DIGEST
@@ -55,7 +56,7 @@ def this_platform() -> tuple[str, str, str | None]:
     return "linux", _ARCH.get(machine, machine), _VARIANT.get(machine)
 
 
-def load(body: bytes, media_type: str, where: str) -> dict:
+def load(body: bytes, media_type: str, where: str) -> dict[str, Any]:
     try:
         data = json.loads(body)
     except ValueError as exc:
@@ -72,7 +73,7 @@ def load(body: bytes, media_type: str, where: str) -> dict:
     return data
 
 
-def pick(index: dict, where: str, wanted: tuple[str, str, str | None] | None = None) -> Descriptor:
+def pick(index: dict[str, Any], where: str, wanted: tuple[str, str, str | None] | None = None) -> Descriptor:
     """The manifest of ``wanted`` (default: this machine) in ``index``; ImageError listing what it has."""
     os_name, arch, variant = wanted or this_platform()
     entries = index.get("manifests")
@@ -99,7 +100,7 @@ def pick(index: dict, where: str, wanted: tuple[str, str, str | None] | None = N
     return best[1]
 
 
-def layers(manifest: dict, where: str) -> tuple[Descriptor, list[Descriptor]]:
+def layers(manifest: dict[str, Any], where: str) -> tuple[Descriptor, list[Descriptor]]:
     """(config descriptor, layer descriptors bottom first) of an image manifest."""
     config = Descriptor.of(manifest.get("config"), f"{where} config")
     raw = manifest.get("layers")
@@ -113,7 +114,7 @@ def layers(manifest: dict, where: str) -> tuple[Descriptor, list[Descriptor]]:
     return config, found
 
 
-def runtime_config(config_blob: bytes, where: str) -> dict:
+def runtime_config(config_blob: bytes, where: str) -> dict[str, Any]:
     """The parts of an image config a sandbox uses: Env (list of K=V), WorkingDir, and the rest for inspect."""
     try:
         data = json.loads(config_blob)

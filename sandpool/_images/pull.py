@@ -62,7 +62,8 @@ def pull(name: str, base: str, credentials: tuple[str, str] | None = None, progr
         return record
 
 
-def _pull(ref, name: str, store: Store, credentials, progress: Progress, platform) -> tuple[ImageRecord, int]:
+def _pull(ref: reference.Reference, name: str, store: Store, credentials: tuple[str, str] | None, progress: Progress,
+          platform: tuple[str, str, str | None] | None) -> tuple[ImageRecord, int]:
     client = Client(ref, credentials)
     document, digest = client.manifest(ref.ref)
     where = str(ref)

@@ -16,10 +16,11 @@ import socket
 import ssl
 import urllib.parse
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from . import auth, endpoints, manifest
 from .errors import ImageError
+from .manifest import Descriptor
 from .reference import Reference
 
 #: Seconds a connect or a read may take before the pull fails.
@@ -28,6 +29,8 @@ MAX_MANIFEST_BYTES = 4 * 2**20
 MAX_CONFIG_BYTES = 8 * 2**20
 MAX_TOKEN_BYTES = 1 * 2**20
 MAX_REDIRECTS = 5
+#: A response and its connection (for the caller to close).
+_Answer = tuple[http.client.HTTPResponse, http.client.HTTPConnection]
 CHUNK = 1 << 20
 
 
@@ -49,7 +52,7 @@ class Client:
 
     # -- the API ---------------------------------------------------------------------------
 
-    def manifest(self, ref: str) -> tuple[dict, str]:
+    def manifest(self, ref: str) -> tuple[dict[str, Any], str]:
         """(manifest or index, its digest) for a tag or digest; verified against the digest when given."""
         where = f"{self.ref.registry}/{self.ref.repository}:{ref}" if ":" not in ref else \
             f"{self.ref.registry}/{self.ref.repository}@{ref}"
@@ -101,14 +104,14 @@ class Client:
             raise ImageError(f"{where}: the content does not match its digest; the registry or a proxy is "
                              f"corrupting data")
 
-    def config(self, descriptor: manifest.Descriptor) -> bytes:
+    def config(self, descriptor: Descriptor) -> bytes:
         buffer = io.BytesIO()
         self.blob(descriptor.digest, descriptor.size, buffer, limit=MAX_CONFIG_BYTES)
         return buffer.getvalue()
 
     # -- HTTP ------------------------------------------------------------------------------
 
-    def _get(self, path: str, headers: dict[str, str], where: str):
+    def _get(self, path: str, headers: dict[str, str], where: str) -> _Answer:
         """A 200 response (and its connection, for the caller to close), following redirects and auth."""
         url = urllib.parse.urlunsplit((self.endpoint.scheme, self.endpoint.netloc, path, "", ""))
         tried_auth = False
@@ -165,9 +168,11 @@ class Client:
                               f"({endpoints.ENV_MIRRORS})")
         return ImageError(f"{where}: the registry answered HTTP {status}{detail}")
 
-    def _request(self, url: str, headers: dict[str, str], where: str):
+    def _request(self, url: str, headers: dict[str, str], where: str) -> _Answer:
         parts = urllib.parse.urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
+        if not parts.hostname:
+            raise ImageError(f"{where}: the URL {url!r} names no host; check the registry's redirects")
         try:
             if parts.scheme == "https":
                 context = self._tls or endpoints.tls_context()
@@ -234,7 +239,7 @@ class Client:
         return f"Bearer {token}"
 
 
-def _read_bounded(response, limit: int, where: str, quiet: bool = False) -> bytes:
+def _read_bounded(response: http.client.HTTPResponse, limit: int, where: str, quiet: bool = False) -> bytes:
     try:
         body = response.read(limit + 1)
     except (OSError, http.client.HTTPException) as exc:

@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import Any
 
 import _sandpool_agent
 from _sandpool_agent.confine import userns
@@ -57,7 +58,7 @@ def remove(*paths: str) -> None:
         _run({"op": "remove", "paths": list(paths)})
 
 
-def _run(request: dict) -> dict:
+def _run(request: dict[str, Any]) -> dict[str, Any]:
     from .extract import Refused
 
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}

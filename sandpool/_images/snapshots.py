@@ -25,6 +25,8 @@ import os
 import re
 import secrets
 import shutil
+from typing import Any
+from collections.abc import Iterator
 
 from .._ids import SNAPSHOT_ID as ID_PATTERN, check_snapshot_id as check_id
 from .errors import ImageError
@@ -53,7 +55,7 @@ class SnapshotRecord:
     size_bytes: int  # of its top layer (the others belong to the snapshots it was restored from)
     seconds: float  # how long the capture took
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "layers": list(self.layers)}
 
 
@@ -176,7 +178,7 @@ class SnapshotStore:
 
 
 @contextlib.contextmanager
-def _try_exclusive(path: str):
+def _try_exclusive(path: str) -> Iterator[bool]:
     """Yield True while holding ``path``'s lock exclusively, False if a sandbox holds it shared."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)

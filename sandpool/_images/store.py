@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from . import rootless
 from .errors import ImageError
@@ -45,14 +45,14 @@ class ImageRecord:
     sizes: tuple[int, ...]
     env: tuple[str, ...]
     working_dir: str
-    config: dict
+    config: dict[str, Any]
     pulled: float
 
     @property
     def size_bytes(self) -> int:
         return sum(self.sizes)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "layers": list(self.layers), "sizes": list(self.sizes),
                 "env": list(self.env), "size_bytes": self.size_bytes}
 
@@ -120,7 +120,7 @@ class Store:
         """Bytes the stored layer ``digest`` unpacked to (0 if unknown)."""
         return _layer_size(self.layer_dir(digest))
 
-    def commit_layer(self, digest: str, unpacked: str, meta: dict) -> None:
+    def commit_layer(self, digest: str, unpacked: str, meta: dict[str, Any]) -> None:
         """Move a finished unpack (``unpacked`` holds ``root``) into place, atomically."""
         with open(os.path.join(unpacked, "layer.json"), "w") as f:
             json.dump(meta, f)
@@ -216,7 +216,7 @@ def _record(data: object) -> ImageRecord | None:
         return None
 
 
-def _layer_meta(path: str) -> dict:
+def _layer_meta(path: str) -> dict[str, Any]:
     try:
         with open(os.path.join(path, "layer.json")) as f:
             meta = json.load(f)

@@ -19,6 +19,7 @@ import errno
 import hashlib
 import os
 import stat
+from collections.abc import Iterator
 
 #: Bytes read and written at a time.
 CHUNK = 1 << 20
@@ -123,7 +124,7 @@ def _copy_file(sfd: int, dfd: int, name: str, copied: Copied) -> None:
         os.close(src)
 
 
-def _hash_range(fd: int, start: int, end: int, content) -> int:
+def _hash_range(fd: int, start: int, end: int, content: hashlib._Hash) -> int:
     """Feed bytes ``start``..``end`` of ``fd`` to ``content``; how many there were."""
     buffer = bytearray(CHUNK)
     view = memoryview(buffer)
@@ -148,7 +149,7 @@ def _send_range(src: int, dst: int, start: int, end: int) -> None:
         offset += sent
 
 
-def _data_segments(fd: int, size: int):
+def _data_segments(fd: int, size: int) -> Iterator[tuple[int, int]]:
     """(start, end) of each data region of ``fd`` (SEEK_DATA/SEEK_HOLE; the whole file if unsupported)."""
     offset = 0
     while offset < size:
@@ -166,12 +167,17 @@ def _data_segments(fd: int, size: int):
 
 def _finish(dfd: int, name: str | None, info: os.stat_result) -> None:
     """Owner, mode and times of the copy of ``name`` in ``dfd`` (of ``dfd`` itself if None)."""
-    target: int | str = dfd if name is None else name
-    at = {} if name is None else {"dir_fd": dfd, "follow_symlinks": False}
-    os.chown(target, info.st_uid, info.st_gid, **at)
+    times = (info.st_atime_ns, info.st_mtime_ns)
+    if name is None:
+        os.chown(dfd, info.st_uid, info.st_gid)
+        if not stat.S_ISLNK(info.st_mode):
+            os.chmod(dfd, _mode(info.st_mode))
+        os.utime(dfd, ns=times)
+        return
+    os.chown(name, info.st_uid, info.st_gid, dir_fd=dfd, follow_symlinks=False)
     if not stat.S_ISLNK(info.st_mode):
-        os.chmod(target, _mode(info.st_mode), **({} if name is None else {"dir_fd": dfd}))
-    os.utime(target, ns=(info.st_atime_ns, info.st_mtime_ns), **at)
+        os.chmod(name, _mode(info.st_mode), dir_fd=dfd)
+    os.utime(name, ns=times, dir_fd=dfd, follow_symlinks=False)
 
 
 def _copy_opaque(sfd: int, dfd: int, path: str, copied: Copied) -> None:

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import warnings
 
+from .._config import ResourceOptions
 from .._errors import SandboxResourceExhaustedError
 
 ENV_FAKE_GPUS = "SANDPOOL_FAKE_GPUS"
@@ -35,7 +36,7 @@ class Request:
     gpus: int = 0
 
     @classmethod
-    def of(cls, resources) -> Request:
+    def of(cls, resources: ResourceOptions | None) -> Request:
         """From a ResourceOptions (or None): requests, which default to the limits."""
         if resources is None:
             return cls()

@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -23,13 +25,17 @@ from .. import _services as services
 from . import netns, network, nft, probe, slirp
 from .ports import Forwarder
 
+if TYPE_CHECKING:
+    from .._runtime.contract import SandboxRecord
+
 
 def tag(key: str, owner_dir: str, sandbox_id: str) -> str:
     """The name of a sandbox's chains: its state key, owner directory and id (sweeps parse it)."""
     return f"{key}-{os.path.basename(owner_dir)}-{sandbox_id}"
 
 
-async def prepare(record, config: dict, plan: dict, key: str, owner_dir: str) -> None:
+async def prepare(record: SandboxRecord, config: dict[str, Any], plan: dict[str, Any], key: str,
+                  owner_dir: str) -> None:
     """Set up ``record``'s bridge network; SandboxFailedError (status reason ``NetworkError``) if
     it cannot be, saying why."""
     sandbox_id = record.sandbox_id
@@ -65,7 +71,7 @@ async def prepare(record, config: dict, plan: dict, key: str, owner_dir: str) ->
     record.extra.update(services.surfaces(rules.services, mapped, lease.address))
 
 
-def _prepare_rootless(record, plan: dict, config: dict) -> None:
+def _prepare_rootless(record: SandboxRecord, plan: dict[str, Any], config: dict[str, Any]) -> None:
     """An ordinary user's bridge: the sandbox makes its namespace as a ``none`` one does (so spares
     serve it), and ``started`` gives it egress through slirp4netns. Rules need root (nftables)."""
     rules = network.policy(record.spec.network, record.spec.services)
@@ -88,7 +94,7 @@ def _prepare_rootless(record, plan: dict, config: dict) -> None:
     record.extra["slirp"] = slirp.Slirp(binary, 0, os.path.join(config["dir"], "slirp.sock"))
 
 
-async def started(record, nursery: trio.Nursery) -> None:
+async def started(record: SandboxRecord, nursery: trio.Nursery) -> None:
     """The agent is in its namespaces (its handshake came): let go of the namespace and relay the
     exposed ports, or (rootless) start slirp4netns; SandboxFailedError if that fails."""
     user_mode = record.extra.get("slirp")
@@ -97,7 +103,8 @@ async def started(record, nursery: trio.Nursery) -> None:
         try:
             await trio.to_thread.run_sync(user_mode.start)
         except OSError as exc:
-            await record.channel.aclose()  # the agent sees EOF and ends
+            if record.channel is not None:  # (set before ``started``)
+                await record.channel.aclose()  # the agent sees EOF and ends
             raise SandboxFailedError(f"cannot give {record.sandbox_id} its network: {exc}",
                                      sandbox_id=record.sandbox_id, status_reason="NetworkError") from exc
     lease = record.extra.get("bridge")
@@ -108,7 +115,7 @@ async def started(record, nursery: trio.Nursery) -> None:
         nursery.start_soon(forwarder.serve)
 
 
-def release(record, spawned: bool) -> None:
+def release(record: SandboxRecord, spawned: bool) -> None:
     """The agent is gone (``spawned``: the template removed the chains) or never started."""
     forwarder = record.extra.pop("forwarder", None)
     if forwarder is not None:
@@ -123,7 +130,7 @@ def release(record, spawned: bool) -> None:
             netns.nft_teardown_quietly(lease.teardown)
 
 
-def sweep(state_dir: str, alive) -> list[str]:
+def sweep(state_dir: str, alive: Callable[[str], bool]) -> list[str]:
     """Remove the nft chains of ``state_dir``'s dead owners (``alive(owner dir path)``)."""
     from _sandpool_agent.confine.cgroups import state_key
 

@@ -19,14 +19,19 @@ import logging
 import os
 import shutil
 import threading
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from .._config import SandboxSpec
 from .._errors import SandboxFailedError, SandboxResourceExhaustedError
+from .._images.errors import ImageError
 from .._quantity import parse_memory
 from . import admission, bridge, hostview, images, network, probe
 from _sandpool_agent.confine import cgroups, storage
+
+if TYPE_CHECKING:
+    from .._runtime.contract import SandboxRecord
 
 #: The PATH of a sandbox's commands without the client's python first (an image's programs come first).
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -95,7 +100,7 @@ class Isolation:
 
     # -- start -----------------------------------------------------------------------------
 
-    async def prepare(self, record, config: dict, owner_dir: str) -> None:
+    async def prepare(self, record: SandboxRecord, config: dict[str, Any], owner_dir: str) -> None:
         """Admit ``record`` (waiting for capacity) and add its level's part to the spawn ``config``.
 
         Raises SandboxResourceExhaustedError when its requests can never fit, or did not fit within
@@ -108,14 +113,14 @@ class Isolation:
             shutil.rmtree(config["dir"], ignore_errors=True)  # no agent, so no template to remove it
             raise
 
-    async def _prepare(self, record, config: dict, owner_dir: str) -> None:
+    async def _prepare(self, record: SandboxRecord, config: dict[str, Any], owner_dir: str) -> None:
         spec: SandboxSpec = record.spec
         try:
             mode = network.resolve(spec.network, record.isolation, spec.services)
             lower = images.resolve(spec.container_image, fetch=False)
             if lower is None and record.isolation != "process":  # a registry image to pull first, in a thread
                 lower = await trio.to_thread.run_sync(images.resolve, spec.container_image, abandon_on_cancel=True)
-        except (ValueError, TypeError, images.ImageError) as exc:
+        except (ValueError, TypeError, ImageError) as exc:
             raise SandboxFailedError(str(exc), sandbox_id=record.sandbox_id, status_reason="InvalidSpec") from exc
         if record.isolation == "process" and lower != "/":
             raise SandboxFailedError(
@@ -125,13 +130,14 @@ class Isolation:
         config["isolation"] = record.isolation
         config["env"].update(grant.environment())
         if record.isolation in ("namespaces", "oci"):
+            assert lower is not None  # (resolve with fetch=True pulls the image or raises)
             self._namespaces_config(record, config, owner_dir, mode, lower)
             if mode == "bridge":
                 await bridge.prepare(record, config, config["namespaces"], self.key, owner_dir)
         if record.isolation == "oci":
             config["oci"] = config.pop("namespaces")  # the same plan, carried out by crun
 
-    async def _admit(self, record) -> admission.Grant:
+    async def _admit(self, record: SandboxRecord) -> admission.Grant:
         request = admission.Request.of(record.spec.resources)
         book = ledger()
         book.check(request)
@@ -145,7 +151,8 @@ class Isolation:
         record.extra["grant"] = grant
         return grant
 
-    def _namespaces_config(self, record, config: dict, owner_dir: str, mode: str, lower: str) -> None:
+    def _namespaces_config(self, record: SandboxRecord, config: dict[str, Any], owner_dir: str, mode: str,
+                           lower: str) -> None:
         spec: SandboxSpec = record.spec
         fs = os.path.join(config["dir"], "fs")
         host_image = lower == "/"
@@ -175,7 +182,9 @@ class Isolation:
         if lower != "/":
 
             defaults["PATH"] = BASE_PATH  # the image's programs, not the host's python first
-        defaults.update(pair.split("=", 1) for pair in image_env)  # under the spec's environment_variables
+        for pair in image_env:  # (each has a '='), under the spec's environment_variables
+            name, _, value = pair.partition("=")
+            defaults[name] = value
         env.update({k: v for k, v in defaults.items() if k not in user_env})
         layout = self.layout
         if os.geteuid() == 0 and layout.mode != "none":
@@ -196,13 +205,13 @@ class Isolation:
         elif spec.resources is not None and spec.resources.cpu_limit:
             _not_enforced("cpu", "no cgroup here" if os.geteuid() == 0 else "rootless, with no delegated cgroup")
 
-    async def started(self, record, nursery: trio.Nursery) -> None:
+    async def started(self, record: SandboxRecord, nursery: trio.Nursery) -> None:
         """The agent answered its handshake (it is in its namespaces): the bridge network's part."""
         await bridge.started(record, nursery)
 
     # -- end -------------------------------------------------------------------------------
 
-    def release(self, record, reaped: dict | None = None) -> None:
+    def release(self, record: SandboxRecord, reaped: dict[str, Any] | None = None) -> None:
         """The agent is gone (``reaped`` is the template's frame) or never started (None)."""
         if reaped is not None and reaped.get("oom_killed"):
             record.oom_killed = True
@@ -235,7 +244,7 @@ def _tmp_bytes(spec: SandboxSpec) -> int:
     return storage.size_bytes(None if limit is None else parse_memory(limit), res.memory_limit if res else None)
 
 
-def _hidden(state_dir: str) -> list[list]:
+def _hidden(state_dir: str) -> list[list[str | bool]]:
     """Directories to cover with an empty read-only tmpfs where the image shows them: sandpool's
     state (other sandboxes' files) and its image store. The host image shows neither unless they
     lie in one of its system directories; other runtimes' state directories lie outside those."""

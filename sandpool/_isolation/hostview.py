@@ -25,6 +25,9 @@ import os
 import site
 import sys
 import sysconfig
+import types
+from collections.abc import Iterable
+from typing import Any
 
 import _sandpool_agent
 
@@ -44,13 +47,15 @@ SKELETON_DIRS = (("root", 0o700), ("home", 0o755), ("var", 0o755), ("var/tmp", 0
 
 #: ``os.path.realpath`` for the few paths asked per start (state dir, image store, sys.path
 #: entries): an lstat per path component otherwise.
-realpath = functools.lru_cache(maxsize=256)(os.path.realpath)
+@functools.lru_cache(maxsize=256)
+def realpath(path: str) -> str:
+    return os.path.realpath(path)
 
 
-def host_view(root: str = "/") -> dict:
+def host_view(root: str = "/") -> dict[str, Any]:
     """The ``view`` of ``namespaces.mount_root`` for the host image (``root`` is the host's /),
     made again when ``root`` or its ``etc/ssh`` changed (two stats per start)."""
-    key = []
+    key: list[int | None] = []
     for path in (root, os.path.join(root, "etc", "ssh")):
         try:
             key.append(os.stat(path).st_mtime_ns)
@@ -60,7 +65,7 @@ def host_view(root: str = "/") -> dict:
 
 
 @functools.lru_cache(maxsize=4)
-def _host_view(root: str, _mtimes: tuple) -> dict:
+def _host_view(root: str, _mtimes: tuple[int | None, ...]) -> dict[str, Any]:
     links: dict[str, str] = {}
     shown: list[str] = []
     for name in SYSTEM_DIRS:
@@ -87,7 +92,7 @@ def visible_dirs() -> tuple[str, ...]:
                          if os.path.isdir(os.path.join("/", n))}))
 
 
-def _under(path: str, dirs) -> bool:
+def _under(path: str, dirs: Iterable[str]) -> bool:
     return any(path == d or path.startswith(d + "/") for d in dirs)
 
 
@@ -136,7 +141,7 @@ def _paths_of(groups: tuple[tuple[str, ...], ...]) -> tuple[str, ...]:
     return tuple(sorted({p for paths in groups for p in paths}))
 
 
-def _module_sources(name: str, module) -> tuple[str, ...]:
+def _module_sources(name: str, module: types.ModuleType | None) -> tuple[str, ...]:
     if module is None or name in ("__main__", "__mp_main__"):  # the script: pickled by value
         return ()
     file = getattr(module, "__file__", None)

@@ -162,8 +162,8 @@ def build_recipe(name: str) -> tuple[str, list[str]] | None:
         return (suite, []) if suite in DEBIAN_SUITES.values() else None
     if repo == "python":
         version = re.match(r"(\d+\.\d+)", tag)
-        suite = PYTHON_SUITES.get(version.group(1)) if version else None
-        return (suite, ["python3", "python3-venv", "python3-pip"]) if suite else None
+        python_suite = PYTHON_SUITES.get(version.group(1)) if version else None
+        return (python_suite, ["python3", "python3-venv", "python3-pip"]) if python_suite else None
     return None
 
 
@@ -187,15 +187,17 @@ def _size(path: str) -> int:
 def _commit(name: str, store: str, staging: str, source: str) -> Image:
     """Move a finished rootfs from ``staging`` into place, with its metadata."""
     rootfs = os.path.join(staging, "rootfs")
-    meta = {"name": name, "source": source, "created": time.time(), "size_bytes": _size(rootfs),
-            "python": _python_of(rootfs)}
+    image = Image(name=name, rootfs="", source=source, created=time.time(), size_bytes=_size(rootfs),
+                  python=_python_of(rootfs))
+    meta = {"name": image.name, "source": image.source, "created": image.created, "size_bytes": image.size_bytes,
+            "python": image.python}
     with open(os.path.join(staging, "image.json"), "w") as f:
         json.dump(meta, f, indent=1)
     final = os.path.join(store, slug(name))
     if os.path.exists(final):
         shutil.rmtree(final)
     os.rename(staging, final)
-    return Image(rootfs=os.path.join(final, "rootfs"), **meta)
+    return dataclasses.replace(image, rootfs=os.path.join(final, "rootfs"))
 
 
 def _staging(store: str) -> str:

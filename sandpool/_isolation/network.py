@@ -18,7 +18,11 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .._services import Port
 
 MODES = ("none", "host", "bridge")
 #: Prefix of named network namespaces (``ip netns``) sandpool would create, then ``cgroups.state_key``;
@@ -27,7 +31,7 @@ NETNS_PREFIX = "sandpool-"
 NETNS_DIR = "/run/netns"
 
 
-def _fields(value: object) -> dict | None:
+def _fields(value: object) -> dict[str, Any] | None:
     """A NetworkOptions-like object (any class with these attributes) or a mapping, as a dict."""
     names = ("deny_egress", "deny_ingress", "egress", "ingress")
     if isinstance(value, Mapping):
@@ -50,7 +54,7 @@ def _rule_is_any(rule: object) -> bool:
                                                                        "ports"))
 
 
-def resolve(value: object, level: str, services: object = None) -> str:
+def resolve(value: object, level: str, services: Sequence[object] | None = None) -> str:
     """"none", "host" or "bridge" for the ``network`` option (and ``services``) at isolation
     ``level``; ValueError (naming the fix) if it cannot map there. Services need a bridge: with no
     network option they make one (that reaches nothing: egress denied); with "none" or "host" they
@@ -82,7 +86,7 @@ def resolve(value: object, level: str, services: object = None) -> str:
     return mode
 
 
-def _from_options(fields: dict) -> str:
+def _from_options(fields: dict[str, Any]) -> str:
     egress = list(fields.get("egress") or ())
     ingress = list(fields.get("ingress") or ())
     if fields.get("deny_egress") and egress:
@@ -120,21 +124,23 @@ class Policy:
     ingress: tuple[Rule, ...] = ()
     #: tcp ports of the sandbox mapped to a port on the host's 127.0.0.1 (exposed ports)
     expose: tuple[int, ...] = ()
-    services: tuple = ()  # services.Port of each service
+    services: tuple[Port, ...] = ()  # services.Port of each service
 
     @property
     def dns_names(self) -> tuple[str, ...]:
         return tuple(r.dns_name for r in self.egress or () if r.dns_name)
 
 
-def policy(value: object, services: object = None) -> Policy:
+def policy(value: object, services: Sequence[object] | None = None) -> Policy:
     """The bridge rules of the ``network`` option (a mode string or bool means: egress anywhere, no
     ingress; None with services: no egress) and of ``services`` (see ``services``). Raises
     ValueError naming the rule and the fix for what has no local meaning."""
     from .. import _services
 
     ports = _services.parse(services)
-    fields = _fields(value) if not isinstance(value, (str, bool)) and value is not None else None
+    fields: dict[str, Any] | None = None
+    if not isinstance(value, (str, bool)) and value is not None:
+        fields = _fields(value)
     if fields is None:
         fields = {"deny_egress": value is None and bool(ports)}
     egress: tuple[Rule, ...] | None = None
@@ -177,7 +183,7 @@ def _rule(rule: object, where: str, egress: bool) -> Rule:
         raise ValueError(f"network {where} {rule!r} names no cidr, any, tenant{', dns_name' if egress else ''}; "
                          f"use e.g. {{'cidr': '10.0.0.0/8'}}")
     cidr, excepts = (block, ()) if isinstance(block, str) else (_get(block, "cidr"), _get(block, "except_cidrs") or ())
-    return Rule(nets=(_cidr(cidr, where),), excepts=tuple(_cidr(c, where) for c in excepts), ports=ports)
+    return Rule(nets=(_cidr(cidr, where),), excepts=tuple(_cidr(c, where) for c in _each(excepts, where)), ports=ports)
 
 
 def _cidr(text: object, where: str) -> str:
@@ -190,8 +196,15 @@ def _cidr(text: object, where: str) -> str:
     return str(net)
 
 
-def _ports(ports: object, where: str):
-    for port in ports:
+def _each(value: object, where: str) -> Iterable[object]:
+    """``value`` as the list it must be; TypeError (as iterating it would raise) naming ``where``."""
+    if not isinstance(value, Iterable):
+        raise TypeError(f"network {where}: {value!r} is not a list")
+    return value
+
+
+def _ports(ports: object, where: str) -> Iterator[tuple[str, int, int]]:
+    for port in _each(ports, where):
         first = _get(port, "port") if not isinstance(port, int) else port
         last = (_get(port, "end_port") if not isinstance(port, int) else None) or first
         proto = (_get(port, "protocol") if not isinstance(port, int) else None) or "tcp"

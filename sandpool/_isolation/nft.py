@@ -46,25 +46,28 @@ def run(script: str) -> None:
         raise NftError(done.returncode, done.stderr.decode(errors="replace").strip())
 
 
-def start(script: str) -> subprocess.Popen:
+def start(script: str) -> subprocess.Popen[bytes]:
     """``run`` in the background: returns the process, for ``finish``."""
     try:
         proc = subprocess.Popen(["nft", "-f", "-"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
     except FileNotFoundError:
         raise NftError(2, "nft is not installed (Debian package nftables)") from None
+    assert proc.stdin is not None  # (stdin=PIPE)
     proc.stdin.write(script.encode())
     proc.stdin.close()
     return proc
 
 
-def finish(proc: subprocess.Popen) -> None:
+def finish(proc: subprocess.Popen[bytes]) -> None:
     """Wait for a ``start``ed script; NftError with nft's message if it failed."""
+    stderr = proc.stderr
+    assert stderr is not None  # (stderr=PIPE, from ``start``)
     try:
-        err = proc.stderr.read()
+        err = stderr.read()
         code = proc.wait(timeout=30)
     finally:
-        proc.stderr.close()
+        stderr.close()
     if code:
         raise NftError(code, err.decode(errors="replace").strip())
 

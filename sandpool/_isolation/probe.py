@@ -84,8 +84,8 @@ def _try_unshare() -> str | None:
         warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads: the child only unshares
         pid = os.fork()
     if pid == 0:
+        step = 1
         try:
-            step = 1
             if user:
                 userns.enter()
             step = 2

@@ -43,7 +43,7 @@ class Slirp:
 
     def __init__(self, binary: str, pid: int, api_socket: str) -> None:
         self.binary, self.pid, self.api_socket = binary, pid, api_socket
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self._exit_w = -1
 
     def start(self) -> None:

@@ -23,6 +23,8 @@ import os
 import shutil
 import stat
 import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from .._errors import SandboxFailedError
 from .._errors_cw import SandboxSnapshotError, SnapshotNotSupportedError
@@ -31,6 +33,9 @@ from .._images import treecopy
 from .._images.store import MAX_LOWERDIR
 from . import images, probe, volumes
 from _sandpool_agent.confine import namespaces, storage
+
+if TYPE_CHECKING:
+    from .._runtime.contract import SandboxRecord
 
 #: How long capture waits for the kernel to report the cgroup frozen.
 FREEZE_WAIT_SECONDS = 2.0
@@ -41,7 +46,7 @@ def store() -> store_mod.SnapshotStore:
     return store_mod.SnapshotStore(images.store_dir())
 
 
-def apply(record, config: dict, state_dir: str) -> None:
+def apply(record: SandboxRecord, config: dict[str, Any], state_dir: str) -> None:
     """Add ``record``'s volumes and snapshot to its spawn ``config``; SandboxFailedError if they cannot be."""
     spec = record.spec
     plan = config.get("namespaces") or config.get("oci")
@@ -61,7 +66,7 @@ def apply(record, config: dict, state_dir: str) -> None:
         raise SandboxFailedError(str(exc), sandbox_id=record.sandbox_id, status_reason="InvalidSpec") from exc
 
 
-def _restore(record, plan: dict | None, snapshot_id: str) -> None:
+def _restore(record: SandboxRecord, plan: dict[str, Any] | None, snapshot_id: str) -> None:
     if plan is None or probe.rootless():
         raise ValueError(f"restore_from_snapshot_id needs isolation='namespaces' or 'oci' as root (this sandbox "
                          f"runs at {record.isolation!r}{', rootless' if probe.rootless() else ''})")
@@ -106,7 +111,7 @@ def release(fds: list[int]) -> None:
         os.close(fd)
 
 
-async def hold_until_exit(record) -> None:
+async def hold_until_exit(record: SandboxRecord) -> None:
     """Keep ``record``'s snapshot layers locked until its agent is gone (or the runtime closes)."""
     try:
         await record.exited.wait()
@@ -114,7 +119,7 @@ async def hold_until_exit(record) -> None:
         release(record.extra.pop("snapshot_locks", []))
 
 
-def _walked_paths(plan: dict) -> set[str]:
+def _walked_paths(plan: dict[str, Any]) -> set[str]:
     """Paths of the root that its construction resolves on the host side, before the pivot_root."""
     paths = {"/proc", "/sys", "/dev", "/tmp", "/run", namespaces.AGENT_DIR}
     paths.update(path for path, _ in plan.get("hide") or ())
@@ -127,7 +132,7 @@ def _walked_paths(plan: dict) -> set[str]:
     return paths
 
 
-def _check_no_symlinks(plan: dict, snap: store_mod.SnapshotRecord, snaps: store_mod.SnapshotStore) -> None:
+def _check_no_symlinks(plan: dict[str, Any], snap: store_mod.SnapshotRecord, snaps: store_mod.SnapshotStore) -> None:
     parts = ("upper", "root") if plan.get("view") else ("upper",)
     for path in sorted(_walked_paths(plan)):
         names = [n for n in path.split("/") if n]
@@ -149,7 +154,7 @@ def _check_no_symlinks(plan: dict, snap: store_mod.SnapshotRecord, snaps: store_
 # -- capture ------------------------------------------------------------------------------------
 
 
-def refusal(record) -> str | None:
+def refusal(record: SandboxRecord) -> str | None:
     """Why ``record`` cannot be snapshotted, or None."""
     if record.isolation not in _SNAPSHOT_LEVELS:
         return (f"sandbox {record.sandbox_id} runs at isolation={record.isolation!r}, which has no writable "
@@ -161,7 +166,7 @@ def refusal(record) -> str | None:
     return None
 
 
-def capture(record, trigger: str = "manual") -> store_mod.SnapshotRecord:
+def capture(record: SandboxRecord, trigger: str = "manual") -> store_mod.SnapshotRecord:
     """Copy ``record``'s writable layers into the store (its cgroup frozen meanwhile); the record.
     SnapshotNotSupportedError for a sandbox that has none, SandboxSnapshotError if the copy fails."""
     why = refusal(record)
@@ -189,8 +194,8 @@ def capture(record, trigger: str = "manual") -> store_mod.SnapshotRecord:
     except OSError as exc:
         if work:
             shutil.rmtree(work, ignore_errors=True)
-        why = exc if _keeper(record.agent_pid) else _KEEPER_GONE
-        raise SandboxSnapshotError(f"could not snapshot sandbox {record.sandbox_id}: {why}",
+        cause = exc if _keeper(record.agent_pid) else _KEEPER_GONE
+        raise SandboxSnapshotError(f"could not snapshot sandbox {record.sandbox_id}: {cause}",
                                    sandbox_id=record.sandbox_id) from exc
     try:
         snaps.commit_layer(digest, work, copied.bytes)
@@ -204,7 +209,7 @@ def capture(record, trigger: str = "manual") -> store_mod.SnapshotRecord:
     return snap
 
 
-def _source(record) -> str:
+def _source(record: SandboxRecord) -> str:
     """Where the client reads the sandbox's writable tmpfs: the agent's descriptor (namespaces), or
     the mount in crun's mount namespace (oci)."""
     pid = record.agent_pid
@@ -213,7 +218,9 @@ def _source(record) -> str:
     if record.isolation == "oci":
         return f"/proc/{pid}/root{record.extra['dir']}/fs"
     keeper = _keeper(pid)
-    for fd in os.listdir(f"/proc/{keeper}/fd") if keeper else ():
+    if keeper is None:
+        raise OSError(2, _KEEPER_GONE)
+    for fd in os.listdir(f"/proc/{keeper}/fd"):
         path = f"/proc/{keeper}/fd/{fd}"
         if _is_o_path(keeper, fd) and os.path.isdir(f"{path}/upper") and os.path.isdir(f"{path}/work"):
             return path
@@ -251,7 +258,7 @@ def _is_o_path(pid: int, fd: str) -> bool:
 
 
 @contextlib.contextmanager
-def _frozen(group: dict | None):
+def _frozen(group: dict[str, Any] | None) -> Iterator[None]:
     """Freeze the cgroup v2 ``group`` (every process of the sandbox) for the block, if there is one."""
     freeze = os.path.join(os.path.dirname(group["kill"]), "cgroup.freeze") if group and group.get("kill") else None
     if freeze is None or not os.path.exists(freeze):

@@ -17,6 +17,8 @@ import os
 import shutil
 import stat
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from .._options_volumes import check_name
 from . import images
@@ -44,7 +46,7 @@ def create(name: str) -> str:
     return path
 
 
-def listing() -> list[dict]:
+def listing() -> list[dict[str, Any]]:
     """Every named volume: name, created, path (of its data directory)."""
     try:
         names = sorted(os.listdir(store_dir()))
@@ -72,7 +74,7 @@ def remove(name: str) -> bool:
     return True
 
 
-def entries(volumes: tuple | None, state_dir: str) -> list[dict]:
+def entries(volumes: tuple[Mapping[str, Any], ...] | None, state_dir: str) -> list[dict[str, Any]]:
     """The agent's mounts for a spec's ``volumes``; ValueError naming the volume and the fix."""
     out = []
     for i, vol in enumerate(volumes or ()):

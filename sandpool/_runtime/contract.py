@@ -7,12 +7,15 @@ import builtins
 from collections.abc import AsyncIterator, Callable
 import time
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import trio
 
 from .._core.channel import FrameChannel
 from .._config import SandboxSpec
+
+if TYPE_CHECKING:
+    from .._images.snapshots import SnapshotRecord
 
 
 @dataclass
@@ -107,7 +110,7 @@ class Runtime(abc.ABC):
         raise NotSupportedLocallyError(f"sandbox {record.sandbox_id}: the {self.name} runtime keeps no "
                                        f"main-command log to stream", feature="stream_logs")
 
-    async def snapshot(self, record: SandboxRecord, trigger: str = "manual") -> Any:
+    async def snapshot(self, record: SandboxRecord, trigger: str = "manual") -> SnapshotRecord:
         """Capture the running sandbox's filesystem; the snapshot's record (``_images.snapshots``).
         Runtimes without snapshots refuse with SnapshotNotSupportedError."""
         from .._errors_cw import SnapshotNotSupportedError

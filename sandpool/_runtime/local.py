@@ -18,7 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
-from typing import BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import trio
 
@@ -36,6 +36,12 @@ from .._isolation.runners import check_pinning
 from .._cwextra import LOCAL_RUNNER_ID
 from . import statedir as _statedir
 from .contract import Runtime, SandboxRecord
+
+if TYPE_CHECKING:
+    from .._images.snapshots import SnapshotRecord
+
+#: What the template reports of a spawned agent: its pid and the cgroup of a spare it took over (or None).
+_Spawned = tuple[int, dict[str, Any] | None]
 
 _BOOT = (
     "import sys;"
@@ -84,15 +90,22 @@ class LocalRuntime(Runtime):
         self.owner_dir: str | None = None
         self._records: dict[str, SandboxRecord] = {}
         self._by_pid: dict[int, SandboxRecord] = {}
-        self._spawns: dict[int, tuple[trio.Event, list[int]]] = {}
+        self._spawns: dict[int, tuple[trio.Event, list[_Spawned]]] = {}
         self._next_spawn = 0
         self._control: trio.socket.SocketType | None = None
-        self._template: subprocess.Popen | None = None
+        self._template: subprocess.Popen[bytes] | None = None
         self._send_lock = trio.Lock()
         self._template_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self._closed = False
         self._isolation = Isolation(self.state_dir)  # levels, admission, cgroups
+
+    @property
+    def _tasks(self) -> trio.Nursery:
+        """The nursery ``open`` gave: the runtime's own tasks run there."""
+        if self._nursery is None:
+            raise SandboxUnavailableError("the local runtime is not open")
+        return self._nursery
 
     def __repr__(self) -> str:
         live = sum(1 for r in self._records.values() if not r.exited.is_set())
@@ -132,15 +145,15 @@ class LocalRuntime(Runtime):
         if not hello:
             raise SandboxUnavailableError("the sandbox template process exited during start-up")
         _wire.check_hello(_wire.decode_body(hello[_wire.HEADER_SIZE:]))
-        self._nursery.start_soon(self._read_control, control, self._template, self.owner_dir)
-        self._nursery.start_soon(_forward_stderr, self._template)
+        self._tasks.start_soon(self._read_control, control, self._template, self.owner_dir)
+        self._tasks.start_soon(_forward_stderr, self._template)
 
     async def _ensure_template(self) -> None:
         async with self._template_lock:
             if self._template is not None and self._template.poll() is not None:
                 await self._start_template()
 
-    async def _read_control(self, control: trio.socket.SocketType, template: subprocess.Popen,
+    async def _read_control(self, control: trio.socket.SocketType, template: subprocess.Popen[bytes],
                             owner_dir: str) -> None:
         """Route the template's reports. Shielded: it must see every agent reaped while the runtime
         closes; it ends when the template exits or ``aclose`` closes the socket. A template that
@@ -164,8 +177,7 @@ class LocalRuntime(Runtime):
             frame = _wire.decode_body(data[_wire.HEADER_SIZE:])
             if frame["t"] == "spawned":
                 event, box = self._spawns.pop(frame["id"])
-                box.append(frame["pid"])
-                box.append(frame.get("cgroups"))  # a spare's cgroup, if the sandbox took one over
+                box.append((frame["pid"], frame.get("cgroups")))  # and a spare's cgroup, if the sandbox took one over
                 event.set()
             elif frame["t"] == "reaped":
                 record = self._by_pid.pop(frame["pid"], None)
@@ -188,7 +200,7 @@ class LocalRuntime(Runtime):
         self._records[sandbox_id] = record
         return record
 
-    def _layout(self, record: SandboxRecord) -> dict:
+    def _layout(self, record: SandboxRecord) -> dict[str, Any]:
         assert self.owner_dir is not None
         sandbox_dir = os.path.join(self.owner_dir, record.sandbox_id)
         root = os.path.join(sandbox_dir, "root")
@@ -215,6 +227,7 @@ class LocalRuntime(Runtime):
             raise SandboxUnavailableError("the local runtime is closed")
         await self._ensure_template()
         config = self._layout(record)
+        assert self.owner_dir is not None  # (``_layout`` checked it: a template runs)
         await self._isolation.prepare(record, config, self.owner_dir)
         try:
             _snapshots.apply(record, config, self.state_dir)  # volumes, and the layers of a snapshot to start from
@@ -223,12 +236,12 @@ class LocalRuntime(Runtime):
             shutil.rmtree(config["dir"], ignore_errors=True)
             raise
         if record.extra.get("snapshot_locks"):
-            self._nursery.start_soon(_snapshots.hold_until_exit, record)  # its layers stay while it runs
+            self._tasks.start_soon(_snapshots.hold_until_exit, record)  # its layers stay while it runs
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._next_spawn += 1
+        spawn_id = self._next_spawn
         try:
-            self._next_spawn += 1
-            spawn_id = self._next_spawn
-            event, box = trio.Event(), []
+            event, box = trio.Event(), list[_Spawned]()  # (the reader fills ``box``, then sets ``event``)
             self._spawns[spawn_id] = (event, box)
             frame = _wire.encode({"t": "spawn", "id": spawn_id, "config": config})
             async with self._send_lock:
@@ -248,9 +261,9 @@ class LocalRuntime(Runtime):
             ours.close()
             self._isolation.release(record)
             raise SandboxUnavailableError("the sandbox template exited; the runtime cannot start sandboxes")
-        record.agent_pid = box[0]
-        if box[1] is not None:
-            record.extra["cgroups"] = box[1]
+        record.agent_pid, cgroups = box[0]
+        if cgroups is not None:
+            record.extra["cgroups"] = cgroups
         self._by_pid[record.agent_pid] = record
         channel = FrameChannel(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
         try:
@@ -260,7 +273,7 @@ class LocalRuntime(Runtime):
             raise SandboxFailedError(f"sandbox {record.sandbox_id} failed to start: {exc}",
                                      sandbox_id=record.sandbox_id) from exc
         record.channel = channel
-        await self._isolation.started(record, self._nursery)
+        await self._isolation.started(record, self._tasks)
         return channel
 
     async def stop(self, record: SandboxRecord, grace_seconds: float) -> None:
@@ -286,7 +299,7 @@ class LocalRuntime(Runtime):
     def list(self) -> list[SandboxRecord]:
         return list(self._records.values())
 
-    async def snapshot(self, record: SandboxRecord, trigger: str = "manual"):
+    async def snapshot(self, record: SandboxRecord, trigger: str = "manual") -> SnapshotRecord:
         return await trio.to_thread.run_sync(_snapshots.capture, record, trigger)
 
     def open_main_log(self, record: SandboxRecord) -> BinaryIO | None:
@@ -337,12 +350,14 @@ def _rootless_env() -> dict[str, str]:
     return {}
 
 
-async def _forward_stderr(template: subprocess.Popen) -> None:
+async def _forward_stderr(template: subprocess.Popen[bytes]) -> None:
     """Copy what the template, its agents and their call workers write to stderr (tracebacks of
     crashes) into the ``sandpool`` logger, line by line, at most ``STDERR_FORWARD_BYTES``: a sandbox
     that reaches its agent's stderr can add lines to the client's log, nothing more."""
-    stream = trio.lowlevel.FdStream(os.dup(template.stderr.fileno()))
-    template.stderr.close()
+    stderr = template.stderr
+    assert stderr is not None  # (started with stderr=PIPE)
+    stream = trio.lowlevel.FdStream(os.dup(stderr.fileno()))
+    stderr.close()
     budget, pending = STDERR_FORWARD_BYTES, b""
     async with stream:
         while chunk := await stream.receive_some(65536):

@@ -21,7 +21,9 @@ from __future__ import annotations
 import builtins
 import functools
 import os
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from typing import Any, Protocol, cast
 
 import grpc
 import trio
@@ -71,10 +73,13 @@ def translate(error: grpc.RpcError, address: str, sandbox_id: str | None = None)
     """The sandpool error (or ValueError/TypeError) for a failed call. The one place gRPC errors map."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = (error.details() if hasattr(error, "details") else None) or str(error)
-    trailer = dict(error.trailing_metadata() or ()) if hasattr(error, "trailing_metadata") else {}
+    pairs = error.trailing_metadata() or () if hasattr(error, "trailing_metadata") else ()
+    # (grpc's stub types the items as key/value records; they are (key, value) namedtuples)
+    trailer: dict[str, Any] = dict(cast("Iterable[tuple[str, Any]]", pairs))
     name = trailer.get(m.META_ERROR)
     if name in m.ERROR_NAMES:
-        return getattr(builtins, name)(details)
+        builtin: type[Exception] = getattr(builtins, name)
+        return builtin(details)
     cls = getattr(_errors, name, None) if isinstance(name, str) else None
     if isinstance(cls, type) and issubclass(cls, _errors.SandboxError):
         return cls(details, sandbox_id=sandbox_id)
@@ -117,9 +122,9 @@ class RemoteRuntime(Runtime):
         self._channel: grpc.Channel | None = None
         self._unary: dict[str, grpc.UnaryUnaryMultiCallable] = {}
         self._lease: str | None = None
-        self._lease_call = None
+        self._lease_call: _StreamingCall | None = None
         self._records: dict[str, SandboxRecord] = {}
-        self._streams: dict[int, tuple[object, ThreadPipe, ThreadPipe]] = {}
+        self._streams: dict[int, tuple[_StreamingCall, ThreadPipe, ThreadPipe]] = {}
         self._nursery: trio.Nursery | None = None
         self.lost: str | None = None  # why the server became unreachable, once it did
         #: whether attachments take the same-host fast socket (``_service/fastpath.py``); why not, if refused
@@ -171,6 +176,7 @@ class RemoteRuntime(Runtime):
     async def _hold_lease(self) -> None:
         """Wait for the lease stream to end; if it ends while open, the server is gone."""
         call = self._lease_call
+        assert call is not None  # (``open`` made it before starting this task)
 
         def drain() -> str:
             try:
@@ -184,8 +190,8 @@ class RemoteRuntime(Runtime):
         if not self._closed:
             self.lost = f"lost the sandpool server at {self.address}: {reason}"
 
-    async def _call(self, method: str, request: dict, *, timeout: float = CALL_SECONDS,
-                    sandbox_id: str | None = None) -> dict:
+    async def _call(self, method: str, request: dict[str, Any], *, timeout: float = CALL_SECONDS,
+                    sandbox_id: str | None = None) -> dict[str, Any]:
         """One unary call; cancelling the calling task cancels the call."""
         if self._closed or self._channel is None:
             raise SandboxUnavailableError(f"the remote runtime for {self.address} is closed", sandbox_id=sandbox_id)
@@ -273,7 +279,7 @@ class RemoteRuntime(Runtime):
                     raise
                 await trio.sleep(min(LOG_RESUME_BACKOFF_SECONDS * 2 ** (failures - 1), 4.0))
 
-    async def _logs_stream(self, request: dict, sandbox_id: str) -> AsyncIterator[dict]:
+    async def _logs_stream(self, request: dict[str, Any], sandbox_id: str) -> AsyncIterator[dict[str, Any]]:
         if self._closed or self._channel is None:
             raise SandboxUnavailableError(f"the remote runtime for {self.address} is closed", sandbox_id=sandbox_id)
         call = self._logs_call(m.pack(request), metadata=self._metadata)
@@ -382,7 +388,8 @@ class RemoteRuntime(Runtime):
         record.channel = channel
         return channel
 
-    async def _redeem(self, record: SandboxRecord, inbound: ThreadPipe, close_call, pumped: trio.Event):
+    async def _redeem(self, record: SandboxRecord, inbound: ThreadPipe, close_call: Callable[[], None],
+                      pumped: trio.Event) -> fastclient.FastStream:
         """The fast socket for an Attach call that asked for it: its offer, redeemed. _NoFastPlane
         (with the call ended and forgotten) if this process cannot use it."""
         try:
@@ -406,22 +413,23 @@ class RemoteRuntime(Runtime):
         record.connect_worker = functools.partial(self._worker_line, offer)
         return fastclient.FastStream(sock, inbound, on_close=close_call)
 
-    async def _worker_line(self, offer: dict, name: str):
+    async def _worker_line(self, offer: dict[str, Any], name: str) -> socket.socket:
         sock = await fastclient.open_worker_line(offer, name)
         self.worker_lines += 1
         return sock
 
-    async def _pump(self, record: SandboxRecord, call, inbound: ThreadPipe, key: int, pumped: trio.Event) -> None:
+    async def _pump(self, record: SandboxRecord, call: _StreamingCall, inbound: ThreadPipe, key: int,
+                    pumped: trio.Event) -> None:
         """Move response messages into ``inbound`` (in a thread) until the stream ends; then say how."""
         error = None
         try:
             outcome, detail = await bridge.pump_responses(call, inbound)
             if outcome == "ended":
-                self._exit_report(record, detail)  # type: ignore[arg-type]
+                self._exit_report(record, detail)
             elif inbound.closed:  # we closed the stream ourselves: detached, not lost
                 record.detached = True
             else:
-                error = translate(detail, self.address, record.sandbox_id)  # type: ignore[arg-type]
+                error = translate(detail, self.address, record.sandbox_id)
                 if isinstance(error, SandboxUnavailableError):
                     record.lost = str(error)
                 record.extra["attach_error"] = error
@@ -432,7 +440,7 @@ class RemoteRuntime(Runtime):
             pumped.set()
 
     @staticmethod
-    def _exit_report(record: SandboxRecord, trailer: dict) -> None:
+    def _exit_report(record: SandboxRecord, trailer: dict[str, Any]) -> None:
         if m.TRAILER_CODE in trailer or m.TRAILER_SIGNAL in trailer:
             code, sig = trailer.get(m.TRAILER_CODE), trailer.get(m.TRAILER_SIGNAL)
             record.exit_code = int(code) if code not in (None, "") else None
@@ -442,7 +450,7 @@ class RemoteRuntime(Runtime):
             record.detached = True
 
     @staticmethod
-    def _update(record: SandboxRecord, info: dict) -> None:
+    def _update(record: SandboxRecord, info: dict[str, Any]) -> None:
         record.sandbox_id = info["sandbox_id"]
         record.isolation = info.get("isolation") or record.isolation
         record.created_at = info.get("created_at") or record.created_at
@@ -452,11 +460,21 @@ class RemoteRuntime(Runtime):
         record.orphaned_for = info.get("orphaned_for")
 
 
+class _StreamingCall(Protocol):
+    """A gRPC call with a response stream, as this module uses it (grpc ships no types)."""
+
+    def __iter__(self) -> Iterator[bytes]: ...
+
+    def __next__(self) -> bytes: ...
+
+    def cancel(self) -> bool: ...
+
+
 class _NoFastPlane(Exception):
     """This process cannot use the server's fast socket (another user, another mount namespace)."""
 
 
-def _spec_or_tags(info: dict) -> SandboxSpec:
+def _spec_or_tags(info: dict[str, Any]) -> SandboxSpec:
     """The spec the server reports; sandboxes of an earlier server run have only their tags."""
     if info.get("spec"):
         try:

@@ -87,7 +87,7 @@ def processes_mentioning(path: str) -> list[int]:
 
 def sweep(state_dir: str) -> list[str]:
     """Kill and remove what dead owners left in ``state_dir``; return the directories removed."""
-    removed = []
+    removed: list[str] = []
     _cgroups.sweep(state_dir, _owner_alive)  # kills their processes too
     _bridge.sweep(state_dir, _owner_alive)  # their bridge sandboxes' nft chains
     try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import math
 import signal
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol, TYPE_CHECKING
 
 import trio
 
@@ -72,7 +72,7 @@ class FakeAgent:
         self.script = box.script
         self.chan = FrameChannel(stream)
         self.procs: dict[int, _Proc] = {}
-        self.calls: collections.OrderedDict[int, dict] = collections.OrderedDict()
+        self.calls: collections.OrderedDict[int, dict[str, Any]] = collections.OrderedDict()
         self.calls_changed = trio.Event()
         self.fns: dict[bytes, Any] = {}
         self.running_call: tuple[int, trio.CancelScope] | None = None
@@ -150,7 +150,7 @@ class FakeAgent:
         self.outbox.close()
         await self.flushed.wait()
 
-    def _post(self, frame: dict) -> None:
+    def _post(self, frame: dict[str, Any]) -> None:
         """Queue a frame for the owner; frames leave in the order they were posted."""
         if self.died is None:
             try:
@@ -207,7 +207,7 @@ class FakeAgent:
         except Exception as exc:  # a bad frame: the stream can't be trusted past it, as in the real agent
             self.end(f"protocol error: {exc}")
 
-    def _dispatch(self, frame: dict) -> None:
+    def _dispatch(self, frame: dict[str, Any]) -> None:
         handler = getattr(self, f"_on_{frame['t']}", None)
         if handler is None:
             self._post(_fakecodec.error(frame.get("id", 0), "protocol",
@@ -217,20 +217,21 @@ class FakeAgent:
 
     # -- processes -------------------------------------------------------------------------------
 
-    def _on_exec(self, frame: dict) -> None:
+    def _on_exec(self, frame: dict[str, Any]) -> None:
         cwd = _fakescript.normalize(self.box.cwd, frame["cwd"]) if frame.get("cwd") else self.box.cwd
         self._spawn(frame["id"], [str(a) for a in frame["argv"]], cwd, frame.get("env") or {}, bool(frame.get("stdin")))
 
-    def _spawn(self, req_id: int, argv: list[str], cwd: str, env: dict, stdin: bool) -> None:
+    def _spawn(self, req_id: int, argv: list[str], cwd: str, env: dict[str, Any], stdin: bool) -> None:
         proc = _Proc(req_id, argv, self.next_pid)
         proc.stdin_eof = not stdin
         self.next_pid += 1
         self.procs[req_id] = proc
         if req_id:
             self.box.execs.append(argv)
+        assert self.work is not None  # (``run`` serves frames only inside its work nursery)
         self.work.start_soon(self._run_proc, proc, cwd, {**self.box.env, **env})
 
-    async def _run_proc(self, proc: _Proc, cwd: str, env: dict) -> None:
+    async def _run_proc(self, proc: _Proc, cwd: str, env: dict[str, Any]) -> None:
         script = _fakescript.find_script(self.script.execs, proc.argv)
         try:
             if script is None:
@@ -253,6 +254,7 @@ class FakeAgent:
                 return bytes(proc.stdin)
 
             command = FakeCommand(proc.argv, cwd, env, self.box.files, read_stdin, write)
+            exit_code = 1  # (set below: only a signal, which sets ``killed_by``, cancels the scope)
             with proc.scope:
                 try:
                     outcome = await _fakescript.play(script, command)
@@ -260,17 +262,20 @@ class FakeAgent:
                     outcome = FakeExec(stderr=f"fake command handler raised: {exc!r}\n", exit_code=1)
                 proc.ignore_sigterm = outcome.ignore_sigterm
                 for delay, data in outcome.chunks:
+                    assert isinstance(data, bytes)  # (FakeExec made each text bytes)
                     await _fakescript.sleep(delay)
                     await write(data, 1)
                 for fd, data in ((1, outcome.stdout), (2, outcome.stderr)):
+                    assert isinstance(data, bytes)
                     if data:
                         await write(data, fd)
                 await _fakescript.sleep(outcome.delay)
                 if outcome.kill_sandbox:
                     return self.die()
+                exit_code = outcome.exit_code
             if proc.killed_by is not None:
                 return await self._finish(proc, 128 + proc.killed_by, proc.killed_by)
-            await self._finish(proc, outcome.exit_code, None)
+            await self._finish(proc, exit_code, None)
         finally:
             self.procs.pop(proc.id, None)
             proc.done.set()
@@ -285,7 +290,7 @@ class FakeAgent:
             return self.end("main_exited", grace=1.0)
         self._post({"t": "exit", "id": proc.id, "code": code, "signal": sig})
 
-    def _on_stdin(self, frame: dict) -> None:
+    def _on_stdin(self, frame: dict[str, Any]) -> None:
         proc = self.procs.get(frame["id"])
         if proc is None or proc.stdin_eof:
             return
@@ -294,15 +299,15 @@ class FakeAgent:
         proc.stdin_changed.set()
         proc.stdin_changed = trio.Event()
 
-    def _on_signal(self, frame: dict) -> None:
+    def _on_signal(self, frame: dict[str, Any]) -> None:
         proc = self.procs.get(frame["id"])
         if proc is not None:
             proc.signal(frame["sig"])
 
-    def _on_credit(self, frame: dict) -> None:
+    def _on_credit(self, frame: dict[str, Any]) -> None:
         """Flow control: the fake sends at once (its output is in memory), so credit needs nothing."""
 
-    def _on_cancel(self, frame: dict) -> None:
+    def _on_cancel(self, frame: dict[str, Any]) -> None:
         if self._cancel_call(frame["id"], bool(frame.get("steal"))):
             return
         proc = self.procs.get(frame["id"])
@@ -311,11 +316,11 @@ class FakeAgent:
 
     # -- calls -----------------------------------------------------------------------------------
 
-    def _on_call(self, frame: dict) -> None:
+    def _on_call(self, frame: dict[str, Any]) -> None:
         self.calls[frame["id"]] = frame
         self.calls_changed.set()
 
-    def _on_worker(self, frame: dict) -> None:
+    def _on_worker(self, frame: dict[str, Any]) -> None:
         self._post(_fakecodec.error(
             frame["id"], "protocol", "the fake runtime has no direct workers; send calls through the agent"))
 
@@ -338,6 +343,7 @@ class FakeAgent:
                 await self.calls_changed.wait()
                 self.calls_changed = trio.Event()
             call_id, frame = self.calls.popitem(last=False)
+            answer: dict[str, Any] | None = None
             with trio.CancelScope() as scope:
                 self.running_call = (call_id, scope)
                 try:
@@ -350,7 +356,7 @@ class FakeAgent:
                 self._post(answer)
             self._touch()
 
-    async def _run_call(self, frame: dict) -> dict | None:
+    async def _run_call(self, frame: dict[str, Any]) -> dict[str, Any] | None:
         loaded = _fakecodec.load_call(frame, self.fns)
         if isinstance(loaded, dict):
             return loaded
@@ -387,7 +393,7 @@ class FakeAgent:
 
     # -- files, liveness, stop -----------------------------------------------------------------------
 
-    def _on_read_file(self, frame: dict) -> None:
+    def _on_read_file(self, frame: dict[str, Any]) -> None:
         path = _fakescript.normalize(self.box.cwd, frame["path"])
         data = self.box.files.get(path)
         if data is not None:
@@ -398,7 +404,7 @@ class FakeAgent:
             answer = self._file_error(frame, "CWSANDBOX_FILE_NOT_FOUND", "No such file or directory")
         self._post(answer)
 
-    def _on_write_file(self, frame: dict) -> None:
+    def _on_write_file(self, frame: dict[str, Any]) -> None:
         path = _fakescript.normalize(self.box.cwd, frame["path"])
         if _fakescript.is_directory(self.box.files, path):
             answer = self._file_error(frame, "CWSANDBOX_FILE_IS_DIRECTORY", "Is a directory")
@@ -408,15 +414,15 @@ class FakeAgent:
         self._post(answer)
 
     @staticmethod
-    def _file_error(frame: dict, reason: str, message: str) -> dict:
+    def _file_error(frame: dict[str, Any], reason: str, message: str) -> dict[str, Any]:
         return {"t": "error", "id": frame["id"], "kind": reason, "message": f"{frame['path']}: {message}",
                 "path": frame["path"]}
 
-    def _on_ping(self, frame: dict) -> None:
+    def _on_ping(self, frame: dict[str, Any]) -> None:
         self._post({"t": "pong", "id": frame["id"]})
 
-    def _on_stop(self, frame: dict) -> None:
+    def _on_stop(self, frame: dict[str, Any]) -> None:
         self.end("stopped", grace=float(frame["grace"]))
 
-    def _on_hello(self, frame: dict) -> None:
+    def _on_hello(self, frame: dict[str, Any]) -> None:
         _wire.check_hello(frame)

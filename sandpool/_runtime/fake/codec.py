@@ -12,7 +12,8 @@ from typing import Any
 
 from _sandpool_agent import plain as _plain
 
-def load_call(frame: dict, fns: dict[bytes, Any]) -> tuple[Any, tuple, dict] | dict:
+def load_call(frame: dict[str, Any],
+              fns: dict[bytes, Any]) -> tuple[Any, tuple[Any, ...], dict[str, Any]] | dict[str, Any]:
     """``(fn, args, kwargs)`` of a ``call`` frame, or the ``error`` frame that answers it."""
     import cloudpickle
 
@@ -31,7 +32,7 @@ def load_call(frame: dict, fns: dict[bytes, Any]) -> tuple[Any, tuple, dict] | d
     return fns[key], args, kwargs
 
 
-def result(call_id: int, value: Any, micros: int, pickled: bool = False) -> dict:
+def result(call_id: int, value: Any, micros: int, pickled: bool = False) -> dict[str, Any]:
     """The ``result`` frame for a returned value: plain data (``_plain``), or a cloudpickle when the
     function opted in (``pickled``); a ``serialization`` error if it cannot travel."""
     import cloudpickle
@@ -48,7 +49,7 @@ def result(call_id: int, value: Any, micros: int, pickled: bool = False) -> dict
     return {"t": "result", "id": call_id, "us": micros, "data": data}
 
 
-def user_error(call_id: int, exc: BaseException, pickled: bool = False) -> dict:
+def user_error(call_id: int, exc: BaseException, pickled: bool = False) -> dict[str, Any]:
     """The ``error`` frame of kind "user" for an exception the function raised: plain data
     (``exc``), plus its pickle when the function opted in."""
     import cloudpickle
@@ -71,7 +72,7 @@ def user_error(call_id: int, exc: BaseException, pickled: bool = False) -> dict:
     return error(call_id, "user", message, **extra)
 
 
-def error(call_id: int, kind: str, message: str, **extra: object) -> dict:
+def error(call_id: int, kind: str, message: str, **extra: object) -> dict[str, Any]:
     return {"t": "error", "id": call_id, "kind": kind, "message": message, **extra}
 
 

@@ -123,7 +123,7 @@ class FakeRuntime(Runtime):
 
     def __init__(self, *, execs: Mapping[Any, Any] | Callable[..., Any] | None = None,
                  files: Mapping[str, str | bytes] | None = None,
-                 calls: Callable[[str, tuple, dict], FakeCall | None] | None = None,
+                 calls: Callable[[str, tuple[Any, ...], dict[str, Any]], FakeCall | None] | None = None,
                  start_delay: float = 0.0, fail_starts: int | Callable[[SandboxSpec, int], bool] = 0,
                  die_after: float | None = None) -> None:
         self._script = _Script(execs, calls, die_after)

@@ -156,13 +156,14 @@ def find_script(table: Table, argv: list[str]) -> Script | None:
 
 async def play(script: Script, command: FakeCommand) -> FakeExec:
     """Run a handler (if it is one) to get the command's FakeExec."""
+    outcome: object = script
     if callable(script) and not isinstance(script, FakeExec):
-        script = script(command)
-        if inspect.isawaitable(script):
-            script = await script
-    if isinstance(script, bool) or not isinstance(script, (FakeExec, int)):
-        raise TypeError(f"a command handler must return a FakeExec or an exit code, got {script!r}")
-    return FakeExec(exit_code=script) if isinstance(script, int) else script
+        outcome = script(command)
+        if inspect.isawaitable(outcome):
+            outcome = await outcome
+    if isinstance(outcome, bool) or not isinstance(outcome, (FakeExec, int)):
+        raise TypeError(f"a command handler must return a FakeExec or an exit code, got {outcome!r}")
+    return FakeExec(exit_code=outcome) if isinstance(outcome, int) else outcome
 
 
 # -- built-in commands ---------------------------------------------------------------------------
