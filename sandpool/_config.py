@@ -447,8 +447,8 @@ def resolve_spec(defaults: SandboxDefaults | Mapping[str, Any] | None = None, /,
     if overrides.get("template_id") is not None:  # a stored spec under the explicit options
         overrides = _templates.apply(overrides)
         _reject_unknown(overrides, "template option", "options")
-    if overrides.get("containers"):  # a pod: the primary container's fields, none of the defaults'
-        pod = _pods.normalise(overrides["containers"], _FrozenDict)
+    if overrides.get("containers") or defaults.containers:  # a pod: the primary container's fields, none of the defaults'
+        pod = _pods.normalise(overrides.get("containers") or defaults.containers, _FrozenDict, _options_cw.normalise)
         overrides = {**overrides, **_pods.primary_options(pod or (), overrides), "containers": pod}
         defaults = dataclasses.replace(defaults, **{name: _fresh(name) for name in _pods.EXCLUSIVE})
     merged = {name: getattr(defaults, name) for name in _OPTIONS}

@@ -203,9 +203,9 @@ def normalise(name: str, value: object, frozen: Callable[[dict], Any]) -> object
         case "volumes":
             return _options_volumes.normalise(value, frozen)
         case "containers":
-            from . import _pods  # (it reads secrets through this module)
+            from . import _pods
 
-            return _pods.normalise(value, frozen)
+            return _pods.normalise(value, frozen, normalise)
         case "template_id":
             from . import _templates
 

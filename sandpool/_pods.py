@@ -35,9 +35,11 @@ _AS_OPTION = {"image": "container_image", "command": "command", "args": "args",
               "working_dir": "working_dir", "mounted_files": "mounted_files", "secrets": "secrets"}
 
 
-def normalise(value: object, frozen: Callable[[dict[str, Any]], Any]) -> tuple[Any, ...] | None:
-    """``containers`` as a tuple of frozen dicts (Container's fields; ``secrets`` plain dicts), or
-    None for an empty list. Raises TypeError/ValueError naming the container, field, value and fix,
+def normalise(value: object, frozen: Callable[[dict[str, Any]], Any],
+              option: Callable[[str, object, Callable[[dict[str, Any]], Any]], Any]) -> tuple[Any, ...] | None:
+    """``containers`` as a tuple of frozen dicts (Container's fields; ``mounted_files`` and
+    ``secrets`` in the plain form ``option`` (``_options_cw.normalise``) gives them), or None for
+    an empty list. Raises TypeError/ValueError naming the container, field, value and fix,
     NotSupportedLocallyError for ``volume_mounts`` (a pod's volumes are the primary's)."""
     if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
         raise TypeError(f"containers must be a list of Container, got {type(value).__name__} {value!r}; use e.g. "
@@ -68,19 +70,18 @@ def normalise(value: object, frozen: Callable[[dict[str, Any]], Any]) -> tuple[A
             raise NotSupportedLocallyError(
                 f"container {row.name!r}: volume_mounts is not supported locally; a pod's volumes= are mounted "
                 f"in its primary container", feature="Container.volume_mounts")
-    return tuple(frozen(_row(row, frozen)) for row in rows)
+    return tuple(frozen(_row(row, frozen, option)) for row in rows)
 
 
-def _row(row: t.Container, frozen: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
+def _row(row: t.Container, frozen: Callable[[dict[str, Any]], Any],
+         option: Callable[[str, object, Callable[[dict[str, Any]], Any]], Any]) -> dict[str, Any]:
     """A checked Container as plain hashable data (what a spec holds and the wire carries)."""
-    from . import _options_cw as cw
-
     where = f"container {row.name or PRIMARY_NAME!r}"
-    secrets = cw.normalise("secrets", row.secrets, frozen) if row.secrets else None
+    secrets = option("secrets", row.secrets, frozen) if row.secrets else None
     env = row.environment_variables
     if env is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
         raise TypeError(f"{where}: environment_variables must map str to str, got {env!r}")
-    files = None if row.mounted_files is None else cw.normalise("mounted_files", row.mounted_files, frozen)
+    files = None if row.mounted_files is None else option("mounted_files", row.mounted_files, frozen)
     resources: Any = row.resources
     if dataclasses.is_dataclass(resources) and not isinstance(resources, type):
         resources = {f.name: getattr(resources, f.name) for f in dataclasses.fields(resources)}
@@ -119,14 +120,13 @@ def primary_options(containers: Sequence[Mapping[str, Any]], given: Mapping[str,
     return _options(primary(containers))
 
 
-def member_options(row: Mapping[str, Any]) -> dict[str, Any]:
+def member_options(row: Mapping[str, Any],
+                   secret_values: Callable[[Sequence[Mapping[str, Any]]], dict[str, str]]) -> dict[str, Any]:
     """The options of a non-primary container's own sandbox, over the pod's spec: its container
-    fields (its secrets' values read now, into its environment); no services, volumes, snapshot
+    fields (its secrets' values read now with ``secret_values``, into its environment); no services, volumes, snapshot
     or containers of its own (those are the pod's). ValueError for a secret that cannot be read."""
     options = _options(row)
     if row["secrets"]:
-        from ._options_cw import secret_values
-
         values = secret_values(row["secrets"])
         options["environment_variables"] = {**(row["environment_variables"] or {}), **values}
     options["container_image"] = row["image"]

@@ -19,7 +19,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 __all__ = ["ENV_TEMPLATE_DIR", "apply", "check_name", "listing", "load", "remove", "save", "store_dir"]
@@ -73,16 +73,15 @@ def plain(value: object, where: str = "options") -> Any:
                     f"(str, numbers, lists, dicts; file contents as str)")
 
 
-def save(name: str, options: Mapping[str, Any]) -> str:
-    """Store ``options`` (sandbox options, checked by building a spec from them) as template
-    ``name``, replacing one of that name; returns its path. ValueError/TypeError for bad options."""
-    from ._config import resolve_spec  # (the spec module reads templates through this one)
-
+def save(name: str, options: Mapping[str, Any], check: Callable[..., object]) -> str:
+    """Store ``options`` (sandbox options, checked now by ``check(**options)``: ``resolve_spec``)
+    as template ``name``, replacing one of that name; returns its path. ValueError/TypeError for
+    bad options."""
     check_name(name)
     data = plain(dict(options))
     if "template_id" in data:
         raise ValueError("a template cannot name another template (template_id); store the options themselves")
-    resolve_spec(None, **data)  # every option checked now, not when the template is used
+    check(**data)  # every option checked now, not when the template is used
     os.makedirs(store_dir(), mode=0o700, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=store_dir(), prefix=".tmp-", suffix=".json")
     with os.fdopen(fd, "w") as f:

@@ -32,6 +32,7 @@ def register(sub: Subcommands) -> None:
 
 def cmd_save(args: argparse.Namespace) -> int:
     from .. import _compose, _templates
+    from .._config import resolve_spec
 
     data, source = _compose.read(args.file)
     doc = _compose.parse(data, source)
@@ -42,7 +43,7 @@ def cmd_save(args: argparse.Namespace) -> int:
         options = {"containers": _compose.containers(doc, source, args.primary_service)}
     else:
         options = doc
-    print(_templates.save(args.name, options))
+    print(_templates.save(args.name, options, resolve_spec))
     return 0
 
 

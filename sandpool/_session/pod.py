@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .. import _compose, _pods
+from .._options_cw import secret_values
 from .._config import SandboxStatus
 from .._core.lifecycle import Phase
 from .._cwtypes import ContainerStatus, SandboxControl, SandboxFileType
@@ -58,7 +59,7 @@ class PodMixin:
             first = _pods.primary(rows)
             for row in rows:
                 if row is not first:
-                    spec = dataclasses.replace(self._spec, **_pods.member_options(row))
+                    spec = dataclasses.replace(self._spec, **_pods.member_options(row, secret_values))
                     self._members[row["name"]] = type(self)(_home=self._home, _spec=spec, _pod_primary=self)
 
     # -- which container -------------------------------------------------------------------
