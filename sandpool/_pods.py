@@ -86,12 +86,12 @@ def _row(row: t.Container, frozen: Callable[[dict[str, Any]], Any],
     if dataclasses.is_dataclass(resources) and not isinstance(resources, type):
         resources = {f.name: getattr(resources, f.name) for f in dataclasses.fields(resources)}
     if isinstance(resources, Mapping):
-        resources = frozen({k: frozen(v) if isinstance(v, Mapping) else v for k, v in resources.items()})
+        resources = frozen({k: frozen(dict(v)) if isinstance(v, Mapping) else v for k, v in resources.items()})
     elif resources is not None:
         raise TypeError(f"{where}: resources must be a ResourceOptions or a dict such as "
                         f"{{'limits': {{'memory': '256Mi'}}}}, got {row.resources!r}")
     return {"image": row.image, "name": row.name, "command": row.command, "args": row.args,
-            "environment_variables": None if env is None else frozen(env), "resources": resources,
+            "environment_variables": None if env is None else frozen(dict(env)), "resources": resources,
             "mounted_files": files, "working_dir": row.working_dir, "secrets": secrets, "primary": row.primary}
 
 
