@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -36,7 +36,7 @@ from .._errors import SandboxFailedError
 from .._errors_cw import NotSupportedLocallyError
 
 if TYPE_CHECKING:
-    from .._runtime.contract import Runtime
+    from .._runtime.contract import Runtime, SandboxRecord
     from .sandbox import Sandbox
 
 __all__ = ["PodMixin"]
@@ -45,13 +45,14 @@ __all__ = ["PodMixin"]
 class PodMixin:
     """The pod part of Sandbox (see the module doc)."""
 
-    _pod_primary: Sandbox | None = None  # set on a pod's further container: its primary
+    _pod_join: Callable[[], Awaitable[SandboxRecord]] | None = None  # a further container's: its primary's _agent_record
     _members: dict[str, Sandbox]  # a pod's further containers by name (empty for one container)
     _agent_up: trio.Event  # the primary's agent runs, or its start failed: its members may go on
 
-    def _init_pod(self: Sandbox, primary: Sandbox | None) -> None:
-        """In ``__init__`` (no I/O): build the further containers' sandboxes, or note the primary."""
-        self._pod_primary = primary
+    def _init_pod(self: Sandbox, join: Callable[[], Awaitable[SandboxRecord]] | None) -> None:
+        """In ``__init__`` (no I/O): build the further containers' sandboxes, or (in one of them) note
+        how to wait for its primary's agent (``join``: the primary's ``_agent_record``)."""
+        self._pod_join = join
         self._agent_up = trio.Event()
         self._members = {}
         rows = self._spec.containers or ()
@@ -60,7 +61,8 @@ class PodMixin:
             for row in rows:
                 if row is not first:
                     spec = dataclasses.replace(self._spec, **_pods.member_options(row, secret_values))
-                    self._members[row["name"]] = type(self)(_home=self._home, _spec=spec, _pod_primary=self)
+                    self._members[row["name"]] = type(self)(_home=self._home, _spec=spec,
+                                                            _pod_join=self._agent_record)
 
     # -- which container -------------------------------------------------------------------
 
@@ -90,15 +92,19 @@ class PodMixin:
     async def _join_pod(self: Sandbox, runtime: Runtime) -> None:
         """In a further container's start, after its record exists: wait until the primary's agent
         runs (starting the pod if it was not), then have the runtime join its network."""
-        primary = self._pod_primary
-        if primary is None or self._record is None:
+        if self._pod_join is None or self._record is None:
             return
-        primary.start()
-        await primary._agent_up.wait()
-        if primary._record is None or primary._state.phase is not Phase.RUNNING:
-            raise SandboxFailedError("its pod's primary container is not running", sandbox_id=primary.sandbox_id,
+        runtime.join_pod(self._record, await self._pod_join())
+
+    async def _agent_record(self: Sandbox) -> SandboxRecord:
+        """(A primary's, for its members:) its record once its agent runs, starting the pod if it was
+        not; SandboxFailedError if it did not start or has ended."""
+        self.start()
+        await self._agent_up.wait()
+        if self._record is None or self._state.phase is not Phase.RUNNING:
+            raise SandboxFailedError("its pod's primary container is not running", sandbox_id=self.sandbox_id,
                                      status_reason="PodEnded")
-        runtime.join_pod(self._record, primary._record)
+        return self._record
 
     async def _start_members(self: Sandbox) -> None:
         """In the primary's start, once it runs: start every further container (at once). One that

@@ -70,7 +70,8 @@ class Sandbox(SandboxBlocks, SnapshotsMixin, PodMixin, SurfaceMixin, LogsMixin, 
 
     def __init__(self, *, defaults: SandboxDefaults | None = None, address: str | None = None,
                  token: str | None = None, _session: Session | None = None, _home: SandboxHome | None = None,
-                 _spec: SandboxSpec | None = None, _pod_primary: Sandbox | None = None, **overrides: Any) -> None:
+                 _spec: SandboxSpec | None = None, _pod_join: Callable[[], Awaitable[SandboxRecord]] | None = None,
+                 **overrides: Any) -> None:
         standalone = _home is None and _session is None
         if _home is None:
             if _session is None:  # standalone: owned by the hidden session (stopped at exit at the latest)
@@ -92,7 +93,7 @@ class Sandbox(SandboxBlocks, SnapshotsMixin, PodMixin, SurfaceMixin, LogsMixin, 
                                ensure_running=self._ensure_running, register=self._register,
                                unregister=self._unregister, send=self._send, send_many=self._send_many,
                                record=lambda: self._record, open_main_log=self._open_main_log)
-        self._init_pod(_pod_primary)  # a pod's further containers (or, for one of them, its primary)
+        self._init_pod(_pod_join)  # a pod's further containers (or, in one of them, how to join its primary)
         if standalone:  # a session's own sandboxes are tracked by the session (found handles: on adopt)
             self._belong_to(_home)
 
@@ -238,10 +239,10 @@ class Sandbox(SandboxBlocks, SnapshotsMixin, PodMixin, SurfaceMixin, LogsMixin, 
             runtime = await self._home.ready()
             self._record = runtime.create(self._spec)
             await self._join_pod(runtime)  # a pod's further container: into its primary's network
-            if self._pod_primary is None:  # (a pod's further containers are not listed)
+            if self._pod_join is None:  # (a pod's further containers are not listed)
                 KNOWN[self._record.sandbox_id] = self
             await runtime.start(self._record)
-            if self._pod_primary is None:
+            if self._pod_join is None:
                 KNOWN[self._record.sandbox_id] = self  # again: a remote runtime names it in start()
             self._record.started_at = time.time()
             self._advance(Event.RUNNING)
