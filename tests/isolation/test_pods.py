@@ -7,8 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from network_helpers import NEEDS_BRIDGE, SERVE
+from test_network import host_connect
 
-from sandpool import Container, Sandbox, SandboxStatus, Session, testing
+from sandpool import Container, Sandbox, SandboxDiedError, SandboxStatus, Session, testing
 from sandpool.__main__ import main as cli
 from _sandpool_agent.confine import cgroups
 from sandpool._isolation import probe
@@ -195,3 +197,31 @@ def test_bad_compose_files_are_refused_naming_the_key(text, primary, match):
     naming it, before anything starts."""
     with pytest.raises(ValueError, match=match):
         Sandbox.run_from_file(text, primary_service=primary)
+
+
+@NEEDS_BRIDGE
+def test_a_bridge_pod_shares_its_address_and_exposed_ports(session):
+    """With a bridge network the pod has one address: a server in the second container is reached
+    from the host through the pod's exposed port, and both containers see the same eth0 address."""
+    sb = session.sandbox(network={"ingress": [{"cidr": "192.0.2.99/32", "ports": [{"port": 8000}]}]},
+                         containers=[Container(name="app", image="host", primary=True),
+                                     Container(name="side", image="host")])
+    proc = sb.exec(["python3", "-c", SERVE, "8000"], container="side")
+    assert next(iter(proc.stdout)).strip() == "ready"
+    [(_port, _name, url)] = sb.service_urls
+    assert host_connect(url.removeprefix("tcp://")) == b"from-sandbox:host"
+    mine = "ip -4 -o addr show eth0; echo $SANDPOOL_SANDBOX_ADDRESS"
+    assert sh(sb, mine) == sh(sb, mine, container="side") and sh(sb, mine).strip()
+
+
+def test_a_container_over_its_memory_limit_is_killed_alone(session, memory_limits_enforced):
+    """The second container going over its own memory limit is OOM-killed; the primary (no limit)
+    runs on and still reaches the pod's network."""
+    sb = session.sandbox(containers=[SERVER, CLIENT])
+    hog = sb.exec(["python3", "-c", "b = [bytearray(1 << 20) for _ in range(1000)]; print('survived')"],
+                  container="cli")
+    with pytest.raises(SandboxDiedError, match="OOMKilled"):
+        hog.result(timeout=30)
+    assert sb.status == SandboxStatus.RUNNING and sh(sb, "echo alive") == "alive\n"
+    assert sb.exec(["python3", "-c", FETCH]).result(timeout=60).stdout.strip() == "200"
+    assert dict((c.name, c.state) for c in sb.container_statuses)["cli"] == SandboxStatus.FAILED
