@@ -148,6 +148,18 @@ def test_run_from_file_and_templates_round_trip(session, tmp_path, monkeypatch):
     with Sandbox.run_from_template("two", isolation="namespaces") as again:
         assert [c.name for c in again.container_statuses] == ["db", "app"]
     assert cli(["templates", "rm", "two"]) == 0 and cli(["templates", "rm", "two"]) == 1
+    options = tmp_path / "one.json"
+    options.write_text(json.dumps({"environment_variables": {"ROLE": "stored", "KEEP": "k"}, "tags": ["tpl"]}))
+    assert cli(["templates", "save", "one", str(options)]) == 0
+    sb = session.sandbox(template_id="one", environment_variables={"ROLE": "given"})
+    assert sh(sb, "echo $ROLE $KEEP") == "given\n" and sb.tags == ("tpl",)  # an option given replaces the template's
+
+
+def test_one_named_container_is_a_plain_sandbox_under_its_name(session):
+    """containers= with one container: the sandbox runs it, and its name (or None) targets it."""
+    sb = session.sandbox(containers=[Container(name="solo", image="host", environment_variables={"X": "1"})])
+    assert sh(sb, "echo $X", container="solo") == "1\n" == sh(sb, "echo $X")
+    assert [c.name for c in sb.container_statuses] == ["solo"]
 
 
 def _templates_listing() -> list[dict]:
