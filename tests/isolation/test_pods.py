@@ -3,11 +3,10 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 from network_helpers import NEEDS_BRIDGE, SERVE
+from proc_helpers import sigkill_when_ready
 from test_network import host_connect
 
 from sandpool import Container, Sandbox, SandboxDiedError, SandboxStatus, Session, testing
@@ -112,13 +111,7 @@ def test_a_sigkilled_client_leaves_nothing_of_a_pod(tmp_path):
     """SIGKILL a client with a running pod: no process, cgroup, mount or directory of any container is left."""
     state_dir = str(tmp_path / "state")
     env = {**os.environ, "SANDPOOL_STATE_DIR": state_dir}
-    client = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT], stdout=subprocess.PIPE, text=True, env=env)
-    try:
-        assert client.stdout.readline().strip() == "ready"
-    finally:
-        client.kill()
-        client.wait()
-    assert client.returncode == -signal.SIGKILL
+    assert sigkill_when_ready(KILLED_CLIENT, env) == -signal.SIGKILL
     assert not testing.wait_for_no_leftovers(state_dir, timeout=10)
 
 
