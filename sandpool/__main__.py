@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._cli import image, sandboxes, serve, snapshots, terminal, volumes
+from ._cli import image, sandboxes, serve, snapshots, templates, terminal, volumes
 
 REGISTRARS = [serve.register, sandboxes.register, terminal.register, image.register, snapshots.register,
-              volumes.register]
+              volumes.register, templates.register]
 #: Printed under the error when no server answered: what to do about it.
 NO_SERVER_HINT = ("hint: no sandpool server answered; start one with 'sandpool serve' (it listens on this user's "
                   "socket), or point --address / $SANDPOOL_ADDRESS at a running one")

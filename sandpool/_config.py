@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Self
 
-from . import _options_cw
+from . import _options_cw, _pods, _templates
 from ._ids import check_snapshot_id
 from ._quantity import parse_cpu, parse_memory, parse_pids
 from ._status import SandboxStatus
@@ -408,6 +408,12 @@ class SandboxSpec(_SandboxOptions):
 _OPTIONS = {f.name: f for f in dataclasses.fields(_SandboxOptions)}
 
 
+def _fresh(name: str) -> Any:
+    """The value option ``name`` has when nothing sets it."""
+    field = _OPTIONS[name]
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default  # type: ignore[misc]
+
+
 def _reject_unknown(names: Mapping[str, Any], what: str, plural: str) -> None:
     """Raise TypeError for the first name that is not an option."""
     for name in names:
@@ -439,6 +445,13 @@ def resolve_spec(defaults: SandboxDefaults | Mapping[str, Any] | None = None, /,
     if "file_system_snapshot_id" in overrides:  # cwsandbox's name for it
         overrides["restore_from_snapshot_id"] = overrides.pop("file_system_snapshot_id")
     _reject_unknown(overrides, "sandbox option", "options")
+    if overrides.get("template_id") is not None:  # a stored spec under the explicit options
+        overrides = _templates.apply(overrides)
+        _reject_unknown(overrides, "template option", "options")
+    if overrides.get("containers") or defaults.containers:  # a pod: the primary container's fields, none of the defaults'
+        pod = _pods.normalise(overrides.get("containers") or defaults.containers, _FrozenDict, _options_cw.normalise)
+        overrides = {**overrides, **_pods.primary_options(pod or (), overrides), "containers": pod}
+        defaults = dataclasses.replace(defaults, **{name: _fresh(name) for name in _pods.EXCLUSIVE})
     merged = {name: getattr(defaults, name) for name in _OPTIONS}
     merged.update((k, v) for k, v in overrides.items() if k in _OPTIONS and v is not None)
     merged["container_image"] = overrides.get("container_image") or defaults.container_image

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Self
 
@@ -475,7 +476,11 @@ class FileSystemSnapshotBucketConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Container:
-    """One container of a multi-container sandbox (not supported locally: one process tree)."""
+    """One container of a sandbox with several (a pod, see ``sandpool._pods``): its own image,
+    command, environment, limits, filesystem and processes; all share the sandbox's network.
+
+    Checked as cwsandbox checks it: ``image`` non-empty, ``name`` a DNS-1123 label, ``args`` a list
+    of strings, ``working_dir`` absolute; ValueError/TypeError naming the field, value and fix."""
 
     image: str
     name: str | None = None
@@ -489,6 +494,39 @@ class Container:
     working_dir: str | None = None
     image_pull_credentials: ImagePullCredentials | None = None
     primary: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.image, str) or not self.image:
+            raise ValueError(f"Container.image must be a non-empty image name, got {self.image!r}; "
+                             f"use e.g. image='host' or image='python:3.11'")
+        if self.name == "" or self.command == "" or self.working_dir == "":
+            for name in ("name", "command", "working_dir"):
+                if getattr(self, name) == "":
+                    _put(self, name, None)  # cwsandbox: empty means not given
+        if self.name is not None and (not isinstance(self.name, str) or not _DNS_LABEL.fullmatch(self.name)):
+            raise ValueError(f"Container.name must be a DNS-1123 label (lowercase letters, digits and '-', at most "
+                             f"63 characters), got {self.name!r}; use e.g. name='web'")
+        if self.command is not None and not isinstance(self.command, str):
+            raise TypeError(f"Container.command must be a str (the program), got {self.command!r}; put its "
+                            f"arguments in args, e.g. command='python', args=['-m', 'http.server']")
+        if self.args is not None:
+            if isinstance(self.args, (str, bytes)) or not all(isinstance(a, str) for a in self.args):
+                raise TypeError(f"Container.args must be a list of strings, got {self.args!r}; use e.g. "
+                                f"args=['-c', 'print(1)']")
+            _put(self, "args", tuple(self.args))
+        if self.environment_variables is not None:
+            _put(self, "environment_variables", dict(self.environment_variables))
+        if self.working_dir is not None and (not isinstance(self.working_dir, str)
+                                             or not self.working_dir.startswith("/")):
+            raise ValueError(f"Container.working_dir must be an absolute path, got {self.working_dir!r}; "
+                             f"use e.g. working_dir='/work'")
+        _put(self, "volume_mounts", _tuple_of(VolumeMount, self.volume_mounts, "Container.volume_mounts"))
+        _put(self, "secrets", _tuple_of(Secret, self.secrets, "Container.secrets"))
+        if not isinstance(self.primary, bool):
+            raise TypeError(f"Container.primary must be True or False, got {self.primary!r}")
+
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

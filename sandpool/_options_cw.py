@@ -11,7 +11,8 @@ this module decides what each one becomes locally:
 - ``runtime_class`` and ``placement_mode``: validated, kept and reported; a runtime class is
   not honoured locally, so the first use of each value warns, naming the isolation level used.
 - ``secrets``, ``mounted_files``, ``network`` and ``services`` have a local meaning (see
-  ``secret_values``; the network's and services': docs/network.md).
+  ``secret_values``; the network's and services': docs/network.md); so do ``containers``
+  (``_pods``, docs/pods.md) and ``template_id`` (``_templates``).
 
 Values are normalised to plain, hashable data (frozen dicts, tuples, strings) so that a spec keys a
 pool and crosses the wire to a sandpool server. Stdlib only.
@@ -52,8 +53,6 @@ NO_LOCAL_MEANING: dict[str, str] = {
 
 NOT_YET: dict[str, str] = {
     "file_system_snapshot": "a snapshot holds the whole filesystem locally: pass restore_from_snapshot_id=",
-    "containers": "not planned: a local sandbox is one process tree",
-    "template_id": "not planned: there is no template store",
 }
 """Options that raise NotSupportedLocallyError when given, and where their local meaning comes from."""
 
@@ -208,6 +207,14 @@ def normalise(name: str, value: object, frozen: Callable[[dict[str, Any]], Any])
             return _secrets(value, frozen)
         case "volumes":
             return _options_volumes.normalise(value, frozen)
+        case "containers":
+            from . import _pods
+
+            return _pods.normalise(value, frozen, normalise)
+        case "template_id":
+            from . import _templates
+
+            return _templates.check_name(value, "template_id")
     raise AssertionError(f"no rule for option {name!r}")
 
 

@@ -17,3 +17,18 @@ def running(argv: list[str]) -> list[int]:
         except OSError:
             pass
     return found
+
+
+def sigkill_when_ready(script: str, env: dict[str, str]) -> int:
+    """Run the Python ``script`` (it prints "ready" once its sandboxes run) as a client process with
+    ``env``, SIGKILL it at that point and return its exit status (``-SIGKILL`` when it was killed)."""
+    import subprocess
+    import sys
+
+    client = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert client.stdout is not None and client.stdout.readline().strip() == "ready"
+    finally:
+        client.kill()
+        client.wait()
+    return client.returncode

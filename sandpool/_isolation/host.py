@@ -27,7 +27,7 @@ from .._config import SandboxSpec
 from .._errors import SandboxFailedError, SandboxResourceExhaustedError
 from .._images.errors import ImageError
 from .._quantity import parse_memory
-from . import admission, bridge, hostview, images, network, probe
+from . import admission, bridge, hostview, images, network, pods, probe
 from _sandpool_agent.confine import cgroups, storage
 
 if TYPE_CHECKING:
@@ -132,7 +132,8 @@ class Isolation:
         if record.isolation in ("namespaces", "oci"):
             assert lower is not None  # (resolve with fetch=True pulls the image or raises)
             self._namespaces_config(record, config, owner_dir, mode, lower)
-            if mode == "bridge":
+            member = pods.prepare(record, config, config["namespaces"], mode)  # a pod's further container
+            if mode == "bridge" and not member:
                 await bridge.prepare(record, config, config["namespaces"], self.key, owner_dir)
         if record.isolation == "oci":
             config["oci"] = config.pop("namespaces")  # the same plan, carried out by crun
@@ -208,6 +209,7 @@ class Isolation:
     async def started(self, record: SandboxRecord, nursery: trio.Nursery) -> None:
         """The agent answered its handshake (it is in its namespaces): the bridge network's part."""
         await bridge.started(record, nursery)
+        pods.started(record)
 
     # -- end -------------------------------------------------------------------------------
 
@@ -216,6 +218,7 @@ class Isolation:
         if reaped is not None and reaped.get("oom_killed"):
             record.oom_killed = True
         bridge.release(record, spawned=reaped is not None)
+        pods.release(record)
         group = record.extra.pop("cgroups", None)
         if group is not None and reaped is None:
             cgroups.remove(group)  # never spawned: the template does not know this group

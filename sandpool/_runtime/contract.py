@@ -119,6 +119,14 @@ class Runtime(abc.ABC):
                                         f"use a local session (snapshots of a sandpool server's sandboxes are not "
                                         f"built yet)", sandbox_id=record.sandbox_id, feature="snapshot")
 
+    def join_pod(self, record: SandboxRecord, primary: SandboxRecord) -> None:
+        """Before ``start(record)``: start it as a further container of ``primary``'s pod (in its
+        network namespace; see ``sandpool._pods``). Runtimes without pods refuse."""
+        from .._errors_cw import NotSupportedLocallyError
+
+        raise NotSupportedLocallyError(f"sandbox {primary.sandbox_id}: the {self.name} runtime runs one container per "
+                                       f"sandbox; several containers need a local session", feature="containers")
+
     async def attach(self, sandbox_id: str) -> FrameChannel:
         """A frame channel to a sandbox started elsewhere (set as its record's ``channel``, for a
         record that ``find`` returned); runtimes without sharing refuse."""

@@ -31,6 +31,7 @@ from .._isolation import probe
 import _sandpool_agent
 from _sandpool_agent.confine import userns
 from .._isolation.host import BASE_PATH, Isolation
+from .._isolation import pods as _pods
 from .._isolation import snapshots as _snapshots
 from .._isolation.runners import check_pinning
 from .._cwextra import LOCAL_RUNNER_ID
@@ -199,6 +200,9 @@ class LocalRuntime(Runtime):
         record = SandboxRecord(sandbox_id=sandbox_id, spec=spec, isolation=self._isolation.level(spec))
         self._records[sandbox_id] = record
         return record
+
+    def join_pod(self, record: SandboxRecord, primary: SandboxRecord) -> None:
+        _pods.join(record, primary)  # its isolation reads it in prepare
 
     def _layout(self, record: SandboxRecord) -> dict[str, Any]:
         assert self.owner_dir is not None

@@ -25,7 +25,7 @@ from .._errors import SandboxNotRunningError
 if TYPE_CHECKING:
     from .sandbox import Sandbox
 
-__all__ = ["LogBook", "LogsMixin", "MAX_LINE_BYTES", "check_container", "log_lines", "log_pieces", "check_log_options"]
+__all__ = ["LogBook", "LogsMixin", "MAX_LINE_BYTES", "log_lines", "log_pieces", "check_log_options"]
 
 #: A longer line is streamed in pieces of this size (cwsandbox's log-line buffer).
 MAX_LINE_BYTES = 1 << 20
@@ -103,12 +103,6 @@ class LogBook:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-def check_container(container: str | None) -> None:
-    """``container=`` of a data-plane call: None, "" or "main" (a local sandbox has one)."""
-    if container not in (None, "", "main"):
-        raise ValueError(f"container={container!r}: a local sandbox has one container; leave it out")
 
 
 def check_log_options(tail_lines: object, since_time: object) -> None:
@@ -193,7 +187,7 @@ class LogsMixin:
             timestamps: prefix each line with that time in ISO 8601 UTC and a space.
             timeout_seconds: accepted for cwsandbox; a local log does not wait on a server, and a
                 sandpool server's stream (follow or not) ends when the log is read or the sandbox ends.
-            container: must be None or "main" (a local sandbox has one process tree).
+            container: which container's main command (default the primary; see ``pod``).
 
         Starts the sandbox if needed. Readable after the sandbox ended, while this handle lives.
         A sandbox of a sandpool server streams its log from the server (``Runtime.main_log_lines``),
@@ -203,7 +197,9 @@ class LogsMixin:
         a server, ended so long ago that the server no longer keeps it; on Slurm, its job ended).
         """
         check_log_options(tail_lines, since_time)
-        check_container(container)
+        if container:
+            return self._in(container).stream_logs(follow=follow, tail_lines=tail_lines, since_time=since_time,
+                                                   timestamps=timestamps, timeout_seconds=timeout_seconds)
         since = since_time.timestamp() if since_time is not None else None
 
         async def produce() -> AsyncIterator[str]:

@@ -26,6 +26,7 @@ from .._errors import (
 from .blocks import SandboxBlocks
 from .connection import AgentConnection
 from .logs import LogsMixin
+from .pod import PodMixin
 from .process import Process, SandboxLink
 from .shared import KNOWN, FoundHandles
 from .streamfiles import StreamFilesMixin, check_path
@@ -55,7 +56,7 @@ class AgentLink(SandboxLink):
     open_main_log: Callable[[], BinaryIO | None]
 
 
-class Sandbox(SandboxBlocks, SnapshotsMixin, SurfaceMixin, LogsMixin, StreamFilesMixin, AgentConnection, FoundHandles):
+class Sandbox(SandboxBlocks, SnapshotsMixin, PodMixin, SurfaceMixin, LogsMixin, StreamFilesMixin, AgentConnection, FoundHandles):
     """A sandbox. Construction does no I/O; the first use (exec, files, wait, ``await``) starts it."""
 
     @staticmethod
@@ -69,7 +70,8 @@ class Sandbox(SandboxBlocks, SnapshotsMixin, SurfaceMixin, LogsMixin, StreamFile
 
     def __init__(self, *, defaults: SandboxDefaults | None = None, address: str | None = None,
                  token: str | None = None, _session: Session | None = None, _home: SandboxHome | None = None,
-                 _spec: SandboxSpec | None = None, **overrides: Any) -> None:
+                 _spec: SandboxSpec | None = None, _pod_join: Callable[[], Awaitable[SandboxRecord]] | None = None,
+                 **overrides: Any) -> None:
         standalone = _home is None and _session is None
         if _home is None:
             if _session is None:  # standalone: owned by the hidden session (stopped at exit at the latest)
@@ -91,6 +93,7 @@ class Sandbox(SandboxBlocks, SnapshotsMixin, SurfaceMixin, LogsMixin, StreamFile
                                ensure_running=self._ensure_running, register=self._register,
                                unregister=self._unregister, send=self._send, send_many=self._send_many,
                                record=lambda: self._record, open_main_log=self._open_main_log)
+        self._init_pod(_pod_join)  # a pod's further containers (or, in one of them, how to join its primary)
         if standalone:  # a session's own sandboxes are tracked by the session (found handles: on adopt)
             self._belong_to(_home)
 
@@ -235,18 +238,23 @@ class Sandbox(SandboxBlocks, SnapshotsMixin, SurfaceMixin, LogsMixin, StreamFile
         try:
             runtime = await self._home.ready()
             self._record = runtime.create(self._spec)
-            KNOWN[self._record.sandbox_id] = self
+            await self._join_pod(runtime)  # a pod's further container: into its primary's network
+            if self._pod_join is None:  # (a pod's further containers are not listed)
+                KNOWN[self._record.sandbox_id] = self
             await runtime.start(self._record)
-            KNOWN[self._record.sandbox_id] = self  # again: a remote runtime names it in start()
+            if self._pod_join is None:
+                KNOWN[self._record.sandbox_id] = self  # again: a remote runtime names it in start()
             self._record.started_at = time.time()
             self._advance(Event.RUNNING)
             self._host.nursery.start_soon(self._reader)
             self._keep_main_log()
             await self._mount_files()
+            await self._start_members()  # a pod's further containers
         except BaseException as exc:
             self._advance(Event.FAILED, settle=True, reason=f"failed to start: {exc}")
             raise
         finally:
+            self._agent_up.set()
             self._started.set()
 
     def _raise_if_not_running(self) -> None:
@@ -312,6 +320,7 @@ class Sandbox(SandboxBlocks, SnapshotsMixin, SurfaceMixin, LogsMixin, StreamFile
         return self._spawn(self._wait_async, None)
 
     async def _stop_async(self, grace: float) -> None:
+        await self._stop_members(grace)  # a pod's further containers
         if self._state.phase is Phase.NEW:
             self._advance(Event.STOP, settle=True)
             self._started.set()
@@ -332,8 +341,13 @@ class Sandbox(SandboxBlocks, SnapshotsMixin, SurfaceMixin, LogsMixin, StreamFile
     # -- data plane ------------------------------------------------------------------------------
 
     def exec(self, command: Sequence[str], *, cwd: str | None = None, env: dict[str, str] | None = None,
-             timeout_seconds: float | None = None, check: bool = False, stdin: bool = False) -> Process:
-        """Run ``command`` (an argv list, no shell) in the sandbox; returns at once with a Process."""
+             timeout_seconds: float | None = None, check: bool = False, stdin: bool = False,
+             container: str | None = None) -> Process:
+        """Run ``command`` (an argv list, no shell) in the sandbox (in its container ``container``,
+        default the primary); returns at once with a Process."""
+        if container:
+            return self._in(container).exec(command, cwd=cwd, env=env, timeout_seconds=timeout_seconds,
+                                            check=check, stdin=stdin)
         if isinstance(command, (str, bytes)) or not command:
             raise ValueError(f"command must be a non-empty list of strings such as ['echo', 'hi'], got {command!r}")
         argv = [str(c) for c in command]
@@ -354,21 +368,29 @@ class Sandbox(SandboxBlocks, SnapshotsMixin, SurfaceMixin, LogsMixin, StreamFile
         return proc
 
     def read_file(self, filepath: str, *, timeout_seconds: float | None = None,
-                  allow_special_files: bool = False) -> OperationRef[bytes]:
+                  allow_special_files: bool = False, container: str | None = None) -> OperationRef[bytes]:
         """The contents of ``filepath`` inside the sandbox, at most ``MAX_FILE_BYTES`` (more:
         ``SandboxFileError`` ``CWSANDBOX_FILE_TOO_LARGE``). A FIFO, device or socket is refused
         (``CWSANDBOX_FILE_NOT_REGULAR``) unless ``allow_special_files``: then it is read until its end
-        or the limit, however long that takes (a FIFO waits for its writer; the timeout still holds)."""
+        or the limit, however long that takes (a FIFO waits for its writer; the timeout still holds).
+        ``container``: which container's file (default the primary)."""
+        if container:
+            return self._in(container).read_file(filepath, timeout_seconds=timeout_seconds,
+                                                 allow_special_files=allow_special_files)
         check_path(filepath)
         _check_seconds(timeout_seconds, "timeout_seconds")
         frame = {"t": "read_file", "path": filepath, **({"special": True} if allow_special_files else {})}
         return self._spawn(self._file_request, frame, timeout_seconds)
 
     def write_file(self, filepath: str, contents: bytes, *, timeout_seconds: float | None = None,
-                   allow_special_files: bool = False) -> OperationRef[None]:
+                   allow_special_files: bool = False, container: str | None = None) -> OperationRef[None]:
         """Write ``contents`` (at most ``MAX_FILE_BYTES``) to ``filepath`` inside the sandbox (parents
         created, replaced atomically). An existing FIFO, device or socket there is refused unless
-        ``allow_special_files``: then the bytes are written into it."""
+        ``allow_special_files``: then the bytes are written into it. ``container``: which container's
+        file (default the primary)."""
+        if container:
+            return self._in(container).write_file(filepath, contents, timeout_seconds=timeout_seconds,
+                                                  allow_special_files=allow_special_files)
         check_path(filepath)
         _check_seconds(timeout_seconds, "timeout_seconds")
         if not isinstance(contents, (bytes, bytearray, memoryview)):

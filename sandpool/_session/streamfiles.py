@@ -17,7 +17,6 @@ import trio
 from _sandpool_agent import wire as _wire
 from .._core.chunkstream import ChunkStream
 from .._core.opref import OperationRef
-from .logs import check_container
 
 if TYPE_CHECKING:
     from .sandbox import Sandbox
@@ -59,7 +58,8 @@ class StreamFilesMixin:
         Raises (while iterating) SandboxFileError as ``read_file`` does; a FIFO or device is refused.
         """
         check_path(filepath)
-        check_container(container)
+        if container:
+            return self._in(container).read_file_streaming(filepath, timeout_seconds=timeout_seconds)
 
         async def produce() -> AsyncIterator[bytes]:
             offset = 0
@@ -86,7 +86,8 @@ class StreamFilesMixin:
         SandboxFileError as ``write_file`` does.
         """
         check_path(filepath)
-        check_container(container)
+        if container:
+            return self._in(container).write_file_streaming(filepath, source, timeout_seconds=timeout_seconds)
         if isinstance(source, (bytes, bytearray, memoryview)):
             chunks: AsyncIterable[Any] = _pull_sync([bytes(source)])
         elif isinstance(source, AsyncIterable):

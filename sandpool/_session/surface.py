@@ -3,8 +3,8 @@
 - ``get_status()``, ``exec_stats``, ``Sandbox.delete(id)``, ``Sandbox.session(...)``;
 - what a cloud sandbox reports (runner, services, volumes, effective runtime class, ...), answered
   for a local sandbox (one runner, ``"local"``; no services or volumes);
-- the snapshot bucket methods and ``run_from_template``/``run_from_file``, which raise
-  ``NotSupportedLocallyError`` (snapshots themselves: ``snapshots``);
+- the snapshot bucket methods, which raise ``SnapshotNotSupportedError`` (snapshots themselves:
+  ``snapshots``; containers, ``run_from_template`` and ``run_from_file``: ``pod``);
 - ``mounted_files``, written before ``start()`` resolves, and the main log kept open at start.
 """
 
@@ -20,7 +20,6 @@ import trio
 from .._core.lifecycle import Event
 from .._config import SandboxStatus
 from .._cwextra import LOCAL_RUNNER_ID
-from .._cwtypes import ContainerStatus
 from .._errors import (
     SandboxExecutionError,
     SandboxFailedError,
@@ -28,10 +27,10 @@ from .._errors import (
     SandboxNotRunningError,
     SandboxTerminatedError,
 )
-from .._errors_cw import STATE_ISSUE, NotSupportedLocallyError, SnapshotNotSupportedError
+from .._errors_cw import STATE_ISSUE, SnapshotNotSupportedError
 from .._core.opref import OperationRef
 from .._runtime.contract import Runtime
-from .logs import LogBook, check_container
+from .logs import LogBook
 from .terminal import TerminalSession, open_shell
 
 if TYPE_CHECKING:
@@ -146,15 +145,6 @@ class SurfaceMixin:
     def status_updated_at(self: Sandbox) -> float | None:
         return self.started_at or self.created_at
 
-    @property
-    def containers(self: Sandbox) -> tuple[()]:
-        return ()
-
-    @property
-    def container_statuses(self: Sandbox) -> tuple[ContainerStatus, ...]:
-        status = self.status
-        return () if status is None else (ContainerStatus(name="main", state=status, exit_code=self.returncode),)
-
     control = None
     endpoint_share_token = None
     attached_volume_ids: tuple[str, ...] = ()
@@ -195,18 +185,6 @@ class SurfaceMixin:
     get_snapshot_bucket_config = staticmethod(_not_yet("get_snapshot_bucket_config"))
     set_snapshot_bucket_config = staticmethod(_not_yet("set_snapshot_bucket_config"))
 
-    @classmethod
-    def run_from_template(cls, template_id: str, /, *args: Any, **kwargs: Any) -> Any:
-        """Raises NotSupportedLocallyError: there is no template store locally."""
-        raise NotSupportedLocallyError("templates are not supported locally; pass the options to Sandbox.run()",
-                                       feature="run_from_template")
-
-    @classmethod
-    def run_from_file(cls, contents: Any, /, **kwargs: Any) -> Any:
-        """Raises NotSupportedLocallyError: compose files are not run locally."""
-        raise NotSupportedLocallyError("compose files are not supported locally; run one sandbox per service",
-                                       feature="run_from_file")
-
     # -- an interactive terminal ----------------------------------------------------------------
 
     def shell(self: Sandbox, command: list[str] | None = None, *, width: int | None = None,
@@ -214,7 +192,8 @@ class SurfaceMixin:
         """Run ``command`` (default ``["/bin/bash"]``) on a pseudo-terminal of ``width`` x ``height``
         (default 80 x 24): a TerminalSession with ``output``, ``stdin`` and ``resize``. Starts the
         sandbox if needed; no timeout. ValueError for a bad command or size."""
-        check_container(container)
+        if container:
+            return self._in(container).shell(command, width=width, height=height)
         return open_shell(self._link, command, width, height)
 
     # -- by id, and sessions -----------------------------------------------------------------

@@ -84,5 +84,5 @@ def test_bad_arguments_are_refused(session):
         sb.stream_logs(since_time=datetime.datetime.now())
     with pytest.raises(ValueError, match="tail_lines"):
         sb.stream_logs(tail_lines=-1)
-    with pytest.raises(ValueError, match="one container"):
+    with pytest.raises(ValueError, match="no such container"):
         sb.stream_logs(container="sidecar")

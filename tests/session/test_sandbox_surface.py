@@ -107,5 +107,5 @@ def test_session_alias_and_reports(session):
     sb.wait()
     assert sb.runner_id == "local" and sb.effective_runtime_class == sb.isolation
     assert sb.service_urls == () and sb.container_statuses[0].state == SandboxStatus.RUNNING
-    with pytest.raises(sandpool.NotSupportedLocallyError):
-        Sandbox.run_from_template("tpl")
+    with pytest.raises(ValueError, match="no such template"):
+        Sandbox.run_from_template("no-such-tpl")
