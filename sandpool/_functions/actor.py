@@ -159,7 +159,10 @@ class HandleState:
             return ref
         call = ActorCall(label, _serialize.dumps_args((self.actor_id, method, *args), kwargs, label), ref)
         ref.pool, ref.call = link, call
-        in_loop(host, link.submit, call)
+        if host.in_loop_thread():
+            link.submit(call)
+        else:  # a sync caller: the call may go straight to the actor's worker from this thread
+            link.submit_from_thread(call, host)
         return ref
 
 

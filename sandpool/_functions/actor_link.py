@@ -12,7 +12,11 @@ constructor raising makes the actor dead. The calls it had not answered fail wit
 stops the old sandbox, starts a new one, constructs the instance again (its state is lost) and
 sends it the later calls. Closing the session cancels what is pending.
 
-Everything here runs in the loop's thread; a call's ``CallRef.cancel`` and the handles hop there.
+Everything here runs in the loop's thread; a call's ``CallRef.cancel`` and the handles hop there,
+except the sync fast path (``submit_from_thread``, shared with pools: ``direct.SyncEntry``): a sync
+caller's call that the loop would send at once (a ready actor with an idle direct connection,
+nothing queued, relayed or on its way to the loop before it) is written to the worker's socket from
+the caller's own thread. So every entry point here holds the link's ``lock``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import collections
 import enum
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,9 +32,9 @@ import trio
 
 from _sandpool_agent import actors as _agent_actors
 from . import actor_direct as _direct, serialize as _serialize
-from .direct import DirectChannel
+from .direct import DirectChannel, SyncEntry, flush_until, locked, send_at_once, wake_from_thread
 from .call import CallRef
-from .._errors import ActorDiedError, SandboxError, SandboxNotRunningError, SerializationError
+from .._errors import ActorDiedError, SandboxError, SerializationError
 
 if TYPE_CHECKING:
     from .._session.sandbox import Sandbox
@@ -97,6 +102,8 @@ class ActorLink:
         self.incarnation: _Incarnation | None = None
         self.wake = trio.Event()
         self.on_dead: list[Any] = []  # told once, when the actor is dead for good (its name is freed)
+        self._entry = SyncEntry()
+        self.lock = self._entry.lock
 
     def __repr__(self) -> str:
         sandbox = self.sandbox.sandbox_id if self.sandbox is not None else None
@@ -105,6 +112,26 @@ class ActorLink:
 
     # -- calls (loop thread) -------------------------------------------------------------------
 
+    def submit_from_thread(self, call: ActorCall, loop: Any) -> None:
+        """Take a call from a thread other than the loop's (``loop``: the session's TaskHost): sent
+        from this thread when the loop would send it at once, else taken in the loop's, after the
+        calls made before it."""
+        self._entry.enter(loop, lambda: self._send_now(call, loop), lambda: self.submit(call))
+
+    def _send_now(self, call: ActorCall, loop: Any) -> bool:
+        """Send ``call`` from a sync caller's thread, with the lock held: only where ``submit``
+        would send it at once, straight to the worker (a ready actor with an idle direct
+        connection, nothing queued or relayed before it, one call at a time), so the outcome is
+        the loop's path's. False if it cannot."""
+        direct = self.direct
+        if (self.phase is not Phase.READY or direct is None or direct.closed or not direct.idle or self.queue
+                or self.outbox or self.concurrency > 1 or call.args is None or call.ref.done()):
+            return False
+        self.queue.append(call)
+        self.flush(wake_from_thread(loop, self))
+        return True
+
+    @locked
     def submit(self, call: ActorCall) -> None:
         """Take a call, in call order (a dead actor fails it at once)."""
         if call.ref.done():
@@ -115,9 +142,12 @@ class ActorLink:
         self.queue.append(call)
         self.flush()
 
-    def flush(self) -> None:
+    @locked
+    def flush(self, wake: Callable[[], None] | None = None) -> None:
         """Send the queued calls whose arguments are ready, up to the first that is not: straight
-        to the worker when connected (a lone call leaves in this step), else through the agent."""
+        to the worker when connected (a lone call leaves in this step), else through the agent.
+        ``wake`` wakes the task that writes what the socket did not take (default ``wake.set``, in
+        the loop's thread; a sync caller's thread passes a thread-safe one)."""
         if self.phase is not Phase.READY:
             return
         sandbox, frames = self.sandbox, []
@@ -133,13 +163,8 @@ class ActorLink:
             if self.pickled:
                 frame["pickle"] = True
             frames.append(frame)
-        if frames and self.direct is not None:
-            try:
-                self.direct.send_now(frames)
-            except SandboxNotRunningError:
-                pass  # the worker's end (its reader) ends this incarnation
-            if not self.direct.idle:
-                self.wake.set()
+        if frames and self.direct is not None:  # broken: the worker's end (its reader) ends this incarnation
+            send_at_once(self.direct, frames, wake or self.wake.set)
         elif frames:
             self.outbox += frames
             self.wake.set()
@@ -183,6 +208,7 @@ class ActorLink:
                             protocol=5)
         return [ActorCall(f"{self.label} (step)", data, CallRef(None), members=new)]
 
+    @locked
     def cancel(self, call: ActorCall) -> None:
         """The call's ref was cancelled: drop it if it has not left, else interrupt it there."""
         if self.running.get(call.ticket) is call:  # running at once with others: cancel its task
@@ -203,6 +229,7 @@ class ActorLink:
         self.outbox.append({"t": "cancel", "id": call.req_id, **({"call": True} if self.direct else {})})
         self.wake.set()
 
+    @locked
     def kill(self) -> None:
         """End the actor for good: fail its calls and stop its sandbox."""
         if self.phase is not Phase.DEAD:
@@ -238,12 +265,14 @@ class ActorLink:
             self.incarnation = incarnation
             nursery = self.session._ensure_open().nursery
             direct = await _direct.connect(sandbox, nursery, incarnation.on_answers, incarnation.on_worker_end)
-            if self.incarnation is not incarnation:  # killed or dead meanwhile
-                continue
-            self.direct = direct
-            self.queue.appendleft(ActorCall(f"{self.label}()", self.construct_args, CallRef(None), construct=True))
-            self.phase = Phase.READY
-            self.flush()
+            with self.lock:
+                if self.incarnation is not incarnation:  # killed or dead meanwhile
+                    continue
+                self.direct = direct
+                self.queue.appendleft(ActorCall(f"{self.label}()", self.construct_args, CallRef(None),
+                                                construct=True))
+                self.phase = Phase.READY
+                self.flush()
             await self._send_until_dead(sandbox)
 
     async def _send_until_dead(self, sandbox: Sandbox) -> None:
@@ -258,14 +287,12 @@ class ActorLink:
             try:
                 if frames:
                     await sandbox.link.send_many(frames)
-                if direct is not None and not direct.idle:
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(_cancel_when_set, self.wake, nursery.cancel_scope)
-                        await direct.flush()
-                        nursery.cancel_scope.cancel()
+                if direct is not None:
+                    await flush_until(direct, self.wake)
             except SandboxError:  # it is ending: its reader tells us (sandbox_gone)
                 await self.wake.wait()
 
+    @locked
     def on_answer(self, frame: dict) -> int:
         """An answer from the current sandbox (routed here by request id)."""
         call = self.inflight.get(frame["id"])
@@ -323,6 +350,7 @@ class ActorLink:
                 self.running.pop(member.ticket, None)
             member.ref.set_error(error)
 
+    @locked
     def on_error(self, call: ActorCall | None, frame: dict) -> None:
         """An ``error`` answer (or, with no call, the worker's end): the call's, or the actor's death."""
         kind, sandbox_id = frame["kind"], self.sandbox.sandbox_id if self.sandbox else None
@@ -351,6 +379,7 @@ class ActorLink:
         else:
             self._fail(call, error)
 
+    @locked
     def sandbox_gone(self, error: BaseException) -> None:
         """The current sandbox ended."""
         if self.phase in (Phase.DEAD, Phase.RESTARTING) or self.sandbox is None:
@@ -365,6 +394,7 @@ class ActorLink:
         if self.sandbox is not None:
             self.sandbox.link.unregister(call.req_id)
 
+    @locked
     def _end(self, death: ActorDiedError, *, restart: bool, cause: BaseException | None = None) -> None:
         """This incarnation is over: settle its calls, stop its sandbox, restart if allowed."""
         if self.phase in (Phase.DEAD, Phase.RESTARTING):
@@ -447,7 +477,3 @@ def _how(info: dict) -> str:
         return f"exited with code {info['code']}"
     return "its connection ended"
 
-
-async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel()

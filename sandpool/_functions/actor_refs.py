@@ -4,8 +4,9 @@ their results, then goes out with the values in their place.
 Only top-level arguments are looked at (``f.remote(g.remote(x))``, ``f.remote(y=g.remote(x))``),
 as in Ray; a ref inside a list is pickled like any other object (and refused: refs do not pickle).
 The values come back to this process first and travel on from here (results are plain data, so
-nothing a sandbox made is unpickled on the way). An error of a dependency is the call's error; a
-cancelled dependency cancels the call.
+nothing a sandbox made is unpickled on the way). A large result of a local sandbox travels on as
+its encoded bytes, never decoded here (see ``held``). An error of a dependency is the call's error;
+a cancelled dependency cancels the call.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import trio
 
+from .call import KEEP_HELD
 from .._core.opref import OperationCancelled, OperationRef
 
 
@@ -56,4 +58,10 @@ async def _resolve(ref: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
 
 
 async def _value(arg: Any) -> Any:
-    return await arg if isinstance(arg, OperationRef) else arg
+    if not isinstance(arg, OperationRef):
+        return arg
+    token = KEEP_HELD.set(True)  # a held result goes on as its bytes
+    try:
+        return await arg
+    finally:
+        KEEP_HELD.reset(token)

@@ -2,28 +2,48 @@
 
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import serialize as _serialize
+from _sandpool_agent import plain as _plain
+from . import held as _held, serialize as _serialize
 from .._core.opref import OperationRef
 
 if TYPE_CHECKING:
     from .slot import Slot
 
 
+#: Set while a call's arguments are resolved (``actor_refs``): a held result is taken as it is.
+KEEP_HELD: contextvars.ContextVar[bool] = contextvars.ContextVar("sandpool_keep_held", default=False)
+
+
 class CallRef(OperationRef):
     """The OperationRef of one remote call. No task per call: the pool settles it directly
     (``set_result``/``set_error``/``set_cancelled``, as an executor settles its futures), and
-    ``cancel()`` settles it at once and tells the pool, which interrupts the remote side."""
+    ``cancel()`` settles it at once and tells the pool, which interrupts the remote side.
 
-    __slots__ = ("loop", "pool", "call")
+    A large plain result may be settled as a ``held.Held`` (its encoded bytes): decoded on the
+    first ``result()``, and kept decoded; a malformed one raises SerializationError there."""
+
+    __slots__ = ("loop", "pool", "call", "label")
 
     def __init__(self, loop: Any) -> None:
         super().__init__()
         self.loop = loop  # the session's TaskHost: where the pool runs
         self.pool: Any = None  # the pool that holds the Call, once the call exists: cancel() tells it
         self.call: Call | None = None
+        self.label = ""  # the function's name, for a held result's decoding error
+
+    def _unwrap(self) -> Any:
+        value = super()._unwrap()
+        if type(value) is _held.Held and not KEEP_HELD.get():
+            try:
+                value = value.decode()
+            except _plain.Malformed as exc:
+                raise _serialize.decode_error(exc, self.label) from exc
+            self._value = value  # the next result() answers at once
+        return value
 
     def cancel(self) -> bool:
         if not super().cancel():  # never launched as a task: this settles it, cancelled
@@ -77,7 +97,10 @@ class Payload:
         return _serialize.loads_result(data, self.name, self.pickled)
 
     def decode_file(self, fd: int, size: int) -> Any:
-        """A result of this function from a file (SerializationError, or OSError if unreadable)."""
+        """A result of this function from a file (SerializationError, or OSError if unreadable):
+        a plain one held as its bytes (see ``held``), decoded when asked."""
+        if not self.pickled:
+            return _held.hold(fd, size)
         return _serialize.loads_result_file(fd, size, self.name, self.pickled)
 
     def observe(self, micros: int) -> None:

@@ -7,6 +7,12 @@ caller's own thread (under its pool's lock), so it and ``close`` hold a lock of 
 
 The worker reads no calls while one of its calls runs, so what it has not taken may wait here for
 as long: a frame not begun yet can be taken back (``take_back``), to run elsewhere or not at all.
+
+The sync fast path, shared by pools and actors (``SyncEntry``): a sync caller's lone call that the
+loop would send at once anyway (an idle connection, nothing queued or on its way before it) is
+written to the worker's socket from the caller's own thread, so its round trip wakes the loop once
+(for the answer), not twice. Every loop-side entry point of such an owner holds its ``lock``
+(``locked``); calls that cannot go at once travel to the loop in the order they were made.
 """
 
 from __future__ import annotations
@@ -16,7 +22,10 @@ import errno
 import os
 import socket
 import stat
+import functools
 import threading
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 import trio
 
@@ -25,6 +34,96 @@ from _sandpool_agent import wire as _wire
 from .._errors import ProtocolError, SandboxNotRunningError
 
 _READ_BYTES = 1 << 20
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+class SyncEntry:
+    """The sync fast path's state in its owner (a pool, an actor's link): ``lock`` (reentrant: a
+    ref's callbacks may submit again) and the count of submissions on their way to the loop."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.in_transit = 0  # submissions from other threads, not yet taken in the loop's
+
+    def enter(self, loop: Any, now: Callable[[], bool], later: Callable[[], None]) -> None:
+        """From a thread other than the loop's (``loop``: the session's TaskHost): ``now()`` under
+        the lock (it sends the call at once and returns True, or returns False: it cannot), else
+        ``later()`` soon in the loop's thread, under the lock, after what was entered before. Called
+        with nothing in transit only, ``now`` cannot overtake a call made before. Nothing happens
+        if the loop has ended (the session closed, which cancelled every call)."""
+        with self.lock:
+            if not self.in_transit and now():
+                return
+            self.in_transit += 1
+        try:
+            loop.call_soon(self._arrive, later)
+        except RuntimeError:
+            with self.lock:
+                self.in_transit -= 1
+
+    def _arrive(self, later: Callable[[], None]) -> None:
+        with self.lock:
+            self.in_transit -= 1
+            later()
+
+
+def locked(method: _F) -> _F:
+    """Run a method of a fast path's owner under its ``lock`` (a sync caller's thread may be
+    sending a call)."""
+    @functools.wraps(method)
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            return method(self, *args, **kwargs)
+    return run  # type: ignore[return-value]
+
+
+class _Wakes(Protocol):
+    wake: trio.Event  # the loop-side task's: replaced by a new one once set
+
+
+def wake_from_thread(loop: Any, owner: _Wakes) -> Callable[[], None]:
+    """A function that sets ``owner.wake`` (trio's alone, so in the loop's thread) from any thread."""
+    def set_soon() -> None:
+        try:
+            loop.call_soon(lambda: owner.wake.set())
+        except RuntimeError:  # the loop has ended, and the task with it
+            pass
+    return set_soon
+
+
+def send_at_once(direct: DirectChannel, frames: list[dict[str, Any]], wake: Callable[[], None]) -> None:
+    """Hand ``frames`` to ``direct``, which writes what the socket takes now; ``wake()`` the task
+    that writes the rest (``flush_until``). A broken connection is not this caller's to report:
+    the worker's end settles its calls."""
+    try:
+        direct.send_now(frames)
+    except SandboxNotRunningError:
+        pass
+    if not direct.idle:
+        wake()
+
+
+async def flush_until(direct: DirectChannel, wake: trio.Event) -> None:
+    """Write what ``direct`` holds until it is drained or ``wake`` is set (there is something else
+    to do: the worker may read again only once a cancel that waits to be sent went out).
+    SandboxNotRunningError if the connection broke."""
+    if direct.idle:
+        return
+    error = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_cancel_when_set, wake, nursery.cancel_scope)
+        try:
+            await direct.flush()
+        except SandboxNotRunningError as exc:  # raised below, not as an exception group
+            error = exc
+        nursery.cancel_scope.cancel()
+    if error is not None:
+        raise error
+
+
+async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 class WorkerRequest:

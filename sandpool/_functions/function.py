@@ -318,7 +318,7 @@ class Caller:
 
     def make_call(self, pool: Pool, ref: CallRef, data: bytes | list[bytes]) -> Call:
         call = Call(self._payload or self.payload(), data, ref, self.retries, self.timeout)
-        ref.pool, ref.call = pool, call  # what ref.cancel() interrupts
+        ref.pool, ref.call, ref.label = pool, call, self.name  # what ref.cancel() interrupts
         return call
 
     def submit(self, pool: Pool, calls: list[Call]) -> None:

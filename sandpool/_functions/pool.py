@@ -18,19 +18,17 @@ worker runs its calls in order) is an infrastructure failure, retried up to ``re
 sandbox; calls queued behind it never started, so they are resubmitted without charge. The same
 holds when only the sandbox's worker process dies; the sandbox then gets a new worker.
 
-Sync callers skip the loop's thread (``submit_from_thread``): a lone call that finds an idle sandbox
-with a direct worker, and nothing queued or on its way before it, is written to the worker's socket
-from the caller's own thread, so its round trip wakes the loop once (for the answer), not twice.
-Every entry point of the pool therefore holds ``lock`` (reentrant: a ref's callbacks may submit).
+Sync callers skip the loop's thread (``submit_from_thread``, the fast path of ``direct.SyncEntry``):
+a lone call that finds an idle sandbox with a direct worker, and nothing queued or on its way before
+it, is written to the worker's socket from the caller's own thread, so its round trip wakes the
+loop once (for the answer), not twice. Every entry point of the pool therefore holds ``lock``.
 """
 
 from __future__ import annotations
 
 import collections
-import functools
-import threading
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -38,6 +36,7 @@ import trio
 
 from . import bulk as _bulk, serialize as _serialize, slot as _slot
 from .call import Call, CallRef, Payload
+from .direct import SyncEntry, locked, wake_from_thread
 from .._errors import SandboxDiedError, SandboxError, SandboxTimeoutError, SerializationError
 from .plan import MAX_DEPTH, STEAL_AFTER_SECONDS, choose_slot, choose_steals, pipeline_depth, sandboxes_to_start
 from .slot import PoolSandbox, Slot, SlotState, TaskStarter
@@ -55,16 +54,6 @@ _RETIRING, _DEAD = SlotState.RETIRING, SlotState.DEAD
 _SERVING = (_READY, _RECONNECTING)  # counted as idle or busy
 _COMING = (_STARTING, _RECONNECTING)  # will take calls soon
 _ENDED = (_RETIRING, _DEAD)
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def _locked(method: _F) -> _F:
-    """Run a pool method under the pool's lock (a sync caller's thread may be placing a call)."""
-    @functools.wraps(method)
-    def run(self: Pool, *args: Any) -> Any:
-        with self.lock:
-            return method(self, *args)
-    return run  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -104,8 +93,8 @@ class Pool:
         self.start_error: BaseException | None = None
         self.steal_timer = False  # a task will look for stalled sandboxes again soon
         self._time: Callable[[], float] | None = None  # the loop clock's: trio.current_time() minus lookups
-        self.lock = threading.RLock()
-        self._in_transit = 0  # batches submitted from other threads, not yet queued in the loop's
+        self._entry = SyncEntry()
+        self.lock = self._entry.lock
 
     def __repr__(self) -> str:
         s = self.statistics()
@@ -138,37 +127,25 @@ class Pool:
         call goes to an idle sandbox's worker at once when nothing waits before it; otherwise the
         calls are queued in the loop's thread, in the order submitted. Nothing happens if the loop
         has ended (the session closed, which cancelled every call)."""
-        with self.lock:
-            if len(calls) == 1 and self._send_now(calls[0], loop):
-                return
-            self._in_transit += 1
-        try:
-            loop.call_soon(self._arrive, calls)
-        except RuntimeError:
-            with self.lock:
-                self._in_transit -= 1
+        self._entry.enter(loop, lambda: len(calls) == 1 and self._send_now(calls[0], loop),
+                          lambda: self.submit(calls))
 
     def _send_now(self, call: Call, loop: Any) -> bool:
         """Place ``call`` from a sync caller's thread, with the lock held: only where the loop would
         place it the same way at once (an idle ready slot with a direct worker, nothing queued or
         on its way, no timeout to watch, small arguments), so the outcome is the slow path's."""
-        if (self.closed or self.queue or self._in_transit or self._time is None or call.timeout is not None
+        if (self.closed or self.queue or self._time is None or call.timeout is not None
                 or not isinstance(call.args, bytes) or call.size >= _bulk.BULK_BYTES or call.ref.done()):
             return False
         for slot in self.slots:
             direct = slot.direct
             if (slot.state is _READY and direct is not None and not direct.closed and direct.idle
                     and not slot.inflight and not slot.outbox):
-                self._assign(slot, call, functools.partial(_wake_in_loop, loop, slot))
+                self._assign(slot, call, wake_from_thread(loop, slot))
                 return True
         return False
 
-    @_locked
-    def _arrive(self, calls: Sequence[Call]) -> None:
-        self._in_transit -= 1
-        self.submit(calls)
-
-    @_locked
+    @locked
     def submit(self, calls: Sequence[Call]) -> None:
         """Queue calls (loop thread) and schedule them."""
         for call in calls:
@@ -232,7 +209,7 @@ class Pool:
             frame["args"] = b"".join(frame["args"])
         _slot.send(slot, call, frame, wake)
 
-    @_locked
+    @locked
     def cancel(self, call: Call) -> None:
         """The call's ref was cancelled (loop thread): interrupt it wherever it is."""
         self.counts["cancelled"] += 1
@@ -253,7 +230,7 @@ class Pool:
 
     # -- answers and failures (SlotEvents) ---------------------------------------------------
 
-    @_locked
+    @locked
     def calls_answered(self, slot: Slot, frames: list[dict]) -> None:
         """A batch of answers from a direct worker: settle each, then schedule once."""
         for frame in frames:
@@ -261,7 +238,7 @@ class Pool:
         self._schedule()
         self._steal()
 
-    @_locked
+    @locked
     def call_answered(self, slot: Slot, frame: dict) -> None:
         """One answer (a result or an error frame) to a call ``slot`` holds."""
         self._answer(slot, frame)
@@ -378,7 +355,7 @@ class Pool:
             else:
                 self._requeue(call, charge=False)
 
-    @_locked
+    @locked
     def worker_lost(self, slot: Slot, info: dict) -> None:
         """A direct worker ended (its connection closed); the sandbox lives on and gets a new one."""
         if slot.state in _ENDED:
@@ -393,7 +370,7 @@ class Pool:
         slot.wake.set()
         self._schedule()
 
-    @_locked
+    @locked
     def slot_lost(self, slot: Slot, error: BaseException) -> None:
         """The slot's sandbox ended (told once per request it had registered)."""
         if slot.state is _DEAD:
@@ -419,7 +396,7 @@ class Pool:
         self.slots.append(slot)
         self.tasks.start_soon(_slot.run_slot, slot, self.factory, self.spec, self.tasks)
 
-    @_locked
+    @locked
     def slot_ready(self, slot: Slot) -> None:
         """The slot's sandbox runs and its worker is reachable (again): it takes calls."""
         if slot.state in _COMING:
@@ -462,7 +439,7 @@ class Pool:
             self.steal_timer = False
             self._steal()
 
-    @_locked
+    @locked
     def slot_failed(self, slot: Slot, error: BaseException) -> None:
         """The slot's sandbox could not be made or started: drop it (its calls wait for another)."""
         if slot in self.slots:
@@ -478,7 +455,7 @@ class Pool:
         slot.wake.set()
         slot.sandbox.stop(graceful_shutdown_seconds=0)
 
-    @_locked
+    @locked
     def close(self) -> None:
         """The session is closing: cancel every call; the session stops the sandboxes."""
         self.closed = True
@@ -489,14 +466,6 @@ class Pool:
             for call in list(slot.inflight.values()):
                 call.ref.set_cancelled()
             slot.wake.set()
-
-
-def _wake_in_loop(loop: Any, slot: Slot) -> None:
-    """Wake a slot's task from another thread (its trio.Event is the loop's alone)."""
-    try:
-        loop.call_soon(slot.wake.set)
-    except RuntimeError:  # the loop has ended, and the slot's task with it
-        pass
 
 
 def _waiting(slot: Slot) -> int:

@@ -35,6 +35,7 @@ from typing import Any
 import cloudpickle
 
 from _sandpool_agent import plain as _plain
+from . import held as _held
 from .._errors import RemoteError, SandboxExecutionError, SerializationError
 
 _DYNAMIC = "<dynamic-code>"
@@ -64,7 +65,8 @@ def dumps(obj: object) -> bytes:
 
 class _Parts:
     """A pickler's file that keeps what it is given: large bytes objects arrive whole and are kept
-    by reference, not copied (mutable buffers are copied, so later changes cannot leak in)."""
+    by reference, not copied (mutable buffers are copied, so later changes cannot leak in; a held
+    result's sealed bytes cannot change, so they are kept as a view: see ``held``)."""
 
     __slots__ = ("parts", "size")
 
@@ -73,7 +75,9 @@ class _Parts:
         self.size = 0
 
     def write(self, data: Any) -> int:
-        if type(data) is not bytes:
+        if type(data) is pickle.PickleBuffer and _held.is_sealed(data):
+            data = data.raw()
+        elif type(data) is not bytes:
             data = bytes(data)
         self.parts.append(data)
         self.size += len(data)
@@ -193,7 +197,7 @@ def loads_result(data: Any, name: str, pickled: bool = False) -> Any:
     try:
         return _plain.decode(data)
     except _plain.Malformed as exc:
-        raise _decode_error(exc, name) from exc
+        raise decode_error(exc, name) from exc
 
 
 def loads_result_file(fd: int, size: int, name: str, pickled: bool = False) -> Any:
@@ -211,10 +215,10 @@ def loads_result_file(fd: int, size: int, name: str, pickled: bool = False) -> A
     try:
         return _plain.decode_file(fd, size)
     except _plain.Malformed as exc:
-        raise _decode_error(exc, name) from exc
+        raise decode_error(exc, name) from exc
 
 
-def _decode_error(exc: _plain.Malformed, name: str) -> SerializationError:
+def decode_error(exc: _plain.Malformed, name: str) -> SerializationError:
     if isinstance(exc, _plain.NeedsNumpy):
         return SerializationError(f"the result of {name!r} could not be rebuilt here: {exc}")
     return SerializationError(

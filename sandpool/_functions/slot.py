@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 from . import bulk as _bulk
-from .direct import DirectChannel, WorkerRequest
+from .direct import DirectChannel, WorkerRequest, flush_until, send_at_once
 from .._errors import ProtocolError, SandboxError, SandboxNotRunningError
 
 if TYPE_CHECKING:
@@ -193,25 +193,10 @@ async def _send_direct(slot: Slot, direct: DirectChannel, calls: list[dict], oth
         slot.outbox[:0] = [f for f in others if not left(slot, f["id"])]
     if ready:
         await slot.sandbox.send_many(ready)
-    if not direct.idle:
-        error = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_when_set, slot.wake, nursery.cancel_scope)
-            try:
-                await direct.flush()
-            except SandboxNotRunningError as exc:  # raised below, not as an exception group
-                error = exc
-            nursery.cancel_scope.cancel()
-        if error is not None:
-            raise error
+    await flush_until(direct, slot.wake)
     held = direct.held()
     _mark_sent(slot, [i for i in slot.leaving if i not in held])
     slot.leaving = [i for i in slot.leaving if i in held]
-
-
-async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel()
 
 
 def _mark_sent(slot: Slot, req_ids: list[int]) -> None:
@@ -270,13 +255,8 @@ def send(slot: Slot, call: Call, frame: dict, wake: Callable[[], None] | None = 
     loop's thread; a sync caller's thread passes a thread-safe one)."""
     direct = slot.direct
     if direct is not None and direct.idle and not slot.outbox and len(slot.inflight) == 1:
-        try:
-            direct.send_now([frame])
-        except SandboxNotRunningError:
-            pass  # broken: the worker's end resubmits the call
+        send_at_once(direct, [frame], wake or slot.wake.set)  # broken: the worker's end resubmits it
         call.sent = True
-        if not direct.idle:
-            (wake or slot.wake.set)()  # the slot's task writes the rest
         return
     slot.outbox.append(frame)
     (wake or slot.wake.set)()

@@ -1,0 +1,120 @@
+"""References between calls on the same host: a large plain result of a local sandbox is held by
+the client as its encoded bytes (a sealed memfd, see ``sandpool._functions.held``); passed by
+reference to another call it goes on as those bytes, never decoded or pickled in the client, and
+``ref.result()`` still decodes it here. Spies tell which path ran."""
+
+from __future__ import annotations
+
+import sys
+
+import cloudpickle
+import pytest
+
+from sandpool import SerializationError, Session
+from sandpool._functions import bulk as _bulk, held as _held
+from sandpool._functions.call import CallRef
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+BIG = 3 * _bulk.BULK_BYTES  # through a result file
+
+
+def make(n: int) -> bytes:
+    return bytes(range(256)) * (n // 256)
+
+
+def make_tree(n: int) -> dict[str, object]:
+    return {"blob": make(n), "nums": list(range(10)), "nested": ("a", [1.5, None])}
+
+
+def digest(value: object) -> tuple[int, str]:
+    import hashlib
+
+    blob = value["blob"] if isinstance(value, dict) else value
+    return len(blob), hashlib.sha256(blob).hexdigest()
+
+
+class Keeper:
+    def __init__(self) -> None:
+        self.kept: list[tuple[int, str]] = []
+
+    def keep(self, value: object) -> tuple[int, str]:
+        self.kept.append(digest(value))
+        return self.kept[-1]
+
+
+@pytest.fixture
+def decoded(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """How many results were held, and how many held ones this client decoded."""
+    counts = {"held": 0, "decoded": 0}
+    hold, decode = _held.hold, _held.Held.decode
+
+    def spy_hold(fd: int, size: int) -> _held.Held:
+        counts["held"] += 1
+        return hold(fd, size)
+
+    def spy_decode(self: _held.Held) -> object:
+        counts["decoded"] += 1
+        return decode(self)
+
+    monkeypatch.setattr(_held, "hold", spy_hold)
+    monkeypatch.setattr(_held.Held, "decode", spy_decode)
+    return counts
+
+
+def expected(n: int) -> tuple[int, str]:
+    return digest(make(n))
+
+
+def test_a_large_result_goes_on_by_reference_without_being_decoded_here(decoded: dict[str, int]) -> None:
+    with Session() as s:
+        produce, consume = s.function(make), s.function(digest)
+        ref = produce.remote(BIG)
+        assert consume.remote(ref).result(timeout=60) == expected(BIG)
+        assert decoded == {"held": 1, "decoded": 0}
+        value = ref.result()  # the client can still have it
+        assert value == make(BIG) and ref.result() is value  # decoded once, then kept
+        assert decoded == {"held": 1, "decoded": 1}
+        tree = s.function(make_tree).remote(BIG)
+        assert consume.remote(tree).result(timeout=60) == expected(BIG)  # nested plain data decodes there
+        assert tree.result() == make_tree(BIG)
+
+
+def test_chained_three_deep_and_into_an_actor(decoded: dict[str, int]) -> None:
+    with Session() as s:
+        produce = s.function(make)
+        echo = s.function(lambda v: v)
+        keeper = s.cls(Keeper).remote()
+        assert keeper.keep.remote(echo.remote(echo.remote(produce.remote(BIG)))).result(timeout=60) == expected(BIG)
+        assert decoded["held"] == 3 and decoded["decoded"] == 0
+
+
+def test_small_pickled_and_relayed_results_are_not_held(decoded: dict[str, int],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    with Session() as s:
+        consume = s.function(digest)
+        assert consume.remote(s.function(make).remote(1024)).result(timeout=60) == expected(1024)
+        trusted = s.function(make, unsafe_pickle_results=True)
+        assert consume.remote(trusted.remote(BIG)).result(timeout=60) == expected(BIG)
+        assert decoded["held"] == 0
+    monkeypatch.setattr(_bulk, "host_dir", lambda record: None)  # as for a remote runtime: frames only
+    with Session() as s:
+        assert s.function(digest).remote(s.function(make).remote(BIG)).result(timeout=60) == expected(BIG)
+        assert decoded["held"] == 0
+
+
+def test_a_held_result_that_does_not_decode_raises_serialization_error_at_result() -> None:
+    """Bytes that are no payload (what a hostile worker could write) fail ``result()`` only."""
+    import os
+
+    fd = os.memfd_create("t")
+    try:
+        os.write(fd, b"\xc1" + b"\xff" * 64)
+        held = _held.hold(fd, 65)
+    finally:
+        os.close(fd)
+    ref = CallRef(None)
+    ref.label = "forged"
+    ref.set_result(held)
+    with pytest.raises(SerializationError, match="forged"):
+        ref.result()
