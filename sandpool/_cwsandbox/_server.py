@@ -17,7 +17,6 @@ import contextlib
 import ipaddress
 import secrets
 import signal
-import sys
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
