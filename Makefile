@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test stress-test bench venv clean
+.PHONY: run test stress-test bench typecheck venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ stress-test: $(STAMP)
 	trap 'exit 130' INT TERM; \
 	echo "stress-test: busy loops $$a $$b"; \
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# mypy --strict and pyright over sandpool/ and the typed examples (the paths and modes are in
+# pyproject.toml); both must report 0 errors.
+typecheck: $(STAMP)
+	@$(PY) -m mypy; m=$$?; $(VENV)/bin/pyright; p=$$?; exit $$((m || p))
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'

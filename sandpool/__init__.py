@@ -63,7 +63,7 @@ from ._cwtypes import (
     VolumeMount,
 )
 from ._errors_cw import *  # noqa: F403  (cwsandbox's remaining exception classes)
-from ._errors_cw import __all__ as _cloud_errors
+from . import _errors_cw
 from ._functions.function import RemoteFunction, Retries
 from ._functions.actor import ActorClass, ActorHandle, enter, kill
 from ._errors import (
@@ -130,5 +130,6 @@ __all__ = [
     "TerminalResult", "TerminalSession", "TlsPassthroughEndpointStatus", "Volume", "VolumeLocality",
     "VolumeMount", "VolumeState", "WandbAuth", "Waitable", "disable_signal_handlers", "format_bytes",
     "format_cpu", "get_runner", "list_runners", "set_auth_mode",
-    "SandboxProtocolError", *_cloud_errors,
+    "SandboxProtocolError",
 ]
+__all__ += _errors_cw.__all__  # the form type checkers read

@@ -49,7 +49,7 @@ def _suggest(name: str, valid: Sequence[str]) -> str:
 # --- resources -------------------------------------------------------------------------------
 
 
-class _FrozenDict(dict):  # type: ignore[type-arg]
+class _FrozenDict(dict[str, Any]):
     """A read-only dict that hashes by content: options can key a pool and still JSON-encode."""
 
     __slots__ = ()
@@ -57,10 +57,11 @@ class _FrozenDict(dict):  # type: ignore[type-arg]
     def _read_only(self, *args: object, **kwargs: object) -> None:
         raise TypeError("this mapping is read-only; build a new one, e.g. with_overrides(...)")
 
+    # every mutator raises, whatever dict's signature for it
     __setitem__ = __delitem__ = __ior__ = _read_only  # type: ignore[assignment]
     clear = pop = popitem = setdefault = update = _read_only  # type: ignore[assignment]
 
-    def __hash__(self) -> int:  # type: ignore[override]
+    def __hash__(self) -> int:  # type: ignore[override]  # dict's is None: this one hashes
         return hash(frozenset(self.items()))
 
     def __reduce__(self) -> tuple[object, ...]:
@@ -150,7 +151,8 @@ class ResourceOptions:
         limits = _resource_side("limits", self.limits)
         requests, limits = requests or limits, limits or requests
         for key in (requests or {}).keys() & (limits or {}).keys():
-            req, lim = requests[key], limits[key]  # type: ignore[index]
+            assert requests is not None and limits is not None  # a key is in both
+            req, lim = requests[key], limits[key]
             if _RESOURCE_PARSERS[key](req) > _RESOURCE_PARSERS[key](lim):
                 raise ValueError(f"requests[{key!r}]={req!r} exceeds limits[{key!r}]={lim!r}; "
                                  f"raise the limit or lower the request")
@@ -234,12 +236,12 @@ def _str_mapping(field: str, value: object) -> _FrozenDict:
 
 def _seconds(field: str, value: object, example: float) -> float:
     """Return a finite number of seconds > 0 as a float."""
-    number = not isinstance(value, bool) and isinstance(value, (int, float))
-    if not number or not 0 < value < math.inf:  # type: ignore[operator]
-        raise (ValueError if number else TypeError)(
+    number = value if not isinstance(value, bool) and isinstance(value, (int, float)) else None
+    if number is None or not 0 < number < math.inf:
+        raise (ValueError if number is not None else TypeError)(
             f"{field} must be a finite number of seconds > 0, got {type(value).__name__} "
             f"{value!r}; use e.g. {field}={example}")
-    return float(value)  # type: ignore[arg-type]
+    return float(number)
 
 
 def _text(field: str, value: object, example: str, *, optional: bool = True) -> None:

@@ -87,6 +87,7 @@ class SandboxFileError(SandboxError):
     """
 
     _extras: tuple[str, ...] = ("filepath",)
+    filepath: str | None
 
 
 class SandboxResourceExhaustedError(SandboxError):

@@ -60,10 +60,11 @@ class CWSandboxValidationError(SandpoolError):
     """A request was refused field by field; ``field_violations`` is a tuple of FieldViolation."""
 
     _extras: tuple[str, ...] = ("field_violations",)
+    field_violations: tuple[FieldViolation, ...]
 
     def __init__(self, message: str = "", **extras: object) -> None:
         super().__init__(message, **extras)
-        self.field_violations = tuple(self.field_violations or ())  # type: ignore[has-type]
+        self.field_violations = tuple(self.field_violations or ())  # a list given becomes a tuple
 
 
 class SandboxValidationError(SandboxError, CWSandboxValidationError):

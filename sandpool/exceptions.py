@@ -5,9 +5,11 @@ hierarchy with its attributes (``reason``, ``metadata``, ``retry_delay`` on all 
 sandpool's own (``SandboxDiedError``, ``RemoteError``, ``NotSupportedLocallyError``, ...).
 """
 
+from . import _errors, _errors_cw
 from ._errors import *  # noqa: F403
-from ._errors import __all__ as _core
 from ._errors_cw import *  # noqa: F403
-from ._errors_cw import __all__ as _cloud
 
-__all__ = sorted({*_core, *_cloud})
+# extended in the form type checkers read (the two lists share no name)
+__all__: list[str] = []
+__all__ += _errors.__all__
+__all__ += _errors_cw.__all__

@@ -52,7 +52,7 @@ class ChunkStream(Generic[T]):
         self._done = True
         gen, self._gen = self._gen, None
         if gen is not None:
-            await gen.aclose()  # type: ignore[attr-defined]
+            await gen.aclose()  # type: ignore[attr-defined]  # produce() is an async generator function
 
     def __iter__(self) -> ChunkStream[T]:
         return self

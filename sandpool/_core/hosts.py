@@ -19,9 +19,12 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Generator
-from typing import Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 import trio
+
+if TYPE_CHECKING:  # imported only by asyncio hosts, which have it loaded
+    import asyncio
 
 __all__ = ["Host", "HostEvent", "call_in", "checkpoint", "current_host", "settle", "to_thread"]
 
@@ -158,15 +161,15 @@ class HostEvent:
         await _shielded(self._future)
 
 
-async def _shielded(future: Any) -> Any:
+async def _shielded(future: asyncio.Future[T]) -> T:
     """Await an asyncio future to its end, holding back the awaiting task's cancellation meanwhile;
     a cancellation that arrived is raised then (asyncio delivers one only once: it must not be lost)."""
-    asyncio = sys.modules["asyncio"]
+    aio = sys.modules["asyncio"]
     held: BaseException | None = None
     while not future.done():
         try:
-            await asyncio.shield(future)
-        except asyncio.CancelledError as exc:
+            await aio.shield(future)
+        except aio.CancelledError as exc:
             if future.cancelled():  # the future itself was cancelled, not the awaiting task
                 raise
             held = exc
@@ -207,4 +210,5 @@ async def to_thread(fn: Callable[..., T], *args: Any) -> T:
     if current_host() == "trio":
         return await trio.to_thread.run_sync(fn, *args)
     loop = sys.modules["asyncio"].get_running_loop()
-    return await _shielded(loop.run_in_executor(None, fn, *args))  # type: ignore[no-any-return]
+    future: asyncio.Future[T] = loop.run_in_executor(None, fn, *args)
+    return await _shielded(future)

@@ -252,10 +252,10 @@ class OperationRef(Generic[T]):
         if host is None:
             self._notify(event, callbacks)
         elif host.in_loop_thread():
-            scope.cancel()  # type: ignore[union-attr]
+            scope.cancel()  # type: ignore[union-attr]  # set with _host when the ref launched
         else:
             try:
-                host.call_soon(scope.cancel)  # type: ignore[union-attr]
+                host.call_soon(scope.cancel)  # type: ignore[union-attr]  # as above
             except RuntimeError:  # the loop is gone, so the task has ended already
                 pass
         return True
@@ -313,9 +313,10 @@ class OperationRef(Generic[T]):
 
     def _unwrap(self) -> T:
         if self._state is _DONE:
-            return self._value  # type: ignore[no-any-return]
+            value: T = self._value
+            return value
         if self._state is _FAILED:
-            raise self._error  # type: ignore[misc]
+            raise self._error  # type: ignore[misc]  # set whenever the state is _FAILED
         raise OperationCancelled("the operation was cancelled")
 
     def __await__(self) -> Generator[Any, None, T]:

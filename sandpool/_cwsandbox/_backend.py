@@ -11,20 +11,28 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, BinaryIO
 
 import grpc
 import trio
 
-from .._grpc.bridge import deliver
+from .._grpc.bridge import Sender, deliver
 from .._status import SandboxStatus
 from . import _exec, _files, _logs
 from ._errors import RpcFailure, invalid, translate, unimplemented
-from ._proto import pb
+from ._proto import Message, pb
 from ._registry import Entry, Registry
 from ._spec import PRIMARY_CONTAINER, mounted_files, sandbox_options
 from ._status import sandbox_message
+
+if TYPE_CHECKING:
+    from .._session.session import Session
+
+#: ``open_log(sandbox_id)``: a sandbox's main log, for a runtime that keeps none where the server runs
+#: (None: none there either).
+OpenLog = Callable[[str], BinaryIO | None]
 
 CREATE_WAIT_SECONDS = 1.0
 #: most StreamExec calls whose stdin is forwarded at once (a gRPC server gives each open stream a
@@ -38,7 +46,7 @@ _FILE_TIMEOUT_SECONDS = 60.0
 class CwsandboxBackend:
     """cwsandbox's SandboxService over ``session``'s sandboxes. Made by ``open_backend``."""
 
-    def __init__(self, session, nursery: trio.Nursery, open_log=None) -> None:
+    def __init__(self, session: Session, nursery: trio.Nursery, open_log: OpenLog | None = None) -> None:
         self.session = session
         self.open_log = open_log
         self.nursery = nursery
@@ -53,7 +61,7 @@ class CwsandboxBackend:
 
     # -- control plane -------------------------------------------------------------------------
 
-    async def create(self, request, timeout: float | None):
+    async def create(self, request: Message, timeout: float | None) -> Message:
         spec = request.sandbox.spec
         fingerprint = spec.SerializeToString(deterministic=True)
         entry = self.registry.replay(request.request_id, fingerprint)
@@ -67,7 +75,7 @@ class CwsandboxBackend:
             await entry.started.wait()
         return sandbox_message(entry)
 
-    async def _launch(self, spec, request_id: str, fingerprint: bytes) -> Entry:
+    async def _launch(self, spec: Message, request_id: str, fingerprint: bytes) -> Entry:
         try:
             sandbox = self.session.sandbox(**sandbox_options(spec, self.session.defaults.isolation))
         except (TypeError, ValueError) as exc:
@@ -105,7 +113,7 @@ class CwsandboxBackend:
             return
         file = entry.sandbox.link.open_main_log()
         if file is None and self.open_log is not None:
-            file = self.open_log(entry.sandbox.sandbox_id)
+            file = self.open_log(entry.sandbox_id)
         entry.log = _logs.MainLog(file)
         files = mounted_files(entry.spec)
         if files:
@@ -118,11 +126,13 @@ class CwsandboxBackend:
         """Write the spec's files before the sandbox is reported RUNNING; a failure fails the sandbox."""
         try:
             for path, content in files:
-                await _files.write_file(entry.sandbox, path, content, _FILE_TIMEOUT_SECONDS)
-        except Exception as exc:
-            if entry.sandbox.status == SandboxStatus.RUNNING:  # else it is being stopped: that is why
-                entry.failure_reason = f"could not mount {path!r}: {translate(exc).message}"
-                entry.sandbox.stop(graceful_shutdown_seconds=0.0)  # its end reports the failure
+                try:
+                    await _files.write_file(entry.sandbox, path, content, _FILE_TIMEOUT_SECONDS)
+                except Exception as exc:
+                    if entry.sandbox.status == SandboxStatus.RUNNING:  # else it is being stopped: that is why
+                        entry.failure_reason = f"could not mount {path!r}: {translate(exc).message}"
+                        entry.sandbox.stop(graceful_shutdown_seconds=0.0)  # its end reports the failure
+                    return
         finally:
             entry.preparing = False
             entry.started.set()
@@ -134,14 +144,14 @@ class CwsandboxBackend:
         entry.ended.set()
         entry.started.set()
 
-    async def get(self, request, timeout: float | None):
+    async def get(self, request: Message, timeout: float | None) -> Message:
         return sandbox_message(self.registry.get(request.sandbox_id))
 
-    async def list(self, request, timeout: float | None):
+    async def list(self, request: Message, timeout: float | None) -> Message:
         page, token = self.registry.select(request)
         return pb.ListSandboxesResponse(sandboxes=[sandbox_message(e) for e in page], next_page_token=token)
 
-    async def delete(self, request, timeout: float | None):
+    async def delete(self, request: Message, timeout: float | None) -> Message:
         if request.snapshot_volumes:
             raise unimplemented("snapshot_volumes (file-system snapshots)")
         try:
@@ -153,7 +163,7 @@ class CwsandboxBackend:
         await self._stop(entry, float(max(0, request.grace_period_seconds)))
         return pb.DeleteSandboxResponse(sandbox=sandbox_message(entry))
 
-    async def purge(self, request, timeout: float | None):
+    async def purge(self, request: Message, timeout: float | None) -> Message:
         if not request.tags and not request.purge_all:
             raise invalid("tags", "give tags to match, or purge_all=true to stop every sandbox")
         targets = [e for e in self.registry.matching_tags(request.tags) if not e.status.is_terminal]
@@ -192,29 +202,30 @@ class CwsandboxBackend:
         await entry.started.wait()
         return entry
 
-    async def exec(self, request, timeout: float | None):
+    async def exec(self, request: Message, timeout: float | None) -> Message:
         entry = await self._ready(request.sandbox_id, request.container)
         return await _exec.exec_unary(entry.sandbox, request, timeout)
 
-    async def stream_exec(self, init, request_iterator, timeout: float | None, send: trio.MemorySendChannel):
+    async def stream_exec(self, init: Message, request_iterator: Iterator[Message], timeout: float | None,
+                          send: Sender) -> None:
         entry = await self._ready(init.sandbox_id, init.container)
-        requests, receive = trio.open_memory_channel(16)
+        requests, receive = trio.open_memory_channel[Message](16)
         # a pooled thread (no thread start per exec, and no trip through the loop to hand it the job);
         # it ends with the RPC, whose request iterator then stops
         self.pumps.submit(deliver, request_iterator, requests, self.token)
         async with receive:
             await _exec.stream_exec(entry.sandbox, init, receive, send, timeout)
 
-    async def read_file(self, request, timeout: float | None):
+    async def read_file(self, request: Message, timeout: float | None) -> Message:
         entry = await self._ready(request.sandbox_id, request.container)
         return pb.ReadFileResponse(content=await _files.read_file(entry.sandbox, request.path, timeout))
 
-    async def write_file(self, request, timeout: float | None):
+    async def write_file(self, request: Message, timeout: float | None) -> Message:
         entry = await self._ready(request.sandbox_id, request.container)
         await _files.write_file(entry.sandbox, request.path, bytes(request.content), timeout)
         return pb.WriteFileResponse()
 
-    async def stream_logs(self, request, send: trio.MemorySendChannel):
+    async def stream_logs(self, request: Message, send: Sender) -> None:
         entry = await self._ready(request.sandbox_id, request.container)
         await _logs.stream_logs(entry, request, send, self.log_sessions)
 
@@ -236,7 +247,7 @@ class CwsandboxBackend:
 
 
 @contextlib.asynccontextmanager
-async def open_backend(session, open_log=None) -> AsyncIterator[CwsandboxBackend]:
+async def open_backend(session: Session, open_log: OpenLog | None = None) -> AsyncIterator[CwsandboxBackend]:
     """A backend serving ``session``'s sandboxes while the block runs (call inside the server's trio loop).
     ``open_log(sandbox_id)``, if given, opens a sandbox's main log when its runtime keeps none here.
 

@@ -58,7 +58,8 @@ class RpcFailure(Exception):
 
 
 class _Status(grpc.Status):
-    def __init__(self, code: grpc.StatusCode, details: str, trailing_metadata: tuple) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str,
+                 trailing_metadata: tuple[tuple[str, bytes], ...]) -> None:
         self.code, self.details, self.trailing_metadata = code, details, trailing_metadata
 
 

@@ -11,12 +11,20 @@ kills the command's process tree.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import trio
 
 from .. import _errors as sp
+from .._grpc.bridge import Sender
 from ._errors import invalid, unimplemented
-from ._proto import pb, timestamp
+from ._proto import Message, pb, timestamp
+
+if TYPE_CHECKING:
+    from .._session.process import Process
+    from .._session.sandbox import Sandbox
+    from .._session.streams import StreamReader, StreamWriter
 
 STDOUT, STDERR = pb.ExecStreamOutput.STREAM_STDOUT, pb.ExecStreamOutput.STREAM_STDERR
 #: The in-band error code of a command whose sandbox died under it (killed, out of memory): the client
@@ -27,14 +35,14 @@ SANDBOX_DIED = "SANDBOX_DIED"
 DEFAULT_MAX_OUTPUT_BYTES = 16 * 1024 * 1024
 
 
-def _command(command) -> list[str]:
+def _command(command: Message) -> list[str]:
     if not command:
         raise invalid("command", "command must not be empty; pass an argv list such as ['echo', 'hi']")
     return list(command)
 
 
-async def stream_exec(sandbox, init, requests: trio.MemoryReceiveChannel, send: trio.MemorySendChannel,
-                      timeout: float | None) -> None:
+async def stream_exec(sandbox: Sandbox, init: Message, requests: trio.MemoryReceiveChannel[Message],
+                      send: Sender, timeout: float | None) -> None:
     """Run ``init.command``, feeding it the stdin of ``requests``; send its responses to ``send``."""
     if init.tty:
         raise unimplemented("an interactive TTY (Sandbox.shell, cwsandbox sh)")
@@ -43,12 +51,13 @@ async def stream_exec(sandbox, init, requests: trio.MemoryReceiveChannel, send: 
     try:
         await send.send(pb.ExecStreamResponse(ready=pb.ExecStreamReady(ready_time=timestamp(time.time()))))
 
-        async def forward(reader, stream: int) -> None:
+        async def forward(reader: StreamReader, stream: int) -> None:
             while (chunk := await reader._next_bytes()) is not None:
                 await send.send(pb.ExecStreamResponse(output=pb.ExecStreamOutput(stream=stream, data=chunk)))
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_feed_stdin, proc, requests)
+            assert proc.stdin is not None  # exec'd with stdin=True
+            nursery.start_soon(_feed_stdin, proc.stdin, requests)
             await _drain(proc, forward)
             nursery.cancel_scope.cancel()
         try:
@@ -63,7 +72,7 @@ async def stream_exec(sandbox, init, requests: trio.MemoryReceiveChannel, send: 
             proc.cancel()
 
 
-async def exec_unary(sandbox, request, timeout: float | None):
+async def exec_unary(sandbox: Sandbox, request: Message, timeout: float | None) -> Message:
     """Run ``request.command`` to the end; its ExecResponse with at most max_output_bytes per stream."""
     limit = request.max_output_bytes if request.max_output_bytes > 0 else DEFAULT_MAX_OUTPUT_BYTES
     proc = sandbox.exec(_command(request.command), env=dict(request.env) or None,
@@ -71,7 +80,7 @@ async def exec_unary(sandbox, request, timeout: float | None):
     kept = {STDOUT: bytearray(), STDERR: bytearray()}
     produced = {STDOUT: 0, STDERR: 0}
 
-    async def collect(reader, stream: int) -> None:
+    async def collect(reader: StreamReader, stream: int) -> None:
         while (chunk := await reader._next_bytes()) is not None:
             produced[stream] += len(chunk)
             kept[stream] += chunk[:max(0, limit - len(kept[stream]))]
@@ -88,7 +97,7 @@ async def exec_unary(sandbox, request, timeout: float | None):
         stdout_bytes_produced=produced[STDOUT], stderr_bytes_produced=produced[STDERR])
 
 
-async def _drain(proc, consume) -> None:
+async def _drain(proc: Process, consume: Callable[[StreamReader, int], Awaitable[None]]) -> None:
     """Run ``consume(reader, stream)`` on stdout and stderr until both end. A process that fails without
     exiting (its sandbox stopped, or it never started) ends them too: its streams would never close."""
     done = trio.Event()
@@ -106,18 +115,18 @@ async def _drain(proc, consume) -> None:
             nursery.cancel_scope.cancel()
 
 
-async def _feed_stdin(proc, requests: trio.MemoryReceiveChannel) -> None:
-    """Write ``stdin`` requests to the process in order; close its stdin on ``close`` or at the end."""
+async def _feed_stdin(stdin: StreamWriter, requests: trio.MemoryReceiveChannel[Message]) -> None:
+    """Write ``stdin`` requests to a process's stdin in order; close it on ``close`` or at the end."""
     try:
         async for request in requests:
             kind = request.WhichOneof("message")
             if kind == "stdin":
-                await proc.stdin.write(request.stdin)
+                await stdin.write(request.stdin)
             elif kind == "close":
                 break
             elif kind == "init":
                 raise invalid("init", "init may only be the first message of StreamExec")
-        await proc.stdin.close()
+        await stdin.close()
     except (sp.SandboxExecutionError, sp.SandboxNotRunningError, sp.SandboxDiedError):
         pass  # the process, or its whole sandbox, has ended: stdin left for it is dropped, and
         # awaiting the process (in stream_exec) reports how it ended, in band

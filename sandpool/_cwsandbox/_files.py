@@ -10,7 +10,13 @@ client itself does above its unary size cap; their exit codes, not their message
 
 from __future__ import annotations
 
-from ._errors import FILE_TOO_LARGE, file_failure
+from typing import TYPE_CHECKING
+
+from ._errors import FILE_TOO_LARGE, RpcFailure, file_failure
+
+if TYPE_CHECKING:
+    from .._session.process import ProcessResult
+    from .._session.sandbox import Sandbox
 
 #: The client's unary cap: above it the server says FILE_TOO_LARGE with the size, and the client
 #: falls back to streaming the file through a command.
@@ -33,12 +39,12 @@ mkdir -p -- "$(dirname -- "$p")" && cat > "$p" || exit 74
 """
 
 
-def through_commands(sandbox) -> bool:
+def through_commands(sandbox: Sandbox) -> bool:
     """True where the sandbox's commands see another filesystem than the agent's file operations."""
     return sandbox.isolation == "process"
 
 
-async def read_file(sandbox, path: str, timeout: float | None) -> bytes:
+async def read_file(sandbox: Sandbox, path: str, timeout: float | None) -> bytes:
     """The contents of ``path`` as the sandbox's commands see it. RpcFailure for file errors."""
     if not through_commands(sandbox):
         data = await sandbox.read_file(path, timeout_seconds=timeout)
@@ -52,7 +58,7 @@ async def read_file(sandbox, path: str, timeout: float | None) -> bytes:
     return result.stdout_bytes
 
 
-async def write_file(sandbox, path: str, content: bytes, timeout: float | None) -> None:
+async def write_file(sandbox: Sandbox, path: str, content: bytes, timeout: float | None) -> None:
     """Write ``content`` to ``path`` (creating its directory) as the sandbox's commands see it."""
     if not through_commands(sandbox):
         await sandbox.write_file(path, content, timeout_seconds=timeout)
@@ -60,28 +66,31 @@ async def write_file(sandbox, path: str, content: bytes, timeout: float | None) 
     _check(await _run(sandbox, [_WRITE, path], content, timeout), path)
 
 
-def _too_large(path: str, size: int):
+def _too_large(path: str, size: int) -> RpcFailure:
     return file_failure(FILE_TOO_LARGE, f"{path}: {size} bytes is more than the {MAX_FILE_BYTES}-byte limit of "
                         f"ReadFile; use read_file_streaming", path, size_bytes=str(size),
                         max_size_bytes=str(MAX_FILE_BYTES))
 
 
-def _check(result, path: str) -> None:
+def _check(result: ProcessResult, path: str) -> None:
     if result.returncode != 0:
         message = result.stderr.strip() or f"file command exited with code {result.returncode}"
         raise file_failure(_EXIT_REASONS.get(result.returncode, "CWSANDBOX_FILE_IO_FAILED"), message, path)
 
 
-async def _run(sandbox, script_and_args: list[str], stdin: bytes | None, timeout: float | None):
+async def _run(sandbox: Sandbox, script_and_args: list[str], stdin: bytes | None,
+               timeout: float | None) -> ProcessResult:
     """Run a file script with ``sh -c`` in the sandbox, feeding ``stdin``; its ProcessResult."""
     script, *args = script_and_args
     proc = sandbox.exec(["/bin/sh", "-c", script, "sandpool-file", *args], stdin=stdin is not None,
                         timeout_seconds=timeout)
     try:
         if stdin is not None:
+            writer = proc.stdin
+            assert writer is not None  # exec'd with stdin=True
             for start in range(0, len(stdin), _STDIN_CHUNK):
-                await proc.stdin.write(stdin[start:start + _STDIN_CHUNK])
-            await proc.stdin.close()
+                await writer.write(stdin[start:start + _STDIN_CHUNK])
+            await writer.close()
         return await proc
     finally:
         if not proc.done():

@@ -21,11 +21,15 @@ import datetime
 import os
 import secrets
 import time
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import trio
 
-from ._proto import pb, timestamp
+from .._grpc.bridge import Sender
+from ._proto import Message, pb, timestamp
+
+if TYPE_CHECKING:
+    from ._registry import Entry
 
 KEEP_BYTES = 8 * 1024 * 1024
 MAX_SESSIONS = 4096
@@ -52,7 +56,7 @@ class MainLog:
         """Read whatever the main command wrote since the last call (at most the newest KEEP_BYTES of it:
         older lines would be dropped anyway, and reading them would stall the server's loop)."""
         if self._file is not None:
-            self._skip_to_tail()
+            self._skip_to_tail(self._file)
         while self._file is not None:
             data = self._file.read(_READ_BYTES)
             if not data:
@@ -66,12 +70,12 @@ class MainLog:
                 self._kept -= len(self.lines.pop(0)[1])
                 self.first += 1
 
-    def _skip_to_tail(self) -> None:
-        size = os.fstat(self._file.fileno()).st_size
-        if size - self._file.tell() <= KEEP_BYTES:
+    def _skip_to_tail(self, file: BinaryIO) -> None:
+        size = os.fstat(file.fileno()).st_size
+        if size - file.tell() <= KEEP_BYTES:
             return
-        self._file.seek(size - KEEP_BYTES)
-        self._file.readline()  # resume at the start of a line
+        file.seek(size - KEEP_BYTES)
+        file.readline()  # resume at the start of a line
         self.first += len(self.lines) + 1  # at least one line was skipped; readers move past them all
         self.lines.clear()
         self.partial, self._kept = b"", 0
@@ -118,18 +122,18 @@ class LogSessions:
         return found[1]
 
 
-def _entry(stamp: float, data: bytes, with_timestamp: bool, offset: int, session_id: str):
+def _entry(stamp: float, data: bytes, with_timestamp: bool, offset: int, session_id: str) -> Message:
     if with_timestamp:
         when = datetime.datetime.fromtimestamp(stamp, datetime.UTC).isoformat(timespec="microseconds")
         data = f"{when.replace('+00:00', 'Z')} ".encode() + data
     return pb.LogEntry(data=data, timestamp=timestamp(stamp), next_log_offset=offset, log_session_id=session_id)
 
 
-def _refusal(code: str, message: str):
+def _refusal(code: str, message: str) -> Message:
     return pb.LogEntry(error=pb.LogStreamError(code=code, message=message))
 
 
-async def stream_logs(entry, request, send: trio.MemorySendChannel, sessions: LogSessions) -> None:
+async def stream_logs(entry: Entry, request: Message, send: Sender, sessions: LogSessions) -> None:
     """Send the entries StreamLogs asks for; with ``follow``, keep sending until the sandbox has ended.
     A resume request continues its session from its offset, or is refused in band."""
     log: MainLog = entry.log or MainLog(None)

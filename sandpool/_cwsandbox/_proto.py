@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import types
 import zlib
+from typing import Any
 
 try:
     from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, duration_pb2, message_factory
@@ -23,11 +24,15 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from . import _descriptors
 
+#: A message (or enum value holder) of the protocol: its class is made at run time from the vendored
+#: descriptors, so it has no static type; fields are checked where a request is read.
+Message = Any
+
 SERVICE = "coreweave.sandbox.v1.SandboxService"
 PACKAGE = "coreweave.sandbox.v1"
 
 
-def _load() -> tuple[descriptor_pool.DescriptorPool, list]:
+def _load() -> tuple[descriptor_pool.DescriptorPool, list[Any]]:
     pool = descriptor_pool.DescriptorPool()
     for builtin in (descriptor_pb2, timestamp_pb2, any_pb2, duration_pb2):
         pool.AddSerializedFile(builtin.DESCRIPTOR.serialized_pb)
@@ -37,7 +42,7 @@ def _load() -> tuple[descriptor_pool.DescriptorPool, list]:
     return pool, [pool.FindFileByName(file.name) for file in fds.file]
 
 
-def _namespace(files: list, package: str) -> types.SimpleNamespace:
+def _namespace(files: list[Any], package: str) -> types.SimpleNamespace:
     names: dict[str, object] = {}
     for file in files:
         if file.package != package:
@@ -57,7 +62,7 @@ Timestamp = message_factory.GetMessageClass(POOL.FindMessageTypeByName("google.p
 SERVICE_DESCRIPTOR = POOL.FindServiceByName(SERVICE)
 
 
-def timestamp(seconds: float | None):
+def timestamp(seconds: float | None) -> Message:
     """A Timestamp for a Unix time in seconds, or None."""
     if seconds is None:
         return None

@@ -14,6 +14,7 @@ import hashlib
 import os
 import textwrap
 import zlib
+from typing import Any
 
 #: The client release the vendored descriptors come from; the tests pin the same range.
 CLIENT_VERSION = "1.22.0"
@@ -27,10 +28,10 @@ def descriptor_set_from_installed() -> tuple[bytes, str, list[str]]:
     from google.protobuf import descriptor_pb2
     from google.rpc import error_details_pb2, status_pb2
 
-    ordered: list = []
+    ordered: list[Any] = []
     seen: set[str] = set()
 
-    def visit(file) -> None:  # dependencies first, so the set loads in order
+    def visit(file: Any) -> None:  # dependencies first, so the set loads in order
         if file.name in seen:
             return
         seen.add(file.name)

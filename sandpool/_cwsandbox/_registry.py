@@ -10,14 +10,19 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import grpc
 import trio
 
 from .._status import SandboxStatus
 from ._errors import REQUEST_ID_CONFLICT, RpcFailure, invalid, not_found
-from ._proto import pb
+from ._proto import Message, pb
 from ._status import RUNNER_ID, status_of
+
+if TYPE_CHECKING:
+    from .._session.sandbox import Sandbox
+    from ._logs import MainLog
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -31,13 +36,13 @@ KEEP_ENDED_COUNT = 1000
 class Entry:
     """One sandbox created through the cwsandbox service."""
 
-    sandbox: object  # a sandpool.Sandbox
-    spec: object  # the request's pb.SandboxSpec, echoed back unchanged
+    sandbox: Sandbox
+    spec: Message  # the request's pb.SandboxSpec, echoed back unchanged
     request_id: str
     fingerprint: bytes  # the serialized spec, to tell a retried create from a conflicting one
     created_at: float = dataclasses.field(default_factory=time.time)
     ended_at: float | None = None
-    log: object | None = None  # its _logs.MainLog once started
+    log: MainLog | None = None  # once started
     identified: trio.Event = dataclasses.field(default_factory=trio.Event)  # sandbox_id known (or failure)
     started: trio.Event = dataclasses.field(default_factory=trio.Event)  # running and prepared, or failed
     ended: trio.Event = dataclasses.field(default_factory=trio.Event)
@@ -47,7 +52,8 @@ class Entry:
 
     @property
     def sandbox_id(self) -> str:
-        return self.sandbox.sandbox_id
+        """The sandbox's id ('' until its runtime names it)."""
+        return self.sandbox.sandbox_id or ""
 
     @property
     def status(self) -> SandboxStatus:
@@ -100,7 +106,7 @@ class Registry:
     def drop(self, entry: Entry) -> None:
         if self._by_request.get(entry.request_id) is entry:
             del self._by_request[entry.request_id]
-        if entry.sandbox_id is not None and self._by_id.get(entry.sandbox_id) is entry:
+        if entry.sandbox_id and self._by_id.get(entry.sandbox_id) is entry:
             del self._by_id[entry.sandbox_id]
 
     def get(self, sandbox_id: str) -> Entry:
@@ -112,11 +118,12 @@ class Registry:
 
     def expired(self, now: float) -> list[Entry]:
         """Ended entries to forget: older than KEEP_ENDED_SECONDS, or beyond the newest KEEP_ENDED_COUNT."""
-        ended = sorted((e for e in self._by_id.values() if e.ended_at is not None), key=lambda e: e.ended_at)
+        ended = sorted(((e.ended_at, e) for e in self._by_id.values() if e.ended_at is not None),
+                       key=lambda pair: pair[0])
         surplus = max(0, len(ended) - KEEP_ENDED_COUNT)
-        return [e for i, e in enumerate(ended) if i < surplus or now - e.ended_at > KEEP_ENDED_SECONDS]
+        return [e for i, (at, e) in enumerate(ended) if i < surplus or now - at > KEEP_ENDED_SECONDS]
 
-    def select(self, request) -> tuple[list[Entry], str]:
+    def select(self, request: Message) -> tuple[list[Entry], str]:
         """The page of entries a ListSandboxesRequest asks for, and the next page token ('' at the end)."""
         wanted = status_of(request.state) if request.state else None
         matches = [e for e in self._by_id.values() if _matches(e, request, wanted)]
@@ -138,7 +145,7 @@ class Registry:
         return [e for e in self._by_id.values() if wanted <= set(e.spec.tags)]
 
 
-def _matches(entry: Entry, request, wanted: SandboxStatus | None) -> bool:
+def _matches(entry: Entry, request: Message, wanted: SandboxStatus | None) -> bool:
     status = entry.status
     if wanted is not None:
         if status != wanted:

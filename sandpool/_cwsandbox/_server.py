@@ -17,7 +17,6 @@ import contextlib
 import ipaddress
 import secrets
 import signal
-import sys
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,7 +25,7 @@ import trio
 
 from .._config import ISOLATION_LEVELS, SandboxDefaults
 from .._session.session import Session
-from ._backend import open_backend
+from ._backend import OpenLog, open_backend
 from ._servicer import add_cwsandbox_servicer
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -62,8 +61,9 @@ def read_token(path: str | None) -> str | None:
 
 
 @contextlib.asynccontextmanager
-async def open_cwsandbox_server(session, listen: str, *, token: str | None = None,
-                                max_workers: int = DEFAULT_MAX_WORKERS, open_log=None) -> AsyncIterator[str]:
+async def open_cwsandbox_server(session: Session, listen: str, *, token: str | None = None,
+                                max_workers: int = DEFAULT_MAX_WORKERS,
+                                open_log: OpenLog | None = None) -> AsyncIterator[str]:
     """Serve cwsandbox's API for ``session``'s sandboxes on ``listen`` while the block runs; yields the
     bound address. Clients must send ``token`` as their API key. In-flight calls get
     ``STOP_GRACE_SECONDS`` when it ends. Call it in the trio loop that holds ``session``; ValueError
@@ -88,9 +88,9 @@ async def open_cwsandbox_server(session, listen: str, *, token: str | None = Non
 
 
 @contextlib.asynccontextmanager
-async def open_published_server(session, listen: str, *, token: str | None = None,
+async def open_published_server(session: Session, listen: str, *, token: str | None = None,
                                 max_workers: int = DEFAULT_MAX_WORKERS,
-                                open_log=None) -> AsyncIterator[tuple[str, str]]:
+                                open_log: OpenLog | None = None) -> AsyncIterator[tuple[str, str]]:
     """:func:`open_cwsandbox_server` with a listener record: yields the bound address and the shell line
     that points a client at it. Without ``token`` (from ``--token-file``), one is made and written 0600 to
     the record's token file. SystemExit off loopback without a token, or if the address is held."""
@@ -160,4 +160,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -12,14 +12,18 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 from google.protobuf import message_factory
 
 from .._grpc.bridge import ServerBridge
 from ._errors import RpcFailure, invalid, status_for, translate, unimplemented
-from ._proto import SERVICE, SERVICE_DESCRIPTOR
+from ._proto import SERVICE, SERVICE_DESCRIPTOR, Message
+
+if TYPE_CHECKING:
+    from ._backend import CwsandboxBackend
 
 log = logging.getLogger("sandpool.cwsandbox")
 
@@ -39,13 +43,13 @@ _UNSUPPORTED = {
 class CwsandboxServicer:
     """The handlers of SandboxService. ``token``: the API key clients must send (None: any key)."""
 
-    def __init__(self, backend, token: str | None = None) -> None:
+    def __init__(self, backend: CwsandboxBackend, token: str | None = None) -> None:
         self.backend = backend
         self.bridge = ServerBridge(backend.token, backend.nursery)
         self._expected = f"Bearer {token}".encode() if token else None
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
-        handlers = {}
+        handlers: dict[str, Any] = {}
         for method in SERVICE_DESCRIPTOR.methods:
             request_type = message_factory.GetMessageClass(method.input_type)
             response_type = message_factory.GetMessageClass(method.output_type)
@@ -59,11 +63,11 @@ class CwsandboxServicer:
                                          response_serializer=response_type.SerializeToString)
         return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
-    def _behaviour(self, name: str):
+    def _behaviour(self, name: str) -> Callable[..., Any]:
         if name in _UNARY:
             backend_method = getattr(self.backend, _UNARY[name])
 
-            def unary(request, context):
+            def unary(request: Message, context: grpc.ServicerContext) -> Message:
                 with self._serving(context, name):
                     return self.bridge.run(context, backend_method, request, context.time_remaining())
             return unary
@@ -72,12 +76,13 @@ class CwsandboxServicer:
         if name == "StreamLogs":
             return self._stream_logs
 
-        def unsupported(request, context):
+        def unsupported(request: Message, context: grpc.ServicerContext) -> NoReturn:
             with self._serving(context, name):
                 raise unimplemented(_UNSUPPORTED.get(name, name))
         return unsupported
 
-    def _stream_exec(self, request_iterator, context):
+    def _stream_exec(self, request_iterator: Iterator[Message],
+                     context: grpc.ServicerContext) -> Iterator[Message]:
         with self._serving(context, "StreamExec"):
             first = next(request_iterator, None)
             if first is None or first.WhichOneof("message") != "init":
@@ -85,7 +90,7 @@ class CwsandboxServicer:
             yield from _flat(self.bridge.stream(context, self.backend.stream_exec, first.init, request_iterator,
                                                 context.time_remaining()))
 
-    def _stream_logs(self, request, context):
+    def _stream_logs(self, request: Message, context: grpc.ServicerContext) -> Iterator[Message]:
         with self._serving(context, "StreamLogs"):
             yield from _flat(self.bridge.stream(context, self.backend.stream_logs, request))
 
@@ -103,27 +108,29 @@ class CwsandboxServicer:
     def _authenticate(self, context: grpc.ServicerContext) -> None:
         if self._expected is None:
             return
-        sent = dict(context.invocation_metadata()).get("authorization")
+        metadata: dict[str, str | bytes] = dict(context.invocation_metadata())
+        sent = metadata.get("authorization")
         if sent is None:
             _abort(context, RpcFailure(grpc.StatusCode.UNAUTHENTICATED, "no API key was sent; this sandpool "
                                        "server needs one: set CWSANDBOX_API_KEY to its token"))
-        if not hmac.compare_digest(sent.encode(), self._expected):
+        if not hmac.compare_digest(sent if isinstance(sent, bytes) else sent.encode(), self._expected):
             _abort(context, RpcFailure(grpc.StatusCode.UNAUTHENTICATED, "invalid API key; set CWSANDBOX_API_KEY "
                                        "to the token this sandpool server was started with"))
 
 
-def _flat(batches: Iterator[list]) -> Iterator:
+def _flat(batches: Generator[list[Message], None, None]) -> Iterator[Message]:
     """The messages of a bridged stream's batches; closing this closes the stream (its producer stops)."""
     with contextlib.closing(batches):
         for batch in batches:
             yield from batch
 
 
-def _abort(context: grpc.ServicerContext, failure: RpcFailure) -> None:
+def _abort(context: grpc.ServicerContext, failure: RpcFailure) -> NoReturn:
     context.abort_with_status(status_for(failure))  # raises, ending the handler
+    raise AssertionError("grpc's abort_with_status returned")  # never reached: for the type checkers
 
 
-def add_cwsandbox_servicer(server: grpc.Server, backend, *, token: str | None = None) -> None:
+def add_cwsandbox_servicer(server: grpc.Server, backend: CwsandboxBackend, *, token: str | None = None) -> None:
     """Serve cwsandbox's SandboxService from ``backend`` (see ``open_backend``) on ``server``.
 
     ``server`` is a sync ``grpc.server``; give it enough worker threads: each open exec or log

@@ -8,9 +8,12 @@ ignored, and echoed back unchanged because the server keeps the request's spec a
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 from ._errors import RpcFailure, invalid
+from ._proto import Message
 
 HOST_IMAGE = "host"
 #: Output kept per exec stream: ReadFile through commands must fit (the client's unary cap is 32 MiB).
@@ -26,7 +29,7 @@ def local_image(name: str) -> str:
     return name or HOST_IMAGE
 
 
-def primary(spec) -> object | None:
+def primary(spec: Message) -> Message | None:
     """The container that runs locally: the only one, or the one marked primary."""
     containers = list(spec.containers)
     if len(containers) <= 1:
@@ -38,11 +41,11 @@ def primary(spec) -> object | None:
                      "sandpool server; run one container per sandbox")
 
 
-def _quantities(resources) -> dict[str, str]:
+def _quantities(resources: Message) -> dict[str, str]:
     return {key: value for key, value in (("cpu", resources.cpu), ("memory", resources.memory)) if value}
 
 
-def _gpu(resources) -> dict | None:
+def _gpu(resources: Message) -> dict[str, Any] | None:
     if not resources.HasField("gpu") or resources.gpu.count <= 0:
         return None
     gpu = resources.gpu
@@ -50,7 +53,7 @@ def _gpu(resources) -> dict | None:
     return {"count": gpu.count, **({kind: getattr(gpu, kind)} if kind else {})}
 
 
-def resources(container) -> dict | None:
+def resources(container: Message) -> dict[str, Any] | None:
     """sandpool's nested resources form from ``resource_requirements`` (or the flat ``resources``)."""
     if container.HasField("resource_requirements"):
         req = container.resource_requirements
@@ -62,10 +65,10 @@ def resources(container) -> dict | None:
     return None
 
 
-def sandbox_options(spec, isolation: str = "auto") -> dict:
+def sandbox_options(spec: Message, isolation: str = "auto") -> dict[str, Any]:
     """Keyword options for ``Session.sandbox`` from a SandboxSpec, for sandboxes at ``isolation``.
     RpcFailure if it cannot run here."""
-    options: dict = {"tags": list(spec.tags), "annotations": dict(spec.annotations),
+    options: dict[str, Any] = {"tags": list(spec.tags), "annotations": dict(spec.annotations),
                      "max_output_bytes": MAX_OUTPUT_BYTES}
     if spec.max_lifetime_seconds > 0:
         options["max_lifetime_seconds"] = spec.max_lifetime_seconds
@@ -85,7 +88,7 @@ def sandbox_options(spec, isolation: str = "auto") -> dict:
     return options
 
 
-def mounted_files(spec) -> list[tuple[str, bytes]]:
+def mounted_files(spec: Message) -> list[tuple[str, bytes]]:
     """The create-time files of the primary container, as (path, content)."""
     container = primary(spec)
     return [(f.path, bytes(f.content)) for f in container.files] if container is not None else []

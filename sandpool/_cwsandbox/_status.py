@@ -9,10 +9,14 @@ every terminal state, so the client's completion polling never waits for a late 
 from __future__ import annotations
 
 import socket
+from typing import TYPE_CHECKING
 
 from .._status import SandboxStatus
-from ._proto import pb, timestamp
+from ._proto import Message, pb, timestamp
 from ._spec import PRIMARY_CONTAINER, primary
+
+if TYPE_CHECKING:
+    from ._registry import Entry
 
 RUNNER_GROUP_ID = "sandpool-local"
 RUNNER_ID = f"sandpool@{socket.gethostname()}"
@@ -22,7 +26,8 @@ _STATES = {status: pb.State.Value(f"STATE_{status.name}") for status in SandboxS
 
 def state(status: SandboxStatus | None) -> int:
     """The proto State of a sandpool status (None, not started yet, is CREATING)."""
-    return _STATES[status or SandboxStatus.CREATING]
+    number: int = _STATES[status or SandboxStatus.CREATING]
+    return number
 
 
 def status_of(status: str | int) -> SandboxStatus:
@@ -31,7 +36,7 @@ def status_of(status: str | int) -> SandboxStatus:
     return SandboxStatus[name.removeprefix("STATE_")]
 
 
-def sandbox_message(entry) -> object:
+def sandbox_message(entry: Entry) -> Message:
     """The ``Sandbox`` resource of a backend entry: the request's spec as given, and the live status."""
     sandbox = entry.sandbox
     current = entry.status

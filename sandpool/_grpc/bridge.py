@@ -28,7 +28,7 @@ import collections
 import contextlib
 import threading
 from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import trio
@@ -191,6 +191,13 @@ def deliver(requests: Iterable[Any], send: trio.MemorySendChannel[Any], token: t
     finally:
         with contextlib.suppress(trio.RunFinishedError):
             token.run_sync_soon(send.close)  # the end of the requests: nothing to wait for
+
+
+class Sender(Protocol):
+    """Where a stream's producer sends its messages: the :class:`Outbox` ``stream`` hands it (or a
+    trio memory channel)."""
+
+    async def send(self, message: Any, /) -> None: ...
 
 
 class Outbox:
