@@ -9,10 +9,11 @@ from . import serialize as _serialize
 from .._core.opref import OperationRef
 
 if TYPE_CHECKING:
+    from .actor_link import ActorCall
     from .slot import Slot
 
 
-class CallRef(OperationRef):
+class CallRef(OperationRef[Any]):
     """The OperationRef of one remote call. No task per call: the pool settles it directly
     (``set_result``/``set_error``/``set_cancelled``, as an executor settles its futures), and
     ``cancel()`` settles it at once and tells the pool, which interrupts the remote side."""
@@ -23,7 +24,7 @@ class CallRef(OperationRef):
         super().__init__()
         self.loop = loop  # the session's TaskHost: where the pool runs
         self.pool: Any = None  # the pool that holds the Call, once the call exists: cancel() tells it
-        self.call: Call | None = None
+        self.call: Call | ActorCall | None = None
 
     def cancel(self) -> bool:
         if not super().cancel():  # never launched as a task: this settles it, cancelled
