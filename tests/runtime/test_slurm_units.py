@@ -154,18 +154,3 @@ def test_runtime_options_are_checked_and_read_from_the_environment(monkeypatch):
         engine_runtime()
     monkeypatch.setenv("SANDPOOL_RUNTIME", "local")
     assert engine_runtime() is None and not selects_shared(None)
-
-
-def test_job_tells_where_a_sandbox_is_and_refuses_what_is_no_sandbox():
-    """job() is {} for a sandbox not submitted yet (its record, or a handle without one), and a
-    TypeError naming what it takes for anything else (not an AttributeError from inside it)."""
-    rt = SlurmRuntime()
-    record = rt.create(SandboxSpec())
-    assert rt.job(record) == {}
-
-    class Unstarted:  # a Sandbox handle before its start: no record yet
-        _record = None
-
-    assert rt.job(Unstarted()) == {}
-    with pytest.raises(TypeError, match="job\\(\\) takes a Sandbox of this runtime or its record, got str"):
-        rt.job("sb-1234")
