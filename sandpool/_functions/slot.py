@@ -219,12 +219,6 @@ async def _send_direct(slot: Slot, direct: DirectChannel, calls: list[dict[str, 
     slot.leaving = [i for i in slot.leaving if i in held]
 
 
-def _still_wanted(slot: Slot) -> bool:
-    """Whether the pool still wants the slot that was starting (a function, not an inline test: the
-    state changes across awaits, which a narrowed ``slot.state`` would hide from type checkers)."""
-    return slot.state is SlotState.STARTING and not slot.events.closed
-
-
 async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
     await event.wait()
     scope.cancel()
@@ -365,3 +359,9 @@ async def watch_timeout(slot: Slot, call: Call, req_id: int) -> None:
             slot.wake.set()
             return
         await trio.sleep(TIMEOUT_GRACE_SECONDS)
+
+
+def _still_wanted(slot: Slot) -> bool:
+    """Whether the pool still wants the slot that was starting (a function, not an inline test: the
+    state changes across awaits, which a narrowed ``slot.state`` would hide from type checkers)."""
+    return slot.state is SlotState.STARTING and not slot.events.closed
