@@ -76,6 +76,9 @@ class SandboxExecutionError(SandboxError):
     """
 
     _extras: tuple[str, ...] = ("exec_result", "exception_type", "exception_message")
+    exec_result: object  # a ProcessResult (of the session layer, above this module), or None
+    exception_type: str | None
+    exception_message: str | None
 
 
 class SandboxFileError(SandboxError):
@@ -102,6 +105,8 @@ class SandboxDiedError(SandboxError):
     """
 
     _extras: tuple[str, ...] = ("exit_code", "signal")
+    exit_code: int | None  # set in __init__ (declared for type checkers)
+    signal: int | None
 
 
 class ActorDiedError(SandboxDiedError):

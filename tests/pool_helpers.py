@@ -31,7 +31,7 @@ def pool_state(session) -> list[dict]:
     return [{"queue": len(pool.queue), "steal_timer": pool.steal_timer,
              "slots": [(slot.state, slot.direct is not None, round(slot.progress_at, 3),
                         [(c.sent, c.stealing) for c in slot.inflight.values()],
-                        _process_tree(slot.sandbox and slot.sandbox.sandbox._record.agent_pid))
+                        _process_tree(slot.started and slot.started.sandbox._record.agent_pid))
                        for slot in pool.slots]}
             for pool in session._pools.values()]
 

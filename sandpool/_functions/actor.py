@@ -101,7 +101,7 @@ class ActorClass:
                 max_concurrency: int | None = None, unsafe_pickle_results: bool | None = None) -> ActorClass:
         """This class with other options for the actors it starts (``name`` makes a named actor,
         found with ``session.get_actor(name)``)."""
-        changes = {k: v for k, v in dict(name=name, max_restarts=max_restarts, retries=retries,
+        changes: dict[str, Any] = {k: v for k, v in dict(name=name, max_restarts=max_restarts, retries=retries,
                                          max_concurrency=max_concurrency,
                                          unsafe_pickle_results=unsafe_pickle_results).items() if v is not None}
         return ActorClass(self._cls, self._session, self._overrides, dataclasses.replace(self._options, **changes))

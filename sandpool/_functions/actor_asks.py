@@ -35,7 +35,7 @@ def reduce_handle(state: Any) -> tuple[Any, ...]:
     return _agent_actors.RemoteHandle, (state.token, state.label, tuple(sorted(state.methods)))
 
 
-def on_ask(session: Any, sandbox: Sandbox, frame: dict, by_token: Callable[[Any, bytes], Any]) -> None:
+def on_ask(session: Any, sandbox: Sandbox, frame: dict[str, Any], by_token: Callable[[Any, bytes], Any]) -> None:
     """An ``ask`` frame from ``sandbox`` (validated by the wire schema): call the actor that
     ``by_token(session, token)`` finds (``actor.by_token``), answer when done. Runs in the
     session's loop (the sandbox's reader)."""
@@ -94,7 +94,7 @@ def _tell(host: Any, sandbox: Sandbox, req_id: int, seq: int, *, data: bytes | N
         pass
 
 
-async def _send(sandbox: Sandbox, frame: dict) -> None:
+async def _send(sandbox: Sandbox, frame: dict[str, Any]) -> None:
     try:
         await sandbox.link.send(frame)
     except SandboxError:  # the asking sandbox is gone: nobody waits for the answer

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -25,8 +25,8 @@ START_SECONDS = 5.0
 EXIT_SECONDS = 3.0
 
 
-async def connect(sandbox: Sandbox, nursery: trio.Nursery, on_answers: Callable[[list[dict]], None],
-                  on_end: Callable[[dict], None]) -> DirectChannel | None:
+async def connect(sandbox: Sandbox, nursery: trio.Nursery, on_answers: Callable[[list[dict[str, Any]]], None],
+                  on_end: Callable[[dict[str, Any]], None]) -> DirectChannel | None:
     """Start a direct worker in ``sandbox`` and connect to it; None when that cannot be done
     (a remote runtime, or any failure): calls then go through the agent. A task of ``nursery``
     reads the answers into ``on_answers``, and calls ``on_end(exit_frame)`` once the worker ended."""
@@ -59,7 +59,7 @@ async def connect(sandbox: Sandbox, nursery: trio.Nursery, on_answers: Callable[
 
 
 async def _read(sandbox: Sandbox, channel: DirectChannel, request: WorkerRequest, req_id: int,
-                on_answers: Callable[[list[dict]], None], on_end: Callable[[dict], None]) -> None:
+                on_answers: Callable[[list[dict[str, Any]]], None], on_end: Callable[[dict[str, Any]], None]) -> None:
     try:
         while True:
             batch = await channel.receive_batch()

@@ -65,7 +65,7 @@ class ActorCall:
     they wait for other calls' results."""
 
     label: str  # "Counter.incr", for messages
-    args: bytes | None
+    args: bytes | list[bytes] | None  # (parts when large, see _serialize.dumps_parts)
     ref: CallRef  # its pool is the actor's link: cancel() calls link.cancel(call)
     construct: bool = False
     attempts: int = 0
@@ -81,7 +81,8 @@ class ActorCall:
 class ActorLink:
     """The loop-side state of one actor: its sandbox, its phase and its calls in order."""
 
-    def __init__(self, session: Session, overrides: dict[str, Any], label: str, actor_id: str, construct_args: bytes,
+    def __init__(self, session: Session, overrides: dict[str, Any], label: str, actor_id: str,
+                 construct_args: bytes | list[bytes],
                  *, name: str | None, max_restarts: int, retries: int, pickled: bool, concurrency: int = 1) -> None:
         self.session, self.overrides, self.label, self.name = session, overrides, label, name
         self.actor_id, self.concurrency = actor_id, concurrency
@@ -95,7 +96,7 @@ class ActorLink:
         self.death: ActorDiedError | None = None
         self.sandbox: Sandbox | None = None
         self.queue: collections.deque[ActorCall] = collections.deque()  # not sent yet, in call order
-        self.outbox: list[dict] = []  # frames for the agent: calls when relayed, cancels
+        self.outbox: list[dict[str, Any]] = []  # frames for the agent: calls when relayed, cancels
         self.direct: DirectChannel | None = None  # the connection straight to the worker, if any
         self.inflight: dict[int, ActorCall] = {}  # sent, by request id, in send order
         self.keys: set[bytes] = set()  # functions this sandbox's agent has
@@ -109,6 +110,11 @@ class ActorLink:
         sandbox = self.sandbox.sandbox_id if self.sandbox is not None else None
         return (f"<Actor {self.label} {self.phase.value} sandbox={sandbox} restarts={self.restarts}/"
                 f"{self.max_restarts} calls={len(self.queue)} queued/{len(self.inflight)} running>")
+
+    @property
+    def dead(self) -> bool:
+        """Whether the actor is dead for good (read anew each time: it changes across awaits)."""
+        return self.phase is Phase.DEAD
 
     # -- calls (loop thread) -------------------------------------------------------------------
 
@@ -257,7 +263,7 @@ class ActorLink:
                 self._end(ActorDiedError(f"actor {self.label}: its sandbox did not start: {exc}",
                                          actor_name=self.name), restart=False, cause=exc)
                 return
-            if self.phase is Phase.DEAD:  # killed meanwhile
+            if self.dead:  # killed meanwhile
                 sandbox.stop(graceful_shutdown_seconds=0)
                 return
             incarnation = _Incarnation(self, sandbox)
@@ -293,7 +299,7 @@ class ActorLink:
                 await self.wake.wait()
 
     @locked
-    def on_answer(self, frame: dict) -> int:
+    def on_answer(self, frame: dict[str, Any]) -> int:
         """An answer from the current sandbox (routed here by request id)."""
         call = self.inflight.get(frame["id"])
         if call is None:
@@ -325,8 +331,8 @@ class ActorLink:
                                                and type(o[1]) is bool for o in outcomes)):
             error = SerializationError(f"the answer of a step of actor {self.label} is malformed; the sandbox "
                                        "sent something else than (ticket, ok, value) outcomes")
-            for call in self.running.values():
-                call.ref.set_error(error)
+            for pending in self.running.values():
+                pending.ref.set_error(error)
             self.running.clear()
             return
         sandbox_id = self.sandbox.sandbox_id if self.sandbox else None
@@ -351,7 +357,7 @@ class ActorLink:
             member.ref.set_error(error)
 
     @locked
-    def on_error(self, call: ActorCall | None, frame: dict) -> None:
+    def on_error(self, call: ActorCall | None, frame: dict[str, Any]) -> None:
         """An ``error`` answer (or, with no call, the worker's end): the call's, or the actor's death."""
         kind, sandbox_id = frame["kind"], self.sandbox.sandbox_id if self.sandbox else None
         if kind in ("worker_died", "lost") or (kind == "user" and frame.get("type_name") == _GONE):
@@ -360,6 +366,7 @@ class ActorLink:
                 f"({frame['message']})", sandbox_id=sandbox_id, exit_code=frame.get("code"),
                 signal=frame.get("signal"), actor_name=self.name), restart=True)
             return
+        assert call is not None  # (only the worker's end comes without a call, and it is handled above)
         self._release(call)
         if kind == "user":
             error: BaseException = _serialize.remote_exception(frame, sandbox_id, self.pickled)
@@ -452,10 +459,10 @@ class _Incarnation:
     def __init__(self, link: ActorLink, sandbox: Sandbox) -> None:
         self.link, self.sandbox = link, sandbox
 
-    def _on_frame(self, frame: dict) -> int:
+    def _on_frame(self, frame: dict[str, Any]) -> int:
         return self.link.on_answer(frame) if self.link.incarnation is self else 0
 
-    def on_answers(self, frames: list[dict]) -> None:
+    def on_answers(self, frames: list[dict[str, Any]]) -> None:
         for frame in frames:
             self._on_frame(frame)
 
@@ -463,14 +470,14 @@ class _Incarnation:
         if self.link.incarnation is self:
             self.link.sandbox_gone(error)
 
-    def on_worker_end(self, info: dict) -> None:
+    def on_worker_end(self, info: dict[str, Any]) -> None:
         """The direct worker's connection closed (it died, or broke the protocol)."""
         if self.link.incarnation is self:
             self.link.on_error(None, {"kind": "worker_died", "message": _how(info), "code": info.get("code"),
                                        "signal": info.get("signal")})
 
 
-def _how(info: dict) -> str:
+def _how(info: dict[str, Any]) -> str:
     if info.get("signal"):
         return f"killed by signal {info['signal']}"
     if info.get("code") is not None:

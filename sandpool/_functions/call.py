@@ -11,6 +11,7 @@ from . import held as _held, serialize as _serialize
 from .._core.opref import OperationRef
 
 if TYPE_CHECKING:
+    from .actor_link import ActorCall
     from .slot import Slot
 
 
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 KEEP_HELD: contextvars.ContextVar[bool] = contextvars.ContextVar("sandpool_keep_held", default=False)
 
 
-class CallRef(OperationRef):
+class CallRef(OperationRef[Any]):
     """The OperationRef of one remote call. No task per call: the pool settles it directly
     (``set_result``/``set_error``/``set_cancelled``, as an executor settles its futures), and
     ``cancel()`` settles it at once and tells the pool, which interrupts the remote side.
@@ -32,7 +33,7 @@ class CallRef(OperationRef):
         super().__init__()
         self.loop = loop  # the session's TaskHost: where the pool runs
         self.pool: Any = None  # the pool that holds the Call, once the call exists: cancel() tells it
-        self.call: Call | None = None
+        self.call: Call | ActorCall | None = None
         self.label = ""  # the function's name, for a held result's decoding error
 
     def _unwrap(self) -> Any:

@@ -134,9 +134,9 @@ class WorkerRequest:
         self.started = trio.Event()
         self.ok = False
         self.exited = trio.Event()
-        self.exit: dict = {}
+        self.exit: dict[str, Any] = {}
 
-    def _on_frame(self, frame: dict) -> int:
+    def _on_frame(self, frame: dict[str, Any]) -> int:
         if frame["t"] == "started":
             self.ok = True
             self.started.set()
@@ -193,12 +193,12 @@ class DirectChannel:
         """Nothing waits to be written (or nothing will be: the connection is closed)."""
         return not self._pending or self.closed
 
-    def send_now(self, frames: list[dict]) -> None:
+    def send_now(self, frames: list[dict[str, Any]]) -> None:
         """Queue frames and write what the socket takes now (never blocks; ``flush`` sends the rest)."""
         with self._lock:
             self._send_now(frames)
 
-    def _send_now(self, frames: list[dict]) -> None:
+    def _send_now(self, frames: list[dict[str, Any]]) -> None:
         if self.closed:
             raise SandboxNotRunningError("the connection to the sandbox's call worker is closed")
         encoded = [_wire.encode(f) for f in frames]
@@ -260,7 +260,7 @@ class DirectChannel:
                 raise SandboxNotRunningError(f"the call worker's connection broke: {exc!r}") from exc
             self._sent(sent)
 
-    async def receive_batch(self) -> list[dict] | None:
+    async def receive_batch(self) -> list[dict[str, Any]] | None:
         """The frames available now (at least one), or None at EOF. ProtocolError if malformed."""
         while True:
             if self._drained:  # the last read emptied the socket: wait, rather than read in vain

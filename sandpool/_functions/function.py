@@ -365,8 +365,8 @@ def function_decorator(host: FunctionHost, fn: Callable[..., Any] | None, option
     if fn is not None:
         return RemoteFunction(fn, host, **options)
     # Check every option now, so a typo fails at the decorator line, not at the first call.
-    _check_options(*(options.get(k) for k in _CALL_OPTIONS[:3]), options.get("reuse", True),  # type: ignore[call-arg]
-                   options.get("unsafe_pickle_results", False))
+    _check_options(options.get("retries"), options.get("timeout_seconds"), options.get("max_concurrency"),
+                   options.get("reuse", True), options.get("unsafe_pickle_results", False))
     resolve_spec(host.defaults, **{k: v for k, v in options.items() if k not in _CALL_OPTIONS})
     return lambda f: RemoteFunction(f, host, **options)
 

@@ -31,9 +31,11 @@ class FunctionHost(Protocol):
 
     def pool_for(self, spec: SandboxSpec, limit: int, reuse: bool) -> Pool:
         """The warm pool for this spec, limit and reuse flag; SandboxError once the session closed."""
+        ...
 
     def loop(self) -> TaskHost:
         """The session's task host (opening the session on first use)."""
+        ...
 
 
 SandboxFactory = Callable[["SandboxSpec"], Awaitable["PoolSandbox"]]

@@ -34,15 +34,16 @@ def choose_slot(loads: Sequence[tuple[int, int] | None], waiting: int, starting:
     sandbox wins; else the least loaded one below ``depth``, but only when more calls wait than
     the sandboxes still starting will take (so N long calls spread over N sandboxes).
     """
-    best = None
+    best: int | None = None
+    best_calls = 0  # the calls ``best`` holds
     for i, load in enumerate(loads):
         if load is None or load[0] >= depth or (load[0] and load[1] >= MAX_DEPTH_BYTES):
             continue
-        if best is None or load[0] < loads[best][0]:  # type: ignore[index]
-            best = i
+        if best is None or load[0] < best_calls:
+            best, best_calls = i, load[0]
             if load[0] == 0:
                 break
-    if best is not None and loads[best][0] and waiting <= starting:  # type: ignore[index]
+    if best is not None and best_calls and waiting <= starting:
         return None
     return best
 

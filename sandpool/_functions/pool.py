@@ -231,7 +231,7 @@ class Pool:
     # -- answers and failures (SlotEvents) ---------------------------------------------------
 
     @locked
-    def calls_answered(self, slot: Slot, frames: list[dict]) -> None:
+    def calls_answered(self, slot: Slot, frames: list[dict[str, Any]]) -> None:
         """A batch of answers from a direct worker: settle each, then schedule once."""
         for frame in frames:
             self._answer(slot, frame)
@@ -239,13 +239,13 @@ class Pool:
         self._steal()
 
     @locked
-    def call_answered(self, slot: Slot, frame: dict) -> None:
+    def call_answered(self, slot: Slot, frame: dict[str, Any]) -> None:
         """One answer (a result or an error frame) to a call ``slot`` holds."""
         self._answer(slot, frame)
         self._schedule()
         self._steal()
 
-    def _answer(self, slot: Slot, frame: dict) -> None:
+    def _answer(self, slot: Slot, frame: dict[str, Any]) -> None:
         call = slot.inflight.get(frame["id"])
         if call is None:
             return
@@ -275,7 +275,7 @@ class Pool:
         if not self.reuse and slot.state is _READY:
             self._retire(slot)
 
-    def _on_error(self, slot: Slot, call: Call, frame: dict) -> None:
+    def _on_error(self, slot: Slot, call: Call, frame: dict[str, Any]) -> None:
         kind, sandbox_id, name = frame["kind"], slot.sandbox.sandbox_id, call.payload.name
         if kind == "lost":
             self._requeue(call, charge=False)
@@ -356,7 +356,7 @@ class Pool:
                 self._requeue(call, charge=False)
 
     @locked
-    def worker_lost(self, slot: Slot, info: dict) -> None:
+    def worker_lost(self, slot: Slot, info: dict[str, Any]) -> None:
         """A direct worker ended (its connection closed); the sandbox lives on and gets a new one."""
         if slot.state in _ENDED:
             return

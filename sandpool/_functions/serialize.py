@@ -29,8 +29,8 @@ import sys
 import threading
 import types
 from collections import ChainMap
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, MutableMapping
+from typing import Any, cast
 
 import cloudpickle
 
@@ -44,7 +44,9 @@ _repr.maxstring = _repr.maxother = 80
 
 
 #: cloudpickle's own reducer of code objects, from its public dispatch table.
-_CLOUD_CODE_REDUCE = cloudpickle.Pickler.dispatch_table[types.CodeType]
+_CLOUD_CODE_REDUCE: Callable[[types.CodeType], Any] = cloudpickle.Pickler.dispatch_table[types.CodeType]
+#: cloudpickle's table (a ChainMap over copyreg's, which the stubs type as pickle's read-only Mapping).
+_CLOUD_TABLE = cast("MutableMapping[type, Callable[[Any], Any]]", cloudpickle.Pickler.dispatch_table)
 
 
 def _code_reduce(code: types.CodeType) -> tuple[Any, ...]:
@@ -52,8 +54,8 @@ def _code_reduce(code: types.CodeType) -> tuple[Any, ...]:
     return rebuild, tuple(code.co_filename if a == _DYNAMIC else a for a in args)
 
 
-class _Pickler(cloudpickle.Pickler):
-    dispatch_table = ChainMap({types.CodeType: _code_reduce}, cloudpickle.Pickler.dispatch_table)
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]  # (cloudpickle ships no types)
+    dispatch_table: ChainMap[type, Callable[[Any], Any]] = ChainMap({types.CodeType: _code_reduce}, _CLOUD_TABLE)
 
 
 def dumps(obj: object) -> bytes:
@@ -288,14 +290,14 @@ def _fill_source_lines(text: str) -> str:
 MAX_TEXT_CHARS = 2 * 1024 * 1024
 
 
-def _text(frame: dict, key: str) -> str:
+def _text(frame: dict[str, Any], key: str) -> str:
     value = frame.get(key)
     if not isinstance(value, str):
         return ""
     return value if len(value) <= MAX_TEXT_CHARS else value[:MAX_TEXT_CHARS] + "... [clipped]"
 
 
-def remote_exception(frame: dict, sandbox_id: str | None, pickled: bool = False) -> Exception:
+def remote_exception(frame: dict[str, Any], sandbox_id: str | None, pickled: bool = False) -> Exception:
     """The user's exception from an ``error`` frame of kind "user", its remote traceback attached.
 
     Rebuilt from the frame's plain description (``exc``), or unpickled from ``data`` when
@@ -379,7 +381,9 @@ def _dual_class(cls: type[Exception]) -> type[Exception]:
                 namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
                              "__str__": cls.__str__, "__repr__": cls.__repr__,
                              "__reduce__": _reduce_dual, "__doc__": cls.__doc__}
-                dual = _dual_classes[cls] = type(cls.__name__, (cls, SandboxExecutionError), namespace)
+                # pyright computes the MRO of the parameter's declared base, not of the class it gets
+                dual = _dual_classes[cls] = type(  # pyright: ignore[reportGeneralTypeIssues]
+                    cls.__name__, (cls, SandboxExecutionError), namespace)
     return dual
 
 

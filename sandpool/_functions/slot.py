@@ -63,17 +63,20 @@ class PoolSandbox(Protocol):
     #: A same-host server's way to connect to a worker by socket name, or None.
     connect_worker: Callable[[str], Awaitable[Any]] | None
 
-    def register(self, handler: Any) -> int:
+    def register(self, handler: Any, /) -> int:
         """A new request id whose frames go to ``handler`` (``_on_frame``/``_on_sandbox_gone``)."""
+        ...
 
-    def unregister(self, req_id: int) -> None: ...
+    def unregister(self, req_id: int, /) -> None: ...
 
     # Awaitable, not async def: a member may hand out its connection's bound send functions.
-    def send(self, frame: dict[str, Any]) -> Awaitable[None]:
+    def send(self, frame: dict[str, Any], /) -> Awaitable[None]:
         """Send one frame to the agent; SandboxNotRunningError (or why it failed) once it is gone."""
+        ...
 
-    def send_many(self, frames: list[dict[str, Any]]) -> Awaitable[None]:
+    def send_many(self, frames: list[dict[str, Any]], /) -> Awaitable[None]:
         """Send frames in one write; raises as ``send``."""
+        ...
 
     def stop(self, *, graceful_shutdown_seconds: float) -> Any:
         """Begin stopping the sandbox (returns at once)."""
@@ -99,27 +102,27 @@ class SlotEvents(Protocol):
     def slot_lost(self, slot: Slot, error: BaseException) -> None:
         """The sandbox ended (once per request the slot had registered)."""
 
-    def worker_lost(self, slot: Slot, info: dict) -> None:
+    def worker_lost(self, slot: Slot, info: dict[str, Any]) -> None:
         """The direct worker ended (the agent's ``exit`` frame); the sandbox lives on."""
 
-    def call_answered(self, slot: Slot, frame: dict) -> None:
+    def call_answered(self, slot: Slot, frame: dict[str, Any]) -> None:
         """A ``result`` or ``error`` frame for one of the slot's calls."""
 
-    def calls_answered(self, slot: Slot, frames: list[dict]) -> None:
+    def calls_answered(self, slot: Slot, frames: list[dict[str, Any]]) -> None:
         """A batch of answers from the direct worker."""
 
 
 @dataclass(eq=False)
 class Slot:
     """One sandbox of a pool and the calls it holds (by request id, in the order they were sent).
-    ``sandbox`` is None until the factory has started it."""
+    ``started`` is None until the factory has started it; ``sandbox`` is read only after."""
 
     events: SlotEvents
-    sandbox: PoolSandbox | None = None
+    started: PoolSandbox | None = None
     state: SlotState = SlotState.STARTING
     inflight: dict[int, Call] = field(default_factory=dict)
     held_bytes: int = 0
-    outbox: list[dict] = field(default_factory=list)
+    outbox: list[dict[str, Any]] = field(default_factory=list)
     keys: set[bytes] = field(default_factory=set)  # functions the sandbox's worker has
     wake: trio.Event = field(default_factory=trio.Event)
     bulk_dir: str | None = None  # where this process sees the sandbox's /tmp (see _bulk)
@@ -128,7 +131,13 @@ class Slot:
     leaving: list[int] = field(default_factory=list)  # direct: calls handed to the connection, not all sent
     progress_at: float = 0.0  # when it last answered, or took a call while idle (trio.current_time)
 
-    def _on_frame(self, frame: dict) -> int:  # the sandbox's reader routes relayed answers here
+    @property
+    def sandbox(self) -> PoolSandbox:
+        """The started sandbox: only a started slot holds calls or a worker."""
+        assert self.started is not None
+        return self.started
+
+    def _on_frame(self, frame: dict[str, Any]) -> int:  # the sandbox's reader routes relayed answers here
         self.events.call_answered(self, frame)
         return 0
 
@@ -141,11 +150,11 @@ async def run_slot(slot: Slot, factory: Callable[[SandboxSpec], Awaitable[PoolSa
     """Start the slot's sandbox, reach its worker, then send what the pool assigns until the end."""
     events = slot.events
     try:
-        sandbox = slot.sandbox = await factory(spec)
+        sandbox = slot.started = await factory(spec)
     except Exception as exc:  # it never ran: the pool drops it (and fails its calls if none can start)
         events.slot_failed(slot, exc)
         return
-    if slot.state is not SlotState.STARTING or events.closed:
+    if not _still_wanted(slot):
         return
     sandbox.register(slot)  # a request that is never answered: we hear of its death even when idle
     slot.bulk_dir = sandbox.bulk_dir
@@ -177,7 +186,8 @@ async def run_slot(slot: Slot, factory: Callable[[SandboxSpec], Awaitable[PoolSa
             continue
 
 
-async def _send_direct(slot: Slot, direct: DirectChannel, calls: list[dict], others: list[dict]) -> None:
+async def _send_direct(slot: Slot, direct: DirectChannel, calls: list[dict[str, Any]],
+                       others: list[dict[str, Any]]) -> None:
     """Hand calls to the worker's connection, send the cancels and steals of calls that left, and
     write until the connection is drained or the pool wakes the slot again.
 
@@ -232,8 +242,11 @@ async def _connect(slot: Slot, tasks: TaskStarter) -> None:
             await handle.started.wait()
         if not handle.ok:
             raise SandboxError(f"the agent did not start a direct worker: {handle.exit.get('message')}")
-        channel = (await DirectChannel.connect(slot.bulk_dir, name) if slot.bulk_dir is not None
-                   else DirectChannel(await line(name)))
+        if slot.bulk_dir is not None:
+            channel = await DirectChannel.connect(slot.bulk_dir, name)
+        else:
+            assert line is not None  # (one of the two ways is there: checked above)
+            channel = DirectChannel(await line(name))
     except (OSError, SandboxError):
         if handle.ok:  # started, but unreachable: stop it, so that the agent relays calls instead
             try:
@@ -248,7 +261,7 @@ async def _connect(slot: Slot, tasks: TaskStarter) -> None:
     tasks.start_soon(_read_direct, slot, channel, handle, req_id)
 
 
-def send(slot: Slot, call: Call, frame: dict, wake: Callable[[], None] | None = None) -> None:
+def send(slot: Slot, call: Call, frame: dict[str, Any], wake: Callable[[], None] | None = None) -> None:
     """Send a call's frame: at once when it is the slot's only call and the worker's connection is
     idle (a lone call leaves in this very step of the loop), else through the slot's task, which
     sends what accumulated in one write. ``wake`` wakes that task (default ``slot.wake.set``, in the
@@ -317,7 +330,8 @@ def cancel_frame(slot: Slot, req_id: int, steal: bool = False) -> dict[str, Any]
 async def watch_timeout(slot: Slot, call: Call, req_id: int) -> None:
     """Direct mode's backstop for a function that swallows its timeout (the worker enforces it;
     the agent, which does so for relayed calls, does not see direct ones): interrupt it."""
-    await trio.sleep(call.timeout + TIMEOUT_GRACE_SECONDS)  # type: ignore[operator]
+    assert call.timeout is not None  # (only calls with a timeout are watched)
+    await trio.sleep(call.timeout + TIMEOUT_GRACE_SECONDS)
     while slot.inflight.get(req_id) is call and not call.ref.done():
         if next(iter(slot.inflight.values())) is call:  # it is the one running: it overstayed
             call.timed_out = True
@@ -325,3 +339,9 @@ async def watch_timeout(slot: Slot, call: Call, req_id: int) -> None:
             slot.wake.set()
             return
         await trio.sleep(TIMEOUT_GRACE_SECONDS)
+
+
+def _still_wanted(slot: Slot) -> bool:
+    """Whether the pool still wants the slot that was starting (a function, not an inline test: the
+    state changes across awaits, which a narrowed ``slot.state`` would hide from type checkers)."""
+    return slot.state is SlotState.STARTING and not slot.events.closed

@@ -20,6 +20,7 @@ import hashlib
 import os
 import stat
 from collections.abc import Iterator
+from typing import Protocol
 
 #: Bytes read and written at a time.
 CHUNK = 1 << 20
@@ -124,7 +125,13 @@ def _copy_file(sfd: int, dfd: int, name: str, copied: Copied) -> None:
         os.close(src)
 
 
-def _hash_range(fd: int, start: int, end: int, content: hashlib._Hash) -> int:
+class _Digest(Protocol):
+    """What ``_hash_range`` feeds: a hashlib object."""
+
+    def update(self, data: memoryview, /) -> None: ...
+
+
+def _hash_range(fd: int, start: int, end: int, content: _Digest) -> int:
     """Feed bytes ``start``..``end`` of ``fd`` to ``content``; how many there were."""
     buffer = bytearray(CHUNK)
     view = memoryview(buffer)

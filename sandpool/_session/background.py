@@ -67,11 +67,11 @@ class Shelf:
                 await self._portal.host.nursery.start(_keep, held)
             except BaseException as exc:
                 # opening failed: raise that error itself, not the keeper's nursery group around it
-                single = isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1
-                held.error = exc.exceptions[0] if single else exc  # type: ignore[union-attr]
+                inner = exc.exceptions[0] if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1 else None
+                held.error = exc if inner is None else inner
                 self._forget(held)
-                if single:
-                    raise held.error from None
+                if inner is not None:
+                    raise inner from None
                 raise
             finally:
                 held.ready.set()
@@ -99,7 +99,7 @@ class Shelf:
             self._local = None
 
 
-async def _keep(held: _Held, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def _keep(held: _Held, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Hold ``held.runtime`` open until its last user leaves (or the portal closes), then close it.
 
     The close runs inside the nursery, while the runtime's own tasks still run: they report the

@@ -4,30 +4,30 @@ block's own exception leaves it unchanged, and the sandbox is stopped by the tim
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 from .._core.hosts import current_host, settle, to_thread
+from .parts import SandboxParts
 
 if TYPE_CHECKING:
     from types import TracebackType
 
     from .._config import SandboxDefaults
     from .._core.opref import OperationRef
-    from .sandbox import Sandbox
 
 
-class SandboxBlocks:
+class SandboxBlocks(SandboxParts):
     """The ``with`` forms of ``Sandbox`` (a base class of it: it uses its start, stop and session)."""
 
-    def __enter__(self: Sandbox) -> Sandbox:  # type: ignore[misc]
+    def __enter__(self) -> Self:
         self.start().result()
         return self
 
-    def __exit__(self: Sandbox, exc_type: type[BaseException] | None,  # type: ignore[misc]
+    def __exit__(self, exc_type: type[BaseException] | None,
                  exc: BaseException | None, tb: TracebackType | None) -> None:
         _finish_stop(self.stop(), exc is not None)
 
-    async def __aenter__(self: Sandbox) -> Sandbox:  # type: ignore[misc]
+    async def __aenter__(self) -> Self:
         """Wait until the sandbox runs (starting it, and opening a standalone one's session in a
         worker thread so the caller's loop keeps running). A failed or cancelled start stops it."""
         if not self._home.opened:
@@ -39,7 +39,7 @@ class SandboxBlocks:
             raise
         return self
 
-    async def __aexit__(self: Sandbox, exc_type: type[BaseException] | None,  # type: ignore[misc]
+    async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         """Stop the sandbox and wait until it is stopped, whatever the host's cancellation does
         meanwhile; a failure to stop never hides the block's own exception."""
@@ -50,7 +50,7 @@ class SandboxBlocks:
                 raise
 
     @classmethod
-    def run(cls, *args: str, defaults: SandboxDefaults | None = None, **options: Any) -> Sandbox:
+    def run(cls, *args: str, defaults: SandboxDefaults | None = None, **options: Any) -> Self:
         """Create and start a sandbox outside any session; ``args`` are the main command and its args.
 
         From sync code it returns once the sandbox runs. Inside trio or asyncio it returns at once
@@ -60,7 +60,7 @@ class SandboxBlocks:
         """
         if args:
             options["command"], options["args"] = args[0], list(args[1:])
-        sandbox: Sandbox = cls(defaults=defaults, **options)  # type: ignore[call-arg, assignment]
+        sandbox = cls(defaults=defaults, **options)
         if current_host() == "sync":
             sandbox.start().result()
         elif sandbox._opened():

@@ -22,10 +22,10 @@ from .._errors import (
     SandboxTimeoutError,
     SandboxUnavailableError,
 )
+from .parts import SandboxParts
 
 if TYPE_CHECKING:
     from .._runtime.contract import SandboxRecord
-    from .sandbox import Sandbox
 
 __all__ = ["AgentConnection"]
 
@@ -39,10 +39,10 @@ class _Reply:
 
     def __init__(self) -> None:
         self.event = trio.Event()
-        self.frame: dict | None = None
+        self.frame: dict[str, Any] | None = None
         self.error: BaseException | None = None
 
-    def _on_frame(self, frame: dict) -> int:
+    def _on_frame(self, frame: dict[str, Any]) -> int:
         self.frame = frame
         self.event.set()
         return 0
@@ -52,23 +52,23 @@ class _Reply:
         self.event.set()
 
 
-class AgentConnection:
+class AgentConnection(SandboxParts):
     """Sandbox's side of the agent's connection (a base class of ``Sandbox``)."""
 
-    def _register(self: Sandbox, handler: Any) -> int:
+    def _register(self, handler: Any) -> int:
         return self._requests.register(handler)
 
-    def _unregister(self: Sandbox, req_id: int) -> None:
+    def _unregister(self, req_id: int) -> None:
         self._requests.unregister(req_id)
 
-    async def _send(self: Sandbox, frame: dict) -> None:
+    async def _send(self, frame: dict[str, Any]) -> None:
         await self._open_channel().send(frame)
 
-    async def _send_many(self: Sandbox, frames: list[dict]) -> None:
+    async def _send_many(self, frames: list[dict[str, Any]]) -> None:
         """Send several frames in one write (remote-function calls batch this way)."""
         await self._open_channel().send_many(frames)
 
-    def _open_channel(self: Sandbox) -> Any:
+    def _open_channel(self) -> Any:
         """The agent's channel, or the reason this sandbox no longer has one (SandboxNotRunningError,
         or its failure with the reason)."""
         channel = self._record.channel if self._record else None
@@ -77,11 +77,11 @@ class AgentConnection:
                 f"sandbox {self.sandbox_id} is not running", sandbox_id=self.sandbox_id)
         return channel
 
-    async def _reader(self: Sandbox) -> None:
+    async def _reader(self) -> None:
         """Route frames to their requests until the agent's connection ends, then settle the state."""
         record = self._record
         assert record is not None and record.channel is not None
-        farewell: dict | None = None
+        farewell: dict[str, Any] | None = None
         protocol_error: ProtocolError | None = None
         self._host.nursery.start_soon(self._requests.send_credits, record.channel.send_many)
         try:
@@ -105,7 +105,7 @@ class AgentConnection:
             with trio.CancelScope(shield=True):
                 await self._settle(record, farewell, protocol_error)
 
-    async def _settle(self: Sandbox, record: SandboxRecord, farewell: dict | None,
+    async def _settle(self, record: SandboxRecord, farewell: dict[str, Any] | None,
                       protocol_error: ProtocolError | None) -> None:
         if protocol_error is not None:  # the stream is not to be trusted further: close it, then stop
             self._advance(Event.FAILED, reason=f"protocol error: {protocol_error}")
@@ -124,7 +124,7 @@ class AgentConnection:
         self._requests.close(self._gone_error())
         self._terminal.set()
 
-    def _gone_error(self: Sandbox) -> SandboxError:
+    def _gone_error(self) -> SandboxError:
         state = self._state
         if self._record is not None and self._record.lost:
             return SandboxUnavailableError(f"sandbox {self.sandbox_id}: {self._record.lost}",
@@ -135,7 +135,7 @@ class AgentConnection:
                                 exit_code=self._record.exit_code if self._record else None,
                                 signal=self._record.exit_signal if self._record else None)
 
-    async def _request(self: Sandbox, frame: dict, timeout: float | None) -> dict:
+    async def _request(self, frame: dict[str, Any], timeout: float | None) -> dict[str, Any]:
         await self._ensure_running()
         reply = _Reply()
         frame["id"] = self._register(reply)
@@ -152,7 +152,7 @@ class AgentConnection:
         assert reply.frame is not None
         return reply.frame
 
-    async def _file_request(self: Sandbox, frame: dict, timeout: float | None) -> bytes | None:
+    async def _file_request(self, frame: dict[str, Any], timeout: float | None) -> bytes | None:
         path = frame["path"]
         reply = await self._request(frame, timeout)
         if reply["t"] == "error" and reply["kind"] == "protocol":

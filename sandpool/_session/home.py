@@ -24,7 +24,7 @@ class SandboxHome:
 
     def __init__(self, defaults: SandboxDefaults, open_host: Callable[[], TaskHost],
                  hold_runtime: Callable[[], Awaitable[None]],
-                 on_ask: Callable[[Any, dict], None] | None = None) -> None:
+                 on_ask: Callable[[Any, dict[str, Any]], None] | None = None) -> None:
         self.defaults = defaults
         self._open_host = open_host
         self._hold_runtime = hold_runtime

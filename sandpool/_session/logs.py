@@ -21,9 +21,10 @@ import trio
 from .._core.chunkstream import ChunkStream
 from .._core.lifecycle import Phase
 from .._errors import SandboxNotRunningError
+from .parts import SandboxParts
 
 if TYPE_CHECKING:
-    from .sandbox import Sandbox
+    from .._runtime.contract import SandboxRecord
 
 __all__ = ["LogBook", "LogsMixin", "MAX_LINE_BYTES", "log_lines", "log_pieces", "check_log_options"]
 
@@ -171,10 +172,10 @@ async def log_pieces(ended: trio.Event, book: LogBook, follow: bool, tail: int |
         yield (f"{_when(book.stamp(at - len(pending)))} {text}" if timestamps else text), at
 
 
-class LogsMixin:
+class LogsMixin(SandboxParts):
     """``stream_logs`` for Sandbox."""
 
-    def stream_logs(self: Sandbox, *, follow: bool = False, tail_lines: int | None = None,
+    def stream_logs(self, *, follow: bool = False, tail_lines: int | None = None,
                     since_time: datetime.datetime | None = None, timestamps: bool = False,
                     timeout_seconds: float | None = None, container: str | None = None) -> ChunkStream[str]:
         """The main command's output as lines (each ending in ``\\n`` but perhaps the last):
@@ -203,22 +204,24 @@ class LogsMixin:
         since = since_time.timestamp() if since_time is not None else None
 
         async def produce() -> AsyncIterator[str]:
-            await self._ensure_started_for_logs()
+            record = await self._ensure_started_for_logs()
             book = self._log_book
             if book is not None:
                 lines = log_lines(self._terminal, book, follow, tail_lines, since, timestamps)
             else:
-                lines = self._runtime.main_log_lines(self._record, follow=follow, tail_lines=tail_lines,
-                                                              since=since, timestamps=timestamps)
+                lines = self._runtime.main_log_lines(record, follow=follow, tail_lines=tail_lines,
+                                                     since=since, timestamps=timestamps)
             async for line in lines:
                 yield line
 
         return ChunkStream(lambda: self._host, produce, "sandbox logs")
 
-    async def _ensure_started_for_logs(self: Sandbox) -> None:
+    async def _ensure_started_for_logs(self) -> SandboxRecord:
+        """The sandbox's record once its start was tried (starting it if needed)."""
         if self._state.phase is Phase.NEW:
             self.start()
         await self._started.wait()
         if self._record is None:
             raise SandboxNotRunningError("sandbox was stopped before it started; it has no logs",
                                          sandbox_id=self.sandbox_id)
+        return self._record

@@ -32,7 +32,7 @@ _EXEC_KEYS = ("exec_count", "exec_completed_ok", "exec_completed_nonzero", "exec
 
 @dataclass
 class _Entry:
-    ref: weakref.ref
+    ref: weakref.ref[Sandbox]
     execs: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_EXEC_KEYS, 0))
     status: str = "unstarted"
     startup: float | None = None

@@ -6,7 +6,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import trio
 
@@ -75,7 +75,7 @@ class Sandbox(SandboxBlocks, SnapshotsMixin, PodMixin, SurfaceMixin, LogsMixin, 
         standalone = _home is None and _session is None
         if _home is None:
             if _session is None:  # standalone: owned by the hidden session (stopped at exit at the latest)
-                _session = self._hidden().default_session(address=address, token=token)
+                _session = cast("Session", self._hidden().default_session(address=address, token=token))
             _home = _session._home
         self._home = _home  # its session as it sees it: task host, runtime, who stops it
         self._homes: set[SandboxHome] = set()  # the sessions that stop this sandbox when they close

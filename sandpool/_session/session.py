@@ -90,7 +90,11 @@ class Session:
         self._nursery_cm: Any = None
         self._close_grace = CLOSE_GRACE_SECONDS
         # remote functions' warm pools, by (spec, limit, reuse): they start sandboxes through the factory
-        self._functions = Pools(self.defaults, self._ensure_open, self._start_pool_sandbox, lambda: self._closed)
+        # (pyright: a __slots__ class's callables are taken as methods when matched to a protocol, so
+        # PoolMember does not match PoolSandbox for it; mypy checks that it does)
+        self._functions = Pools(self.defaults, self._ensure_open,
+                                self._start_pool_sandbox,  # pyright: ignore[reportArgumentType]
+                                lambda: self._closed)
         self._pools = self._functions.pools
         self._metrics = SessionMetrics(enabled=report_to is None or len(report_to) > 0)
 

@@ -14,18 +14,20 @@ import builtins
 import os
 import weakref
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 
 from .._config import SandboxStatus
 from .._core.lifecycle import Event
 from .._core.opref import OperationRef
 from .._errors import SandboxNotFoundError, SandboxNotRunningError, SandboxUnavailableError
+from .parts import SandboxParts
 
 if TYPE_CHECKING:
     from .._runtime.contract import SandboxRecord
     from .home import SandboxHome
     from .sandbox import Sandbox
+    from .session import Session
 
 ENV_ADDRESS, ENV_TOKEN = "SANDPOOL_ADDRESS", "SANDPOOL_TOKEN"
 #: ``SANDPOOL_RUNTIME=slurm`` places sandboxes with Slurm (options: ``SANDPOOL_SLURM_*``); unset or "local": here.
@@ -61,10 +63,10 @@ def selects_shared(address: str | None) -> bool:
 KNOWN: weakref.WeakValueDictionary[str, Sandbox] = weakref.WeakValueDictionary()
 
 
-def spawn_find(hidden: Any, address: str | None, token: str | None, **query: Any) -> OperationRef:
+def spawn_find(hidden: Any, address: str | None, token: str | None, **query: Any) -> OperationRef[Any]:
     """Ask the hidden session for ``address`` (it adopts nothing; ``hidden`` is Sandbox._hidden()):
     one handle if ``sandbox_id`` was asked."""
-    session = hidden.default_session(address=address, token=token)
+    session: Session = hidden.default_session(address=address, token=token)
     if "sandbox_id" in query:
         return session.from_id(query["sandbox_id"], adopt=False)
     return session.list(adopt=False, **query)
@@ -76,12 +78,9 @@ def news_of(record: SandboxRecord) -> dict[str, Any]:
                 reason=record.status_reason)
 
 
-class FoundHandles:
+class FoundHandles(SandboxParts):
     """Sandbox's part for finding sandboxes, and for handles of those found on a shared runtime (a
     base class of ``Sandbox``)."""
-
-    _record: SandboxRecord | None  # Sandbox's own (declared here for the type checker)
-    _start_ref: OperationRef[None] | None
 
     @classmethod
     def list(cls, *, tags: Sequence[str] | None = None, status: str | SandboxStatus | None = None,
@@ -122,19 +121,19 @@ class FoundHandles:
         known = KNOWN.get(record.sandbox_id)
         if known is not None and known._hear(home, record):
             return known
-        sandbox = cls(_home=home, _spec=record.spec)  # type: ignore[call-arg]
+        sandbox = cast("Sandbox", cls(_home=home, _spec=record.spec))  # (cls is Sandbox: the one class with this part)
         sandbox._found(record)
         KNOWN[record.sandbox_id] = sandbox
         return sandbox
 
-    def _found(self: Sandbox, record: SandboxRecord) -> None:
+    def _found(self, record: SandboxRecord) -> None:
         """Start as a handle of a sandbox that already exists, in the state its server reported."""
         self._record = record
         self._start_ref = OperationRef.completed(None)
         self._started.set()
         self._advance(Event.REPORTED, settle=True, **news_of(record))
 
-    def _hear(self: Sandbox, home: SandboxHome, record: SandboxRecord) -> bool:
+    def _hear(self, home: SandboxHome, record: SandboxRecord) -> bool:
         """Whether this handle stands for ``record`` (from ``home``'s runtime): a terminal handle of a
         sandbox the server reports alive is stale. An unattached handle takes the server's news."""
         if self._home.endpoint() != home.endpoint():
@@ -145,7 +144,7 @@ class FoundHandles:
             self._advance(Event.REPORTED, settle=True, **news_of(record))
         return True
 
-    async def _attach(self: Sandbox) -> None:
+    async def _attach(self) -> None:
         """Connect a found handle to its sandbox's data plane (once) and start its reader."""
         async with self._attach_lock:
             record = self._record
@@ -161,7 +160,7 @@ class FoundHandles:
             self._advance(Event.ATTACHED)
             self._host.nursery.start_soon(self._reader)
 
-    async def _watch(self: Sandbox) -> None:
+    async def _watch(self) -> None:
         """Attach a found handle so that its end reaches it (waiting for completion); a sandbox that
         ended meanwhile is marked so by ``_attach``, and an unreachable server ends the handle."""
         try:
@@ -173,7 +172,7 @@ class FoundHandles:
         except (SandboxNotRunningError, SandboxNotFoundError):
             pass  # _attach() has marked it terminal
 
-    def _settle_unattached(self: Sandbox) -> None:
+    def _settle_unattached(self) -> None:
         """A found handle that never attached was stopped: no reader will report its end, so do it here."""
         record = self._record
         assert record is not None

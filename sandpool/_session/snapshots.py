@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Self
 
 import trio
 
@@ -21,10 +21,9 @@ from .._core.lifecycle import Phase
 from .._core.opref import OperationRef
 from .._cwtypes import FileSystemSnapshot, FileSystemSnapshotStatus, FileSystemSnapshotTrigger
 from .._errors_cw import SnapshotNotFoundError, SnapshotOnStopConflictError
+from .._ids import check_snapshot_id
 from .._images import snapshots as _store
-
-if TYPE_CHECKING:
-    from .sandbox import Sandbox
+from .parts import SandboxParts
 
 __all__ = ["SnapshotsMixin"]
 
@@ -33,18 +32,17 @@ MAX_FORKS = 1000
 _CLOUD_ONLY = {"base_url", "auth", "timeout_seconds"}
 
 
-class SnapshotsMixin:
+class SnapshotsMixin(SandboxParts):
     """``snapshot``, ``fork``, snapshot-on-stop and the snapshot store's class methods (module doc)."""
 
     _fss_id: str | None = None
-    _stop_ref: OperationRef[None] | None  # Sandbox's own (declared here for the type checker)
 
     @property
     def file_system_snapshot_id(self) -> str | None:
         """The snapshot ``stop(snapshot_on_stop=True)`` took, once it has."""
         return self._fss_id
 
-    def snapshot(self: Sandbox, *, wait_for_ready: bool = True, request_id: str | None = None,
+    def snapshot(self, *, wait_for_ready: bool = True, request_id: str | None = None,
                  retry_budget_seconds: float | None = None) -> OperationRef[str]:
         """Capture the sandbox's writable filesystem now (starting it if needed); resolves to the
         snapshot id once it is stored (ready). SnapshotNotSupportedError at the ``process`` level or
@@ -52,12 +50,13 @@ class SnapshotsMixin:
         ``retry_budget_seconds`` are cwsandbox's and have no local effect."""
         return self._spawn(self._snapshot_async, "manual")
 
-    async def _snapshot_async(self: Sandbox, trigger: str) -> str:
+    async def _snapshot_async(self, trigger: str) -> str:
         await self._ensure_running()
+        assert self._record is not None  # (a running sandbox has its record)
         snap = await self._runtime.snapshot(self._record, trigger)
         return snap.snapshot_id
 
-    def fork(self: Sandbox, n: int = 1) -> OperationRef[list[Sandbox]]:
+    def fork(self, n: int = 1) -> OperationRef[list[Self]]:
         """``n`` new running sandboxes with this one's filesystem as it is now, its spec and tags:
         one snapshot, then ``n`` starts from it at once. They belong to this sandbox's session.
         If one fails to start, the others are stopped and its error raised."""
@@ -65,7 +64,7 @@ class SnapshotsMixin:
             raise ValueError(f"fork(n) needs an int n from 1 to {MAX_FORKS}, got {n!r}; e.g. sb.fork(4)")
         return self._spawn(self._fork_async, n)
 
-    async def _fork_async(self: Sandbox, n: int) -> list[Sandbox]:
+    async def _fork_async(self, n: int) -> list[Self]:
         snapshot_id = await self._snapshot_async("manual")
         spec = dataclasses.replace(self._spec, restore_from_snapshot_id=snapshot_id)
         forks = [type(self)(_home=self._home, _spec=spec) for _ in range(n)]
@@ -83,7 +82,7 @@ class SnapshotsMixin:
             raise
         return forks
 
-    def _stop_with_snapshot(self: Sandbox, grace: float) -> OperationRef[None]:
+    def _stop_with_snapshot(self, grace: float) -> OperationRef[None]:
         """``stop(snapshot_on_stop=True)``: snapshot (if it runs), then stop, even if the snapshot failed."""
         if self._stop_ref is not None:
             raise SnapshotOnStopConflictError(f"sandbox {self.sandbox_id} is already stopping without a snapshot; "
@@ -91,7 +90,7 @@ class SnapshotsMixin:
         self._stop_ref = self._spawn(self._snapshot_then_stop, grace)
         return self._stop_ref
 
-    async def _snapshot_then_stop(self: Sandbox, grace: float) -> None:
+    async def _snapshot_then_stop(self, grace: float) -> None:
         try:
             if self._state.phase is Phase.RUNNING:
                 self._fss_id = await self._snapshot_async("on_delete")
@@ -104,7 +103,7 @@ class SnapshotsMixin:
     def get_snapshot(fss_id: str, **cloud: Any) -> OperationRef[FileSystemSnapshot]:
         """The snapshot ``fss_id`` (SnapshotNotFoundError if there is none; ValueError if malformed)."""
         _check_cloud(cloud, "get_snapshot")
-        _store.check_id(fss_id, "fss_id")
+        check_snapshot_id(fss_id, "fss_id")
         try:
             return OperationRef.completed(_describe(_local_store().get(fss_id)))
         except _store.SnapshotNotFound as exc:
@@ -125,7 +124,7 @@ class SnapshotsMixin:
         """Delete snapshot ``fss_id``; its layers go once no snapshot names them and no sandbox runs on
         them. SnapshotNotFoundError if there is none, unless ``missing_ok``."""
         _check_cloud(cloud, "delete_snapshot")
-        _store.check_id(fss_id, "fss_id")
+        check_snapshot_id(fss_id, "fss_id")
         if _local_store().delete(fss_id) or missing_ok:
             return OperationRef.completed(None)
         return OperationRef.failed(SnapshotNotFoundError(f"snapshot {fss_id!r} does not exist; list them with "
@@ -138,7 +137,7 @@ def _local_store() -> _store.SnapshotStore:
     return store()
 
 
-def _check_cloud(cloud: dict, what: str) -> None:
+def _check_cloud(cloud: dict[str, Any], what: str) -> None:
     unknown = set(cloud) - _CLOUD_ONLY
     if unknown:
         raise TypeError(f"Sandbox.{what}() got an unexpected keyword {sorted(unknown)[0]!r}")

@@ -10,16 +10,14 @@ cwsandbox, a write that fails half-way leaves a partial file (``write_file`` is 
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
 from _sandpool_agent import wire as _wire
 from .._core.chunkstream import ChunkStream
 from .._core.opref import OperationRef
-
-if TYPE_CHECKING:
-    from .sandbox import Sandbox
+from .parts import SandboxParts
 
 __all__ = ["CHUNK_BYTES", "StreamFilesMixin"]
 
@@ -46,10 +44,10 @@ async def _pull_sync(source: Iterable[Any]) -> AsyncIterator[Any]:
         yield item
 
 
-class StreamFilesMixin:
+class StreamFilesMixin(SandboxParts):
     """The streaming file methods of Sandbox."""
 
-    def read_file_streaming(self: Sandbox, filepath: str, *, timeout_seconds: float | None = None,
+    def read_file_streaming(self, filepath: str, *, timeout_seconds: float | None = None,
                             container: str | None = None) -> ChunkStream[bytes]:
         """The contents of ``filepath`` as chunks of bytes, for a file of any size:
         ``for chunk in sb.read_file_streaming(path)`` or ``async for``.
@@ -74,7 +72,7 @@ class StreamFilesMixin:
 
         return ChunkStream(lambda: self._host, produce, "a streamed file")
 
-    def write_file_streaming(self: Sandbox, filepath: str,
+    def write_file_streaming(self, filepath: str,
                              source: bytes | Iterable[bytes] | AsyncIterable[bytes], *,
                              timeout_seconds: float | None = None,
                              container: str | None = None) -> OperationRef[None]:

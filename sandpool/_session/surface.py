@@ -31,10 +31,10 @@ from .._errors_cw import STATE_ISSUE, SnapshotNotSupportedError
 from .._core.opref import OperationRef
 from .._runtime.contract import Runtime
 from .logs import LogBook
+from .parts import SandboxParts
 from .terminal import TerminalSession, open_shell
 
 if TYPE_CHECKING:
-    from .sandbox import Sandbox
     from .session import Session
 
 __all__ = ["ExecStats", "SurfaceMixin"]
@@ -47,8 +47,8 @@ class ExecStats:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._counts = dict.fromkeys(("exec_count", "exec_completed_ok", "exec_completed_nonzero",
-                                      "exec_failures"), 0)
+        self._counts: dict[str, int] = dict.fromkeys(("exec_count", "exec_completed_ok",
+                                                      "exec_completed_nonzero", "exec_failures"), 0)
 
     def count(self, key: str) -> None:
         with self._lock:
@@ -82,14 +82,14 @@ def _not_yet(what: str) -> Any:
     return method
 
 
-class SurfaceMixin:
+class SurfaceMixin(SandboxParts):
     """cwsandbox's remaining Sandbox members (see the module doc)."""
 
     _log_book: LogBook | None = None
 
     # -- status and statistics ------------------------------------------------------------------
 
-    def get_status(self: Sandbox) -> SandboxStatus:
+    def get_status(self) -> SandboxStatus:
         """The current status (pushed by the sandbox, so no request is made); SandboxNotRunningError
         if it was never started."""
         status = self.status
@@ -99,11 +99,11 @@ class SurfaceMixin:
         return status
 
     @property
-    def exec_stats(self: Sandbox) -> dict[str, int]:
+    def exec_stats(self) -> dict[str, int]:
         """``exec_count``, ``exec_completed_ok``, ``exec_completed_nonzero``, ``exec_failures`` (a copy)."""
         return self._exec_stats.snapshot()
 
-    def _raise_if_ended_badly(self: Sandbox, raise_on_termination: bool) -> None:
+    def _raise_if_ended_badly(self, raise_on_termination: bool) -> None:
         """cwsandbox's wait_until_complete: a FAILED sandbox raises, and a TERMINATED one unless told not to."""
         state = self._state
         if state.status == SandboxStatus.FAILED:
@@ -116,65 +116,65 @@ class SurfaceMixin:
     # -- what a cloud sandbox reports ----------------------------------------------------------------
 
     @property
-    def runner_id(self: Sandbox) -> str | None:
+    def runner_id(self) -> str | None:
         return LOCAL_RUNNER_ID if self._record is not None else None
 
     runner_group_id = runner_id
 
     @property
-    def effective_runtime_class(self: Sandbox) -> str | None:
+    def effective_runtime_class(self) -> str | None:
         """The isolation level the sandbox got (a runtime_class asked for is not honoured locally)."""
         return self.isolation
 
     @property
-    def resource_requests(self: Sandbox) -> dict[str, Any] | None:
+    def resource_requests(self) -> dict[str, Any] | None:
         res = self._spec.resources
         return dict(res.requests) if res is not None and res.requests else None
 
     @property
-    def resource_limits(self: Sandbox) -> dict[str, Any] | None:
+    def resource_limits(self) -> dict[str, Any] | None:
         res = self._spec.resources
         return dict(res.limits) if res is not None and res.limits else None
 
     @property
-    def resource_gpu(self: Sandbox) -> dict[str, Any] | None:
+    def resource_gpu(self) -> dict[str, Any] | None:
         res = self._spec.resources
         return dict(res.gpu) if res is not None and res.gpu else None
 
     @property
-    def status_updated_at(self: Sandbox) -> float | None:
+    def status_updated_at(self) -> float | None:
         return self.started_at or self.created_at
 
     control = None
     endpoint_share_token = None
     attached_volume_ids: tuple[str, ...] = ()
 
-    def _network_report(self: Sandbox, name: str) -> tuple:
+    def _network_report(self, name: str) -> tuple[Any, ...]:
         return tuple(self._record.extra.get(name, ())) if self._record is not None else ()
 
     @property
-    def exposed_ports(self: Sandbox) -> tuple[tuple[int, str], ...]:
+    def exposed_ports(self) -> tuple[tuple[int, str], ...]:
         """(port, service name) of a bridge sandbox's services and exposed ingress ports (docs/network.md)."""
         return self._network_report("exposed_ports")
 
     @property
-    def service_urls(self: Sandbox) -> tuple[tuple[int, str, str], ...]:
+    def service_urls(self) -> tuple[tuple[int, str, str], ...]:
         """(port, name, url): ``tcp://127.0.0.1:N`` (``http://`` for an HTTPS endpoint) where the host
         reaches a public service or exposed port, ``tcp://<sandbox address>:port`` for a private one."""
         return self._network_report("service_urls")
 
     @property
-    def service_endpoints(self: Sandbox) -> tuple[Any, ...]:
+    def service_endpoints(self) -> tuple[Any, ...]:
         """HttpsEndpointStatus of the public services with an HTTPS endpoint (plain HTTP locally)."""
         return self._network_report("service_endpoints")
 
     @property
-    def service_addresses(self: Sandbox) -> tuple[Any, ...]:
+    def service_addresses(self) -> tuple[Any, ...]:
         """TlsPassthroughEndpointStatus (``address`` = 127.0.0.1:N) of TLS passthrough services."""
         return self._network_report("service_addresses")
 
     @property
-    def dns_egress_names(self: Sandbox) -> tuple[str, ...]:
+    def dns_egress_names(self) -> tuple[str, ...]:
         """The DNS names of its egress rules (resolved once, at its start)."""
         return self._network_report("dns_egress_names")
     effective_egress = None
@@ -187,7 +187,7 @@ class SurfaceMixin:
 
     # -- an interactive terminal ----------------------------------------------------------------
 
-    def shell(self: Sandbox, command: list[str] | None = None, *, width: int | None = None,
+    def shell(self, command: list[str] | None = None, *, width: int | None = None,
               height: int | None = None, container: str | None = None) -> TerminalSession:
         """Run ``command`` (default ``["/bin/bash"]``) on a pseudo-terminal of ``width`` x ``height``
         (default 80 x 24): a TerminalSession with ``output``, ``stdin`` and ``resize``. Starts the
@@ -209,7 +209,7 @@ class SurfaceMixin:
         if unknown:
             raise TypeError(f"Sandbox.delete() got unexpected keyword {sorted(unknown)[0]!r}")
         if not _shared.selects_shared(address):  # this process's sandboxes: found (or not) at once
-            found = cls.from_id(sandbox_id)  # type: ignore[attr-defined]
+            found = cls.from_id(sandbox_id)
             error = found.exception()
             if error is None:
                 return found.result().stop(missing_ok=missing_ok)
@@ -218,7 +218,7 @@ class SurfaceMixin:
 
         async def delete() -> None:
             try:
-                sandbox = await cls.from_id(sandbox_id, address=address, token=token)  # type: ignore[attr-defined]
+                sandbox = await cls.from_id(sandbox_id, address=address, token=token)
             except SandboxNotFoundError:
                 if missing_ok:
                     return
@@ -226,16 +226,17 @@ class SurfaceMixin:
             with trio.fail_after(timeout_seconds) if timeout_seconds else contextlib.nullcontext():
                 await sandbox.stop(missing_ok=missing_ok)
 
-        return OperationRef.spawn(cls._hidden().default_host(address, token), delete)  # type: ignore[attr-defined]
+        return OperationRef.spawn(cls._hidden().default_host(address, token), delete)
 
     @classmethod
     def session(cls, defaults: Any = None, *, auth: Any = None, **options: Any) -> Session:
         """A new Session (cwsandbox's alias): ``with Sandbox.session(defaults) as s: ...``."""
-        return cls._hidden().Session(defaults, **options)  # type: ignore[attr-defined, no-any-return]  # auth: no local meaning
+        session: Session = cls._hidden().Session(defaults, **options)  # auth: no local meaning
+        return session
 
     # -- start-time work (called by Sandbox._start_async) ---------------------------------------------
 
-    def _keep_main_log(self: Sandbox) -> None:
+    def _keep_main_log(self) -> None:
         """Open the main command's log now, while the sandbox runs, so it stays readable after."""
         file = self._open_main_log()
         if file is None and type(self._runtime).open_main_log is Runtime.open_main_log:
@@ -243,7 +244,7 @@ class SurfaceMixin:
         self._log_book = LogBook(file)  # None: its log went with a main command that ended within ms
         weakref.finalize(self, self._log_book.close)
 
-    async def _mount_files(self: Sandbox) -> None:
+    async def _mount_files(self) -> None:
         """Write the spec's ``mounted_files`` before the start resolves; a failure stops the sandbox
         and raises SandboxFailedError."""
         for entry in self._spec.mounted_files or ():
@@ -254,6 +255,7 @@ class SurfaceMixin:
             except Exception as exc:
                 reason = f"could not write mounted file {path!r}: {exc}"
                 self._advance(Event.FAILED, reason=reason)  # before the agent's farewell
+                assert self._record is not None  # (it was created before it started)
                 with trio.CancelScope(shield=True):
                     await self._runtime.stop(self._record, 0.0)
                 raise SandboxFailedError(reason, sandbox_id=self.sandbox_id, status_reason=reason) from exc

@@ -82,7 +82,6 @@ class Liveness:
     async def watch_end(self, record: SandboxRecord, p: Placement) -> None:
         """When the job's data plane ends, say why (ended by itself, or lost) and release the job."""
         inner = p.inner
-        assert inner is not None  # (``watch`` starts after the connection)
         await inner.exited.wait()
         record.exit_code, record.exit_signal = inner.exit_code, inner.exit_signal
         if not p.stopping:
@@ -101,20 +100,18 @@ class Liveness:
     async def heartbeat(self, record: SandboxRecord, p: Placement) -> None:
         """Ask the job's server for its sandbox every ``heartbeat_seconds``; silence is a lost node."""
         rt = self.rt
-        inner, remote, address = p.inner, p.remote, p.address
-        assert inner is not None and remote is not None and address is not None  # (``watch`` starts once connected)
         last_ok = time.monotonic()
-        while not (inner.exited.is_set() or p.stopping or record.lost):
+        while not (p.inner.exited.is_set() or p.stopping or record.lost):
             await trio.sleep(rt.heartbeat_seconds)
             with trio.move_on_after(rt.lost_after_seconds):
                 try:
-                    await remote.find(sandbox_id=address["sandbox_id"])
+                    await p.remote.find(sandbox_id=p.address["sandbox_id"])
                     last_ok = time.monotonic()
                 except SandboxUnavailableError:
                     pass
                 except SandpoolError:  # the server answered (it no longer has the sandbox): it is alive
                     last_ok = time.monotonic()
-            if time.monotonic() - last_ok >= rt.lost_after_seconds and not inner.exited.is_set():
+            if time.monotonic() - last_ok >= rt.lost_after_seconds and not p.inner.exited.is_set():
                 self.lose(record, p, f"slurm job {p.job_id} on node {p.node}: its sandpool server did not answer "
                                      f"for {rt.lost_after_seconds:g} s (node down or unreachable)", suspect=True)
 
@@ -139,8 +136,8 @@ class Liveness:
                 try:
                     jobs = {j.job_id: j for j in await self.squeue([p.job_id for p in watched])}
                 except SandboxUnavailableError:
-                    jobs, watched = {}, []  # slurmctld does not answer: the heartbeat still watches the nodes
-                for p in watched:
+                    jobs = None  # slurmctld does not answer: the heartbeat still watches the nodes
+                for p in watched if jobs is not None else ():
                     p.see(jobs.get(p.job_id))
                     record = self.records[p.sandbox_id]
                     state = cli.base_state(p.job.state) if p.job else "GONE"

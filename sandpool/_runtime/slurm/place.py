@@ -12,15 +12,10 @@ import os
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
 import trio
 
 from . import cli
-
-if TYPE_CHECKING:
-    from ..contract import SandboxRecord
-    from ..remote import RemoteRuntime
 
 #: How long a node we saw die is left out of new placements (Slurm needs SlurmdTimeout to notice).
 SUSPECT_SECONDS = 60.0
@@ -35,17 +30,17 @@ class Placement:
     key: str
     job_dir: str
     owned: bool  # submitted by this runtime (it removes the directory and reaps the job)
-    job_id: str  # Slurm's (sbatch answered with it, or squeue listed it)
+    job_id: str | None = None
     job: cli.Job | None = None
     gone: bool = False  # Slurm no longer knows the job
     running_since: float | None = None
-    address: dict[str, Any] | None = None
+    address: dict | None = None
     submitted_at: float | None = None  # Unix times, for ``SlurmRuntime.job``
     connected_at: float | None = None
     stopping: bool = False
     ended: bool = False
-    remote: RemoteRuntime | None = None  # the runtime speaking to the job's server, once connected
-    inner: SandboxRecord | None = None  # that runtime's record of the sandbox
+    remote: object = None  # the RemoteRuntime speaking to the job's server, once connected
+    inner: object = None  # that runtime's record of the sandbox
     changed: trio.Event = field(default_factory=trio.Event)
 
     @property
@@ -54,12 +49,11 @@ class Placement:
 
     @property
     def node(self) -> str | None:
-        node = self.address.get("node") if self.address else None
-        if node:
-            return str(node)
+        if self.address and self.address.get("node"):
+            return self.address["node"]
         return self.job.nodes if self.job and self.job.nodes not in ("", "(null)") else None
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> dict:
         """What ``SlurmRuntime.job`` reports (see there)."""
         address = self.address or {}
         times = {"submitted": self.submitted_at, "launched": address.get("launched_at"),
@@ -82,7 +76,7 @@ class Placement:
         self.changed.set()
         self.changed = trio.Event()
 
-    def read_address(self) -> dict[str, Any] | None:
+    def read_address(self) -> dict | None:
         """``address.json`` of the job, once its server wrote it (atomically)."""
         if self.address is None:
             try:
@@ -151,7 +145,7 @@ NEVER_RUNS = frozenset({"BadConstraints", "PartitionNodeLimit", "PartitionTimeLi
                         "Nodes_required_for_job_are_DOWN,_DRAINED_or_reserved_for_jobs_in_higher_priority_partitions"})
 
 
-def new_job_dir(spool_dir: str, job: dict[str, Any]) -> tuple[str, str]:
+def new_job_dir(spool_dir: str, job: dict) -> tuple[str, str]:
     """A fresh job directory in the spool (mode 0700) with a new per-job ``token`` (0600) and
     ``job.json``; its ``(key, path)``."""
     key = secrets.token_hex(6)

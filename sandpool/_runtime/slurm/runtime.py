@@ -21,7 +21,6 @@ whole submit host vanishes, each job's server stops once no client held it for t
 from __future__ import annotations
 
 import builtins
-import functools
 import os
 import secrets
 import shlex
@@ -31,14 +30,13 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import trio
 
 from ..._core.channel import FrameChannel
 from ..._config import SandboxSpec, SandboxStatus
 from ..._errors import SandboxFailedError, SandboxNotFoundError, SandboxNotRunningError, SandboxUnavailableError
-from ..._errors import SandboxError, SandpoolError, SandboxResourceExhaustedError
+from ..._errors import SandpoolError, SandboxResourceExhaustedError
 from ..._grpc import messages as m
 from . import cli
 from . import live as _slurm_live
@@ -112,12 +110,8 @@ class SlurmRuntime(Runtime):
         """Options from ``SANDPOOL_SLURM_PARTITION``, ``_ACCOUNT``, ``_QOS``, ``_SPOOL``, ``_PYTHON``
         and ``_SBATCH_ARGS`` (shell words)."""
         env = os.environ if environ is None else environ
-
-        def option(name: str) -> str | None:
-            return env.get(ENV[name]) or None
-
-        return cls(option("partition"), account=option("account"), qos=option("qos"), spool_dir=option("spool_dir"),
-                   python=option("python"), sbatch_args=tuple(shlex.split(env.get(ENV_SBATCH_ARGS, ""))))
+        options = {name: env[var] for name, var in ENV.items() if env.get(var)}
+        return cls(sbatch_args=tuple(shlex.split(env.get(ENV_SBATCH_ARGS, ""))), **options)
 
     def __repr__(self) -> str:
         states = [SandboxStatus.parse(r.status).value for r in self._records.values() if r.status]
@@ -153,8 +147,7 @@ class SlurmRuntime(Runtime):
             live = [(self._records[sid], p) for sid, p in self._placements.items() if p.owned and not p.ended]
             async with trio.open_nursery() as nursery:  # connected ones stop politely, at once
                 for record, p in live:
-                    if p.remote is not None and p.inner is not None and not p.inner.exited.is_set() \
-                            and not record.lost:
+                    if p.inner is not None and not p.inner.exited.is_set() and not record.lost:
                         nursery.start_soon(p.remote.stop, p.inner, 0.0)
             await self._release([p for _, p in live])  # one scancel for all, then one wait
             for record, _ in live:
@@ -163,7 +156,6 @@ class SlurmRuntime(Runtime):
                 if p.remote is not None:
                     await p.remote.aclose()
             if self._reaper is not None:
-                assert self._reaper.stdin is not None  # (stdin=PIPE)
                 await self._reaper.stdin.aclose()
                 with trio.move_on_after(5.0):
                     await self._reaper.wait()
@@ -209,10 +201,10 @@ class SlurmRuntime(Runtime):
             p: Placement | None = record.extra.get("placement")
             if p is not None:
                 p.stopping = True
-                inner, remote = p.inner, p.remote
-                if remote is not None and inner is not None and not inner.exited.is_set() and not record.lost:
+                inner = p.inner
+                if inner is not None and not inner.exited.is_set() and not record.lost:
                     with trio.move_on_after(grace_seconds + STOP_SLACK_SECONDS):
-                        await remote.stop(inner, grace_seconds)
+                        await p.remote.stop(inner, grace_seconds)
                 await self._release([p], wait=not record.lost)  # a lost node's job: Slurm ends it
             record.exited.set()
 
@@ -272,17 +264,13 @@ class SlurmRuntime(Runtime):
                                                   timestamps=timestamps):
             yield line
 
-    def job(self, sandbox: object) -> dict[str, Any]:
+    def job(self, sandbox: object) -> dict:
         """Where Slurm put a sandbox (a Sandbox of this runtime, or its record): ``{"job_id", "node",
         "state", "reason", "times"}`` as last seen ({} before it was submitted). ``times`` are Unix
         times: ``submitted`` (sbatch), ``launched`` (the job's process started on its node),
         ``ready`` (its server served the sandbox), ``connected`` (this client attached)."""
         record = getattr(sandbox, "_record", sandbox)
-        if record is None:
-            return {}
-        if not isinstance(record, SandboxRecord):
-            raise TypeError(f"job() takes a Sandbox of this runtime or its record, got {type(sandbox).__name__}")
-        p: Placement | None = record.extra.get("placement")
+        p: Placement | None = record.extra.get("placement") if record is not None else None
         return p.summary() if p is not None else {}
 
     # -- placing -------------------------------------------------------------------------------
@@ -294,31 +282,28 @@ class SlurmRuntime(Runtime):
             "spec": m.spec_to_dict(record.spec), "orphan_grace_seconds": self.orphan_grace_seconds,
             "sys_path": [p for p in sys.path if p]})  # so functions pickled by reference import there
         command = [self.python, "-m", "sandpool._service.slurmjob", job_dir]
-        sbatch_argv = functools.partial(cli.sbatch_argv, record.spec, key=key, owner=self.owner, job_dir=job_dir,
-                                        command=command, partition=self.partition, account=self.account,
-                                        qos=self.qos, extra=self.sbatch_args)
+        options = dict(key=key, owner=self.owner, job_dir=job_dir, command=command, partition=self.partition,
+                       account=self.account, qos=self.qos, extra=self.sbatch_args)
         avoid = tuple(sorted({*exclusions(self._suspects, time.monotonic()), *unpinned}))
         submitted_at = time.time()
         with trio.CancelScope(shield=True):
             try:
                 try:
-                    out = await cli.run(sbatch_argv(exclude=avoid))
+                    out = await cli.run(cli.sbatch_argv(record.spec, exclude=avoid, **options))
                 except SandboxResourceExhaustedError:
                     if avoid == unpinned:
                         raise
                     # only the avoided nodes fit
-                    out = await cli.run(sbatch_argv(exclude=unpinned))
+                    out = await cli.run(cli.sbatch_argv(record.spec, exclude=unpinned, **options))
             except SandpoolError as exc:
                 shutil.rmtree(job_dir, ignore_errors=True)
-                if isinstance(exc, SandboxError):
-                    exc.sandbox_id = record.sandbox_id or None
+                exc.sandbox_id = record.sandbox_id or None
                 raise
             p = Placement(key=key, job_dir=job_dir, owned=True, job_id=out.strip().split(";")[0],
                           submitted_at=submitted_at)
             self._register(record, p)
             await self._reap(f"+{p.job_id}")
-            return p
-        raise AssertionError("unreachable: a shielded scope is not cancelled")  # (for type checkers)
+        return p
 
     async def _unpinned_nodes(self, runner_ids: tuple[str, ...] | None) -> tuple[str, ...]:
         """The partition's nodes that ``runner_ids`` (node names: a Slurm runtime's runners) leave
@@ -330,7 +315,7 @@ class SlurmRuntime(Runtime):
         check_pinning(runner_ids, nodes, f"in the Slurm partition {self.partition or '(default)'}")
         return tuple(sorted(set(nodes) - set(runner_ids)))
 
-    async def _nodes(self) -> builtins.list[str]:
+    async def _nodes(self) -> list[str]:
         """The nodes of the runtime's partition (``sinfo``)."""
         code, out, err = await cli.query(cli.sinfo_nodes_argv(self.partition))
         if code != 0:
@@ -445,7 +430,6 @@ class SlurmRuntime(Runtime):
             return
         async with self._reaper_lock:
             try:
-                assert self._reaper.stdin is not None  # (stdin=PIPE)
                 await self._reaper.stdin.send_all(f"{line}\n".encode())
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
