@@ -260,7 +260,9 @@ class Pool:
             else:
                 try:
                     if isinstance(frame.get("path"), str) and slot.bulk_dir:
-                        value = _bulk.take_result(slot.bulk_dir, frame["path"], call.payload.name, call.payload.decode_file)
+                        payload = call.payload
+                        decode = payload.hold_file if call.ref.forwarded else payload.decode_file
+                        value = _bulk.take_result(slot.bulk_dir, frame["path"], payload.name, decode)
                     else:
                         value = call.payload.decode(frame.get("data", b""))
                 except SerializationError as exc:

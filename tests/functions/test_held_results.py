@@ -66,18 +66,33 @@ def expected(n: int) -> tuple[int, str]:
     return digest(make(n))
 
 
+def gate() -> CallRef:
+    """A ref settled by the test: a call taking it is sent only once it is, so the refs made
+    from it are passed on before they finish (as ``g.remote(f.remote(x))`` does)."""
+    return CallRef(None)
+
+
 def test_a_large_result_goes_on_by_reference_without_being_decoded_here(decoded: dict[str, int]) -> None:
     with Session() as s:
         produce, consume = s.function(make), s.function(digest)
-        ref = produce.remote(BIG)
-        assert consume.remote(ref).result(timeout=60) == expected(BIG)
+        size = gate()
+        ref = produce.remote(size)
+        out = consume.remote(ref)
+        size.set_result(BIG)
+        assert out.result(timeout=60) == expected(BIG)
         assert decoded == {"held": 1, "decoded": 0}
         value = ref.result()  # the client can still have it
         assert value == make(BIG) and ref.result() is value  # decoded once, then kept
         assert decoded == {"held": 1, "decoded": 1}
-        tree = s.function(make_tree).remote(BIG)
-        assert consume.remote(tree).result(timeout=60) == expected(BIG)  # nested plain data decodes there
+        size = gate()
+        tree = s.function(make_tree).remote(size)
+        out = consume.remote(tree)
+        size.set_result(BIG)
+        assert out.result(timeout=60) == expected(BIG)  # nested plain data decodes there
         assert tree.result() == make_tree(BIG)
+        assert decoded == {"held": 2, "decoded": 2}
+        assert consume.remote(produce.remote(BIG).result()).result(timeout=60) == expected(BIG)
+        assert decoded["held"] == 2  # fetched here first: decoded as it came, not held
 
 
 def test_chained_three_deep_and_into_an_actor(decoded: dict[str, int]) -> None:
@@ -85,7 +100,10 @@ def test_chained_three_deep_and_into_an_actor(decoded: dict[str, int]) -> None:
         produce = s.function(make)
         echo = s.function(lambda v: v)
         keeper = s.cls(Keeper).remote()
-        assert keeper.keep.remote(echo.remote(echo.remote(produce.remote(BIG)))).result(timeout=60) == expected(BIG)
+        size = gate()
+        out = keeper.keep.remote(echo.remote(echo.remote(produce.remote(size))))
+        size.set_result(BIG)
+        assert out.result(timeout=60) == expected(BIG)
         assert decoded["held"] == 3 and decoded["decoded"] == 0
 
 
@@ -93,13 +111,19 @@ def test_small_pickled_and_relayed_results_are_not_held(decoded: dict[str, int],
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     with Session() as s:
         consume = s.function(digest)
-        assert consume.remote(s.function(make).remote(1024)).result(timeout=60) == expected(1024)
-        trusted = s.function(make, unsafe_pickle_results=True)
-        assert consume.remote(trusted.remote(BIG)).result(timeout=60) == expected(BIG)
+        small, big = gate(), gate()
+        outs = [consume.remote(s.function(make).remote(small)),
+                consume.remote(s.function(make, unsafe_pickle_results=True).remote(big))]
+        small.set_result(1024)
+        big.set_result(BIG)
+        assert [o.result(timeout=60) for o in outs] == [expected(1024), expected(BIG)]
         assert decoded["held"] == 0
     monkeypatch.setattr(_bulk, "host_dir", lambda record: None)  # as for a remote runtime: frames only
     with Session() as s:
-        assert s.function(digest).remote(s.function(make).remote(BIG)).result(timeout=60) == expected(BIG)
+        size = gate()
+        out = s.function(digest).remote(s.function(make).remote(size))
+        size.set_result(BIG)
+        assert out.result(timeout=60) == expected(BIG)
         assert decoded["held"] == 0
 
 

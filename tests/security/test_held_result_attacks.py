@@ -22,6 +22,7 @@ from service_helpers import wait_until
 
 from sandpool import Session
 from sandpool._functions import bulk as _bulk, held as _held
+from sandpool._functions.call import CallRef
 from sandpool._isolation import probe
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -85,9 +86,15 @@ def test_a_result_rewritten_after_the_answer_reaches_neither_consumer_nor_client
         return value
 
     monkeypatch.setattr(_bulk, "take_result", paused)
+    copies = []
+    monkeypatch.setattr(_held, "hold", lambda fd, size: copies.append(hold(fd, size)) or copies[-1])
     produce = session.function(make_then_rewrite, max_concurrency=1)
-    ref = produce.remote(N)
-    assert session.function(summary).remote(ref).result(timeout=60) == (N, b"x")
+    size = CallRef(None)  # sends the producer's call only once set: its ref is passed on first
+    ref = produce.remote(size)
+    out = session.function(summary).remote(ref)
+    size.set_result(N)
+    assert out.result(timeout=60) == (N, b"x")
+    assert copies  # held, not decoded as it came
     assert ref.result() == b"x" * N
     monkeypatch.setattr(_bulk, "take_result", taken)
     assert session.function(first_kept_byte, max_concurrency=1).remote().result(timeout=60) == b"y"  # it did
@@ -119,8 +126,12 @@ def test_a_sandbox_started_while_a_result_is_held_cannot_find_it(session: Sessio
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     copies = []
     monkeypatch.setattr(_held, "hold", lambda fd, size: copies.append(hold(fd, size)) or copies[-1])
-    held = session.function(make_x, max_concurrency=1).remote(N)
-    assert wait_until(lambda: copies)  # the client holds it now (not decoded yet)
+    size = CallRef(None)
+    held = session.function(make_x, max_concurrency=1).remote(size)
+    passed = session.function(summary).remote(held)
+    size.set_result(N)
+    assert passed.result(timeout=60) == (N, b"x")
+    assert copies  # the client holds it now (not decoded yet)
     fresh = session.function(look_for_held_copies, reuse=False)  # a new sandbox, started now
     assert fresh.remote().result(timeout=60) == []
     same = session.function(look_for_held_copies, max_concurrency=1)  # the producer's own sandbox
