@@ -10,7 +10,7 @@ import sys
 import cloudpickle
 import pytest
 
-from sandpool import SerializationError, Session
+from sandpool import OperationCancelled, SerializationError, Session
 from sandpool._functions import bulk as _bulk, held as _held
 from sandpool._functions.call import CallRef
 
@@ -142,3 +142,75 @@ def test_a_held_result_that_does_not_decode_raises_serialization_error_at_result
     ref.set_result(held)
     with pytest.raises(SerializationError, match="forged"):
         ref.result()
+
+
+def refuse(n: int) -> bytes:
+    raise KeyError(f"no {n}")
+
+
+def chain(s: Session, producer: object, n: int, held: bool) -> tuple[CallRef, CallRef]:
+    """``digest.remote(producer.remote(n))`` passed on before the producer's answer (``held``), or
+    after it (the ref already decoded here: the path the held one bypasses)."""
+    consume = s.function(digest)
+    if not held:
+        ref = s.function(producer).remote(n)
+        ref.exception(timeout=60)
+        return ref, consume.remote(ref)  # type: ignore[return-value]
+    size = gate()
+    ref = s.function(producer).remote(size)
+    out = consume.remote(ref)
+    size.set_result(n)
+    return ref, out  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("held", [True, False], ids=["held", "decoded"])
+def test_held_and_decoded_references_give_the_same_results_and_errors(held: bool, decoded: dict[str, int]) -> None:
+    """The same value, and the same producer's error, whichever path the reference took."""
+    with Session() as s:
+        ref, out = chain(s, make, BIG, held)
+        assert out.result(timeout=60) == expected(BIG) and ref.result() == make(BIG)
+        assert decoded["held"] == int(held)
+        ref, out = chain(s, refuse, BIG, held)
+        for r in (ref, out):
+            with pytest.raises(KeyError, match="no"):
+                r.result(timeout=60)
+
+
+def test_a_held_reference_cancelled_either_side_and_released() -> None:
+    """Cancelling the consumer leaves the producer's held result to the client; cancelling the
+    producer cancels the consumer. Once its refs are dropped, the held mapping is unmapped."""
+    import gc
+    import weakref
+
+    def maps() -> int:
+        with open("/proc/self/maps") as f:
+            return sum("sandpool-result" in line for line in f)
+
+    with Session() as s:
+        produce, consume = s.function(make), s.function(digest)
+        size = gate()
+        ref = produce.remote(size)
+        out = consume.remote(ref)
+        assert out.cancel()
+        size.set_result(BIG)
+        assert ref.exception(timeout=60) is None
+        with pytest.raises(OperationCancelled):
+            out.result()
+        size = gate()
+        ref2 = produce.remote(size)
+        out2 = consume.remote(ref2)
+        assert ref2.cancel()
+        with pytest.raises(OperationCancelled):
+            out2.result(timeout=60)
+        ref3, out3 = chain(s, make, BIG, held=True)
+        assert out3.result(timeout=60) == expected(BIG)
+        kept = weakref.ref(ref3._value)
+        assert type(kept()) is _held.Held and maps() >= 1
+        del ref3, out3
+        gc.collect()
+        assert kept() is None
+        assert maps() == 1  # the cancelled consumer's producer still holds its own
+        assert ref.result() == make(BIG)
+        del ref
+        gc.collect()
+        assert maps() == 0
