@@ -42,6 +42,9 @@ class Keeper:
         self.kept.append(digest(value))
         return self.kept[-1]
 
+    def log(self) -> list[tuple[int, str]]:
+        return self.kept
+
 
 @pytest.fixture
 def decoded(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
@@ -105,6 +108,20 @@ def test_chained_three_deep_and_into_an_actor(decoded: dict[str, int]) -> None:
         size.set_result(BIG)
         assert out.result(timeout=60) == expected(BIG)
         assert decoded["held"] == 3 and decoded["decoded"] == 0
+
+
+def test_a_held_argument_keeps_its_call_s_place_in_the_actor_s_order(decoded: dict[str, int]) -> None:
+    """An actor call waiting for a held result runs after the calls made before it and before
+    those made after it, as a call waiting for a decoded one does."""
+    with Session() as s:
+        keeper = s.cls(Keeper).remote()
+        size = gate()
+        big = s.function(make).remote(size)
+        outs = [keeper.keep.remote(make(1024)), keeper.keep.remote(big), keeper.keep.remote(make(512))]
+        size.set_result(BIG)
+        want = [expected(1024), expected(BIG), expected(512)]
+        assert [o.result(timeout=60) for o in outs] == want and keeper.log() == want
+        assert decoded == {"held": 1, "decoded": 0}
 
 
 def test_small_pickled_and_relayed_results_are_not_held(decoded: dict[str, int],
