@@ -114,7 +114,7 @@ def remote_vs_local(figure: dict, path: str) -> None:
 def map_curve(curves: dict, path: str, labels: dict) -> None:
     """Left: calls/s per window over the calls done; right: the client's RSS growth over time.
     ``curves`` and ``labels`` by API name; the peer's is ``mp_imap``."""
-    palette = {"map": SANDPOOL_COLORS[0], "imap": SANDPOOL_COLORS[1], "imap_1024": SANDPOOL_COLORS[2],
+    palette = {"map": SANDPOOL_COLORS[0], "imap": SANDPOOL_COLORS[1], "imap_32": SANDPOOL_COLORS[2],
                "mp_imap": PEER_COLORS[0]}
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for api, curve in curves.items():

@@ -8,8 +8,8 @@ results in order as they come:
 
 - ``map``:     ``f.map(((i,) for i in range(calls)))``, then each ref's ``result()`` in turn;
 - ``imap``:    ``f.imap(range(calls))``, sandpool's streaming map (bounded work in flight: by
-               default 8 calls per sandbox, at least 32);
-- ``imap_1024``: the same with ``max_in_flight=1024``, the bound ``map`` keeps on 2 sandboxes;
+               default the bound ``map`` keeps, 512 calls per sandbox, so 1,024 here);
+- ``imap_32``: the same with ``max_in_flight=32``, the default before (8 per sandbox, at least 32);
 - ``mp_imap``: the peer, ``multiprocessing.Pool(2).imap(f, range(calls), chunksize=1)`` (fork).
 
 For every window of ``--window`` calls: calls/s over that window and the client's RSS at its end
@@ -20,6 +20,11 @@ first window (bytes per call, a least-squares slope) near zero. Prints a table; 
 ``benchmarks/results/bench_map_curve.json``) holds every window and sample; ``--png`` draws them.
 ``--trace K`` runs one ``map`` under tracemalloc instead (slower) and prints the K source lines
 holding the most memory when the last result is in: where the growth per call comes from.
+
+``--sweep`` measures ``f.imap``'s in-flight bound instead: one curve per bound (``--bounds``,
+multiples of the pool's sandbox count: 8 is 8 calls per sandbox), each beside ``mp_imap`` in the
+same run, printing calls/s, the ratio to the peer and the client's RSS growth; what the default
+bound of ``f.imap`` was chosen by (it is ``map``'s: 512 per sandbox).
 """
 
 from __future__ import annotations
@@ -35,8 +40,8 @@ import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-APIS = ("map", "imap", "imap_1024", "mp_imap")
-LABELS = {"map": "sandpool f.map", "imap": "sandpool f.imap", "imap_1024": "sandpool f.imap, 1024 in flight",
+APIS = ("map", "imap", "imap_32", "mp_imap")
+LABELS = {"map": "sandpool f.map", "imap": "sandpool f.imap", "imap_32": "sandpool f.imap, 32 in flight",
           "mp_imap": "mp.Pool.imap (peer)"}
 
 
@@ -86,7 +91,7 @@ def consume(results, calls: int, window: int, began: float, sampler: RssSampler)
     return rows
 
 
-def one_curve(api: str, calls: int, window: int) -> dict:
+def one_curve(api: str, calls: int, window: int, in_flight: int | None = None) -> dict:
     """In this process: the curve of one API over ``calls`` trivial calls on 2 workers."""
     import psutil
 
@@ -107,7 +112,7 @@ def one_curve(api: str, calls: int, window: int) -> dict:
                 return (ref.result() for ref in refs)
         else:
             def run():
-                return f.imap(range(calls), max_in_flight=1024 if api == "imap_1024" else None)
+                return f.imap(range(calls), max_in_flight=32 if api == "imap_32" else in_flight)
         return _timed(api, calls, window, run, psutil)
 
 
@@ -161,14 +166,38 @@ def summary(rows: list[dict]) -> dict:
 
 def run_curves(calls: int, window: int, apis=APIS) -> dict:
     """Each API's curve in a fresh child process, one after another; the curves by API."""
-    curves = {}
-    for api in apis:
-        done = subprocess.run([sys.executable, __file__, "--one", api, "--calls", str(calls), "--window", str(window)],
-                              capture_output=True, text=True, timeout=3600)
-        if done.returncode:
-            raise RuntimeError(f"the {api} curve failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
-        curves[api] = json.loads(done.stdout.strip().splitlines()[-1])
-    return curves
+    return {api: _child(api, calls, window) for api in apis}
+
+
+def _child(api: str, calls: int, window: int, in_flight: int | None = None) -> dict:
+    """One curve, in a fresh child process."""
+    extra = [] if in_flight is None else ["--in-flight", str(in_flight)]
+    done = subprocess.run([sys.executable, __file__, "--one", api, "--calls", str(calls), "--window", str(window),
+                           *extra], capture_output=True, text=True, timeout=3600)
+    if done.returncode:
+        raise RuntimeError(f"the {api} curve failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+SANDBOXES = 2  # the pool's sandboxes in every curve (max_concurrency=2)
+
+
+def sweep(calls: int, window: int, bounds: list[int]) -> list[dict]:
+    """``f.imap`` at each in-flight bound (``bounds`` x the sandbox count), the peer's curve
+    before each (so that a busy moment of the machine falls on both alike). Prints a row each."""
+    rows = []
+    print("| in flight (per sandbox) | f.imap calls/s | mp.Pool.imap calls/s | ratio | client RSS growth |")
+    print("|---:|---:|---:|---:|---:|")
+    for per in bounds:
+        peer = _child("mp_imap", calls, window)
+        ours = _child("imap", calls, window, per * SANDBOXES)
+        row = {"in_flight": per * SANDBOXES, "per_sandbox": per, "rate": ours["rate"], "peer_rate": peer["rate"],
+               "ratio": ours["rate"] / peer["rate"], "rss_end_mb": ours["rss_end_mb"],
+               "rss_growth_bytes_per_call": ours["rss_growth_bytes_per_call"]}
+        rows.append(row)
+        print(f"| {row['in_flight']} ({per}) | {row['rate']:,.0f} | {row['peer_rate']:,.0f} | {row['ratio']:.2f}x "
+              f"| {row['rss_end_mb']:.1f} MB |", flush=True)
+    return rows
 
 
 def table(curves: dict) -> str:
@@ -191,11 +220,21 @@ def main() -> None:
     parser.add_argument("--json", default=os.path.join(HERE, "results", "bench_map_curve.json"))
     parser.add_argument("--png", help="also draw the curves to this PNG (needs matplotlib)")
     parser.add_argument("--trace", type=int, metavar="K", help="instead: where one map's memory goes (top K lines)")
+    parser.add_argument("--sweep", action="store_true", help="instead: f.imap at each in-flight bound vs the peer")
+    parser.add_argument("--bounds", default="8,16,32,64,128,256,512",
+                        help="the sweep's bounds, in calls per sandbox (default 8,16,32,64,128,256,512)")
+    parser.add_argument("--in-flight", type=int, help=argparse.SUPPRESS)  # (internal: imap's bound)
     args = parser.parse_args()
     if args.calls < 1 or args.window < 1:
         parser.error(f"--calls and --window must be >= 1, got {args.calls} and {args.window}")
     if args.one:
-        print(json.dumps(one_curve(args.one, args.calls, args.window)))
+        print(json.dumps(one_curve(args.one, args.calls, args.window, args.in_flight)))
+        return
+    if args.sweep:
+        rows = sweep(args.calls, args.window, [int(b) for b in args.bounds.split(",") if b])
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
         return
     if args.trace:
         print(trace_map(args.calls, args.trace))

@@ -48,7 +48,7 @@ def test_quick_report_draws_every_figure_beside_its_peer(tmp_path):
     assert figures["remote"]["beside"]["local Session"]["calls/s"] > 0
     assert "serve, same host (fast plane)" in figures["remote"]["sandpool"]
     curves = {**figures["map_curve"]["sandpool"], **figures["map_curve"]["beside"]}
-    assert {c["api"] for c in curves.values()} == {"map", "imap", "imap_1024", "mp_imap"}
+    assert {c["api"] for c in curves.values()} == {"map", "imap", "imap_32", "mp_imap"}
     assert all([w["calls"] for w in c["windows"]] == [1000, 2000, 3000] for c in curves.values())
 
 

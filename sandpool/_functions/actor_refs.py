@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from .call import KEEP_HELD
+from .call import KEEP_HELD, CallRef
 from .._core.opref import OperationCancelled, OperationRef
 
 
@@ -31,7 +31,12 @@ def when_resolved(host: Any, ref: Any, args: tuple[Any, ...], kwargs: dict[str, 
     """Once every OperationRef among ``args`` and ``kwargs`` has its value, call ``then(args,
     kwargs)`` with the values in place, in the host's loop. ``ref`` (the call's own, with
     ``set_error``/``set_cancelled``) takes a dependency's error, its cancellation, or the error
-    ``then`` raises; nothing is called once ``ref`` is done (cancelled meanwhile). Thread-safe."""
+    ``then`` raises; nothing is called once ``ref`` is done (cancelled meanwhile). Thread-safe.
+    A dependency that is a remote call's ref still running is marked ``forwarded``: a large result
+    of it is held as its bytes, to go on undecoded (see ``held``)."""
+    for arg in (*args, *kwargs.values()):
+        if isinstance(arg, CallRef) and not arg.done():
+            arg.forwarded = True
     host.start_soon(_resolve, ref, args, kwargs, then)
 
 

@@ -24,10 +24,12 @@ class CallRef(OperationRef[Any]):
     (``set_result``/``set_error``/``set_cancelled``, as an executor settles its futures), and
     ``cancel()`` settles it at once and tells the pool, which interrupts the remote side.
 
-    A large plain result may be settled as a ``held.Held`` (its encoded bytes): decoded on the
-    first ``result()``, and kept decoded; a malformed one raises SerializationError there."""
+    A ref passed as an argument to another call before it finished is ``forwarded``: its result,
+    if large and plain, is settled as a ``held.Held`` (its encoded bytes), which goes on to that
+    call undecoded; ``result()`` decodes it on first use and keeps the value (a malformed one
+    raises SerializationError there). Other results are decoded as they arrive."""
 
-    __slots__ = ("loop", "pool", "call", "label")
+    __slots__ = ("loop", "pool", "call", "label", "forwarded")
 
     def __init__(self, loop: Any) -> None:
         super().__init__()
@@ -35,6 +37,7 @@ class CallRef(OperationRef[Any]):
         self.pool: Any = None  # the pool that holds the Call, once the call exists: cancel() tells it
         self.call: Call | ActorCall | None = None
         self.label = ""  # the function's name, for a held result's decoding error
+        self.forwarded = False
 
     def _unwrap(self) -> Any:
         value = super()._unwrap()
@@ -98,11 +101,13 @@ class Payload:
         return _serialize.loads_result(data, self.name, self.pickled)
 
     def decode_file(self, fd: int, size: int) -> Any:
-        """A result of this function from a file (SerializationError, or OSError if unreadable):
-        a plain one held as its bytes (see ``held``), decoded when asked."""
-        if not self.pickled:
-            return _held.hold(fd, size)
+        """A result of this function from a file (SerializationError, or OSError if unreadable)."""
         return _serialize.loads_result_file(fd, size, self.name, self.pickled)
+
+    def hold_file(self, fd: int, size: int) -> Any:
+        """``decode_file`` for a result that goes on to another call: a plain one is held as its
+        encoded bytes (see ``held``), decoded only if asked."""
+        return self.decode_file(fd, size) if self.pickled else _held.hold(fd, size)
 
     def observe(self, micros: int) -> None:
         seconds = micros / 1e6

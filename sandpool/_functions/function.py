@@ -27,7 +27,7 @@ from .bulk import BULK_BYTES
 from .._config import SandboxSpec, resolve_spec
 from .._errors import AsyncFunctionError, SerializationError
 from .._core.opref import OperationRef, check_not_in_trio
-from .pool import MAX_DEPTH, Call, CallRef, Payload, Pool
+from .pool import MAX_IN_FLIGHT_BYTES, Call, CallRef, Payload, Pool, in_flight_bound
 
 if TYPE_CHECKING:
     from .host import FunctionHost
@@ -35,10 +35,6 @@ if TYPE_CHECKING:
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-#: Argument bytes one map or stream keeps in flight at most (at least one call always goes).
-MAX_IN_FLIGHT_BYTES = 256 * 1024 * 1024
-
 
 @dataclass(frozen=True)
 class Retries:
@@ -203,7 +199,7 @@ class RemoteFunction(Generic[P, R]):
     async def _feed(self, pool: Pool, refs: list[CallRef], items: list[tuple[Any, ...]]) -> None:
         """Submit a map's calls while fewer than its bound are unfinished (runs in the loop)."""
         calls = self._calls
-        bound = max(64, 2 * calls.limit * MAX_DEPTH)
+        bound = in_flight_bound(calls.limit)
         state = {"calls": 0, "bytes": 0}
         wake = trio.Event()
 
@@ -235,7 +231,9 @@ class RemoteFunction(Generic[P, R]):
              progress: bool = False) -> ResultStream[R]:
         """Stream ``f(x)`` for each x of ``iterable`` (sync or async iterable), pulled lazily.
 
-        At most ``max_in_flight`` calls run or wait at once (default: 8 per sandbox, at least 32).
+        At most ``max_in_flight`` calls run or wait at once (default: as many as ``map`` keeps, 512
+        per sandbox, at least 64), and inputs are pulled only while the arguments of the calls not
+        yet consumed stay under 256 MiB (one call always goes).
         Iterate with ``for`` (sync code) or ``async for`` (inside trio). Results come in input order,
         or as they finish with ``ordered=False``. The first failure is raised and cancels the calls
         still in flight, unless ``return_exceptions=True`` (then exceptions are yielded as values).

@@ -1,8 +1,9 @@
 """Large results held by the client as encoded bytes, decoded only when asked: the same-host
 shortcut for references between calls.
 
-A large result of a local sandbox arrives as a file in that sandbox's /tmp (see ``bulk``). The
-client copies it (in the kernel) into a memfd of its own and seals it (no write, no resize, no
+A large result of a local sandbox arrives as a file in that sandbox's /tmp (see ``bulk``). When
+its ref was passed to another call before the answer came (``CallRef.forwarded``), the client
+copies the file (in the kernel) into a memfd of its own and seals it (no write, no resize, no
 further seals), so nothing in any sandbox can change or name it, then maps the memfd read-only:
 that mapping is the ``Held`` value its ref keeps. ``ref.result()`` decodes it there (plain data,
 as always: see ``serialize``) and keeps the value. Passed as an argument to another call
@@ -24,7 +25,7 @@ from typing import Any
 
 from _sandpool_agent import plain as _plain
 
-_SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE  # type: ignore[attr-defined]
+_SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 
 
 class SealedMap(mmap.mmap):
@@ -56,7 +57,7 @@ def hold(fd: int, size: int) -> Held:
     """Copy the ``size`` bytes of the regular file ``fd`` (a result file the client opened) into a
     new sealed memfd and map it. OSError if the copy fails or comes up short (the file's writer
     truncated it): the caller treats that as an unreadable result."""
-    memfd = os.memfd_create("sandpool-result", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)  # type: ignore[attr-defined]
+    memfd = os.memfd_create("sandpool-result", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         copied = 0
         while copied < size:
@@ -64,10 +65,12 @@ def hold(fd: int, size: int) -> Held:
             if n == 0:
                 raise OSError(f"the result file ended after {copied} of {size} bytes")
             copied += n
-        fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, _SEALS)  # type: ignore[attr-defined]
+        fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, _SEALS)
         if size == 0:
             raise OSError("an empty result file")  # a payload is never empty
-        return Held(SealedMap(memfd, size, prot=mmap.PROT_READ), size)
+        # Populated now: handed on, the bytes are read at once in full (faulting them in page by
+        # page cost more than the copy).
+        return Held(SealedMap(memfd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ), size)
     finally:
         os.close(memfd)  # the mapping keeps what it maps
 

@@ -3,7 +3,8 @@
 A ``ResultStream`` is both a sync iterator (``for``; blocks the consuming thread) and an async one
 (``async for`` inside trio). Inputs are pulled from the source only to keep the window full: when
 half of ``max_in_flight`` is free it is refilled in one go, so a stream over ``itertools.count()``
-pulls at most ``max_in_flight`` inputs beyond what the consumer took. Stopping early (``break``,
+pulls at most ``max_in_flight`` inputs beyond what the consumer took. The window's pickled
+arguments are bounded too (``MAX_IN_FLIGHT_BYTES``): pulling stops once they reach it. Stopping early (``break``,
 ``close()``, an exception, leaving a cancel scope) cancels every call still in flight.
 """
 
@@ -19,10 +20,10 @@ import trio
 
 from .._core.hosts import HostEvent, checkpoint
 from .._core.opref import OperationCancelled, OperationRef, check_not_in_trio
+from .pool import MAX_IN_FLIGHT_BYTES, Call, CallRef, in_flight_bound
 
 if TYPE_CHECKING:
     from .function import Caller
-    from .pool import CallRef
 
 R = TypeVar("R")
 
@@ -45,9 +46,11 @@ class ResultStream(Generic[R]):
         self._iter: Any = None
         self._star = star
         self._ordered = ordered
-        self._limit = max_in_flight or max(32, 8 * calls.limit)
+        self._limit = max_in_flight or in_flight_bound(calls.limit)
         self._return_exceptions = return_exceptions
         self._window: collections.deque[CallRef] = collections.deque()  # submitted, not yet yielded
+        self._sizes: dict[CallRef, int] = {}  # argument bytes of the window's calls
+        self._bytes = 0  # their sum
         self._events = _Events(keep=not ordered)  # what the refs' done callbacks see: never the stream itself
         self._exhausted = False
         self._closed = False
@@ -61,60 +64,63 @@ class ResultStream(Generic[R]):
     # -- filling the window ----------------------------------------------------------------------
 
     def _wants_more(self) -> bool:
-        return not self._exhausted and len(self._window) <= self._limit // 2
+        return not self._exhausted and len(self._window) <= self._limit // 2 and self._has_room()
 
-    def _take(self, items: list[Any]) -> None:
-        """Turn pulled inputs into calls and submit them in one go."""
-        maker, calls = self._calls, []
-        for item in items:
-            ref = maker.new_ref()
-            if self._star:
-                if not isinstance(item, (tuple, list)):
-                    ref.set_error(TypeError(f"each item of {maker.name}.starmap() is a tuple of arguments, "
-                                            f"got {type(item).__name__} {item!r}; use imap() for single values"))
-                    call = None
-                else:
-                    call = maker.call(self._pool, ref, tuple(item), {})
-            else:
-                call = maker.call(self._pool, ref, (item,), {})
-            if call is not None:
-                calls.append(call)
-            self._window.append(ref)
-            ref.add_done_callback(self._events.on_done)
-        maker.submit(self._pool, calls)
+    def _has_room(self) -> bool:
+        return len(self._window) < self._limit and (not self._window or self._bytes < MAX_IN_FLIGHT_BYTES)
+
+    def _take(self, item: Any, calls: list[Call]) -> None:
+        """Turn one pulled input into a call (into ``calls``, submitted by the caller) and its ref
+        into the window."""
+        maker = self._calls
+        ref = maker.new_ref()
+        call = None
+        if self._star and not isinstance(item, (tuple, list)):
+            ref.set_error(TypeError(f"each item of {maker.name}.starmap() is a tuple of arguments, "
+                                    f"got {type(item).__name__} {item!r}; use imap() for single values"))
+        else:
+            call = maker.call(self._pool, ref, tuple(item) if self._star else (item,), {})
+        if call is not None:
+            calls.append(call)
+            self._sizes[ref] = call.size
+            self._bytes += call.size
+        self.pulled += 1
+        self._window.append(ref)
+        ref.add_done_callback(self._events.on_done)
 
     def _fill_sync(self) -> None:
         if not self._wants_more():
             return
         if self._iter is None:
             self._iter = iter(self._source)
-        items: list[Any] = []
-        while len(self._window) + len(items) < self._limit:
-            try:
-                items.append(next(self._iter))
-            except StopIteration:
-                self._exhausted = True
-                break
-        self.pulled += len(items)
-        self._take(items)
+        calls: list[Call] = []
+        try:
+            while self._has_room():
+                try:
+                    item = next(self._iter)
+                except StopIteration:
+                    self._exhausted = True
+                    break
+                self._take(item, calls)
+        finally:
+            self._calls.submit(self._pool, calls)
 
     async def _fill_async(self) -> None:
         if not self._wants_more():
             return
         if self._iter is None:
             self._iter = aiter(self._source) if hasattr(self._source, "__aiter__") else iter(self._source)
-        items: list[Any] = []
-        while len(self._window) + len(items) < self._limit:
-            try:
-                if hasattr(self._iter, "__anext__"):
-                    items.append(await anext(self._iter))
-                else:
-                    items.append(next(self._iter))
-            except (StopIteration, StopAsyncIteration):
-                self._exhausted = True
-                break
-        self.pulled += len(items)
-        self._take(items)
+        calls: list[Call] = []
+        try:
+            while self._has_room():
+                try:
+                    item = await anext(self._iter) if hasattr(self._iter, "__anext__") else next(self._iter)
+                except (StopIteration, StopAsyncIteration):
+                    self._exhausted = True
+                    break
+                self._take(item, calls)
+        finally:
+            self._calls.submit(self._pool, calls)
 
     # -- taking results --------------------------------------------------------------------------
 
@@ -136,6 +142,7 @@ class ResultStream(Generic[R]):
             self._window.popleft()
         else:
             self._window.remove(ref)
+        self._bytes -= self._sizes.pop(ref, 0)
 
     def __iter__(self) -> ResultStream[R]:
         return self
@@ -192,6 +199,7 @@ class ResultStream(Generic[R]):
             return
         self._closed = True
         window, self._window = self._window, collections.deque()
+        self._sizes.clear()
         for ref in window:
             ref.cancel()
         if self._bar is not None:

@@ -44,8 +44,20 @@ from .slot import PoolSandbox, Slot, SlotState, TaskStarter
 if TYPE_CHECKING:
     from .._config import SandboxSpec
 
-__all__ = ["MAX_DEPTH", "Call", "CallRef", "Payload", "Pool", "PoolSandbox", "PoolStatistics", "TaskStarter",
-           "choose_slot", "choose_steals", "pipeline_depth", "sandboxes_to_start"]
+__all__ = ["MAX_DEPTH", "MAX_IN_FLIGHT_BYTES", "Call", "CallRef", "Payload", "Pool", "PoolSandbox", "PoolStatistics",
+           "TaskStarter", "choose_slot", "choose_steals", "in_flight_bound", "pipeline_depth", "sandboxes_to_start"]
+
+#: Argument bytes one map or stream keeps in flight at most (at least one call always goes).
+MAX_IN_FLIGHT_BYTES = 256 * 1024 * 1024
+
+
+def in_flight_bound(limit: int) -> int:
+    """How many unfinished calls one ``map`` or ``imap`` keeps, on a pool of ``limit`` sandboxes:
+    every sandbox's deepest pipeline (``MAX_DEPTH``) twice over, so that none waits for the client
+    to refill it; at least 64. Memory bounds it: a trivial call in flight costs the client about
+    1 KB (its ref, its Call, its pickled arguments), so 512 per sandbox is ~0.5 MB per sandbox,
+    and ``MAX_IN_FLIGHT_BYTES`` caps the arguments of large ones whatever the count."""
+    return max(64, 2 * limit * MAX_DEPTH)
 
 # The states as module constants: the scheduler compares them per answer, and a global is cheaper
 # to read than an enum's member.
@@ -260,7 +272,9 @@ class Pool:
             else:
                 try:
                     if isinstance(frame.get("path"), str) and slot.bulk_dir:
-                        value = _bulk.take_result(slot.bulk_dir, frame["path"], call.payload.name, call.payload.decode_file)
+                        payload = call.payload
+                        decode = payload.hold_file if call.ref.forwarded else payload.decode_file
+                        value = _bulk.take_result(slot.bulk_dir, frame["path"], payload.name, decode)
                     else:
                         value = call.payload.decode(frame.get("data", b""))
                 except SerializationError as exc:

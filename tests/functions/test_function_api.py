@@ -309,6 +309,37 @@ def test_imap_over_an_endless_iterable_pulls_a_bounded_number():
         assert all(ref.done() for ref in window)
 
 
+def test_imap_keeps_as_many_in_flight_as_map_by_default_and_bounds_argument_bytes(monkeypatch):
+    """By default a stream keeps map's bound of unfinished calls (512 per sandbox); whatever the
+    count, it stops pulling once the pickled arguments of its unconsumed calls reach the byte
+    bound (here lowered to 1 MB: three 400 KB arguments), and pulls on as they are consumed."""
+    from sandpool._functions import imap as _imap
+    from sandpool._functions.pool import in_flight_bound
+
+    pulled = []
+
+    def counting(size):
+        for i in itertools.count():
+            pulled.append(i)
+            yield bytes(size)
+
+    with Session() as s:
+        @s.function(max_concurrency=2)
+        def length(b):
+            return len(b)
+
+        with length.imap(counting(8)) as stream:
+            assert next(stream) == 8
+            assert len(pulled) == in_flight_bound(2) == 1024
+        pulled.clear()
+        monkeypatch.setattr(_imap, "MAX_IN_FLIGHT_BYTES", 1_000_000)
+        with length.imap(counting(400_000)) as stream:
+            assert next(stream) == 400_000
+            assert len(pulled) == 3  # the third reached the bound
+            assert list(itertools.islice(stream, 20)) == [400_000] * 20
+            assert len(pulled) <= 21 + 3
+
+
 def test_statistics_and_repr_show_the_pool():
     """session.statistics() counts sandboxes and calls; repr(session) shows them at a glance."""
     with Session() as s:
