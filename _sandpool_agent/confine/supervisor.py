@@ -76,11 +76,12 @@ class Supervisor:
 
     def __init__(self, become_agent: Callable[[dict, int], None] | None = None,
                  sel: selectors.BaseSelector | None = None, spare_dir: str | None = None,
-                 outside: tuple[int, int] | None = None) -> None:
+                 outside: tuple[int, int] | None = None, niceness: int | None = None) -> None:
         self.become_agent = become_agent  # the template's child path, for spares: (config, sock_fd)
         self.sel = sel  # the template's selector, where OOM eventfds are registered
         self.spare_dir = spare_dir  # a host directory that lives as long as the template (its owner dir)
         self.outside = outside  # rootless: the user's (uid, gid) outside the template's user namespace
+        self.niceness = niceness  # the owner's: what every child of the (boosted) template runs at
         self.groups: dict[int, dict] = {}  # agent pid -> its cgroup
         self.watches: dict[int, tuple[int, int]] = {}  # agent pid -> (eventfd, oom_control fd)
         self.oom_killed: set[int] = set()
@@ -125,6 +126,11 @@ class Supervisor:
             if self.sel is not None:
                 self.sel.register(watch[0], selectors.EVENT_READ, ("oom", pid))
         return pid
+
+    def unboost(self) -> None:
+        """In a child of the template: back to the owner's niceness (the template may run above it)."""
+        if self.niceness is not None and os.getpriority(os.PRIO_PROCESS, 0) != self.niceness:
+            os.setpriority(os.PRIO_PROCESS, 0, self.niceness)
 
     def enter(self, config: dict) -> None:
         """In the agent: close the template's watches and spares, join cgroups, enter the namespaces."""
@@ -295,6 +301,7 @@ class Supervisor:
         """In a spare: make the namespaces (and, given a ``plan``, the root for plans of its
         ``root_key``), wait for a sandbox, become its agent. Never returns."""
         try:
+            self.unboost()
             signal.set_wakeup_fd(-1)
             for sig in (signal.SIGCHLD, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_DFL)  # not the template's handlers
