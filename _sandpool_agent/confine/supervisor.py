@@ -99,6 +99,12 @@ class Supervisor:
         self._spares_made = 0
         self.sock_fd = -1  # the agent socket of the last fork
         self._pid_ns_fd: int | None = None
+        self._layout: cgroups.Layout | None = None  # the host's cgroup mounts, read once
+
+    def layout(self) -> cgroups.Layout:
+        if self._layout is None:
+            self._layout = cgroups.detect()
+        return self._layout
 
     def fork(self, config: dict, sock_fd: int) -> int:
         """Start the agent for ``config`` (its socket is ``sock_fd``) at its isolation level: hand it
@@ -245,7 +251,7 @@ class Supervisor:
                 if config.pop("cgroups_joined", False) and config.get("cgroups"):
                     group = config["cgroups"]
                     cgroups.remove(group)
-                    cgroups.create(cgroups.detect(), group, group.get("limits") or {})
+                    cgroups.create(self.layout(), group, group.get("limits") or {})
                 continue
             del self.spares[pid]
             self.ready.discard(pid)
@@ -280,7 +286,7 @@ class Supervisor:
         self._spares_made += 1
         parent = self.spare_parents[0]
         key, owner = os.path.basename(os.path.dirname(parent)), os.path.basename(parent)
-        group = cgroups.plan(cgroups.detect(), key, owner, f"spare-{os.getpid()}-{self._spares_made}")
+        group = cgroups.plan(self.layout(), key, owner, f"spare-{os.getpid()}-{self._spares_made}")
         try:
             for d in group["dirs"]:
                 os.mkdir(d)
@@ -427,9 +433,11 @@ def _build_root(plan: dict, spare_dir: str) -> None:
 
 
 def _watch_oom(group: dict) -> tuple[int, int] | None:
-    """v1 only: an eventfd the kernel signals when the group hits its memory limit."""
+    """v1 only: an eventfd the kernel signals when the group hits its memory limit. Only with a
+    memory limit (which turns the group's own OOM killer off, see ``cgroups.limit_files``):
+    without one nothing happens to watch, and 1,000 sandboxes need no 2,000 descriptors here."""
     control = group.get("oom_event")
-    if not control:
+    if not control or not any(path.endswith("/memory.oom_control") for path in group.get("limits") or ()):
         return None
     efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     ofd = os.open(group["oom"], os.O_RDONLY | os.O_CLOEXEC)
