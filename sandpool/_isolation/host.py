@@ -161,8 +161,7 @@ class Isolation:
             plan["rootless"] = True
         if host_image:
             plan["view"] = hostview.host_view()
-        for key in ("upper", "work", "merged"):
-            os.makedirs(plan[key], exist_ok=True)
+        os.makedirs(fs, exist_ok=True)  # the mount point of the sandbox's tmpfs, where upper, work and merged are made
         home = "/root"
         image_env, image_cwd = images.settings(spec.container_image)  # a pulled image's Env and WorkingDir
         cwd = spec.working_dir or image_cwd or "/"

@@ -192,7 +192,8 @@ class LocalRuntime(Runtime):
         assert self.owner_dir is not None
         sandbox_dir = os.path.join(self.owner_dir, record.sandbox_id)
         root = os.path.join(sandbox_dir, "root")
-        os.makedirs(os.path.join(root, "tmp"), exist_ok=True)
+        # (the namespaces and oci levels make their /tmp on the sandbox's own tmpfs)
+        os.makedirs(root if record.isolation in ("namespaces", "oci") else os.path.join(root, "tmp"), exist_ok=True)
         cwd = root
         if record.spec.working_dir:
             cwd = os.path.join(root, record.spec.working_dir.lstrip("/"))
