@@ -26,7 +26,7 @@ from .._config import SandboxSpec
 from .._errors import SandboxFailedError, SandboxResourceExhaustedError
 from .._quantity import parse_memory
 from . import admission, bridge, hostview, images, network, probe
-from _sandpool_agent.confine import cgroups, storage
+from _sandpool_agent.confine import cgroups, namespaces, storage
 
 #: The PATH of a sandbox's commands without the client's python first (an image's programs come first).
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -161,7 +161,12 @@ class Isolation:
             plan["rootless"] = True
         if host_image:
             plan["view"] = hostview.host_view()
-        os.makedirs(fs, exist_ok=True)  # the mount point of the sandbox's tmpfs, where upper, work and merged are made
+        if record.isolation == "namespaces":  # its tmpfs over the owner's dir, as a spare's: nothing to make or remove
+            plan = namespaces.relocated(plan, owner_dir)
+            if mode == "bridge":
+                os.makedirs(config["dir"], exist_ok=True)  # (where slirp4netns's socket goes)
+        else:
+            os.makedirs(fs, exist_ok=True)  # the mount point of the sandbox's tmpfs, where upper, work and merged are made
         home = "/root"
         image_env, image_cwd = images.settings(spec.container_image)  # a pulled image's Env and WorkingDir
         cwd = spec.working_dir or image_cwd or "/"
