@@ -12,7 +12,11 @@ For each N, in a fresh process (its own client, template and state dir), one ses
 - down:      stop all N at once (no grace), wall time;
 - CPU:       per sandbox, the client's and the template's CPU time during "up", and each agent's
              CPU over its whole life (setup, the execs, exit; counted when the template reaps it);
-- leftovers: ``sandpool.testing.wait_for_no_leftovers`` on the state dir after that process exits.
+- leftovers: ``sandpool.testing.wait_for_no_leftovers`` on the state dir after that process exits;
+- load:      the machine's idle share during "up" and "down" (/proc/stat), and "up if CPU-bound":
+             N x (client + template + agent CPU per sandbox) / cpus, the wall time "up" would take
+             on an otherwise idle machine were it only CPU-bound (an upper bound: the agent's CPU
+             is over its whole life). On a shared machine a slow "up" with 0 % idle is other load.
 
 Targets (issue 15, item 6): N=1000 up in <= 5 s, an exec in each in <= 2 s, all stopped in <= 3 s,
 <= 3 MiB private memory per sandbox, and the per-sandbox start cost (up / N) at N=1000 within 1.5x
@@ -56,6 +60,18 @@ def cpu_seconds(client, template) -> tuple[float, float, float]:
     return a.user + a.system, b.user + b.system, b.children_user + b.children_system
 
 
+def machine_ticks() -> tuple[int, int]:
+    """(idle, total) clock ticks of the whole machine so far (/proc/stat), all cpus."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    return values[3] + values[4], sum(values)
+
+
+def idle_pct(before: tuple[int, int], after: tuple[int, int]) -> float:
+    total = after[1] - before[1]
+    return 100.0 * (after[0] - before[0]) / total if total else 0.0
+
+
 def wait_all(refs: list) -> None:
     for ref in refs:
         ref.result()
@@ -74,10 +90,12 @@ def one_scale(n: int, isolation: str) -> dict:
         template = next(p for p in client.children() if TEMPLATE_MARK in " ".join(p.cmdline()))
         pool = [session.sandbox() for _ in range(n)]
         cpu0 = cpu_seconds(client, template)
+        ticks = machine_ticks()
         began = time.perf_counter()
         wait_all([sandbox.start() for sandbox in pool])
         wait_all([sandbox.exec(["true"]) for sandbox in pool])
         row["up_s"] = time.perf_counter() - began
+        row["up_machine_idle_pct"] = idle_pct(ticks, machine_ticks())
         cpu1 = cpu_seconds(client, template)
         row["up_client_cpu_ms_each"] = (cpu1[0] - cpu0[0]) / n * 1000
         row["up_template_cpu_ms_each"] = (cpu1[1] - cpu0[1]) / n * 1000
@@ -95,11 +113,17 @@ def one_scale(n: int, isolation: str) -> dict:
         row["uss_median_mib"] = statistics.median(usses) / MIB
         row["uss_max_mib"] = max(usses) / MIB
 
+        ticks = machine_ticks()
         began = time.perf_counter()
         wait_all([sandbox.stop(graceful_shutdown_seconds=0) for sandbox in pool])
         row["down_s"] = time.perf_counter() - began
+        row["down_machine_idle_pct"] = idle_pct(ticks, machine_ticks())
         cpu2 = cpu_seconds(client, template)  # (the agents' CPU reaches the template's children at reaping)
         row["agent_cpu_ms_each"] = (cpu2[2] - cpu1[2]) / n * 1000
+        # what "up" would take on an otherwise idle machine if it were only CPU-bound (agent CPU over
+        # its whole life, so an upper bound): shows how much of a slow "up" is other load
+        row["up_cpu_bound_s"] = n * (row["up_client_cpu_ms_each"] + row["up_template_cpu_ms_each"]
+                                     + row["agent_cpu_ms_each"]) / 1000 / (os.cpu_count() or 1)
     return row
 
 
@@ -141,12 +165,14 @@ def main() -> None:
         row["per_start_vs_smallest_n"] = row["per_start_ms"] / floor["per_start_ms"] if floor else None
 
     print(f"| N | up (start + 1 exec each) s | per sandbox ms | x per sandbox at N={floor['n']} | exec in each s "
-          "| stop all s | USS median MiB | USS max MiB | CPU ms each: client / template / agent | leftovers |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+          "| stop all s | USS median MiB | USS max MiB | CPU ms each: client / template / agent "
+          "| up if CPU-bound s | machine idle % up / stop | leftovers |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in rows:
         print(f"| {r['n']} | {r['up_s']:.2f} | {r['per_start_ms']:.2f} | {r['per_start_vs_smallest_n']:.2f}x "
               f"| {r['exec_s']:.2f} | {r['down_s']:.2f} | {r['uss_median_mib']:.2f} | {r['uss_max_mib']:.2f} "
               f"| {r['up_client_cpu_ms_each']:.1f} / {r['up_template_cpu_ms_each']:.1f} / {r['agent_cpu_ms_each']:.1f} "
+              f"| {r['up_cpu_bound_s']:.2f} | {r['up_machine_idle_pct']:.0f} / {r['down_machine_idle_pct']:.0f} "
               f"| {r['leftovers'] or 'none'} |")
     print(f"\ntargets at N=1000: up <= {TARGETS['up_s']} s, exec <= {TARGETS['exec_s']} s, stop <= "
           f"{TARGETS['down_s']} s, USS <= {TARGETS['uss_max_mib']} MiB, per sandbox <= "

@@ -76,11 +76,12 @@ class Supervisor:
 
     def __init__(self, become_agent: Callable[[dict, int], None] | None = None,
                  sel: selectors.BaseSelector | None = None, spare_dir: str | None = None,
-                 outside: tuple[int, int] | None = None) -> None:
+                 outside: tuple[int, int] | None = None, niceness: int | None = None) -> None:
         self.become_agent = become_agent  # the template's child path, for spares: (config, sock_fd)
         self.sel = sel  # the template's selector, where OOM eventfds are registered
         self.spare_dir = spare_dir  # a host directory that lives as long as the template (its owner dir)
         self.outside = outside  # rootless: the user's (uid, gid) outside the template's user namespace
+        self.niceness = niceness  # the owner's: what every child of the (boosted) template runs at
         self.groups: dict[int, dict] = {}  # agent pid -> its cgroup
         self.watches: dict[int, tuple[int, int]] = {}  # agent pid -> (eventfd, oom_control fd)
         self.oom_killed: set[int] = set()
@@ -98,6 +99,12 @@ class Supervisor:
         self._spares_made = 0
         self.sock_fd = -1  # the agent socket of the last fork
         self._pid_ns_fd: int | None = None
+        self._layout: cgroups.Layout | None = None  # the host's cgroup mounts, read once
+
+    def layout(self) -> cgroups.Layout:
+        if self._layout is None:
+            self._layout = cgroups.detect()
+        return self._layout
 
     def fork(self, config: dict, sock_fd: int) -> int:
         """Start the agent for ``config`` (its socket is ``sock_fd``) at its isolation level: hand it
@@ -125,6 +132,11 @@ class Supervisor:
             if self.sel is not None:
                 self.sel.register(watch[0], selectors.EVENT_READ, ("oom", pid))
         return pid
+
+    def unboost(self) -> None:
+        """In a child of the template: back to the owner's niceness (the template may run above it)."""
+        if self.niceness is not None and os.getpriority(os.PRIO_PROCESS, 0) != self.niceness:
+            os.setpriority(os.PRIO_PROCESS, 0, self.niceness)
 
     def enter(self, config: dict) -> None:
         """In the agent: close the template's watches and spares, join cgroups, enter the namespaces."""
@@ -239,7 +251,7 @@ class Supervisor:
                 if config.pop("cgroups_joined", False) and config.get("cgroups"):
                     group = config["cgroups"]
                     cgroups.remove(group)
-                    cgroups.create(cgroups.detect(), group, group.get("limits") or {})
+                    cgroups.create(self.layout(), group, group.get("limits") or {})
                 continue
             del self.spares[pid]
             self.ready.discard(pid)
@@ -274,7 +286,7 @@ class Supervisor:
         self._spares_made += 1
         parent = self.spare_parents[0]
         key, owner = os.path.basename(os.path.dirname(parent)), os.path.basename(parent)
-        group = cgroups.plan(cgroups.detect(), key, owner, f"spare-{os.getpid()}-{self._spares_made}")
+        group = cgroups.plan(self.layout(), key, owner, f"spare-{os.getpid()}-{self._spares_made}")
         try:
             for d in group["dirs"]:
                 os.mkdir(d)
@@ -295,6 +307,7 @@ class Supervisor:
         """In a spare: make the namespaces (and, given a ``plan``, the root for plans of its
         ``root_key``), wait for a sandbox, become its agent. Never returns."""
         try:
+            self.unboost()
             signal.set_wakeup_fd(-1)
             for sig in (signal.SIGCHLD, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_DFL)  # not the template's handlers
@@ -420,9 +433,11 @@ def _build_root(plan: dict, spare_dir: str) -> None:
 
 
 def _watch_oom(group: dict) -> tuple[int, int] | None:
-    """v1 only: an eventfd the kernel signals when the group hits its memory limit."""
+    """v1 only: an eventfd the kernel signals when the group hits its memory limit. Only with a
+    memory limit (which turns the group's own OOM killer off, see ``cgroups.limit_files``):
+    without one nothing happens to watch, and 1,000 sandboxes need no 2,000 descriptors here."""
     control = group.get("oom_event")
-    if not control:
+    if not control or not any(path.endswith("/memory.oom_control") for path in group.get("limits") or ()):
         return None
     efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     ofd = os.open(group["oom"], os.O_RDONLY | os.O_CLOEXEC)

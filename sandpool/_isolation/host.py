@@ -28,7 +28,7 @@ from .._errors import SandboxFailedError, SandboxResourceExhaustedError
 from .._images.errors import ImageError
 from .._quantity import parse_memory
 from . import admission, bridge, hostview, images, network, pods, probe
-from _sandpool_agent.confine import cgroups, storage
+from _sandpool_agent.confine import cgroups, namespaces, storage
 
 if TYPE_CHECKING:
     from .._runtime.contract import SandboxRecord
@@ -169,8 +169,12 @@ class Isolation:
             plan["rootless"] = True
         if host_image:
             plan["view"] = hostview.host_view()
-        for key in ("upper", "work", "merged"):
-            os.makedirs(plan[key], exist_ok=True)
+        if record.isolation == "namespaces":  # its tmpfs over the owner's dir, as a spare's: nothing to make or remove
+            plan = namespaces.relocated(plan, owner_dir)
+            if mode == "bridge":
+                os.makedirs(config["dir"], exist_ok=True)  # (where slirp4netns's socket goes)
+        else:
+            os.makedirs(fs, exist_ok=True)  # the mount point of the sandbox's tmpfs, where upper, work and merged are made
         home = "/root"
         image_env, image_cwd = images.settings(spec.container_image)  # a pulled image's Env and WorkingDir
         cwd = spec.working_dir or image_cwd or "/"

@@ -60,8 +60,9 @@ class Slirp:
             os.close(exit_r)
             os.close(ready_w)
         try:
-            readable, _, _ = select.select([ready_r], [], [], _READY_SECONDS)
-            ready = os.read(ready_r, 1) if readable else b""
+            poller = select.poll()  # (not select(): a client with ~1,000 sandboxes has fds above 1,024)
+            poller.register(ready_r, select.POLLIN)
+            ready = os.read(ready_r, 1) if poller.poll(_READY_SECONDS * 1000) else b""
         finally:
             os.close(ready_r)
         if ready != b"1":

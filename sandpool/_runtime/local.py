@@ -208,9 +208,14 @@ class LocalRuntime(Runtime):
         assert self.owner_dir is not None
         sandbox_dir = os.path.join(self.owner_dir, record.sandbox_id)
         root = os.path.join(sandbox_dir, "root")
-        os.makedirs(os.path.join(root, "tmp"), exist_ok=True)
+        # On the host: the process level's root, the oci level's stage (see namespaces.mount_root);
+        # none at the namespaces level, whose tmpfs is mounted over the owner's directory in its own
+        # mount namespace (as a spare's is), with its /tmp and working directory made on that tmpfs.
+        made = {"process": os.path.join(root, "tmp"), "oci": root}.get(record.isolation)
+        if made is not None:
+            os.makedirs(made, exist_ok=True)
         cwd = root
-        if record.spec.working_dir:
+        if record.spec.working_dir and record.isolation == "process":
             cwd = os.path.join(root, record.spec.working_dir.lstrip("/"))
             os.makedirs(cwd, exist_ok=True)
         record.extra["dir"], record.root = sandbox_dir, root
