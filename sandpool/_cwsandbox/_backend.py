@@ -19,11 +19,11 @@ import trio
 
 from .._grpc.bridge import deliver
 from .._status import SandboxStatus
-from . import _exec, _files, _logs
+from . import _exec, _files, _logs, _pods
 from ._errors import RpcFailure, invalid, translate, unimplemented
 from ._proto import pb
 from ._registry import Entry, Registry
-from ._spec import PRIMARY_CONTAINER, mounted_files, sandbox_options
+from ._spec import mounted_files, sandbox_options
 from ._status import sandbox_message
 
 CREATE_WAIT_SECONDS = 1.0
@@ -185,37 +185,42 @@ class CwsandboxBackend:
 
     async def _ready(self, sandbox_id: str, container: str) -> Entry:
         """The entry of ``sandbox_id`` once it runs (or has failed to); checks the container named."""
-        if container not in ("", PRIMARY_CONTAINER):
-            raise invalid("container", f"container {container!r} does not exist; local sandboxes have one "
-                                       f"container, {PRIMARY_CONTAINER!r}")
         entry = self.registry.get(sandbox_id)
+        _pods.container(entry.spec, container)
         await entry.started.wait()
         return entry
 
+    async def _target(self, sandbox_id: str, container: str) -> _pods.InContainer:
+        """The container ``container`` names of sandbox ``sandbox_id``, once it runs."""
+        entry = await self._ready(sandbox_id, container)
+        return _pods.InContainer(entry.sandbox, _pods.container(entry.spec, container))
+
     async def exec(self, request, timeout: float | None):
-        entry = await self._ready(request.sandbox_id, request.container)
-        return await _exec.exec_unary(entry.sandbox, request, timeout)
+        return await _exec.exec_unary(await self._target(request.sandbox_id, request.container), request, timeout)
 
     async def stream_exec(self, init, request_iterator, timeout: float | None, send: trio.MemorySendChannel):
-        entry = await self._ready(init.sandbox_id, init.container)
+        target = await self._target(init.sandbox_id, init.container)
         requests, receive = trio.open_memory_channel(16)
         # a pooled thread (no thread start per exec, and no trip through the loop to hand it the job);
         # it ends with the RPC, whose request iterator then stops
         self.pumps.submit(deliver, request_iterator, requests, self.token)
         async with receive:
-            await _exec.stream_exec(entry.sandbox, init, receive, send, timeout)
+            await _exec.stream_exec(target, init, receive, send, timeout)
 
     async def read_file(self, request, timeout: float | None):
-        entry = await self._ready(request.sandbox_id, request.container)
-        return pb.ReadFileResponse(content=await _files.read_file(entry.sandbox, request.path, timeout))
+        target = await self._target(request.sandbox_id, request.container)
+        return pb.ReadFileResponse(content=await _files.read_file(target, request.path, timeout))
 
     async def write_file(self, request, timeout: float | None):
-        entry = await self._ready(request.sandbox_id, request.container)
-        await _files.write_file(entry.sandbox, request.path, bytes(request.content), timeout)
+        target = await self._target(request.sandbox_id, request.container)
+        await _files.write_file(target, request.path, bytes(request.content), timeout)
         return pb.WriteFileResponse()
 
     async def stream_logs(self, request, send: trio.MemorySendChannel):
         entry = await self._ready(request.sandbox_id, request.container)
+        if _pods.container(entry.spec, request.container) is not None:
+            raise invalid("container", f"the logs of container {request.container!r} are not streamed by the local "
+                                       f"server (only the primary's); read its output with exec instead")
         await _logs.stream_logs(entry, request, send, self.log_sessions)
 
     # -- housekeeping --------------------------------------------------------------------------
