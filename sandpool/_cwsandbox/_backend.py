@@ -45,6 +45,7 @@ class CwsandboxBackend:
         self.token = trio.lowlevel.current_trio_token()
         self.registry = Registry()
         self.log_sessions = _logs.LogSessions()
+        self.container_logs = _pods.ContainerLogs(open_log)  # a pod's further containers'
         #: one thread per open StreamExec forwards its stdin: never one waiting for another's to end
         self.pumps = ThreadPoolExecutor(MAX_STREAMS, thread_name_prefix="cwsandbox-stdin")
 
@@ -107,6 +108,7 @@ class CwsandboxBackend:
         if file is None and self.open_log is not None:
             file = self.open_log(entry.sandbox.sandbox_id)
         entry.log = _logs.MainLog(file)
+        self.container_logs.open(entry)
         files = mounted_files(entry.spec)
         if files:
             entry.preparing = True
@@ -218,10 +220,7 @@ class CwsandboxBackend:
 
     async def stream_logs(self, request, send: trio.MemorySendChannel):
         entry = await self._ready(request.sandbox_id, request.container)
-        if _pods.container(entry.spec, request.container) is not None:
-            raise invalid("container", f"the logs of container {request.container!r} are not streamed by the local "
-                                       f"server (only the primary's); read its output with exec instead")
-        await _logs.stream_logs(entry, request, send, self.log_sessions)
+        await _logs.stream_logs(self.container_logs.of(entry, request.container), request, send, self.log_sessions)
 
     # -- housekeeping --------------------------------------------------------------------------
 
@@ -238,6 +237,7 @@ class CwsandboxBackend:
         for entry in self.registry.entries():
             if entry.log is not None:
                 entry.log.close()
+        self.container_logs.close()
 
 
 @contextlib.asynccontextmanager

@@ -1,12 +1,20 @@
 """The containers of a sandbox the cwsandbox service runs: which one a data-plane call names, and
 their status rows. A spec with several containers runs as a sandpool pod (``sandpool._pods``);
-``ExecRequest.container`` and the file calls' ``container`` pick one of its containers."""
+``ExecRequest.container`` and the file and log calls' ``container`` pick one of its containers;
+each further container's main log is kept as the primary's is (``ContainerLogs``)."""
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import weakref
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
-from ._errors import invalid
+import grpc
+import trio
+
+from ._errors import RpcFailure, invalid
+from ._logs import MainLog
 from ._spec import PRIMARY_CONTAINER, primary
 
 
@@ -49,3 +57,58 @@ class InContainer:
 
     def write_file(self, path: str, content: bytes, **options: Any) -> Any:
         return self.sandbox.write_file(path, content, container=self.name, **options)
+
+
+@dataclasses.dataclass(eq=False)
+class ContainerLog:
+    """A further container's main log, as ``_logs.stream_logs`` reads an Entry's: ``log`` and ``ended``."""
+
+    log: MainLog
+    ended: trio.Event = dataclasses.field(default_factory=trio.Event)
+
+    def end(self) -> None:
+        self.log.close()
+        self.ended.set()
+
+
+class ContainerLogs:
+    """The main logs of the pods' further containers, opened as each pod starts (so the output of a
+    command that ends at once is kept, as the primary's is) and closed as each container ends.
+    ``open_log(sandbox_id)``: as the backend's, for a runtime that keeps no log here. Kept while
+    their pod's Entry is (weakly keyed: a retired entry takes its containers' logs with it)."""
+
+    def __init__(self, open_log: Callable[[str], BinaryIO | None] | None) -> None:
+        self._open_log = open_log
+        self._logs: weakref.WeakKeyDictionary[Any, dict[str, ContainerLog]] = weakref.WeakKeyDictionary()
+
+    def open(self, entry: Any) -> None:
+        """``entry``'s pod runs (its further containers too): open their logs."""
+        logs = {}
+        for name in names(entry.spec)[1:]:
+            member = entry.sandbox.container_sandbox(name)
+            file = member.link.open_main_log()
+            if file is None and self._open_log is not None:
+                file = self._open_log(member.sandbox_id)
+            log = logs[name] = ContainerLog(MainLog(file))
+            member.wait_until_complete().add_done_callback(lambda _ref, log=log: log.end())
+        if logs:
+            self._logs[entry] = logs
+
+    def of(self, entry: Any, name: str) -> Any:
+        """What StreamLogs reads for container ``name`` of ``entry``: the entry itself for the primary.
+        RpcFailure INVALID_ARGUMENT for a container the sandbox lacks, FAILED_PRECONDITION for one
+        whose pod did not start."""
+        member = container(entry.spec, name)
+        if member is None:
+            return entry
+        found = self._logs.get(entry, {}).get(member)
+        if found is None:
+            raise RpcFailure(grpc.StatusCode.FAILED_PRECONDITION, f"container {member!r} of sandbox "
+                             f"{entry.sandbox_id} never ran (its pod did not start): it has no log")
+        return found
+
+    def close(self) -> None:
+        """Close every log still open (the backend is ending)."""
+        for logs in list(self._logs.values()):
+            for log in logs.values():
+                log.log.close()

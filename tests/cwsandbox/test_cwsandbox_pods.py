@@ -1,46 +1,88 @@
-"""Several containers per sandbox through the local cwsandbox server, driven by the published client."""
+"""Several containers per sandbox (a pod) through cwsandbox's API, driven by the published client:
+the standalone server (``python -m sandpool._cwsandbox``) and ``sandpool serve --cwsandbox``."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+from service_helpers import REPO, ServerProcess, wait_until
 from test_cwsandbox_client import cwsandbox_client, run, server  # noqa: F401  (the client's fixtures and runner)
+from test_cwsandbox_serve import _free_port
+
+from sandpool._grpc import endpoint
+
+#: A pod of two containers: "web" serves on 127.0.0.1:8125 and says so in its log, "cli" only logs.
+#: Checks, with the published client: they share localhost, keep their own files and environment,
+#: answer exec, files and logs by container=, report a status row each, and stop together; an
+#: unknown container is refused naming the pod's containers.
+POD_PROGRAM = """
+import cwsandbox
+from cwsandbox import Container, ResourceOptions, SandboxStatus
+
+res = ResourceOptions(limits={"cpu": "1", "memory": "256Mi"})
+serve = ("import socket\\ns = socket.create_server(('127.0.0.1', 8125))\\nprint('web up', flush=True)\\n"
+         "while True:\\n    c, _ = s.accept(); c.sendall(b'hi'); c.close()\\n")
+with cwsandbox.Session() as session:
+    sb = session.sandbox(containers=[
+        Container(name="web", image="python:3.11", primary=True, command="python3", args=["-c", serve],
+                  resources=res, environment_variables={"ROLE": "web"}),
+        Container(name="cli", image="python:3.11", command="sh", args=["-c", "echo cli up; exec sleep 300"],
+                  resources=res, environment_variables={"ROLE": "cli"}),
+    ])
+    assert next(iter(sb.stream_logs(follow=True))) == "web up\\n"  # listening now
+    assert next(iter(sb.stream_logs(container="cli", follow=True))) == "cli up\\n"
+    fetch = "import socket; print(socket.create_connection(('127.0.0.1', 8125)).recv(2).decode())"
+    got = sb.exec(["python3", "-c", fetch], container="cli").result()
+    assert got.stdout == "hi\\n", (got.stdout, got.stderr)
+    assert sb.exec(["sh", "-c", "echo $ROLE"], container="cli").result().stdout == "cli\\n"
+    assert sb.exec(["sh", "-c", "echo $ROLE"]).result().stdout == "web\\n"
+    net = "readlink /proc/self/ns/net"
+    assert sb.exec(["sh", "-c", net]).result().stdout == sb.exec(["sh", "-c", net], container="cli").result().stdout
+    sb.write_file("/tmp/f", b"cli's", container="cli").result()
+    assert sb.read_file("/tmp/f", container="cli").result() == b"cli's"
+    assert sb.exec(["sh", "-c", "cat /tmp/f || echo absent"]).result().stdout == "absent\\n"
+    for bad in (lambda: sb.exec(["true"], container="db").result(),
+                lambda: list(sb.stream_logs(container="db"))):
+        try:
+            bad()
+        except Exception as exc:
+            assert "'web', 'cli'" in str(exc), exc
+        else:
+            raise AssertionError("container='db' was accepted")
+    names = sorted(row.name for row in sb.container_statuses)
+    assert names == ["cli", "web"], sb.container_statuses
+    print(sb.sandbox_id)
+assert sb.status == SandboxStatus.TERMINATED, sb.status
+print("OK")
+"""
 
 
 def test_a_pod_through_the_published_client(server):  # noqa: F811
-    """cwsandbox's containers=[...]: the containers share localhost, keep their own files and
-    environment, answer exec and files by container=, report a status row each; all stop together."""
-    out = run(server, """
-        import cwsandbox
-        from cwsandbox import Container, ResourceOptions, SandboxStatus
+    """The standalone server runs cwsandbox's containers=[...] as a pod (see POD_PROGRAM)."""
+    assert run(server, POD_PROGRAM).splitlines()[-1] == "OK"
 
-        res = ResourceOptions(limits={"cpu": "1", "memory": "256Mi"})
-        serve = ("import socket\\ns = socket.create_server(('127.0.0.1', 8125))\\n"
-                 "while True:\\n    c, _ = s.accept(); c.sendall(b'hi'); c.close()\\n")
-        with cwsandbox.Session() as session:
-            sb = session.sandbox(containers=[
-                Container(name="web", image="python:3.11", primary=True, command="python3", args=["-c", serve],
-                          resources=res, environment_variables={"ROLE": "web"}),
-                Container(name="cli", image="python:3.11", resources=res, environment_variables={"ROLE": "cli"}),
-            ])
-            fetch = ("import socket, time\\n"
-                     "for _ in range(100):\\n"
-                     "    try: print(socket.create_connection(('127.0.0.1', 8125)).recv(2).decode()); break\\n"
-                     "    except OSError: time.sleep(0.05)\\n")
-            got = sb.exec(["python3", "-c", fetch], container="cli").result()
-            assert got.stdout == "hi\\n", (got.stdout, got.stderr)
-            assert sb.exec(["sh", "-c", "echo $ROLE"], container="cli").result().stdout == "cli\\n"
-            assert sb.exec(["sh", "-c", "echo $ROLE"]).result().stdout == "web\\n"
-            sb.write_file("/tmp/f", b"cli's", container="cli").result()
-            assert sb.read_file("/tmp/f", container="cli").result() == b"cli's"
-            assert sb.exec(["sh", "-c", "cat /tmp/f || echo absent"]).result().stdout == "absent\\n"
-            try:
-                sb.exec(["true"], container="db").result()
-            except Exception as exc:
-                assert "'web', 'cli'" in str(exc), exc
-            else:
-                raise AssertionError("container='db' was accepted")
-            names = sorted(row.name for row in sb.container_statuses)
-            assert names == ["cli", "web"], sb.container_statuses
-        assert sb.status == SandboxStatus.TERMINATED, sb.status
-        print("OK")
-    """)
-    assert out == "OK\n"
+
+def test_a_pod_through_sandpool_serve(cwsandbox_client, tmp_path, monkeypatch):  # noqa: F811
+    """``sandpool serve --cwsandbox`` runs the pod on the server's own fleet (its further container
+    joined to the primary's network by the server); sandpool's List shows the pod once, not its containers."""
+    port = _free_port()
+    monkeypatch.setenv("SANDPOOL_IMAGE_FALLBACK", "host")  # python:3.11: no registry here
+    with ServerProcess(str(tmp_path), "--cwsandbox", f"127.0.0.1:{port}") as served:
+        api_key = wait_until(lambda: endpoint.token_for(f"127.0.0.1:{port}"), timeout=30)
+        assert api_key, "the cwsandbox listener wrote no token"
+        program = POD_PROGRAM.replace('    print(sb.sandbox_id)\n', LISTED.format(address=served.address))
+        path = tmp_path / "program.py"
+        path.write_text(program)
+        env = {"CWSANDBOX_BASE_URL": f"http://127.0.0.1:{port}", "CWSANDBOX_API_KEY": api_key, "GRPC_VERBOSITY": "ERROR"}
+        done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=90, cwd=REPO,
+                              env={**__import__("os").environ, **env})
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines()[-1] == "OK"
+
+
+#: In POD_PROGRAM, run against ``sandpool serve``: sandpool's own client lists the pod, once.
+LISTED = """    import sandpool
+    listed = [s.sandbox_id for s in sandpool.Sandbox.list(address={address!r}).result()]
+    assert listed == [sb.sandbox_id], (listed, sb.sandbox_id)
+"""
