@@ -19,7 +19,7 @@ import trio
 
 from .._grpc.bridge import deliver
 from .._status import SandboxStatus
-from . import _exec, _files, _logs, _pods
+from . import _exec, _files, _logs, _pods, _specfrom
 from ._errors import RpcFailure, invalid, translate, unimplemented
 from ._proto import pb
 from ._registry import Entry, Registry
@@ -67,6 +67,12 @@ class CwsandboxBackend:
         with trio.move_on_after(CREATE_WAIT_SECONDS):
             await entry.started.wait()
         return sandbox_message(entry)
+
+    async def create_from_file(self, request, timeout: float | None):
+        return await self.create(_specfrom.from_file(request), timeout)  # a compose file: one container each
+
+    async def create_from_template(self, request, timeout: float | None):
+        return await self.create(_specfrom.from_template(request), timeout)  # a template stored here
 
     async def _launch(self, spec, request_id: str, fingerprint: bytes) -> Entry:
         try:

@@ -7,9 +7,11 @@ import subprocess
 import sys
 
 from service_helpers import REPO, ServerProcess, wait_until
-from test_cwsandbox_client import cwsandbox_client, run, server  # noqa: F401  (the client's fixtures and runner)
+from test_cwsandbox_client import Server, cwsandbox_client, run, server  # noqa: F401  (the client's fixtures and runner)
 from test_cwsandbox_serve import _free_port
 
+from sandpool import _templates
+from sandpool._config import resolve_spec
 from sandpool._grpc import endpoint
 
 #: A pod of two containers: "web" serves on 127.0.0.1:8125 and says so in its log, "cli" only logs.
@@ -86,3 +88,56 @@ LISTED = """    import sandpool
     listed = [s.sandbox_id for s in sandpool.Sandbox.list(address={address!r}).result()]
     assert listed == [sb.sandbox_id], (listed, sb.sandbox_id)
 """
+
+
+COMPOSE = b"""{"services": {
+  "app": {"image": "python:3.11", "command": "sleep 300", "environment": {"ROLE": "app"}},
+  "db": {"image": "python:3.11", "command": ["sh", "-c", "exec sleep 300"], "environment": ["ROLE=db"],
+         "deploy": {"resources": {"limits": {"memory": "64M"}}}}}}"""
+
+
+def test_compose_files_and_templates_through_the_published_client(cwsandbox_client, tmp_path, monkeypatch):  # noqa: F811
+    """The client's run_from_file (CreateSandboxFromFile) runs the file's services as a pod and
+    GetSandbox reports the translated spec; run_from_template and session.sandbox(template_id=)
+    (CreateSandboxFromTemplate) start a template stored on the server's machine, the request's
+    overrides replacing its fields; a template that does not exist, and a file key the spec cannot
+    carry, are refused naming them."""
+    monkeypatch.setenv(_templates.ENV_TEMPLATE_DIR, str(tmp_path / "templates"))  # the server's store, and ours
+    _templates.save("pair", {"containers": [
+        {"name": "one", "image": "host", "primary": True, "command": "sleep", "args": ["300"],
+         "environment_variables": {"WHO": "one"}},
+        {"name": "two", "image": "host", "environment_variables": {"WHO": "two"}}], "tags": ["tpl"]}, resolve_spec)
+    server = Server(tmp_path)
+    try:
+        out = run(server, PROGRAM_FROM_FILES)
+    finally:
+        server.stop()
+    assert server.proc.returncode == 0, server.stderr_path.read_text()
+    assert out.splitlines()[-1] == "OK"
+
+
+PROGRAM_FROM_FILES = f"""
+        import cwsandbox
+        compose = {COMPOSE!r}
+        with cwsandbox.Sandbox.run_from_file(compose, primary_service="app", tags=["from-file"]) as sb:
+            assert sb.exec(["sh", "-c", "echo $ROLE"]).result().stdout == "app\\n"
+            assert sb.exec(["sh", "-c", "echo $ROLE"], container="db").result().stdout == "db\\n"
+            again = cwsandbox.Sandbox.from_id(sb.sandbox_id).result()
+            assert sorted(c.name for c in again.container_statuses) == ["app", "db"], again.container_statuses
+        with cwsandbox.Sandbox.run_from_template("pair", tags=["given"]) as sb:
+            assert sb.exec(["sh", "-c", "echo $WHO"], container="two").result().stdout == "two\\n"
+            assert sb.exec(["sh", "-c", "echo $WHO"]).result().stdout == "one\\n"
+        with cwsandbox.Session() as session:
+            sb = session.sandbox(template_id="pair")
+            assert sb.exec(["sh", "-c", "echo $WHO"], container="two").result().stdout == "two\\n"
+        for bad, text in ((lambda: cwsandbox.Sandbox.run_from_template("no-such").wait(), "no such template"),
+                          (lambda: cwsandbox.Sandbox.run_from_file(compose.replace(b'"64M"', b'"64M", "pids": 9'),
+                                                                   primary_service="app").wait(), "pids")):
+            try:
+                bad()
+            except Exception as exc:
+                assert text in str(exc), exc
+            else:
+                raise AssertionError(text)
+        print("OK")
+    """
