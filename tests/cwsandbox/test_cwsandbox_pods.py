@@ -3,14 +3,17 @@ the standalone server (``python -m sandpool._cwsandbox``) and ``sandpool serve -
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 
+import leaks
 from service_helpers import REPO, ServerProcess, wait_until
 from test_cwsandbox_client import Server, cwsandbox_client, run, server  # noqa: F401  (the client's fixtures and runner)
 from test_cwsandbox_serve import _free_port
 
-from sandpool import _templates
+from sandpool import Sandbox, _templates
 from sandpool._config import resolve_spec
 from sandpool._grpc import endpoint
 
@@ -78,7 +81,7 @@ def test_a_pod_through_sandpool_serve(cwsandbox_client, tmp_path, monkeypatch): 
         path.write_text(program)
         env = {"CWSANDBOX_BASE_URL": f"http://127.0.0.1:{port}", "CWSANDBOX_API_KEY": api_key, "GRPC_VERBOSITY": "ERROR"}
         done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=90, cwd=REPO,
-                              env={**__import__("os").environ, **env})
+                              env={**os.environ, **env})
         assert done.returncode == 0, done.stderr
         assert done.stdout.splitlines()[-1] == "OK"
 
@@ -141,3 +144,45 @@ PROGRAM_FROM_FILES = f"""
                 raise AssertionError(text)
         print("OK")
     """
+
+
+KILLED_CLIENT = """
+import cwsandbox
+from cwsandbox import Container, ResourceOptions
+res = ResourceOptions(limits={"cpu": "1", "memory": "128Mi"})
+sb = cwsandbox.Sandbox.run(containers=[Container(name="a", image="python:3.11", primary=True, resources=res),
+                                       Container(name="b", image="python:3.11", resources=res)])
+assert sb.exec(["true"], container="b").result().returncode == 0
+print(sb.sandbox_id, flush=True)
+print("ready", flush=True)
+import time; time.sleep(300)
+"""
+
+
+def test_sigkills_of_the_client_then_the_server_leave_nothing_of_a_pod(cwsandbox_client, tmp_path, monkeypatch):  # noqa: F811
+    """SIGKILL a published-client program with a running pod: the pod lives on in ``sandpool serve
+    --cwsandbox`` (cwsandbox's sandboxes outlive their client) and is listed once; SIGKILL that
+    server too: no process, cgroup, mount, network namespace or directory of either container is
+    left."""
+    port = _free_port()
+    monkeypatch.setenv("SANDPOOL_IMAGE_FALLBACK", "host")
+    served = ServerProcess(str(tmp_path), "--cwsandbox", f"127.0.0.1:{port}").start()
+    try:
+        api_key = wait_until(lambda: endpoint.token_for(f"127.0.0.1:{port}"), timeout=30)
+        client = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT], stdout=subprocess.PIPE, text=True, cwd=REPO,
+                                  env={**os.environ, "CWSANDBOX_BASE_URL": f"http://127.0.0.1:{port}",
+                                       "CWSANDBOX_API_KEY": api_key, "GRPC_VERBOSITY": "ERROR"})
+        try:
+            sandbox_id = client.stdout.readline().strip()
+            assert client.stdout.readline().strip() == "ready", sandbox_id
+        finally:
+            client.kill()
+            client.wait()
+            client.stdout.close()
+        assert client.returncode == -signal.SIGKILL
+        listed = [s.sandbox_id for s in Sandbox.list(address=served.address).result()]
+        assert listed == [sandbox_id]
+    finally:
+        served.kill()
+    assert served.proc.returncode == -signal.SIGKILL
+    leaks.check("a SIGKILLed sandpool serve with a pod")

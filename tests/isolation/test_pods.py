@@ -100,18 +100,22 @@ KILLED_CLIENT = """
 import sys, time, sandpool
 from sandpool import Container
 with sandpool.Session(defaults={"isolation": "namespaces"}) as s:
-    sb = s.sandbox(containers=[Container(name="a", image="host", primary=True), Container(name="b", image="host")])
+    sb = s.sandbox(containers=[Container(name="a", image="host", primary=True), Container(name="b", image="host")],
+                   network=%r)
     sb.exec(["true"], container="b").result()
     print("ready", flush=True)
     time.sleep(300)
 """
 
 
-def test_a_sigkilled_client_leaves_nothing_of_a_pod(tmp_path):
-    """SIGKILL a client with a running pod: no process, cgroup, mount or directory of any container is left."""
+@pytest.mark.parametrize("network", [None, pytest.param(
+    {"ingress": [{"cidr": "192.0.2.99/32", "ports": [{"port": 8000}]}]}, marks=NEEDS_BRIDGE, id="bridge")])
+def test_a_sigkilled_client_leaves_nothing_of_a_pod(tmp_path, network):
+    """SIGKILL a client with a running pod: no process, cgroup, mount or directory of any container
+    is left, and with a bridge network no veth, network namespace or nftables chain either."""
     state_dir = str(tmp_path / "state")
     env = {**os.environ, "SANDPOOL_STATE_DIR": state_dir}
-    assert sigkill_when_ready(KILLED_CLIENT, env) == -signal.SIGKILL
+    assert sigkill_when_ready(KILLED_CLIENT % (network,), env) == -signal.SIGKILL
     assert not testing.wait_for_no_leftovers(state_dir, timeout=10)
 
 
