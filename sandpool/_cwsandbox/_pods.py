@@ -20,7 +20,7 @@ from ._spec import PRIMARY_CONTAINER, primary
 
 def names(spec: Any) -> list[str]:
     """The containers' names, the primary's first ("main" when it has none)."""
-    first = primary(spec)
+    first: Any = primary(spec)
     if first is None:
         return [PRIMARY_CONTAINER]
     return [first.name or PRIMARY_CONTAINER] + [c.name for c in spec.containers if c is not first]
