@@ -23,7 +23,7 @@ from . import _exec, _files, _logs, _pods, _specfrom
 from ._errors import RpcFailure, invalid, translate, unimplemented
 from ._proto import pb
 from ._registry import Entry, Registry
-from ._spec import mounted_files, sandbox_options
+from ._spec import mounted_files
 from ._status import sandbox_message
 
 CREATE_WAIT_SECONDS = 1.0
@@ -76,7 +76,7 @@ class CwsandboxBackend:
 
     async def _launch(self, spec, request_id: str, fingerprint: bytes) -> Entry:
         try:
-            sandbox = self.session.sandbox(**sandbox_options(spec, self.session.defaults.isolation))
+            sandbox = self.session.sandbox(**_pods.sandbox_options(spec, self.session.defaults.isolation))
         except (TypeError, ValueError) as exc:
             raise invalid("sandbox.spec", str(exc)) from exc
         entry = Entry(sandbox, spec, request_id, fingerprint)
@@ -110,11 +110,11 @@ class CwsandboxBackend:
         if entry.sandbox.status != SandboxStatus.RUNNING:
             entry.started.set()
             return
+        self.container_logs.open(entry)  # a pod's further containers'
         file = entry.sandbox.link.open_main_log()
         if file is None and self.open_log is not None:
             file = self.open_log(entry.sandbox.sandbox_id)
         entry.log = _logs.MainLog(file)
-        self.container_logs.open(entry)
         files = mounted_files(entry.spec)
         if files:
             entry.preparing = True

@@ -1,5 +1,6 @@
-"""The containers of a sandbox the cwsandbox service runs: which one a data-plane call names, and
-their status rows. A spec with several containers runs as a sandpool pod (``sandpool._pods``);
+"""The containers of a sandbox the cwsandbox service runs: its options, which one a data-plane call
+names, and their logs. A spec with several containers runs as a sandpool pod (``sandpool._pods``;
+``sandbox_options``);
 ``ExecRequest.container`` and the file and log calls' ``container`` pick one of its containers;
 each further container's main log is kept as the primary's is (``ContainerLogs``)."""
 
@@ -13,9 +14,42 @@ from typing import Any, BinaryIO
 import grpc
 import trio
 
+from . import _spec
 from ._errors import RpcFailure, invalid
 from ._logs import MainLog
+from ._proto import pb
 from ._spec import PRIMARY_CONTAINER, primary
+
+
+#: The options ``_spec.sandbox_options`` takes from one container: a pod has them per container.
+_CONTAINER_OPTIONS = ("container_image", "command", "args", "environment_variables", "working_dir", "resources")
+
+
+def sandbox_options(spec: Any, isolation: str = "auto") -> dict[str, Any]:
+    """``_spec.sandbox_options``, and for a spec with several containers sandpool's ``containers=``
+    (a pod) in place of the primary's container options: each container's, mapped as a lone
+    container's would be, its files included (the primary's are written as a sandbox's). RpcFailure
+    INVALID_ARGUMENT for a further container with volume mounts (a pod's volumes are its primary's)."""
+    options = _spec.sandbox_options(spec, isolation)
+    first = primary(spec)
+    if len(spec.containers) <= 1:
+        return options
+    rows = []
+    for row in spec.containers:
+        if row is first:
+            fields = {k: options.pop(k) for k in _CONTAINER_OPTIONS if k in options}
+        else:
+            if row.volume_mounts:
+                raise invalid("sandbox.spec.containers.volume_mounts", f"container {row.name!r} mounts volumes; "
+                              f"a pod's volumes are mounted in its primary container only")
+            alone = _spec.sandbox_options(pb.SandboxSpec(containers=[row]), isolation)
+            fields = {k: alone[k] for k in _CONTAINER_OPTIONS if k in alone}
+            if row.files:
+                fields["mounted_files"] = {f.path: bytes(f.content) for f in row.files}
+        fields["image"] = fields.pop("container_image")
+        rows.append({"name": row.name, "primary": row is first, **fields})
+    options["containers"] = rows
+    return options
 
 
 def names(spec: Any) -> list[str]:

@@ -25,8 +25,8 @@ log = logging.getLogger("sandpool.cwsandbox")
 
 #: RPC -> backend method. Unary methods take (request, timeout); streaming ones end with a send channel.
 _UNARY = {"CreateSandbox": "create", "GetSandbox": "get", "ListSandboxes": "list", "DeleteSandbox": "delete",
-          "PurgeSandboxes": "purge", "Exec": "exec", "ReadFile": "read_file", "WriteFile": "write_file",
-          "CreateSandboxFromFile": "create_from_file", "CreateSandboxFromTemplate": "create_from_template"}
+          "PurgeSandboxes": "purge", "Exec": "exec", "ReadFile": "read_file", "WriteFile": "write_file"}
+_UNARY.update(CreateSandboxFromFile="create_from_file", CreateSandboxFromTemplate="create_from_template")  # _specfrom
 _UNSUPPORTED = {
     "GetSandboxBuildLogs": "compose build logs",
     "ConnectSandbox": "the direct data plane (the client uses this server for exec, files and logs instead)",

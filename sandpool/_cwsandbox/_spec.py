@@ -1,7 +1,7 @@
 """A cwsandbox ``SandboxSpec`` as sandpool sandbox options.
 
 Mapped: the container's image (pulled like any other; see ``local_image``), command and args, environment, working dir,
-resources, files (several containers: a pod, each container's of these); the spec's tags, annotations and max lifetime. Everything else (volumes, services,
+resources, files; the spec's tags, annotations and max lifetime. Everything else (volumes, services,
 network, secrets, runtime class, security context, placement) has no local meaning yet: it is accepted,
 ignored, and echoed back unchanged because the server keeps the request's spec as it came.
 """
@@ -25,14 +25,14 @@ def local_image(name: str) -> str:
 
 
 def primary(spec) -> object | None:
-    """The primary container: the only one, or the one marked primary (a pod, see ``sandpool._pods``)."""
+    """The container that runs locally: the only one, or the one marked primary."""
     containers = list(spec.containers)
     if len(containers) <= 1:
         return containers[0] if containers else None
     marked = [c for c in containers if c.HasField("primary") and c.primary]
     if len(marked) != 1:
         raise invalid("sandbox.spec.containers", "with more than one container, exactly one must be primary")
-    return marked[0]
+    return marked[0]  # a pod: _pods.sandbox_options adds the others
 
 
 def _quantities(resources) -> dict[str, str]:
@@ -61,7 +61,7 @@ def resources(container) -> dict | None:
 
 def sandbox_options(spec, isolation: str = "auto") -> dict:
     """Keyword options for ``Session.sandbox`` from a SandboxSpec, for sandboxes at ``isolation``.
-    RpcFailure (INVALID_ARGUMENT) if it cannot run here."""
+    RpcFailure if it cannot run here."""
     options: dict = {"tags": list(spec.tags), "annotations": dict(spec.annotations),
                      "max_output_bytes": MAX_OUTPUT_BYTES}
     if spec.max_lifetime_seconds > 0:
@@ -69,21 +69,7 @@ def sandbox_options(spec, isolation: str = "auto") -> dict:
     container = primary(spec)
     if container is None:
         return options
-    if len(spec.containers) > 1:  # a pod: each container's fields; the primary's files are written as a sandbox's
-        options["containers"] = [
-            {"name": c.name, "primary": c is container, **container_options(c),
-             **({"mounted_files": {f.path: bytes(f.content) for f in c.files}} if c is not container and c.files
-                else {})} for c in spec.containers]
-        return options
-    options.update(container_options(container))
-    options["container_image"] = options.pop("image")
-    return options
-
-
-def container_options(container) -> dict:
-    """A container's image, command and args, environment, working dir and resources, as the fields
-    of sandpool's ``Container`` (``image``; the sandbox option is ``container_image``)."""
-    options: dict = {"image": local_image(container.image)}
+    options["container_image"] = local_image(container.image)
     command, args = container.command or None, list(container.args)
     if command is None and args:  # args alone would go to the image's entrypoint; locally args[0] is it
         command, args = args[0], args[1:]
