@@ -26,13 +26,14 @@ log = logging.getLogger("sandpool.cwsandbox")
 #: RPC -> backend method. Unary methods take (request, timeout); streaming ones end with a send channel.
 _UNARY = {"CreateSandbox": "create", "GetSandbox": "get", "ListSandboxes": "list", "DeleteSandbox": "delete",
           "PurgeSandboxes": "purge", "Exec": "exec", "ReadFile": "read_file", "WriteFile": "write_file"}
-_UNARY.update(CreateSandboxFromFile="create_from_file", CreateSandboxFromTemplate="create_from_template")  # _specfrom
 _UNSUPPORTED = {
     "GetSandboxBuildLogs": "compose build logs",
     "ConnectSandbox": "the direct data plane (the client uses this server for exec, files and logs instead)",
     "CreateFileSystemSnapshot": "file-system snapshots", "GetFileSystemSnapshot": "file-system snapshots",
     "ListFileSystemSnapshots": "file-system snapshots", "DeleteFileSystemSnapshot": "file-system snapshots",
 }
+#: Creates from a compose file or a stored template (``_specfrom``).
+_UNARY.update(CreateSandboxFromFile="create_from_file", CreateSandboxFromTemplate="create_from_template")  # _specfrom
 
 
 class CwsandboxServicer:
