@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from typing import TYPE_CHECKING
+
+from .stores import add_ls_rm, remove_each, show
 
 if TYPE_CHECKING:
     from . import Subcommands
@@ -22,12 +22,7 @@ def register(sub: Subcommands) -> None:
     p.add_argument("file", help="a compose-style file (services:), or a JSON object of sandbox options")
     p.add_argument("--primary-service", help="the compose service that is the primary container")
     p.set_defaults(run=cmd_save)
-    p = tsub.add_parser("ls", help="list the templates")
-    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
-    p.set_defaults(run=cmd_ls)
-    p = tsub.add_parser("rm", help="remove templates")
-    p.add_argument("names", nargs="+", metavar="NAME")
-    p.set_defaults(run=cmd_rm)
+    add_ls_rm(tsub, "list the templates", "remove templates", cmd_ls, cmd_rm)
 
 
 def cmd_save(args: argparse.Namespace) -> int:
@@ -50,24 +45,11 @@ def cmd_save(args: argparse.Namespace) -> int:
 def cmd_ls(args: argparse.Namespace) -> int:
     from .. import _templates
 
-    found = _templates.listing()
-    if args.output == "json":
-        print(json.dumps(found, indent=1))
-        return 0
-    print(f"{'NAME':<32} CONTAINERS")
-    for t in found:
-        print(f"{t['name']:<32} {','.join(t['containers']) or '-'}")
-    return 0
+    return show(_templates.listing(), args.output, f"{'NAME':<32} CONTAINERS",
+                lambda t: f"{t['name']:<32} {','.join(t['containers']) or '-'}")
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
     from .. import _templates
 
-    code = 0
-    for name in args.names:
-        if _templates.remove(name):
-            print(f"removed {name}")
-        else:
-            print(f"Error: no template {name!r}; list them with 'sandpool templates ls'", file=sys.stderr)
-            code = 1
-    return code
+    return remove_each(args.names, _templates.remove, "template", "sandpool templates ls")

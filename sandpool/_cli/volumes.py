@@ -4,9 +4,9 @@ sandboxes mount with ``RegisteredVolumeOptions(volume_id=NAME, ...)`` and which 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from typing import TYPE_CHECKING
+
+from .stores import add_ls_rm, remove_each, show
 
 if TYPE_CHECKING:
     from . import Subcommands
@@ -21,12 +21,7 @@ def register(sub: Subcommands) -> None:
     p = vsub.add_parser("create", help="make a named volume (no-op if it exists)")
     p.add_argument("name")
     p.set_defaults(run=cmd_create)
-    p = vsub.add_parser("ls", help="list the named volumes")
-    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
-    p.set_defaults(run=cmd_ls)
-    p = vsub.add_parser("rm", help="remove named volumes and their files")
-    p.add_argument("names", nargs="+", metavar="NAME")
-    p.set_defaults(run=cmd_rm)
+    add_ls_rm(vsub, "list the named volumes", "remove named volumes and their files", cmd_ls, cmd_rm)
 
 
 def cmd_create(args: argparse.Namespace) -> int:
@@ -39,24 +34,10 @@ def cmd_create(args: argparse.Namespace) -> int:
 def cmd_ls(args: argparse.Namespace) -> int:
     from .._isolation import volumes
 
-    found = volumes.listing()
-    if args.output == "json":
-        print(json.dumps(found, indent=1))
-        return 0
-    print(f"{'NAME':<32} PATH")
-    for v in found:
-        print(f"{v['name']:<32} {v['path']}")
-    return 0
+    return show(volumes.listing(), args.output, f"{'NAME':<32} PATH", lambda v: f"{v['name']:<32} {v['path']}")
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
     from .._isolation import volumes
 
-    code = 0
-    for name in args.names:
-        if volumes.remove(name):
-            print(f"removed {name}")
-        else:
-            print(f"Error: no volume {name!r}; list them with 'sandpool volume ls'", file=sys.stderr)
-            code = 1
-    return code
+    return remove_each(args.names, volumes.remove, "volume", "sandpool volume ls")

@@ -20,11 +20,11 @@ import trio
 
 from .._grpc.bridge import Sender, deliver
 from .._status import SandboxStatus
-from . import _exec, _files, _logs
+from . import _exec, _files, _logs, _pods, _specfrom
 from ._errors import RpcFailure, invalid, translate, unimplemented
 from ._proto import Message, pb
 from ._registry import Entry, Registry
-from ._spec import PRIMARY_CONTAINER, mounted_files, sandbox_options
+from ._spec import mounted_files
 from ._status import sandbox_message
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ class CwsandboxBackend:
         self.token = trio.lowlevel.current_trio_token()
         self.registry = Registry()
         self.log_sessions = _logs.LogSessions()
+        self.container_logs = _pods.ContainerLogs(open_log)  # a pod's further containers'
         #: one thread per open StreamExec forwards its stdin: never one waiting for another's to end
         self.pumps = ThreadPoolExecutor(MAX_STREAMS, thread_name_prefix="cwsandbox-stdin")
 
@@ -75,9 +76,15 @@ class CwsandboxBackend:
             await entry.started.wait()
         return sandbox_message(entry)
 
+    async def create_from_file(self, request: Message, timeout: float | None) -> Message:
+        return await self.create(_specfrom.from_file(request), timeout)  # a compose file: one container each
+
+    async def create_from_template(self, request: Message, timeout: float | None) -> Message:
+        return await self.create(_specfrom.from_template(request), timeout)  # a template stored here
+
     async def _launch(self, spec: Message, request_id: str, fingerprint: bytes) -> Entry:
         try:
-            sandbox = self.session.sandbox(**sandbox_options(spec, self.session.defaults.isolation))
+            sandbox = self.session.sandbox(**_pods.sandbox_options(spec, self.session.defaults.isolation))
         except (TypeError, ValueError) as exc:
             raise invalid("sandbox.spec", str(exc)) from exc
         entry = Entry(sandbox, spec, request_id, fingerprint)
@@ -111,6 +118,7 @@ class CwsandboxBackend:
         if entry.sandbox.status != SandboxStatus.RUNNING:
             entry.started.set()
             return
+        self.container_logs.open(entry)  # a pod's further containers'
         file = entry.sandbox.link.open_main_log()
         if file is None and self.open_log is not None:
             file = self.open_log(entry.sandbox_id)
@@ -195,39 +203,41 @@ class CwsandboxBackend:
 
     async def _ready(self, sandbox_id: str, container: str) -> Entry:
         """The entry of ``sandbox_id`` once it runs (or has failed to); checks the container named."""
-        if container not in ("", PRIMARY_CONTAINER):
-            raise invalid("container", f"container {container!r} does not exist; local sandboxes have one "
-                                       f"container, {PRIMARY_CONTAINER!r}")
         entry = self.registry.get(sandbox_id)
+        _pods.container(entry.spec, container)
         await entry.started.wait()
         return entry
 
+    async def _target(self, sandbox_id: str, container: str) -> _pods.InContainer:
+        """The container ``container`` names of sandbox ``sandbox_id``, once it runs."""
+        entry = await self._ready(sandbox_id, container)
+        return _pods.InContainer(entry.sandbox, _pods.container(entry.spec, container))
+
     async def exec(self, request: Message, timeout: float | None) -> Message:
-        entry = await self._ready(request.sandbox_id, request.container)
-        return await _exec.exec_unary(entry.sandbox, request, timeout)
+        return await _exec.exec_unary(await self._target(request.sandbox_id, request.container), request, timeout)
 
     async def stream_exec(self, init: Message, request_iterator: Iterator[Message], timeout: float | None,
                           send: Sender) -> None:
-        entry = await self._ready(init.sandbox_id, init.container)
+        target = await self._target(init.sandbox_id, init.container)
         requests, receive = trio.open_memory_channel[Message](16)
         # a pooled thread (no thread start per exec, and no trip through the loop to hand it the job);
         # it ends with the RPC, whose request iterator then stops
         self.pumps.submit(deliver, request_iterator, requests, self.token)
         async with receive:
-            await _exec.stream_exec(entry.sandbox, init, receive, send, timeout)
+            await _exec.stream_exec(target, init, receive, send, timeout)
 
     async def read_file(self, request: Message, timeout: float | None) -> Message:
-        entry = await self._ready(request.sandbox_id, request.container)
-        return pb.ReadFileResponse(content=await _files.read_file(entry.sandbox, request.path, timeout))
+        target = await self._target(request.sandbox_id, request.container)
+        return pb.ReadFileResponse(content=await _files.read_file(target, request.path, timeout))
 
     async def write_file(self, request: Message, timeout: float | None) -> Message:
-        entry = await self._ready(request.sandbox_id, request.container)
-        await _files.write_file(entry.sandbox, request.path, bytes(request.content), timeout)
+        target = await self._target(request.sandbox_id, request.container)
+        await _files.write_file(target, request.path, bytes(request.content), timeout)
         return pb.WriteFileResponse()
 
     async def stream_logs(self, request: Message, send: Sender) -> None:
         entry = await self._ready(request.sandbox_id, request.container)
-        await _logs.stream_logs(entry, request, send, self.log_sessions)
+        await _logs.stream_logs(self.container_logs.of(entry, request.container), request, send, self.log_sessions)
 
     # -- housekeeping --------------------------------------------------------------------------
 
@@ -244,6 +254,7 @@ class CwsandboxBackend:
         for entry in self.registry.entries():
             if entry.log is not None:
                 entry.log.close()
+        self.container_logs.close()
 
 
 @contextlib.asynccontextmanager

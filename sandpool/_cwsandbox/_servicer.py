@@ -2,7 +2,7 @@
 
 Every RPC is checked against the server's API key first, then runs in the backend's trio loop.
 Failures leave as the gRPC status and AIP-193 details the client maps to its own exceptions.
-The methods the client would use for features without a local meaning (templates, compose files,
+The methods the client would use for features without a local meaning (compose build logs,
 snapshots, direct data-plane connections) answer UNIMPLEMENTED with a message saying so; for
 ConnectSandbox that is exactly what makes the client fall back to this gateway.
 """
@@ -31,13 +31,13 @@ log = logging.getLogger("sandpool.cwsandbox")
 _UNARY = {"CreateSandbox": "create", "GetSandbox": "get", "ListSandboxes": "list", "DeleteSandbox": "delete",
           "PurgeSandboxes": "purge", "Exec": "exec", "ReadFile": "read_file", "WriteFile": "write_file"}
 _UNSUPPORTED = {
-    "CreateSandboxFromTemplate": "creating sandboxes from templates",
-    "CreateSandboxFromFile": "creating sandboxes from compose files",
     "GetSandboxBuildLogs": "compose build logs",
     "ConnectSandbox": "the direct data plane (the client uses this server for exec, files and logs instead)",
     "CreateFileSystemSnapshot": "file-system snapshots", "GetFileSystemSnapshot": "file-system snapshots",
     "ListFileSystemSnapshots": "file-system snapshots", "DeleteFileSystemSnapshot": "file-system snapshots",
 }
+#: Creates from a compose file or a stored template (``_specfrom``).
+_UNARY.update(CreateSandboxFromFile="create_from_file", CreateSandboxFromTemplate="create_from_template")  # _specfrom
 
 
 class CwsandboxServicer:

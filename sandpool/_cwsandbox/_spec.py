@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import grpc
-
-from ._errors import RpcFailure, invalid
+from ._errors import invalid
 from ._proto import Message
 
 HOST_IMAGE = "host"
@@ -37,8 +35,7 @@ def primary(spec: Message) -> Message | None:
     marked = [c for c in containers if c.HasField("primary") and c.primary]
     if len(marked) != 1:
         raise invalid("sandbox.spec.containers", "with more than one container, exactly one must be primary")
-    raise RpcFailure(grpc.StatusCode.UNIMPLEMENTED, "multi-container sandboxes are not supported by the local "
-                     "sandpool server; run one container per sandbox")
+    return marked[0]  # a pod: _pods.sandbox_options adds the others
 
 
 def _quantities(resources: Message) -> dict[str, str]:

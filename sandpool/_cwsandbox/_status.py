@@ -59,4 +59,8 @@ def sandbox_message(entry: Entry) -> Message:
                                         state=status.state)
     if current.is_terminal:
         row.exit_code = status.exit_code
+    for member in sandbox.container_statuses[1:]:  # a pod's further containers (sandpool._pods)
+        other = status.container_statuses.add(name=member.name, state=state(member.state))
+        if member.exit_code is not None:
+            other.exit_code = member.exit_code
     return pb.Sandbox(sandbox_id=entry.sandbox_id, spec=entry.spec, status=status)

@@ -13,12 +13,29 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import subprocess
 import sys
-import warnings
 
 from _sandpool_agent.confine import _sys, seccomp, userns
 
 LEVELS = ("process", "namespaces", "oci")
+_NAMESPACE_FLAGS = (_sys.CLONE_NEWNS | _sys.CLONE_NEWPID | _sys.CLONE_NEWUTS | _sys.CLONE_NEWIPC
+                    | _sys.CLONE_NEWNET | _sys.CLONE_NEWCGROUP)
+#: argv: the directory holding _sandpool_agent, "1" to enter a user namespace first, the flags.
+#: Exit 0: it worked; errno: the unshare failed; 128 | errno: the user namespace did.
+_PROBE_CHILD = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from _sandpool_agent.confine import _sys, userns
+step = 1
+try:
+    if sys.argv[2]:
+        userns.enter()
+    step = 2
+    _sys.unshare(int(sys.argv[3]))
+except OSError as exc:
+    sys.exit(min(exc.errno or 1, 127) | (128 if step == 1 else 0))
+"""
 
 
 @functools.cache
@@ -75,27 +92,17 @@ def rootless() -> bool:
 
 
 def _try_unshare() -> str | None:
-    """Fork a child that makes every namespace the level uses (as an ordinary user, inside a user
-    namespace it makes first, as the template does); its exit status is the answer."""
+    """Start a child that makes every namespace the level uses (as an ordinary user, inside a user
+    namespace it makes first, as the template does); its exit status is the answer. The child is a
+    fresh interpreter, not a fork: a fork of this process runs Python beside the locks of whatever
+    threads it has (a gRPC server's), and such a child has died of SIGSEGV, which read as "no"."""
     user = rootless()
-    flags = (_sys.CLONE_NEWNS | _sys.CLONE_NEWPID | _sys.CLONE_NEWUTS | _sys.CLONE_NEWIPC
-             | _sys.CLONE_NEWNET | _sys.CLONE_NEWCGROUP)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads: the child only unshares
-        pid = os.fork()
-    if pid == 0:
-        step = 1
-        try:
-            if user:
-                userns.enter()
-            step = 2
-            _sys.unshare(flags)
-            code = 0
-        except OSError as exc:
-            code = min(exc.errno or 1, 127) | (128 if step == 1 else 0)
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    code = os.waitstatus_to_exitcode(status)
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(_sys.__file__))))
+    child = subprocess.run([sys.executable, "-I", "-c", _PROBE_CHILD, package_root, "1" if user else "",
+                            str(_NAMESPACE_FLAGS)], stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+    code = child.returncode
+    if code < 0:
+        return f"the probe's child died of signal {-code} ({child.stderr.decode(errors='replace')[-200:]!r})"
     if code >= 128:
         return (f"uid {os.geteuid()} cannot make a user namespace ({os.strerror(code - 128)}): unprivileged "
                 f"user namespaces are off (sysctl kernel.unprivileged_userns_clone=1, user.max_user_namespaces "

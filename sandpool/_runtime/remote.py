@@ -37,6 +37,9 @@ from .._grpc import messages as m
 from .contract import Runtime, SandboxRecord
 from .._grpc.threadpipe import PACE_SECONDS, PipeStream, ThreadPipe
 
+#: Create's field (and record.extra's key) naming the pod a further container joins (``sandpool._pods``).
+POD = "pod"
+
 ENV_ADDRESS, ENV_TOKEN, ENV_TLS_CA = "SANDPOOL_ADDRESS", "SANDPOOL_TOKEN", "SANDPOOL_TLS_CA"
 #: Deadlines of control calls, in seconds (Stop adds the grace period it was given).
 CALL_SECONDS = 60.0
@@ -208,10 +211,15 @@ class RemoteRuntime(Runtime):
         m.spec_to_dict(spec)  # refuse now what cannot travel
         return SandboxRecord(sandbox_id="", spec=spec, isolation="remote")
 
+    def join_pod(self, record: SandboxRecord, primary: SandboxRecord) -> None:
+        record.extra[POD] = primary.sandbox_id  # the server joins it to the primary's network at Create
+
     async def start(self, record: SandboxRecord) -> FrameChannel:
+        request = {"spec": m.spec_to_dict(record.spec), "lease": self._lease}
+        if POD in record.extra:
+            request[POD] = record.extra[POD]
         try:
-            info = await self._call("Create", {"spec": m.spec_to_dict(record.spec), "lease": self._lease},
-                                    timeout=record.spec.request_timeout_seconds)
+            info = await self._call("Create", request, timeout=record.spec.request_timeout_seconds)
             self._update(record, info)
             self._records[record.sandbox_id] = record
             return await self._attach(record)

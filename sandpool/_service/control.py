@@ -64,6 +64,8 @@ class Hosted:
     spec_summary: dict[str, Any] = field(default_factory=dict[str, Any])
     #: the main command's log, opened at the start and kept (readable after the end) while this is
     log: LogBook | None = None
+    #: a pod's further container: its primary's id (not listed: the pod is)
+    pod: str | None = None
 
 
 def decide_orphans(hosted: list[Hosted], live_leases: set[str], now: float, grace: float) -> list[Hosted]:
@@ -92,8 +94,8 @@ class Fleet:
         self.runtime = runtime
         self.policy = policy
         self.auto_level = auto_level
-        for level in probe.LEVELS:  # probed now, before gRPC's threads run: the probe forks, and a child
-            probe.unavailable(level)  # forked beside them can crash (seen: SIGSEGV), caching a wrong "no"
+        for level in probe.LEVELS:  # probed once, now (a Create should not wait for it)
+            probe.unavailable(level)
         self.journal = journal
         self.nursery = nursery
         self.orphan_grace = orphan_grace
@@ -142,13 +144,16 @@ class Fleet:
         lease = m.field(request, "lease", str, None)
         if lease is not None:
             limits.identifier("lease", lease)
+        primary = self._pod_primary(m.field(request, "pod", str, None), lease)
         record = self.runtime.create(spec)
         hosted = Hosted(record, lease, _lifecycle.advance(_lifecycle.Lifecycle(), "start"),
-                        spec_data=m.spec_to_dict(spec))
+                        spec_data=m.spec_to_dict(spec), pod=None if primary is None else primary.record.sandbox_id)
         hosted.spec_summary = limits.summary(hosted.spec_data)
         self.sandboxes[record.sandbox_id] = hosted  # listed, and stopped by a shutdown, while it starts
         channel: FrameChannel | None = None
         try:
+            if primary is not None:  # a pod's further container: into its primary's network namespace
+                self.runtime.join_pod(record, primary.record)
             with trio.CancelScope(shield=True):  # a started agent must end up watched, or stopped
                 channel = await self.runtime.start(record)
         except BaseException:
@@ -162,6 +167,18 @@ class Fleet:
         self.nursery.start_soon(self._watch, hosted)
         self.journal.write(self._entry(hosted))
         return self.info(hosted)
+
+    def _pod_primary(self, pod: str | None, lease: str | None) -> Hosted | None:
+        """Create's ``pod``: the running sandbox of the same lease whose pod the new sandbox joins
+        as a further container (``sandpool._pods``); SandboxNotFoundError if there is none."""
+        if pod is None:
+            return None
+        primary = self.sandboxes.get(limits.identifier("pod", pod))
+        if primary is None or primary.owner is None or primary.owner != lease or primary.pod is not None \
+                or primary.state.terminal:
+            raise SandboxNotFoundError(f"pod={pod!r}: no running sandbox of this client to join; start the pod's "
+                                       f"primary container first", sandbox_id=pod)
+        return primary
 
     def _on_event(self, hosted: Hosted, frame: dict[str, Any]) -> dict[str, Any]:
         """A frame for every client (main_exit, bye): track the state; a farewell of a sandbox the
@@ -336,7 +353,7 @@ class Fleet:
         status = m.field(request, "status", str, None)
         wanted = SandboxStatus.parse(status) if status is not None else None
         show_terminated = m.field(request, "show_terminated", bool, False) or bool(wanted and wanted.is_terminal)
-        infos = [self.info(h, summary=True) for h in self.sandboxes.values()]
+        infos = [self.info(h, summary=True) for h in self.sandboxes.values() if h.pod is None]
         infos += [self._history_info(i) for i in self.journal.history if i not in self.sandboxes]
         found = [i for i in infos if all(t in i["tags"] for t in tags)
                  and (wanted is None or i["status"] == wanted.value)

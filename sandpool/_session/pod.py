@@ -80,6 +80,12 @@ class PodMixin:
                              f"{names} (None means the primary, {self._primary_name()!r})")
         return member
 
+    def container_sandbox(self: Sandbox, container: str | None) -> Sandbox:
+        """The sandbox that runs ``container`` (as ``container=`` picks it), for sandpool's own
+        services (the cwsandbox service reads each container's main log); not a user API: pass
+        ``container=`` to exec, the file methods and ``stream_logs``."""
+        return self._in(container)
+
     def _primary_name(self: Sandbox) -> str:
         rows = self._spec.containers
         return (_pods.primary(rows)["name"] or _pods.PRIMARY_NAME) if rows else _pods.PRIMARY_NAME

@@ -723,15 +723,14 @@ def test_list_filters_and_pages(server):
 
 
 def test_unary_exec_and_unsupported_features(server):
-    """Exec (unary) caps output and says so; a second container is INVALID_ARGUMENT; templates, direct
+    """Exec (unary) caps output and says so; a container the sandbox lacks is INVALID_ARGUMENT; direct
     connections and TTYs are UNIMPLEMENTED with a message; an unknown sandbox is NOT_FOUND with
     cwsandbox's reason."""
     sb = server.call("CreateSandbox", pb.CreateSandboxRequest(sandbox=pb.Sandbox(spec=_spec("unary"))), pb.Sandbox)
     reply = server.call("Exec", pb.ExecRequest(sandbox_id=sb.sandbox_id, command=["sh", "-c", "printf 0123456789"],
                                                max_output_bytes=4), pb.ExecResponse)
     assert (reply.stdout, reply.stdout_truncated, reply.stdout_bytes_produced, reply.exit_code) == (b"0123", True, 10, 0)
-    for method, request in (("CreateSandboxFromTemplate", pb.CreateSandboxFromTemplateRequest()),
-                            ("ConnectSandbox", pb.ConnectSandboxRequest(sandbox_id=sb.sandbox_id))):
+    for method, request in (("ConnectSandbox", pb.ConnectSandboxRequest(sandbox_id=sb.sandbox_id)),):
         with pytest.raises(grpc.RpcError) as info:
             server.call(method, request, pb.Sandbox)
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED and "sandpool" in info.value.details()

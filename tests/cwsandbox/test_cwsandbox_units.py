@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from sandpool import _errors as sp
-from sandpool._cwsandbox import _descriptors, _regen
+from sandpool._cwsandbox import _descriptors, _pods, _regen
 from sandpool._cwsandbox._errors import RpcFailure, status_for, translate
 from sandpool._cwsandbox._logs import MainLog
 from sandpool._cwsandbox._proto import SERVICE_DESCRIPTOR, pb, rpc
@@ -81,14 +81,26 @@ def test_images_are_pulled_like_any_other_never_mapped_to_the_host():
     assert local_image("") == "host"
 
 
-def test_multiple_containers_are_refused_clearly():
-    spec = pb.SandboxSpec(containers=[pb.Container(name="a", primary=True), pb.Container(name="b")])
+def test_multiple_containers_become_a_pod():
+    """Several containers map to sandpool's containers= (a pod); two primaries are INVALID_ARGUMENT."""
+    spec = pb.SandboxSpec(containers=[pb.Container(name="a", image="host", primary=True, args=["sleep", "9"]),
+                                      pb.Container(name="b", image="", files=[pb.FileMount(path="/x", content=b"y")])])
+    rows = _pods.sandbox_options(spec)["containers"]
+    assert [(r["name"], r["primary"], r["image"]) for r in rows] == [("a", True, "host"), ("b", False, "host")]
+    assert (rows[0]["command"], rows[0]["args"]) == ("sleep", ["9"]) and rows[1]["mounted_files"] == {"/x": b"y"}
+    spec = pb.SandboxSpec(containers=[pb.Container(name="a", primary=True), pb.Container(name="b", primary=True)])
     with pytest.raises(RpcFailure) as info:
-        sandbox_options(spec)
-    assert info.value.code == grpc.StatusCode.UNIMPLEMENTED and "one container" in info.value.message
+        _pods.sandbox_options(spec)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and "exactly one must be primary" in info.value.message
+    spec = pb.SandboxSpec(containers=[pb.Container(name="a", primary=True),
+                                      pb.Container(name="b", volume_mounts=[pb.VolumeMount(volume="v")])])
+    with pytest.raises(RpcFailure, match="mounted in its primary container only"):
+        _pods.sandbox_options(spec)
 
 
 class _FakeSandbox:
+    container_statuses = ()  # one container: its row comes from the spec
+
     def __init__(self, sandbox_id, status=None, *, returncode=None, reason=None, started_at=None):
         self.sandbox_id, self.status, self.returncode = sandbox_id, status, returncode
         self.status_reason, self.started_at = reason, started_at

@@ -17,18 +17,18 @@ from sandpool._isolation import probe
 pytestmark = pytest.mark.skipif(probe.unavailable("namespaces") is not None,
                                 reason=f"namespaces level unavailable: {probe.unavailable('namespaces')}")
 LAYOUT = cgroups.detect()
-#: The primary serves HTTP on localhost only; it prints a line first (its log).
+#: The primary serves HTTP on localhost only; its log's first line says it listens (``listening``).
 SERVER = Container(name="web", image="host", primary=True, command="python3",
-                   args=["-c", "import http.server, sys; print('web up', flush=True); "
-                               "http.server.HTTPServer(('127.0.0.1', 8123), http.server.SimpleHTTPRequestHandler)"
-                               ".serve_forever()"])
+                   args=["-c", "import http.server; s = http.server.HTTPServer(('127.0.0.1', 8123), "
+                               "http.server.SimpleHTTPRequestHandler); print('web up', flush=True); s.serve_forever()"])
 CLIENT = Container(name="cli", image="host", command="sh", args=["-c", "echo cli up; exec sleep 300"],
                    resources={"limits": {"memory": "96Mi"}})
-FETCH = ("import time, urllib.request\n"
-         "for _ in range(100):\n"
-         "    try:\n"
-         "        print(urllib.request.urlopen('http://127.0.0.1:8123/', timeout=5).status); break\n"
-         "    except OSError: time.sleep(0.05)\n")
+FETCH = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8123/', timeout=5).status)"
+
+
+def listening(sb) -> None:
+    """Wait until SERVER in ``sb`` listens (its first log line)."""
+    assert next(iter(sb.stream_logs(follow=True))) == "web up\n"
 
 
 @pytest.fixture
@@ -45,6 +45,7 @@ def test_containers_share_localhost_but_not_files_processes_or_logs(session):
     """The second container reaches the primary's server on 127.0.0.1; each has its own files,
     processes (pid namespace), hostname and main log; both are in one network namespace."""
     sb = session.sandbox(containers=[SERVER, CLIENT])
+    listening(sb)
     assert sb.exec(["python3", "-c", FETCH], container="cli").result(timeout=60).stdout.strip() == "200"
     sb.write_file("/tmp/who", b"primary").result()
     sb.write_file("/tmp/who", b"cli", container="cli").result()
@@ -57,7 +58,7 @@ def test_containers_share_localhost_but_not_files_processes_or_logs(session):
     assert "python3" not in sh(sb, "cat /proc/[0-9]*/comm", container="cli")  # the server is not visible
     assert sh(sb, "hostname") != sh(sb, "hostname", container="cli")
     assert next(iter(sb.stream_logs())) == "web up\n"
-    assert next(iter(sb.stream_logs(container="cli"))) == "cli up\n"
+    assert next(iter(sb.stream_logs(container="cli", follow=True))) == "cli up\n"
     assert [c.name for c in sb.container_statuses] == ["web", "cli"]
     assert [c.name for c in sb.containers] == ["web", "cli"] and sb.containers[0].primary
 
@@ -83,13 +84,14 @@ def test_each_container_has_its_own_limits_and_all_stop_with_the_pod(session):
 
 def test_the_pod_ends_when_its_primary_command_ends(session):
     """The primary owns the pod's lifecycle: when its main command exits, the others are stopped."""
-    waits = "import socket; socket.create_server(('127.0.0.1', 8124)).accept()"  # ends once 'side' connects
+    waits = ("import socket; s = socket.create_server(('127.0.0.1', 8124)); print('up', flush=True); "
+             "s.accept()")  # ends once 'side' connects
     sb = session.sandbox(containers=[Container(name="job", image="host", primary=True, command="python3",
                                                args=["-c", waits]),
                                      Container(name="side", image="host")])
-    connect = "import socket, time\nfor _ in range(100):\n    try: socket.create_connection(('127.0.0.1', 8124)); break\n" \
-              "    except OSError: time.sleep(0.05)\n"
-    sb.exec(["python3", "-c", connect], container="side").result(timeout=60)
+    assert next(iter(sb.stream_logs(follow=True))) == "up\n"
+    sb.exec(["python3", "-c", "import socket; socket.create_connection(('127.0.0.1', 8124))"],
+            container="side").result(timeout=60)
     sb.wait_until_complete(timeout=60).result()
     member = sb._in("side")
     member.wait_until_complete(timeout=30, raise_on_termination=False).result()
@@ -100,18 +102,22 @@ KILLED_CLIENT = """
 import sys, time, sandpool
 from sandpool import Container
 with sandpool.Session(defaults={"isolation": "namespaces"}) as s:
-    sb = s.sandbox(containers=[Container(name="a", image="host", primary=True), Container(name="b", image="host")])
+    sb = s.sandbox(containers=[Container(name="a", image="host", primary=True), Container(name="b", image="host")],
+                   network=%r)
     sb.exec(["true"], container="b").result()
     print("ready", flush=True)
     time.sleep(300)
 """
 
 
-def test_a_sigkilled_client_leaves_nothing_of_a_pod(tmp_path):
-    """SIGKILL a client with a running pod: no process, cgroup, mount or directory of any container is left."""
+@pytest.mark.parametrize("network", [None, pytest.param(
+    {"ingress": [{"cidr": "192.0.2.99/32", "ports": [{"port": 8000}]}]}, marks=NEEDS_BRIDGE, id="bridge")])
+def test_a_sigkilled_client_leaves_nothing_of_a_pod(tmp_path, network):
+    """SIGKILL a client with a running pod: no process, cgroup, mount or directory of any container
+    is left, and with a bridge network no veth, network namespace or nftables chain either."""
     state_dir = str(tmp_path / "state")
     env = {**os.environ, "SANDPOOL_STATE_DIR": state_dir}
-    assert sigkill_when_ready(KILLED_CLIENT, env) == -signal.SIGKILL
+    assert sigkill_when_ready(KILLED_CLIENT % (network,), env) == -signal.SIGKILL
     assert not testing.wait_for_no_leftovers(state_dir, timeout=10)
 
 
@@ -228,5 +234,6 @@ def test_a_container_over_its_memory_limit_is_killed_alone(session, memory_limit
     with pytest.raises(SandboxDiedError, match="OOMKilled"):
         hog.result(timeout=30)
     assert sb.status == SandboxStatus.RUNNING and sh(sb, "echo alive") == "alive\n"
+    listening(sb)
     assert sb.exec(["python3", "-c", FETCH]).result(timeout=60).stdout.strip() == "200"
     assert dict((c.name, c.state) for c in sb.container_statuses)["cli"] == SandboxStatus.FAILED

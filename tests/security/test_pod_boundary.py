@@ -1,8 +1,12 @@
 """Attacks from one container of a pod on another: the shared network namespace must be all they share."""
 
+import grpc
 import pytest
+from service_helpers import ServerProcess
 
-from sandpool import Container, Session
+from sandpool import Container, Sandbox, Session
+from sandpool._config import SandboxSpec
+from sandpool._grpc import messages as m
 from sandpool._isolation import probe
 
 pytestmark = pytest.mark.skipif(probe.unavailable("namespaces") is not None,
@@ -47,3 +51,26 @@ def test_a_container_cannot_reach_another_containers_files_or_processes():
         assert (seccomp, capeff) == (own[3], own[4]) and seccomp == "2"
         assert sb.read_file("/root/secret").result() == f"{SECRET}\n".encode()
         assert sb.exec(["true"], container="intruder").result().returncode == 0
+
+
+def test_a_client_cannot_join_another_clients_sandbox_as_a_pod_container(tmp_path):
+    """On a sandpool server, a Create naming another client's sandbox (or none that exists) as its
+    ``pod`` would put the new sandbox in that sandbox's network namespace: it is refused, nothing
+    starts, and the target and the server keep working."""
+    with ServerProcess(str(tmp_path)) as srv, Session(address=srv.address) as s:
+        victim = s.sandbox()
+        victim.wait()
+        channel = grpc.insecure_channel(srv.address)
+        create = channel.unary_unary(m.path("Create"))
+        spec = m.spec_to_dict(SandboxSpec(command="sleep", args=("300",)))
+        for pod in (victim.sandbox_id, "sb-nope"):
+            with pytest.raises(grpc.RpcError) as info:
+                create(m.pack({"spec": spec, "pod": pod}), timeout=10, metadata=srv.metadata)
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND and "no running sandbox of this client" in \
+                info.value.details(), info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            create(m.pack({"spec": spec, "pod": 7}), timeout=10, metadata=srv.metadata)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "pod" in info.value.details()
+        channel.close()
+        assert [found.sandbox_id for found in Sandbox.list(address=srv.address).result()] == [victim.sandbox_id]
+        assert victim.exec(["echo", "still"]).result().stdout == "still\n"
