@@ -3,7 +3,7 @@
 Every RPC is checked against the server's API key first, then runs in the backend's trio loop.
 Failures leave as the gRPC status and AIP-193 details the client maps to its own exceptions.
 The methods the client would use for features without a local meaning (templates, compose files,
-snapshots, direct data-plane connections) answer UNIMPLEMENTED with a message saying so; for
+direct data-plane connections) answer UNIMPLEMENTED with a message saying so; for
 ConnectSandbox that is exactly what makes the client fall back to this gateway.
 """
 
@@ -25,14 +25,14 @@ log = logging.getLogger("sandpool.cwsandbox")
 
 #: RPC -> backend method. Unary methods take (request, timeout); streaming ones end with a send channel.
 _UNARY = {"CreateSandbox": "create", "GetSandbox": "get", "ListSandboxes": "list", "DeleteSandbox": "delete",
-          "PurgeSandboxes": "purge", "Exec": "exec", "ReadFile": "read_file", "WriteFile": "write_file"}
+          "PurgeSandboxes": "purge", "Exec": "exec", "ReadFile": "read_file", "WriteFile": "write_file",
+          "CreateFileSystemSnapshot": "create_snapshot", "GetFileSystemSnapshot": "get_snapshot",
+          "ListFileSystemSnapshots": "list_snapshots", "DeleteFileSystemSnapshot": "delete_snapshot"}
 _UNSUPPORTED = {
     "CreateSandboxFromTemplate": "creating sandboxes from templates",
     "CreateSandboxFromFile": "creating sandboxes from compose files",
     "GetSandboxBuildLogs": "compose build logs",
     "ConnectSandbox": "the direct data plane (the client uses this server for exec, files and logs instead)",
-    "CreateFileSystemSnapshot": "file-system snapshots", "GetFileSystemSnapshot": "file-system snapshots",
-    "ListFileSystemSnapshots": "file-system snapshots", "DeleteFileSystemSnapshot": "file-system snapshots",
 }
 
 

@@ -39,7 +39,7 @@ from .._config import SandboxSpec
 from .._errors import ProtocolError
 
 SERVICE = "sandpool.v1.Sandpool"
-UNARY_METHODS = ("Create", "Get", "List", "Stop", "Delete", "Release")
+UNARY_METHODS = ("Create", "Get", "List", "Stop", "Delete", "Release", "Snapshot")
 LEASE_METHOD = "Lease"
 ATTACH_METHOD = "Attach"
 LOGS_METHOD = "Logs"
