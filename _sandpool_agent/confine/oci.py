@@ -8,7 +8,8 @@ passing the agent's socket as fd 3. Inside, a fresh interpreter runs the agent a
 namespaces, mounts, capability set and syscall filter of the namespaces level
 (``seccomp.oci_section``), with Docker's masked and read-only /proc paths. crun's cgroup manager is
 off: the container stays in the cgroups the child joined, so limits, OOM handling and the final
-``cgroup.kill`` are the same as at the namespaces level. crun keeps its state under the sandbox dir
+``cgroup.kill`` are the same as at the namespaces level. A ``bridge`` sandbox's network namespace is
+the one the client made (``plan["netns"]``, as for the namespaces level): crun joins it by path. crun keeps its state under the sandbox dir
 (``--root``), so nothing is left in ``/run/crun``.
 
 On a hybrid cgroup host crun 1.8 refuses to run ("cgroups in hybrid mode not supported"); the child
@@ -65,7 +66,11 @@ def bundle_config(config: dict, plan: dict) -> dict:
                            "options": ["nosuid", "nodev", "mode=755"] + ([f"size={size}"] if writable else ["ro", "size=4k"])})
     for source, target in plan.get("binds") or ():
         mounts.append({"destination": target, "type": "bind", "source": source, "options": ["rbind", "ro"]})
-    kinds = ["pid", "mount", "ipc", "uts", "cgroup"] + (["network"] if plan["network"] == "none" else [])
+    namespaces_ = [{"type": kind} for kind in ("pid", "mount", "ipc", "uts", "cgroup")]
+    if plan.get("netns"):  # bridge: the namespace the client made (crun joins it by path)
+        namespaces_.append({"type": "network", "path": plan["netns"]})
+    elif plan["network"] == "none":
+        namespaces_.append({"type": "network"})
     return {
         "ociVersion": "1.0.2",
         "process": {
@@ -79,7 +84,7 @@ def bundle_config(config: dict, plan: dict) -> dict:
         "hostname": plan["hostname"],
         "mounts": mounts,
         "linux": {
-            "namespaces": [{"type": k} for k in kinds],
+            "namespaces": namespaces_,
             "maskedPaths": list(namespaces.MASKED_PATHS),
             "readonlyPaths": [f"/proc/{name}" for name in namespaces.PROC_READ_ONLY],
             "seccomp": seccomp.oci_section(),  # crun loads it just before it execs the agent

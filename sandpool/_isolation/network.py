@@ -79,8 +79,6 @@ def resolve(value: object, level: str, services: object = None) -> str:
     if mode != "host" and level == "process":
         raise ValueError(f"network={mode!r} needs a network namespace, which the process level does not have; "
                          f"use isolation='namespaces' (as root or rootless) or network='host'")
-    if mode == "bridge" and level == "oci":
-        raise ValueError("network 'bridge' is not wired to the oci level; use isolation='namespaces'")
     return mode
 
 

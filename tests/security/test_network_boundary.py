@@ -8,12 +8,22 @@ import textwrap
 import threading
 
 import pytest
-from network_helpers import NEEDS_BRIDGE, connect, session  # noqa: F401  (session: a fixture)
+from network_helpers import NEEDS_BRIDGE, connect
 
-from sandpool._isolation import network, nft
+from sandpool import Session
+from sandpool._isolation import network, nft, probe
 
 pytestmark = [NEEDS_BRIDGE, pytest.mark.needs_root("the bridge network's veths and nftables rules need root; "
                                                 "rootless sandboxes get plain egress only (slirp4netns)")]
+
+
+@pytest.fixture(params=["namespaces", pytest.param("oci", marks=pytest.mark.skipif(
+    probe.unavailable("oci") is not None, reason=f"oci level unavailable: {probe.unavailable('oci')}"))])
+def session(request):
+    """A session of bridge-capable sandboxes at each level that has the bridge (crun joins the
+    namespace the client made, so the oci level must hold the same boundary)."""
+    with Session(defaults={"isolation": request.param}) as s:
+        yield s
 
 
 def sh(sb, script: str):
