@@ -4,9 +4,9 @@ Mapped: the container's image (pulled like any other; see ``local_image``), comm
 resources, files; the spec's tags, annotations and max lifetime; its volumes (``volumes``: a
 registered volume is the local named volume of that name, a scratch volume a directory of the
 sandbox's own filesystem, which sandpool's snapshots capture whole, and a scratch volume restored
-from a snapshot restores the sandbox from it). Everything else (services, network, secrets, runtime
-class, security context, placement) has no local meaning here yet: it is accepted, ignored, and
-echoed back unchanged because the server keeps the request's spec as it came.
+from a snapshot restores the sandbox from it); its network and services (``_netspec``). Everything
+else (secrets, runtime class, security context, placement) has no local meaning here yet: it is
+accepted, ignored, and echoed back unchanged because the server keeps the request's spec as it came.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 
 from ._errors import RpcFailure, invalid
+from ._netspec import network_options
 
 HOST_IMAGE = "host"
 #: Output kept per exec stream: ReadFile through commands must fit (the client's unary cap is 32 MiB).
@@ -74,6 +75,7 @@ def sandbox_options(spec, isolation: str = "auto") -> dict:
                      "max_output_bytes": MAX_OUTPUT_BYTES}
     if spec.max_lifetime_seconds > 0:
         options["max_lifetime_seconds"] = spec.max_lifetime_seconds
+    options.update(network_options(spec))  # network and services (_netspec)
     container = primary(spec)
     if container is None:
         return options

@@ -12,6 +12,7 @@ import socket
 
 from .._status import SandboxStatus
 from ._proto import pb, timestamp
+from ._netspec import service_statuses
 from ._spec import PRIMARY_CONTAINER, primary
 
 RUNNER_GROUP_ID = "sandpool-local"
@@ -50,6 +51,10 @@ def sandbox_message(entry) -> object:
         status.effective_resource_requirements.CopyFrom(container.resource_requirements)
     elif container is not None and container.HasField("resources"):
         status.effective_resources.CopyFrom(container.resources)
+    status.services.extend(service_statuses(entry.spec, sandbox))  # _netspec
+    if entry.spec.HasField("network"):  # the rules apply as given (or the create failed)
+        status.effective_egress.extend(entry.spec.network.egress)
+        status.effective_ingress.extend(entry.spec.network.ingress)
     row = status.container_statuses.add(name=(container.name if container else "") or PRIMARY_CONTAINER,
                                         state=status.state)
     if current.is_terminal:

@@ -460,6 +460,7 @@ class RemoteRuntime(Runtime):
         record.status, record.status_reason = info.get("status"), info.get("status_reason")
         record.returncode = info.get("returncode")
         record.orphaned_for = info.get("orphaned_for")
+        record.extra.update(m.network_report_from(info.get("network")))
 
 
 class _NoFastPlane(Exception):

@@ -382,6 +382,7 @@ class Fleet:
             "spec": hosted.spec_summary if summary else hosted.spec_data,
             "attached": len(hosted.hub.attachments) if hosted.hub else 0,
             "orphaned_for": orphaned,
+            "network": m.network_report(record.extra),
         }
 
     def _entry(self, hosted: Hosted) -> dict:

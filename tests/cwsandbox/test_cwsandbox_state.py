@@ -53,7 +53,8 @@ def listener(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
             os.environ["SANDPOOL_VOLUME_DIR"] = saved
 
 
-def _run(listener: dict[str, str], program: str, tmp_path) -> str:
+def run_program(listener: dict[str, str], program: str, tmp_path) -> str:
+    """Run ``program`` (dedented) in a fresh interpreter pointed at ``listener``; its stdout."""
     path = tmp_path / "program.py"
     path.write_text(textwrap.dedent(program))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SANDPOOL_ADDRESS", "SANDPOOL_TOKEN"))}
@@ -67,7 +68,7 @@ def test_snapshot_restore_and_isolation_of_the_copies(cwsandbox_client, listener
     """snapshot() of a running sandbox's scratch volume, restored into two new sandboxes: each sees the
     state at the snapshot, and changes flow neither from the source nor between the copies; the
     records are READY, listed by source, and gone once deleted."""
-    out = _run(listener, """
+    out = run_program(listener, """
         import cwsandbox
         from cwsandbox import FileSystemSnapshotOptions, Sandbox, SnapshotNotFoundError
 
@@ -105,7 +106,7 @@ def test_snapshot_restore_and_isolation_of_the_copies(cwsandbox_client, listener
 def test_snapshot_on_stop_then_restore_after_the_source_is_gone(cwsandbox_client, listener, tmp_path):  # noqa: F811
     """stop(snapshot_on_stop=True) fills file_system_snapshot_id; a sandbox restored from it after the
     source has ended sees the source's last state."""
-    out = _run(listener, """
+    out = run_program(listener, """
         from cwsandbox import FileSystemSnapshotOptions, Sandbox
 
         source = Sandbox.run(file_system_snapshot=FileSystemSnapshotOptions(mount_path="/workspace"))
@@ -131,7 +132,7 @@ def test_registered_volume_shared_outlives_sandboxes_and_read_only_refuses(cwsan
 
     volumes.create("cwshared")
     try:
-        out = _run(listener, """
+        out = run_program(listener, """
             from cwsandbox import RegisteredVolumeOptions, Sandbox
 
             def vol(read_only=False):
