@@ -42,16 +42,6 @@ def test_exec_output_json(server, sandbox):
                                          "command": ["sh", "-c", "echo out; echo err >&2; exit 3"]}
 
 
-def test_exec_on_a_stopped_sandbox_ends_with_its_error(server, sandbox):
-    """exec on a sandbox that has ended fails at once with the sandbox's state (it once hung), and the
-    server goes on serving."""
-    sandbox.stop().result()
-    result = cli(server, "exec", sandbox.sandbox_id, "--", "echo", "hi")
-    assert result.returncode == 1 and b"hi" not in result.stdout
-    assert f"sandbox {sandbox.sandbox_id} has been stopped".encode() in result.stderr, result.stderr
-    assert cli(server, "ls").returncode == 0
-
-
 def test_delete_by_id(server, sandbox):
     """delete stops the sandbox; --missing-ok makes an unknown id a success."""
     result = cli(server, "delete", sandbox.sandbox_id)
