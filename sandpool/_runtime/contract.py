@@ -113,8 +113,8 @@ class Runtime(abc.ABC):
         from .._errors_cw import SnapshotNotSupportedError
 
         raise SnapshotNotSupportedError(f"sandbox {record.sandbox_id}: the {self.name} runtime takes no snapshots; "
-                                        f"use a local session (snapshots of a sandpool server's sandboxes are not "
-                                        f"built yet)", sandbox_id=record.sandbox_id, feature="snapshot")
+                                        f"use a local session or a sandpool server's",
+                                        sandbox_id=record.sandbox_id, feature="snapshot")
 
     async def attach(self, sandbox_id: str) -> FrameChannel:
         """A frame channel to a sandbox started elsewhere (set as its record's ``channel``, for a
