@@ -1,0 +1,56 @@
+"""Every operation on a sandbox that has ended returns at once: with the sandbox's error
+(SandboxNotRunningError naming it), or with what is left (its log, its end state); none waits for a
+sandbox that will never answer. Locally and through a sandpool server."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from sandpool import SandboxNotRunningError, Session
+
+from service_helpers import ServerProcess
+
+#: A bound for a hang, far above what any of these takes (milliseconds).
+AT_ONCE_SECONDS = 10.0
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with ServerProcess(str(tmp_path_factory.mktemp("serve-stopped"))) as srv:
+        yield srv
+
+
+@pytest.fixture(params=["local", "remote"])
+def where(request):
+    return {} if request.param == "local" else {"address": request.getfixturevalue("server").address}
+
+
+REFUSED = {
+    "read_file": lambda sb: sb.read_file("/etc/hostname").result(),
+    "write_file": lambda sb: sb.write_file("/tmp/x", b"x").result(),
+    "read_file_streaming": lambda sb: list(sb.read_file_streaming("/etc/hostname")),
+    "write_file_streaming": lambda sb: sb.write_file_streaming("/tmp/x", iter([b"x"])).result(),
+    "exec": lambda sb: sb.exec(["echo", "hi"]).result(),
+    "exec stdout": lambda sb: list(sb.exec(["echo", "hi"]).stdout),
+    "exec with stdin": lambda sb: sb.exec(["cat"], stdin=True).result(),
+    "shell": lambda sb: list(sb.shell(["sh"]).output),
+}
+
+
+def test_operations_on_a_stopped_sandbox_end_at_once(where):
+    with Session(**where) as s:
+        sb = s.sandbox(command="sh", args=["-c", "echo started; exec sleep 1000"])
+        sb.start().result()
+        sb.stop().result()
+        for name, operation in REFUSED.items():
+            began = time.monotonic()
+            with pytest.raises(SandboxNotRunningError, match=sb.sandbox_id):
+                operation(sb)
+            assert time.monotonic() - began < AT_ONCE_SECONDS, name
+        began = time.monotonic()
+        assert "started\n" in list(sb.stream_logs(follow=True))  # what it wrote, then the end
+        assert sb.wait_until_complete(raise_on_termination=False).result() is sb
+        assert time.monotonic() - began < AT_ONCE_SECONDS
+        assert s.sandbox().exec(["echo", "still serving"]).result().stdout == "still serving\n"
