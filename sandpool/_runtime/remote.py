@@ -22,6 +22,7 @@ import builtins
 import functools
 import os
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import trio
@@ -32,7 +33,8 @@ from .._config import SandboxSpec
 from .._errors import SandboxNotFoundError, SandboxUnavailableError
 from .._grpc import bridge, endpoint, fastclient
 from .._grpc import messages as m
-from .._images.snapshots import SnapshotRecord, check_id
+from .._ids import check_snapshot_id
+from .._images.snapshots import SnapshotRecord
 from .contract import Runtime, SandboxRecord
 from .._grpc.threadpipe import PACE_SECONDS, PipeStream, ThreadPipe
 
@@ -477,11 +479,11 @@ def _spec_or_tags(info: dict) -> SandboxSpec:
     return SandboxSpec(tags=tuple(info.get("tags") or ()))
 
 
-def _snapshot_record(reply: dict) -> SnapshotRecord:
+def _snapshot_record(reply: dict[str, Any]) -> SnapshotRecord:
     """A Snapshot reply as a record; ProtocolError if the server sent something else."""
     try:
         record = SnapshotRecord(**{**reply, "layers": tuple(reply["layers"])})
-        check_id(record.snapshot_id, "snapshot_id")
+        check_snapshot_id(record.snapshot_id, "snapshot_id")
     except (TypeError, KeyError, ValueError) as exc:
         raise _errors.ProtocolError(f"a Snapshot reply is not a snapshot record: {exc}") from exc
     return record

@@ -22,7 +22,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import trio
 
@@ -238,7 +238,7 @@ class Fleet:
         await self._stop(hosted, float(grace), None)
         return self.info(hosted)
 
-    async def rpc_snapshot(self, request: dict, peer: str) -> dict:
+    async def rpc_snapshot(self, request: dict[str, Any], peer: str) -> dict[str, Any]:
         """Capture a running sandbox's filesystem into this server's snapshot store; the snapshot's
         record as plain data (its id restores sandboxes of this server: ``restore_from_snapshot_id``)."""
         sandbox_id = limits.identifier("sandbox_id", m.field(request, "sandbox_id", str))
@@ -253,7 +253,8 @@ class Fleet:
             raise SandboxNotRunningError(f"sandbox {sandbox_id} is {status}: only a running sandbox can be "
                                          f"snapshotted", sandbox_id=sandbox_id)
         snap = await self.runtime.snapshot(hosted.record, trigger)
-        return snap.to_json()
+        reply: dict[str, Any] = snap.to_json()
+        return reply
 
     async def rpc_delete(self, request: dict, peer: str) -> dict:
         reply = await self.rpc_stop({**request, "grace": request.get("grace", 0.0)}, peer)
