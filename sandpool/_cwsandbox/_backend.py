@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import Any
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -193,18 +194,18 @@ class CwsandboxBackend:
 
     # -- snapshots (_snapshots.py) --------------------------------------------------------------
 
-    async def create_snapshot(self, request, timeout: float | None):
+    async def create_snapshot(self, request: Any, timeout: float | None) -> Any:
         entry = await self._ready(request.sandbox_id, "")
         snapshot_id = await entry.sandbox.snapshot()
         return await _snapshots.describe(snapshot_id)
 
-    async def get_snapshot(self, request, timeout: float | None):
+    async def get_snapshot(self, request: Any, timeout: float | None) -> Any:
         return await _snapshots.describe(request.file_system_snapshot_id)
 
-    async def list_snapshots(self, request, timeout: float | None):
+    async def list_snapshots(self, request: Any, timeout: float | None) -> Any:
         return await _snapshots.listing(request)
 
-    async def delete_snapshot(self, request, timeout: float | None):
+    async def delete_snapshot(self, request: Any, timeout: float | None) -> Any:
         return await _snapshots.delete(request)
 
     # -- data plane ----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import grpc
 import trio
@@ -18,6 +19,9 @@ from .._status import SandboxStatus
 from ._errors import REQUEST_ID_CONFLICT, RpcFailure, invalid, not_found
 from ._proto import pb
 from ._status import RUNNER_ID, status_of
+
+if TYPE_CHECKING:
+    from .._session.sandbox import Sandbox
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -31,7 +35,7 @@ KEEP_ENDED_COUNT = 1000
 class Entry:
     """One sandbox created through the cwsandbox service."""
 
-    sandbox: object  # a sandpool.Sandbox
+    sandbox: Sandbox
     spec: object  # the request's pb.SandboxSpec, echoed back unchanged
     request_id: str
     fingerprint: bytes  # the serialized spec, to tell a retried create from a conflicting one

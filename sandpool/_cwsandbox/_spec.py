@@ -97,7 +97,7 @@ def sandbox_options(spec, isolation: str = "auto") -> dict:
     return options
 
 
-def _mounts(container) -> dict[str, Any]:
+def _mounts(container: Any) -> dict[str, Any]:
     mounts: dict[str, Any] = {}
     for mount in container.volume_mounts:
         if mount.volume in mounts:
@@ -107,7 +107,7 @@ def _mounts(container) -> dict[str, Any]:
     return mounts
 
 
-def volumes(spec, container) -> tuple[list[dict[str, Any]], str | None]:
+def volumes(spec: Any, container: Any) -> tuple[list[dict[str, Any]], str | None]:
     """The named volumes to mount (sandpool's ``volumes=`` entries) and the snapshot to restore (or None)."""
     mounts = _mounts(container) if container is not None else {}
     known = {volume.name for volume in spec.volumes}
@@ -137,9 +137,9 @@ def volumes(spec, container) -> tuple[list[dict[str, Any]], str | None]:
     return named, (restores.pop() if restores else None)
 
 
-def scratch_dirs(spec) -> list[str]:
+def scratch_dirs(spec: Any) -> list[str]:
     """Where the primary container mounts scratch volumes: directories made in the sandbox's filesystem."""
-    container = primary(spec)
+    container: Any = primary(spec)
     if container is None:
         return []
     scratch = {volume.name for volume in spec.volumes if not volume.volume_id}
