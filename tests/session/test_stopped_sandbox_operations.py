@@ -43,14 +43,17 @@ def test_operations_on_a_stopped_sandbox_end_at_once(where):
     with Session(**where) as s:
         sb = s.sandbox(command="sh", args=["-c", "echo started; exec sleep 1000"])
         sb.start().result()
+        following = iter(sb.stream_logs(follow=True))
+        assert next(following) == "started\n"  # the main command runs: stop it now
         sb.stop().result()
+        assert list(following) == []  # a follow stream ends with the sandbox
         for name, operation in REFUSED.items():
             began = time.monotonic()
             with pytest.raises(SandboxNotRunningError, match=sb.sandbox_id):
                 operation(sb)
             assert time.monotonic() - began < AT_ONCE_SECONDS, name
         began = time.monotonic()
-        assert "started\n" in list(sb.stream_logs(follow=True))  # what it wrote, then the end
+        assert list(sb.stream_logs(follow=True)) == ["started\n"]  # what it wrote, then the end
         assert sb.wait_until_complete(raise_on_termination=False).result() is sb
         assert time.monotonic() - began < AT_ONCE_SECONDS
         assert s.sandbox().exec(["echo", "still serving"]).result().stdout == "still serving\n"
