@@ -10,22 +10,10 @@ import pytest
 
 from sandpool import SandboxNotRunningError, Session
 
-from service_helpers import ServerProcess
+from test_remote_errors_both_ways import server, where  # noqa: F401 (fixtures: local, or through a server)
 
 #: A bound for a hang, far above what any of these takes (milliseconds).
 AT_ONCE_SECONDS = 10.0
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with ServerProcess(str(tmp_path_factory.mktemp("serve-stopped"))) as srv:
-        yield srv
-
-
-@pytest.fixture(params=["local", "remote"])
-def where(request):
-    return {} if request.param == "local" else {"address": request.getfixturevalue("server").address}
-
 
 REFUSED = {
     "read_file": lambda sb: sb.read_file("/etc/hostname").result(),
