@@ -31,6 +31,7 @@ KEY_LINES = {
     "async/readme_quickstart.py": "2 + 2 = 4",
     "async/remote_functions.py": "cubes: [0, 1, 8, 27, 64, 125]",
     "async/session_gather.py": "after the block: terminated, sandbox_count=0",
+    "async/streams_and_logs.py": "streamed back: 16 MiB",
     "adopt_sandboxes.py": "late ones after that session closed: ['terminated', 'terminated']",
     "async_basic_usage.py": "after the block: terminated, sandbox_count=0",
     "basic_usage.py": "hello from a sandbox",

@@ -13,18 +13,18 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import grpc
 import trio
 
 from .._grpc.bridge import Sender, deliver
 from .._status import SandboxStatus
-from . import _exec, _files, _logs, _pods, _specfrom
-from ._errors import RpcFailure, invalid, translate, unimplemented
+from . import _exec, _files, _logs, _pods, _snapshots, _specfrom
+from ._errors import INVALID_REQUEST, RpcFailure, invalid, translate
 from ._proto import Message, pb
 from ._registry import Entry, Registry
-from ._spec import mounted_files
+from ._spec import mounted_files, scratch_dirs
 from ._status import sandbox_message
 
 if TYPE_CHECKING:
@@ -123,16 +123,22 @@ class CwsandboxBackend:
         if file is None and self.open_log is not None:
             file = self.open_log(entry.sandbox_id)
         entry.log = _logs.MainLog(file)
-        files = mounted_files(entry.spec)
-        if files:
+        files, dirs = mounted_files(entry.spec), scratch_dirs(entry.spec)
+        if files or dirs:
             entry.preparing = True
-            self.nursery.start_soon(self._mount_files, entry, files)
+            self.nursery.start_soon(self._mount_files, entry, files, dirs)
         else:
             entry.started.set()
 
-    async def _mount_files(self, entry: Entry, files: list[tuple[str, bytes]]) -> None:
-        """Write the spec's files before the sandbox is reported RUNNING; a failure fails the sandbox."""
+    async def _mount_files(self, entry: Entry, files: list[tuple[str, bytes]], dirs: list[str]) -> None:
+        """Make the scratch volumes' directories and write the spec's files before the sandbox is
+        reported RUNNING; a failure fails the sandbox."""
+        path = ""
         try:
+            if dirs:
+                path = dirs[0]
+                await entry.sandbox.exec(["mkdir", "-p", "--", *dirs], check=True,
+                                         timeout_seconds=_FILE_TIMEOUT_SECONDS)
             for path, content in files:
                 try:
                     await _files.write_file(entry.sandbox, path, content, _FILE_TIMEOUT_SECONDS)
@@ -160,16 +166,20 @@ class CwsandboxBackend:
         return pb.ListSandboxesResponse(sandboxes=[sandbox_message(e) for e in page], next_page_token=token)
 
     async def delete(self, request: Message, timeout: float | None) -> Message:
-        if request.snapshot_volumes:
-            raise unimplemented("snapshot_volumes (file-system snapshots)")
+        """Stop a sandbox; with ``snapshot_volumes``, snapshot it first (``_snapshots``)."""
+        snapshot = bool(request.snapshot_volumes)
         try:
             entry = self.registry.get(request.sandbox_id)
         except RpcFailure:
+            if request.allow_missing and snapshot:  # cwsandbox's own answer to this combination
+                raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"sandbox {request.sandbox_id!r} not found: "
+                                 f"allow_missing cannot go with snapshot_volumes", INVALID_REQUEST) from None
             if request.allow_missing:
                 return pb.DeleteSandboxResponse()
             raise
-        await self._stop(entry, float(max(0, request.grace_period_seconds)))
-        return pb.DeleteSandboxResponse(sandbox=sandbox_message(entry))
+        await self._stop(entry, float(max(0, request.grace_period_seconds)), snapshot=snapshot)
+        taken = [entry.sandbox.file_system_snapshot_id] if snapshot and entry.sandbox.file_system_snapshot_id else []
+        return pb.DeleteSandboxResponse(sandbox=sandbox_message(entry), file_system_snapshot_ids=taken)
 
     async def purge(self, request: Message, timeout: float | None) -> Message:
         if not request.tags and not request.purge_all:
@@ -188,16 +198,32 @@ class CwsandboxBackend:
                     nursery.start_soon(stop_one, entry)
         return pb.PurgeSandboxesResponse(purge_count=len(targets) - len(failed), failed_sandbox_ids=failed)
 
-    async def _stop(self, entry: Entry, grace: float) -> None:
-        """Stop (or join a stop already asked for) and wait until the sandbox has ended. Leaving early
-        (the caller gave up) does not interrupt the stop."""
-        ref = entry.sandbox.stop(graceful_shutdown_seconds=grace)
+    async def _stop(self, entry: Entry, grace: float, *, snapshot: bool = False) -> None:
+        """Stop (or join a stop already asked for) and wait until the sandbox has ended; with ``snapshot``,
+        snapshot it first. Leaving early (the caller gave up) does not interrupt the stop."""
+        ref = entry.sandbox.stop(graceful_shutdown_seconds=grace, snapshot_on_stop=snapshot)
         done = trio.Event()
         ref.add_done_callback(lambda _ref: done.set())
         await done.wait()
         with trio.move_on_after(1.0):  # the end is reported a moment after the stop resolves
             await entry.ended.wait()
         await ref  # finished: returns or raises at once
+
+    # -- snapshots (_snapshots.py) --------------------------------------------------------------
+
+    async def create_snapshot(self, request: Any, timeout: float | None) -> Any:
+        entry = await self._ready(request.sandbox_id, "")
+        snapshot_id = await entry.sandbox.snapshot()
+        return await _snapshots.describe(snapshot_id)
+
+    async def get_snapshot(self, request: Any, timeout: float | None) -> Any:
+        return await _snapshots.describe(request.file_system_snapshot_id)
+
+    async def list_snapshots(self, request: Any, timeout: float | None) -> Any:
+        return await _snapshots.listing(request)
+
+    async def delete_snapshot(self, request: Any, timeout: float | None) -> Any:
+        return await _snapshots.delete(request)
 
     # -- data plane ----------------------------------------------------------------------------
 

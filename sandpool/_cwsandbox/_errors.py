@@ -15,6 +15,7 @@ import grpc
 import trio
 
 from .. import _errors as sp
+from .. import _errors_cw as cw
 from .._grpc.bridge import RpcEnded
 from ._proto import rpc
 
@@ -26,6 +27,13 @@ BACKEND_UNAVAILABLE = "CWSANDBOX_BACKEND_UNAVAILABLE"
 REQUEST_ID_CONFLICT = "CWSANDBOX_REQUEST_ID_CONFLICT"
 NOT_IMPLEMENTED = "CWSANDBOX_NOT_IMPLEMENTED"
 FILE_TOO_LARGE = "CWSANDBOX_FILE_TOO_LARGE"
+INVALID_REQUEST = "CWSANDBOX_INVALID_REQUEST"
+#: sandpool's snapshot errors as the client's snapshot reasons (the rest: a failed capture)
+_SNAPSHOT_REASONS: tuple[tuple[type[BaseException], grpc.StatusCode, str], ...] = (
+    (cw.SnapshotNotFoundError, grpc.StatusCode.NOT_FOUND, "CWSANDBOX_FSS_NOT_FOUND"),
+    (cw.SnapshotNotSupportedError, grpc.StatusCode.FAILED_PRECONDITION, "CWSANDBOX_FSS_NOT_SUPPORTED"),
+    (cw.SandboxSnapshotError, grpc.StatusCode.INTERNAL, "CWSANDBOX_FSS_CREATE_FAILED"),
+)
 
 #: sandpool's file reasons the client does not know, as the nearest one it does (the original is
 #: kept in the metadata as ``sandpool_reason``); unknown reasons would fall through to the code.
@@ -118,6 +126,10 @@ def translate(exc: BaseException) -> RpcFailure:
         return RpcFailure(grpc.StatusCode.CANCELLED, str(exc))
     message = str(exc) or type(exc).__name__
     sandbox_id = getattr(exc, "sandbox_id", None)
+    for kind, code, reason in _SNAPSHOT_REASONS:
+        if isinstance(exc, kind):
+            snapshot_id = getattr(exc, "file_system_snapshot_id", None)
+            return RpcFailure(code, message, reason, {"file_system_snapshot_id": snapshot_id} if snapshot_id else {})
     if isinstance(exc, sp.SandboxNotFoundError):
         return not_found(sandbox_id or "?")
     if isinstance(exc, sp.SandboxFileError):

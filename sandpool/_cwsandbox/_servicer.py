@@ -3,7 +3,7 @@
 Every RPC is checked against the server's API key first, then runs in the backend's trio loop.
 Failures leave as the gRPC status and AIP-193 details the client maps to its own exceptions.
 The methods the client would use for features without a local meaning (compose build logs,
-snapshots, direct data-plane connections) answer UNIMPLEMENTED with a message saying so; for
+direct data-plane connections) answer UNIMPLEMENTED with a message saying so; for
 ConnectSandbox that is exactly what makes the client fall back to this gateway.
 """
 
@@ -29,12 +29,12 @@ log = logging.getLogger("sandpool.cwsandbox")
 
 #: RPC -> backend method. Unary methods take (request, timeout); streaming ones end with a send channel.
 _UNARY = {"CreateSandbox": "create", "GetSandbox": "get", "ListSandboxes": "list", "DeleteSandbox": "delete",
-          "PurgeSandboxes": "purge", "Exec": "exec", "ReadFile": "read_file", "WriteFile": "write_file"}
+          "PurgeSandboxes": "purge", "Exec": "exec", "ReadFile": "read_file", "WriteFile": "write_file",
+          "CreateFileSystemSnapshot": "create_snapshot", "GetFileSystemSnapshot": "get_snapshot",
+          "ListFileSystemSnapshots": "list_snapshots", "DeleteFileSystemSnapshot": "delete_snapshot"}
 _UNSUPPORTED = {
     "GetSandboxBuildLogs": "compose build logs",
     "ConnectSandbox": "the direct data plane (the client uses this server for exec, files and logs instead)",
-    "CreateFileSystemSnapshot": "file-system snapshots", "GetFileSystemSnapshot": "file-system snapshots",
-    "ListFileSystemSnapshots": "file-system snapshots", "DeleteFileSystemSnapshot": "file-system snapshots",
 }
 #: Creates from a compose file or a stored template (``_specfrom``).
 _UNARY.update(CreateSandboxFromFile="create_from_file", CreateSandboxFromTemplate="create_from_template")  # _specfrom

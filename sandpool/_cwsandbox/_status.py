@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from .._status import SandboxStatus
 from ._proto import Message, pb, timestamp
+from ._netspec import service_statuses
 from ._spec import PRIMARY_CONTAINER, primary
 
 if TYPE_CHECKING:
@@ -55,6 +56,10 @@ def sandbox_message(entry: Entry) -> Message:
         status.effective_resource_requirements.CopyFrom(container.resource_requirements)
     elif container is not None and container.HasField("resources"):
         status.effective_resources.CopyFrom(container.resources)
+    status.services.extend(service_statuses(entry.spec, sandbox))  # _netspec
+    if entry.spec.HasField("network"):  # the rules apply as given (or the create failed)
+        status.effective_egress.extend(entry.spec.network.egress)
+        status.effective_ingress.extend(entry.spec.network.ingress)
     row = status.container_statuses.add(name=(container.name if container else "") or PRIMARY_CONTAINER,
                                         state=status.state)
     if current.is_terminal:

@@ -414,8 +414,8 @@ def _as_execution_error(exc: Exception, sandbox_id: str | None, type_name: str, 
     if isinstance(exc, OSError):  # kept in slots, not in args or __dict__
         for name in ("errno", "strerror", "filename", "filename2"):
             setattr(dual, name, getattr(exc, name))
-    extras = {"sandbox_id": sandbox_id, "reason": None, "exec_result": None,
-              "exception_type": type_name, "exception_message": message}
+    extras = {**vars(SandboxExecutionError(message)),  # every attribute cwsandbox's class has (metadata, ...)
+              "sandbox_id": sandbox_id, "exception_type": type_name, "exception_message": message}
     for name, value in extras.items():
         dual.__dict__.setdefault(name, value)
     return dual

@@ -7,8 +7,13 @@ Methods (service ``sandpool.v1.Sandpool``; every request and response is one msg
 on ``Attach``, whose messages are raw bytes carrying whole or partial wire frames):
 
 - ``Create {spec, lease}`` -> info: create and start a sandbox owned by the caller's lease.
+- An info's ``network`` (present for a sandbox with a network of its own) is its network report
+  (``exposed_ports``, ``service_urls``, ... as ``network_report`` packs them); host ports in it are
+  on the server's loopback.
 - ``Get {sandbox_id}`` -> info; ``List {tags, status, show_terminated}`` -> ``{sandboxes: [info]}``.
 - ``Stop {sandbox_id, grace, missing_ok}`` -> info once terminal; ``Delete`` also forgets it.
+- ``Snapshot {sandbox_id, trigger}`` -> the snapshot's record (``_images.snapshots``) in the
+  server's own store, whose ids restore sandboxes of that server (``restore_from_snapshot_id``).
 - ``Lease {}`` -> stream of ``{lease}``: the first message names the caller's lease, then the
   stream stays open while the client lives; its end (client exit, crash, lost host) starts the
   orphan grace period of the sandboxes the lease owns. ``Release {lease, stop}`` ends it cleanly.
@@ -36,10 +41,11 @@ from typing import Any
 import msgpack
 
 from .._config import SandboxSpec
+from .._cwtypes import EndpointAuth, EndpointKind, HttpsEndpointStatus, TlsPassthroughEndpointStatus
 from .._errors import ProtocolError
 
 SERVICE = "sandpool.v1.Sandpool"
-UNARY_METHODS = ("Create", "Get", "List", "Stop", "Delete", "Release")
+UNARY_METHODS = ("Create", "Get", "List", "Stop", "Delete", "Release", "Snapshot")
 LEASE_METHOD = "Lease"
 ATTACH_METHOD = "Attach"
 LOGS_METHOD = "Logs"
@@ -131,6 +137,43 @@ def spec_from_dict(data: Mapping[str, Any]) -> SandboxSpec:
     if not isinstance(data, Mapping):
         raise TypeError(f"request field 'spec' must be a map of sandbox options, got {type(data).__name__}")
     return SandboxSpec.from_dict(data)
+
+
+#: What a bridge sandbox reports of its network (``_services.surfaces`` plus its egress names).
+NETWORK_REPORT = ("exposed_ports", "service_urls", "service_endpoints", "service_addresses", "dns_egress_names")
+
+
+def network_report(extra: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The network report of a sandbox's record (``record.extra``) as plain data; None if it has none."""
+    if not any(extra.get(name) for name in NETWORK_REPORT):
+        return None
+    out: dict[str, Any] = {name: [list(item) if isinstance(item, tuple) else item for item in extra.get(name, ())]
+                           for name in ("exposed_ports", "service_urls", "dns_egress_names")}
+    for name in ("service_endpoints", "service_addresses"):
+        out[name] = [{k: getattr(v, "value", v) for k, v in dataclasses.asdict(item).items()}
+                     for item in extra.get(name, ())]
+    return out
+
+
+def network_report_from(data: object) -> dict[str, tuple[Any, ...]]:
+    """A ``network_report`` as the record's extras again; ProtocolError if it is not one."""
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ProtocolError(f"a sandbox info's 'network' must be a map, got {type(data).__name__}")
+    try:
+        return {
+            "exposed_ports": tuple((int(p), str(n)) for p, n in data["exposed_ports"]),
+            "service_urls": tuple((int(p), str(n), str(u)) for p, n, u in data["service_urls"]),
+            "dns_egress_names": tuple(str(n) for n in data["dns_egress_names"]),
+            "service_endpoints": tuple(HttpsEndpointStatus(**{**e, "kind": EndpointKind(e["kind"]),
+                                                              "auth": EndpointAuth(e["auth"])})
+                                       for e in data["service_endpoints"]),
+            "service_addresses": tuple(TlsPassthroughEndpointStatus(**{**e, "kind": EndpointKind(e["kind"])})
+                                       for e in data["service_addresses"]),
+        }
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"a sandbox info's 'network' is not a network report: {exc!r}") from exc
 
 
 ERROR_NAMES = ("ValueError", "TypeError")

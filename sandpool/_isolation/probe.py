@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 
-from _sandpool_agent.confine import _sys, seccomp, userns
+from _sandpool_agent.confine import _sys, seccomp
 
 LEVELS = ("process", "namespaces", "oci")
 _NAMESPACE_FLAGS = (_sys.CLONE_NEWNS | _sys.CLONE_NEWPID | _sys.CLONE_NEWUTS | _sys.CLONE_NEWIPC

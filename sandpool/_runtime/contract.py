@@ -116,8 +116,8 @@ class Runtime(abc.ABC):
         from .._errors_cw import SnapshotNotSupportedError
 
         raise SnapshotNotSupportedError(f"sandbox {record.sandbox_id}: the {self.name} runtime takes no snapshots; "
-                                        f"use a local session (snapshots of a sandpool server's sandboxes are not "
-                                        f"built yet)", sandbox_id=record.sandbox_id, feature="snapshot")
+                                        f"use a local session or a sandpool server's",
+                                        sandbox_id=record.sandbox_id, feature="snapshot")
 
     def join_pod(self, record: SandboxRecord, primary: SandboxRecord) -> None:
         """Before ``start(record)``: start it as a further container of ``primary``'s pod (in its

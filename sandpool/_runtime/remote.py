@@ -28,12 +28,14 @@ from typing import Any, Protocol, cast
 import grpc
 import trio
 
-from .. import _errors
+from .. import _errors, _errors_cw
 from .._core.channel import FrameChannel
 from .._config import SandboxSpec
 from .._errors import SandboxNotFoundError, SandboxUnavailableError
 from .._grpc import bridge, endpoint, fastclient
 from .._grpc import messages as m
+from .._ids import check_snapshot_id
+from .._images.snapshots import SnapshotRecord
 from .contract import Runtime, SandboxRecord
 from .._grpc.threadpipe import PACE_SECONDS, PipeStream, ThreadPipe
 
@@ -43,6 +45,8 @@ POD = "pod"
 ENV_ADDRESS, ENV_TOKEN, ENV_TLS_CA = "SANDPOOL_ADDRESS", "SANDPOOL_TOKEN", "SANDPOOL_TLS_CA"
 #: Deadlines of control calls, in seconds (Stop adds the grace period it was given).
 CALL_SECONDS = 60.0
+#: How long a Snapshot call may take (a capture copies the sandbox's changed files).
+SNAPSHOT_SECONDS = 300.0
 EXIT_REPORT_SECONDS = 3.0
 #: A broken Logs stream is resumed this many times in a row, after 0.5, 1, 2 s (cwsandbox's figures).
 LOG_RESUME_ATTEMPTS = 3
@@ -83,7 +87,7 @@ def translate(error: grpc.RpcError, address: str, sandbox_id: str | None = None)
     if name in m.ERROR_NAMES:
         builtin: type[Exception] = getattr(builtins, name)
         return builtin(details)
-    cls = getattr(_errors, name, None) if isinstance(name, str) else None
+    cls = (getattr(_errors, name, None) or getattr(_errors_cw, name, None)) if isinstance(name, str) else None
     if isinstance(cls, type) and issubclass(cls, _errors.SandboxError):
         return cls(details, sandbox_id=sandbox_id)
     if isinstance(cls, type) and issubclass(cls, _errors.SandpoolError):
@@ -245,6 +249,13 @@ class RemoteRuntime(Runtime):
 
     def list(self) -> list[SandboxRecord]:
         return list(self._records.values())
+
+    async def snapshot(self, record: SandboxRecord, trigger: str = "manual") -> SnapshotRecord:
+        """The server captures the sandbox into its own snapshot store; the id restores sandboxes of that
+        server (``restore_from_snapshot_id``). Its record as the server reports it."""
+        reply = await self._call("Snapshot", {"sandbox_id": record.sandbox_id, "trigger": trigger},
+                                 timeout=SNAPSHOT_SECONDS, sandbox_id=record.sandbox_id)
+        return _snapshot_record(reply)
 
     async def find(self, *, sandbox_id: str | None = None, tags: tuple[str, ...] = (), status: str | None = None,
                    show_terminated: bool = False) -> builtins.list[SandboxRecord]:
@@ -466,6 +477,7 @@ class RemoteRuntime(Runtime):
         record.status, record.status_reason = info.get("status"), info.get("status_reason")
         record.returncode = info.get("returncode")
         record.orphaned_for = info.get("orphaned_for")
+        record.extra.update(m.network_report_from(info.get("network")))
 
 
 class _StreamingCall(Protocol):
@@ -490,6 +502,16 @@ def _spec_or_tags(info: dict[str, Any]) -> SandboxSpec:
         except (TypeError, ValueError):
             pass
     return SandboxSpec(tags=tuple(info.get("tags") or ()))
+
+
+def _snapshot_record(reply: dict[str, Any]) -> SnapshotRecord:
+    """A Snapshot reply as a record; ProtocolError if the server sent something else."""
+    try:
+        record = SnapshotRecord(**{**reply, "layers": tuple(reply["layers"])})
+        check_snapshot_id(record.snapshot_id, "snapshot_id")
+    except (TypeError, KeyError, ValueError) as exc:
+        raise _errors.ProtocolError(f"a Snapshot reply is not a snapshot record: {exc}") from exc
+    return record
 
 
 def resolve_address(address: str | None) -> str | None:

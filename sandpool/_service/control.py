@@ -45,6 +45,8 @@ EXIT_REPORT_SECONDS = 3.0
 SWEEP_SECONDS = 0.25
 #: Ended sandboxes kept in memory (with their hub, for late attachments); older ones live on in the journal.
 KEEP_ENDED = 1000
+#: What a Snapshot request may name as its cause (a snapshot record's ``trigger``).
+SNAPSHOT_TRIGGERS = ("manual", "on_delete")
 
 
 @dataclass(eq=False)
@@ -256,6 +258,24 @@ class Fleet:
         await self._stop(hosted, float(grace), None)
         return self.info(hosted)
 
+    async def rpc_snapshot(self, request: dict[str, Any], peer: str) -> dict[str, Any]:
+        """Capture a running sandbox's filesystem into this server's snapshot store; the snapshot's
+        record as plain data (its id restores sandboxes of this server: ``restore_from_snapshot_id``)."""
+        sandbox_id = limits.identifier("sandbox_id", m.field(request, "sandbox_id", str))
+        trigger = m.field(request, "trigger", str, "manual")
+        if trigger not in SNAPSHOT_TRIGGERS:
+            raise ValueError(f"trigger must be one of {', '.join(SNAPSHOT_TRIGGERS)}, got {trigger!r}")
+        hosted = self.sandboxes.get(sandbox_id)
+        if hosted is None:
+            raise SandboxNotFoundError(f"no sandbox {sandbox_id!r} on this server", sandbox_id=sandbox_id)
+        if hosted.state.status != SandboxStatus.RUNNING:
+            status = (hosted.state.status or SandboxStatus.PENDING).value
+            raise SandboxNotRunningError(f"sandbox {sandbox_id} is {status}: only a running sandbox can be "
+                                         f"snapshotted", sandbox_id=sandbox_id)
+        snap = await self.runtime.snapshot(hosted.record, trigger)
+        reply: dict[str, Any] = snap.to_json()
+        return reply
+
     async def rpc_delete(self, request: dict[str, Any], peer: str) -> dict[str, Any]:
         reply = await self.rpc_stop({**request, "grace": request.get("grace", 0.0)}, peer)
         deleted = self.sandboxes.pop(reply["sandbox_id"], None)
@@ -383,6 +403,7 @@ class Fleet:
             "spec": hosted.spec_summary if summary else hosted.spec_data,
             "attached": len(hosted.hub.attachments) if hosted.hub else 0,
             "orphaned_for": orphaned,
+            "network": m.network_report(record.extra),
         }
 
     def _entry(self, hosted: Hosted) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from .._errors import (
     SandboxResourceExhaustedError,
     SandboxUnavailableError,
 )
+from .._errors_cw import SandboxSnapshotError
 from .._runtime.local import LocalRuntime
 from .._grpc.bridge import Outbox, RpcEnded, ServerBridge
 from .._grpc.threadpipe import PACE_SECONDS, ThreadPipe
@@ -106,6 +107,7 @@ _CODES = [
     (SandboxResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (SandboxUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (SandboxNotRunningError, grpc.StatusCode.FAILED_PRECONDITION),
+    (SandboxSnapshotError, grpc.StatusCode.FAILED_PRECONDITION),
     (RpcEnded, grpc.StatusCode.CANCELLED),
 ]
 
@@ -116,6 +118,8 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> NoReturn:
     if code == grpc.StatusCode.INTERNAL:
         log.error("internal error in a call", exc_info=exc)
     name = "CWSandboxAuthenticationError" if isinstance(exc, Refused) else m.error_name(exc)
+    if isinstance(exc, SandboxSnapshotError):  # cwsandbox's snapshot errors travel by their own names
+        name = type(exc).__name__
     context.set_trailing_metadata(((m.META_ERROR, name),))
     context.abort(code, str(exc) or type(exc).__name__)
     raise AssertionError("unreachable: context.abort raises")

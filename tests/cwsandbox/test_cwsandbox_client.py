@@ -799,3 +799,50 @@ def test_backed_by_a_sandpool_server_its_clients_see_the_sandboxes(cwsandbox_cli
         sandpool_server.send_signal(signal.SIGTERM)
         sandpool_server.wait(30)
         sandpool_server.stdout.close()
+
+
+#: Inside a sandbox: prints the /proc entry of a ``sleep 1000`` still there after 5 s, nothing once none is.
+SLEEP_GONE = ("for i in $(seq 50); do found=; for f in /proc/[0-9]*/cmdline; do "
+              "[ \"$(tr '\\0' ' ' < $f 2>/dev/null)\" = 'sleep 1000 ' ] && found=$f; done; "
+              "[ -z \"$found\" ] && exit 0; sleep 0.1; done; echo $found")
+
+
+def test_the_readme_in_asyncio_form(server):
+    """cwsandbox's README async form against the listener, under asyncio.run: async with Sandbox.run,
+    await exec, async for over its output, files, a session's function, and a task cancelled mid-exec
+    (the client's stream ends, and the server kills the command)."""
+    out = run(server, """
+        import asyncio
+        import cwsandbox
+        from cwsandbox import Sandbox, SandboxStatus
+
+        GONE_WITHIN_5S = %r
+
+        async def main():
+            async with Sandbox.run("sleep", "infinity") as sb:
+                result = await sb.exec(["python", "-c", "print(2 + 2)"])
+                assert result.stdout == "4\\n", result
+                proc = sb.exec(["sh", "-c", "echo a; echo b"])
+                chunks = [chunk async for chunk in proc.stdout]
+                assert "".join(chunks) == "a\\nb\\n", chunks
+                await sb.write_file("/tmp/f", b"data")
+                assert await sb.read_file("/tmp/f") == b"data"
+                try:
+                    await asyncio.wait_for(sb.exec(["sleep", "1000"]), 0.5)
+                except asyncio.TimeoutError:
+                    pass
+                assert (await sb.exec(["echo", "after"])).stdout == "after\\n"
+                left = await sb.exec(["sh", "-c", GONE_WITHIN_5S])
+                assert left.stdout == "", f"the cancelled command still runs: {left.stdout}"
+            assert sb.status == SandboxStatus.TERMINATED, sb.status
+            async with cwsandbox.Session() as session:
+                @session.function()
+                def square(x):
+                    return x * x
+                assert await square.remote(7) == 49
+            print("OK")
+
+        asyncio.run(main())
+    """ % SLEEP_GONE)
+    assert out == "OK\n"
+    assert_nothing_left(server)

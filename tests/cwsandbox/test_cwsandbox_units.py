@@ -287,3 +287,34 @@ def test_handshake_hears_a_peer_that_already_ended():
         return hello["pid"], after, await channel.receive()
 
     assert trio.run(main) == (1, {"t": "main_exit", "code": 0}, None)
+
+
+def test_network_and_services_of_a_spec_as_sandpool_options():
+    """A spec's NetworkOptions become sandpool's network dict (https_hostname as dns_name, tenant
+    scopes by name, CIDR excepts, port ranges) and its services sandpool's service dicts; an egress
+    rule's https_hostname_except, which needs an HTTPS proxy, is refused naming the fix."""
+    from sandpool._cwsandbox._netspec import network_options
+    from sandpool._cwsandbox._proto import pb
+
+    spec = pb.SandboxSpec(
+        network=pb.NetworkOptions(
+            egress=[pb.EgressRule(cidr=pb.CidrBlock(cidr="10.0.0.0/8", **{"except": ["10.1.0.0/16"]})),
+                    pb.EgressRule(https_hostname="example.org"),
+                    pb.EgressRule(tenant=pb.TenantScope.Value("TENANT_SCOPE_SAME_ORG"),
+                                  ports=[pb.PortRange(protocol="udp", port=53, end_port=54)])],
+            ingress=[pb.IngressRule(any=True, ports=[pb.PortRange(port=8080)])]),
+        services=[pb.Service(port=80, name="web", visibility=pb.Visibility.Value("VISIBILITY_PUBLIC"),
+                             endpoint=pb.EndpointSpec(kind=pb.EndpointKind.Value("ENDPOINT_KIND_HTTPS"),
+                                                      auth=pb.EndpointAuth.Value("ENDPOINT_AUTH_OPEN")))])
+    options = network_options(spec)
+    assert options["network"]["egress"] == [
+        {"cidr": {"cidr": "10.0.0.0/8", "except_cidrs": ["10.1.0.0/16"]}}, {"dns_name": "example.org"},
+        {"tenant": "same_org", "ports": [{"protocol": "udp", "port": 53, "end_port": 54}]}]
+    assert options["network"]["ingress"] == [{"any": True, "ports": [{"protocol": "tcp", "port": 8080,
+                                                                      "end_port": None}]}]
+    assert options["services"] == [{"port": 80, "name": "web", "protocol": "tcp", "visibility": "public",
+                                    "endpoint": {"kind": "https", "auth": "open", "request_timeout_seconds": None}}]
+    assert network_options(pb.SandboxSpec()) == {}
+    with pytest.raises(ValueError, match="https_hostname_except"):
+        network_options(pb.SandboxSpec(network=pb.NetworkOptions(
+            egress=[pb.EgressRule(https_hostname="example.org", https_hostname_except=["a.example.org"])])))
