@@ -33,6 +33,8 @@ MAX_FILE_BYTES = _wire.MAX_FILE_BYTES
 EXIT_GRACE_KILL_SECONDS = 2.0
 #: After SIGKILL, how long the agent waits to record its processes' exits (one stuck in the kernel
 #: must not hold up the teardown).
+#: how long the end waits for file operations under way to answer
+_FILES_DRAIN_SECONDS = 0.5
 _KILLED_REAP_SECONDS = 1.0
 #: How long an exec's ``started`` frame may wait to leave with its first output or its exit: a short
 #: command's whole answer then takes one write and wakes the client once.
@@ -419,7 +421,9 @@ class Agent:
     def _shutdown(self, reason: str, grace: float) -> None:
         """Escalating teardown: SIGTERM every group, wait ``grace``, SIGKILL the whole tree."""
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        self.outbox[:0] = [start for _, start in self.starting.values()]
+        # file operations that finished before the end (a write the main command was waiting for,
+        # say) answer ahead of it: their effects happened first
+        self.outbox[:0] = [start for _, start in self.starting.values()] + self.files.drain(_FILES_DRAIN_SECONDS)
         self.starting.clear()
         try:
             self._flush()  # what the loop had queued (a main_exit, say) goes out before anything else

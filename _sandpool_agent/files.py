@@ -13,8 +13,10 @@ from __future__ import annotations
 import collections
 import errno
 import os
+import select
 import stat
 import threading
+import time
 from collections.abc import Callable
 
 _REASONS = {
@@ -251,6 +253,21 @@ class FileWork:
             os.write(self._wake_w, b"x")
         except BlockingIOError:  # the loop has wake-ups pending already
             pass
+
+    def drain(self, timeout: float) -> list[dict]:
+        """The answers of every operation that finishes within ``timeout`` seconds (at the end of
+        the sandbox: a write that finished as the main command ended still answers); operations
+        still running then (a FIFO nobody opens) are left unanswered."""
+        deadline = time.monotonic() + timeout
+        answers = self.collect()
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        while self._running or self._waiting:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                break
+            answers += self.collect()
+        return answers
 
     def collect(self) -> list[dict]:
         """The answers of finished operations (call in the loop's thread when ``fileno`` is readable)."""
