@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .._session.process import Process
     from .._session.sandbox import Sandbox
     from .._session.streams import StreamReader, StreamWriter
+    from ._pods import InContainer
 
 STDOUT, STDERR = pb.ExecStreamOutput.STREAM_STDOUT, pb.ExecStreamOutput.STREAM_STDERR
 #: The in-band error code of a command whose sandbox died under it (killed, out of memory): the client
@@ -41,7 +42,7 @@ def _command(command: Message) -> list[str]:
     return list(command)
 
 
-async def stream_exec(sandbox: Sandbox, init: Message, requests: trio.MemoryReceiveChannel[Message],
+async def stream_exec(sandbox: Sandbox | InContainer, init: Message, requests: trio.MemoryReceiveChannel[Message],
                       send: Sender, timeout: float | None) -> None:
     """Run ``init.command``, feeding it the stdin of ``requests``; send its responses to ``send``."""
     if init.tty:
@@ -72,7 +73,7 @@ async def stream_exec(sandbox: Sandbox, init: Message, requests: trio.MemoryRece
             proc.cancel()
 
 
-async def exec_unary(sandbox: Sandbox, request: Message, timeout: float | None) -> Message:
+async def exec_unary(sandbox: Sandbox | InContainer, request: Message, timeout: float | None) -> Message:
     """Run ``request.command`` to the end; its ExecResponse with at most max_output_bytes per stream."""
     limit = request.max_output_bytes if request.max_output_bytes > 0 else DEFAULT_MAX_OUTPUT_BYTES
     proc = sandbox.exec(_command(request.command), env=dict(request.env) or None,

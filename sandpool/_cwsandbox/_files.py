@@ -17,6 +17,7 @@ from ._errors import FILE_TOO_LARGE, RpcFailure, file_failure
 if TYPE_CHECKING:
     from .._session.process import ProcessResult
     from .._session.sandbox import Sandbox
+    from ._pods import InContainer
 
 #: The client's unary cap: above it the server says FILE_TOO_LARGE with the size, and the client
 #: falls back to streaming the file through a command.
@@ -39,12 +40,12 @@ mkdir -p -- "$(dirname -- "$p")" && cat > "$p" || exit 74
 """
 
 
-def through_commands(sandbox: Sandbox) -> bool:
+def through_commands(sandbox: Sandbox | InContainer) -> bool:
     """True where the sandbox's commands see another filesystem than the agent's file operations."""
     return sandbox.isolation == "process"
 
 
-async def read_file(sandbox: Sandbox, path: str, timeout: float | None) -> bytes:
+async def read_file(sandbox: Sandbox | InContainer, path: str, timeout: float | None) -> bytes:
     """The contents of ``path`` as the sandbox's commands see it. RpcFailure for file errors."""
     if not through_commands(sandbox):
         data = await sandbox.read_file(path, timeout_seconds=timeout)
@@ -58,7 +59,7 @@ async def read_file(sandbox: Sandbox, path: str, timeout: float | None) -> bytes
     return result.stdout_bytes
 
 
-async def write_file(sandbox: Sandbox, path: str, content: bytes, timeout: float | None) -> None:
+async def write_file(sandbox: Sandbox | InContainer, path: str, content: bytes, timeout: float | None) -> None:
     """Write ``content`` to ``path`` (creating its directory) as the sandbox's commands see it."""
     if not through_commands(sandbox):
         await sandbox.write_file(path, content, timeout_seconds=timeout)
@@ -78,7 +79,7 @@ def _check(result: ProcessResult, path: str) -> None:
         raise file_failure(_EXIT_REASONS.get(result.returncode, "CWSANDBOX_FILE_IO_FAILED"), message, path)
 
 
-async def _run(sandbox: Sandbox, script_and_args: list[str], stdin: bytes | None,
+async def _run(sandbox: Sandbox | InContainer, script_and_args: list[str], stdin: bytes | None,
                timeout: float | None) -> ProcessResult:
     """Run a file script with ``sh -c`` in the sandbox, feeding ``stdin``; its ProcessResult."""
     script, *args = script_and_args
