@@ -21,13 +21,15 @@ import trio
 from sandpool import testing
 
 STATE_DIR = os.environ["SANDPOOL_STATE_DIR"]  # conftest.py sets it before anything imports sandpool
-_servers: dict[int, float] = {}  # pid of a server process -> when it started (time.monotonic())
+#: pid of a server process -> (when it started (time.monotonic()), its kernel start time): the second
+#: tells the server from a later process that got its pid
+_servers: dict[int, tuple[float, str | None]] = {}
 _test_started = [float("inf")]  # when the running test's body started: servers started before are fixtures'
 
 
 def server_started(pid: int) -> None:
     """A server process started: its runtime may outlive the test if a fixture started it."""
-    _servers[pid] = time.monotonic()
+    _servers[pid] = (time.monotonic(), _start_time(pid))
 
 
 def server_stopped(pid: int) -> None:
@@ -43,7 +45,7 @@ def check(what: str, *more: str) -> None:
     """pytest.fail if anything of the run (or of ``more``) is left; what is left is then killed and
     removed, so the next test starts clean. Kept: the shared runtime, and the runtimes of servers
     started before the test body (by fixtures that span tests)."""
-    parents = {pid for pid, started in _servers.items() if started < _test_started[0]}
+    parents = {pid for pid, (started, _) in _servers.items() if started < _test_started[0]}
     report = testing.wait_for_no_leftovers(STATE_DIR, *more, keep_parents=parents, timeout=5.0)
     if report:
         testing.kill_leftovers(report)
@@ -56,12 +58,25 @@ def close_runtime(runtime) -> None:
     trio.run(runtime.aclose)
 
 
-def _running(pid: int) -> bool:
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first), or None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(") ")[2][:1] != "Z"
+            return f.read().rpartition(") ")[2].split()
     except OSError:
-        return False
+        return None
+
+
+def _start_time(pid: int) -> str | None:
+    fields = _stat_fields(pid)
+    return fields[19] if fields else None  # starttime, field 22 of stat
+
+
+def _running(pid: int, started: str | None) -> bool:
+    """Whether the server ``pid`` that started at kernel time ``started`` still runs (not a zombie,
+    and not another process that reused its pid)."""
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] != "Z" and fields[19] == started
 
 
 def session_leftovers(*more: str) -> testing.Leftovers:
@@ -71,7 +86,8 @@ def session_leftovers(*more: str) -> testing.Leftovers:
     except RuntimeError as exc:  # e.g. a test's trio.run was interrupted: its template is then reported
         print(f"leak check: could not close the shared runtime: {exc}")
     report = testing.wait_for_no_leftovers(STATE_DIR, *more, keep_owners=(), timeout=5.0)
-    report.processes += [(pid, "a server no test or fixture stopped") for pid in _servers if _running(pid)]
+    report.processes += [(pid, "a server no test or fixture stopped") for pid, (_, started) in _servers.items()
+                         if _running(pid, started)]
     if report:
         testing.kill_leftovers(report)
     return report
