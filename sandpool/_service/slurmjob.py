@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 from .._isolation import admission
 
@@ -87,7 +88,7 @@ def launched_at() -> float | None:
     return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
 
 
-def _write_json(path: str, data: dict) -> None:
+def _write_json(path: str, data: dict[str, Any]) -> None:
     """Write atomically: the client never reads half a file."""
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:

@@ -13,28 +13,16 @@ import slurm_helpers as sh
 from service_helpers import wait_until
 
 import sandpool
-from sandpool import ActorDiedError, RunnerNotFoundError, SandboxStatus, Session, SlurmRuntime
+from sandpool import ActorDiedError, RunnerNotFoundError, SandboxStatus, Session
 
 pytestmark = pytest.mark.timeout(90)
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the nodes need not import this module
 
 
-@pytest.fixture(scope="module")
-def conf():
-    yield sh.cluster()
-    sh.stop_if_started_here()
-
-
 @pytest.fixture
-def runtime(conf, tmp_path):
+def runtime(slurm_conf, tmp_path):
     """A SlurmRuntime with its own spool and a short linger; at teardown none of its jobs may be left."""
-    sh.wait_quiet()
-    rt = SlurmRuntime(spool_dir=str(tmp_path / "spool"), linger_seconds=0.5)
-    yield rt
-    left = sh.wait_no_jobs(rt.owner)
-    if left:
-        subprocess.run(["scancel", *left])
-        pytest.fail(f"jobs left in squeue: {left}")
+    yield from sh.checked_runtime(str(tmp_path / "spool"), linger_seconds=0.5)
 
 
 def _where(i: int) -> tuple[int, str | None, str | None]:
@@ -155,7 +143,7 @@ def test_actors_run_in_slurm_allocations_in_order_and_die_with_their_job(runtime
     assert sh.wait_no_jobs(runtime.owner) == []
 
 
-def test_slurm_nodes_are_the_runners(conf, monkeypatch):
+def test_slurm_nodes_are_the_runners(slurm_conf, monkeypatch):
     """With SANDPOOL_RUNTIME=slurm, list_runners() describes each node (cpus, memory, gpus, state)
     as one runner, get_runner() finds one by name and names the nodes when it does not, and the
     filters apply as to the local runner."""

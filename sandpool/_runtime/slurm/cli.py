@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote, unquote
 
 import trio
@@ -69,11 +70,11 @@ def encode_comment(key: str, owner: str, tags: tuple[str, ...]) -> str:
     return f"{COMMENT_PREFIX}key={key};owner={owner};tags={quoted}"
 
 
-def decode_comment(comment: str) -> dict:
+def decode_comment(comment: str) -> dict[str, Any]:
     """The fields of a sandpool comment ({} for any other comment); ``tags`` as a list."""
     if not comment.startswith(COMMENT_PREFIX):
         return {}
-    fields: dict = {}
+    fields: dict[str, Any] = {}
     for part in comment[len(COMMENT_PREFIX):].split(";"):
         name, _, value = part.partition("=")
         fields[name] = value

@@ -156,7 +156,7 @@ class Liveness:
                 except SandboxUnavailableError:
                     jobs = None  # slurmctld does not answer: the heartbeat still watches the nodes
                 for p in watched if jobs is not None else ():
-                    p.see(jobs.get(p.job_id or ""))
+                    p.see(jobs.get(p.job_id or "") if jobs is not None else None)
                     state = cli.base_state(p.job.state) if p.job else "GONE"
                     if p.remote is not None and not p.stopping and (p.gone or state not in cli.ACTIVE | cli.WAITING):
                         self.lose_job(p, ended_by_slurm(p), suspect=state in ("NODE_FAIL", "BOOT_FAIL"))

@@ -69,7 +69,7 @@ class Placement:
     @property
     def node(self) -> str | None:
         if self.address and self.address.get("node"):
-            return self.address["node"]
+            return str(self.address["node"])
         return self.job.nodes if self.job and self.job.nodes not in ("", "(null)") else None
 
     def summary(self) -> dict[str, Any]:

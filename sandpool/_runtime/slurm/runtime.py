@@ -9,8 +9,8 @@ a spec waits for Slurm, the next ones take a free slot of a running allocation (
 the node, milliseconds). exec, files and function calls go over sandpool's own data plane, never
 through ``srun``.
 
-Growing and shrinking: a start that finds no free slot of its spec asks for a new allocation; the
-starts that arrive together are batched into one (``job_sizes``: as many as a node holds, so a
+Growing and shrinking (``grow``): a start that finds no free slot of its spec asks for a new
+allocation; the starts that arrive together are batched into one (as many as a node holds, so a
 pool that starts its ``max_concurrency`` sandboxes at once gets one allocation for them where a
 node holds them), and a spec that keeps asking grows geometrically. An allocation whose sandboxes
 are all gone is released after ``linger_seconds`` unless a new sandbox of its spec took it again.
@@ -51,9 +51,9 @@ from . import cli
 from . import live as _slurm_live
 from . import nodes as _nodes  # noqa: F401  (registers the nodes as the runners of SANDPOOL_RUNTIME=slurm)
 from ..contract import Runtime, SandboxRecord
-from ..._isolation.runners import check_pinning
-from .place import SUSPECT_SECONDS, Placement, exclusions, job_sizes, judge_start, new_job_dir, parse_sandbox_id
-from .place import sandbox_id as make_sandbox_id, slots_fit, stale_dirs
+from .grow import Growth
+from .place import SUSPECT_SECONDS, Placement, exclusions, judge_start, parse_sandbox_id
+from .place import sandbox_id as make_sandbox_id, stale_dirs
 
 ENV = {"partition": "SANDPOOL_SLURM_PARTITION", "account": "SANDPOOL_SLURM_ACCOUNT", "qos": "SANDPOOL_SLURM_QOS",
        "spool_dir": "SANDPOOL_SLURM_SPOOL", "python": "SANDPOOL_SLURM_PYTHON"}
@@ -63,10 +63,6 @@ ADDRESS_POLL_SECONDS = 0.05
 JOB_END_SECONDS = 10.0
 RELEASE_POLL_SECONDS = 0.1
 STOP_SLACK_SECONDS = 5.0
-#: Starts of one spec arriving within this long of each other ask for one allocation together.
-BATCH_SECONDS = 0.01
-#: How long ``sinfo``'s description of the nodes is reused for sizing allocations.
-NODES_FRESH_SECONDS = 10.0
 #: The reaper: reads "+job" / "-job" lines; at EOF (we are gone, however) cancels what is left.
 _REAPER = ("import subprocess,sys\njobs=set()\nfor line in sys.stdin:\n"
            "    (jobs.add if line[0]=='+' else jobs.discard)(line[1:].strip())\n"
@@ -74,15 +70,6 @@ _REAPER = ("import subprocess,sys\njobs=set()\nfor line in sys.stdin:\n"
            "stdout=subprocess.DEVNULL,stderr=subprocess.DEVNULL)\n")
 
 
-
-
-class _Want:
-    """A start waiting for the allocation a batch gives it (or the error that batch ran into)."""
-
-    def __init__(self) -> None:
-        self.placement: Placement | None = None
-        self.error: BaseException | None = None
-        self.done = trio.Event()
 
 
 class SlurmRuntime(Runtime):
@@ -128,14 +115,13 @@ class SlurmRuntime(Runtime):
         self._records: dict[str, SandboxRecord] = {}  # served sandboxes by id (ours and found ones)
         self._starting: list[SandboxRecord] = []  # starts not served yet (no id until they are)
         self._placements: dict[str, Placement] = {}  # allocations by key (ours and found ones)
-        self._wants: dict[SandboxSpec, list[_Want]] = {}  # starts waiting for a batch, by spec
         self._suspects: dict[str, float] = {}  # node -> until when new sandboxes avoid it
-        self._nodes_seen: tuple[float, list[cli.Node]] | None = None
         self._nursery: trio.Nursery | None = None
         self._reaper: trio.Process | None = None
         self._reaper_lock = trio.Lock()
         self._live = _slurm_live.Liveness(self, placements=self._placements, suspects=self._suspects,
                                           squeue=self._squeue, cancel=self._cancel, left=self._left)
+        self._growth = Growth(self, placements=self._placements, suspects=self._suspects, submitted=self._submitted)
         self._closed = False
 
     @classmethod
@@ -143,7 +129,7 @@ class SlurmRuntime(Runtime):
         """Options from ``SANDPOOL_SLURM_PARTITION``, ``_ACCOUNT``, ``_QOS``, ``_SPOOL``, ``_PYTHON``
         and ``_SBATCH_ARGS`` (shell words)."""
         env = os.environ if environ is None else environ
-        options = {name: env[var] for name, var in ENV.items() if env.get(var)}
+        options: dict[str, Any] = {name: env[var] for name, var in ENV.items() if env.get(var)}
         return cls(sbatch_args=tuple(shlex.split(env.get(ENV_SBATCH_ARGS, ""))), **options)
 
     def __repr__(self) -> str:
@@ -166,6 +152,7 @@ class SlurmRuntime(Runtime):
             [sys.executable, "-S", "-c", _REAPER], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, start_new_session=True)  # a terminal's Ctrl-C must not take it with us
         self._live.start(nursery)
+        self._growth.nursery = nursery
         try:  # dead clients' job directories
             live = {job.key for job in await self._squeue(None) if job.key}
             for path in stale_dirs(self.spool_dir, live, time.time()):
@@ -193,7 +180,7 @@ class SlurmRuntime(Runtime):
             for p in self._placements.values():
                 if p.remote is not None:
                     await p.remote.aclose()
-            if self._reaper is not None:
+            if self._reaper is not None and self._reaper.stdin is not None:
                 await self._reaper.stdin.aclose()
                 with trio.move_on_after(5.0):
                     await self._reaper.wait()
@@ -211,7 +198,7 @@ class SlurmRuntime(Runtime):
         self._starting.append(record)
         try:
             for _ in range(self.placement_attempts):
-                p = await self._claim(record)
+                p = await self._growth.claim(record)
                 try:
                     verdict, reason = await self._wait_placed(record, p)
                     if verdict == "placed":
@@ -320,7 +307,9 @@ class SlurmRuntime(Runtime):
         its node), ``ready`` (its server answered), ``connected`` (this sandbox started or attached
         there). ``slots``: how many sandboxes the allocation holds room for."""
         record = getattr(sandbox, "_record", sandbox)
-        p: Placement | None = record.extra.get("placement") if isinstance(record, SandboxRecord) else None
+        if not isinstance(record, SandboxRecord):
+            return {}
+        p: Placement | None = record.extra.get("placement")
         if p is None:
             return {}
         summary = p.summary()
@@ -330,108 +319,9 @@ class SlurmRuntime(Runtime):
 
     # -- placing -------------------------------------------------------------------------------
 
-    async def _claim(self, record: SandboxRecord) -> Placement:
-        """A slot for ``record`` in an allocation of its spec: a free one (a running allocation's
-        first), else one of the allocations that this start and those arriving with it ask for."""
-        spec = record.spec
-        free = [p for p in self._placements.values() if p.shape == spec and p.usable and p.free > 0]
-        if free:
-            p = min(free, key=lambda q: (q.read_address() is None, q.submitted_at or 0.0))
-        else:
-            want = _Want()
-            batch = self._wants.setdefault(spec, [])
-            batch.append(want)
-            if len(batch) == 1:
-                assert self._nursery is not None
-                self._nursery.start_soon(self._grow, spec)
-            await want.done.wait()
-            if want.error is not None:
-                raise want.error
-            assert want.placement is not None
-            p = want.placement
-        p.claims += 1
-        p.idle_since = None
-        record.extra["placement"] = p
-        return p
-
-    async def _grow(self, spec: SandboxSpec) -> None:
-        """Submit the allocations for the starts of ``spec`` that wait for one (after a short
-        gathering), and hand each start its slot; a failed submission fails them all."""
-        await trio.sleep(BATCH_SECONDS)
-        batch = self._wants.pop(spec, [])
-        try:
-            unpinned = await self._unpinned_nodes(spec.runner_ids)
-            avoid = tuple(sorted({*exclusions(self._suspects, time.monotonic()), *unpinned}))
-            nodes = [n for n in await self._node_list() if n.name not in avoid and n.state not in ("down", "drain")]
-            fit = max([slots_fit(n, cli.slot_size(spec)) for n in nodes] or [1])
-            held = sum(p.slots for p in self._placements.values() if p.shape == spec and p.usable)
-            waiting = iter(batch)
-            for slots in job_sizes(len(batch), held, fit, self.min_slots):
-                p = await self._submit(spec, slots, avoid, unpinned)
-                for _, want in zip(range(slots), waiting):  # (range first: zip must not take a want too many)
-                    want.placement = p
-                    want.done.set()
-        except BaseException as exc:
-            for want in batch:
-                if not want.done.is_set():
-                    want.error = exc
-                    want.done.set()
-            if not isinstance(exc, Exception):
-                raise
-
-    async def _submit(self, spec: SandboxSpec, slots: int, avoid: tuple[str, ...],
-                      unpinned: tuple[str, ...]) -> Placement:
-        """Write an allocation's directory and ``sbatch`` it (shielded: a job we submit, we know)."""
-        key, job_dir = new_job_dir(self.spool_dir, {
-            "spec": m.spec_to_dict(spec), "slots": slots, "orphan_grace_seconds": self.orphan_grace_seconds,
-            "sys_path": [p for p in sys.path if p]})  # so functions pickled by reference import there
-        command = [self.python, "-m", "sandpool._service.slurmjob", job_dir]
-        options: dict[str, Any] = dict(key=key, owner=self.owner, job_dir=job_dir, command=command,
-                                       partition=self.partition, account=self.account, qos=self.qos,
-                                       extra=self.sbatch_args, slots=slots)
-        submitted_at = time.time()
-        with trio.CancelScope(shield=True):
-            try:
-                try:
-                    out = await cli.run(cli.sbatch_argv(spec, exclude=avoid, **options))
-                except SandboxResourceExhaustedError:
-                    if avoid == unpinned:
-                        raise
-                    # only the avoided nodes fit
-                    out = await cli.run(cli.sbatch_argv(spec, exclude=unpinned, **options))
-            except SandpoolError:
-                shutil.rmtree(job_dir, ignore_errors=True)
-                raise
-            p = Placement(key=key, job_dir=job_dir, owned=True, job_id=out.strip().split(";")[0],
-                          submitted_at=submitted_at, shape=spec, slots=slots)
-            self._placements[key] = p
-            self._live.poke()
-            await self._reap(f"+{p.job_id}")
-        return p
-
-    async def _unpinned_nodes(self, runner_ids: tuple[str, ...] | None) -> tuple[str, ...]:
-        """The partition's nodes that ``runner_ids`` (node names: a Slurm runtime's runners) leave
-        out, for ``--exclude`` (Slurm's ``--nodelist`` would ask for all of them at once); () when
-        nothing is pinned. RunnerNotFoundError for a name that is not a node of the partition."""
-        if not runner_ids:
-            return ()
-        nodes = [n.name for n in await self._node_list(fresh=True)]
-        check_pinning(runner_ids, nodes, f"in the Slurm partition {self.partition or '(default)'}")
-        return tuple(sorted(set(nodes) - set(runner_ids)))
-
-    async def _node_list(self, *, fresh: bool = False) -> builtins.list[cli.Node]:
-        """The nodes of the runtime's partition (``sinfo``), reused for NODES_FRESH_SECONDS."""
-        now = time.monotonic()
-        if fresh or self._nodes_seen is None or now - self._nodes_seen[0] > NODES_FRESH_SECONDS:
-            code, out, err = await cli.query(cli.sinfo_argv(self.partition))
-            if code != 0:
-                raise SandboxUnavailableError(f"sinfo failed: {' '.join(err.split())}")
-            self._nodes_seen = (now, cli.parse_sinfo(out))
-        return self._nodes_seen[1]
-
     async def nodes(self) -> builtins.list[cli.Node]:
         """The nodes of the runtime's partition as ``sinfo`` describes them now (its runners)."""
-        return await self._node_list(fresh=True)
+        return await self._growth.nodes(fresh=True)
 
     async def _wait_placed(self, record: SandboxRecord, p: Placement) -> tuple[str, str]:
         """Wait until the allocation's server reports its address, or the job is lost or failed."""
@@ -476,7 +366,7 @@ class SlurmRuntime(Runtime):
         record.extra["inner"] = inner
         p.members[id(record)] = record
         try:
-            channel = await p.remote.start(inner)
+            channel: FrameChannel = await p.remote.start(inner)
         except BaseException:
             p.members.pop(id(record), None)
             record.lost = record.lost or inner.lost
@@ -594,8 +484,13 @@ class SlurmRuntime(Runtime):
                     await self._reap(f"-{p.job_id}")
                     shutil.rmtree(p.job_dir, ignore_errors=True)
 
+    async def _submitted(self, p: Placement) -> None:
+        """A job we submitted: poll Slurm for it soon, and let the reaper know it."""
+        self._live.poke()
+        await self._reap(f"+{p.job_id}")
+
     async def _reap(self, line: str) -> None:
-        if self._reaper is None:
+        if self._reaper is None or self._reaper.stdin is None:
             return
         async with self._reaper_lock:
             try:
