@@ -181,3 +181,20 @@ def test_sinfo_nodes_and_sandbox_ids_parse():
                                      cli.Node("n3", 4, 4000, 2, "mixed", 2, 512, 1)]
     assert place.parse_sandbox_id(place.sandbox_id("42", "sb-0a1b2c3d")) == ("42", "sb-0a1b2c3d")
     assert place.parse_sandbox_id("slurm-42") is None and place.parse_sandbox_id("sb-1") is None
+
+
+def test_an_allocations_free_slots_count_its_sandboxes_and_starts_but_not_those_being_stopped():
+    """A slot is taken by a sandbox it serves or a start waiting for it; a sandbox being stopped
+    gives its slot back at once (the next sandbox of the spec must not ask Slurm for a new job)."""
+    from sandpool._runtime.contract import SandboxRecord
+
+    p = place.Placement(key="k", job_dir="/nowhere", owned=True, job_id="7", shape=SandboxSpec(), slots=3)
+    records = [SandboxRecord(sandbox_id="", spec=SandboxSpec(), isolation="slurm") for _ in range(2)]
+    for record in records:
+        p.members[id(record)] = record
+    p.claims = 1
+    assert p.free == 0 and p.usable
+    p.leaving.add(id(records[0]))
+    assert p.free == 1
+    p.stopping = True
+    assert not p.usable

@@ -51,6 +51,7 @@ class Placement:
     shape: SandboxSpec | None = None  # the spec of the sandboxes it holds (None: another client's job)
     slots: int = 1
     members: dict[int, SandboxRecord] = field(default_factory=dict)  # the sandboxes it serves, by id()
+    leaving: set[int] = field(default_factory=set)  # members being stopped: their slots are free again
     claims: int = 0  # starts waiting for one of its slots
     idle_since: float | None = None
     connecting: trio.Lock = field(default_factory=trio.Lock)
@@ -58,8 +59,8 @@ class Placement:
 
     @property
     def free(self) -> int:
-        """Slots that no sandbox serves or waits for."""
-        return self.slots - len(self.members) - self.claims
+        """Slots that no sandbox serves (but for those being stopped) or waits for."""
+        return self.slots - len(self.members.keys() - self.leaving) - self.claims
 
     @property
     def usable(self) -> bool:

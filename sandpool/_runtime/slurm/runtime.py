@@ -236,6 +236,8 @@ class SlurmRuntime(Runtime):
             inner = record.extra.get("inner")
             record.extra["stopping"] = True
             if p is not None and inner is not None:
+                # its slot is free for the next sandbox of its spec now, not once the stop is done
+                p.leaving.add(id(record))
                 if not inner.exited.is_set() and not record.lost and not p.ended:
                     with trio.move_on_after(grace_seconds + STOP_SLACK_SECONDS):
                         await p.remote.stop(inner, grace_seconds)
@@ -431,6 +433,7 @@ class SlurmRuntime(Runtime):
     def _left(self, record: SandboxRecord, p: Placement) -> None:
         """A sandbox is gone from its allocation (ended, stopped or lost)."""
         p.members.pop(id(record), None)
+        p.leaving.discard(id(record))
         self._maybe_idle(p)
 
     def _maybe_idle(self, p: Placement) -> None:
