@@ -366,11 +366,9 @@ class SlurmRuntime(Runtime):
                                           runner_ids=None)
         inner = p.remote.create(spec)
         record.extra["inner"] = inner
-        p.members[id(record)] = record
-        try:
+        try:  # (its claim holds its slot meanwhile; it is a member once it runs)
             channel: FrameChannel = await p.remote.start(inner)
         except BaseException:
-            p.members.pop(id(record), None)
             record.lost = record.lost or inner.lost
             raise
         record.sandbox_id = make_sandbox_id(p.job_id, inner.sandbox_id)
