@@ -64,7 +64,8 @@ def test_a_pool_shares_one_allocation_that_grows_and_shrinks_with_demand(runtime
             session.list(runner_ids="n1")
         for sb in pool:  # the pool's sandboxes gone: the allocation idles, then is released
             sb.stop().result()
-        assert sh.wait_no_jobs(runtime.owner, timeout=15) == [runtime.job(other)["job_id"]]
+        other_job = runtime.job(other)["job_id"]
+        assert wait_until(lambda: sh.jobs_of(runtime.owner) == [other_job], timeout=15), sh.jobs_of(runtime.owner)
         again = session.sandbox(resources={"cpu": 1})
         assert again.exec(["sh", "-c", "echo $SLURM_JOB_ID"]).result().stdout.strip() not in ("", job_id)
     assert sh.jobs_of(runtime.owner) == []
