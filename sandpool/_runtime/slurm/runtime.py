@@ -283,9 +283,10 @@ class SlurmRuntime(Runtime):
             raise SandboxNotRunningError(f"sandbox {sandbox_id} is not running: "
                                          f"{p.lost or inner.status_reason or 'its Slurm job has ended'}",
                                          sandbox_id=sandbox_id)
-        record.channel = await p.remote.attach(inner.sandbox_id)
+        channel: FrameChannel = await p.remote.attach(inner.sandbox_id)
+        record.channel = channel
         self._serving(record, p)
-        return record.channel
+        return channel
 
     async def main_log_lines(self, record: SandboxRecord, *, follow: bool, tail_lines: int | None,
                              since: float | None, timestamps: bool) -> AsyncIterator[str]:
