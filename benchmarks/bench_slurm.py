@@ -7,9 +7,11 @@ cluster of ``scripts/slurm-cluster.sh`` in a directory of its own (and stops it 
 Measures each operation with ``Session()`` (the local runtime) and ``Session(runtime=SlurmRuntime())``:
 
 - start to RUNNING: ``sandbox.start()`` until it resolves, one sandbox at a time, each stopped before
-  the next (p50/p99). Through Slurm this is sbatch, Slurm's scheduling, the job's launch on its node,
+  the next, each with a tag of its own (p50/p99). Through Slurm each is a new allocation: sbatch, Slurm's scheduling, the job's launch on its node,
   the job's sandpool server starting its sandbox, and the client attaching; the split is printed.
-- N sandboxes at once: N ``start()`` refs issued together, wall time until all run.
+- N sandboxes at once: N ``start()`` refs issued together, wall time until all run (through Slurm
+  they share allocations as a node holds them; ``bench_slurm_pool.py`` measures the starts in a
+  running allocation).
 - exec round trip: ``sb.exec(["true"]).result()`` one after another (p50/p99).
 - call round trip: ``f.remote(1).result()`` of a trivial function, one after another (p50/p99).
 - call throughput: ``f.map`` of trivial calls over 3 warm sandboxes, calls/s (through Slurm each asks
@@ -64,8 +66,8 @@ def ensure_cluster() -> dict | None:
 def measure(session: Session, n_start: int, n: int, runtime: SlurmRuntime | None, fn_resources=None) -> dict:
     results: dict = {}
     starts, splits = [], []
-    for _ in range(n_start):
-        sb = session.sandbox()
+    for i in range(n_start):
+        sb = session.sandbox(tags=[f"start-{i}"])  # a spec of its own: through Slurm, a new allocation each
         began = time.perf_counter()
         sb.start().result()
         starts.append(time.perf_counter() - began)

@@ -13,8 +13,13 @@ import os
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from sandpool import SlurmRuntime
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "slurm-cluster.sh")
@@ -99,3 +104,17 @@ def wait_quiet(timeout: float = 20.0) -> None:
         if not queue and set(node_states().values()) == {"idle"}:
             return
         time.sleep(0.1)
+
+
+def checked_runtime(spool_dir: str, **options: object) -> Iterator[SlurmRuntime]:
+    """A fixture's body: a SlurmRuntime with its own spool, made on a quiet cluster; at teardown none
+    of its jobs may be left in the queue (they are cancelled, and the test fails)."""
+    from sandpool import SlurmRuntime
+
+    wait_quiet()
+    rt = SlurmRuntime(spool_dir=spool_dir, **options)  # type: ignore[arg-type]
+    yield rt
+    left = wait_no_jobs(rt.owner)
+    if left:
+        subprocess.run(["scancel", *left])
+        pytest.fail(f"jobs left in squeue: {left}")

@@ -1,5 +1,10 @@
-"""This machine as cwsandbox's one runner, ``"local"``: ``list_runners`` and ``get_runner``, with
-its capacity and (on request) what the process's admission ledger has left of it."""
+"""cwsandbox's discovery: ``list_runners`` and ``get_runner``.
+
+Locally, this machine is the one runner ``"local"``, with its capacity and (on request) what the
+process's admission ledger has left of it. Where ``$SANDPOOL_RUNTIME`` names another runtime that
+registered its runners here (Slurm: one runner per node), those are listed instead; the filters
+are the same for every source.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import dataclasses
 import os
 import platform
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .._cwextra import LOCAL_RUNNER_ID, Runner, RunnerResources
@@ -15,6 +21,24 @@ from .host import ledger
 
 
 _STARTED = time.time()
+#: Names the process's runtime by (``$SANDPOOL_RUNTIME``, as the session reads it).
+ENV_RUNTIME = "SANDPOOL_RUNTIME"
+#: Runner sources of other runtimes, by runtime name: ``source(include_resources)`` lists them.
+_SOURCES: dict[str, Callable[[bool], list[Runner]]] = {}
+
+
+def register_source(runtime: str, source: Callable[[bool], list[Runner]]) -> None:
+    """Let ``list_runners``/``get_runner`` describe ``runtime``'s runners when it is the process's."""
+    _SOURCES[runtime] = source
+
+
+def _runners(include_resources: bool) -> list[Runner]:
+    """The runners of the process's runtime: this machine, or those its registered source lists."""
+    name = os.environ.get(ENV_RUNTIME, "").strip().lower()
+    source = _SOURCES.get(name)
+    if source is not None:
+        return source(include_resources)
+    return [_local_runner(include_resources)]
 
 
 def _local_runner(include_resources: bool) -> Runner:
@@ -39,27 +63,32 @@ def list_runners(*, auth: Any = None, runner_group_id: str | None = None, gpu_ty
                  architecture: str | None = None, healthy_only: bool = False, include_resources: bool = False,
                  min_available_cpu_millicores: int | None = None, min_available_memory_bytes: int | None = None,
                  min_available_gpu_count: int | None = None, service_visibility: str | None = None) -> list[Runner]:
-    """This machine as the one runner ``"local"``, or [] when it does not pass the filters."""
-    runner = _local_runner(include_resources or any(
-        v is not None for v in (min_available_cpu_millicores, min_available_memory_bytes, min_available_gpu_count)))
-    res = runner.resources
-    keep = ((runner_group_id in (None, runner.runner_group_id))
-            and (architecture in (None, *runner.supported_architectures))
-            and gpu_type is None and service_visibility is None
-            and (res is None or (res.available_cpu_millicores >= (min_available_cpu_millicores or 0)
-                                 and res.available_memory_bytes >= (min_available_memory_bytes or 0)
-                                 and res.available_gpu_count >= (min_available_gpu_count or 0))))
-    if not include_resources:
-        runner = dataclasses.replace(runner, resources=None)
-    return [runner] if keep else []
+    """The runners that pass the filters: this machine as ``"local"``, or (``SANDPOOL_RUNTIME=slurm``)
+    each node of the Slurm partition."""
+    need = include_resources or any(
+        v is not None for v in (min_available_cpu_millicores, min_available_memory_bytes, min_available_gpu_count))
+    kept = []
+    for runner in _runners(need):
+        res = runner.resources
+        if ((runner_group_id in (None, runner.runner_group_id))
+                and (architecture in (None, *runner.supported_architectures))
+                and (gpu_type is None or gpu_type in runner.supported_gpu_types)
+                and service_visibility is None and (runner.healthy or not healthy_only)
+                and (res is None or (res.available_cpu_millicores >= (min_available_cpu_millicores or 0)
+                                     and res.available_memory_bytes >= (min_available_memory_bytes or 0)
+                                     and res.available_gpu_count >= (min_available_gpu_count or 0)))):
+            kept.append(runner if include_resources else dataclasses.replace(runner, resources=None))
+    return kept
 
 
 def get_runner(runner_id: str, *, organization_id: str = "", auth: Any = None) -> Runner:
-    """The local runner; RunnerNotFoundError for any other id."""
-    if runner_id != LOCAL_RUNNER_ID:
-        raise RunnerNotFoundError(f"no runner {runner_id!r}; locally the one runner is {LOCAL_RUNNER_ID!r}",
-                                  runner_id=runner_id)
-    return _local_runner(include_resources=True)
+    """The runner ``runner_id`` (with its resources); RunnerNotFoundError naming the runners there are."""
+    runners = _runners(True)
+    for runner in runners:
+        if runner.runner_id == runner_id:
+            return runner
+    raise RunnerNotFoundError(f"no runner {runner_id!r}; the runners are {sorted(r.runner_id for r in runners)!r}",
+                              runner_id=runner_id)
 
 
 def check_pinning(runner_ids: tuple[str, ...] | None, known: tuple[str, ...] | list[str], where: str) -> None:

@@ -45,6 +45,8 @@ class SandboxRecord:
     root: str | None = None
     #: a same-host server's way to open a direct worker line to it (its remote-function fast path)
     connect_worker: Callable[..., Any] | None = None
+    #: the runner it runs on (a Slurm node's name); None: this machine, the runner "local"
+    runner_id: str | None = None
     #: a runtime's own notes about the sandbox, read only by the runtime that wrote them
     extra: dict[str, Any] = field(default_factory=dict)
     #: the state a shared runtime last reported (a status value, its reason, the return code);

@@ -1,18 +1,20 @@
-"""The job side of a Slurm-placed sandbox: ``python -m sandpool._service.slurmjob JOB_DIR``.
+"""The job side of a Slurm allocation: ``python -m sandpool._service.slurmjob JOB_DIR``.
 
-Slurm runs this as the job's batch step on the node it chose. It is a one-sandbox ``sandpool
-serve``: it reads the spec and the per-job token the client left in ``JOB_DIR`` (a directory both
-sides see), starts the sandbox with the node's own LocalRuntime (so the node's isolation level and
-cgroups apply) and serves it over gRPC on the node's address, which it reports by writing
-``JOB_DIR/address.json``. The client then speaks sandpool's data plane to it directly.
+Slurm runs this as the job's batch step on the node it chose. It is a small ``sandpool serve``
+for one client: it reads the per-job token the client left in ``JOB_DIR`` (a directory both sides
+see), serves gRPC on the node's address, which it reports by writing ``JOB_DIR/address.json``,
+and hosts the sandboxes the client creates in it, each with the node's own LocalRuntime (so the
+node's isolation level and cgroups apply). One job holds several sandboxes of one spec (a pool's):
+the client starts them over sandpool's data plane as they are wanted, never through ``srun``.
 
 Admission on the node is the allocation: the node-local ledger holds exactly the cpus, memory and
 gpus Slurm gave the job (``SLURM_CPUS_ON_NODE``, ``SLURM_MEM_PER_NODE``, ``CUDA_VISIBLE_DEVICES``),
-so a gpu sandbox sees the devices Slurm assigned. The sandbox's environment carries the job's
-``SLURM_*`` identity (``SLURMD_NODENAME``, ``SLURM_JOB_ID`` ...).
+so a gpu sandbox sees the devices Slurm assigned. Each sandbox's environment carries the job's
+``SLURM_*`` identity (``SLURMD_NODENAME``, ``SLURM_JOB_ID`` ...): the address file lists them and
+the client adds them to each spec.
 
-The job ends when the sandbox ends (stopped, completed, died), on SIGTERM (``scancel``, a time
-limit, preemption: the sandbox is stopped first), or when no client has been attached to it for the
+The job ends on SIGTERM (the client releases the allocation with ``scancel``; a time limit,
+preemption: every sandbox is stopped first), or when no client has held a lease on it for the
 orphan grace period (the client died or lost the node): then the node's resources go back to Slurm.
 """
 
@@ -27,7 +29,6 @@ import sys
 import time
 from typing import Any
 
-from .._config import SandboxSpec, SandboxStatus
 from .._isolation import admission
 
 log = logging.getLogger("sandpool.slurm-job")
@@ -54,11 +55,9 @@ def allocation(env: dict[str, str], machine: admission.Capacity) -> admission.Ca
     return admission.Capacity(cpu=cpus, memory=memory, gpus=gpus)
 
 
-def sandbox_spec(spec: SandboxSpec, env: dict[str, str]) -> SandboxSpec:
-    """The spec with the job's identity added to its environment (Slurm's values win), unpinned:
-    its ``runner_ids`` named Slurm nodes, and Slurm placed it on one of them."""
-    slurm = {k: env[k] for k in SLURM_VARIABLES if env.get(k)}
-    return spec.with_overrides(environment_variables={**spec.environment_variables, **slurm}, runner_ids=None)
+def job_identity(env: dict[str, str]) -> dict[str, str]:
+    """The job's ``SLURM_*`` variables that its sandboxes see (who and where they are)."""
+    return {k: env[k] for k in SLURM_VARIABLES if env.get(k)}
 
 
 def node_address(env: dict[str, str]) -> str:
@@ -98,11 +97,10 @@ def _write_json(path: str, data: dict[str, Any]) -> None:
 
 
 async def run_job(job_dir: str, env: dict[str, str]) -> int:
-    """Serve the job's one sandbox until it ends; the job's exit status (1 if it failed)."""
+    """Serve the allocation's sandboxes until Slurm ends the job or no client holds it; exit status 0."""
     import trio  # here, not at import: GRPC_VERBOSITY must be set before gRPC loads (see main)
 
     from .._isolation import host
-    from .._grpc import messages as m
     from .journal import Journal
     from .listener import Listening
     from .server import ServeConfig, open_server
@@ -111,45 +109,50 @@ async def run_job(job_dir: str, env: dict[str, str]) -> int:
         token = f.read().strip()
     with open(os.path.join(job_dir, "job.json")) as f:
         job = json.load(f)
-    spec = sandbox_spec(m.spec_from_dict(job["spec"]), env)
-    # the client's import path, where it exists here (a shared file system): the sandbox's template
+    # the client's import path, where it exists here (a shared file system): the sandboxes' template
     # inherits it, so functions pickled by reference to the client's modules unpickle on the node
     sys.path += [p for p in job.get("sys_path", ()) if p not in sys.path and os.path.isdir(p)]
     # the node-local admission ledger holds what Slurm allocated, no more
     host.use_ledger(admission.Ledger(allocation(env, admission.machine_capacity())))
-    address_file = os.path.join(job_dir, "address.json")
-    config = ServeConfig(listen=f"{node_address(env)}:0", token=token,
-                         orphan_grace_seconds=float(job.get("orphan_grace_seconds", 30.0)),
+    grace = float(job.get("orphan_grace_seconds", 30.0))
+    config = ServeConfig(listen=f"{node_address(env)}:0", token=token, orphan_grace_seconds=grace,
                          record_file=os.path.join(job_dir, "journal.jsonl"))
     journal = Journal(config.record_file)
     journal.open()
-    status = 0
     async with open_server(config, Listening(config, publish=False), journal, policy=None,
                            fast_plane=False) as server:
-        fleet = server.fleet
+        _write_json(os.path.join(job_dir, "address.json"), {
+            "address": server.bound, "node": env.get("SLURMD_NODENAME"), "job_id": env.get("SLURM_JOB_ID"),
+            "pid": os.getpid(), "launched_at": launched_at(), "ready_at": time.time(),
+            "identity": job_identity(env)})
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            try:
-                info = await fleet.rpc_create({"spec": m.spec_to_dict(spec)}, "slurm")
-            except Exception as exc:  # the client reads why, and fails the start with it
-                _write_json(address_file, {"error": f"{type(exc).__name__}: {exc}", "node": env.get(
-                    "SLURMD_NODENAME")})
-                return 1
-            _write_json(address_file, {"address": server.bound, "sandbox_id": info["sandbox_id"],
-                                       "node": env.get("SLURMD_NODENAME"), "job_id": env.get("SLURM_JOB_ID"),
-                                       "pid": os.getpid(), "launched_at": launched_at(),
-                                       "ready_at": time.time()})
-            hosted = fleet.sandboxes[info["sandbox_id"]]
             async with trio.open_nursery() as waiting:
                 async def on_signal() -> None:
                     async for signum in signals:
-                        log.info("%s: stopping the sandbox", signal.Signals(signum).name)
+                        log.info("%s: stopping the sandboxes", signal.Signals(signum).name)
                         waiting.cancel_scope.cancel()
 
                 waiting.start_soon(on_signal)
-                await hosted.ended.wait()
+                await _until_orphaned(server.fleet.leases, grace)
+                log.info("no client held this job for %g s: ending it", grace)
                 waiting.cancel_scope.cancel()
-            status = 1 if hosted.state.status == SandboxStatus.FAILED else 0
-    return status
+    return 0
+
+
+async def _until_orphaned(leases: dict[str, str], grace: float, beat: float = 0.5) -> None:
+    """Return once ``leases`` (the server's live client leases) has been empty for ``grace`` seconds."""
+    import trio
+
+    empty_since: float | None = time.monotonic()  # the client connects right after the address appears
+    while True:
+        now = time.monotonic()
+        if leases:
+            empty_since = None
+        elif empty_since is None:
+            empty_since = now
+        elif now - empty_since >= grace:
+            return
+        await trio.sleep(min(beat, grace))
 
 
 def main(argv: list[str]) -> int:

@@ -320,16 +320,20 @@ class Session:
         sandbox._belong_to(self._home)
 
     def list(self, *, tags: Sequence[str] | None = None, status: str | SandboxStatus | None = None,
-             show_terminated: bool = False, adopt: bool = False) -> OperationRef[list[Sandbox]]:
-        """Sandboxes carrying the session's default tags plus ``tags``; ``adopt=True`` tracks them."""
+             show_terminated: bool = False, adopt: bool = False,
+             runner_ids: Sequence[str] | None = None) -> OperationRef[list[Sandbox]]:
+        """Sandboxes carrying the session's default tags plus ``tags``, on one of ``runner_ids`` if
+        given (``"local"``, or Slurm nodes: ``sandpool.list_runners()``); ``adopt=True`` tracks them."""
         if isinstance(tags, str):
             raise TypeError(f"tags must be a list of strings, not a string; use tags=[{tags!r}]")
         merged = self.defaults.merge_tags(tags or ())
+        runners = _shared.runner_filter(runner_ids)
         if self._asks_runtime():  # ask this session's server or engine
             wanted = SandboxStatus.parse(status).value if status is not None else None
             return OperationRef.spawn(self._ensure_open(), self._find, adopt, dict(
-                tags=merged, status=wanted, show_terminated=show_terminated))
-        found = Sandbox.list(tags=merged, status=status, show_terminated=show_terminated).result()
+                tags=merged, status=wanted, show_terminated=show_terminated), runners)
+        found = Sandbox.list(tags=merged, status=status, show_terminated=show_terminated,
+                             runner_ids=runners).result()
         if adopt:
             for sandbox in found:
                 self.adopt(sandbox)
@@ -350,9 +354,10 @@ class Session:
             return True
         return self._runtime_arg is not None and self._runtime_arg.shared
 
-    async def _find(self, adopt: bool, query: dict[str, Any]) -> Any:  # a list, or one sandbox by id
+    async def _find(self, adopt: bool, query: dict[str, Any],
+                    runner_ids: tuple[str, ...] | None = None) -> Any:  # a list, or one sandbox by id
         await self._home.ready()
-        found = await Sandbox._find(self._home, **query)
+        found = _shared.on_runners(await Sandbox._find(self._home, **query), runner_ids)
         if adopt:
             for sandbox in found:
                 self.adopt(sandbox)

@@ -85,17 +85,20 @@ class FoundHandles(SandboxParts):
     @classmethod
     def list(cls, *, tags: Sequence[str] | None = None, status: str | SandboxStatus | None = None,
              show_terminated: bool = False, address: str | None = None,
-             token: str | None = None) -> OperationRef[list[Sandbox]]:
-        """Sandboxes carrying every tag in ``tags`` (non-terminal unless asked): this process's, or
-        with ``address`` (or ``$SANDPOOL_ADDRESS``) every one of that server's, whoever made them."""
+             token: str | None = None, runner_ids: Sequence[str] | None = None) -> OperationRef[list[Sandbox]]:
+        """Sandboxes carrying every tag in ``tags`` (non-terminal unless asked) and running on one of
+        ``runner_ids`` (if given): this process's, or with ``address`` (or ``$SANDPOOL_ADDRESS``)
+        every one of that server's, whoever made them."""
         wanted = SandboxStatus.parse(status) if status is not None else None
         if isinstance(tags, str):
             raise TypeError(f"tags must be a list of strings, not a string; use tags=[{tags!r}]")
+        runners = runner_filter(runner_ids)
         if selects_shared(address):
             return spawn_find(cls._hidden(), address, token, tags=tuple(tags or ()),
-                              status=wanted.value if wanted else None, show_terminated=show_terminated)
+                              status=wanted.value if wanted else None, show_terminated=show_terminated,
+                              runner_ids=runners)
         found = [sb for sb in list(KNOWN.values()) if _matches(sb, tags or (), wanted, show_terminated)]
-        return OperationRef.completed(found)
+        return OperationRef.completed(on_runners(found, runners))
 
     @classmethod
     def from_id(cls, sandbox_id: str, *, address: str | None = None,
@@ -177,6 +180,19 @@ class FoundHandles(SandboxParts):
         record = self._record
         assert record is not None
         self._advance(Event.GONE, settle=True, code=record.exit_code, signal=record.exit_signal)
+
+
+def runner_filter(runner_ids: Sequence[str] | None) -> tuple[str, ...] | None:
+    """``runner_ids`` checked, as a tuple; None (or an empty list) filters nothing."""
+    if isinstance(runner_ids, str) or not all(isinstance(r, str) and r for r in runner_ids or ()):
+        raise TypeError(f"runner_ids must be a list of runner ids (sandpool.list_runners()), got {runner_ids!r}; "
+                        f"use e.g. runner_ids=['local']")
+    return tuple(runner_ids) if runner_ids else None
+
+
+def on_runners(found: builtins.list[Sandbox], runner_ids: tuple[str, ...] | None) -> builtins.list[Sandbox]:
+    """The sandboxes of ``found`` that run on one of ``runner_ids`` (all of them for None)."""
+    return found if runner_ids is None else [sb for sb in found if sb.runner_id in runner_ids]
 
 
 def _matches(sb: Sandbox, tags: Sequence[str], status: SandboxStatus | None, show_terminated: bool) -> bool:

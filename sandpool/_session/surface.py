@@ -117,7 +117,7 @@ class SurfaceMixin(SandboxParts):
 
     @property
     def runner_id(self) -> str | None:
-        return LOCAL_RUNNER_ID if self._record is not None else None
+        return (self._record.runner_id or LOCAL_RUNNER_ID) if self._record is not None else None
 
     runner_group_id = runner_id
 

@@ -32,22 +32,10 @@ pytestmark = pytest.mark.timeout(90)
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the nodes need not import this module
 
 
-@pytest.fixture(scope="module")
-def conf():
-    yield sh.cluster()
-    sh.stop_if_started_here()
-
-
 @pytest.fixture
-def runtime(conf, tmp_path):
+def runtime(slurm_conf, tmp_path):
     """A SlurmRuntime with its own spool; at teardown none of its jobs may be left in the queue."""
-    sh.wait_quiet()
-    rt = SlurmRuntime(spool_dir=str(tmp_path / "spool"))
-    yield rt
-    left = sh.wait_no_jobs(rt.owner)
-    if left:
-        subprocess.run(["scancel", *left])
-        pytest.fail(f"jobs left in squeue: {left}")
+    yield from sh.checked_runtime(str(tmp_path / "spool"))
 
 
 def _where(i):
@@ -87,7 +75,7 @@ print(sb.status)
 """
 
 
-def test_exec_streams_files_and_another_client_finds_adopts_and_stops(runtime, conf):
+def test_exec_streams_files_and_another_client_finds_adopts_and_stops(runtime, slurm_conf):
     """exec streams its output as it comes; files round-trip. Another process (SANDPOOL_RUNTIME=slurm)
     finds the sandbox by tag (a squeue of the cluster's jobs) and by id, runs a command in it over the
     data plane, adopts it and stops it on leaving its session: the first client sees it end."""
@@ -140,11 +128,11 @@ def test_a_sandbox_waits_pending_while_the_cluster_is_full_then_runs(runtime):
         assert wait_until(lambda: waiting.status == SandboxStatus.PENDING
                           and "PENDING (Resources)" in (waiting.status_reason or ""), timeout=30), \
             (waiting.status, waiting.status_reason)
-        assert waiting.sandbox_id.startswith("slurm-")
-        assert [sb.sandbox_id for sb in session.list(status="pending").result()] == [waiting.sandbox_id]
+        assert waiting.sandbox_id is None  # its id names the job's server that serves it, once one does
+        # its allocation has no sandbox left once its one sandbox stops: released after the linger
         full[0].stop().result()
         waiting.start().result(timeout=20)
-        assert waiting.status == SandboxStatus.RUNNING
+        assert waiting.status == SandboxStatus.RUNNING and waiting.sandbox_id.startswith("slurm-")
         node = waiting.exec(["sh", "-c", "echo $SLURMD_NODENAME"]).result().stdout.strip()
         assert node == runtime.job(full[0])["node"]
 
@@ -249,13 +237,13 @@ time.sleep(120)
 
 
 @pytest.mark.parametrize("reaper", ["alive", "killed"])
-def test_a_client_that_dies_leaves_no_job(conf, tmp_path, reaper):
+def test_a_client_that_dies_leaves_no_job(slurm_conf, tmp_path, reaper):
     """SIGKILL of the client: its reaper cancels its running and pending jobs at once. With the reaper
     killed too (the whole submit host gone), each running job's server ends once no client held it
     for the orphan grace (2 s here); a queued one would end the same way once it runs."""
     sh.wait_quiet()
     proc = subprocess.Popen([sys.executable, "-c", _CLIENT, str(tmp_path / "spool")], stdout=subprocess.PIPE,
-                            text=True, env={**os.environ, "SLURM_CONF": conf})
+                            text=True, env={**os.environ, "SLURM_CONF": slurm_conf})
     try:
         owner, reaper_pid = proc.stdout.readline().split()
         assert len(sh.jobs_of(owner)) == 2
@@ -272,7 +260,7 @@ def test_a_client_that_dies_leaves_no_job(conf, tmp_path, reaper):
         proc.wait()
 
 
-def test_sandpool_runtime_slurm_selects_it_from_the_environment(conf, tmp_path):
+def test_sandpool_runtime_slurm_selects_it_from_the_environment(slurm_conf, tmp_path):
     """SANDPOOL_RUNTIME=slurm: a plain Session and Sandbox.run() place sandboxes with Slurm, and
     Sandbox.list(tags=) and from_id look at the cluster's jobs."""
     code = (
@@ -285,7 +273,7 @@ def test_sandpool_runtime_slurm_selects_it_from_the_environment(conf, tmp_path):
         "print(sb.status)\n"
     )
     env = {**os.environ, "SANDPOOL_RUNTIME": "slurm", "SANDPOOL_SLURM_SPOOL": str(tmp_path / "spool"),
-           "SANDPOOL_SLURM_PARTITION": "debug", "SLURM_CONF": conf}
+           "SANDPOOL_SLURM_PARTITION": "debug", "SLURM_CONF": slurm_conf}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     lines = done.stdout.split("\n")
     assert lines[0] in ("n1", "n2", "n3") and lines[1:4] == ["[True]", "True", "terminated"], done.stderr
@@ -340,7 +328,9 @@ def test_runner_ids_pin_a_sandbox_to_slurm_nodes(runtime):
     the nodes, submits no job, and the session keeps placing sandboxes."""
     probe = ["sh", "-c", "echo $SLURMD_NODENAME"]
     with Session(runtime=runtime) as session:
-        assert session.sandbox(runner_ids=["n2"]).exec(probe).result().stdout.strip() == "n2"
+        pinned = session.sandbox(runner_ids=["n2"])
+        assert pinned.exec(probe).result().stdout.strip() == "n2" and pinned.runner_id == "n2"
+        assert [sb.sandbox_id for sb in session.list(runner_ids=["n2"]).result()] == [pinned.sandbox_id]
         assert session.sandbox(runner_ids=["n1", "n3"]).exec(probe).result().stdout.strip() in ("n1", "n3")
         lost = session.sandbox(runner_ids=["local"])
         with pytest.raises(RunnerNotFoundError, match=r"no runner 'local'.*\['n1', 'n2', 'n3'\]") as info:

@@ -129,9 +129,8 @@ def test_job_side_admits_within_the_allocation_and_tells_the_sandbox_where_it_is
     assert job.allocation(env, machine) == admission.Capacity(cpu=4.0, memory=1 << 30, gpus=(2,))
     no_gpu = {"SLURM_CPUS_ON_NODE": "1", "CUDA_VISIBLE_DEVICES": "0,1"}  # the submitter's, not Slurm's
     assert job.allocation(no_gpu, machine).gpus == ()
-    spec = job.sandbox_spec(SandboxSpec(environment_variables={"SLURM_JOB_ID": "mine", "X": "1"}), env)
-    assert spec.environment_variables["SLURM_JOB_ID"] == "9" and spec.environment_variables["X"] == "1"
-    assert spec.environment_variables["SLURMD_NODENAME"] == "n3"
+    identity = job.job_identity({**env, "HOME": "/root"})  # what the client adds to each sandbox's environment
+    assert identity["SLURM_JOB_ID"] == "9" and identity["SLURMD_NODENAME"] == "n3" and "HOME" not in identity
     assert job.node_address({"SANDPOOL_SLURM_BIND": "10.1.2.3"}) == "10.1.2.3"
 
 
@@ -154,3 +153,48 @@ def test_runtime_options_are_checked_and_read_from_the_environment(monkeypatch):
         engine_runtime()
     monkeypatch.setenv("SANDPOOL_RUNTIME", "local")
     assert engine_runtime() is None and not selects_shared(None)
+
+
+def test_allocations_are_sized_by_demand_up_to_a_node_and_grow_geometrically():
+    """A batch of starts gets jobs as large as a node holds; a lone extra sandbox of a spec that
+    already holds slots gets a job as large as what it holds (up to a node); min_slots is a floor."""
+    assert place.job_sizes(1, held=0, fit=4) == [1]
+    assert place.job_sizes(6, held=0, fit=2) == [2, 2, 2]
+    assert place.job_sizes(5, held=0, fit=4) == [4, 1]
+    assert place.job_sizes(1, held=2, fit=4) == [2]
+    assert place.job_sizes(1, held=8, fit=4) == [4]
+    assert place.job_sizes(1, held=0, fit=4, floor=3) == [3]
+    assert place.job_sizes(2, held=0, fit=0) == [1, 1]  # nothing fits: one a job, and sbatch says why
+    node = cli.Node("n3", cpus=4, memory_mib=4000, gpus=2, state="idle")
+    assert place.slots_fit(node, (1.0, None, 0)) == 4
+    assert place.slots_fit(node, (0.5, 1000 * 2**20, 0)) == 4
+    assert place.slots_fit(node, (1.0, None, 1)) == 2
+    assert place.slots_fit(node, (8.0, None, 0)) == 0
+    argv = _argv(SandboxSpec(resources=ResourceOptions(requests={"cpu": "500m", "memory": "300Mi"}, gpu={"count": 1})), slots=3)
+    assert {"--cpus-per-task=2", "--mem=900M", "--gres=gpu:3"} <= set(argv)
+
+
+def test_sinfo_nodes_and_sandbox_ids_parse():
+    text = ("n1|4|4000|(null)|idle|0/4/0/4|0|gpu:0|\nn3|4|4000|gpu:2(S:0)|mixed|2/2/0/4|512|gpu:1(IDX:0)|\n"
+            "n3|4|4000|gpu:2|mixed|2/2/0/4|512|gpu:1(IDX:0)|\nbad line\nn2|4|4000|(null)|down*|0/0/4/4|0|gpu:0|\n")
+    assert cli.parse_sinfo(text) == [cli.Node("n1", 4, 4000, 0, "idle"), cli.Node("n2", 4, 4000, 0, "down"),
+                                     cli.Node("n3", 4, 4000, 2, "mixed", 2, 512, 1)]
+    assert place.parse_sandbox_id(place.sandbox_id("42", "sb-0a1b2c3d")) == ("42", "sb-0a1b2c3d")
+    assert place.parse_sandbox_id("slurm-42") is None and place.parse_sandbox_id("sb-1") is None
+
+
+def test_an_allocations_free_slots_count_its_sandboxes_and_starts_but_not_those_being_stopped():
+    """A slot is taken by a sandbox it serves or a start waiting for it; a sandbox being stopped
+    gives its slot back at once (the next sandbox of the spec must not ask Slurm for a new job)."""
+    from sandpool._runtime.contract import SandboxRecord
+
+    p = place.Placement(key="k", job_dir="/nowhere", owned=True, job_id="7", shape=SandboxSpec(), slots=3)
+    records = [SandboxRecord(sandbox_id="", spec=SandboxSpec(), isolation="slurm") for _ in range(2)]
+    for record in records:
+        p.members[id(record)] = record
+    p.claims = 1
+    assert p.free == 0 and p.usable
+    p.leaving.add(id(records[0]))
+    assert p.free == 1
+    p.stopping = True
+    assert not p.usable

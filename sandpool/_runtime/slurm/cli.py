@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote, unquote
 from typing import Any
 
@@ -89,25 +90,25 @@ def time_limit(seconds: float | None) -> str | None:
 
 def sbatch_argv(spec: SandboxSpec, *, key: str, owner: str, job_dir: str, command: list[str],
                 partition: str | None = None, account: str | None = None, qos: str | None = None,
-                exclude: tuple[str, ...] = (), extra: tuple[str, ...] = ()) -> list[str]:
-    """The ``sbatch`` command line that places one sandbox: its requests mapped onto Slurm's.
+                exclude: tuple[str, ...] = (), extra: tuple[str, ...] = (), slots: int = 1) -> list[str]:
+    """The ``sbatch`` command line of an allocation for ``slots`` sandboxes of ``spec`` on one node.
 
-    cpu request -> ``--cpus-per-task`` (rounded up), memory request -> ``--mem`` (MiB, rounded up),
-    gpu count -> ``--gres=gpu[:type]:N``, ``max_lifetime_seconds`` -> ``--time``, tags -> job
-    name and comment. Requests default to limits (see ResourceOptions). ``extra`` goes last, so a
-    site's own options win.
+    Per slot: cpu request -> ``--cpus-per-task`` (rounded up), memory request -> ``--mem`` (MiB,
+    rounded up), gpu count -> ``--gres=gpu[:type]:N``; ``max_lifetime_seconds`` -> ``--time``, tags
+    -> job name and comment. Requests default to limits (see ResourceOptions). ``extra`` goes last,
+    so a site's own options win.
     """
     res = spec.resources
     argv = ["sbatch", "--parsable", "--no-requeue", f"--job-name={job_name(spec.tags)}",
             f"--comment={encode_comment(key, owner, spec.tags)}", f"--chdir={job_dir}",
             f"--output={os.path.join(job_dir, 'job.log')}", "--ntasks=1", "--nodes=1"]
-    cpus = res.cpu_request if res is not None else None
-    argv.append(f"--cpus-per-task={max(1, math.ceil(cpus - 1e-9)) if cpus else 1}")
-    if res is not None and res.memory_request:
-        argv.append(f"--mem={max(1, math.ceil(res.memory_request / 2**20))}M")
-    if res is not None and res.gpu_count:
-        kind = res.gpu.get("type") if res.gpu else None
-        argv.append(f"--gres=gpu:{kind}:{res.gpu_count}" if kind else f"--gres=gpu:{res.gpu_count}")
+    cpus, memory, gpus = slot_size(spec)
+    argv.append(f"--cpus-per-task={max(1, math.ceil(cpus * slots - 1e-9))}")
+    if memory:
+        argv.append(f"--mem={max(1, math.ceil(memory * slots / 2**20))}M")
+    if gpus:
+        kind = res.gpu.get("type") if res is not None and res.gpu else None
+        argv.append(f"--gres=gpu:{kind}:{gpus * slots}" if kind else f"--gres=gpu:{gpus * slots}")
     limit = time_limit(spec.max_lifetime_seconds)
     if limit is not None:
         argv.append(f"--time={limit}")
@@ -121,6 +122,16 @@ def sbatch_argv(spec: SandboxSpec, *, key: str, owner: str, job_dir: str, comman
     return argv
 
 
+def slot_size(spec: SandboxSpec) -> tuple[float, int | None, int]:
+    """What one sandbox of ``spec`` takes of an allocation: ``(cpus, memory bytes or None, gpus)``;
+    a sandbox without a cpu request counts as one cpu, without a memory request as Slurm's default."""
+    res = spec.resources
+    cpus = (res.cpu_request if res is not None else None) or 1.0
+    memory = (res.memory_request if res is not None else None) or None
+    gpus = (res.gpu_count if res is not None else None) or 0
+    return float(cpus), memory, int(gpus)
+
+
 def job_name(tags: tuple[str, ...]) -> str:
     """``sandpool`` plus the tags, for people reading ``squeue`` (the comment is what sandpool reads)."""
     name = JOB_NAME + (":" + ",".join(tags) if tags else "")
@@ -131,9 +142,59 @@ def _shell_quote(word: str) -> str:
     return "'" + word.replace("'", "'\"'\"'") + "'"
 
 
-def sinfo_nodes_argv(partition: str | None) -> list[str]:
-    """``sinfo`` listing the names of a partition's nodes (all partitions' for None), one a line."""
-    return ["sinfo", "--noheader", "--Node", "--format=%N", *([f"--partition={partition}"] if partition else [])]
+@dataclass(frozen=True)
+class Node:
+    """One line of ``sinfo --Node``: a node's name, cpus, memory (MiB), gpus and state, and what
+    of them its jobs hold now."""
+
+    name: str
+    cpus: int
+    memory_mib: int
+    gpus: int
+    state: str
+    cpus_used: int = 0
+    memory_used_mib: int = 0
+    gpus_used: int = 0
+
+
+#: sinfo's fields for nodes (``--Format``, each ended by "|"): name, cpus, memory (MiB), generic
+#: resources, state (long form), cpus allocated/idle/other/total, memory allocated, gres in use.
+SINFO_FIELDS = ("NodeList", "CPUs", "Memory", "Gres", "StateLong", "CPUsState", "AllocMem", "GresUsed")
+
+
+def sinfo_argv(partition: str | None) -> list[str]:
+    """``sinfo`` describing each node of a partition (all partitions' for None), one a line."""
+    return ["sinfo", "--noheader", "--Node", "--Format=" + ",".join(f"{f}:0|" for f in SINFO_FIELDS),
+            *([f"--partition={partition}"] if partition else [])]
+
+
+def parse_sinfo(text: str) -> list[Node]:
+    """The nodes of ``sinfo_argv``'s output, each once, by name; lines that do not parse are skipped."""
+    nodes: dict[str, Node] = {}
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.split("|")]
+        if len(parts) < len(SINFO_FIELDS) or not parts[0] or not parts[1].isdigit():
+            continue
+        name, cpus, memory, gres, state, cpu_states, alloc_mem, gres_used = parts[:len(SINFO_FIELDS)]
+        used = cpu_states.split("/")[0]
+        nodes.setdefault(name, Node(name, int(cpus), _int(memory), gres_gpus(gres),
+                                    state.lower().rstrip("*~#!%$@^-+"), _int(used), _int(alloc_mem),
+                                    gres_gpus(gres_used)))
+    return sorted(nodes.values(), key=lambda n: n.name)
+
+
+def _int(text: str) -> int:
+    return int(text) if text.isdigit() else 0
+
+
+def gres_gpus(gres: str) -> int:
+    """The gpu count of an sinfo gres field (``gpu:2``, ``gpu:a100:4(S:0)``, ``(null)``)."""
+    total = 0
+    for item in gres.split(","):
+        fields = item.split("(")[0].split(":")
+        if fields[0] == "gpu" and fields[-1].isdigit() and len(fields) > 1:
+            total += int(fields[-1])
+    return total
 
 
 def squeue_argv(job_ids: list[str] | None = None) -> list[str]:

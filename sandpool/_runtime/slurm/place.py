@@ -1,8 +1,10 @@
-"""One Slurm-placed sandbox as plain data, and the decisions about it (no I/O here).
+"""One Slurm allocation as plain data, and the decisions about it (no I/O here).
 
-A placement is a sandbox's job: its key (which names its directory in the spool, shared with the
-node), the job id Slurm gave it, what ``squeue`` last said, and the address the job reported. The
-runtime (``_slurm``) does the I/O; these functions say what it means.
+A placement is an allocation's job: its key (which names its directory in the spool, shared with
+the node), the job id Slurm gave it, what ``squeue`` last said, the address its server reported,
+how many sandboxes of its spec it holds room for (``slots``), the sandboxes it serves
+(``members``) and the starts waiting for a slot in it (``claims``). The runtime does the I/O;
+these functions say what it means.
 """
 
 from __future__ import annotations
@@ -12,10 +14,15 @@ import os
 import secrets
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from . import cli
+
+if TYPE_CHECKING:
+    from ..._config import SandboxSpec
+    from ..contract import SandboxRecord
 
 #: How long a node we saw die is left out of new placements (Slurm needs SlurmdTimeout to notice).
 SUSPECT_SECONDS = 60.0
@@ -25,7 +32,7 @@ STALE_SECONDS = 600.0
 
 @dataclass(eq=False)
 class Placement:
-    """A sandbox's Slurm job. ``job`` is the latest ``squeue`` line (None until seen, or once gone)."""
+    """An allocation's Slurm job. ``job`` is the latest ``squeue`` line (None until seen, or once gone)."""
 
     key: str
     job_dir: str
@@ -34,26 +41,39 @@ class Placement:
     job: cli.Job | None = None
     gone: bool = False  # Slurm no longer knows the job
     running_since: float | None = None
-    address: dict | None = None
+    address: dict[str, Any] | None = None
     submitted_at: float | None = None  # Unix times, for ``SlurmRuntime.job``
     connected_at: float | None = None
-    stopping: bool = False
+    stopping: bool = False  # this runtime is releasing the allocation
     ended: bool = False
-    remote: object = None  # the RemoteRuntime speaking to the job's server, once connected
-    inner: object = None  # that runtime's record of the sandbox
+    lost: str | None = None  # why the allocation was lost (its node or job gone), once it was
+    remote: Any = None  # the RemoteRuntime speaking to the job's server, once connected
+    shape: SandboxSpec | None = None  # the spec of the sandboxes it holds (None: another client's job)
+    slots: int = 1
+    members: dict[int, SandboxRecord] = field(default_factory=dict)  # the sandboxes it serves, by id()
+    leaving: set[int] = field(default_factory=set)  # members being stopped: their slots are free again
+    claims: int = 0  # starts waiting for one of its slots
+    idle_since: float | None = None
+    connecting: trio.Lock = field(default_factory=trio.Lock)
     changed: trio.Event = field(default_factory=trio.Event)
 
     @property
-    def sandbox_id(self) -> str:
-        return f"slurm-{self.job_id}"
+    def free(self) -> int:
+        """Slots that no sandbox serves (but for those being stopped) or waits for."""
+        return self.slots - len(self.members.keys() - self.leaving) - self.claims
+
+    @property
+    def usable(self) -> bool:
+        """Whether new sandboxes may still go here (it is ours, and neither released nor lost)."""
+        return self.owned and not (self.stopping or self.ended or self.gone or self.lost)
 
     @property
     def node(self) -> str | None:
         if self.address and self.address.get("node"):
-            return self.address["node"]
+            return str(self.address["node"])
         return self.job.nodes if self.job and self.job.nodes not in ("", "(null)") else None
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         """What ``SlurmRuntime.job`` reports (see there)."""
         address = self.address or {}
         times = {"submitted": self.submitted_at, "launched": address.get("launched_at"),
@@ -76,7 +96,7 @@ class Placement:
         self.changed.set()
         self.changed = trio.Event()
 
-    def read_address(self) -> dict | None:
+    def read_address(self) -> dict[str, Any] | None:
         """``address.json`` of the job, once its server wrote it (atomically)."""
         if self.address is None:
             try:
@@ -111,6 +131,8 @@ def judge_start(p: Placement, now: float, agent_seconds: float, dead_nodes: tupl
     nodes whose sandboxes just went silent: Slurm may take a minute to notice, the job will never
     report); a fresh job may succeed elsewhere. wait: otherwise.
     """
+    if p.lost:
+        return "retry", p.lost
     address = p.read_address()
     if address is not None:
         if "error" in address:
@@ -145,7 +167,7 @@ NEVER_RUNS = frozenset({"BadConstraints", "PartitionNodeLimit", "PartitionTimeLi
                         "Nodes_required_for_job_are_DOWN,_DRAINED_or_reserved_for_jobs_in_higher_priority_partitions"})
 
 
-def new_job_dir(spool_dir: str, job: dict) -> tuple[str, str]:
+def new_job_dir(spool_dir: str, job: dict[str, Any]) -> tuple[str, str]:
     """A fresh job directory in the spool (mode 0700) with a new per-job ``token`` (0600) and
     ``job.json``; its ``(key, path)``."""
     key = secrets.token_hex(6)
@@ -201,3 +223,38 @@ def end_reason(p: Placement, server_shut_down: bool, inner_lost: str | None) -> 
     if server_shut_down:
         return ended_by_slurm(p)
     return None
+
+
+def sandbox_id(job_id: str | None, inner_id: str) -> str:
+    """A Slurm sandbox's id: ``slurm-<job id>-<its id on the job's server, without "sb-">``."""
+    return f"slurm-{job_id}-{inner_id.removeprefix('sb-')}"
+
+
+def parse_sandbox_id(sandbox_id: str) -> tuple[str, str] | None:
+    """``(job id, id on the job's server)`` of a Slurm sandbox id; None if it is not one."""
+    job_id, _, inner = sandbox_id.removeprefix("slurm-").partition("-")
+    if not (sandbox_id.startswith("slurm-") and job_id.isdigit() and inner):
+        return None
+    return job_id, f"sb-{inner}"
+
+
+def slots_fit(node: cli.Node, size: tuple[float, int | None, int]) -> int:
+    """How many sandboxes of ``size`` (``cli.slot_size``) one allocation on ``node`` can hold."""
+    cpus, memory, gpus = size
+    fits = [int(node.cpus // cpus) if cpus > 0 else node.cpus]
+    if memory:
+        fits.append(int(node.memory_mib * 2**20 // memory))
+    if gpus:
+        fits.append(node.gpus // gpus)
+    return max(0, min(fits))
+
+
+def job_sizes(wanted: int, held: int, fit: int, floor: int = 1) -> list[int]:
+    """The slot counts of the new jobs for ``wanted`` more sandboxes of a spec that already holds
+    ``held`` slots, where one job holds at most ``fit``: demand first, and a spec that keeps asking
+    for more grows geometrically (a lone extra sandbox gets a job as large as what it holds, up to
+    a node), at least ``floor`` slots a job."""
+    fit = max(1, fit)
+    total = max(wanted, min(fit, max(held, floor))) if wanted < fit else wanted
+    sizes = [fit] * (total // fit) + ([total % fit] if total % fit else [])
+    return sizes
