@@ -34,8 +34,11 @@ class FrameChannel:
         self._send_lock = trio.Lock()
         self._max = max_frame_bytes
         self.closed = False
-        # The socket's descriptor, for writes from other threads (-1: not a socket, never then).
-        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+        # The socket's descriptor, for writes from other threads (-1: not a socket, never then). A
+        # stream with a ``socket`` (trio's SocketStream, the fast plane's) closes it only when this
+        # channel closes it, so the number is never another file's while the channel is open.
+        sock = getattr(stream, "socket", None)
+        self._fd = sock.fileno() if sock is not None else -1
         self._wire = threading.Lock()  # guards _busy, _backlog and closed against send_now's thread
         self._busy = False  # a task of the loop is writing
         self._backlog = bytearray()  # the end of a frame send_now began: it goes out before anything else
