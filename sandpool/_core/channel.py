@@ -19,6 +19,11 @@ from _sandpool_agent import wire as _wire
 from .._errors import SandboxUnavailableError
 
 
+#: A stream may return data without yielding to the scheduler (the fast plane's, a sandbox's): every
+#: so many reads the reader yields all the same, so a peer that keeps sending cannot starve the loop.
+_YIELD_EVERY = 16
+
+
 class FrameChannel:
     """Sends and receives wire frames on ``stream``.
 
@@ -42,6 +47,7 @@ class FrameChannel:
         self._wire = threading.Lock()  # guards _busy, _backlog and closed against send_now's thread
         self._busy = False  # a task of the loop is writing
         self._backlog = bytearray()  # the end of a frame send_now began: it goes out before anything else
+        self._reads = 0
 
     async def send(self, frame: dict[str, Any]) -> None:
         """Send one frame. Raises ProtocolError if it is too large, SandboxUnavailableError if the peer is gone."""
@@ -87,9 +93,13 @@ class FrameChannel:
         must ``flush``), False if nothing was done (not a socket, closed, busy, a backlog already:
         send it from the loop). Raises ProtocolError if the frame is too large,
         SandboxUnavailableError if the socket broke."""
+        return self.send_many_now([frame])
+
+    def send_many_now(self, frames: list[dict[str, Any]]) -> bool:
+        """``send_now`` for several frames in one write."""
         if self._fd < 0 or self.closed:
             return False
-        data = _wire.encode(frame, max_bytes=self._max)
+        data = b"".join([_wire.encode(f, max_bytes=self._max) for f in frames])
         with self._wire:
             if self.closed or self._busy or self._backlog:
                 return False
@@ -111,6 +121,9 @@ class FrameChannel:
     async def receive(self) -> dict[str, Any] | None:
         """The next frame, or None at EOF. A malformed frame raises ProtocolError."""
         while not self._ready:
+            self._reads += 1
+            if self._reads % _YIELD_EVERY == 0:  # a stream that never waits while data comes: be fair
+                await trio.lowlevel.checkpoint()
             try:
                 data = await self._stream.receive_some(1 << 20)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
