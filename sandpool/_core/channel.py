@@ -20,8 +20,10 @@ from .._errors import SandboxUnavailableError
 
 
 #: A stream may return data without yielding to the scheduler (the fast plane's, a sandbox's): every
-#: so many reads the reader yields all the same, so a peer that keeps sending cannot starve the loop.
+#: so many reads, and after a large one, the reader yields all the same, so a peer that keeps sending
+#: cannot starve the loop.
 _YIELD_EVERY = 16
+_LARGE_READ = 1 << 16
 
 
 class FrameChannel:
@@ -122,7 +124,8 @@ class FrameChannel:
         """The next frame, or None at EOF. A malformed frame raises ProtocolError."""
         while not self._ready:
             self._reads += 1
-            if self._reads % _YIELD_EVERY == 0:  # a stream that never waits while data comes: be fair
+            if self._reads >= _YIELD_EVERY:  # a stream that never waits while data comes: be fair
+                self._reads = 0
                 await trio.lowlevel.checkpoint()
             try:
                 data = await self._stream.receive_some(1 << 20)
@@ -131,6 +134,8 @@ class FrameChannel:
             if not data:
                 self._close_now()
                 return None
+            if len(data) >= _LARGE_READ:
+                self._reads = _YIELD_EVERY - 1  # the next read yields first
             self._ready.extend(self._decoder.feed(data))
         return self._ready.popleft()
 
