@@ -90,13 +90,16 @@ class Process(OperationRef[ProcessResult]):
         self._detached = not self._loop.in_loop_thread()
         self._ending = False  # detached: a task of the loop kills it (timeout, cancel) and settles it
         # The exec frame goes out from a sync caller's thread when it can (SandboxLink.send_now).
-        self._req_id = link.send_now(self, self._exec_frame) if self._detached else 0  # 0: the task sends it
+        # From the loop's own thread too: the frame leaves before the task first runs.
+        self._req_id = link.send_now(self, self._exec_frame)  # 0: the task sends it
         # An exec cancelled before its task ran, or refused by a closing session, never runs _body:
         # its streams must end all the same, or a reader would wait for ever.
         self.add_done_callback(type(self)._end_streams)
         if self._req_id and self._detached:
             self._detach()
         else:  # the loop's task sends the frame (if it has not gone), waits, bounds and cleans up
+            if self._req_id:
+                self._sent.set()  # in the loop's thread
             self._detached = False
             self._launch(self._loop, self._body)
 
@@ -260,6 +263,17 @@ class Process(OperationRef[ProcessResult]):
             self._failure = error or SandboxExecutionError(
                 f"command {self._argv!r} was cancelled before it ran", sandbox_id=self._link.sandbox_id())
             self._mark_exited()
+            if self._req_id and not self._detached:  # its frame went out at exec(): kill what it started
+                try:
+                    self._loop.start_soon(self._abandon)
+                except RuntimeError:  # the loop is gone, and with it the agent's connection
+                    pass
+
+    async def _abandon(self) -> None:
+        try:
+            await self._kill()
+        finally:
+            self._link.unregister(self._req_id)
 
     def _mark_exited(self) -> None:
         for buffer in self._out.values():
@@ -344,11 +358,14 @@ class Process(OperationRef[ProcessResult]):
 
     async def _execute(self) -> ProcessResult:
         link = self._link
-        await link.ensure_running()
-        self._req_id = link.register(self)
+        sent = bool(self._req_id)  # at exec(), from the loop's own thread
+        if not sent:
+            await link.ensure_running()
+            self._req_id = link.register(self)
         try:
-            await link.send(self._exec_frame(self._req_id))
-            self._sent.set()
+            if not sent:
+                await link.send(self._exec_frame(self._req_id))
+                self._sent.set()
             with trio.move_on_after(self._timeout if self._timeout is not None else float("inf")):
                 await self._exited.wait()
             if not self._exited.is_set():

@@ -122,18 +122,28 @@ def test_stdin_and_signals_after_a_fast_send(sb):
     _settled(sb)
 
 
-def test_trio_path_matches():
-    """In trio (the loop's own thread) exec keeps its task; results and timeouts are the same."""
+def test_trio_path_sends_at_once_and_matches():
+    """In trio (the loop's own thread) exec sends its frame at once and keeps its task; results,
+    timeouts and a cancel before the task first ran are the same (the command is killed)."""
 
     async def main():
         async with Session() as session:
             sandbox = await session.sandbox()
             proc = sandbox.exec(["sh", "-c", "echo hi; exit 4"])
-            assert not proc._detached
+            assert proc._req_id and not proc._detached  # the frame went out already; a task waits for it
             result = await proc
             assert (result.stdout, result.returncode) == ("hi\n", 4)
             with pytest.raises(SandboxTimeoutError):
                 await sandbox.exec(["sleep", "600"], timeout_seconds=0.3)
+            early = sandbox.exec(["sleep", "600"])
+            early.cancel()  # before its task first ran
+            with pytest.raises(OperationCancelled):
+                await early
+            with pytest.raises(SandboxExecutionError, match="cancelled"):
+                [chunk async for chunk in early.stdout]
+            # the kill goes out by a task of its own: the command is gone soon after (else this times out)
+            await sandbox.exec(["sh", "-c", "while pgrep -x sleep >/dev/null; do :; done"], timeout_seconds=20,
+                               check=True)
             _settled(sandbox)
 
     trio.run(main)
