@@ -7,6 +7,25 @@ import socket
 from . import wire as _wire
 
 
+#: A read goes into a buffer of this size first: most are a frame or two, and a fresh 1 MiB bytes
+#: object per read costs an mmap, an mremap and a munmap.
+SCRATCH_BYTES = 1 << 16
+READ_BYTES = 1 << 20
+
+
+def read_now(sock: socket.socket, scratch: bytearray, limit: int = READ_BYTES) -> bytes:
+    """What ``sock`` has now, up to ``limit`` bytes (b"" at its end), read through ``scratch``.
+    Raises BlockingIOError when it has nothing yet, and OSError as ``recv`` does."""
+    size = sock.recv_into(scratch, min(limit, len(scratch)))
+    data = bytes(memoryview(scratch)[:size])
+    if size == len(scratch) and limit > size:  # maybe more: take it in one go
+        try:
+            data += sock.recv(limit - size)
+        except (BlockingIOError, InterruptedError):
+            pass
+    return data
+
+
 class FrameSocket:
     """A stream socket speaking wire frames. ``send`` blocks; ``read_available`` never blocks long."""
 
@@ -14,6 +33,7 @@ class FrameSocket:
         self.sock = sock
         self._decoder = _wire.FrameBuffer(lenient=lenient)  # lenient: bad frames come out as ProtocolErrors
         self.broken = False  # a send failed: the peer is gone
+        self._scratch = bytearray(SCRATCH_BYTES)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -30,7 +50,7 @@ class FrameSocket:
         """Read what is there now and return the whole frames; None once the peer closed. Lenient,
         a bad frame is a ProtocolError in the list; strict, it raises one."""
         try:
-            data = self.sock.recv(1 << 20)
+            data = read_now(self.sock, self._scratch)
         except (BlockingIOError, InterruptedError):
             return []
         except ConnectionResetError:

@@ -99,6 +99,11 @@ class FastStream(trio.abc.Stream):
         self._control = control
         self._on_close = on_close
 
+    @property
+    def socket(self) -> socket.socket:
+        """The fast socket (a FrameChannel writes a sync caller's frame to it from that thread)."""
+        return self._stream.socket
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._stream.send_all(data)
 

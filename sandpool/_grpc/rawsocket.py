@@ -15,8 +15,21 @@ wakes any waiting task).
 from __future__ import annotations
 
 import socket
+import threading
 
 import trio
+
+from _sandpool_agent.framesock import READ_BYTES, SCRATCH_BYTES, read_now
+
+_local = threading.local()
+
+
+def _scratch() -> bytearray:
+    """This thread's read buffer (a read copies out of it before anything else runs in the thread)."""
+    buffer: bytearray | None = getattr(_local, "buffer", None)
+    if buffer is None:
+        buffer = _local.buffer = bytearray(SCRATCH_BYTES)
+    return buffer
 
 
 class RawSocketStream(trio.abc.Stream):
@@ -34,7 +47,9 @@ class RawSocketStream(trio.abc.Stream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         while not self.closed:
             try:
-                return self.socket.recv(max_bytes or 1 << 20)
+                if max_bytes is None or max_bytes > SCRATCH_BYTES:
+                    return read_now(self.socket, _scratch(), max_bytes or READ_BYTES)
+                return self.socket.recv(max_bytes)
             except BlockingIOError:
                 try:
                     await trio.lowlevel.wait_readable(self.socket)

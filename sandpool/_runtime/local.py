@@ -25,6 +25,7 @@ import trio
 from _sandpool_agent import wire as _wire
 from _sandpool_agent import linux as _linux
 from .._core.channel import FrameChannel
+from .._grpc.rawsocket import RawSocketStream
 from .._config import SandboxSpec
 from .._errors import SandboxFailedError, SandboxUnavailableError
 from .._isolation import probe
@@ -274,7 +275,7 @@ class LocalRuntime(Runtime):
         if cgroups is not None:
             record.extra["cgroups"] = cgroups
         self._by_pid[record.agent_pid] = record
-        channel = FrameChannel(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+        channel = FrameChannel(RawSocketStream(ours))  # no pass through the loop when the bytes are there
         try:
             await channel.handshake()
         except SandboxUnavailableError as exc:

@@ -31,6 +31,8 @@ from .._grpc.threadpipe import ThreadPipe
 from .._grpc.frames import ID_BITS, check as check_frame
 
 log = logging.getLogger("sandpool.serve")
+#: Rounds of a client's frames relayed without a wait, at most, before the relay yields to the loop.
+_YIELD_EVERY = 16
 
 
 class Pipe(Protocol):
@@ -105,6 +107,7 @@ class Hub:
         decoder = _wire.FrameBuffer(max_bytes=self._max_frame)
         base = att.number << ID_BITS
         agent_gone = False
+        rounds = 0
         try:
             while True:
                 try:
@@ -128,8 +131,14 @@ class Hub:
                     if frame_id and not (att.direct_line and frame["t"] == "cancel" and frame.get("call")):
                         frame["id"] = base | frame_id
                     frames.append(frame)
-                if frames:
-                    await self.channel.send_many(frames)
+                if frames:  # at once when the agent's socket takes them (no pass through the loop)
+                    if not self.channel.send_many_now(frames):
+                        await self.channel.send_many(frames)
+                    elif self.channel.backlogged:
+                        await self.channel.flush()
+                rounds += 1
+                if rounds % _YIELD_EVERY == 0:  # neither end may wait while the client keeps sending: be fair
+                    await trio.lowlevel.checkpoint()
         except ProtocolError as exc:
             att.end(Ending(error=("INVALID_ARGUMENT", f"malformed data-plane message: {exc}")))
         except SandboxUnavailableError:

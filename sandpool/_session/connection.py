@@ -7,12 +7,13 @@ ends, settles the sandbox's state through its lifecycle's transition function.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from _sandpool_agent import wire as _wire
-from .._core.lifecycle import Event
+from .._core.lifecycle import Event, Phase
 from .._errors import (
     ProtocolError,
     SandboxDiedError,
@@ -63,6 +64,30 @@ class AgentConnection(SandboxParts):
 
     async def _send(self, frame: dict[str, Any]) -> None:
         await self._open_channel().send(frame)
+
+    def _send_now(self, handler: Any, make: Callable[[int], dict[str, Any]]) -> int:
+        """The fast path of a request (any thread): when this sandbox runs and no task of its loop is
+        writing to the agent, register ``handler``, write ``make(req_id)`` from this thread and
+        return the id; else (or if that fails: the loop's path then meets the same error) do
+        nothing and return 0. A frame the socket did not take whole is finished by a task of the loop."""
+        record = self._record
+        channel = record.channel if record is not None else None
+        if channel is None or channel.closed or self._state.phase is not Phase.RUNNING:
+            return 0
+        req_id = self._register(handler)
+        try:
+            sent = channel.send_now(make(req_id))
+        except SandboxError:  # too large (ProtocolError), or the socket broke
+            sent = False
+        if not sent:
+            self._unregister(req_id)
+            return 0
+        if channel.backlogged:
+            try:
+                self._host.start_soon(channel.flush)
+            except RuntimeError:  # the loop is gone, and the connection with it
+                pass
+        return req_id
 
     async def _send_many(self, frames: list[dict[str, Any]]) -> None:
         """Send several frames in one write (remote-function calls batch this way)."""

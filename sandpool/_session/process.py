@@ -10,6 +10,7 @@ from typing import Any
 import trio
 
 from _sandpool_agent import wire as _wire
+from .._core.deadlines import Deadlines
 from .._core.opref import OperationCancelled, OperationRef, TaskHost
 from .._core.output import OutputBuffer
 from .._errors import ProtocolError, SandboxExecutionError, SandboxTimeoutError
@@ -26,7 +27,11 @@ _MAX_OWED_BYTES = _wire.OUTPUT_WINDOW_BYTES + _wire.OUTPUT_CHUNK_BYTES
 @dataclass(frozen=True)
 class SandboxLink:
     """What a process uses of its sandbox, handed to it by the sandbox: the loop its operations run
-    in, the sandbox's id, and the agent's connection (a process never reaches into the sandbox)."""
+    in, the sandbox's id, and the agent's connection (a process never reaches into the sandbox).
+
+    ``send_now(handler, make)`` is the fast path: when the sandbox runs and no task of its loop is
+    writing to the agent, it registers ``handler``, writes the frame ``make(req_id)`` from the
+    calling thread (any thread) and returns the id; else it does nothing and returns 0."""
 
     host: Callable[[], TaskHost]
     sandbox_id: Callable[[], str | None]
@@ -34,6 +39,8 @@ class SandboxLink:
     register: Callable[[Any], int]
     unregister: Callable[[int], None]
     send: Callable[[dict[str, Any]], Awaitable[None]]
+    send_now: Callable[[Any, Callable[[int], dict[str, Any]]], int]
+    deadlines: Deadlines
 
 
 @dataclass
@@ -58,8 +65,9 @@ class Process(OperationRef[ProcessResult]):
 
     def __init__(self, link: SandboxLink, argv: list[str], *, cwd: str | None, env: dict[str, str] | None,
                  timeout: float | None, check: bool, stdin: bool, cap: int, exec_extra: dict[str, Any] | None = None) -> None:
-        """Make the process and start its task in the sandbox's loop; ``exec_extra`` adds fields to
-        its exec frame (a terminal's "tty")."""
+        """Make the process and send it (from a sync caller's thread, at once when it can: see
+        ``_detach``), or start its task in the sandbox's loop; ``exec_extra`` adds fields to its
+        exec frame (a terminal's "tty")."""
         super().__init__()
         self._link = link
         self._loop: TaskHost = link.host()
@@ -71,17 +79,47 @@ class Process(OperationRef[ProcessResult]):
         self.stderr = StreamReader(self._loop, self._out[2], self._send_credit, self._failure_now)
         self._window = StdinWindow(self._send_stdin, self._check_stdin_open)
         self.stdin: StreamWriter | None = StreamWriter(self._loop, self._window) if stdin else None
-        self._req_id = 0
         self._pid: int | None = None
         self._sent = self._window.sent
         self._exited = trio.Event()
         self._exit_code: int | None = None
         self._failure: BaseException | None = None  # why it ended without an exit code
         self._owed = 0  # output bytes received and not yet acknowledged to the agent
+        # Sent from a sync caller's thread, it has no task of its own: the agent's frames, its
+        # deadline or a cancel settle it. Set before the frame goes: its answer may come at once.
+        self._detached = not self._loop.in_loop_thread()
+        self._ending = False  # detached: a task of the loop kills it (timeout, cancel) and settles it
+        # The exec frame goes out from a sync caller's thread when it can (SandboxLink.send_now).
+        # From the loop's own thread too: the frame leaves before the task first runs.
+        self._req_id = link.send_now(self, self._exec_frame)  # 0: the task sends it
         # An exec cancelled before its task ran, or refused by a closing session, never runs _body:
         # its streams must end all the same, or a reader would wait for ever.
         self.add_done_callback(type(self)._end_streams)
-        self._launch(self._loop, self._body)
+        if self._req_id and self._detached:
+            self._detach()
+        else:  # the loop's task sends the frame (if it has not gone), waits, bounds and cleans up
+            if self._req_id:
+                self._sent.set()  # in the loop's thread
+            self._detached = False
+            self._launch(self._loop, self._body)
+
+    def _detach(self) -> None:
+        """A sync caller's exec, sent from its thread: no hop into the loop at all. The reader
+        settles it from the agent's frames (``_conclude``, maybe already), the sandbox's deadlines
+        time it out (``_expire``), ``cancel`` kills it, each as the task of ``_body`` would have."""
+        self._sent.set()  # nobody else holds this process yet: no task waits on the event
+        if self._timeout is not None and not self.done():
+            try:
+                self._link.deadlines.add(self, self._timeout, self._expire)
+            except RuntimeError:  # the loop has finished: the sandbox's end settles this process
+                pass
+            if self.done():  # it was settled meanwhile, and its deadline maybe not yet discarded
+                self._link.deadlines.discard(self)
+
+    def _exec_frame(self, req_id: int) -> dict[str, Any]:
+        self._req_id = req_id
+        return {"t": "exec", "id": req_id, "argv": self._argv, "cwd": self._cwd, "env": self._env,
+                "stdin": self.stdin is not None, **self._exec_extra}
 
     async def _next_output(self) -> bytes | None:
         """The next raw chunk of stdout (None at EOF), acknowledged as it is taken."""
@@ -147,8 +185,8 @@ class Process(OperationRef[ProcessResult]):
         return super().__await__()
 
     def _request_drain(self) -> None:
-        if self.done():
-            return
+        if self.done() or all(buffer.ack_from is None for buffer in self._out.values()):
+            return  # nothing is held back (no live reader began): no hop to the loop for nothing
         if self._loop.in_loop_thread():
             self._drain()
         else:
@@ -225,6 +263,17 @@ class Process(OperationRef[ProcessResult]):
             self._failure = error or SandboxExecutionError(
                 f"command {self._argv!r} was cancelled before it ran", sandbox_id=self._link.sandbox_id())
             self._mark_exited()
+            if self._req_id and not self._detached:  # its frame went out at exec(): kill what it started
+                try:
+                    self._loop.start_soon(self._abandon)
+                except RuntimeError:  # the loop is gone, and with it the agent's connection
+                    pass
+
+    async def _abandon(self) -> None:
+        try:
+            await self._kill()
+        finally:
+            self._link.unregister(self._req_id)
 
     def _mark_exited(self) -> None:
         for buffer in self._out.values():
@@ -232,6 +281,70 @@ class Process(OperationRef[ProcessResult]):
         self._exited.set()
         self._sent.set()  # stdin writers and signals waiting for the exec to go out: it never will now
         self._window.taken(0)  # writers waiting for the window: it will not open any more
+        if self._detached and not self._ending:
+            self._conclude()
+
+    # -- detached (sent from a sync caller's thread; in the loop's thread) -----------------------
+
+    def _conclude(self) -> None:
+        """It exited, or its sandbox ended: settle it as ``_execute`` would have."""
+        self._link.unregister(self._req_id)
+        self._link.deadlines.discard(self)
+        try:
+            result = self._outcome()
+        except Exception as exc:
+            self._set_error(exc)
+        else:
+            self._set_result(result)
+
+    def _expire(self) -> None:
+        """Its deadline passed (a Deadlines callback: it must not raise)."""
+        self._end_by(self._time_out)
+
+    def _end_by(self, ending: Callable[[], Awaitable[None]]) -> None:
+        if self._ending or self.done():
+            return
+        try:
+            self._loop.nursery.start_soon(ending)
+        except RuntimeError:  # the session is closing: its sandbox's end settles this process
+            return
+        self._ending = True
+
+    async def _time_out(self) -> None:
+        await self._kill()
+        self._link.unregister(self._req_id)
+        error = SandboxTimeoutError(f"command {self._argv!r} timed out after {self._timeout} s; its process tree "
+                                    "was killed", sandbox_id=self._link.sandbox_id())
+        if not self._exited.is_set():
+            self._failure = error
+            self._mark_exited()
+        self._set_error(error)
+
+    async def _cancelled(self) -> None:
+        self._link.deadlines.discard(self)
+        await self._kill()
+        self._link.unregister(self._req_id)
+        if not self._exited.is_set():
+            self._failure = SandboxExecutionError(f"command {self._argv!r} was cancelled",
+                                                  sandbox_id=self._link.sandbox_id())
+            self._mark_exited()
+        self._set_cancelled()
+
+    def cancel(self) -> bool:
+        """As ``OperationRef.cancel``: a running command is killed (its tree), then the process
+        raises OperationCancelled; False if it was done already."""
+        if not self._detached:
+            return super().cancel()
+        if self.done():
+            return False
+        try:
+            if self._loop.in_loop_thread():
+                self._end_by(self._cancelled)
+            else:
+                self._loop.call_soon(self._end_by, self._cancelled)
+        except RuntimeError:  # the loop has finished, and the sandbox's connection with it
+            return super().cancel()
+        return True
 
     async def _body(self) -> ProcessResult:
         try:
@@ -245,12 +358,14 @@ class Process(OperationRef[ProcessResult]):
 
     async def _execute(self) -> ProcessResult:
         link = self._link
-        await link.ensure_running()
-        self._req_id = link.register(self)
+        sent = bool(self._req_id)  # at exec(), from the loop's own thread
+        if not sent:
+            await link.ensure_running()
+            self._req_id = link.register(self)
         try:
-            await link.send({"t": "exec", "id": self._req_id, "argv": self._argv, "cwd": self._cwd,
-                                 "env": self._env, "stdin": self.stdin is not None, **self._exec_extra})
-            self._sent.set()
+            if not sent:
+                await link.send(self._exec_frame(self._req_id))
+                self._sent.set()
             with trio.move_on_after(self._timeout if self._timeout is not None else float("inf")):
                 await self._exited.wait()
             if not self._exited.is_set():
@@ -263,13 +378,17 @@ class Process(OperationRef[ProcessResult]):
             if not self._exited.is_set():
                 await self._kill()
             link.unregister(self._req_id)
+        return self._outcome()
+
+    def _outcome(self) -> ProcessResult:
+        """The result of the exited process, or the error it ends with."""
         if self._failure is not None:
             raise self._failure
         result = self._result()
         if self._check and result.returncode != 0:
             raise SandboxExecutionError(
                 f"command {self._argv!r} failed with exit code {result.returncode}",
-                sandbox_id=link.sandbox_id(), exec_result=result,
+                sandbox_id=self._link.sandbox_id(), exec_result=result,
             )
         return result
 

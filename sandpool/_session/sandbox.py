@@ -12,6 +12,7 @@ import trio
 
 from _sandpool_agent import wire as _wire
 from .._config import SandboxDefaults, SandboxSpec, SandboxStatus, resolve_spec
+from .._core.deadlines import Deadlines
 from .._core.lifecycle import Event, Lifecycle, Phase, advance
 from .._core.opref import OperationRef, TaskHost, check_not_in_trio
 from .._core.routing import Requests
@@ -91,7 +92,9 @@ class Sandbox(SandboxBlocks, SnapshotsMixin, PodMixin, SurfaceMixin, LogsMixin, 
         self._exec_stats = ExecStats()
         self._link = AgentLink(host=_home.host, sandbox_id=lambda: self.sandbox_id,
                                ensure_running=self._ensure_running, register=self._register,
-                               unregister=self._unregister, send=self._send, send_many=self._send_many,
+                               unregister=self._unregister, send=self._send, send_now=self._send_now,
+                               deadlines=Deadlines(lambda: self._host),
+                               send_many=self._send_many,
                                record=lambda: self._record, open_main_log=self._open_main_log)
         self._init_pod(_pod_join)  # a pod's further containers (or, in one of them, how to join its primary)
         if standalone:  # a session's own sandboxes are tracked by the session (found handles: on adopt)
