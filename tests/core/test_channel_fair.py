@@ -56,12 +56,18 @@ def _ticks_while_reading(frames_per_read: int, reads: int) -> int:
     return trio.run(main)
 
 
+#: The first read does not yield, and trio runs a batch of ready tasks in either order, so the
+#: ticker's turn at the last yield may come after the count is taken: two fewer ticks than yields
+#: at worst (without the yields there would be none at all).
+_LAST_YIELD = 2
+
+
 def test_small_reads_yield_every_few():
     """Small reads: the reader yields at least once every 16 reads."""
-    assert _ticks_while_reading(frames_per_read=2, reads=320) >= 320 // 16 - 1
+    assert _ticks_while_reading(frames_per_read=2, reads=320) >= 320 // 16 - _LAST_YIELD
 
 
 def test_large_reads_yield_each_time():
     """A read of 64 KiB or more: the next read yields first."""
     frames = 1 + (1 << 16) // len(_wire.encode({"t": "pong", "id": 1}))
-    assert _ticks_while_reading(frames_per_read=frames, reads=20) >= 19
+    assert _ticks_while_reading(frames_per_read=frames, reads=20) >= 20 - 1 - _LAST_YIELD
