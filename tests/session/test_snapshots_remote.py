@@ -117,3 +117,17 @@ def test_a_servers_refusal_keeps_its_attributes(tmp_path):
             sb.snapshot().result()
         assert info.value.feature == "snapshot" and info.value.sandbox_id == sb.sandbox_id
         assert sb.exec(["echo", "still running"]).result().stdout == "still running\n"
+
+
+def test_error_attributes_from_a_server_are_bounded():
+    """What a server's error trailer may set on the client's exception: only string attributes the
+    class declares (never sandbox_id, which the client knows), each short; anything else is ignored."""
+    from sandpool._grpc import messages as m
+
+    sent = m.error_extras(SnapshotNotSupportedError("no", feature="snapshot", file_system_snapshot_id="snap-1"))
+    assert m.extras_for(SnapshotNotSupportedError, sent) == {"feature": "snapshot", "file_system_snapshot_id": "snap-1"}
+    hostile = json.dumps({"feature": "x" * 300, "__class__": "int", "sandbox_id": "sb-other", "reason": 3,
+                          "file_system_snapshot_id": "snap-2"})
+    assert m.extras_for(SnapshotNotSupportedError, hostile) == {"file_system_snapshot_id": "snap-2"}
+    for text in (None, "not json", "[1]", json.dumps({"feature": "x" * 10_000})):
+        assert m.extras_for(SnapshotNotSupportedError, text) == {}
