@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar, cast
 
 import trio
 
@@ -28,10 +28,11 @@ from .._images import snapshots as _store
 from .parts import SandboxParts
 
 if TYPE_CHECKING:
+    from .._runtime.contract import Runtime
     from .._runtime.remote import RemoteRuntime
-    from .session import Session
+    from .home import SandboxHome
 
-__all__ = ["SnapshotsMixin"]
+__all__ = ["SessionSnapshots", "SnapshotsMixin"]
 
 #: At most this many sandboxes from one fork() call.
 MAX_FORKS = 1000
@@ -113,13 +114,10 @@ class SnapshotsMixin(SandboxParts):
         """The snapshot ``fss_id`` (SnapshotNotFoundError if there is none; ValueError if malformed).
         With ``address`` (or ``$SANDPOOL_ADDRESS``), one the server at that address took for its clients."""
         _check_cloud(cloud, "get_snapshot")
-        check_snapshot_id(fss_id, "fss_id")
         if _server(address):
-            return _on_server(cls._hidden(), address, token, lambda rt: rt.get_snapshot(fss_id), _describe)
-        try:
-            return OperationRef.completed(_describe(_local_store().get(fss_id)))
-        except _store.SnapshotNotFound as exc:
-            return OperationRef.failed(SnapshotNotFoundError(str(exc), file_system_snapshot_id=fss_id))
+            session: SessionSnapshots = cls._hidden().default_session(address=address, token=token)
+            return session.get_snapshot(fss_id)
+        return _local(_get, fss_id)
 
     @classmethod
     def list_snapshots(cls, *, source_sandbox_id: str | None = None, status: Any = None, address: str | None = None,
@@ -127,15 +125,10 @@ class SnapshotsMixin(SandboxParts):
         """Every stored snapshot, oldest first; only those of ``source_sandbox_id`` / ``status`` if given.
         With ``address`` (or ``$SANDPOOL_ADDRESS``), those the server at that address took for its clients."""
         _check_cloud(cloud, "list_snapshots")
-        wanted = None if status is None else FileSystemSnapshotStatus(status)
-
-        def select(records: list[_store.SnapshotRecord]) -> list[FileSystemSnapshot]:
-            found = [_describe(r) for r in records if source_sandbox_id in (None, r.source_sandbox_id)]
-            return [s for s in found if wanted in (None, s.status)]
-
         if _server(address):
-            return _on_server(cls._hidden(), address, token, lambda rt: rt.list_snapshots(source_sandbox_id), select)
-        return OperationRef.completed(select(_local_store().records()))
+            session: SessionSnapshots = cls._hidden().default_session(address=address, token=token)
+            return session.list_snapshots(source_sandbox_id=source_sandbox_id, status=status)
+        return _local(_list, source_sandbox_id, status)
 
     @classmethod
     def delete_snapshot(cls, fss_id: str, *, missing_ok: bool = False, address: str | None = None,
@@ -144,14 +137,60 @@ class SnapshotsMixin(SandboxParts):
         them. SnapshotNotFoundError if there is none, unless ``missing_ok``. With ``address`` (or
         ``$SANDPOOL_ADDRESS``), on the server at that address (only what it took for its clients)."""
         _check_cloud(cloud, "delete_snapshot")
-        check_snapshot_id(fss_id, "fss_id")
         if _server(address):
-            return _on_server(cls._hidden(), address, token,
-                              lambda rt: rt.delete_snapshot(fss_id, missing_ok=missing_ok), lambda deleted: None)
-        if _local_store().delete(fss_id) or missing_ok:
-            return OperationRef.completed(None)
-        return OperationRef.failed(SnapshotNotFoundError(f"snapshot {fss_id!r} does not exist; list them with "
-                                                         f"Sandbox.list_snapshots()", file_system_snapshot_id=fss_id))
+            session: SessionSnapshots = cls._hidden().default_session(address=address, token=token)
+            return session.delete_snapshot(fss_id, missing_ok=missing_ok)
+        return _local(_delete, fss_id, missing_ok)
+
+
+class SessionSnapshots:
+    """``Session.get_snapshot/list_snapshots/delete_snapshot`` (a base class of ``Session``): the
+    snapshot store its sandboxes start from: its server's for a session with ``address=`` (the
+    snapshots the server took for its clients), else this machine's."""
+
+    if TYPE_CHECKING:
+        _home: SandboxHome
+        _owned_runtime: Runtime | None
+        _runtime_arg: Runtime | None
+
+    def _on_server(self) -> bool:
+        from .._runtime.remote import RemoteRuntime
+
+        return isinstance(self._owned_runtime or self._runtime_arg, RemoteRuntime)
+
+    def _ask_server(self, call: Callable[[RemoteRuntime], Awaitable[T]], shape: Callable[[T], U]) -> OperationRef[U]:
+        """``shape(await call(runtime))`` with this session's (remote) runtime, opened if needed."""
+        home = self._home
+
+        async def run() -> U:
+            runtime = await home.ready()
+            return shape(await call(cast("RemoteRuntime", runtime)))
+
+        return OperationRef.spawn(home.host(), run)
+
+    def get_snapshot(self, fss_id: str) -> OperationRef[FileSystemSnapshot]:
+        """The snapshot ``fss_id``: SnapshotNotFoundError if there is none, ValueError if malformed."""
+        if not self._on_server():
+            return _local(_get, fss_id)
+        check_snapshot_id(fss_id, "fss_id")
+        return self._ask_server(lambda rt: rt.get_snapshot(fss_id), _describe)
+
+    def list_snapshots(self, *, source_sandbox_id: str | None = None,
+                       status: Any = None) -> OperationRef[list[FileSystemSnapshot]]:
+        """Every snapshot, oldest first; only those of ``source_sandbox_id`` / ``status`` if given."""
+        if not self._on_server():
+            return _local(_list, source_sandbox_id, status)
+        wanted = None if status is None else FileSystemSnapshotStatus(status)
+        return self._ask_server(lambda rt: rt.list_snapshots(source_sandbox_id),
+                                lambda records: _select(records, None, wanted))
+
+    def delete_snapshot(self, fss_id: str, *, missing_ok: bool = False) -> OperationRef[None]:
+        """Delete snapshot ``fss_id`` (see ``Sandbox.delete_snapshot``); SnapshotNotFoundError if there
+        is none, unless ``missing_ok``."""
+        if not self._on_server():
+            return _local(_delete, fss_id, missing_ok)
+        check_snapshot_id(fss_id, "fss_id")
+        return self._ask_server(lambda rt: rt.delete_snapshot(fss_id, missing_ok=missing_ok), lambda _deleted: None)
 
 
 def _server(address: str | None) -> bool:
@@ -161,21 +200,38 @@ def _server(address: str | None) -> bool:
     return resolve_address(address) is not None
 
 
-def _on_server(hidden: Any, address: str | None, token: str | None,
-               call: Callable[[RemoteRuntime], Awaitable[T]], shape: Callable[[T], U]) -> OperationRef[U]:
-    """``shape(await call(runtime))`` with the runtime of the hidden session for ``address`` (``hidden``
-    is Sandbox._hidden())."""
-    session: Session = hidden.default_session(address=address, token=token)
-    home = session._home
+def _local(fn: Callable[..., T], *args: Any) -> OperationRef[T]:
+    """``fn(*args)`` on this machine's store, as a finished ref (ValueError for a malformed id raised now)."""
+    try:
+        return OperationRef.completed(fn(*args))
+    except SnapshotNotFoundError as exc:
+        return OperationRef.failed(exc)
 
-    async def run() -> U:
-        from .._runtime.remote import RemoteRuntime
 
-        runtime = await home.ready()
-        assert isinstance(runtime, RemoteRuntime)  # (an address means a server's runtime)
-        return shape(await call(runtime))
+def _get(fss_id: str) -> FileSystemSnapshot:
+    check_snapshot_id(fss_id, "fss_id")
+    try:
+        return _describe(_local_store().get(fss_id))
+    except _store.SnapshotNotFound as exc:
+        raise SnapshotNotFoundError(str(exc), file_system_snapshot_id=fss_id) from exc
 
-    return OperationRef.spawn(home.host(), run)
+
+def _list(source_sandbox_id: str | None, status: Any) -> list[FileSystemSnapshot]:
+    wanted = None if status is None else FileSystemSnapshotStatus(status)
+    return _select(_local_store().records(), source_sandbox_id, wanted)
+
+
+def _select(records: list[_store.SnapshotRecord], source_sandbox_id: str | None,
+            wanted: FileSystemSnapshotStatus | None) -> list[FileSystemSnapshot]:
+    found = [_describe(r) for r in records if source_sandbox_id in (None, r.source_sandbox_id)]
+    return [s for s in found if wanted in (None, s.status)]
+
+
+def _delete(fss_id: str, missing_ok: bool) -> None:
+    check_snapshot_id(fss_id, "fss_id")
+    if not _local_store().delete(fss_id) and not missing_ok:
+        raise SnapshotNotFoundError(f"snapshot {fss_id!r} does not exist; list them with Sandbox.list_snapshots()",
+                                    file_system_snapshot_id=fss_id)
 
 
 def _local_store() -> _store.SnapshotStore:

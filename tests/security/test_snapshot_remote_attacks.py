@@ -1,12 +1,15 @@
 """A client of ``sandpool serve`` against the snapshots the server did not take for its clients: the
 machine's own (a local session's, in the same store). It can neither read them (get, list, restore
-from them) nor delete them, nor tell them apart from ids that do not exist; hostile ids in raw calls
-are refused by field. The server, its own snapshots and the machine's snapshot keep working."""
+from them) nor delete them, nor tell them apart from ids that do not exist, through sandpool's API
+or through the server's cwsandbox listener with the published client; hostile ids in raw calls are
+refused by field. The server, its own snapshots and the machine's snapshot keep working."""
 
 from __future__ import annotations
 
 import grpc
 import pytest
+
+from sandpool._grpc import endpoint
 
 from sandpool import (
     Sandbox,
@@ -19,7 +22,9 @@ from sandpool._grpc import messages as m
 from sandpool._isolation import probe
 from sandpool._isolation.snapshots import store
 
-from service_helpers import ServerProcess
+from service_helpers import ServerProcess, wait_until
+from test_cwsandbox_client import cwsandbox_client  # noqa: F401 (the fixture: installs the client)
+from test_cwsandbox_state import _free_port, run_program
 
 pytestmark = pytest.mark.needs_root("snapshots need the namespaces level as root")
 
@@ -48,7 +53,29 @@ def _refusal(call) -> str:
     return str(info.value)
 
 
-def test_a_client_cannot_read_restore_or_delete_the_machines_snapshots(tmp_path, monkeypatch):
+#: With the published client, through the listener: the machine's snapshot is "not found" to get and
+#: delete, and left out of the list; the client's own snapshot works.
+CW_PROGRAM = """
+    from cwsandbox import Sandbox
+
+    for attempt in (lambda: Sandbox.get_snapshot(PRIVATE).result(), lambda: Sandbox.delete_snapshot(PRIVATE).result()):
+        try:
+            attempt()
+        except Exception as exc:
+            assert "does not exist" in str(exc), exc
+        else:
+            raise AssertionError("the machine's snapshot was reached")
+    assert PRIVATE not in [s.file_system_snapshot_id for s in Sandbox.list_snapshots().result()]
+    with Sandbox.run() as sb:
+        own = sb.snapshot().result()
+    assert Sandbox.get_snapshot(own).result().file_system_snapshot_id == own
+    Sandbox.delete_snapshot(own).result()
+    print("OK")
+"""
+
+
+def test_a_client_cannot_read_restore_or_delete_the_machines_snapshots(cwsandbox_client, tmp_path,  # noqa: F811
+                                                                       monkeypatch):
     """The machine's snapshot (taken by a local session in the store the server uses) is invisible
     to the server's client: get, delete and a restore from it fail exactly as for an id that does not
     exist, list leaves it out, raw calls with hostile ids are refused by field; afterwards the
@@ -65,8 +92,14 @@ def test_a_client_cannot_read_restore_or_delete_the_machines_snapshots(tmp_path,
         owner.exec(["sh", "-c", "echo machine-secret > /root/secret"], check=True).result()
         private = owner.snapshot().result()
     # (the server starts once the local session has closed: its leak check at its stop wants no other sandbox)
-    with ServerProcess(str(tmp_path / "srv"), env=dirs) as srv, Session(address=srv.address) as client:
+    port = _free_port()
+    with ServerProcess(str(tmp_path / "srv"), "--cwsandbox", f"127.0.0.1:{port}",
+                       env={**dirs, "SANDPOOL_IMAGE_FALLBACK": "host"}) as srv, Session(address=srv.address) as client:
         at = srv.address
+        key = wait_until(lambda: endpoint.token_for(f"127.0.0.1:{port}"), timeout=30)
+        listener = {"CWSANDBOX_BASE_URL": f"http://127.0.0.1:{port}", "CWSANDBOX_API_KEY": key,
+                    "GRPC_VERBOSITY": "ERROR"}
+        assert run_program(listener, f"    PRIVATE = {private!r}" + CW_PROGRAM, tmp_path).strip().endswith("OK")
 
         def blank(text: str, snapshot_id: str) -> str:
             return text.replace(snapshot_id, "ID")

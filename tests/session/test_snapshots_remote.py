@@ -131,3 +131,20 @@ def test_error_attributes_from_a_server_are_bounded():
     assert m.extras_for(SnapshotNotSupportedError, hostile) == {"file_system_snapshot_id": "snap-2"}
     for text in (None, "not json", "[1]", json.dumps({"feature": "x" * 10_000})):
         assert m.extras_for(SnapshotNotSupportedError, text) == {}
+
+
+def test_a_session_asks_its_server_and_the_server_remembers_across_restarts(tmp_path):
+    """Session(address=).get/list/delete_snapshot ask that session's server; a snapshot taken through
+    a server is still its clients' after the server restarts on the same record file (its ledger)."""
+    with ServerProcess(str(tmp_path)) as first, Session(address=first.address) as s:
+        sb = s.sandbox()
+        sb.exec(["sh", "-c", "echo before-restart > /root/state"], check=True).result()
+        snap = sb.snapshot().result()
+        assert s.get_snapshot(snap).result().source_sandbox_id == sb.sandbox_id
+        assert [x.file_system_snapshot_id for x in s.list_snapshots(source_sandbox_id=sb.sandbox_id).result()] == [snap]
+    with ServerProcess(str(tmp_path)) as second, Session(address=second.address) as s:
+        assert s.get_snapshot(snap).result().file_system_snapshot_id == snap
+        assert _cat(s.sandbox(restore_from_snapshot_id=snap), "/root/state") == "before-restart\n"
+        assert s.delete_snapshot(snap).result() is None
+        with pytest.raises(SnapshotNotFoundError):
+            s.get_snapshot(snap).result()
