@@ -214,16 +214,16 @@ class CwsandboxBackend:
     async def create_snapshot(self, request: Any, timeout: float | None) -> Any:
         entry = await self._ready(request.sandbox_id, "")
         snapshot_id = await entry.sandbox.snapshot()
-        return await _snapshots.describe(snapshot_id)
+        return await _snapshots.describe(self.session, snapshot_id)
 
     async def get_snapshot(self, request: Any, timeout: float | None) -> Any:
-        return await _snapshots.describe(request.file_system_snapshot_id)
+        return await _snapshots.describe(self.session, request.file_system_snapshot_id)
 
     async def list_snapshots(self, request: Any, timeout: float | None) -> Any:
-        return await _snapshots.listing(request)
+        return await _snapshots.listing(self.session, request)
 
     async def delete_snapshot(self, request: Any, timeout: float | None) -> Any:
-        return await _snapshots.delete(request)
+        return await _snapshots.delete(self.session, request)
 
     # -- data plane ----------------------------------------------------------------------------
 

@@ -5,18 +5,22 @@ writable filesystem, scratch volumes included (``_spec`` makes them directories 
 filesystem), so CreateFileSystemSnapshot snapshots the sandbox, a scratch volume restored from a
 snapshot restores the sandbox from it, and DeleteSandbox with ``snapshot_volumes`` is
 ``stop(snapshot_on_stop=True)``. Snapshots are taken at once: every record is READY. The store is
-the one this server's sandboxes start from (``Sandbox.get_snapshot`` and friends).
+the one this server's sandboxes start from, asked through its session (``Session.get_snapshot`` and
+friends): this machine's, or under ``sandpool serve --cwsandbox`` the sandpool server's, which
+shows its clients only the snapshots it took for them (docs/snapshots.md).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._errors_cw import SnapshotNotFoundError
-from .._session.sandbox import Sandbox
 from .._cwtypes import FileSystemSnapshot, FileSystemSnapshotTrigger
 from ._errors import invalid
 from ._proto import pb, timestamp
+
+if TYPE_CHECKING:
+    from .._session.session import Session
 
 #: Most records one ListFileSystemSnapshots page holds (the request may ask for fewer).
 MAX_PAGE = 100
@@ -38,14 +42,14 @@ def snapshot_message(snap: FileSystemSnapshot) -> Any:
     return message
 
 
-async def describe(snapshot_id: str) -> Any:
+async def describe(session: Session, snapshot_id: str) -> Any:
     """The message of snapshot ``snapshot_id``; SnapshotNotFoundError if the store has none."""
     if not snapshot_id:
         raise invalid("file_system_snapshot_id", "file_system_snapshot_id is required, e.g. 'snap-0123456789abcdef'")
-    return snapshot_message(await Sandbox.get_snapshot(snapshot_id))
+    return snapshot_message(await session.get_snapshot(snapshot_id))
 
 
-async def listing(request: Any) -> Any:
+async def listing(session: Session, request: Any) -> Any:
     """One page of the stored snapshots (oldest first), of ``source_sandbox_id`` if given."""
     if request.page_size < 0:
         raise invalid("page_size", f"page_size must be >= 0, got {request.page_size}")
@@ -54,21 +58,21 @@ async def listing(request: Any) -> Any:
         start = int(request.page_token or 0)
     except ValueError:
         raise invalid("page_token", f"page_token {request.page_token!r} is not one this server gave") from None
-    found = await Sandbox.list_snapshots(source_sandbox_id=request.source_sandbox_id or None)
+    found = await session.list_snapshots(source_sandbox_id=request.source_sandbox_id or None)
     page = found[start:start + size]
     following = str(start + size) if start + size < len(found) else ""
     return pb.ListFileSystemSnapshotsResponse(file_system_snapshots=[snapshot_message(s) for s in page],
                                               next_page_token=following)
 
 
-async def delete(request: Any) -> Any:
+async def delete(session: Session, request: Any) -> Any:
     """Delete a snapshot; its last record (an empty one when missing and ``allow_missing``)."""
     snapshot_id = request.file_system_snapshot_id
     try:
-        message = await describe(snapshot_id)
+        message = await describe(session, snapshot_id)
     except SnapshotNotFoundError:
         if request.allow_missing:
             return pb.FileSystemSnapshot(file_system_snapshot_id=snapshot_id)
         raise
-    await Sandbox.delete_snapshot(snapshot_id, missing_ok=request.allow_missing)
+    await session.delete_snapshot(snapshot_id, missing_ok=request.allow_missing)
     return message

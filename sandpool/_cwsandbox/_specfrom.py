@@ -5,8 +5,10 @@ As in cwsandbox, a sandbox created from a file or a template is reported with th
 reads the file, as ``Sandbox.run_from_file`` does), or the options of a template stored on the
 server's machine (``sandpool._templates``, ``sandpool templates save``) with the request's
 ``overrides`` laid over it, each field given replacing the template's ("replace on presence").
-Whatever cwsandbox's spec cannot carry (a compose ``pids`` limit, a template's ``network`` or
-``isolation``...) is refused naming it, never dropped. Plain sync code.
+A template's ``network``, ``services`` and ``volumes`` become the spec's (``_template_net``: what
+the listener maps back to the same sandbox). Whatever cwsandbox's spec cannot carry (a compose
+``pids`` limit, a template's ``isolation``, a bind of a host directory...) is refused naming it,
+never dropped. Plain sync code.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from typing import Any
 from .. import _compose, _templates
 from ._errors import invalid, unimplemented
 from ._proto import pb
+from ._template_net import network, services, volumes
 
 #: Template options a SandboxSpec carries (containers are mapped field by field).
 _CONTAINER_KEYS = {"container_image": "image", "command": "command", "args": "args",
                    "environment_variables": "environment_variables", "working_dir": "working_dir",
                    "resources": "resources"}
-_SPEC_KEYS = {"tags", "annotations", "max_lifetime_seconds", "containers", *_CONTAINER_KEYS}
+_SPEC_KEYS = {"tags", "annotations", "max_lifetime_seconds", "containers", "network", "services", "volumes",
+              *_CONTAINER_KEYS}
 _ROW_KEYS = {"name", "image", "command", "args", "environment_variables", "working_dir", "resources", "primary"}
 
 
@@ -86,6 +90,14 @@ def _spec(options: Mapping[str, Any], where: str) -> Any:
         row = {field: options[key] for key, field in _CONTAINER_KEYS.items() if options.get(key) is not None}
         rows = [row] if row else []
     spec.containers.extend(_container(row, f"{where}: container {row.get('name') or 'main'!r}") for row in rows)
+    try:
+        if options.get("network") is not None:
+            spec.network.CopyFrom(network(options["network"]))
+        spec.services.extend(services(options.get("services") or ()))
+        if options.get("volumes"):
+            volumes(spec, options["volumes"])
+    except (TypeError, ValueError) as exc:
+        raise invalid("template_id", f"{where}: {exc}") from exc
     return spec
 
 

@@ -14,6 +14,9 @@ on ``Attach``, whose messages are raw bytes carrying whole or partial wire frame
 - ``Stop {sandbox_id, grace, missing_ok}`` -> info once terminal; ``Delete`` also forgets it.
 - ``Snapshot {sandbox_id, trigger}`` -> the snapshot's record (``_images.snapshots``) in the
   server's own store, whose ids restore sandboxes of that server (``restore_from_snapshot_id``).
+- ``GetSnapshot {snapshot_id}`` -> a record; ``ListSnapshots {source_sandbox_id}`` -> ``{snapshots:
+  [record]}``; ``DeleteSnapshot {snapshot_id, missing_ok}`` -> ``{deleted}``. A client sees only the
+  snapshots taken through the server (``_service/snapshots.py``); any other id is not found.
 - ``Lease {}`` -> stream of ``{lease}``: the first message names the caller's lease, then the
   stream stays open while the client lives; its end (client exit, crash, lost host) starts the
   orphan grace period of the sandboxes the lease owns. ``Release {lease, stop}`` ends it cleanly.
@@ -29,12 +32,15 @@ on ``Attach``, whose messages are raw bytes carrying whole or partial wire frame
   ends, the stream ends OK with trailing metadata giving the agent's exit code or signal.
 
 Errors are gRPC status codes plus trailing metadata ``sandpool-error`` naming the exception class
-(a sandpool error, ValueError or TypeError) that the client raises again with the same message.
+(a sandpool error, ValueError or TypeError) that the client raises again with the same message,
+and ``sandpool-error-extras``, the error's short string attributes (``feature``,
+``file_system_snapshot_id``, ...) as a JSON map, which the client sets again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,10 +48,11 @@ import msgpack
 
 from .._config import SandboxSpec
 from .._cwtypes import EndpointAuth, EndpointKind, HttpsEndpointStatus, TlsPassthroughEndpointStatus
-from .._errors import ProtocolError
+from .._errors import ProtocolError, SandpoolError
 
 SERVICE = "sandpool.v1.Sandpool"
-UNARY_METHODS = ("Create", "Get", "List", "Stop", "Delete", "Release", "Snapshot")
+UNARY_METHODS = ("Create", "Get", "List", "Stop", "Delete", "Release", "Snapshot", "GetSnapshot", "ListSnapshots",
+                 "DeleteSnapshot")
 LEASE_METHOD = "Lease"
 ATTACH_METHOD = "Attach"
 LOGS_METHOD = "Logs"
@@ -53,6 +60,9 @@ LOGS_METHOD = "Logs"
 META_TOKEN = "authorization"  # value: "Bearer <token>"
 META_SANDBOX = "sandpool-sandbox"
 META_ERROR = "sandpool-error"
+META_ERROR_EXTRAS = "sandpool-error-extras"
+#: The longest string attribute of an error that travels in ``META_ERROR_EXTRAS`` (longer ones stay behind).
+MAX_EXTRA_CHARS = 256
 #: on an Attach call: ``DATA_PLANE_FAST`` asks for the same-host fast socket (see ``fastpath.py``)
 META_DATA_PLANE = "sandpool-data-plane"
 DATA_PLANE_FAST = "unix"
@@ -177,6 +187,28 @@ def network_report_from(data: object) -> dict[str, tuple[Any, ...]]:
 
 
 ERROR_NAMES = ("ValueError", "TypeError")
+
+
+def error_extras(exc: BaseException) -> str | None:
+    """The error's short string attributes (its class's ``extra_names()``) as a JSON map, or None if none."""
+    names: tuple[str, ...] = exc.extra_names() if isinstance(exc, SandpoolError) else ()
+    values = {name: getattr(exc, name, None) for name in names}
+    kept = {k: v for k, v in values.items() if isinstance(v, str) and len(v) <= MAX_EXTRA_CHARS}
+    return json.dumps(kept, ensure_ascii=True) if kept else None
+
+
+def extras_for(cls: type[BaseException], text: object) -> dict[str, str]:
+    """The attributes a ``META_ERROR_EXTRAS`` value gives an error of ``cls``: only string attributes
+    ``cls`` declares, each at most MAX_EXTRA_CHARS long; anything else in ``text`` is ignored."""
+    names = cls.extra_names() if issubclass(cls, SandpoolError) else ()
+    try:
+        data = json.loads(text) if isinstance(text, str) and len(text) <= 16 * MAX_EXTRA_CHARS else None
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items()
+            if k in names and k != "sandbox_id" and isinstance(v, str) and len(v) <= MAX_EXTRA_CHARS}
 
 
 def error_name(exc: BaseException) -> str:

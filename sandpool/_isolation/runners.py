@@ -17,6 +17,7 @@ from typing import Any
 
 from .._cwextra import LOCAL_RUNNER_ID, Runner, RunnerResources
 from .._errors_cw import RunnerNotFoundError
+from . import probe
 from .host import ledger
 
 
@@ -56,7 +57,17 @@ def _local_runner(include_resources: bool) -> Runner:
                   max_cpu_millicores=int(cap.cpu * 1000), max_memory_bytes=cap.memory,
                   max_gpu_count=len(cap.gpus), supported_gpu_types=(),
                   supported_architectures=(platform.machine(),), supports_privileged=os.geteuid() == 0,
-                  available_storage_classes=(), supported_service_visibilities=(), resources=resources)
+                  available_storage_classes=(), supported_service_visibilities=service_visibilities(),
+                  resources=resources)
+
+
+def service_visibilities() -> tuple[str, ...]:
+    """The service visibilities sandboxes here can have: public (a host port) and private (reachable
+    from the other bridge sandboxes) where bridge networks with rules can be made (root, with the
+    namespaces level: docs/network.md), else none."""
+    if os.geteuid() != 0 or probe.unavailable("namespaces") is not None:
+        return ()
+    return ("public", "private")
 
 
 def list_runners(*, auth: Any = None, runner_group_id: str | None = None, gpu_type: str | None = None,
@@ -73,7 +84,9 @@ def list_runners(*, auth: Any = None, runner_group_id: str | None = None, gpu_ty
         if ((runner_group_id in (None, runner.runner_group_id))
                 and (architecture in (None, *runner.supported_architectures))
                 and (gpu_type is None or gpu_type in runner.supported_gpu_types)
-                and service_visibility is None and (runner.healthy or not healthy_only)
+                and (service_visibility is None or str(getattr(service_visibility, "value", service_visibility))
+                     in runner.supported_service_visibilities)
+                and (runner.healthy or not healthy_only)
                 and (res is None or (res.available_cpu_millicores >= (min_available_cpu_millicores or 0)
                                      and res.available_memory_bytes >= (min_available_memory_bytes or 0)
                                      and res.available_gpu_count >= (min_available_gpu_count or 0)))):

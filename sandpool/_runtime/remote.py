@@ -88,10 +88,11 @@ def translate(error: grpc.RpcError, address: str, sandbox_id: str | None = None)
         builtin: type[Exception] = getattr(builtins, name)
         return builtin(details)
     cls = (getattr(_errors, name, None) or getattr(_errors_cw, name, None)) if isinstance(name, str) else None
-    if isinstance(cls, type) and issubclass(cls, _errors.SandboxError):
-        return cls(details, sandbox_id=sandbox_id)
     if isinstance(cls, type) and issubclass(cls, _errors.SandpoolError):
-        return cls(details)
+        extras = m.extras_for(cls, trailer.get(m.META_ERROR_EXTRAS))
+        if issubclass(cls, _errors.SandboxError):
+            return cls(details, sandbox_id=sandbox_id, **extras)
+        return cls(details, **extras)
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         return _errors.CWSandboxAuthenticationError(f"the sandpool server at {address} refused the call: {details}")
     if code == grpc.StatusCode.NOT_FOUND:
@@ -256,6 +257,25 @@ class RemoteRuntime(Runtime):
         reply = await self._call("Snapshot", {"sandbox_id": record.sandbox_id, "trigger": trigger},
                                  timeout=SNAPSHOT_SECONDS, sandbox_id=record.sandbox_id)
         return _snapshot_record(reply)
+
+    async def get_snapshot(self, snapshot_id: str) -> SnapshotRecord:
+        """The record of a snapshot taken through the server; SnapshotNotFoundError for any other id."""
+        return _snapshot_record(await self._call("GetSnapshot", {"snapshot_id": check_snapshot_id(snapshot_id)}))
+
+    async def list_snapshots(self, source_sandbox_id: str | None = None) -> builtins.list[SnapshotRecord]:
+        """The snapshots taken through the server (of ``source_sandbox_id`` only, if given), oldest first."""
+        reply = await self._call("ListSnapshots", {"source_sandbox_id": source_sandbox_id})
+        snapshots = reply.get("snapshots")
+        if not isinstance(snapshots, list):
+            raise _errors.ProtocolError(f"a ListSnapshots reply has no list of snapshots: {reply!r:.200}")
+        return [_snapshot_record(r) for r in snapshots]
+
+    async def delete_snapshot(self, snapshot_id: str, *, missing_ok: bool = False) -> bool:
+        """Delete a snapshot taken through the server (True), or not find it: False with ``missing_ok``,
+        else SnapshotNotFoundError."""
+        reply = await self._call("DeleteSnapshot", {"snapshot_id": check_snapshot_id(snapshot_id),
+                                                    "missing_ok": missing_ok}, timeout=SNAPSHOT_SECONDS)
+        return bool(reply.get("deleted"))
 
     async def find(self, *, sandbox_id: str | None = None, tags: tuple[str, ...] = (), status: str | None = None,
                    show_terminated: bool = False) -> builtins.list[SandboxRecord]:
@@ -504,9 +524,11 @@ def _spec_or_tags(info: dict[str, Any]) -> SandboxSpec:
     return SandboxSpec(tags=tuple(info.get("tags") or ()))
 
 
-def _snapshot_record(reply: dict[str, Any]) -> SnapshotRecord:
+def _snapshot_record(reply: Any) -> SnapshotRecord:
     """A Snapshot reply as a record; ProtocolError if the server sent something else."""
     try:
+        if not isinstance(reply, dict):
+            raise TypeError(f"a map was expected, got {type(reply).__name__}")
         record = SnapshotRecord(**{**reply, "layers": tuple(reply["layers"])})
         check_snapshot_id(record.snapshot_id, "snapshot_id")
     except (TypeError, KeyError, ValueError) as exc:

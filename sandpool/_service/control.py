@@ -31,6 +31,7 @@ from .._core.channel import FrameChannel
 from .._config import SandboxStatus
 from .._isolation import probe
 from .._errors import SandboxNotFoundError, SandboxNotRunningError, SandboxUnavailableError
+from .._images.snapshots import SnapshotStore
 from .._runtime.contract import Runtime, SandboxRecord
 from .._session.logs import LogBook, log_pieces
 from .._grpc import messages as m
@@ -38,6 +39,7 @@ from .._grpc import limits
 from .dataplane import Attachment, Hub, Pipe
 from .journal import Journal
 from .policy import Policy
+from .snapshots import SnapshotLedger, ledger_path, not_found
 
 log = logging.getLogger("sandpool.serve")
 
@@ -99,6 +101,8 @@ class Fleet:
         for level in probe.LEVELS:  # probed once, now (a Create should not wait for it)
             probe.unavailable(level)
         self.journal = journal
+        #: the snapshots taken for clients: the only ones they may read, restore or delete
+        self.snapshots = SnapshotLedger(ledger_path(journal.path), _snapshot_store())
         self.nursery = nursery
         self.orphan_grace = orphan_grace
         self.sandboxes: dict[str, Hosted] = {}
@@ -143,6 +147,8 @@ class Fleet:
         if self.policy is not None:
             assert self.auto_level is not None
             spec = self.policy.admit(spec, self.auto_level)
+        if spec.restore_from_snapshot_id is not None and not self.snapshots.admits(spec.restore_from_snapshot_id):
+            raise not_found(spec.restore_from_snapshot_id)
         lease = m.field(request, "lease", str, None)
         if lease is not None:
             limits.identifier("lease", lease)
@@ -273,8 +279,18 @@ class Fleet:
             raise SandboxNotRunningError(f"sandbox {sandbox_id} is {status}: only a running sandbox can be "
                                          f"snapshotted", sandbox_id=sandbox_id)
         snap = await self.runtime.snapshot(hosted.record, trigger)
+        self.snapshots.add(snap.snapshot_id)
         reply: dict[str, Any] = snap.to_json()
         return reply
+
+    async def rpc_getsnapshot(self, request: dict[str, Any], peer: str) -> dict[str, Any]:
+        return await self.snapshots.rpc_get(request)
+
+    async def rpc_listsnapshots(self, request: dict[str, Any], peer: str) -> dict[str, Any]:
+        return await self.snapshots.rpc_list(request)
+
+    async def rpc_deletesnapshot(self, request: dict[str, Any], peer: str) -> dict[str, Any]:
+        return await self.snapshots.rpc_delete(request)
 
     async def rpc_delete(self, request: dict[str, Any], peer: str) -> dict[str, Any]:
         reply = await self.rpc_stop({**request, "grace": request.get("grace", 0.0)}, peer)
@@ -314,6 +330,7 @@ class Fleet:
                 for h in list(self.sandboxes.values()):
                     nursery.start_soon(self._stop, h, 0.0, m.SHUTDOWN_REASON)
             self.journal.close()
+            self.snapshots.close()
             for h in self.sandboxes.values():
                 _close_log(h)
 
@@ -418,6 +435,12 @@ class Fleet:
                     "status_reason": "no such sandbox on this server", "returncode": None, "tags": []}
         return {"returncode": None, "tags": [], "status_reason": None, "spec": None, "attached": 0,
                 "orphaned_for": None, **entry}
+
+
+def _snapshot_store() -> SnapshotStore:
+    from .._isolation.snapshots import store
+
+    return store()
 
 
 def _close_log(hosted: Hosted) -> None:

@@ -120,7 +120,8 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> NoReturn:
     name = "CWSandboxAuthenticationError" if isinstance(exc, Refused) else m.error_name(exc)
     if isinstance(exc, SandboxSnapshotError):  # cwsandbox's snapshot errors travel by their own names
         name = type(exc).__name__
-    context.set_trailing_metadata(((m.META_ERROR, name),))
+    extras = m.error_extras(exc)  # feature, file_system_snapshot_id, ...: set again by the client
+    context.set_trailing_metadata(((m.META_ERROR, name),) + (((m.META_ERROR_EXTRAS, extras),) if extras else ()))
     context.abort(code, str(exc) or type(exc).__name__)
     raise AssertionError("unreachable: context.abort raises")
 

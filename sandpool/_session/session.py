@@ -28,6 +28,7 @@ from .home import SandboxHome
 from .metrics import SessionMetrics
 from .poolsandbox import PoolMember
 from .sandbox import Sandbox
+from .snapshots import SessionSnapshots
 
 log = logging.getLogger("sandpool")
 
@@ -49,7 +50,7 @@ def _coerce_defaults(defaults: SandboxDefaults | Mapping[str, Any] | None) -> Sa
     raise TypeError(f"defaults must be a SandboxDefaults or a mapping, not {type(defaults).__name__}")
 
 
-class Session:
+class Session(SessionSnapshots):
     """Owns sandboxes: ``with Session(defaults=...) as s`` (sync) or ``async with`` (trio or asyncio).
 
     Sync sessions, and ``async with`` sessions under asyncio, run in a background trio thread (a

@@ -5,7 +5,8 @@ frozen during the copy) and resolves to a snapshot id; ``session.sandbox(restore
 (cwsandbox: ``file_system_snapshot_id=``) starts sandboxes on it, each with a copy-on-write layer of
 its own; ``sb.fork(n)`` is one snapshot and ``n`` such starts with the same spec and tags;
 ``stop(snapshot_on_stop=True)`` snapshots before it stops and fills ``file_system_snapshot_id``.
-``Sandbox.get_snapshot/list_snapshots/delete_snapshot`` read and change the local snapshot store.
+``Sandbox.get_snapshot/list_snapshots/delete_snapshot`` read and change the local snapshot store,
+or with ``address=`` (or ``$SANDPOOL_ADDRESS``) a server's, through the hidden session for it.
 What is captured, and where it is kept: docs/snapshots.md.
 """
 
@@ -13,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from typing import Any, Self
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Self, TypeVar, cast
 
 import trio
 
@@ -25,11 +27,18 @@ from .._ids import check_snapshot_id
 from .._images import snapshots as _store
 from .parts import SandboxParts
 
-__all__ = ["SnapshotsMixin"]
+if TYPE_CHECKING:
+    from .._runtime.contract import Runtime
+    from .._runtime.remote import RemoteRuntime
+    from .home import SandboxHome
+
+__all__ = ["SessionSnapshots", "SnapshotsMixin"]
 
 #: At most this many sandboxes from one fork() call.
 MAX_FORKS = 1000
 _CLOUD_ONLY = {"base_url", "auth", "timeout_seconds"}
+T = TypeVar("T")
+U = TypeVar("U")
 
 
 class SnapshotsMixin(SandboxParts):
@@ -99,36 +108,130 @@ class SnapshotsMixin(SandboxParts):
 
     # -- the store (class-level, as in cwsandbox) ----------------------------------------------
 
-    @staticmethod
-    def get_snapshot(fss_id: str, **cloud: Any) -> OperationRef[FileSystemSnapshot]:
-        """The snapshot ``fss_id`` (SnapshotNotFoundError if there is none; ValueError if malformed)."""
+    @classmethod
+    def get_snapshot(cls, fss_id: str, *, address: str | None = None, token: str | None = None,
+                     **cloud: Any) -> OperationRef[FileSystemSnapshot]:
+        """The snapshot ``fss_id`` (SnapshotNotFoundError if there is none; ValueError if malformed).
+        With ``address`` (or ``$SANDPOOL_ADDRESS``), one the server at that address took for its clients."""
         _check_cloud(cloud, "get_snapshot")
-        check_snapshot_id(fss_id, "fss_id")
-        try:
-            return OperationRef.completed(_describe(_local_store().get(fss_id)))
-        except _store.SnapshotNotFound as exc:
-            return OperationRef.failed(SnapshotNotFoundError(str(exc), file_system_snapshot_id=fss_id))
+        if _server(address):
+            session: SessionSnapshots = cls._hidden().default_session(address=address, token=token)
+            return session.get_snapshot(fss_id)
+        return _local(_get, fss_id)
 
-    @staticmethod
-    def list_snapshots(*, source_sandbox_id: str | None = None, status: Any = None,
-                       **cloud: Any) -> OperationRef[list[FileSystemSnapshot]]:
-        """Every stored snapshot, oldest first; only those of ``source_sandbox_id`` / ``status`` if given."""
+    @classmethod
+    def list_snapshots(cls, *, source_sandbox_id: str | None = None, status: Any = None, address: str | None = None,
+                       token: str | None = None, **cloud: Any) -> OperationRef[list[FileSystemSnapshot]]:
+        """Every stored snapshot, oldest first; only those of ``source_sandbox_id`` / ``status`` if given.
+        With ``address`` (or ``$SANDPOOL_ADDRESS``), those the server at that address took for its clients."""
         _check_cloud(cloud, "list_snapshots")
-        wanted = None if status is None else FileSystemSnapshotStatus(status)
-        found = [_describe(r) for r in _local_store().records()
-                 if source_sandbox_id in (None, r.source_sandbox_id)]
-        return OperationRef.completed([s for s in found if wanted in (None, s.status)])
+        if _server(address):
+            session: SessionSnapshots = cls._hidden().default_session(address=address, token=token)
+            return session.list_snapshots(source_sandbox_id=source_sandbox_id, status=status)
+        return _local(_list, source_sandbox_id, status)
 
-    @staticmethod
-    def delete_snapshot(fss_id: str, *, missing_ok: bool = False, **cloud: Any) -> OperationRef[None]:
+    @classmethod
+    def delete_snapshot(cls, fss_id: str, *, missing_ok: bool = False, address: str | None = None,
+                        token: str | None = None, **cloud: Any) -> OperationRef[None]:
         """Delete snapshot ``fss_id``; its layers go once no snapshot names them and no sandbox runs on
-        them. SnapshotNotFoundError if there is none, unless ``missing_ok``."""
+        them. SnapshotNotFoundError if there is none, unless ``missing_ok``. With ``address`` (or
+        ``$SANDPOOL_ADDRESS``), on the server at that address (only what it took for its clients)."""
         _check_cloud(cloud, "delete_snapshot")
+        if _server(address):
+            session: SessionSnapshots = cls._hidden().default_session(address=address, token=token)
+            return session.delete_snapshot(fss_id, missing_ok=missing_ok)
+        return _local(_delete, fss_id, missing_ok)
+
+
+class SessionSnapshots:
+    """``Session.get_snapshot/list_snapshots/delete_snapshot`` (a base class of ``Session``): the
+    snapshot store its sandboxes start from: its server's for a session with ``address=`` (the
+    snapshots the server took for its clients), else this machine's."""
+
+    if TYPE_CHECKING:
+        _home: SandboxHome
+        _owned_runtime: Runtime | None
+        _runtime_arg: Runtime | None
+
+    def _on_server(self) -> bool:
+        from .._runtime.remote import RemoteRuntime
+
+        return isinstance(self._owned_runtime or self._runtime_arg, RemoteRuntime)
+
+    def _ask_server(self, call: Callable[[RemoteRuntime], Awaitable[T]], shape: Callable[[T], U]) -> OperationRef[U]:
+        """``shape(await call(runtime))`` with this session's (remote) runtime, opened if needed."""
+        home = self._home
+
+        async def run() -> U:
+            runtime = await home.ready()
+            return shape(await call(cast("RemoteRuntime", runtime)))
+
+        return OperationRef.spawn(home.host(), run)
+
+    def get_snapshot(self, fss_id: str) -> OperationRef[FileSystemSnapshot]:
+        """The snapshot ``fss_id``: SnapshotNotFoundError if there is none, ValueError if malformed."""
+        if not self._on_server():
+            return _local(_get, fss_id)
         check_snapshot_id(fss_id, "fss_id")
-        if _local_store().delete(fss_id) or missing_ok:
-            return OperationRef.completed(None)
-        return OperationRef.failed(SnapshotNotFoundError(f"snapshot {fss_id!r} does not exist; list them with "
-                                                         f"Sandbox.list_snapshots()", file_system_snapshot_id=fss_id))
+        return self._ask_server(lambda rt: rt.get_snapshot(fss_id), _describe)
+
+    def list_snapshots(self, *, source_sandbox_id: str | None = None,
+                       status: Any = None) -> OperationRef[list[FileSystemSnapshot]]:
+        """Every snapshot, oldest first; only those of ``source_sandbox_id`` / ``status`` if given."""
+        if not self._on_server():
+            return _local(_list, source_sandbox_id, status)
+        wanted = None if status is None else FileSystemSnapshotStatus(status)
+        return self._ask_server(lambda rt: rt.list_snapshots(source_sandbox_id),
+                                lambda records: _select(records, None, wanted))
+
+    def delete_snapshot(self, fss_id: str, *, missing_ok: bool = False) -> OperationRef[None]:
+        """Delete snapshot ``fss_id`` (see ``Sandbox.delete_snapshot``); SnapshotNotFoundError if there
+        is none, unless ``missing_ok``."""
+        if not self._on_server():
+            return _local(_delete, fss_id, missing_ok)
+        check_snapshot_id(fss_id, "fss_id")
+        return self._ask_server(lambda rt: rt.delete_snapshot(fss_id, missing_ok=missing_ok), lambda _deleted: None)
+
+
+def _server(address: str | None) -> bool:
+    """True when the store to ask is a server's: ``address``, else ``$SANDPOOL_ADDRESS``."""
+    from .shared import resolve_address
+
+    return resolve_address(address) is not None
+
+
+def _local(fn: Callable[..., T], *args: Any) -> OperationRef[T]:
+    """``fn(*args)`` on this machine's store, as a finished ref (ValueError for a malformed id raised now)."""
+    try:
+        return OperationRef.completed(fn(*args))
+    except SnapshotNotFoundError as exc:
+        return OperationRef.failed(exc)
+
+
+def _get(fss_id: str) -> FileSystemSnapshot:
+    check_snapshot_id(fss_id, "fss_id")
+    try:
+        return _describe(_local_store().get(fss_id))
+    except _store.SnapshotNotFound as exc:
+        raise SnapshotNotFoundError(str(exc), file_system_snapshot_id=fss_id) from exc
+
+
+def _list(source_sandbox_id: str | None, status: Any) -> list[FileSystemSnapshot]:
+    wanted = None if status is None else FileSystemSnapshotStatus(status)
+    return _select(_local_store().records(), source_sandbox_id, wanted)
+
+
+def _select(records: list[_store.SnapshotRecord], source_sandbox_id: str | None,
+            wanted: FileSystemSnapshotStatus | None) -> list[FileSystemSnapshot]:
+    found = [_describe(r) for r in records if source_sandbox_id in (None, r.source_sandbox_id)]
+    return [s for s in found if wanted in (None, s.status)]
+
+
+def _delete(fss_id: str, missing_ok: bool) -> None:
+    check_snapshot_id(fss_id, "fss_id")
+    if not _local_store().delete(fss_id) and not missing_ok:
+        raise SnapshotNotFoundError(f"snapshot {fss_id!r} does not exist; list them with Sandbox.list_snapshots()",
+                                    file_system_snapshot_id=fss_id)
 
 
 def _local_store() -> _store.SnapshotStore:
