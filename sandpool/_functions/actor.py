@@ -148,7 +148,7 @@ class HandleState:
         if _refs.has_refs(args, kwargs):  # other calls' results: in their place once they are in
             call = ActorCall(label, None, ref)
             ref.pool, ref.call = link, call
-            in_loop(host, link.submit, call)
+            link.in_order(host, lambda: link.submit(call))
 
             def ready(values: tuple[Any, ...], named: dict[str, Any]) -> None:
                 call.args = _serialize.dumps_args((self.actor_id, method, *values), named, label)
@@ -244,7 +244,7 @@ def kill(handle: ActorHandle) -> None:
     if not isinstance(handle, ActorHandle):
         raise TypeError(f"kill() takes an ActorHandle, got {type(handle).__name__} {handle!r}")
     state = state_of(handle)
-    in_loop(state.host, state.link.kill)
+    state.link.in_order(state.host, state.link.kill)
 
 
 class _Registry:

@@ -124,6 +124,15 @@ class ActorLink:
         calls made before it."""
         self._entry.enter(loop, lambda: self._send_now(call, loop), lambda: self.submit(call))
 
+    def in_order(self, loop: Any, fn: Callable[[], None]) -> None:
+        """Run ``fn`` in the loop's thread: now from there, else soon, after what this thread
+        entered before and before any call it makes later (which cannot take the fast path past it:
+        a kill, or a call waiting for references, is not overtaken)."""
+        if loop.in_loop_thread():
+            fn()
+        else:
+            self._entry.enter(loop, lambda: False, fn)
+
     def _send_now(self, call: ActorCall, loop: Any) -> bool:
         """Send ``call`` from a sync caller's thread, with the lock held: only where ``submit``
         would send it at once, straight to the worker (a ready actor with an idle direct

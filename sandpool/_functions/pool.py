@@ -355,6 +355,7 @@ class Pool:
             self._release(slot, call)
         slot.outbox, slot.keys = [], set()
         head = next((c for c in calls if c.sent), None)
+        again: list[Call] = []
         for call in calls:
             if call.ref.done():
                 continue
@@ -367,7 +368,14 @@ class Pool:
                     f"call to {call.payload.name!r} failed: {error}", sandbox_id=error.sandbox_id,
                     exit_code=error.exit_code, signal=error.signal))
             else:
-                self._requeue(call, charge=False)
+                again.append(call)
+        self._requeue_in_order(again)
+
+    def _requeue_in_order(self, calls: list[Call]) -> None:
+        """Put ``calls`` back at the head of the queue, free, keeping their order (each requeue
+        goes to the front, so the last goes first)."""
+        for call in reversed(calls):
+            self._requeue(call, charge=False)
 
     @locked
     def worker_lost(self, slot: Slot, info: dict[str, Any]) -> None:
@@ -429,19 +437,19 @@ class Pool:
             return  # (the last test: nobody holds a call waiting behind another, the usual case)
         ready = [s for s in self.slots if s.state is _READY]
         views = [(not s.inflight, _waiting(s), s.progress_at) for s in ready]
-        taken = False
+        taken: list[Call] = []
         for index, count in choose_steals(views, self._now()).items():
             victim = ready[index]
             for call in [c for c in victim.inflight.values() if not c.stealing][1:][-count:]:
                 if _slot.unsend(victim, call.req_id):  # still here (the worker may not read for long)
                     self._release(victim, call)
-                    self._requeue(call, charge=False)
-                    taken = True
+                    taken.append(call)
                 elif _slot.left(victim, call.req_id):  # the worker gives it back if it has not started
                     call.stealing = True
                     victim.outbox.append(_slot.cancel_frame(victim, call.req_id, steal=True))
             victim.wake.set()
         if taken:
+            self._requeue_in_order(taken)
             self._schedule()
         if not self.steal_timer and any(idle for idle, _, _ in views) and any(w for _, w, _ in views):
             self.steal_timer = True  # someone may stall later: look again then

@@ -143,3 +143,22 @@ def test_calls_from_trio_never_take_the_fast_path(fast: dict[bool, int]) -> None
 
     trio.run(main)
     assert fast[True] == 0
+
+
+def test_a_call_after_kill_never_overtakes_it(fast: dict[bool, int]) -> None:
+    """kill() from a sync caller is taken in the loop; a call the same thread makes right after
+    waits behind it (never the fast path, which could reach the worker first) and fails as a
+    killed actor's call."""
+    import sandpool
+
+    with Session() as s:
+        Env = s.cls(Counter)
+        for _ in range(4):
+            counter = Env.remote()
+            assert counter.incr() == 1  # ready, its worker idle: the fast path is open
+            placed = fast[True]
+            sandpool.kill(counter)
+            ref = counter.incr.remote()
+            assert fast[True] == placed, "a call after kill() took the fast path past it"
+            with pytest.raises(ActorDiedError, match="killed"):
+                ref.result(timeout=60)
