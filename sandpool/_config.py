@@ -413,7 +413,9 @@ _OPTIONS = {f.name: f for f in dataclasses.fields(_SandboxOptions)}
 def _fresh(name: str) -> Any:
     """The value option ``name`` has when nothing sets it."""
     field = _OPTIONS[name]
-    return field.default_factory() if field.default is dataclasses.MISSING else field.default  # type: ignore[misc]
+    if field.default is dataclasses.MISSING and field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
 
 
 def _reject_unknown(names: Mapping[str, Any], what: str, plural: str) -> None:
