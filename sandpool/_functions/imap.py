@@ -16,8 +16,6 @@ import sys
 from collections.abc import AsyncIterable, Iterable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-import trio
-
 from .._core.hosts import HostEvent, checkpoint
 from .._core.opref import OperationCancelled, OperationRef, check_not_in_trio
 from .pool import MAX_IN_FLIGHT_BYTES, Call, CallRef, in_flight_bound

@@ -19,7 +19,7 @@ from .._functions.function import RemoteFunction, Retries, function_decorator
 from .._functions.host import Pools
 from .._core.hosts import current_host, settle, to_thread
 from .._core.opref import OperationRef, TaskHost
-from .._functions.pool import Pool, PoolStatistics
+from .._functions.pool import PoolStatistics
 from .._core.portal import Portal
 from .._runtime.contract import Runtime
 from .._runtime.local import LocalRuntime

@@ -11,8 +11,8 @@ import math
 import os
 import shutil
 from dataclasses import dataclass
-from urllib.parse import quote, unquote
 from typing import Any
+from urllib.parse import quote, unquote
 
 import trio
 
