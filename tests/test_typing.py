@@ -95,6 +95,18 @@ def test_typed_examples_pass_mypy_strict(installed, tmp_path):
     assert (code, output) == (0, ""), output
 
 
+def test_testing_names_are_exported(installed, tmp_path):
+    """``sandpool.testing``'s documented names import under mypy --strict, which takes a module's
+    imported names as its own only when it says so (``__all__``): the fakes come from elsewhere."""
+    (tmp_path / "uses_testing.py").write_text(
+        "from sandpool.testing import FakeCall, FakeCommand, FakeExec, FakeRuntime, FakeSandbox, Leftovers, leftovers\n"
+        "runtime: FakeRuntime | None = None\n"
+        "scripted: tuple[type[FakeCall], type[FakeCommand], type[FakeExec], type[FakeSandbox]] | None = None\n"
+        "report: Leftovers = leftovers('/nonexistent')\n")
+    code, output = _mypy(["uses_testing.py"], installed, tmp_path)
+    assert (code, output) == (0, ""), output
+
+
 def test_without_py_typed_mypy_sees_no_types(installed, tmp_path):
     """The control: the same examples against a copy without sandpool's py.typed fail, since
     mypy then refuses to read the package (so the test above depends on the marker)."""
