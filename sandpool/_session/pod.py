@@ -52,6 +52,7 @@ class PodMixin(SandboxParts):
     def _init_pod(self: Self, join: Callable[[], Awaitable[SandboxRecord]] | None) -> None:
         """In ``__init__`` (no I/O): build the further containers' sandboxes, or (in one of them) note
         how to wait for its primary's agent (``join``: the primary's ``_agent_record``)."""
+        # (``self: Self`` so that mypy types ``type(self)(...)`` as this class, not PodMixin)
         self._pod_join = join
         self._agent_up = trio.Event()
         self._members = {}
@@ -132,7 +133,8 @@ class PodMixin(SandboxParts):
         if failures:
             with trio.CancelScope(shield=True):
                 await self._stop_members(0.0)
-                await self._runtime.stop(self._record, 0.0)  # type: ignore[arg-type]
+                if self._record is not None:  # (it is: the primary runs)
+                    await self._runtime.stop(self._record, 0.0)
             raise SandboxFailedError(f"sandbox {self.sandbox_id} failed to start: {'; '.join(failures)}",
                                      sandbox_id=self.sandbox_id, status_reason=failures[0])
         self._host.nursery.start_soon(self._end_with_primary)
