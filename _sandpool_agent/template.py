@@ -13,6 +13,7 @@ Rootless: the template of an ordinary user first enters a user namespace in whic
 
 from __future__ import annotations
 
+import importlib
 import os
 import resource
 import selectors
@@ -184,7 +185,7 @@ def _remove_dir(path: str) -> None:
 def _preimport() -> None:
     """Import cloudpickle once here, so that every forked agent's call worker has it for free."""
     try:
-        import cloudpickle  # noqa: F401
+        importlib.import_module("cloudpickle")
     except ImportError:  # the worker will report it when a call arrives
         pass
 

@@ -88,7 +88,7 @@ def _load(kind: str, data: bytes) -> Any:
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(str(exc)) from None
     try:
-        import yaml  # type: ignore[import-untyped]
+        import yaml  # type: ignore[import-untyped]  # PyYAML ships no types (types-PyYAML is no dependency)
     except ImportError:
         raise ValueError("YAML needs PyYAML (pip install pyyaml); or write the file as JSON or TOML") from None
     try:

@@ -32,7 +32,7 @@ from typing import Any, Literal, overload
 
 from . import _cwtypes as t
 from . import _options_volumes
-from ._errors_cw import STATE_ISSUE, NotSupportedLocallyError
+from ._errors_cw import NotSupportedLocallyError
 
 __all__ = ["NOT_YET", "NO_LOCAL_MEANING", "SECRETS_FILE_ENV", "normalise", "secret_values"]
 

@@ -47,7 +47,10 @@ from ._runtime import statedir as _statedir
 
 _NET_DIR = "/sys/class/net"
 _CHUNK = 1 << 16
-from ._runtime.fake.runtime import FakeCall, FakeCommand, FakeExec, FakeRuntime, FakeSandbox  # noqa: F401  (public)
+from ._runtime.fake.runtime import FakeCall, FakeCommand, FakeExec, FakeRuntime, FakeSandbox
+
+__all__ = ["FakeCall", "FakeCommand", "FakeExec", "FakeRuntime", "FakeSandbox", "Leftovers", "close_shared_runtime",
+           "kill_leftovers", "leftovers", "shared_owner_dirs", "wait_for_no_leftovers"]
 
 
 @dataclass

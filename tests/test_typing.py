@@ -28,27 +28,15 @@ EXAMPLES = sorted(glob.glob(os.path.join(TYPED, "*.py")))
 NEGATIVE = os.path.join(TYPED, "negative", "wrong_types.py")
 
 #: The parts of sandpool found clean (0 errors) under both ``mypy --strict`` and pyright (in the
-#: project's configuration): the floor modules, whole packages, and single modules of the rest.
-#: Once all of sandpool/ is clean, this becomes ["sandpool"] (what ``make typecheck`` checks).
+#: project's configuration): all of it but the Slurm runtime, being rewritten (sandpool/_runtime
+#: is listed by its entries). Once that is clean too, this becomes ["sandpool"] (what ``make
+#: typecheck`` checks).
+_NOT_YET = {"sandpool/_runtime", "sandpool/_runtime/slurm"}
 CLEAN_PATHS = [
     "_sandpool_agent/errors.py",
-    *sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "sandpool", "*.py"))),
-    "sandpool/_cli",
-    "sandpool/_core",
-    "sandpool/_cwsandbox",
-    "sandpool/_grpc",
-    "sandpool/_service",
-    "sandpool/_functions/imap.py",
-    "sandpool/_runtime/contract.py",
-    "sandpool/_session/blocks.py",
-    "sandpool/_session/process.py",
-    "sandpool/_session/streams.py",
-]
-#: Clean under mypy --strict only, so far.
-MYPY_CLEAN_PATHS = [
-    "sandpool/_functions/function.py",
-    "sandpool/_session/sandbox.py",
-    "sandpool/_session/session.py",
+    *(path for pattern in ("sandpool/*", "sandpool/_runtime/*")
+      for path in sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, pattern)))
+      if path not in _NOT_YET and (path.endswith(".py") or os.path.isfile(os.path.join(REPO, path, "__init__.py")))),
 ]
 
 #: The line each typed example prints last.
@@ -107,6 +95,18 @@ def test_typed_examples_pass_mypy_strict(installed, tmp_path):
     assert (code, output) == (0, ""), output
 
 
+def test_testing_names_are_exported(installed, tmp_path):
+    """``sandpool.testing``'s documented names import under mypy --strict, which takes a module's
+    imported names as its own only when it says so (``__all__``): the fakes come from elsewhere."""
+    (tmp_path / "uses_testing.py").write_text(
+        "from sandpool.testing import FakeCall, FakeCommand, FakeExec, FakeRuntime, FakeSandbox, Leftovers, leftovers\n"
+        "runtime: FakeRuntime | None = None\n"
+        "scripted: tuple[type[FakeCall], type[FakeCommand], type[FakeExec], type[FakeSandbox]] | None = None\n"
+        "report: Leftovers = leftovers('/nonexistent')\n")
+    code, output = _mypy(["uses_testing.py"], installed, tmp_path)
+    assert (code, output) == (0, ""), output
+
+
 def test_without_py_typed_mypy_sees_no_types(installed, tmp_path):
     """The control: the same examples against a copy without sandpool's py.typed fail, since
     mypy then refuses to read the package (so the test above depends on the marker)."""
@@ -136,7 +136,7 @@ def test_negative_file_reports_each_deliberate_error(installed, tmp_path):
 def test_clean_parts_pass_mypy_strict():
     """The listed parts of sandpool have no error under mypy --strict (the modules they import are
     read for their types, their own errors not reported: they are not listed yet)."""
-    code, output = _mypy([*CLEAN_PATHS, *MYPY_CLEAN_PATHS], REPO, REPO, "--follow-imports=silent")
+    code, output = _mypy(CLEAN_PATHS, REPO, REPO, "--follow-imports=silent")
     assert (code, output) == (0, ""), output
 
 

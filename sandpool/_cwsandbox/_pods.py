@@ -81,7 +81,8 @@ class InContainer:
 
     @property
     def isolation(self) -> str | None:
-        return self.sandbox.isolation  # type: ignore[no-any-return]
+        isolation: str | None = self.sandbox.isolation
+        return isolation
 
     def exec(self, command: Any, **options: Any) -> Any:
         return self.sandbox.exec(command, container=self.name, **options)

@@ -74,7 +74,7 @@ def locked(method: _F) -> _F:
     def run(self: Any, *args: Any, **kwargs: Any) -> Any:
         with self.lock:
             return method(self, *args, **kwargs)
-    return run  # type: ignore[return-value]
+    return run  # type: ignore[return-value]  # functools.wraps keeps the method's signature
 
 
 class _Wakes(Protocol):

@@ -194,7 +194,7 @@ class RemoteFunction(Generic[P, R]):
             progress_for_refs(refs, self.__qualname__)
         if refs:
             calls.loop().start_soon(self._feed, pool, refs, items)
-        return refs  # type: ignore[return-value]
+        return refs  # type: ignore[return-value]  # each CallRef resolves to this function's R
 
     async def _feed(self, pool: Pool, refs: list[CallRef], items: list[tuple[Any, ...]]) -> None:
         """Submit a map's calls while fewer than its bound are unfinished (runs in the loop)."""

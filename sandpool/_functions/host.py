@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from .._errors import SandboxError
 from .pool import Pool, PoolStatistics
@@ -38,7 +38,7 @@ class FunctionHost(Protocol):
         ...
 
 
-SandboxFactory = Callable[["SandboxSpec"], Awaitable["PoolSandbox"]]
+SandboxFactory: TypeAlias = Callable[["SandboxSpec"], Awaitable["PoolSandbox"]]
 
 
 class Pools:

@@ -16,8 +16,6 @@ import sys
 from collections.abc import AsyncIterable, Iterable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-import trio
-
 from .._core.hosts import HostEvent, checkpoint
 from .._core.opref import OperationCancelled, OperationRef, check_not_in_trio
 from .pool import MAX_IN_FLIGHT_BYTES, Call, CallRef, in_flight_bound
@@ -276,7 +274,7 @@ def _block(ref: OperationRef[Any]) -> None:
 
 def _length(source: object) -> int | None:
     try:
-        return len(source)  # type: ignore[arg-type]
+        return len(source)  # type: ignore[arg-type]  # any object: len() tells whether it has a length
     except TypeError:
         return None
 
@@ -284,7 +282,7 @@ def _length(source: object) -> int | None:
 def _progress_bar(name: str, total: int | None) -> Any:
     """A tqdm bar, or None (with one line of advice) when tqdm is not installed."""
     try:
-        from tqdm.auto import tqdm  # type: ignore[import-untyped, unused-ignore]
+        from tqdm.auto import tqdm  # type: ignore[import-untyped, unused-ignore]  # typed in some tqdm versions only
     except ImportError:
         print("sandpool: progress=True needs tqdm ('pip install sandpool[progress]'); "
               "running without a progress bar", file=sys.stderr)

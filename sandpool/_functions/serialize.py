@@ -337,7 +337,7 @@ def _find_class(module: object, qualname: object) -> type | None:
         if type(namespace) not in (dict, types.MappingProxyType):
             return None
         obj = namespace.get(part)
-    return obj if issubclass(type(obj), type) else None  # type: ignore[return-value]
+    return obj if issubclass(type(obj), type) else None  # type: ignore[return-value]  # a class
 
 
 def _rebuild(data: bytes, sandbox_id: str | None, type_name: str, message: str) -> Exception | None:

@@ -52,7 +52,7 @@ def open_stream(path: str, compression: str) -> tuple[BinaryIO, subprocess.Popen
     if compression == "none":
         return open(path, "rb"), None
     if compression == "gzip":
-        return gzip.open(path, "rb"), None  # type: ignore[return-value]
+        return gzip.open(path, "rb"), None  # type: ignore[return-value]  # a GzipFile reads bytes like a BinaryIO
     if compression == "zstd":
         try:
             from compression import zstd  # type: ignore[import-not-found]  # Python 3.14+
@@ -66,7 +66,7 @@ def open_stream(path: str, compression: str) -> tuple[BinaryIO, subprocess.Popen
                              "and no zstd decoder is available; install zstd (apt-get install zstd) or use "
                              "Python 3.14+")
         proc = subprocess.Popen([decoder, "-dcq", path], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        return proc.stdout, proc  # type: ignore[return-value]
+        return proc.stdout, proc  # type: ignore[return-value]  # stdout=PIPE: a binary pipe, never None
     raise ImageError(f"unknown layer compression {compression!r}")
 
 
@@ -100,6 +100,7 @@ def extract(path: str, compression: str, dest: str, rootless: bool = False) -> t
     hashing = _Hashing(stream)
     root = os.open(dest, _DIR_FLAGS)
     try:
+        # (call-overload: _Hashing has the read() a stream needs, not all of a file object)
         with tarfile.open(fileobj=hashing, mode="r|") as archive:  # type: ignore[call-overload]
             written = _Unpacker(root, archive, rootless).run()
         return written, hashing.drain()

@@ -77,9 +77,9 @@ def _prepare_rootless(record: SandboxRecord, plan: dict[str, Any], config: dict[
     rules = network.policy(record.spec.network, record.spec.services)
     if rules != network.Policy():
         raise SandboxFailedError(
-            f"network rules, exposed ports and services need root (nftables and a veth on the host); an "
-            f"ordinary user's bridge sandbox gets plain egress through slirp4netns: use network='bridge' "
-            f"without rules, or run as root", sandbox_id=record.sandbox_id, status_reason="NetworkError")
+            "network rules, exposed ports and services need root (nftables and a veth on the host); an "
+            "ordinary user's bridge sandbox gets plain egress through slirp4netns: use network='bridge' "
+            "without rules, or run as root", sandbox_id=record.sandbox_id, status_reason="NetworkError")
     binary = slirp.find()
     if binary is None:
         raise SandboxFailedError(

@@ -258,7 +258,7 @@ def build(name: str, store: str | None = None, progress: Callable[[str], None] |
     try:
         with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
             tail: list[str] = []
-            for line in proc.stdout:  # type: ignore[union-attr]
+            for line in proc.stdout:  # type: ignore[union-attr]  # stdout=PIPE: never None
                 line = line.rstrip()
                 tail = (tail + [line])[-20:]
                 if progress and line.startswith(("I: ", "W: ", "E: ")):

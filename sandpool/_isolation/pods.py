@@ -33,8 +33,8 @@ def join(record: Any, primary: Any) -> None:
     """Make ``record`` a member of ``primary``'s pod; SandboxFailedError at the ``oci`` level."""
     if record.isolation == "oci":
         raise SandboxFailedError(
-            f"several containers per sandbox are not available at isolation='oci' (crun makes each container's "
-            f"namespaces); use isolation='namespaces'", sandbox_id=primary.sandbox_id, status_reason="InvalidSpec")
+            "several containers per sandbox are not available at isolation='oci' (crun makes each container's "
+            "namespaces); use isolation='namespaces'", sandbox_id=primary.sandbox_id, status_reason="InvalidSpec")
     record.extra[_PRIMARY] = primary
 
 

@@ -27,7 +27,6 @@ import trio
 from _sandpool_agent import wire as _wire
 from .._core.channel import FrameChannel
 from .._errors import ProtocolError, SandboxUnavailableError
-from .._grpc.threadpipe import ThreadPipe
 from .._grpc.frames import ID_BITS, check as check_frame
 
 log = logging.getLogger("sandpool.serve")

@@ -27,7 +27,6 @@ users (``--allow-uid``) and of other machines keep gRPC.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os

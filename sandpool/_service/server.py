@@ -54,7 +54,7 @@ from .policy import Policy, Refused
 log = logging.getLogger("sandpool.serve")
 
 #: ``also(address, token, open_log)`` of :func:`serve_async`: another API served beside this one
-AlsoServe = Callable[[str, "str | None", Callable[[str], "BinaryIO | None"]], AbstractAsyncContextManager[None]]
+AlsoServe = Callable[[str, str | None, Callable[[str], BinaryIO | None]], AbstractAsyncContextManager[None]]
 
 @dataclass(frozen=True)
 class ServeConfig:

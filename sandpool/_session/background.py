@@ -16,7 +16,7 @@ import atexit
 import os
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import trio
 
@@ -220,7 +220,7 @@ def call_blocking(fn: Callable[..., T], *args: object) -> T:
     ok, value = box[0]
     if not ok:
         raise value
-    return value  # type: ignore[no-any-return]
+    return cast(T, value)
 
 
 def owner_dirs() -> list[str]:

@@ -1,7 +1,7 @@
 """What the parts of ``Sandbox`` use of one another, declared once for type checkers.
 
 ``Sandbox`` is assembled from parts (its ``with`` blocks, its agent connection, found handles,
-logs, streamed files, snapshots, cwsandbox's surface), each a base class of it in its own module.
+logs, streamed files, snapshots, pods, cwsandbox's surface), each a base class of it in its own module.
 A part's methods use the sandbox's state and the other parts' methods; :class:`SandboxParts`, the
 base of every part, declares those, so each part type-checks on its own. The declarations exist
 for type checkers only: at run time the class is empty, and ``Sandbox`` (or the part named in each
@@ -10,7 +10,7 @@ comment) defines every one of them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -100,3 +100,7 @@ class SandboxParts:
         async def _reader(self) -> None: ...  # AgentConnection's
         async def _file_request(self, frame: dict[str, Any],
                                 timeout: float | None) -> bytes | None: ...  # AgentConnection's
+        @classmethod
+        def run(cls, *args: str, defaults: SandboxDefaults | None = None,
+                **options: Any) -> Self: ...  # SandboxBlocks'
+        def _in(self, container: str | None) -> Self: ...  # PodMixin's

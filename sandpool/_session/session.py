@@ -19,7 +19,7 @@ from .._functions.function import RemoteFunction, Retries, function_decorator
 from .._functions.host import Pools
 from .._core.hosts import current_host, settle, to_thread
 from .._core.opref import OperationRef, TaskHost
-from .._functions.pool import Pool, PoolStatistics
+from .._functions.pool import PoolStatistics
 from .._core.portal import Portal
 from .._runtime.contract import Runtime
 from .._runtime.local import LocalRuntime
@@ -70,10 +70,10 @@ class Session(SessionSnapshots):
         self._owned_runtime: Runtime | None = None
         if runtime is not None and address is not None:
             raise ValueError("pass runtime= or address=, not both; address= means RemoteRuntime(address, token)")
-        if runtime is None and _shared.resolve_address(address):
+        if runtime is None and (resolved := _shared.resolve_address(address)):
             from .._runtime.remote import RemoteRuntime
 
-            self._owned_runtime = RemoteRuntime(_shared.resolve_address(address), token)  # type: ignore[arg-type]
+            self._owned_runtime = RemoteRuntime(resolved, token)
         elif runtime is None:  # $SANDPOOL_RUNTIME=slurm: an engine runtime of our own
             self._owned_runtime = _shared.engine_runtime()
         self._home = SandboxHome(self.defaults, self._ensure_open, self._hold_runtime,  # what its sandboxes see of it
@@ -438,7 +438,7 @@ class Session(SessionSnapshots):
         """Log ``get_metrics()`` to the active Weights & Biases run, if wandb is installed and a run
         is active (``step``: its step); True if logged. ``reset`` then starts the counts afresh."""
         try:
-            import wandb  # type: ignore[import-not-found]
+            import wandb  # type: ignore[import-not-found]  # optional, not a dependency
         except ImportError:
             return False
         metrics = self.get_metrics()

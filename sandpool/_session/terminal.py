@@ -62,7 +62,7 @@ def _size(width: object, height: object) -> tuple[int, int]:
     cols, rows = DEFAULT_SIZE[0] if width is None else width, DEFAULT_SIZE[1] if height is None else height
     _wire.check_field("resize", "cols", cols, "width")
     _wire.check_field("resize", "rows", rows, "height")
-    return cols, rows  # type: ignore[return-value]
+    return cols, rows  # type: ignore[return-value]  # check_field has checked both are ints
 
 
 class TerminalSession(OperationRef[TerminalResult]):
@@ -73,7 +73,7 @@ class TerminalSession(OperationRef[TerminalResult]):
         super().__init__()
         self._proc = _TtyProcess(link, command, _size(width, height))
         self.output: ChunkStream[bytes] = self._proc.output()
-        self.stdin: StreamWriter = self._proc.stdin  # type: ignore[assignment]
+        self.stdin: StreamWriter = self._proc.stdin  # type: ignore[assignment]  # made with stdin=True: never None
         self._launch(link.host(), self._body)
 
     def __repr__(self) -> str:

@@ -13,7 +13,6 @@ import shutil
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote
-from typing import Any
 
 import trio
 
