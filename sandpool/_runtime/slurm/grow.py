@@ -147,7 +147,8 @@ class Growth:
                           submitted_at=submitted_at, shape=spec, slots=slots)
             self.placements[key] = p
             await self.submitted(p)
-        return p
+        # a shield without a deadline never swallows an exception, so ``p`` is bound here
+        return p  # pyright: ignore[reportPossiblyUnboundVariable]
 
     async def _unpinned_nodes(self, runner_ids: tuple[str, ...] | None) -> tuple[str, ...]:
         """The partition's nodes that ``runner_ids`` (node names: a Slurm runtime's runners) leave
