@@ -8,7 +8,8 @@ For each N, in a fresh process (its own client, template and state dir), one ses
              wall time until every result is in;
 - exec:      one more ``exec(["true"])`` in each of the N, all at once, wall time;
 - memory:    private memory (USS: Private_Clean + Private_Dirty, from /proc/PID/smaps_rollup via
-             psutil) of each sandbox's agent, median and max;
+             psutil) of each sandbox's agent, median and max, and of the agent with every process
+             of the sandbox (nothing runs in it then: what a sandbox costs at rest), median;
 - down:      stop all N at once (no grace), wall time;
 - CPU:       per sandbox, the client's and the template's CPU time during "up", and each agent's
              CPU over its whole life (setup, the execs, exit; counted when the template reaps it);
@@ -50,6 +51,17 @@ def uss(pid: int) -> int | None:
 
     try:
         return psutil.Process(pid).memory_full_info().uss
+    except psutil.Error:
+        return None
+
+
+def tree_uss(pid: int) -> int | None:
+    """Private memory of ``pid`` and all its descendants (an agent and any helper process it keeps)."""
+    import psutil
+
+    try:
+        top = psutil.Process(pid)
+        return sum(p.memory_full_info().uss for p in [top, *top.children(recursive=True)])
     except psutil.Error:
         return None
 
@@ -112,6 +124,8 @@ def one_scale(n: int, isolation: str) -> dict:
             raise RuntimeError(f"found {len(usses)} agent processes for {n} running sandboxes")
         row["uss_median_mib"] = statistics.median(usses) / MIB
         row["uss_max_mib"] = max(usses) / MIB
+        trees = [u for u in (tree_uss(sandbox._record.agent_pid) for sandbox in pool) if u is not None]
+        row["sandbox_uss_median_mib"] = statistics.median(trees) / MIB  # (measured while nothing runs in it)
 
         ticks = machine_ticks()
         began = time.perf_counter()
@@ -165,12 +179,13 @@ def main() -> None:
         row["per_start_vs_smallest_n"] = row["per_start_ms"] / floor["per_start_ms"] if floor else None
 
     print(f"| N | up (start + 1 exec each) s | per sandbox ms | x per sandbox at N={floor['n']} | exec in each s "
-          "| stop all s | USS median MiB | USS max MiB | CPU ms each: client / template / agent "
+          "| stop all s | USS median MiB | USS max MiB | sandbox USS median MiB | CPU ms each: client / template / agent "
           "| up if CPU-bound s | machine idle % up / stop | leftovers |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in rows:
         print(f"| {r['n']} | {r['up_s']:.2f} | {r['per_start_ms']:.2f} | {r['per_start_vs_smallest_n']:.2f}x "
               f"| {r['exec_s']:.2f} | {r['down_s']:.2f} | {r['uss_median_mib']:.2f} | {r['uss_max_mib']:.2f} "
+              f"| {r['sandbox_uss_median_mib']:.2f} "
               f"| {r['up_client_cpu_ms_each']:.1f} / {r['up_template_cpu_ms_each']:.1f} / {r['agent_cpu_ms_each']:.1f} "
               f"| {r['up_cpu_bound_s']:.2f} | {r['up_machine_idle_pct']:.0f} / {r['down_machine_idle_pct']:.0f} "
               f"| {r['leftovers'] or 'none'} |")

@@ -41,7 +41,6 @@ from _sandpool_agent import linux as _linux
 from _sandpool_agent.confine import cgroups as _cgroups
 from ._isolation import network as _network
 from ._isolation import nft as _nft
-from _sandpool_agent.confine.storage import KEEPER_NAME
 from _sandpool_agent.confine.supervisor import SPARE_NAME
 from ._runtime import statedir as _statedir
 
@@ -184,17 +183,11 @@ def _cgroup_leftovers(keys: set[str], kept_owners: set[str]) -> tuple[list[str],
                     report.append(owner)
                 else:  # a v2 group keeps its spare's name when its sandbox adopts it: look inside
                     report += [g for g in _subdirs(owner) if not os.path.basename(g).startswith("spare-")
-                               or any((_stat(int(p)) or (SPARE_NAME,))[0] not in (SPARE_NAME, KEEPER_NAME)
+                               or any((_stat(int(p)) or (SPARE_NAME,))[0] != SPARE_NAME
                                       for p in _read(os.path.join(g, "cgroup.procs")).split())]
                 for path, _subgroups, _files in os.walk(owner):
                     members.update(int(p) for p in _read(os.path.join(path, "cgroup.procs")).split())
     return report, members
-
-
-def _spares_keeper(stat: tuple[str, str, int, str], templates: Mapping[int, str]) -> bool:
-    """A keeper of the writable storage a spare built ahead of time (``storage.hold``)."""
-    parent = _stat(stat[2]) if stat[0] == KEEPER_NAME else None
-    return parent is not None and parent[0] == SPARE_NAME and parent[2] in templates
 
 
 def _mounts(dirs: list[str]) -> list[str]:
@@ -263,8 +256,7 @@ def leftovers(state_dir: str, *more: str, keep_owners: Collection[str] | None = 
             continue
         if pid in templates:
             report.templates.append((pid, templates[pid]))
-        elif not (stat[0] == SPARE_NAME and stat[2] in templates) and not _spares_keeper(stat, templates):
-            # (a spare child is part of its template, and so is the keeper a spare made ahead of time)
+        elif not (stat[0] == SPARE_NAME and stat[2] in templates):  # (a spare child is part of its template)
             report.processes.append((pid, _cmdline(pid)))
 
     for d in state_dirs:

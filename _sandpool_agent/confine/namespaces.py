@@ -37,6 +37,7 @@ Stdlib only: the template imports this module.
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import sys
 
@@ -146,7 +147,7 @@ def unshare_early(network: str, cgroup: bool = False) -> None:
         _sys.loopback_up()
 
 
-def enter(plan: dict, early: bool = False, cgroupns: bool = False) -> None:
+def enter(plan: dict, early: bool = False, cgroupns: bool = False, holder: socket.socket | None = None) -> None:
     """Become the sandbox: namespaces, root filesystem, hostname, network, privileges. See module doc.
 
     ``plan`` keys: ``lower`` (the image's root), ``upper``, ``work``, ``merged``, ``stage`` (dirs on
@@ -160,6 +161,7 @@ def enter(plan: dict, early: bool = False, cgroupns: bool = False) -> None:
     directory), ``mkdirs`` (directories to create), ``paths`` (directories the agent's ``sys.path``
     gets at its end, where missing: where the client's modules lie).
     ``early``: ``unshare_early`` ran already (in a spare); ``cgroupns``: so did the cgroup namespace.
+    ``holder``: the template's socket that takes the writable storage's descriptor (``storage.hold``).
     Raises OSError naming the failed step.
     """
     if not early:
@@ -167,7 +169,7 @@ def enter(plan: dict, early: bool = False, cgroupns: bool = False) -> None:
     netsetup.join(plan)  # the bridge mode's namespace, made by the client (before /sys is mounted)
     if not cgroupns:
         _sys.unshare(_sys.CLONE_NEWCGROUP)
-    build_root(plan)
+    build_root(plan, holder)
     finish(plan)
 
 
@@ -184,7 +186,7 @@ def relocated(plan: dict, scratch: str) -> dict:
     return {**plan, "scratch": scratch, **moved}
 
 
-def build_root(plan: dict) -> None:
+def build_root(plan: dict, holder: socket.socket | None = None) -> None:
     """The part of ``enter`` that depends only on what ``root_key`` names: the writable storage,
     the root filesystem and its mounts, then pivot_root into it. A spare does this ahead of time
     for a plan its template saw lately (``relocated`` to a directory of its own), so the host's
@@ -192,7 +194,7 @@ def build_root(plan: dict) -> None:
     and the scratch tree is read; afterwards nothing of the host is reachable."""
     merged = plan["merged"]
     storage.mount(plan)
-    storage.hold(plan)  # the writable tmpfs, for snapshots, in a process the sandbox cannot look into
+    storage.hold(plan, holder)  # the writable tmpfs, for snapshots, held by the template
     mount_root(plan)
     size = plan["tmp_bytes"]
     _mount_proc(merged)

@@ -16,11 +16,10 @@ namespace (before Linux 5.11): the image's layers merged by copying into the ``r
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import shutil
-import signal
+import socket
 import stat
 
 from . import _sys
@@ -34,9 +33,6 @@ MIN_BYTES = 2**20
 #: The trees beside the upper layer, bound onto their mount points; name -> mode. ``root`` is the
 #: host image's root (``namespaces.mount_root``).
 TREES = {"tmp": 0o1777, "run": 0o755, "shm": 0o1777, "root": 0o755}
-#: The process that keeps a sandbox's writable tmpfs open (``hold``), as ``ps`` names it.
-KEEPER_NAME = "sandpool-keeper"
-_PR_SET_DUMPABLE = 4
 
 
 def default_bytes() -> int:
@@ -68,46 +64,27 @@ def mount(plan: dict) -> None:
         os.chmod(path, mode)  # mkdir obeys the umask
 
 
-def hold(plan: dict) -> None:
-    """Before the pivot_root (after which no path leads to it): fork the keeper, a child that holds
-    the tmpfs on ``plan["scratch"]`` open (O_PATH) and nothing else, and sleeps until the sandbox
-    ends. It is born not dumpable (set in the parent around the fork, so no step is unsealed), so
-    the sandbox's processes cannot follow its descriptors (that needs CAP_SYS_PTRACE); the client,
-    root, reads the upper layer through ``/proc/<keeper>/fd/<n>`` for a snapshot. The agent keeps no
-    copy: its own descriptors are open to the sandbox's root. A spare forks it ahead of time, off
-    the start's path. Not rootless: there the detached mounts stay locked to their parents, so the
-    old root could be climbed back to through the descriptor."""
-    if plan.get("rootless"):
+def hold(plan: dict, holder: socket.socket | None) -> None:
+    """Before the pivot_root (after which no path leads to it): hand the template, over ``holder``
+    (a socket of the template's, see ``Supervisor``), a descriptor (O_PATH) of the tmpfs on
+    ``plan["scratch"]``, then close both. The template, outside the sandbox, keeps it while the
+    sandbox runs; the client, root, reads the upper layer through ``/proc/<template>/fd/<n>`` for a
+    snapshot. Nothing of the sandbox can reach it: the template is in no namespace of the sandbox's,
+    and the agent keeps no copy (its own descriptors are open to the sandbox's root). A process of
+    the sandbox would cost a fork and ~2 MiB of private memory per sandbox. Without a ``holder``
+    (rootless: there the detached mounts stay locked to their parents, so the old root could be
+    climbed back to through the descriptor) nothing is held."""
+    if holder is None:
         return
-    fd = os.open(plan["scratch"], os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    with open("/proc/self/comm") as f:
-        name = f.read().strip()
-    _sys.set_name(KEEPER_NAME)
-    _set_dumpable(False)
     try:
-        pid = os.fork()
-        if pid == 0:
-            _be_keeper(fd)
+        if not plan.get("rootless"):
+            fd = os.open(plan["scratch"], os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                socket.send_fds(holder, [b"h"], [fd])
+            finally:
+                os.close(fd)
     finally:
-        _set_dumpable(True)
-        _sys.set_name(name)
-        os.close(fd)
-
-
-def _set_dumpable(flag: bool) -> None:
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, int(flag), 0, 0, 0)
-
-
-def _be_keeper(fd: int) -> None:
-    try:
-        os.closerange(0, fd)
-        os.closerange(fd + 1, os.sysconf("SC_OPEN_MAX"))
-        _sys.no_new_privs()
-        _sys.limit_capabilities(set())
-        while True:
-            signal.pause()  # until the sandbox's end kills it (SIGTERM or SIGKILL)
-    finally:
-        os._exit(0)
+        holder.close()
 
 
 def tree(plan: dict, name: str) -> str:

@@ -9,9 +9,9 @@ points, the host image's directories and links, binds, volumes) is checked to be
 
 ``capture(record, trigger)`` (blocking; call it in a thread) copies the sandbox's writable layers
 into the snapshot store (``sandpool._images.snapshots``) while its cgroup is frozen, so every
-process of it stands still during the copy: a keeper process of the sandbox holds its writable
-tmpfs open (``storage.hold``; not dumpable, so only the client, root, can look into it), and the
-client reads ``/proc/<keeper>/fd/<n>/upper`` (and ``root``, the host image's root tree). Without a cgroup freezer (no cgroup v2 here) the copy runs beside the
+process of it stands still during the copy: the template, outside the sandbox, holds its writable
+tmpfs open (``storage.hold``), and the client reads ``/proc/<template>/fd/<n>/upper`` (and
+``root``, the host image's root tree). Without a cgroup freezer (no cgroup v2 here) the copy runs beside the
 sandbox: each file is read whole, but files written during the copy may be seen at different moments.
 """
 
@@ -32,7 +32,7 @@ from .._images import snapshots as store_mod
 from .._images import treecopy
 from .._images.store import MAX_LOWERDIR
 from . import images, probe, volumes
-from _sandpool_agent.confine import namespaces, storage
+from _sandpool_agent.confine import namespaces
 
 if TYPE_CHECKING:
     from .._runtime.contract import SandboxRecord
@@ -194,7 +194,7 @@ def capture(record: SandboxRecord, trigger: str = "manual") -> store_mod.Snapsho
     except OSError as exc:
         if work:
             shutil.rmtree(work, ignore_errors=True)
-        cause = exc if _keeper(record.agent_pid) else _KEEPER_GONE
+        cause = exc if _held_storage(record.agent_pid) else _NOT_HELD
         raise SandboxSnapshotError(f"could not snapshot sandbox {record.sandbox_id}: {cause}",
                                    sandbox_id=record.sandbox_id) from exc
     try:
@@ -217,44 +217,42 @@ def _source(record: SandboxRecord) -> str:
         raise OSError(3, "the sandbox is not running")
     if record.isolation == "oci":
         return f"/proc/{pid}/root{record.extra['dir']}/fs"
-    keeper = _keeper(pid)
-    if keeper is None:
-        raise OSError(2, _KEEPER_GONE)
-    for fd in os.listdir(f"/proc/{keeper}/fd"):
-        path = f"/proc/{keeper}/fd/{fd}"
-        if _is_o_path(keeper, fd) and os.path.isdir(f"{path}/upper") and os.path.isdir(f"{path}/work"):
-            return path
-    raise OSError(2, _KEEPER_GONE)
+    # (the agent sends the descriptor before it serves, but the template, busy with other sandboxes,
+    # may not have taken it off its socket yet: a bounded wait, a snapshot being a rare, heavy call)
+    deadline = time.monotonic() + _HOLD_WAIT_SECONDS
+    while (held := _held_storage(pid)) is None:
+        if record.exited.is_set() or time.monotonic() > deadline:
+            raise OSError(2, _NOT_HELD)
+        time.sleep(_HOLD_POLL_SECONDS)
+    return held
 
 
-_KEEPER_GONE = "the sandbox's keeper of its writable storage is gone (killed from inside?)"
+#: How long a snapshot waits for the template to take a new sandbox's storage, and how often it looks.
+_HOLD_WAIT_SECONDS = 5.0
+_HOLD_POLL_SECONDS = 0.002
+_NOT_HELD = "the sandbox's writable storage is not held by its template (is the sandbox ending?)"
 
 
-def _keeper(agent: int | None) -> int | None:
-    """The live child of ``agent`` that holds the sandbox's writable tmpfs (``storage.hold``)."""
+def _held_storage(agent: int | None) -> str | None:
+    """``/proc/<template>/fd/<n>``: the template's descriptor of the sandbox's writable tmpfs
+    (``storage.hold``). The template is the agent's parent; of its descriptors, the one on the
+    filesystem of the sandbox's ``/tmp`` (a directory of that tmpfs, and a mount point the sandbox
+    cannot change): each tmpfs is a device of its own."""
     try:
-        with open(f"/proc/{agent}/task/{agent}/children") as f:
-            children = [int(c) for c in f.read().split()]
-    except (OSError, TypeError):
+        with open(f"/proc/{agent}/stat") as f:
+            template = int(f.read().rpartition(") ")[2].split()[1])
+        device = os.stat(f"/proc/{agent}/root/tmp").st_dev
+        fds = os.listdir(f"/proc/{template}/fd")
+    except (OSError, ValueError, IndexError):
         return None
-    for child in children:
+    for fd in fds:
+        path = f"/proc/{template}/fd/{fd}"
         try:
-            with open(f"/proc/{child}/stat") as f:
-                comm, _, rest = f.read().partition(" (")[2].rpartition(") ")
+            if os.stat(path).st_dev == device and os.path.isdir(f"{path}/upper"):
+                return path
         except OSError:
             continue
-        if comm == storage.KEEPER_NAME and rest[:1] != "Z":
-            return child
     return None
-
-
-def _is_o_path(pid: int, fd: str) -> bool:
-    try:
-        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-            flags = next(line for line in f if line.startswith("flags:"))
-    except (OSError, StopIteration):
-        return False
-    return bool(int(flags.split()[1], 8) & os.O_PATH)
 
 
 @contextlib.contextmanager
