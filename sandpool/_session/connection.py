@@ -98,7 +98,11 @@ class AgentConnection(SandboxParts):
         or its failure with the reason)."""
         channel = self._record.channel if self._record else None
         if channel is None or channel.closed or self._state.terminal:
-            raise self._not_running_error() or SandboxNotRunningError(
+            error = self._not_running_error()
+            if error is None and channel is not None:  # running, but its connection ended first
+                error = SandboxUnavailableError(f"sandbox {self.sandbox_id}: its connection is closed (its agent "
+                                                f"or server is gone)", sandbox_id=self.sandbox_id)
+            raise error or SandboxNotRunningError(
                 f"sandbox {self.sandbox_id} is not running", sandbox_id=self.sandbox_id)
         return channel
 
