@@ -14,6 +14,7 @@ Stdlib only: the template imports this module.
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 
@@ -30,6 +31,11 @@ def join(plan: dict) -> None:
         return
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
+        expected = plan.get("netns_id")
+        if expected is not None:  # named by a pid: it must still be the namespace the client holds
+            info = os.fstat(fd)
+            if [info.st_dev, info.st_ino] != list(expected):
+                raise OSError(errno.ESRCH, f"the network namespace at {path} is no longer the pod's")
         _sys.setns(fd, _sys.CLONE_NEWNET)
     finally:
         os.close(fd)

@@ -57,7 +57,12 @@ def prepare(record: Any, config: dict[str, Any], plan: dict[str, Any], mode: str
         raise SandboxFailedError(f"container of pod {primary.sandbox_id}: cannot join its network ({exc})",
                                  sandbox_id=record.sandbox_id, status_reason="PodEnded") from exc
     record.extra[_NETNS_FD] = fd
-    plan["netns"] = f"/proc/{os.getpid()}/fd/{fd}"
+    if os.geteuid() == 0:
+        plan["netns"] = f"/proc/{os.getpid()}/fd/{fd}"
+    else:  # a rootless agent may not open the client's descriptors (its uids are the sandbox's range):
+        info = os.fstat(fd)  # it opens the primary's namespace itself, checked to be this one (the
+        plan["netns"] = f"/proc/{pid}/ns/net"  # primary's pid may be reused; the descriptor held
+        plan["netns_id"] = [info.st_dev, info.st_ino]  # here keeps the namespace and its identity)
     lease = primary.extra.get("bridge")
     if lease is not None:  # the pod's bridge network: its DNS and address too
         if os.path.exists("/etc/resolv.conf"):
