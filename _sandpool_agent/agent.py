@@ -275,6 +275,8 @@ class Agent:
         if not data:
             self._unwatch(fd)
             proc.close_reader(fd)
+            if not proc.readers and proc.status is None:
+                self._reap(proc)  # its pipes closed as it exited: its exit is often in already (one round less)
             self._maybe_finish(proc)
             return
         self._send({"t": "output", "id": proc.id, "fd": proc.readers[fd], "data": data})
@@ -335,12 +337,15 @@ class Agent:
             self._unwatch(fd)
 
     def _reap(self, proc: _procs.ExecProcess) -> None:
+        if proc.status is not None:  # reaped earlier in this round (its pidfd's event was already out)
+            return
         status = _linux.reap(proc.pid)
         if status is None:
             return
         proc.status = status
         proc.exited_at = time.monotonic()
-        proc.popen.returncode = 0  # reaped here; keep Popen from waiting on a recycled pid
+        if proc.popen is not None:
+            proc.popen.returncode = 0  # reaped here; keep Popen from waiting on a recycled pid
         if proc.pidfd is not None:
             self._unwatch(proc.pidfd)
         if proc.stdin_fd is not None:
