@@ -416,12 +416,16 @@ class Agent:
 
     def _collect_exits(self, deadline: float) -> None:
         """Record the wait status of each exec'd process (and the main one) that ends before ``deadline``."""
-        while any(p.status is None for p in self.procs.values()) and time.monotonic() < deadline:
+        while True:
             for pid, status in _linux.reap_all():
                 for proc in self.procs.values():
                     if proc.pid == pid:
                         proc.status = status
-            time.sleep(0.01)
+            running = [p.pid for p in self.procs.values() if p.status is None]
+            left = deadline - time.monotonic()
+            if not running or left <= 0:
+                return
+            _linux.wait_for_exit(running, left)  # wakes as soon as one exits, not on a 10 ms tick
 
     def _shutdown(self, reason: str, grace: float) -> None:
         """Escalating teardown: SIGTERM every group, wait ``grace``, SIGKILL the whole tree."""

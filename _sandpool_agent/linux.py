@@ -10,6 +10,7 @@ import ctypes
 import ctypes.util
 import os
 import resource
+import select
 import signal
 import time
 
@@ -97,6 +98,29 @@ def kill_descendants(pid: int, sig: int = signal.SIGKILL, rounds: int = 5, reap:
         else:
             time.sleep(0.001)
     return total
+
+
+def wait_for_exit(pids: list[int], timeout: float) -> None:
+    """Block until one of ``pids`` has exited (not reaped: its pidfd turns readable) or ``timeout``
+    seconds pass, whichever comes first; without pidfds (before Linux 5.3), a short sleep instead."""
+    fds: list[int] = []
+    try:
+        for pid in pids:
+            try:
+                fds.append(os.pidfd_open(pid))
+            except ProcessLookupError:  # reaped already (not by the caller): nothing to wait for
+                pass
+        if not fds:
+            raise OSError("no process left to wait for")
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        poller.poll(max(0.0, timeout) * 1000)
+    except (OSError, AttributeError):  # no pidfd_open here, or none of them to watch
+        time.sleep(min(0.01, max(0.0, timeout)))
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def reap(pid: int) -> int | None:

@@ -256,24 +256,29 @@ def kill(group: dict) -> None:
 def remove(group: dict, timeout: float = 1.0) -> list[str]:
     """Kill what is left, then remove the group's directories (retrying while the kernel still
     tears down exiting tasks, which returns EBUSY). Returns the directories that remain."""
-    left = [d for d in group["dirs"] if os.path.isdir(d)]
-    if not left:
-        return []
-    kill(group)
+    left = _rmdir_empty(group["dirs"])  # the usual case, after the agent was reaped: all empty
+    if left:
+        kill(group)
     deadline = time.monotonic() + timeout
     while left:
-        for d in list(left):
-            try:
-                os.rmdir(d)
-                left.remove(d)
-            except FileNotFoundError:
-                left.remove(d)
-            except OSError as exc:
-                if exc.errno != errno.EBUSY:
-                    left.remove(d)
+        left = _rmdir_empty(left)
         if not left or time.monotonic() >= deadline:
             return left
         time.sleep(0.002)
+    return left
+
+
+def _rmdir_empty(dirs: list[str]) -> list[str]:
+    """rmdir each of ``dirs`` once; return those that are still there (busy: processes left)."""
+    left = []
+    for d in dirs:
+        try:
+            os.rmdir(d)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                left.append(d)
     return left
 
 
