@@ -4,12 +4,13 @@ tests/security/test_network_boundary.py): one bounded connect or a tiny server i
 from __future__ import annotations
 
 import os
+import socket
 import textwrap
 
 import pytest
 
-from sandpool import Session
-from sandpool._isolation import probe
+from sandpool import Session, testing
+from sandpool._isolation import nft, probe
 
 #: The module mark of the bridge network's tests.
 NEEDS_BRIDGE = pytest.mark.skipif(probe.unavailable("namespaces") is not None or os.geteuid() != 0,
@@ -46,6 +47,26 @@ def serve(sb, port: int):
     proc = sb.exec(["python3", "-c", SERVE, str(port)])
     assert next(iter(proc.stdout)).strip() == "ready"
     return proc
+
+
+def host_connect(hostport: str) -> bytes:
+    """What a server in a sandbox answers the host's "host" at ``hostport`` (an exposed port)."""
+    host, port = hostport.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as c:
+        c.settimeout(5)
+        c.sendall(b"host")
+        return c.recv(100)
+
+
+def assert_chains_and_veth_go_with(sb) -> None:
+    """Stop bridge sandbox ``sb``: its three nft chains go, and its veth (the kernel destroys a
+    namespace, and the veth with it, in a work queue: shortly after)."""
+    sb.wait()
+    tag = f"-{sb.sandbox_id}"
+    assert len([c for c in nft.sandbox_chains() if c.endswith(tag)]) == 3
+    sb.stop().result()
+    assert not [c for c in nft.sandbox_chains() if c.endswith(tag)]
+    assert not testing.wait_for_no_leftovers(os.environ["SANDPOOL_STATE_DIR"], timeout=5).links
 
 
 def address(sb) -> str:

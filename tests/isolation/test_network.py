@@ -10,7 +10,6 @@ import pathlib
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,17 +22,10 @@ from sandpool import SandboxFailedError, Session, testing
 from sandpool._isolation import netns, network, nft
 from sandpool._runtime.local import LocalRuntime
 
-from network_helpers import CONNECT, NEEDS_BRIDGE, SERVE, address, connect, serve, session  # noqa: F401  (session: a fixture)
+from network_helpers import (CONNECT, NEEDS_BRIDGE, SERVE, address, assert_chains_and_veth_go_with,  # noqa: F401
+                             connect, host_connect, serve, session)  # (session: a fixture)
 
 pytestmark = NEEDS_BRIDGE
-
-
-def host_connect(hostport: str) -> bytes:
-    host, port = hostport.rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=5) as c:
-        c.settimeout(5)
-        c.sendall(b"host")
-        return c.recv(100)
 
 
 @pytest.fixture
@@ -123,14 +115,7 @@ def test_deny_egress_with_ingress_refuses_every_connection_out(session, peer):
 
 def test_chains_and_veth_go_with_the_sandbox(session):
     """Stopping a bridge sandbox removes its three nft chains and its veth."""
-    sb = session.sandbox(network="bridge")
-    sb.wait()
-    tag = f"-{sb.sandbox_id}"
-    assert len([c for c in nft.sandbox_chains() if c.endswith(tag)]) == 3
-    sb.stop().result()
-    assert not [c for c in nft.sandbox_chains() if c.endswith(tag)]
-    # (the kernel destroys a namespace, and the veth with it, in a work queue: shortly after)
-    assert not testing.wait_for_no_leftovers(os.environ["SANDPOOL_STATE_DIR"], timeout=5).links
+    assert_chains_and_veth_go_with(session.sandbox(network="bridge"))
 
 
 CLIENT = textwrap.dedent("""
