@@ -5,13 +5,12 @@ or with ``--address`` (or ``$SANDPOOL_ADDRESS``) the snapshots a sandpool server
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import time
 from typing import TYPE_CHECKING, Any
 
 from .sandboxes import ENV_ADDRESS, _connection, _target
+from .stores import remove_each, show
 
 if TYPE_CHECKING:
     from .._images.snapshots import SnapshotStore
@@ -60,41 +59,34 @@ def _rows(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    rows = _rows(args)
-    if args.output == "json":
-        print(json.dumps(rows, indent=1))
-        return 0
-    print(f"{'ID':<22} {'IMAGE':<20} {'SOURCE':<12} {'SIZE':>10} {'LAYERS':>6}  CREATED")
-    for r in rows:
+    def row(r: dict[str, Any]) -> str:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"]))
-        print(f"{r['snapshot_id']:<22} {(r['image'] or '-')[:20]:<20} {r['source_sandbox_id']:<12} "
-              f"{r['size_bytes'] / 2**20:8.1f}Mi {len(r['layers']) or '-':>6}  {created}")
-    return 0
+        return (f"{r['snapshot_id']:<22} {(r['image'] or '-')[:20]:<20} {r['source_sandbox_id']:<12} "
+                f"{r['size_bytes'] / 2**20:8.1f}Mi {len(r['layers']) or '-':>6}  {created}")
+
+    header = f"{'ID':<22} {'IMAGE':<20} {'SOURCE':<12} {'SIZE':>10} {'LAYERS':>6}  CREATED"
+    return show(_rows(args), args.output, header, row)
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
     from .._errors_cw import SnapshotNotFoundError
     from .._ids import check_snapshot_id as check_id
 
-    server, code = _server(args), 0
-    for snapshot_id in args.ids:
+    server = _server(args)
+
+    def remove(snapshot_id: str) -> bool:
         check_id(snapshot_id)
         if server is None:
-            removed = _store().delete(snapshot_id)
-        else:
-            from .._session.sandbox import Sandbox
+            return _store().delete(snapshot_id)
+        from .._session.sandbox import Sandbox
 
-            try:
-                Sandbox.delete_snapshot(snapshot_id, **server).result()
-                removed = True
-            except SnapshotNotFoundError:
-                removed = False
-        if removed:
-            print(f"removed {snapshot_id}")
-        else:
-            print(f"Error: no snapshot {snapshot_id!r}; list them with 'sandpool snapshots ls'", file=sys.stderr)
-            code = 1
-    return code
+        try:
+            Sandbox.delete_snapshot(snapshot_id, **server).result()
+        except SnapshotNotFoundError:
+            return False
+        return True
+
+    return remove_each(args.ids, remove, "snapshot", "sandpool snapshots ls")
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
