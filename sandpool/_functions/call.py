@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +49,25 @@ class CallRef(OperationRef[Any]):
                 raise _serialize.decode_error(exc, self.label) from exc
             self._value = value  # the next result() answers at once
         return value
+
+    def _block(self, timeout: float | None) -> None:
+        # A sync caller may read its call's answer itself, rather than be woken by the loop's thread.
+        read = getattr(self.pool, "read_answer", None)
+        if read is not None:  # (result() checked that this thread runs no trio loop)
+            deadline = time.monotonic() + (timeout if timeout is not None else 86400.0)
+            read(self, deadline)
+            if self.done():
+                return
+            if timeout is not None:
+                timeout = max(0.0, deadline - time.monotonic())
+        super()._block(timeout)
+
+    def add_done_callback(self, fn: Any) -> None:
+        # Waited for otherwise than by blocking: the loop's reader must read the answer.
+        pool = self.pool
+        if pool is not None and not self.done() and hasattr(pool, "reader_needed"):
+            pool.reader_needed(self)
+        super().add_done_callback(fn)
 
     def cancel(self) -> bool:
         if not super().cancel():  # never launched as a task: this settles it, cancelled

@@ -13,6 +13,16 @@ loop would send at once anyway (an idle connection, nothing queued or on its way
 written to the worker's socket from the caller's own thread, so its round trip wakes the loop once
 (for the answer), not twice. Every loop-side entry point of such an owner holds its ``lock``
 (``locked``); calls that cannot go at once travel to the loop in the order they were made.
+
+The answer's way back without the loop (``borrow``): a sync caller blocked on the result of its
+call, the only one its connection holds, may read the connection itself, so the answer wakes the
+caller alone rather than the loop's thread, which then wakes the caller. The loop's reader keeps
+off the socket while it is borrowed, and after, while the connection holds no call (it is
+*parked*), so that a sync caller's next call costs the loop nothing either. It reads again
+(``unpark``) as soon as anything else may come: the loop sends on the connection, a borrower hands
+it frames it cannot settle alone or gives up waiting, or someone waits for a call by other means
+than blocking on it. Whatever a borrower reads and cannot settle goes to the loop before the reader
+reads on, so answers are handled in the order they came.
 """
 
 from __future__ import annotations
@@ -20,10 +30,12 @@ from __future__ import annotations
 import collections
 import errno
 import os
+import select
 import socket
 import stat
 import functools
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
@@ -135,6 +147,7 @@ class WorkerRequest:
         self.ok = False
         self.exited = trio.Event()
         self.exit: dict[str, Any] = {}
+        self.on_end: Callable[[], None] | None = None  # told when the worker or its sandbox ends
 
     def _on_frame(self, frame: dict[str, Any]) -> int:
         if frame["t"] == "started":
@@ -144,11 +157,15 @@ class WorkerRequest:
             self.exit = frame
             self.started.set()
             self.exited.set()
+            if self.on_end is not None:
+                self.on_end()
         return 0
 
     def _on_sandbox_gone(self, error: BaseException) -> None:
         self.started.set()
         self.exited.set()
+        if self.on_end is not None:
+            self.on_end()
 
 
 class DirectChannel:
@@ -161,6 +178,16 @@ class DirectChannel:
         self.closed = False
         self._lock = threading.Lock()  # send_now (any thread) against close (the loop's)
         self._drained = False  # the last read took less than it asked for: the socket is empty
+        # The read role (see the module doc): a thread reads now (borrowed), the loop's reader keeps
+        # off (parked: set by borrowers, cleared in the loop's thread), or the loop's reader reads.
+        self._borrowed = False
+        self._parked = False
+        self._loop_reading = False
+        self._loop_thread = threading.get_ident()  # made in the loop's thread
+        self._waiting: trio.CancelScope | None = None  # the loop reader's wait for the socket
+        self._returned = trio.Event()  # set (and replaced) to wake the parked reader
+        self._error: ProtocolError | None = None  # a borrower met a malformed frame: the loop raises it
+        self._close_when_returned = False  # closed while borrowed: the borrower closes the socket
 
     @classmethod
     async def connect(cls, directory: str, name: str) -> DirectChannel:
@@ -194,7 +221,10 @@ class DirectChannel:
         return not self._pending or self.closed
 
     def send_now(self, frames: list[dict[str, Any]]) -> None:
-        """Queue frames and write what the socket takes now (never blocks; ``flush`` sends the rest)."""
+        """Queue frames and write what the socket takes now (never blocks; ``flush`` sends the rest).
+        From the loop's thread, the reader reads again (their answers are the loop's to read)."""
+        if self._parked and threading.get_ident() == self._loop_thread:
+            self.unpark()
         with self._lock:
             self._send_now(frames)
 
@@ -261,33 +291,144 @@ class DirectChannel:
             self._sent(sent)
 
     async def receive_batch(self) -> list[dict[str, Any]] | None:
-        """The frames available now (at least one), or None at EOF. ProtocolError if malformed."""
+        """The frames available now (at least one), or None at EOF. ProtocolError if malformed.
+        Waits while a thread has borrowed the reading (``borrow``)."""
         while True:
+            if self._parked or self._borrowed:
+                await self._returned.wait()
+                continue
+            if self._error is not None:
+                raise self._error
             if self._drained:  # the last read emptied the socket: wait, rather than read in vain
                 self._drained = False
-                await trio.lowlevel.wait_readable(self.sock)
-            try:
-                data = self.sock.recv(_READ_BYTES)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(self.sock)
+                await self._wait_readable()
                 continue
-            except OSError:
-                data = b""
-            if not data:
-                self.closed = True
+            with self._lock:
+                if self._parked or self._borrowed:
+                    continue
+                self._loop_reading = True
+            try:
+                frames = self._read()
+            except BlockingIOError:
+                frames = []
+            finally:
+                with self._lock:
+                    self._loop_reading = False
+            if frames is None or frames:
+                return frames
+            await self._wait_readable()
+
+    async def _wait_readable(self) -> None:
+        """Wait for the socket to be readable, or for a borrower to take the reading (``kick``)."""
+        with trio.CancelScope() as scope:
+            self._waiting = scope
+            try:
+                await trio.lowlevel.wait_readable(self.sock)
+            finally:
+                self._waiting = None
+
+    def _read(self) -> list[dict[str, Any]] | None:
+        """One read of what the socket holds, decoded: the whole frames, or None at EOF (closed).
+        BlockingIOError if nothing was there; ProtocolError if a frame is malformed or not an answer."""
+        try:
+            data = self.sock.recv(_READ_BYTES)
+        except BlockingIOError:
+            raise
+        except OSError:
+            data = b""
+        if not data:
+            self.closed = True
+            return None
+        self._drained = len(data) < _READ_BYTES
+        frames = self._decoder.feed(data)
+        for frame in frames:  # the worker is inside the sandbox: it answers calls, and says nothing else
+            if frame["t"] not in ("result", "error"):
+                raise ProtocolError(f"the call worker sent a {frame['t']!r} frame", frame=_wire.summary(frame))
+        return frames
+
+    # -- a sync caller reading its own answer (see the module doc) -----------------------------
+
+    @property
+    def parked(self) -> bool:
+        """The loop's reader keeps off the socket (a borrower reads, or will: see the module doc)."""
+        return self._parked
+
+    def borrow(self) -> bool | None:
+        """Take the reading from the loop (a thread other than the loop's): None if it cannot be
+        had (closed, the loop reading now, another borrower); else whether ``kick`` must run in
+        the loop's thread (the reader was not parked). ``give_back`` once done."""
+        with self._lock:
+            if self.closed or self._loop_reading or self._borrowed or self._error is not None:
                 return None
-            self._drained = len(data) < _READ_BYTES
-            frames = self._decoder.feed(data)
-            for frame in frames:  # the worker is inside the sandbox: it answers calls, and says nothing else
-                if frame["t"] not in ("result", "error"):
-                    raise ProtocolError(f"the call worker sent a {frame['t']!r} frame", frame=_wire.summary(frame))
-            if frames:
+            self._borrowed = True
+            kick, self._parked = not self._parked, True
+            return kick
+
+    def kick(self) -> None:
+        """In the loop's thread: end the reader's wait for the socket, which is borrowed now."""
+        if self._parked and self._waiting is not None:
+            self._waiting.cancel()
+
+    def read_borrowed(self, deadline: float) -> list[dict[str, Any]] | None:
+        """In the borrowing thread: the next frames, [] if none came by ``deadline`` (a
+        time.monotonic() value) or within 50 ms (so that its caller can look at its call between
+        waits), None at EOF or on a malformed frame (left for the loop to raise)."""
+        poller = select.poll()  # not select(): it fails on fds >= 1024
+        poller.register(self.sock, select.POLLIN)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(min(left, 0.05) * 1000):
+                return []
+            try:
+                frames = self._read()
+            except BlockingIOError:
+                continue
+            except ProtocolError as exc:
+                self._error = exc
+                return None
+            if frames is None or frames:
                 return frames
 
+    def give_back(self, stay_parked: bool) -> bool:
+        """In the borrowing thread: end the borrowing; the reader stays parked if ``stay_parked``
+        (nothing more to read: the connection holds no call) and nobody unparked it meanwhile.
+        True if the reader must be woken (``wake_reader`` in the loop's thread). Closes the socket
+        if the channel was closed meanwhile."""
+        with self._lock:
+            self._borrowed = False
+            if self._close_when_returned:
+                self.sock.close()
+            elif stay_parked and self._parked:
+                return False
+            self._parked = False
+            return True
+
+    def unpark(self) -> None:
+        """In the loop's thread: the reader reads again (unless a borrower reads now: it gives the
+        reading back to the reader when done)."""
+        if self._parked:
+            with self._lock:
+                self._parked = False
+            self.wake_reader()
+
+    def wake_reader(self) -> None:
+        """In the loop's thread: wake the reader if it waits for the reading to come back."""
+        returned, self._returned = self._returned, trio.Event()
+        returned.set()
+
     def close(self) -> None:
-        """Close the socket (in the loop's thread)."""
+        """Close the socket (in the loop's thread). A borrowing thread is woken (the socket is shut
+        down) and closes it when it gives the reading back."""
         with self._lock:
             self.closed = True
-            if self.sock.fileno() >= 0:
-                trio.lowlevel.notify_closing(self.sock)
-                self.sock.close()
+            if self.sock.fileno() < 0:
+                return
+            if self._borrowed:
+                try:
+                    self.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                self._close_when_returned = True
+                return
+            trio.lowlevel.notify_closing(self.sock)
+            self.sock.close()

@@ -1,18 +1,49 @@
 """The pool's decisions, as plain functions over plain data (no trio, no sandboxes): which sandbox
-takes the next call, how many calls one sandbox may hold, how many sandboxes to start, and which
-calls to take back from a stalled sandbox for an idle one. ``_pool`` acts on their answers.
+takes the next call, how many calls one sandbox may hold, how many sandboxes to start, which
+calls to take back from a stalled sandbox for an idle one, and how many calls one ``map`` keeps
+in flight; and the pool's counters. ``_pool`` acts on their answers.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 #: Calls of known length are pipelined until a sandbox holds about this much work (seconds).
 PIPELINE_SECONDS = 0.002
 #: Most calls one sandbox holds at once, and most argument bytes (one call always fits).
 MAX_DEPTH = 256
 MAX_DEPTH_BYTES = 64 * 1024 * 1024
+#: Argument bytes one map or stream keeps in flight at most (at least one call always goes).
+MAX_IN_FLIGHT_BYTES = 256 * 1024 * 1024
+
+
+def in_flight_bound(limit: int) -> int:
+    """How many unfinished calls one ``map`` or ``imap`` keeps, on a pool of ``limit`` sandboxes:
+    every sandbox's deepest pipeline (``MAX_DEPTH``) twice over, so that none waits for the client
+    to refill it; at least 64. Memory bounds it: a trivial call in flight costs the client about
+    1 KB (its ref, its Call, its pickled arguments), so 512 per sandbox is ~0.5 MB per sandbox,
+    and ``MAX_IN_FLIGHT_BYTES`` caps the arguments of large ones whatever the count."""
+    return max(64, 2 * limit * MAX_DEPTH)
+
+
+@dataclass(frozen=True)
+class PoolStatistics:
+    """Counters of one pool, or of all pools of a session added up."""
+
+    sandboxes_starting: int = 0
+    sandboxes_idle: int = 0
+    sandboxes_busy: int = 0
+    calls_queued: int = 0
+    calls_running: int = 0
+    calls_done: int = 0
+    calls_failed: int = 0
+    calls_cancelled: int = 0
+    calls_retried: int = 0
+
+    def __add__(self, other: PoolStatistics) -> PoolStatistics:
+        return PoolStatistics(*(a + b for a, b in zip(self.__dict__.values(), other.__dict__.values())))
 
 
 # -- decisions (plain data in, plain data out) --------------------------------------------------

@@ -20,16 +20,18 @@ holds when only the sandbox's worker process dies; the sandbox then gets a new w
 
 Sync callers skip the loop's thread (``submit_from_thread``, the fast path of ``direct.SyncEntry``):
 a lone call that finds an idle sandbox with a direct worker, and nothing queued or on its way before
-it, is written to the worker's socket from the caller's own thread, so its round trip wakes the
-loop once (for the answer), not twice. Every entry point of the pool therefore holds ``lock``.
+it, is written to the worker's socket from the caller's own thread; and a sync caller blocked on the
+result of a call that is its sandbox's only one reads the answer itself (``read_answer``), so the
+round trip wakes neither the loop's thread nor a second thread. Every entry point of the pool
+therefore holds ``lock``.
 """
 
 from __future__ import annotations
 
 import collections
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
@@ -38,7 +40,8 @@ from . import bulk as _bulk, serialize as _serialize, slot as _slot
 from .call import Call, CallRef, Payload
 from .direct import SyncEntry, locked, wake_from_thread
 from .._errors import SandboxDiedError, SandboxError, SandboxTimeoutError, SerializationError
-from .plan import MAX_DEPTH, STEAL_AFTER_SECONDS, choose_slot, choose_steals, pipeline_depth, sandboxes_to_start
+from .plan import (MAX_DEPTH, MAX_IN_FLIGHT_BYTES, STEAL_AFTER_SECONDS, PoolStatistics, choose_slot, choose_steals,
+                   in_flight_bound, pipeline_depth, sandboxes_to_start)
 from .slot import PoolSandbox, Slot, SlotState, TaskStarter
 
 if TYPE_CHECKING:
@@ -47,18 +50,6 @@ if TYPE_CHECKING:
 __all__ = ["MAX_DEPTH", "MAX_IN_FLIGHT_BYTES", "Call", "CallRef", "Payload", "Pool", "PoolSandbox", "PoolStatistics",
            "TaskStarter", "choose_slot", "choose_steals", "in_flight_bound", "pipeline_depth", "sandboxes_to_start"]
 
-#: Argument bytes one map or stream keeps in flight at most (at least one call always goes).
-MAX_IN_FLIGHT_BYTES = 256 * 1024 * 1024
-
-
-def in_flight_bound(limit: int) -> int:
-    """How many unfinished calls one ``map`` or ``imap`` keeps, on a pool of ``limit`` sandboxes:
-    every sandbox's deepest pipeline (``MAX_DEPTH``) twice over, so that none waits for the client
-    to refill it; at least 64. Memory bounds it: a trivial call in flight costs the client about
-    1 KB (its ref, its Call, its pickled arguments), so 512 per sandbox is ~0.5 MB per sandbox,
-    and ``MAX_IN_FLIGHT_BYTES`` caps the arguments of large ones whatever the count."""
-    return max(64, 2 * limit * MAX_DEPTH)
-
 # The states as module constants: the scheduler compares them per answer, and a global is cheaper
 # to read than an enum's member.
 _STARTING, _READY, _RECONNECTING = SlotState.STARTING, SlotState.READY, SlotState.RECONNECTING
@@ -66,24 +57,6 @@ _RETIRING, _DEAD = SlotState.RETIRING, SlotState.DEAD
 _SERVING = (_READY, _RECONNECTING)  # counted as idle or busy
 _COMING = (_STARTING, _RECONNECTING)  # will take calls soon
 _ENDED = (_RETIRING, _DEAD)
-
-
-@dataclass(frozen=True)
-class PoolStatistics:
-    """Counters of one pool, or of all pools of a session added up."""
-
-    sandboxes_starting: int = 0
-    sandboxes_idle: int = 0
-    sandboxes_busy: int = 0
-    calls_queued: int = 0
-    calls_running: int = 0
-    calls_done: int = 0
-    calls_failed: int = 0
-    calls_cancelled: int = 0
-    calls_retried: int = 0
-
-    def __add__(self, other: PoolStatistics) -> PoolStatistics:
-        return PoolStatistics(*(a + b for a, b in zip(self.__dict__.values(), other.__dict__.values())))
 
 
 class Pool:
@@ -156,6 +129,92 @@ class Pool:
                 self._assign(slot, call, wake_from_thread(loop, slot))
                 return True
         return False
+
+    def read_answer(self, ref: CallRef, deadline: float) -> None:
+        """From a sync caller's thread blocked on ``ref`` (until ``deadline``, a time.monotonic()
+        value): if its call was sent and is the only one its sandbox's direct worker holds, read
+        the worker's connection here rather than wait for the loop's thread to (see
+        ``direct.DirectChannel.borrow``). A lone result is settled here as the loop would settle
+        it; anything else (an error, other answers, the worker's end) goes to the loop, in order,
+        before its reader reads again. Returns when ``ref`` is done, at the deadline, or when the
+        loop has taken over; the caller then waits for ``ref`` as usual."""
+        loop = ref.loop
+        with self.lock:
+            call = ref.call
+            slot = call.slot if isinstance(call, Call) else None
+            direct = slot.direct if slot is not None else None
+            if slot is None or direct is None or ref.done():
+                return
+            kick = None
+            if (call.sent and self.reuse and len(slot.inflight) == 1  # type: ignore[union-attr]
+                    and slot.inflight.get(call.req_id) is call):  # type: ignore[union-attr]
+                kick = direct.borrow()
+        try:
+            if kick is None:  # not ours to read: the loop's reader must (it may be parked)
+                if direct.parked:
+                    loop.call_soon(direct.unpark)
+                return
+            if kick:
+                loop.call_soon(direct.kick)
+        except RuntimeError:  # the loop has ended, and every call with it
+            if kick is not None:
+                direct.give_back(False)
+            return
+        self._read_here(ref, slot, direct, deadline)
+
+    def _read_here(self, ref: CallRef, slot: Slot, direct: Any, deadline: float) -> None:
+        loop, handed, stay = ref.loop, False, False
+        try:
+            while not ref.done() and not handed:
+                frames = direct.read_borrowed(deadline)
+                if frames is None or (not frames and time.monotonic() >= deadline):
+                    break  # EOF or a malformed frame, left for the loop's reader; or time is up
+                if not frames:
+                    continue  # 50 ms passed: look at the call again (cancelled meanwhile?)
+                with self.lock:
+                    if len(frames) == 1 and frames[0]["t"] == "result" and not self.closed:
+                        self._answer(slot, frames[0])
+                        stay = not slot.inflight  # nothing more to read: the reader stays parked
+                        if self.queue or any(len(s.inflight) > 1 for s in self.slots):
+                            loop.call_soon(self._reschedule)
+                        continue
+                loop.call_soon(self._settle_handed, slot, frames, direct)
+                handed = True  # the loop settles them, then lets its reader read on
+        except RuntimeError:  # the loop has ended, and every call with it
+            pass
+        finally:
+            if not handed and direct.give_back(stay):
+                try:
+                    loop.call_soon(direct.wake_reader)
+                except RuntimeError:
+                    pass
+
+    @locked
+    def _settle_handed(self, slot: Slot, frames: list[dict[str, Any]], direct: Any) -> None:
+        """In the loop's thread: settle what a borrower read, then let the loop's reader read on."""
+        self.calls_answered(slot, frames)
+        direct.give_back(False)
+        direct.wake_reader()
+
+    def reader_needed(self, ref: CallRef) -> None:
+        """``ref`` is waited for otherwise than by a thread blocking on it: if its answer would go
+        unread (its connection's reader is parked), the loop's reader reads again."""
+        call = ref.call
+        slot = call.slot if isinstance(call, Call) else None
+        direct = slot.direct if slot is not None else None
+        if direct is not None and direct.parked:
+            if ref.loop.in_loop_thread():
+                direct.unpark()
+            else:
+                try:
+                    ref.loop.call_soon(direct.unpark)
+                except RuntimeError:
+                    pass
+
+    @locked
+    def _reschedule(self) -> None:
+        self._schedule()
+        self._steal()
 
     @locked
     def submit(self, calls: Sequence[Call]) -> None:
@@ -234,6 +293,8 @@ class Pool:
         else:  # answered "cancelled" (or with a late result) by the sandbox, then released
             slot.outbox.append(_slot.cancel_frame(slot, call.req_id))
             slot.wake.set()
+            if slot.direct is not None:
+                slot.direct.unpark()  # the answer comes on the worker's connection
 
     def _release(self, slot: Slot, call: Call) -> None:
         slot.inflight.pop(call.req_id, None)

@@ -195,6 +195,7 @@ async def _send_direct(slot: Slot, direct: DirectChannel, calls: list[dict[str, 
     cancel or steal to send then may be what lets the worker read again (its SIGINT handler does).
     A cancel of a call that has not wholly left waits in the outbox: the agent would kill the
     worker for not answering a cancel of a call it cannot read yet."""
+    direct.unpark()  # the answers to what goes now (calls, cancels, steals) are the loop's to read
     if calls:
         direct.send_now(calls)
         slot.leaving += [f["id"] for f in calls]
@@ -258,6 +259,7 @@ async def _connect(slot: Slot, tasks: TaskStarter) -> None:
         sandbox.unregister(req_id)
         return
     slot.direct, slot.worker = channel, handle
+    handle.on_end = channel.unpark  # a parked reader must see the worker's end (its EOF) at once
     tasks.start_soon(_read_direct, slot, channel, handle, req_id)
 
 

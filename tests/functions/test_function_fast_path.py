@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 
 import cloudpickle
+import psutil
 import pytest
 import trio
 from service_helpers import wait_until
@@ -143,3 +145,136 @@ def test_a_worker_dying_under_a_fast_path_call_is_retried(fast, tmp_path):
             strict.remote("/tmp/died2").result(timeout=60)
         assert fast[True] == placed + 2
         assert g.remote(1).result(timeout=60) == 2
+
+
+# -- the answer read by the blocked caller itself (Pool.read_answer) ---------------------------
+
+
+def nap(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+def my_pid():
+    return os.getpid()
+
+
+@pytest.fixture
+def read_here(monkeypatch):
+    """How many answers a blocked caller settled itself, in its own thread."""
+    settled = []
+    original = _pool.Pool._answer
+
+    def spy(self, slot, frame):
+        if threading.current_thread() is threading.main_thread():
+            settled.append(frame["id"])
+        return original(self, slot, frame)
+
+    monkeypatch.setattr(_pool.Pool, "_answer", spy)
+    return settled
+
+
+def test_a_blocked_caller_reads_its_own_answer(fast, read_here):
+    """A sync caller blocked on its lone call settles the answer in its own thread; the pool's
+    counters and the sandbox's state are what the loop would leave."""
+    with Session() as s:
+        f = s.function(inc, max_concurrency=1)
+        f.remote(0).result()
+        got = [f.remote(i).result() for i in range(50)]
+        assert got == [i + 1 for i in range(50)]
+        assert len(read_here) >= 49  # (the first may still be read by the loop: it parks its reader)
+        stats = s.statistics()
+        assert (stats.calls_done, stats.calls_running, stats.sandboxes_idle) == (51, 0, 1)
+
+
+def test_cancel_from_another_thread_wakes_a_reading_caller(fast):
+    """A caller reading its own answer sees a cancel made in another thread: OperationCancelled,
+    and the sandbox answers the next call."""
+    with Session() as s:
+        hold = s.function(block, max_concurrency=1)
+        f = s.function(inc, max_concurrency=1)
+        assert f.remote(0).result() == 1
+        ref = hold.remote()
+        outcome = []
+        waiter = threading.Thread(target=lambda: outcome.append(_outcome(ref)))
+        waiter.start()
+        assert wait_until(lambda: s.statistics().calls_running == 1)
+        assert ref.cancel()
+        waiter.join(timeout=60)
+        assert outcome == ["cancelled"]
+        assert f.remote(1).result(timeout=60) == 2
+
+
+def _outcome(ref):
+    try:
+        return ref.result()
+    except OperationCancelled:
+        return "cancelled"
+
+
+def test_a_caller_that_stops_waiting_leaves_the_answer_to_the_loop(fast):
+    """result(timeout=) gives up reading; the loop's reader then reads the answer, which a done
+    callback (no blocking) receives; the next call goes the fast path again."""
+    with Session() as s:
+        f = s.function(nap, max_concurrency=1)
+        assert f.remote(0).result() == 0
+        ref = f.remote(0.5)
+        with pytest.raises(TimeoutError):
+            ref.result(timeout=0.05)
+        done = threading.Event()
+        ref.add_done_callback(lambda r: done.set())
+        assert done.wait(60) and ref.result() == 0.5
+        placed = fast[True]
+        assert f.remote(0).result(timeout=60) == 0
+        assert fast[True] == placed + 1
+
+
+def test_a_call_waited_for_by_callback_after_a_blocking_one_is_answered(fast):
+    """After a blocking call the loop's reader is parked; a call waited for only through a done
+    callback (as await and sandpool.wait do) wakes it, and is answered."""
+    with Session() as s:
+        f = s.function(inc, max_concurrency=1)
+        assert f.remote(0).result() == 1
+        ref = f.remote(1)
+        done = threading.Event()
+        ref.add_done_callback(lambda r: done.set())
+        assert done.wait(60) and ref.result() == 2
+
+        async def from_trio():
+            return await f.remote(2)
+
+        assert f.remote(3).result() == 4  # parked again
+        assert trio.run(from_trio) == 3
+
+
+def test_a_worker_dying_while_idle_is_noticed_with_the_reader_parked(fast, monkeypatch):
+    """The worker of an idle sandbox dies after a blocking call (its reader parked): the pool
+    hears of it at once, starts another worker, and the next call runs there unharmed (no
+    retries: it must not be sent to the dead one)."""
+    lost = []
+    original = _pool.Pool.worker_lost
+    monkeypatch.setattr(_pool.Pool, "worker_lost", lambda self, slot, info: (lost.append(info), original(self, slot, info)))
+    with Session() as s:
+        f = s.function(my_pid, max_concurrency=1, retries=0)
+        f.remote().result()  # starts the sandbox
+        placed = fast[True]
+        inner = f.remote().result()  # the fast path, read by this thread: the reader stays parked
+        assert fast[True] == placed + 1
+        agent = running_or_idle_agent_pid(s)
+        worker = next(p for p in psutil.Process(agent).children(recursive=True) if ns_pid(p.pid) == inner)
+        worker.kill()
+        assert wait_until(lambda: lost, timeout=60)
+        assert f.remote().result(timeout=60) != inner
+
+
+def running_or_idle_agent_pid(session):
+    (pool,) = session._pools.values()
+    (slot,) = pool.slots
+    return slot.sandbox.sandbox.link.record().agent_pid
+
+
+def ns_pid(pid):
+    """A process's pid in its innermost pid namespace."""
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith("NSpid:"))
+    return int(line.split()[-1])
