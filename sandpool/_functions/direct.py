@@ -392,13 +392,11 @@ class DirectChannel:
     def give_back(self, stay_parked: bool) -> bool:
         """In the borrowing thread: end the borrowing; the reader stays parked if ``stay_parked``
         (nothing more to read: the connection holds no call) and nobody unparked it meanwhile.
-        True if the reader must be woken (``wake_reader`` in the loop's thread). Closes the socket
-        if the channel was closed meanwhile."""
+        True if the reader must be woken (``wake_reader`` in the loop's thread), which also closes
+        the socket if the channel was closed meanwhile."""
         with self._lock:
             self._borrowed = False
-            if self._close_when_returned:
-                self.sock.close()
-            elif stay_parked and self._parked:
+            if stay_parked and self._parked and not self._close_when_returned:
                 return False
             self._parked = False
             return True
@@ -412,13 +410,18 @@ class DirectChannel:
             self.wake_reader()
 
     def wake_reader(self) -> None:
-        """In the loop's thread: wake the reader if it waits for the reading to come back."""
+        """In the loop's thread: wake the reader if it waits for the reading to come back; close
+        the socket if ``close`` left that to the borrower, who is done."""
         returned, self._returned = self._returned, trio.Event()
         returned.set()
+        with self._lock:
+            if self._close_when_returned and not self._borrowed and self.sock.fileno() >= 0:
+                trio.lowlevel.notify_closing(self.sock)
+                self.sock.close()
 
     def close(self) -> None:
         """Close the socket (in the loop's thread). A borrowing thread is woken (the socket is shut
-        down) and closes it when it gives the reading back."""
+        down); the socket is closed once it gave the reading back (``wake_reader``)."""
         with self._lock:
             self.closed = True
             if self.sock.fileno() < 0:

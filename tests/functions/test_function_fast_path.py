@@ -278,3 +278,25 @@ def ns_pid(pid):
     with open(f"/proc/{pid}/status") as status:
         line = next(line for line in status if line.startswith("NSpid:"))
     return int(line.split()[-1])
+
+
+def test_threads_calling_at_once_each_get_their_own_answers(fast):
+    """Eight threads calling at once on two sandboxes (some read their answers, some wait for the
+    loop, some are pipelined behind another): every call gets its own answer, and the pool ends
+    idle with every call counted."""
+    with Session() as s:
+        f = s.function(inc, max_concurrency=2)
+        f.remote(0).result()
+        results: dict[int, list[int]] = {}
+
+        def caller(k):
+            results[k] = [f.remote(k * 1000 + i).result(timeout=60) for i in range(150)]
+
+        threads = [threading.Thread(target=caller, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert all(results[k] == [k * 1000 + i + 1 for i in range(150)] for k in range(8))
+        assert wait_until(lambda: s.statistics().calls_running == 0)
+        assert s.statistics().calls_done == 1 + 8 * 150
