@@ -55,13 +55,16 @@ class TaskHost:
     Tasks started here belong to the nursery: closing it cancels them and waits for them.
     """
 
-    __slots__ = ("nursery", "token")
+    __slots__ = ("nursery", "token", "_thread")
 
     def __init__(self, nursery: trio.Nursery, token: trio.lowlevel.TrioToken) -> None:
         self.nursery, self.token = nursery, token
+        self._thread = threading.get_ident()  # made in the loop's thread (cheap first test below)
 
     def in_loop_thread(self) -> bool:
         """True when called from the thread that runs this host's loop."""
+        if threading.get_ident() != self._thread:  # the usual answer from other threads, cheaply
+            return False
         try:
             return trio.lowlevel.current_trio_token() is self.token
         except RuntimeError:  # not inside any trio run
