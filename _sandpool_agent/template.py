@@ -13,6 +13,7 @@ Rootless: the template of an ordinary user first enters a user namespace in whic
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import resource
@@ -62,6 +63,9 @@ class Template:
         sel.register(rfd, selectors.EVENT_READ, "chld")
         self.control.send(_wire.encode(_wire.hello(pid=os.getpid())))
         _preimport()  # after the hello: the owner goes on while this ~13 ms import runs
+        # what the template holds from here on is shared by every child it forks: out of the
+        # collector's reach, a collection in a child never writes to (and so copies) those pages
+        gc.freeze()
         while True:
             for key, _ in sel.select(1.0):
                 if key.data == "chld":

@@ -13,6 +13,10 @@ For each N, in a fresh process (its own client, template and state dir), one ses
 - down:      stop all N at once (no grace), wall time;
 - CPU:       per sandbox, the client's and the template's CPU time during "up", and each agent's
              CPU over its whole life (setup, the execs, exit; counted when the template reaps it);
+             of that, the agent's own CPU once it is up (start and one exec, from
+             /proc/PID/schedstat, a mean over N), the rest being its exit (the kernel's teardown of its
+             memory and namespaces) and the processes it ran; and its minor page faults once up
+             (most are copy-on-write copies of pages it shares with the template);
 - leftovers: ``sandpool.testing.wait_for_no_leftovers`` on the state dir after that process exits;
 - load:      the machine's idle share during "up" and "down" (/proc/stat), and "up if CPU-bound":
              N x (client + template + agent CPU per sandbox) / cpus, the wall time "up" would take
@@ -84,6 +88,24 @@ def idle_pct(before: tuple[int, int], after: tuple[int, int]) -> float:
     return 100.0 * (after[0] - before[0]) / total if total else 0.0
 
 
+def agents_once_up(pids: list[int]) -> dict:
+    """Mean CPU (ms, the agent's own) and minor page faults of each agent, read once it is up."""
+    cpu, faults = [], []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/schedstat") as f:  # (stat's utime and stime are clock ticks: 0 here)
+                runtime_ns = int(f.read().split()[0])
+        except OSError:
+            continue
+        faults.append(int(fields[7]))  # minflt (field 10)
+        cpu.append(runtime_ns / 1e6)
+    if not cpu:
+        return {"agent_up_cpu_ms_each": None, "agent_up_minflt_each": None}
+    return {"agent_up_cpu_ms_each": statistics.mean(cpu), "agent_up_minflt_each": statistics.mean(faults)}
+
+
 def wait_all(refs: list) -> None:
     for ref in refs:
         ref.result()
@@ -112,6 +134,7 @@ def one_scale(n: int, isolation: str) -> dict:
         row["up_client_cpu_ms_each"] = (cpu1[0] - cpu0[0]) / n * 1000
         row["up_template_cpu_ms_each"] = (cpu1[1] - cpu0[1]) / n * 1000
         row["per_start_ms"] = row["up_s"] / n * 1000
+        row.update(agents_once_up([sandbox._record.agent_pid for sandbox in pool]))
 
         began = time.perf_counter()
         codes = [ref.result().returncode for ref in [sandbox.exec(["true"]) for sandbox in pool]]
@@ -158,6 +181,10 @@ def run_scale(n: int, isolation: str) -> dict:
     return row
 
 
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", default="100,500,1000", help="comma-separated numbers of sandboxes")
@@ -180,13 +207,14 @@ def main() -> None:
 
     print(f"| N | up (start + 1 exec each) s | per sandbox ms | x per sandbox at N={floor['n']} | exec in each s "
           "| stop all s | USS median MiB | USS max MiB | sandbox USS median MiB | CPU ms each: client / template / agent "
-          "| up if CPU-bound s | machine idle % up / stop | leftovers |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+          "| agent once up: CPU ms / minor faults | up if CPU-bound s | machine idle % up / stop | leftovers |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in rows:
         print(f"| {r['n']} | {r['up_s']:.2f} | {r['per_start_ms']:.2f} | {r['per_start_vs_smallest_n']:.2f}x "
               f"| {r['exec_s']:.2f} | {r['down_s']:.2f} | {r['uss_median_mib']:.2f} | {r['uss_max_mib']:.2f} "
               f"| {r['sandbox_uss_median_mib']:.2f} "
               f"| {r['up_client_cpu_ms_each']:.1f} / {r['up_template_cpu_ms_each']:.1f} / {r['agent_cpu_ms_each']:.1f} "
+              f"| {_fmt(r['agent_up_cpu_ms_each'], '.1f')} / {_fmt(r['agent_up_minflt_each'], '.0f')} "
               f"| {r['up_cpu_bound_s']:.2f} | {r['up_machine_idle_pct']:.0f} / {r['down_machine_idle_pct']:.0f} "
               f"| {r['leftovers'] or 'none'} |")
     print(f"\ntargets at N=1000: up <= {TARGETS['up_s']} s, exec <= {TARGETS['exec_s']} s, stop <= "

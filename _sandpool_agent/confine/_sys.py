@@ -55,8 +55,14 @@ except (OSError, AttributeError):  # not Linux/glibc: only the process level exi
 
 def _check(result: int, what: str) -> None:
     if result != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
+        _fail(what)
+
+
+def _fail(what: str) -> None:
+    """Raise OSError for the call ``what`` that just failed (its errno). Callers on the start path
+    build ``what`` only after a failure: a sandbox makes ~40 such calls on every start."""
+    err = ctypes.get_errno()
+    raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
 def _b(value: str | None) -> bytes | None:
@@ -65,26 +71,31 @@ def _b(value: str | None) -> bytes | None:
 
 def unshare(flags: int) -> None:
     """Move this process into new namespaces (``CLONE_NEW*`` flags)."""
-    _check(_libc.unshare(flags), f"unshare({flags:#x})")
+    if _libc.unshare(flags):
+        _fail(f"unshare({flags:#x})")
 
 
 def setns(fd: int, nstype: int) -> None:
     """Join the namespace open at ``fd`` (for pid: the namespace of children forked later)."""
-    _check(_libc.setns(fd, nstype), f"setns({nstype:#x})")
+    if _libc.setns(fd, nstype):
+        _fail(f"setns({nstype:#x})")
 
 
 def mount(source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
-    _check(_libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)), f"mount {fstype or source} on {target}")
+    if _libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)):
+        _fail(f"mount {fstype or source} on {target}")
 
 
 def umount(target: str, flags: int = MNT_DETACH) -> None:
-    _check(_libc.umount2(_b(target), flags), f"umount {target}")
+    if _libc.umount2(_b(target), flags):
+        _fail(f"umount {target}")
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
     if _SYS_PIVOT_ROOT is None:
         raise OSError(38, f"pivot_root: unsupported machine {platform.machine()}")
-    _check(_libc.syscall(_SYS_PIVOT_ROOT, _b(new_root), _b(put_old)), f"pivot_root({new_root})")
+    if _libc.syscall(_SYS_PIVOT_ROOT, _b(new_root), _b(put_old)):
+        _fail(f"pivot_root({new_root})")
 
 
 def sethostname(name: str) -> None:
@@ -110,12 +121,17 @@ def last_capability() -> int:
         return 40
 
 
+#: The kernel's highest capability number, read once where this module is imported (the template),
+#: not in every sandbox it forks.
+LAST_CAPABILITY = last_capability()
+
+
 def limit_capabilities(keep: set[int]) -> None:
     """Drop every capability not in ``keep``: from the bounding set (so exec'd programs, even as
     root, cannot regain them) and from this process's effective, permitted and inheritable sets."""
-    for cap in range(last_capability() + 1):
-        if cap not in keep:
-            _check(_libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), f"prctl(CAPBSET_DROP, {cap})")
+    for cap in range(LAST_CAPABILITY + 1):
+        if cap not in keep and _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0):
+            _fail(f"prctl(CAPBSET_DROP, {cap})")
     mask = sum(1 << cap for cap in keep)
     header = struct.pack("=Ii", _LINUX_CAPABILITY_VERSION_3, 0)
     low, high = mask & 0xFFFFFFFF, mask >> 32

@@ -316,31 +316,41 @@ def _whiteout_layer(path: str, hidden: list[str]) -> str:
     """``path`` (on a tmpfs) filled with an overlay whiteout (a 0/0 character device) for each of
     the ``hidden`` relative paths: stacked above a lower layer, it makes them absent. On a tmpfs,
     because overlayfs refuses a layer that lies inside another layer (the host's ``/``)."""
+    made = {""}
     for rel in hidden:
-        target = os.path.join(path, rel)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        os.mknod(target, stat.S_IFCHR, 0)
+        parent = os.path.dirname(rel)
+        if parent not in made:  # (one makedirs per directory: most whiteouts share /etc)
+            os.makedirs(f"{path}/{parent}", exist_ok=True)
+            made.add(parent)
+        os.mknod(f"{path}/{rel}", stat.S_IFCHR, 0)
     return path
 
 
 def _inside(merged: str, path: str) -> str:
-    return os.path.join(merged, path.lstrip("/"))
+    return f"{merged}/{path.lstrip('/')}"
 
 
 def _mkdir(merged: str, path: str) -> str:
+    """``path`` inside ``merged``, made (with its parents) unless it is there. One mkdir where its
+    parent exists, as on most of a start's ~20 calls (``os.makedirs`` stats each parent first)."""
     full = _inside(merged, path)
-    os.makedirs(full, exist_ok=True)
+    try:
+        os.mkdir(full)
+    except FileExistsError:
+        if not os.path.isdir(full):
+            raise
+    except FileNotFoundError:
+        os.makedirs(full, exist_ok=True)
     return full
 
 
 def _mount_point(merged: str, path: str, directory: bool) -> str:
     """``path`` inside ``merged``, made as a directory or as an empty file (for a file's bind)."""
-    full = _inside(merged, path)
     if directory:
-        os.makedirs(full, exist_ok=True)
-    else:
-        os.makedirs(os.path.dirname(full), exist_ok=True)
-        os.close(os.open(full, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+        return _mkdir(merged, path)
+    _mkdir(merged, os.path.dirname(path))
+    full = _inside(merged, path)
+    os.close(os.open(full, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
     return full
 
 

@@ -535,5 +535,8 @@ def parent_pid() -> int:
     ppid = os.getppid()
     if ppid:
         return ppid
-    with open("/proc/self/stat") as f:  # still the host's /proc: the agent has not entered its root yet
-        return int(f.read().rsplit(")", 1)[1].split()[1])
+    fd = os.open("/proc/self/stat", os.O_RDONLY | os.O_CLOEXEC)  # still the host's /proc: not in its root yet
+    try:  # (not open(): a text file's io stack costs a forked agent ~0.3 ms, mostly copy-on-write faults)
+        return int(os.read(fd, 4096).rsplit(b")", 1)[1].split()[1])
+    finally:
+        os.close(fd)
