@@ -421,7 +421,7 @@ class Agent:
                 for proc in self.procs.values():
                     if proc.pid == pid:
                         proc.status = status
-            running = [p.pid for p in self.procs.values() if p.status is None]
+            running = [(p.pid, p.pidfd) for p in self.procs.values() if p.status is None]
             left = deadline - time.monotonic()
             if not running or left <= 0:
                 return

@@ -100,16 +100,23 @@ def kill_descendants(pid: int, sig: int = signal.SIGKILL, rounds: int = 5, reap:
     return total
 
 
-def wait_for_exit(pids: list[int], timeout: float) -> None:
-    """Block until one of ``pids`` has exited (not reaped: its pidfd turns readable) or ``timeout``
-    seconds pass, whichever comes first; without pidfds (before Linux 5.3), a short sleep instead."""
+def wait_for_exit(procs: list[tuple[int, int | None]], timeout: float) -> None:
+    """Block until one of ``procs`` (pid, its pidfd or None) has exited (not reaped: its pidfd turns
+    readable) or ``timeout`` seconds pass, whichever comes first. A pidfd given is used (and left
+    open); one is opened (and closed) for each pid without; without pidfds at all (before Linux
+    5.3), a short sleep instead."""
     fds: list[int] = []
+    opened: list[int] = []
     try:
-        for pid in pids:
+        for pid, pidfd in procs:
+            if pidfd is not None:
+                fds.append(pidfd)
+                continue
             try:
-                fds.append(os.pidfd_open(pid))
+                opened.append(os.pidfd_open(pid))
             except ProcessLookupError:  # reaped already (not by the caller): nothing to wait for
                 pass
+        fds += opened
         if not fds:
             raise OSError("no process left to wait for")
         poller = select.poll()
@@ -119,7 +126,7 @@ def wait_for_exit(pids: list[int], timeout: float) -> None:
     except (OSError, AttributeError):  # no pidfd_open here, or none of them to watch
         time.sleep(min(0.01, max(0.0, timeout)))
     finally:
-        for fd in fds:
+        for fd in opened:
             os.close(fd)
 
 
