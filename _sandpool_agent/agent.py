@@ -457,7 +457,8 @@ class Agent:
                 self._flush()
             except OSError:
                 pass
-        shutil.rmtree(self.sandbox_dir, ignore_errors=True)
+        if not self.config.get("namespaces"):  # (namespaced, it is on the sandbox's own tmpfs: gone with it)
+            shutil.rmtree(self.sandbox_dir, ignore_errors=True)
         self.chan.close()
 
 
