@@ -183,8 +183,7 @@ class Supervisor:
         each of the last ``ROOTS_PER_MODE`` roots asked for (``NEWEST_ROOT_SPARES`` for the newest,
         first), and one without (for any other plan); spares built for roots no longer among those
         are dropped."""
-        for pid in list(self.spares):
-            self._poll_spare(pid)
+        self._poll_spares()
         for pid, spare in list(self.spares.items()):
             if spare.root is not None and spare.root not in self.wanted.get(spare.mode, {}):
                 self._drop_spare(pid)
@@ -215,14 +214,26 @@ class Supervisor:
             self._pid_ns_fd = os.open(_PID_NS, os.O_RDONLY | os.O_CLOEXEC)
         return self._pid_ns_fd
 
-    def _poll_spare(self, pid: int) -> None:
-        """Notice a spare's "ready" byte, or its death (EOF), without blocking."""
-        sock = self.spares[pid].sock
+    def _poll_spares(self) -> None:
+        """Notice each spare's "ready" byte, or its death (EOF), without blocking: one poll over
+        them all (it runs after every round of the template's loop)."""
+        if not self.spares:
+            return
         poller = select.poll()  # (select() fails on fds >= 1024: a template with ~1,000 sandboxes has them)
-        poller.register(sock, select.POLLIN)
-        while poller.poll(0):
+        by_fd = {spare.sock.fileno(): pid for pid, spare in self.spares.items()}
+        for fd in by_fd:
+            poller.register(fd, select.POLLIN)
+        for fd, _events in poller.poll(0):
+            self._read_spare(by_fd[fd])
+
+    def _read_spare(self, pid: int) -> None:
+        """Take what spare ``pid`` sent: its "ready" byte, or EOF (it died: dropped)."""
+        sock = self.spares[pid].sock
+        while True:
             try:
-                data = sock.recv(1)
+                data = sock.recv(1, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
             except OSError:
                 data = b""
             if not data:
@@ -242,8 +253,7 @@ class Supervisor:
         roots[root] = plan
         while len(roots) > ROOTS_PER_MODE:
             del roots[next(iter(roots))]
-        for pid in list(self.spares):
-            self._poll_spare(pid)
+        self._poll_spares()
         fits = [pid for pid, spare in self.spares.items()
                 if spare.mode == mode and pid in self.ready and spare.root in (root, None)]
         fits.sort(key=lambda pid: self.spares[pid].root is None)  # a built root first
