@@ -21,6 +21,8 @@ import signal
 import time
 from collections.abc import Callable
 
+from .. import linux as _linux
+
 ROOT_NAME = "sandpool"
 _V1_CONTROLLERS = ("memory", "cpu", "pids")
 _CPU_PERIOD_US = 100_000
@@ -206,12 +208,8 @@ def oom_kills(group: dict) -> int:
     """How many processes the kernel's OOM killer has killed in this group so far."""
     if not group.get("oom"):
         return 0
-    try:  # (os.open and one read: the template does this for each agent it reaps)
-        fd = os.open(group["oom"], os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            text = os.read(fd, 4096)
-        finally:
-            os.close(fd)
+    try:
+        text = _linux.read_small(group["oom"])  # (the template does this for each agent it reaps)
     except OSError:
         return 0
     return count_from(text.decode(errors="replace"))
