@@ -2,10 +2,12 @@
 
 The runtime starts one template per owner and talks to it over a SOCK_SEQPACKET control socket:
 ``spawn`` frames (with the agent's socket attached as SCM_RIGHTS) are answered by ``spawned``,
-and every agent that exits is reported as ``reaped``. The template is a child subreaper: when an
-agent is SIGKILLed, its orphaned descendants come back here and are killed, and the agent's
-sandbox directory is removed. When the control socket reaches EOF (the owner is gone, however it
-died) the template stops every agent and removes the owner directory.
+and every agent that exits is reported as ``reaped``: the template watches each agent's pidfd and
+reaps it by its pid alone (``waitpid(-1)`` walks the list of all ~N children each call). The
+template is a child subreaper: when an agent without a pid namespace of its own is SIGKILLed, its
+orphaned descendants come back here and are killed, and the agent's sandbox directory is removed.
+When the control socket reaches EOF (the owner is gone, however it died) the template stops every
+agent and removes the owner directory.
 
 Rootless: the template of an ordinary user first enters a user namespace in which it is root
 (``_isolation.userns``), when the runtime says so, and forks everything there.
