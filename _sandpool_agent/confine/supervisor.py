@@ -259,6 +259,8 @@ class Supervisor:
         fits.sort(key=lambda pid: self.spares[pid].root is None)  # a built root first
         for pid in fits:
             sock, group = self.spares[pid].sock, self.spares[pid].group
+            if group is not None and config.get("cgroups") and len(group["dirs"]) != len(config["cgroups"]["dirs"]):
+                continue  # a memory limit: its group has a v1 memory cgroup, which no spare waits in
             if self.spares[pid].root is not None and self.spares[pid].stamps != _file_stamps(plan):
                 self._drop_spare(pid)  # a file it binds was replaced since: the next spare binds the new one
                 continue
@@ -312,7 +314,7 @@ class Supervisor:
         self._spares_made += 1
         parent = self.spare_parents[0]
         key, owner = os.path.basename(os.path.dirname(parent)), os.path.basename(parent)
-        group = cgroups.plan(self.layout(), key, owner, f"spare-{os.getpid()}-{self._spares_made}")
+        group = cgroups.plan(self.layout(), key, owner, f"spare-{os.getpid()}-{self._spares_made}", with_memory=False)
         try:
             for d in group["dirs"]:
                 os.mkdir(d)
