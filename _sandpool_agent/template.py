@@ -142,8 +142,12 @@ class Template:
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(self.sandbox_nofile, hard), hard))
             for name, value in (config.get("rlimits") or {}).items():
                 resource.setrlimit(_RLIMITS[name], (value, value))
-            os.environ.clear()
-            os.environ.update(config["env"])
+            # (not clear() and update(): a third more Python, and every page it touches is a private
+            # copy in each sandbox: ~0.1 MiB)
+            for name in list(os.environ):
+                del os.environ[name]
+            for name, value in config["env"].items():
+                os.environ[name] = value
             os.chdir(config["cwd"])
             agent.serve(socket.socket(fileno=sock_fd), config)
         except BaseException:
