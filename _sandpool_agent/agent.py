@@ -421,7 +421,7 @@ class Agent:
                 for proc in self.procs.values():
                     if proc.pid == pid:
                         proc.status = status
-            running = [p.pid for p in self.procs.values() if p.status is None]
+            running = [(p.pid, p.pidfd) for p in self.procs.values() if p.status is None]
             left = deadline - time.monotonic()
             if not running or left <= 0:
                 return
@@ -457,7 +457,8 @@ class Agent:
                 self._flush()
             except OSError:
                 pass
-        shutil.rmtree(self.sandbox_dir, ignore_errors=True)
+        if not self.config.get("namespaces"):  # (namespaced, it is on the sandbox's own tmpfs: gone with it)
+            shutil.rmtree(self.sandbox_dir, ignore_errors=True)
         self.chan.close()
 
 

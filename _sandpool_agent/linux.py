@@ -45,11 +45,25 @@ def children(pid: int) -> list[int]:
         return found
     for tid in tids:
         try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                found.extend(int(c) for c in f.read().split())
+            found.extend(int(c) for c in read_small(f"/proc/{pid}/task/{tid}/children").split())
         except OSError:
             continue
     return found
+
+
+def read_small(path: str) -> bytes:
+    """The whole of a small /proc or cgroup file: an os.open and reads (a few syscalls, where
+    ``open()`` makes eight), for the paths the template and the agent take for every sandbox."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
 
 
 def descendants(pid: int) -> list[int]:
@@ -100,16 +114,23 @@ def kill_descendants(pid: int, sig: int = signal.SIGKILL, rounds: int = 5, reap:
     return total
 
 
-def wait_for_exit(pids: list[int], timeout: float) -> None:
-    """Block until one of ``pids`` has exited (not reaped: its pidfd turns readable) or ``timeout``
-    seconds pass, whichever comes first; without pidfds (before Linux 5.3), a short sleep instead."""
+def wait_for_exit(procs: list[tuple[int, int | None]], timeout: float) -> None:
+    """Block until one of ``procs`` (pid, its pidfd or None) has exited (not reaped: its pidfd turns
+    readable) or ``timeout`` seconds pass, whichever comes first. A pidfd given is used (and left
+    open); one is opened (and closed) for each pid without; without pidfds at all (before Linux
+    5.3), a short sleep instead."""
     fds: list[int] = []
+    opened: list[int] = []
     try:
-        for pid in pids:
+        for pid, pidfd in procs:
+            if pidfd is not None:
+                fds.append(pidfd)
+                continue
             try:
-                fds.append(os.pidfd_open(pid))
+                opened.append(os.pidfd_open(pid))
             except ProcessLookupError:  # reaped already (not by the caller): nothing to wait for
                 pass
+        fds += opened
         if not fds:
             raise OSError("no process left to wait for")
         poller = select.poll()
@@ -119,7 +140,7 @@ def wait_for_exit(pids: list[int], timeout: float) -> None:
     except (OSError, AttributeError):  # no pidfd_open here, or none of them to watch
         time.sleep(min(0.01, max(0.0, timeout)))
     finally:
-        for fd in fds:
+        for fd in opened:
             os.close(fd)
 
 

@@ -36,13 +36,11 @@ import time
 import traceback
 
 from . import wire as _wire
-from . import linux as _linux, plain as _plain
+from . import linux as _linux, plain as _plain, spool as _spool
 from . import actors as _actors  # loaded before any call: actor calls name its functions
 
 #: Longest delay of an answer kept back to be sent with the next ones.
 FLUSH_SECONDS = 0.002
-#: A result at least this large goes to a file when the call offers a ``bulk`` directory.
-BULK_BYTES = 512 * 1024
 #: Longest message and traceback text of a user's exception sent back (longer ones are clipped).
 MAX_MESSAGE_CHARS = 64 * 1024
 MAX_TRACEBACK_CHARS = 1024 * 1024
@@ -349,11 +347,11 @@ class Worker:
         try:
             if not pickled:
                 parts = _plain.encode_parts(value)
-                if len(parts) == 1 and len(parts[0]) < BULK_BYTES:  # the common small result
+                if len(parts) == 1 and len(parts[0]) < _spool.BULK_BYTES:  # the common small result
                     answer["data"] = parts[0]
                     self._answer(answer)
                     return
-            spool = _Spool(self._host_path(frame["bulk"]) if frame.get("bulk") else None, call_id)
+            spool = _spool.Spool(self._host_path(frame["bulk"]) if frame.get("bulk") else None, call_id)
             if pickled:
                 self.pickler.Pickler(spool, protocol=5).dump(value)
             else:
@@ -441,57 +439,6 @@ class Worker:
             self.alarmed = True  # raised once the SIGINT handler is done with the frames
         elif self.in_user:
             raise _TimedOut()
-
-
-class _Spool:
-    """Where a result is pickled: memory, until it reaches BULK_BYTES in a call that offers a
-    ``bulk`` directory; from then on a file there (large buffers are written to it uncopied)."""
-
-    def __init__(self, directory: str | None, call_id: int) -> None:
-        self.directory, self.call_id = directory, call_id
-        self.chunks: list[bytes] = []
-        self.size = 0
-        self.fd: int | None = None
-        self.path = ""
-
-    def write(self, data) -> int:
-        data = memoryview(data).cast("B")  # the pickler also hands over PickleBuffers (numpy arrays)
-        n = data.nbytes
-        if self.fd is None:
-            if self.directory is None or self.size + n < BULK_BYTES:
-                self.chunks.append(bytes(data))
-                self.size += n
-                return n
-            try:
-                self.path = os.path.join(self.directory, f".sandpool-r-{os.getpid()}-{self.call_id}")
-                self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            except OSError:  # no room or no directory: keep it in memory
-                self.directory = None
-                return self.write(data)
-            for chunk in self.chunks:
-                self._write_all(chunk)
-            self.chunks = []
-        self._write_all(data)
-        return n
-
-    def _write_all(self, data) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            view = view[os.write(self.fd, view):]  # type: ignore[arg-type]
-
-    def close(self) -> str:
-        os.close(self.fd)  # type: ignore[arg-type]
-        self.fd = -1  # closed; discard() still removes the file
-        return self.path
-
-    def discard(self) -> None:
-        if self.fd is not None:
-            if self.fd >= 0:
-                os.close(self.fd)
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
 
 
 def _qualified(cls: type) -> str:

@@ -48,6 +48,7 @@ from typing import NamedTuple
 
 from .. import linux as _linux
 from . import _sys, cgroups, namespaces, netsetup, oci, seccomp, userns
+from .held import Held
 
 _PID_NS = "/proc/self/ns/pid"
 SPARE_NAME = "sandpool-spare"
@@ -78,7 +79,6 @@ class Supervisor:
                  sel: selectors.BaseSelector | None = None, spare_dir: str | None = None,
                  outside: tuple[int, int] | None = None, niceness: int | None = None) -> None:
         self.become_agent = become_agent  # the template's child path, for spares: (config, sock_fd)
-        self.sel = sel  # the template's selector, where OOM eventfds are registered
         self.spare_dir = spare_dir  # a host directory that lives as long as the template (its owner dir)
         self.outside = outside  # rootless: the user's (uid, gid) outside the template's user namespace
         self.niceness = niceness  # the owner's: what every child of the (boosted) template runs at
@@ -100,9 +100,16 @@ class Supervisor:
         self.sock_fd = -1  # the agent socket of the last fork
         self._pid_ns_fd: int | None = None
         self._layout: cgroups.Layout | None = None  # the host's cgroup mounts, read once
-        self.holds: dict[int, int] = {}  # agent or spare pid -> its writable storage (O_PATH), see storage.hold
-        self.hold_socks: dict[int, socket.socket] = {}  # pid -> our end of its holder, until that arrives
-        self.holder: socket.socket | None = None  # in a child: its end, until it hands over its storage
+        self.held = Held(rootless=outside is not None)  # each sandbox's writable storage, for snapshots
+        self.sel = sel  # the template's selector, where OOM eventfds (and the held storage's sockets) wait
+
+    @property
+    def sel(self) -> selectors.BaseSelector | None:
+        return self.held.sel
+
+    @sel.setter
+    def sel(self, sel: selectors.BaseSelector | None) -> None:
+        self.held.sel = sel
 
     def layout(self) -> cgroups.Layout:
         if self._layout is None:
@@ -121,9 +128,9 @@ class Supervisor:
         pid = self._hand_to_spare(plan, config, sock_fd) if plan and not plan.get("netns") else None
         self.sock_fd = sock_fd  # the oci level's child passes it on to crun
         if pid is None:
-            pair = self._hold_pair() if plan else None
+            pair = self.held.pair() if plan else None
             pid = self._fork_pid_ns() if plan else os.fork()
-            self._keep_hold(pid, pair)
+            self.held.keep(pid, pair)
         if pid == 0:
             return 0
         group = config.get("cgroups")  # (a spare's, if it adopted one)
@@ -145,7 +152,7 @@ class Supervisor:
 
     def enter(self, config: dict) -> None:
         """In the agent: close the template's watches and spares, join cgroups, enter the namespaces."""
-        self._close_holds()
+        self.held.close_others()
         for efd, ofd in self.watches.values():
             os.close(efd)
             os.close(ofd)
@@ -160,15 +167,12 @@ class Supervisor:
             if self.built is not None:
                 namespaces.finish(plan)  # the rest was done ahead of time (_be_spare)
             else:
-                namespaces.enter(plan, early=self.early, cgroupns=self.early_cgroupns, holder=self.holder)
-                self.holder = None  # (closed by storage.hold)
+                namespaces.enter(plan, early=self.early, cgroupns=self.early_cgroupns, holder=self.held.take_holder())
             _sys.seccomp_filter(seccomp.program())  # last: the agent needs no denied call from here on
             config["dir"] = namespaces.AGENT_DIR
         elif self.outside is not None and not config.get("oci"):
             userns.leave(self.outside)  # the process level: no capability over the template's namespaces
-        if self.holder is not None:  # (not handed over: nothing of it stays with the agent)
-            self.holder.close()
-            self.holder = None
+        self.held.drop_holder()  # (not handed over: nothing of it stays with the agent)
         if config.get("oci"):
             oci.run(config, self.sock_fd)  # execs crun: the agent starts inside the container
 
@@ -179,8 +183,7 @@ class Supervisor:
         each of the last ``ROOTS_PER_MODE`` roots asked for (``NEWEST_ROOT_SPARES`` for the newest,
         first), and one without (for any other plan); spares built for roots no longer among those
         are dropped."""
-        for pid in list(self.spares):
-            self._poll_spare(pid)
+        self._poll_spares()
         for pid, spare in list(self.spares.items()):
             if spare.root is not None and spare.root not in self.wanted.get(spare.mode, {}):
                 self._drop_spare(pid)
@@ -211,14 +214,26 @@ class Supervisor:
             self._pid_ns_fd = os.open(_PID_NS, os.O_RDONLY | os.O_CLOEXEC)
         return self._pid_ns_fd
 
-    def _poll_spare(self, pid: int) -> None:
-        """Notice a spare's "ready" byte, or its death (EOF), without blocking."""
-        sock = self.spares[pid].sock
+    def _poll_spares(self) -> None:
+        """Notice each spare's "ready" byte, or its death (EOF), without blocking: one poll over
+        them all (it runs after every round of the template's loop)."""
+        if not self.spares:
+            return
         poller = select.poll()  # (select() fails on fds >= 1024: a template with ~1,000 sandboxes has them)
-        poller.register(sock, select.POLLIN)
-        while poller.poll(0):
+        by_fd = {spare.sock.fileno(): pid for pid, spare in self.spares.items()}
+        for fd in by_fd:
+            poller.register(fd, select.POLLIN)
+        for fd, _events in poller.poll(0):
+            self._read_spare(by_fd[fd])
+
+    def _read_spare(self, pid: int) -> None:
+        """Take what spare ``pid`` sent: its "ready" byte, or EOF (it died: dropped)."""
+        sock = self.spares[pid].sock
+        while True:
             try:
-                data = sock.recv(1)
+                data = sock.recv(1, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
             except OSError:
                 data = b""
             if not data:
@@ -238,13 +253,14 @@ class Supervisor:
         roots[root] = plan
         while len(roots) > ROOTS_PER_MODE:
             del roots[next(iter(roots))]
-        for pid in list(self.spares):
-            self._poll_spare(pid)
+        self._poll_spares()
         fits = [pid for pid, spare in self.spares.items()
                 if spare.mode == mode and pid in self.ready and spare.root in (root, None)]
         fits.sort(key=lambda pid: self.spares[pid].root is None)  # a built root first
         for pid in fits:
             sock, group = self.spares[pid].sock, self.spares[pid].group
+            if group is not None and config.get("cgroups") and len(group["dirs"]) != len(config["cgroups"]["dirs"]):
+                continue  # a memory limit: its group has a v1 memory cgroup, which no spare waits in
             if self.spares[pid].root is not None and self.spares[pid].stamps != _file_stamps(plan):
                 self._drop_spare(pid)  # a file it binds was replaced since: the next spare binds the new one
                 continue
@@ -282,9 +298,9 @@ class Supervisor:
             return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         template = os.getpid()
-        pair = self._hold_pair()
+        pair = self.held.pair()
         pid = self._fork_pid_ns()
-        self._keep_hold(pid, pair)
+        self.held.keep(pid, pair)
         if pid == 0:
             ours.close()
             self._be_spare(mode, theirs, template, group, plan)
@@ -298,7 +314,7 @@ class Supervisor:
         self._spares_made += 1
         parent = self.spare_parents[0]
         key, owner = os.path.basename(os.path.dirname(parent)), os.path.basename(parent)
-        group = cgroups.plan(self.layout(), key, owner, f"spare-{os.getpid()}-{self._spares_made}")
+        group = cgroups.plan(self.layout(), key, owner, f"spare-{os.getpid()}-{self._spares_made}", with_memory=False)
         try:
             for d in group["dirs"]:
                 os.mkdir(d)
@@ -311,7 +327,7 @@ class Supervisor:
         self.ready.discard(pid)
         spare = self.spares.pop(pid)
         spare.sock.close()  # EOF: the spare exits
-        self._unhold(pid)
+        self.held.release(pid)
         if spare.group is not None:
             cgroups.remove(spare.group)
 
@@ -330,9 +346,8 @@ class Supervisor:
             for other in self.spares.values():
                 other.sock.close()
             self.spares = {}
-            self._close_holds()
-            with open("/proc/self/comm") as f:
-                name = f.read().strip()
+            self.held.close_others()
+            name = _linux.read_small("/proc/self/comm").decode().strip()  # (open(): ~0.1 MiB of private pages)
             _sys.set_name(SPARE_NAME)
             if group is not None:
                 cgroups.join(group)  # the slow part of a cgroup move, paid here, ahead of time
@@ -340,8 +355,7 @@ class Supervisor:
             namespaces.unshare_early(mode, cgroup=early_cgroupns)
             self.early, self.early_cgroupns = True, early_cgroupns
             if plan is not None:
-                _build_root(plan, self.spare_dir, self.holder)
-                self.holder = None  # (closed by storage.hold)
+                _build_root(plan, self.spare_dir, self.held.take_holder())  # (which storage.hold closes)
                 self.built = namespaces.root_key(plan)
             sock.send(b"r")  # ready: the template may now hand over a sandbox (and rename our cgroup)
             data, fds, _flags, _addr = socket.recv_fds(sock, _MAX_CONFIG_BYTES, 1)
@@ -366,7 +380,7 @@ class Supervisor:
     def fired(self, data: object) -> bool:
         """Handle a selector event registered by ``fork``; False if it is not ours."""
         if isinstance(data, tuple) and data[0] == "hold":
-            self._take_hold(data[1])
+            self.held.take(data[1])
             return True
         if not (isinstance(data, tuple) and data[0] == "oom"):
             return False
@@ -379,7 +393,7 @@ class Supervisor:
     def finish(self, pid: int) -> dict:
         """After agent ``pid`` is reaped: kill and remove its cgroup; extra fields for ``reaped``."""
         self._unwatch(pid)
-        self._unhold(pid)
+        self.held.release(pid)
         group = self.groups.pop(pid, None)
         oom = pid in self.oom_killed or (group is not None and cgroups.oom_kills(group) > 0)
         self.oom_killed.discard(pid)
@@ -393,72 +407,13 @@ class Supervisor:
             self.finish(pid)
         for pid in list(self.spares):
             self._drop_spare(pid)
-        for pid in set(self.holds) | set(self.hold_socks):
-            self._unhold(pid)
+        self.held.release_all()
         for owner in self.spare_parents:  # the owner's own directories, and its key's once empty
             for path in (owner, os.path.dirname(owner)):
                 try:
                     os.rmdir(path)
                 except OSError:
                     pass
-
-    # -- the writable storage of each sandbox, held here for snapshots (see storage.hold) ----------
-
-    def _hold_pair(self) -> tuple[socket.socket, socket.socket] | None:
-        """A socket pair over which a child hands over its storage; None where none is held
-        (rootless, or no selector to hear it on)."""
-        if self.outside is not None or self.sel is None:
-            return None
-        return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-
-    def _keep_hold(self, pid: int, pair: tuple[socket.socket, socket.socket] | None) -> None:
-        """After the fork of ``pair``'s child ``pid`` (0 in the child): each side keeps its end."""
-        if pair is None:
-            return
-        ours, theirs = pair
-        if pid == 0:
-            ours.close()
-            self.holder = theirs
-            return
-        theirs.close()
-        self.hold_socks[pid] = ours
-        assert self.sel is not None
-        self.sel.register(ours, selectors.EVENT_READ, ("hold", pid))
-
-    def _take_hold(self, pid: int) -> None:
-        """The child ``pid`` sent its storage's descriptor (or closed its end): keep the one, close
-        the socket."""
-        sock = self.hold_socks.pop(pid)
-        if self.sel is not None:
-            self.sel.unregister(sock)
-        try:
-            _data, fds, _flags, _addr = socket.recv_fds(sock, 16, 1)
-        except OSError:
-            fds = []
-        sock.close()
-        for fd in fds[1:]:
-            os.close(fd)
-        if fds:
-            self.holds[pid] = fds[0]
-
-    def _unhold(self, pid: int) -> None:
-        sock = self.hold_socks.pop(pid, None)
-        if sock is not None:
-            if self.sel is not None:
-                self.sel.unregister(sock)
-            sock.close()  # (a descriptor still on its way is closed with it)
-        fd = self.holds.pop(pid, None)
-        if fd is not None:
-            os.close(fd)
-
-    def _close_holds(self) -> None:
-        """In a child of the template: close what the template holds of other sandboxes' storage
-        (each an open door into another sandbox's files), and their sockets."""
-        for fd in self.holds.values():
-            os.close(fd)
-        for sock in self.hold_socks.values():
-            sock.close()
-        self.holds, self.hold_socks = {}, {}
 
     def _unwatch(self, pid: int) -> None:
         watch = self.watches.pop(pid, None)
@@ -535,8 +490,5 @@ def parent_pid() -> int:
     ppid = os.getppid()
     if ppid:
         return ppid
-    fd = os.open("/proc/self/stat", os.O_RDONLY | os.O_CLOEXEC)  # still the host's /proc: not in its root yet
-    try:  # (not open(): a text file's io stack costs a forked agent ~0.3 ms, mostly copy-on-write faults)
-        return int(os.read(fd, 4096).rsplit(b")", 1)[1].split()[1])
-    finally:
-        os.close(fd)
+    stat = _linux.read_small("/proc/self/stat")  # still the host's /proc: the agent has not entered its root yet
+    return int(stat.rsplit(b")", 1)[1].split()[1])

@@ -193,8 +193,9 @@ class Isolation:
         env.update({k: v for k, v in defaults.items() if k not in user_env})
         layout = self.layout
         if os.geteuid() == 0 and layout.mode != "none":
-            group = cgroups.plan(layout, self.key, os.path.basename(owner_dir), record.sandbox_id)
             res = spec.resources
+            group = cgroups.plan(layout, self.key, os.path.basename(owner_dir), record.sandbox_id,
+                                 with_memory=bool(res and res.memory_limit))
             limits = cgroups.limit_files(
                 layout, group, res.memory_limit if res else None, res.cpu_limit if res else None,
                 (res.pids_limit if res else None) or DEFAULT_PIDS_LIMIT)

@@ -117,6 +117,31 @@ def test_stop_removes_the_cgroups(session):
     assert not any(os.path.exists(d) for d in dirs)
 
 
+def test_only_a_sandbox_with_a_memory_limit_gets_a_v1_memory_cgroup(session):
+    """Where memory is a v1 hierarchy of its own, a sandbox without a memory limit stays in its
+    owner's memory cgroup (one costs ~2 ms of kernel work to remove) and is in its own cgroup in
+    every other hierarchy; one with a limit gets its memory cgroup; both run, and stop clean."""
+    mount = cgroups.skips_memory(LAYOUT)
+    if mount is None:
+        pytest.skip(f"memory is not a v1 hierarchy of its own here: {LAYOUT}")
+    bare, limited = session.sandbox(), session.sandbox(resources={"limits": {"memory": "256Mi"}})
+    for sb in (bare, limited):
+        assert sb.exec(["true"]).result().returncode == 0
+
+    def memory_cgroup(sb) -> str:
+        lines = read(f"/proc/{sb._record.agent_pid}/cgroup").splitlines()
+        return next(line.split(":", 2)[2] for line in lines if "memory" in line.split(":")[1].split(","))
+
+    assert "/sandpool/" not in memory_cgroup(bare)
+    assert memory_cgroup(limited).endswith("/" + limited._record.sandbox_id)
+    assert not any(d.startswith(mount + "/") for d in group_of(bare)["dirs"])
+    assert len(group_of(bare)["dirs"]) == len(LAYOUT.mounts()) - 1
+    dirs = group_of(bare)["dirs"] + group_of(limited)["dirs"]
+    for sb in (bare, limited):
+        sb.stop(graceful_shutdown_seconds=0).result()
+    assert not any(os.path.exists(d) for d in dirs)
+
+
 def test_stale_cgroups_of_a_dead_owner_are_swept_at_start(tmp_path):
     """A dead owner's cgroup (with a process still in it) is killed and removed by the next start."""
     import subprocess

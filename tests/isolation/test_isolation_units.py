@@ -96,6 +96,20 @@ def test_limits_go_where_each_controller_lives(tmp_path, kind):
     assert all("/sandpool/skey/o-1-aa/sb-1" in d for d in group["dirs"])
 
 
+@pytest.mark.parametrize("kind", ["v1", "v2", "hybrid"])
+def test_a_group_without_a_memory_limit_has_no_v1_memory_cgroup(tmp_path, kind):
+    """Without a memory limit a sandbox joins no v1 memory hierarchy (nothing to count its OOM kills
+    in either); on the v2 tree the memory controller comes with its one group, as before."""
+    layout = fake_layout(tmp_path, kind)
+    full, bare = (cgroups.plan(layout, "skey", "o-1-aa", "sb-1", with_memory=m) for m in (True, False))
+    if kind == "v2":
+        assert bare == full
+    else:
+        assert [d for d in full["dirs"] if d not in bare["dirs"]] == ["/cg/memory/sandpool/skey/o-1-aa/sb-1"]
+        assert bare["oom"] is None and bare["oom_event"] is None and cgroups.oom_kills(bare) == 0
+        assert cgroups.limit_files(layout, bare, None, 0.5, 50) == cgroups.limit_files(layout, full, None, 0.5, 50)
+
+
 def test_oom_counter_parsing():
     """Both v1 memory.oom_control and v2 memory.events carry 'oom_kill N'."""
     assert cgroups.count_from("oom_kill_disable 1\nunder_oom 0\noom_kill 3\n") == 3

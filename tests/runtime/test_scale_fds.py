@@ -97,13 +97,13 @@ def test_the_template_notices_a_spare_ready_or_gone_on_a_descriptor_above_1024(h
     ours = high_fds(ours)
     supervisor = Supervisor()
     supervisor.spares[4242] = _Spare("none", ours, None, None)
-    supervisor._poll_spare(4242)  # nothing to read: returns at once, the spare stays
+    supervisor._poll_spares()  # nothing to read: returns at once, the spare stays
     assert 4242 in supervisor.spares and 4242 not in supervisor.ready
     spare.send(b"r")
-    supervisor._poll_spare(4242)
+    supervisor._poll_spares()
     assert 4242 in supervisor.ready
     spare.close()
-    supervisor._poll_spare(4242)
+    supervisor._poll_spares()
     assert 4242 not in supervisor.spares and 4242 not in supervisor.ready
 
 

@@ -96,3 +96,45 @@ def test_no_descriptor_or_working_directory_leads_outside_the_root(contained):
                       "[ -d \"$fd\" ] && (cd \"$fd/../../../..\" && ls -a); done; done | sort -u")
     assert climbed.stdout == _sh(sb, "ls -a / | sort -u").stdout  # every climb ends at the sandbox's own root
     _still_works(contained, sb)
+
+
+#: Run inside the sandbox: for every process handle (pidfd) any process it can see holds, the pid
+#: it names as seen from here (0: a process outside this sandbox's pid namespace).
+PIDFD_SURVEY = r"""
+import json, os
+out = []
+for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        continue
+    for n in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{n}") != "anon_inode:[pidfd]":
+                continue
+            with open(f"/proc/{pid}/fdinfo/{n}") as f:
+                named = [int(line.split()[1]) for line in f if line.startswith("Pid:")]
+        except OSError:
+            continue
+        out.append([pid, n, named[0] if named else None])
+print(json.dumps(out))
+"""
+
+
+def test_no_process_holds_a_handle_on_a_process_outside_the_sandbox(contained):
+    """The template watches every agent's exit through a pidfd; none of those reaches the agents
+    forked after it (a handle on another sandbox's agent could signal it): every pidfd any process
+    of a sandbox holds, started while others run, names one of its own processes."""
+    others = [contained.sandbox() for _ in range(2)]
+    for other in others:
+        assert _sh(other, "echo up").stdout == "up\n"
+    sb = contained.sandbox()
+    running = sb.exec(["sleep", "30"])  # the agent holds a pidfd of its own on this one
+    result = sb.exec([sys.executable, "-c", PIDFD_SURVEY]).result()
+    assert result.returncode == 0, result.stderr
+    handles = json.loads(result.stdout)
+    assert any(pid == "1" for pid, _, _ in handles)  # the agent was surveyed, and holds its own
+    assert [h for h in handles if not h[2] or h[2] < 0] == []  # none names a process outside
+    running.kill()
+    for other in others:
+        _still_works(contained, other)
