@@ -248,13 +248,43 @@ class Agent:
             self._send({"t": "exit", "id": req_id, "code": code})
             return
         self.starting[req_id] = (time.monotonic() + STARTED_DELAY_SECONDS, {"t": "started", "id": req_id, "pid": proc.pid})
-        self._watch(proc)
+        self.procs[proc.id] = proc
+        if not self._ended_at_once(proc):
+            self._watch(proc)
+
+    def _ended_at_once(self, proc: _procs.ExecProcess) -> bool:
+        """True if ``proc`` has exited already and its pipes have closed, its answer queued. A short
+        command often has by the time posix_spawn returns (the agent waits for its exec, and the child
+        often runs to its end before the agent is scheduled again): it then costs no fd registered, no
+        round of the loop and no wake-up. False leaves it to the loop, as it is (reaped or not, some
+        output sent or not: the loop goes on from there)."""
+        status = _linux.reap(proc.pid)
+        if status is None:
+            return False
+        self._exited(proc, status)
+        for fd in list(proc.readers):
+            for _ in range(2):  # what it wrote (an exited writer's pipe holds at most a chunk), then the end
+                try:
+                    data = os.read(fd, _wire.OUTPUT_CHUNK_BYTES)
+                except BlockingIOError:  # a child of its own still holds the pipe: the loop waits for it
+                    break
+                except OSError:
+                    data = b""
+                if not data:
+                    proc.close_reader(fd)
+                    break
+                self._send({"t": "output", "id": proc.id, "fd": proc.readers[fd], "data": data})
+                proc.unacked += len(data)
+        if proc.readers:
+            return False
+        self._maybe_finish(proc)
+        return True
 
     def _watch(self, proc: _procs.ExecProcess) -> None:
         self.procs[proc.id] = proc
         for fd in proc.readers:
             self.sel.register(fd, selectors.EVENT_READ, ("out", proc))
-        if proc.pidfd is not None:
+        if proc.pidfd is not None and proc.status is None:  # a reaped process's pidfd stays readable
             self.sel.register(proc.pidfd, selectors.EVENT_READ, ("exit", proc))
 
     def _unwatch(self, fd: int) -> None:
@@ -340,8 +370,12 @@ class Agent:
         if proc.status is not None:  # reaped earlier in this round (its pidfd's event was already out)
             return
         status = _linux.reap(proc.pid)
-        if status is None:
-            return
+        if status is not None:
+            self._exited(proc, status)
+            self._maybe_finish(proc)
+
+    def _exited(self, proc: _procs.ExecProcess, status: int) -> None:
+        """Record that ``proc`` exited with wait ``status`` (reaped): stop watching its exit and its stdin."""
         proc.status = status
         proc.exited_at = time.monotonic()
         if proc.popen is not None:
@@ -351,7 +385,6 @@ class Agent:
         if proc.stdin_fd is not None:
             self._unwatch(proc.stdin_fd)
             proc.close_stdin()
-        self._maybe_finish(proc)
 
     def _maybe_finish(self, proc: _procs.ExecProcess) -> None:
         if not proc.finished or self.procs.get(proc.id) is not proc:
