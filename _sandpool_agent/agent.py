@@ -36,8 +36,8 @@ EXIT_GRACE_KILL_SECONDS = 2.0
 #: how long the end waits for file operations under way to answer
 _FILES_DRAIN_SECONDS = 0.5
 _KILLED_REAP_SECONDS = 1.0
-#: How long an exec's ``started`` frame may wait to leave with its first output or its exit: a short
-#: command's whole answer then takes one write and wakes the client once.
+#: How long an exec's ``started`` frame may wait to leave with its first output, or to be replaced by
+#: its exit: a short command's whole answer then takes one write and wakes the client once.
 STARTED_DELAY_SECONDS = 0.002
 
 
@@ -210,10 +210,11 @@ class Agent:
 
     def _send(self, frame: dict) -> None:
         """Queue a frame for the owner (written at the end of this round); a process's first frame
-        takes its pending ``started`` frame along, ahead of it."""
+        takes its pending ``started`` frame along, ahead of it, unless it is its exit, which says all
+        that one would (a command that ends at once is answered with one frame)."""
         if self.starting:
             start = self.starting.pop(frame.get("id"), None)
-            if start is not None:
+            if start is not None and frame["t"] != "exit":
                 self.outbox.append(start[1])
         self.outbox.append(frame)
 
