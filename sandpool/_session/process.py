@@ -309,11 +309,12 @@ class Process(OperationRef[ProcessResult]):
 
     async def _cancelled(self) -> None:
         self._link.deadlines.discard(self)
+        if not self._exited.is_set():  # its streams end with why, not as if it had run to its end
+            self._failure = SandboxExecutionError(f"command {self._argv!r} was cancelled",
+                                                  sandbox_id=self._link.sandbox_id())
         await self._kill()
         self._link.unregister(self._req_id)
         if not self._exited.is_set():
-            self._failure = SandboxExecutionError(f"command {self._argv!r} was cancelled",
-                                                  sandbox_id=self._link.sandbox_id())
             self._mark_exited()
         self._set_cancelled()
 

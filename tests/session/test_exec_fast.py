@@ -146,10 +146,8 @@ def test_trio_path_matches(fast):
             early.cancel()  # before a task ran, or at once after the frame went out
             with pytest.raises(OperationCancelled):
                 await early
-            try:  # its streams end: with why, if it never ran, else as the killed command's did
-                assert [chunk async for chunk in early.stdout] == [] and early.returncode == 137
-            except SandboxExecutionError as exc:
-                assert not fast and "cancelled" in str(exc)
+            with pytest.raises(SandboxExecutionError, match="cancelled"):  # its streams end with why
+                [chunk async for chunk in early.stdout]
             with trio.CancelScope() as scope:  # the awaiting task is cancelled: so is the command
                 running = sandbox.exec(["sh", "-c", "echo up; exec sleep 600"])
                 async for chunk in running.stdout:
