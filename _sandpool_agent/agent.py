@@ -37,8 +37,9 @@ EXIT_GRACE_KILL_SECONDS = 2.0
 _FILES_DRAIN_SECONDS = 0.5
 _KILLED_REAP_SECONDS = 1.0
 #: How long an exec's ``started`` frame may wait to leave with its first output, or to be replaced by
-#: its exit: a short command's whole answer then takes one write and wakes the client once.
-STARTED_DELAY_SECONDS = 0.002
+#: its exit: a short command's whole answer then takes one write and wakes the client once, also on
+#: a loaded machine where ``true`` takes milliseconds (nothing waits for that frame: it only names the pid).
+STARTED_DELAY_SECONDS = 0.05
 
 
 class _Stop(Exception):
