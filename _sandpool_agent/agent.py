@@ -258,26 +258,16 @@ class Agent:
         """True if ``proc`` has exited already and its pipes have closed, its answer queued. A short
         command often has by the time posix_spawn returns (the agent waits for its exec, and the child
         often runs to its end before the agent is scheduled again): it then costs no fd registered, no
-        round of the loop and no wake-up. False leaves it to the loop, as it is (reaped or not, some
+        round of the loop and no wake-up. False leaves it to the loop as it is (reaped or not, some
         output sent or not: the loop goes on from there)."""
         status = _linux.reap(proc.pid)
         if status is None:
             return False
         self._exited(proc, status)
-        for fd in list(proc.readers):
-            for _ in range(2):  # what it wrote (an exited writer's pipe holds at most a chunk), then the end
-                try:
-                    data = os.read(fd, _wire.OUTPUT_CHUNK_BYTES)
-                except BlockingIOError:  # a child of its own still holds the pipe: the loop waits for it
-                    break
-                except OSError:
-                    data = b""
-                if not data:
-                    proc.close_reader(fd)
-                    break
-                self._send({"t": "output", "id": proc.id, "fd": proc.readers[fd], "data": data})
-                proc.unacked += len(data)
-        if proc.readers:
+        for stream, data in proc.read_ended():
+            self._send({"t": "output", "id": proc.id, "fd": stream, "data": data})
+            proc.unacked += len(data)
+        if proc.readers:  # a child of it still holds a pipe: the loop waits for its end
             return False
         self._maybe_finish(proc)
         return True

@@ -51,6 +51,24 @@ class ExecProcess:
         self.readers.pop(fd, None)
         os.close(fd)
 
+    def read_ended(self) -> list[tuple[int, bytes]]:
+        """For an exited process: what its pipes hold now, as (1 or 2, bytes) chunks, each pipe that
+        reached its end closed; one that a child of it still holds stays open."""
+        chunks = []
+        for fd in list(self.readers):
+            for _ in range(2):  # what it wrote (an exited writer's pipe usually holds a chunk at most), the end
+                try:
+                    data = os.read(fd, _wire.OUTPUT_CHUNK_BYTES)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    data = b""
+                if not data:
+                    self.close_reader(fd)
+                    break
+                chunks.append((self.readers[fd], data))
+        return chunks
+
     def close_stdin(self) -> None:
         if self.stdin_fd is not None:
             try:

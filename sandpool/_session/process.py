@@ -288,7 +288,9 @@ class Process(OperationRef[ProcessResult]):
         """Its deadline passed (a Deadlines callback: it must not raise)."""
         self._end_by(self._time_out)
 
-    def _end_by(self, ending: Callable[[], Awaitable[None]]) -> None:
+    def _end_by(self, ending: Callable[[], Awaitable[None]], why: Exception | None = None) -> None:
+        """Start ``ending`` (in the loop's thread); from then on, its streams end with ``why`` if given,
+        not as if it had run to its end (even if its exit comes before that task has run)."""
         if self._ending or self.done():
             return
         try:
@@ -296,6 +298,8 @@ class Process(OperationRef[ProcessResult]):
         except RuntimeError:  # the session is closing: its sandbox's end settles this process
             return
         self._ending = True
+        if why is not None and not self._exited.is_set():
+            self._failure = why
 
     async def _time_out(self) -> None:
         await self._kill()
@@ -309,9 +313,6 @@ class Process(OperationRef[ProcessResult]):
 
     async def _cancelled(self) -> None:
         self._link.deadlines.discard(self)
-        if not self._exited.is_set():  # its streams end with why, not as if it had run to its end
-            self._failure = SandboxExecutionError(f"command {self._argv!r} was cancelled",
-                                                  sandbox_id=self._link.sandbox_id())
         await self._kill()
         self._link.unregister(self._req_id)
         if not self._exited.is_set():
@@ -325,11 +326,12 @@ class Process(OperationRef[ProcessResult]):
             return super().cancel()
         if self.done():
             return False
+        why = SandboxExecutionError(f"command {self._argv!r} was cancelled", sandbox_id=self._link.sandbox_id())
         try:
             if self._loop.in_loop_thread():
-                self._end_by(self._cancelled)
+                self._end_by(self._cancelled, why)
             else:
-                self._loop.call_soon(self._end_by, self._cancelled)
+                self._loop.call_soon(self._end_by, self._cancelled, why)
         except RuntimeError:  # the loop has finished, and the sandbox's connection with it
             return super().cancel()
         return True
