@@ -288,12 +288,9 @@ class Agent:
     def _read_output(self, proc: _procs.ExecProcess, fd: int) -> None:
         if proc.paused:  # its other pipe filled the window earlier in this round: the client allows no more
             return
-        try:
-            data = os.read(fd, _wire.OUTPUT_CHUNK_BYTES)
-        except BlockingIOError:
+        data = _procs.read_pipe(fd)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self._unwatch(fd)
             proc.close_reader(fd)

@@ -57,12 +57,9 @@ class ExecProcess:
         chunks = []
         for fd in list(self.readers):
             for _ in range(2):  # what it wrote (an exited writer's pipe usually holds a chunk at most), the end
-                try:
-                    data = os.read(fd, _wire.OUTPUT_CHUNK_BYTES)
-                except BlockingIOError:
+                data = read_pipe(fd)
+                if data is None:
                     break
-                except OSError:
-                    data = b""
                 if not data:
                     self.close_reader(fd)
                     break
@@ -109,6 +106,17 @@ class ExecProcess:
         if self.pidfd is not None:
             os.close(self.pidfd)
             self.pidfd = None
+
+
+def read_pipe(fd: int) -> bytes | None:
+    """A chunk of output from the non-blocking pipe ``fd``: None if it has nothing now, b"" at its end
+    (or once it broke)."""
+    try:
+        return os.read(fd, _wire.OUTPUT_CHUNK_BYTES)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
 
 
 def set_window(fd: int, cols: int, rows: int) -> None:
