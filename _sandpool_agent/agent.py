@@ -36,9 +36,10 @@ EXIT_GRACE_KILL_SECONDS = 2.0
 #: how long the end waits for file operations under way to answer
 _FILES_DRAIN_SECONDS = 0.5
 _KILLED_REAP_SECONDS = 1.0
-#: How long an exec's ``started`` frame may wait to leave with its first output or its exit: a short
-#: command's whole answer then takes one write and wakes the client once.
-STARTED_DELAY_SECONDS = 0.002
+#: How long an exec's ``started`` frame may wait to leave with its first output, or to be replaced by
+#: its exit: a short command's whole answer then takes one write and wakes the client once, also on
+#: a loaded machine where ``true`` takes milliseconds (nothing waits for that frame: it only names the pid).
+STARTED_DELAY_SECONDS = 0.05
 
 
 class _Stop(Exception):
@@ -210,10 +211,11 @@ class Agent:
 
     def _send(self, frame: dict) -> None:
         """Queue a frame for the owner (written at the end of this round); a process's first frame
-        takes its pending ``started`` frame along, ahead of it."""
+        takes its pending ``started`` frame along, ahead of it, unless it is its exit, which says all
+        that one would (a command that ends at once is answered with one frame)."""
         if self.starting:
             start = self.starting.pop(frame.get("id"), None)
-            if start is not None:
+            if start is not None and frame["t"] != "exit":
                 self.outbox.append(start[1])
         self.outbox.append(frame)
 
@@ -248,13 +250,33 @@ class Agent:
             self._send({"t": "exit", "id": req_id, "code": code})
             return
         self.starting[req_id] = (time.monotonic() + STARTED_DELAY_SECONDS, {"t": "started", "id": req_id, "pid": proc.pid})
-        self._watch(proc)
+        self.procs[proc.id] = proc
+        if not self._ended_at_once(proc):
+            self._watch(proc)
+
+    def _ended_at_once(self, proc: _procs.ExecProcess) -> bool:
+        """True if ``proc`` has exited already and its pipes have closed, its answer queued. A short
+        command often has by the time posix_spawn returns (the agent waits for its exec, and the child
+        often runs to its end before the agent is scheduled again): it then costs no fd registered, no
+        round of the loop and no wake-up. False leaves it to the loop as it is (reaped or not, some
+        output sent or not: the loop goes on from there)."""
+        status = _linux.reap(proc.pid)
+        if status is None:
+            return False
+        self._exited(proc, status)
+        for stream, data in proc.read_ended():
+            self._send({"t": "output", "id": proc.id, "fd": stream, "data": data})
+            proc.unacked += len(data)
+        if proc.readers:  # a child of it still holds a pipe: the loop waits for its end
+            return False
+        self._maybe_finish(proc)
+        return True
 
     def _watch(self, proc: _procs.ExecProcess) -> None:
         self.procs[proc.id] = proc
         for fd in proc.readers:
             self.sel.register(fd, selectors.EVENT_READ, ("out", proc))
-        if proc.pidfd is not None:
+        if proc.pidfd is not None and proc.status is None:  # a reaped process's pidfd stays readable
             self.sel.register(proc.pidfd, selectors.EVENT_READ, ("exit", proc))
 
     def _unwatch(self, fd: int) -> None:
@@ -266,12 +288,9 @@ class Agent:
     def _read_output(self, proc: _procs.ExecProcess, fd: int) -> None:
         if proc.paused:  # its other pipe filled the window earlier in this round: the client allows no more
             return
-        try:
-            data = os.read(fd, _wire.OUTPUT_CHUNK_BYTES)
-        except BlockingIOError:
+        data = _procs.read_pipe(fd)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self._unwatch(fd)
             proc.close_reader(fd)
@@ -340,8 +359,12 @@ class Agent:
         if proc.status is not None:  # reaped earlier in this round (its pidfd's event was already out)
             return
         status = _linux.reap(proc.pid)
-        if status is None:
-            return
+        if status is not None:
+            self._exited(proc, status)
+            self._maybe_finish(proc)
+
+    def _exited(self, proc: _procs.ExecProcess, status: int) -> None:
+        """Record that ``proc`` exited with wait ``status`` (reaped): stop watching its exit and its stdin."""
         proc.status = status
         proc.exited_at = time.monotonic()
         if proc.popen is not None:
@@ -351,7 +374,6 @@ class Agent:
         if proc.stdin_fd is not None:
             self._unwatch(proc.stdin_fd)
             proc.close_stdin()
-        self._maybe_finish(proc)
 
     def _maybe_finish(self, proc: _procs.ExecProcess) -> None:
         if not proc.finished or self.procs.get(proc.id) is not proc:

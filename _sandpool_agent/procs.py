@@ -51,6 +51,21 @@ class ExecProcess:
         self.readers.pop(fd, None)
         os.close(fd)
 
+    def read_ended(self) -> list[tuple[int, bytes]]:
+        """For an exited process: what its pipes hold now, as (1 or 2, bytes) chunks, each pipe that
+        reached its end closed; one that a child of it still holds stays open."""
+        chunks = []
+        for fd in list(self.readers):
+            for _ in range(2):  # what it wrote (an exited writer's pipe usually holds a chunk at most), the end
+                data = read_pipe(fd)
+                if data is None:
+                    break
+                if not data:
+                    self.close_reader(fd)
+                    break
+                chunks.append((self.readers[fd], data))
+        return chunks
+
     def close_stdin(self) -> None:
         if self.stdin_fd is not None:
             try:
@@ -91,6 +106,17 @@ class ExecProcess:
         if self.pidfd is not None:
             os.close(self.pidfd)
             self.pidfd = None
+
+
+def read_pipe(fd: int) -> bytes | None:
+    """A chunk of output from the non-blocking pipe ``fd``: None if it has nothing now, b"" at its end
+    (or once it broke)."""
+    try:
+        return os.read(fd, _wire.OUTPUT_CHUNK_BYTES)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
 
 
 def set_window(fd: int, cols: int, rows: int) -> None:

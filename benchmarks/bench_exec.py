@@ -2,8 +2,8 @@
 
     python benchmarks/bench_exec.py [--quick] [--isolation auto|process|namespaces] [--json PATH]
 
-Three ways of running ``true``, measured round by round in turn (so that a change in the machine's
-load during the run weighs on all of them alike):
+Three ways of running ``true``, measured in short rounds in turn (10 samples of each way per round,
+so that a change in the machine's load during the run weighs on all of them alike):
 
 - floor:  ``subprocess.run(["true"])`` in this process;
 - sync:   ``sb.exec(["true"]).result()`` from this thread (a sync ``Session``, its loop in the portal
@@ -110,11 +110,12 @@ def main() -> None:
     parser.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                        "results", "bench_exec.json"))
     args = parser.parse_args()
-    n, rounds = (100, 5) if args.quick else (1000, 20)
+    n, rounds = (100, 10) if args.quick else (1000, 100)
     load_start = os.getloadavg()
     figures = run(n, rounds, args.isolation)
     floor = figures["floor"]["p50_ms"]
-    print(f"\nexec `true` ({platform.node()}, {os.cpu_count()} cpus, isolation={args.isolation}, n={n})\n")
+    print(f"\nexec `true` ({platform.node()}, {os.cpu_count()} cpus, isolation={args.isolation}, n={n}, "
+          f"load {load_start[0]:.1f} -> {os.getloadavg()[0]:.1f})\n")
     print("| way | p50 ms | p99 ms | ratio p50 vs floor | target | met |\n|---|---:|---:|---:|---:|:---:|")
     ratios = {}
     for name in ("floor", "sync", "trio"):

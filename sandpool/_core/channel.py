@@ -50,6 +50,7 @@ class FrameChannel:
         self._busy = False  # a task of the loop is writing
         self._backlog = bytearray()  # the end of a frame send_now began: it goes out before anything else
         self._reads = 0
+        self._drained = False  # the last read emptied the socket: wait before the next one
 
     async def send(self, frame: dict[str, Any]) -> None:
         """Send one frame. Raises ProtocolError if it is too large, SandboxUnavailableError if the peer is gone."""
@@ -124,17 +125,23 @@ class FrameChannel:
         """The next frame, or None at EOF. A malformed frame raises ProtocolError."""
         while not self._ready:
             self._reads += 1
-            if self._reads >= _YIELD_EVERY:  # a stream that never waits while data comes: be fair
-                self._reads = 0
-                await trio.lowlevel.checkpoint()
             try:
+                if self._drained and self._fd >= 0:
+                    # Wait, rather than try a read that finds nothing: that read would let a sync
+                    # caller this loop just woke take the GIL, only to hand it back at once.
+                    self._reads = 0
+                    await trio.lowlevel.wait_readable(self._fd)
+                elif self._reads >= _YIELD_EVERY:  # a stream that never waits while data comes: be fair
+                    self._reads = 0
+                    await trio.lowlevel.checkpoint()
                 data = await self._stream.receive_some(1 << 20)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 data = b""
             if not data:
                 self._close_now()
                 return None
-            if len(data) >= _LARGE_READ:
+            self._drained = len(data) < _LARGE_READ
+            if not self._drained:
                 self._reads = _YIELD_EVERY - 1  # the next read yields first
             self._ready.extend(self._decoder.feed(data))
         return self._ready.popleft()

@@ -65,9 +65,9 @@ class Process(OperationRef[ProcessResult]):
 
     def __init__(self, link: SandboxLink, argv: list[str], *, cwd: str | None, env: dict[str, str] | None,
                  timeout: float | None, check: bool, stdin: bool, cap: int, exec_extra: dict[str, Any] | None = None) -> None:
-        """Make the process and send it (from a sync caller's thread, at once when it can: see
-        ``_detach``), or start its task in the sandbox's loop; ``exec_extra`` adds fields to its
-        exec frame (a terminal's "tty")."""
+        """Make the process and send it at once when it can (from any thread: see ``_detach``), or
+        start its task in the sandbox's loop; ``exec_extra`` adds fields to its exec frame (a
+        terminal's "tty")."""
         super().__init__()
         self._link = link
         self._loop: TaskHost = link.host()
@@ -85,26 +85,24 @@ class Process(OperationRef[ProcessResult]):
         self._exit_code: int | None = None
         self._failure: BaseException | None = None  # why it ended without an exit code
         self._owed = 0  # output bytes received and not yet acknowledged to the agent
-        # Sent from a sync caller's thread, it has no task of its own: the agent's frames, its
+        # Sent at once (from any thread), it has no task of its own: the agent's frames, its
         # deadline or a cancel settle it. Set before the frame goes: its answer may come at once.
-        self._detached = not self._loop.in_loop_thread()
+        self._detached = True
         self._ending = False  # detached: a task of the loop kills it (timeout, cancel) and settles it
-        # The exec frame goes out from a sync caller's thread when it can (SandboxLink.send_now).
-        # From the loop's own thread too: the frame leaves before the task first runs.
+        # The exec frame goes out from the calling thread when it can (SandboxLink.send_now): a
+        # sync caller's, or the loop's own.
         self._req_id = link.send_now(self, self._exec_frame)  # 0: the task sends it
         # An exec cancelled before its task ran, or refused by a closing session, never runs _body:
         # its streams must end all the same, or a reader would wait for ever.
         self.add_done_callback(type(self)._end_streams)
-        if self._req_id and self._detached:
+        if self._req_id:
             self._detach()
-        else:  # the loop's task sends the frame (if it has not gone), waits, bounds and cleans up
-            if self._req_id:
-                self._sent.set()  # in the loop's thread
+        else:  # the loop's task sends the frame, waits, bounds and cleans up
             self._detached = False
             self._launch(self._loop, self._body)
 
     def _detach(self) -> None:
-        """A sync caller's exec, sent from its thread: no hop into the loop at all. The reader
+        """An exec sent at once: no task, and from a sync caller's thread no hop into the loop. The reader
         settles it from the agent's frames (``_conclude``, maybe already), the sandbox's deadlines
         time it out (``_expire``), ``cancel`` kills it, each as the task of ``_body`` would have."""
         self._sent.set()  # nobody else holds this process yet: no task waits on the event
@@ -263,17 +261,6 @@ class Process(OperationRef[ProcessResult]):
             self._failure = error or SandboxExecutionError(
                 f"command {self._argv!r} was cancelled before it ran", sandbox_id=self._link.sandbox_id())
             self._mark_exited()
-            if self._req_id and not self._detached:  # its frame went out at exec(): kill what it started
-                try:
-                    self._loop.start_soon(self._abandon)
-                except RuntimeError:  # the loop is gone, and with it the agent's connection
-                    pass
-
-    async def _abandon(self) -> None:
-        try:
-            await self._kill()
-        finally:
-            self._link.unregister(self._req_id)
 
     def _mark_exited(self) -> None:
         for buffer in self._out.values():
@@ -284,7 +271,7 @@ class Process(OperationRef[ProcessResult]):
         if self._detached and not self._ending:
             self._conclude()
 
-    # -- detached (sent from a sync caller's thread; in the loop's thread) -----------------------
+    # -- detached (sent at once, from any thread; in the loop's thread) --------------------------
 
     def _conclude(self) -> None:
         """It exited, or its sandbox ended: settle it as ``_execute`` would have."""
@@ -301,7 +288,9 @@ class Process(OperationRef[ProcessResult]):
         """Its deadline passed (a Deadlines callback: it must not raise)."""
         self._end_by(self._time_out)
 
-    def _end_by(self, ending: Callable[[], Awaitable[None]]) -> None:
+    def _end_by(self, ending: Callable[[], Awaitable[None]], why: Exception | None = None) -> None:
+        """Start ``ending`` (in the loop's thread); from then on, its streams end with ``why`` if given,
+        not as if it had run to its end (even if its exit comes before that task has run)."""
         if self._ending or self.done():
             return
         try:
@@ -309,6 +298,8 @@ class Process(OperationRef[ProcessResult]):
         except RuntimeError:  # the session is closing: its sandbox's end settles this process
             return
         self._ending = True
+        if why is not None and not self._exited.is_set():
+            self._failure = why
 
     async def _time_out(self) -> None:
         await self._kill()
@@ -325,8 +316,6 @@ class Process(OperationRef[ProcessResult]):
         await self._kill()
         self._link.unregister(self._req_id)
         if not self._exited.is_set():
-            self._failure = SandboxExecutionError(f"command {self._argv!r} was cancelled",
-                                                  sandbox_id=self._link.sandbox_id())
             self._mark_exited()
         self._set_cancelled()
 
@@ -337,11 +326,12 @@ class Process(OperationRef[ProcessResult]):
             return super().cancel()
         if self.done():
             return False
+        why = SandboxExecutionError(f"command {self._argv!r} was cancelled", sandbox_id=self._link.sandbox_id())
         try:
             if self._loop.in_loop_thread():
-                self._end_by(self._cancelled)
+                self._end_by(self._cancelled, why)
             else:
-                self._loop.call_soon(self._end_by, self._cancelled)
+                self._loop.call_soon(self._end_by, self._cancelled, why)
         except RuntimeError:  # the loop has finished, and the sandbox's connection with it
             return super().cancel()
         return True
@@ -358,14 +348,11 @@ class Process(OperationRef[ProcessResult]):
 
     async def _execute(self) -> ProcessResult:
         link = self._link
-        sent = bool(self._req_id)  # at exec(), from the loop's own thread
-        if not sent:
-            await link.ensure_running()
-            self._req_id = link.register(self)
+        await link.ensure_running()
+        self._req_id = link.register(self)
         try:
-            if not sent:
-                await link.send(self._exec_frame(self._req_id))
-                self._sent.set()
+            await link.send(self._exec_frame(self._req_id))
+            self._sent.set()
             with trio.move_on_after(self._timeout if self._timeout is not None else float("inf")):
                 await self._exited.wait()
             if not self._exited.is_set():

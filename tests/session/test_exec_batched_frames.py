@@ -1,5 +1,5 @@
 """Exec answers batched by the agent: a round of its loop leaves in one write, and a short command's
-``started`` frame leaves with its exit. Nothing may be held back for that: output of a running process
+``started`` frame gives way to its exit. Nothing may be held back for that: output of a running process
 still streams before it exits, each exec gets its own output and exit code, and a process the agent
 starts but cannot finish (cancelled at once) is answered and cleaned up."""
 

@@ -122,26 +122,42 @@ def test_stdin_and_signals_after_a_fast_send(sb):
     _settled(sb)
 
 
-def test_trio_path_sends_at_once_and_matches():
-    """In trio (the loop's own thread) exec sends its frame at once and keeps its task; results,
-    timeouts and a cancel before the task first ran are the same (the command is killed)."""
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "slow"])
+def test_trio_path_matches(fast):
+    """In trio (the loop's own thread) exec sends its frame at once and has no task either: results,
+    errors, a timeout, a cancel at once and the awaiting task's cancellation end as on the slow path
+    (a task of the loop sends the frame and waits): the command is killed and nothing is left."""
 
     async def main():
         async with Session() as session:
             sandbox = await session.sandbox()
-            proc = sandbox.exec(["sh", "-c", "echo hi; exit 4"])
-            assert proc._req_id and not proc._detached  # the frame went out already; a task waits for it
+            if not fast:
+                sandbox._link = dataclasses.replace(sandbox._link, send_now=lambda handler, make: 0)
+            proc = sandbox.exec(["sh", "-c", "echo hi; echo err >&2; exit 4"])
+            assert bool(proc._req_id) is fast and proc._detached is fast  # the frame went out already
             result = await proc
-            assert (result.stdout, result.returncode) == ("hi\n", 4)
+            assert (result.stdout, result.stderr, result.returncode) == ("hi\n", "err\n", 4)
+            with pytest.raises(SandboxExecutionError) as info:
+                await sandbox.exec(["sh", "-c", "echo no; exit 2"], check=True)
+            assert info.value.exec_result.stdout == "no\n"
             with pytest.raises(SandboxTimeoutError):
                 await sandbox.exec(["sleep", "600"], timeout_seconds=0.3)
             early = sandbox.exec(["sleep", "600"])
-            early.cancel()  # before its task first ran
+            early.cancel()  # before a task ran, or at once after the frame went out
             with pytest.raises(OperationCancelled):
                 await early
-            with pytest.raises(SandboxExecutionError, match="cancelled"):
+            with pytest.raises(SandboxExecutionError, match="cancelled"):  # its streams end with why
                 [chunk async for chunk in early.stdout]
-            # the kill goes out by a task of its own: the command is gone soon after (else this times out)
+            with trio.CancelScope() as scope:  # the awaiting task is cancelled: so is the command
+                running = sandbox.exec(["sh", "-c", "echo up; exec sleep 600"])
+                async for chunk in running.stdout:
+                    assert chunk == "up\n"
+                    break
+                scope.cancel()
+                await running
+            with pytest.raises(OperationCancelled):
+                await running
+            # the kills go out by tasks of their own: the commands are gone soon after (else this times out)
             await sandbox.exec(["sh", "-c", "while pgrep -x sleep >/dev/null; do :; done"], timeout_seconds=20,
                                check=True)
             _settled(sandbox)
