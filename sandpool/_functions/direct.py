@@ -184,7 +184,6 @@ class DirectChannel:
         self._parked = False
         self._loop_reading = False
         self._loop_thread = threading.get_ident()  # made in the loop's thread
-        self._waiting: trio.CancelScope | None = None  # the loop reader's wait for the socket
         self._returned = trio.Event()  # set (and replaced) to wake the parked reader
         self._error: ProtocolError | None = None  # a borrower met a malformed frame: the loop raises it
         self._close_when_returned = False  # closed while borrowed: the borrower closes the socket
@@ -301,7 +300,7 @@ class DirectChannel:
                 raise self._error
             if self._drained:  # the last read emptied the socket: wait, rather than read in vain
                 self._drained = False
-                await self._wait_readable()
+                await trio.lowlevel.wait_readable(self.sock)
                 continue
             with self._lock:
                 if self._parked or self._borrowed:
@@ -316,16 +315,7 @@ class DirectChannel:
                     self._loop_reading = False
             if frames is None or frames:
                 return frames
-            await self._wait_readable()
-
-    async def _wait_readable(self) -> None:
-        """Wait for the socket to be readable, or for a borrower to take the reading (``kick``)."""
-        with trio.CancelScope() as scope:
-            self._waiting = scope
-            try:
-                await trio.lowlevel.wait_readable(self.sock)
-            finally:
-                self._waiting = None
+            await trio.lowlevel.wait_readable(self.sock)
 
     def _read(self) -> list[dict[str, Any]] | None:
         """One read of what the socket holds, decoded: the whole frames, or None at EOF (closed).
@@ -353,21 +343,16 @@ class DirectChannel:
         """The loop's reader keeps off the socket (a borrower reads, or will: see the module doc)."""
         return self._parked
 
-    def borrow(self) -> bool | None:
-        """Take the reading from the loop (a thread other than the loop's): None if it cannot be
-        had (closed, the loop reading now, another borrower); else whether ``kick`` must run in
-        the loop's thread (the reader was not parked). ``give_back`` once done."""
+    def borrow(self) -> bool:
+        """Take the reading from the loop (a thread other than the loop's); False if it cannot be
+        had (closed, the loop reading now, another borrower). The reader, if it waits for the
+        socket, parks when it next wakes (once: it stays parked for the borrowers that follow).
+        ``give_back`` once done."""
         with self._lock:
             if self.closed or self._loop_reading or self._borrowed or self._error is not None:
-                return None
-            self._borrowed = True
-            kick, self._parked = not self._parked, True
-            return kick
-
-    def kick(self) -> None:
-        """In the loop's thread: end the reader's wait for the socket, which is borrowed now."""
-        if self._parked and self._waiting is not None:
-            self._waiting.cancel()
+                return False
+            self._borrowed = self._parked = True
+            return True
 
     def read_borrowed(self, deadline: float) -> list[dict[str, Any]] | None:
         """In the borrowing thread: the next frames, [] if none came by ``deadline`` (a

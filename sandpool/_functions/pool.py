@@ -145,20 +145,15 @@ class Pool:
             direct = slot.direct if slot is not None else None
             if slot is None or direct is None or ref.done():
                 return
-            kick = None
-            if (call.sent and self.reuse and len(slot.inflight) == 1  # type: ignore[union-attr]
-                    and slot.inflight.get(call.req_id) is call):  # type: ignore[union-attr]
-                kick = direct.borrow()
-        try:
-            if kick is None:  # not ours to read: the loop's reader must (it may be parked)
-                if direct.parked:
+            borrowed = (call.sent and self.reuse and len(slot.inflight) == 1  # type: ignore[union-attr]
+                        and slot.inflight.get(call.req_id) is call  # type: ignore[union-attr]
+                        and direct.borrow())
+        if not borrowed:  # not ours to read: the loop's reader must (it may be parked)
+            if direct.parked:
+                try:
                     loop.call_soon(direct.unpark)
-                return
-            if kick:
-                loop.call_soon(direct.kick)
-        except RuntimeError:  # the loop has ended, and every call with it
-            if kick is not None:
-                direct.give_back(False)
+                except RuntimeError:  # the loop has ended, and every call with it
+                    pass
             return
         self._read_here(ref, slot, direct, deadline)
 
