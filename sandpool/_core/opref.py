@@ -225,7 +225,7 @@ class OperationRef(Generic[T]):
         event, callbacks, self._callbacks = self._event, self._callbacks, None
         return event, callbacks
 
-    def _notify(self, event: threading.Event | None, callbacks: list[Any] | None) -> None:
+    def _notify(self, event: _Waiter | None, callbacks: list[Any] | None) -> None:
         if event is not None:
             event.set()
         for fn in callbacks or ():

@@ -62,12 +62,25 @@ class CallRef(OperationRef[Any]):
                 timeout = max(0.0, deadline - time.monotonic())
         super()._block(timeout)
 
+    def _notify(self, event: Any, callbacks: list[Any] | None) -> None:
+        # Done callbacks run in the loop's thread (OperationRef's contract), also when the ref was
+        # settled in another (a sync caller that read its own answer, or cancelled the call).
+        if callbacks and not self.loop.in_loop_thread():
+            if event is not None:
+                event.set()
+            try:
+                self.loop.call_soon(super()._notify, None, callbacks)
+                return
+            except RuntimeError:  # the loop has ended: run them here, as a ref with no loop would
+                event = None
+        super()._notify(event, callbacks)
+
     def add_done_callback(self, fn: Any) -> None:
+        super().add_done_callback(fn)
         # Waited for otherwise than by blocking: the loop's reader must read the answer.
         pool = self.pool
         if pool is not None and not self.done() and hasattr(pool, "reader_needed"):
             pool.reader_needed(self)
-        super().add_done_callback(fn)
 
     def cancel(self) -> bool:
         if not super().cancel():  # never launched as a task: this settles it, cancelled

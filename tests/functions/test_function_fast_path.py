@@ -300,3 +300,24 @@ def test_threads_calling_at_once_each_get_their_own_answers(fast):
         assert all(results[k] == [k * 1000 + i + 1 for i in range(150)] for k in range(8))
         assert wait_until(lambda: s.statistics().calls_running == 0)
         assert s.statistics().calls_done == 1 + 8 * 150
+
+
+def test_done_callbacks_run_in_the_loops_thread_when_the_caller_read_the_answer(fast):
+    """A caller that reads its own answer settles its ref in its own thread; the ref's done
+    callbacks (which may touch trio, as map's and imap's do) still run in the loop's thread (but
+    for one added to a ref already done, which runs at once, where it was added)."""
+    with Session() as s:
+        f = s.function(inc, max_concurrency=1)
+        f.remote(0).result()
+        later: list[threading.Thread] = []
+        for i in range(50):
+            ran: list[threading.Thread] = []
+            called = threading.Event()
+            ref = f.remote(i)
+            ref.add_done_callback(lambda r, ran=ran, called=called: (ran.append(threading.current_thread()), called.set()))
+            at_once = bool(ran)
+            assert ref.result(timeout=60) == i + 1
+            assert called.wait(60)
+            if not at_once:
+                later += ran
+        assert later and threading.main_thread() not in later
