@@ -47,13 +47,15 @@ def _where(i):
 
 
 def test_map_of_300_calls_spreads_over_all_nodes_and_exit_empties_the_queue(runtime):
-    """Six 2-cpu sandboxes fill the three 4-cpu nodes; 300 calls run on all of them; leaving the
-    session cancels every job at once (squeue holds none of them right after)."""
+    """Six 2-cpu sandboxes fill the three 4-cpu nodes; 300 calls run on the cluster's nodes;
+    leaving the session cancels every job at once (squeue holds none of them right after). Which
+    nodes ran calls depends on which jobs started first (the quick calls may all end before the
+    last job runs): where the six sandboxes are is what fills all three nodes."""
     with Session(runtime=runtime, defaults=SandboxDefaults(tags=("map300",))) as session:
         where = session.function(max_concurrency=6, resources={"cpu": 2, "memory": "256Mi"})(_where)
         results = [r.result() for r in where.map([(i,) for i in range(300)])]
         assert [i for i, _ in results] == list(range(300))
-        assert set(collections.Counter(node for _, node in results)) == {"n1", "n2", "n3"}
+        assert set(collections.Counter(node for _, node in results)) <= {"n1", "n2", "n3"}
         listed = session.list(tags=["map300"]).result()
         assert len(listed) == 6
         for sb in listed:  # the map's quick calls may all end before the last job has started
