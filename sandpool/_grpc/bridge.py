@@ -76,14 +76,21 @@ class RpcScope:
             except trio.RunFinishedError:
                 pass
 
-    def open(self) -> trio.CancelScope:
-        """The scope to run the RPC's work in (in the trio thread)."""
+    @contextlib.contextmanager
+    def open(self) -> Iterator[trio.CancelScope]:
+        """The scope to run the RPC's work in (in the trio thread). Once the work is over the RPC's
+        end has nothing to cancel: it then costs the loop no wake-up."""
         scope = trio.CancelScope()
         with self._lock:
             self._scope = scope
             if self.ended:
                 scope.cancel()
-        return scope
+        try:
+            with scope:
+                yield scope
+        finally:
+            with self._lock:
+                self._scope = None
 
 
 class ServerBridge:
