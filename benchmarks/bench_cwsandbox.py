@@ -16,9 +16,12 @@ cwsandbox client (each client a process of its own) against:
 and ``sb.exec(["true"]).result()`` through sandpool's own sync API in this process (**local**, the
 same sandbox kind: the default isolation level). Rounds take a few execs from each in turn, so a
 change in the machine's load weighs on all alike. Printed per listener at p50: listener/local
-(the target: <= 1.5x), floor/local (what the client and gRPC alone cost against a whole local
-exec), listener/floor, and the listener's own share, (listener - floor) / listener. The floor server
-also counts what the client sends per exec (RPCs, request messages, half-closes), printed below.
+(the target: <= 1.5x), listener/floor, listener/(floor + local) (floor + local is what a listener
+would take if it added nothing to the client and gRPC but the sandbox's own exec), the listener's
+own share, (listener - floor) / listener, and the CPU time its serving process spends per exec
+(the floor server's and this process's beside it). Also printed: floor/local, what the client and
+gRPC alone cost against a whole local exec. The floor server counts what the client sends per exec
+(RPCs, request messages) and what it answers, printed below the table.
 Writes every figure as JSON (default ``benchmarks/results/bench_cwsandbox.json``).
 """
 
@@ -28,6 +31,7 @@ import argparse
 import contextlib
 import json
 import os
+import pathlib
 import platform
 import select
 import shutil
@@ -39,6 +43,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from _measure import latency, timed
+from bench_service import CwsandboxClient  # the published client in a process of its own, timing execs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -84,16 +89,11 @@ def serve_floor() -> None:
         count("StreamExec")
         first = next(requests)
         assert first.WhichOneof("message") == "init", first
-        sent = 0
-        try:
-            for response in (pb.ExecStreamResponse(ready=pb.ExecStreamReady()),
-                             pb.ExecStreamResponse(exit=pb.ExecStreamExit(exit_code=0))):
-                yield response
-                sent += 1
-        finally:
-            with lock:
-                counts["exec_requests"] += 1
-                counts["exec_responses"] += sent
+        with lock:
+            counts["exec_requests"] += 1
+            counts["exec_responses"] += 2
+        yield pb.ExecStreamResponse(ready=pb.ExecStreamReady())
+        yield pb.ExecStreamResponse(exit=pb.ExecStreamExit(exit_code=0))
 
     handlers = {}
     for method in SERVICE_DESCRIPTOR.methods:
@@ -192,46 +192,6 @@ def start_serve(workdir: str) -> tuple[Server, dict]:
     return server, _client_env(address, key)
 
 
-CLIENT = """
-import json, sys, time
-import cwsandbox
-with cwsandbox.Session(defaults=cwsandbox.SandboxDefaults(container_image="python:3.11")) as session:
-    sb = session.sandbox()
-    for _ in range(20):
-        sb.exec(["true"]).result()
-    print("ready", flush=True)
-    for line in sys.stdin:  # "k": time k more execs
-        samples = []
-        for _ in range(int(line)):
-            began = time.perf_counter()
-            result = sb.exec(["true"]).result()
-            samples.append(time.perf_counter() - began)
-            assert result.returncode == 0, result
-        print(json.dumps(samples), flush=True)
-"""
-
-
-class CwsandboxClient:
-    """The published cwsandbox client in a process of its own, timing execs when asked."""
-
-    def __init__(self, env: dict) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", CLIENT], env=env, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
-        if _read_lines(self.proc, 1)[0].strip() != "ready":
-            self.proc.kill()
-            sys.exit("the cwsandbox client did not start")
-
-    def exec_samples(self, count: int) -> list[float]:
-        self.proc.stdin.write(f"{count}\n")
-        self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(60)
-        self.proc.stdout.close()
-
-
 class LocalClient:
     """sandpool's own sync API in this process: a running sandbox of a local Session."""
 
@@ -245,6 +205,13 @@ class LocalClient:
 
     def close(self) -> None:
         pass
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process ``pid`` (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run(n: int, rounds: int, listeners: list[str]) -> dict:
@@ -267,15 +234,20 @@ def run(n: int, rounds: int, listeners: list[str]) -> dict:
             for name, env in envs.items():
                 clients[name] = CwsandboxClient(env)
             samples: dict = {name: [] for name in clients}
+            cpu = {name: 0.0 for name in clients}  # seconds of CPU the serving process spent
+            pids = {name: servers[name].proc.pid if name in servers else os.getpid() for name in clients}
             for _ in range(rounds):
                 for name, client in clients.items():
+                    before = _cpu_seconds(pids[name])
                     samples[name] += client.exec_samples(max(1, n // rounds))
+                    cpu[name] += _cpu_seconds(pids[name]) - before
             for client in clients.values():
                 client.close()
     finally:
         ends = {name: server.close() for name, server in servers.items()}
         shutil.rmtree(workdir, ignore_errors=True)
-    figures = {name: latency(values) for name, values in samples.items()}
+    figures = {name: {**latency(values), "server_cpu_ms_per_exec": cpu[name] / len(values) * 1000}
+               for name, values in samples.items()}
     counted = json.loads(ends["floor"].strip().splitlines()[-1])
     figures["floor_counts"] = counted
     return figures
@@ -298,31 +270,37 @@ def main() -> None:
     local, floor = figures["local"]["p50_ms"], figures["floor"]["p50_ms"]
     print(f"\ncwsandbox listener benchmark ({platform.node()}, {os.cpu_count()} cpus, n={n}, "
           f"load {load_before[0]:.2f})\n")
-    print("| exec round trip | p50 (ms) | p99 (ms) | /local (p50) | /floor (p50) | listener's own share |\n"
-          "|---|---:|---:|---:|---:|---:|")
+    print("| exec round trip | p50 (ms) | p99 (ms) | /local (p50) | /floor (p50) | /(floor + local) | "
+          "listener's own share | server CPU per exec (ms) |\n|---|---:|---:|---:|---:|---:|---:|---:|")
     ratios = {"floor/local": floor / local}
     for name in ("local", "floor", "standalone", "serve"):
         if name not in figures:
             continue
-        p50, p99 = figures[name]["p50_ms"], figures[name]["p99_ms"]
-        own = f"{(p50 - floor) / p50:.0%}" if name not in ("local", "floor") else ""
-        print(f"| {name} | {p50:.3f} | {p99:.3f} | {p50 / local:.2f} | {p50 / floor:.2f} | {own} |")
-        if name not in ("local", "floor"):
+        p50, p99, cpu = figures[name]["p50_ms"], figures[name]["p99_ms"], figures[name]["server_cpu_ms_per_exec"]
+        listener = name not in ("local", "floor")
+        own = f"{(p50 - floor) / p50:.0%}" if listener else ""
+        bound = f"{p50 / (floor + local):.2f}" if listener else ""
+        print(f"| {name} | {p50:.3f} | {p99:.3f} | {p50 / local:.2f} | {p50 / floor:.2f} | {bound} | {own} | {cpu:.2f} |")
+        if listener:
             ratios[f"{name}/local"], ratios[f"{name}/floor"] = p50 / local, p50 / floor
+            ratios[f"{name}/(floor+local)"] = p50 / (floor + local)
             ratios[f"{name} own share"] = (p50 - floor) / p50
+    print(f"\nthe floor alone is {floor / local:.2f}x local exec: a listener that added nothing but the sandbox's "
+          f"own exec would be (floor + local) / local = {(floor + local) / local:.2f}x local")
     counts = figures["floor_counts"]
     execs = counts["rpcs"].get("StreamExec", 0)
     if execs:
+        once = {name: count for name, count in counts["rpcs"].items() if name != "StreamExec"}
         print(f"\nper exec, counted by the floor server over {execs} execs: "
-              f"{sum(counts['rpcs'].values()) / execs:.3f} RPCs, {counts['exec_requests'] / execs:.2f} request "
-              f"messages, {counts['exec_responses'] / execs:.2f} responses; RPCs by name: {counts['rpcs']}")
-    figures["ratios"] = ratios
-    figures["machine"] = {"node": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                          "load_before": load_before, "load_after": os.getloadavg()}
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(figures, f, indent=2)
-    print(f"\nwrote {args.json}")
+              f"{counts['rpcs']['StreamExec'] / execs:.2f} StreamExec RPC, {counts['exec_requests'] / execs:.2f} "
+              f"request messages (init, then the client half-closes), {counts['exec_responses'] / execs:.2f} "
+              f"responses (ready, exit); for the sandbox, once: {once}")
+    machine = {"node": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
+               "load_before": load_before, "load_after": os.getloadavg()}
+    out = pathlib.Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**figures, "ratios": ratios, "machine": machine}, indent=2))
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":
