@@ -9,8 +9,9 @@ in-band ``error`` if the sandbox died under the command). The command's stdin is
 StreamExec is the hot path of cwsandbox's client (its every ``exec``), so it crosses into the loop
 only where it must: the gRPC server thread starts the command (``start``: sandpool's sync exec path,
 the frame written from that thread) and answers ``ready`` itself; a pooled thread pumps the request
-stream into stdin (``StdinPump``); only the output and the exit are forwarded from the loop
-(``forward``). Exec (unary) runs in the loop (``exec_unary``).
+stream into stdin (``StdinPump``). A command that exits within ``QUICK_SECONDS`` is answered whole
+from the server thread (``answer_if_ended``); a longer one's output and exit are forwarded live
+from the loop (``forward``). Exec (unary) runs in the loop (``exec_unary``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ STDOUT, STDERR = pb.ExecStreamOutput.STREAM_STDOUT, pb.ExecStreamOutput.STREAM_S
 #: raises SandboxExecutionError with this reason. A sandbox stopped on purpose is CANCELLED instead
 #: (SandboxNotRunningError), a timeout DEADLINE_EXCEEDED (SandboxTimeoutError).
 SANDBOX_DIED = "SANDBOX_DIED"
+#: StreamExec waits this long for its command to end before forwarding its output live from the loop:
+#: a command that ends sooner (most do) is answered whole from the server thread, with no task in the
+#: loop at all; a longer one's first output comes at most this much later than it would live.
+QUICK_SECONDS = 0.01
+#: The largest output frame of a command answered whole (the client takes up to 100 MiB a message).
+QUICK_FRAME_BYTES = 1 << 20
 #: Output kept per stream by the unary Exec when the request sets no max_output_bytes.
 DEFAULT_MAX_OUTPUT_BYTES = 16 * 1024 * 1024
 
@@ -94,6 +101,24 @@ class StdinPump:
             # forward reports how it ended, in band
         if self.proc.returncode is None:  # an exited command's stdin needs no closing (no frame for nothing)
             stdin.close()
+
+
+def answer_if_ended(proc: Process, seconds: float) -> list[Message] | None:
+    """In the server thread: the frames of a command that exits within ``seconds``, its output per
+    stream then ``exit``; None for one still running, or one that ended without an exit code (died,
+    cancelled, timed out: ``forward`` reports each as it does for any command). Its output is whole:
+    with no live reader its bytes were acknowledged as they came, and what an agent can send in
+    ``seconds`` is far below the sandbox's output cap (``MAX_OUTPUT_BYTES``)."""
+    try:
+        result = proc.result(seconds)
+    except (TimeoutError, OperationCancelled, sp.SandboxError, sp.ProtocolError):
+        return None
+    frames = [pb.ExecStreamResponse(output=pb.ExecStreamOutput(stream=stream, data=data[at:at + QUICK_FRAME_BYTES]))
+              for stream, data in ((STDOUT, result.stdout_bytes), (STDERR, result.stderr_bytes))
+              for at in range(0, len(data), QUICK_FRAME_BYTES)]
+    frames.append(pb.ExecStreamResponse(exit=pb.ExecStreamExit(exit_code=result.returncode,
+                                                                completed_time=timestamp(time.time()))))
+    return frames
 
 
 def is_last(response: Message) -> bool:

@@ -85,7 +85,8 @@ class CwsandboxServicer:
     def _stream_exec(self, request_iterator: Iterator[Message],
                      context: grpc.ServicerContext) -> Iterator[Message]:
         """The client's every exec: started from this thread, ``ready`` sent from here, stdin pumped
-        by a pooled thread, output and exit forwarded from the loop (``_exec``)."""
+        by a pooled thread; a command that ends at once answered from here, a longer one's output
+        and exit forwarded from the loop (``_exec``)."""
         with self._serving(context, "StreamExec"):
             first = next(request_iterator, None)
             if first is None or first.WhichOneof("message") != "init":
@@ -98,7 +99,11 @@ class CwsandboxServicer:
                 yield _exec.ready()
                 pump = _exec.StdinPump(proc)
                 self.backend.pumps.submit(pump.pump, request_iterator)
-                yield from _flat(self.bridge.stream(context, _exec.forward, proc, pump), until=_exec.is_last)
+                ended = _exec.answer_if_ended(proc, _exec.QUICK_SECONDS)
+                if ended is not None:
+                    yield from ended
+                else:
+                    yield from _flat(self.bridge.stream(context, _exec.forward, proc, pump), until=_exec.is_last)
             finally:
                 if not proc.done():  # the call ended first (or its forwarding never started): kill it
                     proc.cancel()

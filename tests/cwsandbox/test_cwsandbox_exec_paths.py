@@ -1,11 +1,13 @@
-"""StreamExec's two ways to its sandbox give the same answers.
+"""StreamExec's ways to its sandbox and back give the same answers.
 
 The listener starts a StreamExec's command from the gRPC server thread when the sandbox already runs
 (the way every exec of the published client goes), and waits for the sandbox in the loop first when
-it is still starting. Each test runs the same raw StreamExec calls both ways, against a listener in
-this process (the loop way forced by making the thread way find no running sandbox), and compares:
-output bytes per stream, exit codes, the order of the frames, stdin with and without a half-close,
-errors, and a cancelled call killing its command.
+it is still starting; it answers a command that ends at once from the server thread in one piece,
+and forwards a longer one's output live from the loop. Each test runs the same raw StreamExec calls
+every way, against a listener in this process (the loop ways forced: the thread way finds no running
+sandbox, the quick answer finds no ended command), and compares: output bytes per stream, exit codes,
+the order of the frames, stdin with and without a half-close, errors, and a cancelled call killing
+its command.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pytest
 import trio
 
 from sandpool import Session
+from sandpool._cwsandbox import _exec
 from sandpool._cwsandbox._backend import CwsandboxBackend
 from sandpool._cwsandbox._proto import SERVICE, pb
 from sandpool._cwsandbox._server import open_cwsandbox_server
@@ -111,19 +114,23 @@ def _cases(sandbox_id: str) -> dict:
             pb.ExecStreamRequest(stdin=b"abc"), pb.ExecStreamRequest(stdin=b"\x00\xff"), close],
         "no stdin: the half-close is its end": [_init(sandbox_id, "cat")],
         "output in order": [_init(sandbox_id, "sh", "-c", "for i in 1 2 3; do echo $i; done")],
+        "more output than one frame": [_init(sandbox_id, "sh", "-c", "head -c 3000000 /dev/zero | tr '\\0' x")],
         "a second init": [_init(sandbox_id, "cat"), _init(sandbox_id, "true")],
         "a sandbox that does not exist": [_init("sb-00000000", "true")],
         "no command": [_init(sandbox_id)],
     }
 
 
-def _both_ways(channel, monkeypatch, ask):
-    """``ask()`` the thread way, then the loop way: both answers."""
-    first = ask()
+def _every_way(monkeypatch, ask) -> dict:
+    """``ask()`` each way: the answers by way."""
+    answers = {"thread, answered whole": ask()}
     with monkeypatch.context() as patch:
         patch.setattr(CwsandboxBackend, "target_now", lambda self, sandbox_id, container: None)
-        second = ask()
-    return first, second
+        answers["sandbox found in the loop"] = ask()
+    with monkeypatch.context() as patch:
+        patch.setattr(_exec, "answer_if_ended", lambda proc, seconds: None)
+        answers["forwarded live"] = ask()
+    return answers
 
 
 def _sandbox(channel) -> str:
@@ -132,17 +139,18 @@ def _sandbox(channel) -> str:
     return _call(channel, "CreateSandbox", pb.CreateSandboxRequest(sandbox=pb.Sandbox(spec=spec)), pb.Sandbox).sandbox_id
 
 
-def test_both_ways_give_the_same_frames_bytes_exit_codes_and_errors(channel, monkeypatch):
+def test_every_way_gives_the_same_frames_bytes_exit_codes_and_errors(channel, monkeypatch):
     sandbox_id = _sandbox(channel)
     cases = _cases(sandbox_id)
-    thread_way, loop_way = _both_ways(
-        channel, monkeypatch, lambda: {name: _outcome(channel, requests) for name, requests in cases.items()})
-    assert thread_way == loop_way
+    answers = _every_way(monkeypatch, lambda: {name: _outcome(channel, requests) for name, requests in cases.items()})
+    thread_way = answers["thread, answered whole"]
+    assert answers["sandbox found in the loop"] == thread_way and answers["forwarded live"] == thread_way
     out, err = pb.ExecStreamOutput.STREAM_STDOUT, pb.ExecStreamOutput.STREAM_STDERR
     assert thread_way["stdin, close, both streams, an exit code"] == (
         ("ready", f"output{out}", f"output{err}", "exit", 3), {out: b"abc\x00\xff", err: b"err\n"})
     assert thread_way["no stdin: the half-close is its end"] == (("ready", "exit", 0), {out: b"", err: b""})
     assert thread_way["output in order"][1][out] == b"1\n2\n3\n"
+    assert thread_way["more output than one frame"][1][out] == b"x" * 3_000_000
     assert thread_way["a second init"][0][-1] == grpc.StatusCode.INVALID_ARGUMENT
     assert thread_way["a sandbox that does not exist"][0] == (grpc.StatusCode.NOT_FOUND,)
     assert thread_way["no command"][0] == (grpc.StatusCode.INVALID_ARGUMENT,)
@@ -150,19 +158,26 @@ def test_both_ways_give_the_same_frames_bytes_exit_codes_and_errors(channel, mon
           pb.DeleteSandboxResponse)
 
 
-def test_both_ways_a_cancelled_call_kills_its_command(channel, monkeypatch):
+def test_every_way_a_cancelled_call_kills_its_command(channel, monkeypatch):
     """The client cancels while its command runs (and reads stdin that never comes): the command's
     process is killed, and the sandbox runs the next command as before."""
     sandbox_id = _sandbox(channel)
 
     def cancel_one() -> tuple[int, int]:
-        call = _stream(channel, iter([_init(sandbox_id, "sh", "-c", "echo $$; cat; echo never")]))
+        cancelled = threading.Event()
+
+        def requests():  # init, then nothing: stdin stays open until the call is cancelled
+            yield _init(sandbox_id, "sh", "-c", "echo $$; cat; echo never")
+            cancelled.wait()
+
+        call = _stream(channel, requests())
         pid = None
         for response in call:
             if response.WhichOneof("message") == "output":
                 pid = int(response.output.data)
                 break
         call.cancel()
+        cancelled.set()
 
         def gone() -> bool:
             kinds, _ = _outcome(channel, [_init(sandbox_id, "kill", "-0", str(pid))])
@@ -171,6 +186,6 @@ def test_both_ways_a_cancelled_call_kills_its_command(channel, monkeypatch):
         kinds, data = _outcome(channel, [_init(sandbox_id, "echo", "after")])
         return kinds[-1], len(data[pb.ExecStreamOutput.STREAM_STDOUT])
 
-    assert _both_ways(channel, monkeypatch, cancel_one) == ((0, 6), (0, 6))
+    assert set(_every_way(monkeypatch, cancel_one).values()) == {(0, 6)}
     _call(channel, "DeleteSandbox", pb.DeleteSandboxRequest(sandbox_id=sandbox_id, grace_period_seconds=0),
           pb.DeleteSandboxResponse)
