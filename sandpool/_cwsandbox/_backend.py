@@ -1,7 +1,9 @@
 """The trio side of the cwsandbox service: cwsandbox's RPCs carried out on the sandboxes of one Session.
 
-Every method runs in the server's trio loop (the gRPC threads reach it through ``_grpc.bridge``) and takes
-the request message and the call's remaining time in seconds (None: no deadline). CreateSandbox
+Every RPC method runs in the server's trio loop (the gRPC threads reach it through ``_grpc.bridge``) and
+takes the request message and the call's remaining time in seconds (None: no deadline); StreamExec
+finds its sandbox from the gRPC thread (``target_now``) and runs there as far as it can (``_exec``,
+``_servicer``). CreateSandbox
 waits up to ``CREATE_WAIT_SECONDS`` for the sandbox to run, so the client's first poll usually finds
 it RUNNING; DeleteSandbox returns once the sandbox has ended, so the client's first poll after a stop
 finds it terminal. Both would otherwise cost the client a poll interval (0.2 s or more) each.

@@ -88,22 +88,26 @@ def _init(sandbox_id: str, *command: str):
 
 
 def _outcome(channel, requests) -> tuple:
-    """A StreamExec's answer, reduced to what must not depend on the path: the frames' kinds in order
-    (consecutive outputs of one stream merged), the bytes per stream, and the exit code or status."""
-    kinds, data = [], {pb.ExecStreamOutput.STREAM_STDOUT: b"", pb.ExecStreamOutput.STREAM_STDERR: b""}
+    """A StreamExec's answer, reduced to what must not depend on the path: its frames other than
+    output in order (an output before ``ready`` or after ``exit`` shows as "misplaced output"), the
+    streams that had output (the order of two streams' frames between each other is the scheduler's),
+    the bytes per stream, and the exit code or status."""
+    kinds: list = []
+    data = {pb.ExecStreamOutput.STREAM_STDOUT: b"", pb.ExecStreamOutput.STREAM_STDERR: b""}
     try:
         for response in _stream(channel, iter(requests)):
             kind = response.WhichOneof("message")
             if kind == "output":
                 data[response.output.stream] += response.output.data
-                kind = f"output{response.output.stream}"
-            if not kinds or kinds[-1] != kind:
-                kinds.append(kind)
+                if kinds != ["ready"]:
+                    kinds.append("misplaced output")
+                continue
+            kinds.append(kind)
             if kind == "exit":
                 kinds.append(response.exit.exit_code)
     except grpc.RpcError as exc:
         kinds.append(exc.code())
-    return tuple(kinds), data
+    return tuple(kinds), tuple(stream for stream, got in data.items() if got), data
 
 
 def _cases(sandbox_id: str) -> dict:
@@ -147,11 +151,11 @@ def test_every_way_gives_the_same_frames_bytes_exit_codes_and_errors(channel, mo
     assert answers["sandbox found in the loop"] == thread_way and answers["forwarded live"] == thread_way
     out, err = pb.ExecStreamOutput.STREAM_STDOUT, pb.ExecStreamOutput.STREAM_STDERR
     assert thread_way["stdin, close, both streams, an exit code"] == (
-        ("ready", f"output{out}", f"output{err}", "exit", 3), {out: b"abc\x00\xff", err: b"err\n"})
-    assert thread_way["no stdin: the half-close is its end"] == (("ready", "exit", 0), {out: b"", err: b""})
-    assert thread_way["output in order"][1][out] == b"1\n2\n3\n"
-    assert thread_way["more output than one frame"][1][out] == b"x" * 3_000_000
-    assert thread_way["a second init"][0][-1] == grpc.StatusCode.INVALID_ARGUMENT
+        ("ready", "exit", 3), (out, err), {out: b"abc\x00\xff", err: b"err\n"})
+    assert thread_way["no stdin: the half-close is its end"] == (("ready", "exit", 0), (), {out: b"", err: b""})
+    assert thread_way["output in order"][2][out] == b"1\n2\n3\n"
+    assert thread_way["more output than one frame"][2][out] == b"x" * 3_000_000
+    assert thread_way["a second init"][0] == ("ready", grpc.StatusCode.INVALID_ARGUMENT)
     assert thread_way["a sandbox that does not exist"][0] == (grpc.StatusCode.NOT_FOUND,)
     assert thread_way["no command"][0] == (grpc.StatusCode.INVALID_ARGUMENT,)
     _call(channel, "DeleteSandbox", pb.DeleteSandboxRequest(sandbox_id=sandbox_id, grace_period_seconds=0),
@@ -180,10 +184,10 @@ def test_every_way_a_cancelled_call_kills_its_command(channel, monkeypatch):
         cancelled.set()
 
         def gone() -> bool:
-            kinds, _ = _outcome(channel, [_init(sandbox_id, "kill", "-0", str(pid))])
+            kinds, _, _ = _outcome(channel, [_init(sandbox_id, "kill", "-0", str(pid))])
             return kinds[-1] != 0
         assert wait_until(gone, timeout=10), f"the command of a cancelled call (pid {pid}) still runs"
-        kinds, data = _outcome(channel, [_init(sandbox_id, "echo", "after")])
+        kinds, _, data = _outcome(channel, [_init(sandbox_id, "echo", "after")])
         return kinds[-1], len(data[pb.ExecStreamOutput.STREAM_STDOUT])
 
     assert set(_every_way(monkeypatch, cancel_one).values()) == {(0, 6)}
