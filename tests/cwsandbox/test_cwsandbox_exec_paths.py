@@ -172,7 +172,7 @@ def test_every_way_a_cancelled_call_kills_its_command(channel, monkeypatch):
 
         def requests():  # init, then nothing: stdin stays open until the call is cancelled
             yield _init(sandbox_id, "sh", "-c", "echo $$; cat; echo never")
-            cancelled.wait()
+            cancelled.wait(30)  # bounded: a failed assertion must not leave gRPC's sender thread behind
 
         call = _stream(channel, requests())
         pid = None
