@@ -1,7 +1,9 @@
 """The trio side of the cwsandbox service: cwsandbox's RPCs carried out on the sandboxes of one Session.
 
-Every method runs in the server's trio loop (the gRPC threads reach it through ``_grpc.bridge``) and takes
-the request message and the call's remaining time in seconds (None: no deadline). CreateSandbox
+Every RPC method runs in the server's trio loop (the gRPC threads reach it through ``_grpc.bridge``) and
+takes the request message and the call's remaining time in seconds (None: no deadline); StreamExec
+finds its sandbox from the gRPC thread (``target_now``) and runs there as far as it can (``_exec``,
+``_servicer``). CreateSandbox
 waits up to ``CREATE_WAIT_SECONDS`` for the sandbox to run, so the client's first poll usually finds
 it RUNNING; DeleteSandbox returns once the sandbox has ended, so the client's first poll after a stop
 finds it terminal. Both would otherwise cost the client a poll interval (0.2 s or more) each.
@@ -11,14 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import grpc
 import trio
 
-from .._grpc.bridge import Sender, deliver
+from .._grpc.bridge import Sender
 from .._status import SandboxStatus
 from . import _exec, _files, _logs, _pods, _snapshots, _specfrom
 from ._errors import INVALID_REQUEST, RpcFailure, invalid, translate
@@ -54,7 +56,8 @@ class CwsandboxBackend:
         self.registry = Registry()
         self.log_sessions = _logs.LogSessions()
         self.container_logs = _pods.ContainerLogs(open_log)  # a pod's further containers'
-        #: one thread per open StreamExec forwards its stdin: never one waiting for another's to end
+        #: one thread per open StreamExec pumps its stdin (``_exec.StdinPump``): never one waiting for
+        #: another's to end
         self.pumps = ThreadPoolExecutor(MAX_STREAMS, thread_name_prefix="cwsandbox-stdin")
 
     def __repr__(self) -> str:
@@ -234,30 +237,27 @@ class CwsandboxBackend:
         await entry.started.wait()
         return entry
 
-    async def _target(self, sandbox_id: str, container: str) -> _pods.InContainer:
+    async def target(self, sandbox_id: str, container: str) -> _pods.InContainer:
         """The container ``container`` names of sandbox ``sandbox_id``, once it runs."""
         entry = await self._ready(sandbox_id, container)
         return _pods.InContainer(entry.sandbox, _pods.container(entry.spec, container))
 
     async def exec(self, request: Message, timeout: float | None) -> Message:
-        return await _exec.exec_unary(await self._target(request.sandbox_id, request.container), request, timeout)
+        return await _exec.exec_unary(await self.target(request.sandbox_id, request.container), request, timeout)
 
-    async def stream_exec(self, init: Message, request_iterator: Iterator[Message], timeout: float | None,
-                          send: Sender) -> None:
-        target = await self._target(init.sandbox_id, init.container)
-        requests, receive = trio.open_memory_channel[Message](16)
-        # a pooled thread (no thread start per exec, and no trip through the loop to hand it the job);
-        # it ends with the RPC, whose request iterator then stops
-        self.pumps.submit(deliver, request_iterator, requests, self.token)
-        async with receive:
-            await _exec.stream_exec(target, init, receive, send, timeout)
+    def target_now(self, sandbox_id: str, container: str) -> _pods.InContainer | None:
+        """From any thread: the container ``container`` names of sandbox ``sandbox_id`` if it has
+        started (running, prepared), else None (then ``target``, in the loop, waits for it)."""
+        entry = self.registry.get(sandbox_id)
+        name = _pods.container(entry.spec, container)
+        return _pods.InContainer(entry.sandbox, name) if entry.started.is_set() else None
 
     async def read_file(self, request: Message, timeout: float | None) -> Message:
-        target = await self._target(request.sandbox_id, request.container)
+        target = await self.target(request.sandbox_id, request.container)
         return pb.ReadFileResponse(content=await _files.read_file(target, request.path, timeout))
 
     async def write_file(self, request: Message, timeout: float | None) -> Message:
-        target = await self._target(request.sandbox_id, request.container)
+        target = await self.target(request.sandbox_id, request.container)
         await _files.write_file(target, request.path, bytes(request.content), timeout)
         return pb.WriteFileResponse()
 

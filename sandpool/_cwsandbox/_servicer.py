@@ -19,6 +19,7 @@ import grpc
 from google.protobuf import message_factory
 
 from .._grpc.bridge import ServerBridge
+from . import _exec
 from ._errors import RpcFailure, invalid, status_for, translate, unimplemented
 from ._proto import SERVICE, SERVICE_DESCRIPTOR, Message
 
@@ -83,12 +84,29 @@ class CwsandboxServicer:
 
     def _stream_exec(self, request_iterator: Iterator[Message],
                      context: grpc.ServicerContext) -> Iterator[Message]:
+        """The client's every exec: started from this thread, ``ready`` sent from here, stdin pumped
+        by a pooled thread; a command that ends at once answered from here, a longer one's output
+        and exit forwarded from the loop (``_exec``)."""
         with self._serving(context, "StreamExec"):
             first = next(request_iterator, None)
             if first is None or first.WhichOneof("message") != "init":
                 raise invalid("init", "the first message of StreamExec must be init")
-            yield from _flat(self.bridge.stream(context, self.backend.stream_exec, first.init, request_iterator,
-                                                context.time_remaining()))
+            init, timeout = first.init, context.time_remaining()
+            target = self.backend.target_now(init.sandbox_id, init.container) or \
+                self.bridge.run(context, self.backend.target, init.sandbox_id, init.container)
+            proc = _exec.start(target, init, timeout)
+            try:
+                yield _exec.ready()
+                pump = _exec.StdinPump(proc)
+                self.backend.pumps.submit(pump.pump, request_iterator)
+                ended = _exec.answer_if_ended(proc, _exec.QUICK_SECONDS)
+                if ended is not None:
+                    yield from ended
+                else:
+                    yield from _flat(self.bridge.stream(context, _exec.forward, proc, pump), until=_exec.is_last)
+            finally:
+                if not proc.done():  # the call ended first (or its forwarding never started): kill it
+                    proc.cancel()
 
     def _stream_logs(self, request: Message, context: grpc.ServicerContext) -> Iterator[Message]:
         with self._serving(context, "StreamLogs"):
@@ -118,11 +136,17 @@ class CwsandboxServicer:
                                        "to the token this sandpool server was started with"))
 
 
-def _flat(batches: Generator[list[Message], None, None]) -> Iterator[Message]:
-    """The messages of a bridged stream's batches; closing this closes the stream (its producer stops)."""
+def _flat(batches: Generator[list[Message], None, None],
+          until: Callable[[Message], bool] = lambda _message: False) -> Iterator[Message]:
+    """The messages of a bridged stream's batches, up to the first for which ``until`` is true (the
+    call then ends at once, its status sent behind that message); closing this closes the stream
+    (its producer stops)."""
     with contextlib.closing(batches):
         for batch in batches:
-            yield from batch
+            for message in batch:
+                yield message
+                if until(message):
+                    return
 
 
 def _abort(context: grpc.ServicerContext, failure: RpcFailure) -> NoReturn:

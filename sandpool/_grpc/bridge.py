@@ -9,8 +9,7 @@ through here:
   a unary handler; ``stream`` runs a producer task there and hands its messages to the handler's
   thread through an :class:`Outbox` (bounded; a message costs no round trip through the loop);
   ``run_sync``/``soon`` call plain functions there; ``pump`` moves a request iterator into a
-  :class:`ThreadPipe` from a thread of its own, ``deliver`` one into a memory channel from a pooled
-  thread. Work started for an RPC runs in an
+  :class:`ThreadPipe` from a thread of its own. Work started for an RPC runs in an
   :class:`RpcScope`, cancelled when the RPC ends first (client gone, cancelled, deadline).
 - **Client**: ``await result_of(future)`` for a unary call (cancelling the task cancels the call),
   ``await next_message(iterator)`` for one message of a stream, ``await pump_responses(call,
@@ -76,14 +75,21 @@ class RpcScope:
             except trio.RunFinishedError:
                 pass
 
-    def open(self) -> trio.CancelScope:
-        """The scope to run the RPC's work in (in the trio thread)."""
+    @contextlib.contextmanager
+    def open(self) -> Iterator[trio.CancelScope]:
+        """The scope to run the RPC's work in (in the trio thread). Once the work is over the RPC's
+        end has nothing to cancel: it then costs the loop no wake-up."""
         scope = trio.CancelScope()
         with self._lock:
             self._scope = scope
             if self.ended:
                 scope.cancel()
-        return scope
+        try:
+            with scope:
+                yield scope
+        finally:
+            with self._lock:
+                self._scope = None
 
 
 class ServerBridge:
@@ -177,20 +183,6 @@ class ServerBridge:
                 pipe.close()
 
         threading.Thread(target=pump, daemon=True, name=name).start()
-
-
-def deliver(requests: Iterable[Any], send: trio.MemorySendChannel[Any], token: trio.lowlevel.TrioToken) -> None:
-    """In a (pooled) thread: hand a request stream's messages, one by one, to ``send`` in the loop of
-    ``token`` (waiting while it is full); close ``send`` at the end, or once the call, the reader or
-    the loop is gone (the reader then sees the end of the requests)."""
-    try:
-        for request in requests:
-            trio.from_thread.run(send.send, request, trio_token=token)
-    except Exception:  # the call or its reader ended first (cancelled, closed channel, loop gone)
-        pass
-    finally:
-        with contextlib.suppress(trio.RunFinishedError):
-            token.run_sync_soon(send.close)  # the end of the requests: nothing to wait for
 
 
 class Sender(Protocol):
