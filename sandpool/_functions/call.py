@@ -65,11 +65,12 @@ class CallRef(OperationRef[Any]):
     def _notify(self, event: Any, callbacks: list[Any] | None) -> None:
         # Done callbacks run in the loop's thread (OperationRef's contract), also when the ref was
         # settled in another (a sync caller that read its own answer, or cancelled the call).
-        if callbacks and not self.loop.in_loop_thread():
+        loop = self.loop
+        if callbacks and loop is not None and not loop.in_loop_thread():
             if event is not None:
                 event.set()
             try:
-                self.loop.call_soon(super()._notify, None, callbacks)
+                loop.call_soon(super()._notify, None, callbacks)
                 return
             except RuntimeError:  # the loop has ended: run them here, as a ref with no loop would
                 event = None
