@@ -106,6 +106,17 @@ class TaskHost:
         except trio.RunFinishedError:
             raise RuntimeError(_CLOSED) from None
 
+    def call_in_loop(self, fn: Callable[..., object], *args: object) -> None:
+        """Run ``fn(*args)`` in the loop's thread: now if this is it, else soon (thread-safe);
+        nothing if the loop has ended (its session closed, which settled everything)."""
+        if self.in_loop_thread():
+            fn(*args)
+            return
+        try:
+            self.call_soon(fn, *args)
+        except RuntimeError:
+            pass
+
     def _start_or_refuse(self, async_fn: Any, args: tuple[Any, ...], on_refused: Any) -> None:
         # A run_sync_soon callback: an exception escaping from here would crash the loop.
         try:
@@ -255,13 +266,8 @@ class OperationRef(Generic[T]):
             event, callbacks = self._settle(_CANCELLED, None, None) if host is None else (None, None)
         if host is None:
             self._notify(event, callbacks)
-        elif host.in_loop_thread():
-            scope.cancel()  # type: ignore[union-attr]  # set with _host when the ref launched
-        else:
-            try:
-                host.call_soon(scope.cancel)  # type: ignore[union-attr]  # as above
-            except RuntimeError:  # the loop is gone, so the task has ended already
-                pass
+        else:  # (a loop that is gone has ended the task already)
+            host.call_in_loop(scope.cancel)  # type: ignore[union-attr]  # set with _host when the ref launched
         return True
 
     def add_done_callback(self, fn: Callable[[Self], None]) -> None:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from . import actor_asks as _asks, actor_refs as _refs, serialize as _serialize
 from .actor_link import ActorCall, ActorLink, Phase
 from .call import CallRef
-from .function import Retries, _in_loop as in_loop
+from .function import Retries
 from .._config import resolve_spec
 from .._core.opref import OperationRef, check_not_in_trio
 from .._errors import SandboxError
@@ -154,7 +154,7 @@ class HandleState:
                 call.args = _serialize.dumps_args((self.actor_id, method, *values), named, label)
                 link.flush()
 
-            ref.add_done_callback(lambda _: in_loop(host, link.flush))  # failed or cancelled: the next go
+            ref.add_done_callback(lambda _: host.call_in_loop(link.flush))  # failed or cancelled: the next go
             _refs.when_resolved(host, ref, args, kwargs, ready)
             return ref
         call = ActorCall(label, _serialize.dumps_args((self.actor_id, method, *args), kwargs, label), ref)

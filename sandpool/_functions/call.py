@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -54,7 +55,7 @@ class CallRef(OperationRef[Any]):
         # A sync caller may read its call's answer itself, rather than be woken by the loop's thread.
         read = getattr(self.pool, "read_answer", None)
         if read is not None:  # (result() checked that this thread runs no trio loop)
-            deadline = time.monotonic() + (timeout if timeout is not None else 86400.0)
+            deadline = time.monotonic() + timeout if timeout is not None else math.inf
             read(self, deadline)
             if self.done():
                 return
@@ -87,14 +88,7 @@ class CallRef(OperationRef[Any]):
         if not super().cancel():  # never launched as a task: this settles it, cancelled
             return False
         if self.call is not None:  # interrupt it where it runs (in the loop's thread)
-            loop, pool, call = self.loop, self.pool, self.call
-            if loop.in_loop_thread():
-                pool.cancel(call)
-            else:
-                try:
-                    loop.call_soon(pool.cancel, call)
-                except RuntimeError:  # the loop has ended, and the call with it
-                    pass
+            self.loop.call_in_loop(self.pool.cancel, self.call)  # (a loop that ended took the call with it)
         return True
 
     def set_result(self, value: Any) -> None:

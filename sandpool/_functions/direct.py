@@ -186,7 +186,7 @@ class DirectChannel:
         self._loop_thread = threading.get_ident()  # made in the loop's thread
         self._returned = trio.Event()  # set (and replaced) to wake the parked reader
         self._error: ProtocolError | None = None  # a borrower met a malformed frame: the loop raises it
-        self._close_when_returned = False  # closed while borrowed: the borrower closes the socket
+        self._close_when_returned = False  # closed while borrowed: closed once given back (wake_reader)
 
     @classmethod
     async def connect(cls, directory: str, name: str) -> DirectChannel:

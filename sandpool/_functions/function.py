@@ -347,17 +347,6 @@ def _check_options(retries: Any, timeout_seconds: Any, max_concurrency: Any, reu
     return Retries.coerce(retries)
 
 
-def _in_loop(host: Any, fn: Callable[..., Any], *args: Any) -> None:
-    """Run ``fn(*args)`` in the host's loop thread: now if this is it, else soon (thread-safe)."""
-    if host.in_loop_thread():
-        fn(*args)
-    else:
-        try:
-            host.call_soon(fn, *args)
-        except RuntimeError:  # the loop has ended: the session closed and cancelled everything
-            pass
-
-
 def function_decorator(host: FunctionHost, fn: Callable[..., Any] | None, options: dict[str, Any]) -> Any:
     """``@session.function`` and ``@session.function(...)``: the decorator, or its result."""
     if fn is not None:

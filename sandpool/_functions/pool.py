@@ -149,11 +149,7 @@ class Pool:
                         and slot.inflight.get(call.req_id) is call  # type: ignore[union-attr]
                         and direct.borrow())
         if not borrowed:  # not ours to read: the loop's reader must (it may be parked)
-            if direct.parked:
-                try:
-                    loop.call_soon(direct.unpark)
-                except RuntimeError:  # the loop has ended, and every call with it
-                    pass
+            self.reader_needed(ref)
             return
         self._read_here(ref, slot, direct, deadline)
 
@@ -198,13 +194,7 @@ class Pool:
         slot = call.slot if isinstance(call, Call) else None
         direct = slot.direct if slot is not None else None
         if direct is not None and direct.parked:
-            if ref.loop.in_loop_thread():
-                direct.unpark()
-            else:
-                try:
-                    ref.loop.call_soon(direct.unpark)
-                except RuntimeError:
-                    pass
+            ref.loop.call_in_loop(direct.unpark)
 
     @locked
     def _reschedule(self) -> None:
