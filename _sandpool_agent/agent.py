@@ -265,8 +265,7 @@ class Agent:
             return False
         self._exited(proc, status)
         for stream, data in proc.read_ended():
-            self._send({"t": "output", "id": proc.id, "fd": stream, "data": data})
-            proc.unacked += len(data)
+            self._send_output(proc, stream, data)
         if proc.readers:  # a child of it still holds a pipe: the loop waits for its end
             return False
         self._maybe_finish(proc)
@@ -298,12 +297,16 @@ class Agent:
                 self._reap(proc)  # its pipes closed as it exited: its exit is often in already (one round less)
             self._maybe_finish(proc)
             return
-        self._send({"t": "output", "id": proc.id, "fd": proc.readers[fd], "data": data})
-        proc.unacked += len(data)
+        self._send_output(proc, proc.readers[fd], data)
         if proc.unacked >= _procs.WINDOW_BYTES and not proc.paused:
             proc.paused = True
             for reader in proc.readers:
                 self._unwatch(reader)
+
+    def _send_output(self, proc: _procs.ExecProcess, stream: int, data: bytes) -> None:
+        """An ``output`` frame of ``proc``'s ``stream`` (1 or 2), counted against its window."""
+        self._send({"t": "output", "id": proc.id, "fd": stream, "data": data})
+        proc.unacked += len(data)
 
     def _on_credit(self, frame: dict) -> None:
         proc = self.procs.get(frame["id"])
