@@ -21,7 +21,7 @@ holds when only the sandbox's worker process dies; the sandbox then gets a new w
 Sync callers skip the loop's thread (``submit_from_thread``, the fast path of ``direct.SyncEntry``):
 a lone call that finds an idle sandbox with a direct worker, and nothing queued or on its way before
 it, is written to the worker's socket from the caller's own thread; and a sync caller blocked on the
-result of a call that is its sandbox's only one reads the answer itself (``read_answer``), so the
+result of a call that is its sandbox's only one reads the answer itself (``readhere``), so the
 round trip wakes neither the loop's thread nor a second thread. Every entry point of the pool
 therefore holds ``lock``.
 """
@@ -29,7 +29,6 @@ therefore holds ``lock``.
 from __future__ import annotations
 
 import collections
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from typing import TYPE_CHECKING
@@ -39,6 +38,7 @@ import trio
 from . import bulk as _bulk, serialize as _serialize, slot as _slot
 from .call import Call, CallRef, Payload
 from .direct import SyncEntry, locked, wake_from_thread
+from .readhere import ReadsOwnAnswers
 from .._errors import SandboxDiedError, SandboxError, SandboxTimeoutError, SerializationError
 from .plan import (MAX_DEPTH, MAX_IN_FLIGHT_BYTES, STEAL_AFTER_SECONDS, PoolStatistics, choose_slot, choose_steals,
                    in_flight_bound, pipeline_depth, sandboxes_to_start)
@@ -59,7 +59,7 @@ _COMING = (_STARTING, _RECONNECTING)  # will take calls soon
 _ENDED = (_RETIRING, _DEAD)
 
 
-class Pool:
+class Pool(ReadsOwnAnswers):
     """The warm sandboxes of one spec and the calls waiting for them. Used in the loop thread only,
     except ``statistics()`` and ``repr``, which read counters.
 
@@ -129,72 +129,6 @@ class Pool:
                 self._assign(slot, call, wake_from_thread(loop, slot))
                 return True
         return False
-
-    def read_answer(self, ref: CallRef, deadline: float) -> None:
-        """From a sync caller's thread blocked on ``ref`` (until ``deadline``, a time.monotonic()
-        value): if its call was sent and is the only one its sandbox's direct worker holds, read
-        the worker's connection here rather than wait for the loop's thread to (see
-        ``direct.DirectChannel.borrow``). A lone result is settled here as the loop would settle
-        it; anything else (an error, other answers, the worker's end) goes to the loop, in order,
-        before its reader reads again. Returns when ``ref`` is done, at the deadline, or when the
-        loop has taken over; the caller then waits for ``ref`` as usual."""
-        loop = ref.loop
-        with self.lock:
-            call = ref.call
-            slot = call.slot if isinstance(call, Call) else None
-            direct = slot.direct if slot is not None else None
-            if slot is None or direct is None or ref.done():
-                return
-            borrowed = (call.sent and self.reuse and len(slot.inflight) == 1  # type: ignore[union-attr]
-                        and slot.inflight.get(call.req_id) is call  # type: ignore[union-attr]
-                        and direct.borrow())
-        if not borrowed:  # not ours to read: the loop's reader must (it may be parked)
-            self.reader_needed(ref)
-            return
-        self._read_here(ref, slot, direct, deadline)
-
-    def _read_here(self, ref: CallRef, slot: Slot, direct: Any, deadline: float) -> None:
-        loop, handed, stay = ref.loop, False, False
-        try:
-            while not ref.done() and not handed:
-                frames = direct.read_borrowed(deadline)
-                if frames is None or (not frames and time.monotonic() >= deadline):
-                    break  # EOF or a malformed frame, left for the loop's reader; or time is up
-                if not frames:
-                    continue  # 50 ms passed: look at the call again (cancelled meanwhile?)
-                with self.lock:
-                    if len(frames) == 1 and frames[0]["t"] == "result" and not self.closed:
-                        self._answer(slot, frames[0])
-                        stay = not slot.inflight  # nothing more to read: the reader stays parked
-                        if self.queue or any(len(s.inflight) > 1 for s in self.slots):
-                            loop.call_soon(self._reschedule)
-                        continue
-                loop.call_soon(self._settle_handed, slot, frames, direct)
-                handed = True  # the loop settles them, then lets its reader read on
-        except RuntimeError:  # the loop has ended, and every call with it
-            pass
-        finally:
-            if not handed and direct.give_back(stay):
-                try:
-                    loop.call_soon(direct.wake_reader)
-                except RuntimeError:
-                    pass
-
-    @locked
-    def _settle_handed(self, slot: Slot, frames: list[dict[str, Any]], direct: Any) -> None:
-        """In the loop's thread: settle what a borrower read, then let the loop's reader read on."""
-        self.calls_answered(slot, frames)
-        direct.give_back(False)
-        direct.wake_reader()
-
-    def reader_needed(self, ref: CallRef) -> None:
-        """``ref`` is waited for otherwise than by a thread blocking on it: if its answer would go
-        unread (its connection's reader is parked), the loop's reader reads again."""
-        call = ref.call
-        slot = call.slot if isinstance(call, Call) else None
-        direct = slot.direct if slot is not None else None
-        if direct is not None and direct.parked:
-            ref.loop.call_in_loop(direct.unpark)
 
     @locked
     def _reschedule(self) -> None:
@@ -479,8 +413,8 @@ class Pool:
         (a call much longer than its function's usual): those still here at once, those sent by
         asking the sandbox, which gives them back ("lost") if they have not started; they run on
         the idle sandbox."""
-        if self.queue or self.closed or not self.reuse or all(len(s.inflight) < 2 for s in self.slots):
-            return  # (the last test: nobody holds a call waiting behind another, the usual case)
+        if not self._may_steal():
+            return
         ready = [s for s in self.slots if s.state is _READY]
         views = [(not s.inflight, _waiting(s), s.progress_at) for s in ready]
         taken: list[Call] = []
@@ -500,6 +434,12 @@ class Pool:
         if not self.steal_timer and any(idle for idle, _, _ in views) and any(w for _, w, _ in views):
             self.steal_timer = True  # someone may stall later: look again then
             self.tasks.start_soon(self._steal_later)
+
+    def _may_steal(self) -> bool:
+        """Whether ``_steal`` has anything to look at: nothing queued, and some sandbox holds a call
+        waiting behind another (the last test fails in the usual case)."""
+        return (not self.queue and not self.closed and self.reuse
+                and any(len(s.inflight) > 1 for s in self.slots))
 
     async def _steal_later(self) -> None:
         await trio.sleep(STEAL_AFTER_SECONDS)
