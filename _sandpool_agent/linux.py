@@ -16,6 +16,8 @@ import time
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
+#: Above any descriptor a process can have (the kernel's hard ceiling on RLIMIT_NOFILE is 2**30).
+MAX_FD = 1 << 30
 
 try:
     _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -34,6 +36,16 @@ def become_subreaper() -> None:
     """Orphaned descendants are re-parented to this process, so it can always find and kill them."""
     if _prctl is not None:
         _prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def close_all_but(*keep: int) -> None:
+    """Close every file descriptor above stderr except those in ``keep``, whatever this process
+    inherited: one ``close_range`` call per gap between them."""
+    low = 3
+    for fd in sorted(fd for fd in set(keep) if fd >= low):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, MAX_FD)
 
 
 def children(pid: int) -> list[int]:

@@ -134,14 +134,11 @@ class Template:
             if self.isolation.built is None and parent_pid() != self.pid:
                 os._exit(1)
             _linux.become_subreaper()
-            for fd in self.exit_fds.values():  # handles on other sandboxes' agents: not this one's
-                os.close(fd)
-            self.exit_fds = {}
-            signal.set_wakeup_fd(-1)
+            signal.set_wakeup_fd(-1)  # (before enter() closes the template's wake-up pipe)
             for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, signal.SIG_DFL)
-            self.control.close()
-            self.isolation.enter(config)
+            self.control.detach()  # (its number is closed by enter(), or was by the spare this was)
+            self.isolation.enter(config, sock_fd)
             _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(self.sandbox_nofile, hard), hard))
             for name, value in (config.get("rlimits") or {}).items():

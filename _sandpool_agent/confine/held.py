@@ -90,10 +90,9 @@ class Held:
             self.release(pid)
 
     def close_others(self) -> None:
-        """In a child of the template: close what the template holds of other sandboxes' storage
-        (each an open door into another sandbox's files), and their sockets."""
-        for fd in self.fds.values():
-            os.close(fd)
+        """In a child of the template: close the sockets of other children still handing their
+        storage over. (Their storage descriptors, each an open door into another sandbox's files,
+        are plain numbers: ``Supervisor._close_inherited`` closes those with everything else.)"""
         for sock in self.socks.values():
             sock.close()
-        self.fds, self.socks = {}, {}
+        self.socks = {}

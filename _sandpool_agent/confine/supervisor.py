@@ -97,7 +97,6 @@ class Supervisor:
         self.early_cgroupns = False  # ... and its cgroup namespace, rooted at the cgroup it keeps
         self.built: str | None = None  # ... and its root, for plans of this root_key
         self._spares_made = 0
-        self.sock_fd = -1  # the agent socket of the last fork
         self._pid_ns_fd: int | None = None
         self._layout: cgroups.Layout | None = None  # the host's cgroup mounts, read once
         self.held = Held(rootless=outside is not None)  # each sandbox's writable storage, for snapshots
@@ -126,7 +125,6 @@ class Supervisor:
             _compile_filter()  # here, once: each agent only loads it
         # (a bridge sandbox joins the namespace its client made before its root: no spare fits it)
         pid = self._hand_to_spare(plan, config, sock_fd) if plan and not plan.get("netns") else None
-        self.sock_fd = sock_fd  # the oci level's child passes it on to crun
         if pid is None:
             pair = self.held.pair() if plan else None
             pid = self._fork_pid_ns() if plan else os.fork()
@@ -150,16 +148,10 @@ class Supervisor:
         if self.niceness is not None and os.getpriority(os.PRIO_PROCESS, 0) != self.niceness:
             os.setpriority(os.PRIO_PROCESS, 0, self.niceness)
 
-    def enter(self, config: dict) -> None:
-        """In the agent: close the template's watches and spares, join cgroups, enter the namespaces."""
-        self.held.close_others()
-        for efd, ofd in self.watches.values():
-            os.close(efd)
-            os.close(ofd)
-        for spare in self.spares.values():
-            spare.sock.close()
-        if self._pid_ns_fd is not None:
-            os.close(self._pid_ns_fd)
+    def enter(self, config: dict, sock_fd: int) -> None:
+        """In the agent (whose socket is ``sock_fd``): keep nothing of the template's, join cgroups,
+        enter the namespaces."""
+        self._close_inherited(sock_fd)
         if config.get("cgroups") and not config.get("cgroups_joined"):
             cgroups.join(config["cgroups"])
         plan = config.get("namespaces")
@@ -174,7 +166,21 @@ class Supervisor:
             userns.leave(self.outside)  # the process level: no capability over the template's namespaces
         self.held.drop_holder()  # (not handed over: nothing of it stays with the agent)
         if config.get("oci"):
-            oci.run(config, self.sock_fd)  # execs crun: the agent starts inside the container
+            oci.run(config, sock_fd)  # execs crun: the agent starts inside the container
+
+    def _close_inherited(self, keep: int) -> None:
+        """In a child of the template: close every descriptor it inherited but stdio, ``keep`` and
+        its own holder socket. That is every handle the template holds on other sandboxes (their
+        agents' pidfds, OOM watches, storage, spares' sockets) and on itself (its selector, its
+        SIGCHLD wake-up pipe, its control socket): one ``close_range`` call each side of each fd
+        kept, rather than a walk over the template's tables of them, which would write (and so
+        copy) a page of the template's memory for nearly every entry. The socket objects among them
+        are closed as objects first, so that none of them can close a reused number later."""
+        self.held.close_others()
+        for spare in self.spares.values():
+            spare.sock.close()
+        holder = self.held.holder
+        _linux.close_all_but(keep, *(() if holder is None else (holder.fileno(),)))
 
     # -- spares ----------------------------------------------------------------------------
 
@@ -343,10 +349,8 @@ class Supervisor:
             _linux.set_parent_death_signal(signal.SIGKILL)
             if parent_pid() != template:
                 os._exit(0)
-            for other in self.spares.values():
-                other.sock.close()
+            self._close_inherited(sock.fileno())
             self.spares = {}
-            self.held.close_others()
             name = _linux.read_small("/proc/self/comm").decode().strip()  # (open(): ~0.1 MiB of private pages)
             _sys.set_name(SPARE_NAME)
             if group is not None:

@@ -138,3 +138,76 @@ def test_no_process_holds_a_handle_on_a_process_outside_the_sandbox(contained):
     running.kill()
     for other in others:
         _still_works(contained, other)
+
+
+#: Run inside the sandbox: open every descriptor of every other process it can see for writing, and
+#: write a byte to it (into a template's wake-up pipe, that would wake the template's loop for
+#: nothing, as often as the sandbox likes). What was reached, as [pid, fd, target, written].
+REOPEN_ATTACK = r"""
+import json, os
+out = []
+for pid in (p for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()):
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        continue
+    for n in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{n}")
+            fd = os.open(f"/proc/{pid}/fd/{n}", os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            written = os.write(fd, b"\n") == 1
+        except OSError:
+            written = False
+        os.close(fd)
+        out.append([pid, n, target, written])
+print(json.dumps(out))
+"""
+
+
+def _kcmp_same_file(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:
+    """Whether descriptor ``fd1`` of ``pid1`` and ``fd2`` of ``pid2`` are one open file (kcmp(2))."""
+    import ctypes
+
+    number = {"x86_64": 312, "aarch64": 272}[os.uname().machine]
+    libc = ctypes.CDLL(None, use_errno=True)
+    found = libc.syscall(number, pid1, pid2, 0, fd1, fd2)  # KCMP_FILE
+    assert found >= 0, os.strerror(ctypes.get_errno())
+    return found == 0
+
+
+def _fds(pid: int) -> list[int]:
+    return [int(n) for n in os.listdir(f"/proc/{pid}/fd")]
+
+
+def test_no_process_of_the_sandbox_holds_a_descriptor_of_the_template(contained):
+    """The agent is a child of the template (forked, never exec'd), and the template holds a handle
+    on every sandbox (agents' pidfds, OOM watches, storage) and its own selector and SIGCHLD wake-up
+    pipe. None of that may stay with a sandbox: a command re-opening the agent's descriptors through
+    /proc and writing into each reaches only the sandbox's own files; afterwards no process of the
+    sandbox holds one open file with the template but its stderr (which the client reads, bounded)."""
+    import psutil
+
+    if os.uname().machine not in ("x86_64", "aarch64"):
+        pytest.skip("kcmp's syscall number is known here for x86_64 and aarch64 only")
+    others = [contained.sandbox() for _ in range(2)]
+    for other in others:
+        assert _sh(other, "echo up").stdout == "up\n"
+    sb = contained.sandbox()
+    result = sb.exec([sys.executable, "-c", REOPEN_ATTACK]).result()
+    assert result.returncode == 0, result.stderr
+    reached = json.loads(result.stdout)
+    assert any(pid == "1" and written for pid, _, _, written in reached)  # the agent's own were reached
+    agent = psutil.Process(sb._record.agent_pid)
+    templates = [p for p in psutil.Process().children() if "_sandpool_agent.template" in " ".join(p.cmdline())]
+    template = next(p for p in templates if p.pid in {a.pid for a in agent.parents()})
+    sandbox = [agent, *agent.children(recursive=True)]
+    shared = [(p.pid, fd, os.readlink(f"/proc/{template.pid}/fd/{t}")) for p in sandbox for fd in _fds(p.pid)
+              for t in _fds(template.pid) if _kcmp_same_file(p.pid, fd, template.pid, t)]
+    stderr = os.readlink(f"/proc/{template.pid}/fd/2")
+    assert [(pid, fd, target) for pid, fd, target in shared if target not in (stderr, os.devnull)] == []
+    _still_works(contained, sb)
+    for other in others:
+        _still_works(contained, other)
