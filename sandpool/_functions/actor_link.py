@@ -16,7 +16,8 @@ Everything here runs in the loop's thread; a call's ``CallRef.cancel`` and the h
 except the sync fast path (``submit_from_thread``, shared with pools: ``direct.SyncEntry``): a sync
 caller's call that the loop would send at once (a ready actor with an idle direct connection,
 nothing queued, relayed or on its way to the loop before it) is written to the worker's socket from
-the caller's own thread. So every entry point here holds the link's ``lock``.
+the caller's own thread; and a sync caller blocked on a call that is the only one the worker holds
+reads its answer itself (``actor_readhere``). So every entry point here holds the link's ``lock``.
 Calls running at once (``max_concurrency`` above 1) go out in steps (``actor_steps``).
 """
 
@@ -32,6 +33,7 @@ import trio
 
 from _sandpool_agent import actors as _agent_actors
 from . import actor_direct as _direct, serialize as _serialize
+from .actor_readhere import ActorReadsOwnAnswers
 from .actor_steps import RunsSteps
 from .direct import DirectChannel, SyncEntry, flush_until, locked, send_at_once, wake_from_thread
 from .call import CallRef
@@ -76,7 +78,7 @@ class ActorCall:
         return self.members if self.members is not None else [self]
 
 
-class ActorLink(RunsSteps):
+class ActorLink(ActorReadsOwnAnswers, RunsSteps):
     """The loop-side state of one actor: its sandbox, its phase and its calls in order."""
 
     def __init__(self, session: Session, overrides: dict[str, Any], label: str, actor_id: str,
@@ -217,6 +219,8 @@ class ActorLink(RunsSteps):
             return
         self.outbox.append({"t": "cancel", "id": call.req_id, **({"call": True} if self.direct else {})})
         self.wake.set()
+        if self.direct is not None:
+            self.direct.unpark()  # the answer comes on the worker's connection
 
     @locked
     def kill(self) -> None:
