@@ -44,7 +44,8 @@ class ActorReadsOwnAnswers(ReadsHere):
         return self.incarnation, direct
 
     def _connection(self, ref: CallRef) -> DirectChannel | None:
-        return self.direct
+        call = ref.call  # (one not sent yet is not waited for there: whoever sends it wakes the reader)
+        return self.direct if call is not None and self.inflight.get(call.req_id) is call else None
 
     def _settle_read(self, place: Any, frame: dict[str, Any], loop: Any) -> bool | None:
         if place is not self.incarnation:  # the actor died or restarted meanwhile: the loop's to see
