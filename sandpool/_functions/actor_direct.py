@@ -54,6 +54,7 @@ async def connect(sandbox: Sandbox, nursery: trio.Nursery, on_answers: Callable[
                 await request.exited.wait()
         link.unregister(req_id)
         return None
+    request.on_end = channel.unpark  # a parked reader must see the worker's end (its EOF) at once
     nursery.start_soon(_read, sandbox, channel, request, req_id, on_answers, on_end)
     return channel
 

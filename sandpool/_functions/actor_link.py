@@ -16,14 +16,15 @@ Everything here runs in the loop's thread; a call's ``CallRef.cancel`` and the h
 except the sync fast path (``submit_from_thread``, shared with pools: ``direct.SyncEntry``): a sync
 caller's call that the loop would send at once (a ready actor with an idle direct connection,
 nothing queued, relayed or on its way to the loop before it) is written to the worker's socket from
-the caller's own thread. So every entry point here holds the link's ``lock``.
+the caller's own thread; and a sync caller blocked on a call that is the only one the worker holds
+reads its answer itself (``actor_readhere``). So every entry point here holds the link's ``lock``.
+Calls running at once (``max_concurrency`` above 1) go out in steps (``actor_steps``).
 """
 
 from __future__ import annotations
 
 import collections
 import enum
-import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,8 @@ import trio
 
 from _sandpool_agent import actors as _agent_actors
 from . import actor_direct as _direct, serialize as _serialize
+from .actor_readhere import ActorReadsOwnAnswers
+from .actor_steps import RunsSteps
 from .direct import DirectChannel, SyncEntry, flush_until, locked, send_at_once, wake_from_thread
 from .call import CallRef
 from .._errors import ActorDiedError, SandboxError, SerializationError
@@ -46,9 +49,6 @@ _INVOKE_MANY = _serialize.dumps(_agent_actors.invoke_many)
 _INVOKE_MANY_KEY = _serialize.fn_key(_INVOKE_MANY)
 _CONSTRUCT = _serialize.dumps(_agent_actors.construct)
 _CONSTRUCT_KEY = _serialize.fn_key(_CONSTRUCT)
-#: An actor running calls at once through the agent's relay reports every so often (s): the agent
-#: hands the worker no next step while one runs, so the step cannot see that calls wait.
-POLL_SECONDS = 0.005
 _GONE = f"{_agent_actors.ActorGone.__module__}.{_agent_actors.ActorGone.__qualname__}"
 
 
@@ -78,7 +78,7 @@ class ActorCall:
         return self.members if self.members is not None else [self]
 
 
-class ActorLink:
+class ActorLink(ActorReadsOwnAnswers, RunsSteps):
     """The loop-side state of one actor: its sandbox, its phase and its calls in order."""
 
     def __init__(self, session: Session, overrides: dict[str, Any], label: str, actor_id: str,
@@ -189,7 +189,8 @@ class ActorLink:
         running calls at once (``concurrency`` above 1) sends them as steps (``_step``)."""
         queue, out = self.queue, []
         if self.concurrency > 1 and not (queue and queue[0].construct):
-            return self._step()
+            step = self._step()
+            return [] if step is None else [ActorCall(f"{self.label} (step)", step[1], CallRef(None), members=step[0])]
         while queue and (queue[0].args is not None or queue[0].ref.done()):
             call = queue.popleft()
             if not call.ref.done():
@@ -197,31 +198,6 @@ class ActorLink:
                 if call.construct and self.concurrency > 1:
                     break
         return out
-
-    def _step(self) -> list[ActorCall]:
-        """The next step of an actor running calls at once, if one is due: the ready calls that
-        fit under ``concurrency`` (started at once there) and the cancels of running ones; or, when
-        calls run and no step is out, a step that only waits for one of them to end."""
-        if any(c.construct for c in self.inflight.values()):
-            return []
-        new: list[ActorCall] = []
-        queue = self.queue
-        while queue and (queue[0].args is not None or queue[0].ref.done()) and \
-                len(self.running) + len(new) < self.concurrency:
-            call = queue.popleft()
-            if not call.ref.done():
-                self.tickets += 1
-                call.ticket = self.tickets
-                new.append(call)
-        if not new and not self.cancels and (self.inflight or not self.running):
-            return []
-        for call in new:
-            self.running[call.ticket] = call
-        cancels, self.cancels = self.cancels, []
-        poll = None if self.direct is not None else POLL_SECONDS  # the agent relays one step at a time
-        data = pickle.dumps(((self.actor_id, [(c.ticket, c.args) for c in new], cancels, self.pickled, poll), {}),
-                            protocol=5)
-        return [ActorCall(f"{self.label} (step)", data, CallRef(None), members=new)]
 
     @locked
     def cancel(self, call: ActorCall) -> None:
@@ -243,6 +219,8 @@ class ActorLink:
             return
         self.outbox.append({"t": "cancel", "id": call.req_id, **({"call": True} if self.direct else {})})
         self.wake.set()
+        if self.direct is not None:
+            self.direct.unpark()  # the answer comes on the worker's connection
 
     @locked
     def kill(self) -> None:
@@ -333,31 +311,6 @@ class ActorLink:
         if self.concurrency > 1:
             self.flush()  # the next step
         return 0
-
-    def _settle_step(self, outcomes: Any) -> None:
-        """Settle the calls a step reports ended: ``[(ticket, ok, value or error fields), ...]``."""
-        if not (type(outcomes) is list and all(type(o) is tuple and len(o) == 3 and type(o[0]) is int
-                                               and type(o[1]) is bool for o in outcomes)):
-            error = SerializationError(f"the answer of a step of actor {self.label} is malformed; the sandbox "
-                                       "sent something else than (ticket, ok, value) outcomes")
-            for pending in self.running.values():
-                pending.ref.set_error(error)
-            self.running.clear()
-            return
-        sandbox_id = self.sandbox.sandbox_id if self.sandbox else None
-        for ticket, ok, value in outcomes:
-            call = self.running.pop(ticket, None)
-            if call is None or call.ref.done():
-                continue
-            fields = value if type(value) is dict else {}
-            if ok:
-                call.ref.set_result(value)
-            elif fields.get("kind") == "serialization":
-                call.ref.set_error(SerializationError(f"call to {call.label!r}: {fields.get('message')}"))
-            elif fields.get("kind") == "cancelled":
-                call.ref.set_cancelled()
-            else:
-                call.ref.set_error(_serialize.remote_exception(fields, sandbox_id, False))
 
     def _fail(self, call: ActorCall, error: BaseException) -> None:
         for member in call.calls():

@@ -31,7 +31,7 @@ class CallRef(OperationRef[Any]):
     call undecoded; ``result()`` decodes it on first use and keeps the value (a malformed one
     raises SerializationError there). Other results are decoded as they arrive."""
 
-    __slots__ = ("loop", "pool", "call", "label", "forwarded")
+    __slots__ = ("loop", "pool", "call", "label", "forwarded", "unwaited")
 
     def __init__(self, loop: Any) -> None:
         super().__init__()
@@ -40,6 +40,18 @@ class CallRef(OperationRef[Any]):
         self.call: Call | ActorCall | None = None
         self.label = ""  # the function's name, for a held result's decoding error
         self.forwarded = False
+        # Made in a sync thread, and no thread blocked on it yet: its answer may wait behind a
+        # reader parked for blocking callers (see ``readhere``), which a poll of done() wakes.
+        self.unwaited = loop is not None and not loop.in_loop_thread()
+
+    def done(self) -> bool:
+        if super().done():
+            return True
+        if self.unwaited:
+            needed = getattr(self.pool, "reader_needed", None)
+            if needed is not None:
+                needed(self)
+        return False
 
     def _unwrap(self) -> Any:
         value = super()._unwrap()
@@ -54,6 +66,7 @@ class CallRef(OperationRef[Any]):
     def _block(self, timeout: float | None) -> None:
         # A sync caller may read its call's answer itself, rather than be woken by the loop's thread.
         read = getattr(self.pool, "read_answer", None)
+        self.unwaited = False  # a blocked thread reads the answer, or has the loop's reader read it
         if read is not None:  # (result() checked that this thread runs no trio loop)
             deadline = time.monotonic() + timeout if timeout is not None else math.inf
             read(self, deadline)
