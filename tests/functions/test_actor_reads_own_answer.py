@@ -90,7 +90,7 @@ def test_a_blocked_caller_reads_its_own_answer_with_the_loops_results(read_here:
         assert counter.incr() == 1  # ready: the fast path is open
         got = [counter.incr() for _ in range(50)]
         assert got == list(range(2, 52))
-        assert read_here.count(threading.main_thread()) >= 45  # (a few may meet the loop's reader reading)
+        assert read_here.count(threading.main_thread()) >= 40  # (a few may meet the loop's reader reading)
         link = link_of(counter)
         assert (link.inflight, list(link.queue), link.outbox) == ({}, [], [])
 
