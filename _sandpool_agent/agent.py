@@ -21,6 +21,7 @@ import os
 import selectors
 import shutil
 import signal
+import _signal
 import socket
 import time
 
@@ -79,7 +80,9 @@ class Agent:
 
     def run(self) -> None:
         """Serve until stopped; always ends with the tree killed and the sandbox dir removed."""
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        # (_signal, not signal: signal.signal wraps the old handler in an enum, and the enum machinery
+        # it runs is ~20 pages of the template's memory that every agent would write, and so copy)
+        _signal.signal(signal.SIGTERM, self._on_sigterm)
         reason, grace = "owner_gone", 0.0
         try:
             self.chan.send(_wire.hello(pid=os.getpid(), sandbox_id=self.config["sandbox_id"]))

@@ -23,6 +23,7 @@ import select
 import selectors
 import shutil
 import signal
+import _signal
 import socket
 import time
 
@@ -158,8 +159,8 @@ class Template:
                 os._exit(1)
             _linux.become_subreaper()
             signal.set_wakeup_fd(-1)  # (before enter() closes the template's wake-up pipe)
-            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, signal.SIG_DFL)
+            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):  # (_signal: see agent.run)
+                _signal.signal(sig, _signal.SIG_DFL)
             self.control.detach()  # (its number is closed by enter(), or was by the spare this was)
             self.isolation.enter(config, sock_fd)
             _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -40,6 +40,7 @@ import pickle
 import select
 import selectors
 import signal
+import _signal
 import socket
 import stat
 import time
@@ -344,8 +345,8 @@ class Supervisor:
         try:
             self.unboost()
             signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGCHLD, signal.SIGTERM):
-                signal.signal(sig, signal.SIG_DFL)  # not the template's handlers
+            for sig in (signal.SIGCHLD, signal.SIGTERM):  # not the template's handlers (_signal: see agent.run)
+                _signal.signal(sig, _signal.SIG_DFL)
             _linux.set_parent_death_signal(signal.SIGKILL)
             if parent_pid() != template:
                 os._exit(0)
