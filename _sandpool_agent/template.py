@@ -238,6 +238,10 @@ class Template:
                 _linux.kill_quietly(child)
 
     def _shutdown_and_exit(self) -> None:
+        if os.getpid() != self.pid:
+            # a child forked (confine._sys.fork) while the template's SIGTERM waited to be handled
+            # runs the handler too, before it sets its own: that is the template's to do, not its
+            return
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for pid in self.agents:
             _linux.kill_quietly(pid, signal.SIGTERM)

@@ -86,7 +86,7 @@ def fork_into_pid_namespace(own_pid_ns_fd: int) -> int:
     _sys.unshare(_sys.CLONE_NEWPID)
     pid = -1
     try:
-        pid = os.fork()
+        pid = _sys.fork()
         return pid
     finally:
         if pid != 0:  # the parent, even when the fork failed
@@ -101,14 +101,14 @@ def fork_into_pid_namespace_rootless() -> int:
     child's exit) before it goes on, so its parent-death signal and parent checks see the template.
     """
     reader, writer = os.pipe()
-    middle = os.fork()
+    middle = _sys.fork()
     if middle == 0:
         code = 1
         try:
             os.close(reader)
             gone_r, gone_w = os.pipe()  # EOF for the new child when this middle child is gone
             _sys.unshare(_sys.CLONE_NEWPID)
-            pid = os.fork()
+            pid = _sys.fork()
             if pid == 0:
                 os.close(writer)
                 os.close(gone_w)

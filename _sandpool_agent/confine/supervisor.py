@@ -128,7 +128,7 @@ class Supervisor:
         pid = self._hand_to_spare(plan, config, sock_fd) if plan and not plan.get("netns") else None
         if pid is None:
             pair = self.held.pair() if plan else None
-            pid = self._fork_pid_ns() if plan else os.fork()
+            pid = self._fork_pid_ns() if plan else _sys.fork()
             self.held.keep(pid, pair)
         if pid == 0:
             return 0
