@@ -100,15 +100,19 @@ def test_no_descriptor_or_working_directory_leads_outside_the_root(contained):
 
 #: Run inside the sandbox: for every process handle (pidfd) any process it can see holds, the pid
 #: it names as seen from here (0: a process outside this sandbox's pid namespace).
-PIDFD_SURVEY = r"""
+#: The start of a script run inside the sandbox: for each descriptor ``n`` of each process ``pid``
+#: it can see (but ``skip``, a pid) what follows, with ``out`` a list printed as JSON at the end.
+EVERY_DESCRIPTOR = r"""
 import json, os
 out = []
-for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+for pid in (p for p in os.listdir("/proc") if p.isdigit() and p != skip):
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
     except OSError:
         continue
     for n in fds:
+"""
+PIDFD_SURVEY = "skip = None" + EVERY_DESCRIPTOR + r"""
         try:
             if os.readlink(f"/proc/{pid}/fd/{n}") != "anon_inode:[pidfd]":
                 continue
@@ -143,15 +147,7 @@ def test_no_process_holds_a_handle_on_a_process_outside_the_sandbox(contained):
 #: Run inside the sandbox: open every descriptor of every other process it can see for writing, and
 #: write a byte to it (into a template's wake-up pipe, that would wake the template's loop for
 #: nothing, as often as the sandbox likes). What was reached, as [pid, fd, target, written].
-REOPEN_ATTACK = r"""
-import json, os
-out = []
-for pid in (p for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()):
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        continue
-    for n in fds:
+REOPEN_ATTACK = "import os\nskip = str(os.getpid())" + EVERY_DESCRIPTOR + r"""
         try:
             target = os.readlink(f"/proc/{pid}/fd/{n}")
             fd = os.open(f"/proc/{pid}/fd/{n}", os.O_WRONLY | os.O_NONBLOCK)
