@@ -225,8 +225,9 @@ class Process(OperationRef[ProcessResult]):
         if self._detached and self.stdin is None and timeout != 0 and self._waiting():
             deadline = math.inf if timeout is None else time.monotonic() + timeout
             self._link.read_answer(self._req_id, self._take_answer, self._waiting, deadline)
-            if self._taken:  # the loop reads on: acknowledge what was taken here, or the agent stalls
+            with self._guard:  # (another thread may be taking its frames now)
                 taken, self._taken = self._taken, 0
+            if taken:  # the loop reads on: acknowledge what was taken here, or the agent stalls
                 try:
                     self._loop.start_soon(self._ack, taken, on_refused=lambda error: None)
                 except RuntimeError:  # the loop has ended, and the sandbox with it

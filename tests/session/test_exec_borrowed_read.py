@@ -17,7 +17,7 @@ import time
 import pytest
 import trio
 
-from sandpool import (OperationCancelled, SandboxError, SandboxExecutionError, SandboxStatus, SandboxTimeoutError,
+from sandpool import (OperationCancelled, SandboxDiedError, SandboxError, SandboxExecutionError, SandboxStatus, SandboxTimeoutError,
                       Session)
 from sandpool._core import channel as _channel
 
@@ -228,4 +228,61 @@ def test_waited_otherwise_the_loop_reads(session, monkeypatch):
         except TimeoutError:
             pass
     assert proc.result(timeout=0).stdout == "d\n"
+    _settled(sb)
+
+
+def test_sandbox_stopped_while_a_caller_reads(sb, monkeypatch):
+    """The sandbox is stopped while a caller waits on a running command: the same error as the loop's
+    (it was stopped), whoever reads; the connection is closed under the reading thread and nothing
+    is left."""
+    began = _reading(sb, monkeypatch)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(lambda: sb.exec(["sleep", "600"]).result(timeout=30))
+        assert began.wait(30)
+        sb.stop(graceful_shutdown_seconds=0).result(timeout=30)
+        with pytest.raises(SandboxError, match="stopped"):
+            waiting.result(timeout=30)
+    assert sb._requests.handlers == {} and sb._record.channel.closed
+
+
+def test_connection_closed_under_a_reading_thread(sb, monkeypatch):
+    """The client closes the agent's connection while a caller waits (the agent still holds its end
+    open): the reading thread is woken and gives the socket back before it is closed; the caller
+    gets the same error as the loop's reading gives."""
+    began = _reading(sb, monkeypatch)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(lambda: sb.exec(["sleep", "600"]).result(timeout=30))
+        assert began.wait(30)
+        sb._host.spawn(sb._record.channel.aclose).result(timeout=30)
+        with pytest.raises(SandboxDiedError, match="ended"):
+            waiting.result(timeout=30)
+    assert sb._requests.handlers == {}
+    sb.stop(graceful_shutdown_seconds=0).result(timeout=30)
+
+
+def test_output_taken_by_a_reading_thread_is_acknowledged(sb, monkeypatch):
+    """A caller takes output of a running command (up to half its window) before the loop reads on:
+    every byte is acknowledged to the agent all the same, or the agent would hold the rest back."""
+    from _sandpool_agent import wire
+
+    credited, all_credited = [0], threading.Event()
+    send_bytes = _channel.FrameChannel.send_bytes
+
+    async def counting(self, data):
+        for frame in wire.FrameBuffer().feed(bytes(data)):
+            if frame["t"] == "credit":
+                credited[0] += frame["n"]
+        if credited[0] >= 3_000_000:
+            all_credited.set()
+        await send_bytes(self, data)
+
+    monkeypatch.setattr(_channel.FrameChannel, "send_bytes", counting)
+    assert sb.exec(["mkfifo", "/tmp/gate"]).result(timeout=30).returncode == 0
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(lambda: sb.exec(["sh", "-c", "head -c 3000000 /dev/zero; read x < /tmp/gate"])
+                              .result(timeout=60))
+        assert all_credited.wait(30), f"{credited[0]} of 3000000 bytes acknowledged"
+        assert credited[0] == 3_000_000
+        sb.exec(["sh", "-c", "echo go > /tmp/gate"]).result(timeout=30)
+        assert len(waiting.result(timeout=30).stdout_bytes) == 3_000_000
     _settled(sb)
