@@ -74,6 +74,7 @@ class FrameChannel:
         self._loop_thread = threading.get_ident()  # made in the loop's thread
         self._returned = trio.Event()  # set (and replaced) to wake a parked reader
         self._socket_wait: trio.CancelScope | None = None  # the reader's wait for the socket, if it waits
+        self._shut = False  # aclose was called: the reader reads no more
         self._error: ProtocolError | None = None  # a borrower met a malformed frame: the reader raises it
         self._wire = threading.Lock()  # guards _busy, _backlog, closed and the reading's role against other threads
         self._busy = False  # a task of the loop is writing
@@ -160,6 +161,8 @@ class FrameChannel:
         while not self._ready:
             if self._sock is not None and not await self._hold_reading():
                 continue  # frames a borrower handed back come first
+            if self._shut:  # closed here (the reader was woken to see it): the socket's number may be another's
+                return None
             self._reads += 1
             try:
                 if self._drained and self._fd >= 0:
@@ -171,8 +174,9 @@ class FrameChannel:
                             self._loop_reading = False
                         with trio.CancelScope() as self._socket_wait:  # wake_reader ends it
                             await trio.lowlevel.wait_readable(self._fd)
+                        if not self._socket_wait.cancelled_caught:  # (else nothing may be there: wait again)
+                            self._drained = False
                         self._socket_wait = None
-                        self._drained = False
                         continue
                     await trio.lowlevel.wait_readable(self._fd)
                 elif self._reads >= _YIELD_EVERY:  # a stream that never waits while data comes: be fair
@@ -315,7 +319,8 @@ class FrameChannel:
 
     async def aclose(self) -> None:
         self._close_now()
-        self.wake_reader()  # a parked reader reads the end
+        self._shut = True
+        self.wake_reader()  # a parked reader sees the end
         with trio.CancelScope(shield=True):
             if self._borrowed:  # wake the borrower (it reads the end) and close once it gave the socket back
                 assert self._sock is not None
