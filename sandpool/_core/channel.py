@@ -14,7 +14,8 @@ when a borrower hands it frames it did not take (``give_back``: the reader takes
 frames are handled in the order they came), and at the latest ``PARK_SECONDS`` after it parked
 (the peer may speak unasked: its end, above all). The loop never reads while a thread does, and
 no thread while the loop is reading or has frames it has not handed on: ``_loop_reading`` is set
-from its read until it next waits.
+from its read until it next waits. ``aclose`` under a borrower shuts the socket down (the borrower
+reads its end and gives the reading back) and closes it only then, or after a second at most.
 """
 
 from __future__ import annotations
@@ -328,7 +329,7 @@ class FrameChannel:
                     self._sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
-                with trio.move_on_after(_BORROW_SLICE * 20):
+                with trio.move_on_after(1.0):
                     while self._borrowed:
                         await self._returned.wait()
             await self._stream.aclose()
