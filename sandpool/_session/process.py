@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import math
 import signal
-import threading
-import time
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +12,7 @@ import trio
 from _sandpool_agent import wire as _wire
 from .._core.deadlines import Deadlines
 from .._core.opref import OperationCancelled, OperationRef, TaskHost
-from .._core.output import OutputBuffer
+from .ownanswer import LiveOutput, ReadsOwnAnswer
 from .._errors import ProtocolError, SandboxExecutionError, SandboxTimeoutError
 from .streams import StdinWindow, StreamReader, StreamWriter, take
 
@@ -25,10 +22,6 @@ _KILL_WAIT_SECONDS = 5.0
 #: Output the agent may send for one process beyond what this side acknowledged: its window plus the
 #: one read that crosses it. More is a broken or hostile agent, and fails its sandbox.
 _MAX_OWED_BYTES = _wire.OUTPUT_WINDOW_BYTES + _wire.OUTPUT_CHUNK_BYTES
-#: What a sync caller reading its own answer takes (``Process._take_answer``): the frames of a running
-#: exec, with at most this much output it cannot acknowledge (an exited process needs no credit).
-_TAKES = frozenset({"started", "output", "exit"})
-_TAKEN_BYTES = _wire.OUTPUT_WINDOW_BYTES // 2
 
 
 @dataclass(frozen=True)
@@ -56,20 +49,6 @@ class SandboxLink:
     deadlines: Deadlines
 
 
-class _Output(OutputBuffer):
-    """A process's output buffer, which tells its process when a live reader begins (in the loop's
-    thread), before that reader may wait on the buffer's events."""
-
-    def __init__(self, cap: int, began: Callable[[], None]) -> None:
-        super().__init__(cap)
-        self._began = began
-
-    async def next_chunk(self) -> tuple[bytes | None, int]:
-        if self.read_at is None:
-            self._began()
-        return await super().next_chunk()
-
-
 @dataclass
 class ProcessResult:
     """The outcome of one exec. Text is the UTF-8 decoding (with replacement) of the joined bytes.
@@ -87,7 +66,7 @@ class ProcessResult:
     truncated: bool = False
 
 
-class Process(OperationRef[ProcessResult]):
+class Process(ReadsOwnAnswer):
     """A command running in a sandbox. Awaitable / ``.result()`` gives a :class:`ProcessResult`."""
 
     def __init__(self, link: SandboxLink, argv: list[str], *, cwd: str | None, env: dict[str, str] | None,
@@ -103,7 +82,7 @@ class Process(OperationRef[ProcessResult]):
         self._argv = argv
         self._cwd, self._env, self._timeout, self._check = cwd, env, timeout, check
         self._exec_extra = exec_extra or {}
-        self._out = {1: _Output(cap, self._live_reader), 2: _Output(cap, self._live_reader)}
+        self._out = {1: LiveOutput(cap, self._live_reader), 2: LiveOutput(cap, self._live_reader)}
         self.stdout = StreamReader(self._loop, self._out[1], self._send_credit, self._failure_now)
         self.stderr = StreamReader(self._loop, self._out[2], self._send_credit, self._failure_now)
         self._window = StdinWindow(self._send_stdin, self._check_stdin_open)
@@ -118,12 +97,7 @@ class Process(OperationRef[ProcessResult]):
         # deadline or a cancel settle it. Set before the frame goes: its answer may come at once.
         self._detached = True
         self._ending = False  # detached: a task of the loop kills it (timeout, cancel) and settles it
-        # A sync caller may settle it from its own thread (``_take_answer``) unless a task of the loop
-        # waits on it: a live reader of its output (``_live``) or its kill (``_ending``).
-        self._guard = threading.RLock()
-        self._live = False
-        self._taken = 0  # output bytes a sync caller took and has not acknowledged
-        self._on_done = on_done
+        self._init_reading(on_done)
         # The exec frame goes out from the calling thread when it can (SandboxLink.send_now): a
         # sync caller's, or the loop's own.
         self._req_id = link.send_now(self, self._exec_frame)  # 0: the task sends it
@@ -213,81 +187,6 @@ class Process(OperationRef[ProcessResult]):
     def __await__(self) -> Generator[Any, None, ProcessResult]:
         self._request_drain()
         return super().__await__()
-
-    def add_done_callback(self, fn: Callable[[Process], None]) -> None:
-        super().add_done_callback(fn)
-        if not self.done():  # waited for otherwise than by a thread blocking on it: the loop reads its answer
-            self._link.reader_needed()
-
-    def _block(self, timeout: float | None) -> None:
-        # A sync caller reads its exec's answer itself when it can, rather than be woken by the
-        # loop's thread once that has read it (``SandboxLink.read_answer``).
-        if self._detached and self.stdin is None and timeout != 0 and self._waiting():
-            deadline = math.inf if timeout is None else time.monotonic() + timeout
-            self._link.read_answer(self._req_id, self._take_answer, self._waiting, deadline)
-            with self._guard:  # (another thread may be taking its frames now)
-                taken, self._taken = self._taken, 0
-            if taken:  # the loop reads on: acknowledge what was taken here, or the agent stalls
-                try:
-                    self._loop.start_soon(self._ack, taken, on_refused=lambda error: None)
-                except RuntimeError:  # the loop has ended, and the sandbox with it
-                    pass
-            if self.done():
-                return
-            if timeout is not None:
-                timeout = max(0.0, deadline - time.monotonic())
-        else:
-            self._link.reader_needed()
-        super()._block(timeout)
-
-    def _waiting(self) -> bool:
-        """Nothing but its answer is awaited: a sync caller may read it (``_take_answer``)."""
-        return not (self.done() or self._live or self._ending)
-
-    def _take_answer(self, frames: list[dict[str, Any]]) -> bool:
-        """In a sync caller's thread that read its sandbox's connection: handle ``frames`` (all this
-        process's) as the loop's reader would, unless a task of the loop waits on it (a live reader,
-        its kill), they are not a running exec's or their output would take it over ``_TAKEN_BYTES``
-        unacknowledged; False leaves them to the loop, which routes them as usual."""
-        if any(frame["t"] not in _TAKES for frame in frames):
-            return False
-        size = sum(len(frame["data"]) for frame in frames if frame["t"] == "output")
-        if self._taken + size > _TAKEN_BYTES:
-            return False
-        with self._guard:
-            if self._live or self._ending or self._exited.is_set():
-                return False
-            for frame in frames:
-                self._on_frame(frame)
-            if not self._exited.is_set():  # (the agent forgets an exited process: no credit is owed)
-                self._taken += size
-        return True
-
-    def _live_reader(self) -> None:
-        """A live reader of its output begins (in the loop's thread): only the loop settles it now."""
-        with self._guard:
-            self._live = True
-        self._link.reader_needed()
-
-    def _notify(self, event: Any, callbacks: list[Any] | None) -> None:
-        # An exec cancelled before its task ran, or refused by a closing session, never runs _body:
-        # its streams must end all the same, or a reader would wait for ever.
-        self._end_streams()
-        with self._guard:
-            on_done, self._on_done = self._on_done, None
-        if on_done is not None:
-            self._call(on_done)
-        # Done callbacks run in the loop's thread (OperationRef's contract), also when a sync caller
-        # settled it in its own (``_take_answer``).
-        if callbacks and not self._loop.in_loop_thread():
-            if event is not None:
-                event.set()
-            try:
-                self._loop.call_soon(super()._notify, None, callbacks)
-                return
-            except RuntimeError:  # the loop has ended: run them here
-                event = None
-        super()._notify(event, callbacks)
 
     def _request_drain(self) -> None:
         if self.done() or all(buffer.ack_from is None for buffer in self._out.values()):
