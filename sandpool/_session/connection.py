@@ -7,6 +7,7 @@ ends, settles the sandbox's state through its lifecycle's transition function.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -88,6 +89,48 @@ class AgentConnection(SandboxParts):
             except RuntimeError:  # the loop is gone, and the connection with it
                 pass
         return req_id
+
+    def _read_answer(self, req_id: int, take: Callable[[list[dict[str, Any]]], bool],
+                     waiting: Callable[[], bool], deadline: float) -> None:
+        """From a sync caller's thread blocked on request ``req_id`` (until ``deadline``, a
+        time.monotonic() value): read the agent's connection here rather than wait for the loop's
+        thread to (``FrameChannel.borrow``). Frames all for ``req_id`` go to ``take(frames)``, which
+        handles them as the loop's reader would and returns True, or returns False: they go to the
+        loop, as does anything else read (frames of other requests, the agent's end), in order,
+        before its reader reads on. Returns once ``waiting()`` is False (looked at after each take
+        and every 50 ms: the request was settled, or is awaited otherwise), when frames went to the
+        loop, or at the deadline; the caller then waits for its request as usual."""
+        record = self._record
+        channel = record.channel if record is not None else None
+        if channel is None or not channel.borrow():  # not ours to read: the loop's reader must
+            self._reader_needed()
+            return
+        unread: list[dict[str, Any]] = []
+        stay = False
+        try:
+            while waiting():
+                frames = channel.read_borrowed(deadline)
+                if frames is None:  # the end, or a malformed frame: the loop's reader takes it from here
+                    break
+                if not frames:
+                    if time.monotonic() >= deadline:
+                        break
+                    continue
+                if not (all(frame.get("id") == req_id for frame in frames) and take(frames)):
+                    unread = frames
+                    break
+            stay = not self._requests.handlers  # nothing is awaited: the reader may stay parked
+        finally:
+            if channel.give_back(unread, stay):
+                self._host.call_in_loop(channel.wake_reader)
+
+    def _reader_needed(self) -> None:
+        """An answer is awaited otherwise than by a thread that reads it: if the loop's reader is
+        parked, it reads again. Any thread."""
+        record = self._record
+        channel = record.channel if record is not None else None
+        if channel is not None and channel.parked:
+            self._host.call_in_loop(channel.unpark)
 
     async def _send_many(self, frames: list[dict[str, Any]]) -> None:
         """Send several frames in one write (remote-function calls batch this way)."""

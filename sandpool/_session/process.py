@@ -12,7 +12,7 @@ import trio
 from _sandpool_agent import wire as _wire
 from .._core.deadlines import Deadlines
 from .._core.opref import OperationCancelled, OperationRef, TaskHost
-from .._core.output import OutputBuffer
+from .ownanswer import LiveOutput, ReadsOwnAnswer
 from .._errors import ProtocolError, SandboxExecutionError, SandboxTimeoutError
 from .streams import StdinWindow, StreamReader, StreamWriter, take
 
@@ -31,7 +31,11 @@ class SandboxLink:
 
     ``send_now(handler, make)`` is the fast path: when the sandbox runs and no task of its loop is
     writing to the agent, it registers ``handler``, writes the frame ``make(req_id)`` from the
-    calling thread (any thread) and returns the id; else it does nothing and returns 0."""
+    calling thread (any thread) and returns the id; else it does nothing and returns 0.
+
+    ``read_answer(req_id, take, waiting, deadline)`` lets a sync caller blocked on request ``req_id``
+    read the agent's connection itself (see ``AgentConnection._read_answer``); ``reader_needed()``
+    makes the loop's reader read again when an answer is awaited otherwise (any thread)."""
 
     host: Callable[[], TaskHost]
     sandbox_id: Callable[[], str | None]
@@ -40,6 +44,8 @@ class SandboxLink:
     unregister: Callable[[int], None]
     send: Callable[[dict[str, Any]], Awaitable[None]]
     send_now: Callable[[Any, Callable[[int], dict[str, Any]]], int]
+    read_answer: Callable[[int, Callable[[list[dict[str, Any]]], bool], Callable[[], bool], float], None]
+    reader_needed: Callable[[], None]
     deadlines: Deadlines
 
 
@@ -60,21 +66,23 @@ class ProcessResult:
     truncated: bool = False
 
 
-class Process(OperationRef[ProcessResult]):
+class Process(ReadsOwnAnswer):
     """A command running in a sandbox. Awaitable / ``.result()`` gives a :class:`ProcessResult`."""
 
     def __init__(self, link: SandboxLink, argv: list[str], *, cwd: str | None, env: dict[str, str] | None,
-                 timeout: float | None, check: bool, stdin: bool, cap: int, exec_extra: dict[str, Any] | None = None) -> None:
+                 timeout: float | None, check: bool, stdin: bool, cap: int, exec_extra: dict[str, Any] | None = None,
+                 on_done: Callable[[Process], None] | None = None) -> None:
         """Make the process and send it at once when it can (from any thread: see ``_detach``), or
         start its task in the sandbox's loop; ``exec_extra`` adds fields to its exec frame (a
-        terminal's "tty")."""
+        terminal's "tty"); ``on_done(process)`` is called once it is done, in the thread that
+        settles it (any thread: unlike a done callback, it costs no hop into the loop)."""
         super().__init__()
         self._link = link
         self._loop: TaskHost = link.host()
         self._argv = argv
         self._cwd, self._env, self._timeout, self._check = cwd, env, timeout, check
         self._exec_extra = exec_extra or {}
-        self._out = {1: OutputBuffer(cap), 2: OutputBuffer(cap)}
+        self._out = {1: LiveOutput(cap, self._live_reader), 2: LiveOutput(cap, self._live_reader)}
         self.stdout = StreamReader(self._loop, self._out[1], self._send_credit, self._failure_now)
         self.stderr = StreamReader(self._loop, self._out[2], self._send_credit, self._failure_now)
         self._window = StdinWindow(self._send_stdin, self._check_stdin_open)
@@ -89,12 +97,10 @@ class Process(OperationRef[ProcessResult]):
         # deadline or a cancel settle it. Set before the frame goes: its answer may come at once.
         self._detached = True
         self._ending = False  # detached: a task of the loop kills it (timeout, cancel) and settles it
+        self._init_reading(on_done)
         # The exec frame goes out from the calling thread when it can (SandboxLink.send_now): a
         # sync caller's, or the loop's own.
         self._req_id = link.send_now(self, self._exec_frame)  # 0: the task sends it
-        # An exec cancelled before its task ran, or refused by a closing session, never runs _body:
-        # its streams must end all the same, or a reader would wait for ever.
-        self.add_done_callback(type(self)._end_streams)
         if self._req_id:
             self._detach()
         else:  # the loop's task sends the frame, waits, bounds and cleans up
@@ -211,6 +217,9 @@ class Process(OperationRef[ProcessResult]):
 
     async def _credit(self, n: int) -> None:
         self._owed -= n  # before it is sent: the agent can only have heard of credit counted here
+        await self._ack(n)
+
+    async def _ack(self, n: int) -> None:
         if self._exit_code is None and not self._exited.is_set():
             try:
                 await self._link.send({"t": "credit", "id": self._req_id, "n": n})
@@ -248,9 +257,10 @@ class Process(OperationRef[ProcessResult]):
         return 0
 
     def _on_sandbox_gone(self, error: BaseException) -> None:
-        if not self._exited.is_set():
-            self._failure = error
-            self._mark_exited()
+        with self._guard:  # (a sync caller may be settling it from its answer)
+            if not self._exited.is_set():
+                self._failure = error
+                self._mark_exited()
 
     def _end_streams(self) -> None:
         if not self._exited.is_set():
@@ -291,15 +301,16 @@ class Process(OperationRef[ProcessResult]):
     def _end_by(self, ending: Callable[[], Awaitable[None]], why: Exception | None = None) -> None:
         """Start ``ending`` (in the loop's thread); from then on, its streams end with ``why`` if given,
         not as if it had run to its end (even if its exit comes before that task has run)."""
-        if self._ending or self.done():
-            return
-        try:
-            self._loop.nursery.start_soon(ending)
-        except RuntimeError:  # the session is closing: its sandbox's end settles this process
-            return
-        self._ending = True
-        if why is not None and not self._exited.is_set():
-            self._failure = why
+        with self._guard:  # (a sync caller may be settling it from its answer)
+            if self._ending or self.done():
+                return
+            try:
+                self._loop.nursery.start_soon(ending)
+            except RuntimeError:  # the session is closing: its sandbox's end settles this process
+                return
+            self._ending = True
+            if why is not None and not self._exited.is_set():
+                self._failure = why
 
     async def _time_out(self) -> None:
         await self._kill()

@@ -93,6 +93,7 @@ class Sandbox(SandboxBlocks, SnapshotsMixin, PodMixin, SurfaceMixin, LogsMixin, 
         self._link = AgentLink(host=_home.host, sandbox_id=lambda: self.sandbox_id,
                                ensure_running=self._ensure_running, register=self._register,
                                unregister=self._unregister, send=self._send, send_now=self._send_now,
+                               read_answer=self._read_answer, reader_needed=self._reader_needed,
                                deadlines=Deadlines(lambda: self._host),
                                send_many=self._send_many,
                                record=lambda: self._record, open_main_log=self._open_main_log)
@@ -366,8 +367,7 @@ class Sandbox(SandboxBlocks, SnapshotsMixin, PodMixin, SurfaceMixin, LogsMixin, 
         _check_seconds(timeout_seconds, "timeout_seconds")
         self._exec_stats.count("exec_count")
         proc = Process(self._link, argv, cwd=cwd, env=env, timeout=timeout_seconds,
-                       check=check, stdin=stdin, cap=self._spec.max_output_bytes)
-        proc.add_done_callback(self._exec_stats.outcome)
+                       check=check, stdin=stdin, cap=self._spec.max_output_bytes, on_done=self._exec_stats.outcome)
         return proc
 
     def read_file(self, filepath: str, *, timeout_seconds: float | None = None,
