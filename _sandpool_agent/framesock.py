@@ -10,6 +10,9 @@ from . import wire as _wire
 #: A read goes into a buffer of this size first: most are a frame or two, and a fresh 1 MiB bytes
 #: object per read costs an mmap, an mremap and a munmap.
 SCRATCH_BYTES = 1 << 16
+#: A FrameSocket's buffer until a read fills it (then ``SCRATCH_BYTES``): an agent that is only sent
+#: commands keeps one page, not sixteen, of private memory for it.
+FIRST_SCRATCH_BYTES = 1 << 12
 READ_BYTES = 1 << 20
 
 
@@ -33,7 +36,7 @@ class FrameSocket:
         self.sock = sock
         self._decoder = _wire.FrameBuffer(lenient=lenient)  # lenient: bad frames come out as ProtocolErrors
         self.broken = False  # a send failed: the peer is gone
-        self._scratch = bytearray(SCRATCH_BYTES)
+        self._scratch = bytearray(FIRST_SCRATCH_BYTES)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -57,6 +60,8 @@ class FrameSocket:
             return None
         if not data:
             return None
+        if len(data) >= len(self._scratch) < SCRATCH_BYTES:  # (big frames come: a full buffer from now)
+            self._scratch = bytearray(SCRATCH_BYTES)
         return self._decoder.feed(data)
 
     def close(self) -> None:
