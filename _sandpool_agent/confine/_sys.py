@@ -176,13 +176,16 @@ def limit_capabilities(keep: set[int]) -> None:
     _check(_libc.capset(ctypes.c_char_p(header), ctypes.c_char_p(data)), "capset")
 
 
+#: ``struct ifreq`` with a name and flags (compiled here, in the template, not in each sandbox).
+_IFREQ_FLAGS = struct.Struct("16sH22x")
+
+
 def loopback_up() -> None:
     """Bring ``lo`` up in this network namespace (a fresh one starts with it down)."""
     SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        ifreq = struct.pack("16sH22x", b"lo", 0)
-        flags = struct.unpack("16sH22x", fcntl.ioctl(sock, SIOCGIFFLAGS, ifreq))[1]
-        fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | IFF_UP))
+        flags = _IFREQ_FLAGS.unpack(fcntl.ioctl(sock, SIOCGIFFLAGS, _IFREQ_FLAGS.pack(b"lo", 0)))[1]
+        fcntl.ioctl(sock, SIOCSIFFLAGS, _IFREQ_FLAGS.pack(b"lo", flags | IFF_UP))
 
 
 PR_SET_SECCOMP = 22
@@ -193,9 +196,21 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
+#: Compiled filters as the kernel takes them: program -> (its buffer, the sock_fprog naming it).
+_PREPARED: dict[bytes, tuple[ctypes.Array[ctypes.c_char], _SockFprog]] = {}
+
+
+def prepare_filter(program: bytes) -> None:
+    """Build the buffer and ``sock_fprog`` of ``program`` once, in the template: made in each agent,
+    they were a new ctypes array type and its objects, ~20 pages of the template's memory copied."""
+    if program not in _PREPARED:
+        buf = ctypes.create_string_buffer(program, len(program))
+        _PREPARED[program] = (buf, _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p)))
+
+
 def seccomp_filter(program: bytes) -> None:
     """Load a compiled seccomp filter (classic BPF, 8 bytes per instruction) on this thread; every
     process it forks or execs afterwards inherits it. Needs no_new_privs (or CAP_SYS_ADMIN)."""
-    buf = ctypes.create_string_buffer(program, len(program))
-    prog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    prepare_filter(program)
+    prog = _PREPARED[program][1]
     _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0), "prctl(SET_SECCOMP)")

@@ -436,7 +436,7 @@ def _compile_filter() -> None:
     """Compile the syscall filter in the template, before any fork; a failure is left to the agent,
     which raises it when it loads the filter (the sandbox fails to start, the template lives on)."""
     try:
-        seccomp.program()
+        _sys.prepare_filter(seccomp.program())
     except OSError:
         pass
 
