@@ -394,3 +394,17 @@ def test_calling_after_the_session_closed_fails_clearly():
     with pytest.raises(sandpool.SandboxError, match="open a new Session"):
         ident.map([(1,)])
     assert ident.local(2) == 2
+
+
+def _collector_on() -> bool:
+    import gc
+
+    return gc.isenabled()
+
+
+def test_a_function_runs_with_the_garbage_collector_on():
+    """The template forks with its collector off (a collection there would copy pages into every
+    agent forked before it); the agent turns it back on, so user code in its call worker collects
+    cycles as anywhere else."""
+    with Session() as s:
+        assert s.function(_collector_on).remote().result() is True
