@@ -158,7 +158,11 @@ class Template:
         """In a child of the template: become the sandbox's agent. Never returns."""
         code = 0
         try:
-            gc.enable()  # (the template's collector is off, see serve)
+            # The template's collector is off (see serve): on again, but first everything tracked
+            # now, the template's objects since its own freeze, goes where no collection here walks
+            # (and so copies) it; a splice of lists, not a walk.
+            gc.freeze()
+            gc.enable()
             self.isolation.unboost()
             os.setsid()
             _linux.set_parent_death_signal(signal.SIGTERM)
