@@ -116,9 +116,11 @@ class CallRef(OperationRef[Any]):
         # A settled ref keeps only its outcome: a million-call map holds its refs, and each kept
         # Call (with its pickled arguments) cost ~300 B and slowed the garbage collector. Let go
         # as it settles (under the settling lock), before any waiter wakes or callback runs: also
-        # when cancel() settles it, after which the pool may never settle it again.
+        # when cancel() settles it, after which the pool may never settle it again. The waiters'
+        # event (~100 B with its lock, made when a thread blocked on the ref) goes too: it is set
+        # once, from what this returns, and a blocked thread holds it itself.
         woken = super()._settle(state, value, error)
-        self.pool = self.call = None
+        self.pool = self.call = self._event = None
         return woken
 
     def set_result(self, value: Any) -> None:

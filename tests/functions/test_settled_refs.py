@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import sys
+import threading
 import time
 import weakref
 
@@ -78,6 +79,32 @@ def test_map_refs_keep_no_call_and_results_stay_in_order():
         with pytest.raises(TypeError):
             bad[1].result()
         assert live_calls(bad) == []
+
+
+def test_a_ref_a_thread_waited_on_lets_go_of_the_waiters_event():
+    """A thread blocked on a map's ref (not its sandbox's lone call, so it waits on the ref's own
+    event) wakes when the ref is cancelled, with OperationCancelled; the ref then refers to no
+    event, Call or pool, and its neighbour's result comes."""
+    with Session() as s:
+        f = s.function(nap, max_concurrency=1)
+        refs = f.map([(SLEEP,), (0,)])
+        outcome = []
+
+        def wait():
+            try:
+                refs[0].result()
+            except OperationCancelled as exc:
+                outcome.append(exc)
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        held = lambda: [type(o).__name__ for o in gc.get_referents(refs[0])]  # noqa: E731
+        assert wait_until(lambda: "_Waiter" in held()), held()
+        assert refs[0].cancel()
+        waiter.join(timeout=30)
+        assert not waiter.is_alive() and len(outcome) == 1
+        assert not {"_Waiter", "Call", "Pool"} & set(held()), held()
+        assert refs[1].result() == 0
 
 
 def test_cancelled_ref_lets_go_of_its_call_once_the_sandbox_let_go():
