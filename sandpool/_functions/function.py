@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import math
 import operator
 import os
@@ -210,7 +211,7 @@ class RemoteFunction(Generic[P, R]):
 
         batch: list[Call] = []
         items.reverse()  # taken from the end as each call is made: its item is let go once pickled
-        for ref in refs:
+        for ref in itertools.islice(refs, len(items)):  # (as zip did, whatever the caller does to refs)
             item = items.pop()
             while state["calls"] >= bound or (state["calls"] and state["bytes"] >= MAX_IN_FLIGHT_BYTES):
                 pool.submit(batch)
