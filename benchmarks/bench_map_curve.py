@@ -13,11 +13,14 @@ results in order as they come:
 - ``mp_imap``: the peer, ``multiprocessing.Pool(2).imap(f, range(calls), chunksize=1)`` (fork).
 
 For every window of ``--window`` calls: calls/s over that window and the client's RSS at its end
-(less the RSS before the map began); the RSS is also sampled every 100 ms by a thread. A steady
-rate shows as each window within a few tens of percent of the median window (the machine is shared:
-compare with the peer's spread in the same run); flat memory as the RSS growth per call after the
-first window (bytes per call, a least-squares slope) near zero. Prints a table; JSON (default
-``benchmarks/results/bench_map_curve.json``) holds every window and sample; ``--png`` draws them.
+(less the RSS before the map began); the RSS is also sampled every 100 ms by a thread, and the
+table shows its peak beside its end (a map lets go of each input once its call is made, and of
+each call but its ref and result once it settles: its peak is its refs and inputs, listed at the
+start). A steady rate shows as each window within a few tens of percent of the median window
+(the machine is shared: compare with the peer's spread in the same run); flat memory as the RSS
+growth per call after the first window (bytes per call, a least-squares slope) near zero. Prints
+a table; JSON (default ``benchmarks/results/bench_map_curve.json``) holds every window and sample;
+``--png`` draws them.
 ``--trace K`` runs one ``map`` under tracemalloc instead (slower) and prints the K source lines
 holding the most memory when the last result is in: where the growth per call comes from.
 
@@ -148,8 +151,10 @@ def _timed(api: str, calls: int, window: int, start, psutil) -> dict:
     with RssSampler(began, base) as sampler:
         rows = consume(start(), calls, window, began, sampler)
         total = time.perf_counter() - began
+    peak = max([r["rss_mb"] for r in rows] + [mb for _, mb in sampler.samples])
     return {"api": api, "calls": calls, "window": window, "total_s": total, "rate": calls / total,
-            "rss_start_mb": base / 1e6, "windows": rows, "rss_samples": sampler.samples, **summary(rows)}
+            "rss_start_mb": base / 1e6, "rss_peak_mb": peak, "windows": rows, "rss_samples": sampler.samples,
+            **summary(rows)}
 
 
 def summary(rows: list[dict]) -> dict:
@@ -202,11 +207,12 @@ def sweep(calls: int, window: int, bounds: list[int]) -> list[dict]:
 
 def table(curves: dict) -> str:
     lines = ["| API | calls | calls/s overall | median window | slowest / fastest window vs median "
-             "| client RSS growth | bytes per call after window 1 |",
+             "| client RSS growth at the end / at its peak | bytes per call after window 1 |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for api, c in curves.items():
         lines.append(f"| {LABELS[api]} | {c['calls']:,} | {c['rate']:,.0f} | {c['rate_median']:,.0f} "
-                     f"| {c['rate_min_vs_median']:.2f} / {c['rate_max_vs_median']:.2f} | {c['rss_end_mb']:.1f} MB "
+                     f"| {c['rate_min_vs_median']:.2f} / {c['rate_max_vs_median']:.2f} "
+                     f"| {c['rss_end_mb']:.1f} / {c['rss_peak_mb']:.1f} MB "
                      f"| {c['rss_growth_bytes_per_call']:.0f} |")
     return "\n".join(lines)
 

@@ -98,32 +98,42 @@ class CallRef(OperationRef[Any]):
             pool.reader_needed(self)
 
     def cancel(self) -> bool:
+        pool, call = self.pool, self.call  # (settling lets go of them)
         if not super().cancel():  # never launched as a task: this settles it, cancelled
             return False
-        if self.call is not None:  # interrupt it where it runs (in the loop's thread)
-            self.loop.call_in_loop(self.pool.cancel, self.call)  # (a loop that ended took the call with it)
+        if pool is not None and call is not None:  # interrupt it where it runs (in the loop's thread)
+            self.loop.call_in_loop(pool.cancel, call)  # (a loop that ended took the call with it)
         return True
+
+    def attach(self, pool: Any, call: Call | ActorCall, label: str) -> None:
+        """Tie this ref to ``call``, held by ``pool`` (what ``cancel()`` interrupts); a ref settled
+        meanwhile (cancelled before its call was made) keeps none of it."""
+        self.pool, self.call, self.label = pool, call, label
+        if self.done():
+            self.pool = self.call = None
+
+    def _settle(self, state: str, value: Any, error: BaseException | None) -> tuple[Any, Any]:
+        # A settled ref keeps only its outcome: a million-call map holds its refs, and each kept
+        # Call (with its pickled arguments) cost ~300 B and slowed the garbage collector. Let go
+        # as it settles (under the settling lock), before any waiter wakes or callback runs: also
+        # when cancel() settles it, after which the pool may never settle it again. The waiters'
+        # event (~100 B with its lock, made when a thread blocked on the ref) goes too: it is set
+        # once, from what this returns, and a blocked thread holds it itself.
+        woken = super()._settle(state, value, error)
+        self.pool = self.call = self._event = None
+        return woken
 
     def set_result(self, value: Any) -> None:
         """Finish with ``value`` (no effect on a finished ref). For the pool."""
         self._set_result(value)
-        self._let_go()
 
     def set_error(self, error: BaseException) -> None:
         """Fail with ``error`` (no effect on a finished ref). For the pool."""
         self._set_error(error)
-        self._let_go()
 
     def set_cancelled(self) -> None:
         """Finish cancelled, without telling the pool (no effect on a finished ref). For the pool."""
         self._set_cancelled()
-        self._let_go()
-
-    def _let_go(self) -> None:
-        # A settled ref keeps only its outcome: a million-call map holds its refs, and each kept
-        # Call (with its pickled arguments) cost ~300 B and slowed the garbage collector.
-        if self.done():
-            self.pool = self.call = None
 
 
 @dataclass(eq=False)

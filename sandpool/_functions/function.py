@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import math
 import operator
 import os
@@ -209,7 +210,9 @@ class RemoteFunction(Generic[P, R]):
             wake.set()
 
         batch: list[Call] = []
-        for ref, item in zip(refs, items):
+        items.reverse()  # taken from the end as each call is made: its item is let go once pickled
+        for ref in itertools.islice(refs, len(items)):  # (as zip did, whatever the caller does to refs)
+            item = items.pop()
             while state["calls"] >= bound or (state["calls"] and state["bytes"] >= MAX_IN_FLIGHT_BYTES):
                 pool.submit(batch)
                 batch = []
@@ -316,7 +319,7 @@ class Caller:
 
     def make_call(self, pool: Pool, ref: CallRef, data: bytes | list[bytes]) -> Call:
         call = Call(self._payload or self.payload(), data, ref, self.retries, self.timeout)
-        ref.pool, ref.call, ref.label = pool, call, self.name  # what ref.cancel() interrupts
+        ref.attach(pool, call, self.name)
         return call
 
     def submit(self, pool: Pool, calls: list[Call]) -> None:
