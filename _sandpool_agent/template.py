@@ -93,8 +93,8 @@ class Template:
         while True:
             exited = []
             events = sel.select(self._wait_seconds())
-            if not events and not self.sweep_due:
-                gc.collect()  # (a second with nothing to do)
+            if not events and not self.sweep_due and gc.get_count()[0]:
+                gc.collect()  # (a second with nothing to do, and objects made since the last one)
             for key, _ in events:
                 if key.data == "chld":
                     self.sweep_due = True
