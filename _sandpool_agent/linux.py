@@ -63,6 +63,12 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def own_stat() -> list[bytes]:
+    """The fields of /proc/self/stat from the third (state) on: field N is item N - 3."""
+    data = read_small("/proc/self/stat")
+    return data[data.rindex(b")") + 2:].split()
+
+
 def read_small(path: str) -> bytes:
     """The whole of a small /proc or cgroup file: an os.open and reads (a few syscalls, where
     ``open()`` makes eight), for the paths the template and the agent take for every sandbox."""

@@ -59,12 +59,8 @@ def main(sock: socket.socket, config: dict, listener: tuple[socket.socket, str] 
     ``listener`` (socket, path), the first connection to it is the client's (direct mode)."""
     os.setpgid(0, 0)  # its own group: a kill reaches whatever the function started
     _linux.set_parent_death_signal(signal.SIGKILL)
-    keep = sorted(s.fileno() for s in (sock, listener[0] if listener else None) if s is not None)
-    low = 3
-    for fd in keep:  # the owner socket, the agent's selector and exec pipes are not ours
-        os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+    # the owner socket, the agent's selector and exec pipes are not ours
+    _linux.close_all_but(*(s.fileno() for s in (sock, listener[0] if listener else None) if s is not None))
     for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
     import cloudpickle  # pre-imported by the template, so this is a dictionary lookup

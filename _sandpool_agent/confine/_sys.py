@@ -15,6 +15,8 @@ import platform
 import socket
 import struct
 
+from .. import linux as _linux
+
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
@@ -98,12 +100,7 @@ def fork() -> int:
 
 def _threads() -> int:
     """How many threads this process has (field 20 of /proc/self/stat)."""
-    fd = os.open("/proc/self/stat", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        data = os.read(fd, 4096)
-    finally:
-        os.close(fd)
-    return int(data[data.rindex(b")") + 2:].split(None, 18)[17])
+    return int(_linux.own_stat()[17])
 
 
 def unshare(flags: int) -> None:

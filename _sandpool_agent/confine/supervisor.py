@@ -495,5 +495,4 @@ def parent_pid() -> int:
     ppid = os.getppid()
     if ppid:
         return ppid
-    stat = _linux.read_small("/proc/self/stat")  # still the host's /proc: the agent has not entered its root yet
-    return int(stat.rsplit(b")", 1)[1].split()[1])
+    return int(_linux.own_stat()[1])  # still the host's /proc: the agent has not entered its root yet
