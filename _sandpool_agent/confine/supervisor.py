@@ -176,8 +176,9 @@ class Supervisor:
         SIGCHLD wake-up pipe, its control socket): one ``close_range`` call each side of each fd
         kept, rather than a walk over the template's tables of them, which would write (and so
         copy) a page of the template's memory for nearly every entry. The socket objects among them
-        are closed as objects first, so that none of them can close a reused number later."""
-        self.held.close_others()
+        are kept from ever closing a reused number later: the few spares' are closed as objects,
+        the storage sockets of other children (hundreds in a burst) are abandoned untouched."""
+        self.held.abandon_others()
         for spare in self.spares.values():
             spare.sock.close()
         holder = self.held.holder
