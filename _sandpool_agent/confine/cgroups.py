@@ -155,13 +155,46 @@ def limit_files(layout: Layout, group: dict, memory: int | None, cpu: float | No
     return {os.path.join(d, name): value for d, name, value in values if d}
 
 
+#: v2 parent directories this process has delegated its controllers down to: each is walked and
+#: written once, not at every start of a sandbox under it (~0.3 ms a start, in the client, when
+#: the walk rewrote every level's cgroup.subtree_control).
+_delegated: set[str] = set()
+
+
 def create(layout: Layout, group: dict, limits: dict[str, str]) -> None:
     """Make the group's directories (parents too) and write its limits. OSError if refused."""
+    v2 = [d for d in group["dirs"] if layout.v2 and d.startswith(layout.v2 + "/")]
     for d in group["dirs"]:
-        if layout.v2 and d.startswith(layout.v2 + "/"):
+        if d in v2:
+            _make_v2(layout, d)
+        else:
+            os.makedirs(d, exist_ok=True)
+    try:
+        write_limits(limits)
+    except OSError:
+        if not v2:
+            raise
+        for d in v2:  # (a parent made again by someone else since, without our controllers)
+            _delegated.discard(os.path.dirname(d))
             _enable_v2_controllers(layout, os.path.dirname(d))
-        os.makedirs(d, exist_ok=True)
-    write_limits(limits)
+        write_limits(limits)
+
+
+def _make_v2(layout: Layout, d: str) -> None:
+    """Make the v2 group ``d``, its controllers delegated down to its parent: one mkdir when that
+    was done before and the parent is still there (it may have been pruned since: then again)."""
+    parent = os.path.dirname(d)
+    if parent in _delegated:
+        try:
+            os.mkdir(d)
+            return
+        except FileExistsError:
+            return
+        except FileNotFoundError:
+            _delegated.discard(parent)
+    _enable_v2_controllers(layout, parent)
+    os.makedirs(d, exist_ok=True)
+    _delegated.add(parent)
 
 
 def write_limits(limits: dict[str, str]) -> None:

@@ -192,3 +192,48 @@ def test_prune_removes_empty_groups_of_dead_owners_anywhere(tmp_path):
             cgroups.remove_tree(path)
         cgroups.prune()
     assert not any(os.path.exists(os.path.dirname(d)) for d in busy["dirs"])
+
+
+@pytest.mark.skipif(not LAYOUT.v2, reason="no cgroup v2 tree here: nothing is delegated")
+def test_groups_made_after_their_delegated_parent_was_removed_are_limited_all_the_same(tmp_path, monkeypatch):
+    """create() delegates the controllers down to a v2 parent once per process, then makes each
+    later group with one mkdir. When that parent was removed in between (an owner's tree pruned)
+    or made again by someone else without our controllers, the next group is still made and
+    limited: the delegation is done again."""
+    key = cgroups.state_key(str(tmp_path))
+    owner = "o-1-cafe00"
+    made = []
+
+    def one(sandbox_id: str) -> dict:
+        group = cgroups.plan(LAYOUT, key, owner, sandbox_id, with_memory=False)
+        limits = cgroups.limit_files(LAYOUT, group, None, None, 64)
+        cgroups.create(LAYOUT, group, limits)
+        made.append(group)
+        for path, value in limits.items():
+            assert read(path) == value
+        return group
+
+    walks = []
+    enable = cgroups._enable_v2_controllers
+    monkeypatch.setattr(cgroups, "_enable_v2_controllers", lambda *a: (walks.append(a), enable(*a)))
+    v2_parent = next(os.path.dirname(d) for d in one("sb-a")["dirs"] if d.startswith(LAYOUT.v2 + "/"))
+    one("sb-b")
+    assert len(walks) == 1  # the second start: no walk
+    try:
+        for group in made:
+            cgroups.remove(group)
+        cgroups.remove_owner(os.path.join(str(tmp_path), owner))
+        assert not os.path.exists(v2_parent)
+        one("sb-c")  # the parent is gone: made again, delegated again
+        assert len(walks) == 2
+        for group in made[2:]:
+            cgroups.remove(group)
+        os.rmdir(v2_parent)
+        os.mkdir(v2_parent)  # made again without controllers (the cache still names it)
+        limited_in_v2 = any(path.startswith(v2_parent + "/") for path in cgroups.limit_files(
+            LAYOUT, one("sb-d"), None, None, 64))
+        assert len(walks) == (3 if limited_in_v2 else 2)  # (again only where a limit file is missing)
+    finally:
+        for group in made:
+            cgroups.remove(group)
+        cgroups.remove_owner(os.path.join(str(tmp_path), owner))

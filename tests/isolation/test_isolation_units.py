@@ -208,3 +208,36 @@ def test_interpreter_binds_never_reexpose_hidden_directories():
     assert binds == ["/root/.pyenv/versions/3.11.7", "/tmp/project/helper.py"]
     other = [s for s, _ in hostview._binds(False, "/tmp/sandpool-0", "/var/lib/sandpool/images", dirs, sources)]
     assert other == ["/root/.pyenv/versions/3.11.7", "/usr/lib/python3", "/tmp/project/helper.py"]
+
+
+def test_client_sources_follow_modules_imported_replaced_and_removed_between_starts(tmp_path, monkeypatch):
+    """The client's module paths bound into a sandbox are those imported when it starts: a module
+    imported, replaced (same name, another file) or removed since the last start is seen, though
+    a start with nothing new answers from the last look."""
+    import importlib
+    import sys
+
+    from sandpool._isolation import hostview
+
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "sp_probe_mod.py").write_text(f"WHERE = {name!r}\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "one"))
+    monkeypatch.delitem(sys.modules, "sp_probe_mod", raising=False)
+    before = hostview.client_sources()
+    assert hostview.client_sources() is before  # nothing new: the last answer
+    assert not any("sp_probe_mod" in p for p in before)
+
+    first = importlib.import_module("sp_probe_mod")
+    assert str((tmp_path / "one" / "sp_probe_mod.py").resolve()) in hostview.client_sources()
+
+    del sys.modules["sp_probe_mod"]  # replaced by the same name from another file
+    monkeypatch.syspath_prepend(str(tmp_path / "two"))
+    second = importlib.import_module("sp_probe_mod")
+    assert (first.WHERE, second.WHERE) == ("one", "two")
+    found = hostview.client_sources()
+    assert str((tmp_path / "two" / "sp_probe_mod.py").resolve()) in found
+    assert str((tmp_path / "one" / "sp_probe_mod.py").resolve()) not in found
+
+    del sys.modules["sp_probe_mod"]
+    assert not any("sp_probe_mod" in p for p in hostview.client_sources())
