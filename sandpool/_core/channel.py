@@ -261,6 +261,34 @@ class FrameChannel:
             if frames:
                 return frames
 
+    async def receive_lent(self) -> list[dict[str, Any]] | None:
+        """``read_borrowed`` for a task of the loop that borrowed the reading (and took the reader off
+        the socket: ``wake_reader``): waits as a trio checkpoint, not a blocking poll, for the next
+        whole frames; None at the end of the stream, or on a malformed frame (left for the reader to
+        raise). A cancellation lands while it waits, before anything is read."""
+        assert self._sock is not None
+        frames: list[dict[str, Any]] = []
+        while not frames:
+            try:
+                await trio.lowlevel.wait_readable(self._fd)
+            except trio.ClosedResourceError:  # closed under it (``aclose`` waited a second for it)
+                return None
+            try:
+                data = self._sock.recv(_LARGE_READ)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                return None
+            if not data:
+                return None
+            self._drained = len(data) < _LARGE_READ
+            try:
+                frames = self._decoder.feed(data)
+            except ProtocolError as exc:
+                self._error = exc
+                return None
+        return frames
+
     def give_back(self, unread: list[dict[str, Any]], stay_parked: bool) -> bool:
         """In the borrowing thread: end the borrowing. ``unread``: frames it read and did not take,
         which the reader takes first. The reader stays parked if ``stay_parked`` (nothing is awaited

@@ -124,6 +124,36 @@ class AgentConnection(SandboxParts):
             if channel.give_back(unread, stay):
                 self._host.call_in_loop(channel.wake_reader)
 
+    async def _await_answer(self, req_id: int, take: Callable[[list[dict[str, Any]]], bool],
+                            waiting: Callable[[], bool]) -> None:
+        """``_read_answer`` for a task of this sandbox's loop awaiting request ``req_id``: it reads
+        the agent's connection itself, so that the answer wakes it alone, rather than the loop's
+        reader, which would then wake it, and go back to its wait before it may run. Returns once
+        ``waiting()`` is False (looked at after each take), when frames went to the loop, or at
+        once if the reading is not to be had (the loop's reader reads then). Cancellation (of the
+        task, or of a scope the request cancels when it stops waiting for its answer alone) lands
+        while it waits, with nothing read; the reading is handed back either way."""
+        record = self._record
+        channel = record.channel if record is not None else None
+        if channel is None or not channel.borrow():
+            self._reader_needed()
+            return
+        channel.wake_reader()  # off the socket, if it waits there (it sees the reading lent, and waits for it)
+        unread: list[dict[str, Any]] = []
+        stay = False
+        try:
+            while waiting():
+                frames = await channel.receive_lent()
+                if frames is None:  # the end, or a malformed frame: the loop's reader takes it from here
+                    break
+                if not (all(frame.get("id") == req_id for frame in frames) and take(frames)):
+                    unread = frames
+                    break
+            stay = not self._requests.handlers  # nothing is awaited: the reader may stay parked
+        finally:
+            if channel.give_back(unread, stay):
+                channel.wake_reader()
+
     def _reader_needed(self) -> None:
         """An answer is awaited otherwise than by a thread that reads it: if the loop's reader is
         parked, it reads again. Any thread."""

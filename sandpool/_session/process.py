@@ -34,7 +34,8 @@ class SandboxLink:
     calling thread (any thread) and returns the id; else it does nothing and returns 0.
 
     ``read_answer(req_id, take, waiting, deadline)`` lets a sync caller blocked on request ``req_id``
-    read the agent's connection itself (see ``AgentConnection._read_answer``); ``reader_needed()``
+    read the agent's connection itself (see ``AgentConnection._read_answer``), and ``await
+    await_answer(req_id, take, waiting)`` a task of the loop awaiting it; ``reader_needed()``
     makes the loop's reader read again when an answer is awaited otherwise (any thread)."""
 
     host: Callable[[], TaskHost]
@@ -45,6 +46,7 @@ class SandboxLink:
     send: Callable[[dict[str, Any]], Awaitable[None]]
     send_now: Callable[[Any, Callable[[int], dict[str, Any]]], int]
     read_answer: Callable[[int, Callable[[list[dict[str, Any]]], bool], Callable[[], bool], float], None]
+    await_answer: Callable[[int, Callable[[list[dict[str, Any]]], bool], Callable[[], bool]], Awaitable[None]]
     reader_needed: Callable[[], None]
     deadlines: Deadlines
 
@@ -311,6 +313,7 @@ class Process(ReadsOwnAnswer):
             self._ending = True
             if why is not None and not self._exited.is_set():
                 self._failure = why
+        self._stop_own_wait()
 
     async def _time_out(self) -> None:
         await self._kill()

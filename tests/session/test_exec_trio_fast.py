@@ -1,0 +1,322 @@
+"""A trio task awaiting an exec in its sandbox's own loop reads the answer itself: it borrows the
+reading of the agent's connection from the loop's reader (FrameChannel.borrow, receive_lent), so the
+answer wakes the awaiting task alone. It must end exactly as the loop's reading does: the same
+results, errors, timeouts, cancellation and cleanup, with frames for anything else handed to the
+loop in order. Scenarios run both ways; ``loop`` turns the task's own reading off."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+
+import pytest
+import trio
+
+from sandpool import OperationCancelled, SandboxDiedError, SandboxError, SandboxExecutionError, SandboxTimeoutError, Session
+from sandpool._core import channel as _channel
+from sandpool._session import process as _process
+
+
+async def _not_read(req_id, take, waiting):
+    """``await_answer`` that leaves every answer to the loop's reader (as before the task's own reading)."""
+
+
+def _run(body, way: str = "own"):
+    """Run ``body(sandbox)`` in a trio loop holding a session of its own and a running sandbox; ``way``
+    "loop" makes the loop's reader read every answer."""
+
+    async def main():
+        async with Session() as session:
+            sandbox = await session.sandbox()
+            if way == "loop":
+                sandbox._link = dataclasses.replace(sandbox._link, await_answer=_not_read)
+            try:
+                with trio.fail_after(60):
+                    await body(sandbox)
+            finally:
+                await sandbox.stop(graceful_shutdown_seconds=0)
+
+    trio.run(main)
+
+
+def _settled(sb) -> None:
+    """Nothing of an exec is left on the client: no request registered, no deadline kept."""
+    assert sb._requests.handlers == {}
+    assert "0 due" in repr(sb._link.deadlines)
+
+
+def _own_reads(sb, monkeypatch) -> list[int]:
+    """A counter of the reads awaiting tasks make from now on (each after a wait on the socket)."""
+    count = [0]
+    receive_lent = _channel.FrameChannel.receive_lent
+
+    async def counted(self):
+        count[0] += 1
+        return await receive_lent(self)
+
+    monkeypatch.setattr(_channel.FrameChannel, "receive_lent", counted)
+    return count
+
+
+ways = pytest.mark.parametrize("way", ["own", "loop"])
+
+
+def test_answers_skip_the_reader(monkeypatch):
+    """A trio task's execs are answered to the task itself: the loop's reader reads (almost) none."""
+    batches = [0]
+    receive_batch = _channel.FrameChannel.receive_batch
+
+    async def counted(self):
+        batch = await receive_batch(self)
+        batches[0] += 1
+        return batch
+
+    monkeypatch.setattr(_channel.FrameChannel, "receive_batch", counted)
+
+    async def body(sb):
+        await sb.exec(["true"])
+        before = batches[0]
+        for i in range(50):
+            assert (await sb.exec(["sh", "-c", f"echo {i}"])).stdout == f"{i}\n"
+        assert batches[0] - before < 10
+        _settled(sb)
+
+    _run(body)
+
+
+@ways
+def test_results_match(way):
+    """Output, exit codes, cwd, env, check=True, a command that cannot start, output across the window."""
+
+    async def body(sb):
+        result = await sb.exec(["sh", "-c", "echo out; echo err >&2; pwd; echo $X; exit 3"], cwd="/tmp", env={"X": "y"})
+        assert (result.stdout, result.stderr, result.returncode) == ("out\n/tmp\ny\n", "err\n", 3)
+        with pytest.raises(SandboxExecutionError) as info:
+            await sb.exec(["sh", "-c", "echo no; exit 2"], check=True)
+        assert info.value.exec_result.returncode == 2 and info.value.exec_result.stdout == "no\n"
+        missing = await sb.exec(["no-such-command-here"])
+        assert missing.returncode == 127 and "no-such-command-here" in missing.stderr
+        big = await sb.exec(["head", "-c", "5000000", "/dev/zero"])  # crosses the output window
+        assert big.stdout_bytes == bytes(5_000_000)
+        assert (await sb.exec(["true"])).returncode == 0
+        _settled(sb)
+
+    _run(body, way)
+
+
+@ways
+def test_timeout_cancel_and_cancelled_awaiter(way):
+    """A timeout kills the command; a cancel from another task while one awaits, and the awaiting
+    task's own cancellation, end it as the loop's reading does; the sandbox goes on serving."""
+
+    async def body(sb):
+        proc = sb.exec(["sleep", "600"], timeout_seconds=0.3)
+        with pytest.raises(SandboxTimeoutError, match="timed out after 0.3 s"):
+            await proc
+        assert proc.returncode == 137  # 128 + SIGKILL
+        proc = sb.exec(["sleep", "600"])
+        async with trio.open_nursery() as nursery:
+            async def awaiting():
+                with pytest.raises(OperationCancelled):
+                    await proc
+
+            nursery.start_soon(awaiting)
+            await trio.testing.wait_all_tasks_blocked()
+            assert proc.cancel() is True
+        with trio.move_on_after(0.3):  # the awaiting task is cancelled: so is its command
+            await (running := sb.exec(["sh", "-c", "exec sleep 600"]))
+        with pytest.raises(OperationCancelled):
+            await running
+        # the kills go out by tasks of their own: the commands are gone soon after (else this times out)
+        await sb.exec(["sh", "-c", "while pgrep -x sleep >/dev/null; do :; done"], timeout_seconds=20, check=True)
+        await sb.write_file("/tmp/after", b"still")
+        assert await sb.read_file("/tmp/after") == b"still"
+        _settled(sb)
+
+    _run(body, way)
+
+
+@ways
+def test_timeout_while_the_agent_says_nothing(way, monkeypatch):
+    """The agent is stopped (SIGSTOP) while a task awaits a command with a timeout: no frame comes,
+    yet the awaiting task gets its timeout error (the process's kill waits a bounded time); once
+    the agent runs again, the sandbox serves on."""
+    monkeypatch.setattr(_process, "_KILL_WAIT_SECONDS", 0.5)
+
+    async def body(sb):
+        pid = sb._record.agent_pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with trio.fail_after(20):
+                with pytest.raises(SandboxTimeoutError, match="timed out after 0.3 s"):
+                    await sb.exec(["true"], timeout_seconds=0.3)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert (await sb.exec(["echo", "on"])).stdout == "on\n"
+        _settled(sb)
+
+    _run(body, way)
+
+
+@ways
+def test_sandbox_killed_mid_wait(way):
+    """The agent is killed while a task awaits: the same error as the loop's, its streams end too."""
+
+    async def body(sb):
+        proc = sb.exec(["sh", "-c", "echo up; exec sleep 600"])
+        async with trio.open_nursery() as nursery:
+            async def awaiting():
+                with pytest.raises(SandboxError, match="killed by SIGKILL"):
+                    await proc
+
+            nursery.start_soon(awaiting)
+            await trio.testing.wait_all_tasks_blocked()
+            os.kill(sb._record.agent_pid, signal.SIGKILL)
+        with pytest.raises(SandboxError, match="killed by SIGKILL"):
+            [chunk async for chunk in proc.stdout]
+        assert sb._requests.handlers == {}
+        with pytest.raises(SandboxError, match="killed by SIGKILL"):
+            await sb.exec(["true"])
+
+    _run(body, way)
+
+
+@ways
+def test_connection_closed_under_an_awaiting_task(way):
+    """The client closes the agent's connection while a task awaits (the agent still holds its end
+    open): the task gives the socket back before it is closed, and gets the loop's error."""
+
+    async def body(sb):
+        proc = sb.exec(["sleep", "600"])
+        async with trio.open_nursery() as nursery:
+            async def awaiting():
+                with pytest.raises(SandboxDiedError, match="ended"):
+                    await proc
+
+            nursery.start_soon(awaiting)
+            await trio.testing.wait_all_tasks_blocked()
+            await sb._record.channel.aclose()
+        assert sb._requests.handlers == {}
+
+    _run(body, way)
+
+
+@ways
+def test_socket_closed_under_an_awaiting_task(way):
+    """The connection's socket is closed outright (not shut down first) while a task awaits: its wait
+    ends as the loop reader's does, and the task gets the loop's error, not trio's."""
+
+    async def body(sb):
+        proc = sb.exec(["sleep", "600"])
+        async with trio.open_nursery() as nursery:
+            async def awaiting():
+                with pytest.raises(SandboxDiedError, match="ended"):
+                    await proc
+
+            nursery.start_soon(awaiting)
+            await trio.testing.wait_all_tasks_blocked()
+            await sb._record.channel._stream.aclose()
+        assert sb._requests.handlers == {}
+
+    _run(body, way)
+
+
+@ways
+def test_concurrent_execs_in_one_loop(way):
+    """Several tasks exec at once in one sandbox: each gets its own answer, whoever reads it."""
+
+    async def body(sb):
+        async def run(t: int) -> None:
+            for i in range(40):
+                result = await sb.exec(["sh", "-c", f"echo {t}-{i}; exit {i % 5}"])
+                assert (result.stdout, result.returncode) == (f"{t}-{i}\n", i % 5)
+
+        async with trio.open_nursery() as nursery:
+            for t in range(4):
+                nursery.start_soon(run, t)
+        _settled(sb)
+
+    _run(body, way)
+
+
+@ways
+def test_other_traffic_while_a_task_awaits(way):
+    """While a task awaits a running command, files, another exec, a live stream of the awaited
+    command itself and output of another go through the same connection; all arrive."""
+
+    async def body(sb):
+        assert (await sb.exec(["mkfifo", "/tmp/gate"])).returncode == 0
+        proc = sb.exec(["sh", "-c", "echo first; read x < /tmp/gate; echo got $x"])
+        results = {}
+        async with trio.open_nursery() as nursery:
+            async def awaiting():
+                results["awaited"] = await proc
+
+            nursery.start_soon(awaiting)
+            await trio.testing.wait_all_tasks_blocked()
+            await sb.write_file("/tmp/data", b"y" * 300_000)
+            assert await sb.read_file("/tmp/data") == b"y" * 300_000
+            assert "".join([chunk async for chunk in sb.exec(["sh", "-c", "echo one; echo two"]).stdout]) == "one\ntwo\n"
+
+            async def live():
+                results["live"] = "".join([chunk async for chunk in proc.stdout])
+
+            nursery.start_soon(live)
+            await trio.testing.wait_all_tasks_blocked()
+            assert (await sb.exec(["sh", "-c", "echo go > /tmp/gate"])).returncode == 0
+        assert results == {"awaited": results["awaited"], "live": "first\ngot go\n"}
+        assert results["awaited"].stdout == "first\ngot go\n"
+        _settled(sb)
+
+    _run(body, way)
+
+
+@ways
+def test_output_taken_by_an_awaiting_task_is_acknowledged(way, monkeypatch):
+    """A task takes output of a running command (up to half its window) before the loop reads on:
+    every byte is acknowledged to the agent all the same, or the agent would hold the rest back."""
+    from _sandpool_agent import wire
+
+    credited, all_credited = [0], None
+    send_bytes = _channel.FrameChannel.send_bytes
+
+    async def counting(self, data):
+        for frame in wire.FrameBuffer().feed(bytes(data)):
+            if frame["t"] == "credit":
+                credited[0] += frame["n"]
+        if credited[0] >= 3_000_000 and all_credited is not None:
+            all_credited.set()
+        await send_bytes(self, data)
+
+    monkeypatch.setattr(_channel.FrameChannel, "send_bytes", counting)
+
+    async def body(sb):
+        nonlocal all_credited
+        all_credited = trio.Event()
+        assert (await sb.exec(["mkfifo", "/tmp/gate"])).returncode == 0
+        proc = sb.exec(["sh", "-c", "head -c 3000000 /dev/zero; read x < /tmp/gate"])
+        async with trio.open_nursery() as nursery:
+            async def awaiting():
+                assert len((await proc).stdout_bytes) == 3_000_000
+
+            nursery.start_soon(awaiting)
+            with trio.fail_after(30):
+                await all_credited.wait()
+            assert credited[0] == 3_000_000
+            await sb.exec(["sh", "-c", "echo go > /tmp/gate"])
+        _settled(sb)
+
+    _run(body, way)
+
+
+def test_own_reading_is_used(monkeypatch):
+    """The scenarios above run the task's own reading (else the "own" runs test nothing new)."""
+    reads = _own_reads(None, monkeypatch)
+
+    async def body(sb):
+        for _ in range(5):
+            await sb.exec(["true"])
+
+    _run(body)
+    assert reads[0] >= 4
