@@ -70,14 +70,16 @@ class AgentConnection(SandboxParts):
         """The fast path of a request (any thread): when this sandbox runs and no task of its loop is
         writing to the agent, register ``handler``, write ``make(req_id)`` from this thread and
         return the id; else (or if that fails: the loop's path then meets the same error) do
-        nothing and return 0. A frame the socket did not take whole is finished by a task of the loop."""
+        nothing and return 0. A frame the socket did not take whole is finished by a task of the loop.
+        ``handler`` sees to its answer being read (it reads it itself, or calls ``_reader_needed``
+        once it is awaited otherwise): a parked reader stays parked, also when the loop's thread sends."""
         record = self._record
         channel = record.channel if record is not None else None
         if channel is None or channel.closed or self._state.phase is not Phase.RUNNING:
             return 0
         req_id = self._register(handler)
         try:
-            sent = channel.send_now(make(req_id))
+            sent = channel.send_now(make(req_id), answer_seen_to=True)
         except SandboxError:  # too large (ProtocolError), or the socket broke
             sent = False
         if not sent:
@@ -138,7 +140,6 @@ class AgentConnection(SandboxParts):
         if channel is None or not channel.borrow():
             self._reader_needed()
             return
-        channel.wake_reader()  # off the socket, if it waits there (it sees the reading lent, and waits for it)
         unread: list[dict[str, Any]] = []
         stay = False
         try:

@@ -31,7 +31,8 @@ class SandboxLink:
 
     ``send_now(handler, make)`` is the fast path: when the sandbox runs and no task of its loop is
     writing to the agent, it registers ``handler``, writes the frame ``make(req_id)`` from the
-    calling thread (any thread) and returns the id; else it does nothing and returns 0.
+    calling thread (any thread) and returns the id; else it does nothing and returns 0. The handler
+    then sees to its answer being read: it reads it itself, or calls ``reader_needed()``.
 
     ``read_answer(req_id, take, waiting, deadline)`` lets a sync caller blocked on request ``req_id``
     read the agent's connection itself (see ``AgentConnection._read_answer``), and ``await
@@ -157,6 +158,8 @@ class Process(ReadsOwnAnswer):
 
     def poll(self) -> int | None:
         """The exit code, or None while the process runs. Never blocks."""
+        if self._exit_code is None and not self.done():  # its answer is looked for: the loop reads it
+            self._link.reader_needed()
         return self._exit_code
 
     def wait(self, timeout: float | None = None) -> int:

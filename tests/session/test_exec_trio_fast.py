@@ -62,8 +62,20 @@ def _own_reads(sb, monkeypatch) -> list[int]:
 ways = pytest.mark.parametrize("way", ["own", "loop"])
 
 
+class _ReaderSteps(trio.abc.Instrument):
+    """Counts the steps the sandboxes' frame readers run."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def before_task_step(self, task) -> None:
+        if task.name.endswith("._reader"):
+            self.count += 1
+
+
 def test_answers_skip_the_reader(monkeypatch):
-    """A trio task's execs are answered to the task itself: the loop's reader reads (almost) none."""
+    """A trio task's execs are answered to the task itself: the loop's reader reads (almost) none,
+    and is (almost) never woken: an exec sent from the loop leaves a parked reader asleep."""
     batches = [0]
     receive_batch = _channel.FrameChannel.receive_batch
 
@@ -76,10 +88,13 @@ def test_answers_skip_the_reader(monkeypatch):
 
     async def body(sb):
         await sb.exec(["true"])
-        before = batches[0]
+        before, steps = batches[0], _ReaderSteps()
+        trio.lowlevel.add_instrument(steps)
         for i in range(50):
             assert (await sb.exec(["sh", "-c", f"echo {i}"])).stdout == f"{i}\n"
+        trio.lowlevel.remove_instrument(steps)
         assert batches[0] - before < 10
+        assert steps.count < 10
         _settled(sb)
 
     _run(body)
@@ -308,6 +323,48 @@ def test_output_taken_by_an_awaiting_task_is_acknowledged(way, monkeypatch):
         _settled(sb)
 
     _run(body, way)
+
+
+def test_awaited_otherwise_the_loop_reads(monkeypatch):
+    """With the reader parked after a task read its own answer (and the park's bound made long), an
+    exec sent from the loop and then waited on otherwise is read by the loop at once: a done
+    callback, a live stream, a poll, an await once another task's answer is read."""
+    monkeypatch.setattr(_channel, "PARK_SECONDS", 3600.0)
+
+    async def park(sb):
+        for _ in range(20):
+            await sb.exec(["true"])
+            if sb._record.channel.parked:
+                return
+        raise AssertionError("the reader was never parked")
+
+    async def body(sb):
+        await park(sb)
+        called = trio.Event()
+        sb.exec(["echo", "a"]).add_done_callback(lambda proc: called.set())
+        await called.wait()
+        await park(sb)
+        assert "".join([chunk async for chunk in sb.exec(["echo", "b"]).stdout]) == "b\n"
+        await park(sb)
+        proc = sb.exec(["echo", "c"])
+        with trio.fail_after(20):
+            while proc.poll() is None:  # looks only, never waits on the process: the loop must read
+                await trio.sleep(0.001)
+        assert (await proc).stdout == "c\n"
+        await park(sb)
+        gate = sb.exec(["sleep", "0.3"])
+        other = sb.exec(["echo", "d"])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_await, gate)
+            await trio.testing.wait_all_tasks_blocked()  # that task reads the connection now
+            assert (await other).stdout == "d\n"
+        _settled(sb)
+
+    _run(body)
+
+
+async def _await(ref):
+    return await ref
 
 
 def test_own_reading_is_used(monkeypatch):
