@@ -6,6 +6,7 @@ loop in order. Scenarios run both ways; ``loop`` turns the task's own reading of
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -38,6 +39,26 @@ def _run(body, way: str = "own"):
                 await sandbox.stop(graceful_shutdown_seconds=0)
 
     trio.run(main)
+
+
+@contextlib.asynccontextmanager
+async def _awaited(proc, raises=None, match=None):
+    """``proc`` awaited by a task of its own (which expects ``raises``, matching ``match``; returns
+    go to the yielded dict's "result"), waiting by the time the block runs; the block's end waits
+    for that task."""
+    got = {}
+
+    async def awaiting():
+        if raises is None:
+            got["result"] = await proc
+        else:
+            with pytest.raises(raises, match=match):
+                await proc
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(awaiting)
+        await trio.testing.wait_all_tasks_blocked()
+        yield got
 
 
 def _settled(sb) -> None:
@@ -131,13 +152,7 @@ def test_timeout_cancel_and_cancelled_awaiter(way):
             await proc
         assert proc.returncode == 137  # 128 + SIGKILL
         proc = sb.exec(["sleep", "600"])
-        async with trio.open_nursery() as nursery:
-            async def awaiting():
-                with pytest.raises(OperationCancelled):
-                    await proc
-
-            nursery.start_soon(awaiting)
-            await trio.testing.wait_all_tasks_blocked()
+        async with _awaited(proc, OperationCancelled):
             assert proc.cancel() is True
         with trio.move_on_after(0.3):  # the awaiting task is cancelled: so is its command
             await (running := sb.exec(["sh", "-c", "exec sleep 600"]))
@@ -180,13 +195,7 @@ def test_sandbox_killed_mid_wait(way):
 
     async def body(sb):
         proc = sb.exec(["sh", "-c", "echo up; exec sleep 600"])
-        async with trio.open_nursery() as nursery:
-            async def awaiting():
-                with pytest.raises(SandboxError, match="killed by SIGKILL"):
-                    await proc
-
-            nursery.start_soon(awaiting)
-            await trio.testing.wait_all_tasks_blocked()
+        async with _awaited(proc, SandboxError, "killed by SIGKILL"):
             os.kill(sb._record.agent_pid, signal.SIGKILL)
         with pytest.raises(SandboxError, match="killed by SIGKILL"):
             [chunk async for chunk in proc.stdout]
@@ -203,14 +212,7 @@ def test_connection_closed_under_an_awaiting_task(way):
     open): the task gives the socket back before it is closed, and gets the loop's error."""
 
     async def body(sb):
-        proc = sb.exec(["sleep", "600"])
-        async with trio.open_nursery() as nursery:
-            async def awaiting():
-                with pytest.raises(SandboxDiedError, match="ended"):
-                    await proc
-
-            nursery.start_soon(awaiting)
-            await trio.testing.wait_all_tasks_blocked()
+        async with _awaited(sb.exec(["sleep", "600"]), SandboxDiedError, "ended"):
             await sb._record.channel.aclose()
         assert sb._requests.handlers == {}
 
@@ -223,14 +225,7 @@ def test_socket_closed_under_an_awaiting_task(way):
     ends as the loop reader's does, and the task gets the loop's error, not trio's."""
 
     async def body(sb):
-        proc = sb.exec(["sleep", "600"])
-        async with trio.open_nursery() as nursery:
-            async def awaiting():
-                with pytest.raises(SandboxDiedError, match="ended"):
-                    await proc
-
-            nursery.start_soon(awaiting)
-            await trio.testing.wait_all_tasks_blocked()
+        async with _awaited(sb.exec(["sleep", "600"]), SandboxDiedError, "ended"):
             await sb._record.channel._stream.aclose()
         assert sb._requests.handlers == {}
 
@@ -264,12 +259,7 @@ def test_other_traffic_while_a_task_awaits(way):
         assert (await sb.exec(["mkfifo", "/tmp/gate"])).returncode == 0
         proc = sb.exec(["sh", "-c", "echo first; read x < /tmp/gate; echo got $x"])
         results = {}
-        async with trio.open_nursery() as nursery:
-            async def awaiting():
-                results["awaited"] = await proc
-
-            nursery.start_soon(awaiting)
-            await trio.testing.wait_all_tasks_blocked()
+        async with trio.open_nursery() as nursery, _awaited(proc) as awaited:
             await sb.write_file("/tmp/data", b"y" * 300_000)
             assert await sb.read_file("/tmp/data") == b"y" * 300_000
             assert "".join([chunk async for chunk in sb.exec(["sh", "-c", "echo one; echo two"]).stdout]) == "one\ntwo\n"
@@ -280,8 +270,7 @@ def test_other_traffic_while_a_task_awaits(way):
             nursery.start_soon(live)
             await trio.testing.wait_all_tasks_blocked()
             assert (await sb.exec(["sh", "-c", "echo go > /tmp/gate"])).returncode == 0
-        assert results == {"awaited": results["awaited"], "live": "first\ngot go\n"}
-        assert results["awaited"].stdout == "first\ngot go\n"
+        assert results["live"] == awaited["result"].stdout == "first\ngot go\n"
         _settled(sb)
 
     _run(body, way)
@@ -311,15 +300,12 @@ def test_output_taken_by_an_awaiting_task_is_acknowledged(way, monkeypatch):
         all_credited = trio.Event()
         assert (await sb.exec(["mkfifo", "/tmp/gate"])).returncode == 0
         proc = sb.exec(["sh", "-c", "head -c 3000000 /dev/zero; read x < /tmp/gate"])
-        async with trio.open_nursery() as nursery:
-            async def awaiting():
-                assert len((await proc).stdout_bytes) == 3_000_000
-
-            nursery.start_soon(awaiting)
+        async with _awaited(proc) as awaited:
             with trio.fail_after(30):
                 await all_credited.wait()
             assert credited[0] == 3_000_000
             await sb.exec(["sh", "-c", "echo go > /tmp/gate"])
+        assert len(awaited["result"].stdout_bytes) == 3_000_000
         _settled(sb)
 
     _run(body, way)
@@ -354,17 +340,11 @@ def test_awaited_otherwise_the_loop_reads(monkeypatch):
         await park(sb)
         gate = sb.exec(["sleep", "0.3"])
         other = sb.exec(["echo", "d"])
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_await, gate)
-            await trio.testing.wait_all_tasks_blocked()  # that task reads the connection now
+        async with _awaited(gate):  # that task reads the connection now
             assert (await other).stdout == "d\n"
         _settled(sb)
 
     _run(body)
-
-
-async def _await(ref):
-    return await ref
 
 
 def test_own_reading_is_used(monkeypatch):
