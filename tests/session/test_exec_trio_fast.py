@@ -33,7 +33,7 @@ def _run(body, way: str = "own"):
             if way == "loop":
                 sandbox._link = dataclasses.replace(sandbox._link, await_answer=_not_read)
             try:
-                with trio.fail_after(60):
+                with trio.fail_after(30):
                     await body(sandbox)
             finally:
                 await sandbox.stop(graceful_shutdown_seconds=0)
@@ -227,6 +227,29 @@ def test_socket_closed_under_an_awaiting_task(way):
     async def body(sb):
         async with _awaited(sb.exec(["sleep", "600"]), SandboxDiedError, "ended"):
             await sb._record.channel._stream.aclose()
+        assert sb._requests.handlers == {}
+
+    _run(body, way)
+
+
+@ways
+def test_malformed_frame_while_a_task_awaits(way, monkeypatch):
+    """A frame the client cannot decode comes while a task awaits: the sandbox fails as when the
+    loop's reader meets it, and the task gets that failure."""
+    from _sandpool_agent import wire
+
+    feed = wire.FrameBuffer.feed
+
+    def garbled(self, data):  # the next read is garbled, once: whoever reads it must not lose that
+        monkeypatch.setattr(wire.FrameBuffer, "feed", feed)
+        raise wire.ProtocolError("a garbled frame")
+
+    async def body(sb):
+        proc = sb.exec(["sleep", "600"])
+        async with _awaited(proc, SandboxError, "protocol error: a garbled frame"):
+            monkeypatch.setattr(wire.FrameBuffer, "feed", garbled)
+            with pytest.raises(SandboxError, match="protocol error: a garbled frame"):
+                await sb.exec(["true"])  # its answer is the garbled frame
         assert sb._requests.handlers == {}
 
     _run(body, way)
