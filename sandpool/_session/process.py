@@ -86,8 +86,7 @@ class Process(ReadsOwnAnswer):
         self._cwd, self._env, self._timeout, self._check = cwd, env, timeout, check
         self._exec_extra = exec_extra or {}
         self._out = {1: LiveOutput(cap, self._live_reader), 2: LiveOutput(cap, self._live_reader)}
-        self.stdout = StreamReader(self._loop, self._out[1], self._send_credit, self._failure_now)
-        self.stderr = StreamReader(self._loop, self._out[2], self._send_credit, self._failure_now)
+        self._readers: dict[int, StreamReader] = {}  # stdout's and stderr's, made when first read
         self._window = StdinWindow(self._send_stdin, self._check_stdin_open)
         self.stdin: StreamWriter | None = StreamWriter(self._loop, self._window) if stdin else None
         self._pid: int | None = None
@@ -122,6 +121,26 @@ class Process(ReadsOwnAnswer):
                 pass
             if self.done():  # it was settled meanwhile, and its deadline maybe not yet discarded
                 self._link.deadlines.discard(self)
+
+    @property
+    def stdout(self) -> StreamReader:
+        """The live output of its stdout (see ``StreamReader``)."""
+        return self._reader(1)
+
+    @property
+    def stderr(self) -> StreamReader:
+        """The live output of its stderr (see ``StreamReader``)."""
+        return self._reader(2)
+
+    def _reader(self, fd: int) -> StreamReader:
+        # Made on first use, not with every process: most execs are only waited for.
+        reader = self._readers.get(fd)
+        if reader is None:
+            with self._guard:  # (two threads may look at once: both get the one reader)
+                reader = self._readers.get(fd) or StreamReader(self._loop, self._out[fd], self._send_credit,
+                                                               self._failure_now)
+                self._readers[fd] = reader
+        return reader
 
     def _exec_frame(self, req_id: int) -> dict[str, Any]:
         self._req_id = req_id
