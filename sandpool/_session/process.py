@@ -137,9 +137,10 @@ class Process(ReadsOwnAnswer):
         reader = self._readers.get(fd)
         if reader is None:
             with self._guard:  # (two threads may look at once: both get the one reader)
-                reader = self._readers.get(fd) or StreamReader(self._loop, self._out[fd], self._send_credit,
-                                                               self._failure_now)
-                self._readers[fd] = reader
+                reader = self._readers.get(fd)
+                if reader is None:
+                    reader = StreamReader(self._loop, self._out[fd], self._send_credit, self._failure_now)
+                    self._readers[fd] = reader
         return reader
 
     def _exec_frame(self, req_id: int) -> dict[str, Any]:
