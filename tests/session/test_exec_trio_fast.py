@@ -67,16 +67,17 @@ def _settled(sb) -> None:
     assert "0 due" in repr(sb._link.deadlines)
 
 
-def _own_reads(sb, monkeypatch) -> list[int]:
-    """A counter of the reads awaiting tasks make from now on (each after a wait on the socket)."""
+def _counted(monkeypatch, name: str) -> list[int]:
+    """A counter of the calls of the channels' coroutine method ``name`` from now on (FrameChannel's
+    ``receive_lent``: the reads of awaiting tasks; ``receive_batch``: the loop reader's)."""
     count = [0]
-    receive_lent = _channel.FrameChannel.receive_lent
+    method = getattr(_channel.FrameChannel, name)
 
     async def counted(self):
         count[0] += 1
-        return await receive_lent(self)
+        return await method(self)
 
-    monkeypatch.setattr(_channel.FrameChannel, "receive_lent", counted)
+    monkeypatch.setattr(_channel.FrameChannel, name, counted)
     return count
 
 
@@ -97,15 +98,7 @@ class _ReaderSteps(trio.abc.Instrument):
 def test_answers_skip_the_reader(monkeypatch):
     """A trio task's execs are answered to the task itself: the loop's reader reads (almost) none,
     and is (almost) never woken: an exec sent from the loop leaves a parked reader asleep."""
-    batches = [0]
-    receive_batch = _channel.FrameChannel.receive_batch
-
-    async def counted(self):
-        batch = await receive_batch(self)
-        batches[0] += 1
-        return batch
-
-    monkeypatch.setattr(_channel.FrameChannel, "receive_batch", counted)
+    batches = _counted(monkeypatch, "receive_batch")
 
     async def body(sb):
         await sb.exec(["true"])
@@ -372,7 +365,7 @@ def test_awaited_otherwise_the_loop_reads(monkeypatch):
 
 def test_own_reading_is_used(monkeypatch):
     """The scenarios above run the task's own reading (else the "own" runs test nothing new)."""
-    reads = _own_reads(None, monkeypatch)
+    reads = _counted(monkeypatch, "receive_lent")
 
     async def body(sb):
         for _ in range(5):
