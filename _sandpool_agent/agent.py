@@ -137,6 +137,7 @@ class Agent:
                 elif role == "files":
                     for answer in self.files.collect():
                         self._send(answer)
+            self._flush()  # answers first: what housekeeping finds can wait for the next write
             self._housekeeping()
             self._flush()
 
@@ -266,7 +267,7 @@ class Agent:
         status = _linux.reap(proc.pid)
         if status is None:
             return False
-        self._exited(proc, status)
+        self._exited(proc, status, watched=False)
         for stream, data in proc.read_ended():
             self._send_output(proc, stream, data)
         if proc.readers:  # a child of it still holds a pipe: the loop waits for its end
@@ -369,16 +370,18 @@ class Agent:
             self._exited(proc, status)
             self._maybe_finish(proc)
 
-    def _exited(self, proc: _procs.ExecProcess, status: int) -> None:
-        """Record that ``proc`` exited with wait ``status`` (reaped): stop watching its exit and its stdin."""
+    def _exited(self, proc: _procs.ExecProcess, status: int, watched: bool = True) -> None:
+        """Record that ``proc`` exited with wait ``status`` (reaped): stop watching its exit and its
+        stdin (not ``watched``: nothing of it was registered yet)."""
         proc.status = status
         proc.exited_at = time.monotonic()
         if proc.popen is not None:
             proc.popen.returncode = 0  # reaped here; keep Popen from waiting on a recycled pid
-        if proc.pidfd is not None:
+        if proc.pidfd is not None and watched:
             self._unwatch(proc.pidfd)
         if proc.stdin_fd is not None:
-            self._unwatch(proc.stdin_fd)
+            if watched:
+                self._unwatch(proc.stdin_fd)
             proc.close_stdin()
 
     def _maybe_finish(self, proc: _procs.ExecProcess) -> None:

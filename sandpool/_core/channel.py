@@ -124,19 +124,21 @@ class FrameChannel:
         except SandboxUnavailableError:
             pass
 
-    def send_now(self, frame: dict[str, Any]) -> bool:
+    def send_now(self, frame: dict[str, Any], *, answer_seen_to: bool = False) -> bool:
         """Write ``frame`` from this thread (any thread), if no task of the loop is writing: True if
         it went (what the socket did not take at once stays as the backlog, which a task of the loop
         must ``flush``), False if nothing was done (not a socket, closed, busy, a backlog already:
         send it from the loop). Raises ProtocolError if the frame is too large,
-        SandboxUnavailableError if the socket broke."""
-        return self.send_many_now([frame])
+        SandboxUnavailableError if the socket broke. From the loop's thread a parked reader reads
+        again, unless ``answer_seen_to`` (the sender reads its answer itself, or ``unpark``s the
+        reader once it is awaited otherwise)."""
+        return self.send_many_now([frame], answer_seen_to=answer_seen_to)
 
-    def send_many_now(self, frames: list[dict[str, Any]]) -> bool:
+    def send_many_now(self, frames: list[dict[str, Any]], *, answer_seen_to: bool = False) -> bool:
         """``send_now`` for several frames in one write."""
         if self._fd < 0 or self.closed:
             return False
-        if self._parked and threading.get_ident() == self._loop_thread:
+        if self._parked and not answer_seen_to and threading.get_ident() == self._loop_thread:
             self.unpark()  # a task of the loop sends: its answer is the loop's to read
         data = b"".join([_wire.encode(f, max_bytes=self._max) for f in frames])
         with self._wire:
@@ -260,6 +262,37 @@ class FrameChannel:
                 return None
             if frames:
                 return frames
+
+    async def receive_lent(self) -> list[dict[str, Any]] | None:
+        """``read_borrowed`` for a task of the loop that borrowed the reading: waits as a trio
+        checkpoint, not a blocking poll, for the next whole frames; None at the end of the stream,
+        or on a malformed frame (left for the reader to raise). A cancellation lands while it waits,
+        before anything is read. A reader waiting on the socket is taken off it (it sees the reading
+        lent, and waits for it); a parked one is left asleep."""
+        assert self._sock is not None
+        frames: list[dict[str, Any]] = []
+        while not frames:
+            if self._socket_wait is not None:
+                self._socket_wait.cancel()
+            try:
+                await trio.lowlevel.wait_readable(self._fd)
+            except trio.ClosedResourceError:  # closed under it (``aclose`` waited a second for it)
+                return None
+            try:
+                data = self._sock.recv(_LARGE_READ)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                return None
+            if not data:
+                return None
+            self._drained = len(data) < _LARGE_READ
+            try:
+                frames = self._decoder.feed(data)
+            except ProtocolError as exc:
+                self._error = exc
+                return None
+        return frames
 
     def give_back(self, unread: list[dict[str, Any]], stay_parked: bool) -> bool:
         """In the borrowing thread: end the borrowing. ``unread``: frames it read and did not take,

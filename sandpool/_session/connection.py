@@ -8,7 +8,7 @@ ends, settles the sandbox's state through its lifecycle's transition function.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -70,14 +70,16 @@ class AgentConnection(SandboxParts):
         """The fast path of a request (any thread): when this sandbox runs and no task of its loop is
         writing to the agent, register ``handler``, write ``make(req_id)`` from this thread and
         return the id; else (or if that fails: the loop's path then meets the same error) do
-        nothing and return 0. A frame the socket did not take whole is finished by a task of the loop."""
+        nothing and return 0. A frame the socket did not take whole is finished by a task of the loop.
+        ``handler`` sees to its answer being read (it reads it itself, or calls ``_reader_needed``
+        once it is awaited otherwise): a parked reader stays parked, also when the loop's thread sends."""
         record = self._record
         channel = record.channel if record is not None else None
         if channel is None or channel.closed or self._state.phase is not Phase.RUNNING:
             return 0
         req_id = self._register(handler)
         try:
-            sent = channel.send_now(make(req_id))
+            sent = channel.send_now(make(req_id), answer_seen_to=True)
         except SandboxError:  # too large (ProtocolError), or the socket broke
             sent = False
         if not sent:
@@ -94,12 +96,51 @@ class AgentConnection(SandboxParts):
                      waiting: Callable[[], bool], deadline: float) -> None:
         """From a sync caller's thread blocked on request ``req_id`` (until ``deadline``, a
         time.monotonic() value): read the agent's connection here rather than wait for the loop's
-        thread to (``FrameChannel.borrow``). Frames all for ``req_id`` go to ``take(frames)``, which
-        handles them as the loop's reader would and returns True, or returns False: they go to the
-        loop, as does anything else read (frames of other requests, the agent's end), in order,
-        before its reader reads on. Returns once ``waiting()`` is False (looked at after each take
-        and every 50 ms: the request was settled, or is awaited otherwise), when frames went to the
-        loop, or at the deadline; the caller then waits for its request as usual."""
+        thread to (``FrameChannel.borrow``; what is done with the frames: ``_lent_reading``).
+        Returns as ``_lent_reading`` ends (``waiting()`` is looked at after each take and every
+        50 ms), or at the deadline; the caller then waits for its request as usual."""
+        reading = self._lent_reading(req_id, take, waiting)
+        try:
+            channel = next(reading)
+            while True:
+                frames = channel.read_borrowed(deadline)
+                if frames == [] and time.monotonic() >= deadline:
+                    break
+                channel = reading.send(frames)
+        except StopIteration:
+            pass
+        finally:
+            reading.close()
+
+    async def _await_answer(self, req_id: int, take: Callable[[list[dict[str, Any]]], bool],
+                            waiting: Callable[[], bool]) -> None:
+        """``_read_answer`` for a task of this sandbox's loop awaiting request ``req_id``: it reads
+        the agent's connection itself, so that the answer wakes it alone, rather than the loop's
+        reader, which would then wake it, and go back to its wait before it may run. Returns as
+        ``_lent_reading`` ends. Cancellation (of the task, or of a scope the request cancels when
+        it stops waiting for its answer alone) lands while it waits, with nothing read; the reading
+        is handed back either way."""
+        reading = self._lent_reading(req_id, take, waiting)
+        try:
+            channel = next(reading)
+            while True:
+                channel = reading.send(await channel.receive_lent())
+        except StopIteration:
+            pass
+        finally:
+            reading.close()
+
+    def _lent_reading(self, req_id: int, take: Callable[[list[dict[str, Any]]], bool],
+                      waiting: Callable[[], bool]) -> Generator[Any, list[dict[str, Any]] | None, None]:
+        """What a caller awaiting request ``req_id`` does with the agent's connection lent to it,
+        whatever its way of reading: yields the channel once lent (nothing, and the loop's reader is
+        told to read, if it is not to be had), then takes each read's frames (sent in: [] for none,
+        None for the end or a malformed frame, which the loop's reader takes from here). Frames all
+        for ``req_id`` go to ``take(frames)``, which handles them as the loop's reader would and
+        returns True, or returns False: they go to the loop, as does anything else read (frames of
+        other requests, the agent's end), in order, before its reader reads on. Ends once
+        ``waiting()`` is False (the request was settled, or is awaited otherwise), or frames went
+        to the loop; closed, it hands the reading back all the same."""
         record = self._record
         channel = record.channel if record is not None else None
         if channel is None or not channel.borrow():  # not ours to read: the loop's reader must
@@ -109,14 +150,10 @@ class AgentConnection(SandboxParts):
         stay = False
         try:
             while waiting():
-                frames = channel.read_borrowed(deadline)
-                if frames is None:  # the end, or a malformed frame: the loop's reader takes it from here
+                frames = yield channel
+                if frames is None:
                     break
-                if not frames:
-                    if time.monotonic() >= deadline:
-                        break
-                    continue
-                if not (all(frame.get("id") == req_id for frame in frames) and take(frames)):
+                if frames and not (all(frame.get("id") == req_id for frame in frames) and take(frames)):
                     unread = frames
                     break
             stay = not self._requests.handlers  # nothing is awaited: the reader may stay parked

@@ -1,8 +1,9 @@
-"""The process's part for a sync caller that reads its own exec's answer (see ``FrameChannel.borrow``:
-the agent connection's reading is borrowed, and its loop reader parked). Blocked in ``result()``, the
-caller reads the connection itself (``SandboxLink.read_answer``) and settles the process from its
-frames in its own thread, unless a task of the loop waits on the process (a live reader of its
-output, its kill): those frames go to the loop. ``Process`` is built on it.
+"""The process's part for a caller that reads its own exec's answer (see ``FrameChannel.borrow``:
+the agent connection's reading is borrowed, and its loop reader parked). A sync caller blocked in
+``result()`` reads the connection itself (``SandboxLink.read_answer``) and settles the process from
+its frames in its own thread; a task of the sandbox's loop awaiting it does the same in the loop
+(``SandboxLink.await_answer``). Neither does while a task of the loop waits on the process otherwise
+(a live reader of its output, its kill): those frames go to the loop. ``Process`` is built on it.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Self
 
+import trio
+
 from _sandpool_agent import wire as _wire
 from .._core.opref import OperationRef
 from .._core.output import OutputBuffer
 
 if TYPE_CHECKING:
-    import trio
-
     from .._core.opref import TaskHost
     from .process import ProcessResult, SandboxLink
     from .streams import StreamWriter
@@ -67,6 +68,7 @@ class ReadsOwnAnswer(OperationRef["ProcessResult"]):
         self._live = False
         self._taken = 0  # output bytes a sync caller took and has not acknowledged
         self._on_done: Callable[[Any], None] | None = on_done
+        self._own_wait: trio.CancelScope | None = None  # a task of the loop reads its answer in it
 
     def add_done_callback(self, fn: Callable[[Self], None]) -> None:
         super().add_done_callback(fn)
@@ -79,13 +81,7 @@ class ReadsOwnAnswer(OperationRef["ProcessResult"]):
         if self._detached and self.stdin is None and timeout != 0 and self._waiting():
             deadline = math.inf if timeout is None else time.monotonic() + timeout
             self._link.read_answer(self._req_id, self._take_answer, self._waiting, deadline)
-            with self._guard:  # (another thread may be taking its frames now)
-                taken, self._taken = self._taken, 0
-            if taken:  # the loop reads on: acknowledge what was taken here, or the agent stalls
-                try:
-                    self._loop.start_soon(self._ack, taken, on_refused=lambda error: None)
-                except RuntimeError:  # the loop has ended, and the sandbox with it
-                    pass
+            self._ack_taken()
             if self.done():
                 return
             if timeout is not None:
@@ -93,6 +89,43 @@ class ReadsOwnAnswer(OperationRef["ProcessResult"]):
         else:
             self._link.reader_needed()
         super()._block(timeout)
+
+    def _ack_taken(self) -> None:
+        """After its caller read its answer: the loop reads on, so acknowledge the output taken
+        there, or the agent stalls."""
+        with self._guard:  # (another thread may be taking its frames now)
+            taken, self._taken = self._taken, 0
+        if taken:
+            try:
+                self._loop.start_soon(self._ack, taken, on_refused=lambda error: None)
+            except RuntimeError:  # the loop has ended, and the sandbox with it
+                pass
+
+    async def _await(self) -> ProcessResult:
+        # A task of its sandbox's loop reads its exec's answer itself when it can (the loop's
+        # ``_block``: ``SandboxLink.await_answer``), rather than be woken by the loop's reader once
+        # that has read it; in a scope the process cancels when it stops waiting for its answer
+        # alone (``_stop_own_wait``).
+        if self._detached and self.stdin is None and self._waiting() and self._loop.in_loop_thread():
+            self._own_wait = trio.CancelScope()
+            try:
+                with self._own_wait:
+                    await self._link.await_answer(self._req_id, self._take_answer, self._waiting)
+            except BaseException:  # the awaiting task was cancelled: so is the process, as awaited otherwise
+                self.cancel()
+                raise
+            finally:
+                self._own_wait = None
+            self._ack_taken()
+            if self.done():
+                return self._unwrap()
+        return await super()._await()
+
+    def _stop_own_wait(self) -> None:
+        """In the loop's thread: a task reading its own answer (``_await``) stops, and waits as usual
+        (its process ends otherwise: frames may never come)."""
+        if self._own_wait is not None:
+            self._own_wait.cancel()
 
     def _waiting(self) -> bool:
         """Nothing but its answer is awaited: a sync caller may read it (``_take_answer``)."""

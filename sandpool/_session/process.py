@@ -31,10 +31,12 @@ class SandboxLink:
 
     ``send_now(handler, make)`` is the fast path: when the sandbox runs and no task of its loop is
     writing to the agent, it registers ``handler``, writes the frame ``make(req_id)`` from the
-    calling thread (any thread) and returns the id; else it does nothing and returns 0.
+    calling thread (any thread) and returns the id; else it does nothing and returns 0. The handler
+    then sees to its answer being read: it reads it itself, or calls ``reader_needed()``.
 
     ``read_answer(req_id, take, waiting, deadline)`` lets a sync caller blocked on request ``req_id``
-    read the agent's connection itself (see ``AgentConnection._read_answer``); ``reader_needed()``
+    read the agent's connection itself (see ``AgentConnection._read_answer``), and ``await
+    await_answer(req_id, take, waiting)`` a task of the loop awaiting it; ``reader_needed()``
     makes the loop's reader read again when an answer is awaited otherwise (any thread)."""
 
     host: Callable[[], TaskHost]
@@ -45,6 +47,7 @@ class SandboxLink:
     send: Callable[[dict[str, Any]], Awaitable[None]]
     send_now: Callable[[Any, Callable[[int], dict[str, Any]]], int]
     read_answer: Callable[[int, Callable[[list[dict[str, Any]]], bool], Callable[[], bool], float], None]
+    await_answer: Callable[[int, Callable[[list[dict[str, Any]]], bool], Callable[[], bool]], Awaitable[None]]
     reader_needed: Callable[[], None]
     deadlines: Deadlines
 
@@ -83,8 +86,7 @@ class Process(ReadsOwnAnswer):
         self._cwd, self._env, self._timeout, self._check = cwd, env, timeout, check
         self._exec_extra = exec_extra or {}
         self._out = {1: LiveOutput(cap, self._live_reader), 2: LiveOutput(cap, self._live_reader)}
-        self.stdout = StreamReader(self._loop, self._out[1], self._send_credit, self._failure_now)
-        self.stderr = StreamReader(self._loop, self._out[2], self._send_credit, self._failure_now)
+        self._readers: dict[int, StreamReader] = {}  # stdout's and stderr's, made when first read
         self._window = StdinWindow(self._send_stdin, self._check_stdin_open)
         self.stdin: StreamWriter | None = StreamWriter(self._loop, self._window) if stdin else None
         self._pid: int | None = None
@@ -119,6 +121,27 @@ class Process(ReadsOwnAnswer):
                 pass
             if self.done():  # it was settled meanwhile, and its deadline maybe not yet discarded
                 self._link.deadlines.discard(self)
+
+    @property
+    def stdout(self) -> StreamReader:
+        """The live output of its stdout (see ``StreamReader``)."""
+        return self._reader(1)
+
+    @property
+    def stderr(self) -> StreamReader:
+        """The live output of its stderr (see ``StreamReader``)."""
+        return self._reader(2)
+
+    def _reader(self, fd: int) -> StreamReader:
+        # Made on first use, not with every process: most execs are only waited for.
+        reader = self._readers.get(fd)
+        if reader is None:
+            with self._guard:  # (two threads may look at once: both get the one reader)
+                reader = self._readers.get(fd)
+                if reader is None:
+                    reader = StreamReader(self._loop, self._out[fd], self._send_credit, self._failure_now)
+                    self._readers[fd] = reader
+        return reader
 
     def _exec_frame(self, req_id: int) -> dict[str, Any]:
         self._req_id = req_id
@@ -155,6 +178,8 @@ class Process(ReadsOwnAnswer):
 
     def poll(self) -> int | None:
         """The exit code, or None while the process runs. Never blocks."""
+        if self._exit_code is None and not self.done():  # its answer is looked for: the loop reads it
+            self._link.reader_needed()
         return self._exit_code
 
     def wait(self, timeout: float | None = None) -> int:
@@ -311,6 +336,7 @@ class Process(ReadsOwnAnswer):
             self._ending = True
             if why is not None and not self._exited.is_set():
                 self._failure = why
+        self._stop_own_wait()
 
     async def _time_out(self) -> None:
         await self._kill()
