@@ -92,24 +92,52 @@ class ReadRole:
         reading all that time). Raises the ProtocolError a borrower met."""
         while True:
             with self._lock:
-                if self._error is not None:
-                    raise self._error
-                if not self._borrowed:
-                    if not self._lendable():  # (it holds frames, or is closed: read the end)
-                        self._parked = False
-                    if not self._parked:
-                        self._loop_reading = True
-                        return self._lent
-                returned = self._returned
-            if park_seconds is None:
-                await returned.wait()
-                continue
-            with trio.move_on_after(park_seconds):
-                await returned.wait()
-                continue
-            with self._lock:  # parked long enough with nobody reading: the peer may have spoken unasked
-                if not self._borrowed:
-                    self._parked = False
+                returned = self._turn()
+                if returned is None:
+                    self._loop_reading = True
+                    return self._lent
+            await self._wait(returned, park_seconds)
+
+    async def wait_turn(self, park_seconds: float | None = None) -> None:
+        """``take`` without taking the reading: for a reader that may wait for the socket first
+        and then ``try_take`` it."""
+        while True:
+            with self._lock:
+                returned = self._turn()
+            if returned is None:
+                return
+            await self._wait(returned, park_seconds)
+
+    def try_take(self) -> bool:
+        """In the loop's reader: hold the reading until ``release``; False if a thread borrowed
+        it meanwhile (``wait_turn`` again)."""
+        with self._lock:
+            if self._borrowed or self._parked:
+                return False
+            self._loop_reading = True
+            return True
+
+    def _turn(self) -> trio.Event | None:
+        """Under the lock: None if the loop's reader may read now, else the event to wait on."""
+        if self._error is not None:
+            raise self._error
+        if not self._borrowed:
+            if not self._lendable():  # (it holds frames, or is closed: read the end)
+                self._parked = False
+            if not self._parked:
+                return None
+        return self._returned
+
+    async def _wait(self, returned: trio.Event, park_seconds: float | None) -> None:
+        if park_seconds is None:
+            await returned.wait()
+            return
+        with trio.move_on_after(park_seconds):
+            await returned.wait()
+            return
+        with self._lock:  # parked long enough with nobody reading: the peer may have spoken unasked
+            if not self._borrowed:
+                self._parked = False
 
     def release(self) -> None:
         """In the loop's reader: it handed on what it read; a thread may borrow the reading."""

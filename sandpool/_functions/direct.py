@@ -286,11 +286,12 @@ class DirectChannel:
         """The frames available now (at least one), or None at EOF. ProtocolError if malformed.
         Waits while a thread has borrowed the reading (``borrow``)."""
         while True:
-            await self._role.take()
+            await self._role.wait_turn()
             if self._drained:  # the last read emptied the socket: wait, rather than read in vain
                 self._drained = False
-                self._role.release()
                 await trio.lowlevel.wait_readable(self.sock)
+                continue
+            if not self._role.try_take():
                 continue
             try:
                 frames = self._read()

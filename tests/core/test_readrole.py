@@ -236,6 +236,36 @@ def test_an_unparked_reader_still_waits_for_the_borrower():
     run(main)
 
 
+def test_a_reader_may_wait_its_turn_without_holding_the_reading():
+    """``wait_turn`` waits while the reading is lent, as ``take`` does, but holds nothing: a thread
+    may borrow after it, and ``try_take`` then fails until the reading is given back."""
+    async def main() -> None:
+        conn = Connection()
+        role = conn.role
+        assert role.borrow() and not role.give_back(True)  # parked
+        returned = trio.Event()
+
+        async def waiter() -> None:
+            await role.wait_turn()
+            returned.set()
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(waiter)
+                await trio.testing.wait_all_tasks_blocked()
+                assert not returned.is_set()
+                role.unpark()
+        assert await trio.to_thread.run_sync(role.borrow)
+        assert not role.try_take()
+        assert await trio.to_thread.run_sync(role.give_back, False)
+        assert role.try_take()
+        assert not await trio.to_thread.run_sync(role.borrow)
+        role.release()
+        conn.close()
+
+    run(main)
+
+
 def test_a_closed_connection_unparks_its_reader():
     """A parked reader of a connection that closed (nothing more to lend) reads at once: its end."""
     async def main() -> None:
