@@ -70,6 +70,32 @@ def run(main, **kwargs) -> None:
     trio.run(main, **kwargs)
 
 
+async def returns_only_after(wait, free) -> None:
+    """``wait()``, in a task of the loop, returns only once ``free()`` (awaited) ran."""
+    done = trio.Event()
+
+    async def waiter() -> None:
+        await wait()
+        done.set()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not done.is_set()
+            await free()
+    assert done.is_set()
+
+
+def given_back(role: ReadRole, stay_parked: bool):
+    """What a borrowing thread does when done (``stay_parked`` must wake the reader), then the loop."""
+    async def give_back() -> None:
+        assert await trio.to_thread.run_sync(role.give_back, stay_parked)
+        role.wake_reader()
+
+    return give_back
+
+
 def test_a_borrowed_reading_keeps_the_loop_reader_off_until_unparked():
     """A thread borrows the reading while the loop's reader waits for the socket: the thread reads
     the peer's frame, the loop's reader none; given back parked, the reader reads nothing more until
@@ -212,25 +238,11 @@ def test_an_unparked_reader_still_waits_for_the_borrower():
     once the thread gave it back and woke it."""
     async def main() -> None:
         conn = Connection()
-        role = conn.role
-        took = trio.Event()
-
-        async def reader() -> None:
-            await role.take()
-            took.set()
-
-        assert await trio.to_thread.run_sync(role.borrow)
-        role.unpark()
-        assert not role.parked and role.borrowed
-        with trio.fail_after(10):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(reader)
-                await trio.testing.wait_all_tasks_blocked()
-                assert not took.is_set()
-                assert await trio.to_thread.run_sync(role.give_back, True)
-                role.wake_reader()
-        assert took.is_set()
-        role.release()
+        assert await trio.to_thread.run_sync(conn.role.borrow)
+        conn.role.unpark()
+        assert not conn.role.parked and conn.role.borrowed
+        await returns_only_after(conn.role.take, given_back(conn.role, True))
+        conn.role.release()
         conn.close()
 
     run(main)
@@ -243,18 +255,11 @@ def test_a_reader_may_wait_its_turn_without_holding_the_reading():
         conn = Connection()
         role = conn.role
         assert role.borrow() and not role.give_back(True)  # parked
-        returned = trio.Event()
 
-        async def waiter() -> None:
-            await role.wait_turn()
-            returned.set()
+        async def unpark() -> None:
+            role.unpark()
 
-        with trio.fail_after(10):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(waiter)
-                await trio.testing.wait_all_tasks_blocked()
-                assert not returned.is_set()
-                role.unpark()
+        await returns_only_after(role.wait_turn, unpark)
         assert await trio.to_thread.run_sync(role.borrow)
         assert not role.try_take()
         assert await trio.to_thread.run_sync(role.give_back, False)
@@ -385,21 +390,8 @@ def test_given_back_waits_for_the_borrower():
     reading back and the reader was woken, not before."""
     async def main() -> None:
         conn = Connection()
-        role = conn.role
-        done = trio.Event()
-
-        async def closing() -> None:
-            await role.given_back()
-            done.set()
-
-        assert await trio.to_thread.run_sync(role.borrow)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(closing)
-            await trio.testing.wait_all_tasks_blocked()
-            assert not done.is_set()
-            assert await trio.to_thread.run_sync(role.give_back, False)
-            role.wake_reader()
-        assert done.is_set()
+        assert await trio.to_thread.run_sync(conn.role.borrow)
+        await returns_only_after(conn.role.given_back, given_back(conn.role, False))
         conn.close()
 
     run(main)
