@@ -29,6 +29,10 @@ class Connection:
         self.held: list[dict] = []
         self.decoder = _wire.FrameBuffer()
         self.woken = 0
+        # Who holds the reading by the harness's own account (the loop's reader from ``take`` to
+        # its release, a thread from ``borrow`` to ``give_back``), and how often both did at once.
+        self.loop_holds = self.thread_holds = False
+        self.overlaps = 0
         self.role = ReadRole(self.lock, self.sock.fileno(), lendable=self.lendable, read=self.read,
                              woken=self.on_woken)
 
@@ -46,24 +50,54 @@ class Connection:
     def send(self, *ids: int) -> None:
         self.peer.sendall(b"".join(_wire.encode({"t": "result", "id": i}) for i in ids))
 
-    async def loop_read(self, seen: list[int] | None = None) -> list[dict] | None:
+    async def loop_read(self, seen: Tally | None = None) -> list[dict] | None:
         """The loop's reader, as a channel's: hold the reading, read what is there (waiting for the
         socket meanwhile, the reading released), note it in ``seen``, and only then release it."""
         while True:
             await self.role.take()
+            self.hold("loop")
             try:
                 frames = self.read()
             except BlockingIOError:
+                self.loop_holds = False
                 await self.role.wait_readable()
                 continue
             if seen is not None and frames:
-                seen.extend(frame["id"] for frame in frames)
+                seen.note(frames)
+            self.loop_holds = False
             self.role.release()
             return frames
+
+    def hold(self, who: str) -> None:
+        """``who`` (the loop, a thread) took the reading: count it if the other holds it too."""
+        if self.thread_holds if who == "loop" else self.loop_holds:
+            self.overlaps += 1
+        if who == "loop":
+            self.loop_holds = True
+        else:
+            self.thread_holds = True
 
     def close(self) -> None:
         self.sock.close()
         self.peer.close()
+
+
+class Tally:
+    """The ids of the frames read so far, whoever read them, in the order they were noted."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self._changed = threading.Condition()
+
+    def note(self, frames: list[dict]) -> None:
+        with self._changed:
+            self.ids.extend(frame["id"] for frame in frames)
+            self._changed.notify_all()
+
+    def wait_for(self, count: int) -> bool:
+        """Until ``count`` frames were noted (False after 30 s: the test fails on what was seen)."""
+        with self._changed:
+            return self._changed.wait_for(lambda: len(self.ids) >= count, timeout=30)
 
 
 def run(main, **kwargs) -> None:
@@ -399,30 +433,40 @@ def test_given_back_waits_for_the_borrower():
 
 def test_the_loop_and_a_thread_never_read_at_once():
     """The loop's reader and a thread that borrows whenever it can share one socket and one decoder
-    while a peer streams numbered frames: every frame is read once, in order, and both read some."""
-    count = 3000
+    while a peer sends numbered frames, a few at a time once the last were read: every frame is
+    read once, in order, and both read some; half the time the loop unparks its reader while the
+    thread reads."""
+    count = 1500
 
     async def main() -> None:
         conn = Connection()
-        seen: list[int] = []
+        seen = Tally()
         by_thread = 0
 
         def peer() -> None:
             for first in range(0, count, 3):
                 conn.send(*range(first, min(first + 3, count)))
+                if not seen.wait_for(min(first + 3, count)):
+                    return
 
         def borrower() -> None:
             nonlocal by_thread
-            while len(seen) < count:
+            borrows = 0
+            while len(seen.ids) < count:
                 if not conn.role.borrow():
                     trio.from_thread.run_sync(lambda: None)  # let the loop's reader go on
                     continue
+                conn.hold("thread")
+                borrows += 1
+                if borrows % 2:  # the loop sends meanwhile: its reader reads once the thread is done
+                    trio.from_thread.run_sync(conn.role.unpark)
                 try:
                     frames = conn.role.read_borrowed(time.monotonic() + 0.01)
                     if frames:
                         by_thread += len(frames)
-                        seen.extend(frame["id"] for frame in frames)
+                        seen.note(frames)
                 finally:
+                    conn.thread_holds = False
                     if conn.role.give_back(False):
                         trio.from_thread.run_sync(conn.role.wake_reader)
 
@@ -438,7 +482,8 @@ def test_the_loop_and_a_thread_never_read_at_once():
                 await trio.to_thread.run_sync(borrower)  # until every frame was seen, by either
                 nursery.cancel_scope.cancel()
         sender.join()
-        assert seen == list(range(count))
+        assert seen.ids == list(range(count))
+        assert conn.overlaps == 0
         assert 0 < by_thread < count
         conn.close()
 
