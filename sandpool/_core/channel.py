@@ -5,33 +5,30 @@ the loop is writing: the loop keeps owning the connection (it settles its end), 
 interleaves with another, as every write happens either under the loop's send lock with ``_busy``
 set, or under ``_wire`` with ``_busy`` clear.
 
-The reading may be borrowed the same way (``borrow``): a sync caller blocked on the answer to its
-request reads the socket itself, so that answer wakes the caller alone rather than the loop's
-thread, which then woke the caller. The loop's reader keeps off the socket while it is borrowed,
-and after, while it is *parked* (so that the next sync request costs the loop nothing either): it
-reads again as soon as the loop sends (``send``, or ``send_now`` from its thread), on ``unpark``,
-when a borrower hands it frames it did not take (``give_back``: the reader takes them first, so
-frames are handled in the order they came), and at the latest ``PARK_SECONDS`` after it parked
-(the peer may speak unasked: its end, above all). The loop never reads while a thread does, and
-no thread while the loop is reading or has frames it has not handed on: ``_loop_reading`` is set
-from its read until it next waits. ``aclose`` under a borrower shuts the socket down (the borrower
-reads its end and gives the reading back) and closes it only then, or after a second at most.
+The reading may be borrowed the same way (``borrow``, kept by a ``ReadRole``: see ``readrole``): a
+sync caller blocked on the answer to its request reads the socket itself, so that answer wakes the
+caller alone. The loop's reader reads again as soon as the loop sends (``send``, or ``send_now``
+from its thread), on ``unpark``, when a borrower hands it frames it did not take (``give_back``:
+the reader takes them first, so frames are handled in the order they came), and at the latest
+``PARK_SECONDS`` after it parked (the peer may speak unasked: its end, above all). It holds the
+reading from its read until it next waits for the socket. ``aclose`` under a borrower shuts the
+socket down (the borrower reads its end and gives the reading back) and closes it only then, or
+after a second at most.
 """
 
 from __future__ import annotations
 
 import collections
 import os
-import select
 import socket
 import threading
-import time
 from typing import Any
 
 import trio
 
 from _sandpool_agent import wire as _wire
-from .._errors import ProtocolError, SandboxUnavailableError
+from .._errors import SandboxUnavailableError
+from .readrole import ReadRole
 
 
 #: A stream may return data without yielding to the scheduler (the fast plane's, a sandbox's): every
@@ -43,8 +40,6 @@ _LARGE_READ = 1 << 16
 #: longest a frame the peer sends unasked (its end, a main command's exit) waits after a sync caller's
 #: request, and how often a thread's long borrowing wakes the loop (as often as the thread itself).
 PARK_SECONDS = 0.05
-#: A borrower's poll returns this often (s), so that its caller may look at its request between waits.
-_BORROW_SLICE = 0.05
 
 
 class FrameChannel:
@@ -67,17 +62,11 @@ class FrameChannel:
         # channel closes it, so the number is never another file's while the channel is open.
         sock = getattr(stream, "socket", None)
         self._fd = sock.fileno() if sock is not None else -1
+        self._wire = threading.Lock()  # guards _busy, _backlog, closed and the reading's role against other threads
         # A plain socket's reading may be borrowed by a sync caller's thread (see the module doc).
         self._sock: socket.socket | None = sock if isinstance(sock, socket.socket) else None
-        self._borrowed = False  # a thread reads now
-        self._parked = False  # the loop's reader keeps off the socket
-        self._loop_reading = False  # the loop reads, or has frames it has not handed on (see the module doc)
-        self._loop_thread = threading.get_ident()  # made in the loop's thread
-        self._returned = trio.Event()  # set (and replaced) to wake a parked reader
-        self._socket_wait: trio.CancelScope | None = None  # the reader's wait for the socket, if it waits
+        self._role = ReadRole(self._wire, self._fd, lendable=self._lendable, read=self._read_lent)
         self._shut = False  # aclose was called: the reader reads no more
-        self._error: ProtocolError | None = None  # a borrower met a malformed frame: the reader raises it
-        self._wire = threading.Lock()  # guards _busy, _backlog, closed and the reading's role against other threads
         self._busy = False  # a task of the loop is writing
         self._backlog = bytearray()  # the end of a frame send_now began: it goes out before anything else
         self._reads = 0
@@ -138,8 +127,8 @@ class FrameChannel:
         """``send_now`` for several frames in one write."""
         if self._fd < 0 or self.closed:
             return False
-        if self._parked and not answer_seen_to and threading.get_ident() == self._loop_thread:
-            self.unpark()  # a task of the loop sends: its answer is the loop's to read
+        if not answer_seen_to:
+            self._role.on_send()  # from a task of the loop, its answer is the loop's to read
         data = b"".join([_wire.encode(f, max_bytes=self._max) for f in frames])
         with self._wire:
             if self.closed or self._busy or self._backlog:
@@ -162,8 +151,11 @@ class FrameChannel:
     async def receive(self) -> dict[str, Any] | None:
         """The next frame, or None at EOF. A malformed frame raises ProtocolError."""
         while not self._ready:
-            if self._sock is not None and not await self._hold_reading():
-                continue  # frames a borrower handed back come first
+            if self._sock is not None:
+                if await self._role.take(PARK_SECONDS):
+                    self._drained = True  # a thread read meanwhile: wait for the socket again
+                if self._ready:
+                    continue  # frames a borrower handed back come first
             if self._shut:  # closed here (the reader was woken to see it): the socket's number may be another's
                 return None
             self._reads += 1
@@ -173,13 +165,8 @@ class FrameChannel:
                     # caller this loop just woke take the GIL, only to hand it back at once.
                     self._reads = 0
                     if self._sock is not None:  # a thread may borrow the reading meanwhile
-                        with self._wire:
-                            self._loop_reading = False
-                        with trio.CancelScope() as self._socket_wait:  # wake_reader ends it
-                            await trio.lowlevel.wait_readable(self._fd)
-                        if not self._socket_wait.cancelled_caught:  # (else nothing may be there: wait again)
+                        if await self._role.wait_readable():  # (cut short: nothing may be there: wait again)
                             self._drained = False
-                        self._socket_wait = None
                         continue
                     await trio.lowlevel.wait_readable(self._fd)
                 elif self._reads >= _YIELD_EVERY:  # a stream that never waits while data comes: be fair
@@ -197,135 +184,61 @@ class FrameChannel:
             self._ready.extend(self._decoder.feed(data))
         return self._ready.popleft()
 
-    async def _hold_reading(self) -> bool:
-        """Wait while a thread reads or the reader is parked, then take the reading (until the
-        reader next waits for the socket): True; False if frames were handed back meanwhile (they
-        come first). Raises the ProtocolError a borrower met."""
-        while True:
-            with self._wire:
-                if self._error is not None:
-                    raise self._error
-                if self._ready:  # the loop holds them until it next waits
-                    self._loop_reading = True
-                    return False
-                if self.closed and not self._borrowed:
-                    self._parked = False  # read the end
-                if not (self._parked or self._borrowed):
-                    self._loop_reading = True
-                    return True
-                returned = self._returned
-            with trio.move_on_after(PARK_SECONDS):
-                await returned.wait()
-                continue
-            with self._wire:  # parked long enough with nobody reading: the peer may have spoken unasked
-                if not self._borrowed:
-                    self._parked = False
+    # -- a sync caller reading the answer to its own request (see ``readrole``) ------------------
 
-    # -- a sync caller reading the answer to its own request (see the module doc) ----------------
+    def _lendable(self) -> bool:
+        # (under _wire) open, and holding no frames: those the loop must hand on first
+        return not self.closed and not self._ready
 
     def borrow(self) -> bool:
         """Take the reading from the loop (from a thread other than the loop's): False if it cannot
         be had now (not a plain socket, closed, the loop reading or holding frames, another borrower).
         Then ``read_borrowed``, and ``give_back`` once done."""
-        if self._sock is None:
-            return False
-        with self._wire:
-            if self.closed or self._loop_reading or self._borrowed or self._ready or self._error is not None:
-                return False
-            self._borrowed = self._parked = True
-            return True
+        return self._sock is not None and self._role.borrow()
 
     def read_borrowed(self, deadline: float) -> list[dict[str, Any]] | None:
         """In the borrowing thread: the next whole frames; [] if none came by ``deadline`` (a
         time.monotonic() value) or within 50 ms (so that the caller may look at its request between
         waits); None at the end of the stream, or on a malformed frame (left for the reader to raise)."""
+        return self._role.read_borrowed(deadline)
+
+    def _read_lent(self) -> list[dict[str, Any]] | None:
+        """One read in the borrowing thread (``ReadRole``'s ``read``)."""
         assert self._sock is not None
-        poller = select.poll()  # not select(): it fails on fds >= 1024
-        poller.register(self._fd, select.POLLIN)
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not poller.poll(min(left, _BORROW_SLICE) * 1000):
-                return []
-            try:
-                data = self._sock.recv(_LARGE_READ)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError:
-                return None
-            if not data:
-                return None
-            self._drained = len(data) < _LARGE_READ
-            try:
-                frames = self._decoder.feed(data)
-            except ProtocolError as exc:
-                self._error = exc
-                return None
-            if frames:
-                return frames
+        try:
+            data = self._sock.recv(_LARGE_READ)
+        except (BlockingIOError, InterruptedError):
+            return []
+        except OSError:
+            return None
+        if not data:
+            return None
+        return self._decoder.feed(data)
 
     async def receive_lent(self) -> list[dict[str, Any]] | None:
-        """``read_borrowed`` for a task of the loop that borrowed the reading: waits as a trio
-        checkpoint, not a blocking poll, for the next whole frames; None at the end of the stream,
-        or on a malformed frame (left for the reader to raise). A cancellation lands while it waits,
-        before anything is read. A reader waiting on the socket is taken off it (it sees the reading
-        lent, and waits for it); a parked one is left asleep."""
-        assert self._sock is not None
-        frames: list[dict[str, Any]] = []
-        while not frames:
-            if self._socket_wait is not None:
-                self._socket_wait.cancel()
-            try:
-                await trio.lowlevel.wait_readable(self._fd)
-            except trio.ClosedResourceError:  # closed under it (``aclose`` waited a second for it)
-                return None
-            try:
-                data = self._sock.recv(_LARGE_READ)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError:
-                return None
-            if not data:
-                return None
-            self._drained = len(data) < _LARGE_READ
-            try:
-                frames = self._decoder.feed(data)
-            except ProtocolError as exc:
-                self._error = exc
-                return None
-        return frames
+        """``read_borrowed`` for a task of the loop that borrowed the reading (``ReadRole.receive_lent``)."""
+        return await self._role.receive_lent()
 
     def give_back(self, unread: list[dict[str, Any]], stay_parked: bool) -> bool:
         """In the borrowing thread: end the borrowing. ``unread``: frames it read and did not take,
         which the reader takes first. The reader stays parked if ``stay_parked`` (nothing is awaited
         but what the peer may say unasked), nothing was handed back and nobody unparked it meanwhile.
         True if the reader must be woken: ``wake_reader`` in the loop's thread."""
-        with self._wire:
-            self._borrowed = False
-            self._ready.extend(unread)
-            if stay_parked and self._parked and not unread and self._error is None and not self.closed:
-                return False
-            self._parked = False
-            return True
+        return self._role.give_back(stay_parked, lambda: self._ready.extend(unread))
 
     @property
     def parked(self) -> bool:
         """The loop's reader keeps off the socket (a thread reads, or may soon)."""
-        return self._parked
+        return self._role.parked
 
     def unpark(self) -> None:
         """In the loop's thread: the reader reads again (once a borrower, if any, gives the reading back)."""
-        if self._parked:
-            with self._wire:
-                self._parked = False
-            self.wake_reader()
+        self._role.unpark()
 
     def wake_reader(self) -> None:
         """In the loop's thread: wake the reader if it waits for the reading to come back, or for
         the socket (a borrower may have read what it waits for, and handed it back)."""
-        returned, self._returned = self._returned, trio.Event()
-        returned.set()
-        if self._socket_wait is not None:
-            self._socket_wait.cancel()
+        self._role.wake_reader()
 
     async def receive_batch(self) -> list[dict[str, Any]] | None:
         """Every frame available now (at least one), or None at EOF."""
@@ -354,15 +267,14 @@ class FrameChannel:
     async def aclose(self) -> None:
         self._close_now()
         self._shut = True
-        self.wake_reader()  # a parked reader sees the end
+        self._role.wake_reader()  # a parked reader sees the end
         with trio.CancelScope(shield=True):
-            if self._borrowed:  # wake the borrower (it reads the end) and close once it gave the socket back
+            if self._role.borrowed:  # wake the borrower (it reads the end) and close once it gave the socket back
                 assert self._sock is not None
                 try:
                     self._sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
                 with trio.move_on_after(1.0):
-                    while self._borrowed:
-                        await self._returned.wait()
+                    await self._role.given_back()
             await self._stream.aclose()

@@ -14,15 +14,15 @@ written to the worker's socket from the caller's own thread, so its round trip w
 (for the answer), not twice. Every loop-side entry point of such an owner holds its ``lock``
 (``locked``); calls that cannot go at once travel to the loop in the order they were made.
 
-The answer's way back without the loop (``borrow``): a sync caller blocked on the result of its
-call, the only one its connection holds, may read the connection itself, so the answer wakes the
-caller alone rather than the loop's thread, which then wakes the caller. The loop's reader keeps
-off the socket while it is borrowed, and after, while the connection holds no call (it is
-*parked*), so that a sync caller's next call costs the loop nothing either. It reads again
-(``unpark``) as soon as anything else may come: the loop sends on the connection, a borrower hands
-it frames it cannot settle alone or gives up waiting, or someone waits for a call by other means
-than blocking on it. Whatever a borrower reads and cannot settle goes to the loop before the reader
-reads on, so answers are handled in the order they came.
+The answer's way back without the loop (``borrow``, kept by a ``ReadRole``: see
+``_core.readrole``): a sync caller blocked on the result of its call, the only one its connection
+holds, may read the connection itself, so the answer wakes the caller alone. The loop's reader
+stays parked after, while the connection holds no call, and reads again (``unpark``) as soon as
+anything else may come: the loop sends on the connection, a borrower hands it frames it cannot
+settle alone or gives up waiting, or someone waits for a call by other means than blocking on it.
+Whatever a borrower reads and cannot settle goes to the loop before the reader reads on, so answers
+are handled in the order they came. Closed under a borrower, the socket is shut down (the borrower
+reads its end) and closed once the reading is given back.
 """
 
 from __future__ import annotations
@@ -30,12 +30,10 @@ from __future__ import annotations
 import collections
 import errno
 import os
-import select
 import socket
 import stat
 import functools
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
@@ -43,6 +41,7 @@ import trio
 
 from . import bulk as _bulk
 from _sandpool_agent import wire as _wire
+from .._core.readrole import ReadRole
 from .._errors import ProtocolError, SandboxNotRunningError
 
 _READ_BYTES = 1 << 20
@@ -178,14 +177,9 @@ class DirectChannel:
         self.closed = False
         self._lock = threading.Lock()  # send_now (any thread) against close (the loop's)
         self._drained = False  # the last read took less than it asked for: the socket is empty
-        # The read role (see the module doc): a thread reads now (borrowed), the loop's reader keeps
-        # off (parked: set by borrowers, cleared in the loop's thread), or the loop's reader reads.
-        self._borrowed = False
-        self._parked = False
-        self._loop_reading = False
-        self._loop_thread = threading.get_ident()  # made in the loop's thread
-        self._returned = trio.Event()  # set (and replaced) to wake the parked reader
-        self._error: ProtocolError | None = None  # a borrower met a malformed frame: the loop raises it
+        # Who reads (see the module doc): the loop's reader, or a thread that borrowed the reading.
+        self._role = ReadRole(self._lock, sock.fileno(), lendable=lambda: not self.closed, read=self._read,
+                              woken=self._close_if_returned)
         self._close_when_returned = False  # closed while borrowed: closed once given back (wake_reader)
 
     @classmethod
@@ -222,8 +216,7 @@ class DirectChannel:
     def send_now(self, frames: list[dict[str, Any]]) -> None:
         """Queue frames and write what the socket takes now (never blocks; ``flush`` sends the rest).
         From the loop's thread, the reader reads again (their answers are the loop's to read)."""
-        if self._parked and threading.get_ident() == self._loop_thread:
-            self.unpark()
+        self._role.on_send()
         with self._lock:
             self._send_now(frames)
 
@@ -293,26 +286,19 @@ class DirectChannel:
         """The frames available now (at least one), or None at EOF. ProtocolError if malformed.
         Waits while a thread has borrowed the reading (``borrow``)."""
         while True:
-            if self._parked or self._borrowed:
-                await self._returned.wait()
-                continue
-            if self._error is not None:
-                raise self._error
+            await self._role.wait_turn()
             if self._drained:  # the last read emptied the socket: wait, rather than read in vain
                 self._drained = False
                 await trio.lowlevel.wait_readable(self.sock)
                 continue
-            with self._lock:
-                if self._parked or self._borrowed:
-                    continue
-                self._loop_reading = True
+            if not self._role.try_take():
+                continue
             try:
                 frames = self._read()
             except BlockingIOError:
                 frames = []
             finally:
-                with self._lock:
-                    self._loop_reading = False
+                self._role.release()
             if frames is None or frames:
                 return frames
             await trio.lowlevel.wait_readable(self.sock)
@@ -341,66 +327,45 @@ class DirectChannel:
     @property
     def parked(self) -> bool:
         """The loop's reader keeps off the socket (a borrower reads, or will: see the module doc)."""
-        return self._parked
+        return self._role.parked
+
+    @property
+    def borrowed(self) -> bool:
+        """A thread reads the socket now."""
+        return self._role.borrowed
 
     def borrow(self) -> bool:
         """Take the reading from the loop (a thread other than the loop's); False if it cannot be
-        had (closed, the loop reading now, another borrower). The reader, if it waits for the
-        socket, parks when it next wakes (once: it stays parked for the borrowers that follow).
+        had (closed, the loop reading now, another borrower). The reader parks until woken.
         ``give_back`` once done."""
-        with self._lock:
-            if self.closed or self._loop_reading or self._borrowed or self._error is not None:
-                return False
-            self._borrowed = self._parked = True
-            return True
+        return self._role.borrow()
 
     def read_borrowed(self, deadline: float) -> list[dict[str, Any]] | None:
         """In the borrowing thread: the next frames, [] if none came by ``deadline`` (a
         time.monotonic() value) or within 50 ms (so that its caller can look at its call between
         waits), None at EOF or on a malformed frame (left for the loop to raise)."""
-        poller = select.poll()  # not select(): it fails on fds >= 1024
-        poller.register(self.sock, select.POLLIN)
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not poller.poll(min(left, 0.05) * 1000):
-                return []
-            try:
-                frames = self._read()
-            except BlockingIOError:
-                continue
-            except ProtocolError as exc:
-                self._error = exc
-                return None
-            if frames is None or frames:
-                return frames
+        return self._role.read_borrowed(deadline)
 
     def give_back(self, stay_parked: bool) -> bool:
         """In the borrowing thread: end the borrowing; the reader stays parked if ``stay_parked``
-        (nothing more to read: the connection holds no call) and nobody unparked it meanwhile.
-        True if the reader must be woken (``wake_reader`` in the loop's thread), which also closes
-        the socket if the channel was closed meanwhile."""
-        with self._lock:
-            self._borrowed = False
-            if stay_parked and self._parked and not self._close_when_returned:
-                return False
-            self._parked = False
-            return True
+        (nothing more to read: the connection holds no call), the connection is open and nobody
+        unparked it meanwhile. True if the reader must be woken (``wake_reader`` in the loop's
+        thread), which also closes the socket if the channel was closed meanwhile."""
+        return self._role.give_back(stay_parked)
 
     def unpark(self) -> None:
         """In the loop's thread: the reader reads again (unless a borrower reads now: it gives the
         reading back to the reader when done)."""
-        if self._parked:
-            with self._lock:
-                self._parked = False
-            self.wake_reader()
+        self._role.unpark()
 
     def wake_reader(self) -> None:
         """In the loop's thread: wake the reader if it waits for the reading to come back; close
         the socket if ``close`` left that to the borrower, who is done."""
-        returned, self._returned = self._returned, trio.Event()
-        returned.set()
+        self._role.wake_reader()
+
+    def _close_if_returned(self) -> None:
         with self._lock:
-            if self._close_when_returned and not self._borrowed and self.sock.fileno() >= 0:
+            if self._close_when_returned and not self._role.borrowed and self.sock.fileno() >= 0:
                 trio.lowlevel.notify_closing(self.sock)
                 self.sock.close()
 
@@ -411,7 +376,7 @@ class DirectChannel:
             self.closed = True
             if self.sock.fileno() < 0:
                 return
-            if self._borrowed:
+            if self._role.borrowed:
                 try:
                     self.sock.shutdown(socket.SHUT_RDWR)
                 except OSError:

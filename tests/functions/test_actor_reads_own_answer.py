@@ -138,7 +138,7 @@ def test_cancel_from_another_thread_wakes_a_reading_caller(read_here: list[threa
         outcome: list[object] = []
         reading = threading.Thread(target=lambda: outcome.append(_outcome(ref)))
         reading.start()
-        assert wait_until(lambda: link_of(counter).direct is not None and link_of(counter).direct._borrowed)
+        assert wait_until(lambda: link_of(counter).direct is not None and link_of(counter).direct.borrowed)
         assert ref.cancel()
         reading.join(timeout=60)
         assert outcome == ["cancelled"]
@@ -216,7 +216,7 @@ def test_kill_wakes_a_reading_caller_with_actor_died(read_here: list[threading.T
         outcome: list[object] = []
         reading = threading.Thread(target=lambda: outcome.append(_outcome(ref)))
         reading.start()
-        assert wait_until(lambda: link_of(counter).direct is not None and link_of(counter).direct._borrowed)
+        assert wait_until(lambda: link_of(counter).direct is not None and link_of(counter).direct.borrowed)
         sandpool.kill(counter)
         reading.join(timeout=60)
         assert isinstance(outcome[0], ActorDiedError) and "killed" in str(outcome[0])
