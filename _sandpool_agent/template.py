@@ -44,10 +44,11 @@ SWEEP_SECONDS = 0.02
 #: would get one share of the CPU among them all. Its children go back to the owner's at once.
 PRIORITY_BOOST = 10
 #: At most this many spawn requests are taken from the control socket at once, and their agents
-#: forked back to back before any is answered. Every page the template writes after a fork is
-#: copied (a fault in the template), and the child is left alone with the old copy, which counts as
-#: its private memory: ~370 pages per round of the loop. Forked together, a burst of agents shares
-#: the one old copy of each, and the template copies it once per burst rather than once per agent.
+#: forked back to back before any is answered (``Supervisor.fork_all``). Every page the template
+#: writes after a fork is copied (a fault in the template), and the child is left alone with the old
+#: copy, which counts as its private memory: ~370 pages per round of the loop. Forked together, a
+#: burst of agents shares the one old copy of each, and the template copies it once per burst
+#: rather than once per agent.
 SPAWN_BATCH = 64
 
 
@@ -133,16 +134,11 @@ class Template:
                 spawns.append((frame, fds.pop(0)))
             for fd in fds:
                 os.close(fd)
-        forked = [(frame, sock_fd, self._fork(frame["config"], sock_fd)) for frame, sock_fd in spawns]
-        for frame, sock_fd, pid in forked:
-            self._spawned(frame, sock_fd, pid)
+        if spawns:  # (in each forked child, this becomes its agent and never returns)
+            pids = self.isolation.fork_all([(frame["config"], sock_fd) for frame, sock_fd in spawns])
+            for (frame, sock_fd), pid in zip(spawns, pids):
+                self._spawned(frame, sock_fd, pid)
         return alive
-
-    def _fork(self, config: dict, sock_fd: int) -> int:
-        pid = self.isolation.fork(config, sock_fd)  # a new child, or a spare one made ahead of time
-        if pid == 0:  # the sandbox's agent
-            self._become_agent(config, sock_fd)
-        return pid
 
     def _spawned(self, frame: dict, sock_fd: int, pid: int) -> None:
         config = frame["config"]

@@ -88,11 +88,3 @@ class Held:
     def release_all(self) -> None:
         for pid in set(self.fds) | set(self.socks):
             self.release(pid)
-
-    def close_others(self) -> None:
-        """In a child of the template: close the sockets of other children still handing their
-        storage over. (Their storage descriptors, each an open door into another sandbox's files,
-        are plain numbers: ``Supervisor._close_inherited`` closes those with everything else.)"""
-        for sock in self.socks.values():
-            sock.close()
-        self.socks = {}
