@@ -5,8 +5,9 @@ Per network mode in use, the template keeps spares with a root built for each of
 (for any other plan). Spares are forked in bursts, never one alone: a child forked alone keeps, as
 private memory, a copy of each page the template writes in every round of its loop (~110 pages,
 ~0.4 MiB), while one forked right beside another keeps only the few the template writes between
-the two forks. So a burst that would fork a single child takes one spare more, up to one over its
-kind's count; the next sandboxes take it.
+the two forks. So a burst that would fork a single child takes one spare more, while its kind has
+fewer than ``EXTRA`` times its count (spares that are not ready yet, as under load, make the template
+fork agents; one more spare beside each is one the next sandboxes take).
 
 Stdlib only: this runs in the template (``python -I -S``).
 """
@@ -24,6 +25,8 @@ from . import namespaces
 ROOTS_PER_MODE = 3
 #: Spares with the newest root: one is ready while the next builds (~3-7 ms), for starts in a row.
 NEWEST_ROOT_SPARES = 2
+#: A burst of one takes a spare more while its kind has fewer than this many times its count.
+EXTRA = 2
 #: Added to a spare's nice value while it builds a root (then set back).
 BUILD_NICENESS = 10
 
@@ -55,7 +58,7 @@ def missing(wanted: dict[str, dict[str, dict]], have: Counter, buildable: bool, 
                          for _ in range(count - have[mode, key])]
     if forking + len(kinds) == 1:  # never a burst of one child: one more, where its kind has room
         kinds += [(mode, key, plan) for mode, key, plan, count in wishes
-                  if have[mode, key] + kinds.count((mode, key, plan)) <= count][:1]
+                  if have[mode, key] + kinds.count((mode, key, plan)) < EXTRA * count][:1]
     return kinds
 
 

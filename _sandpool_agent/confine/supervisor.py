@@ -169,6 +169,18 @@ class Supervisor:
             self._track(pid, config)
         return pids
 
+    def alone(self, config: dict) -> bool:
+        """Would the agent of ``config``, started by itself now, be forked alone: no ready spare
+        to take it, none to fork beside it (``spares.missing``)?"""
+        plan = config.get("namespaces")
+        if plan and not plan.get("netns"):
+            self._poll_spares()
+            mode, root = plan["network"], namespaces.root_key(plan)
+            if any(spare.mode == mode and pid in self.ready and spare.root in (root, None)
+                   for pid, spare in self.spares.items()):
+                return False
+        return not self._missing(1)
+
     def _burst(self, pid_ns: list[bool]) -> _Burst:
         """Fork one child per item of ``pid_ns`` (True: PID 1 of a new pid namespace), back to back,
         with nothing else between the forks (see Bursts, above)."""
