@@ -54,7 +54,7 @@ SPAWN_BATCH = 64
 #: to take it, none to fork beside it: under load, when spares are slow to get ready). A child
 #: forked alone keeps a copy of every page the template writes in each round (~110 pages, 0.4 MiB);
 #: two forked together keep only what is written between them. Waited only with nothing else to do.
-PAIR_WAIT_MS = 2
+PAIR_WAIT_MS = 5
 
 
 class Template:

@@ -170,15 +170,17 @@ class Supervisor:
         return pids
 
     def alone(self, config: dict) -> bool:
-        """Would the agent of ``config``, started by itself now, be forked alone: no ready spare
-        to take it, none to fork beside it (``spares.missing``)?"""
+        """Would the agent of ``config``, started by itself now, be forked alone although a spare
+        could take it (one of its level and network), as none is ready and none can be forked
+        beside it (``spares.missing``)? Under load, while spares are slow to get ready."""
         plan = config.get("namespaces")
-        if plan and not plan.get("netns"):
-            self._poll_spares()
-            mode, root = plan["network"], namespaces.root_key(plan)
-            if any(spare.mode == mode and pid in self.ready and spare.root in (root, None)
-                   for pid, spare in self.spares.items()):
-                return False
+        if not plan or plan.get("netns"):
+            return False  # (no spare ever takes it: it is forked at once, alone or not)
+        mode, root = plan["network"], namespaces.root_key(plan)
+        spares.ask(self.wanted, mode, root, plan)
+        self._poll_spares()
+        if any(spare.mode == mode and pid in self.ready and spare.root in (root, None) for pid, spare in self.spares.items()):
+            return False
         return not self._missing(1)
 
     def _burst(self, pid_ns: list[bool]) -> _Burst:

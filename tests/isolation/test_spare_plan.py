@@ -60,15 +60,15 @@ def test_a_sandbox_is_forked_alone_only_without_a_ready_spare_or_one_to_fork_bes
     ready spare of the plan's mode can take it or a spare may be forked beside it."""
     import socket
 
-    from _sandpool_agent.confine import namespaces
     from _sandpool_agent.confine.supervisor import Supervisor, _Spare
 
     plan = {"network": "none", "lower": "/"}
     config = {"namespaces": plan}
     supervisor = Supervisor(spare_dir="/nonexistent")
-    assert supervisor.alone(config)  # no mode in use yet: no spare is wanted
-    spares.ask(supervisor.wanted, "none", namespaces.root_key(plan), plan)
-    assert not supervisor.alone(config)  # a spare without a root would be forked beside it
+    assert not supervisor.alone({"namespaces": None})  # the process level: no spare takes it, no wait
+    assert not supervisor.alone({"namespaces": {**plan, "netns": "/run/netns/x"}})  # nor a bridge's
+    assert not supervisor.alone(config)  # the first of its mode: a spare without a root beside it
+    assert list(supervisor.wanted) == ["none"]
     ours, theirs = socket.socketpair()
     try:
         for pid in (4242, 4243):
