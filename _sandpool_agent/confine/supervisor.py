@@ -9,15 +9,15 @@ starts inherits.
 Bursts: every page of its memory the template writes after a fork is copied, and the child is left
 with the old copy, which is private to it (its own) unless a child forked next shares it: a child
 keeps a copy of each page the template writes both before and after its fork, until the forks on
-either side. So the children of a round of the loop (agents and spares) are forked back to back,
-with no Python work between the forks (``_burst``: ~0.2 MiB less in each agent than with the
-bookkeeping of each fork done between them), never one alone (``spares``); and a child writes
-nothing of the template's tables (see ``_close_inherited``).
+either side. So the children of a round of the loop are forked back to back, with no Python work
+between the forks (``_burst``), and never one alone (``spares``; a lone spawn also waits a little
+for another, see ``Template._read_control``); and a child writes none of the template's objects
+(see ``_close_inherited``).
 
 Spares: creating the pid and network namespaces and bringing ``lo`` up is a third of a namespaces
 sandbox's start. So once a network mode has been used, the template keeps spare children of that
 mode that have done exactly that (which ones: ``spares``), made between requests (``refill``) or
-beside the agents of a burst; the next sandbox of that mode is handed to one (its config pickled,
+beside a lone agent; the next sandbox of that mode is handed to one (its config pickled,
 its agent socket passed along) instead of forking. A spare waits in a cgroup of its own
 (``<owner>/spare-<n>``), which becomes the sandbox's at handoff (``cgroups.adopt``): moving a
 process between cgroups costs an RCU grace period (~8 ms here) whenever none happened for a while,
@@ -149,8 +149,9 @@ class Supervisor:
             if pid is None:
                 forks.append((len(pids), plan, self.held.pair() if plan else None))
             pids.append(pid or 0)
-        # the spares missing now join the burst (after the replies, alone, they would be a burst of one)
-        spares = self._made(self._missing(len(forks))) if forks else []
+        # a lone agent gets a spare beside it (one missing, or one more: spares.missing); the other
+        # spares missing come after the replies (refill), which they would delay
+        spares = self._made(self._missing(1)[:1]) if len(forks) == 1 else []
         template = os.getpid()
         forked = self._burst([bool(plan) for _index, plan, _pair in forks] + [True] * len(spares))
         if forked.index is not None and forked.index >= len(forks):
@@ -198,7 +199,7 @@ class Supervisor:
         """After agent ``pid`` started: its cgroup (a spare's, if it adopted one), OOM watch and
         network teardown."""
         group = config.get("cgroups")
-        watch = _watch_oom(group) if group else None
+        watch = cgroups.watch_oom(group) if group else None
         if group:
             self.groups[pid] = group
         if config.get("net_teardown"):
@@ -506,25 +507,6 @@ def _compile_filter() -> None:
         _sys.prepare_filter(seccomp.program())
     except OSError:
         pass
-
-
-def _watch_oom(group: dict) -> tuple[int, int] | None:
-    """v1 only: an eventfd the kernel signals when the group hits its memory limit. Only with a
-    memory limit (which turns the group's own OOM killer off, see ``cgroups.limit_files``):
-    without one nothing happens to watch, and 1,000 sandboxes need no 2,000 descriptors here."""
-    control = group.get("oom_event")
-    if not control or not any(path.endswith("/memory.oom_control") for path in group.get("limits") or ()):
-        return None
-    efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-    ofd = os.open(group["oom"], os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        with open(control, "w") as f:
-            f.write(f"{efd} {ofd}")
-    except OSError:
-        os.close(efd)
-        os.close(ofd)
-        return None
-    return efd, ofd
 
 
 def parent_pid() -> int:
