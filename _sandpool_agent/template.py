@@ -120,14 +120,17 @@ class Template:
     def _read_control(self) -> bool:
         """Take every request waiting on the control socket (up to ``SPAWN_BATCH``), fork the agents
         of all the spawns among them back to back, then answer them: see ``SPAWN_BATCH``. A lone
-        spawn whose agent would be forked alone waits up to ``PAIR_WAIT_MS`` for company."""
+        spawn whose agent would be forked alone waits up to ``PAIR_WAIT_MS`` for company (and in
+        vain, a spare is forked beside it)."""
         spawns: list[tuple[dict, int]] = []
-        alive = self._take(spawns)
-        if alive and len(spawns) == 1 and self.isolation.alone(spawns[0][0]["config"]) \
-                and self.control_ready.poll(PAIR_WAIT_MS):
-            alive = self._take(spawns)
+        alive, waited = self._take(spawns), False
+        if alive and len(spawns) == 1 and self.isolation.alone(spawns[0][0]["config"]):
+            if self.control_ready.poll(PAIR_WAIT_MS):
+                alive = self._take(spawns)
+            else:
+                waited = True  # (then a spare is forked beside it however many there are)
         if spawns:  # (in each forked child, this becomes its agent and never returns)
-            pids = self.isolation.fork_all([(frame["config"], sock_fd) for frame, sock_fd in spawns])
+            pids = self.isolation.fork_all([(frame["config"], sock_fd) for frame, sock_fd in spawns], waited)
             for (frame, sock_fd), pid in zip(spawns, pids):
                 self._spawned(frame, sock_fd, pid)
         return alive

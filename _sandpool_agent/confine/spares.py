@@ -7,7 +7,8 @@ private memory, a copy of each page the template writes in every round of its lo
 ~0.4 MiB), while one forked right beside another keeps only the few the template writes between
 the two forks. So a burst that would fork a single child takes one spare more, while its kind has
 fewer than ``EXTRA`` times its count (spares that are not ready yet, as under load, make the template
-fork agents; one more spare beside each is one the next sandboxes take).
+fork agents; one more spare beside each is one the next sandboxes take), or to any kind where the
+template waited for a second spawn in vain.
 
 Stdlib only: this runs in the template (``python -I -S``).
 """
@@ -44,10 +45,11 @@ def ask(wanted: dict[str, dict[str, dict]], mode: str, key: str, plan: dict) -> 
 
 
 def missing(wanted: dict[str, dict[str, dict]], have: Counter, buildable: bool, unbuildable: set[str],
-            forking: int) -> list[Kind]:
+            forking: int, extra: int | None = EXTRA) -> list[Kind]:
     """The spares to fork now, in a burst with ``forking`` other children: each a ``Kind``, those
     missing from ``have`` (a count per ``(mode, key)``) first. ``buildable``: spares may build
-    roots at all; none builds a root in ``unbuildable``."""
+    roots at all; none builds a root in ``unbuildable``. ``extra``: the one more for a burst of one
+    goes only to a kind with fewer than ``extra`` times its count (None: to any)."""
     wishes = []
     for mode in sorted(wanted):
         roots = [(key, plan) for key, plan in reversed(wanted[mode].items()) if buildable and key not in unbuildable]
@@ -58,7 +60,7 @@ def missing(wanted: dict[str, dict[str, dict]], have: Counter, buildable: bool, 
                          for _ in range(count - have[mode, key])]
     if forking + len(kinds) == 1:  # never a burst of one child: one more, where its kind has room
         kinds += [(mode, key, plan) for mode, key, plan, count in wishes
-                  if have[mode, key] + kinds.count((mode, key, plan)) < EXTRA * count][:1]
+                  if extra is None or have[mode, key] + kinds.count((mode, key, plan)) < extra * count][:1]
     return kinds
 
 

@@ -131,11 +131,12 @@ class Supervisor:
             self._layout = cgroups.detect()
         return self._layout
 
-    def fork_all(self, requests: list[tuple[dict, int]]) -> list[int]:
+    def fork_all(self, requests: list[tuple[dict, int]], waited: bool = False) -> list[int]:
         """Start the agent of each ``(config, sock_fd)`` in ``requests`` (``sock_fd``: its socket) at
         its isolation level: hand it to a spare or fork it. The forks come back to back (``_burst``),
-        everything else before or after them. Returns their pids, in order; in a forked child it
-        does not return: the child becomes the agent (``become_agent``)."""
+        everything else before or after them. ``waited``: a lone request waited for company in vain
+        (see ``alone``). Returns their pids, in order; in a forked child it does not return: the
+        child becomes the agent (``become_agent``)."""
         pids: list[int] = []
         forks: list[tuple[int, dict | None, tuple | None]] = []  # (index, plan, holder pair)
         for config, sock_fd in requests:
@@ -149,13 +150,13 @@ class Supervisor:
             if pid is None:
                 forks.append((len(pids), plan, self.held.pair() if plan else None))
             pids.append(pid or 0)
-        # a lone agent gets a spare beside it (one missing, or one more: spares.missing); the other
-        # spares missing come after the replies (refill), which they would delay
-        spares = self._made(self._missing(1)[:1]) if len(forks) == 1 else []
+        # a lone agent gets a spare beside it (one more, or two of those missing, so that one is
+        # left when the agent ends: spares.missing); the rest come after the replies (refill)
+        beside = self._made(self._missing(1, None if waited else spares.EXTRA)[:2]) if len(forks) == 1 else []
         template = os.getpid()
-        forked = self._burst([bool(plan) for _index, plan, _pair in forks] + [True] * len(spares))
+        forked = self._burst([bool(plan) for _index, plan, _pair in forks] + [True] * len(beside))
         if forked.index is not None and forked.index >= len(forks):
-            self._be_made_spare(spares[forked.index - len(forks)], template)
+            self._be_made_spare(beside[forked.index - len(forks)], template)
         if forked.index is not None:  # the child of forks[index]
             index, _plan, pair = forks[forked.index]
             self.held.keep(0, pair)
@@ -165,7 +166,7 @@ class Supervisor:
         for (index, _plan, pair), pid in zip(forks, forked.pids):
             self.held.keep(pid, pair)
             pids[index] = pid
-        self._spawn_spares(spares, forked.pids[len(forks):])
+        self._spawn_spares(beside, forked.pids[len(forks):])
         for (config, _sock_fd), pid in zip(requests, pids):
             self._track(pid, config)
         return pids
@@ -257,12 +258,12 @@ class Supervisor:
                 self._drop_spare(pid)
         self._spawn_spares(self._made(self._missing(0)), None)
 
-    def _missing(self, forking: int) -> list[spares.Kind]:
+    def _missing(self, forking: int, extra: int | None = spares.EXTRA) -> list[spares.Kind]:
         """The spares to fork in a burst with ``forking`` other children (``spares.missing``)."""
         have = Counter((spare.mode, spare.root) for spare in self.spares.values())
         # (a built root needs its cgroup namespace made early: in the cgroup it keeps, or with none at all)
         buildable = bool(self.spare_dir and (self.spare_parents or self.outside is not None))
-        return spares.missing(self.wanted, have, buildable, self.unbuildable, forking)
+        return spares.missing(self.wanted, have, buildable, self.unbuildable, forking, extra)
 
     def _fork_pid_ns(self) -> int:
         if self.outside is None:

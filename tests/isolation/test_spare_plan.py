@@ -42,6 +42,12 @@ def test_no_kind_goes_over_extra_times_its_count():
     assert spares.missing(wanted_of("a"), have, True, set(), forking=0) == []
 
 
+def test_an_agent_that_waited_for_company_in_vain_gets_a_spare_however_many_there_are():
+    """Where the template waited for a second spawn in vain (extra=None), the one more is forked."""
+    have = Counter({("none", "a"): spares.EXTRA * spares.NEWEST_ROOT_SPARES, ("none", None): spares.EXTRA})
+    assert spares.missing(wanted_of("a"), have, True, set(), forking=1, extra=None) == [("none", "a", PLAN_A)]
+
+
 def test_roots_are_built_only_where_they_can_be():
     """Not buildable (no cgroup to keep), or a root that failed once: only spares without a root."""
     assert spares.missing(wanted_of("a"), Counter(), False, set(), forking=0) == [("none", None, None)] * 2
