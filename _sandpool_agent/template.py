@@ -44,11 +44,17 @@ SWEEP_SECONDS = 0.02
 #: would get one share of the CPU among them all. Its children go back to the owner's at once.
 PRIORITY_BOOST = 10
 #: At most this many spawn requests are taken from the control socket at once, and their agents
-#: forked back to back before any is answered. Every page the template writes after a fork is
-#: copied (a fault in the template), and the child is left alone with the old copy, which counts as
-#: its private memory: ~370 pages per round of the loop. Forked together, a burst of agents shares
-#: the one old copy of each, and the template copies it once per burst rather than once per agent.
+#: forked back to back before any is answered (``Supervisor.fork_all``). Every page the template
+#: writes after a fork is copied (a fault in the template), and the child is left alone with the old
+#: copy, which counts as its private memory: ~370 pages per round of the loop. Forked together, a
+#: burst of agents shares the one old copy of each, and the template copies it once per burst
+#: rather than once per agent.
 SPAWN_BATCH = 64
+#: How long a lone spawn request waits for another when its agent would be forked alone (no spare
+#: to take it, none to fork beside it: under load, when spares are slow to get ready). A child
+#: forked alone keeps a copy of every page the template writes in each round (~110 pages, 0.4 MiB);
+#: two forked together keep only what is written between them. Waited only with nothing else to do.
+PAIR_WAIT_MS = 5
 
 
 class Template:
@@ -113,9 +119,26 @@ class Template:
 
     def _read_control(self) -> bool:
         """Take every request waiting on the control socket (up to ``SPAWN_BATCH``), fork the agents
-        of all the spawns among them back to back, then answer them: see ``SPAWN_BATCH``."""
+        of all the spawns among them back to back, then answer them: see ``SPAWN_BATCH``. A lone
+        spawn whose agent would be forked alone waits up to ``PAIR_WAIT_MS`` for company (and in
+        vain, a spare is forked beside it)."""
         spawns: list[tuple[dict, int]] = []
-        alive, more = True, False  # (the first read is due: the selector said so; the rest if ready)
+        alive, waited = self._take(spawns), False
+        if alive and len(spawns) == 1 and self.isolation.alone(spawns[0][0]["config"]):
+            if self.control_ready.poll(PAIR_WAIT_MS):
+                alive = self._take(spawns)
+            else:
+                waited = True  # (then a spare is forked beside it however many there are)
+        if spawns:  # (in each forked child, this becomes its agent and never returns)
+            pids = self.isolation.fork_all([(frame["config"], sock_fd) for frame, sock_fd in spawns], waited)
+            for (frame, sock_fd), pid in zip(spawns, pids):
+                self._spawned(frame, sock_fd, pid)
+        return alive
+
+    def _take(self, spawns: list[tuple[dict, int]]) -> bool:
+        """Read one request (one is waiting), then those waiting already, up to ``SPAWN_BATCH``
+        spawns in all, into ``spawns``; False at EOF (the owner is gone)."""
+        more = False
         while len(spawns) < SPAWN_BATCH and (not more or self.control_ready.poll(0)):
             more = True
             try:  # (recv_fds ignores its flags argument: no MSG_DONTWAIT, hence the poll)
@@ -123,26 +146,15 @@ class Template:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
-                alive = False
-                break
+                return False
             if not data:
-                alive = False
-                break
+                return False
             frame = _wire.decode_body(data[_wire.HEADER_SIZE:])
             if frame["t"] == "spawn" and fds:
                 spawns.append((frame, fds.pop(0)))
             for fd in fds:
                 os.close(fd)
-        forked = [(frame, sock_fd, self._fork(frame["config"], sock_fd)) for frame, sock_fd in spawns]
-        for frame, sock_fd, pid in forked:
-            self._spawned(frame, sock_fd, pid)
-        return alive
-
-    def _fork(self, config: dict, sock_fd: int) -> int:
-        pid = self.isolation.fork(config, sock_fd)  # a new child, or a spare one made ahead of time
-        if pid == 0:  # the sandbox's agent
-            self._become_agent(config, sock_fd)
-        return pid
+        return True
 
     def _spawned(self, frame: dict, sock_fd: int, pid: int) -> None:
         config = frame["config"]

@@ -8,8 +8,11 @@ For each N, in a fresh process (its own client, template and state dir), one ses
              wall time until every result is in;
 - exec:      one more ``exec(["true"])`` in each of the N, all at once, wall time;
 - memory:    private memory (USS: Private_Clean + Private_Dirty, from /proc/PID/smaps_rollup via
-             psutil) of each sandbox's agent, median and max, and of the agent with every process
-             of the sandbox (nothing runs in it then: what a sandbox costs at rest), median;
+             psutil) of each sandbox's agent, median and max, how many are over 3 MiB and the five
+             largest (by kind of mapping, and their place in the order of forks); the agents' PSS
+             median (their share of the pages they map with others: USS counts none of a page two
+             processes share, and grows when the other exits); and USS of the agent with every
+             process of the sandbox (nothing runs in it then: what a sandbox costs at rest), median;
 - down:      stop all N at once (no grace), wall time;
 - CPU:       per sandbox, the client's and the template's CPU time during "up", and each agent's
              CPU over its whole life (setup, the execs, exit; counted when the template reaps it);
@@ -50,13 +53,44 @@ TEMPLATE_MARK = "_sandpool_agent.template"
 TARGETS = {"up_s": 5.0, "exec_s": 2.0, "down_s": 3.0, "uss_max_mib": 3.0, "per_start_ratio": 1.5}
 
 
-def uss(pid: int) -> int | None:
+def uss_pss(pid: int) -> tuple[int, int] | None:
+    """``pid``'s private memory (USS) and its share of all it maps (PSS: each page divided by the
+    number of processes mapping it), in bytes."""
     import psutil
 
     try:
-        return psutil.Process(pid).memory_full_info().uss
+        info = psutil.Process(pid).memory_full_info()
     except psutil.Error:
         return None
+    return info.uss, info.pss
+
+
+def private_by_mapping(pid: int) -> dict[str, int]:
+    """KiB of ``pid``'s private memory (Private_Clean + Private_Dirty) by kind of mapping: the
+    Python heap's arenas (anonymous), the C heap, libpython's data, the rest."""
+    kinds: dict[str, int] = {}
+    kind = "other"
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                field = line.split()
+                if not field[0].endswith(":"):  # a mapping's header: address, perms, offset, dev, inode, path
+                    path = field[5] if len(field) > 5 else ""
+                    kind = ("anon" if not path else "heap" if path == "[heap]"
+                            else "libpython" if "libpython" in path else "other")
+                elif field[0] in ("Private_Clean:", "Private_Dirty:"):
+                    kinds[kind] = kinds.get(kind, 0) + int(field[1])
+    except OSError:
+        pass
+    return kinds
+
+
+def largest(pids: list[int], usses: list[int], count: int = 5) -> list[dict]:
+    """The ``count`` agents with the most private memory: MiB, KiB by kind of mapping, and where
+    each stands in the order the agents were forked (pid order, 0 = first; spares come out of order)."""
+    order = {pid: rank for rank, pid in enumerate(sorted(pids))}
+    top = sorted(zip(usses, pids), reverse=True)[:count]
+    return [{"uss_mib": u / MIB, "fork_rank": order[pid], "private_kib": private_by_mapping(pid)} for u, pid in top]
 
 
 def tree_uss(pid: int) -> int | None:
@@ -142,11 +176,16 @@ def one_scale(n: int, isolation: str) -> dict:
         if any(codes):
             raise RuntimeError(f"{sum(1 for c in codes if c)} of {n} execs of true failed")
 
-        usses = [u for u in (uss(sandbox._record.agent_pid) for sandbox in pool) if u is not None]
-        if len(usses) != n:
-            raise RuntimeError(f"found {len(usses)} agent processes for {n} running sandboxes")
+        pids = [sandbox._record.agent_pid for sandbox in pool]
+        both = [m for m in (uss_pss(pid) for pid in pids) if m is not None]
+        if len(both) != n:
+            raise RuntimeError(f"found {len(both)} agent processes for {n} running sandboxes")
+        usses = [u for u, _pss in both]
         row["uss_median_mib"] = statistics.median(usses) / MIB
+        row["pss_median_mib"] = statistics.median(pss for _uss, pss in both) / MIB
         row["uss_max_mib"] = max(usses) / MIB
+        row["uss_over_3_mib"] = sum(1 for u in usses if u > 3 * MIB)
+        row["largest"] = largest(pids, usses)
         trees = [u for u in (tree_uss(sandbox._record.agent_pid) for sandbox in pool) if u is not None]
         row["sandbox_uss_median_mib"] = statistics.median(trees) / MIB  # (measured while nothing runs in it)
 
@@ -217,6 +256,9 @@ def main() -> None:
               f"| {_fmt(r['agent_up_cpu_ms_each'], '.1f')} / {_fmt(r['agent_up_minflt_each'], '.0f')} "
               f"| {r['up_cpu_bound_s']:.2f} | {r['up_machine_idle_pct']:.0f} / {r['down_machine_idle_pct']:.0f} "
               f"| {r['leftovers'] or 'none'} |")
+    for r in rows:
+        print(f"N={r['n']}: agent PSS median {r['pss_median_mib']:.2f} MiB; {r['uss_over_3_mib']} agents over 3 MiB; the largest (MiB, fork rank, private KiB by "
+              "mapping): " + "; ".join(f"{a['uss_mib']:.2f} #{a['fork_rank']} {a['private_kib']}" for a in r["largest"]))
     print(f"\ntargets at N=1000: up <= {TARGETS['up_s']} s, exec <= {TARGETS['exec_s']} s, stop <= "
           f"{TARGETS['down_s']} s, USS <= {TARGETS['uss_max_mib']} MiB, per sandbox <= "
           f"{TARGETS['per_start_ratio']}x N=100. load average now: {os.getloadavg()[0]:.1f}")

@@ -15,11 +15,6 @@ import selectors
 import socket
 
 
-#: In a child of the template: the template's sockets it inherited and must never close (see
-#: ``Held.abandon_others``).
-_ABANDONED: list[dict[int, socket.socket]] = []
-
-
 class Held:
     """Per-template: the storage descriptor of each agent or spare, and the sockets still waiting
     for one; in a child of the template, its own end (``holder``) until it hands its storage over."""
@@ -93,14 +88,3 @@ class Held:
     def release_all(self) -> None:
         for pid in set(self.fds) | set(self.socks):
             self.release(pid)
-
-    def abandon_others(self) -> None:
-        """In a child of the template: let go of the sockets of other children still handing their
-        storage over, without touching them. In a burst there are hundreds, and closing each object
-        would write its page, a private copy in every child (~0.5 ms and ~50 pages at 300).
-        ``Supervisor._close_inherited`` closes their numbers with everything else (as it does the
-        storage descriptors, plain numbers, each an open door into another sandbox's files); the
-        objects stay referenced in ``_ABANDONED`` for the child's life, so none is ever finalized,
-        which would close whatever descriptor has its number by then."""
-        _ABANDONED.append(self.socks)
-        self.socks = {}

@@ -1,23 +1,30 @@
 """The template's side of isolation: fork each agent into its level, watch for OOM, clean up after it.
 
-``Supervisor.fork(config, sock_fd)`` replaces ``os.fork()`` in the template. For the ``namespaces``
-level the child is PID 1 of a new pid namespace (the template still reaps it directly, by its host
+``Supervisor.fork_all(requests)`` replaces ``os.fork()`` in the template. For the ``namespaces``
+level each child is PID 1 of a new pid namespace (the template still reaps it directly, by its host
 pid), and the child's ``enter(config)`` joins the sandbox's cgroups, enters its namespaces and root,
 and loads the syscall filter the template compiled once (``seccomp``), which everything the agent
 starts inherits.
 
+Bursts: every page of its memory the template writes after a fork is copied, and the child is left
+with the old copy, which is private to it (its own) unless a child forked next shares it: a child
+keeps a copy of each page the template writes both before and after its fork, until the forks on
+either side. So the children of a round of the loop are forked back to back, with no Python work
+between the forks (``_burst``), and never one alone (``spares``; a lone spawn also waits a little
+for another, see ``Template._read_control``); and a child writes none of the template's objects
+(see ``_close_inherited``).
+
 Spares: creating the pid and network namespaces and bringing ``lo`` up is a third of a namespaces
-sandbox's start. So once a network mode has been used, the template keeps one spare child per mode
-that has done exactly that, made while the template is idle (``refill``); the next sandbox of that
-mode is handed to it (its config pickled, its agent socket passed along) instead of forking. A spare
-also waits in a cgroup of its own (``<owner>/spare-<n>``), which becomes the sandbox's at handoff
-(``cgroups.adopt``): moving a process between cgroups costs an RCU grace period (~8 ms here) whenever
-none happened for a while, and a spare pays it ahead of time. Spares also build roots: for each of
-the last ``ROOTS_PER_MODE`` roots asked for in a mode (``namespaces.root_key``), a spare builds
-that root (``namespaces.build_root``, its scratch tree over the template's own directory) and
-pivots into it, so a handoff leaves only ``namespaces.finish`` and the filter; it is handed only
-sandboxes whose plan has that key. One spare per mode builds none and takes any other plan. A
-spare is named ``sandpool-spare`` while it waits and dies with the template.
+sandbox's start. So once a network mode has been used, the template keeps spare children of that
+mode that have done exactly that (which ones: ``spares``), made between requests (``refill``) or
+beside a lone agent; the next sandbox of that mode is handed to one (its config pickled,
+its agent socket passed along) instead of forking. A spare waits in a cgroup of its own
+(``<owner>/spare-<n>``), which becomes the sandbox's at handoff (``cgroups.adopt``): moving a
+process between cgroups costs an RCU grace period (~8 ms here) whenever none happened for a while,
+and a spare pays it ahead of time. Most spares also build the root of a plan asked for lately
+(``spares.build_root``) and pivot into it, so a handoff leaves only ``namespaces.finish`` and the
+filter; such a spare is handed only sandboxes whose plan has that ``namespaces.root_key``. A spare
+is named ``sandpool-spare`` while it waits and dies with the template.
 
 Out of memory: on cgroup v2 ``memory.oom.group`` makes the kernel kill the whole sandbox at once; on
 v1 the sandbox's OOM killer is disabled and the template, woken by the cgroup's OOM eventfd, kills
@@ -34,7 +41,6 @@ Stdlib only: this runs in the template (``python -I -S``).
 
 from __future__ import annotations
 
-import collections
 import os
 import pickle
 import select
@@ -42,23 +48,17 @@ import selectors
 import signal
 import _signal
 import socket
-import stat
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import NamedTuple
 
 from .. import linux as _linux
-from . import _sys, cgroups, namespaces, netsetup, oci, seccomp, userns
+from . import _sys, cgroups, namespaces, netsetup, oci, seccomp, spares, userns
 from .held import Held
 
 _PID_NS = "/proc/self/ns/pid"
 SPARE_NAME = "sandpool-spare"
-#: Per network mode, spares keep roots built for this many of the plans (root_key) asked for last.
-ROOTS_PER_MODE = 3
-#: Spares with the newest root: one is ready while the next builds (~3-7 ms), for starts in a row.
-NEWEST_ROOT_SPARES = 2
-#: Added to a spare's nice value while it builds a root (then set back).
-BUILD_NICENESS = 10
 #: Above a socket's send buffer (~200 KiB) a handoff fails anyway, and the sandbox is forked instead.
 _MAX_CONFIG_BYTES = 1 << 20
 #: Rootless: how long a new child waits to be re-parented to the template (it takes microseconds).
@@ -71,6 +71,21 @@ class _Spare(NamedTuple):
     group: dict | None  # the cgroup it waits in
     root: str | None  # the root_key of the root it builds, or None
     stamps: tuple = ()  # (inode, mtime) of the files that root binds, when it was asked for
+
+
+class _Made(NamedTuple):
+    """A spare about to be forked: what it is for, and what it needs from the template."""
+    mode: str
+    key: str | None
+    plan: dict | None
+    group: dict | None  # its cgroup
+    pair: tuple  # (ours, theirs): the socket it waits on
+    holder: tuple | None  # the socket pair over which it hands its storage over
+
+
+class _Burst(NamedTuple):
+    index: int | None  # in a child: which of the burst's forks it is; None in the template
+    pids: list[int]  # in the template: the children's pids, in order
 
 
 class Supervisor:
@@ -116,24 +131,76 @@ class Supervisor:
             self._layout = cgroups.detect()
         return self._layout
 
-    def fork(self, config: dict, sock_fd: int) -> int:
-        """Start the agent for ``config`` (its socket is ``sock_fd``) at its isolation level: hand it
-        to a spare or fork. Returns the agent's pid, or 0 in a forked child."""
-        plan = config.get("namespaces")
-        if config.get("cgroups"):
-            self.spare_parents = [os.path.dirname(d) for d in config["cgroups"]["dirs"]]
-        if plan:
-            _compile_filter()  # here, once: each agent only loads it
-        # (a bridge sandbox joins the namespace its client made before its root: no spare fits it)
-        pid = self._hand_to_spare(plan, config, sock_fd) if plan and not plan.get("netns") else None
-        if pid is None:
-            pair = self.held.pair() if plan else None
-            pid = self._fork_pid_ns() if plan else _sys.fork()
+    def fork_all(self, requests: list[tuple[dict, int]], waited: bool = False) -> list[int]:
+        """Start the agent of each ``(config, sock_fd)`` in ``requests`` (``sock_fd``: its socket) at
+        its isolation level: hand it to a spare or fork it. The forks come back to back (``_burst``),
+        everything else before or after them. ``waited``: a lone request waited for company in vain
+        (see ``alone``). Returns their pids, in order; in a forked child it does not return: the
+        child becomes the agent (``become_agent``)."""
+        pids: list[int] = []
+        forks: list[tuple[int, dict | None, tuple | None]] = []  # (index, plan, holder pair)
+        for config, sock_fd in requests:
+            plan = config.get("namespaces")
+            if config.get("cgroups"):
+                self.spare_parents = [os.path.dirname(d) for d in config["cgroups"]["dirs"]]
+            if plan:
+                _compile_filter()  # here, once: each agent only loads it
+            # (a bridge sandbox joins the namespace its client made before its root: no spare fits it)
+            pid = self._hand_to_spare(plan, config, sock_fd) if plan and not plan.get("netns") else None
+            if pid is None:
+                forks.append((len(pids), plan, self.held.pair() if plan else None))
+            pids.append(pid or 0)
+        # a lone agent gets a spare beside it (one more, or two of those missing, so that one is
+        # left when the agent ends: spares.missing); the rest come after the replies (refill)
+        beside = self._made(self._missing(1, None if waited else spares.EXTRA)[:2]) if len(forks) == 1 else []
+        template = os.getpid()
+        forked = self._burst([bool(plan) for _index, plan, _pair in forks] + [True] * len(beside))
+        if forked.index is not None and forked.index >= len(forks):
+            self._be_made_spare(beside[forked.index - len(forks)], template)
+        if forked.index is not None:  # the child of forks[index]
+            index, _plan, pair = forks[forked.index]
+            self.held.keep(0, pair)
+            assert self.become_agent is not None
+            self.become_agent(*requests[index])
+            os._exit(1)
+        for (index, _plan, pair), pid in zip(forks, forked.pids):
             self.held.keep(pid, pair)
-        if pid == 0:
-            return 0
-        group = config.get("cgroups")  # (a spare's, if it adopted one)
-        watch = _watch_oom(group) if group else None
+            pids[index] = pid
+        self._spawn_spares(beside, forked.pids[len(forks):])
+        for (config, _sock_fd), pid in zip(requests, pids):
+            self._track(pid, config)
+        return pids
+
+    def alone(self, config: dict) -> bool:
+        """Would the agent of ``config``, started by itself now, be forked alone although a spare
+        could take it (one of its level and network), as none is ready and none can be forked
+        beside it (``spares.missing``)? Under load, while spares are slow to get ready."""
+        plan = config.get("namespaces")
+        if not plan or plan.get("netns"):
+            return False  # (no spare ever takes it: it is forked at once, alone or not)
+        mode, root = plan["network"], namespaces.root_key(plan)
+        spares.ask(self.wanted, mode, root, plan)
+        self._poll_spares()
+        if any(spare.mode == mode and pid in self.ready and spare.root in (root, None) for pid, spare in self.spares.items()):
+            return False
+        return not self._missing(1)
+
+    def _burst(self, pid_ns: list[bool]) -> _Burst:
+        """Fork one child per item of ``pid_ns`` (True: PID 1 of a new pid namespace), back to back,
+        with nothing else between the forks (see Bursts, above)."""
+        pids: list[int] = []
+        for with_pid_ns in pid_ns:
+            pid = self._fork_pid_ns() if with_pid_ns else _sys.fork()
+            if pid == 0:
+                return _Burst(len(pids), [])
+            pids.append(pid)
+        return _Burst(None, pids)
+
+    def _track(self, pid: int, config: dict) -> None:
+        """After agent ``pid`` started: its cgroup (a spare's, if it adopted one), OOM watch and
+        network teardown."""
+        group = config.get("cgroups")
+        watch = cgroups.watch_oom(group) if group else None
         if group:
             self.groups[pid] = group
         if config.get("net_teardown"):
@@ -142,7 +209,6 @@ class Supervisor:
             self.watches[pid] = watch
             if self.sel is not None:
                 self.sel.register(watch[0], selectors.EVENT_READ, ("oom", pid))
-        return pid
 
     def unboost(self) -> None:
         """In a child of the template: back to the owner's niceness (the template may run above it)."""
@@ -172,39 +238,32 @@ class Supervisor:
     def _close_inherited(self, keep: int) -> None:
         """In a child of the template: close every descriptor it inherited but stdio, ``keep`` and
         its own holder socket. That is every handle the template holds on other sandboxes (their
-        agents' pidfds, OOM watches, storage, spares' sockets) and on itself (its selector, its
-        SIGCHLD wake-up pipe, its control socket): one ``close_range`` call each side of each fd
-        kept, rather than a walk over the template's tables of them, which would write (and so
-        copy) a page of the template's memory for nearly every entry. The socket objects among them
-        are kept from ever closing a reused number later: the few spares' are closed as objects,
-        the storage sockets of other children (hundreds in a burst) are abandoned untouched."""
-        self.held.abandon_others()
-        for spare in self.spares.values():
-            spare.sock.close()
+        agents' pidfds, OOM watches, storage, spares' and holders' sockets) and on itself (its
+        selector, its SIGCHLD wake-up pipe, its control socket): one ``close_range`` call each side
+        of each fd kept. None of the template's objects is touched (closed as objects, the holder
+        sockets of a burst of 64 cost its agents ~70 copied pages each): the socket objects keep
+        their closed numbers, and none can close a reused one later, as the template's state that
+        holds them is never released in a child (which ends with ``os._exit``)."""
         holder = self.held.holder
         _linux.close_all_but(keep, *(() if holder is None else (holder.fileno(),)))
 
     # -- spares ----------------------------------------------------------------------------
 
     def refill(self) -> None:
-        """Template side, between requests: per network mode in use, spares with a root built for
-        each of the last ``ROOTS_PER_MODE`` roots asked for (``NEWEST_ROOT_SPARES`` for the newest,
-        first), and one without (for any other plan); spares built for roots no longer among those
-        are dropped."""
+        """Template side, between requests: the spares missing (``spares``), forked in one
+        burst; spares built for roots no longer wanted are dropped."""
         self._poll_spares()
         for pid, spare in list(self.spares.items()):
             if spare.root is not None and spare.root not in self.wanted.get(spare.mode, {}):
                 self._drop_spare(pid)
-        have = collections.Counter((spare.mode, spare.root) for spare in self.spares.values())
+        self._spawn_spares(self._made(self._missing(0)), None)
+
+    def _missing(self, forking: int, extra: int | None = spares.EXTRA) -> list[spares.Kind]:
+        """The spares to fork in a burst with ``forking`` other children (``spares.missing``)."""
+        have = Counter((spare.mode, spare.root) for spare in self.spares.values())
         # (a built root needs its cgroup namespace made early: in the cgroup it keeps, or with none at all)
         buildable = bool(self.spare_dir and (self.spare_parents or self.outside is not None))
-        for mode in sorted(self.wanted):
-            roots = [(key, plan) for key, plan in reversed(self.wanted[mode].items())
-                     if buildable and key not in self.unbuildable]
-            newest = [(key, plan, NEWEST_ROOT_SPARES) for key, plan in roots[:1]]
-            for key, plan, count in newest + [(None, None, 1)] + [(k, p, 1) for k, p in roots[1:]]:
-                for _ in range(count - have[mode, key]):
-                    self._spawn_spare(mode, key, plan)
+        return spares.missing(self.wanted, have, buildable, self.unbuildable, forking, extra)
 
     def _fork_pid_ns(self) -> int:
         if self.outside is None:
@@ -256,11 +315,7 @@ class Supervisor:
         """The pid of the ready spare that took the sandbox (one whose root was built for this plan's
         ``root_key`` if there is one, else one without a root), or None (fork instead)."""
         mode, root = plan["network"], namespaces.root_key(plan)
-        roots = self.wanted.setdefault(mode, {})
-        roots.pop(root, None)
-        roots[root] = plan
-        while len(roots) > ROOTS_PER_MODE:
-            del roots[next(iter(roots))]
+        spares.ask(self.wanted, mode, root, plan)
         self._poll_spares()
         fits = [pid for pid, spare in self.spares.items()
                 if spare.mode == mode and pid in self.ready and spare.root in (root, None)]
@@ -269,7 +324,7 @@ class Supervisor:
             sock, group = self.spares[pid].sock, self.spares[pid].group
             if group is not None and config.get("cgroups") and len(group["dirs"]) != len(config["cgroups"]["dirs"]):
                 continue  # a memory limit: its group has a v1 memory cgroup, which no spare waits in
-            if self.spares[pid].root is not None and self.spares[pid].stamps != _file_stamps(plan):
+            if self.spares[pid].root is not None and self.spares[pid].stamps != spares.file_stamps(plan):
                 self._drop_spare(pid)  # a file it binds was replaced since: the next spare binds the new one
                 continue
             try:
@@ -298,22 +353,36 @@ class Supervisor:
         group = self.adopted.pop(pid, None)
         return {"cgroups": group} if group else {}
 
-    def _spawn_spare(self, mode: str, key: str | None, plan: dict | None) -> None:
-        """A spare for ``mode``; with ``plan`` (whose root_key is ``key``), one that builds its root."""
-        group = self._spare_group()
-        if plan is not None and group is None and self.outside is None:  # a built root needs the cgroup namespace made early
-            self.unbuildable.add(key)
-            return
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        template = os.getpid()
-        pair = self.held.pair()
-        pid = self._fork_pid_ns()
-        self.held.keep(pid, pair)
-        if pid == 0:
-            ours.close()
-            self._be_spare(mode, theirs, template, group, plan)
-        theirs.close()
-        self.spares[pid] = _Spare(mode, ours, group, key, _file_stamps(plan) if plan else ())
+    def _made(self, needed: list[spares.Kind]) -> list[_Made]:
+        """What each spare in ``needed`` needs before its fork: its cgroup and sockets."""
+        made = []
+        for mode, key, plan in needed:
+            group = self._spare_group()
+            if plan is not None and group is None and self.outside is None:  # a built root needs the cgroup namespace made early
+                self.unbuildable.add(key)
+                continue
+            made.append(_Made(mode, key, plan, group, socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET),
+                              self.held.pair()))
+        return made
+
+    def _spawn_spares(self, made: list[_Made], pids: list[int] | None) -> None:
+        """Fork the spares ``made`` in one burst, unless they were forked already (``pids``)."""
+        if pids is None:
+            template = os.getpid()
+            forked = self._burst([True] * len(made))
+            if forked.index is not None:
+                self._be_made_spare(made[forked.index], template)
+            pids = forked.pids
+        for spare, pid in zip(made, pids):
+            self.held.keep(pid, spare.holder)
+            spare.pair[1].close()
+            self.spares[pid] = _Spare(spare.mode, spare.pair[0], spare.group, spare.key,
+                                      spares.file_stamps(spare.plan) if spare.plan else ())
+
+    def _be_made_spare(self, spare: _Made, template: int) -> None:
+        """In the child forked for ``spare`` by ``template`` (its pid): be it. Never returns."""
+        self.held.keep(0, spare.holder)
+        self._be_spare(spare.mode, spare.pair[1], template, spare.group, spare.plan)
 
     def _spare_group(self) -> dict | None:
         """A fresh cgroup for a spare, beside the sandboxes' (None before any sandbox had one)."""
@@ -352,7 +421,6 @@ class Supervisor:
             if parent_pid() != template:
                 os._exit(0)
             self._close_inherited(sock.fileno())
-            self.spares = {}
             name = _linux.read_small("/proc/self/comm").decode().strip()  # (open(): ~0.1 MiB of private pages)
             _sys.set_name(SPARE_NAME)
             if group is not None:
@@ -361,7 +429,7 @@ class Supervisor:
             namespaces.unshare_early(mode, cgroup=early_cgroupns)
             self.early, self.early_cgroupns = True, early_cgroupns
             if plan is not None:
-                _build_root(plan, self.spare_dir, self.held.take_holder())  # (which storage.hold closes)
+                spares.build_root(plan, self.spare_dir, self.held.take_holder())  # (which storage.hold closes)
                 self.built = namespaces.root_key(plan)
             sock.send(b"r")  # ready: the template may now hand over a sandbox (and rename our cgroup)
             data, fds, _flags, _addr = socket.recv_fds(sock, _MAX_CONFIG_BYTES, 1)
@@ -440,55 +508,6 @@ def _compile_filter() -> None:
         _sys.prepare_filter(seccomp.program())
     except OSError:
         pass
-
-
-def _file_stamps(plan: dict) -> tuple:
-    """(inode, mtime) of each file (not directory) ``plan`` binds: a bind shows the file it was made
-    of, so a root built before a client's module was saved again (by rename) must not be used."""
-    stamps = []
-    for source, _target in plan.get("binds") or ():
-        try:
-            info = os.stat(source)
-        except OSError:
-            stamps.append(None)
-            continue
-        if not stat.S_ISDIR(info.st_mode):
-            stamps.append((info.st_ino, info.st_mtime_ns))
-    return tuple(stamps)
-
-
-def _build_root(plan: dict, spare_dir: str, holder: socket.socket | None) -> None:
-    """In a spare, before it is handed a sandbox: the root for plans like ``plan`` (the namespaces
-    level's ``build_root``), its scratch tree on a tmpfs over the template's own directory, which
-    is there as long as any spare. Built at a lower CPU priority: it runs beside the sandbox that
-    took the spare before, which is starting. A spare that cannot build it exits (the sandbox that
-    follows takes a spare without a root or is forked, and reports the error)."""
-    niceness = os.getpriority(os.PRIO_PROCESS, 0)
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, min(19, niceness + BUILD_NICENESS))
-        namespaces.build_root(namespaces.relocated(plan, spare_dir), holder)
-        os.setpriority(os.PRIO_PROCESS, 0, niceness)  # (root may raise it again) the agent's, as forked
-    except OSError:
-        os._exit(3)
-
-
-def _watch_oom(group: dict) -> tuple[int, int] | None:
-    """v1 only: an eventfd the kernel signals when the group hits its memory limit. Only with a
-    memory limit (which turns the group's own OOM killer off, see ``cgroups.limit_files``):
-    without one nothing happens to watch, and 1,000 sandboxes need no 2,000 descriptors here."""
-    control = group.get("oom_event")
-    if not control or not any(path.endswith("/memory.oom_control") for path in group.get("limits") or ()):
-        return None
-    efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-    ofd = os.open(group["oom"], os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        with open(control, "w") as f:
-            f.write(f"{efd} {ofd}")
-    except OSError:
-        os.close(efd)
-        os.close(ofd)
-        return None
-    return efd, ofd
 
 
 def parent_pid() -> int:
