@@ -180,13 +180,7 @@ class ReadRole:
             left = deadline - time.monotonic()
             if left <= 0 or not poller.poll(min(left, BORROW_SLICE) * 1000):
                 return []
-            try:
-                frames = self._read()
-            except BlockingIOError:
-                continue
-            except ProtocolError as exc:
-                self._error = exc
-                return None
+            frames = self._read_once()
             if frames is None or frames:
                 return frames
 
@@ -203,15 +197,20 @@ class ReadRole:
                 await trio.lowlevel.wait_readable(self._fd)
             except trio.ClosedResourceError:  # closed under it (``aclose`` waited a second for it)
                 return None
-            try:
-                frames = self._read()
-            except BlockingIOError:
-                continue
-            except ProtocolError as exc:
-                self._error = exc
-                return None
+            frames = self._read_once()
             if frames is None or frames:
                 return frames
+
+    def _read_once(self) -> Frames | None:
+        """One read by a borrower: the whole frames ([] if none yet, or nothing was there), None at
+        the end or on a malformed frame (kept for the reader to raise)."""
+        try:
+            return self._read()
+        except BlockingIOError:
+            return []
+        except ProtocolError as exc:
+            self._error = exc
+            return None
 
     def give_back(self, stay_parked: bool, hand_over: Callable[[], None] | None = None) -> bool:
         """In the borrowing thread: end the borrowing, first running ``hand_over()`` under the lock
